@@ -1,0 +1,1 @@
+"""controllers — see README.md; filled in by later issues."""

@@ -1,0 +1,1 @@
+"""epp — see README.md; filled in by later issues."""

@@ -1,0 +1,1 @@
+"""kvindex — see README.md; filled in by later issues."""

@@ -1,0 +1,99 @@
+"""Shared test helpers: free ports, real subprocesses that stop by themselves, readiness waits."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = ROOT / "tests" / "fixtures"
+TINY = FIXTURES / "vllm-cpu-tiny"
+TINY_MODEL = TINY / "model"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float = 30.0, proc: subprocess.Popen | None = None) -> None:
+    """Poll `url` until it answers 200; fail early if `proc` exits."""
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before {url} was ready")
+        try:
+            with urllib.request.urlopen(url, timeout=1) as resp:
+                if resp.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, OSError) as exc:
+            last = exc
+        time.sleep(0.05)
+    raise TimeoutError(f"{url} not ready after {timeout}s: {last}")
+
+
+@contextmanager
+def running(
+    cmd: list[str],
+    *,
+    ready_url: str | None = None,
+    timeout: float = 30.0,
+    env: dict[str, str] | None = None,
+) -> Iterator[subprocess.Popen]:
+    """Run `cmd` for the length of a with-block; always stopped (TERM, then KILL) afterwards."""
+    log = open(os.devnull, "wb") if os.environ.get("INFERGATE_QUIET_PROCS") else None
+    proc = subprocess.Popen(
+        cmd, env={**os.environ, **(env or {})}, stdout=log, stderr=None, start_new_session=True
+    )
+    try:
+        if ready_url:
+            wait_http(ready_url, timeout, proc)
+        yield proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        if log:
+            log.close()
+
+
+def simulator_cmd(port: int, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "simulator", "--host", "127.0.0.1", "--port", str(port), *extra]
+
+
+@pytest.fixture
+def sim_factory():
+    """Start simulator subprocesses: sim_factory(*flags) -> base URL."""
+    stack = []
+
+    def start(*flags: str, timeout: float = 30.0) -> str:
+        port = free_port()
+        cm = running(
+            simulator_cmd(port, *flags),
+            ready_url=f"http://127.0.0.1:{port}/health",
+            timeout=timeout,
+        )
+        cm.__enter__()
+        stack.append(cm)
+        return f"http://127.0.0.1:{port}"
+
+    yield start
+    for cm in reversed(stack):
+        cm.__exit__(None, None, None)
