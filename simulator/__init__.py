@@ -1,0 +1,1 @@
+"""vLLM-compatible model server simulator (no GPUs)."""
