@@ -1,0 +1,34 @@
+"""`infergate`: one command for every part (`infergate simulate ...`, more as they land)."""
+
+from __future__ import annotations
+
+import sys
+
+USAGE = """usage: infergate <command> [args...]
+
+commands:
+  simulate   a vLLM-compatible model server without GPUs (python -m simulator)
+  bench      run a benchmark under bench/ (infergate bench simulator ...)
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if not args or args[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if args else 2
+    command, rest = args[0], args[1:]
+    if command == "simulate":
+        from simulator.app import main as simulate
+
+        return simulate(rest)
+    if command == "bench":
+        from bench import run_bench
+
+        return run_bench(rest)
+    print(f"infergate: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

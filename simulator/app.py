@@ -1,0 +1,61 @@
+"""Start the simulator: parse flags, serve HTTP until SIGINT/SIGTERM, then stop cleanly."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+
+from aiohttp import web
+
+from simulator.config import SimulatorConfig, parse_config
+from simulator.server import Simulator
+
+log = logging.getLogger("simulator")
+
+
+async def serve(cfg: SimulatorConfig, ready: asyncio.Event | None = None) -> None:
+    sim = Simulator(cfg)
+    # handler_cancellation: a client that disconnects cancels its handler, which aborts the
+    # request in the engine and frees its KV blocks, as vLLM does.
+    runner = web.AppRunner(sim.make_app(), handler_cancellation=True, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, cfg.host, cfg.port, reuse_address=True)
+    await site.start()
+    log.info(
+        "infergate simulator serving %r on http://%s:%d (engine metrics: %s, "
+        "block size %d, %d KV blocks)",
+        cfg.model_name,
+        cfg.host,
+        cfg.port,
+        cfg.engine,
+        cfg.block_size,
+        cfg.num_gpu_blocks,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    if ready is not None:
+        ready.set()
+    try:
+        await stop.wait()
+    finally:
+        log.info("shutting down")
+        await runner.cleanup()
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_config(argv)
+    logging.basicConfig(
+        level=cfg.log_level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        asyncio.run(serve(cfg))
+    except OSError as exc:
+        log.error("cannot serve on %s:%d: %s", cfg.host, cfg.port, exc)
+        return 1
+    return 0

@@ -1,0 +1,284 @@
+"""Command-line flags, named like vLLM's so a manifest can swap one server for the other."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# vLLM flags that change nothing in a simulation; accepted so real manifests start unchanged.
+IGNORED_VLLM_FLAGS = {
+    "--dtype": 1,
+    "--gpu-memory-utilization": 1,
+    "--tensor-parallel-size": 1,
+    "--pipeline-parallel-size": 1,
+    "--load-format": 1,
+    "--max-lora-rank": 1,
+    "--swap-space": 1,
+    "--kv-cache-dtype": 1,
+    "--enforce-eager": 0,
+    "--trust-remote-code": 0,
+    "--disable-log-requests": 0,
+    "--disable-log-stats": 0,
+    "--enable-chunked-prefill": 0,
+}
+
+
+@dataclass(slots=True)
+class KVEventsConfig:
+    """vLLM's KVEventsConfig: the same JSON keys and defaults."""
+
+    enable_kv_cache_events: bool = False
+    publisher: str = "null"
+    endpoint: str = "tcp://*:5557"
+    replay_endpoint: str | None = None
+    buffer_steps: int = 10_000
+    hwm: int = 100_000
+    max_queue_size: int = 100_000
+    topic: str = ""
+
+    @classmethod
+    def from_json(cls, text: str) -> KVEventsConfig:
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"--kv-events-config is not valid JSON: {exc}") from exc
+        if not isinstance(raw, dict):
+            raise ValueError("--kv-events-config must be a JSON object")
+        known = set(cls.__dataclass_fields__)
+        unknown = set(raw) - known
+        if unknown:
+            raise ValueError(f"--kv-events-config has unknown keys: {sorted(unknown)}")
+        cfg = cls(**raw)
+        if cfg.enable_kv_cache_events and raw.get("publisher") is None:
+            cfg.publisher = (
+                "zmq"  # vLLM picks zmq when events are enabled and no publisher is named
+            )
+        if cfg.publisher not in ("zmq", "null"):
+            raise ValueError(
+                f"--kv-events-config publisher must be 'zmq' or 'null', got {cfg.publisher!r}"
+            )
+        return cfg
+
+    @property
+    def active(self) -> bool:
+        return self.enable_kv_cache_events and self.publisher == "zmq"
+
+
+@dataclass(slots=True)
+class LatencyModel:
+    """Step time of a continuous-batching engine: fixed overhead + prefill + batched decode."""
+
+    prefill_s_per_token: float = 60e-6
+    decode_s_per_step: float = 8e-3
+    decode_s_per_seq: float = 0.15e-3
+    step_overhead_s: float = 1e-3
+    time_scale: float = 1.0
+
+    def step_seconds(self, prefill_tokens: int, decode_seqs: int) -> float:
+        t = self.step_overhead_s + prefill_tokens * self.prefill_s_per_token
+        if decode_seqs:
+            t += self.decode_s_per_step + decode_seqs * self.decode_s_per_seq
+        return t * self.time_scale
+
+
+@dataclass(slots=True)
+class LoraModule:
+    name: str
+    path: str
+    base_model_name: str | None = None
+
+
+@dataclass(slots=True)
+class SimulatorConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    model: str | None = None
+    served_model_name: list[str] = field(default_factory=list)
+    block_size: int = 16
+    num_gpu_blocks: int = 4096
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    max_model_len: int | None = None
+    enable_prefix_caching: bool = True
+    prefix_caching_hash_algo: str = "sha256"
+    enable_prompt_tokens_details: bool = True
+    kv_events: KVEventsConfig = field(default_factory=KVEventsConfig)
+    kv_events_format: str = "map"
+    enable_lora: bool = False
+    lora_modules: list[LoraModule] = field(default_factory=list)
+    max_loras: int = 1
+    seed: int = 0
+    engine: str = "vllm"
+    latency: LatencyModel = field(default_factory=LatencyModel)
+    log_level: str = "info"
+
+    @property
+    def model_name(self) -> str:
+        """The name clients use: the first served name, else the model path as vLLM does."""
+        if self.served_model_name:
+            return self.served_model_name[0]
+        return self.model or "infergate-sim"
+
+
+def _parse_lora_module(text: str) -> LoraModule:
+    # vLLM accepts `name=path` or a JSON object {"name", "path", "base_model_name"}.
+    if text.lstrip().startswith("{"):
+        raw = json.loads(text)
+        if not isinstance(raw, dict) or "name" not in raw or "path" not in raw:
+            raise argparse.ArgumentTypeError("a JSON --lora-modules entry needs 'name' and 'path'")
+        return LoraModule(str(raw["name"]), str(raw["path"]), raw.get("base_model_name"))
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"--lora-modules entry {text!r} is not name=path")
+    return LoraModule(name, path)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="infergate simulate",
+        description="A vLLM-compatible model server without GPUs: real tokenizer, real KV events "
+        "and metrics formats, simulated timing.",
+    )
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument(
+        "--model",
+        default=None,
+        help="model directory with tokenizer.json; "
+        "default: the small tokenizer shipped with infergate",
+    )
+    p.add_argument("--served-model-name", nargs="+", default=[])
+    p.add_argument("--block-size", type=_positive_int, default=16)
+    p.add_argument(
+        "--num-gpu-blocks-override",
+        type=_positive_int,
+        default=4096,
+        help="KV capacity in blocks (the simulator has no GPU memory to size it from)",
+    )
+    p.add_argument("--max-num-seqs", type=_positive_int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=_positive_int, default=8192)
+    p.add_argument("--max-model-len", type=_positive_int, default=None)
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument(
+        "--prefix-caching-hash-algo", choices=["sha256", "sha256_cbor"], default="sha256"
+    )
+    p.add_argument(
+        "--enable-prompt-tokens-details",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="report usage.prompt_tokens_details.cached_tokens "
+        "(vLLM's default is off; the picker wants it, so ours is on)",
+    )
+    p.add_argument("--kv-events-config", default=None, help="vLLM's KVEventsConfig as JSON")
+    p.add_argument(
+        "--kv-events-format",
+        choices=["map", "array"],
+        default="map",
+        help="map: events as {'type': ...} maps (vLLM >= 0.26); array: the older "
+        "positional encoding",
+    )
+    p.add_argument("--enable-lora", action="store_true")
+    p.add_argument("--lora-modules", nargs="+", type=_parse_lora_module, default=[])
+    p.add_argument("--max-loras", type=_positive_int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--engine",
+        choices=["vllm", "sglang"],
+        default="vllm",
+        help="which engine's metric names /metrics uses",
+    )
+    p.add_argument("--log-level", default="info")
+    sim = p.add_argument_group("latency model (simulator only)")
+    sim.add_argument(
+        "--sim-prefill-us-per-token",
+        type=float,
+        default=60.0,
+        help="prefill time per uncached prompt token, microseconds",
+    )
+    sim.add_argument(
+        "--sim-decode-ms-per-step",
+        type=float,
+        default=8.0,
+        help="decode time of one engine step with a single sequence, ms",
+    )
+    sim.add_argument(
+        "--sim-decode-ms-per-seq",
+        type=float,
+        default=0.15,
+        help="extra decode time per running sequence in the batch, ms",
+    )
+    sim.add_argument(
+        "--sim-step-overhead-ms",
+        type=float,
+        default=1.0,
+        help="fixed cost of every engine step, ms",
+    )
+    sim.add_argument(
+        "--sim-time-scale",
+        type=float,
+        default=1.0,
+        help="multiply every simulated duration (0 runs as fast as possible)",
+    )
+    for flag, nargs in IGNORED_VLLM_FLAGS.items():
+        if nargs:
+            p.add_argument(flag, help=argparse.SUPPRESS)
+        else:
+            p.add_argument(flag, action="store_true", help=argparse.SUPPRESS)
+    return p
+
+
+def parse_config(argv: list[str] | None = None) -> SimulatorConfig:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        kv_events = (
+            KVEventsConfig.from_json(args.kv_events_config)
+            if args.kv_events_config
+            else KVEventsConfig()
+        )
+    except ValueError as exc:
+        parser.error(str(exc))
+    if args.lora_modules and not args.enable_lora:
+        parser.error("--lora-modules needs --enable-lora")
+    if args.sim_time_scale < 0:
+        parser.error("--sim-time-scale must be >= 0")
+    if args.model is not None and not Path(args.model, "tokenizer.json").is_file():
+        parser.error(f"--model {args.model}: no tokenizer.json in that directory")
+    return SimulatorConfig(
+        host=args.host,
+        port=args.port,
+        model=args.model,
+        served_model_name=list(args.served_model_name),
+        block_size=args.block_size,
+        num_gpu_blocks=args.num_gpu_blocks_override,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_model_len=args.max_model_len,
+        enable_prefix_caching=args.enable_prefix_caching,
+        prefix_caching_hash_algo=args.prefix_caching_hash_algo,
+        enable_prompt_tokens_details=args.enable_prompt_tokens_details,
+        kv_events=kv_events,
+        kv_events_format=args.kv_events_format,
+        enable_lora=args.enable_lora,
+        lora_modules=list(args.lora_modules),
+        max_loras=args.max_loras,
+        seed=args.seed,
+        engine=args.engine,
+        latency=LatencyModel(
+            prefill_s_per_token=args.sim_prefill_us_per_token * 1e-6,
+            decode_s_per_step=args.sim_decode_ms_per_step * 1e-3,
+            decode_s_per_seq=args.sim_decode_ms_per_seq * 1e-3,
+            step_overhead_s=args.sim_step_overhead_ms * 1e-3,
+            time_scale=args.sim_time_scale,
+        ),
+        log_level=args.log_level,
+    )

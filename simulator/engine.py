@@ -1,0 +1,290 @@
+"""A continuous-batching engine loop, timed by a latency model instead of a GPU.
+
+Each step: schedule (running requests first, then waiting ones while sequences, token budget,
+LoRA slots and KV blocks allow; preempt the newest running request when blocks run out), sleep
+for the step's simulated duration, then advance every scheduled request and sample one token for
+each that has all its KV computed. Time to first token is therefore queueing plus prefill of the
+*uncached* prompt tokens, and time per output token grows with the batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from simulator.block_hashing import BlockHasher
+from simulator.block_pool import BlockPool, KVEvent
+from simulator.config import LatencyModel
+from simulator.request import SimRequest, Status, TokenOutput
+from simulator.stats import EngineStats
+
+log = logging.getLogger("simulator.engine")
+
+
+@dataclass(slots=True)
+class EngineLimits:
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    max_model_len: int
+    max_loras: int
+
+
+@dataclass(slots=True)
+class _Step:
+    scheduled: list[tuple[SimRequest, int]] = field(default_factory=list)
+    prefill_tokens: int = 0
+    decode_seqs: int = 0
+
+
+class Engine:
+    def __init__(
+        self,
+        pool: BlockPool,
+        hasher: BlockHasher,
+        limits: EngineLimits,
+        latency: LatencyModel,
+        token_texts: dict[int, str],
+        publish_events: Callable[[list[KVEvent]], None] | None = None,
+    ) -> None:
+        self.pool = pool
+        self.hasher = hasher
+        self.limits = limits
+        self.latency = latency
+        self._token_texts = token_texts
+        self._token_pool = sorted(token_texts)
+        self._publish = publish_events
+        self.waiting: deque[SimRequest] = deque()
+        self.running: list[SimRequest] = []
+        self.stats = EngineStats()
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task | None = None
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="engine-loop")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+
+    # ---- requests ------------------------------------------------------------------------
+
+    def add_request(self, req: SimRequest) -> None:
+        req.arrival_time = time.monotonic()
+        self.hasher.extend(req.block_hashes, req.all_token_ids, req.extra_keys)
+        self.waiting.append(req)
+        self._wakeup.set()
+
+    def abort(self, req: SimRequest) -> None:
+        """The client went away: release everything the request holds."""
+        if req.status is Status.FINISHED:
+            return
+        if req.status is Status.WAITING:
+            try:
+                self.waiting.remove(req)
+            except ValueError:
+                pass
+        else:
+            self.running.remove(req)
+        self._finish(req, "abort", notify=False)
+
+    def reset_prefix_cache(self) -> bool:
+        ok = self.pool.reset_prefix_cache()
+        self._flush_events()
+        return ok
+
+    def lora_adapters(self) -> tuple[set[str], set[str]]:
+        running = {r.lora_name for r in self.running if r.lora_name}
+        waiting = {r.lora_name for r in self.waiting if r.lora_name}
+        return running, waiting
+
+    # ---- the loop --------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self.waiting and not self.running:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            started = loop.time()
+            try:
+                step = self._schedule()
+                self._flush_events()  # evictions happen while scheduling
+                if not step.scheduled:
+                    await asyncio.sleep(0.001)  # nothing fits yet; let aborts free space
+                    continue
+                duration = self.latency.step_seconds(step.prefill_tokens, step.decode_seqs)
+                await asyncio.sleep(max(0.0, started + duration - loop.time()))
+                self._complete(step)
+                self._flush_events()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # A bug here must not silently hang every client: fail the batch loudly.
+                log.exception("engine step failed; aborting %d running requests", len(self.running))
+                for req in list(self.running):
+                    self.running.remove(req)
+                    self._finish(req, "error")
+
+    def _schedule(self) -> _Step:
+        step = _Step()
+        budget = self.limits.max_num_batched_tokens
+        now = time.monotonic()
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            while not self.pool.allocate(req, req.num_computed_tokens + n, []):
+                victim = self.running[-1]
+                self._preempt(victim)
+                if victim is req:
+                    break
+            else:
+                self._account(step, req, n)
+                budget -= n
+                i += 1
+
+        active_loras = {r.lora_name for r in self.running if r.lora_name}
+        skipped: list[SimRequest] = []
+        while self.waiting and budget > 0 and len(self.running) < self.limits.max_num_seqs:
+            req = self.waiting.popleft()
+            if (
+                req.lora_name
+                and req.lora_name not in active_loras
+                and len(active_loras) >= self.limits.max_loras
+            ):
+                skipped.append(req)  # no free LoRA slot: let requests behind it go first
+                continue
+            # The last token is always computed again, so at most num_tokens - 1 can hit.
+            max_hit_blocks = (req.num_tokens - 1) // self.pool.block_size
+            computed = self.pool.find_cached_prefix(req.block_hashes, max_hit_blocks)
+            num_cached = len(computed) * self.pool.block_size
+            n = min(req.num_tokens - num_cached, budget)
+            if not self.pool.allocate(req, num_cached + n, computed):
+                self.waiting.appendleft(req)
+                break
+            req.num_computed_tokens = num_cached
+            if req.num_cached_tokens < 0:
+                req.num_cached_tokens = num_cached
+                req.first_scheduled_time = now
+                self.stats.prefix_cache_queries += req.num_tokens
+                self.stats.prefix_cache_hits += num_cached
+            req.status = Status.RUNNING
+            self.running.append(req)
+            if req.lora_name:
+                active_loras.add(req.lora_name)
+            self._account(step, req, n)
+            budget -= n
+        self.waiting.extendleft(reversed(skipped))
+        return step
+
+    def _account(self, step: _Step, req: SimRequest, n: int) -> None:
+        step.scheduled.append((req, n))
+        if req.is_prefilling:
+            step.prefill_tokens += n
+        else:
+            step.decode_seqs += 1
+
+    def _preempt(self, req: SimRequest) -> None:
+        self.running.remove(req)
+        self.pool.free(req)
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        req.status = Status.WAITING
+        self.waiting.appendleft(req)
+        self.stats.preemptions += 1
+
+    def _complete(self, step: _Step) -> None:
+        now = time.monotonic()
+        for req, n in step.scheduled:
+            if req.status is not Status.RUNNING:
+                continue  # aborted while the step ran
+            req.num_computed_tokens += n
+            if req.num_computed_tokens >= req.num_tokens:
+                self._sample(req, now)
+            self.pool.cache_full_blocks(req, req.num_computed_tokens)
+            if req.finish_reason is not None:
+                self.running.remove(req)
+                self._finish(req, req.finish_reason)
+
+    def _sample(self, req: SimRequest, now: float) -> None:
+        token = req.rng.choice(self._token_pool)
+        text = self._token_texts[token]
+        req.all_token_ids.append(token)
+        req.output_token_ids.append(token)
+        self.hasher.extend(req.block_hashes, req.all_token_ids, req.extra_keys)
+        stats = self.stats
+        stats.generation_tokens += 1
+        if req.first_token_time is None:
+            req.first_token_time = now
+            stats.prompt_tokens += req.num_prompt_tokens
+            stats.ttft.observe(now - req.arrival_time)
+        else:
+            stats.inter_token_latency.observe(now - req.last_token_time)
+        req.last_token_time = now
+        reason = self._finish_reason(req, token, text)
+        if reason == "stop" and req.params.stop:
+            text = self._cut_at_stop(req, text)
+        else:
+            req.output_text += text
+        req.finish_reason = reason
+        req.outputs.put_nowait(TokenOutput(token, text, reason))
+
+    def _finish_reason(self, req: SimRequest, token: int, text: str) -> str | None:
+        params = req.params
+        n_out = len(req.output_token_ids)
+        if n_out >= params.min_tokens:
+            if token in params.stop_token_ids:
+                return "stop"
+            if params.stop:
+                tail = req.output_text[-64:] + text
+                if any(s in tail for s in params.stop):
+                    return "stop"
+        if n_out >= params.max_tokens or req.num_tokens >= self.limits.max_model_len:
+            return "length"
+        return None
+
+    @staticmethod
+    def _cut_at_stop(req: SimRequest, text: str) -> str:
+        full = req.output_text + text
+        cut = min(full.find(s) for s in req.params.stop if s in full)
+        delta = full[len(req.output_text) : cut] if cut >= len(req.output_text) else ""
+        req.output_text = full[:cut]
+        return delta
+
+    def _finish(self, req: SimRequest, reason: str, *, notify: bool = True) -> None:
+        self.pool.free(req)
+        req.status = Status.FINISHED
+        req.finish_reason = reason
+        stats = self.stats
+        stats.finished[reason] += 1
+        now = time.monotonic()
+        stats.e2e_latency.observe(now - req.arrival_time)
+        stats.request_prompt_tokens.observe(req.num_prompt_tokens)
+        stats.request_generation_tokens.observe(len(req.output_token_ids))
+        if req.first_scheduled_time is not None:
+            stats.queue_time.observe(req.first_scheduled_time - req.arrival_time)
+        if req.first_token_time is not None and req.first_scheduled_time is not None:
+            stats.prefill_time.observe(req.first_token_time - req.first_scheduled_time)
+            stats.decode_time.observe(now - req.first_token_time)
+            n_out = len(req.output_token_ids)
+            if n_out > 1:
+                stats.time_per_output_token.observe((now - req.first_token_time) / (n_out - 1))
+        if notify and reason in ("abort", "error"):
+            req.outputs.put_nowait(TokenOutput(None, "", reason))
+
+    def _flush_events(self) -> None:
+        events = self.pool.take_events()
+        if events and self._publish is not None:
+            self._publish(events)

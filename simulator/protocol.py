@@ -1,0 +1,253 @@
+"""Validation of OpenAI-style request bodies, with vLLM's rules and OpenAI-style errors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+class ApiError(Exception):
+    """An error the client caused (or may see): rendered as {"error": {...}} with this status."""
+
+    TYPES = {
+        400: "BadRequestError",
+        404: "NotFoundError",
+        405: "MethodNotAllowed",
+        413: "RequestEntityTooLarge",
+        500: "InternalServerError",
+        503: "ServiceUnavailableError",
+    }
+
+    def __init__(self, status: int, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.TYPES.get(self.status, "Error"),
+                "param": self.param,
+                "code": self.status,
+            }
+        }
+
+
+# Other fields (temperature, top_p, user, ...) are accepted and ignored, as vLLM ignores
+# unknown ones: they shape real sampling, which synthetic output does not model.
+# Would change the answer in ways the simulator cannot honour: refuse rather than mislead.
+_UNSUPPORTED = {
+    "logprobs": "logprobs",
+    "top_logprobs": "logprobs",
+    "prompt_logprobs": "prompt logprobs",
+    "echo": "echo",
+    "best_of": "best_of",
+    "suffix": "suffix",
+    "cache_salt": "cache_salt",
+    "guided_json": "guided decoding",
+    "guided_regex": "guided decoding",
+    "guided_choice": "guided decoding",
+    "structured_outputs": "structured outputs",
+}
+
+
+@dataclass(slots=True)
+class GenerationRequest:
+    """What both completion endpoints boil down to, before tokenization."""
+
+    model: str | None
+    stream: bool
+    include_usage: bool
+    continuous_usage: bool
+    max_tokens: int | None
+    min_tokens: int
+    stop: tuple[str, ...]
+    stop_token_ids: tuple[int, ...]
+    ignore_eos: bool
+    seed: int | None
+    add_special_tokens: bool
+    # completions: a list of prompts (text or token ids); chat: one message list
+    prompts: list[str | list[int]] | None = None
+    messages: list[dict] | None = None
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template: str | None = None
+    chat_template_kwargs: dict | None = None
+    tools: list | None = None
+
+
+def _get(body: dict, key: str, kind: type | tuple[type, ...], default: Any = None) -> Any:
+    value = body.get(key, default)
+    if value is None:
+        return default
+    # bool is an int in Python; a JSON true is not a valid max_tokens.
+    if kind in (int, float, (int, float)) and isinstance(value, bool):
+        raise ApiError(400, f"'{key}' must be a number, got a boolean", key)
+    if not isinstance(value, kind):
+        want = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+        raise ApiError(400, f"'{key}' must be of type {want}, got {type(value).__name__}", key)
+    return value
+
+
+def _is_token_list(value: Any) -> bool:
+    return isinstance(value, list) and all(
+        isinstance(t, int) and not isinstance(t, bool) for t in value
+    )
+
+
+def _parse_prompts(body: dict) -> list[str | list[int]]:
+    if "prompt" not in body or body["prompt"] is None:
+        raise ApiError(400, "'prompt' is required", "prompt")
+    p = body["prompt"]
+    if isinstance(p, str):
+        return [p]
+    if _is_token_list(p) and p:
+        return [p]
+    if (
+        isinstance(p, list)
+        and p
+        and all(isinstance(x, str) or (_is_token_list(x) and x) for x in p)
+    ):
+        return list(p)
+    raise ApiError(
+        400,
+        "'prompt' must be a string, a list of strings, a list of token ids "
+        "or a list of token-id lists, and not empty",
+        "prompt",
+    )
+
+
+def _common(body: Any, *, chat: bool) -> GenerationRequest:
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    for key, what in _UNSUPPORTED.items():
+        if body.get(key) not in (None, False, 0) and not (key == "best_of" and body[key] == 1):
+            raise ApiError(400, f"{what} is not supported by the infergate simulator", key)
+    n = _get(body, "n", int, 1)
+    if n != 1:
+        raise ApiError(400, "n > 1 is not supported by the infergate simulator", "n")
+    stream = _get(body, "stream", bool, False)
+    options = _get(body, "stream_options", dict, None)
+    if options is not None and not stream:
+        raise ApiError(400, "stream_options can only be set when stream is true", "stream_options")
+    options = options or {}
+    max_tokens = _get(body, "max_tokens", int, None)
+    if chat:
+        max_tokens = _get(body, "max_completion_tokens", int, None) or max_tokens
+    if max_tokens is not None and max_tokens < 1:
+        raise ApiError(400, f"max_tokens must be at least 1, got {max_tokens}", "max_tokens")
+    min_tokens = _get(body, "min_tokens", int, 0)
+    if min_tokens < 0 or (max_tokens is not None and min_tokens > max_tokens):
+        raise ApiError(400, "min_tokens must be >= 0 and <= max_tokens", "min_tokens")
+    stop = _get(body, "stop", (str, list), [])
+    stop = [stop] if isinstance(stop, str) else stop
+    if not all(isinstance(s, str) and s for s in stop):
+        raise ApiError(400, "'stop' must be a non-empty string or a list of them", "stop")
+    stop_ids = _get(body, "stop_token_ids", list, [])
+    if not _is_token_list(stop_ids):
+        raise ApiError(400, "'stop_token_ids' must be a list of integers", "stop_token_ids")
+    return GenerationRequest(
+        model=_get(body, "model", str, None),
+        stream=stream,
+        include_usage=bool(options.get("include_usage", False)),
+        continuous_usage=bool(options.get("continuous_usage_stats", False)),
+        max_tokens=max_tokens,
+        min_tokens=min_tokens,
+        stop=tuple(stop),
+        stop_token_ids=tuple(stop_ids),
+        ignore_eos=_get(body, "ignore_eos", bool, False),
+        seed=_get(body, "seed", int, None),
+        add_special_tokens=_get(body, "add_special_tokens", bool, not chat),
+    )
+
+
+def parse_completion(body: Any) -> GenerationRequest:
+    req = _common(body, chat=False)
+    req.prompts = _parse_prompts(body)
+    return req
+
+
+def parse_messages(body: dict) -> list[dict]:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "'messages' is required and must be a non-empty list", "messages")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise ApiError(400, f"messages[{i}] must be an object with a string 'role'", "messages")
+    return messages
+
+
+def parse_chat(body: Any) -> GenerationRequest:
+    req = _common(body, chat=True)
+    req.messages = parse_messages(body)
+    _fill_template_options(req, body)
+    return req
+
+
+def _fill_template_options(req: GenerationRequest, body: dict) -> None:
+    req.add_generation_prompt = _get(body, "add_generation_prompt", bool, True)
+    req.continue_final_message = _get(body, "continue_final_message", bool, False)
+    if req.add_generation_prompt and req.continue_final_message:
+        raise ApiError(
+            400,
+            "Cannot set both `continue_final_message` and `add_generation_prompt` to True.",
+            "continue_final_message",
+        )
+    req.chat_template = _get(body, "chat_template", str, None)
+    req.chat_template_kwargs = _get(body, "chat_template_kwargs", dict, None)
+    req.tools = _get(body, "tools", list, None)
+
+
+@dataclass(slots=True)
+class TokenizeRequest:
+    model: str | None
+    prompt: str | None
+    messages: list[dict] | None
+    add_special_tokens: bool
+    add_generation_prompt: bool
+    continue_final_message: bool
+    return_token_strs: bool
+    chat_template: str | None
+    chat_template_kwargs: dict | None
+    tools: list | None
+
+
+def parse_tokenize(body: Any) -> TokenizeRequest:
+    """vLLM's /tokenize: either `prompt` (special tokens added) or `messages` (template applied)."""
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    has_prompt, has_messages = "prompt" in body, "messages" in body
+    if has_prompt == has_messages:
+        raise ApiError(400, "give exactly one of 'prompt' or 'messages'")
+    if has_prompt:
+        prompt = _get(body, "prompt", str, None)
+        if prompt is None:
+            raise ApiError(400, "'prompt' must be a string", "prompt")
+        return TokenizeRequest(
+            model=_get(body, "model", str, None),
+            prompt=prompt,
+            messages=None,
+            add_special_tokens=_get(body, "add_special_tokens", bool, True),
+            add_generation_prompt=False,
+            continue_final_message=False,
+            return_token_strs=_get(body, "return_token_strs", bool, False),
+            chat_template=None,
+            chat_template_kwargs=None,
+            tools=None,
+        )
+    gen = GenerationRequest(None, False, False, False, None, 0, (), (), False, None, False)
+    _fill_template_options(gen, body)
+    return TokenizeRequest(
+        model=_get(body, "model", str, None),
+        prompt=None,
+        messages=parse_messages(body),
+        add_special_tokens=_get(body, "add_special_tokens", bool, False),
+        add_generation_prompt=gen.add_generation_prompt,
+        continue_final_message=gen.continue_final_message,
+        return_token_strs=_get(body, "return_token_strs", bool, False),
+        chat_template=gen.chat_template,
+        chat_template_kwargs=gen.chat_template_kwargs,
+        tools=gen.tools,
+    )

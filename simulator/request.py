@@ -1,0 +1,80 @@
+"""One generation request as the engine sees it."""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import random
+from dataclasses import dataclass, field
+
+from simulator.block_pool import Block
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(slots=True)
+class SamplingParams:
+    max_tokens: int
+    min_tokens: int = 0
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    seed: int | None = None
+
+
+@dataclass(slots=True)
+class TokenOutput:
+    """What the engine hands the API layer after each step that sampled a token."""
+
+    token_id: int | None
+    text: str
+    finish_reason: str | None = None
+
+
+@dataclass(slots=True, eq=False)
+class SimRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    rng: random.Random
+    lora_id: int | None = None
+    lora_name: str | None = None
+    # Per-block extra keys, as vLLM hashes them: the LoRA name goes into every block.
+    extra_keys: tuple | None = None
+    all_token_ids: list[int] = field(default_factory=list)
+    output_token_ids: list[int] = field(default_factory=list)
+    output_text: str = ""
+    block_hashes: list[bytes] = field(default_factory=list)
+    blocks: list[Block] = field(default_factory=list)
+    num_cached_blocks: int = 0
+    num_computed_tokens: int = 0
+    num_cached_tokens: int = -1  # prefix-cache hit at first admission; -1 until then
+    num_preemptions: int = 0
+    status: Status = Status.WAITING
+    finish_reason: str | None = None
+    arrival_time: float = 0.0
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    last_token_time: float | None = None
+    outputs: asyncio.Queue[TokenOutput] = field(default_factory=asyncio.Queue)
+
+    def __post_init__(self) -> None:
+        if not self.all_token_ids:
+            self.all_token_ids = list(self.prompt_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.all_token_ids)
+
+    @property
+    def is_prefilling(self) -> bool:
+        # Decoding means exactly one token (the last sampled one) lacks KV.
+        return self.num_tokens - self.num_computed_tokens > 1
