@@ -111,6 +111,7 @@ class SimulatorConfig:
     max_loras: int = 1
     seed: int = 0
     engine: str = "vllm"
+    output_len_mean: float = 0.0
     latency: LatencyModel = field(default_factory=LatencyModel)
     log_level: str = "info"
 
@@ -223,6 +224,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="fixed cost of every engine step, ms",
     )
     sim.add_argument(
+        "--sim-output-len-mean",
+        type=float,
+        default=0.0,
+        help="mean length at which answers end with EOS (finish_reason 'stop'), drawn per "
+        "request; 0 (default) never ends early, like a random-weight model: max_tokens decides",
+    )
+    sim.add_argument(
         "--sim-time-scale",
         type=float,
         default=1.0,
@@ -251,6 +259,8 @@ def parse_config(argv: list[str] | None = None) -> SimulatorConfig:
         parser.error("--lora-modules needs --enable-lora")
     if args.sim_time_scale < 0:
         parser.error("--sim-time-scale must be >= 0")
+    if args.sim_output_len_mean < 0:
+        parser.error("--sim-output-len-mean must be >= 0")
     if args.model is not None and not Path(args.model, "tokenizer.json").is_file():
         parser.error(f"--model {args.model}: no tokenizer.json in that directory")
     return SimulatorConfig(
@@ -273,6 +283,7 @@ def parse_config(argv: list[str] | None = None) -> SimulatorConfig:
         max_loras=args.max_loras,
         seed=args.seed,
         engine=args.engine,
+        output_len_mean=args.sim_output_len_mean,
         latency=LatencyModel(
             prefill_s_per_token=args.sim_prefill_us_per_token * 1e-6,
             decode_s_per_step=args.sim_decode_ms_per_step * 1e-3,

@@ -24,6 +24,9 @@ from simulator.stats import EngineStats
 
 log = logging.getLogger("simulator.engine")
 
+# Lateness the next step absorbs: timer rounding, not an overloaded process.
+_CATCH_UP_S = 0.002
+
 
 @dataclass(slots=True)
 class EngineLimits:
@@ -49,6 +52,7 @@ class Engine:
         latency: LatencyModel,
         token_texts: dict[int, str],
         publish_events: Callable[[list[KVEvent]], None] | None = None,
+        eos_token_id: int | None = None,
     ) -> None:
         self.pool = pool
         self.hasher = hasher
@@ -56,6 +60,7 @@ class Engine:
         self.latency = latency
         self._token_texts = token_texts
         self._token_pool = sorted(token_texts)
+        self._eos = eos_token_id
         self._publish = publish_events
         self.waiting: deque[SimRequest] = deque()
         self.running: list[SimRequest] = []
@@ -112,6 +117,7 @@ class Engine:
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
+        deadline = loop.time()
         while True:
             if not self.waiting and not self.running:
                 self._wakeup.clear()
@@ -125,7 +131,16 @@ class Engine:
                     await asyncio.sleep(0.001)  # nothing fits yet; let aborts free space
                     continue
                 duration = self.latency.step_seconds(step.prefill_tokens, step.decode_seqs)
-                await asyncio.sleep(max(0.0, started + duration - loop.time()))
+                # Sleep to a deadline carried from step to step, so the event loop's ~1 ms
+                # timer rounding does not add up; a start later than that is not caught up.
+                if started - deadline > _CATCH_UP_S:
+                    deadline = started
+                deadline += duration
+                await asyncio.sleep(max(0.0, deadline - loop.time()))
+                # Busy time beyond the model means this process could not keep up.
+                self.stats.steps += 1
+                self.stats.step_seconds_modeled += duration
+                self.stats.step_seconds_busy += loop.time() - started
                 self._complete(step)
                 self._flush_events()
             except asyncio.CancelledError:
@@ -219,8 +234,11 @@ class Engine:
                 self._finish(req, req.finish_reason)
 
     def _sample(self, req: SimRequest, now: float) -> None:
-        token = req.rng.choice(self._token_pool)
-        text = self._token_texts[token]
+        if self._answer_is_complete(req):
+            token, text = self._eos, ""  # EOS: counted as a token, shown as no text
+        else:
+            token = req.rng.choice(self._token_pool)
+            text = self._token_texts[token]
         req.all_token_ids.append(token)
         req.output_token_ids.append(token)
         self.hasher.extend(req.block_hashes, req.all_token_ids, req.extra_keys)
@@ -241,9 +259,22 @@ class Engine:
         req.finish_reason = reason
         req.outputs.put_nowait(TokenOutput(token, text, reason))
 
+    def _answer_is_complete(self, req: SimRequest) -> bool:
+        """The simulated model ends its answer after the length drawn for the request."""
+        p = req.params
+        n_next = len(req.output_token_ids) + 1
+        return (
+            req.natural_len is not None
+            and self._eos is not None
+            and not p.ignore_eos
+            and n_next >= max(req.natural_len, p.min_tokens + 1)
+        )
+
     def _finish_reason(self, req: SimRequest, token: int, text: str) -> str | None:
         params = req.params
         n_out = len(req.output_token_ids)
+        if token == self._eos and self._eos is not None and not params.ignore_eos:
+            return "stop"
         if n_out >= params.min_tokens:
             if token in params.stop_token_ids:
                 return "stop"

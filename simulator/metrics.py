@@ -248,11 +248,36 @@ class SglangCollector:
         )
 
 
+class SimulatorCollector:
+    """The simulator's own health, under a prefix no engine uses."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def collect(self) -> Iterator[Metric]:
+        s = self.engine.stats
+        yield _counter("infergate_sim:engine_steps", "Engine steps run.", {}, s.steps)
+        yield _counter(
+            "infergate_sim:step_modeled_seconds",
+            "Step time the latency model asked for.",
+            {},
+            s.step_seconds_modeled,
+        )
+        yield _counter(
+            "infergate_sim:step_busy_seconds",
+            "Wall time engine steps took; above the modeled time the process was "
+            "too busy to keep the model's pace.",
+            {},
+            s.step_seconds_busy,
+        )
+
+
 class MetricsRenderer:
     def __init__(self, engine: Engine, cfg: SimulatorConfig) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         collector = SglangCollector if cfg.engine == "sglang" else VllmCollector
         self.registry.register(collector(engine, cfg))
+        self.registry.register(SimulatorCollector(engine))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -45,6 +45,8 @@ class SimRequest:
     lora_name: str | None = None
     # Per-block extra keys, as vLLM hashes them: the LoRA name goes into every block.
     extra_keys: tuple | None = None
+    # Output length at which the simulated model emits EOS; None: never (a random-weight model).
+    natural_len: int | None = None
     all_token_ids: list[int] = field(default_factory=list)
     output_token_ids: list[int] = field(default_factory=list)
     output_text: str = ""

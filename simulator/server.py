@@ -67,6 +67,7 @@ class Simulator:
             latency=cfg.latency,
             token_texts=texts,
             publish_events=self.publisher.publish if self.publisher else None,
+            eos_token_id=self.tokenizer.eos_token_id,
         )
         self.metrics = MetricsRenderer(self.engine, cfg)
 
@@ -188,11 +189,14 @@ class Simulator:
             ignore_eos=gen.ignore_eos,
             seed=gen.seed,
         )
+        rng = random.Random(int.from_bytes(digest, "big"))
+        mean = self.cfg.output_len_mean
         return SimRequest(
+            natural_len=1 + int(rng.expovariate(1 / mean)) if mean > 0 else None,
             request_id=responses.new_id(False),
             prompt_token_ids=ids,
             params=params,
-            rng=random.Random(int.from_bytes(digest, "big")),
+            rng=rng,
             lora_id=lora.lora_id if lora else None,
             lora_name=lora.name if lora else None,
             extra_keys=(lora.name,) if lora else None,

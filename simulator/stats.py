@@ -126,6 +126,9 @@ class EngineStats:
     prefix_cache_queries: int = 0
     prefix_cache_hits: int = 0
     preemptions: int = 0
+    steps: int = 0
+    step_seconds_modeled: float = 0.0
+    step_seconds_busy: float = 0.0
     finished: Counter = field(default_factory=Counter)
     ttft: Histogram = field(default_factory=lambda: Histogram(TTFT_BUCKETS))
     inter_token_latency: Histogram = field(default_factory=lambda: Histogram(ITL_BUCKETS))

@@ -174,3 +174,20 @@ async def test_ttft_is_queueing_plus_uncached_prefill(running_engine):
     # 1000 uncached tokens take 0.2 s; the warm one recomputes only 8 tokens.
     assert cold_ttft >= 0.2
     assert warm_ttft < cold_ttft / 4
+
+
+async def test_natural_answer_length_ends_with_eos(running_engine):
+    e = running_engine()
+    e._eos = 2
+    r = request(range(30), max_tokens=100)
+    r.natural_len = 7
+    e.add_request(r)
+    outs = await drain(r)
+    assert len(outs) == 7 and outs[-1].finish_reason == "stop"
+    assert outs[-1].token_id == 2 and outs[-1].text == ""
+    ignoring = request(range(30), max_tokens=12)
+    ignoring.natural_len = 3
+    ignoring.params.ignore_eos = True
+    e.add_request(ignoring)
+    outs = await drain(ignoring)
+    assert len(outs) == 12 and outs[-1].finish_reason == "length"

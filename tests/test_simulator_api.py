@@ -355,3 +355,15 @@ def test_default_model_serves_without_flags(sim_factory):
         timeout=10,
     )
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+
+
+def test_answers_end_with_eos_when_asked_to(sim_factory):
+    url = sim_factory("--sim-output-len-mean", "5", *FAST)
+    reasons = set()
+    for i in range(8):
+        r = requests.post(
+            url + "/v1/completions", json={"prompt": f"p{i}", "max_tokens": 200}, timeout=10
+        ).json()
+        reasons.add(r["choices"][0]["finish_reason"])
+        assert r["usage"]["completion_tokens"] < 200
+    assert reasons == {"stop"}
