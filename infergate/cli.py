@@ -7,6 +7,7 @@ import sys
 USAGE = """usage: infergate <command> [args...]
 
 commands:
+  up         the local stack: for now a fleet of simulator pods (infergate up --pods 4)
   simulate   a vLLM-compatible model server without GPUs (python -m simulator)
   bench      run a benchmark under bench/ (infergate bench simulator ...)
 """
@@ -18,6 +19,10 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0 if args else 2
     command, rest = args[0], args[1:]
+    if command == "up":
+        from infergate.up import main as up
+
+        return up(rest)
     if command == "simulate":
         from simulator.app import main as simulate
 
