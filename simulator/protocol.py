@@ -133,9 +133,11 @@ def _common(body: Any, *, chat: bool) -> GenerationRequest:
     if options is not None and not stream:
         raise ApiError(400, "stream_options can only be set when stream is true", "stream_options")
     options = options or {}
-    max_tokens = _get(body, "max_tokens", int, None)
-    if chat:
-        max_tokens = _get(body, "max_completion_tokens", int, None) or max_tokens
+    if chat:  # chat: unset means "up to max_model_len", as in vLLM
+        max_tokens = _get(body, "max_completion_tokens", int, None)
+        max_tokens = max_tokens or _get(body, "max_tokens", int, None)
+    else:  # completions: OpenAI's and vLLM's default is 16
+        max_tokens = _get(body, "max_tokens", int, 16)
     if max_tokens is not None and max_tokens < 1:
         raise ApiError(400, f"max_tokens must be at least 1, got {max_tokens}", "max_tokens")
     min_tokens = _get(body, "min_tokens", int, 0)

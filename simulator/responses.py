@@ -120,3 +120,34 @@ def usage_chunk(rid: str, created: int, model: str, chat: bool, use: dict) -> di
         "choices": [],
         "usage": use,
     }
+
+
+def model_card(
+    name: str, created: int, root: str, parent: str | None, max_model_len: int | None
+) -> dict:
+    """One entry of GET /v1/models, with vLLM's fields."""
+    return {
+        "id": name,
+        "object": "model",
+        "created": created,
+        "owned_by": "vllm",
+        "root": root,
+        "parent": parent,
+        "max_model_len": max_model_len,
+        "permission": [
+            {
+                "id": "modelperm-" + uuid.uuid4().hex,
+                "object": "model_permission",
+                "created": created,
+                "allow_create_engine": False,
+                "allow_sampling": True,
+                "allow_logprobs": True,
+                "allow_search_indices": False,
+                "allow_view": True,
+                "allow_fine_tuning": False,
+                "organization": "*",
+                "group": None,
+                "is_blocking": False,
+            }
+        ],
+    }

@@ -341,27 +341,11 @@ class Simulator:
         created = responses.now()
         root = self.cfg.model or self.cfg.model_name
         base = [
-            {
-                "id": name,
-                "object": "model",
-                "created": created,
-                "owned_by": "vllm",
-                "root": root,
-                "parent": None,
-                "max_model_len": self.max_model_len,
-            }
+            responses.model_card(name, created, root, None, self.max_model_len)
             for name in self._served_names()
         ]
         adapters = [
-            {
-                "id": a.name,
-                "object": "model",
-                "created": created,
-                "owned_by": "vllm",
-                "root": a.path,
-                "parent": self.cfg.model_name,
-                "max_model_len": None,
-            }
+            responses.model_card(a.name, created, a.path, self.cfg.model_name, None)
             for a in self.loras.values()
         ]
         return web.json_response({"object": "list", "data": base + adapters}, dumps=_dumps)

@@ -367,3 +367,44 @@ def test_answers_end_with_eos_when_asked_to(sim_factory):
         reasons.add(r["choices"][0]["finish_reason"])
         assert r["usage"]["completion_tokens"] < 200
     assert reasons == {"stop"}
+
+
+def test_completion_max_tokens_defaults_to_16_and_chat_to_the_context(tiny_url):
+    r = requests.post(
+        tiny_url + "/v1/completions", json={"model": "tiny", "prompt": "x"}, timeout=10
+    ).json()
+    assert r["usage"]["completion_tokens"] == 16
+    # chat without a limit may run to max_model_len: the server accepts it and streams
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "stream": True}
+    with requests.post(
+        tiny_url + "/v1/chat/completions", json=body, stream=True, timeout=10
+    ) as resp:
+        assert resp.status_code == 200
+        lines = resp.iter_lines()
+        assert next(lines).startswith(b"data: ")
+
+
+def test_body_over_the_limit_gets_413(tiny_url):
+    big = b'{"model": "tiny", "prompt": "' + b"a" * (33 * 1024 * 1024) + b'"}'
+    r = requests.post(
+        tiny_url + "/v1/completions",
+        data=big,
+        headers={"content-type": "application/json"},
+        timeout=30,
+    )
+    assert r.status_code == 413 and r.json()["error"]["code"] == 413
+
+
+def test_a_list_of_prompts_gives_one_choice_each(tiny_url):
+    body = {"model": "tiny", "prompt": ["first", [5, 6, 7]], "max_tokens": 3}
+    r = requests.post(tiny_url + "/v1/completions", json=body, timeout=10).json()
+    assert [c["index"] for c in r["choices"]] == [0, 1]
+    assert r["usage"]["completion_tokens"] == 6
+    streamed = requests.post(
+        tiny_url + "/v1/completions", json={**body, "stream": True}, timeout=10
+    )
+    chunks = [json.loads(ln[6:]) for ln in streamed.iter_lines() if ln.startswith(b"data: {")]
+    per_index = {0: 0, 1: 0}
+    for c in chunks:
+        per_index[c["choices"][0]["index"]] += 1
+    assert per_index == {0: 3, 1: 3}

@@ -186,6 +186,34 @@ def test_same_event_stream_as_real_vllm(sim_factory, subscriber):
     check_event_stream(ours)
     assert canonical(ours) == canonical(fixture_batches())
     assert all(parse_topic(m.topic) == ("127.0.0.1:8300", "tiny") for m in replayed)
+    # ... and the engine counters vLLM reported after the same requests
+    ours_metrics = requests.get(url + "/metrics", timeout=5).text
+    theirs_metrics = (TINY / "metrics.txt").read_text()
+    for series in COUNTERS_VLLM_REPORTED:
+        assert sample(ours_metrics, series) == sample(theirs_metrics, series), series
+
+
+COUNTERS_VLLM_REPORTED = [
+    "vllm:prompt_tokens_total",
+    "vllm:generation_tokens_total",
+    "vllm:prefix_cache_queries_total",
+    "vllm:prefix_cache_hits_total",
+    "vllm:num_preemptions_total",
+    'vllm:request_success_total{engine="0",finished_reason="length"',
+    "vllm:time_to_first_token_seconds_count",
+    "vllm:request_prompt_tokens_sum",
+    "vllm:request_generation_tokens_sum",
+    "vllm:kv_cache_usage_perc",
+    "vllm:num_requests_running",
+]
+
+
+def sample(text: str, prefix: str) -> float:
+    """The value of the first series whose line starts with `prefix` (name or name{labels)."""
+    for line in text.splitlines():
+        if line.startswith(prefix) and line[len(prefix)] in "{ ,":
+            return float(line.rsplit(" ", 1)[1])
+    raise KeyError(prefix)
 
 
 @pytest.mark.slow
