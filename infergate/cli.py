@@ -8,6 +8,7 @@ USAGE = """usage: infergate <command> [args...]
 
 commands:
   up         the local stack: for now a fleet of simulator pods (infergate up --pods 4)
+  epp        the endpoint picker, an Envoy ext_proc server (python -m epp)
   simulate   a vLLM-compatible model server without GPUs (python -m simulator)
   bench      run a benchmark under bench/ (infergate bench simulator ...)
 """
@@ -23,6 +24,10 @@ def main(argv: list[str] | None = None) -> int:
         from infergate.up import main as up
 
         return up(rest)
+    if command == "epp":
+        from epp.app import main as epp
+
+        return epp(rest)
     if command == "simulate":
         from simulator.app import main as simulate
 

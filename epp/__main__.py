@@ -1,0 +1,5 @@
+import sys
+
+from epp.app import main
+
+sys.exit(main())

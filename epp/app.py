@@ -1,0 +1,160 @@
+"""Run the picker: providers, scraper, ext_proc (TLS) on 9002, health on 9003, metrics on 9090."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+
+import grpc
+from aiohttp import web
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pbg
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from epp import tls
+from epp.datastore import Datastore
+from epp.director import Director, DirectorOptions
+from epp.extproc import ExternalProcessor
+from epp.http_server import make_app
+from epp.metrics import PickerMetrics
+from epp.options import PickerOptions, parse_options
+from epp.providers.file import FileProvider, FileProviderError
+from epp.scheduling.config import ConfigError, load_config
+from epp.scrape import MetricsScraper
+
+log = logging.getLogger("epp")
+
+HEALTH_SERVICES = (
+    "",
+    "liveness",
+    "readiness",
+    "inference-extension",
+    "envoy.service.ext_proc.v3.ExternalProcessor",
+)
+POOL_GAUGE_INTERVAL = 5.0
+
+
+def _provider(opts: PickerOptions, datastore: Datastore):
+    if opts.provider == "file":
+        return FileProvider(datastore, opts.pool_files, opts.pool_name, opts.pool_namespace)
+    from epp.providers.kubernetes import KubernetesProvider
+
+    return KubernetesProvider(datastore, opts.pool_name, opts.pool_namespace)
+
+
+async def _pool_gauges(datastore: Datastore, metrics: PickerMetrics) -> None:
+    while True:
+        pool = datastore.pool
+        if pool is not None:
+            eps = datastore.ready_endpoints()
+            metrics.pool_ready.labels(pool.name).set(len(eps))
+            if eps:
+                metrics.pool_kv.labels(pool.name).set(
+                    sum(e.metrics.kv_usage for e in eps) / len(eps)
+                )
+                metrics.pool_queue.labels(pool.name).set(
+                    sum(e.metrics.waiting for e in eps) / len(eps)
+                )
+        await asyncio.sleep(POOL_GAUGE_INTERVAL)
+
+
+async def serve(opts: PickerOptions, ready: asyncio.Event | None = None) -> None:
+    text = opts.config_file.read_text() if opts.config_file else opts.config_text
+    scheduling = load_config(text)
+    datastore = Datastore()
+    metrics = PickerMetrics()
+    provider = _provider(opts, datastore)
+    await provider.start()
+    scraper = MetricsScraper(datastore, metrics, interval=opts.refresh_metrics_interval)
+    await scraper.start()
+    director = Director(
+        datastore,
+        scheduling,
+        metrics,
+        DirectorOptions(
+            fallbacks=opts.fallback_endpoints,
+            max_body_bytes=opts.max_body_bytes,
+            subset_filter=opts.subset_filter,
+        ),
+    )
+
+    grpc_opts = [
+        ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+        ("grpc.max_send_message_length", 64 * 1024 * 1024),
+    ]
+    server = grpc.aio.server(options=grpc_opts)
+    pbg.add_ExternalProcessorServicer_to_server(
+        ExternalProcessor(director, read_response_body=opts.response_body == "always"), server
+    )
+    address = f"{opts.host}:{opts.grpc_port}"
+    if opts.secure_serving:
+        cert, key = tls.load_cert_dir(opts.cert_path) if opts.cert_path else tls.self_signed()
+        server.add_secure_port(address, grpc.ssl_server_credentials([(key, cert)]))
+    else:
+        server.add_insecure_port(address)
+
+    health_server = grpc.aio.server()
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
+    health_server.add_insecure_port(f"{opts.host}:{opts.grpc_health_port}")
+    status = (
+        health_pb2.HealthCheckResponse.SERVING
+        if datastore.synced
+        else health_pb2.HealthCheckResponse.NOT_SERVING
+    )
+    for name in HEALTH_SERVICES:
+        await health_servicer.set(name, status)
+    await health_servicer.set("liveness", health_pb2.HealthCheckResponse.SERVING)
+
+    runner = web.AppRunner(make_app(datastore, metrics), access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, opts.host, opts.metrics_port).start()
+    await server.start()
+    await health_server.start()
+    gauges = asyncio.create_task(_pool_gauges(datastore, metrics))
+    log.info(
+        "endpoint picker for pool %s/%s: ext_proc %s on %s, health :%d, metrics :%d, %d endpoints",
+        opts.pool_namespace,
+        opts.pool_name,
+        "TLS" if opts.secure_serving else "plaintext",
+        address,
+        opts.grpc_health_port,
+        opts.metrics_port,
+        len(datastore.endpoints()),
+    )
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    if ready is not None:
+        ready.set()
+    try:
+        await stop.wait()
+    finally:
+        log.info("shutting down")
+        gauges.cancel()
+        await server.stop(grace=2)
+        await health_server.stop(grace=0)
+        await scraper.stop()
+        await provider.stop()
+        await runner.cleanup()
+
+
+def main(argv: list[str] | None = None) -> int:
+    opts = parse_options(argv)
+    logging.basicConfig(
+        level=opts.log_level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        asyncio.run(serve(opts))
+    except (ConfigError, FileProviderError, FileNotFoundError) as exc:
+        log.error("cannot start: %s", exc)
+        return 2
+    except OSError as exc:
+        log.error("cannot serve: %s", exc)
+        return 1
+    return 0

@@ -1,0 +1,186 @@
+"""What the picker knows: one InferencePool, its endpoints, and each endpoint's live state.
+
+Providers (file, Kubernetes) write pools and pods; the scraper writes metrics; scheduling
+reads. Everything runs on one event loop, so plain attributes are enough.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+ENGINE_LABEL = "inference.networking.k8s.io/engine-type"
+ACTIVE_PORTS_ANNOTATION = "inference.networking.k8s.io/active-ports"
+
+
+@dataclass(slots=True)
+class PoolSpec:
+    """inference.networking.k8s.io/v1 InferencePool, the parts the picker uses."""
+
+    name: str
+    namespace: str
+    selector: dict[str, str]
+    target_ports: list[int]
+    app_protocol: str = "http"
+    failure_mode: str = "FailClose"
+    picker_service: str | None = None
+
+    @classmethod
+    def from_object(cls, obj: dict[str, Any]) -> PoolSpec:
+        meta, spec = obj.get("metadata") or {}, obj.get("spec") or {}
+        selector = (spec.get("selector") or {}).get("matchLabels")
+        if not isinstance(selector, dict) or not selector:
+            raise ValueError(
+                f"InferencePool {meta.get('name')}: spec.selector.matchLabels "
+                "must be a non-empty map"
+            )
+        ports = [p.get("number") for p in spec.get("targetPorts") or [] if isinstance(p, dict)]
+        if not ports or not all(isinstance(p, int) and 0 < p < 65536 for p in ports):
+            raise ValueError(
+                f"InferencePool {meta.get('name')}: spec.targetPorts needs 1-8 "
+                "entries with a valid 'number'"
+            )
+        if len(ports) > 8 or len(set(ports)) != len(ports):
+            raise ValueError(
+                f"InferencePool {meta.get('name')}: targetPorts must be 1-8 unique ports"
+            )
+        ref = spec.get("endpointPickerRef") or {}
+        mode = ref.get("failureMode", "FailClose")
+        if mode not in ("FailOpen", "FailClose"):
+            raise ValueError(
+                f"InferencePool {meta.get('name')}: failureMode must be FailOpen "
+                f"or FailClose, got {mode!r}"
+            )
+        return cls(
+            name=str(meta.get("name")),
+            namespace=str(meta.get("namespace") or "default"),
+            selector={str(k): str(v) for k, v in selector.items()},
+            target_ports=ports,
+            app_protocol=spec.get("appProtocol") or "http",
+            failure_mode=mode,
+            picker_service=ref.get("name"),
+        )
+
+
+@dataclass(slots=True)
+class EndpointMetrics:
+    """What the model server's /metrics said last, in engine-neutral terms."""
+
+    waiting: float = 0.0
+    running: float = 0.0
+    kv_usage: float = 0.0
+    block_size: int | None = None
+    num_blocks: int | None = None
+    running_loras: frozenset[str] = frozenset()
+    waiting_loras: frozenset[str] = frozenset()
+    max_loras: int | None = None
+    updated_at: float = 0.0  # time.monotonic(); 0 = never scraped
+
+
+@dataclass(slots=True, eq=False)
+class Endpoint:
+    """One pod × target port: where a request can go."""
+
+    name: str
+    pod: str
+    address: str  # "ip:port", the key Envoy and KV events use
+    labels: dict[str, str] = field(default_factory=dict)
+    engine: str = "vllm"
+    metrics: EndpointMetrics = field(default_factory=EndpointMetrics)
+    reachable: bool = True
+    # Set by the scraper when the last good scrape is too old: scorers treat it as saturated.
+    stale: bool = True
+    scrape_failures: int = 0
+    inflight_requests: int = 0
+    inflight_tokens: int = 0
+    ttft_ewma: float | None = None
+    tpot_ewma: float | None = None
+
+    @property
+    def ip(self) -> str:
+        return self.address.rsplit(":", 1)[0]
+
+    def metrics_age(self, now: float | None = None) -> float:
+        if not self.metrics.updated_at:
+            return float("inf")
+        return (now if now is not None else time.monotonic()) - self.metrics.updated_at
+
+
+def _pod_ready(pod: dict[str, Any]) -> bool:
+    meta, status = pod.get("metadata") or {}, pod.get("status") or {}
+    if meta.get("deletionTimestamp"):
+        return False
+    if not status.get("podIP"):
+        return False
+    return any(
+        c.get("type") == "Ready" and c.get("status") == "True"
+        for c in status.get("conditions") or []
+    )
+
+
+class Datastore:
+    def __init__(self) -> None:
+        self.pool: PoolSpec | None = None
+        self._pods: dict[str, dict[str, Any]] = {}
+        self._endpoints: dict[str, Endpoint] = {}  # by address
+        self.synced = False
+        self.version = 0
+
+    # ---- writes (providers) ------------------------------------------------------------
+
+    def set_pool(self, pool: PoolSpec | None) -> None:
+        self.pool = pool
+        self._rebuild()
+
+    def upsert_pod(self, pod: dict[str, Any]) -> None:
+        self._pods[(pod.get("metadata") or {}).get("name", "")] = pod
+        self._rebuild()
+
+    def delete_pod(self, name: str) -> None:
+        self._pods.pop(name, None)
+        self._rebuild()
+
+    def replace_pods(self, pods: list[dict[str, Any]]) -> None:
+        self._pods = {(p.get("metadata") or {}).get("name", ""): p for p in pods}
+        self._rebuild()
+
+    def _rebuild(self) -> None:
+        """Recompute endpoints, keeping the live state of those that stay."""
+        new: dict[str, Endpoint] = {}
+        pool = self.pool
+        if pool is not None:
+            for name, pod in sorted(self._pods.items()):
+                labels = (pod.get("metadata") or {}).get("labels") or {}
+                if not _pod_ready(pod) or any(labels.get(k) != v for k, v in pool.selector.items()):
+                    continue
+                ip = pod["status"]["podIP"]
+                for rank, port in enumerate(self._ports(pod, pool)):
+                    address = f"{ip}:{port}"
+                    ep = self._endpoints.get(address) or Endpoint(
+                        name=f"{name}-rank-{rank}", pod=name, address=address
+                    )
+                    ep.labels = dict(labels)
+                    ep.engine = labels.get(ENGINE_LABEL, "vllm")
+                    new[address] = ep
+        self._endpoints = new
+        self.version += 1
+
+    @staticmethod
+    def _ports(pod: dict[str, Any], pool: PoolSpec) -> list[int]:
+        active = ((pod.get("metadata") or {}).get("annotations") or {}).get(ACTIVE_PORTS_ANNOTATION)
+        if not active:
+            return pool.target_ports
+        wanted = {int(p) for p in active.split(",") if p.strip().isdigit()}
+        return [p for p in pool.target_ports if p in wanted]
+
+    # ---- reads (scheduling, scraping, debug) ----------------------------------------------
+
+    def endpoints(self) -> list[Endpoint]:
+        return list(self._endpoints.values())
+
+    def endpoint(self, address: str) -> Endpoint | None:
+        return self._endpoints.get(address)
+
+    def ready_endpoints(self) -> list[Endpoint]:
+        return [e for e in self._endpoints.values() if e.reachable]

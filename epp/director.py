@@ -1,0 +1,127 @@
+"""The request pipeline between the protocol and scheduling: candidates → schedule → admit,
+and the bookkeeping when the answer ends."""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass
+
+from epp.datastore import Datastore, Endpoint
+from epp.errors import PickerError
+from epp.metrics import PickerMetrics
+from epp.request import InferenceRequest
+from epp.scheduling.config import SchedulingConfig
+from epp.scheduling.framework import ResponseInfo
+
+log = logging.getLogger("epp.director")
+
+EWMA_ALPHA = 0.2  # weight of the newest observation in per-endpoint latency averages
+
+
+@dataclass(slots=True)
+class DirectorOptions:
+    fallbacks: int = 1
+    max_body_bytes: int = 32 * 1024 * 1024
+    subset_filter: bool = True
+
+
+class Director:
+    def __init__(
+        self,
+        datastore: Datastore,
+        scheduling: SchedulingConfig,
+        metrics: PickerMetrics,
+        options: DirectorOptions,
+    ) -> None:
+        self.datastore = datastore
+        self.scheduling = scheduling
+        self.metrics = metrics
+        self.options = options
+        self.scheduler = scheduling.scheduler(1 + options.fallbacks, metrics.observe_plugin)
+        self._rng = random.Random()
+
+    def candidates(self, subset: list[str] | None) -> list[Endpoint]:
+        endpoints = self.datastore.ready_endpoints()
+        if subset is None or not self.options.subset_filter:
+            return endpoints
+        if not subset:
+            raise PickerError(503, "the endpoint subset hint is empty")
+        wanted = set(subset)
+        # Match by IP as the reference picker does: a hint may name a pod, not a port.
+        ips = {s.rsplit(":", 1)[0] if ":" in s else s for s in wanted}
+        chosen = [e for e in endpoints if e.address in wanted or e.ip in ips]
+        if not chosen:
+            raise PickerError(503, "no endpoint of the subset hint is in the pool")
+        return chosen
+
+    def admit(self, req: InferenceRequest, subset: list[str] | None) -> list[Endpoint]:
+        """Schedule a parsed request; on success the primary endpoint counts it in flight."""
+        candidates = self.candidates(subset)
+        t0 = time.perf_counter()
+        result = self.scheduler.schedule(req, candidates)
+        self.metrics.scheduler_e2e.observe(time.perf_counter() - t0)
+        for plugin in self.scheduling.pre_request:
+            t1 = time.perf_counter()
+            plugin.pre_request(req, result)
+            self.metrics.observe_plugin(
+                "PreRequest", plugin.type_name, plugin.name, time.perf_counter() - t1
+            )
+        targets = result.targets
+        if not targets:
+            raise PickerError(429, "no endpoint left after scheduling")
+        primary = targets[0]
+        primary.inflight_requests += 1
+        primary.inflight_tokens += self._token_weight(req)
+        req.targets = [e.address for e in targets]
+        self.metrics.requests.labels(req.model, req.target_model).inc()
+        self.metrics.running.labels(req.model).inc()
+        return targets
+
+    def pick_for_bodyless(self, subset: list[str] | None) -> list[Endpoint]:
+        """A request without a body has nothing to score: any candidate will do."""
+        candidates = self.candidates(subset)
+        if not candidates:
+            raise PickerError(500, "no pods available in the pool")
+        count = min(len(candidates), 1 + self.options.fallbacks)
+        return self._rng.sample(candidates, count)
+
+    def finish(self, req: InferenceRequest, info: ResponseInfo, started: float) -> None:
+        """The answer ended (or the client left): release the slot and learn from it."""
+        primary = self.datastore.endpoint(req.targets[0]) if req.targets else None
+        if primary is not None:
+            primary.inflight_requests = max(0, primary.inflight_requests - 1)
+            primary.inflight_tokens = max(0, primary.inflight_tokens - self._token_weight(req))
+        m = self.metrics
+        m.running.labels(req.model).dec()
+        labels = (req.model, req.target_model)
+        if info.status >= 400 or info.status == 0:
+            m.errors.labels(*labels, str(info.status or "cancelled")).inc()
+        else:
+            m.duration.labels(*labels).observe(time.monotonic() - started)
+        if info.prompt_tokens is not None:
+            m.input_tokens.labels(*labels).observe(info.prompt_tokens)
+        if info.completion_tokens:
+            m.output_tokens.labels(*labels).observe(info.completion_tokens)
+            m.ntpot.labels(*labels).observe((time.monotonic() - started) / info.completion_tokens)
+        if info.cached_tokens is not None:
+            m.cached_tokens.labels(*labels).observe(info.cached_tokens)
+        served = info.endpoint
+        if served is not None and info.ttft is not None:
+            served.ttft_ewma = _ewma(served.ttft_ewma, info.ttft)
+            if info.tpot is not None:
+                served.tpot_ewma = _ewma(served.tpot_ewma, info.tpot)
+        for plugin in self.scheduling.post_response:
+            try:
+                plugin.post_response(req, info)
+            except Exception:  # a plugin bug must not break the stream it observes
+                log.exception("post_response plugin %s failed", plugin.name)
+
+    @staticmethod
+    def _token_weight(req: InferenceRequest) -> int:
+        return req.approx_prompt_tokens + (req.max_tokens or 0)
+
+
+def _ewma(old: float | None, new: float) -> float:
+    return new if old is None else (1 - EWMA_ALPHA) * old + EWMA_ALPHA * new

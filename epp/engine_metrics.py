@@ -1,0 +1,137 @@
+"""Read the few metrics the picker needs from a model server's Prometheus text.
+
+Each engine names them differently; ENGINES maps our neutral fields to its names. Only
+lines whose name we want are split further, so a 600-line vLLM scrape costs little.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+
+from epp.datastore import EndpointMetrics
+
+
+@dataclass(frozen=True, slots=True)
+class EngineNames:
+    waiting: str
+    running: str
+    kv_usage: str
+    cache_info: str | None = None
+    block_size_label: str = "block_size"
+    num_blocks_label: str = "num_gpu_blocks"
+    lora_info: str | None = None
+
+
+ENGINES = {
+    "vllm": EngineNames(
+        "vllm:num_requests_waiting",
+        "vllm:num_requests_running",
+        "vllm:kv_cache_usage_perc",
+        "vllm:cache_config_info",
+        lora_info="vllm:lora_requests_info",
+    ),
+    "sglang": EngineNames(
+        "sglang:num_queue_reqs",
+        "sglang:num_running_reqs",
+        "sglang:token_usage",
+        "sglang:cache_config_info",
+        block_size_label="page_size",
+        num_blocks_label="num_pages",
+    ),
+    "trtllm-serve": EngineNames(
+        "trtllm_num_requests_waiting", "trtllm_num_requests_running", "trtllm_kv_cache_utilization"
+    ),
+}
+# vLLM before v1 called KV usage this; still seen in the wild.
+_LEGACY_KV = {"vllm": "vllm:gpu_cache_usage_perc"}
+
+_LABEL = re.compile(r'([A-Za-z_][A-Za-z0-9_]*)="((?:[^"\\]|\\.)*)"')
+
+
+class MetricsParseError(ValueError):
+    pass
+
+
+def _split(line: str) -> tuple[str, str, float]:
+    """name, raw labels, value of one sample line."""
+    brace = line.find("{")
+    if brace >= 0:
+        close = line.rfind("}")
+        if close < brace:
+            raise MetricsParseError(f"unbalanced braces in {line[:80]!r}")
+        name, labels, rest = line[:brace], line[brace + 1 : close], line[close + 1 :]
+    else:
+        name, _, rest = line.partition(" ")
+        labels = ""
+    fields = rest.split()
+    if not fields:
+        raise MetricsParseError(f"no value in {line[:80]!r}")
+    try:
+        return name, labels, float(fields[0])
+    except ValueError as exc:
+        raise MetricsParseError(f"bad value in {line[:80]!r}") from exc
+
+
+def parse(text: str, engine: str, now: float | None = None) -> EndpointMetrics:
+    names = ENGINES.get(engine)
+    if names is None:
+        raise MetricsParseError(f"unknown engine type {engine!r}; known: {sorted(ENGINES)}")
+    legacy_kv = _LEGACY_KV.get(engine)
+    wanted = {
+        names.waiting,
+        names.running,
+        names.kv_usage,
+        names.cache_info,
+        names.lora_info,
+        legacy_kv,
+    } - {None}
+    m = EndpointMetrics(updated_at=time.monotonic() if now is None else now)
+    kv: list[float] = []
+    kv_legacy: list[float] = []  # used only when the current name is absent
+    lora_ts = -1.0
+    found = set()
+    for line in text.splitlines():
+        if not line or line[0] == "#":
+            continue
+        end = line.find("{")
+        name = line[:end] if end >= 0 else line.partition(" ")[0]
+        if name not in wanted:
+            continue
+        name, labels, value = _split(line)
+        found.add(name)
+        if name == names.waiting:
+            m.waiting += value  # summed over engines (data-parallel ranks)
+        elif name == names.running:
+            m.running += value
+        elif name == names.kv_usage:
+            kv.append(value)
+        elif name == legacy_kv:
+            kv_legacy.append(value)
+        elif name == names.cache_info:
+            lab = dict(_LABEL.findall(labels))
+            m.block_size = _int(lab.get(names.block_size_label))
+            m.num_blocks = _int(lab.get(names.num_blocks_label))
+        elif name == names.lora_info and value > lora_ts:
+            lora_ts = value  # the value is a timestamp: the newest sample wins
+            lab = dict(_LABEL.findall(labels))
+            m.running_loras = _names(lab.get("running_lora_adapters"))
+            m.waiting_loras = _names(lab.get("waiting_lora_adapters"))
+            m.max_loras = _int(lab.get("max_lora"))
+    m.kv_usage = max(kv or kv_legacy or [0.0])  # the fullest engine bounds admission
+    missing = {names.waiting, names.running} - found
+    if missing:
+        raise MetricsParseError(f"{engine} metrics lack {sorted(missing)}")
+    return m
+
+
+def _int(value: str | None) -> int | None:
+    try:
+        return int(value) if value not in (None, "", "None") else None
+    except ValueError:
+        return None
+
+
+def _names(value: str | None) -> frozenset[str]:
+    return frozenset(v for v in (value or "").split(",") if v)

@@ -1,0 +1,222 @@
+"""The ext_proc servicer: one gRPC stream per HTTP request, FULL_DUPLEX_STREAMED bodies.
+
+Request: headers are held until the body's end of stream, then the picker answers the
+headers (destination) and echoes the body. Response: the served endpoint is added as a
+header, chunks are echoed as they come while usage and timing are read on the side.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2 as pm
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pbg
+
+from epp import protocol
+from epp.director import Director
+from epp.errors import PickerError
+from epp.request import InferenceRequest, parse_request
+from epp.scheduling.framework import ResponseInfo
+from epp.usage import UsageReader
+
+log = logging.getLogger("epp.extproc")
+
+# Sent on response headers when nothing needs the response body: Envoy stops streaming it
+# through the picker. Only honoured by Envoy with allow_mode_override.
+SKIP_RESPONSE_BODY = pm.ProcessingMode(
+    response_body_mode=pm.ProcessingMode.NONE, response_trailer_mode=pm.ProcessingMode.SKIP
+)
+
+
+class _Stream:
+    """The state of one HTTP request as the picker sees it."""
+
+    def __init__(self, director: Director, read_response_body: bool) -> None:
+        self.director = director
+        self.read_response_body = read_response_body
+        self.headers: dict[str, str] = {}
+        self.subset: list[str] | None = None
+        self.body = bytearray()
+        self.request_done = False
+        self.req: InferenceRequest | None = None
+        self.started = time.monotonic()
+        self.dispatched = 0.0
+        self.status = 0
+        self.served: str | None = None
+        self.usage: UsageReader | None = None
+        self.first_chunk: float | None = None
+        self.last_chunk: float | None = None
+        self.finished = False
+        self.rewrite: tuple[bytes, bytes] | None = None
+
+    # ---- request phase ---------------------------------------------------------------
+
+    def on_request_headers(self, msg: pb.ProcessingRequest) -> list[pb.ProcessingResponse]:
+        self.headers = protocol.header_map(msg.request_headers.headers)
+        self.subset = protocol.subset_hint(msg)
+        if not msg.request_headers.end_of_stream:
+            return []  # deferred until the body ends
+        self.request_done = True
+        targets = self.director.pick_for_bodyless(self.subset)
+        return [protocol.destination_headers([e.address for e in targets], None)]
+
+    def on_request_body(self, msg: pb.ProcessingRequest) -> list[pb.ProcessingResponse]:
+        if self.request_done:
+            return []  # a duplicate end of stream, or body after a body-less pick
+        chunk = msg.request_body
+        self.body += chunk.body
+        limit = self.director.options.max_body_bytes
+        if len(self.body) > limit:
+            raise PickerError(413, f"request body exceeds the limit of {limit} bytes")
+        if not chunk.end_of_stream:
+            return []
+        self.request_done = True
+        path = self.headers.get(":path", "")
+        req = parse_request(path, bytes(self.body), self.headers, max_body_bytes=limit)
+        self.director.admit(req, self.subset)
+        self.req = req
+        out_body = req.body_for_upstream()
+        if out_body is not req.raw_body:
+            self.rewrite = (
+                f'"model":"{req.target_model}"'.encode(),
+                f'"model":"{req.model}"'.encode(),
+            )
+        self.dispatched = time.monotonic()
+        return [
+            protocol.destination_headers(req.targets, len(out_body)),
+            *protocol.request_body_chunks(out_body),
+        ]
+
+    # ---- response phase --------------------------------------------------------------
+
+    def on_response_headers(self, msg: pb.ProcessingRequest) -> list[pb.ProcessingResponse]:
+        headers = protocol.header_map(msg.response_headers.headers)
+        try:
+            self.status = int(headers.get(":status", "0"))
+        except ValueError:
+            self.status = 0
+        self.served = protocol.served_endpoint(msg) or (
+            self.req.targets[0] if self.req and self.req.targets else None
+        )
+        streaming = "text/event-stream" in headers.get("content-type", "")
+        self.usage = UsageReader(streaming)
+        override = None
+        if msg.response_headers.end_of_stream:
+            self._finish()
+        elif not self.read_response_body:
+            override = SKIP_RESPONSE_BODY
+            self._finish()
+        return [protocol.served_headers(self.served, override)]
+
+    def on_response_body(self, msg: pb.ProcessingRequest) -> list[pb.ProcessingResponse]:
+        chunk = msg.response_body
+        now = time.monotonic()
+        data = chunk.body
+        if data:
+            if self.first_chunk is None:
+                self.first_chunk = now
+            self.last_chunk = now
+            if self.usage is not None:
+                self.usage.feed(data)
+            if self.rewrite is not None:
+                data = data.replace(*self.rewrite)
+        if chunk.end_of_stream:
+            self._finish()
+        return [protocol.response_chunk(data, chunk.end_of_stream)]
+
+    def _finish(self, cancelled: bool = False) -> None:
+        if self.finished or self.req is None:
+            self.finished = True
+            return
+        self.finished = True
+        usage = self.usage.finish() if self.usage else None
+        ttft = tpot = None
+        if self.first_chunk is not None:
+            ttft = self.first_chunk - self.dispatched
+            n = usage.completion_tokens if usage else None
+            if n and n > 1 and self.last_chunk is not None and self.usage.streaming:
+                tpot = (self.last_chunk - self.first_chunk) / (n - 1)
+        served = self.director.datastore.endpoint(self.served) if self.served else None
+        info = ResponseInfo(
+            endpoint=served,
+            status=0 if cancelled else self.status,
+            prompt_tokens=usage.prompt_tokens if usage else None,
+            completion_tokens=usage.completion_tokens if usage else None,
+            cached_tokens=usage.cached_tokens if usage else None,
+            ttft=ttft,
+            tpot=tpot,
+        )
+        self.director.finish(self.req, info, self.started)
+
+    def close(self) -> None:
+        """The stream ended: a request still open was cancelled (client or proxy gone)."""
+        if not self.finished:
+            self._finish(cancelled=True)
+
+
+class ExternalProcessor(pbg.ExternalProcessorServicer):
+    def __init__(self, director: Director, *, read_response_body: bool = True) -> None:
+        self.director = director
+        self.read_response_body = read_response_body
+
+    async def Process(
+        self,
+        request_iterator: AsyncIterator[pb.ProcessingRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[pb.ProcessingResponse]:
+        stream = _Stream(self.director, self.read_response_body)
+        try:
+            async for msg in request_iterator:
+                kind = msg.WhichOneof("request")
+                try:
+                    if kind == "request_headers":
+                        out = stream.on_request_headers(msg)
+                    elif kind == "request_body":
+                        out = stream.on_request_body(msg)
+                    elif kind == "request_trailers":
+                        out = [protocol.empty_request_trailers()]
+                    elif kind == "response_headers":
+                        out = stream.on_response_headers(msg)
+                    elif kind == "response_body":
+                        out = stream.on_response_body(msg)
+                    elif kind == "response_trailers":
+                        stream._finish()
+                        out = [protocol.empty_response_trailers()]
+                    else:
+                        self.director.metrics.bad_requests.labels("unknown_message").inc()
+                        log.warning("ext_proc: ignoring message of unknown kind %r", kind)
+                        out = []
+                except PickerError as exc:
+                    self._count_error(stream, exc)
+                    yield protocol.immediate(exc.status, exc.body())
+                    return
+                except Exception:
+                    log.exception(
+                        "ext_proc: internal error on %s (path %s)",
+                        kind,
+                        stream.headers.get(":path"),
+                    )
+                    err = PickerError(500, "internal error in the endpoint picker")
+                    self._count_error(stream, err)
+                    yield protocol.immediate(500, err.body())
+                    return
+                for resp in out:
+                    yield resp
+        finally:
+            stream.close()
+
+    def _count_error(self, stream: _Stream, exc: PickerError) -> None:
+        model = stream.req.model if stream.req else ""
+        target = stream.req.target_model if stream.req else ""
+        self.director.metrics.errors.labels(model, target, str(exc.status)).inc()
+        log.info(
+            "ext_proc: %s %s -> %d %s",
+            stream.headers.get(":method", "?"),
+            stream.headers.get(":path", "?"),
+            exc.status,
+            exc.message,
+        )

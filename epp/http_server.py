@@ -1,0 +1,68 @@
+"""Prometheus metrics and debug pages on one HTTP port (9090)."""
+
+from __future__ import annotations
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from epp.datastore import Datastore
+from epp.metrics import PickerMetrics
+
+
+def make_app(datastore: Datastore, metrics: PickerMetrics) -> web.Application:
+    async def metrics_handler(_req: web.Request) -> web.Response:
+        return web.Response(
+            body=generate_latest(metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
+        )
+
+    async def endpoints(_req: web.Request) -> web.Response:
+        """What the picker believes about each endpoint right now."""
+        out = []
+        for e in datastore.endpoints():
+            m = e.metrics
+            out.append(
+                {
+                    "name": e.name,
+                    "address": e.address,
+                    "engine": e.engine,
+                    "reachable": e.reachable,
+                    "stale": e.stale,
+                    "metrics_age_s": None if not m.updated_at else round(e.metrics_age(), 3),
+                    "waiting": m.waiting,
+                    "running": m.running,
+                    "kv_usage": m.kv_usage,
+                    "block_size": m.block_size,
+                    "num_blocks": m.num_blocks,
+                    "running_loras": sorted(m.running_loras),
+                    "max_loras": m.max_loras,
+                    "inflight_requests": e.inflight_requests,
+                    "inflight_tokens": e.inflight_tokens,
+                    "ttft_ewma_s": e.ttft_ewma,
+                    "tpot_ewma_s": e.tpot_ewma,
+                }
+            )
+        pool = datastore.pool
+        return web.json_response(
+            {
+                "pool": None
+                if pool is None
+                else {
+                    "name": pool.name,
+                    "namespace": pool.namespace,
+                    "failureMode": pool.failure_mode,
+                },
+                "synced": datastore.synced,
+                "endpoints": out,
+            }
+        )
+
+    async def healthz(_req: web.Request) -> web.Response:
+        return web.Response(
+            status=200 if datastore.synced else 503, text="ok" if datastore.synced else "not synced"
+        )
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics_handler)
+    app.router.add_get("/debug/endpoints", endpoints)
+    app.router.add_get("/healthz", healthz)
+    return app

@@ -1,0 +1,215 @@
+"""The picker's own Prometheus metrics, with the Gateway API Inference Extension's names."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+LATENCY_BUCKETS = (
+    0.005,
+    0.025,
+    0.05,
+    0.1,
+    0.2,
+    0.4,
+    0.6,
+    0.8,
+    1.0,
+    1.25,
+    1.5,
+    2,
+    3,
+    4,
+    5,
+    6,
+    8,
+    10,
+    15,
+    20,
+    30,
+    45,
+    60,
+    120,
+    180,
+    240,
+    300,
+    360,
+    480,
+    600,
+    900,
+    1200,
+    1800,
+    2700,
+    3600,
+)
+TOKEN_BUCKETS = (
+    1,
+    8,
+    16,
+    32,
+    64,
+    128,
+    256,
+    512,
+    1024,
+    2048,
+    4096,
+    8192,
+    16384,
+    32778,
+    65536,
+    131072,
+    262144,
+    524288,
+    1048576,
+)
+SCHEDULER_BUCKETS = (0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1)
+TPOT_BUCKETS = (
+    0.001,
+    0.002,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.125,
+    0.15,
+    0.2,
+    0.3,
+    0.4,
+    0.5,
+    0.6,
+    0.8,
+    1,
+    1.5,
+    2,
+    3,
+    4.5,
+    6,
+    12,
+    18,
+    24,
+    30,
+    36,
+    48,
+    60,
+    90,
+    120,
+)
+
+MODEL = ("model_name", "target_model_name")
+
+
+class PickerMetrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "inference_objective_request_total",
+            "Counter of inference objective requests.",
+            MODEL,
+            registry=r,
+        )
+        self.errors = Counter(
+            "inference_objective_request_error_total",
+            "Counter of inference objective requests errors.",
+            (*MODEL, "error_code"),
+            registry=r,
+        )
+        self.duration = Histogram(
+            "inference_objective_request_duration_seconds",
+            "Inference objective response latency distribution in seconds.",
+            MODEL,
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.input_tokens = Histogram(
+            "inference_objective_input_tokens",
+            "Inference objective input token count distribution.",
+            MODEL,
+            buckets=TOKEN_BUCKETS,
+            registry=r,
+        )
+        self.output_tokens = Histogram(
+            "inference_objective_output_tokens",
+            "Inference objective output token count distribution.",
+            MODEL,
+            buckets=TOKEN_BUCKETS,
+            registry=r,
+        )
+        self.cached_tokens = Histogram(
+            "inference_objective_prompt_cached_tokens",
+            "Inference objective prompt cached token count distribution.",
+            MODEL,
+            buckets=TOKEN_BUCKETS,
+            registry=r,
+        )
+        self.running = Gauge(
+            "inference_objective_running_requests",
+            "Inference objective number of running requests in each model.",
+            ("model_name",),
+            registry=r,
+        )
+        self.ntpot = Histogram(
+            "inference_objective_normalized_time_per_output_token_seconds",
+            "Inference objective latency divided by number of output tokens in seconds.",
+            MODEL,
+            buckets=TPOT_BUCKETS,
+            registry=r,
+        )
+        self.pool_kv = Gauge(
+            "inference_pool_average_kv_cache_utilization",
+            "The average kv cache utilization for an inference server pool.",
+            ("name",),
+            registry=r,
+        )
+        self.pool_queue = Gauge(
+            "inference_pool_average_queue_size",
+            "The average number of requests pending in the model server queue.",
+            ("name",),
+            registry=r,
+        )
+        self.pool_ready = Gauge(
+            "inference_pool_ready_pods",
+            "The number of ready pods in the inference server pool.",
+            ("name",),
+            registry=r,
+        )
+        self.scheduler_e2e = Histogram(
+            "inference_extension_scheduler_e2e_duration_seconds",
+            "End-to-end scheduling latency distribution in seconds.",
+            buckets=SCHEDULER_BUCKETS,
+            registry=r,
+        )
+        self.plugin_duration = Histogram(
+            "inference_extension_plugin_duration_seconds",
+            "Plugin processing latency distribution in seconds "
+            "for each extension point, plugin type and plugin "
+            "name.",
+            ("extension_point", "plugin_type", "plugin_name"),
+            buckets=SCHEDULER_BUCKETS,
+            registry=r,
+        )
+        self.prefix_hit_ratio = Histogram(
+            "inference_extension_prefix_indexer_hit_ratio",
+            "Ratio of prefix length matched to total prefix length in the cache lookup.",
+            buckets=(0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0),
+            registry=r,
+        )
+        self.scrape_errors = Counter(
+            "infergate_epp_metrics_scrape_errors_total",
+            "Model-server /metrics scrapes that failed.",
+            ("endpoint", "reason"),
+            registry=r,
+        )
+        self.bad_requests = Counter(
+            "infergate_epp_protocol_errors_total",
+            "ext_proc streams the picker could not make sense of.",
+            ("reason",),
+            registry=r,
+        )
+        info = Info("inference_extension", "General information of the current build.", registry=r)
+        info.info({"commit": "unknown", "build_ref": "infergate"})
+
+    def observe_plugin(self, point: str, plugin_type: str, name: str, seconds: float) -> None:
+        self.plugin_duration.labels(point, plugin_type, name).observe(seconds)

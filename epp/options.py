@@ -1,0 +1,137 @@
+"""Command-line flags of the picker, named like the reference picker's where one exists."""
+
+from __future__ import annotations
+
+import argparse
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m)?$")
+
+
+def duration(text: str) -> float:
+    """'50ms', '1s', '0.5', '2m' → seconds."""
+    m = _DURATION.match(text.strip())
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (try 50ms, 1s)")
+    value, unit = float(m.group(1)), m.group(2) or "s"
+    return value * {"ms": 1e-3, "s": 1.0, "m": 60.0}[unit]
+
+
+def boolean(text: str) -> bool:
+    if text.lower() in ("true", "1", "yes", "on"):
+        return True
+    if text.lower() in ("false", "0", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"not a boolean: {text!r}")
+
+
+@dataclass(slots=True)
+class PickerOptions:
+    host: str
+    grpc_port: int
+    grpc_health_port: int
+    metrics_port: int
+    config_file: Path | None
+    config_text: str | None
+    pool_name: str
+    pool_namespace: str
+    provider: str
+    pool_files: list[Path]
+    secure_serving: bool
+    cert_path: Path | None
+    refresh_metrics_interval: float
+    fallback_endpoints: int
+    max_body_bytes: int
+    subset_filter: bool
+    response_body: str
+    log_level: str
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="infergate epp", description="The endpoint picker: an Envoy ext_proc server."
+    )
+    p.add_argument("--host", default="0.0.0.0", help="address to listen on (0.0.0.0 in a pod)")
+    p.add_argument("--grpc-port", type=int, default=9002)
+    p.add_argument("--grpc-health-port", type=int, default=9003)
+    p.add_argument("--metrics-port", type=int, default=9090)
+    p.add_argument(
+        "--config",
+        "--config-file",
+        dest="config_file",
+        type=Path,
+        help="EndpointPickerConfig YAML (default: queue 2, kv-cache 2, prefix 3)",
+    )
+    p.add_argument("--config-text", help="EndpointPickerConfig YAML given inline")
+    p.add_argument("--pool-name", required=True, help="the InferencePool this picker serves")
+    p.add_argument("--pool-namespace", default="default")
+    p.add_argument("--provider", choices=["file", "kubernetes"], default="kubernetes")
+    p.add_argument(
+        "--pool-file",
+        dest="pool_files",
+        type=Path,
+        action="append",
+        default=[],
+        help="with --provider file: YAML file or directory with the InferencePool "
+        "and its Pods (repeatable); reloaded on change",
+    )
+    p.add_argument(
+        "--secure-serving",
+        type=boolean,
+        default=True,
+        nargs="?",
+        const=True,
+        help="TLS on the ext_proc port (default true; --secure-serving=false)",
+    )
+    p.add_argument("--cert-path", type=Path, help="directory with tls.crt and tls.key")
+    p.add_argument("--refresh-metrics-interval", type=duration, default=0.05)
+    p.add_argument(
+        "--fallback-endpoints",
+        type=int,
+        default=1,
+        help="endpoints after the primary in the destination list",
+    )
+    p.add_argument("--max-body-bytes", type=int, default=32 * 1024 * 1024)
+    p.add_argument("--disable-endpoint-subset-filter", action="store_true")
+    p.add_argument(
+        "--response-body",
+        choices=["always", "never"],
+        default="always",
+        help="stream response bodies through the picker (usage, TTFT/TPOT) or ask "
+        "Envoy to skip them per request with mode_override",
+    )
+    p.add_argument("--log-level", default="info")
+    return p
+
+
+def parse_options(argv: list[str] | None = None) -> PickerOptions:
+    p = build_parser()
+    a = p.parse_args(argv)
+    if a.config_file and a.config_text:
+        p.error("give --config or --config-text, not both")
+    if a.provider == "file" and not a.pool_files:
+        p.error("--provider file needs --pool-file")
+    if a.fallback_endpoints < 0:
+        p.error("--fallback-endpoints must be >= 0")
+    return PickerOptions(
+        host=a.host,
+        grpc_port=a.grpc_port,
+        grpc_health_port=a.grpc_health_port,
+        metrics_port=a.metrics_port,
+        config_file=a.config_file,
+        config_text=a.config_text,
+        pool_name=a.pool_name,
+        pool_namespace=a.pool_namespace,
+        provider=a.provider,
+        pool_files=a.pool_files,
+        secure_serving=a.secure_serving,
+        cert_path=a.cert_path,
+        refresh_metrics_interval=a.refresh_metrics_interval,
+        fallback_endpoints=a.fallback_endpoints,
+        max_body_bytes=a.max_body_bytes,
+        subset_filter=not a.disable_endpoint_subset_filter,
+        response_body=a.response_body,
+        log_level=a.log_level,
+    )

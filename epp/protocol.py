@@ -1,0 +1,170 @@
+"""Building ext_proc messages for the endpoint-picker protocol.
+
+Names and limits follow the Gateway API Inference Extension's protocol: the destination goes
+in a header *and* in `envoy.lb` dynamic metadata with the same comma-separated list, bodies
+go back in chunks of at most 62,000 bytes, errors are ImmediateResponses.
+"""
+
+from __future__ import annotations
+
+import json
+
+from envoy.config.core.v3 import base_pb2 as core
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from envoy.type.v3 import http_status_pb2
+from google.protobuf import struct_pb2
+
+DESTINATION = "x-gateway-destination-endpoint"
+SUBSET = "x-gateway-destination-endpoint-subset"
+SERVED = "x-gateway-destination-endpoint-served"
+LB_NAMESPACE = "envoy.lb"
+SUBSET_NAMESPACE = "envoy.lb.subset_hint"
+MAX_CHUNK = 62_000
+# Never passed on from the client: the picker alone decides where a request goes.
+SYSTEM_HEADERS = frozenset({DESTINATION, SUBSET, SERVED, "content-length"})
+
+_OVERWRITE = core.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+
+
+def header_map(headers: core.HeaderMap) -> dict[str, str]:
+    """Envoy sends values in raw_value (bytes) or, older, in value."""
+    out = {}
+    for h in headers.headers:
+        out[h.key.lower()] = h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value
+    return out
+
+
+def _set(key: str, value: str) -> core.HeaderValueOption:
+    return core.HeaderValueOption(
+        header=core.HeaderValue(key=key, raw_value=value.encode()), append_action=_OVERWRITE
+    )
+
+
+def destination_headers(targets: list[str], content_length: int | None) -> pb.ProcessingResponse:
+    """The deferred request-headers answer: where to go, in header and metadata alike."""
+    value = ",".join(targets)
+    sets = [_set(DESTINATION, value)]
+    if content_length is not None:
+        sets.append(_set("content-length", str(content_length)))
+    resp = pb.ProcessingResponse(
+        request_headers=pb.HeadersResponse(
+            response=pb.CommonResponse(
+                header_mutation=pb.HeaderMutation(
+                    set_headers=sets, remove_headers=[SUBSET, SERVED]
+                ),
+                clear_route_cache=True,
+            )
+        )
+    )
+    resp.dynamic_metadata.update({LB_NAMESPACE: {DESTINATION: value}})
+    return resp
+
+
+def request_body_chunks(body: bytes) -> list[pb.ProcessingResponse]:
+    """The request body, echoed in streamed chunks of at most MAX_CHUNK bytes."""
+    if not body:
+        return [_request_chunk(b"", True)]
+    last = len(body) - 1
+    return [
+        _request_chunk(body[i : i + MAX_CHUNK], i + MAX_CHUNK > last)
+        for i in range(0, len(body), MAX_CHUNK)
+    ]
+
+
+def _request_chunk(data: bytes, eos: bool) -> pb.ProcessingResponse:
+    return pb.ProcessingResponse(
+        request_body=pb.BodyResponse(
+            response=pb.CommonResponse(
+                body_mutation=pb.BodyMutation(
+                    streamed_response=pb.StreamedBodyResponse(body=data, end_of_stream=eos)
+                )
+            )
+        )
+    )
+
+
+def response_chunk(data: bytes, eos: bool) -> pb.ProcessingResponse:
+    return pb.ProcessingResponse(
+        response_body=pb.BodyResponse(
+            response=pb.CommonResponse(
+                body_mutation=pb.BodyMutation(
+                    streamed_response=pb.StreamedBodyResponse(body=data, end_of_stream=eos)
+                )
+            )
+        )
+    )
+
+
+def served_headers(
+    served: str | None, mode_override: pb.ProcessingMode | None = None
+) -> pb.ProcessingResponse:
+    sets = [_set(SERVED, served)] if served else []
+    resp = pb.ProcessingResponse(
+        response_headers=pb.HeadersResponse(
+            response=pb.CommonResponse(header_mutation=pb.HeaderMutation(set_headers=sets))
+        )
+    )
+    if mode_override is not None:
+        resp.mode_override.CopyFrom(mode_override)
+    return resp
+
+
+def empty_request_trailers() -> pb.ProcessingResponse:
+    return pb.ProcessingResponse(request_trailers=pb.TrailersResponse())
+
+
+def empty_response_trailers() -> pb.ProcessingResponse:
+    return pb.ProcessingResponse(response_trailers=pb.TrailersResponse())
+
+
+def immediate(status: int, body: dict) -> pb.ProcessingResponse:
+    payload = json.dumps(body).encode()
+    return pb.ProcessingResponse(
+        immediate_response=pb.ImmediateResponse(
+            status=http_status_pb2.HttpStatus(code=status),
+            headers=pb.HeaderMutation(set_headers=[_set("content-type", "application/json")]),
+            body=payload,
+            details=f"infergate_epp_{status}",
+        )
+    )
+
+
+def struct_value(struct: struct_pb2.Struct, key: str):
+    """A plain-Python value from a Struct field, or None."""
+    if key not in struct.fields:
+        return None
+    v = struct.fields[key]
+    kind = v.WhichOneof("kind")
+    if kind == "string_value":
+        return v.string_value
+    if kind == "list_value":
+        return [
+            x.string_value for x in v.list_value.values if x.WhichOneof("kind") == "string_value"
+        ]
+    return None
+
+
+def subset_hint(req: pb.ProcessingRequest) -> list[str] | None:
+    """The proxy's endpoint subset, if it sent one: a list, or a comma string."""
+    meta = req.metadata_context.filter_metadata
+    if SUBSET_NAMESPACE not in meta:
+        return None
+    value = struct_value(meta[SUBSET_NAMESPACE], SUBSET)
+    if value is None:
+        return []
+    items = value.split(",") if isinstance(value, str) else value
+    return [s.strip() for s in items if s.strip()]
+
+
+def served_endpoint(req: pb.ProcessingRequest) -> str | None:
+    """Who answered: envoy.lb metadata (the protocol) or the upstream.address attribute."""
+    meta = req.metadata_context.filter_metadata
+    if LB_NAMESPACE in meta:
+        value = struct_value(meta[LB_NAMESPACE], SERVED)
+        if isinstance(value, str) and value:
+            return value
+    for attrs in req.attributes.values():
+        value = struct_value(attrs, "upstream.address")
+        if isinstance(value, str) and value:
+            return value
+    return None

@@ -1,0 +1,1 @@
+"""Where the picker learns about its InferencePool and the pods behind it."""

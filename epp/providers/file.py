@@ -1,0 +1,138 @@
+"""The file provider: InferencePool and Pod objects from YAML files, reloaded on change.
+
+The files hold the same objects a cluster would (multi-document YAML, one or more files or a
+directory); Pods need status.podIP and a Ready condition, as kubelet would set. The local stack
+uses this to describe its simulator pods.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from epp.datastore import Datastore, PoolSpec
+
+log = logging.getLogger("epp.providers.file")
+
+POOL_API_GROUPS = ("inference.networking.k8s.io/v1", "inference.networking.x-k8s.io/v1alpha2")
+
+
+class FileProviderError(ValueError):
+    pass
+
+
+def _files(paths: list[Path]) -> list[Path]:
+    out = []
+    for p in paths:
+        if p.is_dir():
+            out.extend(sorted(f for f in p.iterdir() if f.suffix in (".yaml", ".yml")))
+        else:
+            out.append(p)
+    return out
+
+
+def load_objects(paths: list[Path]) -> list[dict[str, Any]]:
+    objects = []
+    for f in _files(paths):
+        try:
+            docs = list(yaml.safe_load_all(f.read_text()))
+        except (OSError, yaml.YAMLError) as exc:
+            raise FileProviderError(f"{f}: {exc}") from exc
+        for i, doc in enumerate(docs):
+            if doc is None:
+                continue
+            if not isinstance(doc, dict) or "kind" not in doc:
+                raise FileProviderError(f"{f}: document {i} is not a Kubernetes object")
+            if doc.get("kind") == "List":
+                objects.extend(doc.get("items") or [])
+            else:
+                objects.append(doc)
+    return objects
+
+
+def apply(
+    datastore: Datastore, objects: list[dict[str, Any]], pool_name: str, namespace: str
+) -> None:
+    pool = None
+    pods = []
+    for obj in objects:
+        meta = obj.get("metadata") or {}
+        ns = meta.get("namespace") or "default"
+        if ns != namespace:
+            continue
+        if obj.get("kind") == "InferencePool" and meta.get("name") == pool_name:
+            if obj.get("apiVersion") not in POOL_API_GROUPS:
+                raise FileProviderError(
+                    f"InferencePool {pool_name}: unsupported apiVersion {obj.get('apiVersion')!r}"
+                )
+            pool = PoolSpec.from_object(obj)
+        elif obj.get("kind") == "Pod":
+            pods.append(obj)
+    if pool is None:
+        raise FileProviderError(f"no InferencePool {namespace}/{pool_name} in the files")
+    datastore.set_pool(pool)
+    datastore.replace_pods(pods)
+    datastore.synced = True
+
+
+class FileProvider:
+    def __init__(
+        self,
+        datastore: Datastore,
+        paths: list[Path],
+        pool_name: str,
+        namespace: str = "default",
+        poll_interval: float = 1.0,
+    ) -> None:
+        self.datastore = datastore
+        self.paths = paths
+        self.pool_name = pool_name
+        self.namespace = namespace
+        self.poll_interval = poll_interval
+        self._stamp: tuple = ()
+        self._task: asyncio.Task | None = None
+
+    def _current_stamp(self) -> tuple:
+        return tuple(
+            (str(f), f.stat().st_mtime_ns, f.stat().st_size)
+            for f in _files(self.paths)
+            if f.exists()
+        )
+
+    def load(self) -> None:
+        """Read the files now; raise FileProviderError when they are wrong."""
+        self._stamp = self._current_stamp()
+        apply(self.datastore, load_objects(self.paths), self.pool_name, self.namespace)
+        log.info(
+            "loaded pool %s/%s: %d endpoints",
+            self.namespace,
+            self.pool_name,
+            len(self.datastore.endpoints()),
+        )
+
+    async def start(self) -> None:
+        self.load()
+        self._task = asyncio.create_task(self._watch(), name="file-provider")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(self.poll_interval)
+            try:
+                if self._current_stamp() != self._stamp:
+                    self.load()
+            except (FileProviderError, OSError, ValueError) as exc:
+                # Keep serving from what we had: a half-written file must not empty the pool.
+                log.error(
+                    "reloading %s failed, keeping the previous pool: %s",
+                    [str(p) for p in self.paths],
+                    exc,
+                )

@@ -1,0 +1,1 @@
+"""Scheduling: profiles of filters, weighted scorers and a picker, configured by YAML."""

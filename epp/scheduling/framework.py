@@ -1,0 +1,171 @@
+"""The plugin interfaces and the scheduler that runs them.
+
+A plugin is one small class with a `type_name`; it may implement several interfaces (a
+prefix scorer is also a PreRequest that remembers where a prompt went). A profile runs its
+filters in order, sums clamp(score, 0, 1) × weight over its scorers, and lets its picker
+order the survivors. A ProfileHandler decides which profiles run and which one's result is
+the answer.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from epp.datastore import Endpoint
+from epp.errors import PickerError
+from epp.request import InferenceRequest
+
+
+class Plugin:
+    type_name: ClassVar[str] = ""
+
+    def __init__(self, name: str, params: dict[str, Any] | None = None) -> None:
+        self.name = name
+        self.params = params or {}
+
+
+class Filter(Plugin):
+    def filter(self, req: InferenceRequest, endpoints: list[Endpoint]) -> list[Endpoint]:
+        raise NotImplementedError
+
+
+class Scorer(Plugin):
+    def score(self, req: InferenceRequest, endpoints: list[Endpoint]) -> list[float]:
+        """One score per endpoint, in order; 0 is worst, 1 is best."""
+        raise NotImplementedError
+
+
+class Picker(Plugin):
+    def pick(
+        self, req: InferenceRequest, scored: list[tuple[Endpoint, float]], count: int
+    ) -> list[Endpoint]:
+        """Up to `count` endpoints, best first."""
+        raise NotImplementedError
+
+
+@dataclass(slots=True)
+class ResponseInfo:
+    """What the picker saw of the answer, for PostResponse plugins."""
+
+    endpoint: Endpoint | None
+    status: int
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    cached_tokens: int | None = None
+    ttft: float | None = None
+    tpot: float | None = None
+
+
+class PreRequest(Plugin):
+    def pre_request(self, req: InferenceRequest, result: SchedulingResult) -> None:
+        raise NotImplementedError
+
+
+class PostResponse(Plugin):
+    def post_response(self, req: InferenceRequest, info: ResponseInfo) -> None:
+        raise NotImplementedError
+
+
+@dataclass(slots=True)
+class WeightedScorer:
+    scorer: Scorer
+    weight: float
+
+
+@dataclass(slots=True)
+class Profile:
+    name: str
+    filters: list[Filter] = field(default_factory=list)
+    scorers: list[WeightedScorer] = field(default_factory=list)
+    picker: Picker | None = None
+
+
+@dataclass(slots=True)
+class ProfileResult:
+    targets: list[Endpoint]
+    scores: dict[str, float] = field(default_factory=dict)  # by address, for debugging
+
+
+@dataclass(slots=True)
+class SchedulingResult:
+    results: dict[str, ProfileResult]
+    primary: str
+
+    @property
+    def targets(self) -> list[Endpoint]:
+        return self.results[self.primary].targets
+
+
+class ProfileHandler(Plugin):
+    def pick_profiles(
+        self,
+        req: InferenceRequest,
+        profiles: dict[str, Profile],
+        done: dict[str, ProfileResult | None],
+    ) -> list[Profile]:
+        """The profiles to run next; empty when scheduling is complete."""
+        raise NotImplementedError
+
+    def process_results(
+        self, req: InferenceRequest, done: dict[str, ProfileResult | None]
+    ) -> SchedulingResult:
+        raise NotImplementedError
+
+
+# extension point, plugin type, plugin name, seconds
+DurationSink = Callable[[str, str, str, float], None]
+
+
+class Scheduler:
+    def __init__(
+        self,
+        profiles: dict[str, Profile],
+        handler: ProfileHandler,
+        max_endpoints: int,
+        observe: DurationSink | None = None,
+    ) -> None:
+        self.profiles = profiles
+        self.handler = handler
+        self.max_endpoints = max_endpoints
+        self._observe = observe or (lambda *_: None)
+
+    def schedule(self, req: InferenceRequest, candidates: list[Endpoint]) -> SchedulingResult:
+        if not candidates:
+            raise PickerError(503, "no endpoints available for the request")
+        done: dict[str, ProfileResult | None] = {}
+        while True:
+            todo = self.handler.pick_profiles(req, self.profiles, done)
+            if not todo:
+                break
+            for profile in todo:
+                done[profile.name] = self._run_profile(profile, req, candidates)
+        return self.handler.process_results(req, done)
+
+    def _run_profile(
+        self, profile: Profile, req: InferenceRequest, candidates: list[Endpoint]
+    ) -> ProfileResult | None:
+        endpoints = candidates
+        for f in profile.filters:
+            t0 = time.perf_counter()
+            endpoints = f.filter(req, endpoints)
+            self._observe("Filter", f.type_name, f.name, time.perf_counter() - t0)
+            if not endpoints:
+                return None
+        totals = [0.0] * len(endpoints)
+        for ws in profile.scorers:
+            t0 = time.perf_counter()
+            scores = ws.scorer.score(req, endpoints)
+            self._observe("Scorer", ws.scorer.type_name, ws.scorer.name, time.perf_counter() - t0)
+            for i, s in enumerate(scores):
+                totals[i] += min(1.0, max(0.0, s)) * ws.weight
+        scored = list(zip(endpoints, totals, strict=True))
+        assert profile.picker is not None
+        t0 = time.perf_counter()
+        targets = profile.picker.pick(req, scored, self.max_endpoints)
+        self._observe(
+            "Picker", profile.picker.type_name, profile.picker.name, time.perf_counter() - t0
+        )
+        return ProfileResult(targets, {e.address: s for e, s in scored})

@@ -1,0 +1,19 @@
+"""test-epp-endpoint-selection: a request header that restricts candidates (for tests and
+conformance): a comma list of IPs or ip:port addresses."""
+
+from __future__ import annotations
+
+from epp.scheduling.framework import Filter
+
+HEADER = "test-epp-endpoint-selection"
+
+
+class HeaderBasedTestingFilter(Filter):
+    type_name = "header-based-testing-filter"
+
+    def filter(self, req, endpoints):
+        value = req.headers.get(HEADER)
+        if not value:
+            return endpoints
+        wanted = {v.strip() for v in value.split(",") if v.strip()}
+        return [e for e in endpoints if e.address in wanted or e.ip in wanted]

@@ -1,0 +1,54 @@
+"""Pickers: turn scored endpoints into an ordered list (primary first, then fallbacks)."""
+
+from __future__ import annotations
+
+import random
+
+from epp.scheduling.framework import Picker
+
+
+class MaxScorePicker(Picker):
+    """Highest score first; ties broken at random so equal pods share the load."""
+
+    type_name = "max-score-picker"
+
+    def __init__(self, name, params=None):
+        super().__init__(name, params)
+        self._rng = random.Random(self.params.get("seed"))
+
+    def pick(self, req, scored, count):
+        shuffled = list(scored)
+        self._rng.shuffle(shuffled)
+        shuffled.sort(key=lambda es: es[1], reverse=True)  # stable: shuffle decides ties
+        return [e for e, _ in shuffled[:count]]
+
+
+class WeightedRandomPicker(Picker):
+    """Random in proportion to score (A-Res: key = U^(1/score)); zero scores go last."""
+
+    type_name = "weighted-random-picker"
+
+    def __init__(self, name, params=None):
+        super().__init__(name, params)
+        self._rng = random.Random(self.params.get("seed"))
+
+    def pick(self, req, scored, count):
+        if all(s <= 0 for _, s in scored):
+            keyed = [(self._rng.random(), e) for e, _ in scored]
+        else:
+            keyed = [(self._rng.random() ** (1.0 / s) if s > 0 else -1.0, e) for e, s in scored]
+        keyed.sort(key=lambda ke: ke[0], reverse=True)
+        return [e for _, e in keyed[:count]]
+
+
+class RandomPicker(Picker):
+    type_name = "random-picker"
+
+    def __init__(self, name, params=None):
+        super().__init__(name, params)
+        self._rng = random.Random(self.params.get("seed"))
+
+    def pick(self, req, scored, count):
+        endpoints = [e for e, _ in scored]
+        self._rng.shuffle(endpoints)
+        return endpoints[:count]

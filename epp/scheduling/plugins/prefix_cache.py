@@ -1,0 +1,91 @@
+"""prefix-cache-scorer (approximate): remember which pod got which prompt prefix.
+
+The prompt text is cut into blocks of blockSizeTokens × 4 characters; block i's hash chains
+block i-1's (xxh64 of the block's bytes and the previous hash, seeded with the model name),
+so a hit on block i means the whole prefix up to i matches. The score is the fraction of a
+prompt's blocks found, from block 0 up to the first miss, on each pod. After scheduling, the
+chosen pod's blocks are recorded in its LRU (lruCapacityPerServer entries).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import xxhash
+
+from epp.scheduling.framework import PreRequest, Scorer
+
+_STATE_KEY = "prefix-cache-hashes"
+
+
+class PrefixCacheScorer(Scorer, PreRequest):
+    type_name = "prefix-cache-scorer"
+
+    def __init__(self, name, params=None):
+        super().__init__(name, params)
+        self.block_chars = int(self.params.get("blockSizeTokens", 16)) * 4
+        self.max_blocks = int(self.params.get("maxPrefixBlocksToMatch", 256))
+        self.capacity = int(self.params.get("lruCapacityPerServer", 31_250))
+        self._by_server: dict[str, OrderedDict[int, None]] = {}
+        # Reverse index for lookups: block hash → servers holding it.
+        self._servers_of: dict[int, set[str]] = {}
+
+    def hashes(self, req) -> list[int]:
+        cached = req.state.get(_STATE_KEY)
+        if cached is not None:
+            return cached
+        data = req.prompt_text.encode()
+        salt = req.body.get("cache_salt")
+        seed = req.target_model + (salt if isinstance(salt, str) else "")
+        prev = xxhash.xxh64_intdigest(seed.encode())
+        out = []
+        step = self.block_chars
+        for start in range(0, min(len(data), step * self.max_blocks), step):
+            prev = xxhash.xxh64_intdigest(data[start : start + step] + prev.to_bytes(8, "little"))
+            out.append(prev)
+        req.state[_STATE_KEY] = out
+        return out
+
+    def score(self, req, endpoints):
+        hashes = self.hashes(req)
+        if not hashes:
+            return [0.0] * len(endpoints)
+        alive = {e.address for e in endpoints}
+        matched = dict.fromkeys(alive, 0)
+        for i, h in enumerate(hashes):
+            alive &= self._servers_of.get(h, set())
+            if not alive:
+                break
+            for address in alive:
+                matched[address] = i + 1
+        total = len(hashes)
+        return [matched[e.address] / total for e in endpoints]
+
+    def pre_request(self, req, result):
+        for target in result.targets[:1]:
+            self._record(target.address, self.hashes(req))
+
+    def _record(self, server: str, hashes: list[int]) -> None:
+        lru = self._by_server.setdefault(server, OrderedDict())
+        for h in hashes:
+            if h in lru:
+                lru.move_to_end(h)
+            else:
+                lru[h] = None
+                self._servers_of.setdefault(h, set()).add(server)
+        while len(lru) > self.capacity:
+            old, _ = lru.popitem(last=False)
+            holders = self._servers_of.get(old)
+            if holders is not None:
+                holders.discard(server)
+                if not holders:
+                    del self._servers_of[old]
+
+    def forget_server(self, server: str) -> None:
+        """A pod left the pool: drop what we believed it held."""
+        for h in self._by_server.pop(server, {}):
+            holders = self._servers_of.get(h)
+            if holders is not None:
+                holders.discard(server)
+                if not holders:
+                    del self._servers_of[h]

@@ -1,0 +1,25 @@
+"""single-profile-handler: run the one profile once; its result is the answer."""
+
+from __future__ import annotations
+
+from epp.errors import PickerError
+from epp.scheduling.framework import ProfileHandler, SchedulingResult
+
+
+class SingleProfileHandler(ProfileHandler):
+    type_name = "single-profile-handler"
+
+    def pick_profiles(self, req, profiles, done):
+        if done:
+            return []
+        if len(profiles) != 1:
+            raise PickerError(
+                500, f"single-profile-handler needs exactly one profile, got {len(profiles)}"
+            )
+        return list(profiles.values())
+
+    def process_results(self, req, done):
+        name, result = next(iter(done.items()))
+        if result is None or not result.targets:
+            raise PickerError(429, "no endpoint left after filtering")
+        return SchedulingResult({name: result}, name)

@@ -1,0 +1,48 @@
+"""Plugin types by name. Adding a plugin: one module in plugins/ and one line here."""
+
+from __future__ import annotations
+
+from epp.scheduling.framework import Plugin
+from epp.scheduling.plugins import (
+    header_filter,
+    kv_cache_utilization,
+    least_latency,
+    least_request,
+    lora_affinity,
+    pickers,
+    prefix_cache,
+    profile_handlers,
+    queue,
+    random_scorer,
+    running_requests,
+    session_affinity,
+)
+
+PLUGIN_TYPES: dict[str, type[Plugin]] = {
+    cls.type_name: cls
+    for cls in (
+        queue.QueueScorer,
+        kv_cache_utilization.KVCacheUtilizationScorer,
+        running_requests.RunningRequestsScorer,
+        least_request.LeastRequestScorer,
+        least_request.LowQueueFilter,
+        least_latency.LeastLatencyScorer,
+        lora_affinity.LoraAffinityFilter,
+        lora_affinity.LoraAffinityScorer,
+        prefix_cache.PrefixCacheScorer,
+        session_affinity.SessionAffinityScorer,
+        random_scorer.RandomScorer,
+        pickers.MaxScorePicker,
+        pickers.WeightedRandomPicker,
+        pickers.RandomPicker,
+        header_filter.HeaderBasedTestingFilter,
+        profile_handlers.SingleProfileHandler,
+    )
+}
+
+
+def create(type_name: str, name: str, params: dict) -> Plugin:
+    cls = PLUGIN_TYPES.get(type_name)
+    if cls is None:
+        raise ValueError(f"unknown plugin type {type_name!r}; known: {sorted(PLUGIN_TYPES)}")
+    return cls(name, params)

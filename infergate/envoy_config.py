@@ -1,0 +1,37 @@
+"""Render the local Envoy config from gateway-manifests/local/envoy.yaml.j2."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import jinja2
+
+TEMPLATE = Path(__file__).resolve().parent.parent / "gateway-manifests" / "local" / \
+    "envoy.yaml.j2"
+
+
+@dataclass(slots=True)
+class EnvoySettings:
+    listen_port: int
+    admin_port: int
+    picker_host: str
+    picker_port: int
+    picker_tls: bool
+    failure_mode: str  # the InferencePool's FailOpen or FailClose
+    endpoints: list[tuple[str, int]]
+    fallbacks: int = 1
+
+
+def render(settings: EnvoySettings) -> str:
+    if settings.failure_mode not in ("FailOpen", "FailClose"):
+        raise ValueError(f"failure mode must be FailOpen or FailClose, not "
+                         f"{settings.failure_mode!r}")
+    if not settings.endpoints:
+        raise ValueError("the pool has no endpoints to put in the Envoy cluster")
+    env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+    return env.from_string(TEMPLATE.read_text()).render(
+        listen_port=settings.listen_port, admin_port=settings.admin_port,
+        picker_host=settings.picker_host, picker_port=settings.picker_port,
+        picker_tls=settings.picker_tls, failure_mode=settings.failure_mode,
+        endpoints=settings.endpoints, fallbacks=settings.fallbacks)
