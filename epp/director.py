@@ -48,10 +48,10 @@ class Director:
             return endpoints
         if not subset:
             raise PickerError(503, "the endpoint subset hint is empty")
-        wanted = set(subset)
-        # Match by IP as the reference picker does: a hint may name a pod, not a port.
-        ips = {s.rsplit(":", 1)[0] if ":" in s else s for s in wanted}
-        chosen = [e for e in endpoints if e.address in wanted or e.ip in ips]
+        # An ip:port names one endpoint; a bare IP (as the reference picker matches) a pod.
+        addresses = {s for s in subset if ":" in s}
+        ips = {s for s in subset if ":" not in s}
+        chosen = [e for e in endpoints if e.address in addresses or e.ip in ips]
         if not chosen:
             raise PickerError(503, "no endpoint of the subset hint is in the pool")
         return chosen

@@ -7,8 +7,7 @@ from pathlib import Path
 
 import jinja2
 
-TEMPLATE = Path(__file__).resolve().parent.parent / "gateway-manifests" / "local" / \
-    "envoy.yaml.j2"
+TEMPLATE = Path(__file__).resolve().parent.parent / "gateway-manifests" / "local" / "envoy.yaml.j2"
 
 
 @dataclass(slots=True)
@@ -25,13 +24,19 @@ class EnvoySettings:
 
 def render(settings: EnvoySettings) -> str:
     if settings.failure_mode not in ("FailOpen", "FailClose"):
-        raise ValueError(f"failure mode must be FailOpen or FailClose, not "
-                         f"{settings.failure_mode!r}")
+        raise ValueError(
+            f"failure mode must be FailOpen or FailClose, not {settings.failure_mode!r}"
+        )
     if not settings.endpoints:
         raise ValueError("the pool has no endpoints to put in the Envoy cluster")
     env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
     return env.from_string(TEMPLATE.read_text()).render(
-        listen_port=settings.listen_port, admin_port=settings.admin_port,
-        picker_host=settings.picker_host, picker_port=settings.picker_port,
-        picker_tls=settings.picker_tls, failure_mode=settings.failure_mode,
-        endpoints=settings.endpoints, fallbacks=settings.fallbacks)
+        listen_port=settings.listen_port,
+        admin_port=settings.admin_port,
+        picker_host=settings.picker_host,
+        picker_port=settings.picker_port,
+        picker_tls=settings.picker_tls,
+        failure_mode=settings.failure_mode,
+        endpoints=settings.endpoints,
+        fallbacks=settings.fallbacks,
+    )

