@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sys
 import time
@@ -278,7 +279,7 @@ async def test_inflight_counts_rise_and_fall_including_cancelled(picker):
             ec.response_headers(served=pinned),
         ],
     )
-    time.sleep(0.1)
+    await asyncio.sleep(0.1)
     assert inflight() == 0
     errors = picker.metric_lines('inference_objective_request_error_total{error_code="cancelled"')
     assert errors
