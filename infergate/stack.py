@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,7 +52,8 @@ class StackConfig:
     fallbacks: int = 1
     sim_args: list[str] = field(default_factory=list)
     picker_args: list[str] = field(default_factory=list)
-    quiet: bool = False
+    # Another model server in place of the simulator: port -> command line.
+    pod_command: Callable[[int], list[str]] | None = None
 
 
 def envoy_binary() -> str:
@@ -104,6 +106,9 @@ class LocalStack:
     def start_pods(self) -> None:
         c = self.cfg
         for port in self.pod_ports:
+            if c.pod_command is not None:
+                self._spawn(f"pod-{port}", c.pod_command(port))
+                continue
             events = {
                 "enable_kv_cache_events": True,
                 "publisher": "zmq",

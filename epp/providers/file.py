@@ -69,7 +69,10 @@ def apply(
                 raise FileProviderError(
                     f"InferencePool {pool_name}: unsupported apiVersion {obj.get('apiVersion')!r}"
                 )
-            pool = PoolSpec.from_object(obj)
+            try:
+                pool = PoolSpec.from_object(obj)
+            except ValueError as exc:
+                raise FileProviderError(str(exc)) from exc
         elif obj.get("kind") == "Pod":
             pods.append(obj)
     if pool is None:
