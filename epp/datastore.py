@@ -96,6 +96,8 @@ class Endpoint:
     inflight_tokens: int = 0
     ttft_ewma: float | None = None
     tpot_ewma: float | None = None
+    # Model names (base and LoRA adapters) from the server's /v1/models; None = not known yet.
+    models: frozenset[str] | None = None
 
     @property
     def ip(self) -> str:

@@ -58,7 +58,7 @@ class Director:
 
     def admit(self, req: InferenceRequest, subset: list[str] | None) -> list[Endpoint]:
         """Schedule a parsed request; on success the primary endpoint counts it in flight."""
-        candidates = self.candidates(subset)
+        candidates = self._serving(req.target_model, self.candidates(subset))
         t0 = time.perf_counter()
         result = self.scheduler.schedule(req, candidates)
         self.metrics.scheduler_e2e.observe(time.perf_counter() - t0)
@@ -78,6 +78,21 @@ class Director:
         self.metrics.requests.labels(req.model, req.target_model).inc()
         self.metrics.running.labels(req.model).inc()
         return targets
+
+    def _serving(self, model: str, candidates: list[Endpoint]) -> list[Endpoint]:
+        """Candidates that serve `model` (or whose models are not known yet)."""
+        everyone = self.datastore.endpoints()
+        if (
+            everyone
+            and all(e.models is not None for e in everyone)
+            and not any(model in e.models for e in everyone)
+        ):
+            pool = self.datastore.pool.name if self.datastore.pool else "?"
+            raise PickerError(404, f"model {model!r} is not served by pool {pool}")
+        serving = [e for e in candidates if e.models is None or model in e.models]
+        if candidates and not serving:
+            raise PickerError(503, f"no available endpoint serves model {model!r}")
+        return serving
 
     def pick_for_bodyless(self, subset: list[str] | None) -> list[Endpoint]:
         """A request without a body has nothing to score: any candidate will do."""

@@ -39,6 +39,7 @@ def make_app(datastore: Datastore, metrics: PickerMetrics) -> web.Application:
                     "inflight_tokens": e.inflight_tokens,
                     "ttft_ewma_s": e.ttft_ewma,
                     "tpot_ewma_s": e.tpot_ewma,
+                    "models": None if e.models is None else sorted(e.models),
                 }
             )
         pool = datastore.pool

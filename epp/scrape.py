@@ -30,6 +30,7 @@ class MetricsScraper:
         timeout: float = 1.0,
         stale_after: float | None = None,
         unreachable_after: int = 3,
+        models_interval: float = 5.0,
     ) -> None:
         self.datastore = datastore
         self.metrics = metrics
@@ -38,6 +39,7 @@ class MetricsScraper:
         # Fresh enough: a few missed scrapes, never less than 200 ms.
         self.stale_after = stale_after if stale_after is not None else max(0.2, 5 * interval)
         self.unreachable_after = unreachable_after
+        self.models_interval = models_interval
         self._loops: dict[str, asyncio.Task] = {}
         self._session: aiohttp.ClientSession | None = None
         self._task: asyncio.Task | None = None
@@ -76,10 +78,35 @@ class MetricsScraper:
             await asyncio.sleep(self.interval)
 
     async def _loop(self, ep: Endpoint) -> None:
+        next_models = 0.0  # served models change rarely (LoRA loads): ask now and then
         while True:
             t0 = time.monotonic()
             await self.scrape_once(ep)
+            if t0 >= next_models and ep.reachable:
+                await self.fetch_models(ep)
+                next_models = t0 + self.models_interval
             await asyncio.sleep(max(0.0, self.interval - (time.monotonic() - t0)))
+
+    async def fetch_models(self, ep: Endpoint) -> None:
+        """GET /v1/models; a server without it (or a bad answer) leaves the list unknown."""
+        assert self._session is not None
+        try:
+            async with self._session.get(f"http://{ep.address}/v1/models") as resp:
+                if resp.status != 200:
+                    return
+                body = await resp.json(content_type=None)
+            ids = frozenset(m["id"] for m in body["data"] if isinstance(m.get("id"), str))
+        except (
+            TimeoutError,
+            aiohttp.ClientError,
+            OSError,
+            ValueError,
+            KeyError,
+            TypeError,
+            AttributeError,
+        ):
+            return
+        ep.models = ids
 
     async def scrape_once(self, ep: Endpoint) -> None:
         assert self._session is not None
