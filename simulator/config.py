@@ -104,6 +104,7 @@ class SimulatorConfig:
     enable_prefix_caching: bool = True
     prefix_caching_hash_algo: str = "sha256"
     enable_prompt_tokens_details: bool = True
+    trust_request_chat_template: bool = False
     kv_events: KVEventsConfig = field(default_factory=KVEventsConfig)
     kv_events_format: str = "map"
     enable_lora: bool = False
@@ -178,6 +179,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=True,
         help="report usage.prompt_tokens_details.cached_tokens "
         "(vLLM's default is off; the picker wants it, so ours is on)",
+    )
+    p.add_argument(
+        "--trust-request-chat-template",
+        action="store_true",
+        help="accept a chat_template in requests (off: 400, as in vLLM; a template is code "
+        "that runs in the server)",
     )
     p.add_argument("--kv-events-config", default=None, help="vLLM's KVEventsConfig as JSON")
     p.add_argument(
@@ -257,6 +264,11 @@ def parse_config(argv: list[str] | None = None) -> SimulatorConfig:
         parser.error(str(exc))
     if args.lora_modules and not args.enable_lora:
         parser.error("--lora-modules needs --enable-lora")
+    if args.num_gpu_blocks_override < 2:
+        parser.error(
+            "--num-gpu-blocks-override must be at least 2: block 0 is reserved (vLLM's null "
+            "block), so 1 leaves no room for a single token"
+        )
     if args.sim_time_scale < 0:
         parser.error("--sim-time-scale must be >= 0")
     if args.sim_output_len_mean < 0:
@@ -276,6 +288,7 @@ def parse_config(argv: list[str] | None = None) -> SimulatorConfig:
         enable_prefix_caching=args.enable_prefix_caching,
         prefix_caching_hash_algo=args.prefix_caching_hash_algo,
         enable_prompt_tokens_details=args.enable_prompt_tokens_details,
+        trust_request_chat_template=args.trust_request_chat_template,
         kv_events=kv_events,
         kv_events_format=args.kv_events_format,
         enable_lora=args.enable_lora,

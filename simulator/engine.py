@@ -85,6 +85,15 @@ class Engine:
     # ---- requests ------------------------------------------------------------------------
 
     def add_request(self, req: SimRequest) -> None:
+        # A request needing more KV than the whole cache would preempt itself forever and
+        # block the queue behind it (the server refuses it first). The last sampled token
+        # never gets KV, hence the - 1.
+        most = min(req.num_prompt_tokens + req.params.max_tokens, self.limits.max_model_len) - 1
+        if self.pool.blocks_for(most) > self.pool.num_usable:
+            raise ValueError(
+                f"request {req.request_id} needs KV for {most} tokens; the KV cache holds "
+                f"{self.pool.num_usable * self.pool.block_size}"
+            )
         req.arrival_time = time.monotonic()
         self.hasher.extend(req.block_hashes, req.all_token_ids, req.extra_keys)
         self.waiting.append(req)
@@ -102,6 +111,7 @@ class Engine:
         else:
             self.running.remove(req)
         self._finish(req, "abort", notify=False)
+        self._wakeup.set()  # freed blocks may let a waiting request in
 
     def reset_prefix_cache(self) -> bool:
         ok = self.pool.reset_prefix_cache()
@@ -128,7 +138,9 @@ class Engine:
                 step = self._schedule()
                 self._flush_events()  # evictions happen while scheduling
                 if not step.scheduled:
-                    await asyncio.sleep(0.001)  # nothing fits yet; let aborts free space
+                    # Nothing fits until a request arrives or an abort frees blocks.
+                    self._wakeup.clear()
+                    await self._wakeup.wait()
                     continue
                 duration = self.latency.step_seconds(step.prefill_tokens, step.decode_seqs)
                 # Sleep to a deadline carried from step to step, so the event loop's ~1 ms
@@ -234,11 +246,7 @@ class Engine:
                 self._finish(req, req.finish_reason)
 
     def _sample(self, req: SimRequest, now: float) -> None:
-        if self._answer_is_complete(req):
-            token, text = self._eos, ""  # EOS: counted as a token, shown as no text
-        else:
-            token = req.rng.choice(self._token_pool)
-            text = self._token_texts[token]
+        token = self._eos if self._answer_is_complete(req) else req.rng.choice(self._token_pool)
         req.all_token_ids.append(token)
         req.output_token_ids.append(token)
         self.hasher.extend(req.block_hashes, req.all_token_ids, req.extra_keys)
@@ -251,13 +259,10 @@ class Engine:
         else:
             stats.inter_token_latency.observe(now - req.last_token_time)
         req.last_token_time = now
-        reason = self._finish_reason(req, token, text)
-        if reason == "stop" and req.params.stop:
-            text = self._cut_at_stop(req, text)
-        else:
-            req.output_text += text
-        req.finish_reason = reason
-        req.outputs.put_nowait(TokenOutput(token, text, reason))
+        reason, stop_reason = self._check_stop(req, token)
+        req.finish_reason, req.stop_reason = reason, stop_reason
+        text = self._release_text(req, finished=reason is not None)
+        req.outputs.put_nowait(TokenOutput(token, text, reason, stop_reason))
 
     def _answer_is_complete(self, req: SimRequest) -> bool:
         """The simulated model ends its answer after the length drawn for the request."""
@@ -270,29 +275,56 @@ class Engine:
             and n_next >= max(req.natural_len, p.min_tokens + 1)
         )
 
-    def _finish_reason(self, req: SimRequest, token: int, text: str) -> str | None:
+    def _check_stop(self, req: SimRequest, token: int) -> tuple[str | None, str | int | None]:
+        """Add the token's text to output_text; return (finish_reason, stop_reason).
+
+        vLLM's order: the length limits, then EOS and stop token ids (whose text is not
+        shown), then stop strings, which win over "length" and cut the text where they start.
+        A model cannot sample EOS or a stop token before min_tokens; random tokens can, so
+        they only count after it, like stop strings.
+        """
         params = req.params
         n_out = len(req.output_token_ids)
-        if token == self._eos and self._eos is not None and not params.ignore_eos:
-            return "stop"
-        if n_out >= params.min_tokens:
-            if token in params.stop_token_ids:
-                return "stop"
-            if params.stop:
-                tail = req.output_text[-64:] + text
-                if any(s in tail for s in params.stop):
-                    return "stop"
+        reason = None
         if n_out >= params.max_tokens or req.num_tokens >= self.limits.max_model_len:
-            return "length"
+            reason = "length"
+        elif token == self._eos:  # sampled only when the answer may end
+            return "stop", None
+        elif n_out > params.min_tokens and token in params.stop_token_ids:
+            return "stop", token
+        text = self._token_texts.get(token, "")  # EOS shows no text
+        req.output_text += text
+        if params.stop and text and n_out > params.min_tokens:
+            stop = self._cut_at_stop_string(req, len(text))
+            if stop is not None:
+                return "stop", stop
+        return reason, None
+
+    @staticmethod
+    def _cut_at_stop_string(req: SimRequest, new_chars: int) -> str | None:
+        """The first stop string (in request order) that ends in the new text, as vLLM checks."""
+        out = req.output_text
+        for stop in req.params.stop:
+            # Matches that end earlier were looked for when that text was new.
+            at = out.find(stop, max(0, len(out) - new_chars - len(stop) + 1))
+            if at != -1:
+                req.output_text = out[:at]
+                return stop
         return None
 
     @staticmethod
-    def _cut_at_stop(req: SimRequest, text: str) -> str:
-        full = req.output_text + text
-        cut = min(full.find(s) for s in req.params.stop if s in full)
-        delta = full[len(req.output_text) : cut] if cut >= len(req.output_text) else ""
-        req.output_text = full[:cut]
-        return delta
+    def _release_text(req: SimRequest, *, finished: bool) -> str:
+        """The text to send now: all but the tail a stop string may still cut, all at the end.
+
+        So a stream never shows text the whole answer does not have (vLLM's stop buffer).
+        Without stop strings the buffer is 0 and this is just the new text.
+        """
+        out, sent = req.output_text, req.num_sent_chars
+        end = len(out) if finished else len(out) - req.params.stop_buffer
+        if end <= sent:
+            return ""
+        req.num_sent_chars = end
+        return out[sent:end]
 
     def _finish(self, req: SimRequest, reason: str, *, notify: bool = True) -> None:
         self.pool.free(req)

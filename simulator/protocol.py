@@ -51,6 +51,20 @@ _UNSUPPORTED = {
     "guided_choice": "guided decoding",
     "structured_outputs": "structured outputs",
 }
+# Counts where 0 still asks for something (the chosen token's own logprob): only unset is off.
+_ZERO_IS_ON = frozenset({"prompt_logprobs"})
+_ZERO_IS_ON_COMPLETIONS = _ZERO_IS_ON | {"logprobs"}  # chat's logprobs is a boolean
+
+
+@dataclass(slots=True, frozen=True)
+class TemplateOptions:
+    """How chat messages become a prompt: used by chat completions and /tokenize."""
+
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template: str | None = None
+    chat_template_kwargs: dict | None = None
+    tools: list | None = None
 
 
 @dataclass(slots=True)
@@ -64,18 +78,14 @@ class GenerationRequest:
     max_tokens: int | None
     min_tokens: int
     stop: tuple[str, ...]
-    stop_token_ids: tuple[int, ...]
+    stop_token_ids: frozenset[int]
     ignore_eos: bool
     seed: int | None
     add_special_tokens: bool
     # completions: a list of prompts (text or token ids); chat: one message list
     prompts: list[str | list[int]] | None = None
     messages: list[dict] | None = None
-    add_generation_prompt: bool = True
-    continue_final_message: bool = False
-    chat_template: str | None = None
-    chat_template_kwargs: dict | None = None
-    tools: list | None = None
+    template: TemplateOptions | None = None  # chat only
 
 
 def _get(body: dict, key: str, kind: type | tuple[type, ...], default: Any = None) -> Any:
@@ -89,6 +99,30 @@ def _get(body: dict, key: str, kind: type | tuple[type, ...], default: Any = Non
         want = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
         raise ApiError(400, f"'{key}' must be of type {want}, got {type(value).__name__}", key)
     return value
+
+
+def _unsupported(body: dict, *, chat: bool) -> None:
+    zero_is_on = _ZERO_IS_ON if chat else _ZERO_IS_ON_COMPLETIONS
+    for key, what in _UNSUPPORTED.items():
+        value = body.get(key)
+        off = value is None or (key not in zero_is_on and value in (False, 0))
+        if not off and not (key == "best_of" and value == 1):
+            raise ApiError(400, f"{what} is not supported by the infergate simulator", key)
+
+
+def _stream_usage(options: dict | None) -> tuple[bool, bool]:
+    """(include_usage, continuous_usage_stats); vLLM includes usage once stream_options is set."""
+    if options is None:
+        return False, False
+    flags = []
+    for key, default in (("include_usage", True), ("continuous_usage_stats", False)):
+        value = options.get(key, default)
+        if value is not None and not isinstance(value, bool):
+            raise ApiError(
+                400, f"'stream_options.{key}' must be a boolean, got {value!r}", "stream_options"
+            )
+        flags.append(bool(value))
+    return flags[0], flags[0] and flags[1]
 
 
 def _is_token_list(value: Any) -> bool:
@@ -122,9 +156,7 @@ def _parse_prompts(body: dict) -> list[str | list[int]]:
 def _common(body: Any, *, chat: bool) -> GenerationRequest:
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
-    for key, what in _UNSUPPORTED.items():
-        if body.get(key) not in (None, False, 0) and not (key == "best_of" and body[key] == 1):
-            raise ApiError(400, f"{what} is not supported by the infergate simulator", key)
+    _unsupported(body, chat=chat)
     n = _get(body, "n", int, 1)
     if n != 1:
         raise ApiError(400, "n > 1 is not supported by the infergate simulator", "n")
@@ -132,7 +164,7 @@ def _common(body: Any, *, chat: bool) -> GenerationRequest:
     options = _get(body, "stream_options", dict, None)
     if options is not None and not stream:
         raise ApiError(400, "stream_options can only be set when stream is true", "stream_options")
-    options = options or {}
+    include_usage, continuous_usage = _stream_usage(options)
     if chat:  # chat: unset means "up to max_model_len", as in vLLM
         max_tokens = _get(body, "max_completion_tokens", int, None)
         max_tokens = max_tokens or _get(body, "max_tokens", int, None)
@@ -153,12 +185,12 @@ def _common(body: Any, *, chat: bool) -> GenerationRequest:
     return GenerationRequest(
         model=_get(body, "model", str, None),
         stream=stream,
-        include_usage=bool(options.get("include_usage", False)),
-        continuous_usage=bool(options.get("continuous_usage_stats", False)),
+        include_usage=include_usage,
+        continuous_usage=continuous_usage,
         max_tokens=max_tokens,
         min_tokens=min_tokens,
         stop=tuple(stop),
-        stop_token_ids=tuple(stop_ids),
+        stop_token_ids=frozenset(stop_ids),
         ignore_eos=_get(body, "ignore_eos", bool, False),
         seed=_get(body, "seed", int, None),
         add_special_tokens=_get(body, "add_special_tokens", bool, not chat),
@@ -184,36 +216,37 @@ def parse_messages(body: dict) -> list[dict]:
 def parse_chat(body: Any) -> GenerationRequest:
     req = _common(body, chat=True)
     req.messages = parse_messages(body)
-    _fill_template_options(req, body)
+    req.template = _template_options(body)
     return req
 
 
-def _fill_template_options(req: GenerationRequest, body: dict) -> None:
-    req.add_generation_prompt = _get(body, "add_generation_prompt", bool, True)
-    req.continue_final_message = _get(body, "continue_final_message", bool, False)
-    if req.add_generation_prompt and req.continue_final_message:
+def _template_options(body: dict) -> TemplateOptions:
+    options = TemplateOptions(
+        add_generation_prompt=_get(body, "add_generation_prompt", bool, True),
+        continue_final_message=_get(body, "continue_final_message", bool, False),
+        chat_template=_get(body, "chat_template", str, None),
+        chat_template_kwargs=_get(body, "chat_template_kwargs", dict, None),
+        tools=_get(body, "tools", list, None),
+    )
+    if options.add_generation_prompt and options.continue_final_message:
         raise ApiError(
             400,
             "Cannot set both `continue_final_message` and `add_generation_prompt` to True.",
             "continue_final_message",
         )
-    req.chat_template = _get(body, "chat_template", str, None)
-    req.chat_template_kwargs = _get(body, "chat_template_kwargs", dict, None)
-    req.tools = _get(body, "tools", list, None)
+    return options
 
 
 @dataclass(slots=True)
 class TokenizeRequest:
+    """Either a prompt (special tokens added) or messages (rendered with `template`)."""
+
     model: str | None
-    prompt: str | None
-    messages: list[dict] | None
     add_special_tokens: bool
-    add_generation_prompt: bool
-    continue_final_message: bool
     return_token_strs: bool
-    chat_template: str | None
-    chat_template_kwargs: dict | None
-    tools: list | None
+    prompt: str | None = None
+    messages: list[dict] | None = None
+    template: TemplateOptions | None = None
 
 
 def parse_tokenize(body: Any) -> TokenizeRequest:
@@ -223,33 +256,31 @@ def parse_tokenize(body: Any) -> TokenizeRequest:
     has_prompt, has_messages = "prompt" in body, "messages" in body
     if has_prompt == has_messages:
         raise ApiError(400, "give exactly one of 'prompt' or 'messages'")
-    if has_prompt:
-        prompt = _get(body, "prompt", str, None)
-        if prompt is None:
-            raise ApiError(400, "'prompt' must be a string", "prompt")
-        return TokenizeRequest(
-            model=_get(body, "model", str, None),
-            prompt=prompt,
-            messages=None,
-            add_special_tokens=_get(body, "add_special_tokens", bool, True),
-            add_generation_prompt=False,
-            continue_final_message=False,
-            return_token_strs=_get(body, "return_token_strs", bool, False),
-            chat_template=None,
-            chat_template_kwargs=None,
-            tools=None,
-        )
-    gen = GenerationRequest(None, False, False, False, None, 0, (), (), False, None, False)
-    _fill_template_options(gen, body)
-    return TokenizeRequest(
+    req = TokenizeRequest(
         model=_get(body, "model", str, None),
-        prompt=None,
-        messages=parse_messages(body),
-        add_special_tokens=_get(body, "add_special_tokens", bool, False),
-        add_generation_prompt=gen.add_generation_prompt,
-        continue_final_message=gen.continue_final_message,
+        add_special_tokens=_get(body, "add_special_tokens", bool, has_prompt),
         return_token_strs=_get(body, "return_token_strs", bool, False),
-        chat_template=gen.chat_template,
-        chat_template_kwargs=gen.chat_template_kwargs,
-        tools=gen.tools,
     )
+    if has_prompt:
+        req.prompt = _get(body, "prompt", str, None)
+        if req.prompt is None:
+            raise ApiError(400, "'prompt' must be a string", "prompt")
+    else:
+        req.messages = parse_messages(body)
+        req.template = _template_options(body)
+    return req
+
+
+@dataclass(slots=True)
+class DetokenizeRequest:
+    model: str | None
+    tokens: list[int]
+
+
+def parse_detokenize(body: Any) -> DetokenizeRequest:
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    tokens = body.get("tokens")
+    if not _is_token_list(tokens):
+        raise ApiError(400, "'tokens' must be a list of integers", "tokens")
+    return DetokenizeRequest(model=_get(body, "model", str, None), tokens=tokens)

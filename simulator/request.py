@@ -21,9 +21,15 @@ class SamplingParams:
     max_tokens: int
     min_tokens: int = 0
     stop: tuple[str, ...] = ()
-    stop_token_ids: tuple[int, ...] = ()
+    stop_token_ids: frozenset[int] = frozenset()
     ignore_eos: bool = False
     seed: int | None = None
+    # Characters a stream holds back because a stop string may still cut them (vLLM's
+    # stop_buffer_length): the longest stop string minus one.
+    stop_buffer: int = field(init=False, default=0)
+
+    def __post_init__(self) -> None:
+        self.stop_buffer = max(map(len, self.stop), default=1) - 1
 
 
 @dataclass(slots=True)
@@ -33,6 +39,8 @@ class TokenOutput:
     token_id: int | None
     text: str
     finish_reason: str | None = None
+    # The stop string or stop token id that ended the request; None for EOS and the rest.
+    stop_reason: str | int | None = None
 
 
 @dataclass(slots=True, eq=False)
@@ -50,6 +58,7 @@ class SimRequest:
     all_token_ids: list[int] = field(default_factory=list)
     output_token_ids: list[int] = field(default_factory=list)
     output_text: str = ""
+    num_sent_chars: int = 0  # how much of output_text the outputs queue has carried
     block_hashes: list[bytes] = field(default_factory=list)
     blocks: list[Block] = field(default_factory=list)
     num_cached_blocks: int = 0
@@ -58,6 +67,7 @@ class SimRequest:
     num_preemptions: int = 0
     status: Status = Status.WAITING
     finish_reason: str | None = None
+    stop_reason: str | int | None = None
     arrival_time: float = 0.0
     first_scheduled_time: float | None = None
     first_token_time: float | None = None

@@ -35,7 +35,13 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int | None)
     }
 
 
-def completion(rid: str, model: str, choices: list[tuple[str, str | None]], use: dict) -> dict:
+# stop_reason: the stop string or stop token id that ended a choice, else None (vLLM's field).
+StopReason = str | int | None
+
+
+def completion(
+    rid: str, model: str, choices: list[tuple[str, str | None, StopReason]], use: dict
+) -> dict:
     return {
         "id": rid,
         "object": "text_completion",
@@ -47,16 +53,18 @@ def completion(rid: str, model: str, choices: list[tuple[str, str | None]], use:
                 "text": text,
                 "logprobs": None,
                 "finish_reason": reason,
-                "stop_reason": None,
+                "stop_reason": stop_reason,
                 "prompt_logprobs": None,
             }
-            for i, (text, reason) in enumerate(choices)
+            for i, (text, reason, stop_reason) in enumerate(choices)
         ],
         "usage": use,
     }
 
 
-def chat_completion(rid: str, model: str, text: str, reason: str | None, use: dict) -> dict:
+def chat_completion(
+    rid: str, model: str, text: str, reason: str | None, stop_reason: StopReason, use: dict
+) -> dict:
     return {
         "id": rid,
         "object": "chat.completion",
@@ -74,7 +82,7 @@ def chat_completion(rid: str, model: str, text: str, reason: str | None, use: di
                 },
                 "logprobs": None,
                 "finish_reason": reason,
-                "stop_reason": None,
+                "stop_reason": stop_reason,
             }
         ],
         "usage": use,
@@ -82,7 +90,13 @@ def chat_completion(rid: str, model: str, text: str, reason: str | None, use: di
 
 
 def completion_chunk(
-    rid: str, created: int, model: str, index: int, text: str, reason: str | None
+    rid: str,
+    created: int,
+    model: str,
+    index: int,
+    text: str,
+    reason: str | None,
+    stop_reason: StopReason,
 ) -> dict:
     return {
         "id": rid,
@@ -95,19 +109,29 @@ def completion_chunk(
                 "text": text,
                 "logprobs": None,
                 "finish_reason": reason,
-                "stop_reason": None,
+                "stop_reason": stop_reason,
             }
         ],
     }
 
 
-def chat_chunk(rid: str, created: int, model: str, delta: dict, reason: str | None) -> dict:
+def chat_chunk(
+    rid: str, created: int, model: str, delta: dict, reason: str | None, stop_reason: StopReason
+) -> dict:
     return {
         "id": rid,
         "object": "chat.completion.chunk",
         "created": created,
         "model": model,
-        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}],
+        "choices": [
+            {
+                "index": 0,
+                "delta": delta,
+                "logprobs": None,
+                "finish_reason": reason,
+                "stop_reason": stop_reason,
+            }
+        ],
     }
 
 

@@ -21,8 +21,10 @@ from simulator.metrics import CONTENT_TYPE, MetricsRenderer
 from simulator.protocol import (
     ApiError,
     GenerationRequest,
+    TemplateOptions,
     parse_chat,
     parse_completion,
+    parse_detokenize,
     parse_tokenize,
 )
 from simulator.request import SamplingParams, SimRequest, Status, TokenOutput
@@ -47,7 +49,12 @@ class Simulator:
     def __init__(self, cfg: SimulatorConfig, tokenizer: ModelTokenizer | None = None) -> None:
         self.cfg = cfg
         self.tokenizer = tokenizer or ModelTokenizer.from_dir(cfg.model)
-        self.max_model_len = cfg.max_model_len or self.tokenizer.max_position_embeddings or 4096
+        pool = BlockPool(
+            cfg.num_gpu_blocks, cfg.block_size, enable_caching=cfg.enable_prefix_caching
+        )
+        self.max_model_len = _fit_to_cache(
+            cfg.max_model_len or self.tokenizer.max_position_embeddings or 4096, pool
+        )
         self.loras: dict[str, LoraAdapter] = {}
         self._next_lora_id = 1  # vLLM numbers adapters from 1; ids are never reused
         for module in cfg.lora_modules:
@@ -57,9 +64,7 @@ class Simulator:
         )
         texts = {t: self.tokenizer.decode([t]) for t in self.tokenizer.generation_token_ids()}
         self.engine = Engine(
-            pool=BlockPool(
-                cfg.num_gpu_blocks, cfg.block_size, enable_caching=cfg.enable_prefix_caching
-            ),
+            pool=pool,
             hasher=BlockHasher(cfg.block_size, cfg.prefix_caching_hash_algo, cfg.seed),
             limits=EngineLimits(
                 cfg.max_num_seqs, cfg.max_num_batched_tokens, self.max_model_len, cfg.max_loras
@@ -112,14 +117,7 @@ class Simulator:
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         gen = parse_chat(await _json_body(request))
         model, lora = self._resolve_model(gen.model)
-        text = self._render_chat(
-            gen.messages,
-            gen.add_generation_prompt,
-            gen.continue_final_message,
-            gen.chat_template,
-            gen.chat_template_kwargs,
-            gen.tools,
-        )
+        text = self._render_chat(gen.messages, gen.template)
         ids = self.tokenizer.encode(text, add_special_tokens=gen.add_special_tokens)
         return await self._generate(request, gen, model, lora, [ids], chat=True)
 
@@ -151,6 +149,8 @@ class Simulator:
         n = len(ids)
         if n == 0:
             raise ApiError(400, "the prompt is empty after tokenization", "prompt")
+        # max_model_len is at most what the KV cache holds (_fit_to_cache), so these checks
+        # also refuse a request the cache could never finish.
         limit = self.max_model_len
         if n >= limit:
             raise ApiError(
@@ -168,14 +168,6 @@ class Simulator:
                 f"context length is {limit} tokens and your request has {n} input "
                 f"tokens ({max_tokens} > {limit} - {n}).",
                 "max_tokens",
-            )
-        pool = self.engine.pool
-        if pool.blocks_for(n + 1) > pool.num_usable:
-            raise ApiError(
-                400,
-                f"the prompt needs {pool.blocks_for(n + 1)} KV blocks but the "
-                f"cache holds {pool.num_usable}",
-                "prompt",
             )
         # Same seed, prompt and request seed give the same output, like greedy decoding.
         digest = hashlib.blake2b(
@@ -228,13 +220,13 @@ class Simulator:
         if chat:
             r = reqs[0]
             body = responses.chat_completion(
-                responses.new_id(True), model, r.output_text, r.finish_reason, use
+                responses.new_id(True), model, r.output_text, r.finish_reason, r.stop_reason, use
             )
         else:
             body = responses.completion(
                 responses.new_id(False),
                 model,
-                [(r.output_text, r.finish_reason) for r in reqs],
+                [(r.output_text, r.finish_reason, r.stop_reason) for r in reqs],
                 use,
             )
         return web.json_response(body, dumps=_dumps)
@@ -259,7 +251,7 @@ class Simulator:
             await resp.write(
                 responses.sse(
                     responses.chat_chunk(
-                        rid, created, model, {"role": "assistant", "content": ""}, None
+                        rid, created, model, {"role": "assistant", "content": ""}, None, None
                     )
                 )
             )
@@ -275,13 +267,13 @@ class Simulator:
                 break
             if chat:
                 chunk = responses.chat_chunk(
-                    rid, created, model, {"content": out.text}, out.finish_reason
+                    rid, created, model, {"content": out.text}, out.finish_reason, out.stop_reason
                 )
             else:
                 chunk = responses.completion_chunk(
-                    rid, created, model, index, out.text, out.finish_reason
+                    rid, created, model, index, out.text, out.finish_reason, out.stop_reason
                 )
-            if gen.include_usage and gen.continuous_usage:
+            if gen.continuous_usage:
                 chunk["usage"] = self._usage(reqs)
             await resp.write(responses.sse(chunk))
         else:
@@ -310,29 +302,37 @@ class Simulator:
     def _encode_prompt(self, prompt: str | list[int], add_special_tokens: bool) -> list[int]:
         if isinstance(prompt, str):
             return self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
-        vocab = self.tokenizer.vocab_size
-        bad = next((t for t in prompt if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise ApiError(400, f"token id {bad} is out of vocabulary (size {vocab})", "prompt")
-        return list(prompt)
+        return self._check_vocab(prompt, "prompt")
 
-    def _render_chat(
-        self,
-        messages,
-        add_generation_prompt,
-        continue_final_message,
-        chat_template,
-        chat_template_kwargs,
-        tools,
-    ) -> str:
+    def _check_vocab(self, ids: list[int], param: str) -> list[int]:
+        vocab = self.tokenizer.vocab_size
+        bad = next((t for t in ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ApiError(400, f"token id {bad} is out of vocabulary (size {vocab})", param)
+        return list(ids)
+
+    def _render_chat(self, messages: list[dict], options: TemplateOptions) -> str:
+        # A template is code, rendered here on the event loop: vLLM runs one from a request
+        # only when the operator trusts request templates.
+        untrusted = (
+            options.chat_template is not None
+            or (options.chat_template_kwargs or {}).get("chat_template") is not None
+        )
+        if untrusted and not self.cfg.trust_request_chat_template:
+            raise ApiError(
+                400,
+                "Chat template is passed with request, but --trust-request-chat-template is "
+                "not set. Refused request with untrusted chat template.",
+                "chat_template",
+            )
         try:
             return self.tokenizer.apply_chat_template(
                 messages,
-                add_generation_prompt=add_generation_prompt,
-                continue_final_message=continue_final_message,
-                tools=tools,
-                chat_template=chat_template,
-                chat_template_kwargs=chat_template_kwargs,
+                add_generation_prompt=options.add_generation_prompt,
+                continue_final_message=options.continue_final_message,
+                tools=options.tools,
+                chat_template=options.chat_template,
+                chat_template_kwargs=options.chat_template_kwargs,
             )
         except ChatTemplateError as exc:
             raise ApiError(400, str(exc), "messages") from exc
@@ -356,14 +356,7 @@ class Simulator:
         if tr.prompt is not None:
             ids = self.tokenizer.encode(tr.prompt, add_special_tokens=tr.add_special_tokens)
         else:
-            text = self._render_chat(
-                tr.messages,
-                tr.add_generation_prompt,
-                tr.continue_final_message,
-                tr.chat_template,
-                tr.chat_template_kwargs,
-                tr.tools,
-            )
+            text = self._render_chat(tr.messages, tr.template)
             ids = self.tokenizer.encode(text, add_special_tokens=tr.add_special_tokens)
         return web.json_response(
             {
@@ -376,20 +369,10 @@ class Simulator:
         )
 
     async def detokenize(self, request: web.Request) -> web.Response:
-        body = await _json_body(request)
-        tokens = body.get("tokens") if isinstance(body, dict) else None
-        if not isinstance(tokens, list) or not all(
-            isinstance(t, int) and not isinstance(t, bool) for t in tokens
-        ):
-            raise ApiError(400, "'tokens' must be a list of integers", "tokens")
-        self._resolve_model(body.get("model"))
-        return web.json_response(
-            {
-                "prompt": self.tokenizer.decode(
-                    self._encode_prompt(tokens, False), skip_special_tokens=False
-                )
-            }
-        )
+        dr = parse_detokenize(await _json_body(request))
+        self._resolve_model(dr.model)
+        ids = self._check_vocab(dr.tokens, "tokens")
+        return web.json_response({"prompt": self.tokenizer.decode(ids, skip_special_tokens=False)})
 
     async def health(self, _request: web.Request) -> web.Response:
         return web.Response(status=200)
@@ -472,12 +455,43 @@ def _dumps(obj) -> str:
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
 
 
+def _fit_to_cache(max_model_len: int, pool: BlockPool) -> int:
+    """Lower max_model_len to what the KV cache holds, as vLLM does, so that every request
+    admitted can finish: a longer one would preempt itself forever."""
+    holds = pool.num_usable * pool.block_size
+    if max_model_len <= holds:
+        return max_model_len
+    log.warning(
+        "the KV cache holds %d tokens (%d blocks of %d, besides the null block): "
+        "lowering max_model_len from %d to %d",
+        holds,
+        pool.num_usable,
+        pool.block_size,
+        max_model_len,
+        holds,
+    )
+    return holds
+
+
 async def _json_body(request: web.Request):
     raw = await request.read()
     try:
-        return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        body = json.loads(raw)
+        # Only a \u escape can make a lone surrogate (raw UTF-8 cannot): check only then.
+        if b"\\u" in raw:
+            json.dumps(body, ensure_ascii=False).encode()
+    except UnicodeEncodeError as exc:
+        raise ApiError(
+            400,
+            "the body has a lone UTF-16 surrogate (a \\ud800-\\udfff escape outside a "
+            "pair), which is not valid Unicode text",
+        ) from exc
+    # ValueError: also undecodable UTF-8 and integers over Python's 4300-digit limit.
+    except ValueError as exc:
         raise ApiError(400, f"JSON decode error: {exc}") from exc
+    except RecursionError as exc:
+        raise ApiError(400, "JSON decode error: the body is nested too deeply") from exc
+    return body
 
 
 @web.middleware

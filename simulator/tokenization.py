@@ -25,6 +25,9 @@ DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "default_model"
 _SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
 # vLLM rejects these in chat_template_kwargs (or they clash with the conversation itself).
 _RESERVED_KWARGS = frozenset({"chat_template", "tokenize", "messages", "conversation"})
+# What a template's own code can raise (1 // 0, "a" + 1, a macro calling itself...): vLLM
+# answers 400 for these, as for template syntax errors.
+_RENDER_ERRORS = (jinja2.TemplateError, ArithmeticError, TypeError, ValueError, RecursionError)
 
 
 class ChatTemplateError(ValueError):
@@ -75,6 +78,8 @@ def _compile(source: str) -> jinja2.Template:
         return _ENV.from_string(source)
     except jinja2.TemplateSyntaxError as e:
         raise ChatTemplateError(f"chat template does not compile: {e} (line {e.lineno})") from e
+    except RecursionError as e:  # nesting deeper than the parser's recursion allows
+        raise ChatTemplateError("chat template does not compile: nested too deeply") from e
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -292,8 +297,12 @@ class ModelTokenizer:
         }
         try:
             rendered = template.render(**variables)
-        except jinja2.TemplateError as e:
-            raise ChatTemplateError(f"chat template failed to render: {e}") from e
+        except ChatTemplateError:
+            raise  # raise_exception() in the template: its message as written
+        except _RENDER_ERRORS as e:
+            raise ChatTemplateError(
+                f"chat template failed to render: {type(e).__name__}: {e}"
+            ) from e
         if continue_final_message:
             rendered = _cut_after_final(rendered, conversation[-1]["content"])
         return rendered

@@ -27,11 +27,11 @@ def engine(num_blocks=200, max_num_seqs=8, budget=512, max_loras=1, latency=None
     )
 
 
-def request(prompt, max_tokens=4, lora=None, seed=0) -> SimRequest:
+def request(prompt, max_tokens=4, lora=None, seed=0, **params) -> SimRequest:
     return SimRequest(
         request_id=f"r{random.random()}",
         prompt_token_ids=list(prompt),
-        params=SamplingParams(max_tokens=max_tokens),
+        params=SamplingParams(max_tokens=max_tokens, **params),
         rng=random.Random(seed),
         lora_id=1 if lora else None,
         lora_name=lora,
@@ -191,3 +191,90 @@ async def test_natural_answer_length_ends_with_eos(running_engine):
     e.add_request(ignoring)
     outs = await drain(ignoring)
     assert len(outs) == 12 and outs[-1].finish_reason == "length"
+
+
+async def generate(e: Engine, **kw) -> tuple[SimRequest, list]:
+    r = request(**kw)
+    e.add_request(r)
+    return r, await asyncio.wait_for(drain(r), 5)
+
+
+async def test_stop_strings_do_not_break_eos_or_stop_token_finishes(running_engine):
+    e = running_engine()
+    e._eos = 2
+    r = request(range(30), max_tokens=100, stop=("never",))
+    r.natural_len = 5
+    e.add_request(r)
+    outs = await drain(r)
+    assert outs[-1].finish_reason == "stop" and len(outs) == 5
+    assert outs[-1].stop_reason is None  # EOS, as in vLLM
+    plain, _ = await generate(e, prompt=range(30), max_tokens=8, seed=1)
+    tok = plain.output_token_ids[3]
+    first = plain.output_token_ids.index(tok)
+    r, outs = await generate(
+        e, prompt=range(30), max_tokens=8, seed=1, stop=("never",), stop_token_ids=frozenset({tok})
+    )
+    assert len(outs) == first + 1 and outs[-1].finish_reason == "stop"
+    # vLLM shows no text for the stop token itself, and names it in stop_reason.
+    assert outs[-1].stop_reason == tok
+    want = "".join(TEXTS[t] for t in plain.output_token_ids[:first])
+    assert "".join(o.text for o in outs) == r.output_text == want
+    assert e.stats.finished["error"] == 0
+
+
+async def test_stream_holds_back_text_a_stop_string_may_cut(running_engine):
+    e = running_engine()
+    plain, _ = await generate(e, prompt=range(30), max_tokens=10, seed=2)
+    texts = [TEXTS[t] for t in plain.output_token_ids]
+    full = "".join(texts)
+    stop = texts[4][-2:] + texts[5][:2]  # spans two tokens
+    r, outs = await generate(e, prompt=range(30), max_tokens=10, seed=2, stop=("x" * 9, stop))
+    # What was streamed is exactly the final text: nothing sent that the stop string cut.
+    assert "".join(o.text for o in outs) == r.output_text == full[: full.find(stop)]
+    assert outs[-1].finish_reason == "stop" and outs[-1].stop_reason == stop
+    r, outs = await generate(e, prompt=range(30), max_tokens=10, seed=2, stop=("no such",))
+    assert outs[0].text == texts[0][:-6]  # held back: the longest stop string minus one
+    assert "".join(o.text for o in outs) == r.output_text == full
+    assert outs[-1].finish_reason == "length" and outs[-1].stop_reason is None
+
+
+async def test_stop_string_longer_than_64_chars_matches(running_engine):
+    e = running_engine()
+    plain, _ = await generate(e, prompt=range(30), max_tokens=60, seed=3)
+    full = plain.output_text
+    stop = full[100:200]
+    r, outs = await generate(e, prompt=range(30), max_tokens=60, seed=3, stop=(stop,))
+    assert outs[-1].finish_reason == "stop" and outs[-1].stop_reason == stop
+    assert r.output_text == full[: full.find(stop)]
+
+
+async def test_a_request_larger_than_the_kv_cache_is_refused(running_engine):
+    e = running_engine(num_blocks=5)  # 4 usable blocks of 16: 64 tokens
+    with pytest.raises(ValueError, match="KV cache"):
+        e.add_request(request(range(40), max_tokens=40))  # would need 79 tokens of KV
+    # 40 + 25 needs 64 (the last sampled token never gets KV): it fits, and runs.
+    r, _ = await generate(e, prompt=range(40), max_tokens=25)
+    assert len(r.output_token_ids) == 25 and e.stats.preemptions == 0
+
+
+async def test_engine_waits_instead_of_polling_when_nothing_fits(running_engine):
+    e = running_engine(num_blocks=5)
+    holder = request(range(64))
+    assert e.pool.allocate(holder, 64, [])  # every block is held outside the engine
+    calls = 0
+    schedule = e._schedule
+
+    def counting():
+        nonlocal calls
+        calls += 1
+        return schedule()
+
+    e._schedule = counting
+    r = request(range(10), max_tokens=2)
+    e.add_request(r)
+    await asyncio.sleep(0.1)
+    assert calls <= 2
+    e.pool.free(holder)
+    late = request(range(100, 110), max_tokens=2)
+    e.add_request(late)  # an arrival wakes the loop
+    await asyncio.wait_for(asyncio.gather(drain(r), drain(late)), 5)

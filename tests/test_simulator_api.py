@@ -227,6 +227,18 @@ def _label_names(line: str) -> set[str]:
         (b'{"model": "tiny", "prompt": "x", "stream": "yes"}', 400, "stream"),
         (b'{"model": "tiny", "prompt": "x", "n": 3}', 400, "n"),
         (b'{"model": "tiny", "prompt": "x", "logprobs": 2}', 400, "logprobs"),
+        (b'{"model": "tiny", "prompt": "x", "logprobs": 0}', 400, "logprobs"),
+        (b'{"model": "tiny", "prompt": "x", "prompt_logprobs": 0}', 400, "prompt_logprobs"),
+        (
+            b'{"prompt": "x", "stream": true, "stream_options": {"include_usage": "yes"}}',
+            400,
+            "stream_options",
+        ),
+        (
+            b'{"prompt": "x", "stream": true, "stream_options": {"continuous_usage_stats": 1}}',
+            400,
+            "stream_options",
+        ),
         (b'{"model": "tiny", "prompt": [99999999]}', 400, "prompt"),
         (b'{"model": "gpt-4", "prompt": "x"}', 404, "model"),
     ],
@@ -408,3 +420,175 @@ def test_a_list_of_prompts_gives_one_choice_each(tiny_url):
     for c in chunks:
         per_index[c["choices"][0]["index"]] += 1
     assert per_index == {0: 3, 1: 3}
+
+
+def _chunks(url: str, path: str, body: dict) -> list[dict]:
+    r = requests.post(url + path, json={**body, "stream": True}, timeout=10)
+    assert r.status_code == 200, r.text
+    return [json.loads(ln[6:]) for ln in r.iter_lines() if ln.startswith(b"data: {")]
+
+
+def test_stop_string_across_tokens_agrees_in_stream_and_not(tiny_url):
+    body = {"model": "tiny", "prompt": "stop me somewhere", "max_tokens": 24}
+    pieces = [c["choices"][0]["text"] for c in _chunks(tiny_url, "/v1/completions", body)]
+    full = "".join(pieces)
+    for k in range(2, len(pieces) - 1):  # a stop string made of the ends of two tokens
+        stop = pieces[k][-2:] + pieces[k + 1][:2]
+        at = len("".join(pieces[: k + 1])) - 2
+        if len(pieces[k]) >= 2 and len(pieces[k + 1]) >= 2 and full.find(stop) == at:
+            break
+    else:
+        pytest.fail(f"no two tokens to build a stop string from: {pieces}")
+    whole = requests.post(
+        tiny_url + "/v1/completions", json={**body, "stop": [stop]}, timeout=10
+    ).json()["choices"][0]
+    assert whole["text"] == full[:at]
+    chunks = _chunks(tiny_url, "/v1/completions", {**body, "stop": [stop]})
+    assert "".join(c["choices"][0]["text"] for c in chunks) == full[:at]
+    assert (whole["finish_reason"], whole["stop_reason"]) == ("stop", stop)
+    last = chunks[-1]["choices"][0]
+    assert (last["finish_reason"], last["stop_reason"]) == ("stop", stop)
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_stop_token_id_with_stop_strings_is_the_stop_reason(tiny_url, path):
+    body = {
+        "model": "tiny",
+        "max_tokens": 5,
+        "stop": ["never appears"],
+        "stop_token_ids": list(range(8192)),  # the first token stops the answer
+        **(
+            {"messages": [{"role": "user", "content": "hi"}]}
+            if "chat" in path
+            else {"prompt": "hi"}
+        ),
+    }
+    r = requests.post(tiny_url + path, json=body, timeout=10)
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    assert choice["finish_reason"] == "stop" and isinstance(choice["stop_reason"], int)
+    assert (choice["message"]["content"] if "chat" in path else choice["text"]) == ""
+    assert r.json()["usage"]["completion_tokens"] == 1
+    last = _chunks(tiny_url, path, body)[-1]["choices"][0]
+    assert last["finish_reason"] == "stop" and last["stop_reason"] == choice["stop_reason"]
+
+
+def test_max_model_len_is_lowered_to_what_the_kv_cache_holds(sim_factory):
+    url = sim_factory(
+        "--model", str(TINY_MODEL), "--num-gpu-blocks-override", "5", "--max-model-len", "2048"
+    )  # 4 usable blocks of 16 tokens (block 0 is the null block): 64 tokens
+    assert requests.get(url + "/v1/models", timeout=5).json()["data"][0]["max_model_len"] == 64
+    body = {"prompt": "x", "max_tokens": 100}
+    r = requests.post(url + "/v1/completions", json=body, timeout=5)
+    assert r.status_code == 400 and "maximum context length is 64" in r.text
+    r = requests.post(url + "/v1/completions", json={**body, "max_tokens": 60}, timeout=5)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 60
+    chat = {"messages": [{"role": "user", "content": "x"}]}  # no limit: up to the cache
+    r = requests.post(url + "/v1/chat/completions", json=chat, timeout=10).json()["usage"]
+    assert r["total_tokens"] == 64
+
+
+def test_max_model_len_lowering_is_logged(caplog):
+    from simulator.config import SimulatorConfig
+    from simulator.server import Simulator
+
+    with caplog.at_level("WARNING", logger="simulator.server"):
+        sim = Simulator(SimulatorConfig(model=str(TINY_MODEL), num_gpu_blocks=5))
+    assert sim.max_model_len == sim.engine.limits.max_model_len == 64
+    assert "lowering max_model_len from 4096 to 64" in caplog.text
+
+
+def test_a_kv_cache_without_room_for_a_block_refuses_to_start():
+    import subprocess
+
+    done = subprocess.run(
+        simulator_cmd(free_port(), "--num-gpu-blocks-override", "1"),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode != 0
+    assert "--num-gpu-blocks-override" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_request_chat_template_needs_the_trust_flag(tiny_url):
+    body = {
+        "model": "tiny",
+        "messages": [{"role": "user", "content": "hi"}],
+        "chat_template": "{{ messages[0]['content'] }}",
+        "max_tokens": 2,
+    }
+    for path in ("/v1/chat/completions", "/tokenize"):
+        r = requests.post(tiny_url + path, json=body, timeout=5)
+        assert r.status_code == 400, r.text
+        assert "--trust-request-chat-template" in r.json()["error"]["message"]
+
+
+def test_trusted_chat_template_that_fails_gets_400(sim_factory):
+    url = sim_factory("--model", str(TINY_MODEL), "--trust-request-chat-template", *FAST)
+    body = {"model": str(TINY_MODEL), "messages": [{"role": "user", "content": "hi"}]}
+    r = requests.post(
+        url + "/tokenize", json={**body, "chat_template": "{{ messages[0]['content'] }}"}, timeout=5
+    )
+    assert r.status_code == 200 and r.json()["count"] == 1
+    for template in (
+        "{{ 1 // 0 }}",  # ZeroDivisionError
+        "{{ 'a' + 1 }}",  # TypeError
+        "{{ ''.split('') }}",  # ValueError
+        "{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}",  # RecursionError
+    ):
+        for path in ("/v1/chat/completions", "/tokenize"):
+            r = requests.post(url + path, json={**body, "chat_template": template}, timeout=5)
+            assert r.status_code == 400, (template, r.text)
+            assert r.json()["error"]["code"] == 400
+
+
+@pytest.mark.parametrize(
+    "path,body",
+    [
+        ("/v1/completions", b'{"model": "tiny", "prompt": "a\\ud800"}'),
+        ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "\\udc00"}]}'),
+        ("/tokenize", b'{"prompt": "\\ud800"}'),
+        ("/v1/completions", b'{"prompt": "x", "max_tokens": ' + b"1" * 5000 + b"}"),
+        ("/v1/completions", b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"),
+    ],
+    ids=["surrogate-prompt", "surrogate-chat", "surrogate-tokenize", "huge-int", "deep-array"],
+)
+def test_bodies_python_cannot_take_get_400(tiny_url, path, body):
+    r = requests.post(
+        tiny_url + path, data=body, headers={"content-type": "application/json"}, timeout=10
+    )
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["code"] == 400 and "Traceback" not in r.text
+
+
+def test_a_surrogate_pair_is_a_valid_character(tiny_url):
+    body = b'{"model": "tiny", "prompt": "smile \\ud83d\\ude00", "max_tokens": 1}'
+    r = requests.post(
+        tiny_url + "/v1/completions",
+        data=body,
+        headers={"content-type": "application/json"},
+        timeout=10,
+    )
+    assert r.status_code == 200, r.text
+
+
+def test_stream_options_without_include_usage_include_it_as_in_vllm(tiny_url):
+    body = {"model": "tiny", "prompt": "x", "max_tokens": 2, "stream_options": {}}
+    chunks = _chunks(tiny_url, "/v1/completions", body)
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 2
+
+
+@pytest.mark.parametrize(
+    "body,message",
+    [
+        ({"tokens": "abc"}, "'tokens' must be a list of integers"),
+        ({"tokens": [1, True]}, "'tokens' must be a list of integers"),
+        ({"tokens": [99999999]}, "out of vocabulary"),
+    ],
+)
+def test_bad_detokenize_requests_name_tokens(tiny_url, body, message):
+    r = requests.post(tiny_url + "/detokenize", json=body, timeout=5)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == "tokens" and message in err["message"]

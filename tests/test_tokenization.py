@@ -92,6 +92,23 @@ def test_bad_template_syntax(tiny: ModelTokenizer) -> None:
         tiny.apply_chat_template([], chat_template="{% for %}")
 
 
+@pytest.mark.parametrize(
+    "template,error",
+    [
+        ("{{ 1 // 0 }}", "ZeroDivisionError"),
+        ("{{ 'a' + 1 }}", "TypeError"),
+        ("{{ ''.split('') }}", "ValueError"),
+        ("{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}", "RecursionError"),
+        ("{% if x %}" * 3000 + "{% endif %}" * 3000, "nested too deeply"),
+    ],
+)
+def test_errors_a_template_raises_are_chat_template_errors(
+    tiny: ModelTokenizer, template: str, error: str
+) -> None:
+    with pytest.raises(ChatTemplateError, match=error):
+        tiny.apply_chat_template([{"role": "user", "content": "x"}], chat_template=template)
+
+
 def test_missing_template(tmp_path: Path) -> None:
     model = FIXTURE / "model"
     (tmp_path / "tokenizer.json").write_bytes((model / "tokenizer.json").read_bytes())
