@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import importlib
 
-BENCHMARKS = {"simulator": "bench.simulator"}
+BENCHMARKS = {"simulator": "bench.simulator", "epp_overhead": "bench.epp_overhead"}
 
 
 def run_bench(argv: list[str]) -> int:

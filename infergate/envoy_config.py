@@ -20,6 +20,7 @@ class EnvoySettings:
     failure_mode: str  # the InferencePool's FailOpen or FailClose
     endpoints: list[tuple[str, int]]
     fallbacks: int = 1
+    with_picker: bool = True  # False: plain round robin, the baseline benchmarks compare to
 
 
 def render(settings: EnvoySettings) -> str:
@@ -30,13 +31,5 @@ def render(settings: EnvoySettings) -> str:
     if not settings.endpoints:
         raise ValueError("the pool has no endpoints to put in the Envoy cluster")
     env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
-    return env.from_string(TEMPLATE.read_text()).render(
-        listen_port=settings.listen_port,
-        admin_port=settings.admin_port,
-        picker_host=settings.picker_host,
-        picker_port=settings.picker_port,
-        picker_tls=settings.picker_tls,
-        failure_mode=settings.failure_mode,
-        endpoints=settings.endpoints,
-        fallbacks=settings.fallbacks,
-    )
+    fields = {name: getattr(settings, name) for name in settings.__slots__}
+    return env.from_string(TEMPLATE.read_text()).render(**fields)

@@ -54,6 +54,8 @@ class StackConfig:
     picker_args: list[str] = field(default_factory=list)
     # Another model server in place of the simulator: port -> command line.
     pod_command: Callable[[int], list[str]] | None = None
+    # False: Envoy round-robins over the pods with no picker (the benchmarks' baseline).
+    with_picker: bool = True
 
 
 def envoy_binary() -> str:
@@ -183,6 +185,7 @@ class LocalStack:
                     failure_mode=self.failure_mode,
                     endpoints=[("127.0.0.1", p) for p in self.pod_ports],
                     fallbacks=c.fallbacks,
+                    with_picker=c.with_picker,
                 )
             )
         )
@@ -203,7 +206,8 @@ class LocalStack:
     def start(self) -> LocalStack:
         try:
             self.start_pods()
-            self.start_picker()
+            if self.cfg.with_picker:
+                self.start_picker()
             self.start_envoy()
         except BaseException:
             self.stop()

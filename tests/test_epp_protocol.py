@@ -328,8 +328,9 @@ async def test_unknown_model_is_404_once_the_pools_models_are_known(picker):
     while any(e["models"] is None for e in picker.debug()["endpoints"]):
         assert time.monotonic() < deadline, "the picker never learned the served models"
         await asyncio.sleep(0.05)
-    out = await ec.exchange(picker.target, [ec.headers(), ec.body({**COMPLETION,
-                                                                    "model": "gpt-nope"})])
+    out = await ec.exchange(
+        picker.target, [ec.headers(), ec.body({**COMPLETION, "model": "gpt-nope"})]
+    )
     status, body = ec.immediate(out)
     assert status == 404 and "gpt-nope" in body["error"]["message"]
     out = await ec.exchange(picker.target, [ec.headers(), ec.body(COMPLETION)])

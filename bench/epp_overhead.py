@@ -1,0 +1,244 @@
+"""What the endpoint picker costs: the same load through Envoy → picker → pods and through
+Envoy → pods directly (round robin), streaming and not; and what scraping costs it.
+
+Pods are simulators with a fast latency model (--sim-time-scale 0.1) so the gateway's own
+cost is visible. Each mode gets a fresh stack and C closed-loop clients for D seconds. The
+picker's CPU time comes from /proc. Then, with no traffic, the picker scrapes N endpoints (a
+real 600-line vLLM /metrics page each) at 50 ms, 100 ms and 1 s, and its CPU is read again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+from bench.common import free_port, machine, percentile, process_cpu_seconds, write_json
+from bench.loadgen import run_load
+from infergate.readiness import wait_http
+from infergate.stack import LocalStack, StackConfig, StackPorts
+
+MODEL = "infergate-sim"
+
+
+def _ports() -> StackPorts:
+    return StackPorts(
+        envoy=free_port(),
+        envoy_admin=free_port(),
+        picker=free_port(),
+        picker_health=free_port(),
+        picker_metrics=free_port(),
+        kv_events=free_port(),
+    )
+
+
+def measure(
+    with_picker: bool, stream: bool, pods: int, concurrency: int, duration: float, max_tokens: int
+) -> dict:
+    workdir = Path(tempfile.mkdtemp(prefix="bench-epp-"))
+    stack = LocalStack(
+        StackConfig(
+            workdir=workdir,
+            pods=pods,
+            ports=_ports(),
+            pod_ports=[free_port() for _ in range(pods)],
+            with_picker=with_picker,
+            sim_args=["--sim-time-scale", "0.1", "--log-level", "warning"],
+            picker_args=["--log-level", "warning"],
+        )
+    ).start()
+    try:
+        url = stack.url + "/v1/completions"
+
+        def body(i: int, n: int) -> dict:
+            return {
+                "model": MODEL,
+                "prompt": f"client {i} request {n}: " + "hello " * 50,
+                "max_tokens": max_tokens,
+                "ignore_eos": True,
+                "stream": stream,
+            }
+
+        picker = stack.procs.get("picker")
+        cpu0 = process_cpu_seconds(picker.pid) if picker else 0.0
+        t0 = time.monotonic()
+        res = asyncio.run(run_load(url, body, concurrency, duration))
+        wall = time.monotonic() - t0
+        cpu = (process_cpu_seconds(picker.pid) - cpu0) if picker else 0.0
+        total_requests = res.requests + res.errors
+    finally:
+        stack.stop()
+    return {
+        "with_picker": with_picker,
+        "stream": stream,
+        "requests": res.requests,
+        "errors": res.errors,
+        "throughput_rps": round(res.requests / res.wall, 2),
+        "p50_ms": round(1000 * percentile(res.latencies, 50), 2),
+        "p99_ms": round(1000 * percentile(res.latencies, 99), 2),
+        "ttft_p50_ms": round(1000 * percentile(res.ttfts, 50), 2),
+        # CPU over the whole run (warm-up included) per request the run completed
+        "picker_cpu_us_per_request": (
+            round(1e6 * cpu / max(total_requests, 1) * (res.wall / wall), 1) if picker else None
+        ),
+    }
+
+
+def scrape_cost(endpoints: int, interval_ms: int, seconds: float) -> dict:
+    """Idle picker CPU while it scrapes `endpoints` (one pod × up to 8 target ports)."""
+    if not 1 <= endpoints <= 8:
+        raise ValueError("scrape_cost measures 1-8 endpoints (one pod, <= 8 target ports)")
+    ports = [free_port() for _ in range(endpoints)]
+    server = subprocess.Popen([sys.executable, "-m", "bench.metrics_server", *map(str, ports)])
+    workdir = Path(tempfile.mkdtemp(prefix="bench-scrape-"))
+    (workdir / "pool.yaml").write_text(
+        yaml.safe_dump_all(
+            [
+                {
+                    "apiVersion": "inference.networking.k8s.io/v1",
+                    "kind": "InferencePool",
+                    "metadata": {"name": "p", "namespace": "default"},
+                    "spec": {
+                        "selector": {"matchLabels": {"app": "m"}},
+                        "targetPorts": [{"number": p} for p in ports],
+                    },
+                },
+                {
+                    "apiVersion": "v1",
+                    "kind": "Pod",
+                    "metadata": {"name": "m", "namespace": "default", "labels": {"app": "m"}},
+                    "status": {
+                        "podIP": "127.0.0.1",
+                        "conditions": [{"type": "Ready", "status": "True"}],
+                    },
+                },
+            ]
+        )
+    )
+    metrics_port = free_port()
+    picker = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "epp",
+            "--host",
+            "127.0.0.1",
+            "--grpc-port",
+            str(free_port()),
+            "--grpc-health-port",
+            str(free_port()),
+            "--metrics-port",
+            str(metrics_port),
+            "--provider",
+            "file",
+            "--pool-file",
+            str(workdir / "pool.yaml"),
+            "--pool-name",
+            "p",
+            "--secure-serving=false",
+            "--refresh-metrics-interval",
+            f"{interval_ms}ms",
+            "--log-level",
+            "warning",
+        ]
+    )
+    try:
+        wait_http(f"http://127.0.0.1:{metrics_port}/healthz", 30, picker)
+        time.sleep(1.0)
+        cpu0, t0 = process_cpu_seconds(picker.pid), time.monotonic()
+        time.sleep(seconds)
+        cpu, wall = process_cpu_seconds(picker.pid) - cpu0, time.monotonic() - t0
+    finally:
+        picker.terminate()
+        server.terminate()
+        picker.wait(10)
+        server.wait(10)
+    scrapes = endpoints * wall / (interval_ms / 1000)
+    return {
+        "endpoints": endpoints,
+        "interval_ms": interval_ms,
+        "picker_cpu_percent": round(100 * cpu / wall, 1),
+        "cpu_us_per_scrape": round(1e6 * cpu / scrapes, 1),
+    }
+
+
+def markdown(out: dict) -> str:
+    m = out["machine"]
+    rows = {(r["with_picker"], r["stream"]): r for r in out["runs"]}
+    lines = [
+        f"Measured {m['date']} on {m['cpu']} ({m['cores']} cores), {out['pods']} simulator "
+        f"pods (time scale 0.1, {out['max_tokens']} output tokens), {out['concurrency']} "
+        f"closed-loop clients, {out['duration_s']:.0f} s per run.",
+        "",
+        "| requests | throughput (picker / direct) | p50 ratio | p99 ratio | "
+        "p50 ms with / without | picker CPU µs per request |",
+        "|---|---|---|---|---|---|",
+    ]
+    for stream in (False, True):
+        a, b = rows[(True, stream)], rows[(False, stream)]
+        lines.append(
+            f"| {'streaming' if stream else 'non-streaming'} | "
+            f"{a['throughput_rps'] / b['throughput_rps']:.3f} "
+            f"({a['throughput_rps']:.1f} / {b['throughput_rps']:.1f} req/s) | "
+            f"{a['p50_ms'] / b['p50_ms']:.3f} | {a['p99_ms'] / b['p99_ms']:.3f} | "
+            f"{a['p50_ms']:.1f} / {b['p50_ms']:.1f} | {a['picker_cpu_us_per_request']:.0f} |"
+        )
+    lines += [
+        "",
+        "| endpoints scraped | interval | picker CPU (% of a core) | CPU µs per scrape |",
+        "|---|---|---|---|",
+    ]
+    for s in out["scrape"]:
+        lines.append(
+            f"| {s['endpoints']} | {s['interval_ms']} ms | {s['picker_cpu_percent']} | "
+            f"{s['cpu_us_per_scrape']} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="infergate bench epp_overhead", description=__doc__)
+    p.add_argument("--pods", type=int, default=2)
+    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--duration", type=float, default=10.0)
+    p.add_argument("--max-tokens", type=int, default=16)
+    p.add_argument("--scrape-endpoints", type=int, default=8)
+    p.add_argument("--scrape-seconds", type=float, default=10.0)
+    args = p.parse_args(argv)
+    runs = []
+    for stream in (False, True):
+        for with_picker in (True, False):
+            r = measure(
+                with_picker, stream, args.pods, args.concurrency, args.duration, args.max_tokens
+            )
+            print(json.dumps(r), flush=True)
+            runs.append(r)
+    scrape = []
+    for interval in (50, 100, 1000):
+        s = scrape_cost(args.scrape_endpoints, interval, args.scrape_seconds)
+        print(json.dumps(s), flush=True)
+        scrape.append(s)
+    out = {
+        "benchmark": "epp_overhead",
+        "machine": machine(),
+        "pods": args.pods,
+        "concurrency": args.concurrency,
+        "duration_s": args.duration,
+        "max_tokens": args.max_tokens,
+        "runs": runs,
+        "scrape": scrape,
+    }
+    print("wrote", write_json("epp_overhead", out))
+    print(markdown(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
