@@ -171,7 +171,7 @@ def scrape_cost(endpoints: int, interval_ms: int, seconds: float) -> dict:
 
 def markdown(out: dict) -> str:
     m = out["machine"]
-    rows = {(r["with_picker"], r["stream"]): r for r in out["runs"]}
+    rows = {(r["with_picker"], r["stream"], r["response_bodies"]): r for r in out["runs"]}
     lines = [
         f"Measured {m['date']} on {m['cpu']} ({m['cores']} cores), {out['pods']} simulator "
         f"pods (time scale 0.1, {out['max_tokens']} output tokens), {out['concurrency']} "
@@ -181,10 +181,11 @@ def markdown(out: dict) -> str:
         "p50 ms with / without | picker CPU µs per request |",
         "|---|---|---|---|---|---|",
     ]
-    for stream in (False, True):
-        a, b = rows[(True, stream)], rows[(False, stream)]
+    for stream, body in ((False, True), (False, False), (True, True), (True, False)):
+        a, b = rows[(True, stream, body)], rows[(False, stream, True)]
+        kind = "streaming" if stream else "non-streaming"
         lines.append(
-            f"| {'streaming' if stream else 'non-streaming'} | "
+            f"| {kind}, response body {'through the picker' if body else 'kept away'} | "
             f"{a['throughput_rps'] / b['throughput_rps']:.3f} "
             f"({a['throughput_rps']:.1f} / {b['throughput_rps']:.1f} req/s) | "
             f"{a['p50_ms'] / b['p50_ms']:.3f} | {a['p99_ms'] / b['p99_ms']:.3f} | "

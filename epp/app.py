@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
 
@@ -84,9 +85,7 @@ async def serve(opts: PickerOptions, ready: asyncio.Event | None = None) -> None
         ("grpc.max_send_message_length", 64 * 1024 * 1024),
     ]
     server = grpc.aio.server(options=grpc_opts)
-    pbg.add_ExternalProcessorServicer_to_server(
-        ExternalProcessor(director, read_response_body=opts.response_body == "always"), server
-    )
+    pbg.add_ExternalProcessorServicer_to_server(ExternalProcessor(director), server)
     address = f"{opts.host}:{opts.grpc_port}"
     if opts.secure_serving:
         cert, key = tls.load_cert_dir(opts.cert_path) if opts.cert_path else tls.self_signed()
@@ -142,6 +141,19 @@ async def serve(opts: PickerOptions, ready: asyncio.Event | None = None) -> None
         await runner.cleanup()
 
 
+def _run(coro) -> None:
+    """uvloop when available: it cuts the picker's CPU per request (see the README)."""
+    if os.environ.get("INFERGATE_EVENT_LOOP", "uvloop") == "uvloop":
+        try:
+            import uvloop
+        except ImportError:
+            pass
+        else:
+            uvloop.run(coro)
+            return
+    asyncio.run(coro)
+
+
 def main(argv: list[str] | None = None) -> int:
     opts = parse_options(argv)
     logging.basicConfig(
@@ -150,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
-        asyncio.run(serve(opts))
+        _run(serve(opts))
     except (ConfigError, FileProviderError, FileNotFoundError) as exc:
         log.error("cannot start: %s", exc)
         return 2

@@ -12,7 +12,6 @@ import time
 from collections.abc import AsyncIterator
 
 import grpc
-from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2 as pm
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pbg
 
@@ -25,19 +24,12 @@ from epp.usage import UsageReader
 
 log = logging.getLogger("epp.extproc")
 
-# Sent on response headers when nothing needs the response body: Envoy stops streaming it
-# through the picker. Only honoured by Envoy with allow_mode_override.
-SKIP_RESPONSE_BODY = pm.ProcessingMode(
-    response_body_mode=pm.ProcessingMode.NONE, response_trailer_mode=pm.ProcessingMode.SKIP
-)
-
 
 class _Stream:
     """The state of one HTTP request as the picker sees it."""
 
-    def __init__(self, director: Director, read_response_body: bool) -> None:
+    def __init__(self, director: Director) -> None:
         self.director = director
-        self.read_response_body = read_response_body
         self.headers: dict[str, str] = {}
         self.subset: list[str] | None = None
         self.body = bytearray()
@@ -104,13 +96,11 @@ class _Stream:
         )
         streaming = "text/event-stream" in headers.get("content-type", "")
         self.usage = UsageReader(streaming)
-        override = None
         if msg.response_headers.end_of_stream:
             self._finish()
-        elif not self.read_response_body:
-            override = SKIP_RESPONSE_BODY
-            self._finish()
-        return [protocol.served_headers(self.served, override)]
+        # Otherwise the request ends with the body's end of stream or, when the proxy keeps
+        # response bodies away from the picker, when the proxy closes this stream.
+        return [protocol.served_headers(self.served)]
 
     def on_response_body(self, msg: pb.ProcessingRequest) -> list[pb.ProcessingResponse]:
         chunk = msg.response_body
@@ -153,25 +143,30 @@ class _Stream:
         self.director.finish(self.req, info, self.started)
 
     def close(self) -> None:
-        """The stream ended: a request still open was cancelled (client or proxy gone)."""
+        """The stream ended. Before any response headers that means the request was
+        cancelled (client or proxy gone); after them, the answer was delivered without its
+        body passing through here."""
         if not self.finished:
-            self._finish(cancelled=True)
+            self._finish(cancelled=self.status == 0)
 
 
 class ExternalProcessor(pbg.ExternalProcessorServicer):
-    def __init__(self, director: Director, *, read_response_body: bool = True) -> None:
+    def __init__(self, director: Director) -> None:
         self.director = director
-        self.read_response_body = read_response_body
 
     async def Process(
         self,
         request_iterator: AsyncIterator[pb.ProcessingRequest],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[pb.ProcessingResponse]:
-        stream = _Stream(self.director, self.read_response_body)
+        stream = _Stream(self.director)
         try:
+            counters = self.director.metrics.message_kind
             async for msg in request_iterator:
                 kind = msg.WhichOneof("request")
+                counter = counters.get(kind)
+                if counter is not None:
+                    counter.inc()
                 try:
                     if kind == "request_headers":
                         out = stream.on_request_headers(msg)

@@ -208,6 +208,24 @@ class PickerMetrics:
             ("reason",),
             registry=r,
         )
+        self.extproc_messages = Counter(
+            "infergate_epp_extproc_messages_total",
+            "ext_proc messages received from the proxy, by kind.",
+            ("kind",),
+            registry=r,
+        )
+        # Bound once: this is counted for every message on the hot path.
+        self.message_kind = {
+            k: self.extproc_messages.labels(k)
+            for k in (
+                "request_headers",
+                "request_body",
+                "request_trailers",
+                "response_headers",
+                "response_body",
+                "response_trailers",
+            )
+        }
         info = Info("inference_extension", "General information of the current build.", registry=r)
         info.info({"commit": "unknown", "build_ref": "infergate"})
 

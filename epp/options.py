@@ -45,7 +45,6 @@ class PickerOptions:
     fallback_endpoints: int
     max_body_bytes: int
     subset_filter: bool
-    response_body: str
     log_level: str
 
 
@@ -95,13 +94,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--max-body-bytes", type=int, default=32 * 1024 * 1024)
     p.add_argument("--disable-endpoint-subset-filter", action="store_true")
-    p.add_argument(
-        "--response-body",
-        choices=["always", "never"],
-        default="always",
-        help="stream response bodies through the picker (usage, TTFT/TPOT) or ask "
-        "Envoy to skip them per request with mode_override",
-    )
     p.add_argument("--log-level", default="info")
     return p
 
@@ -132,6 +124,5 @@ def parse_options(argv: list[str] | None = None) -> PickerOptions:
         fallback_endpoints=a.fallback_endpoints,
         max_body_bytes=a.max_body_bytes,
         subset_filter=not a.disable_endpoint_subset_filter,
-        response_body=a.response_body,
         log_level=a.log_level,
     )

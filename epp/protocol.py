@@ -95,18 +95,13 @@ def response_chunk(data: bytes, eos: bool) -> pb.ProcessingResponse:
     )
 
 
-def served_headers(
-    served: str | None, mode_override: pb.ProcessingMode | None = None
-) -> pb.ProcessingResponse:
+def served_headers(served: str | None) -> pb.ProcessingResponse:
     sets = [_set(SERVED, served)] if served else []
-    resp = pb.ProcessingResponse(
+    return pb.ProcessingResponse(
         response_headers=pb.HeadersResponse(
             response=pb.CommonResponse(header_mutation=pb.HeaderMutation(set_headers=sets))
         )
     )
-    if mode_override is not None:
-        resp.mode_override.CopyFrom(mode_override)
-    return resp
 
 
 def empty_request_trailers() -> pb.ProcessingResponse:

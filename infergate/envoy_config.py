@@ -21,6 +21,7 @@ class EnvoySettings:
     endpoints: list[tuple[str, int]]
     fallbacks: int = 1
     with_picker: bool = True  # False: plain round robin, the baseline benchmarks compare to
+    response_bodies: bool = True  # stream response bodies through the picker
 
 
 def render(settings: EnvoySettings) -> str:

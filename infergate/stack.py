@@ -56,6 +56,8 @@ class StackConfig:
     pod_command: Callable[[int], list[str]] | None = None
     # False: Envoy round-robins over the pods with no picker (the benchmarks' baseline).
     with_picker: bool = True
+    # False: Envoy keeps response bodies away from the picker (no usage, TTFT or TPOT).
+    response_bodies: bool = True
 
 
 def envoy_binary() -> str:
@@ -186,6 +188,7 @@ class LocalStack:
                     endpoints=[("127.0.0.1", p) for p in self.pod_ports],
                     fallbacks=c.fallbacks,
                     with_picker=c.with_picker,
+                    response_bodies=c.response_bodies,
                 )
             )
         )

@@ -227,3 +227,30 @@ def test_fail_close_refuses_without_the_picker(tmp_path):
         assert 500 <= r.status_code < 600
     finally:
         s.stop()
+
+
+def picker_metric(stack: LocalStack, prefix: str) -> float:
+    text = requests.get(
+        f"http://127.0.0.1:{stack.cfg.ports.picker_metrics}/metrics", timeout=5
+    ).text
+    return sum(float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines() if ln.startswith(prefix))
+
+
+@pytest.mark.parametrize("bodies", [True, False])
+def test_response_bodies_through_the_picker_or_not(tmp_path, bodies):
+    s = make_stack(tmp_path, response_bodies=bodies)
+    try:
+        r = complete(s, max_tokens=8, stream=True, stream_options={"include_usage": True})
+        assert r.status_code == 200 and r.text.endswith("data: [DONE]\n\n")
+        assert r.headers[SERVED] in s.pod_addresses  # response headers still pass the picker
+        seen = picker_metric(s, 'infergate_epp_extproc_messages_total{kind="response_body"}')
+        tokens = picker_metric(s, "inference_objective_output_tokens_sum")
+        done = picker_metric(s, "inference_objective_request_duration_seconds_count")
+        errors = picker_metric(s, "inference_objective_request_error_total")
+        if bodies:
+            assert seen >= 8 and tokens == 8
+        else:
+            assert seen == 0 and tokens == 0  # the proxy kept the body away
+        assert (done, errors) == (1, 0)  # either way the request ended well
+    finally:
+        s.stop()

@@ -1,0 +1,299 @@
+"""The Kubernetes provider: the InferencePool and its Pods from the API server, kept by watches.
+
+The official client blocks, so each resource (the pool, the pods) has a daemon thread running
+list-then-watch; changes go to the event loop with call_soon_threadsafe, where the datastore
+lives. Watches are short (WATCH_TIMEOUT) so stop() is prompt and a dead connection is noticed;
+a watch that ends resumes from the last resourceVersion, a 410 Gone or any error re-lists.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from kubernetes import client, config, watch
+
+from epp.datastore import Datastore, PoolSpec
+
+log = logging.getLogger("epp.providers.kubernetes")
+
+GROUP, VERSION, PLURAL = "inference.networking.k8s.io", "v1", "inferencepools"
+WATCH_TIMEOUT = 5  # seconds; bounds how long stop() and a silently dead connection take
+LIST_TIMEOUT = 30
+MAX_BACKOFF = 5.0
+
+
+class KubernetesProviderError(RuntimeError):
+    pass
+
+
+def _name(obj: Any) -> str:
+    meta = obj.get("metadata") if isinstance(obj, dict) else None
+    return str(meta.get("name")) if isinstance(meta, dict) else "<unnamed>"
+
+
+def _pod_problem(pod: Any) -> str | None:
+    """Why the datastore could not use this pod, or None (it must not raise on the loop)."""
+    if not isinstance(pod, dict) or not isinstance(pod.get("metadata"), dict):
+        return "no metadata"
+    meta, status = pod["metadata"], pod.get("status") or {}
+    if not isinstance(meta.get("name"), str) or not meta["name"]:
+        return "no metadata.name"
+    for field in ("labels", "annotations"):
+        value = meta.get(field) or {}
+        if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+            return f"metadata.{field} is not a map of strings"
+    if not isinstance(status, dict) or not isinstance(status.get("podIP") or "", str):
+        return "bad status.podIP"
+    conditions = status.get("conditions") or []
+    if not isinstance(conditions, list) or not all(isinstance(c, dict) for c in conditions):
+        return "bad status.conditions"
+    return None
+
+
+def _selector(pool: PoolSpec | None) -> str | None:
+    return ",".join(f"{k}={v}" for k, v in sorted(pool.selector.items())) if pool else None
+
+
+class KubernetesProvider:
+    def __init__(
+        self,
+        datastore: Datastore,
+        pool_name: str,
+        namespace: str,
+        *,
+        api_client: client.ApiClient | None = None,
+        resync_timeout: float = 300,
+    ) -> None:
+        self.datastore = datastore
+        self.pool_name = pool_name
+        self.namespace = namespace
+        self.api_client = api_client
+        self.resync_timeout = resync_timeout  # a full re-list this often, even without errors
+        self.watch_timeout = WATCH_TIMEOUT
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopping = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._watches: dict[str, watch.Watch] = {}
+        self._selector: str | None = None  # what the pod watch filters by
+        self._relist_pods = threading.Event()  # set when the pool's selector changed
+
+    # ---- lifecycle ---------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self.api_client is None:
+            cfg = client.Configuration()
+            if os.environ.get("KUBERNETES_SERVICE_HOST"):
+                config.load_incluster_config(client_configuration=cfg)
+            else:
+                config.load_kube_config(client_configuration=cfg)
+            self.api_client = client.ApiClient(cfg)
+        self._core = client.CoreV1Api(self.api_client)
+        self._custom = client.CustomObjectsApi(self.api_client)
+        self._loop = asyncio.get_running_loop()
+        self._stopping.clear()
+        try:
+            pools, pool_rv = await asyncio.to_thread(self._list_pools)
+        except Exception as exc:
+            raise KubernetesProviderError(
+                f"listing InferencePool {self.namespace}/{self.pool_name} failed: {exc}"
+            ) from exc
+        if not pools:
+            raise KubernetesProviderError(
+                f"InferencePool {self.namespace}/{self.pool_name} not found "
+                f"({GROUP}/{VERSION}, plural {PLURAL})"
+            )
+        try:
+            pool = PoolSpec.from_object(pools[0])
+        except Exception as exc:
+            raise KubernetesProviderError(f"bad InferencePool: {exc}") from exc
+        self._selector = _selector(pool)
+        pods, pods_rv = await asyncio.to_thread(self._list_pods)
+        self.datastore.set_pool(pool)
+        self.datastore.replace_pods(pods)
+        self.datastore.synced = True
+        log.info(
+            "synced pool %s/%s: %d pods, %d endpoints",
+            self.namespace,
+            self.pool_name,
+            len(pods),
+            len(self.datastore.endpoints()),
+        )
+        for kind, rv in (("pool", pool_rv), ("pods", pods_rv)):
+            t = threading.Thread(target=self._run, args=(kind, rv), name=f"k8s-{kind}", daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    async def stop(self) -> None:
+        self._stopping.set()
+        deadline = time.monotonic() + self.watch_timeout + 2
+        # Repeat watch.stop(): a watch that was just opening would miss a single call.
+        while any(t.is_alive() for t in self._threads) and time.monotonic() < deadline:
+            for w in list(self._watches.values()):
+                w.stop()
+            await asyncio.sleep(0.05)
+        if any(t.is_alive() for t in self._threads):
+            log.warning("Kubernetes watch threads did not stop in time")
+        self._threads.clear()
+
+    # ---- lists (threads) ---------------------------------------------------------------
+
+    def _list_pools(self) -> tuple[list[dict[str, Any]], str]:
+        result = self._custom.list_namespaced_custom_object(
+            GROUP,
+            VERSION,
+            self.namespace,
+            PLURAL,
+            field_selector=f"metadata.name={self.pool_name}",
+            _request_timeout=LIST_TIMEOUT,
+        )
+        items = [p for p in result.get("items") or [] if _name(p) == self.pool_name]
+        return items, result["metadata"]["resourceVersion"]
+
+    def _list_pods(self) -> tuple[list[dict[str, Any]], str]:
+        # Raw JSON: the datastore wants API dicts, and a model class could reject odd pods.
+        resp = self._core.list_namespaced_pod(
+            self.namespace,
+            label_selector=self._selector,
+            _preload_content=False,
+            _request_timeout=LIST_TIMEOUT,
+        )
+        body = json.loads(resp.data)
+        pods = []
+        for pod in body.get("items") or []:
+            problem = _pod_problem(pod)
+            if problem:
+                log.warning("skipping pod %s: %s", _name(pod), problem)
+            else:
+                pods.append(pod)
+        return pods, body["metadata"]["resourceVersion"]
+
+    def _relist(self, kind: str) -> str:
+        if kind == "pods":
+            self._relist_pods.clear()
+            pods, rv = self._list_pods()
+            self._post(self.datastore.replace_pods, pods)
+            log.info("re-listed pods: %d", len(pods))
+            return rv
+        pools, rv = self._list_pools()
+        if not pools:
+            log.warning("InferencePool %s/%s is gone", self.namespace, self.pool_name)
+            self._post(self.datastore.set_pool, None)
+        for pool in pools:
+            self._on_pool("MODIFIED", pool)
+        return rv
+
+    # ---- watches (threads) -------------------------------------------------------------
+
+    def _run(self, kind: str, rv: str | None) -> None:
+        backoff, next_resync = 0.1, time.monotonic() + self.resync_timeout
+        while not self._stopping.is_set():
+            try:
+                if (
+                    rv is None
+                    or time.monotonic() > next_resync
+                    or (kind == "pods" and self._relist_pods.is_set())
+                ):
+                    rv = self._relist(kind)
+                    next_resync = time.monotonic() + self.resync_timeout
+                rv = self._watch(kind, rv)
+                backoff = 0.1
+            except Exception as exc:
+                if self._stopping.is_set():
+                    break
+                if kind == "pods" and self._relist_pods.is_set():
+                    rv = None  # we cut the watch short ourselves: the selector changed
+                    continue
+                gone = isinstance(exc, client.ApiException) and exc.status == 410
+                log.log(
+                    logging.INFO if gone else logging.WARNING,
+                    "%s watch %s; re-listing in %.1fs",
+                    kind,
+                    "expired (410 Gone)" if gone else f"failed: {exc!r}",
+                    backoff,
+                )
+                rv = None
+                self._stopping.wait(backoff)
+                backoff = min(backoff * 2, MAX_BACKOFF)
+
+    def _watch(self, kind: str, rv: str) -> str:
+        """One watch from rv until it times out; returns the last resourceVersion seen."""
+        w = watch.Watch(return_type=object)  # object: events carry plain dicts
+        self._watches[kind] = w
+        if kind == "pods":
+            func: Callable = self._core.list_namespaced_pod
+            args: tuple = (self.namespace,)
+            kwargs: dict[str, Any] = {"label_selector": self._selector}
+        else:
+            func, args = self._custom.list_namespaced_custom_object, (GROUP, VERSION)
+            args += (self.namespace, PLURAL)
+            kwargs = {"field_selector": f"metadata.name={self.pool_name}"}
+        for event in w.stream(
+            func,
+            *args,
+            resource_version=rv,
+            timeout_seconds=self.watch_timeout,
+            allow_watch_bookmarks=True,
+            _request_timeout=self.watch_timeout + 5,
+            **kwargs,
+        ):
+            if self._stopping.is_set() or (kind == "pods" and self._relist_pods.is_set()):
+                w.stop()
+                break
+            obj = event.get("raw_object")
+            meta = obj.get("metadata") if isinstance(obj, dict) else None
+            if isinstance(meta, dict) and isinstance(meta.get("resourceVersion"), str):
+                rv = meta["resourceVersion"]
+            if event.get("type") == "BOOKMARK":
+                continue
+            if kind == "pods":
+                self._on_pod(event.get("type"), obj)
+            else:
+                self._on_pool(event.get("type"), obj)
+        return rv
+
+    def _on_pod(self, kind: str | None, pod: Any) -> None:
+        problem = _pod_problem(pod) if kind != "DELETED" else None
+        if kind not in ("ADDED", "MODIFIED", "DELETED") or _name(pod) == "<unnamed>":
+            problem = f"unexpected {kind} event"
+        if problem:
+            log.warning("skipping pod %s: %s", _name(pod), problem)
+        elif kind == "DELETED":
+            self._post(self.datastore.delete_pod, _name(pod))
+        else:
+            self._post(self.datastore.upsert_pod, pod)
+
+    def _on_pool(self, kind: str | None, obj: Any) -> None:
+        if _name(obj) != self.pool_name:
+            return
+        if kind == "DELETED":
+            log.warning("InferencePool %s/%s was deleted", self.namespace, self.pool_name)
+            self._post(self.datastore.set_pool, None)
+            return
+        try:
+            pool = PoolSpec.from_object(obj)
+        except Exception as exc:
+            log.error("keeping the previous pool: InferencePool %s is invalid: %s", _name(obj), exc)
+            return
+        self._post(self.datastore.set_pool, pool)
+        if _selector(pool) != self._selector:
+            log.info("pool selector is now %s; re-listing pods", _selector(pool))
+            self._selector = _selector(pool)
+            self._relist_pods.set()
+            if w := self._watches.get("pods"):
+                w.stop()
+
+    def _post(self, fn: Callable[..., None], *args: Any) -> None:
+        """Run fn on the event loop, unless we are stopping (the loop may be gone)."""
+        if self._loop is None or self._stopping.is_set():
+            return
+        try:
+            self._loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # loop closed
+            pass
