@@ -128,6 +128,8 @@ class _Stream:
         if self.first_chunk is not None:
             ttft = self.first_chunk - self.dispatched
             n = usage.completion_tokens if usage else None
+            if n is None and self.usage is not None and self.usage.streaming:
+                n = self.usage.events - 1  # one event a token, less [DONE]; a fair estimate
             if n and n > 1 and self.last_chunk is not None and self.usage.streaming:
                 tpot = (self.last_chunk - self.first_chunk) / (n - 1)
         served = self.director.datastore.endpoint(self.served) if self.served else None

@@ -42,6 +42,8 @@ class UsageReader:
         self._tail = b""
         self._body = bytearray()
         self.truncated = False
+        # SSE data events seen: a stand-in for output tokens when the server sends no usage.
+        self.events = 0
 
     def feed(self, chunk: bytes) -> None:
         if not self.streaming:
@@ -57,7 +59,10 @@ class UsageReader:
             self._line(line)
 
     def _line(self, line: bytes) -> None:
-        if not line.startswith(b"data:") or b'"usage"' not in line:
+        if not line.startswith(b"data:"):
+            return
+        self.events += 1
+        if b'"usage"' not in line:
             return
         payload = line[5:].strip()
         if payload == b"[DONE]":
