@@ -1,0 +1,568 @@
+"""The cluster manifests: what a user `kubectl apply`s to run the request path with Envoy Gateway.
+
+Checked without a cluster: every document parses; built-in kinds pass the Kubernetes 1.30 schemas
+(strict, so a misspelt field fails); InferencePool and InferenceObjective documents in the repo
+pass the openAPIV3Schema of our own CRDs, and broken ones fail it; the picker's ConfigMap and
+Deployment args pass the picker's own config loader and flag parser; RBAC stays read-only and
+namespaced; and the Envoy Gateway objects agree with each other and with the picker protocol.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from epp import protocol
+from epp.options import build_parser
+from epp.scheduling.config import ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+MANIFESTS = ROOT / "gateway-manifests"
+CRDS = ROOT / "crds"
+EXAMPLES = ROOT / "examples"
+
+K8S_VERSION = "1.30"
+BUILT_IN_KINDS = {
+    "ServiceAccount",
+    "Deployment",
+    "Service",
+    "ConfigMap",
+    "Role",
+    "RoleBinding",
+    "CustomResourceDefinition",
+}
+CUSTOM_KINDS = {"InferencePool", "InferenceObjective"}
+READ_ONLY_VERBS = {"get", "list", "watch"}
+
+
+# ---- loading ------------------------------------------------------------------------------------
+
+
+def _manifest_files() -> list[Path]:
+    return sorted(MANIFESTS.glob("*.yaml")) + sorted(CRDS.rglob("*.yaml"))
+
+
+def _load(path: Path) -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+
+
+def _docs(paths: list[Path]) -> Iterator[tuple[str, dict[str, Any]]]:
+    for path in paths:
+        for i, doc in enumerate(_load(path)):
+            yield f"{path.relative_to(ROOT)}#{i}", doc
+
+
+def _manifests() -> list[dict[str, Any]]:
+    return [doc for _, doc in _docs(sorted(MANIFESTS.glob("*.yaml")))]
+
+
+def _one(kind: str, name: str | None = None) -> dict[str, Any]:
+    found = [
+        d
+        for d in _manifests()
+        if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)
+    ]
+    assert len(found) == 1, f"expected one {kind} {name or ''} in gateway-manifests/, got {found}"
+    return found[0]
+
+
+def _ids(items: list[tuple[str, Any]]) -> list[str]:
+    return [where for where, _ in items]
+
+
+# ---- every document parses ----------------------------------------------------------------------
+
+
+def test_the_expected_files_are_there() -> None:
+    names = {p.name for p in MANIFESTS.glob("*.yaml")}
+    assert names >= {
+        "gateway.yaml",
+        "httproute.yaml",
+        "inferencepool.yaml",
+        "epp.yaml",
+        "rbac.yaml",
+        "envoy-extension-policy.yaml",
+        "envoy-patch-policy.yaml",
+    }
+    assert (CRDS / "upstream" / "inferencepool.yaml").is_file()
+    assert (CRDS / "upstream" / "inferenceobjective.yaml").is_file()
+    assert (MANIFESTS / "README.md").is_file()
+
+
+@pytest.mark.parametrize("path", _manifest_files(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_document_parses(path: Path) -> None:
+    docs = _load(path)
+    assert docs, f"{path} holds no YAML document"
+    for doc in docs:
+        assert isinstance(doc, dict), f"{path}: a document is not a mapping"
+        assert doc.get("apiVersion") and doc.get("kind"), f"{path}: apiVersion and kind"
+        assert doc.get("metadata", {}).get("name"), f"{path}: {doc['kind']} has no name"
+
+
+# ---- built-in kinds against the Kubernetes schemas ----------------------------------------------
+
+_BUILT_IN = [(w, d) for w, d in _docs(_manifest_files()) if d["kind"] in BUILT_IN_KINDS]
+
+
+def test_built_in_kinds_are_all_there() -> None:
+    kinds = {d["kind"] for _, d in _BUILT_IN}
+    assert kinds == BUILT_IN_KINDS
+
+
+@pytest.mark.parametrize(("where", "doc"), _BUILT_IN, ids=_ids(_BUILT_IN))
+def test_built_in_kind_passes_kubernetes_schema(where: str, doc: dict[str, Any]) -> None:
+    try:
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+    except kubernetes_validate.ValidationError as exc:
+        pytest.fail(f"{where} ({doc['kind']} {doc['metadata']['name']}): {exc}")
+
+
+# ---- our CRDs' schemas against the InferencePools and InferenceObjectives in the repo -----------
+
+
+def _crds() -> dict[tuple[str, str], dict[str, Any]]:
+    """(apiVersion, kind) → the CRD version's openAPIV3Schema."""
+    out = {}
+    for _, doc in _docs(sorted(CRDS.rglob("*.yaml"))):
+        if doc["kind"] != "CustomResourceDefinition":
+            continue
+        spec = doc["spec"]
+        for version in spec["versions"]:
+            key = (f"{spec['group']}/{version['name']}", spec["names"]["kind"])
+            out[key] = version["schema"]["openAPIV3Schema"]
+    return out
+
+
+# The CEL rules our CRDs carry (x-kubernetes-validations), in Python; the apiserver runs the
+# CEL. A new rule must be added here, or the test fails.
+_CEL: dict[str, Callable[[dict[str, Any]], bool]] = {
+    "self.kind != 'Service' || has(self.port)": lambda o: (
+        o.get("kind", "Service") != "Service" or "port" in o
+    ),
+}
+
+
+def _kubernetes_errors(schema: dict[str, Any], value: Any, path: str = "") -> list[str]:
+    """What JSON Schema does not check: list-map key uniqueness and CEL rules."""
+    errors = []
+    for rule in schema.get("x-kubernetes-validations", []):
+        check = _CEL.get(rule["rule"])
+        if check is None:
+            errors.append(f"{path or '/'}: no Python equivalent for CEL rule {rule['rule']!r}")
+        elif isinstance(value, dict) and not check(value):
+            errors.append(f"{path or '/'}: {rule['message']}")
+    if isinstance(value, dict):
+        props = schema.get("properties", {})
+        extra = schema.get("additionalProperties")
+        for key, item in value.items():
+            sub = props.get(key, extra if isinstance(extra, dict) else None)
+            if sub is not None:
+                errors += _kubernetes_errors(sub, item, f"{path}/{key}")
+    elif isinstance(value, list) and "items" in schema:
+        if schema.get("x-kubernetes-list-type") == "map":
+            keys = schema["x-kubernetes-list-map-keys"]
+            seen = [tuple(i.get(k) for k in keys) for i in value if isinstance(i, dict)]
+            dupes = sorted({s for s in seen if seen.count(s) > 1})
+            if dupes:
+                errors.append(f"{path}: duplicate {keys} {dupes}")
+        for i, item in enumerate(value):
+            errors += _kubernetes_errors(schema["items"], item, f"{path}/{i}")
+    return errors
+
+
+def _schema_errors(doc: dict[str, Any]) -> list[str]:
+    schema = _crds().get((doc.get("apiVersion"), doc.get("kind")))
+    if schema is None:
+        return [f"no CRD serves {doc.get('apiVersion')} {doc.get('kind')}"]
+    # OpenAPI v3.0 schemas are JSON Schema draft 4 in what our CRDs use; x-kubernetes-*
+    # keywords are unknown to it and ignored, then checked by _kubernetes_errors.
+    validator = jsonschema.Draft4Validator(schema)
+    errors = [
+        f"/{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(doc)
+    ]
+    return errors + _kubernetes_errors(schema, doc)
+
+
+def _custom_resources() -> list[tuple[str, dict[str, Any]]]:
+    paths = sorted(MANIFESTS.glob("*.yaml")) + sorted(EXAMPLES.rglob("*.yaml"))
+    return [(w, d) for w, d in _docs(paths) if d.get("kind") in CUSTOM_KINDS]
+
+
+_CUSTOM = _custom_resources()
+
+
+def test_crds_serve_the_upstream_api_versions() -> None:
+    crds = {d["spec"]["names"]["kind"]: d for _, d in _docs(sorted(CRDS.rglob("*.yaml")))}
+    pool = crds["InferencePool"]["spec"]
+    assert pool["group"] == "inference.networking.k8s.io"
+    assert pool["scope"] == "Namespaced"
+    assert "infpool" in pool["names"]["shortNames"]
+    assert pool["names"]["plural"] == "inferencepools"
+    [v1] = pool["versions"]
+    assert (v1["name"], v1["served"], v1["storage"]) == ("v1", True, True)
+    assert v1["subresources"] == {"status": {}}
+    objective = crds["InferenceObjective"]["spec"]
+    assert objective["group"] == "inference.networking.x-k8s.io"
+    assert objective["names"]["plural"] == "inferenceobjectives"
+    assert [v["name"] for v in objective["versions"]] == ["v1alpha2"]
+
+
+def _structural_errors(schema: dict[str, Any], path: str = "") -> list[str]:
+    """The API server's structural-schema rules that kubernetes_validate does not check."""
+    where = path or "/"
+    errors = []
+    if "type" not in schema:
+        errors.append(f"{where}: no type")
+    if "properties" in schema and "additionalProperties" in schema:
+        errors.append(f"{where}: properties and additionalProperties are mutually exclusive")
+    if "default" in schema:
+        try:
+            jsonschema.Draft4Validator(schema).validate(schema["default"])
+        except jsonschema.ValidationError as exc:
+            errors.append(f"{where}: default {schema['default']!r} is invalid: {exc.message}")
+    if schema.get("x-kubernetes-list-type") == "map":
+        item = schema["items"]
+        for key in schema.get("x-kubernetes-list-map-keys", []):
+            if key not in item.get("required", []) and "default" in item["properties"][key]:
+                continue
+            if key not in item.get("required", []):
+                errors.append(f"{where}: list-map key {key} must be required or defaulted")
+    for key, sub in schema.get("properties", {}).items():
+        errors += _structural_errors(sub, f"{path}/{key}")
+    if isinstance(schema.get("additionalProperties"), dict):
+        errors += _structural_errors(schema["additionalProperties"], f"{path}/*")
+    if "items" in schema:
+        errors += _structural_errors(schema["items"], f"{path}[]")
+    return errors
+
+
+@pytest.mark.parametrize("key", sorted(_crds()), ids=lambda k: k[1])
+def test_crd_schema_is_structural(key: tuple[str, str]) -> None:
+    assert _structural_errors(_crds()[key]) == []
+
+
+def test_the_repo_pools_are_found() -> None:
+    where = {w.split("#")[0] for w, _ in _CUSTOM}
+    assert "gateway-manifests/inferencepool.yaml" in where
+    assert "examples/quickstart/pool.yaml" in where
+
+
+@pytest.mark.parametrize(("where", "doc"), _CUSTOM, ids=_ids(_CUSTOM))
+def test_repo_custom_resource_passes_our_crd_schema(where: str, doc: dict[str, Any]) -> None:
+    assert _schema_errors(doc) == [], where
+
+
+def _example_pool() -> dict[str, Any]:
+    return copy.deepcopy(_one("InferencePool", "vllm-pool"))
+
+
+def _no_target_ports(pool: dict[str, Any]) -> None:
+    del pool["spec"]["targetPorts"]
+
+
+def _failure_mode_sometimes(pool: dict[str, Any]) -> None:
+    pool["spec"]["endpointPickerRef"]["failureMode"] = "Sometimes"
+
+
+def _nine_target_ports(pool: dict[str, Any]) -> None:
+    pool["spec"]["targetPorts"] = [{"number": 8000 + i} for i in range(9)]
+
+
+def _duplicate_target_port(pool: dict[str, Any]) -> None:
+    pool["spec"]["targetPorts"] = [{"number": 8000}, {"number": 8000}]
+
+
+def _port_zero(pool: dict[str, Any]) -> None:
+    pool["spec"]["targetPorts"] = [{"number": 0}]
+
+
+def _no_selector_labels(pool: dict[str, Any]) -> None:
+    pool["spec"]["selector"]["matchLabels"] = {}
+
+
+def _service_without_port(pool: dict[str, Any]) -> None:
+    del pool["spec"]["endpointPickerRef"]["port"]
+
+
+def _unknown_app_protocol(pool: dict[str, Any]) -> None:
+    pool["spec"]["appProtocol"] = "grpc"
+
+
+_BROKEN_POOLS = [
+    _no_target_ports,
+    _failure_mode_sometimes,
+    _nine_target_ports,
+    _duplicate_target_port,
+    _port_zero,
+    _no_selector_labels,
+    _service_without_port,
+    _unknown_app_protocol,
+]
+
+
+@pytest.mark.parametrize("breakage", _BROKEN_POOLS, ids=lambda f: f.__name__.lstrip("_"))
+def test_broken_inference_pool_fails_our_crd_schema(breakage: Callable[..., None]) -> None:
+    pool = _example_pool()
+    assert _schema_errors(pool) == []
+    breakage(pool)
+    assert _schema_errors(pool), f"{breakage.__name__} passed the schema"
+
+
+def test_inference_objective_schema() -> None:
+    objective = {
+        "apiVersion": "inference.networking.x-k8s.io/v1alpha2",
+        "kind": "InferenceObjective",
+        "metadata": {"name": "batch", "namespace": "default"},
+        "spec": {"priority": -1, "poolRef": {"name": "vllm-pool"}},
+    }
+    assert _schema_errors(objective) == []
+    no_pool = copy.deepcopy(objective)
+    del no_pool["spec"]["poolRef"]
+    assert _schema_errors(no_pool)
+    fractional = copy.deepcopy(objective)
+    fractional["spec"]["priority"] = 1.5
+    assert _schema_errors(fractional)
+
+
+# ---- the picker: its config and flags through its own loader and parser -------------------------
+
+
+def _picker() -> dict[str, Any]:
+    return _one("Deployment", "vllm-pool-epp")
+
+
+def _container() -> dict[str, Any]:
+    [container] = _picker()["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+def _picker_args() -> Any:
+    container = _container()
+    assert container["command"] == ["infergate", "epp"]
+    assert container["image"] == "ghcr.io/infergate/infergate:latest"
+    parser = build_parser()
+    try:
+        return parser.parse_args(container["args"])
+    except SystemExit:
+        pytest.fail(f"infergate epp rejects the Deployment's args: {container['args']}")
+
+
+def _config_text() -> str:
+    """The EndpointPickerConfig the Deployment passes with --config, read from its ConfigMap."""
+    args = _picker_args()
+    pod = _picker()["spec"]["template"]["spec"]
+    config = PurePosixPath(str(args.config_file))
+    [mount] = [
+        m for m in _container()["volumeMounts"] if config.parent == PurePosixPath(m["mountPath"])
+    ]
+    [volume] = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    config_map = _one("ConfigMap", volume["configMap"]["name"])
+    assert config.name in config_map["data"], f"ConfigMap has no key {config.name}"
+    return config_map["data"][config.name]
+
+
+def test_endpoint_picker_config_loads_with_the_pickers_loader() -> None:
+    text = _config_text()
+    try:
+        config = load_config(text)
+    except ConfigError as exc:
+        pytest.fail(f"the picker would not start with this EndpointPickerConfig: {exc}")
+    raw = yaml.safe_load(text)
+    assert raw["apiVersion"] == "inference.networking.x-k8s.io/v1alpha1"
+    assert raw["kind"] == "EndpointPickerConfig"
+    [profile] = config.profiles.values()
+    weights = {ws.scorer.type_name: ws.weight for ws in profile.scorers}
+    assert weights == {
+        "queue-scorer": 2.0,
+        "kv-cache-utilization-scorer": 2.0,
+        "prefix-cache-scorer": 3.0,
+    }
+    assert profile.picker is not None and profile.picker.type_name == "max-score-picker"
+
+
+def test_the_loader_would_catch_a_broken_config() -> None:
+    raw = yaml.safe_load(_config_text())
+    raw["schedulingProfiles"][0]["plugins"][0]["pluginRef"] = "no-such-plugin"
+    with pytest.raises(ConfigError):
+        load_config(yaml.safe_dump(raw))
+
+
+def test_deployment_args_parse_with_the_pickers_parser() -> None:
+    args = _picker_args()
+    pool = _one("InferencePool")
+    assert args.provider == "kubernetes"
+    assert args.pool_name == pool["metadata"]["name"]
+    assert args.secure_serving is True
+    assert (args.grpc_port, args.grpc_health_port, args.metrics_port) == (9002, 9003, 9090)
+    assert args.refresh_metrics_interval == pytest.approx(0.05)
+    # ORIGINAL_DST takes a single ip:port from x-gateway-destination-endpoint.
+    assert args.fallback_endpoints == 0
+    # $(VAR) in args is expanded by the kubelet from the container's env.
+    env = {e["name"] for e in _container().get("env", [])}
+    for arg in _container()["args"]:
+        for var in re.findall(r"\$\((\w+)\)", arg):
+            assert var in env, f"{arg} refers to ${var}, which the container does not define"
+
+
+def test_deployment_probes_ports_and_hardening() -> None:
+    container = _container()
+    pod = _picker()["spec"]["template"]["spec"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"grpc": 9002, "grpc-health": 9003, "http-metrics": 9090}
+    assert container["readinessProbe"]["grpc"] == {"port": 9003, "service": "readiness"}
+    assert container["livenessProbe"]["grpc"] == {"port": 9003, "service": "liveness"}
+    assert container["resources"]["requests"] and container["resources"]["limits"]
+    security = container["securityContext"]
+    assert security["runAsNonRoot"] is True
+    assert security["readOnlyRootFilesystem"] is True
+    assert security["allowPrivilegeEscalation"] is False
+    assert pod["serviceAccountName"] == _one("ServiceAccount")["metadata"]["name"]
+
+
+def test_picker_service_matches_pool_and_deployment() -> None:
+    service = _one("Service", "vllm-pool-epp")
+    pool = _one("InferencePool")
+    ref = pool["spec"]["endpointPickerRef"]
+    assert ref.get("kind", "Service") == "Service" and ref["name"] == service["metadata"]["name"]
+    ports = {p["name"]: p for p in service["spec"]["ports"]}
+    assert ports["grpc"]["port"] == ref["port"]["number"] == 9002
+    assert ports["grpc"]["appProtocol"] == "http2"
+    assert ports["http-metrics"]["port"] == 9090
+    labels = _picker()["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= labels.items()
+
+
+# ---- RBAC: read-only, namespaced ----------------------------------------------------------------
+
+
+def test_no_cluster_wide_rbac() -> None:
+    kinds = {d["kind"] for d in _manifests()}
+    assert not kinds & {"ClusterRole", "ClusterRoleBinding"}
+
+
+def test_role_grants_only_read_verbs_on_what_the_picker_reads() -> None:
+    roles = [d for d in _manifests() if d["kind"] == "Role"]
+    assert roles
+    granted = set()
+    for role in roles:
+        for rule in role["rules"]:
+            assert set(rule["verbs"]) <= READ_ONLY_VERBS, rule
+            assert "*" not in rule["resources"] and "*" not in rule["apiGroups"], rule
+            granted |= {(g, r) for g in rule["apiGroups"] for r in rule["resources"]}
+    assert granted == {
+        ("", "pods"),
+        ("inference.networking.k8s.io", "inferencepools"),
+        ("inference.networking.x-k8s.io", "inferenceobjectives"),
+    }
+
+
+def test_role_binding_binds_the_pickers_service_account() -> None:
+    binding = _one("RoleBinding")
+    account = _one("ServiceAccount")
+    assert binding["roleRef"]["kind"] == "Role"
+    assert binding["roleRef"]["name"] == _one("Role")["metadata"]["name"]
+    assert binding["subjects"] == [
+        {
+            "kind": "ServiceAccount",
+            "name": account["metadata"]["name"],
+            "namespace": account["metadata"]["namespace"],
+        }
+    ]
+
+
+# ---- Envoy Gateway wiring -----------------------------------------------------------------------
+
+
+def test_httproute_sends_v1_to_the_inference_pool() -> None:
+    route = _one("HTTPRoute")
+    gateway = _one("Gateway")
+    assert route["spec"]["parentRefs"][0]["name"] == gateway["metadata"]["name"]
+    [rule] = route["spec"]["rules"]
+    assert rule["matches"] == [{"path": {"type": "PathPrefix", "value": "/v1"}}]
+    [backend] = rule["backendRefs"]
+    assert backend["kind"] == "InferencePool"
+    assert backend["group"] == "inference.networking.k8s.io"
+    assert backend["name"] == _one("InferencePool")["metadata"]["name"]
+    assert rule["timeouts"]["request"]
+
+
+def test_gateway_uses_envoy_gateway() -> None:
+    gateway_class = _one("GatewayClass")
+    gateway = _one("Gateway")
+    assert (
+        gateway_class["spec"]["controllerName"] == "gateway.envoyproxy.io/gatewayclass-controller"
+    )
+    assert gateway["spec"]["gatewayClassName"] == gateway_class["metadata"]["name"]
+    assert [(lst["protocol"], lst["port"]) for lst in gateway["spec"]["listeners"]] == [
+        ("HTTP", 80)
+    ]
+
+
+def test_extension_policy_streams_both_bodies_to_the_picker() -> None:
+    policy = _one("EnvoyExtensionPolicy")
+    route = _one("HTTPRoute")
+    assert {"group": "gateway.networking.k8s.io", "kind": "HTTPRoute"}.items() <= policy["spec"][
+        "targetRefs"
+    ][0].items()
+    assert policy["spec"]["targetRefs"][0]["name"] == route["metadata"]["name"]
+    [ext_proc] = policy["spec"]["extProc"]
+    mode = ext_proc["processingMode"]
+    assert mode["request"]["body"] == "FullDuplexStreamed"
+    assert mode["response"]["body"] == "FullDuplexStreamed"
+    assert ext_proc["failOpen"] is False
+    assert ext_proc["messageTimeout"] == "1000s"
+    [backend] = ext_proc["backendRefs"]
+    assert (backend["kind"], backend["name"], backend["port"]) == ("Service", "vllm-pool-epp", 9002)
+    assert protocol.LB_NAMESPACE in ext_proc["metadata"]["writableNamespaces"]
+    assert set(ext_proc["metadata"]["accessibleNamespaces"]) == {
+        protocol.LB_NAMESPACE,
+        protocol.SUBSET_NAMESPACE,
+    }
+
+
+def test_patch_policy_routes_by_the_pickers_header() -> None:
+    policy = _one("EnvoyPatchPolicy")
+    gateway = _one("Gateway")
+    ext_policy = _one("EnvoyExtensionPolicy")
+    assert policy["spec"]["type"] == "JSONPatch"
+    assert policy["spec"]["targetRef"]["kind"] == "Gateway"
+    assert policy["spec"]["targetRef"]["name"] == gateway["metadata"]["name"]
+    patches = {(p["type"].rsplit(".", 1)[-1], p["name"]): p for p in policy["spec"]["jsonPatches"]}
+
+    cluster = patches[("Cluster", "original_destination_cluster")]["operation"]["value"]
+    assert cluster["type"] == "ORIGINAL_DST"
+    assert cluster["lb_policy"] == "CLUSTER_PROVIDED"
+    assert cluster["original_dst_lb_config"] == {
+        "use_http_header": True,
+        "http_header_name": protocol.DESTINATION,
+    }
+
+    # Envoy Gateway names the route configuration <namespace>/<gateway>/<listener>.
+    ns, name = gateway["metadata"]["namespace"], gateway["metadata"]["name"]
+    listener = gateway["spec"]["listeners"][0]["name"]
+    route = patches[("RouteConfiguration", f"{ns}/{name}/{listener}")]["operation"]
+    assert route["path"].endswith("/route/cluster")
+    assert route["value"] == "original_destination_cluster"
+
+    # ... and the ext_proc cluster envoyextensionpolicy/<namespace>/<policy>/extproc/<index>.
+    meta = ext_policy["metadata"]
+    tls = patches[("Cluster", f"envoyextensionpolicy/{meta['namespace']}/{meta['name']}/extproc/0")]
+    socket = tls["operation"]["value"]
+    assert socket["name"] == "envoy.transport_sockets.tls"
+    assert socket["typed_config"]["common_tls_context"] == {"alpn_protocols": ["h2"]}
+
+
+def test_namespaced_objects_share_one_namespace() -> None:
+    cluster_scoped = {"GatewayClass"}
+    namespaces = {
+        d["metadata"].get("namespace") for d in _manifests() if d["kind"] not in cluster_scoped
+    }
+    assert namespaces == {"default"}
