@@ -21,6 +21,7 @@ from epp.http_server import make_app
 from epp.metrics import PickerMetrics
 from epp.options import PickerOptions, parse_options
 from epp.providers.file import FileProvider, FileProviderError
+from epp.providers.kubernetes import KubernetesProviderError
 from epp.scheduling.config import ConfigError, load_config
 from epp.scrape import MetricsScraper
 
@@ -163,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         _run(serve(opts))
-    except (ConfigError, FileProviderError, FileNotFoundError) as exc:
+    except (ConfigError, FileProviderError, KubernetesProviderError, FileNotFoundError) as exc:
         log.error("cannot start: %s", exc)
         return 2
     except OSError as exc:

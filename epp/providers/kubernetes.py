@@ -35,7 +35,8 @@ class KubernetesProviderError(RuntimeError):
 
 def _name(obj: Any) -> str:
     meta = obj.get("metadata") if isinstance(obj, dict) else None
-    return str(meta.get("name")) if isinstance(meta, dict) else "<unnamed>"
+    name = meta.get("name") if isinstance(meta, dict) else None
+    return name if isinstance(name, str) and name else "<unnamed>"
 
 
 def _pod_problem(pod: Any) -> str | None:
@@ -43,7 +44,7 @@ def _pod_problem(pod: Any) -> str | None:
     if not isinstance(pod, dict) or not isinstance(pod.get("metadata"), dict):
         return "no metadata"
     meta, status = pod["metadata"], pod.get("status") or {}
-    if not isinstance(meta.get("name"), str) or not meta["name"]:
+    if _name(pod) == "<unnamed>":
         return "no metadata.name"
     for field in ("labels", "annotations"):
         value = meta.get(field) or {}
@@ -83,47 +84,43 @@ class KubernetesProvider:
         self._watches: dict[str, watch.Watch] = {}
         self._selector: str | None = None  # what the pod watch filters by
         self._relist_pods = threading.Event()  # set when the pool's selector changed
+        self._owns_client = False
 
     # ---- lifecycle ---------------------------------------------------------------------
 
     async def start(self) -> None:
         if self.api_client is None:
             cfg = client.Configuration()
-            if os.environ.get("KUBERNETES_SERVICE_HOST"):
-                config.load_incluster_config(client_configuration=cfg)
-            else:
-                config.load_kube_config(client_configuration=cfg)
-            self.api_client = client.ApiClient(cfg)
+            try:
+                if os.environ.get("KUBERNETES_SERVICE_HOST"):
+                    config.load_incluster_config(client_configuration=cfg)
+                else:  # the client reads $KUBECONFIG at import; read it now
+                    path = os.environ.get("KUBECONFIG")
+                    config.load_kube_config(config_file=path, client_configuration=cfg)
+            except config.ConfigException as exc:
+                raise KubernetesProviderError(f"no Kubernetes client config: {exc}") from exc
+            self.api_client, self._owns_client = client.ApiClient(cfg), True
         self._core = client.CoreV1Api(self.api_client)
         self._custom = client.CustomObjectsApi(self.api_client)
         self._loop = asyncio.get_running_loop()
         self._stopping.clear()
+        where = f"InferencePool {self.namespace}/{self.pool_name}"
         try:
-            pools, pool_rv = await asyncio.to_thread(self._list_pools)
-        except Exception as exc:
-            raise KubernetesProviderError(
-                f"listing InferencePool {self.namespace}/{self.pool_name} failed: {exc}"
-            ) from exc
-        if not pools:
-            raise KubernetesProviderError(
-                f"InferencePool {self.namespace}/{self.pool_name} not found "
-                f"({GROUP}/{VERSION}, plural {PLURAL})"
-            )
-        try:
+            pools, pool_rv = await asyncio.to_thread(self._list, "pool")
+            if not pools:
+                raise KubernetesProviderError(f"{where} not found ({GROUP}/{VERSION} {PLURAL})")
             pool = PoolSpec.from_object(pools[0])
+            self._selector = _selector(pool)
+            pods, pods_rv = await asyncio.to_thread(self._list, "pods")
+        except KubernetesProviderError:
+            raise
         except Exception as exc:
-            raise KubernetesProviderError(f"bad InferencePool: {exc}") from exc
-        self._selector = _selector(pool)
-        pods, pods_rv = await asyncio.to_thread(self._list_pods)
+            raise KubernetesProviderError(f"{where}: {exc}") from exc
         self.datastore.set_pool(pool)
         self.datastore.replace_pods(pods)
         self.datastore.synced = True
         log.info(
-            "synced pool %s/%s: %d pods, %d endpoints",
-            self.namespace,
-            self.pool_name,
-            len(pods),
-            len(self.datastore.endpoints()),
+            "synced %s: %d pods, %d endpoints", where, len(pods), len(self.datastore.endpoints())
         )
         for kind, rv in (("pool", pool_rv), ("pods", pods_rv)):
             t = threading.Thread(target=self._run, args=(kind, rv), name=f"k8s-{kind}", daemon=True)
@@ -141,52 +138,49 @@ class KubernetesProvider:
         if any(t.is_alive() for t in self._threads):
             log.warning("Kubernetes watch threads did not stop in time")
         self._threads.clear()
+        if self._owns_client and self.api_client is not None:
+            self.api_client.close()
+            self.api_client, self._owns_client = None, False
 
     # ---- lists (threads) ---------------------------------------------------------------
 
-    def _list_pools(self) -> tuple[list[dict[str, Any]], str]:
-        result = self._custom.list_namespaced_custom_object(
-            GROUP,
-            VERSION,
-            self.namespace,
-            PLURAL,
-            field_selector=f"metadata.name={self.pool_name}",
-            _request_timeout=LIST_TIMEOUT,
-        )
-        items = [p for p in result.get("items") or [] if _name(p) == self.pool_name]
-        return items, result["metadata"]["resourceVersion"]
+    def _call(self, kind: str) -> tuple[Callable, tuple, dict[str, Any]]:
+        """The list function for a resource; watches use it too, with watch=True."""
+        if kind == "pods":
+            pods = self._core.list_namespaced_pod
+            return pods, (self.namespace,), {"label_selector": self._selector}
+        pools, only = self._custom.list_namespaced_custom_object, f"metadata.name={self.pool_name}"
+        return pools, (GROUP, VERSION, self.namespace, PLURAL), {"field_selector": only}
 
-    def _list_pods(self) -> tuple[list[dict[str, Any]], str]:
-        # Raw JSON: the datastore wants API dicts, and a model class could reject odd pods.
-        resp = self._core.list_namespaced_pod(
-            self.namespace,
-            label_selector=self._selector,
-            _preload_content=False,
-            _request_timeout=LIST_TIMEOUT,
-        )
+    def _list(self, kind: str) -> tuple[list[dict[str, Any]], str]:
+        """Usable objects and the list's resourceVersion; malformed ones are logged and skipped."""
+        func, args, kwargs = self._call(kind)
+        # Raw JSON: the datastore wants API dicts, and the client's models could reject odd pods.
+        resp = func(*args, **kwargs, _preload_content=False, _request_timeout=LIST_TIMEOUT)
         body = json.loads(resp.data)
-        pods = []
-        for pod in body.get("items") or []:
-            problem = _pod_problem(pod)
+        items = []
+        for obj in body.get("items") or []:
+            if kind == "pool" and _name(obj) != self.pool_name:
+                continue
+            problem = _pod_problem(obj) if kind == "pods" else None
             if problem:
-                log.warning("skipping pod %s: %s", _name(pod), problem)
+                log.warning("skipping pod %s: %s", _name(obj), problem)
             else:
-                pods.append(pod)
-        return pods, body["metadata"]["resourceVersion"]
+                items.append(obj)
+        return items, body["metadata"]["resourceVersion"]
 
     def _relist(self, kind: str) -> str:
         if kind == "pods":
-            self._relist_pods.clear()
-            pods, rv = self._list_pods()
-            self._post(self.datastore.replace_pods, pods)
-            log.info("re-listed pods: %d", len(pods))
-            return rv
-        pools, rv = self._list_pools()
-        if not pools:
+            self._relist_pods.clear()  # before listing, so a selector change meanwhile counts
+        items, rv = self._list(kind)
+        if kind == "pods":
+            self._post(self.datastore.replace_pods, items)
+            log.info("re-listed pods: %d", len(items))
+        elif items:
+            self._on_pool("MODIFIED", items[0])
+        else:
             log.warning("InferencePool %s/%s is gone", self.namespace, self.pool_name)
             self._post(self.datastore.set_pool, None)
-        for pool in pools:
-            self._on_pool("MODIFIED", pool)
         return rv
 
     # ---- watches (threads) -------------------------------------------------------------
@@ -194,12 +188,9 @@ class KubernetesProvider:
     def _run(self, kind: str, rv: str | None) -> None:
         backoff, next_resync = 0.1, time.monotonic() + self.resync_timeout
         while not self._stopping.is_set():
+            selector_changed = kind == "pods" and self._relist_pods.is_set()
             try:
-                if (
-                    rv is None
-                    or time.monotonic() > next_resync
-                    or (kind == "pods" and self._relist_pods.is_set())
-                ):
+                if rv is None or selector_changed or time.monotonic() > next_resync:
                     rv = self._relist(kind)
                     next_resync = time.monotonic() + self.resync_timeout
                 rv = self._watch(kind, rv)
@@ -210,14 +201,10 @@ class KubernetesProvider:
                 if kind == "pods" and self._relist_pods.is_set():
                     rv = None  # we cut the watch short ourselves: the selector changed
                     continue
-                gone = isinstance(exc, client.ApiException) and exc.status == 410
-                log.log(
-                    logging.INFO if gone else logging.WARNING,
-                    "%s watch %s; re-listing in %.1fs",
-                    kind,
-                    "expired (410 Gone)" if gone else f"failed: {exc!r}",
-                    backoff,
-                )
+                if isinstance(exc, client.ApiException) and exc.status == 410:
+                    log.info("%s watch expired (410 Gone); re-listing in %.1fs", kind, backoff)
+                else:
+                    log.warning("%s watch failed: %r; re-listing in %.1fs", kind, exc, backoff)
                 rv = None
                 self._stopping.wait(backoff)
                 backoff = min(backoff * 2, MAX_BACKOFF)
@@ -226,22 +213,15 @@ class KubernetesProvider:
         """One watch from rv until it times out; returns the last resourceVersion seen."""
         w = watch.Watch(return_type=object)  # object: events carry plain dicts
         self._watches[kind] = w
-        if kind == "pods":
-            func: Callable = self._core.list_namespaced_pod
-            args: tuple = (self.namespace,)
-            kwargs: dict[str, Any] = {"label_selector": self._selector}
-        else:
-            func, args = self._custom.list_namespaced_custom_object, (GROUP, VERSION)
-            args += (self.namespace, PLURAL)
-            kwargs = {"field_selector": f"metadata.name={self.pool_name}"}
+        func, args, kwargs = self._call(kind)
         for event in w.stream(
             func,
             *args,
+            **kwargs,
             resource_version=rv,
             timeout_seconds=self.watch_timeout,
             allow_watch_bookmarks=True,
             _request_timeout=self.watch_timeout + 5,
-            **kwargs,
         ):
             if self._stopping.is_set() or (kind == "pods" and self._relist_pods.is_set()):
                 w.stop()
@@ -250,20 +230,18 @@ class KubernetesProvider:
             meta = obj.get("metadata") if isinstance(obj, dict) else None
             if isinstance(meta, dict) and isinstance(meta.get("resourceVersion"), str):
                 rv = meta["resourceVersion"]
-            if event.get("type") == "BOOKMARK":
-                continue
-            if kind == "pods":
-                self._on_pod(event.get("type"), obj)
-            else:
-                self._on_pool(event.get("type"), obj)
+            if event.get("type") != "BOOKMARK":
+                (self._on_pod if kind == "pods" else self._on_pool)(event.get("type"), obj)
         return rv
 
     def _on_pod(self, kind: str | None, pod: Any) -> None:
-        problem = _pod_problem(pod) if kind != "DELETED" else None
-        if kind not in ("ADDED", "MODIFIED", "DELETED") or _name(pod) == "<unnamed>":
-            problem = f"unexpected {kind} event"
+        problem = _pod_problem(pod)
+        if kind not in ("ADDED", "MODIFIED", "DELETED"):
+            problem = f"unexpected event type {kind!r}"
+        elif kind == "DELETED" and _name(pod) != "<unnamed>":
+            problem = None  # a deleted pod only needs its name
         if problem:
-            log.warning("skipping pod %s: %s", _name(pod), problem)
+            log.warning("skipping %s event for pod %s: %s", kind, _name(pod), problem)
         elif kind == "DELETED":
             self._post(self.datastore.delete_pod, _name(pod))
         else:

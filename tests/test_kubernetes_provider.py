@@ -1,0 +1,261 @@
+"""The Kubernetes provider against the in-process API emulator (tests/kubeapi.py).
+
+Pod IPs are fake (10.0.0.x): the provider only computes endpoints, nothing connects to them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+import pytest
+import yaml
+from kubernetes import client
+
+from epp.datastore import Datastore
+from epp.providers.kubernetes import KubernetesProvider, KubernetesProviderError
+from tests.conftest import free_port
+from tests.kubeapi import KubeAPIEmulator
+
+POOL_API = "inference.networking.k8s.io/v1"
+LABELS = {"app": "vllm-llama"}
+
+
+def pool(ports=(8000,), selector=None, name="llama") -> dict:
+    return {
+        "apiVersion": POOL_API,
+        "kind": "InferencePool",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {
+            "selector": {"matchLabels": dict(selector or LABELS)},
+            "targetPorts": [{"number": p} for p in ports],
+            "endpointPickerRef": {"name": "llama-epp"},
+        },
+    }
+
+
+def pod(name: str, ip: str, *, ready: bool = True, labels=None) -> dict:
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": "default", "labels": dict(labels or LABELS)},
+        "spec": {"containers": [{"name": "vllm", "image": "vllm"}]},
+        "status": {
+            "phase": "Running",
+            "podIP": ip,
+            "conditions": [{"type": "Ready", "status": "True" if ready else "False"}],
+        },
+    }
+
+
+def addresses(ds: Datastore) -> set[str]:
+    return {e.address for e in ds.endpoints()}
+
+
+async def until(check: Callable[[], bool], within: float = 1.0) -> None:
+    deadline = time.monotonic() + within
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {within}s")
+        await asyncio.sleep(0.02)
+
+
+@pytest.fixture
+async def kube():
+    async with KubeAPIEmulator() as api:
+        yield api
+
+
+@pytest.fixture
+async def started(kube):
+    """started() -> (datastore, provider), stopped at the end of the test."""
+    providers: list[KubernetesProvider] = []
+    api_client = client.ApiClient(kube.client_configuration())
+
+    async def start(
+        pool_name: str = "llama", watch_timeout: int = 5, resync: float = 300
+    ) -> tuple[Datastore, KubernetesProvider]:
+        ds = Datastore()
+        provider = KubernetesProvider(
+            ds, pool_name, "default", api_client=api_client, resync_timeout=resync
+        )
+        provider.watch_timeout = watch_timeout
+        await provider.start()
+        providers.append(provider)
+        return ds, provider
+
+    yield start
+    for provider in providers:
+        await provider.stop()
+    api_client.close()
+
+
+@pytest.fixture
+async def two_pods(kube, started):
+    kube.put(pool())
+    kube.put(pod("llama-0", "10.0.0.1"))
+    kube.put(pod("llama-1", "10.0.0.2"))
+    ds, _ = await started()
+    return ds
+
+
+async def test_start_lists_the_pool_and_ready_pods(two_pods):
+    assert two_pods.synced
+    assert two_pods.pool.target_ports == [8000]
+    assert addresses(two_pods) == {"10.0.0.1:8000", "10.0.0.2:8000"}
+
+
+async def test_a_new_ready_pod_becomes_an_endpoint(kube, two_pods):
+    kube.put(pod("llama-2", "10.0.0.3"))
+    await until(lambda: "10.0.0.3:8000" in addresses(two_pods))
+    assert len(two_pods.endpoints()) == 3
+
+
+async def test_not_ready_and_deleted_pods_are_removed(kube, two_pods):
+    kube.put(pod("llama-0", "10.0.0.1", ready=False))
+    await until(lambda: addresses(two_pods) == {"10.0.0.2:8000"})
+    kube.delete("v1", "Pod", "llama-1")
+    await until(lambda: addresses(two_pods) == set())
+
+
+async def test_pods_with_other_labels_are_ignored(kube, two_pods):
+    kube.put(pod("other", "10.0.0.9", labels={"app": "something-else"}))
+    kube.put(pod("llama-2", "10.0.0.3"))
+    await until(lambda: "10.0.0.3:8000" in addresses(two_pods))
+    assert "10.0.0.9:8000" not in addresses(two_pods)
+    # Relabelled away from the selector: the filtered watch reports it as deleted.
+    kube.put(pod("llama-0", "10.0.0.1", labels={"app": "something-else"}))
+    await until(lambda: addresses(two_pods) == {"10.0.0.2:8000", "10.0.0.3:8000"})
+
+
+async def test_target_ports_and_selector_changes_are_followed(kube, two_pods):
+    kube.put(pool(ports=(8000, 8001)))
+    await until(lambda: len(two_pods.endpoints()) == 4)
+    assert "10.0.0.2:8001" in addresses(two_pods)
+    # A new selector means a new server-side filter: the provider re-lists pods.
+    kube.put(pod("blue-0", "10.0.1.1", labels={"app": "blue"}))
+    kube.put(pool(ports=(9000,), selector={"app": "blue"}))
+    await until(lambda: addresses(two_pods) == {"10.0.1.1:9000"})
+
+
+async def test_pool_deleted_then_recreated(kube, two_pods):
+    kube.delete(POOL_API, "InferencePool", "llama")
+    await until(lambda: two_pods.pool is None and not two_pods.endpoints())
+    kube.put(pool())
+    await until(lambda: len(two_pods.endpoints()) == 2)
+
+
+async def test_expired_history_relists_and_converges(kube, two_pods, caplog):
+    caplog.set_level(logging.INFO, logger="epp.providers.kubernetes")
+    await until(lambda: kube.open_watches == 2)
+    kube.expire_history()  # open watches get 410 Gone
+    kube.put(pod("llama-2", "10.0.0.3"))  # made while the provider's watches are expired
+    kube.delete("v1", "Pod", "llama-0")
+    await until(lambda: addresses(two_pods) == {"10.0.0.2:8000", "10.0.0.3:8000"}, 2.0)
+    await until(lambda: "re-listed pods" in caplog.text)  # logged by the thread after posting
+    assert "410 Gone" in caplog.text
+    kube.put(pod("llama-3", "10.0.0.4"))  # and it watches again afterwards
+    await until(lambda: "10.0.0.4:8000" in addresses(two_pods), 2.0)
+
+
+async def test_watches_that_time_out_resume_without_relisting(kube, started, caplog):
+    caplog.set_level(logging.INFO, logger="epp.providers.kubernetes")
+    kube.put(pool())
+    ds, _ = await started(watch_timeout=1)
+    await asyncio.sleep(1.5)  # both watches ended (with a bookmark) and were reopened
+    await until(lambda: kube.open_watches == 2)
+    kube.put(pod("llama-0", "10.0.0.1"))
+    await until(lambda: addresses(ds) == {"10.0.0.1:8000"})
+    assert "re-list" not in caplog.text and "WARNING" not in caplog.text
+
+
+async def test_periodic_resync_relists(kube, started, caplog):
+    caplog.set_level(logging.INFO, logger="epp.providers.kubernetes")
+    kube.put(pool())
+    ds, _ = await started(watch_timeout=1, resync=0.5)
+    await until(lambda: "re-listed pods" in caplog.text, 2.5)
+    kube.put(pod("llama-0", "10.0.0.1"))
+    await until(lambda: addresses(ds) == {"10.0.0.1:8000"})
+
+
+async def test_malformed_objects_are_skipped(kube, two_pods, caplog):
+    bad = pod("broken", "10.0.0.7")
+    bad["status"]["conditions"] = ["Ready"]
+    kube.put(bad)
+    bad_pool = pool()
+    bad_pool["spec"]["targetPorts"] = [{"number": "eighty"}]
+    kube.put(bad_pool)
+    kube.put(pod("llama-2", "10.0.0.3"))
+    await until(lambda: "10.0.0.3:8000" in addresses(two_pods))
+    await until(lambda: "InferencePool llama is invalid" in caplog.text)
+    assert "skipping ADDED event for pod broken: bad status.conditions" in caplog.text
+    assert two_pods.pool.target_ports == [8000]  # the previous, valid pool stays
+    assert "10.0.0.7:8000" not in addresses(two_pods)
+
+
+async def test_stop_is_prompt(kube, started):
+    kube.put(pool())
+    _, provider = await started()
+    await until(lambda: kube.open_watches == 2)
+    began = time.monotonic()
+    await provider.stop()
+    assert time.monotonic() - began < 2.0
+    assert not provider._threads
+
+
+async def test_missing_pool_fails_start(kube, started):
+    kube.put(pool(name="another"))
+    with pytest.raises(KubernetesProviderError, match="default/llama not found"):
+        await started()
+
+
+async def test_malformed_pods_in_the_first_list_are_skipped(kube, started, caplog):
+    kube.put(pool())
+    bad = pod("broken", "10.0.0.7")
+    bad["metadata"]["labels"]["replicas"] = 3  # not a string
+    kube.put(bad)
+    kube.put(pod("llama-0", "10.0.0.1"))
+    ds, _ = await started()
+    assert addresses(ds) == {"10.0.0.1:8000"}
+    assert "skipping pod broken: metadata.labels is not a map of strings" in caplog.text
+
+
+async def test_unreachable_api_fails_start():
+    cfg = client.Configuration()
+    cfg.host = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    with client.ApiClient(cfg) as api_client:
+        provider = KubernetesProvider(Datastore(), "llama", "default", api_client=api_client)
+        with pytest.raises(KubernetesProviderError, match="InferencePool default/llama"):
+            await provider.start()
+
+
+async def test_kubeconfig_is_used_without_an_api_client(kube, tmp_path, monkeypatch):
+    kubeconfig = tmp_path / "config"
+    kubeconfig.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": [{"name": "emu", "cluster": {"server": kube.url}}],
+                "users": [{"name": "me", "user": {"token": "test"}}],
+                "contexts": [{"name": "emu", "context": {"cluster": "emu", "user": "me"}}],
+                "current-context": "emu",
+            }
+        )
+    )
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+    kube.put(pool())
+    kube.put(pod("llama-0", "10.0.0.1"))
+    ds = Datastore()
+    provider = KubernetesProvider(ds, "llama", "default")
+    await provider.start()
+    try:
+        assert addresses(ds) == {"10.0.0.1:8000"}
+    finally:
+        await provider.stop()
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "missing"))
+    with pytest.raises(KubernetesProviderError, match="no Kubernetes client config"):
+        await KubernetesProvider(Datastore(), "llama", "default").start()
