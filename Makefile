@@ -37,6 +37,7 @@ fmt: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/infergate bench simulator
+	$(BIN)/infergate bench epp_overhead
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
