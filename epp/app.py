@@ -65,6 +65,10 @@ async def serve(opts: PickerOptions, ready: asyncio.Event | None = None) -> None
     text = opts.config_file.read_text() if opts.config_file else opts.config_text
     scheduling = load_config(text)
     datastore = Datastore()
+    for plugin in scheduling.plugins.values():
+        forget = getattr(plugin, "forget_server", None)
+        if forget is not None:  # what a departed pod held must not attract new requests
+            datastore.removal_listeners.append(forget)
     metrics = PickerMetrics()
     provider = _provider(opts, datastore)
     await provider.start()

@@ -7,6 +7,7 @@ reads. Everything runs on one event loop, so plain attributes are enough.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -101,12 +102,17 @@ class Endpoint:
 
     @property
     def ip(self) -> str:
-        return self.address.rsplit(":", 1)[0]
+        return self.address.rsplit(":", 1)[0].strip("[]")
 
     def metrics_age(self, now: float | None = None) -> float:
         if not self.metrics.updated_at:
             return float("inf")
         return (now if now is not None else time.monotonic()) - self.metrics.updated_at
+
+
+def join_host_port(host: str, port: int) -> str:
+    """host:port, with an IPv6 host in brackets (as Go's net.JoinHostPort and Envoy write it)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _pod_ready(pod: dict[str, Any]) -> bool:
@@ -128,6 +134,8 @@ class Datastore:
         self._endpoints: dict[str, Endpoint] = {}  # by address
         self.synced = False
         self.version = 0
+        # Called with an endpoint's address when it leaves (plugins forget what it held).
+        self.removal_listeners: list[Callable[[str], None]] = []
 
     # ---- writes (providers) ------------------------------------------------------------
 
@@ -148,7 +156,7 @@ class Datastore:
         self._rebuild()
 
     def _rebuild(self) -> None:
-        """Recompute endpoints, keeping the live state of those that stay."""
+        """Recompute endpoints, keeping the live state of those that stay the same pod."""
         new: dict[str, Endpoint] = {}
         pool = self.pool
         if pool is not None:
@@ -157,24 +165,32 @@ class Datastore:
                 if not _pod_ready(pod) or any(labels.get(k) != v for k, v in pool.selector.items()):
                     continue
                 ip = pod["status"]["podIP"]
-                for rank, port in enumerate(self._ports(pod, pool)):
-                    address = f"{ip}:{port}"
-                    ep = self._endpoints.get(address) or Endpoint(
-                        name=f"{name}-rank-{rank}", pod=name, address=address
-                    )
+                active = self._active_ports(pod)
+                # The rank is the port's place in targetPorts, as the reference names it.
+                for rank, port in enumerate(pool.target_ports):
+                    if active is not None and port not in active:
+                        continue
+                    address = join_host_port(ip, port)
+                    ep = self._endpoints.get(address)
+                    if ep is None or ep.pod != name:  # a recycled IP is a new endpoint
+                        ep = Endpoint(name=f"{name}-rank-{rank}", pod=name, address=address)
+                    ep.name = f"{name}-rank-{rank}"
                     ep.labels = dict(labels)
                     ep.engine = labels.get(ENGINE_LABEL, "vllm")
                     new[address] = ep
+        gone = [a for a, ep in self._endpoints.items() if new.get(a) is not ep]
         self._endpoints = new
         self.version += 1
+        for address in gone:
+            for listener in self.removal_listeners:
+                listener(address)
 
     @staticmethod
-    def _ports(pod: dict[str, Any], pool: PoolSpec) -> list[int]:
+    def _active_ports(pod: dict[str, Any]) -> set[int] | None:
         active = ((pod.get("metadata") or {}).get("annotations") or {}).get(ACTIVE_PORTS_ANNOTATION)
         if not active:
-            return pool.target_ports
-        wanted = {int(p) for p in active.split(",") if p.strip().isdigit()}
-        return [p for p in pool.target_ports if p in wanted]
+            return None
+        return {int(p) for p in active.split(",") if p.strip().isdigit()}
 
     # ---- reads (scheduling, scraping, debug) ----------------------------------------------
 

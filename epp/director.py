@@ -123,7 +123,8 @@ class Director:
         if info.cached_tokens is not None:
             m.cached_tokens.labels(*labels).observe(info.cached_tokens)
         served = info.endpoint
-        if served is not None and info.ttft is not None:
+        # Only good answers teach latency: a pod that fails fast must not look fast.
+        if served is not None and info.ttft is not None and 200 <= info.status < 400:
             served.ttft_ewma = _ewma(served.ttft_ewma, info.ttft)
             if info.tpot is not None:
                 served.tpot_ewma = _ewma(served.tpot_ewma, info.tpot)

@@ -118,7 +118,8 @@ def parse_request(
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise PickerError(400, "'model' is required and must be a non-empty string")
-    stream = body.get("stream", False)
+    stream = body.get("stream")
+    stream = False if stream is None else stream  # OpenAI allows null
     if not isinstance(stream, bool):
         raise PickerError(400, "'stream' must be a boolean")
     req = InferenceRequest(

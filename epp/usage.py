@@ -69,7 +69,7 @@ class UsageReader:
             return
         try:
             event = json.loads(payload)
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
             return
         if not isinstance(event, dict):
             return
@@ -86,7 +86,7 @@ class UsageReader:
         elif self._body and not self.truncated:
             try:
                 body = json.loads(self._body)
-            except (json.JSONDecodeError, UnicodeDecodeError):
+            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
                 body = None
             if isinstance(body, dict):
                 _from_usage_object(body.get("usage"), self.usage)

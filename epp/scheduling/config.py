@@ -99,12 +99,14 @@ def build(raw: Any) -> SchedulingConfig:
         f"apiVersion must be one of {API_VERSIONS}, got {raw.get('apiVersion')!r}",
     )
     plugins: dict[str, Plugin] = {}
+    _require(isinstance(raw.get("plugins") or [], list), "plugins must be a list")
     for i, spec in enumerate(raw.get("plugins") or []):
         _require(
             isinstance(spec, dict) and isinstance(spec.get("type"), str),
             f"plugins[{i}] needs a 'type'",
         )
         name = spec.get("name") or spec["type"]
+        _require(isinstance(name, str), f"plugins[{i}]: name must be a string")
         _require(name not in plugins, f"plugins[{i}]: duplicate plugin name {name!r}")
         params = spec.get("parameters") or {}
         _require(isinstance(params, dict), f"plugins[{i}] ({name}): parameters must be a map")
@@ -114,15 +116,25 @@ def build(raw: Any) -> SchedulingConfig:
             raise ConfigError(f"plugins[{i}] ({name}): {exc}") from exc
 
     profiles: dict[str, Profile] = {}
+    _require(
+        isinstance(raw.get("schedulingProfiles") or [], list), "schedulingProfiles must be a list"
+    )
     for i, spec in enumerate(raw.get("schedulingProfiles") or []):
         _require(
-            isinstance(spec, dict) and spec.get("name"), f"schedulingProfiles[{i}] needs a 'name'"
+            isinstance(spec, dict) and isinstance(spec.get("name"), str) and spec["name"],
+            f"schedulingProfiles[{i}] needs a 'name' (a string)",
         )
         profile = Profile(spec["name"])
+        _require(
+            isinstance(spec.get("plugins") or [], list),
+            f"schedulingProfiles[{i}].plugins must be a list",
+        )
         for j, ref in enumerate(spec.get("plugins") or []):
             where = f"schedulingProfiles[{i}].plugins[{j}]"
             _require(
-                isinstance(ref, dict) and ref.get("pluginRef") in plugins,
+                isinstance(ref, dict)
+                and isinstance(ref.get("pluginRef"), str)
+                and ref["pluginRef"] in plugins,
                 f"{where}: pluginRef {ref.get('pluginRef') if isinstance(ref, dict) else ref!r}"
                 " names no plugin",
             )
@@ -151,6 +163,10 @@ def build(raw: Any) -> SchedulingConfig:
 
     handlers = [p for p in plugins.values() if isinstance(p, ProfileHandler)]
     _require(len(handlers) <= 1, "at most one profile handler")
+    _require(
+        bool(handlers) or len(profiles) == 1,
+        "several schedulingProfiles need a profile handler plugin to choose among them",
+    )
     handler = (
         handlers[0]
         if handlers

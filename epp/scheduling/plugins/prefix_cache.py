@@ -15,8 +15,6 @@ import xxhash
 
 from epp.scheduling.framework import PreRequest, Scorer
 
-_STATE_KEY = "prefix-cache-hashes"
-
 
 class PrefixCacheScorer(Scorer, PreRequest):
     type_name = "prefix-cache-scorer"
@@ -31,7 +29,7 @@ class PrefixCacheScorer(Scorer, PreRequest):
         self._servers_of: dict[int, set[str]] = {}
 
     def hashes(self, req) -> list[int]:
-        cached = req.state.get(_STATE_KEY)
+        cached = req.state.get(self.name)  # per instance: block sizes may differ
         if cached is not None:
             return cached
         data = req.prompt_text.encode()
@@ -43,7 +41,7 @@ class PrefixCacheScorer(Scorer, PreRequest):
         for start in range(0, min(len(data), step * self.max_blocks), step):
             prev = xxhash.xxh64_intdigest(data[start : start + step] + prev.to_bytes(8, "little"))
             out.append(prev)
-        req.state[_STATE_KEY] = out
+        req.state[self.name] = out
         return out
 
     def score(self, req, endpoints):

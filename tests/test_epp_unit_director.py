@@ -1,0 +1,467 @@
+"""epp/director.py: candidates → model catalog → schedule → admit, and finish's bookkeeping.
+
+A real Datastore, real SchedulingConfig and real PickerMetrics; no processes, no network.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+
+import pytest
+
+from epp.datastore import Datastore, PoolSpec
+from epp.director import EWMA_ALPHA, Director, DirectorOptions
+from epp.errors import PickerError
+from epp.metrics import PickerMetrics
+from epp.request import parse_request
+from epp.scheduling.config import load_config
+from epp.scheduling.framework import PostResponse, ResponseInfo
+
+HEAD = """\
+apiVersion: inference.networking.x-k8s.io/v1alpha1
+kind: EndpointPickerConfig
+"""
+LEAST_REQUEST = (
+    HEAD
+    + """\
+plugins:
+- type: header-based-testing-filter
+- type: least-request
+- {type: max-score-picker, parameters: {seed: 1}}
+schedulingProfiles:
+- name: default
+  plugins:
+  - pluginRef: header-based-testing-filter
+  - pluginRef: least-request
+  - pluginRef: max-score-picker
+"""
+)
+A0, A1, B0, B1 = "10.0.0.1:8000", "10.0.0.1:8001", "10.0.0.2:8000", "10.0.0.2:8001"
+EVERYONE = {A0, A1, B0, B1}
+
+
+def pod(name: str, ip: str) -> dict:
+    return {
+        "metadata": {"name": name, "labels": {"app": "vllm"}},
+        "status": {"podIP": ip, "conditions": [{"type": "Ready", "status": "True"}]},
+    }
+
+
+def make_datastore() -> Datastore:
+    ds = Datastore()
+    ds.set_pool(PoolSpec("pool", "ns", {"app": "vllm"}, [8000, 8001]))
+    ds.replace_pods([pod("a", "10.0.0.1"), pod("b", "10.0.0.2")])
+    return ds
+
+
+def make_director(config: str = LEAST_REQUEST, **options) -> Director:
+    return Director(
+        make_datastore(), load_config(config), PickerMetrics(), DirectorOptions(**options)
+    )
+
+
+@pytest.fixture
+def director() -> Director:
+    return make_director(fallbacks=0)
+
+
+def request(model: str = "m", headers=None, max_tokens: int | None = 100, prompt: str = "x" * 40):
+    body = f'{{"model": "{model}", "prompt": "{prompt}"'
+    if max_tokens is not None:
+        body += f', "max_tokens": {max_tokens}'
+    body += "}"
+    return parse_request("/v1/completions", body.encode(), headers or {}, max_body_bytes=1 << 20)
+
+
+def status_of(fn, *args) -> int:
+    with pytest.raises(PickerError) as info:
+        fn(*args)
+    return info.value.status
+
+
+def sample(d: Director, name: str, **labels) -> float:
+    return d.metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+def ok(endpoint=None, **kw) -> ResponseInfo:
+    return ResponseInfo(endpoint=endpoint, status=200, **kw)
+
+
+# ---- admit / finish: in-flight counts -----------------------------------------------------
+
+
+def test_admit_counts_the_request_on_the_primary(director):
+    req = request(max_tokens=100, prompt="x" * 40)  # ~10 prompt tokens
+    targets = director.admit(req, None)
+    assert len(targets) == 1
+    primary = targets[0]
+    assert req.targets == [primary.address]
+    assert primary.inflight_requests == 1
+    assert primary.inflight_tokens == req.approx_prompt_tokens + 100
+    others = [e for e in director.datastore.endpoints() if e is not primary]
+    assert all(e.inflight_requests == 0 and e.inflight_tokens == 0 for e in others)
+
+
+def test_finish_releases_the_primary(director):
+    req = request()
+    (primary,) = director.admit(req, None)
+    director.finish(req, ok(primary), time.monotonic())
+    assert (primary.inflight_requests, primary.inflight_tokens) == (0, 0)
+
+
+@pytest.mark.parametrize("status", [0, 500, 429, 200])
+def test_finish_releases_whatever_the_outcome(director, status):
+    req = request()
+    (primary,) = director.admit(req, None)
+    director.finish(req, ResponseInfo(endpoint=None, status=status), time.monotonic())
+    assert primary.inflight_requests == 0
+    assert primary.inflight_tokens == 0
+
+
+def test_in_flight_counts_track_concurrent_requests(director):
+    reqs = [request() for _ in range(8)]
+    for r in reqs:
+        director.admit(r, None)
+    # least-request spreads 8 requests over 4 endpoints: two each.
+    assert {
+        e.address: e.inflight_requests for e in director.datastore.endpoints()
+    } == dict.fromkeys(EVERYONE, 2)
+    for r in reqs[:5]:
+        director.finish(r, ok(), time.monotonic())
+    assert sum(e.inflight_requests for e in director.datastore.endpoints()) == 3
+    for r in reqs[5:]:
+        director.finish(r, ok(), time.monotonic())
+    assert all(e.inflight_requests == 0 for e in director.datastore.endpoints())
+    assert all(e.inflight_tokens == 0 for e in director.datastore.endpoints())
+
+
+def test_finish_never_goes_below_zero(director):
+    req = request()
+    (primary,) = director.admit(req, None)
+    primary.inflight_requests = primary.inflight_tokens = 0  # e.g. reset by a rebuild
+    director.finish(req, ok(primary), time.monotonic())
+    assert (primary.inflight_requests, primary.inflight_tokens) == (0, 0)
+
+
+def test_finish_after_the_primary_left_the_pool(director):
+    req = request()
+    director.admit(req, None)
+    director.datastore.replace_pods([])
+    director.finish(req, ok(), time.monotonic())  # no error
+
+
+def test_bookkeeping_metrics(director):
+    req = request(model="m")
+    director.admit(req, None)
+    labels = {"model_name": "m", "target_model_name": "m"}
+    assert sample(director, "inference_objective_request_total", **labels) == 1
+    assert sample(director, "inference_objective_running_requests", model_name="m") == 1
+    director.finish(req, ok(prompt_tokens=10, completion_tokens=5), time.monotonic())
+    assert sample(director, "inference_objective_running_requests", model_name="m") == 0
+    assert sample(director, "inference_objective_request_duration_seconds_count", **labels) == 1
+    assert sample(director, "inference_objective_input_tokens_sum", **labels) == 10
+    assert sample(director, "inference_objective_output_tokens_sum", **labels) == 5
+
+
+@pytest.mark.parametrize(("status", "code"), [(0, "cancelled"), (500, "500"), (404, "404")])
+def test_errors_are_counted_by_code(director, status, code):
+    req = request()
+    director.admit(req, None)
+    director.finish(req, ResponseInfo(endpoint=None, status=status), time.monotonic())
+    labels = {"model_name": "m", "target_model_name": "m"}
+    assert (
+        sample(director, "inference_objective_request_error_total", error_code=code, **labels) == 1
+    )
+    assert sample(director, "inference_objective_request_duration_seconds_count", **labels) == 0
+    assert sample(director, "inference_objective_running_requests", model_name="m") == 0
+
+
+def test_scheduling_is_timed(director):
+    director.admit(request(), None)
+    assert sample(director, "inference_extension_scheduler_e2e_duration_seconds_count") == 1
+    assert (
+        sample(
+            director,
+            "inference_extension_plugin_duration_seconds_count",
+            extension_point="Scorer",
+            plugin_type="least-request",
+            plugin_name="least-request",
+        )
+        == 1
+    )
+
+
+# ---- fallbacks ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("fallbacks", "expected"), [(0, 1), (1, 2), (3, 4), (9, 4)])
+def test_fallbacks_give_more_targets_primary_first(fallbacks, expected):
+    d = make_director(fallbacks=fallbacks)
+    req = request()
+    targets = d.admit(req, None)
+    assert len(targets) == expected
+    assert len(set(req.targets)) == expected
+    assert req.targets == [e.address for e in targets]
+    # Only the primary counts the request in flight.
+    assert [e.inflight_requests for e in targets] == [1] + [0] * (expected - 1)
+
+
+def test_default_options_have_one_fallback():
+    d = make_director()
+    assert len(d.admit(request(), None)) == 2
+
+
+# ---- subset hint --------------------------------------------------------------------------
+
+
+def test_no_subset_means_every_ready_endpoint(director):
+    assert {e.address for e in director.candidates(None)} == EVERYONE
+    director.datastore.endpoint(A0).reachable = False
+    assert {e.address for e in director.candidates(None)} == EVERYONE - {A0}
+
+
+def test_empty_subset_is_503(director):
+    assert status_of(director.candidates, []) == 503
+    assert status_of(director.admit, request(), []) == 503
+
+
+def test_subset_ip_port_is_exact(director):
+    assert [e.address for e in director.candidates([A1])] == [A1]
+    for _ in range(5):
+        assert director.admit(request(), [A1])[0].address == A1
+
+
+def test_subset_bare_ip_is_every_port_of_that_ip(director):
+    assert {e.address for e in director.candidates(["10.0.0.2"])} == {B0, B1}
+
+
+def test_subset_mixed(director):
+    assert {e.address for e in director.candidates(["10.0.0.2", A0])} == {A0, B0, B1}
+
+
+@pytest.mark.parametrize("subset", [["10.9.9.9:8000"], ["10.0.0.1:9999"], ["10.0.0.3"]])
+def test_subset_with_nothing_in_the_pool_is_503(director, subset):
+    assert status_of(director.candidates, subset) == 503
+
+
+def test_subset_skips_unreachable_endpoints(director):
+    director.datastore.endpoint(A1).reachable = False
+    assert status_of(director.candidates, [A1]) == 503
+
+
+def test_subset_filter_can_be_turned_off():
+    d = make_director(fallbacks=0, subset_filter=False)
+    assert {e.address for e in d.candidates([A1])} == EVERYONE
+    assert {e.address for e in d.candidates([])} == EVERYONE
+
+
+def test_empty_pool_is_503(director):
+    director.datastore.replace_pods([])
+    assert status_of(director.admit, request(), None) == 503
+
+
+def test_filter_leaving_nothing_is_429(director):
+    req = request(headers={"test-epp-endpoint-selection": "10.9.9.9"})
+    assert status_of(director.admit, req, None) == 429
+
+
+def test_subset_and_test_header_combine(director):
+    req = request(headers={"test-epp-endpoint-selection": "10.0.0.1"})
+    assert director.admit(req, ["10.0.0.1:8001", "10.0.0.2"])[0].address == A1
+
+
+# ---- model catalog ------------------------------------------------------------------------
+
+
+def set_models(d: Director, models: dict[str, set[str] | None]) -> None:
+    for address, names in models.items():
+        d.datastore.endpoint(address).models = None if names is None else frozenset(names)
+
+
+def test_unknown_model_is_404_when_every_catalog_is_known(director):
+    set_models(director, {a: {"m"} for a in EVERYONE})
+    assert status_of(director.admit, request(model="other"), None) == 404
+
+
+def test_a_pod_with_an_unknown_catalog_lets_the_request_through(director):
+    set_models(director, {A0: {"m"}, A1: {"m"}, B0: {"m"}, B1: None})
+    targets = director.admit(request(model="other"), None)
+    assert [e.address for e in targets] == [B1]  # only B1 may serve it
+
+
+def test_requests_go_only_to_endpoints_serving_the_model(director):
+    set_models(director, {A0: {"m"}, A1: {"m", "lora-x"}, B0: {"m"}, B1: {"m"}})
+    for _ in range(4):
+        assert director.admit(request(model="lora-x"), None)[0].address == A1
+
+
+def test_model_served_only_outside_the_subset_is_503(director):
+    set_models(director, {A0: {"lora-x"}, A1: {"m"}, B0: {"m"}, B1: {"m"}})
+    assert status_of(director.admit, request(model="lora-x"), [B0, B1]) == 503
+
+
+def test_model_served_only_by_an_unreachable_endpoint_is_503(director):
+    set_models(director, {A0: {"lora-x"}, A1: {"m"}, B0: {"m"}, B1: {"m"}})
+    director.datastore.endpoint(A0).reachable = False
+    assert status_of(director.admit, request(model="lora-x"), None) == 503
+
+
+def test_catalog_check_uses_the_rewritten_model(director):
+    set_models(director, {a: {"m-v2"} for a in EVERYONE})
+    req = request(model="m", headers={"x-gateway-model-name-rewrite": "m-v2"})
+    assert director.admit(req, None)
+    plain = request(model="m-v2", headers={"x-gateway-model-name-rewrite": "m"})
+    assert status_of(director.admit, plain, None) == 404
+
+
+def test_fallbacks_also_serve_the_model():
+    d = make_director(fallbacks=3)
+    set_models(d, {A0: {"m", "x"}, A1: {"m"}, B0: {"m", "x"}, B1: {"m"}})
+    assert {e.address for e in d.admit(request(model="x"), None)} == {A0, B0}
+
+
+# ---- latency averages ---------------------------------------------------------------------
+
+
+def test_first_observation_sets_the_average(director):
+    req = request()
+    (primary,) = director.admit(req, None)
+    director.finish(req, ok(primary, ttft=0.5, tpot=0.02), time.monotonic())
+    assert primary.ttft_ewma == 0.5
+    assert primary.tpot_ewma == 0.02
+
+
+def test_later_observations_are_exponentially_weighted(director):
+    ep = director.datastore.endpoint(A0)
+    ep.ttft_ewma, ep.tpot_ewma = 1.0, 0.1
+    req = request()
+    director.admit(req, [A0])
+    director.finish(req, ok(ep, ttft=2.0, tpot=0.2), time.monotonic())
+    assert EWMA_ALPHA == 0.2
+    assert ep.ttft_ewma == pytest.approx(0.8 * 1.0 + 0.2 * 2.0)
+    assert ep.tpot_ewma == pytest.approx(0.8 * 0.1 + 0.2 * 0.2)
+
+
+def test_the_served_endpoint_learns_not_the_primary(director):
+    req = request()
+    director.admit(req, [A0])
+    served = director.datastore.endpoint(B1)  # the proxy fell back
+    director.finish(req, ok(served, ttft=0.3), time.monotonic())
+    assert served.ttft_ewma == 0.3
+    assert director.datastore.endpoint(A0).ttft_ewma is None
+    assert director.datastore.endpoint(A0).inflight_requests == 0
+
+
+def test_without_ttft_nothing_is_learned(director):
+    req = request()
+    (primary,) = director.admit(req, None)
+    director.finish(req, ok(primary, ttft=None, tpot=0.05), time.monotonic())
+    assert primary.ttft_ewma is None and primary.tpot_ewma is None
+
+
+def test_ttft_without_tpot_keeps_tpot(director):
+    req = request()
+    (primary,) = director.admit(req, None)
+    primary.tpot_ewma = 0.01
+    director.finish(req, ok(primary, ttft=0.4), time.monotonic())
+    assert primary.ttft_ewma == 0.4
+    assert primary.tpot_ewma == 0.01
+
+
+@pytest.mark.parametrize("status", [500, 503, 0])
+def test_failed_answers_do_not_teach_latency(director, status):
+    req = request()
+    (primary,) = director.admit(req, None)
+    primary.ttft_ewma = 1.0
+    director.finish(
+        req, ResponseInfo(endpoint=primary, status=status, ttft=0.001), time.monotonic()
+    )
+    assert primary.ttft_ewma == 1.0
+
+
+# ---- plugins around the request -----------------------------------------------------------
+
+
+def test_pre_request_plugins_see_the_choice():
+    config = (
+        HEAD
+        + """\
+plugins:
+- type: least-request
+- type: session-affinity-scorer
+schedulingProfiles:
+- name: default
+  plugins: [{pluginRef: least-request, weight: 1}, {pluginRef: session-affinity-scorer, weight: 10}]
+"""
+    )
+    d = make_director(config, fallbacks=0)
+    first = d.admit(request(headers={"x-session-id": "s1"}), None)[0]
+    # The session's pod is busy now, yet the session sticks to it.
+    for _ in range(3):
+        assert d.admit(request(headers={"x-session-id": "s1"}), None)[0] is first
+    assert first.inflight_requests == 4
+
+
+def test_prefix_cache_routes_a_repeated_prompt_to_the_same_pod():
+    config = (
+        HEAD
+        + """\
+plugins: [{type: least-request}, {type: prefix-cache-scorer}]
+schedulingProfiles:
+- name: default
+  plugins: [{pluginRef: least-request}, {pluginRef: prefix-cache-scorer, weight: 3}]
+"""
+    )
+    d = make_director(config, fallbacks=0)
+    prompt = "a shared system prompt " * 20
+    first = d.admit(request(prompt=prompt), None)[0]
+    assert d.admit(request(prompt=prompt), None)[0] is first
+
+
+class Recorder(PostResponse):
+    type_name = "recorder"
+
+    def __init__(self, fail: bool = False):
+        super().__init__("recorder")
+        self.fail = fail
+        self.seen: list[int] = []
+
+    def post_response(self, req, info):
+        self.seen.append(info.status)
+        if self.fail:
+            raise RuntimeError("plugin bug")
+
+
+def test_post_response_plugins_are_called_and_their_errors_contained(director):
+    broken, working = Recorder(fail=True), Recorder()
+    director.scheduling.post_response.extend([broken, working])
+    req = request()
+    (primary,) = director.admit(req, None)
+    director.finish(req, ok(primary), time.monotonic())
+    assert broken.seen == [200] and working.seen == [200]
+    assert primary.inflight_requests == 0
+
+
+# ---- body-less requests -------------------------------------------------------------------
+
+
+def test_bodyless_pick_is_random_among_candidates():
+    d = make_director(fallbacks=1)
+    firsts = Counter()
+    for _ in range(400):
+        picked = d.pick_for_bodyless(None)
+        assert len(picked) == 2 and picked[0] is not picked[1]
+        firsts[picked[0].address] += 1
+    assert set(firsts) == EVERYONE
+    assert all(e.inflight_requests == 0 for e in d.datastore.endpoints())
+
+
+def test_bodyless_pick_honors_the_subset(director):
+    assert [e.address for e in director.pick_for_bodyless([B0])] == [B0]
+    assert status_of(director.pick_for_bodyless, []) == 503
+
+
+def test_bodyless_pick_with_no_pods_is_500(director):
+    director.datastore.replace_pods([])
+    assert status_of(director.pick_for_bodyless, None) == 500

@@ -1,0 +1,319 @@
+"""epp/request.py: parse_request validates an OpenAI-style request at the picker's edge."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import pytest
+
+from epp.errors import PickerError
+from epp.request import api_for_path, parse_request
+
+LIMIT = 1024 * 1024
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+
+
+def parse(body, path="/v1/chat/completions", headers=None, limit=LIMIT):
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return parse_request(path, raw, headers or {}, max_body_bytes=limit)
+
+
+def status_of(body, path="/v1/chat/completions", headers=None, limit=LIMIT) -> int:
+    with pytest.raises(PickerError) as info:
+        parse(body, path, headers, limit)
+    return info.value.status
+
+
+# ---- the API comes from the path suffix ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "api"),
+    [
+        ("/v1/chat/completions", "chat"),
+        ("/openai/v1/chat/completions", "chat"),
+        ("/v1/chat/completions/", "chat"),
+        ("/v1/chat/completions?api-version=2024", "chat"),
+        ("/v1/completions", "completions"),
+        ("/v1/responses", "responses"),
+        ("/v1/conversations", "conversations"),
+        ("/v1/embeddings", "embeddings"),
+        ("/v1/models", None),
+        ("/v1/completions/extra", None),
+        ("", None),
+    ],
+)
+def test_api_for_path_uses_the_suffix(path, api):
+    assert api_for_path(path) == api
+
+
+def test_unknown_path_is_404():
+    assert status_of(CHAT, path="/v1/models") == 404
+
+
+def test_api_is_recorded_on_the_request():
+    req = parse({"model": "m", "prompt": "x"}, path="/proxy/v1/completions")
+    assert req.api == "completions"
+    assert req.path == "/proxy/v1/completions"
+
+
+# ---- body shape ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("raw", [b"", b"{", b"not json", b"\xff\xfe\x00garbage"])
+def test_body_that_is_not_json_is_400(raw):
+    assert status_of(raw) == 400
+
+
+@pytest.mark.parametrize("body", [[], "model", 3, None])
+def test_body_that_is_not_an_object_is_400(body):
+    assert status_of(body) == 400
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"messages": CHAT["messages"]},
+        {"model": "", "messages": CHAT["messages"]},
+        {"model": None, "messages": CHAT["messages"]},
+        {"model": 7, "messages": CHAT["messages"]},
+        {"model": ["m"], "messages": CHAT["messages"]},
+    ],
+)
+def test_model_is_required_and_a_non_empty_string(body):
+    with pytest.raises(PickerError) as info:
+        parse(body)
+    assert info.value.status == 400
+    assert "model" in info.value.message
+
+
+def test_error_body_follows_the_protocol_format():
+    with pytest.raises(PickerError) as info:
+        parse({"messages": CHAT["messages"]})
+    err = info.value.body()["error"]
+    assert err["code"] == 400
+    assert err["type"] == "BadRequest"
+    assert err["message"].startswith("inference error: BadRequest - ")
+
+
+# ---- stream -------------------------------------------------------------------------------
+
+
+def test_stream_defaults_to_false():
+    assert parse(CHAT).stream is False
+
+
+@pytest.mark.parametrize("value", [True, False])
+def test_stream_boolean_is_kept(value):
+    assert parse({**CHAT, "stream": value}).stream is value
+
+
+@pytest.mark.parametrize("value", ["true", 1, 0, [], {}])
+def test_stream_must_be_a_boolean(value):
+    with pytest.raises(PickerError) as info:
+        parse({**CHAT, "stream": value})
+    assert info.value.status == 400
+    assert "stream" in info.value.message
+
+
+def test_stream_null_means_not_streaming():
+    assert parse({**CHAT, "stream": None}).stream is False
+
+
+# ---- prompt text per API ------------------------------------------------------------------
+
+
+def test_chat_prompt_text_is_the_canonical_message_json():
+    messages = [{"role": "user", "content": "héllo", "name": "u"}]
+    req = parse({"model": "m", "messages": messages})
+    assert req.prompt_text == json.dumps(
+        messages, separators=(",", ":"), ensure_ascii=False, sort_keys=True
+    )
+    # Key order in the client's JSON does not change the text (so prefix hashes agree).
+    reordered = [{"name": "u", "content": "héllo", "role": "user"}]
+    assert parse({"model": "m", "messages": reordered}).prompt_text == req.prompt_text
+
+
+def test_chat_prompt_text_of_a_growing_conversation_keeps_its_prefix():
+    turn1 = [{"role": "user", "content": "a long first question"}]
+    turn2 = [*turn1, {"role": "assistant", "content": "answer"}, {"role": "user", "content": "q"}]
+    first = parse({"model": "m", "messages": turn1}).prompt_text
+    second = parse({"model": "m", "messages": turn2}).prompt_text
+    assert second.startswith(first[:-1])  # all but the closing bracket
+
+
+@pytest.mark.parametrize("messages", [None, [], "hi", {"role": "user"}])
+def test_chat_needs_a_non_empty_message_list(messages):
+    body = {"model": "m"} if messages is None else {"model": "m", "messages": messages}
+    with pytest.raises(PickerError) as info:
+        parse(body)
+    assert info.value.status == 400
+    assert "messages" in info.value.message
+
+
+def test_completions_prompt_string_is_used_verbatim():
+    req = parse({"model": "m", "prompt": "Once upon a time"}, path="/v1/completions")
+    assert req.prompt_text == "Once upon a time"
+
+
+def test_completions_prompt_list_is_serialized():
+    req = parse({"model": "m", "prompt": ["a", "b"]}, path="/v1/completions")
+    assert req.prompt_text == '["a","b"]'
+    tokens = parse({"model": "m", "prompt": [1, 2, 3]}, path="/v1/completions")
+    assert tokens.prompt_text == "[1,2,3]"
+
+
+def test_completions_needs_a_prompt():
+    assert status_of({"model": "m"}, path="/v1/completions") == 400
+
+
+def test_responses_prompt_is_instructions_tools_and_input():
+    body = {
+        "model": "m",
+        "instructions": "be brief",
+        "tools": [{"type": "function", "name": "f"}],
+        "input": "what?",
+    }
+    req = parse(body, path="/v1/responses")
+    assert req.prompt_text == json.dumps(
+        ["be brief", [{"type": "function", "name": "f"}], "what?"],
+        separators=(",", ":"),
+        ensure_ascii=False,
+        sort_keys=True,
+    )
+    only_input = parse({"model": "m", "input": "what?"}, path="/v1/responses")
+    assert only_input.prompt_text == '["what?"]'
+
+
+def test_embeddings_input_string_or_list():
+    assert parse({"model": "m", "input": "x y"}, path="/v1/embeddings").prompt_text == "x y"
+    listed = parse({"model": "m", "input": ["x", "y"]}, path="/v1/embeddings")
+    assert listed.prompt_text == '["x","y"]'
+    assert status_of({"model": "m"}, path="/v1/embeddings") == 400
+
+
+def test_conversations_have_no_prompt_text():
+    assert parse({"model": "m"}, path="/v1/conversations").prompt_text == ""
+
+
+def test_approx_prompt_tokens_is_a_quarter_of_the_characters_at_least_one():
+    assert (
+        parse({"model": "m", "prompt": "x" * 400}, path="/v1/completions").approx_prompt_tokens
+        == 100
+    )
+    assert parse({"model": "m", "prompt": ""}, path="/v1/completions").approx_prompt_tokens == 1
+
+
+# ---- max tokens ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        ({}, None),
+        ({"max_tokens": 10}, 10),
+        ({"max_completion_tokens": 20}, 20),
+        ({"max_output_tokens": 30}, 30),
+        ({"max_completion_tokens": 20, "max_tokens": 10, "max_output_tokens": 30}, 20),
+        ({"max_tokens": 10, "max_output_tokens": 30}, 10),
+        ({"max_completion_tokens": None, "max_tokens": 10}, 10),
+        ({"max_tokens": True}, None),
+        ({"max_tokens": "10"}, None),
+        ({"max_tokens": 10.5}, None),
+    ],
+)
+def test_max_tokens_keys_in_order_of_preference(extra, expected):
+    assert parse({**CHAT, **extra}).max_tokens == expected
+
+
+# ---- headers ------------------------------------------------------------------------------
+
+
+def test_defaults_without_control_headers():
+    req = parse(CHAT)
+    assert req.fairness_id == "default-flow"
+    assert req.objective is None
+    assert req.session_id is None
+    assert req.target_model == "m"
+    assert req.model == "m"
+    assert req.priority == 0
+    assert req.targets == []
+    uuid.UUID(req.request_id)  # a generated UUID
+
+
+def test_each_request_gets_its_own_generated_id():
+    assert parse(CHAT).request_id != parse(CHAT).request_id
+
+
+def test_control_headers_are_read():
+    headers = {
+        "x-request-id": "req-1",
+        "x-gateway-inference-fairness-id": "tenant-a",
+        "x-gateway-inference-objective": "premium",
+        "x-session-id": "sess-9",
+        "x-gateway-model-name-rewrite": "m-lora",
+    }
+    req = parse(CHAT, headers=headers)
+    assert req.request_id == "req-1"
+    assert req.fairness_id == "tenant-a"
+    assert req.objective == "premium"
+    assert req.session_id == "sess-9"
+    assert req.model == "m"
+    assert req.target_model == "m-lora"
+    assert req.headers is headers
+
+
+def test_empty_header_values_fall_back_to_defaults():
+    headers = {
+        "x-request-id": "",
+        "x-gateway-inference-fairness-id": "",
+        "x-gateway-model-name-rewrite": "",
+    }
+    req = parse(CHAT, headers=headers)
+    assert req.request_id
+    assert req.fairness_id == "default-flow"
+    assert req.target_model == "m"
+
+
+# ---- body size ----------------------------------------------------------------------------
+
+
+def test_body_over_the_limit_is_413_before_anything_else():
+    raw = b"x" * 101  # not even JSON, and the path is wrong: the size is checked first
+    with pytest.raises(PickerError) as info:
+        parse_request("/nope", raw, {}, max_body_bytes=100)
+    assert info.value.status == 413
+    assert "101" in info.value.message and "100" in info.value.message
+
+
+def test_body_exactly_at_the_limit_is_accepted():
+    raw = json.dumps(CHAT).encode()
+    req = parse_request("/v1/chat/completions", raw, {}, max_body_bytes=len(raw))
+    assert req.model == "m"
+
+
+# ---- what goes upstream -------------------------------------------------------------------
+
+
+def test_body_for_upstream_is_the_raw_bytes_without_a_rewrite():
+    raw = b'{ "model" : "m",  "prompt": "x" }'
+    req = parse_request("/v1/completions", raw, {}, max_body_bytes=LIMIT)
+    assert req.body_for_upstream() is raw
+
+
+def test_body_for_upstream_is_untouched_when_the_rewrite_names_the_same_model():
+    raw = b'{ "model" : "m",  "prompt": "x" }'
+    req = parse_request(
+        "/v1/completions", raw, {"x-gateway-model-name-rewrite": "m"}, max_body_bytes=LIMIT
+    )
+    assert req.body_for_upstream() is raw
+
+
+def test_body_for_upstream_is_reserialized_with_the_target_model():
+    body = {"model": "m", "prompt": "héllo ☃", "temperature": 0.5, "stream": True}
+    req = parse(body, path="/v1/completions", headers={"x-gateway-model-name-rewrite": "m-v2"})
+    out = req.body_for_upstream()
+    assert json.loads(out) == {**body, "model": "m-v2"}
+    assert "héllo ☃".encode() in out  # not \\u-escaped
+    assert req.body["model"] == "m"  # the parsed body is not changed
