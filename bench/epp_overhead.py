@@ -40,7 +40,13 @@ def _ports() -> StackPorts:
 
 
 def measure(
-    with_picker: bool, stream: bool, pods: int, concurrency: int, duration: float, max_tokens: int
+    with_picker: bool,
+    stream: bool,
+    pods: int,
+    concurrency: int,
+    duration: float,
+    max_tokens: int,
+    response_bodies: bool = True,
 ) -> dict:
     workdir = Path(tempfile.mkdtemp(prefix="bench-epp-"))
     stack = LocalStack(
@@ -52,6 +58,7 @@ def measure(
             with_picker=with_picker,
             sim_args=["--sim-time-scale", "0.1", "--log-level", "warning"],
             picker_args=["--log-level", "warning"],
+            response_bodies=response_bodies,
         )
     ).start()
     try:
@@ -78,6 +85,7 @@ def measure(
     return {
         "with_picker": with_picker,
         "stream": stream,
+        "response_bodies": response_bodies,
         "requests": res.requests,
         "errors": res.errors,
         "throughput_rps": round(res.requests / res.wall, 2),
@@ -215,9 +223,15 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     runs = []
     for stream in (False, True):
-        for with_picker in (True, False):
+        for with_picker, bodies in ((True, True), (True, False), (False, True)):
             r = measure(
-                with_picker, stream, args.pods, args.concurrency, args.duration, args.max_tokens
+                with_picker,
+                stream,
+                args.pods,
+                args.concurrency,
+                args.duration,
+                args.max_tokens,
+                bodies,
             )
             print(json.dumps(r), flush=True)
             runs.append(r)
