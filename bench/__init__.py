@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import importlib
 
-BENCHMARKS = {"simulator": "bench.simulator", "epp_overhead": "bench.epp_overhead"}
+BENCHMARKS = {
+    "simulator": "bench.simulator",
+    "epp_overhead": "bench.epp_overhead",
+    "kvindex": "bench.kvindex",
+}
 
 
 def run_bench(argv: list[str]) -> int:

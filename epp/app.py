@@ -45,6 +45,40 @@ def _provider(opts: PickerOptions, datastore: Datastore):
     return KubernetesProvider(datastore, opts.pool_name, opts.pool_namespace)
 
 
+def _kv_cache_view(opts: PickerOptions, scheduling, datastore: Datastore, metrics: PickerMetrics):
+    """The KV-event index and tokenizers, built only if a plugin needs them."""
+    users = [p for p in scheduling.plugins.values() if getattr(p, "needs_kv_cache_view", False)]
+    if not users:
+        return None
+    from epp.kv_events import KVCacheView, KVEventOptions
+
+    view = KVCacheView(
+        datastore,
+        KVEventOptions(
+            mode=opts.kv_events_mode,
+            bind=opts.kv_events_bind,
+            pub_port=opts.kv_events_pub_port,
+            replay_port=opts.kv_events_replay_port,
+            block_size=opts.kv_index_block_size,
+            max_entries=opts.kv_index_max_entries,
+            tokenizers=opts.tokenizers,
+        ),
+        metrics.registry,
+    )
+    metrics.registry.register(view)  # its collect() reports the subscriber and the index
+    view.start()
+    for plugin in users:
+        plugin.bind(view)
+    log.info(
+        "KV events: %s (%s), index block size %d, tokenizers for %s",
+        opts.kv_events_mode,
+        opts.kv_events_bind if opts.kv_events_mode == "central" else "per pod",
+        opts.kv_index_block_size,
+        sorted(opts.tokenizers) or "no model",
+    )
+    return view
+
+
 async def _pool_gauges(datastore: Datastore, metrics: PickerMetrics) -> None:
     while True:
         pool = datastore.pool
@@ -72,6 +106,7 @@ async def serve(opts: PickerOptions, ready: asyncio.Event | None = None) -> None
     metrics = PickerMetrics()
     provider = _provider(opts, datastore)
     await provider.start()
+    view = _kv_cache_view(opts, scheduling, datastore, metrics)
     scraper = MetricsScraper(datastore, metrics, interval=opts.refresh_metrics_interval)
     await scraper.start()
     director = Director(
@@ -111,7 +146,7 @@ async def serve(opts: PickerOptions, ready: asyncio.Event | None = None) -> None
         await health_servicer.set(name, status)
     await health_servicer.set("liveness", health_pb2.HealthCheckResponse.SERVING)
 
-    runner = web.AppRunner(make_app(datastore, metrics), access_log=None)
+    runner = web.AppRunner(make_app(datastore, metrics, director, view), access_log=None)
     await runner.setup()
     await web.TCPSite(runner, opts.host, opts.metrics_port).start()
     await server.start()
@@ -143,6 +178,8 @@ async def serve(opts: PickerOptions, ready: asyncio.Event | None = None) -> None
         await health_server.stop(grace=0)
         await scraper.stop()
         await provider.stop()
+        if view is not None:
+            await view.close()
         await runner.cleanup()
 
 

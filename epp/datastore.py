@@ -86,6 +86,7 @@ class Endpoint:
     name: str
     pod: str
     address: str  # "ip:port", the key Envoy and KV events use
+    rank: int = 0  # the port's index in targetPorts (data-parallel rank)
     labels: dict[str, str] = field(default_factory=dict)
     engine: str = "vllm"
     metrics: EndpointMetrics = field(default_factory=EndpointMetrics)
@@ -136,6 +137,8 @@ class Datastore:
         self.version = 0
         # Called with an endpoint's address when it leaves (plugins forget what it held).
         self.removal_listeners: list[Callable[[str], None]] = []
+        # Called after every change of the endpoint set (per-pod subscribers connect).
+        self.change_listeners: list[Callable[[], None]] = []
 
     # ---- writes (providers) ------------------------------------------------------------
 
@@ -175,6 +178,7 @@ class Datastore:
                     if ep is None or ep.pod != name:  # a recycled IP is a new endpoint
                         ep = Endpoint(name=f"{name}-rank-{rank}", pod=name, address=address)
                     ep.name = f"{name}-rank-{rank}"
+                    ep.rank = rank
                     ep.labels = dict(labels)
                     ep.engine = labels.get(ENGINE_LABEL, "vllm")
                     new[address] = ep
@@ -184,6 +188,8 @@ class Datastore:
         for address in gone:
             for listener in self.removal_listeners:
                 listener(address)
+        for changed in self.change_listeners:
+            changed()
 
     @staticmethod
     def _active_ports(pod: dict[str, Any]) -> set[int] | None:

@@ -13,6 +13,7 @@ class PickerError(Exception):
         400: "BadRequest",
         404: "NotFound",
         413: "RequestEntityTooLarge",
+        422: "UnprocessableEntity",
         429: "TooManyRequests",
         500: "Internal",
         503: "ServiceUnavailable",

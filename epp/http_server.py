@@ -9,7 +9,9 @@ from epp.datastore import Datastore
 from epp.metrics import PickerMetrics
 
 
-def make_app(datastore: Datastore, metrics: PickerMetrics) -> web.Application:
+def make_app(
+    datastore: Datastore, metrics: PickerMetrics, director=None, view=None
+) -> web.Application:
     async def metrics_handler(_req: web.Request) -> web.Response:
         return web.Response(
             body=generate_latest(metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
@@ -62,7 +64,15 @@ def make_app(datastore: Datastore, metrics: PickerMetrics) -> web.Application:
             status=200 if datastore.synced else 503, text="ok" if datastore.synced else "not synced"
         )
 
+    async def prefix_scores(request: web.Request) -> web.Response:
+        """Why a request would go where it goes: per endpoint, the blocks of its prompt held."""
+        from epp.debug_prefix import prefix_report
+
+        status, body = prefix_report(await request.read(), director, view)
+        return web.json_response(body, status=status)
+
     app = web.Application()
+    app.router.add_post("/debug/prefix-scores", prefix_scores)
     app.router.add_get("/metrics", metrics_handler)
     app.router.add_get("/debug/endpoints", endpoints)
     app.router.add_get("/healthz", healthz)

@@ -46,6 +46,13 @@ class PickerOptions:
     max_body_bytes: int
     subset_filter: bool
     log_level: str
+    kv_events_mode: str
+    kv_events_bind: str
+    kv_events_pub_port: int
+    kv_events_replay_port: int | None
+    kv_index_block_size: int
+    kv_index_max_entries: int
+    tokenizers: dict[str, Path]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,6 +102,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-body-bytes", type=int, default=32 * 1024 * 1024)
     p.add_argument("--disable-endpoint-subset-filter", action="store_true")
     p.add_argument("--log-level", default="info")
+    kv = p.add_argument_group("KV events (used by precise-prefix-cache-scorer)")
+    kv.add_argument(
+        "--kv-events-mode",
+        choices=["central", "per-pod"],
+        default="central",
+        help="central: bind one SUB that pods' PUBs connect to; per-pod: connect to each pod's PUB",
+    )
+    kv.add_argument("--kv-events-bind", default="tcp://*:5557")
+    kv.add_argument(
+        "--kv-events-pub-port",
+        type=int,
+        default=5557,
+        help="per-pod mode: a pod's PUB port for rank 0 (rank r adds r)",
+    )
+    kv.add_argument(
+        "--kv-events-replay-port",
+        type=int,
+        default=None,
+        help="a pod's replay (ROUTER) port for rank 0 (rank r adds r); unset: no replay",
+    )
+    kv.add_argument("--kv-index-block-size", type=int, default=16)
+    kv.add_argument("--kv-index-max-entries", type=int, default=5_000_000)
+    kv.add_argument(
+        "--tokenizer",
+        action="append",
+        default=[],
+        metavar="MODEL=DIR",
+        help="the tokenizer directory for a served model name (repeatable)",
+    )
     return p
 
 
@@ -107,6 +143,16 @@ def parse_options(argv: list[str] | None = None) -> PickerOptions:
         p.error("--provider file needs --pool-file")
     if a.fallback_endpoints < 0:
         p.error("--fallback-endpoints must be >= 0")
+    tokenizers = {}
+    for item in a.tokenizer:
+        model, sep, directory = item.partition("=")
+        if not sep or not model or not directory:
+            p.error(f"--tokenizer {item!r} is not MODEL=DIR")
+        if not Path(directory, "tokenizer.json").is_file():
+            p.error(f"--tokenizer {item!r}: no tokenizer.json in {directory}")
+        tokenizers[model] = Path(directory)
+    if a.kv_index_block_size < 1:
+        p.error("--kv-index-block-size must be >= 1")
     return PickerOptions(
         host=a.host,
         grpc_port=a.grpc_port,
@@ -125,4 +171,11 @@ def parse_options(argv: list[str] | None = None) -> PickerOptions:
         max_body_bytes=a.max_body_bytes,
         subset_filter=not a.disable_endpoint_subset_filter,
         log_level=a.log_level,
+        kv_events_mode=a.kv_events_mode,
+        kv_events_bind=a.kv_events_bind,
+        kv_events_pub_port=a.kv_events_pub_port,
+        kv_events_replay_port=a.kv_events_replay_port,
+        kv_index_block_size=a.kv_index_block_size,
+        kv_index_max_entries=a.kv_index_max_entries,
+        tokenizers=tokenizers,
     )

@@ -21,7 +21,10 @@ import yaml
 from infergate.envoy_config import EnvoySettings, render
 from infergate.readiness import wait_http
 
-QUICKSTART = Path(__file__).resolve().parent.parent / "examples" / "quickstart"
+ROOT = Path(__file__).resolve().parent.parent
+QUICKSTART = ROOT / "examples" / "quickstart"
+# The simulator's bundled tokenizer, which the picker needs to tokenize prompts as pods do.
+DEFAULT_MODEL_DIR = ROOT / "simulator" / "default_model"
 
 
 @dataclass(slots=True)
@@ -35,6 +38,7 @@ class StackPorts:
     picker_metrics: int = 9090
     first_pod: int = 8000
     kv_events: int = 5557
+    kv_replay_base: int = 5600  # pod i's KV-event replay socket is on kv_replay_base + i
 
 
 @dataclass(slots=True)
@@ -108,38 +112,42 @@ class LocalStack:
         return proc
 
     def start_pods(self) -> None:
-        c = self.cfg
-        for port in self.pod_ports:
-            if c.pod_command is not None:
-                self._spawn(f"pod-{port}", c.pod_command(port))
-                continue
-            events = {
-                "enable_kv_cache_events": True,
-                "publisher": "zmq",
-                "endpoint": f"tcp://127.0.0.1:{c.ports.kv_events}",
-                "topic": f"kv@127.0.0.1:{port}@{c.served_model_name}",
-            }
-            cmd = [
-                sys.executable,
-                "-m",
-                "simulator",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--served-model-name",
-                c.served_model_name,
-                "--seed",
-                str(port),
-                "--kv-events-config",
-                json.dumps(events),
-                *c.sim_args,
-            ]
-            if c.model:
-                cmd += ["--model", c.model]
-            self._spawn(f"pod-{port}", cmd)
+        for rank, port in enumerate(self.pod_ports):
+            self._start_pod(rank, port)
         for port in self.pod_ports:
             wait_http(f"http://127.0.0.1:{port}/health", 60, self.procs[f"pod-{port}"])
+
+    def _start_pod(self, rank: int, port: int) -> None:
+        c = self.cfg
+        if c.pod_command is not None:
+            self._spawn(f"pod-{port}", c.pod_command(port))
+            return
+        events = {
+            "enable_kv_cache_events": True,
+            "publisher": "zmq",
+            "endpoint": f"tcp://127.0.0.1:{c.ports.kv_events}",
+            "replay_endpoint": f"tcp://127.0.0.1:{c.ports.kv_replay_base + rank}",
+            "topic": f"kv@127.0.0.1:{port}@{c.served_model_name}",
+        }
+        cmd = [
+            sys.executable,
+            "-m",
+            "simulator",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--served-model-name",
+            c.served_model_name,
+            "--seed",
+            str(port),
+            "--kv-events-config",
+            json.dumps(events),
+            *c.sim_args,
+        ]
+        if c.model:
+            cmd += ["--model", c.model]
+        self._spawn(f"pod-{port}", cmd)
 
     def start_picker(self) -> None:
         c = self.cfg
@@ -164,12 +172,27 @@ class LocalStack:
             "--fallback-endpoints",
             str(c.fallbacks),
             f"--secure-serving={'true' if c.picker_tls else 'false'}",
+            # KV events: the pods' PUBs connect here; each pod's replay is at base + rank.
+            "--kv-events-bind",
+            f"tcp://127.0.0.1:{c.ports.kv_events}",
+            "--kv-events-replay-port",
+            str(c.ports.kv_replay_base),
+            "--tokenizer",
+            f"{c.served_model_name}={c.model or DEFAULT_MODEL_DIR}",
             *c.picker_args,
         ]
         if c.picker_config:
             cmd += ["--config", str(c.picker_config)]
         proc = self._spawn("picker", cmd)
         wait_http(f"http://127.0.0.1:{c.ports.picker_metrics}/healthz", 30, proc)
+
+    def restart_pod(self, address: str) -> None:
+        """Stop one simulator pod and start it again on the same port (an engine restart)."""
+        port = int(address.rsplit(":", 1)[1])
+        rank = self.pod_ports.index(port)
+        self._stop(f"pod-{port}")
+        self._start_pod(rank, port)
+        wait_http(f"http://127.0.0.1:{port}/health", 60, self.procs[f"pod-{port}"])
 
     def stop_picker(self) -> None:
         self._stop("picker")

@@ -36,6 +36,29 @@ def free_port() -> int:
             return port
 
 
+def free_port_run(n: int) -> int:
+    """The first of n consecutive ports that are free now (each is then handed out)."""
+    for _ in range(100):
+        base = free_port()
+        if base + n >= 65535:
+            continue
+        ports = range(base + 1, base + n)
+        if any(p in _handed_out for p in ports):
+            continue
+        ok = True
+        for p in ports:
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                try:
+                    s.bind(("127.0.0.1", p))
+                except OSError:
+                    ok = False
+                    break
+        if ok:
+            _handed_out.update(ports)
+            return base
+    raise RuntimeError(f"no run of {n} free ports")
+
+
 @contextmanager
 def running(
     cmd: list[str],

@@ -11,7 +11,7 @@ import pytest
 import requests
 
 from infergate.stack import LocalStack, StackConfig, StackPorts
-from tests.conftest import free_port
+from tests.conftest import free_port, free_port_run
 
 pytestmark = pytest.mark.slow
 
@@ -36,6 +36,7 @@ def config(*plugins: tuple[str, float | None]) -> str:
 
 def make_stack(tmp_path, *, pods=3, picker_config: str | None = None, **kw) -> LocalStack:
     ports = StackPorts(
+        kv_replay_base=free_port_run(pods),
         envoy=free_port(),
         envoy_admin=free_port(),
         picker=free_port(),

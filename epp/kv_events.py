@@ -1,0 +1,105 @@
+"""The picker's side of the KV-event path: a block index fed by a subscriber, and the
+tokenizers that turn prompts into the same blocks.
+
+Built only when a plugin asks for it (precise-prefix-cache-scorer), so a picker without one
+opens no ZMQ socket.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from kvindex.tokenize import PromptTokenizers
+from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from epp.datastore import Datastore
+from kvindex.index import KVBlockIndex
+from kvindex.subscriber import KVEventSubscriber
+
+log = logging.getLogger("epp.kv_events")
+
+
+@dataclass(slots=True)
+class KVEventOptions:
+    mode: str = "central"  # central | per-pod
+    bind: str = "tcp://*:5557"
+    pub_port: int = 5557  # per-pod mode: pod PUB port of rank 0 (rank r adds r, as vLLM DP)
+    replay_port: int | None = None  # a pod's ROUTER port of rank 0, if it runs one
+    block_size: int = 16
+    max_entries: int = 5_000_000
+    tokenizers: dict[str, Path] | None = None
+
+
+class KVCacheView:
+    """The index, its subscriber and the tokenizers, kept in step with the pool."""
+
+    def __init__(
+        self, datastore: Datastore, opts: KVEventOptions, registry: CollectorRegistry | None = None
+    ) -> None:
+        self.datastore = datastore
+        self.opts = opts
+        self.lookup_seconds = Histogram(
+            "infergate_kvindex_lookup_seconds",
+            "Time to look a prompt's blocks up in the index.",
+            buckets=(0.00001, 0.00003, 0.0001, 0.0003, 0.001, 0.003, 0.01, 0.03, 0.1),
+            registry=registry,
+        )
+        self.index = KVBlockIndex(block_size=opts.block_size, max_entries=opts.max_entries)
+        self.tokenizers = PromptTokenizers(opts.tokenizers or {})
+        self.subscriber = KVEventSubscriber(self.index, replay_endpoint_for=self._replay_for)
+        self._connected: set[str] = set()
+
+    def _endpoint_of(self, address: str, port: int | None) -> str | None:
+        ep = self.datastore.endpoint(address)
+        if ep is None or port is None:
+            return None
+        host = f"[{ep.ip}]" if ":" in ep.ip else ep.ip
+        return f"tcp://{host}:{port + ep.rank}"
+
+    def _replay_for(self, address: str) -> str | None:
+        return self._endpoint_of(address, self.opts.replay_port)
+
+    def start(self) -> None:
+        if self.opts.mode == "central":
+            self.subscriber.bind(self.opts.bind)
+        self.datastore.removal_listeners.append(self._pod_left)
+        self.datastore.change_listeners.append(self.sync_pods)
+        self.sync_pods()
+
+    def sync_pods(self) -> None:
+        """Per-pod mode: connect to pods that joined. Called when the pool changes."""
+        if self.opts.mode != "per-pod":
+            return
+        for ep in self.datastore.endpoints():
+            if ep.address not in self._connected:
+                pub = self._endpoint_of(ep.address, self.opts.pub_port)
+                if pub:
+                    self.subscriber.connect_pod(ep.address, pub, self._replay_for(ep.address))
+                    self._connected.add(ep.address)
+
+    def _pod_left(self, address: str) -> None:
+        self._connected.discard(address)
+        self.subscriber.forget_pod(address)
+
+    async def close(self) -> None:
+        await self.subscriber.close()
+
+    def collect(self):
+        """Prometheus: what the subscriber received and the index holds, read at scrape."""
+        events = CounterMetricFamily(
+            "infergate_kvindex_messages",
+            "KV-event messages and events, by outcome.",
+            labels=["outcome"],
+        )
+        for outcome, n in sorted(self.subscriber.counts.items()):
+            events.add_metric([outcome], n)
+        yield events
+        stats = self.index.stats()
+        for key in ("entries", "keys", "pods", "bytes"):
+            if key in stats:
+                yield GaugeMetricFamily(
+                    f"infergate_kvindex_{key}", f"KV block index: {key}.", value=stats[key]
+                )

@@ -1,0 +1,82 @@
+"""precise-prefix-cache-scorer: what each pod really holds, from the model servers' KV events.
+
+The prompt is tokenized as vLLM would (the model's own tokenizer and chat template), cut into
+the index's blocks and looked up: a pod scores the weighted count of consecutive blocks from
+the start that it holds (GPU 1.0, CPU 0.8 a block), divided by the prompt's block count. After
+scheduling, the chosen pod's blocks go in as speculative entries for a couple of seconds, so a
+burst of same-prefix requests follows the first one before its BlockStored arrives.
+
+The plugin needs the picker's KV-cache view (epp/kv_events.py): `bind()` hands it over.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+from epp.scheduling.framework import PreRequest, Scorer
+from kvindex.keys import prompt_keys
+
+log = logging.getLogger("epp.plugins.precise_prefix")
+
+
+@dataclass(slots=True)
+class PromptBlocks:
+    tokens: int
+    keys: list[int]
+
+
+class PrecisePrefixCacheScorer(Scorer, PreRequest):
+    type_name = "precise-prefix-cache-scorer"
+    needs_kv_cache_view = True
+
+    def __init__(self, name, params=None):
+        super().__init__(name, params)
+        weights = self.params.get("tierWeights", {"gpu": 1.0, "cpu": 0.8})
+        if not isinstance(weights, dict) or not all(
+            isinstance(v, int | float) and 0 <= v <= 1 for v in weights.values()
+        ):
+            raise ValueError("tierWeights must map tiers to numbers in 0..1")
+        self.tier_weights = {str(k).lower(): float(v) for k, v in weights.items()}
+        self.speculative = bool(self.params.get("speculativeIndexing", True))
+        self.view = None
+
+    def bind(self, view) -> None:
+        self.view = view
+
+    def blocks(self, req) -> PromptBlocks | None:
+        """The prompt's index keys, computed once per request; None if it cannot be known."""
+        if self.name in req.state:
+            return req.state[self.name]
+        out = None
+        tokenizer = self.view.tokenizers.get(req.target_model) if self.view else None
+        if tokenizer is not None and req.api in ("chat", "completions"):
+            from kvindex.tokenize import PromptError
+
+            try:
+                tokens = tokenizer.tokens_for(req.api, req.body)
+                out = PromptBlocks(
+                    len(tokens), prompt_keys(tokens, self.view.index.block_size, req.target_model)
+                )
+            except PromptError as exc:
+                log.debug("no prefix score for %s: %s", req.request_id, exc)
+        req.state[self.name] = out
+        return out
+
+    def score(self, req, endpoints):
+        blocks = self.blocks(req)
+        if blocks is None or not blocks.keys:
+            return [0.0] * len(endpoints)
+        t0 = time.perf_counter()
+        held = self.view.index.lookup(
+            blocks.keys, [e.address for e in endpoints], tier_weights=self.tier_weights
+        )
+        self.view.lookup_seconds.observe(time.perf_counter() - t0)
+        total = len(blocks.keys)
+        return [held.get(e.address, 0.0) / total for e in endpoints]
+
+    def pre_request(self, req, result):
+        blocks = self.blocks(req)
+        if self.speculative and blocks and blocks.keys and result.targets:
+            self.view.index.add_speculative(result.targets[0].address, blocks.keys)

@@ -1,0 +1,154 @@
+"""Precise prefix-cache routing end to end: simulator pods publish KV events, the picker
+indexes them and sends each prompt to the pod that still holds its prefix."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import requests
+
+from tests.e2e.test_gateway import MODEL, PIN, SERVED, config, make_stack
+
+pytestmark = pytest.mark.slow
+
+PRECISE = config(
+    ("header-based-testing-filter", None),
+    ("precise-prefix-cache-scorer", 1),
+    ("max-score-picker", None),
+)
+# 64 blocks of 16 tokens: room for about three of the long prefixes below per pod.
+SIM = ["--sim-time-scale", "0.2", "--num-gpu-blocks-override", "64", "--block-size", "16"]
+
+
+def prefix(i: int) -> str:
+    return f"Document {i}: " + " ".join(f"fact{i}-{j}" for j in range(80)) + "\nQuestion: "
+
+
+def ask(stack, text: str, pin: str | None = None) -> requests.Response:
+    r = requests.post(
+        stack.url + "/v1/completions",
+        timeout=60,
+        headers={PIN: pin} if pin else {},
+        json={"model": MODEL, "prompt": text, "max_tokens": 2},
+    )
+    assert r.status_code == 200, r.text
+    return r
+
+
+def scores(stack, text: str) -> dict[str, int]:
+    r = requests.post(
+        f"http://127.0.0.1:{stack.cfg.ports.picker_metrics}/debug/prefix-scores",
+        json={"model": MODEL, "prompt": text},
+        timeout=10,
+    )
+    assert r.status_code == 200, r.text
+    return {e["address"]: e["matched_blocks"] for e in r.json()["endpoints"]}
+
+
+def wait_held(stack, text: str, address: str, within: float = 10.0) -> None:
+    deadline = time.monotonic() + within
+    while scores(stack, text).get(address, 0) == 0:
+        assert time.monotonic() < deadline, f"the index never saw {address} hold the prompt"
+        time.sleep(0.1)
+
+
+def wait_reachable(stack, address: str, within: float = 10.0) -> None:
+    """A restarted pod is dropped while it is down; wait until the picker sees it again."""
+    url = f"http://127.0.0.1:{stack.cfg.ports.picker_metrics}/debug/endpoints"
+    deadline = time.monotonic() + within
+    while True:
+        eps = {e["address"]: e for e in requests.get(url, timeout=5).json()["endpoints"]}
+        if eps[address]["reachable"] and not eps[address]["stale"]:
+            return
+        assert time.monotonic() < deadline, f"{address} never came back"
+        time.sleep(0.1)
+
+
+@pytest.fixture
+def stack(tmp_path):
+    s = make_stack(tmp_path, picker_config=PRECISE, sim_args=SIM)
+    yield s
+    s.stop()
+
+
+def test_each_prefix_goes_back_to_the_pod_that_holds_it(stack):
+    pods = stack.pod_addresses
+    home = {i: pods[i % len(pods)] for i in range(6)}
+    for i, pod in home.items():  # spread: prefix i lives on pod i % 3
+        ask(stack, prefix(i) + "first?", pin=pod)
+    for i, pod in home.items():
+        wait_held(stack, prefix(i) + "second?", pod)
+    for i, pod in home.items():
+        r = ask(stack, prefix(i) + f"another question {i}?")
+        assert r.headers[SERVED] == pod, f"prefix {i} left its pod"
+        assert r.json()["usage"]["prompt_tokens_details"]["cached_tokens"] > 100
+
+
+def test_evicted_and_restarted_pods_stop_attracting(stack):
+    pods = stack.pod_addresses
+    ask(stack, prefix(0) + "first?", pin=pods[0])
+    wait_held(stack, prefix(0) + "x", pods[0])
+    # Fill pod 0's small cache with other prompts: prefix 0's blocks are evicted.
+    for i in range(10, 16):
+        ask(stack, prefix(i) + "filler", pin=pods[0])
+    deadline = time.monotonic() + 10
+    while scores(stack, prefix(0) + "x")[pods[0]] > 0:
+        assert time.monotonic() < deadline, "evicted blocks still in the index"
+        time.sleep(0.1)
+    # A restarted engine starts empty: its entries must go.
+    ask(stack, prefix(1) + "first?", pin=pods[1])
+    wait_held(stack, prefix(1) + "x", pods[1])
+    stack.restart_pod(pods[1])
+    wait_reachable(stack, pods[1])
+    ask(stack, "wake up the restarted pod " * 20, pin=pods[1])  # its first events after restart
+    deadline = time.monotonic() + 10
+    while scores(stack, prefix(1) + "x")[pods[1]] > 0:
+        assert time.monotonic() < deadline, "a restarted pod kept attracting its old prefix"
+        time.sleep(0.1)
+
+
+def test_debug_prefix_scores_explains_a_choice(stack):
+    pods = stack.pod_addresses
+    ask(stack, prefix(7) + "first?", pin=pods[2])
+    wait_held(stack, prefix(7) + "x", pods[2])
+    r = requests.post(
+        f"http://127.0.0.1:{stack.cfg.ports.picker_metrics}/debug/prefix-scores",
+        json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}]},
+        timeout=10,
+    ).json()
+    assert r["prompt_tokens"] > 0 and r["block_size"] == 16
+    body = requests.post(
+        f"http://127.0.0.1:{stack.cfg.ports.picker_metrics}/debug/prefix-scores",
+        json={"model": MODEL, "prompt": prefix(7) + "x"},
+        timeout=10,
+    ).json()
+    top = max(body["endpoints"], key=lambda e: e["score"])
+    assert top["address"] == pods[2] and top["matched_tokens"] == 16 * top["matched_blocks"]
+    assert 0 < top["score"] <= 1
+    bad = requests.post(
+        f"http://127.0.0.1:{stack.cfg.ports.picker_metrics}/debug/prefix-scores",
+        data=b"{nope",
+        timeout=10,
+    )
+    assert bad.status_code == 400
+
+
+def test_kv_index_metrics_are_exported(stack):
+    ask(stack, prefix(9) + "first?")
+    deadline = time.monotonic() + 10
+    while True:
+        text = requests.get(
+            f"http://127.0.0.1:{stack.cfg.ports.picker_metrics}/metrics", timeout=5
+        ).text
+        lines = {
+            ln.split(" ")[0]: float(ln.rsplit(" ", 1)[1])
+            for ln in text.splitlines()
+            if ln.startswith("infergate_kvindex_")
+        }
+        if lines.get('infergate_kvindex_messages_total{outcome="events"}', 0) > 0:
+            break
+        assert time.monotonic() < deadline, "no KV events counted"
+        time.sleep(0.1)
+    assert lines["infergate_kvindex_entries"] > 0 and lines["infergate_kvindex_bytes"] > 0
+    assert any(k.startswith("infergate_kvindex_lookup_seconds") for k in lines)
