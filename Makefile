@@ -38,6 +38,7 @@ fmt: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/infergate bench simulator
 	$(BIN)/infergate bench epp_overhead
+	$(BIN)/infergate bench kvindex
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
