@@ -100,6 +100,8 @@ class Endpoint:
     tpot_ewma: float | None = None
     # Model names (base and LoRA adapters) from the server's /v1/models; None = not known yet.
     models: frozenset[str] | None = None
+    # LoRA adapter → base model, from the `parent` of /v1/models entries.
+    lora_parents: dict[str, str] = field(default_factory=dict)
 
     @property
     def ip(self) -> str:

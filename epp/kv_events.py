@@ -11,13 +11,13 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvindex.tokenize import PromptTokenizers
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from epp.datastore import Datastore
 from kvindex.index import KVBlockIndex
 from kvindex.subscriber import KVEventSubscriber
+from kvindex.tokenize import PromptTokenizers
 
 log = logging.getLogger("epp.kv_events")
 
@@ -58,6 +58,15 @@ class KVCacheView:
             return None
         host = f"[{ep.ip}]" if ":" in ep.ip else ep.ip
         return f"tcp://{host}:{port + ep.rank}"
+
+    def base_model(self, model: str) -> tuple[str, str | None]:
+        """(base model, LoRA adapter or None): vLLM keys an adapter's blocks by the base
+        model's name with the adapter in every block, so the prompt must be keyed alike."""
+        for ep in self.datastore.endpoints():
+            base = ep.lora_parents.get(model)
+            if base is not None:
+                return base, model
+        return model, None
 
     def _replay_for(self, address: str) -> str | None:
         return self._endpoint_of(address, self.opts.replay_port)

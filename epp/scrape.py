@@ -96,6 +96,11 @@ class MetricsScraper:
                     return
                 body = await resp.json(content_type=None)
             ids = frozenset(m["id"] for m in body["data"] if isinstance(m.get("id"), str))
+            parents = {
+                m["id"]: m["parent"]
+                for m in body["data"]
+                if isinstance(m.get("id"), str) and isinstance(m.get("parent"), str)
+            }
         except (
             TimeoutError,
             aiohttp.ClientError,
@@ -107,6 +112,7 @@ class MetricsScraper:
         ):
             return
         ep.models = ids
+        ep.lora_parents = parents
 
     async def scrape_once(self, ep: Endpoint) -> None:
         assert self._session is not None

@@ -152,3 +152,48 @@ def test_kv_index_metrics_are_exported(stack):
         time.sleep(0.1)
     assert lines["infergate_kvindex_entries"] > 0 and lines["infergate_kvindex_bytes"] > 0
     assert any(k.startswith("infergate_kvindex_lookup_seconds") for k in lines)
+
+
+def test_lora_prompts_follow_the_adapters_blocks(tmp_path):
+    lora_sim = [
+        *SIM,
+        "--enable-lora",
+        "--lora-modules",
+        "sql-lora=/adapters/sql",
+        "--max-loras",
+        "2",
+    ]
+    s = make_stack(tmp_path, picker_config=PRECISE, sim_args=lora_sim)
+    try:
+        pods = s.pod_addresses
+        text = prefix(21) + "SELECT?"
+
+        def ask_model(model: str, pin: str | None = None) -> requests.Response:
+            r = requests.post(
+                s.url + "/v1/completions",
+                timeout=60,
+                headers={PIN: pin} if pin else {},
+                json={"model": model, "prompt": text, "max_tokens": 2},
+            )
+            assert r.status_code == 200, r.text
+            return r
+
+        ask_model("sql-lora", pin=pods[1])
+        deadline = time.monotonic() + 10
+        while True:  # the picker learns the adapter's base model and the blocks arrive
+            r = requests.post(
+                f"http://127.0.0.1:{s.cfg.ports.picker_metrics}/debug/prefix-scores",
+                json={"model": "sql-lora", "prompt": text},
+                timeout=10,
+            ).json()
+            held = {e["address"]: e["matched_blocks"] for e in r["endpoints"]}
+            if held.get(pods[1], 0) > 0:
+                break
+            assert time.monotonic() < deadline, f"adapter blocks never indexed: {r}"
+            time.sleep(0.1)
+        for _ in range(3):
+            assert ask_model("sql-lora").headers[SERVED] == pods[1]
+        # the base model's keys differ: the adapter's blocks do not count for it
+        assert scores(s, text)[pods[1]] == 0
+    finally:
+        s.stop()

@@ -50,15 +50,15 @@ class PrecisePrefixCacheScorer(Scorer, PreRequest):
         if self.name in req.state:
             return req.state[self.name]
         out = None
-        tokenizer = self.view.tokenizers.get(req.target_model) if self.view else None
+        base, lora = self.view.base_model(req.target_model) if self.view else (None, None)
+        tokenizer = self.view.tokenizers.get(base) if self.view else None
         if tokenizer is not None and req.api in ("chat", "completions"):
             from kvindex.tokenize import PromptError
 
             try:
                 tokens = tokenizer.tokens_for(req.api, req.body)
-                out = PromptBlocks(
-                    len(tokens), prompt_keys(tokens, self.view.index.block_size, req.target_model)
-                )
+                keys = prompt_keys(tokens, self.view.index.block_size, base, lora_name=lora)
+                out = PromptBlocks(len(tokens), keys)
             except PromptError as exc:
                 log.debug("no prefix score for %s: %s", req.request_id, exc)
         req.state[self.name] = out
