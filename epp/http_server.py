@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -71,8 +73,21 @@ def make_app(
         status, body = prefix_report(await request.read(), director, view)
         return web.json_response(body, status=status)
 
+    async def drop_kv_events(request: web.Request) -> web.Response:
+        """Test hook (INFERGATE_TEST_HOOKS=1 only): discard the next n KV-event messages."""
+        try:
+            n = int(request.query.get("n", "1"))
+        except ValueError:
+            n = -1
+        if n < 0:
+            return web.json_response({"error": "n must be a non-negative integer"}, status=400)
+        view.subscriber.drop_next(n)
+        return web.json_response({"dropping": n})
+
     app = web.Application()
     app.router.add_post("/debug/prefix-scores", prefix_scores)
+    if view is not None and os.environ.get("INFERGATE_TEST_HOOKS") == "1":
+        app.router.add_post("/debug/kv-events/drop", drop_kv_events)
     app.router.add_get("/metrics", metrics_handler)
     app.router.add_get("/debug/endpoints", endpoints)
     app.router.add_get("/healthz", healthz)

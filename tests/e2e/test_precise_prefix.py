@@ -197,3 +197,24 @@ def test_lora_prompts_follow_the_adapters_blocks(tmp_path):
         assert scores(s, text)[pods[1]] == 0
     finally:
         s.stop()
+
+
+def test_replay_repairs_the_index_after_dropped_messages(tmp_path, monkeypatch):
+    monkeypatch.setenv("INFERGATE_TEST_HOOKS", "1")
+    s = make_stack(tmp_path, picker_config=PRECISE, sim_args=SIM)
+    try:
+        pods = s.pod_addresses
+        base = f"http://127.0.0.1:{s.cfg.ports.picker_metrics}"
+        ask(s, prefix(30) + "first?", pin=pods[0])
+        wait_held(s, prefix(30) + "x", pods[0])
+        assert requests.post(base + "/debug/kv-events/drop?n=2", timeout=5).status_code == 200
+        ask(s, prefix(31) + "lost?", pin=pods[0])  # its BlockStored is dropped on purpose
+        ask(s, prefix(32) + "gap?", pin=pods[0])  # the next batch reveals the gap
+        wait_held(s, prefix(32) + "x", pods[0])
+        wait_held(s, prefix(31) + "x", pods[0])  # repaired from the pod's replay socket
+        text = requests.get(base + "/metrics", timeout=5).text
+        assert 'infergate_kvindex_messages_total{outcome="replays"}' in text
+        assert 'infergate_kvindex_messages_total{outcome="gaps"}' in text
+        assert 'infergate_kvindex_messages_total{outcome="dropped_by_test_hook"} 2.0' in text
+    finally:
+        s.stop()
