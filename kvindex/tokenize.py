@@ -10,6 +10,7 @@ the BOS), which is what vLLM does.
 from __future__ import annotations
 
 import json
+from bisect import bisect_left, bisect_right
 from collections import OrderedDict
 from datetime import datetime
 from pathlib import Path
@@ -91,12 +92,20 @@ class PromptTokenizer:
         if jinja_file.is_file():
             template = jinja_file.read_text()
         self._template = _ENV.from_string(template) if isinstance(template, str) else None
-        # Prefix cache: text → ids of its encoding without special tokens, LRU-bounded.
-        self._cache: OrderedDict[str, list[int]] = OrderedDict()
-        self._cache_entries = cache_entries
-        self._cache_tokens = cache_tokens
-        self._cached_tokens = 0
-        self.hits = self.misses = 0
+        self._cache = _PrefixCache(self._tok, cache_entries, cache_tokens)
+        # What add_special_tokens wraps around a single sequence (a BOS, say), found once.
+        plain = self._tok.encode("a", add_special_tokens=False).ids
+        wrapped = self._tok.encode("a", add_special_tokens=True).ids
+        at = _find(wrapped, plain)
+        self._wrap = (wrapped[:at], wrapped[at + len(plain) :]) if at >= 0 else None
+
+    @property
+    def hits(self) -> int:
+        return self._cache.hits
+
+    @property
+    def misses(self) -> int:
+        return self._cache.misses
 
     @classmethod
     def from_dir(cls, model_dir: str | Path) -> PromptTokenizer:
@@ -151,29 +160,140 @@ class PromptTokenizer:
 
     def _encode(self, text: str, *, special: bool) -> list[int]:
         try:
-            if special:
+            if special and self._wrap is None:
                 return self._tok.encode(text, add_special_tokens=True).ids
-            return self._cached(text)
+            ids = self._cache.encode(text)
         except TypeError as exc:  # lone surrogates and the like
             raise PromptError(f"prompt text cannot be tokenized: {exc}") from exc
-
-    def _cached(self, text: str) -> list[int]:
-        """Whole-text LRU: a rendered chat is tokenized once however often it is scored."""
-        ids = self._cache.get(text)
-        if ids is not None:
-            self.hits += 1
-            self._cache.move_to_end(text)
-            return ids
-        self.misses += 1
-        ids = self._tok.encode(text, add_special_tokens=False).ids
-        self._cache[text] = ids
-        self._cached_tokens += len(ids)
-        while self._cache and (
-            len(self._cache) > self._cache_entries or self._cached_tokens > self._cache_tokens
-        ):
-            _, old = self._cache.popitem(last=False)
-            self._cached_tokens -= len(old)
+        if special:
+            head, tail = self._wrap
+            return [*head, *ids, *tail]
         return ids
+
+
+def _shared_prefix(a: str, b: str) -> int:
+    """Length of the common prefix, by binary search over C-speed slice compares."""
+    lo, hi = 0, min(len(a), len(b))
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def _find(haystack: list[int], needle: list[int]) -> int:
+    for i in range(len(haystack) - len(needle) + 1):
+        if haystack[i : i + len(needle)] == needle:
+            return i
+    return -1
+
+
+class _PrefixCache:
+    """Token ids of recent prompts, reused for the part a new prompt shares with one.
+
+    A new text that shares a long prefix with a cached one keeps the cached ids up to the
+    last pre-token boundary inside the shared part and encodes only the rest. BPE works per
+    pre-token and the pre-tokenizer looks at most one character ahead, so a cut at a pre-token
+    boundary inside the shared text gives the ids a full encode gives. The first few reuses
+    are checked against a full encode anyway; one mismatch turns reuse off for the tokenizer.
+    """
+
+    MIN_SHARED = 256  # characters: below this a full encode is cheap enough
+    VERIFY_FIRST = 8
+
+    def __init__(self, tok: Tokenizer, max_entries: int, max_tokens: int) -> None:
+        self._tok = tok
+        # text → (ids, token starts or the Encoding they come from, pre-token starts or None)
+        self._entries: OrderedDict[str, tuple[list[int], Any, list[int] | None]] = OrderedDict()
+        self._by_head: dict[str, list[str]] = {}
+        self._max_entries, self._max_tokens, self._tokens = max_entries, max_tokens, 0
+        self._verified = 0
+        added = tok.get_added_tokens_decoder().values()
+        self._margin = max((len(t.content) for t in added), default=0) + 1
+        self.reuse_ok = True
+        self.hits = self.misses = 0
+
+    def encode(self, text: str) -> list[int]:
+        cached = self._entries.get(text)
+        if cached is not None:
+            self._entries.move_to_end(text)
+            self.hits += 1
+            return cached[0]
+        reused = self._reuse(text) if self.reuse_ok else None
+        if reused is None:
+            self.misses += 1
+            enc = self._tok.encode(text, add_special_tokens=False)
+            # Offsets and pre-token starts are worked out only if the entry is ever reused:
+            # a miss then costs no more than a plain encode.
+            ids, starts, boundaries = enc.ids, enc, None
+        else:
+            ids, starts, boundaries = reused
+        if len(text) >= self.MIN_SHARED:
+            self._remember(text, ids, starts, boundaries)
+        return ids
+
+    def _boundaries(self, text: str, shift: int) -> list[int]:
+        pre = self._tok.pre_tokenizer
+        if pre is None:
+            return [shift]
+        return [shift + span[0] for _, span in pre.pre_tokenize_str(text)]
+
+    def _reuse(self, text: str):
+        """(ids, token starts, pre-token starts) built on a cached text, or None."""
+        best, shared = None, 0
+        for other in self._by_head.get(text[: self.MIN_SHARED], ()):
+            n = _shared_prefix(other, text)
+            if n > shared:
+                best, shared = other, n
+        if best is None or shared < self.MIN_SHARED:
+            return None
+        ids, starts, boundaries = self._entries[best]
+        if boundaries is None:  # first reuse of this entry: finish it now
+            starts = [a for a, _ in starts.offsets]
+            boundaries = self._boundaries(best, 0)
+            self._entries[best] = (ids, starts, boundaries)
+        # Cut at a pre-token start that is also a token start, far enough before the end of
+        # the shared text that no added (special) token can straddle it.
+        at = bisect_right(boundaries, shared - 1 - self._margin) - 1
+        while at >= 0:
+            keep = bisect_left(starts, boundaries[at])
+            if keep < len(starts) and starts[keep] == boundaries[at]:
+                break
+            at -= 1
+        cut = boundaries[at] if at >= 0 else 0
+        if cut <= 0:
+            return None
+        tail = self._tok.encode(text[cut:], add_special_tokens=False)
+        out = ids[:keep] + tail.ids
+        if self._verified < self.VERIFY_FIRST:
+            self._verified += 1
+            if self._tok.encode(text, add_special_tokens=False).ids != out:
+                self.reuse_ok = False  # this tokenizer does not cut cleanly: always encode
+                return None
+        self.hits += 1
+        return (
+            out,
+            starts[:keep] + [cut + a for a, _ in tail.offsets],
+            boundaries[:at] + self._boundaries(text[cut:], cut),
+        )
+
+    def _remember(
+        self, text: str, ids: list[int], starts: list[int], boundaries: list[int]
+    ) -> None:
+        self._entries[text] = (ids, starts, boundaries)
+        self._by_head.setdefault(text[: self.MIN_SHARED], []).append(text)
+        self._tokens += len(ids)
+        while self._entries and (
+            len(self._entries) > self._max_entries or self._tokens > self._max_tokens
+        ):
+            old, (old_ids, _, _) = self._entries.popitem(last=False)
+            self._tokens -= len(old_ids)
+            bucket = self._by_head.get(old[: self.MIN_SHARED], [])
+            bucket.remove(old)
+            if not bucket:
+                self._by_head.pop(old[: self.MIN_SHARED], None)
 
 
 class PromptTokenizers:
