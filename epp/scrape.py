@@ -82,37 +82,37 @@ class MetricsScraper:
         while True:
             t0 = time.monotonic()
             await self.scrape_once(ep)
-            if t0 >= next_models and ep.reachable:
-                await self.fetch_models(ep)
+            # A pod that is still starting is asked again on the next round, not only
+            # after models_interval: its adapters decide where LoRA prompts go.
+            if t0 >= next_models and ep.reachable and await self.fetch_models(ep):
                 next_models = t0 + self.models_interval
             await asyncio.sleep(max(0.0, self.interval - (time.monotonic() - t0)))
 
-    async def fetch_models(self, ep: Endpoint) -> None:
-        """GET /v1/models; a server without it (or a bad answer) leaves the list unknown."""
+    async def fetch_models(self, ep: Endpoint) -> bool:
+        """GET /v1/models; a server without it (or a bad answer) leaves the list unknown.
+        False only when the pod could not be reached, so that it is asked again soon."""
         assert self._session is not None
         try:
             async with self._session.get(f"http://{ep.address}/v1/models") as resp:
                 if resp.status != 200:
-                    return
+                    return True
                 body = await resp.json(content_type=None)
+        except (TimeoutError, aiohttp.ClientError, OSError):
+            return False
+        except ValueError:  # not JSON
+            return True
+        try:
             ids = frozenset(m["id"] for m in body["data"] if isinstance(m.get("id"), str))
             parents = {
                 m["id"]: m["parent"]
                 for m in body["data"]
                 if isinstance(m.get("id"), str) and isinstance(m.get("parent"), str)
             }
-        except (
-            TimeoutError,
-            aiohttp.ClientError,
-            OSError,
-            ValueError,
-            KeyError,
-            TypeError,
-            AttributeError,
-        ):
-            return
+        except (KeyError, TypeError, AttributeError):
+            return True
         ep.models = ids
         ep.lora_parents = parents
+        return True
 
     async def scrape_once(self, ep: Endpoint) -> None:
         assert self._session is not None

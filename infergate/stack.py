@@ -39,6 +39,10 @@ class StackPorts:
     first_pod: int = 8000
     kv_events: int = 5557
     kv_replay_base: int = 5600  # pod i's KV-event replay socket is on kv_replay_base + i
+    # Set: each pod binds its own KV-event PUB on kv_pub_base + i and the picker connects to
+    # every pod (per-pod mode, what other routers' KV-event sources need too). Unset: the
+    # picker binds kv_events and the pods connect to it (central mode).
+    kv_pub_base: int | None = None
 
 
 @dataclass(slots=True)
@@ -122,10 +126,12 @@ class LocalStack:
         if c.pod_command is not None:
             self._spawn(f"pod-{port}", c.pod_command(port))
             return
+        per_pod = c.ports.kv_pub_base is not None
+        pub_port = c.ports.kv_pub_base + rank if per_pod else c.ports.kv_events
         events = {
             "enable_kv_cache_events": True,
             "publisher": "zmq",
-            "endpoint": f"tcp://127.0.0.1:{c.ports.kv_events}",
+            "endpoint": f"tcp://127.0.0.1:{pub_port}",
             "replay_endpoint": f"tcp://127.0.0.1:{c.ports.kv_replay_base + rank}",
             "topic": f"kv@127.0.0.1:{port}@{c.served_model_name}",
         }
@@ -143,6 +149,7 @@ class LocalStack:
             str(port),
             "--kv-events-config",
             json.dumps(events),
+            *(["--sim-kv-events-bind"] if per_pod else []),
             *c.sim_args,
         ]
         if c.model:
@@ -172,9 +179,7 @@ class LocalStack:
             "--fallback-endpoints",
             str(c.fallbacks),
             f"--secure-serving={'true' if c.picker_tls else 'false'}",
-            # KV events: the pods' PUBs connect here; each pod's replay is at base + rank.
-            "--kv-events-bind",
-            f"tcp://127.0.0.1:{c.ports.kv_events}",
+            *self._kv_event_args(),
             "--kv-events-replay-port",
             str(c.ports.kv_replay_base),
             "--tokenizer",
@@ -185,6 +190,14 @@ class LocalStack:
             cmd += ["--config", str(c.picker_config)]
         proc = self._spawn("picker", cmd)
         wait_http(f"http://127.0.0.1:{c.ports.picker_metrics}/healthz", 30, proc)
+
+    def _kv_event_args(self) -> list[str]:
+        """Central: the pods' PUBs connect to the picker. Per pod: the picker connects to
+        each pod's PUB at kv_pub_base + rank. Either way pod i's replay is at base + i."""
+        p = self.cfg.ports
+        if p.kv_pub_base is None:
+            return ["--kv-events-bind", f"tcp://127.0.0.1:{p.kv_events}"]
+        return ["--kv-events-mode", "per-pod", "--kv-events-pub-port", str(p.kv_pub_base)]
 
     def restart_pod(self, address: str) -> None:
         """Stop one simulator pod and start it again on the same port (an engine restart)."""
@@ -231,8 +244,16 @@ class LocalStack:
 
     def start(self) -> LocalStack:
         try:
+            # Whoever binds the KV-event socket starts first (central: the picker; per pod:
+            # the pods), so the other side connects at once. The other way round, the
+            # connecting side sits in ZMQ's reconnect back-off for up to 200 ms after the
+            # bind, and the events of a request sent in that window are lost (a PUB with no
+            # subscriber drops, as vLLM's does).
+            picker_binds = self.cfg.ports.kv_pub_base is None
+            if self.cfg.with_picker and picker_binds:
+                self.start_picker()
             self.start_pods()
-            if self.cfg.with_picker:
+            if self.cfg.with_picker and not picker_binds:
                 self.start_picker()
             self.start_envoy()
         except BaseException:
