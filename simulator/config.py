@@ -107,6 +107,7 @@ class SimulatorConfig:
     trust_request_chat_template: bool = False
     kv_events: KVEventsConfig = field(default_factory=KVEventsConfig)
     kv_events_format: str = "map"
+    kv_events_bind_pub: bool = False  # bind the PUB to a concrete address (simulator only)
     enable_lora: bool = False
     lora_modules: list[LoraModule] = field(default_factory=list)
     max_loras: int = 1
@@ -238,6 +239,13 @@ def build_parser() -> argparse.ArgumentParser:
         "request; 0 (default) never ends early, like a random-weight model: max_tokens decides",
     )
     sim.add_argument(
+        "--sim-kv-events-bind",
+        action="store_true",
+        help="bind the KV-event PUB to its endpoint even when it names one address (vLLM "
+        "binds only '*', '::' and ipc endpoints): per-pod subscribers on one machine can then "
+        "reach each pod on loopback",
+    )
+    sim.add_argument(
         "--sim-time-scale",
         type=float,
         default=1.0,
@@ -291,6 +299,7 @@ def parse_config(argv: list[str] | None = None) -> SimulatorConfig:
         trust_request_chat_template=args.trust_request_chat_template,
         kv_events=kv_events,
         kv_events_format=args.kv_events_format,
+        kv_events_bind_pub=args.sim_kv_events_bind,
         enable_lora=args.enable_lora,
         lora_modules=list(args.lora_modules),
         max_loras=args.max_loras,

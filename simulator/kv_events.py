@@ -64,7 +64,7 @@ def _binds(endpoint: str) -> bool:
 
 
 class KVEventPublisher:
-    def __init__(self, cfg: KVEventsConfig, fmt: str = "map") -> None:
+    def __init__(self, cfg: KVEventsConfig, fmt: str = "map", *, bind: bool = False) -> None:
         self.cfg = cfg
         self.fmt = fmt
         self.topic = cfg.topic.encode()
@@ -77,7 +77,8 @@ class KVEventPublisher:
         self._pub = self._ctx.socket(zmq.PUB)
         self._pub.setsockopt(zmq.SNDHWM, cfg.hwm)
         self._pub.setsockopt(zmq.LINGER, 0)
-        if _binds(cfg.endpoint):
+        binds = bind or _binds(cfg.endpoint)
+        if binds:
             self._pub.bind(cfg.endpoint)
         else:
             self._pub.connect(cfg.endpoint)
@@ -89,7 +90,7 @@ class KVEventPublisher:
             self._router.bind(cfg.replay_endpoint)
         log.info(
             "KV events: PUB %s %s, replay %s, topic %r, format %s",
-            "bound to" if _binds(cfg.endpoint) else "connected to",
+            "bound to" if binds else "connected to",
             cfg.endpoint,
             cfg.replay_endpoint or "off",
             cfg.topic,

@@ -60,7 +60,9 @@ class Simulator:
         for module in cfg.lora_modules:
             self._add_lora(module.name, module.path)
         self.publisher = (
-            KVEventPublisher(cfg.kv_events, cfg.kv_events_format) if cfg.kv_events.active else None
+            KVEventPublisher(cfg.kv_events, cfg.kv_events_format, bind=cfg.kv_events_bind_pub)
+            if cfg.kv_events.active
+            else None
         )
         texts = {t: self.tokenizer.decode([t]) for t in self.tokenizer.generation_token_ids()}
         self.engine = Engine(

@@ -34,9 +34,12 @@ def config(*plugins: tuple[str, float | None]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def make_stack(tmp_path, *, pods=3, picker_config: str | None = None, **kw) -> LocalStack:
+def make_stack(
+    tmp_path, *, pods=3, picker_config: str | None = None, per_pod_kv=False, **kw
+) -> LocalStack:
     ports = StackPorts(
         kv_replay_base=free_port_run(pods),
+        kv_pub_base=free_port_run(pods) if per_pod_kv else None,
         envoy=free_port(),
         envoy_admin=free_port(),
         picker=free_port(),
