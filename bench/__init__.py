@@ -9,7 +9,7 @@ BENCHMARKS = {
     "simulator": "bench.simulator",
     "epp_overhead": "bench.epp_overhead",
     "kvindex": "bench.kvindex",
-    "routing": "bench.routing",
+    "routing": "bench.routing.cli",
 }
 
 

@@ -55,6 +55,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_port_run(n: int) -> int:
+    """The first of n consecutive ports that are free now (pod i's socket is on base + i)."""
+    for _ in range(200):
+        base = free_port()
+        if base + n < 65535 and all(_free(p) for p in range(base + 1, base + n)):
+            return base
+    raise RuntimeError(f"no run of {n} free ports")
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 def write_json(name: str, data: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"

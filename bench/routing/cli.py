@@ -1,0 +1,142 @@
+"""`infergate bench routing`: every router, workload and rate on the same fleet and seed."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from bench.common import PLOTS, machine, write_json
+from bench.routing.oracle import oracle
+from bench.routing.report import markdown, plot
+from bench.routing.routers import EXTERNAL_ROUTERS, INFERGATE_PROFILES, InfergateRouter
+from bench.routing.run import Point, Settings, run_point
+from bench.routing.workloads import MultiTurn, NoReuse, SharedPrefix
+
+# Prefill of uncached tokens dominates TTFT (150 µs a token: ~0.3 s for a 2k-token
+# prompt); each pod's cache has room for about three of the group prefixes.
+BLOCK_SIZE = 16
+CACHE_BLOCKS = 320
+PREFILL_US = 150.0
+SIM_ARGS = [
+    "--sim-prefill-us-per-token",
+    str(PREFILL_US),
+    "--block-size",
+    str(BLOCK_SIZE),
+    "--num-gpu-blocks-override",
+    str(CACHE_BLOCKS),
+    "--max-num-seqs",
+    "64",
+]
+
+
+def all_routers() -> dict:
+    routers = {f"infergate-{c}": InfergateRouter(c) for c in INFERGATE_PROFILES}
+    routers |= {r.name: r for r in EXTERNAL_ROUTERS()}
+    return routers
+
+
+def plan(quick: bool, pods: int) -> list[tuple[object, list[float]]]:
+    """(workload, rates). Six groups a pod against room for three: evictions happen, which
+    is where knowing what each pod holds beats remembering what was sent where."""
+    shared = SharedPrefix(groups=pods * 6, users=5)
+    if quick:
+        return [(shared, [10.0])]
+    return [(shared, [4.0, 10.0, 16.0]), (MultiTurn(), [6.0, 12.0]), (NoReuse(), [8.0])]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="infergate bench routing", description=__doc__)
+    p.add_argument("--quick", action="store_true", help="4 pods, one workload and rate (< 3 min)")
+    p.add_argument("--routers", default=None, help="comma-separated names (default: all)")
+    p.add_argument("--pods", type=int, default=None)
+    p.add_argument("--seed", type=int, default=7)
+    args = p.parse_args(argv)
+    pods = args.pods or (4 if args.quick else 8)
+    settings = Settings(
+        pods=pods,
+        sim_args=SIM_ARGS,
+        warmup_s=4.0 if args.quick else 6.0,
+        duration_s=10.0 if args.quick else 20.0,
+        seed=args.seed,
+    )
+    routers = all_routers()
+    chosen = args.routers.split(",") if args.routers else list(routers)
+    unknown = [r for r in chosen if r not in routers]
+    if unknown:
+        p.error(f"unknown routers {unknown}; known: {', '.join(routers)}")
+    work = plan(args.quick, pods)
+    points = [Point(routers[r], wl, rate) for wl, rates in work for rate in rates for r in chosen]
+    rows = _run_with_progress(points, settings)
+    oracles = [
+        {"workload": wl.name, "rate": rate}
+        | vars_of(
+            oracle(
+                wl.trace(rate, settings.warmup_s + settings.duration_s, settings.seed),
+                pods=pods,
+                capacity_blocks=CACHE_BLOCKS - 1,  # block 0 is vLLM's null block
+                block_size=BLOCK_SIZE,
+                prefill_us_per_token=PREFILL_US,
+                measured_from=settings.warmup_s,
+            )
+        )
+        for wl, rates in work
+        for rate in rates
+    ]
+    out = {
+        "benchmark": "routing",
+        "machine": machine(),
+        "settings": vars_of(settings),
+        "workloads": [wl.describe() for wl, _ in work],
+        "rows": rows,
+        "oracle": oracles,
+    }
+    name = f"routing-{out['machine']['date']}" + ("-quick" if args.quick else "")
+    print("wrote", write_json(name, out))
+    for path in plot(out, PLOTS):
+        print("wrote", path)
+    print(markdown(out))
+    return 0
+
+
+def vars_of(obj) -> dict:
+    return {k: getattr(obj, k) for k in obj.__slots__}
+
+
+def _run_with_progress(points: list[Point], settings: Settings) -> list[dict]:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    rows = []
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns) as progress:
+        overall = progress.add_task("points", total=len(points))
+        for point in points:
+            label = f"{point.router.name} · {point.workload.name} · {point.rate} req/s"
+            expected = len(
+                point.workload.trace(
+                    point.rate, settings.warmup_s + settings.duration_s, settings.seed
+                )
+            )
+            task = progress.add_task(label, total=expected)
+            t0 = time.monotonic()
+            row = run_point(point, settings, on_request=lambda _o, t=task: progress.advance(t))
+            row["seconds"] = round(time.monotonic() - t0, 1)
+            rows.append(row)
+            progress.remove_task(task)
+            progress.advance(overall)
+            progress.console.print(_one_line(row))
+    return rows
+
+
+def _one_line(row: dict) -> str:
+    head = f"{row['router']:<26} {row['workload']:<14} {row['rate']:>5}"
+    if "unavailable" in row:
+        return f"{head}  not run: {row['unavailable']}"
+    return (
+        f"{head}  TTFT p90 {row['ttft_p90_ms']:>7} ms  hit {row['prefix_hit_rate']}"
+        f"  imbalance {row['load_imbalance']}  errors {row['errors']}"
+    )

@@ -1,0 +1,106 @@
+"""One benchmark point: a fresh fleet, one router in front of it, one workload at one rate.
+
+Requests that arrive during the warm-up are sent (they fill the caches) but not counted;
+the pods' cache counters, the load samples and the router's CPU time cover only the
+measured part. Failures are counted, never dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+from bench.common import percentile, process_cpu_seconds
+from bench.routing.client import Outcome, run_trace
+from bench.routing.fleet import PodWatch, new_stack, workdir
+from bench.routing.routers import RouterUnavailable
+
+
+@dataclass(slots=True)
+class Point:
+    router: object  # InfergateRouter | ExternalRouter
+    workload: object
+    rate: float
+
+
+@dataclass(slots=True)
+class Settings:
+    pods: int
+    sim_args: list[str]
+    warmup_s: float
+    duration_s: float
+    seed: int
+
+
+def run_point(point: Point, s: Settings, on_request=None) -> dict:
+    row = {"router": point.router.name, "workload": point.workload.name, "rate": point.rate}
+    stack = new_stack(workdir(point.router.name), s.pods, s.sim_args, picker_config=None)
+    try:
+        stack.start_pods()
+        url = point.router.start(stack)
+        trace = point.workload.trace(point.rate, s.warmup_s + s.duration_s, s.seed)
+        row |= asyncio.run(_measure(url, stack.pod_addresses, trace, point, s, on_request))
+    except RouterUnavailable as exc:
+        row["unavailable"] = str(exc)
+    finally:
+        point.router.stop()
+        stack.stop()
+    return row
+
+
+async def _measure(url, pods, trace, point: Point, s: Settings, on_request) -> dict:
+    async with PodWatch(pods) as watch:
+        pids = point.router.pids()
+        marks: dict[str, object] = {}
+
+        async def at_warmup_end() -> None:
+            await asyncio.sleep(s.warmup_s)
+            marks["counters"] = await watch.counters()
+            marks["cpu"] = sum(process_cpu_seconds(p) for p in pids)
+            marks["t"] = time.monotonic()
+            watch.start_sampling()
+
+        mark = asyncio.create_task(at_warmup_end())
+        outcomes, _wall = await run_trace(url, trace, on_request)
+        await mark
+        end = time.monotonic()
+        cpu = sum(process_cpu_seconds(p) for p in pids) - marks["cpu"]
+        hits, queries = (
+            b - a for a, b in zip(marks["counters"], await watch.counters(), strict=True)
+        )
+        await watch.stop_sampling()
+        return summarize(
+            [o for o in outcomes if o.at >= s.warmup_s],
+            seconds=end - marks["t"],
+            hit_rate=hits / queries if queries else None,
+            imbalance=watch.imbalance(),
+            router_cpu_s=cpu,
+        )
+
+
+def summarize(
+    measured: list[Outcome],
+    *,
+    seconds: float,
+    hit_rate: float | None,
+    imbalance: float | None,
+    router_cpu_s: float,
+) -> dict:
+    done = [o for o in measured if o.ok]
+    ttfts = [o.ttft for o in done if o.ttft is not None]
+    tpots = [o.tpot for o in done if o.tpot is not None]
+    ms = lambda v: round(1000 * v, 1)  # noqa: E731
+    return {
+        "requests": len(measured),
+        "errors": len(measured) - len(done),
+        "ttft_p50_ms": ms(percentile(ttfts, 50)),
+        "ttft_p90_ms": ms(percentile(ttfts, 90)),
+        "ttft_p99_ms": ms(percentile(ttfts, 99)),
+        "tpot_p50_ms": round(1000 * percentile(tpots, 50), 2),
+        "output_tokens_per_s": round(sum(o.tokens for o in done) / seconds, 1),
+        "requests_per_s": round(len(done) / seconds, 2),
+        "prefix_hit_rate": round(hit_rate, 3) if hit_rate is not None else None,
+        "load_imbalance": imbalance,
+        "router_cpu_ms_per_request": round(1000 * router_cpu_s / len(done), 2) if done else None,
+    }

@@ -1,0 +1,169 @@
+"""The routing benchmark's workloads, each a deterministic trace of timed requests.
+
+A trace depends only on the workload, the rate, the duration and the seed — never on what a
+router did — so every router sees the very same requests at the very same offsets.
+
+- shared prefix: G groups × U users, a long group prefix and a short question (the shape of
+  inference-perf's shared_prefix); completions.
+- multi-turn chat: conversations start as a Poisson stream; each turn resends the whole
+  history plus a new question after a think time (assistant turns are fixed text, so the
+  trace does not depend on the answers; the pods still cache every earlier prompt); chat.
+- no reuse: random prompts of the shared-prefix length, nothing in common; completions.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+MODEL = "infergate-sim"
+_VOCAB = [f"{a}{b}" for a in "bcdfghklmnprstvz" for b in ("a", "e", "i", "o", "u", "ar")]
+
+
+def _words(rng: random.Random, n: int) -> str:
+    return " ".join(rng.choice(_VOCAB) for _ in range(n))
+
+
+@dataclass(slots=True, frozen=True)
+class Arrival:
+    at: float  # seconds after the run starts
+    api: str  # "completions" or "chat"
+    body: dict
+
+
+@dataclass(slots=True)
+class SharedPrefix:
+    groups: int
+    users: int
+    prefix_words: int = 1200
+    question_words: int = 8
+    output_tokens: int = 16
+    seed: int = 7
+    name: str = "shared-prefix"
+    prefixes: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        rng = random.Random(self.seed)
+        self.prefixes = [
+            f"Group {g} context: {_words(rng, self.prefix_words)}" for g in range(self.groups)
+        ]
+
+    def trace(self, rate: float, duration: float, seed: int) -> list[Arrival]:
+        rng = random.Random(seed)
+        out = []
+        for t in poisson(rng, rate, duration):
+            g, u = rng.randrange(self.groups), rng.randrange(self.users)
+            question = " ".join(f"q{u}x{rng.randrange(1000)}" for _ in range(self.question_words))
+            prompt = f"{self.prefixes[g]}\nUser {u} asks: {question}"
+            out.append(Arrival(t, "completions", completion(prompt, self.output_tokens)))
+        return out
+
+    def describe(self) -> dict:
+        return {
+            "name": self.name,
+            "groups": self.groups,
+            "users": self.users,
+            "prefix_words": self.prefix_words,
+            "question_words": self.question_words,
+            "output_tokens": self.output_tokens,
+        }
+
+
+@dataclass(slots=True)
+class MultiTurn:
+    turns: int = 6
+    system_words: int = 150
+    user_words: int = 120
+    answer_words: int = 60
+    think_s: float = 2.0  # mean pause between a conversation's turns
+    output_tokens: int = 16
+    name: str = "multi-turn"
+
+    def trace(self, rate: float, duration: float, seed: int) -> list[Arrival]:
+        """`rate` is turns per second overall: conversations start at rate / turns."""
+        rng = random.Random(seed)
+        out = []
+        for c, start in enumerate(poisson(rng, rate / self.turns, duration)):
+            messages = [
+                {"role": "system", "content": f"Chat {c}. {_words(rng, self.system_words)}"}
+            ]
+            t = start
+            for turn in range(self.turns):
+                if t >= duration:
+                    break
+                messages.append({"role": "user", "content": _words(rng, self.user_words)})
+                out.append(Arrival(t, "chat", chat(list(messages), self.output_tokens)))
+                messages.append(
+                    {
+                        "role": "assistant",
+                        "content": f"Answer {turn}: {_words(rng, self.answer_words)}",
+                    }
+                )
+                t += rng.expovariate(1 / self.think_s)
+        out.sort(key=lambda a: a.at)
+        return out
+
+    def describe(self) -> dict:
+        return {
+            "name": self.name,
+            "turns": self.turns,
+            "system_words": self.system_words,
+            "user_words": self.user_words,
+            "answer_words": self.answer_words,
+            "think_s": self.think_s,
+            "output_tokens": self.output_tokens,
+        }
+
+
+@dataclass(slots=True)
+class NoReuse:
+    prompt_words: int = 1200
+    output_tokens: int = 16
+    name: str = "no-reuse"
+
+    def trace(self, rate: float, duration: float, seed: int) -> list[Arrival]:
+        rng = random.Random(seed)
+        return [
+            Arrival(
+                t,
+                "completions",
+                completion(f"{i}: {_words(rng, self.prompt_words)}", self.output_tokens),
+            )
+            for i, t in enumerate(poisson(rng, rate, duration))
+        ]
+
+    def describe(self) -> dict:
+        return {
+            "name": self.name,
+            "prompt_words": self.prompt_words,
+            "output_tokens": self.output_tokens,
+        }
+
+
+def poisson(rng: random.Random, rate: float, duration: float) -> list[float]:
+    times, t = [], 0.0
+    while True:
+        t += rng.expovariate(rate)
+        if t >= duration:
+            return times
+        times.append(t)
+
+
+def completion(prompt: str, max_tokens: int) -> dict:
+    return {
+        "model": MODEL,
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "ignore_eos": True,
+        "stream": True,
+    }
+
+
+def chat(messages: list[dict], max_tokens: int) -> dict:
+    return {
+        "model": MODEL,
+        "messages": messages,
+        "max_tokens": max_tokens,
+        "ignore_eos": True,
+        "stream": True,
+    }
