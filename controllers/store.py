@@ -1,0 +1,158 @@
+"""The one interface reconcilers use to read and write API objects, whatever holds them:
+a Kubernetes API server (kube_store.py) or memory (memory_store.py, for standalone mode).
+
+Objects are plain dicts shaped as the API serves them. Semantics follow kube-apiserver:
+every write bumps metadata.resourceVersion; an update carrying a stale resourceVersion is a
+Conflict; a spec change bumps metadata.generation; writes to an object keep its status and
+status writes keep everything else; deleting an owner deletes its dependents.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+Obj = dict[str, Any]
+
+
+@dataclass(slots=True, frozen=True)
+class Kind:
+    api_version: str
+    kind: str
+    plural: str
+    namespaced: bool = True
+
+    @property
+    def group(self) -> str:
+        return self.api_version.rpartition("/")[0]
+
+    @property
+    def version(self) -> str:
+        return self.api_version.rpartition("/")[2]
+
+
+POD = Kind("v1", "Pod", "pods")
+SERVICE = Kind("v1", "Service", "services")
+LEASE = Kind("coordination.k8s.io/v1", "Lease", "leases")
+INFERENCE_POOL = Kind("inference.networking.k8s.io/v1", "InferencePool", "inferencepools")
+MODEL = Kind("workload.infergate.io/v1alpha1", "Model", "models")
+MODEL_INFER = Kind("workload.infergate.io/v1alpha1", "ModelInfer", "modelinfers")
+AUTOSCALING_POLICY = Kind(
+    "workload.infergate.io/v1alpha1", "AutoScalingPolicy", "autoscalingpolicies"
+)
+AUTOSCALING_BINDING = Kind(
+    "workload.infergate.io/v1alpha1", "AutoScalingPolicyBinding", "autoscalingpolicybindings"
+)
+MODEL_SERVER = Kind("networking.infergate.io/v1alpha1", "ModelServer", "modelservers")
+MODEL_ROUTE = Kind("networking.infergate.io/v1alpha1", "ModelRoute", "modelroutes")
+POD_GROUP = Kind("scheduling.volcano.sh/v1beta1", "PodGroup", "podgroups")
+
+KINDS = {
+    k.kind: k
+    for k in (
+        POD,
+        SERVICE,
+        LEASE,
+        INFERENCE_POOL,
+        MODEL,
+        MODEL_INFER,
+        AUTOSCALING_POLICY,
+        AUTOSCALING_BINDING,
+        MODEL_SERVER,
+        MODEL_ROUTE,
+        POD_GROUP,
+    )
+}
+
+
+def kind_of(obj: Obj) -> Kind:
+    try:
+        return KINDS[obj["kind"]]
+    except KeyError:
+        raise ValueError(f"unknown kind {obj.get('kind')!r}") from None
+
+
+class StoreError(Exception):
+    code = 500
+
+
+class NotFound(StoreError):
+    code = 404
+
+
+class AlreadyExists(StoreError):
+    code = 409
+
+
+class Conflict(StoreError):
+    """The object changed since it was read: read it again and retry."""
+
+    code = 409
+
+
+class Gone(StoreError):
+    """A watch's resourceVersion is too old: list again."""
+
+    code = 410
+
+
+class Invalid(StoreError):
+    code = 422
+
+
+class Store(Protocol):
+    async def get(self, kind: Kind, namespace: str, name: str) -> Obj | None: ...
+
+    async def list(
+        self, kind: Kind, namespace: str | None = None, labels: dict[str, str] | None = None
+    ) -> tuple[list[Obj], str]:
+        """The objects and the resourceVersion to watch from."""
+        ...
+
+    async def create(self, obj: Obj) -> Obj: ...
+
+    async def update(self, obj: Obj) -> Obj: ...
+
+    async def update_status(self, obj: Obj) -> Obj: ...
+
+    async def delete(self, kind: Kind, namespace: str, name: str) -> None: ...
+
+    def watch(
+        self, kind: Kind, namespace: str | None, resource_version: str
+    ) -> AsyncIterator[tuple[str, Obj]]:
+        """(ADDED|MODIFIED|DELETED, object) after resource_version; raises Gone."""
+        ...
+
+
+def meta(obj: Obj) -> dict[str, Any]:
+    return obj.setdefault("metadata", {})
+
+
+def key_of(obj: Obj) -> tuple[str, str]:
+    m = obj["metadata"]
+    return m.get("namespace", ""), m["name"]
+
+
+def owner_reference(owner: Obj, *, controller: bool = True) -> dict[str, Any]:
+    m = owner["metadata"]
+    return {
+        "apiVersion": owner["apiVersion"],
+        "kind": owner["kind"],
+        "name": m["name"],
+        "uid": m["uid"],
+        "controller": controller,
+        "blockOwnerDeletion": True,
+    }
+
+
+def controller_of(obj: Obj) -> dict[str, Any] | None:
+    for ref in obj.get("metadata", {}).get("ownerReferences") or []:
+        if ref.get("controller"):
+            return ref
+    return None
+
+
+def labels_match(obj: Obj, labels: dict[str, str] | None) -> bool:
+    have = obj.get("metadata", {}).get("labels") or {}
+    return all(have.get(k) == v for k, v in (labels or {}).items())

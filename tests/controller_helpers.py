@@ -1,0 +1,64 @@
+"""Helpers for reconcile tests: a ModelInfer factory, and a stand-in for the kubelet that
+marks pods running and ready (on a real cluster the kubelet does; in standalone mode the
+local process runtime does)."""
+
+from __future__ import annotations
+
+import copy
+
+from controllers.store import POD, Obj, Store
+
+
+def modelinfer(name: str = "llm", replicas: int = 2, **spec) -> Obj:
+    roles = [
+        {
+            "name": "prefill",
+            "replicas": 1,
+            "workerReplicas": 1,
+            "entryTemplate": {
+                "metadata": {"labels": {"app": "llm"}},
+                "spec": {"containers": [{"name": "engine", "image": "vllm:1"}]},
+            },
+            "workerTemplate": {"spec": {"containers": [{"name": "engine", "image": "vllm:1"}]}},
+        },
+        {
+            "name": "decode",
+            "replicas": 2,
+            "workerReplicas": 0,
+            "entryTemplate": {"spec": {"containers": [{"name": "engine", "image": "vllm:1"}]}},
+        },
+    ]
+    return {
+        "apiVersion": "workload.infergate.io/v1alpha1",
+        "kind": "ModelInfer",
+        "metadata": {"name": name, "namespace": "default", "labels": {"infergate.io/model": name}},
+        "spec": {"replicas": replicas, "template": {"roles": roles}, **spec},
+    }
+
+
+async def kubelet(store: Store, *, ready: bool = True) -> int:
+    """Mark every pod without status Running (and Ready); returns how many changed."""
+    pods, _ = await store.list(POD)
+    changed = 0
+    for p in pods:
+        if p.get("status", {}).get("phase"):
+            continue
+        p = copy.deepcopy(p)
+        p["status"] = {
+            "phase": "Running",
+            "conditions": [{"type": "Ready", "status": "True" if ready else "False"}],
+            "containerStatuses": [{"name": "engine", "restartCount": 0, "ready": ready}],
+        }
+        await store.update_status(p)
+        changed += 1
+    return changed
+
+
+async def settle(reconciler, store: Store, name: str, *, passes: int = 50, ready=True) -> int:
+    """Reconcile and let the kubelet start pods until nothing changes; returns the passes."""
+    for n in range(1, passes + 1):
+        again = await reconciler.reconcile("default", name)
+        started = await kubelet(store, ready=ready)
+        if again is None and started == 0:
+            return n
+    raise AssertionError(f"{name} did not settle in {passes} passes")

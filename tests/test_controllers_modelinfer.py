@@ -1,0 +1,234 @@
+"""The ModelInfer reconciler on the in-memory store: groups, roles, entry and worker pods,
+services, scaling order, rolling updates within maxUnavailable and partition, recovery."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+
+import pytest
+
+from controllers import modelinfer_pods as mp
+from controllers.memory_store import MemoryStore
+from controllers.modelinfer import ModelInferReconciler
+from controllers.runner import Controller, own_key, owner_key
+from controllers.store import MODEL_INFER, POD, POD_GROUP, SERVICE
+from tests.controller_helpers import kubelet, modelinfer, settle
+
+
+@pytest.fixture
+async def env():
+    store = MemoryStore()
+    return store, ModelInferReconciler(store)
+
+
+async def pods_of(store, name="llm"):
+    pods, _ = await store.list(POD, "default", {mp.L_MODELINFER: name})
+    return {p["metadata"]["name"]: p for p in pods}
+
+
+def env_of(pod) -> dict[str, str]:
+    return {e["name"]: e["value"] for e in pod["spec"]["containers"][0]["env"]}
+
+
+async def edit(store, name, change) -> None:
+    mi = await store.get(MODEL_INFER, "default", name)
+    change(mi["spec"])
+    await store.update(mi)
+
+
+async def test_groups_roles_entry_and_worker_pods(env):
+    store, rec = env
+    await store.create(modelinfer(replicas=2))
+    await settle(rec, store, "llm")
+    pods = await pods_of(store)
+    # per group: prefill 1 instance × (entry + 1 worker) + decode 2 instances × entry
+    assert sorted(pods) == sorted(
+        f"llm-{g}-{r}"
+        for g in (0, 1)
+        for r in ("prefill-0-0", "prefill-0-1", "decode-0-0", "decode-1-0")
+    )
+    worker = pods["llm-1-prefill-0-1"]
+    labels = worker["metadata"]["labels"]
+    assert labels[mp.L_GROUP] == "llm-1" and labels[mp.L_ROLE] == "prefill"
+    assert labels[mp.L_ENTRY] == "false" and labels[mp.L_ROLE_INDEX] == "0"
+    assert labels[mp.L_MODEL] == "llm" and "app" not in labels  # the worker template has none
+    assert env_of(worker) == {
+        "GROUP_SIZE": "2",
+        "ENTRY_ADDRESS": "llm-1-prefill-0-0.default",
+        "WORKER_INDEX": "1",
+    }
+    assert pods["llm-0-prefill-0-0"]["metadata"]["labels"]["app"] == "llm"
+    mi = await store.get(MODEL_INFER, "default", "llm")
+    assert worker["metadata"]["ownerReferences"][0]["uid"] == mi["metadata"]["uid"]
+    services, _ = await store.list(SERVICE, "default")
+    assert len(services) == 6 and all(s["spec"]["clusterIP"] == "None" for s in services)
+    st = mi["status"]
+    assert st["replicas"] == st["readyReplicas"] == st["updatedReplicas"] == 2
+    assert st["observedGeneration"] == 1 and st["labelSelector"] == "infergate.io/modelinfer=llm"
+    assert {c["type"]: c["status"] for c in st["conditions"]} == {
+        "Available": "True",
+        "Progressing": "False",
+    }
+
+
+async def test_reconcile_is_idempotent(env):
+    store, rec = env
+    await store.create(modelinfer())
+    await settle(rec, store, "llm")
+    _, rv = await store.list(POD)
+    for _ in range(3):
+        assert await rec.reconcile("default", "llm") is None
+    assert (await store.list(POD))[1] == rv  # nothing was written
+
+
+async def test_scale_down_takes_not_ready_groups_first_then_the_highest(env):
+    store, rec = env
+    await store.create(modelinfer(replicas=4))
+    await settle(rec, store, "llm")
+    # group 1 loses readiness
+    p = (await pods_of(store))["llm-1-decode-1-0"]
+    p["status"]["conditions"][0]["status"] = "False"
+    await store.update_status(p)
+    await edit(store, "llm", lambda s: s.update(replicas=2))
+    await settle(rec, store, "llm")
+    groups = {p["metadata"]["labels"][mp.L_GROUP] for p in (await pods_of(store)).values()}
+    assert groups == {"llm-0", "llm-2"}
+    services, _ = await store.list(SERVICE, "default")
+    assert {s["metadata"]["labels"][mp.L_GROUP] for s in services} == {"llm-0", "llm-2"}
+    await edit(store, "llm", lambda s: s.update(replicas=3))
+    await settle(rec, store, "llm")
+    groups = {p["metadata"]["labels"][mp.L_GROUP] for p in (await pods_of(store)).values()}
+    assert groups == {"llm-0", "llm-1", "llm-2"}  # the lowest free ordinal comes back
+
+
+async def test_rolling_update_respects_max_unavailable_and_partition(env):
+    store, rec = env
+    strategy = {"rollingUpdateConfiguration": {"maxUnavailable": 1, "partition": 1}}
+    await store.create(modelinfer(replicas=4, rolloutStrategy=strategy))
+    await settle(rec, store, "llm")
+    old = mp.revision(await store.get(MODEL_INFER, "default", "llm"))
+
+    def new_image(spec):
+        spec["template"]["roles"][1]["entryTemplate"]["spec"]["containers"][0]["image"] = "vllm:2"
+
+    await edit(store, "llm", new_image)
+    new = mp.revision(await store.get(MODEL_INFER, "default", "llm"))
+    rolled = []
+    for _ in range(60):
+        again = await rec.reconcile("default", "llm")
+        pods = (await pods_of(store)).values()
+        by_group: dict[str, set[str]] = {}
+        for p in pods:
+            by_group.setdefault(p["metadata"]["labels"][mp.L_GROUP], set()).add(
+                p["metadata"]["labels"][mp.L_REVISION]
+            )
+        missing = 4 - len(by_group)
+        not_ready = sum(1 for p in pods if not p.get("status"))
+        assert missing + (1 if not_ready else 0) <= 1, "more than maxUnavailable groups down"
+        for g, revs in by_group.items():
+            if revs == {new} and g not in rolled:
+                rolled.append(g)
+        started = await kubelet(store)
+        if again is None and started == 0:
+            break
+    assert rolled == ["llm-3", "llm-2", "llm-1"]  # highest first; group 0 is below partition
+    revs = {
+        p["metadata"]["labels"][mp.L_GROUP]: p["metadata"]["labels"][mp.L_REVISION]
+        for p in (await pods_of(store)).values()
+    }
+    assert revs["llm-0"] == old
+    st = (await store.get(MODEL_INFER, "default", "llm"))["status"]
+    assert st["updatedReplicas"] == 3 and st["currentRevision"] == old
+    assert st["updateRevision"] == new and st["observedGeneration"] == 2
+
+
+async def fail(store, pod_name: str) -> None:
+    p = (await pods_of(store))[pod_name]
+    p["status"]["containerStatuses"][0]["restartCount"] = 1
+    await store.update_status(p)
+
+
+@pytest.mark.parametrize(
+    ("policy", "recreated"),
+    [
+        ("RoleRecreate", {"llm-0-prefill-0-0", "llm-0-prefill-0-1"}),
+        (
+            "GroupRecreate",
+            {"llm-0-prefill-0-0", "llm-0-prefill-0-1", "llm-0-decode-0-0", "llm-0-decode-1-0"},
+        ),
+        ("None", set()),
+    ],
+)
+async def test_recovery_policies(env, policy, recreated):
+    store, rec = env
+    await store.create(modelinfer(replicas=2, recoveryPolicy=policy))
+    await settle(rec, store, "llm")
+    before = {n: p["metadata"]["uid"] for n, p in (await pods_of(store)).items()}
+    await fail(store, "llm-0-prefill-0-1")  # a worker restarted
+    await settle(rec, store, "llm")
+    after = {n: p["metadata"]["uid"] for n, p in (await pods_of(store)).items()}
+    assert set(after) == set(before)
+    assert {n for n in before if before[n] != after[n]} == recreated
+
+
+async def test_gang_scheduling_makes_a_pod_group_per_group(env):
+    store, rec = env
+    await store.create(modelinfer(replicas=2, schedulerName="volcano"))
+    await settle(rec, store, "llm")
+    groups, _ = await store.list(POD_GROUP, "default")
+    assert {g["metadata"]["name"]: g["spec"]["minMember"] for g in groups} == {
+        "llm-0": 4,
+        "llm-1": 4,
+    }
+    assert all(p["spec"]["schedulerName"] == "volcano" for p in (await pods_of(store)).values())
+
+
+async def test_deleting_the_modelinfer_deletes_what_it_made(env):
+    store, rec = env
+    await store.create(modelinfer(replicas=1))
+    await settle(rec, store, "llm")
+    await store.delete(MODEL_INFER, "default", "llm")
+    assert await pods_of(store) == {}
+    assert (await store.list(SERVICE))[0] == []
+
+
+async def test_percent_max_unavailable_and_partition():
+    mi = modelinfer(replicas=10)
+    mi["spec"]["rolloutStrategy"] = {
+        "rollingUpdateConfiguration": {"maxUnavailable": "25%", "partition": "50%"}
+    }
+    assert mp.max_unavailable(mi) == 2 and mp.partition(mi) == 5
+    mi["spec"]["rolloutStrategy"]["rollingUpdateConfiguration"]["maxUnavailable"] = "5%"
+    assert mp.max_unavailable(mi) == 1  # never 0: a rollout must be able to start
+
+
+async def test_the_controller_reconciles_from_events():
+    store = MemoryStore()
+    ctl = Controller(
+        store,
+        ModelInferReconciler(store),
+        [(MODEL_INFER, own_key), (POD, owner_key(MODEL_INFER))],
+    )
+    await ctl.start()
+    try:
+        await store.create(modelinfer(replicas=1))
+        for _ in range(200):
+            await kubelet(store)
+            mi = await store.get(MODEL_INFER, "default", "llm")
+            if (mi.get("status") or {}).get("readyReplicas") == 1:
+                break
+            await asyncio.sleep(0.02)
+        else:
+            raise AssertionError("never ready")
+        # a pod deleted behind the controller's back comes back
+        await store.delete(POD, "default", "llm-0-decode-1-0")
+        for _ in range(200):
+            if "llm-0-decode-1-0" in await pods_of(store):
+                break
+            await asyncio.sleep(0.02)
+        else:
+            raise AssertionError("the deleted pod was not recreated")
+    finally:
+        await ctl.stop()
+    assert copy.deepcopy(ctl.metrics.reconciles.labels("ModelInfer", "ok")._value.get()) > 0
