@@ -1,0 +1,176 @@
+"""The autoscaler's arithmetic, apart from any I/O: a recommendation from metrics, panic and
+stable modes with rate limits and stabilization windows, clamping, the cost-aware split over
+several targets and the prefill/decode ratio.
+
+Semantics (Knative's KPA as Kthena adapted it):
+- recommendation = max over metrics of ceil(sum / target), unchanged while every metric is
+  within `tolerance` of its target at the current size;
+- panic when recommendation ≥ current × threshold%: scale up fast (bounded by `percent`
+  per period over the smallest size seen in the period), never down, until `hold` has
+  passed since the last trigger;
+- stable: up to the *smallest* recommendation of the stabilization window, down to the
+  *largest* (so one noisy sample does not move the fleet), each step bounded by
+  `instances` or `percent` of the smallest (up) / largest (down) size in the period;
+  `select` Or takes the looser bound, And the tighter.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, field
+
+
+@dataclass(slots=True, frozen=True)
+class StepPolicy:
+    instances: int | None = None  # at most this many replicas per period
+    percent: float | None = None  # at most this percent of the base per period
+    period: float = 60.0
+    select: str = "Or"  # Or: the looser of the two bounds; And: the tighter
+    window: float = 0.0  # stabilization window, seconds
+
+
+@dataclass(slots=True, frozen=True)
+class PanicPolicy:
+    threshold_percent: float = 200.0  # enter when rec ≥ current × threshold%
+    percent: float = 1000.0  # growth per period while panicking
+    period: float = 10.0
+    hold: float = 60.0  # stay in panic this long after the last trigger
+
+
+@dataclass(slots=True, frozen=True)
+class Policy:
+    targets: dict[str, float]  # metric name → target value per replica
+    tolerance: float = 0.1  # fraction
+    up: StepPolicy = StepPolicy(percent=100.0, instances=4, period=15.0)
+    down: StepPolicy = StepPolicy(percent=100.0, period=15.0, window=300.0)
+    panic: PanicPolicy | None = PanicPolicy()
+
+
+def recommend(metrics: dict[str, float], policy: Policy, current: int) -> int:
+    """ceil(sum / target) for each metric, the largest wins; within tolerance of every
+    target at the current size, stay."""
+    if current > 0 and all(
+        abs(metrics.get(m, 0.0) / (t * current) - 1) <= policy.tolerance
+        for m, t in policy.targets.items()
+    ):
+        return current
+    wanted = [math.ceil(metrics.get(m, 0.0) / t) for m, t in policy.targets.items() if t > 0]
+    return max(wanted, default=current)
+
+
+@dataclass(slots=True)
+class Scaler:
+    """The state of one scaled target over time."""
+
+    policy: Policy
+    min_replicas: int = 1
+    max_replicas: int = 10
+    panic_until: float = -math.inf
+    recs: deque[tuple[float, int]] = field(default_factory=deque)
+    sizes: deque[tuple[float, int]] = field(default_factory=deque)
+
+    def panicking(self, now: float) -> bool:
+        return now < self.panic_until
+
+    def step(self, now: float, metrics: dict[str, float], current: int) -> int:
+        """The size to set now, given the metrics summed over the target's ready pods."""
+        p = self.policy
+        rec = recommend(metrics, p, current)
+        self.recs.append((now, rec))
+        self.sizes.append((now, current))
+        self._trim(now)
+        if p.panic and current > 0 and rec * 100 >= current * p.panic.threshold_percent:
+            self.panic_until = now + p.panic.hold
+        if p.panic and now < self.panic_until:
+            base = self._min_size(now - p.panic.period)
+            cap = math.floor(base * (1 + p.panic.percent / 100))
+            desired = max(current, min(rec, cap))  # panic never scales down
+        elif rec > current:
+            rec = min(r for t, r in self.recs if t >= now - p.up.window)
+            base = self._min_size(now - p.up.period)
+            desired = max(current, min(rec, _bound(base, p.up, up=True)))
+        elif rec < current:
+            rec = max(r for t, r in self.recs if t >= now - p.down.window)
+            base = self._max_size(now - p.down.period)
+            desired = min(current, max(rec, _bound(base, p.down, up=False)))
+        else:
+            desired = current
+        return max(self.min_replicas, min(self.max_replicas, desired))
+
+    def _trim(self, now: float) -> None:
+        p = self.policy
+        keep = max(p.up.window, p.down.window, p.up.period, p.down.period)
+        if p.panic:
+            keep = max(keep, p.panic.period)
+        for q in (self.recs, self.sizes):
+            while q and q[0][0] < now - keep:
+                q.popleft()
+
+    def _min_size(self, since: float) -> int:
+        return min(s for t, s in self.sizes if t >= since)
+
+    def _max_size(self, since: float) -> int:
+        return max(s for t, s in self.sizes if t >= since)
+
+
+def _bound(base: int, step: StepPolicy, *, up: bool) -> int:
+    """The furthest size one period may reach from `base`."""
+    sign = 1 if up else -1
+    bounds = []
+    if step.instances is not None:
+        bounds.append(base + sign * step.instances)
+    if step.percent is not None:
+        scaled = base * (1 + sign * step.percent / 100)
+        bounds.append(math.floor(scaled) if up else math.ceil(scaled))
+    if not bounds:
+        return 10**9 if up else 0
+    loose = max(bounds) if up else min(bounds)
+    tight = min(bounds) if up else max(bounds)
+    return loose if step.select == "Or" else tight
+
+
+# ---- several targets ----------------------------------------------------------------------
+
+
+@dataclass(slots=True, frozen=True)
+class CostTarget:
+    name: str
+    min_replicas: int
+    max_replicas: int
+    cost: float
+
+
+def split_by_cost(
+    total: int, targets: list[CostTarget], expansion_percent: float
+) -> dict[str, int]:
+    """Spread `total` replicas: every target's minimum first, then the rest of each target's
+    range in packages of 1, r, r², … replicas (r = expansion_percent / 100), cheapest
+    package (cost × size) first. A package is taken whole while it fits, else in part."""
+    out = {t.name: t.min_replicas for t in targets}
+    left = total - sum(out.values())
+    r = max(1.0, expansion_percent / 100)
+    packages = []
+    for order, t in enumerate(targets):
+        room, size = t.max_replicas - t.min_replicas, 1.0
+        while room > 0:
+            n = min(room, max(1, round(size)))
+            packages.append((t.cost * n, order, t.name, n))
+            room -= n
+            size *= r
+    for _cost, _order, name, n in sorted(packages):
+        if left <= 0:
+            break
+        take = min(n, left)
+        out[name] += take
+        left -= take
+    return out
+
+
+def enforce_ratio(prefill: int, decode: int, low: float, high: float) -> tuple[int, int]:
+    """Keep prefill / decode within [low, high] by raising whichever role is short."""
+    if decode > 0 and prefill < decode * low:
+        prefill = math.ceil(decode * low)
+    if prefill > decode * high:
+        decode = math.ceil(prefill / high)
+    return prefill, decode
