@@ -49,7 +49,9 @@ class KVCacheView:
         )
         self.index = KVBlockIndex(block_size=opts.block_size, max_entries=opts.max_entries)
         self.tokenizers = PromptTokenizers(opts.tokenizers or {})
-        self.subscriber = KVEventSubscriber(self.index, replay_endpoint_for=self._replay_for)
+        self.subscriber = KVEventSubscriber(
+            self.index, replay_endpoint_for=self._replay_for, model_for=self._served_model
+        )
         self._connected: set[str] = set()
 
     def _endpoint_of(self, address: str, port: int | None) -> str | None:
@@ -67,6 +69,16 @@ class KVCacheView:
             if base is not None:
                 return base, model
         return model, None
+
+    def _served_model(self, address: str) -> str | None:
+        """The base model a pod serves (from its /v1/models), else the one model the picker
+        has a tokenizer for: what a topic-less KV event's blocks belong to."""
+        ep = self.datastore.endpoint(address)
+        bases = sorted(m for m in (ep.models if ep else ()) if m not in ep.lora_parents)
+        if bases:
+            return bases[0]
+        configured = list(self.opts.tokenizers or {})
+        return configured[0] if len(configured) == 1 else None
 
     def _replay_for(self, address: str) -> str | None:
         return self._endpoint_of(address, self.opts.replay_port)

@@ -55,10 +55,17 @@ class _PodState:
 
 class KVEventSubscriber:
     def __init__(
-        self, sink: EventSink, *, replay_endpoint_for: Callable[[str], str | None] | None = None
+        self,
+        sink: EventSink,
+        *,
+        replay_endpoint_for: Callable[[str], str | None] | None = None,
+        model_for: Callable[[str], str | None] | None = None,
     ) -> None:
         self.sink = sink
         self.replay_endpoint_for = replay_endpoint_for or (lambda _pod: None)
+        # Per-pod mode only: the model of a pod whose topic does not name it (vLLM's
+        # default topic is empty; the socket already says which pod it is).
+        self.model_for = model_for or (lambda _pod: None)
         self.counts: Counter[str] = Counter()
         self._ctx = zmq.asyncio.Context()
         self._pods: dict[str, _PodState] = {}
@@ -83,12 +90,12 @@ class KVEventSubscriber:
         if state.socket is not None:
             return
         sock = self._ctx.socket(zmq.SUB)
-        sock.setsockopt(zmq.SUBSCRIBE, b"kv@")
+        sock.setsockopt(zmq.SUBSCRIBE, b"")  # every topic: vLLM's default one is empty
         sock.setsockopt(zmq.LINGER, 0)
         sock.connect(pub_endpoint)
         state.socket = sock
         state.replay_endpoint = replay_endpoint
-        self._spawn(self._receive(sock))
+        self._spawn(self._receive(sock, pod))
         if replay_endpoint:
             self._start_replay(pod, 0)
 
@@ -121,7 +128,8 @@ class KVEventSubscriber:
 
     # ---- live path -------------------------------------------------------------------
 
-    async def _receive(self, sock: zmq.asyncio.Socket) -> None:
+    async def _receive(self, sock: zmq.asyncio.Socket, from_pod: str | None = None) -> None:
+        """Central mode (from_pod None): the topic names the pod. Per pod: the socket does."""
         while True:
             frames = await sock.recv_multipart()
             self.counts["received"] += 1
@@ -131,7 +139,8 @@ class KVEventSubscriber:
                 continue
             try:
                 msg = decode_message(frames)
-                pod, _model = parse_topic(msg.topic)
+                pod = from_pod or parse_topic(msg.topic)[0]
+                self._model_of(pod, msg.topic)
             except KVEventDecodeError as exc:
                 self.counts["malformed"] += 1
                 log.warning("KV event skipped: %s", exc)
@@ -181,7 +190,7 @@ class KVEventSubscriber:
 
     def _apply(self, pod: str, msg: KVMessage) -> None:
         state = self._pods.setdefault(pod, _PodState())
-        state.model = parse_topic(msg.topic)[1]
+        state.model = self._model_of(pod, msg.topic)
         self._apply_batch(pod, state.model, msg.batch)
         state.last_seq = msg.seq
 
@@ -196,6 +205,22 @@ class KVEventSubscriber:
             except (ValueError, KeyError) as exc:
                 self.counts["rejected_by_index"] += 1
                 log.debug("index rejected an event from %s: %s", pod, exc)
+
+    def _model_of(self, pod: str, topic: str) -> str:
+        """The model a batch's blocks belong to: from a `kv@pod@model` topic, else (per-pod
+        mode) what the pod serves."""
+        try:
+            return parse_topic(topic)[1]
+        except KVEventDecodeError:
+            state = self._pods.get(pod)
+            if state is None or state.socket is None:
+                raise
+            model = self.model_for(pod)
+            if not model:
+                raise KVEventDecodeError(
+                    f"topic {topic!r} names no model and the model {pod} serves is not known yet"
+                ) from None
+            return model
 
     # ---- replay ----------------------------------------------------------------------
 
@@ -237,7 +262,15 @@ class KVEventSubscriber:
                     break  # the end marker
                 expected = 0 if state.last_seq is None else state.last_seq + 1
                 if msg.seq >= expected:
-                    model = parse_topic(msg.topic)[1] if msg.topic else state.model
+                    try:  # older replays carry no topic: the live one named the model
+                        if msg.topic or not state.model:
+                            model = self._model_of(pod, msg.topic)
+                        else:
+                            model = state.model
+                    except KVEventDecodeError as exc:
+                        self.counts["malformed"] += 1
+                        log.warning("replay message from %s skipped: %s", pod, exc)
+                        continue
                     self._apply_batch(pod, model, msg.batch)
                     state.last_seq = msg.seq
                     got += 1

@@ -23,8 +23,10 @@ class StoredSet:
 
     def __init__(self) -> None:
         self.held: dict[str, set[int]] = defaultdict(set)
+        self.models: set[str] = set()
 
     def apply(self, pod, model, event) -> None:
+        self.models.add(model)
         if isinstance(event, BlockStored):
             self.held[pod].update(event.block_hashes)
         elif isinstance(event, BlockRemoved):
@@ -55,7 +57,7 @@ def held_per_replay(replay_endpoint: str) -> set[int]:
 
 
 class Pod:
-    def __init__(self, tmp_path, central: str | None, per_pod: bool = False):
+    def __init__(self, tmp_path, central: str | None, per_pod: bool = False, topic=None):
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.replay = f"tcp://127.0.0.1:{free_port()}"
@@ -65,7 +67,7 @@ class Pod:
             "publisher": "zmq",
             "endpoint": self.pub,
             "replay_endpoint": self.replay,
-            "topic": f"kv@{self.address}@tiny",
+            "topic": f"kv@{self.address}@tiny" if topic is None else topic,
         }
         self.cm = None
 
@@ -186,6 +188,41 @@ async def test_per_pod_mode_catches_up_on_connect(tmp_path):
         await settle(sub, [pod], sink)
         sub.forget_pod(pod.address)
         assert pod.address not in sink.held
+    finally:
+        pod.stop()
+        await sub.close()
+
+
+async def test_per_pod_mode_takes_vllms_default_empty_topic(tmp_path):
+    """vLLM publishes with topic "" unless told otherwise: per pod, the socket names the pod
+    and the pod's served model names the blocks' model, live and replayed."""
+    sink = StoredSet()
+    sub = KVEventSubscriber(sink, model_for=lambda pod: "served-model")
+    pod = Pod(tmp_path, None, per_pod=True, topic="").start()
+    try:
+        await asyncio.to_thread(pod.send, 0)  # only in the replay
+        sub.connect_pod(pod.address, pod.pub, pod.replay)
+        await settle(sub, [pod], sink)
+        await asyncio.to_thread(pod.send, 1)  # live
+        await settle(sub, [pod], sink)
+        assert sink.models == {"served-model"} and sub.counts["malformed"] == 0
+    finally:
+        pod.stop()
+        await sub.close()
+
+
+async def test_an_empty_topic_without_a_known_model_is_skipped_and_counted(tmp_path):
+    sink = StoredSet()
+    sub = KVEventSubscriber(sink)  # nothing says what the pod serves
+    pod = Pod(tmp_path, None, per_pod=True, topic="").start()
+    try:
+        sub.connect_pod(pod.address, pod.pub, None)
+        await asyncio.sleep(0.3)
+        await asyncio.to_thread(pod.send, 0)
+        deadline = time.monotonic() + 5
+        while sub.counts["malformed"] == 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert sub.counts["malformed"] >= 1 and not sink.held
     finally:
         pod.stop()
         await sub.close()
