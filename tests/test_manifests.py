@@ -219,7 +219,7 @@ def _structural_errors(schema: dict[str, Any], path: str = "") -> list[str]:
     """The API server's structural-schema rules that kubernetes_validate does not check."""
     where = path or "/"
     errors = []
-    if "type" not in schema:
+    if "type" not in schema and not schema.get("x-kubernetes-int-or-string"):
         errors.append(f"{where}: no type")
     if "properties" in schema and "additionalProperties" in schema:
         errors.append(f"{where}: properties and additionalProperties are mutually exclusive")

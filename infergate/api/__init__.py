@@ -1,0 +1,128 @@
+"""Our API objects as Python types, with the same validation as the CRDs in crds/.
+
+    obj = from_dict(yaml.safe_load(text))   # the type is chosen by apiVersion and kind
+    problems = validate(obj)                # ["spec.replicas: must be at least 0", ...]
+    text = yaml.safe_dump(to_dict(obj))     # what was read, unchanged
+
+Imported by the picker (epp) and the controllers alike, so it imports neither.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+
+from infergate.api import networking, upstream, workload
+from infergate.api.autoscaling import (
+    AutoScalingPolicy,
+    AutoScalingPolicyBinding,
+    validate_autoscaling_policy,
+    validate_autoscaling_policy_binding,
+)
+from infergate.api.meta import ApiStruct, Condition, ObjectMeta, duration_seconds
+from infergate.api.networking import (
+    ModelRoute,
+    ModelServer,
+    validate_model_route,
+    validate_model_server,
+)
+from infergate.api.upstream import (
+    InferenceObjective,
+    InferencePool,
+    validate_inference_objective,
+    validate_inference_pool,
+)
+from infergate.api.workload import (
+    Model,
+    ModelInfer,
+    validate_model,
+    validate_model_infer,
+)
+
+__all__ = [
+    "KINDS",
+    "ApiError",
+    "AutoScalingPolicy",
+    "AutoScalingPolicyBinding",
+    "Condition",
+    "InferenceObjective",
+    "InferencePool",
+    "Model",
+    "ModelInfer",
+    "ModelRoute",
+    "ModelServer",
+    "ObjectMeta",
+    "duration_seconds",
+    "from_dict",
+    "to_dict",
+    "validate",
+    "validate_dict",
+]
+
+_VALIDATORS: dict[type[ApiStruct], Callable[[Any], list[str]]] = {
+    ModelRoute: validate_model_route,
+    ModelServer: validate_model_server,
+    Model: validate_model,
+    ModelInfer: validate_model_infer,
+    AutoScalingPolicy: validate_autoscaling_policy,
+    AutoScalingPolicyBinding: validate_autoscaling_policy_binding,
+    InferencePool: validate_inference_pool,
+    InferenceObjective: validate_inference_objective,
+}
+
+# (apiVersion, kind) → type.
+KINDS: dict[tuple[str, str], type[ApiStruct]] = {
+    (networking.GROUP_VERSION, "ModelRoute"): ModelRoute,
+    (networking.GROUP_VERSION, "ModelServer"): ModelServer,
+    (workload.GROUP_VERSION, "Model"): Model,
+    (workload.GROUP_VERSION, "ModelInfer"): ModelInfer,
+    (workload.GROUP_VERSION, "AutoScalingPolicy"): AutoScalingPolicy,
+    (workload.GROUP_VERSION, "AutoScalingPolicyBinding"): AutoScalingPolicyBinding,
+    (upstream.POOL_GROUP_VERSION, "InferencePool"): InferencePool,
+    (upstream.OBJECTIVE_GROUP_VERSION, "InferenceObjective"): InferenceObjective,
+}
+
+
+class ApiError(ValueError):
+    """An object that cannot be read as the kind it claims to be."""
+
+
+_JSON_PATH = re.compile(r"\$\.?")
+
+
+def from_dict(obj: dict[str, Any]) -> ApiStruct:
+    """The typed object for a Kubernetes-style dict; ApiError names the field that is wrong."""
+    key = (obj.get("apiVersion"), obj.get("kind"))
+    cls = KINDS.get(key)  # type: ignore[arg-type]
+    if cls is None:
+        raise ApiError(f"unknown kind {key[1]!r} in {key[0]!r}")
+    try:
+        return msgspec.convert(obj, cls)
+    except msgspec.ValidationError as exc:
+        # msgspec says "... - at `$.spec.replicas`"; we say "spec.replicas: ...".
+        message, _, where = str(exc).rpartition(" - at ")
+        if not message:
+            raise ApiError(str(exc)) from None
+        raise ApiError(f"{_JSON_PATH.sub('', where.strip('`')) or '.'}: {message}") from None
+
+
+def to_dict(obj: ApiStruct) -> dict[str, Any]:
+    """Back to a plain dict, apiVersion and kind first; unset fields are left out."""
+    out = msgspec.to_builtins(obj)
+    return {"apiVersion": obj.api_version, "kind": obj.kind, **out}  # type: ignore[attr-defined]
+
+
+def validate(obj: ApiStruct) -> list[str]:
+    """Every problem the CRD's schema and CEL rules would report, as `path: message`."""
+    return _VALIDATORS[type(obj)](obj)
+
+
+def validate_dict(obj: dict[str, Any]) -> list[str]:
+    """from_dict, then validate: for admission, where a bad object is an answer, not a crash."""
+    try:
+        return validate(from_dict(obj))
+    except ApiError as exc:
+        return [str(exc)]
