@@ -36,9 +36,11 @@ fmt: $(STAMP)
 	$(BIN)/ruff format .
 
 bench: $(STAMP)
+	$(BIN)/python -m pip install -q -e '.[dev,bench-routers]'
 	$(BIN)/infergate bench simulator
 	$(BIN)/infergate bench epp_overhead
 	$(BIN)/infergate bench kvindex
+	$(BIN)/infergate bench routing
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

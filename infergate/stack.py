@@ -66,6 +66,9 @@ class StackConfig:
     with_picker: bool = True
     # False: Envoy keeps response bodies away from the picker (no usage, TTFT or TPOT).
     response_bodies: bool = True
+    # The pods' KV-event topic; None: kv@<ip:port>@<model>. "" is vLLM's default, which
+    # per-pod subscribers (ours and vllm-router's) read; central mode needs the full one.
+    kv_topic: str | None = None
 
 
 def envoy_binary() -> str:
@@ -133,7 +136,9 @@ class LocalStack:
             "publisher": "zmq",
             "endpoint": f"tcp://127.0.0.1:{pub_port}",
             "replay_endpoint": f"tcp://127.0.0.1:{c.ports.kv_replay_base + rank}",
-            "topic": f"kv@127.0.0.1:{port}@{c.served_model_name}",
+            "topic": f"kv@127.0.0.1:{port}@{c.served_model_name}"
+            if c.kv_topic is None
+            else c.kv_topic,
         }
         cmd = [
             sys.executable,

@@ -23,14 +23,24 @@ class Outcome:
     tpot: float | None = None
     tokens: int = 0
     status: int = 0
+    prompt_tokens: int = 0  # from the final usage chunk
+    cached_tokens: int = 0  # prompt tokens the pod found in its cache on admission
 
 
-def _text_of(event: bytes) -> str:
-    """The generated text in one SSE data line ('' for role-only or usage chunks)."""
+def _parse(event: bytes) -> dict:
     try:
         chunk = json.loads(event)
+    except ValueError:
+        return {}
+    return chunk if isinstance(chunk, dict) else {}
+
+
+def _text_of(event: bytes | dict) -> str:
+    """The generated text in one SSE data line ('' for role-only or usage chunks)."""
+    chunk = _parse(event) if isinstance(event, bytes) else event
+    try:
         choice = chunk["choices"][0]
-    except (ValueError, KeyError, IndexError, TypeError):
+    except (KeyError, IndexError, TypeError):
         return ""
     if "text" in choice:
         return choice["text"] or ""
@@ -50,7 +60,13 @@ async def send(session: aiohttp.ClientSession, base_url: str, arrival: Arrival) 
             async for line in resp.content:
                 if not line.startswith(b"data: {"):
                     continue
-                if _text_of(line[6:]):
+                chunk = _parse(line[6:])
+                usage = chunk.get("usage")
+                if isinstance(usage, dict):
+                    out.prompt_tokens = int(usage.get("prompt_tokens") or 0)
+                    details = usage.get("prompt_tokens_details") or {}
+                    out.cached_tokens = int(details.get("cached_tokens") or 0)
+                if _text_of(chunk):
                     now = time.monotonic()
                     first = first or now
                     last = now

@@ -37,6 +37,7 @@ def new_stack(
             picker_config=picker_config,
             sim_args=[*sim_args, "--log-level", "warning"],
             picker_args=["--log-level", "warning"],
+            kv_topic="",  # vLLM's default; vllm-router's KV sources read nothing else
         )
     )
 

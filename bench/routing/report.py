@@ -13,7 +13,8 @@ COLUMNS = [
     ("tpot_p50_ms", "TPOT p50 ms"),
     ("output_tokens_per_s", "out tok/s"),
     ("requests_per_s", "req/s done"),
-    ("prefix_hit_rate", "hit rate"),
+    ("prefix_hit_rate", "pods' hit rate"),
+    ("cached_share", "cached on admission"),
     ("load_imbalance", "imbalance"),
     ("router_cpu_ms_per_request", "router CPU ms/req"),
     ("errors", "errors"),
@@ -39,11 +40,16 @@ def markdown(out: dict) -> str:
             if "unavailable" in r:
                 lines.append(f"| {r['router']} | {r['rate']} | not run: {r['unavailable']} |")
                 continue
-            lines.append("| " + " | ".join(_cell(r.get(k)) for k, _ in COLUMNS) + " |")
+            cells = {k: _cell(r.get(k)) for k, _ in COLUMNS}
+            split = r.get("router_cpu_ms_per_request_by_process") or {}
+            if len(split) > 1:
+                parts = " + ".join(f"{n} {v}" for n, v in split.items())
+                cells["router_cpu_ms_per_request"] += f" ({parts})"
+            lines.append("| " + " | ".join(cells.values()) + " |")
         for o in (o for o in out["oracle"] if o["workload"] == name):
             lines.append(
                 f"| *oracle bound* | {o['rate']} | {o['ttft_p50_ms']} | {o['ttft_p90_ms']} | "
-                f"{o['ttft_p99_ms']} | | | | {o['hit_rate']} | | | |"
+                f"{o['ttft_p99_ms']} | | | | | {o['hit_rate']} | | | |"
             )
     return "\n".join(lines)
 
@@ -99,14 +105,27 @@ def plot(out: dict, directory: Path) -> list[Path]:
         if not rows:
             continue
         top = max(r["rate"] for r in rows)
-        at_top = {r["router"]: r["prefix_hit_rate"] or 0 for r in rows if r["rate"] == top}
-        ax.barh(list(at_top), list(at_top.values()))
+        at_top = [r for r in rows if r["rate"] == top]
+        ys = range(len(at_top))
+        ax.barh(
+            [y + 0.2 for y in ys],
+            [r["cached_share"] or 0 for r in at_top],
+            0.4,
+            label="cached on admission (per request)",
+        )
+        ax.barh(
+            [y - 0.2 for y in ys],
+            [r["prefix_hit_rate"] or 0 for r in at_top],
+            0.4,
+            label="pods' hit counters",
+        )
+        ax.set_yticks(list(ys), [r["router"] for r in at_top], fontsize=7)
         for o in out["oracle"]:
             if o["workload"] == wl and o["rate"] == top:
                 ax.axvline(o["hit_rate"], color="k", linestyle="--", label="oracle")
-                ax.legend(fontsize=7)
+        ax.legend(fontsize=7)
         ax.set_title(f"{wl} at {top} req/s")
-        ax.set_xlabel("pods' prefix-cache hit rate")
+        ax.set_xlabel("share of prompt tokens served from cache")
         ax.set_xlim(0, 1)
     fig.tight_layout()
     hits = directory / "routing-hits.png"

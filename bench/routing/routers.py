@@ -71,9 +71,9 @@ class InfergateRouter:
         self._stack = stack
         return stack.url
 
-    def pids(self) -> list[int]:
+    def pids(self) -> dict[str, int]:
         assert self._stack is not None
-        return [self._stack.procs[n].pid for n in ("picker", "envoy")]
+        return {n: self._stack.procs[n].pid for n in ("picker", "envoy")}
 
     def stop(self) -> None:
         pass  # the stack stops the picker and Envoy with the pods
@@ -81,32 +81,34 @@ class InfergateRouter:
 
 @dataclass(slots=True)
 class ExternalRouter:
-    """A router binary from PyPI started with a command line built for the fleet."""
+    """A router from PyPI started in front of the fleet with the flags any user must set:
+    the worker URLs, the policy, and for kv_aware the pods' KV-event sockets."""
 
     name: str
-    binary: str  # console script in this Python's environment
     policy: str
     _proc: subprocess.Popen | None = None
 
     def start(self, stack: LocalStack) -> str:
-        exe = _script(self.binary)
         port = free_port()
-        cmd = self.command(exe, port, stack)
+        cmd = self.command(port, stack)
         log = open(stack.cfg.workdir / f"{self.name}.log", "wb")
         self._proc = subprocess.Popen(
             cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
         log.close()
         url = f"http://127.0.0.1:{port}"
-        wait_http(url + "/health", 60, self._proc)
-        time.sleep(1.0)  # let it see every worker healthy before traffic starts
+        self.wait_ready(url, len(stack.pod_addresses))
         return url
 
-    def command(self, exe: str, port: int, stack: LocalStack) -> list[str]:
-        raise NotImplementedError(f"no command line for {self.name}")
+    def command(self, port: int, stack: LocalStack) -> list[str]:
+        raise NotImplementedError
 
-    def pids(self) -> list[int]:
-        return [self._proc.pid] if self._proc else []
+    def wait_ready(self, url: str, pods: int) -> None:
+        assert self._proc is not None
+        wait_http(url + "/health", 60, self._proc)
+
+    def pids(self) -> dict[str, int]:
+        return {"router": self._proc.pid} if self._proc else {}
 
     def stop(self) -> None:
         if self._proc is not None and self._proc.poll() is None:
@@ -118,13 +120,93 @@ class ExternalRouter:
                 self._proc.wait()
 
 
+@dataclass(slots=True)
+class VllmRouter(ExternalRouter):
+    def command(self, port: int, stack: LocalStack) -> list[str]:
+        workers = [f"http://{a}" for a in stack.pod_addresses]
+        cmd = [
+            _script("vllm-router"),
+            "--host", "127.0.0.1",
+            "--port", str(port),
+            "--prometheus-port", str(free_port()),
+            "--worker-urls", *workers,
+            "--policy", self.policy,
+            "--worker-startup-check-interval", "1",
+        ]  # fmt: skip
+        if self.policy == "kv_aware":
+            p = stack.cfg.ports
+            assert p.kv_pub_base is not None, "kv_aware needs pods that bind their KV PUB"
+            for rank, w in enumerate(workers):
+                cmd += ["--kv-event-source", f"{w}=tcp://127.0.0.1:{p.kv_pub_base + rank}"]
+                cmd += [
+                    "--kv-event-replay-source",
+                    f"{w}=tcp://127.0.0.1:{p.kv_replay_base + rank}",
+                ]
+            block = _flag(stack.cfg.sim_args, "--block-size", "16")
+            cmd += ["--kv-event-block-size", block, "--kv-event-model", stack.cfg.served_model_name]
+        return cmd
+
+    def wait_ready(self, url: str, pods: int) -> None:
+        ExternalRouter.wait_ready(self, url, pods)  # slots dataclasses lose zero-arg super()
+        time.sleep(1.0)  # its first worker health round
+
+
+@dataclass(slots=True)
+class SglangRouter(ExternalRouter):
+    def command(self, port: int, stack: LocalStack) -> list[str]:
+        _script_module("sglang_router")
+        return [
+            sys.executable, "-m", "sglang_router.launch_router",
+            "--host", "127.0.0.1",
+            "--port", str(port),
+            "--prometheus-host", "127.0.0.1",
+            "--prometheus-port", str(free_port()),
+            "--worker-urls", *[f"http://{a}" for a in stack.pod_addresses],
+            "--policy", self.policy,
+            "--worker-startup-check-interval", "1",
+        ]  # fmt: skip
+
+    def wait_ready(self, url: str, pods: int) -> None:
+        """/health answers before the workers are registered: wait for all of them."""
+        import json
+        import urllib.request
+
+        ExternalRouter.wait_ready(self, url, pods)  # slots dataclasses lose zero-arg super()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(url + "/readiness", timeout=2) as resp:
+                    if json.loads(resp.read()).get("healthy_workers", 0) >= pods:
+                        return
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"sglang-router at {url} never saw {pods} healthy workers")
+
+
+def EXTERNAL_ROUTERS() -> list[ExternalRouter]:
+    return [
+        VllmRouter("vllm-router-kv_aware", "kv_aware"),
+        VllmRouter("vllm-router-cache_aware", "cache_aware"),
+        VllmRouter("vllm-router-round_robin", "round_robin"),
+        SglangRouter("sglang-router-cache_aware", "cache_aware"),
+    ]
+
+
+def _flag(args: list[str], name: str, default: str) -> str:
+    return args[args.index(name) + 1] if name in args else default
+
+
 def _script(name: str) -> str:
     beside = Path(sys.executable).parent / name
     found = str(beside) if beside.exists() else shutil.which(name)
     if not found:
-        raise RouterUnavailable(f"{name} is not installed (pip install '.[bench-routers]')")
+        raise RouterUnavailable(f"{name} is not installed (pip install -e '.[bench-routers]')")
     return found
 
 
-def EXTERNAL_ROUTERS() -> list[ExternalRouter]:
-    return []
+def _script_module(module: str) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise RouterUnavailable(f"{module} is not installed (pip install -e '.[bench-routers]')")

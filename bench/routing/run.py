@@ -57,7 +57,7 @@ async def _measure(url, pods, trace, point: Point, s: Settings, on_request) -> d
         async def at_warmup_end() -> None:
             await asyncio.sleep(s.warmup_s)
             marks["counters"] = await watch.counters()
-            marks["cpu"] = sum(process_cpu_seconds(p) for p in pids)
+            marks["cpu"] = {n: process_cpu_seconds(p) for n, p in pids.items()}
             marks["t"] = time.monotonic()
             watch.start_sampling()
 
@@ -65,7 +65,7 @@ async def _measure(url, pods, trace, point: Point, s: Settings, on_request) -> d
         outcomes, _wall = await run_trace(url, trace, on_request)
         await mark
         end = time.monotonic()
-        cpu = sum(process_cpu_seconds(p) for p in pids) - marks["cpu"]
+        cpu = {n: process_cpu_seconds(p) - marks["cpu"][n] for n, p in pids.items()}
         hits, queries = (
             b - a for a, b in zip(marks["counters"], await watch.counters(), strict=True)
         )
@@ -85,11 +85,13 @@ def summarize(
     seconds: float,
     hit_rate: float | None,
     imbalance: float | None,
-    router_cpu_s: float,
+    router_cpu_s: dict[str, float],
 ) -> dict:
     done = [o for o in measured if o.ok]
     ttfts = [o.ttft for o in done if o.ttft is not None]
     tpots = [o.tpot for o in done if o.tpot is not None]
+    prompt = sum(o.prompt_tokens for o in done)
+    cached = sum(o.cached_tokens for o in done)
     ms = lambda v: round(1000 * v, 1)  # noqa: E731
     return {
         "requests": len(measured),
@@ -101,6 +103,14 @@ def summarize(
         "output_tokens_per_s": round(sum(o.tokens for o in done) / seconds, 1),
         "requests_per_s": round(len(done) / seconds, 2),
         "prefix_hit_rate": round(hit_rate, 3) if hit_rate is not None else None,
+        "cached_share": round(cached / prompt, 3) if prompt else None,
         "load_imbalance": imbalance,
-        "router_cpu_ms_per_request": round(1000 * router_cpu_s / len(done), 2) if done else None,
+        "router_cpu_ms_per_request": per_request(sum(router_cpu_s.values()), len(done)),
+        "router_cpu_ms_per_request_by_process": {
+            n: per_request(v, len(done)) for n, v in router_cpu_s.items()
+        },
     }
+
+
+def per_request(seconds: float, requests: int) -> float | None:
+    return round(1000 * seconds / requests, 2) if requests else None

@@ -156,6 +156,7 @@ def completion(prompt: str, max_tokens: int) -> dict:
         "max_tokens": max_tokens,
         "ignore_eos": True,
         "stream": True,
+        "stream_options": {"include_usage": True},
     }
 
 
@@ -166,4 +167,5 @@ def chat(messages: list[dict], max_tokens: int) -> dict:
         "max_tokens": max_tokens,
         "ignore_eos": True,
         "stream": True,
+        "stream_options": {"include_usage": True},
     }
