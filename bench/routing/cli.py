@@ -40,8 +40,8 @@ def plan(quick: bool, pods: int) -> list[tuple[object, list[float]]]:
     is where knowing what each pod holds beats remembering what was sent where."""
     shared = SharedPrefix(groups=pods * 6, users=5)
     if quick:
-        return [(shared, [10.0])]
-    return [(shared, [4.0, 10.0, 16.0]), (MultiTurn(), [6.0, 12.0]), (NoReuse(), [8.0])]
+        return [(shared, [10.0]), (MultiTurn(), [8.0]), (NoReuse(), [8.0])]
+    return [(shared, [6.0, 12.0, 20.0]), (MultiTurn(), [8.0, 16.0]), (NoReuse(), [12.0])]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,14 +49,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="4 pods, one workload and rate (< 3 min)")
     p.add_argument("--routers", default=None, help="comma-separated names (default: all)")
     p.add_argument("--pods", type=int, default=None)
+    p.add_argument(
+        "--workloads",
+        default=None,
+        help="comma-separated: shared-prefix, multi-turn, no-reuse (default: all; --quick "
+        "runs shared-prefix only unless asked)",
+    )
+    p.add_argument("--duration", type=float, default=None, help="measured seconds per point")
     p.add_argument("--seed", type=int, default=7)
     args = p.parse_args(argv)
     pods = args.pods or (4 if args.quick else 8)
     settings = Settings(
         pods=pods,
         sim_args=SIM_ARGS,
-        warmup_s=4.0 if args.quick else 6.0,
-        duration_s=10.0 if args.quick else 20.0,
+        warmup_s=4.0 if args.quick else 5.0,
+        duration_s=args.duration or (10.0 if args.quick else 18.0),
         seed=args.seed,
     )
     routers = all_routers()
@@ -65,6 +72,11 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         p.error(f"unknown routers {unknown}; known: {', '.join(routers)}")
     work = plan(args.quick, pods)
+    names = [w.name for w, _ in work]
+    wanted = args.workloads.split(",") if args.workloads else names[:1] if args.quick else names
+    if set(wanted) - set(names):
+        p.error(f"unknown workloads {sorted(set(wanted) - set(names))}; known: {names}")
+    work = [(w, rates) for w, rates in work if w.name in wanted]
     points = [Point(routers[r], wl, rate) for wl, rates in work for rate in rates for r in chosen]
     rows = _run_with_progress(points, settings)
     oracles = [
