@@ -1,0 +1,214 @@
+"""What one Model expands into: its ModelInfer, ModelServer, ModelRoute, InferencePool and,
+when it autoscales, an AutoScalingPolicyBinding (and a policy for inline metrics). Pure
+functions of the Model, so the reconciler only compares and writes."""
+
+from __future__ import annotations
+
+import copy
+
+from controllers.modelinfer_pods import L_GROUP, L_MODEL, L_ROLE
+from controllers.store import Obj, owner_reference
+
+ENGINE_LABEL = "inference.networking.k8s.io/engine-type"
+ENGINE_PORT = 8000
+PICKER_PORT = 9002
+WORKLOAD = "workload.infergate.io/v1alpha1"
+NETWORKING = "networking.infergate.io/v1alpha1"
+
+
+def served_name(model: Obj) -> str:
+    return model["spec"].get("servedModelName") or model["metadata"]["name"]
+
+
+def model_arg(uri: str) -> str:
+    """What vLLM's --model takes for a model URI: a hub id, or a local path."""
+    scheme, _, rest = uri.partition("://")
+    if scheme in ("hf", "ms"):
+        return rest
+    if scheme == "file":
+        return rest
+    return "/models/" + rest.rstrip("/").rsplit("/", 1)[-1]  # s3, obs, pvc: mounted there
+
+
+def _meta(model: Obj, name: str | None = None, **labels: str) -> dict:
+    m = model["metadata"]
+    return {
+        "name": name or m["name"],
+        "namespace": m.get("namespace", "default"),
+        "labels": {L_MODEL: m["name"], **labels},
+        "ownerReferences": [owner_reference(model)],
+    }
+
+
+def _container(model: Obj, role: dict, role_name: str) -> dict:
+    spec = model["spec"]
+    engine = spec.get("engine") or {}
+    args = [
+        f"--model={model_arg(spec['modelURI'])}",
+        f"--served-model-name={served_name(model)}",
+        f"--port={ENGINE_PORT}",
+        *(engine.get("args") or []),
+        *(role.get("args") or []),
+    ]
+    lora = spec.get("loraAdapters") or []
+    if lora:
+        args += ["--enable-lora", "--lora-modules"]
+        args += [f"{a['name']}={model_arg(a['artifactURL'])}" for a in lora]
+    container = {
+        "name": "engine",
+        "image": spec["image"],
+        "args": args,
+        "ports": [{"name": "http", "containerPort": ENGINE_PORT}],
+        "readinessProbe": {"httpGet": {"path": "/health", "port": "http"}},
+    }
+    if spec.get("env"):
+        container["env"] = copy.deepcopy(spec["env"])
+    resources = role.get("resources") or spec.get("resources")
+    if resources:
+        container["resources"] = copy.deepcopy(resources)
+    return container
+
+
+def _role(model: Obj, name: str, role: dict) -> dict:
+    engine = ((model["spec"].get("engine") or {}).get("type") or "vLLM").lower()
+    pod = {
+        "metadata": {"labels": {ENGINE_LABEL: engine}},
+        "spec": {"containers": [_container(model, role, name)]},
+    }
+    out = {
+        "name": name,
+        "replicas": int(role.get("replicas", 1)),
+        "workerReplicas": int(role.get("workerReplicas", 0)),
+        "entryTemplate": pod,
+    }
+    if out["workerReplicas"]:
+        out["workerTemplate"] = copy.deepcopy(pod)
+    return out
+
+
+def roles(model: Obj) -> list[dict]:
+    backend = model["spec"]["backend"]
+    if backend.get("aggregated") is not None:
+        return [_role(model, "server", backend["aggregated"])]
+    return [_role(model, "prefill", backend["prefill"]), _role(model, "decode", backend["decode"])]
+
+
+def modelinfer(model: Obj) -> Obj:
+    return {
+        "apiVersion": WORKLOAD,
+        "kind": "ModelInfer",
+        "metadata": _meta(model),
+        "spec": {
+            "replicas": int(model["spec"].get("replicas", 1)),
+            "recoveryPolicy": "RoleRecreate",
+            "rolloutStrategy": {
+                "type": "RollingUpdate",
+                "rollingUpdateConfiguration": {"maxUnavailable": 1},
+            },
+            "template": {"roles": roles(model)},
+        },
+    }
+
+
+def modelserver(model: Obj) -> Obj:
+    spec = model["spec"]
+    backend = spec["backend"]
+    selector: dict = {"matchLabels": {L_MODEL: model["metadata"]["name"]}}
+    if backend.get("aggregated") is None:
+        selector["pdGroup"] = {
+            "groupKey": L_GROUP,
+            "prefillLabels": {L_ROLE: "prefill"},
+            "decodeLabels": {L_ROLE: "decode"},
+        }
+    out = {
+        "apiVersion": NETWORKING,
+        "kind": "ModelServer",
+        "metadata": _meta(model),
+        "spec": {
+            "model": served_name(model),
+            "inferenceEngine": (spec.get("engine") or {}).get("type", "vLLM"),
+            "workloadSelector": selector,
+            "workloadPort": {"port": ENGINE_PORT, "protocol": "http"},
+        },
+    }
+    if backend.get("kvConnector"):
+        out["spec"]["kvConnector"] = copy.deepcopy(backend["kvConnector"])
+    return out
+
+
+def modelroute(model: Obj) -> Obj:
+    spec: dict = {
+        "modelName": served_name(model),
+        "rules": [
+            {"name": "default", "targetModels": [{"modelServerName": model["metadata"]["name"]}]}
+        ],
+    }
+    lora = [a["name"] for a in model["spec"].get("loraAdapters") or []]
+    if lora:
+        spec["loraAdapters"] = lora
+    return {"apiVersion": NETWORKING, "kind": "ModelRoute", "metadata": _meta(model), "spec": spec}
+
+
+def inferencepool(model: Obj) -> Obj:
+    name = model["metadata"]["name"]
+    return {
+        "apiVersion": "inference.networking.k8s.io/v1",
+        "kind": "InferencePool",
+        "metadata": _meta(model),
+        "spec": {
+            "selector": {"matchLabels": {L_MODEL: name}},
+            "targetPorts": [{"number": ENGINE_PORT}],
+            "endpointPickerRef": {
+                "name": f"{name}-epp",
+                "port": {"number": PICKER_PORT},
+                "failureMode": "FailClose",
+            },
+        },
+    }
+
+
+def autoscaling(model: Obj) -> list[Obj]:
+    """A binding of the Model's ModelInfer to its policy; an inline policy becomes a
+    policy object of the Model's name."""
+    scaling = model["spec"].get("autoscaling")
+    if not scaling:
+        return []
+    name = model["metadata"]["name"]
+    out = []
+    policy = (scaling.get("policyRef") or {}).get("name")
+    if policy is None:
+        policy = name
+        out.append(
+            {
+                "apiVersion": WORKLOAD,
+                "kind": "AutoScalingPolicy",
+                "metadata": _meta(model),
+                "spec": {"metrics": copy.deepcopy(scaling.get("metrics") or [])},
+            }
+        )
+    out.append(
+        {
+            "apiVersion": WORKLOAD,
+            "kind": "AutoScalingPolicyBinding",
+            "metadata": _meta(model),
+            "spec": {
+                "policyRef": {"name": policy},
+                "homogeneousTarget": {
+                    "target": {"kind": "ModelInfer", "name": name},
+                    "minReplicas": int(scaling.get("minReplicas", 1)),
+                    "maxReplicas": int(scaling["maxReplicas"]),
+                },
+            },
+        }
+    )
+    return out
+
+
+def desired(model: Obj) -> list[Obj]:
+    return [
+        modelinfer(model),
+        modelserver(model),
+        modelroute(model),
+        inferencepool(model),
+        *autoscaling(model),
+    ]
