@@ -124,10 +124,16 @@ class ModelInferReconciler:
         return False
 
     async def _fill(self, mi: Obj, groups: Groups, rev: str) -> bool:
-        """Recreate the missing pods of existing groups, at the group's own revision."""
+        """Recreate the missing pods of existing groups, at the group's own revision; remove
+        role instances beyond their role's replicas (a role scaled down)."""
         acted = False
         name = _name(mi)
         for g, pods in groups.pods.items():
+            wanted = set(mp.slots(mi, g))
+            extra = [p for p in pods if mp.slot_of(p, name) not in wanted]
+            if extra:
+                await self._delete_pods(extra)
+                acted = True
             have = {mp.slot_of(p, name) for p in pods}
             group_rev = groups.revision(g) or rev
             for slot in mp.slots(mi, g) if group_rev == rev else []:

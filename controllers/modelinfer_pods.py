@@ -44,8 +44,13 @@ def group_of(pod: Obj, mi_name: str) -> int | None:
 
 
 def revision(mi: Obj) -> str:
-    """A hash of the group template: pods of another revision are outdated."""
-    text = json.dumps(mi["spec"].get("template", {}), sort_keys=True, separators=(",", ":"))
+    """A hash of the group template: pods of another revision are outdated. A role's
+    replica count is left out: scaling a role adds or removes its instances in every group
+    without rolling the others."""
+    template = copy.deepcopy(mi["spec"].get("template", {}))
+    for role in template.get("roles", []):
+        role.pop("replicas", None)
+    text = json.dumps(template, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:10]
 
 

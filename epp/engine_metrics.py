@@ -8,42 +8,10 @@ from __future__ import annotations
 
 import re
 import time
-from dataclasses import dataclass
 
 from epp.datastore import EndpointMetrics
+from infergate.engines import ENGINES
 
-
-@dataclass(frozen=True, slots=True)
-class EngineNames:
-    waiting: str
-    running: str
-    kv_usage: str
-    cache_info: str | None = None
-    block_size_label: str = "block_size"
-    num_blocks_label: str = "num_gpu_blocks"
-    lora_info: str | None = None
-
-
-ENGINES = {
-    "vllm": EngineNames(
-        "vllm:num_requests_waiting",
-        "vllm:num_requests_running",
-        "vllm:kv_cache_usage_perc",
-        "vllm:cache_config_info",
-        lora_info="vllm:lora_requests_info",
-    ),
-    "sglang": EngineNames(
-        "sglang:num_queue_reqs",
-        "sglang:num_running_reqs",
-        "sglang:token_usage",
-        "sglang:cache_config_info",
-        block_size_label="page_size",
-        num_blocks_label="num_pages",
-    ),
-    "trtllm-serve": EngineNames(
-        "trtllm_num_requests_waiting", "trtllm_num_requests_running", "trtllm_kv_cache_utilization"
-    ),
-}
 # vLLM before v1 called KV usage this; still seen in the wild.
 _LEGACY_KV = {"vllm": "vllm:gpu_cache_usage_perc"}
 

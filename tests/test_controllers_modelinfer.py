@@ -232,3 +232,23 @@ async def test_the_controller_reconciles_from_events():
     finally:
         await ctl.stop()
     assert copy.deepcopy(ctl.metrics.reconciles.labels("ModelInfer", "ok")._value.get()) > 0
+
+
+async def test_scaling_a_role_adds_and_removes_its_instances_without_a_rollout(env):
+    store, rec = env
+    await store.create(modelinfer(replicas=2))
+    await settle(rec, store, "llm")
+    before = {n: p["metadata"]["uid"] for n, p in (await pods_of(store)).items()}
+    rev = mp.revision(await store.get(MODEL_INFER, "default", "llm"))
+    await edit(store, "llm", lambda s: s["template"]["roles"][1].update(replicas=3))
+    assert mp.revision(await store.get(MODEL_INFER, "default", "llm")) == rev
+    await settle(rec, store, "llm")
+    after = {n: p["metadata"]["uid"] for n, p in (await pods_of(store)).items()}
+    assert set(after) - set(before) == {"llm-0-decode-2-0", "llm-1-decode-2-0"}
+    assert all(after[n] == uid for n, uid in before.items())  # nobody else restarted
+    await edit(store, "llm", lambda s: s["template"]["roles"][1].update(replicas=1))
+    await settle(rec, store, "llm")
+    names = set(await pods_of(store))
+    assert not any(n.endswith(("decode-1-0", "decode-2-0")) for n in names)
+    services = {s["metadata"]["name"] for s in (await store.list(SERVICE, "default"))[0]}
+    assert "llm-0-decode-1-0" not in services and "llm-0-decode-0-0" in services
