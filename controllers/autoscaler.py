@@ -1,0 +1,301 @@
+"""The autoscaler: for each AutoScalingPolicyBinding, every `interval` seconds, sum the
+policy's metrics over the target's ready pods, let autoscaling.Scaler decide, and write the
+target's size — a ModelInfer's replicas (groups) or one role's replicas in its template.
+
+Targets: one (homogeneous), several with costs (heterogeneous: one recommendation for the
+total, split cheapest-first), or a prefill and a decode target kept within a ratio. A cycle
+in which any target pod failed to answer is skipped (as Kthena does): a missing sample must
+not read as zero load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+
+import aiohttp
+
+from controllers import autoscaling as a
+from controllers.memory_store import now_rfc3339
+from controllers.modelinfer_pods import L_MODELINFER, L_ROLE, pod_ready
+from controllers.store import (
+    AUTOSCALING_BINDING,
+    AUTOSCALING_POLICY,
+    MODEL_INFER,
+    POD,
+    NotFound,
+    Obj,
+    Store,
+)
+from infergate.api.meta import duration_seconds
+from infergate.engines import metric_name
+
+log = logging.getLogger("controllers.autoscaler")
+ENGINE_LABEL = "inference.networking.k8s.io/engine-type"
+
+
+class ScrapeFailed(Exception):
+    pass
+
+
+def policy_from(obj: Obj) -> a.Policy:
+    spec = obj["spec"]
+    behavior = spec.get("behavior") or {}
+    up = behavior.get("scaleUp") or {}
+    stable = up.get("stablePolicy") or {}
+    panic = up.get("panicPolicy")
+    down = behavior.get("scaleDown") or {}
+    return a.Policy(
+        targets={m["metricName"]: float(m["targetValue"]) for m in spec["metrics"]},
+        tolerance=float(spec.get("tolerancePercent", 10)) / 100,
+        up=a.StepPolicy(
+            instances=stable.get("instances", 1),
+            percent=stable.get("percent", 100),
+            period=duration_seconds(stable.get("period", "15s")),
+            select=stable.get("selectPolicy", "Or"),
+            window=duration_seconds(stable.get("stabilizationWindow", "0s")),
+        ),
+        down=a.StepPolicy(
+            instances=down.get("instances", 1),
+            percent=down.get("percent", 100),
+            period=duration_seconds(down.get("period", "15s")),
+            select=down.get("selectPolicy", "Or"),
+            window=duration_seconds(down.get("stabilizationWindow", "5m")),
+        ),
+        panic=None
+        if panic is None
+        else a.PanicPolicy(
+            threshold_percent=float(panic.get("panicThresholdPercent", 200)),
+            percent=float(panic.get("percent", 1000)),
+            period=duration_seconds(panic.get("period", "10s")),
+            hold=duration_seconds(panic.get("panicModeHold", "60s")),
+        ),
+    )
+
+
+def parse_sum(text: str, names: set[str]) -> dict[str, float]:
+    """Sum each wanted metric's samples (gauges and counters) in Prometheus text."""
+    out = dict.fromkeys(names, 0.0)
+    for line in text.splitlines():
+        if not line or line[0] == "#":
+            continue
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        if name in out:
+            try:
+                out[name] += float(line.rsplit(" ", 1)[1])
+            except ValueError:
+                continue
+    return out
+
+
+class AutoscalerReconciler:
+    kind = AUTOSCALING_BINDING
+
+    def __init__(self, store: Store, *, interval: float = 15.0, clock=time.monotonic) -> None:
+        self.store = store
+        self.interval = interval
+        self.clock = clock
+        self.scalers: dict[tuple[str, str, str], a.Scaler] = {}
+        self._session: aiohttp.ClientSession | None = None
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    async def reconcile(self, namespace: str, name: str) -> float | None:
+        binding = await self.store.get(AUTOSCALING_BINDING, namespace, name)
+        if binding is None:
+            self.scalers = {k: v for k, v in self.scalers.items() if k[:2] != (namespace, name)}
+            return None
+        spec = binding["spec"]
+        pobj = await self.store.get(AUTOSCALING_POLICY, namespace, spec["policyRef"]["name"])
+        if pobj is None:
+            await self._status(binding, [], f"policy {spec['policyRef']['name']} not found")
+            return self.interval
+        policy = policy_from(pobj)
+        try:
+            if "homogeneousTarget" in spec:
+                results = [await self._one(binding, policy, spec["homogeneousTarget"])]
+            elif "heterogeneousTarget" in spec:
+                results = await self._several(binding, policy, spec["heterogeneousTarget"])
+            else:
+                results = await self._prefill_decode(binding, policy, spec["prefillDecode"])
+        except ScrapeFailed as exc:
+            log.info("binding %s/%s: cycle skipped: %s", namespace, name, exc)
+            return self.interval
+        for target, _current, desired in results:
+            await self._set_size(namespace, target["target"], desired)
+        await self._status(binding, results, None)
+        return self.interval
+
+    # ---- the three binding forms ------------------------------------------------------
+
+    async def _one(self, binding: Obj, policy: a.Policy, t: dict) -> tuple[dict, int, int]:
+        current, pods = await self._observe(binding, t["target"])
+        metrics = await self._metrics(pods, policy)
+        scaler = self._scaler(binding, t, policy)
+        return t, current, scaler.step(self.clock(), metrics, current)
+
+    async def _several(self, binding: Obj, policy: a.Policy, h: dict):
+        """One recommendation for the total, split over the targets cheapest-first."""
+        current, pods = {}, []
+        for t in h["targets"]:
+            c, p = await self._observe(binding, t["target"])
+            current[_key(t["target"])] = c
+            pods += p
+        currents = sum(current.values())
+        metrics = await self._metrics(pods, policy)
+        total_range = {
+            "minReplicas": sum(t.get("minReplicas", 1) for t in h["targets"]),
+            "maxReplicas": sum(t["maxReplicas"] for t in h["targets"]),
+            "target": {"name": "__total__"},
+        }
+        total = self._scaler(binding, total_range, policy).step(self.clock(), metrics, currents)
+        split = a.split_by_cost(
+            total,
+            [
+                a.CostTarget(
+                    _key(t["target"]), t.get("minReplicas", 1), t["maxReplicas"], t.get("cost", 1)
+                )
+                for t in h["targets"]
+            ],
+            float(h.get("costExpansionRatePercent", 200)),
+        )
+        return [(t, current[_key(t["target"])], split[_key(t["target"])]) for t in h["targets"]]
+
+    async def _prefill_decode(self, binding: Obj, policy: a.Policy, pd: dict):
+        pt, pc, p = await self._one(binding, policy, pd["prefill"])
+        dt, dc, d = await self._one(binding, policy, pd["decode"])
+        ratio = pd.get("ratio") or {}
+        p, d = a.enforce_ratio(p, d, float(ratio.get("min", 0)), float(ratio.get("max", math.inf)))
+        p = min(p, pd["prefill"]["maxReplicas"])
+        d = min(d, pd["decode"]["maxReplicas"])
+        return [(pt, pc, p), (dt, dc, d)]
+
+    # ---- reading and writing targets --------------------------------------------------
+
+    def _scaler(self, binding: Obj, t: dict, policy: a.Policy) -> a.Scaler:
+        m = binding["metadata"]
+        key = (m.get("namespace", "default"), m["name"], _key(t["target"]))
+        s = self.scalers.get(key)
+        if s is None or s.policy != policy:
+            s = self.scalers[key] = a.Scaler(policy)
+        s.min_replicas = int(t.get("minReplicas", 1))
+        s.max_replicas = int(t["maxReplicas"])
+        return s
+
+    async def _observe(self, binding: Obj, target: dict) -> tuple[int, list[Obj]]:
+        ns = binding["metadata"].get("namespace", "default")
+        mi = await self.store.get(MODEL_INFER, ns, target["name"])
+        if mi is None:
+            raise ScrapeFailed(f"ModelInfer {target['name']} not found")
+        labels = {L_MODELINFER: target["name"]}
+        if target.get("role"):
+            labels[L_ROLE] = target["role"]
+            role = next(r for r in mi["spec"]["template"]["roles"] if r["name"] == target["role"])
+            current = int(role.get("replicas", 1))
+        else:
+            current = int(mi["spec"].get("replicas", 1))
+        pods, _ = await self.store.list(POD, ns, labels)
+        return current, [p for p in pods if pod_ready(p)]
+
+    async def _metrics(self, pods: list[Obj], policy: a.Policy) -> dict[str, float]:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2))
+        texts = await asyncio.gather(*(self._scrape(p) for p in pods))
+        total = dict.fromkeys(policy.targets, 0.0)
+        for pod, text in zip(pods, texts, strict=True):
+            engine = pod["metadata"].get("labels", {}).get(ENGINE_LABEL, "vllm")
+            names = {m: metric_name(engine, m) for m in policy.targets}
+            values = parse_sum(text, set(names.values()))
+            for m, n in names.items():
+                total[m] += values[n]
+        return total
+
+    async def _scrape(self, pod: Obj) -> str:
+        ip = (pod.get("status") or {}).get("podIP")
+        container = (pod["spec"].get("containers") or [{}])[0]
+        port = next((p["containerPort"] for p in container.get("ports") or []), 8000)
+        try:
+            assert self._session is not None
+            async with self._session.get(f"http://{ip}:{port}/metrics") as resp:
+                if resp.status != 200:
+                    raise ScrapeFailed(
+                        f"{pod['metadata']['name']}: /metrics answered {resp.status}"
+                    )
+                return await resp.text()
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            raise ScrapeFailed(f"{pod['metadata']['name']}: {exc}") from exc
+
+    async def _set_size(self, namespace: str, target: dict, desired: int) -> None:
+        mi = await self.store.get(MODEL_INFER, namespace, target["name"])
+        if mi is None:
+            return
+        if target.get("role"):
+            role = next(r for r in mi["spec"]["template"]["roles"] if r["name"] == target["role"])
+            if int(role.get("replicas", 1)) == desired:
+                return
+            role["replicas"] = desired
+        else:
+            if int(mi["spec"].get("replicas", 1)) == desired:
+                return
+            mi["spec"]["replicas"] = desired
+        log.info(
+            "scaling ModelInfer %s %s to %d", target["name"], target.get("role") or "", desired
+        )
+        await self.store.update(mi)  # a Conflict retries the pass
+
+    async def _status(self, binding: Obj, results, problem: str | None) -> None:
+        m = binding["metadata"]
+        old = {
+            (t.get("name"), t.get("role")): t
+            for t in (binding.get("status") or {}).get("targets") or []
+        }
+        targets = []
+        for t, current, desired in results:
+            tgt = t["target"]
+            scaler = self.scalers.get((m.get("namespace", "default"), m["name"], _key(tgt)))
+            entry = {
+                "name": tgt["name"],
+                "currentReplicas": current,
+                "desiredReplicas": desired,
+                "mode": "Panic" if scaler and scaler.panicking(self.clock()) else "Stable",
+            }
+            if tgt.get("role"):
+                entry["role"] = tgt["role"]
+            prev = old.get((tgt["name"], tgt.get("role")), {})
+            changed = desired != current
+            entry["lastScaleTime"] = now_rfc3339() if changed else prev.get("lastScaleTime")
+            if entry["lastScaleTime"] is None:
+                del entry["lastScaleTime"]
+            targets.append(entry)
+        ok = problem is None
+        status = {
+            "observedGeneration": m.get("generation", 1),
+            "targets": targets,
+            "conditions": [
+                {
+                    "type": "Ready",
+                    "status": "True" if ok else "False",
+                    "reason": "Scaling" if ok else "PolicyNotFound",
+                    "message": problem or "metrics read, targets sized",
+                    "lastTransitionTime": now_rfc3339(),
+                }
+            ],
+        }
+        prev_cond = ((binding.get("status") or {}).get("conditions") or [{}])[0]
+        if prev_cond.get("status") == status["conditions"][0]["status"]:
+            status["conditions"][0]["lastTransitionTime"] = prev_cond["lastTransitionTime"]
+        if binding.get("status") == status:
+            return
+        binding["status"] = status
+        try:
+            await self.store.update_status(binding)
+        except NotFound:
+            pass
+
+
+def _key(target: dict) -> str:
+    return f"{target['name']}/{target.get('role') or ''}"
