@@ -222,8 +222,10 @@ class LocalRuntime:
 
     @staticmethod
     def _command(container: dict, env: dict[str, str]) -> list[str]:
-        command = container.get("command") or [sys.executable, "-m", "simulator"]
-        return [_expand(str(a), env) for a in [*command, *(container.get("args") or [])]]
+        args = [*(container.get("command") or []), *(container.get("args") or [])]
+        if not container.get("command"):  # the simulator, on the pod's own address
+            args = [sys.executable, "-m", "simulator", *args, "--host", env["POD_IP"]]
+        return [_expand(str(a), env) for a in args]
 
 
 def _expand(text: str, env: dict[str, str]) -> str:

@@ -9,6 +9,7 @@ USAGE = """usage: infergate <command> [args...]
 commands:
   up         the local stack: for now a fleet of simulator pods (infergate up --pods 4)
   epp        the endpoint picker, an Envoy ext_proc server (python -m epp)
+  controllers  reconcile Models, ModelInfers and autoscaling (python -m controllers)
   simulate   a vLLM-compatible model server without GPUs (python -m simulator)
   bench      run a benchmark under bench/ (infergate bench simulator ...)
 """
@@ -28,6 +29,10 @@ def main(argv: list[str] | None = None) -> int:
         from epp.app import main as epp
 
         return epp(rest)
+    if command == "controllers":
+        from controllers.app import main as controllers
+
+        return controllers(rest)
     if command == "simulate":
         from simulator.app import main as simulate
 

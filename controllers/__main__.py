@@ -1,0 +1,5 @@
+import sys
+
+from controllers.app import main
+
+sys.exit(main())

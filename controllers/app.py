@@ -1,0 +1,138 @@
+"""`python -m controllers` / `infergate controllers`: the reconcilers, standalone or against a
+cluster.
+
+standalone (default): objects from --manifests (a watched YAML directory) live in memory,
+pods run as local processes (local_runtime.py), and the InferencePools and Pods are written
+to --pool-file for the picker's file provider.
+kubernetes: the same reconcilers over the Kubernetes API (kubeconfig or in-cluster).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from prometheus_client import start_http_server
+
+from controllers.autoscaler import AutoscalerReconciler
+from controllers.model import ModelReconciler
+from controllers.modelinfer import ModelInferReconciler
+from controllers.runner import Controller, ControllerMetrics, own_key, owner_key
+from controllers.store import AUTOSCALING_BINDING, MODEL, MODEL_INFER, POD, Store
+
+log = logging.getLogger("controllers")
+
+
+def build_controllers(
+    store: Store, metrics: ControllerMetrics, *, autoscale_interval: float = 15.0
+) -> tuple[list[Controller], AutoscalerReconciler]:
+    scaler = AutoscalerReconciler(store, interval=autoscale_interval)
+    return [
+        Controller(
+            store,
+            ModelReconciler(store),
+            [(MODEL, own_key), (MODEL_INFER, owner_key(MODEL))],
+            metrics,
+        ),
+        Controller(
+            store,
+            ModelInferReconciler(store),
+            [(MODEL_INFER, own_key), (POD, owner_key(MODEL_INFER))],
+            metrics,
+        ),
+        Controller(store, scaler, [(AUTOSCALING_BINDING, own_key)], metrics),
+    ], scaler
+
+
+@dataclass(slots=True)
+class Standalone:
+    """Everything standalone mode runs, started and stopped together."""
+
+    manifests: Path
+    state_dir: Path
+    pool_file: Path
+    autoscale_interval: float = 15.0
+    metrics: ControllerMetrics = field(default_factory=ControllerMetrics)
+    store: Store | None = None
+    parts: list = field(default_factory=list)
+    _scaler: AutoscalerReconciler | None = None
+
+    async def start(self) -> Standalone:
+        from controllers.exporter import PoolExporter
+        from controllers.local_runtime import LocalRuntime
+        from controllers.manifests import ManifestDirectory
+        from controllers.memory_store import MemoryStore
+
+        store = self.store = MemoryStore()
+        runtime = LocalRuntime(store, self.state_dir)
+        controllers, self._scaler = build_controllers(
+            store, self.metrics, autoscale_interval=self.autoscale_interval
+        )
+        exporter = PoolExporter(store, self.pool_file)
+        manifests = ManifestDirectory(store, self.manifests)
+        for part in (runtime, *controllers, exporter, manifests):
+            await part.start()
+            self.parts.append(part)
+        return self
+
+    async def stop(self) -> None:
+        for part in reversed(self.parts):
+            await part.stop()
+        self.parts.clear()
+        if self._scaler is not None:
+            await self._scaler.close()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="infergate controllers", description=__doc__)
+    p.add_argument("--mode", choices=["standalone", "kubernetes"], default="standalone")
+    p.add_argument("--manifests", type=Path, help="standalone: YAML file or directory, watched")
+    p.add_argument("--state-dir", type=Path, default=Path(".infergate"), help="standalone: logs")
+    p.add_argument(
+        "--pool-file", type=Path, help="standalone: where the picker reads pools and pods"
+    )
+    p.add_argument("--namespace", default=None, help="kubernetes: watch one namespace")
+    p.add_argument("--autoscale-interval", type=float, default=15.0)
+    p.add_argument("--metrics-port", type=int, default=9091)
+    p.add_argument("--log-level", default="info")
+    return p
+
+
+async def serve(args: argparse.Namespace) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    if args.mode == "kubernetes":
+        raise SystemExit(
+            "infergate controllers: --mode kubernetes needs the Kubernetes store (not built yet)"
+        )
+    if args.manifests is None:
+        raise SystemExit("infergate controllers: standalone mode needs --manifests DIR")
+    pool_file = args.pool_file or args.state_dir / "pool.yaml"
+    app = Standalone(args.manifests, args.state_dir, pool_file, args.autoscale_interval)
+    start_http_server(args.metrics_port, addr="127.0.0.1", registry=app.metrics.registry)
+    await app.start()
+    log.info(
+        "controllers: standalone, manifests %s, pods' logs in %s, pools in %s",
+        args.manifests,
+        args.state_dir,
+        pool_file,
+    )
+    try:
+        await stop.wait()
+    finally:
+        await app.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    asyncio.run(serve(args))
+    return 0

@@ -1,0 +1,123 @@
+"""Standalone mode's `kubectl apply`: objects from a directory of YAML, watched.
+
+Every document is validated like the admission webhook would (infergate.api) before it is
+accepted; an invalid one is logged with its file and reason and skipped, and the rest apply.
+Editing a file applies it again (specs replaced, status kept); removing a document or its
+file deletes the object it had created.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+import yaml
+
+from controllers.store import KINDS, NotFound, Obj, Store, kind_of
+from infergate.api import validate_dict
+
+log = logging.getLogger("controllers.manifests")
+
+
+def read_objects(directory: Path) -> tuple[list[tuple[str, Obj]], list[str]]:
+    """(where, object) for every document of a known kind, and the problems found."""
+    objects, problems = [], []
+    files = (
+        [directory]
+        if directory.is_file()
+        else sorted(p for p in directory.rglob("*") if p.suffix in (".yaml", ".yml"))
+    )
+    for path in files:
+        try:
+            docs = list(yaml.safe_load_all(path.read_text()))
+        except (OSError, yaml.YAMLError) as exc:
+            problems.append(f"{path}: not readable YAML: {exc}")
+            continue
+        for i, doc in enumerate(docs):
+            where = f"{path}#{i}"
+            if doc is None:
+                continue
+            if not isinstance(doc, dict) or doc.get("kind") not in KINDS:
+                kind = doc.get("kind") if isinstance(doc, dict) else doc
+                problems.append(f"{where}: kind {kind!r} is not one standalone mode runs")
+                continue
+            errors = validate_dict(doc) if doc["kind"] not in ("Pod", "Service", "Lease") else []
+            if errors:
+                name = doc.get("metadata", {}).get("name")
+                problems.append(f"{where}: {doc['kind']} {name} is invalid: {'; '.join(errors)}")
+                continue
+            doc.setdefault("metadata", {}).setdefault("namespace", "default")
+            objects.append((where, doc))
+    return objects, problems
+
+
+class ManifestDirectory:
+    def __init__(self, store: Store, path: Path, *, interval: float = 1.0) -> None:
+        self.store = store
+        self.path = path
+        self.interval = interval
+        self.applied: dict[tuple[str, str, str], Obj] = {}  # (kind, ns, name) → last applied
+        self.problems: list[str] = []
+        self._stamp: tuple | None = None
+        self._task: asyncio.Task | None = None
+
+    async def apply_once(self) -> None:
+        objects, self.problems = read_objects(self.path)
+        for p in self.problems:
+            log.error("%s", p)
+        seen = set()
+        for where, obj in objects:
+            key = (obj["kind"], obj["metadata"]["namespace"], obj["metadata"]["name"])
+            seen.add(key)
+            if self.applied.get(key) == obj:
+                continue
+            await self._apply(obj, where)
+            self.applied[key] = obj
+        for key in set(self.applied) - seen:
+            kind, ns, name = key
+            try:
+                await self.store.delete(KINDS[kind], ns, name)
+                log.info("deleted %s %s/%s: gone from %s", kind, ns, name, self.path)
+            except NotFound:
+                pass
+            del self.applied[key]
+
+    async def _apply(self, obj: Obj, where: str) -> None:
+        kind = kind_of(obj)
+        m = obj["metadata"]
+        have = await self.store.get(kind, m["namespace"], m["name"])
+        if have is None:
+            await self.store.create(obj)
+            log.info("created %s %s/%s from %s", kind.kind, m["namespace"], m["name"], where)
+            return
+        have["spec"] = obj.get("spec")
+        have["metadata"]["labels"] = m.get("labels") or {}
+        have["metadata"]["annotations"] = m.get("annotations") or {}
+        await self.store.update(have)
+        log.info("updated %s %s/%s from %s", kind.kind, m["namespace"], m["name"], where)
+
+    def _fingerprint(self) -> tuple:
+        files = [self.path] if self.path.is_file() else sorted(self.path.rglob("*.y*ml"))
+        return tuple((str(f), f.stat().st_mtime_ns, f.stat().st_size) for f in files if f.exists())
+
+    async def start(self) -> None:
+        await self.apply_once()
+        self._stamp = self._fingerprint()
+        self._task = asyncio.create_task(self._watch())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            stamp = self._fingerprint()
+            if stamp != self._stamp:
+                self._stamp = stamp
+                try:
+                    await self.apply_once()
+                except Exception:  # one bad edit must not stop the watch
+                    log.exception("applying %s failed", self.path)
