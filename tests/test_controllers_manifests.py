@@ -1,0 +1,90 @@
+"""Standalone mode's apply: valid documents become objects, invalid ones are reported with
+their file and reason and skipped, edits update, removed documents delete; and the exporter
+writes what the picker's file provider reads."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import yaml
+
+from controllers.exporter import PoolExporter
+from controllers.manifests import ManifestDirectory
+from controllers.memory_store import MemoryStore
+from controllers.store import AUTOSCALING_POLICY, INFERENCE_POOL, MODEL, POD
+from epp.providers.file import load_objects
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "crds"
+
+
+def policy() -> dict:
+    return yaml.safe_load((EXAMPLES / "autoscalingpolicy.yaml").read_text())
+
+
+async def test_apply_update_reject_and_delete(tmp_path):
+    store = MemoryStore()
+    good = policy()
+    bad = copy.deepcopy(good)
+    bad["metadata"]["name"] = "broken"
+    bad["spec"]["tolerancePercent"] = -5
+    (tmp_path / "a.yaml").write_text(yaml.safe_dump_all([good, bad]))
+    (tmp_path / "junk.yaml").write_text("kind: [unclosed")
+    md = ManifestDirectory(store, tmp_path)
+    await md.apply_once()
+    assert await store.get(AUTOSCALING_POLICY, "default", "llama-3-8b-load") is not None
+    assert await store.get(AUTOSCALING_POLICY, "default", "broken") is None
+    assert any("a.yaml#1" in p and "tolerancePercent" in p for p in md.problems)
+    assert any("junk.yaml" in p and "not readable YAML" in p for p in md.problems)
+    good["spec"]["tolerancePercent"] = 20
+    (tmp_path / "a.yaml").write_text(yaml.safe_dump(good))
+    await md.apply_once()
+    obj = await store.get(AUTOSCALING_POLICY, "default", "llama-3-8b-load")
+    assert obj["spec"]["tolerancePercent"] == 20 and obj["metadata"]["generation"] == 2
+    (tmp_path / "a.yaml").unlink()
+    await md.apply_once()
+    assert await store.get(AUTOSCALING_POLICY, "default", "llama-3-8b-load") is None
+    assert (await store.list(MODEL))[0] == []
+
+
+async def test_the_exported_file_is_what_the_picker_reads(tmp_path):
+    store = MemoryStore()
+    await store.create(
+        {
+            "apiVersion": "inference.networking.k8s.io/v1",
+            "kind": "InferencePool",
+            "metadata": {"name": "tiny", "namespace": "default"},
+            "spec": {
+                "selector": {"matchLabels": {"infergate.io/model": "tiny"}},
+                "targetPorts": [{"number": 8000}],
+                "endpointPickerRef": {"name": "tiny-epp", "port": {"number": 9002}},
+            },
+        }
+    )
+    pod = await store.create(
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {
+                "name": "p",
+                "namespace": "default",
+                "labels": {"infergate.io/model": "tiny"},
+            },
+            "spec": {"containers": [{"name": "e"}]},
+        }
+    )
+    pod["status"] = {"podIP": "127.0.0.9", "conditions": [{"type": "Ready", "status": "True"}]}
+    await store.update_status(pod)
+    out = tmp_path / "pool.yaml"
+    exporter = PoolExporter(store, out)
+    assert await exporter.write_once() is True
+    assert await exporter.write_once() is False  # unchanged: not rewritten
+    objs = load_objects([out])
+    assert {o["kind"] for o in objs} == {"InferencePool", "Pod"}
+    assert next(o for o in objs if o["kind"] == "Pod")["status"]["podIP"] == "127.0.0.9"
+    await store.delete(POD, "default", "p")
+    assert await exporter.write_once() is True
+    assert [o["kind"] for o in load_objects([out])] == ["InferencePool"]
+    await store.delete(INFERENCE_POOL, "default", "tiny")
+    await exporter.write_once()
+    assert out.read_text() == ""
