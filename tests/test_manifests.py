@@ -38,6 +38,7 @@ BUILT_IN_KINDS = {
     "Role",
     "RoleBinding",
     "CustomResourceDefinition",
+    "ValidatingWebhookConfiguration",
 }
 CUSTOM_KINDS = {"InferencePool", "InferenceObjective"}
 READ_ONLY_VERBS = {"get", "list", "watch"}
@@ -561,8 +562,9 @@ def test_patch_policy_routes_by_the_pickers_header() -> None:
 
 
 def test_namespaced_objects_share_one_namespace() -> None:
-    cluster_scoped = {"GatewayClass"}
+    cluster_scoped = {"GatewayClass", "ValidatingWebhookConfiguration"}
+    # The picker's objects live in default; the controllers' (webhook.yaml) in infergate-system.
     namespaces = {
         d["metadata"].get("namespace") for d in _manifests() if d["kind"] not in cluster_scoped
     }
-    assert namespaces == {"default"}
+    assert namespaces == {"default", "infergate-system"}

@@ -1,0 +1,338 @@
+"""The validating admission webhook: `AdmissionReview` v1 over HTTPS, for our kinds.
+
+    POST /validate   an AdmissionReview; answered with allowed or denied and every problem found
+    GET  /healthz    "ok"
+    GET  /metrics    infergate_webhook_admissions_total{kind,operation,allowed}, in its own registry
+
+A CREATE or UPDATE of a kind that `infergate.api` knows is checked with `validate_dict` (the
+CRDs' schema and CEL rules) and, for an UPDATE, with `validate_update` (the CRDs' transition
+rules, such as ModelRoute's immutable spec.modelName). DELETE, CONNECT and other kinds are
+allowed. `admit` is the decision alone, pure, so standalone mode applies the same checks to an
+object read from YAML before it accepts it:
+
+    response = admit(review_for(obj, old))["response"]
+    if not response["allowed"]: reject(response["status"]["message"])
+
+gateway-manifests/webhook.yaml registers it with the API server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import ssl
+import tempfile
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
+
+from controllers import certs
+from infergate import api
+from infergate.api import networking
+
+log = logging.getLogger("controllers.webhook")
+
+REVIEW_API_VERSION = "admission.k8s.io/v1"
+REVIEW_KIND = "AdmissionReview"
+OPERATIONS = ("CREATE", "UPDATE", "DELETE", "CONNECT")
+VALIDATED_OPERATIONS = ("CREATE", "UPDATE")
+# An AdmissionReview carries the object twice on UPDATE; etcd keeps objects up to 1.5 MiB.
+MAX_BODY_BYTES = 8 * 1024 * 1024
+CERT_RELOAD_SECONDS = 30.0
+
+# The CRDs' transition rules (`self == oldSelf` on a field): (apiVersion, kind) → the field's
+# path and the rule's message, word for word. As in the API server, a rule applies when the
+# field is set in both the old and the new object.
+IMMUTABLE: dict[tuple[str, str], tuple[tuple[tuple[str, ...], str], ...]] = {
+    (networking.GROUP_VERSION, "ModelRoute"): ((("spec", "modelName"), "modelName is immutable"),),
+}
+
+
+class ReviewError(ValueError):
+    """The body is not an AdmissionReview v1 request this webhook can answer."""
+
+
+# ---- the decision, pure -------------------------------------------------------------------------
+
+_MISSING = object()
+
+
+def _field(obj: Any, path: tuple[str, ...]) -> Any:
+    for key in path:
+        if not isinstance(obj, dict) or key not in obj:
+            return _MISSING
+        obj = obj[key]
+    return obj
+
+
+def validate_update(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """The problems an UPDATE from `old` to `new` has beyond `new`'s own: changed immutable
+    fields, as `path: message`."""
+    rules = IMMUTABLE.get((new.get("apiVersion"), new.get("kind")), ())  # type: ignore[arg-type]
+    problems = []
+    for path, message in rules:
+        before, after = _field(old, path), _field(new, path)
+        if before is not _MISSING and after is not _MISSING and before != after:
+            problems.append(f"{'.'.join(path)}: {message}")
+    return problems
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What admit answered, with what the metrics count it by."""
+
+    review: dict[str, Any]
+    kind: str
+    operation: str
+    allowed: bool
+
+
+def _text(value: Any, where: str, *, empty: bool = False) -> str:
+    if not isinstance(value, str) or (not value and not empty):
+        raise ReviewError(f"{where} must be a {'' if empty else 'non-empty '}string")
+    return value
+
+
+def _read_request(review: Any) -> dict[str, Any]:
+    if not isinstance(review, dict):
+        raise ReviewError(f"an AdmissionReview must be a JSON object, not {type(review).__name__}")
+    if review.get("apiVersion") != REVIEW_API_VERSION or review.get("kind") != REVIEW_KIND:
+        raise ReviewError(
+            f"expected apiVersion {REVIEW_API_VERSION} kind {REVIEW_KIND}, "
+            f"got {review.get('apiVersion')!r} {review.get('kind')!r}"
+        )
+    request = review.get("request")
+    if not isinstance(request, dict):
+        raise ReviewError("request must be an object")
+    _text(request.get("uid"), "request.uid")
+    if request.get("operation") not in OPERATIONS:
+        raise ReviewError(f"request.operation must be one of {', '.join(OPERATIONS)}")
+    gvk = request.get("kind")
+    if not isinstance(gvk, dict):
+        raise ReviewError("request.kind must be an object with group, version and kind")
+    _text(gvk.get("group", ""), "request.kind.group", empty=True)
+    _text(gvk.get("version"), "request.kind.version")
+    _text(gvk.get("kind"), "request.kind.kind")
+    return request
+
+
+def _answer(uid: str, allowed: bool, code: int, message: str, reason: str = "") -> dict[str, Any]:
+    status = {"code": code, **({"reason": reason} if reason else {}), "message": message}
+    return {
+        "apiVersion": REVIEW_API_VERSION,
+        "kind": REVIEW_KIND,
+        "response": {"uid": uid, "allowed": allowed, "status": status},
+    }
+
+
+def decide(review: Any) -> Decision:
+    """admit, with the kind and operation it decided on; ReviewError for a malformed review."""
+    request = _read_request(review)
+    uid, operation, gvk = request["uid"], request["operation"], request["kind"]
+    group, kind = gvk.get("group", ""), gvk["kind"]
+    api_version = f"{group}/{gvk['version']}" if group else gvk["version"]
+    known = (api_version, kind) in api.KINDS
+    label = kind if known else "other"
+
+    if not known or operation not in VALIDATED_OPERATIONS:
+        why = f"{api_version} {kind} is not validated" if not known else f"{operation} is allowed"
+        return Decision(_answer(uid, True, 200, why), label, operation, True)
+
+    obj = request.get("object")
+    if not isinstance(obj, dict):
+        raise ReviewError(f"request.object must be an object for {operation}")
+    old = request.get("oldObject")
+    if operation == "UPDATE" and not isinstance(old, dict):
+        raise ReviewError("request.oldObject must be an object for UPDATE")
+
+    meta = obj.get("metadata") if isinstance(obj.get("metadata"), dict) else {}
+    name = request.get("name") or meta.get("name") or meta.get("generateName") or "<unnamed>"
+    namespace = request.get("namespace") or meta.get("namespace")
+    who = f"{kind} {namespace}/{name}" if namespace else f"{kind} {name}"
+
+    # The API server's kind is authoritative: the object is in that version (matchPolicy).
+    obj = {**obj, "apiVersion": api_version, "kind": kind}
+    try:
+        problems = api.validate_dict(obj)
+        if operation == "UPDATE":
+            problems += validate_update({**old, "apiVersion": api_version, "kind": kind}, obj)
+    except Exception as exc:  # a bug in a validator must not let an object through unchecked
+        log.exception("validating %s failed", who)
+        message = f"{who} could not be validated: {type(exc).__name__}: {exc}"
+        return Decision(_answer(uid, False, 500, message, "InternalError"), label, operation, False)
+
+    if problems:
+        message = f"{who} is invalid: {'; '.join(problems)}"
+        return Decision(_answer(uid, False, 422, message, "Invalid"), label, operation, False)
+    return Decision(_answer(uid, True, 200, f"{who} is valid"), label, operation, True)
+
+
+def admit(review: dict[str, Any]) -> dict[str, Any]:
+    """The AdmissionReview response for an AdmissionReview request; ReviewError if malformed."""
+    return decide(review).review
+
+
+def review_for(
+    obj: dict[str, Any], old: dict[str, Any] | None = None, operation: str | None = None
+) -> dict[str, Any]:
+    """An AdmissionReview request for `obj` (an UPDATE from `old` when given), as the API server
+    would send it: for standalone mode, which has no API server in front of `admit`."""
+    group, _, version = str(obj.get("apiVersion", "")).rpartition("/")
+    meta = obj.get("metadata") if isinstance(obj.get("metadata"), dict) else {}
+    request: dict[str, Any] = {
+        "uid": str(uuid.uuid4()),
+        "kind": {"group": group, "version": version, "kind": obj.get("kind", "")},
+        "operation": operation or ("CREATE" if old is None else "UPDATE"),
+        "name": meta.get("name", ""),
+        "namespace": meta.get("namespace", ""),
+        "object": obj,
+    }
+    if old is not None:
+        request["oldObject"] = old
+    return {"apiVersion": REVIEW_API_VERSION, "kind": REVIEW_KIND, "request": request}
+
+
+# ---- HTTP ---------------------------------------------------------------------------------------
+
+
+class WebhookMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        self.admissions = Counter(
+            "infergate_webhook_admissions_total",
+            "Admission decisions by kind ('other' for kinds not validated), operation and result.",
+            ["kind", "operation", "allowed"],
+            registry=self.registry,
+        )
+        self.malformed = Counter(
+            "infergate_webhook_malformed_reviews_total",
+            "Requests to /validate that were not an AdmissionReview v1 (answered 400).",
+            registry=self.registry,
+        )
+
+
+METRICS = web.AppKey("metrics", WebhookMetrics)
+
+
+def _bad_request(request: web.Request, message: str) -> web.Response:
+    request.app[METRICS].malformed.inc()
+    log.warning("malformed AdmissionReview from %s: %s", request.remote, message)
+    return web.json_response({"error": "malformed AdmissionReview", "message": message}, status=400)
+
+
+async def _validate(request: web.Request) -> web.Response:
+    body = await request.read()
+    try:
+        review = json.loads(body)
+    except (ValueError, RecursionError) as exc:
+        return _bad_request(request, f"body is not JSON: {exc}")
+    try:
+        decision = decide(review)
+    except ReviewError as exc:
+        return _bad_request(request, str(exc))
+    except RecursionError:
+        return _bad_request(request, "object is nested too deeply")
+    allowed = "true" if decision.allowed else "false"
+    request.app[METRICS].admissions.labels(decision.kind, decision.operation, allowed).inc()
+    if not decision.allowed:
+        log.info("denied %s: %s", decision.operation, decision.review["response"]["status"])
+    return web.json_response(decision.review)
+
+
+async def _healthz(_: web.Request) -> web.Response:
+    return web.Response(text="ok")
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    body = generate_latest(request.app[METRICS].registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def build_app(metrics: WebhookMetrics | None = None) -> web.Application:
+    app = web.Application(client_max_size=MAX_BODY_BYTES)
+    app[METRICS] = metrics or WebhookMetrics()
+    app.router.add_post("/validate", _validate)
+    app.router.add_get("/healthz", _healthz)
+    app.router.add_get("/metrics", _metrics)
+    return app
+
+
+# ---- serving ------------------------------------------------------------------------------------
+
+
+def _ssl_context(
+    cert_dir: Path | None, host: str
+) -> tuple[ssl.SSLContext, tuple[Path, Path] | None]:
+    """The server's TLS context, and the files to watch for rotation (None when generated)."""
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if cert_dir is not None:
+        files = certs.load_cert_dir(cert_dir)
+        ctx.load_cert_chain(*files)
+        return ctx, files
+    hosts = certs.DEFAULT_HOSTS
+    if host and host not in ("0.0.0.0", "::"):
+        hosts = (host, *hosts)
+    generated = certs.serving_cert(hosts)
+    with tempfile.TemporaryDirectory() as tmp:  # ssl loads keys from files only
+        written = generated.write(Path(tmp))
+        ctx.load_cert_chain(written / "tls.crt", written / "tls.key")
+    log.warning("no cert dir: serving with a self-signed certificate the API server will not trust")
+    return ctx, None
+
+
+async def _reload_certs(ctx: ssl.SSLContext, files: tuple[Path, Path], interval: float) -> None:
+    """Load the certificate again when its files change (cert-manager renews them in place);
+    new connections use it, open ones keep theirs."""
+
+    def stamp() -> tuple[float, ...]:
+        return tuple(p.stat().st_mtime for p in files)
+
+    seen = stamp()
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            now = stamp()
+            if now != seen:
+                ctx.load_cert_chain(*files)
+                seen = now
+                log.info("reloaded the webhook certificate from %s", files[0].parent)
+        except (OSError, ssl.SSLError) as exc:  # half-written during a rotation: try again later
+            log.warning("cannot reload the webhook certificate: %s", exc)
+
+
+async def serve_webhook(
+    host: str,
+    port: int,
+    cert_dir: Path | str | None = None,
+    *,
+    metrics: WebhookMetrics | None = None,
+    ready: asyncio.Event | None = None,
+    reload_interval: float = CERT_RELOAD_SECONDS,
+) -> None:
+    """Serve HTTPS on host:port until cancelled. `cert_dir` holds tls.crt and tls.key (a
+    mounted Secret, reloaded when it changes); without it a certificate is made at start."""
+    ctx, files = _ssl_context(Path(cert_dir) if cert_dir is not None else None, host)
+    runner = web.AppRunner(build_app(metrics), access_log=None)
+    await runner.setup()
+    reloader = None
+    try:
+        await web.TCPSite(runner, host, port, ssl_context=ctx, reuse_address=True).start()
+        if files is not None:
+            reloader = asyncio.create_task(_reload_certs(ctx, files, reload_interval))
+        log.info("admission webhook on https://%s:%d/validate", host, port)
+        if ready is not None:
+            ready.set()
+        await asyncio.Event().wait()
+    finally:
+        if reloader is not None:
+            reloader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reloader
+        await runner.cleanup()
