@@ -28,7 +28,11 @@ log = logging.getLogger("controllers")
 
 
 def build_controllers(
-    store: Store, metrics: ControllerMetrics, *, autoscale_interval: float = 15.0
+    store: Store,
+    metrics: ControllerMetrics,
+    *,
+    autoscale_interval: float = 15.0,
+    namespace: str | None = None,
 ) -> tuple[list[Controller], AutoscalerReconciler]:
     scaler = AutoscalerReconciler(store, interval=autoscale_interval)
     return [
@@ -37,14 +41,16 @@ def build_controllers(
             ModelReconciler(store),
             [(MODEL, own_key), (MODEL_INFER, owner_key(MODEL))],
             metrics,
+            namespace=namespace,
         ),
         Controller(
             store,
             ModelInferReconciler(store),
             [(MODEL_INFER, own_key), (POD, owner_key(MODEL_INFER))],
             metrics,
+            namespace=namespace,
         ),
-        Controller(store, scaler, [(AUTOSCALING_BINDING, own_key)], metrics),
+        Controller(store, scaler, [(AUTOSCALING_BINDING, own_key)], metrics, namespace=namespace),
     ], scaler
 
 
@@ -97,7 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--namespace", default=None, help="kubernetes: watch one namespace")
     p.add_argument("--autoscale-interval", type=float, default=15.0)
+    p.add_argument("--host", default="127.0.0.1", help="address for metrics and the webhook")
     p.add_argument("--metrics-port", type=int, default=9091)
+    p.add_argument("--webhook-port", type=int, default=0, help="serve the admission webhook")
+    p.add_argument("--webhook-cert-dir", type=Path, help="tls.crt and tls.key (default: generated)")
     p.add_argument("--log-level", default="info")
     return p
 
@@ -107,15 +116,29 @@ async def serve(args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    if args.mode == "kubernetes":
-        raise SystemExit(
-            "infergate controllers: --mode kubernetes needs the Kubernetes store (not built yet)"
+    if args.webhook_port:
+        from controllers.webhook import serve_webhook
+
+        webhook = asyncio.create_task(
+            serve_webhook(args.host, args.webhook_port, args.webhook_cert_dir)
         )
+    try:
+        if args.mode == "kubernetes":
+            await _serve_kubernetes(args, stop)
+        else:
+            await _serve_standalone(args, stop)
+    finally:
+        if args.webhook_port:
+            webhook.cancel()
+            await asyncio.gather(webhook, return_exceptions=True)
+
+
+async def _serve_standalone(args: argparse.Namespace, stop: asyncio.Event) -> None:
     if args.manifests is None:
         raise SystemExit("infergate controllers: standalone mode needs --manifests DIR")
     pool_file = args.pool_file or args.state_dir / "pool.yaml"
     app = Standalone(args.manifests, args.state_dir, pool_file, args.autoscale_interval)
-    start_http_server(args.metrics_port, addr="127.0.0.1", registry=app.metrics.registry)
+    start_http_server(args.metrics_port, addr=args.host, registry=app.metrics.registry)
     await app.start()
     log.info(
         "controllers: standalone, manifests %s, pods' logs in %s, pools in %s",
@@ -127,6 +150,28 @@ async def serve(args: argparse.Namespace) -> None:
         await stop.wait()
     finally:
         await app.stop()
+
+
+async def _serve_kubernetes(args: argparse.Namespace, stop: asyncio.Event) -> None:
+    """One replica against the API server (leader election is not built yet: run one)."""
+    from controllers.kube_store import KubeStore
+
+    store = KubeStore.from_environment()
+    metrics = ControllerMetrics()
+    start_http_server(args.metrics_port, addr=args.host, registry=metrics.registry)
+    controllers, scaler = build_controllers(
+        store, metrics, autoscale_interval=args.autoscale_interval, namespace=args.namespace
+    )
+    for c in controllers:
+        await c.start()
+    log.info("controllers: watching the Kubernetes API (%s)", args.namespace or "all namespaces")
+    try:
+        await stop.wait()
+    finally:
+        for c in controllers:
+            await c.stop()
+        await scaler.close()
+        store.close()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -90,6 +90,28 @@ class MemoryStore:
             return
         self._remove(key)
 
+    # ---- scale subresource ---------------------------------------------------------------
+
+    async def scale(self, kind: Kind, namespace: str, name: str) -> Obj:
+        """The autoscaling/v1 Scale of an object with a scale subresource (ModelInfer)."""
+        obj = self._objects.get((kind.kind, self._ns(kind, namespace), name))
+        if obj is None:
+            raise NotFound(f'{kind.plural} "{name}" not found')
+        return _scale_of(obj)
+
+    async def set_scale(self, kind: Kind, namespace: str, name: str, replicas: int) -> Obj:
+        if not isinstance(replicas, int) or isinstance(replicas, bool) or replicas < 0:
+            raise Invalid(f"{kind.plural} {name!r}: spec.replicas must be an integer >= 0")
+        key = (kind.kind, self._ns(kind, namespace), name)
+        current = self._objects.get(key)
+        if current is None:
+            raise NotFound(f'{kind.plural} "{name}" not found')
+        new = copy.deepcopy(current)
+        new.setdefault("spec", {})["replicas"] = replicas
+        if new["spec"] != current.get("spec"):
+            new["metadata"]["generation"] = current["metadata"].get("generation", 1) + 1
+        return _scale_of(self._write(key, new, "MODIFIED"))
+
     # ---- watch --------------------------------------------------------------------------
 
     async def watch(
@@ -144,9 +166,12 @@ class MemoryStore:
             if "status" in current:
                 new["status"] = copy.deepcopy(current["status"])
             nm = new.setdefault("metadata", {})
+            # Fields only the server sets: a client's copy is ignored, as kube-apiserver does.
             for f in ("uid", "creationTimestamp", "generation", "deletionTimestamp"):
                 if f in current["metadata"]:
                     nm[f] = current["metadata"][f]
+                else:
+                    nm.pop(f, None)
             nm["namespace"] = key[1]
             if new.get("spec") != current.get("spec"):
                 nm["generation"] = current["metadata"].get("generation", 1) + 1
@@ -204,3 +229,20 @@ class MemoryStore:
     def _wake(self) -> None:
         self._changed.set()
         self._changed = asyncio.Event()
+
+
+def _scale_of(obj: Obj) -> Obj:
+    """.spec.replicas, .status.replicas and .status.labelSelector as a Scale, the paths
+    ModelInfer's CRD declares for its scale subresource."""
+    meta, status = obj["metadata"], obj.get("status") or {}
+    fields = ("name", "namespace", "uid", "resourceVersion", "creationTimestamp")
+    scale = {
+        "kind": "Scale",
+        "apiVersion": "autoscaling/v1",
+        "metadata": {f: meta[f] for f in fields if f in meta},
+        "spec": {"replicas": (obj.get("spec") or {}).get("replicas", 0)},
+        "status": {"replicas": status.get("replicas", 0)},
+    }
+    if status.get("labelSelector"):
+        scale["status"]["selector"] = status["labelSelector"]
+    return scale

@@ -101,6 +101,12 @@ class Invalid(StoreError):
     code = 422
 
 
+class Unavailable(StoreError):
+    """The API server could not be reached or did not answer."""
+
+    code = 503
+
+
 class Store(Protocol):
     async def get(self, kind: Kind, namespace: str, name: str) -> Obj | None: ...
 

@@ -4,7 +4,11 @@ Objects live in memory, keyed by (group, version, plural, namespace, name); ever
 the next resourceVersion from one global counter and appends an event to a bounded history that
 watches replay from. Core resources are served under /api/v1, anything else under
 /apis/{group}/{version}, namespaced or cluster-wide. Like a resource with a status subresource,
-writes to the object keep its status and writes to /status change only the status.
+writes to the object keep its status and writes to /status change only the status. Every object
+also has a scale subresource (autoscaling/v1 Scale over .spec.replicas, .status.replicas and
+.status.labelSelector, as a CRD declares it). DELETE honours metadata.finalizers (the object only
+gets a deletionTimestamp until an update empties them), and removing an object removes its
+dependents (ownerReferences to its uid), as the garbage collector's background deletion does.
 
     async with KubeAPIEmulator() as api: ...          # on the running event loop
     with KubeAPIEmulator().threaded() as api: ...     # own loop in a thread, for sync code
@@ -85,6 +89,27 @@ def merge_patch(target: Any, patch: Any) -> Any:
         else:
             out[k] = merge_patch(out.get(k), v)
     return out
+
+
+def now_rfc3339() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def scale_of(obj: Obj) -> Obj:
+    """The object's autoscaling/v1 Scale: .spec.replicas, .status.replicas, .status.labelSelector
+    (the paths our CRDs declare for their scale subresource)."""
+    meta, status = obj["metadata"], obj.get("status") or {}
+    fields = ("name", "namespace", "uid", "resourceVersion", "creationTimestamp")
+    scale = {
+        "kind": "Scale",
+        "apiVersion": "autoscaling/v1",
+        "metadata": {f: meta[f] for f in fields if f in meta},
+        "spec": {"replicas": (obj.get("spec") or {}).get("replicas", 0)},
+        "status": {"replicas": status.get("replicas", 0)},
+    }
+    if status.get("labelSelector"):
+        scale["status"]["selector"] = status["labelSelector"]
+    return scale
 
 
 def selector(text: str | None, field: bool = False) -> Callable[[Obj], bool]:
@@ -245,7 +270,7 @@ class KubeAPIEmulator:
             meta["namespace"] = key[3]
         if prev is None:
             meta.setdefault("uid", str(uuid.uuid4()))
-            meta.setdefault("creationTimestamp", datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"))
+            meta.setdefault("creationTimestamp", now_rfc3339())
             meta.setdefault("generation", 1)
         else:
             for f in ("uid", "creationTimestamp", "generation"):
@@ -265,7 +290,32 @@ class KubeAPIEmulator:
             obj = copy.deepcopy(obj)
             obj["metadata"]["resourceVersion"] = str(self._rv)
             self._record(key, "DELETED", obj, None)
+            self._collect_dependents(obj["metadata"].get("uid"))
         return obj
+
+    def _delete(self, key: Key) -> Obj:
+        """DELETE: an object with finalizers only gets a deletionTimestamp (an update that
+        empties them removes it); one without is removed at once."""
+        current = self._objects[key]
+        meta = current["metadata"]
+        if not meta.get("finalizers"):
+            return self._remove(key) or current
+        if meta.get("deletionTimestamp"):
+            return current
+        new = copy.deepcopy(current)
+        new["metadata"].update(deletionTimestamp=now_rfc3339(), deletionGracePeriodSeconds=0)
+        return self._write(key, new, current)
+
+    def _collect_dependents(self, uid: str | None) -> None:
+        """Background cascading deletion: an object none of whose owners is left is deleted
+        (through _delete, so its finalizers hold it), and its dependents after it."""
+        for key, obj in list(self._objects.items()):
+            refs = obj["metadata"].get("ownerReferences") or []
+            if key not in self._objects or not any(r.get("uid") == uid for r in refs):
+                continue
+            live = {o["metadata"].get("uid") for o in self._objects.values()}
+            if not any(r.get("uid") in live for r in refs):
+                self._delete(key)
 
     def _wake(self) -> None:
         if self._loop is not None and not self._loop.is_closed():
@@ -299,7 +349,7 @@ class KubeAPIEmulator:
         group, version, plural = m.get("group", ""), m["version"], m["plural"]
         ns, name, sub, method = m.get("namespace", ""), m.get("name"), m.get("sub"), request.method
         try:
-            if sub not in (None, "status"):
+            if sub not in (None, "status", "scale"):
                 raise APIError(404, "NotFound", f"the server could not find {request.path}")
             if name is None and method == "GET":
                 match = query_matcher(request.query, ns)
@@ -319,11 +369,13 @@ class KubeAPIEmulator:
                 if current is None:
                     raise APIError(404, "NotFound", f'{plural} "{name}" not found')
                 if method == "GET":
-                    return web.json_response(current)
+                    return web.json_response(scale_of(current) if sub == "scale" else current)
                 if method == "DELETE" and sub is None:
-                    return web.json_response(self._remove(key))
+                    return web.json_response(self._delete(key))
                 if method not in ("PUT", "PATCH"):
                     raise APIError(405, "MethodNotAllowed", f"{method} is not supported here")
+                if sub == "scale":
+                    return web.json_response(self._update_scale(key, current, body, method))
                 return web.json_response(self._update(key, current, body, method, sub))
         except APIError as exc:
             return web.json_response(exc.status, status=exc.code)
@@ -347,21 +399,46 @@ class KubeAPIEmulator:
         body.setdefault("kind", self._kinds.get((group, plural), ""))
         return self._write(key, body)
 
-    def _update(self, key: Key, current: Obj, body: Obj, method: str, sub: str | None) -> Obj:
-        new = merge_patch(current, body) if method == "PATCH" else copy.deepcopy(body)
+    @staticmethod
+    def _check_version(key: Key, current: Obj, body: Obj) -> None:
         want_rv = (body.get("metadata") or {}).get("resourceVersion")
         if want_rv and want_rv != current["metadata"]["resourceVersion"]:
             raise APIError(
                 409, "Conflict", f'Operation cannot be fulfilled on {key[2]} "{key[4]}": '
                 "the object has been modified; please apply your changes to the latest version"
             )  # fmt: skip
+
+    def _update(self, key: Key, current: Obj, body: Obj, method: str, sub: str | None) -> Obj:
+        new = merge_patch(current, body) if method == "PATCH" else copy.deepcopy(body)
+        self._check_version(key, current, body)
         if sub == "status":  # only the status changes
             new = {**copy.deepcopy(current), "status": new.get("status")}
         elif "status" in current:
             new["status"] = copy.deepcopy(current["status"])
         else:
             new.pop("status", None)
+        meta = new.setdefault("metadata", {})
+        for f in ("deletionTimestamp", "deletionGracePeriodSeconds"):  # only DELETE sets them
+            if f in current["metadata"]:
+                meta[f] = current["metadata"][f]
+            else:
+                meta.pop(f, None)
+        if meta.get("deletionTimestamp") and not meta.get("finalizers"):
+            return self._remove(key) or current  # the last finalizer is gone
         return self._write(key, new, current)
+
+    def _update_scale(self, key: Key, current: Obj, body: Obj, method: str) -> Obj:
+        scale = merge_patch(scale_of(current), body) if method == "PATCH" else body
+        self._check_version(key, current, body)
+        replicas = (scale.get("spec") or {}).get("replicas")
+        if type(replicas) is not int or replicas < 0:
+            raise APIError(
+                422, "Invalid", f'Scale.autoscaling "{key[4]}" is invalid: spec.replicas: '
+                f"Invalid value: {json.dumps(replicas)}: must be a non-negative integer"
+            )  # fmt: skip
+        new = copy.deepcopy(current)
+        new["spec"] = {**(new.get("spec") or {}), "replicas": replicas}
+        return scale_of(self._write(key, new, current))
 
     def _matching(self, gvp: GVP, match: Callable[[Obj], bool]) -> list[Obj]:
         return [copy.deepcopy(o) for k, o in sorted(self._objects.items())
