@@ -49,17 +49,28 @@ def percentile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]
 
 
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free now and not handed out before in this process: a run of ports given to
+    one pod fleet is not bound until the pods start, so the kernel may offer it again."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
 
 
 def free_port_run(n: int) -> int:
     """The first of n consecutive ports that are free now (pod i's socket is on base + i)."""
     for _ in range(200):
         base = free_port()
-        if base + n < 65535 and all(_free(p) for p in range(base + 1, base + n)):
+        run = range(base + 1, base + n)
+        if base + n < 65535 and not _handed_out.intersection(run) and all(map(_free, run)):
+            _handed_out.update(run)
             return base
     raise RuntimeError(f"no run of {n} free ports")
 

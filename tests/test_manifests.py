@@ -384,6 +384,7 @@ def test_endpoint_picker_config_loads_with_the_pickers_loader() -> None:
     assert weights == {
         "queue-scorer": 2.0,
         "kv-cache-utilization-scorer": 2.0,
+        "least-request": 2.0,
         "prefix-cache-scorer": 3.0,
     }
     assert profile.picker is not None and profile.picker.type_name == "max-score-picker"

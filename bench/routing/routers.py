@@ -25,11 +25,13 @@ INFERGATE_PROFILES = {
         ("precise-prefix-cache-scorer", 3),
         ("queue-scorer", 2),
         ("kv-cache-utilization-scorer", 2),
+        ("least-request", 2),
     ],
     "approximate": [
         ("prefix-cache-scorer", 3),
         ("queue-scorer", 2),
         ("kv-cache-utilization-scorer", 2),
+        ("least-request", 2),
     ],
     "load": [("queue-scorer", 1), ("kv-cache-utilization-scorer", 1), ("least-request", 1)],
     "random": [("random-scorer", 1)],

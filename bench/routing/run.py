@@ -43,6 +43,8 @@ def run_point(point: Point, s: Settings, on_request=None) -> dict:
         row |= asyncio.run(_measure(url, stack.pod_addresses, trace, point, s, on_request))
     except RouterUnavailable as exc:
         row["unavailable"] = str(exc)
+    except (RuntimeError, OSError, TimeoutError) as exc:  # a point that could not start
+        row["unavailable"] = f"failed to start: {exc}"
     finally:
         point.router.stop()
         stack.stop()
