@@ -102,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--pool-file", type=Path, help="standalone: where the picker reads pools and pods"
     )
     p.add_argument("--namespace", default=None, help="kubernetes: watch one namespace")
+    p.add_argument("--leader-elect", action="store_true", help="kubernetes: run several replicas")
+    p.add_argument("--leader-namespace", default="infergate-system", help="where the Lease lives")
     p.add_argument("--autoscale-interval", type=float, default=15.0)
     p.add_argument("--host", default="127.0.0.1", help="address for metrics and the webhook")
     p.add_argument("--metrics-port", type=int, default=9091)
@@ -153,10 +155,23 @@ async def _serve_standalone(args: argparse.Namespace, stop: asyncio.Event) -> No
 
 
 async def _serve_kubernetes(args: argparse.Namespace, stop: asyncio.Event) -> None:
-    """One replica against the API server (leader election is not built yet: run one)."""
+    """Against the API server; with --leader-elect, only the Lease holder reconciles."""
+    import os
+    import socket
+
     from controllers.kube_store import KubeStore
+    from controllers.leader import LeaderElector
 
     store = KubeStore.from_environment()
+    elector = None
+    if args.leader_elect:
+        identity = f"{socket.gethostname()}-{os.getpid()}"
+        elector = LeaderElector(
+            store, name="infergate-controllers", namespace=args.leader_namespace, identity=identity
+        )
+        log.info("controllers: waiting for the lease as %s", identity)
+        await elector.acquire()
+        asyncio.get_running_loop().create_task(_stop_when(elector.lost, stop))
     metrics = ControllerMetrics()
     start_http_server(args.metrics_port, addr=args.host, registry=metrics.registry)
     controllers, scaler = build_controllers(
@@ -171,7 +186,15 @@ async def _serve_kubernetes(args: argparse.Namespace, stop: asyncio.Event) -> No
         for c in controllers:
             await c.stop()
         await scaler.close()
+        if elector is not None:
+            await elector.release()
         store.close()
+
+
+async def _stop_when(lost: asyncio.Event, stop: asyncio.Event) -> None:
+    """A leader that lost its Lease stops; its replacement starts from a fresh list."""
+    await lost.wait()
+    stop.set()
 
 
 def main(argv: list[str] | None = None) -> int:
