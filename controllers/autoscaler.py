@@ -18,7 +18,7 @@ import time
 import aiohttp
 
 from controllers import autoscaling as a
-from controllers.memory_store import now_rfc3339
+from controllers.conditions import condition, now_rfc3339
 from controllers.modelinfer_pods import L_MODELINFER, L_ROLE, pod_ready
 from controllers.store import (
     AUTOSCALING_BINDING,
@@ -276,18 +276,16 @@ class AutoscalerReconciler:
             "observedGeneration": m.get("generation", 1),
             "targets": targets,
             "conditions": [
-                {
-                    "type": "Ready",
-                    "status": "True" if ok else "False",
-                    "reason": "Scaling" if ok else "PolicyNotFound",
-                    "message": problem or "metrics read, targets sized",
-                    "lastTransitionTime": now_rfc3339(),
-                }
+                condition(
+                    binding,
+                    "Ready",
+                    ok,
+                    "Scaling" if ok else "PolicyNotFound",
+                    problem or "metrics read, targets sized",
+                    observed=False,
+                )
             ],
         }
-        prev_cond = ((binding.get("status") or {}).get("conditions") or [{}])[0]
-        if prev_cond.get("status") == status["conditions"][0]["status"]:
-            status["conditions"][0]["lastTransitionTime"] = prev_cond["lastTransitionTime"]
         if binding.get("status") == status:
             return
         binding["status"] = status

@@ -8,8 +8,8 @@ import copy
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
 
+from controllers.conditions import now_rfc3339
 from controllers.store import (
     AlreadyExists,
     Conflict,
@@ -23,10 +23,6 @@ from controllers.store import (
 )
 
 _Key = tuple[str, str, str]  # kind, namespace, name
-
-
-def now_rfc3339() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 class MemoryStore:

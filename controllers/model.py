@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 
 from controllers import model_objects
+from controllers.conditions import condition
 from controllers.store import (
     KINDS,
     MODEL,
@@ -79,25 +80,18 @@ class ModelReconciler:
         want = int((mi or {}).get("spec", {}).get("replicas", 0))
         ready = int(st.get("readyReplicas", 0))
         ok = mi is not None and ready >= want > 0
-        old = {c["type"]: c for c in (model.get("status") or {}).get("conditions") or []}
-        prev = old.get("Ready")
-        from controllers.memory_store import now_rfc3339
-
         status = {
             "observedGeneration": m.get("generation", 1),
             "replicas": int(st.get("replicas", 0)),
             "readyReplicas": ready,
             "conditions": [
-                {
-                    "type": "Ready",
-                    "status": "True" if ok else "False",
-                    "reason": "GroupsReady" if ok else "GroupsNotReady",
-                    "message": f"{ready}/{want} serving groups ready",
-                    "observedGeneration": m.get("generation", 1),
-                    "lastTransitionTime": prev["lastTransitionTime"]
-                    if prev and prev["status"] == ("True" if ok else "False")
-                    else now_rfc3339(),
-                }
+                condition(
+                    model,
+                    "Ready",
+                    ok,
+                    "GroupsReady" if ok else "GroupsNotReady",
+                    f"{ready}/{want} serving groups ready",
+                )
             ],
         }
         if model.get("status") == status:

@@ -13,6 +13,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from controllers import modelinfer_pods as mp
+from controllers.conditions import condition
 from controllers.store import (
     MODEL_INFER,
     POD,
@@ -202,13 +203,10 @@ class ModelInferReconciler:
             "currentRevision": current,
             "updateRevision": rev,
             "labelSelector": f"{mp.L_MODELINFER}={_name(mi)}",
-            "conditions": _conditions(
-                mi,
-                {
-                    "Available": (available, f"{ready}/{want} groups ready"),
-                    "Progressing": (progressing, f"{updated}/{want} groups at {rev}"),
-                },
-            ),
+            "conditions": [
+                _condition(mi, "Available", available, f"{ready}/{want} groups ready"),
+                _condition(mi, "Progressing", progressing, f"{updated}/{want} groups at {rev}"),
+            ],
         }
         if mi.get("status") == status:
             return
@@ -241,29 +239,9 @@ class ModelInferReconciler:
                     pass
 
 
+def _condition(mi: Obj, kind: str, ok: bool, message: str) -> dict:
+    return condition(mi, kind, ok, kind if ok else f"Not{kind}", message)
+
+
 def _name(mi: Obj) -> str:
     return mi["metadata"]["name"]
-
-
-def _conditions(mi: Obj, wanted: dict[str, tuple[bool, str]]) -> list[dict]:
-    """Conditions with lastTransitionTime kept while the status does not change."""
-    from controllers.memory_store import now_rfc3339
-
-    old = {c["type"]: c for c in (mi.get("status") or {}).get("conditions") or []}
-    out = []
-    for kind, (ok, message) in wanted.items():
-        status = "True" if ok else "False"
-        prev = old.get(kind)
-        out.append(
-            {
-                "type": kind,
-                "status": status,
-                "reason": kind if ok else f"Not{kind}",
-                "message": message,
-                "observedGeneration": mi["metadata"].get("generation", 1),
-                "lastTransitionTime": prev["lastTransitionTime"]
-                if prev and prev["status"] == status
-                else now_rfc3339(),
-            }
-        )
-    return out
