@@ -62,6 +62,8 @@ class Standalone:
     state_dir: Path
     pool_file: Path
     autoscale_interval: float = 15.0
+    eds_file: Path | None = None  # the local Envoy's endpoints of eds_pool (default: the only)
+    eds_pool: str | None = None
     metrics: ControllerMetrics = field(default_factory=ControllerMetrics)
     store: Store | None = None
     parts: list = field(default_factory=list)
@@ -78,7 +80,9 @@ class Standalone:
         controllers, self._scaler = build_controllers(
             store, self.metrics, autoscale_interval=self.autoscale_interval
         )
-        exporter = PoolExporter(store, self.pool_file)
+        exporter = PoolExporter(
+            store, self.pool_file, eds_file=self.eds_file, eds_pool=self.eds_pool
+        )
         manifests = ManifestDirectory(store, self.manifests)
         for part in (runtime, *controllers, exporter, manifests):
             await part.start()
@@ -101,6 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--pool-file", type=Path, help="standalone: where the picker reads pools and pods"
     )
+    p.add_argument(
+        "--envoy-eds-file", type=Path, help="standalone: write a pool's endpoints as Envoy EDS"
+    )
+    p.add_argument("--envoy-eds-pool", help="standalone: that pool (default: the only one)")
     p.add_argument("--namespace", default=None, help="kubernetes: watch one namespace")
     p.add_argument("--leader-elect", action="store_true", help="kubernetes: run several replicas")
     p.add_argument("--leader-namespace", default="infergate-system", help="where the Lease lives")
@@ -139,7 +147,14 @@ async def _serve_standalone(args: argparse.Namespace, stop: asyncio.Event) -> No
     if args.manifests is None:
         raise SystemExit("infergate controllers: standalone mode needs --manifests DIR")
     pool_file = args.pool_file or args.state_dir / "pool.yaml"
-    app = Standalone(args.manifests, args.state_dir, pool_file, args.autoscale_interval)
+    app = Standalone(
+        args.manifests,
+        args.state_dir,
+        pool_file,
+        args.autoscale_interval,
+        eds_file=args.envoy_eds_file,
+        eds_pool=args.envoy_eds_pool,
+    )
     start_http_server(args.metrics_port, addr=args.host, registry=app.metrics.registry)
     await app.start()
     log.info(

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import yaml
 
+from controllers import envoy_eds
 from controllers.store import INFERENCE_POOL, POD, Obj, Store
 
 
@@ -48,24 +49,59 @@ async def snapshot(store: Store, pool: str | None = None) -> str:
     return yaml.safe_dump_all(docs, sort_keys=True) if docs else ""
 
 
+def _replace(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 class PoolExporter:
-    def __init__(self, store: Store, path: Path, *, interval: float = 0.2) -> None:
+    """Writes the pool file and, given eds_file, one pool's endpoints for the local Envoy
+    (eds_pool names it; by default the only pool there is)."""
+
+    def __init__(
+        self,
+        store: Store,
+        path: Path,
+        *,
+        interval: float = 0.2,
+        eds_file: Path | None = None,
+        eds_pool: str | None = None,
+        eds_cluster: str = "pool",
+    ) -> None:
         self.store = store
         self.path = path
         self.interval = interval
+        self.eds_file = eds_file
+        self.eds_pool = eds_pool
+        self.eds_cluster = eds_cluster
         self._last: str | None = None
+        self._last_eds: str | None = None
         self._task: asyncio.Task | None = None
 
     async def write_once(self) -> bool:
+        if self.eds_file is not None:
+            await self._write_eds()
         text = await snapshot(self.store)
         if text == self._last:
             return False
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, self.path)
+        _replace(self.path, text)
         self._last = text
         return True
+
+    async def _write_eds(self) -> None:
+        pools, _ = await self.store.list(INFERENCE_POOL)
+        if self.eds_pool is not None:
+            pools = [p for p in pools if p["metadata"]["name"] == self.eds_pool]
+        endpoints = []
+        if len(pools) == 1:
+            pods, _ = await self.store.list(POD)
+            endpoints = envoy_eds.pool_endpoints(pools[0], pods)
+        text = envoy_eds.discovery_response(self.eds_cluster, endpoints)
+        if text != self._last_eds:
+            _replace(self.eds_file, text)
+            self._last_eds = text
 
     async def start(self) -> None:
         await self.write_once()

@@ -20,6 +20,7 @@ import logging
 import os
 import re
 import signal
+import socket
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,18 +95,24 @@ class LocalRuntime:
         if run is None or run.pod["metadata"].get("uid") != pod["metadata"].get("uid"):
             if run is not None:  # same name, new pod: the old process goes first
                 asyncio.get_running_loop().create_task(self._stop(key))
-            run = _Running(pod=pod, ip=self._take_ip())
+            run = _Running(pod=pod, ip=self._take_ip(_container_ports(pod)))
             self._running[key] = run
             run.task = asyncio.create_task(self._supervise(key, run), name=f"pod {key[1]}")
 
-    def _take_ip(self) -> str:
-        if self._free_ips:
-            return self._free_ips.pop(0)
-        ip = f"127.0.0.{self._next_ip}"
-        self._next_ip += 1
-        if self._next_ip > 254:
-            raise RuntimeError("no loopback address left for another local pod")
-        return ip
+    def _take_ip(self, ports: list[int]) -> str:
+        """A loopback address where the pod's ports are free: another stack on this
+        machine (or a leftover process) may hold some, and a pod that cannot bind its port
+        must not pass its readiness probe against someone else's server."""
+        for ip in list(self._free_ips):
+            if _ports_free(ip, ports):
+                self._free_ips.remove(ip)
+                return ip
+        while self._next_ip <= 254:
+            ip = f"127.0.0.{self._next_ip}"
+            self._next_ip += 1
+            if _ports_free(ip, ports):
+                return ip
+        raise RuntimeError("no loopback address left for another local pod")
 
     # ---- one pod ------------------------------------------------------------------------
 
@@ -226,6 +233,25 @@ class LocalRuntime:
         if not container.get("command"):  # the simulator, on the pod's own address
             args = [sys.executable, "-m", "simulator", *args, "--host", env["POD_IP"]]
         return [_expand(str(a), env) for a in args]
+
+
+def _container_ports(pod: Obj) -> list[int]:
+    return [
+        int(p["containerPort"])
+        for c in pod.get("spec", {}).get("containers") or []
+        for p in c.get("ports") or []
+        if p.get("containerPort")
+    ]
+
+
+def _ports_free(ip: str, ports: list[int]) -> bool:
+    for port in ports:
+        with socket.socket() as s:
+            try:
+                s.bind((ip, port))
+            except OSError:
+                return False
+    return True
 
 
 def _expand(text: str, env: dict[str, str]) -> str:

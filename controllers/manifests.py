@@ -18,6 +18,8 @@ from controllers.store import KINDS, NotFound, Obj, Store, kind_of
 from infergate.api import validate_dict
 
 log = logging.getLogger("controllers.manifests")
+# Kinds an example directory may hold beside the API objects: the picker's own configuration.
+BESIDE = {"EndpointPickerConfig"}
 
 
 def read_objects(directory: Path) -> tuple[list[tuple[str, Obj]], list[str]]:
@@ -36,7 +38,7 @@ def read_objects(directory: Path) -> tuple[list[tuple[str, Obj]], list[str]]:
             continue
         for i, doc in enumerate(docs):
             where = f"{path}#{i}"
-            if doc is None:
+            if doc is None or (isinstance(doc, dict) and doc.get("kind") in BESIDE):
                 continue
             if not isinstance(doc, dict) or doc.get("kind") not in KINDS:
                 kind = doc.get("kind") if isinstance(doc, dict) else doc

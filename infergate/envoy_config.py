@@ -22,6 +22,9 @@ class EnvoySettings:
     fallbacks: int = 1
     with_picker: bool = True  # False: plain round robin, the baseline benchmarks compare to
     response_bodies: bool = True  # stream response bodies through the picker
+    # Set: the pool's endpoints come from this EDS file (the controllers keep it current)
+    # instead of the fixed `endpoints`.
+    eds_path: str | None = None
 
 
 def render(settings: EnvoySettings) -> str:
@@ -29,8 +32,9 @@ def render(settings: EnvoySettings) -> str:
         raise ValueError(
             f"failure mode must be FailOpen or FailClose, not {settings.failure_mode!r}"
         )
-    if not settings.endpoints:
+    if not settings.endpoints and settings.eds_path is None:
         raise ValueError("the pool has no endpoints to put in the Envoy cluster")
     env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
     fields = {name: getattr(settings, name) for name in settings.__slots__}
+    fields["eds_dir"] = str(Path(settings.eds_path).parent) if settings.eds_path else None
     return env.from_string(TEMPLATE.read_text()).render(**fields)

@@ -1,7 +1,11 @@
-"""The local stack as a library: simulator pods, the picker and Envoy as real processes.
+"""The local stack as a library: model-server pods, the picker and Envoy as real processes.
 
-`infergate up` runs it from examples/quickstart; the end-to-end tests run it on free ports.
-Every process it starts is stopped by stop(), in reverse order.
+Pods come one of two ways. From manifests (what `infergate up DIR` does): the standalone
+controllers apply a Model, run its pods as processes on their own loopback addresses, and
+keep the pool file (for the picker) and an EDS file (for Envoy) current. Or fixed: the stack
+starts N simulator processes on 127.0.0.1 itself and describes them in a static pool — what
+the end-to-end tests and benchmarks use, since they control every pod. Every process it
+starts is stopped by stop(), in reverse order.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,12 +24,13 @@ from pathlib import Path
 import yaml
 
 from infergate.envoy_config import EnvoySettings, render
-from infergate.readiness import wait_http
+from infergate.readiness import wait_http, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 QUICKSTART = ROOT / "examples" / "quickstart"
 # The simulator's bundled tokenizer, which the picker needs to tokenize prompts as pods do.
 DEFAULT_MODEL_DIR = ROOT / "simulator" / "default_model"
+ENGINE_LABEL = "inference.networking.k8s.io/engine-type"
 
 
 @dataclass(slots=True)
@@ -43,6 +49,7 @@ class StackPorts:
     # every pod (per-pod mode, what other routers' KV-event sources need too). Unset: the
     # picker binds kv_events and the pods connect to it (central mode).
     kv_pub_base: int | None = None
+    controllers_metrics: int = 9091
 
 
 @dataclass(slots=True)
@@ -53,8 +60,7 @@ class StackConfig:
     pod_ports: list[int] | None = None  # default: first_pod, first_pod + 1, ...
     served_model_name: str = "infergate-sim"
     model: str | None = None
-    failure_mode: str | None = None  # default: the quickstart pool's
-    pool_file: Path = QUICKSTART / "pool.yaml"
+    failure_mode: str | None = None  # default: FailClose, or the pool's from manifests
     picker_config: Path | None = QUICKSTART / "epp-config.yaml"
     picker_tls: bool = True
     fallbacks: int = 1
@@ -69,6 +75,12 @@ class StackConfig:
     # The pods' KV-event topic; None: kv@<ip:port>@<model>. "" is vLLM's default, which
     # per-pod subscribers (ours and vllm-router's) read; central mode needs the full one.
     kv_topic: str | None = None
+    # Set: pods come from these manifests through the standalone controllers, and the
+    # fields above that describe simulator processes are unused.
+    manifests: Path | None = None
+    pool_name: str = "quickstart"
+    tokenizer_dir: Path | None = None  # the picker's tokenizer for served_model_name
+    expect_pods: int = 0  # up once the picker sees this many ready endpoints
 
 
 def envoy_binary() -> str:
@@ -83,12 +95,21 @@ def envoy_binary() -> str:
 class LocalStack:
     def __init__(self, cfg: StackConfig) -> None:
         self.cfg = cfg
-        self.pod_ports = cfg.pod_ports or [cfg.ports.first_pod + i for i in range(cfg.pods)]
+        self.from_manifests = cfg.manifests is not None
+        self.pod_ports = (
+            []
+            if self.from_manifests
+            else cfg.pod_ports or [cfg.ports.first_pod + i for i in range(cfg.pods)]
+        )
         self.procs: dict[str, subprocess.Popen] = {}
         cfg.workdir.mkdir(parents=True, exist_ok=True)
         self.pool_path = cfg.workdir / "pool.yaml"
+        self.eds_path = cfg.workdir / "eds" / "pool.json"
         self.envoy_path = cfg.workdir / "envoy.yaml"
-        self.pool_name, self.failure_mode = self._write_pool()
+        self.pool_name = cfg.pool_name
+        self.failure_mode = cfg.failure_mode or "FailClose"
+        if not self.from_manifests:
+            self.pool_path.write_text(yaml.safe_dump_all(self._static_pool(), sort_keys=False))
 
     @property
     def url(self) -> str:
@@ -96,24 +117,55 @@ class LocalStack:
 
     @property
     def pod_addresses(self) -> list[str]:
+        if self.from_manifests:
+            return sorted(self.picker_endpoints())
         return [f"127.0.0.1:{p}" for p in self.pod_ports]
 
-    def _write_pool(self) -> tuple[str, str]:
-        """The quickstart pool with this stack's ports and failure mode."""
-        docs = [d for d in yaml.safe_load_all(self.cfg.pool_file.read_text()) if d]
-        pool = next(d for d in docs if d.get("kind") == "InferencePool")
-        pool["spec"]["targetPorts"] = [{"number": p} for p in self.pod_ports]
-        ref = pool["spec"].setdefault("endpointPickerRef", {})
-        if self.cfg.failure_mode:
-            ref["failureMode"] = self.cfg.failure_mode
-        self.pool_path.write_text(yaml.safe_dump_all(docs, sort_keys=False))
-        return pool["metadata"]["name"], ref.get("failureMode", "FailClose")
+    def _static_pool(self) -> list[dict]:
+        """The simulator processes as one Pod at 127.0.0.1 with a target port per process
+        (like data-parallel ranks), and an InferencePool selecting it."""
+        labels = {"app": f"{self.pool_name}-sim", ENGINE_LABEL: "vllm"}
+        pool = {
+            "apiVersion": "inference.networking.k8s.io/v1",
+            "kind": "InferencePool",
+            "metadata": {"name": self.pool_name, "namespace": "default"},
+            "spec": {
+                "selector": {"matchLabels": {"app": labels["app"]}},
+                "targetPorts": [{"number": p} for p in self.pod_ports],
+                "endpointPickerRef": {
+                    "name": f"{self.pool_name}-epp",
+                    "port": {"number": self.cfg.ports.picker},
+                    "failureMode": self.failure_mode,
+                },
+            },
+        }
+        pod = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "local-sim", "namespace": "default", "labels": labels},
+            "status": {
+                "podIP": "127.0.0.1",
+                "conditions": [{"type": "Ready", "status": "True"}],
+            },
+        }
+        return [pool, pod]
+
+    def picker_endpoints(self) -> dict[str, dict]:
+        """What the picker's debug page lists: address → endpoint."""
+        url = f"http://127.0.0.1:{self.cfg.ports.picker_metrics}/debug/endpoints"
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                return {e["address"]: e for e in json.load(r)["endpoints"]}
+        except (OSError, ValueError):
+            return {}
 
     # ---- processes -------------------------------------------------------------------
 
-    def _spawn(self, name: str, cmd: list[str]) -> subprocess.Popen:
+    def _spawn(self, name: str, cmd: list[str], cwd: Path | None = None) -> subprocess.Popen:
         out = open(self.cfg.workdir / f"{name}.log", "wb")
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=cwd
+        )
         out.close()
         self.procs[name] = proc
         return proc
@@ -161,6 +213,48 @@ class LocalStack:
             cmd += ["--model", c.model]
         self._spawn(f"pod-{port}", cmd)
 
+    def start_controllers(self) -> None:
+        """The standalone controllers on the manifests; back once they have written the
+        pool (its pods start in the background)."""
+        c = self.cfg
+        cmd = [
+            sys.executable,
+            "-m",
+            "controllers",
+            "--manifests",
+            str(c.manifests),
+            "--state-dir",
+            str(c.workdir / "state"),
+            "--pool-file",
+            str(self.pool_path),
+            "--envoy-eds-file",
+            str(self.eds_path),
+            "--envoy-eds-pool",
+            self.pool_name,
+            "--host",
+            "127.0.0.1",
+            "--metrics-port",
+            str(c.ports.controllers_metrics),
+        ]
+        # From the project root, where the examples' relative file:// model paths start.
+        proc = self._spawn("controllers", cmd, cwd=ROOT)
+        wait_until(
+            lambda: self.eds_path.exists() and _has_pool(self.pool_path, self.pool_name),
+            30,
+            proc,
+            f"the controllers to write InferencePool {self.pool_name} to {self.pool_path}",
+        )
+
+    def wait_for_endpoints(self, timeout: float = 120) -> None:
+        """Until the picker sees expect_pods ready endpoints (pods start in parallel)."""
+        want = self.cfg.expect_pods
+        wait_until(
+            lambda: len(self.picker_endpoints()) >= want,
+            timeout,
+            self.procs["controllers"],
+            f"{want} ready pods behind the picker (pods' logs: {self.cfg.workdir / 'state'})",
+        )
+
     def start_picker(self) -> None:
         c = self.cfg
         cmd = [
@@ -188,7 +282,7 @@ class LocalStack:
             "--kv-events-replay-port",
             str(c.ports.kv_replay_base),
             "--tokenizer",
-            f"{c.served_model_name}={c.model or DEFAULT_MODEL_DIR}",
+            f"{c.served_model_name}={c.tokenizer_dir or c.model or DEFAULT_MODEL_DIR}",
             *c.picker_args,
         ]
         if c.picker_config:
@@ -230,6 +324,7 @@ class LocalStack:
                     fallbacks=c.fallbacks,
                     with_picker=c.with_picker,
                     response_bodies=c.response_bodies,
+                    eds_path=str(self.eds_path) if self.from_manifests else None,
                 )
             )
         )
@@ -249,6 +344,14 @@ class LocalStack:
 
     def start(self) -> LocalStack:
         try:
+            if self.from_manifests:
+                # Pods connect to the picker's KV-event socket (central mode) and retry
+                # every 100 ms until it is bound; they get no request before they are up.
+                self.start_controllers()
+                self.start_picker()
+                self.start_envoy()
+                self.wait_for_endpoints()
+                return self
             # Whoever binds the KV-event socket starts first (central: the picker; per pod:
             # the pods), so the other side connects at once. The other way round, the
             # connecting side sits in ZMQ's reconnect back-off for up to 200 ms after the
@@ -289,3 +392,13 @@ class LocalStack:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _has_pool(path: Path, name: str) -> bool:
+    try:
+        docs = list(yaml.safe_load_all(path.read_text()))
+    except (OSError, yaml.YAMLError):
+        return False
+    return any(
+        d and d.get("kind") == "InferencePool" and d["metadata"]["name"] == name for d in docs
+    )

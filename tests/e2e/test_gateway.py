@@ -34,10 +34,8 @@ def config(*plugins: tuple[str, float | None]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def make_stack(
-    tmp_path, *, pods=3, picker_config: str | None = None, per_pod_kv=False, **kw
-) -> LocalStack:
-    ports = StackPorts(
+def free_stack_ports(pods: int, per_pod_kv: bool = False) -> StackPorts:
+    return StackPorts(
         kv_replay_base=free_port_run(pods),
         kv_pub_base=free_port_run(pods) if per_pod_kv else None,
         envoy=free_port(),
@@ -46,7 +44,14 @@ def make_stack(
         picker_health=free_port(),
         picker_metrics=free_port(),
         kv_events=free_port(),
+        controllers_metrics=free_port(),
     )
+
+
+def make_stack(
+    tmp_path, *, pods=3, picker_config: str | None = None, per_pod_kv=False, **kw
+) -> LocalStack:
+    ports = free_stack_ports(pods, per_pod_kv)
     cfg_path = None
     if picker_config is not None:
         cfg_path = tmp_path / "epp-config.yaml"

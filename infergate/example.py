@@ -1,0 +1,100 @@
+"""An example directory (examples/quickstart, examples/pd, …): the objects the standalone
+controllers apply — one `Model` and whatever else it needs — and the picker's
+`EndpointPickerConfig` beside them. `infergate up DIR` runs one."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class ExampleError(ValueError):
+    pass
+
+
+@dataclass(slots=True)
+class Example:
+    directory: Path
+    documents: dict[Path, list[dict]]  # every YAML file and its documents
+    model: dict
+    picker_config: Path | None
+
+    @classmethod
+    def read(cls, directory: Path) -> Example:
+        if not directory.is_dir():
+            raise ExampleError(f"{directory} is not a directory")
+        documents: dict[Path, list[dict]] = {}
+        for path in sorted(directory.glob("*.y*ml")):
+            try:
+                documents[path] = [d for d in yaml.safe_load_all(path.read_text()) if d]
+            except yaml.YAMLError as exc:
+                raise ExampleError(f"{path}: not readable YAML: {exc}") from exc
+        models = [d for docs in documents.values() for d in docs if d.get("kind") == "Model"]
+        if len(models) != 1:
+            raise ExampleError(f"{directory} must hold exactly one Model, not {len(models)}")
+        configs = [p for p, docs in documents.items() if _has(docs, "EndpointPickerConfig")]
+        if len(configs) > 1:
+            raise ExampleError(f"{directory} has more than one EndpointPickerConfig")
+        return cls(directory, documents, models[0], configs[0] if configs else None)
+
+    @property
+    def pool_name(self) -> str:
+        """Model → InferencePool of the same name (controllers/model_objects.py)."""
+        return self.model["metadata"]["name"]
+
+    @property
+    def served_name(self) -> str:
+        return self.model["spec"].get("servedModelName") or self.pool_name
+
+    @property
+    def tokenizer_dir(self) -> Path | None:
+        """Where a file:// model lives; relative paths are from the project root, where
+        `infergate up` runs the controllers."""
+        scheme, _, path = self.model["spec"]["modelURI"].partition("://")
+        return (ROOT / path).resolve() if scheme == "file" else None
+
+    def pod_count(self) -> int:
+        """Pods the Model runs: groups × Σ roles' replicas × (entry + workers)."""
+        spec = self.model["spec"]
+        backend = spec["backend"]
+        roles = (
+            [backend["aggregated"]]
+            if "aggregated" in backend
+            else [
+                backend["prefill"],
+                backend["decode"],
+            ]
+        )
+        per_group = sum(
+            int(r.get("replicas", 1)) * (1 + int(r.get("workerReplicas", 0))) for r in roles
+        )
+        return int(spec.get("replicas", 1)) * per_group
+
+    def with_changes(
+        self, into: Path, *, replicas: int | None = None, engine_args: list[str] = ()
+    ) -> Example:
+        """A copy of the example in `into`, its Model with these replicas and extra engine
+        arguments; the copy is what the controllers then watch."""
+        into.mkdir(parents=True, exist_ok=True)
+        model = copy.deepcopy(self.model)
+        if replicas is not None:
+            model["spec"]["replicas"] = replicas
+        if engine_args:
+            engine = model["spec"].setdefault("engine", {})
+            engine["args"] = [*(engine.get("args") or []), *engine_args]
+        documents = {}
+        for path, docs in self.documents.items():
+            docs = [model if d is self.model else d for d in docs]
+            documents[into / path.name] = docs
+            (into / path.name).write_text(yaml.safe_dump_all(docs, sort_keys=False))
+        config = into / self.picker_config.name if self.picker_config else None
+        return Example(into, documents, model, config)
+
+
+def _has(docs: list[dict], kind: str) -> bool:
+    return any(d.get("kind") == kind for d in docs)

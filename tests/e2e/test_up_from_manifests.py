@@ -1,0 +1,110 @@
+"""The local stack started from a Model manifest, as `infergate up DIR` runs it: the
+standalone controllers start the pods, the picker finds them through the pool file and
+Envoy through the EDS file; KV events from those pods reach the picker; editing the
+manifest adds a pod that Envoy can route to."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import requests
+import yaml
+
+from infergate.example import Example
+from infergate.stack import QUICKSTART, LocalStack, StackConfig
+from tests.e2e.test_gateway import free_stack_ports
+
+pytestmark = pytest.mark.slow
+PIN = "test-epp-endpoint-selection"
+
+
+def write_example(directory: Path, kv_port: int, replicas: int) -> Example:
+    """The quickstart Model, on this test's KV-event port and with the replicas asked for."""
+    directory.mkdir(exist_ok=True)
+    model = next(d for d in yaml.safe_load_all((QUICKSTART / "model.yaml").read_text()) if d)
+    model["spec"]["replicas"] = replicas
+    model["spec"]["engine"]["args"] = [
+        "--sim-time-scale=0.2",
+        "--kv-events-config="
+        + json.dumps(
+            {
+                "enable_kv_cache_events": True,
+                "publisher": "zmq",
+                "endpoint": f"tcp://127.0.0.1:{kv_port}",
+                "topic": "kv@$(POD_IP):8000@infergate-sim",
+            }
+        ),
+    ]
+    (directory / "model.yaml").write_text(yaml.safe_dump(model))
+    (directory / "epp-config.yaml").write_text((QUICKSTART / "epp-config.yaml").read_text())
+    return Example.read(directory)
+
+
+def ask(stack: LocalStack, prompt: str, pin: str | None = None) -> requests.Response:
+    r = requests.post(
+        stack.url + "/v1/completions",
+        headers={PIN: pin} if pin else {},
+        json={"model": "infergate-sim", "prompt": prompt, "max_tokens": 2},
+        timeout=60,
+    )
+    assert r.status_code == 200, r.text
+    return r
+
+
+def wait(check, what: str, within: float = 60.0):
+    deadline = time.monotonic() + within
+    while not (result := check()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+    return result
+
+
+def test_a_model_manifest_becomes_a_served_stack_and_edits_apply(tmp_path):
+    ports = free_stack_ports(pods=1)
+    example = write_example(tmp_path / "example", ports.kv_events, replicas=2)
+    stack = LocalStack(
+        StackConfig(
+            workdir=tmp_path / "run",
+            ports=ports,
+            picker_config=example.picker_config,
+            manifests=example.directory,
+            pool_name=example.pool_name,
+            tokenizer_dir=example.tokenizer_dir,
+            expect_pods=example.pod_count(),
+        )
+    )
+    with stack:
+        pods = stack.pod_addresses
+        assert len(pods) == 2 and all(p.endswith(":8000") for p in pods), pods
+        assert len({p.split(":")[0] for p in pods}) == 2  # each pod on its own address
+
+        # Every pod is reachable through Envoy: its EDS cluster knows them all.
+        for pod in pods:
+            served = ask(stack, "hello", pin=pod).headers["x-gateway-destination-endpoint-served"]
+            assert served == pod
+
+        # KV events from the controllers' pods reach the picker's index: a long prompt
+        # served once goes back to the pod that holds it, and hits its cache.
+        prompt = "Chapter 1: " + " ".join(f"word{i}" for i in range(300))
+        first = ask(stack, prompt).headers["x-gateway-destination-endpoint-served"]
+        time.sleep(0.3)
+        again = [ask(stack, prompt) for _ in range(3)]
+        assert {r.headers["x-gateway-destination-endpoint-served"] for r in again} == {first}
+        cached = again[-1].json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+        assert cached > 0
+
+        # Editing the manifest scales the Model; the new pod joins the picker and Envoy.
+        model = yaml.safe_load((example.directory / "model.yaml").read_text())
+        model["spec"]["replicas"] = 3
+        (example.directory / "model.yaml").write_text(yaml.safe_dump(model))
+        wait(lambda: len(stack.picker_endpoints()) == 3, "a third pod behind the picker")
+        (new,) = set(stack.pod_addresses) - set(pods)
+        assert ask(stack, "hi", pin=new).headers["x-gateway-destination-endpoint-served"] == new
+
+    # stop() ended the controllers, and with them every pod process.
+    for pod in [*pods, new]:
+        with pytest.raises(requests.ConnectionError):
+            requests.get(f"http://{pod}/health", timeout=2)
