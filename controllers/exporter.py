@@ -1,6 +1,6 @@
-"""Standalone mode's bridge to the picker: write the InferencePools and Pods the controllers
-keep in memory to a YAML file that the picker's file provider reloads on change — the same
-objects a picker in a cluster would watch through the API server.
+"""Standalone mode's bridge to the picker: write the InferencePools, Pods, ModelRoutes and
+ModelServers the controllers keep in memory to a YAML file that the picker's file provider
+reloads on change — the same objects a picker in a cluster would watch through the API server.
 
 The file is replaced atomically (write, then rename), so the picker never reads half of it.
 """
@@ -14,7 +14,7 @@ from pathlib import Path
 import yaml
 
 from controllers import envoy_eds
-from controllers.store import INFERENCE_POOL, POD, Obj, Store
+from controllers.store import INFERENCE_POOL, MODEL_ROUTE, MODEL_SERVER, POD, Obj, Store
 
 
 def _slim(obj: Obj) -> Obj:
@@ -32,6 +32,8 @@ def _slim(obj: Obj) -> Obj:
     }
     if m.get("annotations"):
         out["metadata"]["annotations"] = m["annotations"]
+    if m.get("creationTimestamp"):  # the oldest of two routes for one model wins
+        out["metadata"]["creationTimestamp"] = m["creationTimestamp"]
     if obj["kind"] == "Pod":
         out["spec"] = {}
         out["status"] = obj.get("status") or {}
@@ -45,7 +47,9 @@ async def snapshot(store: Store, pool: str | None = None) -> str:
     if pool is not None:
         pools = [p for p in pools if p["metadata"]["name"] == pool]
     pods, _ = await store.list(POD)
-    docs = [_slim(o) for o in pools + pods]
+    routes, _ = await store.list(MODEL_ROUTE)
+    servers, _ = await store.list(MODEL_SERVER)
+    docs = [_slim(o) for o in pools + pods + routes + servers]
     return yaml.safe_dump_all(docs, sort_keys=True) if docs else ""
 
 

@@ -11,6 +11,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from epp.routing.table import RouteTable
+
 ENGINE_LABEL = "inference.networking.k8s.io/engine-type"
 ACTIVE_PORTS_ANNOTATION = "inference.networking.k8s.io/active-ports"
 
@@ -133,6 +135,8 @@ def _pod_ready(pod: dict[str, Any]) -> bool:
 class Datastore:
     def __init__(self) -> None:
         self.pool: PoolSpec | None = None
+        # ModelRoutes and ModelServers of the pool's namespace; empty: no model routing.
+        self.routes = RouteTable()
         self._pods: dict[str, dict[str, Any]] = {}
         self._endpoints: dict[str, Endpoint] = {}  # by address
         self.synced = False
@@ -146,7 +150,12 @@ class Datastore:
 
     def set_pool(self, pool: PoolSpec | None) -> None:
         self.pool = pool
+        self.routes.pool_name = pool.name if pool else ""
         self._rebuild()
+
+    def set_routes(self, routes: list[dict[str, Any]], servers: list[dict[str, Any]]) -> None:
+        pool = self.pool.name if self.pool else ""
+        self.routes = RouteTable.build(routes, servers, pool)
 
     def upsert_pod(self, pod: dict[str, Any]) -> None:
         self._pods[(pod.get("metadata") or {}).get("name", "")] = pod

@@ -17,6 +17,8 @@ from epp.scheduling.framework import ResponseInfo
 
 log = logging.getLogger("epp.director")
 
+REWRITE_HEADER = "x-gateway-model-name-rewrite"
+TIMEOUT_HEADER = "x-envoy-upstream-rq-timeout-ms"
 EWMA_ALPHA = 0.2  # weight of the newest observation in per-endpoint latency averages
 
 
@@ -58,7 +60,7 @@ class Director:
 
     def admit(self, req: InferenceRequest, subset: list[str] | None) -> list[Endpoint]:
         """Schedule a parsed request; on success the primary endpoint counts it in flight."""
-        candidates = self._serving(req.target_model, self.candidates(subset))
+        candidates = self._route(req, self.candidates(subset))
         t0 = time.perf_counter()
         result = self.scheduler.schedule(req, candidates)
         self.metrics.scheduler_e2e.observe(time.perf_counter() - t0)
@@ -71,6 +73,9 @@ class Director:
         targets = result.targets
         if not targets:
             raise PickerError(429, "no endpoint left after scheduling")
+        route = req.resolution
+        if route is not None and route.retries is not None:
+            targets = targets[: 1 + route.retries]  # the ModelServer's retry attempts
         primary = targets[0]
         primary.inflight_requests += 1
         primary.inflight_tokens += self._token_weight(req)
@@ -78,6 +83,22 @@ class Director:
         self.metrics.requests.labels(req.model, req.target_model).inc()
         self.metrics.running.labels(req.model).inc()
         return targets
+
+    def _route(self, req: InferenceRequest, candidates: list[Endpoint]) -> list[Endpoint]:
+        """A ModelRoute for the request's model decides its ModelServer, pods and model
+        name; without one, the pool's pods that serve the model take it."""
+        resolution = self.datastore.routes.resolve(
+            req.model, req.headers, req.path, candidates, self._rng
+        )
+        if resolution is None:
+            return self._serving(req.target_model, candidates)
+        req.resolution = resolution
+        if not req.headers.get(REWRITE_HEADER):  # an explicit rewrite header still wins
+            req.target_model = resolution.target_model
+        if resolution.timeout_s is not None:
+            # Envoy's router takes the per-request timeout from this header.
+            req.upstream_headers[TIMEOUT_HEADER] = str(max(1, int(resolution.timeout_s * 1000)))
+        return resolution.candidates
 
     def _serving(self, model: str, candidates: list[Endpoint]) -> list[Endpoint]:
         """Candidates that serve `model` (or whose models are not known yet)."""

@@ -19,6 +19,7 @@ from epp import protocol
 from epp.director import Director
 from epp.errors import PickerError
 from epp.request import InferenceRequest, parse_request
+from epp.routing.rewrite import ModelNameRewriter
 from epp.scheduling.framework import ResponseInfo
 from epp.usage import UsageReader
 
@@ -43,7 +44,7 @@ class _Stream:
         self.first_chunk: float | None = None
         self.last_chunk: float | None = None
         self.finished = False
-        self.rewrite: tuple[bytes, bytes] | None = None
+        self.rewrite: ModelNameRewriter | None = None
 
     # ---- request phase ---------------------------------------------------------------
 
@@ -73,13 +74,10 @@ class _Stream:
         self.req = req
         out_body = req.body_for_upstream()
         if out_body is not req.raw_body:
-            self.rewrite = (
-                f'"model":"{req.target_model}"'.encode(),
-                f'"model":"{req.model}"'.encode(),
-            )
+            self.rewrite = ModelNameRewriter(req.target_model, req.model)
         self.dispatched = time.monotonic()
         return [
-            protocol.destination_headers(req.targets, len(out_body)),
+            protocol.destination_headers(req.targets, len(out_body), req.upstream_headers),
             *protocol.request_body_chunks(out_body),
         ]
 
@@ -112,8 +110,10 @@ class _Stream:
             self.last_chunk = now
             if self.usage is not None:
                 self.usage.feed(data)
-            if self.rewrite is not None:
-                data = data.replace(*self.rewrite)
+        if self.rewrite is not None:
+            data = self.rewrite.feed(data)
+            if chunk.end_of_stream:
+                data += self.rewrite.flush()
         if chunk.end_of_stream:
             self._finish()
         return [protocol.response_chunk(data, chunk.end_of_stream)]
@@ -189,7 +189,7 @@ class ExternalProcessor(pbg.ExternalProcessorServicer):
                         out = []
                 except PickerError as exc:
                     self._count_error(stream, exc)
-                    yield protocol.immediate(exc.status, exc.body())
+                    yield protocol.immediate(exc.status, exc.body(), exc.headers)
                     return
                 except Exception:
                     log.exception(

@@ -40,12 +40,16 @@ def _set(key: str, value: str) -> core.HeaderValueOption:
     )
 
 
-def destination_headers(targets: list[str], content_length: int | None) -> pb.ProcessingResponse:
-    """The deferred request-headers answer: where to go, in header and metadata alike."""
+def destination_headers(
+    targets: list[str], content_length: int | None, extra: dict[str, str] | None = None
+) -> pb.ProcessingResponse:
+    """The deferred request-headers answer: where to go, in header and metadata alike, and
+    any `extra` headers for the pod."""
     value = ",".join(targets)
     sets = [_set(DESTINATION, value)]
     if content_length is not None:
         sets.append(_set("content-length", str(content_length)))
+    sets += [_set(k, v) for k, v in (extra or {}).items()]
     resp = pb.ProcessingResponse(
         request_headers=pb.HeadersResponse(
             response=pb.CommonResponse(
@@ -112,12 +116,16 @@ def empty_response_trailers() -> pb.ProcessingResponse:
     return pb.ProcessingResponse(response_trailers=pb.TrailersResponse())
 
 
-def immediate(status: int, body: dict) -> pb.ProcessingResponse:
+def immediate(
+    status: int, body: dict, headers: dict[str, str] | None = None
+) -> pb.ProcessingResponse:
     payload = json.dumps(body).encode()
+    sets = [_set("content-type", "application/json")]
+    sets += [_set(k, v) for k, v in (headers or {}).items()]
     return pb.ProcessingResponse(
         immediate_response=pb.ImmediateResponse(
             status=http_status_pb2.HttpStatus(code=status),
-            headers=pb.HeaderMutation(set_headers=[_set("content-type", "application/json")]),
+            headers=pb.HeaderMutation(set_headers=sets),
             body=payload,
             details=f"infergate_epp_{status}",
         )

@@ -36,8 +36,12 @@ class InferenceRequest:
     objective: str | None = None
     session_id: str | None = None
     priority: int = 0
+    # Set by model routing: the route, rule and ModelServer (epp.routing.table.Resolution).
+    resolution: Any = None
     # Set by scheduling: the chosen endpoints, primary first.
     targets: list[str] = field(default_factory=list)
+    # Headers the picker adds to the request on its way to the pod (e.g. a route's timeout).
+    upstream_headers: dict[str, str] = field(default_factory=dict)
     # Free slots for plugins (prefix hashes, kv-index hits, ...) keyed by plugin name.
     state: dict[str, Any] = field(default_factory=dict)
 

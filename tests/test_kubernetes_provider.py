@@ -22,6 +22,9 @@ from tests.kubeapi import KubeAPIEmulator
 POOL_API = "inference.networking.k8s.io/v1"
 LABELS = {"app": "vllm-llama"}
 
+# pool, pods, ModelRoutes, ModelServers (the emulator serves every custom resource)
+WATCHES = 4
+
 
 def pool(ports=(8000,), selector=None, name="llama") -> dict:
     return {
@@ -149,7 +152,7 @@ async def test_pool_deleted_then_recreated(kube, two_pods):
 
 async def test_expired_history_relists_and_converges(kube, two_pods, caplog):
     caplog.set_level(logging.INFO, logger="epp.providers.kubernetes")
-    await until(lambda: kube.open_watches == 2)
+    await until(lambda: kube.open_watches == WATCHES)
     kube.expire_history()  # open watches get 410 Gone
     kube.put(pod("llama-2", "10.0.0.3"))  # made while the provider's watches are expired
     kube.delete("v1", "Pod", "llama-0")
@@ -165,7 +168,7 @@ async def test_watches_that_time_out_resume_without_relisting(kube, started, cap
     kube.put(pool())
     ds, _ = await started(watch_timeout=1)
     await asyncio.sleep(1.5)  # both watches ended (with a bookmark) and were reopened
-    await until(lambda: kube.open_watches == 2)
+    await until(lambda: kube.open_watches == WATCHES)
     kube.put(pod("llama-0", "10.0.0.1"))
     await until(lambda: addresses(ds) == {"10.0.0.1:8000"})
     assert "re-list" not in caplog.text and "WARNING" not in caplog.text
@@ -198,7 +201,7 @@ async def test_malformed_objects_are_skipped(kube, two_pods, caplog):
 async def test_stop_is_prompt(kube, started):
     kube.put(pool())
     _, provider = await started()
-    await until(lambda: kube.open_watches == 2)
+    await until(lambda: kube.open_watches == WATCHES)
     began = time.monotonic()
     await provider.stop()
     assert time.monotonic() - began < 2.0

@@ -1,4 +1,5 @@
-"""The file provider: InferencePool and Pod objects from YAML files, reloaded on change.
+"""The file provider: InferencePool, Pod, ModelRoute and ModelServer objects from YAML
+files, reloaded on change.
 
 The files hold the same objects a cluster would (multi-document YAML, one or more files or a
 directory); Pods need status.podIP and a Ready condition, as kubelet would set. The local stack
@@ -18,6 +19,7 @@ from epp.datastore import Datastore, PoolSpec
 
 log = logging.getLogger("epp.providers.file")
 
+ROUTING_API = "networking.infergate.io/v1alpha1"
 POOL_API_GROUPS = ("inference.networking.k8s.io/v1", "inference.networking.x-k8s.io/v1alpha2")
 
 
@@ -59,6 +61,7 @@ def apply(
 ) -> None:
     pool = None
     pods = []
+    routing: dict[str, list[dict[str, Any]]] = {"ModelRoute": [], "ModelServer": []}
     for obj in objects:
         meta = obj.get("metadata") or {}
         ns = meta.get("namespace") or "default"
@@ -75,9 +78,12 @@ def apply(
                 raise FileProviderError(str(exc)) from exc
         elif obj.get("kind") == "Pod":
             pods.append(obj)
+        elif obj.get("kind") in routing and obj.get("apiVersion") == ROUTING_API:
+            routing[obj["kind"]].append(obj)
     if pool is None:
         raise FileProviderError(f"no InferencePool {namespace}/{pool_name} in the files")
     datastore.set_pool(pool)
+    datastore.set_routes(routing["ModelRoute"], routing["ModelServer"])
     datastore.replace_pods(pods)
     datastore.synced = True
 

@@ -1,6 +1,7 @@
-"""The Kubernetes provider: the InferencePool and its Pods from the API server, kept by watches.
+"""The Kubernetes provider: the InferencePool and its Pods from the API server, kept by watches,
+and the namespace's ModelRoutes and ModelServers when their CRDs are installed.
 
-The official client blocks, so each resource (the pool, the pods) has a daemon thread running
+The official client blocks, so each resource (the pool, the pods, …) has a daemon thread running
 list-then-watch; changes go to the event loop with call_soon_threadsafe, where the datastore
 lives. Watches are short (WATCH_TIMEOUT) so stop() is prompt and a dead connection is noticed;
 a watch that ends resumes from the last resourceVersion, a 410 Gone or any error re-lists.
@@ -24,6 +25,8 @@ from epp.datastore import Datastore, PoolSpec
 log = logging.getLogger("epp.providers.kubernetes")
 
 GROUP, VERSION, PLURAL = "inference.networking.k8s.io", "v1", "inferencepools"
+ROUTING_GROUP, ROUTING_VERSION = "networking.infergate.io", "v1alpha1"
+ROUTING_PLURALS = {"routes": "modelroutes", "servers": "modelservers"}
 WATCH_TIMEOUT = 5  # seconds; bounds how long stop() and a silently dead connection take
 LIST_TIMEOUT = 30
 MAX_BACKOFF = 5.0
@@ -85,6 +88,7 @@ class KubernetesProvider:
         self._selector: str | None = None  # what the pod watch filters by
         self._relist_pods = threading.Event()  # set when the pool's selector changed
         self._owns_client = False
+        self._routing: dict[str, dict[str, dict[str, Any]]] = {"routes": {}, "servers": {}}
 
     # ---- lifecycle ---------------------------------------------------------------------
 
@@ -116,13 +120,20 @@ class KubernetesProvider:
             raise
         except Exception as exc:
             raise KubernetesProviderError(f"{where}: {exc}") from exc
+        watches = [("pool", pool_rv), ("pods", pods_rv)]
+        for kind in ROUTING_PLURALS:
+            rv = await asyncio.to_thread(self._list_routing, kind)
+            if rv is not None:
+                watches.append((kind, rv))
         self.datastore.set_pool(pool)
+        self._publish_routing()
         self.datastore.replace_pods(pods)
         self.datastore.synced = True
         log.info(
-            "synced %s: %d pods, %d endpoints", where, len(pods), len(self.datastore.endpoints())
-        )
-        for kind, rv in (("pool", pool_rv), ("pods", pods_rv)):
+            "synced %s: %d pods, %d endpoints, %d ModelRoutes",
+            where, len(pods), len(self.datastore.endpoints()), len(self._routing["routes"]),
+        )  # fmt: skip
+        for kind, rv in watches:
             t = threading.Thread(target=self._run, args=(kind, rv), name=f"k8s-{kind}", daemon=True)
             t.start()
             self._threads.append(t)
@@ -149,6 +160,9 @@ class KubernetesProvider:
         if kind == "pods":
             pods = self._core.list_namespaced_pod
             return pods, (self.namespace,), {"label_selector": self._selector}
+        if kind in ROUTING_PLURALS:
+            where = (ROUTING_GROUP, ROUTING_VERSION, self.namespace, ROUTING_PLURALS[kind])
+            return self._custom.list_namespaced_custom_object, where, {}
         pools, only = self._custom.list_namespaced_custom_object, f"metadata.name={self.pool_name}"
         return pools, (GROUP, VERSION, self.namespace, PLURAL), {"field_selector": only}
 
@@ -169,7 +183,28 @@ class KubernetesProvider:
                 items.append(obj)
         return items, body["metadata"]["resourceVersion"]
 
+    def _list_routing(self, kind: str) -> str | None:
+        """The first list of routes or servers; None when their CRD is not installed."""
+        try:
+            items, rv = self._list(kind)
+        except client.ApiException as exc:
+            if exc.status == 404:
+                log.info("no %s CRD in the cluster: model routing without it", kind)
+                return None
+            raise KubernetesProviderError(f"listing {ROUTING_PLURALS[kind]}: {exc}") from exc
+        self._routing[kind] = {_name(o): o for o in items}
+        return rv
+
+    def _publish_routing(self) -> None:
+        self.datastore.set_routes(
+            list(self._routing["routes"].values()), list(self._routing["servers"].values())
+        )
+
     def _relist(self, kind: str) -> str:
+        if kind in ROUTING_PLURALS:
+            items, rv = self._list(kind)
+            self._post(self._replace_routing, kind, {_name(o): o for o in items})
+            return rv
         if kind == "pods":
             self._relist_pods.clear()  # before listing, so a selector change meanwhile counts
         items, rv = self._list(kind)
@@ -230,7 +265,11 @@ class KubernetesProvider:
             meta = obj.get("metadata") if isinstance(obj, dict) else None
             if isinstance(meta, dict) and isinstance(meta.get("resourceVersion"), str):
                 rv = meta["resourceVersion"]
-            if event.get("type") != "BOOKMARK":
+            if event.get("type") == "BOOKMARK":
+                continue
+            if kind in ROUTING_PLURALS:
+                self._post(self._on_routing, kind, event.get("type"), obj)
+            else:
                 (self._on_pod if kind == "pods" else self._on_pool)(event.get("type"), obj)
         return rv
 
@@ -266,6 +305,22 @@ class KubernetesProvider:
             self._relist_pods.set()
             if w := self._watches.get("pods"):
                 w.stop()
+
+    # ---- routing objects (event loop) ------------------------------------------------------
+
+    def _replace_routing(self, kind: str, objects: dict[str, dict[str, Any]]) -> None:
+        self._routing[kind] = objects
+        self._publish_routing()
+
+    def _on_routing(self, kind: str, event: str | None, obj: Any) -> None:
+        if not isinstance(obj, dict) or _name(obj) == "<unnamed>":
+            log.warning("skipping %s event for a malformed %s object", event, kind)
+            return
+        if event == "DELETED":
+            self._routing[kind].pop(_name(obj), None)
+        else:
+            self._routing[kind][_name(obj)] = obj
+        self._publish_routing()
 
     def _post(self, fn: Callable[..., None], *args: Any) -> None:
         """Run fn on the event loop, unless we are stopping (the loop may be gone)."""
