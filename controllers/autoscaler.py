@@ -18,7 +18,7 @@ import time
 import aiohttp
 
 from controllers import autoscaling as a
-from controllers.conditions import condition, now_rfc3339
+from controllers.conditions import condition, find, listed, now_rfc3339
 from controllers.modelinfer_pods import L_MODELINFER, L_ROLE, pod_ready
 from controllers.store import (
     AUTOSCALING_BINDING,
@@ -98,6 +98,8 @@ class AutoscalerReconciler:
         self.interval = interval
         self.clock = clock
         self.scalers: dict[tuple[str, str, str], a.Scaler] = {}
+        # per prefillDecode binding, for status: the roles' sizes before and after the ratio
+        self.ratios: dict[tuple[str, str], tuple[tuple[int, int], tuple[int, int]]] = {}
         self._session: aiohttp.ClientSession | None = None
 
     async def close(self) -> None:
@@ -108,11 +110,17 @@ class AutoscalerReconciler:
         binding = await self.store.get(AUTOSCALING_BINDING, namespace, name)
         if binding is None:
             self.scalers = {k: v for k, v in self.scalers.items() if k[:2] != (namespace, name)}
+            self.ratios.pop((namespace, name), None)
             return None
         spec = binding["spec"]
         pobj = await self.store.get(AUTOSCALING_POLICY, namespace, spec["policyRef"]["name"])
         if pobj is None:
-            await self._status(binding, [], f"policy {spec['policyRef']['name']} not found")
+            problem = f"policy {spec['policyRef']['name']} not found"
+            await self._status(binding, None, problem, reason="PolicyNotFound")
+            return self.interval
+        if missing := await self._missing_targets(binding):
+            problem = "; ".join(missing)
+            await self._status(binding, None, problem, reason="TargetNotFound", missing=missing)
             return self.interval
         policy = policy_from(pobj)
         try:
@@ -124,6 +132,7 @@ class AutoscalerReconciler:
                 results = await self._prefill_decode(binding, policy, spec["prefillDecode"])
         except ScrapeFailed as exc:
             log.info("binding %s/%s: cycle skipped: %s", namespace, name, exc)
+            await self._status(binding, None, f"cycle skipped: {exc}", reason="MetricsUnavailable")
             return self.interval
         for target, _current, desired in results:
             await self._set_size(namespace, target["target"], desired)
@@ -169,9 +178,11 @@ class AutoscalerReconciler:
         pt, pc, p = await self._one(binding, policy, pd["prefill"])
         dt, dc, d = await self._one(binding, policy, pd["decode"])
         ratio = pd.get("ratio") or {}
+        raw = (p, d)
         p, d = a.enforce_ratio(p, d, float(ratio.get("min", 0)), float(ratio.get("max", math.inf)))
         p = min(p, pd["prefill"]["maxReplicas"])
         d = min(d, pd["decode"]["maxReplicas"])
+        self.ratios[_binding_key(binding)] = (raw, (p, d))
         return [(pt, pc, p), (dt, dc, d)]
 
     # ---- reading and writing targets --------------------------------------------------
@@ -247,7 +258,70 @@ class AutoscalerReconciler:
         )
         await self.store.update(mi)  # a Conflict retries the pass
 
-    async def _status(self, binding: Obj, results, problem: str | None) -> None:
+    # ---- status ----------------------------------------------------------------------
+
+    async def _status(
+        self,
+        binding: Obj,
+        results,
+        problem: str | None,
+        *,
+        reason: str = "Scaling",
+        missing: list[str] | None = None,
+    ) -> None:
+        """Ready (this cycle read the metrics and sized the targets, else `reason`),
+        TargetFound (every target ModelInfer and role exists), RatioConstraintViolated
+        (prefillDecode only: the ratio had to be enforced, or maxReplicas keeps it from
+        being met) and what was decided per target. `results` None, a cycle that decided
+        nothing, keeps the last decisions."""
+        m = binding["metadata"]
+        old = binding.get("status") or {}
+        if missing is None:
+            missing = await self._missing_targets(binding)
+        targets = (
+            list(old.get("targets") or []) if results is None else self._targets(binding, results)
+        )
+        names = [_target_name(t) for t in _targets_of(binding["spec"])]
+        ok = problem is None
+        conditions = [
+            condition(
+                binding,
+                "Ready",
+                ok,
+                "Scaling" if ok else reason,
+                problem or "metrics read, targets sized",
+            ),
+            condition(
+                binding,
+                "TargetFound",
+                not missing,
+                "TargetNotFound" if missing else "TargetsFound",
+                "; ".join(missing) or f"found {listed(names)}",
+            ),
+        ]
+        if "prefillDecode" in binding["spec"]:
+            ratio = (
+                find(binding, "RatioConstraintViolated")
+                if results is None
+                else self._ratio_condition(binding)
+            )
+            if ratio is not None:
+                conditions.append(ratio)
+        status = {
+            "observedGeneration": m.get("generation", 1),
+            "targets": targets,
+            "conditions": conditions,
+        }
+        if binding.get("status") == status:
+            return
+        binding["status"] = status
+        try:
+            await self.store.update_status(binding)
+        except NotFound:
+            pass
+
+    def _targets(self, binding: Obj, results) -> list[dict]:
+        """Per target: current and desired replicas, Stable or Panic, when it last scaled."""
         m = binding["metadata"]
         old = {
             (t.get("name"), t.get("role")): t
@@ -271,28 +345,72 @@ class AutoscalerReconciler:
             if entry["lastScaleTime"] is None:
                 del entry["lastScaleTime"]
             targets.append(entry)
-        ok = problem is None
-        status = {
-            "observedGeneration": m.get("generation", 1),
-            "targets": targets,
-            "conditions": [
-                condition(
-                    binding,
-                    "Ready",
-                    ok,
-                    "Scaling" if ok else "PolicyNotFound",
-                    problem or "metrics read, targets sized",
-                    observed=False,
-                )
-            ],
-        }
-        if binding.get("status") == status:
-            return
-        binding["status"] = status
-        try:
-            await self.store.update_status(binding)
-        except NotFound:
-            pass
+        return targets
+
+    def _ratio_condition(self, binding: Obj) -> dict | None:
+        """True when this cycle raised a role to keep prefill/decode within the ratio
+        (RatioEnforced) or could not, maxReplicas being in the way (RatioUnsatisfiable)."""
+        seen = self.ratios.get(_binding_key(binding))
+        if seen is None:
+            return None
+        (raw_p, raw_d), (p, d) = seen
+        pd = binding["spec"]["prefillDecode"]
+        ratio = pd.get("ratio") or {}
+        low, high = float(ratio.get("min", 0)), float(ratio.get("max", math.inf))
+        bounds = f"[{low:g}, {high:g}]"
+        # the same tests as autoscaling.enforce_ratio
+        within = not (d > 0 and p < d * low) and not (p > d * high)
+        if not within:
+            ok, reason = True, "RatioUnsatisfiable"
+            message = (
+                f"prefill {p} / decode {d} is outside {bounds}: maxReplicas "
+                f"(prefill {pd['prefill']['maxReplicas']}, decode {pd['decode']['maxReplicas']}) "
+                "stops the role that is short"
+            )
+        elif (raw_p, raw_d) != (p, d):
+            ok, reason = True, "RatioEnforced"
+            message = (
+                f"prefill/decode kept within {bounds}: prefill {raw_p} -> {p}, "
+                f"decode {raw_d} -> {d}"
+            )
+        else:
+            ok, reason = False, "WithinRatio"
+            message = f"prefill {p} / decode {d} is within {bounds}"
+        return condition(binding, "RatioConstraintViolated", ok, reason, message)
+
+    async def _missing_targets(self, binding: Obj) -> list[str]:
+        """What the binding names that does not exist: ModelInfers, roles in them."""
+        ns = binding["metadata"].get("namespace", "default")
+        missing = []
+        for t in _targets_of(binding["spec"]):
+            mi = await self.store.get(MODEL_INFER, ns, t["name"])
+            if mi is None:
+                missing.append(f"ModelInfer {t['name']} not found")
+            elif t.get("role") and not any(
+                r.get("name") == t["role"] for r in mi["spec"].get("template", {}).get("roles", [])
+            ):
+                missing.append(f"role {t['role']} not found in ModelInfer {t['name']}")
+        return missing
+
+
+def _targets_of(spec: dict) -> list[dict]:
+    """The `target` references of a binding's one form."""
+    if "homogeneousTarget" in spec:
+        return [spec["homogeneousTarget"]["target"]]
+    if "heterogeneousTarget" in spec:
+        return [t["target"] for t in spec["heterogeneousTarget"]["targets"]]
+    pd = spec.get("prefillDecode") or {}
+    return [pd[side]["target"] for side in ("prefill", "decode") if side in pd]
+
+
+def _target_name(target: dict) -> str:
+    role = target.get("role")
+    return f"ModelInfer {target['name']}" + (f" role {role}" if role else "")
+
+
+def _binding_key(binding: Obj) -> tuple[str, str]:
+    m = binding["metadata"]
+    return m.get("namespace", "default"), m["name"]
 
 
 def _key(target: dict) -> str:

@@ -1,5 +1,6 @@
 """The Model reconciler: keep the objects a Model expands into (model_objects.py) equal to
-what the Model says, and report its serving groups' readiness.
+what the Model says, and report in status whether they exist (Initialized), whether every
+serving group is ready (Active), what needs a person (Failed), and Ready, the three together.
 
 Edits propagate by comparing each owned object's spec with the desired one. The ModelInfer's
 replica count is the Model's only until an autoscaler owns it: with `autoscaling` set, the
@@ -11,17 +12,20 @@ standalone store's).
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 from controllers import model_objects
-from controllers.conditions import condition
+from controllers.conditions import condition, find
 from controllers.store import (
     KINDS,
     MODEL,
     MODEL_INFER,
     AlreadyExists,
+    Invalid,
     NotFound,
     Obj,
     Store,
+    StoreError,
     controller_of,
 )
 
@@ -39,12 +43,22 @@ class ModelReconciler:
         if model is None or model["metadata"].get("deletionTimestamp"):
             return None
         autoscaled = bool(model["spec"].get("autoscaling"))
+        problems: list[Problem] = []
         for want in model_objects.desired(model):
-            await self._apply(model, want, keep_replicas=autoscaled)
-        await self._write_status(model)
+            try:
+                problem = await self._apply(model, want, keep_replicas=autoscaled)
+            except Invalid as exc:  # rejected: report it, then let the runner retry
+                problem = Problem("ObjectRejected", f"{want['kind']} {_name(want)}: {exc}", exc)
+            if problem is not None:
+                problems.append(problem)
+        await self._write_status(model, problems)
+        for p in problems:
+            if p.error is not None:
+                raise p.error
         return None
 
-    async def _apply(self, model: Obj, want: Obj, *, keep_replicas: bool) -> None:
+    async def _apply(self, model: Obj, want: Obj, *, keep_replicas: bool) -> Problem | None:
+        """Create or update one owned object; a Problem if it is not ours to write."""
         kind = KINDS[want["kind"]]
         m = want["metadata"]
         have = await self.store.get(kind, m["namespace"], m["name"])
@@ -53,45 +67,55 @@ class ModelReconciler:
                 await self.store.create(want)
                 log.info("model %s: created %s %s", model["metadata"]["name"], kind.kind, m["name"])
             except AlreadyExists:
-                pass
-            return
+                pass  # someone was quicker: the next pass checks whose it is
+            return None
         owner = controller_of(have)
         if owner is None or owner.get("uid") != model["metadata"]["uid"]:
             log.warning(
                 "model %s: %s %s exists and is not ours; leaving it alone",
                 model["metadata"]["name"], kind.kind, m["name"],
             )  # fmt: skip
-            return
+            whose = f"controlled by {owner['kind']} {owner['name']}" if owner else "no controller"
+            return Problem(
+                "ObjectNotOwned",
+                f"{kind.kind} {m['name']} exists and is not this Model's ({whose})",
+            )
         spec = dict(want["spec"])
         if keep_replicas and kind is MODEL_INFER:
             spec["replicas"] = have["spec"].get("replicas", spec["replicas"])
         labels = {**(have["metadata"].get("labels") or {}), **m["labels"]}
         if have.get("spec") == spec and have["metadata"].get("labels") == labels:
-            return
+            return None
         have["spec"] = spec
         have["metadata"]["labels"] = labels
         await self.store.update(have)  # a Conflict retries the whole pass
         log.info("model %s: updated %s %s", model["metadata"]["name"], kind.kind, m["name"])
+        return None
 
-    async def _write_status(self, model: Obj) -> None:
+    async def _write_status(self, model: Obj, problems: list[Problem]) -> None:
+        """Initialized (the owned objects exist and are ours), Active (every serving group of
+        the ModelInfer is ready), Failed (an object that is not ours, a rejected write, or
+        failed pods: being recreated, or not with recoveryPolicy None) and Ready, the three
+        together."""
         m = model["metadata"]
         mi = await self.store.get(MODEL_INFER, m.get("namespace", "default"), m["name"])
+        if mi is not None and (controller_of(mi) or {}).get("uid") != m.get("uid"):
+            mi = None  # a ModelInfer of that name that is not ours says nothing about us
         st = (mi or {}).get("status") or {}
         want = int((mi or {}).get("spec", {}).get("replicas", 0))
         ready = int(st.get("readyReplicas", 0))
-        ok = mi is not None and ready >= want > 0
+        init = condition(model, "Initialized", *_initialized(problems))
+        active = condition(model, "Active", *_active(mi, want, ready))
+        failed = condition(model, "Failed", *_failed(mi, problems))
         status = {
             "observedGeneration": m.get("generation", 1),
             "replicas": int(st.get("replicas", 0)),
             "readyReplicas": ready,
             "conditions": [
-                condition(
-                    model,
-                    "Ready",
-                    ok,
-                    "GroupsReady" if ok else "GroupsNotReady",
-                    f"{ready}/{want} serving groups ready",
-                )
+                init,
+                active,
+                failed,
+                condition(model, "Ready", *_ready(init, active, failed)),
             ],
         }
         if model.get("status") == status:
@@ -101,3 +125,63 @@ class ModelReconciler:
             await self.store.update_status(model)
         except NotFound:
             pass
+
+
+@dataclass(slots=True, frozen=True)
+class Problem:
+    """Why an owned object could not be written: a condition reason and message, and the
+    error to raise after status is written (None: retrying would not help)."""
+
+    reason: str
+    message: str
+    error: StoreError | None = None
+
+
+def _initialized(problems: list[Problem]) -> tuple[bool, str, str]:
+    if problems:
+        return False, problems[0].reason, "; ".join(p.message for p in problems)
+    return True, "ObjectsCreated", "the ModelInfer and the objects routing to it exist"
+
+
+def _active(mi: Obj | None, want: int, ready: int) -> tuple[bool | None, str, str]:
+    if mi is None:
+        return False, "ModelInferMissing", "this Model has no ModelInfer"
+    st = mi.get("status") or {}
+    if st.get("observedGeneration") != mi["metadata"].get("generation", 1):
+        return None, "ModelInferPending", "the ModelInfer has not reported its current spec yet"
+    if want == 0:
+        return False, "ScaledToZero", "0 serving groups wanted"
+    if ready >= want:
+        return True, "AllGroupsReady", f"{ready}/{want} serving groups ready"
+    progressing = find(mi, "Progressing") or {}
+    why = progressing.get("reason") if progressing.get("status") == "True" else None
+    detail = f": {progressing.get('message')}" if why else ""
+    return False, why or "GroupsNotReady", f"{ready}/{want} serving groups ready{detail}"
+
+
+def _failed(mi: Obj | None, problems: list[Problem]) -> tuple[bool, str, str]:
+    if problems:
+        return True, problems[0].reason, "; ".join(p.message for p in problems)
+    progressing = find(mi, "Progressing") or {}
+    reason, message = progressing.get("reason"), progressing.get("message", "")
+    if reason == "PodsFailed":  # and nothing recreates them
+        return True, "PodsFailed", message
+    if reason in ("RecreatingRoles", "RecreatingGroups"):
+        return True, "PodsFailing", message
+    return False, "NoFailures", "no failures"
+
+
+def _ready(init: dict, active: dict, failed: dict) -> tuple[bool | None, str, str]:
+    """True when Initialized and Active and not Failed; otherwise the first reason why not."""
+    if failed["status"] == "True":
+        return False, failed["reason"], failed["message"]
+    if init["status"] != "True":
+        return False, init["reason"], init["message"]
+    if active["status"] != "True":
+        ok = None if active["status"] == "Unknown" else False
+        return ok, active["reason"], active["message"]
+    return True, "GroupsReady", active["message"]
+
+
+def _name(obj: Obj) -> str:
+    return obj["metadata"]["name"]

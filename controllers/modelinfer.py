@@ -13,7 +13,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from controllers import modelinfer_pods as mp
-from controllers.conditions import condition
+from controllers.conditions import condition, listed
 from controllers.store import (
     MODEL_INFER,
     POD,
@@ -188,24 +188,58 @@ class ModelInferReconciler:
     # ---- status -------------------------------------------------------------------------
 
     async def _write_status(self, mi: Obj, groups: Groups, rev: str) -> None:
-        ready = sum(1 for g in groups.pods if groups.ready(mi, g))
-        updated = sum(1 for g in groups.pods if groups.revision(g) == rev)
+        """Counts and conditions from what this pass saw (before its own writes land):
+        Available (enough groups ready), Progressing (why the groups differ from the spec),
+        UpdateInProgress (groups at an older revision are being rolled)."""
+        name = _name(mi)
         want = int(mi["spec"].get("replicas", 1))
-        revs = [groups.revision(g) for g in sorted(groups.pods)]
-        current = rev if updated == len(groups.pods) else next((r for r in revs if r != rev), rev)
-        available = ready >= want - mp.max_unavailable(mi)
-        progressing = updated < want or ready < want or len(groups.pods) != want
+        ordinals = sorted(groups.pods)
+        recovering, failing = _failures(mi, groups)
+        ready = [g for g in ordinals if g not in recovering and groups.ready(mi, g)]
+        revs = {g: groups.revision(g) for g in ordinals}
+        updated = [g for g in ordinals if revs[g] == rev]
+        outdated = [g for g in ordinals if revs[g] != rev]
+        floor = mp.partition(mi)
+        rolling = [g for g in outdated if g >= floor]
+        # as a StatefulSet's: the update revision becomes current once every wanted group is
+        # at it and ready; until then (the last group rebuilt) the old revision stays current
+        previous = (mi.get("status") or {}).get("currentRevision")
+        if not outdated and len(ordinals) >= want and len(ready) >= len(ordinals):
+            current = rev
+        else:
+            old = [r for g in outdated if (r := revs[g])]
+            current = old[0] if old else previous or rev
+        need = max(want - mp.max_unavailable(mi), min(want, 1))
+        updating = current != rev and (
+            bool(rolling) or len(ordinals) < want or any(g not in ready for g in updated)
+        )
         status = {
             "observedGeneration": mi["metadata"].get("generation", 1),
-            "replicas": len(groups.pods),
-            "readyReplicas": ready,
-            "updatedReplicas": updated,
+            "replicas": len(ordinals),
+            "readyReplicas": len(ready),
+            "availableReplicas": len(ready),
+            "currentReplicas": sum(1 for g in ordinals if revs[g] == current),
+            "updatedReplicas": len(updated),
             "currentRevision": current,
             "updateRevision": rev,
-            "labelSelector": f"{mp.L_MODELINFER}={_name(mi)}",
+            "labelSelector": f"{mp.L_MODELINFER}={name}",
             "conditions": [
-                _condition(mi, "Available", available, f"{ready}/{want} groups ready"),
-                _condition(mi, "Progressing", progressing, f"{updated}/{want} groups at {rev}"),
+                condition(
+                    mi,
+                    "Available",
+                    len(ready) >= need,
+                    "MinimumGroupsReady" if len(ready) >= need else "TooFewGroupsReady",
+                    f"{len(ready)}/{want} groups ready, at least {need} needed",
+                ),
+                condition(
+                    mi, "Progressing", *_progress(mi, groups, want, ready, recovering, failing)
+                ),
+                condition(
+                    mi,
+                    "UpdateInProgress",
+                    updating,
+                    *_update(mi, rev, current, updated, rolling, outdated, floor, updating),
+                ),
             ],
         }
         if mi.get("status") == status:
@@ -239,8 +273,112 @@ class ModelInferReconciler:
                     pass
 
 
-def _condition(mi: Obj, kind: str, ok: bool, message: str) -> dict:
-    return condition(mi, kind, ok, kind if ok else f"Not{kind}", message)
+def _failures(mi: Obj, groups: Groups) -> tuple[dict[int, list[str]], dict[int, list[str]]]:
+    """Per group, what _recover is rebuilding (recovering: role instances such as
+    "prefill-0", or [] for the whole group) and, with recoveryPolicy None, the failed pods
+    left as they are (failing: pod names)."""
+    policy = mi["spec"].get("recoveryPolicy", "RoleRecreate")
+    name = _name(mi)
+    recovering: dict[int, list[str]] = {}
+    failing: dict[int, list[str]] = {}
+    for g in sorted(groups.pods):
+        failed = [p for p in groups.pods[g] if mp.pod_failed(p)]
+        if not failed:
+            continue
+        if policy == "None":
+            # a pod that restarted and is ready again serves; one that is not ready does not
+            bad = [p["metadata"]["name"] for p in failed if not mp.pod_ready(p)]
+            if bad:
+                failing[g] = sorted(bad)
+        elif policy == "GroupRecreate":
+            recovering[g] = []
+        else:
+            recovering[g] = sorted(
+                {
+                    f"{s.role}-{s.index}" if s else p["metadata"]["name"]
+                    for p in failed
+                    for s in [mp.slot_of(p, name)]
+                }
+            )
+    return recovering, failing
+
+
+def _progress(
+    mi: Obj,
+    groups: Groups,
+    want: int,
+    ready: list[int],
+    recovering: dict[int, list[str]],
+    failing: dict[int, list[str]],
+) -> tuple[bool, str, str]:
+    """(status, reason, message) of Progressing: True while the groups are moving towards
+    the spec, False when they are there (AllGroupsReady) or stuck (PodsFailed)."""
+    name = _name(mi)
+    if failing:
+        pods = [p for g in failing for p in failing[g]]
+        return False, "PodsFailed", f"recoveryPolicy None: pod(s) failed: {listed(pods)}"
+    if recovering:
+        what = [
+            f"group {g} role {', '.join(roles)}" if roles else f"group {g}"
+            for g, roles in recovering.items()
+        ]
+        whole = not any(recovering.values())
+        return (
+            True,
+            "RecreatingGroups" if whole else "RecreatingRoles",
+            f"recreating after a failed pod: {listed(what)}",
+        )
+    have = len(groups.pods)
+    if have < want:
+        return True, "CreatingGroups", f"{have}/{want} groups exist"
+    if have > want:
+        return True, "DeletingGroups", f"{have} groups exist, {want} wanted"
+    missing, extra = [], []
+    for g in sorted(groups.pods):
+        wanted = set(mp.slots(mi, g))
+        slots = {mp.slot_of(p, name) for p in groups.pods[g]}
+        missing += [s.name(name) for s in sorted(wanted - slots, key=_slot_key)]
+        extra += [
+            p["metadata"]["name"] for p in groups.pods[g] if mp.slot_of(p, name) not in wanted
+        ]
+    if missing:
+        return True, "CreatingPods", f"pod(s) to create: {listed(missing)}"
+    if extra:
+        return True, "DeletingPods", f"pod(s) beyond the template: {listed(sorted(extra))}"
+    not_ready = [g for g in sorted(groups.pods) if g not in ready]
+    if not_ready:
+        return True, "GroupsNotReady", f"group(s) not ready: {listed(not_ready)}"
+    return False, "AllGroupsReady", f"{len(ready)}/{want} groups ready"
+
+
+def _update(
+    mi: Obj,
+    rev: str,
+    current: str,
+    updated: list[int],
+    rolling: list[int],
+    outdated: list[int],
+    floor: int,
+    updating: bool,
+) -> tuple[str, str]:
+    """(reason, message) of UpdateInProgress."""
+    want = int(mi["spec"].get("replicas", 1))
+    if updating:
+        return (
+            "RollingUpdate",
+            f"{len(updated)}/{want} groups at revision {rev}, from {current}; "
+            f"to roll: {listed(rolling) or 'none'} (maxUnavailable {mp.max_unavailable(mi)})",
+        )
+    if outdated:
+        return (
+            "PartitionHeld",
+            f"group(s) {listed(outdated)} kept at revision {current} below partition {floor}",
+        )
+    return "UpToDate", f"all groups at revision {rev}"
+
+
+def _slot_key(s: mp.PodSlot) -> tuple:
+    return (s.group, s.role, s.index, s.pod)
 
 
 def _name(mi: Obj) -> str:

@@ -1,15 +1,17 @@
 """The autoscaler reconciler against pods that serve real /metrics over HTTP: it sums the
 policy's metrics over ready pods, writes ModelInfer or role sizes, splits by cost, keeps
-the prefill/decode ratio, and skips a cycle when a pod does not answer."""
+the prefill/decode ratio, and skips a cycle when a pod does not answer; its status says so with
+Ready, TargetFound and RatioConstraintViolated, and per target what it decided."""
 
 from __future__ import annotations
 
 import pytest
 from aiohttp import web
 
+from controllers import conditions
 from controllers.autoscaler import AutoscalerReconciler
 from controllers.memory_store import MemoryStore
-from controllers.store import AUTOSCALING_BINDING, MODEL_INFER, POD
+from controllers.store import AUTOSCALING_BINDING, AUTOSCALING_POLICY, MODEL_INFER, POD
 from tests.conftest import free_port
 from tests.controller_helpers import modelinfer
 
@@ -87,6 +89,42 @@ class Clock:
         return self.t
 
 
+class Wall:
+    """Stands in for the wall clock conditions are stamped with: moves only on tick()."""
+
+    def __init__(self) -> None:
+        self.t = 0
+
+    def __call__(self) -> str:
+        return f"2030-01-01T00:{self.t // 60:02d}:{self.t % 60:02d}Z"
+
+    def tick(self) -> None:
+        self.t += 1
+
+
+@pytest.fixture
+def wall(monkeypatch) -> Wall:
+    clock = Wall()
+    monkeypatch.setattr(conditions, "now_rfc3339", clock)
+    return clock
+
+
+def conds(obj) -> dict[str, dict]:
+    return {c["type"]: c for c in obj["status"]["conditions"]}
+
+
+def summary(obj) -> dict[str, tuple[str, str]]:
+    return {t: (c["status"], c["reason"]) for t, c in conds(obj).items()}
+
+
+def since(obj) -> dict[str, str]:
+    return {t: c["lastTransitionTime"] for t, c in conds(obj).items()}
+
+
+async def get_binding(store):
+    return await store.get(AUTOSCALING_BINDING, "default", "b")
+
+
 @pytest.fixture
 async def env():
     store, pods, clock = MemoryStore(), FakePods(), Clock()
@@ -162,9 +200,16 @@ async def test_a_silent_pod_skips_the_cycle(env):
     await store.create(binding(homogeneousTarget=target))
     await rec.reconcile("default", "b")
     assert await replicas(store) == 2
+    b = await get_binding(store)
+    assert summary(b) == {
+        "Ready": ("False", "MetricsUnavailable"),
+        "TargetFound": ("True", "TargetsFound"),
+    }
+    assert conds(b)["Ready"]["message"].startswith("cycle skipped: a: ")
+    assert b["status"]["targets"] == []  # nothing was decided
 
 
-async def test_prefill_decode_roles_keep_their_ratio(env):
+async def test_prefill_decode_roles_keep_their_ratio(env, wall):
     store, pods, _clock, rec = env
     await store.create(modelinfer("llm", replicas=1))  # roles prefill (1) and decode (2)
     await pods.add(store, "llm", "p", "127.0.0.41", role="prefill", waiting=0)
@@ -192,6 +237,60 @@ async def test_prefill_decode_roles_keep_their_ratio(env):
     # decode: 24 / 4 = 6 wanted, limited to max(2 + 1, 4) = 4; prefill idle → 1, raised to 4 × 0.5
     assert await replicas(store, role="decode") == 4
     assert await replicas(store, role="prefill") == 2
+    b = await get_binding(store)
+    assert summary(b) == {
+        "Ready": ("True", "Scaling"),
+        "TargetFound": ("True", "TargetsFound"),
+        "RatioConstraintViolated": ("True", "RatioEnforced"),
+    }
+    assert conds(b)["RatioConstraintViolated"]["message"] == (
+        "prefill/decode kept within [0.5, 2]: prefill 1 -> 2, decode 4 -> 4"
+    )
+    assert conds(b)["TargetFound"]["message"] == (
+        "found ModelInfer llm role prefill, ModelInfer llm role decode"
+    )
+    targets = [{k: v for k, v in t.items() if k != "lastScaleTime"} for t in b["status"]["targets"]]
+    assert targets == [
+        {
+            "name": "llm",
+            "role": "prefill",
+            "currentReplicas": 1,
+            "desiredReplicas": 2,
+            "mode": "Stable",
+        },
+        {
+            "name": "llm",
+            "role": "decode",
+            "currentReplicas": 2,
+            "desiredReplicas": 4,
+            "mode": "Stable",
+        },
+    ]
+    assert all("lastScaleTime" in t for t in b["status"]["targets"])
+    enforced = since(b)["RatioConstraintViolated"]
+    # the load fits 2 prefill and 4 decode: no role needs raising
+    wall.tick()
+    pods.waiting.update({"127.0.0.41": 8.0, "127.0.0.42": 8.0, "127.0.0.43": 8.0})
+    await rec.reconcile("default", "b")
+    b = await get_binding(store)
+    assert summary(b)["RatioConstraintViolated"] == ("False", "WithinRatio")
+    assert conds(b)["RatioConstraintViolated"]["message"] == (
+        "prefill 2 / decode 4 is within [0.5, 2]"
+    )
+    assert since(b)["RatioConstraintViolated"] == wall() != enforced
+    # prefill may not grow past 1: the ratio cannot be met
+    wall.tick()
+    b["spec"]["prefillDecode"]["prefill"]["maxReplicas"] = 1
+    await store.update(b)
+    await rec.reconcile("default", "b")
+    b = await get_binding(store)
+    assert await replicas(store, role="prefill") == 1
+    assert summary(b)["RatioConstraintViolated"] == ("True", "RatioUnsatisfiable")
+    assert conds(b)["RatioConstraintViolated"]["message"] == (
+        "prefill 1 / decode 4 is outside [0.5, 2]: maxReplicas (prefill 1, decode 8) "
+        "stops the role that is short"
+    )
+    assert conds(b)["RatioConstraintViolated"]["observedGeneration"] == 2
 
 
 async def test_several_targets_share_one_recommendation_cheapest_first(env):
@@ -223,3 +322,83 @@ async def test_several_targets_share_one_recommendation_cheapest_first(env):
     assert (await replicas(store, "big"), await replicas(store, "small")) == (1, 4)
     pods_left, _ = await store.list(POD)
     assert len(pods_left) == 2
+
+
+async def test_ready_and_target_found_follow_the_policy_and_the_target(env, wall):
+    store, pods, _clock, rec = env
+    await store.create(policy())
+    target = {"target": {"kind": "ModelInfer", "name": "llm"}, "minReplicas": 1, "maxReplicas": 4}
+    await store.create(binding(homogeneousTarget=target))
+    assert await rec.reconcile("default", "b") == 15
+    b = await get_binding(store)
+    assert summary(b) == {
+        "Ready": ("False", "TargetNotFound"),
+        "TargetFound": ("False", "TargetNotFound"),
+    }
+    assert conds(b)["TargetFound"]["message"] == "ModelInfer llm not found"
+    assert b["status"]["observedGeneration"] == 1 and b["status"]["targets"] == []
+    assert all(c["observedGeneration"] == 1 for c in b["status"]["conditions"])
+    born = since(b)
+    # the target appears, its load right for its size (8 waiting / 4 = 2 replicas)
+    wall.tick()
+    await store.create(modelinfer("llm", replicas=2))
+    await pods.add(store, "llm", "a", "127.0.0.61", waiting=4)
+    await pods.add(store, "llm", "b", "127.0.0.62", waiting=4)
+    await rec.reconcile("default", "b")
+    b = await get_binding(store)
+    assert summary(b) == {"Ready": ("True", "Scaling"), "TargetFound": ("True", "TargetsFound")}
+    assert b["status"]["targets"] == [
+        {"name": "llm", "currentReplicas": 2, "desiredReplicas": 2, "mode": "Stable"}
+    ]
+    found = since(b)
+    assert found["Ready"] == found["TargetFound"] == wall() != born["Ready"]
+    # the same again: nothing is written
+    wall.tick()
+    rv = b["metadata"]["resourceVersion"]
+    await rec.reconcile("default", "b")
+    assert (await get_binding(store))["metadata"]["resourceVersion"] == rv
+    # a spec edit is observed; the conditions keep their transition times
+    b["spec"]["homogeneousTarget"]["maxReplicas"] = 9
+    await store.update(b)
+    await rec.reconcile("default", "b")
+    b = await get_binding(store)
+    assert b["status"]["observedGeneration"] == 2
+    assert all(c["observedGeneration"] == 2 for c in b["status"]["conditions"])
+    assert since(b) == found
+    # the policy goes: not Ready, the target still found, the last decisions kept
+    wall.tick()
+    await store.delete(AUTOSCALING_POLICY, "default", "p")
+    await rec.reconcile("default", "b")
+    b = await get_binding(store)
+    assert summary(b) == {
+        "Ready": ("False", "PolicyNotFound"),
+        "TargetFound": ("True", "TargetsFound"),
+    }
+    assert conds(b)["Ready"]["message"] == "policy p not found"
+    assert since(b)["TargetFound"] == found["TargetFound"]
+    assert since(b)["Ready"] == wall()
+    assert b["status"]["targets"][0]["desiredReplicas"] == 2
+
+
+async def test_a_role_that_does_not_exist_is_reported_not_scaled(env):
+    store, pods, _clock, rec = env
+    await store.create(modelinfer("llm", replicas=1))
+    await pods.add(store, "llm", "d", "127.0.0.71", role="decode", waiting=4)
+    await store.create(policy())
+
+    def side(role):
+        return {
+            "target": {"kind": "ModelInfer", "name": "llm", "role": role},
+            "minReplicas": 1,
+            "maxReplicas": 4,
+        }
+
+    await store.create(binding(prefillDecode={"prefill": side("nope"), "decode": side("decode")}))
+    assert await rec.reconcile("default", "b") == 15
+    b = await get_binding(store)
+    assert summary(b) == {
+        "Ready": ("False", "TargetNotFound"),
+        "TargetFound": ("False", "TargetNotFound"),
+    }
+    assert conds(b)["TargetFound"]["message"] == "role nope not found in ModelInfer llm"
+    assert await replicas(store, role="decode") == 2  # untouched

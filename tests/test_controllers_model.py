@@ -1,6 +1,7 @@
 """The Model reconciler: one Model becomes a ModelInfer, ModelServer, ModelRoute,
 InferencePool (and autoscaling objects), each valid against our CRDs; edits propagate;
-deleting the Model deletes them; its status follows the serving groups."""
+deleting the Model deletes them; its status follows the serving groups: Initialized, Active,
+Failed and Ready, each turned True and False by real reconciles."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from controllers import conditions
 from controllers.memory_store import MemoryStore
 from controllers.model import ModelReconciler
 from controllers.modelinfer import ModelInferReconciler
@@ -24,9 +26,10 @@ from controllers.store import (
     MODEL_ROUTE,
     MODEL_SERVER,
     POD,
+    Invalid,
 )
 from infergate.api import validate_dict
-from tests.controller_helpers import kubelet
+from tests.controller_helpers import kubelet, modelinfer
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "crds" / "model.yaml"
 OWNED = (MODEL_INFER, MODEL_SERVER, MODEL_ROUTE, INFERENCE_POOL, AUTOSCALING_BINDING)
@@ -34,6 +37,60 @@ OWNED = (MODEL_INFER, MODEL_SERVER, MODEL_ROUTE, INFERENCE_POOL, AUTOSCALING_BIN
 
 def example_model() -> dict:
     return yaml.safe_load(EXAMPLE.read_text())
+
+
+class Wall:
+    """Stands in for the wall clock conditions are stamped with: moves only on tick()."""
+
+    def __init__(self) -> None:
+        self.t = 0
+
+    def __call__(self) -> str:
+        return f"2030-01-01T00:{self.t // 60:02d}:{self.t % 60:02d}Z"
+
+    def tick(self) -> None:
+        self.t += 1
+
+
+@pytest.fixture
+def wall(monkeypatch) -> Wall:
+    clock = Wall()
+    monkeypatch.setattr(conditions, "now_rfc3339", clock)
+    return clock
+
+
+def conds(obj) -> dict[str, dict]:
+    return {c["type"]: c for c in obj["status"]["conditions"]}
+
+
+def summary(obj) -> dict[str, tuple[str, str]]:
+    return {t: (c["status"], c["reason"]) for t, c in conds(obj).items()}
+
+
+def since(obj) -> dict[str, str]:
+    return {t: c["lastTransitionTime"] for t, c in conds(obj).items()}
+
+
+async def get_model(store, name="llama-3-8b"):
+    return await store.get(MODEL, "default", name)
+
+
+async def settle_both(store, models, infers, *, ready=True, name="llama-3-8b") -> None:
+    """Both reconcilers and the kubelet, until nothing changes; the Model last."""
+    for _ in range(60):
+        await models.reconcile("default", name)
+        again = await infers.reconcile("default", name)
+        started = await kubelet(store, ready=ready)
+        if again is None and started == 0:
+            await models.reconcile("default", name)
+            return
+    raise AssertionError("did not settle")
+
+
+async def mark_ready(store) -> None:
+    for p in (await store.list(POD))[0]:
+        p["status"]["conditions"][0]["status"] = "True"
+        await store.update_status(p)
 
 
 @pytest.fixture
@@ -129,6 +186,166 @@ async def test_an_object_that_is_not_ours_is_left_alone(env):
     await store.create(example_model())
     await rec.reconcile("default", "llama-3-8b")
     assert (await owned(store, MODEL_ROUTE))["spec"]["modelName"] == "hand-made"
+    model = await get_model(store)
+    why = "ModelRoute llama-3-8b exists and is not this Model's (no controller)"
+    assert summary(model) == {
+        "Initialized": ("False", "ObjectNotOwned"),
+        "Active": ("Unknown", "ModelInferPending"),
+        "Failed": ("True", "ObjectNotOwned"),
+        "Ready": ("False", "ObjectNotOwned"),
+    }
+    assert conds(model)["Failed"]["message"] == conds(model)["Initialized"]["message"] == why
+    # the hand-made route goes: the Model makes its own, and the failure clears
+    await store.delete(MODEL_ROUTE, "default", "llama-3-8b")
+    await rec.reconcile("default", "llama-3-8b")
+    assert (await owned(store, MODEL_ROUTE))["spec"]["modelName"] == "llama-3-8b"
+    model = await get_model(store)
+    assert summary(model)["Initialized"] == ("True", "ObjectsCreated")
+    assert summary(model)["Failed"] == ("False", "NoFailures")
+
+
+async def test_a_modelinfer_that_is_not_ours_does_not_make_the_model_active(env):
+    store, rec = env
+    stranger = modelinfer("llama-3-8b", replicas=1)
+    stranger = await store.create(stranger)
+    stranger["status"] = {"observedGeneration": 1, "replicas": 1, "readyReplicas": 1}
+    await store.update_status(stranger)
+    await store.create(example_model())
+    await rec.reconcile("default", "llama-3-8b")
+    model = await get_model(store)
+    assert summary(model)["Active"] == ("False", "ModelInferMissing")
+    assert summary(model)["Failed"] == ("True", "ObjectNotOwned")
+    assert model["status"]["readyReplicas"] == 0
+
+
+async def test_a_rejected_write_is_a_failure_and_is_retried():
+    class Rejecting(MemoryStore):
+        reject: str | None = "ModelServer"
+
+        async def create(self, obj):
+            if obj["kind"] == self.reject:
+                raise Invalid("ModelServer.spec.model: denied by policy")
+            return await super().create(obj)
+
+    store = Rejecting()
+    rec = ModelReconciler(store)
+    await store.create(example_model())
+    with pytest.raises(Invalid):  # the runner retries it with backoff
+        await rec.reconcile("default", "llama-3-8b")
+    assert await owned(store, MODEL_INFER) is not None  # the others were written
+    model = await get_model(store)
+    assert summary(model)["Initialized"] == ("False", "ObjectRejected")
+    assert summary(model)["Failed"] == ("True", "ObjectRejected")
+    assert conds(model)["Failed"]["message"] == (
+        "ModelServer llama-3-8b: ModelServer.spec.model: denied by policy"
+    )
+    store.reject = None
+    await rec.reconcile("default", "llama-3-8b")
+    model = await get_model(store)
+    assert summary(model)["Initialized"] == ("True", "ObjectsCreated")
+    assert summary(model)["Failed"] == ("False", "NoFailures")
+
+
+async def test_conditions_follow_the_serving_groups(wall):
+    store = MemoryStore()
+    models, infers = ModelReconciler(store), ModelInferReconciler(store)
+    model = example_model()
+    del model["spec"]["autoscaling"]
+    await store.create(model)
+    await models.reconcile("default", "llama-3-8b")
+    m = await get_model(store)
+    assert summary(m) == {
+        "Initialized": ("True", "ObjectsCreated"),
+        "Active": ("Unknown", "ModelInferPending"),  # the ModelInfer has no status yet
+        "Failed": ("False", "NoFailures"),
+        "Ready": ("Unknown", "ModelInferPending"),
+    }
+    assert m["status"]["observedGeneration"] == 1
+    assert all(c["observedGeneration"] == 1 for c in m["status"]["conditions"])
+    born = since(m)
+    wall.tick()
+    await settle_both(store, models, infers, ready=False)  # pods run, none ready
+    m = await get_model(store)
+    assert summary(m)["Active"] == ("False", "GroupsNotReady")
+    assert summary(m)["Ready"] == ("False", "GroupsNotReady")
+    assert conds(m)["Active"]["message"] == ("0/2 serving groups ready: group(s) not ready: 0, 1")
+    assert m["status"]["readyReplicas"] == 0
+    wall.tick()
+    await mark_ready(store)
+    await settle_both(store, models, infers)
+    m = await get_model(store)
+    assert summary(m) == {
+        "Initialized": ("True", "ObjectsCreated"),
+        "Active": ("True", "AllGroupsReady"),
+        "Failed": ("False", "NoFailures"),
+        "Ready": ("True", "GroupsReady"),
+    }
+    ready = since(m)
+    assert ready["Initialized"] == ready["Failed"] == born["Initialized"]
+    assert ready["Active"] == ready["Ready"] == wall() != born["Active"]
+    # a pass that changes nothing writes nothing
+    wall.tick()
+    rv = m["metadata"]["resourceVersion"]
+    await models.reconcile("default", "llama-3-8b")
+    assert (await get_model(store))["metadata"]["resourceVersion"] == rv
+    # a spec edit: observed at once; Active waits for the ModelInfer to report, then follows
+    m["spec"]["replicas"] = 3
+    await store.update(m)
+    await models.reconcile("default", "llama-3-8b")
+    m = await get_model(store)
+    assert m["status"]["observedGeneration"] == 2
+    assert all(c["observedGeneration"] == 2 for c in m["status"]["conditions"])
+    assert summary(m)["Active"] == ("Unknown", "ModelInferPending")
+    await infers.reconcile("default", "llama-3-8b")
+    await models.reconcile("default", "llama-3-8b")
+    m = await get_model(store)
+    assert summary(m)["Active"] == ("False", "CreatingGroups")
+    assert conds(m)["Active"]["message"] == "2/3 serving groups ready: 2/3 groups exist"
+    assert since(m)["Initialized"] == born["Initialized"]
+    wall.tick()
+    await settle_both(store, models, infers)
+    m = await get_model(store)
+    assert summary(m)["Ready"] == ("True", "GroupsReady")
+    assert since(m)["Active"] == wall() and m["status"]["readyReplicas"] == 3
+
+
+async def test_failed_pods_make_the_model_failed_until_they_are_replaced():
+    store = MemoryStore()
+    models, infers = ModelReconciler(store), ModelInferReconciler(store)
+    model = example_model()
+    del model["spec"]["autoscaling"]
+    await store.create(model)
+    await settle_both(store, models, infers)
+    pod = await store.get(POD, "default", "llama-3-8b-1-decode-0-0")
+    pod["status"]["containerStatuses"][0]["restartCount"] = 1
+    await store.update_status(pod)
+    await infers.reconcile("default", "llama-3-8b")  # recreates the role instance
+    await models.reconcile("default", "llama-3-8b")
+    m = await get_model(store)
+    assert summary(m) == {
+        "Initialized": ("True", "ObjectsCreated"),
+        "Active": ("False", "RecreatingRoles"),
+        "Failed": ("True", "PodsFailing"),
+        "Ready": ("False", "PodsFailing"),
+    }
+    assert conds(m)["Failed"]["message"] == ("recreating after a failed pod: group 1 role decode-0")
+    await settle_both(store, models, infers)
+    m = await get_model(store)
+    assert summary(m)["Failed"] == ("False", "NoFailures")
+    assert summary(m)["Ready"] == ("True", "GroupsReady")
+    # failed pods nobody recreates (a ModelInfer with recoveryPolicy None reports PodsFailed)
+    mi = await owned(store, MODEL_INFER)
+    mi["status"]["conditions"] = [
+        c
+        if c["type"] != "Progressing"
+        else {**c, "status": "False", "reason": "PodsFailed", "message": "pod(s) failed: x"}
+        for c in mi["status"]["conditions"]
+    ]
+    await store.update_status(mi)
+    await models.reconcile("default", "llama-3-8b")
+    m = await get_model(store)
+    assert summary(m)["Failed"] == ("True", "PodsFailed")
+    assert conds(m)["Failed"]["message"] == "pod(s) failed: x"
 
 
 async def test_model_to_pods_and_back_through_both_controllers():
@@ -155,7 +372,8 @@ async def test_model_to_pods_and_back_through_both_controllers():
             await asyncio.sleep(0.02)
         else:
             raise AssertionError(f"the Model never became ready: {m.get('status')}")
-        assert m["status"]["conditions"][0]["status"] == "True"
+        assert summary(m)["Ready"] == ("True", "GroupsReady")
+        assert summary(m)["Active"] == ("True", "AllGroupsReady")
         pods, _ = await store.list(POD, "default", {"infergate.io/model": "llama-3-8b"})
         assert len(pods) == 4  # 2 groups × (prefill + decode)
         await store.delete(MODEL, "default", "llama-3-8b")

@@ -1,5 +1,6 @@
 """The ModelInfer reconciler on the in-memory store: groups, roles, entry and worker pods,
-services, scaling order, rolling updates within maxUnavailable and partition, recovery."""
+services, scaling order, rolling updates within maxUnavailable and partition, recovery, and
+the status conditions (Available, Progressing, UpdateInProgress) each of them leads to."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import copy
 
 import pytest
 
+from controllers import conditions
 from controllers import modelinfer_pods as mp
 from controllers.memory_store import MemoryStore
 from controllers.modelinfer import ModelInferReconciler
@@ -20,6 +22,42 @@ from tests.controller_helpers import kubelet, modelinfer, settle
 async def env():
     store = MemoryStore()
     return store, ModelInferReconciler(store)
+
+
+class Wall:
+    """Stands in for the wall clock conditions are stamped with: moves only on tick()."""
+
+    def __init__(self) -> None:
+        self.t = 0
+
+    def __call__(self) -> str:
+        return f"2030-01-01T00:{self.t // 60:02d}:{self.t % 60:02d}Z"
+
+    def tick(self) -> None:
+        self.t += 1
+
+
+@pytest.fixture
+def wall(monkeypatch) -> Wall:
+    clock = Wall()
+    monkeypatch.setattr(conditions, "now_rfc3339", clock)
+    return clock
+
+
+def conds(obj) -> dict[str, dict]:
+    return {c["type"]: c for c in obj["status"]["conditions"]}
+
+
+def summary(obj) -> dict[str, tuple[str, str]]:
+    return {t: (c["status"], c["reason"]) for t, c in conds(obj).items()}
+
+
+def since(obj) -> dict[str, str]:
+    return {t: c["lastTransitionTime"] for t, c in conds(obj).items()}
+
+
+async def get_mi(store, name="llm"):
+    return await store.get(MODEL_INFER, "default", name)
 
 
 async def pods_of(store, name="llm"):
@@ -66,10 +104,13 @@ async def test_groups_roles_entry_and_worker_pods(env):
     st = mi["status"]
     assert st["replicas"] == st["readyReplicas"] == st["updatedReplicas"] == 2
     assert st["observedGeneration"] == 1 and st["labelSelector"] == "infergate.io/modelinfer=llm"
-    assert {c["type"]: c["status"] for c in st["conditions"]} == {
-        "Available": "True",
-        "Progressing": "False",
+    assert {c["type"]: (c["status"], c["reason"]) for c in st["conditions"]} == {
+        "Available": ("True", "MinimumGroupsReady"),
+        "Progressing": ("False", "AllGroupsReady"),
+        "UpdateInProgress": ("False", "UpToDate"),
     }
+    assert st["availableReplicas"] == st["currentReplicas"] == 2
+    assert st["currentRevision"] == st["updateRevision"] == mp.revision(mi)
 
 
 async def test_reconcile_is_idempotent(env):
@@ -114,9 +155,10 @@ async def test_rolling_update_respects_max_unavailable_and_partition(env):
 
     await edit(store, "llm", new_image)
     new = mp.revision(await store.get(MODEL_INFER, "default", "llm"))
-    rolled = []
+    rolled, updating = [], set()
     for _ in range(60):
         again = await rec.reconcile("default", "llm")
+        updating.add(conds(await get_mi(store))["UpdateInProgress"]["status"])
         pods = (await pods_of(store)).values()
         by_group: dict[str, set[str]] = {}
         for p in pods:
@@ -138,9 +180,16 @@ async def test_rolling_update_respects_max_unavailable_and_partition(env):
         for p in (await pods_of(store)).values()
     }
     assert revs["llm-0"] == old
-    st = (await store.get(MODEL_INFER, "default", "llm"))["status"]
+    mi = await get_mi(store)
+    st = mi["status"]
     assert st["updatedReplicas"] == 3 and st["currentRevision"] == old
     assert st["updateRevision"] == new and st["observedGeneration"] == 2
+    assert st["currentReplicas"] == 1  # group 0, held at the old revision
+    assert "True" in updating
+    assert summary(mi)["UpdateInProgress"] == ("False", "PartitionHeld")
+    assert conds(mi)["UpdateInProgress"]["message"] == (
+        f"group(s) 0 kept at revision {old} below partition 1"
+    )
 
 
 async def fail(store, pod_name: str) -> None:
@@ -150,26 +199,192 @@ async def fail(store, pod_name: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("policy", "recreated"),
+    ("policy", "recreated", "progressing"),
     [
-        ("RoleRecreate", {"llm-0-prefill-0-0", "llm-0-prefill-0-1"}),
+        (
+            "RoleRecreate",
+            {"llm-0-prefill-0-0", "llm-0-prefill-0-1"},
+            ("True", "RecreatingRoles", "recreating after a failed pod: group 0 role prefill-0"),
+        ),
         (
             "GroupRecreate",
             {"llm-0-prefill-0-0", "llm-0-prefill-0-1", "llm-0-decode-0-0", "llm-0-decode-1-0"},
+            ("True", "RecreatingGroups", "recreating after a failed pod: group 0"),
         ),
-        ("None", set()),
+        # restarted, but running and ready again: nothing to recover, nothing to report
+        ("None", set(), ("False", "AllGroupsReady", "2/2 groups ready")),
     ],
 )
-async def test_recovery_policies(env, policy, recreated):
+async def test_recovery_policies(env, policy, recreated, progressing):
     store, rec = env
     await store.create(modelinfer(replicas=2, recoveryPolicy=policy))
     await settle(rec, store, "llm")
     before = {n: p["metadata"]["uid"] for n, p in (await pods_of(store)).items()}
     await fail(store, "llm-0-prefill-0-1")  # a worker restarted
+    await rec.reconcile("default", "llm")
+    mi = await get_mi(store)
+    c = conds(mi)["Progressing"]
+    assert (c["status"], c["reason"], c["message"]) == progressing
+    assert mi["status"]["readyReplicas"] == (2 if policy == "None" else 1)
+    assert summary(mi)["Available"] == ("True", "MinimumGroupsReady")  # 1 of 2 is enough
     await settle(rec, store, "llm")
     after = {n: p["metadata"]["uid"] for n, p in (await pods_of(store)).items()}
     assert set(after) == set(before)
     assert {n for n in before if before[n] != after[n]} == recreated
+    mi = await get_mi(store)
+    assert summary(mi)["Progressing"] == ("False", "AllGroupsReady")
+    assert mi["status"]["readyReplicas"] == 2
+
+
+async def set_pod(store, name: str, *, phase: str, ready: bool, restarts: int) -> None:
+    p = (await pods_of(store))[name]
+    p["status"]["phase"] = phase
+    p["status"]["conditions"][0]["status"] = "True" if ready else "False"
+    p["status"]["containerStatuses"][0]["restartCount"] = restarts
+    await store.update_status(p)
+
+
+async def test_failed_pods_nobody_recreates_stop_progress_and_availability(env):
+    store, rec = env
+    await store.create(modelinfer(replicas=2, recoveryPolicy="None"))
+    await settle(rec, store, "llm")
+    await set_pod(store, "llm-1-decode-0-0", phase="Failed", ready=False, restarts=0)
+    await settle(rec, store, "llm")  # recoveryPolicy None: nothing to do
+    mi = await get_mi(store)
+    assert summary(mi) == {
+        "Available": ("True", "MinimumGroupsReady"),
+        "Progressing": ("False", "PodsFailed"),
+        "UpdateInProgress": ("False", "UpToDate"),
+    }
+    assert conds(mi)["Progressing"]["message"] == (
+        "recoveryPolicy None: pod(s) failed: llm-1-decode-0-0"
+    )
+    await set_pod(store, "llm-0-prefill-0-1", phase="Running", ready=False, restarts=3)
+    await settle(rec, store, "llm")
+    mi = await get_mi(store)
+    assert summary(mi)["Available"] == ("False", "TooFewGroupsReady")
+    assert conds(mi)["Available"]["message"] == "0/2 groups ready, at least 1 needed"
+    assert "llm-0-prefill-0-1, llm-1-decode-0-0" in conds(mi)["Progressing"]["message"]
+    # both come back by themselves (a restarted container that is ready again serves)
+    await set_pod(store, "llm-1-decode-0-0", phase="Running", ready=True, restarts=1)
+    await set_pod(store, "llm-0-prefill-0-1", phase="Running", ready=True, restarts=3)
+    await settle(rec, store, "llm")
+    mi = await get_mi(store)
+    assert summary(mi)["Available"] == ("True", "MinimumGroupsReady")
+    assert summary(mi)["Progressing"] == ("False", "AllGroupsReady")
+
+
+async def test_conditions_follow_the_groups_and_keep_their_transition_times(env, wall):
+    store, rec = env
+    await store.create(modelinfer(replicas=2))
+    await rec.reconcile("default", "llm")  # creates the pods; this pass saw none
+    mi = await get_mi(store)
+    assert summary(mi) == {
+        "Available": ("False", "TooFewGroupsReady"),
+        "Progressing": ("True", "CreatingGroups"),
+        "UpdateInProgress": ("False", "UpToDate"),
+    }
+    assert mi["status"]["replicas"] == 0 and mi["status"]["observedGeneration"] == 1
+    assert all(c["observedGeneration"] == 1 for c in mi["status"]["conditions"])
+    born = since(mi)
+    assert set(born.values()) == {wall()}
+    wall.tick()
+    await rec.reconcile("default", "llm")  # the pods exist, none is running yet
+    mi = await get_mi(store)
+    assert summary(mi)["Progressing"] == ("True", "GroupsNotReady")
+    assert conds(mi)["Progressing"]["message"] == "group(s) not ready: 0, 1"
+    assert since(mi) == born  # reasons and messages changed, no status did
+    wall.tick()
+    await settle(rec, store, "llm")
+    mi = await get_mi(store)
+    assert summary(mi) == {
+        "Available": ("True", "MinimumGroupsReady"),
+        "Progressing": ("False", "AllGroupsReady"),
+        "UpdateInProgress": ("False", "UpToDate"),
+    }
+    settled = since(mi)
+    assert settled["Available"] == settled["Progressing"] == wall() != born["Available"]
+    assert settled["UpdateInProgress"] == born["UpdateInProgress"]
+    # a pass that changes nothing writes nothing
+    wall.tick()
+    rv = mi["metadata"]["resourceVersion"]
+    assert await rec.reconcile("default", "llm") is None
+    assert (await get_mi(store))["metadata"]["resourceVersion"] == rv
+    # a spec edit: the new generation is observed; Available holds (2 of 3 is enough)
+    await edit(store, "llm", lambda s: s.update(replicas=3))
+    await rec.reconcile("default", "llm")
+    mi = await get_mi(store)
+    assert mi["status"]["observedGeneration"] == 2
+    assert all(c["observedGeneration"] == 2 for c in mi["status"]["conditions"])
+    assert summary(mi)["Progressing"] == ("True", "CreatingGroups")
+    assert conds(mi)["Progressing"]["message"] == "2/3 groups exist"
+    assert conds(mi)["Available"]["message"] == "2/3 groups ready, at least 2 needed"
+    assert since(mi)["Available"] == settled["Available"]
+    assert since(mi)["Progressing"] == wall()
+
+
+async def warm_up(store) -> int:
+    """Mark running pods that are not ready ready; returns how many."""
+    changed = 0
+    for p in (await pods_of(store)).values():
+        ready = p.get("status", {}).get("conditions") or [{}]
+        if p.get("status", {}).get("phase") == "Running" and ready[0].get("status") == "False":
+            ready[0]["status"] = "True"
+            await store.update_status(p)
+            changed += 1
+    return changed
+
+
+async def test_one_group_is_not_available_until_it_is_ready(env):
+    store, rec = env
+    await store.create(modelinfer(replicas=1))
+    await rec.reconcile("default", "llm")
+    await kubelet(store, ready=False)
+    await rec.reconcile("default", "llm")
+    mi = await get_mi(store)
+    assert summary(mi)["Available"] == ("False", "TooFewGroupsReady")
+    assert conds(mi)["Available"]["message"] == "0/1 groups ready, at least 1 needed"
+    await warm_up(store)
+    await settle(rec, store, "llm")
+    assert summary(await get_mi(store))["Available"] == ("True", "MinimumGroupsReady")
+
+
+async def test_update_in_progress_lasts_until_the_last_group_is_back(env):
+    store, rec = env
+    await store.create(modelinfer(replicas=2))
+    await settle(rec, store, "llm")
+    old = mp.revision(await get_mi(store))
+
+    def new_image(spec):
+        spec["template"]["roles"][0]["entryTemplate"]["spec"]["containers"][0]["image"] = "vllm:2"
+
+    await edit(store, "llm", new_image)
+    new = mp.revision(await get_mi(store))
+    seen = []
+    for _ in range(60):
+        again = await rec.reconcile("default", "llm")
+        mi = await get_mi(store)
+        st = mi["status"]
+        c = conds(mi)["UpdateInProgress"]
+        seen.append(
+            (c["status"], st["currentRevision"], st["updatedReplicas"], st["readyReplicas"])
+        )
+        if c["status"] == "True":
+            assert c["reason"] == "RollingUpdate" and f"from {old}" in c["message"]
+        # pods take a pass to become ready, so a pass sees the last group there but not ready
+        warmed = await warm_up(store)
+        started = await kubelet(store, ready=False)
+        if again is None and started == warmed == 0:
+            break
+    flags = [s[0] for s in seen]
+    done = flags.index("False")
+    assert done > 1 and "True" not in flags[done:]
+    assert all(cur == old for _, cur, _, _ in seen[:done])  # current until the end
+    assert seen[done] == ("False", new, 2, 2)  # both groups updated and ready
+    mi = await get_mi(store)
+    assert summary(mi)["UpdateInProgress"] == ("False", "UpToDate")
+    assert mi["status"]["currentReplicas"] == mi["status"]["updatedReplicas"] == 2
+    assert mi["status"]["currentRevision"] == mi["status"]["updateRevision"] == new
 
 
 async def test_gang_scheduling_makes_a_pod_group_per_group(env):
