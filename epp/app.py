@@ -9,14 +9,18 @@ import signal
 import sys
 
 import grpc
+import yaml
 from aiohttp import web
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pbg
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from prometheus_client import Gauge
 
 from epp import tls
 from epp.datastore import Datastore
 from epp.director import Director, DirectorOptions
 from epp.extproc import ExternalProcessor
+from epp.flowcontrol import FlowControlConfig, FlowControlConfigError
+from epp.gatekeeper import Gatekeeper
 from epp.http_server import make_app
 from epp.metrics import PickerMetrics
 from epp.options import PickerOptions, parse_options
@@ -24,6 +28,7 @@ from epp.providers.file import FileProvider, FileProviderError
 from epp.providers.kubernetes import KubernetesProviderError
 from epp.scheduling.config import ConfigError, load_config
 from epp.scrape import MetricsScraper
+from kvindex.tokenize import PromptTokenizers
 
 log = logging.getLogger("epp")
 
@@ -79,6 +84,35 @@ def _kv_cache_view(opts: PickerOptions, scheduling, datastore: Datastore, metric
     return view
 
 
+def _flow_control(text: str | None, scheduling) -> FlowControlConfig | None:
+    """The config's flowControl section; on when present or when the flowControl feature
+    gate is set (GIE's switch), off otherwise: requests then never wait in the picker."""
+    raw = (yaml.safe_load(text) or {}) if text else {}
+    section = raw.get("flowControl") if isinstance(raw, dict) else None
+    if section is None and "flowControl" not in scheduling.feature_gates:
+        return None
+    try:
+        return FlowControlConfig.from_dict(section or {})
+    except FlowControlConfigError as exc:
+        raise ConfigError(f"flowControl: {exc}") from exc
+
+
+def _queue_gauges(gate: Gatekeeper, metrics: PickerMetrics) -> None:
+    queue = gate.queue
+    waiting = Gauge(
+        "infergate_epp_flow_control_queue_size",
+        "Requests waiting in the picker for a saturated pool",
+        registry=metrics.registry,
+    )
+    waiting.set_function(lambda: queue.queued_requests)
+    queued_bytes = Gauge(
+        "infergate_epp_flow_control_queue_bytes",
+        "Bytes of the requests waiting in the picker",
+        registry=metrics.registry,
+    )
+    queued_bytes.set_function(lambda: queue.queued_bytes)
+
+
 async def _pool_gauges(datastore: Datastore, metrics: PickerMetrics) -> None:
     while True:
         pool = datastore.pool
@@ -107,7 +141,15 @@ async def serve(opts: PickerOptions, ready: asyncio.Event | None = None) -> None
     provider = _provider(opts, datastore)
     await provider.start()
     view = _kv_cache_view(opts, scheduling, datastore, metrics)
+    gate = Gatekeeper(
+        metrics.registry,
+        flow_control=_flow_control(text, scheduling),
+        tokenizers=view.tokenizers if view is not None else PromptTokenizers(opts.tokenizers),
+    )
+    if gate.queue is not None:
+        _queue_gauges(gate, metrics)
     scraper = MetricsScraper(datastore, metrics, interval=opts.refresh_metrics_interval)
+    scraper.on_refresh = gate.notify  # fresh metrics may show room for waiting requests
     await scraper.start()
     director = Director(
         datastore,
@@ -118,6 +160,7 @@ async def serve(opts: PickerOptions, ready: asyncio.Event | None = None) -> None
             max_body_bytes=opts.max_body_bytes,
             subset_filter=opts.subset_filter,
         ),
+        gate,
     )
 
     grpc_opts = [
@@ -176,6 +219,7 @@ async def serve(opts: PickerOptions, ready: asyncio.Event | None = None) -> None
         gauges.cancel()
         await server.stop(grace=2)
         await health_server.stop(grace=0)
+        await gate.close()
         await scraper.stop()
         await provider.stop()
         if view is not None:

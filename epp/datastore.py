@@ -6,12 +6,15 @@ reads. Everything runs on one event loop, so plain attributes are enough.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from epp.routing.table import RouteTable
+
+log = logging.getLogger("epp.datastore")
 
 ENGINE_LABEL = "inference.networking.k8s.io/engine-type"
 ACTIVE_PORTS_ANNOTATION = "inference.networking.k8s.io/active-ports"
@@ -97,6 +100,7 @@ class Endpoint:
     stale: bool = True
     scrape_failures: int = 0
     inflight_requests: int = 0
+    sent_since_scrape: int = 0  # requests sent after the last good scrape (flow control)
     inflight_tokens: int = 0
     ttft_ewma: float | None = None
     tpot_ewma: float | None = None
@@ -137,6 +141,8 @@ class Datastore:
         self.pool: PoolSpec | None = None
         # ModelRoutes and ModelServers of the pool's namespace; empty: no model routing.
         self.routes = RouteTable()
+        # InferenceObjective name → priority (x-gateway-inference-objective names one).
+        self.objectives: dict[str, int] = {}
         self._pods: dict[str, dict[str, Any]] = {}
         self._endpoints: dict[str, Endpoint] = {}  # by address
         self.synced = False
@@ -156,6 +162,28 @@ class Datastore:
     def set_routes(self, routes: list[dict[str, Any]], servers: list[dict[str, Any]]) -> None:
         pool = self.pool.name if self.pool else ""
         self.routes = RouteTable.build(routes, servers, pool)
+
+    def set_objectives(self, objectives: list[dict[str, Any]]) -> None:
+        """InferenceObjectives of this pool (spec.poolRef names it); priority defaults to 0."""
+        pool = self.pool.name if self.pool else None
+        out = {}
+        for obj in objectives:
+            spec = obj.get("spec") or {}
+            name = (obj.get("metadata") or {}).get("name")
+            if (spec.get("poolRef") or {}).get("name", pool) != pool or not name:
+                continue
+            priority = spec.get("priority", 0)
+            if not isinstance(priority, int) or isinstance(priority, bool):
+                log.error(
+                    "ignoring InferenceObjective %s: priority %r is not an integer", name, priority
+                )
+                continue
+            out[name] = priority
+        self.objectives = out
+
+    def priority_of(self, objective: str | None) -> int:
+        """An unknown objective gets the default priority, as the reference picker does."""
+        return self.objectives.get(objective, 0) if objective else 0
 
     def upsert_pod(self, pod: dict[str, Any]) -> None:
         self._pods[(pod.get("metadata") or {}).get("name", "")] = pod

@@ -1,5 +1,5 @@
-"""The request pipeline between the protocol and scheduling: candidates → schedule → admit,
-and the bookkeeping when the answer ends."""
+"""The request pipeline between the protocol and scheduling: route → rate limit and flow
+control (the gatekeeper) → candidates → schedule, and the bookkeeping when the answer ends."""
 
 from __future__ import annotations
 
@@ -10,8 +10,10 @@ from dataclasses import dataclass
 
 from epp.datastore import Datastore, Endpoint
 from epp.errors import PickerError
+from epp.gatekeeper import Gatekeeper
 from epp.metrics import PickerMetrics
 from epp.request import InferenceRequest
+from epp.routing.table import selects
 from epp.scheduling.config import SchedulingConfig
 from epp.scheduling.framework import ResponseInfo
 
@@ -36,11 +38,13 @@ class Director:
         scheduling: SchedulingConfig,
         metrics: PickerMetrics,
         options: DirectorOptions,
+        gate: Gatekeeper | None = None,
     ) -> None:
         self.datastore = datastore
         self.scheduling = scheduling
         self.metrics = metrics
         self.options = options
+        self.gate = gate or Gatekeeper(metrics.registry)
         self.scheduler = scheduling.scheduler(1 + options.fallbacks, metrics.observe_plugin)
         self._rng = random.Random()
 
@@ -58,9 +62,41 @@ class Director:
             raise PickerError(503, "no endpoint of the subset hint is in the pool")
         return chosen
 
-    def admit(self, req: InferenceRequest, subset: list[str] | None) -> list[Endpoint]:
-        """Schedule a parsed request; on success the primary endpoint counts it in flight."""
-        candidates = self._route(req, self.candidates(subset))
+    async def admit(self, req: InferenceRequest, subset: list[str] | None) -> list[Endpoint]:
+        """Route, gate and schedule a parsed request; on success the primary endpoint counts
+        it in flight. Raises PickerError for every request that cannot go on."""
+        self._route(req, self.candidates(subset))
+        req.priority = self.datastore.priority_of(req.objective)
+        if req.stream and not req.client_wants_usage and self._needs_usage(req):
+            req.strip_usage = True  # ask the engine for usage; the client does not see it
+        req.ticket = await self.gate.enter(req, lambda: self._eligible(req, subset))
+        try:
+            return self._schedule(req, self._eligible(req, subset))
+        except BaseException:
+            self.gate.leave(req.ticket, None)
+            raise
+
+    def _needs_usage(self, req: InferenceRequest) -> bool:
+        """Output tokens are charged to a rate limit or a flow's fair share."""
+        limit = req.resolution.route.spec.rate_limit if req.resolution else None
+        return self.gate.queue is not None or (
+            limit is not None and limit.output_tokens_per_unit is not None
+        )
+
+    def _eligible(self, req: InferenceRequest, subset: list[str] | None) -> list[Endpoint]:
+        """The ready endpoints this request may use now: its ModelServer's, or those serving
+        its model."""
+        candidates = self.candidates(subset)
+        resolution = req.resolution
+        if resolution is None:
+            return self._serving(req.target_model, candidates)
+        if resolution.server is None:
+            return candidates
+        return [e for e in candidates if selects(resolution.server, e)]
+
+    def _schedule(self, req: InferenceRequest, candidates: list[Endpoint]) -> list[Endpoint]:
+        if not candidates:
+            raise PickerError(503, f"no ready endpoint left for model {req.model!r}")
         t0 = time.perf_counter()
         result = self.scheduler.schedule(req, candidates)
         self.metrics.scheduler_e2e.observe(time.perf_counter() - t0)
@@ -78,6 +114,7 @@ class Director:
             targets = targets[: 1 + route.retries]  # the ModelServer's retry attempts
         primary = targets[0]
         primary.inflight_requests += 1
+        primary.sent_since_scrape += 1
         primary.inflight_tokens += self._token_weight(req)
         req.targets = [e.address for e in targets]
         self.metrics.requests.labels(req.model, req.target_model).inc()
@@ -129,6 +166,7 @@ class Director:
         if primary is not None:
             primary.inflight_requests = max(0, primary.inflight_requests - 1)
             primary.inflight_tokens = max(0, primary.inflight_tokens - self._token_weight(req))
+        self.gate.leave(req.ticket, info.completion_tokens)
         m = self.metrics
         m.running.labels(req.model).dec()
         labels = (req.model, req.target_model)

@@ -20,6 +20,7 @@ from epp.director import Director
 from epp.errors import PickerError
 from epp.request import InferenceRequest, parse_request
 from epp.routing.rewrite import ModelNameRewriter
+from epp.routing.usage_strip import UsageEventStripper
 from epp.scheduling.framework import ResponseInfo
 from epp.usage import UsageReader
 
@@ -45,6 +46,7 @@ class _Stream:
         self.last_chunk: float | None = None
         self.finished = False
         self.rewrite: ModelNameRewriter | None = None
+        self.stripper: UsageEventStripper | None = None
 
     # ---- request phase ---------------------------------------------------------------
 
@@ -57,7 +59,7 @@ class _Stream:
         targets = self.director.pick_for_bodyless(self.subset)
         return [protocol.destination_headers([e.address for e in targets], None)]
 
-    def on_request_body(self, msg: pb.ProcessingRequest) -> list[pb.ProcessingResponse]:
+    async def on_request_body(self, msg: pb.ProcessingRequest) -> list[pb.ProcessingResponse]:
         if self.request_done:
             return []  # a duplicate end of stream, or body after a body-less pick
         chunk = msg.request_body
@@ -70,11 +72,13 @@ class _Stream:
         self.request_done = True
         path = self.headers.get(":path", "")
         req = parse_request(path, bytes(self.body), self.headers, max_body_bytes=limit)
-        self.director.admit(req, self.subset)
+        await self.director.admit(req, self.subset)
         self.req = req
         out_body = req.body_for_upstream()
-        if out_body is not req.raw_body:
+        if req.target_model != req.model:
             self.rewrite = ModelNameRewriter(req.target_model, req.model)
+        if req.strip_usage:
+            self.stripper = UsageEventStripper()
         self.dispatched = time.monotonic()
         return [
             protocol.destination_headers(req.targets, len(out_body), req.upstream_headers),
@@ -114,6 +118,10 @@ class _Stream:
             data = self.rewrite.feed(data)
             if chunk.end_of_stream:
                 data += self.rewrite.flush()
+        if self.stripper is not None and self.usage is not None and self.usage.streaming:
+            data = self.stripper.feed(data)
+            if chunk.end_of_stream:
+                data += self.stripper.flush()
         if chunk.end_of_stream:
             self._finish()
         return [protocol.response_chunk(data, chunk.end_of_stream)]
@@ -173,7 +181,7 @@ class ExternalProcessor(pbg.ExternalProcessorServicer):
                     if kind == "request_headers":
                         out = stream.on_request_headers(msg)
                     elif kind == "request_body":
-                        out = stream.on_request_body(msg)
+                        out = await stream.on_request_body(msg)
                     elif kind == "request_trailers":
                         out = [protocol.empty_request_trailers()]
                     elif kind == "response_headers":

@@ -9,6 +9,8 @@ from typing import Any
 
 from epp.errors import PickerError
 
+USER_HEADER = "x-infergate-user"
+
 # Which API a path is: the suffix decides, so /v1/chat/completions and /openai/v1/... both work.
 API_BY_SUFFIX = (
     ("/chat/completions", "chat"),
@@ -33,6 +35,7 @@ class InferenceRequest:
     max_tokens: int | None = None
     prompt_text: str = ""  # what approximate prefix hashing reads
     fairness_id: str = "default-flow"
+    user: str | None = None  # the verified user Envoy's auth forwards (x-infergate-user)
     objective: str | None = None
     session_id: str | None = None
     priority: int = 0
@@ -42,6 +45,10 @@ class InferenceRequest:
     targets: list[str] = field(default_factory=list)
     # Headers the picker adds to the request on its way to the pod (e.g. a route's timeout).
     upstream_headers: dict[str, str] = field(default_factory=dict)
+    # Set when the picker asked a stream for usage the client did not ask for: the usage
+    # event is removed from the answer again.
+    strip_usage: bool = False
+    ticket: Any = None  # what flow control and rate limits charge when the answer ends
     # Free slots for plugins (prefix hashes, kv-index hits, ...) keyed by plugin name.
     state: dict[str, Any] = field(default_factory=dict)
 
@@ -51,12 +58,20 @@ class InferenceRequest:
         return max(1, len(self.prompt_text) // 4)
 
     def body_for_upstream(self) -> bytes:
-        """The body to send on: re-serialized only when the model was rewritten."""
-        if self.target_model and self.target_model != self.model:
-            return json.dumps(
-                {**self.body, "model": self.target_model}, separators=(",", ":"), ensure_ascii=False
-            ).encode()
-        return self.raw_body
+        """The body to send on: re-serialized only when the model was rewritten or usage
+        was asked for."""
+        rewrite = bool(self.target_model) and self.target_model != self.model
+        if not rewrite and not self.strip_usage:
+            return self.raw_body
+        body = {**self.body, "model": self.target_model or self.model}
+        if self.strip_usage:
+            body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
+        return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+
+    @property
+    def client_wants_usage(self) -> bool:
+        options = self.body.get("stream_options")
+        return isinstance(options, dict) and bool(options.get("include_usage"))
 
 
 def api_for_path(path: str) -> str | None:
@@ -138,7 +153,11 @@ def parse_request(
         stream=stream,
         max_tokens=_max_tokens(body),
         prompt_text=_prompt_text(api, body),
-        fairness_id=headers.get("x-gateway-inference-fairness-id") or "default-flow",
+        # Envoy removes a client's x-infergate-user and sets the verified one: it wins.
+        fairness_id=headers.get(USER_HEADER)
+        or headers.get("x-gateway-inference-fairness-id")
+        or "default-flow",
+        user=headers.get(USER_HEADER) or None,
         objective=headers.get("x-gateway-inference-objective"),
         session_id=headers.get("x-session-id"),
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 
 import aiohttp
 
@@ -40,6 +41,7 @@ class MetricsScraper:
         self.stale_after = stale_after if stale_after is not None else max(0.2, 5 * interval)
         self.unreachable_after = unreachable_after
         self.models_interval = models_interval
+        self.on_refresh: Callable[[], None] | None = None  # called after every good scrape
         self._loops: dict[str, asyncio.Task] = {}
         self._session: aiohttp.ClientSession | None = None
         self._task: asyncio.Task | None = None
@@ -137,6 +139,9 @@ class MetricsScraper:
         ep.reachable = True
         ep.scrape_failures = 0
         ep.stale = False
+        ep.sent_since_scrape = 0
+        if self.on_refresh is not None:
+            self.on_refresh()
 
     def _failed(self, ep: Endpoint, exc: Exception) -> None:
         ep.scrape_failures += 1

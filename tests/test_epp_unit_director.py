@@ -74,6 +74,14 @@ def request(model: str = "m", headers=None, max_tokens: int | None = 100, prompt
     return parse_request("/v1/completions", body.encode(), headers or {}, max_body_bytes=1 << 20)
 
 
+async def admit_status(d, *args) -> int | None:
+    try:
+        await d.admit(*args)
+    except PickerError as exc:
+        return exc.status
+    return None
+
+
 def status_of(fn, *args) -> int:
     with pytest.raises(PickerError) as info:
         fn(*args)
@@ -91,9 +99,9 @@ def ok(endpoint=None, **kw) -> ResponseInfo:
 # ---- admit / finish: in-flight counts -----------------------------------------------------
 
 
-def test_admit_counts_the_request_on_the_primary(director):
+async def test_admit_counts_the_request_on_the_primary(director):
     req = request(max_tokens=100, prompt="x" * 40)  # ~10 prompt tokens
-    targets = director.admit(req, None)
+    targets = await director.admit(req, None)
     assert len(targets) == 1
     primary = targets[0]
     assert req.targets == [primary.address]
@@ -103,26 +111,26 @@ def test_admit_counts_the_request_on_the_primary(director):
     assert all(e.inflight_requests == 0 and e.inflight_tokens == 0 for e in others)
 
 
-def test_finish_releases_the_primary(director):
+async def test_finish_releases_the_primary(director):
     req = request()
-    (primary,) = director.admit(req, None)
+    (primary,) = await director.admit(req, None)
     director.finish(req, ok(primary), time.monotonic())
     assert (primary.inflight_requests, primary.inflight_tokens) == (0, 0)
 
 
 @pytest.mark.parametrize("status", [0, 500, 429, 200])
-def test_finish_releases_whatever_the_outcome(director, status):
+async def test_finish_releases_whatever_the_outcome(director, status):
     req = request()
-    (primary,) = director.admit(req, None)
+    (primary,) = await director.admit(req, None)
     director.finish(req, ResponseInfo(endpoint=None, status=status), time.monotonic())
     assert primary.inflight_requests == 0
     assert primary.inflight_tokens == 0
 
 
-def test_in_flight_counts_track_concurrent_requests(director):
+async def test_in_flight_counts_track_concurrent_requests(director):
     reqs = [request() for _ in range(8)]
     for r in reqs:
-        director.admit(r, None)
+        await director.admit(r, None)
     # least-request spreads 8 requests over 4 endpoints: two each.
     assert {
         e.address: e.inflight_requests for e in director.datastore.endpoints()
@@ -136,24 +144,24 @@ def test_in_flight_counts_track_concurrent_requests(director):
     assert all(e.inflight_tokens == 0 for e in director.datastore.endpoints())
 
 
-def test_finish_never_goes_below_zero(director):
+async def test_finish_never_goes_below_zero(director):
     req = request()
-    (primary,) = director.admit(req, None)
+    (primary,) = await director.admit(req, None)
     primary.inflight_requests = primary.inflight_tokens = 0  # e.g. reset by a rebuild
     director.finish(req, ok(primary), time.monotonic())
     assert (primary.inflight_requests, primary.inflight_tokens) == (0, 0)
 
 
-def test_finish_after_the_primary_left_the_pool(director):
+async def test_finish_after_the_primary_left_the_pool(director):
     req = request()
-    director.admit(req, None)
+    await director.admit(req, None)
     director.datastore.replace_pods([])
     director.finish(req, ok(), time.monotonic())  # no error
 
 
-def test_bookkeeping_metrics(director):
+async def test_bookkeeping_metrics(director):
     req = request(model="m")
-    director.admit(req, None)
+    await director.admit(req, None)
     labels = {"model_name": "m", "target_model_name": "m"}
     assert sample(director, "inference_objective_request_total", **labels) == 1
     assert sample(director, "inference_objective_running_requests", model_name="m") == 1
@@ -165,9 +173,9 @@ def test_bookkeeping_metrics(director):
 
 
 @pytest.mark.parametrize(("status", "code"), [(0, "cancelled"), (500, "500"), (404, "404")])
-def test_errors_are_counted_by_code(director, status, code):
+async def test_errors_are_counted_by_code(director, status, code):
     req = request()
-    director.admit(req, None)
+    await director.admit(req, None)
     director.finish(req, ResponseInfo(endpoint=None, status=status), time.monotonic())
     labels = {"model_name": "m", "target_model_name": "m"}
     assert (
@@ -177,8 +185,8 @@ def test_errors_are_counted_by_code(director, status, code):
     assert sample(director, "inference_objective_running_requests", model_name="m") == 0
 
 
-def test_scheduling_is_timed(director):
-    director.admit(request(), None)
+async def test_scheduling_is_timed(director):
+    await director.admit(request(), None)
     assert sample(director, "inference_extension_scheduler_e2e_duration_seconds_count") == 1
     assert (
         sample(
@@ -196,10 +204,10 @@ def test_scheduling_is_timed(director):
 
 
 @pytest.mark.parametrize(("fallbacks", "expected"), [(0, 1), (1, 2), (3, 4), (9, 4)])
-def test_fallbacks_give_more_targets_primary_first(fallbacks, expected):
+async def test_fallbacks_give_more_targets_primary_first(fallbacks, expected):
     d = make_director(fallbacks=fallbacks)
     req = request()
-    targets = d.admit(req, None)
+    targets = await d.admit(req, None)
     assert len(targets) == expected
     assert len(set(req.targets)) == expected
     assert req.targets == [e.address for e in targets]
@@ -207,9 +215,9 @@ def test_fallbacks_give_more_targets_primary_first(fallbacks, expected):
     assert [e.inflight_requests for e in targets] == [1] + [0] * (expected - 1)
 
 
-def test_default_options_have_one_fallback():
+async def test_default_options_have_one_fallback():
     d = make_director()
-    assert len(d.admit(request(), None)) == 2
+    assert len(await d.admit(request(), None)) == 2
 
 
 # ---- subset hint --------------------------------------------------------------------------
@@ -221,15 +229,15 @@ def test_no_subset_means_every_ready_endpoint(director):
     assert {e.address for e in director.candidates(None)} == EVERYONE - {A0}
 
 
-def test_empty_subset_is_503(director):
+async def test_empty_subset_is_503(director):
     assert status_of(director.candidates, []) == 503
-    assert status_of(director.admit, request(), []) == 503
+    assert await admit_status(director, request(), []) == 503
 
 
-def test_subset_ip_port_is_exact(director):
+async def test_subset_ip_port_is_exact(director):
     assert [e.address for e in director.candidates([A1])] == [A1]
     for _ in range(5):
-        assert director.admit(request(), [A1])[0].address == A1
+        assert (await director.admit(request(), [A1]))[0].address == A1
 
 
 def test_subset_bare_ip_is_every_port_of_that_ip(director):
@@ -256,19 +264,19 @@ def test_subset_filter_can_be_turned_off():
     assert {e.address for e in d.candidates([])} == EVERYONE
 
 
-def test_empty_pool_is_503(director):
+async def test_empty_pool_is_503(director):
     director.datastore.replace_pods([])
-    assert status_of(director.admit, request(), None) == 503
+    assert await admit_status(director, request(), None) == 503
 
 
-def test_filter_leaving_nothing_is_429(director):
+async def test_filter_leaving_nothing_is_429(director):
     req = request(headers={"test-epp-endpoint-selection": "10.9.9.9"})
-    assert status_of(director.admit, req, None) == 429
+    assert await admit_status(director, req, None) == 429
 
 
-def test_subset_and_test_header_combine(director):
+async def test_subset_and_test_header_combine(director):
     req = request(headers={"test-epp-endpoint-selection": "10.0.0.1"})
-    assert director.admit(req, ["10.0.0.1:8001", "10.0.0.2"])[0].address == A1
+    assert (await director.admit(req, ["10.0.0.1:8001", "10.0.0.2"]))[0].address == A1
 
 
 # ---- model catalog ------------------------------------------------------------------------
@@ -279,73 +287,73 @@ def set_models(d: Director, models: dict[str, set[str] | None]) -> None:
         d.datastore.endpoint(address).models = None if names is None else frozenset(names)
 
 
-def test_unknown_model_is_404_when_every_catalog_is_known(director):
+async def test_unknown_model_is_404_when_every_catalog_is_known(director):
     set_models(director, {a: {"m"} for a in EVERYONE})
-    assert status_of(director.admit, request(model="other"), None) == 404
+    assert await admit_status(director, request(model="other"), None) == 404
 
 
-def test_a_pod_with_an_unknown_catalog_lets_the_request_through(director):
+async def test_a_pod_with_an_unknown_catalog_lets_the_request_through(director):
     set_models(director, {A0: {"m"}, A1: {"m"}, B0: {"m"}, B1: None})
-    targets = director.admit(request(model="other"), None)
+    targets = await director.admit(request(model="other"), None)
     assert [e.address for e in targets] == [B1]  # only B1 may serve it
 
 
-def test_requests_go_only_to_endpoints_serving_the_model(director):
+async def test_requests_go_only_to_endpoints_serving_the_model(director):
     set_models(director, {A0: {"m"}, A1: {"m", "lora-x"}, B0: {"m"}, B1: {"m"}})
     for _ in range(4):
-        assert director.admit(request(model="lora-x"), None)[0].address == A1
+        assert (await director.admit(request(model="lora-x"), None))[0].address == A1
 
 
-def test_model_served_only_outside_the_subset_is_503(director):
+async def test_model_served_only_outside_the_subset_is_503(director):
     set_models(director, {A0: {"lora-x"}, A1: {"m"}, B0: {"m"}, B1: {"m"}})
-    assert status_of(director.admit, request(model="lora-x"), [B0, B1]) == 503
+    assert await admit_status(director, request(model="lora-x"), [B0, B1]) == 503
 
 
-def test_model_served_only_by_an_unreachable_endpoint_is_503(director):
+async def test_model_served_only_by_an_unreachable_endpoint_is_503(director):
     set_models(director, {A0: {"lora-x"}, A1: {"m"}, B0: {"m"}, B1: {"m"}})
     director.datastore.endpoint(A0).reachable = False
-    assert status_of(director.admit, request(model="lora-x"), None) == 503
+    assert await admit_status(director, request(model="lora-x"), None) == 503
 
 
-def test_catalog_check_uses_the_rewritten_model(director):
+async def test_catalog_check_uses_the_rewritten_model(director):
     set_models(director, {a: {"m-v2"} for a in EVERYONE})
     req = request(model="m", headers={"x-gateway-model-name-rewrite": "m-v2"})
-    assert director.admit(req, None)
+    assert await director.admit(req, None)
     plain = request(model="m-v2", headers={"x-gateway-model-name-rewrite": "m"})
-    assert status_of(director.admit, plain, None) == 404
+    assert await admit_status(director, plain, None) == 404
 
 
-def test_fallbacks_also_serve_the_model():
+async def test_fallbacks_also_serve_the_model():
     d = make_director(fallbacks=3)
     set_models(d, {A0: {"m", "x"}, A1: {"m"}, B0: {"m", "x"}, B1: {"m"}})
-    assert {e.address for e in d.admit(request(model="x"), None)} == {A0, B0}
+    assert {e.address for e in await d.admit(request(model="x"), None)} == {A0, B0}
 
 
 # ---- latency averages ---------------------------------------------------------------------
 
 
-def test_first_observation_sets_the_average(director):
+async def test_first_observation_sets_the_average(director):
     req = request()
-    (primary,) = director.admit(req, None)
+    (primary,) = await director.admit(req, None)
     director.finish(req, ok(primary, ttft=0.5, tpot=0.02), time.monotonic())
     assert primary.ttft_ewma == 0.5
     assert primary.tpot_ewma == 0.02
 
 
-def test_later_observations_are_exponentially_weighted(director):
+async def test_later_observations_are_exponentially_weighted(director):
     ep = director.datastore.endpoint(A0)
     ep.ttft_ewma, ep.tpot_ewma = 1.0, 0.1
     req = request()
-    director.admit(req, [A0])
+    await director.admit(req, [A0])
     director.finish(req, ok(ep, ttft=2.0, tpot=0.2), time.monotonic())
     assert EWMA_ALPHA == 0.2
     assert ep.ttft_ewma == pytest.approx(0.8 * 1.0 + 0.2 * 2.0)
     assert ep.tpot_ewma == pytest.approx(0.8 * 0.1 + 0.2 * 0.2)
 
 
-def test_the_served_endpoint_learns_not_the_primary(director):
+async def test_the_served_endpoint_learns_not_the_primary(director):
     req = request()
-    director.admit(req, [A0])
+    await director.admit(req, [A0])
     served = director.datastore.endpoint(B1)  # the proxy fell back
     director.finish(req, ok(served, ttft=0.3), time.monotonic())
     assert served.ttft_ewma == 0.3
@@ -353,16 +361,16 @@ def test_the_served_endpoint_learns_not_the_primary(director):
     assert director.datastore.endpoint(A0).inflight_requests == 0
 
 
-def test_without_ttft_nothing_is_learned(director):
+async def test_without_ttft_nothing_is_learned(director):
     req = request()
-    (primary,) = director.admit(req, None)
+    (primary,) = await director.admit(req, None)
     director.finish(req, ok(primary, ttft=None, tpot=0.05), time.monotonic())
     assert primary.ttft_ewma is None and primary.tpot_ewma is None
 
 
-def test_ttft_without_tpot_keeps_tpot(director):
+async def test_ttft_without_tpot_keeps_tpot(director):
     req = request()
-    (primary,) = director.admit(req, None)
+    (primary,) = await director.admit(req, None)
     primary.tpot_ewma = 0.01
     director.finish(req, ok(primary, ttft=0.4), time.monotonic())
     assert primary.ttft_ewma == 0.4
@@ -370,9 +378,9 @@ def test_ttft_without_tpot_keeps_tpot(director):
 
 
 @pytest.mark.parametrize("status", [500, 503, 0])
-def test_failed_answers_do_not_teach_latency(director, status):
+async def test_failed_answers_do_not_teach_latency(director, status):
     req = request()
-    (primary,) = director.admit(req, None)
+    (primary,) = await director.admit(req, None)
     primary.ttft_ewma = 1.0
     director.finish(
         req, ResponseInfo(endpoint=primary, status=status, ttft=0.001), time.monotonic()
@@ -383,7 +391,7 @@ def test_failed_answers_do_not_teach_latency(director, status):
 # ---- plugins around the request -----------------------------------------------------------
 
 
-def test_pre_request_plugins_see_the_choice():
+async def test_pre_request_plugins_see_the_choice():
     config = (
         HEAD
         + """\
@@ -396,14 +404,14 @@ schedulingProfiles:
 """
     )
     d = make_director(config, fallbacks=0)
-    first = d.admit(request(headers={"x-session-id": "s1"}), None)[0]
+    first = (await d.admit(request(headers={"x-session-id": "s1"}), None))[0]
     # The session's pod is busy now, yet the session sticks to it.
     for _ in range(3):
-        assert d.admit(request(headers={"x-session-id": "s1"}), None)[0] is first
+        assert (await d.admit(request(headers={"x-session-id": "s1"}), None))[0] is first
     assert first.inflight_requests == 4
 
 
-def test_prefix_cache_routes_a_repeated_prompt_to_the_same_pod():
+async def test_prefix_cache_routes_a_repeated_prompt_to_the_same_pod():
     config = (
         HEAD
         + """\
@@ -415,8 +423,8 @@ schedulingProfiles:
     )
     d = make_director(config, fallbacks=0)
     prompt = "a shared system prompt " * 20
-    first = d.admit(request(prompt=prompt), None)[0]
-    assert d.admit(request(prompt=prompt), None)[0] is first
+    first = (await d.admit(request(prompt=prompt), None))[0]
+    assert (await d.admit(request(prompt=prompt), None))[0] is first
 
 
 class Recorder(PostResponse):
@@ -433,11 +441,11 @@ class Recorder(PostResponse):
             raise RuntimeError("plugin bug")
 
 
-def test_post_response_plugins_are_called_and_their_errors_contained(director):
+async def test_post_response_plugins_are_called_and_their_errors_contained(director):
     broken, working = Recorder(fail=True), Recorder()
     director.scheduling.post_response.extend([broken, working])
     req = request()
-    (primary,) = director.admit(req, None)
+    (primary,) = await director.admit(req, None)
     director.finish(req, ok(primary), time.monotonic())
     assert broken.seen == [200] and working.seen == [200]
     assert primary.inflight_requests == 0

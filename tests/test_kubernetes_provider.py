@@ -22,8 +22,8 @@ from tests.kubeapi import KubeAPIEmulator
 POOL_API = "inference.networking.k8s.io/v1"
 LABELS = {"app": "vllm-llama"}
 
-# pool, pods, ModelRoutes, ModelServers (the emulator serves every custom resource)
-WATCHES = 4
+# pool, pods, ModelRoutes, ModelServers, InferenceObjectives (the emulator serves them all)
+WATCHES = 5
 
 
 def pool(ports=(8000,), selector=None, name="llama") -> dict:

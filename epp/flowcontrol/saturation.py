@@ -1,7 +1,8 @@
 """Is an endpoint (and a request's set of candidate endpoints) saturated?
 
 Follows GIE's saturation detector: an endpoint has capacity when its metrics are fresh, its
-waiting queue is at most `queue_depth_threshold` and its KV-cache utilization at most
+waiting queue (with the requests the picker sent since the last scrape) is at most
+`queue_depth_threshold` and its KV-cache utilization at most
 `kv_cache_util_threshold`. A request's candidates are saturated when none has capacity
 (no candidates at all counts as saturated: there is nowhere to send it).
 """
@@ -13,6 +14,13 @@ from collections.abc import Callable, Iterable
 
 from epp.datastore import Endpoint
 from epp.flowcontrol.config import SaturationConfig
+
+
+def waiting(ep: Endpoint) -> float:
+    """The server's queue as last scraped, plus the requests the picker sent it since, which
+    its counts cannot show yet: without them, one refresh of free room would let the whole
+    queue through before the next scrape."""
+    return ep.metrics.waiting + ep.sent_since_scrape
 
 
 class SaturationDetector:
@@ -32,7 +40,7 @@ class SaturationDetector:
         if not ep.reachable or self.stale(ep, now):
             return True
         m, c = ep.metrics, self.config
-        return m.waiting > c.queue_depth_threshold or m.kv_usage > c.kv_cache_util_threshold
+        return waiting(ep) > c.queue_depth_threshold or m.kv_usage > c.kv_cache_util_threshold
 
     def saturated(self, candidates: Iterable[Endpoint], now: float | None = None) -> bool:
         """True when no candidate endpoint has capacity."""
@@ -45,7 +53,7 @@ class SaturationDetector:
         if not ep.reachable or self.stale(ep, now):
             return 1.0
         m, c = ep.metrics, self.config
-        return max(m.waiting / c.queue_depth_threshold, m.kv_usage / c.kv_cache_util_threshold)
+        return max(waiting(ep) / c.queue_depth_threshold, m.kv_usage / c.kv_cache_util_threshold)
 
     def pool_utilization(self, candidates: Iterable[Endpoint], now: float | None = None) -> float:
         """Mean endpoint utilization (GIE's pool-saturation gauge); 1.0 for no endpoints."""

@@ -1,5 +1,5 @@
-"""The file provider: InferencePool, Pod, ModelRoute and ModelServer objects from YAML
-files, reloaded on change.
+"""The file provider: InferencePool, Pod, ModelRoute, ModelServer and InferenceObjective
+objects from YAML files, reloaded on change.
 
 The files hold the same objects a cluster would (multi-document YAML, one or more files or a
 directory); Pods need status.podIP and a Ready condition, as kubelet would set. The local stack
@@ -62,6 +62,7 @@ def apply(
     pool = None
     pods = []
     routing: dict[str, list[dict[str, Any]]] = {"ModelRoute": [], "ModelServer": []}
+    objectives: list[dict[str, Any]] = []
     for obj in objects:
         meta = obj.get("metadata") or {}
         ns = meta.get("namespace") or "default"
@@ -80,10 +81,13 @@ def apply(
             pods.append(obj)
         elif obj.get("kind") in routing and obj.get("apiVersion") == ROUTING_API:
             routing[obj["kind"]].append(obj)
+        elif obj.get("kind") == "InferenceObjective":
+            objectives.append(obj)
     if pool is None:
         raise FileProviderError(f"no InferencePool {namespace}/{pool_name} in the files")
     datastore.set_pool(pool)
     datastore.set_routes(routing["ModelRoute"], routing["ModelServer"])
+    datastore.set_objectives(objectives)
     datastore.replace_pods(pods)
     datastore.synced = True
 

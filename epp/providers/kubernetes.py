@@ -1,5 +1,6 @@
 """The Kubernetes provider: the InferencePool and its Pods from the API server, kept by watches,
-and the namespace's ModelRoutes and ModelServers when their CRDs are installed.
+and the namespace's ModelRoutes, ModelServers and InferenceObjectives when their CRDs are
+installed.
 
 The official client blocks, so each resource (the pool, the pods, …) has a daemon thread running
 list-then-watch; changes go to the event loop with call_soon_threadsafe, where the datastore
@@ -25,8 +26,12 @@ from epp.datastore import Datastore, PoolSpec
 log = logging.getLogger("epp.providers.kubernetes")
 
 GROUP, VERSION, PLURAL = "inference.networking.k8s.io", "v1", "inferencepools"
-ROUTING_GROUP, ROUTING_VERSION = "networking.infergate.io", "v1alpha1"
-ROUTING_PLURALS = {"routes": "modelroutes", "servers": "modelservers"}
+# Read when their CRDs are installed: (group, version, plural).
+OPTIONAL_KINDS = {
+    "routes": ("networking.infergate.io", "v1alpha1", "modelroutes"),
+    "servers": ("networking.infergate.io", "v1alpha1", "modelservers"),
+    "objectives": ("inference.networking.x-k8s.io", "v1alpha2", "inferenceobjectives"),
+}
 WATCH_TIMEOUT = 5  # seconds; bounds how long stop() and a silently dead connection take
 LIST_TIMEOUT = 30
 MAX_BACKOFF = 5.0
@@ -88,7 +93,7 @@ class KubernetesProvider:
         self._selector: str | None = None  # what the pod watch filters by
         self._relist_pods = threading.Event()  # set when the pool's selector changed
         self._owns_client = False
-        self._routing: dict[str, dict[str, dict[str, Any]]] = {"routes": {}, "servers": {}}
+        self._routing: dict[str, dict[str, dict[str, Any]]] = {k: {} for k in OPTIONAL_KINDS}
 
     # ---- lifecycle ---------------------------------------------------------------------
 
@@ -121,7 +126,7 @@ class KubernetesProvider:
         except Exception as exc:
             raise KubernetesProviderError(f"{where}: {exc}") from exc
         watches = [("pool", pool_rv), ("pods", pods_rv)]
-        for kind in ROUTING_PLURALS:
+        for kind in OPTIONAL_KINDS:
             rv = await asyncio.to_thread(self._list_routing, kind)
             if rv is not None:
                 watches.append((kind, rv))
@@ -160,8 +165,9 @@ class KubernetesProvider:
         if kind == "pods":
             pods = self._core.list_namespaced_pod
             return pods, (self.namespace,), {"label_selector": self._selector}
-        if kind in ROUTING_PLURALS:
-            where = (ROUTING_GROUP, ROUTING_VERSION, self.namespace, ROUTING_PLURALS[kind])
+        if kind in OPTIONAL_KINDS:
+            group, version, plural = OPTIONAL_KINDS[kind]
+            where = (group, version, self.namespace, plural)
             return self._custom.list_namespaced_custom_object, where, {}
         pools, only = self._custom.list_namespaced_custom_object, f"metadata.name={self.pool_name}"
         return pools, (GROUP, VERSION, self.namespace, PLURAL), {"field_selector": only}
@@ -191,7 +197,7 @@ class KubernetesProvider:
             if exc.status == 404:
                 log.info("no %s CRD in the cluster: model routing without it", kind)
                 return None
-            raise KubernetesProviderError(f"listing {ROUTING_PLURALS[kind]}: {exc}") from exc
+            raise KubernetesProviderError(f"listing {OPTIONAL_KINDS[kind][2]}: {exc}") from exc
         self._routing[kind] = {_name(o): o for o in items}
         return rv
 
@@ -199,9 +205,10 @@ class KubernetesProvider:
         self.datastore.set_routes(
             list(self._routing["routes"].values()), list(self._routing["servers"].values())
         )
+        self.datastore.set_objectives(list(self._routing["objectives"].values()))
 
     def _relist(self, kind: str) -> str:
-        if kind in ROUTING_PLURALS:
+        if kind in OPTIONAL_KINDS:
             items, rv = self._list(kind)
             self._post(self._replace_routing, kind, {_name(o): o for o in items})
             return rv
@@ -267,7 +274,7 @@ class KubernetesProvider:
                 rv = meta["resourceVersion"]
             if event.get("type") == "BOOKMARK":
                 continue
-            if kind in ROUTING_PLURALS:
+            if kind in OPTIONAL_KINDS:
                 self._post(self._on_routing, kind, event.get("type"), obj)
             else:
                 (self._on_pod if kind == "pods" else self._on_pool)(event.get("type"), obj)

@@ -1,0 +1,170 @@
+"""What a routed request passes before scheduling: its route's token rate limit, then flow
+control (priority bands, fair queueing across flows, queue limits and TTL) while the
+endpoints it may use are saturated. And, when its answer ends, what it is charged.
+
+Input tokens are counted with the model's tokenizer when the picker has one (--tokenizer),
+else estimated from the prompt's length (about 4 characters a token); output tokens come from
+the response's usage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from epp.errors import PickerError
+from epp.flowcontrol import (
+    AdmissionController,
+    FlowControlConfig,
+    FlowItem,
+    SaturationDetector,
+)
+from epp.ratelimit import RateLimitMetrics, RedisClients, build_limiter
+from epp.request import InferenceRequest
+
+log = logging.getLogger("epp.gatekeeper")
+
+
+@dataclass(slots=True)
+class Ticket:
+    """What the gate remembers of an admitted request, to charge it when it ends."""
+
+    item: FlowItem | None = None
+    limiter: Any = None
+    route: str = ""
+    user: str | None = None
+
+
+@dataclass
+class Gatekeeper:
+    metrics_registry: Any
+    flow_control: FlowControlConfig | None = None  # None: requests never wait
+    tokenizers: Any = None  # kvindex.tokenize.PromptTokenizers, when models were given
+    _limiters: dict[str, tuple[str, Any]] = field(default_factory=dict)
+    _tasks: set[asyncio.Task] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        self.rate_metrics = RateLimitMetrics(self.metrics_registry)
+        self.redis = RedisClients()
+        self.detector = None
+        self.queue = None
+        if self.flow_control is not None:
+            self.detector = SaturationDetector(self.flow_control.saturation)
+            self.queue = AdmissionController(self.flow_control, self._saturated)
+
+    # ---- before scheduling ----------------------------------------------------------------
+
+    async def enter(self, req: InferenceRequest, eligible: Callable[[], list]) -> Ticket:
+        """Raise PickerError (429 with Retry-After, or 503) unless the request may go on now;
+        `eligible()` gives the endpoints it may use, fresh each time it is asked."""
+        ticket = Ticket(user=req.user)
+        resolution = req.resolution
+        if resolution is not None and resolution.route.spec.rate_limit is not None:
+            ticket.route = resolution.route_name
+            ticket.limiter = self._limiter(resolution)
+            decision = await ticket.limiter.check(ticket.route, req.user, self.input_tokens(req))
+            if not decision.allowed:
+                status = 503 if decision.limit == "unavailable" else 429
+                retry = decision.retry_after_header()
+                raise PickerError(
+                    status,
+                    f"{decision.message()} (ModelRoute {ticket.route})",
+                    headers={"retry-after": retry} if retry else None,
+                )
+        if self.queue is not None:
+            item = FlowItem(
+                flow_id=req.fairness_id,
+                priority=req.priority,
+                input_tokens=self.input_tokens(req),
+                size_bytes=len(req.raw_body),
+                request_id=req.request_id,
+                payload=eligible,
+            )
+            admission = await self.queue.admit(item)
+            if not admission.admitted:
+                retry = admission.retry_after
+                raise PickerError(
+                    admission.status or 503,
+                    admission.message,
+                    headers={"retry-after": str(int(retry))} if retry else None,
+                )
+            ticket.item = item
+        return ticket
+
+    def _saturated(self, item: FlowItem) -> bool:
+        return self.detector.saturated(item.payload())
+
+    def input_tokens(self, req: InferenceRequest) -> int:
+        """The prompt's token count, once per request."""
+        if "prompt_tokens" in req.state:
+            return req.state["prompt_tokens"]
+        count = None
+        tokenizer = self._tokenizer(req)
+        if tokenizer is not None and req.api in ("chat", "completions"):
+            try:
+                count = len(tokenizer.tokens_for(req.api, req.body))
+            except Exception as exc:  # a prompt the template rejects: estimate instead
+                log.debug("counting tokens of %s failed: %s", req.request_id, exc)
+        if count is None:
+            count = req.approx_prompt_tokens
+        req.state["prompt_tokens"] = count
+        return count
+
+    def _tokenizer(self, req: InferenceRequest):
+        if self.tokenizers is None:
+            return None
+        return self.tokenizers.get(req.target_model) or self.tokenizers.get(req.model)
+
+    def _limiter(self, resolution):
+        """One limiter per route, rebuilt when the route's rateLimit changes."""
+        name = resolution.route_name
+        spec = resolution.route.spec.rate_limit
+        key = json.dumps(_builtins(spec), sort_keys=True)
+        have = self._limiters.get(name)
+        if have is None or have[0] != key:
+            if have is not None:
+                self._spawn(have[1].aclose())
+            limiter = build_limiter(spec, metrics=self.rate_metrics, redis_clients=self.redis)
+            self._limiters[name] = (key, limiter)
+            return limiter
+        return have[1]
+
+    # ---- after the answer -------------------------------------------------------------
+
+    def leave(self, ticket: Ticket | None, output_tokens: int | None) -> None:
+        if ticket is None:
+            return
+        if output_tokens:
+            if ticket.limiter is not None:
+                self._spawn(ticket.limiter.record_output(ticket.route, ticket.user, output_tokens))
+            if ticket.item is not None and self.queue is not None:
+                self.queue.charge_output(ticket.item, output_tokens)
+        self.notify()
+
+    def notify(self) -> None:
+        """Capacity may have freed: let waiting requests try again."""
+        if self.queue is not None:
+            self.queue.notify()
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def close(self) -> None:
+        if self.queue is not None:
+            await self.queue.close()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for _, limiter in self._limiters.values():
+            await limiter.aclose()
+        await self.redis.aclose()
+
+
+def _builtins(spec) -> Any:
+    import msgspec
+
+    return msgspec.to_builtins(spec)

@@ -1,0 +1,203 @@
+"""The director's gate: a route's token rate limit before scheduling (429 with Retry-After
+naming the limit, per route or per verified user, output tokens charged when the answer
+ends), InferenceObjective priorities, flow control waiting for a saturated pool, and the
+streamed usage the picker asks for and hides again. Real Director, Datastore, limiter and
+admission controller; no processes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from epp.director import Director, DirectorOptions
+from epp.errors import PickerError
+from epp.flowcontrol import FlowControlConfig
+from epp.gatekeeper import Gatekeeper
+from epp.metrics import PickerMetrics
+from epp.routing.usage_strip import UsageEventStripper
+from epp.scheduling.config import load_config
+from epp.scheduling.framework import ResponseInfo
+from tests.test_epp_unit_director import LEAST_REQUEST, make_datastore, request
+
+NET = "networking.infergate.io/v1alpha1"
+
+
+def limited_route(**limit) -> list[dict]:
+    return [
+        {
+            "apiVersion": NET,
+            "kind": "ModelRoute",
+            "metadata": {"name": "limited"},
+            "spec": {
+                "modelName": "m",
+                "rules": [{"targetModels": [{"modelServerName": "all"}]}],
+                "rateLimit": {"unit": "minute", **limit},
+            },
+        }
+    ]
+
+
+SERVERS = [
+    {
+        "apiVersion": NET,
+        "kind": "ModelServer",
+        "metadata": {"name": "all"},
+        "spec": {
+            "model": "m",
+            "inferenceEngine": "vLLM",
+            "workloadSelector": {"matchLabels": {"app": "vllm"}},
+        },
+    }
+]
+
+
+def director_with(routes=(), flow_control: FlowControlConfig | None = None) -> Director:
+    ds = make_datastore()
+    ds.set_routes(list(routes), SERVERS)
+    metrics = PickerMetrics()
+    gate = Gatekeeper(metrics.registry, flow_control=flow_control)
+    return Director(ds, load_config(LEAST_REQUEST), metrics, DirectorOptions(fallbacks=0), gate)
+
+
+def done(director: Director, req, completion_tokens: int | None = None) -> None:
+    ep = director.datastore.endpoint(req.targets[0])
+    director.finish(
+        req, ResponseInfo(endpoint=ep, status=200, completion_tokens=completion_tokens), 0.0
+    )
+
+
+async def test_input_tokens_are_limited_exactly_with_retry_after_and_the_limit_named():
+    d = director_with(limited_route(inputTokensPerUnit=100))
+    prompt = "x" * 80  # no tokenizer configured: about 4 characters a token, so 20 tokens
+    for _ in range(5):
+        await d.admit(request(prompt=prompt), None)  # 5 × 20 = the whole minute's budget
+    with pytest.raises(PickerError) as err:
+        await d.admit(request(prompt=prompt), None)
+    assert err.value.status == 429
+    assert "100 input tokens per minute" in err.value.message and "limited" in err.value.message
+    assert err.value.headers["retry-after"] == "12"  # 20 tokens at 100 a minute
+
+
+async def test_each_verified_user_has_a_budget_of_its_own():
+    d = director_with(limited_route(inputTokensPerUnit=40, perUser=True))
+    ann, bob = {"x-infergate-user": "ann"}, {"x-infergate-user": "bob"}
+    await d.admit(request(prompt="x" * 160, headers=ann), None)  # 40: ann's all
+    with pytest.raises(PickerError):
+        await d.admit(request(prompt="x" * 8, headers=ann), None)
+    await d.admit(request(prompt="x" * 160, headers=bob), None)  # bob is untouched
+
+
+async def test_output_tokens_are_charged_when_the_answer_ends():
+    d = director_with(limited_route(outputTokensPerUnit=50))
+    req = request()
+    await d.admit(req, None)
+    done(d, req, completion_tokens=80)  # 30 over the budget
+    await asyncio.sleep(0)  # the charge is a task
+    with pytest.raises(PickerError) as err:
+        await d.admit(request(), None)
+    assert err.value.status == 429 and "output tokens" in err.value.message
+
+
+async def test_a_route_without_a_limit_is_not_limited():
+    d = director_with()
+    for _ in range(50):
+        await d.admit(request(prompt="x" * 400), None)
+
+
+def test_objectives_give_priorities_and_unknown_ones_the_default():
+    ds = make_datastore()
+    ds.set_objectives(
+        [
+            {
+                "metadata": {"name": "critical"},
+                "spec": {"poolRef": {"name": "pool"}, "priority": 10},
+            },
+            {"metadata": {"name": "batch"}, "spec": {"poolRef": {"name": "pool"}, "priority": -1}},
+            {
+                "metadata": {"name": "elsewhere"},
+                "spec": {"poolRef": {"name": "other"}, "priority": 5},
+            },
+        ]
+    )
+    assert ds.priority_of("critical") == 10 and ds.priority_of("batch") == -1
+    assert (
+        ds.priority_of("elsewhere") == 0
+        and ds.priority_of("nope") == 0
+        and ds.priority_of(None) == 0
+    )
+
+
+async def test_requests_wait_while_the_pool_is_saturated_and_go_when_it_clears():
+    d = director_with(flow_control=FlowControlConfig())
+    for ep in d.datastore.endpoints():
+        ep.metrics.waiting, ep.metrics.updated_at = 10, 1e18  # saturated, fresh forever
+    first = d.datastore.endpoints()[0]
+    only = [first.address]  # one candidate, so the dispatched request lands there
+    low = asyncio.create_task(
+        d.admit(request(headers={"x-gateway-inference-fairness-id": "a"}), only)
+    )
+    await asyncio.sleep(0.1)
+    assert not low.done() and d.gate.queue.queued_requests == 1
+    d.datastore.set_objectives([{"metadata": {"name": "vip"}, "spec": {"priority": 5}}])
+    high = asyncio.create_task(
+        d.admit(request(headers={"x-gateway-inference-objective": "vip"}), only)
+    )
+    await asyncio.sleep(0.1)
+    # Sheddable requests are turned away at once while the pool is saturated.
+    d.datastore.set_objectives(
+        [
+            {"metadata": {"name": "vip"}, "spec": {"priority": 5}},
+            {"metadata": {"name": "bulk"}, "spec": {"priority": -1}},
+        ]
+    )
+    with pytest.raises(PickerError) as err:
+        await d.admit(request(headers={"x-gateway-inference-objective": "bulk"}), None)
+    assert err.value.status == 429 and "retry-after" in err.value.headers
+    first.metrics.waiting = 5  # at the threshold: room for one more
+    d.gate.notify()
+    winner = await asyncio.wait_for(
+        asyncio.wait({low, high}, return_when=asyncio.FIRST_COMPLETED), 2
+    )
+    assert high in winner[0] and not low.done()  # the higher priority overtook the waiting one
+    low.cancel()
+    await asyncio.sleep(0.05)
+    assert d.gate.queue.queued_requests == 0  # a client that left is out of the queue at once
+    await d.gate.close()
+
+
+async def test_streamed_requests_ask_for_usage_when_it_is_charged_and_hide_it_again():
+    d = director_with(limited_route(outputTokensPerUnit=1000))
+    req = request()
+    req.stream = True
+    await d.admit(req, None)
+    assert req.strip_usage
+    sent = json.loads(req.body_for_upstream())
+    assert sent["stream_options"] == {"include_usage": True} and sent["model"] == "m"
+    asked = request()
+    asked.stream, asked.body["stream_options"] = True, {"include_usage": True}
+    await d.admit(asked, None)
+    assert not asked.strip_usage  # the client asked: it keeps its usage event
+    plain = director_with()
+    req = request()
+    req.stream = True
+    await plain.admit(req, None)
+    assert not req.strip_usage and req.body_for_upstream() is req.raw_body
+
+
+def test_the_usage_event_is_removed_across_any_split():
+    events = (
+        b'data: {"choices":[{"text":"a"}],"usage":null}\n\n'
+        b'data: {"choices":[{"text":"b"}]}\n\n'
+        b'data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2}}\n\n'
+        b"data: [DONE]\n\n"
+    )
+    for size in (1, 4, 9, 50, 1000):
+        s = UsageEventStripper()
+        out = (
+            b"".join(s.feed(events[i : i + size]) for i in range(0, len(events), size)) + s.flush()
+        )
+        assert out == events.replace(
+            b'data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2}}\n\n', b""
+        )
