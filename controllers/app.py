@@ -132,6 +132,7 @@ async def serve(args: argparse.Namespace) -> None:
         webhook = asyncio.create_task(
             serve_webhook(args.host, args.webhook_port, args.webhook_cert_dir)
         )
+        webhook.add_done_callback(lambda _: stop.set())  # it serves until cancelled: or it failed
     try:
         if args.mode == "kubernetes":
             await _serve_kubernetes(args, stop)
@@ -140,7 +141,9 @@ async def serve(args: argparse.Namespace) -> None:
     finally:
         if args.webhook_port:
             webhook.cancel()
-            await asyncio.gather(webhook, return_exceptions=True)
+            [ended] = await asyncio.gather(webhook, return_exceptions=True)
+            if isinstance(ended, Exception):
+                raise SystemExit(f"infergate controllers: the admission webhook failed: {ended}")
 
 
 async def _serve_standalone(args: argparse.Namespace, stop: asyncio.Event) -> None:
@@ -170,40 +173,72 @@ async def _serve_standalone(args: argparse.Namespace, stop: asyncio.Event) -> No
 
 
 async def _serve_kubernetes(args: argparse.Namespace, stop: asyncio.Event) -> None:
-    """Against the API server; with --leader-elect, only the Lease holder reconciles."""
+    """Against the API server; with --leader-elect, only the Lease holder reconciles.
+
+    Metrics are served from the start, so a replica waiting for the Lease answers its
+    probes too; a stop (SIGTERM) while waiting for the Lease or for the first lists ends
+    the wait."""
     import os
     import socket
 
     from controllers.kube_store import KubeStore
     from controllers.leader import LeaderElector
+    from controllers.store import StoreError
 
     store = KubeStore.from_environment()
-    elector = None
-    if args.leader_elect:
-        identity = f"{socket.gethostname()}-{os.getpid()}"
-        elector = LeaderElector(
-            store, name="infergate-controllers", namespace=args.leader_namespace, identity=identity
-        )
-        log.info("controllers: waiting for the lease as %s", identity)
-        await elector.acquire()
-        asyncio.get_running_loop().create_task(_stop_when(elector.lost, stop))
     metrics = ControllerMetrics()
     start_http_server(args.metrics_port, addr=args.host, registry=metrics.registry)
     controllers, scaler = build_controllers(
         store, metrics, autoscale_interval=args.autoscale_interval, namespace=args.namespace
     )
-    for c in controllers:
-        await c.start()
-    log.info("controllers: watching the Kubernetes API (%s)", args.namespace or "all namespaces")
+    elector = None
     try:
+        if args.leader_elect:
+            identity = f"{socket.gethostname()}-{os.getpid()}"
+            elector = LeaderElector(
+                store,
+                name="infergate-controllers",
+                namespace=args.leader_namespace,
+                identity=identity,
+            )
+            log.info("controllers: waiting for the lease as %s", identity)
+            if not await _unless_stopped(elector.acquire(), stop):
+                return
+            asyncio.get_running_loop().create_task(_stop_when(elector.lost, stop))
+        for c in controllers:
+            if not await _unless_stopped(c.start(), stop):
+                return
+        log.info(
+            "controllers: watching the Kubernetes API (%s)", args.namespace or "all namespaces"
+        )
         await stop.wait()
     finally:
         for c in controllers:
             await c.stop()
         await scaler.close()
         if elector is not None:
-            await elector.release()
+            try:
+                await elector.release()
+            except StoreError as exc:  # it expires by itself then
+                log.warning("controllers: could not hand the lease back: %s", exc)
         store.close()
+
+
+async def _unless_stopped(work, stop: asyncio.Event) -> bool:
+    """Await `work` unless `stop` is set first (then cancel it): whether it finished."""
+    task = asyncio.ensure_future(work)
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopped.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    if task.cancelled():
+        return False
+    task.result()  # its exception, if it failed
+    return True
 
 
 async def _stop_when(lost: asyncio.Event, stop: asyncio.Event) -> None:
