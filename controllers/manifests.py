@@ -18,8 +18,9 @@ from controllers.store import KINDS, NotFound, Obj, Store, kind_of
 from infergate.api import validate_dict
 
 log = logging.getLogger("controllers.manifests")
-# Kinds an example directory may hold beside the API objects: the picker's own configuration.
-BESIDE = {"EndpointPickerConfig"}
+# Kinds an example directory holds for the rest of the stack, not for the controllers: the
+# picker's configuration, and Envoy's SecurityPolicy with the Secrets of its API keys.
+BESIDE = {"EndpointPickerConfig", "SecurityPolicy", "Secret"}
 
 
 def read_objects(directory: Path) -> tuple[list[tuple[str, Obj]], list[str]]:

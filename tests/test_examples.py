@@ -23,8 +23,9 @@ def test_example_model_is_valid_everywhere_it_is_checked(name):
     example = Example.read(ROOT / "examples" / name)
     assert _schema_errors("Model", example.model) == []
     assert _all_cel_errors("Model", example.model) == []
+    # What the controllers watch (the gateway's SecurityPolicy and Secret are Envoy's)
     objects, problems = read_objects(example.directory)
-    assert problems == []  # the picker config beside the Model is not a problem
+    assert problems == []  # the picker's config and Envoy's policy beside it are no problem
     assert [o["kind"] for _, o in objects] == ["Model"]
     assert example.picker_config is not None
     load_config(example.picker_config.read_text())

@@ -1,5 +1,5 @@
 """`infergate up` on its default ports: the quickstart Model → controllers → simulator pods,
-Envoy → picker → those pods, all stopped by SIGINT."""
+Envoy (checking the quickstart's API keys) → picker → those pods, all stopped by SIGINT."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import requests
 from infergate.readiness import wait_http
 
 DEFAULT_PORTS = (8080, 9901, 9002, 9003, 9090, 9091, 5557)
+DEV_KEY = "sk-infergate-dev-alice"  # examples/quickstart/api-keys.yaml, what the banner shows
 
 
 def _ports_free(ports) -> bool:
@@ -41,11 +42,12 @@ def test_up_serves_the_readme_request_and_stops_on_sigint(tmp_path):
     )
     try:
         wait_http("http://127.0.0.1:9901/ready", 90, proc)
-        # the request the README shows, through Envoy on 8080
+        # the request the README shows, through Envoy on 8080: 401 without the dev API key
+        url = "http://127.0.0.1:8080/v1/chat/completions"
+        body = {"model": "infergate-sim", "messages": [{"role": "user", "content": "hi"}]}
+        assert requests.post(url, json=body, timeout=60).status_code == 401
         r = requests.post(
-            "http://127.0.0.1:8080/v1/chat/completions",
-            json={"model": "infergate-sim", "messages": [{"role": "user", "content": "hi"}]},
-            timeout=60,
+            url, json=body, headers={"authorization": f"Bearer {DEV_KEY}"}, timeout=60
         )
         assert r.status_code == 200, r.text
         served = r.headers["x-gateway-destination-endpoint-served"]
@@ -54,7 +56,7 @@ def test_up_serves_the_readme_request_and_stops_on_sigint(tmp_path):
         assert r.json()["choices"][0]["finish_reason"] in ("stop", "length")
         import openai
 
-        client = openai.OpenAI(base_url="http://localhost:8080/v1", api_key="unused")
+        client = openai.OpenAI(base_url="http://localhost:8080/v1", api_key=DEV_KEY)
         chat = client.chat.completions.create(
             model="infergate-sim", messages=[{"role": "user", "content": "hi"}], max_tokens=4
         )
@@ -64,6 +66,7 @@ def test_up_serves_the_readme_request_and_stops_on_sigint(tmp_path):
         assert proc.returncode == 0, out
         assert "Envoy on http://127.0.0.1:8080" in out
         assert "2 pods serving 'infergate-sim'" in out, out
+        assert f"-H 'authorization: Bearer {DEV_KEY}'" in out, out  # how to call it
         for address in ("127.0.0.1:8080", "127.0.0.1:9002", served):
             with pytest.raises(requests.ConnectionError):
                 requests.get(f"http://{address}/", timeout=2)
