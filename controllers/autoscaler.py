@@ -83,10 +83,14 @@ def parse_sum(text: str, names: set[str]) -> dict[str, float]:
             continue
         name = line.split("{", 1)[0].split(" ", 1)[0]
         if name in out:
+            # The value follows the labels; an optional timestamp may follow the value.
+            fields = line[line.rfind("}") + 1 :].split() if "{" in line else line.split()[1:]
             try:
-                out[name] += float(line.rsplit(" ", 1)[1])
-            except ValueError:
+                value = float(fields[0])
+            except (IndexError, ValueError):
                 continue
+            if math.isfinite(value):  # NaN or Inf would poison the sum and the scale
+                out[name] += value
     return out
 
 

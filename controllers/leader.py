@@ -51,7 +51,12 @@ class LeaderElector:
 
     async def acquire(self) -> None:
         """Return once this candidate holds the Lease; then keep renewing it."""
-        while not await self._try():  # noqa: ASYNC110 - a Lease is polled, as client-go does
+        while True:  # a Lease is polled, as client-go does
+            try:
+                if await self._try():
+                    break
+            except StoreError as exc:  # the API server hiccuped: ask again, do not crash
+                log.warning("reading the lease %s/%s failed: %s", self.namespace, self.name, exc)
             await asyncio.sleep(self.retry_every)
         log.info("%s leads (lease %s/%s)", self.identity, self.namespace, self.name)
         self._task = asyncio.create_task(self._renew())

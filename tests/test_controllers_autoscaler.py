@@ -9,7 +9,7 @@ import pytest
 from aiohttp import web
 
 from controllers import conditions
-from controllers.autoscaler import AutoscalerReconciler
+from controllers.autoscaler import AutoscalerReconciler, parse_sum
 from controllers.memory_store import MemoryStore
 from controllers.store import AUTOSCALING_BINDING, AUTOSCALING_POLICY, MODEL_INFER, POD
 from tests.conftest import free_port
@@ -402,3 +402,19 @@ async def test_a_role_that_does_not_exist_is_reported_not_scaled(env):
     }
     assert conds(b)["TargetFound"]["message"] == "role nope not found in ModelInfer llm"
     assert await replicas(store, role="decode") == 2  # untouched
+
+
+def test_metric_text_sums_samples_skipping_timestamps_and_non_numbers():
+    text = "\n".join(
+        [
+            "# HELP vllm:num_requests_waiting waiting",
+            'vllm:num_requests_waiting{model_name="a"} 3',
+            'vllm:num_requests_waiting{model_name="b",path="/x y"} 2 1700000000000',  # timestamp
+            'vllm:num_requests_waiting{model_name="c"} NaN',
+            'vllm:num_requests_waiting{model_name="d"} +Inf',
+            "vllm:num_requests_running 4",
+            "vllm:num_requests_running_total 100",  # another metric, not summed in
+        ]
+    )
+    sums = parse_sum(text, {"vllm:num_requests_waiting", "vllm:num_requests_running"})
+    assert sums == {"vllm:num_requests_waiting": 5.0, "vllm:num_requests_running": 4.0}

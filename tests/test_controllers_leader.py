@@ -12,7 +12,7 @@ from kubernetes import client
 from controllers.kube_store import KubeStore
 from controllers.leader import LeaderElector, _fmt, _now
 from controllers.memory_store import MemoryStore
-from controllers.store import LEASE
+from controllers.store import LEASE, Unavailable
 from tests.kubeapi import KubeAPIEmulator
 
 
@@ -79,3 +79,28 @@ async def test_a_leader_that_cannot_renew_reports_the_loss(store):
     finally:
         usurper.cancel()
         await asyncio.gather(usurper, return_exceptions=True)
+
+
+class FlakyStore:
+    """A real store whose first reads fail as an API server that is briefly away does."""
+
+    def __init__(self, inner, failures: int) -> None:
+        self.inner, self.failures = inner, failures
+
+    async def get(self, *args):
+        if self.failures:
+            self.failures -= 1
+            raise Unavailable("connection refused")
+        return await self.inner.get(*args)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+async def test_a_candidate_keeps_trying_through_api_errors():
+    store = FlakyStore(MemoryStore(), failures=3)
+    a = elector(store, "a")
+    await asyncio.wait_for(a.acquire(), 5)  # three failed reads, then the lease
+    lease = await store.get(LEASE, "default", "infergate-controllers")
+    assert lease["spec"]["holderIdentity"] == "a" and store.failures == 0
+    await a.release()
