@@ -7,9 +7,10 @@ import sys
 USAGE = """usage: infergate <command> [args...]
 
 commands:
-  up         the local stack: for now a fleet of simulator pods (infergate up --pods 4)
+  up         the local stack from an example directory (infergate up examples/quickstart)
   epp        the endpoint picker, an Envoy ext_proc server (python -m epp)
   controllers  reconcile Models, ModelInfers and autoscaling (python -m controllers)
+  connector  a decode pod's P/D sidecar: prefill remotely, decode locally (python -m epp.connector)
   simulate   a vLLM-compatible model server without GPUs (python -m simulator)
   bench      run a benchmark under bench/ (infergate bench simulator ...)
 """
@@ -33,6 +34,10 @@ def main(argv: list[str] | None = None) -> int:
         from controllers.app import main as controllers
 
         return controllers(rest)
+    if command == "connector":
+        from epp.connector.app import main as connector
+
+        return connector(rest)
     if command == "simulate":
         from simulator.app import main as simulate
 

@@ -1,0 +1,5 @@
+import sys
+
+from epp.connector.app import main
+
+sys.exit(main())

@@ -1,0 +1,61 @@
+"""Start the sidecar: parse flags, serve until SIGINT/SIGTERM, then stop cleanly."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+
+from aiohttp import web
+
+from epp.connector.options import ConnectorOptions, parse_options
+from epp.connector.server import ConnectorProxy
+
+log = logging.getLogger("epp.connector")
+
+
+async def start(opts: ConnectorOptions) -> tuple[web.AppRunner, ConnectorProxy]:
+    """Serve on opts.host:opts.port; the caller cleans the runner up."""
+    proxy = ConnectorProxy(opts)
+    # handler_cancellation: a client that disconnects cancels its handler, which closes the
+    # upstream connections of both legs, so the engines abort the request too.
+    runner = web.AppRunner(proxy.make_app(), handler_cancellation=True, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, opts.host, opts.port, reuse_address=True).start()
+    return runner, proxy
+
+
+async def serve(opts: ConnectorOptions) -> None:
+    runner, _ = await start(opts)
+    log.info(
+        "infergate connector (%s) on http://%s:%d in front of %s",
+        opts.kv_connector,
+        opts.host,
+        opts.port,
+        opts.engine_url,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        log.info("shutting down")
+        await runner.cleanup()
+
+
+def main(argv: list[str] | None = None) -> int:
+    opts = parse_options(argv)
+    logging.basicConfig(
+        level=opts.log_level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        asyncio.run(serve(opts))
+    except OSError as exc:
+        log.error("cannot serve on %s:%d: %s", opts.host, opts.port, exc)
+        return 1
+    return 0

@@ -1,0 +1,121 @@
+"""The prefill leg: one blocking request to a prefill pod, retried on the next prefiller of the
+header when a pod is unreachable, overloaded (502/503/504) or too slow."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import dataclass
+
+import aiohttp
+
+from epp.connector.upstream import Exchange, LegError, describe, error_text
+
+log = logging.getLogger("epp.connector.prefill")
+
+RETRY_STATUSES = frozenset({502, 503, 504})
+
+
+@dataclass(slots=True)
+class PrefillReply:
+    host: str  # the prefiller that answered
+    body: dict  # its JSON response
+    attempts: int
+
+
+class PrefillAttemptFailed(Exception):
+    def __init__(
+        self, host: str, reason: str, text: str, *, retryable: bool, status: int | None = None
+    ) -> None:
+        super().__init__(f"{host} {text}")
+        self.host = host
+        self.reason = reason  # metric label
+        self.text = text
+        self.retryable = retryable
+        self.status = status
+
+
+def prefill_timeout(ex: Exchange) -> aiohttp.ClientTimeout:
+    o = ex.opts
+    return aiohttp.ClientTimeout(
+        total=o.prefill_timeout, connect=o.connect_timeout, sock_connect=o.connect_timeout
+    )
+
+
+async def attempt_prefill(ex: Exchange, host: str, body: bytes) -> dict:
+    """One prefill request to `host`; its JSON object, or PrefillAttemptFailed."""
+    try:
+        async with ex.session.post(
+            ex.prefill_url(host),
+            data=body,
+            headers=ex.leg_headers(),
+            timeout=prefill_timeout(ex),
+            allow_redirects=False,
+        ) as resp:
+            raw = await resp.read()
+            status = resp.status
+    except (TimeoutError, aiohttp.ClientError) as exc:
+        reason, text = describe(exc)
+        if text == "timed out":
+            text = f"did not answer within {ex.opts.prefill_timeout:g}s (--prefill-timeout)"
+        raise PrefillAttemptFailed(host, reason, text, retryable=True) from exc
+    if status in RETRY_STATUSES:
+        text = f"answered {status}: {error_text(raw)}"
+        raise PrefillAttemptFailed(host, f"status_{status}", text, retryable=True, status=status)
+    if not 200 <= status < 300:
+        text = f"answered {status}: {error_text(raw)}"
+        raise PrefillAttemptFailed(host, f"status_{status}", text, retryable=False, status=status)
+    try:
+        doc = json.loads(raw)
+    except ValueError:
+        doc = None
+    if not isinstance(doc, dict):
+        text = f"answered {status} with a body that is not a JSON object: {error_text(raw, 120)}"
+        raise PrefillAttemptFailed(host, "invalid_response", text, retryable=False)
+    return doc
+
+
+def attempt_error(failed: PrefillAttemptFailed) -> LegError:
+    """A prefill failure we do not retry: the prefiller's 4xx stays a 4xx (the request is at
+    fault), anything else is a 502."""
+    status = failed.status if failed.status and 400 <= failed.status < 500 else 502
+    return LegError(status, f"prefill leg failed: prefiller {failed}", "prefill_rejected")
+
+
+def exhausted_error(failures: list[PrefillAttemptFailed]) -> LegError:
+    """Every attempt failed with something retryable: 503 if every prefiller said it was
+    unavailable, 502 otherwise."""
+    status = 503 if all(f.status == 503 for f in failures) else 502
+    tried = "; ".join(str(f) for f in failures)
+    n = len(failures)
+    return LegError(
+        status,
+        f"prefill leg failed: no prefiller succeeded after {n} attempt{'s' * (n > 1)} ({tried})",
+        "prefill_exhausted",
+    )
+
+
+async def run_prefill(ex: Exchange, body: bytes) -> PrefillReply:
+    """The prefill leg with retries: each retry goes to the next prefiller of the header,
+    wrapping round to the first after a short backoff."""
+    started = time.monotonic()
+    failures: list[PrefillAttemptFailed] = []
+    hosts = ex.prefillers
+    for i in range(1 + ex.opts.prefill_retries):
+        if i and i % len(hosts) == 0:
+            await asyncio.sleep(ex.opts.retry_backoff)
+        host = hosts[i % len(hosts)]
+        try:
+            doc = await attempt_prefill(ex, host, body)
+        except PrefillAttemptFailed as failed:
+            ex.metrics.prefill_failed(failed.reason)
+            log.warning("request %s: prefill on %s", ex.request_id, failed)
+            if not failed.retryable:
+                raise attempt_error(failed) from None
+            failures.append(failed)
+            continue
+        ex.metrics.prefill_done(time.monotonic() - started)
+        return PrefillReply(host=host, body=doc, attempts=i + 1)
+    raise exhausted_error(failures)

@@ -1,0 +1,165 @@
+"""The sidecar's HTTP server: passthrough to the local engine, or the two-leg path."""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from typing import Protocol
+
+import aiohttp
+from aiohttp import web
+
+from epp.connector.http_kv import HttpConnector
+from epp.connector.metrics import ConnectorMetrics
+from epp.connector.nixl import NixlConnector
+from epp.connector.options import ConnectorOptions
+from epp.connector.sglang import SGLangConnector
+from epp.connector.upstream import (
+    PREFILLER_HEADER,
+    REQUEST_ID_HEADER,
+    Exchange,
+    LegError,
+    error_response,
+    open_upstream,
+    relay,
+    request_headers,
+)
+
+log = logging.getLogger("epp.connector")
+
+TWO_LEG_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
+MAX_BODY_BYTES = 32 * 1024 * 1024
+METRICS_PATH = "/connector/metrics"  # /metrics is the engine's: the picker scrapes it through us
+
+
+class Connector(Protocol):
+    name: str
+
+    async def handle(self, ex: Exchange) -> web.StreamResponse: ...
+
+
+CONNECTORS = {
+    "nixl": lambda: NixlConnector("nixl"),
+    "mooncake": lambda: NixlConnector("mooncake"),
+    "http": lambda: HttpConnector("http"),
+    "lmcache": lambda: HttpConnector("lmcache"),
+    "sglang": SGLangConnector,
+}
+
+
+def parse_prefillers(value: str) -> list[str]:
+    """`ip:port[,ip:port...]`, the first the primary; ValueError naming the bad entry."""
+    out = []
+    for entry in (e.strip() for e in value.split(",")):
+        if not entry:
+            continue
+        host, sep, port = entry.rpartition(":")
+        ok = bool(sep and host and port.isdigit() and 0 < int(port) < 65536)
+        if ok and host.startswith("["):
+            ok = host.endswith("]") and len(host) > 2
+        if not ok or any(c in host for c in "/@?#% \t"):
+            raise ValueError(f"{entry!r} is not host:port")
+        out.append(entry)
+    if not out:
+        raise ValueError("no prefiller in the header")
+    return out
+
+
+class ConnectorProxy:
+    def __init__(self, opts: ConnectorOptions, metrics: ConnectorMetrics | None = None) -> None:
+        self.opts = opts
+        self.metrics = metrics or ConnectorMetrics(opts.kv_connector)
+        self.connector: Connector = CONNECTORS[opts.kv_connector]()
+        self._session: aiohttp.ClientSession | None = None
+
+    def make_app(self) -> web.Application:
+        app = web.Application(client_max_size=MAX_BODY_BYTES)
+        app.router.add_get(METRICS_PATH, self.metrics_handler)
+        app.router.add_route("*", "/{tail:.*}", self.handle)
+        app.on_startup.append(self._start)
+        app.on_cleanup.append(self._stop)
+        return app
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        assert self._session is not None, "the app has not started"
+        return self._session
+
+    async def _start(self, _app: web.Application) -> None:
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0),
+            auto_decompress=False,  # bytes pass through as the engine sent them
+            cookie_jar=aiohttp.DummyCookieJar(),  # never carry one client's cookies to another
+            # add nothing the client did not send
+            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
+        )
+
+    async def _stop(self, _app: web.Application) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    async def metrics_handler(self, _request: web.Request) -> web.Response:
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        return web.Response(
+            body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST}
+        )
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        header = request.headers.get(PREFILLER_HEADER, "").strip()
+        if not header or request.method != "POST" or request.path not in TWO_LEG_PATHS:
+            return await self.passthrough(request)
+        self.metrics.request("disaggregated")
+        try:
+            ex = await self._exchange(request, header)
+            return await self.connector.handle(ex)
+        except LegError as err:
+            self.metrics.error(err.reason)
+            log.warning("%s %s: %s", request.method, request.path, err.message)
+            return error_response(err.status, err.message)
+
+    async def passthrough(self, request: web.Request) -> web.StreamResponse:
+        """The request to the local engine unchanged but for hop-by-hop headers."""
+        self.metrics.request("passthrough")
+        data = await request.read() if request.body_exists else None
+        try:
+            upstream = await open_upstream(
+                self.session,
+                request.method,
+                f"{self.opts.engine_url}{request.raw_path}",
+                headers=request_headers(request.headers),
+                data=data,
+                opts=self.opts,
+                what="local engine",
+            )
+        except LegError as err:
+            self.metrics.error(err.reason)
+            log.warning("%s %s: %s", request.method, request.path, err.message)
+            return error_response(err.status, err.message)
+        return await relay(request, upstream, self.metrics)
+
+    async def _exchange(self, request: web.Request, header: str) -> Exchange:
+        try:
+            prefillers = parse_prefillers(header)
+        except ValueError as exc:
+            raise LegError(400, f"bad {PREFILLER_HEADER} header: {exc}", "bad_header") from None
+        raw = await request.read()
+        try:
+            body = json.loads(raw)
+        except ValueError as exc:
+            raise LegError(400, f"the request body is not valid JSON: {exc}", "bad_body") from None
+        if not isinstance(body, dict):
+            raise LegError(400, "the request body must be a JSON object", "bad_body")
+        return Exchange(
+            request=request,
+            body=body,
+            prefillers=prefillers,
+            headers=request_headers(
+                request.headers, drop=frozenset({PREFILLER_HEADER, REQUEST_ID_HEADER})
+            ),
+            request_id=str(uuid.uuid4()),
+            session=self.session,
+            opts=self.opts,
+            metrics=self.metrics,
+        )

@@ -1,0 +1,913 @@
+"""The decode pod's connector sidecar (epp.connector) against real HTTP servers.
+
+The prefill and decode peers are recording fake engines (aiohttp servers on free ports standing in
+for vLLM) or real simulator processes; the sidecar under test is always the real server, spoken to
+over HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import aiohttp
+import openai
+import pytest
+import requests
+from aiohttp import web
+from multidict import CIMultiDict
+
+from epp.connector.app import start as start_connector_app
+from epp.connector.http_kv import prefill_body as http_prefill_body
+from epp.connector.options import ConnectorOptions, parse_options
+from epp.connector.server import ConnectorProxy, parse_prefillers
+from infergate.cli import main as infergate_main
+from tests.conftest import TINY_MODEL, free_port, running
+
+PREFILL_KV_REQUEST = {
+    "do_remote_decode": True,
+    "do_remote_prefill": False,
+    "remote_engine_id": None,
+    "remote_block_ids": None,
+    "remote_host": None,
+    "remote_port": None,
+}
+# What vLLM's NixlConnector answers a length-capped prefill with.
+PREFILL_KV_REPLY = {
+    "do_remote_prefill": True,
+    "do_remote_decode": False,
+    "remote_block_ids": [1, 2, 3],
+    "remote_engine_id": "engine-prefill-0",
+    "remote_request_id": "cmpl-abc",
+    "remote_host": "10.0.0.7",
+    "remote_port": 5600,
+    "tp_size": 1,
+}
+CHAT = {
+    "model": "tiny",
+    "messages": [{"role": "user", "content": "hello there"}],
+    "max_tokens": 50,
+    "max_completion_tokens": 50,
+    "temperature": 0.2,
+    "stream": True,
+    "stream_options": {"include_usage": True},
+}
+COMPLETION = {"model": "tiny", "prompt": "once upon a time", "max_tokens": 20, "min_tokens": 5}
+
+# ---- the fake engine ----------------------------------------------------------------------
+
+
+@dataclass
+class Seen:
+    method: str
+    path_qs: str
+    headers: CIMultiDict[str]
+    raw: bytes
+    body: dict | None
+
+
+Custom = Callable[[web.Request, "dict | None"], Awaitable[web.StreamResponse | None]]
+
+
+class FakeEngine:
+    """An aiohttp server answering like vLLM's OpenAI routes, recording every request."""
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        status: int = 200,
+        kv_reply: dict | None = None,
+        custom: Custom | None = None,
+    ) -> None:
+        self.name = name
+        self.status = status
+        self.kv_reply = kv_reply
+        self.custom = custom
+        self.seen: list[Seen] = []
+        self.arrived = asyncio.Event()
+        self.gone = asyncio.Event()  # a handler's client (the sidecar) closed the connection
+        self.port = free_port()
+        self.runner: web.AppRunner | None = None
+
+    @property
+    def host_port(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host_port}"
+
+    async def start(self) -> FakeEngine:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self.handle)
+        self.runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+        await self.runner.setup()
+        await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
+        return self
+
+    async def stop(self) -> None:
+        if self.runner:
+            await self.runner.cleanup()
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        raw = await request.read()
+        try:
+            body = json.loads(raw) if raw else None
+        except ValueError:
+            body = None
+        self.seen.append(
+            Seen(request.method, request.path_qs, CIMultiDict(request.headers), raw, body)
+        )
+        self.arrived.set()
+        try:
+            if self.custom is not None:
+                out = await self.custom(request, body)
+                if out is not None:
+                    return out
+            if self.status != 200:
+                return web.json_response(
+                    {"error": {"message": f"{self.name} says {self.status}", "code": self.status}},
+                    status=self.status,
+                )
+            if request.method == "GET":
+                return web.json_response({"object": "list", "data": [], "from": self.name})
+            if body and body.get("stream"):
+                return await self._stream(request, ["Hel", "lo", "!"])
+            doc = {
+                "id": f"cmpl-{self.name}",
+                "object": "chat.completion",
+                "choices": [{"index": 0, "message": {"content": f"from {self.name}"}}],
+                "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4},
+            }
+            kv = (body or {}).get("kv_transfer_params") or {}
+            if self.kv_reply is not None and kv.get("do_remote_decode"):
+                doc["kv_transfer_params"] = self.kv_reply
+            return web.json_response(doc, headers={"X-Engine": self.name})
+        except (asyncio.CancelledError, ConnectionError):
+            self.gone.set()
+            raise
+
+    async def _stream(self, request: web.Request, parts: list[str]) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for p in parts:
+            await resp.write(sse({"choices": [{"delta": {"content": p}}]}))
+        await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return resp
+
+
+def sse(doc: dict) -> bytes:
+    return f"data: {json.dumps(doc)}\n\n".encode()
+
+
+def sse_text(raw: bytes) -> str:
+    out = []
+    for line in raw.decode().splitlines():
+        if line.startswith("data: ") and line != "data: [DONE]":
+            delta = json.loads(line[6:])["choices"][0]["delta"]
+            out.append(delta.get("content", ""))
+    return "".join(out)
+
+
+@pytest.fixture
+async def engines():
+    started: list[FakeEngine] = []
+
+    async def make(name: str, **kw) -> FakeEngine:
+        e = await FakeEngine(name, **kw).start()
+        started.append(e)
+        return e
+
+    yield make
+    for e in started:
+        await e.stop()
+
+
+@pytest.fixture
+async def sidecar():
+    """Start the real sidecar server in this process: sidecar(engine_url, **opts) -> base URL."""
+    runners: list[web.AppRunner] = []
+    proxies: list[ConnectorProxy] = []
+
+    async def start(engine_url: str, **kw) -> str:
+        opts = dict(
+            connect_timeout=2.0,
+            prefill_timeout=5.0,
+            decode_timeout=10.0,
+            retry_backoff=0.01,
+        )
+        opts.update(kw)
+        o = ConnectorOptions(host="127.0.0.1", port=free_port(), engine_url=engine_url, **opts)
+        runner, proxy = await start_connector_app(o)
+        runners.append(runner)
+        proxies.append(proxy)
+        return f"http://127.0.0.1:{o.port}"
+
+    start.proxies = proxies  # type: ignore[attr-defined]
+    yield start
+    for r in runners:
+        await r.cleanup()
+
+
+@pytest.fixture
+async def client():
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as s:
+        yield s
+
+
+def pd(prefillers: str, **extra: str) -> dict[str, str]:
+    return {"x-prefiller-host-port": prefillers, **extra}
+
+
+def dead_host_port() -> str:
+    """An address nobody listens on: connections are refused."""
+    return f"127.0.0.1:{free_port()}"
+
+
+# ---- flags and header parsing ---------------------------------------------------------------
+
+
+def test_options_defaults_and_aliases():
+    o = parse_options(["--port", "8100"])
+    assert (o.host, o.port, o.kv_connector, o.engine_url) == (
+        "127.0.0.1",
+        8100,
+        "nixl",
+        "http://127.0.0.1:8200",
+    )
+    assert o.sglang_bootstrap_port == 8998
+    assert parse_options(["--kv-connector", "nixlv2"]).kv_connector == "nixl"
+    o = parse_options(
+        [
+            "--engine-url",
+            "http://10.0.0.1:9000/",
+            "--kv-connector",
+            "sglang",
+            "--prefill-retries",
+            "0",
+        ]
+    )
+    assert (o.engine_url, o.kv_connector, o.prefill_retries) == (
+        "http://10.0.0.1:9000",
+        "sglang",
+        0,
+    )
+    with pytest.raises(SystemExit):
+        parse_options(["--kv-connector", "carrier-pigeon"])
+    with pytest.raises(SystemExit):
+        parse_options(["--prefill-timeout", "0"])
+
+
+def test_infergate_cli_has_connector(capsys):
+    with pytest.raises(SystemExit) as exc:
+        infergate_main(["connector", "--help"])
+    assert exc.value.code == 0
+    assert "--kv-connector" in capsys.readouterr().out
+    infergate_main(["--help"])
+    assert "connector" in capsys.readouterr().out
+
+
+def test_parse_prefillers():
+    assert parse_prefillers("10.0.0.1:8000") == ["10.0.0.1:8000"]
+    assert parse_prefillers(" 10.0.0.1:8000 , 10.0.0.2:8001,") == ["10.0.0.1:8000", "10.0.0.2:8001"]
+    assert parse_prefillers("[fd00::1]:8000,pod-a.ns:9") == ["[fd00::1]:8000", "pod-a.ns:9"]
+    for bad in ("10.0.0.1", "10.0.0.1:0", "10.0.0.1:x", ":80", "a/b:80", "u@h:80", "[::1:80", ","):
+        with pytest.raises(ValueError):
+            parse_prefillers(bad)
+
+
+# ---- passthrough -----------------------------------------------------------------------------
+
+
+async def test_passthrough_is_unchanged(engines, sidecar, client):
+    engine = await engines("decode")
+    url = await sidecar(engine.url)
+    raw = b'{"model": "tiny",  "prompt": "spaces  kept", "max_tokens": 3}'
+    async with client.post(
+        url + "/v1/completions?trace=1",
+        data=raw,
+        headers={
+            "Content-Type": "application/json",
+            "Authorization": "Bearer k",
+            "X-Request-Id": "client-id-1",
+            "X-Custom": "yes",
+            "Connection": "keep-alive, X-Hop",
+            "X-Hop": "only for the next hop",
+            "Keep-Alive": "timeout=5",
+        },
+        skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding"),
+    ) as resp:
+        assert resp.status == 200
+        assert resp.headers["X-Engine"] == "decode"
+        assert (await resp.json())["choices"][0]["message"]["content"] == "from decode"
+    (seen,) = engine.seen
+    assert (seen.method, seen.path_qs) == ("POST", "/v1/completions?trace=1")
+    assert seen.raw == raw  # byte for byte: the body is not re-encoded
+    for name, value in {
+        "Content-Type": "application/json",
+        "Authorization": "Bearer k",
+        "X-Request-Id": "client-id-1",
+        "X-Custom": "yes",
+    }.items():
+        assert seen.headers[name] == value
+    assert "X-Hop" not in seen.headers and "Keep-Alive" not in seen.headers
+    assert seen.headers.get("Connection", "keep-alive").lower() == "keep-alive"
+    for name in ("User-Agent", "Accept", "Accept-Encoding"):  # the sidecar adds none of its own
+        assert name not in seen.headers
+
+
+async def test_passthrough_keeps_status_errors_and_other_paths(engines, sidecar, client):
+    engine = await engines("decode", status=404)
+    url = await sidecar(engine.url)
+    async with client.post(url + "/v1/chat/completions", json={"model": "nope"}) as resp:
+        assert resp.status == 404
+        assert (await resp.json())["error"]["message"] == "decode says 404"
+    # A prefiller header on a path outside completions: proxied as is, no prefill leg.
+    prefill = await engines("prefill")
+    engine.status = 200
+    async with client.get(url + "/v1/models", headers=pd(prefill.host_port)) as resp:
+        assert resp.status == 200
+        assert (await resp.json())["from"] == "decode"
+    async with client.post(url + "/tokenize", json={"x": 1}, headers=pd(prefill.host_port)) as r:
+        assert r.status == 200
+    assert prefill.seen == []
+    assert engine.seen[-1].headers["x-prefiller-host-port"] == prefill.host_port
+
+
+async def test_engine_down_is_a_clear_502(sidecar, client):
+    url = await sidecar("http://" + dead_host_port())
+    async with client.post(url + "/v1/completions", json=COMPLETION) as resp:
+        assert resp.status == 502
+        err = (await resp.json())["error"]
+    assert err["code"] == 502 and err["type"] == "BadGateway"
+    assert "local engine" in err["message"] and "connection failed" in err["message"]
+
+
+async def _gated_stream(gate: asyncio.Event, record: dict) -> Custom:
+    async def custom(request: web.Request, body: dict | None) -> web.StreamResponse | None:
+        if not (body and body.get("stream")):
+            return None
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(sse({"choices": [{"delta": {"content": "first"}}]}))
+        try:
+            await asyncio.wait_for(gate.wait(), 5)
+            record["client_saw_first_chunk_early"] = True
+        except TimeoutError:
+            record["client_saw_first_chunk_early"] = False
+        await resp.write(sse({"choices": [{"delta": {"content": " second"}}]}))
+        await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return resp
+
+    return custom
+
+
+@pytest.mark.parametrize("mode", ["passthrough", "nixl"])
+async def test_streaming_is_not_buffered(engines, sidecar, client, mode):
+    """The engine holds its second chunk until the client has seen the first one, through the
+    sidecar: a buffering proxy would leave it waiting until the 5 s gate times out."""
+    gate, record = asyncio.Event(), {}
+    decode = await engines("decode", custom=await _gated_stream(gate, record))
+    prefill = await engines("prefill", kv_reply=PREFILL_KV_REPLY)
+    url = await sidecar(decode.url, kv_connector="nixl")
+    headers = pd(prefill.host_port) if mode == "nixl" else {}
+    t0 = time.monotonic()
+    got = b""
+    async with client.post(url + "/v1/chat/completions", json=CHAT, headers=headers) as resp:
+        assert resp.status == 200
+        assert resp.headers["Content-Type"] == "text/event-stream"
+        while True:
+            chunk = await resp.content.readany()
+            if not chunk:
+                break
+            got += chunk
+            if b"first" in got:
+                gate.set()
+    assert record["client_saw_first_chunk_early"] is True
+    assert time.monotonic() - t0 < 4
+    assert sse_text(got) == "first second"
+
+
+# ---- nixl and mooncake --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("connector", ["nixl", "mooncake"])
+async def test_nixl_legs(engines, sidecar, client, connector):
+    prefill = await engines("prefill", kv_reply=PREFILL_KV_REPLY)
+    decode = await engines("decode")
+    url = await sidecar(decode.url, kv_connector=connector)
+    async with client.post(
+        url + "/v1/chat/completions",
+        json=CHAT,
+        headers=pd(prefill.host_port, Authorization="Bearer k", **{"X-Request-Id": "client-1"}),
+    ) as resp:
+        assert resp.status == 200
+        assert sse_text(await resp.read()) == "Hello!"
+
+    (p,) = prefill.seen
+    assert p.path_qs == "/v1/chat/completions"
+    expected_prefill = {k: v for k, v in CHAT.items() if k != "stream_options"}
+    expected_prefill.update(
+        stream=False,
+        max_tokens=1,
+        max_completion_tokens=1,
+        min_tokens=1,
+        kv_transfer_params=PREFILL_KV_REQUEST,
+    )
+    assert p.body == expected_prefill
+
+    (d,) = decode.seen
+    assert d.path_qs == "/v1/chat/completions"
+    assert d.body == {**CHAT, "kv_transfer_params": PREFILL_KV_REPLY}
+
+    # One fresh request id on both legs, never the client's; the routing header stays here.
+    rid = p.headers["x-request-id"]
+    assert uuid.UUID(rid) and rid != "client-1"
+    assert d.headers.getall("x-request-id") == [rid] and p.headers.getall("x-request-id") == [rid]
+    for leg in (p, d):
+        assert "x-prefiller-host-port" not in leg.headers
+        assert leg.headers["Authorization"] == "Bearer k"
+        assert leg.headers["Content-Type"] == "application/json"
+
+
+async def test_nixl_non_streaming_completion(engines, sidecar, client):
+    prefill = await engines("prefill", kv_reply=PREFILL_KV_REPLY)
+    decode = await engines("decode")
+    url = await sidecar(decode.url)
+    async with client.post(
+        url + "/v1/completions", json=COMPLETION, headers=pd(prefill.host_port)
+    ) as resp:
+        assert resp.status == 200
+        assert resp.headers["X-Engine"] == "decode"
+        assert (await resp.json())["id"] == "cmpl-decode"
+    assert prefill.seen[0].body["min_tokens"] == 1 and prefill.seen[0].body["stream"] is False
+    assert decode.seen[0].body == {**COMPLETION, "kv_transfer_params": PREFILL_KV_REPLY}
+
+
+async def test_nixl_prefill_without_params_is_a_clear_error(engines, sidecar, client):
+    prefill = await engines("prefill")  # answers 200 with no kv_transfer_params
+    decode = await engines("decode")
+    url = await sidecar(decode.url)
+    async with client.post(
+        url + "/v1/completions", json=COMPLETION, headers=pd(prefill.host_port)
+    ) as r:
+        assert r.status == 502
+        err = (await r.json())["error"]
+    assert prefill.host_port in err["message"] and "kv_transfer_params" in err["message"]
+    assert err["type"] == "BadGateway"
+    assert decode.seen == []
+
+
+async def test_prefill_rejecting_the_request_keeps_its_4xx(engines, sidecar, client):
+    prefill = await engines("prefill", status=400)
+    decode = await engines("decode")
+    url = await sidecar(decode.url)
+    async with client.post(
+        url + "/v1/completions", json=COMPLETION, headers=pd(prefill.host_port)
+    ) as r:
+        assert r.status == 400
+        err = (await r.json())["error"]
+    assert prefill.host_port in err["message"] and "prefill says 400" in err["message"]
+    assert len(prefill.seen) == 1 and decode.seen == []  # a 4xx is not retried
+
+
+async def test_bad_header_and_bad_body_are_400(engines, sidecar, client):
+    decode = await engines("decode")
+    url = await sidecar(decode.url)
+    async with client.post(url + "/v1/completions", json=COMPLETION, headers=pd("nohost")) as r:
+        assert r.status == 400
+        assert "x-prefiller-host-port" in (await r.json())["error"]["message"]
+    async with client.post(
+        url + "/v1/completions", data=b"{not json", headers=pd("127.0.0.1:9")
+    ) as r:
+        assert r.status == 400
+        assert "not valid JSON" in (await r.json())["error"]["message"]
+    assert decode.seen == []
+
+
+# ---- http and lmcache -------------------------------------------------------------------------
+
+
+def test_http_prefill_body_clamps_min_tokens():
+    assert http_prefill_body({"max_tokens": 9, "min_tokens": 0})["min_tokens"] == 0
+    assert "min_tokens" not in http_prefill_body({"prompt": "x"})
+
+
+@pytest.mark.parametrize("connector", ["http", "lmcache"])
+async def test_http_legs(engines, sidecar, client, connector):
+    prefill = await engines("prefill", kv_reply=PREFILL_KV_REPLY)
+    decode = await engines("decode")
+    url = await sidecar(decode.url, kv_connector=connector)
+    body = {**COMPLETION, "stream": True, "stream_options": {"include_usage": True}}
+    async with client.post(url + "/v1/completions", json=body, headers=pd(prefill.host_port)) as r:
+        assert r.status == 200
+        assert sse_text(await r.read()) == "Hello!"
+    (p,) = prefill.seen
+    assert p.body == {**COMPLETION, "max_tokens": 1, "max_completion_tokens": 1, "min_tokens": 1}
+    assert "kv_transfer_params" not in p.body and "stream" not in p.body
+    (d,) = decode.seen
+    assert d.body == body  # the client's request as sent
+    assert d.headers["x-request-id"] == p.headers["x-request-id"]
+
+
+# ---- sglang ------------------------------------------------------------------------------------
+
+
+async def test_sglang_legs_run_concurrently_with_one_room(engines, sidecar, client):
+    """Each fake answers only once the other leg has arrived: sequential legs would deadlock
+    until the 3 s wait gives up and answers 500."""
+    peers: dict[str, FakeEngine] = {}
+
+    def waits_for(other: str) -> Custom:
+        async def custom(request, body):
+            try:
+                await asyncio.wait_for(peers[other].arrived.wait(), 3)
+            except TimeoutError:
+                return web.json_response({"error": {"message": f"no {other} leg"}}, status=500)
+            return None
+
+        return custom
+
+    peers["prefill"] = await engines("prefill", custom=waits_for("decode"))
+    peers["decode"] = await engines("decode", custom=waits_for("prefill"))
+    url = await sidecar(peers["decode"].url, kv_connector="sglang", sglang_bootstrap_port=8998)
+    t0 = time.monotonic()
+    async with client.post(
+        url + "/v1/chat/completions", json=CHAT, headers=pd(peers["prefill"].host_port)
+    ) as r:
+        assert r.status == 200
+        assert sse_text(await r.read()) == "Hello!"
+    assert time.monotonic() - t0 < 2.5
+    (p,) = peers["prefill"].seen
+    (d,) = peers["decode"].seen
+    room = d.body["bootstrap_room"]
+    assert isinstance(room, int) and 0 <= room < 2**63
+    fields = {"bootstrap_host": "127.0.0.1", "bootstrap_port": 8998, "bootstrap_room": room}
+    assert d.body == {**CHAT, **fields}
+    expected_prefill = {k: v for k, v in CHAT.items() if k != "stream_options"}
+    assert p.body == {**expected_prefill, **fields, "stream": False}
+    assert p.headers["x-request-id"] == d.headers["x-request-id"]
+
+
+async def test_sglang_retries_the_pair_on_the_next_prefiller(engines, sidecar, client):
+    busy = await engines("busy", status=503)
+    prefill = await engines("prefill")
+    decode = await engines("decode")
+    url = await sidecar(decode.url, kv_connector="sglang")
+    header = pd(f"{busy.host_port},{prefill.host_port}")
+    async with client.post(url + "/v1/completions", json=COMPLETION, headers=header) as r:
+        assert r.status == 200
+        assert (await r.json())["id"] == "cmpl-decode"
+    assert len(busy.seen) == 1 and len(prefill.seen) == 1
+    good_room = prefill.seen[0].body["bootstrap_room"]
+    assert good_room != busy.seen[0].body["bootstrap_room"]  # a new room for the new pair
+    # The decode leg of the abandoned pair may or may not have landed; the one relayed did,
+    # and it shares the successful prefill's room.
+    assert decode.seen[-1].body["bootstrap_room"] == good_room
+
+
+async def test_sglang_decode_error_is_relayed_and_prefill_dropped(engines, sidecar, client):
+    async def hang(request, body):
+        await asyncio.sleep(30)
+
+    prefill = await engines("prefill", custom=hang)
+    decode = await engines("decode", status=400)
+    url = await sidecar(decode.url, kv_connector="sglang")
+    async with client.post(
+        url + "/v1/completions", json=COMPLETION, headers=pd(prefill.host_port)
+    ) as r:
+        assert r.status == 400
+        assert (await r.json())["error"]["message"] == "decode says 400"
+    await asyncio.wait_for(prefill.gone.wait(), 3)  # its connection was closed, not left hanging
+
+
+# ---- retries and failures -------------------------------------------------------------------
+
+
+async def test_retry_on_503_moves_to_next_prefiller(engines, sidecar, client):
+    busy = await engines("busy", status=503)
+    prefill = await engines("prefill", kv_reply=PREFILL_KV_REPLY)
+    decode = await engines("decode")
+    url = await sidecar(decode.url)
+    header = pd(f"{busy.host_port},{prefill.host_port}")
+    async with client.post(url + "/v1/completions", json=COMPLETION, headers=header) as r:
+        assert r.status == 200
+    assert len(busy.seen) == 1 and len(prefill.seen) == 1
+    assert busy.seen[0].body == prefill.seen[0].body
+    assert decode.seen[0].body["kv_transfer_params"] == PREFILL_KV_REPLY
+    async with client.get(url + "/connector/metrics") as r:
+        text = await r.text()
+    assert (
+        'infergate_connector_prefill_failures_total{connector="nixl",reason="status_503"} 1.0'
+        in text
+    )
+    assert 'infergate_connector_requests_total{connector="nixl",mode="disaggregated"} 1.0' in text
+    assert 'infergate_connector_prefill_duration_seconds_count{connector="nixl"} 1.0' in text
+
+
+async def test_retry_on_refused_connection(engines, sidecar, client):
+    prefill = await engines("prefill", kv_reply=PREFILL_KV_REPLY)
+    decode = await engines("decode")
+    url = await sidecar(decode.url)
+    header = pd(f"{dead_host_port()},{prefill.host_port}")
+    async with client.post(url + "/v1/completions", json=COMPLETION, headers=header) as r:
+        assert r.status == 200
+    assert len(prefill.seen) == 1 and len(decode.seen) == 1
+
+
+async def test_all_prefillers_failing_is_a_quick_clear_error(engines, sidecar, client):
+    busy = await engines("busy", status=503)
+    decode = await engines("decode")
+    url = await sidecar(decode.url, prefill_retries=2)
+    dead = dead_host_port()
+    t0 = time.monotonic()
+    async with client.post(
+        url + "/v1/completions", json=COMPLETION, headers=pd(f"{dead},{busy.host_port}")
+    ) as r:
+        assert r.status == 502
+        err = (await r.json())["error"]
+    assert time.monotonic() - t0 < 2
+    assert err["code"] == 502 and err["param"] is None
+    msg = err["message"]
+    assert "after 3 attempts" in msg
+    assert f"{dead} connection failed" in msg and f"{busy.host_port} answered 503" in msg
+    assert len(busy.seen) == 1 and decode.seen == []  # dead, busy, dead again
+
+    # Every prefiller saying 503: the client hears 503.
+    busy2 = await engines("busy2", status=503)
+    async with client.post(
+        url + "/v1/completions",
+        json=COMPLETION,
+        headers=pd(f"{busy.host_port},{busy2.host_port}"),
+    ) as r:
+        assert r.status == 503
+        assert (await r.json())["error"]["type"] == "ServiceUnavailable"
+
+
+async def test_prefill_timeout_is_a_failure_not_a_hang(engines, sidecar, client):
+    async def hang(request, body):
+        await asyncio.sleep(30)
+
+    slow = await engines("slow", custom=hang)
+    decode = await engines("decode")
+    url = await sidecar(decode.url, prefill_timeout=0.3, prefill_retries=0)
+    t0 = time.monotonic()
+    async with client.post(
+        url + "/v1/completions", json=COMPLETION, headers=pd(slow.host_port)
+    ) as r:
+        assert r.status == 502
+        msg = (await r.json())["error"]["message"]
+    assert f"{slow.host_port} did not answer within 0.3s (--prefill-timeout)" in msg
+    assert time.monotonic() - t0 < 2
+    await asyncio.wait_for(slow.gone.wait(), 3)
+
+
+# ---- client disconnects ---------------------------------------------------------------------
+
+
+async def _endless(request: web.Request, body: dict | None) -> web.StreamResponse:
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await resp.prepare(request)
+    for i in range(400):
+        await resp.write(sse({"choices": [{"delta": {"content": f"t{i} "}}]}))
+        await asyncio.sleep(0.05)
+    await resp.write_eof()
+    return resp
+
+
+@pytest.mark.parametrize("mode", ["passthrough", "nixl", "sglang"])
+async def test_client_disconnect_closes_the_decode_upstream(engines, sidecar, client, mode):
+    decode = await engines("decode", custom=_endless)
+    prefill = await engines("prefill", kv_reply=PREFILL_KV_REPLY)
+    url = await sidecar(decode.url, kv_connector="sglang" if mode == "sglang" else "nixl")
+    headers = {} if mode == "passthrough" else pd(prefill.host_port)
+    resp = await client.post(url + "/v1/chat/completions", json=CHAT, headers=headers)
+    assert resp.status == 200
+    assert b"t0" in await resp.content.readany()
+    assert not decode.gone.is_set()
+    resp.close()  # the client goes away mid-stream
+    await asyncio.wait_for(decode.gone.wait(), 3)
+
+
+async def test_client_disconnect_during_prefill_cancels_it(engines, sidecar, client):
+    async def hang(request, body):
+        await asyncio.sleep(30)
+
+    prefill = await engines("prefill", custom=hang)
+    decode = await engines("decode")
+    url = await sidecar(decode.url)
+    task = asyncio.create_task(
+        client.post(url + "/v1/completions", json=COMPLETION, headers=pd(prefill.host_port))
+    )
+    await asyncio.wait_for(prefill.arrived.wait(), 3)
+    task.cancel()  # closes the client's connection to the sidecar
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await asyncio.wait_for(prefill.gone.wait(), 3)
+    await asyncio.sleep(0.1)
+    assert decode.seen == []
+
+
+async def test_engine_breaking_mid_stream_truncates_the_client_response(engines, sidecar, client):
+    async def breaks(request, body):
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(sse({"choices": [{"delta": {"content": "partial"}}]}))
+        await asyncio.sleep(0.1)
+        request.transport.close()  # dies without the terminating chunk
+        return resp
+
+    decode = await engines("decode", custom=breaks)
+    url = await sidecar(decode.url)
+    async with client.post(url + "/v1/chat/completions", json=CHAT) as r:
+        assert r.status == 200
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await r.read()
+
+
+# ---- with real simulators (slow) -------------------------------------------------------------
+
+SIM_FLAGS = ("--model", str(TINY_MODEL), "--served-model-name", "tiny", "--seed", "5")
+FAST = ("--sim-time-scale", "0.05")
+
+
+def connector_cmd(port: int, engine_url: str, *extra: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "epp.connector",
+        "--port",
+        str(port),
+        "--engine-url",
+        engine_url,
+        *extra,
+    ]
+
+
+@pytest.mark.slow
+def test_simulator_passthrough_and_streaming(sim_factory):
+    """`python -m epp.connector` in front of a real simulator: the openai client sees the same
+    output as when it talks to the simulator directly, streamed and not."""
+    sim = sim_factory(*SIM_FLAGS, *FAST)
+    port = free_port()
+    side = f"http://127.0.0.1:{port}"
+    with running(connector_cmd(port, sim), ready_url=side + "/health"):
+        direct = openai.OpenAI(base_url=sim + "/v1", api_key="x", max_retries=0)
+        via = openai.OpenAI(base_url=side + "/v1", api_key="x", max_retries=0)
+        args = dict(model="tiny", prompt="The sidecar passes", max_tokens=12, seed=7)
+        assert via.completions.create(**args).choices[0].text == (
+            direct.completions.create(**args).choices[0].text
+        )
+        chat = dict(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=10)
+        chunks = list(
+            via.chat.completions.create(**chat, stream=True, stream_options={"include_usage": True})
+        )
+        streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert len(chunks) > 3 and chunks[-1].usage.completion_tokens == 10
+        assert streamed == direct.chat.completions.create(**chat).choices[0].message.content
+        assert [m.id for m in via.models.list().data] == ["tiny"]
+        metrics = requests.get(side + "/metrics", timeout=5).text  # the engine's, not ours
+        assert "vllm:num_requests_running" in metrics
+        own = requests.get(side + "/connector/metrics", timeout=5).text
+        assert 'infergate_connector_requests_total{connector="nixl",mode="passthrough"}' in own
+        r = requests.post(
+            side + "/v1/completions", json={"model": "nope", "prompt": "x"}, timeout=5
+        )
+        assert r.status_code == 404 and "nope" in r.json()["error"]["message"]
+
+
+@pytest.mark.slow
+def test_simulators_behind_http_connector(sim_factory):
+    """A real prefill simulator and a real decode simulator behind `infergate connector
+    --kv-connector http`: both get their leg, the client gets the decode's answer."""
+    prefill = sim_factory(*SIM_FLAGS, *FAST)
+    decode = sim_factory(*SIM_FLAGS, *FAST)
+    port = free_port()
+    side = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "infergate.cli", "connector", "--port", str(port)]
+    cmd += ["--engine-url", decode, "--kv-connector", "http"]
+    with running(cmd, ready_url=side + "/health"):
+        body = {"model": "tiny", "prompt": "two legs", "max_tokens": 8, "seed": 3}
+        hp = prefill.removeprefix("http://")
+        r = requests.post(
+            side + "/v1/completions", json=body, headers={"x-prefiller-host-port": hp}, timeout=30
+        )
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["completion_tokens"] == 8
+        assert (
+            r.json()["choices"][0]["text"]
+            == requests.post(decode + "/v1/completions", json=body, timeout=30).json()["choices"][
+                0
+            ]["text"]
+        )
+        assert _successes(prefill) == 1.0  # the one-token prefill leg
+        assert _successes(decode) == 2.0  # the decode leg, and our direct comparison
+
+        with requests.post(
+            side + "/v1/completions",
+            json={**body, "stream": True},
+            headers={"x-prefiller-host-port": hp},
+            timeout=30,
+            stream=True,
+        ) as s:
+            lines = [ln for ln in s.iter_lines() if ln]
+        assert lines[-1] == b"data: [DONE]" and len(lines) == 9
+        assert _successes(prefill) == 2.0
+
+
+def _successes(url: str) -> float:
+    total = 0.0
+    for line in requests.get(url + "/metrics", timeout=5).text.splitlines():
+        if line.startswith("vllm:request_success_total{"):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def _metric_sum(url: str, name: str) -> float:
+    total = 0.0
+    for line in requests.get(url + "/metrics", timeout=5).text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+@pytest.mark.slow
+def test_simulators_behind_nixl_connector(sim_factory):
+    """A real prefill simulator (--kv-role prefill) and a real decode simulator (--kv-role
+    decode) behind the sidecar: the decode pulls the prefill's KV with the params we relay."""
+    prefill = sim_factory(*SIM_FLAGS, *FAST, "--kv-role", "prefill")
+    decode = sim_factory(*SIM_FLAGS, *FAST, "--kv-role", "decode")
+    port = free_port()
+    side = f"http://127.0.0.1:{port}"
+    with running(connector_cmd(port, decode, "--kv-connector", "nixl"), ready_url=side + "/health"):
+        hp = {"x-prefiller-host-port": prefill.removeprefix("http://")}
+        prompt = "a prompt long enough to fill a few KV blocks " * 8
+        body = {"model": "tiny", "prompt": prompt, "max_tokens": 6, "seed": 1}
+        r = requests.post(side + "/v1/completions", json=body, headers=hp, timeout=30)
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["completion_tokens"] == 6
+        with requests.post(
+            side + "/v1/chat/completions",
+            json={
+                "model": "tiny",
+                "messages": [{"role": "user", "content": prompt}],
+                "max_tokens": 5,
+                "stream": True,
+            },
+            headers=hp,
+            timeout=30,
+            stream=True,
+        ) as s:
+            assert s.status_code == 200
+            lines = [ln for ln in s.iter_lines() if ln]
+        assert lines[-1] == b"data: [DONE]"
+        assert _metric_sum(decode, "vllm:nixl_xfer_time_seconds_count") == 2.0  # two pulls
+        assert _metric_sum(decode, "vllm:nixl_num_failed_transfers_total") == 0.0
+        for url in (prefill, decode):
+            assert _metric_sum(url, "infergate_sim:kv_role_mismatch_total") == 0.0
+        assert _metric_sum(prefill, "infergate_sim:kv_held_requests") == 0.0  # all pulled
+
+
+async def test_sglang_client_disconnect_drops_both_pending_legs(engines, sidecar, client):
+    async def hang(request, body):
+        await asyncio.sleep(30)
+
+    prefill = await engines("prefill", custom=hang)
+    decode = await engines("decode", custom=hang)
+    url = await sidecar(decode.url, kv_connector="sglang")
+    task = asyncio.create_task(
+        client.post(url + "/v1/completions", json=COMPLETION, headers=pd(prefill.host_port))
+    )
+    await asyncio.wait_for(prefill.arrived.wait(), 3)
+    await asyncio.wait_for(decode.arrived.wait(), 3)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await asyncio.wait_for(prefill.gone.wait(), 3)
+    await asyncio.wait_for(decode.gone.wait(), 3)
+
+
+@pytest.mark.parametrize("mode", ["passthrough", "nixl"])
+async def test_silent_engine_is_a_504_not_a_hang(engines, sidecar, client, mode):
+    async def hang(request, body):
+        await asyncio.sleep(30)
+
+    decode = await engines("decode", custom=hang)
+    prefill = await engines("prefill", kv_reply=PREFILL_KV_REPLY)
+    url = await sidecar(decode.url, decode_timeout=0.3)
+    headers = pd(prefill.host_port) if mode == "nixl" else {}
+    t0 = time.monotonic()
+    async with client.post(url + "/v1/completions", json=COMPLETION, headers=headers) as r:
+        assert r.status == 504
+        err = (await r.json())["error"]
+    assert time.monotonic() - t0 < 2
+    assert err["type"] == "GatewayTimeout" and "sent nothing for 0.3s" in err["message"]
+    await asyncio.wait_for(decode.gone.wait(), 3)
