@@ -8,6 +8,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from epp.datastore import Datastore
+from epp.errors import PickerError
 from epp.metrics import PickerMetrics
 
 
@@ -73,6 +74,15 @@ def make_app(
         status, body = prefix_report(await request.read(), director, view)
         return web.json_response(body, status=status)
 
+    async def pd_decisions(_req: web.Request) -> web.Response:
+        """The prefill/decode handler's last decisions, newest first."""
+        handler = getattr(getattr(director, "scheduling", None), "handler", None)
+        if not callable(getattr(handler, "debug", None)):
+            return web.json_response(
+                PickerError(404, "no pd-profile-handler is configured").body(), status=404
+            )
+        return web.json_response(handler.debug())
+
     async def drop_kv_events(request: web.Request) -> web.Response:
         """Test hook (INFERGATE_TEST_HOOKS=1 only): discard the next n KV-event messages."""
         try:
@@ -84,8 +94,11 @@ def make_app(
         view.subscriber.drop_next(n)
         return web.json_response({"dropping": n})
 
+    if director is not None:  # plugins that count their own (pd-profile-handler)
+        metrics.bind_plugins(director.scheduling.plugins.values())
     app = web.Application()
     app.router.add_post("/debug/prefix-scores", prefix_scores)
+    app.router.add_get("/debug/pd", pd_decisions)
     if view is not None and os.environ.get("INFERGATE_TEST_HOOKS") == "1":
         app.router.add_post("/debug/kv-events/drop", drop_kv_events)
     app.router.add_get("/metrics", metrics_handler)

@@ -196,6 +196,29 @@ class PickerMetrics:
             buckets=(0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0),
             registry=r,
         )
+        # Prefill/decode disaggregation (pd-profile-handler; bind_plugins hands them over).
+        self.pd_decisions = Counter(
+            "infergate_epp_pd_decisions_total",
+            "Prefill/decode decisions by outcome: disaggregated, decode_only (the decode pod "
+            "holds enough of the prompt, or P/D is off) and no_prefill_pod (none in the "
+            "decode pod's group: served aggregated).",
+            ("outcome",),
+            registry=r,
+        )
+        self.pd_picks = Counter(
+            "infergate_epp_pd_endpoint_picks_total",
+            "Endpoints chosen by prefill/decode scheduling, by role (decode, prefill): the "
+            "primary of each.",
+            ("role", "endpoint"),
+            registry=r,
+        )
+        self.pd_uncached_tokens = Histogram(
+            "infergate_epp_pd_uncached_prompt_tokens",
+            "Prompt tokens the chosen decode pod did not hold, as prefill/decode scheduling "
+            "measured them against nonCachedTokens.",
+            buckets=TOKEN_BUCKETS,
+            registry=r,
+        )
         self.scrape_errors = Counter(
             "infergate_epp_metrics_scrape_errors_total",
             "Model-server /metrics scrapes that failed.",
@@ -228,6 +251,13 @@ class PickerMetrics:
         }
         info = Info("inference_extension", "General information of the current build.", registry=r)
         info.info({"commit": "unknown", "build_ref": "infergate"})
+
+    def bind_plugins(self, plugins) -> None:
+        """Hand these metrics to the scheduling plugins that count their own."""
+        for plugin in plugins:
+            bind = getattr(plugin, "bind_metrics", None)
+            if bind is not None:
+                bind(self)
 
     def observe_plugin(self, point: str, plugin_type: str, name: str, seconds: float) -> None:
         self.plugin_duration.labels(point, plugin_type, name).observe(seconds)

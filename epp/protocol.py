@@ -17,6 +17,7 @@ from google.protobuf import struct_pb2
 DESTINATION = "x-gateway-destination-endpoint"
 SUBSET = "x-gateway-destination-endpoint-subset"
 SERVED = "x-gateway-destination-endpoint-served"
+PREFILLER = "x-prefiller-host-port"
 LB_NAMESPACE = "envoy.lb"
 SUBSET_NAMESPACE = "envoy.lb.subset_hint"
 MAX_CHUNK = 62_000
@@ -54,7 +55,11 @@ def destination_headers(
         request_headers=pb.HeadersResponse(
             response=pb.CommonResponse(
                 header_mutation=pb.HeaderMutation(
-                    set_headers=sets, remove_headers=[SUBSET, SERVED]
+                    set_headers=sets,
+                    # Only the picker names a prefiller: a client's would make the decode
+                    # sidecar send its prompt wherever the client said.
+                    remove_headers=[SUBSET, SERVED]
+                    + ([] if extra and PREFILLER in extra else [PREFILLER]),
                 ),
                 clear_route_cache=True,
             )

@@ -148,6 +148,13 @@ async def test_destination_in_header_and_metadata_alike(picker):
     assert ec.set_headers(first)["content-length"] == str(len(json.dumps(COMPLETION)))
 
 
+async def test_a_client_named_prefiller_is_removed(picker):
+    # Only the picker may name a prefill pod for the decode sidecar.
+    out = await ec.exchange(picker.target, [ec.headers(), ec.body(COMPLETION)])
+    removed = out[0].request_headers.response.header_mutation.remove_headers
+    assert "x-prefiller-host-port" in removed
+
+
 async def test_body_is_echoed_in_chunks_of_at_most_62000_bytes(picker):
     big = {**COMPLETION, "prompt": "x" * 150_000}
     raw = json.dumps(big).encode()

@@ -10,6 +10,8 @@
 
 A plugin's name defaults to its type; a weight defaults to 1. A profile without a picker
 gets max-score-picker; a config without a profile handler gets single-profile-handler.
+Several profiles need a handler that chooses among them (pd-profile-handler: a `decode` and
+a `prefill` profile).
 """
 
 from __future__ import annotations
@@ -172,6 +174,10 @@ def build(raw: Any) -> SchedulingConfig:
         if handlers
         else registry.create("single-profile-handler", "single-profile-handler", {})
     )
+    try:
+        handler.configure(plugins, profiles)
+    except ValueError as exc:
+        raise ConfigError(f"{handler.name}: {exc}") from exc
     gates = raw.get("featureGates") or []
     _require(isinstance(gates, list), "featureGates must be a list")
     return SchedulingConfig(

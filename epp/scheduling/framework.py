@@ -3,8 +3,9 @@
 A plugin is one small class with a `type_name`; it may implement several interfaces (a
 prefix scorer is also a PreRequest that remembers where a prompt went). A profile runs its
 filters in order, sums clamp(score, 0, 1) × weight over its scorers, and lets its picker
-order the survivors. A ProfileHandler decides which profiles run and which one's result is
-the answer.
+order the survivors. A ProfileHandler decides which profiles run, on which candidates, and
+which one's result is the answer (prefill/decode runs a decode profile, then maybe a prefill
+profile on the decode pod's group).
 """
 
 from __future__ import annotations
@@ -100,6 +101,17 @@ class SchedulingResult:
 
 
 class ProfileHandler(Plugin):
+    def configure(self, plugins: dict[str, Plugin], profiles: dict[str, Profile]) -> None:
+        """Once, after the config is built: look up the profiles and plugins it works with.
+        Raise ValueError for a config it cannot work with."""
+
+    def profile_candidates(
+        self, req: InferenceRequest, profile: Profile, candidates: list[Endpoint]
+    ) -> list[Endpoint]:
+        """The candidates `profile` runs on. The scheduler calls this only for handlers that
+        override it; empty makes the profile's result None."""
+        return candidates
+
     def pick_profiles(
         self,
         req: InferenceRequest,
@@ -131,6 +143,8 @@ class Scheduler:
         self.handler = handler
         self.max_endpoints = max_endpoints
         self._observe = observe or (lambda *_: None)
+        # Only handlers that narrow candidates per profile pay for the call.
+        self._narrows = type(handler).profile_candidates is not ProfileHandler.profile_candidates
 
     def schedule(self, req: InferenceRequest, candidates: list[Endpoint]) -> SchedulingResult:
         if not candidates:
@@ -141,7 +155,13 @@ class Scheduler:
             if not todo:
                 break
             for profile in todo:
-                done[profile.name] = self._run_profile(profile, req, candidates)
+                endpoints = candidates
+                if self._narrows:
+                    endpoints = self.handler.profile_candidates(req, profile, candidates)
+                    if not endpoints:
+                        done[profile.name] = None
+                        continue
+                done[profile.name] = self._run_profile(profile, req, endpoints)
         return self.handler.process_results(req, done)
 
     def _run_profile(

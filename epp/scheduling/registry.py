@@ -9,6 +9,8 @@ from epp.scheduling.plugins import (
     least_latency,
     least_request,
     lora_affinity,
+    pd_filters,
+    pd_profile_handler,
     pickers,
     precise_prefix_cache,
     prefix_cache,
@@ -39,6 +41,9 @@ PLUGIN_TYPES: dict[str, type[Plugin]] = {
         pickers.RandomPicker,
         header_filter.HeaderBasedTestingFilter,
         profile_handlers.SingleProfileHandler,
+        pd_profile_handler.PDProfileHandler,
+        pd_filters.DecodeFilter,
+        pd_filters.PrefillFilter,
     )
 }
 

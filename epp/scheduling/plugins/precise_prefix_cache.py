@@ -3,8 +3,9 @@
 The prompt is tokenized as vLLM would (the model's own tokenizer and chat template), cut into
 the index's blocks and looked up: a pod scores the weighted count of consecutive blocks from
 the start that it holds (GPU 1.0, CPU 0.8 a block), divided by the prompt's block count. After
-scheduling, the chosen pod's blocks go in as speculative entries for a couple of seconds, so a
-burst of same-prefix requests follows the first one before its BlockStored arrives.
+scheduling, the chosen pod's blocks (and a prefill pod's, with P/D) go in as speculative
+entries for a couple of seconds, so a burst of same-prefix requests follows the first one
+before its BlockStored arrives.
 
 The plugin needs the picker's KV-cache view (epp/kv_events.py): `bind()` hands it over.
 """
@@ -76,7 +77,25 @@ class PrecisePrefixCacheScorer(Scorer, PreRequest):
         total = len(blocks.keys)
         return [held.get(e.address, 0.0) / total for e in endpoints]
 
-    def pre_request(self, req, result):
+    def cached_prompt(self, req, address: str) -> tuple[int, int] | None:
+        """(prompt tokens, how many of them `address` holds from the start, in any tier);
+        None when the prompt cannot be tokenized."""
         blocks = self.blocks(req)
-        if self.speculative and blocks and blocks.keys and result.targets:
-            self.view.index.add_speculative(result.targets[0].address, blocks.keys)
+        if blocks is None:
+            return None
+        if not blocks.keys:
+            return blocks.tokens, 0
+        index = self.view.index
+        held = index.match_lengths(blocks.keys, (address,)).get(address, 0)
+        return blocks.tokens, min(blocks.tokens, held * index.block_size)
+
+    def pre_request(self, req, result):
+        if not self.speculative:
+            return
+        blocks = self.blocks(req)
+        if not blocks or not blocks.keys:
+            return
+        # Every profile's pick computes the prompt: the decode pod, and a prefill pod too.
+        for profile_result in result.results.values():
+            if profile_result is not None and profile_result.targets:
+                self.view.index.add_speculative(profile_result.targets[0].address, blocks.keys)

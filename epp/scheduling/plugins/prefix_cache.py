@@ -4,7 +4,8 @@ The prompt text is cut into blocks of blockSizeTokens × 4 characters; block i's
 block i-1's (xxh64 of the block's bytes and the previous hash, seeded with the model name),
 so a hit on block i means the whole prefix up to i matches. The score is the fraction of a
 prompt's blocks found, from block 0 up to the first miss, on each pod. After scheduling, the
-chosen pod's blocks are recorded in its LRU (lruCapacityPerServer entries).
+chosen pod's blocks are recorded in its LRU (lruCapacityPerServer entries); with prefill/decode
+disaggregation, the prefill pod's too.
 """
 
 from __future__ import annotations
@@ -59,9 +60,23 @@ class PrefixCacheScorer(Scorer, PreRequest):
         total = len(hashes)
         return [matched[e.address] / total for e in endpoints]
 
+    def cached_prompt(self, req, address: str) -> tuple[int, int]:
+        """(prompt tokens, how many of them `address` holds from the start), in this
+        scorer's approximate tokens of 4 characters."""
+        holders = self._servers_of
+        matched = 0
+        for h in self.hashes(req):
+            if address not in holders.get(h, ()):
+                break
+            matched += 1
+        prompt = req.approx_prompt_tokens
+        return prompt, min(prompt, matched * (self.block_chars // 4))
+
     def pre_request(self, req, result):
-        for target in result.targets[:1]:
-            self._record(target.address, self.hashes(req))
+        # Every profile's pick computes the prompt: the decode pod, and a prefill pod too.
+        for profile_result in result.results.values():
+            if profile_result is not None and profile_result.targets:
+                self._record(profile_result.targets[0].address, self.hashes(req))
 
     def _record(self, server: str, hashes: list[int]) -> None:
         lru = self._by_server.setdefault(server, OrderedDict())

@@ -1,0 +1,271 @@
+"""pd-profile-handler: prefill/decode disaggregation, decode first (as llm-d schedules it).
+
+1. The decode profile picks the decode pod, and its fallbacks.
+2. Disaggregate only when the part of the prompt the decode pod does not hold is at least
+   `nonCachedTokens` (0: never): uncached = prompt tokens - cached blocks x block size on that
+   pod. The precise prefix index answers when a precise-prefix-cache-scorer is configured and
+   can tokenize the prompt, else the approximate prefix-cache-scorer, else nothing counts as
+   cached. Only chat and completions requests are disaggregated.
+3. The prefill profile picks prefill pods among the decode pod's P/D group: the endpoints
+   whose group label (the request's ModelServer's workloadSelector.pdGroup.groupKey, else
+   `groupLabel`) has the decode pod's value (both unlabelled also pairs), less the decode
+   endpoint itself.
+4. The decode pods stay the destination (fallbacks cut to the decode pod's group, so a retry
+   pairs with the same prefill pods); the prefill pods, primary first, go to the decode pod's
+   sidecar in x-prefiller-host-port. No prefill pod in the group: the decode pod serves the
+   whole request (aggregated).
+
+Each decision is kept in req.state[name], in the last `historySize` (GET /debug/pd) and in
+the picker's metrics once bound (bind_metrics).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+
+from epp.datastore import Endpoint
+from epp.errors import PickerError
+from epp.scheduling.framework import ProfileHandler, ProfileResult, SchedulingResult
+
+PREFILLER_HEADER = "x-prefiller-host-port"
+DEFAULT_GROUP_LABEL = "infergate.io/group"
+DISAGGREGATED_APIS = frozenset({"chat", "completions"})
+
+# Outcomes (the metric's label values) and the reasons behind them.
+DISAGGREGATED = "disaggregated"
+DECODE_ONLY = "decode_only"
+NO_PREFILL_POD = "no_prefill_pod"
+UNCACHED = "uncached"  # enough of the prompt is new to the decode pod: prefill elsewhere
+CACHED = "cached"  # the decode pod holds enough of it
+DISABLED = "disabled"  # nonCachedTokens is 0
+API = "api"  # not a chat or completions request
+
+PARAMS = (
+    "nonCachedTokens",
+    "decodeProfile",
+    "prefillProfile",
+    "groupLabel",
+    "prefixScorer",
+    "historySize",
+)
+
+
+@dataclass(slots=True)
+class PDDecision:
+    request_id: str
+    model: str
+    decode: str  # the decode endpoint's address
+    group_key: str
+    group: str | None  # the decode pod's value of group_key
+    prompt_tokens: int
+    cached_tokens: int
+    source: str  # the plugin that said what the decode pod holds; "none"
+    reason: str
+    outcome: str = ""
+    prefill: list[str] = field(default_factory=list)
+    at: float = 0.0
+
+    @property
+    def uncached_tokens(self) -> int:
+        return self.prompt_tokens - self.cached_tokens
+
+    def as_dict(self) -> dict:
+        return {
+            "time": self.at,
+            "request_id": self.request_id,
+            "model": self.model,
+            "outcome": self.outcome,
+            "reason": self.reason,
+            "decode": self.decode,
+            "prefill": self.prefill,
+            "group": {"label": self.group_key, "value": self.group},
+            "prompt_tokens": self.prompt_tokens,
+            "cached_tokens": self.cached_tokens,
+            "uncached_tokens": self.uncached_tokens,
+            "cache_source": self.source,
+        }
+
+
+def _int_param(params: dict, key: str, default: int | None) -> int:
+    value = params.get(key, default)
+    if value is None:
+        raise ValueError(f"{key} is required")
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"{key} must be an integer >= 0, got {value!r}")
+    return value
+
+
+def _str_param(params: dict, key: str, default: str | None) -> str | None:
+    value = params.get(key, default)
+    if value is not None and (not isinstance(value, str) or not value):
+        raise ValueError(f"{key} must be a non-empty string, got {value!r}")
+    return value
+
+
+class PDProfileHandler(ProfileHandler):
+    type_name = "pd-profile-handler"
+
+    def __init__(self, name, params=None):
+        super().__init__(name, params)
+        p = self.params
+        unknown = sorted(set(p) - set(PARAMS))
+        if unknown:
+            raise ValueError(f"unknown parameters {unknown}; known: {list(PARAMS)}")
+        if "nonCachedTokens" not in p:
+            raise ValueError("nonCachedTokens is required (0 turns disaggregation off)")
+        self.threshold = _int_param(p, "nonCachedTokens", None)
+        self.decode_profile = _str_param(p, "decodeProfile", "decode")
+        self.prefill_profile = _str_param(p, "prefillProfile", "prefill")
+        self.group_label = _str_param(p, "groupLabel", DEFAULT_GROUP_LABEL)
+        self.prefix_name = _str_param(p, "prefixScorer", None)
+        self.recent: deque[PDDecision] = deque(maxlen=_int_param(p, "historySize", 100))
+        self.counts: Counter[str] = Counter()  # outcome -> decisions
+        self.sources: list = []  # plugins with cached_prompt(req, address), asked in order
+        self._metrics = None
+
+    def configure(self, plugins, profiles):
+        for key, profile in (
+            ("decodeProfile", self.decode_profile),
+            ("prefillProfile", self.prefill_profile),
+        ):
+            if profile not in profiles:
+                raise ValueError(f"{key}: no schedulingProfile is named {profile!r}")
+        if self.decode_profile == self.prefill_profile:
+            raise ValueError("decodeProfile and prefillProfile must be different profiles")
+        unused = sorted(set(profiles) - {self.decode_profile, self.prefill_profile})
+        if unused:
+            raise ValueError(f"runs only the decode and prefill profiles; {unused} would never run")
+        if self.prefix_name is not None:
+            plugin = plugins.get(self.prefix_name)
+            if plugin is None or not callable(getattr(plugin, "cached_prompt", None)):
+                raise ValueError(
+                    f"prefixScorer {self.prefix_name!r} names no prefix-cache-scorer or "
+                    "precise-prefix-cache-scorer"
+                )
+            self.sources = [plugin]
+            return
+        in_decode = {id(ws.scorer) for ws in profiles[self.decode_profile].scorers}
+        found = [p for p in plugins.values() if callable(getattr(p, "cached_prompt", None))]
+        # The precise index knows what pods hold; the approximate scorer guesses. Among
+        # equals, the one that scored the decode pods.
+        found.sort(
+            key=lambda p: (not getattr(p, "needs_kv_cache_view", False), id(p) not in in_decode)
+        )
+        self.sources = found
+
+    def bind_metrics(self, metrics) -> None:
+        """The picker's metrics (epp.metrics.PickerMetrics): decisions are counted there."""
+        self._metrics = metrics
+
+    # ---- the scheduling cycle ---------------------------------------------------------
+
+    def pick_profiles(self, req, profiles, done):
+        if self.decode_profile not in done:
+            req.state.pop(self.name, None)
+            return [profiles[self.decode_profile]]
+        if self.prefill_profile in done:
+            return []
+        decode = done[self.decode_profile]
+        if decode is None or not decode.targets:
+            return []
+        decision = req.state[self.name] = self._decide(req, decode.targets[0])
+        return [profiles[self.prefill_profile]] if decision.reason == UNCACHED else []
+
+    def profile_candidates(self, req, profile, candidates):
+        if profile.name != self.prefill_profile:
+            return candidates
+        decision = req.state.get(self.name)
+        if decision is None:
+            return []
+        key, group, decode = decision.group_key, decision.group, decision.decode
+        return [e for e in candidates if e.address != decode and e.labels.get(key) == group]
+
+    def process_results(self, req, done):
+        decode = done.get(self.decode_profile)
+        if decode is None or not decode.targets:
+            raise PickerError(429, "no decode endpoint left after filtering")
+        decision: PDDecision = req.state[self.name]
+        prefill = done.get(self.prefill_profile)
+        results = {self.decode_profile: decode}
+        if decision.reason != UNCACHED:
+            decision.outcome = DECODE_ONLY
+        elif prefill is None or not prefill.targets:
+            decision.outcome = NO_PREFILL_POD
+        else:
+            decision.outcome = DISAGGREGATED
+            decision.prefill = [e.address for e in prefill.targets]
+            key, group = decision.group_key, decision.group
+            kept = [e for e in decode.targets[1:] if e.labels.get(key) == group]
+            if len(kept) + 1 != len(decode.targets):
+                decode = ProfileResult([decode.targets[0], *kept], decode.scores)
+            results = {self.decode_profile: decode, self.prefill_profile: prefill}
+        if decision.prefill:
+            req.upstream_headers[PREFILLER_HEADER] = ",".join(decision.prefill)
+        else:
+            req.upstream_headers.pop(PREFILLER_HEADER, None)
+        self._record(decision)
+        return SchedulingResult(results, self.decode_profile)
+
+    # ---- helpers ----------------------------------------------------------------------
+
+    def _decide(self, req, decode: Endpoint) -> PDDecision:
+        key = self._group_key(req)
+        decision = PDDecision(
+            request_id=req.request_id,
+            model=req.target_model,
+            decode=decode.address,
+            group_key=key,
+            group=decode.labels.get(key),
+            prompt_tokens=req.approx_prompt_tokens,
+            cached_tokens=0,
+            source="none",
+            reason=DISABLED,
+        )
+        if self.threshold <= 0:
+            return decision
+        if req.api not in DISAGGREGATED_APIS:
+            decision.reason = API
+            return decision
+        for plugin in self.sources:
+            got = plugin.cached_prompt(req, decode.address)
+            if got is not None:
+                decision.prompt_tokens, decision.cached_tokens = got
+                decision.source = plugin.name
+                break
+        decision.reason = UNCACHED if decision.uncached_tokens >= self.threshold else CACHED
+        return decision
+
+    def _group_key(self, req) -> str:
+        """The routed ModelServer's pdGroup.groupKey, else the configured label."""
+        server = getattr(req.resolution, "server", None)
+        pd = server.spec.workload_selector.pd_group if server is not None else None
+        return pd.group_key if pd is not None else self.group_label
+
+    def _record(self, decision: PDDecision) -> None:
+        decision.at = time.time()
+        self.recent.append(decision)
+        self.counts[decision.outcome] += 1
+        m = self._metrics
+        if m is None:
+            return
+        m.pd_decisions.labels(decision.outcome).inc()
+        m.pd_picks.labels("decode", decision.decode).inc()
+        if decision.prefill:
+            m.pd_picks.labels("prefill", decision.prefill[0]).inc()
+        if decision.reason in (UNCACHED, CACHED):
+            m.pd_uncached_tokens.observe(decision.uncached_tokens)
+
+    def debug(self) -> dict:
+        """GET /debug/pd: the settings, totals and the last decisions, newest first."""
+        return {
+            "handler": self.name,
+            "nonCachedTokens": self.threshold,
+            "decodeProfile": self.decode_profile,
+            "prefillProfile": self.prefill_profile,
+            "groupLabel": self.group_label,
+            "cacheSources": [p.name for p in self.sources],
+            "decisions_total": dict(self.counts),
+            "recent": [d.as_dict() for d in reversed(self.recent)],
+        }
