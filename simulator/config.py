@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -68,12 +70,14 @@ class KVEventsConfig:
 
 @dataclass(slots=True)
 class LatencyModel:
-    """Step time of a continuous-batching engine: fixed overhead + prefill + batched decode."""
+    """Step time of a continuous-batching engine: fixed overhead + prefill + batched decode.
+    A KV pull from a prefill pod runs beside the steps (asynchronously, as NIXL's does)."""
 
     prefill_s_per_token: float = 60e-6
     decode_s_per_step: float = 8e-3
     decode_s_per_seq: float = 0.15e-3
     step_overhead_s: float = 1e-3
+    kv_transfer_s_per_block: float = 0.1e-3
     time_scale: float = 1.0
 
     def step_seconds(self, prefill_tokens: int, decode_seqs: int) -> float:
@@ -81,6 +85,64 @@ class LatencyModel:
         if decode_seqs:
             t += self.decode_s_per_step + decode_seqs * self.decode_s_per_seq
         return t * self.time_scale
+
+    def transfer_seconds(self, num_blocks: int) -> float:
+        return num_blocks * self.kv_transfer_s_per_block * self.time_scale
+
+
+KV_ROLES = ("prefill", "decode", "both")
+# vLLM's kv_transfer_config.kv_role values, as our roles.
+VLLM_KV_ROLES = {"kv_producer": "prefill", "kv_consumer": "decode", "kv_both": "both"}
+# VLLM_NIXL_ABORT_REQUEST_TIMEOUT's default: how long a prefill pod keeps KV nobody pulled.
+DEFAULT_KV_HOLD_SECONDS = 480.0
+
+
+@dataclass(slots=True)
+class KVTransferConfig:
+    """P/D disaggregation as vLLM's NixlConnector does it (see simulator/kv_transfer.py)."""
+
+    role: str = "both"
+    engine_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    hold_seconds: float = DEFAULT_KV_HOLD_SECONDS
+    load_failure_policy: str = "fail"  # vLLM's kv_load_failure_policy: "fail" or "recompute"
+    # Where decode pods reach this pod's KV side channel (remote_host in kv_transfer_params):
+    # VLLM_NIXL_SIDE_CHANNEL_HOST as in vLLM, else --host unless that is a wildcard.
+    side_channel_host: str | None = None
+
+
+def parse_kv_transfer_config(text: str) -> dict:
+    """The parts of vLLM's --kv-transfer-config the simulator uses (other keys are ignored)."""
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--kv-transfer-config is not valid JSON: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ValueError("--kv-transfer-config must be a JSON object")
+    out: dict = {}
+    connector = raw.get("kv_connector")
+    if connector is not None and connector != "NixlConnector":
+        raise ValueError(
+            f"--kv-transfer-config kv_connector {connector!r}: the simulator only behaves like "
+            "vLLM's NixlConnector"
+        )
+    role = raw.get("kv_role")
+    if role is not None:
+        if role not in VLLM_KV_ROLES:
+            raise ValueError(
+                f"--kv-transfer-config kv_role must be one of {sorted(VLLM_KV_ROLES)}, got {role!r}"
+            )
+        out["role"] = VLLM_KV_ROLES[role]
+    if raw.get("engine_id") is not None:
+        out["engine_id"] = str(raw["engine_id"])
+    policy = raw.get("kv_load_failure_policy")
+    if policy is not None:
+        if policy not in ("fail", "recompute"):
+            raise ValueError(
+                "--kv-transfer-config kv_load_failure_policy must be 'fail' or 'recompute', "
+                f"got {policy!r}"
+            )
+        out["load_failure_policy"] = policy
+    return out
 
 
 @dataclass(slots=True)
@@ -108,6 +170,7 @@ class SimulatorConfig:
     kv_events: KVEventsConfig = field(default_factory=KVEventsConfig)
     kv_events_format: str = "map"
     kv_events_bind_pub: bool = False  # bind the PUB to a concrete address (simulator only)
+    kv_transfer: KVTransferConfig = field(default_factory=KVTransferConfig)
     enable_lora: bool = False
     lora_modules: list[LoraModule] = field(default_factory=list)
     max_loras: int = 1
@@ -195,6 +258,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="map: events as {'type': ...} maps (vLLM >= 0.26); array: the older "
         "positional encoding",
     )
+    p.add_argument(
+        "--kv-role",
+        choices=KV_ROLES,
+        default=None,
+        help="prefill/decode disaggregation role (default both). Every role serves plain "
+        "requests, prefill legs and decode legs, as vLLM's NixlConnector does; the role only "
+        "counts legs that reach the wrong kind of pod (infergate_sim:kv_role_mismatch_total)",
+    )
+    p.add_argument(
+        "--kv-transfer-config",
+        default=None,
+        help="vLLM's KVTransferConfig as JSON: kv_connector (NixlConnector), kv_role "
+        "(kv_producer, kv_consumer, kv_both), engine_id, kv_load_failure_policy "
+        "(fail, recompute); other keys are ignored",
+    )
     p.add_argument("--enable-lora", action="store_true")
     p.add_argument("--lora-modules", nargs="+", type=_parse_lora_module, default=[])
     p.add_argument("--max-loras", type=_positive_int, default=1)
@@ -230,6 +308,22 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=1.0,
         help="fixed cost of every engine step, ms",
+    )
+    sim.add_argument(
+        "--sim-kv-transfer-ms-per-block",
+        type=float,
+        default=0.1,
+        help="time a decode pod takes to pull one KV block from a prefill pod, ms (the pull "
+        "runs beside the engine's steps and replaces the prefill of those tokens)",
+    )
+    sim.add_argument(
+        "--sim-kv-hold-seconds",
+        type=float,
+        default=None,
+        help="how long a prefill pod keeps (pins) the KV of a finished prefill leg for a "
+        "decode pod to pull; then the blocks are freed and a late pull fails (default: "
+        "VLLM_NIXL_ABORT_REQUEST_TIMEOUT if set, else 480 as in vLLM; wall-clock seconds, "
+        "not scaled by --sim-time-scale)",
     )
     sim.add_argument(
         "--sim-output-len-mean",
@@ -283,6 +377,10 @@ def parse_config(argv: list[str] | None = None) -> SimulatorConfig:
         parser.error("--sim-output-len-mean must be >= 0")
     if args.model is not None and not Path(args.model, "tokenizer.json").is_file():
         parser.error(f"--model {args.model}: no tokenizer.json in that directory")
+    try:
+        kv_transfer = _kv_transfer_config(args)
+    except ValueError as exc:
+        parser.error(str(exc))
     return SimulatorConfig(
         host=args.host,
         port=args.port,
@@ -300,6 +398,7 @@ def parse_config(argv: list[str] | None = None) -> SimulatorConfig:
         kv_events=kv_events,
         kv_events_format=args.kv_events_format,
         kv_events_bind_pub=args.sim_kv_events_bind,
+        kv_transfer=kv_transfer,
         enable_lora=args.enable_lora,
         lora_modules=list(args.lora_modules),
         max_loras=args.max_loras,
@@ -311,7 +410,32 @@ def parse_config(argv: list[str] | None = None) -> SimulatorConfig:
             decode_s_per_step=args.sim_decode_ms_per_step * 1e-3,
             decode_s_per_seq=args.sim_decode_ms_per_seq * 1e-3,
             step_overhead_s=args.sim_step_overhead_ms * 1e-3,
+            kv_transfer_s_per_block=args.sim_kv_transfer_ms_per_block * 1e-3,
             time_scale=args.sim_time_scale,
         ),
         log_level=args.log_level,
     )
+
+
+def _kv_transfer_config(args: argparse.Namespace) -> KVTransferConfig:
+    fields = parse_kv_transfer_config(args.kv_transfer_config) if args.kv_transfer_config else {}
+    if args.kv_role is not None:
+        if fields.get("role", args.kv_role) != args.kv_role:
+            raise ValueError(
+                f"--kv-role {args.kv_role} contradicts --kv-transfer-config's kv_role "
+                f"(role {fields['role']})"
+            )
+        fields["role"] = args.kv_role
+    hold = args.sim_kv_hold_seconds
+    if hold is None:
+        env = os.environ.get("VLLM_NIXL_ABORT_REQUEST_TIMEOUT")
+        try:
+            hold = float(env) if env else DEFAULT_KV_HOLD_SECONDS
+        except ValueError as exc:
+            raise ValueError(f"VLLM_NIXL_ABORT_REQUEST_TIMEOUT={env!r} is not a number") from exc
+    if hold <= 0:
+        raise ValueError("--sim-kv-hold-seconds must be > 0")
+    if args.sim_kv_transfer_ms_per_block < 0:
+        raise ValueError("--sim-kv-transfer-ms-per-block must be >= 0")
+    host = os.environ.get("VLLM_NIXL_SIDE_CHANNEL_HOST") or None
+    return KVTransferConfig(hold_seconds=hold, side_channel_host=host, **fields)

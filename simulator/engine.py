@@ -5,6 +5,11 @@ LoRA slots and KV blocks allow; preempt the newest running request when blocks r
 for the step's simulated duration, then advance every scheduled request and sample one token for
 each that has all its KV computed. Time to first token is therefore queueing plus prefill of the
 *uncached* prompt tokens, and time per output token grows with the batch.
+
+P/D disaggregation (kv_transfer.py): a decode leg gets its blocks when admitted, then waits
+outside the batch while its KV is pulled from a prefill pod (vLLM's WAITING_FOR_REMOTE_KVS);
+the pull's transfer time replaces the prefill of those tokens. A prefill leg that ends
+length-capped hands its blocks to the connector instead of freeing them.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from dataclasses import dataclass, field
 from simulator.block_hashing import BlockHasher
 from simulator.block_pool import BlockPool, KVEvent
 from simulator.config import LatencyModel
+from simulator.kv_transfer import KVTransfer, KVTransferError
 from simulator.request import SimRequest, Status, TokenOutput
 from simulator.stats import EngineStats
 
@@ -53,6 +59,7 @@ class Engine:
         token_texts: dict[int, str],
         publish_events: Callable[[list[KVEvent]], None] | None = None,
         eos_token_id: int | None = None,
+        kv: KVTransfer | None = None,
     ) -> None:
         self.pool = pool
         self.hasher = hasher
@@ -64,9 +71,14 @@ class Engine:
         self._publish = publish_events
         self.waiting: deque[SimRequest] = deque()
         self.running: list[SimRequest] = []
+        # Decode legs whose KV is being pulled, with the task pulling it.
+        self.loading: dict[SimRequest, asyncio.Task] = {}
+        self.kv = kv
         self.stats = EngineStats()
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task | None = None
+        if kv is not None:
+            kv.on_release = self._wakeup.set  # blocks a prefill leg held are free again
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -74,6 +86,8 @@ class Engine:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="engine-loop")
 
     async def stop(self) -> None:
+        for task in self.loading.values():
+            task.cancel()
         if self._task is not None:
             self._task.cancel()
             try:
@@ -108,8 +122,13 @@ class Engine:
                 self.waiting.remove(req)
             except ValueError:
                 pass
+        elif req.status is Status.WAITING_FOR_REMOTE_KVS:
+            self.loading.pop(req).cancel()
         else:
             self.running.remove(req)
+        r = req.remote_prefill
+        if r is not None and self.kv is not None and req.num_external_tokens == 0:
+            self.kv.release_remote(r)  # never pulled: the prefill pod may free the blocks
         self._finish(req, "abort", notify=False)
         self._wakeup.set()  # freed blocks may let a waiting request in
 
@@ -117,6 +136,11 @@ class Engine:
         ok = self.pool.reset_prefix_cache()
         self._flush_events()
         return ok
+
+    @property
+    def num_waiting(self) -> int:
+        """Requests not running; vLLM counts those waiting for remote KV among them."""
+        return len(self.waiting) + len(self.loading)
 
     def lora_adapters(self) -> tuple[set[str], set[str]]:
         running = {r.lora_name for r in self.running if r.lora_name}
@@ -193,20 +217,31 @@ class Engine:
             ):
                 skipped.append(req)  # no free LoRA slot: let requests behind it go first
                 continue
-            # The last token is always computed again, so at most num_tokens - 1 can hit.
-            max_hit_blocks = (req.num_tokens - 1) // self.pool.block_size
-            computed = self.pool.find_cached_prefix(req.block_hashes, max_hit_blocks)
-            num_cached = len(computed) * self.pool.block_size
-            n = min(req.num_tokens - num_cached, budget)
-            if not self.pool.allocate(req, num_cached + n, computed):
-                self.waiting.appendleft(req)
-                break
-            req.num_computed_tokens = num_cached
-            if req.num_cached_tokens < 0:
-                req.num_cached_tokens = num_cached
-                req.first_scheduled_time = now
-                self.stats.prefix_cache_queries += req.num_tokens
-                self.stats.prefix_cache_hits += num_cached
+            if req.remote_prefill is not None and not req.remote_prefill.started:
+                if not self._start_pull(req, now):
+                    self.waiting.appendleft(req)
+                    break
+                continue
+            if req.blocks:  # its KV is in place already: pulled (or the pull failed)
+                n = min(req.num_tokens - req.num_computed_tokens, budget)
+                if not self.pool.allocate(req, req.num_computed_tokens + n, []):
+                    self.waiting.appendleft(req)
+                    break
+                if req.num_cached_tokens < 0:
+                    req.num_cached_tokens = req.num_computed_tokens
+            else:
+                # The last token is always computed again, so at most num_tokens - 1 can hit.
+                max_hit_blocks = (req.num_tokens - 1) // self.pool.block_size
+                computed = self.pool.find_cached_prefix(req.block_hashes, max_hit_blocks)
+                num_cached = len(computed) * self.pool.block_size
+                n = min(req.num_tokens - num_cached, budget)
+                if not self.pool.allocate(req, num_cached + n, computed):
+                    self.waiting.appendleft(req)
+                    break
+                req.num_computed_tokens = num_cached
+                if req.num_cached_tokens < 0:
+                    self._count_admission(req, num_cached, now)
+                    req.num_cached_tokens = num_cached
             req.status = Status.RUNNING
             self.running.append(req)
             if req.lora_name:
@@ -215,6 +250,86 @@ class Engine:
             budget -= n
         self.waiting.extendleft(reversed(skipped))
         return step
+
+    def _count_admission(self, req: SimRequest, num_local_hit: int, now: float) -> None:
+        req.num_local_hit_tokens = num_local_hit
+        req.first_scheduled_time = now
+        self.stats.prefix_cache_queries += req.num_tokens
+        self.stats.prefix_cache_hits += num_local_hit
+        if self.kv is not None:  # vLLM counts connector lookups for every request
+            self.stats.external_prefix_cache_queries += req.num_tokens
+
+    # ---- decode legs: KV pulled from a prefill pod -------------------------------------------
+
+    def _start_pull(self, req: SimRequest, now: float) -> bool:
+        """Allocate the whole prompt's blocks and pull those the local cache lacks, beside
+        the steps (vLLM's WAITING_FOR_REMOTE_KVS). False: the blocks do not fit yet."""
+        remote = req.remote_prefill
+        assert remote is not None and self.kv is not None
+        bs = self.pool.block_size
+        computed = self.pool.find_cached_prefix(req.block_hashes, (req.num_tokens - 1) // bs)
+        if not self.pool.allocate(req, req.num_tokens, computed):
+            return False
+        remote.started = True
+        num_local = len(computed) * bs
+        req.num_computed_tokens = num_local
+        self._count_admission(req, num_local, now)
+        # The remote blocks cover the prompt from its start; read those not cached here.
+        first, end = len(computed), self.pool.blocks_for(req.num_tokens)
+        req.status = Status.WAITING_FOR_REMOTE_KVS
+        task = asyncio.get_running_loop().create_task(
+            self._pull(req, remote.block_ids[first:end], first), name="kv-pull"
+        )
+        self.loading[req] = task
+        return True
+
+    async def _pull(self, req: SimRequest, block_ids: list[int], first: int) -> None:
+        assert self.kv is not None
+        try:
+            if len(block_ids) != self.pool.blocks_for(req.num_tokens) - first:
+                n = len(req.remote_prefill.block_ids) if req.remote_prefill else 0
+                raise KVTransferError(
+                    f"KV transfer failed: kv_transfer_params name {n} remote blocks, but this "
+                    f"prompt of {req.num_prompt_tokens} tokens fills "
+                    f"{self.pool.blocks_for(req.num_tokens)}: the prefill leg's prompt differs"
+                )
+            await self.kv.pull(req, block_ids, first)
+        except KVTransferError as exc:
+            self._pull_failed(req, str(exc))
+            return
+        except Exception:  # a bug must fail the request, not leave it waiting for ever
+            log.exception("KV pull for request %s failed", req.request_id)
+            self._pull_failed(req, "KV transfer failed: internal error in the simulator")
+            return
+        if self.loading.pop(req, None) is None:
+            return
+        # As vLLM after a NIXL read: all prompt tokens but the last count as computed (the
+        # last is computed again to sample), and the full blocks are cached: BlockStored.
+        computed = req.num_tokens - 1
+        req.num_external_tokens = req.num_tokens - req.num_computed_tokens
+        req.num_computed_tokens = computed
+        req.num_cached_tokens = computed
+        self.stats.external_prefix_cache_hits += req.num_external_tokens
+        self.pool.cache_full_blocks(req, computed)
+        self._flush_events()
+        self._back_to_waiting(req)
+
+    def _pull_failed(self, req: SimRequest, message: str) -> None:
+        if self.loading.pop(req, None) is None:
+            return  # aborted meanwhile
+        if self.kv is not None and self.kv.cfg.load_failure_policy == "recompute":
+            log.warning("%s; computing the prompt here (kv_load_failure_policy=recompute)", message)
+            self._back_to_waiting(req)  # its blocks stay; the missing tokens get prefilled
+            return
+        log.warning("request %s: %s", req.request_id, message)
+        req.error = message
+        self._finish(req, "error")
+        self._wakeup.set()
+
+    def _back_to_waiting(self, req: SimRequest) -> None:
+        req.status = Status.WAITING
+        self.waiting.appendleft(req)
+        self._wakeup.set()
 
     def _account(self, step: _Step, req: SimRequest, n: int) -> None:
         step.scheduled.append((req, n))
@@ -255,6 +370,10 @@ class Engine:
         if req.first_token_time is None:
             req.first_token_time = now
             stats.prompt_tokens += req.num_prompt_tokens
+            ext, local = req.num_external_tokens, req.num_local_hit_tokens
+            stats.prompt_tokens_by_source["external_kv_transfer"] += ext
+            stats.prompt_tokens_by_source["local_cache_hit"] += local
+            stats.prompt_tokens_by_source["local_compute"] += req.num_prompt_tokens - ext - local
             stats.ttft.observe(now - req.arrival_time)
         else:
             stats.inter_token_latency.observe(now - req.last_token_time)
@@ -327,7 +446,12 @@ class Engine:
         return out[sent:end]
 
     def _finish(self, req: SimRequest, reason: str, *, notify: bool = True) -> None:
-        self.pool.free(req)
+        if req.hold_kv and reason == "length" and self.kv is not None and req.blocks:
+            # A prefill leg: keep its KV for the decode pod. This runs before the API layer
+            # reads the final output, so the response carries the params.
+            req.kv_transfer_params = self.kv.hold(req)
+        else:
+            self.pool.free(req)
         req.status = Status.FINISHED
         req.finish_reason = reason
         stats = self.stats

@@ -18,6 +18,7 @@ from prometheus_client.core import (
 
 from simulator.config import SimulatorConfig
 from simulator.engine import Engine
+from simulator.kv_transfer import KVTransfer
 from simulator.stats import FINISH_REASONS, Histogram
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -59,7 +60,7 @@ class VllmCollector:
             "vllm:num_requests_waiting",
             "Number of requests waiting to be processed.",
             lb,
-            len(e.waiting),
+            e.num_waiting,
         )
         yield _gauge(
             "vllm:kv_cache_usage_perc",
@@ -79,6 +80,32 @@ class VllmCollector:
             lb,
             s.prefix_cache_hits,
         )
+        yield _counter(
+            "vllm:external_prefix_cache_queries",
+            "External prefix cache queries from KV connector cross-instance cache sharing, "
+            "in terms of number of queried tokens.",
+            lb,
+            s.external_prefix_cache_queries,
+        )
+        yield _counter(
+            "vllm:external_prefix_cache_hits",
+            "External prefix cache hits from KV connector cross-instance cache sharing, "
+            "in terms of number of cached tokens.",
+            lb,
+            s.external_prefix_cache_hits,
+        )
+        by_source = CounterMetricFamily(
+            "vllm:prompt_tokens_by_source",
+            "Number of prompt tokens by source.",
+            labels=["engine", "model_name", "source"],
+        )
+        for source in ("local_compute", "local_cache_hit", "external_kv_transfer"):
+            by_source.add_metric(
+                ["0", self.cfg.model_name, source], s.prompt_tokens_by_source[source]
+            )
+        yield by_source
+        if e.kv is not None:
+            yield from self._nixl(e.kv)
         yield _counter(
             "vllm:num_preemptions",
             "Cumulative number of preemption from the engine.",
@@ -181,6 +208,29 @@ class VllmCollector:
                 time.time(),
             )
 
+    def _nixl(self, kv: KVTransfer) -> Iterator[Metric]:
+        """The NixlConnector's metrics that a simulated transfer can fill."""
+        lb = self.labels
+        yield _histogram(
+            "vllm:nixl_xfer_time_seconds",
+            "Histogram of transfer duration for NIXL KV Cache transfers.",
+            lb,
+            kv.transfer_time,
+        )
+        yield _counter(
+            "vllm:nixl_num_failed_transfers",
+            "Number of failed NIXL KV Cache transfers.",
+            lb,
+            kv.failed_transfers,
+        )
+        yield _counter(
+            "vllm:nixl_num_kv_expired_reqs",
+            "Number of requests that had their KV expire. NOTE: This metric is tracked on "
+            "the P instance.",
+            lb,
+            kv.expired_requests,
+        )
+
 
 class SglangCollector:
     def __init__(self, engine: Engine, cfg: SimulatorConfig) -> None:
@@ -199,7 +249,7 @@ class SglangCollector:
             "sglang:num_queue_reqs",
             "The number of requests in the waiting queue.",
             lb,
-            len(e.waiting),
+            e.num_waiting,
         )
         yield _gauge("sglang:num_used_tokens", "The number of used tokens.", lb, used_tokens)
         yield _gauge("sglang:token_usage", "The token usage.", lb, e.pool.usage)
@@ -270,6 +320,22 @@ class SimulatorCollector:
             {},
             s.step_seconds_busy,
         )
+        kv = self.engine.kv
+        if kv is not None:
+            yield _gauge(
+                "infergate_sim:kv_held_requests",
+                "Finished prefill legs whose KV blocks this pod holds for a decode pod.",
+                {"role": kv.role},
+                kv.num_held_requests,
+            )
+            mismatch = CounterMetricFamily(
+                "infergate_sim:kv_role_mismatch",
+                "P/D legs sent to a pod of the other --kv-role (served anyway, as vLLM does).",
+                labels=["leg"],
+            )
+            for leg in ("prefill_leg_on_decode_pod", "decode_leg_on_prefill_pod"):
+                mismatch.add_metric([leg], kv.role_mismatch[leg])
+            yield mismatch
 
 
 class MetricsRenderer:

@@ -86,6 +86,9 @@ class GenerationRequest:
     prompts: list[str | list[int]] | None = None
     messages: list[dict] | None = None
     template: TemplateOptions | None = None  # chat only
+    # P/D disaggregation (vLLM's NixlConnector): do_remote_decode on a prefill leg,
+    # do_remote_prefill and where to pull the KV on a decode leg.
+    kv_transfer_params: dict | None = None
 
 
 def _get(body: dict, key: str, kind: type | tuple[type, ...], default: Any = None) -> Any:
@@ -194,6 +197,7 @@ def _common(body: Any, *, chat: bool) -> GenerationRequest:
         ignore_eos=_get(body, "ignore_eos", bool, False),
         seed=_get(body, "seed", int, None),
         add_special_tokens=_get(body, "add_special_tokens", bool, not chat),
+        kv_transfer_params=_get(body, "kv_transfer_params", dict, None),
     )
 
 

@@ -12,8 +12,22 @@ from simulator.block_pool import Block
 
 class Status(enum.Enum):
     WAITING = "waiting"
+    # Blocks allocated, KV being pulled from a prefill pod (vLLM's WAITING_FOR_REMOTE_KVS).
+    WAITING_FOR_REMOTE_KVS = "waiting_for_remote_kvs"
     RUNNING = "running"
     FINISHED = "finished"
+
+
+@dataclass(slots=True)
+class RemotePrefill:
+    """Where a decode leg's KV waits: the prefill pod's kv_transfer_params."""
+
+    engine_id: str
+    request_id: str
+    host: str
+    port: int
+    block_ids: list[int]
+    started: bool = False  # one pull per request, as vLLM clears do_remote_prefill after it
 
 
 @dataclass(slots=True)
@@ -65,6 +79,13 @@ class SimRequest:
     num_computed_tokens: int = 0
     num_cached_tokens: int = -1  # prefix-cache hit at first admission; -1 until then
     num_preemptions: int = 0
+    num_local_hit_tokens: int = 0  # prefix-cache hit in this pod at first admission
+    num_external_tokens: int = 0  # tokens whose KV came from a prefill pod
+    # P/D: a prefill leg keeps its KV for a remote decode; a decode leg pulls it first.
+    hold_kv: bool = False
+    remote_prefill: RemotePrefill | None = None
+    kv_transfer_params: dict | None = None  # what the response reports (prefill legs)
+    error: str | None = None  # why the request failed, for the client
     status: Status = Status.WAITING
     finish_reason: str | None = None
     stop_reason: str | int | None = None

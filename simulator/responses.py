@@ -40,7 +40,11 @@ StopReason = str | int | None
 
 
 def completion(
-    rid: str, model: str, choices: list[tuple[str, str | None, StopReason]], use: dict
+    rid: str,
+    model: str,
+    choices: list[tuple[str, str | None, StopReason]],
+    use: dict,
+    kv_transfer_params: dict | None = None,
 ) -> dict:
     return {
         "id": rid,
@@ -59,11 +63,18 @@ def completion(
             for i, (text, reason, stop_reason) in enumerate(choices)
         ],
         "usage": use,
+        "kv_transfer_params": kv_transfer_params,
     }
 
 
 def chat_completion(
-    rid: str, model: str, text: str, reason: str | None, stop_reason: StopReason, use: dict
+    rid: str,
+    model: str,
+    text: str,
+    reason: str | None,
+    stop_reason: StopReason,
+    use: dict,
+    kv_transfer_params: dict | None = None,
 ) -> dict:
     return {
         "id": rid,
@@ -86,6 +97,7 @@ def chat_completion(
             }
         ],
         "usage": use,
+        "kv_transfer_params": kv_transfer_params,
     }
 
 

@@ -17,6 +17,7 @@ from simulator.block_pool import BlockPool
 from simulator.config import SimulatorConfig
 from simulator.engine import Engine, EngineLimits
 from simulator.kv_events import KVEventPublisher
+from simulator.kv_transfer import PULL_PATH, KVTransfer, PullRefused, parse_remote_prefill
 from simulator.metrics import CONTENT_TYPE, MetricsRenderer
 from simulator.protocol import (
     ApiError,
@@ -65,6 +66,9 @@ class Simulator:
             else None
         )
         texts = {t: self.tokenizer.decode([t]) for t in self.tokenizer.generation_token_ids()}
+        self.kv = KVTransfer(
+            cfg.kv_transfer, bind_host=cfg.host, port=cfg.port, pool=pool, latency=cfg.latency
+        )
         self.engine = Engine(
             pool=pool,
             hasher=BlockHasher(cfg.block_size, cfg.prefix_caching_hash_algo, cfg.seed),
@@ -75,6 +79,7 @@ class Simulator:
             token_texts=texts,
             publish_events=self.publisher.publish if self.publisher else None,
             eos_token_id=self.tokenizer.eos_token_id,
+            kv=self.kv,
         )
         self.metrics = MetricsRenderer(self.engine, cfg)
 
@@ -94,6 +99,7 @@ class Simulator:
         app.router.add_post("/reset_prefix_cache", self.reset_prefix_cache)
         app.router.add_post("/v1/load_lora_adapter", self.load_lora)
         app.router.add_post("/v1/unload_lora_adapter", self.unload_lora)
+        app.router.add_post(PULL_PATH, self.kv_pull)
         app.on_startup.append(self._on_startup)
         app.on_cleanup.append(self._on_cleanup)
         return app
@@ -105,6 +111,7 @@ class Simulator:
 
     async def _on_cleanup(self, _app: web.Application) -> None:
         await self.engine.stop()
+        await self.kv.close()
         if self.publisher:
             await self.publisher.close()
 
@@ -133,6 +140,12 @@ class Simulator:
         *,
         chat: bool,
     ) -> web.StreamResponse:
+        if gen.kv_transfer_params and len(prompts) > 1:
+            raise ApiError(
+                400,
+                "kv_transfer_params needs a single prompt: one request's KV moves between pods",
+                "kv_transfer_params",
+            )
         reqs = [self._make_request(gen, lora, ids) for ids in prompts]
         for r in reqs:
             self.engine.add_request(r)
@@ -185,7 +198,7 @@ class Simulator:
         )
         rng = random.Random(int.from_bytes(digest, "big"))
         mean = self.cfg.output_len_mean
-        return SimRequest(
+        req = SimRequest(
             natural_len=1 + int(rng.expovariate(1 / mean)) if mean > 0 else None,
             request_id=responses.new_id(False),
             prompt_token_ids=ids,
@@ -195,6 +208,24 @@ class Simulator:
             lora_name=lora.name if lora else None,
             extra_keys=(lora.name,) if lora else None,
         )
+        if gen.kv_transfer_params:
+            self._apply_kv_transfer_params(req, gen.kv_transfer_params)
+        return req
+
+    def _apply_kv_transfer_params(self, req: SimRequest, params: dict) -> None:
+        """Mark a prefill leg (keep the KV for a remote decode) or a decode leg (pull it)."""
+        req.hold_kv = bool(params.get("do_remote_decode"))
+        if params.get("do_remote_prefill"):
+            req.remote_prefill = parse_remote_prefill(params)
+            if req.remote_prefill is None:
+                # vLLM's NixlConnector: a warning, and the prompt is computed here.
+                log.warning(
+                    "invalid kv_transfer_params %s (a decode leg needs remote_block_ids, "
+                    "remote_engine_id, remote_request_id, remote_host and remote_port): "
+                    "computing the prompt locally",
+                    params,
+                )
+        self.kv.note_leg(prefill_leg=req.hold_kv, decode_leg=req.remote_prefill is not None)
 
     def _usage(self, reqs: list[SimRequest]) -> dict:
         cached = (
@@ -217,12 +248,19 @@ class Simulator:
                 if out.finish_reason is not None:
                     break
             if out.finish_reason in ("abort", "error"):
-                raise ApiError(500, f"request {r.request_id} failed in the engine")
+                raise ApiError(500, r.error or f"request {r.request_id} failed in the engine")
         use = self._usage(reqs)
+        kv_params = reqs[0].kv_transfer_params
         if chat:
             r = reqs[0]
             body = responses.chat_completion(
-                responses.new_id(True), model, r.output_text, r.finish_reason, r.stop_reason, use
+                responses.new_id(True),
+                model,
+                r.output_text,
+                r.finish_reason,
+                r.stop_reason,
+                use,
+                kv_params,
             )
         else:
             body = responses.completion(
@@ -230,6 +268,7 @@ class Simulator:
                 model,
                 [(r.output_text, r.finish_reason, r.stop_reason) for r in reqs],
                 use,
+                kv_params,
             )
         return web.json_response(body, dumps=_dumps)
 
@@ -259,13 +298,10 @@ class Simulator:
             )
         async for index, out in _merge_outputs(reqs):
             if out.finish_reason in ("abort", "error"):
-                await resp.write(
-                    responses.sse(
-                        ApiError(
-                            500, f"request {reqs[index].request_id} failed in the engine"
-                        ).body()
-                    )
-                )
+                # As vLLM: the stream has begun (status 200), so the error is an event in it.
+                r = reqs[index]
+                message = r.error or f"request {r.request_id} failed in the engine"
+                await resp.write(responses.sse(ApiError(500, message).body()))
                 break
             if chat:
                 chunk = responses.chat_chunk(
@@ -392,6 +428,14 @@ class Simulator:
                 "reset_prefix_cache refused: %d requests hold KV blocks", len(self.engine.running)
             )
         return web.Response(status=200)
+
+    async def kv_pull(self, request: web.Request) -> web.Response:
+        """The KV side channel (a stand-in for NIXL's): decode pods read held blocks here."""
+        try:
+            answer = self.kv.serve_pull(await _json_body(request))
+        except PullRefused as exc:
+            raise ApiError(exc.status, exc.message) from None
+        return web.json_response(answer, dumps=_dumps)
 
     # ---- LoRA adapters at run time (vLLM's VLLM_ALLOW_RUNTIME_LORA_UPDATING routes) --------
 

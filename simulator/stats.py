@@ -125,6 +125,11 @@ class EngineStats:
     generation_tokens: int = 0
     prefix_cache_queries: int = 0
     prefix_cache_hits: int = 0
+    # KV connector lookups and hits (vLLM's external_prefix_cache_*): KV pulled from prefill pods.
+    external_prefix_cache_queries: int = 0
+    external_prefix_cache_hits: int = 0
+    # local_compute, local_cache_hit, external_kv_transfer
+    prompt_tokens_by_source: Counter = field(default_factory=Counter)
     preemptions: int = 0
     steps: int = 0
     step_seconds_modeled: float = 0.0
