@@ -160,13 +160,24 @@ class Director:
         count = min(len(candidates), 1 + self.options.fallbacks)
         return self._rng.sample(candidates, count)
 
-    def finish(self, req: InferenceRequest, info: ResponseInfo, started: float) -> None:
-        """The answer ended (or the client left): release the slot and learn from it."""
+    def finish(
+        self,
+        req: InferenceRequest,
+        info: ResponseInfo,
+        started: float,
+        streamed_tokens: int | None = None,
+    ) -> None:
+        """The answer ended (or the client left): release the slot and learn from it.
+        `streamed_tokens`: output tokens counted from a streamed answer, charged when its
+        usage never came (the client left mid-answer, or the engine sends none)."""
         primary = self.datastore.endpoint(req.targets[0]) if req.targets else None
         if primary is not None:
             primary.inflight_requests = max(0, primary.inflight_requests - 1)
             primary.inflight_tokens = max(0, primary.inflight_tokens - self._token_weight(req))
-        self.gate.leave(req.ticket, info.completion_tokens)
+        charged = info.completion_tokens
+        if charged is None:
+            charged = streamed_tokens
+        self.gate.leave(req.ticket, charged)
         m = self.metrics
         m.running.labels(req.model).dec()
         labels = (req.model, req.target_model)

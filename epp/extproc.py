@@ -132,12 +132,18 @@ class _Stream:
             return
         self.finished = True
         usage = self.usage.finish() if self.usage else None
+        # Without usage (the client left mid-answer, or the engine sends none), a streamed
+        # answer's events count its tokens: one a token, less [DONE] (or a role-only first
+        # event) — at most one short, so a client cannot dodge its output charge by leaving.
+        streamed = None
+        if self.usage is not None and self.usage.streaming and self.usage.events > 1:
+            streamed = self.usage.events - 1
         ttft = tpot = None
         if self.first_chunk is not None:
             ttft = self.first_chunk - self.dispatched
             n = usage.completion_tokens if usage else None
-            if n is None and self.usage is not None and self.usage.streaming:
-                n = self.usage.events - 1  # one event a token, less [DONE]; a fair estimate
+            if n is None:
+                n = streamed
             if n and n > 1 and self.last_chunk is not None and self.usage.streaming:
                 tpot = (self.last_chunk - self.first_chunk) / (n - 1)
         served = self.director.datastore.endpoint(self.served) if self.served else None
@@ -150,7 +156,7 @@ class _Stream:
             ttft=ttft,
             tpot=tpot,
         )
-        self.director.finish(self.req, info, self.started)
+        self.director.finish(self.req, info, self.started, streamed)
 
     def close(self) -> None:
         """The stream ended. Before any response headers that means the request was

@@ -201,3 +201,36 @@ def test_the_usage_event_is_removed_across_any_split():
         assert out == events.replace(
             b'data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2}}\n\n', b""
         )
+
+
+async def test_a_stream_the_client_leaves_is_charged_for_the_tokens_it_got():
+    """No usage event comes when the client leaves mid-answer: the events that passed count
+    (one a token), so leaving early does not dodge an output limit."""
+    from epp.extproc import _Stream
+    from tests import extproc_client as ec
+
+    d = director_with(limited_route(outputTokensPerUnit=50))
+    stream = _Stream(d)
+    stream.on_request_headers(ec.headers())
+    await stream.on_request_body(ec.body({"model": "m", "prompt": "hi", "stream": True}))
+    stream.on_response_headers(ec.response_headers(content_type="text/event-stream"))
+    for _ in range(60):  # 60 tokens of a longer answer, then the client is gone
+        stream.on_response_body(ec.response_body(b'data: {"choices":[{"text":"a"}]}\n\n', False))
+    stream.close()
+    await asyncio.sleep(0)  # the charge is a task
+    level = d.gate._limiters["limited"][1].output.level("limited")
+    assert level == pytest.approx(50 - 59, abs=0.1)  # at most one token short
+    with pytest.raises(PickerError) as err:
+        await d.admit(request(), None)
+    assert err.value.status == 429 and "50 output tokens per minute" in err.value.message
+    # A stream with its usage is charged what the usage says, not what was counted.
+    d = director_with(limited_route(outputTokensPerUnit=50))
+    stream = _Stream(d)
+    stream.on_request_headers(ec.headers())
+    await stream.on_request_body(ec.body({"model": "m", "prompt": "hi", "stream": True}))
+    stream.on_response_headers(ec.response_headers(content_type="text/event-stream"))
+    usage = b'data: {"choices":[],"usage":{"prompt_tokens":1,"completion_tokens":7}}\n\n'
+    for chunk in (b'data: {"choices":[{"text":"a"}]}\n\n', usage, b"data: [DONE]\n\n"):
+        stream.on_response_body(ec.response_body(chunk, chunk.endswith(b"[DONE]\n\n")))
+    await asyncio.sleep(0)
+    assert d.gate._limiters["limited"][1].output.level("limited") == pytest.approx(43, abs=0.1)
