@@ -1,15 +1,23 @@
 """Pods as local processes: the kubelet of standalone mode.
 
-Every Pod in the store becomes a process on its own loopback address (127.0.0.2, .3, …), so
-pods listen on the container port their template names — as in a cluster, where every pod
-has its own IP — and the picker's pool needs a single target port. The runtime writes back
-what a kubelet would: podIP, phase, the Ready condition (from the readiness probe, else
-"process running") and containerStatuses with restartCount; it restarts processes per
-restartPolicy with a growing back-off, and stops them when their Pod is deleted.
+Every Pod in the store gets its own loopback address (127.0.0.2, .3, …), so pods listen on
+the container port their template names — as in a cluster, where every pod has its own IP —
+and the picker's pool needs a single target port. Every container of the pod is its own
+process on that address (the containers of a pod share it, as they share a network
+namespace), restarted per the pod's restartPolicy with its own growing back-off and
+restartCount, and its output goes to `<state-dir>/pods/<namespace>_<pod>_<container>.log`.
+The runtime writes back what a kubelet would: podIP, phase, the Ready condition (every
+container's readiness probe passes; a container without one is ready while it runs) and
+containerStatuses; deleting the Pod stops all its processes.
 
-The first container's `command` + `args` run with `$(VAR)` expanded from its env, as the
-kubelet does; env entries may use fieldRef `metadata.name`, `metadata.namespace` and
-`status.podIP`. A container without a command runs the simulator with its args.
+Each container's `command` + `args` run with `$(VAR)` expanded from its env, as the kubelet
+does; env entries may use fieldRef `metadata.name`, `metadata.namespace` and `status.podIP`,
+and POD_IP is always set. Two commands are this installation's, so they run without a
+container image or `.venv/bin` on PATH:
+- a container without a command runs the simulator with its args (`--host` the pod's
+  address), as the infergate image's entrypoint does with arguments that start with a flag;
+- a command whose first word is `infergate` runs this installation's CLI
+  (`sys.executable -m infergate.cli ...`), e.g. the decode pod's `infergate connector`.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ import re
 import signal
 import socket
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,18 +41,32 @@ from controllers.store import POD, NotFound, Obj, Store
 
 log = logging.getLogger("controllers.local_runtime")
 _VAR = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
+BACKOFF_RESET_SECONDS = 600.0  # a container that ran this long starts its back-off afresh
+
+
+@dataclass(slots=True)
+class _Container:
+    name: str
+    spec: dict
+    cmd: list[str]
+    env: dict[str, str]
+    logfile: Path
+    proc: asyncio.subprocess.Process | None = None
+    restarts: int = 0
+    ready: bool = False
+    running: bool = False
+    done: bool = False  # exited and, per restartPolicy, not restarted
+    exit_code: int | None = None  # the last exit
+    task: asyncio.Task | None = None
 
 
 @dataclass(slots=True)
 class _Running:
     pod: Obj
     ip: str
-    proc: asyncio.subprocess.Process | None = None
-    restarts: int = 0
-    ready: bool = False
-    task: asyncio.Task | None = None
+    containers: list[_Container] = field(default_factory=list)
     stopping: bool = False
-    env: dict[str, str] = field(default_factory=dict)
+    status_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
 class LocalRuntime:
@@ -63,6 +86,7 @@ class LocalRuntime:
         self._next_ip = first_ip
         self._free_ips: list[str] = []
         self._running: dict[tuple[str, str], _Running] = {}
+        self._stopping: set[asyncio.Task] = set()  # pods being stopped
         self._informer = Informer(store, POD)
         self._informer.add_handler(self._on_pod)
         self._session: aiohttp.ClientSession | None = None
@@ -75,13 +99,20 @@ class LocalRuntime:
 
     async def stop(self) -> None:
         await self._informer.stop()
-        await asyncio.gather(*(self._stop(k) for k in list(self._running)))
+        await asyncio.gather(*(self._stop(k) for k in list(self._running)), *self._stopping)
         if self._session is not None:
             await self._session.close()
 
-    def process(self, namespace: str, name: str) -> asyncio.subprocess.Process | None:
+    def process(
+        self, namespace: str, name: str, container: str | None = None
+    ) -> asyncio.subprocess.Process | None:
+        """The current process of a pod's container (default: its first container)."""
         run = self._running.get((namespace, name))
-        return run.proc if run else None
+        if run is None or not run.containers:
+            return None
+        if container is None:
+            return run.containers[0].proc
+        return next((c.proc for c in run.containers if c.name == container), None)
 
     # ---- pod events ---------------------------------------------------------------------
 
@@ -90,17 +121,22 @@ class LocalRuntime:
         run = self._running.get(key)
         if event == "DELETED" or pod["metadata"].get("deletionTimestamp"):
             if run is not None:
-                asyncio.get_running_loop().create_task(self._stop(key))
+                self._stop_later(key, run)
             return
         if run is None or run.pod["metadata"].get("uid") != pod["metadata"].get("uid"):
-            if run is not None:  # same name, new pod: the old process goes first
-                asyncio.get_running_loop().create_task(self._stop(key))
+            if run is not None:  # same name, new pod: the old processes go first
+                self._stop_later(key, run)
             run = _Running(pod=pod, ip=self._take_ip(_container_ports(pod)))
             self._running[key] = run
-            run.task = asyncio.create_task(self._supervise(key, run), name=f"pod {key[1]}")
+            self._start_containers(key, run)
+
+    def _stop_later(self, key: tuple[str, str], run: _Running) -> None:
+        task = asyncio.get_running_loop().create_task(self._stop(key, run))
+        self._stopping.add(task)
+        task.add_done_callback(self._stopping.discard)
 
     def _take_ip(self, ports: list[int]) -> str:
-        """A loopback address where the pod's ports are free: another stack on this
+        """A loopback address where every container's ports are free: another stack on this
         machine (or a leftover process) may hold some, and a pod that cannot bind its port
         must not pass its readiness probe against someone else's server."""
         for ip in list(self._free_ips):
@@ -116,46 +152,77 @@ class LocalRuntime:
 
     # ---- one pod ------------------------------------------------------------------------
 
-    async def _supervise(self, key: tuple[str, str], run: _Running) -> None:
-        container = (run.pod.get("spec", {}).get("containers") or [{}])[0]
+    def _start_containers(self, key: tuple[str, str], run: _Running) -> None:
+        specs = run.pod.get("spec", {}).get("containers") or [{}]
+        for i, spec in enumerate(specs):
+            name = spec.get("name") or f"c{i}"
+            env = self._env(run.pod, spec, run.ip)
+            c = _Container(
+                name=name,
+                spec=spec,
+                cmd=self._command(spec, env),
+                env=env,
+                logfile=self.state_dir / "pods" / f"{key[0]}_{key[1]}_{name}.log",
+            )
+            run.containers.append(c)
+        for c in run.containers:
+            c.task = asyncio.create_task(
+                self._supervise(key, run, c), name=f"pod {key[1]} container {c.name}"
+            )
+
+    async def _supervise(self, key: tuple[str, str], run: _Running, c: _Container) -> None:
+        """One container: start, probe, and restart per the pod's restartPolicy."""
         policy = run.pod.get("spec", {}).get("restartPolicy", "Always")
-        run.env = self._env(run.pod, container, run.ip)
-        cmd = self._command(container, run.env)
-        logfile = self.state_dir / "pods" / f"{key[0]}_{key[1]}.log"
-        backoff = 1.0
+        backoff = min(1.0, self.max_backoff)
         while not run.stopping:
-            with open(logfile, "ab") as out:  # noqa: ASYNC230 - an append-open, instant
-                run.proc = await asyncio.create_subprocess_exec(
-                    *cmd,
-                    stdout=out,
-                    stderr=asyncio.subprocess.STDOUT,
-                    env={**os.environ, **run.env},
-                    start_new_session=True,
-                )
-            log.info("pod %s/%s started on %s: %s", *key, run.ip, " ".join(cmd))
-            await self._write_status(key, run, "Running")
-            probe = asyncio.create_task(self._probe(key, run, container))
-            code = await run.proc.wait()
-            probe.cancel()
-            run.ready = False
+            started = time.monotonic()
+            code = await self._run_once(key, run, c)
+            c.running, c.ready, c.exit_code = False, False, code
             if run.stopping:
                 return
-            log.warning("pod %s/%s exited with %s", *key, code)
+            log.warning("pod %s/%s container %s exited with %s", *key, c.name, code)
             if policy == "Never" or (policy == "OnFailure" and code == 0):
-                await self._write_status(key, run, "Succeeded" if code == 0 else "Failed", code)
+                c.done = True
+                await self._write_status(key, run)
                 return
-            run.restarts += 1
-            await self._write_status(key, run, "Running", code)
+            c.restarts += 1
+            await self._write_status(key, run)
+            if time.monotonic() - started >= BACKOFF_RESET_SECONDS:
+                backoff = min(1.0, self.max_backoff)
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, self.max_backoff)
 
-    async def _probe(self, key: tuple[str, str], run: _Running, container: dict) -> None:
+    async def _run_once(self, key: tuple[str, str], run: _Running, c: _Container) -> int:
+        """Start the container's process and wait for it to exit; a command that cannot
+        start counts as an exit with 127, as a shell reports it."""
+        try:
+            with open(c.logfile, "ab") as out:  # noqa: ASYNC230 - an append-open, instant
+                c.proc = await asyncio.create_subprocess_exec(
+                    *c.cmd,
+                    stdout=out,
+                    stderr=asyncio.subprocess.STDOUT,
+                    env={**os.environ, **c.env},
+                    start_new_session=True,
+                )
+        except OSError as exc:
+            log.error("pod %s/%s container %s cannot start: %s", *key, c.name, exc)
+            return 127
+        c.running = True
+        log.info("pod %s/%s container %s started on %s: %s", *key, c.name, run.ip, " ".join(c.cmd))
+        await self._write_status(key, run)
+        probe = asyncio.create_task(self._probe(key, run, c))
+        try:
+            return await c.proc.wait()
+        finally:
+            probe.cancel()
+
+    async def _probe(self, key: tuple[str, str], run: _Running, c: _Container) -> None:
         """Ready when the readiness probe's httpGet answers 200 (no probe: when started)."""
-        http = (container.get("readinessProbe") or {}).get("httpGet")
+        http = (c.spec.get("readinessProbe") or {}).get("httpGet")
         while True:
             ok = True
             if http:
-                port = _port(http.get("port"), container)
+                port = _port(http.get("port"), c.spec)
                 url = f"http://{run.ip}:{port}{http.get('path', '/')}"
                 try:
                     assert self._session is not None
@@ -163,52 +230,42 @@ class LocalRuntime:
                         ok = resp.status == 200
                 except (TimeoutError, aiohttp.ClientError, OSError):
                     ok = False
-            if ok != run.ready:
-                run.ready = ok
-                await self._write_status(key, run, "Running")
+            if ok != c.ready:
+                c.ready = ok
+                await self._write_status(key, run)
             await asyncio.sleep(self.probe_interval)
 
-    async def _write_status(self, key, run: _Running, phase: str, exit_code: int | None = None):
-        pod = await self.store.get(POD, *key)
-        if pod is None or pod["metadata"].get("uid") != run.pod["metadata"].get("uid"):
-            return
-        name = ((run.pod.get("spec", {}).get("containers") or [{}])[0]).get("name", "main")
-        state = {"running": {}} if phase == "Running" else {"terminated": {"exitCode": exit_code}}
-        pod = copy.deepcopy(pod)
-        pod["metadata"].pop("resourceVersion", None)  # the kubelet's write wins
-        pod["status"] = {
-            "phase": phase,
-            "podIP": run.ip,
-            "podIPs": [{"ip": run.ip}],
-            "conditions": [{"type": "Ready", "status": "True" if run.ready else "False"}],
-            "containerStatuses": [
-                {"name": name, "ready": run.ready, "restartCount": run.restarts, "state": state}
-            ],
-        }
-        try:
-            await self.store.update_status(pod)
-        except NotFound:
-            pass
-
-    async def _stop(self, key: tuple[str, str]) -> None:
-        run = self._running.pop(key, None)
-        if run is None:
-            return
-        run.stopping = True
-        proc = run.proc
-        if proc is not None and proc.returncode is None:
+    async def _write_status(self, key: tuple[str, str], run: _Running) -> None:
+        # One write at a time per pod, each from the state at its turn: the last one wins
+        # and is the newest.
+        async with run.status_lock:
+            pod = await self.store.get(POD, *key)
+            if pod is None or pod["metadata"].get("uid") != run.pod["metadata"].get("uid"):
+                return
+            pod = copy.deepcopy(pod)
+            pod["metadata"].pop("resourceVersion", None)  # the kubelet's write wins
+            pod["status"] = _pod_status(run)
             try:
-                os.killpg(proc.pid, signal.SIGTERM)
-                await asyncio.wait_for(proc.wait(), 10)
-            except (ProcessLookupError, TimeoutError):
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                await proc.wait()
-        if run.task is not None:
-            run.task.cancel()
-            await asyncio.gather(run.task, return_exceptions=True)
+                await self.store.update_status(pod)
+            except NotFound:
+                pass
+
+    async def _stop(self, key: tuple[str, str], run: _Running | None = None) -> None:
+        """Stop the pod's supervisors (so nothing restarts), then all its processes at once:
+        SIGTERM to each process group, SIGKILL after 10 s. `run`: that incarnation only (a
+        new pod of the same name may already have taken the key)."""
+        if run is None:
+            run = self._running.get(key)
+        if run is None or run.stopping:
+            return
+        if self._running.get(key) is run:
+            del self._running[key]
+        run.stopping = True
+        tasks = [c.task for c in run.containers if c.task is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*(_terminate(c.proc) for c in run.containers if c.proc is not None))
         self._free_ips.append(run.ip)
 
     # ---- command line -------------------------------------------------------------------
@@ -229,10 +286,60 @@ class LocalRuntime:
 
     @staticmethod
     def _command(container: dict, env: dict[str, str]) -> list[str]:
-        args = [*(container.get("command") or []), *(container.get("args") or [])]
-        if not container.get("command"):  # the simulator, on the pod's own address
+        command = list(container.get("command") or [])
+        args = [*command, *(container.get("args") or [])]
+        if not command:  # the simulator, on the pod's own address
             args = [sys.executable, "-m", "simulator", *args, "--host", env["POD_IP"]]
+        elif command[0] == "infergate":  # this installation's CLI, wherever it is
+            args = [sys.executable, "-m", "infergate.cli", *args[1:]]
         return [_expand(str(a), env) for a in args]
+
+
+def _pod_status(run: _Running) -> dict:
+    """What the kubelet reports: Running while any container runs or will restart;
+    Succeeded when all exited 0 for good, Failed when all exited and one failed."""
+    containers = run.containers
+    if containers and all(c.done for c in containers):
+        phase = "Succeeded" if all(c.exit_code == 0 for c in containers) else "Failed"
+    else:
+        phase = "Running"
+    ready = bool(containers) and all(c.ready for c in containers)
+    return {
+        "phase": phase,
+        "podIP": run.ip,
+        "podIPs": [{"ip": run.ip}],
+        "conditions": [{"type": "Ready", "status": "True" if ready else "False"}],
+        "containerStatuses": [_container_status(c) for c in containers],
+    }
+
+
+def _container_status(c: _Container) -> dict:
+    if c.running:
+        state: dict = {"running": {}}
+    elif c.done:
+        state = {"terminated": {"exitCode": c.exit_code}}
+    elif c.exit_code is not None:
+        state = {"waiting": {"reason": "CrashLoopBackOff"}}
+    else:
+        state = {"waiting": {"reason": "ContainerCreating"}}
+    out = {"name": c.name, "ready": c.ready, "restartCount": c.restarts, "state": state}
+    if c.exit_code is not None and "terminated" not in state:
+        out["lastState"] = {"terminated": {"exitCode": c.exit_code}}
+    return out
+
+
+async def _terminate(proc: asyncio.subprocess.Process) -> None:
+    if proc.returncode is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        await asyncio.wait_for(proc.wait(), 10)
+    except (ProcessLookupError, TimeoutError):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        await proc.wait()
 
 
 def _container_ports(pod: Obj) -> list[int]:

@@ -1,6 +1,12 @@
 """What one Model expands into: its ModelInfer, ModelServer, ModelRoute, InferencePool and,
 when it autoscales, an AutoScalingPolicyBinding (and a policy for inline metrics). Pure
-functions of the Model, so the reconciler only compares and writes."""
+functions of the Model, so the reconciler only compares and writes.
+
+A prefill/decode Model with `backend.kvConnector` gets llm-d's decode pod: the connector
+sidecar (`infergate connector`) on the pod's serving port 8000, which the InferencePool
+targets and the picker's `x-prefiller-host-port` reaches, in front of the engine moved to
+port 8200. Prefill pods, workers and aggregated Models keep the engine alone on 8000.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +16,10 @@ from controllers.modelinfer_pods import L_GROUP, L_MODEL, L_ROLE
 from controllers.store import Obj, owner_reference
 
 ENGINE_LABEL = "inference.networking.k8s.io/engine-type"
-ENGINE_PORT = 8000
+ENGINE_PORT = 8000  # the pod's serving port: the engine's, or the connector's before it
+SIDECAR_ENGINE_PORT = 8200  # the engine's port behind the connector (llm-d's)
+CONNECTOR_IMAGE = "ghcr.io/infergate/infergate:latest"
+POD_IP_ENV = {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}
 PICKER_PORT = 9002
 WORKLOAD = "workload.infergate.io/v1alpha1"
 NETWORKING = "networking.infergate.io/v1alpha1"
@@ -40,13 +49,13 @@ def _meta(model: Obj, name: str | None = None, **labels: str) -> dict:
     }
 
 
-def _container(model: Obj, role: dict, role_name: str) -> dict:
+def _container(model: Obj, role: dict, port: int = ENGINE_PORT) -> dict:
     spec = model["spec"]
     engine = spec.get("engine") or {}
     args = [
         f"--model={model_arg(spec['modelURI'])}",
         f"--served-model-name={served_name(model)}",
-        f"--port={ENGINE_PORT}",
+        f"--port={port}",
         *(engine.get("args") or []),
         *(role.get("args") or []),
     ]
@@ -54,32 +63,65 @@ def _container(model: Obj, role: dict, role_name: str) -> dict:
     if lora:
         args += ["--enable-lora", "--lora-modules"]
         args += [f"{a['name']}={model_arg(a['artifactURL'])}" for a in lora]
+    # Port names are unique in a pod: behind the connector, "http" is the connector's.
+    port_name = "http" if port == ENGINE_PORT else "engine"
     container = {
         "name": "engine",
         "image": spec["image"],
         "args": args,
-        "ports": [{"name": "http", "containerPort": ENGINE_PORT}],
-        "readinessProbe": {"httpGet": {"path": "/health", "port": "http"}},
+        "ports": [{"name": port_name, "containerPort": port}],
+        "readinessProbe": {"httpGet": {"path": "/health", "port": port_name}},
     }
-    if spec.get("env"):
-        container["env"] = copy.deepcopy(spec["env"])
+    env = copy.deepcopy(spec.get("env") or [])
+    if any("$(POD_IP)" in a for a in args) and not any(e.get("name") == "POD_IP" for e in env):
+        # The kubelet expands $(POD_IP) in args (e.g. a KV-event topic) only when the
+        # container defines it.
+        env.insert(0, copy.deepcopy(POD_IP_ENV))
+    if env:
+        container["env"] = env
     resources = role.get("resources") or spec.get("resources")
     if resources:
         container["resources"] = copy.deepcopy(resources)
     return container
 
 
-def _role(model: Obj, name: str, role: dict) -> dict:
-    engine = ((model["spec"].get("engine") or {}).get("type") or "vLLM").lower()
-    pod = {
-        "metadata": {"labels": {ENGINE_LABEL: engine}},
-        "spec": {"containers": [_container(model, role, name)]},
+def connector_container(kv_connector: str) -> dict:
+    """The decode pod's P/D sidecar: serves the pod's port and passes to the engine on
+    SIDECAR_ENGINE_PORT, or runs the prefill leg on the pod the picker named first. Its
+    /health and /metrics are the engine's (passed through); its own metrics are at
+    /connector/metrics."""
+    return {
+        "name": "connector",
+        "image": CONNECTOR_IMAGE,
+        "command": ["infergate", "connector"],
+        "args": [
+            "--host=$(POD_IP)",
+            f"--port={ENGINE_PORT}",
+            f"--engine-url=http://$(POD_IP):{SIDECAR_ENGINE_PORT}",
+            f"--kv-connector={kv_connector}",
+        ],
+        "env": [copy.deepcopy(POD_IP_ENV)],
+        "ports": [{"name": "http", "containerPort": ENGINE_PORT}],
+        "readinessProbe": {"httpGet": {"path": "/health", "port": "http"}},
     }
+
+
+def _role(model: Obj, name: str, role: dict, kv_connector: str | None = None) -> dict:
+    engine = ((model["spec"].get("engine") or {}).get("type") or "vLLM").lower()
+    labels = {ENGINE_LABEL: engine}
+    pod = {"metadata": {"labels": labels}, "spec": {"containers": [_container(model, role)]}}
+    entry = pod
+    if kv_connector:  # only the entry pod serves, so only it gets the sidecar
+        containers = [
+            _container(model, role, SIDECAR_ENGINE_PORT),
+            connector_container(kv_connector),
+        ]
+        entry = {"metadata": {"labels": dict(labels)}, "spec": {"containers": containers}}
     out = {
         "name": name,
         "replicas": int(role.get("replicas", 1)),
         "workerReplicas": int(role.get("workerReplicas", 0)),
-        "entryTemplate": pod,
+        "entryTemplate": entry,
     }
     if out["workerReplicas"]:
         out["workerTemplate"] = copy.deepcopy(pod)
@@ -90,7 +132,13 @@ def roles(model: Obj) -> list[dict]:
     backend = model["spec"]["backend"]
     if backend.get("aggregated") is not None:
         return [_role(model, "server", backend["aggregated"])]
-    return [_role(model, "prefill", backend["prefill"]), _role(model, "decode", backend["decode"])]
+    kv_connector = (backend.get("kvConnector") or {}).get("type")
+    if backend.get("kvConnector") is not None and not kv_connector:
+        kv_connector = "nixl"  # the CRD's default
+    return [
+        _role(model, "prefill", backend["prefill"]),
+        _role(model, "decode", backend["decode"], kv_connector),
+    ]
 
 
 def modelinfer(model: Obj) -> Obj:

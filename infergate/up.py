@@ -48,18 +48,22 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="where configs and logs go (default: a new temporary directory)",
     )
-    p.add_argument(
-        "engine_args",
-        nargs=argparse.REMAINDER,
-        help="after --, arguments added to the Model's engine arguments (every pod)",
-    )
+    p.epilog = "Arguments after -- are added to the Model's engine arguments (every pod)."
     return p
+
+
+def split_engine_args(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(our flags and the directory, in any order; the engine's arguments after --)."""
+    if "--" in argv:
+        i = argv.index("--")
+        return argv[:i], argv[i + 1 :]
+    return argv, []
 
 
 def main(argv: list[str] | None = None) -> int:
     p = build_parser()
-    args = p.parse_args(argv)
-    engine_args = args.engine_args[1:] if args.engine_args[:1] == ["--"] else args.engine_args
+    ours, engine_args = split_engine_args(sys.argv[1:] if argv is None else list(argv))
+    args = p.parse_args(ours)
     if args.pods is not None and args.pods < 1:
         p.error("--pods must be at least 1")
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="infergate-up-"))

@@ -1,5 +1,6 @@
-"""The standalone kubelet: pods become real processes on their own loopback address, report
-readiness from their probe, restart per restartPolicy and stop when deleted."""
+"""The standalone kubelet: pods become real processes on their own loopback address, one per
+container, report readiness from every container's probe, restart each container per the
+pod's restartPolicy and stop them all when the pod is deleted."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import os
 import signal
 import sys
 import time
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -77,7 +79,7 @@ async def test_a_pod_runs_on_its_own_address_and_restarts_when_killed(runtime, t
     a = await wait_status(
         store, "a", lambda st: st["containerStatuses"][0]["restartCount"] == 1 and ready(st)
     )
-    assert (tmp_path / "pods" / "default_a.log").stat().st_size > 0
+    assert (tmp_path / "pods" / "default_a_engine.log").stat().st_size > 0
     proc = rt.process("default", "b")
     await store.delete(POD, "default", "b")
     await asyncio.wait_for(proc.wait(), 15)
@@ -88,6 +90,114 @@ async def test_restart_policy_never_leaves_a_failed_pod(runtime):
     pod = sim_pod("c", restartPolicy="Never")
     pod["spec"]["containers"][0]["command"] = [sys.executable, "-c", "raise SystemExit(3)"]
     pod["spec"]["containers"][0]["args"] = []
+    pod["spec"]["containers"].append({"name": "missing", "command": ["/nonexistent/command"]})
     await store.create(pod)
     pod = await wait_status(store, "c", lambda st: st.get("phase") == "Failed")
-    assert pod["status"]["containerStatuses"][0]["state"]["terminated"]["exitCode"] == 3
+    exits = {c["name"]: c["state"]["terminated"]["exitCode"] for c in statuses(pod).values()}
+    assert exits == {"engine": 3, "missing": 127}  # one that cannot start exits with 127
+    assert all(c["restartCount"] == 0 for c in statuses(pod).values())
+
+
+def cmdline(pid: int) -> list[bytes]:
+    return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+
+
+def statuses(pod_or_status: dict) -> dict[str, dict]:
+    """containerStatuses by name, from a pod or its status."""
+    status = pod_or_status.get("status", pod_or_status)
+    return {c["name"]: c for c in status.get("containerStatuses") or []}
+
+
+async def test_every_container_runs_on_the_pod_address_and_restarts_alone(runtime, tmp_path):
+    """A simulator and a file server in one pod: both on the pod's address, the pod Ready
+    only once both probes pass, a killed container restarted alone, both stopped on delete."""
+    served = tmp_path / "served"
+    served.mkdir()
+    pod = sim_pod("two")
+    pod["spec"]["containers"].append(
+        {
+            "name": "files",
+            "command": [sys.executable, "-m", "http.server", "8001"],
+            "args": ["--bind", "$(POD_IP)", "--directory", str(served)],
+            "ports": [{"name": "files", "containerPort": 8001}],
+            # 404 until the test writes the file: this container is not ready before
+            "readinessProbe": {"httpGet": {"path": "/ready", "port": "files"}},
+        }
+    )
+    store, rt = runtime
+    await store.create(pod)
+    pod = await wait_status(store, "two", lambda st: statuses(st).get("engine", {}).get("ready"))
+    assert not ready(pod["status"]) and not statuses(pod)["files"]["ready"]
+    assert statuses(pod)["files"]["state"] == {"running": {}}
+    ip = pod["status"]["podIP"]
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"http://{ip}:8000/health") as r:
+            assert r.status == 200  # the simulator, on the pod's address
+        async with s.get(f"http://{ip}:8001/") as r:
+            assert r.status == 200  # the file server, on the same address
+    (served / "ready").write_text("ok")
+    pod = await wait_status(store, "two", ready)
+    assert all(c["ready"] and c["restartCount"] == 0 for c in statuses(pod).values())
+
+    engine = rt.process("default", "two", "engine")
+    files = rt.process("default", "two", "files")
+    assert rt.process("default", "two") is engine  # the first container by default
+    os.killpg(files.pid, signal.SIGKILL)
+    pod = await wait_status(store, "two", lambda st: not ready(st))  # one container down
+    pod = await wait_status(
+        store, "two", lambda st: ready(st) and statuses(st)["files"]["restartCount"]
+    )
+    assert statuses(pod)["files"]["restartCount"] == 1
+    assert statuses(pod)["engine"]["restartCount"] == 0
+    assert statuses(pod)["files"]["lastState"]["terminated"]["exitCode"] == -signal.SIGKILL
+    assert rt.process("default", "two", "engine") is engine and engine.returncode is None
+    restarted = rt.process("default", "two", "files")
+    assert restarted is not files and pod["status"]["podIP"] == ip  # same address
+    for name in ("engine", "files"):
+        assert (tmp_path / "pods" / f"default_two_{name}.log").stat().st_size > 0
+
+    await store.delete(POD, "default", "two")
+    await asyncio.wait_for(asyncio.gather(engine.wait(), restarted.wait()), 15)
+
+
+async def test_an_infergate_command_runs_this_installation(runtime, monkeypatch):
+    """`infergate connector` before a simulator, as the decode pod's template has them: the
+    command runs without .venv/bin on PATH, the sidecar reaches the engine on the pod's
+    address, and its probe passes through to the engine."""
+    store, rt = runtime
+    pod = sim_pod("pd")
+    engine = pod["spec"]["containers"][0]
+    engine["args"] = ["--port=8200", "--served-model-name", "$(MODEL)"]
+    engine["ports"] = [{"name": "engine", "containerPort": 8200}]
+    engine["readinessProbe"] = {"httpGet": {"path": "/health", "port": "engine"}}
+    pod["spec"]["containers"].append(
+        {
+            "name": "connector",
+            "command": ["infergate", "connector"],
+            "args": [
+                "--host=$(POD_IP)",
+                "--port=8000",
+                "--engine-url=http://$(POD_IP):8200",
+                "--kv-connector=http",
+            ],
+            "env": [{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}],
+            "ports": [{"name": "http", "containerPort": 8000}],
+            "readinessProbe": {"httpGet": {"path": "/health", "port": "http"}},
+        }
+    )
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")  # no infergate script on it
+    await store.create(pod)
+    pod = await wait_status(store, "pd", ready)
+    assert set(statuses(pod)) == {"engine", "connector"}
+    ip = pod["status"]["podIP"]
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"http://{ip}:8000/connector/metrics") as r:
+            assert r.status == 200 and "infergate_connector_requests_total" in await r.text()
+        async with s.get(f"http://{ip}:8000/v1/models") as r:  # passed through to :8200
+            assert (await r.json())["data"][0]["id"] == "m-pd"
+    assert cmdline(rt.process("default", "pd", "connector").pid)[:4] == [
+        sys.executable.encode(),
+        b"-m",
+        b"infergate.cli",
+        b"connector",
+    ]

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from controllers import conditions
+from controllers import conditions, model_objects
 from controllers.memory_store import MemoryStore
 from controllers.model import ModelReconciler
 from controllers.modelinfer import ModelInferReconciler
@@ -35,8 +35,14 @@ EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "crds" / "model.
 OWNED = (MODEL_INFER, MODEL_SERVER, MODEL_ROUTE, INFERENCE_POOL, AUTOSCALING_BINDING)
 
 
-def example_model() -> dict:
-    return yaml.safe_load(EXAMPLE.read_text())
+def example_model(path: Path = EXAMPLE) -> dict:
+    return yaml.safe_load(path.read_text())
+
+
+def stored(model: dict) -> dict:
+    """As the store hands it to the reconciler: with a uid."""
+    model["metadata"].setdefault("uid", "0000-uid")
+    return model
 
 
 class Wall:
@@ -127,6 +133,95 @@ async def test_a_model_expands_into_valid_objects_it_owns(env):
     binding = await owned(store, AUTOSCALING_BINDING)
     assert binding["spec"]["policyRef"]["name"] == "llama-3-8b-load"
     assert binding["spec"]["homogeneousTarget"]["maxReplicas"] == 4
+
+
+POD_IP_ENV = {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}
+
+
+def role_templates(model: dict) -> dict[str, dict]:
+    return {r["name"]: r for r in model_objects.roles(model)}
+
+
+def by_name(containers: list[dict]) -> dict[str, dict]:
+    return {c["name"]: c for c in containers}
+
+
+@pytest.mark.parametrize("kind", ["nixl", "http", "sglang"])
+def test_a_kv_connector_puts_the_sidecar_before_the_decode_engine(kind):
+    model = example_model()
+    model["spec"]["backend"]["kvConnector"] = {"type": kind}
+    model["spec"]["backend"]["decode"]["workerReplicas"] = 1
+    roles = role_templates(model)
+    decode = roles["decode"]["entryTemplate"]["spec"]["containers"]
+    assert [c["name"] for c in decode] == ["engine", "connector"]  # the engine stays first
+    engine, sidecar = by_name(decode)["engine"], by_name(decode)["connector"]
+    # the sidecar owns the pod's serving port, which the pool targets
+    assert sidecar["command"] == ["infergate", "connector"]
+    assert sidecar["args"] == [
+        "--host=$(POD_IP)",
+        "--port=8000",
+        "--engine-url=http://$(POD_IP):8200",
+        f"--kv-connector={kind}",
+    ]
+    assert sidecar["env"] == [POD_IP_ENV]
+    assert sidecar["ports"] == [{"name": "http", "containerPort": 8000}]
+    assert sidecar["readinessProbe"] == {"httpGet": {"path": "/health", "port": "http"}}
+    assert sidecar["image"] == model_objects.CONNECTOR_IMAGE
+    # the engine behind it on 8200, probed there; its own args, env and resources kept
+    assert "--port=8200" in engine["args"] and "--port=8000" not in engine["args"]
+    assert "--max-num-seqs=256" in engine["args"]
+    assert engine["ports"] == [{"name": "engine", "containerPort": 8200}]
+    assert engine["readinessProbe"] == {"httpGet": {"path": "/health", "port": "engine"}}
+    assert engine["env"][0]["name"] == "HF_TOKEN" and engine["resources"]["limits"]
+    ports = [p["name"] for c in decode for p in c["ports"]]
+    assert len(ports) == len(set(ports))  # port names are unique in a pod
+    # decode workers do not serve: the engine alone, on 8000, as before
+    worker = roles["decode"]["workerTemplate"]["spec"]["containers"]
+    assert [c["name"] for c in worker] == ["engine"] and "--port=8000" in worker[0]["args"]
+    # prefill pods answer the sidecar's prefill legs on 8000 themselves
+    prefill = roles["prefill"]["entryTemplate"]["spec"]["containers"]
+    assert [c["name"] for c in prefill] == ["engine"]
+    assert "--port=8000" in prefill[0]["args"]
+    assert prefill[0]["ports"] == [{"name": "http", "containerPort": 8000}]
+    # what routes to the pods is unchanged: port 8000
+    stored(model)
+    assert model_objects.inferencepool(model)["spec"]["targetPorts"] == [{"number": 8000}]
+    assert model_objects.modelserver(model)["spec"]["workloadPort"]["port"] == 8000
+    assert validate_dict(model_objects.modelinfer(model)) == []
+
+
+def test_no_kv_connector_no_sidecar():
+    model = example_model()
+    del model["spec"]["backend"]["kvConnector"]
+    for role in role_templates(model).values():
+        (engine,) = role["entryTemplate"]["spec"]["containers"]
+        assert engine["name"] == "engine" and "--port=8000" in engine["args"]
+        assert engine["ports"] == [{"name": "http", "containerPort": 8000}]
+    model["spec"]["backend"] = {"aggregated": {"replicas": 1}}
+    (server,) = role_templates(model).values()
+    (engine,) = server["entryTemplate"]["spec"]["containers"]
+    assert engine["ports"] == [{"name": "http", "containerPort": 8000}]
+    assert engine["readinessProbe"] == {"httpGet": {"path": "/health", "port": "http"}}
+    assert "env" in engine and all(e["name"] != "POD_IP" for e in engine["env"])
+
+
+def test_engine_args_naming_the_pod_ip_get_it_from_the_downward_api():
+    """$(POD_IP) in engine args (a KV-event topic) is only expanded by the kubelet when the
+    container defines POD_IP; the topic keeps naming the serving port 8000, which is what
+    the picker knows, even with the engine behind the sidecar on 8200."""
+    model = example_model(EXAMPLE.parent.parent / "pd" / "model.yaml")
+    roles = role_templates(model)
+    for role in ("prefill", "decode"):
+        engine = by_name(roles[role]["entryTemplate"]["spec"]["containers"])["engine"]
+        assert engine["env"][0] == POD_IP_ENV
+        (events,) = [a for a in engine["args"] if a.startswith("--kv-events-config=")]
+        assert '"topic": "kv@$(POD_IP):8000@infergate-sim"' in events
+    decode = roles["decode"]["entryTemplate"]["spec"]["containers"]
+    assert "--port=8200" in by_name(decode)["engine"]["args"]
+    assert "--kv-connector=nixl" in by_name(decode)["connector"]["args"]
+    model["spec"]["env"] = [{"name": "POD_IP", "value": "10.0.0.9"}]  # the Model's own wins
+    prefill = role_templates(model)["prefill"]["entryTemplate"]["spec"]["containers"]
+    assert prefill[0]["env"] == [{"name": "POD_IP", "value": "10.0.0.9"}]
 
 
 async def test_inline_metrics_make_a_policy_and_aggregated_makes_one_role(env):
@@ -376,6 +471,11 @@ async def test_model_to_pods_and_back_through_both_controllers():
         assert summary(m)["Active"] == ("True", "AllGroupsReady")
         pods, _ = await store.list(POD, "default", {"infergate.io/model": "llama-3-8b"})
         assert len(pods) == 4  # 2 groups × (prefill + decode)
+        containers = {
+            p["metadata"]["name"]: [c["name"] for c in p["spec"]["containers"]] for p in pods
+        }
+        assert sorted(containers.values()) == [["engine"]] * 2 + [["engine", "connector"]] * 2
+        assert all(n.endswith("-decode-0-0") for n, c in containers.items() if len(c) == 2)
         await store.delete(MODEL, "default", "llama-3-8b")
         assert (await store.list(POD))[0] == []
         for kind in OWNED:
