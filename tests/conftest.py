@@ -111,3 +111,14 @@ def sim_factory():
     yield start
     for cm in reversed(stack):
         cm.__exit__(None, None, None)
+
+
+@pytest.fixture
+def wall(monkeypatch):
+    """The wall clock status conditions are stamped with, moved only by tick()."""
+    from controllers import conditions
+    from tests.controller_helpers import Wall
+
+    clock = Wall()
+    monkeypatch.setattr(conditions, "now_rfc3339", clock)
+    return clock

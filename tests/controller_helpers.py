@@ -62,3 +62,28 @@ async def settle(reconciler, store: Store, name: str, *, passes: int = 50, ready
         if again is None and started == 0:
             return n
     raise AssertionError(f"{name} did not settle in {passes} passes")
+
+
+class Wall:
+    """Stands in for the wall clock conditions are stamped with: moves only on tick()."""
+
+    def __init__(self) -> None:
+        self.t = 0
+
+    def __call__(self) -> str:
+        return f"2030-01-01T00:{self.t // 60:02d}:{self.t % 60:02d}Z"
+
+    def tick(self) -> None:
+        self.t += 1
+
+
+def conds(obj) -> dict[str, dict]:
+    return {c["type"]: c for c in obj["status"]["conditions"]}
+
+
+def summary(obj) -> dict[str, tuple[str, str]]:
+    return {t: (c["status"], c["reason"]) for t, c in conds(obj).items()}
+
+
+def since(obj) -> dict[str, str]:
+    return {t: c["lastTransitionTime"] for t, c in conds(obj).items()}

@@ -8,12 +8,11 @@ from __future__ import annotations
 import pytest
 from aiohttp import web
 
-from controllers import conditions
 from controllers.autoscaler import AutoscalerReconciler, parse_sum
 from controllers.memory_store import MemoryStore
 from controllers.store import AUTOSCALING_BINDING, AUTOSCALING_POLICY, MODEL_INFER, POD
 from tests.conftest import free_port
-from tests.controller_helpers import modelinfer
+from tests.controller_helpers import conds, modelinfer, since, summary
 
 WORKLOAD = "workload.infergate.io/v1alpha1"
 
@@ -87,38 +86,6 @@ class Clock:
 
     def __call__(self) -> float:
         return self.t
-
-
-class Wall:
-    """Stands in for the wall clock conditions are stamped with: moves only on tick()."""
-
-    def __init__(self) -> None:
-        self.t = 0
-
-    def __call__(self) -> str:
-        return f"2030-01-01T00:{self.t // 60:02d}:{self.t % 60:02d}Z"
-
-    def tick(self) -> None:
-        self.t += 1
-
-
-@pytest.fixture
-def wall(monkeypatch) -> Wall:
-    clock = Wall()
-    monkeypatch.setattr(conditions, "now_rfc3339", clock)
-    return clock
-
-
-def conds(obj) -> dict[str, dict]:
-    return {c["type"]: c for c in obj["status"]["conditions"]}
-
-
-def summary(obj) -> dict[str, tuple[str, str]]:
-    return {t: (c["status"], c["reason"]) for t, c in conds(obj).items()}
-
-
-def since(obj) -> dict[str, str]:
-    return {t: c["lastTransitionTime"] for t, c in conds(obj).items()}
 
 
 async def get_binding(store):

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from controllers import conditions, model_objects
+from controllers import model_objects
 from controllers.memory_store import MemoryStore
 from controllers.model import ModelReconciler
 from controllers.modelinfer import ModelInferReconciler
@@ -29,7 +29,7 @@ from controllers.store import (
     Invalid,
 )
 from infergate.api import validate_dict
-from tests.controller_helpers import kubelet, modelinfer
+from tests.controller_helpers import conds, kubelet, modelinfer, since, summary
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "crds" / "model.yaml"
 OWNED = (MODEL_INFER, MODEL_SERVER, MODEL_ROUTE, INFERENCE_POOL, AUTOSCALING_BINDING)
@@ -43,38 +43,6 @@ def stored(model: dict) -> dict:
     """As the store hands it to the reconciler: with a uid."""
     model["metadata"].setdefault("uid", "0000-uid")
     return model
-
-
-class Wall:
-    """Stands in for the wall clock conditions are stamped with: moves only on tick()."""
-
-    def __init__(self) -> None:
-        self.t = 0
-
-    def __call__(self) -> str:
-        return f"2030-01-01T00:{self.t // 60:02d}:{self.t % 60:02d}Z"
-
-    def tick(self) -> None:
-        self.t += 1
-
-
-@pytest.fixture
-def wall(monkeypatch) -> Wall:
-    clock = Wall()
-    monkeypatch.setattr(conditions, "now_rfc3339", clock)
-    return clock
-
-
-def conds(obj) -> dict[str, dict]:
-    return {c["type"]: c for c in obj["status"]["conditions"]}
-
-
-def summary(obj) -> dict[str, tuple[str, str]]:
-    return {t: (c["status"], c["reason"]) for t, c in conds(obj).items()}
-
-
-def since(obj) -> dict[str, str]:
-    return {t: c["lastTransitionTime"] for t, c in conds(obj).items()}
 
 
 async def get_model(store, name="llama-3-8b"):

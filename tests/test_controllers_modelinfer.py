@@ -9,51 +9,18 @@ import copy
 
 import pytest
 
-from controllers import conditions
 from controllers import modelinfer_pods as mp
 from controllers.memory_store import MemoryStore
 from controllers.modelinfer import ModelInferReconciler
 from controllers.runner import Controller, own_key, owner_key
 from controllers.store import MODEL_INFER, POD, POD_GROUP, SERVICE
-from tests.controller_helpers import kubelet, modelinfer, settle
+from tests.controller_helpers import conds, kubelet, modelinfer, settle, since, summary
 
 
 @pytest.fixture
 async def env():
     store = MemoryStore()
     return store, ModelInferReconciler(store)
-
-
-class Wall:
-    """Stands in for the wall clock conditions are stamped with: moves only on tick()."""
-
-    def __init__(self) -> None:
-        self.t = 0
-
-    def __call__(self) -> str:
-        return f"2030-01-01T00:{self.t // 60:02d}:{self.t % 60:02d}Z"
-
-    def tick(self) -> None:
-        self.t += 1
-
-
-@pytest.fixture
-def wall(monkeypatch) -> Wall:
-    clock = Wall()
-    monkeypatch.setattr(conditions, "now_rfc3339", clock)
-    return clock
-
-
-def conds(obj) -> dict[str, dict]:
-    return {c["type"]: c for c in obj["status"]["conditions"]}
-
-
-def summary(obj) -> dict[str, tuple[str, str]]:
-    return {t: (c["status"], c["reason"]) for t, c in conds(obj).items()}
-
-
-def since(obj) -> dict[str, str]:
-    return {t: c["lastTransitionTime"] for t, c in conds(obj).items()}
 
 
 async def get_mi(store, name="llm"):
