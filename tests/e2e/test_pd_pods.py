@@ -6,9 +6,7 @@ local engine, which pulls the KV (the simulator's NixlConnector)."""
 
 from __future__ import annotations
 
-import asyncio
 import json
-import time
 from pathlib import Path
 
 import aiohttp
@@ -18,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from controllers.app import Standalone
 from controllers.store import MODEL, POD
+from tests.e2e.standalone_helpers import sim_model, wait_for
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
@@ -28,33 +27,12 @@ def kv_transfer(role: str) -> str:
 
 
 def model() -> dict:
-    return {
-        "apiVersion": "workload.infergate.io/v1alpha1",
-        "kind": "Model",
-        "metadata": {"name": "pd", "namespace": "default"},
-        "spec": {
-            "modelURI": f"file://{ROOT / 'simulator' / 'default_model'}",
-            "servedModelName": "tiny",
-            "image": "infergate/simulator:dev",
-            "engine": {"type": "vLLM", "args": ["--sim-time-scale=0"]},
-            "replicas": 1,
-            "backend": {
-                "prefill": {"replicas": 1, "args": [kv_transfer("kv_producer")]},
-                "decode": {"replicas": 1, "args": [kv_transfer("kv_consumer")]},
-                "kvConnector": {"type": "nixl"},
-            },
-        },
+    backend = {
+        "prefill": {"replicas": 1, "args": [kv_transfer("kv_producer")]},
+        "decode": {"replicas": 1, "args": [kv_transfer("kv_consumer")]},
+        "kvConnector": {"type": "nixl"},
     }
-
-
-async def wait_for(check, what: str, within: float = 60.0):
-    deadline = time.monotonic() + within
-    while True:
-        result = await check()
-        if result:
-            return result
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.1)
+    return sim_model("pd", backend=backend)
 
 
 class Metrics:

@@ -8,7 +8,6 @@ import asyncio
 import os
 import signal
 import sys
-import time
 from pathlib import Path
 
 import aiohttp
@@ -18,35 +17,15 @@ import yaml
 from controllers.app import Standalone
 from controllers.store import MODEL, POD
 from tests.conftest import free_port
+from tests.e2e.standalone_helpers import sim_model, wait_for
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
+PD = {"prefill": {"replicas": 1}, "decode": {"replicas": 1}}
 
 
 def model(replicas: int) -> dict:
-    return {
-        "apiVersion": "workload.infergate.io/v1alpha1",
-        "kind": "Model",
-        "metadata": {"name": "tiny", "namespace": "default"},
-        "spec": {
-            "modelURI": f"file://{ROOT / 'simulator' / 'default_model'}",
-            "servedModelName": "tiny",
-            "image": "infergate/simulator:dev",
-            "engine": {"type": "vLLM", "args": ["--sim-time-scale=0"]},
-            "replicas": replicas,
-            "backend": {"prefill": {"replicas": 1}, "decode": {"replicas": 1}},
-        },
-    }
-
-
-async def wait_for(check, what: str, within: float = 40.0):
-    deadline = time.monotonic() + within
-    while True:
-        result = await check()
-        if result:
-            return result
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.1)
+    return sim_model(backend=PD, replicas=replicas)
 
 
 async def picker_endpoints(session, port) -> dict[str, dict]:

@@ -23,6 +23,7 @@ from controllers.app import Standalone
 from controllers.autoscaler import parse_sum
 from controllers.modelinfer_pods import L_MODELINFER, pod_ready
 from controllers.store import AUTOSCALING_BINDING, MODEL_INFER, POD
+from tests.e2e.standalone_helpers import sim_model, wait_for
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
@@ -63,38 +64,12 @@ def policy() -> dict:
 
 
 def model() -> dict:
-    return {
-        "apiVersion": "workload.infergate.io/v1alpha1",
-        "kind": "Model",
-        "metadata": {"name": "tiny", "namespace": "default"},
-        "spec": {
-            "modelURI": f"file://{ROOT / 'simulator' / 'default_model'}",
-            "servedModelName": "tiny",
-            "image": "infergate/simulator:dev",
-            "engine": {
-                "type": "vLLM",
-                # two sequences at a time, 20 ms per decode step: a few dozen requests queue
-                "args": ["--max-num-seqs=2", "--sim-decode-ms-per-step=20"],
-            },
-            "replicas": 1,
-            "backend": {"aggregated": {"replicas": 1}},
-            "autoscaling": {
-                "minReplicas": 1,
-                "maxReplicas": 3,
-                "policyRef": {"name": "tiny-scaling"},
-            },
-        },
-    }
-
-
-async def wait_for(check, what: str, within: float = 30.0):
-    deadline = time.monotonic() + within
-    while True:
-        result = await check()
-        if result:
-            return result
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.1)
+    # two sequences at a time, 20 ms per decode step: a few dozen requests queue
+    return sim_model(
+        backend={"aggregated": {"replicas": 1}},
+        engine_args=["--max-num-seqs=2", "--sim-decode-ms-per-step=20"],
+        autoscaling={"minReplicas": 1, "maxReplicas": 3, "policyRef": {"name": "tiny-scaling"}},
+    )
 
 
 def gone(pid: int) -> bool:
