@@ -234,3 +234,21 @@ async def test_a_stream_the_client_leaves_is_charged_for_the_tokens_it_got():
         stream.on_response_body(ec.response_body(chunk, chunk.endswith(b"[DONE]\n\n")))
     await asyncio.sleep(0)
     assert d.gate._limiters["limited"][1].output.level("limited") == pytest.approx(43, abs=0.1)
+
+
+async def test_a_servers_retry_attempts_cap_the_fallback_endpoints():
+    def director_for(attempts: int | None) -> Director:
+        server = {**SERVERS[0], "spec": {**SERVERS[0]["spec"]}}
+        if attempts is not None:
+            server["spec"]["trafficPolicy"] = {"retry": {"attempts": attempts}}
+        ds = make_datastore()
+        ds.set_routes(limited_route(inputTokensPerUnit=10**9), [server])
+        metrics = PickerMetrics()
+        options = DirectorOptions(fallbacks=3)
+        return Director(
+            ds, load_config(LEAST_REQUEST), metrics, options, Gatekeeper(metrics.registry)
+        )
+
+    assert len(await director_for(None).admit(request(), None)) == 4  # the picker's own 1 + 3
+    assert len(await director_for(0).admit(request(), None)) == 1
+    assert len(await director_for(2).admit(request(), None)) == 3
