@@ -119,6 +119,8 @@ class MetricsScraper:
     async def scrape_once(self, ep: Endpoint) -> None:
         assert self._session is not None
         url = f"http://{ep.address}/metrics"
+        # Requests sent while this scrape is under way may be missing from its numbers.
+        sent_before = ep.sent_since_scrape
         try:
             async with self._session.get(url) as resp:
                 if resp.status != 200:
@@ -139,7 +141,7 @@ class MetricsScraper:
         ep.reachable = True
         ep.scrape_failures = 0
         ep.stale = False
-        ep.sent_since_scrape = 0
+        ep.sent_since_scrape = max(0, ep.sent_since_scrape - sent_before)
         if self.on_refresh is not None:
             self.on_refresh()
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+import aiohttp
 from aiohttp import web
 
 from epp.datastore import Datastore, PoolSpec
@@ -88,3 +89,35 @@ async def test_a_pod_that_starts_late_is_learned_with_its_adapters_at_once():
             await runner.cleanup()
     finally:
         await scraper.stop()
+
+
+async def test_a_scrape_forgets_only_the_requests_sent_before_it_began():
+    """Flow control counts requests sent since the last scrape; one sent while a scrape is
+    under way may be missing from that scrape's numbers, so it must stay counted."""
+    port = free_port()
+    answer = asyncio.Event()
+
+    async def slow_metrics(_req: web.Request) -> web.Response:
+        await answer.wait()
+        return web.Response(text=METRICS)
+
+    app = web.Application()
+    app.router.add_get("/metrics", slow_metrics)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    ds = one_pod_store(port)
+    scraper = MetricsScraper(ds, PickerMetrics(), interval=60)
+    scraper._session = aiohttp.ClientSession()
+    try:
+        (ep,) = ds.endpoints()
+        ep.sent_since_scrape = 3  # sent before the scrape
+        scrape = asyncio.create_task(scraper.scrape_once(ep))
+        await asyncio.sleep(0.1)
+        ep.sent_since_scrape += 2  # sent while it is under way
+        answer.set()
+        await scrape
+        assert ep.sent_since_scrape == 2 and not ep.stale
+    finally:
+        await scraper._session.close()
+        await runner.cleanup()
