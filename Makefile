@@ -41,6 +41,7 @@ bench: $(STAMP)
 	$(BIN)/infergate bench epp_overhead
 	$(BIN)/infergate bench kvindex
 	$(BIN)/infergate bench routing
+	$(BIN)/infergate bench fairness
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

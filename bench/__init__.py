@@ -10,6 +10,7 @@ BENCHMARKS = {
     "epp_overhead": "bench.epp_overhead",
     "kvindex": "bench.kvindex",
     "routing": "bench.routing.cli",
+    "fairness": "bench.fairness.cli",
 }
 
 

@@ -1,6 +1,7 @@
-"""Standalone mode's bridge to the picker: write the InferencePools, Pods, ModelRoutes and
-ModelServers the controllers keep in memory to a YAML file that the picker's file provider
-reloads on change — the same objects a picker in a cluster would watch through the API server.
+"""Standalone mode's bridge to the picker: write the InferencePools, Pods, ModelRoutes,
+ModelServers and InferenceObjectives the controllers keep in memory to a YAML file that the
+picker's file provider reloads on change — the same objects a picker in a cluster would watch
+through the API server.
 
 The file is replaced atomically (write, then rename), so the picker never reads half of it.
 """
@@ -14,7 +15,15 @@ from pathlib import Path
 import yaml
 
 from controllers import envoy_eds
-from controllers.store import INFERENCE_POOL, MODEL_ROUTE, MODEL_SERVER, POD, Obj, Store
+from controllers.store import (
+    INFERENCE_OBJECTIVE,
+    INFERENCE_POOL,
+    MODEL_ROUTE,
+    MODEL_SERVER,
+    POD,
+    Obj,
+    Store,
+)
 
 
 def _slim(obj: Obj) -> Obj:
@@ -49,7 +58,8 @@ async def snapshot(store: Store, pool: str | None = None) -> str:
     pods, _ = await store.list(POD)
     routes, _ = await store.list(MODEL_ROUTE)
     servers, _ = await store.list(MODEL_SERVER)
-    docs = [_slim(o) for o in pools + pods + routes + servers]
+    objectives, _ = await store.list(INFERENCE_OBJECTIVE)
+    docs = [_slim(o) for o in pools + pods + routes + servers + objectives]
     return yaml.safe_dump_all(docs, sort_keys=True) if docs else ""
 
 

@@ -36,6 +36,11 @@ POD = Kind("v1", "Pod", "pods")
 SERVICE = Kind("v1", "Service", "services")
 LEASE = Kind("coordination.k8s.io/v1", "Lease", "leases")
 INFERENCE_POOL = Kind("inference.networking.k8s.io/v1", "InferencePool", "inferencepools")
+# Named priorities the picker reads; no controller reconciles them (standalone mode applies
+# them from manifests and exports them to the picker's pool file).
+INFERENCE_OBJECTIVE = Kind(
+    "inference.networking.x-k8s.io/v1alpha2", "InferenceObjective", "inferenceobjectives"
+)
 MODEL = Kind("workload.infergate.io/v1alpha1", "Model", "models")
 MODEL_INFER = Kind("workload.infergate.io/v1alpha1", "ModelInfer", "modelinfers")
 AUTOSCALING_POLICY = Kind(
@@ -55,6 +60,7 @@ KINDS = {
         SERVICE,
         LEASE,
         INFERENCE_POOL,
+        INFERENCE_OBJECTIVE,
         MODEL,
         MODEL_INFER,
         AUTOSCALING_POLICY,

@@ -12,7 +12,7 @@ import yaml
 from controllers.exporter import PoolExporter
 from controllers.manifests import ManifestDirectory
 from controllers.memory_store import MemoryStore
-from controllers.store import AUTOSCALING_POLICY, INFERENCE_POOL, MODEL, POD
+from controllers.store import AUTOSCALING_POLICY, INFERENCE_OBJECTIVE, INFERENCE_POOL, MODEL, POD
 from epp.providers.file import load_objects
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "crds"
@@ -88,3 +88,28 @@ async def test_the_exported_file_is_what_the_picker_reads(tmp_path):
     await store.delete(INFERENCE_POOL, "default", "tiny")
     await exporter.write_once()
     assert out.read_text() == ""
+
+
+async def test_inference_objectives_are_applied_and_exported_for_the_picker(tmp_path):
+    objective = {
+        "apiVersion": "inference.networking.x-k8s.io/v1alpha2",
+        "kind": "InferenceObjective",
+        "metadata": {"name": "interactive"},
+        "spec": {"priority": 10, "poolRef": {"name": "tiny"}},
+    }
+    broken = copy.deepcopy(objective)
+    broken["metadata"]["name"] = "broken"
+    broken["spec"]["priority"] = "high"
+    manifests = tmp_path / "manifests"
+    manifests.mkdir()
+    (manifests / "objectives.yaml").write_text(yaml.safe_dump_all([objective, broken]))
+    store = MemoryStore()
+    md = ManifestDirectory(store, manifests)
+    await md.apply_once()
+    assert any("broken" in p for p in md.problems)
+    assert await store.get(INFERENCE_OBJECTIVE, "default", "interactive") is not None
+    out = tmp_path / "pool.yaml"
+    await PoolExporter(store, out).write_once()
+    [exported] = [o for o in load_objects([out]) if o["kind"] == "InferenceObjective"]
+    assert exported["spec"] == {"priority": 10, "poolRef": {"name": "tiny"}}
+    assert exported["metadata"]["name"] == "interactive"

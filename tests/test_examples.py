@@ -1,21 +1,32 @@
 """The runnable example directories (`infergate up DIR`): each holds one Model that passes
 its CRD's schema and CEL rules and the controllers' own validation, and a picker config;
-reading, counting pods and the --pods/engine-argument copy behave."""
+whatever else they hold for the controllers (routes, servers, objectives) passes too and
+fits together; reading, counting pods and the --pods/engine-argument copy behave."""
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
 import yaml
 
 from controllers.manifests import read_objects
+from controllers.model_objects import desired
+from epp.app import _flow_control
 from epp.scheduling.config import load_config
 from infergate.example import Example, ExampleError
+from tests.test_crds import KINDS as OUR_KINDS
 from tests.test_crds import _all_cel_errors, _schema_errors
 
 ROOT = Path(__file__).resolve().parent.parent
-RUNNABLE = ["quickstart", "pd"]
+RUNNABLE = ["quickstart", "pd", "fairness"]
+# What each example gives the controllers besides its Model.
+OTHER_KINDS = {
+    "quickstart": [],
+    "pd": [],
+    "fairness": ["InferenceObjective"] * 2 + ["ModelRoute"] * 2 + ["ModelServer"],
+}
 
 
 @pytest.mark.parametrize("name", RUNNABLE)
@@ -26,9 +37,15 @@ def test_example_model_is_valid_everywhere_it_is_checked(name):
     # What the controllers watch (the gateway's SecurityPolicy and Secret are Envoy's)
     objects, problems = read_objects(example.directory)
     assert problems == []  # the picker's config and Envoy's policy beside it are no problem
-    assert [o["kind"] for _, o in objects] == ["Model"]
+    kinds = sorted(o["kind"] for _, o in objects)
+    assert kinds == sorted(["Model", *OTHER_KINDS[name]])
+    for _, obj in objects:
+        if obj["kind"] in OUR_KINDS:
+            assert _schema_errors(obj["kind"], obj) == [], obj["metadata"]["name"]
+            assert _all_cel_errors(obj["kind"], obj) == [], obj["metadata"]["name"]
     assert example.picker_config is not None
-    load_config(example.picker_config.read_text())
+    text = example.picker_config.read_text()
+    _flow_control(text, load_config(text))  # its flowControl section, if any, parses
     assert (
         example.tokenizer_dir is not None and (example.tokenizer_dir / "tokenizer.json").is_file()
     )
@@ -37,6 +54,47 @@ def test_example_model_is_valid_everywhere_it_is_checked(name):
 def test_pod_counts_follow_groups_roles_and_workers():
     assert Example.read(ROOT / "examples" / "quickstart").pod_count() == 4
     assert Example.read(ROOT / "examples" / "pd").pod_count() == 4  # 2 groups × (1 P + 1 D)
+    assert Example.read(ROOT / "examples" / "fairness").pod_count() == 1
+
+
+def test_fairness_example_fits_together():
+    """Its routes name servers that exist (its own or the Model's), its canary serves the
+    Model's LoRA adapter on the Model's pods, its objectives name the Model's pool, flow
+    control is on, and there is no SecurityPolicy (auth off)."""
+    example = Example.read(ROOT / "examples" / "fairness")
+    assert example.auth is None
+    objects = [o for _, o in read_objects(example.directory)[0]]
+    stored = copy.deepcopy(example.model)
+    stored["metadata"]["uid"] = "u"  # as the store would have it
+    generated = desired(stored)  # what the controllers make of the Model
+    servers = {o["metadata"]["name"]: o for o in objects + generated if o["kind"] == "ModelServer"}
+    routes = [o for o in objects if o["kind"] == "ModelRoute"]
+    assert {r["spec"]["modelName"] for r in routes} == {"limited", "split"}
+    for route in routes:
+        for rule in route["spec"]["rules"]:
+            for target in rule["targetModels"]:
+                assert target["modelServerName"] in servers, target
+    split = next(r for r in routes if r["spec"]["modelName"] == "split")
+    weights = {t["modelServerName"]: t["weight"] for t in split["spec"]["rules"][0]["targetModels"]}
+    assert weights == {"fairness": 90, "fairness-canary": 10}
+    adapters = [a["name"] for a in example.model["spec"]["loraAdapters"]]
+    canary = servers["fairness-canary"]["spec"]
+    assert canary["model"] in adapters
+    pool = next(o for o in generated if o["kind"] == "InferencePool")
+    assert canary["workloadSelector"]["matchLabels"] == pool["spec"]["selector"]["matchLabels"]
+    engine = next(o for o in generated if o["kind"] == "ModelInfer")
+    args = engine["spec"]["template"]["roles"][0]["entryTemplate"]["spec"]["containers"][0]
+    assert "--enable-lora" in args["args"] and "--max-num-seqs=16" in args["args"]
+    limited = next(r for r in routes if r["spec"]["modelName"] == "limited")
+    assert limited["spec"]["rateLimit"]["inputTokensPerUnit"] > 0
+    objectives = {
+        o["metadata"]["name"]: o["spec"] for o in objects if o["kind"] == "InferenceObjective"
+    }
+    assert {n: o["priority"] for n, o in objectives.items()} == {"interactive": 10, "batch": -1}
+    assert {o["poolRef"]["name"] for o in objectives.values()} == {example.pool_name}
+    text = example.picker_config.read_text()
+    flow = _flow_control(text, load_config(text))
+    assert flow is not None and flow.saturation.queue_depth_threshold < 1
 
 
 def write(directory: Path, *docs: dict, name: str = "model.yaml") -> None:
@@ -83,3 +141,15 @@ def test_changes_go_to_a_copy_and_leave_the_example_alone(tmp_path):
     assert again.model["spec"]["engine"]["args"] == ["--a", "--b"]
     assert copy.picker_config == tmp_path / "copy" / "epp-config.yaml"
     assert again.pod_count() == 5
+
+
+def test_up_takes_flags_on_either_side_of_the_directory_and_engine_args_after_dashes():
+    from infergate.up import build_parser, split_engine_args
+
+    ours, engine = split_engine_args(
+        ["examples/pd", "--no-auth", "--pods", "3", "--", "--block-size=32", "--seed", "1"]
+    )
+    args = build_parser().parse_args(ours)
+    assert args.example == Path("examples/pd") and args.no_auth and args.pods == 3
+    assert engine == ["--block-size=32", "--seed", "1"]
+    assert split_engine_args(["--pods", "2"]) == (["--pods", "2"], [])

@@ -1,0 +1,5 @@
+import sys
+
+from bench.fairness.cli import main
+
+sys.exit(main())

@@ -1,0 +1,58 @@
+"""examples/fairness as a running stack on free ports, with or without its flow control."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import yaml
+
+from bench.common import ROOT, free_port, free_port_run
+from infergate.example import Example
+from infergate.stack import LocalStack, StackConfig, StackPorts
+
+EXAMPLE = ROOT / "examples" / "fairness"
+
+
+def copy_example(into: Path, *, flow_control: bool = True) -> Example:
+    """A copy of examples/fairness in `into`; without flow control its picker config loses
+    the flowControl section (and nothing else), so requests go straight to the pod."""
+    into.mkdir(parents=True, exist_ok=True)
+    for path in EXAMPLE.glob("*.yaml"):
+        shutil.copy(path, into / path.name)
+    if not flow_control:
+        config_path = into / "epp-config.yaml"
+        config = yaml.safe_load(config_path.read_text())
+        config.pop("flowControl", None)
+        config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return Example.read(into)
+
+
+def free_ports() -> StackPorts:
+    return StackPorts(
+        envoy=free_port(),
+        envoy_admin=free_port(),
+        picker=free_port(),
+        picker_health=free_port(),
+        picker_metrics=free_port(),
+        kv_events=free_port(),
+        kv_replay_base=free_port_run(1),
+        controllers_metrics=free_port(),
+    )
+
+
+def fairness_stack(workdir: Path, *, flow_control: bool = True) -> LocalStack:
+    """Not started yet: use it as a context manager."""
+    example = copy_example(workdir / "example", flow_control=flow_control)
+    return LocalStack(
+        StackConfig(
+            workdir=workdir / "run",
+            ports=free_ports(),
+            served_model_name=example.served_name,
+            picker_config=example.picker_config,
+            manifests=example.directory,
+            pool_name=example.pool_name,
+            tokenizer_dir=example.tokenizer_dir,
+            expect_pods=example.pod_count(),
+        )
+    )
