@@ -27,6 +27,7 @@ from epp.ratelimit import RateLimitMetrics, RedisClients, build_limiter
 from epp.request import InferenceRequest
 
 log = logging.getLogger("epp.gatekeeper")
+MAX_FLOWS_REMEMBERED = 10_000  # answer-length averages kept, least recently used dropped
 
 
 @dataclass(slots=True)
@@ -45,6 +46,7 @@ class Gatekeeper:
     flow_control: FlowControlConfig | None = None  # None: requests never wait
     tokenizers: Any = None  # kvindex.tokenize.PromptTokenizers, when models were given
     _limiters: dict[str, tuple[str, Any]] = field(default_factory=dict)
+    _output_avg: dict[str, float] = field(default_factory=dict)  # flow → recent answer length
     _tasks: set[asyncio.Task] = field(default_factory=set)
 
     def __post_init__(self) -> None:
@@ -83,6 +85,7 @@ class Gatekeeper:
                 size_bytes=len(req.raw_body),
                 request_id=req.request_id,
                 payload=eligible,
+                expected_output=self._expected_output(req),
             )
             admission = await self.queue.admit(item)
             if not admission.admitted:
@@ -94,6 +97,20 @@ class Gatekeeper:
                 )
             ticket.item = item
         return ticket
+
+    def _expected_output(self, req: InferenceRequest) -> int:
+        """The flow's recent answer length, at most the request's max_tokens; 0 before the
+        flow has finished anything (then only what it really produced is charged)."""
+        avg = self._output_avg.get(req.fairness_id)
+        if avg is None:
+            return 0
+        return int(min(avg, req.max_tokens) if req.max_tokens is not None else avg)
+
+    def _learn_output(self, flow: str, tokens: int) -> None:
+        old = self._output_avg.pop(flow, None)  # re-inserted last: the dict stays LRU-ordered
+        self._output_avg[flow] = tokens if old is None else 0.8 * old + 0.2 * tokens
+        if len(self._output_avg) > MAX_FLOWS_REMEMBERED:
+            del self._output_avg[next(iter(self._output_avg))]
 
     def _saturated(self, item: FlowItem) -> bool:
         return self.detector.saturated(item.payload())
@@ -138,11 +155,13 @@ class Gatekeeper:
     def leave(self, ticket: Ticket | None, output_tokens: int | None) -> None:
         if ticket is None:
             return
-        if output_tokens:
-            if ticket.limiter is not None:
-                self._spawn(ticket.limiter.record_output(ticket.route, ticket.user, output_tokens))
-            if ticket.item is not None and self.queue is not None:
+        if output_tokens and ticket.limiter is not None:
+            self._spawn(ticket.limiter.record_output(ticket.route, ticket.user, output_tokens))
+        if ticket.item is not None and self.queue is not None:
+            if output_tokens:
                 self.queue.charge_output(ticket.item, output_tokens)
+                self._learn_output(ticket.item.flow_id, output_tokens)
+            self.queue.settle(ticket.item)
         self.notify()
 
     def notify(self) -> None:

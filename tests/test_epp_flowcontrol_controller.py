@@ -432,3 +432,22 @@ async def test_retry_after_follows_the_recent_dispatch_rate() -> None:
         t.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
     await ctl.close()
+
+
+async def test_expected_output_is_charged_at_dispatch_and_settled_at_the_end():
+    ctl = make(Pool(free=5))
+    vtc = ctl.band_vtc(0)
+    short = FlowItem(flow_id="a", input_tokens=10, expected_output=50)
+    assert (await ctl.admit(short)).admitted
+    assert vtc.service("a") == 10 + 2 * 50  # output weighs 2: charged before any arrives
+    ctl.charge_output(short, 30)  # covered by the estimate: nothing more
+    assert vtc.service("a") == 110
+    ctl.settle(short)  # it ended with 30: the 20 not produced come back
+    assert vtc.service("a") == 10 + 2 * 30
+    long = FlowItem(flow_id="b", input_tokens=10, expected_output=50)
+    await ctl.admit(long)
+    ctl.charge_output(long, 40)
+    ctl.charge_output(long, 40)  # 80 in all: the 30 beyond the estimate are charged
+    ctl.settle(long)
+    assert vtc.service("b") == 10 + 2 * 80
+    await ctl.close()

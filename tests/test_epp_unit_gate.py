@@ -252,3 +252,24 @@ async def test_a_servers_retry_attempts_cap_the_fallback_endpoints():
     assert len(await director_for(None).admit(request(), None)) == 4  # the picker's own 1 + 3
     assert len(await director_for(0).admit(request(), None)) == 1
     assert len(await director_for(2).admit(request(), None)) == 3
+
+
+async def test_a_flows_answers_teach_the_output_charged_at_its_next_dispatch():
+    d = director_with(flow_control=FlowControlConfig())
+    for ep in d.datastore.endpoints():
+        ep.metrics.updated_at = 1e18  # fresh and idle: requests go at once
+    flow = {"x-gateway-inference-fairness-id": "team"}
+    first = request(headers=flow, max_tokens=500)
+    await d.admit(first, None)
+    assert first.ticket.item.expected_output == 0  # nothing known about the flow yet
+    done(d, first, completion_tokens=120)
+    second = request(headers=flow, max_tokens=500)
+    await d.admit(second, None)
+    assert second.ticket.item.expected_output == 120
+    capped = request(headers=flow, max_tokens=50)
+    await d.admit(capped, None)
+    assert capped.ticket.item.expected_output == 50  # never more than it may produce
+    other = request(headers={"x-gateway-inference-fairness-id": "else"})
+    await d.admit(other, None)
+    assert other.ticket.item.expected_output == 0
+    await d.gate.close()

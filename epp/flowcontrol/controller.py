@@ -100,9 +100,28 @@ class AdmissionController:
 
     def charge_output(self, item: FlowItem, tokens: int) -> None:
         """Charge output tokens served to an admitted request's flow (call with each usage
-        report; the counts add up)."""
-        if tokens > 0:
-            self._band(item.priority).vtc.charge_output(item.flow_id, tokens)
+        report; the counts add up). What the dispatch estimate already covered is not
+        charged twice."""
+        if tokens <= 0:
+            return
+        item.output_reported += tokens
+        extra = item.output_reported - item.output_charged
+        if extra > 0:
+            self._band(item.priority).vtc.charge_output(item.flow_id, extra)
+            item.output_charged += extra
+
+    def settle(self, item: FlowItem) -> None:
+        """The request ended: give back what the estimate charged beyond what it produced."""
+        unused = item.output_charged - item.output_reported
+        if unused > 0:
+            self._band(item.priority).vtc.charge_output(item.flow_id, -unused)
+            item.output_charged = item.output_reported
+
+    def _charge_dispatch(self, band: Band, item: FlowItem) -> None:
+        band.vtc.charge_input(item.flow_id, item.input_tokens)
+        if item.expected_output > 0:
+            band.vtc.charge_output(item.flow_id, item.expected_output)
+            item.output_charged = item.expected_output
 
     async def dispatch_ready(self) -> int:
         """Dispatch queued items while their candidates have room; how many went."""
@@ -204,7 +223,7 @@ class AdmissionController:
         # The paper's arrival followed by an immediate dispatch: lift, then charge.
         band.vtc.activate(item.flow_id)
         band.vtc.deactivate(item.flow_id)
-        band.vtc.charge_input(item.flow_id, item.input_tokens)
+        self._charge_dispatch(band, item)
         self.stats.dispatched += 1
         self._dispatch_times.append(self.clock())
         return Admission(Outcome.DISPATCHED, item)
@@ -233,6 +252,7 @@ class AdmissionController:
             admission = fut.result()
             if admission.admitted:  # dispatched, but the request will never run
                 self._band(item.priority).vtc.refund_input(item.flow_id, item.input_tokens)
+                self.settle(item)
                 self.stats.cancelled_dispatched += 1
                 self.notify()
             return
@@ -254,7 +274,7 @@ class AdmissionController:
 
     def _dispatch_queued(self, item: FlowItem) -> None:
         self._remove(item)
-        self._band(item.priority).vtc.charge_input(item.flow_id, item.input_tokens)
+        self._charge_dispatch(self._band(item.priority), item)
         now = self.clock()
         waited = max(0.0, now - item.enqueued_at)
         s = self.stats

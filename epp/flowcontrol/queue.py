@@ -29,6 +29,12 @@ class FlowItem:
     ttl: float | None = None  # seconds of waiting allowed; None = the configured default, 0 = none
     request_id: str = ""
     payload: Any = None  # the caller's own (request, candidates): the saturation check sees it
+    # Output tokens charged at dispatch, before any is known (the caller's estimate): the
+    # paper charges output as it is generated, and a flow whose answers are still running
+    # must not look cheap meanwhile. Settled against the real count when it ends.
+    expected_output: int = 0
+    output_charged: int = field(default=0, init=False, repr=False)
+    output_reported: int = field(default=0, init=False, repr=False)
     # Owned by the controller while the item waits.
     future: asyncio.Future[Any] | None = field(default=None, init=False, repr=False)
     timer: asyncio.TimerHandle | None = field(default=None, init=False, repr=False)
