@@ -626,7 +626,7 @@ async def test_retry_on_refused_connection(engines, sidecar, client):
 async def test_all_prefillers_failing_is_a_quick_clear_error(engines, sidecar, client):
     busy = await engines("busy", status=503)
     decode = await engines("decode")
-    url = await sidecar(decode.url, prefill_retries=2)
+    url = await sidecar(decode.url, prefill_retries=2, local_prefill_fallback=False)
     dead = dead_host_port()
     t0 = time.monotonic()
     async with client.post(
@@ -911,3 +911,184 @@ async def test_silent_engine_is_a_504_not_a_hang(engines, sidecar, client, mode)
     assert time.monotonic() - t0 < 2
     assert err["type"] == "GatewayTimeout" and "sent nothing for 0.3s" in err["message"]
     await asyncio.wait_for(decode.gone.wait(), 3)
+
+
+# ---- local prefill fallback (--local-prefill-fallback, on by default) -------------------------
+
+
+async def _own_metrics(client: aiohttp.ClientSession, url: str) -> str:
+    async with client.get(url + "/connector/metrics") as r:
+        return await r.text()
+
+
+def test_local_prefill_fallback_flag():
+    assert parse_options([]).local_prefill_fallback is True
+    assert parse_options(["--no-local-prefill-fallback"]).local_prefill_fallback is False
+    assert parse_options(["--local-prefill-fallback"]).local_prefill_fallback is True
+
+
+@pytest.mark.parametrize("connector", ["nixl", "mooncake", "http", "lmcache"])
+async def test_dead_prefiller_falls_back_to_the_local_engine(engines, sidecar, client, connector):
+    decode = await engines("decode")
+    url = await sidecar(decode.url, kv_connector=connector, prefill_retries=2)
+    dead = dead_host_port()
+    async with client.post(
+        url + "/v1/completions?x=1",
+        json=COMPLETION,
+        headers=pd(dead, **{"Authorization": "Bearer k", "X-Request-Id": "mine"}),
+    ) as r:
+        assert r.status == 200
+        assert r.headers["X-Engine"] == "decode"
+        assert (await r.json())["choices"][0]["message"]["content"] == "from decode"
+    # one request to the local engine: the client's, unchanged (no kv_transfer_params, no
+    # one-token rewrite), on the same path, without the prefiller header
+    (seen,) = decode.seen
+    assert seen.path_qs == "/v1/completions?x=1"
+    assert seen.body == COMPLETION
+    assert seen.headers["Authorization"] == "Bearer k"
+    assert "x-prefiller-host-port" not in seen.headers
+    text = await _own_metrics(client, url)
+    assert (
+        f'infergate_connector_prefill_fallbacks_total{{connector="{connector}",'
+        'reason="connect_error"} 1.0' in text
+    )
+    assert (
+        f'infergate_connector_prefill_failures_total{{connector="{connector}",'
+        'reason="connect_error"} 3.0' in text
+    )  # the first attempt and two retries, all refused
+    assert "infergate_connector_errors_total{" not in text  # the client got no error
+
+
+async def test_fallback_streams_the_local_answer(engines, sidecar, client):
+    decode = await engines("decode")
+    url = await sidecar(decode.url)
+    async with client.post(
+        url + "/v1/chat/completions", json=CHAT, headers=pd(dead_host_port())
+    ) as r:
+        assert r.status == 200
+        assert r.headers["Content-Type"].startswith("text/event-stream")
+        raw = await r.read()
+    assert sse_text(raw) == "Hello!" and raw.endswith(b"data: [DONE]\n\n")
+    assert decode.seen[0].body == CHAT  # stream and stream_options kept
+
+
+async def test_overloaded_prefillers_fall_back_and_the_flag_turns_it_off(engines, sidecar, client):
+    busy = await engines("busy", status=503)
+    gateway = await engines("gateway", status=504)
+    decode = await engines("decode")
+    header = pd(f"{busy.host_port},{gateway.host_port}")
+    url = await sidecar(decode.url, prefill_retries=1)
+    async with client.post(url + "/v1/completions", json=COMPLETION, headers=header) as r:
+        assert r.status == 200
+    assert len(busy.seen) == 1 and len(gateway.seen) == 1 and len(decode.seen) == 1
+    text = await _own_metrics(client, url)
+    assert 'prefill_fallbacks_total{connector="nixl",reason="status_504"} 1.0' in text
+
+    off = await sidecar(decode.url, prefill_retries=1, local_prefill_fallback=False)
+    async with client.post(off + "/v1/completions", json=COMPLETION, headers=header) as r:
+        assert r.status == 502
+        assert "no prefiller succeeded after 2 attempts" in (await r.json())["error"]["message"]
+    assert len(decode.seen) == 1  # the local engine was not asked
+    text = await _own_metrics(client, off)
+    assert "infergate_connector_prefill_fallbacks_total{" not in text
+    assert 'errors_total{connector="nixl",reason="prefill_exhausted"} 1.0' in text
+
+
+async def test_prefiller_dying_mid_answer_falls_back(engines, sidecar, client):
+    async def dies(request, body):
+        request.transport.close()  # as a killed process: the connection just ends
+        await asyncio.sleep(1)
+
+    dying = await engines("dying", custom=dies)
+    decode = await engines("decode")
+    url = await sidecar(decode.url, prefill_retries=0)
+    async with client.post(
+        url + "/v1/completions", json=COMPLETION, headers=pd(dying.host_port)
+    ) as r:
+        assert r.status == 200
+    assert len(dying.seen) == 1 and decode.seen[0].body == COMPLETION
+    text = await _own_metrics(client, url)
+    assert 'prefill_fallbacks_total{connector="nixl",reason="disconnected"} 1.0' in text
+
+
+async def _hang(request, body):
+    await asyncio.sleep(30)
+
+
+async def _answer_500(request, body):
+    return web.json_response({"error": {"message": "engine bug"}}, status=500)
+
+
+@pytest.mark.parametrize(
+    "case", ["timeout", "status_500", "status_400", "no_kv_params", "one_timeout_one_dead"]
+)
+async def test_no_fallback_when_a_prefiller_answered_or_was_slow(engines, sidecar, client, case):
+    """Only unreachable or overloaded prefillers send the request to the local engine: a slow
+    one (it may still be computing), an error about the request, or a wrong answer stay
+    errors the client sees."""
+    if case == "timeout" or case == "one_timeout_one_dead":
+        prefill = await engines("prefill", custom=_hang)
+    elif case == "status_500":
+        prefill = await engines("prefill", custom=_answer_500)
+    elif case == "status_400":
+        prefill = await engines("prefill", status=400)
+    else:
+        prefill = await engines("prefill")  # answers without kv_transfer_params
+    decode = await engines("decode")
+    retries = 1 if case == "one_timeout_one_dead" else 0
+    url = await sidecar(decode.url, prefill_timeout=0.3, prefill_retries=retries)
+    header = prefill.host_port
+    if case == "one_timeout_one_dead":
+        header += "," + dead_host_port()
+    async with client.post(url + "/v1/completions", json=COMPLETION, headers=pd(header)) as r:
+        assert r.status == (400 if case == "status_400" else 502)
+    assert decode.seen == []
+    assert "infergate_connector_prefill_fallbacks_total{" not in await _own_metrics(client, url)
+
+
+async def test_sglang_has_no_local_fallback(engines, sidecar, client):
+    decode = await engines("decode", custom=_hang)
+    url = await sidecar(decode.url, kv_connector="sglang", prefill_retries=0)
+    async with client.post(
+        url + "/v1/completions", json=COMPLETION, headers=pd(dead_host_port())
+    ) as r:
+        assert r.status == 502
+    # the one decode leg of the pair, dropped with it; never a plain request
+    assert all("bootstrap_room" in s.body for s in decode.seen)
+
+
+async def test_fallback_to_a_dead_local_engine_says_both(sidecar, client):
+    engine = f"http://{dead_host_port()}"
+    url = await sidecar(engine, prefill_retries=0)
+    dead = dead_host_port()
+    async with client.post(url + "/v1/completions", json=COMPLETION, headers=pd(dead)) as r:
+        assert r.status == 502
+        msg = (await r.json())["error"]["message"]
+    assert f"{dead} connection failed" in msg
+    assert "then local prefill fallback: local engine" in msg and "connection failed" in msg
+    text = await _own_metrics(client, url)
+    assert 'prefill_fallbacks_total{connector="nixl",reason="connect_error"} 1.0' in text
+    assert 'errors_total{connector="nixl",reason="engine_connect_error"} 1.0' in text
+
+
+@pytest.mark.slow
+def test_simulator_decode_pod_prefills_itself_when_the_prefiller_is_gone(sim_factory):
+    """A real decode simulator behind the sidecar, its prefill pod gone: the request is served
+    aggregated (nothing pulled, the whole prompt computed locally)."""
+    decode = sim_factory(*SIM_FLAGS, *FAST, "--kv-role", "decode")
+    port = free_port()
+    side = f"http://127.0.0.1:{port}"
+    with running(connector_cmd(port, decode), ready_url=side + "/health"):
+        prompt = "the prefill pod of this request is gone " * 8
+        hp = {"x-prefiller-host-port": dead_host_port()}
+        body = {"model": "tiny", "prompt": prompt, "max_tokens": 6, "seed": 1}
+        r = requests.post(side + "/v1/completions", json=body, headers=hp, timeout=30)
+        assert r.status_code == 200, r.text
+        usage = r.json()["usage"]
+        assert usage["completion_tokens"] == 6
+        assert usage["prompt_tokens_details"]["cached_tokens"] == 0  # computed here
+        direct = requests.post(decode + "/v1/completions", json=body, timeout=30).json()
+        assert r.json()["choices"][0]["text"] == direct["choices"][0]["text"]
+        assert _metric_sum(decode, "vllm:nixl_xfer_time_seconds_count") == 0.0
+        own = requests.get(side + "/connector/metrics", timeout=5).text
+        assert 'infergate_connector_prefill_fallbacks_total{connector="nixl"' in own

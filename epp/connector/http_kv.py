@@ -23,6 +23,8 @@ def prefill_body(body: dict) -> dict:
 
 
 class HttpConnector:
+    local_fallback = True  # the decode engine can prefill a request itself
+
     def __init__(self, name: str = "http") -> None:
         self.name = name
 

@@ -30,6 +30,13 @@ class ConnectorMetrics:
             ["connector", "reason"],
             registry=self.registry,
         )
+        self.prefill_fallbacks = Counter(
+            "infergate_connector_prefill_fallbacks_total",
+            "Requests served whole by the local engine because no prefiller could be "
+            "reached (--local-prefill-fallback), by the last prefill attempt's failure.",
+            ["connector", "reason"],
+            registry=self.registry,
+        )
         self.errors = Counter(
             "infergate_connector_errors_total",
             "Requests answered with the sidecar's own error, by reason.",
@@ -45,6 +52,9 @@ class ConnectorMetrics:
 
     def prefill_failed(self, reason: str) -> None:
         self.prefill_failures.labels(self.connector, reason).inc()
+
+    def prefill_fallback(self, reason: str) -> None:
+        self.prefill_fallbacks.labels(self.connector, reason).inc()
 
     def error(self, reason: str) -> None:
         self.errors.labels(self.connector, reason).inc()

@@ -40,6 +40,8 @@ def decode_body(body: dict, kv_transfer_params: dict) -> dict:
 
 
 class NixlConnector:
+    local_fallback = True  # the decode engine can prefill a request itself
+
     def __init__(self, name: str = "nixl") -> None:
         self.name = name
 

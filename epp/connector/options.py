@@ -22,6 +22,7 @@ class ConnectorOptions:
     prefill_timeout: float = 60.0
     decode_timeout: float = 600.0
     sglang_bootstrap_port: int = 8998
+    local_prefill_fallback: bool = True
     log_level: str = "info"
 
     def __post_init__(self) -> None:
@@ -96,6 +97,16 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=d.sglang_bootstrap_port,
         help=f"the prefill pods' SGLang bootstrap port (default {d.sglang_bootstrap_port})",
+    )
+    p.add_argument(
+        "--local-prefill-fallback",
+        action=argparse.BooleanOptionalAction,
+        default=d.local_prefill_fallback,
+        help="when every prefill attempt failed to connect, lost its connection or got "
+        "502/503/504, serve the request on the local engine, which then prefills it itself "
+        "(nothing has been sent to the client yet); --no-local-prefill-fallback answers "
+        "502/503 instead (default on; nixl, mooncake, http and lmcache: an SGLang decode "
+        "server cannot serve a request without its prefill peer)",
     )
     p.add_argument("--log-level", default=d.log_level, help="debug, info, warning, error")
     return p

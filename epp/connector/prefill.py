@@ -27,7 +27,14 @@ class PrefillReply:
 
 class PrefillAttemptFailed(Exception):
     def __init__(
-        self, host: str, reason: str, text: str, *, retryable: bool, status: int | None = None
+        self,
+        host: str,
+        reason: str,
+        text: str,
+        *,
+        retryable: bool,
+        status: int | None = None,
+        unreachable: bool = False,
     ) -> None:
         super().__init__(f"{host} {text}")
         self.host = host
@@ -35,6 +42,19 @@ class PrefillAttemptFailed(Exception):
         self.text = text
         self.retryable = retryable
         self.status = status
+        # The prefiller is gone or refuses work (connection failed or dropped, 502/503/504),
+        # as opposed to slow (a timeout) or rejecting this request: the local engine may serve it.
+        self.unreachable = unreachable or status in RETRY_STATUSES
+
+
+def connection_lost(exc: BaseException) -> bool:
+    """A connection that could not be opened (refused, reset, no route, connect timeout) or
+    that broke before the answer was whole; not a prefiller that is merely slow."""
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        return True
+    if isinstance(exc, aiohttp.ServerTimeoutError):  # a read timeout: slow, not gone
+        return False
+    return isinstance(exc, aiohttp.ClientConnectionError | aiohttp.ClientPayloadError)
 
 
 def prefill_timeout(ex: Exchange) -> aiohttp.ClientTimeout:
@@ -60,7 +80,9 @@ async def attempt_prefill(ex: Exchange, host: str, body: bytes) -> dict:
         reason, text = describe(exc)
         if text == "timed out":
             text = f"did not answer within {ex.opts.prefill_timeout:g}s (--prefill-timeout)"
-        raise PrefillAttemptFailed(host, reason, text, retryable=True) from exc
+        raise PrefillAttemptFailed(
+            host, reason, text, retryable=True, unreachable=connection_lost(exc)
+        ) from exc
     if status in RETRY_STATUSES:
         text = f"answered {status}: {error_text(raw)}"
         raise PrefillAttemptFailed(host, f"status_{status}", text, retryable=True, status=status)
@@ -86,7 +108,8 @@ def attempt_error(failed: PrefillAttemptFailed) -> LegError:
 
 def exhausted_error(failures: list[PrefillAttemptFailed]) -> LegError:
     """Every attempt failed with something retryable: 503 if every prefiller said it was
-    unavailable, 502 otherwise."""
+    unavailable, 502 otherwise. When no attempt reached a working prefiller (all connection
+    failures or 502/503/504, no timeout), the local engine may serve the request instead."""
     status = 503 if all(f.status == 503 for f in failures) else 502
     tried = "; ".join(str(f) for f in failures)
     n = len(failures)
@@ -94,6 +117,9 @@ def exhausted_error(failures: list[PrefillAttemptFailed]) -> LegError:
         status,
         f"prefill leg failed: no prefiller succeeded after {n} attempt{'s' * (n > 1)} ({tried})",
         "prefill_exhausted",
+        local_fallback=failures[-1].reason
+        if failures and all(f.unreachable for f in failures)
+        else None,
     )
 
 

@@ -35,6 +35,7 @@ METRICS_PATH = "/connector/metrics"  # /metrics is the engine's: the picker scra
 
 class Connector(Protocol):
     name: str
+    local_fallback: bool  # the local engine can serve a request whose prefill leg failed
 
     async def handle(self, ex: Exchange) -> web.StreamResponse: ...
 
@@ -111,13 +112,47 @@ class ConnectorProxy:
         if not header or request.method != "POST" or request.path not in TWO_LEG_PATHS:
             return await self.passthrough(request)
         self.metrics.request("disaggregated")
+        ex = None
         try:
             ex = await self._exchange(request, header)
             return await self.connector.handle(ex)
         except LegError as err:
+            if ex is not None and err.local_fallback and self._may_fall_back():
+                return await self.serve_locally(ex, err)
             self.metrics.error(err.reason)
             log.warning("%s %s: %s", request.method, request.path, err.message)
             return error_response(err.status, err.message)
+
+    def _may_fall_back(self) -> bool:
+        return self.opts.local_prefill_fallback and self.connector.local_fallback
+
+    async def serve_locally(self, ex: Exchange, err: LegError) -> web.StreamResponse:
+        """No prefiller could be reached: the client's request, as it came, on the local
+        engine (aggregated: it prefills the prompt itself). Only prefill-leg failures get
+        here, so nothing has been sent to the client yet."""
+        assert err.local_fallback is not None
+        self.metrics.prefill_fallback(err.local_fallback)
+        log.warning(
+            "request %s: %s; serving it on the local engine (--no-local-prefill-fallback "
+            "turns this off)",
+            ex.request_id,
+            err.message,
+        )
+        try:
+            upstream = await open_upstream(
+                self.session,
+                "POST",
+                ex.engine_url,
+                headers=ex.leg_headers(),
+                data=await ex.request.read(),
+                opts=self.opts,
+                what="local prefill fallback: local engine",
+            )
+        except LegError as local:
+            self.metrics.error(local.reason)
+            log.warning("request %s: %s", ex.request_id, local.message)
+            return error_response(local.status, f"{err.message}; then {local.message}")
+        return await relay(ex.request, upstream, self.metrics)
 
     async def passthrough(self, request: web.Request) -> web.StreamResponse:
         """The request to the local engine unchanged but for hop-by-hop headers."""

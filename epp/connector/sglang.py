@@ -50,6 +50,9 @@ def decode_body(body: dict, fields: dict) -> dict:
 
 class SGLangConnector:
     name = "sglang"
+    # An SGLang decode server in disaggregation mode serves nothing without its prefill
+    # peer's bootstrap: there is no local fallback.
+    local_fallback = False
 
     async def handle(self, ex: Exchange) -> web.StreamResponse:
         started = time.monotonic()

@@ -87,13 +87,20 @@ def error_response(status: int, message: str) -> web.Response:
 
 
 class LegError(Exception):
-    """A leg failed in a way the client must hear about: becomes `error_response`."""
+    """A leg failed in a way the client must hear about: becomes `error_response`.
 
-    def __init__(self, status: int, message: str, reason: str) -> None:
+    `local_fallback`: set (to the last prefill attempt's failure reason) when no prefiller
+    could be reached, or each said it was overloaded, and nothing has been sent to the client:
+    the local engine may serve the request whole."""
+
+    def __init__(
+        self, status: int, message: str, reason: str, *, local_fallback: str | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.reason = reason
+        self.local_fallback = local_fallback
 
 
 def describe(exc: BaseException) -> tuple[str, str]:
