@@ -42,6 +42,7 @@ bench: $(STAMP)
 	$(BIN)/infergate bench kvindex
 	$(BIN)/infergate bench routing
 	$(BIN)/infergate bench fairness
+	$(BIN)/infergate bench pd
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

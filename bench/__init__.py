@@ -11,6 +11,7 @@ BENCHMARKS = {
     "kvindex": "bench.kvindex",
     "routing": "bench.routing.cli",
     "fairness": "bench.fairness.cli",
+    "pd": "bench.pd.cli",
 }
 
 

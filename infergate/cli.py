@@ -13,7 +13,8 @@ commands:
   connector  a decode pod's P/D sidecar: prefill remotely, decode locally (python -m epp.connector)
   simulate   a vLLM-compatible model server without GPUs (python -m simulator)
   bench      run a benchmark under bench/ (infergate bench simulator ...; fairness: tenants
-             contending for one pod, with and without flow control)
+             contending for one pod, with and without flow control; pd: aggregated against
+             prefill/decode disaggregated serving)
 """
 
 

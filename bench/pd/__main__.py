@@ -1,0 +1,5 @@
+import sys
+
+from bench.pd.cli import main
+
+sys.exit(main())

@@ -1,0 +1,94 @@
+"""`infergate bench pd`: time to first token and time per output token, aggregated against
+prefill/decode disaggregated, on the same 4 simulator pods and the same trace.
+
+aggregated: examples/quickstart (4 aggregated pods, its picker config); disaggregated:
+examples/pd (2 groups of 1 prefill + 1 decode pod with the nixl connector sidecar, the
+pd-profile-handler); disaggregated-1-group: the same as one group of 2 + 2 (bench/pd/fleet.py).
+A mix of long prompts with short answers and short prompts with long answers
+(bench/pd/workload.py), open-loop Poisson arrivals at a few rates, a fresh fleet per point.
+Writes bench/results/pd-<date>[-quick].json and docs/benchmarks/pd[-quick].png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from bench.common import PLOTS, RESULTS, machine
+from bench.pd.fleet import MODES
+from bench.pd.report import markdown, plot
+from bench.pd.run import Settings, run_point
+from bench.pd.workload import Mix
+
+FULL = {"rates": [2.0, 6.0, 10.0, 14.0], "warmup_s": 5.0, "duration_s": 30.0, "modes": MODES}
+QUICK = {"rates": [6.0], "warmup_s": 3.0, "duration_s": 8.0, "modes": MODES[:2]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="infergate bench pd", description=__doc__)
+    p.add_argument("--quick", action="store_true", help="one rate, short (about a minute)")
+    p.add_argument("--rates", default=None, help="comma-separated requests/s")
+    p.add_argument("--duration", type=float, default=None, help="measured seconds per point")
+    p.add_argument(
+        "--modes",
+        default=None,
+        help=f"comma-separated: {', '.join(MODES)} (default: all; --quick: the first two)",
+    )
+    p.add_argument("--seed", type=int, default=7)
+    p.add_argument(
+        "--output-dir",
+        type=Path,
+        default=None,
+        help="where the JSON and PNG go (default: bench/results/ and docs/benchmarks/)",
+    )
+    args = p.parse_args(argv)
+    plan = dict(QUICK if args.quick else FULL)
+    if args.rates:
+        plan["rates"] = [float(r) for r in args.rates.split(",")]
+    if args.duration is not None:
+        plan["duration_s"] = args.duration
+    modes = args.modes.split(",") if args.modes else list(plan["modes"])
+    if not modes or set(modes) - set(MODES):
+        p.error(f"--modes takes {', '.join(MODES)}")
+    mix = Mix()
+    settings = Settings(plan["warmup_s"], plan["duration_s"], args.seed, mix)
+    out = {
+        "benchmark": "pd",
+        "machine": machine(),
+        "settings": {
+            "warmup_s": settings.warmup_s,
+            "duration_s": settings.duration_s,
+            "seed": settings.seed,
+            "rates": plan["rates"],
+            "pods": 4,
+            "workload": mix.describe(),
+        },
+        "rows": [],
+    }
+    for rate in plan["rates"]:
+        for mode in modes:
+            print(f"{mode} at {rate:g} req/s ...", flush=True)
+            row = run_point(mode, rate, settings)
+            out["rows"].append(row)
+            print(
+                f"  TTFT p50/p90 {row['ttft_p50_ms']}/{row['ttft_p90_ms']} ms, "
+                f"TPOT p50/p90 {row['tpot_p50_ms']}/{row['tpot_p90_ms']} ms, "
+                f"errors {row['errors']}, {row['seconds']:.0f} s",
+                flush=True,
+            )
+    suffix = "-quick" if args.quick else ""
+    results_dir = args.output_dir or RESULTS
+    plots_dir = args.output_dir or PLOTS
+    results_dir.mkdir(parents=True, exist_ok=True)
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    json_path = results_dir / f"pd-{out['machine']['date']}{suffix}.json"
+    json_path.write_text(json.dumps(out, indent=1) + "\n")
+    print("wrote", json_path)
+    print("wrote", plot(out, plots_dir / f"pd{suffix}.png"))
+    print(markdown(out))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

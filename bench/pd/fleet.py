@@ -1,0 +1,146 @@
+"""The two fleets, both from the project's examples and run by the standalone controllers:
+
+- aggregated: examples/quickstart's Model with 4 replicas (4 pods of role `both`) behind its
+  picker config (queue, KV-cache, in-flight and precise prefix scorers);
+- disaggregated: examples/pd's Model, 2 groups of 1 prefill + 1 decode pod (the decode pods
+  behind the nixl connector sidecar) behind its pd-profile-handler config;
+- disaggregated-1-group: the same Model as 1 group of 2 prefill + 2 decode pods, so the
+  picker chooses the prefill pod by its own load instead of taking the decode pod's partner.
+
+Both keep their example's engine arguments (so the simulator's default latency model) but for
+the KV-event socket, which is this run's free port; no SecurityPolicy is copied (auth off).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import aiohttp
+import yaml
+
+from bench.common import ROOT, free_port, free_port_run
+from infergate.example import Example
+from infergate.stack import LocalStack, StackConfig, StackPorts
+
+EXAMPLES = {
+    "aggregated": ROOT / "examples" / "quickstart",
+    "disaggregated": ROOT / "examples" / "pd",
+    "disaggregated-1-group": ROOT / "examples" / "pd",
+}
+# (groups, prefill pods a group, decode pods a group): 4 pods in every mode
+LAYOUT = {
+    "aggregated": (4, 0, 0),
+    "disaggregated": (2, 1, 1),
+    "disaggregated-1-group": (1, 2, 2),
+}
+MODES = tuple(EXAMPLES)
+
+
+def copy_example(mode: str, into: Path, kv_events_port: int) -> Example:
+    """The mode's example Model and picker config in `into`, its KV events to our port."""
+    into.mkdir(parents=True, exist_ok=True)
+    src = EXAMPLES[mode]
+    model = next(d for d in yaml.safe_load_all((src / "model.yaml").read_text()) if d)
+    groups, prefill, decode = LAYOUT[mode]
+    model["spec"]["replicas"] = groups
+    if prefill:
+        model["spec"]["backend"]["prefill"]["replicas"] = prefill
+        model["spec"]["backend"]["decode"]["replicas"] = decode
+    engine = model["spec"]["engine"]
+    args = []
+    for arg in engine["args"]:
+        if arg.startswith("--kv-events-config="):
+            config = json.loads(arg.split("=", 1)[1])
+            config["endpoint"] = f"tcp://127.0.0.1:{kv_events_port}"
+            arg = "--kv-events-config=" + json.dumps(config)
+        args.append(arg)
+    engine["args"] = [*args, "--log-level=warning"]
+    (into / "model.yaml").write_text(yaml.safe_dump(model, sort_keys=False))
+    shutil.copy(src / "epp-config.yaml", into / "epp-config.yaml")
+    return Example.read(into)
+
+
+def new_stack(mode: str, workdir: Path) -> LocalStack:
+    """Not started: use it as a context manager."""
+    ports = StackPorts(
+        envoy=free_port(),
+        envoy_admin=free_port(),
+        picker=free_port(),
+        picker_health=free_port(),
+        picker_metrics=free_port(),
+        kv_events=free_port(),
+        kv_replay_base=free_port_run(1),
+        controllers_metrics=free_port(),
+    )
+    example = copy_example(mode, workdir / "example", ports.kv_events)
+    return LocalStack(
+        StackConfig(
+            workdir=workdir / "run",
+            ports=ports,
+            served_model_name=example.served_name,
+            picker_config=example.picker_config,
+            picker_args=["--log-level", "warning"],
+            manifests=example.directory,
+            pool_name=example.pool_name,
+            tokenizer_dir=example.tokenizer_dir,
+            expect_pods=example.pod_count(),
+        )
+    )
+
+
+def pods(stack: LocalStack) -> list[dict]:
+    """Ready pods from the pool file: role and address (ip:8000)."""
+    out = []
+    for d in yaml.safe_load_all(stack.pool_path.read_text()):
+        if d and d["kind"] == "Pod" and d["status"].get("podIP"):
+            role = d["metadata"]["labels"].get("infergate.io/role", "both")
+            out.append({"role": role, "address": f"{d['status']['podIP']}:8000"})
+    return out
+
+
+def _sum(text: str, name: str) -> float:
+    """The samples of a counter, with or without its _total suffix and labels."""
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name) and line.split("{")[0].split(" ")[0] in (name, name + "_total"):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+async def snapshot(stack: LocalStack) -> dict[str, float]:
+    """Counters summed over the pods (the engines' step times, by role) and, for the
+    disaggregated fleet, the sidecars' fallbacks and errors."""
+    out: dict[str, float] = {}
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as s:
+        for pod in pods(stack):
+            out[f"{pod['role']}_pods"] = out.get(f"{pod['role']}_pods", 0.0) + 1
+            async with s.get(f"http://{pod['address']}/metrics") as r:
+                text = await r.text()
+            for key, name in (
+                ("busy", "infergate_sim:step_busy_seconds"),
+                ("modeled", "infergate_sim:step_modeled_seconds"),
+            ):
+                k = f"{pod['role']}_{key}"
+                out[k] = out.get(k, 0.0) + _sum(text, name)
+            if pod["role"] == "decode":
+                async with s.get(f"http://{pod['address']}/connector/metrics") as r:
+                    own = await r.text()
+                for key, name in (
+                    ("fallbacks", "infergate_connector_prefill_fallbacks_total"),
+                    ("connector_errors", "infergate_connector_errors_total"),
+                    ("prefill_legs", "infergate_connector_prefill_duration_seconds_count"),
+                ):
+                    out[key] = out.get(key, 0.0) + _sum(own, name)
+        url = f"http://127.0.0.1:{stack.cfg.ports.picker_metrics}/metrics"
+        async with s.get(url) as r:
+            text = await r.text()
+        for outcome in ("disaggregated", "decode_only", "no_prefill_pod"):
+            label = f'{{outcome="{outcome}"}}'
+            out[f"pd_{outcome}"] = sum(
+                float(line.rsplit(" ", 1)[1])
+                for line in text.splitlines()
+                if line.startswith("infergate_epp_pd_decisions_total" + label)
+            )
+    return out
