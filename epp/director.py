@@ -19,7 +19,7 @@ from epp.scheduling.framework import ResponseInfo
 
 log = logging.getLogger("epp.director")
 
-REWRITE_HEADER = "x-gateway-model-name-rewrite"
+ROLE_LABEL = "infergate.io/role"
 TIMEOUT_HEADER = "x-envoy-upstream-rq-timeout-ms"
 EWMA_ALPHA = 0.2  # weight of the newest observation in per-endpoint latency averages
 
@@ -45,6 +45,7 @@ class Director:
         self.metrics = metrics
         self.options = options
         self.gate = gate or Gatekeeper(metrics.registry)
+        self._pd = getattr(scheduling.handler, "type_name", "") == "pd-profile-handler"
         self.scheduler = scheduling.scheduler(1 + options.fallbacks, metrics.observe_plugin)
         self._rng = random.Random()
 
@@ -69,11 +70,11 @@ class Director:
         req.priority = self.datastore.priority_of(req.objective)
         if req.stream and not req.client_wants_usage and self._needs_usage(req):
             req.strip_usage = True  # ask the engine for usage; the client does not see it
-        req.ticket = await self.gate.enter(req, lambda: self._eligible(req, subset))
+        req.ticket = await self.gate.enter(req, lambda: self._destinations(req, subset))
         try:
             return self._schedule(req, self._eligible(req, subset))
         except BaseException:
-            self.gate.leave(req.ticket, None)
+            self.gate.abandon(req.ticket, req)
             raise
 
     def _needs_usage(self, req: InferenceRequest) -> bool:
@@ -82,6 +83,15 @@ class Director:
         return self.gate.queue is not None or (
             limit is not None and limit.output_tokens_per_unit is not None
         )
+
+    def _destinations(self, req: InferenceRequest, subset: list[str] | None) -> list[Endpoint]:
+        """The endpoints that can be the request's destination, for flow control's saturation
+        check: with prefill/decode picking, prefill pods never are (their room is no room for
+        a decode)."""
+        endpoints = self._eligible(req, subset)
+        if self._pd:
+            endpoints = [e for e in endpoints if e.labels.get(ROLE_LABEL) != "prefill"]
+        return endpoints
 
     def _eligible(self, req: InferenceRequest, subset: list[str] | None) -> list[Endpoint]:
         """The ready endpoints this request may use now: its ModelServer's, or those serving
@@ -130,8 +140,9 @@ class Director:
         if resolution is None:
             return self._serving(req.target_model, candidates)
         req.resolution = resolution
-        if not req.headers.get(REWRITE_HEADER):  # an explicit rewrite header still wins
-            req.target_model = resolution.target_model
+        # The route decides the engine's model name: a client's x-gateway-model-name-rewrite
+        # must not reach an adapter or model the route does not expose.
+        req.target_model = resolution.target_model
         if resolution.timeout_s is not None:
             # Envoy's router takes the per-request timeout from this header.
             req.upstream_headers[TIMEOUT_HEADER] = str(max(1, int(resolution.timeout_s * 1000)))

@@ -52,10 +52,11 @@ class Gatekeeper:
     def __post_init__(self) -> None:
         self.rate_metrics = RateLimitMetrics(self.metrics_registry)
         self.redis = RedisClients()
-        self.detector = None
+        self.detector = SaturationDetector(
+            self.flow_control.saturation if self.flow_control is not None else None
+        )
         self.queue = None
         if self.flow_control is not None:
-            self.detector = SaturationDetector(self.flow_control.saturation)
             self.queue = AdmissionController(self.flow_control, self._saturated)
 
     # ---- before scheduling ----------------------------------------------------------------
@@ -77,26 +78,59 @@ class Gatekeeper:
                     f"{decision.message()} (ModelRoute {ticket.route})",
                     headers={"retry-after": retry} if retry else None,
                 )
-        if self.queue is not None:
-            item = FlowItem(
-                flow_id=req.fairness_id,
-                priority=req.priority,
-                input_tokens=self.input_tokens(req),
-                size_bytes=len(req.raw_body),
-                request_id=req.request_id,
-                payload=eligible,
-                expected_output=self._expected_output(req),
-            )
-            admission = await self.queue.admit(item)
-            if not admission.admitted:
-                retry = admission.retry_after
-                raise PickerError(
-                    admission.status or 503,
-                    admission.message,
-                    headers={"retry-after": str(int(retry))} if retry else None,
-                )
-            ticket.item = item
+        try:
+            await self._wait_for_room(req, eligible, ticket)
+        except BaseException:  # turned away, timed out or the client left: never served
+            self._refund_input(ticket, req)
+            raise
         return ticket
+
+    async def _wait_for_room(
+        self, req: InferenceRequest, eligible: Callable[[], list], ticket: Ticket
+    ) -> None:
+        if self.queue is None:
+            # No queue to wait in, but sheddable requests are still turned away when the
+            # endpoints they may use are saturated, as the reference picker does.
+            if req.priority < 0 and self._saturated_now(eligible):
+                raise PickerError(
+                    429,
+                    "the pool is saturated and the request is sheddable",
+                    headers={"retry-after": "1"},
+                )
+            return
+        item = FlowItem(
+            flow_id=req.fairness_id,
+            priority=req.priority,
+            input_tokens=self.input_tokens(req),
+            size_bytes=len(req.raw_body),
+            request_id=req.request_id,
+            payload=eligible,
+            expected_output=self._expected_output(req),
+        )
+        admission = await self.queue.admit(item)
+        if not admission.admitted:
+            retry = admission.retry_after
+            raise PickerError(
+                admission.status or 503,
+                admission.message,
+                headers={"retry-after": str(int(retry))} if retry else None,
+            )
+        ticket.item = item
+
+    def _refund_input(self, ticket: Ticket, req: InferenceRequest) -> None:
+        if ticket.limiter is not None:
+            self._spawn(
+                ticket.limiter.refund_input(ticket.route, ticket.user, self.input_tokens(req))
+            )
+
+    def abandon(self, ticket: Ticket | None, req: InferenceRequest) -> None:
+        """Admitted, then not sent anywhere (scheduling found no endpoint): give back what it
+        was charged, and let the next request try."""
+        if ticket is None:
+            return
+        self._refund_input(ticket, req)
+        if ticket.item is not None and self.queue is not None:
+            self.queue.undo(ticket.item)
 
     def _expected_output(self, req: InferenceRequest) -> int:
         """The flow's recent answer length, at most the request's max_tokens; 0 before the
@@ -113,7 +147,16 @@ class Gatekeeper:
             del self._output_avg[next(iter(self._output_avg))]
 
     def _saturated(self, item: FlowItem) -> bool:
-        return self.detector.saturated(item.payload())
+        return self._saturated_now(item.payload)
+
+    def _saturated_now(self, eligible: Callable[[], list]) -> bool:
+        try:
+            endpoints = eligible()
+        except PickerError:
+            # Its pods left or its model is gone: there is nothing to wait for. Scheduling
+            # answers it with the right error; holding it would hold the queue behind it.
+            return False
+        return self.detector.saturated(endpoints)
 
     def input_tokens(self, req: InferenceRequest) -> int:
         """The prompt's token count, once per request."""

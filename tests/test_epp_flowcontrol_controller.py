@@ -451,3 +451,19 @@ async def test_expected_output_is_charged_at_dispatch_and_settled_at_the_end():
     ctl.settle(long)
     assert vtc.service("b") == 10 + 2 * 80
     await ctl.close()
+
+
+async def test_a_saturated_head_does_not_hold_requests_for_other_endpoints():
+    busy = {"llama": True, "qwen": False}
+    ctl = AdmissionController(
+        FlowControlConfig(recheck_interval=10.0), lambda item: busy[item.payload]
+    )
+    llama = asyncio.create_task(ctl.admit(FlowItem(flow_id="a", payload="llama")))
+    await settle()
+    qwen = asyncio.create_task(ctl.admit(FlowItem(flow_id="b", payload="qwen")))
+    await asyncio.wait_for(qwen, 1)  # its own endpoints have room: it goes at once
+    assert qwen.result().admitted and not llama.done()
+    busy["llama"] = False
+    ctl.notify()
+    assert (await asyncio.wait_for(llama, 1)).admitted
+    await ctl.close()

@@ -73,6 +73,17 @@ async def test_hundred_per_minute_then_retry_after(backend):
         assert d.retry_after_header() == "1"
 
 
+async def test_a_refund_gives_back_input_up_to_the_budget(backend):
+    async with either(*backend, inputTokensPerUnit=100, unit="day") as rl:
+        assert (await rl.check("chat", "ann", 80)).allowed
+        assert not (await rl.check("chat", "ann", 80)).allowed  # 20 left
+        await rl.refund_input("chat", "ann", 80)  # the first was never served
+        assert (await rl.check("chat", "ann", 80)).allowed
+        await rl.refund_input("chat", "ann", 500)  # never above the budget
+        assert (await rl.check("chat", "ann", 100)).allowed
+        assert not (await rl.check("chat", "ann", 1)).allowed
+
+
 async def test_per_user_separation(backend):
     async with either(*backend, inputTokensPerUnit=10, unit="day", perUser=True) as rl:
         assert (await rl.check("r", "alice", 10)).allowed

@@ -20,6 +20,7 @@ from epp.routing.usage_strip import UsageEventStripper
 from epp.scheduling.config import load_config
 from epp.scheduling.framework import ResponseInfo
 from tests.test_epp_unit_director import LEAST_REQUEST, make_datastore, request
+from tests.test_epp_unit_director import pod as pod_
 
 NET = "networking.infergate.io/v1alpha1"
 
@@ -272,4 +273,62 @@ async def test_a_flows_answers_teach_the_output_charged_at_its_next_dispatch():
     other = request(headers={"x-gateway-inference-fairness-id": "else"})
     await d.admit(other, None)
     assert other.ticket.item.expected_output == 0
+    await d.gate.close()
+
+
+def saturate(d: Director) -> None:
+    for ep in d.datastore.endpoints():
+        ep.metrics.waiting, ep.metrics.updated_at = 10, 1e18
+
+
+async def test_a_request_turned_away_after_the_rate_limit_gets_its_tokens_back():
+    d = director_with(limited_route(inputTokensPerUnit=40), flow_control=FlowControlConfig())
+    saturate(d)
+    d.datastore.set_objectives([{"metadata": {"name": "bulk"}, "spec": {"priority": -1}}])
+    bulk = {"x-gateway-inference-objective": "bulk"}
+    for _ in range(3):  # each would take the whole budget, and each is shed
+        with pytest.raises(PickerError) as err:
+            await d.admit(request(prompt="x" * 160, headers=bulk), None)
+        assert "sheddable" in err.value.message
+        await asyncio.sleep(0)  # the refund is a task
+    for ep in d.datastore.endpoints():
+        ep.metrics.waiting = 0
+    await d.admit(request(prompt="x" * 160), None)  # the budget is whole
+    await d.gate.close()
+
+
+async def test_sheddable_requests_are_shed_without_a_queue_too():
+    d = director_with()
+    saturate(d)
+    d.datastore.set_objectives([{"metadata": {"name": "bulk"}, "spec": {"priority": -1}}])
+    with pytest.raises(PickerError) as err:
+        await d.admit(request(headers={"x-gateway-inference-objective": "bulk"}), None)
+    assert err.value.status == 429 and err.value.headers["retry-after"]
+    await d.admit(request(), None)  # others still go: there is no queue to wait in
+
+
+async def test_a_routed_request_ignores_a_clients_model_rewrite():
+    d = director_with(limited_route(inputTokensPerUnit=10**6))
+    req = request(headers={"x-gateway-model-name-rewrite": "secret-adapter"})
+    await d.admit(req, None)
+    assert req.target_model == "m"  # the ModelServer's model, not the client's choice
+    assert json.loads(req.body_for_upstream())["model"] == "m"
+
+
+async def test_a_request_whose_pods_left_does_not_hold_the_queue():
+    d = director_with(flow_control=FlowControlConfig(default_request_ttl=5))
+    saturate(d)
+    a0 = d.datastore.endpoints()[0].address
+    pinned = asyncio.create_task(d.admit(request(), [a0]))
+    await asyncio.sleep(0.05)
+    other = asyncio.create_task(d.admit(request(), None))
+    await asyncio.sleep(0.05)
+    d.datastore.replace_pods([pod_("b", "10.0.0.2")])  # a0's pod is gone, b's is idle
+    for ep in d.datastore.endpoints():
+        ep.metrics.waiting, ep.metrics.updated_at = 0, 1e18
+    d.gate.notify()
+    with pytest.raises(PickerError) as err:
+        await asyncio.wait_for(pinned, 1)  # answered at once, not after its TTL
+    assert err.value.status == 503
+    assert await asyncio.wait_for(other, 1)
     await d.gate.close()

@@ -24,7 +24,7 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from epp.flowcontrol.admission import Admission, FlowControlStats, Outcome
@@ -117,6 +117,14 @@ class AdmissionController:
             self._band(item.priority).vtc.charge_output(item.flow_id, -unused)
             item.output_charged = item.output_reported
 
+    def undo(self, item: FlowItem) -> None:
+        """A dispatched request was not served after all (scheduling found no endpoint): give
+        its flow back what its dispatch charged."""
+        band = self._band(item.priority)
+        band.vtc.refund_input(item.flow_id, item.input_tokens)
+        self.settle(item)
+        self.notify()
+
     def _charge_dispatch(self, band: Band, item: FlowItem) -> None:
         band.vtc.charge_input(item.flow_id, item.input_tokens)
         if item.expected_output > 0:
@@ -124,23 +132,31 @@ class AdmissionController:
             item.output_charged = item.expected_output
 
     async def dispatch_ready(self) -> int:
-        """Dispatch queued items while their candidates have room; how many went."""
+        """Dispatch queued items while their candidates have room; how many went.
+
+        Items are tried in queue order (priority, then the flows' counters; a flow's head
+        only): the first whose candidates have room goes. One whose candidates are saturated
+        does not hold back another whose candidates are not — requests for different models
+        or servers share one queue, not one pool."""
         dispatched = 0
         async with self._dispatching:  # one loop at a time, or two could fill one free slot
             while True:
-                item = self._next()
+                item = self._first_with_room()
                 if item is None:
-                    return dispatched
-                try:
-                    if self.saturated(item):
-                        return dispatched
-                except Exception:  # a broken check must not kill the dispatcher: hold, retry
-                    log.exception("saturation check failed; holding the queue")
                     return dispatched
                 self._dispatch_queued(item)
                 dispatched += 1
                 # Let the resumed request claim its endpoint before the next saturation check.
                 await asyncio.sleep(0)
+
+    def _first_with_room(self) -> FlowItem | None:
+        for item in self._heads():
+            try:
+                if not self.saturated(item):
+                    return item
+            except Exception:  # a broken check must not kill the dispatcher: skip, retry
+                log.exception("saturation check failed for %s; it waits", item.request_id)
+        return None
 
     async def close(self) -> None:
         """Stop the dispatcher and answer every waiting request with 503."""
@@ -260,17 +276,19 @@ class AdmissionController:
         self._remove(item)  # may already be gone: the dispatcher drops withdrawn items it meets
         self.stats.cancelled_queued += 1
 
-    def _next(self) -> FlowItem | None:
+    def _heads(self) -> Iterator[FlowItem]:
+        """Each backlogged flow's first item, in dispatch order: bands by priority, flows by
+        their counters. Items whose client already left are dropped on the way."""
         for band in self._order:
-            while band.requests:
-                item = band.peek()
-                if item is None:
+            for flow in band.vtc.in_order():
+                queue = band.flows.get(flow)
+                while queue:
+                    item = queue[0]
+                    if item.future is not None and item.future.done():
+                        self._remove(item)  # withdrawn, its task not yet resumed
+                        continue
+                    yield item
                     break
-                if item.future is not None and item.future.done():
-                    self._remove(item)  # withdrawn, its task not yet resumed
-                    continue
-                return item
-        return None
 
     def _dispatch_queued(self, item: FlowItem) -> None:
         self._remove(item)

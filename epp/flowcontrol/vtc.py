@@ -61,6 +61,11 @@ class VirtualTokenCounter:
     def counters(self) -> dict[str, float]:
         return dict(self._counters)
 
+    def in_order(self) -> list[str]:
+        """Backlogged flows, the one `select` would pick first."""
+        counters = self._counters
+        return sorted(self._active, key=lambda f: (counters.get(f, 0.0), self._active[f]))
+
     def select(self) -> str | None:
         """The backlogged flow with the smallest counter; ties go to the earliest backlogged."""
         if not self._active:

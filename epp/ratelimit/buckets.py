@@ -146,6 +146,17 @@ class TokenBuckets:
         bucket.tokens -= n
         return bucket.tokens
 
+    def give_back(self, key: object, n: float, now: float | None = None) -> float:
+        """Return `n` tokens taken for a request that was never served (never above the
+        capacity); returns the level."""
+        if n < 0:
+            raise ValueError(f"cannot give back {n} tokens")
+        if now is None:
+            now = time.monotonic()
+        bucket = self._refilled(key, now)
+        bucket.tokens = min(float(self.capacity), bucket.tokens + n)
+        return bucket.tokens
+
     def prune(self, now: float | None = None) -> int:
         """Drop buckets that have refilled to full (they equal a missing one); returns how many.
         Runs by itself when the number of buckets doubles, so callers need not."""

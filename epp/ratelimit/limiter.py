@@ -200,6 +200,8 @@ class Limiter(Protocol):
 
     async def record_output(self, route: str, user: str | None, output_tokens: int) -> None: ...
 
+    async def refund_input(self, route: str, user: str | None, input_tokens: int) -> None: ...
+
     async def aclose(self) -> None: ...
 
 
@@ -277,6 +279,15 @@ class RateLimiter:
         if self.output is None or output_tokens <= 0:
             return
         self.output.charge(self.key(route, user), output_tokens, now)
+
+    async def refund_input(
+        self, route: str, user: str | None, input_tokens: int, *, now: float | None = None
+    ) -> None:
+        """Give back what `check` took for a request that was never served (flow control
+        turned it away, or its client left while it waited)."""
+        if self.input is None or input_tokens <= 0:
+            return
+        self.input.give_back(self.key(route, user), input_tokens, now)
 
     async def aclose(self) -> None:
         return None

@@ -94,6 +94,13 @@ if op == 'charge' then
   return string.format('%.6f', t)
 end
 
+if op == 'refund' then
+  if in_cap <= 0 then return '0' end
+  local t = math.min(in_cap, level(KEYS[1], in_cap) + n)
+  store(KEYS[1], in_cap, t)
+  return string.format('%.6f', t)
+end
+
 local wait_in, wait_out, in_level = 0, 0, 0
 if out_cap > 0 then
   local o = level(KEYS[2], out_cap)
@@ -309,6 +316,13 @@ class RedisRateLimiter:
             return
         if await self._call(self.keys(route, user), "charge", output_tokens) is None:
             self.metrics.uncharged_output_tokens.inc(output_tokens)
+
+    async def refund_input(self, route: str, user: str | None, input_tokens: int) -> None:
+        """Give back input tokens `check` took for a request that was never served; when
+        Redis fails they stay spent (logged with the other failures). Never raises."""
+        if self.config.input_tokens_per_unit is None or input_tokens <= 0:
+            return
+        await self._call(self.keys(route, user), "refund", input_tokens)
 
     async def level(self, route: str, user: str | None, which: str) -> float | None:
         """A bucket's stored token count (None: no key, a full bucket), without refill: for
