@@ -188,7 +188,12 @@ class Gatekeeper:
         if have is None or have[0] != key:
             if have is not None:
                 self._spawn(have[1].aclose())
-            limiter = build_limiter(spec, metrics=self.rate_metrics, redis_clients=self.redis)
+            try:
+                limiter = build_limiter(spec, metrics=self.rate_metrics, redis_clients=self.redis)
+            except ValueError as exc:  # the API's validation should have caught it
+                log.error("ModelRoute %s: unusable rateLimit: %s", name, exc)
+                message = f"ModelRoute {name} has an unusable rateLimit: {exc}"
+                raise PickerError(503, message) from None
             self._limiters[name] = (key, limiter)
             return limiter
         return have[1]

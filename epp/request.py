@@ -141,6 +141,8 @@ def parse_request(
     stream = False if stream is None else stream  # OpenAI allows null
     if not isinstance(stream, bool):
         raise PickerError(400, "'stream' must be a boolean")
+    if body.get("stream_options") is not None and not isinstance(body["stream_options"], dict):
+        raise PickerError(400, "'stream_options' must be an object")
     req = InferenceRequest(
         request_id=headers.get("x-request-id") or str(uuid.uuid4()),
         path=path,

@@ -28,6 +28,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 USER_HEADER = "x-infergate-user"
+# Headers only the picker may set: the pod a request goes to, and the prefill pod a decode
+# sidecar sends the prompt to. A client's copy must not survive a picker that is down and a
+# pool that fails open (the sidecar would post the prompt wherever the client said).
+PICKER_HEADERS = ("x-gateway-destination-endpoint", "x-prefiller-host-port")
 API_VERSION = "gateway.envoyproxy.io/v1alpha1"
 GATEWAY_KINDS = ("SecurityPolicy", "Secret")  # what an example directory holds for Envoy
 _TARGET_KINDS = ("Gateway", "HTTPRoute", "GRPCRoute")
@@ -358,7 +362,7 @@ def _provider(obj, path: str) -> JwtProvider:
 def http_filters(auth: AuthConfig | None) -> list[dict]:
     """The filters that go before ext_proc, in order (Envoy Gateway's: header mutation,
     API key auth, JWT authn). Without auth only the header removal."""
-    removed = sorted({USER_HEADER, *(auth.set_headers if auth else ())})
+    removed = sorted({USER_HEADER, *PICKER_HEADERS, *(auth.set_headers if auth else ())})
     filters = [
         {
             "name": "envoy.filters.http.header_mutation",

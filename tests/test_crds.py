@@ -526,6 +526,12 @@ BROKEN = [
     ),
     Broken(
         ROUTE,
+        "redis-port-too-big",
+        _set("spec.rateLimit.global.redis.address", "redis:70000"),
+        "spec.rateLimit.global.redis.address: must be host:port",
+    ),
+    Broken(
+        ROUTE,
         "parent-namespace-uppercase",
         _set("spec.parentRefs[0].namespace", "Default"),
         "spec.parentRefs[0].namespace: must be a DNS label",

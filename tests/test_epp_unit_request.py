@@ -317,3 +317,10 @@ def test_body_for_upstream_is_reserialized_with_the_target_model():
     assert json.loads(out) == {**body, "model": "m-v2"}
     assert "héllo ☃".encode() in out  # not \\u-escaped
     assert req.body["model"] == "m"  # the parsed body is not changed
+
+
+@pytest.mark.parametrize("value", ["yes", 5, [1]])
+def test_stream_options_must_be_an_object(value):
+    with pytest.raises(PickerError) as info:
+        parse({**CHAT, "stream": True, "stream_options": value})
+    assert info.value.status == 400 and "stream_options" in info.value.message

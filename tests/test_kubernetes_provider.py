@@ -262,3 +262,33 @@ async def test_kubeconfig_is_used_without_an_api_client(kube, tmp_path, monkeypa
     monkeypatch.setenv("KUBECONFIG", str(tmp_path / "missing"))
     with pytest.raises(KubernetesProviderError, match="no Kubernetes client config"):
         await KubernetesProvider(Datastore(), "llama", "default").start()
+
+
+class NoRoutingRights(KubeAPIEmulator):
+    """An API server whose Role for the picker predates model routing: 403 on those kinds."""
+
+    async def _handle(self, request):
+        from aiohttp import web
+
+        from tests.kubeapi import status_object
+
+        if request.match_info.get("plural") in ("modelroutes", "modelservers"):
+            return web.json_response(status_object(403, "Forbidden", "no"), status=403)
+        return await super()._handle(request)
+
+
+async def test_a_role_without_routing_rights_still_serves_the_pool(caplog):
+    caplog.set_level(logging.WARNING, logger="epp.providers.kubernetes")
+    async with NoRoutingRights() as api:
+        api.put(pool())
+        api.put(pod("llama-0", "10.0.0.1"))
+        api_client = client.ApiClient(api.client_configuration())
+        ds = Datastore()
+        provider = KubernetesProvider(ds, "llama", "default", api_client=api_client)
+        try:
+            await provider.start()
+            assert addresses(ds) == {"10.0.0.1:8000"} and len(ds.routes) == 0
+            assert "not allowed to list routes (403)" in caplog.text
+        finally:
+            await provider.stop()
+            api_client.close()

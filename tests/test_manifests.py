@@ -461,10 +461,13 @@ def test_role_grants_only_read_verbs_on_what_the_picker_reads() -> None:
             assert set(rule["verbs"]) <= READ_ONLY_VERBS, rule
             assert "*" not in rule["resources"] and "*" not in rule["apiGroups"], rule
             granted |= {(g, r) for g in rule["apiGroups"] for r in rule["resources"]}
+    # Everything the Kubernetes provider lists or watches, and nothing else.
+    from epp.providers.kubernetes import OPTIONAL_KINDS
+
     assert granted == {
         ("", "pods"),
         ("inference.networking.k8s.io", "inferencepools"),
-        ("inference.networking.x-k8s.io", "inferenceobjectives"),
+        *((group, plural) for group, _, plural in OPTIONAL_KINDS.values()),
     }
 
 

@@ -195,7 +195,14 @@ class KubernetesProvider:
             items, rv = self._list(kind)
         except client.ApiException as exc:
             if exc.status == 404:
-                log.info("no %s CRD in the cluster: model routing without it", kind)
+                log.info("no %s CRD in the cluster: running without them", kind)
+                return None
+            if exc.status == 403:  # an older Role: serve the pool, without this feature
+                log.warning(
+                    "not allowed to list %s (403): running without them; grant get, list, "
+                    "watch on %s to the picker",
+                    kind, OPTIONAL_KINDS[kind][2],
+                )  # fmt: skip
                 return None
             raise KubernetesProviderError(f"listing {OPTIONAL_KINDS[kind][2]}: {exc}") from exc
         self._routing[kind] = {_name(o): o for o in items}

@@ -140,7 +140,12 @@ def _check_rate_limit(p: Problems, path: str, limit: RateLimit) -> None:
     if limit.global_ is not None:
         address = limit.global_.redis.address
         host, _, port = address.rpartition(":")
-        if not host or not port.isdigit() or len(port) > 5 or any(c.isspace() for c in host):
+        if (
+            not host
+            or not port.isdigit()
+            or not 0 < int(port) < 65536
+            or any(c.isspace() for c in host)
+        ):
             p.add(f"{path}.global.redis.address", "must be host:port")
 
 
