@@ -30,6 +30,17 @@ from controllers.store import (
 )
 
 log = logging.getLogger("controllers.model")
+NOT_OURS_RETRY = 30.0  # seconds between looks at an object in the way
+
+
+def _with_role_sizes(want: dict, have: dict | None) -> dict:
+    """`want`'s template with each role's replicas as `have` has them."""
+    sizes = {r["name"]: r.get("replicas") for r in (have or {}).get("roles") or []}
+    roles = [
+        {**r, "replicas": sizes[r["name"]]} if sizes.get(r["name"]) is not None else r
+        for r in want.get("roles") or []
+    ]
+    return {**want, "roles": roles}
 
 
 class ModelReconciler:
@@ -55,7 +66,8 @@ class ModelReconciler:
         for p in problems:
             if p.error is not None:
                 raise p.error
-        return None
+        # An object in the way that is not ours sends us no event when it goes: look again.
+        return NOT_OURS_RETRY if problems else None
 
     async def _apply(self, model: Obj, want: Obj, *, keep_replicas: bool) -> Problem | None:
         """Create or update one owned object; a Problem if it is not ours to write."""
@@ -82,7 +94,10 @@ class ModelReconciler:
             )
         spec = dict(want["spec"])
         if keep_replicas and kind is MODEL_INFER:
+            # The autoscaler owns the sizes: the groups, and with a prefill/decode binding
+            # each role's replicas.
             spec["replicas"] = have["spec"].get("replicas", spec["replicas"])
+            spec["template"] = _with_role_sizes(spec["template"], have["spec"].get("template"))
         labels = {**(have["metadata"].get("labels") or {}), **m["labels"]}
         if have.get("spec") == spec and have["metadata"].get("labels") == labels:
             return None

@@ -11,6 +11,7 @@ port 8200. Prefill pods, workers and aggregated Models keep the engine alone on 
 from __future__ import annotations
 
 import copy
+import json
 
 from controllers.modelinfer_pods import L_GROUP, L_MODEL, L_ROLE
 from controllers.store import Obj, owner_reference
@@ -20,6 +21,7 @@ ENGINE_PORT = 8000  # the pod's serving port: the engine's, or the connector's b
 SIDECAR_ENGINE_PORT = 8200  # the engine's port behind the connector (llm-d's)
 CONNECTOR_IMAGE = "ghcr.io/infergate/infergate:latest"
 POD_IP_ENV = {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}
+NIXL_HOST = "VLLM_NIXL_SIDE_CHANNEL_HOST"
 PICKER_PORT = 9002
 WORKLOAD = "workload.infergate.io/v1alpha1"
 NETWORKING = "networking.infergate.io/v1alpha1"
@@ -106,14 +108,37 @@ def connector_container(kv_connector: str) -> dict:
     }
 
 
-def _role(model: Obj, name: str, role: dict, kv_connector: str | None = None) -> dict:
+def _nixl(container: dict, kv_role: str) -> dict:
+    """An engine set up for NIXL handover, as vLLM needs it: its KV connector and role
+    (unless the Model's arguments already say), and the address its side channel announces
+    to the other side (the pod's IP; vLLM would announce localhost)."""
+    if not any(a.startswith("--kv-transfer-config") for a in container["args"]):
+        config = json.dumps({"kv_connector": "NixlConnector", "kv_role": kv_role})
+        container["args"].append(f"--kv-transfer-config={config}")
+    env = container.setdefault("env", [])
+    if not any(e.get("name") == NIXL_HOST for e in env):
+        env.append({"name": NIXL_HOST, "valueFrom": copy.deepcopy(POD_IP_ENV["valueFrom"])})
+    return container
+
+
+def _role(
+    model: Obj,
+    name: str,
+    role: dict,
+    kv_connector: str | None = None,
+    nixl_role: str | None = None,
+) -> dict:
     engine = ((model["spec"].get("engine") or {}).get("type") or "vLLM").lower()
     labels = {ENGINE_LABEL: engine}
-    pod = {"metadata": {"labels": labels}, "spec": {"containers": [_container(model, role)]}}
+    serving = _container(model, role)
+    if nixl_role:
+        _nixl(serving, nixl_role)
+    pod = {"metadata": {"labels": labels}, "spec": {"containers": [serving]}}
     entry = pod
     if kv_connector:  # only the entry pod serves, so only it gets the sidecar
+        behind = _container(model, role, SIDECAR_ENGINE_PORT)
         containers = [
-            _container(model, role, SIDECAR_ENGINE_PORT),
+            _nixl(behind, nixl_role) if nixl_role else behind,
             connector_container(kv_connector),
         ]
         entry = {"metadata": {"labels": dict(labels)}, "spec": {"containers": containers}}
@@ -135,9 +160,10 @@ def roles(model: Obj) -> list[dict]:
     kv_connector = (backend.get("kvConnector") or {}).get("type")
     if backend.get("kvConnector") is not None and not kv_connector:
         kv_connector = "nixl"  # the CRD's default
+    nixl = kv_connector == "nixl"  # vLLM's NixlConnector; other connectors: the Model's args
     return [
-        _role(model, "prefill", backend["prefill"]),
-        _role(model, "decode", backend["decode"], kv_connector),
+        _role(model, "prefill", backend["prefill"], nixl_role="kv_producer" if nixl else None),
+        _role(model, "decode", backend["decode"], kv_connector, "kv_consumer" if nixl else None),
     ]
 
 

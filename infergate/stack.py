@@ -221,6 +221,8 @@ class LocalStack:
         """The standalone controllers on the manifests; back once they have written the
         pool (its pods start in the background)."""
         c = self.cfg
+        for stale in (self.pool_path, self.eds_path):  # an earlier run's, in a reused workdir
+            stale.unlink(missing_ok=True)
         cmd = [
             sys.executable,
             "-m",

@@ -52,6 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _interrupt(_sig, _frame) -> None:
+    raise KeyboardInterrupt
+
+
 def split_engine_args(argv: list[str]) -> tuple[list[str], list[str]]:
     """(our flags and the directory, in any order; the engine's arguments after --)."""
     if "--" in argv:
@@ -99,13 +103,17 @@ def main(argv: list[str] | None = None) -> int:
         nonlocal stop
         stop = True
 
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
+    # While starting, Ctrl-C (KeyboardInterrupt) or SIGTERM stops what has started.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         stack.start()
     except (OSError, RuntimeError, TimeoutError) as exc:
         print(f"infergate up: {exc}\n  logs: {workdir}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # start() stopped everything it had started
+        return 130
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
     name = example.served_name
     pods = stack.pod_addresses
     auth = stack.cfg.auth

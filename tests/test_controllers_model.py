@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import json
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ import yaml
 
 from controllers import model_objects
 from controllers.memory_store import MemoryStore
-from controllers.model import ModelReconciler
+from controllers.model import NOT_OURS_RETRY, ModelReconciler
 from controllers.modelinfer import ModelInferReconciler
 from controllers.runner import Controller, own_key, owner_key
 from controllers.store import (
@@ -189,7 +190,39 @@ def test_engine_args_naming_the_pod_ip_get_it_from_the_downward_api():
     assert "--kv-connector=nixl" in by_name(decode)["connector"]["args"]
     model["spec"]["env"] = [{"name": "POD_IP", "value": "10.0.0.9"}]  # the Model's own wins
     prefill = role_templates(model)["prefill"]["entryTemplate"]["spec"]["containers"]
-    assert prefill[0]["env"] == [{"name": "POD_IP", "value": "10.0.0.9"}]
+    assert prefill[0]["env"][0] == {"name": "POD_IP", "value": "10.0.0.9"}
+
+
+def test_nixl_engines_get_their_connector_role_and_announce_the_pod_ip():
+    """vLLM needs --kv-transfer-config for NIXL, and its side channel must announce the pod's
+    IP (by default it announces localhost, which the other pod cannot reach)."""
+    model = example_model(EXAMPLE.parent.parent / "pd" / "model.yaml")
+    for role in model["spec"]["backend"].values():
+        if isinstance(role, dict):
+            role.pop("args", None)  # the example's own configs set aside: ours are added
+    roles = role_templates(model)
+    for name, kv_role in (("prefill", "kv_producer"), ("decode", "kv_consumer")):
+        engine = by_name(roles[name]["entryTemplate"]["spec"]["containers"])["engine"]
+        (config,) = [a for a in engine["args"] if a.startswith("--kv-transfer-config=")]
+        assert json.loads(config.split("=", 1)[1]) == {
+            "kv_connector": "NixlConnector",
+            "kv_role": kv_role,
+        }
+        host = next(e for e in engine["env"] if e["name"] == "VLLM_NIXL_SIDE_CHANNEL_HOST")
+        assert host["valueFrom"] == {"fieldRef": {"fieldPath": "status.podIP"}}
+    # A Model that configures its own transfer keeps it.
+    mine = example_model(EXAMPLE.parent.parent / "pd" / "model.yaml")
+    decode = by_name(role_templates(mine)["decode"]["entryTemplate"]["spec"]["containers"])
+    configs = [a for a in decode["engine"]["args"] if a.startswith("--kv-transfer-config")]
+    assert len(configs) == 1 and "recompute" in configs[0]
+    # http and other connectors: the Model's arguments decide.
+    other = example_model(EXAMPLE.parent.parent / "pd" / "model.yaml")
+    other["spec"]["backend"]["kvConnector"] = {"type": "http"}
+    for role in other["spec"]["backend"].values():
+        if isinstance(role, dict):
+            role.pop("args", None)
+    prefill = role_templates(other)["prefill"]["entryTemplate"]["spec"]["containers"][0]
+    assert not any(a.startswith("--kv-transfer-config") for a in prefill["args"])
 
 
 async def test_inline_metrics_make_a_policy_and_aggregated_makes_one_role(env):
@@ -215,7 +248,9 @@ async def test_edits_propagate_but_an_autoscaled_replica_count_is_kept(env):
     await store.create(example_model())
     await rec.reconcile("default", "llama-3-8b")
     mi = await owned(store, MODEL_INFER)
-    mi["spec"]["replicas"] = 3  # the autoscaler's doing
+    mi["spec"]["replicas"] = 3  # the autoscaler's doing, groups and a role's size alike
+    decode = next(r for r in mi["spec"]["template"]["roles"] if r["name"] == "decode")
+    decode["replicas"] = 4
     await store.update(mi)
     model = await store.get(MODEL, "default", "llama-3-8b")
     model["spec"]["image"] = "vllm/vllm-openai:v0.12.0"
@@ -227,6 +262,8 @@ async def test_edits_propagate_but_an_autoscaled_replica_count_is_kept(env):
         for r in mi["spec"]["template"]["roles"]
     }
     assert images == {"vllm/vllm-openai:v0.12.0"} and mi["spec"]["replicas"] == 3
+    decode = next(r for r in mi["spec"]["template"]["roles"] if r["name"] == "decode")
+    assert decode["replicas"] == 4
     # without autoscaling the Model's replicas win
     model = await store.get(MODEL, "default", "llama-3-8b")
     del model["spec"]["autoscaling"]
@@ -247,7 +284,8 @@ async def test_an_object_that_is_not_ours_is_left_alone(env):
         }
     )
     await store.create(example_model())
-    await rec.reconcile("default", "llama-3-8b")
+    # nothing tells the Model when the route goes, so the reconcile asks to run again
+    assert await rec.reconcile("default", "llama-3-8b") == NOT_OURS_RETRY
     assert (await owned(store, MODEL_ROUTE))["spec"]["modelName"] == "hand-made"
     model = await get_model(store)
     why = "ModelRoute llama-3-8b exists and is not this Model's (no controller)"

@@ -74,3 +74,52 @@ def test_up_serves_the_readme_request_and_stops_on_sigint(tmp_path):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_starting_stops_everything_started(tmp_path):
+    if not _ports_free(DEFAULT_PORTS):
+        pytest.skip("the default local-stack ports are in use on this machine")
+    example = tmp_path / "example"
+    example.mkdir()
+    model = {
+        "apiVersion": "workload.infergate.io/v1alpha1",
+        "kind": "Model",
+        "metadata": {"name": "stuck"},
+        "spec": {
+            "modelURI": "hf://org/never",
+            "image": "x",
+            "replicas": 1,
+            "backend": {"aggregated": {}},
+            "engine": {"type": "vLLM", "args": ["--definitely-not-a-flag"]},  # never ready
+        },
+    }
+    import yaml
+
+    (example / "model.yaml").write_text(yaml.safe_dump(model))
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "infergate.cli",
+            "up",
+            "--workdir",
+            str(tmp_path / "w"),
+            str(example),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        wait_http("http://127.0.0.1:9091/metrics", 60, proc)  # the controllers are up
+        os.killpg(proc.pid, signal.SIGINT)
+        out, _ = proc.communicate(timeout=30)  # not the 120 s the start would wait
+        assert proc.returncode == 130, out
+        with pytest.raises(requests.ConnectionError):
+            requests.get("http://127.0.0.1:9091/metrics", timeout=2)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
