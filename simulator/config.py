@@ -102,6 +102,9 @@ class KVTransferConfig:
     """P/D disaggregation as vLLM's NixlConnector does it (see simulator/kv_transfer.py)."""
 
     role: str = "both"
+    # Set by --kv-transfer-config or --kv-role: without it the pod has no KV connector and
+    # ignores kv_transfer_params, as vLLM does.
+    connector: bool = False
     engine_id: str = field(default_factory=lambda: str(uuid.uuid4()))
     hold_seconds: float = DEFAULT_KV_HOLD_SECONDS
     load_failure_policy: str = "fail"  # vLLM's kv_load_failure_policy: "fail" or "recompute"
@@ -438,4 +441,7 @@ def _kv_transfer_config(args: argparse.Namespace) -> KVTransferConfig:
     if args.sim_kv_transfer_ms_per_block < 0:
         raise ValueError("--sim-kv-transfer-ms-per-block must be >= 0")
     host = os.environ.get("VLLM_NIXL_SIDE_CHANNEL_HOST") or None
-    return KVTransferConfig(hold_seconds=hold, side_channel_host=host, **fields)
+    connector = bool(args.kv_transfer_config) or args.kv_role is not None
+    return KVTransferConfig(
+        hold_seconds=hold, side_channel_host=host, connector=connector, **fields
+    )

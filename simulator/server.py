@@ -208,7 +208,9 @@ class Simulator:
             lora_name=lora.name if lora else None,
             extra_keys=(lora.name,) if lora else None,
         )
-        if gen.kv_transfer_params:
+        # Without a KV connector configured, vLLM ignores kv_transfer_params (the prefill leg
+        # gets null back and its blocks are freed as usual).
+        if gen.kv_transfer_params and self.cfg.kv_transfer.connector:
             self._apply_kv_transfer_params(req, gen.kv_transfer_params)
         return req
 

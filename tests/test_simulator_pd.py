@@ -135,7 +135,15 @@ def pods(events):
             "--kv-events-config",
             json.dumps(events_cfg),
         ),
-        "short": ("--sim-kv-hold-seconds", "1.5", "--sim-prefill-us-per-token", "20"),
+        "short": (
+            "--kv-role",
+            "prefill",
+            "--sim-kv-hold-seconds",
+            "1.5",
+            "--sim-prefill-us-per-token",
+            "20",
+        ),
+        "plain": ("--sim-prefill-us-per-token", "20"),  # no KV connector at all
         "recompute": (
             "--kv-transfer-config",
             json.dumps(
@@ -503,3 +511,20 @@ def test_flags(monkeypatch):
     ):
         with pytest.raises(SystemExit):
             parse_config(bad)
+
+
+def test_a_pod_without_a_kv_connector_ignores_transfer_params(pods):
+    """vLLM without --kv-transfer-config: a prefill leg is an ordinary request, its answer's
+    kv_transfer_params is null and nothing stays held."""
+    plain = pods["plain"]
+    r = post(
+        plain,
+        {
+            "model": "tiny",
+            "prompt": prompt_of("plain", 64),
+            "max_tokens": 1,
+            "kv_transfer_params": {"do_remote_decode": True, "do_remote_prefill": False},
+        },
+    )
+    assert r.status_code == 200 and r.json()["kv_transfer_params"] is None
+    assert sample(plain, "infergate_sim:kv_held_requests") == 0
