@@ -138,6 +138,7 @@ async def serve(opts: PickerOptions, ready: asyncio.Event | None = None) -> None
         if forget is not None:  # what a departed pod held must not attract new requests
             datastore.removal_listeners.append(forget)
     metrics = PickerMetrics()
+    datastore.removal_listeners.append(metrics.forget_endpoint)
     provider = _provider(opts, datastore)
     await provider.start()
     view = _kv_cache_view(opts, scheduling, datastore, metrics)

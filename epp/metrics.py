@@ -252,6 +252,19 @@ class PickerMetrics:
         info = Info("inference_extension", "General information of the current build.", registry=r)
         info.info({"commit": "unknown", "build_ref": "infergate"})
 
+    def forget_endpoint(self, address: str) -> None:
+        """Drop the series labelled with an endpoint that left the pool: pods come and go,
+        and their series would otherwise pile up for the life of the picker."""
+        for metric in (self.pd_picks, self.scrape_errors):
+            names = metric._labelnames
+            seen = set()
+            for family in metric.collect():
+                for sample in family.samples:
+                    if sample.labels.get("endpoint") == address:
+                        seen.add(tuple(sample.labels[n] for n in names))
+            for labels in seen:
+                metric.remove(*labels)
+
     def bind_plugins(self, plugins) -> None:
         """Hand these metrics to the scheduling plugins that count their own."""
         for plugin in plugins:

@@ -10,6 +10,7 @@ import asyncio
 import json
 
 import pytest
+from prometheus_client import generate_latest
 
 from epp.director import Director, DirectorOptions
 from epp.errors import PickerError
@@ -332,3 +333,13 @@ async def test_a_request_whose_pods_left_does_not_hold_the_queue():
     assert err.value.status == 503
     assert await asyncio.wait_for(other, 1)
     await d.gate.close()
+
+
+def test_an_endpoint_that_leaves_takes_its_metric_series_along():
+    metrics = PickerMetrics()
+    metrics.pd_picks.labels("decode", "10.0.0.1:8000").inc()
+    metrics.pd_picks.labels("prefill", "10.0.0.2:8000").inc()
+    metrics.scrape_errors.labels("10.0.0.1:8000", "TimeoutError").inc()
+    metrics.forget_endpoint("10.0.0.1:8000")
+    text = generate_latest(metrics.registry).decode()
+    assert "10.0.0.1:8000" not in text and 'endpoint="10.0.0.2:8000"' in text
