@@ -84,6 +84,22 @@ def _free(port: int) -> bool:
     return True
 
 
+def free_stack_ports():
+    """A local stack's ports, all free now (one pod's KV replay port)."""
+    from infergate.stack import StackPorts
+
+    return StackPorts(
+        envoy=free_port(),
+        envoy_admin=free_port(),
+        picker=free_port(),
+        picker_health=free_port(),
+        picker_metrics=free_port(),
+        kv_events=free_port(),
+        kv_replay_base=free_port_run(1),
+        controllers_metrics=free_port(),
+    )
+
+
 def write_json(name: str, data: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"

@@ -82,9 +82,27 @@ class StackConfig:
     pool_name: str = "quickstart"
     tokenizer_dir: Path | None = None  # the picker's tokenizer for served_model_name
     expect_pods: int = 0  # up once the picker sees this many ready endpoints
+
     # Set: Envoy authenticates requests before the picker sees them (an example directory's
     # SecurityPolicy, infergate/auth.py). Unset: no auth, as the tests and benchmarks run.
     auth: AuthConfig | None = None
+
+    @classmethod
+    def from_example(cls, example, workdir: Path, ports: StackPorts, **kw) -> StackConfig:
+        """A stack that runs an example directory (infergate.example.Example) through the
+        controllers; `kw` sets any other field."""
+        return cls(
+            workdir=workdir,
+            ports=ports,
+            served_model_name=example.served_name,
+            picker_config=example.picker_config,
+            manifests=example.directory,
+            pool_name=example.pool_name,
+            tokenizer_dir=example.tokenizer_dir,
+            expect_pods=example.pod_count(),
+            auth=example.auth,
+            **kw,
+        )
 
 
 def envoy_binary() -> str:

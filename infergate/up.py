@@ -81,21 +81,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ExampleError, OSError, KeyError) as exc:
         print(f"infergate up: {args.example}: {exc}", file=sys.stderr)
         return 2
-    stack = LocalStack(
-        StackConfig(
-            workdir=workdir,
-            ports=StackPorts(),
-            served_model_name=example.served_name,
-            failure_mode=args.failure_mode,
-            picker_config=example.picker_config,
-            fallbacks=args.fallbacks,
-            manifests=example.directory,
-            pool_name=example.pool_name,
-            tokenizer_dir=example.tokenizer_dir,
-            expect_pods=example.pod_count(),
-            auth=None if args.no_auth else example.auth,
-        )
+    cfg = StackConfig.from_example(
+        example, workdir, StackPorts(), failure_mode=args.failure_mode, fallbacks=args.fallbacks
     )
+    if args.no_auth:
+        cfg.auth = None
+    stack = LocalStack(cfg)
 
     stop = False
 

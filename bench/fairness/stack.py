@@ -7,9 +7,9 @@ from pathlib import Path
 
 import yaml
 
-from bench.common import ROOT, free_port, free_port_run
+from bench.common import ROOT, free_stack_ports
 from infergate.example import Example
-from infergate.stack import LocalStack, StackConfig, StackPorts
+from infergate.stack import LocalStack, StackConfig
 
 EXAMPLE = ROOT / "examples" / "fairness"
 
@@ -28,31 +28,7 @@ def copy_example(into: Path, *, flow_control: bool = True) -> Example:
     return Example.read(into)
 
 
-def free_ports() -> StackPorts:
-    return StackPorts(
-        envoy=free_port(),
-        envoy_admin=free_port(),
-        picker=free_port(),
-        picker_health=free_port(),
-        picker_metrics=free_port(),
-        kv_events=free_port(),
-        kv_replay_base=free_port_run(1),
-        controllers_metrics=free_port(),
-    )
-
-
 def fairness_stack(workdir: Path, *, flow_control: bool = True) -> LocalStack:
     """Not started yet: use it as a context manager."""
     example = copy_example(workdir / "example", flow_control=flow_control)
-    return LocalStack(
-        StackConfig(
-            workdir=workdir / "run",
-            ports=free_ports(),
-            served_model_name=example.served_name,
-            picker_config=example.picker_config,
-            manifests=example.directory,
-            pool_name=example.pool_name,
-            tokenizer_dir=example.tokenizer_dir,
-            expect_pods=example.pod_count(),
-        )
-    )
+    return LocalStack(StackConfig.from_example(example, workdir / "run", free_stack_ports()))

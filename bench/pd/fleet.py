@@ -20,9 +20,9 @@ from pathlib import Path
 import aiohttp
 import yaml
 
-from bench.common import ROOT, free_port, free_port_run
+from bench.common import ROOT, free_stack_ports
 from infergate.example import Example
-from infergate.stack import LocalStack, StackConfig, StackPorts
+from infergate.stack import LocalStack, StackConfig
 
 EXAMPLES = {
     "aggregated": ROOT / "examples" / "quickstart",
@@ -64,30 +64,12 @@ def copy_example(mode: str, into: Path, kv_events_port: int) -> Example:
 
 def new_stack(mode: str, workdir: Path) -> LocalStack:
     """Not started: use it as a context manager."""
-    ports = StackPorts(
-        envoy=free_port(),
-        envoy_admin=free_port(),
-        picker=free_port(),
-        picker_health=free_port(),
-        picker_metrics=free_port(),
-        kv_events=free_port(),
-        kv_replay_base=free_port_run(1),
-        controllers_metrics=free_port(),
-    )
+    ports = free_stack_ports()
     example = copy_example(mode, workdir / "example", ports.kv_events)
-    return LocalStack(
-        StackConfig(
-            workdir=workdir / "run",
-            ports=ports,
-            served_model_name=example.served_name,
-            picker_config=example.picker_config,
-            picker_args=["--log-level", "warning"],
-            manifests=example.directory,
-            pool_name=example.pool_name,
-            tokenizer_dir=example.tokenizer_dir,
-            expect_pods=example.pod_count(),
-        )
+    cfg = StackConfig.from_example(
+        example, workdir / "run", ports, picker_args=["--log-level", "warning"]
     )
+    return LocalStack(cfg)
 
 
 def pods(stack: LocalStack) -> list[dict]:

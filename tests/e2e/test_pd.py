@@ -168,17 +168,7 @@ def pd(tmp_path_factory) -> PD:
     example = example.with_changes(
         tmp / "example", engine_args=["--kv-events-config=" + json.dumps(config)]
     )
-    stack = LocalStack(
-        StackConfig(
-            workdir=tmp / "run",
-            ports=ports,
-            picker_config=example.picker_config,
-            manifests=example.directory,
-            pool_name=example.pool_name,
-            tokenizer_dir=example.tokenizer_dir,
-            expect_pods=example.pod_count(),
-        )
-    )
+    stack = LocalStack(StackConfig.from_example(example, tmp / "run", ports))
     with stack:
         running = PD(stack)
         deadline = time.monotonic() + 30

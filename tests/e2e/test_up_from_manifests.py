@@ -65,17 +65,7 @@ def wait(check, what: str, within: float = 60.0):
 def test_a_model_manifest_becomes_a_served_stack_and_edits_apply(tmp_path):
     ports = free_stack_ports(pods=1)
     example = write_example(tmp_path / "example", ports.kv_events, replicas=2)
-    stack = LocalStack(
-        StackConfig(
-            workdir=tmp_path / "run",
-            ports=ports,
-            picker_config=example.picker_config,
-            manifests=example.directory,
-            pool_name=example.pool_name,
-            tokenizer_dir=example.tokenizer_dir,
-            expect_pods=example.pod_count(),
-        )
-    )
+    stack = LocalStack(StackConfig.from_example(example, tmp_path / "run", ports))
     with stack:
         pods = stack.pod_addresses
         assert len(pods) == 2 and all(p.endswith(":8000") for p in pods), pods
