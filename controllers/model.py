@@ -33,6 +33,22 @@ log = logging.getLogger("controllers.model")
 NOT_OURS_RETRY = 30.0  # seconds between looks at an object in the way
 
 
+def covers(have, want) -> bool:
+    """`have` holds everything `want` says: equal values, with extra keys in objects (the
+    API server's defaults) allowed, at any depth; lists item by item."""
+    if isinstance(want, dict):
+        return isinstance(have, dict) and all(
+            k in have and covers(have[k], v) for k, v in want.items()
+        )
+    if isinstance(want, list):
+        return (
+            isinstance(have, list)
+            and len(have) == len(want)
+            and all(covers(h, w) for h, w in zip(have, want, strict=True))
+        )
+    return have == want
+
+
 def _with_role_sizes(want: dict, have: dict | None) -> dict:
     """`want`'s template with each role's replicas as `have` has them."""
     sizes = {r["name"]: r.get("replicas") for r in (have or {}).get("roles") or []}
@@ -99,7 +115,9 @@ class ModelReconciler:
             spec["replicas"] = have["spec"].get("replicas", spec["replicas"])
             spec["template"] = _with_role_sizes(spec["template"], have["spec"].get("template"))
         labels = {**(have["metadata"].get("labels") or {}), **m["labels"]}
-        if have.get("spec") == spec and have["metadata"].get("labels") == labels:
+        # The API server fills in defaults we do not write: what we want must be there,
+        # not be all there is, or every pass would write again.
+        if covers(have.get("spec"), spec) and have["metadata"].get("labels") == labels:
             return None
         have["spec"] = spec
         have["metadata"]["labels"] = labels

@@ -489,3 +489,40 @@ async def test_model_to_pods_and_back_through_both_controllers():
     finally:
         await models.stop()
         await infers.stop()
+
+
+async def test_defaults_the_api_server_adds_do_not_make_the_model_write_again(env):
+    store, rec = env
+    await store.create(example_model())
+    await rec.reconcile("default", "llama-3-8b")
+    pool = await owned(store, INFERENCE_POOL)
+    pool["spec"]["endpointPickerRef"].update(group="", kind="Service")  # as defaulted
+    pool["spec"]["appProtocol"] = "http"
+    await store.update(pool)
+    mi = await owned(store, MODEL_INFER)
+    mi["spec"]["template"]["restartGracePeriodSeconds"] = 0
+    await store.update(mi)
+    versions = {
+        k.kind: (await owned(store, k))["metadata"]["resourceVersion"]
+        for k in (INFERENCE_POOL, MODEL_INFER)
+    }
+    await rec.reconcile("default", "llama-3-8b")
+    assert versions == {
+        k.kind: (await owned(store, k))["metadata"]["resourceVersion"]
+        for k in (INFERENCE_POOL, MODEL_INFER)
+    }
+    # a real difference is still written
+    pool = await owned(store, INFERENCE_POOL)
+    pool["spec"]["targetPorts"] = [{"number": 9999}]
+    await store.update(pool)
+    await rec.reconcile("default", "llama-3-8b")
+    assert (await owned(store, INFERENCE_POOL))["spec"]["targetPorts"] == [{"number": 8000}]
+
+
+def test_covers_allows_extra_keys_but_not_other_values():
+    from controllers.model import covers
+
+    assert covers({"a": 1, "b": {"c": 2, "d": 3}}, {"b": {"c": 2}})
+    assert covers([{"x": 1, "y": 2}], [{"x": 1}])
+    assert not covers({"a": 1}, {"a": 2}) and not covers({"b": {}}, {"b": {"c": 2}})
+    assert not covers([1, 2], [1]) and not covers({"a": [1]}, {"a": 1})
