@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import socket
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -105,3 +107,39 @@ def write_json(name: str, data: dict) -> Path:
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(data, indent=2) + "\n")
     return path
+
+
+# A list of numbers written by json.dumps(indent=...): one number a line.
+_NUMBER_LIST = re.compile(r"\[\s*(-?[\d.eE+-]+(?:,\s*-?[\d.eE+-]+)*)\s*\]")
+
+
+def compact_json(data) -> str:
+    """Indented JSON with each list of numbers on one line."""
+
+    def one_line(m: re.Match) -> str:
+        return "[" + ", ".join(m.group(1).replace(",", " ").split()) + "]"
+
+    return _NUMBER_LIST.sub(one_line, json.dumps(data, indent=1))
+
+
+def save_results(
+    name: str,
+    out: dict,
+    *,
+    quick: bool,
+    output_dir: Path | None,
+    plot: Callable[[dict, Path], Path],
+    markdown: Callable[[dict], str],
+) -> None:
+    """Write a benchmark's JSON (bench/results/<name>-<date>[-quick].json) and plot
+    (docs/benchmarks/<name>[-quick].png), or both into output_dir, and print the table.
+    Lists of numbers (a plot's points) stay on one line each."""
+    suffix = "-quick" if quick else ""
+    results_dir, plots_dir = output_dir or RESULTS, output_dir or PLOTS
+    results_dir.mkdir(parents=True, exist_ok=True)
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    json_path = results_dir / f"{name}-{out['machine']['date']}{suffix}.json"
+    json_path.write_text(compact_json(out) + "\n")
+    print("wrote", json_path)
+    print("wrote", plot(out, plots_dir / f"{name}{suffix}.png"))
+    print(markdown(out))

@@ -19,7 +19,6 @@ from epp.scheduling.framework import ResponseInfo
 
 log = logging.getLogger("epp.director")
 
-ROLE_LABEL = "infergate.io/role"
 TIMEOUT_HEADER = "x-envoy-upstream-rq-timeout-ms"
 EWMA_ALPHA = 0.2  # weight of the newest observation in per-endpoint latency averages
 
@@ -45,7 +44,6 @@ class Director:
         self.metrics = metrics
         self.options = options
         self.gate = gate or Gatekeeper(metrics.registry)
-        self._pd = getattr(scheduling.handler, "type_name", "") == "pd-profile-handler"
         self.scheduler = scheduling.scheduler(1 + options.fallbacks, metrics.observe_plugin)
         self._rng = random.Random()
 
@@ -66,13 +64,15 @@ class Director:
     async def admit(self, req: InferenceRequest, subset: list[str] | None) -> list[Endpoint]:
         """Route, gate and schedule a parsed request; on success the primary endpoint counts
         it in flight. Raises PickerError for every request that cannot go on."""
-        self._route(req, self.candidates(subset))
+        eligible = self._route(req, self.candidates(subset))
         req.priority = self.datastore.priority_of(req.objective)
         if req.stream and not req.client_wants_usage and self._needs_usage(req):
             req.strip_usage = True  # ask the engine for usage; the client does not see it
         req.ticket = await self.gate.enter(req, lambda: self._destinations(req, subset))
+        if req.ticket.item is not None:  # it may have waited: the pool may have changed
+            eligible = self._eligible(req, subset)
         try:
-            return self._schedule(req, self._eligible(req, subset))
+            return self._schedule(req, eligible)
         except BaseException:
             self.gate.abandon(req.ticket, req)
             raise
@@ -88,10 +88,7 @@ class Director:
         """The endpoints that can be the request's destination, for flow control's saturation
         check: with prefill/decode picking, prefill pods never are (their room is no room for
         a decode)."""
-        endpoints = self._eligible(req, subset)
-        if self._pd:
-            endpoints = [e for e in endpoints if e.labels.get(ROLE_LABEL) != "prefill"]
-        return endpoints
+        return self.scheduling.handler.destinations(self._eligible(req, subset))
 
     def _eligible(self, req: InferenceRequest, subset: list[str] | None) -> list[Endpoint]:
         """The ready endpoints this request may use now: its ModelServer's, or those serving

@@ -166,7 +166,7 @@ class Gatekeeper:
         tokenizer = self._tokenizer(req)
         if tokenizer is not None and req.api in ("chat", "completions"):
             try:
-                count = len(tokenizer.tokens_for(req.api, req.body))
+                count = len(req.prompt_token_ids(tokenizer))
             except Exception as exc:  # a prompt the template rejects: estimate instead
                 log.debug("counting tokens of %s failed: %s", req.request_id, exc)
         if count is None:

@@ -68,6 +68,15 @@ class InferenceRequest:
             body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
         return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
 
+    def prompt_token_ids(self, tokenizer) -> list[int]:
+        """The prompt as `tokenizer` (kvindex.tokenize.PromptTokenizer) tokenizes it, once a
+        request: token counting for limits and prefix scoring both ask. May raise the
+        tokenizer's PromptError."""
+        key = ("prompt_token_ids", id(tokenizer))
+        if key not in self.state:
+            self.state[key] = tokenizer.tokens_for(self.api, self.body)
+        return self.state[key]
+
     @property
     def client_wants_usage(self) -> bool:
         options = self.body.get("stream_options")

@@ -510,3 +510,11 @@ def test_no_decode_pod_is_429():
     with pytest.raises(PickerError) as info:
         schedule(cfg, req(PROMPT), [ep(1, "prefill", "g")])
     assert info.value.status == 429
+
+
+def test_only_pods_that_can_be_a_destination_count_for_flow_control():
+    cfg = load_config(pd_config())
+    pods = [ep(1, "prefill", "g"), ep(2, "decode", "g"), ep(3, "both", "g"), ep(4, None, None)]
+    assert cfg.handler.destinations(pods) == pods[1:]  # a prefill pod never is one
+    plain = load_config(None)  # one profile: every candidate can be
+    assert plain.handler.destinations(pods) == pods

@@ -324,3 +324,21 @@ def test_stream_options_must_be_an_object(value):
     with pytest.raises(PickerError) as info:
         parse({**CHAT, "stream": True, "stream_options": value})
     assert info.value.status == 400 and "stream_options" in info.value.message
+
+
+def test_the_prompt_is_tokenized_once_per_request_and_tokenizer():
+    from infergate.stack import DEFAULT_MODEL_DIR
+    from kvindex.tokenize import PromptTokenizer
+
+    calls = []
+
+    class Counting(PromptTokenizer):
+        def tokens_for(self, api, body):
+            calls.append(api)
+            return super().tokens_for(api, body)
+
+    tokenizer = Counting.from_dir(DEFAULT_MODEL_DIR)
+    req = parse(CHAT)
+    first = req.prompt_token_ids(tokenizer)
+    assert req.prompt_token_ids(tokenizer) is first and calls == ["chat"]
+    assert first == PromptTokenizer.from_dir(DEFAULT_MODEL_DIR).tokens_for("chat", req.body)

@@ -8,17 +8,16 @@ announce it on their KV-event socket (real ZMQ) and fail clearly when the KV is 
 from __future__ import annotations
 
 import json
-import threading
 import time
 
 import openai
 import pytest
 import requests
-import zmq
 
 from kvindex.events import BlockStored, decode_message
 from simulator.config import DEFAULT_KV_HOLD_SECONDS, parse_config
 from tests.conftest import TINY_MODEL, free_port, running, simulator_cmd
+from tests.test_simulator_kv_events import Subscriber as KVEventSubscriber
 
 BLOCK = 32
 NIXL_FIELDS = {
@@ -43,32 +42,9 @@ COMMON = (
 )
 
 
-class Subscriber:
-    """A SUB socket bound where a pod's PUB connects, receiving on a thread (see
-    test_simulator_kv_events for why an idle SUB would lose the first messages)."""
-
-    def __init__(self) -> None:
-        self.ctx = zmq.Context()
-        self.sub = self.ctx.socket(zmq.SUB)
-        self.sub.setsockopt(zmq.SUBSCRIBE, b"kv@")
-        self.monitor = self.sub.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
-        self.port = free_port()
-        self.sub.bind(f"tcp://127.0.0.1:{self.port}")
-        self.raw: list[list[bytes]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._receive, daemon=True)
-        self._thread.start()
-
-    def _receive(self) -> None:
-        while not self._stop.is_set():
-            if self.sub.poll(20):
-                self.raw.append(self.sub.recv_multipart())
-
-    def wait_connected(self, timeout: float = 10.0) -> None:
-        if not self.monitor.poll(int(timeout * 1000)):
-            raise TimeoutError("the decode pod's PUB socket never connected")
-        self.monitor.recv_multipart()
-        time.sleep(0.2)  # the subscription travels to the PUB after the handshake
+class Subscriber(KVEventSubscriber):
+    """test_simulator_kv_events' SUB socket (bound where a pod's PUB connects), asked for
+    the BlockStored events since a point."""
 
     def stored_since(self, start: int) -> list[BlockStored]:
         return [
@@ -77,14 +53,6 @@ class Subscriber:
             for ev in decode_message(frames).batch.events
             if isinstance(ev, BlockStored)
         ]
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.sub.disable_monitor()
-        self.monitor.close(0)
-        self.sub.close(0)
-        self.ctx.term()
 
 
 @pytest.fixture(scope="module")

@@ -10,12 +10,11 @@ Writes bench/results/fairness-<date>[-quick].json and docs/benchmarks/fairness[-
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
 
-from bench.common import PLOTS, RESULTS, machine
+from bench.common import machine, save_results
 from bench.fairness.report import markdown, plot
 from bench.fairness.scenario import SLOTS, TENANTS, Measurement, measure
 from bench.fairness.stack import fairness_stack
@@ -87,13 +86,12 @@ def main(argv: list[str] | None = None) -> int:
                 f"(bound {result['vtc_bound']:.0f}), {time.monotonic() - t0:.0f} s",
                 flush=True,
             )
-    suffix = "-quick" if args.quick else ""
-    results_dir = args.output_dir or RESULTS
-    plots_dir = args.output_dir or PLOTS
-    results_dir.mkdir(parents=True, exist_ok=True)
-    json_path = results_dir / f"fairness-{out['machine']['date']}{suffix}.json"
-    json_path.write_text(json.dumps(out, indent=1) + "\n")
-    print("wrote", json_path)
-    print("wrote", plot(out, plots_dir / f"fairness{suffix}.png"))
-    print(markdown(out))
+    save_results(
+        "fairness",
+        out,
+        quick=args.quick,
+        output_dir=args.output_dir,
+        plot=plot,
+        markdown=markdown,
+    )
     return 0

@@ -12,10 +12,9 @@ Writes bench/results/pd-<date>[-quick].json and docs/benchmarks/pd[-quick].png.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
-from bench.common import PLOTS, RESULTS, machine
+from bench.common import machine, save_results
 from bench.pd.fleet import MODES
 from bench.pd.report import markdown, plot
 from bench.pd.run import Settings, run_point
@@ -77,16 +76,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"errors {row['errors']}, {row['seconds']:.0f} s",
                 flush=True,
             )
-    suffix = "-quick" if args.quick else ""
-    results_dir = args.output_dir or RESULTS
-    plots_dir = args.output_dir or PLOTS
-    results_dir.mkdir(parents=True, exist_ok=True)
-    plots_dir.mkdir(parents=True, exist_ok=True)
-    json_path = results_dir / f"pd-{out['machine']['date']}{suffix}.json"
-    json_path.write_text(json.dumps(out, indent=1) + "\n")
-    print("wrote", json_path)
-    print("wrote", plot(out, plots_dir / f"pd{suffix}.png"))
-    print(markdown(out))
+    save_results(
+        "pd", out, quick=args.quick, output_dir=args.output_dir, plot=plot, markdown=markdown
+    )
     return 0
 
 

@@ -7,6 +7,7 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import aiohttp
@@ -123,16 +124,21 @@ def exhausted_error(failures: list[PrefillAttemptFailed]) -> LegError:
     )
 
 
-async def run_prefill(ex: Exchange, body: bytes) -> PrefillReply:
-    """The prefill leg with retries: each retry goes to the next prefiller of the header,
-    wrapping round to the first after a short backoff."""
-    started = time.monotonic()
-    failures: list[PrefillAttemptFailed] = []
+async def prefill_attempts(ex: Exchange) -> AsyncIterator[str]:
+    """The prefiller of each attempt: the header's in order, then round again after a short
+    backoff, 1 + prefill_retries in all."""
     hosts = ex.prefillers
     for i in range(1 + ex.opts.prefill_retries):
         if i and i % len(hosts) == 0:
             await asyncio.sleep(ex.opts.retry_backoff)
-        host = hosts[i % len(hosts)]
+        yield hosts[i % len(hosts)]
+
+
+async def run_prefill(ex: Exchange, body: bytes) -> PrefillReply:
+    """The prefill leg with retries: each retry goes to the next prefiller of the header."""
+    started = time.monotonic()
+    failures: list[PrefillAttemptFailed] = []
+    async for host in prefill_attempts(ex):
         try:
             doc = await attempt_prefill(ex, host, body)
         except PrefillAttemptFailed as failed:
@@ -143,5 +149,5 @@ async def run_prefill(ex: Exchange, body: bytes) -> PrefillReply:
             failures.append(failed)
             continue
         ex.metrics.prefill_done(time.monotonic() - started)
-        return PrefillReply(host=host, body=doc, attempts=i + 1)
+        return PrefillReply(host=host, body=doc, attempts=len(failures) + 1)
     raise exhausted_error(failures)

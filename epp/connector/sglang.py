@@ -21,6 +21,7 @@ from epp.connector.prefill import (
     attempt_error,
     attempt_prefill,
     exhausted_error,
+    prefill_attempts,
 )
 from epp.connector.upstream import Exchange, dumps, open_upstream, relay
 
@@ -57,11 +58,7 @@ class SGLangConnector:
     async def handle(self, ex: Exchange) -> web.StreamResponse:
         started = time.monotonic()
         failures: list[PrefillAttemptFailed] = []
-        hosts = ex.prefillers
-        for i in range(1 + ex.opts.prefill_retries):
-            if i and i % len(hosts) == 0:
-                await asyncio.sleep(ex.opts.retry_backoff)
-            host = hosts[i % len(hosts)]
+        async for host in prefill_attempts(ex):
             fields = bootstrap_fields(host, ex.opts.sglang_bootstrap_port, new_room())
             try:
                 decode, prefilled = await self._pair(ex, host, fields)

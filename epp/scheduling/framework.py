@@ -112,6 +112,11 @@ class ProfileHandler(Plugin):
         override it; empty makes the profile's result None."""
         return candidates
 
+    def destinations(self, endpoints: list[Endpoint]) -> list[Endpoint]:
+        """Those of `endpoints` a request's destination can be (flow control asks whether
+        they have room): all of them, unless the handler sends requests to some only."""
+        return endpoints
+
     def pick_profiles(
         self,
         req: InferenceRequest,

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from epp.datastore import Endpoint
 from epp.errors import PickerError
 from epp.scheduling.framework import ProfileHandler, ProfileResult, SchedulingResult
+from epp.scheduling.plugins.pd_filters import ROLE_LABEL
 
 PREFILLER_HEADER = "x-prefiller-host-port"
 DEFAULT_GROUP_LABEL = "infergate.io/group"
@@ -124,6 +125,10 @@ class PDProfileHandler(ProfileHandler):
         self.counts: Counter[str] = Counter()  # outcome -> decisions
         self.sources: list = []  # plugins with cached_prompt(req, address), asked in order
         self._metrics = None
+
+    def destinations(self, endpoints):
+        # The destination is always the decode pod: a prefill pod's room is none for it.
+        return [e for e in endpoints if e.labels.get(ROLE_LABEL) != "prefill"]
 
     def configure(self, plugins, profiles):
         for key, profile in (

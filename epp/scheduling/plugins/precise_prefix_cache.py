@@ -57,7 +57,7 @@ class PrecisePrefixCacheScorer(Scorer, PreRequest):
             from kvindex.tokenize import PromptError
 
             try:
-                tokens = tokenizer.tokens_for(req.api, req.body)
+                tokens = req.prompt_token_ids(tokenizer)
                 keys = prompt_keys(tokens, self.view.index.block_size, base, lora_name=lora)
                 out = PromptBlocks(len(tokens), keys)
             except PromptError as exc:
