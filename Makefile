@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: up test test-fast lint fmt bench clean
+.PHONY: up test test-fast fuzz lint fmt bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ test: $(STAMP)
 # Skips the slow end-to-end tests; CI always runs everything.
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m 'not slow' $(PYTEST_ARGS)
+
+# The property and fuzz suites with ten times their usual budget.
+fuzz: $(STAMP)
+	INFERGATE_FUZZ=1 $(BIN)/python -m pytest -m fuzz $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
