@@ -72,6 +72,21 @@ def split_engine_args(argv: list[str]) -> tuple[list[str], list[str]]:
     return argv, []
 
 
+def stack_config(args: argparse.Namespace, example: Example, workdir: Path) -> StackConfig:
+    """The stack our flags ask for, on the default ports."""
+    cfg = StackConfig.from_example(
+        example,
+        workdir,
+        StackPorts(),
+        failure_mode=args.failure_mode,
+        fallbacks=args.fallbacks,
+        trust_client_headers=args.trust_client_headers,
+    )
+    if args.no_auth:
+        cfg.auth = None
+    return cfg
+
+
 def main(argv: list[str] | None = None) -> int:
     p = build_parser()
     ours, engine_args = split_engine_args(sys.argv[1:] if argv is None else list(argv))
@@ -89,17 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ExampleError, OSError, KeyError) as exc:
         print(f"infergate up: {args.example}: {exc}", file=sys.stderr)
         return 2
-    cfg = StackConfig.from_example(
-        example,
-        workdir,
-        StackPorts(),
-        failure_mode=args.failure_mode,
-        fallbacks=args.fallbacks,
-        trust_client_headers=args.trust_client_headers,
-    )
-    if args.no_auth:
-        cfg.auth = None
-    stack = LocalStack(cfg)
+    stack = LocalStack(stack_config(args, example, workdir))
 
     stop = False
 

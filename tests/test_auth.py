@@ -376,11 +376,15 @@ def test_picker_tls_is_always_verified():
         }
 
 
-def test_up_trusts_client_headers_only_when_asked():
-    from infergate.up import build_parser
+def test_up_trusts_client_headers_only_when_asked(tmp_path):
+    from infergate.up import build_parser, stack_config
 
-    assert build_parser().parse_args(["--trust-client-headers"]).trust_client_headers
-    assert not build_parser().parse_args([]).trust_client_headers
+    quickstart = Example.read(QUICKSTART)
+    for argv, trusted in (([], False), (["--trust-client-headers"], True)):
+        cfg = stack_config(build_parser().parse_args(argv), quickstart, tmp_path)
+        assert cfg.trust_client_headers is trusted
+        assert cfg.auth is quickstart.auth
+    assert stack_config(build_parser().parse_args(["--no-auth"]), quickstart, tmp_path).auth is None
 
 
 def test_up_turns_the_examples_auth_off_with_no_auth():
