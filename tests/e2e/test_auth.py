@@ -63,13 +63,11 @@ def keys() -> Keys:
     return Keys()
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory):
-    """One recording pod behind the picker; each test gives Envoy its own auth."""
-    tmp = tmp_path_factory.mktemp("auth")
-    s = LocalStack(
+def recording_stack(workdir) -> LocalStack:
+    """One recording pod behind the picker (ext_proc over verified TLS), failing closed."""
+    return LocalStack(
         StackConfig(
-            workdir=tmp,
+            workdir=workdir,
             pods=1,
             ports=free_stack_ports(1),
             pod_ports=[free_port()],
@@ -81,6 +79,12 @@ def stack(tmp_path_factory):
             ],
         )
     ).start()
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    """Each test gives Envoy its own auth."""
+    s = recording_stack(tmp_path_factory.mktemp("auth"))
     yield s
     s.stop()
 

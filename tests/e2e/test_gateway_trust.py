@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import sys
 
 import pytest
 import requests
@@ -20,10 +19,8 @@ import requests
 from controllers.certs import serving_cert
 from infergate.auth import CLIENT_HINT_HEADERS, GATEWAY_HEADERS, USER_HEADER
 from infergate.readiness import wait_until
-from infergate.stack import LocalStack, StackConfig
-from tests.conftest import free_port
-from tests.e2e.test_auth import ask, picker_requests, recorded
-from tests.e2e.test_gateway import free_stack_ports
+from infergate.stack import LocalStack
+from tests.e2e.test_auth import ask, picker_requests, recorded, recording_stack
 
 pytestmark = pytest.mark.slow
 
@@ -38,21 +35,7 @@ FORGERIES = [
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    """One recording pod behind the picker (ext_proc over verified TLS), failing closed."""
-    s = LocalStack(
-        StackConfig(
-            workdir=tmp_path_factory.mktemp("trust"),
-            pods=1,
-            ports=free_stack_ports(1),
-            pod_ports=[free_port()],
-            pod_command=lambda port: [
-                sys.executable,
-                "-m",
-                "tests.e2e.recording_backend",
-                str(port),
-            ],
-        )
-    ).start()
+    s = recording_stack(tmp_path_factory.mktemp("trust"))
     yield s
     s.stop()
 
