@@ -741,3 +741,35 @@ def test_model_pods_admit_envoy_the_picker_and_the_pool_only() -> None:
         (pub, pub + 7): [picker],  # per-pod mode: ranks 0-7
         (replay, replay + 7): [picker],
     }
+
+
+def _rule_without_peers(policy: dict[str, Any]) -> None:
+    del policy["spec"]["ingress"][0]["from"]
+
+
+def _rule_without_ports(policy: dict[str, Any]) -> None:
+    del policy["spec"]["ingress"][1]["ports"]
+
+
+def _peer_selecting_every_pod(policy: dict[str, Any]) -> None:
+    policy["spec"]["ingress"][0]["from"] = [{"podSelector": {}}]
+
+
+@pytest.mark.parametrize(
+    "breakage",
+    [_rule_without_peers, _rule_without_ports, _peer_selecting_every_pod],
+    ids=lambda f: f.__name__.lstrip("_"),
+)
+def test_the_checks_catch_a_network_policy_that_admits_everyone(breakage) -> None:
+    policy = copy.deepcopy(_network_policy(_picker()["spec"]["template"]["metadata"]["labels"]))
+    _admitted(policy)
+    breakage(policy)
+    with pytest.raises(AssertionError):
+        _admitted(policy)
+
+
+def test_the_kubernetes_schema_catches_a_misspelt_network_policy() -> None:
+    policy = copy.deepcopy(_network_policy(_picker()["spec"]["template"]["metadata"]["labels"]))
+    policy["spec"]["ingres"] = policy["spec"].pop("ingress")
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(policy, K8S_VERSION, strict=True)
