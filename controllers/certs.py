@@ -1,4 +1,5 @@
-"""Certificates for the admission webhook: a throwaway CA and a serving certificate it signs.
+"""A throwaway CA and a serving certificate it signs: for the admission webhook, and for the
+local stack's picker (infergate/stack.py; Envoy trusts the CA and verifies the picker by it).
 
 In a cluster the certificate comes from a Secret (cert-manager's, mounted as a directory with
 tls.crt and tls.key) and the API server trusts it through the webhook's caBundle. Without one

@@ -1,6 +1,9 @@
-"""A self-signed certificate for the ext_proc port, as the reference picker makes at start.
+"""The ext_proc port's certificate: --cert-path's tls.crt and tls.key, else a self-signed one.
 
-Gateways connect with TLS but do not verify it; --cert-path supplies a real one.
+Envoy verifies the picker's certificate, so the picker is given one signed by a CA Envoy
+trusts: the local stack makes that CA (infergate/stack.py), a cluster has cert-manager issue it
+(gateway-manifests/epp-tls.yaml). The self-signed fallback, as the reference picker makes at
+start, only serves a gateway that does not verify.
 """
 
 from __future__ import annotations

@@ -2,8 +2,10 @@
 (gateway.envoyproxy.io/v1alpha1) and the `Secret`s holding its API keys become the local Envoy's
 HTTP filters, in Envoy Gateway's order, all before the picker's ext_proc filter:
 
-  header_mutation  removes any client-sent x-infergate-user (always, with auth or without), and
-                   any other header the auth filters below set
+  header_mutation  removes any client-sent x-infergate-user and gateway header (always, with
+                   auth or without; GATEWAY_HEADERS), the client's scheduling hints unless
+                   clients are trusted (CLIENT_HINT_HEADERS), and any other header the auth
+                   filters below set
   api_key_auth     spec.apiKeyAuth: the keys of the referenced Secrets (one data key per client
                    id, its value the API key), looked for in extractFrom's headers, params or
                    cookies; the client id is forwarded in forwardClientIDHeader
@@ -27,11 +29,17 @@ import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from epp.protocol import DESTINATION, FAIRNESS_ID, MODEL_REWRITE, OBJECTIVE, PREFILLER
+
 USER_HEADER = "x-infergate-user"
-# Headers only the picker may set: the pod a request goes to, and the prefill pod a decode
-# sidecar sends the prompt to. A client's copy must not survive a picker that is down and a
-# pool that fails open (the sidecar would post the prompt wherever the client said).
-PICKER_HEADERS = ("x-gateway-destination-endpoint", "x-prefiller-host-port")
+# Headers only the gateway or the picker may set: the pod a request goes to, the prefill pod a
+# decode sidecar sends the prompt to, and the engine model a request is rewritten to. A
+# client's copy must reach neither the picker nor (with the picker down and a pool that fails
+# open) a pod: the sidecar would post the prompt wherever the client said.
+GATEWAY_HEADERS = (DESTINATION, PREFILLER, MODEL_REWRITE)
+# Scheduling hints a client asserts about itself (its priority, its fairness flow): removed too
+# unless the operator trusts the clients (a closed network; `infergate up --trust-client-headers`).
+CLIENT_HINT_HEADERS = (OBJECTIVE, FAIRNESS_ID)
 API_VERSION = "gateway.envoyproxy.io/v1alpha1"
 GATEWAY_KINDS = ("SecurityPolicy", "Secret")  # what an example directory holds for Envoy
 _TARGET_KINDS = ("Gateway", "HTTPRoute", "GRPCRoute")
@@ -359,10 +367,18 @@ def _provider(obj, path: str) -> JwtProvider:
 # ---- AuthConfig → Envoy HTTP filters ---------------------------------------------------------
 
 
-def http_filters(auth: AuthConfig | None) -> list[dict]:
+def removed_headers(auth: AuthConfig | None, trust_client_headers: bool = False) -> list[str]:
+    """The client-sent headers Envoy removes before anything else sees the request: the
+    user id, the gateway's own headers, those the auth filters set and, unless clients are
+    trusted, their scheduling hints. The cluster's ClientTrafficPolicy removes the same."""
+    hints = () if trust_client_headers else CLIENT_HINT_HEADERS
+    return sorted({USER_HEADER, *GATEWAY_HEADERS, *hints, *(auth.set_headers if auth else ())})
+
+
+def http_filters(auth: AuthConfig | None, trust_client_headers: bool = False) -> list[dict]:
     """The filters that go before ext_proc, in order (Envoy Gateway's: header mutation,
     API key auth, JWT authn). Without auth only the header removal."""
-    removed = sorted({USER_HEADER, *PICKER_HEADERS, *(auth.set_headers if auth else ())})
+    removed = removed_headers(auth, trust_client_headers)
     filters = [
         {
             "name": "envoy.filters.http.header_mutation",

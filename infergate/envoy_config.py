@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +20,7 @@ class EnvoySettings:
     admin_port: int
     picker_host: str
     picker_port: int
-    picker_tls: bool
+    picker_tls: bool  # ext_proc over TLS; then picker_ca is required (Envoy verifies it)
     failure_mode: str  # the InferencePool's FailOpen or FailClose
     endpoints: list[tuple[str, int]]
     fallbacks: int = 1
@@ -31,6 +32,10 @@ class EnvoySettings:
     # Set: Envoy authenticates requests (API keys, JWT) before the picker sees them. Unset or
     # not, a client-sent x-infergate-user is removed (infergate/auth.py).
     auth: AuthConfig | None = None
+    # The CA file that signed the picker's certificate; its SAN must name picker_host.
+    picker_ca: str | None = None
+    # True (a closed network): client-sent objective and fairness-id headers reach the picker.
+    trust_client_headers: bool = False
 
 
 def render(settings: EnvoySettings) -> str:
@@ -40,10 +45,15 @@ def render(settings: EnvoySettings) -> str:
         )
     if not settings.endpoints and settings.eds_path is None:
         raise ValueError("the pool has no endpoints to put in the Envoy cluster")
+    if settings.picker_tls and not settings.picker_ca:
+        raise ValueError("TLS to the picker needs picker_ca: Envoy verifies its certificate")
     env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
     fields = {name: getattr(settings, name) for name in settings.__slots__}
     fields["eds_dir"] = str(Path(settings.eds_path).parent) if settings.eds_path else None
-    fields["request_filters"] = _as_filter_list(http_filters(settings.auth))
+    fields["request_filters"] = _as_filter_list(
+        http_filters(settings.auth, settings.trust_client_headers)
+    )
+    fields["picker_san_type"] = _san_type(settings.picker_host)
     return env.from_string(TEMPLATE.read_text()).render(**fields)
 
 
@@ -51,3 +61,12 @@ def _as_filter_list(filters: list[dict]) -> str:
     """Filters as items of the template's http_filters list (indented to match it)."""
     text = yaml.safe_dump(filters, sort_keys=False, width=float("inf"))
     return "\n".join(" " * 10 + line for line in text.splitlines())
+
+
+def _san_type(host: str) -> str:
+    """How Envoy matches the picker's certificate to the address it dials."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return "DNS"
+    return "IP_ADDRESS"

