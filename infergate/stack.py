@@ -302,6 +302,7 @@ class LocalStack:
             "--fallback-endpoints",
             str(c.fallbacks),
             f"--secure-serving={'true' if c.picker_tls else 'false'}",
+            "--enable-debug-endpoints",  # /debug/endpoints: readiness checks, tests, `up` users
             *self._kv_event_args(),
             "--kv-events-replay-port",
             str(c.ports.kv_replay_base),

@@ -153,3 +153,20 @@ def test_up_takes_flags_on_either_side_of_the_directory_and_engine_args_after_da
     assert args.example == Path("examples/pd") and args.no_auth and args.pods == 3
     assert engine == ["--block-size=32", "--seed", "1"]
     assert split_engine_args(["--pods", "2"]) == (["--pods", "2"], [])
+
+
+SHIPPED = [ROOT / "examples", ROOT / "gateway-manifests"]
+
+
+def test_no_shipped_config_lets_a_client_pin_a_pod():
+    """header-based-testing-filter picks the pod a request header names: in a shipped
+    picker config (an example's, or one inside a manifest's ConfigMap) any client could
+    pin a pod. Tests that pin pods add it to a config of their own."""
+    carrying = [
+        str(path.relative_to(ROOT))
+        for top in SHIPPED
+        for path in sorted(top.rglob("*.y*ml"))
+        for doc in yaml.safe_load_all(path.read_text().replace("{{", "").replace("}}", ""))
+        if "header-based-testing-filter" in yaml.safe_dump(doc)
+    ]
+    assert carrying == []
