@@ -3,7 +3,8 @@
 light tenant B's p90 latency stays within 1.5x of its p90 alone, and A and C — both
 backlogged — are served weighted tokens that differ by no more than VTC's bound, counted
 from the usage their answers carried. The same stack's other objects work too: the
-InferenceObjectives reach the picker (a sheddable request is refused while others queue),
+InferenceObjectives reach the picker and tenants' API keys name their flows and objectives
+(tenant-d's sheddable request is refused while others queue),
 the `split` route sends some requests to the LoRA canary, and `limited` runs out of budget.
 
 Without flow control (the example's config minus its flowControl section) the same load
@@ -18,6 +19,7 @@ import urllib.request
 import pytest
 import requests
 
+from bench.fairness.load import auth_headers
 from bench.fairness.scenario import measure
 from bench.fairness.stack import fairness_stack
 
@@ -57,6 +59,7 @@ def check_split_and_limited(stack) -> None:
         r = requests.post(
             stack.url + "/v1/completions",
             json={"model": "split", "prompt": "hello", "max_tokens": 1},
+            headers=auth_headers("tenant-b"),
             timeout=30,
         )
         assert r.status_code == 200, r.text
@@ -82,6 +85,7 @@ def check_split_and_limited(stack) -> None:
         r = requests.post(
             stack.url + "/v1/completions",
             json={"model": "limited", "prompt": long_prompt, "max_tokens": 1},
+            headers=auth_headers("tenant-b"),
             timeout=30,
         )
         statuses.append(r.status_code)

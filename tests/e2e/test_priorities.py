@@ -24,13 +24,13 @@ import pytest
 import requests
 import yaml
 
+from epp.trust import OBJECTIVE_HEADER
 from infergate.stack import LocalStack, StackConfig
 from tests.conftest import free_port
 from tests.e2e.test_gateway import MODEL, config, free_stack_ports
 
 pytestmark = pytest.mark.slow
 
-OBJECTIVE = "x-gateway-inference-objective"
 TTL = 2.5
 MAX_QUEUED = 5
 FLOW_CONTROL = f"""
@@ -70,6 +70,8 @@ def stack(tmp_path_factory):
             pod_ports=[free_port()],
             picker_config=picker_config,
             sim_args=["--max-num-seqs", "1", "--sim-decode-ms-per-step", "20"],
+            # Requests name their objective themselves, as on a closed network.
+            picker_args=["--trust-client-headers"],
         )
     )
     objectives = [objective("interactive", 10), objective("batch", -1), objective("limited", 1)]
@@ -99,7 +101,7 @@ class Done:
 def send(stack: LocalStack, tokens: int = SHORT, objective: str | None = None, prompt="hi"):
     r = requests.post(
         stack.url + "/v1/completions",
-        headers={OBJECTIVE: objective} if objective else {},
+        headers={OBJECTIVE_HEADER: objective} if objective else {},
         json={"model": MODEL, "prompt": prompt, "max_tokens": tokens, "ignore_eos": True},
         timeout=30,
     )
