@@ -291,9 +291,10 @@ def precise_director() -> tuple[Director, KVCacheView]:
 async def test_debug_pages_are_served_only_when_enabled(debug):
     d, view = precise_director()
     async with TestClient(TestServer(make_app(d.datastore, d.metrics, d, view, debug=debug))) as c:
-        for method, path in (("GET", "/debug/endpoints"), ("GET", "/debug/pd")):
-            status = (await c.request(method, path)).status
-            assert (status != 404 or path == "/debug/pd") if debug else status == 404
+        assert (await c.get("/debug/endpoints")).status == (200 if debug else 404)
+        pd = await c.get("/debug/pd")  # no pd-profile-handler: the page itself says so
+        assert pd.status == 404
+        assert ("pd-profile-handler" in await pd.text()) is debug
         scored = await c.post("/debug/prefix-scores", json={"model": "m", "prompt": "hi"})
         assert scored.status == (200 if debug else 404)
         assert (await c.get("/metrics")).status == 200
@@ -325,3 +326,21 @@ async def test_prefix_scores_tokenizes_off_the_event_loop(monkeypatch):
         assert r.status == 200, await r.text()
         assert (await r.json())["prompt_tokens"] > 0
     assert threads and threading.main_thread() not in threads
+
+
+def test_trust_and_debug_are_off_unless_asked_for():
+    from epp.options import parse_options
+
+    base = ["--pool-name", "p", "--provider", "file", "--pool-file", "pool.yaml"]
+    off = parse_options(base)
+    assert not (off.trust_client_headers or off.trust_model_rewrite_header)
+    assert not off.enable_debug_endpoints
+    on = parse_options(
+        [
+            *base,
+            "--trust-client-headers",
+            "--trust-model-rewrite-header",
+            "--enable-debug-endpoints",
+        ]
+    )
+    assert on.trust_client_headers and on.trust_model_rewrite_header and on.enable_debug_endpoints
