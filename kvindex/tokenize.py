@@ -218,9 +218,16 @@ class _PrefixCache:
         self._lock = threading.Lock()
 
     def encode(self, text: str) -> list[int]:
-        # The event loop and worker threads (e.g. /debug/prefix-scores) share the cache.
-        with self._lock:
+        # The event loop and worker threads (e.g. /debug/prefix-scores) share the cache. A
+        # busy cache is skipped, not waited for: the loop must never wait on a long encode,
+        # and a plain encode gives the same ids.
+        if not self._lock.acquire(blocking=False):
+            self.misses += 1
+            return self._tok.encode(text, add_special_tokens=False).ids
+        try:
             return self._encode(text)
+        finally:
+            self._lock.release()
 
     def _encode(self, text: str) -> list[int]:
         cached = self._entries.get(text)

@@ -344,3 +344,20 @@ def test_trust_and_debug_are_off_unless_asked_for():
         ]
     )
     assert on.trust_client_headers and on.trust_model_rewrite_header and on.enable_debug_endpoints
+
+
+def test_a_prompt_tokenized_while_another_thread_holds_the_cache_is_not_held_up():
+    """The debug page tokenizes in a worker thread with the same tokenizer the event loop
+    uses: while one holds the prefix cache, the other encodes without it, to the same ids."""
+    from kvindex.tokenize import PromptTokenizer
+
+    tokenizer = PromptTokenizer.from_dir(DEFAULT_MODEL_DIR)
+    prompt = {"prompt": "the same long shared prefix " * 40}
+    expected = tokenizer.tokens_for("completions", prompt)
+    cache = tokenizer._cache
+    assert cache._lock.acquire()
+    try:
+        assert tokenizer.tokens_for("completions", prompt) == expected
+    finally:
+        cache._lock.release()
+    assert tokenizer.tokens_for("completions", prompt) == expected  # cached again
