@@ -18,6 +18,11 @@ DESTINATION = "x-gateway-destination-endpoint"
 SUBSET = "x-gateway-destination-endpoint-subset"
 SERVED = "x-gateway-destination-endpoint-served"
 PREFILLER = "x-prefiller-host-port"
+# Set by the gateway, never by a client (Envoy removes client copies before the picker):
+# the engine model a request is rewritten to, and the request's priority and fairness flow.
+MODEL_REWRITE = "x-gateway-model-name-rewrite"
+OBJECTIVE = "x-gateway-inference-objective"
+FAIRNESS_ID = "x-gateway-inference-fairness-id"
 LB_NAMESPACE = "envoy.lb"
 SUBSET_NAMESPACE = "envoy.lb.subset_hint"
 MAX_CHUNK = 62_000

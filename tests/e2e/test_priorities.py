@@ -24,7 +24,7 @@ import pytest
 import requests
 import yaml
 
-from epp.trust import OBJECTIVE_HEADER
+from epp.protocol import OBJECTIVE
 from infergate.stack import LocalStack, StackConfig
 from tests.conftest import free_port
 from tests.e2e.test_gateway import MODEL, config, free_stack_ports
@@ -101,7 +101,7 @@ class Done:
 def send(stack: LocalStack, tokens: int = SHORT, objective: str | None = None, prompt="hi"):
     r = requests.post(
         stack.url + "/v1/completions",
-        headers={OBJECTIVE_HEADER: objective} if objective else {},
+        headers={OBJECTIVE: objective} if objective else {},
         json={"model": MODEL, "prompt": prompt, "max_tokens": tokens, "ignore_eos": True},
         timeout=30,
     )
