@@ -20,6 +20,7 @@ from epp.http_server import DEBUG_BODY_LIMIT, make_app
 from epp.kv_events import KVCacheView, KVEventOptions
 from epp.metrics import PickerMetrics
 from epp.protocol import FAIRNESS_ID, MODEL_REWRITE, OBJECTIVE
+from epp.request import USER_HEADER as USER
 from epp.scheduling.config import load_config
 from epp.trust import DEFAULT_FAIRNESS_ID, HeaderTrust, Users, UsersConfigError
 from infergate.stack import DEFAULT_MODEL_DIR
@@ -38,7 +39,6 @@ from tests.test_epp_unit_director import (
 )
 
 NET = "networking.infergate.io/v1alpha1"
-USER = "x-infergate-user"
 CLAIMS = {OBJECTIVE: "vip", FAIRNESS_ID: "someone-else"}
 
 
