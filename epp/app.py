@@ -28,6 +28,7 @@ from epp.providers.file import FileProvider, FileProviderError
 from epp.providers.kubernetes import KubernetesProviderError
 from epp.scheduling.config import ConfigError, load_config
 from epp.scrape import MetricsScraper
+from epp.trust import HeaderTrust, Users, UsersConfigError
 from kvindex.tokenize import PromptTokenizers
 
 log = logging.getLogger("epp")
@@ -97,6 +98,16 @@ def _flow_control(text: str | None, scheduling) -> FlowControlConfig | None:
         raise ConfigError(f"flowControl: {exc}") from exc
 
 
+def _header_trust(opts: PickerOptions, text: str | None) -> HeaderTrust:
+    """The trust flags and the config's users section (refused at start when malformed)."""
+    raw = yaml.safe_load(text) if text else None
+    try:
+        users = Users.from_config(raw)
+    except UsersConfigError as exc:
+        raise ConfigError(str(exc)) from exc
+    return HeaderTrust(opts.trust_client_headers, opts.trust_model_rewrite_header, users)
+
+
 def _queue_gauges(gate: Gatekeeper, metrics: PickerMetrics) -> None:
     queue = gate.queue
     waiting = Gauge(
@@ -132,6 +143,7 @@ async def _pool_gauges(datastore: Datastore, metrics: PickerMetrics) -> None:
 async def serve(opts: PickerOptions, ready: asyncio.Event | None = None) -> None:
     text = opts.config_file.read_text() if opts.config_file else opts.config_text
     scheduling = load_config(text)
+    trust = _header_trust(opts, text)
     datastore = Datastore()
     for plugin in scheduling.plugins.values():
         forget = getattr(plugin, "forget_server", None)
@@ -160,6 +172,7 @@ async def serve(opts: PickerOptions, ready: asyncio.Event | None = None) -> None
             fallbacks=opts.fallback_endpoints,
             max_body_bytes=opts.max_body_bytes,
             subset_filter=opts.subset_filter,
+            trust=trust,
         ),
         gate,
     )
@@ -190,7 +203,10 @@ async def serve(opts: PickerOptions, ready: asyncio.Event | None = None) -> None
         await health_servicer.set(name, status)
     await health_servicer.set("liveness", health_pb2.HealthCheckResponse.SERVING)
 
-    runner = web.AppRunner(make_app(datastore, metrics, director, view), access_log=None)
+    runner = web.AppRunner(
+        make_app(datastore, metrics, director, view, debug=opts.enable_debug_endpoints),
+        access_log=None,
+    )
     await runner.setup()
     await web.TCPSite(runner, opts.host, opts.metrics_port).start()
     await server.start()

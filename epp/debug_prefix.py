@@ -1,29 +1,19 @@
-"""POST /debug/prefix-scores: what the KV index says about one request body."""
+"""POST /debug/prefix-scores: what the KV index says about one request body. Parsing and
+tokenizing a prompt can take long: they run in a worker thread, so the picker's event loop
+(which routes every request) never waits for them; the index is read on the loop."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 from epp.errors import PickerError
 from epp.request import parse_request
 
 
-def prefix_report(raw: bytes, director, view) -> tuple[int, dict]:
+async def prefix_report(raw: bytes, director, view) -> tuple[int, dict]:
     if view is None or director is None:
         return 404, PickerError(404, "no precise-prefix-cache-scorer is configured").body()
-    try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
-        return 400, PickerError(400, f"body is not JSON: {exc}").body()
-    path = (
-        "/v1/chat/completions"
-        if isinstance(body, dict) and "messages" in body
-        else "/v1/completions"
-    )
-    try:
-        req = parse_request(path, raw, {}, max_body_bytes=director.options.max_body_bytes)
-    except PickerError as exc:
-        return exc.status, exc.body()
     plugin = next(
         (
             p
@@ -32,7 +22,10 @@ def prefix_report(raw: bytes, director, view) -> tuple[int, dict]:
         ),
         None,
     )
-    blocks = plugin.blocks(req) if plugin is not None else None
+    try:
+        req, blocks = await asyncio.to_thread(_tokenize, raw, director, plugin)
+    except PickerError as exc:
+        return exc.status, exc.body()
     if blocks is None:
         return 422, PickerError(
             422,
@@ -59,3 +52,18 @@ def prefix_report(raw: bytes, director, view) -> tuple[int, dict]:
             for a in endpoints
         ],
     }
+
+
+def _tokenize(raw: bytes, director, plugin):
+    """The parsed request and its prompt's index keys (None: no tokenizer for its model)."""
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise PickerError(400, f"body is not JSON: {exc}") from exc
+    path = (
+        "/v1/chat/completions"
+        if isinstance(body, dict) and "messages" in body
+        else "/v1/completions"
+    )
+    req = parse_request(path, raw, {}, max_body_bytes=director.options.max_body_bytes)
+    return req, plugin.blocks(req) if plugin is not None else None

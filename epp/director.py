@@ -6,8 +6,9 @@ from __future__ import annotations
 import logging
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from epp.bodyless import allowed_without_body
 from epp.datastore import Datastore, Endpoint
 from epp.errors import PickerError
 from epp.gatekeeper import Gatekeeper
@@ -16,6 +17,7 @@ from epp.request import InferenceRequest
 from epp.routing.table import selects
 from epp.scheduling.config import SchedulingConfig
 from epp.scheduling.framework import ResponseInfo
+from epp.trust import HeaderTrust
 
 log = logging.getLogger("epp.director")
 
@@ -28,6 +30,7 @@ class DirectorOptions:
     fallbacks: int = 1
     max_body_bytes: int = 32 * 1024 * 1024
     subset_filter: bool = True
+    trust: HeaderTrust = field(default_factory=HeaderTrust)
 
 
 class Director:
@@ -64,6 +67,7 @@ class Director:
     async def admit(self, req: InferenceRequest, subset: list[str] | None) -> list[Endpoint]:
         """Route, gate and schedule a parsed request; on success the primary endpoint counts
         it in flight. Raises PickerError for every request that cannot go on."""
+        self.options.trust.apply(req)
         eligible = self._route(req, self.candidates(subset))
         req.priority = self.datastore.priority_of(req.objective)
         if req.stream and not req.client_wants_usage and self._needs_usage(req):
@@ -137,8 +141,8 @@ class Director:
         if resolution is None:
             return self._serving(req.target_model, candidates)
         req.resolution = resolution
-        # The route decides the engine's model name: a client's x-gateway-model-name-rewrite
-        # must not reach an adapter or model the route does not expose.
+        # The route decides the engine's model name: even a trusted
+        # x-gateway-model-name-rewrite must not reach an adapter or model it does not expose.
         req.target_model = resolution.target_model
         if resolution.timeout_s is not None:
             # Envoy's router takes the per-request timeout from this header.
@@ -160,11 +164,14 @@ class Director:
             raise PickerError(503, f"no available endpoint serves model {model!r}")
         return serving
 
-    def pick_for_bodyless(self, subset: list[str] | None) -> list[Endpoint]:
-        """A request without a body has nothing to score: any candidate will do."""
+    def pick_for_bodyless(self, method: str, path: str, subset: list[str] | None) -> list[Endpoint]:
+        """A request without a body has nothing to score: any candidate will do, if it is
+        one of the inference API's (epp.bodyless); anything else is not a client's to send."""
+        if not allowed_without_body(method, path):
+            raise PickerError(404, f"no inference API for {method} {path!r} without a body")
         candidates = self.candidates(subset)
         if not candidates:
-            raise PickerError(500, "no pods available in the pool")
+            raise PickerError(503, "no pods available in the pool")
         count = min(len(candidates), 1 + self.options.fallbacks)
         return self._rng.sample(candidates, count)
 

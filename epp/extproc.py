@@ -56,7 +56,8 @@ class _Stream:
         if not msg.request_headers.end_of_stream:
             return []  # deferred until the body ends
         self.request_done = True
-        targets = self.director.pick_for_bodyless(self.subset)
+        method, path = self.headers.get(":method", ""), self.headers.get(":path", "")
+        targets = self.director.pick_for_bodyless(method, path, self.subset)
         return [protocol.destination_headers([e.address for e in targets], None)]
 
     async def on_request_body(self, msg: pb.ProcessingRequest) -> list[pb.ProcessingResponse]:

@@ -1,4 +1,7 @@
-"""Prometheus metrics and debug pages on one HTTP port (9090)."""
+"""Prometheus metrics and, with --enable-debug-endpoints, debug pages on one HTTP port (9090).
+
+The debug pages show every pod's address and load and tokenize prompts on request: off by
+default, on for the local stack and tests."""
 
 from __future__ import annotations
 
@@ -11,9 +14,11 @@ from epp.datastore import Datastore
 from epp.errors import PickerError
 from epp.metrics import PickerMetrics
 
+DEBUG_BODY_LIMIT = 1024 * 1024  # POST /debug/prefix-scores: larger bodies get 413
+
 
 def make_app(
-    datastore: Datastore, metrics: PickerMetrics, director=None, view=None
+    datastore: Datastore, metrics: PickerMetrics, director=None, view=None, *, debug: bool = False
 ) -> web.Application:
     async def metrics_handler(_req: web.Request) -> web.Response:
         return web.Response(
@@ -71,7 +76,12 @@ def make_app(
         """Why a request would go where it goes: per endpoint, the blocks of its prompt held."""
         from epp.debug_prefix import prefix_report
 
-        status, body = prefix_report(await request.read(), director, view)
+        try:
+            raw = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            error = PickerError(413, f"a debug request body is at most {DEBUG_BODY_LIMIT} bytes")
+            return web.json_response(error.body(), status=413)
+        status, body = await prefix_report(raw, director, view)
         return web.json_response(body, status=status)
 
     async def pd_decisions(_req: web.Request) -> web.Response:
@@ -96,12 +106,13 @@ def make_app(
 
     if director is not None:  # plugins that count their own (pd-profile-handler)
         metrics.bind_plugins(director.scheduling.plugins.values())
-    app = web.Application()
-    app.router.add_post("/debug/prefix-scores", prefix_scores)
-    app.router.add_get("/debug/pd", pd_decisions)
-    if view is not None and os.environ.get("INFERGATE_TEST_HOOKS") == "1":
-        app.router.add_post("/debug/kv-events/drop", drop_kv_events)
+    app = web.Application(client_max_size=DEBUG_BODY_LIMIT)
     app.router.add_get("/metrics", metrics_handler)
-    app.router.add_get("/debug/endpoints", endpoints)
     app.router.add_get("/healthz", healthz)
+    if debug:
+        app.router.add_post("/debug/prefix-scores", prefix_scores)
+        app.router.add_get("/debug/pd", pd_decisions)
+        app.router.add_get("/debug/endpoints", endpoints)
+        if view is not None and os.environ.get("INFERGATE_TEST_HOOKS") == "1":
+            app.router.add_post("/debug/kv-events/drop", drop_kv_events)
     return app

@@ -53,6 +53,9 @@ class PickerOptions:
     kv_index_block_size: int
     kv_index_max_entries: int
     tokenizers: dict[str, Path]
+    trust_client_headers: bool = False
+    trust_model_rewrite_header: bool = False
+    enable_debug_endpoints: bool = False
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -102,6 +105,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-body-bytes", type=int, default=32 * 1024 * 1024)
     p.add_argument("--disable-endpoint-subset-filter", action="store_true")
     p.add_argument("--log-level", default="info")
+    trust = p.add_argument_group("what the picker believes and shows (epp/trust.py)")
+    trust.add_argument(
+        "--trust-client-headers",
+        action="store_true",
+        help="honour clients' x-gateway-inference-objective and x-gateway-inference-fairness-id "
+        "(closed networks only; otherwise they come from the verified user and the config's "
+        "users section)",
+    )
+    trust.add_argument(
+        "--trust-model-rewrite-header",
+        action="store_true",
+        help="honour x-gateway-model-name-rewrite (only when the gateway sets it and removes "
+        "clients' copies)",
+    )
+    trust.add_argument(
+        "--enable-debug-endpoints",
+        action="store_true",
+        help="serve /debug/* on the metrics port (what the picker knows about pods, prefix "
+        "scores, P/D decisions); off by default",
+    )
     kv = p.add_argument_group("KV events (used by precise-prefix-cache-scorer)")
     kv.add_argument(
         "--kv-events-mode",
@@ -178,4 +201,7 @@ def parse_options(argv: list[str] | None = None) -> PickerOptions:
         kv_index_block_size=a.kv_index_block_size,
         kv_index_max_entries=a.kv_index_max_entries,
         tokenizers=tokenizers,
+        trust_client_headers=a.trust_client_headers,
+        trust_model_rewrite_header=a.trust_model_rewrite_header,
+        enable_debug_endpoints=a.enable_debug_endpoints,
     )

@@ -316,6 +316,7 @@ class LocalStack:
             f"--secure-serving={'true' if c.picker_tls else 'false'}",
             *(["--cert-path", str(self.picker_tls_dir)] if c.picker_tls else []),
             *(["--trust-client-headers"] if c.trust_client_headers else []),
+            "--enable-debug-endpoints",  # /debug/endpoints: readiness checks, tests, `up` users
             *self._kv_event_args(),
             "--kv-events-replay-port",
             str(c.ports.kv_replay_base),

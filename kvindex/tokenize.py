@@ -10,6 +10,7 @@ the BOS), which is what vLLM does.
 from __future__ import annotations
 
 import json
+import threading
 from bisect import bisect_left, bisect_right
 from collections import OrderedDict
 from datetime import datetime
@@ -214,8 +215,21 @@ class _PrefixCache:
         self._margin = max((len(t.content) for t in added), default=0) + 1
         self.reuse_ok = True
         self.hits = self.misses = 0
+        self._lock = threading.Lock()
 
     def encode(self, text: str) -> list[int]:
+        # The event loop and worker threads (e.g. /debug/prefix-scores) share the cache. A
+        # busy cache is skipped, not waited for: the loop must never wait on a long encode,
+        # and a plain encode gives the same ids.
+        if not self._lock.acquire(blocking=False):
+            self.misses += 1
+            return self._tok.encode(text, add_special_tokens=False).ids
+        try:
+            return self._encode(text)
+        finally:
+            self._lock.release()
+
+    def _encode(self, text: str) -> list[int]:
         cached = self._entries.get(text)
         if cached is not None:
             self._entries.move_to_end(text)

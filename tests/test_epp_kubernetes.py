@@ -70,6 +70,7 @@ async def test_picker_follows_the_cluster(tmp_path):
                 "--pool-name",
                 "llama",
                 "--secure-serving=false",
+                "--enable-debug-endpoints",
             ]
             with running(
                 cmd,

@@ -17,6 +17,7 @@ from epp.metrics import PickerMetrics
 from epp.request import parse_request
 from epp.scheduling.config import load_config
 from epp.scheduling.framework import PostResponse, ResponseInfo
+from epp.trust import HeaderTrust
 
 HEAD = """\
 apiVersion: inference.networking.x-k8s.io/v1alpha1
@@ -315,7 +316,8 @@ async def test_model_served_only_by_an_unreachable_endpoint_is_503(director):
     assert await admit_status(director, request(model="lora-x"), None) == 503
 
 
-async def test_catalog_check_uses_the_rewritten_model(director):
+async def test_catalog_check_uses_a_trusted_rewritten_model():
+    director = make_director(fallbacks=0, trust=HeaderTrust(model_rewrite_header=True))
     set_models(director, {a: {"m-v2"} for a in EVERYONE})
     req = request(model="m", headers={"x-gateway-model-name-rewrite": "m-v2"})
     assert await director.admit(req, None)
@@ -458,7 +460,7 @@ def test_bodyless_pick_is_random_among_candidates():
     d = make_director(fallbacks=1)
     firsts = Counter()
     for _ in range(400):
-        picked = d.pick_for_bodyless(None)
+        picked = d.pick_for_bodyless("GET", "/v1/models", None)
         assert len(picked) == 2 and picked[0] is not picked[1]
         firsts[picked[0].address] += 1
     assert set(firsts) == EVERYONE
@@ -466,10 +468,10 @@ def test_bodyless_pick_is_random_among_candidates():
 
 
 def test_bodyless_pick_honors_the_subset(director):
-    assert [e.address for e in director.pick_for_bodyless([B0])] == [B0]
-    assert status_of(director.pick_for_bodyless, []) == 503
+    assert [e.address for e in director.pick_for_bodyless("GET", "/v1/models", [B0])] == [B0]
+    assert status_of(director.pick_for_bodyless, "GET", "/v1/models", []) == 503
 
 
-def test_bodyless_pick_with_no_pods_is_500(director):
+def test_bodyless_pick_with_no_pods_is_503(director):
     director.datastore.replace_pods([])
-    assert status_of(director.pick_for_bodyless, None) == 500
+    assert status_of(director.pick_for_bodyless, "GET", "/v1/models", None) == 503

@@ -20,6 +20,7 @@ from epp.metrics import PickerMetrics
 from epp.routing.usage_strip import UsageEventStripper
 from epp.scheduling.config import load_config
 from epp.scheduling.framework import ResponseInfo
+from epp.trust import HeaderTrust
 from tests.test_epp_unit_director import LEAST_REQUEST, make_datastore, request
 from tests.test_epp_unit_director import pod as pod_
 
@@ -60,7 +61,9 @@ def director_with(routes=(), flow_control: FlowControlConfig | None = None) -> D
     ds.set_routes(list(routes), SERVERS)
     metrics = PickerMetrics()
     gate = Gatekeeper(metrics.registry, flow_control=flow_control)
-    return Director(ds, load_config(LEAST_REQUEST), metrics, DirectorOptions(fallbacks=0), gate)
+    # These clients name their flows and objectives, as on a closed network that trusts them.
+    options = DirectorOptions(fallbacks=0, trust=HeaderTrust(client_headers=True))
+    return Director(ds, load_config(LEAST_REQUEST), metrics, options, gate)
 
 
 def done(director: Director, req, completion_tokens: int | None = None) -> None:

@@ -469,7 +469,7 @@ async def test_debug_pd_lists_the_last_decisions_newest_first():
     metrics = PickerMetrics()
     config = load_config(pd_config(16, handler_params=", historySize: 2"))
     director = Director(ds, config, metrics, DirectorOptions())
-    client = TestClient(TestServer(make_app(ds, metrics, director)))
+    client = TestClient(TestServer(make_app(ds, metrics, director, debug=True)))
     await client.start_server()
     try:
         for prompt in ("a" * 200, "b" * 200, "c" * 8):
@@ -495,7 +495,7 @@ async def test_debug_pd_lists_the_last_decisions_newest_first():
 async def test_debug_pd_is_404_without_the_handler():
     ds, metrics = Datastore(), PickerMetrics()
     director = Director(ds, load_config(None), metrics, DirectorOptions())
-    client = TestClient(TestServer(make_app(ds, metrics, director)))
+    client = TestClient(TestServer(make_app(ds, metrics, director, debug=True)))
     await client.start_server()
     try:
         resp = await client.get("/debug/pd")

@@ -15,6 +15,7 @@ from controllers.manifests import read_objects
 from controllers.model_objects import desired
 from epp.app import _flow_control
 from epp.scheduling.config import load_config
+from epp.trust import Users
 from infergate.example import Example, ExampleError
 from tests.test_crds import KINDS as OUR_KINDS
 from tests.test_crds import _all_cel_errors, _schema_errors
@@ -60,9 +61,11 @@ def test_pod_counts_follow_groups_roles_and_workers():
 def test_fairness_example_fits_together():
     """Its routes name servers that exist (its own or the Model's), its canary serves the
     Model's LoRA adapter on the Model's pods, its objectives name the Model's pool, flow
-    control is on, and there is no SecurityPolicy (auth off)."""
+    control is on, and every tenant has an API key; the objectives `users` gives tenants
+    exist."""
     example = Example.read(ROOT / "examples" / "fairness")
-    assert example.auth is None
+    assert example.auth is not None
+    tenants = {client for client, _ in example.auth.api_keys.credentials}
     objects = [o for _, o in read_objects(example.directory)[0]]
     stored = copy.deepcopy(example.model)
     stored["metadata"]["uid"] = "u"  # as the store would have it
@@ -95,6 +98,9 @@ def test_fairness_example_fits_together():
     text = example.picker_config.read_text()
     flow = _flow_control(text, load_config(text))
     assert flow is not None and flow.saturation.queue_depth_threshold < 1
+    users = Users.from_config(yaml.safe_load(text)).by_name
+    assert set(users) <= tenants
+    assert {u.objective for u in users.values()} <= set(objectives)
 
 
 def write(directory: Path, *docs: dict, name: str = "model.yaml") -> None:
@@ -153,3 +159,20 @@ def test_up_takes_flags_on_either_side_of_the_directory_and_engine_args_after_da
     assert args.example == Path("examples/pd") and args.no_auth and args.pods == 3
     assert engine == ["--block-size=32", "--seed", "1"]
     assert split_engine_args(["--pods", "2"]) == (["--pods", "2"], [])
+
+
+SHIPPED = [ROOT / "examples", ROOT / "gateway-manifests"]
+
+
+def test_no_shipped_config_lets_a_client_pin_a_pod():
+    """header-based-testing-filter picks the pod a request header names: in a shipped
+    picker config (an example's, or one inside a manifest's ConfigMap) any client could
+    pin a pod. Tests that pin pods add it to a config of their own."""
+    carrying = [
+        str(path.relative_to(ROOT))
+        for top in SHIPPED
+        for path in sorted(top.rglob("*.y*ml"))
+        for doc in yaml.safe_load_all(path.read_text().replace("{{", "").replace("}}", ""))
+        if "header-based-testing-filter" in yaml.safe_dump(doc)
+    ]
+    assert carrying == []

@@ -1,6 +1,7 @@
 """Tenants that load a gateway, and what each of their requests got.
 
-A tenant is a flow (`x-gateway-inference-fairness-id`) with a way of sending: `flood` keeps
+A tenant is a flow (its API key: the picker's flow is the verified user, examples/fairness)
+with a way of sending: `flood` keeps
 `concurrency` requests outstanding (a closed loop with no think time: a backlogged flow),
 `steady` sends one request every `interval` seconds whatever the answers do (an open loop:
 a light, latency-sensitive flow). Every request is a non-streaming completion with its own
@@ -18,8 +19,6 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
-FAIRNESS_HEADER = "x-gateway-inference-fairness-id"
-OBJECTIVE_HEADER = "x-gateway-inference-objective"
 WORDS = (
     "river stone cloud lantern orchard copper meadow signal harbor violet engine quartz "
     "thistle amber falcon glacier ribbon saddle timber walnut"
@@ -34,7 +33,6 @@ class Tenant:
     interval: float = 1.0  # steady: seconds between sends
     prompt_words: int = 48
     max_tokens: int = 32
-    objective: str | None = None
 
 
 @dataclass(slots=True)
@@ -69,6 +67,11 @@ class Run:
         return [r for r in self.results if not r.ok]
 
 
+def auth_headers(tenant: str) -> dict[str, str]:
+    """The tenant's development API key (examples/fairness/api-keys.yaml)."""
+    return {"authorization": f"Bearer sk-infergate-dev-{tenant}"}
+
+
 def weighted_tokens(r: Result, w_in: float = 1.0, w_out: float = 2.0) -> float:
     return w_in * r.prompt_tokens + w_out * r.completion_tokens
 
@@ -82,9 +85,7 @@ def prompt(tenant: str, n: int, words: int) -> str:
 async def _one(
     session: aiohttp.ClientSession, url: str, tenant: Tenant, n: int, t0: float
 ) -> Result:
-    headers = {FAIRNESS_HEADER: tenant.name}
-    if tenant.objective:
-        headers[OBJECTIVE_HEADER] = tenant.objective
+    headers = auth_headers(tenant.name)
     body = {
         "model": "infergate-sim",
         "prompt": prompt(tenant.name, n, tenant.prompt_words),

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import aiohttp
 
 from bench.common import percentile
-from bench.fairness.load import OBJECTIVE_HEADER, Result, Run, Tenant, drive, weighted_tokens
+from bench.fairness.load import Result, Run, Tenant, auth_headers, drive, weighted_tokens
 
 SLOTS = 16  # examples/fairness/model.yaml: --max-num-seqs
 WAITING = 1  # epp-config.yaml: queueDepthThreshold 0.5 lets one request wait in the pod
@@ -130,10 +130,11 @@ class Measurement:
 
 
 async def _sheddable(url: str, after: float) -> int:
-    """One request with InferenceObjective `batch` (priority -1) once the flood is on."""
+    """One request of tenant-d, whose InferenceObjective is `batch` (priority -1,
+    examples/fairness/epp-config.yaml), once the flood is on."""
     await asyncio.sleep(after)
     body = {"model": "infergate-sim", "prompt": "a batch job", "max_tokens": MAX_TOKENS}
-    headers = {OBJECTIVE_HEADER: "batch", "x-gateway-inference-fairness-id": "tenant-d"}
+    headers = auth_headers("tenant-d")
     async with aiohttp.ClientSession() as session:
         async with session.post(url + "/v1/completions", json=body, headers=headers) as resp:
             await resp.read()

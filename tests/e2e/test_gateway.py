@@ -9,8 +9,9 @@ from collections import Counter
 
 import pytest
 import requests
+import yaml
 
-from infergate.stack import LocalStack, StackConfig, StackPorts
+from infergate.stack import QUICKSTART, LocalStack, StackConfig, StackPorts
 from tests.conftest import free_port, free_port_run
 
 pytestmark = pytest.mark.slow
@@ -34,6 +35,16 @@ def config(*plugins: tuple[str, float | None]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def pinnable(config_text: str) -> str:
+    """A picker config plus the header-based-testing-filter first in every profile, so a
+    test can pin a pod (PIN). Never in a shipped config: any client could pin one."""
+    doc = yaml.safe_load(config_text)
+    doc["plugins"].insert(0, {"type": "header-based-testing-filter"})
+    for profile in doc["schedulingProfiles"]:
+        profile["plugins"].insert(0, {"pluginRef": "header-based-testing-filter"})
+    return yaml.safe_dump(doc, sort_keys=False)
+
+
 def free_stack_ports(pods: int, per_pod_kv: bool = False) -> StackPorts:
     return StackPorts(
         kv_replay_base=free_port_run(pods),
@@ -52,10 +63,10 @@ def make_stack(
     tmp_path, *, pods=3, picker_config: str | None = None, per_pod_kv=False, **kw
 ) -> LocalStack:
     ports = free_stack_ports(pods, per_pod_kv)
-    cfg_path = None
-    if picker_config is not None:
-        cfg_path = tmp_path / "epp-config.yaml"
-        cfg_path.write_text(picker_config)
+    if picker_config is None:
+        picker_config = pinnable((QUICKSTART / "epp-config.yaml").read_text())
+    cfg_path = tmp_path / "epp-config.yaml"
+    cfg_path.write_text(picker_config)
     kw.setdefault("sim_args", ["--sim-time-scale", "0.2"])
     return LocalStack(
         StackConfig(
@@ -63,7 +74,7 @@ def make_stack(
             pods=pods,
             ports=ports,
             pod_ports=[free_port() for _ in range(pods)],
-            **({"picker_config": cfg_path} if cfg_path else {}),
+            picker_config=cfg_path,
             **kw,
         )
     ).start()

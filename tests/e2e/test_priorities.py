@@ -24,13 +24,13 @@ import pytest
 import requests
 import yaml
 
+from epp.protocol import OBJECTIVE
 from infergate.stack import LocalStack, StackConfig
 from tests.conftest import free_port
 from tests.e2e.test_gateway import MODEL, config, free_stack_ports
 
 pytestmark = pytest.mark.slow
 
-OBJECTIVE = "x-gateway-inference-objective"
 TTL = 2.5
 MAX_QUEUED = 5
 FLOW_CONTROL = f"""
@@ -70,6 +70,8 @@ def stack(tmp_path_factory):
             pod_ports=[free_port()],
             picker_config=picker_config,
             sim_args=["--max-num-seqs", "1", "--sim-decode-ms-per-step", "20"],
+            # Requests name their objective themselves, as on a closed network.
+            trust_client_headers=True,
         )
     )
     objectives = [objective("interactive", 10), objective("batch", -1), objective("limited", 1)]

@@ -47,7 +47,7 @@ async def test_a_model_runs_heals_and_scales_behind_the_picker(tmp_path):
         sys.executable, "-m", "epp", "--provider", "file", "--pool-file", str(pool_file),
         "--pool-name", "tiny", "--secure-serving=false", "--host", "127.0.0.1",
         "--grpc-port", str(free_port()), "--grpc-health-port", str(free_port()),
-        "--metrics-port", str(metrics_port),
+        "--metrics-port", str(metrics_port), "--enable-debug-endpoints",
         stdout=open(tmp_path / "picker.log", "wb"),  # noqa: ASYNC230
         stderr=asyncio.subprocess.STDOUT,
     )  # fmt: skip

@@ -15,10 +15,9 @@ import yaml
 
 from infergate.example import Example
 from infergate.stack import QUICKSTART, LocalStack, StackConfig
-from tests.e2e.test_gateway import free_stack_ports
+from tests.e2e.test_gateway import PIN, free_stack_ports, pinnable
 
 pytestmark = pytest.mark.slow
-PIN = "test-epp-endpoint-selection"
 
 
 def write_example(directory: Path, kv_port: int, replicas: int) -> Example:
@@ -39,7 +38,9 @@ def write_example(directory: Path, kv_port: int, replicas: int) -> Example:
         ),
     ]
     (directory / "model.yaml").write_text(yaml.safe_dump(model))
-    (directory / "epp-config.yaml").write_text((QUICKSTART / "epp-config.yaml").read_text())
+    (directory / "epp-config.yaml").write_text(
+        pinnable((QUICKSTART / "epp-config.yaml").read_text())
+    )
     return Example.read(directory)
 
 
