@@ -46,6 +46,7 @@ class PickerOptions:
     max_body_bytes: int
     subset_filter: bool
     log_level: str
+    grace_period: float
     kv_events_mode: str
     kv_events_bind: str
     kv_events_pub_port: int
@@ -102,6 +103,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-body-bytes", type=int, default=32 * 1024 * 1024)
     p.add_argument("--disable-endpoint-subset-filter", action="store_true")
     p.add_argument("--log-level", default="info")
+    p.add_argument(
+        "--grace-period",
+        type=duration,
+        default=30.0,
+        help="after SIGTERM: how long in-flight ext_proc streams may take to finish while "
+        "health says NOT_SERVING and new streams are refused (default 30s, the kubelet's)",
+    )
     kv = p.add_argument_group("KV events (used by precise-prefix-cache-scorer)")
     kv.add_argument(
         "--kv-events-mode",
@@ -171,6 +179,7 @@ def parse_options(argv: list[str] | None = None) -> PickerOptions:
         max_body_bytes=a.max_body_bytes,
         subset_filter=not a.disable_endpoint_subset_filter,
         log_level=a.log_level,
+        grace_period=a.grace_period,
         kv_events_mode=a.kv_events_mode,
         kv_events_bind=a.kv_events_bind,
         kv_events_pub_port=a.kv_events_pub_port,
