@@ -81,8 +81,11 @@ def test_a_killed_component_restarts_and_what_it_left_is_killed(tmp_path):
 
 
 def _envoy_marks_picker_down() -> bool:
+    """Envoy has taken the picker out: a failed health check or an ejection."""
     clusters = requests.get("http://127.0.0.1:9901/clusters", timeout=10).text
-    return "endpoint-picker::127.0.0.1:9002::health_flags::/failed_active_hc" in clusters
+    flags = "endpoint-picker::127.0.0.1:9002::health_flags::"
+    line = next((ln for ln in clusters.splitlines() if ln.startswith(flags)), flags)
+    return "failed_active_hc" in line or "failed_outlier_check" in line
 
 
 def _alive(pid: int) -> bool:
@@ -118,10 +121,11 @@ def test_up_restarts_a_killed_picker_and_fails_open_meanwhile(tmp_path):
         [picker] = _pids_with("-m epp", str(workdir / "pool.yaml"))
         os.kill(picker, signal.SIGKILL)
 
-        # Once Envoy's health check has marked the picker down, every request is answered:
-        # by the pods directly while the picker is down (FailOpen), then through the
-        # restarted picker. Before that, Envoy has already streamed a request's body to
-        # the dead picker and cannot fail open (a 500; README, "What `make up` starts").
+        # Once Envoy has taken the picker out (the first refused connection ejects it),
+        # every request is answered: by the pods directly while the picker is down
+        # (FailOpen), then through the restarted picker. The request that finds the
+        # connection refused has already streamed its body to the dead picker and cannot
+        # fail open (a 500).
         routed_again = False
         answered = 0
         while not routed_again:
