@@ -30,9 +30,9 @@ import aiohttp
 import yaml
 
 from bench.common import free_port, free_stack_ports, machine, save_results
+from bench.redis_server import RedisServer, which_redis_server
 from bench.soak_report import OK, FaultWindow, Outcome, markdown, plot, summarize
 from infergate.stack import LocalStack, StackConfig
-from tests.redis_server import RedisServer, find_redis_server
 
 # The model clients ask for: the pods serve it, so with the picker down (FailOpen) Envoy's
 # round robin still reaches a pod that can answer; a ModelRoute of that name gives it a
@@ -320,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
         args.duration = QUICK_DURATION
     if args.pods < 2:
         p.error("--pods must be at least 2 (one is killed, another restarted)")
-    binary = find_redis_server()
+    binary = which_redis_server()
     if binary is None:
         p.error("needs redis-server on PATH (Debian: apt-get install redis-server)")
     with tempfile.TemporaryDirectory(prefix="infergate-bench-soak-") as tmp:
