@@ -154,3 +154,64 @@ def test_up_restarts_a_killed_picker_and_fails_open_meanwhile(tmp_path):
             except subprocess.TimeoutExpired:
                 os.killpg(up.pid, signal.SIGKILL)
                 up.wait()
+
+
+@pytest.mark.slow
+def test_up_restarts_killed_controllers_without_leaving_their_pods(tmp_path):
+    """The controllers' pods outlive a SIGKILL of the controllers (each pod has its own
+    session); the supervisor kills them before the controllers start again and run new
+    ones, so no pod of the dead run is left holding its address."""
+    if not _ports_free(DEFAULT_PORTS):
+        pytest.skip("the default local-stack ports are in use on this machine")
+    log = tmp_path / "up.log"
+    workdir = tmp_path / "w"
+    with open(log, "wb") as out:
+        up = subprocess.Popen(
+            [
+                *(sys.executable, "-m", "infergate.cli", "up", "--pods", "1", "--no-auth"),
+                *("--workdir", str(workdir)),
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    url = "http://127.0.0.1:8080/v1/chat/completions"
+    manifests = str(workdir / "manifests")
+    try:
+        wait_until(lambda: b"Ctrl-C stops everything" in log.read_bytes(), 120, up, "the stack")
+        [controllers] = _pids_with("-m controllers", manifests)
+        old_pods = _pids_with("-m simulator", "--served-model-name=infergate-sim")
+        old_pods = [p for p in old_pods if _descends_from(p, controllers)]
+        assert old_pods
+        os.kill(controllers, signal.SIGKILL)
+
+        wait_until(lambda: b"restarted controllers" in log.read_bytes(), 60, up, "the restart")
+        wait_until(lambda: not any(map(_alive, old_pods)), 30, up, "the old pods to die")
+        [restarted] = _pids_with("-m controllers", manifests)
+        assert restarted != controllers
+
+        def answered() -> bool:
+            r = requests.post(url, json=CHAT, timeout=60)
+            return r.status_code == 200 and "x-gateway-destination-endpoint-served" in r.headers
+
+        wait_until(answered, 120, up, "a request routed to a pod of the new controllers")
+        assert "killed" in log.read_text() and "processes it left" in log.read_text()
+    finally:
+        if up.poll() is None:
+            os.killpg(up.pid, signal.SIGTERM)
+            try:
+                up.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(up.pid, signal.SIGKILL)
+                up.wait()
+
+
+def _descends_from(pid: int, ancestor: int) -> bool:
+    while pid > 1:
+        if pid == ancestor:
+            return True
+        try:
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            return False
+    return False
