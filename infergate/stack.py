@@ -418,13 +418,8 @@ class LocalStack:
 
     def _stop(self, name: str) -> None:
         proc = self.supervisor.release(name)
-        if proc is not None and proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        if proc is not None:
+            stop_group(proc)
         self.supervisor.kill_leftovers(name)  # what an earlier, killed run of it left
 
     def stop(self) -> None:
@@ -436,6 +431,18 @@ class LocalStack:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def stop_group(proc: subprocess.Popen, grace: float = 10) -> None:
+    """SIGTERM a process's group, SIGKILL it if it has not exited after `grace` seconds."""
+    if proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 def _has_pool(path: Path, name: str) -> bool:

@@ -7,15 +7,19 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import requests
 
 from infergate.readiness import wait_http, wait_until
+from infergate.stack import stop_group
 from infergate.supervise import BackOff, Supervisor
 from tests.test_up import DEFAULT_PORTS, _ports_free
 
+URL = "http://127.0.0.1:8080/v1/chat/completions"
 CHAT = {"model": "infergate-sim", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
 
 
@@ -97,26 +101,40 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-@pytest.mark.slow
-def test_up_restarts_a_killed_picker_and_fails_open_meanwhile(tmp_path):
+@contextmanager
+def _up(tmp_path: Path, *flags: str) -> Iterator[tuple[subprocess.Popen, Path, Path]]:
+    """`infergate up --no-auth FLAGS` on the default ports: (process, its log, workdir),
+    once it has printed its banner; SIGTERM stops it (and so its stack) afterwards."""
     if not _ports_free(DEFAULT_PORTS):
         pytest.skip("the default local-stack ports are in use on this machine")
-    log = tmp_path / "up.log"
-    workdir = tmp_path / "w"
+    log, workdir = tmp_path / "up.log", tmp_path / "w"
     with open(log, "wb") as out:
         up = subprocess.Popen(
             [
-                *(sys.executable, "-m", "infergate.cli", "up", "--pods", "2", "--no-auth"),
-                *("--failure-mode", "FailOpen", "--workdir", str(workdir)),
+                sys.executable,
+                "-m",
+                "infergate.cli",
+                "up",
+                "--no-auth",
+                "--workdir",
+                str(workdir),
+                *flags,
             ],
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-    url = "http://127.0.0.1:8080/v1/chat/completions"
     try:
         wait_until(lambda: b"Ctrl-C stops everything" in log.read_bytes(), 120, up, "the stack")
-        first = requests.post(url, json=CHAT, timeout=60)
+        yield up, log, workdir
+    finally:
+        stop_group(up, grace=60)
+
+
+@pytest.mark.slow
+def test_up_restarts_a_killed_picker_and_fails_open_meanwhile(tmp_path):
+    with _up(tmp_path, "--pods", "2", "--failure-mode", "FailOpen") as (up, log, workdir):
+        first = requests.post(URL, json=CHAT, timeout=60)
         assert first.status_code == 200 and "x-gateway-destination-endpoint-served" in first.headers
         [picker] = _pids_with("-m epp", str(workdir / "pool.yaml"))
         os.kill(picker, signal.SIGKILL)
@@ -131,7 +149,7 @@ def test_up_restarts_a_killed_picker_and_fails_open_meanwhile(tmp_path):
         while not routed_again:
             assert up.poll() is None, log.read_text()
             picker_marked_down = _envoy_marks_picker_down()
-            r = requests.post(url, json=CHAT, timeout=60)
+            r = requests.post(URL, json=CHAT, timeout=60)
             if picker_marked_down or r.status_code != 500:
                 assert r.status_code == 200, (r.status_code, r.text)
             answered += 1
@@ -146,14 +164,6 @@ def test_up_restarts_a_killed_picker_and_fails_open_meanwhile(tmp_path):
         os.killpg(up.pid, signal.SIGTERM)  # only a signal stops the stack
         assert up.wait(timeout=60) == 0, log.read_text()
         assert not _pids_with("-m epp", str(workdir / "pool.yaml"))
-    finally:
-        if up.poll() is None:  # a failed check: up stops what it started
-            os.killpg(up.pid, signal.SIGTERM)
-            try:
-                up.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(up.pid, signal.SIGKILL)
-                up.wait()
 
 
 @pytest.mark.slow
@@ -161,24 +171,8 @@ def test_up_restarts_killed_controllers_without_leaving_their_pods(tmp_path):
     """The controllers' pods outlive a SIGKILL of the controllers (each pod has its own
     session); the supervisor kills them before the controllers start again and run new
     ones, so no pod of the dead run is left holding its address."""
-    if not _ports_free(DEFAULT_PORTS):
-        pytest.skip("the default local-stack ports are in use on this machine")
-    log = tmp_path / "up.log"
-    workdir = tmp_path / "w"
-    with open(log, "wb") as out:
-        up = subprocess.Popen(
-            [
-                *(sys.executable, "-m", "infergate.cli", "up", "--pods", "1", "--no-auth"),
-                *("--workdir", str(workdir)),
-            ],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    url = "http://127.0.0.1:8080/v1/chat/completions"
-    manifests = str(workdir / "manifests")
-    try:
-        wait_until(lambda: b"Ctrl-C stops everything" in log.read_bytes(), 120, up, "the stack")
+    with _up(tmp_path, "--pods", "1") as (up, log, workdir):
+        manifests = str(workdir / "manifests")
         [controllers] = _pids_with("-m controllers", manifests)
         old_pods = _pids_with("-m simulator", "--served-model-name=infergate-sim")
         old_pods = [p for p in old_pods if _descends_from(p, controllers)]
@@ -191,19 +185,11 @@ def test_up_restarts_killed_controllers_without_leaving_their_pods(tmp_path):
         assert restarted != controllers
 
         def answered() -> bool:
-            r = requests.post(url, json=CHAT, timeout=60)
+            r = requests.post(URL, json=CHAT, timeout=60)
             return r.status_code == 200 and "x-gateway-destination-endpoint-served" in r.headers
 
         wait_until(answered, 120, up, "a request routed to a pod of the new controllers")
-        assert "killed" in log.read_text() and "processes it left" in log.read_text()
-    finally:
-        if up.poll() is None:
-            os.killpg(up.pid, signal.SIGTERM)
-            try:
-                up.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(up.pid, signal.SIGKILL)
-                up.wait()
+        assert "processes it left" in log.read_text()
 
 
 def _descends_from(pid: int, ancestor: int) -> bool:
