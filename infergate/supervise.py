@@ -111,7 +111,7 @@ class Supervisor:
                     c.restart_at = now + delay
                     self.log(
                         f"supervisor: {name} exited with status {status}; "
-                        f"restarting in {delay:.0f} s (exit {c.crashes} in a row"
+                        f"restarting in {delay:g} s (exit {c.crashes} in a row"
                         f"{f'; killed {killed} processes it left' if killed else ''})"
                     )
                 if now >= c.restart_at:

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -43,6 +44,31 @@ def test_backoff_follows_the_kubelet():
     delays = [b.delay(n) for n in range(1, 10)]
     assert delays[:4] == [0.0, b.initial, 2 * b.initial, 4 * b.initial]
     assert max(delays) == b.cap and delays == sorted(delays)
+
+
+def _delays_logged(backoff: BackOff, exits: int) -> list[str]:
+    """Supervise a process that exits at once until it has exited `exits` times; the
+    restart delays the supervisor logged."""
+    lines: list[str] = []
+    supervisor = Supervisor(backoff, log=lines.append)
+
+    def start(env):
+        return subprocess.Popen([sys.executable, "-c", "exit(3)"], env=env)
+
+    supervisor.run("crasher", start)
+    try:
+        while sum("exited with status 3" in line for line in lines) < exits:
+            supervisor.tick()
+            time.sleep(0.05)
+    finally:
+        supervisor.release("crasher").wait()
+    return [line.split("restarting in ")[1].split(" s ")[0] for line in lines if "exited" in line]
+
+
+def test_a_crash_loop_backs_off_and_a_long_run_starts_over():
+    assert _delays_logged(BackOff(initial=0.1, cap=0.2), 4) == ["0", "0.1", "0.2", "0.2"]
+    # every run counts as long: each exit is the first in a row again
+    assert _delays_logged(BackOff(initial=0.1, cap=0.2, reset_after=0), 3) == ["0", "0", "0"]
 
 
 def test_a_killed_component_restarts_and_what_it_left_is_killed(tmp_path):
