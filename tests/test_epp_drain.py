@@ -85,6 +85,9 @@ async def test_sigterm_lets_an_open_stream_finish_then_exits_0(sim, tmp_path):
         os.kill(proc.pid, signal.SIGTERM)
         await asyncio.wait_for(_until_not_serving(_health_port(picker)), 30)
         assert proc.poll() is None  # still serving the stream it has
+        with pytest.raises(grpc.aio.AioRpcError) as refused:  # but no new one
+            await ec.exchange(picker.target, [ec.headers(), ec.body(COMPLETION)])
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
 
         await stream.send(ec.body(COMPLETION))
         routed = await stream.answer()
