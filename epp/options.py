@@ -106,9 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--grace-period",
         type=duration,
-        default=30.0,
+        default=25.0,
         help="after SIGTERM: how long in-flight ext_proc streams may take to finish while "
-        "health says NOT_SERVING and new streams are refused (default 30s, the kubelet's)",
+        "health says NOT_SERVING and new streams are refused (default 25s: the rest of the "
+        "shutdown fits in the kubelet's 30s terminationGracePeriodSeconds)",
     )
     kv = p.add_argument_group("KV events (used by precise-prefix-cache-scorer)")
     kv.add_argument(
