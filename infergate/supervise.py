@@ -6,12 +6,11 @@ doubles from 10 s to a 5 min cap (the kubelet's CrashLoopBackOff); a component t
 started, which a SIGKILL orphans: the controllers' pods) is killed before it starts again,
 as the kubelet kills a container's cgroup; each component's processes carry an environment
 variable naming it, so they are found however they were started. Every exit and restart is
-logged. Nothing is
-stopped because another component died: the rest of the stack serves meanwhile, as the
-pool's failure mode says (FailOpen: Envoy routes without a picker).
+logged. Nothing is stopped because another component died: the rest of the stack serves
+meanwhile, as the pool's failure mode says (FailOpen: Envoy routes without a picker).
 
 The supervisor does not run by itself: its owner calls tick() regularly (`infergate up` from
-its main loop, the soak benchmark from a thread), so library users such as the tests keep
+its main loop, the soak benchmark from a task), so library users such as the tests keep
 processes they kill dead unless they ask otherwise.
 """
 
