@@ -176,10 +176,13 @@ async def until_answers(url: str, deadline: float) -> bool:
 class Faults:
     """Each fault strikes, waits for its recovery, and records its window."""
 
-    def __init__(self, stack: LocalStack, redis: RedisServer, t0: float, hold: float):
-        self.stack, self.redis, self.t0, self.hold = stack, redis, t0, hold
+    def __init__(
+        self, stack: LocalStack, redis: RedisServer, t0: float, hold: float, deadline: float
+    ):
+        self.stack, self.redis, self.t0 = stack, redis, t0
+        self.hold = hold  # how long the pool file stays garbled and Redis stopped
+        self.deadline = deadline  # recovery waits give up here (monotonic)
         self.windows: list[FaultWindow] = []
-        self.deadline = float("inf")  # recovery waits give up here
 
     def _strike(self, name: str, kills: bool) -> FaultWindow:
         window = FaultWindow(name, kills, time.monotonic() - self.t0)
@@ -272,8 +275,8 @@ async def watch(stack: LocalStack, stop: asyncio.Event, peaks: dict[int, float])
 async def soak(stack: LocalStack, redis: RedisServer, args: argparse.Namespace) -> dict:
     t0 = time.monotonic()
     stop_at = t0 + args.duration
-    faults = Faults(stack, redis, t0, hold=max(1.0, min(10.0, args.duration / 14)))
-    faults.deadline = stop_at + 60
+    hold = max(1.0, min(10.0, args.duration / 14))
+    faults = Faults(stack, redis, t0, hold, deadline=stop_at + 60)
     plan = faults.plan()
     step = args.duration / (len(plan) + 2)  # the last fault leaves time to recover
     done = asyncio.Event()
