@@ -47,6 +47,7 @@ bench: $(STAMP)
 	$(BIN)/infergate bench routing
 	$(BIN)/infergate bench fairness
 	$(BIN)/infergate bench pd
+	$(BIN)/infergate bench soak
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

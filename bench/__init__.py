@@ -12,6 +12,7 @@ BENCHMARKS = {
     "routing": "bench.routing.cli",
     "fairness": "bench.fairness.cli",
     "pd": "bench.pd.cli",
+    "soak": "bench.soak",
 }
 
 

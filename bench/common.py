@@ -86,8 +86,8 @@ def _free(port: int) -> bool:
     return True
 
 
-def free_stack_ports():
-    """A local stack's ports, all free now (one pod's KV replay port)."""
+def free_stack_ports(pods: int = 1):
+    """A local stack's ports, all free now (`pods` consecutive KV replay ports)."""
     from infergate.stack import StackPorts
 
     return StackPorts(
@@ -97,7 +97,7 @@ def free_stack_ports():
         picker_health=free_port(),
         picker_metrics=free_port(),
         kv_events=free_port(),
-        kv_replay_base=free_port_run(1),
+        kv_replay_base=free_port_run(pods),
         controllers_metrics=free_port(),
     )
 

@@ -232,9 +232,16 @@ async def serve(opts: PickerOptions, ready: asyncio.Event | None = None) -> None
     try:
         await stop.wait()
     finally:
-        log.info("shutting down")
+        # Drain: health says NOT_SERVING (so Envoy and the kubelet send new streams to
+        # another picker), new streams are refused, in-flight ones get the grace period.
+        log.info(
+            "shutting down: NOT_SERVING, up to %.0f s for in-flight ext_proc streams",
+            opts.grace_period,
+        )
+        await health_servicer.enter_graceful_shutdown()
+        await server.stop(grace=opts.grace_period)
+        log.info("ext_proc streams done; stopping")
         gauges.cancel()
-        await server.stop(grace=2)
         await health_server.stop(grace=0)
         await gate.close()
         await scraper.stop()

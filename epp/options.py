@@ -46,6 +46,7 @@ class PickerOptions:
     max_body_bytes: int
     subset_filter: bool
     log_level: str
+    grace_period: float
     kv_events_mode: str
     kv_events_bind: str
     kv_events_pub_port: int
@@ -125,6 +126,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve /debug/* on the metrics port (what the picker knows about pods, prefix "
         "scores, P/D decisions); off by default",
     )
+    p.add_argument(
+        "--grace-period",
+        type=duration,
+        default=25.0,
+        help="after SIGTERM: how long in-flight ext_proc streams may take to finish while "
+        "health says NOT_SERVING and new streams are refused (default 25s: the rest of the "
+        "shutdown fits in the kubelet's 30s terminationGracePeriodSeconds)",
+    )
     kv = p.add_argument_group("KV events (used by precise-prefix-cache-scorer)")
     kv.add_argument(
         "--kv-events-mode",
@@ -194,6 +203,7 @@ def parse_options(argv: list[str] | None = None) -> PickerOptions:
         max_body_bytes=a.max_body_bytes,
         subset_filter=not a.disable_endpoint_subset_filter,
         log_level=a.log_level,
+        grace_period=a.grace_period,
         kv_events_mode=a.kv_events_mode,
         kv_events_bind=a.kv_events_bind,
         kv_events_pub_port=a.kv_events_pub_port,

@@ -14,7 +14,8 @@ commands:
   simulate   a vLLM-compatible model server without GPUs (python -m simulator)
   bench      run a benchmark under bench/ (infergate bench simulator ...; fairness: tenants
              contending for one pod, with and without flow control; pd: aggregated against
-             prefill/decode disaggregated serving)
+             prefill/decode disaggregated serving; soak: steady load while pods, the
+             picker, the pool file and Redis fail)
 """
 
 

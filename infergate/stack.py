@@ -5,7 +5,8 @@ controllers apply a Model, run its pods as processes on their own loopback addre
 keep the pool file (for the picker) and an EDS file (for Envoy) current. Or fixed: the stack
 starts N simulator processes on 127.0.0.1 itself and describes them in a static pool — what
 the end-to-end tests and benchmarks use, since they control every pod. Every process it
-starts is stopped by stop(), in reverse order.
+starts is supervised (`stack.supervisor.tick()` restarts the ones that exited, see
+infergate/supervise.py) and stopped by stop(), in reverse order.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from controllers.certs import serving_cert
 from infergate.auth import AuthConfig
 from infergate.envoy_config import EnvoySettings, render
 from infergate.readiness import wait_http, wait_until
+from infergate.supervise import Supervisor
 
 ROOT = Path(__file__).resolve().parent.parent
 QUICKSTART = ROOT / "examples" / "quickstart"
@@ -128,7 +130,7 @@ class LocalStack:
             if self.from_manifests
             else cfg.pod_ports or [cfg.ports.first_pod + i for i in range(cfg.pods)]
         )
-        self.procs: dict[str, subprocess.Popen] = {}
+        self.supervisor = Supervisor()
         cfg.workdir.mkdir(parents=True, exist_ok=True)
         self.pool_path = cfg.workdir / "pool.yaml"
         self.eds_path = cfg.workdir / "eds" / "pool.json"
@@ -195,14 +197,27 @@ class LocalStack:
 
     # ---- processes -------------------------------------------------------------------
 
+    @property
+    def procs(self) -> dict[str, subprocess.Popen]:
+        return self.supervisor.procs
+
     def _spawn(self, name: str, cmd: list[str], cwd: Path | None = None) -> subprocess.Popen:
-        out = open(self.cfg.workdir / f"{name}.log", "wb")
-        proc = subprocess.Popen(
-            cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=cwd
-        )
-        out.close()
-        self.procs[name] = proc
-        return proc
+        """Start a component under supervision; a restart appends to the same log."""
+        log = self.cfg.workdir / f"{name}.log"
+        log.unlink(missing_ok=True)  # an earlier run's, in a reused workdir
+
+        def start(env: dict[str, str]) -> subprocess.Popen:
+            with open(log, "ab") as out:
+                return subprocess.Popen(
+                    cmd,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                    cwd=cwd,
+                    env=env,
+                )
+
+        return self.supervisor.run(name, start)
 
     def start_pods(self) -> None:
         for rank, port in enumerate(self.pod_ports):
@@ -419,28 +434,32 @@ class LocalStack:
         return self
 
     def _stop(self, name: str) -> None:
-        proc = self.procs.pop(name, None)
-        if proc is None or proc.poll() is not None:
-            return
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        proc = self.supervisor.release(name)
+        if proc is not None:
+            stop_group(proc)
+        self.supervisor.kill_leftovers(name)  # what an earlier, killed run of it left
 
     def stop(self) -> None:
         for name in reversed(list(self.procs)):
             self._stop(name)
-
-    def exited(self) -> list[tuple[str, int]]:
-        return [(n, p.returncode) for n, p in self.procs.items() if p.poll() is not None]
 
     def __enter__(self) -> LocalStack:
         return self.start()
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def stop_group(proc: subprocess.Popen, grace: float = 10) -> None:
+    """SIGTERM a process's group, SIGKILL it if it has not exited after `grace` seconds."""
+    if proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 def _has_pool(path: Path, name: str) -> bool:

@@ -1,4 +1,6 @@
-"""`infergate up [DIR]`: the whole local stack on one machine, until Ctrl-C.
+"""`infergate up [DIR]`: the whole local stack on one machine, until Ctrl-C or SIGTERM; a
+component that exits is restarted (at once, then after the kubelet's back-off: 10 s doubling
+to 5 min).
 
 DIR is an example directory (default examples/quickstart): a Model and the picker's
 EndpointPickerConfig, and optionally an Envoy Gateway SecurityPolicy with the Secret holding
@@ -138,20 +140,14 @@ infergate up: Envoy on {stack.url} -> endpoint picker (127.0.0.1:9002, metrics :
   curl {stack.url}/v1/chat/completions -H 'content-type: application/json' \\{credential}
     -d '{{"model":"{name}","messages":[{{"role":"user","content":"hi"}}]}}'
 
-  What the picker sees: curl 127.0.0.1:9090/debug/endpoints   Ctrl-C stops everything.
+  What the picker sees: curl 127.0.0.1:9090/debug/endpoints   Ctrl-C stops everything
+  (a component that exits is restarted).
 """,
         flush=True,
     )
     try:
-        while not stop:
-            dead = stack.exited()
-            if dead:
-                print(
-                    f"infergate up: {dead[0][0]} exited with status {dead[0][1]}; stopping "
-                    f"(logs in {workdir})",
-                    file=sys.stderr,
-                )
-                return 1
+        while not stop:  # a component that exits is restarted (infergate/supervise.py)
+            stack.supervisor.tick()
             time.sleep(0.2)
         return 0
     finally:

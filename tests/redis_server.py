@@ -12,26 +12,24 @@ under CI=true; if it is still missing the test is skipped with the reason — ex
 CI=true, where a missing server fails the test, so CI can never pass by skipping these.
 The server runs without persistence (`--save '' --appendonly no`) in the test's tmp dir and is
 stopped after the test; `stop()` and `start()` let a test take it down and bring it back on the
-same port.
+same port (the server itself is bench/redis_server.py's, which the soak benchmark uses too).
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from bench.redis_server import SEARCH_PATH, RedisServer
 from tests.conftest import free_port
 
 __all__ = ["RedisServer", "find_redis_server", "redis_server_fixture", "require_redis_server"]
 
-_SEARCH_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/usr/bin"])
 _install_attempt: str | None = None  # what the one apt-get attempt of this session said
 
 
@@ -59,12 +57,12 @@ def _apt_get_install() -> str:
 def find_redis_server() -> str | None:
     """The redis-server binary, installing it with apt-get once when allowed."""
     global _install_attempt
-    path = shutil.which("redis-server", path=_SEARCH_PATH)
+    path = shutil.which("redis-server", path=SEARCH_PATH)
     if path is not None:
         return path
     if _install_attempt is None and (os.geteuid() == 0 or in_ci()):
         _install_attempt = _apt_get_install()
-    return shutil.which("redis-server", path=_SEARCH_PATH)
+    return shutil.which("redis-server", path=SEARCH_PATH)
 
 
 def require_redis_server() -> str:
@@ -78,81 +76,6 @@ def require_redis_server() -> str:
     if in_ci():
         pytest.fail(f"{reason} — CI=true, so this must not be skipped", pytrace=False)
     pytest.skip(reason)
-
-
-def ping(port: int, timeout: float = 0.5) -> bool:
-    """True when a Redis on 127.0.0.1:port answers PING."""
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
-            s.sendall(b"PING\r\n")
-            return s.recv(64).startswith(b"+PONG")
-    except OSError:
-        return False
-
-
-class RedisServer:
-    """One redis-server process on 127.0.0.1:`port`, started and stopped by the test."""
-
-    def __init__(self, binary: str, port: int, workdir: Path) -> None:
-        self.binary = binary
-        self.port = port
-        self.workdir = workdir
-        self.log = workdir / "redis.log"
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def start(self, timeout: float = 15.0) -> None:
-        assert not self.running, "already running"
-        cmd = [
-            self.binary,
-            "--port",
-            str(self.port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(self.workdir),
-            "--daemonize",
-            "no",
-            "--logfile",
-            "",
-        ]
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(
-                cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-            )
-        deadline = time.monotonic() + timeout
-        while not ping(self.port):
-            if self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"redis-server exited with {self.proc.returncode}: "
-                    f"{self.log.read_text(errors='replace')[-2000:]}"
-                )
-            if time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"redis-server on port {self.port} gave no PONG in {timeout}s")
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @pytest.fixture(name="redis_server")
