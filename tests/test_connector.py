@@ -1207,6 +1207,14 @@ async def until_status(
         await asyncio.sleep(0.1)
 
 
+async def complete_via(
+    client: aiohttp.ClientSession, url: str, prefillers: str
+) -> tuple[int, dict]:
+    """POST a completion naming `prefillers`: the status and the JSON answer."""
+    async with client.post(url + "/v1/completions", json=COMPLETION, headers=pd(prefillers)) as r:
+        return r.status, await r.json()
+
+
 def refused_count(text: str) -> float:
     name = 'infergate_connector_errors_total{connector="nixl",reason="prefiller_not_allowed"}'
     return next((float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines() if ln.startswith(name)), 0)
@@ -1242,10 +1250,7 @@ async def test_only_prefill_pods_of_the_pool_are_called(engines, sidecar, client
     async with client.get(url + "/connector/metrics") as r:
         assert refused_count(await r.text()) == len(refused)
 
-    async with client.post(
-        url + "/v1/completions", json=COMPLETION, headers=pd(prefill.host_port)
-    ) as r:
-        assert r.status == 200
+    assert (await complete_via(client, url, prefill.host_port))[0] == 200
     assert len(prefill.seen) == 1 and len(decode.seen) == 1
 
 
@@ -1253,11 +1258,8 @@ async def test_without_a_pool_every_prefiller_is_refused(engines, sidecar, clien
     prefill = await engines("prefill", kv_reply=PREFILL_KV_REPLY)
     decode = await engines("decode")
     url = await sidecar(decode.url, allowlist=None)
-    async with client.post(
-        url + "/v1/completions", json=COMPLETION, headers=pd(prefill.host_port)
-    ) as r:
-        assert r.status == 403
-        assert "--pool-name" in (await r.json())["error"]["message"]
+    status, answer = await complete_via(client, url, prefill.host_port)
+    assert status == 403 and "--pool-name" in answer["error"]["message"]
     assert prefill.seen == [] and decode.seen == []
     async with client.post(url + "/v1/completions", json=COMPLETION) as r:
         assert r.status == 200  # without the header: the local engine, as always
@@ -1275,13 +1277,11 @@ async def test_the_allowlist_follows_the_pool_file(engines, sidecar, client, tmp
     )
     await until_status(client, "GET", url + "/health", 200)
     to = url + "/v1/completions"
-    async with client.post(to, json=COMPLETION, headers=pd(second.host_port)) as r:
-        assert r.status == 403
+    assert (await complete_via(client, url, second.host_port))[0] == 403
     # the first pod leaves the pool, a second comes
     pool.write_text(pool_yaml({second.host_port: "prefill"}))
     await until_status(client, "POST", to, 200, json=COMPLETION, headers=pd(second.host_port))
-    async with client.post(to, json=COMPLETION, headers=pd(first.host_port)) as r:
-        assert r.status == 403  # gone, and no grace
+    assert (await complete_via(client, url, first.host_port))[0] == 403  # gone, no grace
     assert first.seen == [] and len(second.seen) == 1
 
 
@@ -1303,8 +1303,7 @@ async def test_a_prefill_pod_that_just_left_the_pool_is_tried_within_the_grace(
     to = url + "/v1/completions"
     await until_status(client, "POST", to, 200, json=COMPLETION, headers=pd(other.host_port))
     decode.seen.clear()
-    async with client.post(to, json=COMPLETION, headers=pd(gone)) as r:
-        assert r.status == 200
+    assert (await complete_via(client, url, gone))[0] == 200
     assert len(decode.seen) == 1 and "kv_transfer_params" not in decode.seen[0].body
     async with client.get(url + "/connector/metrics") as r:
         assert 'prefill_fallbacks_total{connector="nixl",reason="connect_error"} 1.0' in (
@@ -1323,17 +1322,11 @@ async def test_not_ready_until_the_pool_is_loaded(engines, sidecar, client, tmp_
             f"has not loaded InferencePool default/{POOL} yet"
             in (await r.json())["error"]["message"]
         )
-    async with client.post(
-        url + "/v1/completions", json=COMPLETION, headers=pd(prefill.host_port)
-    ) as r:
-        assert r.status == 403
+    assert (await complete_via(client, url, prefill.host_port))[0] == 403
     assert prefill.seen == [] and decode.seen == []
     pool.write_text(pool_yaml({prefill.host_port: "prefill"}))
     await until_status(client, "GET", url + "/health", 200)
-    async with client.post(
-        url + "/v1/completions", json=COMPLETION, headers=pd(prefill.host_port)
-    ) as r:
-        assert r.status == 200
+    assert (await complete_via(client, url, prefill.host_port))[0] == 200
 
 
 async def test_the_pool_from_the_kubernetes_api(engines, sidecar, client, tmp_path, monkeypatch):
@@ -1343,19 +1336,7 @@ async def test_the_pool_from_the_kubernetes_api(engines, sidecar, client, tmp_pa
     later = await engines("later", kv_reply=PREFILL_KV_REPLY)
     decode = await engines("decode")
     async with KubeAPIEmulator() as kube:
-        kubeconfig = tmp_path / "kubeconfig"
-        kubeconfig.write_text(
-            yaml.safe_dump(
-                {
-                    "apiVersion": "v1",
-                    "kind": "Config",
-                    "clusters": [{"name": "emu", "cluster": {"server": kube.url}}],
-                    "users": [{"name": "me", "user": {"token": "test"}}],
-                    "contexts": [{"name": "emu", "context": {"cluster": "emu", "user": "me"}}],
-                    "current-context": "emu",
-                }
-            )
-        )
+        kubeconfig = kube.write_kubeconfig(tmp_path / "kubeconfig")
         monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
         monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
         docs = list(yaml.safe_load_all(pool_yaml({prefill.host_port: "prefill"})))
@@ -1366,10 +1347,8 @@ async def test_the_pool_from_the_kubernetes_api(engines, sidecar, client, tmp_pa
         url = await sidecar(decode.url, allowlist=None, pool_name=POOL)
         await until_status(client, "GET", url + "/health", 200)
         to = url + "/v1/completions"
-        async with client.post(to, json=COMPLETION, headers=pd(prefill.host_port)) as r:
-            assert r.status == 200
-        async with client.post(to, json=COMPLETION, headers=pd(later.host_port)) as r:
-            assert r.status == 403
+        assert (await complete_via(client, url, prefill.host_port))[0] == 200
+        assert (await complete_via(client, url, later.host_port))[0] == 403
         assert later.seen == []
         new_pod = list(yaml.safe_load_all(pool_yaml({later.host_port: "prefill"})))[1]
         new_pod["metadata"]["name"] = "tiny-prefill-later"
@@ -1398,18 +1377,13 @@ async def test_upstream_error_bodies_are_not_echoed(engines, sidecar, client):
     garbage = await engines("garbage", custom=_garbage_500)
     decode = await engines("decode")
     url = await sidecar(decode.url, local_prefill_fallback=False)
-    async with client.post(
-        url + "/v1/completions", json=COMPLETION, headers=pd(noisy.host_port)
-    ) as r:
-        assert r.status == 400
-        message = (await r.json())["error"]["message"]
-    assert "red" in message and len(message) < 400
+    status, answer = await complete_via(client, url, noisy.host_port)
+    message = answer["error"]["message"]
+    assert status == 400 and "red" in message and len(message) < 400
     assert message.isprintable()  # no escape sequences, no line breaks
-    async with client.post(
-        url + "/v1/completions", json=COMPLETION, headers=pd(garbage.host_port)
-    ) as r:
-        assert r.status == 502
-        message = (await r.json())["error"]["message"]
+    status, answer = await complete_via(client, url, garbage.host_port)
+    message = answer["error"]["message"]
+    assert status == 502
     assert "SECRET" not in message and "Traceback" not in message
     assert "a body without an error message" in message
 

@@ -120,7 +120,6 @@ class ConnectorProxy:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         if request.path == HEALTH_PATH and not self.allowlist.synced:
-            self.metrics.error("pool_not_synced")
             return error_response(503, self.allowlist.refusal(""))
         header = request.headers.get(PREFILLER_HEADER, "").strip()
         if not header or request.method != "POST" or request.path not in TWO_LEG_PATHS:
