@@ -4,7 +4,8 @@ fails open (or closed, as configured), the failure is counted with reason `malfo
 logged — never an exception out of the limiter (which the picker would turn into a 500).
 
 The server is a fake Redis speaking RESP3 (the client's default) on a real socket: HELLO gets
-its map, EVALSHA and EVAL the reply under test, every other command +OK.
+its map, EVALSHA and EVAL the reply under test, every other command +OK (the real script cannot
+be made to answer out of shape). A real redis-server checks bucket keys overwritten with junk.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from hypothesis import strategies as st
 
 from epp.ratelimit import RateLimitConfig, RateLimitMetrics, RedisRateLimiter
 from tests.fuzzing import examples, fuzz_settings
+from tests.redis_server import redis_server_fixture  # noqa: F401
 
 ERRORS = "infergate_epp_ratelimit_backend_errors_total"
 SCRIPT_COMMANDS = (b"EVALSHA", b"EVAL")
@@ -298,3 +300,30 @@ def test_any_reply_to_check_is_a_decision_and_each_wrong_one_is_counted(replies)
                 assert backend_errors(metrics) - errors_before == expected
 
     asyncio.run(run())
+
+
+# ---- a real redis-server whose bucket keys were overwritten ------------------------------------
+
+
+async def test_a_bucket_key_of_another_type_fails_open_counted(redis_server):
+    """Someone (or a key collision) stored a plain string where a bucket hash lives: Redis
+    refuses the script's HMGET (WRONGTYPE), which is a Redis error like any other."""
+    metrics = RateLimitMetrics()
+    config = RateLimitConfig.from_spec({"inputTokensPerUnit": 100, "unit": "minute"})
+    limiter = RedisRateLimiter.connect(
+        config, redis_server.address, retry_interval=0.0, timeout=5.0, metrics=metrics
+    )
+    try:
+        input_key, _ = limiter.keys("chat", None)
+        await limiter.client.set(input_key, "not a bucket")
+        decision = await limiter.check("chat", None, 10)
+        assert decision.allowed and decision.degraded
+        assert metrics.registry.get_sample_value(ERRORS, {"reason": "response"}) == 1
+        # garbage fields in a hash read as a full bucket: the limit holds again
+        await limiter.client.delete(input_key)
+        await limiter.client.hset(input_key, mapping={"t": "x", "s": "-inf", "u": "nan"})
+        decision = await limiter.check("chat", None, 10)
+        assert decision.allowed and not decision.degraded
+        assert await limiter.level("chat", None, "input") == 90
+    finally:
+        await limiter.aclose()
