@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -21,6 +22,8 @@ import pytest
 import requests
 import yaml
 from aiohttp import web
+from hypothesis import given
+from hypothesis import strategies as st
 from multidict import CIMultiDict
 
 from epp.connector.app import start as start_connector_app
@@ -31,6 +34,7 @@ from epp.datastore import ACTIVE_PORTS_ANNOTATION
 from epp.scheduling.plugins.pd_filters import ROLE_LABEL
 from infergate.cli import main as infergate_main
 from tests.conftest import TINY_MODEL, free_port, running
+from tests.fuzzing import examples, fuzz_settings
 from tests.kubeapi import KubeAPIEmulator
 
 PREFILL_KV_REQUEST = {
@@ -1406,3 +1410,122 @@ async def test_hostile_bodies_are_400_and_nothing_is_sent(engines, sidecar, clie
             assert r.status == 400, name
             assert (await r.json())["error"]["code"] == 400
     assert prefill.seen == [] and decode.seen == []
+
+
+# ---- property: whatever a client sends, an answer, never a 500 and never a stray leg -----------
+
+
+class SidecarInThread:
+    """A pool-backed sidecar, its allowed prefiller, a stranger and the local engine, served by
+    an event loop of their own, so a synchronous hypothesis test can talk to them."""
+
+    def __init__(self, pool_file) -> None:
+        self.pool_file = pool_file
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+
+    def _run(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=60)
+
+    async def _start(self) -> None:
+        self.prefill = await FakeEngine("prefill", kv_reply=PREFILL_KV_REPLY).start()
+        self.stranger = await FakeEngine("stranger", kv_reply=PREFILL_KV_REPLY).start()
+        self.decode = await FakeEngine("decode").start()
+        self.pool_file.write_text(pool_yaml({self.prefill.host_port: "prefill"}))
+        opts = ConnectorOptions(
+            port=free_port(),
+            engine_url=self.decode.url,
+            pool_name=POOL,
+            pool_file=str(self.pool_file),
+        )
+        self.runner, proxy = await start_connector_app(opts)
+        while not proxy.allowlist.synced:
+            await asyncio.sleep(0.01)
+        self.url = f"http://127.0.0.1:{opts.port}"
+
+    async def _stop(self) -> None:
+        await self.runner.cleanup()
+        for engine in (self.prefill, self.stranger, self.decode):
+            await engine.stop()
+
+    def __enter__(self) -> SidecarInThread:
+        self.thread.start()
+        self._run(self._start())
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._run(self._stop())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+
+
+json_leaves = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(10**30), max_value=10**30),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.text(max_size=20),  # lone surrogates included
+)
+json_docs = st.recursive(
+    json_leaves,
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+completion_bodies = st.fixed_dictionaries(
+    {"model": st.just("tiny"), "prompt": json_docs},
+    optional={"max_tokens": json_docs, "stream": json_docs, "messages": json_docs},
+).map(lambda d: json.dumps(d).encode())
+hostile_blobs = st.one_of(
+    st.integers(1000, 200_000).map(lambda n: b'{"prompt":' + b"[" * n + b"]" * n + b"}"),
+    st.integers(4301, 6000).map(lambda n: b'{"max_tokens":' + b"7" * n + b"}"),
+    st.binary(max_size=64),
+    json_docs.map(lambda d: json.dumps(d).encode()),
+)
+header_text = st.text(
+    st.characters(min_codepoint=0x21, max_codepoint=0x7E), min_size=1, max_size=40
+)
+
+
+@pytest.mark.fuzz
+def test_any_header_and_body_get_an_answer_and_only_the_pool_is_called(tmp_path):
+    with SidecarInThread(tmp_path / "pool.yaml") as side:
+        allowed, stranger = side.prefill.host_port, side.stranger.host_port
+        headers = st.one_of(
+            st.sampled_from([allowed, stranger, f"{allowed},{stranger}", f"{allowed},{allowed}"]),
+            header_text,
+        )
+        session = requests.Session()
+        answered: dict[int, int] = {}
+
+        @fuzz_settings(100)
+        @given(
+            sent=st.lists(
+                st.tuples(
+                    st.sampled_from(["/v1/completions", "/v1/chat/completions"]),
+                    headers,
+                    st.one_of(completion_bodies, hostile_blobs),
+                ),
+                min_size=1,
+                max_size=examples(8),
+            )
+        )
+        def run(sent):
+            for path, header, body in sent:
+                r = session.post(
+                    side.url + path,
+                    data=body,
+                    headers={"x-prefiller-host-port": header, "content-type": "application/json"},
+                    timeout=30,
+                )
+                assert r.status_code in (200, 400, 403), (r.status_code, r.text[:300])
+                if r.status_code != 200:
+                    error = r.json()["error"]
+                    assert set(error) == {"message", "type", "param", "code"}
+                    assert error["code"] == r.status_code
+                answered[r.status_code] = answered.get(r.status_code, 0) + 1
+
+        run()
+        assert side.stranger.seen == []  # never a leg anywhere but the pool's prefill pod
+        assert answered.get(403) and answered.get(400) and answered.get(200), answered

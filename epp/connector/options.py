@@ -56,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="infergate connector",
         description="Connector sidecar for a decode pod: passes requests to the local engine, "
-        "or runs prefill on the pod named in x-prefiller-host-port and decode locally.",
+        "or runs prefill on the pod named in x-prefiller-host-port (only a prefill pod of "
+        "--pool-name) and decode locally.",
     )
     p.add_argument("--host", default=d.host, help=f"listen address (default {d.host})")
     p.add_argument("--port", type=int, default=d.port, help=f"listen port (default {d.port})")
