@@ -183,7 +183,7 @@ class ConnectorProxy:
             )
         except LegError as err:
             self.metrics.error(err.reason)
-            log.warning("%s %s: %s", request.method, request.path, err.message)
+            log.warning("%s %s: %s", request.method, request.raw_path, err.message)
             return error_response(err.status, err.message)
         return await relay(request, upstream, self.metrics)
 
