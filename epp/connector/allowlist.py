@@ -91,11 +91,9 @@ class PoolAllowlist:
         provider: Callable[[Datastore], Provider],
         *,
         grace: float,
-        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.where = f"InferencePool {namespace}/{pool_name}"
         self.grace = grace
-        self.clock = clock
         self.datastore = Datastore()
         self.datastore.change_listeners.append(self._refresh)
         self.provider = provider(self.datastore)
@@ -108,11 +106,8 @@ class PoolAllowlist:
     def synced(self) -> bool:
         return self.datastore.synced
 
-    def addresses(self) -> frozenset[str]:
-        return self._current
-
     def _refresh(self) -> None:
-        now = self.clock()
+        now = time.monotonic()
         current = frozenset(
             ep.address
             for ep in self.datastore.endpoints()
@@ -131,7 +126,7 @@ class PoolAllowlist:
         if host_port in self._current:
             return True
         left = self._departed.get(host_port)
-        return left is not None and self.clock() - left <= self.grace
+        return left is not None and time.monotonic() - left <= self.grace
 
     def refusal(self, host_port: str) -> str:
         if not self.synced:
