@@ -74,9 +74,12 @@ class Standalone:
         from controllers.local_runtime import LocalRuntime
         from controllers.manifests import ManifestDirectory
         from controllers.memory_store import MemoryStore
+        from epp.connector.options import POOL_FILE_ENV
 
         store = self.store = MemoryStore()
-        runtime = LocalRuntime(store, self.state_dir)
+        # The pool file is standalone mode's API server: decode sidecars read their pool there.
+        pool_env = {POOL_FILE_ENV: str(self.pool_file.resolve())}
+        runtime = LocalRuntime(store, self.state_dir, env=pool_env)
         controllers, self._scaler = build_controllers(
             store, self.metrics, autoscale_interval=self.autoscale_interval
         )

@@ -12,8 +12,9 @@ containerStatuses; deleting the Pod stops all its processes.
 
 Each container's `command` + `args` run with `$(VAR)` expanded from its env, as the kubelet
 does; env entries may use fieldRef `metadata.name`, `metadata.namespace` and `status.podIP`,
-and POD_IP is always set. Two commands are this installation's, so they run without a
-container image or `.venv/bin` on PATH:
+and POD_IP is always set, with the runtime's own `env` (standalone mode: where the pool
+file is, as a kubelet tells every pod where the API server is). Two commands are this
+installation's, so they run without a container image or `.venv/bin` on PATH:
 - a container without a command runs the simulator with its args (`--host` the pod's
   address), as the infergate image's entrypoint does with arguments that start with a flag;
 - a command whose first word is `infergate` runs this installation's CLI
@@ -78,8 +79,11 @@ class LocalRuntime:
         first_ip: int = 2,
         max_backoff: float = 10.0,
         probe_interval: float = 0.2,
+        env: dict[str, str] | None = None,
     ) -> None:
         self.store = store
+        # Set in every container, as a kubelet sets KUBERNETES_SERVICE_HOST.
+        self.env = dict(env or {})
         self.state_dir = state_dir
         self.max_backoff = max_backoff
         self.probe_interval = probe_interval
@@ -156,7 +160,7 @@ class LocalRuntime:
         specs = run.pod.get("spec", {}).get("containers") or [{}]
         for i, spec in enumerate(specs):
             name = spec.get("name") or f"c{i}"
-            env = self._env(run.pod, spec, run.ip)
+            env = {**self.env, **self._env(run.pod, spec, run.ip)}
             c = _Container(
                 name=name,
                 spec=spec,

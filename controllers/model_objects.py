@@ -5,7 +5,9 @@ functions of the Model, so the reconciler only compares and writes.
 A prefill/decode Model with `backend.kvConnector` gets llm-d's decode pod: the connector
 sidecar (`infergate connector`) on the pod's serving port 8000, which the InferencePool
 targets and the picker's `x-prefiller-host-port` reaches, in front of the engine moved to
-port 8200. Prefill pods, workers and aggregated Models keep the engine alone on 8000.
+port 8200. Prefill pods, workers and aggregated Models keep the engine alone on 8000. The
+sidecar calls only the prefill pods of the Model's InferencePool (`--pool-name`), which it
+reads with the ServiceAccount CONNECTOR_SERVICE_ACCOUNT (gateway-manifests/connector-rbac.yaml).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ ENGINE_LABEL = "inference.networking.k8s.io/engine-type"
 ENGINE_PORT = 8000  # the pod's serving port: the engine's, or the connector's before it
 SIDECAR_ENGINE_PORT = 8200  # the engine's port behind the connector (llm-d's)
 CONNECTOR_IMAGE = "ghcr.io/infergate/infergate:latest"
+CONNECTOR_SERVICE_ACCOUNT = "infergate-connector"  # may read the pool and its pods, no more
 POD_IP_ENV = {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}
 NIXL_HOST = "VLLM_NIXL_SIDE_CHANNEL_HOST"
 PICKER_PORT = 9002
@@ -87,11 +90,11 @@ def _container(model: Obj, role: dict, port: int = ENGINE_PORT) -> dict:
     return container
 
 
-def connector_container(kv_connector: str) -> dict:
+def connector_container(model: Obj, kv_connector: str) -> dict:
     """The decode pod's P/D sidecar: serves the pod's port and passes to the engine on
-    SIDECAR_ENGINE_PORT, or runs the prefill leg on the pod the picker named first. Its
-    /health and /metrics are the engine's (passed through); its own metrics are at
-    /connector/metrics."""
+    SIDECAR_ENGINE_PORT, or runs the prefill leg on the pod the picker named first, if it is
+    a prefill pod of the Model's pool. Its /health and /metrics are the engine's (passed
+    through); its own metrics are at /connector/metrics."""
     return {
         "name": "connector",
         "image": CONNECTOR_IMAGE,
@@ -101,6 +104,8 @@ def connector_container(kv_connector: str) -> dict:
             f"--port={ENGINE_PORT}",
             f"--engine-url=http://$(POD_IP):{SIDECAR_ENGINE_PORT}",
             f"--kv-connector={kv_connector}",
+            f"--pool-name={model['metadata']['name']}",  # the InferencePool is the Model's name
+            f"--pool-namespace={model['metadata'].get('namespace', 'default')}",
         ],
         "env": [copy.deepcopy(POD_IP_ENV)],
         "ports": [{"name": "http", "containerPort": ENGINE_PORT}],
@@ -139,9 +144,10 @@ def _role(
         behind = _container(model, role, SIDECAR_ENGINE_PORT)
         containers = [
             _nixl(behind, nixl_role) if nixl_role else behind,
-            connector_container(kv_connector),
+            connector_container(model, kv_connector),
         ]
-        entry = {"metadata": {"labels": dict(labels)}, "spec": {"containers": containers}}
+        spec = {"serviceAccountName": CONNECTOR_SERVICE_ACCOUNT, "containers": containers}
+        entry = {"metadata": {"labels": dict(labels)}, "spec": spec}
     out = {
         "name": name,
         "replicas": int(role.get("replicas", 1)),

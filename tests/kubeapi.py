@@ -27,9 +27,11 @@ from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import kubernetes.client
+import yaml
 from aiohttp import web
 
 Key = tuple[str, str, str, str, str]  # group, version, plural, namespace, name
@@ -168,6 +170,21 @@ class KubeAPIEmulator:
         cfg = kubernetes.client.Configuration()
         cfg.host = self.url
         return cfg
+
+    def write_kubeconfig(self, path: Path) -> Path:
+        """A kubeconfig naming this emulator, for code that finds the API by $KUBECONFIG."""
+        cluster = {"name": "emu", "cluster": {"server": self.url}}
+        context = {"name": "emu", "context": {"cluster": "emu", "user": "me"}}
+        config = {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [cluster],
+            "users": [{"name": "me", "user": {"token": "test"}}],
+            "contexts": [context],
+            "current-context": "emu",
+        }
+        path.write_text(yaml.safe_dump(config))
+        return path
 
     async def start(self) -> KubeAPIEmulator:
         self._loop, self._changed = asyncio.get_running_loop(), asyncio.Event()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -19,15 +20,22 @@ import aiohttp
 import openai
 import pytest
 import requests
+import yaml
 from aiohttp import web
+from hypothesis import given
+from hypothesis import strategies as st
 from multidict import CIMultiDict
 
 from epp.connector.app import start as start_connector_app
 from epp.connector.http_kv import prefill_body as http_prefill_body
-from epp.connector.options import ConnectorOptions, parse_options
+from epp.connector.options import POOL_FILE_ENV, ConnectorOptions, parse_options
 from epp.connector.server import ConnectorProxy, parse_prefillers
+from epp.datastore import ACTIVE_PORTS_ANNOTATION
+from epp.scheduling.plugins.pd_filters import ROLE_LABEL
 from infergate.cli import main as infergate_main
 from tests.conftest import TINY_MODEL, free_port, running
+from tests.fuzzing import examples, fuzz_settings
+from tests.kubeapi import KubeAPIEmulator
 
 PREFILL_KV_REQUEST = {
     "do_remote_decode": True,
@@ -190,13 +198,34 @@ async def engines():
         await e.stop()
 
 
+class LoopbackPrefillers:
+    """The allowlist of the tests of the legs themselves: any 127.0.0.1 port (their fake
+    prefillers, and ports nobody listens on). The pool allowlist is tested on its own below,
+    with real pool files and the Kubernetes API emulator."""
+
+    synced = True
+
+    def allows(self, host_port: str) -> bool:
+        return host_port.startswith("127.0.0.1:")
+
+    def refusal(self, host_port: str) -> str:
+        return f"{host_port} is not on 127.0.0.1"
+
+    async def start(self) -> None:
+        pass
+
+    async def stop(self) -> None:
+        pass
+
+
 @pytest.fixture
 async def sidecar():
-    """Start the real sidecar server in this process: sidecar(engine_url, **opts) -> base URL."""
+    """Start the real sidecar server in this process: sidecar(engine_url, **opts) -> base URL.
+    allowlist=None: the one the options name (pool_name, pool_file)."""
     runners: list[web.AppRunner] = []
     proxies: list[ConnectorProxy] = []
 
-    async def start(engine_url: str, **kw) -> str:
+    async def start(engine_url: str, allowlist=LoopbackPrefillers(), **kw) -> str:
         opts = dict(
             connect_timeout=2.0,
             prefill_timeout=5.0,
@@ -205,12 +234,13 @@ async def sidecar():
         )
         opts.update(kw)
         o = ConnectorOptions(host="127.0.0.1", port=free_port(), engine_url=engine_url, **opts)
-        runner, proxy = await start_connector_app(o)
+        runner, proxy = await start_connector_app(o, allowlist)
         runners.append(runner)
         proxies.append(proxy)
         return f"http://127.0.0.1:{o.port}"
 
     start.proxies = proxies  # type: ignore[attr-defined]
+    start.runners = runners  # type: ignore[attr-defined]
     yield start
     for r in runners:
         await r.cleanup()
@@ -739,6 +769,49 @@ SIM_FLAGS = ("--model", str(TINY_MODEL), "--served-model-name", "tiny", "--seed"
 FAST = ("--sim-time-scale", "0.05")
 
 
+POOL = "tiny"
+
+
+def pool_yaml(pods: dict[str, str]) -> str:
+    """A pool file as the controllers export it: InferencePool default/tiny and one ready pod
+    per address ("ip:port" → its role label), each serving only its own port."""
+    ports = sorted({int(a.rsplit(":", 1)[1]) for a in pods}) or [8000]
+    docs: list[dict] = [
+        {
+            "apiVersion": "inference.networking.k8s.io/v1",
+            "kind": "InferencePool",
+            "metadata": {"name": POOL, "namespace": "default"},
+            "spec": {
+                "selector": {"matchLabels": {"app": POOL}},
+                "targetPorts": [{"number": p} for p in ports],
+                "endpointPickerRef": {"name": f"{POOL}-epp"},
+            },
+        }
+    ]
+    for i, (address, role) in enumerate(pods.items()):
+        ip, port = address.rsplit(":", 1)
+        docs.append(
+            {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {
+                    "name": f"{POOL}-{role}-{i}",
+                    "namespace": "default",
+                    "labels": {"app": POOL, ROLE_LABEL: role},
+                    "annotations": {ACTIVE_PORTS_ANNOTATION: port},
+                },
+                "status": {"podIP": ip, "conditions": [{"type": "Ready", "status": "True"}]},
+            }
+        )
+    return yaml.safe_dump_all(docs)
+
+
+def pool_flags(path, prefillers: list[str]) -> list[str]:
+    """Write a pool whose prefill pods are `prefillers`; the sidecar's flags to read it."""
+    path.write_text(pool_yaml(dict.fromkeys(prefillers, "prefill")))
+    return ["--pool-name", POOL, "--pool-file", str(path)]
+
+
 def connector_cmd(port: int, engine_url: str, *extra: str) -> list[str]:
     return [
         sys.executable,
@@ -785,7 +858,7 @@ def test_simulator_passthrough_and_streaming(sim_factory):
 
 
 @pytest.mark.slow
-def test_simulators_behind_http_connector(sim_factory):
+def test_simulators_behind_http_connector(sim_factory, tmp_path):
     """A real prefill simulator and a real decode simulator behind `infergate connector
     --kv-connector http`: both get their leg, the client gets the decode's answer."""
     prefill = sim_factory(*SIM_FLAGS, *FAST)
@@ -794,9 +867,10 @@ def test_simulators_behind_http_connector(sim_factory):
     side = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "infergate.cli", "connector", "--port", str(port)]
     cmd += ["--engine-url", decode, "--kv-connector", "http"]
+    hp = prefill.removeprefix("http://")
+    cmd += pool_flags(tmp_path / "pool.yaml", [hp])
     with running(cmd, ready_url=side + "/health"):
         body = {"model": "tiny", "prompt": "two legs", "max_tokens": 8, "seed": 3}
-        hp = prefill.removeprefix("http://")
         r = requests.post(
             side + "/v1/completions", json=body, headers={"x-prefiller-host-port": hp}, timeout=30
         )
@@ -840,14 +914,16 @@ def _metric_sum(url: str, name: str) -> float:
 
 
 @pytest.mark.slow
-def test_simulators_behind_nixl_connector(sim_factory):
+def test_simulators_behind_nixl_connector(sim_factory, tmp_path):
     """A real prefill simulator (--kv-role prefill) and a real decode simulator (--kv-role
     decode) behind the sidecar: the decode pulls the prefill's KV with the params we relay."""
     prefill = sim_factory(*SIM_FLAGS, *FAST, "--kv-role", "prefill")
     decode = sim_factory(*SIM_FLAGS, *FAST, "--kv-role", "decode")
     port = free_port()
     side = f"http://127.0.0.1:{port}"
-    with running(connector_cmd(port, decode, "--kv-connector", "nixl"), ready_url=side + "/health"):
+    pool = pool_flags(tmp_path / "pool.yaml", [prefill.removeprefix("http://")])
+    cmd = connector_cmd(port, decode, "--kv-connector", "nixl", *pool)
+    with running(cmd, ready_url=side + "/health"):
         hp = {"x-prefiller-host-port": prefill.removeprefix("http://")}
         prompt = "a prompt long enough to fill a few KV blocks " * 8
         body = {"model": "tiny", "prompt": prompt, "max_tokens": 6, "seed": 1}
@@ -1072,15 +1148,17 @@ async def test_fallback_to_a_dead_local_engine_says_both(sidecar, client):
 
 
 @pytest.mark.slow
-def test_simulator_decode_pod_prefills_itself_when_the_prefiller_is_gone(sim_factory):
-    """A real decode simulator behind the sidecar, its prefill pod gone: the request is served
-    aggregated (nothing pulled, the whole prompt computed locally)."""
+def test_simulator_decode_pod_prefills_itself_when_the_prefiller_is_gone(sim_factory, tmp_path):
+    """A real decode simulator behind the sidecar, its prefill pod (still in the pool) gone:
+    the request is served aggregated (nothing pulled, the whole prompt computed locally)."""
     decode = sim_factory(*SIM_FLAGS, *FAST, "--kv-role", "decode")
     port = free_port()
     side = f"http://127.0.0.1:{port}"
-    with running(connector_cmd(port, decode), ready_url=side + "/health"):
+    gone = dead_host_port()
+    pool = pool_flags(tmp_path / "pool.yaml", [gone])
+    with running(connector_cmd(port, decode, *pool), ready_url=side + "/health"):
         prompt = "the prefill pod of this request is gone " * 8
-        hp = {"x-prefiller-host-port": dead_host_port()}
+        hp = {"x-prefiller-host-port": gone}
         body = {"model": "tiny", "prompt": prompt, "max_tokens": 6, "seed": 1}
         r = requests.post(side + "/v1/completions", json=body, headers=hp, timeout=30)
         assert r.status_code == 200, r.text
@@ -1092,3 +1170,362 @@ def test_simulator_decode_pod_prefills_itself_when_the_prefiller_is_gone(sim_fac
         assert _metric_sum(decode, "vllm:nixl_xfer_time_seconds_count") == 0.0
         own = requests.get(side + "/connector/metrics", timeout=5).text
         assert 'infergate_connector_prefill_fallbacks_total{connector="nixl"' in own
+
+
+# ---- the prefill allowlist: only prefill pods of the sidecar's own pool -----------------------
+
+
+def test_pool_flags():
+    o = parse_options(["--pool-name", "tiny", "--pool-namespace", "team-a"])
+    assert (o.pool_name, o.pool_namespace, o.pool_file, o.prefiller_grace) == (
+        "tiny",
+        "team-a",
+        None,
+        10.0,
+    )
+    assert parse_options([]).pool_name is None  # no pool: no prefiller allowed
+    with pytest.raises(SystemExit):
+        parse_options(["--prefiller-grace", "-1"])
+    with pytest.raises(SystemExit):
+        parse_options(["--prefiller-grace", "inf"])
+
+
+def test_the_pool_file_defaults_to_what_the_local_kubelet_sets(monkeypatch):
+    monkeypatch.setenv(POOL_FILE_ENV, "/state/pool.yaml")
+    assert parse_options(["--pool-name", "tiny"]).pool_file == "/state/pool.yaml"
+    assert parse_options(["--pool-file", "/x.yaml"]).pool_file == "/x.yaml"
+
+
+async def until_status(
+    client: aiohttp.ClientSession, method: str, url: str, status: int, **kw
+) -> aiohttp.ClientResponse:
+    """Repeat a request until it answers `status` (a pool reload is asynchronous); a
+    generous deadline only bounds a broken run."""
+    deadline = time.monotonic() + 60
+    while True:
+        async with client.request(method, url, **kw) as r:
+            await r.read()
+            if r.status == status:
+                return r
+        assert time.monotonic() < deadline, f"{url} never answered {status}"
+        await asyncio.sleep(0.1)
+
+
+async def complete_via(
+    client: aiohttp.ClientSession, url: str, prefillers: str
+) -> tuple[int, dict]:
+    """POST a completion naming `prefillers`: the status and the JSON answer."""
+    async with client.post(url + "/v1/completions", json=COMPLETION, headers=pd(prefillers)) as r:
+        return r.status, await r.json()
+
+
+def refused_count(text: str) -> float:
+    name = 'infergate_connector_errors_total{connector="nixl",reason="prefiller_not_allowed"}'
+    return next((float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines() if ln.startswith(name)), 0)
+
+
+async def test_only_prefill_pods_of_the_pool_are_called(engines, sidecar, client, tmp_path):
+    prefill = await engines("prefill", kv_reply=PREFILL_KV_REPLY)
+    decode = await engines("decode")
+    outsider = await engines("outsider", kv_reply=PREFILL_KV_REPLY)  # not in the pool
+    other_decode = await engines("other-decode", kv_reply=PREFILL_KV_REPLY)  # a decode pod
+    pool = tmp_path / "pool.yaml"
+    pool.write_text(pool_yaml({prefill.host_port: "prefill", other_decode.host_port: "decode"}))
+    url = await sidecar(decode.url, allowlist=None, pool_name=POOL, pool_file=str(pool))
+    await until_status(client, "GET", url + "/health", 200)
+    decode.seen.clear()
+
+    refused = [
+        outsider.host_port,
+        f"{prefill.host_port},{outsider.host_port}",  # one stranger spoils the lot
+        f"{outsider.host_port},{prefill.host_port}",
+        other_decode.host_port,
+        "169.254.169.254:80",  # a metadata service, say
+        "[::1]:" + str(prefill.port),
+    ]
+    for header in refused:
+        async with client.post(url + "/v1/chat/completions", json=CHAT, headers=pd(header)) as r:
+            assert r.status == 403, header
+            err = (await r.json())["error"]
+        assert err["type"] == "Forbidden" and err["code"] == 403 and err["param"] is None
+        assert f"is not a prefill pod of InferencePool default/{POOL}" in err["message"]
+    assert outsider.seen == [] and other_decode.seen == []  # nothing was sent anywhere
+    assert prefill.seen == [] and decode.seen == []
+    async with client.get(url + "/connector/metrics") as r:
+        assert refused_count(await r.text()) == len(refused)
+
+    assert (await complete_via(client, url, prefill.host_port))[0] == 200
+    assert len(prefill.seen) == 1 and len(decode.seen) == 1
+
+
+async def test_without_a_pool_every_prefiller_is_refused(engines, sidecar, client):
+    prefill = await engines("prefill", kv_reply=PREFILL_KV_REPLY)
+    decode = await engines("decode")
+    url = await sidecar(decode.url, allowlist=None)
+    status, answer = await complete_via(client, url, prefill.host_port)
+    assert status == 403 and "--pool-name" in answer["error"]["message"]
+    assert prefill.seen == [] and decode.seen == []
+    async with client.post(url + "/v1/completions", json=COMPLETION) as r:
+        assert r.status == 200  # without the header: the local engine, as always
+    assert len(decode.seen) == 1
+
+
+async def test_the_allowlist_follows_the_pool_file(engines, sidecar, client, tmp_path):
+    first = await engines("first", kv_reply=PREFILL_KV_REPLY)
+    second = await engines("second", kv_reply=PREFILL_KV_REPLY)
+    decode = await engines("decode")
+    pool = tmp_path / "pool.yaml"
+    pool.write_text(pool_yaml({first.host_port: "prefill"}))
+    url = await sidecar(
+        decode.url, allowlist=None, pool_name=POOL, pool_file=str(pool), prefiller_grace=0
+    )
+    await until_status(client, "GET", url + "/health", 200)
+    to = url + "/v1/completions"
+    assert (await complete_via(client, url, second.host_port))[0] == 403
+    # the first pod leaves the pool, a second comes
+    pool.write_text(pool_yaml({second.host_port: "prefill"}))
+    await until_status(client, "POST", to, 200, json=COMPLETION, headers=pd(second.host_port))
+    assert (await complete_via(client, url, first.host_port))[0] == 403  # gone, no grace
+    assert first.seen == [] and len(second.seen) == 1
+
+
+async def test_a_prefill_pod_that_just_left_the_pool_is_tried_within_the_grace(
+    engines, sidecar, client, tmp_path
+):
+    """The picker may name a pod it has not yet seen go: the sidecar tries it (here it is
+    dead) and the local engine serves the request, rather than a 403."""
+    gone = dead_host_port()
+    other = await engines("other", kv_reply=PREFILL_KV_REPLY)
+    decode = await engines("decode")
+    pool = tmp_path / "pool.yaml"
+    pool.write_text(pool_yaml({gone: "prefill"}))
+    url = await sidecar(
+        decode.url, allowlist=None, pool_name=POOL, pool_file=str(pool), prefiller_grace=600
+    )
+    await until_status(client, "GET", url + "/health", 200)
+    pool.write_text(pool_yaml({other.host_port: "prefill"}))
+    to = url + "/v1/completions"
+    await until_status(client, "POST", to, 200, json=COMPLETION, headers=pd(other.host_port))
+    decode.seen.clear()
+    assert (await complete_via(client, url, gone))[0] == 200
+    assert len(decode.seen) == 1 and "kv_transfer_params" not in decode.seen[0].body
+    async with client.get(url + "/connector/metrics") as r:
+        assert 'prefill_fallbacks_total{connector="nixl",reason="connect_error"} 1.0' in (
+            await r.text()
+        )
+
+
+async def test_not_ready_until_the_pool_is_loaded(engines, sidecar, client, tmp_path):
+    prefill = await engines("prefill", kv_reply=PREFILL_KV_REPLY)
+    decode = await engines("decode")
+    pool = tmp_path / "pool.yaml"  # not written yet
+    url = await sidecar(decode.url, allowlist=None, pool_name=POOL, pool_file=str(pool))
+    async with client.get(url + "/health") as r:
+        assert r.status == 503
+        assert (
+            f"has not loaded InferencePool default/{POOL} yet"
+            in (await r.json())["error"]["message"]
+        )
+    assert (await complete_via(client, url, prefill.host_port))[0] == 403
+    assert prefill.seen == [] and decode.seen == []
+    pool.write_text(pool_yaml({prefill.host_port: "prefill"}))
+    await until_status(client, "GET", url + "/health", 200)
+    assert (await complete_via(client, url, prefill.host_port))[0] == 200
+
+
+async def test_the_pool_from_the_kubernetes_api(engines, sidecar, client, tmp_path, monkeypatch):
+    """In a cluster: the InferencePool and its pods by list+watch (the picker's provider), with
+    the sidecar's own kubeconfig."""
+    prefill = await engines("prefill", kv_reply=PREFILL_KV_REPLY)
+    later = await engines("later", kv_reply=PREFILL_KV_REPLY)
+    decode = await engines("decode")
+    async with KubeAPIEmulator() as kube:
+        kubeconfig = kube.write_kubeconfig(tmp_path / "kubeconfig")
+        monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+        monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+        docs = list(yaml.safe_load_all(pool_yaml({prefill.host_port: "prefill"})))
+        pool_obj, pod = docs
+        pool_obj["spec"]["targetPorts"] = [{"number": prefill.port}, {"number": later.port}]
+        kube.put(pool_obj)
+        kube.put(pod)
+        url = await sidecar(decode.url, allowlist=None, pool_name=POOL)
+        await until_status(client, "GET", url + "/health", 200)
+        to = url + "/v1/completions"
+        assert (await complete_via(client, url, prefill.host_port))[0] == 200
+        assert (await complete_via(client, url, later.host_port))[0] == 403
+        assert later.seen == []
+        new_pod = list(yaml.safe_load_all(pool_yaml({later.host_port: "prefill"})))[1]
+        new_pod["metadata"]["name"] = "tiny-prefill-later"
+        kube.put(new_pod)
+        await until_status(client, "POST", to, 200, json=COMPLETION, headers=pd(later.host_port))
+        assert len(later.seen) == 1
+        for runner in sidecar.runners:  # stop the watches before the API goes away
+            await runner.cleanup()
+        sidecar.runners.clear()
+
+
+# ---- what reaches the client of an upstream's answer, and hostile bodies -----------------------
+
+
+async def _garbage_500(request, body):
+    return web.Response(status=500, text="<html>Traceback: token=SECRET-1234 at /srv/app.py</html>")
+
+
+async def test_upstream_error_bodies_are_not_echoed(engines, sidecar, client):
+    long_message = "\x1b[31mred\nforged: log line\r\n" + "x" * 10_000
+
+    async def noisy_400(request, body):
+        return web.json_response({"error": {"message": long_message}}, status=400)
+
+    noisy = await engines("noisy", custom=noisy_400)
+    garbage = await engines("garbage", custom=_garbage_500)
+    decode = await engines("decode")
+    url = await sidecar(decode.url, local_prefill_fallback=False)
+    status, answer = await complete_via(client, url, noisy.host_port)
+    message = answer["error"]["message"]
+    assert status == 400 and "red" in message and len(message) < 400
+    assert message.isprintable()  # no escape sequences, no line breaks
+    status, answer = await complete_via(client, url, garbage.host_port)
+    message = answer["error"]["message"]
+    assert status == 502
+    assert "SECRET" not in message and "Traceback" not in message
+    assert "a body without an error message" in message
+
+
+async def test_hostile_bodies_are_400_and_nothing_is_sent(engines, sidecar, client):
+    prefill = await engines("prefill", kv_reply=PREFILL_KV_REPLY)
+    decode = await engines("decode")
+    url = await sidecar(decode.url)
+    bodies = {
+        "nested 100k deep": b'{"prompt":' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+        "lone surrogate": b'{"model":"tiny","prompt":"\\ud800"}',
+        "5000-digit integer": b'{"model":"tiny","prompt":"x","max_tokens":' + b"9" * 5000 + b"}",
+    }
+    for name, raw in bodies.items():
+        async with client.post(
+            url + "/v1/completions",
+            data=raw,
+            headers={**pd(prefill.host_port), "content-type": "application/json"},
+        ) as r:
+            assert r.status == 400, name
+            assert (await r.json())["error"]["code"] == 400
+    assert prefill.seen == [] and decode.seen == []
+
+
+# ---- property: whatever a client sends, an answer, never a 500 and never a stray leg -----------
+
+
+class SidecarInThread:
+    """A pool-backed sidecar, its allowed prefiller, a stranger and the local engine, served by
+    an event loop of their own, so a synchronous hypothesis test can talk to them."""
+
+    def __init__(self, pool_file) -> None:
+        self.pool_file = pool_file
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+
+    def _run(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=60)
+
+    async def _start(self) -> None:
+        self.prefill = await FakeEngine("prefill", kv_reply=PREFILL_KV_REPLY).start()
+        self.stranger = await FakeEngine("stranger", kv_reply=PREFILL_KV_REPLY).start()
+        self.decode = await FakeEngine("decode").start()
+        self.pool_file.write_text(pool_yaml({self.prefill.host_port: "prefill"}))
+        opts = ConnectorOptions(
+            port=free_port(),
+            engine_url=self.decode.url,
+            pool_name=POOL,
+            pool_file=str(self.pool_file),
+        )
+        self.runner, proxy = await start_connector_app(opts)
+        while not proxy.allowlist.synced:
+            await asyncio.sleep(0.01)
+        self.url = f"http://127.0.0.1:{opts.port}"
+
+    async def _stop(self) -> None:
+        await self.runner.cleanup()
+        for engine in (self.prefill, self.stranger, self.decode):
+            await engine.stop()
+
+    def __enter__(self) -> SidecarInThread:
+        self.thread.start()
+        self._run(self._start())
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._run(self._stop())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+
+
+json_leaves = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(10**30), max_value=10**30),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.text(max_size=20),  # lone surrogates included
+)
+json_docs = st.recursive(
+    json_leaves,
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+completion_bodies = st.fixed_dictionaries(
+    {"model": st.just("tiny"), "prompt": json_docs},
+    optional={"max_tokens": json_docs, "stream": json_docs, "messages": json_docs},
+).map(lambda d: json.dumps(d).encode())
+hostile_blobs = st.one_of(
+    st.integers(1000, 200_000).map(lambda n: b'{"prompt":' + b"[" * n + b"]" * n + b"}"),
+    st.integers(4301, 6000).map(lambda n: b'{"max_tokens":' + b"7" * n + b"}"),
+    st.binary(max_size=64),
+    json_docs.map(lambda d: json.dumps(d).encode()),
+)
+header_text = st.text(
+    st.characters(min_codepoint=0x21, max_codepoint=0x7E), min_size=1, max_size=40
+)
+
+
+@pytest.mark.fuzz
+def test_any_header_and_body_get_an_answer_and_only_the_pool_is_called(tmp_path):
+    with SidecarInThread(tmp_path / "pool.yaml") as side:
+        allowed, stranger = side.prefill.host_port, side.stranger.host_port
+        headers = st.one_of(
+            st.sampled_from([allowed, stranger, f"{allowed},{stranger}", f"{allowed},{allowed}"]),
+            header_text,
+        )
+        session = requests.Session()
+        answered: dict[int, int] = {}
+
+        @fuzz_settings(100)
+        @given(
+            sent=st.lists(
+                st.tuples(
+                    st.sampled_from(["/v1/completions", "/v1/chat/completions"]),
+                    headers,
+                    st.one_of(completion_bodies, hostile_blobs),
+                ),
+                min_size=1,
+                max_size=examples(8),
+            )
+        )
+        def run(sent):
+            for path, header, body in sent:
+                r = session.post(
+                    side.url + path,
+                    data=body,
+                    headers={"x-prefiller-host-port": header, "content-type": "application/json"},
+                    timeout=30,
+                )
+                assert r.status_code in (200, 400, 403), (r.status_code, r.text[:300])
+                if r.status_code != 200:
+                    error = r.json()["error"]
+                    assert set(error) == {"message", "type", "param", "code"}
+                    assert error["code"] == r.status_code
+                answered[r.status_code] = answered.get(r.status_code, 0) + 1
+
+        run()
+        assert side.stranger.seen == []  # never a leg anywhere but the pool's prefill pod
+        assert answered.get(403) and answered.get(400) and answered.get(200), answered

@@ -131,7 +131,13 @@ def test_a_kv_connector_puts_the_sidecar_before_the_decode_engine(kind):
         "--port=8000",
         "--engine-url=http://$(POD_IP):8200",
         f"--kv-connector={kind}",
+        # it calls only the prefill pods of the Model's pool, read with its own account
+        f"--pool-name={model['metadata']['name']}",
+        f"--pool-namespace={model['metadata'].get('namespace', 'default')}",
     ]
+    spec = roles["decode"]["entryTemplate"]["spec"]
+    assert spec["serviceAccountName"] == model_objects.CONNECTOR_SERVICE_ACCOUNT
+    assert "serviceAccountName" not in roles["prefill"]["entryTemplate"]["spec"]
     assert sidecar["env"] == [POD_IP_ENV]
     assert sidecar["ports"] == [{"name": "http", "containerPort": 8000}]
     assert sidecar["readinessProbe"] == {"httpGet": {"path": "/health", "port": "http"}}

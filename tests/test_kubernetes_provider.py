@@ -11,7 +11,6 @@ import time
 from collections.abc import Callable
 
 import pytest
-import yaml
 from kubernetes import client
 
 from epp.datastore import Datastore
@@ -235,19 +234,7 @@ async def test_unreachable_api_fails_start():
 
 
 async def test_kubeconfig_is_used_without_an_api_client(kube, tmp_path, monkeypatch):
-    kubeconfig = tmp_path / "config"
-    kubeconfig.write_text(
-        yaml.safe_dump(
-            {
-                "apiVersion": "v1",
-                "kind": "Config",
-                "clusters": [{"name": "emu", "cluster": {"server": kube.url}}],
-                "users": [{"name": "me", "user": {"token": "test"}}],
-                "contexts": [{"name": "emu", "context": {"cluster": "emu", "user": "me"}}],
-                "current-context": "emu",
-            }
-        )
-    )
+    kubeconfig = kube.write_kubeconfig(tmp_path / "config")
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
     kube.put(pool())

@@ -20,6 +20,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from controllers.model_objects import CONNECTOR_SERVICE_ACCOUNT
 from epp import protocol
 from epp.options import build_parser
 from epp.scheduling.config import ConfigError, load_config
@@ -46,6 +47,7 @@ BUILT_IN_KINDS = {
 }
 CUSTOM_KINDS = {"InferencePool", "InferenceObjective"}
 READ_ONLY_VERBS = {"get", "list", "watch"}
+PICKER = "vllm-pool-epp"  # the picker's ServiceAccount, Role and RoleBinding
 
 
 # ---- loading ------------------------------------------------------------------------------------
@@ -434,7 +436,7 @@ def test_deployment_probes_ports_and_hardening() -> None:
     assert security["runAsNonRoot"] is True
     assert security["readOnlyRootFilesystem"] is True
     assert security["allowPrivilegeEscalation"] is False
-    assert pod["serviceAccountName"] == _one("ServiceAccount")["metadata"]["name"]
+    assert pod["serviceAccountName"] == _one("ServiceAccount", PICKER)["metadata"]["name"]
 
 
 def test_picker_service_matches_pool_and_deployment() -> None:
@@ -477,11 +479,12 @@ def test_role_grants_only_read_verbs_on_what_the_picker_reads() -> None:
     }
 
 
-def test_role_binding_binds_the_pickers_service_account() -> None:
-    binding = _one("RoleBinding")
-    account = _one("ServiceAccount")
+@pytest.mark.parametrize("name", [PICKER, CONNECTOR_SERVICE_ACCOUNT])
+def test_role_binding_binds_its_service_account(name: str) -> None:
+    binding = _one("RoleBinding", name)
+    account = _one("ServiceAccount", name)
     assert binding["roleRef"]["kind"] == "Role"
-    assert binding["roleRef"]["name"] == _one("Role")["metadata"]["name"]
+    assert binding["roleRef"]["name"] == _one("Role", name)["metadata"]["name"]
     assert binding["subjects"] == [
         {
             "kind": "ServiceAccount",
@@ -489,6 +492,17 @@ def test_role_binding_binds_the_pickers_service_account() -> None:
             "namespace": account["metadata"]["namespace"],
         }
     ]
+
+
+def test_the_decode_sidecar_reads_only_its_pool_and_pods() -> None:
+    rules = _one("Role", CONNECTOR_SERVICE_ACCOUNT)["rules"]
+    granted = {(g, r, v) for rule in rules for g in rule["apiGroups"] for r in rule["resources"]
+               for v in rule["verbs"]}  # fmt: skip
+    assert granted == {
+        (group, resource, verb)
+        for group, resource in (("", "pods"), ("inference.networking.k8s.io", "inferencepools"))
+        for verb in READ_ONLY_VERBS
+    }
 
 
 # ---- Envoy Gateway wiring -----------------------------------------------------------------------

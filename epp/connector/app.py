@@ -9,15 +9,19 @@ import sys
 
 from aiohttp import web
 
+from epp.connector.allowlist import Allowlist
 from epp.connector.options import ConnectorOptions, parse_options
 from epp.connector.server import ConnectorProxy
 
 log = logging.getLogger("epp.connector")
 
 
-async def start(opts: ConnectorOptions) -> tuple[web.AppRunner, ConnectorProxy]:
-    """Serve on opts.host:opts.port; the caller cleans the runner up."""
-    proxy = ConnectorProxy(opts)
+async def start(
+    opts: ConnectorOptions, allowlist: Allowlist | None = None
+) -> tuple[web.AppRunner, ConnectorProxy]:
+    """Serve on opts.host:opts.port (prefilling only on `allowlist`, by default the one the
+    options name); the caller cleans the runner up."""
+    proxy = ConnectorProxy(opts, allowlist=allowlist)
     # handler_cancellation: a client that disconnects cancels its handler, which closes the
     # upstream connections of both legs, so the engines abort the request too.
     runner = web.AppRunner(proxy.make_app(), handler_cancellation=True, access_log=None)

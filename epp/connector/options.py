@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import dataclass
 
 CONNECTORS = ("nixl", "mooncake", "http", "lmcache", "sglang")
 # llm-d's sidecar calls the same protocol nixlv2; accept its spelling too.
 ALIASES = {"nixlv2": "nixl"}
+# The default of --pool-file. Standalone mode's kubelet sets it in every container, as a
+# kubelet sets KUBERNETES_SERVICE_HOST: there the pool file stands in for the API server.
+POOL_FILE_ENV = "INFERGATE_POOL_FILE"
 
 
 @dataclass(slots=True)
@@ -23,6 +27,10 @@ class ConnectorOptions:
     decode_timeout: float = 600.0
     sglang_bootstrap_port: int = 8998
     local_prefill_fallback: bool = True
+    pool_name: str | None = None
+    pool_namespace: str = "default"
+    pool_file: str | None = None
+    prefiller_grace: float = 10.0
     log_level: str = "info"
 
     def __post_init__(self) -> None:
@@ -37,6 +45,10 @@ class ConnectorOptions:
         for name in ("connect_timeout", "prefill_timeout", "decode_timeout"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name.replace('_', '-')} must be > 0")
+        if not 0 <= self.prefiller_grace < float("inf"):
+            raise ValueError("prefiller-grace must be a number of seconds >= 0")
+        if self.pool_name is not None and not self.pool_name:
+            raise ValueError("pool-name must not be empty")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="infergate connector",
         description="Connector sidecar for a decode pod: passes requests to the local engine, "
-        "or runs prefill on the pod named in x-prefiller-host-port and decode locally.",
+        "or runs prefill on the pod named in x-prefiller-host-port (only a prefill pod of "
+        "--pool-name) and decode locally.",
     )
     p.add_argument("--host", default=d.host, help=f"listen address (default {d.host})")
     p.add_argument("--port", type=int, default=d.port, help=f"listen port (default {d.port})")
@@ -107,6 +120,33 @@ def build_parser() -> argparse.ArgumentParser:
         "(nothing has been sent to the client yet); --no-local-prefill-fallback answers "
         "502/503 instead (default on; nixl, mooncake, http and lmcache: an SGLang decode "
         "server cannot serve a request without its prefill peer)",
+    )
+    p.add_argument(
+        "--pool-name",
+        default=d.pool_name,
+        help="the InferencePool whose prefill pods (role label prefill or both, ready) are the "
+        "only prefillers this sidecar calls; a request naming any other in "
+        "x-prefiller-host-port gets 403 and nothing is sent. Without it every such request "
+        "gets 403",
+    )
+    p.add_argument(
+        "--pool-namespace",
+        default=d.pool_namespace,
+        help=f"the pool's namespace (default {d.pool_namespace})",
+    )
+    p.add_argument(
+        "--pool-file",
+        default=os.environ.get(POOL_FILE_ENV) or d.pool_file,
+        help="read the pool and its pods from this file (the picker's file provider; default "
+        f"${POOL_FILE_ENV}, which the local stack sets) instead of the Kubernetes API",
+    )
+    p.add_argument(
+        "--prefiller-grace",
+        type=float,
+        default=d.prefiller_grace,
+        help="seconds a prefill pod that left the pool stays allowed, so a request the picker "
+        "sent it before noticing fails over as for an unreachable prefiller instead of being "
+        f"refused (default {d.prefiller_grace:g})",
     )
     p.add_argument("--log-level", default=d.log_level, help="debug, info, warning, error")
     return p

@@ -92,10 +92,10 @@ async def attempt_prefill(ex: Exchange, host: str, body: bytes) -> dict:
         raise PrefillAttemptFailed(host, f"status_{status}", text, retryable=False, status=status)
     try:
         doc = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):
         doc = None
     if not isinstance(doc, dict):
-        text = f"answered {status} with a body that is not a JSON object: {error_text(raw, 120)}"
+        text = f"answered {status} with a body that is not a JSON object ({len(raw)} bytes)"
         raise PrefillAttemptFailed(host, "invalid_response", text, retryable=False)
     return doc
 

@@ -10,6 +10,7 @@ from typing import Protocol
 import aiohttp
 from aiohttp import web
 
+from epp.connector.allowlist import Allowlist, allowlist_for
 from epp.connector.http_kv import HttpConnector
 from epp.connector.metrics import ConnectorMetrics
 from epp.connector.nixl import NixlConnector
@@ -20,6 +21,7 @@ from epp.connector.upstream import (
     REQUEST_ID_HEADER,
     Exchange,
     LegError,
+    dumps,
     error_response,
     open_upstream,
     relay,
@@ -31,6 +33,7 @@ log = logging.getLogger("epp.connector")
 TWO_LEG_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
 MAX_BODY_BYTES = 32 * 1024 * 1024
 METRICS_PATH = "/connector/metrics"  # /metrics is the engine's: the picker scrapes it through us
+HEALTH_PATH = "/health"  # the engine's readiness, and ours: not ready before the pool is known
 
 
 class Connector(Protocol):
@@ -68,9 +71,15 @@ def parse_prefillers(value: str) -> list[str]:
 
 
 class ConnectorProxy:
-    def __init__(self, opts: ConnectorOptions, metrics: ConnectorMetrics | None = None) -> None:
+    def __init__(
+        self,
+        opts: ConnectorOptions,
+        metrics: ConnectorMetrics | None = None,
+        allowlist: Allowlist | None = None,
+    ) -> None:
         self.opts = opts
         self.metrics = metrics or ConnectorMetrics(opts.kv_connector)
+        self.allowlist = allowlist if allowlist is not None else allowlist_for(opts)
         self.connector: Connector = CONNECTORS[opts.kv_connector]()
         self._session: aiohttp.ClientSession | None = None
 
@@ -88,6 +97,7 @@ class ConnectorProxy:
         return self._session
 
     async def _start(self, _app: web.Application) -> None:
+        await self.allowlist.start()
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0),
             auto_decompress=False,  # bytes pass through as the engine sent them
@@ -97,6 +107,7 @@ class ConnectorProxy:
         )
 
     async def _stop(self, _app: web.Application) -> None:
+        await self.allowlist.stop()
         if self._session is not None:
             await self._session.close()
 
@@ -108,6 +119,8 @@ class ConnectorProxy:
         )
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        if request.path == HEALTH_PATH and not self.allowlist.synced:
+            return error_response(503, self.allowlist.refusal(""))
         header = request.headers.get(PREFILLER_HEADER, "").strip()
         if not header or request.method != "POST" or request.path not in TWO_LEG_PATHS:
             return await self.passthrough(request)
@@ -170,7 +183,7 @@ class ConnectorProxy:
             )
         except LegError as err:
             self.metrics.error(err.reason)
-            log.warning("%s %s: %s", request.method, request.path, err.message)
+            log.warning("%s %s: %s", request.method, request.raw_path, err.message)
             return error_response(err.status, err.message)
         return await relay(request, upstream, self.metrics)
 
@@ -179,13 +192,25 @@ class ConnectorProxy:
             prefillers = parse_prefillers(header)
         except ValueError as exc:
             raise LegError(400, f"bad {PREFILLER_HEADER} header: {exc}", "bad_header") from None
+        # Before reading the body: a prefiller off the allowlist is sent nothing at all.
+        for host in prefillers:
+            if not self.allowlist.allows(host):
+                raise LegError(403, self.allowlist.refusal(host), "prefiller_not_allowed")
         raw = await request.read()
         try:
             body = json.loads(raw)
         except ValueError as exc:
             raise LegError(400, f"the request body is not valid JSON: {exc}", "bad_body") from None
+        except RecursionError:
+            raise LegError(400, "the request body is nested too deeply", "bad_body") from None
         if not isinstance(body, dict):
             raise LegError(400, "the request body must be a JSON object", "bad_body")
+        try:
+            dumps(body)  # what each leg sends: UTF-8, which a lone surrogate cannot be
+        except UnicodeEncodeError:
+            raise LegError(
+                400, "the request body has a string that is not valid Unicode", "bad_body"
+            ) from None
         return Exchange(
             request=request,
             body=body,

@@ -41,6 +41,7 @@ REQUEST_ONLY = frozenset({"host", "content-length", "expect"})
 
 ERROR_TYPES = {
     400: "BadRequest",
+    403: "Forbidden",
     500: "InternalServerError",
     502: "BadGateway",
     503: "ServiceUnavailable",
@@ -118,18 +119,34 @@ def describe(exc: BaseException) -> tuple[str, str]:
     return "client_error", f"{type(exc).__name__}: {exc}"
 
 
-def error_text(raw: bytes, limit: int = 300) -> str:
-    """The message of an OpenAI-style error body, else the start of the body."""
+MAX_ECHOED_CHARS = 160  # of an upstream's error message, in ours to the client
+
+
+def sanitized(text: str, limit: int = MAX_ECHOED_CHARS) -> str:
+    """At most `limit` printable characters: what an upstream or a client said, fit to quote
+    in an answer or a log line (no control characters, no forged line breaks)."""
+    cut = text[: limit + 1]
+    clean = "".join(c if c.isprintable() else "?" for c in cut[:limit])
+    return clean + "…" if len(cut) > limit else clean
+
+
+def error_text(raw: bytes) -> str:
+    """What an upstream's error body says, fit to show the client: the message of an
+    OpenAI-style error (`error.message`, or a top-level `message`), sanitized and cut short;
+    any other body is not echoed, only its size."""
     try:
         doc = json.loads(raw)
-        msg = doc.get("error", {}).get("message") if isinstance(doc, dict) else None
-        if isinstance(doc, dict) and msg is None and isinstance(doc.get("message"), str):
-            msg = doc["message"]
-        if isinstance(msg, str):
-            return msg[:limit]
-    except (ValueError, AttributeError):
-        pass
-    return raw[:limit].decode("utf-8", "replace")
+    except (ValueError, RecursionError):
+        doc = None
+    msg = None
+    if isinstance(doc, dict):
+        err = doc.get("error")
+        msg = err.get("message") if isinstance(err, dict) else None
+        if msg is None:
+            msg = doc.get("message")
+    if isinstance(msg, str):
+        return sanitized(msg)
+    return f"a body without an error message ({len(raw)} bytes)"
 
 
 @dataclass(slots=True)

@@ -79,12 +79,15 @@ class KubernetesProvider:
         *,
         api_client: client.ApiClient | None = None,
         resync_timeout: float = 300,
+        routing: bool = True,
     ) -> None:
         self.datastore = datastore
         self.pool_name = pool_name
         self.namespace = namespace
         self.api_client = api_client
         self.resync_timeout = resync_timeout  # a full re-list this often, even without errors
+        # False: the pool and its pods only (the decode sidecar needs no routes or objectives).
+        self.optional_kinds = tuple(OPTIONAL_KINDS) if routing else ()
         self.watch_timeout = WATCH_TIMEOUT
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = threading.Event()
@@ -126,7 +129,7 @@ class KubernetesProvider:
         except Exception as exc:
             raise KubernetesProviderError(f"{where}: {exc}") from exc
         watches = [("pool", pool_rv), ("pods", pods_rv)]
-        for kind in OPTIONAL_KINDS:
+        for kind in self.optional_kinds:
             rv = await asyncio.to_thread(self._list_routing, kind)
             if rv is not None:
                 watches.append((kind, rv))

@@ -13,7 +13,8 @@ Same semantics as `limiter.RateLimiter` (see there), with the buckets in Redis:
   to full, plus a margin; a missing key means a full bucket, so expiry loses nothing and idle
   routes and users leave nothing behind.
 
-When Redis cannot be asked (refused, timed out, error reply): fail open, like Envoy's rate limit
+When Redis cannot be asked (refused, timed out, error reply, or a reply of a shape the script
+never returns — a proxy or another server in Redis's place): fail open, like Envoy's rate limit
 filter with its default `failure_mode_deny: false` — the request goes through unlimited and
 `Decision.degraded` is set, the failure is counted (`backend_errors_total{reason}`,
 `failure_mode_allowed_total`), and it is logged at ERROR once, then at most every
@@ -31,9 +32,11 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import math
 import time
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 import msgspec
@@ -168,11 +171,70 @@ class RedisClients:
             await client.aclose()
 
 
+class MalformedReply(redis_errors.RedisError):
+    """The script answered something it never returns: whatever answers on Redis's address is
+    not running it as written. Handled as any Redis error (fail open or closed, counted)."""
+
+
+@dataclass(frozen=True, slots=True)
+class CheckReply:
+    """The script's answer to "check": allowed, or the limit hit and the seconds to wait."""
+
+    allowed: bool
+    limit: str | None = None
+    wait: float = 0.0
+
+
+T = TypeVar("T")
+
+
+def _short(reply: Any) -> str:
+    """The start of a bad reply, for the log line (it may be arbitrarily large)."""
+    return repr(reply)[:80]
+
+
+def _number(value: Any) -> float:
+    """A bulk string holding a number that is not NaN (inf is the script's "never")."""
+    if not isinstance(value, bytes):
+        raise MalformedReply(f"expected a number as a bulk string, got {_short(value)}")
+    try:
+        number = float(value.decode("ascii"))
+    except (UnicodeDecodeError, ValueError):
+        raise MalformedReply(f"expected a number, got {_short(value)}") from None
+    if math.isnan(number):
+        raise MalformedReply("expected a number, got NaN")
+    return number
+
+
+def check_reply(reply: Any) -> CheckReply:
+    """{1} or {0, "input"|"output", seconds >= 0 or "inf"}; anything else is MalformedReply."""
+    if not isinstance(reply, list) or not reply or type(reply[0]) is not int:
+        raise MalformedReply(f"check: expected {{1}} or {{0, limit, wait}}, got {_short(reply)}")
+    if reply == [1]:
+        return CheckReply(True)
+    if reply[0] != 0 or len(reply) != 3 or reply[1] not in (INPUT.encode(), OUTPUT.encode()):
+        raise MalformedReply(f"check: expected {{1}} or {{0, limit, wait}}, got {_short(reply)}")
+    wait = _number(reply[2])
+    if wait < 0:
+        raise MalformedReply(f"check: negative wait {wait}")
+    return CheckReply(False, reply[1].decode(), wait)
+
+
+def level_reply(reply: Any) -> float:
+    """charge and refund answer the bucket's level afterwards (a finite number)."""
+    level = _number(reply)
+    if math.isinf(level):
+        raise MalformedReply(f"expected a finite bucket level, got {level}")
+    return level
+
+
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _reason(error: BaseException) -> str:
+    if isinstance(error, MalformedReply):
+        return "malformed_reply"
     if isinstance(error, TimeoutError | redis_errors.TimeoutError):
         return "timeout"
     if isinstance(error, OSError | redis_errors.ConnectionError):
@@ -254,14 +316,19 @@ class RedisRateLimiter:
                 self.script_loads += 1
                 return await self.client.eval(BUCKET_SCRIPT, 2, *keys, *args)
 
-    async def _call(self, keys: tuple[str, str], op: str, tokens: int) -> Any | None:
-        """The script's reply, or None when Redis could not be asked (counted and logged)."""
+    async def _call(
+        self, keys: tuple[str, str], op: str, tokens: int, parse: Callable[[Any], T]
+    ) -> T | None:
+        """The script's reply through `parse`, or None when Redis could not be asked or
+        answered out of shape (counted and logged)."""
         now = time.monotonic()
         if now < self._skip_until:
             return None
         try:
-            reply = await self._script(keys, op, tokens)
-        except (redis_errors.RedisError, OSError, TimeoutError) as error:
+            reply = parse(await self._script(keys, op, tokens))
+        except Exception as error:
+            # Not only RedisError: the client itself raises others (AttributeError, …) on a
+            # handshake out of shape; whatever it raises, Redis could not be asked.
             self._failed(error, time.monotonic())
             return None
         if self._down_since is not None:
@@ -300,21 +367,22 @@ class RedisRateLimiter:
         shared input budget, or deny it and take nothing (see `limiter` for the policy)."""
         if input_tokens < 0:
             raise ValueError(f"input_tokens must be at least 0, not {input_tokens}")
-        reply = await self._call(self.keys(route, user), "check", input_tokens)
+        reply = await self._call(self.keys(route, user), "check", input_tokens, check_reply)
         if reply is None:
             return self._unavailable()
-        if int(reply[0]) == 1:
+        if reply.allowed:
             return ALLOWED
-        limit, wait = _text(reply[1]), float(_text(reply[2]))
-        self.metrics.denied_by[limit].inc()
-        return deny(self.config, limit, wait, input_tokens)
+        assert reply.limit is not None  # check_reply names the limit of every denial
+        self.metrics.denied_by[reply.limit].inc()
+        return deny(self.config, reply.limit, reply.wait, input_tokens)
 
     async def record_output(self, route: str, user: str | None, output_tokens: int) -> None:
         """Charge the response's output tokens to the shared output budget (may go negative).
         When Redis fails the tokens are counted as uncharged and dropped; this never raises."""
         if self.config.output_tokens_per_unit is None or output_tokens <= 0:
             return
-        if await self._call(self.keys(route, user), "charge", output_tokens) is None:
+        keys = self.keys(route, user)
+        if await self._call(keys, "charge", output_tokens, level_reply) is None:
             self.metrics.uncharged_output_tokens.inc(output_tokens)
 
     async def refund_input(self, route: str, user: str | None, input_tokens: int) -> None:
@@ -322,7 +390,7 @@ class RedisRateLimiter:
         Redis fails they stay spent (logged with the other failures). Never raises."""
         if self.config.input_tokens_per_unit is None or input_tokens <= 0:
             return
-        await self._call(self.keys(route, user), "refund", input_tokens)
+        await self._call(self.keys(route, user), "refund", input_tokens, level_reply)
 
     async def level(self, route: str, user: str | None, which: str) -> float | None:
         """A bucket's stored token count (None: no key, a full bucket), without refill: for
