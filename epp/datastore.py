@@ -91,6 +91,7 @@ class Endpoint:
     name: str
     pod: str
     address: str  # "ip:port", the key Envoy and KV events use
+    pod_uid: str = ""  # metadata.uid: a pod deleted and made again under its name is new
     rank: int = 0  # the port's index in targetPorts (data-parallel rank)
     labels: dict[str, str] = field(default_factory=dict)
     engine: str = "vllm"
@@ -207,6 +208,7 @@ class Datastore:
                 if not _pod_ready(pod) or any(labels.get(k) != v for k, v in pool.selector.items()):
                     continue
                 ip = pod["status"]["podIP"]
+                uid = str((pod.get("metadata") or {}).get("uid") or "")
                 active = self._active_ports(pod)
                 # The rank is the port's place in targetPorts, as the reference names it.
                 for rank, port in enumerate(pool.target_ports):
@@ -214,8 +216,12 @@ class Datastore:
                         continue
                     address = join_host_port(ip, port)
                     ep = self._endpoints.get(address)
-                    if ep is None or ep.pod != name:  # a recycled IP is a new endpoint
-                        ep = Endpoint(name=f"{name}-rank-{rank}", pod=name, address=address)
+                    # A recycled IP, or a pod made again under the same name, is a new
+                    # endpoint: nothing it holds or reports is the old one's.
+                    if ep is None or ep.pod != name or ep.pod_uid != uid:
+                        ep = Endpoint(
+                            name=f"{name}-rank-{rank}", pod=name, address=address, pod_uid=uid
+                        )
                     ep.name = f"{name}-rank-{rank}"
                     ep.rank = rank
                     ep.labels = dict(labels)
