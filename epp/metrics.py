@@ -225,6 +225,13 @@ class PickerMetrics:
             ("endpoint", "reason"),
             registry=r,
         )
+        self.pool_file_errors = Counter(
+            "infergate_epp_pool_file_errors_total",
+            "Pool file reloads refused (the previous pool stays), by reason: invalid, "
+            "unreadable, internal.",
+            ("reason",),
+            registry=r,
+        )
         self.bad_requests = Counter(
             "infergate_epp_protocol_errors_total",
             "ext_proc streams the picker could not make sense of.",

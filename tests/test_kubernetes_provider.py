@@ -193,7 +193,8 @@ async def test_malformed_objects_are_skipped(kube, two_pods, caplog):
     kube.put(pod("llama-2", "10.0.0.3"))
     await until(lambda: "10.0.0.3:8000" in addresses(two_pods))
     await until(lambda: "InferencePool llama is invalid" in caplog.text)
-    assert "skipping ADDED event for pod broken: bad status.conditions" in caplog.text
+    assert "skipping ADDED event for pod broken: Expected `object`, got `str` - at " in caplog.text
+    assert "$.status.conditions[0]" in caplog.text
     assert two_pods.pool.target_ports == [8000]  # the previous, valid pool stays
     assert "10.0.0.7:8000" not in addresses(two_pods)
 
@@ -222,7 +223,7 @@ async def test_malformed_pods_in_the_first_list_are_skipped(kube, started, caplo
     kube.put(pod("llama-0", "10.0.0.1"))
     ds, _ = await started()
     assert addresses(ds) == {"10.0.0.1:8000"}
-    assert "skipping pod broken: metadata.labels is not a map of strings" in caplog.text
+    assert "skipping pod broken: Expected `str`, got `int` - at `$.metadata.labels" in caplog.text
 
 
 async def test_unreachable_api_fails_start():

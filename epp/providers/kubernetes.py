@@ -21,7 +21,7 @@ from typing import Any
 
 from kubernetes import client, config, watch
 
-from epp.datastore import Datastore, PoolSpec
+from epp.datastore import Datastore, PoolSpec, pod_problem
 
 log = logging.getLogger("epp.providers.kubernetes")
 
@@ -45,25 +45,6 @@ def _name(obj: Any) -> str:
     meta = obj.get("metadata") if isinstance(obj, dict) else None
     name = meta.get("name") if isinstance(meta, dict) else None
     return name if isinstance(name, str) and name else "<unnamed>"
-
-
-def _pod_problem(pod: Any) -> str | None:
-    """Why the datastore could not use this pod, or None (it must not raise on the loop)."""
-    if not isinstance(pod, dict) or not isinstance(pod.get("metadata"), dict):
-        return "no metadata"
-    meta, status = pod["metadata"], pod.get("status") or {}
-    if _name(pod) == "<unnamed>":
-        return "no metadata.name"
-    for field in ("labels", "annotations"):
-        value = meta.get(field) or {}
-        if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
-            return f"metadata.{field} is not a map of strings"
-    if not isinstance(status, dict) or not isinstance(status.get("podIP") or "", str):
-        return "bad status.podIP"
-    conditions = status.get("conditions") or []
-    if not isinstance(conditions, list) or not all(isinstance(c, dict) for c in conditions):
-        return "bad status.conditions"
-    return None
 
 
 def _selector(pool: PoolSpec | None) -> str | None:
@@ -182,7 +163,7 @@ class KubernetesProvider:
         for obj in body.get("items") or []:
             if kind == "pool" and _name(obj) != self.pool_name:
                 continue
-            problem = _pod_problem(obj) if kind == "pods" else None
+            problem = pod_problem(obj) if kind == "pods" else None
             if problem:
                 log.warning("skipping pod %s: %s", _name(obj), problem)
             else:
@@ -288,7 +269,7 @@ class KubernetesProvider:
         return rv
 
     def _on_pod(self, kind: str | None, pod: Any) -> None:
-        problem = _pod_problem(pod)
+        problem = pod_problem(pod)
         if kind not in ("ADDED", "MODIFIED", "DELETED"):
             problem = f"unexpected event type {kind!r}"
         elif kind == "DELETED" and _name(pod) != "<unnamed>":
