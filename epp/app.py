@@ -140,6 +140,7 @@ async def serve(opts: PickerOptions, ready: asyncio.Event | None = None) -> None
         if forget is not None:  # what a departed pod held must not attract new requests
             datastore.removal_listeners.append(forget)
     metrics = PickerMetrics()
+    metrics.model_labels.known = datastore.serves_model
     datastore.removal_listeners.append(metrics.forget_endpoint)
     provider = _provider(opts, datastore, metrics)
     await provider.start()

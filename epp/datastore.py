@@ -311,5 +311,11 @@ class Datastore:
     def endpoint(self, address: str) -> Endpoint | None:
         return self._endpoints.get(address)
 
+    def serves_model(self, name: str) -> bool:
+        """A ModelRoute names it, or some endpoint's /v1/models lists it."""
+        if self.routes.route_for(name) is not None:
+            return True
+        return any(e.models is not None and name in e.models for e in self._endpoints.values())
+
     def ready_endpoints(self) -> list[Endpoint]:
         return [e for e in self._endpoints.values() if e.reachable]
