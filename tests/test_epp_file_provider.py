@@ -3,8 +3,6 @@ last good pool, is logged and counted, and the watch goes on so a later good edi
 
 from __future__ import annotations
 
-import asyncio
-import time
 from pathlib import Path
 
 import pytest
@@ -13,6 +11,7 @@ import yaml
 from epp.datastore import Datastore
 from epp.metrics import PickerMetrics
 from epp.providers.file import FileProvider, FileProviderError
+from tests.test_epp_scrape import wait_for
 
 POOL = {
     "apiVersion": "inference.networking.k8s.io/v1",
@@ -40,13 +39,6 @@ def errors(metrics: PickerMetrics, reason: str) -> float:
         "infergate_epp_pool_file_errors_total", {"reason": reason}
     )
     return value or 0.0
-
-
-async def wait_for(condition, within: float = 5.0) -> None:
-    t0 = time.monotonic()
-    while not condition():
-        assert time.monotonic() - t0 < within, "condition never met"
-        await asyncio.sleep(0.02)
 
 
 BAD_EDITS = [

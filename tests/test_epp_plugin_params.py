@@ -4,7 +4,6 @@ load_config and by the real `python -m epp`, with an error naming the plugin and
 from __future__ import annotations
 
 import subprocess
-import sys
 
 import pytest
 import yaml
@@ -12,6 +11,7 @@ import yaml
 from epp.scheduling.config import ConfigError, load_config
 from epp.scheduling.registry import PLUGIN_TYPES, create
 from tests.conftest import free_port
+from tests.test_epp_protocol import Picker
 
 
 def config(plugin_type: str, params: object, extra: str = "") -> str:
@@ -88,44 +88,10 @@ def test_every_plugin_but_pd_is_made_with_its_defaults():
 
 def test_the_picker_refuses_a_bad_parameter_at_start(tmp_path):
     """The real `python -m epp`: exits non-zero at once, saying which plugin and parameter."""
-    pool = tmp_path / "pool.yaml"
-    pool.write_text(
-        yaml.safe_dump(
-            {
-                "apiVersion": "inference.networking.k8s.io/v1",
-                "kind": "InferencePool",
-                "metadata": {"name": "pool", "namespace": "default"},
-                "spec": {
-                    "selector": {"matchLabels": {"app": "sim"}},
-                    "targetPorts": [{"number": 8000}],
-                },
-            }
-        )
-    )
-    cmd = [
-        sys.executable,
-        "-m",
-        "epp",
-        "--host",
-        "127.0.0.1",
-        "--grpc-port",
-        str(free_port()),
-        "--grpc-health-port",
-        str(free_port()),
-        "--metrics-port",
-        str(free_port()),
-        "--provider",
-        "file",
-        "--pool-file",
-        str(pool),
-        "--pool-name",
-        "pool",
-        "--secure-serving=false",
-        "--config-text",
-        config("prefix-cache-scorer", {"blockSizeTokens": -1e30}),
-    ]
+    picker = Picker(tmp_path, [free_port()])
+    (tmp_path / "config.yaml").write_text(config("prefix-cache-scorer", {"blockSizeTokens": -1e30}))
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        done = subprocess.run(picker.cmd, capture_output=True, text=True, timeout=60)
     except subprocess.TimeoutExpired:
         pytest.fail("the picker started with blockSizeTokens: -1e30")
     assert done.returncode != 0

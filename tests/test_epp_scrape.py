@@ -59,7 +59,7 @@ def one_pod_store(port: int) -> Datastore:
     return ds
 
 
-async def wait_for(condition, within: float = 3.0) -> float:
+async def wait_for(condition, within: float = 10.0) -> float:
     t0 = time.monotonic()
     while not condition():
         assert time.monotonic() - t0 < within, "condition never met"

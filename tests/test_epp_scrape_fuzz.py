@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import time
 
 import pytest
 from aiohttp import web
@@ -20,19 +19,12 @@ from epp.metrics import PickerMetrics
 from epp.scrape import MetricsScraper
 from tests.conftest import free_port
 from tests.fuzzing import fuzz_settings
+from tests.test_epp_scrape import wait_for
+from tests.test_epp_unit_engine_metrics import WANTED
 
 pytestmark = pytest.mark.fuzz
 
-NAMES = [
-    "vllm:num_requests_waiting",
-    "vllm:num_requests_running",
-    "vllm:kv_cache_usage_perc",
-    "vllm:gpu_cache_usage_perc",
-    "vllm:cache_config_info",
-    "vllm:lora_requests_info",
-    "vllm:num_requests_waiting_by_reason",
-    "sglang:num_queue_reqs",
-]
+NAMES = [*WANTED, "vllm:num_requests_waiting_by_reason", "sglang:num_queue_reqs"]
 VALUES = [
     "0",
     "1",
@@ -152,13 +144,6 @@ class FuzzPod:
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/v1/models", self._models)
         return app
-
-
-async def wait_for(condition, within: float = 10.0) -> None:
-    t0 = time.monotonic()
-    while not condition():
-        assert time.monotonic() - t0 < within, "condition never met"
-        await asyncio.sleep(0.005)
 
 
 async def scrape_all(answers, models) -> None:
