@@ -49,7 +49,7 @@ def _provider(opts: PickerOptions, datastore: Datastore, metrics: PickerMetrics)
         )
     from epp.providers.kubernetes import KubernetesProvider
 
-    return KubernetesProvider(datastore, opts.pool_name, opts.pool_namespace)
+    return KubernetesProvider(datastore, opts.pool_name, opts.pool_namespace, metrics=metrics)
 
 
 def _kv_cache_view(opts: PickerOptions, scheduling, datastore: Datastore, metrics: PickerMetrics):

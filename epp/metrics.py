@@ -332,6 +332,13 @@ class PickerMetrics:
             ("reason",),
             registry=r,
         )
+        self.kubernetes_skipped = Counter(
+            "infergate_epp_kubernetes_objects_skipped_total",
+            "Objects from the Kubernetes API the picker left out as malformed (the previous "
+            "state stays), by kind.",
+            ("kind",),
+            registry=r,
+        )
         self.bad_requests = Counter(
             "infergate_epp_protocol_errors_total",
             "ext_proc streams the picker could not make sense of.",

@@ -22,6 +22,7 @@ from typing import Any
 from kubernetes import client, config, watch
 
 from epp.datastore import Datastore, PoolSpec, pod_problem
+from epp.metrics import PickerMetrics
 
 log = logging.getLogger("epp.providers.kubernetes")
 
@@ -60,8 +61,10 @@ class KubernetesProvider:
         *,
         api_client: client.ApiClient | None = None,
         resync_timeout: float = 300,
+        metrics: PickerMetrics | None = None,
     ) -> None:
         self.datastore = datastore
+        self.metrics = metrics
         self.pool_name = pool_name
         self.namespace = namespace
         self.api_client = api_client
@@ -166,6 +169,7 @@ class KubernetesProvider:
             problem = pod_problem(obj) if kind == "pods" else None
             if problem:
                 log.warning("skipping pod %s: %s", _name(obj), problem)
+                self._skipped("Pod")
             else:
                 items.append(obj)
         return items, body["metadata"]["resourceVersion"]
@@ -276,6 +280,7 @@ class KubernetesProvider:
             problem = None  # a deleted pod only needs its name
         if problem:
             log.warning("skipping %s event for pod %s: %s", kind, _name(pod), problem)
+            self._skipped("Pod")
         elif kind == "DELETED":
             self._post(self.datastore.delete_pod, _name(pod))
         else:
@@ -292,6 +297,7 @@ class KubernetesProvider:
             pool = PoolSpec.from_object(obj)
         except Exception as exc:
             log.error("keeping the previous pool: InferencePool %s is invalid: %s", _name(obj), exc)
+            self._skipped("InferencePool")
             return
         self._post(self.datastore.set_pool, pool)
         if _selector(pool) != self._selector:
@@ -310,12 +316,18 @@ class KubernetesProvider:
     def _on_routing(self, kind: str, event: str | None, obj: Any) -> None:
         if not isinstance(obj, dict) or _name(obj) == "<unnamed>":
             log.warning("skipping %s event for a malformed %s object", event, kind)
+            self._skipped(OPTIONAL_KINDS[kind][2])
             return
         if event == "DELETED":
             self._routing[kind].pop(_name(obj), None)
         else:
             self._routing[kind][_name(obj)] = obj
         self._publish_routing()
+
+    def _skipped(self, kind: str) -> None:
+        """Count an object left out (prometheus_client counters are thread-safe)."""
+        if self.metrics is not None:
+            self.metrics.kubernetes_skipped.labels(kind).inc()
 
     def _post(self, fn: Callable[..., None], *args: Any) -> None:
         """Run fn on the event loop, unless we are stopping (the loop may be gone)."""
