@@ -59,9 +59,9 @@ class KubernetesProvider:
         pool_name: str,
         namespace: str,
         *,
+        metrics: PickerMetrics | None = None,
         api_client: client.ApiClient | None = None,
         resync_timeout: float = 300,
-        metrics: PickerMetrics | None = None,
     ) -> None:
         self.datastore = datastore
         self.metrics = metrics
