@@ -43,12 +43,14 @@ HEALTH_SERVICES = (
 POOL_GAUGE_INTERVAL = 5.0
 
 
-def _provider(opts: PickerOptions, datastore: Datastore):
+def _provider(opts: PickerOptions, datastore: Datastore, metrics: PickerMetrics):
     if opts.provider == "file":
-        return FileProvider(datastore, opts.pool_files, opts.pool_name, opts.pool_namespace)
+        return FileProvider(
+            datastore, opts.pool_files, opts.pool_name, opts.pool_namespace, metrics=metrics
+        )
     from epp.providers.kubernetes import KubernetesProvider
 
-    return KubernetesProvider(datastore, opts.pool_name, opts.pool_namespace)
+    return KubernetesProvider(datastore, opts.pool_name, opts.pool_namespace, metrics=metrics)
 
 
 def _kv_cache_view(opts: PickerOptions, scheduling, datastore: Datastore, metrics: PickerMetrics):
@@ -150,8 +152,9 @@ async def serve(opts: PickerOptions, ready: asyncio.Event | None = None) -> None
         if forget is not None:  # what a departed pod held must not attract new requests
             datastore.removal_listeners.append(forget)
     metrics = PickerMetrics()
+    metrics.model_labels.known = datastore.serves_model
     datastore.removal_listeners.append(metrics.forget_endpoint)
-    provider = _provider(opts, datastore)
+    provider = _provider(opts, datastore, metrics)
     await provider.start()
     view = _kv_cache_view(opts, scheduling, datastore, metrics)
     gate = Gatekeeper(

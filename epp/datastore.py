@@ -6,13 +6,17 @@ reads. Everything runs on one event loop, so plain attributes are enough.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
+
 from epp.routing.table import RouteTable
+from infergate.api.meta import ObjectMeta
 
 log = logging.getLogger("epp.datastore")
 
@@ -35,7 +39,10 @@ class PoolSpec:
     @classmethod
     def from_object(cls, obj: dict[str, Any]) -> PoolSpec:
         meta, spec = obj.get("metadata") or {}, obj.get("spec") or {}
-        selector = (spec.get("selector") or {}).get("matchLabels")
+        if not isinstance(meta, dict) or not isinstance(spec, dict):
+            raise ValueError("InferencePool: metadata and spec must be maps")
+        holder = spec.get("selector") or {}
+        selector = holder.get("matchLabels") if isinstance(holder, dict) else None
         if not isinstance(selector, dict) or not selector:
             raise ValueError(
                 f"InferencePool {meta.get('name')}: spec.selector.matchLabels "
@@ -52,6 +59,8 @@ class PoolSpec:
                 f"InferencePool {meta.get('name')}: targetPorts must be 1-8 unique ports"
             )
         ref = spec.get("endpointPickerRef") or {}
+        if not isinstance(ref, dict):
+            raise ValueError(f"InferencePool {meta.get('name')}: endpointPickerRef must be a map")
         mode = ref.get("failureMode", "FailClose")
         if mode not in ("FailOpen", "FailClose"):
             raise ValueError(
@@ -91,6 +100,7 @@ class Endpoint:
     name: str
     pod: str
     address: str  # "ip:port", the key Envoy and KV events use
+    pod_uid: str = ""  # metadata.uid: a pod deleted and made again under its name is new
     rank: int = 0  # the port's index in targetPorts (data-parallel rank)
     labels: dict[str, str] = field(default_factory=dict)
     engine: str = "vllm"
@@ -124,6 +134,46 @@ def join_host_port(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+class PodCondition(msgspec.Struct):
+    """core/v1 PodCondition, the fields readiness needs."""
+
+    type: str
+    status: str
+
+
+class PodStatus(msgspec.Struct, rename="camel"):
+    pod_ip: str | None = msgspec.field(default=None, name="podIP")
+    conditions: list[PodCondition] | None = None
+
+
+class PodShape(msgspec.Struct):
+    """The parts of a Pod the datastore reads, typed: a pod from a file or a watch is checked
+    against it before it is stored, so a wrong type is refused where it enters."""
+
+    metadata: ObjectMeta
+    status: PodStatus | None = None
+
+
+def pod_problem(pod: Any) -> str | None:
+    """Why the datastore cannot use this Pod object (a wrong type, a podIP that is no IP
+    address), or None."""
+    try:
+        shape = msgspec.convert(pod, PodShape)
+    except msgspec.ValidationError as exc:
+        return str(exc)
+    except RecursionError:
+        return "nested too deeply"
+    if not shape.metadata.name:
+        return "no metadata.name"
+    ip = shape.status.pod_ip if shape.status else None
+    if ip:
+        try:
+            ipaddress.ip_address(ip)
+        except ValueError:
+            return f"status.podIP {ip!r} is not an IP address"
+    return None
+
+
 def _pod_ready(pod: dict[str, Any]) -> bool:
     meta, status = pod.get("metadata") or {}, pod.get("status") or {}
     if meta.get("deletionTimestamp"):
@@ -134,6 +184,13 @@ def _pod_ready(pod: dict[str, Any]) -> bool:
         c.get("type") == "Ready" and c.get("status") == "True"
         for c in status.get("conditions") or []
     )
+
+
+def _refused(pod: Any) -> bool:
+    problem = pod_problem(pod)
+    if problem is not None:
+        log.error("ignoring a pod the picker cannot use: %s", problem)
+    return problem is not None
 
 
 class Datastore:
@@ -186,7 +243,10 @@ class Datastore:
         return self.objectives.get(objective, 0) if objective else 0
 
     def upsert_pod(self, pod: dict[str, Any]) -> None:
-        self._pods[(pod.get("metadata") or {}).get("name", "")] = pod
+        """Store a pod; one the datastore cannot use (pod_problem) is logged and left out."""
+        if _refused(pod):
+            return
+        self._pods[pod["metadata"]["name"]] = pod
         self._rebuild()
 
     def delete_pod(self, name: str) -> None:
@@ -194,7 +254,7 @@ class Datastore:
         self._rebuild()
 
     def replace_pods(self, pods: list[dict[str, Any]]) -> None:
-        self._pods = {(p.get("metadata") or {}).get("name", ""): p for p in pods}
+        self._pods = {p["metadata"]["name"]: p for p in pods if not _refused(p)}
         self._rebuild()
 
     def _rebuild(self) -> None:
@@ -207,6 +267,7 @@ class Datastore:
                 if not _pod_ready(pod) or any(labels.get(k) != v for k, v in pool.selector.items()):
                     continue
                 ip = pod["status"]["podIP"]
+                uid = str((pod.get("metadata") or {}).get("uid") or "")
                 active = self._active_ports(pod)
                 # The rank is the port's place in targetPorts, as the reference names it.
                 for rank, port in enumerate(pool.target_ports):
@@ -214,8 +275,12 @@ class Datastore:
                         continue
                     address = join_host_port(ip, port)
                     ep = self._endpoints.get(address)
-                    if ep is None or ep.pod != name:  # a recycled IP is a new endpoint
-                        ep = Endpoint(name=f"{name}-rank-{rank}", pod=name, address=address)
+                    # A recycled IP, or a pod made again under the same name, is a new
+                    # endpoint: nothing it holds or reports is the old one's.
+                    if ep is None or ep.pod != name or ep.pod_uid != uid:
+                        ep = Endpoint(
+                            name=f"{name}-rank-{rank}", pod=name, address=address, pod_uid=uid
+                        )
                     ep.name = f"{name}-rank-{rank}"
                     ep.rank = rank
                     ep.labels = dict(labels)
@@ -235,7 +300,8 @@ class Datastore:
         active = ((pod.get("metadata") or {}).get("annotations") or {}).get(ACTIVE_PORTS_ANNOTATION)
         if not active:
             return None
-        return {int(p) for p in active.split(",") if p.strip().isdigit()}
+        # isdigit alone admits "²", which int() refuses.
+        return {int(p) for p in active.split(",") if p.strip().isascii() and p.strip().isdigit()}
 
     # ---- reads (scheduling, scraping, debug) ----------------------------------------------
 
@@ -244,6 +310,12 @@ class Datastore:
 
     def endpoint(self, address: str) -> Endpoint | None:
         return self._endpoints.get(address)
+
+    def serves_model(self, name: str) -> bool:
+        """A ModelRoute names it, or some endpoint's /v1/models lists it."""
+        if self.routes.route_for(name) is not None:
+            return True
+        return any(e.models is not None and name in e.models for e in self._endpoints.values())
 
     def ready_endpoints(self) -> list[Endpoint]:
         return [e for e in self._endpoints.values() if e.reachable]

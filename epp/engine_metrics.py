@@ -2,10 +2,16 @@
 
 Each engine names them differently; ENGINES maps our neutral fields to its names. Only
 lines whose name we want are split further, so a 600-line vLLM scrape costs little.
+
+A page with an impossible value (NaN, ±inf, a negative count, KV usage outside 0..1) is
+refused whole with InvalidMetricValue: one poisoned number makes the page untrustworthy,
+and the endpoint keeps its last good metrics until they go stale (then scorers treat it as
+saturated), so a pod that reports garbage loses traffic instead of attracting it.
 """
 
 from __future__ import annotations
 
+import math
 import re
 import time
 
@@ -20,6 +26,17 @@ _LABEL = re.compile(r'([A-Za-z_][A-Za-z0-9_]*)="((?:[^"\\]|\\.)*)"')
 
 class MetricsParseError(ValueError):
     pass
+
+
+class InvalidMetricValue(MetricsParseError):
+    """The page parses, but a value the picker uses cannot be true."""
+
+
+def _check(name: str, value: float, upper: float = math.inf) -> float:
+    """value when it is a finite number in 0..upper, else InvalidMetricValue."""
+    if not (math.isfinite(value) and 0.0 <= value <= upper):
+        raise InvalidMetricValue(f"{name} = {value!r} is not a number in 0..{upper}")
+    return value
 
 
 def _split(line: str) -> tuple[str, str, float]:
@@ -70,13 +87,13 @@ def parse(text: str, engine: str, now: float | None = None) -> EndpointMetrics:
         name, labels, value = _split(line)
         found.add(name)
         if name == names.waiting:
-            m.waiting += value  # summed over engines (data-parallel ranks)
+            m.waiting += _check(name, value)  # summed over engines (data-parallel ranks)
         elif name == names.running:
-            m.running += value
+            m.running += _check(name, value)
         elif name == names.kv_usage:
-            kv.append(value)
+            kv.append(_check(name, value, 1.0))
         elif name == legacy_kv:
-            kv_legacy.append(value)
+            kv_legacy.append(_check(name, value, 1.0))
         elif name == names.cache_info:
             lab = dict(_LABEL.findall(labels))
             m.block_size = _int(lab.get(names.block_size_label))
@@ -91,14 +108,19 @@ def parse(text: str, engine: str, now: float | None = None) -> EndpointMetrics:
     missing = {names.waiting, names.running} - found
     if missing:
         raise MetricsParseError(f"{engine} metrics lack {sorted(missing)}")
+    # Finite samples can still sum past the largest float.
+    _check(names.waiting, m.waiting)
+    _check(names.running, m.running)
     return m
 
 
 def _int(value: str | None) -> int | None:
+    """A count from a label; absent, unparsable or negative: unknown."""
     try:
-        return int(value) if value not in (None, "", "None") else None
+        number = int(value) if value not in (None, "", "None") else None
     except ValueError:
         return None
+    return number if number is not None and number >= 0 else None
 
 
 def _names(value: str | None) -> frozenset[str]:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from collections import Counter as Tally
+from collections.abc import Callable
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 LATENCY_BUCKETS = (
@@ -100,6 +104,83 @@ TPOT_BUCKETS = (
 
 MODEL = ("model_name", "target_model_name")
 
+# Model names come from clients: while the pods' model lists are unknown (or for requests
+# refused with 404) any name reaches the per-model series. Names the pool serves always get
+# their own; other names get theirs up to this many, then share OTHER_MODEL.
+MAX_UNLISTED_MODELS = 100
+OTHER_MODEL = "(other)"
+
+
+class ModelLabels:
+    """Maps a model name to its label value. A name's value only ever changes from
+    OTHER_MODEL to the name (when the pool comes to serve it), never back."""
+
+    def __init__(self, overflow: Counter, limit: int = MAX_UNLISTED_MODELS) -> None:
+        self.known: Callable[[str], bool] = lambda _name: False  # the pool serves it
+        self.limit = limit
+        self._overflow = overflow
+        self._named: set[str] = set()
+        self._unlisted = 0
+
+    def __call__(self, name: str) -> str:
+        if name in self._named:
+            return name
+        known = self.known(name)
+        if known or self._unlisted < self.limit:
+            if not known:
+                self._unlisted += 1
+            self._named.add(name)
+            return name
+        self._overflow.inc()
+        return OTHER_MODEL
+
+
+class _ModelSeries:
+    """A metric family whose first `models` labels are model names, bounded by ModelLabels."""
+
+    def __init__(self, metric: Any, label: ModelLabels, models: int) -> None:
+        self._metric, self._label, self._models = metric, label, models
+
+    def labels(self, *values: str) -> Any:
+        names = [self._label(v) for v in values[: self._models]]
+        return self._metric.labels(*names, *values[self._models :])
+
+
+class _RunningGauge:
+    """The running-requests gauge by model: a request counted under OTHER_MODEL when it
+    started is taken off OTHER_MODEL when it ends, even if its name got its own series
+    meanwhile (so neither series drifts)."""
+
+    def __init__(self, gauge: Gauge, label: ModelLabels) -> None:
+        self._gauge, self._label = gauge, label
+        self._under_other: Tally[str] = Tally()  # in-flight requests counted as OTHER_MODEL
+
+    def labels(self, model: str) -> _RunningChild:
+        return _RunningChild(self, model)
+
+
+class _RunningChild:
+    def __init__(self, parent: _RunningGauge, model: str) -> None:
+        self._parent, self._model = parent, model
+
+    def inc(self) -> None:
+        p = self._parent
+        label = p._label(self._model)
+        if label == OTHER_MODEL:
+            p._under_other[self._model] += 1
+        p._gauge.labels(label).inc()
+
+    def dec(self) -> None:
+        p = self._parent
+        if p._under_other[self._model] > 0:
+            p._under_other[self._model] -= 1
+            if not p._under_other[self._model]:
+                del p._under_other[self._model]
+            p._gauge.labels(OTHER_MODEL).dec()
+        else:
+            p._under_other.pop(self._model, None)
+            p._gauge.labels(p._label(self._model)).dec()
+
 
 class PickerMetrics:
     def __init__(self) -> None:
@@ -157,6 +238,25 @@ class PickerMetrics:
             buckets=TPOT_BUCKETS,
             registry=r,
         )
+        # Model names are the client's: bound the series they make (ModelLabels).
+        self.model_labels = ModelLabels(
+            Counter(
+                "infergate_epp_model_label_overflow_total",
+                f"Per-model observations recorded under model_name={OTHER_MODEL!r}: the "
+                f"name is not served by the pool and {MAX_UNLISTED_MODELS} such names "
+                "already have series.",
+                registry=r,
+            )
+        )
+        labels = self.model_labels
+        self.requests = _ModelSeries(self.requests, labels, 2)
+        self.errors = _ModelSeries(self.errors, labels, 2)
+        self.duration = _ModelSeries(self.duration, labels, 2)
+        self.input_tokens = _ModelSeries(self.input_tokens, labels, 2)
+        self.output_tokens = _ModelSeries(self.output_tokens, labels, 2)
+        self.cached_tokens = _ModelSeries(self.cached_tokens, labels, 2)
+        self.ntpot = _ModelSeries(self.ntpot, labels, 2)
+        self.running = _RunningGauge(self.running, labels)
         self.pool_kv = Gauge(
             "inference_pool_average_kv_cache_utilization",
             "The average kv cache utilization for an inference server pool.",
@@ -223,6 +323,20 @@ class PickerMetrics:
             "infergate_epp_metrics_scrape_errors_total",
             "Model-server /metrics scrapes that failed.",
             ("endpoint", "reason"),
+            registry=r,
+        )
+        self.pool_file_errors = Counter(
+            "infergate_epp_pool_file_errors_total",
+            "Pool file reloads refused (the previous pool stays), by reason: invalid, "
+            "unreadable, internal.",
+            ("reason",),
+            registry=r,
+        )
+        self.kubernetes_skipped = Counter(
+            "infergate_epp_kubernetes_objects_skipped_total",
+            "Objects from the Kubernetes API the picker left out as malformed (the previous "
+            "state stays), by kind.",
+            ("kind",),
             registry=r,
         )
         self.bad_requests = Counter(

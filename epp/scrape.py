@@ -3,6 +3,11 @@
 A pod that fails `unreachable_after` scrapes in a row leaves the candidate set until it
 answers again; metrics older than `stale_after` mark an endpoint stale, which scorers treat
 as saturated.
+
+A pod's answers are untrusted input: bodies are read up to a cap and decoded as UTF-8 (the
+Prometheus text format and JSON both are; a declared charset is ignored, as some name
+bytes-to-bytes codecs such as `hex`), and whatever goes wrong in one round is counted by
+reason, logged, and retried on the next: a loop never ends but by the pod leaving the pool.
 """
 
 from __future__ import annotations
@@ -13,12 +18,70 @@ import time
 from collections.abc import Callable
 
 import aiohttp
+import msgspec
 
 from epp.datastore import Datastore, Endpoint
-from epp.engine_metrics import MetricsParseError, parse
+from epp.engine_metrics import InvalidMetricValue, MetricsParseError, parse
 from epp.metrics import PickerMetrics
 
 log = logging.getLogger("epp.scrape")
+
+# A vLLM page with many LoRA adapters and histograms is a few hundred KiB.
+MAX_METRICS_BYTES = 4 * 1024 * 1024
+MAX_MODELS_BYTES = 1024 * 1024
+
+# Reasons of infergate_epp_metrics_scrape_errors_total (a fixed set: label values stay few).
+UNREACHABLE = "unreachable"  # connection refused or reset, timeout
+HTTP_STATUS = "http_status"
+TOO_LARGE = "too_large"
+NOT_UTF8 = "not_utf8"
+PARSE = "parse"
+INVALID_VALUE = "invalid_value"
+INTERNAL = "internal"  # a bug of ours, seen on a pod's answer: logged with its traceback
+
+
+class ScrapeError(Exception):
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class ModelCard(msgspec.Struct):
+    """One entry of an OpenAI-style /v1/models answer; other fields are skipped."""
+
+    id: str
+    parent: str | None = None
+
+
+class ModelList(msgspec.Struct):
+    data: list[ModelCard]
+
+
+_MODELS = msgspec.json.Decoder(ModelList)
+
+
+async def read_capped(resp: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The body, or ScrapeError(TOO_LARGE) as soon as it passes `limit` bytes."""
+    if resp.content_length is not None and resp.content_length > limit:
+        raise ScrapeError(TOO_LARGE, f"body of {resp.content_length} bytes > {limit}")
+    body = bytearray()
+    async for chunk in resp.content.iter_any():
+        body += chunk
+        if len(body) > limit:
+            raise ScrapeError(TOO_LARGE, f"body longer than {limit} bytes")
+    return bytes(body)
+
+
+def _classify(exc: BaseException) -> str:
+    if isinstance(exc, ScrapeError):
+        return exc.reason
+    if isinstance(exc, TimeoutError | aiohttp.ClientError | OSError):
+        return UNREACHABLE
+    if isinstance(exc, InvalidMetricValue):
+        return INVALID_VALUE
+    if isinstance(exc, MetricsParseError):
+        return PARSE
+    return INTERNAL
 
 
 class MetricsScraper:
@@ -50,6 +113,9 @@ class MetricsScraper:
         self._session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=self.timeout),
             connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
+            # Uncompressed only: a few KiB of gzip can inflate past any cap before we see it.
+            headers={"Accept-Encoding": "identity"},
+            auto_decompress=False,
         )
         self._task = asyncio.create_task(self._manage(), name="scrape-manager")
 
@@ -63,60 +129,73 @@ class MetricsScraper:
             await self._session.close()
 
     async def _manage(self) -> None:
-        """Keep one loop per endpoint and refresh staleness between scrapes."""
+        """Keep one loop per endpoint and refresh staleness between scrapes. Loops are kept
+        by Endpoint object, not address: a new pod on a recycled IP is a new endpoint."""
         while True:
-            current = {e.address: e for e in self.datastore.endpoints()}
-            for address in list(self._loops):
-                if address not in current:
-                    self._loops.pop(address).cancel()
-            for address, ep in current.items():
-                if address not in self._loops:
-                    self._loops[address] = asyncio.create_task(
-                        self._loop(ep), name=f"scrape {address}"
-                    )
-            now = time.monotonic()
-            for ep in current.values():
-                ep.stale = ep.metrics_age(now) > self.stale_after
+            try:
+                self._sync_loops()
+            except Exception:  # a bug here must not stop every endpoint's refresh
+                log.exception("scrape manager: refreshing the endpoint loops failed")
             await asyncio.sleep(self.interval)
+
+    def _sync_loops(self) -> None:
+        current = self.datastore.endpoints()
+        alive = set(current)
+        for ep in list(self._loops):
+            if ep not in alive:
+                self._loops.pop(ep).cancel()
+        for ep in current:
+            if ep not in self._loops:
+                self._loops[ep] = asyncio.create_task(self._loop(ep), name=f"scrape {ep.address}")
+        now = time.monotonic()
+        for ep in current:
+            ep.stale = ep.metrics_age(now) > self.stale_after
 
     async def _loop(self, ep: Endpoint) -> None:
         next_models = 0.0  # served models change rarely (LoRA loads): ask now and then
         while True:
             t0 = time.monotonic()
-            await self.scrape_once(ep)
-            # A pod that is still starting is asked again on the next round, not only
-            # after models_interval: its adapters decide where LoRA prompts go.
-            if t0 >= next_models and ep.reachable and await self.fetch_models(ep):
-                next_models = t0 + self.models_interval
+            try:
+                await self.scrape_once(ep)
+                # A pod that is still starting is asked again on the next round, not only
+                # after models_interval: its adapters decide where LoRA prompts go.
+                if t0 >= next_models and ep.reachable and await self.fetch_models(ep):
+                    next_models = t0 + self.models_interval
+            except Exception as exc:  # the loop outlives any one round
+                self._failed(ep, exc)
             await asyncio.sleep(max(0.0, self.interval - (time.monotonic() - t0)))
 
     async def fetch_models(self, ep: Endpoint) -> bool:
-        """GET /v1/models; a server without it (or a bad answer) leaves the list unknown.
+        """GET /v1/models; a server without it (or a bad answer) leaves the list as it was.
         False only when the pod could not be reached, so that it is asked again soon."""
         assert self._session is not None
         try:
             async with self._session.get(f"http://{ep.address}/v1/models") as resp:
                 if resp.status != 200:
                     return True
-                body = await resp.json(content_type=None)
+                body = await read_capped(resp, MAX_MODELS_BYTES)
+            models = _MODELS.decode(body)
         except (TimeoutError, aiohttp.ClientError, OSError):
             return False
-        except ValueError:  # not JSON
+        except (ScrapeError, msgspec.ValidationError, msgspec.DecodeError, RecursionError) as exc:
+            # Not an answer we can use (too large, not JSON, nested without end): the pod
+            # serves; only its model list stays as it was.
+            self._models_failed(ep, PARSE if not isinstance(exc, ScrapeError) else exc.reason)
             return True
-        try:
-            ids = frozenset(m["id"] for m in body["data"] if isinstance(m.get("id"), str))
-            parents = {
-                m["id"]: m["parent"]
-                for m in body["data"]
-                if isinstance(m.get("id"), str) and isinstance(m.get("parent"), str)
-            }
-        except (KeyError, TypeError, AttributeError):
+        except Exception:
+            log.exception("endpoint %s: reading /v1/models failed", ep.address)
+            self._models_failed(ep, INTERNAL)
             return True
-        ep.models = ids
-        ep.lora_parents = parents
+        ep.models = frozenset(m.id for m in models.data)
+        ep.lora_parents = {m.id: m.parent for m in models.data if m.parent is not None}
         return True
 
+    def _models_failed(self, ep: Endpoint, reason: str) -> None:
+        log.warning("endpoint %s: unusable /v1/models answer (%s)", ep.address, reason)
+        self.metrics.scrape_errors.labels(ep.address, f"models_{reason}").inc()
+
     async def scrape_once(self, ep: Endpoint) -> None:
+        """One round: fetch and parse /metrics; any failure is counted, never raised."""
         assert self._session is not None
         url = f"http://{ep.address}/metrics"
         # Requests sent while this scrape is under way may be missing from its numbers.
@@ -124,16 +203,14 @@ class MetricsScraper:
         try:
             async with self._session.get(url) as resp:
                 if resp.status != 200:
-                    raise MetricsParseError(f"HTTP {resp.status}")
-                text = await resp.text()
+                    raise ScrapeError(HTTP_STATUS, f"HTTP {resp.status}")
+                body = await read_capped(resp, MAX_METRICS_BYTES)
+            try:
+                text = body.decode()
+            except UnicodeDecodeError as exc:
+                raise ScrapeError(NOT_UTF8, f"not UTF-8: {exc}") from None
             ep.metrics = parse(text, ep.engine)
-        except (
-            TimeoutError,
-            aiohttp.ClientError,
-            OSError,
-            MetricsParseError,
-            UnicodeDecodeError,
-        ) as exc:
+        except Exception as exc:  # every failure of one round is counted
             self._failed(ep, exc)
             return
         if not ep.reachable:
@@ -143,12 +220,19 @@ class MetricsScraper:
         ep.stale = False
         ep.sent_since_scrape = max(0, ep.sent_since_scrape - sent_before)
         if self.on_refresh is not None:
-            self.on_refresh()
+            try:
+                self.on_refresh()
+            except Exception:
+                log.exception("after scraping %s: on_refresh failed", ep.address)
 
     def _failed(self, ep: Endpoint, exc: Exception) -> None:
         ep.scrape_failures += 1
-        reason = type(exc).__name__
+        reason = _classify(exc)
         self.metrics.scrape_errors.labels(ep.address, reason).inc()
+        if reason == INTERNAL:
+            log.error("endpoint %s: scrape failed", ep.address, exc_info=exc)
+        elif ep.scrape_failures == 1 and reason != UNREACHABLE:
+            log.warning("endpoint %s: bad /metrics answer (%s): %s", ep.address, reason, exc)
         if ep.scrape_failures == self.unreachable_after:
             log.warning(
                 "endpoint %s unreachable after %d failed scrapes (%s: %s); dropped "

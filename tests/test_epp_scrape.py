@@ -4,14 +4,16 @@ at once, with its served models and LoRA adapters; one that stops drops out and 
 from __future__ import annotations
 
 import asyncio
+import gzip
 import time
 
 import aiohttp
+import pytest
 from aiohttp import web
 
 from epp.datastore import Datastore, PoolSpec
 from epp.metrics import PickerMetrics
-from epp.scrape import MetricsScraper
+from epp.scrape import MAX_METRICS_BYTES, MAX_MODELS_BYTES, MetricsScraper
 from tests.conftest import free_port
 
 METRICS = (
@@ -57,7 +59,7 @@ def one_pod_store(port: int) -> Datastore:
     return ds
 
 
-async def wait_for(condition, within: float = 3.0) -> float:
+async def wait_for(condition, within: float = 10.0) -> float:
     t0 = time.monotonic()
     while not condition():
         assert time.monotonic() - t0 < within, "condition never met"
@@ -121,3 +123,216 @@ async def test_a_scrape_forgets_only_the_requests_sent_before_it_began():
     finally:
         await scraper._session.close()
         await runner.cleanup()
+
+
+# ---- hostile pods: a loop never dies, bodies are capped, values are checked ---------------
+
+
+class Pod:
+    """A pod whose answers a test swaps while the scraper runs."""
+
+    def __init__(self) -> None:
+        self.metrics = web.Response(text=METRICS)
+        self.models = web.json_response(MODELS)
+        self.runner: web.AppRunner | None = None
+
+    async def _metrics(self, _req: web.Request) -> web.StreamResponse:
+        return self._fresh(self.metrics)
+
+    async def _models(self, _req: web.Request) -> web.StreamResponse:
+        return self._fresh(self.models)
+
+    @staticmethod
+    def _fresh(template: web.Response) -> web.Response:
+        # A Response is sent once: answer with a copy.
+        return web.Response(
+            body=template.body, status=template.status, headers=dict(template.headers)
+        )
+
+    async def start(self, port: int) -> None:
+        app = web.Application()
+        app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/v1/models", self._models)
+        self.runner = web.AppRunner(app)
+        await self.runner.setup()
+        await web.TCPSite(self.runner, "127.0.0.1", port).start()
+
+    async def stop(self) -> None:
+        assert self.runner is not None
+        await self.runner.cleanup()
+
+
+def page(waiting: float | str = 0, kv: float | str = 0.25) -> str:
+    return (
+        'vllm:num_requests_running{model_name="base"} 1\n'
+        f'vllm:num_requests_waiting{{model_name="base"}} {waiting}\n'
+        f'vllm:kv_cache_usage_perc{{model_name="base"}} {kv}\n'
+    )
+
+
+def errors(metrics: PickerMetrics, reason: str) -> float:
+    """Scrape errors counted with this reason, over all endpoints."""
+    total = 0.0
+    for family in metrics.registry.collect():
+        for sample in family.samples:
+            if (
+                sample.name == "infergate_epp_metrics_scrape_errors_total"
+                and sample.labels.get("reason") == reason
+            ):
+                total += sample.value
+    return total
+
+
+async def running_scraper(ds: Datastore, metrics: PickerMetrics, **kw) -> MetricsScraper:
+    scraper = MetricsScraper(ds, metrics, interval=0.05, **{"models_interval": 0.05, **kw})
+    await scraper.start()
+    return scraper
+
+
+HEX = {"Content-Type": "text/plain; charset=hex"}
+
+
+async def test_a_bytes_codec_charset_does_not_end_the_scrape_loop():
+    """charset=hex (a bytes-to-bytes codec) made aiohttp's text() raise LookupError, which
+    ended the loop: the pod stayed reachable and stale for good. The text format is UTF-8."""
+    port = free_port()
+    pod = Pod()
+    pod.metrics = web.Response(body=page(waiting=4).encode(), headers=HEX)
+    await pod.start(port)
+    ds, metrics = one_pod_store(port), PickerMetrics()
+    scraper = await running_scraper(ds, metrics)
+    try:
+        (ep,) = ds.endpoints()
+        await wait_for(lambda: not ep.stale and ep.metrics.waiting == 4)
+    finally:
+        await scraper.stop()
+        await pod.stop()
+
+
+@pytest.mark.parametrize(
+    "hostile, reason",
+    [
+        (web.Response(body=b"\xff\xfe" + page().encode()), "not_utf8"),
+        (web.Response(body=b"x" * (MAX_METRICS_BYTES + 1)), "too_large"),
+        (web.Response(text=page(waiting="NaN")), "invalid_value"),
+        (web.Response(text=page(waiting=-3)), "invalid_value"),
+        (web.Response(text=page(kv="+Inf")), "invalid_value"),
+        (web.Response(text=page(kv=1.5)), "invalid_value"),
+        (web.Response(text="vllm:num_requests_waiting{ 1\n"), "parse"),
+        (web.Response(status=500, text="boom"), "http_status"),
+        # Compressed bodies are never inflated: a small gzip bomb is just a bad page.
+        (
+            web.Response(
+                body=gzip.compress(b"\n" * (64 * 1024 * 1024)),
+                headers={"Content-Encoding": "gzip"},
+            ),
+            "not_utf8",
+        ),
+    ],
+)
+async def test_a_hostile_page_is_counted_and_the_loop_goes_on(hostile, reason):
+    """The pod answers with a hostile page, then a good one: the bad page is counted by
+    reason, the last good values stay until the good page comes, and the loop survives."""
+    port = free_port()
+    pod = Pod()
+    pod.metrics = web.Response(text=page(waiting=1))
+    await pod.start(port)
+    ds, metrics = one_pod_store(port), PickerMetrics()
+    scraper = await running_scraper(ds, metrics)
+    try:
+        (ep,) = ds.endpoints()
+        await wait_for(lambda: not ep.stale and ep.metrics.waiting == 1)
+        pod.metrics = hostile
+        await wait_for(lambda: errors(metrics, reason) >= 2)
+        # The last good values stay (never the hostile ones) until they go stale.
+        assert ep.metrics.waiting == 1 and ep.metrics.kv_usage == 0.25
+        await wait_for(lambda: ep.stale)
+        pod.metrics = web.Response(text=page(waiting=2))
+        await wait_for(lambda: not ep.stale and ep.metrics.waiting == 2 and ep.reachable)
+    finally:
+        await scraper.stop()
+        await pod.stop()
+
+
+@pytest.mark.parametrize(
+    "hostile",
+    [
+        web.Response(body=b'{"data": [' + b"[" * 100_000 + b"]" * 100_000 + b"]}"),
+        web.Response(body=b'{"data": [{"id": "a", "x": ' + b"{" * 5 + b"}"),
+        web.Response(body=b'{"data": [{"id": 1}]}'),
+        web.Response(body=b"[" * (MAX_MODELS_BYTES + 1)),
+        web.Response(body=b'{"data": []}', headers=HEX),
+    ],
+)
+async def test_a_hostile_model_list_is_counted_and_scraping_goes_on(hostile):
+    """A /v1/models body nested 100k deep raised RecursionError out of the loop. Now it is
+    counted; the model list stays as it was and /metrics keeps being read."""
+    port = free_port()
+    pod = Pod()
+    pod.models = hostile
+    await pod.start(port)
+    ds, metrics = one_pod_store(port), PickerMetrics()
+    scraper = await running_scraper(ds, metrics)
+    try:
+        (ep,) = ds.endpoints()
+        await wait_for(
+            lambda: (
+                errors(metrics, "models_parse") + errors(metrics, "models_too_large") >= 2
+                or ep.models == frozenset()
+            )  # the charset one is a good (empty) list
+        )
+        pod.metrics = web.Response(text=page(waiting=7))
+        pod.models = web.json_response(MODELS)
+        await wait_for(lambda: ep.metrics.waiting == 7 and ep.models == {"base", "sql-lora"})
+    finally:
+        await scraper.stop()
+        await pod.stop()
+
+
+async def test_a_new_pod_on_a_recycled_ip_is_scraped():
+    """Pod a leaves and pod b takes its IP in the same update: b is a new endpoint, and the
+    scraper must read b (it kept a's loop, keyed by address, and b stayed stale)."""
+    port = free_port()
+    pod = Pod()
+    pod.metrics = web.Response(text=page(waiting=3))
+    await pod.start(port)
+    ds = one_pod_store(port)
+    scraper = await running_scraper(ds, PickerMetrics())
+    try:
+        (a,) = ds.endpoints()
+        await wait_for(lambda: not a.stale)
+        recycled = {
+            "metadata": {"name": "q", "namespace": "ns", "labels": {"app": "vllm"}},
+            "status": {
+                "podIP": "127.0.0.1",
+                "conditions": [{"type": "Ready", "status": "True"}],
+            },
+        }
+        ds.replace_pods([recycled])
+        (b,) = ds.endpoints()
+        assert b is not a and b.address == a.address and b.stale
+        await wait_for(lambda: not b.stale and b.metrics.waiting == 3)
+    finally:
+        await scraper.stop()
+        await pod.stop()
+
+
+async def test_a_failing_refresh_callback_does_not_end_the_loop():
+    port = free_port()
+    pod = Pod()
+    await pod.start(port)
+    ds = one_pod_store(port)
+    scraper = MetricsScraper(ds, PickerMetrics(), interval=0.05)
+    calls = []
+
+    def broken() -> None:
+        calls.append(1)
+        raise RuntimeError("a bug in a listener")
+
+    scraper.on_refresh = broken
+    await scraper.start()
+    try:
+        await wait_for(lambda: len(calls) >= 3)
+    finally:
+        await scraper.stop()
+        await pod.stop()

@@ -335,6 +335,24 @@ def test_a_recycled_ip_belongs_to_the_new_pod():
     assert (ep.name, ep.pod) == ("new-rank-0", "new")
 
 
+def test_a_pod_made_again_under_its_name_and_ip_is_a_new_endpoint():
+    """A StatefulSet pod is deleted and made again with the same name; it may get the same
+    IP. Its uid differs: nothing the old one held or reported is the new one's."""
+    first = pod("a", "10.0.0.1")
+    first["metadata"]["uid"] = "uid-1"
+    ds = store((8000,), first)
+    old = ds.endpoint("10.0.0.1:8000")
+    old.inflight_requests = 4
+    gone = []
+    ds.removal_listeners.append(gone.append)
+    again = pod("a", "10.0.0.1")
+    again["metadata"]["uid"] = "uid-2"
+    ds.replace_pods([again])
+    new = ds.endpoint("10.0.0.1:8000")
+    assert new is not old and new.pod_uid == "uid-2" and new.inflight_requests == 0
+    assert gone == ["10.0.0.1:8000"]
+
+
 def test_ipv6_pod_address_is_bracketed():
     ds = store((8000,), pod("a", "fd00::1"))
     (ep,) = ds.endpoints()

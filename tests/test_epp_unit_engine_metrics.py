@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from epp.engine_metrics import ENGINES, MetricsParseError, parse
+from epp.engine_metrics import ENGINES, InvalidMetricValue, MetricsParseError, parse
 
 VLLM_TEXT = (
     Path(__file__).resolve().parent / "fixtures" / "vllm-cpu-tiny" / "metrics.txt"
@@ -247,6 +247,54 @@ def test_malformed_wanted_lines_raise(line):
 
 def test_metrics_parse_error_is_a_value_error():
     assert issubclass(MetricsParseError, ValueError)
+
+
+# ---- impossible values: the whole page is refused -------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "vllm:num_requests_waiting NaN",  # NaN waiting once disabled the queue scorer
+        "vllm:num_requests_waiting -5",  # a negative queue once attracted all traffic
+        "vllm:num_requests_waiting +Inf",
+        "vllm:num_requests_waiting -Inf",
+        "vllm:num_requests_running NaN",
+        "vllm:num_requests_running -1",
+        "vllm:kv_cache_usage_perc 1.5",
+        "vllm:kv_cache_usage_perc -0.1",
+        "vllm:kv_cache_usage_perc NaN",
+        "vllm:gpu_cache_usage_perc 7",
+    ],
+)
+def test_impossible_values_refuse_the_page(line):
+    text = "vllm:num_requests_waiting 1\nvllm:num_requests_running 1\n" + line + "\n"
+    with pytest.raises(InvalidMetricValue):
+        parse(text, "vllm")
+
+
+def test_finite_values_that_sum_past_the_largest_float_are_refused():
+    text = "".join(f'vllm:num_requests_waiting{{engine="{i}"}} 1e308\n' for i in range(3))
+    with pytest.raises(InvalidMetricValue):
+        parse(text + "vllm:num_requests_running 0\n", "vllm")
+
+
+def test_the_edges_of_the_ranges_are_accepted():
+    text = (
+        "vllm:num_requests_waiting 0\nvllm:num_requests_running 0\nvllm:kv_cache_usage_perc 1.0\n"
+    )
+    assert parse(text, "vllm").kv_usage == 1.0
+
+
+def test_negative_counts_in_labels_are_unknown():
+    text = (
+        "vllm:num_requests_waiting 0\nvllm:num_requests_running 0\n"
+        'vllm:cache_config_info{block_size="-16",num_gpu_blocks="-1"} 1\n'
+        'vllm:lora_requests_info{max_lora="-3",running_lora_adapters="",'
+        'waiting_lora_adapters=""} 1\n'
+    )
+    m = parse(text, "vllm")
+    assert (m.block_size, m.num_blocks, m.max_loras) == (None, None, None)
 
 
 # ---- properties ---------------------------------------------------------------------------

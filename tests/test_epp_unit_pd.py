@@ -410,8 +410,14 @@ def test_without_a_tokenizer_the_approximate_scorer_answers(view):
     ("change", "message"),
     [
         (("{nonCachedTokens: 16}", "{}"), "nonCachedTokens is required"),
-        (("{nonCachedTokens: 16}", "{nonCachedTokens: -1}"), "integer >= 0"),
-        (("{nonCachedTokens: 16}", "{nonCachedTokens: 16, treshold: 1}"), "unknown parameters"),
+        (
+            ("{nonCachedTokens: 16}", "{nonCachedTokens: -1}"),
+            "nonCachedTokens: expected `int` >= 0, got -1",
+        ),
+        (
+            ("{nonCachedTokens: 16}", "{nonCachedTokens: 16, treshold: 1}"),
+            "unknown parameter 'treshold'",
+        ),
         (("- name: prefill\n", "- name: prefil\n"), "no schedulingProfile is named 'prefill'"),
         (("16}", "16, prefixScorer: decode-filter}"), "names no prefix-cache-scorer"),
         (("- name: decode\n", "- name: other\n  plugins: []\n- name: decode\n"), "never run"),

@@ -125,7 +125,7 @@ def test_least_request_all_idle_scores_one():
 
 
 def test_least_request_rejects_an_unknown_mode():
-    with pytest.raises(ValueError, match="requests or tokens"):
+    with pytest.raises(ValueError, match="parameter by: invalid enum value 'bytes'"):
         LeastRequestScorer("lr", {"by": "bytes"})
 
 

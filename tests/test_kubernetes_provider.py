@@ -14,6 +14,7 @@ import pytest
 from kubernetes import client
 
 from epp.datastore import Datastore
+from epp.metrics import PickerMetrics
 from epp.providers.kubernetes import KubernetesProvider, KubernetesProviderError
 from tests.conftest import free_port
 from tests.kubeapi import KubeAPIEmulator
@@ -81,7 +82,12 @@ async def started(kube):
     ) -> tuple[Datastore, KubernetesProvider]:
         ds = Datastore()
         provider = KubernetesProvider(
-            ds, pool_name, "default", api_client=api_client, resync_timeout=resync
+            ds,
+            pool_name,
+            "default",
+            api_client=api_client,
+            resync_timeout=resync,
+            metrics=PickerMetrics(),
         )
         provider.watch_timeout = watch_timeout
         await provider.start()
@@ -182,7 +188,18 @@ async def test_periodic_resync_relists(kube, started, caplog):
     await until(lambda: addresses(ds) == {"10.0.0.1:8000"})
 
 
-async def test_malformed_objects_are_skipped(kube, two_pods, caplog):
+def skipped(provider: KubernetesProvider, kind: str) -> float:
+    value = provider.metrics.registry.get_sample_value(
+        "infergate_epp_kubernetes_objects_skipped_total", {"kind": kind}
+    )
+    return value or 0.0
+
+
+async def test_malformed_objects_are_skipped(kube, started, caplog):
+    kube.put(pool())
+    kube.put(pod("llama-0", "10.0.0.1"))
+    kube.put(pod("llama-1", "10.0.0.2"))
+    two_pods, provider = await started()
     bad = pod("broken", "10.0.0.7")
     bad["status"]["conditions"] = ["Ready"]
     kube.put(bad)
@@ -192,9 +209,11 @@ async def test_malformed_objects_are_skipped(kube, two_pods, caplog):
     kube.put(pod("llama-2", "10.0.0.3"))
     await until(lambda: "10.0.0.3:8000" in addresses(two_pods))
     await until(lambda: "InferencePool llama is invalid" in caplog.text)
-    assert "skipping ADDED event for pod broken: bad status.conditions" in caplog.text
+    assert "skipping ADDED event for pod broken: Expected `object`, got `str` - at " in caplog.text
+    assert "$.status.conditions[0]" in caplog.text
     assert two_pods.pool.target_ports == [8000]  # the previous, valid pool stays
     assert "10.0.0.7:8000" not in addresses(two_pods)
+    assert skipped(provider, "Pod") >= 1 and skipped(provider, "InferencePool") >= 1
 
 
 async def test_stop_is_prompt(kube, started):
@@ -219,9 +238,10 @@ async def test_malformed_pods_in_the_first_list_are_skipped(kube, started, caplo
     bad["metadata"]["labels"]["replicas"] = 3  # not a string
     kube.put(bad)
     kube.put(pod("llama-0", "10.0.0.1"))
-    ds, _ = await started()
+    ds, provider = await started()
     assert addresses(ds) == {"10.0.0.1:8000"}
-    assert "skipping pod broken: metadata.labels is not a map of strings" in caplog.text
+    assert "skipping pod broken: Expected `str`, got `int` - at `$.metadata.labels" in caplog.text
+    assert skipped(provider, "Pod") == 1
 
 
 async def test_unreachable_api_fails_start():

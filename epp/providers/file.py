@@ -13,11 +13,19 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import yaml
 
-from epp.datastore import Datastore, PoolSpec
+from epp.datastore import Datastore, PoolSpec, pod_problem
+from epp.metrics import PickerMetrics
+from infergate.api.meta import ObjectMeta
 
 log = logging.getLogger("epp.providers.file")
+
+# Reasons of infergate_epp_pool_file_errors_total.
+INVALID = "invalid"  # YAML or objects the picker cannot use
+UNREADABLE = "unreadable"  # the file vanished or cannot be read
+INTERNAL = "internal"  # a bug of ours: logged with its traceback
 
 ROUTING_API = "networking.infergate.io/v1alpha1"
 POOL_API_GROUPS = ("inference.networking.k8s.io/v1", "inference.networking.x-k8s.io/v1alpha2")
@@ -42,21 +50,53 @@ def load_objects(paths: list[Path]) -> list[dict[str, Any]]:
     for f in _files(paths):
         try:
             docs = list(yaml.safe_load_all(f.read_text()))
-        except (OSError, yaml.YAMLError) as exc:
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
             raise FileProviderError(f"{f}: {exc}") from exc
+        except RecursionError:
+            raise FileProviderError(f"{f}: nested too deeply") from None
         for i, doc in enumerate(docs):
             if doc is None:
                 continue
-            if not isinstance(doc, dict) or "kind" not in doc:
-                raise FileProviderError(f"{f}: document {i} is not a Kubernetes object")
-            if doc.get("kind") == "List":
-                objects.extend(doc.get("items") or [])
-            else:
-                objects.append(doc)
+            items = (
+                doc.get("items") if isinstance(doc, dict) and doc.get("kind") == "List" else [doc]
+            )
+            if not isinstance(items, list):
+                raise FileProviderError(f"{f}: document {i}: a List's items must be a list")
+            for obj in items:
+                _check_object(obj, f"{f}: document {i}")
+            objects.extend(items)
     return objects
 
 
+def _check_object(obj: Any, where: str) -> None:
+    """The shape every object needs before apply() reads it: a map with a kind and typed
+    metadata; a Pod, the fields the datastore reads."""
+    if not isinstance(obj, dict) or not isinstance(obj.get("kind"), str):
+        raise FileProviderError(f"{where} is not a Kubernetes object")
+    try:
+        msgspec.convert(obj.get("metadata") or {}, ObjectMeta)
+    except msgspec.ValidationError as exc:
+        raise FileProviderError(f"{where} ({obj['kind']}): metadata: {exc}") from None
+    if obj["kind"] == "Pod" and (problem := pod_problem(obj)) is not None:
+        raise FileProviderError(f"{where} (Pod): {problem}")
+
+
 def apply(
+    datastore: Datastore, objects: list[dict[str, Any]], pool_name: str, namespace: str
+) -> None:
+    """Put the objects in the datastore, all or nothing: they are applied to a scratch
+    datastore first, so whatever they hold that would fail does so before the real one
+    changes."""
+    try:
+        _apply(Datastore(), objects, pool_name, namespace)
+    except FileProviderError:
+        raise
+    except Exception as exc:
+        raise FileProviderError(f"objects the picker cannot use: {exc!r}") from exc
+    _apply(datastore, objects, pool_name, namespace)
+
+
+def _apply(
     datastore: Datastore, objects: list[dict[str, Any]], pool_name: str, namespace: str
 ) -> None:
     pool = None
@@ -100,8 +140,10 @@ class FileProvider:
         pool_name: str,
         namespace: str = "default",
         poll_interval: float = 1.0,
+        metrics: PickerMetrics | None = None,
     ) -> None:
         self.datastore = datastore
+        self.metrics = metrics
         self.paths = paths
         self.pool_name = pool_name
         self.namespace = namespace
@@ -137,15 +179,27 @@ class FileProvider:
             await asyncio.gather(self._task, return_exceptions=True)
 
     async def _watch(self) -> None:
+        """Reload on change. A bad file (half written, wrong types) keeps the previous pool,
+        is logged and counted, and the watch goes on: a later good edit applies."""
         while True:
             await asyncio.sleep(self.poll_interval)
             try:
                 if self._current_stamp() != self._stamp:
                     self.load()
-            except (FileProviderError, OSError, ValueError) as exc:
-                # Keep serving from what we had: a half-written file must not empty the pool.
-                log.error(
-                    "reloading %s failed, keeping the previous pool: %s",
-                    [str(p) for p in self.paths],
-                    exc,
-                )
+            except FileProviderError as exc:
+                self._failed(INVALID, exc)
+            except OSError as exc:
+                self._failed(UNREADABLE, exc)
+            except Exception as exc:
+                self._failed(INTERNAL, exc)
+
+    def _failed(self, reason: str, exc: Exception) -> None:
+        log.error(
+            "reloading %s failed (%s), keeping the previous pool: %s",
+            [str(p) for p in self.paths],
+            reason,
+            exc,
+            exc_info=exc if reason == INTERNAL else None,
+        )
+        if self.metrics is not None:
+            self.metrics.pool_file_errors.labels(reason).inc()

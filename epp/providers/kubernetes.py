@@ -21,7 +21,8 @@ from typing import Any
 
 from kubernetes import client, config, watch
 
-from epp.datastore import Datastore, PoolSpec
+from epp.datastore import Datastore, PoolSpec, pod_problem
+from epp.metrics import PickerMetrics
 
 log = logging.getLogger("epp.providers.kubernetes")
 
@@ -47,25 +48,6 @@ def _name(obj: Any) -> str:
     return name if isinstance(name, str) and name else "<unnamed>"
 
 
-def _pod_problem(pod: Any) -> str | None:
-    """Why the datastore could not use this pod, or None (it must not raise on the loop)."""
-    if not isinstance(pod, dict) or not isinstance(pod.get("metadata"), dict):
-        return "no metadata"
-    meta, status = pod["metadata"], pod.get("status") or {}
-    if _name(pod) == "<unnamed>":
-        return "no metadata.name"
-    for field in ("labels", "annotations"):
-        value = meta.get(field) or {}
-        if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
-            return f"metadata.{field} is not a map of strings"
-    if not isinstance(status, dict) or not isinstance(status.get("podIP") or "", str):
-        return "bad status.podIP"
-    conditions = status.get("conditions") or []
-    if not isinstance(conditions, list) or not all(isinstance(c, dict) for c in conditions):
-        return "bad status.conditions"
-    return None
-
-
 def _selector(pool: PoolSpec | None) -> str | None:
     return ",".join(f"{k}={v}" for k, v in sorted(pool.selector.items())) if pool else None
 
@@ -77,11 +59,13 @@ class KubernetesProvider:
         pool_name: str,
         namespace: str,
         *,
+        metrics: PickerMetrics | None = None,
         api_client: client.ApiClient | None = None,
         resync_timeout: float = 300,
         routing: bool = True,
     ) -> None:
         self.datastore = datastore
+        self.metrics = metrics
         self.pool_name = pool_name
         self.namespace = namespace
         self.api_client = api_client
@@ -185,9 +169,10 @@ class KubernetesProvider:
         for obj in body.get("items") or []:
             if kind == "pool" and _name(obj) != self.pool_name:
                 continue
-            problem = _pod_problem(obj) if kind == "pods" else None
+            problem = pod_problem(obj) if kind == "pods" else None
             if problem:
                 log.warning("skipping pod %s: %s", _name(obj), problem)
+                self._skipped("Pod")
             else:
                 items.append(obj)
         return items, body["metadata"]["resourceVersion"]
@@ -291,13 +276,14 @@ class KubernetesProvider:
         return rv
 
     def _on_pod(self, kind: str | None, pod: Any) -> None:
-        problem = _pod_problem(pod)
+        problem = pod_problem(pod)
         if kind not in ("ADDED", "MODIFIED", "DELETED"):
             problem = f"unexpected event type {kind!r}"
         elif kind == "DELETED" and _name(pod) != "<unnamed>":
             problem = None  # a deleted pod only needs its name
         if problem:
             log.warning("skipping %s event for pod %s: %s", kind, _name(pod), problem)
+            self._skipped("Pod")
         elif kind == "DELETED":
             self._post(self.datastore.delete_pod, _name(pod))
         else:
@@ -314,6 +300,7 @@ class KubernetesProvider:
             pool = PoolSpec.from_object(obj)
         except Exception as exc:
             log.error("keeping the previous pool: InferencePool %s is invalid: %s", _name(obj), exc)
+            self._skipped("InferencePool")
             return
         self._post(self.datastore.set_pool, pool)
         if _selector(pool) != self._selector:
@@ -332,12 +319,18 @@ class KubernetesProvider:
     def _on_routing(self, kind: str, event: str | None, obj: Any) -> None:
         if not isinstance(obj, dict) or _name(obj) == "<unnamed>":
             log.warning("skipping %s event for a malformed %s object", event, kind)
+            self._skipped(OPTIONAL_KINDS[kind][2])
             return
         if event == "DELETED":
             self._routing[kind].pop(_name(obj), None)
         else:
             self._routing[kind][_name(obj)] = obj
         self._publish_routing()
+
+    def _skipped(self, kind: str) -> None:
+        """Count an object left out (prometheus_client counters are thread-safe)."""
+        if self.metrics is not None:
+            self.metrics.kubernetes_skipped.labels(kind).inc()
 
     def _post(self, fn: Callable[..., None], *args: Any) -> None:
         """Run fn on the event loop, unless we are stopping (the loop may be gone)."""

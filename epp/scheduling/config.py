@@ -60,6 +60,10 @@ schedulingProfiles:
 """
 
 
+# Far above any useful weight; a bound keeps the weighted sum of scores finite.
+MAX_WEIGHT = 1_000_000
+
+
 class ConfigError(ValueError):
     pass
 
@@ -82,6 +86,8 @@ def load_config(text: str | None) -> SchedulingConfig:
         raw = yaml.safe_load(text if text is not None else DEFAULT_CONFIG)
     except yaml.YAMLError as exc:
         raise ConfigError(f"EndpointPickerConfig is not valid YAML: {exc}") from exc
+    except RecursionError:
+        raise ConfigError("EndpointPickerConfig is nested too deeply") from None
     return build(raw)
 
 
@@ -115,7 +121,7 @@ def build(raw: Any) -> SchedulingConfig:
         try:
             plugins[name] = registry.create(spec["type"], name, params)
         except (TypeError, ValueError) as exc:
-            raise ConfigError(f"plugins[{i}] ({name}): {exc}") from exc
+            raise ConfigError(f"plugins[{i}] ({name}, {spec['type']}): {exc}") from exc
 
     profiles: dict[str, Profile] = {}
     _require(
@@ -146,8 +152,10 @@ def build(raw: Any) -> SchedulingConfig:
             if isinstance(plugin, Scorer):
                 weight = ref.get("weight", 1)
                 _require(
-                    isinstance(weight, int | float) and weight >= 0,
-                    f"{where}: weight must be a number >= 0",
+                    isinstance(weight, int | float)
+                    and not isinstance(weight, bool)
+                    and 0 <= weight <= MAX_WEIGHT,  # NaN fails both comparisons
+                    f"{where}: weight must be a number in 0..{MAX_WEIGHT}, got {weight!r}",
                 )
                 profile.scorers.append(WeightedScorer(plugin, float(weight)))
             if isinstance(plugin, Picker):

@@ -52,4 +52,8 @@ def create(type_name: str, name: str, params: dict) -> Plugin:
     cls = PLUGIN_TYPES.get(type_name)
     if cls is None:
         raise ValueError(f"unknown plugin type {type_name!r}; known: {sorted(PLUGIN_TYPES)}")
+    # A plugin that reads parameters names their struct in params_type and checks them in
+    # its constructor; one without takes none, and a config that gives it some is mistaken.
+    if params and getattr(cls, "params_type", None) is None:
+        raise ValueError(f"{type_name} takes no parameters, got {sorted(map(str, params))}")
     return cls(name, params)

@@ -7,16 +7,26 @@ endpoint from responses it has seen. A pod with no history scores 1, so it gets 
 
 from __future__ import annotations
 
+from typing import Annotated
+
+import msgspec
+
 from epp.scheduling.framework import Scorer
+from epp.scheduling.params import MAX_TOKENS, PluginParams, parse_params
 from epp.scheduling.plugins._normalize import lower_is_better
+
+
+class LeastLatencyParams(PluginParams):
+    max_output_tokens: Annotated[int, msgspec.Meta(ge=1, le=MAX_TOKENS)] = 256
 
 
 class LeastLatencyScorer(Scorer):
     type_name = "least-latency-scorer"
+    params_type = LeastLatencyParams
 
     def __init__(self, name, params=None):
         super().__init__(name, params)
-        self.max_output = int(self.params.get("maxOutputTokens", 256))
+        self.max_output = parse_params(self.params_type, self.params).max_output_tokens
 
     def score(self, req, endpoints):
         out = min(req.max_tokens or self.max_output, self.max_output)

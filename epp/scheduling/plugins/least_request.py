@@ -6,19 +6,31 @@ requests, unless that would drop every pod.
 
 from __future__ import annotations
 
+from typing import Annotated, Literal
+
+import msgspec
+
 from epp.scheduling.framework import Filter, Scorer
+from epp.scheduling.params import MAX_ENTRIES, PluginParams, parse_params
 from epp.scheduling.plugins._normalize import lower_is_better
+
+
+class LeastRequestParams(PluginParams):
+    # "requests" counts in-flight requests; "tokens" weighs them by prompt + max tokens.
+    by: Literal["requests", "tokens"] = "requests"
+
+
+class LowQueueParams(PluginParams):
+    threshold: Annotated[float, msgspec.Meta(ge=0, le=MAX_ENTRIES)] = 128.0
 
 
 class LeastRequestScorer(Scorer):
     type_name = "least-request"
+    params_type = LeastRequestParams
 
     def __init__(self, name, params=None):
         super().__init__(name, params)
-        # "requests" counts in-flight requests; "tokens" weighs them by prompt + max tokens.
-        self.by = self.params.get("by", "requests")
-        if self.by not in ("requests", "tokens"):
-            raise ValueError(f"least-request: 'by' must be requests or tokens, got {self.by!r}")
+        self.by = parse_params(self.params_type, self.params).by
 
     def score(self, req, endpoints):
         if self.by == "tokens":
@@ -28,10 +40,11 @@ class LeastRequestScorer(Scorer):
 
 class LowQueueFilter(Filter):
     type_name = "low-queue-filter"
+    params_type = LowQueueParams
 
     def __init__(self, name, params=None):
         super().__init__(name, params)
-        self.threshold = float(self.params.get("threshold", 128))
+        self.threshold = parse_params(self.params_type, self.params).threshold
 
     def filter(self, req, endpoints):
         kept = [e for e in endpoints if not e.stale and e.metrics.waiting <= self.threshold]

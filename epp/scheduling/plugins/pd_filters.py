@@ -10,24 +10,29 @@ prefill-filter keeps unlabelled pods only when told to (default false).
 from __future__ import annotations
 
 from epp.scheduling.framework import Filter
+from epp.scheduling.params import Label, PluginParams, parse_params
 
 ROLE_LABEL = "infergate.io/role"
 BOTH = "both"
 
 
+class RoleFilterParams(PluginParams):
+    label: Label = ROLE_LABEL
+    allow_unlabeled: bool | None = None  # None: the filter's own default
+
+
 class _RoleFilter(Filter):
+    params_type = RoleFilterParams
     role = ""
     unlabeled_default = False
 
     def __init__(self, name, params=None):
         super().__init__(name, params)
-        self.label = self.params.get("label", ROLE_LABEL)
-        if not isinstance(self.label, str) or not self.label:
-            raise ValueError(f"{self.type_name}: label must be a non-empty string")
-        allow = self.params.get("allowUnlabeled", self.unlabeled_default)
-        if not isinstance(allow, bool):
-            raise ValueError(f"{self.type_name}: allowUnlabeled must be true or false")
-        self.allow_unlabeled = allow
+        p = parse_params(self.params_type, self.params)
+        self.label = p.label
+        self.allow_unlabeled = (
+            self.unlabeled_default if p.allow_unlabeled is None else p.allow_unlabeled
+        )
         self.values = frozenset((self.role, BOTH))
 
     def filter(self, req, endpoints):

@@ -24,10 +24,14 @@ from __future__ import annotations
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
+from typing import Annotated
+
+import msgspec
 
 from epp.datastore import Endpoint
 from epp.errors import PickerError
 from epp.scheduling.framework import ProfileHandler, ProfileResult, SchedulingResult
+from epp.scheduling.params import MAX_TOKENS, Label, PluginParams, parse_params
 from epp.scheduling.plugins.pd_filters import ROLE_LABEL
 
 PREFILLER_HEADER = "x-prefiller-host-port"
@@ -42,15 +46,6 @@ UNCACHED = "uncached"  # enough of the prompt is new to the decode pod: prefill 
 CACHED = "cached"  # the decode pod holds enough of it
 DISABLED = "disabled"  # nonCachedTokens is 0
 API = "api"  # not a chat or completions request
-
-PARAMS = (
-    "nonCachedTokens",
-    "decodeProfile",
-    "prefillProfile",
-    "groupLabel",
-    "prefixScorer",
-    "historySize",
-)
 
 
 @dataclass(slots=True)
@@ -89,39 +84,31 @@ class PDDecision:
         }
 
 
-def _int_param(params: dict, key: str, default: int | None) -> int:
-    value = params.get(key, default)
-    if value is None:
-        raise ValueError(f"{key} is required")
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise ValueError(f"{key} must be an integer >= 0, got {value!r}")
-    return value
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=253)]
 
 
-def _str_param(params: dict, key: str, default: str | None) -> str | None:
-    value = params.get(key, default)
-    if value is not None and (not isinstance(value, str) or not value):
-        raise ValueError(f"{key} must be a non-empty string, got {value!r}")
-    return value
+class PDParams(PluginParams):
+    non_cached_tokens: Annotated[int, msgspec.Meta(ge=0, le=MAX_TOKENS)]  # 0: never disaggregate
+    decode_profile: Name = "decode"
+    prefill_profile: Name = "prefill"
+    group_label: Label = DEFAULT_GROUP_LABEL
+    prefix_scorer: Name | None = None
+    history_size: Annotated[int, msgspec.Meta(ge=0, le=100_000)] = 100
 
 
 class PDProfileHandler(ProfileHandler):
     type_name = "pd-profile-handler"
+    params_type = PDParams
 
     def __init__(self, name, params=None):
         super().__init__(name, params)
-        p = self.params
-        unknown = sorted(set(p) - set(PARAMS))
-        if unknown:
-            raise ValueError(f"unknown parameters {unknown}; known: {list(PARAMS)}")
-        if "nonCachedTokens" not in p:
-            raise ValueError("nonCachedTokens is required (0 turns disaggregation off)")
-        self.threshold = _int_param(p, "nonCachedTokens", None)
-        self.decode_profile = _str_param(p, "decodeProfile", "decode")
-        self.prefill_profile = _str_param(p, "prefillProfile", "prefill")
-        self.group_label = _str_param(p, "groupLabel", DEFAULT_GROUP_LABEL)
-        self.prefix_name = _str_param(p, "prefixScorer", None)
-        self.recent: deque[PDDecision] = deque(maxlen=_int_param(p, "historySize", 100))
+        p = parse_params(self.params_type, self.params)
+        self.threshold = p.non_cached_tokens
+        self.decode_profile = p.decode_profile
+        self.prefill_profile = p.prefill_profile
+        self.group_label = p.group_label
+        self.prefix_name = p.prefix_scorer
+        self.recent: deque[PDDecision] = deque(maxlen=p.history_size)
         self.counts: Counter[str] = Counter()  # outcome -> decisions
         self.sources: list = []  # plugins with cached_prompt(req, address), asked in order
         self._metrics = None

@@ -5,16 +5,22 @@ from __future__ import annotations
 import random
 
 from epp.scheduling.framework import Picker
+from epp.scheduling.params import PluginParams, Seed, parse_params
+
+
+class SeedParams(PluginParams):
+    seed: Seed | None = None  # fixed for reproducible picks; none: random
 
 
 class MaxScorePicker(Picker):
     """Highest score first; ties broken at random so equal pods share the load."""
 
     type_name = "max-score-picker"
+    params_type = SeedParams
 
     def __init__(self, name, params=None):
         super().__init__(name, params)
-        self._rng = random.Random(self.params.get("seed"))
+        self._rng = random.Random(parse_params(self.params_type, self.params).seed)
 
     def pick(self, req, scored, count):
         shuffled = list(scored)
@@ -27,10 +33,11 @@ class WeightedRandomPicker(Picker):
     """Random in proportion to score (A-Res: key = U^(1/score)); zero scores go last."""
 
     type_name = "weighted-random-picker"
+    params_type = SeedParams
 
     def __init__(self, name, params=None):
         super().__init__(name, params)
-        self._rng = random.Random(self.params.get("seed"))
+        self._rng = random.Random(parse_params(self.params_type, self.params).seed)
 
     def pick(self, req, scored, count):
         if all(s <= 0 for _, s in scored):
@@ -43,10 +50,11 @@ class WeightedRandomPicker(Picker):
 
 class RandomPicker(Picker):
     type_name = "random-picker"
+    params_type = SeedParams
 
     def __init__(self, name, params=None):
         super().__init__(name, params)
-        self._rng = random.Random(self.params.get("seed"))
+        self._rng = random.Random(parse_params(self.params_type, self.params).seed)
 
     def pick(self, req, scored, count):
         endpoints = [e for e, _ in scored]

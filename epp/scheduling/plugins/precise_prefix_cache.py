@@ -15,8 +15,12 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from typing import Annotated
+
+import msgspec
 
 from epp.scheduling.framework import PreRequest, Scorer
+from epp.scheduling.params import PluginParams, parse_params
 from kvindex.keys import prompt_keys
 
 log = logging.getLogger("epp.plugins.precise_prefix")
@@ -28,19 +32,27 @@ class PromptBlocks:
     keys: list[int]
 
 
+Weight = Annotated[float, msgspec.Meta(ge=0, le=1)]
+
+
+class PrecisePrefixCacheParams(PluginParams):
+    # What a block held in each tier counts for (a tier not named counts 0).
+    tier_weights: dict[Annotated[str, msgspec.Meta(max_length=64)], Weight] = msgspec.field(
+        default_factory=lambda: {"gpu": 1.0, "cpu": 0.8}
+    )
+    speculative_indexing: bool = True
+
+
 class PrecisePrefixCacheScorer(Scorer, PreRequest):
     type_name = "precise-prefix-cache-scorer"
+    params_type = PrecisePrefixCacheParams
     needs_kv_cache_view = True
 
     def __init__(self, name, params=None):
         super().__init__(name, params)
-        weights = self.params.get("tierWeights", {"gpu": 1.0, "cpu": 0.8})
-        if not isinstance(weights, dict) or not all(
-            isinstance(v, int | float) and 0 <= v <= 1 for v in weights.values()
-        ):
-            raise ValueError("tierWeights must map tiers to numbers in 0..1")
-        self.tier_weights = {str(k).lower(): float(v) for k, v in weights.items()}
-        self.speculative = bool(self.params.get("speculativeIndexing", True))
+        p = parse_params(self.params_type, self.params)
+        self.tier_weights = {k.lower(): v for k, v in p.tier_weights.items()}
+        self.speculative = p.speculative_indexing
         self.view = None
 
     def bind(self, view) -> None:

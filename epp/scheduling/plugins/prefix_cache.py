@@ -11,20 +11,32 @@ disaggregation, the prefill pod's too.
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import Annotated
 
+import msgspec
 import xxhash
 
 from epp.scheduling.framework import PreRequest, Scorer
+from epp.scheduling.params import PluginParams, PositiveCount, parse_params
+
+
+class PrefixCacheParams(PluginParams):
+    # A block is this many tokens of 4 characters; 64k tokens is far past any real block.
+    block_size_tokens: Annotated[int, msgspec.Meta(ge=1, le=65_536)] = 16
+    max_prefix_blocks_to_match: PositiveCount = 256
+    lru_capacity_per_server: PositiveCount = 31_250
 
 
 class PrefixCacheScorer(Scorer, PreRequest):
     type_name = "prefix-cache-scorer"
+    params_type = PrefixCacheParams
 
     def __init__(self, name, params=None):
         super().__init__(name, params)
-        self.block_chars = int(self.params.get("blockSizeTokens", 16)) * 4
-        self.max_blocks = int(self.params.get("maxPrefixBlocksToMatch", 256))
-        self.capacity = int(self.params.get("lruCapacityPerServer", 31_250))
+        p = parse_params(self.params_type, self.params)
+        self.block_chars = p.block_size_tokens * 4
+        self.max_blocks = p.max_prefix_blocks_to_match
+        self.capacity = p.lru_capacity_per_server
         self._by_server: dict[str, OrderedDict[int, None]] = {}
         # Reverse index for lookups: block hash → servers holding it.
         self._servers_of: dict[int, set[str]] = {}

@@ -5,14 +5,17 @@ from __future__ import annotations
 import random
 
 from epp.scheduling.framework import Scorer
+from epp.scheduling.params import parse_params
+from epp.scheduling.plugins.pickers import SeedParams
 
 
 class RandomScorer(Scorer):
     type_name = "random-scorer"
+    params_type = SeedParams
 
     def __init__(self, name, params=None):
         super().__init__(name, params)
-        self._rng = random.Random(self.params.get("seed"))
+        self._rng = random.Random(parse_params(self.params_type, self.params).seed)
 
     def score(self, req, endpoints):
         return [self._rng.random() for _ in endpoints]

@@ -8,17 +8,30 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
+from typing import Annotated
+
+import msgspec
 
 from epp.scheduling.framework import PreRequest, Scorer
+from epp.scheduling.params import PluginParams, PositiveCount, parse_params
+
+MAX_TTL_SECONDS = 30 * 24 * 3600.0
+
+
+class SessionAffinityParams(PluginParams):
+    ttl_seconds: Annotated[float, msgspec.Meta(gt=0, le=MAX_TTL_SECONDS)] = 300.0
+    max_sessions: PositiveCount = 100_000
 
 
 class SessionAffinityScorer(Scorer, PreRequest):
     type_name = "session-affinity-scorer"
+    params_type = SessionAffinityParams
 
     def __init__(self, name, params=None):
         super().__init__(name, params)
-        self.ttl = float(self.params.get("ttlSeconds", 300))
-        self.max_sessions = int(self.params.get("maxSessions", 100_000))
+        p = parse_params(self.params_type, self.params)
+        self.ttl = p.ttl_seconds
+        self.max_sessions = p.max_sessions
         self._sessions: OrderedDict[str, tuple[str, float]] = OrderedDict()
 
     def _lookup(self, session: str) -> str | None:

@@ -1,0 +1,107 @@
+"""epp/providers/file.py on real files: a bad edit (wrong types, half-written YAML) keeps the
+last good pool, is logged and counted, and the watch goes on so a later good edit applies."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from epp.datastore import Datastore
+from epp.metrics import PickerMetrics
+from epp.providers.file import FileProvider, FileProviderError
+from tests.test_epp_scrape import wait_for
+
+POOL = {
+    "apiVersion": "inference.networking.k8s.io/v1",
+    "kind": "InferencePool",
+    "metadata": {"name": "pool", "namespace": "default"},
+    "spec": {"selector": {"matchLabels": {"app": "vllm"}}, "targetPorts": [{"number": 8000}]},
+}
+
+
+def pod(name: str, ip: object = "10.0.0.1", **meta: object) -> dict:
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "labels": {"app": "vllm"}, **meta},
+        "status": {"podIP": ip, "conditions": [{"type": "Ready", "status": "True"}]},
+    }
+
+
+def write(path: Path, *objects: dict) -> None:
+    path.write_text(yaml.safe_dump_all(objects))
+
+
+def errors(metrics: PickerMetrics, reason: str) -> float:
+    value = metrics.registry.get_sample_value(
+        "infergate_epp_pool_file_errors_total", {"reason": reason}
+    )
+    return value or 0.0
+
+
+BAD_EDITS = [
+    pytest.param(lambda: [POOL, pod("a"), {**pod("b"), "metadata": [1]}], id="metadata-list"),
+    pytest.param(lambda: [POOL, pod("a"), pod("b", ip=10)], id="podIP-int"),
+    pytest.param(lambda: [POOL, pod("a"), pod("b", ip="pods.example.com")], id="podIP-host"),
+    pytest.param(lambda: [POOL, pod("a"), pod("b", labels={"app": 1})], id="label-int"),
+    pytest.param(lambda: [POOL, {**pod("b"), "status": "up"}], id="status-string"),
+    pytest.param(lambda: [{**POOL, "spec": [1]}, pod("a")], id="pool-spec-list"),
+    pytest.param(
+        lambda: [{**POOL, "spec": {**POOL["spec"], "selector": [1]}}, pod("a")],
+        id="pool-selector-list",
+    ),
+    pytest.param(
+        lambda: [{**POOL, "spec": {**POOL["spec"], "endpointPickerRef": "x"}}, pod("a")],
+        id="pool-ref-string",
+    ),
+    pytest.param(
+        lambda: [POOL, pod("a"), {"apiVersion": "v1", "kind": "List", "items": 5}],
+        id="list-items-int",
+    ),
+]
+
+
+@pytest.mark.parametrize("bad", BAD_EDITS)
+async def test_a_bad_edit_keeps_the_pool_and_a_later_good_edit_applies(tmp_path, bad):
+    path = tmp_path / "pool.yaml"
+    write(path, POOL, pod("a", "10.0.0.1"))
+    ds, metrics = Datastore(), PickerMetrics()
+    provider = FileProvider(ds, [path], "pool", poll_interval=0.02, metrics=metrics)
+    await provider.start()
+    try:
+        assert [e.address for e in ds.endpoints()] == ["10.0.0.1:8000"]
+        write(path, *bad())
+        await wait_for(lambda: errors(metrics, "invalid") == 1)
+        assert [e.address for e in ds.endpoints()] == ["10.0.0.1:8000"]
+        assert ds.pool is not None and ds.pool.selector == {"app": "vllm"}
+        write(path, POOL, pod("a", "10.0.0.1"), pod("c", "10.0.0.3"))
+        await wait_for(lambda: len(ds.endpoints()) == 2)
+    finally:
+        await provider.stop()
+
+
+async def test_a_half_written_file_and_a_binary_one_are_counted(tmp_path):
+    path = tmp_path / "pool.yaml"
+    write(path, POOL, pod("a"))
+    ds, metrics = Datastore(), PickerMetrics()
+    provider = FileProvider(ds, [path], "pool", poll_interval=0.02, metrics=metrics)
+    await provider.start()
+    try:
+        path.write_text(yaml.safe_dump_all([POOL, pod("a")])[:40])
+        await wait_for(lambda: errors(metrics, "invalid") == 1)
+        path.write_bytes(b"\xff\xfe\x00garbage")
+        await wait_for(lambda: errors(metrics, "invalid") == 2)
+        assert len(ds.endpoints()) == 1
+        write(path, POOL, pod("a"), pod("b", "10.0.0.2"))
+        await wait_for(lambda: len(ds.endpoints()) == 2)
+    finally:
+        await provider.stop()
+
+
+def test_a_bad_file_at_start_is_an_error_naming_the_object(tmp_path):
+    path = tmp_path / "pool.yaml"
+    write(path, POOL, pod("b", ip=10))
+    with pytest.raises(FileProviderError, match=r"podIP"):
+        FileProvider(Datastore(), [path], "pool").load()
