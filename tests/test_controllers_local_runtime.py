@@ -201,3 +201,99 @@ async def test_an_infergate_command_runs_this_installation(runtime, monkeypatch)
         b"infergate.cli",
         b"connector",
     ]
+
+
+# ---- a container is its whole process group ---------------------------------------------------
+
+# The main process forks a worker that binds the pod's port and ignores SIGTERM (as vLLM's
+# EngineCore holds its replay port), records "<pid> bound|busy", then the main process exits
+# (crash) or waits (to be deleted).
+FORKING_CONTAINER = r"""
+import os, signal, socket, sys, time
+ip, port, out, crash = os.environ["POD_IP"], int(sys.argv[1]), sys.argv[2], sys.argv[3] == "crash"
+child = os.fork()
+if child == 0:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    s = socket.socket()
+    try:
+        s.bind((ip, port))
+        s.listen()
+        verdict = "bound"
+    except OSError:
+        verdict = "busy"
+    with open(out, "a") as f:
+        f.write(f"{os.getpid()} {verdict}\n")
+    time.sleep(3600)
+    os._exit(0)
+while not any(line.startswith(f"{child} ") for line in open(out).read().splitlines()):
+    time.sleep(0.02)
+if crash:
+    sys.exit(1)
+time.sleep(3600)
+"""
+
+
+def forking_pod(name: str, out: Path, mode: str) -> dict:
+    out.touch()
+    container = {
+        "name": "engine",
+        "command": [sys.executable, "-c", FORKING_CONTAINER],
+        "args": ["8000", str(out), mode],
+        "ports": [{"containerPort": 8000}],
+    }
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {"containers": [container], "terminationGracePeriodSeconds": 2},
+    }
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+async def wait_lines(path: Path, n: int, within: float = 30.0) -> list[list[str]]:
+    deadline = time.monotonic() + within
+    while len(lines := path.read_text().splitlines()) < n:  # noqa: ASYNC240 - a tiny file
+        assert time.monotonic() < deadline, f"{path}: {lines}"
+        await asyncio.sleep(0.05)
+    return [line.split() for line in lines]
+
+
+async def wait_gone(store, name: str, within: float = 30.0) -> None:
+    deadline = time.monotonic() + within
+    while await store.get(POD, "default", name) is not None:
+        assert time.monotonic() < deadline, f"pod {name} was never removed"
+        await asyncio.sleep(0.05)
+
+
+async def test_a_crashed_container_takes_its_children_with_it(runtime, tmp_path):
+    """The main process dies; the worker it forked must not survive into the restart, or the
+    next incarnation finds its port taken ("Address already in use")."""
+    store, _ = runtime
+    out = tmp_path / "workers"
+    await store.create(forking_pod("crashy", out, "crash"))
+    (first, first_verdict), (_, second_verdict) = (await wait_lines(out, 2))[:2]
+    assert (first_verdict, second_verdict) == ("bound", "bound")
+    assert not alive(int(first))
+    await store.delete(POD, "default", "crashy")
+    await wait_gone(store, "crashy")
+    assert not any(alive(int(pid)) for pid, _ in await wait_lines(out, 2))
+
+
+async def test_deleting_a_pod_kills_children_that_ignore_sigterm(runtime, tmp_path):
+    store, rt = runtime
+    out = tmp_path / "workers"
+    await store.create(forking_pod("stubborn", out, "wait"))
+    [(worker, verdict)] = await wait_lines(out, 1)
+    assert verdict == "bound"
+    main = rt.process("default", "stubborn")
+    await store.delete(POD, "default", "stubborn")
+    await wait_gone(store, "stubborn")  # the finalizer goes once every process is gone
+    assert main.returncode == -signal.SIGTERM
+    assert not alive(int(worker))
