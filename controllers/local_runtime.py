@@ -302,9 +302,7 @@ class LocalRuntime:
             run = self._running.get(key)
         if run is None or run.stopping:
             return
-        if self._running.get(key) is run:
-            del self._running[key]
-        run.stopping = True
+        run.stopping = True  # it stays under its key while it drains: its pod is not released
         tasks = [c.task for c in run.containers if c.task is not None]
         for task in tasks:
             task.cancel()
@@ -317,6 +315,8 @@ class LocalRuntime:
             *(stop_container(c.proc, grace) for c in run.containers if c.proc is not None)
         )
         self._free_ips.append(run.ip)
+        if self._running.get(key) is run:
+            del self._running[key]
         await self._release(run.pod)
 
     # ---- command line -------------------------------------------------------------------

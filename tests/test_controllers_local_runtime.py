@@ -297,3 +297,97 @@ async def test_deleting_a_pod_kills_children_that_ignore_sigterm(runtime, tmp_pa
     await wait_gone(store, "stubborn")  # the finalizer goes once every process is gone
     assert main.returncode == -signal.SIGTERM
     assert not alive(int(worker))
+
+
+# ---- graceful drain -----------------------------------------------------------------------------
+
+
+def slow_modelinfer(replicas: int) -> dict:
+    """Simulator pods that stream a token every 50 ms."""
+    container = sim_pod("x")["spec"]["containers"][0]
+    container["args"] = [
+        *["--port", "8000", "--served-model-name", "m"],
+        *["--sim-decode-ms-per-step", "50"],
+    ]
+    container["env"] = []
+    template = {"metadata": {"labels": {"app": "slow"}}, "spec": {"containers": [container]}}
+    return {
+        "apiVersion": "workload.infergate.io/v1alpha1",
+        "kind": "ModelInfer",
+        "metadata": {"name": "slow", "namespace": "default"},
+        "spec": {
+            "replicas": replicas,
+            "template": {"roles": [{"name": "serve", "entryTemplate": template}]},
+        },
+    }
+
+
+async def reconcile_until(reconciler, store, check, within: float = 60.0) -> list[dict]:
+    deadline = time.monotonic() + within
+    while True:
+        await reconciler.reconcile("default", "slow")
+        pods, _ = await store.list(POD, "default")
+        if check(pods):
+            return pods
+        assert time.monotonic() < deadline, [(p["metadata"], p.get("status")) for p in pods]
+        await asyncio.sleep(0.05)
+
+
+async def test_a_stream_finishes_across_a_scale_down_while_new_requests_go_elsewhere(runtime):
+    from controllers.envoy_eds import pool_endpoints
+    from controllers.modelinfer import ModelInferReconciler
+    from controllers.modelinfer_pods import L_MODELINFER
+    from controllers.store import MODEL_INFER
+
+    store, rt = runtime
+    reconciler = ModelInferReconciler(store)
+    await store.create(slow_modelinfer(2))
+    pods = await reconcile_until(
+        reconciler,
+        store,
+        lambda pods: len(pods) == 2 and all(ready(p.get("status") or {}) for p in pods),
+    )
+    doomed = next(p for p in pods if p["metadata"]["name"] == "slow-1-serve-0-0")
+    stays = next(p for p in pods if p is not doomed)
+    ip = doomed["status"]["podIP"]
+    proc = rt.process("default", "slow-1-serve-0-0")
+    pool = {
+        "metadata": {"namespace": "default"},
+        "spec": {
+            "selector": {"matchLabels": {L_MODELINFER: "slow"}},
+            "targetPorts": [{"number": 8000}],
+        },
+    }
+    tokens = 60  # 3 s of stream
+    body = {"model": "m", "prompt": "drain me", "max_tokens": tokens, "stream": True}
+    async with aiohttp.ClientSession() as s:
+        async with s.post(f"http://{ip}:8000/v1/completions", json=body) as stream:
+            first = await stream.content.readline()
+            assert first.startswith(b"data: ")
+
+            mi = await store.get(MODEL_INFER, "default", "slow")
+            mi["spec"]["replicas"] = 1
+            await store.update(mi)
+            await reconciler.reconcile("default", "slow")  # scales down: deletes group 1
+
+            pod = await wait_status(store, "slow-1-serve-0-0", lambda st: not ready(st))
+            assert pod["metadata"].get("deletionTimestamp")  # terminating, still draining
+            pods, _ = await store.list(POD, "default")
+            assert pool_endpoints(pool, pods) == [(stays["status"]["podIP"], 8000, True)]
+
+            deadline = time.monotonic() + 30
+            while True:  # SIGTERM closes the listener: new connections go nowhere
+                try:
+                    async with s.get(f"http://{ip}:8000/health") as r:
+                        await r.read()
+                except aiohttp.ClientConnectorError:
+                    break
+                assert time.monotonic() < deadline, "the terminating pod still accepts requests"
+                await asyncio.sleep(0.05)
+
+            rest = (await stream.content.read()).decode().split("\n\n")
+            events = [first.decode().strip(), *(e.strip() for e in rest if e.strip())]
+    assert events[-1] == "data: [DONE]"
+    assert len(events) - 1 == tokens  # every token arrived; the stream was not cut
+    await wait_gone(store, "slow-1-serve-0-0")
+    assert proc.returncode == 0  # it exited by itself after the stream, not by SIGKILL
