@@ -29,6 +29,8 @@ from infergate.api.networking import (
     validate_model_route,
     validate_model_server,
 )
+from infergate.api.nulls import prune_nulls as _prune_nulls
+from infergate.api.pod import ALLOW_PRIVILEGED_LABEL
 from infergate.api.upstream import (
     InferenceObjective,
     InferencePool,
@@ -38,11 +40,13 @@ from infergate.api.upstream import (
 from infergate.api.workload import (
     Model,
     ModelInfer,
+    model_infer_host_powers,
     validate_model,
     validate_model_infer,
 )
 
 __all__ = [
+    "ALLOW_PRIVILEGED_LABEL",
     "KINDS",
     "ApiError",
     "AutoScalingPolicy",
@@ -56,7 +60,9 @@ __all__ = [
     "ModelServer",
     "ObjectMeta",
     "duration_seconds",
+    "forbidden_host_powers",
     "from_dict",
+    "prune_nulls",
     "to_dict",
     "validate",
     "validate_dict",
@@ -109,6 +115,12 @@ def from_dict(obj: dict[str, Any]) -> ApiStruct:
         raise ApiError(f"{_JSON_PATH.sub('', where.strip('`')) or '.'}: {message}") from None
 
 
+def prune_nulls(obj: dict[str, Any]) -> dict[str, Any]:
+    """`obj` without the nulls the API server would drop (see nulls.py); other kinds as given."""
+    cls = KINDS.get((obj.get("apiVersion"), obj.get("kind")))  # type: ignore[arg-type]
+    return obj if cls is None else _prune_nulls(obj, cls)
+
+
 def to_dict(obj: ApiStruct) -> dict[str, Any]:
     """Back to a plain dict, apiVersion and kind first; unset fields are left out."""
     out = msgspec.to_builtins(obj)
@@ -123,6 +135,17 @@ def validate(obj: ApiStruct) -> list[str]:
 def validate_dict(obj: dict[str, Any]) -> list[str]:
     """from_dict, then validate: for admission, where a bad object is an answer, not a crash."""
     try:
-        return validate(from_dict(obj))
+        return validate(from_dict(prune_nulls(obj)))
     except ApiError as exc:
         return [str(exc)]
+
+
+def forbidden_host_powers(obj: dict[str, Any], namespace_labels: dict[str, str]) -> list[str]:
+    """The problems of a valid object whose pods would get power over their node (privileged,
+    added capabilities, hostPath, host namespaces) in a namespace that has not opted in."""
+    if namespace_labels.get(ALLOW_PRIVILEGED_LABEL) == "true":
+        return []
+    typed = from_dict(prune_nulls(obj))
+    powers = model_infer_host_powers(typed) if isinstance(typed, ModelInfer) else []
+    hint = f"allowed only in a namespace labelled {ALLOW_PRIVILEGED_LABEL}=true"
+    return [f"{power} ({hint})" for power in powers]
