@@ -9,7 +9,6 @@ Imported by the picker (epp) and the controllers alike, so it imports neither.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from typing import Any
 
@@ -22,7 +21,13 @@ from infergate.api.autoscaling import (
     validate_autoscaling_policy,
     validate_autoscaling_policy_binding,
 )
-from infergate.api.meta import ApiStruct, Condition, ObjectMeta, duration_seconds
+from infergate.api.meta import (
+    ApiStruct,
+    Condition,
+    ObjectMeta,
+    conversion_problem,
+    duration_seconds,
+)
 from infergate.api.networking import (
     ModelRoute,
     ModelServer,
@@ -96,9 +101,6 @@ class ApiError(ValueError):
     """An object that cannot be read as the kind it claims to be."""
 
 
-_JSON_PATH = re.compile(r"\$\.?")
-
-
 def from_dict(obj: dict[str, Any]) -> ApiStruct:
     """The typed object for a Kubernetes-style dict; ApiError names the field that is wrong."""
     key = (obj.get("apiVersion"), obj.get("kind"))
@@ -108,11 +110,7 @@ def from_dict(obj: dict[str, Any]) -> ApiStruct:
     try:
         return msgspec.convert(obj, cls)
     except msgspec.ValidationError as exc:
-        # msgspec says "... - at `$.spec.replicas`"; we say "spec.replicas: ...".
-        message, _, where = str(exc).rpartition(" - at ")
-        if not message:
-            raise ApiError(str(exc)) from None
-        raise ApiError(f"{_JSON_PATH.sub('', where.strip('`')) or '.'}: {message}") from None
+        raise ApiError(conversion_problem(exc)) from None
 
 
 def prune_nulls(obj: dict[str, Any]) -> dict[str, Any]:

@@ -80,6 +80,26 @@ def duration_seconds(text: str) -> float:
     return sum(int(n) * _DURATION_UNITS[unit] for n, unit in _DURATION_PART.findall(text))
 
 
+# ---- msgspec's errors as `path: message` -------------------------------------------------------
+
+_MISSING_FIELD = re.compile(r"^Object missing required field `([^`]+)`$")
+
+
+def conversion_problem(exc: msgspec.ValidationError, prefix: str = "") -> str:
+    """msgspec's "Expected `int`, got `str` - at `$.spec.replicas`" as "spec.replicas: Expected
+    `int`, got `str`", and a missing field as "spec.template: is required"; `prefix` is the
+    path of what was converted."""
+    text = str(exc)
+    message, at, where = text.rpartition(" - at ")
+    if not at:
+        message, where = text, ""
+    path = prefix + where.strip("`").removeprefix("$")
+    missing = _MISSING_FIELD.match(message)
+    if missing:
+        path, message = f"{path}.{missing.group(1)}" if path else missing.group(1), "is required"
+    return f"{path.removeprefix('.') or '.'}: {message}"
+
+
 # ---- collecting validation problems -------------------------------------------------------------
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import msgspec
 
-from infergate.api.meta import DNS_LABEL, LABEL_KEY, ApiStruct, Problems
+from infergate.api.meta import DNS_LABEL, LABEL_KEY, ApiStruct, Problems, conversion_problem
 
 ALLOW_PRIVILEGED_LABEL = "infergate.io/allow-privileged-pods"
 RESTART_POLICIES = ("Always", "OnFailure", "Never")
@@ -106,9 +106,7 @@ def read_template(p: Problems, path: str, template: dict[str, Any]) -> PodTempla
     try:
         return msgspec.convert(template, PodTemplate)
     except msgspec.ValidationError as exc:
-        message, _, where = str(exc).rpartition(" - at ")
-        field = where.strip("`").removeprefix("$")
-        p.add(f"{path}{field}" if message else path, message or str(exc))
+        p.messages.append(conversion_problem(exc, path))
         return None
 
 
