@@ -19,6 +19,8 @@ import yaml
 
 from controllers.store import KINDS, NotFound, Obj, Store, kind_of
 from infergate.api import forbidden_host_powers, prune_nulls, validate_dict
+from infergate.api.meta import Problems
+from infergate.api.pod import check_pod_template
 
 log = logging.getLogger("controllers.manifests")
 # Kinds an example directory holds for the rest of the stack, not for the controllers: the
@@ -55,7 +57,7 @@ def read_objects(directory: Path) -> tuple[list[tuple[str, Obj]], list[str]]:
         if not isinstance(meta, dict) or not isinstance(meta.get("name"), str):
             problems.append(f"{where}: {doc['kind']} without a metadata.name")
             continue
-        errors = validate_dict(doc) if doc["kind"] not in ("Pod", "Service", "Lease") else []
+        errors = _problems(doc)
         if not errors and doc["kind"] == "ModelInfer":
             namespace = meta.get("namespace") or "default"
             errors = forbidden_host_powers(doc, namespace_labels.get(namespace, {}))
@@ -67,6 +69,18 @@ def read_objects(directory: Path) -> tuple[list[tuple[str, Obj]], list[str]]:
         meta.setdefault("namespace", "default")
         objects.append((where, doc))
     return objects, problems
+
+
+def _problems(doc: Obj) -> list[str]:
+    """Our kinds as the webhook checks them; a Pod as its template would be (the local
+    runtime reads the same fields); Services and Leases as they are."""
+    if doc["kind"] == "Pod":
+        problems = Problems()
+        check_pod_template(problems, "", doc, required=True)
+        return [m.removeprefix(".") for m in problems.messages]
+    if doc["kind"] in ("Service", "Lease"):
+        return []
+    return validate_dict(doc)
 
 
 def _namespace_labels(docs) -> dict[str, dict[str, str]]:

@@ -185,7 +185,16 @@ def _weight_on_some_targets(o: Obj) -> None:  # CEL: weight on all targetModels 
     del o["spec"]["rules"][1]["targetModels"][1]["weight"]
 
 
+def _name_with_a_path(o: Obj) -> None:  # the local runtime makes log file names of it
+    o["metadata"]["name"] = "../../etc/x"
+
+
 BROKEN: list[tuple[str, Callable[[Obj], None], str]] = [
+    (
+        "modelinfer.yaml",
+        _name_with_a_path,
+        "metadata.name: must be a lowercase DNS subdomain of at most 253 characters",
+    ),
     ("modelserver.yaml", _bad_enum, "spec.inferenceEngine: must be one of vLLM, SGLang, TRTLLM"),
     ("modelserver.yaml", _port_out_of_bounds, "spec.workloadPort.port: must be 1..65535"),
     ("modelroute.yaml", _weight_out_of_bounds, "spec.rules[1].targetModels[0].weight: must be"),

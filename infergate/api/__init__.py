@@ -25,6 +25,7 @@ from infergate.api.meta import (
     ApiStruct,
     Condition,
     ObjectMeta,
+    check_object_meta,
     conversion_problem,
     duration_seconds,
 )
@@ -126,8 +127,9 @@ def to_dict(obj: ApiStruct) -> dict[str, Any]:
 
 
 def validate(obj: ApiStruct) -> list[str]:
-    """Every problem the CRD's schema and CEL rules would report, as `path: message`."""
-    return _VALIDATORS[type(obj)](obj)
+    """Every problem the API server (object names) and the CRD's schema and CEL rules would
+    report, as `path: message`."""
+    return check_object_meta(obj.metadata) + _VALIDATORS[type(obj)](obj)  # type: ignore[attr-defined]
 
 
 def validate_dict(obj: dict[str, Any]) -> list[str]:

@@ -176,6 +176,19 @@ class Problems:
             seen.add(key)
 
 
+def check_object_meta(meta: ObjectMeta) -> list[str]:
+    """The API server's rules for a custom object's name and namespace: the standalone
+    runtime makes file names of them, and the controllers pod names."""
+    p = Problems()
+    for path, value, limit, pattern, what in (
+        ("metadata.name", meta.name, 253, DNS_SUBDOMAIN, "a lowercase DNS subdomain"),
+        ("metadata.namespace", meta.namespace, 63, DNS_LABEL, "a lowercase DNS label"),
+    ):
+        if value is not None and (len(value) > limit or not pattern.match(value)):
+            p.add(path, f"must be {what} of at most {limit} characters")
+    return p.messages
+
+
 def check_status_conditions(problems: Problems, path: str, conds: list[Condition] | None) -> None:
     if conds is None:
         return
