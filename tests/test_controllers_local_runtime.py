@@ -299,6 +299,20 @@ async def test_deleting_a_pod_kills_children_that_ignore_sigterm(runtime, tmp_pa
     assert not alive(int(worker))
 
 
+async def test_stopping_the_runtime_kills_children_that_ignore_sigterm(tmp_path):
+    store = MemoryStore()
+    rt = LocalRuntime(store, tmp_path, max_backoff=0.5, probe_interval=0.05)
+    await rt.start()
+    out = tmp_path / "workers"
+    try:
+        await store.create(forking_pod("left", out, "wait"))
+        [(worker, verdict)] = await wait_lines(out, 1)
+        assert verdict == "bound"
+    finally:
+        await rt.stop()  # as on Ctrl-C of standalone mode
+    assert not alive(int(worker))
+
+
 # ---- graceful drain -----------------------------------------------------------------------------
 
 
