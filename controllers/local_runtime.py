@@ -15,9 +15,10 @@ session; see process_group.py): when the main process exits, the rest of its gro
 before a restart, so no child keeps the memory or the port the next incarnation needs. A pod
 the runtime runs carries its finalizer, so deleting it (scale-down, a rolling update, scale to
 zero) first marks it terminating — not ready, so out of the picker's pool file and Envoy's EDS —
-then each container's main process gets SIGTERM and up to the pod's
-terminationGracePeriodSeconds (30 by default) to finish what it serves, then SIGKILL with its
-group; only then does the finalizer go and the Pod with it.
+then each container sleeps its lifecycle.preStop.sleep.seconds, if any (so the picker and Envoy
+drop the pod before it stops listening), its main process gets SIGTERM and what is left of the
+pod's terminationGracePeriodSeconds (30 by default) to finish what it serves, then SIGKILL with
+its group; only then does the finalizer go and the Pod with it.
 
 Each container's `command` + `args` run with `$(VAR)` expanded from its env, as the kubelet
 does; env entries may use fieldRef `metadata.name`, `metadata.namespace` and `status.podIP`,
@@ -312,12 +313,22 @@ class LocalRuntime:
         await self._write_status(key, run)  # terminating: out of every pool before SIGTERM
         grace = _grace_seconds(run.pod)
         await asyncio.gather(
-            *(stop_container(c.proc, grace) for c in run.containers if c.proc is not None)
+            *(self._stop_container(c, grace) for c in run.containers if c.proc is not None)
         )
         self._free_ips.append(run.ip)
         if self._running.get(key) is run:
             del self._running[key]
         await self._release(run.pod)
+
+    @staticmethod
+    async def _stop_container(c: _Container, grace: float) -> None:
+        """A preStop sleep first (the endpoints drop the pod meanwhile), within the grace
+        period, as the kubelet runs it; then SIGTERM with what is left of the grace."""
+        assert c.proc is not None
+        pause = min(_pre_stop_sleep(c.spec), grace)
+        if pause > 0 and c.proc.returncode is None:
+            await asyncio.sleep(pause)
+        await stop_container(c.proc, grace - pause)
 
     # ---- command line -------------------------------------------------------------------
 
@@ -382,6 +393,13 @@ def _container_status(c: _Container) -> dict:
 def _same(a: Obj, b: Obj) -> bool:
     """The same pod, not only the same name."""
     return a["metadata"].get("uid") == b["metadata"].get("uid")
+
+
+def _pre_stop_sleep(container: dict) -> float:
+    """lifecycle.preStop.sleep.seconds (a preStop exec or httpGet hook is not run here)."""
+    sleep = ((container.get("lifecycle") or {}).get("preStop") or {}).get("sleep") or {}
+    seconds = sleep.get("seconds")
+    return float(seconds) if isinstance(seconds, int) and seconds > 0 else 0.0
 
 
 def _grace_seconds(pod: Obj) -> float:

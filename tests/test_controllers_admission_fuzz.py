@@ -80,6 +80,7 @@ KEYS = [
     *("minRoleReplicas", "schedulerName", "restartPolicy", "terminationGracePeriodSeconds"),
     *("backend", "aggregated", "prefill", "decode", "kvConnector", "autoscaling", "engine"),
     *("securityContext", "privileged", "volumes", "hostPath", "hostNetwork", "initContainers"),
+    *("lifecycle", "preStop", "sleep", "seconds"),
 ]
 
 LEAVES = (
@@ -134,6 +135,7 @@ def _read_pod_as_the_runtime_does(pod: dict) -> None:
     local_runtime._container_ports(pod)
     local_runtime._grace_seconds(pod)
     for container in pod["spec"].get("containers") or [{}]:
+        local_runtime._pre_stop_sleep(container)
         env = LocalRuntime._env(pod, container, "127.0.0.2")
         LocalRuntime._command(container, env)
         http = (container.get("readinessProbe") or {}).get("httpGet")

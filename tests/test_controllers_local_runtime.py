@@ -316,6 +316,9 @@ async def test_stopping_the_runtime_kills_children_that_ignore_sigterm(tmp_path)
 # ---- graceful drain -----------------------------------------------------------------------------
 
 
+PRE_STOP_SECONDS = 2  # the pod keeps listening this long after it leaves the pool
+
+
 def slow_modelinfer(replicas: int) -> dict:
     """Simulator pods that stream a token every 50 ms."""
     container = sim_pod("x")["spec"]["containers"][0]
@@ -324,6 +327,7 @@ def slow_modelinfer(replicas: int) -> dict:
         *["--sim-decode-ms-per-step", "50"],
     ]
     container["env"] = []
+    container["lifecycle"] = {"preStop": {"sleep": {"seconds": PRE_STOP_SECONDS}}}
     template = {"metadata": {"labels": {"app": "slow"}}, "spec": {"containers": [container]}}
     return {
         "apiVersion": "workload.infergate.io/v1alpha1",
@@ -372,7 +376,7 @@ async def test_a_stream_finishes_across_a_scale_down_while_new_requests_go_elsew
             "targetPorts": [{"number": 8000}],
         },
     }
-    tokens = 60  # 3 s of stream
+    tokens = 100  # 5 s of stream: longer than the preStop sleep
     body = {"model": "m", "prompt": "drain me", "max_tokens": tokens, "stream": True}
     async with aiohttp.ClientSession() as s:
         async with s.post(f"http://{ip}:8000/v1/completions", json=body) as stream:
@@ -385,6 +389,7 @@ async def test_a_stream_finishes_across_a_scale_down_while_new_requests_go_elsew
             await reconciler.reconcile("default", "slow")  # scales down: deletes group 1
 
             pod = await wait_status(store, "slow-1-serve-0-0", lambda st: not ready(st))
+            left_the_pool = time.monotonic()
             assert pod["metadata"].get("deletionTimestamp")  # terminating, still draining
             pods, _ = await store.list(POD, "default")
             assert pool_endpoints(pool, pods) == [(stays["status"]["podIP"], 8000, True)]
@@ -395,12 +400,15 @@ async def test_a_stream_finishes_across_a_scale_down_while_new_requests_go_elsew
                     async with s.get(f"http://{ip}:8000/health") as r:
                         await r.read()
                 except aiohttp.ClientConnectorError:
+                    stopped_listening = time.monotonic()
                     break
                 assert time.monotonic() < deadline, "the terminating pod still accepts requests"
                 await asyncio.sleep(0.05)
 
             rest = (await stream.content.read()).decode().split("\n\n")
             events = [first.decode().strip(), *(e.strip() for e in rest if e.strip())]
+    # SIGTERM came after the preStop sleep (a lower bound: the status poll may lag it a little)
+    assert stopped_listening - left_the_pool >= PRE_STOP_SECONDS - 0.5
     assert events[-1] == "data: [DONE]"
     assert len(events) - 1 == tokens  # every token arrived; the stream was not cut
     await wait_gone(store, "slow-1-serve-0-0")

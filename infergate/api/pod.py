@@ -63,6 +63,18 @@ class Capabilities(ApiStruct):
     drop: list[str] | None = None
 
 
+class SleepAction(ApiStruct):
+    seconds: int
+
+
+class LifecycleHandler(ApiStruct):
+    sleep: SleepAction | None = None
+
+
+class Lifecycle(ApiStruct):
+    pre_stop: LifecycleHandler | None = None
+
+
 class SecurityContext(ApiStruct):
     privileged: bool | None = None
     capabilities: Capabilities | None = None
@@ -76,6 +88,7 @@ class Container(ApiStruct):
     env: list[EnvVar] | None = None
     ports: list[ContainerPort] | None = None
     readiness_probe: Probe | None = None
+    lifecycle: Lifecycle | None = None
     security_context: SecurityContext | None = None
 
 
@@ -153,6 +166,9 @@ def _check_container(p: Problems, path: str, c: Container) -> None:
         ref = env.value_from.field_ref if env.value_from is not None else None
         if ref is not None:
             p.choice(f"{path}.env[{i}].valueFrom.fieldRef.fieldPath", ref.field_path, FIELD_PATHS)
+    pre_stop = c.lifecycle.pre_stop if c.lifecycle is not None else None
+    if pre_stop is not None and pre_stop.sleep is not None:
+        p.number(f"{path}.lifecycle.preStop.sleep.seconds", pre_stop.sleep.seconds, 0)
     probe = c.readiness_probe.http_get if c.readiness_probe is not None else None
     if probe is not None:
         port = probe.port
