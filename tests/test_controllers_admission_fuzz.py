@@ -1,10 +1,12 @@
 """Webhook reviews followed by a reconcile: the webhook and the controllers agree.
 
-Valid Models and ModelInfers are mutated at random places — a null, a value of another type
-or size, a key removed or added — and sent through the webhook's decision. Every object it
+Valid Models, ModelInfers and autoscaling objects are mutated at random places — a null, a
+value of another type or size, a key removed or added — and sent through the webhook's
+decision. Every object it
 admits is stored (as the API server stores it: nulls dropped) and reconciled: the Model
-controller writes its objects, the ModelInfer controller its pods, and the standalone
-runtime reads each pod's command, environment, ports, probe and grace period. None of that may
+controller writes its objects, the ModelInfer controller its pods, the standalone runtime
+reads each pod's command, environment, ports, probe and grace period, and the autoscaler runs
+a binding's cycles. None of that may
 raise. Every object it refuses gets a 422 whose message names the field.
 """
 
@@ -21,11 +23,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from controllers import local_runtime
+from controllers.autoscaler import AutoscalerReconciler
 from controllers.local_runtime import LocalRuntime
 from controllers.memory_store import MemoryStore
 from controllers.model import ModelReconciler
 from controllers.modelinfer import ModelInferReconciler
-from controllers.store import MODEL, MODEL_INFER, POD, Invalid
+from controllers.store import AUTOSCALING_BINDING, MODEL_INFER, POD, Invalid
 from controllers.webhook import decide, review_for
 from tests.controller_helpers import kubelet, modelinfer
 from tests.fuzzing import fuzz_settings
@@ -68,7 +71,12 @@ BASES = [
     _example("model.yaml"),
     modelinfer("llm", replicas=2),
     _simulator_modelinfer(),
+    _example("autoscalingpolicy.yaml"),
+    _example("autoscalingpolicybinding.yaml"),
 ]
+# What an autoscaling object works on, stored beside it unless it is the one mutated.
+PARTNERS = [_example(n) for n in ("modelinfer.yaml", "autoscalingpolicy.yaml")]
+PARTNERS.append(_example("autoscalingpolicybinding.yaml"))
 
 # Keys the schema and the pod template know, so added keys often land on a real field.
 KEYS = [
@@ -81,6 +89,8 @@ KEYS = [
     *("backend", "aggregated", "prefill", "decode", "kvConnector", "autoscaling", "engine"),
     *("securityContext", "privileged", "volumes", "hostPath", "hostNetwork", "initContainers"),
     *("lifecycle", "preStop", "sleep", "seconds"),
+    *("policyRef", "metrics", "targetValue", "homogeneousTarget", "prefillDecode", "ratio"),
+    *("target", "minReplicas", "maxReplicas", "tolerancePercent", "behavior", "panicThreshold"),
 ]
 
 LEAVES = (
@@ -150,6 +160,10 @@ async def _apply_and_reconcile(obj: dict) -> None:
     except Invalid:
         return  # the API server refuses such an object too (no name)
     namespace, name = created["metadata"]["namespace"], created["metadata"]["name"]
+    autoscaling = obj["kind"].startswith("AutoScaling")
+    for partner in PARTNERS if autoscaling else []:
+        if partner["kind"] != obj["kind"]:
+            await store.create(partner)
     if obj["kind"] == "Model":
         await ModelReconciler(store).reconcile(namespace, name)
         await ModelReconciler(store).reconcile(namespace, name)
@@ -162,7 +176,14 @@ async def _apply_and_reconcile(obj: dict) -> None:
     pods, _ = await store.list(POD)
     for pod in pods:
         _read_pod_as_the_runtime_does(pod)
-    assert await store.get(MODEL if obj["kind"] == "Model" else MODEL_INFER, namespace, name)
+    if autoscaling:
+        scaler = AutoscalerReconciler(store, interval=0.0)
+        try:
+            for binding in (await store.list(AUTOSCALING_BINDING))[0]:
+                for _ in range(2):
+                    await scaler.reconcile(namespace, binding["metadata"]["name"])
+        finally:
+            await scaler.close()
 
 
 def _check(obj: dict) -> None:
