@@ -129,11 +129,20 @@ async def serve(args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    webhook_store = None
     if args.webhook_port:
-        from controllers.webhook import serve_webhook
+        from controllers.webhook import namespace_reader, serve_webhook
 
+        labels = None
+        if args.mode == "kubernetes":  # namespaces opt in to privileged pods by a label
+            from controllers.kube_store import KubeStore
+
+            webhook_store = KubeStore.from_environment()
+            labels = namespace_reader(webhook_store)
         webhook = asyncio.create_task(
-            serve_webhook(args.host, args.webhook_port, args.webhook_cert_dir)
+            serve_webhook(
+                args.host, args.webhook_port, args.webhook_cert_dir, namespace_labels=labels
+            )
         )
         webhook.add_done_callback(lambda _: stop.set())  # it serves until cancelled: or it failed
     try:
@@ -145,6 +154,8 @@ async def serve(args: argparse.Namespace) -> None:
         if args.webhook_port:
             webhook.cancel()
             [ended] = await asyncio.gather(webhook, return_exceptions=True)
+            if webhook_store is not None:
+                webhook_store.close()
             if isinstance(ended, Exception):
                 raise SystemExit(f"infergate controllers: the admission webhook failed: {ended}")
 

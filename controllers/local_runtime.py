@@ -8,7 +8,17 @@ namespace), restarted per the pod's restartPolicy with its own growing back-off 
 restartCount, and its output goes to `<state-dir>/pods/<namespace>_<pod>_<container>.log`.
 The runtime writes back what a kubelet would: podIP, phase, the Ready condition (every
 container's readiness probe passes; a container without one is ready while it runs) and
-containerStatuses; deleting the Pod stops all its processes.
+containerStatuses.
+
+Stopping is the kubelet's too. A container is its process and everything it started (its own
+session; see process_group.py): when the main process exits, the rest of its group is killed
+before a restart, so no child keeps the memory or the port the next incarnation needs. A pod
+the runtime runs carries its finalizer, so deleting it (scale-down, a rolling update, scale to
+zero) first marks it terminating — not ready, so out of the picker's pool file and Envoy's EDS —
+then each container sleeps its lifecycle.preStop.sleep.seconds, if any (so the picker and Envoy
+drop the pod before it stops listening), its main process gets SIGTERM and what is left of the
+pod's terminationGracePeriodSeconds (30 by default) to finish what it serves, then SIGKILL with
+its group; only then does the finalizer go and the Pod with it.
 
 Each container's `command` + `args` run with `$(VAR)` expanded from its env, as the kubelet
 does; env entries may use fieldRef `metadata.name`, `metadata.namespace` and `status.podIP`,
@@ -28,7 +38,6 @@ import copy
 import logging
 import os
 import re
-import signal
 import socket
 import sys
 import time
@@ -38,11 +47,14 @@ from pathlib import Path
 import aiohttp
 
 from controllers.informer import Informer
+from controllers.process_group import stop_container
 from controllers.store import POD, NotFound, Obj, Store
 
 log = logging.getLogger("controllers.local_runtime")
 _VAR = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
 BACKOFF_RESET_SECONDS = 600.0  # a container that ran this long starts its back-off afresh
+FINALIZER = "infergate.io/local-runtime"  # held while the pod's processes may still run
+DEFAULT_GRACE_SECONDS = 30  # terminationGracePeriodSeconds when the pod does not say
 
 
 @dataclass(slots=True)
@@ -90,7 +102,7 @@ class LocalRuntime:
         self._next_ip = first_ip
         self._free_ips: list[str] = []
         self._running: dict[tuple[str, str], _Running] = {}
-        self._stopping: set[asyncio.Task] = set()  # pods being stopped
+        self._stopping: set[asyncio.Task] = set()  # pods being stopped, finalizers being set
         self._informer = Informer(store, POD)
         self._informer.add_handler(self._on_pod)
         self._session: aiohttp.ClientSession | None = None
@@ -124,20 +136,50 @@ class LocalRuntime:
         key = (pod["metadata"].get("namespace", "default"), pod["metadata"]["name"])
         run = self._running.get(key)
         if event == "DELETED" or pod["metadata"].get("deletionTimestamp"):
-            if run is not None:
-                self._stop_later(key, run)
+            if run is not None and (event == "DELETED" or _same(run.pod, pod)):
+                self._background(self._stop(key, run))  # releases the finalizer when done
+            elif event != "DELETED" and FINALIZER in (pod["metadata"].get("finalizers") or []):
+                self._background(self._release(pod))  # nothing of it runs here
             return
-        if run is None or run.pod["metadata"].get("uid") != pod["metadata"].get("uid"):
+        if run is None or not _same(run.pod, pod):
             if run is not None:  # same name, new pod: the old processes go first
-                self._stop_later(key, run)
+                self._background(self._stop(key, run))
             run = _Running(pod=pod, ip=self._take_ip(_container_ports(pod)))
             self._running[key] = run
             self._start_containers(key, run)
+            self._background(self._hold(pod))
 
-    def _stop_later(self, key: tuple[str, str], run: _Running) -> None:
-        task = asyncio.get_running_loop().create_task(self._stop(key, run))
+    def _background(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
         self._stopping.add(task)
         task.add_done_callback(self._stopping.discard)
+
+    async def _hold(self, pod: Obj) -> None:
+        """Put the runtime's finalizer on a pod it runs, so a delete waits for its processes."""
+        await self._set_finalizer(pod, held=True)
+
+    async def _release(self, pod: Obj) -> None:
+        """Take the finalizer off: a terminating pod then leaves the store."""
+        await self._set_finalizer(pod, held=False)
+
+    async def _set_finalizer(self, pod: Obj, *, held: bool) -> None:
+        m = pod["metadata"]
+        current = await self.store.get(POD, m.get("namespace", "default"), m["name"])
+        if current is None or not _same(current, pod):
+            return
+        finalizers = [f for f in current["metadata"].get("finalizers") or [] if f != FINALIZER]
+        if held:
+            if current["metadata"].get("deletionTimestamp"):
+                return  # deleted before it was held: the stop is under way already
+            finalizers.append(FINALIZER)
+        if finalizers == (current["metadata"].get("finalizers") or []):
+            return
+        current["metadata"]["finalizers"] = finalizers
+        current["metadata"].pop("resourceVersion", None)  # the kubelet's write wins
+        try:
+            await self.store.update(current)
+        except NotFound:
+            pass
 
     def _take_ip(self, ports: list[int]) -> str:
         """A loopback address where every container's ports are free: another stack on this
@@ -182,6 +224,8 @@ class LocalRuntime:
             started = time.monotonic()
             code = await self._run_once(key, run, c)
             c.running, c.ready, c.exit_code = False, False, code
+            if c.proc is not None and c.proc.returncode is not None:
+                await stop_container(c.proc, 0)  # its children die with it, as in a pod
             if run.stopping:
                 return
             log.warning("pod %s/%s container %s exited with %s", *key, c.name, code)
@@ -255,22 +299,40 @@ class LocalRuntime:
                 pass
 
     async def _stop(self, key: tuple[str, str], run: _Running | None = None) -> None:
-        """Stop the pod's supervisors (so nothing restarts), then all its processes at once:
-        SIGTERM to each process group, SIGKILL after 10 s. `run`: that incarnation only (a
-        new pod of the same name may already have taken the key)."""
+        """Stop the pod's supervisors (so nothing restarts), report it not ready, then stop
+        every container at once (SIGTERM, the pod's grace period, SIGKILL to its group) and
+        release the pod. `run`: that incarnation only (a new pod of the same name may
+        already have taken the key)."""
         if run is None:
             run = self._running.get(key)
         if run is None or run.stopping:
             return
-        if self._running.get(key) is run:
-            del self._running[key]
-        run.stopping = True
+        run.stopping = True  # it stays under its key while it drains: its pod is not released
         tasks = [c.task for c in run.containers if c.task is not None]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        await asyncio.gather(*(_terminate(c.proc) for c in run.containers if c.proc is not None))
+        for c in run.containers:
+            c.ready = False
+        await self._write_status(key, run)  # terminating: out of every pool before SIGTERM
+        grace = _grace_seconds(run.pod)
+        await asyncio.gather(
+            *(self._stop_container(c, grace) for c in run.containers if c.proc is not None)
+        )
         self._free_ips.append(run.ip)
+        if self._running.get(key) is run:
+            del self._running[key]
+        await self._release(run.pod)
+
+    @staticmethod
+    async def _stop_container(c: _Container, grace: float) -> None:
+        """A preStop sleep first (the endpoints drop the pod meanwhile), within the grace
+        period, as the kubelet runs it; then SIGTERM with what is left of the grace."""
+        assert c.proc is not None
+        pause = min(_pre_stop_sleep(c.spec), grace)
+        if pause > 0 and c.proc.returncode is None:
+            await asyncio.sleep(pause)
+        await stop_container(c.proc, grace - pause)
 
     # ---- command line -------------------------------------------------------------------
 
@@ -332,18 +394,21 @@ def _container_status(c: _Container) -> dict:
     return out
 
 
-async def _terminate(proc: asyncio.subprocess.Process) -> None:
-    if proc.returncode is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        await asyncio.wait_for(proc.wait(), 10)
-    except (ProcessLookupError, TimeoutError):
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        await proc.wait()
+def _same(a: Obj, b: Obj) -> bool:
+    """The same pod, not only the same name."""
+    return a["metadata"].get("uid") == b["metadata"].get("uid")
+
+
+def _pre_stop_sleep(container: dict) -> float:
+    """lifecycle.preStop.sleep.seconds (a preStop exec or httpGet hook is not run here)."""
+    sleep = ((container.get("lifecycle") or {}).get("preStop") or {}).get("sleep") or {}
+    seconds = sleep.get("seconds")
+    return float(seconds) if isinstance(seconds, int) and seconds > 0 else 0.0
+
+
+def _grace_seconds(pod: Obj) -> float:
+    grace = (pod.get("spec") or {}).get("terminationGracePeriodSeconds")
+    return float(grace) if isinstance(grace, int) and grace >= 0 else DEFAULT_GRACE_SECONDS
 
 
 def _container_ports(pod: Obj) -> list[int]:

@@ -2,6 +2,9 @@
 
 Every document is validated like the admission webhook would (infergate.api) before it is
 accepted; an invalid one is logged with its file and reason and skipped, and the rest apply.
+A Namespace document only lends its labels to that check: a ModelInfer whose pods would get
+power over their node is accepted in a namespace labelled
+infergate.io/allow-privileged-pods=true only, as the webhook decides in a cluster.
 Editing a file applies it again (specs replaced, status kept); removing a document or its
 file deletes the object it had created.
 """
@@ -15,12 +18,14 @@ from pathlib import Path
 import yaml
 
 from controllers.store import KINDS, NotFound, Obj, Store, kind_of
-from infergate.api import validate_dict
+from infergate.api import forbidden_host_powers, prune_nulls, validate_dict
+from infergate.api.meta import Problems
+from infergate.api.pod import check_pod_template
 
 log = logging.getLogger("controllers.manifests")
 # Kinds an example directory holds for the rest of the stack, not for the controllers: the
 # picker's configuration, and Envoy's SecurityPolicy with the Secrets of its API keys.
-BESIDE = {"EndpointPickerConfig", "SecurityPolicy", "Secret"}
+BESIDE = {"EndpointPickerConfig", "SecurityPolicy", "Secret", "Namespace"}
 
 
 def read_objects(directory: Path) -> tuple[list[tuple[str, Obj]], list[str]]:
@@ -31,28 +36,63 @@ def read_objects(directory: Path) -> tuple[list[tuple[str, Obj]], list[str]]:
         if directory.is_file()
         else sorted(p for p in directory.rglob("*") if p.suffix in (".yaml", ".yml"))
     )
+    found: list[tuple[str, object]] = []
     for path in files:
         try:
             docs = list(yaml.safe_load_all(path.read_text()))
         except (OSError, yaml.YAMLError) as exc:
             problems.append(f"{path}: not readable YAML: {exc}")
             continue
-        for i, doc in enumerate(docs):
-            where = f"{path}#{i}"
-            if doc is None or (isinstance(doc, dict) and doc.get("kind") in BESIDE):
-                continue
-            if not isinstance(doc, dict) or doc.get("kind") not in KINDS:
-                kind = doc.get("kind") if isinstance(doc, dict) else doc
-                problems.append(f"{where}: kind {kind!r} is not one standalone mode runs")
-                continue
-            errors = validate_dict(doc) if doc["kind"] not in ("Pod", "Service", "Lease") else []
-            if errors:
-                name = doc.get("metadata", {}).get("name")
-                problems.append(f"{where}: {doc['kind']} {name} is invalid: {'; '.join(errors)}")
-                continue
-            doc.setdefault("metadata", {}).setdefault("namespace", "default")
-            objects.append((where, doc))
+        found += [(f"{path}#{i}", doc) for i, doc in enumerate(docs)]
+    namespace_labels = _namespace_labels(doc for _, doc in found)
+    for where, doc in found:
+        if doc is None or (isinstance(doc, dict) and doc.get("kind") in BESIDE):
+            continue
+        if not isinstance(doc, dict) or doc.get("kind") not in KINDS:
+            kind = doc.get("kind") if isinstance(doc, dict) else doc
+            problems.append(f"{where}: kind {kind!r} is not one standalone mode runs")
+            continue
+        doc = prune_nulls(doc)  # as the API server reads them
+        meta = doc.get("metadata")
+        if not isinstance(meta, dict) or not isinstance(meta.get("name"), str):
+            problems.append(f"{where}: {doc['kind']} without a metadata.name")
+            continue
+        errors = _problems(doc)
+        if not errors and doc["kind"] == "ModelInfer":
+            namespace = meta.get("namespace") or "default"
+            errors = forbidden_host_powers(doc, namespace_labels.get(namespace, {}))
+        if errors:
+            problems.append(
+                f"{where}: {doc['kind']} {meta['name']} is invalid: {'; '.join(errors)}"
+            )
+            continue
+        meta.setdefault("namespace", "default")
+        objects.append((where, doc))
     return objects, problems
+
+
+def _problems(doc: Obj) -> list[str]:
+    """Our kinds as the webhook checks them; a Pod as its template would be (the local
+    runtime reads the same fields); Services and Leases as they are."""
+    if doc["kind"] == "Pod":
+        problems = Problems()
+        check_pod_template(problems, "", doc, required=True)
+        return [m.removeprefix(".") for m in problems.messages]
+    if doc["kind"] in ("Service", "Lease"):
+        return []
+    return validate_dict(doc)
+
+
+def _namespace_labels(docs) -> dict[str, dict[str, str]]:
+    """The labels of the Namespace documents, by name."""
+    out = {}
+    for doc in docs:
+        if isinstance(doc, dict) and doc.get("kind") == "Namespace":
+            meta = doc.get("metadata") if isinstance(doc.get("metadata"), dict) else {}
+            labels = meta.get("labels")
+            if isinstance(meta.get("name"), str) and isinstance(labels, dict):
+                out[meta["name"]] = {str(k): str(v) for k, v in labels.items()}
+    return out
 
 
 class ManifestDirectory:

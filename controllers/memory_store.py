@@ -21,6 +21,7 @@ from controllers.store import (
     kind_of,
     labels_match,
 )
+from infergate.api import prune_nulls
 
 _Key = tuple[str, str, str]  # kind, namespace, name
 
@@ -52,7 +53,7 @@ class MemoryStore:
     # ---- writes -------------------------------------------------------------------------
 
     async def create(self, obj: Obj) -> Obj:
-        obj = copy.deepcopy(obj)
+        obj = copy.deepcopy(prune_nulls(obj))  # as the API server reads a structural schema
         kind = kind_of(obj)
         m = obj.setdefault("metadata", {})
         if not m.get("name") and m.get("generateName"):
@@ -157,7 +158,7 @@ class MemoryStore:
             new = copy.deepcopy(current)
             new["status"] = copy.deepcopy(obj.get("status"))
         else:
-            new = copy.deepcopy(obj)
+            new = copy.deepcopy(prune_nulls(obj))
             new.pop("status", None)
             if "status" in current:
                 new["status"] = copy.deepcopy(current["status"])

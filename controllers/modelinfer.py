@@ -8,6 +8,7 @@ pass can stop anywhere and be run again.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -26,6 +27,9 @@ from controllers.store import (
 )
 
 log = logging.getLogger("controllers.modelinfer")
+# Pods one pass creates at most, as the ReplicaSet controller's burstReplicas: a huge
+# spec.replicas fills in over many passes instead of holding the worker for good.
+BURST_PODS = 500
 
 
 @dataclass(slots=True)
@@ -107,11 +111,15 @@ class ModelInferReconciler:
         want = int(mi["spec"].get("replicas", 1))
         have = sorted(groups.pods)
         if len(have) < want:
-            free = (i for i in range(10**6) if i not in groups.pods)
+            free = (i for i in itertools.count() if i not in groups.pods)
+            created = 0
             for _ in range(want - len(have)):
+                if created >= BURST_PODS:  # the rest on the next passes
+                    break
                 g = next(free)
                 for slot in mp.slots(mi, g):
                     await self._create(mp.pod_for(mi, slot, rev))
+                    created += 1
                 await self._ensure_pod_group(mi, g)
             return True
         if len(have) > want:

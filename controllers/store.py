@@ -33,6 +33,7 @@ class Kind:
 
 
 POD = Kind("v1", "Pod", "pods")
+NAMESPACE = Kind("v1", "Namespace", "namespaces", namespaced=False)  # read by the webhook only
 SERVICE = Kind("v1", "Service", "services")
 LEASE = Kind("coordination.k8s.io/v1", "Lease", "leases")
 INFERENCE_POOL = Kind("inference.networking.k8s.io/v1", "InferencePool", "inferencepools")

@@ -5,10 +5,15 @@
     GET  /metrics    infergate_webhook_admissions_total{kind,operation,allowed}, in its own registry
 
 A CREATE or UPDATE of a kind that `infergate.api` knows is checked with `validate_dict` (the
-CRDs' schema and CEL rules) and, for an UPDATE, with `validate_update` (the CRDs' transition
-rules, such as ModelRoute's immutable spec.modelName). DELETE, CONNECT and other kinds are
-allowed. `admit` is the decision alone, pure, so standalone mode applies the same checks to an
-object read from YAML before it accepts it:
+CRDs' schema and CEL rules, and the pod templates' fields the controllers read) and, for an
+UPDATE, with `validate_update` (the CRDs' transition rules, such as ModelRoute's immutable
+spec.modelName). A ModelInfer whose pods would get power over their node (privileged, added
+capabilities, hostPath, host namespaces) is refused unless its namespace carries the label
+infergate.io/allow-privileged-pods=true: creating a ModelInfer makes the controllers create
+its pods, so without this anyone who may write ModelInfers could take a node. The webhook reads
+the namespace (`namespace_labels`); when it cannot, it refuses such a template. DELETE, CONNECT
+and other kinds are allowed. `admit` is the decision alone, pure, so standalone mode applies
+the same checks to an object read from YAML before it accepts it:
 
     response = admit(review_for(obj, old))["response"]
     if not response["allowed"]: reject(response["status"]["message"])
@@ -25,6 +30,7 @@ import logging
 import ssl
 import tempfile
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +39,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 
 from controllers import certs
+from controllers.store import NAMESPACE, Store
 from infergate import api
 from infergate.api import networking
 
@@ -131,8 +138,9 @@ def _answer(uid: str, allowed: bool, code: int, message: str, reason: str = "") 
     }
 
 
-def decide(review: Any) -> Decision:
-    """admit, with the kind and operation it decided on; ReviewError for a malformed review."""
+def decide(review: Any, namespace_labels: dict[str, str] | None = None) -> Decision:
+    """admit, with the kind and operation it decided on; ReviewError for a malformed review.
+    `namespace_labels`: the labels of the object's namespace (none known: no opt-in)."""
     request = _read_request(review)
     uid, operation, gvk = request["uid"], request["operation"], request["kind"]
     group, kind = gvk.get("group", ""), gvk["kind"]
@@ -162,6 +170,8 @@ def decide(review: Any) -> Decision:
         problems = api.validate_dict(obj)
         if operation == "UPDATE":
             problems += validate_update({**old, "apiVersion": api_version, "kind": kind}, obj)
+        if not problems:
+            problems = api.forbidden_host_powers(obj, namespace_labels or {})
     except Exception as exc:  # a bug in a validator must not let an object through unchecked
         log.exception("validating %s failed", who)
         message = f"{who} could not be validated: {type(exc).__name__}: {exc}"
@@ -173,9 +183,21 @@ def decide(review: Any) -> Decision:
     return Decision(_answer(uid, True, 200, f"{who} is valid"), label, operation, True)
 
 
-def admit(review: dict[str, Any]) -> dict[str, Any]:
+def admit(review: dict[str, Any], namespace_labels: dict[str, str] | None = None) -> dict[str, Any]:
     """The AdmissionReview response for an AdmissionReview request; ReviewError if malformed."""
-    return decide(review).review
+    return decide(review, namespace_labels).review
+
+
+def reviewed_namespace(review: Any) -> str | None:
+    """The namespace whose labels decide a review: that of a ModelInfer being written."""
+    request = review.get("request") if isinstance(review, dict) else None
+    if not isinstance(request, dict) or request.get("operation") not in VALIDATED_OPERATIONS:
+        return None
+    gvk = request.get("kind")
+    namespace = request.get("namespace")
+    if not isinstance(gvk, dict) or gvk.get("kind") != "ModelInfer":
+        return None
+    return namespace if isinstance(namespace, str) and namespace else None
 
 
 def review_for(
@@ -218,6 +240,9 @@ class WebhookMetrics:
 
 
 METRICS = web.AppKey("metrics", WebhookMetrics)
+# A namespace's labels, None when it does not exist; raises when they cannot be read.
+NamespaceLabels = Callable[[str], Awaitable[dict[str, str] | None]]
+NAMESPACE_LABELS = web.AppKey("namespace_labels", NamespaceLabels)
 
 
 def _bad_request(request: web.Request, message: str) -> web.Response:
@@ -232,8 +257,9 @@ async def _validate(request: web.Request) -> web.Response:
         review = json.loads(body)
     except (ValueError, RecursionError) as exc:
         return _bad_request(request, f"body is not JSON: {exc}")
+    labels = await _namespace_labels(request, reviewed_namespace(review))
     try:
-        decision = decide(review)
+        decision = decide(review, labels)
     except ReviewError as exc:
         return _bad_request(request, str(exc))
     except RecursionError:
@@ -245,6 +271,17 @@ async def _validate(request: web.Request) -> web.Response:
     return web.json_response(decision.review)
 
 
+async def _namespace_labels(request: web.Request, namespace: str | None) -> dict[str, str]:
+    lookup = request.app.get(NAMESPACE_LABELS)
+    if namespace is None or lookup is None:
+        return {}
+    try:
+        return await lookup(namespace) or {}
+    except Exception as exc:  # no opt-in can be read: host powers stay refused
+        log.warning("cannot read namespace %s's labels: %s", namespace, exc)
+        return {}
+
+
 async def _healthz(_: web.Request) -> web.Response:
     return web.Response(text="ok")
 
@@ -254,9 +291,23 @@ async def _metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
-def build_app(metrics: WebhookMetrics | None = None) -> web.Application:
+def namespace_reader(store: Store) -> NamespaceLabels:
+    """Namespace labels from a store (the API server, in a cluster)."""
+
+    async def labels(name: str) -> dict[str, str] | None:
+        namespace = await store.get(NAMESPACE, "", name)
+        return None if namespace is None else namespace["metadata"].get("labels") or {}
+
+    return labels
+
+
+def build_app(
+    metrics: WebhookMetrics | None = None, namespace_labels: NamespaceLabels | None = None
+) -> web.Application:
     app = web.Application(client_max_size=MAX_BODY_BYTES)
     app[METRICS] = metrics or WebhookMetrics()
+    if namespace_labels is not None:
+        app[NAMESPACE_LABELS] = namespace_labels
     app.router.add_post("/validate", _validate)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/metrics", _metrics)
@@ -313,13 +364,15 @@ async def serve_webhook(
     cert_dir: Path | str | None = None,
     *,
     metrics: WebhookMetrics | None = None,
+    namespace_labels: NamespaceLabels | None = None,
     ready: asyncio.Event | None = None,
     reload_interval: float = CERT_RELOAD_SECONDS,
 ) -> None:
     """Serve HTTPS on host:port until cancelled. `cert_dir` holds tls.crt and tls.key (a
-    mounted Secret, reloaded when it changes); without it a certificate is made at start."""
+    mounted Secret, reloaded when it changes); without it a certificate is made at start.
+    `namespace_labels` reads a namespace's labels (in a cluster, from the API server)."""
     ctx, files = _ssl_context(Path(cert_dir) if cert_dir is not None else None, host)
-    runner = web.AppRunner(build_app(metrics), access_log=None)
+    runner = web.AppRunner(build_app(metrics, namespace_labels), access_log=None)
     await runner.setup()
     reloader = None
     try:

@@ -42,7 +42,9 @@ async def serve(cfg: SimulatorConfig, ready: asyncio.Event | None = None) -> Non
     try:
         await stop.wait()
     finally:
-        log.info("shutting down")
+        # As uvicorn does for vLLM: stop listening, let in-flight requests and streams finish
+        # (the kubelet's grace period bounds the wait), then stop the engine.
+        log.info("shutting down: no new requests, finishing those in flight")
         await runner.cleanup()
 
 

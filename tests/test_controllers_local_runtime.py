@@ -201,3 +201,215 @@ async def test_an_infergate_command_runs_this_installation(runtime, monkeypatch)
         b"infergate.cli",
         b"connector",
     ]
+
+
+# ---- a container is its whole process group ---------------------------------------------------
+
+# The main process forks a worker that binds the pod's port and ignores SIGTERM (as vLLM's
+# EngineCore holds its replay port), records "<pid> bound|busy", then the main process exits
+# (crash) or waits (to be deleted).
+FORKING_CONTAINER = r"""
+import os, signal, socket, sys, time
+ip, port, out, crash = os.environ["POD_IP"], int(sys.argv[1]), sys.argv[2], sys.argv[3] == "crash"
+child = os.fork()
+if child == 0:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    s = socket.socket()
+    try:
+        s.bind((ip, port))
+        s.listen()
+        verdict = "bound"
+    except OSError:
+        verdict = "busy"
+    with open(out, "a") as f:
+        f.write(f"{os.getpid()} {verdict}\n")
+    time.sleep(3600)
+    os._exit(0)
+while not any(line.startswith(f"{child} ") for line in open(out).read().splitlines()):
+    time.sleep(0.02)
+if crash:
+    sys.exit(1)
+time.sleep(3600)
+"""
+
+
+def forking_pod(name: str, out: Path, mode: str) -> dict:
+    out.touch()
+    container = {
+        "name": "engine",
+        "command": [sys.executable, "-c", FORKING_CONTAINER],
+        "args": ["8000", str(out), mode],
+        "ports": [{"containerPort": 8000}],
+    }
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {"containers": [container], "terminationGracePeriodSeconds": 2},
+    }
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+async def wait_lines(path: Path, n: int, within: float = 30.0) -> list[list[str]]:
+    deadline = time.monotonic() + within
+    while len(lines := path.read_text().splitlines()) < n:  # noqa: ASYNC240 - a tiny file
+        assert time.monotonic() < deadline, f"{path}: {lines}"
+        await asyncio.sleep(0.05)
+    return [line.split() for line in lines]
+
+
+async def wait_gone(store, name: str, within: float = 30.0) -> None:
+    deadline = time.monotonic() + within
+    while await store.get(POD, "default", name) is not None:
+        assert time.monotonic() < deadline, f"pod {name} was never removed"
+        await asyncio.sleep(0.05)
+
+
+async def test_a_crashed_container_takes_its_children_with_it(runtime, tmp_path):
+    """The main process dies; the worker it forked must not survive into the restart, or the
+    next incarnation finds its port taken ("Address already in use")."""
+    store, _ = runtime
+    out = tmp_path / "workers"
+    await store.create(forking_pod("crashy", out, "crash"))
+    (first, first_verdict), (_, second_verdict) = (await wait_lines(out, 2))[:2]
+    assert (first_verdict, second_verdict) == ("bound", "bound")
+    assert not alive(int(first))
+    await store.delete(POD, "default", "crashy")
+    await wait_gone(store, "crashy")
+    assert not any(alive(int(pid)) for pid, _ in await wait_lines(out, 2))
+
+
+async def test_deleting_a_pod_kills_children_that_ignore_sigterm(runtime, tmp_path):
+    store, rt = runtime
+    out = tmp_path / "workers"
+    await store.create(forking_pod("stubborn", out, "wait"))
+    [(worker, verdict)] = await wait_lines(out, 1)
+    assert verdict == "bound"
+    main = rt.process("default", "stubborn")
+    await store.delete(POD, "default", "stubborn")
+    await wait_gone(store, "stubborn")  # the finalizer goes once every process is gone
+    assert main.returncode == -signal.SIGTERM
+    assert not alive(int(worker))
+
+
+async def test_stopping_the_runtime_kills_children_that_ignore_sigterm(tmp_path):
+    store = MemoryStore()
+    rt = LocalRuntime(store, tmp_path, max_backoff=0.5, probe_interval=0.05)
+    await rt.start()
+    out = tmp_path / "workers"
+    try:
+        await store.create(forking_pod("left", out, "wait"))
+        [(worker, verdict)] = await wait_lines(out, 1)
+        assert verdict == "bound"
+    finally:
+        await rt.stop()  # as on Ctrl-C of standalone mode
+    assert not alive(int(worker))
+
+
+# ---- graceful drain -----------------------------------------------------------------------------
+
+
+PRE_STOP_SECONDS = 2  # the pod keeps listening this long after it leaves the pool
+
+
+def slow_modelinfer(replicas: int) -> dict:
+    """Simulator pods that stream a token every 50 ms."""
+    container = sim_pod("x")["spec"]["containers"][0]
+    container["args"] = [
+        *["--port", "8000", "--served-model-name", "m"],
+        *["--sim-decode-ms-per-step", "50"],
+    ]
+    container["env"] = []
+    container["lifecycle"] = {"preStop": {"sleep": {"seconds": PRE_STOP_SECONDS}}}
+    template = {"metadata": {"labels": {"app": "slow"}}, "spec": {"containers": [container]}}
+    return {
+        "apiVersion": "workload.infergate.io/v1alpha1",
+        "kind": "ModelInfer",
+        "metadata": {"name": "slow", "namespace": "default"},
+        "spec": {
+            "replicas": replicas,
+            "template": {"roles": [{"name": "serve", "entryTemplate": template}]},
+        },
+    }
+
+
+async def reconcile_until(reconciler, store, check, within: float = 60.0) -> list[dict]:
+    deadline = time.monotonic() + within
+    while True:
+        await reconciler.reconcile("default", "slow")
+        pods, _ = await store.list(POD, "default")
+        if check(pods):
+            return pods
+        assert time.monotonic() < deadline, [(p["metadata"], p.get("status")) for p in pods]
+        await asyncio.sleep(0.05)
+
+
+async def test_a_stream_finishes_across_a_scale_down_while_new_requests_go_elsewhere(runtime):
+    from controllers.envoy_eds import pool_endpoints
+    from controllers.modelinfer import ModelInferReconciler
+    from controllers.modelinfer_pods import L_MODELINFER
+    from controllers.store import MODEL_INFER
+
+    store, rt = runtime
+    reconciler = ModelInferReconciler(store)
+    await store.create(slow_modelinfer(2))
+    pods = await reconcile_until(
+        reconciler,
+        store,
+        lambda pods: len(pods) == 2 and all(ready(p.get("status") or {}) for p in pods),
+    )
+    doomed = next(p for p in pods if p["metadata"]["name"] == "slow-1-serve-0-0")
+    stays = next(p for p in pods if p is not doomed)
+    ip = doomed["status"]["podIP"]
+    proc = rt.process("default", "slow-1-serve-0-0")
+    pool = {
+        "metadata": {"namespace": "default"},
+        "spec": {
+            "selector": {"matchLabels": {L_MODELINFER: "slow"}},
+            "targetPorts": [{"number": 8000}],
+        },
+    }
+    tokens = 100  # 5 s of stream: longer than the preStop sleep
+    body = {"model": "m", "prompt": "drain me", "max_tokens": tokens, "stream": True}
+    async with aiohttp.ClientSession() as s:
+        async with s.post(f"http://{ip}:8000/v1/completions", json=body) as stream:
+            first = await stream.content.readline()
+            assert first.startswith(b"data: ")
+
+            mi = await store.get(MODEL_INFER, "default", "slow")
+            mi["spec"]["replicas"] = 1
+            await store.update(mi)
+            await reconciler.reconcile("default", "slow")  # scales down: deletes group 1
+
+            pod = await wait_status(store, "slow-1-serve-0-0", lambda st: not ready(st))
+            left_the_pool = time.monotonic()
+            assert pod["metadata"].get("deletionTimestamp")  # terminating, still draining
+            pods, _ = await store.list(POD, "default")
+            assert pool_endpoints(pool, pods) == [(stays["status"]["podIP"], 8000, True)]
+
+            deadline = time.monotonic() + 30
+            while True:  # SIGTERM closes the listener: new connections go nowhere
+                try:
+                    async with s.get(f"http://{ip}:8000/health") as r:
+                        await r.read()
+                except aiohttp.ClientConnectorError:
+                    stopped_listening = time.monotonic()
+                    break
+                assert time.monotonic() < deadline, "the terminating pod still accepts requests"
+                await asyncio.sleep(0.05)
+
+            rest = (await stream.content.read()).decode().split("\n\n")
+            events = [first.decode().strip(), *(e.strip() for e in rest if e.strip())]
+    # SIGTERM came after the preStop sleep (a lower bound: the status poll may lag it a little)
+    assert stopped_listening - left_the_pool >= PRE_STOP_SECONDS - 0.5
+    assert events[-1] == "data: [DONE]"
+    assert len(events) - 1 == tokens  # every token arrived; the stream was not cut
+    await wait_gone(store, "slow-1-serve-0-0")
+    assert proc.returncode == 0  # it exited by itself after the stream, not by SIGKILL

@@ -12,8 +12,16 @@ import yaml
 from controllers.exporter import PoolExporter
 from controllers.manifests import ManifestDirectory
 from controllers.memory_store import MemoryStore
-from controllers.store import AUTOSCALING_POLICY, INFERENCE_OBJECTIVE, INFERENCE_POOL, MODEL, POD
+from controllers.store import (
+    AUTOSCALING_POLICY,
+    INFERENCE_OBJECTIVE,
+    INFERENCE_POOL,
+    MODEL,
+    MODEL_INFER,
+    POD,
+)
 from epp.providers.file import load_objects
+from infergate.api import ALLOW_PRIVILEGED_LABEL
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "crds"
 
@@ -113,3 +121,52 @@ async def test_inference_objectives_are_applied_and_exported_for_the_picker(tmp_
     [exported] = [o for o in load_objects([out]) if o["kind"] == "InferenceObjective"]
     assert exported["spec"] == {"priority": 10, "poolRef": {"name": "tiny"}}
     assert exported["metadata"]["name"] == "interactive"
+
+
+def _privileged_modelinfer(namespace: str) -> dict:
+    mi = yaml.safe_load((EXAMPLES / "modelinfer.yaml").read_text())
+    mi["metadata"]["namespace"] = namespace
+    mi["spec"]["template"]["roles"][0]["entryTemplate"]["spec"]["hostNetwork"] = True
+    return mi
+
+
+async def test_host_powers_need_a_namespace_document_that_opts_in(tmp_path):
+    store = MemoryStore()
+    opted_in = {
+        "apiVersion": "v1",
+        "kind": "Namespace",
+        "metadata": {"name": "gpu", "labels": {ALLOW_PRIVILEGED_LABEL: "true"}},
+    }
+    docs = [_privileged_modelinfer("default"), _privileged_modelinfer("gpu"), opted_in]
+    (tmp_path / "a.yaml").write_text(yaml.safe_dump_all(docs))
+    md = ManifestDirectory(store, tmp_path)
+    await md.apply_once()
+    assert await store.get(MODEL_INFER, "gpu", "llama-3-8b") is not None
+    assert await store.get(MODEL_INFER, "default", "llama-3-8b") is None
+    [problem] = md.problems
+    assert problem.startswith(f"{tmp_path / 'a.yaml'}#0: ModelInfer llama-3-8b is invalid: ")
+    assert (
+        "hostNetwork: shares the node's network (allowed only in a namespace labelled " in problem
+    )
+
+
+async def test_a_pod_the_runtime_cannot_run_is_refused_and_nulls_are_dropped(tmp_path):
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "p"},
+        "spec": {"containers": [{"name": "c", "ports": [{"containerPort": "http"}]}]},
+    }
+    model_infer = yaml.safe_load((EXAMPLES / "modelinfer.yaml").read_text())
+    model_infer["spec"]["replicas"] = None
+    (tmp_path / "a.yaml").write_text(yaml.safe_dump_all([pod, model_infer]))
+    store = MemoryStore()
+    md = ManifestDirectory(store, tmp_path)
+    await md.apply_once()
+    assert await store.get(POD, "default", "p") is None
+    assert md.problems == [
+        f"{tmp_path / 'a.yaml'}#0: Pod p is invalid: "
+        "spec.containers[0].ports[0].containerPort: Expected `int`, got `str`"
+    ]
+    stored = await store.get(MODEL_INFER, "default", "llama-3-8b")
+    assert "replicas" not in stored["spec"]

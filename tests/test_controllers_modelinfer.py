@@ -434,3 +434,21 @@ async def test_scaling_a_role_adds_and_removes_its_instances_without_a_rollout(e
     assert not any(n.endswith(("decode-1-0", "decode-2-0")) for n in names)
     services = {s["metadata"]["name"] for s in (await store.list(SERVICE, "default"))[0]}
     assert "llm-0-decode-1-0" not in services and "llm-0-decode-0-0" in services
+
+
+async def test_a_huge_replica_count_fills_in_a_burst_per_pass() -> None:
+    """The schema lets spec.replicas be any int32: one pass creates at most BURST_PODS pods and
+    asks to be run again, instead of looping over two billion groups."""
+    from controllers.modelinfer import BURST_PODS
+
+    store = MemoryStore()
+    mi = modelinfer("huge", replicas=2**31 - 1)
+    mi["spec"]["template"]["roles"] = mi["spec"]["template"]["roles"][1:]  # 2 pods per group
+    await store.create(mi)
+    reconciler = ModelInferReconciler(store)
+    assert await reconciler.reconcile("default", "huge") is not None
+    first, _ = await store.list(POD, "default")
+    assert BURST_PODS <= len(first) < BURST_PODS + 2
+    await reconciler.reconcile("default", "huge")
+    second, _ = await store.list(POD, "default")
+    assert len(second) == 2 * len(first)

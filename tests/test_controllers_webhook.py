@@ -26,6 +26,9 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from controllers import certs
+from controllers.memory_store import MemoryStore
+from controllers.modelinfer import ModelInferReconciler
+from controllers.store import MODEL_INFER, POD
 from controllers.webhook import (
     WebhookMetrics,
     admit,
@@ -33,6 +36,7 @@ from controllers.webhook import (
     serve_webhook,
     validate_update,
 )
+from infergate.api import ALLOW_PRIVILEGED_LABEL
 from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -181,7 +185,16 @@ def _weight_on_some_targets(o: Obj) -> None:  # CEL: weight on all targetModels 
     del o["spec"]["rules"][1]["targetModels"][1]["weight"]
 
 
+def _name_with_a_path(o: Obj) -> None:  # the local runtime makes log file names of it
+    o["metadata"]["name"] = "../../etc/x"
+
+
 BROKEN: list[tuple[str, Callable[[Obj], None], str]] = [
+    (
+        "modelinfer.yaml",
+        _name_with_a_path,
+        "metadata.name: must be a lowercase DNS subdomain of at most 253 characters",
+    ),
     ("modelserver.yaml", _bad_enum, "spec.inferenceEngine: must be one of vLLM, SGLang, TRTLLM"),
     ("modelserver.yaml", _port_out_of_bounds, "spec.workloadPort.port: must be 1..65535"),
     ("modelroute.yaml", _weight_out_of_bounds, "spec.rules[1].targetModels[0].weight: must be"),
@@ -380,6 +393,167 @@ async def test_admit_answers_as_the_server_does(webhook: Webhook) -> None:
         before = copy.deepcopy(review)
         assert admit(review) == await webhook.review(review)
         assert review == before  # admit changes nothing it is given
+
+
+# ---- what the controllers expand: nulls and pod templates ---------------------------------------
+
+
+def _sim_template() -> Obj:
+    return {
+        "metadata": {"labels": {"app": "llm"}},
+        "spec": {
+            "containers": [
+                {
+                    "name": "engine",
+                    "env": [
+                        {"name": "N", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}
+                    ],
+                    "ports": [{"name": "http", "containerPort": 8000}],
+                    "readinessProbe": {"httpGet": {"path": "/health", "port": "http"}},
+                }
+            ]
+        },
+    }
+
+
+async def test_explicit_nulls_read_as_unset_and_the_object_reconciles() -> None:
+    """As the API server drops a null in a non-nullable field before defaulting: admitted, and
+    the reconcile sees the defaults (it used to reach int(None))."""
+    obj = example("modelinfer.yaml")
+    obj["spec"]["replicas"] = None
+    obj["spec"]["recoveryPolicy"] = None
+    obj["spec"]["rolloutStrategy"]["rollingUpdateConfiguration"] = None
+    role = obj["spec"]["template"]["roles"][0]
+    role["replicas"] = None
+    role["workerTemplate"] = None
+    role["entryTemplate"]["metadata"] = None
+    assert response_of(admit(review_for(obj)))["allowed"] is True
+
+    store = MemoryStore()
+    await store.create(obj)
+    stored = await store.get(MODEL_INFER, "default", obj["metadata"]["name"])
+    assert "replicas" not in stored["spec"] and "metadata" not in role_of(stored)["entryTemplate"]
+    await ModelInferReconciler(store).reconcile("default", obj["metadata"]["name"])
+    pods, _ = await store.list(POD, "default")
+    assert len(pods) == 2  # one group (the default), a prefill and a decode pod
+
+
+def role_of(mi: Obj) -> Obj:
+    return mi["spec"]["template"]["roles"][0]
+
+
+TEMPLATE_BREAKAGES: list[tuple[str, Any, str]] = [
+    (
+        "metadata.labels",
+        [1],
+        "entryTemplate.metadata.labels: Expected `object | null`, got `array`",
+    ),
+    (
+        "metadata.labels",
+        {"app": 3},
+        "entryTemplate.metadata.labels[...]: Expected `str`, got `int`",
+    ),
+    ("spec.containers", None, "entryTemplate.spec.containers: Expected `array`, got `null`"),
+    ("spec.containers", [], "entryTemplate.spec.containers: must have 1..32 containers"),
+    ("spec.containers.0.name", None, "entryTemplate.spec.containers[0].name: Expected `str`"),
+    ("spec.containers.0.ports.0.containerPort", "http", "containerPort: Expected `int`"),
+    ("spec.containers.0.ports.0.containerPort", 70000, "containerPort: must be 1..65535"),
+    (
+        "spec.containers.0.env.0.valueFrom",
+        [1],
+        "env[0].valueFrom: Expected `object | null`, got `array`",
+    ),
+    ("spec.containers.0.env.0.valueFrom.fieldRef.fieldPath", "spec.nodeName", "must be one of"),
+    ("spec.containers.0.readinessProbe.httpGet.port", "grpc", "names no port of the container"),
+    ("spec.containers.0.args", ["--port", 8000], "args[1]: Expected `str`, got `int`"),
+    ("spec.restartPolicy", "Sometimes", "spec.restartPolicy: must be one of Always"),
+    ("spec.terminationGracePeriodSeconds", -1, "terminationGracePeriodSeconds: must be at least"),
+]
+
+
+def _set(obj: Any, dotted: str, value: Any) -> None:
+    *parents, last = dotted.split(".")
+    for part in parents:
+        obj = obj[int(part)] if isinstance(obj, list) else obj[part]
+    if isinstance(obj, list):
+        obj[int(last)] = value
+    else:
+        obj[last] = value
+
+
+@pytest.mark.parametrize(("where", "value", "expected"), TEMPLATE_BREAKAGES)
+def test_a_pod_template_the_controllers_cannot_expand_is_refused_naming_the_field(
+    where: str, value: Any, expected: str
+) -> None:
+    obj = example("modelinfer.yaml")
+    role_of(obj)["entryTemplate"] = _sim_template()
+    assert response_of(admit(review_for(obj)))["allowed"] is True
+    _set(role_of(obj)["entryTemplate"], where, value)
+    status = response_of(admit(review_for(obj)))["status"]
+    assert status["code"] == 422, status
+    assert "spec.template.roles[0].entryTemplate" in status["message"]
+    assert expected in status["message"], status["message"]
+
+
+# ---- power over the node: only where the namespace opts in ---------------------------------------
+
+POWERS: list[tuple[str, Any, str]] = [
+    ("spec.hostNetwork", True, "spec.hostNetwork: shares the node's network"),
+    ("spec.hostPID", True, "spec.hostPID: shares the node's processes"),
+    ("spec.hostIPC", True, "spec.hostIPC: shares the node's IPC"),
+    ("spec.volumes", [{"name": "root", "hostPath": {"path": "/"}}], "volumes[0].hostPath"),
+    ("spec.containers.0.securityContext", {"privileged": True}, "privileged: is privileged"),
+    (
+        "spec.containers.0.securityContext",
+        {"capabilities": {"add": ["SYS_ADMIN"]}},
+        "capabilities.add: adds SYS_ADMIN",
+    ),
+    (
+        "spec.initContainers",
+        [{"name": "init", "securityContext": {"privileged": True}}],
+        "initContainers[0].securityContext.privileged",
+    ),
+]
+
+
+def _powerful(where: str, value: Any, namespace: str) -> Obj:
+    obj = example("modelinfer.yaml")
+    obj["metadata"]["namespace"] = namespace
+    _set(role_of(obj)["entryTemplate"], where, value)
+    return obj
+
+
+async def _labels_of(namespace: str) -> dict[str, str] | None:
+    if namespace == "unreadable":
+        raise ConnectionError("the API server is away")
+    labels = {"gpu-admins": {ALLOW_PRIVILEGED_LABEL: "true"}, "plain": {"team": "a"}}
+    return labels.get(namespace)
+
+
+@pytest.fixture
+async def namespaced_webhook(tmp_path: Path) -> AsyncIterator[Webhook]:
+    cert_dir = certs.serving_cert().write(tmp_path / "certs")
+    metrics = WebhookMetrics()
+    async with serving(cert_dir, metrics=metrics, namespace_labels=_labels_of) as url:
+        connector = aiohttp.TCPConnector(ssl=trusting(cert_dir / "ca.crt"))
+        async with aiohttp.ClientSession(connector=connector) as client:
+            yield Webhook(url, client, metrics)
+
+
+@pytest.mark.parametrize(("where", "value", "expected"), POWERS)
+async def test_host_powers_are_refused_unless_the_namespace_opts_in(
+    namespaced_webhook: Webhook, where: str, value: Any, expected: str
+) -> None:
+    for namespace in ("plain", "missing", "unreadable"):
+        review = review_for(_powerful(where, value, namespace))
+        status = response_of(await namespaced_webhook.review(review))["status"]
+        assert status["code"] == 422, (namespace, status)
+        assert expected in status["message"], status["message"]
+        assert f"{ALLOW_PRIVILEGED_LABEL}=true" in status["message"]
+    review = review_for(_powerful(where, value, "gpu-admins"))
+    assert response_of(await namespaced_webhook.review(review))["allowed"] is True
+    # the pure decision, as standalone mode and a webhook without namespaces take it: refused
+    assert response_of(admit(review))["allowed"] is False
 
 
 # ---- TLS ----------------------------------------------------------------------------------------

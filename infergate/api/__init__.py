@@ -9,7 +9,6 @@ Imported by the picker (epp) and the controllers alike, so it imports neither.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from typing import Any
 
@@ -22,13 +21,22 @@ from infergate.api.autoscaling import (
     validate_autoscaling_policy,
     validate_autoscaling_policy_binding,
 )
-from infergate.api.meta import ApiStruct, Condition, ObjectMeta, duration_seconds
+from infergate.api.meta import (
+    ApiStruct,
+    Condition,
+    ObjectMeta,
+    check_object_meta,
+    conversion_problem,
+    duration_seconds,
+)
 from infergate.api.networking import (
     ModelRoute,
     ModelServer,
     validate_model_route,
     validate_model_server,
 )
+from infergate.api.nulls import prune_nulls as _prune_nulls
+from infergate.api.pod import ALLOW_PRIVILEGED_LABEL
 from infergate.api.upstream import (
     InferenceObjective,
     InferencePool,
@@ -38,11 +46,13 @@ from infergate.api.upstream import (
 from infergate.api.workload import (
     Model,
     ModelInfer,
+    model_infer_host_powers,
     validate_model,
     validate_model_infer,
 )
 
 __all__ = [
+    "ALLOW_PRIVILEGED_LABEL",
     "KINDS",
     "ApiError",
     "AutoScalingPolicy",
@@ -56,7 +66,9 @@ __all__ = [
     "ModelServer",
     "ObjectMeta",
     "duration_seconds",
+    "forbidden_host_powers",
     "from_dict",
+    "prune_nulls",
     "to_dict",
     "validate",
     "validate_dict",
@@ -90,9 +102,6 @@ class ApiError(ValueError):
     """An object that cannot be read as the kind it claims to be."""
 
 
-_JSON_PATH = re.compile(r"\$\.?")
-
-
 def from_dict(obj: dict[str, Any]) -> ApiStruct:
     """The typed object for a Kubernetes-style dict; ApiError names the field that is wrong."""
     key = (obj.get("apiVersion"), obj.get("kind"))
@@ -102,11 +111,13 @@ def from_dict(obj: dict[str, Any]) -> ApiStruct:
     try:
         return msgspec.convert(obj, cls)
     except msgspec.ValidationError as exc:
-        # msgspec says "... - at `$.spec.replicas`"; we say "spec.replicas: ...".
-        message, _, where = str(exc).rpartition(" - at ")
-        if not message:
-            raise ApiError(str(exc)) from None
-        raise ApiError(f"{_JSON_PATH.sub('', where.strip('`')) or '.'}: {message}") from None
+        raise ApiError(conversion_problem(exc)) from None
+
+
+def prune_nulls(obj: dict[str, Any]) -> dict[str, Any]:
+    """`obj` without the nulls the API server would drop (see nulls.py); other kinds as given."""
+    cls = KINDS.get((obj.get("apiVersion"), obj.get("kind")))  # type: ignore[arg-type]
+    return obj if cls is None else _prune_nulls(obj, cls)
 
 
 def to_dict(obj: ApiStruct) -> dict[str, Any]:
@@ -116,13 +127,25 @@ def to_dict(obj: ApiStruct) -> dict[str, Any]:
 
 
 def validate(obj: ApiStruct) -> list[str]:
-    """Every problem the CRD's schema and CEL rules would report, as `path: message`."""
-    return _VALIDATORS[type(obj)](obj)
+    """Every problem the API server (object names) and the CRD's schema and CEL rules would
+    report, as `path: message`."""
+    return check_object_meta(obj.metadata) + _VALIDATORS[type(obj)](obj)  # type: ignore[attr-defined]
 
 
 def validate_dict(obj: dict[str, Any]) -> list[str]:
     """from_dict, then validate: for admission, where a bad object is an answer, not a crash."""
     try:
-        return validate(from_dict(obj))
+        return validate(from_dict(prune_nulls(obj)))
     except ApiError as exc:
         return [str(exc)]
+
+
+def forbidden_host_powers(obj: dict[str, Any], namespace_labels: dict[str, str]) -> list[str]:
+    """The problems of a valid object whose pods would get power over their node (privileged,
+    added capabilities, hostPath, host namespaces) in a namespace that has not opted in."""
+    if namespace_labels.get(ALLOW_PRIVILEGED_LABEL) == "true":
+        return []
+    typed = from_dict(prune_nulls(obj))
+    powers = model_infer_host_powers(typed) if isinstance(typed, ModelInfer) else []
+    hint = f"allowed only in a namespace labelled {ALLOW_PRIVILEGED_LABEL}=true"
+    return [f"{power} ({hint})" for power in powers]

@@ -80,6 +80,26 @@ def duration_seconds(text: str) -> float:
     return sum(int(n) * _DURATION_UNITS[unit] for n, unit in _DURATION_PART.findall(text))
 
 
+# ---- msgspec's errors as `path: message` -------------------------------------------------------
+
+_MISSING_FIELD = re.compile(r"^Object missing required field `([^`]+)`$")
+
+
+def conversion_problem(exc: msgspec.ValidationError, prefix: str = "") -> str:
+    """msgspec's "Expected `int`, got `str` - at `$.spec.replicas`" as "spec.replicas: Expected
+    `int`, got `str`", and a missing field as "spec.template: is required"; `prefix` is the
+    path of what was converted."""
+    text = str(exc)
+    message, at, where = text.rpartition(" - at ")
+    if not at:
+        message, where = text, ""
+    path = prefix + where.strip("`").removeprefix("$")
+    missing = _MISSING_FIELD.match(message)
+    if missing:
+        path, message = f"{path}.{missing.group(1)}" if path else missing.group(1), "is required"
+    return f"{path.removeprefix('.') or '.'}: {message}"
+
+
 # ---- collecting validation problems -------------------------------------------------------------
 
 
@@ -154,6 +174,19 @@ class Problems:
             if key in seen:
                 self.add(f"{path}[{i}]", f"duplicate {what} {key!r}")
             seen.add(key)
+
+
+def check_object_meta(meta: ObjectMeta) -> list[str]:
+    """The API server's rules for a custom object's name and namespace: the standalone
+    runtime makes file names of them, and the controllers pod names."""
+    p = Problems()
+    for path, value, limit, pattern, what in (
+        ("metadata.name", meta.name, 253, DNS_SUBDOMAIN, "a lowercase DNS subdomain"),
+        ("metadata.namespace", meta.namespace, 63, DNS_LABEL, "a lowercase DNS label"),
+    ):
+        if value is not None and (len(value) > limit or not pattern.match(value)):
+            p.add(path, f"must be {what} of at most {limit} characters")
+    return p.messages
 
 
 def check_status_conditions(problems: Problems, path: str, conds: list[Condition] | None) -> None:

@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 
@@ -24,6 +24,8 @@ from infergate.api.meta import (
     check_status_conditions,
 )
 from infergate.api.networking import ENGINES, KVConnector, check_kv_connector
+from infergate.api.nulls import PROPERTIES
+from infergate.api.pod import check_pod_template, host_powers
 
 GROUP_VERSION = "workload.infergate.io/v1alpha1"
 
@@ -204,12 +206,16 @@ def validate_model(model: Model) -> list[str]:
 # ---- ModelInfer ---------------------------------------------------------------------------------
 
 
+# A core/v1 PodTemplateSpec, kept as written; its checks are pod.py's.
+PodTemplateDict = Annotated[dict[str, Any], msgspec.Meta(extra={PROPERTIES: ("metadata", "spec")})]
+
+
 class Role(ApiStruct):
     name: str
-    entry_template: dict[str, Any]
+    entry_template: PodTemplateDict
     replicas: int | None = None
     worker_replicas: int | None = None
-    worker_template: dict[str, Any] | None = None
+    worker_template: PodTemplateDict | None = None
 
 
 class GroupTemplate(ApiStruct):
@@ -269,14 +275,6 @@ def _check_int_or_percent(
         p.number(path, value, low)
 
 
-def _check_pod_template(p: Problems, path: str, template: dict[str, Any], required: bool) -> None:
-    if required and not isinstance(template.get("spec"), dict):
-        p.add(f"{path}.spec", "is required")
-    for part in ("metadata", "spec"):
-        if part in template and not isinstance(template[part], dict):
-            p.add(f"{path}.{part}", "must be an object")
-
-
 def validate_model_infer(infer: ModelInfer) -> list[str]:
     p = Problems()
     spec = infer.spec
@@ -296,9 +294,9 @@ def validate_model_infer(infer: ModelInfer) -> list[str]:
             p.add(f"{where}.name", "must be a DNS label of at most 12 characters")
         p.number(f"{where}.replicas", role.replicas, 0, 64)
         p.number(f"{where}.workerReplicas", role.worker_replicas, 0, 63)
-        _check_pod_template(p, f"{where}.entryTemplate", role.entry_template, required=True)
+        check_pod_template(p, f"{where}.entryTemplate", role.entry_template, required=True)
         if role.worker_template is not None:
-            _check_pod_template(p, f"{where}.workerTemplate", role.worker_template, required=False)
+            check_pod_template(p, f"{where}.workerTemplate", role.worker_template, required=False)
     rollout = spec.rollout_strategy
     config = rollout.rolling_update_configuration if rollout is not None else None
     if rollout is not None:
@@ -320,3 +318,14 @@ def validate_model_infer(infer: ModelInfer) -> list[str]:
     if infer.status is not None:
         check_status_conditions(p, "status.conditions", infer.status.conditions)
     return p.messages
+
+
+def model_infer_host_powers(infer: ModelInfer) -> list[str]:
+    """What the ModelInfer's pod templates ask of the node (see pod.host_powers)."""
+    out = []
+    for i, role in enumerate(infer.spec.template.roles):
+        where = f"spec.template.roles[{i}]"
+        out += host_powers(f"{where}.entryTemplate", role.entry_template)
+        if role.worker_template is not None:
+            out += host_powers(f"{where}.workerTemplate", role.worker_template)
+    return out
