@@ -1529,3 +1529,32 @@ def test_any_header_and_body_get_an_answer_and_only_the_pool_is_called(tmp_path)
         run()
         assert side.stranger.seen == []  # never a leg anywhere but the pool's prefill pod
         assert answered.get(403) and answered.get(400) and answered.get(200), answered
+
+
+async def test_a_prefill_pod_newer_than_the_last_poll_is_allowed_at_once(tmp_path):
+    """The picker may name a pod that joined the pool file since the sidecar last polled it:
+    the sidecar reads the file again before it refuses, so it never 403s a real prefill pod."""
+    from epp.connector.allowlist import PoolAllowlist
+    from epp.providers.file import FileProvider
+
+    pool = tmp_path / "pool.yaml"
+    pool.write_text(pool_yaml({"127.0.0.7:8000": "prefill"}))
+    allowlist = PoolAllowlist(
+        POOL,
+        "default",
+        lambda ds: FileProvider(ds, [pool], POOL, "default", poll_interval=3600),
+        grace=0,
+    )
+    await allowlist.start()
+    try:
+        for _ in range(200):
+            if allowlist.synced:
+                break
+            await asyncio.sleep(0.01)
+        assert allowlist.allows("127.0.0.7:8000")
+        assert not allowlist.allows("127.0.0.8:8000")
+        pool.write_text(pool_yaml({"127.0.0.7:8000": "prefill", "127.0.0.8:8000": "prefill"}))
+        assert allowlist.allows("127.0.0.8:8000")  # no poll ran: the miss read the file
+        assert not allowlist.allows("127.0.0.9:8000")
+    finally:
+        await allowlist.stop()

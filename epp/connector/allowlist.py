@@ -78,6 +78,10 @@ class NoAllowlist:
 class Provider(Protocol):
     async def start(self) -> None: ...
 
+    def refresh(self) -> None:
+        """Catch up with the source now, if it can (a file that changed is read again)."""
+        ...
+
     async def stop(self) -> None: ...
 
 
@@ -125,6 +129,12 @@ class PoolAllowlist:
     def allows(self, host_port: str) -> bool:
         if host_port in self._current:
             return True
+        # A pod the picker already knows may be newer than our last poll of the pool:
+        # catch up once before refusing (cheap: a file is read again only if it changed).
+        if self._started:
+            self.provider.refresh()
+            if host_port in self._current:
+                return True
         left = self._departed.get(host_port)
         return left is not None and time.monotonic() - left <= self.grace
 

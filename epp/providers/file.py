@@ -183,15 +183,19 @@ class FileProvider:
         is logged and counted, and the watch goes on: a later good edit applies."""
         while True:
             await asyncio.sleep(self.poll_interval)
-            try:
-                if self._current_stamp() != self._stamp:
-                    self.load()
-            except FileProviderError as exc:
-                self._failed(INVALID, exc)
-            except OSError as exc:
-                self._failed(UNREADABLE, exc)
-            except Exception as exc:
-                self._failed(INTERNAL, exc)
+            self.refresh()
+
+    def refresh(self) -> None:
+        """Reload now if a file changed since the last load (a bad file keeps the pool)."""
+        try:
+            if self._current_stamp() != self._stamp:
+                self.load()
+        except FileProviderError as exc:
+            self._failed(INVALID, exc)
+        except OSError as exc:
+            self._failed(UNREADABLE, exc)
+        except Exception as exc:
+            self._failed(INTERNAL, exc)
 
     def _failed(self, reason: str, exc: Exception) -> None:
         log.error(

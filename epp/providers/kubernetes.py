@@ -130,6 +130,9 @@ class KubernetesProvider:
             t.start()
             self._threads.append(t)
 
+    def refresh(self) -> None:
+        """Nothing to do: the watch already delivers every change as it happens."""
+
     async def stop(self) -> None:
         self._stopping.set()
         deadline = time.monotonic() + self.watch_timeout + 2
