@@ -1,8 +1,9 @@
 """Read token usage from a model server's answer as it streams past, cheaply.
 
 Streaming (SSE): only `data:` lines that carry a non-null "usage" are parsed, and a line cut
-between two chunks is completed from the next one. Non-streaming: the JSON body is kept (up
-to a cap) and parsed once at the end.
+between chunks is completed from the next ones: its pieces are kept (up to a cap) and joined
+once, when its newline comes, so a stream without newlines costs linear time and bounded
+memory. Non-streaming: the JSON body is kept (up to a cap) and parsed once at the end.
 """
 
 from __future__ import annotations
@@ -11,6 +12,10 @@ import json
 from dataclasses import dataclass
 
 MAX_BUFFERED_BODY = 4 * 1024 * 1024
+# A streamed line longer than this is not read (a usage event is a few hundred bytes; the
+# Responses API's response.completed repeats the answer, still far below it).
+MAX_LINE = MAX_BUFFERED_BODY
+_DATA = b"data:"
 
 
 @dataclass(slots=True)
@@ -39,11 +44,20 @@ class UsageReader:
     def __init__(self, streaming: bool) -> None:
         self.streaming = streaming
         self.usage = Usage()
-        self._tail = b""
         self._body = bytearray()
         self.truncated = False
+        # The unfinished line: its pieces, their length, and whether it outgrew MAX_LINE
+        # (then only its start is kept, to count it as an event).
+        self._pieces: list[bytes] = []
+        self._held = 0
+        self._overlong = False
+        self.lines_too_long = 0  # lines not read for their size
         # SSE data events seen: a stand-in for output tokens when the server sends no usage.
         self.events = 0
+
+    @property
+    def held_bytes(self) -> int:
+        return len(self._body) + self._held
 
     def feed(self, chunk: bytes) -> None:
         if not self.streaming:
@@ -52,14 +66,38 @@ class UsageReader:
             else:
                 self.truncated = True
             return
-        data = self._tail + chunk
-        lines = data.split(b"\n")
-        self._tail = lines.pop()  # an unfinished line waits for the next chunk
+        lines = chunk.split(b"\n")
+        rest = lines.pop()  # an unfinished line waits for the next chunk
         for line in lines:
+            if self._pieces:
+                self._hold(line)
+                line = self._take_line()
             self._line(line)
+        if rest:
+            self._hold(rest)
+
+    def _hold(self, piece: bytes) -> None:
+        if self._overlong:
+            return
+        if self._held + len(piece) > MAX_LINE:
+            self._overlong = True
+            head = b"".join(self._pieces)[: len(_DATA)] if self._pieces else piece[: len(_DATA)]
+            self._pieces, self._held = [head], len(head)
+            return
+        self._pieces.append(piece)
+        self._held += len(piece)
+
+    def _take_line(self) -> bytes:
+        line = b"".join(self._pieces)
+        if self._overlong:
+            self.lines_too_long += 1
+            # Counted as an event, but not read: truncated JSON carries no usage.
+            line = line[: len(_DATA)]
+        self._pieces, self._held, self._overlong = [], 0, False
+        return line
 
     def _line(self, line: bytes) -> None:
-        if not line.startswith(b"data:"):
+        if not line.startswith(_DATA):
             return
         self.events += 1
         if b'"usage"' not in line:
@@ -69,7 +107,7 @@ class UsageReader:
             return
         try:
             event = json.loads(payload)
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        except (ValueError, RecursionError):  # bad JSON, bad UTF-8, 5000-digit ints
             return
         if not isinstance(event, dict):
             return
@@ -80,13 +118,12 @@ class UsageReader:
 
     def finish(self) -> Usage:
         if self.streaming:
-            if self._tail:
-                self._line(self._tail)
-                self._tail = b""
+            if self._pieces:
+                self._line(self._take_line())
         elif self._body and not self.truncated:
             try:
                 body = json.loads(self._body)
-            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+            except (ValueError, RecursionError):  # bad JSON, bad UTF-8, 5000-digit ints
                 body = None
             if isinstance(body, dict):
                 _from_usage_object(body.get("usage"), self.usage)
