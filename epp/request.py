@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import sys
 import threading
@@ -25,6 +26,8 @@ from epp.request_body import (
     decode_raw,
     present,
 )
+
+log = logging.getLogger("epp.request")
 
 USER_HEADER = "x-infergate-user"
 
@@ -142,6 +145,9 @@ def _tokens_or_error(tokenizer, api: str, body: RequestBody) -> list[int] | Exce
             return tokenizer.tokens_for(api, _tokenizer_fields(body))
         except PromptError as exc:
             return exc
+        except Exception as exc:  # a tokenizer bug: callers estimate instead of failing
+            log.exception("tokenizing a %s prompt failed", api)
+            return PromptError(f"the tokenizer failed: {exc!r}")
 
 
 def _tokenizer_fields(body: RequestBody) -> dict[str, Any]:
