@@ -12,13 +12,13 @@ import json
 import re
 
 # A JSON string (the unrolled form: linear, no backtracking).
-_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)
+JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)
 _CLOSE = re.compile(rb"\s*}")
 
 
 def _depth_change(segment: bytes) -> int:
     """Brackets opened minus closed in `segment`, which starts and ends outside strings."""
-    bare = _STRING.sub(b"", segment)
+    bare = JSON_STRING.sub(b"", segment)
     return bare.count(b"{") + bare.count(b"[") - bare.count(b"}") - bare.count(b"]")
 
 

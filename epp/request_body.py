@@ -9,16 +9,23 @@ server would refuse what the picker passes on otherwise.
 
 from __future__ import annotations
 
+import re
+import sys
 from typing import Annotated
 
 import msgspec
 
 from epp.errors import PickerError
+from epp.json_splice import JSON_STRING
 
 # An upper bound on max_tokens and its kin. vLLM bounds them by the model's context window,
 # which the picker does not know; 2**24 is above every context window served today, and keeps
 # in-flight token counts and fair-share charges finite.
 MAX_TOKENS_CEILING = 1 << 24
+
+# Python's own limit on converting digits to an int (engines parse bodies with Python).
+MAX_INTEGER_DIGITS = sys.get_int_max_str_digits() or 4300
+_LONG_INTEGER = re.compile(rb"(?<![\d.])\d{%d,}(?![\d.eE])" % (MAX_INTEGER_DIGITS + 1))
 
 TokenCount = Annotated[int, msgspec.Meta(ge=1, le=MAX_TOKENS_CEILING)]
 
@@ -68,7 +75,15 @@ def present(raw: msgspec.Raw) -> bool:
 def decode_body(raw_body: bytes) -> RequestBody:
     """The body's picker fields; PickerError 400 naming the field when the body is not
     well-formed JSON or a field has the wrong type or an out-of-range value."""
-    return _decode(_DECODER, raw_body, "")
+    body = _decode(_DECODER, raw_body, "")
+    # Skipped fields may hold integers Python cannot convert (the engine's JSON parser
+    # raises on them): refuse them here, looking past strings only when a long run of
+    # digits is there at all.
+    if _LONG_INTEGER.search(raw_body) and _LONG_INTEGER.search(JSON_STRING.sub(b'""', raw_body)):
+        raise PickerError(
+            400, f"request body has an integer of more than {MAX_INTEGER_DIGITS} digits"
+        )
+    return body
 
 
 def decode_field(raw: msgspec.Raw, name: str, decoder: msgspec.json.Decoder):

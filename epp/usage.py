@@ -40,6 +40,16 @@ def _from_usage_object(u: object, into: Usage) -> None:
         into.cached_tokens = details["cached_tokens"]
 
 
+def _head(pieces: list[bytes]) -> bytes:
+    """The first bytes of a line (enough to tell a data line) from its pieces."""
+    head = b""
+    for piece in pieces:
+        head += piece[: len(_DATA) - len(head)]
+        if len(head) == len(_DATA):
+            break
+    return head
+
+
 class UsageReader:
     def __init__(self, streaming: bool) -> None:
         self.streaming = streaming
@@ -81,7 +91,7 @@ class UsageReader:
             return
         if self._held + len(piece) > MAX_LINE:
             self._overlong = True
-            head = b"".join(self._pieces)[: len(_DATA)] if self._pieces else piece[: len(_DATA)]
+            head = _head([*self._pieces, piece])
             self._pieces, self._held = [head], len(head)
             return
         self._pieces.append(piece)

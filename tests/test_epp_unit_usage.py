@@ -241,3 +241,96 @@ def test_deeply_nested_json_is_garbage_not_a_crash(streaming):
     nested = b'{"usage": ' + b"[" * 100_000
     body = b"data: " + nested + b"\n\n" if streaming else nested
     assert read(streaming, body) == Usage()
+
+
+# ---- a stream without newlines: bounded bytes held, each byte handled once ----------------
+
+STREAM_BYTES = 16 * 1024 * 1024
+STREAM_CHUNK = 64 * 1024
+
+
+def newline_less_chunks():
+    chunk = b"data: " + b"x" * (STREAM_CHUNK - 6)
+    yield chunk
+    for _ in range(STREAM_BYTES // STREAM_CHUNK - 1):
+        yield b"x" * STREAM_CHUNK
+
+
+def peak_while(feed) -> int:
+    """The most bytes Python allocated at once while `feed` ran (tracemalloc counts bytes
+    held, not time)."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        feed()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_a_16_mib_stream_without_newlines_holds_a_bounded_tail():
+    reader = UsageReader(True)
+    most_held = 0
+
+    def feed():
+        nonlocal most_held
+        for chunk in newline_less_chunks():
+            reader.feed(chunk)
+            most_held = max(most_held, reader.held_bytes)
+
+    peak = peak_while(feed)
+    assert most_held <= usage_mod.MAX_LINE
+    # The line held and one chunk, with room for the pieces' list: never the whole stream.
+    assert peak < usage_mod.MAX_LINE + 8 * STREAM_CHUNK
+    reader.feed(b'\ndata: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2}}\n')
+    assert reader.finish() == Usage(prompt_tokens=3, completion_tokens=2)
+    assert reader.lines_too_long == 1 and reader.events == 2  # the long line still counted
+
+
+def test_the_usage_stripper_passes_a_16_mib_event_through_holding_a_bounded_part():
+    from epp.routing.usage_strip import MAX_USAGE_EVENT, UsageEventStripper
+
+    stripper = UsageEventStripper()
+    passed = most_held = 0
+
+    def feed():
+        nonlocal passed, most_held
+        for chunk in newline_less_chunks():
+            passed += len(stripper.feed(chunk))
+            most_held = max(most_held, stripper.held_bytes)
+
+    peak = peak_while(feed)
+    assert most_held <= MAX_USAGE_EVENT
+    assert peak < MAX_USAGE_EVENT + 8 * STREAM_CHUNK
+    assert passed == STREAM_BYTES  # nothing of the long event is lost
+    usage = b'\n\ndata: {"choices":[],"usage":{"completion_tokens":2}}\n\ndata: [DONE]\n\n'
+    assert stripper.feed(usage) + stripper.flush() == b"\n\ndata: [DONE]\n\n"
+
+
+def test_the_model_rewriter_holds_no_more_than_a_pattern_on_a_16_mib_stream():
+    from epp.routing.rewrite import ModelNameRewriter
+
+    rewriter = ModelNameRewriter("served-model", "asked")
+    passed = 0
+
+    def feed():
+        nonlocal passed
+        for chunk in newline_less_chunks():
+            passed += len(rewriter.feed(chunk))
+
+    peak = peak_while(feed)
+    assert peak < 8 * STREAM_CHUNK
+    assert passed + len(rewriter.flush()) == STREAM_BYTES
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 7, 1000])
+def test_the_stripper_finds_a_separator_split_across_chunks_after_a_long_event(size, monkeypatch):
+    from epp.routing import usage_strip
+
+    monkeypatch.setattr(usage_strip, "MAX_USAGE_EVENT", 64)  # above the usage event
+    usage = b'data: {"choices":[],"usage":{"completion_tokens":2}}\n\n'
+    stream = b"data: " + b"y" * 100 + b"\n\n" + usage + b"data: [DONE]\n\n"
+    s = usage_strip.UsageEventStripper()
+    out = b"".join(s.feed(stream[i : i + size]) for i in range(0, len(stream), size))
+    assert out + s.flush() == stream.replace(usage, b"")
