@@ -9,6 +9,7 @@ server would refuse what the picker passes on otherwise.
 
 from __future__ import annotations
 
+import codecs
 import re
 import sys
 from typing import Annotated
@@ -26,6 +27,8 @@ MAX_TOKENS_CEILING = 1 << 24
 # Python's own limit on converting digits to an int (engines parse bodies with Python).
 MAX_INTEGER_DIGITS = sys.get_int_max_str_digits() or 4300
 _LONG_INTEGER = re.compile(rb"(?<![\d.])\d{%d,}(?![\d.eE])" % (MAX_INTEGER_DIGITS + 1))
+
+_UTF8_SLICE = 1 << 16
 
 TokenCount = Annotated[int, msgspec.Meta(ge=1, le=MAX_TOKENS_CEILING)]
 
@@ -76,6 +79,7 @@ def decode_body(raw_body: bytes) -> RequestBody:
     """The body's picker fields; PickerError 400 naming the field when the body is not
     well-formed JSON or a field has the wrong type or an out-of-range value."""
     body = _decode(_DECODER, raw_body, "")
+    _check_utf8(raw_body)
     # Skipped fields may hold integers Python cannot convert (the engine's JSON parser
     # raises on them): refuse them here, looking past strings only when a long run of
     # digits is there at all.
@@ -108,6 +112,21 @@ def _decode(decoder: msgspec.json.Decoder, data, field: str):
 
 TEXT = msgspec.json.Decoder(str)
 STREAM_OPTIONS = msgspec.json.Decoder(StreamOptions)
+
+
+def _check_utf8(raw_body: bytes) -> None:
+    """Skipped fields are not checked for UTF-8 by the decoder: check the body, a slice at a
+    time (decoding it whole could take four times its size as a str)."""
+    if raw_body.isascii():
+        return
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    view = memoryview(raw_body)
+    try:
+        for at in range(0, len(view), _UTF8_SLICE):
+            decoder.decode(view[at : at + _UTF8_SLICE])
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError as exc:
+        raise PickerError(400, f"request body is not valid UTF-8: {exc.reason}") from None
 
 
 def _explain(message: str) -> str:
