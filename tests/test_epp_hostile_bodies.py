@@ -19,6 +19,7 @@ from epp.errors import PickerError
 from epp.extproc import ExternalProcessor
 from epp.request import parse_request
 from tests import extproc_client as ec
+from tests.allocations import peak_allocated
 from tests.test_epp_unit_director import make_director
 
 LIMIT = 32 * 1024 * 1024
@@ -139,15 +140,6 @@ def empty_objects(n_bytes: int) -> bytes:
     return b'{"model":"m","messages":[' + items + b"]}"
 
 
-def peak_of(run) -> int:
-    tracemalloc.start()
-    try:
-        run()
-        return tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-
-
 @pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions", "/v1/embeddings"])
 def test_parsing_a_4_mib_body_of_empty_objects_stays_within_4x_its_size(path):
     body = empty_objects(FOUR_MIB)
@@ -155,7 +147,7 @@ def test_parsing_a_4_mib_body_of_empty_objects_stays_within_4x_its_size(path):
     if field:
         body = body.replace(b'"messages"', field)
     kept = []
-    peak = peak_of(lambda: kept.append(parse_request(path, body, {}, max_body_bytes=LIMIT)))
+    peak = peak_allocated(lambda: kept.append(parse_request(path, body, {}, max_body_bytes=LIMIT)))
     assert peak < 4 * len(body)
     assert kept[0].held_bytes < 3 * len(body)
 

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from epp import usage as usage_mod
 from epp.usage import Usage, UsageReader
+from tests.allocations import peak_allocated
 
 
 def sse(*events) -> bytes:
@@ -256,19 +257,6 @@ def newline_less_chunks():
         yield b"x" * STREAM_CHUNK
 
 
-def peak_while(feed) -> int:
-    """The most bytes Python allocated at once while `feed` ran (tracemalloc counts bytes
-    held, not time)."""
-    import tracemalloc
-
-    tracemalloc.start()
-    try:
-        feed()
-        return tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-
-
 def test_a_16_mib_stream_without_newlines_holds_a_bounded_tail():
     reader = UsageReader(True)
     most_held = 0
@@ -279,7 +267,7 @@ def test_a_16_mib_stream_without_newlines_holds_a_bounded_tail():
             reader.feed(chunk)
             most_held = max(most_held, reader.held_bytes)
 
-    peak = peak_while(feed)
+    peak = peak_allocated(feed)
     assert most_held <= usage_mod.MAX_LINE
     # The line held and one chunk, with room for the pieces' list: never the whole stream.
     assert peak < usage_mod.MAX_LINE + 8 * STREAM_CHUNK
@@ -300,7 +288,7 @@ def test_the_usage_stripper_passes_a_16_mib_event_through_holding_a_bounded_part
             passed += len(stripper.feed(chunk))
             most_held = max(most_held, stripper.held_bytes)
 
-    peak = peak_while(feed)
+    peak = peak_allocated(feed)
     assert most_held <= MAX_USAGE_EVENT
     assert peak < MAX_USAGE_EVENT + 8 * STREAM_CHUNK
     assert passed == STREAM_BYTES  # nothing of the long event is lost
@@ -319,7 +307,7 @@ def test_the_model_rewriter_holds_no_more_than_a_pattern_on_a_16_mib_stream():
         for chunk in newline_less_chunks():
             passed += len(rewriter.feed(chunk))
 
-    peak = peak_while(feed)
+    peak = peak_allocated(feed)
     assert peak < 8 * STREAM_CHUNK
     assert passed + len(rewriter.flush()) == STREAM_BYTES
 
