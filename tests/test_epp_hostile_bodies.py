@@ -263,3 +263,19 @@ async def test_a_large_prompt_is_tokenized_while_the_event_loop_runs():
     await admitted
     assert ticks > 1
     assert req.state["prompt_tokens"] > 200_000  # counted by the tokenizer, not estimated
+
+
+async def test_a_queued_request_costs_the_bytes_it_holds_not_only_its_body():
+    from epp.flowcontrol import FlowControlConfig
+    from tests.test_epp_unit_director import request
+    from tests.test_epp_unit_gate import director_with
+
+    req = request(prompt="x" * 4000)
+    limit = len(req.raw_body) + 100  # the body fits; the body and its prompt text do not
+    assert len(req.raw_body) < limit < req.held_bytes
+    director = director_with(flow_control=FlowControlConfig(max_bytes=limit))
+    for ep in director.datastore.endpoints():
+        ep.metrics.waiting, ep.metrics.updated_at = 10, 1e18  # saturated: requests queue
+    with pytest.raises(PickerError) as info:
+        await director.admit(req, None)
+    assert f"cannot take {req.held_bytes} more bytes" in info.value.message
