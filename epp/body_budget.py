@@ -1,8 +1,9 @@
 """One budget for the request bytes the picker holds across all its streams at once.
 
-Each stream takes from it as body bytes arrive (and for what parsing keeps beside them) and
-gives everything back when it ends; a stream that would overdraw it is answered 429 with
-Retry-After instead, so concurrent large bodies cannot exhaust the picker's memory.
+Each stream takes from it as body bytes arrive (and for what parsing keeps beside them, and
+what reading the answer's usage buffers) and gives everything back when it ends; a request
+that would overdraw it is answered 429 with Retry-After instead (an answer's usage is not
+read), so concurrent large bodies cannot exhaust the picker's memory.
 """
 
 from __future__ import annotations
@@ -20,9 +21,12 @@ class BodyBudget:
         self.limit = limit
         self.held = 0
 
+    def fits(self, n: int) -> bool:
+        return self.held + n <= self.limit
+
     def take(self, n: int) -> None:
         """Reserve `n` bytes, or raise PickerError 429 when they do not fit."""
-        if self.held + n > self.limit:
+        if not self.fits(n):
             raise PickerError(
                 429,
                 f"the endpoint picker holds {self.held} bytes of requests and cannot take "

@@ -36,6 +36,7 @@ class _Stream:
         self.director = director
         self.budget = budget or BodyBudget()
         self.charged = 0  # bytes taken from the budget, given back when the stream ends
+        self.usage_charged = 0  # the part of it the usage reader buffers
         self.headers: dict[str, str] = {}
         self.subset: list[str] | None = None
         self.body = bytearray()
@@ -126,6 +127,7 @@ class _Stream:
             self.last_chunk = now
             if self.usage is not None:
                 self.usage.feed(data)
+                self._account_usage()
         if self.rewrite is not None:
             data = self.rewrite.feed(data)
             if chunk.end_of_stream:
@@ -137,6 +139,26 @@ class _Stream:
         if chunk.end_of_stream:
             self._finish()
         return [protocol.response_chunk(data, chunk.end_of_stream)]
+
+    def _account_usage(self) -> None:
+        """Charge the budget for what reading usage buffers; past it, stop buffering."""
+        held = self.usage.held_bytes
+        if held > self.usage_charged and not self.budget.fits(held - self.usage_charged):
+            self.usage.drop_held()
+            self.director.metrics.bad_requests.labels("response_over_budget").inc()
+            log.warning(
+                "ext_proc: the request bytes budget is spent: the usage of the answer to %s "
+                "from %s is not read",
+                self.req.request_id if self.req else "?",
+                self.served,
+            )
+            held = self.usage.held_bytes
+        delta, self.usage_charged = held - self.usage_charged, held
+        if delta > 0:
+            self._charge(delta)
+        else:
+            self.budget.give(-delta)
+            self.charged += delta
 
     def _finish(self, cancelled: bool = False) -> None:
         if self.finished or self.req is None:

@@ -71,10 +71,10 @@ class UsageReader:
 
     def feed(self, chunk: bytes) -> None:
         if not self.streaming:
-            if len(self._body) + len(chunk) <= MAX_BUFFERED_BODY:
+            if not self.truncated and len(self._body) + len(chunk) <= MAX_BUFFERED_BODY:
                 self._body += chunk
             else:
-                self.truncated = True
+                self.drop_held()  # too long to parse: nothing kept for it
             return
         lines = chunk.split(b"\n")
         rest = lines.pop()  # an unfinished line waits for the next chunk
@@ -86,13 +86,24 @@ class UsageReader:
         if rest:
             self._hold(rest)
 
+    def drop_held(self) -> None:
+        """Stop buffering (no memory left for it): the body, or the unfinished line, will
+        not be read for usage."""
+        self._body = bytearray()
+        self.truncated = True
+        if self._pieces and not self._overlong:
+            self._skip_line()
+
+    def _skip_line(self) -> None:
+        # Only the line's start is kept (not counted as held), to count it as an event.
+        self._pieces, self._held, self._overlong = [_head(self._pieces)], 0, True
+
     def _hold(self, piece: bytes) -> None:
         if self._overlong:
             return
         if self._held + len(piece) > MAX_LINE:
-            self._overlong = True
-            head = _head([*self._pieces, piece])
-            self._pieces, self._held = [head], len(head)
+            self._pieces.append(piece)
+            self._skip_line()
             return
         self._pieces.append(piece)
         self._held += len(piece)

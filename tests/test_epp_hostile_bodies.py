@@ -279,3 +279,31 @@ async def test_a_queued_request_costs_the_bytes_it_holds_not_only_its_body():
     with pytest.raises(PickerError) as info:
         await director.admit(req, None)
     assert f"cannot take {req.held_bytes} more bytes" in info.value.message
+
+
+async def test_answers_buffered_for_their_usage_are_charged_and_dropped_past_the_budget():
+    from epp.extproc import _Stream
+
+    director = make_director(fallbacks=0)
+    budget = BodyBudget(1_000_000)
+    usage = b'{"usage":{"prompt_tokens":3,"completion_tokens":2},"pad":"'
+    streams = []
+    for _ in range(3):  # three answers of 400,000 bytes buffered at once do not fit
+        stream = _Stream(director, budget)
+        stream.on_request_headers(ec.headers())
+        await stream.on_request_body(ec.body({"model": "m", "prompt": "x"}))
+        stream.on_response_headers(ec.response_headers(200, "application/json"))
+        stream.on_response_body(ec.response_body(usage + b"p" * 400_000, eos=False))
+        streams.append(stream)
+        assert budget.held <= budget.limit
+    assert streams[0].usage.held_bytes > 400_000 and streams[2].usage.held_bytes == 0
+    for stream in streams:
+        stream.on_response_body(ec.response_body(b'"}', eos=True))
+        stream.close()
+    assert streams[0].usage.usage.completion_tokens == 2  # read: it fitted
+    assert streams[2].usage.usage.completion_tokens is None  # not read, and counted:
+    counted = director.metrics.registry.get_sample_value(
+        "infergate_epp_protocol_errors_total", {"reason": "response_over_budget"}
+    )
+    assert counted == 1
+    assert budget.held == 0
