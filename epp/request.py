@@ -8,6 +8,7 @@ import re
 import sys
 import threading
 import uuid
+from array import array
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -107,7 +108,7 @@ class InferenceRequest:
             out = set_member(out, "stream_options", msgspec.json.encode(options), current)
         return out
 
-    def prompt_token_ids(self, tokenizer) -> list[int]:
+    def prompt_token_ids(self, tokenizer) -> array:
         """The prompt as `tokenizer` (kvindex.tokenize.PromptTokenizer) tokenizes it, once a
         request: token counting for limits and prefix scoring both ask. May raise the
         tokenizer's PromptError. Runs here when `tokenize` was not awaited first."""
@@ -135,16 +136,19 @@ class InferenceRequest:
         return self.stream_options is not None and bool(self.stream_options.include_usage)
 
 
-def _tokens_or_error(tokenizer, api: str, body: RequestBody) -> list[int] | Exception:
-    """The token ids, or the PromptError the tokenizer raised (kept, so it is raised once a
-    caller asks rather than in the tokenizing thread)."""
+def _tokens_or_error(tokenizer, api: str, body: RequestBody) -> array | Exception:
+    """The token ids, 4 bytes each (a list of ints would hold 36 a token for the request's
+    life), or the PromptError the tokenizer raised (kept, so it is raised once a caller asks
+    rather than in the tokenizing thread)."""
     from kvindex.tokenize import PromptError
 
     with _TOKENIZE_LOCK:
         try:
-            return tokenizer.tokens_for(api, _tokenizer_fields(body))
+            return array("I", tokenizer.tokens_for(api, _tokenizer_fields(body)))
         except PromptError as exc:
             return exc
+        except OverflowError:  # a client's token ids out of 0..2**32-1: no vocabulary has them
+            return PromptError("token ids must fit in 32 bits")
         except Exception as exc:  # a tokenizer bug: callers estimate instead of failing
             log.exception("tokenizing a %s prompt failed", api)
             return PromptError(f"the tokenizer failed: {exc!r}")

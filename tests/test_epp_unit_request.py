@@ -349,4 +349,14 @@ def test_the_prompt_is_tokenized_once_per_request_and_tokenizer():
     req = parse(CHAT)
     first = req.prompt_token_ids(tokenizer)
     assert req.prompt_token_ids(tokenizer) is first and calls == ["chat"]
-    assert first == PromptTokenizer.from_dir(DEFAULT_MODEL_DIR).tokens_for("chat", CHAT)
+    assert list(first) == PromptTokenizer.from_dir(DEFAULT_MODEL_DIR).tokens_for("chat", CHAT)
+    assert first.itemsize == 4  # 4 bytes a token for as long as the request lives
+
+
+def test_token_ids_out_of_32_bits_are_a_prompt_error_not_a_crash():
+    from infergate.stack import DEFAULT_MODEL_DIR
+    from kvindex.tokenize import PromptError, PromptTokenizer
+
+    req = parse({"model": "m", "prompt": [1, 2**40]}, path="/v1/completions")
+    with pytest.raises(PromptError):
+        req.prompt_token_ids(PromptTokenizer.from_dir(DEFAULT_MODEL_DIR))
