@@ -8,14 +8,18 @@ memory. Non-streaming: the JSON body is kept (up to a cap) and parsed once at th
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
+
+import msgspec
+
+from epp.request_body import present
 
 MAX_BUFFERED_BODY = 4 * 1024 * 1024
 # A streamed line longer than this is not read (a usage event is a few hundred bytes; the
 # Responses API's response.completed repeats the answer, still far below it).
 MAX_LINE = MAX_BUFFERED_BODY
 _DATA = b"data:"
+MAX_USAGE_OBJECT = 64 * 1024  # a usage object is a few counters
 
 
 @dataclass(slots=True)
@@ -48,6 +52,31 @@ def _head(pieces: list[bytes]) -> bytes:
         if len(head) == len(_DATA):
             break
     return head
+
+
+class _WithUsage(msgspec.Struct):
+    """An answer or a streamed event, as far as its usage goes: nothing else is decoded (a
+    pod's multi-MiB answer must not become an object tree to find a few counters)."""
+
+    usage: msgspec.Raw = msgspec.Raw()
+    response: msgspec.Raw = msgspec.Raw()  # the Responses API's response.completed
+
+
+_WITH_USAGE = msgspec.json.Decoder(_WithUsage)
+_BAD_JSON = (msgspec.DecodeError, msgspec.ValidationError, RecursionError)
+
+
+def _read_usage(payload: bytes | bytearray, into: Usage) -> None:
+    """The usage in a JSON answer or event, if it has any; anything malformed is ignored."""
+    try:
+        doc = _WITH_USAGE.decode(payload)
+        usage = doc.usage
+        if not present(usage) and present(doc.response):
+            usage = _WITH_USAGE.decode(doc.response).usage
+        if present(usage) and len(usage) <= MAX_USAGE_OBJECT:
+            _from_usage_object(msgspec.json.decode(usage), into)
+    except _BAD_JSON:
+        return
 
 
 class UsageReader:
@@ -124,28 +153,13 @@ class UsageReader:
         if b'"usage"' not in line:
             return
         payload = line[5:].strip()
-        if payload == b"[DONE]":
-            return
-        try:
-            event = json.loads(payload)
-        except (ValueError, RecursionError):  # bad JSON, bad UTF-8, 5000-digit ints
-            return
-        if not isinstance(event, dict):
-            return
-        if event.get("usage"):
-            _from_usage_object(event["usage"], self.usage)
-        elif isinstance(event.get("response"), dict):  # Responses API: response.completed
-            _from_usage_object(event["response"].get("usage"), self.usage)
+        if payload != b"[DONE]":
+            _read_usage(payload, self.usage)
 
     def finish(self) -> Usage:
         if self.streaming:
             if self._pieces:
                 self._line(self._take_line())
         elif self._body and not self.truncated:
-            try:
-                body = json.loads(self._body)
-            except (ValueError, RecursionError):  # bad JSON, bad UTF-8, 5000-digit ints
-                body = None
-            if isinstance(body, dict):
-                _from_usage_object(body.get("usage"), self.usage)
+            _read_usage(self._body, self.usage)
         return self.usage

@@ -322,3 +322,29 @@ def test_the_stripper_finds_a_separator_split_across_chunks_after_a_long_event(s
     s = usage_strip.UsageEventStripper()
     out = b"".join(s.feed(stream[i : i + size]) for i in range(0, len(stream), size))
     assert out + s.flush() == stream.replace(usage, b"")
+
+
+def test_a_4_mib_answer_of_empty_objects_is_read_without_an_object_tree():
+    pad = b",".join([b"{}"] * (usage_mod.MAX_BUFFERED_BODY // 3 - 100))
+    answer = b'{"choices":[' + pad + b'],"usage":{"prompt_tokens":3,"completion_tokens":2}}'
+    reader = UsageReader(False)
+    reader.feed(answer)
+    del pad
+    got = []
+    peak = peak_allocated(lambda: got.append(reader.finish()))
+    assert got == [Usage(prompt_tokens=3, completion_tokens=2)]
+    assert peak < len(answer)  # json.loads held ~25 times the answer
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        b'{"usage":{"prompt_tokens":' + b"9" * 5000 + b"}}",
+        b'{"usage":' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+        b'{"usage":"\\ud800"}',
+        b'{"response":{"usage":[' + b"{}," * 30_000 + b"{}]}}",
+    ],
+)
+def test_hostile_usage_from_a_pod_is_ignored(event):
+    assert read(True, b"data: " + event + b"\n\n") == Usage()
+    assert read(False, event) == Usage()
