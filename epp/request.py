@@ -46,6 +46,11 @@ API_BY_SUFFIX = (
 # messages at a time is what tokenizing may hold beyond the bodies themselves).
 _TOKENIZE_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="epp-tokenize")
 _TOKENIZE_LOCK = threading.Lock()
+# Larger prompts (about a million tokens) are not tokenized: their tokens are estimated and
+# the precise prefix scorer leaves them to the others. One would hold the tokenizing thread
+# for seconds, ahead of every other request, and decoding its messages for the chat template
+# costs many times its bytes.
+MAX_TOKENIZED_BYTES = 4 * 1024 * 1024
 _NON_EMPTY_LIST = re.compile(rb"\[\s*[^\]\s]")
 
 
@@ -142,6 +147,11 @@ def _tokens_or_error(tokenizer, api: str, body: RequestBody) -> array | Exceptio
     rather than in the tokenizing thread)."""
     from kvindex.tokenize import PromptError
 
+    size = sum(len(r) for r in (body.prompt, body.messages, body.tools, body.chat_template_kwargs))
+    if size > MAX_TOKENIZED_BYTES:
+        return PromptError(
+            f"the prompt's {size} bytes are over the {MAX_TOKENIZED_BYTES} tokenized"
+        )
     with _TOKENIZE_LOCK:
         try:
             return array("I", tokenizer.tokens_for(api, _tokenizer_fields(body)))

@@ -360,3 +360,23 @@ def test_token_ids_out_of_32_bits_are_a_prompt_error_not_a_crash():
     req = parse({"model": "m", "prompt": [1, 2**40]}, path="/v1/completions")
     with pytest.raises(PromptError):
         req.prompt_token_ids(PromptTokenizer.from_dir(DEFAULT_MODEL_DIR))
+
+
+def test_a_prompt_over_the_tokenizing_limit_is_not_tokenized():
+    from epp.request import MAX_TOKENIZED_BYTES
+    from infergate.stack import DEFAULT_MODEL_DIR
+    from kvindex.tokenize import PromptError, PromptTokenizer
+
+    calls = []
+
+    class Counting(PromptTokenizer):
+        def tokens_for(self, api, body):
+            calls.append(api)
+            return super().tokens_for(api, body)
+
+    tokenizer = Counting.from_dir(DEFAULT_MODEL_DIR)
+    messages = [{"role": "user", "content": "x" * MAX_TOKENIZED_BYTES}]
+    req = parse({"model": "m", "messages": messages}, limit=2 * MAX_TOKENIZED_BYTES)
+    with pytest.raises(PromptError):
+        req.prompt_token_ids(tokenizer)
+    assert calls == []  # the estimate stands in: nothing was decoded or tokenized
