@@ -334,7 +334,8 @@ def test_stream_options_must_be_an_object(value):
     assert info.value.status == 400 and "stream_options" in info.value.message
 
 
-def test_the_prompt_is_tokenized_once_per_request_and_tokenizer():
+def counting_tokenizer():
+    """The simulator's tokenizer, and the list of APIs it was asked to tokenize for."""
     from infergate.stack import DEFAULT_MODEL_DIR
     from kvindex.tokenize import PromptTokenizer
 
@@ -345,7 +346,14 @@ def test_the_prompt_is_tokenized_once_per_request_and_tokenizer():
             calls.append(api)
             return super().tokens_for(api, body)
 
-    tokenizer = Counting.from_dir(DEFAULT_MODEL_DIR)
+    return Counting.from_dir(DEFAULT_MODEL_DIR), calls
+
+
+def test_the_prompt_is_tokenized_once_per_request_and_tokenizer():
+    from infergate.stack import DEFAULT_MODEL_DIR
+    from kvindex.tokenize import PromptTokenizer
+
+    tokenizer, calls = counting_tokenizer()
     req = parse(CHAT)
     first = req.prompt_token_ids(tokenizer)
     assert req.prompt_token_ids(tokenizer) is first and calls == ["chat"]
@@ -364,17 +372,9 @@ def test_token_ids_out_of_32_bits_are_a_prompt_error_not_a_crash():
 
 def test_a_prompt_over_the_tokenizing_limit_is_not_tokenized():
     from epp.request import MAX_TOKENIZED_BYTES
-    from infergate.stack import DEFAULT_MODEL_DIR
-    from kvindex.tokenize import PromptError, PromptTokenizer
+    from kvindex.tokenize import PromptError
 
-    calls = []
-
-    class Counting(PromptTokenizer):
-        def tokens_for(self, api, body):
-            calls.append(api)
-            return super().tokens_for(api, body)
-
-    tokenizer = Counting.from_dir(DEFAULT_MODEL_DIR)
+    tokenizer, calls = counting_tokenizer()
     messages = [{"role": "user", "content": "x" * MAX_TOKENIZED_BYTES}]
     req = parse({"model": "m", "messages": messages}, limit=2 * MAX_TOKENIZED_BYTES)
     with pytest.raises(PromptError):
