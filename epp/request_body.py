@@ -2,9 +2,9 @@
 
 Only these fields become Python objects, and bulky ones (messages, prompt, input, tools) stay
 `msgspec.Raw`: zero-copy slices of the body, so a body of a million empty objects costs the
-picker its bytes and no object tree. Every other field is skipped, yet still checked to be
-well-formed JSON (lone surrogates, bad UTF-8, nesting beyond the decoder's depth): the model
-server would refuse what the picker passes on otherwise.
+picker its bytes and no object tree. Every other field is skipped, yet the whole body is still
+checked — syntax, lone surrogates and nesting depth by the decoder, UTF-8 and integers too long
+for Python here — so that what the picker passes on is what a model server can parse.
 """
 
 from __future__ import annotations
