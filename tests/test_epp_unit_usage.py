@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from epp import usage as usage_mod
 from epp.usage import Usage, UsageReader
 from tests.allocations import peak_allocated
+from tests.fuzzing import fuzz_settings
 
 
 def sse(*events) -> bytes:
@@ -348,3 +349,34 @@ def test_a_4_mib_answer_of_empty_objects_is_read_without_an_object_tree():
 def test_hostile_usage_from_a_pod_is_ignored(event):
     assert read(True, b"data: " + event + b"\n\n") == Usage()
     assert read(False, event) == Usage()
+
+
+USAGE_EVENT = b'data: {"choices":[],"usage":{"completion_tokens":2}}\n\n'
+stream_events = st.lists(
+    st.one_of(
+        st.just(USAGE_EVENT),
+        st.binary(max_size=600).map(
+            lambda b: b"data: " + b.replace(b"\n", b" ").replace(b"usage", b"u") + b"\n\n"
+        ),
+    ),
+    max_size=8,
+)
+
+
+@pytest.mark.fuzz
+@fuzz_settings(300)
+@given(events=stream_events, cuts=st.lists(st.integers(0, 6000), max_size=8))
+def test_the_stripper_removes_exactly_the_usage_events_however_the_stream_is_cut(events, cuts):
+    from epp.routing import usage_strip
+
+    stream = b"".join(events)
+    bounds = sorted({0, len(stream), *(c % (len(stream) + 1) for c in cuts)})
+    original = usage_strip.MAX_USAGE_EVENT
+    usage_strip.MAX_USAGE_EVENT = 200  # long events pass through as they come
+    try:
+        s = usage_strip.UsageEventStripper()
+        out = b"".join(s.feed(stream[a:b]) for a, b in itertools.pairwise(bounds)) + s.flush()
+        assert s.held_bytes == 0
+    finally:
+        usage_strip.MAX_USAGE_EVENT = original
+    assert out == b"".join(e for e in events if e != USAGE_EVENT)
