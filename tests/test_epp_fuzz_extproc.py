@@ -182,14 +182,19 @@ def variants(body: dict, clean: dict, rng: random.Random, count: int):
         yield bytes(data)
 
 
+ANSWER = b'data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2}}\n\n'
+
+
 def messages_for(path: str, headers: dict[str, str], raw: bytes, rng: random.Random) -> list:
     out = [ec.headers(path, extra=headers)]
     cuts = sorted(rng.sample(range(1, len(raw)), min(3, len(raw) - 1))) if len(raw) > 1 else []
     parts = [raw[a:b] for a, b in zip([0, *cuts], [*cuts, len(raw)], strict=True)]
     out += [ec.body(p, eos=i == len(parts) - 1) for i, p in enumerate(parts)]
-    # For a routed request, the answer: a stream whose usage the picker reads on the side.
-    sse = b'data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2}}\n\n'
-    out += [ec.response_headers(200, "text/event-stream"), ec.response_body(sse, eos=True)]
+    # For a routed request, the answer (whose usage the picker reads on the side): a stream
+    # or a JSON body, well-formed or as mangled as the request.
+    content_type = rng.choice(["text/event-stream", "application/json"])
+    answer = rng.choice([ANSWER, b"data: " + raw + b"\n\n", raw])
+    out += [ec.response_headers(200, content_type), ec.response_body(answer, eos=True)]
     return out
 
 
