@@ -252,5 +252,7 @@ def test_every_hostile_body_is_routed_or_a_4xx_never_a_500(picker, path, changes
 @pytest.mark.fuzz
 def test_the_suite_sent_at_least_10k_bodies(picker):
     # Runs after the property above (file order): the count the issue asks for was reached.
+    if not sent["bodies"]:
+        pytest.skip("the property test above did not run in this session")
     assert sent["bodies"] >= EXAMPLES * BODIES_PER_EXAMPLE >= 10_000
     assert sent["routed"] >= 100  # the routed path was exercised too (about 1 in 7)
