@@ -16,6 +16,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import Gauge
 
 from epp import tls
+from epp.body_budget import BodyBudget
 from epp.datastore import Datastore
 from epp.director import Director, DirectorOptions
 from epp.extproc import ExternalProcessor
@@ -185,7 +186,9 @@ async def serve(opts: PickerOptions, ready: asyncio.Event | None = None) -> None
         ("grpc.max_send_message_length", 64 * 1024 * 1024),
     ]
     server = grpc.aio.server(options=grpc_opts)
-    pbg.add_ExternalProcessorServicer_to_server(ExternalProcessor(director), server)
+    pbg.add_ExternalProcessorServicer_to_server(
+        ExternalProcessor(director, BodyBudget(opts.max_held_request_bytes)), server
+    )
     address = f"{opts.host}:{opts.grpc_port}"
     if opts.secure_serving:
         cert, key = tls.load_cert_dir(opts.cert_path) if opts.cert_path else tls.self_signed()

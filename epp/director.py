@@ -16,7 +16,7 @@ from epp.metrics import PickerMetrics
 from epp.request import InferenceRequest
 from epp.routing.table import selects
 from epp.scheduling.config import SchedulingConfig
-from epp.scheduling.framework import ResponseInfo
+from epp.scheduling.framework import PrepareData, ResponseInfo
 from epp.trust import HeaderTrust
 
 log = logging.getLogger("epp.director")
@@ -48,6 +48,7 @@ class Director:
         self.options = options
         self.gate = gate or Gatekeeper(metrics.registry)
         self.scheduler = scheduling.scheduler(1 + options.fallbacks, metrics.observe_plugin)
+        self._preparers = [p for p in scheduling.plugins.values() if isinstance(p, PrepareData)]
         self._rng = random.Random()
 
     def candidates(self, subset: list[str] | None) -> list[Endpoint]:
@@ -76,6 +77,8 @@ class Director:
         if req.ticket.item is not None:  # it may have waited: the pool may have changed
             eligible = self._eligible(req, subset)
         try:
+            for plugin in self._preparers:
+                await plugin.prepare(req)
             return self._schedule(req, eligible)
         except BaseException:
             self.gate.abandon(req.ticket, req)

@@ -26,19 +26,21 @@ class PickerError(Exception):
         *,
         code: str | None = None,
         headers: dict[str, str] | None = None,
+        param: str | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.code = code or self.KINDS.get(status, "Error")
         self.headers = headers or {}  # e.g. Retry-After on a 429
+        self.param = param  # the request field at fault, when one is
 
     def body(self) -> dict:
         return {
             "error": {
                 "message": f"inference error: {self.code} - {self.message}",
                 "type": self.code,
-                "param": None,
+                "param": self.param,
                 "code": self.status,
             }
         }

@@ -7,22 +7,24 @@ header, chunks are echoed as they come while usage and timing are read on the si
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 
 import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pbg
 
 from epp import protocol
+from epp.body_budget import BodyBudget
 from epp.director import Director
 from epp.errors import PickerError
 from epp.request import InferenceRequest, parse_request
 from epp.routing.rewrite import ModelNameRewriter
 from epp.routing.usage_strip import UsageEventStripper
 from epp.scheduling.framework import ResponseInfo
-from epp.usage import UsageReader
+from epp.usage import MAX_LINE, UsageReader
 
 log = logging.getLogger("epp.extproc")
 
@@ -30,8 +32,11 @@ log = logging.getLogger("epp.extproc")
 class _Stream:
     """The state of one HTTP request as the picker sees it."""
 
-    def __init__(self, director: Director) -> None:
+    def __init__(self, director: Director, budget: BodyBudget | None = None) -> None:
         self.director = director
+        self.budget = budget or BodyBudget()
+        self.charged = 0  # bytes taken from the budget, given back when the stream ends
+        self.usage_charged = 0  # the part of it the usage reader buffers
         self.headers: dict[str, str] = {}
         self.subset: list[str] | None = None
         self.body = bytearray()
@@ -60,19 +65,26 @@ class _Stream:
         targets = self.director.pick_for_bodyless(method, path, self.subset)
         return [protocol.destination_headers([e.address for e in targets], None)]
 
-    async def on_request_body(self, msg: pb.ProcessingRequest) -> list[pb.ProcessingResponse]:
+    def _charge(self, n: int) -> None:
+        self.budget.take(n)
+        self.charged += n
+
+    async def on_request_body(self, msg: pb.ProcessingRequest) -> Iterable[pb.ProcessingResponse]:
         if self.request_done:
             return []  # a duplicate end of stream, or body after a body-less pick
         chunk = msg.request_body
-        self.body += chunk.body
         limit = self.director.options.max_body_bytes
-        if len(self.body) > limit:
+        if len(self.body) + len(chunk.body) > limit:
             raise PickerError(413, f"request body exceeds the limit of {limit} bytes")
+        self._charge(len(chunk.body))
+        self.body += chunk.body
         if not chunk.end_of_stream:
             return []
         self.request_done = True
         path = self.headers.get(":path", "")
-        req = parse_request(path, bytes(self.body), self.headers, max_body_bytes=limit)
+        raw, self.body = bytes(self.body), bytearray()  # held once, by the request
+        req = parse_request(path, raw, self.headers, max_body_bytes=limit)
+        self._charge(max(0, req.held_bytes - self.charged))  # what parsing kept beside it
         await self.director.admit(req, self.subset)
         self.req = req
         out_body = req.body_for_upstream()
@@ -81,10 +93,11 @@ class _Stream:
         if req.strip_usage:
             self.stripper = UsageEventStripper()
         self.dispatched = time.monotonic()
-        return [
-            protocol.destination_headers(req.targets, len(out_body), req.upstream_headers),
-            *protocol.request_body_chunks(out_body),
-        ]
+        # Chunks are built as they are sent, not all at once beside the body.
+        return itertools.chain(
+            [protocol.destination_headers(req.targets, len(out_body), req.upstream_headers)],
+            protocol.request_body_chunks(out_body),
+        )
 
     # ---- response phase --------------------------------------------------------------
 
@@ -115,6 +128,7 @@ class _Stream:
             self.last_chunk = now
             if self.usage is not None:
                 self.usage.feed(data)
+                self._account_usage()
         if self.rewrite is not None:
             data = self.rewrite.feed(data)
             if chunk.end_of_stream:
@@ -127,12 +141,44 @@ class _Stream:
             self._finish()
         return [protocol.response_chunk(data, chunk.end_of_stream)]
 
+    def _account_usage(self) -> None:
+        """Charge the budget for what reading usage buffers; past it, stop buffering."""
+        held = self.usage.held_bytes
+        if held > self.usage_charged and not self.budget.fits(held - self.usage_charged):
+            self.usage.drop_held()
+            self.director.metrics.bad_requests.labels("response_over_budget").inc()
+            log.warning(
+                "ext_proc: the request bytes budget is spent: the usage of the answer to %s "
+                "from %s is not read",
+                self.req.request_id if self.req else "?",
+                self.served,
+            )
+            held = self.usage.held_bytes
+        delta, self.usage_charged = held - self.usage_charged, held
+        if delta > 0:
+            self._charge(delta)
+        else:
+            self.budget.give(-delta)
+            self.charged += delta
+
     def _finish(self, cancelled: bool = False) -> None:
         if self.finished or self.req is None:
             self.finished = True
             return
         self.finished = True
         usage = self.usage.finish() if self.usage else None
+        if self.usage is not None and self.usage.lines_too_long:
+            self.director.metrics.bad_requests.labels("response_line_too_long").inc(
+                self.usage.lines_too_long
+            )
+            log.warning(
+                "ext_proc: %d line(s) of the answer to %s from %s exceeded %d bytes; "
+                "their usage was not read",
+                self.usage.lines_too_long,
+                self.req.request_id,
+                self.served,
+                MAX_LINE,
+            )
         # Without usage (the client left mid-answer, or the engine sends none), a streamed
         # answer's events count its tokens: one a token, less [DONE] (or a role-only first
         # event) — at most one short, so a client cannot dodge its output charge by leaving.
@@ -165,18 +211,21 @@ class _Stream:
         body passing through here."""
         if not self.finished:
             self._finish(cancelled=self.status == 0)
+        self.budget.give(self.charged)
+        self.charged = 0
 
 
 class ExternalProcessor(pbg.ExternalProcessorServicer):
-    def __init__(self, director: Director) -> None:
+    def __init__(self, director: Director, budget: BodyBudget | None = None) -> None:
         self.director = director
+        self.budget = budget or BodyBudget()
 
     async def Process(
         self,
         request_iterator: AsyncIterator[pb.ProcessingRequest],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[pb.ProcessingResponse]:
-        stream = _Stream(self.director)
+        stream = _Stream(self.director, self.budget)
         try:
             counters = self.director.metrics.message_kind
             async for msg in request_iterator:

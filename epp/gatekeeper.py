@@ -69,7 +69,8 @@ class Gatekeeper:
         if resolution is not None and resolution.route.spec.rate_limit is not None:
             ticket.route = resolution.route_name
             ticket.limiter = self._limiter(resolution)
-            decision = await ticket.limiter.check(ticket.route, req.user, self.input_tokens(req))
+            tokens = await self.count_input_tokens(req)
+            decision = await ticket.limiter.check(ticket.route, req.user, tokens)
             if not decision.allowed:
                 status = 503 if decision.limit == "unavailable" else 429
                 retry = decision.retry_after_header()
@@ -101,8 +102,8 @@ class Gatekeeper:
         item = FlowItem(
             flow_id=req.fairness_id,
             priority=req.priority,
-            input_tokens=self.input_tokens(req),
-            size_bytes=len(req.raw_body),
+            input_tokens=await self.count_input_tokens(req),
+            size_bytes=req.held_bytes,  # what it costs in memory while it waits
             request_id=req.request_id,
             payload=eligible,
             expected_output=self._expected_output(req),
@@ -157,6 +158,13 @@ class Gatekeeper:
             # answers it with the right error; holding it would hold the queue behind it.
             return False
         return self.detector.saturated(endpoints)
+
+    async def count_input_tokens(self, req: InferenceRequest) -> int:
+        """input_tokens, with the prompt tokenized off the event loop first."""
+        tokenizer = self._tokenizer(req)
+        if tokenizer is not None and req.api in ("chat", "completions"):
+            await req.tokenize(tokenizer)
+        return self.input_tokens(req)
 
     def input_tokens(self, req: InferenceRequest) -> int:
         """The prompt's token count, once per request."""

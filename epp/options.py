@@ -7,6 +7,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from epp.body_budget import DEFAULT_MAX_HELD_BYTES
+
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m)?$")
 
 
@@ -44,6 +46,7 @@ class PickerOptions:
     refresh_metrics_interval: float
     fallback_endpoints: int
     max_body_bytes: int
+    max_held_request_bytes: int
     subset_filter: bool
     log_level: str
     grace_period: float
@@ -104,6 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="endpoints after the primary in the destination list",
     )
     p.add_argument("--max-body-bytes", type=int, default=32 * 1024 * 1024)
+    p.add_argument(
+        "--max-held-request-bytes",
+        type=int,
+        default=DEFAULT_MAX_HELD_BYTES,
+        help="request bytes held at once over all streams (bodies and what parsing keeps); "
+        "a request that would exceed it is answered 429 with Retry-After",
+    )
     p.add_argument("--disable-endpoint-subset-filter", action="store_true")
     p.add_argument("--log-level", default="info")
     trust = p.add_argument_group("what the picker believes and shows (epp/trust.py)")
@@ -201,6 +211,7 @@ def parse_options(argv: list[str] | None = None) -> PickerOptions:
         refresh_metrics_interval=a.refresh_metrics_interval,
         fallback_endpoints=a.fallback_endpoints,
         max_body_bytes=a.max_body_bytes,
+        max_held_request_bytes=a.max_held_request_bytes,
         subset_filter=not a.disable_endpoint_subset_filter,
         log_level=a.log_level,
         grace_period=a.grace_period,

@@ -8,6 +8,7 @@ go back in chunks of at most 62,000 bytes, errors are ImmediateResponses.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 
 from envoy.config.core.v3 import base_pb2 as core
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
@@ -74,15 +75,15 @@ def destination_headers(
     return resp
 
 
-def request_body_chunks(body: bytes) -> list[pb.ProcessingResponse]:
-    """The request body, echoed in streamed chunks of at most MAX_CHUNK bytes."""
+def request_body_chunks(body: bytes) -> Iterator[pb.ProcessingResponse]:
+    """The request body, echoed in streamed chunks of at most MAX_CHUNK bytes, each built
+    when it is asked for (a multi-MiB body is not copied into messages all at once)."""
     if not body:
-        return [_request_chunk(b"", True)]
+        yield _request_chunk(b"", True)
+        return
     last = len(body) - 1
-    return [
-        _request_chunk(body[i : i + MAX_CHUNK], i + MAX_CHUNK > last)
-        for i in range(0, len(body), MAX_CHUNK)
-    ]
+    for i in range(0, len(body), MAX_CHUNK):
+        yield _request_chunk(body[i : i + MAX_CHUNK], i + MAX_CHUNK > last)
 
 
 def _request_chunk(data: bytes, eos: bool) -> pb.ProcessingResponse:

@@ -2,12 +2,33 @@
 
 from __future__ import annotations
 
-import json
+import asyncio
+import logging
+import re
+import sys
+import threading
 import uuid
+from array import array
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
+
 from epp.errors import PickerError
+from epp.json_splice import set_member, value_offset
+from epp.request_body import (
+    STREAM_OPTIONS,
+    TEXT,
+    RequestBody,
+    StreamOptions,
+    decode_body,
+    decode_field,
+    decode_raw,
+    present,
+)
+
+log = logging.getLogger("epp.request")
 
 USER_HEADER = "x-infergate-user"
 
@@ -20,13 +41,25 @@ API_BY_SUFFIX = (
     ("/embeddings", "embeddings"),
 )
 
+# Prompts are tokenized on one thread: off the event loop (a multi-MiB prompt takes seconds),
+# one at a time (a tokenizer's prefix cache is not thread-safe, and one prompt's decoded
+# messages at a time is what tokenizing may hold beyond the bodies themselves).
+_TOKENIZE_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="epp-tokenize")
+_TOKENIZE_LOCK = threading.Lock()
+# Larger prompts (about a million tokens) are not tokenized: their tokens are estimated and
+# the precise prefix scorer leaves them to the others. One would hold the tokenizing thread
+# for seconds, ahead of every other request, and decoding its messages for the chat template
+# costs many times its bytes.
+MAX_TOKENIZED_BYTES = 4 * 1024 * 1024
+_NON_EMPTY_LIST = re.compile(rb"\[\s*[^\]\s]")
+
 
 @dataclass(slots=True)
 class InferenceRequest:
     request_id: str
     path: str
     api: str
-    body: dict[str, Any]
+    body: RequestBody
     raw_body: bytes
     model: str
     headers: dict[str, str] = field(default_factory=dict)
@@ -39,6 +72,7 @@ class InferenceRequest:
     objective: str | None = None
     session_id: str | None = None
     priority: int = 0
+    stream_options: StreamOptions | None = None
     # Set by model routing: the route, rule and ModelServer (epp.routing.table.Resolution).
     resolution: Any = None
     # Set by scheduling: the chosen endpoints, primary first.
@@ -57,30 +91,91 @@ class InferenceRequest:
         # ~4 characters a token: good enough to weigh load, never used for billing.
         return max(1, len(self.prompt_text) // 4)
 
-    def body_for_upstream(self) -> bytes:
-        """The body to send on: re-serialized only when the model was rewritten or usage
-        was asked for."""
-        rewrite = bool(self.target_model) and self.target_model != self.model
-        if not rewrite and not self.strip_usage:
-            return self.raw_body
-        body = {**self.body, "model": self.target_model or self.model}
-        if self.strip_usage:
-            body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
-        return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+    @property
+    def held_bytes(self) -> int:
+        """What the request keeps in memory while the picker holds it: its body and the
+        prompt text taken from it (the typed fields are slices of the body)."""
+        return len(self.raw_body) + sys.getsizeof(self.prompt_text)
 
-    def prompt_token_ids(self, tokenizer) -> list[int]:
+    def body_for_upstream(self) -> bytes:
+        """The body to send on: the client's bytes, with the model and stream_options members
+        replaced in place when the model was rewritten or usage was asked for."""
+        out = self.raw_body
+        if self.target_model and self.target_model != self.model:
+            out = set_member(
+                out, "model", msgspec.json.encode(self.target_model), bytes(self.body.model)
+            )
+        if self.strip_usage:
+            asked = self.stream_options or StreamOptions()
+            options = msgspec.structs.replace(asked, include_usage=True)
+            raw = self.body.stream_options
+            current = bytes(raw) if len(raw) else None
+            out = set_member(out, "stream_options", msgspec.json.encode(options), current)
+        return out
+
+    def prompt_token_ids(self, tokenizer) -> array:
         """The prompt as `tokenizer` (kvindex.tokenize.PromptTokenizer) tokenizes it, once a
         request: token counting for limits and prefix scoring both ask. May raise the
-        tokenizer's PromptError."""
+        tokenizer's PromptError. Runs here when `tokenize` was not awaited first."""
         key = ("prompt_token_ids", id(tokenizer))
         if key not in self.state:
-            self.state[key] = tokenizer.tokens_for(self.api, self.body)
-        return self.state[key]
+            self.state[key] = _tokens_or_error(tokenizer, self.api, self.body)
+        result = self.state[key]
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    async def tokenize(self, tokenizer) -> None:
+        """Tokenize the prompt for `tokenizer` on the tokenizing thread, so that
+        prompt_token_ids answers from what was kept without blocking the event loop."""
+        key = ("prompt_token_ids", id(tokenizer))
+        if key in self.state:
+            return
+        loop = asyncio.get_running_loop()
+        self.state[key] = await loop.run_in_executor(
+            _TOKENIZE_THREAD, _tokens_or_error, tokenizer, self.api, self.body
+        )
 
     @property
     def client_wants_usage(self) -> bool:
-        options = self.body.get("stream_options")
-        return isinstance(options, dict) and bool(options.get("include_usage"))
+        return self.stream_options is not None and bool(self.stream_options.include_usage)
+
+
+def _tokens_or_error(tokenizer, api: str, body: RequestBody) -> array | Exception:
+    """The token ids, 4 bytes each (a list of ints would hold 36 a token for the request's
+    life), or the PromptError the tokenizer raised (kept, so it is raised once a caller asks
+    rather than in the tokenizing thread)."""
+    from kvindex.tokenize import PromptError
+
+    size = sum(len(r) for r in (body.prompt, body.messages, body.tools, body.chat_template_kwargs))
+    if size > MAX_TOKENIZED_BYTES:
+        return PromptError(
+            f"the prompt's {size} bytes are over the {MAX_TOKENIZED_BYTES} tokenized"
+        )
+    with _TOKENIZE_LOCK:
+        try:
+            return array("I", tokenizer.tokens_for(api, _tokenizer_fields(body)))
+        except PromptError as exc:
+            return exc
+        except OverflowError:  # a client's token ids out of 0..2**32-1: no vocabulary has them
+            return PromptError("token ids must fit in 32 bits")
+        except Exception as exc:  # a tokenizer bug: callers estimate instead of failing
+            log.exception("tokenizing a %s prompt failed", api)
+            return PromptError(f"the tokenizer failed: {exc!r}")
+
+
+def _tokenizer_fields(body: RequestBody) -> dict[str, Any]:
+    """The body fields a tokenizer reads, decoded: the prompt, or the chat's messages, tools
+    and template arguments."""
+    fields = {
+        "prompt": decode_raw(body.prompt),
+        "messages": decode_raw(body.messages),
+        "tools": decode_raw(body.tools),
+        "chat_template_kwargs": decode_raw(body.chat_template_kwargs),
+    }
+    if body.add_generation_prompt is not None:
+        fields["add_generation_prompt"] = body.add_generation_prompt
+    return fields
 
 
 def api_for_path(path: str) -> str | None:
@@ -91,39 +186,33 @@ def api_for_path(path: str) -> str | None:
     return None
 
 
-def _messages_text(messages: Any) -> str:
-    # The whole message list, serialized: a stable prefix as the conversation grows.
-    return json.dumps(messages, separators=(",", ":"), ensure_ascii=False, sort_keys=True)
+def _text(raw: msgspec.Raw, name: str) -> str:
+    """A prompt field as text: a JSON string's value, else its JSON as the client wrote it."""
+    view = memoryview(raw)
+    if view[:1] == b'"':
+        return decode_field(raw, name, TEXT)
+    return str(view, "utf-8")
 
 
-def _prompt_text(api: str, body: dict[str, Any]) -> str:
+def _prompt_text(api: str, body: RequestBody) -> str:
+    """What approximate prefix hashing reads: the prompt's bytes as the client sent them (a
+    conversation that grows keeps its prefix), never re-serialized."""
     if api == "chat":
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise PickerError(400, "'messages' must be a non-empty list")
-        return _messages_text(messages)
+        if not present(body.messages) or not _NON_EMPTY_LIST.match(memoryview(body.messages)):
+            raise PickerError(400, "'messages' must be a non-empty list", param="messages")
+        return str(memoryview(body.messages), "utf-8")
     if api == "completions":
-        prompt = body.get("prompt")
-        if prompt is None:
-            raise PickerError(400, "'prompt' is required")
-        return prompt if isinstance(prompt, str) else json.dumps(prompt, separators=(",", ":"))
+        if not present(body.prompt):
+            raise PickerError(400, "'prompt' is required", param="prompt")
+        return _text(body.prompt, "prompt")
     if api == "responses":
-        parts = [body.get("instructions"), body.get("tools"), body.get("input")]
-        return _messages_text([p for p in parts if p is not None])
+        parts = [memoryview(p) for p in (body.instructions, body.tools, body.input) if present(p)]
+        return str(b"\n".join(parts), "utf-8")
     if api == "embeddings":
-        value = body.get("input")
-        if value is None:
-            raise PickerError(400, "'input' is required")
-        return value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
+        if not present(body.input):
+            raise PickerError(400, "'input' is required", param="input")
+        return _text(body.input, "input")
     return ""
-
-
-def _max_tokens(body: dict[str, Any]) -> int | None:
-    for key in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
-        value = body.get(key)
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    return None
 
 
 def parse_request(
@@ -137,21 +226,20 @@ def parse_request(
     api = api_for_path(path)
     if api is None:
         raise PickerError(404, f"no inference API at path {path!r}")
-    try:
-        body = json.loads(raw_body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise PickerError(400, f"request body is not valid JSON: {exc}") from exc
-    if not isinstance(body, dict):
-        raise PickerError(400, "request body must be a JSON object")
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise PickerError(400, "'model' is required and must be a non-empty string")
-    stream = body.get("stream")
-    stream = False if stream is None else stream  # OpenAI allows null
-    if not isinstance(stream, bool):
-        raise PickerError(400, "'stream' must be a boolean")
-    if body.get("stream_options") is not None and not isinstance(body["stream_options"], dict):
-        raise PickerError(400, "'stream_options' must be an object")
+    body = decode_body(raw_body)
+    model = decode_field(body.model, "model", TEXT) if present(body.model) else None
+    if not model:
+        raise PickerError(400, "'model' is required and must be a non-empty string", param="model")
+    stream_options = None
+    if present(body.stream_options):
+        stream_options = decode_field(body.stream_options, "stream_options", STREAM_OPTIONS)
+    # The members the picker may rewrite must be where it can find them (not spelled with
+    # escapes): decoders would read the client's value, not the picker's.
+    for name, raw in (("model", body.model), ("stream_options", body.stream_options)):
+        if len(raw) and value_offset(raw_body, name) is None:
+            raise PickerError(
+                400, f"the member name {name!r} must be written without escapes", param=name
+            )
     req = InferenceRequest(
         request_id=headers.get("x-request-id") or str(uuid.uuid4()),
         path=path,
@@ -161,8 +249,9 @@ def parse_request(
         model=model,
         headers=headers,
         target_model=headers.get("x-gateway-model-name-rewrite") or model,
-        stream=stream,
-        max_tokens=_max_tokens(body),
+        stream=bool(body.stream),  # OpenAI allows null
+        stream_options=stream_options,
+        max_tokens=body.max_output,
         prompt_text=_prompt_text(api, body),
         # Envoy removes a client's x-infergate-user and sets the verified one: it wins.
         fairness_id=headers.get(USER_HEADER)

@@ -117,3 +117,14 @@ def immediate(responses) -> tuple[int, dict] | None:
         if r.WhichOneof("response") == "immediate_response":
             return r.immediate_response.status.code, json.loads(r.immediate_response.body)
     return None
+
+
+async def process(servicer, messages: list[pb.ProcessingRequest]) -> list[pb.ProcessingResponse]:
+    """Run one stream through an in-process servicer (epp.extproc.ExternalProcessor), as its
+    gRPC server would, without the network: for suites that send thousands of streams."""
+
+    async def requests():
+        for m in messages:
+            yield m
+
+    return [r async for r in servicer.Process(requests(), None)]

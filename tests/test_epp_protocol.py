@@ -214,6 +214,17 @@ async def test_empty_or_unusable_subset_is_503(picker, hint):
         ("/v1/chat/completions", json.dumps({"model": "m", "messages": "x"}).encode(), 400),
         ("/v1/completions", json.dumps({**COMPLETION, "stream": "yes"}).encode(), 400),
         ("/v1/unknown-api", json.dumps(COMPLETION).encode(), 404),
+        # Each of these was a 500 (issue 12): a lone surrogate, a 5000-digit integer, a
+        # prompt nested 100,000 deep, a negative or 400-digit max_tokens.
+        ("/v1/completions", b'{"model":"m","prompt":"\\ud800"}', 400),
+        ("/v1/completions", b'{"model":"m","prompt":"x","seed":' + b"1" * 5000 + b"}", 400),
+        (
+            "/v1/completions",
+            b'{"model":"m","prompt":' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+            400,
+        ),
+        ("/v1/completions", b'{"model":"m","prompt":"x","max_tokens":-1}', 400),
+        ("/v1/completions", b'{"model":"m","prompt":"x","max_tokens":' + b"9" * 400 + b"}", 400),
     ],
 )
 async def test_bad_requests_get_immediate_errors(picker, path, raw, status):

@@ -17,6 +17,7 @@ from epp.errors import PickerError
 from epp.flowcontrol import FlowControlConfig
 from epp.gatekeeper import Gatekeeper
 from epp.metrics import PickerMetrics
+from epp.request_body import StreamOptions
 from epp.routing.usage_strip import UsageEventStripper
 from epp.scheduling.config import load_config
 from epp.scheduling.framework import ResponseInfo
@@ -181,7 +182,7 @@ async def test_streamed_requests_ask_for_usage_when_it_is_charged_and_hide_it_ag
     sent = json.loads(req.body_for_upstream())
     assert sent["stream_options"] == {"include_usage": True} and sent["model"] == "m"
     asked = request()
-    asked.stream, asked.body["stream_options"] = True, {"include_usage": True}
+    asked.stream, asked.stream_options = True, StreamOptions(include_usage=True)
     await d.admit(asked, None)
     assert not asked.strip_usage  # the client asked: it keeps its usage event
     plain = director_with()

@@ -8,6 +8,8 @@ group labels.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
@@ -18,6 +20,7 @@ from epp.http_server import make_app
 from epp.kv_events import KVCacheView, KVEventOptions
 from epp.metrics import PickerMetrics
 from epp.request import InferenceRequest, parse_request
+from epp.request_body import decode_body
 from epp.routing.table import Resolution
 from epp.scheduling.config import ConfigError, SchedulingConfig, load_config
 from epp.scheduling.framework import ProfileResult, Scheduler, SchedulingResult
@@ -72,7 +75,7 @@ def req(
         request_id="r",
         path=f"/v1/{api}",
         api=api,
-        body={"model": model, "prompt": prompt},
+        body=decode_body(json.dumps({"model": model, "prompt": prompt}).encode()),
         raw_body=b"",
         model=model,
         headers={PIN: pin.address} if pin else {},

@@ -8,10 +8,16 @@ import pytest
 
 from epp.datastore import Endpoint
 from epp.request import InferenceRequest
+from epp.request_body import RequestBody
 from epp.scheduling.plugins.pickers import MaxScorePicker, RandomPicker, WeightedRandomPicker
 
 REQ = InferenceRequest(
-    request_id="r", path="/v1/completions", api="completions", body={}, raw_body=b"", model="m"
+    request_id="r",
+    path="/v1/completions",
+    api="completions",
+    body=RequestBody(),
+    raw_body=b"",
+    model="m",
 )
 
 

@@ -6,6 +6,7 @@ import xxhash
 
 from epp.datastore import Endpoint
 from epp.request import InferenceRequest
+from epp.request_body import RequestBody
 from epp.scheduling.framework import ProfileResult, SchedulingResult
 from epp.scheduling.plugins.prefix_cache import PrefixCacheScorer
 
@@ -16,12 +17,12 @@ A, B, C = (
 ALL = [A, B, C]
 
 
-def req(prompt: str, model: str = "m", **body) -> InferenceRequest:
+def req(prompt: str, model: str = "m", cache_salt: str | None = None) -> InferenceRequest:
     return InferenceRequest(
         request_id="r",
         path="/v1/completions",
         api="completions",
-        body={"model": model, "prompt": prompt, **body},
+        body=RequestBody(cache_salt=cache_salt),
         raw_body=b"",
         model=model,
         target_model=model,

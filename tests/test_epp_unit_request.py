@@ -124,15 +124,10 @@ def test_stream_null_means_not_streaming():
 # ---- prompt text per API ------------------------------------------------------------------
 
 
-def test_chat_prompt_text_is_the_canonical_message_json():
-    messages = [{"role": "user", "content": "héllo", "name": "u"}]
-    req = parse({"model": "m", "messages": messages})
-    assert req.prompt_text == json.dumps(
-        messages, separators=(",", ":"), ensure_ascii=False, sort_keys=True
-    )
-    # Key order in the client's JSON does not change the text (so prefix hashes agree).
-    reordered = [{"name": "u", "content": "héllo", "role": "user"}]
-    assert parse({"model": "m", "messages": reordered}).prompt_text == req.prompt_text
+def test_chat_prompt_text_is_the_message_json_as_sent():
+    # The client's bytes, not a re-serialization: no object tree of the body is built.
+    raw = b'{"model":"m","messages": [{"role":"user","content":"h\\u00e9llo"}] }'
+    assert parse(raw).prompt_text == '[{"role":"user","content":"h\\u00e9llo"}]'
 
 
 def test_chat_prompt_text_of_a_growing_conversation_keeps_its_prefix():
@@ -157,10 +152,10 @@ def test_completions_prompt_string_is_used_verbatim():
     assert req.prompt_text == "Once upon a time"
 
 
-def test_completions_prompt_list_is_serialized():
-    req = parse({"model": "m", "prompt": ["a", "b"]}, path="/v1/completions")
-    assert req.prompt_text == '["a","b"]'
-    tokens = parse({"model": "m", "prompt": [1, 2, 3]}, path="/v1/completions")
+def test_completions_prompt_list_is_its_json_as_sent():
+    req = parse(b'{"model":"m","prompt":["a", "b"]}', path="/v1/completions")
+    assert req.prompt_text == '["a", "b"]'
+    tokens = parse(b'{"model":"m","prompt":[1,2,3]}', path="/v1/completions")
     assert tokens.prompt_text == "[1,2,3]"
 
 
@@ -175,20 +170,15 @@ def test_responses_prompt_is_instructions_tools_and_input():
         "tools": [{"type": "function", "name": "f"}],
         "input": "what?",
     }
-    req = parse(body, path="/v1/responses")
-    assert req.prompt_text == json.dumps(
-        ["be brief", [{"type": "function", "name": "f"}], "what?"],
-        separators=(",", ":"),
-        ensure_ascii=False,
-        sort_keys=True,
-    )
+    req = parse(json.dumps(body, separators=(",", ":")).encode(), path="/v1/responses")
+    assert req.prompt_text == '"be brief"\n[{"type":"function","name":"f"}]\n"what?"'
     only_input = parse({"model": "m", "input": "what?"}, path="/v1/responses")
-    assert only_input.prompt_text == '["what?"]'
+    assert only_input.prompt_text == '"what?"'
 
 
 def test_embeddings_input_string_or_list():
     assert parse({"model": "m", "input": "x y"}, path="/v1/embeddings").prompt_text == "x y"
-    listed = parse({"model": "m", "input": ["x", "y"]}, path="/v1/embeddings")
+    listed = parse(b'{"model":"m","input":["x","y"]}', path="/v1/embeddings")
     assert listed.prompt_text == '["x","y"]'
     assert status_of({"model": "m"}, path="/v1/embeddings") == 400
 
@@ -218,13 +208,31 @@ def test_approx_prompt_tokens_is_a_quarter_of_the_characters_at_least_one():
         ({"max_completion_tokens": 20, "max_tokens": 10, "max_output_tokens": 30}, 20),
         ({"max_tokens": 10, "max_output_tokens": 30}, 10),
         ({"max_completion_tokens": None, "max_tokens": 10}, 10),
-        ({"max_tokens": True}, None),
-        ({"max_tokens": "10"}, None),
-        ({"max_tokens": 10.5}, None),
     ],
 )
 def test_max_tokens_keys_in_order_of_preference(extra, expected):
     assert parse({**CHAT, **extra}).max_tokens == expected
+
+
+@pytest.mark.parametrize("key", ["max_tokens", "max_completion_tokens", "max_output_tokens"])
+@pytest.mark.parametrize("value", [True, "10", 10.5, 0, -1, -(10**18), 10**18, 2**24 + 1])
+def test_max_tokens_of_a_wrong_type_or_out_of_range_is_400_naming_it(key, value):
+    # A negative or absurd limit would be added to a pod's in-flight tokens (and charged).
+    with pytest.raises(PickerError) as info:
+        parse({**CHAT, key: value})
+    assert info.value.status == 400 and info.value.param == key
+    assert info.value.body()["error"]["param"] == key
+
+
+def test_a_400_digit_max_tokens_is_400():
+    raw = b'{"model":"m","messages":[{"role":"user","content":"x"}],"max_tokens":' + b"9" * 400
+    assert status_of(raw + b"}") == 400
+
+
+def test_max_tokens_up_to_the_ceiling_is_kept():
+    from epp.request_body import MAX_TOKENS_CEILING
+
+    assert parse({**CHAT, "max_tokens": MAX_TOKENS_CEILING}).max_tokens == MAX_TOKENS_CEILING
 
 
 # ---- headers ------------------------------------------------------------------------------
@@ -310,13 +318,13 @@ def test_body_for_upstream_is_untouched_when_the_rewrite_names_the_same_model():
     assert req.body_for_upstream() is raw
 
 
-def test_body_for_upstream_is_reserialized_with_the_target_model():
-    body = {"model": "m", "prompt": "héllo ☃", "temperature": 0.5, "stream": True}
-    req = parse(body, path="/v1/completions", headers={"x-gateway-model-name-rewrite": "m-v2"})
+def test_body_for_upstream_changes_only_the_model_member():
+    raw = '{"prompt": "héllo ☃ \\"model\\":\\"m\\"", "tools":[{"model":"m"}], "model" : "m"}'
+    rewrite = {"x-gateway-model-name-rewrite": "m-v2"}
+    req = parse(raw.encode(), path="/v1/completions", headers=rewrite)
     out = req.body_for_upstream()
-    assert json.loads(out) == {**body, "model": "m-v2"}
-    assert "héllo ☃".encode() in out  # not \\u-escaped
-    assert req.body["model"] == "m"  # the parsed body is not changed
+    assert out == raw.replace('"model" : "m"', '"model" : "m-v2"').encode()
+    assert req.raw_body == raw.encode()  # the client's body is not changed
 
 
 @pytest.mark.parametrize("value", ["yes", 5, [1]])
@@ -326,7 +334,8 @@ def test_stream_options_must_be_an_object(value):
     assert info.value.status == 400 and "stream_options" in info.value.message
 
 
-def test_the_prompt_is_tokenized_once_per_request_and_tokenizer():
+def counting_tokenizer():
+    """The simulator's tokenizer, and the list of APIs it was asked to tokenize for."""
     from infergate.stack import DEFAULT_MODEL_DIR
     from kvindex.tokenize import PromptTokenizer
 
@@ -337,8 +346,37 @@ def test_the_prompt_is_tokenized_once_per_request_and_tokenizer():
             calls.append(api)
             return super().tokens_for(api, body)
 
-    tokenizer = Counting.from_dir(DEFAULT_MODEL_DIR)
+    return Counting.from_dir(DEFAULT_MODEL_DIR), calls
+
+
+def test_the_prompt_is_tokenized_once_per_request_and_tokenizer():
+    from infergate.stack import DEFAULT_MODEL_DIR
+    from kvindex.tokenize import PromptTokenizer
+
+    tokenizer, calls = counting_tokenizer()
     req = parse(CHAT)
     first = req.prompt_token_ids(tokenizer)
     assert req.prompt_token_ids(tokenizer) is first and calls == ["chat"]
-    assert first == PromptTokenizer.from_dir(DEFAULT_MODEL_DIR).tokens_for("chat", req.body)
+    assert list(first) == PromptTokenizer.from_dir(DEFAULT_MODEL_DIR).tokens_for("chat", CHAT)
+    assert first.itemsize == 4  # 4 bytes a token for as long as the request lives
+
+
+def test_token_ids_out_of_32_bits_are_a_prompt_error_not_a_crash():
+    from infergate.stack import DEFAULT_MODEL_DIR
+    from kvindex.tokenize import PromptError, PromptTokenizer
+
+    req = parse({"model": "m", "prompt": [1, 2**40]}, path="/v1/completions")
+    with pytest.raises(PromptError):
+        req.prompt_token_ids(PromptTokenizer.from_dir(DEFAULT_MODEL_DIR))
+
+
+def test_a_prompt_over_the_tokenizing_limit_is_not_tokenized():
+    from epp.request import MAX_TOKENIZED_BYTES
+    from kvindex.tokenize import PromptError
+
+    tokenizer, calls = counting_tokenizer()
+    messages = [{"role": "user", "content": "x" * MAX_TOKENIZED_BYTES}]
+    req = parse({"model": "m", "messages": messages}, limit=2 * MAX_TOKENIZED_BYTES)
+    with pytest.raises(PromptError):
+        req.prompt_token_ids(tokenizer)
+    assert calls == []  # the estimate stands in: nothing was decoded or tokenized

@@ -7,6 +7,7 @@ import pytest
 from epp.datastore import Endpoint
 from epp.errors import PickerError
 from epp.request import InferenceRequest
+from epp.request_body import RequestBody
 from epp.scheduling import registry
 from epp.scheduling.config import API_VERSIONS, ConfigError, load_config
 from epp.scheduling.framework import (
@@ -51,7 +52,7 @@ def request() -> InferenceRequest:
         request_id="r",
         path="/v1/completions",
         api="completions",
-        body={"model": "m", "prompt": "hello"},
+        body=RequestBody(),
         raw_body=b"",
         model="m",
         target_model="m",

@@ -7,6 +7,7 @@ import pytest
 from epp.datastore import Endpoint, EndpointMetrics
 from epp.errors import PickerError
 from epp.request import InferenceRequest
+from epp.request_body import RequestBody
 from epp.scheduling.framework import Profile, ProfileResult
 from epp.scheduling.plugins.header_filter import HEADER, HeaderBasedTestingFilter
 from epp.scheduling.plugins.kv_cache_utilization import KVCacheUtilizationScorer
@@ -31,7 +32,7 @@ def req(target_model: str = "m", max_tokens: int | None = None, headers=None) ->
         request_id="r",
         path="/v1/completions",
         api="completions",
-        body={},
+        body=RequestBody(),
         raw_body=b"",
         model="m",
         target_model=target_model,

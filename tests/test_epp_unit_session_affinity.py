@@ -8,6 +8,7 @@ import pytest
 
 from epp.datastore import Endpoint
 from epp.request import InferenceRequest
+from epp.request_body import RequestBody
 from epp.scheduling.framework import ProfileResult, SchedulingResult
 from epp.scheduling.plugins import session_affinity
 from epp.scheduling.plugins.session_affinity import SessionAffinityScorer
@@ -32,7 +33,7 @@ def req(session: str | None) -> InferenceRequest:
         request_id="r",
         path="/v1/chat/completions",
         api="chat",
-        body={},
+        body=RequestBody(),
         raw_body=b"",
         model="m",
         target_model="m",

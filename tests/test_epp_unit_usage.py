@@ -11,6 +11,8 @@ from hypothesis import strategies as st
 
 from epp import usage as usage_mod
 from epp.usage import Usage, UsageReader
+from tests.allocations import peak_allocated
+from tests.fuzzing import fuzz_settings
 
 
 def sse(*events) -> bytes:
@@ -241,3 +243,140 @@ def test_deeply_nested_json_is_garbage_not_a_crash(streaming):
     nested = b'{"usage": ' + b"[" * 100_000
     body = b"data: " + nested + b"\n\n" if streaming else nested
     assert read(streaming, body) == Usage()
+
+
+# ---- a stream without newlines: bounded bytes held, each byte handled once ----------------
+
+STREAM_BYTES = 16 * 1024 * 1024
+STREAM_CHUNK = 64 * 1024
+
+
+def newline_less_chunks():
+    chunk = b"data: " + b"x" * (STREAM_CHUNK - 6)
+    yield chunk
+    for _ in range(STREAM_BYTES // STREAM_CHUNK - 1):
+        yield b"x" * STREAM_CHUNK
+
+
+def test_a_16_mib_stream_without_newlines_holds_a_bounded_tail():
+    reader = UsageReader(True)
+    most_held = 0
+
+    def feed():
+        nonlocal most_held
+        for chunk in newline_less_chunks():
+            reader.feed(chunk)
+            most_held = max(most_held, reader.held_bytes)
+
+    peak = peak_allocated(feed)
+    assert most_held <= usage_mod.MAX_LINE
+    # The line held and one chunk, with room for the pieces' list: never the whole stream.
+    assert peak < usage_mod.MAX_LINE + 8 * STREAM_CHUNK
+    reader.feed(b'\ndata: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2}}\n')
+    assert reader.finish() == Usage(prompt_tokens=3, completion_tokens=2)
+    assert reader.lines_too_long == 1 and reader.events == 2  # the long line still counted
+
+
+def test_the_usage_stripper_passes_a_16_mib_event_through_holding_a_bounded_part():
+    from epp.routing.usage_strip import MAX_USAGE_EVENT, UsageEventStripper
+
+    stripper = UsageEventStripper()
+    passed = most_held = 0
+
+    def feed():
+        nonlocal passed, most_held
+        for chunk in newline_less_chunks():
+            passed += len(stripper.feed(chunk))
+            most_held = max(most_held, stripper.held_bytes)
+
+    peak = peak_allocated(feed)
+    assert most_held <= MAX_USAGE_EVENT
+    assert peak < MAX_USAGE_EVENT + 8 * STREAM_CHUNK
+    assert passed == STREAM_BYTES  # nothing of the long event is lost
+    usage = b'\n\ndata: {"choices":[],"usage":{"completion_tokens":2}}\n\ndata: [DONE]\n\n'
+    assert stripper.feed(usage) + stripper.flush() == b"\n\ndata: [DONE]\n\n"
+
+
+def test_the_model_rewriter_holds_no_more_than_a_pattern_on_a_16_mib_stream():
+    from epp.routing.rewrite import ModelNameRewriter
+
+    rewriter = ModelNameRewriter("served-model", "asked")
+    passed = 0
+
+    def feed():
+        nonlocal passed
+        for chunk in newline_less_chunks():
+            passed += len(rewriter.feed(chunk))
+
+    peak = peak_allocated(feed)
+    assert peak < 8 * STREAM_CHUNK
+    assert passed + len(rewriter.flush()) == STREAM_BYTES
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 7, 1000])
+def test_the_stripper_finds_a_separator_split_across_chunks_after_a_long_event(size, monkeypatch):
+    from epp.routing import usage_strip
+
+    monkeypatch.setattr(usage_strip, "MAX_USAGE_EVENT", 64)  # above the usage event
+    usage = b'data: {"choices":[],"usage":{"completion_tokens":2}}\n\n'
+    stream = b"data: " + b"y" * 100 + b"\n\n" + usage + b"data: [DONE]\n\n"
+    s = usage_strip.UsageEventStripper()
+    out = b"".join(s.feed(stream[i : i + size]) for i in range(0, len(stream), size))
+    assert out + s.flush() == stream.replace(usage, b"")
+
+
+def test_a_4_mib_answer_of_empty_objects_is_read_without_an_object_tree():
+    pad = b",".join([b"{}"] * (usage_mod.MAX_BUFFERED_BODY // 3 - 100))
+    answer = b'{"choices":[' + pad + b'],"usage":{"prompt_tokens":3,"completion_tokens":2}}'
+    reader = UsageReader(False)
+    reader.feed(answer)
+    del pad
+    got = []
+    peak = peak_allocated(lambda: got.append(reader.finish()))
+    assert got == [Usage(prompt_tokens=3, completion_tokens=2)]
+    assert peak < len(answer)  # json.loads held ~25 times the answer
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        b'{"usage":{"prompt_tokens":' + b"9" * 5000 + b"}}",
+        b'{"usage":' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+        b'{"usage":"\\ud800"}',
+        b'{"response":{"usage":[' + b"{}," * 30_000 + b"{}]}}",
+    ],
+)
+def test_hostile_usage_from_a_pod_is_ignored(event):
+    assert read(True, b"data: " + event + b"\n\n") == Usage()
+    assert read(False, event) == Usage()
+
+
+USAGE_EVENT = b'data: {"choices":[],"usage":{"completion_tokens":2}}\n\n'
+stream_events = st.lists(
+    st.one_of(
+        st.just(USAGE_EVENT),
+        st.binary(max_size=600).map(
+            lambda b: b"data: " + b.replace(b"\n", b" ").replace(b"usage", b"u") + b"\n\n"
+        ),
+    ),
+    max_size=8,
+)
+
+
+@pytest.mark.fuzz
+@fuzz_settings(300)
+@given(events=stream_events, cuts=st.lists(st.integers(0, 6000), max_size=8))
+def test_the_stripper_removes_exactly_the_usage_events_however_the_stream_is_cut(events, cuts):
+    from epp.routing import usage_strip
+
+    stream = b"".join(events)
+    bounds = sorted({0, len(stream), *(c % (len(stream) + 1) for c in cuts)})
+    original = usage_strip.MAX_USAGE_EVENT
+    usage_strip.MAX_USAGE_EVENT = 200  # long events pass through as they come
+    try:
+        s = usage_strip.UsageEventStripper()
+        out = b"".join(s.feed(stream[a:b]) for a, b in itertools.pairwise(bounds)) + s.flush()
+        assert s.held_bytes == 0
+    finally:
+        usage_strip.MAX_USAGE_EVENT = original
+    assert out == b"".join(e for e in events if e != USAGE_EVENT)

@@ -65,6 +65,14 @@ class PreRequest(Plugin):
         raise NotImplementedError
 
 
+class PrepareData(Plugin):
+    """Work for a request before scheduling that may be heavy (tokenizing its prompt): awaited,
+    so it can run off the event loop, and kept on the request for the scoring that follows."""
+
+    async def prepare(self, req: InferenceRequest) -> None:
+        raise NotImplementedError
+
+
 class PostResponse(Plugin):
     def post_response(self, req: InferenceRequest, info: ResponseInfo) -> None:
         raise NotImplementedError

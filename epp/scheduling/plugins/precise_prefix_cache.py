@@ -19,7 +19,7 @@ from typing import Annotated
 
 import msgspec
 
-from epp.scheduling.framework import PreRequest, Scorer
+from epp.scheduling.framework import PrepareData, PreRequest, Scorer
 from epp.scheduling.params import PluginParams, parse_params
 from kvindex.keys import prompt_keys
 
@@ -43,7 +43,7 @@ class PrecisePrefixCacheParams(PluginParams):
     speculative_indexing: bool = True
 
 
-class PrecisePrefixCacheScorer(Scorer, PreRequest):
+class PrecisePrefixCacheScorer(Scorer, PreRequest, PrepareData):
     type_name = "precise-prefix-cache-scorer"
     params_type = PrecisePrefixCacheParams
     needs_kv_cache_view = True
@@ -58,14 +58,27 @@ class PrecisePrefixCacheScorer(Scorer, PreRequest):
     def bind(self, view) -> None:
         self.view = view
 
+    def _tokenizer(self, req):
+        """(tokenizer, base model, LoRA adapter) for the request; no tokenizer if none fits."""
+        base, lora = self.view.base_model(req.target_model) if self.view else (None, None)
+        tokenizer = self.view.tokenizers.get(base) if self.view else None
+        if req.api not in ("chat", "completions"):
+            tokenizer = None
+        return tokenizer, base, lora
+
+    async def prepare(self, req) -> None:
+        """Tokenize the prompt off the event loop: a multi-MiB prompt takes seconds."""
+        tokenizer, _, _ = self._tokenizer(req)
+        if tokenizer is not None:
+            await req.tokenize(tokenizer)
+
     def blocks(self, req) -> PromptBlocks | None:
         """The prompt's index keys, computed once per request; None if it cannot be known."""
         if self.name in req.state:
             return req.state[self.name]
         out = None
-        base, lora = self.view.base_model(req.target_model) if self.view else (None, None)
-        tokenizer = self.view.tokenizers.get(base) if self.view else None
-        if tokenizer is not None and req.api in ("chat", "completions"):
+        tokenizer, base, lora = self._tokenizer(req)
+        if tokenizer is not None:
             from kvindex.tokenize import PromptError
 
             try:

@@ -46,8 +46,7 @@ class PrefixCacheScorer(Scorer, PreRequest):
         if cached is not None:
             return cached
         data = req.prompt_text.encode()
-        salt = req.body.get("cache_salt")
-        seed = req.target_model + (salt if isinstance(salt, str) else "")
+        seed = req.target_model + (req.body.cache_salt or "")
         prev = xxhash.xxh64_intdigest(seed.encode())
         out = []
         step = self.block_chars

@@ -1,0 +1,53 @@
+"""Set one top-level member of a JSON object in its bytes, leaving the rest as it was sent.
+
+Rewriting a request's model must not cost a Python object tree of its body (see
+epp/request_body.py), so the member's bytes are located instead: every `"key":` that opens a
+member is found with one regex pass, and its nesting depth is counted on the bytes between
+candidates with strings removed — linear in the body however many nested objects reuse the key.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+# A JSON string (the unrolled form: linear, no backtracking).
+JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)
+_CLOSE = re.compile(rb"\s*}")
+
+
+def _depth_change(segment: bytes) -> int:
+    """Brackets opened minus closed in `segment`, which starts and ends outside strings."""
+    bare = JSON_STRING.sub(b"", segment)
+    return bare.count(b"{") + bare.count(b"[") - bare.count(b"}") - bare.count(b"]")
+
+
+def value_offset(doc: bytes, key: str) -> int | None:
+    """Where the value of `doc`'s top-level member `key` starts; None when no member is
+    written under that name (absent, or its name spelled with escape sequences). Of repeated
+    keys the last counts, as decoders keep the last."""
+    # A quote after `{`, `,` or blank space is never inside a string (there it is escaped),
+    # and a string followed by `:` is a member's name.
+    pattern = re.compile(rb"(?<=[{,\s])" + re.escape(json.dumps(key).encode()) + rb"\s*:\s*")
+    depth, last, found = 0, 0, None
+    for match in pattern.finditer(doc):
+        depth += _depth_change(doc[last : match.start()])
+        last = match.start()
+        if depth == 1:
+            found = match.end()
+    return found
+
+
+def set_member(doc: bytes, key: str, value: bytes, current: bytes | None) -> bytes:
+    """`doc` (a JSON object) with its top-level member `key` set to the JSON `value`.
+    `current`: the member's value as a decoder read it, None when `doc` has none. Raises
+    ValueError when the member is not where value_offset finds it."""
+    if current is None:
+        at = doc.index(b"{") + 1
+        comma = b"" if _CLOSE.match(doc, at) else b","
+        return b"".join((doc[:at], json.dumps(key).encode(), b":", value, comma, doc[at:]))
+    at = value_offset(doc, key)
+    if at is None or not doc.startswith(current, at):
+        raise ValueError(f"member {key!r} is not written where a decoder reads it")
+    view = memoryview(doc)
+    return b"".join((view[:at], value, view[at + len(current) :]))
