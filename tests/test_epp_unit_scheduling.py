@@ -8,7 +8,8 @@ from epp.datastore import Endpoint
 from epp.errors import PickerError
 from epp.request import InferenceRequest
 from epp.scheduling import registry
-from epp.scheduling.config import API_VERSIONS, ConfigError, load_config
+from epp.scheduling.config import ConfigError, load_config
+from epp.scheduling.config_file import API_VERSIONS
 from epp.scheduling.framework import (
     Filter,
     Picker,
