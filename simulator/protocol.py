@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +34,27 @@ class ApiError(Exception):
                 "code": self.status,
             }
         }
+
+
+def decode_json(raw: bytes) -> Any:
+    """A request body as JSON; ApiError 400 for anything that is not valid JSON text."""
+    try:
+        body = json.loads(raw)
+        # Only a \u escape can make a lone surrogate (raw UTF-8 cannot): check only then.
+        if b"\\u" in raw:
+            json.dumps(body, ensure_ascii=False).encode()
+    except UnicodeEncodeError as exc:
+        raise ApiError(
+            400,
+            "the body has a lone UTF-16 surrogate (a \\ud800-\\udfff escape outside a "
+            "pair), which is not valid Unicode text",
+        ) from exc
+    # ValueError: also undecodable UTF-8 and integers over Python's 4300-digit limit.
+    except ValueError as exc:
+        raise ApiError(400, f"JSON decode error: {exc}") from exc
+    except RecursionError as exc:
+        raise ApiError(400, "JSON decode error: the body is nested too deeply") from exc
+    return body
 
 
 # Other fields (temperature, top_p, user, ...) are accepted and ignored, as vLLM ignores

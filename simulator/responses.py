@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
 import msgspec
+
+from simulator.request import SimRequest, TokenOutput
 
 _json = msgspec.json.Encoder()
 DONE = b"data: [DONE]\n\n"
@@ -33,6 +37,17 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int | None)
             None if cached_tokens is None else {"cached_tokens": cached_tokens}
         ),
     }
+
+
+def usage_of(reqs: list[SimRequest], *, prompt_tokens_details: bool) -> dict:
+    """The usage of one answer, summed over its prompts; cached tokens only when the
+    operator turned prompt_tokens_details on (vLLM's --enable-prompt-tokens-details)."""
+    cached = sum(max(r.num_cached_tokens, 0) for r in reqs) if prompt_tokens_details else None
+    return usage(
+        sum(r.num_prompt_tokens for r in reqs),
+        sum(len(r.output_token_ids) for r in reqs),
+        cached,
+    )
 
 
 # stop_reason: the stop string or stop token id that ended a choice, else None (vLLM's field).
@@ -187,3 +202,33 @@ def model_card(
             }
         ],
     }
+
+
+async def merge_outputs(reqs: list[SimRequest]) -> AsyncIterator[tuple[int, TokenOutput]]:
+    """Yield (prompt index, output) from several requests as tokens arrive, until all finish."""
+    if len(reqs) == 1:
+        while True:
+            out = await reqs[0].outputs.get()
+            yield 0, out
+            if out.finish_reason is not None:
+                return
+    merged: asyncio.Queue[tuple[int, TokenOutput]] = asyncio.Queue()
+
+    async def pump(i: int, r: SimRequest) -> None:
+        while True:
+            out = await r.outputs.get()
+            merged.put_nowait((i, out))
+            if out.finish_reason is not None:
+                return
+
+    tasks = [asyncio.create_task(pump(i, r)) for i, r in enumerate(reqs)]
+    try:
+        remaining = len(reqs)
+        while remaining:
+            i, out = await merged.get()
+            yield i, out
+            if out.finish_reason is not None:
+                remaining -= 1
+    finally:
+        for t in tasks:
+            t.cancel()

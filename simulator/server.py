@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import logging
-import random
-from dataclasses import dataclass
 
 from aiohttp import web
 
@@ -17,31 +14,27 @@ from simulator.block_pool import BlockPool
 from simulator.config import SimulatorConfig
 from simulator.engine import Engine, EngineLimits
 from simulator.kv_events import KVEventPublisher
-from simulator.kv_transfer import PULL_PATH, KVTransfer, PullRefused, parse_remote_prefill
+from simulator.kv_transfer import PULL_PATH, KVTransfer, PullRefused
 from simulator.metrics import CONTENT_TYPE, MetricsRenderer
+from simulator.prompts import PromptEncoder
 from simulator.protocol import (
     ApiError,
     GenerationRequest,
-    TemplateOptions,
+    decode_json,
     parse_chat,
     parse_completion,
     parse_detokenize,
     parse_tokenize,
 )
-from simulator.request import SamplingParams, SimRequest, Status, TokenOutput
-from simulator.tokenization import ChatTemplateError, ModelTokenizer
+from simulator.request import SimRequest, Status
+from simulator.request_builder import RequestBuilder
+from simulator.served_models import LoraAdapter, ServedModels
+from simulator.tokenization import ModelTokenizer
 
 log = logging.getLogger("simulator.server")
 
 MAX_BODY_BYTES = 32 * 1024 * 1024
 VERSION = "0.32.0+infergate.sim"
-
-
-@dataclass(slots=True)
-class LoraAdapter:
-    lora_id: int
-    name: str
-    path: str
 
 
 class Simulator:
@@ -56,10 +49,10 @@ class Simulator:
         self.max_model_len = _fit_to_cache(
             cfg.max_model_len or self.tokenizer.max_position_embeddings or 4096, pool
         )
-        self.loras: dict[str, LoraAdapter] = {}
-        self._next_lora_id = 1  # vLLM numbers adapters from 1; ids are never reused
-        for module in cfg.lora_modules:
-            self._add_lora(module.name, module.path)
+        self.served = ServedModels(cfg)
+        self.prompts = PromptEncoder(
+            self.tokenizer, trust_request_chat_template=cfg.trust_request_chat_template
+        )
         self.publisher = (
             KVEventPublisher(cfg.kv_events, cfg.kv_events_format, bind=cfg.kv_events_bind_pub)
             if cfg.kv_events.active
@@ -81,6 +74,7 @@ class Simulator:
             eos_token_id=self.tokenizer.eos_token_id,
             kv=self.kv,
         )
+        self.requests = RequestBuilder(cfg, self.max_model_len, self.kv)
         self.metrics = MetricsRenderer(self.engine, cfg)
 
     # ---- app wiring --------------------------------------------------------------------
@@ -119,15 +113,14 @@ class Simulator:
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         gen = parse_completion(await _json_body(request))
-        model, lora = self._resolve_model(gen.model)
-        prompts = [self._encode_prompt(p, gen.add_special_tokens) for p in gen.prompts]
+        model, lora = self.served.resolve(gen.model)
+        prompts = [self.prompts.encode(p, gen.add_special_tokens) for p in gen.prompts]
         return await self._generate(request, gen, model, lora, prompts, chat=False)
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         gen = parse_chat(await _json_body(request))
-        model, lora = self._resolve_model(gen.model)
-        text = self._render_chat(gen.messages, gen.template)
-        ids = self.tokenizer.encode(text, add_special_tokens=gen.add_special_tokens)
+        model, lora = self.served.resolve(gen.model)
+        ids = self.prompts.encode_chat(gen.messages, gen.template, gen.add_special_tokens)
         return await self._generate(request, gen, model, lora, [ids], chat=True)
 
     async def _generate(
@@ -146,7 +139,7 @@ class Simulator:
                 "kv_transfer_params needs a single prompt: one request's KV moves between pods",
                 "kv_transfer_params",
             )
-        reqs = [self._make_request(gen, lora, ids) for ids in prompts]
+        reqs = [self.requests.build(gen, lora, ids) for ids in prompts]
         for r in reqs:
             self.engine.add_request(r)
         try:
@@ -158,88 +151,8 @@ class Simulator:
                 if r.status is not Status.FINISHED:
                     self.engine.abort(r)
 
-    def _make_request(
-        self, gen: GenerationRequest, lora: LoraAdapter | None, ids: list[int]
-    ) -> SimRequest:
-        n = len(ids)
-        if n == 0:
-            raise ApiError(400, "the prompt is empty after tokenization", "prompt")
-        # max_model_len is at most what the KV cache holds (_fit_to_cache), so these checks
-        # also refuse a request the cache could never finish.
-        limit = self.max_model_len
-        if n >= limit:
-            raise ApiError(
-                400,
-                f"This model's maximum context length is {limit} tokens. "
-                f"However, your request has {n} input tokens. Please reduce the "
-                "length of the input messages.",
-                "messages" if gen.messages else "prompt",
-            )
-        max_tokens = gen.max_tokens if gen.max_tokens is not None else limit - n
-        if n + max_tokens > limit:
-            raise ApiError(
-                400,
-                f"'max_tokens' is too large: {max_tokens}. This model's maximum "
-                f"context length is {limit} tokens and your request has {n} input "
-                f"tokens ({max_tokens} > {limit} - {n}).",
-                "max_tokens",
-            )
-        # Same seed, prompt and request seed give the same output, like greedy decoding.
-        digest = hashlib.blake2b(
-            repr((self.cfg.seed, gen.seed, ids)).encode(), digest_size=8
-        ).digest()
-        params = SamplingParams(
-            max_tokens=max_tokens,
-            min_tokens=gen.min_tokens,
-            stop=gen.stop,
-            stop_token_ids=gen.stop_token_ids,
-            ignore_eos=gen.ignore_eos,
-            seed=gen.seed,
-        )
-        rng = random.Random(int.from_bytes(digest, "big"))
-        mean = self.cfg.output_len_mean
-        req = SimRequest(
-            natural_len=1 + int(rng.expovariate(1 / mean)) if mean > 0 else None,
-            request_id=responses.new_id(False),
-            prompt_token_ids=ids,
-            params=params,
-            rng=rng,
-            lora_id=lora.lora_id if lora else None,
-            lora_name=lora.name if lora else None,
-            extra_keys=(lora.name,) if lora else None,
-        )
-        # Without a KV connector configured, vLLM ignores kv_transfer_params (the prefill leg
-        # gets null back and its blocks are freed as usual).
-        if gen.kv_transfer_params and self.cfg.kv_transfer.connector:
-            self._apply_kv_transfer_params(req, gen.kv_transfer_params)
-        return req
-
-    def _apply_kv_transfer_params(self, req: SimRequest, params: dict) -> None:
-        """Mark a prefill leg (keep the KV for a remote decode) or a decode leg (pull it)."""
-        req.hold_kv = bool(params.get("do_remote_decode"))
-        if params.get("do_remote_prefill"):
-            req.remote_prefill = parse_remote_prefill(params)
-            if req.remote_prefill is None:
-                # vLLM's NixlConnector: a warning, and the prompt is computed here.
-                log.warning(
-                    "invalid kv_transfer_params %s (a decode leg needs remote_block_ids, "
-                    "remote_engine_id, remote_request_id, remote_host and remote_port): "
-                    "computing the prompt locally",
-                    params,
-                )
-        self.kv.note_leg(prefill_leg=req.hold_kv, decode_leg=req.remote_prefill is not None)
-
     def _usage(self, reqs: list[SimRequest]) -> dict:
-        cached = (
-            sum(max(r.num_cached_tokens, 0) for r in reqs)
-            if self.cfg.enable_prompt_tokens_details
-            else None
-        )
-        return responses.usage(
-            sum(r.num_prompt_tokens for r in reqs),
-            sum(len(r.output_token_ids) for r in reqs),
-            cached,
-        )
+        return responses.usage_of(reqs, prompt_tokens_details=self.cfg.enable_prompt_tokens_details)
 
     async def _collect(
         self, gen: GenerationRequest, model: str, reqs: list[SimRequest], chat: bool
@@ -298,7 +211,7 @@ class Simulator:
                     )
                 )
             )
-        async for index, out in _merge_outputs(reqs):
+        async for index, out in responses.merge_outputs(reqs):
             if out.finish_reason in ("abort", "error"):
                 # As vLLM: the stream has begun (status 200), so the error is an event in it.
                 r = reqs[index]
@@ -329,75 +242,17 @@ class Simulator:
 
     # ---- models, tokens, health ------------------------------------------------------------
 
-    def _resolve_model(self, name: str | None) -> tuple[str, LoraAdapter | None]:
-        if name is None or name in self._served_names():
-            return name or self.cfg.model_name, None
-        if name in self.loras:
-            return name, self.loras[name]
-        raise ApiError(404, f"The model `{name}` does not exist.", "model")
-
-    def _served_names(self) -> list[str]:
-        return self.cfg.served_model_name or [self.cfg.model_name]
-
-    def _encode_prompt(self, prompt: str | list[int], add_special_tokens: bool) -> list[int]:
-        if isinstance(prompt, str):
-            return self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
-        return self._check_vocab(prompt, "prompt")
-
-    def _check_vocab(self, ids: list[int], param: str) -> list[int]:
-        vocab = self.tokenizer.vocab_size
-        bad = next((t for t in ids if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise ApiError(400, f"token id {bad} is out of vocabulary (size {vocab})", param)
-        return list(ids)
-
-    def _render_chat(self, messages: list[dict], options: TemplateOptions) -> str:
-        # A template is code, rendered here on the event loop: vLLM runs one from a request
-        # only when the operator trusts request templates.
-        untrusted = (
-            options.chat_template is not None
-            or (options.chat_template_kwargs or {}).get("chat_template") is not None
-        )
-        if untrusted and not self.cfg.trust_request_chat_template:
-            raise ApiError(
-                400,
-                "Chat template is passed with request, but --trust-request-chat-template is "
-                "not set. Refused request with untrusted chat template.",
-                "chat_template",
-            )
-        try:
-            return self.tokenizer.apply_chat_template(
-                messages,
-                add_generation_prompt=options.add_generation_prompt,
-                continue_final_message=options.continue_final_message,
-                tools=options.tools,
-                chat_template=options.chat_template,
-                chat_template_kwargs=options.chat_template_kwargs,
-            )
-        except ChatTemplateError as exc:
-            raise ApiError(400, str(exc), "messages") from exc
-
     async def models(self, _request: web.Request) -> web.Response:
-        created = responses.now()
-        root = self.cfg.model or self.cfg.model_name
-        base = [
-            responses.model_card(name, created, root, None, self.max_model_len)
-            for name in self._served_names()
-        ]
-        adapters = [
-            responses.model_card(a.name, created, a.path, self.cfg.model_name, None)
-            for a in self.loras.values()
-        ]
-        return web.json_response({"object": "list", "data": base + adapters}, dumps=_dumps)
+        cards = self.served.cards(self.max_model_len)
+        return web.json_response({"object": "list", "data": cards}, dumps=_dumps)
 
     async def tokenize(self, request: web.Request) -> web.Response:
         tr = parse_tokenize(await _json_body(request))
-        self._resolve_model(tr.model)
+        self.served.resolve(tr.model)
         if tr.prompt is not None:
             ids = self.tokenizer.encode(tr.prompt, add_special_tokens=tr.add_special_tokens)
         else:
-            text = self._render_chat(tr.messages, tr.template)
-            ids = self.tokenizer.encode(text, add_special_tokens=tr.add_special_tokens)
+            ids = self.prompts.encode_chat(tr.messages, tr.template, tr.add_special_tokens)
         return web.json_response(
             {
                 "count": len(ids),
@@ -410,8 +265,8 @@ class Simulator:
 
     async def detokenize(self, request: web.Request) -> web.Response:
         dr = parse_detokenize(await _json_body(request))
-        self._resolve_model(dr.model)
-        ids = self._check_vocab(dr.tokens, "tokens")
+        self.served.resolve(dr.model)
+        ids = self.prompts.check_vocab(dr.tokens, "tokens")
         return web.json_response({"prompt": self.tokenizer.decode(ids, skip_special_tokens=False)})
 
     async def health(self, _request: web.Request) -> web.Response:
@@ -441,12 +296,6 @@ class Simulator:
 
     # ---- LoRA adapters at run time (vLLM's VLLM_ALLOW_RUNTIME_LORA_UPDATING routes) --------
 
-    def _add_lora(self, name: str, path: str) -> LoraAdapter:
-        adapter = LoraAdapter(self._next_lora_id, name, path)
-        self._next_lora_id += 1
-        self.loras[name] = adapter
-        return adapter
-
     async def load_lora(self, request: web.Request) -> web.Response:
         if not self.cfg.enable_lora:
             raise ApiError(400, "LoRA is not enabled: start the server with --enable-lora")
@@ -455,48 +304,17 @@ class Simulator:
         path = body.get("lora_path") if isinstance(body, dict) else None
         if not isinstance(name, str) or not name or not isinstance(path, str) or not path:
             raise ApiError(400, "both 'lora_name' and 'lora_path' must be non-empty strings")
-        if name in self.loras:
+        if name in self.served.loras:
             raise ApiError(400, f"The lora adapter '{name}' has already been loaded.", "lora_name")
-        self._add_lora(name, path)
+        self.served.add_lora(name, path)
         return web.Response(text=f"Success: LoRA adapter '{name}' added successfully.")
 
     async def unload_lora(self, request: web.Request) -> web.Response:
         body = await _json_body(request)
         name = body.get("lora_name") if isinstance(body, dict) else None
-        if not isinstance(name, str) or name not in self.loras:
+        if not isinstance(name, str) or not self.served.remove_lora(name):
             raise ApiError(404, f"The lora adapter '{name}' cannot be found.", "lora_name")
-        del self.loras[name]
         return web.Response(text=f"Success: LoRA adapter '{name}' removed successfully.")
-
-
-async def _merge_outputs(reqs: list[SimRequest]):
-    """Yield (prompt index, output) from several requests as tokens arrive, until all finish."""
-    if len(reqs) == 1:
-        while True:
-            out = await reqs[0].outputs.get()
-            yield 0, out
-            if out.finish_reason is not None:
-                return
-    merged: asyncio.Queue[tuple[int, TokenOutput]] = asyncio.Queue()
-
-    async def pump(i: int, r: SimRequest) -> None:
-        while True:
-            out = await r.outputs.get()
-            merged.put_nowait((i, out))
-            if out.finish_reason is not None:
-                return
-
-    tasks = [asyncio.create_task(pump(i, r)) for i, r in enumerate(reqs)]
-    try:
-        remaining = len(reqs)
-        while remaining:
-            i, out = await merged.get()
-            yield i, out
-            if out.finish_reason is not None:
-                remaining -= 1
-    finally:
-        for t in tasks:
-            t.cancel()
 
 
 def _dumps(obj) -> str:
@@ -522,24 +340,7 @@ def _fit_to_cache(max_model_len: int, pool: BlockPool) -> int:
 
 
 async def _json_body(request: web.Request):
-    raw = await request.read()
-    try:
-        body = json.loads(raw)
-        # Only a \u escape can make a lone surrogate (raw UTF-8 cannot): check only then.
-        if b"\\u" in raw:
-            json.dumps(body, ensure_ascii=False).encode()
-    except UnicodeEncodeError as exc:
-        raise ApiError(
-            400,
-            "the body has a lone UTF-16 surrogate (a \\ud800-\\udfff escape outside a "
-            "pair), which is not valid Unicode text",
-        ) from exc
-    # ValueError: also undecodable UTF-8 and integers over Python's 4300-digit limit.
-    except ValueError as exc:
-        raise ApiError(400, f"JSON decode error: {exc}") from exc
-    except RecursionError as exc:
-        raise ApiError(400, "JSON decode error: the body is nested too deeply") from exc
-    return body
+    return decode_json(await request.read())
 
 
 @web.middleware

@@ -9,7 +9,8 @@ from epp.errors import PickerError
 from epp.request import InferenceRequest
 from epp.request_body import RequestBody
 from epp.scheduling import registry
-from epp.scheduling.config import API_VERSIONS, ConfigError, load_config
+from epp.scheduling.config import ConfigError, load_config
+from epp.scheduling.config_file import API_VERSIONS
 from epp.scheduling.framework import (
     Filter,
     Picker,

@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 
 from epp.scheduling import registry
+from epp.scheduling.config_file import ConfigError, ConfigFile, ProfileSpec, decode
 from epp.scheduling.framework import (
     DurationSink,
     Filter,
@@ -34,12 +35,6 @@ from epp.scheduling.framework import (
     Scheduler,
     Scorer,
     WeightedScorer,
-)
-
-API_VERSIONS = (
-    "inference.networking.x-k8s.io/v1alpha1",
-    "llm-d.ai/v1alpha1",
-    "infergate.io/v1alpha1",
 )
 
 DEFAULT_CONFIG = """
@@ -58,14 +53,6 @@ schedulingProfiles:
   - {pluginRef: prefix-cache-scorer, weight: 3}
   - {pluginRef: max-score-picker}
 """
-
-
-# Far above any useful weight; a bound keeps the weighted sum of scores finite.
-MAX_WEIGHT = 1_000_000
-
-
-class ConfigError(ValueError):
-    pass
 
 
 @dataclass(slots=True)
@@ -97,80 +84,61 @@ def _require(cond: bool, message: str) -> None:
 
 
 def build(raw: Any) -> SchedulingConfig:
-    _require(isinstance(raw, dict), "EndpointPickerConfig must be a YAML mapping")
-    _require(
-        raw.get("kind") == "EndpointPickerConfig",
-        f"kind must be EndpointPickerConfig, got {raw.get('kind')!r}",
-    )
-    _require(
-        raw.get("apiVersion") in API_VERSIONS,
-        f"apiVersion must be one of {API_VERSIONS}, got {raw.get('apiVersion')!r}",
-    )
-    plugins: dict[str, Plugin] = {}
-    _require(isinstance(raw.get("plugins") or [], list), "plugins must be a list")
-    for i, spec in enumerate(raw.get("plugins") or []):
-        _require(
-            isinstance(spec, dict) and isinstance(spec.get("type"), str),
-            f"plugins[{i}] needs a 'type'",
-        )
-        name = spec.get("name") or spec["type"]
-        _require(isinstance(name, str), f"plugins[{i}]: name must be a string")
-        _require(name not in plugins, f"plugins[{i}]: duplicate plugin name {name!r}")
-        params = spec.get("parameters") or {}
-        _require(isinstance(params, dict), f"plugins[{i}] ({name}): parameters must be a map")
-        try:
-            plugins[name] = registry.create(spec["type"], name, params)
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"plugins[{i}] ({name}, {spec['type']}): {exc}") from exc
-
-    profiles: dict[str, Profile] = {}
-    _require(
-        isinstance(raw.get("schedulingProfiles") or [], list), "schedulingProfiles must be a list"
-    )
-    for i, spec in enumerate(raw.get("schedulingProfiles") or []):
-        _require(
-            isinstance(spec, dict) and isinstance(spec.get("name"), str) and spec["name"],
-            f"schedulingProfiles[{i}] needs a 'name' (a string)",
-        )
-        profile = Profile(spec["name"])
-        _require(
-            isinstance(spec.get("plugins") or [], list),
-            f"schedulingProfiles[{i}].plugins must be a list",
-        )
-        for j, ref in enumerate(spec.get("plugins") or []):
-            where = f"schedulingProfiles[{i}].plugins[{j}]"
-            _require(
-                isinstance(ref, dict)
-                and isinstance(ref.get("pluginRef"), str)
-                and ref["pluginRef"] in plugins,
-                f"{where}: pluginRef {ref.get('pluginRef') if isinstance(ref, dict) else ref!r}"
-                " names no plugin",
-            )
-            plugin = plugins[ref["pluginRef"]]
-            if isinstance(plugin, Filter):
-                profile.filters.append(plugin)
-            if isinstance(plugin, Scorer):
-                weight = ref.get("weight", 1)
-                _require(
-                    isinstance(weight, int | float)
-                    and not isinstance(weight, bool)
-                    and 0 <= weight <= MAX_WEIGHT,  # NaN fails both comparisons
-                    f"{where}: weight must be a number in 0..{MAX_WEIGHT}, got {weight!r}",
-                )
-                profile.scorers.append(WeightedScorer(plugin, float(weight)))
-            if isinstance(plugin, Picker):
-                _require(profile.picker is None, f"{where}: a profile has one picker")
-                profile.picker = plugin
-            _require(
-                isinstance(plugin, Filter | Scorer | Picker),
-                f"{where}: {plugin.type_name} is not a filter, scorer or picker",
-            )
-        if profile.picker is None:
-            profile.picker = registry.create("max-score-picker", "max-score-picker", {})
-        _require(profile.name not in profiles, f"duplicate profile {profile.name!r}")
-        profiles[profile.name] = profile
+    """The scheduling config from a parsed document: its shape checked by decode, then
+    what refers to what (plugin names, one picker, one handler)."""
+    doc = decode(raw)
+    plugins = _plugins(doc)
+    profiles = {}
+    for i, spec in enumerate(doc.schedulingProfiles or []):
+        _require(spec.name not in profiles, f"duplicate profile {spec.name!r}")
+        profiles[spec.name] = _profile(i, spec, plugins)
     _require(bool(profiles), "EndpointPickerConfig needs at least one schedulingProfile")
+    handler = _handler(plugins, profiles)
+    return SchedulingConfig(
+        plugins=plugins,
+        profiles=profiles,
+        handler=handler,
+        pre_request=[p for p in plugins.values() if isinstance(p, PreRequest)],
+        post_response=[p for p in plugins.values() if isinstance(p, PostResponse)],
+        feature_gates=[str(g) for g in doc.featureGates or []],
+    )
 
+
+def _plugins(doc: ConfigFile) -> dict[str, Plugin]:
+    plugins: dict[str, Plugin] = {}
+    for i, spec in enumerate(doc.plugins or []):
+        name = spec.plugin_name
+        _require(name not in plugins, f"plugins[{i}]: duplicate plugin name {name!r}")
+        try:
+            plugins[name] = registry.create(spec.type, name, spec.parameters or {})
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"plugins[{i}] ({name}, {spec.type}): {exc}") from exc
+    return plugins
+
+
+def _profile(i: int, spec: ProfileSpec, plugins: dict[str, Plugin]) -> Profile:
+    profile = Profile(spec.name)
+    for j, ref in enumerate(spec.plugins or []):
+        where = f"schedulingProfiles[{i}].plugins[{j}]"
+        plugin = plugins.get(ref.pluginRef)
+        _require(plugin is not None, f"{where}: pluginRef {ref.pluginRef!r} names no plugin")
+        _require(
+            isinstance(plugin, Filter | Scorer | Picker),
+            f"{where}: {plugin.type_name} is not a filter, scorer or picker",
+        )
+        if isinstance(plugin, Filter):
+            profile.filters.append(plugin)
+        if isinstance(plugin, Scorer):
+            profile.scorers.append(WeightedScorer(plugin, ref.weight))
+        if isinstance(plugin, Picker):
+            _require(profile.picker is None, f"{where}: a profile has one picker")
+            profile.picker = plugin
+    if profile.picker is None:
+        profile.picker = registry.create("max-score-picker", "max-score-picker", {})
+    return profile
+
+
+def _handler(plugins: dict[str, Plugin], profiles: dict[str, Profile]) -> ProfileHandler:
     handlers = [p for p in plugins.values() if isinstance(p, ProfileHandler)]
     _require(len(handlers) <= 1, "at most one profile handler")
     _require(
@@ -186,13 +154,4 @@ def build(raw: Any) -> SchedulingConfig:
         handler.configure(plugins, profiles)
     except ValueError as exc:
         raise ConfigError(f"{handler.name}: {exc}") from exc
-    gates = raw.get("featureGates") or []
-    _require(isinstance(gates, list), "featureGates must be a list")
-    return SchedulingConfig(
-        plugins=plugins,
-        profiles=profiles,
-        handler=handler,
-        pre_request=[p for p in plugins.values() if isinstance(p, PreRequest)],
-        post_response=[p for p in plugins.values() if isinstance(p, PostResponse)],
-        feature_gates=[str(g) for g in gates],
-    )
+    return handler

@@ -1,0 +1,57 @@
+"""A request's prompt as token ids: plain text, token ids checked against the vocabulary, or
+chat messages rendered through the model's template, each refused with the API's 400s."""
+
+from __future__ import annotations
+
+from simulator.protocol import ApiError, TemplateOptions
+from simulator.tokenization import ChatTemplateError, ModelTokenizer
+
+
+class PromptEncoder:
+    def __init__(self, tokenizer: ModelTokenizer, *, trust_request_chat_template: bool) -> None:
+        self.tokenizer = tokenizer
+        self.trust_request_chat_template = trust_request_chat_template
+
+    def encode(self, prompt: str | list[int], add_special_tokens: bool) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
+        return self.check_vocab(prompt, "prompt")
+
+    def encode_chat(
+        self, messages: list[dict], options: TemplateOptions, add_special_tokens: bool
+    ) -> list[int]:
+        text = self.render_chat(messages, options)
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+    def check_vocab(self, ids: list[int], param: str) -> list[int]:
+        vocab = self.tokenizer.vocab_size
+        bad = next((t for t in ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ApiError(400, f"token id {bad} is out of vocabulary (size {vocab})", param)
+        return list(ids)
+
+    def render_chat(self, messages: list[dict], options: TemplateOptions) -> str:
+        # A template is code, rendered here on the event loop: vLLM runs one from a request
+        # only when the operator trusts request templates.
+        untrusted = (
+            options.chat_template is not None
+            or (options.chat_template_kwargs or {}).get("chat_template") is not None
+        )
+        if untrusted and not self.trust_request_chat_template:
+            raise ApiError(
+                400,
+                "Chat template is passed with request, but --trust-request-chat-template is "
+                "not set. Refused request with untrusted chat template.",
+                "chat_template",
+            )
+        try:
+            return self.tokenizer.apply_chat_template(
+                messages,
+                add_generation_prompt=options.add_generation_prompt,
+                continue_final_message=options.continue_final_message,
+                tools=options.tools,
+                chat_template=options.chat_template,
+                chat_template_kwargs=options.chat_template_kwargs,
+            )
+        except ChatTemplateError as exc:
+            raise ApiError(400, str(exc), "messages") from exc
