@@ -1,1 +1,2 @@
-"""infergate: the command line and the local stack that ties the parts together."""
+"""infergate: the launcher on top of the parts — the `infergate` command (cli.py) and
+`infergate up` (up.py). The local stack it runs is the `stack` package, which never imports it."""

@@ -1,4 +1,4 @@
-"""`infergate`: one command for every part (`infergate simulate ...`, more as they land)."""
+"""`infergate`: one command for every part (`infergate epp`, `infergate simulate ...`)."""
 
 from __future__ import annotations
 
