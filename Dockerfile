@@ -20,6 +20,7 @@ ENV PYTHONUNBUFFERED=1 \
 WORKDIR /src
 COPY pyproject.toml README.md LICENSE ./
 COPY infergate ./infergate
+COPY stack ./stack
 COPY epp ./epp
 COPY kvindex ./kvindex
 COPY controllers ./controllers

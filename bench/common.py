@@ -6,7 +6,6 @@ import json
 import os
 import platform
 import re
-import socket
 import statistics
 import time
 from collections.abc import Callable
@@ -49,57 +48,6 @@ def percentile(values: list[float], q: float) -> float:
     if len(values) == 1:
         return values[0]
     return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]
-
-
-_handed_out: set[int] = set()
-
-
-def free_port() -> int:
-    """A port free now and not handed out before in this process: a run of ports given to
-    one pod fleet is not bound until the pods start, so the kernel may offer it again."""
-    while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port not in _handed_out:
-            _handed_out.add(port)
-            return port
-
-
-def free_port_run(n: int) -> int:
-    """The first of n consecutive ports that are free now (pod i's socket is on base + i)."""
-    for _ in range(200):
-        base = free_port()
-        run = range(base + 1, base + n)
-        if base + n < 65535 and not _handed_out.intersection(run) and all(map(_free, run)):
-            _handed_out.update(run)
-            return base
-    raise RuntimeError(f"no run of {n} free ports")
-
-
-def _free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def free_stack_ports(pods: int = 1):
-    """A local stack's ports, all free now (`pods` consecutive KV replay ports)."""
-    from infergate.stack import StackPorts
-
-    return StackPorts(
-        envoy=free_port(),
-        envoy_admin=free_port(),
-        picker=free_port(),
-        picker_health=free_port(),
-        picker_metrics=free_port(),
-        kv_events=free_port(),
-        kv_replay_base=free_port_run(pods),
-        controllers_metrics=free_port(),
-    )
 
 
 def write_json(name: str, data: dict) -> Path:

@@ -20,23 +20,13 @@ from pathlib import Path
 
 import yaml
 
-from bench.common import free_port, machine, percentile, process_cpu_seconds, write_json
+from bench.common import machine, percentile, process_cpu_seconds, write_json
 from bench.loadgen import run_load
-from infergate.readiness import wait_http
-from infergate.stack import LocalStack, StackConfig, StackPorts
+from stack.local import LocalStack, StackConfig
+from stack.ports import free_port, free_stack_ports
+from stack.readiness import wait_http
 
 MODEL = "infergate-sim"
-
-
-def _ports() -> StackPorts:
-    return StackPorts(
-        envoy=free_port(),
-        envoy_admin=free_port(),
-        picker=free_port(),
-        picker_health=free_port(),
-        picker_metrics=free_port(),
-        kv_events=free_port(),
-    )
 
 
 def measure(
@@ -53,7 +43,7 @@ def measure(
         StackConfig(
             workdir=workdir,
             pods=pods,
-            ports=_ports(),
+            ports=free_stack_ports(pods),
             pod_ports=[free_port() for _ in range(pods)],
             with_picker=with_picker,
             sim_args=["--sim-time-scale", "0.1", "--log-level", "warning"],

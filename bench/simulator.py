@@ -23,14 +23,14 @@ import aiohttp
 
 from bench.common import (
     PLOTS,
-    free_port,
     machine,
     percentile,
     process_cpu_seconds,
     write_json,
 )
-from infergate.readiness import wait_http
 from simulator.config import LatencyModel
+from stack.ports import free_port
+from stack.readiness import wait_http
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
 

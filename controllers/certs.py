@@ -1,5 +1,5 @@
 """A throwaway CA and a serving certificate it signs: for the admission webhook, and for the
-local stack's picker (infergate/stack.py; Envoy trusts the CA and verifies the picker by it).
+local stack's picker (stack/local.py; Envoy trusts the CA and verifies the picker by it).
 
 In a cluster the certificate comes from a Secret (cert-manager's, mounted as a directory with
 tls.crt and tls.key) and the API server trusts it through the webhook's caBundle. Without one

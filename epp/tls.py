@@ -1,7 +1,7 @@
 """The ext_proc port's certificate: --cert-path's tls.crt and tls.key, else a self-signed one.
 
 Envoy verifies the picker's certificate, so the picker is given one signed by a CA Envoy
-trusts: the local stack makes that CA (infergate/stack.py), a cluster has cert-manager issue it
+trusts: the local stack makes that CA (stack/local.py), a cluster has cert-manager issue it
 (gateway-manifests/epp-tls.yaml). The self-signed fallback, as the reference picker makes at
 start, only serves a gateway that does not verify.
 """

@@ -1,7 +1,8 @@
-"""`infergate`: one command for every part (`infergate simulate ...`, more as they land)."""
+"""`infergate`: one command for every part (`infergate epp`, `infergate simulate ...`)."""
 
 from __future__ import annotations
 
+import importlib
 import sys
 
 USAGE = """usage: infergate <command> [args...]
@@ -17,6 +18,24 @@ commands:
              prefill/decode disaggregated serving; soak: steady load while pods, the
              picker, the pool file and Redis fail)
 """
+
+# Benchmarks by name, as module paths: the launcher finds them, they never import it.
+BENCHMARKS = {
+    "simulator": "bench.simulator",
+    "epp_overhead": "bench.epp_overhead",
+    "kvindex": "bench.kvindex",
+    "routing": "bench.routing.cli",
+    "fairness": "bench.fairness.cli",
+    "pd": "bench.pd.cli",
+    "soak": "bench.soak",
+}
+
+
+def run_bench(argv: list[str]) -> int:
+    if not argv or argv[0] not in BENCHMARKS:
+        print(f"usage: infergate bench {{{','.join(BENCHMARKS)}}} [flags]")
+        return 2
+    return importlib.import_module(BENCHMARKS[argv[0]]).main(argv[1:])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,8 +65,6 @@ def main(argv: list[str] | None = None) -> int:
 
         return simulate(rest)
     if command == "bench":
-        from bench import run_bench
-
         return run_bench(rest)
     print(f"infergate: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2

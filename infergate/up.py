@@ -22,8 +22,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from infergate.example import Example, ExampleError
-from infergate.stack import QUICKSTART, LocalStack, StackConfig, StackPorts
+from stack.example import Example, ExampleError
+from stack.local import QUICKSTART, LocalStack, StackConfig
+from stack.ports import StackPorts
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -146,7 +147,7 @@ infergate up: Envoy on {stack.url} -> endpoint picker (127.0.0.1:9002, metrics :
         flush=True,
     )
     try:
-        while not stop:  # a component that exits is restarted (infergate/supervise.py)
+        while not stop:  # a component that exits is restarted (stack/supervise.py)
             stack.supervisor.tick()
             time.sleep(0.2)
         return 0

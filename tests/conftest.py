@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -13,50 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from infergate.readiness import wait_http
+from stack.ports import free_port
+from stack.readiness import wait_http
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures"
 TINY = FIXTURES / "vllm-cpu-tiny"
 TINY_MODEL = TINY / "model"
-
-
-_handed_out: set[int] = set()
-
-
-def free_port() -> int:
-    """A port free right now and never handed out before in this test process, so two
-    servers of one test never get the same one."""
-    while True:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port not in _handed_out:
-            _handed_out.add(port)
-            return port
-
-
-def free_port_run(n: int) -> int:
-    """The first of n consecutive ports that are free now (each is then handed out)."""
-    for _ in range(100):
-        base = free_port()
-        if base + n >= 65535:
-            continue
-        ports = range(base + 1, base + n)
-        if any(p in _handed_out for p in ports):
-            continue
-        ok = True
-        for p in ports:
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-                try:
-                    s.bind(("127.0.0.1", p))
-                except OSError:
-                    ok = False
-                    break
-        if ok:
-            _handed_out.update(ports)
-            return base
-    raise RuntimeError(f"no run of {n} free ports")
 
 
 @contextmanager

@@ -1,4 +1,4 @@
-"""infergate/auth.py: an Envoy Gateway SecurityPolicy and its Secrets → the local Envoy's auth
+"""stack/auth.py: an Envoy Gateway SecurityPolicy and its Secrets → the local Envoy's auth
 filters. The quickstart's and the cluster's policies translate, the filters come in Envoy
 Gateway's order before the picker, the rendered config passes Envoy's own validation, and a
 policy the local stack cannot use fails with the field named."""
@@ -17,10 +17,10 @@ import yaml
 
 from controllers.certs import serving_cert
 from controllers.manifests import read_objects
-from infergate.auth import USER_HEADER, AuthConfig, AuthError, http_filters
-from infergate.envoy_config import EnvoySettings, render
-from infergate.example import Example, ExampleError
-from infergate.stack import envoy_binary
+from stack.auth import USER_HEADER, AuthConfig, AuthError, http_filters
+from stack.envoy_config import EnvoySettings, render
+from stack.example import Example, ExampleError
+from stack.local import envoy_binary
 
 ROOT = Path(__file__).resolve().parent.parent
 QUICKSTART = ROOT / "examples" / "quickstart"

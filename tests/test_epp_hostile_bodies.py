@@ -241,8 +241,8 @@ async def test_a_large_prompt_is_tokenized_while_the_event_loop_runs():
     from epp.gatekeeper import Gatekeeper
     from epp.metrics import PickerMetrics
     from epp.scheduling.config import load_config
-    from infergate.stack import DEFAULT_MODEL_DIR
     from kvindex.tokenize import PromptTokenizers
+    from stack.local import DEFAULT_MODEL_DIR
     from tests.test_epp_unit_director import LEAST_REQUEST, make_datastore
     from tests.test_epp_unit_gate import SERVERS, limited_route
 

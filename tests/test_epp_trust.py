@@ -23,7 +23,7 @@ from epp.protocol import FAIRNESS_ID, MODEL_REWRITE, OBJECTIVE
 from epp.request import USER_HEADER as USER
 from epp.scheduling.config import load_config
 from epp.trust import DEFAULT_FAIRNESS_ID, HeaderTrust, Users, UsersConfigError
-from infergate.stack import DEFAULT_MODEL_DIR
+from stack.local import DEFAULT_MODEL_DIR
 from tests import extproc_client as ec
 from tests.test_epp_protocol import GET, picker, sims  # noqa: F401 (fixtures)
 from tests.test_epp_unit_director import (

@@ -26,8 +26,8 @@ from epp.scheduling.config import ConfigError, SchedulingConfig, load_config
 from epp.scheduling.framework import ProfileResult, Scheduler, SchedulingResult
 from epp.scheduling.plugins.pd_profile_handler import PREFILLER_HEADER, PDProfileHandler
 from infergate.api import from_dict
-from infergate.stack import DEFAULT_MODEL_DIR
 from kvindex.events import BlockStored
+from stack.local import DEFAULT_MODEL_DIR
 
 PIN = "test-epp-endpoint-selection"
 HEAD = "apiVersion: inference.networking.x-k8s.io/v1alpha1\nkind: EndpointPickerConfig\n"

@@ -336,8 +336,8 @@ def test_stream_options_must_be_an_object(value):
 
 def counting_tokenizer():
     """The simulator's tokenizer, and the list of APIs it was asked to tokenize for."""
-    from infergate.stack import DEFAULT_MODEL_DIR
     from kvindex.tokenize import PromptTokenizer
+    from stack.local import DEFAULT_MODEL_DIR
 
     calls = []
 
@@ -350,8 +350,8 @@ def counting_tokenizer():
 
 
 def test_the_prompt_is_tokenized_once_per_request_and_tokenizer():
-    from infergate.stack import DEFAULT_MODEL_DIR
     from kvindex.tokenize import PromptTokenizer
+    from stack.local import DEFAULT_MODEL_DIR
 
     tokenizer, calls = counting_tokenizer()
     req = parse(CHAT)
@@ -362,8 +362,8 @@ def test_the_prompt_is_tokenized_once_per_request_and_tokenizer():
 
 
 def test_token_ids_out_of_32_bits_are_a_prompt_error_not_a_crash():
-    from infergate.stack import DEFAULT_MODEL_DIR
     from kvindex.tokenize import PromptError, PromptTokenizer
+    from stack.local import DEFAULT_MODEL_DIR
 
     req = parse({"model": "m", "prompt": [1, 2**40]}, path="/v1/completions")
     with pytest.raises(PromptError):

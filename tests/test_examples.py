@@ -16,7 +16,7 @@ from controllers.model_objects import desired
 from epp.app import _flow_control
 from epp.scheduling.config import load_config
 from epp.trust import Users
-from infergate.example import Example, ExampleError
+from stack.example import Example, ExampleError
 from tests.test_crds import KINDS as OUR_KINDS
 from tests.test_crds import _all_cel_errors, _schema_errors
 

@@ -126,7 +126,7 @@ def test_prefix_reuse_counts_hits_and_passes_its_own_checks():
 
 
 def test_prefix_reuse_on_the_default_model_too():
-    from infergate.stack import DEFAULT_MODEL_DIR
+    from stack.local import DEFAULT_MODEL_DIR
 
     tok, plain = unverified(DEFAULT_MODEL_DIR), PromptTokenizer.from_dir(DEFAULT_MODEL_DIR)
     tok.tokens_for("completions", {"prompt": SYSTEM + "one"})

@@ -24,8 +24,8 @@ from controllers.model_objects import CONNECTOR_SERVICE_ACCOUNT
 from epp import protocol
 from epp.options import build_parser
 from epp.scheduling.config import ConfigError, load_config
-from infergate.auth import USER_HEADER, removed_headers
-from infergate.stack import StackPorts
+from stack.auth import USER_HEADER, removed_headers
+from stack.ports import StackPorts
 
 ROOT = Path(__file__).resolve().parent.parent
 MANIFESTS = ROOT / "gateway-manifests"

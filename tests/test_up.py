@@ -12,7 +12,7 @@ import sys
 import pytest
 import requests
 
-from infergate.readiness import wait_http
+from stack.readiness import wait_http
 
 DEFAULT_PORTS = (8080, 9901, 9002, 9003, 9090, 9091, 5557)
 DEV_KEY = "sk-infergate-dev-alice"  # examples/quickstart/api-keys.yaml, what the banner shows

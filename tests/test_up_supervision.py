@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import requests
 
-from infergate.readiness import wait_http, wait_until
-from infergate.stack import stop_group
-from infergate.supervise import BackOff, Supervisor
+from stack.local import stop_group
+from stack.readiness import wait_http, wait_until
+from stack.supervise import BackOff, Supervisor
 from tests.test_up import DEFAULT_PORTS, _ports_free
 
 URL = "http://127.0.0.1:8080/v1/chat/completions"

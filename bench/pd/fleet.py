@@ -20,9 +20,10 @@ from pathlib import Path
 import aiohttp
 import yaml
 
-from bench.common import ROOT, free_stack_ports
-from infergate.example import Example
-from infergate.stack import LocalStack, StackConfig
+from bench.common import ROOT
+from stack.example import Example
+from stack.local import LocalStack, StackConfig
+from stack.ports import free_stack_ports
 
 EXAMPLES = {
     "aggregated": ROOT / "examples" / "quickstart",

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import aiohttp
 
-from bench.common import free_port, free_port_run
-from infergate.stack import LocalStack, StackConfig, StackPorts
+from stack.local import LocalStack, StackConfig
+from stack.ports import free_port, free_stack_ports
 
 
 def new_stack(
@@ -18,16 +18,7 @@ def new_stack(
 ) -> LocalStack:
     """Pods that each bind their own KV-event PUB (per-pod mode) and replay socket, so any
     router with a KV-event source can subscribe; a picker and Envoy only if asked for."""
-    ports = StackPorts(
-        envoy=free_port(),
-        envoy_admin=free_port(),
-        picker=free_port(),
-        picker_health=free_port(),
-        picker_metrics=free_port(),
-        kv_events=free_port(),
-        kv_replay_base=free_port_run(pods),
-        kv_pub_base=free_port_run(pods),
-    )
+    ports = free_stack_ports(pods, per_pod_kv=True)
     return LocalStack(
         StackConfig(
             workdir=workdir,

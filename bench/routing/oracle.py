@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import xxhash
 
 from bench.routing.workloads import Arrival
-from infergate.stack import DEFAULT_MODEL_DIR
 from kvindex.tokenize import PromptTokenizer
+from stack.local import DEFAULT_MODEL_DIR
 
 
 @dataclass(slots=True)

@@ -15,9 +15,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.common import free_port
-from infergate.readiness import wait_http
-from infergate.stack import LocalStack
+from stack.local import LocalStack
+from stack.ports import free_port
+from stack.readiness import wait_http
 
 # infergate's scheduling profiles: (plugin, weight); a max-score picker closes each.
 INFERGATE_PROFILES = {

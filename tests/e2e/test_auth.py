@@ -21,11 +21,11 @@ import requests
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
-from infergate.auth import USER_HEADER, AuthConfig
-from infergate.example import Example
-from infergate.stack import QUICKSTART, LocalStack, StackConfig
+from stack.auth import USER_HEADER, AuthConfig
+from stack.example import Example
+from stack.local import QUICKSTART, LocalStack, StackConfig
+from stack.ports import free_stack_ports
 from tests.conftest import free_port
-from tests.e2e.test_gateway import free_stack_ports
 
 pytestmark = pytest.mark.slow
 

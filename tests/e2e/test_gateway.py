@@ -11,8 +11,8 @@ import pytest
 import requests
 import yaml
 
-from infergate.stack import QUICKSTART, LocalStack, StackConfig, StackPorts
-from tests.conftest import free_port, free_port_run
+from stack.local import QUICKSTART, LocalStack, StackConfig
+from stack.ports import free_port, free_stack_ports
 
 pytestmark = pytest.mark.slow
 
@@ -43,20 +43,6 @@ def pinnable(config_text: str) -> str:
     for profile in doc["schedulingProfiles"]:
         profile["plugins"].insert(0, {"pluginRef": "header-based-testing-filter"})
     return yaml.safe_dump(doc, sort_keys=False)
-
-
-def free_stack_ports(pods: int, per_pod_kv: bool = False) -> StackPorts:
-    return StackPorts(
-        kv_replay_base=free_port_run(pods),
-        kv_pub_base=free_port_run(pods) if per_pod_kv else None,
-        envoy=free_port(),
-        envoy_admin=free_port(),
-        picker=free_port(),
-        picker_health=free_port(),
-        picker_metrics=free_port(),
-        kv_events=free_port(),
-        controllers_metrics=free_port(),
-    )
 
 
 def make_stack(

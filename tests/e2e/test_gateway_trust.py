@@ -17,9 +17,9 @@ import pytest
 import requests
 
 from controllers.certs import serving_cert
-from infergate.auth import CLIENT_HINT_HEADERS, GATEWAY_HEADERS, USER_HEADER
-from infergate.readiness import wait_until
-from infergate.stack import LocalStack
+from stack.auth import CLIENT_HINT_HEADERS, GATEWAY_HEADERS, USER_HEADER
+from stack.local import LocalStack
+from stack.readiness import wait_until
 from tests.e2e.test_auth import ask, picker_requests, recorded, recording_stack
 
 pytestmark = pytest.mark.slow

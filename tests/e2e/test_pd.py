@@ -31,9 +31,9 @@ import requests
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from infergate.example import Example
-from infergate.stack import ROOT, LocalStack, StackConfig
-from tests.e2e.test_gateway import free_stack_ports
+from stack.example import Example
+from stack.local import ROOT, LocalStack, StackConfig
+from stack.ports import free_stack_ports
 
 pytestmark = pytest.mark.slow
 

@@ -22,9 +22,10 @@ import requests
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from infergate.stack import LocalStack, StackConfig
+from stack.local import LocalStack, StackConfig
+from stack.ports import free_stack_ports
 from tests.conftest import free_port
-from tests.e2e.test_gateway import SERVED, free_stack_ports
+from tests.e2e.test_gateway import SERVED
 
 pytestmark = pytest.mark.slow
 

@@ -25,9 +25,10 @@ import requests
 import yaml
 
 from epp.protocol import OBJECTIVE
-from infergate.stack import LocalStack, StackConfig
+from stack.local import LocalStack, StackConfig
+from stack.ports import free_stack_ports
 from tests.conftest import free_port
-from tests.e2e.test_gateway import MODEL, config, free_stack_ports
+from tests.e2e.test_gateway import MODEL, config
 
 pytestmark = pytest.mark.slow
 

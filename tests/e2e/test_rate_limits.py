@@ -29,11 +29,12 @@ import pytest
 import requests
 import yaml
 
-from infergate.example import Example
-from infergate.stack import DEFAULT_MODEL_DIR, QUICKSTART, LocalStack, StackConfig
 from kvindex.tokenize import PromptTokenizer
+from stack.example import Example
+from stack.local import DEFAULT_MODEL_DIR, QUICKSTART, LocalStack, StackConfig
+from stack.ports import free_stack_ports
 from tests.conftest import free_port
-from tests.e2e.test_gateway import MODEL, config, free_stack_ports
+from tests.e2e.test_gateway import MODEL, config
 from tests.redis_server import RedisServer, require_redis_server
 
 pytestmark = pytest.mark.slow

@@ -13,9 +13,10 @@ import pytest
 import requests
 import yaml
 
-from infergate.example import Example
-from infergate.stack import QUICKSTART, LocalStack, StackConfig
-from tests.e2e.test_gateway import PIN, free_stack_ports, pinnable
+from stack.example import Example
+from stack.local import QUICKSTART, LocalStack, StackConfig
+from stack.ports import free_stack_ports
+from tests.e2e.test_gateway import PIN, pinnable
 
 pytestmark = pytest.mark.slow
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from infergate.auth import AuthConfig, AuthError
+from stack.auth import AuthConfig, AuthError
 
 ROOT = Path(__file__).resolve().parent.parent
 

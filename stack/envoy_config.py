@@ -9,7 +9,7 @@ from pathlib import Path
 import jinja2
 import yaml
 
-from infergate.auth import AuthConfig, http_filters
+from stack.auth import AuthConfig, http_filters
 
 TEMPLATE = Path(__file__).resolve().parent.parent / "gateway-manifests" / "local" / "envoy.yaml.j2"
 
@@ -30,7 +30,7 @@ class EnvoySettings:
     # instead of the fixed `endpoints`.
     eds_path: str | None = None
     # Set: Envoy authenticates requests (API keys, JWT) before the picker sees them. Unset or
-    # not, a client-sent x-infergate-user is removed (infergate/auth.py).
+    # not, a client-sent x-infergate-user is removed (stack/auth.py).
     auth: AuthConfig | None = None
     # The CA file that signed the picker's certificate; its SAN must name picker_host.
     picker_ca: str | None = None

@@ -6,7 +6,7 @@ keep the pool file (for the picker) and an EDS file (for Envoy) current. Or fixe
 starts N simulator processes on 127.0.0.1 itself and describes them in a static pool — what
 the end-to-end tests and benchmarks use, since they control every pod. Every process it
 starts is supervised (`stack.supervisor.tick()` restarts the ones that exited, see
-infergate/supervise.py) and stopped by stop(), in reverse order.
+stack/supervise.py) and stopped by stop(), in reverse order.
 """
 
 from __future__ import annotations
@@ -25,10 +25,11 @@ from pathlib import Path
 import yaml
 
 from controllers.certs import serving_cert
-from infergate.auth import AuthConfig
-from infergate.envoy_config import EnvoySettings, render
-from infergate.readiness import wait_http, wait_until
-from infergate.supervise import Supervisor
+from stack.auth import AuthConfig
+from stack.envoy_config import EnvoySettings, render
+from stack.ports import StackPorts
+from stack.readiness import wait_http, wait_until
+from stack.supervise import Supervisor
 
 ROOT = Path(__file__).resolve().parent.parent
 QUICKSTART = ROOT / "examples" / "quickstart"
@@ -36,25 +37,6 @@ QUICKSTART = ROOT / "examples" / "quickstart"
 DEFAULT_MODEL_DIR = ROOT / "simulator" / "default_model"
 ENGINE_LABEL = "inference.networking.k8s.io/engine-type"
 PICKER_HOST = "127.0.0.1"  # where Envoy dials the picker: its certificate's SAN
-
-
-@dataclass(slots=True)
-class StackPorts:
-    """DESIGN.md §3 defaults."""
-
-    envoy: int = 8080
-    envoy_admin: int = 9901
-    picker: int = 9002
-    picker_health: int = 9003
-    picker_metrics: int = 9090
-    first_pod: int = 8000
-    kv_events: int = 5557
-    kv_replay_base: int = 5600  # pod i's KV-event replay socket is on kv_replay_base + i
-    # Set: each pod binds its own KV-event PUB on kv_pub_base + i and the picker connects to
-    # every pod (per-pod mode, what other routers' KV-event sources need too). Unset: the
-    # picker binds kv_events and the pods connect to it (central mode).
-    kv_pub_base: int | None = None
-    controllers_metrics: int = 9091
 
 
 @dataclass(slots=True)
@@ -88,7 +70,7 @@ class StackConfig:
     expect_pods: int = 0  # up once the picker sees this many ready endpoints
 
     # Set: Envoy authenticates requests before the picker sees them (an example directory's
-    # SecurityPolicy, infergate/auth.py). Unset: no auth, as the tests and benchmarks run.
+    # SecurityPolicy, stack/auth.py). Unset: no auth, as the tests and benchmarks run.
     auth: AuthConfig | None = None
     # True (a closed network): Envoy lets client-sent objective and fairness-id headers
     # through and the picker honours them (--trust-client-headers on both).
@@ -96,7 +78,7 @@ class StackConfig:
 
     @classmethod
     def from_example(cls, example, workdir: Path, ports: StackPorts, **kw) -> StackConfig:
-        """A stack that runs an example directory (infergate.example.Example) through the
+        """A stack that runs an example directory (stack.example.Example) through the
         controllers; `kw` sets any other field."""
         return cls(
             workdir=workdir,

@@ -1,0 +1,77 @@
+"""Ports for local stacks, tests and benchmarks: the one place that hands out free ones, so two
+servers started by one process (a test, a benchmark) never get the same port."""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+
+
+@dataclass(slots=True)
+class StackPorts:
+    """Where a local stack listens; the defaults are what `infergate up` uses."""
+
+    envoy: int = 8080
+    envoy_admin: int = 9901
+    picker: int = 9002
+    picker_health: int = 9003
+    picker_metrics: int = 9090
+    first_pod: int = 8000
+    kv_events: int = 5557
+    kv_replay_base: int = 5600  # pod i's KV-event replay socket is on kv_replay_base + i
+    # Set: each pod binds its own KV-event PUB on kv_pub_base + i and the picker connects to
+    # every pod (per-pod mode, what other routers' KV-event sources need too). Unset: the
+    # picker binds kv_events and the pods connect to it (central mode).
+    kv_pub_base: int | None = None
+    controllers_metrics: int = 9091
+
+
+_handed_out: set[int] = set()
+
+
+def free_port() -> int:
+    """A port free now and not handed out before in this process: a port handed out is not
+    bound until its server starts, so the kernel may offer it again meanwhile."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
+
+
+def free_port_run(n: int) -> int:
+    """The first of n consecutive ports that are free now (pod i's socket is on base + i)."""
+    for _ in range(200):
+        base = free_port()
+        run = range(base + 1, base + n)
+        if base + n < 65535 and not _handed_out.intersection(run) and all(map(_free, run)):
+            _handed_out.update(run)
+            return base
+    raise RuntimeError(f"no run of {n} free ports")
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_stack_ports(pods: int = 1, per_pod_kv: bool = False) -> StackPorts:
+    """A local stack's ports, all free now: `pods` consecutive KV replay ports and, with
+    per_pod_kv, `pods` consecutive KV-event PUB ports (each pod binds its own)."""
+    return StackPorts(
+        envoy=free_port(),
+        envoy_admin=free_port(),
+        picker=free_port(),
+        picker_health=free_port(),
+        picker_metrics=free_port(),
+        kv_events=free_port(),
+        kv_replay_base=free_port_run(pods),
+        kv_pub_base=free_port_run(pods) if per_pod_kv else None,
+        controllers_metrics=free_port(),
+    )

@@ -1,0 +1,76 @@
+"""The launcher sits on top: `stack/` (the local stack library) and `bench/` never import
+`infergate` (cli.py, up.py), and the launcher finds benchmarks by name, so the arrows run one
+way. Each check imports in a fresh interpreter, where sys.modules shows what really loaded."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from infergate.cli import BENCHMARKS
+
+# Every module of the packages, except `__main__`s (importing one runs its benchmark).
+IMPORT_ALL = """
+import importlib, json, pkgutil, sys
+for name in sys.argv[1:]:
+    pkg = importlib.import_module(name)
+    for m in pkgutil.walk_packages(pkg.__path__, name + "."):
+        if not m.name.endswith(".__main__"):
+            importlib.import_module(m.name)
+print(json.dumps(sorted(sys.modules)))
+"""
+
+
+def modules_after_importing(*packages: str) -> list[str]:
+    out = subprocess.run(
+        [sys.executable, "-c", IMPORT_ALL, *packages],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.splitlines()[-1])
+
+
+def of(package: str, modules: list[str]) -> list[str]:
+    return [m for m in modules if m == package or m.startswith(package + ".")]
+
+
+@pytest.mark.parametrize("package", ["stack", "bench"])
+def test_stack_and_bench_never_import_the_launcher(package):
+    loaded = modules_after_importing(package)
+    assert of(package, loaded), f"{package} did not import"
+    assert of("infergate", loaded) == []
+
+
+def test_the_launcher_imports_no_benchmark_until_one_is_run():
+    loaded = modules_after_importing("infergate")
+    assert "infergate.cli" in loaded and "infergate.up" in loaded
+    assert of("bench", loaded) == []
+
+
+def test_every_benchmark_name_is_a_module_with_a_main():
+    probe = (
+        "import importlib, json, sys; "
+        "print(json.dumps([callable(importlib.import_module(m).main) for m in sys.argv[1:]]))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe, *BENCHMARKS.values()],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout.splitlines()[-1]) == [True] * len(BENCHMARKS)
+
+
+@pytest.mark.parametrize("args", [["bench"], ["bench", "no-such-benchmark"]])
+def test_bench_without_a_known_name_lists_the_names(args):
+    out = subprocess.run(
+        [sys.executable, "-m", "infergate.cli", *args], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 2
+    assert out.stdout.strip() == f"usage: infergate bench {{{','.join(BENCHMARKS)}}} [flags]"
