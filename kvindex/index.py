@@ -41,7 +41,7 @@ _FIELDS = (1 << _POD) - 1
 _TIERS = {"gpu": _GPU, "cpu": _CPU}
 _INDEXED_KINDS = frozenset({"full_attention", "mla_attention", "sink_full_attention"})
 _SWEEP_MIN = 1024
-_MAX_INTERNED = 1 << 16  # distinct slot values interned at once
+MAX_INTERNED_SLOTS = 1 << 16  # distinct slot values interned at once
 # One engine block covers engine block size / index block size keys (16 for 256 / 16).
 MAX_KEYS_PER_HASH = 64
 DEFAULT_TIER_WEIGHTS = {"gpu": 1.0, "cpu": 0.8}
@@ -155,7 +155,7 @@ class KVBlockIndex:
         if f:
             s = p << _POD | f
             canon = self._canon
-            if len(canon) >= _MAX_INTERNED:
+            if len(canon) >= MAX_INTERNED_SLOTS:
                 canon.clear()
             rest += (canon.setdefault(s, s),)
         if rest:
@@ -168,13 +168,13 @@ class KVBlockIndex:
         if delta > 0 and self._shard_n[sh] > self._budget:
             self._over.add(sh)
 
-    def _add(self, k: int, p: int, tier: int) -> None:
+    def _add(self, k: int, p: int, tier: int, copies: int = 1) -> None:
         f = _fields(self._get(k), p)
         if tier == _GPU and f & _SPEC:  # a speculative entry confirmed: it becomes real
             f -= _SPEC
             self._specs[p].pop(k, None)
-        if f & _COUNT * tier != _COUNT * tier:  # saturate: never carry into the next field
-            f += tier
+        held = f // tier & _COUNT
+        f += (min(_COUNT, held + copies) - held) * tier  # saturate: never carry into the next
         self._set(k, p, f, True)
 
     def _evict(self) -> None:
@@ -251,13 +251,13 @@ class KVBlockIndex:
             return
         emap, g, hashes, m = self._emaps[p], ev.group_idx << 64, ev.block_hashes, self._mask
         if not ev.token_ids:  # a CPU-offload store: only hashes we already know
-            for h in hashes:
+            for h, copies in Counter(hashes).items():
                 rs = emap[h & m].get(h | g)
                 if rs is None:
-                    self._skipped["offload_unknown_hash"] += 1
+                    self._skipped["offload_unknown_hash"] += copies
                 else:
                     for k in _slots(rs):
-                        self._add(k, p, tier)
+                        self._add(k, p, tier, copies)
             return
         if len(ev.token_ids) != ev.block_size * len(hashes):
             self._skipped["token_count"] += 1
