@@ -116,6 +116,8 @@ def _hash_list(v: Any) -> tuple[int, ...]:
 def _token_list(v: Any) -> tuple[int, ...]:
     if not isinstance(v, list):
         raise _Invalid(f"must be a list of token ids, got {_kind(v)}")
+    if all(type(t) is int for t in v) and (not v or (min(v) >= 0 and max(v) <= _TOKEN_MAX)):
+        return tuple(v)  # the common case, without a Python loop per token
     for i, t in enumerate(v):
         if not (_is_int(t) and 0 <= t <= _TOKEN_MAX):
             got = _kind(t) if not _is_int(t) else t
