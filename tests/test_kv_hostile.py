@@ -246,3 +246,29 @@ def test_one_engine_hash_reused_for_many_blocks_maps_to_a_bounded_number_of_keys
     for i in range(MAX_KEYS_PER_HASH * 4):
         index.apply(POD, "m", BlockStored((7,), None, (i, 1, 2, 3), 4))
     assert max(len(rs) for d in index._emaps[0] for rs in d.values()) == MAX_KEYS_PER_HASH
+
+
+async def test_the_picker_exports_drops_by_reason_and_drops_pods_outside_its_pool():
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from epp.datastore import Datastore
+    from epp.kv_events import KVCacheView, KVEventOptions
+
+    registry = CollectorRegistry()
+    port = free_port()
+    view = KVCacheView(Datastore(), KVEventOptions(bind=f"tcp://127.0.0.1:{port}"), registry)
+    registry.register(view)
+    view.start()
+    ctx = zmq.Context()
+    pub = sourced_pub(ctx, "127.0.0.2", port)
+    try:
+        await wait_heard(view.subscriber, pub)
+        pub.send_multipart(recorded_frames(TOPIC)[0])  # the pool is empty: not a member
+        await until(lambda: view.subscriber.dropped["unknown_pod"] == 1, "the outsider dropped")
+        text = generate_latest(registry).decode()
+        assert 'infergate_kvindex_dropped_messages_total{reason="unknown_pod"} 1.0' in text
+        assert view.index.stats()["pods"] == 0
+    finally:
+        pub.close(0)
+        ctx.term()
+        await view.close()
