@@ -122,6 +122,7 @@ class KVEventSubscriber:
         self._check_peer = False
         self._tasks: set[asyncio.Task] = set()
         self._drop = 0  # test hook: live messages to discard on purpose
+        self._closed = False
 
     # ---- setup -----------------------------------------------------------------------
 
@@ -163,15 +164,11 @@ class KVEventSubscriber:
         self._drop += n
 
     async def close(self) -> None:
+        self._closed = True  # a replay that ends now starts no other
         for t in list(self._tasks):
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        for state in self._pods.values():
-            if state.socket is not None:
-                state.socket.close(0)
-        if self._central is not None:
-            self._central.close(0)
-        self._ctx.term()
+        self._ctx.destroy(linger=0)  # closes every socket it made, then terminates
 
     def _spawn(self, coro) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -332,7 +329,7 @@ class KVEventSubscriber:
 
     def _start_replay(self, pod: str, start: int) -> None:
         state = self._pods[pod]
-        if state.replaying:
+        if state.replaying or self._closed:
             return
         state.replaying = True
         self.counts["replays"] += 1

@@ -133,11 +133,11 @@ class Reference:
         self.last: int | None = None
 
     def feed(self, frames: list[bytes]) -> None:
+        if frames[0] != topic(STORM):
+            return
         try:
             msg = decode_message(frames)
         except KVEventDecodeError:
-            return
-        if msg.topic != topic(STORM).decode():
             return
         if self.last is not None and msg.seq <= self.last:  # backwards: a restart
             self.index.clear_pod(STORM)

@@ -177,6 +177,23 @@ async def test_poison_in_a_replay_costs_one_message_not_the_replay(central):
         actx.term()
 
 
+async def test_live_messages_held_during_a_replay_are_bounded(central, monkeypatch):
+    sub, _, pods, replay_of = central
+    monkeypatch.setattr(subscriber_module, "MAX_BUFFERED", 5)
+    actx = zmq.asyncio.Context()
+    router = actx.socket(zmq.ROUTER)  # a replay socket that never answers
+    router.setsockopt(zmq.LINGER, 0)
+    replay_of[POD] = f"tcp://127.0.0.1:{router.bind_to_random_port('tcp://127.0.0.1')}"
+    try:
+        for frames in recorded_frames(TOPIC)[5:]:  # mid-stream: a replay starts, 13 arrive
+            pods[POD].send_multipart(frames)
+        await until(lambda: sub.dropped["replay_buffer_full"] == 8, "the overflow dropped")
+        assert len(sub._pods[POD].buffered) == 5
+    finally:
+        router.close(0)
+        actx.term()
+
+
 async def test_poison_on_a_per_pod_socket_costs_one_message():
     index = KVBlockIndex(max_entries=100_000)
     sub = KVEventSubscriber(index)
