@@ -95,6 +95,7 @@ def _sub_socket(ctx: zmq.asyncio.Context) -> zmq.asyncio.Socket:
     sock = ctx.socket(zmq.SUB)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
+    sock.setsockopt(zmq.IPV6, 1)  # a pod network may be IPv6 ($POD_IP, a pod's address)
     return sock
 
 
@@ -231,8 +232,8 @@ class KVEventSubscriber:
         if from_pod is None:
             if not self.is_member(pod):
                 raise _Dropped("unknown_pod", f"topic {msg.topic!r} names a pod not in the pool")
-            peer = frames[0].get("Peer-Address") if self._check_peer else None
-            if peer is not None and not same_host(pod, peer):
+            peer = frames[0].get("Peer-Address") if self._check_peer else ""
+            if self._check_peer and not same_host(pod, peer):
                 raise _Dropped(
                     "peer_mismatch", f"topic {msg.topic!r} was published from {peer}, not the pod"
                 )
@@ -340,6 +341,7 @@ class KVEventSubscriber:
         dealer = self._ctx.socket(zmq.DEALER)
         dealer.setsockopt(zmq.LINGER, 0)
         dealer.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
+        dealer.setsockopt(zmq.IPV6, 1)
         got = 0
         try:
             assert state.replay_endpoint is not None
