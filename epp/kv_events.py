@@ -8,13 +8,14 @@ opens no ZMQ socket.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from epp.datastore import Datastore
+from epp.options import KV_EVENTS_PORT, default_kv_events_bind
 from kvindex.index import KVBlockIndex
 from kvindex.subscriber import KVEventSubscriber
 from kvindex.tokenize import PromptTokenizers
@@ -25,8 +26,8 @@ log = logging.getLogger("epp.kv_events")
 @dataclass(slots=True)
 class KVEventOptions:
     mode: str = "central"  # central | per-pod
-    bind: str = "tcp://*:5557"
-    pub_port: int = 5557  # per-pod mode: pod PUB port of rank 0 (rank r adds r, as vLLM DP)
+    bind: str = field(default_factory=default_kv_events_bind)
+    pub_port: int = KV_EVENTS_PORT  # per-pod mode: a pod's PUB port of rank 0 (rank r: + r)
     replay_port: int | None = None  # a pod's ROUTER port of rank 0, if it runs one
     block_size: int = 16
     max_entries: int = 5_000_000
@@ -50,7 +51,10 @@ class KVCacheView:
         self.index = KVBlockIndex(block_size=opts.block_size, max_entries=opts.max_entries)
         self.tokenizers = PromptTokenizers(opts.tokenizers or {})
         self.subscriber = KVEventSubscriber(
-            self.index, replay_endpoint_for=self._replay_for, model_for=self._served_model
+            self.index,
+            replay_endpoint_for=self._replay_for,
+            model_for=self._served_model,
+            is_member=self._in_pool,
         )
         self._connected: set[str] = set()
 
@@ -79,6 +83,9 @@ class KVCacheView:
             return bases[0]
         configured = list(self.opts.tokenizers or {})
         return configured[0] if len(configured) == 1 else None
+
+    def _in_pool(self, address: str) -> bool:
+        return self.datastore.endpoint(address) is not None
 
     def _replay_for(self, address: str) -> str | None:
         return self._endpoint_of(address, self.opts.replay_port)
@@ -118,6 +125,15 @@ class KVCacheView:
         for outcome, n in sorted(self.subscriber.counts.items()):
             events.add_metric([outcome], n)
         yield events
+        dropped = CounterMetricFamily(
+            "infergate_kvindex_dropped_messages",
+            "KV-event messages refused (malformed, unknown_pod, peer_mismatch, no_model, "
+            "replay_buffer_full, error), by reason.",
+            labels=["reason"],
+        )
+        for reason, n in sorted(self.subscriber.dropped.items()):
+            dropped.add_metric([reason], n)
+        yield dropped
         stats = self.index.stats()
         for key in ("entries", "keys", "pods", "bytes"):
             if key in stats:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,6 +11,14 @@ from pathlib import Path
 from epp.body_budget import DEFAULT_MAX_HELD_BYTES
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m)?$")
+KV_EVENTS_PORT = 5557
+
+
+def default_kv_events_bind() -> str:
+    """Central mode's SUB: the pod network address (`$POD_IP`, the downward API), else
+    loopback; never every interface."""
+    host = os.environ.get("POD_IP") or "127.0.0.1"
+    return f"tcp://[{host}]:{KV_EVENTS_PORT}" if ":" in host else f"tcp://{host}:{KV_EVENTS_PORT}"
 
 
 def duration(text: str) -> float:
@@ -151,11 +160,15 @@ def build_parser() -> argparse.ArgumentParser:
         default="central",
         help="central: bind one SUB that pods' PUBs connect to; per-pod: connect to each pod's PUB",
     )
-    kv.add_argument("--kv-events-bind", default="tcp://*:5557")
+    kv.add_argument(
+        "--kv-events-bind",
+        default=default_kv_events_bind(),
+        help="central mode: the SUB's endpoint (default tcp://$POD_IP:5557, else 127.0.0.1)",
+    )
     kv.add_argument(
         "--kv-events-pub-port",
         type=int,
-        default=5557,
+        default=KV_EVENTS_PORT,
         help="per-pod mode: a pod's PUB port for rank 0 (rank r adds r)",
     )
     kv.add_argument(

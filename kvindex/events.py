@@ -22,6 +22,10 @@ import msgspec
 
 REPLAY_END_SEQ = 2**64 - 1
 _U64_MAX = 2**64 - 1
+_TOKEN_MAX = 2**32 - 1  # request keys hash token ids as uint32 (kvindex.keys)
+# vLLM's extra keys are flat tuples (LoRA name, multimodal hashes, cache salt); deeper nesting
+# is refused rather than walked, so a hostile payload cannot exhaust the stack.
+MAX_EXTRA_KEYS_DEPTH = 8
 
 
 class KVEventDecodeError(ValueError):
@@ -109,10 +113,15 @@ def _hash_list(v: Any) -> tuple[int, ...]:
     return tuple(out)
 
 
-def _int_list(v: Any) -> tuple[int, ...]:
-    if not isinstance(v, list) or not all(_is_int(t) for t in v):
-        got = _kind(v) if not isinstance(v, list) else "a list containing non-ints"
-        raise _Invalid(f"must be a list of ints, got {got}")
+def _token_list(v: Any) -> tuple[int, ...]:
+    if not isinstance(v, list):
+        raise _Invalid(f"must be a list of token ids, got {_kind(v)}")
+    if all(type(t) is int for t in v) and (not v or (min(v) >= 0 and max(v) <= _TOKEN_MAX)):
+        return tuple(v)  # the common case, without a Python loop per token
+    for i, t in enumerate(v):
+        if not (_is_int(t) and 0 <= t <= _TOKEN_MAX):
+            got = _kind(t) if not _is_int(t) else t
+            raise _Invalid(f"[{i}] must be a token id in 0..2**32-1, got {got}")
     return tuple(v)
 
 
@@ -134,19 +143,21 @@ def _str(v: Any) -> str:
     return v
 
 
-def _freeze(v: Any) -> Any:
+def _freeze(v: Any, depth: int) -> Any:
     # Lists -> tuples so events stay hashable and compare equal across encodings.
+    if isinstance(v, list | dict) and depth >= MAX_EXTRA_KEYS_DEPTH:
+        raise _Invalid(f"nests deeper than {MAX_EXTRA_KEYS_DEPTH} levels")
     if isinstance(v, list):
-        return tuple(_freeze(x) for x in v)
+        return tuple(_freeze(x, depth + 1) for x in v)
     if isinstance(v, dict):
-        return tuple((_freeze(k), _freeze(x)) for k, x in v.items())
+        return tuple((_freeze(k, depth + 1), _freeze(x, depth + 1)) for k, x in v.items())
     return v
 
 
 def _tuple(v: Any) -> tuple:
     if not isinstance(v, list):
         raise _Invalid(f"must be a list, got {_kind(v)}")
-    return _freeze(v)
+    return _freeze(v, 0)
 
 
 _REQUIRED = object()
@@ -162,7 +173,7 @@ _EVENTS: dict[str, tuple[type, _Fields]] = {
         (
             ("block_hashes", _hash_list, _REQUIRED),
             ("parent_block_hash", _hash, None),
-            ("token_ids", _int_list, _REQUIRED),
+            ("token_ids", _token_list, _REQUIRED),
             ("block_size", _non_neg_int, _REQUIRED),
             ("lora_id", _int, None),
             ("medium", _str, "GPU"),

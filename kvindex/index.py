@@ -6,14 +6,18 @@ CPU-offload stores and the parents of later stores.
 
 Layout, for memory (one dict entry per key, no object per entry):
 - request key → a *slot* int, or a tuple of slots when several pods hold the key. A slot
-  packs `pod index << 41 | SPEC | cpu copies << 20 | gpu copies`; slot ints are interned,
-  so equal slots share one object.
+  packs `pod index << 41 | SPEC | cpu copies << 20 | gpu copies`. A copy count saturates at
+  2**20 - 1 rather than carry into the next field (past it, removals may end an entry while
+  copies remain: a missed hit, never a wrong tier). Slot ints are interned, so equal slots
+  share one object; the interning table is bounded (emptied when full: only sharing is lost).
 - The keys are spread over up to 64 dicts (by their low bits) because growing one big dict
   copies it all at once: 0.75 s at 5M keys, on the picker's event loop.
 - Each dict's order is its LRU order (a use moves the key to the end); eviction takes the
   front. With one shard (max_entries < 65536) that is exact LRU, with more a close one.
-- Per pod: engine hash (| group << 64) → request key or tuple of them; request key →
-  expiry of a speculative entry, with a FIFO of expiries.
+- Per pod: engine hash (| group << 64) → request key or tuple of them (at most
+  MAX_KEYS_PER_HASH, the newest: vLLM maps one hash to one content, so only a hostile
+  publisher reuses a hash for many); request key → expiry of a speculative entry, with a FIFO
+  of expiries.
 """
 
 from __future__ import annotations
@@ -37,6 +41,9 @@ _FIELDS = (1 << _POD) - 1
 _TIERS = {"gpu": _GPU, "cpu": _CPU}
 _INDEXED_KINDS = frozenset({"full_attention", "mla_attention", "sink_full_attention"})
 _SWEEP_MIN = 1024
+MAX_INTERNED_SLOTS = 1 << 16  # distinct slot values interned at once
+# One engine block covers engine block size / index block size keys (16 for 256 / 16).
+MAX_KEYS_PER_HASH = 64
 DEFAULT_TIER_WEIGHTS = {"gpu": 1.0, "cpu": 0.8}
 
 
@@ -147,7 +154,10 @@ class KVBlockIndex:
         delta = (f != 0) - (len(rest) != len(old))
         if f:
             s = p << _POD | f
-            rest += (self._canon.setdefault(s, s),)
+            canon = self._canon
+            if len(canon) >= MAX_INTERNED_SLOTS:
+                canon.clear()
+            rest += (canon.setdefault(s, s),)
         if rest:
             d[k] = rest[0] if len(rest) == 1 else rest
         elif rec is not None and not touch:
@@ -158,12 +168,14 @@ class KVBlockIndex:
         if delta > 0 and self._shard_n[sh] > self._budget:
             self._over.add(sh)
 
-    def _add(self, k: int, p: int, tier: int) -> None:
+    def _add(self, k: int, p: int, tier: int, copies: int = 1) -> None:
         f = _fields(self._get(k), p)
         if tier == _GPU and f & _SPEC:  # a speculative entry confirmed: it becomes real
             f -= _SPEC
             self._specs[p].pop(k, None)
-        self._set(k, p, f + tier, True)
+        held = f // tier & _COUNT
+        f += (min(_COUNT, held + copies) - held) * tier  # saturate: never carry into the next
+        self._set(k, p, f, True)
 
     def _evict(self) -> None:
         # A little below the budget, so the scan over a dict's front (where deleted entries
@@ -239,13 +251,13 @@ class KVBlockIndex:
             return
         emap, g, hashes, m = self._emaps[p], ev.group_idx << 64, ev.block_hashes, self._mask
         if not ev.token_ids:  # a CPU-offload store: only hashes we already know
-            for h in hashes:
+            for h, copies in Counter(hashes).items():
                 rs = emap[h & m].get(h | g)
                 if rs is None:
-                    self._skipped["offload_unknown_hash"] += 1
+                    self._skipped["offload_unknown_hash"] += copies
                 else:
                     for k in _slots(rs):
-                        self._add(k, p, tier)
+                        self._add(k, p, tier, copies)
             return
         if len(ev.token_ids) != ev.block_size * len(hashes):
             self._skipped["token_count"] += 1
@@ -273,7 +285,7 @@ class KVBlockIndex:
             if old is None:
                 d[e] = k
             elif k not in _slots(old):
-                d[e] = (*_slots(old), k)
+                d[e] = (*_slots(old)[1 - MAX_KEYS_PER_HASH :], k)
 
     def _removed(self, p: int, ev: BlockRemoved) -> None:
         tier = _TIERS.get(ev.medium.lower())

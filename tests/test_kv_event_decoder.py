@@ -282,7 +282,7 @@ def test_unknown_event_types_are_skipped_and_counted():
             "event 0 of batch seq=12: BlockStored.block_hashes [0] must be a uint64 int",
         ),
         (_frames(_enc([1.0, [_stored_map(block_hashes=[-1])], 0])), "int outside uint64"),
-        (_frames(_enc([1.0, [_stored_map(token_ids=[1, "2"])], 0])), "token_ids must be a list"),
+        (_frames(_enc([1.0, [_stored_map(token_ids=[1, "2"])], 0])), "token_ids [1] must be"),
         (_frames(_enc([1.0, [_stored_map(block_size=True)], 0])), "block_size must be a non-neg"),
         (_frames(_enc([1.0, [_stored_map(medium=3)], 0])), "BlockStored.medium must be a string"),
         (_frames(_enc([1.0, [_stored_map(lora_id="a")], 0])), "lora_id must be an int, got str"),

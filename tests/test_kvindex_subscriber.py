@@ -143,7 +143,7 @@ async def test_central_mode_mirrors_every_pod(central):
         for p in pods:
             await asyncio.to_thread(p.send, i)
     await settle(sub, pods, sink)
-    assert sub.counts["events"] > 0 and sub.counts["malformed"] == 0
+    assert sub.counts["events"] > 0 and sub.dropped["malformed"] == 0
 
 
 async def test_dropped_messages_are_repaired_from_replay(central):
@@ -205,7 +205,7 @@ async def test_per_pod_mode_takes_vllms_default_empty_topic(tmp_path):
         await settle(sub, [pod], sink)
         await asyncio.to_thread(pod.send, 1)  # live
         await settle(sub, [pod], sink)
-        assert sink.models == {"served-model"} and sub.counts["malformed"] == 0
+        assert sink.models == {"served-model"} and sub.dropped["malformed"] == 0
     finally:
         pod.stop()
         await sub.close()
@@ -220,9 +220,9 @@ async def test_an_empty_topic_without_a_known_model_is_skipped_and_counted(tmp_p
         await asyncio.sleep(0.3)
         await asyncio.to_thread(pod.send, 0)
         deadline = time.monotonic() + 5
-        while sub.counts["malformed"] == 0 and time.monotonic() < deadline:
+        while sub.dropped["no_model"] == 0 and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        assert sub.counts["malformed"] >= 1 and not sink.held
+        assert sub.dropped["no_model"] >= 1 and not sink.held
     finally:
         pod.stop()
         await sub.close()
@@ -245,9 +245,9 @@ async def test_malformed_messages_are_counted_not_fatal(tmp_path):
         ):
             pub.send_multipart(frames)
         deadline = time.monotonic() + 5
-        while sub.counts["malformed"] < 3 and time.monotonic() < deadline:
+        while sub.dropped["malformed"] < 3 and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        assert sub.counts["malformed"] == 3 and sub.counts["received"] == 3
+        assert sub.dropped["malformed"] == 3 and sub.counts["received"] == 3
     finally:
         pub.close(0)
         ctx.term()

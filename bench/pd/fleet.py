@@ -54,7 +54,8 @@ def copy_example(mode: str, into: Path, kv_events_port: int) -> Example:
     for arg in engine["args"]:
         if arg.startswith("--kv-events-config="):
             config = json.loads(arg.split("=", 1)[1])
-            config["endpoint"] = f"tcp://127.0.0.1:{kv_events_port}"
+            # From the pod's own address: the picker checks it against the topic's pod.
+            config["endpoint"] = f"tcp://$(POD_IP):0;127.0.0.1:{kv_events_port}"
             arg = "--kv-events-config=" + json.dumps(config)
         args.append(arg)
     engine["args"] = [*args, "--log-level=warning"]
