@@ -21,8 +21,8 @@ from infergate.auth import USER_HEADER, AuthConfig, AuthError, http_filters
 from infergate.envoy_config import EnvoySettings, render
 from infergate.example import Example, ExampleError
 from infergate.stack import envoy_binary
+from tests.paths import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 QUICKSTART = ROOT / "examples" / "quickstart"
 MANIFESTS = ROOT / "gateway-manifests"
 

@@ -32,11 +32,11 @@ from kubernetes import client
 
 from tests.conftest import free_port, running
 from tests.kubeapi import KubeAPIEmulator, status_object
+from tests.paths import ROOT
 from tests.test_controllers_deploy import Authorizer, docs
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "crds" / "model.yaml"
 TOKEN = "infergate-controllers-token"
 LEASE_NS, LEASE_NAME = "infergate-system", "infergate-controllers"

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import copy
 import time
-from pathlib import Path
 
 import yaml
 from kubernetes import client
@@ -19,8 +18,9 @@ from controllers.runner import ControllerMetrics
 from controllers.store import MODEL, MODEL_INFER, POD
 from tests.controller_helpers import kubelet
 from tests.kubeapi import KubeAPIEmulator
+from tests.paths import EXAMPLES
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "crds" / "model.yaml"
+EXAMPLE = EXAMPLES / "crds" / "model.yaml"
 
 
 class RacingStore:

@@ -20,7 +20,6 @@ import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import jsonschema
@@ -30,6 +29,7 @@ import yaml
 
 from infergate import api
 from infergate.api import autoscaling, networking, workload
+from tests.paths import ROOT
 
 try:  # cel-python (the dev extra) evaluates the CRDs' CEL rules; without it those tests skip.
     import celpy
@@ -37,7 +37,6 @@ except ImportError:  # pragma: no cover
     celpy = None
 needs_cel = pytest.mark.skipif(celpy is None, reason="cel-python is not installed")
 
-ROOT = Path(__file__).resolve().parent.parent
 CRDS = ROOT / "crds"
 EXAMPLES = ROOT / "examples" / "crds"
 K8S_VERSION = "1.30"

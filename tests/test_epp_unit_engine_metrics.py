@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from epp.engine_metrics import ENGINES, InvalidMetricValue, MetricsParseError, parse
+from tests.paths import TINY
 
-VLLM_TEXT = (
-    Path(__file__).resolve().parent / "fixtures" / "vllm-cpu-tiny" / "metrics.txt"
-).read_text()
+VLLM_TEXT = (TINY / "metrics.txt").read_text()
 
 VLLM_MIN = """\
 vllm:num_requests_waiting{engine="0",model_name="m"} 3.0

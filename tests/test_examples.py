@@ -17,10 +17,10 @@ from epp.app import _flow_control
 from epp.scheduling.config import load_config
 from epp.trust import Users
 from infergate.example import Example, ExampleError
+from tests.paths import ROOT
 from tests.test_crds import KINDS as OUR_KINDS
 from tests.test_crds import _all_cel_errors, _schema_errors
 
-ROOT = Path(__file__).resolve().parent.parent
 RUNNABLE = ["quickstart", "pd", "fairness"]
 # What each example gives the controllers besides its Model.
 OTHER_KINDS = {

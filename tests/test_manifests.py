@@ -26,11 +26,10 @@ from epp.options import build_parser
 from epp.scheduling.config import ConfigError, load_config
 from infergate.auth import USER_HEADER, removed_headers
 from infergate.stack import StackPorts
+from tests.paths import EXAMPLES, ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 MANIFESTS = ROOT / "gateway-manifests"
 CRDS = ROOT / "crds"
-EXAMPLES = ROOT / "examples"
 
 K8S_VERSION = "1.30"
 BUILT_IN_KINDS = {

@@ -22,8 +22,9 @@ from kvindex.events import (
     decode_replay_frames,
     parse_topic,
 )
-from tests.conftest import TINY, TINY_MODEL, free_port
+from tests.conftest import free_port
 from tests.kv_invariants import check_event_stream
+from tests.paths import TINY, TINY_MODEL
 
 TOPIC = "kv@127.0.0.1:8300@tiny"
 

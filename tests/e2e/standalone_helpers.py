@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.paths import DEFAULT_MODEL
 
 
 def sim_model(
@@ -24,7 +23,7 @@ def sim_model(
         "kind": "Model",
         "metadata": {"name": name, "namespace": "default"},
         "spec": {
-            "modelURI": f"file://{ROOT / 'simulator' / 'default_model'}",
+            "modelURI": f"file://{DEFAULT_MODEL}",
             "servedModelName": "tiny",
             "image": "infergate/simulator:dev",
             "engine": {"type": "vLLM", "args": list(engine_args)},

@@ -7,7 +7,6 @@ local engine, which pulls the KV (the simulator's NixlConnector)."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import aiohttp
 import pytest
@@ -19,7 +18,6 @@ from controllers.store import MODEL, POD
 from tests.e2e.standalone_helpers import sim_model, wait_for
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def kv_transfer(role: str) -> str:

@@ -8,7 +8,6 @@ import asyncio
 import os
 import signal
 import sys
-from pathlib import Path
 
 import aiohttp
 import pytest
@@ -20,7 +19,6 @@ from tests.conftest import free_port
 from tests.e2e.standalone_helpers import sim_model, wait_for
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[2]
 PD = {"prefill": {"replicas": 1}, "decode": {"replicas": 1}}
 
 

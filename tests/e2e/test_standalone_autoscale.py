@@ -13,7 +13,6 @@ import asyncio
 import itertools
 import os
 import time
-from pathlib import Path
 
 import aiohttp
 import pytest
@@ -26,7 +25,6 @@ from controllers.store import AUTOSCALING_BINDING, MODEL_INFER, POD
 from tests.e2e.standalone_helpers import sim_model, wait_for
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[2]
 WINDOW = 8.0  # the scale-down stabilization window, seconds
 INTERVAL = 0.5  # the autoscaler's cycle
 WAITING = "vllm:num_requests_waiting"
