@@ -30,6 +30,7 @@ import yaml
 from infergate import api
 from infergate.api import autoscaling, networking, workload
 from tests.paths import ROOT
+from tests.schema_lint import OUR_RULES, join_path, list_errors, structural_errors
 
 try:  # cel-python (the dev extra) evaluates the CRDs' CEL rules; without it those tests skip.
     import celpy
@@ -76,10 +77,6 @@ def _example(kind: str) -> Obj:
     return yaml.safe_load((EXAMPLES / KINDS[kind][2]).read_text())
 
 
-def _join(path: str, key: str) -> str:
-    return f"{path}.{key}" if path else key
-
-
 # ---- what the API server would do, in Python ----------------------------------------------------
 
 
@@ -101,29 +98,6 @@ def _apply_defaults(schema: Obj, value: Any) -> Any:
     return value
 
 
-def _list_errors(schema: Obj, value: Any, path: str = "") -> list[str]:
-    """List-map and set uniqueness, which JSON Schema does not know."""
-    errors = []
-    if isinstance(value, dict):
-        props, extra = schema.get("properties", {}), schema.get("additionalProperties")
-        for key, item in value.items():
-            sub = props.get(key, extra if isinstance(extra, dict) else None)
-            if sub is not None:
-                errors += _list_errors(sub, item, _join(path, key))
-    elif isinstance(value, list) and "items" in schema:
-        kind = schema.get("x-kubernetes-list-type")
-        if kind == "map":
-            keys = schema["x-kubernetes-list-map-keys"]
-            seen = [tuple(i.get(k) for k in keys) for i in value]
-        else:
-            seen = list(value) if kind == "set" else []
-        if len({repr(s) for s in seen}) != len(seen):
-            errors.append(f"{path}: duplicate entries in a {kind} list")
-        for i, item in enumerate(value):
-            errors += _list_errors(schema["items"], item, f"{path}[{i}]")
-    return errors
-
-
 def _schema_errors(kind: str, doc: Obj) -> list[str]:
     """jsonschema (OpenAPI v3.0 as draft 4 reads it; x-kubernetes-* ignored) plus list rules."""
     schema = _schema(kind)
@@ -131,7 +105,7 @@ def _schema_errors(kind: str, doc: Obj) -> list[str]:
     for error in jsonschema.Draft4Validator(schema).iter_errors(doc):
         where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path)
         errors.append(f"{where.lstrip('.')}: {error.message}")
-    return errors + _list_errors(schema, doc)
+    return errors + list_errors(schema, doc)
 
 
 @functools.cache
@@ -181,7 +155,7 @@ def _cel_errors(schema: Obj, value: Any, path: str = "", old: Any = None) -> lis
         for key, item in value.items():
             old_item = old.get(key) if isinstance(old, dict) else None
             if key in props:
-                errors += _cel_errors(props[key], item, _join(path, key), old_item)
+                errors += _cel_errors(props[key], item, join_path(path, key), old_item)
             elif isinstance(extra, dict):
                 errors += _cel_errors(extra, item, f"{path}[{key}]", old_item)
     elif isinstance(value, list) and "items" in schema:
@@ -197,59 +171,6 @@ def _all_cel_errors(kind: str, doc: Obj, old: Obj | None = None) -> list[str]:
 
 
 # ---- the CRDs themselves ------------------------------------------------------------------------
-
-
-def _structural_errors(schema: Obj, path: str = "") -> list[str]:
-    """The API server's structural-schema rules, as far as they apply to what we write."""
-    where = path or "/"
-    errors = []
-    int_or_string = schema.get("x-kubernetes-int-or-string")
-    preserve = schema.get("x-kubernetes-preserve-unknown-fields")
-    if int_or_string:
-        if "type" in schema:
-            errors.append(f"{where}: int-or-string must not set type")
-        if schema.get("anyOf", []) != [{"type": "integer"}, {"type": "string"}]:
-            errors.append(f"{where}: int-or-string needs anyOf [integer, string]")
-    elif "type" not in schema:
-        errors.append(f"{where}: no type")
-    elif "anyOf" in schema or "oneOf" in schema or "allOf" in schema:
-        errors.append(f"{where}: anyOf/oneOf/allOf only for int-or-string here")
-    if preserve and schema.get("type") != "object":
-        errors.append(f"{where}: preserve-unknown-fields on a non-object")
-    if "properties" in schema and "additionalProperties" in schema:
-        errors.append(f"{where}: properties and additionalProperties are mutually exclusive")
-    if (
-        schema.get("type") == "object"
-        and not ({"properties", "additionalProperties"} & schema.keys() or preserve)
-        and path != "/metadata"
-    ):
-        errors.append(f"{where}: an object without properties is pruned to {{}}")
-    for name in schema.get("required", []):
-        if name not in schema.get("properties", {}):
-            errors.append(f"{where}: required {name} is not a property")
-    if "default" in schema:
-        try:
-            jsonschema.Draft4Validator(schema).validate(schema["default"])
-        except jsonschema.ValidationError as exc:
-            errors.append(f"{where}: default {schema['default']!r} is invalid: {exc.message}")
-    if schema.get("x-kubernetes-list-type") == "map":
-        item = schema["items"]
-        for key in schema["x-kubernetes-list-map-keys"]:
-            defaulted = "default" in item["properties"].get(key, {})
-            if key not in item.get("required", []) and not defaulted:
-                errors.append(f"{where}: list-map key {key} must be required or defaulted")
-    if schema.get("type") == "array" and "maxItems" not in schema:
-        errors.append(f"{where}: arrays need maxItems, or CEL cost estimates are unbounded")
-    for rule in schema.get("x-kubernetes-validations", []):
-        if not rule.get("message"):
-            errors.append(f"{where}: CEL rule {rule['rule']!r} has no message")
-    for key, sub in schema.get("properties", {}).items():
-        errors += _structural_errors(sub, f"{path}/{key}")
-    if isinstance(schema.get("additionalProperties"), dict):
-        errors += _structural_errors(schema["additionalProperties"], f"{path}/*")
-    if "items" in schema:
-        errors += _structural_errors(schema["items"], f"{path}[]")
-    return errors
 
 
 def _cel_rules(schema: Obj) -> list[Obj]:
@@ -281,7 +202,7 @@ def test_crd_passes_the_apiextensions_schema(kind: str) -> None:
 @pytest.mark.parametrize("kind", KINDS)
 def test_crd_schema_is_structural(kind: str) -> None:
     schema = _schema(kind)
-    assert _structural_errors(schema) == []
+    assert structural_errors(schema, OUR_RULES) == []
     assert set(schema["properties"]) == {"apiVersion", "kind", "metadata", "spec", "status"}
     assert schema["properties"]["metadata"] == {"type": "object"}
     assert schema["description"]
@@ -297,7 +218,7 @@ def test_the_structural_check_can_fail() -> None:
             "d": {"x-kubernetes-int-or-string": True, "type": "string"},
         },
     }
-    assert len(_structural_errors(broken)) == 5
+    assert len(structural_errors(broken, OUR_RULES)) == 5
 
 
 @pytest.mark.parametrize("kind", KINDS)
