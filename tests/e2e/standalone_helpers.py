@@ -3,9 +3,6 @@ it was waiting for."""
 
 from __future__ import annotations
 
-import asyncio
-import time
-
 from tests.paths import DEFAULT_MODEL
 
 
@@ -32,14 +29,3 @@ def sim_model(
             **spec,
         },
     }
-
-
-async def wait_for(check, what: str, within: float = 40.0):
-    """Await `check()` until it returns something truthy, and return that."""
-    deadline = time.monotonic() + within
-    while True:
-        result = await check()
-        if result:
-            return result
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.1)
