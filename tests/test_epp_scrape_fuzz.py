@@ -18,8 +18,8 @@ from epp.engine_metrics import MetricsParseError, parse
 from epp.metrics import PickerMetrics
 from epp.scrape import MetricsScraper
 from tests.conftest import free_port
+from tests.engine_metric_names import WANTED
 from tests.fuzzing import fuzz_settings
-from tests.test_epp_unit_engine_metrics import WANTED
 from tests.waiting import wait_for_async
 
 pytestmark = pytest.mark.fuzz

@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from epp.engine_metrics import ENGINES, InvalidMetricValue, MetricsParseError, parse
+from tests.engine_metric_names import WANTED
 from tests.paths import TINY
 
 VLLM_TEXT = (TINY / "metrics.txt").read_text()
@@ -297,14 +298,6 @@ def test_negative_counts_in_labels_are_unknown():
 
 # ---- properties ---------------------------------------------------------------------------
 
-WANTED = [
-    "vllm:num_requests_waiting",
-    "vllm:num_requests_running",
-    "vllm:kv_cache_usage_perc",
-    "vllm:gpu_cache_usage_perc",
-    "vllm:cache_config_info",
-    "vllm:lora_requests_info",
-]
 PIECES = st.one_of(
     st.sampled_from(WANTED),
     st.sampled_from(["{", "}", '"', "=", ",", " ", "\n", "#", "\\", "1", "-2.5e3", "NaN", "+Inf"]),

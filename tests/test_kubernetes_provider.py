@@ -16,41 +16,12 @@ from epp.datastore import Datastore
 from epp.metrics import PickerMetrics
 from epp.providers.kubernetes import KubernetesProvider, KubernetesProviderError
 from tests.conftest import free_port
+from tests.kube_objects import POOL_API, pod, pool
 from tests.kubeapi import KubeAPIEmulator
 from tests.waiting import wait_for_async
 
-POOL_API = "inference.networking.k8s.io/v1"
-LABELS = {"app": "vllm-llama"}
-
 # pool, pods, ModelRoutes, ModelServers, InferenceObjectives (the emulator serves them all)
 WATCHES = 5
-
-
-def pool(ports=(8000,), selector=None, name="llama") -> dict:
-    return {
-        "apiVersion": POOL_API,
-        "kind": "InferencePool",
-        "metadata": {"name": name, "namespace": "default"},
-        "spec": {
-            "selector": {"matchLabels": dict(selector or LABELS)},
-            "targetPorts": [{"number": p} for p in ports],
-            "endpointPickerRef": {"name": "llama-epp"},
-        },
-    }
-
-
-def pod(name: str, ip: str, *, ready: bool = True, labels=None) -> dict:
-    return {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {"name": name, "namespace": "default", "labels": dict(labels or LABELS)},
-        "spec": {"containers": [{"name": "vllm", "image": "vllm"}]},
-        "status": {
-            "phase": "Running",
-            "podIP": ip,
-            "conditions": [{"type": "Ready", "status": "True" if ready else "False"}],
-        },
-    }
 
 
 def addresses(ds: Datastore) -> set[str]:

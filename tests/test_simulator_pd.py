@@ -17,8 +17,8 @@ import requests
 from kvindex.events import BlockStored, decode_message
 from simulator.config import DEFAULT_KV_HOLD_SECONDS, parse_config
 from tests.conftest import free_port, running, simulator_cmd
+from tests.kv_subscriber import Subscriber as KVEventSubscriber
 from tests.paths import TINY_MODEL
-from tests.test_simulator_kv_events import Subscriber as KVEventSubscriber
 from tests.waiting import wait_for
 
 BLOCK = 32

@@ -23,6 +23,7 @@ def wait_for(
     what: str = "the condition",
     *,
     within: float = 10.0,
+    interval: float = INTERVAL,
     alive: Iterable[subprocess.Popen] = (),
 ) -> T:
     """Call `check` until it returns something truthy; processes in `alive` must not exit
@@ -35,11 +36,15 @@ def wait_for(
         for proc in alive:
             assert proc.poll() is None, f"process exited with {proc.returncode} waiting for {what}"
         assert time.monotonic() < deadline, f"timed out after {within:g}s waiting for {what}"
-        time.sleep(INTERVAL)
+        time.sleep(interval)
 
 
 async def wait_for_async(
-    check: Callable[[], T | Awaitable[T]], what: str = "the condition", *, within: float = 10.0
+    check: Callable[[], T | Awaitable[T]],
+    what: str = "the condition",
+    *,
+    within: float = 10.0,
+    interval: float = INTERVAL,
 ) -> T:
     """As `wait_for`, without blocking the loop; `check` may be a plain or an async function."""
     deadline = time.monotonic() + within
@@ -50,4 +55,4 @@ async def wait_for_async(
         if result:
             return result
         assert time.monotonic() < deadline, f"timed out after {within:g}s waiting for {what}"
-        await asyncio.sleep(INTERVAL)
+        await asyncio.sleep(interval)

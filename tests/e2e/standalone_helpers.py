@@ -3,7 +3,10 @@ it was waiting for."""
 
 from __future__ import annotations
 
+import functools
+
 from tests.paths import DEFAULT_MODEL
+from tests.waiting import wait_for_async
 
 
 def sim_model(
@@ -29,3 +32,7 @@ def sim_model(
             **spec,
         },
     }
+
+
+# A whole local cluster converges slowly: wait long, poll less often.
+wait_for_cluster = functools.partial(wait_for_async, within=40.0, interval=0.1)

@@ -15,8 +15,7 @@ import yaml
 from controllers.app import Standalone
 from controllers.store import MODEL, POD
 from tests.e2e.metrics import Metrics
-from tests.e2e.standalone_helpers import sim_model
-from tests.waiting import wait_for_async
+from tests.e2e.standalone_helpers import sim_model, wait_for_cluster
 
 pytestmark = pytest.mark.slow
 
@@ -52,7 +51,7 @@ async def test_the_decode_pod_serves_through_its_connector_and_runs_two_legs(tmp
             m = await store.get(MODEL, "default", "pd")
             return (m.get("status") or {}).get("readyReplicas") == 1
 
-        await wait_for_async(ready_group, "a ready serving group", within=40)
+        await wait_for_cluster(ready_group, "a ready serving group")
         pods = {}
         for role in ("prefill", "decode"):
             (pod,) = (await store.list(POD, "default", {"infergate.io/role": role}))[0]
@@ -74,7 +73,7 @@ async def test_the_decode_pod_serves_through_its_connector_and_runs_two_legs(tmp
             ips = {d["status"].get("podIP") for d in docs if d["kind"] == "Pod"}
             return docs if ips == {d_ip, p_ip} else None
 
-        docs = await wait_for_async(exported, "the pool file to name both pods", within=40)
+        docs = await wait_for_cluster(exported, "the pool file to name both pods")
         (pool,) = [d for d in docs if d["kind"] == "InferencePool"]
         assert pool["spec"]["targetPorts"] == [{"number": 8000}]
 

@@ -16,8 +16,7 @@ import yaml
 from controllers.app import Standalone
 from controllers.store import MODEL, POD
 from tests.conftest import free_port
-from tests.e2e.standalone_helpers import sim_model
-from tests.waiting import wait_for_async
+from tests.e2e.standalone_helpers import sim_model, wait_for_cluster
 
 pytestmark = pytest.mark.slow
 PD = {"prefill": {"replicas": 1}, "decode": {"replicas": 1}}
@@ -57,14 +56,14 @@ async def test_a_model_runs_heals_and_scales_behind_the_picker(tmp_path):
             m = await store.get(MODEL, "default", "tiny")
             return (m.get("status") or {}).get("readyReplicas") == 2
 
-        await wait_for_async(ready_groups, "two ready serving groups", within=40)
+        await wait_for_cluster(ready_groups, "two ready serving groups")
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
 
             async def four_reachable():
                 eps = await picker_endpoints(session, metrics_port)
                 return eps if len([e for e in eps.values() if e["reachable"]]) == 4 else None
 
-            eps = await wait_for_async(four_reachable, "the picker to see 4 pods", within=40)
+            eps = await wait_for_cluster(four_reachable, "the picker to see 4 pods")
             pods, _ = await store.list(POD, "default", {"infergate.io/role": "prefill"})
             victim = pods[0]
             address = f"{victim['status']['podIP']}:8000"
@@ -77,15 +76,15 @@ async def test_a_model_runs_heals_and_scales_behind_the_picker(tmp_path):
                 eps = await picker_endpoints(session, metrics_port)
                 return address not in eps or not eps[address]["reachable"]
 
-            await wait_for_async(dropped, "the picker to drop the killed pod", within=40)
+            await wait_for_cluster(dropped, "the picker to drop the killed pod")
 
             async def rebuilt():
                 pods, _ = await store.list(POD, "default", {"infergate.io/role": "prefill"})
                 uids = {p["metadata"]["uid"] for p in pods}
                 return len(pods) == 2 and victim["metadata"]["uid"] not in uids
 
-            await wait_for_async(rebuilt, "the prefill role to be recreated", within=40)
-            await wait_for_async(four_reachable, "the picker to see 4 pods again", within=40)
+            await wait_for_cluster(rebuilt, "the prefill role to be recreated")
+            await wait_for_cluster(four_reachable, "the picker to see 4 pods again")
             # editing the manifest scales the Model to three groups
             (manifests / "model.yaml").write_text(yaml.safe_dump(model(replicas=3)))
 
@@ -93,7 +92,7 @@ async def test_a_model_runs_heals_and_scales_behind_the_picker(tmp_path):
                 eps = await picker_endpoints(session, metrics_port)
                 return len([e for e in eps.values() if e["reachable"]]) == 6
 
-            await wait_for_async(six_reachable, "the picker to see 6 pods", within=40)
+            await wait_for_cluster(six_reachable, "the picker to see 6 pods")
     finally:
         picker.send_signal(signal.SIGTERM)
         await picker.wait()
