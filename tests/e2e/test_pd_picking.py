@@ -24,7 +24,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from infergate.stack import LocalStack, StackConfig
 from tests.conftest import free_port
-from tests.e2e.test_gateway import SERVED, free_stack_ports
+from tests.e2e.gateway_config import SERVED
+from tests.e2e.test_gateway import free_stack_ports
 
 pytestmark = pytest.mark.slow
 

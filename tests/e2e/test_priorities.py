@@ -27,7 +27,8 @@ import yaml
 from epp.protocol import OBJECTIVE
 from infergate.stack import LocalStack, StackConfig
 from tests.conftest import free_port
-from tests.e2e.test_gateway import MODEL, config, free_stack_ports
+from tests.e2e.gateway_config import MODEL, config
+from tests.e2e.test_gateway import free_stack_ports
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.slow

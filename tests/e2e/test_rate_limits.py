@@ -33,7 +33,8 @@ from infergate.example import Example
 from infergate.stack import DEFAULT_MODEL_DIR, QUICKSTART, LocalStack, StackConfig
 from kvindex.tokenize import PromptTokenizer
 from tests.conftest import free_port
-from tests.e2e.test_gateway import MODEL, config, free_stack_ports
+from tests.e2e.gateway_config import MODEL, config
+from tests.e2e.test_gateway import free_stack_ports
 from tests.redis_server import RedisServer, require_redis_server
 
 pytestmark = pytest.mark.slow

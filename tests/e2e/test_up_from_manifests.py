@@ -15,7 +15,8 @@ import yaml
 
 from infergate.example import Example
 from infergate.stack import QUICKSTART, LocalStack, StackConfig
-from tests.e2e.test_gateway import PIN, free_stack_ports, pinnable
+from tests.e2e.gateway_config import PIN, pinnable
+from tests.e2e.test_gateway import free_stack_ports
 
 pytestmark = pytest.mark.slow
 
