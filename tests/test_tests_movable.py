@@ -21,7 +21,7 @@ PENDING_DEPTH = {
 }
 # (importer, imported test module) pairs left for later: free_stack_ports / make_stack move
 # with WP-STACK's stack/ports.py; test_epp_protocol and test_epp_unit_director are h12-body's,
-# test_controllers_deploy is h12-ctrl's; test_crds' CEL evaluator is not yet a helper.
+# test_controllers_deploy is h12-ctrl's.
 PENDING_IMPORTS = {
     ("e2e/test_auth.py", "tests.e2e.test_gateway"),
     ("e2e/test_model_routing.py", "tests.e2e.test_gateway"),
@@ -39,7 +39,6 @@ PENDING_IMPORTS = {
     ("test_epp_trust.py", "tests.test_epp_protocol"),
     ("test_epp_trust.py", "tests.test_epp_unit_director"),
     ("test_epp_unit_gate.py", "tests.test_epp_unit_director"),
-    ("test_examples.py", "tests.test_crds"),
 }
 
 
