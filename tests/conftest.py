@@ -8,17 +8,11 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 import pytest
 
 from stack.ports import free_port
 from stack.readiness import wait_http
-
-ROOT = Path(__file__).resolve().parent.parent
-FIXTURES = ROOT / "tests" / "fixtures"
-TINY = FIXTURES / "vllm-cpu-tiny"
-TINY_MODEL = TINY / "model"
 
 
 @contextmanager

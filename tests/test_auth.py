@@ -21,8 +21,8 @@ from stack.auth import USER_HEADER, AuthConfig, AuthError, http_filters
 from stack.envoy_config import EnvoySettings, render
 from stack.example import Example, ExampleError
 from stack.local import envoy_binary
+from tests.paths import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 QUICKSTART = ROOT / "examples" / "quickstart"
 MANIFESTS = ROOT / "gateway-manifests"
 

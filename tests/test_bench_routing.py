@@ -7,13 +7,14 @@ import itertools
 
 import pytest
 
-from bench.routing.client import _text_of
+from bench.client import parse_chunk, text_of
 from bench.routing.fleet import PodWatch
 from bench.routing.oracle import _PodCache, block_hashes, oracle
 from bench.routing.report import markdown
 from bench.routing.routers import InfergateRouter
 from bench.routing.run import Point, Settings, run_point
-from bench.routing.workloads import Arrival, MultiTurn, NoReuse, SharedPrefix, completion
+from bench.routing.workloads import Arrival, MultiTurn, NoReuse, SharedPrefix
+from bench.workload import completion
 
 
 def test_traces_repeat_exactly_for_a_seed_and_differ_across_seeds():
@@ -86,11 +87,11 @@ def test_oracle_sends_repeats_to_the_pod_that_holds_them():
 
 
 def test_client_reads_completion_and_chat_chunks():
-    assert _text_of(b'{"choices":[{"index":0,"text":"hi"}]}') == "hi"
-    assert _text_of(b'{"choices":[{"delta":{"content":"yo"}}]}') == "yo"
-    assert _text_of(b'{"choices":[{"delta":{"role":"assistant"}}]}') == ""
-    assert _text_of(b'{"choices":[],"usage":{"prompt_tokens":3}}') == ""
-    assert _text_of(b"{broken") == ""
+    assert text_of(parse_chunk(b'{"choices":[{"index":0,"text":"hi"}]}')) == "hi"
+    assert text_of(parse_chunk(b'{"choices":[{"delta":{"content":"yo"}}]}')) == "yo"
+    assert text_of(parse_chunk(b'{"choices":[{"delta":{"role":"assistant"}}]}')) == ""
+    assert text_of(parse_chunk(b'{"choices":[],"usage":{"prompt_tokens":3}}')) == ""
+    assert text_of(parse_chunk(b"{broken")) == ""
 
 
 def test_imbalance_is_max_over_mean_and_skips_idle_samples():

@@ -33,9 +33,10 @@ from epp.connector.server import ConnectorProxy, parse_prefillers
 from epp.datastore import ACTIVE_PORTS_ANNOTATION
 from epp.scheduling.plugins.pd_filters import ROLE_LABEL
 from infergate.cli import main as infergate_main
-from tests.conftest import TINY_MODEL, free_port, running
+from tests.conftest import free_port, running
 from tests.fuzzing import examples, fuzz_settings
 from tests.kubeapi import KubeAPIEmulator
+from tests.paths import TINY_MODEL
 
 PREFILL_KV_REQUEST = {
     "do_remote_decode": True,

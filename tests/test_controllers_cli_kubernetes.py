@@ -20,9 +20,7 @@ import socket
 import ssl
 import subprocess
 import sys
-import time
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -32,11 +30,12 @@ from kubernetes import client
 
 from tests.conftest import free_port, running
 from tests.kubeapi import KubeAPIEmulator, status_object
+from tests.paths import ROOT
 from tests.test_controllers_deploy import Authorizer, docs
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "crds" / "model.yaml"
 TOKEN = "infergate-controllers-token"
 LEASE_NS, LEASE_NAME = "infergate-system", "infergate-controllers"
@@ -120,18 +119,6 @@ def identity(proc: subprocess.Popen) -> str:
     return f"{socket.gethostname()}-{proc.pid}"  # what controllers/app.py competes as
 
 
-def wait_for(check: Callable[[], object], what: str, *procs, within: float = 30.0):
-    deadline = time.monotonic() + within
-    while True:
-        result = check()
-        if result:
-            return result
-        for p in procs:
-            assert p.poll() is None, f"controllers exited with {p.returncode} waiting for {what}"
-        assert time.monotonic() < deadline, f"timed out after {within:.0f}s: {what}"
-        time.sleep(0.05)
-
-
 def answers(url: str) -> bool:
     ctx = ssl.create_default_context()
     ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
@@ -189,14 +176,14 @@ def test_leader_reconciles_hands_over_on_sigterm_and_a_standby_waits(tmp_path: P
         custom, core = client.CustomObjectsApi(admin), client.CoreV1Api(admin)
         a_metrics = free_port()
         with running(controllers_cmd(a_metrics), env=env) as a:
-            wait_for(lambda: holder(api) == identity(a), "A holds the Lease", a)
+            wait_for(lambda: holder(api) == identity(a), "A holds the Lease", alive=(a,), within=30)
             assert answers(f"http://127.0.0.1:{a_metrics}/metrics")
 
             model = yaml.safe_load(EXAMPLE.read_text())
             custom.create_namespaced_custom_object(
                 "workload.infergate.io", "v1alpha1", "default", "models", model
             )
-            wait_for(lambda: len(pod_names(core)) == 4, "the Model's 4 pods", a)
+            wait_for(lambda: len(pod_names(core)) == 4, "the Model's 4 pods", alive=(a,), within=30)
             for api_version, kind in (
                 (WORKLOAD, "ModelInfer"),
                 ("inference.networking.k8s.io/v1", "InferencePool"),
@@ -204,7 +191,12 @@ def test_leader_reconciles_hands_over_on_sigterm_and_a_standby_waits(tmp_path: P
                 ("networking.infergate.io/v1alpha1", "ModelRoute"),
                 (WORKLOAD, "AutoScalingPolicyBinding"),
             ):
-                obj = wait_for(lambda v=api_version, k=kind: api.get(v, k, "llama-3-8b"), kind, a)
+                obj = wait_for(
+                    lambda v=api_version, k=kind: api.get(v, k, "llama-3-8b"),
+                    kind,
+                    alive=(a,),
+                    within=30,
+                )
                 assert obj["metadata"]["ownerReferences"][0]["kind"] == "Model"
 
             def model_ready() -> bool:
@@ -212,7 +204,7 @@ def test_leader_reconciles_hands_over_on_sigterm_and_a_standby_waits(tmp_path: P
                 status = api.get(WORKLOAD, "Model", "llama-3-8b").get("status") or {}
                 return status.get("readyReplicas") == 2
 
-            wait_for(model_ready, "the Model's status: 2 groups ready", a)
+            wait_for(model_ready, "the Model's status: 2 groups ready", alive=(a,), within=30)
 
             # a standby: waits for the Lease, answers the probes meanwhile, stops on SIGTERM
             b_metrics, b_webhook = free_port(), free_port()
@@ -221,12 +213,14 @@ def test_leader_reconciles_hands_over_on_sigterm_and_a_standby_waits(tmp_path: P
                 wait_for(
                     lambda: answers(f"http://127.0.0.1:{b_metrics}/metrics"),
                     "the standby's metrics (the liveness probe)",
-                    b,
+                    alive=(b,),
+                    within=30,
                 )
                 wait_for(
                     lambda: answers(f"https://127.0.0.1:{b_webhook}/healthz"),
                     "the standby's webhook (the readiness probe)",
-                    b,
+                    alive=(b,),
+                    within=30,
                 )
                 assert holder(api) == identity(a)
                 assert stop(b) == 0
@@ -238,12 +232,17 @@ def test_leader_reconciles_hands_over_on_sigterm_and_a_standby_waits(tmp_path: P
 
         # the next leader starts at once (the Lease is free, not left to expire in 15 s)
         with running(controllers_cmd(free_port()), env=env) as c:
-            wait_for(lambda: holder(api) == identity(c), "C holds the Lease", c, within=8)
+            wait_for(lambda: holder(api) == identity(c), "C holds the Lease", alive=(c,), within=8)
             lease = api.get("coordination.k8s.io/v1", "Lease", LEASE_NAME, LEASE_NS)
             assert lease["spec"]["leaseTransitions"] >= 1
             victim = "llama-3-8b-0-decode-0-0"
             core.delete_namespaced_pod(victim, "default", _preload_content=False)
-            wait_for(lambda: victim in pod_names(core), "C recreates a deleted pod", c)
+            wait_for(
+                lambda: victim in pod_names(core),
+                "C recreates a deleted pod",
+                alive=(c,),
+                within=30,
+            )
             assert stop(c) == 0
             assert holder(api) == ""
         admin.close()
@@ -264,7 +263,7 @@ def test_the_emulator_refuses_what_the_rbac_does_not_grant(tmp_path: Path) -> No
     with api.threaded():
         env = env_for(write_kubeconfig(tmp_path / "kubeconfig", api.url))
         with running(controllers_cmd(free_port()), env=env) as proc:
-            wait_for(lambda: api.denied, "a refused request", proc, within=20)
+            wait_for(lambda: api.denied, "a refused request", alive=(proc,), within=20)
         assert holder(api) is None
     assert api.denied[0] == ("coordination.k8s.io", "leases", "get", LEASE_NS)
 

@@ -5,10 +5,7 @@ watch that expires is listed again and the controllers still converge."""
 
 from __future__ import annotations
 
-import asyncio
 import copy
-import time
-from pathlib import Path
 
 import yaml
 from kubernetes import client
@@ -19,8 +16,10 @@ from controllers.runner import ControllerMetrics
 from controllers.store import MODEL, MODEL_INFER, POD
 from tests.controller_helpers import kubelet
 from tests.kubeapi import KubeAPIEmulator
+from tests.paths import EXAMPLES
+from tests.waiting import wait_for_async
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "crds" / "model.yaml"
+EXAMPLE = EXAMPLES / "crds" / "model.yaml"
 
 
 class RacingStore:
@@ -43,13 +42,6 @@ class RacingStore:
         return await self._store.update(obj)
 
 
-async def until(check, what: str, within: float = 20.0):
-    deadline = time.monotonic() + within
-    while not await check():
-        assert time.monotonic() < deadline, f"timed out: {what}"
-        await asyncio.sleep(0.05)
-
-
 async def test_model_to_pods_over_the_kubernetes_api_with_a_conflict_and_an_expired_watch():
     async with KubeAPIEmulator() as api:
         kube = KubeStore(client.ApiClient(api.client_configuration()), watch_timeout=30)
@@ -68,7 +60,7 @@ async def test_model_to_pods_over_the_kubernetes_api_with_a_conflict_and_an_expi
                 m = await kube.get(MODEL, "default", "llama-3-8b")
                 return (m.get("status") or {}).get("readyReplicas") == 2
 
-            await until(ready, "the Model's two groups ready")
+            await wait_for_async(ready, "the Model's two groups ready", within=20)
             pods, _ = await kube.list(POD, "default", {"infergate.io/model": "llama-3-8b"})
             assert len(pods) == 4
 
@@ -85,7 +77,7 @@ async def test_model_to_pods_over_the_kubernetes_api_with_a_conflict_and_an_expi
                 st = mi.get("status") or {}
                 return images == {"vllm/vllm-openai:v0.12.0"} and st.get("updatedReplicas") == 2
 
-            await until(rolled, "the new image rolled out to both groups")
+            await wait_for_async(rolled, "the new image rolled out to both groups", within=20)
             assert store.raced
             assert metrics.reconciles.labels("Model", "conflict")._value.get() >= 1
             mi = await kube.get(MODEL_INFER, "default", "llama-3-8b")
@@ -100,7 +92,9 @@ async def test_model_to_pods_over_the_kubernetes_api_with_a_conflict_and_an_expi
                 await kubelet(kube)
                 return await kube.get(POD, "default", victim) is not None
 
-            await until(back, "the deleted pod recreated after the watch expired")
+            await wait_for_async(
+                back, "the deleted pod recreated after the watch expired", within=20
+            )
             assert any(i.relists for c in controllers for i in c.informers)
         finally:
             for c in controllers:

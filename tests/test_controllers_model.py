@@ -31,8 +31,9 @@ from controllers.store import (
 )
 from infergate.api import validate_dict
 from tests.controller_helpers import conds, kubelet, modelinfer, since, summary
+from tests.paths import EXAMPLES
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "crds" / "model.yaml"
+EXAMPLE = EXAMPLES / "crds" / "model.yaml"
 OWNED = (MODEL_INFER, MODEL_SERVER, MODEL_ROUTE, INFERENCE_POOL, AUTOSCALING_BINDING)
 
 
@@ -184,7 +185,7 @@ def test_engine_args_naming_the_pod_ip_get_it_from_the_downward_api():
     """$(POD_IP) in engine args (a KV-event topic) is only expanded by the kubelet when the
     container defines POD_IP; the topic keeps naming the serving port 8000, which is what
     the picker knows, even with the engine behind the sidecar on 8200."""
-    model = example_model(EXAMPLE.parent.parent / "pd" / "model.yaml")
+    model = example_model(EXAMPLES / "pd" / "model.yaml")
     roles = role_templates(model)
     for role in ("prefill", "decode"):
         engine = by_name(roles[role]["entryTemplate"]["spec"]["containers"])["engine"]
@@ -202,7 +203,7 @@ def test_engine_args_naming_the_pod_ip_get_it_from_the_downward_api():
 def test_nixl_engines_get_their_connector_role_and_announce_the_pod_ip():
     """vLLM needs --kv-transfer-config for NIXL, and its side channel must announce the pod's
     IP (by default it announces localhost, which the other pod cannot reach)."""
-    model = example_model(EXAMPLE.parent.parent / "pd" / "model.yaml")
+    model = example_model(EXAMPLES / "pd" / "model.yaml")
     for role in model["spec"]["backend"].values():
         if isinstance(role, dict):
             role.pop("args", None)  # the example's own configs set aside: ours are added
@@ -217,12 +218,12 @@ def test_nixl_engines_get_their_connector_role_and_announce_the_pod_ip():
         host = next(e for e in engine["env"] if e["name"] == "VLLM_NIXL_SIDE_CHANNEL_HOST")
         assert host["valueFrom"] == {"fieldRef": {"fieldPath": "status.podIP"}}
     # A Model that configures its own transfer keeps it.
-    mine = example_model(EXAMPLE.parent.parent / "pd" / "model.yaml")
+    mine = example_model(EXAMPLES / "pd" / "model.yaml")
     decode = by_name(role_templates(mine)["decode"]["entryTemplate"]["spec"]["containers"])
     configs = [a for a in decode["engine"]["args"] if a.startswith("--kv-transfer-config")]
     assert len(configs) == 1 and "recompute" in configs[0]
     # http and other connectors: the Model's arguments decide.
-    other = example_model(EXAMPLE.parent.parent / "pd" / "model.yaml")
+    other = example_model(EXAMPLES / "pd" / "model.yaml")
     other["spec"]["backend"]["kvConnector"] = {"type": "http"}
     for role in other["spec"]["backend"].values():
         if isinstance(role, dict):

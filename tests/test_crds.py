@@ -8,249 +8,51 @@
   jsonschema but fail CEL; all fail infergate.api's validate with the message we expect, which for
   a CEL rule is the rule's own `path: message`. Every CEL rule in the CRDs must have such a case.
 
-tests/test_manifests.py checks all of crds/ too; its helpers are not reused here because its
-structural check has no room for x-kubernetes-int-or-string and its CEL table is its own.
+tests/test_manifests.py checks all of crds/ too, with the API server's structural rules of
+tests/schema_lint.py (here: those and our stricter ones) and its own CEL table; the evaluation
+in Python (schema, defaults, CEL) is tests/crd_eval.py, which tests/test_examples.py uses too.
 """
 
 from __future__ import annotations
 
 import copy
-import functools
 import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
 
 from infergate import api
 from infergate.api import autoscaling, networking, workload
+from tests.crd_eval import (
+    K8S_VERSION,
+    KINDS,
+    Obj,
+    all_cel_errors,
+    apply_defaults,
+    cel_program,
+    crd_schema,
+    load_crd,
+    needs_cel,
+    schema_errors,
+)
+from tests.paths import ROOT
+from tests.schema_lint import OUR_RULES, structural_errors
 
-try:  # cel-python (the dev extra) evaluates the CRDs' CEL rules; without it those tests skip.
-    import celpy
-except ImportError:  # pragma: no cover
-    celpy = None
-needs_cel = pytest.mark.skipif(celpy is None, reason="cel-python is not installed")
-
-ROOT = Path(__file__).resolve().parent.parent
-CRDS = ROOT / "crds"
 EXAMPLES = ROOT / "examples" / "crds"
-K8S_VERSION = "1.30"
-
-# kind → (group, plural, example file)
-KINDS = {
-    "ModelRoute": ("networking.infergate.io", "modelroutes", "modelroute.yaml"),
-    "ModelServer": ("networking.infergate.io", "modelservers", "modelserver.yaml"),
-    "Model": ("workload.infergate.io", "models", "model.yaml"),
-    "ModelInfer": ("workload.infergate.io", "modelinfers", "modelinfer.yaml"),
-    "AutoScalingPolicy": ("workload.infergate.io", "autoscalingpolicies", "autoscalingpolicy.yaml"),
-    "AutoScalingPolicyBinding": (
-        "workload.infergate.io",
-        "autoscalingpolicybindings",
-        "autoscalingpolicybinding.yaml",
-    ),
-}
-
-Obj = dict[str, Any]
-
 
 # ---- loading ------------------------------------------------------------------------------------
-
-
-@functools.cache
-def _crd(kind: str) -> Obj:
-    group, plural, _ = KINDS[kind]
-    return yaml.safe_load((CRDS / f"{group}_{plural}.yaml").read_text())
-
-
-def _schema(kind: str) -> Obj:
-    [version] = _crd(kind)["spec"]["versions"]
-    return version["schema"]["openAPIV3Schema"]
 
 
 def _example(kind: str) -> Obj:
     return yaml.safe_load((EXAMPLES / KINDS[kind][2]).read_text())
 
 
-def _join(path: str, key: str) -> str:
-    return f"{path}.{key}" if path else key
-
-
-# ---- what the API server would do, in Python ----------------------------------------------------
-
-
-def _apply_defaults(schema: Obj, value: Any) -> Any:
-    """Fill in unset fields that have a default, recursively, as the API server does on write."""
-    if isinstance(value, dict):
-        for key, sub in schema.get("properties", {}).items():
-            if key not in value and "default" in sub:
-                value[key] = copy.deepcopy(sub["default"])
-            if key in value:
-                _apply_defaults(sub, value[key])
-        extra = schema.get("additionalProperties")
-        if isinstance(extra, dict):
-            for item in value.values():
-                _apply_defaults(extra, item)
-    elif isinstance(value, list) and "items" in schema:
-        for item in value:
-            _apply_defaults(schema["items"], item)
-    return value
-
-
-def _list_errors(schema: Obj, value: Any, path: str = "") -> list[str]:
-    """List-map and set uniqueness, which JSON Schema does not know."""
-    errors = []
-    if isinstance(value, dict):
-        props, extra = schema.get("properties", {}), schema.get("additionalProperties")
-        for key, item in value.items():
-            sub = props.get(key, extra if isinstance(extra, dict) else None)
-            if sub is not None:
-                errors += _list_errors(sub, item, _join(path, key))
-    elif isinstance(value, list) and "items" in schema:
-        kind = schema.get("x-kubernetes-list-type")
-        if kind == "map":
-            keys = schema["x-kubernetes-list-map-keys"]
-            seen = [tuple(i.get(k) for k in keys) for i in value]
-        else:
-            seen = list(value) if kind == "set" else []
-        if len({repr(s) for s in seen}) != len(seen):
-            errors.append(f"{path}: duplicate entries in a {kind} list")
-        for i, item in enumerate(value):
-            errors += _list_errors(schema["items"], item, f"{path}[{i}]")
-    return errors
-
-
-def _schema_errors(kind: str, doc: Obj) -> list[str]:
-    """jsonschema (OpenAPI v3.0 as draft 4 reads it; x-kubernetes-* ignored) plus list rules."""
-    schema = _schema(kind)
-    errors = []
-    for error in jsonschema.Draft4Validator(schema).iter_errors(doc):
-        where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path)
-        errors.append(f"{where.lstrip('.')}: {error.message}")
-    return errors + _list_errors(schema, doc)
-
-
-@functools.cache
-def _program(rule: str) -> Any:
-    env = celpy.Environment()
-    return env.program(env.compile(rule))
-
-
-def _to_cel(schema: Obj, value: Any) -> Any:
-    """Python value → CEL value, typed by the schema as the API server types it (a `number`
-    written as 2 is the double 2.0)."""
-    if isinstance(value, dict):
-        props, extra = schema.get("properties", {}), schema.get("additionalProperties")
-        out = {}
-        for key, item in value.items():
-            sub = props.get(key, extra if isinstance(extra, dict) else {})
-            out[key] = _to_cel(sub, item)
-        return out
-    if isinstance(value, list):
-        return [_to_cel(schema.get("items", {}), item) for item in value]
-    if schema.get("type") == "number" and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    return value
-
-
-def _cel_errors(schema: Obj, value: Any, path: str = "", old: Any = None) -> list[str]:
-    """Every x-kubernetes-validations rule, evaluated where the API server would evaluate it.
-    Transition rules (oldSelf) run only when an old value is given, as on an update."""
-    errors = []
-    for rule in schema.get("x-kubernetes-validations", []):
-        activation = {"self": celpy.json_to_cel(_to_cel(schema, value))}
-        if "oldSelf" in rule["rule"]:
-            if old is None:
-                continue
-            activation["oldSelf"] = celpy.json_to_cel(_to_cel(schema, old))
-        try:
-            result = _program(rule["rule"]).evaluate(activation)
-        except celpy.CELEvalError as exc:
-            errors.append(f"{path}: CEL rule {rule['rule']!r} failed to evaluate: {exc}")
-            continue
-        if isinstance(result, celpy.CELEvalError):
-            errors.append(f"{path}: CEL rule {rule['rule']!r} failed to evaluate: {result}")
-        elif not result:
-            errors.append(f"{path}: {rule['message']}")
-    if isinstance(value, dict):
-        props, extra = schema.get("properties", {}), schema.get("additionalProperties")
-        for key, item in value.items():
-            old_item = old.get(key) if isinstance(old, dict) else None
-            if key in props:
-                errors += _cel_errors(props[key], item, _join(path, key), old_item)
-            elif isinstance(extra, dict):
-                errors += _cel_errors(extra, item, f"{path}[{key}]", old_item)
-    elif isinstance(value, list) and "items" in schema:
-        for i, item in enumerate(value):
-            errors += _cel_errors(schema["items"], item, f"{path}[{i}]")
-    return errors
-
-
-def _all_cel_errors(kind: str, doc: Obj, old: Obj | None = None) -> list[str]:
-    schema = _schema(kind)
-    new = _apply_defaults(schema, copy.deepcopy(doc))
-    return _cel_errors(schema, new, old=old and _apply_defaults(schema, copy.deepcopy(old)))
-
-
 # ---- the CRDs themselves ------------------------------------------------------------------------
-
-
-def _structural_errors(schema: Obj, path: str = "") -> list[str]:
-    """The API server's structural-schema rules, as far as they apply to what we write."""
-    where = path or "/"
-    errors = []
-    int_or_string = schema.get("x-kubernetes-int-or-string")
-    preserve = schema.get("x-kubernetes-preserve-unknown-fields")
-    if int_or_string:
-        if "type" in schema:
-            errors.append(f"{where}: int-or-string must not set type")
-        if schema.get("anyOf", []) != [{"type": "integer"}, {"type": "string"}]:
-            errors.append(f"{where}: int-or-string needs anyOf [integer, string]")
-    elif "type" not in schema:
-        errors.append(f"{where}: no type")
-    elif "anyOf" in schema or "oneOf" in schema or "allOf" in schema:
-        errors.append(f"{where}: anyOf/oneOf/allOf only for int-or-string here")
-    if preserve and schema.get("type") != "object":
-        errors.append(f"{where}: preserve-unknown-fields on a non-object")
-    if "properties" in schema and "additionalProperties" in schema:
-        errors.append(f"{where}: properties and additionalProperties are mutually exclusive")
-    if (
-        schema.get("type") == "object"
-        and not ({"properties", "additionalProperties"} & schema.keys() or preserve)
-        and path != "/metadata"
-    ):
-        errors.append(f"{where}: an object without properties is pruned to {{}}")
-    for name in schema.get("required", []):
-        if name not in schema.get("properties", {}):
-            errors.append(f"{where}: required {name} is not a property")
-    if "default" in schema:
-        try:
-            jsonschema.Draft4Validator(schema).validate(schema["default"])
-        except jsonschema.ValidationError as exc:
-            errors.append(f"{where}: default {schema['default']!r} is invalid: {exc.message}")
-    if schema.get("x-kubernetes-list-type") == "map":
-        item = schema["items"]
-        for key in schema["x-kubernetes-list-map-keys"]:
-            defaulted = "default" in item["properties"].get(key, {})
-            if key not in item.get("required", []) and not defaulted:
-                errors.append(f"{where}: list-map key {key} must be required or defaulted")
-    if schema.get("type") == "array" and "maxItems" not in schema:
-        errors.append(f"{where}: arrays need maxItems, or CEL cost estimates are unbounded")
-    for rule in schema.get("x-kubernetes-validations", []):
-        if not rule.get("message"):
-            errors.append(f"{where}: CEL rule {rule['rule']!r} has no message")
-    for key, sub in schema.get("properties", {}).items():
-        errors += _structural_errors(sub, f"{path}/{key}")
-    if isinstance(schema.get("additionalProperties"), dict):
-        errors += _structural_errors(schema["additionalProperties"], f"{path}/*")
-    if "items" in schema:
-        errors += _structural_errors(schema["items"], f"{path}[]")
-    return errors
 
 
 def _cel_rules(schema: Obj) -> list[Obj]:
@@ -274,15 +76,15 @@ def _schema_at(schema: Obj, json_path: str) -> Obj | None:
 @pytest.mark.parametrize("kind", KINDS)
 def test_crd_passes_the_apiextensions_schema(kind: str) -> None:
     try:
-        kubernetes_validate.validate(_crd(kind), K8S_VERSION, strict=True)
+        kubernetes_validate.validate(load_crd(kind), K8S_VERSION, strict=True)
     except kubernetes_validate.ValidationError as exc:
         pytest.fail(f"{kind}: {exc}")
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_crd_schema_is_structural(kind: str) -> None:
-    schema = _schema(kind)
-    assert _structural_errors(schema) == []
+    schema = crd_schema(kind)
+    assert structural_errors(schema, OUR_RULES) == []
     assert set(schema["properties"]) == {"apiVersion", "kind", "metadata", "spec", "status"}
     assert schema["properties"]["metadata"] == {"type": "object"}
     assert schema["description"]
@@ -298,13 +100,13 @@ def test_the_structural_check_can_fail() -> None:
             "d": {"x-kubernetes-int-or-string": True, "type": "string"},
         },
     }
-    assert len(_structural_errors(broken)) == 5
+    assert len(structural_errors(broken, OUR_RULES)) == 5
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_crd_names_versions_and_subresources(kind: str) -> None:
     group, plural, _ = KINDS[kind]
-    crd = _crd(kind)
+    crd = load_crd(kind)
     spec = crd["spec"]
     assert crd["metadata"]["name"] == f"{plural}.{group}"
     assert (spec["group"], spec["scope"]) == (group, "Namespaced")
@@ -322,7 +124,7 @@ def test_crd_names_versions_and_subresources(kind: str) -> None:
             "statusReplicasPath": ".status.replicas",
             "labelSelectorPath": ".status.labelSelector",
         }
-        schema = _schema(kind)
+        schema = crd_schema(kind)
         assert _schema_at(schema, ".spec.replicas")["type"] == "integer"
         assert _schema_at(schema, ".status.replicas")["type"] == "integer"
         assert _schema_at(schema, ".status.labelSelector")["type"] == "string"
@@ -332,25 +134,25 @@ def test_crd_names_versions_and_subresources(kind: str) -> None:
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_printer_columns_point_at_fields_of_their_type(kind: str) -> None:
-    [version] = _crd(kind)["spec"]["versions"]
+    [version] = load_crd(kind)["spec"]["versions"]
     columns = version["additionalPrinterColumns"]
     assert columns[-1] == {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}
     for column in columns[:-1]:
-        field = _schema_at(_schema(kind), column["jsonPath"])
+        field = _schema_at(crd_schema(kind), column["jsonPath"])
         assert field is not None, f"{column['name']}: {column['jsonPath']} is not in the schema"
         assert field["type"] == column["type"], column
 
 
 def test_short_names_do_not_collide() -> None:
-    short = [s for kind in KINDS for s in _crd(kind)["spec"]["names"]["shortNames"]]
+    short = [s for kind in KINDS for s in load_crd(kind)["spec"]["names"]["shortNames"]]
     assert len(short) == len(set(short))
 
 
 @needs_cel
 @pytest.mark.parametrize("kind", KINDS)
 def test_every_cel_rule_compiles(kind: str) -> None:
-    for rule in _cel_rules(_schema(kind)):
-        _program(rule["rule"])
+    for rule in _cel_rules(crd_schema(kind)):
+        cel_program(rule["rule"])
 
 
 # ---- the examples -------------------------------------------------------------------------------
@@ -366,22 +168,22 @@ def test_one_example_per_kind() -> None:
 def test_example_passes_its_crd_schema(kind: str) -> None:
     doc = _example(kind)
     assert (doc["apiVersion"], doc["kind"]) == (f"{KINDS[kind][0]}/v1alpha1", kind)
-    assert _schema_errors(kind, doc) == []
-    defaulted = _apply_defaults(_schema(kind), copy.deepcopy(doc))
-    assert _schema_errors(kind, defaulted) == []
+    assert schema_errors(kind, doc) == []
+    defaulted = apply_defaults(crd_schema(kind), copy.deepcopy(doc))
+    assert schema_errors(kind, defaulted) == []
 
 
 @needs_cel
 @pytest.mark.parametrize("kind", KINDS)
 def test_example_passes_its_crd_cel_rules(kind: str) -> None:
-    assert _all_cel_errors(kind, _example(kind)) == []
+    assert all_cel_errors(kind, _example(kind)) == []
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_example_passes_api_validate_before_and_after_defaulting(kind: str) -> None:
     doc = _example(kind)
     assert api.validate(api.from_dict(doc)) == []
-    defaulted = _apply_defaults(_schema(kind), copy.deepcopy(doc))
+    defaulted = apply_defaults(crd_schema(kind), copy.deepcopy(doc))
     assert api.validate(api.from_dict(defaulted)) == []
 
 
@@ -413,17 +215,17 @@ def test_examples_refer_to_each_other() -> None:
 
 
 def test_python_defaults_match_the_crds() -> None:
-    infer = _schema("ModelInfer")["properties"]["spec"]["properties"]
+    infer = crd_schema("ModelInfer")["properties"]["spec"]["properties"]
     assert infer["recoveryPolicy"]["default"] == workload.DEFAULT_RECOVERY_POLICY
     assert infer["recoveryPolicy"]["enum"] == list(workload.RECOVERY_POLICIES)
     assert infer["replicas"]["default"] == workload.DEFAULT_REPLICAS
-    server = _schema("ModelServer")["properties"]["spec"]["properties"]
+    server = crd_schema("ModelServer")["properties"]["spec"]["properties"]
     assert server["inferenceEngine"]["enum"] == list(networking.ENGINES)
     assert server["kvConnector"]["properties"]["type"]["default"] == networking.DEFAULT_KV_CONNECTOR
     assert server["kvConnector"]["properties"]["type"]["enum"] == list(networking.KV_CONNECTORS)
-    route = _schema("ModelRoute")["properties"]["spec"]["properties"]["rateLimit"]["properties"]
+    route = crd_schema("ModelRoute")["properties"]["spec"]["properties"]["rateLimit"]["properties"]
     assert route["unit"]["enum"] == list(networking.RATE_UNITS)
-    policy = _schema("AutoScalingPolicy")["properties"]["spec"]["properties"]
+    policy = crd_schema("AutoScalingPolicy")["properties"]["spec"]["properties"]
     assert policy["tolerancePercent"]["default"] == autoscaling.DEFAULT_TOLERANCE_PERCENT
     up = policy["behavior"]["properties"]["scaleUp"]["properties"]
     stable = {k: v["default"] for k, v in up["stablePolicy"]["properties"].items()}
@@ -1013,7 +815,7 @@ def _bracketed_keys_as_dots(path: str) -> str:
 )
 def test_broken_example_fails_the_schema_and_validate(case: Broken) -> None:
     doc = _broken(case)
-    errors = _schema_errors(case.kind, doc)
+    errors = schema_errors(case.kind, doc)
     assert errors, f"{case.name} passed the CRD schema"
     # The schema objects at the same field (or, for a missing field, at its parent).
     where = _bracketed_keys_as_dots(case.message.split(": ", 1)[0])
@@ -1028,20 +830,20 @@ _CROSS_FIELD = [c for c in BROKEN if c.cel]
 @pytest.mark.parametrize("case", _CROSS_FIELD, ids=lambda c: f"{c.kind}-{c.name}")
 def test_broken_cross_field_passes_the_schema_but_fails_validate(case: Broken) -> None:
     doc = _broken(case)
-    assert _schema_errors(case.kind, doc) == [], "a cross-field case should need CEL to fail"
+    assert schema_errors(case.kind, doc) == [], "a cross-field case should need CEL to fail"
     assert case.message in api.validate(api.from_dict(doc))
 
 
 @needs_cel
 @pytest.mark.parametrize("case", _CROSS_FIELD, ids=lambda c: f"{c.kind}-{c.name}")
 def test_broken_cross_field_fails_cel_with_the_message_validate_gives(case: Broken) -> None:
-    assert case.message in _all_cel_errors(case.kind, _broken(case))
+    assert case.message in all_cel_errors(case.kind, _broken(case))
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_every_cel_rule_has_a_failing_case(kind: str) -> None:
     tested = {c.message.split(": ", 1)[1] for c in BROKEN if c.cel and c.kind == kind}
-    rules = [r for r in _cel_rules(_schema(kind)) if "oldSelf" not in r["rule"]]
+    rules = [r for r in _cel_rules(crd_schema(kind)) if "oldSelf" not in r["rule"]]
     assert rules
     for rule in rules:
         assert rule["message"] in tested, f"no broken {kind} case for {rule['rule']!r}"
@@ -1119,7 +921,7 @@ def test_valid_variant_passes_schema_and_validate(
 ) -> None:
     doc = _example(kind)
     mutate(doc)
-    assert _schema_errors(kind, doc) == []
+    assert schema_errors(kind, doc) == []
     assert api.validate(api.from_dict(doc)) == []
     assert api.to_dict(api.from_dict(doc)) == doc
 
@@ -1129,16 +931,16 @@ def test_valid_variant_passes_schema_and_validate(
 def test_valid_variant_passes_cel(kind: str, name: str, mutate: Callable[[Obj], None]) -> None:
     doc = _example(kind)
     mutate(doc)
-    assert _all_cel_errors(kind, doc) == []
+    assert all_cel_errors(kind, doc) == []
 
 
 @needs_cel
 def test_model_name_is_immutable() -> None:
     old = _example(ROUTE)
     new = copy.deepcopy(old)
-    assert _all_cel_errors(ROUTE, new, old=old) == []
+    assert all_cel_errors(ROUTE, new, old=old) == []
     new["spec"]["modelName"] = "llama-3-70b"
-    assert _all_cel_errors(ROUTE, new, old=old) == ["spec.modelName: modelName is immutable"]
+    assert all_cel_errors(ROUTE, new, old=old) == ["spec.modelName: modelName is immutable"]
 
 
 # ---- infergate.api on its own -------------------------------------------------------------------

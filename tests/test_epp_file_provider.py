@@ -11,7 +11,7 @@ import yaml
 from epp.datastore import Datastore
 from epp.metrics import PickerMetrics
 from epp.providers.file import FileProvider, FileProviderError
-from tests.test_epp_scrape import wait_for
+from tests.waiting import wait_for_async
 
 POOL = {
     "apiVersion": "inference.networking.k8s.io/v1",
@@ -73,11 +73,11 @@ async def test_a_bad_edit_keeps_the_pool_and_a_later_good_edit_applies(tmp_path,
     try:
         assert [e.address for e in ds.endpoints()] == ["10.0.0.1:8000"]
         write(path, *bad())
-        await wait_for(lambda: errors(metrics, "invalid") == 1)
+        await wait_for_async(lambda: errors(metrics, "invalid") == 1)
         assert [e.address for e in ds.endpoints()] == ["10.0.0.1:8000"]
         assert ds.pool is not None and ds.pool.selector == {"app": "vllm"}
         write(path, POOL, pod("a", "10.0.0.1"), pod("c", "10.0.0.3"))
-        await wait_for(lambda: len(ds.endpoints()) == 2)
+        await wait_for_async(lambda: len(ds.endpoints()) == 2)
     finally:
         await provider.stop()
 
@@ -90,12 +90,12 @@ async def test_a_half_written_file_and_a_binary_one_are_counted(tmp_path):
     await provider.start()
     try:
         path.write_text(yaml.safe_dump_all([POOL, pod("a")])[:40])
-        await wait_for(lambda: errors(metrics, "invalid") == 1)
+        await wait_for_async(lambda: errors(metrics, "invalid") == 1)
         path.write_bytes(b"\xff\xfe\x00garbage")
-        await wait_for(lambda: errors(metrics, "invalid") == 2)
+        await wait_for_async(lambda: errors(metrics, "invalid") == 2)
         assert len(ds.endpoints()) == 1
         write(path, POOL, pod("a"), pod("b", "10.0.0.2"))
-        await wait_for(lambda: len(ds.endpoints()) == 2)
+        await wait_for_async(lambda: len(ds.endpoints()) == 2)
     finally:
         await provider.stop()
 

@@ -12,8 +12,8 @@ import yaml
 
 from tests import extproc_client as ec
 from tests.conftest import free_port, running, simulator_cmd
+from tests.kube_objects import pod, pool
 from tests.kubeapi import KubeAPIEmulator
-from tests.test_kubernetes_provider import pod, pool
 
 pytestmark = pytest.mark.slow
 

@@ -21,7 +21,8 @@ import pytest
 from epp.ratelimit import RateLimitConfig, RateLimiter, RateLimitMetrics, RedisRateLimiter
 from epp.ratelimit.redis_backend import TTL_MARGIN_MS
 from tests import redis_server as redis_fixtures
-from tests.conftest import ROOT, free_port
+from tests.conftest import free_port
+from tests.paths import ROOT
 from tests.redis_server import RedisServer, redis_server_fixture  # noqa: F401
 
 ERRORS = "infergate_epp_ratelimit_backend_errors_total"

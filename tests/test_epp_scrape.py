@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import gzip
-import time
 
 import aiohttp
 import pytest
@@ -15,6 +14,7 @@ from epp.datastore import Datastore, PoolSpec
 from epp.metrics import PickerMetrics
 from epp.scrape import MAX_METRICS_BYTES, MAX_MODELS_BYTES, MetricsScraper
 from tests.conftest import free_port
+from tests.waiting import wait_for_async
 
 METRICS = (
     'vllm:num_requests_running{model_name="base"} 1\n'
@@ -59,14 +59,6 @@ def one_pod_store(port: int) -> Datastore:
     return ds
 
 
-async def wait_for(condition, within: float = 10.0) -> float:
-    t0 = time.monotonic()
-    while not condition():
-        assert time.monotonic() - t0 < within, "condition never met"
-        await asyncio.sleep(0.02)
-    return time.monotonic() - t0
-
-
 async def test_a_pod_that_starts_late_is_learned_with_its_adapters_at_once():
     port = free_port()
     ds = one_pod_store(port)
@@ -75,18 +67,18 @@ async def test_a_pod_that_starts_late_is_learned_with_its_adapters_at_once():
     await scraper.start()
     try:
         (ep,) = ds.endpoints()
-        await wait_for(lambda: not ep.reachable)
+        await wait_for_async(lambda: not ep.reachable)
         runner = await start_pod(port)
         try:
-            await wait_for(lambda: ep.reachable and ep.lora_parents == {"sql-lora": "base"})
+            await wait_for_async(lambda: ep.reachable and ep.lora_parents == {"sql-lora": "base"})
             assert ep.models == {"base", "sql-lora"}
             assert ep.metrics.kv_usage == 0.25
         finally:
             await runner.cleanup()
-        await wait_for(lambda: not ep.reachable)
+        await wait_for_async(lambda: not ep.reachable)
         runner = await start_pod(port)
         try:
-            await wait_for(lambda: ep.reachable and not ep.stale)
+            await wait_for_async(lambda: ep.reachable and not ep.stale)
         finally:
             await runner.cleanup()
     finally:
@@ -203,7 +195,7 @@ async def test_a_bytes_codec_charset_does_not_end_the_scrape_loop():
     scraper = await running_scraper(ds, metrics)
     try:
         (ep,) = ds.endpoints()
-        await wait_for(lambda: not ep.stale and ep.metrics.waiting == 4)
+        await wait_for_async(lambda: not ep.stale and ep.metrics.waiting == 4)
     finally:
         await scraper.stop()
         await pod.stop()
@@ -241,14 +233,14 @@ async def test_a_hostile_page_is_counted_and_the_loop_goes_on(hostile, reason):
     scraper = await running_scraper(ds, metrics)
     try:
         (ep,) = ds.endpoints()
-        await wait_for(lambda: not ep.stale and ep.metrics.waiting == 1)
+        await wait_for_async(lambda: not ep.stale and ep.metrics.waiting == 1)
         pod.metrics = hostile
-        await wait_for(lambda: errors(metrics, reason) >= 2)
+        await wait_for_async(lambda: errors(metrics, reason) >= 2)
         # The last good values stay (never the hostile ones) until they go stale.
         assert ep.metrics.waiting == 1 and ep.metrics.kv_usage == 0.25
-        await wait_for(lambda: ep.stale)
+        await wait_for_async(lambda: ep.stale)
         pod.metrics = web.Response(text=page(waiting=2))
-        await wait_for(lambda: not ep.stale and ep.metrics.waiting == 2 and ep.reachable)
+        await wait_for_async(lambda: not ep.stale and ep.metrics.waiting == 2 and ep.reachable)
     finally:
         await scraper.stop()
         await pod.stop()
@@ -275,7 +267,7 @@ async def test_a_hostile_model_list_is_counted_and_scraping_goes_on(hostile):
     scraper = await running_scraper(ds, metrics)
     try:
         (ep,) = ds.endpoints()
-        await wait_for(
+        await wait_for_async(
             lambda: (
                 errors(metrics, "models_parse") + errors(metrics, "models_too_large") >= 2
                 or ep.models == frozenset()
@@ -283,7 +275,7 @@ async def test_a_hostile_model_list_is_counted_and_scraping_goes_on(hostile):
         )
         pod.metrics = web.Response(text=page(waiting=7))
         pod.models = web.json_response(MODELS)
-        await wait_for(lambda: ep.metrics.waiting == 7 and ep.models == {"base", "sql-lora"})
+        await wait_for_async(lambda: ep.metrics.waiting == 7 and ep.models == {"base", "sql-lora"})
     finally:
         await scraper.stop()
         await pod.stop()
@@ -300,7 +292,7 @@ async def test_a_new_pod_on_a_recycled_ip_is_scraped():
     scraper = await running_scraper(ds, PickerMetrics())
     try:
         (a,) = ds.endpoints()
-        await wait_for(lambda: not a.stale)
+        await wait_for_async(lambda: not a.stale)
         recycled = {
             "metadata": {"name": "q", "namespace": "ns", "labels": {"app": "vllm"}},
             "status": {
@@ -311,7 +303,7 @@ async def test_a_new_pod_on_a_recycled_ip_is_scraped():
         ds.replace_pods([recycled])
         (b,) = ds.endpoints()
         assert b is not a and b.address == a.address and b.stale
-        await wait_for(lambda: not b.stale and b.metrics.waiting == 3)
+        await wait_for_async(lambda: not b.stale and b.metrics.waiting == 3)
     finally:
         await scraper.stop()
         await pod.stop()
@@ -332,7 +324,7 @@ async def test_a_failing_refresh_callback_does_not_end_the_loop():
     scraper.on_refresh = broken
     await scraper.start()
     try:
-        await wait_for(lambda: len(calls) >= 3)
+        await wait_for_async(lambda: len(calls) >= 3)
     finally:
         await scraper.stop()
         await pod.stop()

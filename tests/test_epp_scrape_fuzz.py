@@ -18,9 +18,9 @@ from epp.engine_metrics import MetricsParseError, parse
 from epp.metrics import PickerMetrics
 from epp.scrape import MetricsScraper
 from tests.conftest import free_port
+from tests.engine_metric_names import WANTED
 from tests.fuzzing import fuzz_settings
-from tests.test_epp_scrape import wait_for
-from tests.test_epp_unit_engine_metrics import WANTED
+from tests.waiting import wait_for_async
 
 pytestmark = pytest.mark.fuzz
 
@@ -169,7 +169,9 @@ async def scrape_all(answers, models) -> None:
             assert not any(loop.done() for loop in scraper._loops.values()), "a loop ended"
             await asyncio.sleep(0.005)
         # The hostile answers are over: the good page and model list are read.
-        await wait_for(lambda: not ep.stale and ep.metrics.waiting == 2 and ep.models == {"m"})
+        await wait_for_async(
+            lambda: not ep.stale and ep.metrics.waiting == 2 and ep.models == {"m"}
+        )
         assert possible(ep)
     finally:
         await scraper.stop()

@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from epp.engine_metrics import ENGINES, InvalidMetricValue, MetricsParseError, parse
+from tests.engine_metric_names import WANTED
+from tests.paths import TINY
 
-VLLM_TEXT = (
-    Path(__file__).resolve().parent / "fixtures" / "vllm-cpu-tiny" / "metrics.txt"
-).read_text()
+VLLM_TEXT = (TINY / "metrics.txt").read_text()
 
 VLLM_MIN = """\
 vllm:num_requests_waiting{engine="0",model_name="m"} 3.0
@@ -299,14 +298,6 @@ def test_negative_counts_in_labels_are_unknown():
 
 # ---- properties ---------------------------------------------------------------------------
 
-WANTED = [
-    "vllm:num_requests_waiting",
-    "vllm:num_requests_running",
-    "vllm:kv_cache_usage_perc",
-    "vllm:gpu_cache_usage_perc",
-    "vllm:cache_config_info",
-    "vllm:lora_requests_info",
-]
 PIECES = st.one_of(
     st.sampled_from(WANTED),
     st.sampled_from(["{", "}", '"', "=", ",", " ", "\n", "#", "\\", "1", "-2.5e3", "NaN", "+Inf"]),

@@ -17,10 +17,10 @@ from epp.app import _flow_control
 from epp.scheduling.config import load_config
 from epp.trust import Users
 from stack.example import Example, ExampleError
-from tests.test_crds import KINDS as OUR_KINDS
-from tests.test_crds import _all_cel_errors, _schema_errors
+from tests.crd_eval import KINDS as OUR_KINDS
+from tests.crd_eval import all_cel_errors, schema_errors
+from tests.paths import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 RUNNABLE = ["quickstart", "pd", "fairness"]
 # What each example gives the controllers besides its Model.
 OTHER_KINDS = {
@@ -33,8 +33,8 @@ OTHER_KINDS = {
 @pytest.mark.parametrize("name", RUNNABLE)
 def test_example_model_is_valid_everywhere_it_is_checked(name):
     example = Example.read(ROOT / "examples" / name)
-    assert _schema_errors("Model", example.model) == []
-    assert _all_cel_errors("Model", example.model) == []
+    assert schema_errors("Model", example.model) == []
+    assert all_cel_errors("Model", example.model) == []
     # What the controllers watch (the gateway's SecurityPolicy and Secret are Envoy's)
     objects, problems = read_objects(example.directory)
     assert problems == []  # the picker's config and Envoy's policy beside it are no problem
@@ -42,8 +42,8 @@ def test_example_model_is_valid_everywhere_it_is_checked(name):
     assert kinds == sorted(["Model", *OTHER_KINDS[name]])
     for _, obj in objects:
         if obj["kind"] in OUR_KINDS:
-            assert _schema_errors(obj["kind"], obj) == [], obj["metadata"]["name"]
-            assert _all_cel_errors(obj["kind"], obj) == [], obj["metadata"]["name"]
+            assert schema_errors(obj["kind"], obj) == [], obj["metadata"]["name"]
+            assert all_cel_errors(obj["kind"], obj) == [], obj["metadata"]["name"]
     assert example.picker_config is not None
     text = example.picker_config.read_text()
     _flow_control(text, load_config(text))  # its flowControl section, if any, parses

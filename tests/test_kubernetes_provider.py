@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
 
 import pytest
 from kubernetes import client
@@ -17,52 +16,16 @@ from epp.datastore import Datastore
 from epp.metrics import PickerMetrics
 from epp.providers.kubernetes import KubernetesProvider, KubernetesProviderError
 from tests.conftest import free_port
+from tests.kube_objects import POOL_API, pod, pool
 from tests.kubeapi import KubeAPIEmulator
-
-POOL_API = "inference.networking.k8s.io/v1"
-LABELS = {"app": "vllm-llama"}
+from tests.waiting import wait_for_async
 
 # pool, pods, ModelRoutes, ModelServers, InferenceObjectives (the emulator serves them all)
 WATCHES = 5
 
 
-def pool(ports=(8000,), selector=None, name="llama") -> dict:
-    return {
-        "apiVersion": POOL_API,
-        "kind": "InferencePool",
-        "metadata": {"name": name, "namespace": "default"},
-        "spec": {
-            "selector": {"matchLabels": dict(selector or LABELS)},
-            "targetPorts": [{"number": p} for p in ports],
-            "endpointPickerRef": {"name": "llama-epp"},
-        },
-    }
-
-
-def pod(name: str, ip: str, *, ready: bool = True, labels=None) -> dict:
-    return {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {"name": name, "namespace": "default", "labels": dict(labels or LABELS)},
-        "spec": {"containers": [{"name": "vllm", "image": "vllm"}]},
-        "status": {
-            "phase": "Running",
-            "podIP": ip,
-            "conditions": [{"type": "Ready", "status": "True" if ready else "False"}],
-        },
-    }
-
-
 def addresses(ds: Datastore) -> set[str]:
     return {e.address for e in ds.endpoints()}
-
-
-async def until(check: Callable[[], bool], within: float = 1.0) -> None:
-    deadline = time.monotonic() + within
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {within}s")
-        await asyncio.sleep(0.02)
 
 
 @pytest.fixture
@@ -117,55 +80,61 @@ async def test_start_lists_the_pool_and_ready_pods(two_pods):
 
 async def test_a_new_ready_pod_becomes_an_endpoint(kube, two_pods):
     kube.put(pod("llama-2", "10.0.0.3"))
-    await until(lambda: "10.0.0.3:8000" in addresses(two_pods))
+    await wait_for_async(lambda: "10.0.0.3:8000" in addresses(two_pods), within=1.0)
     assert len(two_pods.endpoints()) == 3
 
 
 async def test_not_ready_and_deleted_pods_are_removed(kube, two_pods):
     kube.put(pod("llama-0", "10.0.0.1", ready=False))
-    await until(lambda: addresses(two_pods) == {"10.0.0.2:8000"})
+    await wait_for_async(lambda: addresses(two_pods) == {"10.0.0.2:8000"}, within=1.0)
     kube.delete("v1", "Pod", "llama-1")
-    await until(lambda: addresses(two_pods) == set())
+    await wait_for_async(lambda: addresses(two_pods) == set(), within=1.0)
 
 
 async def test_pods_with_other_labels_are_ignored(kube, two_pods):
     kube.put(pod("other", "10.0.0.9", labels={"app": "something-else"}))
     kube.put(pod("llama-2", "10.0.0.3"))
-    await until(lambda: "10.0.0.3:8000" in addresses(two_pods))
+    await wait_for_async(lambda: "10.0.0.3:8000" in addresses(two_pods), within=1.0)
     assert "10.0.0.9:8000" not in addresses(two_pods)
     # Relabelled away from the selector: the filtered watch reports it as deleted.
     kube.put(pod("llama-0", "10.0.0.1", labels={"app": "something-else"}))
-    await until(lambda: addresses(two_pods) == {"10.0.0.2:8000", "10.0.0.3:8000"})
+    await wait_for_async(
+        lambda: addresses(two_pods) == {"10.0.0.2:8000", "10.0.0.3:8000"}, within=1.0
+    )
 
 
 async def test_target_ports_and_selector_changes_are_followed(kube, two_pods):
     kube.put(pool(ports=(8000, 8001)))
-    await until(lambda: len(two_pods.endpoints()) == 4)
+    await wait_for_async(lambda: len(two_pods.endpoints()) == 4, within=1.0)
     assert "10.0.0.2:8001" in addresses(two_pods)
     # A new selector means a new server-side filter: the provider re-lists pods.
     kube.put(pod("blue-0", "10.0.1.1", labels={"app": "blue"}))
     kube.put(pool(ports=(9000,), selector={"app": "blue"}))
-    await until(lambda: addresses(two_pods) == {"10.0.1.1:9000"})
+    await wait_for_async(lambda: addresses(two_pods) == {"10.0.1.1:9000"}, within=1.0)
 
 
 async def test_pool_deleted_then_recreated(kube, two_pods):
     kube.delete(POOL_API, "InferencePool", "llama")
-    await until(lambda: two_pods.pool is None and not two_pods.endpoints())
+    await wait_for_async(lambda: two_pods.pool is None and not two_pods.endpoints(), within=1.0)
     kube.put(pool())
-    await until(lambda: len(two_pods.endpoints()) == 2)
+    await wait_for_async(lambda: len(two_pods.endpoints()) == 2, within=1.0)
 
 
 async def test_expired_history_relists_and_converges(kube, two_pods, caplog):
     caplog.set_level(logging.INFO, logger="epp.providers.kubernetes")
-    await until(lambda: kube.open_watches == WATCHES)
+    await wait_for_async(lambda: kube.open_watches == WATCHES, within=1.0)
     kube.expire_history()  # open watches get 410 Gone
     kube.put(pod("llama-2", "10.0.0.3"))  # made while the provider's watches are expired
     kube.delete("v1", "Pod", "llama-0")
-    await until(lambda: addresses(two_pods) == {"10.0.0.2:8000", "10.0.0.3:8000"}, 2.0)
-    await until(lambda: "re-listed pods" in caplog.text)  # logged by the thread after posting
+    await wait_for_async(
+        lambda: addresses(two_pods) == {"10.0.0.2:8000", "10.0.0.3:8000"}, within=2.0
+    )
+    await wait_for_async(
+        lambda: "re-listed pods" in caplog.text, within=1.0
+    )  # logged by the thread after posting
     assert "410 Gone" in caplog.text
     kube.put(pod("llama-3", "10.0.0.4"))  # and it watches again afterwards
-    await until(lambda: "10.0.0.4:8000" in addresses(two_pods), 2.0)
+    await wait_for_async(lambda: "10.0.0.4:8000" in addresses(two_pods), within=2.0)
 
 
 async def test_watches_that_time_out_resume_without_relisting(kube, started, caplog):
@@ -173,9 +142,9 @@ async def test_watches_that_time_out_resume_without_relisting(kube, started, cap
     kube.put(pool())
     ds, _ = await started(watch_timeout=1)
     await asyncio.sleep(1.5)  # both watches ended (with a bookmark) and were reopened
-    await until(lambda: kube.open_watches == WATCHES)
+    await wait_for_async(lambda: kube.open_watches == WATCHES, within=1.0)
     kube.put(pod("llama-0", "10.0.0.1"))
-    await until(lambda: addresses(ds) == {"10.0.0.1:8000"})
+    await wait_for_async(lambda: addresses(ds) == {"10.0.0.1:8000"}, within=1.0)
     assert "re-list" not in caplog.text and "WARNING" not in caplog.text
 
 
@@ -183,9 +152,9 @@ async def test_periodic_resync_relists(kube, started, caplog):
     caplog.set_level(logging.INFO, logger="epp.providers.kubernetes")
     kube.put(pool())
     ds, _ = await started(watch_timeout=1, resync=0.5)
-    await until(lambda: "re-listed pods" in caplog.text, 2.5)
+    await wait_for_async(lambda: "re-listed pods" in caplog.text, within=2.5)
     kube.put(pod("llama-0", "10.0.0.1"))
-    await until(lambda: addresses(ds) == {"10.0.0.1:8000"})
+    await wait_for_async(lambda: addresses(ds) == {"10.0.0.1:8000"}, within=1.0)
 
 
 def skipped(provider: KubernetesProvider, kind: str) -> float:
@@ -207,8 +176,8 @@ async def test_malformed_objects_are_skipped(kube, started, caplog):
     bad_pool["spec"]["targetPorts"] = [{"number": "eighty"}]
     kube.put(bad_pool)
     kube.put(pod("llama-2", "10.0.0.3"))
-    await until(lambda: "10.0.0.3:8000" in addresses(two_pods))
-    await until(lambda: "InferencePool llama is invalid" in caplog.text)
+    await wait_for_async(lambda: "10.0.0.3:8000" in addresses(two_pods), within=1.0)
+    await wait_for_async(lambda: "InferencePool llama is invalid" in caplog.text, within=1.0)
     assert "skipping ADDED event for pod broken: Expected `object`, got `str` - at " in caplog.text
     assert "$.status.conditions[0]" in caplog.text
     assert two_pods.pool.target_ports == [8000]  # the previous, valid pool stays
@@ -219,7 +188,7 @@ async def test_malformed_objects_are_skipped(kube, started, caplog):
 async def test_stop_is_prompt(kube, started):
     kube.put(pool())
     _, provider = await started()
-    await until(lambda: kube.open_watches == WATCHES)
+    await wait_for_async(lambda: kube.open_watches == WATCHES, within=1.0)
     began = time.monotonic()
     await provider.stop()
     assert time.monotonic() - began < 2.0

@@ -8,7 +8,6 @@ import gc
 import json
 import tracemalloc
 from collections import Counter
-from pathlib import Path
 
 import pytest
 import xxhash
@@ -25,8 +24,9 @@ from kvindex.events import (
 )
 from kvindex.index import KVBlockIndex
 from kvindex.keys import prompt_keys
+from tests.paths import TINY
 
-FIXTURE = Path(__file__).parent / "fixtures" / "vllm-cpu-tiny"
+FIXTURE = TINY
 POD, MODEL = "127.0.0.1:8300", "tiny"
 A, B, C = "10.0.0.1:8000", "10.0.0.2:8000", "10.0.0.3:8000"
 

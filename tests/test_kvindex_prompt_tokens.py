@@ -8,7 +8,7 @@ import os
 import pytest
 
 from kvindex.tokenize import PromptError, PromptTokenizer, PromptTokenizers
-from tests.conftest import TINY, TINY_MODEL
+from tests.paths import TINY, TINY_MODEL
 
 
 def cases():

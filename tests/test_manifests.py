@@ -26,11 +26,11 @@ from epp.options import build_parser
 from epp.scheduling.config import ConfigError, load_config
 from stack.auth import USER_HEADER, removed_headers
 from stack.ports import StackPorts
+from tests.paths import EXAMPLES, ROOT
+from tests.schema_lint import list_errors, structural_errors
 
-ROOT = Path(__file__).resolve().parent.parent
 MANIFESTS = ROOT / "gateway-manifests"
 CRDS = ROOT / "crds"
-EXAMPLES = ROOT / "examples"
 
 K8S_VERSION = "1.30"
 BUILT_IN_KINDS = {
@@ -162,8 +162,8 @@ _CEL: dict[str, Callable[[dict[str, Any]], bool]] = {
 }
 
 
-def _kubernetes_errors(schema: dict[str, Any], value: Any, path: str = "") -> list[str]:
-    """What JSON Schema does not check: list-map key uniqueness and CEL rules."""
+def _cel_errors(schema: dict[str, Any], value: Any, path: str = "") -> list[str]:
+    """The CEL rules of `schema` and its subschemas, through their Python equivalents."""
     errors = []
     for rule in schema.get("x-kubernetes-validations", []):
         check = _CEL.get(rule["rule"])
@@ -177,16 +177,10 @@ def _kubernetes_errors(schema: dict[str, Any], value: Any, path: str = "") -> li
         for key, item in value.items():
             sub = props.get(key, extra if isinstance(extra, dict) else None)
             if sub is not None:
-                errors += _kubernetes_errors(sub, item, f"{path}/{key}")
+                errors += _cel_errors(sub, item, f"{path}/{key}")
     elif isinstance(value, list) and "items" in schema:
-        if schema.get("x-kubernetes-list-type") == "map":
-            keys = schema["x-kubernetes-list-map-keys"]
-            seen = [tuple(i.get(k) for k in keys) for i in value if isinstance(i, dict)]
-            dupes = sorted({s for s in seen if seen.count(s) > 1})
-            if dupes:
-                errors.append(f"{path}: duplicate {keys} {dupes}")
         for i, item in enumerate(value):
-            errors += _kubernetes_errors(schema["items"], item, f"{path}/{i}")
+            errors += _cel_errors(schema["items"], item, f"{path}/{i}")
     return errors
 
 
@@ -195,12 +189,12 @@ def _schema_errors(doc: dict[str, Any]) -> list[str]:
     if schema is None:
         return [f"no CRD serves {doc.get('apiVersion')} {doc.get('kind')}"]
     # OpenAPI v3.0 schemas are JSON Schema draft 4 in what our CRDs use; x-kubernetes-*
-    # keywords are unknown to it and ignored, then checked by _kubernetes_errors.
+    # keywords are unknown to it and ignored, then checked by list_errors and _cel_errors.
     validator = jsonschema.Draft4Validator(schema)
     errors = [
         f"/{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(doc)
     ]
-    return errors + _kubernetes_errors(schema, doc)
+    return errors + list_errors(schema, doc) + _cel_errors(schema, doc)
 
 
 def _custom_resources() -> list[tuple[str, dict[str, Any]]]:
@@ -227,38 +221,9 @@ def test_crds_serve_the_upstream_api_versions() -> None:
     assert [v["name"] for v in objective["versions"]] == ["v1alpha2"]
 
 
-def _structural_errors(schema: dict[str, Any], path: str = "") -> list[str]:
-    """The API server's structural-schema rules that kubernetes_validate does not check."""
-    where = path or "/"
-    errors = []
-    if "type" not in schema and not schema.get("x-kubernetes-int-or-string"):
-        errors.append(f"{where}: no type")
-    if "properties" in schema and "additionalProperties" in schema:
-        errors.append(f"{where}: properties and additionalProperties are mutually exclusive")
-    if "default" in schema:
-        try:
-            jsonschema.Draft4Validator(schema).validate(schema["default"])
-        except jsonschema.ValidationError as exc:
-            errors.append(f"{where}: default {schema['default']!r} is invalid: {exc.message}")
-    if schema.get("x-kubernetes-list-type") == "map":
-        item = schema["items"]
-        for key in schema.get("x-kubernetes-list-map-keys", []):
-            if key not in item.get("required", []) and "default" in item["properties"][key]:
-                continue
-            if key not in item.get("required", []):
-                errors.append(f"{where}: list-map key {key} must be required or defaulted")
-    for key, sub in schema.get("properties", {}).items():
-        errors += _structural_errors(sub, f"{path}/{key}")
-    if isinstance(schema.get("additionalProperties"), dict):
-        errors += _structural_errors(schema["additionalProperties"], f"{path}/*")
-    if "items" in schema:
-        errors += _structural_errors(schema["items"], f"{path}[]")
-    return errors
-
-
 @pytest.mark.parametrize("key", sorted(_crds()), ids=lambda k: k[1])
 def test_crd_schema_is_structural(key: tuple[str, str]) -> None:
-    assert _structural_errors(_crds()[key]) == []
+    assert structural_errors(_crds()[key]) == []
 
 
 def test_the_repo_pools_are_found() -> None:

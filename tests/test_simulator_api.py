@@ -8,7 +8,8 @@ import openai
 import pytest
 import requests
 
-from tests.conftest import TINY, TINY_MODEL, free_port, running, simulator_cmd
+from tests.conftest import free_port, running, simulator_cmd
+from tests.paths import TINY, TINY_MODEL
 
 FAST = ("--sim-time-scale", "0.05")
 

@@ -16,8 +16,10 @@ import requests
 
 from kvindex.events import BlockStored, decode_message
 from simulator.config import DEFAULT_KV_HOLD_SECONDS, parse_config
-from tests.conftest import TINY_MODEL, free_port, running, simulator_cmd
-from tests.test_simulator_kv_events import Subscriber as KVEventSubscriber
+from tests.conftest import free_port, running, simulator_cmd
+from tests.kv_subscriber import Subscriber as KVEventSubscriber
+from tests.paths import TINY_MODEL
+from tests.waiting import wait_for
 
 BLOCK = 32
 NIXL_FIELDS = {
@@ -185,15 +187,6 @@ def sample(url: str, name: str, **labels: str) -> float:
     return 0.0
 
 
-def wait_for(check, timeout: float = 10.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(0.05)
-
-
 def error_message(r: requests.Response) -> str:
     err = r.json()["error"]
     assert err["type"] == "InternalServerError" and err["code"] == 500
@@ -297,8 +290,9 @@ def test_decode_leg_pulls_the_kv_instead_of_computing_it(pods, events):
     def pulled_store():
         return [ev for ev in events.stored_since(seen) if list(ev.token_ids[:BLOCK]) == ids[:BLOCK]]
 
-    stored = wait_for(pulled_store, timeout=5)
-    assert stored, "no BlockStored from the decode pod for the pulled blocks"
+    stored = wait_for(
+        pulled_store, "a BlockStored from the decode pod for the pulled blocks", within=5
+    )
     assert stored[0].parent_block_hash is None
     assert len(stored[0].block_hashes) == full
     assert list(stored[0].token_ids) == ids[: full * BLOCK]
@@ -352,7 +346,11 @@ def test_blocks_expire_after_the_hold_and_a_late_decode_leg_fails_clearly(pods):
     started = time.monotonic()
     kv = prefill(short, body)["kv_transfer_params"]
     assert sample(short, "vllm:kv_cache_usage_perc") > 0  # held
-    assert wait_for(lambda: sample(short, "vllm:nixl_num_kv_expired_reqs_total") == 1, 5)
+    wait_for(
+        lambda: sample(short, "vllm:nixl_num_kv_expired_reqs_total") == 1,
+        "the expired transfer counted",
+        within=5,
+    )
     assert time.monotonic() - started >= 1.5
     assert sample(short, "infergate_sim:kv_held_requests") == 0
     assert sample(short, "vllm:kv_cache_usage_perc") == 0  # freed (still cached, evictable)

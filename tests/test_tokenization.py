@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 from simulator.tokenization import ChatTemplateError, ModelTokenizer
+from tests.paths import DEFAULT_MODEL, TINY
 
-FIXTURE = Path(__file__).parent / "fixtures" / "vllm-cpu-tiny"
+FIXTURE = TINY
 RECORDS = [json.loads(line) for line in (FIXTURE / "requests.jsonl").open() if line.strip()]
 
 
@@ -189,7 +190,7 @@ def test_default_model(default: ModelTokenizer) -> None:
 
 
 def test_default_model_was_generated() -> None:
-    model_dir = Path(__file__).parents[1] / "simulator" / "default_model"
+    model_dir = DEFAULT_MODEL
     config = json.loads((model_dir / "config.json").read_text())
     assert config["_generated_by"] == "simulator/tools/build_default_model.py"
     assert config["model_type"] == "llama"

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 
@@ -13,26 +12,14 @@ import pytest
 import requests
 
 from stack.readiness import wait_http
+from tests.default_ports import DEFAULT_PORTS, ports_free
 
-DEFAULT_PORTS = (8080, 9901, 9002, 9003, 9090, 9091, 5557)
 DEV_KEY = "sk-infergate-dev-alice"  # examples/quickstart/api-keys.yaml, what the banner shows
-
-
-def _ports_free(ports) -> bool:
-    for port in ports:
-        with socket.socket() as s:
-            # as servers bind: a connection of an earlier run in TIME_WAIT does not count
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                return False
-    return True
 
 
 @pytest.mark.slow
 def test_up_serves_the_readme_request_and_stops_on_sigint(tmp_path):
-    if not _ports_free(DEFAULT_PORTS):
+    if not ports_free(DEFAULT_PORTS):
         pytest.skip("the default local-stack ports are in use on this machine")
     proc = subprocess.Popen(
         [sys.executable, "-m", "infergate.cli", "up", "--pods", "2", "--workdir", str(tmp_path)],
@@ -78,7 +65,7 @@ def test_up_serves_the_readme_request_and_stops_on_sigint(tmp_path):
 
 @pytest.mark.slow
 def test_ctrl_c_while_starting_stops_everything_started(tmp_path):
-    if not _ports_free(DEFAULT_PORTS):
+    if not ports_free(DEFAULT_PORTS):
         pytest.skip("the default local-stack ports are in use on this machine")
     example = tmp_path / "example"
     example.mkdir()

@@ -18,7 +18,7 @@ import requests
 from stack.local import stop_group
 from stack.readiness import wait_http, wait_until
 from stack.supervise import BackOff, Supervisor
-from tests.test_up import DEFAULT_PORTS, _ports_free
+from tests.default_ports import DEFAULT_PORTS, ports_free
 
 URL = "http://127.0.0.1:8080/v1/chat/completions"
 CHAT = {"model": "infergate-sim", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
@@ -131,7 +131,7 @@ def _alive(pid: int) -> bool:
 def _up(tmp_path: Path, *flags: str) -> Iterator[tuple[subprocess.Popen, Path, Path]]:
     """`infergate up --no-auth FLAGS` on the default ports: (process, its log, workdir),
     once it has printed its banner; SIGTERM stops it (and so its stack) afterwards."""
-    if not _ports_free(DEFAULT_PORTS):
+    if not ports_free(DEFAULT_PORTS):
         pytest.skip("the default local-stack ports are in use on this machine")
     log, workdir = tmp_path / "up.log", tmp_path / "w"
     with open(log, "wb") as out:

@@ -1,9 +1,8 @@
-"""Send a trace open loop (each request at its offset, whatever the answers do) and keep the
-arrival time of every streamed token."""
+"""Keep the arrival time of every streamed token (the P/D benchmark's `send` for
+bench.client.run_trace)."""
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import json
 import time
@@ -11,6 +10,7 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
+from bench.client import chunks, text_of, usage_of
 from bench.pd.workload import Request
 
 
@@ -42,14 +42,6 @@ class Outcome:
         return [b - a for a, b in itertools.pairwise(t)]
 
 
-def _chunk(line: bytes) -> dict:
-    try:
-        doc = json.loads(line[6:])
-    except ValueError:
-        return {}
-    return doc if isinstance(doc, dict) else {}
-
-
 async def send(session: aiohttp.ClientSession, url: str, req: Request) -> Outcome:
     out = Outcome(req.kind, req.at)
     t0 = time.monotonic()
@@ -59,20 +51,14 @@ async def send(session: aiohttp.ClientSession, url: str, req: Request) -> Outcom
             if resp.status != 200:
                 out.error = (await resp.text())[:300]
                 return out
-            async for line in resp.content:
-                if not line.startswith(b"data: {"):
-                    continue
-                chunk = _chunk(line)
+            async for chunk in chunks(resp):
                 if "error" in chunk:
                     out.error = json.dumps(chunk["error"])[:300]
                     return out
-                usage = chunk.get("usage")
-                if isinstance(usage, dict):
-                    out.prompt_tokens = int(usage.get("prompt_tokens") or 0)
-                    details = usage.get("prompt_tokens_details") or {}
-                    out.cached_tokens = int(details.get("cached_tokens") or 0)
-                choices = chunk.get("choices") or []
-                if choices and choices[0].get("text"):
+                usage = usage_of(chunk)
+                if usage is not None:
+                    out.prompt_tokens, out.cached_tokens = usage.prompt_tokens, usage.cached_tokens
+                if text_of(chunk):
                     out.token_times.append(time.monotonic())
     except (TimeoutError, aiohttp.ClientError) as exc:
         out.error = f"{type(exc).__name__}: {exc}"
@@ -80,23 +66,3 @@ async def send(session: aiohttp.ClientSession, url: str, req: Request) -> Outcom
     if out.token_times:
         out.ttft = out.token_times[0] - t0
     return out
-
-
-async def run_trace(url: str, trace: list[Request], on_done=None) -> list[Outcome]:
-    """Every outcome, in trace order."""
-    timeout = aiohttp.ClientTimeout(total=300)
-    async with aiohttp.ClientSession(
-        timeout=timeout, connector=aiohttp.TCPConnector(limit=0)
-    ) as session:
-        start = time.monotonic()
-
-        async def timed(r: Request) -> Outcome:
-            delay = start + r.at - time.monotonic()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            out = await send(session, url, r)
-            if on_done is not None:
-                on_done(out)
-            return out
-
-        return list(await asyncio.gather(*(timed(r) for r in trace)))

@@ -10,8 +10,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench.client import run_trace
 from bench.common import percentile
-from bench.pd.client import Outcome, run_trace
+from bench.pd.client import Outcome, send
 from bench.pd.fleet import new_stack, snapshot
 from bench.pd.workload import DECODE, LONG, Mix
 
@@ -46,7 +47,7 @@ async def _measure(stack, trace, s: Settings, on_request) -> dict:
         marks["t"] = time.monotonic()
 
     mark = asyncio.create_task(at_warmup_end())
-    outcomes = await run_trace(stack.url, trace, on_request)
+    outcomes = await run_trace(stack.url, trace, send, on_request)
     await mark
     seconds = time.monotonic() - marks["t"]
     after = await snapshot(stack)

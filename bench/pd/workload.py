@@ -15,11 +15,8 @@ from __future__ import annotations
 import random
 from dataclasses import asdict, dataclass
 
-from bench.routing.workloads import poisson
+from bench.workload import SYLLABLES, completion, poisson
 
-MODEL = "infergate-sim"
-# Two-letter syllables: about 1.5 tokens a word with the simulator's bundled tokenizer.
-_SYLLABLES = [f"{a}{b}" for a in "bcdfghklmnprstvz" for b in ("a", "e", "i", "o", "u", "ar")]
 LONG, DECODE = "long-prompt", "decode-heavy"
 
 
@@ -44,7 +41,7 @@ class Mix:
         for i, t in enumerate(poisson(rng, rate, duration)):
             long = rng.random() < self.long_share
             words = self.long_prompt_words if long else self.decode_prompt_words
-            text = " ".join(rng.choice(_SYLLABLES) for _ in range(words))
+            text = " ".join(rng.choice(SYLLABLES) for _ in range(words))
             prompt = f"Request {seed}-{i}: {text}"
             tokens = self.long_output_tokens if long else self.decode_output_tokens
             out.append(Request(t, LONG if long else DECODE, completion(prompt, tokens)))
@@ -52,14 +49,3 @@ class Mix:
 
     def describe(self) -> dict:
         return asdict(self)
-
-
-def completion(prompt: str, max_tokens: int) -> dict:
-    return {
-        "model": MODEL,
-        "prompt": prompt,
-        "max_tokens": max_tokens,
-        "ignore_eos": True,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }

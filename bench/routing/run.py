@@ -11,8 +11,9 @@ import asyncio
 import time
 from dataclasses import dataclass
 
+from bench.client import run_trace
 from bench.common import percentile, process_cpu_seconds
-from bench.routing.client import Outcome, run_trace
+from bench.routing.client import Outcome, send
 from bench.routing.fleet import PodWatch, new_stack, workdir
 from bench.routing.routers import RouterUnavailable
 
@@ -64,7 +65,7 @@ async def _measure(url, pods, trace, point: Point, s: Settings, on_request) -> d
             watch.start_sampling()
 
         mark = asyncio.create_task(at_warmup_end())
-        outcomes, _wall = await run_trace(url, trace, on_request)
+        outcomes = await run_trace(url, trace, send, on_request)
         await mark
         end = time.monotonic()
         cpu = {n: process_cpu_seconds(p) - marks["cpu"][n] for n, p in pids.items()}

@@ -16,12 +16,11 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-MODEL = "infergate-sim"
-_VOCAB = [f"{a}{b}" for a in "bcdfghklmnprstvz" for b in ("a", "e", "i", "o", "u", "ar")]
+from bench.workload import SYLLABLES, chat, completion, poisson
 
 
 def _words(rng: random.Random, n: int) -> str:
-    return " ".join(rng.choice(_VOCAB) for _ in range(n))
+    return " ".join(rng.choice(SYLLABLES) for _ in range(n))
 
 
 @dataclass(slots=True, frozen=True)
@@ -138,34 +137,3 @@ class NoReuse:
             "prompt_words": self.prompt_words,
             "output_tokens": self.output_tokens,
         }
-
-
-def poisson(rng: random.Random, rate: float, duration: float) -> list[float]:
-    times, t = [], 0.0
-    while True:
-        t += rng.expovariate(rate)
-        if t >= duration:
-            return times
-        times.append(t)
-
-
-def completion(prompt: str, max_tokens: int) -> dict:
-    return {
-        "model": MODEL,
-        "prompt": prompt,
-        "max_tokens": max_tokens,
-        "ignore_eos": True,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }
-
-
-def chat(messages: list[dict], max_tokens: int) -> dict:
-    return {
-        "model": MODEL,
-        "messages": messages,
-        "max_tokens": max_tokens,
-        "ignore_eos": True,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }

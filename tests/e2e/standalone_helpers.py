@@ -3,11 +3,10 @@ it was waiting for."""
 
 from __future__ import annotations
 
-import asyncio
-import time
-from pathlib import Path
+import functools
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.paths import DEFAULT_MODEL
+from tests.waiting import wait_for_async
 
 
 def sim_model(
@@ -24,7 +23,7 @@ def sim_model(
         "kind": "Model",
         "metadata": {"name": name, "namespace": "default"},
         "spec": {
-            "modelURI": f"file://{ROOT / 'simulator' / 'default_model'}",
+            "modelURI": f"file://{DEFAULT_MODEL}",
             "servedModelName": "tiny",
             "image": "infergate/simulator:dev",
             "engine": {"type": "vLLM", "args": list(engine_args)},
@@ -35,12 +34,5 @@ def sim_model(
     }
 
 
-async def wait_for(check, what: str, within: float = 40.0):
-    """Await `check()` until it returns something truthy, and return that."""
-    deadline = time.monotonic() + within
-    while True:
-        result = await check()
-        if result:
-            return result
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.1)
+# A whole local cluster converges slowly: wait long, poll less often.
+wait_for_cluster = functools.partial(wait_for_async, within=40.0, interval=0.1)

@@ -29,11 +29,11 @@ import openai
 import pytest
 import requests
 import yaml
-from prometheus_client.parser import text_string_to_metric_families
 
 from stack.example import Example
 from stack.local import ROOT, LocalStack, StackConfig
 from stack.ports import free_stack_ports
+from tests.e2e.metrics import Metrics
 
 pytestmark = pytest.mark.slow
 
@@ -43,20 +43,6 @@ PREFILL_LEGS = "infergate_connector_prefill_duration_seconds_count"  # successfu
 FALLBACKS = "infergate_connector_prefill_fallbacks_total"
 SUCCESS = "vllm:request_success_total"
 THRESHOLD = 64  # examples/pd/epp-config.yaml: nonCachedTokens
-
-
-class Metrics:
-    """One scrape: sums of samples by name over the label sets that match."""
-
-    def __init__(self, text: str) -> None:
-        self.samples = [s for f in text_string_to_metric_families(text) for s in f.samples]
-
-    def __call__(self, name: str, **labels: str) -> float:
-        return sum(
-            s.value
-            for s in self.samples
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
-        )
 
 
 def scrape(url: str) -> Metrics:

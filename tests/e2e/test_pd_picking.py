@@ -25,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from stack.local import LocalStack, StackConfig
 from stack.ports import free_stack_ports
 from tests.conftest import free_port
-from tests.e2e.test_gateway import SERVED
+from tests.e2e.gateway_config import SERVED
 
 pytestmark = pytest.mark.slow
 

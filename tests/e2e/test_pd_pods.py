@@ -7,19 +7,17 @@ local engine, which pulls the KV (the simulator's NixlConnector)."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import aiohttp
 import pytest
 import yaml
-from prometheus_client.parser import text_string_to_metric_families
 
 from controllers.app import Standalone
 from controllers.store import MODEL, POD
-from tests.e2e.standalone_helpers import sim_model, wait_for
+from tests.e2e.metrics import Metrics
+from tests.e2e.standalone_helpers import sim_model, wait_for_cluster
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def kv_transfer(role: str) -> str:
@@ -33,23 +31,6 @@ def model() -> dict:
         "kvConnector": {"type": "nixl"},
     }
     return sim_model("pd", backend=backend)
-
-
-class Metrics:
-    """A scrape: sums of samples by name, over the label sets that match."""
-
-    def __init__(self, text: str) -> None:
-        self.samples = [s for f in text_string_to_metric_families(text) for s in f.samples]
-
-    def __call__(self, name: str, **labels: str) -> float:
-        return sum(
-            s.value
-            for s in self.samples
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
-        )
-
-    def __contains__(self, name: str) -> bool:
-        return any(s.name == name for s in self.samples)
 
 
 async def scrape(session: aiohttp.ClientSession, url: str) -> Metrics:
@@ -70,7 +51,7 @@ async def test_the_decode_pod_serves_through_its_connector_and_runs_two_legs(tmp
             m = await store.get(MODEL, "default", "pd")
             return (m.get("status") or {}).get("readyReplicas") == 1
 
-        await wait_for(ready_group, "a ready serving group")
+        await wait_for_cluster(ready_group, "a ready serving group")
         pods = {}
         for role in ("prefill", "decode"):
             (pod,) = (await store.list(POD, "default", {"infergate.io/role": role}))[0]
@@ -92,7 +73,7 @@ async def test_the_decode_pod_serves_through_its_connector_and_runs_two_legs(tmp
             ips = {d["status"].get("podIP") for d in docs if d["kind"] == "Pod"}
             return docs if ips == {d_ip, p_ip} else None
 
-        docs = await wait_for(exported, "the pool file to name both pods")
+        docs = await wait_for_cluster(exported, "the pool file to name both pods")
         (pool,) = [d for d in docs if d["kind"] == "InferencePool"]
         assert pool["spec"]["targetPorts"] == [{"number": 8000}]
 

@@ -8,7 +8,8 @@ import time
 import pytest
 import requests
 
-from tests.e2e.test_gateway import MODEL, PIN, SERVED, config, make_stack
+from tests.e2e.gateway_config import MODEL, PIN, SERVED, config
+from tests.e2e.test_gateway import make_stack
 
 pytestmark = pytest.mark.slow
 

@@ -28,7 +28,8 @@ from epp.protocol import OBJECTIVE
 from stack.local import LocalStack, StackConfig
 from stack.ports import free_stack_ports
 from tests.conftest import free_port
-from tests.e2e.test_gateway import MODEL, config
+from tests.e2e.gateway_config import MODEL, config
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -128,31 +129,22 @@ def pod(stack: LocalStack, name: str) -> float:
     return metric(f"http://{address}/metrics", name)
 
 
-def wait_for(condition, timeout: float, what: str) -> float:
-    """Seconds until `condition()` held."""
-    t0 = time.monotonic()
-    while not condition():
-        assert time.monotonic() - t0 < timeout, f"waited {timeout}s for {what}"
-        time.sleep(0.01)
-    return time.monotonic() - t0
-
-
 def wait_idle(stack: LocalStack) -> None:
     def idle() -> bool:
         return queued(stack) == 0 and (
             pod(stack, "vllm:num_requests_running") + pod(stack, "vllm:num_requests_waiting") == 0
         )
 
-    wait_for(idle, 15, "an idle pool")
+    wait_for(idle, "an idle pool", within=15)
     time.sleep(0.1)  # a scrape or two, so the picker sees it idle too
 
 
 def saturate(stack: LocalStack, run: concurrent.futures.Executor, tokens: int = LONG):
     """One request running in the pod and one waiting there: the picker holds the next."""
     blocker = run.submit(send, stack, tokens)
-    wait_for(lambda: pod(stack, "vllm:num_requests_running") == 1, 5, "the blocker to run")
+    wait_for(lambda: pod(stack, "vllm:num_requests_running") == 1, "the blocker to run", within=5)
     filler = run.submit(send, stack, SHORT)
-    wait_for(lambda: pod(stack, "vllm:num_requests_waiting") == 1, 5, "the filler to wait")
+    wait_for(lambda: pod(stack, "vllm:num_requests_waiting") == 1, "the filler to wait", within=5)
     return blocker, filler
 
 
@@ -162,9 +154,9 @@ def test_a_high_priority_request_overtakes_the_queue(pool):
         normal = []
         for i in range(4):  # priority 0, queued in the picker in this order
             normal.append(run.submit(send, pool))
-            wait_for(lambda n=i + 1: queued(pool) == n, 5, f"{i + 1} queued")
+            wait_for(lambda n=i + 1: queued(pool) == n, f"{i + 1} queued", within=5)
         urgent = run.submit(send, pool, SHORT, "interactive")
-        wait_for(lambda: queued(pool) == 5, 5, "the interactive request to queue")
+        wait_for(lambda: queued(pool) == 5, "the interactive request to queue", within=5)
         assert not blocker.done()  # all of that happened while the pod was busy
         done = [f.result() for f in (blocker, filler, *normal, urgent)]
     assert [d.status for d in done] == [200] * 7, [d.body for d in done]
@@ -196,7 +188,7 @@ def test_a_full_queue_refuses_with_429(pool):
     with concurrent.futures.ThreadPoolExecutor(8) as run:
         blocker, filler = saturate(pool, run)
         waiting = [run.submit(send, pool, SHORT, "limited")]
-        wait_for(lambda: queued(pool) == 1, 5, "the limited request to queue")
+        wait_for(lambda: queued(pool) == 1, "the limited request to queue", within=5)
         # Its band (priority 1) holds one request.
         full_band = send(pool, objective="limited")
         assert full_band.status == 429, full_band.body
@@ -204,7 +196,7 @@ def test_a_full_queue_refuses_with_429(pool):
         assert int(full_band.headers["retry-after"]) >= 1
         for n in range(2, MAX_QUEUED + 1):
             waiting.append(run.submit(send, pool))
-            wait_for(lambda n=n: queued(pool) == n, 5, f"{n} queued")
+            wait_for(lambda n=n: queued(pool) == n, f"{n} queued", within=5)
         # The whole queue holds five.
         full = send(pool)
         assert full.status == 429, full.body
@@ -228,9 +220,11 @@ def test_a_client_that_leaves_leaves_the_queue_at_once(pool):
         ).encode()
         conn = http.client.HTTPConnection("127.0.0.1", pool.cfg.ports.envoy, timeout=10)
         conn.request("POST", "/v1/completions", body, {"content-type": "application/json"})
-        wait_for(lambda: queued(pool) == 1, 5, "the request to queue")
+        wait_for(lambda: queued(pool) == 1, "the request to queue", within=5)
         conn.close()
-        gone = wait_for(lambda: queued(pool) == 0, 5, "the queue to empty")
+        t0 = time.monotonic()
+        wait_for(lambda: queued(pool) == 0, "the queue to empty", within=5)
+        gone = time.monotonic() - t0
         assert gone < 0.5, gone  # at once: not when the pod frees up, nor at the TTL
         assert not blocker.done()
         served = [blocker.result(), filler.result()]

@@ -34,7 +34,7 @@ from stack.example import Example
 from stack.local import DEFAULT_MODEL_DIR, QUICKSTART, LocalStack, StackConfig
 from stack.ports import free_stack_ports
 from tests.conftest import free_port
-from tests.e2e.test_gateway import MODEL, config
+from tests.e2e.gateway_config import MODEL, config
 from tests.redis_server import RedisServer, require_redis_server
 
 pytestmark = pytest.mark.slow

@@ -8,7 +8,6 @@ import asyncio
 import os
 import signal
 import sys
-from pathlib import Path
 
 import aiohttp
 import pytest
@@ -17,10 +16,9 @@ import yaml
 from controllers.app import Standalone
 from controllers.store import MODEL, POD
 from tests.conftest import free_port
-from tests.e2e.standalone_helpers import sim_model, wait_for
+from tests.e2e.standalone_helpers import sim_model, wait_for_cluster
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[2]
 PD = {"prefill": {"replicas": 1}, "decode": {"replicas": 1}}
 
 
@@ -58,14 +56,14 @@ async def test_a_model_runs_heals_and_scales_behind_the_picker(tmp_path):
             m = await store.get(MODEL, "default", "tiny")
             return (m.get("status") or {}).get("readyReplicas") == 2
 
-        await wait_for(ready_groups, "two ready serving groups")
+        await wait_for_cluster(ready_groups, "two ready serving groups")
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
 
             async def four_reachable():
                 eps = await picker_endpoints(session, metrics_port)
                 return eps if len([e for e in eps.values() if e["reachable"]]) == 4 else None
 
-            eps = await wait_for(four_reachable, "the picker to see 4 pods")
+            eps = await wait_for_cluster(four_reachable, "the picker to see 4 pods")
             pods, _ = await store.list(POD, "default", {"infergate.io/role": "prefill"})
             victim = pods[0]
             address = f"{victim['status']['podIP']}:8000"
@@ -78,15 +76,15 @@ async def test_a_model_runs_heals_and_scales_behind_the_picker(tmp_path):
                 eps = await picker_endpoints(session, metrics_port)
                 return address not in eps or not eps[address]["reachable"]
 
-            await wait_for(dropped, "the picker to drop the killed pod")
+            await wait_for_cluster(dropped, "the picker to drop the killed pod")
 
             async def rebuilt():
                 pods, _ = await store.list(POD, "default", {"infergate.io/role": "prefill"})
                 uids = {p["metadata"]["uid"] for p in pods}
                 return len(pods) == 2 and victim["metadata"]["uid"] not in uids
 
-            await wait_for(rebuilt, "the prefill role to be recreated")
-            await wait_for(four_reachable, "the picker to see 4 pods again")
+            await wait_for_cluster(rebuilt, "the prefill role to be recreated")
+            await wait_for_cluster(four_reachable, "the picker to see 4 pods again")
             # editing the manifest scales the Model to three groups
             (manifests / "model.yaml").write_text(yaml.safe_dump(model(replicas=3)))
 
@@ -94,7 +92,7 @@ async def test_a_model_runs_heals_and_scales_behind_the_picker(tmp_path):
                 eps = await picker_endpoints(session, metrics_port)
                 return len([e for e in eps.values() if e["reachable"]]) == 6
 
-            await wait_for(six_reachable, "the picker to see 6 pods")
+            await wait_for_cluster(six_reachable, "the picker to see 6 pods")
     finally:
         picker.send_signal(signal.SIGTERM)
         await picker.wait()

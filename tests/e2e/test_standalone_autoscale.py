@@ -13,7 +13,6 @@ import asyncio
 import itertools
 import os
 import time
-from pathlib import Path
 
 import aiohttp
 import pytest
@@ -23,10 +22,9 @@ from controllers.app import Standalone
 from controllers.autoscaler import parse_sum
 from controllers.modelinfer_pods import L_MODELINFER, pod_ready
 from controllers.store import AUTOSCALING_BINDING, MODEL_INFER, POD
-from tests.e2e.standalone_helpers import sim_model, wait_for
+from tests.e2e.standalone_helpers import sim_model, wait_for_cluster
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[2]
 WINDOW = 8.0  # the scale-down stabilization window, seconds
 INTERVAL = 0.5  # the autoscaler's cycle
 WAITING = "vllm:num_requests_waiting"
@@ -148,7 +146,9 @@ async def test_load_scales_the_modelinfer_up_and_its_end_scales_down_after_the_w
         async def idle_and_ready():
             return len(ready_ips) == 1 and desired_seen[-1:] == [1]
 
-        await wait_for(idle_and_ready, "one Ready pod and the autoscaler's first decision")
+        await wait_for_cluster(
+            idle_and_ready, "one Ready pod and the autoscaler's first decision", within=40
+        )
         # without load the autoscaler keeps one group
         await asyncio.sleep(3 * INTERVAL)
         assert await replicas() == 1 and desired_seen == [1]
@@ -160,7 +160,7 @@ async def test_load_scales_the_modelinfer_up_and_its_end_scales_down_after_the_w
         async def scaled_up():
             return await replicas() > 1
 
-        await wait_for(scaled_up, "the ModelInfer to scale up under load", within=20)
+        await wait_for_cluster(scaled_up, "the ModelInfer to scale up under load", within=20)
 
         async def three_serving():
             ps = await pods()
@@ -171,7 +171,7 @@ async def test_load_scales_the_modelinfer_up_and_its_end_scales_down_after_the_w
             return ps
 
         # the new groups are real processes that become Ready and serve
-        serving = await wait_for(three_serving, "three Ready, serving pods", within=30)
+        serving = await wait_for_cluster(three_serving, "three Ready, serving pods", within=30)
         pids = {}
         for p in serving:
             proc = runtime.process("default", p["metadata"]["name"])
@@ -196,7 +196,7 @@ async def test_load_scales_the_modelinfer_up_and_its_end_scales_down_after_the_w
         async def scaled_down():  # as the watcher saw it, so the timeline has the drop
             return timeline[-1][1] == 1
 
-        await wait_for(scaled_down, "the scale-down", within=WINDOW + 20)
+        await wait_for_cluster(scaled_down, "the scale-down", within=WINDOW + 20)
         t_down = next(t for t, r in timeline if t > t_stop and r < 3)
 
         during_load = [r for t, r in timeline if t_load <= t <= t_stop]
@@ -217,7 +217,7 @@ async def test_load_scales_the_modelinfer_up_and_its_end_scales_down_after_the_w
             names = {p["metadata"]["name"] for p in await pods()}
             return names == {first} and all(gone(pid) for n, pid in pids.items() if n != first)
 
-        await wait_for(surplus_gone, "the surplus pods and processes to go", within=15)
+        await wait_for_cluster(surplus_gone, "the surplus pods and processes to go", within=15)
         for n in pids:
             if n != first:
                 assert runtime.process("default", n) is None

@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 import requests
 
-from tests.e2e.test_gateway import MODEL, make_stack
+from tests.e2e.gateway_config import MODEL
+from tests.e2e.test_gateway import make_stack
 
 pytestmark = pytest.mark.slow
 

@@ -16,7 +16,7 @@ import yaml
 from stack.example import Example
 from stack.local import QUICKSTART, LocalStack, StackConfig
 from stack.ports import free_stack_ports
-from tests.e2e.test_gateway import PIN, pinnable
+from tests.e2e.gateway_config import PIN, pinnable
 
 pytestmark = pytest.mark.slow
 
