@@ -22,6 +22,7 @@ COPY pyproject.toml README.md LICENSE ./
 COPY infergate ./infergate
 COPY stack ./stack
 COPY epp ./epp
+COPY connector ./connector
 COPY kvindex ./kvindex
 COPY controllers ./controllers
 COPY simulator ./simulator

@@ -70,11 +70,11 @@ class Standalone:
     _scaler: AutoscalerReconciler | None = None
 
     async def start(self) -> Standalone:
+        from connector.options import POOL_FILE_ENV
         from controllers.exporter import PoolExporter
         from controllers.local_runtime import LocalRuntime
         from controllers.manifests import ManifestDirectory
         from controllers.memory_store import MemoryStore
-        from epp.connector.options import POOL_FILE_ENV
 
         store = self.store = MemoryStore()
         # The pool file is standalone mode's API server: decode sidecars read their pool there.

@@ -15,10 +15,11 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 
+from infergate.api.names import PREFILLER_HEADER as PREFILLER
+
 DESTINATION = "x-gateway-destination-endpoint"
 SUBSET = "x-gateway-destination-endpoint-subset"
 SERVED = "x-gateway-destination-endpoint-served"
-PREFILLER = "x-prefiller-host-port"
 # Set by the gateway, never by a client (Envoy removes client copies before the picker):
 # the engine model a request is rewritten to, and the request's priority and fairness flow.
 MODEL_REWRITE = "x-gateway-model-name-rewrite"

@@ -11,7 +11,7 @@ commands:
   up         the local stack from an example directory (infergate up examples/quickstart)
   epp        the endpoint picker, an Envoy ext_proc server (python -m epp)
   controllers  reconcile Models, ModelInfers and autoscaling (python -m controllers)
-  connector  a decode pod's P/D sidecar: prefill remotely, decode locally (python -m epp.connector)
+  connector  a decode pod's P/D sidecar: prefill remotely, decode locally (python -m connector)
   simulate   a vLLM-compatible model server without GPUs (python -m simulator)
   bench      run a benchmark under bench/ (infergate bench simulator ...; fairness: tenants
              contending for one pod, with and without flow control; pd: aggregated against
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return controllers(rest)
     if command == "connector":
-        from epp.connector.app import main as connector
+        from connector.app import main as connector
 
         return connector(rest)
     if command == "simulate":

@@ -1,4 +1,4 @@
-"""The decode pod's connector sidecar (epp.connector) against real HTTP servers.
+"""The decode pod's connector sidecar (`connector/`) against real HTTP servers.
 
 The prefill and decode peers are recording fake engines (aiohttp servers on free ports standing in
 for vLLM) or real simulator processes; the sidecar under test is always the real server, spoken to
@@ -7,8 +7,10 @@ over HTTP.
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import json
+import subprocess
 import sys
 import threading
 import time
@@ -26,17 +28,17 @@ from hypothesis import given
 from hypothesis import strategies as st
 from multidict import CIMultiDict
 
-from epp.connector.app import start as start_connector_app
-from epp.connector.http_kv import prefill_body as http_prefill_body
-from epp.connector.options import POOL_FILE_ENV, ConnectorOptions, parse_options
-from epp.connector.server import ConnectorProxy, parse_prefillers
+from connector.app import start as start_connector_app
+from connector.http_kv import prefill_body as http_prefill_body
+from connector.options import POOL_FILE_ENV, ConnectorOptions, parse_options
+from connector.server import ConnectorProxy, parse_prefillers
 from epp.datastore import ACTIVE_PORTS_ANNOTATION
-from epp.scheduling.plugins.pd_filters import ROLE_LABEL
+from infergate.api.names import BOTH, PREFILLER_HEADER, ROLE_LABEL
 from infergate.cli import main as infergate_main
 from tests.conftest import free_port, running
 from tests.fuzzing import examples, fuzz_settings
 from tests.kubeapi import KubeAPIEmulator
-from tests.paths import TINY_MODEL
+from tests.paths import ROOT, TINY_MODEL
 
 PREFILL_KV_REQUEST = {
     "do_remote_decode": True,
@@ -303,6 +305,32 @@ def test_infergate_cli_has_connector(capsys):
     assert "--kv-connector" in capsys.readouterr().out
     infergate_main(["--help"])
     assert "connector" in capsys.readouterr().out
+
+
+def test_python_m_connector_is_its_command():
+    """The sidecar is its own top-level package: `python -m connector` starts it (the image and
+    the distribution ship the folder: tests/test_image_packages.py)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "connector", "--help"], capture_output=True, text=True, cwd=ROOT
+    )
+    assert done.returncode == 0, done.stderr
+    assert "--kv-connector" in done.stdout
+
+
+def test_the_picker_and_the_sidecar_share_one_spelling_of_their_names():
+    """The role label and the prefiller header are assigned once, in infergate.api.names;
+    the picker's P/D plugins, its protocol and the sidecar import them from there."""
+    shared = {ROLE_LABEL, PREFILLER_HEADER, BOTH}
+    copies = []
+    for path in [*(ROOT / "epp").rglob("*.py"), *(ROOT / "connector").rglob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (
+                isinstance(node, ast.Assign)
+                and isinstance(node.value, ast.Constant)
+                and node.value.value in shared
+            ):
+                copies.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert copies == []
 
 
 def test_parse_prefillers():
@@ -817,7 +845,7 @@ def connector_cmd(port: int, engine_url: str, *extra: str) -> list[str]:
     return [
         sys.executable,
         "-m",
-        "epp.connector",
+        "connector",
         "--port",
         str(port),
         "--engine-url",
@@ -828,7 +856,7 @@ def connector_cmd(port: int, engine_url: str, *extra: str) -> list[str]:
 
 @pytest.mark.slow
 def test_simulator_passthrough_and_streaming(sim_factory):
-    """`python -m epp.connector` in front of a real simulator: the openai client sees the same
+    """`python -m connector` in front of a real simulator: the openai client sees the same
     output as when it talks to the simulator directly, streamed and not."""
     sim = sim_factory(*SIM_FLAGS, *FAST)
     port = free_port()
@@ -1535,7 +1563,7 @@ def test_any_header_and_body_get_an_answer_and_only_the_pool_is_called(tmp_path)
 async def test_a_prefill_pod_newer_than_the_last_poll_is_allowed_at_once(tmp_path):
     """The picker may name a pod that joined the pool file since the sidecar last polled it:
     the sidecar reads the file again before it refuses, so it never 403s a real prefill pod."""
-    from epp.connector.allowlist import PoolAllowlist
+    from connector.allowlist import PoolAllowlist
     from epp.providers.file import FileProvider
 
     pool = tmp_path / "pool.yaml"

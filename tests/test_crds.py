@@ -973,9 +973,9 @@ def test_typed_fields_read_as_python() -> None:
 
 def test_the_api_package_imports_no_other_part() -> None:
     code = (
-        "import sys, infergate.api; "
+        "import sys, infergate.api, infergate.api.names; "
         "print(sorted(m for m in sys.modules if m.split('.')[0] in "
-        "('epp', 'controllers', 'simulator', 'kvindex')))"
+        "('epp', 'connector', 'controllers', 'simulator', 'kvindex')))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

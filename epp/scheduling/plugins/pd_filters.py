@@ -11,9 +11,7 @@ from __future__ import annotations
 
 from epp.scheduling.framework import Filter
 from epp.scheduling.params import Label, PluginParams, parse_params
-
-ROLE_LABEL = "infergate.io/role"
-BOTH = "both"
+from infergate.api.names import BOTH, DECODE, PREFILL, ROLE_LABEL
 
 
 class RoleFilterParams(PluginParams):
@@ -47,11 +45,11 @@ class _RoleFilter(Filter):
 
 class DecodeFilter(_RoleFilter):
     type_name = "decode-filter"
-    role = "decode"
+    role = DECODE
     unlabeled_default = True
 
 
 class PrefillFilter(_RoleFilter):
     type_name = "prefill-filter"
-    role = "prefill"
+    role = PREFILL
     unlabeled_default = False

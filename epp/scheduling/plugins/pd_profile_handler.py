@@ -32,9 +32,8 @@ from epp.datastore import Endpoint
 from epp.errors import PickerError
 from epp.scheduling.framework import ProfileHandler, ProfileResult, SchedulingResult
 from epp.scheduling.params import MAX_TOKENS, Label, PluginParams, parse_params
-from epp.scheduling.plugins.pd_filters import ROLE_LABEL
+from infergate.api.names import PREFILL, PREFILLER_HEADER, ROLE_LABEL
 
-PREFILLER_HEADER = "x-prefiller-host-port"
 DEFAULT_GROUP_LABEL = "infergate.io/group"
 DISAGGREGATED_APIS = frozenset({"chat", "completions"})
 
@@ -115,7 +114,7 @@ class PDProfileHandler(ProfileHandler):
 
     def destinations(self, endpoints):
         # The destination is always the decode pod: a prefill pod's room is none for it.
-        return [e for e in endpoints if e.labels.get(ROLE_LABEL) != "prefill"]
+        return [e for e in endpoints if e.labels.get(ROLE_LABEL) != PREFILL]
 
     def configure(self, plugins, profiles):
         for key, profile in (

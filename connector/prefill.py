@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 import aiohttp
 
-from epp.connector.upstream import Exchange, LegError, describe, error_text
+from connector.upstream import Exchange, LegError, describe, error_text
 
-log = logging.getLogger("epp.connector.prefill")
+log = logging.getLogger("connector.prefill")
 
 RETRY_STATUSES = frozenset({502, 503, 504})
 

@@ -22,15 +22,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
-from epp.connector.options import ConnectorOptions
-from epp.connector.upstream import sanitized
+from connector.options import ConnectorOptions
+from connector.upstream import sanitized
 from epp.datastore import Datastore
 from epp.providers.file import FileProvider
-from epp.scheduling.plugins.pd_filters import BOTH, ROLE_LABEL
+from infergate.api.names import BOTH, PREFILL, ROLE_LABEL
 
-log = logging.getLogger("epp.connector.allowlist")
+log = logging.getLogger("connector.allowlist")
 
-PREFILL_ROLES = frozenset({"prefill", BOTH})
+PREFILL_ROLES = frozenset({PREFILL, BOTH})
 RETRY_FIRST, RETRY_MAX = 1.0, 30.0  # seconds between attempts to load the pool at start
 
 

@@ -16,16 +16,16 @@ import time
 import aiohttp
 from aiohttp import web
 
-from epp.connector.prefill import (
+from connector.prefill import (
     PrefillAttemptFailed,
     attempt_error,
     attempt_prefill,
     exhausted_error,
     prefill_attempts,
 )
-from epp.connector.upstream import Exchange, dumps, open_upstream, relay
+from connector.upstream import Exchange, dumps, open_upstream, relay
 
-log = logging.getLogger("epp.connector.sglang")
+log = logging.getLogger("connector.sglang")
 
 
 def bootstrap_fields(prefiller: str, bootstrap_port: int, room: int) -> dict:

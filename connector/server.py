@@ -10,14 +10,13 @@ from typing import Protocol
 import aiohttp
 from aiohttp import web
 
-from epp.connector.allowlist import Allowlist, allowlist_for
-from epp.connector.http_kv import HttpConnector
-from epp.connector.metrics import ConnectorMetrics
-from epp.connector.nixl import NixlConnector
-from epp.connector.options import ConnectorOptions
-from epp.connector.sglang import SGLangConnector
-from epp.connector.upstream import (
-    PREFILLER_HEADER,
+from connector.allowlist import Allowlist, allowlist_for
+from connector.http_kv import HttpConnector
+from connector.metrics import ConnectorMetrics
+from connector.nixl import NixlConnector
+from connector.options import ConnectorOptions
+from connector.sglang import SGLangConnector
+from connector.upstream import (
     REQUEST_ID_HEADER,
     Exchange,
     LegError,
@@ -27,8 +26,9 @@ from epp.connector.upstream import (
     relay,
     request_headers,
 )
+from infergate.api.names import PREFILLER_HEADER
 
-log = logging.getLogger("epp.connector")
+log = logging.getLogger("connector")
 
 TWO_LEG_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
 MAX_BODY_BYTES = 32 * 1024 * 1024

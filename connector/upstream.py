@@ -13,12 +13,11 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict, MultiMapping
 
-from epp.connector.metrics import ConnectorMetrics
-from epp.connector.options import ConnectorOptions
+from connector.metrics import ConnectorMetrics
+from connector.options import ConnectorOptions
 
-log = logging.getLogger("epp.connector")
+log = logging.getLogger("connector")
 
-PREFILLER_HEADER = "x-prefiller-host-port"
 REQUEST_ID_HEADER = "x-request-id"
 
 # RFC 9110 §7.6.1: meant for one connection only, never forwarded.

@@ -9,11 +9,11 @@ import sys
 
 from aiohttp import web
 
-from epp.connector.allowlist import Allowlist
-from epp.connector.options import ConnectorOptions, parse_options
-from epp.connector.server import ConnectorProxy
+from connector.allowlist import Allowlist
+from connector.options import ConnectorOptions, parse_options
+from connector.server import ConnectorProxy
 
-log = logging.getLogger("epp.connector")
+log = logging.getLogger("connector")
 
 
 async def start(

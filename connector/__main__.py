@@ -1,0 +1,5 @@
+import sys
+
+from connector.app import main
+
+sys.exit(main())

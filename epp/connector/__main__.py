@@ -1,5 +1,0 @@
-import sys
-
-from epp.connector.app import main
-
-sys.exit(main())
