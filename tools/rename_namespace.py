@@ -190,7 +190,9 @@ def as_dotted(name: str) -> cst.Attribute | cst.Name:
 def string_value(node: cst.BaseExpression) -> str | None:
     if isinstance(node, cst.SimpleString):
         value = node.evaluated_value
-        return value.decode() if isinstance(value, bytes) else value
+        if isinstance(value, bytes):
+            return value.decode("utf-8", errors="replace")  # binary data matches no module path
+        return value
     return None
 
 
@@ -436,6 +438,8 @@ def move_tests(root: Path, apply: bool) -> list[Path]:
             print(f"TEST_MOVES: {old} is gone; drop it from the table")
             continue
         moved.append(dst)
+        if "Path(__file__)" in src.read_text():
+            print(f"TEST_MOVES: {old} finds files by its own depth: use tests.paths first")
         if not apply:
             continue
         for folder in reversed(dst.relative_to(root / "tests").parents[:-1]):
