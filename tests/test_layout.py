@@ -43,17 +43,18 @@ STACK_MODULES = {"stack", "readiness", "example", "envoy_config", "auth", "super
 RENAMED = importlib.util.find_spec(DEFAULT_NS) is not None
 
 
+ROOT_PACKAGE = DEFAULT_NS if RENAMED else LAUNCHER
+
+
 def floor_of(module: str) -> str | None:
     """The floor a loaded module belongs to; None for what is not ours (or the bare root)."""
     parts = module.split(".")
-    if RENAMED:
-        if parts[0] != DEFAULT_NS or len(parts) == 1:
-            return None
-        return parts[1] if parts[1] in SUBPACKAGES else "launcher"
-    if parts[0] in SUBPACKAGES:
+    if not RENAMED and parts[0] in SUBPACKAGES:
         return parts[0]
-    if parts[0] != LAUNCHER or len(parts) == 1:
+    if parts[0] != ROOT_PACKAGE or len(parts) == 1:
         return None
+    if parts[1] in SUBPACKAGES:
+        return parts[1]
     if parts[1] in API_MODULES:
         return "api"
     return "stack" if parts[1] in STACK_MODULES else "launcher"
@@ -62,18 +63,17 @@ def floor_of(module: str) -> str | None:
 def modules_of(floor: str) -> list[str]:
     """Every importable module of a floor, under the names that apply today."""
     if floor == "launcher":
-        return [f"{DEFAULT_NS if RENAMED else LAUNCHER}.cli"]
+        return [f"{ROOT_PACKAGE}.cli"]
     folder = ROOT / floor
     if not (folder / "__init__.py").exists():
-        if RENAMED or floor not in ("api", "stack"):
+        if floor not in ("api", "stack"):
             return []
+        launcher = ROOT / LAUNCHER
         names = API_MODULES if floor == "api" else STACK_MODULES
-        folder = ROOT / LAUNCHER
-        return [
-            f"{LAUNCHER}.{n}"
-            for n in sorted(names)
-            if (folder / n).exists() or (folder / f"{n}.py").exists()
+        present = [
+            n for n in sorted(names) if (launcher / n).is_dir() or (launcher / f"{n}.py").exists()
         ]
+        return [f"{ROOT_PACKAGE}.{n}" for n in present]
     found = []
     for path in sorted(folder.rglob("*.py")):
         rel = path.relative_to(ROOT).with_suffix("")
