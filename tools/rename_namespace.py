@@ -213,7 +213,7 @@ class TextRewriter:
         self.dash_m = re.compile(rf"(?<![\w-])(-m\s+)({mod})(?![\w-])")
         self.find_spec = re.compile(rf"""(find_spec\(\s*["'])({mod})(["'])""")
         self.from_import = re.compile(rf"(\bfrom\s+)({mod})(\s+import\b)")
-        self.plain_import = re.compile(rf"(\bimport\s+)((?:{mod})(?:\s*,\s*[\w.]+)*)")
+        self.plain_import = re.compile(r"(\bimport\s+)([\w.]+(?:\s*,\s*[\w.]+)*)")
 
     def _swap(self, m: re.Match[str]) -> str:
         new = self.names.module(m.group(2))
@@ -339,7 +339,7 @@ class Rewriter(cst.CSTTransformer):
         value = string_value(updated)
         if value is None:
             return updated
-        is_code = re.match(rf"\s*(import|from)\s+({self.names.pattern()})\b", value)
+        is_code = re.match(r"\s*(import|from)\s+[\w.]+", value)
         new = self.text.code(value) if is_code else self.text.prose(value)
         if new == value:
             return updated
@@ -413,6 +413,8 @@ def rewrite_pyproject(text: str, root: Path, names: Names) -> str:
     layout = (
         f"[tool.setuptools]\npackages = [\n{rows},\n]\n\n[tool.setuptools.package-dir]\n{dirs}\n"
     )
+    if "[tool.setuptools.package-dir]" in text:
+        return text  # mapped already: a second run changes nothing
     new, count = PACKAGES_FIND.subn(layout, text)
     if count != 1:
         raise SystemExit("pyproject.toml: no [tool.setuptools.packages.find] block to replace")
@@ -459,7 +461,7 @@ def move_tests(root: Path, apply: bool) -> list[Path]:
     return moved
 
 
-BARE_LEFT = re.compile(r"\b(epp|controllers|simulator|kvindex|bench)\.")
+BARE_LEFT = re.compile(r"(?<![\w.])(epp|controllers|simulator|kvindex|bench)\.")
 
 
 def leftovers(path: Path, source: str) -> Iterator[str]:
