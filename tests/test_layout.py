@@ -19,7 +19,7 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.paths import ROOT
 from tools.rename_namespace import DEFAULT_NS, LAUNCHER, SUBPACKAGES
 
 # package -> the packages it may import (plan §5). The launcher may import anything at call time

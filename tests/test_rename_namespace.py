@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.paths import ROOT
 
 SCRIPT = ROOT / "tools" / "rename_namespace.py"
 
