@@ -132,7 +132,12 @@ TEST_MOVES = {
     "tests/test_up_supervision.py": "tests/stack/test_up_supervision.py",
 }
 # Test modules that stay at tests/ on purpose: they test the repository as a whole.
-TEST_STAYS = {"tests/test_kubeapi.py", "tests/test_manifests.py", "tests/test_layout.py"}
+TEST_STAYS = {
+    "tests/test_kubeapi.py",
+    "tests/test_manifests.py",
+    "tests/test_layout.py",
+    "tests/test_rename_namespace.py",
+}
 
 
 def module_of(path: str) -> str:
