@@ -1,0 +1,170 @@
+"""The import rules of docs/architecture.md: each package stands on the floors below it only.
+
+Each package is imported (every module of it) in a fresh interpreter, and the set of our
+packages that ends up in `sys.modules` must lie within its floor. Today's names apply until the
+namespace rename (tools/rename_namespace.py) lands; once `infergw` is importable the same table
+is checked under it, plus the rename's own guard: no bare `epp`/`controllers`/... import or
+`-m <bare>` anywhere, and importing every namespaced module loads no bare copy (a second copy
+means duplicate Prometheus collectors and split singletons).
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import itertools
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.paths import ROOT
+from tools.rename_namespace import DEFAULT_NS, LAUNCHER, SUBPACKAGES
+
+# package -> the packages it may import (plan §5). The launcher may import anything at call time
+# (it starts the parts); at import time it stands on the stack only.
+FLOORS: dict[str, set[str]] = {
+    "api": set(),
+    "cluster": {"api"},
+    "kvindex": {"api"},
+    "simulator": set(),
+    "epp": {"api", "cluster", "kvindex"},
+    "controllers": {"api", "cluster"},
+    "connector": {"api", "cluster"},
+    "stack": {"api"},
+    "bench": {"stack", "api", "kvindex", "simulator"},
+    "launcher": {"stack"},
+}
+# Before the API floor and the stack leave `infergate/` (WP-FLOOR, WP-STACK), these modules of
+# the launcher folder already belong to those floors.
+API_MODULES = {"api", "engines"}
+STACK_MODULES = {"stack", "readiness", "example", "envoy_config", "auth", "supervise"}
+RENAMED = importlib.util.find_spec(DEFAULT_NS) is not None
+
+
+ROOT_PACKAGE = DEFAULT_NS if RENAMED else LAUNCHER
+
+
+def floor_of(module: str) -> str | None:
+    """The floor a loaded module belongs to; None for what is not ours (or the bare root)."""
+    parts = module.split(".")
+    if not RENAMED and parts[0] in SUBPACKAGES:
+        return parts[0]
+    if parts[0] != ROOT_PACKAGE or len(parts) == 1:
+        return None
+    if parts[1] in SUBPACKAGES:
+        return parts[1]
+    if parts[1] in API_MODULES:
+        return "api"
+    return "stack" if parts[1] in STACK_MODULES else "launcher"
+
+
+def modules_of(floor: str) -> list[str]:
+    """Every importable module of a floor, under the names that apply today."""
+    if floor == "launcher":
+        return [f"{ROOT_PACKAGE}.cli"]
+    folder = ROOT / floor
+    if not (folder / "__init__.py").exists():
+        if floor not in ("api", "stack"):
+            return []
+        launcher = ROOT / LAUNCHER
+        names = API_MODULES if floor == "api" else STACK_MODULES
+        present = [
+            n for n in sorted(names) if (launcher / n).is_dir() or (launcher / f"{n}.py").exists()
+        ]
+        return [f"{ROOT_PACKAGE}.{n}" for n in present]
+    found = []
+    for path in sorted(folder.rglob("*.py")):
+        rel = path.relative_to(ROOT).with_suffix("")
+        if rel.name == "__main__":
+            continue
+        parts = rel.parts[:-1] if rel.name == "__init__" else rel.parts
+        found.append(".".join((DEFAULT_NS, *parts) if RENAMED else parts))
+    return found
+
+
+def loaded_floors(modules: list[str]) -> dict[str, list[str]]:
+    """floor -> our modules loaded by importing `modules` in a fresh interpreter."""
+    code = (
+        "import importlib, json, sys\n"
+        f"for m in {modules!r}: importlib.import_module(m)\n"
+        "print(json.dumps(sorted(sys.modules)))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd="/", check=True
+    )
+    loaded: dict[str, list[str]] = {}
+    for name in json.loads(out.stdout):
+        floor = floor_of(name)
+        if floor is not None:
+            loaded.setdefault(floor, []).append(name)
+    return loaded
+
+
+# Rules that become true as #20's work packages land; each switches on by what it waits for.
+def pending(floor: str) -> str | None:
+    if floor in ("stack", "bench", "launcher") and not (ROOT / "stack").is_dir():
+        return "the local stack still imports the picker and controllers (until WP-STACK: stack/)"
+    if floor == "connector" and not (ROOT / "cluster" / "pool.py").exists():
+        return "the connector's allowlist reads the picker's datastore (until cluster/pool.py)"
+    return None
+
+
+@pytest.mark.parametrize("floor", sorted(FLOORS))
+def test_each_package_imports_only_its_floors(floor: str) -> None:
+    if reason := pending(floor):
+        pytest.skip(reason)
+    modules = modules_of(floor)
+    if not modules:
+        pytest.skip(f"{floor}/ does not exist yet")
+    loaded = loaded_floors(modules)
+    above = {f: names for f, names in loaded.items() if f != floor and f not in FLOORS[floor]}
+    assert above == {}, f"{floor} may import only {sorted(FLOORS[floor])}"
+
+
+BARE = {*SUBPACKAGES, LAUNCHER}  # after the rename the launcher folder is `infergw` too
+
+
+def bare_imports(path) -> list[str]:
+    """`import epp...` / `from epp... import` and `"-m", "epp..."` in one file."""
+    tree = ast.parse(path.read_text(), str(path))
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = [node.module]
+        elif isinstance(node, ast.List | ast.Tuple):
+            items = [e.value if isinstance(e, ast.Constant) else None for e in node.elts]
+            names = [str(b) for a, b in itertools.pairwise(items) if a == "-m" and b]
+        else:
+            continue
+        found += [
+            f"{path.relative_to(ROOT)}:{node.lineno}: {n}" for n in names if n.split(".")[0] in BARE
+        ]
+    return found
+
+
+@pytest.mark.skipif(not RENAMED, reason=f"the {DEFAULT_NS} namespace rename has not landed yet")
+def test_no_source_names_a_bare_package() -> None:
+    skip = {".venv", ".git", "fixtures", "build"}
+    found = []
+    for path in sorted(ROOT.rglob("*.py")):
+        if skip.isdisjoint(path.relative_to(ROOT).parts):
+            found += bare_imports(path)
+    assert found == []
+
+
+@pytest.mark.skipif(not RENAMED, reason=f"the {DEFAULT_NS} namespace rename has not landed yet")
+def test_importing_every_namespaced_module_loads_no_bare_copy() -> None:
+    modules = [m for floor in FLOORS for m in modules_of(floor)]
+    code = (
+        "import importlib, sys\n"
+        f"for m in {modules!r}: importlib.import_module(m)\n"
+        f"print(sorted(m for m in sys.modules if m.split('.')[0] in {sorted(BARE)!r}))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd="/", check=True
+    )
+    assert out.stdout.strip() == "[]"
