@@ -17,6 +17,8 @@ import time
 
 import aiohttp
 
+from api.engines import metric_name
+from api.meta import duration_seconds
 from controllers import autoscaling as a
 from controllers.conditions import condition, find, listed, now_rfc3339
 from controllers.modelinfer_pods import L_MODELINFER, L_ROLE, pod_ready
@@ -29,8 +31,6 @@ from controllers.store import (
     Obj,
     Store,
 )
-from infergate.api.meta import duration_seconds
-from infergate.engines import metric_name
 
 log = logging.getLogger("controllers.autoscaler")
 ENGINE_LABEL = "inference.networking.k8s.io/engine-type"

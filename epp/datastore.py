@@ -15,8 +15,8 @@ from typing import Any
 
 import msgspec
 
+from api.meta import ObjectMeta
 from epp.routing.table import RouteTable
-from infergate.api.meta import ObjectMeta
 
 log = logging.getLogger("epp.datastore")
 

@@ -28,11 +28,11 @@ from typing import Annotated
 
 import msgspec
 
+from api.names import PREFILL, PREFILLER_HEADER, ROLE_LABEL
 from epp.datastore import Endpoint
 from epp.errors import PickerError
 from epp.scheduling.framework import ProfileHandler, ProfileResult, SchedulingResult
 from epp.scheduling.params import MAX_TOKENS, Label, PluginParams, parse_params
-from infergate.api.names import PREFILL, PREFILLER_HEADER, ROLE_LABEL
 
 DEFAULT_GROUP_LABEL = "infergate.io/group"
 DISAGGREGATED_APIS = frozenset({"chat", "completions"})

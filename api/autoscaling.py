@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import msgspec
 
-from infergate.api.meta import (
+from api.meta import (
     DNS_LABEL,
     DNS_SUBDOMAIN,
     DURATION,
@@ -21,7 +21,7 @@ from infergate.api.meta import (
     check_status_conditions,
     duration_seconds,
 )
-from infergate.api.workload import (
+from api.workload import (
     DEFAULT_MIN_REPLICAS,
     GROUP_VERSION,
     MetricTarget,
