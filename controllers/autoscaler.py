@@ -19,9 +19,10 @@ import aiohttp
 
 from api.engines import metric_name
 from api.meta import duration_seconds
+from api.names import ENGINE_LABEL, MODELINFER_LABEL, ROLE_LABEL
 from controllers import autoscaling as a
 from controllers.conditions import condition, find, listed, now_rfc3339
-from controllers.modelinfer_pods import L_MODELINFER, L_ROLE, pod_ready
+from controllers.modelinfer_pods import pod_ready
 from controllers.store import (
     AUTOSCALING_BINDING,
     AUTOSCALING_POLICY,
@@ -33,7 +34,6 @@ from controllers.store import (
 )
 
 log = logging.getLogger("controllers.autoscaler")
-ENGINE_LABEL = "inference.networking.k8s.io/engine-type"
 
 
 class ScrapeFailed(Exception):
@@ -206,9 +206,9 @@ class AutoscalerReconciler:
         mi = await self.store.get(MODEL_INFER, ns, target["name"])
         if mi is None:
             raise ScrapeFailed(f"ModelInfer {target['name']} not found")
-        labels = {L_MODELINFER: target["name"]}
+        labels = {MODELINFER_LABEL: target["name"]}
         if target.get("role"):
-            labels[L_ROLE] = target["role"]
+            labels[ROLE_LABEL] = target["role"]
             role = next(r for r in mi["spec"]["template"]["roles"] if r["name"] == target["role"])
             current = int(role.get("replicas", 1))
         else:
