@@ -22,11 +22,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
+from api.names import BOTH, PREFILL, ROLE_LABEL
 from connector.options import ConnectorOptions
 from connector.upstream import sanitized
 from epp.datastore import Datastore
 from epp.providers.file import FileProvider
-from infergate.api.names import BOTH, PREFILL, ROLE_LABEL
 
 log = logging.getLogger("connector.allowlist")
 

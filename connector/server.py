@@ -10,6 +10,7 @@ from typing import Protocol
 import aiohttp
 from aiohttp import web
 
+from api.names import PREFILLER_HEADER
 from connector.allowlist import Allowlist, allowlist_for
 from connector.http_kv import HttpConnector
 from connector.metrics import ConnectorMetrics
@@ -26,7 +27,6 @@ from connector.upstream import (
     relay,
     request_headers,
 )
-from infergate.api.names import PREFILLER_HEADER
 
 log = logging.getLogger("connector")
 

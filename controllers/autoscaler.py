@@ -17,9 +17,13 @@ import time
 
 import aiohttp
 
+from api import ApiError, from_dict, prune_nulls
+from api.autoscaling import AutoScalingPolicy, EffectiveStep, effective_policy
+from api.engines import metric_name
+from api.names import ENGINE_LABEL, MODELINFER_LABEL, ROLE_LABEL
 from controllers import autoscaling as a
 from controllers.conditions import condition, find, listed, now_rfc3339
-from controllers.modelinfer_pods import L_MODELINFER, L_ROLE, pod_ready
+from controllers.modelinfer_pods import pod_ready
 from controllers.store import (
     AUTOSCALING_BINDING,
     AUTOSCALING_POLICY,
@@ -29,11 +33,8 @@ from controllers.store import (
     Obj,
     Store,
 )
-from infergate.api.meta import duration_seconds
-from infergate.engines import metric_name
 
 log = logging.getLogger("controllers.autoscaler")
-ENGINE_LABEL = "inference.networking.k8s.io/engine-type"
 
 
 class ScrapeFailed(Exception):
@@ -41,37 +42,35 @@ class ScrapeFailed(Exception):
 
 
 def policy_from(obj: Obj) -> a.Policy:
-    spec = obj["spec"]
-    behavior = spec.get("behavior") or {}
-    up = behavior.get("scaleUp") or {}
-    stable = up.get("stablePolicy") or {}
-    panic = up.get("panicPolicy")
-    down = behavior.get("scaleDown") or {}
+    """The arithmetic's policy for an AutoScalingPolicy object, read through the API (which
+    fills in the CRD's defaults)."""
+    typed = from_dict(prune_nulls(obj))
+    if not isinstance(typed, AutoScalingPolicy):
+        raise ApiError(f"expected an AutoScalingPolicy, got {typed.kind}")
+    p = effective_policy(typed)
     return a.Policy(
-        targets={m["metricName"]: float(m["targetValue"]) for m in spec["metrics"]},
-        tolerance=float(spec.get("tolerancePercent", 10)) / 100,
-        up=a.StepPolicy(
-            instances=stable.get("instances", 1),
-            percent=stable.get("percent", 100),
-            period=duration_seconds(stable.get("period", "15s")),
-            select=stable.get("selectPolicy", "Or"),
-            window=duration_seconds(stable.get("stabilizationWindow", "0s")),
-        ),
-        down=a.StepPolicy(
-            instances=down.get("instances", 1),
-            percent=down.get("percent", 100),
-            period=duration_seconds(down.get("period", "15s")),
-            select=down.get("selectPolicy", "Or"),
-            window=duration_seconds(down.get("stabilizationWindow", "5m")),
-        ),
+        targets={name: float(value) for name, value in p.targets.items()},
+        tolerance=p.tolerance_percent / 100,
+        up=_step(p.scale_up),
+        down=_step(p.scale_down),
         panic=None
-        if panic is None
+        if p.panic is None
         else a.PanicPolicy(
-            threshold_percent=float(panic.get("panicThresholdPercent", 200)),
-            percent=float(panic.get("percent", 1000)),
-            period=duration_seconds(panic.get("period", "10s")),
-            hold=duration_seconds(panic.get("panicModeHold", "60s")),
+            threshold_percent=float(p.panic.threshold_percent),
+            percent=float(p.panic.percent),
+            period=p.panic.period,
+            hold=p.panic.hold,
         ),
+    )
+
+
+def _step(step: EffectiveStep) -> a.StepPolicy:
+    return a.StepPolicy(
+        instances=step.instances,
+        percent=step.percent,
+        period=step.period,
+        select=step.select_policy,
+        window=step.stabilization_window,
     )
 
 
@@ -206,9 +205,9 @@ class AutoscalerReconciler:
         mi = await self.store.get(MODEL_INFER, ns, target["name"])
         if mi is None:
             raise ScrapeFailed(f"ModelInfer {target['name']} not found")
-        labels = {L_MODELINFER: target["name"]}
+        labels = {MODELINFER_LABEL: target["name"]}
         if target.get("role"):
-            labels[L_ROLE] = target["role"]
+            labels[ROLE_LABEL] = target["role"]
             role = next(r for r in mi["spec"]["template"]["roles"] if r["name"] == target["role"])
             current = int(role.get("replicas", 1))
         else:

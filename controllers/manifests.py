@@ -1,6 +1,6 @@
 """Standalone mode's `kubectl apply`: objects from a directory of YAML, watched.
 
-Every document is validated like the admission webhook would (infergate.api) before it is
+Every document is validated like the admission webhook would (api) before it is
 accepted; an invalid one is logged with its file and reason and skipped, and the rest apply.
 A Namespace document only lends its labels to that check: a ModelInfer whose pods would get
 power over their node is accepted in a namespace labelled
@@ -17,10 +17,10 @@ from pathlib import Path
 
 import yaml
 
+from api import forbidden_host_powers, prune_nulls, validate_dict
+from api.meta import Problems
+from api.pod import check_pod_template
 from controllers.store import KINDS, NotFound, Obj, Store, kind_of
-from infergate.api import forbidden_host_powers, prune_nulls, validate_dict
-from infergate.api.meta import Problems
-from infergate.api.pod import check_pod_template
 
 log = logging.getLogger("controllers.manifests")
 # Kinds an example directory holds for the rest of the stack, not for the controllers: the

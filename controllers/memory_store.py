@@ -9,6 +9,7 @@ import uuid
 from collections import deque
 from collections.abc import AsyncIterator
 
+from api import prune_nulls
 from controllers.conditions import now_rfc3339
 from controllers.store import (
     AlreadyExists,
@@ -21,7 +22,6 @@ from controllers.store import (
     kind_of,
     labels_match,
 )
-from infergate.api import prune_nulls
 
 _Key = tuple[str, str, str]  # kind, namespace, name
 

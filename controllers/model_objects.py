@@ -15,10 +15,9 @@ from __future__ import annotations
 import copy
 import json
 
-from controllers.modelinfer_pods import L_GROUP, L_MODEL, L_ROLE
+from api.names import DECODE, ENGINE_LABEL, GROUP_LABEL, MODEL_LABEL, PREFILL, ROLE_LABEL
 from controllers.store import Obj, owner_reference
 
-ENGINE_LABEL = "inference.networking.k8s.io/engine-type"
 ENGINE_PORT = 8000  # the pod's serving port: the engine's, or the connector's before it
 SIDECAR_ENGINE_PORT = 8200  # the engine's port behind the connector (llm-d's)
 CONNECTOR_IMAGE = "ghcr.io/infergate/infergate:latest"
@@ -49,7 +48,7 @@ def _meta(model: Obj, name: str | None = None, **labels: str) -> dict:
     return {
         "name": name or m["name"],
         "namespace": m.get("namespace", "default"),
-        "labels": {L_MODEL: m["name"], **labels},
+        "labels": {MODEL_LABEL: m["name"], **labels},
         "ownerReferences": [owner_reference(model)],
     }
 
@@ -168,8 +167,8 @@ def roles(model: Obj) -> list[dict]:
         kv_connector = "nixl"  # the CRD's default
     nixl = kv_connector == "nixl"  # vLLM's NixlConnector; other connectors: the Model's args
     return [
-        _role(model, "prefill", backend["prefill"], nixl_role="kv_producer" if nixl else None),
-        _role(model, "decode", backend["decode"], kv_connector, "kv_consumer" if nixl else None),
+        _role(model, PREFILL, backend["prefill"], nixl_role="kv_producer" if nixl else None),
+        _role(model, DECODE, backend["decode"], kv_connector, "kv_consumer" if nixl else None),
     ]
 
 
@@ -193,12 +192,12 @@ def modelinfer(model: Obj) -> Obj:
 def modelserver(model: Obj) -> Obj:
     spec = model["spec"]
     backend = spec["backend"]
-    selector: dict = {"matchLabels": {L_MODEL: model["metadata"]["name"]}}
+    selector: dict = {"matchLabels": {MODEL_LABEL: model["metadata"]["name"]}}
     if backend.get("aggregated") is None:
         selector["pdGroup"] = {
-            "groupKey": L_GROUP,
-            "prefillLabels": {L_ROLE: "prefill"},
-            "decodeLabels": {L_ROLE: "decode"},
+            "groupKey": GROUP_LABEL,
+            "prefillLabels": {ROLE_LABEL: PREFILL},
+            "decodeLabels": {ROLE_LABEL: DECODE},
         }
     out = {
         "apiVersion": NETWORKING,
@@ -236,7 +235,7 @@ def inferencepool(model: Obj) -> Obj:
         "kind": "InferencePool",
         "metadata": _meta(model),
         "spec": {
-            "selector": {"matchLabels": {L_MODEL: name}},
+            "selector": {"matchLabels": {MODEL_LABEL: name}},
             "targetPorts": [{"number": ENGINE_PORT}],
             "endpointPickerRef": {
                 "name": f"{name}-epp",

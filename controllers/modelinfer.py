@@ -13,6 +13,7 @@ import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+from api.names import MODELINFER_LABEL, REVISION_LABEL
 from controllers import modelinfer_pods as mp
 from controllers.conditions import condition, listed
 from controllers.store import (
@@ -44,7 +45,7 @@ class Groups:
         return want <= set(have) and all(mp.pod_ready(have[s]) for s in want)
 
     def revision(self, g: int) -> str | None:
-        revs = {p["metadata"]["labels"].get(mp.L_REVISION) for p in self.pods.get(g, [])}
+        revs = {p["metadata"]["labels"].get(REVISION_LABEL) for p in self.pods.get(g, [])}
         return revs.pop() if len(revs) == 1 else None
 
 
@@ -59,7 +60,7 @@ class ModelInferReconciler:
         mi = await self.store.get(MODEL_INFER, namespace, name)
         if mi is None or mi["metadata"].get("deletionTimestamp"):
             return None  # owner references take the pods with it
-        pods, _ = await self.store.list(POD, namespace, {mp.L_MODELINFER: name})
+        pods, _ = await self.store.list(POD, namespace, {MODELINFER_LABEL: name})
         groups = Groups()
         for p in pods:
             g = mp.group_of(p, name)
@@ -182,7 +183,7 @@ class ModelInferReconciler:
         if len(groups.pods) < int(mi["spec"].get("replicas", 1)):
             return  # groups being rebuilt keep their services
         ns = mi["metadata"].get("namespace", "default")
-        services, _ = await self.store.list(SERVICE, ns, {mp.L_MODELINFER: _name(mi)})
+        services, _ = await self.store.list(SERVICE, ns, {MODELINFER_LABEL: _name(mi)})
         for svc in services:
             if svc["metadata"]["name"] not in wanted:
                 await self._delete(SERVICE, mi, svc["metadata"]["name"])
@@ -230,7 +231,7 @@ class ModelInferReconciler:
             "updatedReplicas": len(updated),
             "currentRevision": current,
             "updateRevision": rev,
-            "labelSelector": f"{mp.L_MODELINFER}={name}",
+            "labelSelector": f"{MODELINFER_LABEL}={name}",
             "conditions": [
                 condition(
                     mi,

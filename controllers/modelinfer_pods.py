@@ -8,15 +8,16 @@ import hashlib
 import json
 from dataclasses import dataclass
 
+from api.names import (
+    ENTRY_LABEL,
+    GROUP_LABEL,
+    MODEL_LABEL,
+    MODELINFER_LABEL,
+    REVISION_LABEL,
+    ROLE_INDEX_LABEL,
+    ROLE_LABEL,
+)
 from controllers.store import Obj, owner_reference
-
-L_MODEL = "infergate.io/model"
-L_MODELINFER = "infergate.io/modelinfer"
-L_GROUP = "infergate.io/group"
-L_ROLE = "infergate.io/role"
-L_ROLE_INDEX = "infergate.io/role-index"
-L_ENTRY = "infergate.io/entry"
-L_REVISION = "infergate.io/revision"
 
 
 @dataclass(slots=True, frozen=True)
@@ -37,7 +38,7 @@ def group_name(mi_name: str, group: int) -> str:
 
 
 def group_of(pod: Obj, mi_name: str) -> int | None:
-    label = pod["metadata"].get("labels", {}).get(L_GROUP, "")
+    label = pod["metadata"].get("labels", {}).get(GROUP_LABEL, "")
     prefix = mi_name + "-"
     tail = label[len(prefix) :] if label.startswith(prefix) else ""
     return int(tail) if tail.isdigit() else None
@@ -87,15 +88,15 @@ def pod_for(mi: Obj, slot: PodSlot, rev: str) -> Obj:
         c["env"] = [e for e in c.get("env") or [] if e.get("name") not in names] + env
     labels = {
         **(meta.get("labels") or {}),
-        L_MODELINFER: m["name"],
-        L_GROUP: group_name(m["name"], slot.group),
-        L_ROLE: slot.role,
-        L_ROLE_INDEX: str(slot.index),
-        L_ENTRY: "true" if entry else "false",
-        L_REVISION: rev,
+        MODELINFER_LABEL: m["name"],
+        GROUP_LABEL: group_name(m["name"], slot.group),
+        ROLE_LABEL: slot.role,
+        ROLE_INDEX_LABEL: str(slot.index),
+        ENTRY_LABEL: "true" if entry else "false",
+        REVISION_LABEL: rev,
     }
-    if L_MODEL in (m.get("labels") or {}):
-        labels[L_MODEL] = m["labels"][L_MODEL]
+    if MODEL_LABEL in (m.get("labels") or {}):
+        labels[MODEL_LABEL] = m["labels"][MODEL_LABEL]
     pod_meta = {
         "name": slot.name(m["name"]),
         "namespace": m.get("namespace", "default"),
@@ -113,9 +114,9 @@ def slot_of(pod: Obj, mi_name: str) -> PodSlot | None:
     labels = pod["metadata"].get("labels", {})
     group = group_of(pod, mi_name)
     tail = pod["metadata"]["name"].rsplit("-", 1)[-1]
-    if group is None or not tail.isdigit() or not labels.get(L_ROLE_INDEX, "").isdigit():
+    if group is None or not tail.isdigit() or not labels.get(ROLE_INDEX_LABEL, "").isdigit():
         return None
-    return PodSlot(group, labels.get(L_ROLE, ""), int(labels[L_ROLE_INDEX]), int(tail))
+    return PodSlot(group, labels.get(ROLE_LABEL, ""), int(labels[ROLE_INDEX_LABEL]), int(tail))
 
 
 def service_for(mi: Obj, slot: PodSlot) -> Obj:
@@ -129,15 +130,15 @@ def service_for(mi: Obj, slot: PodSlot) -> Obj:
         "metadata": {
             "name": name,
             "namespace": m.get("namespace", "default"),
-            "labels": {L_MODELINFER: m["name"], L_GROUP: group_name(m["name"], slot.group)},
+            "labels": {MODELINFER_LABEL: m["name"], GROUP_LABEL: group_name(m["name"], slot.group)},
             "ownerReferences": [owner_reference(mi)],
         },
         "spec": {
             "clusterIP": "None",
             "selector": {
-                L_GROUP: group_name(m["name"], slot.group),
-                L_ROLE: slot.role,
-                L_ROLE_INDEX: str(slot.index),
+                GROUP_LABEL: group_name(m["name"], slot.group),
+                ROLE_LABEL: slot.role,
+                ROLE_INDEX_LABEL: str(slot.index),
             },
         },
     }
@@ -153,7 +154,7 @@ def pod_group_for(mi: Obj, group: int) -> Obj:
         "metadata": {
             "name": group_name(m["name"], group),
             "namespace": m.get("namespace", "default"),
-            "labels": {L_MODELINFER: m["name"]},
+            "labels": {MODELINFER_LABEL: m["name"]},
             "ownerReferences": [owner_reference(mi)],
         },
         "spec": {"minMember": members},

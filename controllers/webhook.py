@@ -4,7 +4,7 @@
     GET  /healthz    "ok"
     GET  /metrics    infergate_webhook_admissions_total{kind,operation,allowed}, in its own registry
 
-A CREATE or UPDATE of a kind that `infergate.api` knows is checked with `validate_dict` (the
+A CREATE or UPDATE of a kind that `api` knows is checked with `validate_dict` (the
 CRDs' schema and CEL rules, and the pod templates' fields the controllers read) and, for an
 UPDATE, with `validate_update` (the CRDs' transition rules, such as ModelRoute's immutable
 spec.modelName). A ModelInfer whose pods would get power over their node (privileged, added
@@ -38,10 +38,10 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 
+import api
+from api import networking
 from controllers import certs
 from controllers.store import NAMESPACE, Store
-from infergate import api
-from infergate.api import networking
 
 log = logging.getLogger("controllers.webhook")
 

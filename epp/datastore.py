@@ -15,12 +15,12 @@ from typing import Any
 
 import msgspec
 
+from api.meta import ObjectMeta
+from api.names import ENGINE_LABEL
 from epp.routing.table import RouteTable
-from infergate.api.meta import ObjectMeta
 
 log = logging.getLogger("epp.datastore")
 
-ENGINE_LABEL = "inference.networking.k8s.io/engine-type"
 ACTIVE_PORTS_ANNOTATION = "inference.networking.k8s.io/active-ports"
 
 

@@ -15,21 +15,13 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 
-from infergate.api.names import PREFILLER_HEADER as PREFILLER
+from api.names import DESTINATION_HEADER, PREFILLER_HEADER, SERVED_HEADER, SUBSET_HEADER
 
-DESTINATION = "x-gateway-destination-endpoint"
-SUBSET = "x-gateway-destination-endpoint-subset"
-SERVED = "x-gateway-destination-endpoint-served"
-# Set by the gateway, never by a client (Envoy removes client copies before the picker):
-# the engine model a request is rewritten to, and the request's priority and fairness flow.
-MODEL_REWRITE = "x-gateway-model-name-rewrite"
-OBJECTIVE = "x-gateway-inference-objective"
-FAIRNESS_ID = "x-gateway-inference-fairness-id"
 LB_NAMESPACE = "envoy.lb"
 SUBSET_NAMESPACE = "envoy.lb.subset_hint"
 MAX_CHUNK = 62_000
 # Never passed on from the client: the picker alone decides where a request goes.
-SYSTEM_HEADERS = frozenset({DESTINATION, SUBSET, SERVED, "content-length"})
+SYSTEM_HEADERS = frozenset({DESTINATION_HEADER, SUBSET_HEADER, SERVED_HEADER, "content-length"})
 
 _OVERWRITE = core.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 
@@ -54,7 +46,7 @@ def destination_headers(
     """The deferred request-headers answer: where to go, in header and metadata alike, and
     any `extra` headers for the pod."""
     value = ",".join(targets)
-    sets = [_set(DESTINATION, value)]
+    sets = [_set(DESTINATION_HEADER, value)]
     if content_length is not None:
         sets.append(_set("content-length", str(content_length)))
     sets += [_set(k, v) for k, v in (extra or {}).items()]
@@ -65,14 +57,14 @@ def destination_headers(
                     set_headers=sets,
                     # Only the picker names a prefiller: a client's would make the decode
                     # sidecar send its prompt wherever the client said.
-                    remove_headers=[SUBSET, SERVED]
-                    + ([] if extra and PREFILLER in extra else [PREFILLER]),
+                    remove_headers=[SUBSET_HEADER, SERVED_HEADER]
+                    + ([] if extra and PREFILLER_HEADER in extra else [PREFILLER_HEADER]),
                 ),
                 clear_route_cache=True,
             )
         )
     )
-    resp.dynamic_metadata.update({LB_NAMESPACE: {DESTINATION: value}})
+    resp.dynamic_metadata.update({LB_NAMESPACE: {DESTINATION_HEADER: value}})
     return resp
 
 
@@ -112,7 +104,7 @@ def response_chunk(data: bytes, eos: bool) -> pb.ProcessingResponse:
 
 
 def served_headers(served: str | None) -> pb.ProcessingResponse:
-    sets = [_set(SERVED, served)] if served else []
+    sets = [_set(SERVED_HEADER, served)] if served else []
     return pb.ProcessingResponse(
         response_headers=pb.HeadersResponse(
             response=pb.CommonResponse(header_mutation=pb.HeaderMutation(set_headers=sets))
@@ -164,7 +156,7 @@ def subset_hint(req: pb.ProcessingRequest) -> list[str] | None:
     meta = req.metadata_context.filter_metadata
     if SUBSET_NAMESPACE not in meta:
         return None
-    value = struct_value(meta[SUBSET_NAMESPACE], SUBSET)
+    value = struct_value(meta[SUBSET_NAMESPACE], SUBSET_HEADER)
     if value is None:
         return []
     items = value.split(",") if isinstance(value, str) else value
@@ -175,7 +167,7 @@ def served_endpoint(req: pb.ProcessingRequest) -> str | None:
     """Who answered: envoy.lb metadata (the protocol) or the upstream.address attribute."""
     meta = req.metadata_context.filter_metadata
     if LB_NAMESPACE in meta:
-        value = struct_value(meta[LB_NAMESPACE], SERVED)
+        value = struct_value(meta[LB_NAMESPACE], SERVED_HEADER)
         if isinstance(value, str) and value:
             return value
     for attrs in req.attributes.values():

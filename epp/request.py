@@ -15,6 +15,13 @@ from typing import Any
 
 import msgspec
 
+from api.names import (
+    FAIRNESS_ID_HEADER,
+    MODEL_REWRITE_HEADER,
+    OBJECTIVE_HEADER,
+    SESSION_HEADER,
+    USER_HEADER,
+)
 from epp.errors import PickerError
 from epp.json_splice import set_member, value_offset
 from epp.request_body import (
@@ -30,7 +37,6 @@ from epp.request_body import (
 
 log = logging.getLogger("epp.request")
 
-USER_HEADER = "x-infergate-user"
 
 # Which API a path is: the suffix decides, so /v1/chat/completions and /openai/v1/... both work.
 API_BY_SUFFIX = (
@@ -248,17 +254,15 @@ def parse_request(
         raw_body=raw_body,
         model=model,
         headers=headers,
-        target_model=headers.get("x-gateway-model-name-rewrite") or model,
+        target_model=headers.get(MODEL_REWRITE_HEADER) or model,
         stream=bool(body.stream),  # OpenAI allows null
         stream_options=stream_options,
         max_tokens=body.max_output,
         prompt_text=_prompt_text(api, body),
         # Envoy removes a client's x-infergate-user and sets the verified one: it wins.
-        fairness_id=headers.get(USER_HEADER)
-        or headers.get("x-gateway-inference-fairness-id")
-        or "default-flow",
+        fairness_id=headers.get(USER_HEADER) or headers.get(FAIRNESS_ID_HEADER) or "default-flow",
         user=headers.get(USER_HEADER) or None,
-        objective=headers.get("x-gateway-inference-objective"),
-        session_id=headers.get("x-session-id"),
+        objective=headers.get(OBJECTIVE_HEADER),
+        session_id=headers.get(SESSION_HEADER),
     )
     return req

@@ -22,14 +22,14 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from epp.protocol import FAIRNESS_ID, MODEL_REWRITE, OBJECTIVE
+from api.names import FAIRNESS_ID_HEADER, MODEL_REWRITE_HEADER, OBJECTIVE_HEADER
 from epp.request import InferenceRequest
 
 log = logging.getLogger("epp.trust")
 
 # GIE's flow for requests that name none.
 DEFAULT_FAIRNESS_ID = "default-flow"
-CLIENT_ASSERTED = (MODEL_REWRITE, OBJECTIVE, FAIRNESS_ID)
+CLIENT_ASSERTED = (MODEL_REWRITE_HEADER, OBJECTIVE_HEADER, FAIRNESS_ID_HEADER)
 USER_KEYS = ("objective", "fairnessId")
 
 
@@ -97,8 +97,8 @@ class HeaderTrust:
 
     def trusted_names(self) -> tuple[str, ...]:
         """The client-asserted headers this picker believes."""
-        names = (OBJECTIVE, FAIRNESS_ID) if self.client_headers else ()
-        return names + ((MODEL_REWRITE,) if self.model_rewrite_header else ())
+        names = (OBJECTIVE_HEADER, FAIRNESS_ID_HEADER) if self.client_headers else ()
+        return names + ((MODEL_REWRITE_HEADER,) if self.model_rewrite_header else ())
 
     def apply(self, req: InferenceRequest) -> None:
         """Set the request's objective, fairness id and engine model from what is trusted,
@@ -114,15 +114,15 @@ class HeaderTrust:
             log.debug("request %s: ignoring client-set %s", req.request_id, ", ".join(ignored))
         mapped = self.users.get(req.user) or UserIdentity()
         # The verified user wins over any claim; a claim counts only when trusted.
-        req.objective = mapped.objective or claimed.get(OBJECTIVE)
+        req.objective = mapped.objective or claimed.get(OBJECTIVE_HEADER)
         req.fairness_id = (
-            mapped.fairness_id or req.user or claimed.get(FAIRNESS_ID) or DEFAULT_FAIRNESS_ID
+            mapped.fairness_id or req.user or claimed.get(FAIRNESS_ID_HEADER) or DEFAULT_FAIRNESS_ID
         )
-        req.target_model = claimed.get(MODEL_REWRITE) or req.model
+        req.target_model = claimed.get(MODEL_REWRITE_HEADER) or req.model
         headers = {k: v for k, v in req.headers.items() if k not in CLIENT_ASSERTED}
         if req.target_model != req.model:
-            headers[MODEL_REWRITE] = req.target_model
+            headers[MODEL_REWRITE_HEADER] = req.target_model
         if req.objective:
-            headers[OBJECTIVE] = req.objective
-        headers[FAIRNESS_ID] = req.fairness_id
+            headers[OBJECTIVE_HEADER] = req.objective
+        headers[FAIRNESS_ID_HEADER] = req.fairness_id
         req.headers = headers

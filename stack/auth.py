@@ -29,17 +29,23 @@ import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from epp.protocol import DESTINATION, FAIRNESS_ID, MODEL_REWRITE, OBJECTIVE, PREFILLER
+from api.names import (
+    DESTINATION_HEADER,
+    FAIRNESS_ID_HEADER,
+    MODEL_REWRITE_HEADER,
+    OBJECTIVE_HEADER,
+    PREFILLER_HEADER,
+    USER_HEADER,
+)
 
-USER_HEADER = "x-infergate-user"
 # Headers only the gateway or the picker may set: the pod a request goes to, the prefill pod a
 # decode sidecar sends the prompt to, and the engine model a request is rewritten to. A
 # client's copy must reach neither the picker nor (with the picker down and a pool that fails
 # open) a pod: the sidecar would post the prompt wherever the client said.
-GATEWAY_HEADERS = (DESTINATION, PREFILLER, MODEL_REWRITE)
+GATEWAY_HEADERS = (DESTINATION_HEADER, PREFILLER_HEADER, MODEL_REWRITE_HEADER)
 # Scheduling hints a client asserts about itself (its priority, its fairness flow): removed too
 # unless the operator trusts the clients (a closed network; `infergate up --trust-client-headers`).
-CLIENT_HINT_HEADERS = (OBJECTIVE, FAIRNESS_ID)
+CLIENT_HINT_HEADERS = (OBJECTIVE_HEADER, FAIRNESS_ID_HEADER)
 API_VERSION = "gateway.envoyproxy.io/v1alpha1"
 GATEWAY_KINDS = ("SecurityPolicy", "Secret")  # what an example directory holds for Envoy
 _TARGET_KINDS = ("Gateway", "HTTPRoute", "GRPCRoute")

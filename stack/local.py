@@ -24,6 +24,7 @@ from pathlib import Path
 
 import yaml
 
+from api.names import ENGINE_LABEL
 from controllers.certs import serving_cert
 from stack.auth import AuthConfig
 from stack.envoy_config import EnvoySettings, render
@@ -35,7 +36,6 @@ ROOT = Path(__file__).resolve().parent.parent
 QUICKSTART = ROOT / "examples" / "quickstart"
 # The simulator's bundled tokenizer, which the picker needs to tokenize prompts as pods do.
 DEFAULT_MODEL_DIR = ROOT / "simulator" / "default_model"
-ENGINE_LABEL = "inference.networking.k8s.io/engine-type"
 PICKER_HOST = "127.0.0.1"  # where Envoy dials the picker: its certificate's SAN
 
 

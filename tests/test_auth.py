@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from api.names import USER_HEADER
 from controllers.certs import serving_cert
 from controllers.manifests import read_objects
-from stack.auth import USER_HEADER, AuthConfig, AuthError, http_filters
+from stack.auth import AuthConfig, AuthError, http_filters
 from stack.envoy_config import EnvoySettings, render
 from stack.example import Example, ExampleError
 from stack.local import envoy_binary

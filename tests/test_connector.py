@@ -28,12 +28,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 from multidict import CIMultiDict
 
+from api.names import BOTH, PREFILLER_HEADER, ROLE_LABEL
 from connector.app import start as start_connector_app
 from connector.http_kv import prefill_body as http_prefill_body
 from connector.options import POOL_FILE_ENV, ConnectorOptions, parse_options
 from connector.server import ConnectorProxy, parse_prefillers
 from epp.datastore import ACTIVE_PORTS_ANNOTATION
-from infergate.api.names import BOTH, PREFILLER_HEADER, ROLE_LABEL
 from infergate.cli import main as infergate_main
 from tests.conftest import free_port, running
 from tests.fuzzing import examples, fuzz_settings
@@ -318,7 +318,7 @@ def test_python_m_connector_is_its_command():
 
 
 def test_the_picker_and_the_sidecar_share_one_spelling_of_their_names():
-    """The role label and the prefiller header are assigned once, in infergate.api.names;
+    """The role label and the prefiller header are assigned once, in api.names;
     the picker's P/D plugins, its protocol and the sidecar import them from there."""
     shared = {ROLE_LABEL, PREFILLER_HEADER, BOTH}
     copies = []

@@ -352,9 +352,9 @@ async def reconcile_until(reconciler, store, check, within: float = 60.0) -> lis
 
 
 async def test_a_stream_finishes_across_a_scale_down_while_new_requests_go_elsewhere(runtime):
+    from api.names import MODELINFER_LABEL
     from controllers.envoy_eds import pool_endpoints
     from controllers.modelinfer import ModelInferReconciler
-    from controllers.modelinfer_pods import L_MODELINFER
     from controllers.store import MODEL_INFER
 
     store, rt = runtime
@@ -372,7 +372,7 @@ async def test_a_stream_finishes_across_a_scale_down_while_new_requests_go_elsew
     pool = {
         "metadata": {"namespace": "default"},
         "spec": {
-            "selector": {"matchLabels": {L_MODELINFER: "slow"}},
+            "selector": {"matchLabels": {MODELINFER_LABEL: "slow"}},
             "targetPorts": [{"number": 8000}],
         },
     }

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import yaml
 
+from api import ALLOW_PRIVILEGED_LABEL
 from controllers.exporter import PoolExporter
 from controllers.manifests import ManifestDirectory
 from controllers.memory_store import MemoryStore
@@ -21,7 +22,6 @@ from controllers.store import (
     POD,
 )
 from epp.providers.file import load_objects
-from infergate.api import ALLOW_PRIVILEGED_LABEL
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "crds"
 

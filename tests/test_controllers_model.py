@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from api import validate_dict
 from controllers import model_objects
 from controllers.memory_store import MemoryStore
 from controllers.model import NOT_OURS_RETRY, ModelReconciler
@@ -29,7 +30,6 @@ from controllers.store import (
     POD,
     Invalid,
 )
-from infergate.api import validate_dict
 from tests.controller_helpers import conds, kubelet, modelinfer, since, summary
 from tests.paths import EXAMPLES
 

@@ -9,6 +9,15 @@ import copy
 
 import pytest
 
+from api.names import (
+    ENTRY_LABEL,
+    GROUP_LABEL,
+    MODEL_LABEL,
+    MODELINFER_LABEL,
+    REVISION_LABEL,
+    ROLE_INDEX_LABEL,
+    ROLE_LABEL,
+)
 from controllers import modelinfer_pods as mp
 from controllers.memory_store import MemoryStore
 from controllers.modelinfer import ModelInferReconciler
@@ -28,7 +37,7 @@ async def get_mi(store, name="llm"):
 
 
 async def pods_of(store, name="llm"):
-    pods, _ = await store.list(POD, "default", {mp.L_MODELINFER: name})
+    pods, _ = await store.list(POD, "default", {MODELINFER_LABEL: name})
     return {p["metadata"]["name"]: p for p in pods}
 
 
@@ -55,9 +64,9 @@ async def test_groups_roles_entry_and_worker_pods(env):
     )
     worker = pods["llm-1-prefill-0-1"]
     labels = worker["metadata"]["labels"]
-    assert labels[mp.L_GROUP] == "llm-1" and labels[mp.L_ROLE] == "prefill"
-    assert labels[mp.L_ENTRY] == "false" and labels[mp.L_ROLE_INDEX] == "0"
-    assert labels[mp.L_MODEL] == "llm" and "app" not in labels  # the worker template has none
+    assert labels[GROUP_LABEL] == "llm-1" and labels[ROLE_LABEL] == "prefill"
+    assert labels[ENTRY_LABEL] == "false" and labels[ROLE_INDEX_LABEL] == "0"
+    assert labels[MODEL_LABEL] == "llm" and "app" not in labels  # the worker template has none
     assert env_of(worker) == {
         "GROUP_SIZE": "2",
         "ENTRY_ADDRESS": "llm-1-prefill-0-0.default",
@@ -100,13 +109,13 @@ async def test_scale_down_takes_not_ready_groups_first_then_the_highest(env):
     await store.update_status(p)
     await edit(store, "llm", lambda s: s.update(replicas=2))
     await settle(rec, store, "llm")
-    groups = {p["metadata"]["labels"][mp.L_GROUP] for p in (await pods_of(store)).values()}
+    groups = {p["metadata"]["labels"][GROUP_LABEL] for p in (await pods_of(store)).values()}
     assert groups == {"llm-0", "llm-2"}
     services, _ = await store.list(SERVICE, "default")
-    assert {s["metadata"]["labels"][mp.L_GROUP] for s in services} == {"llm-0", "llm-2"}
+    assert {s["metadata"]["labels"][GROUP_LABEL] for s in services} == {"llm-0", "llm-2"}
     await edit(store, "llm", lambda s: s.update(replicas=3))
     await settle(rec, store, "llm")
-    groups = {p["metadata"]["labels"][mp.L_GROUP] for p in (await pods_of(store)).values()}
+    groups = {p["metadata"]["labels"][GROUP_LABEL] for p in (await pods_of(store)).values()}
     assert groups == {"llm-0", "llm-1", "llm-2"}  # the lowest free ordinal comes back
 
 
@@ -129,8 +138,8 @@ async def test_rolling_update_respects_max_unavailable_and_partition(env):
         pods = (await pods_of(store)).values()
         by_group: dict[str, set[str]] = {}
         for p in pods:
-            by_group.setdefault(p["metadata"]["labels"][mp.L_GROUP], set()).add(
-                p["metadata"]["labels"][mp.L_REVISION]
+            by_group.setdefault(p["metadata"]["labels"][GROUP_LABEL], set()).add(
+                p["metadata"]["labels"][REVISION_LABEL]
             )
         missing = 4 - len(by_group)
         not_ready = sum(1 for p in pods if not p.get("status"))
@@ -143,7 +152,7 @@ async def test_rolling_update_respects_max_unavailable_and_partition(env):
             break
     assert rolled == ["llm-3", "llm-2", "llm-1"]  # highest first; group 0 is below partition
     revs = {
-        p["metadata"]["labels"][mp.L_GROUP]: p["metadata"]["labels"][mp.L_REVISION]
+        p["metadata"]["labels"][GROUP_LABEL]: p["metadata"]["labels"][REVISION_LABEL]
         for p in (await pods_of(store)).values()
     }
     assert revs["llm-0"] == old

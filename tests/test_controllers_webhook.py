@@ -25,6 +25,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from api import ALLOW_PRIVILEGED_LABEL
 from controllers import certs
 from controllers.memory_store import MemoryStore
 from controllers.modelinfer import ModelInferReconciler
@@ -36,7 +37,6 @@ from controllers.webhook import (
     serve_webhook,
     validate_update,
 )
-from infergate.api import ALLOW_PRIVILEGED_LABEL
 from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -19,9 +19,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from api.names import DESTINATION_HEADER
 from epp.body_budget import BodyBudget
 from epp.extproc import ExternalProcessor
-from epp.protocol import DESTINATION
 from tests import extproc_client as ec
 from tests.fuzzing import fuzz_settings
 from tests.test_epp_unit_director import make_director
@@ -210,7 +210,7 @@ def check(out: list) -> None:
         assert set(error) == {"message", "type", "param", "code"} and error["code"] == status
         return
     assert first == "request_headers", out
-    assert DESTINATION in ec.set_headers(out[0])
+    assert DESTINATION_HEADER in ec.set_headers(out[0])
 
 
 @pytest.fixture(scope="module")

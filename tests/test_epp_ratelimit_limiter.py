@@ -6,6 +6,7 @@ from __future__ import annotations
 import msgspec
 import pytest
 
+from api.networking import RateLimit
 from epp.ratelimit import (
     Decision,
     RateLimitConfig,
@@ -15,7 +16,6 @@ from epp.ratelimit import (
     RedisRateLimiter,
     build_limiter,
 )
-from infergate.api.networking import RateLimit
 
 
 def limiter(**spec) -> RateLimiter:

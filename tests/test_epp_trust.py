@@ -14,13 +14,13 @@ import threading
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
+from api.names import FAIRNESS_ID_HEADER, MODEL_REWRITE_HEADER, OBJECTIVE_HEADER
+from api.names import USER_HEADER as USER
 from epp.director import Director, DirectorOptions
 from epp.errors import PickerError
 from epp.http_server import DEBUG_BODY_LIMIT, make_app
 from epp.kv_events import KVCacheView, KVEventOptions
 from epp.metrics import PickerMetrics
-from epp.protocol import FAIRNESS_ID, MODEL_REWRITE, OBJECTIVE
-from epp.request import USER_HEADER as USER
 from epp.scheduling.config import load_config
 from epp.trust import DEFAULT_FAIRNESS_ID, HeaderTrust, Users, UsersConfigError
 from stack.local import DEFAULT_MODEL_DIR
@@ -39,7 +39,7 @@ from tests.test_epp_unit_director import (
 )
 
 NET = "networking.infergate.io/v1alpha1"
-CLAIMS = {OBJECTIVE: "vip", FAIRNESS_ID: "someone-else"}
+CLAIMS = {OBJECTIVE_HEADER: "vip", FAIRNESS_ID_HEADER: "someone-else"}
 
 
 def director(trust: HeaderTrust | None = None, routes=(), servers=()) -> Director:
@@ -88,16 +88,16 @@ def routed_pool(trust: HeaderTrust | None = None) -> Director:
 async def test_a_clients_rewrite_header_cannot_reach_a_routed_models_pods():
     d = routed_pool()
     for _ in range(20):
-        req = request(model="m", headers={MODEL_REWRITE: "secret-engine"})
+        req = request(model="m", headers={MODEL_REWRITE_HEADER: "secret-engine"})
         (target,) = await d.admit(req, None)
         assert target.address in (A0, B0)
         assert req.target_model == "m" and json.loads(req.body_for_upstream())["model"] == "m"
-        assert MODEL_REWRITE not in req.headers  # nor can a route rule match on it
+        assert MODEL_REWRITE_HEADER not in req.headers  # nor can a route rule match on it
 
 
 async def test_a_trusted_rewrite_header_still_rewrites():
     d = routed_pool(HeaderTrust(model_rewrite_header=True))
-    req = request(model="m", headers={MODEL_REWRITE: "secret-engine"})
+    req = request(model="m", headers={MODEL_REWRITE_HEADER: "secret-engine"})
     (target,) = await d.admit(req, None)
     assert target.address in (A1, B1)
     assert json.loads(req.body_for_upstream())["model"] == "secret-engine"
@@ -111,8 +111,8 @@ async def test_client_claims_of_objective_and_fairness_are_ignored_by_default():
     req = request(headers=dict(CLAIMS))
     await d.admit(req, None)
     assert req.objective is None and req.fairness_id == DEFAULT_FAIRNESS_ID
-    assert req.headers.get(OBJECTIVE) is None
-    assert req.headers[FAIRNESS_ID] == DEFAULT_FAIRNESS_ID
+    assert req.headers.get(OBJECTIVE_HEADER) is None
+    assert req.headers[FAIRNESS_ID_HEADER] == DEFAULT_FAIRNESS_ID
 
 
 async def test_the_verified_user_maps_to_objective_and_fairness_id():
@@ -120,7 +120,7 @@ async def test_the_verified_user_maps_to_objective_and_fairness_id():
         {"users": {"alice": {"objective": "vip", "fairnessId": "team-a"}, "bob": {}}}
     )
     d = director(HeaderTrust(users=users))
-    alice = request(headers={USER: "alice", OBJECTIVE: "batch"})
+    alice = request(headers={USER: "alice", OBJECTIVE_HEADER: "batch"})
     await d.admit(alice, None)
     assert (alice.objective, alice.fairness_id) == ("vip", "team-a")
     bob = request(headers={USER: "bob", **CLAIMS})  # listed without values
@@ -141,7 +141,7 @@ async def test_trusting_clients_honours_their_claims_but_not_over_the_verified_u
     await d.admit(alice, None)
     assert (alice.objective, alice.fairness_id) == ("std", "alice")
     # The client headers flag never extends to the model rewrite.
-    rewrite = request(model="m", headers={MODEL_REWRITE: "other"})
+    rewrite = request(model="m", headers={MODEL_REWRITE_HEADER: "other"})
     await d.admit(rewrite, None)
     assert rewrite.target_model == "m"
 
@@ -153,7 +153,7 @@ async def test_route_rules_match_the_trusted_objective_not_the_claimed_one():
             "modelName": "secret",
             "rules": [
                 {
-                    "modelMatch": {"headers": {OBJECTIVE: {"exact": "vip"}}},
+                    "modelMatch": {"headers": {OBJECTIVE_HEADER: {"exact": "vip"}}},
                     "targetModels": [{"modelServerName": "secret"}],
                 }
             ],
@@ -161,7 +161,7 @@ async def test_route_rules_match_the_trusted_objective_not_the_claimed_one():
     }
     users = Users.from_config({"users": {"alice": {"objective": "vip"}}})
     d = director(HeaderTrust(users=users), [route], [SECRET_SERVER])
-    claimed = request(model="secret", headers={OBJECTIVE: "vip"})
+    claimed = request(model="secret", headers={OBJECTIVE_HEADER: "vip"})
     with pytest.raises(PickerError) as err:
         await d.admit(claimed, None)
     assert err.value.status == 404  # no rule matches: the claim is ignored

@@ -6,9 +6,9 @@ import copy
 
 import pytest
 
+from api.names import ENGINE_LABEL
 from epp.datastore import (
     ACTIVE_PORTS_ANNOTATION,
-    ENGINE_LABEL,
     Datastore,
     Endpoint,
     EndpointMetrics,

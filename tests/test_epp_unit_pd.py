@@ -13,6 +13,7 @@ import json
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
+from api import from_dict
 from epp.datastore import Datastore, Endpoint, PoolSpec
 from epp.director import Director, DirectorOptions
 from epp.errors import PickerError
@@ -25,7 +26,6 @@ from epp.routing.table import Resolution
 from epp.scheduling.config import ConfigError, SchedulingConfig, load_config
 from epp.scheduling.framework import ProfileResult, Scheduler, SchedulingResult
 from epp.scheduling.plugins.pd_profile_handler import PREFILLER_HEADER, PDProfileHandler
-from infergate.api import from_dict
 from kvindex.events import BlockStored
 from stack.local import DEFAULT_MODEL_DIR
 

@@ -20,11 +20,12 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from api.names import DESTINATION_HEADER, MODEL_REWRITE_HEADER, OBJECTIVE_HEADER, USER_HEADER
 from controllers.model_objects import CONNECTOR_SERVICE_ACCOUNT
 from epp import protocol
 from epp.options import build_parser
 from epp.scheduling.config import ConfigError, load_config
-from stack.auth import USER_HEADER, removed_headers
+from stack.auth import removed_headers
 from stack.ports import StackPorts
 from tests.paths import EXAMPLES, ROOT
 from tests.schema_lint import list_errors, structural_errors
@@ -533,7 +534,7 @@ def test_patch_policy_routes_by_the_pickers_header() -> None:
     assert cluster["lb_policy"] == "CLUSTER_PROVIDED"
     assert cluster["original_dst_lb_config"] == {
         "use_http_header": True,
-        "http_header_name": protocol.DESTINATION,
+        "http_header_name": DESTINATION_HEADER,
     }
 
     # Envoy Gateway names the route configuration <namespace>/<gateway>/<listener>.
@@ -579,7 +580,7 @@ def test_client_traffic_policy_strips_what_the_local_stack_strips_on_every_route
     early = policy["spec"]["headers"]["earlyRequestHeaders"]
     assert set(early) == {"remove"}
     assert sorted(early["remove"]) == removed_headers(None)
-    assert {USER_HEADER, protocol.MODEL_REWRITE, protocol.OBJECTIVE} <= set(early["remove"])
+    assert {USER_HEADER, MODEL_REWRITE_HEADER, OBJECTIVE_HEADER} <= set(early["remove"])
 
 
 # ---- TLS to the picker: our CA, verified by Envoy -------------------------------------------

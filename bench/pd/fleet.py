@@ -20,6 +20,7 @@ from pathlib import Path
 import aiohttp
 import yaml
 
+from api.names import BOTH, DECODE, ROLE_LABEL
 from bench.common import ROOT
 from stack.example import Example
 from stack.local import LocalStack, StackConfig
@@ -79,7 +80,7 @@ def pods(stack: LocalStack) -> list[dict]:
     out = []
     for d in yaml.safe_load_all(stack.pool_path.read_text()):
         if d and d["kind"] == "Pod" and d["status"].get("podIP"):
-            role = d["metadata"]["labels"].get("infergate.io/role", "both")
+            role = d["metadata"]["labels"].get(ROLE_LABEL, BOTH)
             out.append({"role": role, "address": f"{d['status']['podIP']}:8000"})
     return out
 
@@ -108,7 +109,7 @@ async def snapshot(stack: LocalStack) -> dict[str, float]:
             ):
                 k = f"{pod['role']}_{key}"
                 out[k] = out.get(k, 0.0) + _sum(text, name)
-            if pod["role"] == "decode":
+            if pod["role"] == DECODE:
                 async with s.get(f"http://{pod['address']}/connector/metrics") as r:
                     own = await r.text()
                 for key, name in (

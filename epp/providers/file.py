@@ -16,9 +16,9 @@ from typing import Any
 import msgspec
 import yaml
 
+from api.meta import ObjectMeta
 from epp.datastore import Datastore, PoolSpec, pod_problem
 from epp.metrics import PickerMetrics
-from infergate.api.meta import ObjectMeta
 
 log = logging.getLogger("epp.providers.file")
 

@@ -40,8 +40,8 @@ from typing import Any, Protocol
 import msgspec
 from prometheus_client import CollectorRegistry, Counter
 
+from api.networking import DEFAULT_RATE_UNIT
 from epp.ratelimit.buckets import TokenBuckets, parse_unit
-from infergate.api.networking import DEFAULT_RATE_UNIT
 
 __all__ = [
     "ALLOWED",
@@ -96,7 +96,7 @@ class RateLimitConfig:
     @classmethod
     def from_spec(cls, spec: Mapping[str, Any] | msgspec.Struct) -> RateLimitConfig:
         """From a ModelRoute's `spec.rateLimit`: the camelCase dict of the manifest, or the
-        typed `infergate.api.networking.RateLimit`. Raises ValueError with the field's path."""
+        typed `api.networking.RateLimit`. Raises ValueError with the field's path."""
         if isinstance(spec, msgspec.Struct):
             spec = msgspec.to_builtins(spec)
         if not isinstance(spec, Mapping):

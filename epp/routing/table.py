@@ -22,10 +22,10 @@ import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from api import ApiError, from_dict, validate
+from api.meta import duration_seconds
+from api.networking import ModelRoute, ModelServer, StringMatch
 from epp.errors import PickerError
-from infergate.api import ApiError, from_dict, validate
-from infergate.api.meta import duration_seconds
-from infergate.api.networking import ModelRoute, ModelServer, StringMatch
 
 if TYPE_CHECKING:  # the datastore holds the table, so no import of it at run time
     from epp.datastore import Endpoint

@@ -21,7 +21,8 @@ import requests
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
-from stack.auth import USER_HEADER, AuthConfig
+from api.names import USER_HEADER
+from stack.auth import AuthConfig
 from stack.example import Example
 from stack.local import QUICKSTART, LocalStack, StackConfig
 from stack.ports import free_stack_ports

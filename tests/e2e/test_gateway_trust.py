@@ -16,8 +16,9 @@ import signal
 import pytest
 import requests
 
+from api.names import USER_HEADER
 from controllers.certs import serving_cert
-from stack.auth import CLIENT_HINT_HEADERS, GATEWAY_HEADERS, USER_HEADER
+from stack.auth import CLIENT_HINT_HEADERS, GATEWAY_HEADERS
 from stack.local import LocalStack
 from stack.readiness import wait_until
 from tests.e2e.test_auth import ask, picker_requests, recorded, recording_stack

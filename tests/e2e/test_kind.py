@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from api import validate_dict
 from controllers import model_objects
-from infergate.api import validate_dict
 from simulator.config import parse_config
 from simulator.tokenization import DEFAULT_MODEL_DIR
 

@@ -24,7 +24,7 @@ import pytest
 import requests
 import yaml
 
-from epp.protocol import OBJECTIVE
+from api.names import OBJECTIVE_HEADER
 from stack.local import LocalStack, StackConfig
 from stack.ports import free_stack_ports
 from tests.conftest import free_port
@@ -103,7 +103,7 @@ class Done:
 def send(stack: LocalStack, tokens: int = SHORT, objective: str | None = None, prompt="hi"):
     r = requests.post(
         stack.url + "/v1/completions",
-        headers={OBJECTIVE: objective} if objective else {},
+        headers={OBJECTIVE_HEADER: objective} if objective else {},
         json={"model": MODEL, "prompt": prompt, "max_tokens": tokens, "ignore_eos": True},
         timeout=30,
     )

@@ -18,9 +18,10 @@ import aiohttp
 import pytest
 import yaml
 
+from api.names import MODELINFER_LABEL
 from controllers.app import Standalone
 from controllers.autoscaler import parse_sum
-from controllers.modelinfer_pods import L_MODELINFER, pod_ready
+from controllers.modelinfer_pods import pod_ready
 from controllers.store import AUTOSCALING_BINDING, MODEL_INFER, POD
 from tests.e2e.standalone_helpers import sim_model, wait_for_cluster
 
@@ -100,7 +101,7 @@ async def test_load_scales_the_modelinfer_up_and_its_end_scales_down_after_the_w
         return int(mi["spec"]["replicas"]) if mi else 0
 
     async def pods() -> list[dict]:
-        return (await store.list(POD, "default", {L_MODELINFER: "tiny"}))[0]
+        return (await store.list(POD, "default", {MODELINFER_LABEL: "tiny"}))[0]
 
     async def desired() -> int | None:
         b = await store.get(AUTOSCALING_BINDING, "default", "tiny")

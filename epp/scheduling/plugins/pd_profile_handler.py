@@ -28,13 +28,12 @@ from typing import Annotated
 
 import msgspec
 
+from api.names import GROUP_LABEL, PREFILL, PREFILLER_HEADER, ROLE_LABEL
 from epp.datastore import Endpoint
 from epp.errors import PickerError
 from epp.scheduling.framework import ProfileHandler, ProfileResult, SchedulingResult
 from epp.scheduling.params import MAX_TOKENS, Label, PluginParams, parse_params
-from infergate.api.names import PREFILL, PREFILLER_HEADER, ROLE_LABEL
 
-DEFAULT_GROUP_LABEL = "infergate.io/group"
 DISAGGREGATED_APIS = frozenset({"chat", "completions"})
 
 # Outcomes (the metric's label values) and the reasons behind them.
@@ -90,7 +89,7 @@ class PDParams(PluginParams):
     non_cached_tokens: Annotated[int, msgspec.Meta(ge=0, le=MAX_TOKENS)]  # 0: never disaggregate
     decode_profile: Name = "decode"
     prefill_profile: Name = "prefill"
-    group_label: Label = DEFAULT_GROUP_LABEL
+    group_label: Label = GROUP_LABEL
     prefix_scorer: Name | None = None
     history_size: Annotated[int, msgspec.Meta(ge=0, le=100_000)] = 100
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import msgspec
 
-from infergate.api.meta import (
+from api.meta import (
     DNS_LABEL,
     DNS_SUBDOMAIN,
     DURATION,

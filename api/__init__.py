@@ -14,14 +14,14 @@ from typing import Any
 
 import msgspec
 
-from infergate.api import networking, upstream, workload
-from infergate.api.autoscaling import (
+from api import networking, upstream, workload
+from api.autoscaling import (
     AutoScalingPolicy,
     AutoScalingPolicyBinding,
     validate_autoscaling_policy,
     validate_autoscaling_policy_binding,
 )
-from infergate.api.meta import (
+from api.meta import (
     ApiStruct,
     Condition,
     ObjectMeta,
@@ -29,21 +29,21 @@ from infergate.api.meta import (
     conversion_problem,
     duration_seconds,
 )
-from infergate.api.networking import (
+from api.networking import (
     ModelRoute,
     ModelServer,
     validate_model_route,
     validate_model_server,
 )
-from infergate.api.nulls import prune_nulls as _prune_nulls
-from infergate.api.pod import ALLOW_PRIVILEGED_LABEL
-from infergate.api.upstream import (
+from api.nulls import prune_nulls as _prune_nulls
+from api.pod import ALLOW_PRIVILEGED_LABEL
+from api.upstream import (
     InferenceObjective,
     InferencePool,
     validate_inference_objective,
     validate_inference_pool,
 )
-from infergate.api.workload import (
+from api.workload import (
     Model,
     ModelInfer,
     model_infer_host_powers,

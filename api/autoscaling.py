@@ -7,9 +7,12 @@ constants are the CRDs' defaults, for the autoscaler to fall back on.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import msgspec
 
-from infergate.api.meta import (
+from api.meta import (
     DNS_LABEL,
     DNS_SUBDOMAIN,
     DURATION,
@@ -21,7 +24,7 @@ from infergate.api.meta import (
     check_status_conditions,
     duration_seconds,
 )
-from infergate.api.workload import (
+from api.workload import (
     DEFAULT_MIN_REPLICAS,
     GROUP_VERSION,
     MetricTarget,
@@ -139,6 +142,78 @@ def validate_autoscaling_policy(policy: AutoScalingPolicy) -> list[str]:
     if policy.status is not None:
         check_status_conditions(p, "status.conditions", policy.status.conditions)
     return p.messages
+
+
+@dataclass(frozen=True, slots=True)
+class EffectiveStep:
+    """A scale-up or scale-down step with the CRD's defaults filled in; durations in seconds."""
+
+    instances: int
+    percent: int
+    period: float
+    select_policy: str
+    stabilization_window: float
+
+
+@dataclass(frozen=True, slots=True)
+class EffectivePanic:
+    """A panic policy with the CRD's defaults filled in; durations in seconds."""
+
+    percent: int
+    period: float
+    threshold_percent: int
+    hold: float
+
+
+@dataclass(frozen=True, slots=True)
+class EffectivePolicy:
+    """An AutoScalingPolicy as the autoscaler applies it: every unset field at its default."""
+
+    targets: dict[str, float]  # metric name → target value per replica
+    tolerance_percent: int
+    scale_up: EffectiveStep
+    scale_down: EffectiveStep
+    panic: EffectivePanic | None  # None: the policy has no panic mode
+
+
+def _with_defaults(given: ApiStruct | None, defaults: dict[str, Any]) -> dict[str, Any]:
+    """The CRD's defaults overlaid with what the object sets (unset fields are left out)."""
+    return {**defaults, **(msgspec.to_builtins(given) if given is not None else {})}
+
+
+def _step(given: StablePolicy | None, defaults: dict[str, Any]) -> EffectiveStep:
+    f = _with_defaults(given, defaults)
+    return EffectiveStep(
+        instances=f["instances"],
+        percent=f["percent"],
+        period=duration_seconds(f["period"]),
+        select_policy=f["selectPolicy"],
+        stabilization_window=duration_seconds(f["stabilizationWindow"]),
+    )
+
+
+def effective_policy(policy: AutoScalingPolicy) -> EffectivePolicy:
+    """What a validated policy means, with the defaults the API server would have applied."""
+    spec = policy.spec
+    behavior = spec.behavior or Behavior()
+    up = behavior.scale_up or ScaleUp()
+    panic = None
+    if up.panic_policy is not None:
+        f = _with_defaults(up.panic_policy, DEFAULT_PANIC)
+        panic = EffectivePanic(
+            percent=f["percent"],
+            period=duration_seconds(f["period"]),
+            threshold_percent=f["panicThresholdPercent"],
+            hold=duration_seconds(f["panicModeHold"]),
+        )
+    tolerance = spec.tolerance_percent
+    return EffectivePolicy(
+        targets={m.metric_name: m.target_value for m in spec.metrics},
+        tolerance_percent=DEFAULT_TOLERANCE_PERCENT if tolerance is None else tolerance,
+        scale_up=_step(up.stable_policy, DEFAULT_STABLE_UP),
+        scale_down=_step(behavior.scale_down, DEFAULT_STABLE_DOWN),
+        panic=panic,
+    )
 
 
 # ---- AutoScalingPolicyBinding -------------------------------------------------------------------

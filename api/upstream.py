@@ -10,7 +10,7 @@ from typing import Any
 
 import msgspec
 
-from infergate.api.meta import (
+from api.meta import (
     ApiStruct,
     Condition,
     ObjectMeta,

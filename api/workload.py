@@ -11,7 +11,7 @@ from typing import Annotated, Any
 
 import msgspec
 
-from infergate.api.meta import (
+from api.meta import (
     ARTIFACT_URI,
     DNS_LABEL,
     METRIC_NAME,
@@ -23,9 +23,9 @@ from infergate.api.meta import (
     Problems,
     check_status_conditions,
 )
-from infergate.api.networking import ENGINES, KVConnector, check_kv_connector
-from infergate.api.nulls import PROPERTIES
-from infergate.api.pod import check_pod_template, host_powers
+from api.networking import ENGINES, KVConnector, check_kv_connector
+from api.nulls import PROPERTIES
+from api.pod import check_pod_template, host_powers
 
 GROUP_VERSION = "workload.infergate.io/v1alpha1"
 

@@ -1,0 +1,51 @@
+"""Names that more than one part of the system must spell the same: labels and headers.
+
+The picker, the connector sidecar, the controllers and the local stack each read or write
+these; one definition here keeps them from drifting. Like the rest of the API package, it
+imports nothing of ours.
+"""
+
+# ---- pod labels -------------------------------------------------------------------------------
+
+# The engine a pod runs (vllm, sglang): which metric names the picker and autoscaler scrape.
+ENGINE_LABEL = "inference.networking.k8s.io/engine-type"
+
+# What the controllers put on a ModelInfer's pods, and select them by.
+MODEL_LABEL = "infergate.io/model"
+MODELINFER_LABEL = "infergate.io/modelinfer"
+GROUP_LABEL = "infergate.io/group"  # pairs a group's prefill and decode pods
+ROLE_INDEX_LABEL = "infergate.io/role-index"
+ENTRY_LABEL = "infergate.io/entry"
+REVISION_LABEL = "infergate.io/revision"
+
+# A pod's prefill/decode role (set by the controllers, read by the picker's pd filters and the
+# connector's allowlist), and its values: `both` serves either leg.
+ROLE_LABEL = "infergate.io/role"
+PREFILL = "prefill"
+DECODE = "decode"
+BOTH = "both"
+
+# ---- request headers --------------------------------------------------------------------------
+
+# The verified user Envoy's auth filters set (after removing any client copy).
+USER_HEADER = "x-infergate-user"
+
+# The prefill pods the picker chose, as a comma-separated host:port list, for the decode pod's
+# connector sidecar. Only the picker sets it: the gateway removes a client's copy.
+PREFILLER_HEADER = "x-prefiller-host-port"
+
+# The Gateway API Inference Extension's protocol: where the picker sends a request (set by the
+# picker, in a header and in envoy.lb metadata), the subset a gateway may offer, and the one
+# that served it.
+DESTINATION_HEADER = "x-gateway-destination-endpoint"
+SUBSET_HEADER = "x-gateway-destination-endpoint-subset"
+SERVED_HEADER = "x-gateway-destination-endpoint-served"
+
+# Set by the gateway, never by a client (Envoy removes client copies before the picker):
+# the engine model a request is rewritten to, and the request's priority and fairness flow.
+MODEL_REWRITE_HEADER = "x-gateway-model-name-rewrite"
+OBJECTIVE_HEADER = "x-gateway-inference-objective"
+FAIRNESS_ID_HEADER = "x-gateway-inference-fairness-id"
+
+# A client's session, which the session-affinity scorer keeps on one pod.
+SESSION_HEADER = "x-session-id"
