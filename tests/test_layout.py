@@ -32,14 +32,12 @@ FLOORS: dict[str, set[str]] = {
     "epp": {"api", "cluster", "kvindex"},
     "controllers": {"api", "cluster"},
     "connector": {"api", "cluster"},
-    "stack": {"api"},
-    "bench": {"stack", "api", "kvindex", "simulator"},
+    # The stack starts the controllers and the picker as processes and makes the certificates
+    # they serve with (controllers.certs): a downward import, never the other way.
+    "stack": {"api", "controllers"},
+    "bench": {"stack", "api", "controllers", "kvindex", "simulator"},
     "launcher": {"stack"},
 }
-# Before the API floor and the stack leave `infergate/` (WP-FLOOR, WP-STACK), these modules of
-# the launcher folder already belong to those floors.
-API_MODULES = {"api", "engines"}
-STACK_MODULES = {"stack", "readiness", "example", "envoy_config", "auth", "supervise"}
 RENAMED = importlib.util.find_spec(DEFAULT_NS) is not None
 
 
@@ -53,11 +51,7 @@ def floor_of(module: str) -> str | None:
         return parts[0]
     if parts[0] != ROOT_PACKAGE or len(parts) == 1:
         return None
-    if parts[1] in SUBPACKAGES:
-        return parts[1]
-    if parts[1] in API_MODULES:
-        return "api"
-    return "stack" if parts[1] in STACK_MODULES else "launcher"
+    return parts[1] if parts[1] in SUBPACKAGES else "launcher"
 
 
 def modules_of(floor: str) -> list[str]:
@@ -66,14 +60,7 @@ def modules_of(floor: str) -> list[str]:
         return [f"{ROOT_PACKAGE}.cli"]
     folder = ROOT / floor
     if not (folder / "__init__.py").exists():
-        if floor not in ("api", "stack"):
-            return []
-        launcher = ROOT / LAUNCHER
-        names = API_MODULES if floor == "api" else STACK_MODULES
-        present = [
-            n for n in sorted(names) if (launcher / n).is_dir() or (launcher / f"{n}.py").exists()
-        ]
-        return [f"{ROOT_PACKAGE}.{n}" for n in present]
+        return []
     found = []
     for path in sorted(folder.rglob("*.py")):
         rel = path.relative_to(ROOT).with_suffix("")
