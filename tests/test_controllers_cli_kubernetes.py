@@ -29,9 +29,9 @@ from aiohttp import web
 from kubernetes import client
 
 from tests.conftest import free_port, running
+from tests.controller_manifests import Authorizer, docs
 from tests.kubeapi import KubeAPIEmulator, status_object
 from tests.paths import ROOT
-from tests.test_controllers_deploy import Authorizer, docs
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.slow
