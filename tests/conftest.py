@@ -14,6 +14,9 @@ import pytest
 from stack.ports import free_port
 from stack.readiness import wait_http
 
+# Fixtures shared by several test modules live in helper modules, registered here once.
+pytest_plugins = ["tests.picker_fixtures"]
+
 
 @contextmanager
 def running(

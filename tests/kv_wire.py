@@ -8,20 +8,19 @@ import base64
 import json
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import zmq
 
 from kvindex.subscriber import KVEventSubscriber
+from tests.paths import TINY
 
-FIXTURE = Path(__file__).parent / "fixtures" / "vllm-cpu-tiny"
 RECORDED_TOPIC = b"kv@127.0.0.1:8300@tiny"
 RECORDED_MODEL = "tiny"
 
 
 def recorded_frames(topic: bytes = RECORDED_TOPIC) -> list[list[bytes]]:
     """The live messages of a real vLLM 0.32, as frames, under `topic`."""
-    with open(FIXTURE / "events.jsonl") as f:
+    with open(TINY / "events.jsonl") as f:
         rows = [json.loads(line) for line in f if line.strip()]
     return [[topic, d["seq"].to_bytes(8, "big"), base64.b64decode(d["payload_b64"])] for d in rows]
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import copy
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -32,14 +31,13 @@ from controllers.store import AUTOSCALING_BINDING, MODEL_INFER, POD, Invalid
 from controllers.webhook import decide, review_for
 from tests.controller_helpers import kubelet, modelinfer
 from tests.fuzzing import fuzz_settings
+from tests.paths import CRD_EXAMPLES
 
 pytestmark = pytest.mark.fuzz
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "crds"
-
 
 def _example(name: str) -> dict:
-    return yaml.safe_load((EXAMPLES / name).read_text())
+    return yaml.safe_load((CRD_EXAMPLES / name).read_text())
 
 
 def _simulator_modelinfer() -> dict:

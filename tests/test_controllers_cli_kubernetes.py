@@ -29,14 +29,14 @@ from aiohttp import web
 from kubernetes import client
 
 from tests.conftest import free_port, running
+from tests.controller_manifests import Authorizer, docs
 from tests.kubeapi import KubeAPIEmulator, status_object
-from tests.paths import ROOT
-from tests.test_controllers_deploy import Authorizer, docs
+from tests.paths import CRD_EXAMPLES
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.slow
 
-EXAMPLE = ROOT / "examples" / "crds" / "model.yaml"
+EXAMPLE = CRD_EXAMPLES / "model.yaml"
 TOKEN = "infergate-controllers-token"
 LEASE_NS, LEASE_NAME = "infergate-system", "infergate-controllers"
 WORKLOAD = "workload.infergate.io/v1alpha1"

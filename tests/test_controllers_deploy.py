@@ -18,14 +18,12 @@ import copy
 import sys
 import time
 import tomllib
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import kubernetes_validate
 import pytest
-import yaml
 from aiohttp import web
 
 import controllers
@@ -42,17 +40,18 @@ from controllers.store import (
     POD,
     POD_GROUP,
     SERVICE,
+    Conflict,
     Kind,
+    NotFound,
     Obj,
     controller_of,
     kind_of,
 )
 from controllers.webhook import build_app, namespace_reader
 from tests.conftest import free_port
+from tests.controller_manifests import CONTROLLERS_YAML, MANIFESTS, Authorizer, Grant, docs, load
+from tests.paths import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
-MANIFESTS = ROOT / "gateway-manifests"
-CONTROLLERS_YAML = MANIFESTS / "controllers.yaml"
 WEBHOOK_YAML = MANIFESTS / "webhook.yaml"
 K8S_VERSION = "1.30"
 CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding"}
@@ -73,14 +72,6 @@ STORE_CALLS = {
 
 
 # ---- loading ------------------------------------------------------------------------------------
-
-
-def load(path: Path) -> list[dict[str, Any]]:
-    return [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
-
-
-def docs() -> list[dict[str, Any]]:
-    return load(CONTROLLERS_YAML)
 
 
 def one(kind: str, source: list[dict[str, Any]] | None = None) -> dict[str, Any]:
@@ -105,58 +96,6 @@ def deployment_args():
 
 
 # ---- RBAC as kube-apiserver evaluates it -------------------------------------------------------
-
-Grant = tuple[str, str, str]  # apiGroup, resource[/subresource], verb
-
-
-@dataclass(slots=True)
-class Authorizer:
-    """What a ServiceAccount may do through the (Cluster)RoleBindings among `documents`:
-    ClusterRole rules bound by a ClusterRoleBinding hold in every namespace, Role rules bound
-    by a RoleBinding in that namespace only. No wildcards: the manifests use none."""
-
-    cluster: set[Grant] = field(default_factory=set)
-    namespaced: dict[str, set[Grant]] = field(default_factory=dict)
-
-    @classmethod
-    def for_account(cls, documents: list[dict[str, Any]], name: str, namespace: str) -> Authorizer:
-        subject = {"kind": "ServiceAccount", "name": name, "namespace": namespace}
-        roles = {(d["kind"], d["metadata"].get("namespace", ""), d["metadata"]["name"]): d
-                 for d in documents if d["kind"] in ("Role", "ClusterRole")}  # fmt: skip
-        auth = cls()
-        for b in documents:
-            if b["kind"] not in ("RoleBinding", "ClusterRoleBinding"):
-                continue
-            if subject not in b.get("subjects", []):
-                continue
-            ref = b["roleRef"]
-            assert ref["apiGroup"] == "rbac.authorization.k8s.io", ref
-            bns = b["metadata"].get("namespace", "")
-            role = roles.get(
-                (ref["kind"], "" if ref["kind"] == "ClusterRole" else bns, ref["name"])
-            )
-            assert role is not None, f"{b['kind']} {b['metadata']['name']} binds a missing {ref}"
-            grants = set(expand(role["rules"]))
-            if b["kind"] == "ClusterRoleBinding":
-                auth.cluster |= grants
-            else:
-                auth.namespaced.setdefault(bns, set()).update(grants)
-        return auth
-
-    def allows(self, group: str, resource: str, verb: str, namespace: str) -> bool:
-        grant = (group, resource, verb)
-        return grant in self.cluster or grant in self.namespaced.get(namespace, set())
-
-
-def expand(rules: list[dict[str, Any]]) -> Iterator[Grant]:
-    for rule in rules:
-        for part in ("apiGroups", "resources", "verbs"):
-            assert "*" not in rule[part], f"wildcard in {rule}"
-        assert not rule.get("resourceNames"), rule
-        for g in rule["apiGroups"]:
-            for r in rule["resources"]:
-                for v in rule["verbs"]:
-                    yield g, r, v
 
 
 def manifest_authorizer() -> Authorizer:
@@ -276,7 +215,7 @@ async def kubelet_forever(store: MemoryStore) -> None:
                 }
                 try:
                     await store.update_status(p)
-                except Exception:  # deleted or changed meanwhile: next round
+                except (NotFound, Conflict):  # deleted or changed meanwhile: next round
                     pass
         await asyncio.sleep(0.02)
 
@@ -391,12 +330,14 @@ async def record_a_scenario() -> RecordingStore:
         await until(gang_shrunk, "the gang ModelInfer scaled down to one group")
     finally:
         kubelet.cancel()
-        await asyncio.gather(kubelet, return_exceptions=True)
+        (kubelet_end,) = await asyncio.gather(kubelet, return_exceptions=True)
         for c in ctrls:
             await c.stop()
         await scaler.close()
         await elector.release()
         await runner.cleanup()
+        if isinstance(kubelet_end, Exception):  # not the CancelledError of a normal end
+            raise kubelet_end
     return rec
 
 

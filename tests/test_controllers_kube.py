@@ -16,10 +16,10 @@ from controllers.runner import ControllerMetrics
 from controllers.store import MODEL, MODEL_INFER, POD
 from tests.controller_helpers import kubelet
 from tests.kubeapi import KubeAPIEmulator
-from tests.paths import EXAMPLES
+from tests.paths import CRD_EXAMPLES
 from tests.waiting import wait_for_async
 
-EXAMPLE = EXAMPLES / "crds" / "model.yaml"
+EXAMPLE = CRD_EXAMPLES / "model.yaml"
 
 
 class RacingStore:

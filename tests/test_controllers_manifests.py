@@ -5,7 +5,6 @@ writes what the picker's file provider reads."""
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import yaml
 
@@ -22,12 +21,11 @@ from controllers.store import (
     POD,
 )
 from epp.providers.file import load_objects
-
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "crds"
+from tests.paths import CRD_EXAMPLES
 
 
 def policy() -> dict:
-    return yaml.safe_load((EXAMPLES / "autoscalingpolicy.yaml").read_text())
+    return yaml.safe_load((CRD_EXAMPLES / "autoscalingpolicy.yaml").read_text())
 
 
 async def test_apply_update_reject_and_delete(tmp_path):
@@ -124,7 +122,7 @@ async def test_inference_objectives_are_applied_and_exported_for_the_picker(tmp_
 
 
 def _privileged_modelinfer(namespace: str) -> dict:
-    mi = yaml.safe_load((EXAMPLES / "modelinfer.yaml").read_text())
+    mi = yaml.safe_load((CRD_EXAMPLES / "modelinfer.yaml").read_text())
     mi["metadata"]["namespace"] = namespace
     mi["spec"]["template"]["roles"][0]["entryTemplate"]["spec"]["hostNetwork"] = True
     return mi
@@ -157,7 +155,7 @@ async def test_a_pod_the_runtime_cannot_run_is_refused_and_nulls_are_dropped(tmp
         "metadata": {"name": "p"},
         "spec": {"containers": [{"name": "c", "ports": [{"containerPort": "http"}]}]},
     }
-    model_infer = yaml.safe_load((EXAMPLES / "modelinfer.yaml").read_text())
+    model_infer = yaml.safe_load((CRD_EXAMPLES / "modelinfer.yaml").read_text())
     model_infer["spec"]["replicas"] = None
     (tmp_path / "a.yaml").write_text(yaml.safe_dump_all([pod, model_infer]))
     store = MemoryStore()

@@ -38,17 +38,16 @@ from controllers.webhook import (
     validate_update,
 )
 from tests.conftest import free_port
+from tests.paths import CRD_EXAMPLES, ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
-EXAMPLES = ROOT / "examples" / "crds"
-EXAMPLE_FILES = sorted(EXAMPLES.glob("*.yaml"))
+EXAMPLE_FILES = sorted(CRD_EXAMPLES.glob("*.yaml"))
 CRDS = ROOT / "crds"
 
 Obj = dict[str, Any]
 
 
 def example(name: str) -> Obj:
-    return yaml.safe_load((EXAMPLES / name).read_text())
+    return yaml.safe_load((CRD_EXAMPLES / name).read_text())
 
 
 @dataclass

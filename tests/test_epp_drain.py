@@ -15,7 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests import extproc_client as ec
 from tests.conftest import free_port, running, simulator_cmd
-from tests.test_epp_protocol import COMPLETION, Picker
+from tests.picker_fixtures import COMPLETION, Picker
 
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 HEADERS_SEEN = 'infergate_epp_extproc_messages_total{kind="request_headers"}'

@@ -23,8 +23,8 @@ from api.names import DESTINATION_HEADER
 from epp.body_budget import BodyBudget
 from epp.extproc import ExternalProcessor
 from tests import extproc_client as ec
+from tests.director_fixtures import make_director
 from tests.fuzzing import fuzz_settings
-from tests.test_epp_unit_director import make_director
 
 EXAMPLES = 100
 BODIES_PER_EXAMPLE = 100  # 100 × 100 = 10,000 bodies in the normal run

@@ -20,7 +20,7 @@ from epp.extproc import ExternalProcessor
 from epp.request import parse_request
 from tests import extproc_client as ec
 from tests.allocations import peak_allocated
-from tests.test_epp_unit_director import make_director
+from tests.director_fixtures import make_director
 
 LIMIT = 32 * 1024 * 1024
 MESSAGE = b'[{"role":"user","content":"hi"}]'
@@ -243,8 +243,7 @@ async def test_a_large_prompt_is_tokenized_while_the_event_loop_runs():
     from epp.scheduling.config import load_config
     from kvindex.tokenize import PromptTokenizers
     from stack.local import DEFAULT_MODEL_DIR
-    from tests.test_epp_unit_director import LEAST_REQUEST, make_datastore
-    from tests.test_epp_unit_gate import SERVERS, limited_route
+    from tests.director_fixtures import LEAST_REQUEST, SERVERS, limited_route, make_datastore
 
     ds = make_datastore()
     ds.set_routes(limited_route(inputTokensPerUnit=10**9), SERVERS)
@@ -267,8 +266,7 @@ async def test_a_large_prompt_is_tokenized_while_the_event_loop_runs():
 
 async def test_a_queued_request_costs_the_bytes_it_holds_not_only_its_body():
     from epp.flowcontrol import FlowControlConfig
-    from tests.test_epp_unit_director import request
-    from tests.test_epp_unit_gate import director_with
+    from tests.director_fixtures import director_with, request
 
     req = request(prompt="x" * 4000)
     limit = len(req.raw_body) + 100  # the body fits; the body and its prompt text do not

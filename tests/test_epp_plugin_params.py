@@ -11,7 +11,7 @@ import yaml
 from epp.scheduling.config import ConfigError, load_config
 from epp.scheduling.registry import PLUGIN_TYPES, create
 from tests.conftest import free_port
-from tests.test_epp_protocol import Picker
+from tests.picker_fixtures import Picker
 
 
 def config(plugin_type: str, params: object, extra: str = "") -> str:

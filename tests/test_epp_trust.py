@@ -25,8 +25,7 @@ from epp.scheduling.config import load_config
 from epp.trust import DEFAULT_FAIRNESS_ID, HeaderTrust, Users, UsersConfigError
 from stack.local import DEFAULT_MODEL_DIR
 from tests import extproc_client as ec
-from tests.test_epp_protocol import GET, picker, sims  # noqa: F401 (fixtures)
-from tests.test_epp_unit_director import (
+from tests.director_fixtures import (
     A0,
     A1,
     B0,
@@ -37,6 +36,7 @@ from tests.test_epp_unit_director import (
     set_models,
     status_of,
 )
+from tests.picker_fixtures import GET
 
 NET = "networking.infergate.io/v1alpha1"
 CLAIMS = {OBJECTIVE_HEADER: "vip", FAIRNESS_ID_HEADER: "someone-else"}
@@ -240,7 +240,7 @@ def test_anything_else_without_a_body_is_404(method, path):
     assert status_of(director().pick_for_bodyless, method, path, None) == 404
 
 
-async def test_through_the_ext_proc_stream_only_api_paths_reach_a_pod(picker):  # noqa: F811
+async def test_through_the_ext_proc_stream_only_api_paths_reach_a_pod(picker):
     for method, path in (("POST", "/reset_prefix_cache"), ("GET", "/metrics")):
         out = await ec.exchange(
             picker.target, [ec.headers(path, eos=True, extra={":method": method})]

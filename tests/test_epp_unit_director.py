@@ -10,69 +10,27 @@ from collections import Counter
 
 import pytest
 
-from epp.datastore import Datastore, PoolSpec
-from epp.director import EWMA_ALPHA, Director, DirectorOptions
+from epp.director import EWMA_ALPHA, Director
 from epp.errors import PickerError
-from epp.metrics import PickerMetrics
-from epp.request import parse_request
-from epp.scheduling.config import load_config
 from epp.scheduling.framework import PostResponse, ResponseInfo
 from epp.trust import HeaderTrust
-
-HEAD = """\
-apiVersion: inference.networking.x-k8s.io/v1alpha1
-kind: EndpointPickerConfig
-"""
-LEAST_REQUEST = (
-    HEAD
-    + """\
-plugins:
-- type: header-based-testing-filter
-- type: least-request
-- {type: max-score-picker, parameters: {seed: 1}}
-schedulingProfiles:
-- name: default
-  plugins:
-  - pluginRef: header-based-testing-filter
-  - pluginRef: least-request
-  - pluginRef: max-score-picker
-"""
+from tests.director_fixtures import (
+    A0,
+    A1,
+    B0,
+    B1,
+    EVERYONE,
+    HEAD,
+    make_director,
+    request,
+    set_models,
+    status_of,
 )
-A0, A1, B0, B1 = "10.0.0.1:8000", "10.0.0.1:8001", "10.0.0.2:8000", "10.0.0.2:8001"
-EVERYONE = {A0, A1, B0, B1}
-
-
-def pod(name: str, ip: str) -> dict:
-    return {
-        "metadata": {"name": name, "labels": {"app": "vllm"}},
-        "status": {"podIP": ip, "conditions": [{"type": "Ready", "status": "True"}]},
-    }
-
-
-def make_datastore() -> Datastore:
-    ds = Datastore()
-    ds.set_pool(PoolSpec("pool", "ns", {"app": "vllm"}, [8000, 8001]))
-    ds.replace_pods([pod("a", "10.0.0.1"), pod("b", "10.0.0.2")])
-    return ds
-
-
-def make_director(config: str = LEAST_REQUEST, **options) -> Director:
-    return Director(
-        make_datastore(), load_config(config), PickerMetrics(), DirectorOptions(**options)
-    )
 
 
 @pytest.fixture
 def director() -> Director:
     return make_director(fallbacks=0)
-
-
-def request(model: str = "m", headers=None, max_tokens: int | None = 100, prompt: str = "x" * 40):
-    body = f'{{"model": "{model}", "prompt": "{prompt}"'
-    if max_tokens is not None:
-        body += f', "max_tokens": {max_tokens}'
-    body += "}"
-    return parse_request("/v1/completions", body.encode(), headers or {}, max_body_bytes=1 << 20)
 
 
 async def admit_status(d, *args) -> int | None:
@@ -81,12 +39,6 @@ async def admit_status(d, *args) -> int | None:
     except PickerError as exc:
         return exc.status
     return None
-
-
-def status_of(fn, *args) -> int:
-    with pytest.raises(PickerError) as info:
-        fn(*args)
-    return info.value.status
 
 
 def sample(d: Director, name: str, **labels) -> float:
@@ -281,11 +233,6 @@ async def test_subset_and_test_header_combine(director):
 
 
 # ---- model catalog ------------------------------------------------------------------------
-
-
-def set_models(d: Director, models: dict[str, set[str] | None]) -> None:
-    for address, names in models.items():
-        d.datastore.endpoint(address).models = None if names is None else frozenset(names)
 
 
 async def test_unknown_model_is_404_when_every_catalog_is_known(director):

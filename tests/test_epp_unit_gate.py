@@ -21,50 +21,15 @@ from epp.request_body import StreamOptions
 from epp.routing.usage_strip import UsageEventStripper
 from epp.scheduling.config import load_config
 from epp.scheduling.framework import ResponseInfo
-from epp.trust import HeaderTrust
-from tests.test_epp_unit_director import LEAST_REQUEST, make_datastore, request
-from tests.test_epp_unit_director import pod as pod_
-
-NET = "networking.infergate.io/v1alpha1"
-
-
-def limited_route(**limit) -> list[dict]:
-    return [
-        {
-            "apiVersion": NET,
-            "kind": "ModelRoute",
-            "metadata": {"name": "limited"},
-            "spec": {
-                "modelName": "m",
-                "rules": [{"targetModels": [{"modelServerName": "all"}]}],
-                "rateLimit": {"unit": "minute", **limit},
-            },
-        }
-    ]
-
-
-SERVERS = [
-    {
-        "apiVersion": NET,
-        "kind": "ModelServer",
-        "metadata": {"name": "all"},
-        "spec": {
-            "model": "m",
-            "inferenceEngine": "vLLM",
-            "workloadSelector": {"matchLabels": {"app": "vllm"}},
-        },
-    }
-]
-
-
-def director_with(routes=(), flow_control: FlowControlConfig | None = None) -> Director:
-    ds = make_datastore()
-    ds.set_routes(list(routes), SERVERS)
-    metrics = PickerMetrics()
-    gate = Gatekeeper(metrics.registry, flow_control=flow_control)
-    # These clients name their flows and objectives, as on a closed network that trusts them.
-    options = DirectorOptions(fallbacks=0, trust=HeaderTrust(client_headers=True))
-    return Director(ds, load_config(LEAST_REQUEST), metrics, options, gate)
+from tests.director_fixtures import (
+    LEAST_REQUEST,
+    SERVERS,
+    director_with,
+    limited_route,
+    make_datastore,
+    request,
+)
+from tests.director_fixtures import pod as pod_
 
 
 def done(director: Director, req, completion_tokens: int | None = None) -> None:

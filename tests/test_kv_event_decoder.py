@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import json
 from collections import Counter
-from pathlib import Path
 
 import msgspec
 import pytest
@@ -26,13 +25,13 @@ from kvindex.events import (
     parse_topic,
 )
 from tests.kv_invariants import check_event_stream
+from tests.paths import TINY
 
-FIXTURE = Path(__file__).parent / "fixtures" / "vllm-cpu-tiny"
 TOPIC = "kv@127.0.0.1:8300@tiny"
 
 
 def _jsonl(name: str) -> list[dict]:
-    with open(FIXTURE / name) as f:
+    with open(TINY / name) as f:
         return [json.loads(line) for line in f if line.strip()]
 
 

@@ -4,42 +4,13 @@ helpers live in helper modules)."""
 
 from __future__ import annotations
 
+import ast
 import re
 
 from tests.paths import ROOT
 
 TESTS = ROOT / "tests"
 DEPTH = re.compile(r"__file__\)[^\n]*(\.parent\.parent|\.parents\[|\.parent / \"fixtures\")")
-TEST_IMPORT = re.compile(r"^\s*from (tests\.(?:\w+\.)*test_\w+) import", re.M)
-
-# Files a pending branch still edits keep their own lines until it lands.
-PENDING_DEPTH = {
-    "test_controllers_deploy.py",  # h12-ctrl
-    "test_controllers_manifests.py",  # h12-ctrl
-    "test_controllers_webhook.py",  # h12-ctrl
-    "test_kv_event_decoder.py",  # h12-kv
-}
-# (importer, imported test module) pairs left for later: free_stack_ports / make_stack move
-# with WP-STACK's stack/ports.py; test_epp_protocol and test_epp_unit_director are h12-body's,
-# test_controllers_deploy is h12-ctrl's.
-PENDING_IMPORTS = {
-    ("e2e/test_auth.py", "tests.e2e.test_gateway"),
-    ("e2e/test_model_routing.py", "tests.e2e.test_gateway"),
-    ("e2e/test_pd.py", "tests.e2e.test_gateway"),
-    ("e2e/test_pd_picking.py", "tests.e2e.test_gateway"),
-    ("e2e/test_precise_prefix.py", "tests.e2e.test_gateway"),
-    ("e2e/test_priorities.py", "tests.e2e.test_gateway"),
-    ("e2e/test_rate_limits.py", "tests.e2e.test_gateway"),
-    ("e2e/test_trust.py", "tests.e2e.test_gateway"),
-    ("e2e/test_up_from_manifests.py", "tests.e2e.test_gateway"),
-    ("e2e/test_gateway_trust.py", "tests.e2e.test_auth"),
-    ("test_controllers_cli_kubernetes.py", "tests.test_controllers_deploy"),
-    ("test_epp_drain.py", "tests.test_epp_protocol"),
-    ("test_epp_plugin_params.py", "tests.test_epp_protocol"),
-    ("test_epp_trust.py", "tests.test_epp_protocol"),
-    ("test_epp_trust.py", "tests.test_epp_unit_director"),
-    ("test_epp_unit_gate.py", "tests.test_epp_unit_director"),
-}
 
 
 def _modules() -> dict[str, str]:
@@ -52,10 +23,22 @@ def _modules() -> dict[str, str]:
 
 def test_no_test_module_finds_the_repository_by_its_depth() -> None:
     climbing = {name for name, text in _modules().items() if DEPTH.search(text)}
-    assert climbing - {"paths.py"} == PENDING_DEPTH, "use tests/paths.py (ROOT, TINY, ...)"
+    assert climbing == {"paths.py"}, "use tests/paths.py (ROOT, TINY, ...)"
+
+
+def _imported_test_modules(text: str) -> set[str]:
+    """Every `tests...test_*` module imported, in any spelling (`import tests.test_x`,
+    `from tests.test_x import y`, `from tests import test_x`), at any nesting level."""
+    found = set()
+    for node in ast.walk(ast.parse(text)):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+            found |= {f"{node.module}.{alias.name}" for alias in node.names}
+    return {m for m in found if m.startswith("tests.") and m.rsplit(".", 1)[1].startswith("test_")}
 
 
 def test_no_test_module_imports_another_test_module() -> None:
-    found = {(name, m) for name, text in _modules().items() for m in TEST_IMPORT.findall(text)}
-    # Exactly the pending pairs: a new one is a helper to move, a gone one leaves this list.
-    assert found == PENDING_IMPORTS
+    found = {(name, m) for name, text in _modules().items() for m in _imported_test_modules(text)}
+    assert found == set(), "move what they share into a helper module (a name without test_)"

@@ -10,23 +10,19 @@ in the chain and show the one x-infergate-user the picker was given.
 
 from __future__ import annotations
 
-import http.client
 import json
-import sys
 import time
 
 import jwt
 import pytest
-import requests
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
 from api.names import USER_HEADER
 from stack.auth import AuthConfig
 from stack.example import Example
-from stack.local import QUICKSTART, LocalStack, StackConfig
-from stack.ports import free_stack_ports
-from tests.conftest import free_port
+from stack.local import QUICKSTART, LocalStack
+from tests.e2e.stack_fixtures import ask, picker_requests, recorded, recording_stack
 
 pytestmark = pytest.mark.slow
 
@@ -62,24 +58,6 @@ class Keys:
 @pytest.fixture(scope="module")
 def keys() -> Keys:
     return Keys()
-
-
-def recording_stack(workdir) -> LocalStack:
-    """One recording pod behind the picker (ext_proc over verified TLS), failing closed."""
-    return LocalStack(
-        StackConfig(
-            workdir=workdir,
-            pods=1,
-            ports=free_stack_ports(1),
-            pod_ports=[free_port()],
-            pod_command=lambda port: [
-                sys.executable,
-                "-m",
-                "tests.e2e.recording_backend",
-                str(port),
-            ],
-        )
-    ).start()
 
 
 @pytest.fixture(scope="module")
@@ -118,52 +96,6 @@ def jwt_policy(keys: Keys, **spec) -> dict:
         "claimToHeaders": [{"header": USER_HEADER, "claim": "sub"}],
     }
     return policy(jwt={"providers": [provider]}, **spec)
-
-
-class Answer:
-    def __init__(self, status: int, text: str) -> None:
-        self.status_code, self.text = status, text
-
-
-def ask(
-    stack: LocalStack,
-    headers: dict | list[tuple[str, str]] | None = None,
-    get: str | None = None,
-) -> Answer:
-    """POST a completion (or, given a path, GET it: no body) with exactly these headers (a
-    list may repeat one, which requests' dicts cannot)."""
-    body = json.dumps({"model": "infergate-sim", "prompt": "hi", "max_tokens": 1}).encode()
-    items = list(headers.items()) if isinstance(headers, dict) else list(headers or [])
-    conn = http.client.HTTPConnection("127.0.0.1", stack.cfg.ports.envoy, timeout=30)
-    try:
-        if get is not None:
-            conn.putrequest("GET", get)
-            body = b""
-        else:
-            conn.putrequest("POST", "/v1/completions")
-            items.insert(0, ("content-type", "application/json"))
-            items.append(("content-length", str(len(body))))
-        for name, value in items:
-            conn.putheader(name, value)
-        conn.endheaders(body or None)
-        resp = conn.getresponse()
-        return Answer(resp.status, resp.read().decode(errors="replace"))
-    finally:
-        conn.close()
-
-
-def picker_requests(stack: LocalStack) -> float:
-    """ext_proc streams the picker was sent: one per request that reached it."""
-    url = f"http://127.0.0.1:{stack.cfg.ports.picker_metrics}/metrics"
-    for line in requests.get(url, timeout=5).text.splitlines():
-        if line.startswith('infergate_epp_extproc_messages_total{kind="request_headers"}'):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
-
-
-def recorded(stack: LocalStack) -> list[dict]:
-    (pod,) = stack.pod_addresses
-    return requests.get(f"http://{pod}/recorded", timeout=5).json()
 
 
 def received(stack: LocalStack, name: str) -> list[str]:

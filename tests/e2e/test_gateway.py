@@ -10,32 +10,11 @@ from collections import Counter
 import pytest
 import requests
 
-from stack.local import QUICKSTART, LocalStack, StackConfig
-from stack.ports import free_port, free_stack_ports
-from tests.e2e.gateway_config import MODEL, PIN, SERVED, config, pinnable
+from stack.local import LocalStack
+from tests.e2e.gateway_config import MODEL, PIN, SERVED, config
+from tests.e2e.stack_fixtures import make_stack
 
 pytestmark = pytest.mark.slow
-
-
-def make_stack(
-    tmp_path, *, pods=3, picker_config: str | None = None, per_pod_kv=False, **kw
-) -> LocalStack:
-    ports = free_stack_ports(pods, per_pod_kv)
-    if picker_config is None:
-        picker_config = pinnable((QUICKSTART / "epp-config.yaml").read_text())
-    cfg_path = tmp_path / "epp-config.yaml"
-    cfg_path.write_text(picker_config)
-    kw.setdefault("sim_args", ["--sim-time-scale", "0.2"])
-    return LocalStack(
-        StackConfig(
-            workdir=tmp_path,
-            pods=pods,
-            ports=ports,
-            pod_ports=[free_port() for _ in range(pods)],
-            picker_config=cfg_path,
-            **kw,
-        )
-    ).start()
 
 
 def sim_requests(address: str) -> float:

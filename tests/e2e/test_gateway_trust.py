@@ -21,7 +21,7 @@ from controllers.certs import serving_cert
 from stack.auth import CLIENT_HINT_HEADERS, GATEWAY_HEADERS
 from stack.local import LocalStack
 from stack.readiness import wait_until
-from tests.e2e.test_auth import ask, picker_requests, recorded, recording_stack
+from tests.e2e.stack_fixtures import ask, picker_requests, recorded, recording_stack
 
 pytestmark = pytest.mark.slow
 

@@ -15,7 +15,7 @@ import requests
 import yaml
 
 from tests.e2e.gateway_config import MODEL, SERVED
-from tests.e2e.test_gateway import make_stack
+from tests.e2e.stack_fixtures import make_stack
 
 pytestmark = pytest.mark.slow
 NET = "networking.infergate.io/v1alpha1"

@@ -8,7 +8,7 @@ import pytest
 import requests
 
 from tests.e2e.gateway_config import MODEL
-from tests.e2e.test_gateway import make_stack
+from tests.e2e.stack_fixtures import make_stack
 
 pytestmark = pytest.mark.slow
 

@@ -1,0 +1,132 @@
+"""A real picker process (`python -m epp` over a file provider) with three simulator pods,
+for tests that play Envoy against it over ext_proc: `Picker`, and the module-scoped `sims` and
+`picker` fixtures (import them into the test module to use them)."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import pytest
+import requests
+import yaml
+
+from tests.conftest import free_port, running
+
+CONFIG = """
+apiVersion: inference.networking.x-k8s.io/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: header-based-testing-filter
+- type: least-request
+- type: max-score-picker
+schedulingProfiles:
+- name: default
+  plugins:
+  - pluginRef: header-based-testing-filter
+  - pluginRef: least-request
+  - pluginRef: max-score-picker
+"""
+
+
+def pool_yaml(ports: list[int], ready: bool = True, name: str = "pool") -> str:
+    return yaml.safe_dump_all(
+        [
+            {
+                "apiVersion": "inference.networking.k8s.io/v1",
+                "kind": "InferencePool",
+                "metadata": {"name": name, "namespace": "default"},
+                "spec": {
+                    "selector": {"matchLabels": {"app": "sim"}},
+                    "targetPorts": [{"number": p} for p in ports],
+                    "endpointPickerRef": {"name": "epp", "port": {"number": 9002}},
+                },
+            },
+            {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {"name": "sims", "namespace": "default", "labels": {"app": "sim"}},
+                "status": {
+                    "podIP": "127.0.0.1",
+                    "conditions": [{"type": "Ready", "status": "True" if ready else "False"}],
+                },
+            },
+        ]
+    )
+
+
+class Picker:
+    def __init__(self, tmp_path, ports, *, ready=True, extra=(), secure=False):
+        self.grpc, self.metrics = free_port(), free_port()
+        pool = tmp_path / f"pool-{self.grpc}.yaml"
+        pool.write_text(pool_yaml(ports, ready))
+        config = tmp_path / "config.yaml"
+        config.write_text(CONFIG)
+        self.cmd = [
+            sys.executable,
+            "-m",
+            "epp",
+            "--host",
+            "127.0.0.1",
+            "--grpc-port",
+            str(self.grpc),
+            "--grpc-health-port",
+            str(free_port()),
+            "--metrics-port",
+            str(self.metrics),
+            "--provider",
+            "file",
+            "--pool-file",
+            str(pool),
+            "--pool-name",
+            "pool",
+            "--config",
+            str(config),
+            f"--secure-serving={'true' if secure else 'false'}",
+            "--enable-debug-endpoints",
+            *extra,
+        ]
+        self.target = f"127.0.0.1:{self.grpc}"
+        self.addresses = [f"127.0.0.1:{p}" for p in ports]
+
+    def run(self):
+        return running(self.cmd, ready_url=f"http://127.0.0.1:{self.metrics}/healthz")
+
+    def debug(self) -> dict:
+        return requests.get(f"http://127.0.0.1:{self.metrics}/debug/endpoints", timeout=5).json()
+
+    def metric_lines(self, prefix: str) -> list[str]:
+        text = requests.get(f"http://127.0.0.1:{self.metrics}/metrics", timeout=5).text
+        return [ln for ln in text.splitlines() if ln.startswith(prefix)]
+
+
+@pytest.fixture(scope="module")
+def sims(tmp_path_factory):
+    ports = [free_port() for _ in range(3)]
+    from tests.conftest import simulator_cmd
+
+    cms = [
+        running(
+            simulator_cmd(p, "--sim-time-scale", "0.05"), ready_url=f"http://127.0.0.1:{p}/health"
+        )
+        for p in ports
+    ]
+    for cm in cms:
+        cm.__enter__()
+    yield ports
+    for cm in cms:
+        cm.__exit__(None, None, None)
+
+
+@pytest.fixture(scope="module")
+def picker(sims, tmp_path_factory):
+    p = Picker(tmp_path_factory.mktemp("picker"), sims)
+    with p.run():
+        deadline = time.monotonic() + 10
+        while any(e["stale"] for e in p.debug()["endpoints"]) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        yield p
+
+
+COMPLETION = {"model": "infergate-sim", "prompt": "hello", "max_tokens": 2}
+GET = {":method": "GET"}
