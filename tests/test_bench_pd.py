@@ -55,7 +55,9 @@ def test_each_mode_is_its_example_on_four_pods(tmp_path, mode, groups, roles):
     # the example's engine arguments, but for the KV-event socket (and quieter logs)
     args = spec["engine"]["args"]
     (events,) = [a for a in args if a.startswith("--kv-events-config=")]
-    assert json.loads(events.split("=", 1)[1])["endpoint"] == "tcp://127.0.0.1:12345"
+    # each pod publishes from its own address, which the picker's SUB checks against the topic
+    endpoint = json.loads(events.split("=", 1)[1])["endpoint"]
+    assert endpoint == "tcp://$(POD_IP):0;127.0.0.1:12345"
     others = [a for a in source["spec"]["engine"]["args"] if not a.startswith("--kv-events")]
     assert [a for a in args if a != events] == [*others, "--log-level=warning"]
     assert example.picker_config.read_text() == (EXAMPLES[mode] / "epp-config.yaml").read_text()
