@@ -1,0 +1,109 @@
+"""Read the YAML an operator writes (pool files, EndpointPickerConfig, manifests) with bounds.
+
+yaml.safe_load builds an alias as a second reference to one object, so a "billion laughs"
+document (ten anchors each listing the previous one ten times) costs little to load but
+expands to 10**9 values for anything that walks it: an error message quoting a value, a
+null-pruning copy, str(). Such a document is refused here, as the Kubernetes API server's
+YAML reader does, before anyone walks it. A file must also be a regular file of bounded
+size: a FIFO or /dev/zero put in place of a pool file would otherwise block or fill the
+reader for good.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+# Values a document may hold once its aliases are expanded: far above any real pool file
+# (a thousand pods are ~50k), far below what makes a walk take seconds.
+MAX_EXPANDED_NODES = 1_000_000
+# Bytes a YAML file may hold; a real pool file or config is a few KiB to a few MiB.
+MAX_FILE_BYTES = 16 * 1024 * 1024
+
+
+class YamlBombError(yaml.YAMLError):
+    """A document whose aliases expand past MAX_EXPANDED_NODES, or nested too deeply."""
+
+
+class YamlFileError(OSError):
+    """A path that is not a regular file of at most MAX_FILE_BYTES."""
+
+
+def expanded_size(root: yaml.Node) -> int:
+    """How many nodes the document has with every alias expanded: linear in the distinct
+    nodes (each one's size is computed once), however far the aliases multiply them.
+    A node that contains itself (an alias inside its own anchor) expands without end."""
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()  # expanded, children not yet summed: its ancestors
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        if id(node) in sizes:
+            continue
+        children = _children(node)
+        if children_done or not children:
+            sizes[id(node)] = 1 + sum(sizes[id(c)] for c in children)
+            open_nodes.discard(id(node))
+            continue
+        if id(node) in open_nodes:
+            raise YamlBombError("document holds an alias inside its own anchor: it never ends")
+        open_nodes.add(id(node))
+        stack.append((node, True))
+        stack.extend((c, False) for c in children if id(c) not in sizes)
+    return sizes[id(root)]
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.SequenceNode):
+        return node.value
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    return []
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    def construct_document(self, node: yaml.Node) -> Any:
+        size = expanded_size(node)
+        if size > MAX_EXPANDED_NODES:
+            raise YamlBombError(
+                f"document expands through its aliases (&anchor/*alias) to {size} values, "
+                f"more than {MAX_EXPANDED_NODES}; write the values out instead"
+            )
+        return super().construct_document(node)
+
+
+def safe_load(text: str) -> Any:
+    """yaml.safe_load, refusing documents that expand past MAX_EXPANDED_NODES or nest
+    deeper than the parser's recursion allows (YamlBombError, a yaml.YAMLError)."""
+    try:
+        return yaml.load(text, Loader=_BoundedLoader)
+    except RecursionError:
+        raise YamlBombError("document nested too deeply") from None
+
+
+def safe_load_all(text: str) -> list[Any]:
+    """yaml.safe_load_all as a list, with the bounds of safe_load."""
+    try:
+        return list(yaml.load_all(text, Loader=_BoundedLoader))
+    except RecursionError:
+        raise YamlBombError("document nested too deeply") from None
+
+
+def read_text(path: Path, limit: int = MAX_FILE_BYTES) -> str:
+    """The text of a regular file of at most `limit` bytes; YamlFileError otherwise.
+    Opened without blocking, so a FIFO in its place is refused rather than waited on."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise YamlFileError(f"{path} is not a regular file")
+        with os.fdopen(os.dup(fd), "rb") as f:
+            data = f.read(limit + 1)
+    finally:
+        os.close(fd)
+    if len(data) > limit:
+        raise YamlFileError(f"{path} is larger than {limit} bytes")
+    return data.decode()
