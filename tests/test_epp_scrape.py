@@ -48,9 +48,10 @@ async def start_pod(port: int) -> web.AppRunner:
     return runner
 
 
-def one_pod_store(port: int) -> Datastore:
+def one_pod_store(*ports: int) -> Datastore:
+    """One ready pod on 127.0.0.1 in a pool with these target ports: an endpoint each."""
     ds = Datastore()
-    ds.set_pool(PoolSpec("pool", "ns", {"app": "vllm"}, [port]))
+    ds.set_pool(PoolSpec("pool", "ns", {"app": "vllm"}, list(ports)))
     pod = {
         "metadata": {"name": "p", "namespace": "ns", "labels": {"app": "vllm"}},
         "status": {"podIP": "127.0.0.1", "conditions": [{"type": "Ready", "status": "True"}]},
@@ -328,3 +329,46 @@ async def test_a_failing_refresh_callback_does_not_end_the_loop():
     finally:
         await scraper.stop()
         await pod.stop()
+
+
+class CountingPod(Pod):
+    """A Pod that counts the /metrics requests it answers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scrapes = 0
+
+    async def _metrics(self, req: web.Request) -> web.StreamResponse:
+        self.scrapes += 1
+        return await super()._metrics(req)
+
+
+def costly_page() -> str:
+    """A valid page of ~3 MiB that vLLM never sends: LoRA info lines by the ten thousand,
+    each of which the parser must read (the newest timestamp wins)."""
+    lora = 'vllm:lora_requests_info{running_lora_adapters="a,b",max_lora="4"} '
+    return page(waiting=1) + "".join(f"{lora}{i}\n" for i in range(40_000))
+
+
+async def test_a_pod_whose_pages_cost_much_cpu_is_scraped_less_often():
+    """Parsing runs on the event loop every request shares: a pod answering pages that cost
+    a fraction of a second of CPU, every 50 ms, held the loop most of the time. Now its
+    next scrape waits PARSE_BACKOFF times the CPU its page took, and well-behaved pods
+    keep their interval."""
+    normal_port, costly_port = free_port(), free_port()
+    normal, costly = CountingPod(), CountingPod()
+    normal.metrics = web.Response(text=page(waiting=1))
+    costly.metrics = web.Response(text=costly_page())
+    await normal.start(normal_port)
+    await costly.start(costly_port)
+    ds = one_pod_store(normal_port, costly_port)
+    scraper = await running_scraper(ds, PickerMetrics(), models_interval=60)
+    try:
+        await wait_for(lambda: costly.scrapes >= 1 and normal.scrapes >= 60, within=60)
+        # Before, both were scraped at about the same rate (each round of the normal pod
+        # waited for the costly parse); now the costly one is asked a few times at most.
+        assert costly.scrapes * 6 <= normal.scrapes
+    finally:
+        await scraper.stop()
+        await normal.stop()
+        await costly.stop()
