@@ -34,6 +34,8 @@ MAX_METRICS_BYTES = 4 * 1024 * 1024
 # A real page costs a millisecond or less: its pod keeps the configured interval.
 PARSE_BACKOFF = 20
 MAX_MODELS_BYTES = 1024 * 1024
+# Models one pod may list (base models and LoRA adapters); a longer list is refused whole.
+MAX_MODELS_PER_ENDPOINT = 4096
 
 # Reasons of infergate_epp_metrics_scrape_errors_total (a fixed set: label values stay few).
 UNREACHABLE = "unreachable"  # connection refused or reset, timeout
@@ -42,6 +44,7 @@ TOO_LARGE = "too_large"
 NOT_UTF8 = "not_utf8"
 PARSE = "parse"
 INVALID_VALUE = "invalid_value"
+TOO_MANY = "too_many"  # /v1/models lists more than MAX_MODELS_PER_ENDPOINT
 INTERNAL = "internal"  # a bug of ours, seen on a pod's answer: logged with its traceback
 
 
@@ -194,6 +197,10 @@ class MetricsScraper:
                     return True
                 body = await read_capped(resp, MAX_MODELS_BYTES)
             models = _MODELS.decode(body)
+            if len(models.data) > MAX_MODELS_PER_ENDPOINT:
+                raise ScrapeError(
+                    TOO_MANY, f"{len(models.data)} models > {MAX_MODELS_PER_ENDPOINT}"
+                )
         except (TimeoutError, aiohttp.ClientError, OSError):
             return False
         except (ScrapeError, msgspec.ValidationError, msgspec.DecodeError, RecursionError) as exc:

@@ -12,7 +12,12 @@ from aiohttp import web
 
 from epp.datastore import Datastore, PoolSpec
 from epp.metrics import PickerMetrics
-from epp.scrape import MAX_METRICS_BYTES, MAX_MODELS_BYTES, MetricsScraper
+from epp.scrape import (
+    MAX_METRICS_BYTES,
+    MAX_MODELS_BYTES,
+    MAX_MODELS_PER_ENDPOINT,
+    MetricsScraper,
+)
 from tests.conftest import free_port
 from tests.waiting import wait_for_async
 
@@ -372,3 +377,23 @@ async def test_a_pod_whose_pages_cost_much_cpu_is_scraped_less_often():
         await scraper.stop()
         await normal.stop()
         await costly.stop()
+
+
+async def test_a_model_list_longer_than_the_bound_is_refused_whole():
+    """Every name a pod lists may get its own metric series and is kept per endpoint: a
+    list of more than MAX_MODELS_PER_ENDPOINT is counted and the last good list stays."""
+    port = free_port()
+    pod = Pod()
+    await pod.start(port)
+    ds, metrics = one_pod_store(port), PickerMetrics()
+    scraper = await running_scraper(ds, metrics)
+    try:
+        (ep,) = ds.endpoints()
+        await wait_for(lambda: ep.models == {"base", "sql-lora"})
+        many = [{"id": f"lora-{i}", "parent": "base"} for i in range(MAX_MODELS_PER_ENDPOINT + 1)]
+        pod.models = web.json_response({"object": "list", "data": many})
+        await wait_for(lambda: errors(metrics, "models_too_many") >= 2)
+        assert ep.models == {"base", "sql-lora"}
+    finally:
+        await scraper.stop()
+        await pod.stop()
