@@ -4,10 +4,12 @@ A pod that fails `unreachable_after` scrapes in a row leaves the candidate set u
 answers again; metrics older than `stale_after` mark an endpoint stale, which scorers treat
 as saturated.
 
-A pod's answers are untrusted input: bodies are read up to a cap and decoded as UTF-8 (the
-Prometheus text format and JSON both are; a declared charset is ignored, as some name
-bytes-to-bytes codecs such as `hex`), and whatever goes wrong in one round is counted by
-reason, logged, and retried on the next: a loop never ends but by the pod leaving the pool.
+A pod's answers are untrusted input: redirects are not followed (the numbers must be the
+pod's own, not those of whatever address it names: an idle pod's, an internal service's),
+bodies are read up to a cap and decoded as UTF-8 (the Prometheus text format and JSON both
+are; a declared charset is ignored, as some name bytes-to-bytes codecs such as `hex`), and
+whatever goes wrong in one round is counted by reason, logged, and retried on the next: a
+loop never ends but by the pod leaving the pool.
 """
 
 from __future__ import annotations
@@ -192,7 +194,9 @@ class MetricsScraper:
         False only when the pod could not be reached, so that it is asked again soon."""
         assert self._session is not None
         try:
-            async with self._session.get(f"http://{ep.address}/v1/models") as resp:
+            async with self._session.get(
+                f"http://{ep.address}/v1/models", allow_redirects=False
+            ) as resp:
                 if resp.status != 200:
                     return True
                 body = await read_capped(resp, MAX_MODELS_BYTES)
@@ -229,7 +233,7 @@ class MetricsScraper:
         sent_before = ep.sent_since_scrape
         parse_start: float | None = None
         try:
-            async with self._session.get(url) as resp:
+            async with self._session.get(url, allow_redirects=False) as resp:
                 if resp.status != 200:
                     raise ScrapeError(HTTP_STATUS, f"HTTP {resp.status}")
                 body = await read_capped(resp, MAX_METRICS_BYTES)

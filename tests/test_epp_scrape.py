@@ -397,3 +397,29 @@ async def test_a_model_list_longer_than_the_bound_is_refused_whole():
     finally:
         await scraper.stop()
         await pod.stop()
+
+
+async def test_a_redirect_is_not_followed():
+    """A pod answering 302 to another address (an idle pod's /metrics) had that address's
+    numbers taken as its own, and could attract traffic it cannot serve. A redirect is a
+    bad answer: counted, and the endpoint's numbers stay its own."""
+    idle_port, busy_port = free_port(), free_port()
+    idle, busy = Pod(), Pod()
+    idle.metrics = web.Response(text=page(waiting=0))
+    busy.metrics = web.Response(text=page(waiting=50))
+    await idle.start(idle_port)
+    await busy.start(busy_port)
+    ds, metrics = one_pod_store(busy_port), PickerMetrics()
+    scraper = await running_scraper(ds, metrics)
+    try:
+        (ep,) = ds.endpoints()
+        await wait_for(lambda: ep.metrics.waiting == 50)
+        busy.metrics = web.Response(
+            status=302, headers={"Location": f"http://127.0.0.1:{idle_port}/metrics"}
+        )
+        await wait_for(lambda: errors(metrics, "http_status") >= 2)
+        assert ep.metrics.waiting == 50
+    finally:
+        await scraper.stop()
+        await idle.stop()
+        await busy.stop()
