@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +27,9 @@ MAX_EXPANDED_NODES = 1_000_000
 MAX_FILE_BYTES = 16 * 1024 * 1024
 
 
-class YamlBombError(yaml.YAMLError):
-    """A document whose aliases expand past MAX_EXPANDED_NODES, or nested too deeply."""
+class YamlLimitError(yaml.YAMLError):
+    """A document past the reader's bounds: aliases that expand past MAX_EXPANDED_NODES,
+    nesting deeper than its recursion allows, an integer longer than Python converts."""
 
 
 class YamlFileError(OSError):
@@ -50,7 +53,7 @@ def expanded_size(root: yaml.Node) -> int:
             open_nodes.discard(id(node))
             continue
         if id(node) in open_nodes:
-            raise YamlBombError("document holds an alias inside its own anchor: it never ends")
+            raise YamlLimitError("document holds an alias inside its own anchor: it never ends")
         open_nodes.add(id(node))
         stack.append((node, True))
         stack.extend((c, False) for c in children if id(c) not in sizes)
@@ -69,28 +72,34 @@ class _BoundedLoader(yaml.SafeLoader):
     def construct_document(self, node: yaml.Node) -> Any:
         size = expanded_size(node)
         if size > MAX_EXPANDED_NODES:
-            raise YamlBombError(
+            raise YamlLimitError(
                 f"document expands through its aliases (&anchor/*alias) to {size} values, "
                 f"more than {MAX_EXPANDED_NODES}; write the values out instead"
             )
         return super().construct_document(node)
 
 
-def safe_load(text: str) -> Any:
-    """yaml.safe_load, refusing documents that expand past MAX_EXPANDED_NODES or nest
-    deeper than the parser's recursion allows (YamlBombError, a yaml.YAMLError)."""
+@contextmanager
+def _bounded() -> Iterator[None]:
+    """What PyYAML raises past its own bounds, as YamlLimitError (a yaml.YAMLError)."""
     try:
-        return yaml.load(text, Loader=_BoundedLoader)
+        yield
     except RecursionError:
-        raise YamlBombError("document nested too deeply") from None
+        raise YamlLimitError("document nested too deeply") from None
+    except ValueError as exc:  # "9" * 5000 as an int, a timestamp on the 13th month
+        raise YamlLimitError(f"a value the reader cannot hold: {exc}") from None
+
+
+def safe_load(text: str) -> Any:
+    """yaml.safe_load, refusing documents past the bounds of YamlLimitError."""
+    with _bounded():
+        return yaml.load(text, Loader=_BoundedLoader)
 
 
 def safe_load_all(text: str) -> list[Any]:
     """yaml.safe_load_all as a list, with the bounds of safe_load."""
-    try:
+    with _bounded():
         return list(yaml.load_all(text, Loader=_BoundedLoader))
-    except RecursionError:
-        raise YamlBombError("document nested too deeply") from None
 
 
 def read_text(path: Path, limit: int = MAX_FILE_BYTES) -> str:

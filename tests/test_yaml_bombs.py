@@ -212,3 +212,39 @@ async def test_a_billion_laughs_manifest_is_a_problem_and_the_rest_applies(tmp_p
     assert (await store.list(MODEL_INFER))[0] == []
     assert any("infer.yaml" in p and "expands through its aliases" in p for p in md.problems)
     assert any("deep.yaml" in p and "nested too deeply" in p for p in md.problems)
+
+
+# PyYAML raises ValueError, not a YAMLError, on values it cannot construct.
+UNCONSTRUCTABLE = {"5000-digit int": "9" * 5000, "13th month": "2001-13-45"}
+
+
+@pytest.mark.parametrize("value", UNCONSTRUCTABLE.values(), ids=UNCONSTRUCTABLE.keys())
+def test_a_value_yaml_cannot_construct_is_a_config_error(value):
+    with pytest.raises(ConfigError, match="a value the reader cannot hold"):
+        load_config(f"kind: EndpointPickerConfig\napiVersion: {value}\n")
+
+
+@pytest.mark.parametrize("value", UNCONSTRUCTABLE.values(), ids=UNCONSTRUCTABLE.keys())
+async def test_a_value_yaml_cannot_construct_keeps_the_pool(tmp_path, value):
+    path = tmp_path / "pool.yaml"
+    write(path, POOL, pod("a", "10.0.0.1"))
+    ds, metrics = Datastore(), PickerMetrics()
+    provider = FileProvider(ds, [path], "pool", poll_interval=0.02, metrics=metrics)
+    await provider.start()
+    try:
+        path.write_text(yaml.safe_dump_all([POOL, pod("b", "PODIP")]).replace("PODIP", value))
+        await wait_for(lambda: errors(metrics, "invalid") == 1)  # was "internal": a bug of ours
+        assert [e.address for e in ds.endpoints()] == ["10.0.0.1:8000"]
+    finally:
+        await provider.stop()
+
+
+async def test_a_value_yaml_cannot_construct_is_a_problem_and_the_rest_applies(tmp_path):
+    policy = yaml.safe_load((EXAMPLES / "autoscalingpolicy.yaml").read_text())
+    (tmp_path / "policy.yaml").write_text(yaml.safe_dump(policy))
+    (tmp_path / "digits.yaml").write_text("kind: Model\nreplicas: " + "9" * 5000 + "\n")
+    store = MemoryStore()
+    md = ManifestDirectory(store, tmp_path)
+    await md.apply_once()
+    assert await store.get(AUTOSCALING_POLICY, "default", policy["metadata"]["name"])
+    assert any("digits.yaml" in p and "cannot hold" in p for p in md.problems)
