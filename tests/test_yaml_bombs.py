@@ -12,6 +12,8 @@ from __future__ import annotations
 import os
 import subprocess
 import textwrap
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -43,7 +45,7 @@ def laughs(depth: int = 9) -> str:
     return "laughs:\n" + "\n".join(lines) + "\n"
 
 
-BOMB = f"*l{9}"
+BOMB = "*l9"  # the last anchor of laughs()
 
 
 def config_with(body: str) -> str:
@@ -138,6 +140,24 @@ def test_the_picker_exits_at_start_on_a_config_that_is_a_fifo(tmp_path):
     assert "not a regular file" in done.stderr
 
 
+@asynccontextmanager
+async def watched_pool(tmp_path: Path) -> AsyncIterator[tuple[Path, Datastore, PickerMetrics]]:
+    """A pool file with one pod, read by a running FileProvider that polls it often."""
+    path = tmp_path / "pool.yaml"
+    write(path, POOL, pod("a", "10.0.0.1"))
+    ds, metrics = Datastore(), PickerMetrics()
+    provider = FileProvider(ds, [path], "pool", poll_interval=0.02, metrics=metrics)
+    await provider.start()
+    try:
+        yield path, ds, metrics
+    finally:
+        await provider.stop()
+
+
+def only_the_first_pod(ds: Datastore) -> bool:
+    return [e.address for e in ds.endpoints()] == ["10.0.0.1:8000"]
+
+
 def replace_with(path: Path, how: str) -> None:
     path.unlink()
     if how == "fifo":
@@ -161,57 +181,51 @@ def replace_with(path: Path, how: str) -> None:
     ],
 )
 async def test_a_pool_file_replaced_by_a_non_file_keeps_the_pool(tmp_path, how, reason):
-    path = tmp_path / "pool.yaml"
-    write(path, POOL, pod("a", "10.0.0.1"))
-    ds, metrics = Datastore(), PickerMetrics()
-    provider = FileProvider(ds, [path], "pool", poll_interval=0.02, metrics=metrics)
-    await provider.start()
-    try:
+    async with watched_pool(tmp_path) as (path, ds, metrics):
         replace_with(path, how)
         await wait_for_async(lambda: errors(metrics, reason) >= 1)
-        assert [e.address for e in ds.endpoints()] == ["10.0.0.1:8000"]
+        assert only_the_first_pod(ds)
         if path.is_dir():
             path.rmdir()
         else:
             path.unlink()
         write(path, POOL, pod("a", "10.0.0.1"), pod("b", "10.0.0.2"))
         await wait_for_async(lambda: len(ds.endpoints()) == 2)
-    finally:
-        await provider.stop()
 
 
 async def test_a_billion_laughs_pool_file_keeps_the_pool(tmp_path):
-    path = tmp_path / "pool.yaml"
-    write(path, POOL, pod("a", "10.0.0.1"))
-    ds, metrics = Datastore(), PickerMetrics()
-    provider = FileProvider(ds, [path], "pool", poll_interval=0.02, metrics=metrics)
-    await provider.start()
-    try:
+    async with watched_pool(tmp_path) as (path, ds, metrics):
         bomb = {**pod("b", "10.0.0.2"), "metadata": {"name": "b", "labels": "BOMB"}}
-        path.write_text(laughs() + "---\n" + yaml.safe_dump_all([POOL, bomb]))
-        path.write_text(path.read_text().replace("BOMB", BOMB))
+        text = laughs() + "---\n" + yaml.safe_dump_all([POOL, bomb])
+        path.write_text(text.replace("BOMB", BOMB))
         await wait_for_async(lambda: errors(metrics, "invalid") == 1)
-        assert [e.address for e in ds.endpoints()] == ["10.0.0.1:8000"]
-    finally:
-        await provider.stop()
+        assert only_the_first_pod(ds)
 
 
-async def test_a_billion_laughs_manifest_is_a_problem_and_the_rest_applies(tmp_path):
+async def problems_beside_a_good_policy(tmp_path: Path, files: dict[str, str]) -> list[str]:
+    """Apply a directory with a valid AutoScalingPolicy and these files: the policy applies
+    whatever they hold; the problems found."""
     policy = yaml.safe_load((CRD_EXAMPLES / "autoscalingpolicy.yaml").read_text())
     (tmp_path / "policy.yaml").write_text(yaml.safe_dump(policy))
-    infer = yaml.safe_load((CRD_EXAMPLES / "modelinfer.yaml").read_text())
-    infer["spec"]["laughs"] = "BOMB"
-    text = laughs() + "---\n" + yaml.safe_dump(infer)
-    (tmp_path / "infer.yaml").write_text(text.replace("'BOMB'", BOMB).replace("BOMB", BOMB))
-    (tmp_path / "deep.yaml").write_text("a: " + "[" * 100_000)
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
     store = MemoryStore()
     md = ManifestDirectory(store, tmp_path)
     await md.apply_once()
-    name = policy["metadata"]["name"]
-    assert await store.get(AUTOSCALING_POLICY, "default", name) is not None
+    assert await store.get(AUTOSCALING_POLICY, "default", policy["metadata"]["name"])
     assert (await store.list(MODEL_INFER))[0] == []
-    assert any("infer.yaml" in p and "expands through its aliases" in p for p in md.problems)
-    assert any("deep.yaml" in p and "nested too deeply" in p for p in md.problems)
+    return md.problems
+
+
+async def test_a_billion_laughs_manifest_is_a_problem_and_the_rest_applies(tmp_path):
+    infer = yaml.safe_load((CRD_EXAMPLES / "modelinfer.yaml").read_text())
+    infer["spec"]["laughs"] = "BOMB"
+    text = laughs() + "---\n" + yaml.safe_dump(infer)
+    problems = await problems_beside_a_good_policy(
+        tmp_path, {"infer.yaml": text.replace("BOMB", BOMB), "deep.yaml": "a: " + "[" * 100_000}
+    )
+    assert any("infer.yaml" in p and "expands through its aliases" in p for p in problems)
+    assert any("deep.yaml" in p and "nested too deeply" in p for p in problems)
 
 
 # PyYAML raises ValueError, not a YAMLError, on values it cannot construct.
@@ -226,25 +240,15 @@ def test_a_value_yaml_cannot_construct_is_a_config_error(value):
 
 @pytest.mark.parametrize("value", UNCONSTRUCTABLE.values(), ids=UNCONSTRUCTABLE.keys())
 async def test_a_value_yaml_cannot_construct_keeps_the_pool(tmp_path, value):
-    path = tmp_path / "pool.yaml"
-    write(path, POOL, pod("a", "10.0.0.1"))
-    ds, metrics = Datastore(), PickerMetrics()
-    provider = FileProvider(ds, [path], "pool", poll_interval=0.02, metrics=metrics)
-    await provider.start()
-    try:
+    async with watched_pool(tmp_path) as (path, ds, metrics):
         path.write_text(yaml.safe_dump_all([POOL, pod("b", "PODIP")]).replace("PODIP", value))
-        await wait_for(lambda: errors(metrics, "invalid") == 1)  # was "internal": a bug of ours
-        assert [e.address for e in ds.endpoints()] == ["10.0.0.1:8000"]
-    finally:
-        await provider.stop()
+        # Counted before as "internal", a bug of ours.
+        await wait_for_async(lambda: errors(metrics, "invalid") == 1)
+        assert only_the_first_pod(ds)
 
 
 async def test_a_value_yaml_cannot_construct_is_a_problem_and_the_rest_applies(tmp_path):
-    policy = yaml.safe_load((EXAMPLES / "autoscalingpolicy.yaml").read_text())
-    (tmp_path / "policy.yaml").write_text(yaml.safe_dump(policy))
-    (tmp_path / "digits.yaml").write_text("kind: Model\nreplicas: " + "9" * 5000 + "\n")
-    store = MemoryStore()
-    md = ManifestDirectory(store, tmp_path)
-    await md.apply_once()
-    assert await store.get(AUTOSCALING_POLICY, "default", policy["metadata"]["name"])
-    assert any("digits.yaml" in p and "cannot hold" in p for p in md.problems)
+    problems = await problems_beside_a_good_policy(
+        tmp_path, {"digits.yaml": "kind: Model\nreplicas: " + "9" * 5000 + "\n"}
+    )
+    assert any("digits.yaml" in p and "cannot hold" in p for p in problems)
