@@ -11,6 +11,7 @@ import pytest
 from aiohttp import web
 
 from epp.datastore import Datastore, PoolSpec
+from epp.engine_metrics import MAX_LORA_NAMES
 from epp.metrics import PickerMetrics
 from epp.scrape import (
     MAX_METRICS_BYTES,
@@ -168,6 +169,11 @@ def page(waiting: float | str = 0, kv: float | str = 0.25) -> str:
     )
 
 
+def lora_info(adapters: int) -> str:
+    names = ",".join(f"lora-{i}" for i in range(adapters))
+    return f'vllm:lora_requests_info{{running_lora_adapters="{names}",max_lora="4"}} 1\n'
+
+
 def errors(metrics: PickerMetrics, reason: str) -> float:
     """Scrape errors counted with this reason, over all endpoints."""
     total = 0.0
@@ -216,6 +222,8 @@ async def test_a_bytes_codec_charset_does_not_end_the_scrape_loop():
         (web.Response(text=page(waiting=-3)), "invalid_value"),
         (web.Response(text=page(kv="+Inf")), "invalid_value"),
         (web.Response(text=page(kv=1.5)), "invalid_value"),
+        # Every LoRA request unions these sets for every endpoint: 300k names cost 60 ms each.
+        (web.Response(text=page() + lora_info(MAX_LORA_NAMES + 1)), "invalid_value"),
         (web.Response(text="vllm:num_requests_waiting{ 1\n"), "parse"),
         (web.Response(status=500, text="boom"), "http_status"),
         # Compressed bodies are never inflated: a small gzip bomb is just a bad page.
