@@ -106,13 +106,18 @@ def read_text(path: Path, limit: int = MAX_FILE_BYTES) -> str:
     """The text of a regular file of at most `limit` bytes; YamlFileError otherwise.
     Opened without blocking, so a FIFO in its place is refused rather than waited on."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    data = b""
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
             raise YamlFileError(f"{path} is not a regular file")
-        with os.fdopen(os.dup(fd), "rb") as f:
-            data = f.read(limit + 1)
+        too_large = info.st_size > limit  # refused unread
+        if not too_large:
+            with os.fdopen(os.dup(fd), "rb") as f:
+                data = f.read(limit + 1)
+            too_large = len(data) > limit  # it grew meanwhile
     finally:
         os.close(fd)
-    if len(data) > limit:
+    if too_large:
         raise YamlFileError(f"{path} is larger than {limit} bytes")
     return data.decode()
