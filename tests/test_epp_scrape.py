@@ -377,7 +377,7 @@ async def test_a_pod_whose_pages_cost_much_cpu_is_scraped_less_often():
     ds = one_pod_store(normal_port, costly_port)
     scraper = await running_scraper(ds, PickerMetrics(), models_interval=60)
     try:
-        await wait_for(lambda: costly.scrapes >= 1 and normal.scrapes >= 60, within=60)
+        await wait_for_async(lambda: costly.scrapes >= 1 and normal.scrapes >= 60, within=60)
         # Before, both were scraped at about the same rate (each round of the normal pod
         # waited for the costly parse); now the costly one is asked a few times at most.
         assert costly.scrapes * 6 <= normal.scrapes
@@ -397,10 +397,10 @@ async def test_a_model_list_longer_than_the_bound_is_refused_whole():
     scraper = await running_scraper(ds, metrics)
     try:
         (ep,) = ds.endpoints()
-        await wait_for(lambda: ep.models == {"base", "sql-lora"})
+        await wait_for_async(lambda: ep.models == {"base", "sql-lora"})
         many = [{"id": f"lora-{i}", "parent": "base"} for i in range(MAX_MODELS_PER_ENDPOINT + 1)]
         pod.models = web.json_response({"object": "list", "data": many})
-        await wait_for(lambda: errors(metrics, "models_too_many") >= 2)
+        await wait_for_async(lambda: errors(metrics, "models_too_many") >= 2)
         assert ep.models == {"base", "sql-lora"}
     finally:
         await scraper.stop()
@@ -421,11 +421,11 @@ async def test_a_redirect_is_not_followed():
     scraper = await running_scraper(ds, metrics)
     try:
         (ep,) = ds.endpoints()
-        await wait_for(lambda: ep.metrics.waiting == 50)
+        await wait_for_async(lambda: ep.metrics.waiting == 50)
         busy.metrics = web.Response(
             status=302, headers={"Location": f"http://127.0.0.1:{idle_port}/metrics"}
         )
-        await wait_for(lambda: errors(metrics, "http_status") >= 2)
+        await wait_for_async(lambda: errors(metrics, "http_status") >= 2)
         assert ep.metrics.waiting == 50
     finally:
         await scraper.stop()
