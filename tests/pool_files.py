@@ -3,11 +3,15 @@ provider's error counter."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import yaml
 
+from epp.datastore import Datastore
 from epp.metrics import PickerMetrics
+from epp.providers.file import FileProvider
 
 POOL = {
     "apiVersion": "inference.networking.k8s.io/v1",
@@ -35,3 +39,21 @@ def errors(metrics: PickerMetrics, reason: str) -> float:
         "infergate_epp_pool_file_errors_total", {"reason": reason}
     )
     return value or 0.0
+
+
+@asynccontextmanager
+async def watched_pool(tmp_path: Path) -> AsyncIterator[tuple[Path, Datastore, PickerMetrics]]:
+    """A pool file with one pod, read by a running FileProvider that polls it often."""
+    path = tmp_path / "pool.yaml"
+    write(path, POOL, pod("a", "10.0.0.1"))
+    ds, metrics = Datastore(), PickerMetrics()
+    provider = FileProvider(ds, [path], "pool", poll_interval=0.02, metrics=metrics)
+    await provider.start()
+    try:
+        yield path, ds, metrics
+    finally:
+        await provider.stop()
+
+
+def only_the_first_pod(ds: Datastore) -> bool:
+    return [e.address for e in ds.endpoints()] == ["10.0.0.1:8000"]

@@ -12,8 +12,6 @@ from __future__ import annotations
 import os
 import subprocess
 import textwrap
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -23,14 +21,11 @@ from api import yaml_files
 from controllers.manifests import ManifestDirectory
 from controllers.memory_store import MemoryStore
 from controllers.store import AUTOSCALING_POLICY, MODEL_INFER
-from epp.datastore import Datastore
-from epp.metrics import PickerMetrics
-from epp.providers.file import FileProvider
 from epp.scheduling.config import ConfigError, load_config
 from tests.conftest import free_port
 from tests.paths import CRD_EXAMPLES
 from tests.picker_fixtures import Picker
-from tests.pool_files import POOL, errors, pod, write
+from tests.pool_files import POOL, errors, only_the_first_pod, pod, watched_pool, write
 from tests.waiting import wait_for_async
 
 # In-process cases: without the fix they never return, so pytest-timeout ends them.
@@ -115,47 +110,30 @@ def test_anchors_that_expand_little_still_load():
     assert doc == {"a": {"b": [1, 2]}, "c": {"b": [1, 2]}, "d": [{"b": [1, 2]}] * 2}
 
 
-def test_the_picker_exits_at_start_on_a_billion_laughs_config(tmp_path):
-    """The real `python -m epp`: exits non-zero at once, saying why."""
-    picker = Picker(tmp_path, [free_port()])
-    (tmp_path / "config.yaml").write_text(config_with(PICKER_CONFIGS[0].values[0]))
-    try:
-        done = subprocess.run(picker.cmd, capture_output=True, text=True, timeout=60)
-    except subprocess.TimeoutExpired:
-        pytest.fail("the picker did not exit on a billion-laughs config")
-    assert done.returncode == 2
-    assert "expands through its aliases" in done.stderr
-
-
-def test_the_picker_exits_at_start_on_a_config_that_is_a_fifo(tmp_path):
+def picker_refusing_its_config(tmp_path: Path, place_config) -> str:
+    """Start the real `python -m epp` after `place_config(path)` put its config file in
+    place; it must exit with status 2 at once. Its stderr."""
     picker = Picker(tmp_path, [free_port()])
     config = tmp_path / "config.yaml"
     config.unlink()
-    os.mkfifo(config)
+    place_config(config)
     try:
         done = subprocess.run(picker.cmd, capture_output=True, text=True, timeout=60)
     except subprocess.TimeoutExpired:
-        pytest.fail("the picker waited on a FIFO for its config")
-    assert done.returncode == 2
-    assert "not a regular file" in done.stderr
+        pytest.fail(f"the picker did not exit on {place_config.__name__}")
+    assert done.returncode == 2, done.stderr
+    return done.stderr
 
 
-@asynccontextmanager
-async def watched_pool(tmp_path: Path) -> AsyncIterator[tuple[Path, Datastore, PickerMetrics]]:
-    """A pool file with one pod, read by a running FileProvider that polls it often."""
-    path = tmp_path / "pool.yaml"
-    write(path, POOL, pod("a", "10.0.0.1"))
-    ds, metrics = Datastore(), PickerMetrics()
-    provider = FileProvider(ds, [path], "pool", poll_interval=0.02, metrics=metrics)
-    await provider.start()
-    try:
-        yield path, ds, metrics
-    finally:
-        await provider.stop()
+def test_the_picker_exits_at_start_on_a_billion_laughs_config(tmp_path):
+    def billion_laughs(path: Path) -> None:
+        path.write_text(config_with(PICKER_CONFIGS[0].values[0]))
+
+    assert "expands through its aliases" in picker_refusing_its_config(tmp_path, billion_laughs)
 
 
-def only_the_first_pod(ds: Datastore) -> bool:
-    return [e.address for e in ds.endpoints()] == ["10.0.0.1:8000"]
+def test_the_picker_exits_at_start_on_a_config_that_is_a_fifo(tmp_path):
+    assert "not a regular file" in picker_refusing_its_config(tmp_path, os.mkfifo)
 
 
 def replace_with(path: Path, how: str) -> None:
