@@ -53,21 +53,22 @@ class LocalRef(ApiStruct):
 
 
 # ---- patterns, the same as the CRDs' ------------------------------------------------------------
+# Each ends in \Z, not $: $ also matches before a trailing newline ("llama\n" is no DNS name).
 
-DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
-LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
+DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?\Z")
+DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*\Z")
+LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?\Z")
 LABEL_KEY = re.compile(
     r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
-    r"(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])$"
+    r"(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])\Z"
 )
-DURATION = re.compile(r"^([0-9]{1,5}(h|m|s|ms)){1,4}$")
+DURATION = re.compile(r"^([0-9]{1,5}(h|m|s|ms)){1,4}\Z")
 QUANTITY = re.compile(
     r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))"
-    r"(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+    r"(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?\Z"
 )
-ARTIFACT_URI = re.compile(r"^(hf|ms|s3|obs|pvc|file)://.+$")
-METRIC_NAME = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
+ARTIFACT_URI = re.compile(r"^(hf|ms|s3|obs|pvc|file)://.+\Z")
+METRIC_NAME = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*\Z")
 
 _DURATION_UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
 _DURATION_PART = re.compile(r"([0-9]+)(ms|h|m|s)")
@@ -82,7 +83,7 @@ def duration_seconds(text: str) -> float:
 
 # ---- msgspec's errors as `path: message` -------------------------------------------------------
 
-_MISSING_FIELD = re.compile(r"^Object missing required field `([^`]+)`$")
+_MISSING_FIELD = re.compile(r"^Object missing required field `([^`]+)`\Z")
 
 
 def conversion_problem(exc: msgspec.ValidationError, prefix: str = "") -> str:

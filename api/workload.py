@@ -39,8 +39,8 @@ DEFAULT_RECOVERY_POLICY = "RoleRecreate"
 ROLLOUT_TYPES = ("RollingUpdate",)
 DEFAULT_MAX_UNAVAILABLE = 1
 
-_MAX_UNAVAILABLE_PERCENT = re.compile(r"^([1-9][0-9]?|100)%$")
-_PARTITION_PERCENT = re.compile(r"^([0-9]|[1-9][0-9]|100)%$")
+_MAX_UNAVAILABLE_PERCENT = re.compile(r"^([1-9][0-9]?|100)%\Z")
+_PARTITION_PERCENT = re.compile(r"^([0-9]|[1-9][0-9]|100)%\Z")
 
 
 # ---- Model --------------------------------------------------------------------------------------

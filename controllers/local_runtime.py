@@ -55,6 +55,10 @@ _VAR = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
 BACKOFF_RESET_SECONDS = 600.0  # a container that ran this long starts its back-off afresh
 FINALIZER = "infergate.io/local-runtime"  # held while the pod's processes may still run
 DEFAULT_GRACE_SECONDS = 30  # terminationGracePeriodSeconds when the pod does not say
+# Pods run at once, the kubelet's default maxPods: `replicas: 1000` typed for 10 would
+# otherwise start a thousand engines on this machine. The others wait, Pending.
+MAX_PODS = 110
+UNSCHEDULABLE = "Unschedulable"
 
 
 @dataclass(slots=True)
@@ -92,8 +96,12 @@ class LocalRuntime:
         max_backoff: float = 10.0,
         probe_interval: float = 0.2,
         env: dict[str, str] | None = None,
+        max_pods: int = MAX_PODS,
     ) -> None:
         self.store = store
+        self.max_pods = max_pods
+        # Pods waiting for room, in arrival order: each starts when a running one is gone.
+        self._pending: dict[tuple[str, str], Obj] = {}
         # Set in every container, as a kubelet sets KUBERNETES_SERVICE_HOST.
         self.env = dict(env or {})
         self.state_dir = state_dir
@@ -135,6 +143,7 @@ class LocalRuntime:
     def _on_pod(self, event: str, pod: Obj) -> None:
         key = (pod["metadata"].get("namespace", "default"), pod["metadata"]["name"])
         run = self._running.get(key)
+        waited = self._pending.pop(key, None) is not None  # this event has its newest version
         if event == "DELETED" or pod["metadata"].get("deletionTimestamp"):
             if run is not None and (event == "DELETED" or _same(run.pod, pod)):
                 self._background(self._stop(key, run))  # releases the finalizer when done
@@ -144,10 +153,53 @@ class LocalRuntime:
         if run is None or not _same(run.pod, pod):
             if run is not None:  # same name, new pod: the old processes go first
                 self._background(self._stop(key, run))
-            run = _Running(pod=pod, ip=self._take_ip(_container_ports(pod)))
-            self._running[key] = run
-            self._start_containers(key, run)
-            self._background(self._hold(pod))
+            if len(self._running) >= self.max_pods:
+                self._pending[key] = pod
+                if not waited:  # reported once: our own status write comes back as an event
+                    self._background(self._report_unschedulable(pod))
+                return
+            self._run(key, pod)
+
+    def _run(self, key: tuple[str, str], pod: Obj) -> None:
+        run = _Running(pod=pod, ip=self._take_ip(_container_ports(pod)))
+        self._running[key] = run
+        self._start_containers(key, run)
+        self._background(self._hold(pod))
+
+    def _start_pending(self) -> None:
+        """Start the pods that waited longest, as long as there is room."""
+        while self._pending and len(self._running) < self.max_pods:
+            key = next(iter(self._pending))
+            self._run(key, self._pending.pop(key))
+
+    async def _report_unschedulable(self, pod: Obj) -> None:
+        """Pending with PodScheduled False, as the scheduler leaves a pod no node has room for."""
+        m = pod["metadata"]
+        message = (
+            f"this machine runs at most {self.max_pods} pods (maxPods); the pod starts when "
+            "another one stops"
+        )
+        log.warning("pod %s/%s waits: %s", m.get("namespace", "default"), m["name"], message)
+        current = await self.store.get(POD, m.get("namespace", "default"), m["name"])
+        if current is None or not _same(current, pod):
+            return
+        current = copy.deepcopy(current)
+        current["metadata"].pop("resourceVersion", None)  # the kubelet's write wins
+        current["status"] = {
+            "phase": "Pending",
+            "conditions": [
+                {
+                    "type": "PodScheduled",
+                    "status": "False",
+                    "reason": UNSCHEDULABLE,
+                    "message": message,
+                }
+            ],
+        }
+        try:
+            await self.store.update_status(current)
+        except NotFound:
+            pass
 
     def _background(self, coro) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -322,6 +374,7 @@ class LocalRuntime:
         self._free_ips.append(run.ip)
         if self._running.get(key) is run:
             del self._running[key]
+        self._start_pending()
         await self._release(run.pod)
 
     @staticmethod

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from api import forbidden_host_powers, prune_nulls, validate_dict
+from api import forbidden_host_powers, prune_nulls, validate_dict, yaml_files
 from api.meta import Problems
 from api.pod import check_pod_template
 from controllers.store import KINDS, NotFound, Obj, Store, kind_of
@@ -39,8 +39,8 @@ def read_objects(directory: Path) -> tuple[list[tuple[str, Obj]], list[str]]:
     found: list[tuple[str, object]] = []
     for path in files:
         try:
-            docs = list(yaml.safe_load_all(path.read_text()))
-        except (OSError, yaml.YAMLError) as exc:
+            docs = yaml_files.safe_load_all(yaml_files.read_text(path))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
             problems.append(f"{path}: not readable YAML: {exc}")
             continue
         found += [(f"{path}#{i}", doc) for i, doc in enumerate(docs)]

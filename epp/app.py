@@ -9,12 +9,12 @@ import signal
 import sys
 
 import grpc
-import yaml
 from aiohttp import web
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pbg
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import Gauge
 
+from api import yaml_files
 from epp import tls
 from epp.body_budget import BodyBudget
 from epp.datastore import Datastore
@@ -88,10 +88,19 @@ def _kv_cache_view(opts: PickerOptions, scheduling, datastore: Datastore, metric
     return view
 
 
+def _config_text(opts: PickerOptions) -> str | None:
+    if opts.config_file is None:
+        return opts.config_text
+    try:
+        return yaml_files.read_text(opts.config_file)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"--config-file: {exc}") from exc
+
+
 def _flow_control(text: str | None, scheduling) -> FlowControlConfig | None:
     """The config's flowControl section; on when present or when the flowControl feature
     gate is set (GIE's switch), off otherwise: requests then never wait in the picker."""
-    raw = (yaml.safe_load(text) or {}) if text else {}
+    raw = (yaml_files.safe_load(text) or {}) if text else {}
     section = raw.get("flowControl") if isinstance(raw, dict) else None
     if section is None and "flowControl" not in scheduling.feature_gates:
         return None
@@ -103,7 +112,7 @@ def _flow_control(text: str | None, scheduling) -> FlowControlConfig | None:
 
 def _header_trust(opts: PickerOptions, text: str | None) -> HeaderTrust:
     """The trust flags and the config's users section (refused at start when malformed)."""
-    raw = yaml.safe_load(text) if text else None
+    raw = yaml_files.safe_load(text) if text else None
     try:
         users = Users.from_config(raw)
     except UsersConfigError as exc:
@@ -144,7 +153,7 @@ async def _pool_gauges(datastore: Datastore, metrics: PickerMetrics) -> None:
 
 
 async def serve(opts: PickerOptions, ready: asyncio.Event | None = None) -> None:
-    text = opts.config_file.read_text() if opts.config_file else opts.config_text
+    text = _config_text(opts)
     scheduling = load_config(text)
     trust = _header_trust(opts, text)
     datastore = Datastore()

@@ -21,6 +21,11 @@ from epp.datastore import EndpointMetrics
 # vLLM before v1 called KV usage this; still seen in the wild.
 _LEGACY_KV = {"vllm": "vllm:gpu_cache_usage_perc"}
 
+# Adapters one lora_requests_info sample may name (running or waiting). vLLM runs at most
+# max_loras at once, a few dozen; the LoRA scorer and filter look at these sets for every
+# request and endpoint, so a page naming more is refused like any impossible value.
+MAX_LORA_NAMES = 1024
+
 _LABEL = re.compile(r'([A-Za-z_][A-Za-z0-9_]*)="((?:[^"\\]|\\.)*)"')
 
 
@@ -101,8 +106,8 @@ def parse(text: str, engine: str, now: float | None = None) -> EndpointMetrics:
         elif name == names.lora_info and value > lora_ts:
             lora_ts = value  # the value is a timestamp: the newest sample wins
             lab = dict(_LABEL.findall(labels))
-            m.running_loras = _names(lab.get("running_lora_adapters"))
-            m.waiting_loras = _names(lab.get("waiting_lora_adapters"))
+            m.running_loras = _names(name, "running", lab.get("running_lora_adapters"))
+            m.waiting_loras = _names(name, "waiting", lab.get("waiting_lora_adapters"))
             m.max_loras = _int(lab.get("max_lora"))
     m.kv_usage = max(kv or kv_legacy or [0.0])  # the fullest engine bounds admission
     missing = {names.waiting, names.running} - found
@@ -123,5 +128,10 @@ def _int(value: str | None) -> int | None:
     return number if number is not None and number >= 0 else None
 
 
-def _names(value: str | None) -> frozenset[str]:
-    return frozenset(v for v in (value or "").split(",") if v)
+def _names(metric: str, which: str, value: str | None) -> frozenset[str]:
+    names = frozenset(v for v in (value or "").split(",") if v)
+    if len(names) > MAX_LORA_NAMES:
+        raise InvalidMetricValue(
+            f"{metric} names {len(names)} {which} adapters, more than {MAX_LORA_NAMES}"
+        )
+    return names

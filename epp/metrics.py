@@ -108,6 +108,10 @@ MODEL = ("model_name", "target_model_name")
 # refused with 404) any name reaches the per-model series. Names the pool serves always get
 # their own; other names get theirs up to this many, then share OTHER_MODEL.
 MAX_UNLISTED_MODELS = 100
+# Names the pool serves come from the pods' /v1/models, which a pod fills as it likes and
+# LoRA loads change over time: all the names ever given a series, served or not, are
+# bounded too; past this, new names share OTHER_MODEL as well.
+MAX_MODEL_SERIES = 10_000
 OTHER_MODEL = "(other)"
 
 
@@ -115,9 +119,12 @@ class ModelLabels:
     """Maps a model name to its label value. A name's value only ever changes from
     OTHER_MODEL to the name (when the pool comes to serve it), never back."""
 
-    def __init__(self, overflow: Counter, limit: int = MAX_UNLISTED_MODELS) -> None:
+    def __init__(
+        self, overflow: Counter, limit: int = MAX_UNLISTED_MODELS, total: int = MAX_MODEL_SERIES
+    ) -> None:
         self.known: Callable[[str], bool] = lambda _name: False  # the pool serves it
         self.limit = limit
+        self.total = total
         self._overflow = overflow
         self._named: set[str] = set()
         self._unlisted = 0
@@ -125,8 +132,8 @@ class ModelLabels:
     def __call__(self, name: str) -> str:
         if name in self._named:
             return name
-        known = self.known(name)
-        if known or self._unlisted < self.limit:
+        known = len(self._named) < self.total and self.known(name)
+        if known or (self._unlisted < self.limit and len(self._named) < self.total):
             if not known:
                 self._unlisted += 1
             self._named.add(name)
@@ -244,7 +251,7 @@ class PickerMetrics:
                 "infergate_epp_model_label_overflow_total",
                 f"Per-model observations recorded under model_name={OTHER_MODEL!r}: the "
                 f"name is not served by the pool and {MAX_UNLISTED_MODELS} such names "
-                "already have series.",
+                f"already have series, or {MAX_MODEL_SERIES} names of any kind do.",
                 registry=r,
             )
         )

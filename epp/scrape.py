@@ -4,10 +4,12 @@ A pod that fails `unreachable_after` scrapes in a row leaves the candidate set u
 answers again; metrics older than `stale_after` mark an endpoint stale, which scorers treat
 as saturated.
 
-A pod's answers are untrusted input: bodies are read up to a cap and decoded as UTF-8 (the
-Prometheus text format and JSON both are; a declared charset is ignored, as some name
-bytes-to-bytes codecs such as `hex`), and whatever goes wrong in one round is counted by
-reason, logged, and retried on the next: a loop never ends but by the pod leaving the pool.
+A pod's answers are untrusted input: redirects are not followed (the numbers must be the
+pod's own, not those of whatever address it names: an idle pod's, an internal service's),
+bodies are read up to a cap and decoded as UTF-8 (the Prometheus text format and JSON both
+are; a declared charset is ignored, as some name bytes-to-bytes codecs such as `hex`), and
+whatever goes wrong in one round is counted by reason, logged, and retried on the next: a
+loop never ends but by the pod leaving the pool.
 """
 
 from __future__ import annotations
@@ -28,7 +30,14 @@ log = logging.getLogger("epp.scrape")
 
 # A vLLM page with many LoRA adapters and histograms is a few hundred KiB.
 MAX_METRICS_BYTES = 4 * 1024 * 1024
+# Pages are parsed on the event loop every request shares, and a page at the cap costs up to
+# a second of CPU: a pod's next scrape waits at least this many times the CPU its last page
+# took, so that no pod (hostile or just verbose) spends more than 1/PARSE_BACKOFF of the loop.
+# A real page costs a millisecond or less: its pod keeps the configured interval.
+PARSE_BACKOFF = 20
 MAX_MODELS_BYTES = 1024 * 1024
+# Models one pod may list (base models and LoRA adapters); a longer list is refused whole.
+MAX_MODELS_PER_ENDPOINT = 4096
 
 # Reasons of infergate_epp_metrics_scrape_errors_total (a fixed set: label values stay few).
 UNREACHABLE = "unreachable"  # connection refused or reset, timeout
@@ -37,6 +46,7 @@ TOO_LARGE = "too_large"
 NOT_UTF8 = "not_utf8"
 PARSE = "parse"
 INVALID_VALUE = "invalid_value"
+TOO_MANY = "too_many"  # /v1/models lists more than MAX_MODELS_PER_ENDPOINT
 INTERNAL = "internal"  # a bug of ours, seen on a pod's answer: logged with its traceback
 
 
@@ -153,28 +163,48 @@ class MetricsScraper:
 
     async def _loop(self, ep: Endpoint) -> None:
         next_models = 0.0  # served models change rarely (LoRA loads): ask now and then
+        slowed = False
         while True:
             t0 = time.monotonic()
+            parse_cpu = 0.0
             try:
-                await self.scrape_once(ep)
+                parse_cpu = await self.scrape_once(ep)
                 # A pod that is still starting is asked again on the next round, not only
                 # after models_interval: its adapters decide where LoRA prompts go.
                 if t0 >= next_models and ep.reachable and await self.fetch_models(ep):
                     next_models = t0 + self.models_interval
             except Exception as exc:  # the loop outlives any one round
                 self._failed(ep, exc)
-            await asyncio.sleep(max(0.0, self.interval - (time.monotonic() - t0)))
+            wait = max(0.0, self.interval - (time.monotonic() - t0))
+            if parse_cpu * PARSE_BACKOFF > wait:
+                wait = parse_cpu * PARSE_BACKOFF
+                if not slowed:
+                    log.warning(
+                        "endpoint %s: its /metrics page took %.0f ms of CPU to read; "
+                        "scraping it every %.1fs while its pages cost that much",
+                        ep.address,
+                        parse_cpu * 1000,
+                        wait,
+                    )
+            slowed = wait > self.interval
+            await asyncio.sleep(wait)
 
     async def fetch_models(self, ep: Endpoint) -> bool:
         """GET /v1/models; a server without it (or a bad answer) leaves the list as it was.
         False only when the pod could not be reached, so that it is asked again soon."""
         assert self._session is not None
         try:
-            async with self._session.get(f"http://{ep.address}/v1/models") as resp:
+            async with self._session.get(
+                f"http://{ep.address}/v1/models", allow_redirects=False
+            ) as resp:
                 if resp.status != 200:
                     return True
                 body = await read_capped(resp, MAX_MODELS_BYTES)
             models = _MODELS.decode(body)
+            if len(models.data) > MAX_MODELS_PER_ENDPOINT:
+                raise ScrapeError(
+                    TOO_MANY, f"{len(models.data)} models > {MAX_MODELS_PER_ENDPOINT}"
+                )
         except (TimeoutError, aiohttp.ClientError, OSError):
             return False
         except (ScrapeError, msgspec.ValidationError, msgspec.DecodeError, RecursionError) as exc:
@@ -194,17 +224,20 @@ class MetricsScraper:
         log.warning("endpoint %s: unusable /v1/models answer (%s)", ep.address, reason)
         self.metrics.scrape_errors.labels(ep.address, f"models_{reason}").inc()
 
-    async def scrape_once(self, ep: Endpoint) -> None:
-        """One round: fetch and parse /metrics; any failure is counted, never raised."""
+    async def scrape_once(self, ep: Endpoint) -> float:
+        """One round: fetch and parse /metrics; any failure is counted, never raised.
+        Returns the CPU seconds reading the page took on the event loop."""
         assert self._session is not None
         url = f"http://{ep.address}/metrics"
         # Requests sent while this scrape is under way may be missing from its numbers.
         sent_before = ep.sent_since_scrape
+        parse_start: float | None = None
         try:
-            async with self._session.get(url) as resp:
+            async with self._session.get(url, allow_redirects=False) as resp:
                 if resp.status != 200:
                     raise ScrapeError(HTTP_STATUS, f"HTTP {resp.status}")
                 body = await read_capped(resp, MAX_METRICS_BYTES)
+            parse_start = time.thread_time()  # no await from here to the parse's end
             try:
                 text = body.decode()
             except UnicodeDecodeError as exc:
@@ -212,7 +245,8 @@ class MetricsScraper:
             ep.metrics = parse(text, ep.engine)
         except Exception as exc:  # every failure of one round is counted
             self._failed(ep, exc)
-            return
+            return 0.0 if parse_start is None else time.thread_time() - parse_start
+        parse_cpu = time.thread_time() - parse_start
         if not ep.reachable:
             log.info("endpoint %s answers again", ep.address)
         ep.reachable = True
@@ -224,6 +258,7 @@ class MetricsScraper:
                 self.on_refresh()
             except Exception:
                 log.exception("after scraping %s: on_refresh failed", ep.address)
+        return parse_cpu
 
     def _failed(self, ep: Endpoint, exc: Exception) -> None:
         ep.scrape_failures += 1

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import yaml
 
+from api import yaml_files
 from stack.auth import AuthConfig, AuthError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,8 +36,9 @@ class Example:
         documents: dict[Path, list[dict]] = {}
         for path in sorted(directory.glob("*.y*ml")):
             try:
-                documents[path] = [d for d in yaml.safe_load_all(path.read_text()) if d]
-            except yaml.YAMLError as exc:
+                text = yaml_files.read_text(path)
+                documents[path] = [d for d in yaml_files.safe_load_all(text) if d]
+            except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
                 raise ExampleError(f"{path}: not readable YAML: {exc}") from exc
         models = [d for docs in documents.values() for d in docs if d.get("kind") == "Model"]
         if len(models) != 1:

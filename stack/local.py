@@ -24,6 +24,7 @@ from pathlib import Path
 
 import yaml
 
+from api import yaml_files
 from api.names import ENGINE_LABEL
 from controllers.certs import serving_cert
 from stack.auth import AuthConfig
@@ -446,8 +447,8 @@ def stop_group(proc: subprocess.Popen, grace: float = 10) -> None:
 
 def _has_pool(path: Path, name: str) -> bool:
     try:
-        docs = list(yaml.safe_load_all(path.read_text()))
-    except (OSError, yaml.YAMLError):
+        docs = yaml_files.safe_load_all(yaml_files.read_text(path))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
         return False
     return any(
         d and d.get("kind") == "InferencePool" and d["metadata"]["name"] == name for d in docs

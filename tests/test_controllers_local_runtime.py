@@ -413,3 +413,41 @@ async def test_a_stream_finishes_across_a_scale_down_while_new_requests_go_elsew
     assert len(events) - 1 == tokens  # every token arrived; the stream was not cut
     await wait_gone(store, "slow-1-serve-0-0")
     assert proc.returncode == 0  # it exited by itself after the stream, not by SIGKILL
+
+
+def sleeper(name: str) -> dict:
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {"containers": [{"name": "c", "command": ["sleep", "600"]}]},
+    }
+
+
+def unschedulable(status) -> bool:
+    return status.get("phase") == "Pending" and any(
+        c["type"] == "PodScheduled" and c.get("reason") == "Unschedulable"
+        for c in status.get("conditions", [])
+    )
+
+
+async def test_pods_beyond_max_pods_wait_pending_and_start_when_one_stops(tmp_path):
+    """`replicas: 1000` typed for 10 started a process per pod until the machine gave out
+    (or the loopback addresses did, in a handler error). Like a node's maxPods, the pods
+    past the bound wait Pending, Unschedulable, saying why; one starts when another stops."""
+    store = MemoryStore()
+    rt = LocalRuntime(store, tmp_path, max_backoff=0.5, probe_interval=0.05, max_pods=2)
+    await rt.start()
+    try:
+        for name in ("a", "b", "c"):
+            await store.create(sleeper(name))
+        for name in ("a", "b"):
+            await wait_status(store, name, ready)
+        pod = await wait_status(store, "c", unschedulable)
+        assert "at most 2 pods" in pod["status"]["conditions"][0]["message"]
+        assert rt.process("default", "c") is None
+        await store.delete(POD, "default", "a")
+        await wait_status(store, "c", ready)
+        assert rt.process("default", "c") is not None
+    finally:
+        await rt.stop()

@@ -168,3 +168,15 @@ async def test_a_pod_the_runtime_cannot_run_is_refused_and_nulls_are_dropped(tmp
     ]
     stored = await store.get(MODEL_INFER, "default", "llama-3-8b")
     assert "replicas" not in stored["spec"]
+
+
+async def test_a_trailing_newline_is_no_part_of_a_name(tmp_path):
+    """Python's `$` matches before a final newline, so "llama-3-8b-load\\n" passed as a DNS
+    name (the API server's patterns, RE2, refuse it) and became pod and log file names."""
+    good = policy()
+    bad = copy.deepcopy(good)
+    bad["metadata"]["name"] = good["metadata"]["name"] + "\n"
+    (tmp_path / "a.yaml").write_text(yaml.safe_dump(bad))
+    md = ManifestDirectory(MemoryStore(), tmp_path)
+    await md.apply_once()
+    assert any("metadata.name" in p for p in md.problems), md.problems

@@ -3,43 +3,13 @@ last good pool, is logged and counted, and the watch goes on so a later good edi
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import yaml
 
 from epp.datastore import Datastore
-from epp.metrics import PickerMetrics
 from epp.providers.file import FileProvider, FileProviderError
+from tests.pool_files import POOL, errors, only_the_first_pod, pod, watched_pool, write
 from tests.waiting import wait_for_async
-
-POOL = {
-    "apiVersion": "inference.networking.k8s.io/v1",
-    "kind": "InferencePool",
-    "metadata": {"name": "pool", "namespace": "default"},
-    "spec": {"selector": {"matchLabels": {"app": "vllm"}}, "targetPorts": [{"number": 8000}]},
-}
-
-
-def pod(name: str, ip: object = "10.0.0.1", **meta: object) -> dict:
-    return {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {"name": name, "labels": {"app": "vllm"}, **meta},
-        "status": {"podIP": ip, "conditions": [{"type": "Ready", "status": "True"}]},
-    }
-
-
-def write(path: Path, *objects: dict) -> None:
-    path.write_text(yaml.safe_dump_all(objects))
-
-
-def errors(metrics: PickerMetrics, reason: str) -> float:
-    value = metrics.registry.get_sample_value(
-        "infergate_epp_pool_file_errors_total", {"reason": reason}
-    )
-    return value or 0.0
-
 
 BAD_EDITS = [
     pytest.param(lambda: [POOL, pod("a"), {**pod("b"), "metadata": [1]}], id="metadata-list"),
@@ -65,30 +35,18 @@ BAD_EDITS = [
 
 @pytest.mark.parametrize("bad", BAD_EDITS)
 async def test_a_bad_edit_keeps_the_pool_and_a_later_good_edit_applies(tmp_path, bad):
-    path = tmp_path / "pool.yaml"
-    write(path, POOL, pod("a", "10.0.0.1"))
-    ds, metrics = Datastore(), PickerMetrics()
-    provider = FileProvider(ds, [path], "pool", poll_interval=0.02, metrics=metrics)
-    await provider.start()
-    try:
-        assert [e.address for e in ds.endpoints()] == ["10.0.0.1:8000"]
+    async with watched_pool(tmp_path) as (path, ds, metrics):
+        assert only_the_first_pod(ds)
         write(path, *bad())
         await wait_for_async(lambda: errors(metrics, "invalid") == 1)
-        assert [e.address for e in ds.endpoints()] == ["10.0.0.1:8000"]
+        assert only_the_first_pod(ds)
         assert ds.pool is not None and ds.pool.selector == {"app": "vllm"}
         write(path, POOL, pod("a", "10.0.0.1"), pod("c", "10.0.0.3"))
         await wait_for_async(lambda: len(ds.endpoints()) == 2)
-    finally:
-        await provider.stop()
 
 
 async def test_a_half_written_file_and_a_binary_one_are_counted(tmp_path):
-    path = tmp_path / "pool.yaml"
-    write(path, POOL, pod("a"))
-    ds, metrics = Datastore(), PickerMetrics()
-    provider = FileProvider(ds, [path], "pool", poll_interval=0.02, metrics=metrics)
-    await provider.start()
-    try:
+    async with watched_pool(tmp_path) as (path, ds, metrics):
         path.write_text(yaml.safe_dump_all([POOL, pod("a")])[:40])
         await wait_for_async(lambda: errors(metrics, "invalid") == 1)
         path.write_bytes(b"\xff\xfe\x00garbage")
@@ -96,8 +54,6 @@ async def test_a_half_written_file_and_a_binary_one_are_counted(tmp_path):
         assert len(ds.endpoints()) == 1
         write(path, POOL, pod("a"), pod("b", "10.0.0.2"))
         await wait_for_async(lambda: len(ds.endpoints()) == 2)
-    finally:
-        await provider.stop()
 
 
 def test_a_bad_file_at_start_is_an_error_naming_the_object(tmp_path):

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from epp.datastore import Datastore, PoolSpec
 from epp.director import Director, DirectorOptions
-from epp.metrics import MAX_UNLISTED_MODELS, OTHER_MODEL, PickerMetrics
+from epp.metrics import MAX_MODEL_SERIES, MAX_UNLISTED_MODELS, OTHER_MODEL, PickerMetrics
 from epp.request import parse_request
 from epp.scheduling.config import load_config
 from epp.scheduling.framework import ResponseInfo
@@ -89,3 +89,18 @@ async def test_the_running_gauge_comes_back_to_zero_when_a_name_gets_its_series_
     name = "inference_objective_running_requests"
     assert get(name, {"model_name": OTHER_MODEL}) == 0
     assert (get(name, {"model_name": "late"}) or 0) == 0
+
+
+async def test_served_names_are_bounded_too():
+    """A pod lists what it likes in /v1/models (and LoRA loads change the list over time):
+    names it serves got a series each, without end. Past MAX_MODEL_SERIES names of any
+    kind, new ones share OTHER_MODEL."""
+    d = director()
+    d.metrics.model_labels.known = lambda _name: True  # a pod that serves every name
+    label = d.metrics.model_labels
+    labels = [label(f"lora-{i}") for i in range(MAX_MODEL_SERIES)]
+    assert labels[-1] == f"lora-{MAX_MODEL_SERIES - 1}"
+    assert label("one-more") == OTHER_MODEL
+    assert label("lora-0") == "lora-0"  # a name that has its series keeps it
+    overflow = d.metrics.registry.get_sample_value("infergate_epp_model_label_overflow_total")
+    assert overflow == 1

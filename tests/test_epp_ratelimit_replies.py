@@ -327,3 +327,21 @@ async def test_a_bucket_key_of_another_type_fails_open_counted(redis_server):
         assert await limiter.level("chat", None, "input") == 90
     finally:
         await limiter.aclose()
+
+
+HUGE_REPLIES = {
+    # 300k elements: redis-py parsed them all, without yielding, past the call's timeout.
+    "wide array": resp([0, b"input"] + [b"x"] * 300_000),
+    # 60 MB of digits: was read whole, and parsed as an infinite wait (a denial).
+    "huge bulk string": resp([0, b"input", b"9" * (60 * 1024 * 1024)]),
+    "huge declared length": b"$1000000000000\r\n",
+}
+
+
+@pytest.mark.parametrize("reply", HUGE_REPLIES.values(), ids=HUGE_REPLIES.keys())
+async def test_a_reply_longer_than_the_bound_is_refused_as_it_is_read(reply):
+    async with limiter_on_fake() as (server, limiter, metrics):
+        server.replies = [reply]
+        decision = await limiter.check("chat", None, 10)
+        assert decision.allowed and decision.degraded
+        assert malformed(metrics) == 1

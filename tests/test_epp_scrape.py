@@ -11,8 +11,14 @@ import pytest
 from aiohttp import web
 
 from epp.datastore import Datastore, PoolSpec
+from epp.engine_metrics import MAX_LORA_NAMES
 from epp.metrics import PickerMetrics
-from epp.scrape import MAX_METRICS_BYTES, MAX_MODELS_BYTES, MetricsScraper
+from epp.scrape import (
+    MAX_METRICS_BYTES,
+    MAX_MODELS_BYTES,
+    MAX_MODELS_PER_ENDPOINT,
+    MetricsScraper,
+)
 from tests.conftest import free_port
 from tests.waiting import wait_for_async
 
@@ -48,9 +54,10 @@ async def start_pod(port: int) -> web.AppRunner:
     return runner
 
 
-def one_pod_store(port: int) -> Datastore:
+def one_pod_store(*ports: int) -> Datastore:
+    """One ready pod on 127.0.0.1 in a pool with these target ports: an endpoint each."""
     ds = Datastore()
-    ds.set_pool(PoolSpec("pool", "ns", {"app": "vllm"}, [port]))
+    ds.set_pool(PoolSpec("pool", "ns", {"app": "vllm"}, list(ports)))
     pod = {
         "metadata": {"name": "p", "namespace": "ns", "labels": {"app": "vllm"}},
         "status": {"podIP": "127.0.0.1", "conditions": [{"type": "Ready", "status": "True"}]},
@@ -162,6 +169,11 @@ def page(waiting: float | str = 0, kv: float | str = 0.25) -> str:
     )
 
 
+def lora_info(adapters: int) -> str:
+    names = ",".join(f"lora-{i}" for i in range(adapters))
+    return f'vllm:lora_requests_info{{running_lora_adapters="{names}",max_lora="4"}} 1\n'
+
+
 def errors(metrics: PickerMetrics, reason: str) -> float:
     """Scrape errors counted with this reason, over all endpoints."""
     total = 0.0
@@ -210,6 +222,8 @@ async def test_a_bytes_codec_charset_does_not_end_the_scrape_loop():
         (web.Response(text=page(waiting=-3)), "invalid_value"),
         (web.Response(text=page(kv="+Inf")), "invalid_value"),
         (web.Response(text=page(kv=1.5)), "invalid_value"),
+        # Every LoRA request unions these sets for every endpoint: 300k names cost 60 ms each.
+        (web.Response(text=page() + lora_info(MAX_LORA_NAMES + 1)), "invalid_value"),
         (web.Response(text="vllm:num_requests_waiting{ 1\n"), "parse"),
         (web.Response(status=500, text="boom"), "http_status"),
         # Compressed bodies are never inflated: a small gzip bomb is just a bad page.
@@ -328,3 +342,92 @@ async def test_a_failing_refresh_callback_does_not_end_the_loop():
     finally:
         await scraper.stop()
         await pod.stop()
+
+
+class CountingPod(Pod):
+    """A Pod that counts the /metrics requests it answers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scrapes = 0
+
+    async def _metrics(self, req: web.Request) -> web.StreamResponse:
+        self.scrapes += 1
+        return await super()._metrics(req)
+
+
+def costly_page() -> str:
+    """A valid page of ~3 MiB that vLLM never sends: LoRA info lines by the ten thousand,
+    each of which the parser must read (the newest timestamp wins)."""
+    lora = 'vllm:lora_requests_info{running_lora_adapters="a,b",max_lora="4"} '
+    return page(waiting=1) + "".join(f"{lora}{i}\n" for i in range(40_000))
+
+
+async def test_a_pod_whose_pages_cost_much_cpu_is_scraped_less_often():
+    """Parsing runs on the event loop every request shares: a pod answering pages that cost
+    a fraction of a second of CPU, every 50 ms, held the loop most of the time. Now its
+    next scrape waits PARSE_BACKOFF times the CPU its page took, and well-behaved pods
+    keep their interval."""
+    normal_port, costly_port = free_port(), free_port()
+    normal, costly = CountingPod(), CountingPod()
+    normal.metrics = web.Response(text=page(waiting=1))
+    costly.metrics = web.Response(text=costly_page())
+    await normal.start(normal_port)
+    await costly.start(costly_port)
+    ds = one_pod_store(normal_port, costly_port)
+    scraper = await running_scraper(ds, PickerMetrics(), models_interval=60)
+    try:
+        await wait_for_async(lambda: costly.scrapes >= 1 and normal.scrapes >= 60, within=60)
+        # Before, both were scraped at about the same rate (each round of the normal pod
+        # waited for the costly parse); now the costly one is asked a few times at most.
+        assert costly.scrapes * 6 <= normal.scrapes
+    finally:
+        await scraper.stop()
+        await normal.stop()
+        await costly.stop()
+
+
+async def test_a_model_list_longer_than_the_bound_is_refused_whole():
+    """Every name a pod lists may get its own metric series and is kept per endpoint: a
+    list of more than MAX_MODELS_PER_ENDPOINT is counted and the last good list stays."""
+    port = free_port()
+    pod = Pod()
+    await pod.start(port)
+    ds, metrics = one_pod_store(port), PickerMetrics()
+    scraper = await running_scraper(ds, metrics)
+    try:
+        (ep,) = ds.endpoints()
+        await wait_for_async(lambda: ep.models == {"base", "sql-lora"})
+        many = [{"id": f"lora-{i}", "parent": "base"} for i in range(MAX_MODELS_PER_ENDPOINT + 1)]
+        pod.models = web.json_response({"object": "list", "data": many})
+        await wait_for_async(lambda: errors(metrics, "models_too_many") >= 2)
+        assert ep.models == {"base", "sql-lora"}
+    finally:
+        await scraper.stop()
+        await pod.stop()
+
+
+async def test_a_redirect_is_not_followed():
+    """A pod answering 302 to another address (an idle pod's /metrics) had that address's
+    numbers taken as its own, and could attract traffic it cannot serve. A redirect is a
+    bad answer: counted, and the endpoint's numbers stay its own."""
+    idle_port, busy_port = free_port(), free_port()
+    idle, busy = Pod(), Pod()
+    idle.metrics = web.Response(text=page(waiting=0))
+    busy.metrics = web.Response(text=page(waiting=50))
+    await idle.start(idle_port)
+    await busy.start(busy_port)
+    ds, metrics = one_pod_store(busy_port), PickerMetrics()
+    scraper = await running_scraper(ds, metrics)
+    try:
+        (ep,) = ds.endpoints()
+        await wait_for_async(lambda: ep.metrics.waiting == 50)
+        busy.metrics = web.Response(
+            status=302, headers={"Location": f"http://127.0.0.1:{idle_port}/metrics"}
+        )
+        await wait_for_async(lambda: errors(metrics, "http_status") >= 2)
+        assert ep.metrics.waiting == 50
+    finally:
+        await scraper.stop()
+        await idle.stop()
+        await busy.stop()

@@ -6,6 +6,7 @@ fits together; reading, counting pods and the --pods/engine-argument copy behave
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 
 import pytest
@@ -176,3 +177,19 @@ def test_no_shipped_config_lets_a_client_pin_a_pod():
         if "header-based-testing-filter" in yaml.safe_dump(doc)
     ]
     assert carrying == []
+
+
+def test_an_example_with_a_billion_laughs_or_a_fifo_is_refused(tmp_path):
+    """`infergate up DIR` reads an example an operator wrote: a document whose anchors
+    expand to 10**9 values, or a FIFO named *.yaml, is refused with its file named."""
+    write(tmp_path, model())
+    laughs = ["&l0 [lol, lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    laughs += [f"&l{i} [{', '.join([f'*l{i - 1}'] * 10)}]" for i in range(1, 10)]
+    bomb = "laughs:\n" + "".join(f"- {x}\n" for x in laughs) + "kind: *l9\n"
+    (tmp_path / "bomb.yaml").write_text(bomb)
+    with pytest.raises(ExampleError, match=r"bomb.yaml: .*expands through its aliases"):
+        Example.read(tmp_path)
+    (tmp_path / "bomb.yaml").unlink()
+    os.mkfifo(tmp_path / "fifo.yaml")
+    with pytest.raises(ExampleError, match=r"fifo.yaml: .*not a regular file"):
+        Example.read(tmp_path)

@@ -16,6 +16,7 @@ from typing import Any
 import msgspec
 import yaml
 
+from api import yaml_files
 from api.meta import ObjectMeta
 from epp.datastore import Datastore, PoolSpec, pod_problem
 from epp.metrics import PickerMetrics
@@ -35,6 +36,10 @@ class FileProviderError(ValueError):
     pass
 
 
+class UnreadableFileError(FileProviderError):
+    """A file that vanished, cannot be read, or is no regular file of bounded size."""
+
+
 def _files(paths: list[Path]) -> list[Path]:
     out = []
     for p in paths:
@@ -49,11 +54,11 @@ def load_objects(paths: list[Path]) -> list[dict[str, Any]]:
     objects = []
     for f in _files(paths):
         try:
-            docs = list(yaml.safe_load_all(f.read_text()))
-        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+            docs = yaml_files.safe_load_all(yaml_files.read_text(f))
+        except OSError as exc:
+            raise UnreadableFileError(f"{f}: {exc}") from exc
+        except (UnicodeDecodeError, yaml.YAMLError) as exc:
             raise FileProviderError(f"{f}: {exc}") from exc
-        except RecursionError:
-            raise FileProviderError(f"{f}: nested too deeply") from None
         for i, doc in enumerate(docs):
             if doc is None:
                 continue
@@ -190,6 +195,8 @@ class FileProvider:
         try:
             if self._current_stamp() != self._stamp:
                 self.load()
+        except UnreadableFileError as exc:
+            self._failed(UNREADABLE, exc)
         except FileProviderError as exc:
             self._failed(INVALID, exc)
         except OSError as exc:

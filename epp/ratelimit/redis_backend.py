@@ -55,6 +55,7 @@ from epp.ratelimit.limiter import (
     RateLimitMetrics,
     deny,
 )
+from epp.ratelimit.redis_parser import BoundedRESP3Parser, ReplyTooLarge
 
 __all__ = ["BUCKET_SCRIPT", "RedisClients", "RedisRateLimiter", "redis_client"]
 
@@ -145,6 +146,7 @@ def redis_client(
         retry=Retry(NoBackoff(), 1),
         max_connections=max_connections,
         timeout=timeout,
+        parser_class=BoundedRESP3Parser,
     )
     return Redis(connection_pool=pool)
 
@@ -233,7 +235,7 @@ def _text(value: Any) -> str:
 
 
 def _reason(error: BaseException) -> str:
-    if isinstance(error, MalformedReply):
+    if isinstance(error, MalformedReply | ReplyTooLarge):
         return "malformed_reply"
     if isinstance(error, TimeoutError | redis_errors.TimeoutError):
         return "timeout"

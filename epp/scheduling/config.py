@@ -21,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from api import yaml_files
 from epp.scheduling import registry
 from epp.scheduling.config_file import ConfigError, ConfigFile, ProfileSpec, decode
 from epp.scheduling.framework import (
@@ -70,11 +71,9 @@ class SchedulingConfig:
 
 def load_config(text: str | None) -> SchedulingConfig:
     try:
-        raw = yaml.safe_load(text if text is not None else DEFAULT_CONFIG)
+        raw = yaml_files.safe_load(text if text is not None else DEFAULT_CONFIG)
     except yaml.YAMLError as exc:
         raise ConfigError(f"EndpointPickerConfig is not valid YAML: {exc}") from exc
-    except RecursionError:
-        raise ConfigError("EndpointPickerConfig is nested too deeply") from None
     return build(raw)
 
 
