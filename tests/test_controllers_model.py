@@ -10,10 +10,11 @@ import copy
 import json
 from pathlib import Path
 
+import msgspec
 import pytest
 import yaml
 
-from api import validate_dict
+from api import Model, from_dict_as, to_dict, validate_dict
 from controllers import model_objects
 from controllers.memory_store import MemoryStore
 from controllers.model import NOT_OURS_RETRY, ModelReconciler
@@ -109,7 +110,8 @@ POD_IP_ENV = {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.
 
 
 def role_templates(model: dict) -> dict[str, dict]:
-    return {r["name"]: r for r in model_objects.roles(model)}
+    roles = model_objects.roles(from_dict_as(Model, stored(model)))
+    return {r.name: msgspec.to_builtins(r) for r in roles}
 
 
 def by_name(containers: list[dict]) -> dict[str, dict]:
@@ -160,10 +162,10 @@ def test_a_kv_connector_puts_the_sidecar_before_the_decode_engine(kind):
     assert "--port=8000" in prefill[0]["args"]
     assert prefill[0]["ports"] == [{"name": "http", "containerPort": 8000}]
     # what routes to the pods is unchanged: port 8000
-    stored(model)
-    assert model_objects.inferencepool(model)["spec"]["targetPorts"] == [{"number": 8000}]
-    assert model_objects.modelserver(model)["spec"]["workloadPort"]["port"] == 8000
-    assert validate_dict(model_objects.modelinfer(model)) == []
+    typed = from_dict_as(Model, stored(model))
+    assert to_dict(model_objects.inferencepool(typed))["spec"]["targetPorts"] == [{"number": 8000}]
+    assert to_dict(model_objects.modelserver(typed))["spec"]["workloadPort"]["port"] == 8000
+    assert validate_dict(to_dict(model_objects.modelinfer(typed))) == []
 
 
 def test_no_kv_connector_no_sidecar():
