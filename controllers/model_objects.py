@@ -69,7 +69,7 @@ from api.workload import (
     RollingUpdateConfiguration,
     RolloutStrategy,
 )
-from controllers.store import owner_reference
+from controllers.store import owner_reference_of
 
 ENGINE_PORT = 8000  # the pod's serving port: the engine's, or the connector's before it
 SIDECAR_ENGINE_PORT = 8200  # the engine's port behind the connector (llm-d's)
@@ -108,16 +108,11 @@ def _plain(value: ApiStruct | None) -> Any:
 
 
 def _meta(model: Model) -> ObjectMeta:
-    owner = {
-        "apiVersion": model.api_version,
-        "kind": model.kind,
-        "metadata": {"name": model.metadata.name, "uid": model.metadata.uid},
-    }
     return ObjectMeta(
         name=_name(model),
         namespace=_namespace(model),
         labels={MODEL_LABEL: _name(model)},
-        owner_references=[owner_reference(owner)],
+        owner_references=[owner_reference_of(model)],
     )
 
 
