@@ -119,10 +119,16 @@ T = TypeVar("T", bound=ApiStruct)
 
 
 def from_dict_as(cls: type[T], obj: dict[str, Any]) -> T:
-    """from_dict where the kind is known (a store's get of that kind): ApiError if it is not."""
-    typed = from_dict(obj)
+    """from_dict where the kind is known (a store's get of that kind): ApiError, naming the
+    object, if it cannot be read as one."""
+    meta = obj.get("metadata")
+    name = meta.get("name") if isinstance(meta, dict) else None
+    try:
+        typed = from_dict(obj)
+    except ApiError as exc:
+        raise ApiError(f"{cls.__name__} {name}: {exc}") from None
     if not isinstance(typed, cls):
-        raise ApiError(f"expected a {cls.__name__}, got {obj.get('kind')!r}")
+        raise ApiError(f"{cls.__name__} {name}: is a {obj.get('kind')!r}")
     return typed
 
 

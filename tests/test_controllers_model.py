@@ -33,6 +33,7 @@ from controllers.store import (
 )
 from tests.controller_helpers import conds, kubelet, modelinfer, since, summary
 from tests.paths import EXAMPLES
+from tests.waiting import wait_for_async
 
 EXAMPLE = EXAMPLES / "crds" / "model.yaml"
 OWNED = (MODEL_INFER, MODEL_SERVER, MODEL_ROUTE, INFERENCE_POOL, AUTOSCALING_BINDING)
@@ -535,3 +536,29 @@ def test_covers_allows_extra_keys_but_not_other_values():
     assert covers([{"x": 1, "y": 2}], [{"x": 1}])
     assert not covers({"a": 1}, {"a": 2}) and not covers({"b": {}}, {"b": {"c": 2}})
     assert not covers([1, 2], [1]) and not covers({"a": [1]}, {"a": 1})
+
+
+async def test_a_model_that_cannot_be_read_is_counted_and_waits_for_an_edit():
+    """A Model that bypassed validation (a bare store) is not a crash retried forever: the
+    pass counts it unreadable, and its next edit is read again."""
+    store = MemoryStore()
+    models = Controller(store, ModelReconciler(store), [(MODEL, own_key)])
+    results = models.metrics.reconciles
+
+    def count(result: str) -> float:
+        return results.labels(models.name, result)._value.get()
+
+    model = example_model()
+    engine = model["spec"].pop("engine")  # required by the CRD
+    await models.start()
+    try:
+        await store.create(copy.deepcopy(model))
+        await wait_for_async(lambda: count("unreadable") >= 1, "the unreadable Model counted")
+        assert count("error") == 0 and await owned(store, MODEL_INFER) is None
+        have = await get_model(store)
+        have["spec"]["engine"] = engine
+        await store.update(have)
+        await wait_for_async(lambda: owned(store, MODEL_INFER), "the edited Model's ModelInfer")
+        assert count("error") == 0
+    finally:
+        await models.stop()
