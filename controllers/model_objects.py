@@ -319,7 +319,7 @@ def autoscaling(model: Model) -> list[AutoScalingPolicy | AutoScalingPolicyBindi
     policy = scaling.policy_ref.name if scaling.policy_ref is not None else None
     if policy is None:
         policy = name
-        metrics = copy.deepcopy(scaling.metrics or [])
+        metrics = scaling.metrics or []  # shared with the Model: to_dict copies it
         out.append(
             AutoScalingPolicy(metadata=_meta(model), spec=AutoScalingPolicySpec(metrics=metrics))
         )
