@@ -10,7 +10,7 @@ Imported by the picker (epp) and the controllers alike, so it imports neither.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 
@@ -68,6 +68,7 @@ __all__ = [
     "duration_seconds",
     "forbidden_host_powers",
     "from_dict",
+    "from_dict_as",
     "prune_nulls",
     "to_dict",
     "validate",
@@ -112,6 +113,23 @@ def from_dict(obj: dict[str, Any]) -> ApiStruct:
         return msgspec.convert(obj, cls)
     except msgspec.ValidationError as exc:
         raise ApiError(conversion_problem(exc)) from None
+
+
+T = TypeVar("T", bound=ApiStruct)
+
+
+def from_dict_as(cls: type[T], obj: dict[str, Any]) -> T:
+    """from_dict where the kind is known (a store's get of that kind): ApiError, naming the
+    object, if it cannot be read as one."""
+    meta = obj.get("metadata")
+    name = meta.get("name") if isinstance(meta, dict) else None
+    try:
+        typed = from_dict(obj)
+    except ApiError as exc:
+        raise ApiError(f"{cls.__name__} {name}: {exc}") from None
+    if not isinstance(typed, cls):
+        raise ApiError(f"{cls.__name__} {name}: is a {obj.get('kind')!r}")
+    return typed
 
 
 def prune_nulls(obj: dict[str, Any]) -> dict[str, Any]:

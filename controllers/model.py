@@ -14,8 +14,14 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import msgspec
+
+import api
+from api import Condition, Model, ModelInfer
+from api.meta import ApiStruct
+from api.workload import ModelInferStatus
 from controllers import model_objects
-from controllers.conditions import condition, find
+from controllers.conditions import condition
 from controllers.store import (
     KINDS,
     MODEL,
@@ -49,14 +55,19 @@ def covers(have, want) -> bool:
     return have == want
 
 
-def _with_role_sizes(want: dict, have: dict | None) -> dict:
-    """`want`'s template with each role's replicas as `have` has them."""
-    sizes = {r["name"]: r.get("replicas") for r in (have or {}).get("roles") or []}
+def _with_role_sizes(want: ModelInfer, have: ModelInfer) -> ModelInfer:
+    """`want` with the group count and each role's replicas as `have` has them."""
+    sizes = {r.name: r.replicas for r in have.spec.template.roles}
     roles = [
-        {**r, "replicas": sizes[r["name"]]} if sizes.get(r["name"]) is not None else r
-        for r in want.get("roles") or []
+        msgspec.structs.replace(r, replicas=sizes[r.name]) if sizes.get(r.name) is not None else r
+        for r in want.spec.template.roles
     ]
-    return {**want, "roles": roles}
+    spec = msgspec.structs.replace(
+        want.spec,
+        replicas=want.spec.replicas if have.spec.replicas is None else have.spec.replicas,
+        template=msgspec.structs.replace(want.spec.template, roles=roles),
+    )
+    return msgspec.structs.replace(want, spec=spec)
 
 
 class ModelReconciler:
@@ -66,55 +77,56 @@ class ModelReconciler:
         self.store = store
 
     async def reconcile(self, namespace: str, name: str) -> float | None:
-        model = await self.store.get(MODEL, namespace, name)
-        if model is None or model["metadata"].get("deletionTimestamp"):
+        obj = await self.store.get(MODEL, namespace, name)
+        if obj is None:
             return None
-        autoscaled = bool(model["spec"].get("autoscaling"))
+        model = api.from_dict_as(Model, obj)  # status is written back on `obj`, as read
+        if model.metadata.deletion_timestamp:
+            return None
         problems: list[Problem] = []
         for want in model_objects.desired(model):
             try:
-                problem = await self._apply(model, want, keep_replicas=autoscaled)
+                problem = await self._apply(model, want)
             except Invalid as exc:  # rejected: report it, then let the runner retry
-                problem = Problem("ObjectRejected", f"{want['kind']} {_name(want)}: {exc}", exc)
+                problem = Problem("ObjectRejected", f"{want.kind} {want.metadata.name}: {exc}", exc)
             if problem is not None:
                 problems.append(problem)
-        await self._write_status(model, problems)
+        await self._write_status(obj, model, problems)
         for p in problems:
             if p.error is not None:
                 raise p.error
         # An object in the way that is not ours sends us no event when it goes: look again.
         return NOT_OURS_RETRY if problems else None
 
-    async def _apply(self, model: Obj, want: Obj, *, keep_replicas: bool) -> Problem | None:
+    async def _apply(self, model: Model, want: ApiStruct) -> Problem | None:
         """Create or update one owned object; a Problem if it is not ours to write."""
-        kind = KINDS[want["kind"]]
-        m = want["metadata"]
-        have = await self.store.get(kind, m["namespace"], m["name"])
+        kind = KINDS[want.kind]
+        m = want.metadata
+        have = await self.store.get(kind, m.namespace, m.name)
         if have is None:
             try:
-                await self.store.create(want)
-                log.info("model %s: created %s %s", model["metadata"]["name"], kind.kind, m["name"])
+                await self.store.create(api.to_dict(want))
+                log.info("model %s: created %s %s", model.metadata.name, kind.kind, m.name)
             except AlreadyExists:
                 pass  # someone was quicker: the next pass checks whose it is
             return None
         owner = controller_of(have)
-        if owner is None or owner.get("uid") != model["metadata"]["uid"]:
+        if owner is None or owner.get("uid") != model.metadata.uid:
             log.warning(
                 "model %s: %s %s exists and is not ours; leaving it alone",
-                model["metadata"]["name"], kind.kind, m["name"],
+                model.metadata.name, kind.kind, m.name,
             )  # fmt: skip
             whose = f"controlled by {owner['kind']} {owner['name']}" if owner else "no controller"
             return Problem(
                 "ObjectNotOwned",
-                f"{kind.kind} {m['name']} exists and is not this Model's ({whose})",
+                f"{kind.kind} {m.name} exists and is not this Model's ({whose})",
             )
-        spec = dict(want["spec"])
-        if keep_replicas and kind is MODEL_INFER:
+        if model.spec.autoscaling is not None and isinstance(want, ModelInfer):
             # The autoscaler owns the sizes: the groups, and with a prefill/decode binding
             # each role's replicas.
-            spec["replicas"] = have["spec"].get("replicas", spec["replicas"])
-            spec["template"] = _with_role_sizes(spec["template"], have["spec"].get("template"))
-        labels = {**(have["metadata"].get("labels") or {}), **m["labels"]}
+            want = _with_role_sizes(want, api.from_dict_as(ModelInfer, have))
+        spec = api.to_dict(want)["spec"]
+        labels = {**(have["metadata"].get("labels") or {}), **(m.labels or {})}
         # The API server fills in defaults we do not write: what we want must be there,
         # not be all there is, or every pass would write again.
         if covers(have.get("spec"), spec) and have["metadata"].get("labels") == labels:
@@ -122,40 +134,42 @@ class ModelReconciler:
         have["spec"] = spec
         have["metadata"]["labels"] = labels
         await self.store.update(have)  # a Conflict retries the whole pass
-        log.info("model %s: updated %s %s", model["metadata"]["name"], kind.kind, m["name"])
+        log.info("model %s: updated %s %s", model.metadata.name, kind.kind, m.name)
         return None
 
-    async def _write_status(self, model: Obj, problems: list[Problem]) -> None:
+    async def _write_status(self, obj: Obj, model: Model, problems: list[Problem]) -> None:
         """Initialized (the owned objects exist and are ours), Active (every serving group of
         the ModelInfer is ready), Failed (an object that is not ours, a rejected write, or
         failed pods: being recreated, or not with recoveryPolicy None) and Ready, the three
         together."""
-        m = model["metadata"]
-        mi = await self.store.get(MODEL_INFER, m.get("namespace", "default"), m["name"])
-        if mi is not None and (controller_of(mi) or {}).get("uid") != m.get("uid"):
-            mi = None  # a ModelInfer of that name that is not ours says nothing about us
-        st = (mi or {}).get("status") or {}
-        want = int((mi or {}).get("spec", {}).get("replicas", 0))
-        ready = int(st.get("readyReplicas", 0))
-        init = condition(model, "Initialized", *_initialized(problems))
-        active = condition(model, "Active", *_active(mi, want, ready))
-        failed = condition(model, "Failed", *_failed(mi, problems))
+        m = model.metadata
+        found = await self.store.get(MODEL_INFER, m.namespace or "default", m.name or "")
+        mi = None
+        if found is not None and (controller_of(found) or {}).get("uid") == m.uid:
+            mi = api.from_dict_as(ModelInfer, found)
+        # else a ModelInfer of that name that is not ours says nothing about us
+        st = (mi.status if mi is not None else None) or ModelInferStatus()
+        want = (mi.spec.replicas if mi is not None else None) or 0
+        ready = st.ready_replicas or 0
+        init = condition(obj, "Initialized", *_initialized(problems))
+        active = condition(obj, "Active", *_active(mi, want, ready))
+        failed = condition(obj, "Failed", *_failed(mi, problems))
         status = {
-            "observedGeneration": m.get("generation", 1),
-            "replicas": int(st.get("replicas", 0)),
+            "observedGeneration": m.generation or 1,
+            "replicas": st.replicas or 0,
             "readyReplicas": ready,
             "conditions": [
                 init,
                 active,
                 failed,
-                condition(model, "Ready", *_ready(init, active, failed)),
+                condition(obj, "Ready", *_ready(init, active, failed)),
             ],
         }
-        if model.get("status") == status:
+        if obj.get("status") == status:
             return
-        model["status"] = status
+        obj["status"] = status
         try:
-            await self.store.update_status(model)
+            await self.store.update_status(obj)
         except NotFound:
             pass
 
@@ -176,27 +190,34 @@ def _initialized(problems: list[Problem]) -> tuple[bool, str, str]:
     return True, "ObjectsCreated", "the ModelInfer and the objects routing to it exist"
 
 
-def _active(mi: Obj | None, want: int, ready: int) -> tuple[bool | None, str, str]:
+def _progressing(mi: ModelInfer | None) -> Condition | None:
+    """The ModelInfer's Progressing condition, which says why its groups are not ready."""
+    conditions = (mi.status.conditions if mi is not None and mi.status else None) or []
+    return next((c for c in conditions if c.type == "Progressing"), None)
+
+
+def _active(mi: ModelInfer | None, want: int, ready: int) -> tuple[bool | None, str, str]:
     if mi is None:
         return False, "ModelInferMissing", "this Model has no ModelInfer"
-    st = mi.get("status") or {}
-    if st.get("observedGeneration") != mi["metadata"].get("generation", 1):
+    observed = mi.status.observed_generation if mi.status else None
+    if observed != (mi.metadata.generation or 1):
         return None, "ModelInferPending", "the ModelInfer has not reported its current spec yet"
     if want == 0:
         return False, "ScaledToZero", "0 serving groups wanted"
     if ready >= want:
         return True, "AllGroupsReady", f"{ready}/{want} serving groups ready"
-    progressing = find(mi, "Progressing") or {}
-    why = progressing.get("reason") if progressing.get("status") == "True" else None
-    detail = f": {progressing.get('message')}" if why else ""
+    progressing = _progressing(mi)
+    why = progressing.reason if progressing and progressing.status == "True" else None
+    detail = f": {progressing.message}" if progressing and why else ""
     return False, why or "GroupsNotReady", f"{ready}/{want} serving groups ready{detail}"
 
 
-def _failed(mi: Obj | None, problems: list[Problem]) -> tuple[bool, str, str]:
+def _failed(mi: ModelInfer | None, problems: list[Problem]) -> tuple[bool, str, str]:
     if problems:
         return True, problems[0].reason, "; ".join(p.message for p in problems)
-    progressing = find(mi, "Progressing") or {}
-    reason, message = progressing.get("reason"), progressing.get("message", "")
+    progressing = _progressing(mi)
+    reason = progressing.reason if progressing else None
+    message = progressing.message if progressing else ""
     if reason == "PodsFailed":  # and nothing recreates them
         return True, "PodsFailed", message
     if reason in ("RecreatingRoles", "RecreatingGroups"):
@@ -214,7 +235,3 @@ def _ready(init: dict, active: dict, failed: dict) -> tuple[bool | None, str, st
         ok = None if active["status"] == "Unknown" else False
         return ok, active["reason"], active["message"]
     return True, "GroupsReady", active["message"]
-
-
-def _name(obj: Obj) -> str:
-    return obj["metadata"]["name"]

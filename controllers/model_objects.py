@@ -14,9 +14,62 @@ from __future__ import annotations
 
 import copy
 import json
+from typing import Any
 
+import msgspec
+
+from api import (
+    AutoScalingPolicy,
+    AutoScalingPolicyBinding,
+    InferencePool,
+    Model,
+    ModelInfer,
+    ModelRoute,
+    ModelServer,
+    ObjectMeta,
+)
+from api.autoscaling import (
+    AutoScalingPolicyBindingSpec,
+    AutoScalingPolicySpec,
+    BoundedTarget,
+    ScaleTargetRef,
+)
+from api.meta import ApiStruct, LocalRef
 from api.names import DECODE, ENGINE_LABEL, GROUP_LABEL, MODEL_LABEL, PREFILL, ROLE_LABEL
-from controllers.store import Obj, owner_reference
+from api.networking import (
+    DEFAULT_KV_CONNECTOR,
+    ModelRouteSpec,
+    ModelServerSpec,
+    PDGroup,
+    RouteRule,
+    TargetModel,
+    WorkloadPort,
+    WorkloadSelector,
+)
+from api.upstream import (
+    DEFAULT_FAILURE_MODE,
+    EndpointPickerRef,
+    InferencePoolSpec,
+    PoolSelector,
+    Port,
+)
+from api.workload import (
+    DEFAULT_ENGINE,
+    DEFAULT_MAX_UNAVAILABLE,
+    DEFAULT_MIN_REPLICAS,
+    DEFAULT_RECOVERY_POLICY,
+    DEFAULT_REPLICAS,
+    DEFAULT_ROLE_REPLICAS,
+    DEFAULT_WORKER_REPLICAS,
+    ROLLOUT_TYPES,
+    GroupTemplate,
+    ModelInferSpec,
+    ModelRole,
+    Role,
+    RollingUpdateConfiguration,
+    RolloutStrategy,
+)
+from controllers.store import owner_reference_of
 
 ENGINE_PORT = 8000  # the pod's serving port: the engine's, or the connector's before it
 SIDECAR_ENGINE_PORT = 8200  # the engine's port behind the connector (llm-d's)
@@ -25,12 +78,10 @@ CONNECTOR_SERVICE_ACCOUNT = "infergate-connector"  # may read the pool and its p
 POD_IP_ENV = {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}
 NIXL_HOST = "VLLM_NIXL_SIDE_CHANNEL_HOST"
 PICKER_PORT = 9002
-WORKLOAD = "workload.infergate.io/v1alpha1"
-NETWORKING = "networking.infergate.io/v1alpha1"
 
 
-def served_name(model: Obj) -> str:
-    return model["spec"].get("servedModelName") or model["metadata"]["name"]
+def served_name(model: Model) -> str:
+    return model.spec.served_model_name or _name(model)
 
 
 def model_arg(uri: str) -> str:
@@ -43,53 +94,64 @@ def model_arg(uri: str) -> str:
     return "/models/" + rest.rstrip("/").rsplit("/", 1)[-1]  # s3, obs, pvc: mounted there
 
 
-def _meta(model: Obj, name: str | None = None, **labels: str) -> dict:
-    m = model["metadata"]
-    return {
-        "name": name or m["name"],
-        "namespace": m.get("namespace", "default"),
-        "labels": {MODEL_LABEL: m["name"], **labels},
-        "ownerReferences": [owner_reference(model)],
-    }
+def _name(model: Model) -> str:
+    return model.metadata.name or ""
 
 
-def _container(model: Obj, role: dict, port: int = ENGINE_PORT) -> dict:
-    spec = model["spec"]
-    engine = spec.get("engine") or {}
+def _namespace(model: Model) -> str:
+    return model.metadata.namespace or "default"
+
+
+def _plain(value: ApiStruct | None) -> Any:
+    """A typed part of the Model as it goes into a pod (a core kind, kept as a dict)."""
+    return None if value is None else msgspec.to_builtins(value)
+
+
+def _meta(model: Model) -> ObjectMeta:
+    return ObjectMeta(
+        name=_name(model),
+        namespace=_namespace(model),
+        labels={MODEL_LABEL: _name(model)},
+        owner_references=[owner_reference_of(model)],
+    )
+
+
+def _container(model: Model, role: ModelRole, port: int = ENGINE_PORT) -> dict:
+    spec = model.spec
     args = [
-        f"--model={model_arg(spec['modelURI'])}",
+        f"--model={model_arg(spec.model_uri)}",
         f"--served-model-name={served_name(model)}",
         f"--port={port}",
-        *(engine.get("args") or []),
-        *(role.get("args") or []),
+        *(spec.engine.args or []),
+        *(role.args or []),
     ]
-    lora = spec.get("loraAdapters") or []
+    lora = spec.lora_adapters or []
     if lora:
         args += ["--enable-lora", "--lora-modules"]
-        args += [f"{a['name']}={model_arg(a['artifactURL'])}" for a in lora]
+        args += [f"{a.name}={model_arg(a.artifact_url)}" for a in lora]
     # Port names are unique in a pod: behind the connector, "http" is the connector's.
     port_name = "http" if port == ENGINE_PORT else "engine"
     container = {
         "name": "engine",
-        "image": spec["image"],
+        "image": spec.image,
         "args": args,
         "ports": [{"name": port_name, "containerPort": port}],
         "readinessProbe": {"httpGet": {"path": "/health", "port": port_name}},
     }
-    env = copy.deepcopy(spec.get("env") or [])
+    env = [_plain(e) for e in spec.env or []]
     if any("$(POD_IP)" in a for a in args) and not any(e.get("name") == "POD_IP" for e in env):
         # The kubelet expands $(POD_IP) in args (e.g. a KV-event topic) only when the
         # container defines it.
         env.insert(0, copy.deepcopy(POD_IP_ENV))
     if env:
         container["env"] = env
-    resources = role.get("resources") or spec.get("resources")
+    resources = _plain(role.resources) or _plain(spec.resources)
     if resources:
-        container["resources"] = copy.deepcopy(resources)
+        container["resources"] = resources
     return container
 
 
-def connector_container(model: Obj, kv_connector: str) -> dict:
+def connector_container(model: Model, kv_connector: str) -> dict:
     """The decode pod's P/D sidecar: serves the pod's port and passes to the engine on
     SIDECAR_ENGINE_PORT, or runs the prefill leg on the pod the picker named first, if it is
     a prefill pod of the Model's pool. Its /health and /metrics are the engine's (passed
@@ -103,8 +165,8 @@ def connector_container(model: Obj, kv_connector: str) -> dict:
             f"--port={ENGINE_PORT}",
             f"--engine-url=http://$(POD_IP):{SIDECAR_ENGINE_PORT}",
             f"--kv-connector={kv_connector}",
-            f"--pool-name={model['metadata']['name']}",  # the InferencePool is the Model's name
-            f"--pool-namespace={model['metadata'].get('namespace', 'default')}",
+            f"--pool-name={_name(model)}",  # the InferencePool is the Model's name
+            f"--pool-namespace={_namespace(model)}",
         ],
         "env": [copy.deepcopy(POD_IP_ENV)],
         "ports": [{"name": "http", "containerPort": ENGINE_PORT}],
@@ -126,13 +188,13 @@ def _nixl(container: dict, kv_role: str) -> dict:
 
 
 def _role(
-    model: Obj,
+    model: Model,
     name: str,
-    role: dict,
+    role: ModelRole,
     kv_connector: str | None = None,
     nixl_role: str | None = None,
-) -> dict:
-    engine = ((model["spec"].get("engine") or {}).get("type") or "vLLM").lower()
+) -> Role:
+    engine = (model.spec.engine.type or DEFAULT_ENGINE).lower()
     labels = {ENGINE_LABEL: engine}
     serving = _container(model, role)
     if nixl_role:
@@ -147,143 +209,139 @@ def _role(
         ]
         spec = {"serviceAccountName": CONNECTOR_SERVICE_ACCOUNT, "containers": containers}
         entry = {"metadata": {"labels": dict(labels)}, "spec": spec}
-    out = {
-        "name": name,
-        "replicas": int(role.get("replicas", 1)),
-        "workerReplicas": int(role.get("workerReplicas", 0)),
-        "entryTemplate": entry,
-    }
-    if out["workerReplicas"]:
-        out["workerTemplate"] = copy.deepcopy(pod)
-    return out
+    workers = DEFAULT_WORKER_REPLICAS if role.worker_replicas is None else role.worker_replicas
+    return Role(
+        name=name,
+        replicas=DEFAULT_ROLE_REPLICAS if role.replicas is None else role.replicas,
+        worker_replicas=workers,
+        entry_template=entry,
+        worker_template=copy.deepcopy(pod) if workers else None,
+    )
 
 
-def roles(model: Obj) -> list[dict]:
-    backend = model["spec"]["backend"]
-    if backend.get("aggregated") is not None:
-        return [_role(model, "server", backend["aggregated"])]
-    kv_connector = (backend.get("kvConnector") or {}).get("type")
-    if backend.get("kvConnector") is not None and not kv_connector:
-        kv_connector = "nixl"  # the CRD's default
+def roles(model: Model) -> list[Role]:
+    backend = model.spec.backend
+    if backend.aggregated is not None:
+        return [_role(model, "server", backend.aggregated)]
+    connector = backend.kv_connector
+    kv_connector = None if connector is None else connector.type or DEFAULT_KV_CONNECTOR
     nixl = kv_connector == "nixl"  # vLLM's NixlConnector; other connectors: the Model's args
+    prefill, decode = backend.prefill, backend.decode
+    if prefill is None or decode is None:  # validate_model's rule, for a Model it never saw
+        raise ValueError("spec.backend: set either aggregated, or both prefill and decode")
     return [
-        _role(model, PREFILL, backend["prefill"], nixl_role="kv_producer" if nixl else None),
-        _role(model, DECODE, backend["decode"], kv_connector, "kv_consumer" if nixl else None),
+        _role(model, PREFILL, prefill, nixl_role="kv_producer" if nixl else None),
+        _role(model, DECODE, decode, kv_connector, "kv_consumer" if nixl else None),
     ]
 
 
-def modelinfer(model: Obj) -> Obj:
-    return {
-        "apiVersion": WORKLOAD,
-        "kind": "ModelInfer",
-        "metadata": _meta(model),
-        "spec": {
-            "replicas": int(model["spec"].get("replicas", 1)),
-            "recoveryPolicy": "RoleRecreate",
-            "rolloutStrategy": {
-                "type": "RollingUpdate",
-                "rollingUpdateConfiguration": {"maxUnavailable": 1},
-            },
-            "template": {"roles": roles(model)},
-        },
-    }
+def modelinfer(model: Model) -> ModelInfer:
+    replicas = model.spec.replicas
+    return ModelInfer(
+        metadata=_meta(model),
+        spec=ModelInferSpec(
+            replicas=DEFAULT_REPLICAS if replicas is None else replicas,
+            recovery_policy=DEFAULT_RECOVERY_POLICY,
+            rollout_strategy=RolloutStrategy(
+                type=ROLLOUT_TYPES[0],
+                rolling_update_configuration=RollingUpdateConfiguration(
+                    max_unavailable=DEFAULT_MAX_UNAVAILABLE
+                ),
+            ),
+            template=GroupTemplate(roles=roles(model)),
+        ),
+    )
 
 
-def modelserver(model: Obj) -> Obj:
-    spec = model["spec"]
-    backend = spec["backend"]
-    selector: dict = {"matchLabels": {MODEL_LABEL: model["metadata"]["name"]}}
-    if backend.get("aggregated") is None:
-        selector["pdGroup"] = {
-            "groupKey": GROUP_LABEL,
-            "prefillLabels": {ROLE_LABEL: PREFILL},
-            "decodeLabels": {ROLE_LABEL: DECODE},
-        }
-    out = {
-        "apiVersion": NETWORKING,
-        "kind": "ModelServer",
-        "metadata": _meta(model),
-        "spec": {
-            "model": served_name(model),
-            "inferenceEngine": (spec.get("engine") or {}).get("type", "vLLM"),
-            "workloadSelector": selector,
-            "workloadPort": {"port": ENGINE_PORT, "protocol": "http"},
-        },
-    }
-    if backend.get("kvConnector"):
-        out["spec"]["kvConnector"] = copy.deepcopy(backend["kvConnector"])
-    return out
+def modelserver(model: Model) -> ModelServer:
+    backend = model.spec.backend
+    selector = WorkloadSelector(match_labels={MODEL_LABEL: _name(model)})
+    if backend.aggregated is None:
+        selector.pd_group = PDGroup(
+            group_key=GROUP_LABEL,
+            prefill_labels={ROLE_LABEL: PREFILL},
+            decode_labels={ROLE_LABEL: DECODE},
+        )
+    connector = backend.kv_connector
+    return ModelServer(
+        metadata=_meta(model),
+        spec=ModelServerSpec(
+            model=served_name(model),
+            inference_engine=model.spec.engine.type or DEFAULT_ENGINE,
+            workload_selector=selector,
+            workload_port=WorkloadPort(port=ENGINE_PORT, protocol="http"),
+            # as written: an empty connector (no type) is left out
+            kv_connector=connector if connector is not None and connector.type else None,
+        ),
+    )
 
 
-def modelroute(model: Obj) -> Obj:
-    spec: dict = {
-        "modelName": served_name(model),
-        "rules": [
-            {"name": "default", "targetModels": [{"modelServerName": model["metadata"]["name"]}]}
-        ],
-    }
-    lora = [a["name"] for a in model["spec"].get("loraAdapters") or []]
-    if lora:
-        spec["loraAdapters"] = lora
-    return {"apiVersion": NETWORKING, "kind": "ModelRoute", "metadata": _meta(model), "spec": spec}
+def modelroute(model: Model) -> ModelRoute:
+    lora = [a.name for a in model.spec.lora_adapters or []]
+    return ModelRoute(
+        metadata=_meta(model),
+        spec=ModelRouteSpec(
+            model_name=served_name(model),
+            rules=[
+                RouteRule(
+                    name="default", target_models=[TargetModel(model_server_name=_name(model))]
+                )
+            ],
+            lora_adapters=lora or None,
+        ),
+    )
 
 
-def inferencepool(model: Obj) -> Obj:
-    name = model["metadata"]["name"]
-    return {
-        "apiVersion": "inference.networking.k8s.io/v1",
-        "kind": "InferencePool",
-        "metadata": _meta(model),
-        "spec": {
-            "selector": {"matchLabels": {MODEL_LABEL: name}},
-            "targetPorts": [{"number": ENGINE_PORT}],
-            "endpointPickerRef": {
-                "name": f"{name}-epp",
-                "port": {"number": PICKER_PORT},
-                "failureMode": "FailClose",
-            },
-        },
-    }
+def inferencepool(model: Model) -> InferencePool:
+    name = _name(model)
+    return InferencePool(
+        metadata=_meta(model),
+        spec=InferencePoolSpec(
+            selector=PoolSelector(match_labels={MODEL_LABEL: name}),
+            target_ports=[Port(number=ENGINE_PORT)],
+            endpoint_picker_ref=EndpointPickerRef(
+                name=f"{name}-epp",
+                port=Port(number=PICKER_PORT),
+                failure_mode=DEFAULT_FAILURE_MODE,
+            ),
+        ),
+    )
 
 
-def autoscaling(model: Obj) -> list[Obj]:
+def autoscaling(model: Model) -> list[AutoScalingPolicy | AutoScalingPolicyBinding]:
     """A binding of the Model's ModelInfer to its policy; an inline policy becomes a
     policy object of the Model's name."""
-    scaling = model["spec"].get("autoscaling")
-    if not scaling:
+    scaling = model.spec.autoscaling
+    if scaling is None:
         return []
-    name = model["metadata"]["name"]
-    out = []
-    policy = (scaling.get("policyRef") or {}).get("name")
+    name = _name(model)
+    out: list[AutoScalingPolicy | AutoScalingPolicyBinding] = []
+    policy = scaling.policy_ref.name if scaling.policy_ref is not None else None
     if policy is None:
         policy = name
+        metrics = scaling.metrics or []  # shared with the Model: to_dict copies it
         out.append(
-            {
-                "apiVersion": WORKLOAD,
-                "kind": "AutoScalingPolicy",
-                "metadata": _meta(model),
-                "spec": {"metrics": copy.deepcopy(scaling.get("metrics") or [])},
-            }
+            AutoScalingPolicy(metadata=_meta(model), spec=AutoScalingPolicySpec(metrics=metrics))
         )
+    low = DEFAULT_MIN_REPLICAS if scaling.min_replicas is None else scaling.min_replicas
+    target = BoundedTarget(
+        target=ScaleTargetRef(kind="ModelInfer", name=name),
+        min_replicas=low,
+        max_replicas=scaling.max_replicas,
+    )
     out.append(
-        {
-            "apiVersion": WORKLOAD,
-            "kind": "AutoScalingPolicyBinding",
-            "metadata": _meta(model),
-            "spec": {
-                "policyRef": {"name": policy},
-                "homogeneousTarget": {
-                    "target": {"kind": "ModelInfer", "name": name},
-                    "minReplicas": int(scaling.get("minReplicas", 1)),
-                    "maxReplicas": int(scaling["maxReplicas"]),
-                },
-            },
-        }
+        AutoScalingPolicyBinding(
+            metadata=_meta(model),
+            spec=AutoScalingPolicyBindingSpec(
+                policy_ref=LocalRef(name=policy), homogeneous_target=target
+            ),
+        )
     )
     return out
 
 
-def desired(model: Obj) -> list[Obj]:
+def desired(model: Model) -> list[ApiStruct]:
+    """Every object the Model owns, typed; the reconciler turns each into a dict to write."""
     return [
         modelinfer(model),
         modelserver(model),

@@ -13,7 +13,10 @@ import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+import api
+from api import ModelInfer
 from api.names import MODELINFER_LABEL, REVISION_LABEL
+from api.workload import DEFAULT_RECOVERY_POLICY
 from controllers import modelinfer_pods as mp
 from controllers.conditions import condition, listed
 from controllers.store import (
@@ -39,13 +42,13 @@ class Groups:
 
     pods: dict[int, list[Obj]] = field(default_factory=lambda: defaultdict(list))
 
-    def ready(self, mi: Obj, g: int) -> bool:
+    def ready(self, mi: ModelInfer, g: int) -> bool:
         want = {s for s in mp.slots(mi, g)}
-        have = {mp.slot_of(p, mi["metadata"]["name"]): p for p in self.pods.get(g, [])}
+        have = {mp.slot_of(p, mp.name_of(mi)): p for p in self.pods.get(g, [])}
         return want <= set(have) and all(mp.pod_ready(have[s]) for s in want)
 
     def revision(self, g: int) -> str | None:
-        revs = {p["metadata"]["labels"].get(REVISION_LABEL) for p in self.pods.get(g, [])}
+        revs = {mp.pod_labels(p).get(REVISION_LABEL) for p in self.pods.get(g, [])}
         return revs.pop() if len(revs) == 1 else None
 
 
@@ -57,8 +60,11 @@ class ModelInferReconciler:
 
     async def reconcile(self, namespace: str, name: str) -> float | None:
         """One step towards the spec; returns seconds after which to look again, or None."""
-        mi = await self.store.get(MODEL_INFER, namespace, name)
-        if mi is None or mi["metadata"].get("deletionTimestamp"):
+        obj = await self.store.get(MODEL_INFER, namespace, name)
+        if obj is None:
+            return None
+        mi = api.from_dict_as(ModelInfer, obj)  # status is written back on `obj`, as read
+        if mi.metadata.deletion_timestamp:
             return None  # owner references take the pods with it
         pods, _ = await self.store.list(POD, namespace, {MODELINFER_LABEL: name})
         groups = Groups()
@@ -74,13 +80,13 @@ class ModelInferReconciler:
             or await self._roll(mi, groups, rev)
         )
         await self._ensure_services(mi, groups)
-        await self._write_status(mi, groups, rev)
+        await self._write_status(obj, mi, groups, rev)
         return 1.0 if acted else None
 
     # ---- steps --------------------------------------------------------------------------
 
-    async def _recover(self, mi: Obj, groups: Groups) -> bool:
-        policy = mi["spec"].get("recoveryPolicy", "RoleRecreate")
+    async def _recover(self, mi: ModelInfer, groups: Groups) -> bool:
+        policy = _recovery_policy(mi)
         if policy == "None":
             return False
         acted = False
@@ -91,14 +97,11 @@ class ModelInferReconciler:
             if policy == "GroupRecreate":
                 doomed = pods
             else:
-                roles = {
-                    (mp.slot_of(p, mi["metadata"]["name"]) or mp.PodSlot(g, "", -1, 0))
-                    for p in failed
-                }
+                roles = {(mp.slot_of(p, _name(mi)) or mp.PodSlot(g, "", -1, 0)) for p in failed}
                 keys = {(s.role, s.index) for s in roles}
                 doomed = [
                     p for p in pods
-                    if (s := mp.slot_of(p, mi["metadata"]["name"])) and (s.role, s.index) in keys
+                    if (s := mp.slot_of(p, _name(mi))) and (s.role, s.index) in keys
                 ]  # fmt: skip
             log.info(
                 "%s: %d failed pod(s) in group %d: recreating the %s",
@@ -108,8 +111,8 @@ class ModelInferReconciler:
             acted = True
         return acted
 
-    async def _scale(self, mi: Obj, groups: Groups, rev: str) -> bool:
-        want = int(mi["spec"].get("replicas", 1))
+    async def _scale(self, mi: ModelInfer, groups: Groups, rev: str) -> bool:
+        want = mp.replicas(mi)
         have = sorted(groups.pods)
         if len(have) < want:
             free = (i for i in itertools.count() if i not in groups.pods)
@@ -133,7 +136,7 @@ class ModelInferReconciler:
             return True
         return False
 
-    async def _fill(self, mi: Obj, groups: Groups, rev: str) -> bool:
+    async def _fill(self, mi: ModelInfer, groups: Groups, rev: str) -> bool:
         """Recreate the missing pods of existing groups, at the group's own revision; remove
         role instances beyond their role's replicas (a role scaled down)."""
         acted = False
@@ -156,7 +159,7 @@ class ModelInferReconciler:
                 acted = True
         return acted
 
-    async def _roll(self, mi: Obj, groups: Groups, rev: str) -> bool:
+    async def _roll(self, mi: ModelInfer, groups: Groups, rev: str) -> bool:
         """Delete outdated groups within maxUnavailable; _fill/_scale rebuild them."""
         floor = mp.partition(mi)
         outdated = [g for g in groups.pods if g >= floor and groups.revision(g) != rev]
@@ -172,7 +175,7 @@ class ModelInferReconciler:
             await self._delete_pods(groups.pods[g])
         return True
 
-    async def _ensure_services(self, mi: Obj, groups: Groups) -> None:
+    async def _ensure_services(self, mi: ModelInfer, groups: Groups) -> None:
         wanted = set()
         for g in groups.pods:
             for slot in mp.slots(mi, g):
@@ -180,28 +183,27 @@ class ModelInferReconciler:
                     svc = mp.service_for(mi, slot)
                     wanted.add(svc["metadata"]["name"])
                     await self._create(svc)
-        if len(groups.pods) < int(mi["spec"].get("replicas", 1)):
+        if len(groups.pods) < mp.replicas(mi):
             return  # groups being rebuilt keep their services
-        ns = mi["metadata"].get("namespace", "default")
-        services, _ = await self.store.list(SERVICE, ns, {MODELINFER_LABEL: _name(mi)})
+        labels = {MODELINFER_LABEL: _name(mi)}
+        services, _ = await self.store.list(SERVICE, mp.namespace_of(mi), labels)
         for svc in services:
             if svc["metadata"]["name"] not in wanted:
                 await self._delete(SERVICE, mi, svc["metadata"]["name"])
 
-    async def _ensure_pod_group(self, mi: Obj, g: int) -> None:
-        if (mi["spec"].get("gangPolicy") or {}).get("enabled") or mi["spec"].get(
-            "schedulerName"
-        ) == "volcano":
+    async def _ensure_pod_group(self, mi: ModelInfer, g: int) -> None:
+        gang = mi.spec.gang_policy
+        if (gang is not None and gang.enabled) or mi.spec.scheduler_name == "volcano":
             await self._create(mp.pod_group_for(mi, g))
 
     # ---- status -------------------------------------------------------------------------
 
-    async def _write_status(self, mi: Obj, groups: Groups, rev: str) -> None:
+    async def _write_status(self, obj: Obj, mi: ModelInfer, groups: Groups, rev: str) -> None:
         """Counts and conditions from what this pass saw (before its own writes land):
         Available (enough groups ready), Progressing (why the groups differ from the spec),
         UpdateInProgress (groups at an older revision are being rolled)."""
         name = _name(mi)
-        want = int(mi["spec"].get("replicas", 1))
+        want = mp.replicas(mi)
         ordinals = sorted(groups.pods)
         recovering, failing = _failures(mi, groups)
         ready = [g for g in ordinals if g not in recovering and groups.ready(mi, g)]
@@ -212,7 +214,7 @@ class ModelInferReconciler:
         rolling = [g for g in outdated if g >= floor]
         # as a StatefulSet's: the update revision becomes current once every wanted group is
         # at it and ready; until then (the last group rebuilt) the old revision stays current
-        previous = (mi.get("status") or {}).get("currentRevision")
+        previous = mi.status.current_revision if mi.status is not None else None
         if not outdated and len(ordinals) >= want and len(ready) >= len(ordinals):
             current = rev
         else:
@@ -223,7 +225,7 @@ class ModelInferReconciler:
             bool(rolling) or len(ordinals) < want or any(g not in ready for g in updated)
         )
         status = {
-            "observedGeneration": mi["metadata"].get("generation", 1),
+            "observedGeneration": mi.metadata.generation or 1,
             "replicas": len(ordinals),
             "readyReplicas": len(ready),
             "availableReplicas": len(ready),
@@ -234,28 +236,28 @@ class ModelInferReconciler:
             "labelSelector": f"{MODELINFER_LABEL}={name}",
             "conditions": [
                 condition(
-                    mi,
+                    obj,
                     "Available",
                     len(ready) >= need,
                     "MinimumGroupsReady" if len(ready) >= need else "TooFewGroupsReady",
                     f"{len(ready)}/{want} groups ready, at least {need} needed",
                 ),
                 condition(
-                    mi, "Progressing", *_progress(mi, groups, want, ready, recovering, failing)
+                    obj, "Progressing", *_progress(mi, groups, want, ready, recovering, failing)
                 ),
                 condition(
-                    mi,
+                    obj,
                     "UpdateInProgress",
                     updating,
                     *_update(mi, rev, current, updated, rolling, outdated, floor, updating),
                 ),
             ],
         }
-        if mi.get("status") == status:
+        if obj.get("status") == status:
             return
-        mi["status"] = status
+        obj["status"] = status
         try:
-            await self.store.update_status(mi)
+            await self.store.update_status(obj)
         except NotFound:
             pass
 
@@ -267,9 +269,9 @@ class ModelInferReconciler:
         except AlreadyExists:
             pass
 
-    async def _delete(self, kind, mi: Obj, name: str) -> None:
+    async def _delete(self, kind, mi: ModelInfer, name: str) -> None:
         try:
-            await self.store.delete(kind, mi["metadata"].get("namespace", "default"), name)
+            await self.store.delete(kind, mp.namespace_of(mi), name)
         except NotFound:
             pass
 
@@ -282,11 +284,11 @@ class ModelInferReconciler:
                     pass
 
 
-def _failures(mi: Obj, groups: Groups) -> tuple[dict[int, list[str]], dict[int, list[str]]]:
+def _failures(mi: ModelInfer, groups: Groups) -> tuple[dict[int, list[str]], dict[int, list[str]]]:
     """Per group, what _recover is rebuilding (recovering: role instances such as
     "prefill-0", or [] for the whole group) and, with recoveryPolicy None, the failed pods
     left as they are (failing: pod names)."""
-    policy = mi["spec"].get("recoveryPolicy", "RoleRecreate")
+    policy = _recovery_policy(mi)
     name = _name(mi)
     recovering: dict[int, list[str]] = {}
     failing: dict[int, list[str]] = {}
@@ -313,7 +315,7 @@ def _failures(mi: Obj, groups: Groups) -> tuple[dict[int, list[str]], dict[int, 
 
 
 def _progress(
-    mi: Obj,
+    mi: ModelInfer,
     groups: Groups,
     want: int,
     ready: list[int],
@@ -361,7 +363,7 @@ def _progress(
 
 
 def _update(
-    mi: Obj,
+    mi: ModelInfer,
     rev: str,
     current: str,
     updated: list[int],
@@ -371,7 +373,7 @@ def _update(
     updating: bool,
 ) -> tuple[str, str]:
     """(reason, message) of UpdateInProgress."""
-    want = int(mi["spec"].get("replicas", 1))
+    want = mp.replicas(mi)
     if updating:
         return (
             "RollingUpdate",
@@ -390,5 +392,9 @@ def _slot_key(s: mp.PodSlot) -> tuple:
     return (s.group, s.role, s.index, s.pod)
 
 
-def _name(mi: Obj) -> str:
-    return mi["metadata"]["name"]
+def _name(mi: ModelInfer) -> str:
+    return mp.name_of(mi)
+
+
+def _recovery_policy(mi: ModelInfer) -> str:
+    return mi.spec.recovery_policy or DEFAULT_RECOVERY_POLICY

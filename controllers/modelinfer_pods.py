@@ -8,6 +8,9 @@ import hashlib
 import json
 from dataclasses import dataclass
 
+import msgspec
+
+from api import ModelInfer
 from api.names import (
     ENTRY_LABEL,
     GROUP_LABEL,
@@ -17,7 +20,14 @@ from api.names import (
     ROLE_INDEX_LABEL,
     ROLE_LABEL,
 )
-from controllers.store import Obj, owner_reference
+from api.workload import (
+    DEFAULT_MAX_UNAVAILABLE,
+    DEFAULT_REPLICAS,
+    DEFAULT_ROLE_REPLICAS,
+    DEFAULT_WORKER_REPLICAS,
+    Role,
+)
+from controllers.store import Obj, owner_reference_of
 
 
 @dataclass(slots=True, frozen=True)
@@ -37,50 +47,71 @@ def group_name(mi_name: str, group: int) -> str:
     return f"{mi_name}-{group}"
 
 
+def name_of(mi: ModelInfer) -> str:
+    return mi.metadata.name or ""
+
+
+def namespace_of(mi: ModelInfer) -> str:
+    return mi.metadata.namespace or "default"
+
+
+def replicas(mi: ModelInfer) -> int:
+    """The serving groups asked for."""
+    return DEFAULT_REPLICAS if mi.spec.replicas is None else mi.spec.replicas
+
+
+def role_replicas(role: Role) -> int:
+    return DEFAULT_ROLE_REPLICAS if role.replicas is None else role.replicas
+
+
+def worker_replicas(role: Role) -> int:
+    return DEFAULT_WORKER_REPLICAS if role.worker_replicas is None else role.worker_replicas
+
+
+def pod_labels(pod: Obj) -> dict[str, str]:
+    return pod["metadata"].get("labels") or {}
+
+
 def group_of(pod: Obj, mi_name: str) -> int | None:
-    label = pod["metadata"].get("labels", {}).get(GROUP_LABEL, "")
+    label = pod_labels(pod).get(GROUP_LABEL, "")
     prefix = mi_name + "-"
     tail = label[len(prefix) :] if label.startswith(prefix) else ""
     return int(tail) if tail.isdigit() else None
 
 
-def revision(mi: Obj) -> str:
+def revision(mi: ModelInfer) -> str:
     """A hash of the group template: pods of another revision are outdated. A role's
     replica count is left out: scaling a role adds or removes its instances in every group
     without rolling the others."""
-    template = copy.deepcopy(mi["spec"].get("template", {}))
-    for role in template.get("roles", []):
+    template = msgspec.to_builtins(mi.spec.template)
+    for role in template["roles"]:
         role.pop("replicas", None)
     text = json.dumps(template, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:10]
 
 
-def roles(mi: Obj) -> list[dict]:
-    return mi["spec"].get("template", {}).get("roles", [])
-
-
-def slots(mi: Obj, group: int) -> list[PodSlot]:
+def slots(mi: ModelInfer, group: int) -> list[PodSlot]:
     out = []
-    for role in roles(mi):
-        for j in range(int(role.get("replicas", 1))):
-            for k in range(1 + int(role.get("workerReplicas", 0))):
-                out.append(PodSlot(group, role["name"], j, k))
+    for role in mi.spec.template.roles:
+        for j in range(role_replicas(role)):
+            for k in range(1 + worker_replicas(role)):
+                out.append(PodSlot(group, role.name, j, k))
     return out
 
 
-def pod_for(mi: Obj, slot: PodSlot, rev: str) -> Obj:
-    m = mi["metadata"]
-    role = next(r for r in roles(mi) if r["name"] == slot.role)
+def pod_for(mi: ModelInfer, slot: PodSlot, rev: str) -> Obj:
+    name, namespace = name_of(mi), namespace_of(mi)
+    role = next(r for r in mi.spec.template.roles if r.name == slot.role)
     entry = slot.pod == 0
     template = copy.deepcopy(
-        role["entryTemplate"] if entry else role.get("workerTemplate") or role["entryTemplate"]
+        role.entry_template if entry else role.worker_template or role.entry_template
     )
     meta = template.get("metadata") or {}
     spec = template.get("spec") or {}
-    entry_name = PodSlot(slot.group, slot.role, slot.index, 0).name(m["name"])
+    entry_name = PodSlot(slot.group, slot.role, slot.index, 0).name(name)
     env = [
-        {"name": "GROUP_SIZE", "value": str(1 + int(role.get("workerReplicas", 0)))},
-        {"name": "ENTRY_ADDRESS", "value": f"{entry_name}.{m.get('namespace', 'default')}"},
+        {"name": "GROUP_SIZE", "value": str(1 + worker_replicas(role))},
+        {"name": "ENTRY_ADDRESS", "value": f"{entry_name}.{namespace}"},
         {"name": "WORKER_INDEX", "value": str(slot.pod)},
     ]
     for c in spec.get("containers") or []:
@@ -88,30 +119,31 @@ def pod_for(mi: Obj, slot: PodSlot, rev: str) -> Obj:
         c["env"] = [e for e in c.get("env") or [] if e.get("name") not in names] + env
     labels = {
         **(meta.get("labels") or {}),
-        MODELINFER_LABEL: m["name"],
-        GROUP_LABEL: group_name(m["name"], slot.group),
+        MODELINFER_LABEL: name,
+        GROUP_LABEL: group_name(name, slot.group),
         ROLE_LABEL: slot.role,
         ROLE_INDEX_LABEL: str(slot.index),
         ENTRY_LABEL: "true" if entry else "false",
         REVISION_LABEL: rev,
     }
-    if MODEL_LABEL in (m.get("labels") or {}):
-        labels[MODEL_LABEL] = m["labels"][MODEL_LABEL]
+    model = (mi.metadata.labels or {}).get(MODEL_LABEL)
+    if model is not None:
+        labels[MODEL_LABEL] = model
     pod_meta = {
-        "name": slot.name(m["name"]),
-        "namespace": m.get("namespace", "default"),
+        "name": slot.name(name),
+        "namespace": namespace,
         "labels": labels,
-        "ownerReferences": [owner_reference(mi)],
+        "ownerReferences": [owner_reference_of(mi)],
     }
     if meta.get("annotations"):
         pod_meta["annotations"] = dict(meta["annotations"])
-    if mi["spec"].get("schedulerName"):
-        spec.setdefault("schedulerName", mi["spec"]["schedulerName"])
+    if mi.spec.scheduler_name:
+        spec.setdefault("schedulerName", mi.spec.scheduler_name)
     return {"apiVersion": "v1", "kind": "Pod", "metadata": pod_meta, "spec": spec}
 
 
 def slot_of(pod: Obj, mi_name: str) -> PodSlot | None:
-    labels = pod["metadata"].get("labels", {})
+    labels = pod_labels(pod)
     group = group_of(pod, mi_name)
     tail = pod["metadata"]["name"].rsplit("-", 1)[-1]
     if group is None or not tail.isdigit() or not labels.get(ROLE_INDEX_LABEL, "").isdigit():
@@ -119,24 +151,24 @@ def slot_of(pod: Obj, mi_name: str) -> PodSlot | None:
     return PodSlot(group, labels.get(ROLE_LABEL, ""), int(labels[ROLE_INDEX_LABEL]), int(tail))
 
 
-def service_for(mi: Obj, slot: PodSlot) -> Obj:
+def service_for(mi: ModelInfer, slot: PodSlot) -> Obj:
     """A headless Service per role instance, named after its entry pod, so workers reach
     the entry at a stable DNS name (ENTRY_ADDRESS)."""
-    m = mi["metadata"]
-    name = PodSlot(slot.group, slot.role, slot.index, 0).name(m["name"])
+    mi_name = name_of(mi)
+    group = group_name(mi_name, slot.group)
     return {
         "apiVersion": "v1",
         "kind": "Service",
         "metadata": {
-            "name": name,
-            "namespace": m.get("namespace", "default"),
-            "labels": {MODELINFER_LABEL: m["name"], GROUP_LABEL: group_name(m["name"], slot.group)},
-            "ownerReferences": [owner_reference(mi)],
+            "name": PodSlot(slot.group, slot.role, slot.index, 0).name(mi_name),
+            "namespace": namespace_of(mi),
+            "labels": {MODELINFER_LABEL: mi_name, GROUP_LABEL: group},
+            "ownerReferences": [owner_reference_of(mi)],
         },
         "spec": {
             "clusterIP": "None",
             "selector": {
-                GROUP_LABEL: group_name(m["name"], slot.group),
+                GROUP_LABEL: group,
                 ROLE_LABEL: slot.role,
                 ROLE_INDEX_LABEL: str(slot.index),
             },
@@ -144,20 +176,19 @@ def service_for(mi: Obj, slot: PodSlot) -> Obj:
     }
 
 
-def pod_group_for(mi: Obj, group: int) -> Obj:
+def pod_group_for(mi: ModelInfer, group: int) -> Obj:
     """Volcano gang scheduling: every pod of a group starts together or not at all."""
-    m = mi["metadata"]
-    members = len(slots(mi, group))
+    mi_name = name_of(mi)
     return {
         "apiVersion": "scheduling.volcano.sh/v1beta1",
         "kind": "PodGroup",
         "metadata": {
-            "name": group_name(m["name"], group),
-            "namespace": m.get("namespace", "default"),
-            "labels": {MODELINFER_LABEL: m["name"]},
-            "ownerReferences": [owner_reference(mi)],
+            "name": group_name(mi_name, group),
+            "namespace": namespace_of(mi),
+            "labels": {MODELINFER_LABEL: mi_name},
+            "ownerReferences": [owner_reference_of(mi)],
         },
-        "spec": {"minMember": members},
+        "spec": {"minMember": len(slots(mi, group))},
     }
 
 
@@ -178,23 +209,29 @@ def pod_failed(pod: Obj) -> bool:
     return any(int(c.get("restartCount", 0)) > 0 for c in status.get("containerStatuses") or [])
 
 
-def max_unavailable(mi: Obj) -> int:
+def _rolling_update(mi: ModelInfer) -> tuple[int | str | None, int | str | None]:
+    """(maxUnavailable, partition) as written, None where unset."""
+    rollout = mi.spec.rollout_strategy
+    config = rollout.rolling_update_configuration if rollout is not None else None
+    if config is None:
+        return None, None
+    return config.max_unavailable, config.partition
+
+
+def _count(value: int | str, groups: int) -> int:
+    """An int, or a percentage of `groups` rounded down."""
+    if isinstance(value, str) and value.endswith("%"):
+        return groups * int(value[:-1]) // 100
+    return int(value)
+
+
+def max_unavailable(mi: ModelInfer) -> int:
     """maxUnavailable as a count of groups: an int, or a percentage of replicas rounded
     down; never below 1, or a rollout could not start."""
-    cfg = (mi["spec"].get("rolloutStrategy") or {}).get("rollingUpdateConfiguration") or {}
-    raw = cfg.get("maxUnavailable", 1)
-    replicas = int(mi["spec"].get("replicas", 1))
-    if isinstance(raw, str) and raw.endswith("%"):
-        value = replicas * int(raw[:-1]) // 100
-    else:
-        value = int(raw)
-    return max(1, value)
+    raw = _rolling_update(mi)[0]
+    return max(1, _count(DEFAULT_MAX_UNAVAILABLE if raw is None else raw, replicas(mi)))
 
 
-def partition(mi: Obj) -> int:
-    cfg = (mi["spec"].get("rolloutStrategy") or {}).get("rollingUpdateConfiguration") or {}
-    raw = cfg.get("partition", 0)
-    replicas = int(mi["spec"].get("replicas", 1))
-    if isinstance(raw, str) and raw.endswith("%"):
-        return replicas * int(raw[:-1]) // 100
-    return int(raw)
+def partition(mi: ModelInfer) -> int:
+    raw = _rolling_update(mi)[1]
+    return _count(0 if raw is None else raw, replicas(mi))

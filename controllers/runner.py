@@ -14,6 +14,7 @@ from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
+from api import ApiError
 from controllers.informer import Informer
 from controllers.store import Conflict, Kind, Obj, Store, StoreError, controller_of
 from controllers.workqueue import WorkQueue
@@ -113,6 +114,12 @@ class Controller:
             except Conflict:
                 self.metrics.reconciles.labels(self.name, "conflict").inc()
                 self.queue.add_rate_limited(key)  # read again and retry
+            except ApiError as exc:
+                # The object itself cannot be read: another pass would read the same. Its next
+                # edit is an event that enqueues it again.
+                self.metrics.reconciles.labels(self.name, "unreadable").inc()
+                self.queue.forget(key)
+                log.warning("%s %s/%s: %s; waiting for it to change", self.name, ns, name, exc)
             except (StoreError, OSError) as exc:
                 self.metrics.reconciles.labels(self.name, "error").inc()
                 delay = self.queue.add_rate_limited(key)

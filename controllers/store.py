@@ -11,7 +11,10 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from api import Model, ModelInfer
 
 Obj = dict[str, Any]
 
@@ -157,6 +160,15 @@ def owner_reference(owner: Obj, *, controller: bool = True) -> dict[str, Any]:
         "controller": controller,
         "blockOwnerDeletion": True,
     }
+
+
+def owner_reference_of(owner: Model | ModelInfer) -> dict[str, Any]:
+    """owner_reference for a typed object of ours: the controller reference its objects get."""
+    m = owner.metadata
+    identity = {"name": m.name, "uid": m.uid}
+    return owner_reference(
+        {"apiVersion": owner.api_version, "kind": owner.kind, "metadata": identity}
+    )
 
 
 def controller_of(obj: Obj) -> dict[str, Any] | None:

@@ -174,6 +174,7 @@ def model_obj() -> Obj:
         "spec": {
             "modelURI": "hf://org/llm",
             "image": "vllm/vllm-openai:v0.11.0",
+            "engine": {"type": "vLLM"},  # required by the CRD
             "replicas": 1,
             "backend": {"prefill": {"replicas": 1}, "decode": {"replicas": 1}},
             "autoscaling": {

@@ -10,10 +10,11 @@ import copy
 import json
 from pathlib import Path
 
+import msgspec
 import pytest
 import yaml
 
-from api import validate_dict
+from api import Model, from_dict_as, to_dict, validate_dict
 from controllers import model_objects
 from controllers.memory_store import MemoryStore
 from controllers.model import NOT_OURS_RETRY, ModelReconciler
@@ -32,6 +33,7 @@ from controllers.store import (
 )
 from tests.controller_helpers import conds, kubelet, modelinfer, since, summary
 from tests.paths import EXAMPLES
+from tests.waiting import wait_for_async
 
 EXAMPLE = EXAMPLES / "crds" / "model.yaml"
 OWNED = (MODEL_INFER, MODEL_SERVER, MODEL_ROUTE, INFERENCE_POOL, AUTOSCALING_BINDING)
@@ -109,7 +111,8 @@ POD_IP_ENV = {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.
 
 
 def role_templates(model: dict) -> dict[str, dict]:
-    return {r["name"]: r for r in model_objects.roles(model)}
+    roles = model_objects.roles(from_dict_as(Model, stored(model)))
+    return {r.name: msgspec.to_builtins(r) for r in roles}
 
 
 def by_name(containers: list[dict]) -> dict[str, dict]:
@@ -160,10 +163,10 @@ def test_a_kv_connector_puts_the_sidecar_before_the_decode_engine(kind):
     assert "--port=8000" in prefill[0]["args"]
     assert prefill[0]["ports"] == [{"name": "http", "containerPort": 8000}]
     # what routes to the pods is unchanged: port 8000
-    stored(model)
-    assert model_objects.inferencepool(model)["spec"]["targetPorts"] == [{"number": 8000}]
-    assert model_objects.modelserver(model)["spec"]["workloadPort"]["port"] == 8000
-    assert validate_dict(model_objects.modelinfer(model)) == []
+    typed = from_dict_as(Model, stored(model))
+    assert to_dict(model_objects.inferencepool(typed))["spec"]["targetPorts"] == [{"number": 8000}]
+    assert to_dict(model_objects.modelserver(typed))["spec"]["workloadPort"]["port"] == 8000
+    assert validate_dict(to_dict(model_objects.modelinfer(typed))) == []
 
 
 def test_no_kv_connector_no_sidecar():
@@ -533,3 +536,29 @@ def test_covers_allows_extra_keys_but_not_other_values():
     assert covers([{"x": 1, "y": 2}], [{"x": 1}])
     assert not covers({"a": 1}, {"a": 2}) and not covers({"b": {}}, {"b": {"c": 2}})
     assert not covers([1, 2], [1]) and not covers({"a": [1]}, {"a": 1})
+
+
+async def test_a_model_that_cannot_be_read_is_counted_and_waits_for_an_edit():
+    """A Model that bypassed validation (a bare store) is not a crash retried forever: the
+    pass counts it unreadable, and its next edit is read again."""
+    store = MemoryStore()
+    models = Controller(store, ModelReconciler(store), [(MODEL, own_key)])
+    results = models.metrics.reconciles
+
+    def count(result: str) -> float:
+        return results.labels(models.name, result)._value.get()
+
+    model = example_model()
+    engine = model["spec"].pop("engine")  # required by the CRD
+    await models.start()
+    try:
+        await store.create(copy.deepcopy(model))
+        await wait_for_async(lambda: count("unreadable") >= 1, "the unreadable Model counted")
+        assert count("error") == 0 and await owned(store, MODEL_INFER) is None
+        have = await get_model(store)
+        have["spec"]["engine"] = engine
+        await store.update(have)
+        await wait_for_async(lambda: owned(store, MODEL_INFER), "the edited Model's ModelInfer")
+        assert count("error") == 0
+    finally:
+        await models.stop()

@@ -9,6 +9,7 @@ import copy
 
 import pytest
 
+from api import ModelInfer, from_dict_as
 from api.names import (
     ENTRY_LABEL,
     GROUP_LABEL,
@@ -24,6 +25,11 @@ from controllers.modelinfer import ModelInferReconciler
 from controllers.runner import Controller, own_key, owner_key
 from controllers.store import MODEL_INFER, POD, POD_GROUP, SERVICE
 from tests.controller_helpers import conds, kubelet, modelinfer, settle, since, summary
+
+
+def typed(mi: dict) -> ModelInfer:
+    """The ModelInfer as the reconciler reads it."""
+    return from_dict_as(ModelInfer, mi)
 
 
 @pytest.fixture
@@ -86,7 +92,7 @@ async def test_groups_roles_entry_and_worker_pods(env):
         "UpdateInProgress": ("False", "UpToDate"),
     }
     assert st["availableReplicas"] == st["currentReplicas"] == 2
-    assert st["currentRevision"] == st["updateRevision"] == mp.revision(mi)
+    assert st["currentRevision"] == st["updateRevision"] == mp.revision(typed(mi))
 
 
 async def test_reconcile_is_idempotent(env):
@@ -124,13 +130,13 @@ async def test_rolling_update_respects_max_unavailable_and_partition(env):
     strategy = {"rollingUpdateConfiguration": {"maxUnavailable": 1, "partition": 1}}
     await store.create(modelinfer(replicas=4, rolloutStrategy=strategy))
     await settle(rec, store, "llm")
-    old = mp.revision(await store.get(MODEL_INFER, "default", "llm"))
+    old = mp.revision(typed(await store.get(MODEL_INFER, "default", "llm")))
 
     def new_image(spec):
         spec["template"]["roles"][1]["entryTemplate"]["spec"]["containers"][0]["image"] = "vllm:2"
 
     await edit(store, "llm", new_image)
-    new = mp.revision(await store.get(MODEL_INFER, "default", "llm"))
+    new = mp.revision(typed(await store.get(MODEL_INFER, "default", "llm")))
     rolled, updating = [], set()
     for _ in range(60):
         again = await rec.reconcile("default", "llm")
@@ -329,13 +335,13 @@ async def test_update_in_progress_lasts_until_the_last_group_is_back(env):
     store, rec = env
     await store.create(modelinfer(replicas=2))
     await settle(rec, store, "llm")
-    old = mp.revision(await get_mi(store))
+    old = mp.revision(typed(await get_mi(store)))
 
     def new_image(spec):
         spec["template"]["roles"][0]["entryTemplate"]["spec"]["containers"][0]["image"] = "vllm:2"
 
     await edit(store, "llm", new_image)
-    new = mp.revision(await get_mi(store))
+    new = mp.revision(typed(await get_mi(store)))
     seen = []
     for _ in range(60):
         again = await rec.reconcile("default", "llm")
@@ -389,9 +395,9 @@ async def test_percent_max_unavailable_and_partition():
     mi["spec"]["rolloutStrategy"] = {
         "rollingUpdateConfiguration": {"maxUnavailable": "25%", "partition": "50%"}
     }
-    assert mp.max_unavailable(mi) == 2 and mp.partition(mi) == 5
+    assert mp.max_unavailable(typed(mi)) == 2 and mp.partition(typed(mi)) == 5
     mi["spec"]["rolloutStrategy"]["rollingUpdateConfiguration"]["maxUnavailable"] = "5%"
-    assert mp.max_unavailable(mi) == 1  # never 0: a rollout must be able to start
+    assert mp.max_unavailable(typed(mi)) == 1  # never 0: a rollout must be able to start
 
 
 async def test_the_controller_reconciles_from_events():
@@ -430,9 +436,9 @@ async def test_scaling_a_role_adds_and_removes_its_instances_without_a_rollout(e
     await store.create(modelinfer(replicas=2))
     await settle(rec, store, "llm")
     before = {n: p["metadata"]["uid"] for n, p in (await pods_of(store)).items()}
-    rev = mp.revision(await store.get(MODEL_INFER, "default", "llm"))
+    rev = mp.revision(typed(await store.get(MODEL_INFER, "default", "llm")))
     await edit(store, "llm", lambda s: s["template"]["roles"][1].update(replicas=3))
-    assert mp.revision(await store.get(MODEL_INFER, "default", "llm")) == rev
+    assert mp.revision(typed(await store.get(MODEL_INFER, "default", "llm"))) == rev
     await settle(rec, store, "llm")
     after = {n: p["metadata"]["uid"] for n, p in (await pods_of(store)).items()}
     assert set(after) - set(before) == {"llm-0-decode-2-0", "llm-1-decode-2-0"}

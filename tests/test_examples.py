@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from api import Model, from_dict_as, to_dict
 from controllers.manifests import read_objects
 from controllers.model_objects import desired
 from epp.app import _flow_control
@@ -70,7 +71,9 @@ def test_fairness_example_fits_together():
     objects = [o for _, o in read_objects(example.directory)[0]]
     stored = copy.deepcopy(example.model)
     stored["metadata"]["uid"] = "u"  # as the store would have it
-    generated = desired(stored)  # what the controllers make of the Model
+    generated = [
+        to_dict(o) for o in desired(from_dict_as(Model, stored))
+    ]  # what the controllers make
     servers = {o["metadata"]["name"]: o for o in objects + generated if o["kind"] == "ModelServer"}
     routes = [o for o in objects if o["kind"] == "ModelRoute"]
     assert {r["spec"]["modelName"] for r in routes} == {"limited", "split"}

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from api import validate_dict
+from api import Model, from_dict_as, to_dict, validate_dict
 from controllers import model_objects
 from simulator.config import parse_config
 from simulator.tokenization import DEFAULT_MODEL_DIR
@@ -51,7 +51,7 @@ def test_the_model_it_applies_is_valid_and_runs_the_simulator() -> None:
     )
     assert model["spec"]["modelURI"] == f"file://{IMAGE_MODEL_DIR}"
     model["metadata"]["uid"] = "uid-1"
-    [mi] = [o for o in model_objects.desired(model) if o["kind"] == "ModelInfer"]
+    mi = to_dict(model_objects.modelinfer(from_dict_as(Model, model)))
     [role] = mi["spec"]["template"]["roles"]
     args = role["entryTemplate"]["spec"]["containers"][0]["args"]
     # the image runs `infergate simulate --host=0.0.0.0 <args>` (the Dockerfile's ENTRYPOINT)
