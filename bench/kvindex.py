@@ -1,9 +1,10 @@
 """The KV-cache index under load: ingestion rate, lookup latency, memory, tokenization.
 
 Synthetic vLLM events (BlockStored of 16-token blocks, the way a pod reports a prompt) are fed
-straight into kvindex.index.KVBlockIndex for P pods; then prompts of 1k, 8k and 32k tokens are
-looked up over 16 and 256 pods, half of which hold the prompt's first half. Tokenization uses
-the simulator's bundled tokenizer through kvindex.tokenize, with and without the prefix cache.
+through kvindex.translate.EventTranslator into kvindex.index.KVBlockIndex for P pods; then
+prompts of 1k, 8k and 32k tokens are looked up over 16 and 256 pods, half of which hold the
+prompt's first half. Tokenization uses the simulator's bundled tokenizer through
+kvindex.tokenize, with and without the prefix cache.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from bench.common import machine, percentile, write_json
 from kvindex.events import BlockStored
 from kvindex.index import KVBlockIndex
 from kvindex.keys import prompt_keys
+from kvindex.translate import EventTranslator
 
 BLOCK = 16
 MODEL = "bench-model"
@@ -38,7 +40,7 @@ def _stored(rng: random.Random, tokens: list[int], start_hash: int) -> BlockStor
 
 def ingest_rate(pods: int, prompts_per_pod: int, prompt_tokens: int) -> dict:
     rng = random.Random(1)
-    index = KVBlockIndex(block_size=BLOCK, max_entries=50_000_000)
+    sink = EventTranslator(KVBlockIndex(block_size=BLOCK, max_entries=50_000_000))
     events = []
     h = 1
     for p in range(pods):
@@ -49,7 +51,7 @@ def ingest_rate(pods: int, prompts_per_pod: int, prompt_tokens: int) -> dict:
     blocks = sum(len(e.block_hashes) for _, e in events)
     t0 = time.perf_counter()
     for pod, ev in events:
-        index.apply(pod, MODEL, ev)
+        sink.apply(pod, MODEL, ev)
     seconds = time.perf_counter() - t0
     return {
         "pods": pods,
@@ -57,23 +59,24 @@ def ingest_rate(pods: int, prompts_per_pod: int, prompt_tokens: int) -> dict:
         "seconds": round(seconds, 3),
         "blocks_per_s": round(blocks / seconds),
         "events_per_s": round(len(events) / seconds),
-        "entries": index.stats().get("entries"),
-        "bytes_per_entry": round(index.bytes_per_entry(), 1),
+        "entries": sink.stats().get("entries"),
+        "bytes_per_entry": round(sink.bytes_per_entry(), 1),
     }
 
 
 def lookup_latency(pods: int, prompt_tokens: int, repeats: int = 200) -> dict:
     rng = random.Random(2)
     index = KVBlockIndex(block_size=BLOCK, max_entries=50_000_000)
+    sink = EventTranslator(index)
     prompt = [rng.randrange(8192) for _ in range(prompt_tokens)]
     names = [f"10.1.{p // 250}.{p % 250}:8000" for p in range(pods)]
     half = prompt[: (prompt_tokens // 2) // BLOCK * BLOCK]
     for i, pod in enumerate(names):
         if i % 2 == 0:
-            index.apply(pod, MODEL, _stored(rng, half, 10_000_000 * (i + 1)))
+            sink.apply(pod, MODEL, _stored(rng, half, 10_000_000 * (i + 1)))
         # everyone holds some unrelated blocks too
         other = [rng.randrange(8192) for _ in range(2048)]
-        index.apply(pod, MODEL, _stored(rng, other, 10_000_000 * (i + 1) + 5_000_000))
+        sink.apply(pod, MODEL, _stored(rng, other, 10_000_000 * (i + 1) + 5_000_000))
     keys = prompt_keys(prompt, BLOCK, MODEL)
     times = []
     for _ in range(repeats):

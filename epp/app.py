@@ -28,6 +28,7 @@ from epp.options import PickerOptions, parse_options
 from epp.providers.file import FileProvider, FileProviderError
 from epp.providers.kubernetes import KubernetesProviderError
 from epp.scheduling.config import ConfigError, load_config
+from epp.scheduling.handle import ForgetsServers, UsesKVCache
 from epp.scrape import MetricsScraper
 from epp.trust import HeaderTrust, Users, UsersConfigError
 from kvindex.tokenize import PromptTokenizers
@@ -56,7 +57,7 @@ def _provider(opts: PickerOptions, datastore: Datastore, metrics: PickerMetrics)
 
 def _kv_cache_view(opts: PickerOptions, scheduling, datastore: Datastore, metrics: PickerMetrics):
     """The KV-event index and tokenizers, built only if a plugin needs them."""
-    users = [p for p in scheduling.plugins.values() if getattr(p, "needs_kv_cache_view", False)]
+    users = [p for p in scheduling.plugins.values() if isinstance(p, UsesKVCache)]
     if not users:
         return None
     from epp.kv_events import KVCacheView, KVEventOptions
@@ -77,7 +78,7 @@ def _kv_cache_view(opts: PickerOptions, scheduling, datastore: Datastore, metric
     metrics.registry.register(view)  # its collect() reports the subscriber and the index
     view.start()
     for plugin in users:
-        plugin.bind(view)
+        plugin.use_kv_cache(view.cache)
     log.info(
         "KV events: %s (%s), index block size %d, tokenizers for %s",
         opts.kv_events_mode,
@@ -158,9 +159,8 @@ async def serve(opts: PickerOptions, ready: asyncio.Event | None = None) -> None
     trust = _header_trust(opts, text)
     datastore = Datastore()
     for plugin in scheduling.plugins.values():
-        forget = getattr(plugin, "forget_server", None)
-        if forget is not None:  # what a departed pod held must not attract new requests
-            datastore.removal_listeners.append(forget)
+        if isinstance(plugin, ForgetsServers):  # a departed pod must not attract requests
+            datastore.removal_listeners.append(plugin.forget_server)
     metrics = PickerMetrics()
     metrics.model_labels.known = datastore.serves_model
     datastore.removal_listeners.append(metrics.forget_endpoint)
@@ -170,7 +170,7 @@ async def serve(opts: PickerOptions, ready: asyncio.Event | None = None) -> None
     gate = Gatekeeper(
         metrics.registry,
         flow_control=_flow_control(text, scheduling),
-        tokenizers=view.tokenizers if view is not None else PromptTokenizers(opts.tokenizers),
+        tokenizers=view.cache.tokenizers if view is not None else PromptTokenizers(opts.tokenizers),
     )
     if gate.queue is not None:
         _queue_gauges(gate, metrics)

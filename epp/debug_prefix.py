@@ -9,6 +9,8 @@ import json
 
 from epp.errors import PickerError
 from epp.request import parse_request
+from epp.scheduling.plugins.precise_prefix_cache import PrecisePrefixCacheScorer
+from kvindex.index import DEFAULT_TIER_WEIGHTS
 
 
 async def prefix_report(raw: bytes, director, view) -> tuple[int, dict]:
@@ -18,44 +20,45 @@ async def prefix_report(raw: bytes, director, view) -> tuple[int, dict]:
         (
             p
             for p in director.scheduling.plugins.values()
-            if getattr(p, "needs_kv_cache_view", False)
+            if isinstance(p, PrecisePrefixCacheScorer)
         ),
         None,
     )
+    kv = view.cache
     try:
-        req, blocks = await asyncio.to_thread(_tokenize, raw, director, plugin)
+        req = await asyncio.to_thread(_parse, raw, director)
+        prompt = await asyncio.to_thread(kv.prompt, req)
     except PickerError as exc:
         return exc.status, exc.body()
-    if blocks is None:
+    if prompt is None:
         return 422, PickerError(
             422,
             f"cannot tokenize for model {req.target_model!r}: no "
             "tokenizer is configured for it (--tokenizer)",
         ).body()
     endpoints = [e.address for e in director.datastore.endpoints()]
-    index = view.index
-    lengths = index.match_lengths(blocks.keys, endpoints)
-    weighted = index.lookup(blocks.keys, endpoints, tier_weights=plugin.tier_weights)
-    total = len(blocks.keys)
+    lengths = kv.matched_blocks(prompt, endpoints)
+    weights = plugin.tier_weights if plugin is not None else DEFAULT_TIER_WEIGHTS
+    scores = kv.score(prompt, endpoints, weights)
     return 200, {
         "model": req.target_model,
-        "prompt_tokens": blocks.tokens,
-        "prompt_blocks": total,
-        "block_size": index.block_size,
+        "prompt_tokens": prompt.tokens,
+        "prompt_blocks": len(prompt.keys),
+        "block_size": kv.block_size,
         "endpoints": [
             {
                 "address": a,
                 "matched_blocks": lengths.get(a, 0),
-                "matched_tokens": lengths.get(a, 0) * index.block_size,
-                "score": (weighted.get(a, 0.0) / total) if total else 0.0,
+                "matched_tokens": lengths.get(a, 0) * kv.block_size,
+                "score": score,
             }
-            for a in endpoints
+            for a, score in zip(endpoints, scores, strict=True)
         ],
     }
 
 
-def _tokenize(raw: bytes, director, plugin):
-    """The parsed request and its prompt's index keys (None: no tokenizer for its model)."""
+def _parse(raw: bytes, director):
+    """The request the body would be (a PickerError if it is not one)."""
     try:
         body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
@@ -65,5 +68,4 @@ def _tokenize(raw: bytes, director, plugin):
         if isinstance(body, dict) and "messages" in body
         else "/v1/completions"
     )
-    req = parse_request(path, raw, {}, max_body_bytes=director.options.max_body_bytes)
-    return req, plugin.blocks(req) if plugin is not None else None
+    return parse_request(path, raw, {}, max_body_bytes=director.options.max_body_bytes)

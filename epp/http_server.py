@@ -13,6 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from epp.datastore import Datastore
 from epp.errors import PickerError
 from epp.metrics import PickerMetrics
+from epp.scheduling.handle import DebugReport
 
 DEBUG_BODY_LIMIT = 1024 * 1024  # POST /debug/prefix-scores: larger bodies get 413
 
@@ -86,8 +87,8 @@ def make_app(
 
     async def pd_decisions(_req: web.Request) -> web.Response:
         """The prefill/decode handler's last decisions, newest first."""
-        handler = getattr(getattr(director, "scheduling", None), "handler", None)
-        if not callable(getattr(handler, "debug", None)):
+        handler = director.scheduling.handler if director is not None else None
+        if not isinstance(handler, DebugReport):
             return web.json_response(
                 PickerError(404, "no pd-profile-handler is configured").body(), status=404
             )

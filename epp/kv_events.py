@@ -1,5 +1,5 @@
-"""The picker's side of the KV-event path: a block index fed by a subscriber, and the
-tokenizers that turn prompts into the same blocks.
+"""The picker's side of the KV-event path: a block index fed by a subscriber (through the
+event translator), and the KV cache (kvindex.cache) that plugins score prompts with.
 
 Built only when a plugin asks for it (precise-prefix-cache-scorer), so a picker without one
 opens no ZMQ socket.
@@ -16,9 +16,11 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from epp.datastore import Datastore
 from epp.options import KV_EVENTS_PORT, default_kv_events_bind
+from kvindex.cache import KVCache
 from kvindex.index import KVBlockIndex
 from kvindex.subscriber import KVEventSubscriber
 from kvindex.tokenize import PromptTokenizers
+from kvindex.translate import EventTranslator
 
 log = logging.getLogger("epp.kv_events")
 
@@ -35,23 +37,29 @@ class KVEventOptions:
 
 
 class KVCacheView:
-    """The index, its subscriber and the tokenizers, kept in step with the pool."""
+    """The index, its subscriber and the KV cache over them, kept in step with the pool."""
 
     def __init__(
         self, datastore: Datastore, opts: KVEventOptions, registry: CollectorRegistry | None = None
     ) -> None:
         self.datastore = datastore
         self.opts = opts
-        self.lookup_seconds = Histogram(
+        lookup_seconds = Histogram(
             "infergate_kvindex_lookup_seconds",
             "Time to look a prompt's blocks up in the index.",
             buckets=(0.00001, 0.00003, 0.0001, 0.0003, 0.001, 0.003, 0.01, 0.03, 0.1),
             registry=registry,
         )
-        self.index = KVBlockIndex(block_size=opts.block_size, max_entries=opts.max_entries)
-        self.tokenizers = PromptTokenizers(opts.tokenizers or {})
+        index = KVBlockIndex(block_size=opts.block_size, max_entries=opts.max_entries)
+        self.translator = EventTranslator(index)
+        self.cache = KVCache(
+            tokenizers=PromptTokenizers(opts.tokenizers or {}),
+            index=index,
+            base_model=self.base_model,
+            lookup_seconds=lookup_seconds,
+        )
         self.subscriber = KVEventSubscriber(
-            self.index,
+            self.translator,
             replay_endpoint_for=self._replay_for,
             model_for=self._served_model,
             is_member=self._in_pool,
@@ -134,7 +142,7 @@ class KVCacheView:
         for reason, n in sorted(self.subscriber.dropped.items()):
             dropped.add_metric([reason], n)
         yield dropped
-        stats = self.index.stats()
+        stats = self.translator.stats()
         for key in ("entries", "keys", "pods", "bytes"):
             if key in stats:
                 yield GaugeMetricFamily(

@@ -8,6 +8,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
+from epp.scheduling.handle import CountsInMetrics
+
 LATENCY_BUCKETS = (
     0.005,
     0.025,
@@ -389,9 +391,8 @@ class PickerMetrics:
     def bind_plugins(self, plugins) -> None:
         """Hand these metrics to the scheduling plugins that count their own."""
         for plugin in plugins:
-            bind = getattr(plugin, "bind_metrics", None)
-            if bind is not None:
-                bind(self)
+            if isinstance(plugin, CountsInMetrics):
+                plugin.bind_metrics(self)
 
     def observe_plugin(self, point: str, plugin_type: str, name: str, seconds: float) -> None:
         self.plugin_duration.labels(point, plugin_type, name).observe(seconds)

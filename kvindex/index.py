@@ -1,8 +1,8 @@
 """The global KV-cache block index: which pod holds how many leading blocks of a prompt.
 
 Keyed by request keys (kvindex.keys), which the picker computes from a prompt's tokens; vLLM's
-block hashes it cannot compute. Per pod, an engine-hash → request-keys map resolves removals,
-CPU-offload stores and the parents of later stores.
+block hashes it cannot compute. The index takes keys only: kvindex.translate turns vLLM's KV
+events into add / remove / clear_pod calls (it keeps the engine-hash → request-keys maps).
 
 Layout, for memory (one dict entry per key, no object per entry):
 - request key → a *slot* int, or a tuple of slots when several pods hold the key. A slot
@@ -14,10 +14,7 @@ Layout, for memory (one dict entry per key, no object per entry):
   copies it all at once: 0.75 s at 5M keys, on the picker's event loop.
 - Each dict's order is its LRU order (a use moves the key to the end); eviction takes the
   front. With one shard (max_entries < 65536) that is exact LRU, with more a close one.
-- Per pod: engine hash (| group << 64) → request key or tuple of them (at most
-  MAX_KEYS_PER_HASH, the newest: vLLM maps one hash to one content, so only a hostile
-  publisher reuses a hash for many); request key → expiry of a speculative entry, with a FIFO
-  of expiries.
+- Per pod: request key → expiry of a speculative entry, with a FIFO of expiries.
 """
 
 from __future__ import annotations
@@ -25,11 +22,11 @@ from __future__ import annotations
 import sys
 import time
 from collections import Counter, deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from itertools import islice
+from typing import Literal
 
-from kvindex.events import AllBlocksCleared, BlockRemoved, BlockStored
-from kvindex.keys import block_keys, model_root
+Tier = Literal["gpu", "cpu"]
 
 _GPU, _CPU, _SPEC = 1, 1 << 20, 1 << 40
 _POD = 41  # slot >> _POD is the pod index
@@ -38,12 +35,8 @@ _GPU_MASK, _CPU_MASK = _COUNT, _COUNT << 20
 _HELD = _GPU_MASK | _CPU_MASK  # held for real, in some tier
 _ON_GPU = _GPU_MASK | _SPEC  # held on GPU, for real or speculatively
 _FIELDS = (1 << _POD) - 1
-_TIERS = {"gpu": _GPU, "cpu": _CPU}
-_INDEXED_KINDS = frozenset({"full_attention", "mla_attention", "sink_full_attention"})
-_SWEEP_MIN = 1024
+_TIERS: dict[str, int] = {"gpu": _GPU, "cpu": _CPU}
 MAX_INTERNED_SLOTS = 1 << 16  # distinct slot values interned at once
-# One engine block covers engine block size / index block size keys (16 for 256 / 16).
-MAX_KEYS_PER_HASH = 64
 DEFAULT_TIER_WEIGHTS = {"gpu": 1.0, "cpu": 0.8}
 
 
@@ -110,19 +103,15 @@ class KVBlockIndex:
         self._shard_n = [0] * n_shards  # (key, pod) entries per shard
         self._budget = max_entries // n_shards
         self._over: set[int] = set()  # shards above their budget
-        self._sweeping: dict[int, int] = {}  # pod -> next engine-map shard to sweep
         self._n = 0  # (key, pod) entries
         self._pod_idx: dict[str, int] = {}
         self._names: list[str] = []
         self._pod_n: list[int] = []  # per pod: entries,
-        self._stale: list[int] = []  # entries evicted since its last sweep,
-        self._emaps: list[list[dict]] = []  # engine hash -> keys, sharded as the keys are,
         self._specs: list[dict[int, float]] = []  # speculative key -> expiry
         self._spec_q: deque[tuple[float, int, tuple[int, ...]]] = deque()
+        self._evicted_from: dict[int, int] = {}  # pod -> entries evicted since take_evictions
         self._canon: dict[int, int] = {}
-        self._events: Counter[str] = Counter()
-        self._skipped: Counter[str] = Counter()
-        self._unknown_parents = self._removed_unknown = self._evicted = 0
+        self._evicted = 0
 
     # --- slots
 
@@ -132,8 +121,6 @@ class KVBlockIndex:
             p = self._pod_idx[pod] = len(self._names)
             self._names.append(pod)
             self._pod_n.append(0)
-            self._stale.append(0)
-            self._emaps.append([{} for _ in self._shards])
             self._specs.append({})
         return p
 
@@ -181,7 +168,7 @@ class KVBlockIndex:
         # A little below the budget, so the scan over a dict's front (where deleted entries
         # collect until its next resize) is paid once per batch.
         target = self._budget - (self._budget >> 8)
-        pods = set()
+        evicted: Counter[int] = Counter()
         for sh in self._over:
             if self._shard_n[sh] <= self._budget:  # removals brought it back already
                 continue
@@ -196,135 +183,70 @@ class KVBlockIndex:
                 for s in _slots(d.pop(k)):
                     q = s >> _POD
                     self._pod_n[q] -= 1
-                    self._stale[q] += 1
+                    evicted[q] += 1
                     self._shard_n[sh] -= 1
                     self._n -= 1
                     self._evicted += 1
-                    pods.add(q)
         self._over.clear()
-        # Mappings whose keys the LRU evicted would stay until their BlockRemoved (forever
-        # if it was lost); their chains are unreachable anyway, as a lookup stops at the
-        # evicted key. Sweep once a quarter of a pod's mappings may be stale (amortized O(1)),
-        # one shard of one pod per call (short pauses).
-        for q in pods:
-            mapped = sum(map(len, self._emaps[q]))
-            if q not in self._sweeping and self._stale[q] > max(_SWEEP_MIN, mapped // 4):
-                self._sweeping[q], self._stale[q] = 0, 0
-        if self._sweeping:
-            q, i = next(iter(self._sweeping.items()))
-            emap, get = self._emaps[q], self._get
-            # A new dict, because a dict does not shrink when emptied.
-            emap[i] = {
-                e: rs
-                for e, rs in emap[i].items()
-                if any(_fields(get(k), q) & _HELD for k in _slots(rs))
-            }
-            if i < self._mask:
-                self._sweeping[q] = i + 1
-            else:
-                del self._sweeping[q]
+        for q in evicted:
+            self._evicted_from[q] = self._evicted_from.get(q, 0) + evicted[q]
 
-    # --- ingestion
+    # --- keys in, keys out
 
-    def apply(self, pod: str, model: str, event) -> None:
-        """Apply one decoded KV event of `pod` serving `model` (the topic's model)."""
-        p = self._pod(pod)
-        cls = event.__class__
-        self._events[cls.__name__] += 1
-        if cls is BlockStored:
-            self._stored(p, model, event)
-            self._evict()
-        elif cls is BlockRemoved:
-            self._removed(p, event)
-        elif cls is AllBlocksCleared:
-            self.clear_pod(pod)
-        else:
-            self._skipped["unknown_event"] += 1
+    @property
+    def shard_count(self) -> int:
+        """How many dicts the keys are spread over (by their low bits)."""
+        return self._mask + 1
 
-    def _stored(self, p: int, model: str, ev: BlockStored) -> None:
-        if ev.kv_cache_spec_kind not in _INDEXED_KINDS:
-            self._skipped["kv_cache_spec_kind"] += 1
-            return
-        tier = _TIERS.get(ev.medium.lower())
-        if tier is None:
-            self._skipped["medium"] += 1
-            return
-        emap, g, hashes, m = self._emaps[p], ev.group_idx << 64, ev.block_hashes, self._mask
-        if not ev.token_ids:  # a CPU-offload store: only hashes we already know
-            for h, copies in Counter(hashes).items():
-                rs = emap[h & m].get(h | g)
-                if rs is None:
-                    self._skipped["offload_unknown_hash"] += copies
-                else:
-                    for k in _slots(rs):
-                        self._add(k, p, tier, copies)
-            return
-        if len(ev.token_ids) != ev.block_size * len(hashes):
-            self._skipped["token_count"] += 1
-            return
-        parent = ev.parent_block_hash
-        rs = None if parent is None else emap[parent & m].get(parent | g)
-        if rs is not None:
-            pk = _slots(rs)[-1]
-        else:
-            # An unknown parent (we joined mid-stream, or it had no full index block): chain
-            # from the root as llm-d router PR #691 does.
-            self._unknown_parents += parent is not None
-            pk = model_root(model)
-        extra = (ev.lora_name,) if ev.lora_name else None
-        keys = block_keys(ev.token_ids, self.block_size, parent=pk, extra=extra)
-        for k in reversed(keys):  # the head ends up newest: eviction trims chains from the tail
-            self._add(k, p, tier)
-        # llm-d's length ratio: with n = max(|E|, |R|), E[i*|E|/n] ↔ R[i*|R|/n].
-        ne, nr = len(hashes), len(keys)
-        n = max(ne, nr)
-        for i in range(n if nr else 0):
-            e, k = hashes[i * ne // n] | g, keys[i * nr // n]
-            d = emap[e & m]
-            old = d.get(e)
-            if old is None:
-                d[e] = k
-            elif k not in _slots(old):
-                d[e] = (*_slots(old)[1 - MAX_KEYS_PER_HASH :], k)
+    def add(self, pod: str, keys: Sequence[int], tier: Tier, copies: int = 1) -> None:
+        """`pod` stored `copies` more copies of each key in `tier`. Keys go in tail first, so the
+        head ends up newest: eviction trims chains from the tail."""
+        p, t = self._pod(pod), _TIERS[tier]
+        for k in reversed(keys):
+            self._add(k, p, t, copies)
+        self._evict()
 
-    def _removed(self, p: int, ev: BlockRemoved) -> None:
-        tier = _TIERS.get(ev.medium.lower())
-        if tier is None:
-            self._skipped["medium"] += 1
-            return
-        emap, g, mask = self._emaps[p], ev.group_idx << 64, _COUNT * tier
-        for h in ev.block_hashes:
-            d = emap[h & self._mask]
-            rs = d.get(h | g)
-            if rs is None:
-                self._removed_unknown += 1
-                continue
-            held = False
-            for k in _slots(rs):
-                f = _fields(self._get(k), p)
-                if f & mask:
-                    f -= tier
-                    self._set(k, p, f, False)
-                held = held or bool(f & _HELD)
-            if not held:  # refers to nothing this pod holds any more
-                del d[h | g]
+    def remove(self, pod: str, keys: Sequence[int], tier: Tier) -> list[int]:
+        """`pod` dropped one copy of each key from `tier`; returns the keys it no longer holds
+        in any tier (speculative entries do not count as held)."""
+        p = self._pod_idx.get(pod)
+        if p is None:
+            return list(keys)
+        mask, t, gone = _COUNT * _TIERS[tier], _TIERS[tier], []
+        for k in keys:
+            f = _fields(self._get(k), p)
+            if f & mask:
+                f -= t
+                self._set(k, p, f, False)
+            if not f & _HELD:
+                gone.append(k)
+        return gone
 
-    def clear_pod(self, pod: str) -> None:
-        """Drop every entry and mapping of `pod` (engine restart, reset, pod gone)."""
+    def holds_any(self, pod: str, keys: Iterable[int]) -> bool:
+        """Whether `pod` holds any of `keys` for real, in some tier."""
+        p = self._pod_idx.get(pod)
+        return p is not None and any(_fields(self._get(k), p) & _HELD for k in keys)
+
+    def take_evictions(self) -> dict[str, int]:
+        """Per pod, the entries the LRU evicted since the last call (for whoever maps
+        engine hashes to keys: those mappings went stale)."""
+        out = {self._names[q]: n for q, n in self._evicted_from.items()}
+        self._evicted_from.clear()
+        return out
+
+    def clear_pod(self, pod: str, keys: Iterable[int] = ()) -> None:
+        """Drop every entry of `pod` (engine restart, reset, pod gone). `keys`: those the caller
+        knows it holds, dropped directly; any left are found by a full scan."""
         p = self._pod_idx.get(pod)
         if p is None:
             return
-        # Every entry of p is reachable from its engine map or its speculative set.
-        for d in self._emaps[p]:
-            for rs in d.values():
-                for k in _slots(rs):
-                    self._set(k, p, 0, False)
+        for k in keys:
+            self._set(k, p, 0, False)
         for k in self._specs[p]:
             self._set(k, p, 0, False)
-        self._emaps[p] = [{} for _ in self._shards]
-        self._specs[p], self._stale[p] = {}, 0
-        self._sweeping.pop(p, None)
-        if self._pod_n[p]:  # not expected; a full scan keeps the index right anyway
+        self._specs[p] = {}
+        self._evicted_from.pop(p, None)
+        if self._pod_n[p]:  # keys the caller did not know; a full scan keeps the index right
             for d in self._shards:
                 for k in [k for k, rec in d.items() if _fields(rec, p)]:
                     self._set(k, p, 0, False)
@@ -338,7 +260,7 @@ class KVBlockIndex:
         self._expire(now)
         p, exp = self._pod(pod), now + self.speculative_ttl
         spec = self._specs[p]
-        for k in reversed(keys):  # head newest, as in _stored
+        for k in reversed(keys):  # head newest, as in add
             f = _fields(self._get(k), p)
             if f & _GPU_MASK:
                 self._touch(k)  # already real
@@ -413,7 +335,7 @@ class KVBlockIndex:
         if alive == 1:  # one pod left, the common case: a tight loop
             q = next(q for q, c in hit.items() if c == i)
             score[q], i = _run(shards, m, keys, i, q, weights, score[q])
-        if touch:  # tail first, so the head is newest (see _stored)
+        if touch:  # tail first, so the head is newest (see add)
             for k in reversed(keys[:i]):
                 self._touch(k)
         names = self._names
@@ -432,37 +354,41 @@ class KVBlockIndex:
     def stats(self) -> dict:
         """Counts for metrics; O(pods + shards)."""
         self._expire(self._clock())
-        key_size = sys.getsizeof(1 << 63)  # a 64-bit int; slots are interned
-        emaps = [d for shards in self._emaps for d in shards]
-        maps = (*self._shards, *emaps, *self._specs)
         return {
             "entries": self._n,
             "keys": sum(map(len, self._shards)),
             "pods": sum(1 for n in self._pod_n if n),
-            "engine_hashes": sum(map(len, emaps)),
             "speculative": sum(map(len, self._specs)),
-            "bytes": sum(sys.getsizeof(d) + len(d) * key_size for d in maps),
-            "events": dict(self._events),
-            "skipped": dict(self._skipped),
-            "unknown_parents": self._unknown_parents,
-            "removed_unknown": self._removed_unknown,
+            "bytes": approx_bytes((*self._shards, *self._specs)),
             "evicted": self._evicted,
         }
 
-    def memory_bytes(self) -> int:
-        """The index's own memory by a getsizeof walk, shared objects counted once; O(entries)."""
-        seen: set[int] = set()
-
-        def size(o) -> int:
-            if id(o) in seen:
-                return 0
-            seen.add(id(o))
-            return sys.getsizeof(o) + (sum(map(size, o)) if o.__class__ is tuple else 0)
-
-        emaps = [d for shards in self._emaps for d in shards]
-        maps = (*self._shards, *emaps, *self._specs, self._canon)
-        total = sum(sys.getsizeof(d) + sum(size(k) + size(v) for k, v in d.items()) for d in maps)
-        return total + sum(map(size, self._spec_q))
+    def memory_bytes(self, seen: set[int] | None = None) -> int:
+        """The index's own memory by a getsizeof walk, shared objects counted once (`seen`:
+        ids already counted by the caller); O(entries)."""
+        seen = set() if seen is None else seen
+        maps = (*self._shards, *self._specs, self._canon)
+        return walk_bytes(maps, seen) + sum(_size(x, seen) for x in self._spec_q)
 
     def bytes_per_entry(self) -> float:
         return self.memory_bytes() / max(1, self._n)
+
+
+def approx_bytes(maps: Iterable[dict]) -> int:
+    """Int-keyed dicts' size, each key and value counted as one 64-bit int (slots are interned)."""
+    key_size = sys.getsizeof(1 << 63)
+    return sum(sys.getsizeof(d) + len(d) * key_size for d in maps)
+
+
+def _size(o, seen: set[int]) -> int:
+    if id(o) in seen:
+        return 0
+    seen.add(id(o))
+    return sys.getsizeof(o) + (sum(_size(x, seen) for x in o) if o.__class__ is tuple else 0)
+
+
+def walk_bytes(maps: Iterable[dict], seen: set[int]) -> int:
+    """The dicts' memory with their keys and values (tuples walked), each object counted once."""
+    return sum(
+        sys.getsizeof(d) + sum(_size(k, seen) + _size(v, seen) for k, v in d.items()) for d in maps
+    )

@@ -22,6 +22,7 @@ from epp.http_server import DEBUG_BODY_LIMIT, make_app
 from epp.kv_events import KVCacheView, KVEventOptions
 from epp.metrics import PickerMetrics
 from epp.scheduling.config import load_config
+from epp.scheduling.handle import UsesKVCache
 from epp.trust import DEFAULT_FAIRNESS_ID, HeaderTrust, Users, UsersConfigError
 from stack.local import DEFAULT_MODEL_DIR
 from tests import extproc_client as ec
@@ -276,8 +277,8 @@ def precise_director() -> tuple[Director, KVCacheView]:
     scheduling = load_config(PRECISE)
     view = KVCacheView(ds, KVEventOptions(tokenizers={"m": DEFAULT_MODEL_DIR}))
     for plugin in scheduling.plugins.values():
-        if getattr(plugin, "needs_kv_cache_view", False):
-            plugin.bind(view)
+        if isinstance(plugin, UsesKVCache):
+            plugin.use_kv_cache(view.cache)
     return Director(ds, scheduling, PickerMetrics(), DirectorOptions()), view
 
 
@@ -306,7 +307,7 @@ async def test_prefix_scores_takes_at_most_one_mib():
 
 async def test_prefix_scores_tokenizes_off_the_event_loop(monkeypatch):
     d, view = precise_director()
-    tokenizer = view.tokenizers.get("m")
+    tokenizer = view.cache.tokenizers.get("m")
     threads = []
     real = tokenizer.tokens_for
 

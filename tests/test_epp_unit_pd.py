@@ -364,20 +364,22 @@ def test_the_precise_index_decides_what_the_decode_pod_holds(view):
     extra = "- type: precise-prefix-cache-scorer\n"
     cfg = load_config(pd_config(16, extra_plugins=extra))
     precise = cfg.plugins["precise-prefix-cache-scorer"]
-    precise.bind(view)
+    precise.use_kv_cache(view.cache)
     assert [p.name for p in cfg.handler.sources] == ["precise-prefix-cache-scorer", "prefix"]
     d1, d2, p1 = ep(1, "decode", "g"), ep(2, "decode", "g"), ep(3, "prefill", "g")
-    tokens = view.tokenizers.get("m").tokens_for("completions", {"model": "m", "prompt": LONG})
-    bs = view.index.block_size
+    tokens = view.cache.tokenizers.get("m").tokens_for(
+        "completions", {"model": "m", "prompt": LONG}
+    )
+    bs = view.cache.block_size
     full = len(tokens) // bs
     assert full >= 4
     # What the KV events say: d1 holds every full block of the prompt, d2 its first block.
-    view.index.apply(
+    view.translator.apply(
         d1.address,
         "m",
         BlockStored(tuple(range(1, full + 1)), None, tuple(tokens[: full * bs]), bs),
     )
-    view.index.apply(d2.address, "m", BlockStored((99,), None, tuple(tokens[:bs]), bs))
+    view.translator.apply(d2.address, "m", BlockStored((99,), None, tuple(tokens[:bs]), bs))
     r = req(LONG, pin=d1)
     schedule(cfg, r, [d1, d2, p1])
     d = decision(cfg, r)
@@ -398,7 +400,7 @@ def test_the_precise_index_decides_what_the_decode_pod_holds(view):
 def test_without_a_tokenizer_the_approximate_scorer_answers(view):
     extra = "- type: precise-prefix-cache-scorer\n"
     cfg = load_config(pd_config(16, extra_plugins=extra))
-    cfg.plugins["precise-prefix-cache-scorer"].bind(view)
+    cfg.plugins["precise-prefix-cache-scorer"].use_kv_cache(view.cache)
     d1, p1 = ep(1, "decode", "g"), ep(2, "prefill", "g")
     remember(cfg, PROMPT, d1, model="no-tokenizer")
     r = req(PROMPT, pin=d1, model="no-tokenizer")

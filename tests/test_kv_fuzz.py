@@ -27,6 +27,7 @@ from hypothesis import strategies as st
 from kvindex.events import AllBlocksCleared, KVEventDecodeError, decode_message
 from kvindex.index import KVBlockIndex
 from kvindex.subscriber import KVEventSubscriber
+from kvindex.translate import EventTranslator
 from tests.conftest import free_port
 from tests.fuzzing import examples, fuzz_settings
 from tests.kv_invariants import check_index_consistent
@@ -130,6 +131,7 @@ class Reference:
 
     def __init__(self) -> None:
         self.index = KVBlockIndex(max_entries=10_000_000)
+        self.sink = EventTranslator(self.index)
         self.last: int | None = None
 
     def feed(self, frames: list[bytes]) -> None:
@@ -140,12 +142,12 @@ class Reference:
         except KVEventDecodeError:
             return
         if self.last is not None and msg.seq <= self.last:  # backwards: a restart
-            self.index.clear_pod(STORM)
+            self.sink.clear_pod(STORM)
         for event in msg.batch.events:
             if isinstance(event, AllBlocksCleared):
-                self.index.clear_pod(STORM)
+                self.sink.clear_pod(STORM)
             else:
-                self.index.apply(STORM, RECORDED_MODEL, event)
+                self.sink.apply(STORM, RECORDED_MODEL, event)
         self.last = msg.seq
 
 
@@ -154,7 +156,7 @@ def rig():
     loop = asyncio.new_event_loop()
     index = KVBlockIndex(max_entries=10_000_000)
     members = {VICTIM, STORM, SENTINEL}
-    sub = KVEventSubscriber(index, is_member=members.__contains__)
+    sub = KVEventSubscriber(EventTranslator(index), is_member=members.__contains__)
     ctx = zmq.Context()
     port = free_port()
 

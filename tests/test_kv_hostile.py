@@ -12,8 +12,9 @@ import zmq.asyncio
 
 from kvindex import subscriber as subscriber_module
 from kvindex.events import BlockRemoved, BlockStored, KVEventDecodeError, decode_message
-from kvindex.index import MAX_INTERNED_SLOTS, MAX_KEYS_PER_HASH, KVBlockIndex
+from kvindex.index import MAX_INTERNED_SLOTS, KVBlockIndex
 from kvindex.subscriber import KVEventSubscriber
+from kvindex.translate import MAX_KEYS_PER_HASH, EventTranslator
 from tests.conftest import free_port
 from tests.kv_wire import RECORDED_MODEL, recorded_frames, sourced_pub, until, wait_heard
 
@@ -26,10 +27,11 @@ REPLAY_END = (2**64 - 1).to_bytes(8, "big")
 def reference_index(frames: list[list[bytes]]) -> KVBlockIndex:
     """What the index holds after these messages, applied directly."""
     idx = KVBlockIndex(max_entries=100_000)
+    sink = EventTranslator(idx)
     for f in frames:
         msg = decode_message(f)
         for event in msg.batch.events:
-            idx.apply(POD, RECORDED_MODEL, event)
+            sink.apply(POD, RECORDED_MODEL, event)
     return idx
 
 
@@ -71,7 +73,7 @@ async def central():
     members = {POD, OTHER}
     replay_of: dict[str, str] = {}
     sub = KVEventSubscriber(
-        index, is_member=members.__contains__, replay_endpoint_for=replay_of.get
+        EventTranslator(index), is_member=members.__contains__, replay_endpoint_for=replay_of.get
     )
     port = free_port()
     sub.bind(f"tcp://127.0.0.1:{port}")
@@ -104,10 +106,10 @@ async def test_a_failing_index_costs_one_event_not_the_loop(central):
     def broken(pod, model, event):
         raise RuntimeError("a bug in the index")
 
-    index_apply, index.apply = index.apply, broken
+    index_apply, sub.sink.apply = sub.sink.apply, broken
     pods[POD].send_multipart(recorded_frames(TOPIC)[0])
     await until(lambda: sub.counts["rejected_by_index"] == 1, "the event rejected")
-    index.apply = index_apply
+    sub.sink.apply = index_apply
     recorded = recorded_frames(TOPIC)
     for frames in recorded[1:]:
         pods[POD].send_multipart(frames)
@@ -196,7 +198,7 @@ async def test_live_messages_held_during_a_replay_are_bounded(central, monkeypat
 
 async def test_poison_on_a_per_pod_socket_costs_one_message():
     index = KVBlockIndex(max_entries=100_000)
-    sub = KVEventSubscriber(index)
+    sub = KVEventSubscriber(EventTranslator(index))
     ctx = zmq.Context()
     pub = ctx.socket(zmq.PUB)
     pub.setsockopt(zmq.SNDHWM, 0)
@@ -220,7 +222,7 @@ async def test_poison_on_a_per_pod_socket_costs_one_message():
 
 async def test_a_receive_loop_that_fails_is_restarted(monkeypatch):
     monkeypatch.setattr(subscriber_module, "RESTART_DELAY_S", 0.0)
-    sub = KVEventSubscriber(KVBlockIndex())
+    sub = KVEventSubscriber(EventTranslator(KVBlockIndex()))
     runs = []
 
     async def flaky() -> None:
@@ -238,31 +240,33 @@ async def test_a_receive_loop_that_fails_is_restarted(monkeypatch):
 
 def test_a_block_stored_2_pow_20_times_stays_on_gpu():
     index = KVBlockIndex(block_size=4, max_entries=1000)
-    index.apply(POD, "m", BlockStored((7,), None, (1, 2, 3, 4), 4))
+    sink = EventTranslator(index)
+    sink.apply(POD, "m", BlockStored((7,), None, (1, 2, 3, 4), 4))
     # A CPU-offload-shaped store (no tokens) repeating one hash: 2**20 more GPU copies.
-    index.apply(POD, "m", BlockStored((7,) * 2**20, None, (), 4))
+    sink.apply(POD, "m", BlockStored((7,) * 2**20, None, (), 4))
     assert index.keys_of(POD, "cpu") == set()
     assert len(index.keys_of(POD, "gpu")) == 1
-    index.apply(POD, "m", BlockRemoved((7,)))  # one copy fewer: still held
+    sink.apply(POD, "m", BlockRemoved((7,)))  # one copy fewer: still held
     assert len(index.keys_of(POD, "gpu")) == 1
 
 
 def test_the_slot_table_stays_bounded_however_often_a_block_is_stored():
     index = KVBlockIndex(block_size=4, max_entries=1000)
-    index.apply(POD, "m", BlockStored((7,), None, (1, 2, 3, 4), 4))
+    sink = EventTranslator(index)
+    sink.apply(POD, "m", BlockStored((7,), None, (1, 2, 3, 4), 4))
     before = index.memory_bytes()
     again = BlockStored((7,), None, (), 4)  # one more copy: a new slot value each time
     for _ in range(2 * MAX_INTERNED_SLOTS):
-        index.apply(POD, "m", again)
+        sink.apply(POD, "m", again)
     # ~70 bytes per interned slot; unbounded, 2 * MAX_INTERNED_SLOTS of them would be held.
     assert index.memory_bytes() - before < 100 * MAX_INTERNED_SLOTS
 
 
 def test_one_engine_hash_reused_for_many_blocks_maps_to_a_bounded_number_of_keys():
-    index = KVBlockIndex(block_size=4, max_entries=10_000)
+    sink = EventTranslator(KVBlockIndex(block_size=4, max_entries=10_000))
     for i in range(MAX_KEYS_PER_HASH * 4):
-        index.apply(POD, "m", BlockStored((7,), None, (i, 1, 2, 3), 4))
-    assert max(len(rs) for d in index._emaps[0] for rs in d.values()) == MAX_KEYS_PER_HASH
+        sink.apply(POD, "m", BlockStored((7,), None, (i, 1, 2, 3), 4))
+    assert max(len(rs) for d in sink._emaps[POD] for rs in d.values()) == MAX_KEYS_PER_HASH
 
 
 async def test_the_picker_exports_drops_by_reason_and_drops_pods_outside_its_pool():
@@ -284,7 +288,7 @@ async def test_the_picker_exports_drops_by_reason_and_drops_pods_outside_its_poo
         await until(lambda: view.subscriber.dropped["unknown_pod"] == 1, "the outsider dropped")
         text = generate_latest(registry).decode()
         assert 'infergate_kvindex_dropped_messages_total{reason="unknown_pod"} 1.0' in text
-        assert view.index.stats()["pods"] == 0
+        assert view.translator.stats()["pods"] == 0
     finally:
         pub.close(0)
         ctx.term()

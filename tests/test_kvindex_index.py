@@ -24,6 +24,7 @@ from kvindex.events import (
 )
 from kvindex.index import KVBlockIndex
 from kvindex.keys import prompt_keys
+from kvindex.translate import EventTranslator
 from tests.paths import TINY
 
 FIXTURE = TINY
@@ -87,14 +88,15 @@ class EngineModel:
 @pytest.mark.parametrize("block_size", [32, 16])
 def test_fixture_index_holds_what_vllm_held_after_each_message(source, block_size):
     index, engine = KVBlockIndex(block_size=block_size), EngineModel()
+    sink = EventTranslator(index)
     batches = source()
     assert len(batches) == 18
     for batch in batches:
         for event in batch.events:
-            index.apply(POD, MODEL, event)
+            sink.apply(POD, MODEL, event)
             engine.apply(event)
         assert index.keys_of(POD) == engine.request_keys(block_size)
-    stats = index.stats()
+    stats = sink.stats()
     assert stats["entries"] == len(engine.request_keys(block_size)) == 78 * 32 // block_size
     assert stats["unknown_parents"] == stats["removed_unknown"] == 0
     assert stats["skipped"] == {}
@@ -104,10 +106,11 @@ def test_fixture_index_holds_what_vllm_held_after_each_message(source, block_siz
 @pytest.mark.parametrize("block_size", [16, 32, 64])
 def test_fixture_lookups_of_stored_prompts_match_their_full_blocks(block_size):
     index, engine = KVBlockIndex(block_size=block_size), EngineModel()
+    sink = EventTranslator(index)
     checked = 0
     for batch in live_batches():
         for event in batch.events:
-            index.apply(POD, MODEL, event)
+            sink.apply(POD, MODEL, event)
             engine.apply(event)
             if not isinstance(event, BlockStored):
                 continue
@@ -131,9 +134,10 @@ def test_fixture_keys_from_vllm_tokenize_match_the_index(block_size):
     keys = [prompt_keys(t, block_size, MODEL) for t in tokens]
     best = [0] * len(keys)
     index = KVBlockIndex(block_size=block_size)
+    sink = EventTranslator(index)
     for batch in live_batches():
         for event in batch.events:
-            index.apply(POD, MODEL, event)
+            sink.apply(POD, MODEL, event)
         for i, k in enumerate(keys):
             best[i] = max(best[i], index.match_lengths(k).get(POD, 0))
     # (At 16 a prompt can match one block more than its own engine blocks: a later chat turn
@@ -165,11 +169,12 @@ def removed(hashes, medium="GPU", **kw) -> BlockRemoved:
 
 def test_lookup_counts_consecutive_blocks_from_the_first():
     index = KVBlockIndex(block_size=4)
+    sink = EventTranslator(index)
     toks, hs = chain("p", 4)
-    index.apply(A, "m", stored(hs, toks))
-    index.apply(B, "m", stored(hs[:2], toks[:8]))
-    index.apply(C, "m", stored(hs, toks))
-    index.apply(C, "m", removed(hs[:1]))  # C keeps blocks 1..3 but not block 0
+    sink.apply(A, "m", stored(hs, toks))
+    sink.apply(B, "m", stored(hs[:2], toks[:8]))
+    sink.apply(C, "m", stored(hs, toks))
+    sink.apply(C, "m", removed(hs[:1]))  # C keeps blocks 1..3 but not block 0
     keys = prompt_keys(toks, 4, "m")
     assert index.match_lengths(keys) == {A: 4, B: 2}
     assert index.lookup(keys) == {A: 4.0, B: 2.0}
@@ -181,9 +186,10 @@ def test_lookup_counts_consecutive_blocks_from_the_first():
 
 def test_lookup_restricted_to_pods():
     index = KVBlockIndex(block_size=4)
+    sink = EventTranslator(index)
     toks, hs = chain("p", 3)
-    index.apply(A, "m", stored(hs, toks))
-    index.apply(B, "m", stored(hs, toks))
+    sink.apply(A, "m", stored(hs, toks))
+    sink.apply(B, "m", stored(hs, toks))
     keys = prompt_keys(toks, 4, "m")
     assert index.lookup(keys, [B]) == {B: 3.0}
     assert index.lookup(keys, (p for p in [B, C, "unknown:1"])) == {
@@ -196,12 +202,13 @@ def test_lookup_restricted_to_pods():
 
 def test_lookup_weighs_tiers_and_takes_the_best_tier_per_block():
     index = KVBlockIndex(block_size=4)
+    sink = EventTranslator(index)
     toks, hs = chain("p", 4)
-    index.apply(A, "m", stored(hs, toks, medium="CPU"))
-    index.apply(B, "m", stored(hs[:2], toks[:8]))
-    index.apply(B, "m", stored(hs[2:], toks[8:], parent=hs[1], medium="cpu"))
-    index.apply(C, "m", stored(hs, toks))
-    index.apply(C, "m", stored(hs, toks, medium="CPU"))
+    sink.apply(A, "m", stored(hs, toks, medium="CPU"))
+    sink.apply(B, "m", stored(hs[:2], toks[:8]))
+    sink.apply(B, "m", stored(hs[2:], toks[8:], parent=hs[1], medium="cpu"))
+    sink.apply(C, "m", stored(hs, toks))
+    sink.apply(C, "m", stored(hs, toks, medium="CPU"))
     keys = prompt_keys(toks, 4, "m")
     assert index.lookup(keys) == pytest.approx({A: 3.2, B: 3.6, C: 4.0})
     assert index.lookup(keys, tier_weights={"gpu": 1.0, "cpu": 0.5}) == {A: 2.0, B: 3.0, C: 4.0}
@@ -212,88 +219,95 @@ def test_lookup_weighs_tiers_and_takes_the_best_tier_per_block():
 
 def test_index_block_size_finer_than_the_engines():
     index = KVBlockIndex(block_size=2)
+    sink = EventTranslator(index)
     toks, hs = chain("p", 3)
-    index.apply(A, "m", stored(hs, toks))
+    sink.apply(A, "m", stored(hs, toks))
     keys = prompt_keys(toks, 2, "m")
     assert index.match_lengths(keys) == {A: 6}
-    index.apply(A, "m", removed(hs[1:2]))  # one engine block is two index blocks
+    sink.apply(A, "m", removed(hs[1:2]))  # one engine block is two index blocks
     assert index.match_lengths(keys) == {A: 2}
     assert index.keys_of(A) == set(keys) - set(keys[2:4])
 
 
 def test_duplicate_copies_are_counted_per_pod_and_tier():
     index = KVBlockIndex(block_size=4)
+    sink = EventTranslator(index)
     toks, hs = chain("p", 2)
-    index.apply(A, "m", stored(hs, toks))
-    index.apply(A, "m", stored(hs, toks))  # vLLM computed the same blocks twice
+    sink.apply(A, "m", stored(hs, toks))
+    sink.apply(A, "m", stored(hs, toks))  # vLLM computed the same blocks twice
     keys = prompt_keys(toks, 4, "m")
-    assert index.stats()["entries"] == 2
-    index.apply(A, "m", removed(hs))
+    assert sink.stats()["entries"] == 2
+    sink.apply(A, "m", removed(hs))
     assert index.match_lengths(keys) == {A: 2}
-    index.apply(A, "m", removed(hs))
+    sink.apply(A, "m", removed(hs))
     assert index.match_lengths(keys) == {}
-    stats = index.stats()
+    stats = sink.stats()
     assert (stats["entries"], stats["keys"], stats["engine_hashes"]) == (0, 0, 0)
 
 
 def test_removal_of_unknown_hashes_is_ignored_and_counted():
     index = KVBlockIndex(block_size=4)
+    sink = EventTranslator(index)
     toks, hs = chain("p", 2)
-    index.apply(A, "m", stored(hs, toks))
-    index.apply(A, "m", removed([12345, 678]))
-    index.apply(B, "m", removed(hs))  # another pod's hashes
-    index.apply(A, "m", removed(hs, group_idx=1))  # another KV-cache group
-    assert index.stats()["removed_unknown"] == 6
+    sink.apply(A, "m", stored(hs, toks))
+    sink.apply(A, "m", removed([12345, 678]))
+    sink.apply(B, "m", removed(hs))  # another pod's hashes
+    sink.apply(A, "m", removed(hs, group_idx=1))  # another KV-cache group
+    assert sink.stats()["removed_unknown"] == 6
     assert index.match_lengths(prompt_keys(toks, 4, "m")) == {A: 2}
 
 
 def test_clear_pod_and_all_blocks_cleared_drop_only_that_pod():
     index = KVBlockIndex(block_size=4)
+    sink = EventTranslator(index)
     toks, hs = chain("p", 3)
     for pod in (A, B, C):
-        index.apply(pod, "m", stored(hs, toks))
+        sink.apply(pod, "m", stored(hs, toks))
     index.add_speculative(A, prompt_keys(chain("q", 2)[0], 4, "m"))
-    assert index.stats()["entries"] == 11
-    index.clear_pod(A)
-    index.apply(B, "m", AllBlocksCleared())
-    index.clear_pod("never-seen:1")
+    assert sink.stats()["entries"] == 11
+    sink.clear_pod(A)
+    sink.apply(B, "m", AllBlocksCleared())
+    sink.clear_pod("never-seen:1")
     keys = prompt_keys(toks, 4, "m")
     assert index.match_lengths(keys) == {C: 3}
-    stats = index.stats()
+    stats = sink.stats()
     assert (stats["entries"], stats["keys"], stats["pods"], stats["engine_hashes"]) == (3, 3, 1, 3)
     # The cleared pods' engine maps are gone too.
-    index.apply(A, "m", removed(hs))
+    sink.apply(A, "m", removed(hs))
     more_toks, more_hs = chain("p2", 1)
-    index.apply(B, "m", stored(more_hs, more_toks, parent=hs[-1]))
-    stats = index.stats()
+    sink.apply(B, "m", stored(more_hs, more_toks, parent=hs[-1]))
+    stats = sink.stats()
     assert (stats["removed_unknown"], stats["unknown_parents"]) == (3, 1)
     assert stats["events"]["AllBlocksCleared"] == 1
 
 
 def test_unknown_parent_falls_back_to_the_model_root():
     index = KVBlockIndex(block_size=4)
+    sink = EventTranslator(index)
     toks, hs = chain("p", 2)
-    index.apply(A, "m", stored(hs, toks, parent=999))
-    assert index.stats()["unknown_parents"] == 1
+    sink.apply(A, "m", stored(hs, toks, parent=999))
+    assert sink.stats()["unknown_parents"] == 1
     # The keys are those of a prompt that starts with these tokens (llm-d router PR #691).
     assert index.match_lengths(prompt_keys(toks, 4, "m")) == {A: 2}
 
 
 def test_blocks_chain_through_the_parents_engine_hash():
     index = KVBlockIndex(block_size=4)
+    sink = EventTranslator(index)
     toks, hs = chain("p", 5)
-    index.apply(A, "m", stored(hs[:2], toks[:8]))
-    index.apply(A, "m", stored(hs[2:3], toks[8:12], parent=hs[1]))
-    index.apply(A, "m", stored(hs[3:], toks[12:], parent=hs[2]))
+    sink.apply(A, "m", stored(hs[:2], toks[:8]))
+    sink.apply(A, "m", stored(hs[2:3], toks[8:12], parent=hs[1]))
+    sink.apply(A, "m", stored(hs[3:], toks[12:], parent=hs[2]))
     assert index.match_lengths(prompt_keys(toks, 4, "m")) == {A: 5}
-    assert index.stats()["unknown_parents"] == 0
+    assert sink.stats()["unknown_parents"] == 0
 
 
 def test_lora_name_is_part_of_every_blocks_key():
     index = KVBlockIndex(block_size=4)
+    sink = EventTranslator(index)
     toks, hs = chain("p", 3)
-    index.apply(A, "base", stored(hs[:2], toks[:8], lora_name="sql", lora_id=1))
-    index.apply(A, "base", stored(hs[2:], toks[8:], parent=hs[1], lora_name="sql", lora_id=1))
+    sink.apply(A, "base", stored(hs[:2], toks[:8], lora_name="sql", lora_id=1))
+    sink.apply(A, "base", stored(hs[2:], toks[8:], parent=hs[1], lora_name="sql", lora_id=1))
     assert index.match_lengths(prompt_keys(toks, 4, "base", "sql")) == {A: 3}
     assert index.match_lengths(prompt_keys(toks, 4, "base")) == {}
     assert index.match_lengths(prompt_keys(toks, 4, "sql")) == {}
@@ -301,46 +315,49 @@ def test_lora_name_is_part_of_every_blocks_key():
 
 def test_cpu_offload_store_without_tokens_resolves_through_known_hashes():
     index = KVBlockIndex(block_size=4)
+    sink = EventTranslator(index)
     toks, hs = chain("p", 3)
-    index.apply(A, "m", stored(hs, toks))
-    index.apply(A, "m", stored([*hs[:2], 4242], (), bs=4, medium="CPU"))
-    assert index.stats()["skipped"] == {"offload_unknown_hash": 1}
+    sink.apply(A, "m", stored(hs, toks))
+    sink.apply(A, "m", stored([*hs[:2], 4242], (), bs=4, medium="CPU"))
+    assert sink.stats()["skipped"] == {"offload_unknown_hash": 1}
     keys = prompt_keys(toks, 4, "m")
-    index.apply(A, "m", removed(hs))  # GPU copies evicted; the CPU ones stay
+    sink.apply(A, "m", removed(hs))  # GPU copies evicted; the CPU ones stay
     assert index.lookup(keys) == pytest.approx({A: 1.6})
     assert index.keys_of(A, "cpu") == set(keys[:2]) and index.keys_of(A, "gpu") == set()
-    index.apply(A, "m", removed(hs[:2], medium="CPU"))
+    sink.apply(A, "m", removed(hs[:2], medium="CPU"))
     assert index.lookup(keys) == {}
-    assert index.stats()["engine_hashes"] == 0
+    assert sink.stats()["engine_hashes"] == 0
 
 
 def test_skips_non_full_attention_bad_token_counts_and_unknown_tiers():
     index = KVBlockIndex(block_size=4)
+    sink = EventTranslator(index)
     toks, hs = chain("p", 2)
-    index.apply(A, "m", stored(hs, toks, kv_cache_spec_kind="sliding_window", group_idx=1))
-    index.apply(A, "m", stored(hs, toks[:7]))
-    index.apply(A, "m", stored(hs, toks, medium="DISK"))
-    index.apply(A, "m", removed(hs, medium="DISK"))
-    index.apply(A, "m", object())
-    assert index.stats()["skipped"] == {
+    sink.apply(A, "m", stored(hs, toks, kv_cache_spec_kind="sliding_window", group_idx=1))
+    sink.apply(A, "m", stored(hs, toks[:7]))
+    sink.apply(A, "m", stored(hs, toks, medium="DISK"))
+    sink.apply(A, "m", removed(hs, medium="DISK"))
+    sink.apply(A, "m", object())
+    assert sink.stats()["skipped"] == {
         "kv_cache_spec_kind": 1,
         "token_count": 1,
         "medium": 2,
         "unknown_event": 1,
     }
-    assert index.stats()["entries"] == 0
+    assert sink.stats()["entries"] == 0
     for kind in ("mla_attention", "sink_full_attention"):
-        index.apply(B, "m", stored(hs, toks, kv_cache_spec_kind=kind))
+        sink.apply(B, "m", stored(hs, toks, kv_cache_spec_kind=kind))
     assert index.match_lengths(prompt_keys(toks, 4, "m")) == {B: 2}
 
 
 def test_sliding_window_group_removals_do_not_touch_full_attention_blocks():
     # Hybrid models: the same hash can exist in a full-attention and a sliding-window group.
     index = KVBlockIndex(block_size=4)
+    sink = EventTranslator(index)
     toks, hs = chain("p", 2)
-    index.apply(A, "m", stored(hs, toks, group_idx=0))
-    index.apply(A, "m", stored(hs, toks, group_idx=1, kv_cache_spec_kind="sliding_window"))
-    index.apply(A, "m", removed(hs, group_idx=1))
+    sink.apply(A, "m", stored(hs, toks, group_idx=0))
+    sink.apply(A, "m", stored(hs, toks, group_idx=1, kv_cache_spec_kind="sliding_window"))
+    sink.apply(A, "m", removed(hs, group_idx=1))
     assert index.match_lengths(prompt_keys(toks, 4, "m")) == {A: 2}
 
 
@@ -355,29 +372,31 @@ class FakeClock:
 def test_speculative_entries_expire_unless_confirmed():
     clock = FakeClock()
     index = KVBlockIndex(block_size=4, speculative_ttl=2.0, clock=clock)
+    sink = EventTranslator(index)
     toks, hs = chain("p", 3)
     keys = prompt_keys(toks, 4, "m")
     index.add_speculative(A, keys)
     index.add_speculative(B, keys)
     assert index.lookup(keys) == {A: 3.0, B: 3.0}
-    assert index.stats()["speculative"] == 6
+    assert sink.stats()["speculative"] == 6
     clock.now += 1.0
-    index.apply(A, "m", stored(hs[:2], toks[:8]))  # confirms A's first two blocks
-    assert (index.stats()["entries"], index.stats()["speculative"]) == (6, 4)
+    sink.apply(A, "m", stored(hs[:2], toks[:8]))  # confirms A's first two blocks
+    assert (sink.stats()["entries"], sink.stats()["speculative"]) == (6, 4)
     clock.now += 1.0  # the TTL is over
     assert index.lookup(keys) == {A: 2.0}
-    stats = index.stats()
+    stats = sink.stats()
     assert (stats["entries"], stats["speculative"]) == (2, 0)
-    index.apply(A, "m", removed(hs[:2]))  # confirmed entries are real: removable
-    assert index.stats()["entries"] == 0
+    sink.apply(A, "m", removed(hs[:2]))  # confirmed entries are real: removable
+    assert sink.stats()["entries"] == 0
 
 
 def test_speculative_entries_renewed_live_for_a_new_ttl_and_count_as_gpu():
     clock = FakeClock()
     index = KVBlockIndex(block_size=4, speculative_ttl=2.0, clock=clock)
+    sink = EventTranslator(index)
     toks, hs = chain("p", 2)
     keys = prompt_keys(toks, 4, "m")
-    index.apply(A, "m", stored(hs, toks, medium="CPU"))
+    sink.apply(A, "m", stored(hs, toks, medium="CPU"))
     index.add_speculative(A, keys)
     assert index.lookup(keys) == {A: 2.0}  # speculatively on GPU
     clock.now += 1.5
@@ -386,63 +405,66 @@ def test_speculative_entries_renewed_live_for_a_new_ttl_and_count_as_gpu():
     assert index.lookup(keys) == pytest.approx({A: 1.8})
     clock.now += 1.0
     assert index.lookup(keys) == pytest.approx({A: 1.6})
-    assert index.stats()["entries"] == 2  # the CPU entries were never touched
+    assert sink.stats()["entries"] == 2  # the CPU entries were never touched
     index.add_speculative(B, [])
 
 
 def test_lru_bound_evicts_least_recently_used_keys_and_chain_tails_first():
     index = KVBlockIndex(block_size=4, max_entries=10)
+    sink = EventTranslator(index)
     (ta, ha), (tb, hb), (tc, hc) = chain("a", 4), chain("b", 4), chain("c", 4)
-    index.apply(A, "m", stored(ha, ta))
-    index.apply(A, "m", stored(hb, tb))
+    sink.apply(A, "m", stored(ha, ta))
+    sink.apply(A, "m", stored(hb, tb))
     ka, kb, kc = (prompt_keys(t, 4, "m") for t in (ta, tb, tc))
     assert index.lookup(ka) == {A: 4.0}  # a is now more recent than b
-    index.apply(B, "m", stored(hc, tc))
-    assert index.stats()["entries"] == 10
+    sink.apply(B, "m", stored(hc, tc))
+    assert sink.stats()["entries"] == 10
     assert index.match_lengths(ka) == {A: 4}
     assert index.match_lengths(kc) == {B: 4}
     assert index.match_lengths(kb) == {A: 2}  # b lost its tail, not its head
-    assert index.stats()["evicted"] == 2
+    assert sink.stats()["evicted"] == 2
     # Removals of evicted blocks are harmless.
-    index.apply(A, "m", removed(hb))
-    assert index.stats()["entries"] == 8
+    sink.apply(A, "m", removed(hb))
+    assert sink.stats()["entries"] == 8
 
 
 def test_lru_eviction_of_shared_keys_and_speculative_entries_keeps_counts_right():
     clock = FakeClock()
     index = KVBlockIndex(block_size=4, max_entries=5, clock=clock)
+    sink = EventTranslator(index)
     toks, hs = chain("p", 3)
-    index.apply(A, "m", stored(hs, toks))
-    index.apply(B, "m", stored(hs[:1], toks[:4]))
+    sink.apply(A, "m", stored(hs, toks))
+    sink.apply(B, "m", stored(hs[:1], toks[:4]))
     index.add_speculative(C, prompt_keys(chain("q", 2)[0], 4, "m"))
-    stats = index.stats()
+    stats = sink.stats()
     assert stats["entries"] <= 5 and stats["evicted"] == 1
     clock.now += 5
-    assert index.stats()["entries"] == 3
+    assert sink.stats()["entries"] == 3
     for pod in (A, B, C):
-        index.clear_pod(pod)
-    assert index.stats()["entries"] == 0 and index.stats()["pods"] == 0
+        sink.clear_pod(pod)
+    assert sink.stats()["entries"] == 0 and sink.stats()["pods"] == 0
 
 
 def test_engine_map_entries_of_evicted_blocks_are_swept():
     index = KVBlockIndex(block_size=4, max_entries=256, shards=2)
+    sink = EventTranslator(index)
     hot_toks, hot_hs = chain("hot", 4)
-    index.apply(A, "m", stored(hot_hs, hot_toks))
+    sink.apply(A, "m", stored(hot_hs, hot_toks))
     hot = prompt_keys(hot_toks, 4, "m")
     for i in range(600):
         toks, hs = chain(f"c{i}", 8)
-        index.apply(A, "m", stored(hs, toks))
+        sink.apply(A, "m", stored(hs, toks))
         assert index.lookup(hot) == {A: 4.0}  # in use: never evicted
-    stats = index.stats()
+    stats = sink.stats()
     assert stats["entries"] <= 256 and stats["evicted"] > 4000
     assert stats["engine_hashes"] < 1500  # 4804 stored, most of them evicted
     # The mappings of what is still held survive a sweep: parents resolve, removals apply.
     more_toks, more_hs = chain("more", 1)
-    index.apply(A, "m", stored(more_hs, more_toks, parent=hot_hs[-1]))
+    sink.apply(A, "m", stored(more_hs, more_toks, parent=hot_hs[-1]))
     assert index.match_lengths(prompt_keys(hot_toks + more_toks, 4, "m")) == {A: 5}
-    index.apply(A, "m", removed(hot_hs))
+    sink.apply(A, "m", removed(hot_hs))
     assert index.match_lengths(hot) == {}
-    assert index.stats()["unknown_parents"] == 0
+    assert sink.stats()["unknown_parents"] == 0
 
 
 def test_constructor_checks_its_arguments():
@@ -462,21 +484,22 @@ def test_stats_and_memory_estimate():
     tracemalloc.start()  # before the events: the index keeps their engine-hash ints
     before = tracemalloc.get_traced_memory()[0]
     index = KVBlockIndex(block_size=16)
+    sink = EventTranslator(index)
     for i in range(n_prompts):
         toks, hs = chain(f"p{i}", blocks, bs=16)
-        index.apply((A, B, C)[i % 3], "m", stored(hs, toks, bs=16))
+        sink.apply((A, B, C)[i % 3], "m", stored(hs, toks, bs=16))
     del toks, hs
     gc.collect()
     grown = tracemalloc.get_traced_memory()[0] - before
     tracemalloc.stop()
-    stats = index.stats()
+    stats = sink.stats()
     assert stats["entries"] == stats["keys"] == stats["engine_hashes"] == n_prompts * blocks
     assert stats["pods"] == 3
-    measured = index.memory_bytes()
+    measured = sink.memory_bytes()
     assert 0.85 < measured / grown < 1.15
     assert 0.7 < stats["bytes"] / measured < 1.3
     # Two dict entries per block (key -> slot, engine hash -> key) and two 64-bit ints.
-    assert index.bytes_per_entry() < 250
+    assert sink.bytes_per_entry() < 250
 
 
 # --- random interleavings
@@ -527,6 +550,7 @@ BY_HASH = {
 
 def _run_ops(index: KVBlockIndex, clock: FakeClock, ops, check_exact: bool) -> None:
     """Apply well-formed events (as vLLM would send them) and check the index after each."""
+    sink = EventTranslator(index)
     held: Counter[tuple[str, str, int]] = Counter()  # (pod, tier, engine hash) -> copies
     for kind, *args in ops:
         live = sorted(k for k, n in held.items() if n)
@@ -538,26 +562,26 @@ def _run_ops(index: KVBlockIndex, clock: FakeClock, ops, check_exact: bool) -> N
             hs = [_engine_hash(c, i) for i in range(first, first + n)]
             toks = sum((_chain_tokens(c, i) for i in range(first, first + n)), ())
             parent = _engine_hash(c, first - 1) if first else None
-            index.apply(pod, "m", BlockStored(tuple(hs), parent, toks, 2, medium=medium))
+            sink.apply(pod, "m", BlockStored(tuple(hs), parent, toks, 2, medium=medium))
             held.update((pod, tier, h) for h in hs)
         elif kind == "remove":
             n = args[0]
             pod, tier, h = live[n % len(live)] if live and n <= 12 else (A, "gpu", n)
-            index.apply(pod, "m", BlockRemoved((h,), tier.upper()))
+            sink.apply(pod, "m", BlockRemoved((h,), tier.upper()))
             held[(pod, tier, h)] -= held[(pod, tier, h)] > 0
         elif kind == "offload" and live:
             pod, _, h = live[args[0] % len(live)]
-            index.apply(pod, "m", BlockStored((h,), None, (), 2, medium="CPU"))
+            sink.apply(pod, "m", BlockStored((h,), None, (), 2, medium="CPU"))
             held[(pod, "cpu", h)] += 1
         elif kind == "clear":
-            index.apply(args[0], "m", AllBlocksCleared())
+            sink.apply(args[0], "m", AllBlocksCleared())
             for k in [k for k in held if k[0] == args[0]]:
                 del held[k]
         elif kind == "speculate":
             index.add_speculative(args[0], prompt_keys(_prefix(args[1], 5), 2, "m"))
         elif kind == "tick":
             clock.now += args[0]
-        stats = index.stats()
+        stats = sink.stats()
         assert stats["entries"] <= index.max_entries
         assert stats["unknown_parents"] == 0 or not check_exact
         for c in range(4):

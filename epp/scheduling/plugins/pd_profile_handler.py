@@ -32,6 +32,7 @@ from api.names import GROUP_LABEL, PREFILL, PREFILLER_HEADER, ROLE_LABEL
 from epp.datastore import Endpoint
 from epp.errors import PickerError
 from epp.scheduling.framework import ProfileHandler, ProfileResult, SchedulingResult
+from epp.scheduling.handle import PrefixSource
 from epp.scheduling.params import MAX_TOKENS, Label, PluginParams, parse_params
 
 DISAGGREGATED_APIS = frozenset({"chat", "completions"})
@@ -129,7 +130,7 @@ class PDProfileHandler(ProfileHandler):
             raise ValueError(f"runs only the decode and prefill profiles; {unused} would never run")
         if self.prefix_name is not None:
             plugin = plugins.get(self.prefix_name)
-            if plugin is None or not callable(getattr(plugin, "cached_prompt", None)):
+            if not isinstance(plugin, PrefixSource):
                 raise ValueError(
                     f"prefixScorer {self.prefix_name!r} names no prefix-cache-scorer or "
                     "precise-prefix-cache-scorer"
@@ -137,12 +138,10 @@ class PDProfileHandler(ProfileHandler):
             self.sources = [plugin]
             return
         in_decode = {id(ws.scorer) for ws in profiles[self.decode_profile].scorers}
-        found = [p for p in plugins.values() if callable(getattr(p, "cached_prompt", None))]
+        found = [p for p in plugins.values() if isinstance(p, PrefixSource)]
         # The precise index knows what pods hold; the approximate scorer guesses. Among
         # equals, the one that scored the decode pods.
-        found.sort(
-            key=lambda p: (not getattr(p, "needs_kv_cache_view", False), id(p) not in in_decode)
-        )
+        found.sort(key=lambda p: (not p.precise, id(p) not in in_decode))
         self.sources = found
 
     def bind_metrics(self, metrics) -> None:

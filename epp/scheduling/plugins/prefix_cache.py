@@ -28,6 +28,7 @@ class PrefixCacheParams(PluginParams):
 
 
 class PrefixCacheScorer(Scorer, PreRequest):
+    precise = False  # a PrefixSource that guesses from past routing
     type_name = "prefix-cache-scorer"
     params_type = PrefixCacheParams
 

@@ -1,0 +1,131 @@
+"""The one entry the picker uses into the KV-cache index: tokenize a request's prompt (off the
+event loop), cut it into the index's keys, score pods by what they hold of it, and add a
+routing decision's blocks speculatively.
+
+The prompt is tokenized as vLLM would (the model's own tokenizer and chat template); a LoRA
+adapter's blocks are keyed by the base model's name with the adapter in every block, so the
+prompt is keyed alike.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from array import array
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from prometheus_client import Histogram
+
+from kvindex.index import KVBlockIndex
+from kvindex.keys import prompt_keys
+from kvindex.tokenize import PromptError, PromptTokenizer, PromptTokenizers
+
+log = logging.getLogger("kvindex.cache")
+
+TOKENIZED_APIS = frozenset({"chat", "completions"})
+
+
+@dataclass(frozen=True, slots=True)
+class Prompt:
+    """One request's prompt as the index sees it."""
+
+    tokens: int
+    keys: list[int]
+
+
+class TokenizableRequest(Protocol):
+    """What the cache needs of a request (epp.request.InferenceRequest)."""
+
+    api: str
+    target_model: str
+    request_id: str
+    state: dict
+
+    def prompt_token_ids(self, tokenizer: PromptTokenizer) -> array: ...
+    async def tokenize(self, tokenizer: PromptTokenizer) -> None: ...
+
+
+def _no_adapter(model: str) -> tuple[str, str | None]:
+    return model, None
+
+
+class KVCache:
+    """Tokenizers, keys and the block index behind one narrow surface."""
+
+    def __init__(
+        self,
+        *,
+        tokenizers: PromptTokenizers,
+        index: KVBlockIndex,
+        base_model: Callable[[str], tuple[str, str | None]] = _no_adapter,
+        lookup_seconds: Histogram | None = None,
+    ) -> None:
+        self.tokenizers = tokenizers  # shared with token counting: one prefix cache a model
+        self._index = index
+        self._base_model = base_model  # model → (base model, LoRA adapter or None)
+        self._lookup_seconds = lookup_seconds
+
+    @property
+    def block_size(self) -> int:
+        return self._index.block_size
+
+    def _tokenizer(self, req: TokenizableRequest) -> tuple[PromptTokenizer | None, str, str | None]:
+        """(tokenizer, base model, LoRA adapter) for the request; no tokenizer if none fits."""
+        base, lora = self._base_model(req.target_model)
+        if req.api not in TOKENIZED_APIS:
+            return None, base, lora
+        return self.tokenizers.get(base), base, lora
+
+    async def tokenize(self, req: TokenizableRequest) -> None:
+        """Tokenize the prompt off the event loop: a multi-MiB prompt takes seconds."""
+        tokenizer, _, _ = self._tokenizer(req)
+        if tokenizer is not None:
+            await req.tokenize(tokenizer)
+
+    def prompt(self, req: TokenizableRequest) -> Prompt | None:
+        """The prompt's index keys, computed once per request; None if they cannot be known
+        (no tokenizer for its model, or the tokenizer refused the prompt)."""
+        cached = req.state.get(self)
+        if cached is not None or self in req.state:
+            return cached
+        out = None
+        tokenizer, base, lora = self._tokenizer(req)
+        if tokenizer is not None:
+            try:
+                tokens = req.prompt_token_ids(tokenizer)
+                out = Prompt(len(tokens), prompt_keys(tokens, self.block_size, base, lora))
+            except PromptError as exc:
+                log.debug("no prefix score for %s: %s", req.request_id, exc)
+        req.state[self] = out
+        return out
+
+    def score(
+        self, prompt: Prompt, pods: Sequence[str], tier_weights: Mapping[str, float]
+    ) -> list[float]:
+        """Per pod, the weighted count of consecutive prompt blocks from the start it holds
+        (each block weighs its best tier), over the prompt's block count: 0..1."""
+        if not prompt.keys:
+            return [0.0] * len(pods)
+        t0 = time.perf_counter()
+        held = self._index.lookup(prompt.keys, pods, tier_weights=tier_weights)
+        if self._lookup_seconds is not None:
+            self._lookup_seconds.observe(time.perf_counter() - t0)
+        total = len(prompt.keys)
+        return [held.get(pod, 0.0) / total for pod in pods]
+
+    def matched_blocks(self, prompt: Prompt, pods: Sequence[str]) -> dict[str, int]:
+        """Per pod, how many blocks from the prompt's start it holds, in any tier."""
+        return self._index.match_lengths(prompt.keys, pods) if prompt.keys else {}
+
+    def cached_prefix(self, prompt: Prompt, pod: str) -> int:
+        """How many of the prompt's tokens `pod` holds from the start, in any tier."""
+        held = self.matched_blocks(prompt, (pod,)).get(pod, 0)
+        return min(prompt.tokens, held * self.block_size)
+
+    def add_speculative(self, pod: str, prompt: Prompt) -> None:
+        """`pod` was chosen for the prompt: its blocks count as held until they expire or a
+        BlockStored confirms them."""
+        if prompt.keys:
+            self._index.add_speculative(pod, prompt.keys)
