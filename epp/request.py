@@ -16,7 +16,7 @@ from typing import Any
 import msgspec
 
 from epp.errors import PickerError
-from epp.json_splice import set_member, value_offset
+from epp.json_splice import member_count, set_member, value_offset
 from epp.request_body import (
     STREAM_OPTIONS,
     TEXT,
@@ -253,9 +253,13 @@ def parse_request(
     stream_options = None
     if present(body.stream_options):
         stream_options = decode_field(body.stream_options, "stream_options", STREAM_OPTIONS)
-    # The members the picker may rewrite must be where it can find them (not spelled with
-    # escapes): decoders would read the client's value, not the picker's.
+    # The members the picker routes on and may rewrite must be where it finds them: once,
+    # named without escapes. Else the engine could read another copy than the picker did
+    # (`{"model":"a","mod\u0065l":"a"}`: a rewrite would change the first, the engine reads
+    # the second) or the rewrite would find no copy to change.
     for name, raw in (("model", body.model), ("stream_options", body.stream_options)):
+        if len(raw) and member_count(raw_body, name) > 1:
+            raise PickerError(400, f"the member {name!r} appears more than once", param=name)
         if len(raw) and value_offset(raw_body, name) is None:
             raise PickerError(
                 400, f"the member name {name!r} must be written without escapes", param=name

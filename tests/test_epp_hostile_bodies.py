@@ -54,6 +54,15 @@ HOSTILE = {
     "messages nested 100,000 deep": chat(nested(100_000)),
     "another field nested 100,000 deep": chat(extra=b',"x":' + nested(100_000)),
     "model name written with escapes": b'{"mod\\u0065l":"m","messages":' + MESSAGE + b"}",
+    # Twice: the engine may read another copy than the picker routed (and a rewrite changed).
+    "model twice": chat(extra=b',"model":"m"'),
+    "model twice, the second with escapes": chat(extra=b',"mod\\u0065l":"m"'),
+    "model twice, the first with escapes": b'{"mod\\u0065l":"x","model":"m","messages":'
+    + MESSAGE
+    + b"}",
+    "stream_options twice, one with escapes": chat(
+        extra=b',"stream":true,"stream_options":{},"stream_optio\\u006Es":{"include_usage":null}'
+    ),
     "empty messages": chat(b"[ ]"),
     "stream_options not an object": chat(extra=b',"stream":true,"stream_options":"yes"'),
 }
