@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import tracemalloc
 
 import pytest
@@ -104,6 +105,21 @@ async def stream_answer(servicer, body: bytes, path: str, chunk: int = 62_000):
     messages = [ec.headers(path)]
     messages += [ec.body(p, eos=i == len(parts) - 1) for i, p in enumerate(parts)]
     return await ec.process(servicer, messages)
+
+
+async def test_a_huge_model_name_is_neither_echoed_nor_logged_whole(caplog):
+    """A 5 MB model name came back whole in the 404 and in the picker's log line, for every
+    such request: answers and logs quote what a client sent, bounded."""
+    director = make_director(fallbacks=0)
+    for endpoint in director.datastore.endpoints():  # their model lists are known: only m
+        endpoint.models = frozenset({"m"})
+    body = b'{"model":"' + b"a" * 1_000_000 + b'","prompt":"x"}'
+    with caplog.at_level(logging.INFO, logger="epp"):
+        out = await stream_answer(ExternalProcessor(director), body, "/v1/completions")
+    status, answer = ec.immediate(out)
+    assert status == 404 and "not served" in answer["error"]["message"]
+    assert len(json.dumps(answer)) < 4096
+    assert caplog.records and all(len(r.getMessage()) < 4096 for r in caplog.records)
 
 
 @pytest.mark.parametrize("name", sorted(HOSTILE))
