@@ -2,6 +2,21 @@
 
 from __future__ import annotations
 
+# A message quotes what the client sent (a model name, a path): a 5 MB model name came back
+# whole in the answer and in the picker's log line, for every such request. Longer messages
+# keep their start and end (what was wrong, and where) and say how much was left out.
+MAX_MESSAGE_CHARS = 1024
+_KEEP_END = 256
+
+
+def bounded(message: str) -> str:
+    """`message`, cut in the middle to at most about MAX_MESSAGE_CHARS characters."""
+    if len(message) <= MAX_MESSAGE_CHARS:
+        return message
+    head = MAX_MESSAGE_CHARS - _KEEP_END
+    left_out = len(message) - MAX_MESSAGE_CHARS
+    return f"{message[:head]}…[{left_out} characters left out]…{message[-_KEEP_END:]}"
+
 
 class PickerError(Exception):
     """A request the picker cannot route: becomes an ImmediateResponse with this status.
@@ -28,6 +43,7 @@ class PickerError(Exception):
         headers: dict[str, str] | None = None,
         param: str | None = None,
     ) -> None:
+        message = bounded(message)
         super().__init__(message)
         self.status = status
         self.message = message

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
 
 # A JSON string (the unrolled form: linear, no backtracking).
 JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)
@@ -22,20 +23,44 @@ def _depth_change(segment: bytes) -> int:
     return bare.count(b"{") + bare.count(b"[") - bare.count(b"}") - bare.count(b"]")
 
 
-def value_offset(doc: bytes, key: str) -> int | None:
-    """Where the value of `doc`'s top-level member `key` starts; None when no member is
-    written under that name (absent, or its name spelled with escape sequences). Of repeated
-    keys the last counts, as decoders keep the last."""
+def _top_level(doc: bytes, name: bytes) -> Iterator[re.Match]:
+    """The top-level members of `doc` whose name (the bytes between its quotes) matches the
+    pattern `name`, in order; each match ends where the member's value starts."""
     # A quote after `{`, `,` or blank space is never inside a string (there it is escaped),
     # and a string followed by `:` is a member's name.
-    pattern = re.compile(rb"(?<=[{,\s])" + re.escape(json.dumps(key).encode()) + rb"\s*:\s*")
-    depth, last, found = 0, 0, None
+    pattern = re.compile(rb'(?<=[{,\s])"' + name + rb'"\s*:\s*')
+    depth, last = 0, 0
     for match in pattern.finditer(doc):
         depth += _depth_change(doc[last : match.start()])
         last = match.start()
         if depth == 1:
-            found = match.end()
+            yield match
+
+
+def _any_spelling(key: str) -> bytes:
+    """A pattern for `key` (ASCII, no quote or backslash) with any of its characters written
+    as a \\uXXXX escape, in either case of hex digit, as decoders read it."""
+    out = b""
+    for char in key:
+        hex_digits = "".join(f"[{h}{h.upper()}]" if h.isalpha() else h for h in f"{ord(char):04x}")
+        out += b"(?:" + re.escape(char.encode()) + rb"|\\u" + hex_digits.encode() + b")"
+    return out
+
+
+def value_offset(doc: bytes, key: str) -> int | None:
+    """Where the value of `doc`'s top-level member `key` starts; None when no member is
+    written under that name (absent, or its name spelled with escape sequences). Of repeated
+    keys the last counts, as decoders keep the last."""
+    found = None
+    for match in _top_level(doc, re.escape(json.dumps(key).encode()[1:-1])):
+        found = match.end()
     return found
+
+
+def member_count(doc: bytes, key: str) -> int:
+    """How many top-level members of `doc` a decoder reads as `key`, however their names are
+    spelled: a decoder keeps the last, value_offset finds the last written plainly."""
+    return sum(1 for _ in _top_level(doc, _any_spelling(key)))
 
 
 def set_member(doc: bytes, key: str, value: bytes, current: bytes | None) -> bytes:

@@ -23,7 +23,7 @@ from api.names import (
     USER_HEADER,
 )
 from epp.errors import PickerError
-from epp.json_splice import set_member, value_offset
+from epp.json_splice import member_count, set_member, value_offset
 from epp.request_body import (
     STREAM_OPTIONS,
     TEXT,
@@ -47,16 +47,27 @@ API_BY_SUFFIX = (
     ("/embeddings", "embeddings"),
 )
 
-# Prompts are tokenized on one thread: off the event loop (a multi-MiB prompt takes seconds),
-# one at a time (a tokenizer's prefix cache is not thread-safe, and one prompt's decoded
-# messages at a time is what tokenizing may hold beyond the bodies themselves).
-_TOKENIZE_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="epp-tokenize")
-_TOKENIZE_LOCK = threading.Lock()
-# Larger prompts (about a million tokens) are not tokenized: their tokens are estimated and
-# the precise prefix scorer leaves them to the others. One would hold the tokenizing thread
-# for seconds, ahead of every other request, and decoding its messages for the chat template
-# costs many times its bytes.
-MAX_TOKENIZED_BYTES = 4 * 1024 * 1024
+
+@dataclass(frozen=True, slots=True)
+class _TokenizingLane:
+    """A thread that tokenizes prompts off the event loop, one at a time (one prompt's decoded
+    messages, and the tokenizer's Encoding of ~400 bytes a token, is what a lane may hold
+    beyond the bodies themselves)."""
+
+    thread: ThreadPoolExecutor
+    lock: threading.Lock
+
+
+# Large prompts have a lane of their own: one takes seconds (1 MiB: ~4 s on 2 busy cores), and
+# nearly every request waits for its tokens, so small prompts must never queue behind them
+# (four 4 MiB prompts on one lane held a 1-token request for 9 s).
+_SMALL_PROMPTS = _TokenizingLane(ThreadPoolExecutor(1, "epp-tokenize"), threading.Lock())
+_LARGE_PROMPTS = _TokenizingLane(ThreadPoolExecutor(1, "epp-tokenize-large"), threading.Lock())
+LARGE_PROMPT_BYTES = 64 * 1024
+# Larger prompts (about 300k tokens, past most models' context) are not tokenized: their
+# tokens are estimated and the precise prefix scorer leaves them to the others. Tokenizing
+# one costs ~150 bytes of memory a byte of prompt (a 4 MiB one: ~600 MB and 16 s).
+MAX_TOKENIZED_BYTES = 1024 * 1024
 _NON_EMPTY_LIST = re.compile(rb"\[\s*[^\]\s]")
 
 
@@ -139,7 +150,7 @@ class InferenceRequest:
             return
         loop = asyncio.get_running_loop()
         self.state[key] = await loop.run_in_executor(
-            _TOKENIZE_THREAD, _tokens_or_error, tokenizer, self.api, self.body
+            _lane(self.body).thread, _tokens_or_error, tokenizer, self.api, self.body
         )
 
     @property
@@ -153,12 +164,12 @@ def _tokens_or_error(tokenizer, api: str, body: RequestBody) -> array | Exceptio
     rather than in the tokenizing thread)."""
     from kvindex.tokenize import PromptError
 
-    size = sum(len(r) for r in (body.prompt, body.messages, body.tools, body.chat_template_kwargs))
+    size = _prompt_bytes(body)
     if size > MAX_TOKENIZED_BYTES:
         return PromptError(
             f"the prompt's {size} bytes are over the {MAX_TOKENIZED_BYTES} tokenized"
         )
-    with _TOKENIZE_LOCK:
+    with _lane(body).lock:
         try:
             return array("I", tokenizer.tokens_for(api, _tokenizer_fields(body)))
         except PromptError as exc:
@@ -168,6 +179,15 @@ def _tokens_or_error(tokenizer, api: str, body: RequestBody) -> array | Exceptio
         except Exception as exc:  # a tokenizer bug: callers estimate instead of failing
             log.exception("tokenizing a %s prompt failed", api)
             return PromptError(f"the tokenizer failed: {exc!r}")
+
+
+def _prompt_bytes(body: RequestBody) -> int:
+    """The bytes of the body's fields a tokenizer reads."""
+    return sum(len(r) for r in (body.prompt, body.messages, body.tools, body.chat_template_kwargs))
+
+
+def _lane(body: RequestBody) -> _TokenizingLane:
+    return _LARGE_PROMPTS if _prompt_bytes(body) > LARGE_PROMPT_BYTES else _SMALL_PROMPTS
 
 
 def _tokenizer_fields(body: RequestBody) -> dict[str, Any]:
@@ -239,9 +259,13 @@ def parse_request(
     stream_options = None
     if present(body.stream_options):
         stream_options = decode_field(body.stream_options, "stream_options", STREAM_OPTIONS)
-    # The members the picker may rewrite must be where it can find them (not spelled with
-    # escapes): decoders would read the client's value, not the picker's.
+    # The members the picker routes on and may rewrite must be where it finds them: once,
+    # named without escapes. Else the engine could read another copy than the picker did
+    # (`{"model":"a","mod\u0065l":"a"}`: a rewrite would change the first, the engine reads
+    # the second) or the rewrite would find no copy to change.
     for name, raw in (("model", body.model), ("stream_options", body.stream_options)):
+        if len(raw) and member_count(raw_body, name) > 1:
+            raise PickerError(400, f"the member {name!r} appears more than once", param=name)
         if len(raw) and value_offset(raw_body, name) is None:
             raise PickerError(
                 400, f"the member name {name!r} must be written without escapes", param=name

@@ -20,7 +20,7 @@ from typing import Any
 import jinja2
 import jinja2.ext
 import jinja2.sandbox
-from tokenizers import AddedToken, Tokenizer
+from tokenizers import AddedToken, Encoding, Tokenizer
 
 SPECIAL = ("bos_token", "eos_token", "unk_token", "pad_token")
 
@@ -72,6 +72,13 @@ def _flat(messages: Any) -> list[dict]:
             raise PromptError(f"messages[{i}].content must be a string or a list of parts")
         out.append(m)
     return out
+
+
+def encode_unlocked(tok: Tokenizer, text: str, *, special: bool) -> Encoding:
+    """`tok.encode(text)` with the GIL released while it runs: encode() holds it throughout
+    (a 4 MiB prompt froze the picker's event loop, scrapes and all, for 16 s on the thread
+    meant to keep it free); encode_batch() releases it."""
+    return tok.encode_batch([text], add_special_tokens=special)[0]
 
 
 class PromptTokenizer:
@@ -162,7 +169,7 @@ class PromptTokenizer:
     def _encode(self, text: str, *, special: bool) -> list[int]:
         try:
             if special and self._wrap is None:
-                return self._tok.encode(text, add_special_tokens=True).ids
+                return encode_unlocked(self._tok, text, special=True).ids
             ids = self._cache.encode(text)
         except TypeError as exc:  # lone surrogates and the like
             raise PromptError(f"prompt text cannot be tokenized: {exc}") from exc
@@ -206,8 +213,10 @@ class _PrefixCache:
 
     def __init__(self, tok: Tokenizer, max_entries: int, max_tokens: int) -> None:
         self._tok = tok
-        # text → (ids, token starts or the Encoding they come from, pre-token starts or None)
-        self._entries: OrderedDict[str, tuple[list[int], Any, list[int] | None]] = OrderedDict()
+        # text → (ids, token starts, pre-token starts); both starts None until first reused
+        self._entries: OrderedDict[str, tuple[list[int], list[int] | None, list[int] | None]] = (
+            OrderedDict()
+        )
         self._by_head: dict[str, list[str]] = {}
         self._max_entries, self._max_tokens, self._tokens = max_entries, max_tokens, 0
         self._verified = 0
@@ -223,7 +232,7 @@ class _PrefixCache:
         # and a plain encode gives the same ids.
         if not self._lock.acquire(blocking=False):
             self.misses += 1
-            return self._tok.encode(text, add_special_tokens=False).ids
+            return encode_unlocked(self._tok, text, special=False).ids
         try:
             return self._encode(text)
         finally:
@@ -238,10 +247,11 @@ class _PrefixCache:
         reused = self._reuse(text) if self.reuse_ok else None
         if reused is None:
             self.misses += 1
-            enc = self._tok.encode(text, add_special_tokens=False)
             # Offsets and pre-token starts are worked out only if the entry is ever reused:
-            # a miss then costs no more than a plain encode.
-            ids, starts, boundaries = enc.ids, enc, None
+            # a miss then costs no more than a plain encode. The Encoding is not kept for
+            # them: it holds ~400 bytes a token (a cache of 2M tokens of them held ~800 MB).
+            ids = encode_unlocked(self._tok, text, special=False).ids
+            starts, boundaries = None, None
         else:
             ids, starts, boundaries = reused
         if len(text) >= self.MIN_SHARED:
@@ -265,7 +275,7 @@ class _PrefixCache:
             return None
         ids, starts, boundaries = self._entries[best]
         if boundaries is None:  # first reuse of this entry: finish it now
-            starts = [a for a, _ in starts.offsets]
+            starts = [a for a, _ in encode_unlocked(self._tok, best, special=False).offsets]
             boundaries = self._boundaries(best, 0)
             self._entries[best] = (ids, starts, boundaries)
         # Cut at a pre-token start that is also a token start, far enough before the end of
@@ -279,11 +289,11 @@ class _PrefixCache:
         cut = boundaries[at] if at >= 0 else 0
         if cut <= 0:
             return None
-        tail = self._tok.encode(text[cut:], add_special_tokens=False)
+        tail = encode_unlocked(self._tok, text[cut:], special=False)
         out = ids[:keep] + tail.ids
         if self._verified < self.VERIFY_FIRST:
             self._verified += 1
-            if self._tok.encode(text, add_special_tokens=False).ids != out:
+            if encode_unlocked(self._tok, text, special=False).ids != out:
                 self.reuse_ok = False  # this tokenizer does not cut cleanly: always encode
                 return None
         self.hits += 1
@@ -294,7 +304,7 @@ class _PrefixCache:
         )
 
     def _remember(
-        self, text: str, ids: list[int], starts: list[int], boundaries: list[int]
+        self, text: str, ids: list[int], starts: list[int] | None, boundaries: list[int] | None
     ) -> None:
         self._entries[text] = (ids, starts, boundaries)
         self._by_head.setdefault(text[: self.MIN_SHARED], []).append(text)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import tracemalloc
 
 import pytest
@@ -54,6 +55,15 @@ HOSTILE = {
     "messages nested 100,000 deep": chat(nested(100_000)),
     "another field nested 100,000 deep": chat(extra=b',"x":' + nested(100_000)),
     "model name written with escapes": b'{"mod\\u0065l":"m","messages":' + MESSAGE + b"}",
+    # Twice: the engine may read another copy than the picker routed (and a rewrite changed).
+    "model twice": chat(extra=b',"model":"m"'),
+    "model twice, the second with escapes": chat(extra=b',"mod\\u0065l":"m"'),
+    "model twice, the first with escapes": b'{"mod\\u0065l":"x","model":"m","messages":'
+    + MESSAGE
+    + b"}",
+    "stream_options twice, one with escapes": chat(
+        extra=b',"stream":true,"stream_options":{},"stream_optio\\u006Es":{"include_usage":null}'
+    ),
     "empty messages": chat(b"[ ]"),
     "stream_options not an object": chat(extra=b',"stream":true,"stream_options":"yes"'),
 }
@@ -95,6 +105,21 @@ async def stream_answer(servicer, body: bytes, path: str, chunk: int = 62_000):
     messages = [ec.headers(path)]
     messages += [ec.body(p, eos=i == len(parts) - 1) for i, p in enumerate(parts)]
     return await ec.process(servicer, messages)
+
+
+async def test_a_huge_model_name_is_neither_echoed_nor_logged_whole(caplog):
+    """A 5 MB model name came back whole in the 404 and in the picker's log line, for every
+    such request: answers and logs quote what a client sent, bounded."""
+    director = make_director(fallbacks=0)
+    for endpoint in director.datastore.endpoints():  # their model lists are known: only m
+        endpoint.models = frozenset({"m"})
+    body = b'{"model":"' + b"a" * 1_000_000 + b'","prompt":"x"}'
+    with caplog.at_level(logging.INFO, logger="epp"):
+        out = await stream_answer(ExternalProcessor(director), body, "/v1/completions")
+    status, answer = ec.immediate(out)
+    assert status == 404 and "not served" in answer["error"]["message"]
+    assert len(json.dumps(answer)) < 4096
+    assert caplog.records and all(len(r.getMessage()) < 4096 for r in caplog.records)
 
 
 @pytest.mark.parametrize("name", sorted(HOSTILE))
@@ -250,7 +275,7 @@ async def test_a_large_prompt_is_tokenized_while_the_event_loop_runs():
     metrics = PickerMetrics()
     gate = Gatekeeper(metrics.registry, tokenizers=PromptTokenizers({"m": DEFAULT_MODEL_DIR}))
     director = Director(ds, load_config(LEAST_REQUEST), metrics, DirectorOptions(fallbacks=0), gate)
-    words = " ".join(f"w{i}" for i in range(200_000))
+    words = " ".join(f"w{i}" for i in range(100_000))  # under MAX_TOKENIZED_BYTES
     body = json.dumps({"model": "m", "prompt": words}).encode()
     req = parse_request("/v1/completions", body, {}, max_body_bytes=LIMIT)
     ticks = 0
@@ -261,7 +286,12 @@ async def test_a_large_prompt_is_tokenized_while_the_event_loop_runs():
         await asyncio.sleep(0)
     await admitted
     assert ticks > 1
-    assert req.state["prompt_tokens"] > 200_000  # counted by the tokenizer, not estimated
+    counted = (
+        PromptTokenizers({"m": DEFAULT_MODEL_DIR})
+        .get("m")
+        .tokens_for("completions", {"prompt": words})
+    )
+    assert req.state["prompt_tokens"] == len(counted)  # counted by the tokenizer, not estimated
 
 
 async def test_a_queued_request_costs_the_bytes_it_holds_not_only_its_body():

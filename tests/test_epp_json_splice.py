@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from epp.json_splice import set_member, value_offset
+from epp.json_splice import member_count, set_member, value_offset
 from tests.fuzzing import fuzz_settings
 
 KEYS = st.sampled_from(["model", "stream_options", "x", 'mo"del', "model "])
@@ -49,3 +49,19 @@ def test_a_member_name_written_with_escapes_is_not_found():
 def test_a_missing_member_is_added_first():
     assert set_member(b'{"a":1}', "stream_options", b"{}", None) == b'{"stream_options":{},"a":1}'
     assert set_member(b"{ }", "model", b'"m"', None) == b'{"model":"m" }'
+
+
+@pytest.mark.parametrize(
+    ("raw", "count"),
+    [
+        (b'{"model":"a"}', 1),
+        (b'{"model":"a","model":"b"}', 2),
+        (b'{"model":"a", "mod\\u0065l":"b"}', 2),
+        (b'{"\\u006D\\u006f\\u0064\\u0065\\u006c" : "a"}', 1),
+        (b'{"tools":[{"model":"a"}],"x":{"mod\\u0065l":1},"model":"b"}', 1),
+        (b'{"x":"mod\\u0065l","y":["model"],"models":1}', 0),
+    ],
+)
+def test_member_count_reads_names_as_decoders_do(raw, count):
+    assert len([k for k, _ in json.loads(raw, object_pairs_hook=list) if k == "model"]) == count
+    assert member_count(raw, "model") == count

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 
@@ -380,3 +381,36 @@ def test_a_prompt_over_the_tokenizing_limit_is_not_tokenized():
     with pytest.raises(PromptError):
         req.prompt_token_ids(tokenizer)
     assert calls == []  # the estimate stands in: nothing was decoded or tokenized
+
+
+async def test_a_small_prompt_is_tokenized_while_a_large_one_still_is():
+    """Every request waits for its prompt's tokens (precise prefix scorer, token limits): on
+    one tokenizing thread, four 4 MiB prompts held a 1-token request for 9 s. The real
+    tokenizer, held inside the large prompt until the small one's tokens are in."""
+    import threading
+
+    from epp.request import LARGE_PROMPT_BYTES
+    from kvindex.tokenize import PromptTokenizer
+    from stack.local import DEFAULT_MODEL_DIR
+
+    release = threading.Event()
+
+    class HeldOnLargePrompts(PromptTokenizer):
+        def tokens_for(self, api, body):
+            if len(body["prompt"]) > LARGE_PROMPT_BYTES:
+                release.wait(timeout=30)
+            return super().tokens_for(api, body)
+
+    tokenizer = HeldOnLargePrompts.from_dir(DEFAULT_MODEL_DIR)
+    large = parse({"model": "m", "prompt": "w " * LARGE_PROMPT_BYTES}, path="/v1/completions")
+    small = parse({"model": "m", "prompt": "hello"}, path="/v1/completions")
+    large_done = asyncio.create_task(large.tokenize(tokenizer))
+    await asyncio.sleep(0)  # the large prompt is on its thread first
+    try:
+        await asyncio.wait_for(small.tokenize(tokenizer), timeout=20)
+        assert not large_done.done()  # the small one did not wait for it
+    finally:
+        release.set()
+    await large_done
+    assert len(small.prompt_token_ids(tokenizer)) > 0
+    assert len(large.prompt_token_ids(tokenizer)) > LARGE_PROMPT_BYTES // 2

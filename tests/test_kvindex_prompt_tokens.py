@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 
 import pytest
 
@@ -170,3 +171,77 @@ def test_prefix_reuse_matches_a_full_encode_for_any_texts(first, second, cut):
         tok.tokens_for("completions", {"prompt": text})
         == tok._tok.encode(text, add_special_tokens=True).ids
     )
+
+
+# ---- a large prompt: other threads run while it is encoded, the cache keeps only ids -------
+
+
+class _EncodeWatch:
+    """The real tokenizer, and how often another thread ran while it was inside an encode:
+    a thread that ticks every half millisecond, read just before and just after each call
+    into the tokenizer (nothing between the read and the call lets the GIL go)."""
+
+    def __init__(self, tok) -> None:
+        self._tok = tok
+        self.ticks = 0
+        self.inside = 0  # ticks that happened inside an encode call
+
+    def __getattr__(self, name):
+        return getattr(self._tok, name)
+
+    def encode(self, *args, **kw):
+        before = self.ticks
+        out = self._tok.encode(*args, **kw)
+        self.inside += self.ticks - before
+        return out
+
+    def encode_batch(self, *args, **kw):
+        before = self.ticks
+        out = self._tok.encode_batch(*args, **kw)
+        self.inside += self.ticks - before
+        return out
+
+
+def _ticks_inside_encodes(tok: PromptTokenizer, prompt: str) -> int:
+    watch = _EncodeWatch(tok._tok)
+    tok._tok = tok._cache._tok = watch
+    done = threading.Event()
+
+    def tick() -> None:
+        while not done.wait(0.0005):
+            watch.ticks += 1
+
+    ticker = threading.Thread(target=tick)
+    ticker.start()
+    try:
+        tok.tokens_for("completions", {"prompt": prompt})
+    finally:
+        done.set()
+        ticker.join()
+    return watch.inside
+
+
+@pytest.mark.parametrize("shared_prefix", [False, True], ids=["miss", "prefix-reuse"])
+def test_other_threads_run_while_a_large_prompt_is_encoded(shared_prefix):
+    """Tokenizers' encode() held the GIL for the whole encode: a 4 MiB prompt froze the
+    picker's event loop (scrapes, every other request) for 16 s on a thread meant to keep it
+    free. Held, the ticking thread gets no tick in while an encode runs."""
+    from stack.local import DEFAULT_MODEL_DIR
+
+    tok = PromptTokenizer.from_dir(DEFAULT_MODEL_DIR)
+    prompt = " ".join(f"w{i}" for i in range(60_000))
+    if shared_prefix:  # the first prompt is cached; the second reuses its ids
+        tok.tokens_for("completions", {"prompt": prompt})
+        prompt += " and a different ending"
+    assert _ticks_inside_encodes(tok, prompt) > 20
+
+
+def test_the_prefix_cache_keeps_ids_not_encodings():
+    """An Encoding holds ~400 bytes a token: the cache (up to 2M tokens) kept one per
+    prompt it had not reused yet, ~800 MB. It keeps the ids, and token starts once reused."""
+    from tokenizers import Encoding
+
+    tok = PromptTokenizer.from_dir(TINY_MODEL)
+    tok.tokens_for("completions", {"prompt": SYSTEM + "first?"})
+    held = [part for entry in tok._cache._entries.values() for part in entry]
+    assert held and not any(isinstance(part, Encoding) for part in held)
