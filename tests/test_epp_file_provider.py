@@ -61,3 +61,24 @@ def test_a_bad_file_at_start_is_an_error_naming_the_object(tmp_path):
     write(path, POOL, pod("b", ip=10))
     with pytest.raises(FileProviderError, match=r"podIP"):
         FileProvider(Datastore(), [path], "pool").load()
+
+
+def test_a_file_replaced_within_one_clock_tick_at_the_same_size_is_read_again(tmp_path):
+    """The controllers replace the pool file by rename, sometimes twice within one tick of the
+    filesystem's clock: a pod becoming ready can leave mtime and size as they were."""
+    import os
+
+    path = tmp_path / "pool.yaml"
+    write(path, POOL, pod("a", "10.0.0.1"))
+    ds = Datastore()
+    provider = FileProvider(ds, [path], "pool", poll_interval=3600)
+    provider.load()
+    assert only_the_first_pod(ds)
+    before = path.stat()
+    tmp = tmp_path / "pool.yaml.tmp"
+    write(tmp, POOL, pod("a", "10.0.0.2"))  # the same length, another pod address
+    os.replace(tmp, path)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))  # the same clock tick
+    assert path.stat().st_size == before.st_size
+    provider.refresh()
+    assert [e.address for e in ds.endpoints()] == ["10.0.0.2:8000"]

@@ -157,11 +157,17 @@ class FileProvider:
         self._task: asyncio.Task | None = None
 
     def _current_stamp(self) -> tuple:
-        return tuple(
-            (str(f), f.stat().st_mtime_ns, f.stat().st_size)
-            for f in _files(self.paths)
-            if f.exists()
-        )
+        """What says a file changed. The inode too: two writes within one tick of the
+        filesystem clock can leave mtime and size alike, but a file replaced by rename (as the
+        controllers write it) always has another inode than the one it replaced."""
+        stamps = []
+        for f in _files(self.paths):
+            try:
+                st = f.stat()
+            except FileNotFoundError:
+                continue
+            stamps.append((str(f), st.st_ino, st.st_mtime_ns, st.st_size))
+        return tuple(stamps)
 
     def load(self) -> None:
         """Read the files now; raise FileProviderError when they are wrong."""

@@ -33,6 +33,11 @@ def model() -> dict:
     return sim_model("pd", backend=backend)
 
 
+def ready(pod: dict) -> bool:
+    conditions = pod.get("status", {}).get("conditions") or []
+    return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
+
+
 async def scrape(session: aiohttp.ClientSession, url: str) -> Metrics:
     async with session.get(url) as r:
         assert r.status == 200, url
@@ -66,11 +71,12 @@ async def test_the_decode_pod_serves_through_its_connector_and_runs_two_legs(tmp
         d_ip, p_ip = decode["status"]["podIP"], pods["prefill"]["status"]["podIP"]
         assert d_ip != p_ip
 
-        # what the picker is told: the pool's one target port, 8000, on every pod's address
+        # what the picker is told: the pool's one target port, 8000, on every pod's address;
+        # the sidecar calls a prefill pod only once the pool file says it is ready
         async def exported():
             path = tmp_path / "pool.yaml"
             docs = list(yaml.safe_load_all(path.read_text())) if path.exists() else []
-            ips = {d["status"].get("podIP") for d in docs if d["kind"] == "Pod"}
+            ips = {d["status"].get("podIP") for d in docs if d["kind"] == "Pod" and ready(d)}
             return docs if ips == {d_ip, p_ip} else None
 
         docs = await wait_for_cluster(exported, "the pool file to name both pods")
