@@ -29,6 +29,10 @@ from epp.usage import MAX_LINE, UsageReader
 log = logging.getLogger("epp.extproc")
 
 
+# Bytes parsing may hold beside the body, per body byte, while it runs (see on_request_body).
+PARSE_OVERHEAD = 5
+
+
 class _Stream:
     """The state of one HTTP request as the picker sees it."""
 
@@ -69,6 +73,14 @@ class _Stream:
         self.budget.take(n)
         self.charged += n
 
+    def _settle(self, held: int) -> None:
+        """Make what this stream has taken from the budget exactly `held` bytes."""
+        if held > self.charged:
+            self._charge(held - self.charged)
+        else:
+            self.budget.give(self.charged - held)
+            self.charged = held
+
     async def on_request_body(self, msg: pb.ProcessingRequest) -> Iterable[pb.ProcessingResponse]:
         if self.request_done:
             return []  # a duplicate end of stream, or body after a body-less pick
@@ -82,9 +94,13 @@ class _Stream:
             return []
         self.request_done = True
         path = self.headers.get(":path", "")
+        # Parsing briefly holds more than the body: its bytes copy and the prompt as text (up
+        # to 4 bytes a character). Reserve that before building it, then settle to what the
+        # request keeps, so the budget bounds the peak and not only what is left after it.
+        self._charge(PARSE_OVERHEAD * len(self.body))
         raw, self.body = bytes(self.body), bytearray()  # held once, by the request
         req = parse_request(path, raw, self.headers, max_body_bytes=limit)
-        self._charge(max(0, req.held_bytes - self.charged))  # what parsing kept beside it
+        self._settle(req.held_bytes)
         await self.director.admit(req, self.subset)
         self.req = req
         out_body = req.body_for_upstream()

@@ -219,9 +219,10 @@ class Gate:
 
 async def test_bodies_over_the_budget_of_all_streams_are_429_with_retry_after():
     director = make_director(fallbacks=0)
-    budget = BodyBudget(100_000)
+    budget = BodyBudget(250_000)
     servicer = ExternalProcessor(director, budget)
-    # A body costs its bytes and, once parsed, its prompt's text as well: about 80,000.
+    # A body costs its bytes, room for what parsing may build beside them while it runs
+    # (PARSE_OVERHEAD x its size: 200,000 more), and once parsed its prompt's text: ~80,000.
     prompt = json.dumps({"model": "m", "prompt": "x" * 40_000}).encode()
     # One stream holds 30,000 bytes of an unfinished body...
     held = Gate([ec.headers(), ec.body(prompt[:30_000], eos=False)], [ec.body(prompt[30_000:])])
@@ -242,6 +243,31 @@ async def test_bodies_over_the_budget_of_all_streams_are_429_with_retry_after():
     assert budget.held == 0  # each stream gives back all it took when it ends
     out = await stream_answer(servicer, prompt, "/v1/completions")
     assert ec.immediate(out) is None
+
+
+async def test_the_budget_bounds_what_parsing_builds_not_only_what_it_keeps():
+    """A prompt with one character outside the BMP is held as text at 4 bytes a character:
+    a 1 MB body would build ~4 MB before the budget saw it. The room is taken first, so a
+    request the budget cannot carry is refused before its text exists."""
+    director = make_director(fallbacks=0)
+    size = 1_000_000
+    body = json.dumps({"model": "m", "prompt": "\U0001f600" + "x" * size}).encode()
+    servicer = ExternalProcessor(director, BodyBudget(3 * len(body)))
+    messages = [ec.headers("/v1/completions"), ec.body(body)]
+    tracemalloc.start()
+    try:
+        out = await ec.process(servicer, messages)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    status, _ = ec.immediate(out)
+    assert status == 429
+    assert peak < 3 * len(body)  # the body and its copies, never the 4-byte text
+    assert servicer.budget.held == 0
+    # With room for the text, it is routed, and the stream keeps only what it holds.
+    roomy = ExternalProcessor(director, BodyBudget(10 * len(body)))
+    assert ec.immediate(await ec.process(roomy, messages)) is None
+    assert roomy.budget.held == 0
 
 
 async def _collect(answers):
