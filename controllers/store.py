@@ -145,11 +145,6 @@ def meta(obj: Obj) -> dict[str, Any]:
     return obj.setdefault("metadata", {})
 
 
-def key_of(obj: Obj) -> tuple[str, str]:
-    m = obj["metadata"]
-    return m.get("namespace", ""), m["name"]
-
-
 def owner_reference(owner: Obj, *, controller: bool = True) -> dict[str, Any]:
     m = owner["metadata"]
     return {

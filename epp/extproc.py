@@ -129,7 +129,7 @@ class _Stream:
         streaming = "text/event-stream" in headers.get("content-type", "")
         self.usage = UsageReader(streaming)
         if msg.response_headers.end_of_stream:
-            self._finish()
+            self.finish()
         # Otherwise the request ends with the body's end of stream or, when the proxy keeps
         # response bodies away from the picker, when the proxy closes this stream.
         return [protocol.served_headers(self.served)]
@@ -154,7 +154,7 @@ class _Stream:
             if chunk.end_of_stream:
                 data += self.stripper.flush()
         if chunk.end_of_stream:
-            self._finish()
+            self.finish()
         return [protocol.response_chunk(data, chunk.end_of_stream)]
 
     def _account_usage(self) -> None:
@@ -177,7 +177,7 @@ class _Stream:
             self.budget.give(-delta)
             self.charged += delta
 
-    def _finish(self, cancelled: bool = False) -> None:
+    def finish(self, cancelled: bool = False) -> None:
         if self.finished or self.req is None:
             self.finished = True
             return
@@ -226,7 +226,7 @@ class _Stream:
         cancelled (client or proxy gone); after them, the answer was delivered without its
         body passing through here."""
         if not self.finished:
-            self._finish(cancelled=self.status == 0)
+            self.finish(cancelled=self.status == 0)
         self.budget.give(self.charged)
         self.charged = 0
 
@@ -261,7 +261,7 @@ class ExternalProcessor(pbg.ExternalProcessorServicer):
                     elif kind == "response_body":
                         out = stream.on_response_body(msg)
                     elif kind == "response_trailers":
-                        stream._finish()
+                        stream.finish()
                         out = [protocol.empty_response_trailers()]
                     else:
                         self.director.metrics.bad_requests.labels("unknown_message").inc()

@@ -76,10 +76,6 @@ class Band:
         self.requests += 1
         self.bytes += item.size_bytes
 
-    def peek(self) -> FlowItem | None:
-        flow = self.vtc.select()
-        return None if flow is None else self.flows[flow][0]
-
     def remove(self, item: FlowItem) -> bool:
         """Take `item` out (the head when dispatching, anywhere when it expires or its client
         leaves); False when it is not queued here."""
