@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterator
+from typing import NamedTuple
 
 # A JSON string (the unrolled form: linear, no backtracking).
 JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)
@@ -47,20 +48,36 @@ def _any_spelling(key: str) -> bytes:
     return out
 
 
+class Member(NamedTuple):
+    """What one pass over `doc` finds of its top-level member `key`."""
+
+    count: int  # members a decoder reads as `key`, however their names are spelled
+    offset: int | None  # where the value of the last one written plainly starts
+
+
+def find_member(doc: bytes, key: str) -> Member:
+    """Count and locate `key`'s top-level members in one pass over `doc` (decoders keep the
+    last of repeated keys)."""
+    plain = b'"' + json.dumps(key).encode()[1:-1] + b'"'
+    count, offset = 0, None
+    for match in _top_level(doc, _any_spelling(key)):
+        count += 1
+        if match.group().startswith(plain):
+            offset = match.end()
+    return Member(count, offset)
+
+
 def value_offset(doc: bytes, key: str) -> int | None:
     """Where the value of `doc`'s top-level member `key` starts; None when no member is
     written under that name (absent, or its name spelled with escape sequences). Of repeated
     keys the last counts, as decoders keep the last."""
-    found = None
-    for match in _top_level(doc, re.escape(json.dumps(key).encode()[1:-1])):
-        found = match.end()
-    return found
+    return find_member(doc, key).offset
 
 
 def member_count(doc: bytes, key: str) -> int:
     """How many top-level members of `doc` a decoder reads as `key`, however their names are
     spelled: a decoder keeps the last, value_offset finds the last written plainly."""
-    return sum(1 for _ in _top_level(doc, _any_spelling(key)))
+    return find_member(doc, key).count
 
 
 def set_member(doc: bytes, key: str, value: bytes, current: bytes | None) -> bytes:

@@ -23,7 +23,7 @@ from api.names import (
     USER_HEADER,
 )
 from epp.errors import PickerError
-from epp.json_splice import member_count, set_member, value_offset
+from epp.json_splice import find_member, set_member
 from epp.request_body import (
     STREAM_OPTIONS,
     TEXT,
@@ -264,9 +264,12 @@ def parse_request(
     # (`{"model":"a","mod\u0065l":"a"}`: a rewrite would change the first, the engine reads
     # the second) or the rewrite would find no copy to change.
     for name, raw in (("model", body.model), ("stream_options", body.stream_options)):
-        if len(raw) and member_count(raw_body, name) > 1:
+        if not len(raw):
+            continue
+        member = find_member(raw_body, name)  # one pass over the body per member
+        if member.count > 1:
             raise PickerError(400, f"the member {name!r} appears more than once", param=name)
-        if len(raw) and value_offset(raw_body, name) is None:
+        if member.offset is None:
             raise PickerError(
                 400, f"the member name {name!r} must be written without escapes", param=name
             )
