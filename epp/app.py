@@ -416,12 +416,17 @@ async def drain_and_stop(opts: PickerOptions, picker: Picker, servers: Servers) 
     log.info("ext_proc streams done; stopping")
     servers.gauges.cancel()
     await servers.health.stop(grace=0)
+    await stop_picker(picker)
+    await servers.http.cleanup()  # last: /metrics answers until the picker is down
+
+
+async def stop_picker(picker: Picker) -> None:
+    """Waiting requests, the scraper, the provider, the KV-event subscriber, in that order."""
     await picker.gate.close()
     await picker.scraper.stop()
     await picker.provider.stop()
     if picker.view is not None:
         await picker.view.close()
-    await servers.http.cleanup()
 
 
 def _run(coro) -> None:
