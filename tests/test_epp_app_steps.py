@@ -6,8 +6,6 @@ is stopped by the test."""
 
 from __future__ import annotations
 
-import socket
-
 import aiohttp
 import pytest
 
@@ -20,19 +18,11 @@ from epp.request import parse_request
 from epp.scheduling.config import ConfigError
 from epp.scheduling.plugins.precise_prefix_cache import PrecisePrefixCacheScorer
 from tests.conftest import free_port
+from tests.default_ports import ports_free
+from tests.director_fixtures import HEAD
 from tests.picker_fixtures import pool_yaml
+from tests.test_epp_plugin_handle import PRECISE
 
-HEAD = "apiVersion: inference.networking.x-k8s.io/v1alpha1\nkind: EndpointPickerConfig\n"
-PRECISE = (
-    HEAD
-    + """\
-plugins:
-- type: precise-prefix-cache-scorer
-- type: queue-scorer
-schedulingProfiles:
-- {name: default, plugins: [{pluginRef: precise-prefix-cache-scorer}, {pluginRef: queue-scorer}]}
-"""
-)
 PD = (
     HEAD
     + """\
@@ -68,15 +58,6 @@ def options(tmp_path, config: str | None, *, pool: bool = True, kv_port: int | N
     return parse_options(argv)
 
 
-def can_bind(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
 async def test_no_kv_cache_unless_a_plugin_type_needs_it(tmp_path):
     picker = await build_picker(options(tmp_path, None))
     try:
@@ -93,10 +74,10 @@ async def test_the_kv_cache_is_built_started_and_handed_to_its_plugin(tmp_path):
         assert picker.view is not None
         scorer = picker.scheduling.plugins["precise-prefix-cache-scorer"]
         assert isinstance(scorer, PrecisePrefixCacheScorer) and scorer.kv is picker.view.cache
-        assert not can_bind(kv_port)  # central mode: the subscriber is bound
+        assert not ports_free([kv_port])  # central mode: the subscriber is bound
     finally:
         await stop_picker(picker)
-    assert can_bind(kv_port)
+    assert ports_free([kv_port])
 
 
 async def test_the_pd_handler_counts_in_the_pickers_metrics(tmp_path):
@@ -116,11 +97,14 @@ async def test_the_pd_handler_counts_in_the_pickers_metrics(tmp_path):
 
 async def test_a_plugin_mistake_stops_start_up_before_the_provider_and_kv_cache(tmp_path):
     kv_port = free_port()
-    bad = PRECISE.replace("- type: queue-scorer\n", "- {type: queue-scorer, parameters: {x: 1}}\n")
+    bad = PRECISE.replace(
+        "- type: precise-prefix-cache-scorer\n",
+        "- {type: precise-prefix-cache-scorer, parameters: {speculativeIndexing: 3}}\n",
+    )
     # No pool file: had the provider started, it would have failed differently.
-    with pytest.raises(ConfigError, match="queue-scorer takes no parameters"):
+    with pytest.raises(ConfigError, match="speculativeIndexing"):
         await build_picker(options(tmp_path, bad, pool=False, kv_port=kv_port))
-    assert can_bind(kv_port)
+    assert ports_free([kv_port])
 
 
 async def test_the_servers_answer_and_stop(tmp_path):
@@ -136,12 +120,12 @@ async def test_the_servers_answer_and_stop(tmp_path):
                 assert "inference_extension_info" in await r.text()
             async with http.get(f"{base}/debug/endpoints") as r:
                 assert r.status == 404  # debug pages are off unless asked for
-        assert not can_bind(opts.grpc_port) and not can_bind(opts.grpc_health_port)
+        assert not ports_free([opts.grpc_port]) and not ports_free([opts.grpc_health_port])
     finally:
         await drain_and_stop(opts, picker, servers)
     assert servers.gauges.cancelled() or servers.gauges.done()
     for port in (opts.grpc_port, opts.grpc_health_port, opts.metrics_port):
-        assert can_bind(port)
+        assert ports_free([port])
 
 
 # ---- the HTTP port's route groups ----------------------------------------------------------

@@ -21,8 +21,8 @@ from epp.scheduling.plugins.precise_prefix_cache import PrecisePrefixCacheScorer
 from kvindex.cache import KVCache
 from kvindex.index import KVBlockIndex
 from kvindex.tokenize import PromptTokenizers
+from tests.director_fixtures import HEAD
 
-HEAD = "apiVersion: inference.networking.x-k8s.io/v1alpha1\nkind: EndpointPickerConfig\n"
 PRECISE = (
     HEAD
     + """\
