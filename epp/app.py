@@ -1,4 +1,8 @@
-"""Run the picker: providers, scraper, ext_proc (TLS) on 9002, health on 9003, metrics on 9090."""
+"""Run the picker: providers, scraper, ext_proc (TLS) on 9002, health on 9003, metrics on 9090.
+
+serve() is a few named steps: check the config, build the parts that decide where requests
+go (build_picker: datastore and metrics, KV cache, scheduling, provider, gatekeeper, scraper,
+director), start the servers, wait for a signal, drain and stop."""
 
 from __future__ import annotations
 
@@ -7,6 +11,8 @@ import logging
 import os
 import signal
 import sys
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
 
 import grpc
 from aiohttp import web
@@ -27,11 +33,21 @@ from epp.metrics import PickerMetrics
 from epp.options import PickerOptions, parse_options
 from epp.providers.file import FileProvider, FileProviderError
 from epp.providers.kubernetes import KubernetesProviderError
-from epp.scheduling.config import ConfigError, load_config
-from epp.scheduling.handle import ForgetsServers, UsesKVCache
+from epp.scheduling.config import (
+    ConfigError,
+    ConfigFile,
+    SchedulingConfig,
+    from_document,
+    needs_kv_cache,
+    read_config,
+)
+from epp.scheduling.handle import ForgetsServers, Handle
 from epp.scrape import MetricsScraper
 from epp.trust import HeaderTrust, Users, UsersConfigError
 from kvindex.tokenize import PromptTokenizers
+
+if TYPE_CHECKING:
+    from epp.kv_events import KVCacheView
 
 log = logging.getLogger("epp")
 
@@ -43,22 +59,92 @@ HEALTH_SERVICES = (
     "envoy.service.ext_proc.v3.ExternalProcessor",
 )
 POOL_GAUGE_INTERVAL = 5.0
+GRPC_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 
-def _provider(opts: PickerOptions, datastore: Datastore, metrics: PickerMetrics):
-    if opts.provider == "file":
-        return FileProvider(
-            datastore, opts.pool_files, opts.pool_name, opts.pool_namespace, metrics=metrics
-        )
-    from epp.providers.kubernetes import KubernetesProvider
+class Provider(Protocol):
+    """Where the pool and its pods come from (epp/providers/)."""
 
-    return KubernetesProvider(datastore, opts.pool_name, opts.pool_namespace, metrics=metrics)
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
 
 
-def _kv_cache_view(opts: PickerOptions, scheduling, datastore: Datastore, metrics: PickerMetrics):
-    """The KV-event index and tokenizers, built only if a plugin needs them."""
-    users = [p for p in scheduling.plugins.values() if isinstance(p, UsesKVCache)]
-    if not users:
+@dataclass(slots=True)
+class Picker:
+    """The parts that decide where requests go, in the order build_picker makes them."""
+
+    datastore: Datastore
+    metrics: PickerMetrics
+    view: KVCacheView | None
+    scheduling: SchedulingConfig
+    provider: Provider
+    gate: Gatekeeper
+    scraper: MetricsScraper
+    director: Director
+
+
+@dataclass(slots=True)
+class Servers:
+    """What serves the picker: ext_proc, its gRPC health, the HTTP port, the pool gauges."""
+
+    extproc: grpc.aio.Server
+    health: grpc.aio.Server
+    health_servicer: health.aio.HealthServicer
+    http: web.AppRunner
+    gauges: asyncio.Task
+
+
+async def serve(opts: PickerOptions, ready: asyncio.Event | None = None) -> None:
+    picker = await build_picker(opts)
+    servers = await start_servers(opts, picker)
+    try:
+        await wait_for_signal(ready)
+    finally:
+        await drain_and_stop(opts, picker, servers)
+
+
+# ---- build ---------------------------------------------------------------------------------
+
+
+async def build_picker(opts: PickerOptions) -> Picker:
+    # The config is checked whole before anything starts: a mistake stops the picker at once.
+    text = _config_text(opts)
+    doc = read_config(text)
+    trust = _header_trust(opts, text)
+    datastore, metrics = build_datastore()
+    view = build_kv_cache(opts, doc, datastore, metrics)
+    try:
+        scheduling = build_scheduling(doc, datastore, metrics, view)
+    except ConfigError:
+        if view is not None:
+            await view.close()  # nothing is bound yet; this ends its ZMQ context
+        raise
+    provider = await start_provider(opts, datastore, metrics)
+    if view is not None:
+        start_kv_cache(opts, view)
+    gate = build_gatekeeper(opts, text, scheduling, view, metrics)
+    scraper = await start_scraper(opts, datastore, metrics, gate)
+    director = build_director(opts, datastore, scheduling, metrics, trust, gate)
+    return Picker(datastore, metrics, view, scheduling, provider, gate, scraper, director)
+
+
+def build_datastore() -> tuple[Datastore, PickerMetrics]:
+    """The datastore and the picker's metrics, whose per-endpoint and per-model series follow
+    the pool."""
+    datastore = Datastore()
+    metrics = PickerMetrics()
+    metrics.model_labels.known = datastore.serves_model
+    datastore.removal_listeners.append(metrics.forget_endpoint)
+    return datastore, metrics
+
+
+def build_kv_cache(
+    opts: PickerOptions, doc: ConfigFile, datastore: Datastore, metrics: PickerMetrics
+) -> KVCacheView | None:
+    """The KV-event index and tokenizers, only if a plugin type of the config needs them; not
+    started (start_kv_cache binds its sockets once the provider runs)."""
+    if not needs_kv_cache(doc):
         return None
     from epp.kv_events import KVCacheView, KVEventOptions
 
@@ -76,9 +162,41 @@ def _kv_cache_view(opts: PickerOptions, scheduling, datastore: Datastore, metric
         metrics.registry,
     )
     metrics.registry.register(view)  # its collect() reports the subscriber and the index
+    return view
+
+
+def build_scheduling(
+    doc: ConfigFile, datastore: Datastore, metrics: PickerMetrics, view: KVCacheView | None
+) -> SchedulingConfig:
+    """The plugins, each given the handle at construction, and the profiles over them."""
+    handle = Handle(kv_cache=view.cache if view is not None else None, metrics=metrics)
+    scheduling = from_document(doc, handle)
+    for plugin in scheduling.plugins.values():
+        if isinstance(plugin, ForgetsServers):  # a departed pod must not attract requests
+            datastore.removal_listeners.append(plugin.forget_server)
+    return scheduling
+
+
+async def start_provider(
+    opts: PickerOptions, datastore: Datastore, metrics: PickerMetrics
+) -> Provider:
+    provider: Provider
+    if opts.provider == "file":
+        provider = FileProvider(
+            datastore, opts.pool_files, opts.pool_name, opts.pool_namespace, metrics=metrics
+        )
+    else:
+        from epp.providers.kubernetes import KubernetesProvider
+
+        provider = KubernetesProvider(
+            datastore, opts.pool_name, opts.pool_namespace, metrics=metrics
+        )
+    await provider.start()
+    return provider
+
+
+def start_kv_cache(opts: PickerOptions, view: KVCacheView) -> None:
     view.start()
-    for plugin in users:
-        plugin.use_kv_cache(view.cache)
     log.info(
         "KV events: %s (%s), index block size %d, tokenizers for %s",
         opts.kv_events_mode,
@@ -86,7 +204,55 @@ def _kv_cache_view(opts: PickerOptions, scheduling, datastore: Datastore, metric
         opts.kv_index_block_size,
         sorted(opts.tokenizers) or "no model",
     )
-    return view
+
+
+def build_gatekeeper(
+    opts: PickerOptions,
+    text: str | None,
+    scheduling: SchedulingConfig,
+    view: KVCacheView | None,
+    metrics: PickerMetrics,
+) -> Gatekeeper:
+    """Rate limits and, when configured, flow control (with its queue's gauges)."""
+    gate = Gatekeeper(
+        metrics.registry,
+        flow_control=_flow_control(text, scheduling),
+        tokenizers=view.cache.tokenizers if view is not None else PromptTokenizers(opts.tokenizers),
+    )
+    if gate.queue is not None:
+        _queue_gauges(gate, metrics)
+    return gate
+
+
+async def start_scraper(
+    opts: PickerOptions, datastore: Datastore, metrics: PickerMetrics, gate: Gatekeeper
+) -> MetricsScraper:
+    scraper = MetricsScraper(datastore, metrics, interval=opts.refresh_metrics_interval)
+    scraper.on_refresh = gate.notify  # fresh metrics may show room for waiting requests
+    await scraper.start()
+    return scraper
+
+
+def build_director(
+    opts: PickerOptions,
+    datastore: Datastore,
+    scheduling: SchedulingConfig,
+    metrics: PickerMetrics,
+    trust: HeaderTrust,
+    gate: Gatekeeper,
+) -> Director:
+    return Director(
+        datastore,
+        scheduling,
+        metrics,
+        DirectorOptions(
+            fallbacks=opts.fallback_endpoints,
+            max_body_bytes=opts.max_body_bytes,
+            subset_filter=opts.subset_filter,
+            trust=trust,
+        ),
+        gate,
+    )
 
 
 def _config_text(opts: PickerOptions) -> str | None:
@@ -137,6 +303,80 @@ def _queue_gauges(gate: Gatekeeper, metrics: PickerMetrics) -> None:
     queued_bytes.set_function(lambda: queue.queued_bytes)
 
 
+# ---- serve ---------------------------------------------------------------------------------
+
+
+async def start_servers(opts: PickerOptions, picker: Picker) -> Servers:
+    """The HTTP port, then ext_proc, then its health, then the pool gauges."""
+    extproc, address = _extproc_server(opts, picker.director)
+    health_server, health_servicer = await _health_server(opts, picker.datastore)
+    runner = web.AppRunner(
+        make_app(
+            picker.datastore,
+            picker.metrics,
+            picker.director,
+            picker.view,
+            debug=opts.enable_debug_endpoints,
+        ),
+        access_log=None,
+    )
+    await runner.setup()
+    await web.TCPSite(runner, opts.host, opts.metrics_port).start()
+    await extproc.start()
+    await health_server.start()
+    gauges = asyncio.create_task(_pool_gauges(picker.datastore, picker.metrics))
+    log.info(
+        "endpoint picker for pool %s/%s: ext_proc %s on %s, health :%d, metrics :%d, %d endpoints",
+        opts.pool_namespace,
+        opts.pool_name,
+        "TLS" if opts.secure_serving else "plaintext",
+        address,
+        opts.grpc_health_port,
+        opts.metrics_port,
+        len(picker.datastore.endpoints()),
+    )
+    return Servers(extproc, health_server, health_servicer, runner, gauges)
+
+
+def _extproc_server(opts: PickerOptions, director: Director) -> tuple[grpc.aio.Server, str]:
+    """The ext_proc gRPC server (TLS unless --secure-serving=false), not started."""
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", GRPC_MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", GRPC_MAX_MESSAGE_BYTES),
+        ]
+    )
+    pbg.add_ExternalProcessorServicer_to_server(
+        ExternalProcessor(director, BodyBudget(opts.max_held_request_bytes)), server
+    )
+    address = f"{opts.host}:{opts.grpc_port}"
+    if opts.secure_serving:
+        cert, key = tls.load_cert_dir(opts.cert_path) if opts.cert_path else tls.self_signed()
+        server.add_secure_port(address, grpc.ssl_server_credentials([(key, cert)]))
+    else:
+        server.add_insecure_port(address)
+    return server, address
+
+
+async def _health_server(
+    opts: PickerOptions, datastore: Datastore
+) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
+    """gRPC health, not started: SERVING once the pool is synced; liveness always."""
+    server = grpc.aio.server()
+    servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    server.add_insecure_port(f"{opts.host}:{opts.grpc_health_port}")
+    status = (
+        health_pb2.HealthCheckResponse.SERVING
+        if datastore.synced
+        else health_pb2.HealthCheckResponse.NOT_SERVING
+    )
+    for name in HEALTH_SERVICES:
+        await servicer.set(name, status)
+    await servicer.set("liveness", health_pb2.HealthCheckResponse.SERVING)
+    return server, servicer
+
+
 async def _pool_gauges(datastore: Datastore, metrics: PickerMetrics) -> None:
     while True:
         pool = datastore.pool
@@ -153,117 +393,40 @@ async def _pool_gauges(datastore: Datastore, metrics: PickerMetrics) -> None:
         await asyncio.sleep(POOL_GAUGE_INTERVAL)
 
 
-async def serve(opts: PickerOptions, ready: asyncio.Event | None = None) -> None:
-    text = _config_text(opts)
-    scheduling = load_config(text)
-    trust = _header_trust(opts, text)
-    datastore = Datastore()
-    for plugin in scheduling.plugins.values():
-        if isinstance(plugin, ForgetsServers):  # a departed pod must not attract requests
-            datastore.removal_listeners.append(plugin.forget_server)
-    metrics = PickerMetrics()
-    metrics.model_labels.known = datastore.serves_model
-    datastore.removal_listeners.append(metrics.forget_endpoint)
-    provider = _provider(opts, datastore, metrics)
-    await provider.start()
-    view = _kv_cache_view(opts, scheduling, datastore, metrics)
-    gate = Gatekeeper(
-        metrics.registry,
-        flow_control=_flow_control(text, scheduling),
-        tokenizers=view.cache.tokenizers if view is not None else PromptTokenizers(opts.tokenizers),
-    )
-    if gate.queue is not None:
-        _queue_gauges(gate, metrics)
-    scraper = MetricsScraper(datastore, metrics, interval=opts.refresh_metrics_interval)
-    scraper.on_refresh = gate.notify  # fresh metrics may show room for waiting requests
-    await scraper.start()
-    director = Director(
-        datastore,
-        scheduling,
-        metrics,
-        DirectorOptions(
-            fallbacks=opts.fallback_endpoints,
-            max_body_bytes=opts.max_body_bytes,
-            subset_filter=opts.subset_filter,
-            trust=trust,
-        ),
-        gate,
-    )
-
-    grpc_opts = [
-        ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-        ("grpc.max_send_message_length", 64 * 1024 * 1024),
-    ]
-    server = grpc.aio.server(options=grpc_opts)
-    pbg.add_ExternalProcessorServicer_to_server(
-        ExternalProcessor(director, BodyBudget(opts.max_held_request_bytes)), server
-    )
-    address = f"{opts.host}:{opts.grpc_port}"
-    if opts.secure_serving:
-        cert, key = tls.load_cert_dir(opts.cert_path) if opts.cert_path else tls.self_signed()
-        server.add_secure_port(address, grpc.ssl_server_credentials([(key, cert)]))
-    else:
-        server.add_insecure_port(address)
-
-    health_server = grpc.aio.server()
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
-    health_server.add_insecure_port(f"{opts.host}:{opts.grpc_health_port}")
-    status = (
-        health_pb2.HealthCheckResponse.SERVING
-        if datastore.synced
-        else health_pb2.HealthCheckResponse.NOT_SERVING
-    )
-    for name in HEALTH_SERVICES:
-        await health_servicer.set(name, status)
-    await health_servicer.set("liveness", health_pb2.HealthCheckResponse.SERVING)
-
-    runner = web.AppRunner(
-        make_app(datastore, metrics, director, view, debug=opts.enable_debug_endpoints),
-        access_log=None,
-    )
-    await runner.setup()
-    await web.TCPSite(runner, opts.host, opts.metrics_port).start()
-    await server.start()
-    await health_server.start()
-    gauges = asyncio.create_task(_pool_gauges(datastore, metrics))
-    log.info(
-        "endpoint picker for pool %s/%s: ext_proc %s on %s, health :%d, metrics :%d, %d endpoints",
-        opts.pool_namespace,
-        opts.pool_name,
-        "TLS" if opts.secure_serving else "plaintext",
-        address,
-        opts.grpc_health_port,
-        opts.metrics_port,
-        len(datastore.endpoints()),
-    )
-
-    stop = asyncio.Event()
+async def wait_for_signal(ready: asyncio.Event | None = None) -> None:
+    """Until SIGINT or SIGTERM; `ready` is set once the handlers are in place."""
+    stop_requested = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, stop_requested.set)
     if ready is not None:
         ready.set()
-    try:
-        await stop.wait()
-    finally:
-        # Drain: health says NOT_SERVING (so Envoy and the kubelet send new streams to
-        # another picker), new streams are refused, in-flight ones get the grace period.
-        log.info(
-            "shutting down: NOT_SERVING, up to %.0f s for in-flight ext_proc streams",
-            opts.grace_period,
-        )
-        await health_servicer.enter_graceful_shutdown()
-        await server.stop(grace=opts.grace_period)
-        log.info("ext_proc streams done; stopping")
-        gauges.cancel()
-        await health_server.stop(grace=0)
-        await gate.close()
-        await scraper.stop()
-        await provider.stop()
-        if view is not None:
-            await view.close()
-        await runner.cleanup()
+    await stop_requested.wait()
+
+
+async def drain_and_stop(opts: PickerOptions, picker: Picker, servers: Servers) -> None:
+    # Drain: health says NOT_SERVING (so Envoy and the kubelet send new streams to another
+    # picker), new streams are refused, in-flight ones get the grace period.
+    log.info(
+        "shutting down: NOT_SERVING, up to %.0f s for in-flight ext_proc streams",
+        opts.grace_period,
+    )
+    await servers.health_servicer.enter_graceful_shutdown()
+    await servers.extproc.stop(grace=opts.grace_period)
+    log.info("ext_proc streams done; stopping")
+    servers.gauges.cancel()
+    await servers.health.stop(grace=0)
+    await stop_picker(picker)
+    await servers.http.cleanup()  # last: /metrics answers until the picker is down
+
+
+async def stop_picker(picker: Picker) -> None:
+    """Waiting requests, the scraper, the provider, the KV-event subscriber, in that order."""
+    await picker.gate.close()
+    await picker.scraper.stop()
+    await picker.provider.stop()
+    if picker.view is not None:
+        await picker.view.close()
 
 
 def _run(coro) -> None:

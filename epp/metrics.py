@@ -8,8 +8,6 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
-from epp.scheduling.handle import CountsInMetrics
-
 LATENCY_BUCKETS = (
     0.005,
     0.025,
@@ -305,7 +303,7 @@ class PickerMetrics:
             buckets=(0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0),
             registry=r,
         )
-        # Prefill/decode disaggregation (pd-profile-handler; bind_plugins hands them over).
+        # Prefill/decode disaggregation (pd-profile-handler, given them by its handle).
         self.pd_decisions = Counter(
             "infergate_epp_pd_decisions_total",
             "Prefill/decode decisions by outcome: disaggregated, decode_only (the decode pod "
@@ -387,12 +385,6 @@ class PickerMetrics:
                         seen.add(tuple(sample.labels[n] for n in names))
             for labels in seen:
                 metric.remove(*labels)
-
-    def bind_plugins(self, plugins) -> None:
-        """Hand these metrics to the scheduling plugins that count their own."""
-        for plugin in plugins:
-            if isinstance(plugin, CountsInMetrics):
-                plugin.bind_metrics(self)
 
     def observe_plugin(self, point: str, plugin_type: str, name: str, seconds: float) -> None:
         self.plugin_duration.labels(point, plugin_type, name).observe(seconds)

@@ -22,7 +22,7 @@ from epp.http_server import DEBUG_BODY_LIMIT, make_app
 from epp.kv_events import KVCacheView, KVEventOptions
 from epp.metrics import PickerMetrics
 from epp.scheduling.config import load_config
-from epp.scheduling.handle import UsesKVCache
+from epp.scheduling.handle import Handle
 from epp.trust import DEFAULT_FAIRNESS_ID, HeaderTrust, Users, UsersConfigError
 from stack.local import DEFAULT_MODEL_DIR
 from tests import extproc_client as ec
@@ -274,11 +274,8 @@ schedulingProfiles:
 
 def precise_director() -> tuple[Director, KVCacheView]:
     ds = make_datastore()
-    scheduling = load_config(PRECISE)
     view = KVCacheView(ds, KVEventOptions(tokenizers={"m": DEFAULT_MODEL_DIR}))
-    for plugin in scheduling.plugins.values():
-        if isinstance(plugin, UsesKVCache):
-            plugin.use_kv_cache(view.cache)
+    scheduling = load_config(PRECISE, Handle(kv_cache=view.cache))
     return Director(ds, scheduling, PickerMetrics(), DirectorOptions()), view
 
 

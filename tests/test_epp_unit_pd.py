@@ -25,6 +25,7 @@ from epp.request_body import decode_body
 from epp.routing.table import Resolution
 from epp.scheduling.config import ConfigError, SchedulingConfig, load_config
 from epp.scheduling.framework import ProfileResult, Scheduler, SchedulingResult
+from epp.scheduling.handle import Handle
 from epp.scheduling.plugins.pd_profile_handler import PREFILLER_HEADER, PDProfileHandler
 from kvindex.events import BlockStored
 from stack.local import DEFAULT_MODEL_DIR
@@ -248,9 +249,8 @@ def test_decode_fallbacks_are_cut_to_the_group_when_disaggregated():
 
 
 def test_no_prefill_pod_in_the_group_serves_aggregated():
-    cfg = load_config(pd_config(16))
     metrics = PickerMetrics()
-    metrics.bind_plugins(cfg.plugins.values())
+    cfg = load_config(pd_config(16), Handle(metrics=metrics))
     d1, d2, p2 = ep(1, "decode", "g1"), ep(2, "decode", "g2"), ep(3, "prefill", "g2")
     r = req(PROMPT, pin=d1)
     result = schedule(cfg, r, [d1, d2, p2])
@@ -362,9 +362,7 @@ LONG = " ".join(f"the quick brown fox {i} jumps over the lazy dog" for i in rang
 
 def test_the_precise_index_decides_what_the_decode_pod_holds(view):
     extra = "- type: precise-prefix-cache-scorer\n"
-    cfg = load_config(pd_config(16, extra_plugins=extra))
-    precise = cfg.plugins["precise-prefix-cache-scorer"]
-    precise.use_kv_cache(view.cache)
+    cfg = load_config(pd_config(16, extra_plugins=extra), Handle(kv_cache=view.cache))
     assert [p.name for p in cfg.handler.sources] == ["precise-prefix-cache-scorer", "prefix"]
     d1, d2, p1 = ep(1, "decode", "g"), ep(2, "decode", "g"), ep(3, "prefill", "g")
     tokens = view.cache.tokenizers.get("m").tokens_for(
@@ -399,8 +397,7 @@ def test_the_precise_index_decides_what_the_decode_pod_holds(view):
 
 def test_without_a_tokenizer_the_approximate_scorer_answers(view):
     extra = "- type: precise-prefix-cache-scorer\n"
-    cfg = load_config(pd_config(16, extra_plugins=extra))
-    cfg.plugins["precise-prefix-cache-scorer"].use_kv_cache(view.cache)
+    cfg = load_config(pd_config(16, extra_plugins=extra), Handle(kv_cache=view.cache))
     d1, p1 = ep(1, "decode", "g"), ep(2, "prefill", "g")
     remember(cfg, PROMPT, d1, model="no-tokenizer")
     r = req(PROMPT, pin=d1, model="no-tokenizer")
@@ -443,9 +440,8 @@ def test_single_profile_scheduling_does_not_ask_for_candidates():
 
 
 def test_metrics_count_outcomes_and_both_picks():
-    cfg = load_config(pd_config(16))
     metrics = PickerMetrics()
-    metrics.bind_plugins(cfg.plugins.values())
+    cfg = load_config(pd_config(16), Handle(metrics=metrics))
     d1, p1 = ep(1, "decode", "g"), ep(2, "prefill", "g")
     schedule(cfg, req(PROMPT), [d1, p1])  # new: disaggregated
     schedule(cfg, req(PROMPT), [d1, p1])  # d1 holds it now: decode only
@@ -478,7 +474,7 @@ async def test_debug_pd_lists_the_last_decisions_newest_first():
         ]
     )
     metrics = PickerMetrics()
-    config = load_config(pd_config(16, handler_params=", historySize: 2"))
+    config = load_config(pd_config(16, handler_params=", historySize: 2"), Handle(metrics=metrics))
     director = Director(ds, config, metrics, DirectorOptions())
     client = TestClient(TestServer(make_app(ds, metrics, director, debug=True)))
     await client.start_server()

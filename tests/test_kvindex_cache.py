@@ -115,7 +115,7 @@ def test_no_tokenizer_no_prompt(tokenizers):
 # --- plugin features by protocol
 
 
-FEATURES = ("needs_kv_cache_view", "forget_server", "bind_metrics", "cached_prompt", "debug")
+FEATURES = ("needs_kv_cache", "forget_server", "cached_prompt", "debug")
 
 
 def test_no_plugin_feature_is_found_by_probing_attribute_names():

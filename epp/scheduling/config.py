@@ -16,7 +16,8 @@ a `prefill` profile).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from types import MappingProxyType
 from typing import Any
 
 import yaml
@@ -37,6 +38,7 @@ from epp.scheduling.framework import (
     Scorer,
     WeightedScorer,
 )
+from epp.scheduling.handle import Handle
 
 DEFAULT_CONFIG = """
 apiVersion: inference.networking.x-k8s.io/v1alpha1
@@ -69,12 +71,23 @@ class SchedulingConfig:
         return Scheduler(self.profiles, self.handler, max_endpoints, observe)
 
 
-def load_config(text: str | None) -> SchedulingConfig:
+def read_config(text: str | None) -> ConfigFile:
+    """The document (the default one for None) parsed and its shape checked; its plugins are
+    not built yet, so the picker can first see whether one needs the KV cache."""
     try:
         raw = yaml_files.safe_load(text if text is not None else DEFAULT_CONFIG)
     except yaml.YAMLError as exc:
         raise ConfigError(f"EndpointPickerConfig is not valid YAML: {exc}") from exc
-    return build(raw)
+    return decode(raw)
+
+
+def needs_kv_cache(doc: ConfigFile) -> bool:
+    """Whether a plugin the document names takes the KV cache from the handle."""
+    return registry.needs_kv_cache(spec.type for spec in doc.plugins or [])
+
+
+def load_config(text: str | None, handle: Handle | None = None) -> SchedulingConfig:
+    return from_document(read_config(text), handle)
 
 
 def _require(cond: bool, message: str) -> None:
@@ -82,17 +95,25 @@ def _require(cond: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-def build(raw: Any) -> SchedulingConfig:
+def build(raw: Any, handle: Handle | None = None) -> SchedulingConfig:
     """The scheduling config from a parsed document: its shape checked by decode, then
     what refers to what (plugin names, one picker, one handler)."""
-    doc = decode(raw)
-    plugins = _plugins(doc)
+    return from_document(decode(raw), handle)
+
+
+def from_document(doc: ConfigFile, handle: Handle | None = None) -> SchedulingConfig:
+    """The plugins, each made by its factory with `handle`'s services (none given: no KV
+    cache, no metrics) and this config's own table of plugins; then the profiles and the
+    handler."""
+    plugins: dict[str, Plugin] = {}
+    handle = replace(handle or Handle(), plugins=MappingProxyType(plugins))
+    _make_plugins(doc, handle, plugins)
     profiles = {}
     for i, spec in enumerate(doc.schedulingProfiles or []):
         _require(spec.name not in profiles, f"duplicate profile {spec.name!r}")
-        profiles[spec.name] = _profile(i, spec, plugins)
+        profiles[spec.name] = _profile(i, spec, plugins, handle)
     _require(bool(profiles), "EndpointPickerConfig needs at least one schedulingProfile")
-    handler = _handler(plugins, profiles)
+    handler = _handler(plugins, profiles, handle)
     return SchedulingConfig(
         plugins=plugins,
         profiles=profiles,
@@ -103,19 +124,18 @@ def build(raw: Any) -> SchedulingConfig:
     )
 
 
-def _plugins(doc: ConfigFile) -> dict[str, Plugin]:
-    plugins: dict[str, Plugin] = {}
+def _make_plugins(doc: ConfigFile, handle: Handle, plugins: dict[str, Plugin]) -> None:
+    """Each plugin in the document's order, into `plugins` (the handle's view of it)."""
     for i, spec in enumerate(doc.plugins or []):
         name = spec.plugin_name
         _require(name not in plugins, f"plugins[{i}]: duplicate plugin name {name!r}")
         try:
-            plugins[name] = registry.create(spec.type, name, spec.parameters or {})
+            plugins[name] = registry.create(spec.type, name, spec.parameters or {}, handle)
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"plugins[{i}] ({name}, {spec.type}): {exc}") from exc
-    return plugins
 
 
-def _profile(i: int, spec: ProfileSpec, plugins: dict[str, Plugin]) -> Profile:
+def _profile(i: int, spec: ProfileSpec, plugins: dict[str, Plugin], handle: Handle) -> Profile:
     profile = Profile(spec.name)
     for j, ref in enumerate(spec.plugins or []):
         where = f"schedulingProfiles[{i}].plugins[{j}]"
@@ -133,11 +153,13 @@ def _profile(i: int, spec: ProfileSpec, plugins: dict[str, Plugin]) -> Profile:
             _require(profile.picker is None, f"{where}: a profile has one picker")
             profile.picker = plugin
     if profile.picker is None:
-        profile.picker = registry.create("max-score-picker", "max-score-picker", {})
+        profile.picker = registry.create("max-score-picker", "max-score-picker", {}, handle)
     return profile
 
 
-def _handler(plugins: dict[str, Plugin], profiles: dict[str, Profile]) -> ProfileHandler:
+def _handler(
+    plugins: dict[str, Plugin], profiles: dict[str, Profile], handle: Handle
+) -> ProfileHandler:
     handlers = [p for p in plugins.values() if isinstance(p, ProfileHandler)]
     _require(len(handlers) <= 1, "at most one profile handler")
     _require(
@@ -147,10 +169,10 @@ def _handler(plugins: dict[str, Plugin], profiles: dict[str, Profile]) -> Profil
     handler = (
         handlers[0]
         if handlers
-        else registry.create("single-profile-handler", "single-profile-handler", {})
+        else registry.create("single-profile-handler", "single-profile-handler", {}, handle)
     )
     try:
-        handler.configure(plugins, profiles)
+        handler.configure(profiles)
     except ValueError as exc:
         raise ConfigError(f"{handler.name}: {exc}") from exc
     return handler

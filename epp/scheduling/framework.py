@@ -13,19 +13,31 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Self
 
 from epp.datastore import Endpoint
 from epp.errors import PickerError
 from epp.request import InferenceRequest
 
+if TYPE_CHECKING:
+    from epp.scheduling.handle import Handle
+
 
 class Plugin:
     type_name: ClassVar[str] = ""
+    # The picker builds the KV cache (sockets, tokenizers, the index) only when a plugin type
+    # the config names says so, before it builds the plugins that take it from the handle.
+    needs_kv_cache: ClassVar[bool] = False
 
     def __init__(self, name: str, params: dict[str, Any] | None = None) -> None:
         self.name = name
         self.params = params or {}
+
+    @classmethod
+    def create(cls, name: str, params: dict[str, Any] | None, handle: Handle) -> Self:
+        """The factory the registry calls. A plugin that needs part of the handle overrides
+        it and passes that part to its constructor."""
+        return cls(name, params)
 
 
 class Filter(Plugin):
@@ -109,9 +121,10 @@ class SchedulingResult:
 
 
 class ProfileHandler(Plugin):
-    def configure(self, plugins: dict[str, Plugin], profiles: dict[str, Profile]) -> None:
-        """Once, after the config is built: look up the profiles and plugins it works with.
-        Raise ValueError for a config it cannot work with."""
+    def configure(self, profiles: dict[str, Profile]) -> None:
+        """Once, after the config is built: look up the profiles it works with (and, through
+        the handle it was made with, other plugins). Raise ValueError for a config it cannot
+        work with."""
 
     def profile_candidates(
         self, req: InferenceRequest, profile: Profile, candidates: list[Endpoint]

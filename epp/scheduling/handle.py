@@ -1,20 +1,37 @@
-"""The optional features a scheduling plugin may offer the picker, as typed protocols: the
-picker finds them by isinstance, not by probing attribute names."""
+"""What a scheduling plugin may reach, given to its factory, and the features the picker asks
+of the plugins that offer them.
+
+Every plugin is made by its type's factory (`Plugin.create`, called by the registry) with a
+`Handle`: the KV cache facade (built only when a plugin type of the config says it
+`needs_kv_cache`), the picker's metrics, and the config's plugins by name. A plugin takes what
+it needs in its constructor; nothing is pushed into it afterwards.
+
+The protocols are what the picker *calls* on a plugin that offers them; it finds them by
+isinstance, not by probing attribute names."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import TYPE_CHECKING, ClassVar, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     from epp.metrics import PickerMetrics
+    from epp.scheduling.framework import Plugin
     from kvindex.cache import KVCache
 
 
-@runtime_checkable
-class UsesKVCache(Protocol):
-    """Scores from the KV-event index: the picker builds the KV cache only if a plugin is one."""
+@dataclass(frozen=True, slots=True)
+class Handle:
+    """What the picker lends its plugins. Both services are None where there is none (the KV
+    cache when no configured plugin type needs it; metrics in a test that counts nothing)."""
 
-    def use_kv_cache(self, kv: KVCache) -> None: ...
+    kv_cache: KVCache | None = None
+    metrics: PickerMetrics | None = None
+    # The config's plugins by name, read-only: it fills as the config builds them, so it is
+    # complete by the time a profile handler configures itself.
+    plugins: Mapping[str, Plugin] = field(default_factory=lambda: MappingProxyType({}))
 
 
 @runtime_checkable
@@ -31,13 +48,6 @@ class ForgetsServers(Protocol):
     """Keeps per-pod state that must go when the pod leaves the pool."""
 
     def forget_server(self, address: str) -> None: ...
-
-
-@runtime_checkable
-class CountsInMetrics(Protocol):
-    """Counts its own decisions in the picker's metrics."""
-
-    def bind_metrics(self, metrics: PickerMetrics) -> None: ...
 
 
 @runtime_checkable

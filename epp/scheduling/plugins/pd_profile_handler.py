@@ -16,24 +16,29 @@
    whole request (aggregated).
 
 Each decision is kept in req.state[name], in the last `historySize` (GET /debug/pd) and in
-the picker's metrics once bound (bind_metrics).
+the picker's metrics (from the handle, when it has them).
 """
 
 from __future__ import annotations
 
 import time
 from collections import Counter, deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Annotated
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Annotated
 
 import msgspec
 
 from api.names import GROUP_LABEL, PREFILL, PREFILLER_HEADER, ROLE_LABEL
 from epp.datastore import Endpoint
 from epp.errors import PickerError
-from epp.scheduling.framework import ProfileHandler, ProfileResult, SchedulingResult
-from epp.scheduling.handle import PrefixSource
+from epp.scheduling.framework import Plugin, ProfileHandler, ProfileResult, SchedulingResult
+from epp.scheduling.handle import Handle, PrefixSource
 from epp.scheduling.params import MAX_TOKENS, Label, PluginParams, parse_params
+
+if TYPE_CHECKING:
+    from epp.metrics import PickerMetrics
 
 DISAGGREGATED_APIS = frozenset({"chat", "completions"})
 
@@ -99,7 +104,14 @@ class PDProfileHandler(ProfileHandler):
     type_name = "pd-profile-handler"
     params_type = PDParams
 
-    def __init__(self, name, params=None):
+    def __init__(
+        self,
+        name,
+        params=None,
+        *,
+        plugins: Mapping[str, Plugin] = MappingProxyType({}),
+        metrics: PickerMetrics | None = None,
+    ):
         super().__init__(name, params)
         p = parse_params(self.params_type, self.params)
         self.threshold = p.non_cached_tokens
@@ -110,13 +122,19 @@ class PDProfileHandler(ProfileHandler):
         self.recent: deque[PDDecision] = deque(maxlen=p.history_size)
         self.counts: Counter[str] = Counter()  # outcome -> decisions
         self.sources: list = []  # plugins with cached_prompt(req, address), asked in order
-        self._metrics = None
+        self._plugins = plugins  # the config's, complete when configure() runs
+        self._metrics = metrics  # decisions are counted there too
+
+    @classmethod
+    def create(cls, name, params, handle: Handle):
+        return cls(name, params, plugins=handle.plugins, metrics=handle.metrics)
 
     def destinations(self, endpoints):
         # The destination is always the decode pod: a prefill pod's room is none for it.
         return [e for e in endpoints if e.labels.get(ROLE_LABEL) != PREFILL]
 
-    def configure(self, plugins, profiles):
+    def configure(self, profiles):
+        plugins = self._plugins
         for key, profile in (
             ("decodeProfile", self.decode_profile),
             ("prefillProfile", self.prefill_profile),
@@ -143,10 +161,6 @@ class PDProfileHandler(ProfileHandler):
         # equals, the one that scored the decode pods.
         found.sort(key=lambda p: (not p.precise, id(p) not in in_decode))
         self.sources = found
-
-    def bind_metrics(self, metrics) -> None:
-        """The picker's metrics (epp.metrics.PickerMetrics): decisions are counted there."""
-        self._metrics = metrics
 
     # ---- the scheduling cycle ---------------------------------------------------------
 

@@ -7,8 +7,9 @@ scheduling, the chosen pod's blocks (and a prefill pod's, with P/D) go in as spe
 entries for a couple of seconds, so a burst of same-prefix requests follows the first one
 before its BlockStored arrives.
 
-The plugin needs the picker's KV cache (kvindex.cache, built by epp/kv_events.py):
-`use_kv_cache()` hands it over.
+The plugin needs the picker's KV cache (kvindex.cache, built by epp/kv_events.py): its type
+says so (needs_kv_cache) and its factory takes the cache from the handle. Without one (a
+config loaded with no KV cache) every pod scores 0 and the plugin knows no prompt.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Annotated
 import msgspec
 
 from epp.scheduling.framework import PrepareData, PreRequest, Scorer
+from epp.scheduling.handle import Handle
 from epp.scheduling.params import PluginParams, parse_params
 from kvindex.cache import KVCache, Prompt
 from kvindex.index import DEFAULT_TIER_WEIGHTS
@@ -37,16 +39,18 @@ class PrecisePrefixCacheScorer(Scorer, PreRequest, PrepareData):
     type_name = "precise-prefix-cache-scorer"
     params_type = PrecisePrefixCacheParams
     precise = True  # a PrefixSource that knows what pods hold
+    needs_kv_cache = True
 
-    def __init__(self, name, params=None):
+    def __init__(self, name, params=None, kv: KVCache | None = None):
         super().__init__(name, params)
         p = parse_params(self.params_type, self.params)
         self.tier_weights = {k.lower(): v for k, v in p.tier_weights.items()}
         self.speculative = p.speculative_indexing
-        self.kv: KVCache | None = None
-
-    def use_kv_cache(self, kv: KVCache) -> None:
         self.kv = kv
+
+    @classmethod
+    def create(cls, name, params, handle: Handle):
+        return cls(name, params, handle.kv_cache)
 
     async def prepare(self, req) -> None:
         if self.kv is not None:
