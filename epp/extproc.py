@@ -21,10 +21,10 @@ from epp.body_budget import BodyBudget
 from epp.director import Director
 from epp.errors import PickerError
 from epp.request import InferenceRequest, parse_request
-from epp.routing.rewrite import ModelNameRewriter
-from epp.routing.usage_strip import UsageEventStripper
+from epp.response.rewrite import ModelNameRewriter
+from epp.response.strip_usage import UsageEventStripper
 from epp.scheduling.framework import ResponseInfo
-from epp.usage import MAX_LINE, UsageReader
+from epp.response.usage import MAX_LINE, UsageReader
 
 log = logging.getLogger("epp.extproc")
 

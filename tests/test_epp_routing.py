@@ -12,7 +12,7 @@ import pytest
 
 from epp.datastore import Endpoint
 from epp.errors import PickerError
-from epp.routing.rewrite import ModelNameRewriter
+from epp.response.rewrite import ModelNameRewriter
 from epp.routing.table import RouteTable
 
 NET = "networking.infergate.io/v1alpha1"

@@ -18,7 +18,7 @@ from epp.flowcontrol import FlowControlConfig
 from epp.gatekeeper import Gatekeeper
 from epp.metrics import PickerMetrics
 from epp.request_body import StreamOptions
-from epp.routing.usage_strip import UsageEventStripper
+from epp.response.strip_usage import UsageEventStripper
 from epp.scheduling.config import load_config
 from epp.scheduling.framework import ResponseInfo
 from tests.director_fixtures import (

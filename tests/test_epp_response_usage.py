@@ -1,4 +1,4 @@
-"""epp/usage.py: UsageReader takes token usage from a streamed or buffered answer."""
+"""epp/response/usage.py: UsageReader takes token usage from a streamed or buffered answer."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from epp import usage as usage_mod
-from epp.usage import Usage, UsageReader
+from epp.response import usage as usage_mod
+from epp.response.usage import Usage, UsageReader
 from tests.allocations import peak_allocated
 from tests.fuzzing import fuzz_settings
 
@@ -278,7 +278,7 @@ def test_a_16_mib_stream_without_newlines_holds_a_bounded_tail():
 
 
 def test_the_usage_stripper_passes_a_16_mib_event_through_holding_a_bounded_part():
-    from epp.routing.usage_strip import MAX_USAGE_EVENT, UsageEventStripper
+    from epp.response.strip_usage import MAX_USAGE_EVENT, UsageEventStripper
 
     stripper = UsageEventStripper()
     passed = most_held = 0
@@ -298,7 +298,7 @@ def test_the_usage_stripper_passes_a_16_mib_event_through_holding_a_bounded_part
 
 
 def test_the_model_rewriter_holds_no_more_than_a_pattern_on_a_16_mib_stream():
-    from epp.routing.rewrite import ModelNameRewriter
+    from epp.response.rewrite import ModelNameRewriter
 
     rewriter = ModelNameRewriter("served-model", "asked")
     passed = 0
@@ -315,7 +315,7 @@ def test_the_model_rewriter_holds_no_more_than_a_pattern_on_a_16_mib_stream():
 
 @pytest.mark.parametrize("size", [1, 2, 3, 7, 1000])
 def test_the_stripper_finds_a_separator_split_across_chunks_after_a_long_event(size, monkeypatch):
-    from epp.routing import usage_strip
+    from epp.response import strip_usage as usage_strip
 
     monkeypatch.setattr(usage_strip, "MAX_USAGE_EVENT", 64)  # above the usage event
     usage = b'data: {"choices":[],"usage":{"completion_tokens":2}}\n\n'
@@ -367,7 +367,7 @@ stream_events = st.lists(
 @fuzz_settings(300)
 @given(events=stream_events, cuts=st.lists(st.integers(0, 6000), max_size=8))
 def test_the_stripper_removes_exactly_the_usage_events_however_the_stream_is_cut(events, cuts):
-    from epp.routing import usage_strip
+    from epp.response import strip_usage as usage_strip
 
     stream = b"".join(events)
     bounds = sorted({0, len(stream), *(c % (len(stream) + 1) for c in cuts)})
