@@ -102,6 +102,7 @@ TEST_MOVES = {
     "tests/test_epp_ratelimit_limiter.py": "tests/epp/ratelimit/test_limiter.py",
     "tests/test_epp_ratelimit_redis.py": "tests/epp/ratelimit/test_redis.py",
     "tests/test_epp_ratelimit_replies.py": "tests/epp/ratelimit/test_replies.py",
+    "tests/test_epp_response_chain.py": "tests/epp/response/test_chain.py",
     "tests/test_epp_response_usage.py": "tests/epp/response/test_usage.py",
     "tests/test_epp_routing.py": "tests/epp/test_routing.py",
     "tests/test_epp_scrape.py": "tests/epp/test_scrape.py",

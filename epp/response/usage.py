@@ -1,23 +1,21 @@
-"""Read token usage from a model server's answer as it streams past, cheaply.
+"""Read token usage from a model server's answer as it streams past, cheaply: a reader stage of
+the response chain (`chain.py`), which hands it whole events or the whole JSON body.
 
-Streaming (SSE): only `data:` lines that carry a non-null "usage" are parsed, and a line cut
-between chunks is completed from the next ones: its pieces are kept (up to a cap) and joined
-once, when its newline comes, so a stream without newlines costs linear time and bounded
-memory. Non-streaming: the JSON body is kept (up to a cap) and parsed once at the end.
+Streaming (SSE): only `data:` lines that carry a non-null "usage" are parsed; a line the
+framer had to pass on in parts (longer than it holds) is counted as an event but not read.
+Non-streaming: the JSON body is parsed once, at the end, unless it was too long to hold.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import msgspec
 
 from epp.request_body import present
+from epp.response.chain import Bytes
 
-MAX_BUFFERED_BODY = 4 * 1024 * 1024
-# A streamed line longer than this is not read (a usage event is a few hundred bytes; the
-# Responses API's response.completed repeats the answer, still far below it).
-MAX_LINE = MAX_BUFFERED_BODY
 _DATA = b"data:"
 MAX_USAGE_OBJECT = 64 * 1024  # a usage object is a few counters
 
@@ -44,16 +42,6 @@ def _from_usage_object(u: object, into: Usage) -> None:
         into.cached_tokens = details["cached_tokens"]
 
 
-def _head(pieces: list[bytes]) -> bytes:
-    """The first bytes of a line (enough to tell a data line) from its pieces."""
-    head = b""
-    for piece in pieces:
-        head += piece[: len(_DATA) - len(head)]
-        if len(head) == len(_DATA):
-            break
-    return head
-
-
 class _WithUsage(msgspec.Struct):
     """An answer or a streamed event, as far as its usage goes: nothing else is decoded (a
     pod's multi-MiB answer must not become an object tree to find a few counters)."""
@@ -66,7 +54,7 @@ _WITH_USAGE = msgspec.json.Decoder(_WithUsage)
 _BAD_JSON = (msgspec.DecodeError, msgspec.ValidationError, RecursionError)
 
 
-def _read_usage(payload: bytes | bytearray, into: Usage) -> None:
+def _read_usage(payload: Bytes, into: Usage) -> None:
     """The usage in a JSON answer or event, if it has any; anything malformed is ignored."""
     try:
         doc = _WITH_USAGE.decode(payload)
@@ -80,86 +68,70 @@ def _read_usage(payload: bytes | bytearray, into: Usage) -> None:
 
 
 class UsageReader:
+    """The usage in an answer, and how many SSE data events it had."""
+
+    edits: ClassVar[bool] = False
+
     def __init__(self, streaming: bool) -> None:
         self.streaming = streaming
         self.usage = Usage()
-        self._body = bytearray()
-        self.truncated = False
-        # The unfinished line: its pieces, their length, and whether it outgrew MAX_LINE
-        # (then only its start is kept, to count it as an event).
-        self._pieces: list[bytes] = []
-        self._held = 0
-        self._overlong = False
-        self.lines_too_long = 0  # lines not read for their size
+        self.truncated = False  # the JSON body was too long to hold: not read
+        self.lines_too_long = 0  # lines passed on in parts, so not read
         # SSE data events seen: a stand-in for output tokens when the server sends no usage.
         self.events = 0
+        # The first bytes (enough to tell a data line) of a line being passed on in parts.
+        self._open_head: bytes | None = None
 
-    @property
-    def held_bytes(self) -> int:
-        return len(self._body) + self._held
-
-    def feed(self, chunk: bytes) -> None:
-        if not self.streaming:
-            if not self.truncated and len(self._body) + len(chunk) <= MAX_BUFFERED_BODY:
-                self._body += chunk
-            else:
-                self.drop_held()  # too long to parse: nothing kept for it
-            return
-        lines = chunk.split(b"\n")
-        rest = lines.pop()  # an unfinished line waits for the next chunk
-        for line in lines:
-            if self._pieces:
-                self._hold(line)
-                line = self._take_line()
-            self._line(line)
-        if rest:
-            self._hold(rest)
-
-    def drop_held(self) -> None:
-        """Stop buffering (no memory left for it): the body, or the unfinished line, will
-        not be read for usage."""
-        self._body = bytearray()
-        self.truncated = True
-        if self._pieces and not self._overlong:
-            self._skip_line()
-
-    def _skip_line(self) -> None:
-        # Only the line's start is kept (not counted as held), to count it as an event.
-        self._pieces, self._held, self._overlong = [_head(self._pieces)], 0, True
-
-    def _hold(self, piece: bytes) -> None:
-        if self._overlong:
-            return
-        if self._held + len(piece) > MAX_LINE:
-            self._pieces.append(piece)
-            self._skip_line()
-            return
-        self._pieces.append(piece)
-        self._held += len(piece)
-
-    def _take_line(self) -> bytes:
-        line = b"".join(self._pieces)
-        if self._overlong:
-            self.lines_too_long += 1
-            # Counted as an event, but not read: truncated JSON carries no usage.
-            line = line[: len(_DATA)]
-        self._pieces, self._held, self._overlong = [], 0, False
-        return line
-
-    def _line(self, line: bytes) -> None:
-        if not line.startswith(_DATA):
-            return
-        self.events += 1
-        if b'"usage"' not in line:
-            return
-        payload = line[5:].strip()
-        if payload != b"[DONE]":
-            _read_usage(payload, self.usage)
-
-    def finish(self) -> Usage:
+    def event(self, data: Bytes) -> Bytes:
         if self.streaming:
-            if self._pieces:
-                self._line(self._take_line())
-        elif self._body and not self.truncated:
-            _read_usage(self._body, self.usage)
-        return self.usage
+            self._lines(data, 0, len(data))
+        else:
+            _read_usage(data, self.usage)
+        return data
+
+    def part(self, data: Bytes, line_open: bool) -> Bytes:
+        if not self.streaming:
+            self.truncated = True
+            return data
+        start = 0
+        if self._open_head is not None:
+            nl = data.find(b"\n")
+            wanted = len(_DATA) - len(self._open_head)
+            if wanted > 0:
+                self._open_head += bytes(data[: wanted if nl < 0 else min(wanted, nl)])
+            if nl < 0:
+                return data
+            self._close_open_line()
+            start = nl + 1
+        end = data.rfind(b"\n", start) + 1 if line_open else len(data)
+        if line_open and end == 0:
+            end = start  # no newline after `start`: the whole rest is the open line
+        self._lines(data, start, end)
+        if line_open:
+            self._open_head = bytes(data[end : end + len(_DATA)])
+        return data
+
+    def flush(self) -> bytes:
+        if self._open_head is not None:
+            self._close_open_line()
+        return b""
+
+    def _close_open_line(self) -> None:
+        # Counted as an event, but not read: part of a JSON text carries no usage.
+        self.lines_too_long += 1
+        if self._open_head is not None and self._open_head.startswith(_DATA):
+            self.events += 1
+        self._open_head = None
+
+    def _lines(self, data: Bytes, start: int, end: int) -> None:
+        """Read the lines of data[start:end] (the last may lack its newline)."""
+        while start < end:
+            nl = data.find(b"\n", start, end)
+            stop = end if nl < 0 else nl
+            if data.startswith(_DATA, start, stop):
+                self.events += 1
+                if data.find(b'"usage"', start, stop) >= 0:
+                    payload = bytes(data[start + len(_DATA) : stop]).strip()
+                    if payload != b"[DONE]":
+                        _read_usage(payload, self.usage)
+            start = stop + 1
