@@ -281,3 +281,31 @@ def test_any_bytes_pass_whole_with_only_the_name_rewritten(streaming, cap, chunk
     chain = ResponseChain([UsageReader(streaming), ModelNameRewriter("s", "a")], streaming, cap)
     out = through(chain, chunks)
     assert out == b"".join(chunks).replace(b'"model":"s"', b'"model":"a"')
+
+
+# ---- through the ext_proc stream -------------------------------------------------------------
+
+
+async def test_the_picker_strips_the_usage_event_it_asked_for_however_envoy_cuts_the_answer():
+    from epp.body_budget import BodyBudget
+    from epp.extproc import _Stream
+    from tests import extproc_client as ec
+    from tests.director_fixtures import director_with, limited_route
+
+    token, done = b'data: {"choices":[{"text":"a"}]}\n\n', b"data: [DONE]\n\n"
+    sent = token + USAGE_EVENT + done
+    for cut in range(1, len(sent)):
+        budget = BodyBudget()
+        stream = _Stream(director_with(limited_route(outputTokensPerUnit=50)), budget)
+        stream.on_request_headers(ec.headers())
+        await stream.on_request_body(ec.body({"model": "m", "prompt": "hi", "stream": True}))
+        assert stream.req.strip_usage  # the picker asked for the usage event
+        stream.on_response_headers(ec.response_headers(content_type="text/event-stream"))
+        out = [*stream.on_response_body(ec.response_body(sent[:cut], False))]
+        out += stream.on_response_body(ec.response_body(sent[cut:], True))
+        got = ec.streamed_bodies(out, "response_body")
+        assert b"".join(body for body, _ in got) == token + done, cut
+        assert [eos for _, eos in got][-1] is True
+        assert stream.usage.usage.completion_tokens == 2
+        stream.close()
+        assert budget.held == 0
