@@ -2,7 +2,8 @@
 
 Request: headers are held until the body's end of stream, then the picker answers the
 headers (destination) and echoes the body. Response: the served endpoint is added as a
-header, chunks are echoed as they come while usage and timing are read on the side.
+header, and the body goes through the answer's response chain (`epp/response/`: usage read on
+the side, and the edits the request needs) while timing is read.
 """
 
 from __future__ import annotations
@@ -21,10 +22,8 @@ from epp.body_budget import BodyBudget
 from epp.director import Director
 from epp.errors import PickerError
 from epp.request import InferenceRequest, parse_request
-from epp.routing.rewrite import ModelNameRewriter
-from epp.routing.usage_strip import UsageEventStripper
+from epp.response import MAX_HELD, ResponseChain, UsageReader, response_chain
 from epp.scheduling.framework import ResponseInfo
-from epp.usage import MAX_LINE, UsageReader
 
 log = logging.getLogger("epp.extproc")
 
@@ -40,7 +39,7 @@ class _Stream:
         self.director = director
         self.budget = budget or BodyBudget()
         self.charged = 0  # bytes taken from the budget, given back when the stream ends
-        self.usage_charged = 0  # the part of it the usage reader buffers
+        self.response_charged = 0  # the part of it the response chain holds
         self.headers: dict[str, str] = {}
         self.subset: list[str] | None = None
         self.body = bytearray()
@@ -50,12 +49,11 @@ class _Stream:
         self.dispatched = 0.0
         self.status = 0
         self.served: str | None = None
-        self.usage: UsageReader | None = None
+        self.response: ResponseChain | None = None
+        self.usage: UsageReader | None = None  # the chain's usage stage
         self.first_chunk: float | None = None
         self.last_chunk: float | None = None
         self.finished = False
-        self.rewrite: ModelNameRewriter | None = None
-        self.stripper: UsageEventStripper | None = None
 
     # ---- request phase ---------------------------------------------------------------
 
@@ -104,10 +102,6 @@ class _Stream:
         await self.director.admit(req, self.subset)
         self.req = req
         out_body = req.body_for_upstream()
-        if req.target_model != req.model:
-            self.rewrite = ModelNameRewriter(req.target_model, req.model)
-        if req.strip_usage:
-            self.stripper = UsageEventStripper()
         self.dispatched = time.monotonic()
         # Chunks are built as they are sent, not all at once beside the body.
         return itertools.chain(
@@ -127,14 +121,20 @@ class _Stream:
             self.req.targets[0] if self.req and self.req.targets else None
         )
         streaming = "text/event-stream" in headers.get("content-type", "")
-        self.usage = UsageReader(streaming)
+        req = self.req
+        self.response, self.usage = response_chain(
+            streaming,
+            strip_usage=bool(req and req.strip_usage),
+            served=req.target_model if req else "",
+            asked=req.model if req else "",
+        )
         if msg.response_headers.end_of_stream:
             self.finish()
         # Otherwise the request ends with the body's end of stream or, when the proxy keeps
         # response bodies away from the picker, when the proxy closes this stream.
         return [protocol.served_headers(self.served)]
 
-    def on_response_body(self, msg: pb.ProcessingRequest) -> list[pb.ProcessingResponse]:
+    def on_response_body(self, msg: pb.ProcessingRequest) -> Iterable[pb.ProcessingResponse]:
         chunk = msg.response_body
         now = time.monotonic()
         data = chunk.body
@@ -142,26 +142,23 @@ class _Stream:
             if self.first_chunk is None:
                 self.first_chunk = now
             self.last_chunk = now
-            if self.usage is not None:
-                self.usage.feed(data)
-                self._account_usage()
-        if self.rewrite is not None:
-            data = self.rewrite.feed(data)
+        out: list[bytes | bytearray] = [data]
+        if self.response is not None:
+            out = self.response.feed(data)
+            out += self._account_held()
             if chunk.end_of_stream:
-                data += self.rewrite.flush()
-        if self.stripper is not None and self.usage is not None and self.usage.streaming:
-            data = self.stripper.feed(data)
-            if chunk.end_of_stream:
-                data += self.stripper.flush()
+                out += self.response.flush()
         if chunk.end_of_stream:
             self.finish()
-        return [protocol.response_chunk(data, chunk.end_of_stream)]
+        return protocol.response_body_chunks(out, chunk.end_of_stream)
 
-    def _account_usage(self) -> None:
-        """Charge the budget for what reading usage buffers; past it, stop buffering."""
-        held = self.usage.held_bytes
-        if held > self.usage_charged and not self.budget.fits(held - self.usage_charged):
-            self.usage.drop_held()
+    def _account_held(self) -> list[bytes | bytearray]:
+        """Charge the budget for what the response chain holds; past it, the chain passes it
+        on unread (returned here) and usage goes unread."""
+        out: list[bytes | bytearray] = []
+        held = self.response.held_bytes
+        if held > self.response_charged and not self.budget.fits(held - self.response_charged):
+            out = self.response.release()
             self.director.metrics.bad_requests.labels("response_over_budget").inc()
             log.warning(
                 "ext_proc: the request bytes budget is spent: the usage of the answer to %s "
@@ -169,20 +166,23 @@ class _Stream:
                 self.req.request_id if self.req else "?",
                 self.served,
             )
-            held = self.usage.held_bytes
-        delta, self.usage_charged = held - self.usage_charged, held
+            held = self.response.held_bytes
+        delta, self.response_charged = held - self.response_charged, held
         if delta > 0:
             self._charge(delta)
         else:
             self.budget.give(-delta)
             self.charged += delta
+        return out
 
     def finish(self, cancelled: bool = False) -> None:
         if self.finished or self.req is None:
             self.finished = True
             return
         self.finished = True
-        usage = self.usage.finish() if self.usage else None
+        if self.response is not None:
+            self.response.flush()  # the last event is read (passed on only at end of stream)
+        usage = self.usage.usage if self.usage else None
         if self.usage is not None and self.usage.lines_too_long:
             self.director.metrics.bad_requests.labels("response_line_too_long").inc(
                 self.usage.lines_too_long
@@ -193,7 +193,7 @@ class _Stream:
                 self.usage.lines_too_long,
                 self.req.request_id,
                 self.served,
-                MAX_LINE,
+                MAX_HELD,
             )
         # Without usage (the client left mid-answer, or the engine sends none), a streamed
         # answer's events count its tokens: one a token, less [DONE] (or a role-only first

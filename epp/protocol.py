@@ -8,7 +8,7 @@ go back in chunks of at most 62,000 bytes, errors are ImmediateResponses.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 from envoy.config.core.v3 import base_pb2 as core
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
@@ -89,6 +89,27 @@ def _request_chunk(data: bytes, eos: bool) -> pb.ProcessingResponse:
             )
         )
     )
+
+
+def response_body_chunks(
+    pieces: Sequence[bytes | bytearray], eos: bool
+) -> Iterator[pb.ProcessingResponse]:
+    """The answer's bytes passed on now, in streamed chunks of at most MAX_CHUNK bytes, each
+    built when it is asked for; the last carries `eos`. Nothing to pass on is one empty chunk."""
+    last: bytes | None = None
+    for piece in pieces:
+        if not piece:
+            continue
+        if isinstance(piece, bytes) and len(piece) <= MAX_CHUNK:
+            slices: Iterator[bytes] = iter((piece,))
+        else:
+            view = memoryview(piece)
+            slices = (bytes(view[i : i + MAX_CHUNK]) for i in range(0, len(piece), MAX_CHUNK))
+        for data in slices:
+            if last is not None:
+                yield response_chunk(last, False)
+            last = data
+    yield response_chunk(b"" if last is None else last, eos)
 
 
 def response_chunk(data: bytes, eos: bool) -> pb.ProcessingResponse:

@@ -350,7 +350,7 @@ async def test_answers_buffered_for_their_usage_are_charged_and_dropped_past_the
         stream.on_response_body(ec.response_body(usage + b"p" * 400_000, eos=False))
         streams.append(stream)
         assert budget.held <= budget.limit
-    assert streams[0].usage.held_bytes > 400_000 and streams[2].usage.held_bytes == 0
+    assert streams[0].response.held_bytes > 400_000 and streams[2].response.held_bytes == 0
     for stream in streams:
         stream.on_response_body(ec.response_body(b'"}', eos=True))
         stream.close()

@@ -1,10 +1,10 @@
 """Model routing in the picker: which ModelRoute rule matches, weighted ModelServer choice,
-the pods a server selects, the model name sent to the engine, and the errors a client sees;
-and the response rewriter that gives the client its model name back across chunk splits."""
+the pods a server selects, the model name sent to the engine, and the errors a client sees.
+(The response rewriter that gives the client its model name back is in
+test_epp_response_chain.py.)"""
 
 from __future__ import annotations
 
-import json
 import random
 from collections import Counter
 
@@ -12,7 +12,6 @@ import pytest
 
 from epp.datastore import Endpoint
 from epp.errors import PickerError
-from epp.routing.rewrite import ModelNameRewriter
 from epp.routing.table import RouteTable
 
 NET = "networking.infergate.io/v1alpha1"
@@ -195,36 +194,3 @@ def test_invalid_objects_are_left_out_with_a_log(caplog):
     t = table(bad, route("good", modelName="other"))
     assert t.route_for("llama") is None and t.route_for("other") is not None
     assert "ignoring ModelRoute bad" in caplog.text and "weight" in caplog.text
-
-
-# ---- the response rewriter ------------------------------------------------------------
-
-
-def rewrite_in_chunks(text: bytes, size: int, served="llama-3-8b", asked="llama") -> bytes:
-    r = ModelNameRewriter(served, asked)
-    out = b"".join(r.feed(text[i : i + size]) for i in range(0, len(text), size))
-    return out + r.flush()
-
-
-@pytest.mark.parametrize("size", [1, 2, 3, 5, 7, 13, 1000])
-def test_rewriting_back_survives_any_chunk_split(size):
-    events = b"".join(
-        b"data: "
-        + json.dumps(
-            {"id": i, "model": "llama-3-8b", "choices": []}, separators=(",", ":")
-        ).encode()
-        + b"\n\n"
-        for i in range(3)
-    )
-    body = json.dumps({"model": "llama-3-8b", "x": 1}).encode()  # `"model": "..."` spacing
-    out = rewrite_in_chunks(events + body, size)
-    assert out.count(b'"model":"llama"') == 3 and b'"model": "llama"' in out
-    assert b"llama-3-8b" not in out
-
-
-def test_the_rewriter_holds_back_only_a_possible_start_of_the_pattern():
-    r = ModelNameRewriter("llama-3-8b", "llama")
-    assert r.feed(b'data: {"id":1}\n\n') == b'data: {"id":1}\n\n'  # nothing held: no delay
-    assert r.feed(b'data: {"mod') == b"data: {"
-    assert r.feed(b'el":"llama-3-8b"}') == b'"model":"llama"}'
-    assert r.flush() == b""

@@ -18,7 +18,7 @@ from epp.flowcontrol import FlowControlConfig
 from epp.gatekeeper import Gatekeeper
 from epp.metrics import PickerMetrics
 from epp.request_body import StreamOptions
-from epp.routing.usage_strip import UsageEventStripper
+from epp.response import response_chain
 from epp.scheduling.config import load_config
 from epp.scheduling.framework import ResponseInfo
 from tests.director_fixtures import (
@@ -165,10 +165,9 @@ def test_the_usage_event_is_removed_across_any_split():
         b"data: [DONE]\n\n"
     )
     for size in (1, 4, 9, 50, 1000):
-        s = UsageEventStripper()
-        out = (
-            b"".join(s.feed(events[i : i + size]) for i in range(0, len(events), size)) + s.flush()
-        )
+        chain, _usage = response_chain(streaming=True, strip_usage=True)
+        parts = [chain.feed(events[i : i + size]) for i in range(0, len(events), size)]
+        out = b"".join(b"".join(p) for p in [*parts, chain.flush()])
         assert out == events.replace(
             b'data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2}}\n\n', b""
         )

@@ -1,4 +1,5 @@
-"""epp/usage.py: UsageReader takes token usage from a streamed or buffered answer."""
+"""epp/response/usage.py: UsageReader, a stage of the response chain, takes token usage from a
+streamed or buffered answer."""
 
 from __future__ import annotations
 
@@ -9,10 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from epp import usage as usage_mod
-from epp.usage import Usage, UsageReader
+from epp.response.chain import MAX_HELD, ResponseChain
+from epp.response.usage import Usage, UsageReader
 from tests.allocations import peak_allocated
-from tests.fuzzing import fuzz_settings
 
 
 def sse(*events) -> bytes:
@@ -39,11 +39,17 @@ CHAT_STREAM = sse(
 EXPECTED = Usage(prompt_tokens=12, completion_tokens=7, cached_tokens=4)
 
 
-def read(streaming: bool, *chunks: bytes) -> Usage:
+def reader_over(chunks, streaming: bool, cap: int = MAX_HELD) -> UsageReader:
     r = UsageReader(streaming)
+    chain = ResponseChain([r], streaming, cap)
     for c in chunks:
-        r.feed(c)
-    return r.finish()
+        assert chain.feed(c) == ([c] if c else [])  # a reader passes each chunk on at once
+    assert chain.flush() == []
+    return r
+
+
+def read(streaming: bool, *chunks: bytes) -> Usage:
+    return reader_over(chunks, streaming).usage
 
 
 # ---- streaming ----------------------------------------------------------------------------
@@ -187,26 +193,32 @@ def test_non_streaming_garbage_reports_nothing(body):
     assert read(False, body) == Usage()
 
 
-def test_non_streaming_body_over_the_cap_is_not_parsed(monkeypatch):
-    monkeypatch.setattr(usage_mod, "MAX_BUFFERED_BODY", 64)
-    r = UsageReader(False)
+def test_non_streaming_body_over_the_cap_is_not_parsed():
     half = len(NON_STREAMING) // 2
-    r.feed(NON_STREAMING[:half])
-    r.feed(NON_STREAMING[half:])
+    r = reader_over([NON_STREAMING[:half], NON_STREAMING[half:]], False, cap=64)
     assert r.truncated
-    assert r.finish() == Usage()
+    assert r.usage == Usage()
 
 
-def test_non_streaming_body_exactly_at_the_cap_is_parsed(monkeypatch):
-    monkeypatch.setattr(usage_mod, "MAX_BUFFERED_BODY", len(NON_STREAMING))
-    r = UsageReader(False)
-    r.feed(NON_STREAMING)
+def test_non_streaming_body_exactly_at_the_cap_is_parsed():
+    r = reader_over([NON_STREAMING], False, cap=len(NON_STREAMING))
     assert not r.truncated
-    assert r.finish() == EXPECTED
+    assert r.usage == EXPECTED
 
 
 def test_default_cap_is_a_few_megabytes():
-    assert usage_mod.MAX_BUFFERED_BODY == 4 * 1024 * 1024
+    assert MAX_HELD == 4 * 1024 * 1024
+
+
+def test_a_streamed_line_over_the_cap_is_counted_not_read_and_the_next_line_is():
+    usage = b'data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2}}\n'
+    long_usage = b'data: {"usage":{"prompt_tokens":9,' + b" " * 100 + b'"completion_tokens":9}}\n'
+    body = long_usage + usage + b"\n" + long_usage + b"data: [DONE]\n\n"
+    # (The cap bounds what is held: a line that arrives whole in one chunk is read, as before.)
+    for size in (1, 7, 64):
+        r = reader_over([body[i : i + size] for i in range(0, len(body), size)], True, cap=80)
+        assert r.usage == Usage(3, 2, None), size
+        assert (r.lines_too_long, r.events) == (2, 4), size
 
 
 # ---- properties ---------------------------------------------------------------------------
@@ -260,80 +272,34 @@ def newline_less_chunks():
 
 def test_a_16_mib_stream_without_newlines_holds_a_bounded_tail():
     reader = UsageReader(True)
+    chain = ResponseChain([reader], streaming=True)
     most_held = 0
 
     def feed():
         nonlocal most_held
         for chunk in newline_less_chunks():
-            reader.feed(chunk)
-            most_held = max(most_held, reader.held_bytes)
+            chain.feed(chunk)
+            most_held = max(most_held, chain.held_bytes)
 
     peak = peak_allocated(feed)
-    assert most_held <= usage_mod.MAX_LINE
-    # The line held and one chunk, with room for the pieces' list: never the whole stream.
-    assert peak < usage_mod.MAX_LINE + 8 * STREAM_CHUNK
-    reader.feed(b'\ndata: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2}}\n')
-    assert reader.finish() == Usage(prompt_tokens=3, completion_tokens=2)
+    assert most_held <= MAX_HELD
+    # The line held (until it outgrows the cap) and a chunk: never the whole stream.
+    assert peak < MAX_HELD + 8 * STREAM_CHUNK
+    chain.feed(b'\ndata: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2}}\n')
+    chain.flush()
+    assert reader.usage == Usage(prompt_tokens=3, completion_tokens=2)
     assert reader.lines_too_long == 1 and reader.events == 2  # the long line still counted
 
 
-def test_the_usage_stripper_passes_a_16_mib_event_through_holding_a_bounded_part():
-    from epp.routing.usage_strip import MAX_USAGE_EVENT, UsageEventStripper
-
-    stripper = UsageEventStripper()
-    passed = most_held = 0
-
-    def feed():
-        nonlocal passed, most_held
-        for chunk in newline_less_chunks():
-            passed += len(stripper.feed(chunk))
-            most_held = max(most_held, stripper.held_bytes)
-
-    peak = peak_allocated(feed)
-    assert most_held <= MAX_USAGE_EVENT
-    assert peak < MAX_USAGE_EVENT + 8 * STREAM_CHUNK
-    assert passed == STREAM_BYTES  # nothing of the long event is lost
-    usage = b'\n\ndata: {"choices":[],"usage":{"completion_tokens":2}}\n\ndata: [DONE]\n\n'
-    assert stripper.feed(usage) + stripper.flush() == b"\n\ndata: [DONE]\n\n"
-
-
-def test_the_model_rewriter_holds_no_more_than_a_pattern_on_a_16_mib_stream():
-    from epp.routing.rewrite import ModelNameRewriter
-
-    rewriter = ModelNameRewriter("served-model", "asked")
-    passed = 0
-
-    def feed():
-        nonlocal passed
-        for chunk in newline_less_chunks():
-            passed += len(rewriter.feed(chunk))
-
-    peak = peak_allocated(feed)
-    assert peak < 8 * STREAM_CHUNK
-    assert passed + len(rewriter.flush()) == STREAM_BYTES
-
-
-@pytest.mark.parametrize("size", [1, 2, 3, 7, 1000])
-def test_the_stripper_finds_a_separator_split_across_chunks_after_a_long_event(size, monkeypatch):
-    from epp.routing import usage_strip
-
-    monkeypatch.setattr(usage_strip, "MAX_USAGE_EVENT", 64)  # above the usage event
-    usage = b'data: {"choices":[],"usage":{"completion_tokens":2}}\n\n'
-    stream = b"data: " + b"y" * 100 + b"\n\n" + usage + b"data: [DONE]\n\n"
-    s = usage_strip.UsageEventStripper()
-    out = b"".join(s.feed(stream[i : i + size]) for i in range(0, len(stream), size))
-    assert out + s.flush() == stream.replace(usage, b"")
-
-
 def test_a_4_mib_answer_of_empty_objects_is_read_without_an_object_tree():
-    pad = b",".join([b"{}"] * (usage_mod.MAX_BUFFERED_BODY // 3 - 100))
+    pad = b",".join([b"{}"] * (MAX_HELD // 3 - 100))
     answer = b'{"choices":[' + pad + b'],"usage":{"prompt_tokens":3,"completion_tokens":2}}'
     reader = UsageReader(False)
-    reader.feed(answer)
+    chain = ResponseChain([reader], streaming=False)
+    chain.feed(answer)
     del pad
-    got = []
-    peak = peak_allocated(lambda: got.append(reader.finish()))
-    assert got == [Usage(prompt_tokens=3, completion_tokens=2)]
+    peak = peak_allocated(chain.flush)
+    assert reader.usage == Usage(prompt_tokens=3, completion_tokens=2)
     assert peak < len(answer)  # json.loads held ~25 times the answer
 
 
@@ -349,34 +315,3 @@ def test_a_4_mib_answer_of_empty_objects_is_read_without_an_object_tree():
 def test_hostile_usage_from_a_pod_is_ignored(event):
     assert read(True, b"data: " + event + b"\n\n") == Usage()
     assert read(False, event) == Usage()
-
-
-USAGE_EVENT = b'data: {"choices":[],"usage":{"completion_tokens":2}}\n\n'
-stream_events = st.lists(
-    st.one_of(
-        st.just(USAGE_EVENT),
-        st.binary(max_size=600).map(
-            lambda b: b"data: " + b.replace(b"\n", b" ").replace(b"usage", b"u") + b"\n\n"
-        ),
-    ),
-    max_size=8,
-)
-
-
-@pytest.mark.fuzz
-@fuzz_settings(300)
-@given(events=stream_events, cuts=st.lists(st.integers(0, 6000), max_size=8))
-def test_the_stripper_removes_exactly_the_usage_events_however_the_stream_is_cut(events, cuts):
-    from epp.routing import usage_strip
-
-    stream = b"".join(events)
-    bounds = sorted({0, len(stream), *(c % (len(stream) + 1) for c in cuts)})
-    original = usage_strip.MAX_USAGE_EVENT
-    usage_strip.MAX_USAGE_EVENT = 200  # long events pass through as they come
-    try:
-        s = usage_strip.UsageEventStripper()
-        out = b"".join(s.feed(stream[a:b]) for a, b in itertools.pairwise(bounds)) + s.flush()
-        assert s.held_bytes == 0
-    finally:
-        usage_strip.MAX_USAGE_EVENT = original
-    assert out == b"".join(e for e in events if e != USAGE_EVENT)

@@ -1,0 +1,27 @@
+"""The answer on its way back to the client: one framer (`chain.py`) feeds a chain of stages
+that read usage (`usage.py`), remove the usage event the picker asked for (`strip_usage.py`)
+and give the client back the model name it asked for (`rewrite.py`)."""
+
+from __future__ import annotations
+
+from epp.response.chain import MAX_HELD, Bytes, ResponseChain, Stage
+from epp.response.rewrite import ModelNameRewriter
+from epp.response.strip_usage import UsageEventStripper
+from epp.response.usage import Usage, UsageReader
+
+__all__ = ["MAX_HELD", "Bytes", "ResponseChain", "Usage", "UsageReader", "response_chain"]
+
+
+def response_chain(
+    streaming: bool, *, strip_usage: bool = False, served: str = "", asked: str = ""
+) -> tuple[ResponseChain, UsageReader]:
+    """The chain one answer needs, and its usage reader (read it after `flush`). Usage is
+    always read; the usage event is removed only from a stream the picker asked it of; the
+    model name is rewritten when the engine serves it under another name (`served`)."""
+    usage = UsageReader(streaming)
+    stages: list[Stage] = [usage]  # first: it reads what the engine sent
+    if strip_usage and streaming:
+        stages.append(UsageEventStripper())
+    if served != asked:
+        stages.append(ModelNameRewriter(served, asked))  # last: it may hold a tail back
+    return ResponseChain(stages, streaming), usage
