@@ -15,7 +15,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import Gauge
 
 from api import yaml_files
-from epp import tls
+from cluster import certs
 from epp.body_budget import BodyBudget
 from epp.datastore import Datastore
 from epp.director import Director, DirectorOptions
@@ -200,7 +200,7 @@ async def serve(opts: PickerOptions, ready: asyncio.Event | None = None) -> None
     )
     address = f"{opts.host}:{opts.grpc_port}"
     if opts.secure_serving:
-        cert, key = tls.load_cert_dir(opts.cert_path) if opts.cert_path else tls.self_signed()
+        cert, key = certs.read_cert_dir(opts.cert_path) if opts.cert_path else certs.self_signed()
         server.add_secure_port(address, grpc.ssl_server_credentials([(key, cert)]))
     else:
         server.add_insecure_port(address)
