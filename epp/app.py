@@ -6,7 +6,6 @@ import asyncio
 import logging
 import os
 import signal
-import sys
 
 import grpc
 from aiohttp import web
@@ -14,7 +13,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pbg
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import Gauge
 
-from api import yaml_files
+from api import logs, yaml_files
 from cluster import certs
 from epp.body_budget import BodyBudget
 from epp.datastore import Datastore
@@ -281,11 +280,7 @@ def _run(coro) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     opts = parse_options(argv)
-    logging.basicConfig(
-        level=opts.log_level.upper(),
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    logs.configure(opts.log_level)
     try:
         _run(serve(opts))
     except (ConfigError, FileProviderError, KubernetesProviderError, FileNotFoundError) as exc:

@@ -64,6 +64,7 @@ TEXT_GLOBS = (
 # Plan §6: test file -> its folder mirroring the package it tests. Files not listed stay where
 # they are (helpers, cross-cutting suites, tests/e2e/); the script lists unlisted test files.
 TEST_MOVES = {
+    "tests/test_api_logs.py": "tests/api/test_logs.py",
     "tests/test_auth.py": "tests/stack/test_auth.py",
     "tests/test_bench_fairness.py": "tests/bench/test_fairness.py",
     "tests/test_bench_pd.py": "tests/bench/test_pd.py",
