@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-import sys
 
 from aiohttp import web
 
+from api import logs
 from connector.allowlist import Allowlist
 from connector.options import ConnectorOptions, parse_options
 from connector.server import ConnectorProxy
@@ -52,11 +52,7 @@ async def serve(opts: ConnectorOptions) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     opts = parse_options(argv)
-    logging.basicConfig(
-        level=opts.log_level.upper(),
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    logs.configure(opts.log_level)
     try:
         asyncio.run(serve(opts))
     except OSError as exc:

@@ -6,6 +6,8 @@ import argparse
 import os
 from dataclasses import dataclass
 
+from api import logs
+
 CONNECTORS = ("nixl", "mooncake", "http", "lmcache", "sglang")
 # llm-d's sidecar calls the same protocol nixlv2; accept its spelling too.
 ALIASES = {"nixlv2": "nixl"}
@@ -148,7 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
         "sent it before noticing fails over as for an unreachable prefiller instead of being "
         f"refused (default {d.prefiller_grace:g})",
     )
-    p.add_argument("--log-level", default=d.log_level, help="debug, info, warning, error")
+    p.add_argument(
+        "--log-level", type=logs.level_name, default=d.log_level, help="debug, info, warning, error"
+    )
     return p
 
 

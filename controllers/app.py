@@ -18,6 +18,7 @@ from pathlib import Path
 
 from prometheus_client import start_http_server
 
+from api import logs
 from controllers.autoscaler import AutoscalerReconciler
 from controllers.model import ModelReconciler
 from controllers.modelinfer import ModelInferReconciler
@@ -120,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-port", type=int, default=9091)
     p.add_argument("--webhook-port", type=int, default=0, help="serve the admission webhook")
     p.add_argument("--webhook-cert-dir", type=Path, help="tls.crt and tls.key (default: generated)")
-    p.add_argument("--log-level", default="info")
+    p.add_argument("--log-level", type=logs.level_name, default="info")
     return p
 
 
@@ -263,8 +264,6 @@ async def _stop_when(lost: asyncio.Event, stop: asyncio.Event) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logs.configure(args.log_level)
     asyncio.run(serve(args))
     return 0

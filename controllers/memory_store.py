@@ -94,7 +94,7 @@ class MemoryStore:
         obj = self._objects.get((kind.kind, self._ns(kind, namespace), name))
         if obj is None:
             raise NotFound(f'{kind.plural} "{name}" not found')
-        return _scale_of(obj)
+        return scale_of(obj)
 
     async def set_scale(self, kind: Kind, namespace: str, name: str, replicas: int) -> Obj:
         if not isinstance(replicas, int) or isinstance(replicas, bool) or replicas < 0:
@@ -107,7 +107,7 @@ class MemoryStore:
         new.setdefault("spec", {})["replicas"] = replicas
         if new["spec"] != current.get("spec"):
             new["metadata"]["generation"] = current["metadata"].get("generation", 1) + 1
-        return _scale_of(self._write(key, new, "MODIFIED"))
+        return scale_of(self._write(key, new, "MODIFIED"))
 
     # ---- watch --------------------------------------------------------------------------
 
@@ -228,9 +228,10 @@ class MemoryStore:
         self._changed = asyncio.Event()
 
 
-def _scale_of(obj: Obj) -> Obj:
+def scale_of(obj: Obj) -> Obj:
     """.spec.replicas, .status.replicas and .status.labelSelector as a Scale, the paths
-    ModelInfer's CRD declares for its scale subresource."""
+    ModelInfer's CRD declares for its scale subresource (as the API server answers; the test
+    API emulator, tests/kubeapi.py, answers with this too)."""
     meta, status = obj["metadata"], obj.get("status") or {}
     fields = ("name", "namespace", "uid", "resourceVersion", "creationTimestamp")
     scale = {

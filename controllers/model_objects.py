@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import copy
 import json
-from typing import Any
+from typing import Any, overload
 
 import msgspec
 
@@ -102,7 +102,11 @@ def _namespace(model: Model) -> str:
     return model.metadata.namespace or "default"
 
 
-def _plain(value: ApiStruct | None) -> Any:
+@overload
+def _plain(value: ApiStruct) -> dict[str, Any]: ...
+@overload
+def _plain(value: None) -> None: ...
+def _plain(value: ApiStruct | None) -> dict[str, Any] | None:
     """A typed part of the Model as it goes into a pod (a core kind, kept as a dict)."""
     return None if value is None else msgspec.to_builtins(value)
 

@@ -40,7 +40,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, g
 
 import api
 from api import networking
-from controllers import certs
+from cluster import certs
 from controllers.store import NAMESPACE, Store
 
 log = logging.getLogger("controllers.webhook")
@@ -52,6 +52,16 @@ VALIDATED_OPERATIONS = ("CREATE", "UPDATE")
 # An AdmissionReview carries the object twice on UPDATE; etcd keeps objects up to 1.5 MiB.
 MAX_BODY_BYTES = 8 * 1024 * 1024
 CERT_RELOAD_SECONDS = 30.0
+# The names the API server uses to reach the webhook Service (gateway-manifests/webhook.yaml):
+# a certificate made without a cert dir names them, and localhost for tests and standalone mode.
+SERVICE_NAMES = (
+    "infergate-controllers",
+    "infergate-controllers.infergate-system",
+    "infergate-controllers.infergate-system.svc",
+    "infergate-controllers.infergate-system.svc.cluster.local",
+)
+CERT_HOSTS = ("localhost", "127.0.0.1", *SERVICE_NAMES)
+CERT_COMMON_NAME = "infergate-controllers"
 
 # The CRDs' transition rules (`self == oldSelf` on a field): (apiVersion, kind) → the field's
 # path and the rule's message, word for word. As in the API server, a rule applies when the
@@ -317,6 +327,13 @@ def build_app(
 # ---- serving ------------------------------------------------------------------------------------
 
 
+def webhook_cert(*extra_hosts: str) -> certs.ServingCert:
+    """A throwaway CA and a certificate it signs for the Service's names, localhost and
+    `extra_hosts`: what the webhook serves without a cert dir, and what to put in its Secret
+    by hand without cert-manager (gateway-manifests/webhook.yaml)."""
+    return certs.serving_cert((*extra_hosts, *CERT_HOSTS), CERT_COMMON_NAME)
+
+
 def _ssl_context(
     cert_dir: Path | None, host: str
 ) -> tuple[ssl.SSLContext, tuple[Path, Path] | None]:
@@ -324,13 +341,10 @@ def _ssl_context(
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     if cert_dir is not None:
-        files = certs.load_cert_dir(cert_dir)
+        files = certs.cert_files(cert_dir)
         ctx.load_cert_chain(*files)
         return ctx, files
-    hosts = certs.DEFAULT_HOSTS
-    if host and host not in ("0.0.0.0", "::"):
-        hosts = (host, *hosts)
-    generated = certs.serving_cert(hosts)
+    generated = webhook_cert(*([host] if host and host not in ("0.0.0.0", "::") else []))
     with tempfile.TemporaryDirectory() as tmp:  # ssl loads keys from files only
         written = generated.write(Path(tmp))
         ctx.load_cert_chain(written / "tls.crt", written / "tls.key")

@@ -10,7 +10,6 @@ import asyncio
 import logging
 import os
 import signal
-import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -20,8 +19,8 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pbg
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import Gauge
 
-from api import yaml_files
-from epp import tls
+from api import logs, yaml_files
+from cluster import certs
 from epp.body_budget import BodyBudget
 from epp.datastore import Datastore
 from epp.director import Director, DirectorOptions
@@ -351,7 +350,7 @@ def _extproc_server(opts: PickerOptions, director: Director) -> tuple[grpc.aio.S
     )
     address = f"{opts.host}:{opts.grpc_port}"
     if opts.secure_serving:
-        cert, key = tls.load_cert_dir(opts.cert_path) if opts.cert_path else tls.self_signed()
+        cert, key = certs.read_cert_dir(opts.cert_path) if opts.cert_path else certs.self_signed()
         server.add_secure_port(address, grpc.ssl_server_credentials([(key, cert)]))
     else:
         server.add_insecure_port(address)
@@ -444,11 +443,7 @@ def _run(coro) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     opts = parse_options(argv)
-    logging.basicConfig(
-        level=opts.log_level.upper(),
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    logs.configure(opts.log_level)
     try:
         _run(serve(opts))
     except (ConfigError, FileProviderError, KubernetesProviderError, FileNotFoundError) as exc:

@@ -8,6 +8,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from api import logs
 from epp.body_budget import DEFAULT_MAX_HELD_BYTES
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m)?$")
@@ -124,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
         "a request that would exceed it is answered 429 with Retry-After",
     )
     p.add_argument("--disable-endpoint-subset-filter", action="store_true")
-    p.add_argument("--log-level", default="info")
+    p.add_argument("--log-level", type=logs.level_name, default="info")
     trust = p.add_argument_group("what the picker believes and shows (epp/trust.py)")
     trust.add_argument(
         "--trust-client-headers",

@@ -26,7 +26,7 @@ import yaml
 
 from api import yaml_files
 from api.names import ENGINE_LABEL
-from controllers.certs import serving_cert
+from cluster.certs import serving_cert
 from stack.auth import AuthConfig
 from stack.envoy_config import EnvoySettings, render
 from stack.ports import StackPorts

@@ -7,7 +7,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 import pytest
 
@@ -49,6 +49,18 @@ def running(
 
 def simulator_cmd(port: int, *extra: str) -> list[str]:
     return [sys.executable, "-m", "simulator", "--host", "127.0.0.1", "--port", str(port), *extra]
+
+
+@contextmanager
+def simulators(count: int, *flags: str) -> Iterator[list[int]]:
+    """`count` simulator processes, each on a free port and ready, for the length of a
+    with-block: their ports. Those started are stopped even if a later one fails to start."""
+    with ExitStack() as started:
+        ports = [free_port() for _ in range(count)]
+        for port in ports:
+            ready = f"http://127.0.0.1:{port}/health"
+            started.enter_context(running(simulator_cmd(port, *flags), ready_url=ready))
+        yield ports
 
 
 @pytest.fixture

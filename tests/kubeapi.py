@@ -34,6 +34,8 @@ import kubernetes.client
 import yaml
 from aiohttp import web
 
+from controllers.memory_store import scale_of
+
 Key = tuple[str, str, str, str, str]  # group, version, plural, namespace, name
 GVP = tuple[str, str, str]  # group, version, plural
 Obj = dict[str, Any]
@@ -95,23 +97,6 @@ def merge_patch(target: Any, patch: Any) -> Any:
 
 def now_rfc3339() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def scale_of(obj: Obj) -> Obj:
-    """The object's autoscaling/v1 Scale: .spec.replicas, .status.replicas, .status.labelSelector
-    (the paths our CRDs declare for their scale subresource)."""
-    meta, status = obj["metadata"], obj.get("status") or {}
-    fields = ("name", "namespace", "uid", "resourceVersion", "creationTimestamp")
-    scale = {
-        "kind": "Scale",
-        "apiVersion": "autoscaling/v1",
-        "metadata": {f: meta[f] for f in fields if f in meta},
-        "spec": {"replicas": (obj.get("spec") or {}).get("replicas", 0)},
-        "status": {"replicas": status.get("replicas", 0)},
-    }
-    if status.get("labelSelector"):
-        scale["status"]["selector"] = status["labelSelector"]
-    return scale
 
 
 def selector(text: str | None, field: bool = False) -> Callable[[Obj], bool]:

@@ -11,7 +11,7 @@ import pytest
 import requests
 import yaml
 
-from tests.conftest import free_port, running
+from tests.conftest import free_port, running, simulators
 
 CONFIG = """
 apiVersion: inference.networking.x-k8s.io/v1alpha1
@@ -27,6 +27,28 @@ schedulingProfiles:
   - pluginRef: least-request
   - pluginRef: max-score-picker
 """
+
+
+# Simulated time runs 20x faster: tests wait for tokens, not for the latency model.
+FAST_SIMULATOR = ("--sim-time-scale", "0.05")
+
+
+def picker_cmd(grpc_port: int, metrics_port: int, *flags: str) -> list[str]:
+    """`python -m epp` on 127.0.0.1 with these ext_proc and metrics ports (health on a free one)."""
+    return [
+        sys.executable,
+        "-m",
+        "epp",
+        "--host",
+        "127.0.0.1",
+        "--grpc-port",
+        str(grpc_port),
+        "--grpc-health-port",
+        str(free_port()),
+        "--metrics-port",
+        str(metrics_port),
+        *flags,
+    ]
 
 
 def pool_yaml(ports: list[int], ready: bool = True, name: str = "pool") -> str:
@@ -62,18 +84,9 @@ class Picker:
         pool.write_text(pool_yaml(ports, ready))
         config = tmp_path / "config.yaml"
         config.write_text(CONFIG)
-        self.cmd = [
-            sys.executable,
-            "-m",
-            "epp",
-            "--host",
-            "127.0.0.1",
-            "--grpc-port",
-            str(self.grpc),
-            "--grpc-health-port",
-            str(free_port()),
-            "--metrics-port",
-            str(self.metrics),
+        self.cmd = picker_cmd(
+            self.grpc,
+            self.metrics,
             "--provider",
             "file",
             "--pool-file",
@@ -85,7 +98,7 @@ class Picker:
             f"--secure-serving={'true' if secure else 'false'}",
             "--enable-debug-endpoints",
             *extra,
-        ]
+        )
         self.target = f"127.0.0.1:{self.grpc}"
         self.addresses = [f"127.0.0.1:{p}" for p in ports]
 
@@ -101,21 +114,9 @@ class Picker:
 
 
 @pytest.fixture(scope="module")
-def sims(tmp_path_factory):
-    ports = [free_port() for _ in range(3)]
-    from tests.conftest import simulator_cmd
-
-    cms = [
-        running(
-            simulator_cmd(p, "--sim-time-scale", "0.05"), ready_url=f"http://127.0.0.1:{p}/health"
-        )
-        for p in ports
-    ]
-    for cm in cms:
-        cm.__enter__()
-    yield ports
-    for cm in cms:
-        cm.__exit__(None, None, None)
+def sims():
+    with simulators(3, *FAST_SIMULATOR) as ports:
+        yield ports
 
 
 @pytest.fixture(scope="module")

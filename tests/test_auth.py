@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from api.names import USER_HEADER
-from controllers.certs import serving_cert
+from cluster.certs import serving_cert
 from controllers.manifests import read_objects
 from stack.auth import AuthConfig, AuthError, http_filters
 from stack.envoy_config import EnvoySettings, render

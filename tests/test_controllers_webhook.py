@@ -1,7 +1,7 @@
 """The admission webhook (controllers/webhook.py) over real HTTPS, and its manifest.
 
-A server on 127.0.0.1 with a certificate from a CA made by controllers/certs.py; the client
-trusts only that CA, as the API server trusts the caBundle. Every example in examples/crds/ is
+A server on 127.0.0.1 with a certificate from a CA made by `webhook_cert`; the client trusts
+only that CA, as the API server trusts the caBundle. Every example in examples/crds/ is
 allowed; broken ones are denied naming the field; ModelRoute's modelName cannot change; DELETE
 and other kinds pass; a malformed review is a 400 and the server keeps serving; the decisions
 are counted; and the pure `admit` answers exactly as the server does.
@@ -26,16 +26,17 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from api import ALLOW_PRIVILEGED_LABEL
-from controllers import certs
 from controllers.memory_store import MemoryStore
 from controllers.modelinfer import ModelInferReconciler
 from controllers.store import MODEL_INFER, POD
 from controllers.webhook import (
+    SERVICE_NAMES,
     WebhookMetrics,
     admit,
     review_for,
     serve_webhook,
     validate_update,
+    webhook_cert,
 )
 from tests.conftest import free_port
 from tests.paths import CRD_EXAMPLES, ROOT
@@ -99,7 +100,7 @@ def trusting(ca: Path) -> ssl.SSLContext:
 
 @pytest.fixture
 async def webhook(tmp_path: Path) -> AsyncIterator[Webhook]:
-    cert_dir = certs.serving_cert().write(tmp_path / "certs")
+    cert_dir = webhook_cert().write(tmp_path / "certs")
     metrics = WebhookMetrics()
     async with serving(cert_dir, metrics=metrics) as url:
         connector = aiohttp.TCPConnector(ssl=trusting(cert_dir / "ca.crt"))
@@ -531,7 +532,7 @@ async def _labels_of(namespace: str) -> dict[str, str] | None:
 
 @pytest.fixture
 async def namespaced_webhook(tmp_path: Path) -> AsyncIterator[Webhook]:
-    cert_dir = certs.serving_cert().write(tmp_path / "certs")
+    cert_dir = webhook_cert().write(tmp_path / "certs")
     metrics = WebhookMetrics()
     async with serving(cert_dir, metrics=metrics, namespace_labels=_labels_of) as url:
         connector = aiohttp.TCPConnector(ssl=trusting(cert_dir / "ca.crt"))
@@ -568,11 +569,11 @@ async def test_without_a_cert_dir_it_serves_a_certificate_of_its_own() -> None:
 
 
 async def test_a_renewed_certificate_is_picked_up(tmp_path: Path) -> None:
-    cert_dir = certs.serving_cert().write(tmp_path / "certs")
+    cert_dir = webhook_cert().write(tmp_path / "certs")
     first_ca = tmp_path / "first-ca.crt"
     first_ca.write_bytes((cert_dir / "ca.crt").read_bytes())
     async with serving(cert_dir, reload_interval=0.02) as url:
-        renewed = certs.serving_cert()
+        renewed = webhook_cert()
         renewed.write(cert_dir)
         new_ca = trusting(cert_dir / "ca.crt")
         for _ in range(100):
@@ -623,7 +624,7 @@ def test_the_webhook_manifest_covers_our_kinds_through_the_service() -> None:
     assert (ref["name"], ref["namespace"]) == ("infergate-controllers", "infergate-system")
     assert [p["port"] for p in service["spec"]["ports"]] == [443]
     served = f"{ref['name']}.{ref['namespace']}.svc"
-    assert served in certs.SERVICE_NAMES
+    assert served in SERVICE_NAMES
 
     covered = set()
     for rule in hook["rules"]:

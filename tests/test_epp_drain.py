@@ -14,7 +14,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pbg
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests import extproc_client as ec
-from tests.conftest import free_port, running, simulator_cmd
+from tests.conftest import simulators
 from tests.picker_fixtures import COMPLETION, Picker
 
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -23,8 +23,7 @@ HEADERS_SEEN = 'infergate_epp_extproc_messages_total{kind="request_headers"}'
 
 @pytest.fixture
 def sim():
-    port = free_port()
-    with running(simulator_cmd(port), ready_url=f"http://127.0.0.1:{port}/health"):
+    with simulators(1) as [port]:
         yield port
 
 

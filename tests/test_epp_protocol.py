@@ -9,7 +9,7 @@ import time
 import grpc
 import pytest
 
-from epp import tls
+from cluster import certs
 from tests import extproc_client as ec
 from tests.picker_fixtures import COMPLETION, GET, Picker
 
@@ -185,7 +185,7 @@ async def test_inflight_counts_rise_and_fall_including_cancelled(picker):
 
 
 async def test_tls_is_on_by_default(sims, tmp_path):
-    cert, key = tls.self_signed("localhost")
+    cert, key = certs.self_signed("localhost")
     (tmp_path / "tls.crt").write_bytes(cert)
     (tmp_path / "tls.key").write_bytes(key)
     p = Picker(tmp_path, sims, secure=True, extra=["--cert-path", str(tmp_path)])

@@ -32,10 +32,10 @@ FLOORS: dict[str, set[str]] = {
     "epp": {"api", "cluster", "kvindex"},
     "controllers": {"api", "cluster"},
     "connector": {"api", "cluster"},
-    # The stack starts the controllers and the picker as processes and makes the certificates
-    # they serve with (controllers.certs): a downward import, never the other way.
-    "stack": {"api", "controllers"},
-    "bench": {"stack", "api", "controllers", "kvindex", "simulator"},
+    # The stack starts the controllers and the picker as processes and makes the certificate
+    # the picker serves with (cluster.certs): a downward import, never the other way.
+    "stack": {"api", "cluster"},
+    "bench": {"stack", "api", "cluster", "kvindex", "simulator"},
     "launcher": {"stack"},
 }
 RENAMED = importlib.util.find_spec(DEFAULT_NS) is not None

@@ -64,12 +64,14 @@ TEXT_GLOBS = (
 # Plan §6: test file -> its folder mirroring the package it tests. Files not listed stay where
 # they are (helpers, cross-cutting suites, tests/e2e/); the script lists unlisted test files.
 TEST_MOVES = {
+    "tests/test_api_logs.py": "tests/api/test_logs.py",
     "tests/test_auth.py": "tests/stack/test_auth.py",
     "tests/test_bench_fairness.py": "tests/bench/test_fairness.py",
     "tests/test_bench_pd.py": "tests/bench/test_pd.py",
     "tests/test_bench_routing.py": "tests/bench/test_routing.py",
     "tests/test_bench_soak.py": "tests/bench/test_soak.py",
     "tests/test_block_pool.py": "tests/simulator/test_block_pool.py",
+    "tests/test_cluster_certs.py": "tests/cluster/test_certs.py",
     "tests/test_connector.py": "tests/connector/test_sidecar.py",
     "tests/test_controllers_autoscaler.py": "tests/controllers/test_autoscaler.py",
     "tests/test_controllers_autoscaling.py": "tests/controllers/test_autoscaling.py",

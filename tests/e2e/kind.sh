@@ -189,9 +189,9 @@ kubectl wait --for=condition=Established --timeout="${TIMEOUT}s" -f crds/upstrea
 if [ -n "$IMAGE" ]; then
     say "running the controllers in the cluster with $IMAGE (gateway-manifests/controllers.yaml)"
     kubectl create namespace "$SYSTEM_NS" --dry-run=client -o yaml | kubectl apply -f - >/dev/null
-    "$PYTHON" -c "import sys, pathlib; from controllers.certs import serving_cert; \
-serving_cert().write(pathlib.Path(sys.argv[1]))" "$WORK/certs" \
-        || fail "making the webhook certificate with controllers/certs.py"
+    "$PYTHON" -c "import sys, pathlib; from controllers.webhook import webhook_cert; \
+webhook_cert().write(pathlib.Path(sys.argv[1]))" "$WORK/certs" \
+        || fail "making the webhook certificate with controllers/webhook.py"
     kubectl create secret tls infergate-controllers-webhook-tls -n "$SYSTEM_NS" \
         --cert="$WORK/certs/tls.crt" --key="$WORK/certs/tls.key" --dry-run=client -o yaml \
         | kubectl apply -f - >/dev/null || fail "creating the webhook's Secret"

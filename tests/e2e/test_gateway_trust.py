@@ -17,7 +17,7 @@ import pytest
 import requests
 
 from api.names import USER_HEADER
-from controllers.certs import serving_cert
+from cluster.certs import serving_cert
 from stack.auth import CLIENT_HINT_HEADERS, GATEWAY_HEADERS
 from stack.local import LocalStack
 from stack.readiness import wait_until
