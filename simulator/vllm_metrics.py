@@ -43,7 +43,8 @@ class VllmCollector:
         yield self._cache_config_info()
         if self.cfg.enable_lora:
             yield self._lora_requests_info()
-        if self.engine.kv is not None:
+        # As in vLLM, only a pod with a KV connector (--kv-role/--kv-transfer-config) has them.
+        if self.cfg.kv_transfer.connector and self.engine.kv is not None:
             yield from self._nixl(self.engine.kv)
 
     def _scheduler(self) -> Iterator[Metric]:
