@@ -76,6 +76,11 @@ KINDS = [
             "stream_options": {"include_usage": True, "continuous_usage_stats": True},
         },
     ),
+    Kind(
+        "chat_prompt_text",
+        "/v1/chat/completions",
+        {**_BASE, "messages": _CHAT, "return_prompt_text": True},
+    ),
 ]
 
 
