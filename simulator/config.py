@@ -169,6 +169,9 @@ class SimulatorConfig:
     enable_prefix_caching: bool = True
     prefix_caching_hash_algo: str = "sha256"
     enable_prompt_tokens_details: bool = True
+    # vLLM's --fingerprint-mode/--fingerprint-value: the answers' system_fingerprint.
+    fingerprint_mode: str = "full"
+    fingerprint_value: str | None = None
     trust_request_chat_template: bool = False
     kv_events: KVEventsConfig = field(default_factory=KVEventsConfig)
     kv_events_format: str = "map"
@@ -247,6 +250,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="report usage.prompt_tokens_details.cached_tokens "
         "(vLLM's default is off; the picker wants it, so ours is on)",
     )
+    p.add_argument(
+        "--fingerprint-mode",
+        choices=["full", "hash", "custom", "none"],
+        default="full",
+        help="system_fingerprint in answers: vllm-<version>-<config hash> (full, hash), "
+        "--fingerprint-value (custom) or null (none)",
+    )
+    p.add_argument("--fingerprint-value", default=None)
     p.add_argument(
         "--trust-request-chat-template",
         action="store_true",
@@ -397,6 +408,8 @@ def parse_config(argv: list[str] | None = None) -> SimulatorConfig:
         enable_prefix_caching=args.enable_prefix_caching,
         prefix_caching_hash_algo=args.prefix_caching_hash_algo,
         enable_prompt_tokens_details=args.enable_prompt_tokens_details,
+        fingerprint_mode=args.fingerprint_mode,
+        fingerprint_value=args.fingerprint_value,
         trust_request_chat_template=args.trust_request_chat_template,
         kv_events=kv_events,
         kv_events_format=args.kv_events_format,

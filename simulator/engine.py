@@ -74,7 +74,9 @@ class Engine:
         # Decode legs whose KV is being pulled, with the task pulling it.
         self.loading: dict[SimRequest, asyncio.Task] = {}
         self.kv = kv
-        self.stats = EngineStats()
+        self.stats = EngineStats(max_model_len=limits.max_model_len)
+        # Waiting requests the last schedule passed over for want of a LoRA slot.
+        self._lora_deferred = 0
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task | None = None
         if kv is not None:
@@ -142,6 +144,12 @@ class Engine:
         """Requests not running; vLLM counts those waiting for remote KV among them."""
         return len(self.waiting) + len(self.loading)
 
+    def waiting_by_reason(self) -> dict[str, int]:
+        """vLLM's split of num_waiting: 'deferred' by a transient constraint (no free LoRA
+        slot, KV still being pulled), 'capacity' for the rest; the two sum to num_waiting."""
+        deferred = min(self._lora_deferred, len(self.waiting)) + len(self.loading)
+        return {"capacity": self.num_waiting - deferred, "deferred": deferred}
+
     def lora_adapters(self) -> tuple[set[str], set[str]]:
         running = {r.lora_name for r in self.running if r.lora_name}
         waiting = {r.lora_name for r in self.waiting if r.lora_name}
@@ -177,6 +185,7 @@ class Engine:
                 self.stats.steps += 1
                 self.stats.step_seconds_modeled += duration
                 self.stats.step_seconds_busy += loop.time() - started
+                self.stats.iteration_tokens.observe(sum(n for _, n in step.scheduled))
                 self._complete(step)
                 self._flush_events()
             except asyncio.CancelledError:
@@ -249,6 +258,7 @@ class Engine:
             self._account(step, req, n)
             budget -= n
         self.waiting.extendleft(reversed(skipped))
+        self._lora_deferred = len(skipped)
         return step
 
     def _count_admission(self, req: SimRequest, num_local_hit: int, now: float) -> None:
@@ -256,6 +266,7 @@ class Engine:
         req.first_scheduled_time = now
         self.stats.prefix_cache_queries += req.num_tokens
         self.stats.prefix_cache_hits += num_local_hit
+        self.stats.prompt_tokens_cached_by_source["device"] += num_local_hit
         if self.kv is not None:  # vLLM counts connector lookups for every request
             self.stats.external_prefix_cache_queries += req.num_tokens
 
@@ -310,6 +321,8 @@ class Engine:
         req.num_computed_tokens = computed
         req.num_cached_tokens = computed
         self.stats.external_prefix_cache_hits += req.num_external_tokens
+        # The KV came from another vLLM instance: vLLM's "p2p" tier.
+        self.stats.prompt_tokens_cached_by_source["p2p"] += req.num_external_tokens
         self.pool.cache_full_blocks(req, computed)
         self._flush_events()
         self._back_to_waiting(req)
@@ -356,6 +369,11 @@ class Engine:
             if req.num_computed_tokens >= req.num_tokens:
                 self._sample(req, now)
             self.pool.cache_full_blocks(req, req.num_computed_tokens)
+            if req.num_created_cache_tokens is None and req.output_token_ids:
+                # The prefill just ended: vLLM's PrefillStats.finalize, the prompt tokens
+                # now in the prefix cache beyond those that were cached at admission.
+                in_cache = min(req.num_cached_blocks * self.pool.block_size, req.num_prompt_tokens)
+                req.num_created_cache_tokens = max(0, in_cache - max(req.num_cached_tokens, 0))
             if req.finish_reason is not None:
                 self.running.remove(req)
                 self._finish(req, req.finish_reason)
@@ -374,6 +392,7 @@ class Engine:
             stats.prompt_tokens_by_source["external_kv_transfer"] += ext
             stats.prompt_tokens_by_source["local_cache_hit"] += local
             stats.prompt_tokens_by_source["local_compute"] += req.num_prompt_tokens - ext - local
+            stats.prompt_tokens_cached += ext + local
             stats.ttft.observe(now - req.arrival_time)
         else:
             stats.inter_token_latency.observe(now - req.last_token_time)
@@ -460,8 +479,16 @@ class Engine:
         stats.e2e_latency.observe(now - req.arrival_time)
         stats.request_prompt_tokens.observe(req.num_prompt_tokens)
         stats.request_generation_tokens.observe(len(req.output_token_ids))
+        # n is always 1 here, so the most tokens the request could generate is max_tokens.
+        stats.request_params_n.observe(1)
+        stats.request_params_max_tokens.observe(req.params.max_tokens)
+        stats.request_max_num_generation_tokens.observe(req.params.max_tokens)
+        stats.request_num_preemptions.observe(req.num_preemptions)
+        cached = max(req.num_cached_tokens, 0)
+        stats.request_prefill_kv_computed_tokens.observe(req.num_prompt_tokens - cached)
         if req.first_scheduled_time is not None:
             stats.queue_time.observe(req.first_scheduled_time - req.arrival_time)
+            stats.inference_time.observe(now - req.first_scheduled_time)
         if req.first_token_time is not None and req.first_scheduled_time is not None:
             stats.prefill_time.observe(req.first_token_time - req.first_scheduled_time)
             stats.decode_time.observe(now - req.first_token_time)

@@ -111,6 +111,11 @@ class GenerationRequest:
     # P/D disaggregation (vLLM's NixlConnector): do_remote_decode on a prefill leg,
     # do_remote_prefill and where to pull the KV on a decode leg.
     kv_transfer_params: dict | None = None
+    # vLLM's return_token_ids: prompt and output token ids in the answer; return_prompt_text
+    # (chat): the prompt as the chat template rendered it, which the server fills in.
+    return_token_ids: bool = False
+    return_prompt_text: bool = False
+    prompt_text: str | None = None
 
 
 def _get(body: dict, key: str, kind: type | tuple[type, ...], default: Any = None) -> Any:
@@ -220,6 +225,8 @@ def _common(body: Any, *, chat: bool) -> GenerationRequest:
         seed=_get(body, "seed", int, None),
         add_special_tokens=_get(body, "add_special_tokens", bool, not chat),
         kv_transfer_params=_get(body, "kv_transfer_params", dict, None),
+        return_token_ids=_get(body, "return_token_ids", bool, False),
+        return_prompt_text=chat and _get(body, "return_prompt_text", bool, False),
     )
 
 

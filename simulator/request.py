@@ -78,6 +78,9 @@ class SimRequest:
     num_cached_blocks: int = 0
     num_computed_tokens: int = 0
     num_cached_tokens: int = -1  # prefix-cache hit at first admission; -1 until then
+    # Prompt tokens this request computed and wrote to the prefix cache; None until its
+    # prefill ends (the usage's created_cache_tokens).
+    num_created_cache_tokens: int | None = None
     num_preemptions: int = 0
     num_local_hit_tokens: int = 0  # prefix-cache hit in this pod at first admission
     num_external_tokens: int = 0  # tokens whose KV came from a prefill pod

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import msgspec
@@ -28,149 +30,240 @@ def sse(obj: Any) -> bytes:
     return b"data: " + _json.encode(obj) + b"\n\n"
 
 
-def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int | None) -> dict:
+def system_fingerprint(mode: str, custom: str | None, version: str, config: object) -> str | None:
+    """vLLM's --fingerprint-mode: "vllm-<version>-<hash8>" (full and hash agree without
+    parallelism), a custom literal, or None; the hash covers what shapes the answers."""
+    if mode == "none":
+        return None
+    if mode == "custom":
+        return custom
+    digest = hashlib.blake2b(repr(config).encode(), digest_size=4).hexdigest()
+    return f"vllm-{version}-{digest}"
+
+
+@dataclass(slots=True, frozen=True)
+class AnswerHead:
+    """What the body, or every chunk, of one answer carries: id, created, model."""
+
+    id: str
+    created: int
+    model: str
+    chat: bool
+    system_fingerprint: str | None
+
+    @classmethod
+    def new(cls, model: str, chat: bool, system_fingerprint: str | None) -> AnswerHead:
+        return cls(new_id(chat), now(), model, chat, system_fingerprint)
+
+    @property
+    def object(self) -> str:
+        return "chat.completion" if self.chat else "text_completion"
+
+    @property
+    def chunk_object(self) -> str:
+        return "chat.completion.chunk" if self.chat else "text_completion"
+
+    def chunk(self, choices: list[dict]) -> dict:
+        return {
+            "id": self.id,
+            "object": self.chunk_object,
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        }
+
+
+def prompt_details(req: SimRequest, *, chat: bool) -> dict:
+    """usage.prompt_tokens_details of one prompt. vLLM 0.32's chat reports the prompt tokens
+    this request wrote to the prefix cache too; its completions report only the hits."""
+    created = (req.num_created_cache_tokens or 0) if chat else None
+    return {
+        "cached_tokens": max(req.num_cached_tokens, 0),
+        "created_cache_tokens": created,
+        "multimodal_tokens": None,  # text only
+    }
+
+
+def usage(prompt_tokens: int, completion_tokens: int, details: dict | None) -> dict:
     return {
         "prompt_tokens": prompt_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
         "completion_tokens": completion_tokens,
-        "prompt_tokens_details": (
-            None if cached_tokens is None else {"cached_tokens": cached_tokens}
-        ),
+        "prompt_tokens_details": details,
+        # Only a reasoning parser fills it (reasoning_tokens); the simulator has none.
+        "completion_tokens_details": None,
     }
 
 
-def usage_of(reqs: list[SimRequest], *, prompt_tokens_details: bool) -> dict:
-    """The usage of one answer, summed over its prompts; cached tokens only when the
-    operator turned prompt_tokens_details on (vLLM's --enable-prompt-tokens-details)."""
-    cached = sum(max(r.num_cached_tokens, 0) for r in reqs) if prompt_tokens_details else None
+def usage_of(reqs: list[SimRequest], details_of: SimRequest | None, *, chat: bool) -> dict:
+    """The usage of one answer, summed over its prompts. prompt_tokens_details come from
+    one prompt, `details_of`, as in vLLM (None: --enable-prompt-tokens-details is off)."""
     return usage(
         sum(r.num_prompt_tokens for r in reqs),
         sum(len(r.output_token_ids) for r in reqs),
-        cached,
+        None if details_of is None else prompt_details(details_of, chat=chat),
     )
 
 
-# stop_reason: the stop string or stop token id that ended a choice, else None (vLLM's field).
-StopReason = str | int | None
+def running_usage(req: SimRequest, *, chat: bool) -> dict:
+    """stream_options.continuous_usage_stats: one prompt's usage so far, without details."""
+    n_prompt, n_out = req.num_prompt_tokens, len(req.output_token_ids)
+    use = {"prompt_tokens": n_prompt, "completion_tokens": n_out, "total_tokens": n_prompt + n_out}
+    if chat:
+        use["completion_tokens_details"] = None
+    return use
+
+
+def without_nulls(obj: Any) -> Any:
+    """vLLM writes the final usage chunk with exclude_none: no null anywhere in it."""
+    if isinstance(obj, dict):
+        return {k: without_nulls(v) for k, v in obj.items() if v is not None}
+    if isinstance(obj, list):
+        return [without_nulls(v) for v in obj]
+    return obj
 
 
 def completion(
-    rid: str,
-    model: str,
-    choices: list[tuple[str, str | None, StopReason]],
+    head: AnswerHead,
+    reqs: list[SimRequest],
     use: dict,
+    *,
+    return_token_ids: bool,
     kv_transfer_params: dict | None = None,
 ) -> dict:
     return {
-        "id": rid,
-        "object": "text_completion",
-        "created": now(),
-        "model": model,
+        "id": head.id,
+        "object": head.object,
+        "created": head.created,
+        "model": head.model,
         "choices": [
             {
                 "index": i,
-                "text": text,
+                "text": r.output_text,
                 "logprobs": None,
-                "finish_reason": reason,
-                "stop_reason": stop_reason,
+                "finish_reason": r.finish_reason,
+                "stop_reason": r.stop_reason,
+                "token_ids": list(r.output_token_ids) if return_token_ids else None,
                 "prompt_logprobs": None,
+                "prompt_token_ids": list(r.prompt_token_ids) if return_token_ids else None,
+                "routed_experts": None,
             }
-            for i, (text, reason, stop_reason) in enumerate(choices)
+            for i, r in enumerate(reqs)
         ],
+        "service_tier": None,
+        "system_fingerprint": head.system_fingerprint,
         "usage": use,
         "kv_transfer_params": kv_transfer_params,
+        "ec_transfer_params": None,
+        "metrics": None,
+    }
+
+
+def chat_message(text: str) -> dict:
+    """vLLM 0.32's ChatMessage; it drops tool_calls when empty (no tool parser here)."""
+    return {
+        "role": "assistant",
+        "content": text,
+        "refusal": None,
+        "annotations": None,
+        "audio": None,
+        "function_call": None,
+        "reasoning": None,
     }
 
 
 def chat_completion(
-    rid: str,
-    model: str,
-    text: str,
-    reason: str | None,
-    stop_reason: StopReason,
+    head: AnswerHead,
+    req: SimRequest,
     use: dict,
+    *,
+    return_token_ids: bool,
+    prompt_text: str | None = None,
     kv_transfer_params: dict | None = None,
 ) -> dict:
     return {
-        "id": rid,
-        "object": "chat.completion",
-        "created": now(),
-        "model": model,
+        "id": head.id,
+        "object": head.object,
+        "created": head.created,
+        "model": head.model,
         "choices": [
             {
                 "index": 0,
-                "message": {
-                    "role": "assistant",
-                    "content": text,
-                    "refusal": None,
-                    "tool_calls": [],
-                    "reasoning_content": None,
-                },
+                "message": chat_message(req.output_text),
                 "logprobs": None,
-                "finish_reason": reason,
-                "stop_reason": stop_reason,
+                "finish_reason": req.finish_reason,
+                "stop_reason": req.stop_reason,
+                "token_ids": list(req.output_token_ids) if return_token_ids else None,
+                "routed_experts": None,
             }
         ],
+        "service_tier": None,
+        "system_fingerprint": head.system_fingerprint,
         "usage": use,
+        "prompt_logprobs": None,
+        "prompt_token_ids": list(req.prompt_token_ids) if return_token_ids else None,
+        "prompt_text": prompt_text,
         "kv_transfer_params": kv_transfer_params,
+        "ec_transfer_params": None,
+        "metrics": None,
     }
+
+
+# Stream chunks hold the fields vLLM sets on each (it writes them with exclude_unset).
+
+
+def chat_first_chunk(
+    head: AnswerHead, prompt_token_ids: list[int] | None, prompt_text: str | None
+) -> dict:
+    choice = {
+        "index": 0,
+        "delta": {"role": "assistant", "content": ""},
+        "logprobs": None,
+        "finish_reason": None,
+    }
+    return {
+        **head.chunk([choice]),
+        "prompt_token_ids": prompt_token_ids,
+        "prompt_text": prompt_text,
+    }
+
+
+def chat_chunk(head: AnswerHead, out: TokenOutput, token_ids: list[int] | None) -> dict:
+    choice: dict[str, Any] = {
+        "index": 0,
+        "delta": {"content": out.text},
+        "logprobs": None,
+        "finish_reason": out.finish_reason,
+    }
+    if out.finish_reason is not None:
+        choice["stop_reason"] = out.stop_reason
+    choice["token_ids"] = token_ids
+    return head.chunk([choice])
 
 
 def completion_chunk(
-    rid: str,
-    created: int,
-    model: str,
+    head: AnswerHead,
     index: int,
-    text: str,
-    reason: str | None,
-    stop_reason: StopReason,
+    out: TokenOutput,
+    prompt_token_ids: list[int] | None,
+    token_ids: list[int] | None,
 ) -> dict:
-    return {
-        "id": rid,
-        "object": "text_completion",
-        "created": created,
-        "model": model,
-        "choices": [
-            {
-                "index": index,
-                "text": text,
-                "logprobs": None,
-                "finish_reason": reason,
-                "stop_reason": stop_reason,
-            }
-        ],
+    choice = {
+        "index": index,
+        "text": out.text,
+        "logprobs": None,
+        "finish_reason": out.finish_reason,
+        "stop_reason": out.stop_reason,
+        "prompt_token_ids": prompt_token_ids,
+        "token_ids": token_ids,
     }
+    return head.chunk([choice])
 
 
-def chat_chunk(
-    rid: str, created: int, model: str, delta: dict, reason: str | None, stop_reason: StopReason
-) -> dict:
-    return {
-        "id": rid,
-        "object": "chat.completion.chunk",
-        "created": created,
-        "model": model,
-        "choices": [
-            {
-                "index": 0,
-                "delta": delta,
-                "logprobs": None,
-                "finish_reason": reason,
-                "stop_reason": stop_reason,
-            }
-        ],
-    }
-
-
-def usage_chunk(rid: str, created: int, model: str, chat: bool, use: dict) -> dict:
-    return {
-        "id": rid,
-        "object": "chat.completion.chunk" if chat else "text_completion",
-        "created": created,
-        "model": model,
-        "choices": [],
-        "usage": use,
-    }
+def usage_chunk(head: AnswerHead, use: dict) -> dict:
+    return without_nulls(
+        {**head.chunk([]), "usage": use, "system_fingerprint": head.system_fingerprint}
+    )
 
 
 def model_card(

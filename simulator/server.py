@@ -76,6 +76,12 @@ class Simulator:
         )
         self.requests = RequestBuilder(cfg, self.max_model_len, self.kv)
         self.metrics = MetricsRenderer(self.engine, cfg)
+        self.system_fingerprint = responses.system_fingerprint(
+            cfg.fingerprint_mode,
+            cfg.fingerprint_value,
+            VERSION,
+            (cfg.model_name, cfg.block_size, cfg.num_gpu_blocks, self.max_model_len, cfg.seed),
+        )
 
     # ---- app wiring --------------------------------------------------------------------
 
@@ -120,7 +126,10 @@ class Simulator:
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         gen = parse_chat(await _json_body(request))
         model, lora = self.served.resolve(gen.model)
-        ids = self.prompts.encode_chat(gen.messages, gen.template, gen.add_special_tokens)
+        text = self.prompts.render_chat(gen.messages, gen.template)
+        ids = self.tokenizer.encode(text, add_special_tokens=gen.add_special_tokens)
+        if gen.return_prompt_text:
+            gen.prompt_text = text
         return await self._generate(request, gen, model, lora, [ids], chat=True)
 
     async def _generate(
@@ -142,20 +151,22 @@ class Simulator:
         reqs = [self.requests.build(gen, lora, ids) for ids in prompts]
         for r in reqs:
             self.engine.add_request(r)
+        head = responses.AnswerHead.new(model, chat, self.system_fingerprint)
         try:
             if gen.stream:
-                return await self._stream(request, gen, model, reqs, chat)
-            return await self._collect(gen, model, reqs, chat)
+                return await self._stream(request, gen, head, reqs)
+            return await self._collect(gen, head, reqs)
         finally:
             for r in reqs:  # client gone or error: free the engine's resources
                 if r.status is not Status.FINISHED:
                     self.engine.abort(r)
 
-    def _usage(self, reqs: list[SimRequest]) -> dict:
-        return responses.usage_of(reqs, prompt_tokens_details=self.cfg.enable_prompt_tokens_details)
+    def _usage(self, reqs: list[SimRequest], details_of: SimRequest, chat: bool) -> dict:
+        details = details_of if self.cfg.enable_prompt_tokens_details else None
+        return responses.usage_of(reqs, details, chat=chat)
 
     async def _collect(
-        self, gen: GenerationRequest, model: str, reqs: list[SimRequest], chat: bool
+        self, gen: GenerationRequest, head: responses.AnswerHead, reqs: list[SimRequest]
     ) -> web.Response:
         for r in reqs:
             while True:
@@ -164,26 +175,21 @@ class Simulator:
                     break
             if out.finish_reason in ("abort", "error"):
                 raise ApiError(500, r.error or f"request {r.request_id} failed in the engine")
-        use = self._usage(reqs)
+        # vLLM's completions report the last prompt's cache details.
+        use = self._usage(reqs, reqs[-1], head.chat)
         kv_params = reqs[0].kv_transfer_params
-        if chat:
-            r = reqs[0]
+        if head.chat:
             body = responses.chat_completion(
-                responses.new_id(True),
-                model,
-                r.output_text,
-                r.finish_reason,
-                r.stop_reason,
+                head,
+                reqs[0],
                 use,
-                kv_params,
+                return_token_ids=gen.return_token_ids,
+                prompt_text=gen.prompt_text,
+                kv_transfer_params=kv_params,
             )
         else:
             body = responses.completion(
-                responses.new_id(False),
-                model,
-                [(r.output_text, r.finish_reason, r.stop_reason) for r in reqs],
-                use,
-                kv_params,
+                head, reqs, use, return_token_ids=gen.return_token_ids, kv_transfer_params=kv_params
             )
         return web.json_response(body, dumps=_dumps)
 
@@ -191,9 +197,8 @@ class Simulator:
         self,
         request: web.Request,
         gen: GenerationRequest,
-        model: str,
+        head: responses.AnswerHead,
         reqs: list[SimRequest],
-        chat: bool,
     ) -> web.StreamResponse:
         resp = web.StreamResponse(
             headers={
@@ -202,40 +207,41 @@ class Simulator:
             }
         )
         await resp.prepare(request)
-        rid, created = responses.new_id(chat), responses.now()
+        chat, ids = head.chat, gen.return_token_ids
         if chat:
-            await resp.write(
-                responses.sse(
-                    responses.chat_chunk(
-                        rid, created, model, {"role": "assistant", "content": ""}, None, None
-                    )
-                )
+            first = responses.chat_first_chunk(
+                head, reqs[0].prompt_token_ids if ids else None, gen.prompt_text
             )
+            if gen.continuous_usage:
+                first["usage"] = responses.running_usage(reqs[0], chat=True)
+            await resp.write(responses.sse(first))
+        prompt_sent = [False] * len(reqs)
+        first_out: SimRequest | None = None  # vLLM's stream reports its cache details
         async for index, out in responses.merge_outputs(reqs):
+            r = reqs[index]
             if out.finish_reason in ("abort", "error"):
                 # As vLLM: the stream has begun (status 200), so the error is an event in it.
-                r = reqs[index]
                 message = r.error or f"request {r.request_id} failed in the engine"
                 await resp.write(responses.sse(ApiError(500, message).body()))
                 break
+            first_out = first_out or r
+            token_ids = [out.token_id] if ids else None
             if chat:
-                chunk = responses.chat_chunk(
-                    rid, created, model, {"content": out.text}, out.finish_reason, out.stop_reason
-                )
+                chunk = responses.chat_chunk(head, out, token_ids)
             else:
-                chunk = responses.completion_chunk(
-                    rid, created, model, index, out.text, out.finish_reason, out.stop_reason
-                )
+                # return_token_ids: a prompt's ids ride on its first chunk only.
+                prompt_ids = r.prompt_token_ids if ids and not prompt_sent[index] else None
+                prompt_sent[index] = True
+                chunk = responses.completion_chunk(head, index, out, prompt_ids, token_ids)
+            if not gen.include_usage and out.finish_reason and head.system_fingerprint:
+                chunk["system_fingerprint"] = head.system_fingerprint  # on terminal chunks
             if gen.continuous_usage:
-                chunk["usage"] = self._usage(reqs)
+                chunk["usage"] = responses.running_usage(r, chat=chat)
             await resp.write(responses.sse(chunk))
         else:
             if gen.include_usage:
-                await resp.write(
-                    responses.sse(
-                        responses.usage_chunk(rid, created, model, chat, self._usage(reqs))
-                    )
-                )
+                use = self._usage(reqs, first_out or reqs[0], chat)
+                await resp.write(responses.sse(responses.usage_chunk(head, use)))
         await resp.write(responses.DONE)
         await resp.write_eof()
         return resp

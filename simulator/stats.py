@@ -75,24 +75,24 @@ REQUEST_LATENCY_BUCKETS = (
     1920.0,
     7680.0,
 )
-TOKEN_COUNT_BUCKETS = (
-    1,
-    2,
-    5,
-    10,
-    20,
-    50,
-    100,
-    200,
-    500,
-    1000,
-    2000,
-    5000,
-    10000,
-    20000,
-    50000,
-    100000,
-)
+# Tokens per engine step (vLLM: 1, 8, then the powers of two its CUDA graphs capture).
+ITERATION_TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+N_BUCKETS = (1, 2, 5, 10, 20)
+PREEMPTION_BUCKETS = (1, 2, 3, 4, 5, 10, 20)
+
+
+def token_count_buckets(max_model_len: int) -> tuple[int, ...]:
+    """vLLM's build_1_2_5_buckets(max_model_len): 1, 2, 5, 10, 20, 50, ... up to the context."""
+    out: list[int] = []
+    exponent = 0
+    while True:
+        for mantissa in (1, 2, 5):
+            value = mantissa * 10**exponent
+            if value > max_model_len:
+                return tuple(out)
+            out.append(value)
+        exponent += 1
+
 
 FINISH_REASONS = ("stop", "length", "abort", "error", "repetition")
 
@@ -121,6 +121,8 @@ class Histogram:
 
 @dataclass(slots=True)
 class EngineStats:
+    # Token-count histograms are bucketed up to the context length, as vLLM's are.
+    max_model_len: int = 2048
     prompt_tokens: int = 0
     generation_tokens: int = 0
     prefix_cache_queries: int = 0
@@ -130,6 +132,11 @@ class EngineStats:
     external_prefix_cache_hits: int = 0
     # local_compute, local_cache_hit, external_kv_transfer
     prompt_tokens_by_source: Counter = field(default_factory=Counter)
+    # Cached prompt tokens (local hits + KV pulled), counted at the first token like
+    # prompt_tokens; and by the tier that supplied them, counted at admission:
+    # device (this pod's prefix cache) or p2p (pulled from a prefill pod).
+    prompt_tokens_cached: int = 0
+    prompt_tokens_cached_by_source: Counter = field(default_factory=Counter)
     preemptions: int = 0
     steps: int = 0
     step_seconds_modeled: float = 0.0
@@ -140,9 +147,24 @@ class EngineStats:
     time_per_output_token: Histogram = field(default_factory=lambda: Histogram(ITL_BUCKETS))
     e2e_latency: Histogram = field(default_factory=lambda: Histogram(REQUEST_LATENCY_BUCKETS))
     queue_time: Histogram = field(default_factory=lambda: Histogram(REQUEST_LATENCY_BUCKETS))
+    inference_time: Histogram = field(default_factory=lambda: Histogram(REQUEST_LATENCY_BUCKETS))
     prefill_time: Histogram = field(default_factory=lambda: Histogram(REQUEST_LATENCY_BUCKETS))
     decode_time: Histogram = field(default_factory=lambda: Histogram(REQUEST_LATENCY_BUCKETS))
-    request_prompt_tokens: Histogram = field(default_factory=lambda: Histogram(TOKEN_COUNT_BUCKETS))
-    request_generation_tokens: Histogram = field(
-        default_factory=lambda: Histogram(TOKEN_COUNT_BUCKETS)
+    iteration_tokens: Histogram = field(default_factory=lambda: Histogram(ITERATION_TOKEN_BUCKETS))
+    request_params_n: Histogram = field(default_factory=lambda: Histogram(N_BUCKETS))
+    request_num_preemptions: Histogram = field(
+        default_factory=lambda: Histogram(PREEMPTION_BUCKETS)
     )
+    request_prompt_tokens: Histogram = field(init=False)
+    request_generation_tokens: Histogram = field(init=False)
+    request_max_num_generation_tokens: Histogram = field(init=False)
+    request_params_max_tokens: Histogram = field(init=False)
+    request_prefill_kv_computed_tokens: Histogram = field(init=False)
+
+    def __post_init__(self) -> None:
+        bounds = token_count_buckets(self.max_model_len)
+        self.request_prompt_tokens = Histogram(bounds)
+        self.request_generation_tokens = Histogram(bounds)
+        self.request_max_num_generation_tokens = Histogram(bounds)
+        self.request_params_max_tokens = Histogram(bounds)
+        self.request_prefill_kv_computed_tokens = Histogram(bounds)

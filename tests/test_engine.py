@@ -147,6 +147,38 @@ async def test_one_lora_slot_serialises_two_adapters(running_engine):
     e.waiting.clear()
 
 
+async def test_waiting_requests_are_split_by_reason(running_engine):
+    """vllm:num_requests_waiting_by_reason: passed over for a LoRA slot is 'deferred', not
+    reached for want of a sequence slot is 'capacity'; the two sum to num_waiting."""
+    e = running_engine(max_num_seqs=2, max_loras=1)
+    a, b = request(range(20), lora="a"), request(range(20), lora="b")
+    c, d = request(range(30)), request(range(40))
+    for r in (a, b, c, d):
+        e.add_request(r)
+    step = e._schedule()
+    assert [r for r, _ in step.scheduled] == [a, c]
+    assert e.waiting_by_reason() == {"capacity": 1, "deferred": 1} and e.num_waiting == 2
+    e.running.clear()  # hand back to the loop cleanly
+    e.waiting.clear()
+    assert e.waiting_by_reason() == {"capacity": 0, "deferred": 0}
+
+
+async def test_cache_writes_hits_and_prefill_work_are_counted(running_engine):
+    e = running_engine()
+    first, again = request(range(40), max_tokens=2), request(range(40), max_tokens=2)
+    e.add_request(first)
+    await drain(first)
+    e.add_request(again)
+    await drain(again)
+    # 40 tokens fill two 16-token blocks; the repeat hits both and writes nothing new.
+    assert (first.num_created_cache_tokens, again.num_created_cache_tokens) == (32, 0)
+    s = e.stats
+    assert s.prompt_tokens_cached == s.prompt_tokens_cached_by_source["device"] == 32
+    assert s.request_prefill_kv_computed_tokens.total == 40 + 8
+    assert s.request_params_max_tokens.total == 4 and s.request_params_n.count == 2
+    assert s.iteration_tokens.count == s.steps and s.iteration_tokens.total == 40 + 8 + 2
+
+
 async def test_abort_frees_blocks_and_counts(running_engine):
     e = running_engine(latency=LatencyModel(decode_s_per_step=0.05))
     r = request(range(64), max_tokens=1000)

@@ -593,3 +593,17 @@ def test_bad_detokenize_requests_name_tokens(tiny_url, body, message):
     assert r.status_code == 400, r.text
     err = r.json()["error"]
     assert err["param"] == "tokens" and message in err["message"]
+
+
+def test_fingerprint_mode_custom_and_none(sim_factory):
+    body = {"prompt": "fingerprint", "max_tokens": 2}
+    custom = sim_factory("--fingerprint-mode", "custom", "--fingerprint-value", "fp-1", *FAST)
+    r = requests.post(custom + "/v1/completions", json=body, timeout=10).json()
+    assert r["system_fingerprint"] == "fp-1"
+    stream = requests.post(custom + "/v1/completions", json={**body, "stream": True}, timeout=10)
+    chunks = [json.loads(ln[6:]) for ln in stream.iter_lines() if ln and ln != b"data: [DONE]"]
+    # As vLLM: only the terminal chunk carries it when no usage chunk follows.
+    assert [c.get("system_fingerprint") for c in chunks] == [None, "fp-1"]
+    off = sim_factory("--fingerprint-mode", "none", *FAST)
+    r = requests.post(off + "/v1/completions", json=body, timeout=10).json()
+    assert "system_fingerprint" in r and r["system_fingerprint"] is None

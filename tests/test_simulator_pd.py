@@ -261,6 +261,7 @@ def test_decode_leg_pulls_the_kv_instead_of_computing_it(pods, events):
         "xfers": sample(d, "vllm:nixl_xfer_time_seconds_count"),
         "ext": sample(d, "vllm:prompt_tokens_by_source_total", source="external_kv_transfer"),
         "hits": sample(d, "vllm:external_prefix_cache_hits_total"),
+        "p2p": sample(d, "vllm:prompt_tokens_cached_by_source_total", source="p2p"),
     }
     seen = len(events.raw)
 
@@ -282,6 +283,9 @@ def test_decode_leg_pulls_the_kv_instead_of_computing_it(pods, events):
     ext = sample(d, "vllm:prompt_tokens_by_source_total", source="external_kv_transfer")
     assert ext - before["ext"] == n
     assert sample(d, "vllm:external_prefix_cache_hits_total") - before["hits"] == n
+    # The cache tier that supplied them: another vLLM instance.
+    p2p = sample(d, "vllm:prompt_tokens_cached_by_source_total", source="p2p")
+    assert p2p - before["p2p"] == n
 
     # The decode pod announces the pulled blocks, as vLLM does after a NIXL read: one
     # BlockStored for every full block of the prompt but its last token, from the root.
