@@ -22,6 +22,7 @@ from api.meta import ApiStruct
 from api.workload import ModelInferStatus
 from controllers import model_objects
 from controllers.conditions import condition
+from controllers.engine_command import PER_POD, KVEventSockets
 from controllers.store import (
     KINDS,
     MODEL,
@@ -73,8 +74,9 @@ def _with_role_sizes(want: ModelInfer, have: ModelInfer) -> ModelInfer:
 class ModelReconciler:
     kind = MODEL
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, sockets: KVEventSockets = PER_POD) -> None:
         self.store = store
+        self.sockets = sockets  # where the engines it writes send KV events
 
     async def reconcile(self, namespace: str, name: str) -> float | None:
         obj = await self.store.get(MODEL, namespace, name)
@@ -84,7 +86,7 @@ class ModelReconciler:
         if model.metadata.deletion_timestamp:
             return None
         problems: list[Problem] = []
-        for want in model_objects.desired(model):
+        for want in model_objects.desired(model, self.sockets):
             try:
                 problem = await self._apply(model, want)
             except Invalid as exc:  # rejected: report it, then let the runner retry

@@ -108,6 +108,11 @@ async def test_a_model_expands_into_valid_objects_it_owns(env):
 
 
 POD_IP_ENV = {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}
+# per-pod KV events (the default): the engine binds its PUB and replay sockets
+KV_PORTS = [
+    {"name": "kv-events", "containerPort": 5557},
+    {"name": "kv-replay", "containerPort": 5600},
+]
 
 
 def role_templates(model: dict) -> dict[str, dict]:
@@ -149,9 +154,11 @@ def test_a_kv_connector_puts_the_sidecar_before_the_decode_engine(kind):
     # the engine behind it on 8200, probed there; its own args, env and resources kept
     assert "--port=8200" in engine["args"] and "--port=8000" not in engine["args"]
     assert "--max-num-seqs=256" in engine["args"]
-    assert engine["ports"] == [{"name": "engine", "containerPort": 8200}]
+    assert engine["ports"] == [{"name": "engine", "containerPort": 8200}, *KV_PORTS]
     assert engine["readinessProbe"] == {"httpGet": {"path": "/health", "port": "engine"}}
-    assert engine["env"][0]["name"] == "HF_TOKEN" and engine["resources"]["limits"]
+    # POD_IP first (its --host and KV-event topic use it), then the Model's env
+    assert [e["name"] for e in engine["env"]][:2] == ["POD_IP", "HF_TOKEN"]
+    assert engine["resources"]["limits"]
     ports = [p["name"] for c in decode for p in c["ports"]]
     assert len(ports) == len(set(ports))  # port names are unique in a pod
     # decode workers do not serve: the engine alone, on 8000, as before
@@ -161,7 +168,7 @@ def test_a_kv_connector_puts_the_sidecar_before_the_decode_engine(kind):
     prefill = roles["prefill"]["entryTemplate"]["spec"]["containers"]
     assert [c["name"] for c in prefill] == ["engine"]
     assert "--port=8000" in prefill[0]["args"]
-    assert prefill[0]["ports"] == [{"name": "http", "containerPort": 8000}]
+    assert prefill[0]["ports"] == [{"name": "http", "containerPort": 8000}, *KV_PORTS]
     # what routes to the pods is unchanged: port 8000
     typed = from_dict_as(Model, stored(model))
     assert to_dict(model_objects.inferencepool(typed))["spec"]["targetPorts"] == [{"number": 8000}]
@@ -175,13 +182,13 @@ def test_no_kv_connector_no_sidecar():
     for role in role_templates(model).values():
         (engine,) = role["entryTemplate"]["spec"]["containers"]
         assert engine["name"] == "engine" and "--port=8000" in engine["args"]
-        assert engine["ports"] == [{"name": "http", "containerPort": 8000}]
+        assert engine["ports"] == [{"name": "http", "containerPort": 8000}, *KV_PORTS]
     model["spec"]["backend"] = {"aggregated": {"replicas": 1}}
     (server,) = role_templates(model).values()
     (engine,) = server["entryTemplate"]["spec"]["containers"]
-    assert engine["ports"] == [{"name": "http", "containerPort": 8000}]
+    assert engine["ports"] == [{"name": "http", "containerPort": 8000}, *KV_PORTS]
     assert engine["readinessProbe"] == {"httpGet": {"path": "/health", "port": "http"}}
-    assert "env" in engine and all(e["name"] != "POD_IP" for e in engine["env"])
+    assert engine["env"][0] == POD_IP_ENV  # every engine listens on the pod's IP
 
 
 def test_engine_args_naming_the_pod_ip_get_it_from_the_downward_api():
