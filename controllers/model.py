@@ -19,6 +19,7 @@ import msgspec
 import api
 from api import Condition, Model, ModelInfer
 from api.meta import ApiStruct
+from api.names import ENGINE_NOT_INSTALLED
 from api.workload import ModelInferStatus
 from controllers import model_objects
 from controllers.conditions import condition
@@ -220,8 +221,8 @@ def _failed(mi: ModelInfer | None, problems: list[Problem]) -> tuple[bool, str, 
     progressing = _progressing(mi)
     reason = progressing.reason if progressing else None
     message = progressing.message if progressing else ""
-    if reason == "PodsFailed":  # and nothing recreates them
-        return True, "PodsFailed", message
+    if reason in ("PodsFailed", ENGINE_NOT_INSTALLED):  # and nothing recreates them
+        return True, reason, message
     if reason in ("RecreatingRoles", "RecreatingGroups"):
         return True, "PodsFailing", message
     return False, "NoFailures", "no failures"

@@ -364,6 +364,50 @@ async def test_a_rejected_write_is_a_failure_and_is_retried():
     assert summary(model)["Failed"] == ("False", "NoFailures")
 
 
+async def test_an_engine_not_installed_fails_the_model_with_what_is_missing(wall):
+    """Standalone mode leaves such a pod waiting (local_runtime.py): nothing will start it
+    until someone installs the engine, so the Model says Failed, naming the pod and what
+    is missing; once it runs, the failure clears."""
+    store = MemoryStore()
+    models, infers = ModelReconciler(store), ModelInferReconciler(store)
+    model = example_model()
+    del model["spec"]["autoscaling"]
+    await store.create(model)
+    await settle_both(store, models, infers, ready=False)
+    pods = sorted((await store.list(POD))[0], key=lambda p: p["metadata"]["name"])
+    why = "vllm is not installed in this environment (vllm is not on PATH=/usr/bin)"
+    for p in pods[:2]:
+        p["status"] = {
+            "phase": "Pending",
+            "conditions": [{"type": "Ready", "status": "False"}],
+            "containerStatuses": [
+                {
+                    "name": "engine",
+                    "ready": False,
+                    "restartCount": 0,
+                    "state": {"waiting": {"reason": "EngineNotInstalled", "message": why}},
+                }
+            ],
+        }
+        await store.update_status(p)
+    await settle_both(store, models, infers, ready=False)
+    mi = await owned(store, MODEL_INFER)
+    assert summary(mi)["Progressing"] == ("False", "EngineNotInstalled")
+    m = await get_model(store)
+    assert summary(m)["Failed"] == ("True", "EngineNotInstalled")
+    assert summary(m)["Ready"] == ("False", "EngineNotInstalled")
+    name = pods[0]["metadata"]["name"]
+    assert conds(m)["Failed"]["message"] == (
+        f"pod {name} cannot start: container engine: {why} (and 1 more pods)"
+    )
+    assert len((await store.list(POD))[0]) == len(pods)  # waiting pods are not recreated
+    for p in (await store.list(POD))[0]:
+        p["status"] = {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}
+        await store.update_status(p)
+    await settle_both(store, models, infers)
+    assert summary(await get_model(store))["Failed"] == ("False", "NoFailures")
+
+
 async def test_conditions_follow_the_serving_groups(wall):
     store = MemoryStore()
     models, infers = ModelReconciler(store), ModelInferReconciler(store)
