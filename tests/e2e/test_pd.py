@@ -15,7 +15,6 @@ its engine on :8200) with the picker's pd-profile-handler (nonCachedTokens 64).
 
 from __future__ import annotations
 
-import itertools
 import os
 import random
 import signal
@@ -310,9 +309,8 @@ def engine_pid(stack: LocalStack, ip: str) -> int:
             args = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
         except OSError:
             continue
-        if "simulator" in args and any(
-            a == "--host" and b == ip for a, b in itertools.pairwise(args)
-        ):
+        # `infergate simulate --host=$(POD_IP) ...`, as the controllers write it
+        if "simulate" in args and f"--host={ip}" in args:
             found.append(pid)
     assert len(found) == 1, (ip, found)
     return found[0]
