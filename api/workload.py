@@ -141,9 +141,9 @@ def check_metric_targets(p: Problems, path: str, metrics: list[MetricTarget]) ->
         p.number(f"{path}[{i}].targetValue", metric.target_value, 0, above=True)
 
 
-def _check_words(p: Problems, path: str, words: list[str]) -> None:
+def _check_words(p: Problems, path: str, words: list[str], shortest: int = 0) -> None:
     for i, word in enumerate(words):
-        p.text(f"{path}[{i}]", word, 0, MAX_WORD_LENGTH)
+        p.text(f"{path}[{i}]", word, shortest, MAX_WORD_LENGTH)
 
 
 def _check_resources(p: Problems, path: str, resources: ResourceRequirements | None) -> None:
@@ -180,9 +180,7 @@ def validate_model(model: Model) -> list[str]:
         _check_words(p, "spec.engine.args", spec.engine.args)
     if spec.engine.command is not None:
         p.length("spec.engine.command", spec.engine.command, 1, MAX_COMMAND_WORDS, "items")
-        _check_words(p, "spec.engine.command", spec.engine.command)
-        if spec.engine.command and not spec.engine.command[0]:
-            p.add("spec.engine.command[0]", "must name a program")
+        _check_words(p, "spec.engine.command", spec.engine.command, shortest=1)
     if spec.env is not None:
         p.length("spec.env", spec.env, 0, 64, "items")
         p.unique("spec.env", [e.name for e in spec.env], "name")

@@ -256,7 +256,9 @@ def test_command_is_validated_and_lora_needs_an_engine_that_takes_it():
     ok = {"type": "SGLang", "command": ["python3", "-m", "sglang.launch_server"]}
     assert problems(engine=ok) == []
     assert problems(engine={"command": []}) == ["spec.engine.command: must have 1..16 items"]
-    assert problems(engine={"command": [""]}) == ["spec.engine.command[0]: must name a program"]
+    assert problems(engine={"command": [""]}) == [
+        "spec.engine.command[0]: must be 1..4096 characters"
+    ]
     lora = [{"name": "a", "artifactURL": "hf://o/a"}]
     assert problems(engine={"type": "TRTLLM"}, loraAdapters=lora) == [
         "spec: loraAdapters need an engine that loads them by flag: vLLM, SGLang or Simulator"

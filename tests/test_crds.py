@@ -516,6 +516,12 @@ BROKEN = [
     ),
     Broken(
         MODEL,
+        "empty-program",
+        _set("spec.engine.command", [""]),
+        "spec.engine.command[0]: must be 1..4096 characters",
+    ),
+    Broken(
+        MODEL,
         "long-command",
         _set("spec.engine.command", ["vllm"] * 17),
         "spec.engine.command: must have 1..16 items",
@@ -524,7 +530,7 @@ BROKEN = [
         MODEL,
         "huge-command-word",
         _set("spec.engine.command", ["vllm", "x" * 4097]),
-        "spec.engine.command[1]: must be 0..4096 characters",
+        "spec.engine.command[1]: must be 1..4096 characters",
     ),
     Broken(
         MODEL,
