@@ -238,7 +238,8 @@ def test_the_models_command_and_flags_win():
 
 def test_role_args_count_as_the_models_own():
     m = model("vLLM", "v", backend={"aggregated": {"args": ["--host", "10.0.0.1"]}})
-    [role] = m.spec.backend.aggregated and [m.spec.backend.aggregated]
+    role = m.spec.backend.aggregated
+    assert role is not None
     args = render(m, role, "chat").args
     assert "--host=$(POD_IP)" not in args and args[-2:] == ["--host", "10.0.0.1"]
 
