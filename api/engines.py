@@ -1,6 +1,7 @@
-"""The metric names each model-server engine uses for the few numbers both the picker and
-the autoscaler read (queue, running requests, KV-cache use). Shared, because controllers
-never import the picker."""
+"""The engines a Model may name, which of them is the simulator, and the metric names each
+engine uses for the few numbers both the picker and the autoscaler read (queue, running
+requests, KV-cache use). Shared, because controllers never import the picker and the local
+stack imports neither."""
 
 from __future__ import annotations
 
@@ -38,6 +39,41 @@ ENGINES = {
         "trtllm_num_requests_waiting", "trtllm_num_requests_running", "trtllm_kv_cache_utilization"
     ),
 }
+
+
+# The engine types of Model.spec.engine.type and ModelServer.spec.inferenceEngine (the CRDs'
+# enums). The simulator runs only when asked for: by this type, or by a simulator image.
+VLLM = "vLLM"
+SGLANG = "SGLang"
+TRTLLM = "TRTLLM"
+SIMULATOR = "Simulator"
+ENGINE_TYPES = (VLLM, SGLANG, TRTLLM, SIMULATOR)
+
+# Images whose entrypoint is the simulator (the infergate image runs it for arguments that
+# start with a flag: the Dockerfile's ENTRYPOINT), by repository, without registry or tag.
+SIMULATOR_IMAGES = ("infergate/simulator", "infergate/infergate")
+
+# An engine type → the vocabulary of its /metrics, the value of the pods' ENGINE_LABEL and a
+# key of ENGINES. The simulator speaks vLLM's unless it stands in for SGLang.
+METRIC_VOCABULARY = {VLLM: "vllm", SGLANG: "sglang", TRTLLM: "trtllm-serve", SIMULATOR: "vllm"}
+
+
+def image_repository(image: str) -> str:
+    """`ghcr.io/infergate/infergate:latest` → `infergate/infergate`: the image's path without
+    its registry (a first part with a dot, a colon or `localhost`), tag or digest."""
+    name = image.split("@", 1)[0]
+    parts = name.split("/")
+    if len(parts) > 1 and ("." in parts[0] or ":" in parts[0] or parts[0] == "localhost"):
+        parts = parts[1:]
+    path = "/".join(parts)
+    if ":" in parts[-1]:
+        path = path.rsplit(":", 1)[0]
+    return path
+
+
+def runs_simulator(engine_type: str, image: str) -> bool:
+    """Whether a Model of this engine type and image is served by the simulator."""
+    return engine_type == SIMULATOR or image_repository(image) in SIMULATOR_IMAGES
 
 
 def metric_name(engine: str, metric: str) -> str:

@@ -25,6 +25,18 @@ PREFILL = "prefill"
 DECODE = "decode"
 BOTH = "both"
 
+# ---- engine ports and states ------------------------------------------------------------------
+
+# An engine's KV-event PUB (per-pod mode binds it; central mode's picker binds its SUB there)
+# and its replay socket: what the controllers write into engines' --kv-events-config and the
+# picker and the local stack expect.
+KV_EVENTS_PORT = 5557
+KV_REPLAY_PORT = 5600
+
+# A container standalone mode cannot run (its engine is not installed here): the waiting
+# reason it reports, as a kubelet reports ErrImageNeverPull for an image it does not have.
+ENGINE_NOT_INSTALLED = "EngineNotInstalled"
+
 # ---- request headers --------------------------------------------------------------------------
 
 # The verified user Envoy's auth filters set (after removing any client copy).

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import msgspec
 
+from api.engines import ENGINE_TYPES
 from api.meta import (
     DNS_LABEL,
     DNS_SUBDOMAIN,
@@ -22,7 +23,7 @@ from api.meta import (
 
 GROUP_VERSION = "networking.infergate.io/v1alpha1"
 
-ENGINES = ("vLLM", "SGLang", "TRTLLM")
+ENGINES = ENGINE_TYPES
 KV_CONNECTORS = ("nixl", "mooncake", "lmcache", "http", "sglang")
 DEFAULT_KV_CONNECTOR = "nixl"
 RATE_UNITS = ("second", "minute", "hour", "day")

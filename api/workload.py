@@ -11,6 +11,7 @@ from typing import Annotated, Any
 
 import msgspec
 
+from api.engines import TRTLLM
 from api.meta import (
     ARTIFACT_URI,
     DNS_LABEL,
@@ -38,6 +39,11 @@ RECOVERY_POLICIES = ("GroupRecreate", "RoleRecreate", "None")
 DEFAULT_RECOVERY_POLICY = "RoleRecreate"
 ROLLOUT_TYPES = ("RollingUpdate",)
 DEFAULT_MAX_UNAVAILABLE = 1
+MAX_COMMAND_WORDS = 16  # spec.engine.command: `python -m sglang.launch_server` is three
+MAX_WORD_LENGTH = 4096  # one argument or word of the command
+
+# The CEL message: trtllm-serve loads no adapters from its command line.
+NO_LORA_FLAG = "loraAdapters need an engine that loads them by flag: vLLM, SGLang or Simulator"
 
 _MAX_UNAVAILABLE_PERCENT = re.compile(r"^([1-9][0-9]?|100)%\Z")
 _PARTITION_PERCENT = re.compile(r"^([0-9]|[1-9][0-9]|100)%\Z")
@@ -58,8 +64,12 @@ class EnvVar(ApiStruct):
 
 
 class Engine(ApiStruct):
+    """What serves: the engine type (its flags and metric names), its arguments and, when
+    not the engine's usual one (controllers/engine_command.py), its command."""
+
     type: str | None = None
     args: list[str] | None = None
+    command: list[str] | None = None
 
 
 class ModelRole(ApiStruct):
@@ -131,6 +141,11 @@ def check_metric_targets(p: Problems, path: str, metrics: list[MetricTarget]) ->
         p.number(f"{path}[{i}].targetValue", metric.target_value, 0, above=True)
 
 
+def _check_words(p: Problems, path: str, words: list[str], shortest: int = 0) -> None:
+    for i, word in enumerate(words):
+        p.text(f"{path}[{i}]", word, shortest, MAX_WORD_LENGTH)
+
+
 def _check_resources(p: Problems, path: str, resources: ResourceRequirements | None) -> None:
     if resources is None:
         return
@@ -145,6 +160,7 @@ def _check_model_role(p: Problems, path: str, role: ModelRole) -> None:
     p.number(f"{path}.workerReplicas", role.worker_replicas, 0, 63)
     if role.args is not None:
         p.length(f"{path}.args", role.args, 0, 64, "items")
+        _check_words(p, f"{path}.args", role.args)
     _check_resources(p, f"{path}.resources", role.resources)
 
 
@@ -161,6 +177,10 @@ def validate_model(model: Model) -> list[str]:
     p.choice("spec.engine.type", engine, ENGINES)
     if spec.engine.args is not None:
         p.length("spec.engine.args", spec.engine.args, 0, 128, "items")
+        _check_words(p, "spec.engine.args", spec.engine.args)
+    if spec.engine.command is not None:
+        p.length("spec.engine.command", spec.engine.command, 1, MAX_COMMAND_WORDS, "items")
+        _check_words(p, "spec.engine.command", spec.engine.command, shortest=1)
     if spec.env is not None:
         p.length("spec.env", spec.env, 0, 64, "items")
         p.unique("spec.env", [e.name for e in spec.env], "name")
@@ -180,6 +200,8 @@ def validate_model(model: Model) -> list[str]:
     check_kv_connector(
         p, "spec.backend.kvConnector", backend.kv_connector, engine, ("spec", "engine type")
     )
+    if spec.lora_adapters and engine == TRTLLM:
+        p.add("spec", NO_LORA_FLAG)
     if spec.lora_adapters is not None:
         p.length("spec.loraAdapters", spec.lora_adapters, 0, 32, "items")
         p.unique("spec.loraAdapters", [a.name for a in spec.lora_adapters], "name")

@@ -19,7 +19,9 @@ from pathlib import Path
 from prometheus_client import start_http_server
 
 from api import logs
+from api.names import KV_EVENTS_PORT
 from controllers.autoscaler import AutoscalerReconciler
+from controllers.engine_command import PER_POD, KVEventSockets
 from controllers.model import ModelReconciler
 from controllers.modelinfer import ModelInferReconciler
 from controllers.runner import Controller, ControllerMetrics, own_key, owner_key
@@ -34,12 +36,13 @@ def build_controllers(
     *,
     autoscale_interval: float = 15.0,
     namespace: str | None = None,
+    kv_sockets: KVEventSockets = PER_POD,
 ) -> tuple[list[Controller], AutoscalerReconciler]:
     scaler = AutoscalerReconciler(store, interval=autoscale_interval)
     return [
         Controller(
             store,
-            ModelReconciler(store),
+            ModelReconciler(store, kv_sockets),
             [(MODEL, own_key), (MODEL_INFER, owner_key(MODEL))],
             metrics,
             namespace=namespace,
@@ -65,6 +68,8 @@ class Standalone:
     autoscale_interval: float = 15.0
     eds_file: Path | None = None  # the local Envoy's endpoints of eds_pool (default: the only)
     eds_pool: str | None = None
+    # The local picker's KV-event SUB, which every pod on this machine connects to.
+    kv_sockets: KVEventSockets = field(default_factory=lambda: central_sockets(None))
     metrics: ControllerMetrics = field(default_factory=ControllerMetrics)
     store: Store | None = None
     parts: list = field(default_factory=list)
@@ -82,7 +87,10 @@ class Standalone:
         pool_env = {POOL_FILE_ENV: str(self.pool_file.resolve())}
         runtime = LocalRuntime(store, self.state_dir, env=pool_env)
         controllers, self._scaler = build_controllers(
-            store, self.metrics, autoscale_interval=self.autoscale_interval
+            store,
+            self.metrics,
+            autoscale_interval=self.autoscale_interval,
+            kv_sockets=self.kv_sockets,
         )
         exporter = PoolExporter(
             store, self.pool_file, eds_file=self.eds_file, eds_pool=self.eds_pool
@@ -121,8 +129,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-port", type=int, default=9091)
     p.add_argument("--webhook-port", type=int, default=0, help="serve the admission webhook")
     p.add_argument("--webhook-cert-dir", type=Path, help="tls.crt and tls.key (default: generated)")
+    p.add_argument(
+        "--kv-events-mode",
+        choices=["central", "per-pod"],
+        default=None,
+        help="where the engines of the Models send KV events, as the picker's flag of that "
+        "name says (default: central in standalone mode, per-pod in kubernetes mode)",
+    )
+    p.add_argument(
+        "--kv-events-picker",
+        default=None,
+        help="central mode: the picker's KV-event SUB as host:port (standalone default "
+        f"127.0.0.1:{KV_EVENTS_PORT}; kubernetes mode needs it, e.g. the picker Service's "
+        f"name:{KV_EVENTS_PORT})",
+    )
     p.add_argument("--log-level", type=logs.level_name, default="info")
     return p
+
+
+def central_sockets(picker: str | None) -> KVEventSockets:
+    return KVEventSockets.central(picker or f"127.0.0.1:{KV_EVENTS_PORT}")
+
+
+def kv_sockets(args: argparse.Namespace) -> KVEventSockets:
+    """Where the engines send KV events: the flags, else the mode's usual place."""
+    mode = args.kv_events_mode or ("per-pod" if args.mode == "kubernetes" else "central")
+    if mode == "per-pod":
+        return PER_POD
+    if args.mode == "kubernetes" and not args.kv_events_picker:
+        raise SystemExit("infergate controllers: --kv-events-mode central needs --kv-events-picker")
+    return central_sockets(args.kv_events_picker)
 
 
 async def serve(args: argparse.Namespace) -> None:
@@ -172,6 +208,7 @@ async def _serve_standalone(args: argparse.Namespace, stop: asyncio.Event) -> No
         args.autoscale_interval,
         eds_file=args.envoy_eds_file,
         eds_pool=args.envoy_eds_pool,
+        kv_sockets=kv_sockets(args),
     )
     start_http_server(args.metrics_port, addr=args.host, registry=app.metrics.registry)
     await app.start()
@@ -204,7 +241,11 @@ async def _serve_kubernetes(args: argparse.Namespace, stop: asyncio.Event) -> No
     metrics = ControllerMetrics()
     start_http_server(args.metrics_port, addr=args.host, registry=metrics.registry)
     controllers, scaler = build_controllers(
-        store, metrics, autoscale_interval=args.autoscale_interval, namespace=args.namespace
+        store,
+        metrics,
+        autoscale_interval=args.autoscale_interval,
+        namespace=args.namespace,
+        kv_sockets=kv_sockets(args),
     )
     elector = None
     try:

@@ -23,12 +23,21 @@ its group; only then does the finalizer go and the Pod with it.
 Each container's `command` + `args` run with `$(VAR)` expanded from its env, as the kubelet
 does; env entries may use fieldRef `metadata.name`, `metadata.namespace` and `status.podIP`,
 and POD_IP is always set, with the runtime's own `env` (standalone mode: where the pool
-file is, as a kubelet tells every pod where the API server is). Two commands are this
-installation's, so they run without a container image or `.venv/bin` on PATH:
-- a container without a command runs the simulator with its args (`--host` the pod's
-  address), as the infergate image's entrypoint does with arguments that start with a flag;
+file is, as a kubelet tells every pod where the API server is). There are no images here,
+only what is installed on this machine:
 - a command whose first word is `infergate` runs this installation's CLI
-  (`sys.executable -m infergate.cli ...`), e.g. the decode pod's `infergate connector`.
+  (`sys.executable -m infergate.cli ...`), e.g. the simulator's `infergate simulate` or the
+  decode pod's `infergate connector`, without `.venv/bin` on PATH;
+- a container without a command runs the simulator with its args (`--host` the pod's
+  address) if its image is a simulator image (api/engines.py), as the infergate image's
+  entrypoint does with arguments that start with a flag;
+- any other command runs if it is installed: its program is on the container's PATH and,
+  for `python -m MODULE`, that Python finds the module. Otherwise (or for a container without
+  a command whose image is not the simulator's) the container is not started: it waits with
+  reason EngineNotInstalled and a message naming what is missing — the pod stays Pending and
+  not ready, as a kubelet leaves a pod whose image it lacks (ErrImageNeverPull) — and the
+  runtime looks again after its back-off, so installing the engine starts the pod. The
+  simulator never stands in for an engine that is not there.
 """
 
 from __future__ import annotations
@@ -38,6 +47,7 @@ import copy
 import logging
 import os
 import re
+import shutil
 import socket
 import sys
 import time
@@ -46,6 +56,9 @@ from pathlib import Path
 
 import aiohttp
 
+from api.engines import SIMULATOR_IMAGES, image_repository
+from api.names import ENGINE_NOT_INSTALLED
+from controllers.engine_command import INSTALL_HINTS
 from controllers.informer import Informer
 from controllers.process_group import stop_container
 from controllers.store import POD, NotFound, Obj, Store
@@ -61,13 +74,18 @@ MAX_PODS = 110
 UNSCHEDULABLE = "Unschedulable"
 
 
+class NotInstalled(Exception):
+    """A container's command cannot run on this machine; the message says what is missing."""
+
+
 @dataclass(slots=True)
 class _Container:
     name: str
     spec: dict
-    cmd: list[str]
     env: dict[str, str]
     logfile: Path
+    cmd: list[str] = field(default_factory=list)  # empty until it is known to run here
+    missing: str | None = None  # why it cannot run here (NotInstalled), while it cannot
     proc: asyncio.subprocess.Process | None = None
     restarts: int = 0
     ready: bool = False
@@ -258,7 +276,6 @@ class LocalRuntime:
             c = _Container(
                 name=name,
                 spec=spec,
-                cmd=self._command(spec, env),
                 env=env,
                 logfile=self.state_dir / "pods" / f"{key[0]}_{key[1]}_{name}.log",
             )
@@ -272,6 +289,10 @@ class LocalRuntime:
         """One container: start, probe, and restart per the pod's restartPolicy."""
         policy = run.pod.get("spec", {}).get("restartPolicy", "Always")
         backoff = min(1.0, self.max_backoff)
+        while not c.cmd and not run.stopping:
+            if await self._resolve(key, run, c):
+                break
+            await asyncio.sleep(self.max_backoff)  # installed meanwhile? look again
         while not run.stopping:
             started = time.monotonic()
             code = await self._run_once(key, run, c)
@@ -291,6 +312,20 @@ class LocalRuntime:
                 backoff = min(1.0, self.max_backoff)
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, self.max_backoff)
+
+    async def _resolve(self, key: tuple[str, str], run: _Running, c: _Container) -> bool:
+        """The container's command line, if it can run here; else report what is missing
+        (logged and written once per reason) and say no."""
+        try:
+            c.cmd = await self._command(c.spec, c.env)
+        except NotInstalled as exc:
+            if c.missing != str(exc):
+                c.missing = str(exc)
+                log.error("pod %s/%s container %s not started: %s", *key, c.name, exc)
+                await self._write_status(key, run)
+            return False
+        c.missing = None
+        return True
 
     async def _run_once(self, key: tuple[str, str], run: _Running, c: _Container) -> int:
         """Start the container's process and wait for it to exit; a command that cannot
@@ -404,30 +439,90 @@ class LocalRuntime:
         return env
 
     @staticmethod
-    def _command(container: dict, env: dict[str, str]) -> list[str]:
+    async def _command(container: dict, env: dict[str, str]) -> list[str]:
+        """The container's command line here, or NotInstalled."""
         command = list(container.get("command") or [])
         args = [*command, *(container.get("args") or [])]
-        if not command:  # the simulator, on the pod's own address
+        if not command:
+            image = str(container.get("image") or "")
+            if image_repository(image) not in SIMULATOR_IMAGES:
+                raise NotInstalled(
+                    f"the container has no command and standalone mode cannot run image "
+                    f"{image or '(none)'}'s entrypoint; set the Model's engine.command, or "
+                    "engine.type: Simulator for the simulator"
+                )
+            # the simulator, on the pod's own address
             args = [sys.executable, "-m", "simulator", *args, "--host", env["POD_IP"]]
         elif command[0] == "infergate":  # this installation's CLI, wherever it is
             args = [sys.executable, "-m", "infergate.cli", *args[1:]]
+        else:
+            await _check_installed(command, env.get("PATH", os.environ.get("PATH", "")))
         return [_expand(str(a), env) for a in args]
+
+
+async def _check_installed(command: list[str], path: str) -> None:
+    """NotInstalled unless the command's program is on `path` and, for `python -m MODULE`,
+    that Python finds the module."""
+    program = shutil.which(command[0], path=path)
+    module = command[2] if len(command) > 2 and command[1] == "-m" else None
+    if program is None:
+        what = module.split(".")[0] if module and _is_python(command[0]) else command[0]
+        raise NotInstalled(_not_installed(what, f"{command[0]} is not on PATH={path}"))
+    if module is None or not _is_python(command[0]):
+        return
+    top = module.split(".")[0]
+    finder = "import importlib.util, sys; sys.exit(importlib.util.find_spec(sys.argv[1]) is None)"
+    proc = await asyncio.create_subprocess_exec(
+        program,
+        "-c",
+        finder,
+        top,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        code = await asyncio.wait_for(proc.wait(), 30)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        code = 1
+    if code != 0:
+        raise NotInstalled(_not_installed(top, f"{program} cannot import {top}"))
+
+
+def _is_python(program: str) -> bool:
+    return Path(program).name.startswith("python")
+
+
+def _not_installed(what: str, detail: str) -> str:
+    hint = INSTALL_HINTS.get(what, what)
+    return (
+        f"{what} is not installed in this environment ({detail}); install {hint}, "
+        "or set the Model's engine.type: Simulator"
+    )
 
 
 def _pod_status(run: _Running) -> dict:
     """What the kubelet reports: Running while any container runs or will restart;
     Succeeded when all exited 0 for good, Failed when all exited and one failed."""
     containers = run.containers
+    missing = [c for c in containers if c.missing]
     if containers and all(c.done for c in containers):
         phase = "Succeeded" if all(c.exit_code == 0 for c in containers) else "Failed"
+    elif missing:
+        phase = "Pending"  # a container that cannot run here never started
     else:
         phase = "Running"
     ready = bool(containers) and all(c.ready for c in containers)
+    condition = {"type": "Ready", "status": "True" if ready else "False"}
+    if missing:
+        condition["reason"] = ENGINE_NOT_INSTALLED
+        condition["message"] = "; ".join(f"container {c.name}: {c.missing}" for c in missing)
     return {
         "phase": phase,
         "podIP": run.ip,
         "podIPs": [{"ip": run.ip}],
-        "conditions": [{"type": "Ready", "status": "True" if ready else "False"}],
+        "conditions": [condition],
         "containerStatuses": [_container_status(c) for c in containers],
     }
 
@@ -435,6 +530,8 @@ def _pod_status(run: _Running) -> dict:
 def _container_status(c: _Container) -> dict:
     if c.running:
         state: dict = {"running": {}}
+    elif c.missing:
+        state = {"waiting": {"reason": ENGINE_NOT_INSTALLED, "message": c.missing}}
     elif c.done:
         state = {"terminated": {"exitCode": c.exit_code}}
     elif c.exit_code is not None:

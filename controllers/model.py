@@ -19,9 +19,11 @@ import msgspec
 import api
 from api import Condition, Model, ModelInfer
 from api.meta import ApiStruct
+from api.names import ENGINE_NOT_INSTALLED
 from api.workload import ModelInferStatus
 from controllers import model_objects
 from controllers.conditions import condition
+from controllers.engine_command import PER_POD, KVEventSockets
 from controllers.store import (
     KINDS,
     MODEL,
@@ -73,8 +75,9 @@ def _with_role_sizes(want: ModelInfer, have: ModelInfer) -> ModelInfer:
 class ModelReconciler:
     kind = MODEL
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, sockets: KVEventSockets = PER_POD) -> None:
         self.store = store
+        self.sockets = sockets  # where the engines it writes send KV events
 
     async def reconcile(self, namespace: str, name: str) -> float | None:
         obj = await self.store.get(MODEL, namespace, name)
@@ -84,7 +87,7 @@ class ModelReconciler:
         if model.metadata.deletion_timestamp:
             return None
         problems: list[Problem] = []
-        for want in model_objects.desired(model):
+        for want in model_objects.desired(model, self.sockets):
             try:
                 problem = await self._apply(model, want)
             except Invalid as exc:  # rejected: report it, then let the runner retry
@@ -218,8 +221,8 @@ def _failed(mi: ModelInfer | None, problems: list[Problem]) -> tuple[bool, str, 
     progressing = _progressing(mi)
     reason = progressing.reason if progressing else None
     message = progressing.message if progressing else ""
-    if reason == "PodsFailed":  # and nothing recreates them
-        return True, "PodsFailed", message
+    if reason in ("PodsFailed", ENGINE_NOT_INSTALLED):  # and nothing recreates them
+        return True, reason, message
     if reason in ("RecreatingRoles", "RecreatingGroups"):
         return True, "PodsFailing", message
     return False, "NoFailures", "no failures"

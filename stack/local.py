@@ -17,6 +17,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,10 +26,11 @@ from pathlib import Path
 import yaml
 
 from api import yaml_files
-from api.names import ENGINE_LABEL
+from api.names import ENGINE_LABEL, KV_REPLAY_PORT
 from cluster.certs import serving_cert
 from stack.auth import AuthConfig
 from stack.envoy_config import EnvoySettings, render
+from stack.pods import StartReport, pool_pods
 from stack.ports import StackPorts
 from stack.readiness import wait_http, wait_until
 from stack.supervise import Supervisor
@@ -38,6 +40,8 @@ QUICKSTART = ROOT / "examples" / "quickstart"
 # The simulator's bundled tokenizer, which the picker needs to tokenize prompts as pods do.
 DEFAULT_MODEL_DIR = ROOT / "simulator" / "default_model"
 PICKER_HOST = "127.0.0.1"  # where Envoy dials the picker: its certificate's SAN
+SIMULATOR_POD_TIMEOUT = 120.0  # seconds for simulator pods to be ready
+ENGINE_POD_TIMEOUT = 1200.0  # for real engines: loading a model (and fetching it) takes long
 
 
 @dataclass(slots=True)
@@ -68,7 +72,11 @@ class StackConfig:
     manifests: Path | None = None
     pool_name: str = "quickstart"
     tokenizer_dir: Path | None = None  # the picker's tokenizer for served_model_name
-    expect_pods: int = 0  # up once the picker sees this many ready endpoints
+    expect_pods: int = 0  # up once the picker sees this many ready endpoints (at least)
+    # How long the pods may take to be ready: a simulator starts in seconds, a real engine
+    # loads its model first (two CPU vLLMs took 87 s on a 2-core machine).
+    pod_timeout: float = SIMULATOR_POD_TIMEOUT
+    progress: Callable[[str], None] | None = None  # a line per pod as its state changes
 
     # Set: Envoy authenticates requests before the picker sees them (an example directory's
     # SecurityPolicy, stack/auth.py). Unset: no auth, as the tests and benchmarks run.
@@ -90,6 +98,7 @@ class StackConfig:
             pool_name=example.pool_name,
             tokenizer_dir=example.tokenizer_dir,
             expect_pods=example.pod_count(),
+            pod_timeout=SIMULATOR_POD_TIMEOUT if example.runs_simulator else ENGINE_POD_TIMEOUT,
             auth=example.auth,
             **kw,
         )
@@ -269,6 +278,11 @@ class LocalStack:
             "127.0.0.1",
             "--metrics-port",
             str(c.ports.controllers_metrics),
+            # The pods publish KV events to this stack's picker, from their own address.
+            "--kv-events-mode",
+            "central",
+            "--kv-events-picker",
+            f"127.0.0.1:{c.ports.kv_events}",
         ]
         # From the project root, where the examples' relative file:// model paths start.
         proc = self._spawn("controllers", cmd, cwd=ROOT)
@@ -279,11 +293,28 @@ class LocalStack:
             f"the controllers to write InferencePool {self.pool_name} to {self.pool_path}",
         )
 
-    def wait_for_endpoints(self, timeout: float = 120) -> None:
-        """Until the picker sees expect_pods ready endpoints (pods start in parallel)."""
+    def wait_for_endpoints(self, timeout: float | None = None) -> None:
+        """Until every pod of the pool is ready and the picker sees them all (at least
+        expect_pods; pods start in parallel), telling cfg.progress each pod's state as it
+        changes. A pod whose engine is not installed here fails the wait at once."""
         want = self.cfg.expect_pods
+        timeout = self.cfg.pod_timeout if timeout is None else timeout
+        report = StartReport()
+        started = time.monotonic()
+
+        def all_ready() -> bool:
+            pods = pool_pods(self.pool_path, self.pool_name)
+            if self.cfg.progress is not None:
+                for line in report.lines(pods, time.monotonic() - started):
+                    self.cfg.progress(line)
+            missing = next((p for p in pods if p.not_installed), None)
+            if missing is not None:
+                raise RuntimeError(f"pod {missing.name} cannot start: {missing.message}")
+            count = max(want, len(pods))
+            return all(p.ready for p in pods) and len(self.picker_endpoints()) >= count
+
         wait_until(
-            lambda: len(self.picker_endpoints()) >= want,
+            all_ready,
             timeout,
             self.procs["controllers"],
             f"{want} ready pods behind the picker (pods' logs: {self.cfg.workdir / 'state'})",
@@ -317,7 +348,9 @@ class LocalStack:
             "--enable-debug-endpoints",  # /debug/endpoints: readiness checks, tests, `up` users
             *self._kv_event_args(),
             "--kv-events-replay-port",
-            str(c.ports.kv_replay_base),
+            # Manifest pods have addresses of their own, each with its replay socket on the
+            # port the controllers write; fixed pods share 127.0.0.1, one port each.
+            str(KV_REPLAY_PORT if self.from_manifests else c.ports.kv_replay_base),
             "--tokenizer",
             f"{c.served_model_name}={c.tokenizer_dir or c.model or DEFAULT_MODEL_DIR}",
             *c.picker_args,

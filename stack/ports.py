@@ -6,6 +6,8 @@ from __future__ import annotations
 import socket
 from dataclasses import dataclass
 
+from api.names import KV_EVENTS_PORT, KV_REPLAY_PORT
+
 
 @dataclass(slots=True)
 class StackPorts:
@@ -17,8 +19,8 @@ class StackPorts:
     picker_health: int = 9003
     picker_metrics: int = 9090
     first_pod: int = 8000
-    kv_events: int = 5557
-    kv_replay_base: int = 5600  # pod i's KV-event replay socket is on kv_replay_base + i
+    kv_events: int = KV_EVENTS_PORT
+    kv_replay_base: int = KV_REPLAY_PORT  # pod i's KV-event replay socket is on kv_replay_base + i
     # Set: each pod binds its own KV-event PUB on kv_pub_base + i and the picker connects to
     # every pod (per-pod mode, what other routers' KV-event sources need too). Unset: the
     # picker binds kv_events and the pods connect to it (central mode).

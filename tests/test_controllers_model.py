@@ -108,6 +108,11 @@ async def test_a_model_expands_into_valid_objects_it_owns(env):
 
 
 POD_IP_ENV = {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}
+# per-pod KV events (the default): the engine binds its PUB and replay sockets
+KV_PORTS = [
+    {"name": "kv-events", "containerPort": 5557},
+    {"name": "kv-replay", "containerPort": 5600},
+]
 
 
 def role_templates(model: dict) -> dict[str, dict]:
@@ -149,9 +154,11 @@ def test_a_kv_connector_puts_the_sidecar_before_the_decode_engine(kind):
     # the engine behind it on 8200, probed there; its own args, env and resources kept
     assert "--port=8200" in engine["args"] and "--port=8000" not in engine["args"]
     assert "--max-num-seqs=256" in engine["args"]
-    assert engine["ports"] == [{"name": "engine", "containerPort": 8200}]
+    assert engine["ports"] == [{"name": "engine", "containerPort": 8200}, *KV_PORTS]
     assert engine["readinessProbe"] == {"httpGet": {"path": "/health", "port": "engine"}}
-    assert engine["env"][0]["name"] == "HF_TOKEN" and engine["resources"]["limits"]
+    # POD_IP first (its --host and KV-event topic use it), then the Model's env
+    assert [e["name"] for e in engine["env"]][:2] == ["POD_IP", "HF_TOKEN"]
+    assert engine["resources"]["limits"]
     ports = [p["name"] for c in decode for p in c["ports"]]
     assert len(ports) == len(set(ports))  # port names are unique in a pod
     # decode workers do not serve: the engine alone, on 8000, as before
@@ -161,7 +168,7 @@ def test_a_kv_connector_puts_the_sidecar_before_the_decode_engine(kind):
     prefill = roles["prefill"]["entryTemplate"]["spec"]["containers"]
     assert [c["name"] for c in prefill] == ["engine"]
     assert "--port=8000" in prefill[0]["args"]
-    assert prefill[0]["ports"] == [{"name": "http", "containerPort": 8000}]
+    assert prefill[0]["ports"] == [{"name": "http", "containerPort": 8000}, *KV_PORTS]
     # what routes to the pods is unchanged: port 8000
     typed = from_dict_as(Model, stored(model))
     assert to_dict(model_objects.inferencepool(typed))["spec"]["targetPorts"] == [{"number": 8000}]
@@ -175,13 +182,13 @@ def test_no_kv_connector_no_sidecar():
     for role in role_templates(model).values():
         (engine,) = role["entryTemplate"]["spec"]["containers"]
         assert engine["name"] == "engine" and "--port=8000" in engine["args"]
-        assert engine["ports"] == [{"name": "http", "containerPort": 8000}]
+        assert engine["ports"] == [{"name": "http", "containerPort": 8000}, *KV_PORTS]
     model["spec"]["backend"] = {"aggregated": {"replicas": 1}}
     (server,) = role_templates(model).values()
     (engine,) = server["entryTemplate"]["spec"]["containers"]
-    assert engine["ports"] == [{"name": "http", "containerPort": 8000}]
+    assert engine["ports"] == [{"name": "http", "containerPort": 8000}, *KV_PORTS]
     assert engine["readinessProbe"] == {"httpGet": {"path": "/health", "port": "http"}}
-    assert "env" in engine and all(e["name"] != "POD_IP" for e in engine["env"])
+    assert engine["env"][0] == POD_IP_ENV  # every engine listens on the pod's IP
 
 
 def test_engine_args_naming_the_pod_ip_get_it_from_the_downward_api():
@@ -355,6 +362,50 @@ async def test_a_rejected_write_is_a_failure_and_is_retried():
     model = await get_model(store)
     assert summary(model)["Initialized"] == ("True", "ObjectsCreated")
     assert summary(model)["Failed"] == ("False", "NoFailures")
+
+
+async def test_an_engine_not_installed_fails_the_model_with_what_is_missing(wall):
+    """Standalone mode leaves such a pod waiting (local_runtime.py): nothing will start it
+    until someone installs the engine, so the Model says Failed, naming the pod and what
+    is missing; once it runs, the failure clears."""
+    store = MemoryStore()
+    models, infers = ModelReconciler(store), ModelInferReconciler(store)
+    model = example_model()
+    del model["spec"]["autoscaling"]
+    await store.create(model)
+    await settle_both(store, models, infers, ready=False)
+    pods = sorted((await store.list(POD))[0], key=lambda p: p["metadata"]["name"])
+    why = "vllm is not installed in this environment (vllm is not on PATH=/usr/bin)"
+    for p in pods[:2]:
+        p["status"] = {
+            "phase": "Pending",
+            "conditions": [{"type": "Ready", "status": "False"}],
+            "containerStatuses": [
+                {
+                    "name": "engine",
+                    "ready": False,
+                    "restartCount": 0,
+                    "state": {"waiting": {"reason": "EngineNotInstalled", "message": why}},
+                }
+            ],
+        }
+        await store.update_status(p)
+    await settle_both(store, models, infers, ready=False)
+    mi = await owned(store, MODEL_INFER)
+    assert summary(mi)["Progressing"] == ("False", "EngineNotInstalled")
+    m = await get_model(store)
+    assert summary(m)["Failed"] == ("True", "EngineNotInstalled")
+    assert summary(m)["Ready"] == ("False", "EngineNotInstalled")
+    name = pods[0]["metadata"]["name"]
+    assert conds(m)["Failed"]["message"] == (
+        f"pod {name} cannot start: container engine: {why} (and 1 more pods)"
+    )
+    assert len((await store.list(POD))[0]) == len(pods)  # waiting pods are not recreated
+    for p in (await store.list(POD))[0]:
+        p["status"] = {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}
+        await store.update_status(p)
+    await settle_both(store, models, infers)
+    assert summary(await get_model(store))["Failed"] == ("False", "NoFailures")
 
 
 async def test_conditions_follow_the_serving_groups(wall):

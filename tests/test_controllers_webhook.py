@@ -195,7 +195,11 @@ BROKEN: list[tuple[str, Callable[[Obj], None], str]] = [
         _name_with_a_path,
         "metadata.name: must be a lowercase DNS subdomain of at most 253 characters",
     ),
-    ("modelserver.yaml", _bad_enum, "spec.inferenceEngine: must be one of vLLM, SGLang, TRTLLM"),
+    (
+        "modelserver.yaml",
+        _bad_enum,
+        "spec.inferenceEngine: must be one of vLLM, SGLang, TRTLLM, Simulator",
+    ),
     ("modelserver.yaml", _port_out_of_bounds, "spec.workloadPort.port: must be 1..65535"),
     ("modelroute.yaml", _weight_out_of_bounds, "spec.rules[1].targetModels[0].weight: must be"),
     ("modelinfer.yaml", _wrong_type, "spec.replicas: Expected `int"),
@@ -243,7 +247,7 @@ async def test_every_problem_is_reported_at_once(webhook: Webhook) -> None:
     _port_out_of_bounds(obj)
     message = response_of(await webhook.review(review_for(obj)))["status"]["message"]
     problems = message.split(" is invalid: ", 1)[1].split("; ")
-    assert "spec.inferenceEngine: must be one of vLLM, SGLang, TRTLLM" in problems
+    assert "spec.inferenceEngine: must be one of vLLM, SGLang, TRTLLM, Simulator" in problems
     assert "spec.workloadPort.port: must be 1..65535" in problems
 
 

@@ -407,7 +407,7 @@ BROKEN = [
         SERVER,
         "engine-lowercase",
         _set("spec.inferenceEngine", "vllm"),
-        "spec.inferenceEngine: must be one of vLLM, SGLang, TRTLLM",
+        "spec.inferenceEngine: must be one of vLLM, SGLang, TRTLLM, Simulator",
     ),
     Broken(
         SERVER,
@@ -478,7 +478,7 @@ BROKEN = [
         MODEL,
         "engine-lowercase",
         _set("spec.engine.type", "vllm"),
-        "spec.engine.type: must be one of vLLM, SGLang, TRTLLM",
+        "spec.engine.type: must be one of vLLM, SGLang, TRTLLM, Simulator",
     ),
     Broken(
         MODEL,
@@ -508,6 +508,37 @@ BROKEN = [
         "spec.env[1]: duplicate name 'HF_TOKEN'",
     ),
     Broken(MODEL, "empty-image", _set("spec.image", ""), "spec.image: must be 1..512 characters"),
+    Broken(
+        MODEL,
+        "empty-command",
+        _set("spec.engine.command", []),
+        "spec.engine.command: must have 1..16 items",
+    ),
+    Broken(
+        MODEL,
+        "empty-program",
+        _set("spec.engine.command", [""]),
+        "spec.engine.command[0]: must be 1..4096 characters",
+    ),
+    Broken(
+        MODEL,
+        "long-command",
+        _set("spec.engine.command", ["vllm"] * 17),
+        "spec.engine.command: must have 1..16 items",
+    ),
+    Broken(
+        MODEL,
+        "huge-command-word",
+        _set("spec.engine.command", ["vllm", "x" * 4097]),
+        "spec.engine.command[1]: must be 1..4096 characters",
+    ),
+    Broken(
+        MODEL,
+        "trtllm-adapters",
+        _set("spec.engine.type", "TRTLLM"),
+        "spec: loraAdapters need an engine that loads them by flag: vLLM, SGLang or Simulator",
+        cel=True,
+    ),
     Broken(
         MODEL,
         "adapter-url",

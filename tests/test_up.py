@@ -78,7 +78,8 @@ def test_ctrl_c_while_starting_stops_everything_started(tmp_path):
             "image": "x",
             "replicas": 1,
             "backend": {"aggregated": {}},
-            "engine": {"type": "vLLM", "args": ["--definitely-not-a-flag"]},  # never ready
+            # the simulator, which exits at an unknown flag: never ready
+            "engine": {"type": "Simulator", "args": ["--definitely-not-a-flag"]},
         },
     }
     import yaml

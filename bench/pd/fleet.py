@@ -13,7 +13,6 @@ the KV-event socket, which is this run's free port; no SecurityPolicy is copied 
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -40,8 +39,9 @@ LAYOUT = {
 MODES = tuple(EXAMPLES)
 
 
-def copy_example(mode: str, into: Path, kv_events_port: int) -> Example:
-    """The mode's example Model and picker config in `into`, its KV events to our port."""
+def copy_example(mode: str, into: Path) -> Example:
+    """The mode's example Model and picker config in `into`, with the mode's layout. Its
+    pods' KV events go where the stack tells the controllers (its picker's port)."""
     into.mkdir(parents=True, exist_ok=True)
     src = EXAMPLES[mode]
     model = next(d for d in yaml.safe_load_all((src / "model.yaml").read_text()) if d)
@@ -51,15 +51,7 @@ def copy_example(mode: str, into: Path, kv_events_port: int) -> Example:
         model["spec"]["backend"]["prefill"]["replicas"] = prefill
         model["spec"]["backend"]["decode"]["replicas"] = decode
     engine = model["spec"]["engine"]
-    args = []
-    for arg in engine["args"]:
-        if arg.startswith("--kv-events-config="):
-            config = json.loads(arg.split("=", 1)[1])
-            # From the pod's own address: the picker checks it against the topic's pod.
-            config["endpoint"] = f"tcp://$(POD_IP):0;127.0.0.1:{kv_events_port}"
-            arg = "--kv-events-config=" + json.dumps(config)
-        args.append(arg)
-    engine["args"] = [*args, "--log-level=warning"]
+    engine["args"] = [*engine["args"], "--log-level=warning"]
     (into / "model.yaml").write_text(yaml.safe_dump(model, sort_keys=False))
     shutil.copy(src / "epp-config.yaml", into / "epp-config.yaml")
     return Example.read(into)
@@ -68,7 +60,7 @@ def copy_example(mode: str, into: Path, kv_events_port: int) -> Example:
 def new_stack(mode: str, workdir: Path) -> LocalStack:
     """Not started: use it as a context manager."""
     ports = free_stack_ports()
-    example = copy_example(mode, workdir / "example", ports.kv_events)
+    example = copy_example(mode, workdir / "example")
     cfg = StackConfig.from_example(
         example, workdir / "run", ports, picker_args=["--log-level", "warning"]
     )

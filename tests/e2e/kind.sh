@@ -14,8 +14,8 @@
 #       print the Model and policy it applies, and touch no cluster.
 #
 # Environment: SIM_IMAGE, the Model's image (default: $IMAGE, else
-# ghcr.io/infergate/infergate:latest; any image whose entrypoint runs the simulator, or vLLM,
-# from vLLM's flags); NAMESPACE for the Model (default infergate-e2e); TIMEOUT, seconds per
+# ghcr.io/infergate/infergate:latest; the Model's engine type is Simulator, so the pods run
+# `infergate simulate`, which the image must have on its PATH); NAMESPACE for the Model (default infergate-e2e); TIMEOUT, seconds per
 # wait (default 300: image pulls); PYTHON (default .venv/bin/python); KEEP=1 leaves it all.
 # Exits non-zero with a message saying what did not happen, after printing what it saw.
 set -euo pipefail
@@ -62,7 +62,7 @@ spec:
   servedModelName: $MODEL
   image: $SIM_IMAGE
   engine:
-    type: vLLM
+    type: Simulator
   resources:
     requests: {cpu: 50m, memory: 128Mi}
   replicas: 1

@@ -53,10 +53,14 @@ def test_the_model_it_applies_is_valid_and_runs_the_simulator() -> None:
     model["metadata"]["uid"] = "uid-1"
     mi = to_dict(model_objects.modelinfer(from_dict_as(Model, model)))
     [role] = mi["spec"]["template"]["roles"]
-    args = role["entryTemplate"]["spec"]["containers"][0]["args"]
-    # the image runs `infergate simulate --host=0.0.0.0 <args>` (the Dockerfile's ENTRYPOINT)
-    local = [a.replace(IMAGE_MODEL_DIR, str(DEFAULT_MODEL_DIR)) for a in args]
-    cfg = parse_config(["--host=0.0.0.0", *local])
+    [engine] = role["entryTemplate"]["spec"]["containers"]
+    assert engine["command"] == ["infergate", "simulate"]  # the image's CLI, on its PATH
+    local = [
+        a.replace(IMAGE_MODEL_DIR, str(DEFAULT_MODEL_DIR)).replace("$(POD_IP)", "10.0.0.7")
+        for a in engine["args"]
+    ]
+    cfg = parse_config(local)
+    assert cfg.host == "10.0.0.7"  # the pod's IP, from the downward API
     assert cfg.port == model_objects.ENGINE_PORT
     assert cfg.served_model_name == [model["spec"]["servedModelName"]]
 

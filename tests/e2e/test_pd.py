@@ -15,8 +15,6 @@ its engine on :8200) with the picker's pd-profile-handler (nonCachedTokens 64).
 
 from __future__ import annotations
 
-import itertools
-import json
 import os
 import random
 import signal
@@ -139,21 +137,13 @@ def complete(
 
 @pytest.fixture(scope="module")
 def pd(tmp_path_factory) -> PD:
-    """examples/pd with this test's KV-event port. Its decode pods recompute a prompt whose
+    """examples/pd on this test's ports. Its decode pods recompute a prompt whose
     KV pull failed: the kill test below relies on that (with vLLM's default, fail, a decode
     leg pulling from the pod as it died ends 500, about one run in three)."""
     tmp = tmp_path_factory.mktemp("pd")
     ports = free_stack_ports(pods=1)
+    # the controllers point the pods' KV events at this stack's picker (--kv-events-picker)
     example = Example.read(ROOT / "examples" / "pd")
-    events = next(
-        a for a in example.model["spec"]["engine"]["args"] if a.startswith("--kv-events-config=")
-    )
-    config = json.loads(events.split("=", 1)[1])
-    config["endpoint"] = f"tcp://127.0.0.1:{ports.kv_events}"
-    # a later --kv-events-config wins, as argparse keeps the last
-    example = example.with_changes(
-        tmp / "example", engine_args=["--kv-events-config=" + json.dumps(config)]
-    )
     stack = LocalStack(StackConfig.from_example(example, tmp / "run", ports))
     with stack:
         running = PD(stack)
@@ -319,9 +309,8 @@ def engine_pid(stack: LocalStack, ip: str) -> int:
             args = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
         except OSError:
             continue
-        if "simulator" in args and any(
-            a == "--host" and b == ip for a, b in itertools.pairwise(args)
-        ):
+        # `infergate simulate --host=$(POD_IP) ...`, as the controllers write it
+        if "simulate" in args and f"--host={ip}" in args:
             found.append(pid)
     assert len(found) == 1, (ip, found)
     return found[0]

@@ -5,7 +5,6 @@ manifest adds a pod that Envoy can route to."""
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -21,23 +20,14 @@ from tests.e2e.gateway_config import PIN, pinnable
 pytestmark = pytest.mark.slow
 
 
-def write_example(directory: Path, kv_port: int, replicas: int) -> Example:
-    """The quickstart Model, on this test's KV-event port and with the replicas asked for."""
+def write_example(directory: Path, replicas: int, **engine) -> Example:
+    """The quickstart Model with the replicas asked for. Its KV events go where the stack
+    tells the controllers: this test's picker."""
     directory.mkdir(exist_ok=True)
     model = next(d for d in yaml.safe_load_all((QUICKSTART / "model.yaml").read_text()) if d)
     model["spec"]["replicas"] = replicas
-    model["spec"]["engine"]["args"] = [
-        "--sim-time-scale=0.2",
-        "--kv-events-config="
-        + json.dumps(
-            {
-                "enable_kv_cache_events": True,
-                "publisher": "zmq",
-                "endpoint": f"tcp://127.0.0.1:{kv_port}",
-                "topic": "kv@$(POD_IP):8000@infergate-sim",
-            }
-        ),
-    ]
+    model["spec"]["engine"]["args"] = ["--sim-time-scale=0.2"]
+    model["spec"]["engine"].update(engine)
     (directory / "model.yaml").write_text(yaml.safe_dump(model))
     (directory / "epp-config.yaml").write_text(
         pinnable((QUICKSTART / "epp-config.yaml").read_text())
@@ -66,9 +56,15 @@ def wait(check, what: str, within: float = 60.0):
 
 def test_a_model_manifest_becomes_a_served_stack_and_edits_apply(tmp_path):
     ports = free_stack_ports(pods=1)
-    example = write_example(tmp_path / "example", ports.kv_events, replicas=2)
-    stack = LocalStack(StackConfig.from_example(example, tmp_path / "run", ports))
+    example = write_example(tmp_path / "example", replicas=2)
+    lines: list[str] = []
+    cfg = StackConfig.from_example(example, tmp_path / "run", ports, progress=lines.append)
+    assert cfg.pod_timeout == 120  # the simulator starts in seconds
+    stack = LocalStack(cfg)
     with stack:
+        # a line per pod as it starts, the last one saying it is ready
+        last = {line.split(":")[0]: line for line in lines}
+        assert len(last) == 2 and all(": ready (" in line for line in last.values()), lines
         pods = stack.pod_addresses
         assert len(pods) == 2 and all(p.endswith(":8000") for p in pods), pods
         assert len({p.split(":")[0] for p in pods}) == 2  # each pod on its own address
@@ -100,3 +96,26 @@ def test_a_model_manifest_becomes_a_served_stack_and_edits_apply(tmp_path):
     for pod in [*pods, new]:
         with pytest.raises(requests.ConnectionError):
             requests.get(f"http://{pod}/health", timeout=2)
+
+
+def test_an_engine_that_is_not_installed_stops_the_start_with_what_is_missing(tmp_path):
+    """A vLLM Model whose engine is not on this machine: no simulator in its place; the
+    start fails at once, naming what is missing, and the pod never served."""
+    ports = free_stack_ports(pods=1)
+    example = write_example(
+        tmp_path / "example", replicas=1, type="vLLM", command=["vllm-not-installed", "serve"]
+    )
+    model = example.model
+    model["spec"]["image"] = "vllm/vllm-openai:v0.32.0"
+    (example.directory / "model.yaml").write_text(yaml.safe_dump(model))
+    example = Example.read(example.directory)
+    assert not example.runs_simulator
+    cfg = StackConfig.from_example(example, tmp_path / "run", ports)
+    assert cfg.pod_timeout >= 600  # a real engine loads its model first
+    started = time.monotonic()
+    with pytest.raises(RuntimeError) as failed:
+        LocalStack(cfg).start()
+    assert time.monotonic() - started < 60
+    message = str(failed.value)
+    assert "cannot start" in message and "vllm-not-installed is not installed" in message
+    assert "engine.type: Simulator" in message

