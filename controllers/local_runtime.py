@@ -46,9 +46,9 @@ from pathlib import Path
 
 import aiohttp
 
-from controllers.informer import Informer
+from cluster.informer import Informer
+from cluster.store import POD, NotFound, Obj, Store
 from controllers.process_group import stop_container
-from controllers.store import POD, NotFound, Obj, Store
 
 log = logging.getLogger("controllers.local_runtime")
 _VAR = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)")

@@ -10,8 +10,7 @@ from collections import deque
 from collections.abc import AsyncIterator
 
 from api import prune_nulls
-from controllers.conditions import now_rfc3339
-from controllers.store import (
+from cluster.store import (
     AlreadyExists,
     Conflict,
     Gone,
@@ -22,6 +21,7 @@ from controllers.store import (
     kind_of,
     labels_match,
 )
+from controllers.conditions import now_rfc3339
 
 _Key = tuple[str, str, str]  # kind, namespace, name
 

@@ -20,9 +20,7 @@ import api
 from api import Condition, Model, ModelInfer
 from api.meta import ApiStruct
 from api.workload import ModelInferStatus
-from controllers import model_objects
-from controllers.conditions import condition
-from controllers.store import (
+from cluster.store import (
     KINDS,
     MODEL,
     MODEL_INFER,
@@ -34,6 +32,8 @@ from controllers.store import (
     StoreError,
     controller_of,
 )
+from controllers import model_objects
+from controllers.conditions import condition
 
 log = logging.getLogger("controllers.model")
 NOT_OURS_RETRY = 30.0  # seconds between looks at an object in the way

@@ -69,7 +69,7 @@ from api.workload import (
     RollingUpdateConfiguration,
     RolloutStrategy,
 )
-from controllers.store import owner_reference_of
+from cluster.store import owner_reference_of
 
 ENGINE_PORT = 8000  # the pod's serving port: the engine's, or the connector's before it
 SIDECAR_ENGINE_PORT = 8200  # the engine's port behind the connector (llm-d's)

@@ -4,7 +4,7 @@ Checked without a cluster: every document parses and names itself; built-in kind
 Kubernetes 1.30 schemas; the RBAC grants exactly what the controllers call — the calls are
 recorded while the real reconcilers (build_controllers, the leader elector) work through a
 scenario that exercises every store call in their code, mapped through the Kind registry of
-controllers/store.py to (group, resource, verb) as kube-apiserver authorizes them, and
+cluster/store.py to (group, resource, verb) as kube-apiserver authorizes them, and
 compared with what the bindings give the Deployment's ServiceAccount; the Deployment's args
 parse with the controllers' own parser and agree with its ports, probes, volumes, the Lease's
 Role and webhook.yaml; the Dockerfile copies every package the project installs.
@@ -27,11 +27,7 @@ import pytest
 from aiohttp import web
 
 import controllers
-from controllers.app import build_controllers, build_parser
-from controllers.leader import LeaderElector
-from controllers.memory_store import MemoryStore
-from controllers.runner import ControllerMetrics
-from controllers.store import (
+from cluster.store import (
     AUTOSCALING_BINDING,
     KINDS,
     LEASE,
@@ -47,6 +43,10 @@ from controllers.store import (
     controller_of,
     kind_of,
 )
+from controllers.app import build_controllers, build_parser
+from controllers.leader import LeaderElector
+from controllers.memory_store import MemoryStore
+from controllers.runner import ControllerMetrics
 from controllers.webhook import build_app, namespace_reader
 from tests.conftest import free_port
 from tests.controller_manifests import CONTROLLERS_YAML, MANIFESTS, Authorizer, Grant, docs, load

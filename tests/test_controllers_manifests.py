@@ -9,10 +9,7 @@ import copy
 import yaml
 
 from api import ALLOW_PRIVILEGED_LABEL
-from controllers.exporter import PoolExporter
-from controllers.manifests import ManifestDirectory
-from controllers.memory_store import MemoryStore
-from controllers.store import (
+from cluster.store import (
     AUTOSCALING_POLICY,
     INFERENCE_OBJECTIVE,
     INFERENCE_POOL,
@@ -20,6 +17,9 @@ from controllers.store import (
     MODEL_INFER,
     POD,
 )
+from controllers.exporter import PoolExporter
+from controllers.manifests import ManifestDirectory
+from controllers.memory_store import MemoryStore
 from epp.providers.file import load_objects
 from tests.paths import CRD_EXAMPLES
 

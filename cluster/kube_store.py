@@ -25,7 +25,7 @@ from urllib.parse import quote
 import urllib3
 from kubernetes.client import ApiClient, ApiException
 
-from controllers.store import (
+from cluster.store import (
     AlreadyExists,
     Conflict,
     Gone,
@@ -38,7 +38,7 @@ from controllers.store import (
     kind_of,
 )
 
-log = logging.getLogger("controllers.kube_store")
+log = logging.getLogger("cluster.kube_store")
 
 _JSON = "application/json"
 _MERGE_PATCH = "application/merge-patch+json"

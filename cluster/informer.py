@@ -11,9 +11,9 @@ import asyncio
 import logging
 from collections.abc import Callable
 
-from controllers.store import Gone, Kind, Obj, Store, StoreError
+from cluster.store import Gone, Kind, Obj, Store, StoreError
 
-log = logging.getLogger("controllers.informer")
+log = logging.getLogger("cluster.informer")
 
 Handler = Callable[[str, Obj], None]  # (ADDED|MODIFIED|DELETED, object)
 
