@@ -9,6 +9,7 @@ import copy
 import yaml
 
 from api import ALLOW_PRIVILEGED_LABEL
+from cluster.files import load_objects
 from cluster.store import (
     AUTOSCALING_POLICY,
     INFERENCE_OBJECTIVE,
@@ -20,7 +21,6 @@ from cluster.store import (
 from controllers.exporter import PoolExporter
 from controllers.manifests import ManifestDirectory
 from controllers.memory_store import MemoryStore
-from epp.providers.file import load_objects
 from tests.paths import CRD_EXAMPLES
 
 
