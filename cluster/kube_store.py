@@ -135,7 +135,7 @@ class KubeStore:
     ) -> tuple[list[Obj], str]:
         query = []
         if labels:
-            query.append(("labelSelector", ",".join(f"{k}={v}" for k, v in labels.items())))
+            query.append(("labelSelector", _label_selector(labels)))
         body = await self._call("GET", _path(kind, namespace), query=query)
         items = [_typed(kind, o) for o in body.get("items") or []]
         return items, (body.get("metadata") or {}).get("resourceVersion", "")
@@ -170,7 +170,11 @@ class KubeStore:
         return await self._call("PATCH", path, body=body, content_type=_MERGE_PATCH)
 
     async def watch(
-        self, kind: Kind, namespace: str | None, resource_version: str
+        self,
+        kind: Kind,
+        namespace: str | None,
+        resource_version: str,
+        labels: dict[str, str] | None = None,
     ) -> AsyncIterator[tuple[str, Obj]]:
         """(ADDED|MODIFIED|DELETED|BOOKMARK, object) after resource_version, until the server
         ends the stream (watch_timeout); an expired resource_version raises Gone."""
@@ -192,6 +196,8 @@ class KubeStore:
         ]
         if resource_version:
             query.append(("resourceVersion", resource_version))
+        if labels:
+            query.append(("labelSelector", _label_selector(labels)))
         path = _path(kind, namespace)
         thread = threading.Thread(
             target=self._stream,
@@ -204,12 +210,16 @@ class KubeStore:
             while (item := await queue.get()) is not _END:
                 if isinstance(item, BaseException):
                     raise item
+                if not isinstance(item, dict):
+                    raise Unavailable(f"watch {path}: not a watch event: {str(item)[:100]}")
                 event, obj = item.get("type"), item.get("object") or {}
                 if event == "ERROR":
-                    raise error_from(int(obj.get("code") or 500), obj)
-                if event != "BOOKMARK":
+                    status = obj if isinstance(obj, dict) else {}
+                    code = status.get("code")
+                    raise error_from(code if isinstance(code, int) else 500, status)
+                if event != "BOOKMARK" and isinstance(obj, dict):
                     _typed(kind, obj)
-                yield event, obj
+                yield event, obj  # an object of the wrong shape is the informer's to refuse
         finally:
             stopped.set()
             for resp in opened:  # wake the thread if it is blocked reading
@@ -316,6 +326,10 @@ class KubeStore:
             elif resp is not None:
                 resp.release_conn()
             put(_END)
+
+
+def _label_selector(labels: dict[str, str]) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
 
 
 def _namespace(kind: Kind, obj: Obj) -> str:

@@ -112,7 +112,11 @@ class MemoryStore:
     # ---- watch --------------------------------------------------------------------------
 
     async def watch(
-        self, kind: Kind, namespace: str | None, resource_version: str
+        self,
+        kind: Kind,
+        namespace: str | None,
+        resource_version: str,
+        labels: dict[str, str] | None = None,
     ) -> AsyncIterator[tuple[str, Obj]]:
         last = int(resource_version or 0)
         while True:
@@ -126,6 +130,11 @@ class MemoryStore:
                 if k == kind.kind and (
                     namespace is None or obj["metadata"].get("namespace") == namespace
                 ):
+                    if not labels_match(obj, labels):
+                        if event == "ADDED":
+                            continue
+                        # No longer (or never) matching: a receiver that had it drops it.
+                        event = "DELETED"
                     yield event, copy.deepcopy(obj)
             await changed.wait()
 

@@ -485,9 +485,9 @@ async def test_informer_relist_reports_modified_and_added_while_expired(backend)
 class CountingKubeStore(KubeStore):
     watches = 0
 
-    def watch(self, kind: Kind, namespace: str | None, resource_version: str):
+    def watch(self, kind: Kind, namespace: str | None, resource_version: str, labels=None):
         self.watches += 1
-        return super().watch(kind, namespace, resource_version)
+        return super().watch(kind, namespace, resource_version, labels)
 
 
 def watch_threads() -> list[threading.Thread]:
