@@ -47,6 +47,8 @@ class Informer:
         self.log = logger or logging.getLogger("cluster.informer")
         self.cache: dict[tuple[str, str], Obj] = {}
         self.handlers: list[Handler] = []
+        self.listeners: list[Callable[[], None]] = []
+        self._change_due = False
         self.synced = asyncio.Event()
         self.relists = 0  # lists after an expired (410) watch
         self._rv: str | None = None  # where the next watch starts; None: list first
@@ -56,6 +58,12 @@ class Informer:
 
     def add_handler(self, handler: Handler) -> None:
         self.handlers.append(handler)
+
+    def on_change(self, listener: Callable[[], None]) -> None:
+        """Call `listener` once after each burst of changes (a list's, or events that arrived
+        together), on the next turn of the loop: a reader of items() rebuilds once, not once
+        per object."""
+        self.listeners.append(listener)
 
     def get(self, namespace: str, name: str) -> Obj | None:
         return self.cache.get((namespace, name))
@@ -188,11 +196,23 @@ class Informer:
             self.skipped(self.kind)
 
     def _notify(self, event: str, obj: Obj) -> None:
+        if self.listeners and not self._change_due:
+            self._change_due = True
+            asyncio.get_running_loop().call_soon(self._changed)
         for handler in self.handlers:
             try:
                 handler(event, obj)
             except Exception:  # a handler bug must not stop the informer
                 self.log.exception("%s handler failed on %s", self.kind.kind, _key(obj))
+
+
+    def _changed(self) -> None:
+        self._change_due = False
+        for listener in self.listeners:
+            try:
+                listener()
+            except Exception:  # a listener bug must not stop the others
+                self.log.exception("%s change listener failed", self.kind.kind)
 
 
 def _key(obj: Any) -> tuple[str, str] | None:

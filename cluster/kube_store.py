@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
@@ -43,6 +44,21 @@ log = logging.getLogger("cluster.kube_store")
 _JSON = "application/json"
 _MERGE_PATCH = "application/merge-patch+json"
 _END = object()  # a watch stream ended
+
+
+def api_client_from_environment() -> ApiClient:
+    """In a pod, its service account; elsewhere $KUBECONFIG (read now: the client reads it once,
+    at import) or ~/.kube/config. kubernetes.config.ConfigException when there is none."""
+    from kubernetes import config
+    from kubernetes.client import Configuration
+
+    cfg = Configuration()
+    try:
+        config.load_incluster_config(client_configuration=cfg)
+    except config.ConfigException:
+        path = os.environ.get("KUBECONFIG")
+        config.load_kube_config(config_file=path, client_configuration=cfg)
+    return ApiClient(cfg)
 
 
 def error_from(status: int, body: bytes | str | Obj | None) -> StoreError:
@@ -110,14 +126,8 @@ class KubeStore:
 
     @classmethod
     def from_environment(cls, **kwargs: Any) -> KubeStore:
-        """In a pod, its service account; elsewhere $KUBECONFIG or ~/.kube/config."""
-        from kubernetes import config
-
-        try:
-            config.load_incluster_config()
-        except config.ConfigException:
-            config.load_kube_config()
-        return cls(ApiClient(), **kwargs)
+        """The store over api_client_from_environment()."""
+        return cls(api_client_from_environment(), **kwargs)
 
     def close(self) -> None:
         self.api.close()
