@@ -205,7 +205,6 @@ class Informer:
             except Exception:  # a handler bug must not stop the informer
                 self.log.exception("%s handler failed on %s", self.kind.kind, _key(obj))
 
-
     def _changed(self) -> None:
         self._change_due = False
         for listener in self.listeners:
