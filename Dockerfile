@@ -20,6 +20,7 @@ ENV PYTHONUNBUFFERED=1 \
 WORKDIR /src
 COPY pyproject.toml README.md LICENSE ./
 COPY api ./api
+COPY cluster ./cluster
 COPY infergate ./infergate
 COPY stack ./stack
 COPY epp ./epp

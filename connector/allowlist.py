@@ -4,9 +4,9 @@ x-prefiller-host-port arrives with the request. Only the picker should set it (E
 client's copy), but the sidecar does not rely on that: it runs a prefill leg only on an address
 that is a prefill pod of its pool — a ready pod matching the pool's selector whose role label
 (`infergate.io/role`) is `prefill` or `both`, at one of the pool's target ports, which is what
-the picker's prefill-filter chooses from. The pool comes from the picker's own providers: the
-pool file (the local stack) or the Kubernetes API (list+watch of the InferencePool and the
-pods its selector matches).
+the picker's prefill-filter chooses from. Membership is cluster/pool.py's, the picker's too; the
+pool comes from the pool file (the local stack, cluster/files.py) or the Kubernetes API
+(cluster/pool_watch.py: list+watch of the InferencePool and the pods its selector matches).
 
 A pod that just left that set (deleted, or no longer ready) stays allowed for a short grace
 period: the picker may have named it before it noticed, and such a request should fail over
@@ -20,13 +20,18 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from api.names import BOTH, PREFILL, ROLE_LABEL
+from api.names import BOTH, PREFILL
+from cluster.files import ObjectFileError, WatchedFiles
+from cluster.pool import PoolSpec, find_pool, members
+from cluster.store import Obj
 from connector.options import ConnectorOptions
 from connector.upstream import sanitized
-from epp.datastore import Datastore
-from epp.providers.file import FileProvider
+
+if TYPE_CHECKING:
+    from cluster.kube_store import KubeStore
+    from cluster.pool_watch import PoolWatch
 
 log = logging.getLogger("connector.allowlist")
 
@@ -75,8 +80,14 @@ class NoAllowlist:
         pass
 
 
-class Provider(Protocol):
-    async def start(self) -> None: ...
+# Where a pool source hands the pool and its pods (None: the pool is gone).
+PoolUpdate = Callable[[PoolSpec | None, list[Obj]], None]
+
+
+class PoolSource(Protocol):
+    async def start(self) -> None:
+        """Read the pool once (raising when it cannot), hand it over, then follow it."""
+        ...
 
     def refresh(self) -> None:
         """Catch up with the source now, if it can (a file that changed is read again)."""
@@ -86,37 +97,29 @@ class Provider(Protocol):
 
 
 class PoolAllowlist:
-    """The prefill pods of one InferencePool, kept up to date by a provider."""
+    """The prefill pods of one InferencePool, kept up to date by a pool source."""
 
     def __init__(
         self,
         pool_name: str,
         namespace: str,
-        provider: Callable[[Datastore], Provider],
+        source: Callable[[PoolUpdate], PoolSource],
         *,
         grace: float,
     ) -> None:
         self.where = f"InferencePool {namespace}/{pool_name}"
         self.grace = grace
-        self.datastore = Datastore()
-        self.datastore.change_listeners.append(self._refresh)
-        self.provider = provider(self.datastore)
+        self.synced = False  # whether it knows its pool yet (the sidecar is not ready before)
+        self.source = source(self._update)
         self._current: frozenset[str] = frozenset()
         self._departed: dict[str, float] = {}  # address -> when it left the set
         self._task: asyncio.Task | None = None
         self._started = False
 
-    @property
-    def synced(self) -> bool:
-        return self.datastore.synced
-
-    def _refresh(self) -> None:
+    def _update(self, pool: PoolSpec | None, pods: list[Obj]) -> None:
         now = time.monotonic()
-        current = frozenset(
-            ep.address
-            for ep in self.datastore.endpoints()
-            if ep.labels.get(ROLE_LABEL) in PREFILL_ROLES
-        )
+        found = members(pool, pods) if pool is not None else []
+        current = frozenset(m.address for m in found if m.ready and m.role in PREFILL_ROLES)
         for address in self._current - current:
             self._departed[address] = now
         for address in current:
@@ -125,6 +128,7 @@ class PoolAllowlist:
         if current != self._current:
             log.info("prefill pods of %s: %s", self.where, ", ".join(sorted(current)) or "none")
         self._current = current
+        self.synced = True
 
     def allows(self, host_port: str) -> bool:
         if host_port in self._current:
@@ -132,7 +136,7 @@ class PoolAllowlist:
         # A pod the picker already knows may be newer than our last poll of the pool:
         # catch up once before refusing (cheap: a file is read again only if it changed).
         if self._started:
-            self.provider.refresh()
+            self.source.refresh()
             if host_port in self._current:
                 return True
         left = self._departed.get(host_port)
@@ -151,8 +155,8 @@ class PoolAllowlist:
         delay = RETRY_FIRST
         while True:
             try:
-                await self.provider.start()
-            except Exception as exc:  # whatever the provider raises, try again later
+                await self.source.start()
+            except Exception as exc:  # whatever the source raises, try again later
                 log.warning("cannot load %s yet: %s; retrying in %.0fs", self.where, exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RETRY_MAX)
@@ -165,20 +169,97 @@ class PoolAllowlist:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
         if self._started:
-            await self.provider.stop()
+            await self.source.stop()
 
 
-def file_provider(path: Path, pool_name: str, namespace: str) -> Callable[[Datastore], Provider]:
-    return lambda datastore: FileProvider(datastore, [path], pool_name, namespace)
+class FilePool:
+    """The pool and its pods from a pool file, read again when it changes; a bad edit keeps
+    the previous pool (logged)."""
+
+    def __init__(
+        self,
+        path: Path,
+        pool_name: str,
+        namespace: str,
+        update: PoolUpdate,
+        *,
+        poll_interval: float = 1.0,
+    ) -> None:
+        self.pool_name = pool_name
+        self.namespace = namespace
+        self.update = update
+        self.files = WatchedFiles([path], self._use, self._failed, poll_interval=poll_interval)
+
+    def _use(self, objects: list[Obj]) -> None:
+        pool_obj, pods = find_pool(objects, self.pool_name, self.namespace)
+        if pool_obj is None:
+            raise ObjectFileError(f"no InferencePool {self.namespace}/{self.pool_name} in the file")
+        self.update(PoolSpec.from_object(pool_obj), pods)
+
+    def _failed(self, exc: Exception) -> None:
+        log.error("reading %s failed, keeping the previous pool: %s", self.files.paths[0], exc)
+
+    async def start(self) -> None:
+        await self.files.start()
+
+    def refresh(self) -> None:
+        self.files.refresh()
+
+    async def stop(self) -> None:
+        await self.files.stop()
 
 
-def kubernetes_provider(pool_name: str, namespace: str) -> Callable[[Datastore], Provider]:
-    def make(datastore: Datastore) -> Provider:
-        from epp.providers.kubernetes import KubernetesProvider  # the client is slow to import
+class KubernetesPool:
+    """The pool and its pods from the API server (the sidecar's own kubeconfig or service
+    account), by list+watch."""
 
-        return KubernetesProvider(datastore, pool_name, namespace, routing=False)
+    def __init__(self, pool_name: str, namespace: str, update: PoolUpdate) -> None:
+        self.pool_name = pool_name
+        self.namespace = namespace
+        self.update = update
+        self._store: KubeStore | None = None
+        self._watch: PoolWatch | None = None
 
-    return make
+    async def start(self) -> None:
+        # The client is slow to import: only a sidecar in a cluster pays for it.
+        from cluster.kube_store import KubeStore
+        from cluster.pool_watch import PoolWatch
+
+        store = KubeStore.from_environment()
+        watch = PoolWatch(
+            store,
+            self.pool_name,
+            self.namespace,
+            on_pool=lambda pool: self.update(pool, watch.pods.items()),
+            on_pods=lambda pods: self.update(watch.pool, pods),
+            logger=log,
+        )
+        try:
+            await watch.start()
+        except BaseException:
+            await watch.stop()
+            store.close()
+            raise
+        self._store, self._watch = store, watch
+
+    def refresh(self) -> None:
+        """Nothing to do: the watch already delivers every change as it happens."""
+
+    async def stop(self) -> None:
+        if self._watch is not None:
+            await self._watch.stop()
+        if self._store is not None:
+            self._store.close()
+
+
+def file_pool(
+    path: Path, pool_name: str, namespace: str, *, poll_interval: float = 1.0
+) -> Callable[[PoolUpdate], PoolSource]:
+    return lambda update: FilePool(path, pool_name, namespace, update, poll_interval=poll_interval)
+
+
+def kubernetes_pool(pool_name: str, namespace: str) -> Callable[[PoolUpdate], PoolSource]:
+    return lambda update: KubernetesPool(pool_name, namespace, update)
 
 
 def allowlist_for(opts: ConnectorOptions) -> Allowlist:
@@ -186,7 +267,7 @@ def allowlist_for(opts: ConnectorOptions) -> Allowlist:
     if opts.pool_name is None:
         return NoAllowlist()
     if opts.pool_file is not None:
-        source = file_provider(Path(opts.pool_file), opts.pool_name, opts.pool_namespace)
+        source = file_pool(Path(opts.pool_file), opts.pool_name, opts.pool_namespace)
     else:
-        source = kubernetes_provider(opts.pool_name, opts.pool_namespace)
+        source = kubernetes_pool(opts.pool_name, opts.pool_namespace)
     return PoolAllowlist(opts.pool_name, opts.pool_namespace, source, grace=opts.prefiller_grace)

@@ -20,12 +20,12 @@ from prometheus_client import start_http_server
 
 from api import logs
 from api.names import KV_EVENTS_PORT
+from cluster.store import AUTOSCALING_BINDING, MODEL, MODEL_INFER, POD, Store
 from controllers.autoscaler import AutoscalerReconciler
 from controllers.engine_command import PER_POD, KVEventSockets
 from controllers.model import ModelReconciler
 from controllers.modelinfer import ModelInferReconciler
 from controllers.runner import Controller, ControllerMetrics, own_key, owner_key
-from controllers.store import AUTOSCALING_BINDING, MODEL, MODEL_INFER, POD, Store
 
 log = logging.getLogger("controllers")
 
@@ -172,7 +172,7 @@ async def serve(args: argparse.Namespace) -> None:
 
         labels = None
         if args.mode == "kubernetes":  # namespaces opt in to privileged pods by a label
-            from controllers.kube_store import KubeStore
+            from cluster.kube_store import KubeStore
 
             webhook_store = KubeStore.from_environment()
             labels = namespace_reader(webhook_store)
@@ -233,9 +233,9 @@ async def _serve_kubernetes(args: argparse.Namespace, stop: asyncio.Event) -> No
     import os
     import socket
 
-    from controllers.kube_store import KubeStore
+    from cluster.kube_store import KubeStore
+    from cluster.store import StoreError
     from controllers.leader import LeaderElector
-    from controllers.store import StoreError
 
     store = KubeStore.from_environment()
     metrics = ControllerMetrics()

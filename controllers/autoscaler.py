@@ -21,10 +21,7 @@ from api import ApiError, from_dict, prune_nulls
 from api.autoscaling import AutoScalingPolicy, EffectiveStep, effective_policy
 from api.engines import metric_name
 from api.names import ENGINE_LABEL, MODELINFER_LABEL, ROLE_LABEL
-from controllers import autoscaling as a
-from controllers.conditions import condition, find, listed, now_rfc3339
-from controllers.modelinfer_pods import pod_ready
-from controllers.store import (
+from cluster.store import (
     AUTOSCALING_BINDING,
     AUTOSCALING_POLICY,
     MODEL_INFER,
@@ -33,6 +30,9 @@ from controllers.store import (
     Obj,
     Store,
 )
+from controllers import autoscaling as a
+from controllers.conditions import condition, find, listed, now_rfc3339
+from controllers.modelinfer_pods import pod_ready
 
 log = logging.getLogger("controllers.autoscaler")
 

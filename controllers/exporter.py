@@ -14,8 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from controllers import envoy_eds
-from controllers.store import (
+from cluster.store import (
     INFERENCE_OBJECTIVE,
     INFERENCE_POOL,
     MODEL_ROUTE,
@@ -24,6 +23,7 @@ from controllers.store import (
     Obj,
     Store,
 )
+from controllers import envoy_eds
 
 
 def _slim(obj: Obj) -> Obj:

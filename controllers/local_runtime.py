@@ -58,10 +58,10 @@ import aiohttp
 
 from api.engines import SIMULATOR_IMAGES, image_repository
 from api.names import ENGINE_NOT_INSTALLED
+from cluster.informer import Informer
+from cluster.store import POD, NotFound, Obj, Store
 from controllers.engine_command import INSTALL_HINTS
-from controllers.informer import Informer
 from controllers.process_group import stop_container
-from controllers.store import POD, NotFound, Obj, Store
 
 log = logging.getLogger("controllers.local_runtime")
 _VAR = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)")

@@ -20,7 +20,7 @@ import yaml
 from api import forbidden_host_powers, prune_nulls, validate_dict, yaml_files
 from api.meta import Problems
 from api.pod import check_pod_template
-from controllers.store import KINDS, NotFound, Obj, Store, kind_of
+from cluster.store import KINDS, NotFound, Obj, Store, kind_of
 
 log = logging.getLogger("controllers.manifests")
 # Kinds an example directory holds for the rest of the stack, not for the controllers: the

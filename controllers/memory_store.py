@@ -10,8 +10,7 @@ from collections import deque
 from collections.abc import AsyncIterator
 
 from api import prune_nulls
-from controllers.conditions import now_rfc3339
-from controllers.store import (
+from cluster.store import (
     AlreadyExists,
     Conflict,
     Gone,
@@ -22,6 +21,7 @@ from controllers.store import (
     kind_of,
     labels_match,
 )
+from controllers.conditions import now_rfc3339
 
 _Key = tuple[str, str, str]  # kind, namespace, name
 
@@ -112,7 +112,11 @@ class MemoryStore:
     # ---- watch --------------------------------------------------------------------------
 
     async def watch(
-        self, kind: Kind, namespace: str | None, resource_version: str
+        self,
+        kind: Kind,
+        namespace: str | None,
+        resource_version: str,
+        labels: dict[str, str] | None = None,
     ) -> AsyncIterator[tuple[str, Obj]]:
         last = int(resource_version or 0)
         while True:
@@ -126,6 +130,11 @@ class MemoryStore:
                 if k == kind.kind and (
                     namespace is None or obj["metadata"].get("namespace") == namespace
                 ):
+                    if not labels_match(obj, labels):
+                        if event == "ADDED":
+                            continue
+                        # No longer (or never) matching: a receiver that had it drops it.
+                        event = "DELETED"
                     yield event, copy.deepcopy(obj)
             await changed.wait()
 

@@ -21,10 +21,7 @@ from api import Condition, Model, ModelInfer
 from api.meta import ApiStruct
 from api.names import ENGINE_NOT_INSTALLED
 from api.workload import ModelInferStatus
-from controllers import model_objects
-from controllers.conditions import condition
-from controllers.engine_command import PER_POD, KVEventSockets
-from controllers.store import (
+from cluster.store import (
     KINDS,
     MODEL,
     MODEL_INFER,
@@ -36,6 +33,9 @@ from controllers.store import (
     StoreError,
     controller_of,
 )
+from controllers import model_objects
+from controllers.conditions import condition
+from controllers.engine_command import PER_POD, KVEventSockets
 
 log = logging.getLogger("controllers.model")
 NOT_OURS_RETRY = 30.0  # seconds between looks at an object in the way

@@ -69,6 +69,7 @@ from api.workload import (
     RollingUpdateConfiguration,
     RolloutStrategy,
 )
+from cluster.store import owner_reference_of
 from controllers.engine_command import (
     ENGINE_PORT,
     PER_POD,
@@ -76,7 +77,6 @@ from controllers.engine_command import (
     engine_type,
     render,
 )
-from controllers.store import owner_reference_of
 
 SIDECAR_ENGINE_PORT = 8200  # the engine's port behind the connector (llm-d's)
 CONNECTOR_IMAGE = "ghcr.io/infergate/infergate:latest"

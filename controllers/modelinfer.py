@@ -17,9 +17,7 @@ import api
 from api import ModelInfer
 from api.names import ENGINE_NOT_INSTALLED, MODELINFER_LABEL, REVISION_LABEL
 from api.workload import DEFAULT_RECOVERY_POLICY
-from controllers import modelinfer_pods as mp
-from controllers.conditions import condition, listed
-from controllers.store import (
+from cluster.store import (
     MODEL_INFER,
     POD,
     POD_GROUP,
@@ -29,6 +27,8 @@ from controllers.store import (
     Obj,
     Store,
 )
+from controllers import modelinfer_pods as mp
+from controllers.conditions import condition, listed
 
 log = logging.getLogger("controllers.modelinfer")
 # Pods one pass creates at most, as the ReplicaSet controller's burstReplicas: a huge

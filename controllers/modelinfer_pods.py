@@ -28,7 +28,7 @@ from api.workload import (
     DEFAULT_WORKER_REPLICAS,
     Role,
 )
-from controllers.store import Obj, owner_reference_of
+from cluster.store import Obj, owner_reference_of
 
 
 @dataclass(slots=True, frozen=True)

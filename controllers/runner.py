@@ -15,8 +15,8 @@ from typing import Protocol
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from api import ApiError
-from controllers.informer import Informer
-from controllers.store import Conflict, Kind, Obj, Store, StoreError, controller_of
+from cluster.informer import Informer
+from cluster.store import Conflict, Kind, Obj, Store, StoreError, controller_of
 from controllers.workqueue import WorkQueue
 
 log = logging.getLogger("controllers.runner")

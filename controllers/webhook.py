@@ -41,7 +41,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, g
 import api
 from api import networking
 from cluster import certs
-from controllers.store import NAMESPACE, Store
+from cluster.store import NAMESPACE, Store
 
 log = logging.getLogger("controllers.webhook")
 

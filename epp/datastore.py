@@ -6,76 +6,16 @@ reads. Everything runs on one event loop, so plain attributes are enough.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import msgspec
-
-from api.meta import ObjectMeta
-from api.names import ENGINE_LABEL
+from cluster.pool import PoolSpec, members, pod_problem
 from epp.routing.table import RouteTable
 
 log = logging.getLogger("epp.datastore")
-
-ACTIVE_PORTS_ANNOTATION = "inference.networking.k8s.io/active-ports"
-
-
-@dataclass(slots=True)
-class PoolSpec:
-    """inference.networking.k8s.io/v1 InferencePool, the parts the picker uses."""
-
-    name: str
-    namespace: str
-    selector: dict[str, str]
-    target_ports: list[int]
-    app_protocol: str = "http"
-    failure_mode: str = "FailClose"
-    picker_service: str | None = None
-
-    @classmethod
-    def from_object(cls, obj: dict[str, Any]) -> PoolSpec:
-        meta, spec = obj.get("metadata") or {}, obj.get("spec") or {}
-        if not isinstance(meta, dict) or not isinstance(spec, dict):
-            raise ValueError("InferencePool: metadata and spec must be maps")
-        holder = spec.get("selector") or {}
-        selector = holder.get("matchLabels") if isinstance(holder, dict) else None
-        if not isinstance(selector, dict) or not selector:
-            raise ValueError(
-                f"InferencePool {meta.get('name')}: spec.selector.matchLabels "
-                "must be a non-empty map"
-            )
-        ports = [p.get("number") for p in spec.get("targetPorts") or [] if isinstance(p, dict)]
-        if not ports or not all(isinstance(p, int) and 0 < p < 65536 for p in ports):
-            raise ValueError(
-                f"InferencePool {meta.get('name')}: spec.targetPorts needs 1-8 "
-                "entries with a valid 'number'"
-            )
-        if len(ports) > 8 or len(set(ports)) != len(ports):
-            raise ValueError(
-                f"InferencePool {meta.get('name')}: targetPorts must be 1-8 unique ports"
-            )
-        ref = spec.get("endpointPickerRef") or {}
-        if not isinstance(ref, dict):
-            raise ValueError(f"InferencePool {meta.get('name')}: endpointPickerRef must be a map")
-        mode = ref.get("failureMode", "FailClose")
-        if mode not in ("FailOpen", "FailClose"):
-            raise ValueError(
-                f"InferencePool {meta.get('name')}: failureMode must be FailOpen "
-                f"or FailClose, got {mode!r}"
-            )
-        return cls(
-            name=str(meta.get("name")),
-            namespace=str(meta.get("namespace") or "default"),
-            selector={str(k): str(v) for k, v in selector.items()},
-            target_ports=ports,
-            app_protocol=spec.get("appProtocol") or "http",
-            failure_mode=mode,
-            picker_service=ref.get("name"),
-        )
 
 
 @dataclass(slots=True)
@@ -127,63 +67,6 @@ class Endpoint:
         if not self.metrics.updated_at:
             return float("inf")
         return (now if now is not None else time.monotonic()) - self.metrics.updated_at
-
-
-def join_host_port(host: str, port: int) -> str:
-    """host:port, with an IPv6 host in brackets (as Go's net.JoinHostPort and Envoy write it)."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-class PodCondition(msgspec.Struct):
-    """core/v1 PodCondition, the fields readiness needs."""
-
-    type: str
-    status: str
-
-
-class PodStatus(msgspec.Struct, rename="camel"):
-    pod_ip: str | None = msgspec.field(default=None, name="podIP")
-    conditions: list[PodCondition] | None = None
-
-
-class PodShape(msgspec.Struct):
-    """The parts of a Pod the datastore reads, typed: a pod from a file or a watch is checked
-    against it before it is stored, so a wrong type is refused where it enters."""
-
-    metadata: ObjectMeta
-    status: PodStatus | None = None
-
-
-def pod_problem(pod: Any) -> str | None:
-    """Why the datastore cannot use this Pod object (a wrong type, a podIP that is no IP
-    address), or None."""
-    try:
-        shape = msgspec.convert(pod, PodShape)
-    except msgspec.ValidationError as exc:
-        return str(exc)
-    except RecursionError:
-        return "nested too deeply"
-    if not shape.metadata.name:
-        return "no metadata.name"
-    ip = shape.status.pod_ip if shape.status else None
-    if ip:
-        try:
-            ipaddress.ip_address(ip)
-        except ValueError:
-            return f"status.podIP {ip!r} is not an IP address"
-    return None
-
-
-def _pod_ready(pod: dict[str, Any]) -> bool:
-    meta, status = pod.get("metadata") or {}, pod.get("status") or {}
-    if meta.get("deletionTimestamp"):
-        return False
-    if not status.get("podIP"):
-        return False
-    return any(
-        c.get("type") == "Ready" and c.get("status") == "True"
-        for c in status.get("conditions") or []
-    )
 
 
 def _refused(pod: Any) -> bool:
@@ -261,31 +144,19 @@ class Datastore:
         """Recompute endpoints, keeping the live state of those that stay the same pod."""
         new: dict[str, Endpoint] = {}
         pool = self.pool
-        if pool is not None:
-            for name, pod in sorted(self._pods.items()):
-                labels = (pod.get("metadata") or {}).get("labels") or {}
-                if not _pod_ready(pod) or any(labels.get(k) != v for k, v in pool.selector.items()):
-                    continue
-                ip = pod["status"]["podIP"]
-                uid = str((pod.get("metadata") or {}).get("uid") or "")
-                active = self._active_ports(pod)
-                # The rank is the port's place in targetPorts, as the reference names it.
-                for rank, port in enumerate(pool.target_ports):
-                    if active is not None and port not in active:
-                        continue
-                    address = join_host_port(ip, port)
-                    ep = self._endpoints.get(address)
-                    # A recycled IP, or a pod made again under the same name, is a new
-                    # endpoint: nothing it holds or reports is the old one's.
-                    if ep is None or ep.pod != name or ep.pod_uid != uid:
-                        ep = Endpoint(
-                            name=f"{name}-rank-{rank}", pod=name, address=address, pod_uid=uid
-                        )
-                    ep.name = f"{name}-rank-{rank}"
-                    ep.rank = rank
-                    ep.labels = dict(labels)
-                    ep.engine = labels.get(ENGINE_LABEL, "vllm")
-                    new[address] = ep
+        for m in members(pool, self._pods.values()) if pool is not None else ():
+            if not m.ready:
+                continue
+            ep = self._endpoints.get(m.address)
+            # A recycled IP, or a pod made again under the same name, is a new endpoint:
+            # nothing it holds or reports is the old one's.
+            if ep is None or ep.pod != m.pod or ep.pod_uid != m.pod_uid:
+                ep = Endpoint(name="", pod=m.pod, address=m.address, pod_uid=m.pod_uid)
+            ep.name = f"{m.pod}-rank-{m.rank}"
+            ep.rank = m.rank
+            ep.labels = dict(m.labels)
+            ep.engine = m.engine
+            new[m.address] = ep
         gone = [a for a, ep in self._endpoints.items() if new.get(a) is not ep]
         self._endpoints = new
         self.version += 1
@@ -294,14 +165,6 @@ class Datastore:
                 listener(address)
         for changed in self.change_listeners:
             changed()
-
-    @staticmethod
-    def _active_ports(pod: dict[str, Any]) -> set[int] | None:
-        active = ((pod.get("metadata") or {}).get("annotations") or {}).get(ACTIVE_PORTS_ANNOTATION)
-        if not active:
-            return None
-        # isdigit alone admits "²", which int() refuses.
-        return {int(p) for p in active.split(",") if p.strip().isascii() and p.strip().isdigit()}
 
     # ---- reads (scheduling, scraping, debug) ----------------------------------------------
 

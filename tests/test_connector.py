@@ -29,11 +29,11 @@ from hypothesis import strategies as st
 from multidict import CIMultiDict
 
 from api.names import BOTH, PREFILLER_HEADER, ROLE_LABEL
+from cluster.pool import ACTIVE_PORTS_ANNOTATION
 from connector.app import start as start_connector_app
 from connector.http_kv import prefill_body as http_prefill_body
 from connector.options import POOL_FILE_ENV, ConnectorOptions, parse_options
 from connector.server import ConnectorProxy, parse_prefillers
-from epp.datastore import ACTIVE_PORTS_ANNOTATION
 from infergate.cli import main as infergate_main
 from tests.conftest import free_port, running
 from tests.fuzzing import examples, fuzz_settings
@@ -1563,15 +1563,14 @@ def test_any_header_and_body_get_an_answer_and_only_the_pool_is_called(tmp_path)
 async def test_a_prefill_pod_newer_than_the_last_poll_is_allowed_at_once(tmp_path):
     """The picker may name a pod that joined the pool file since the sidecar last polled it:
     the sidecar reads the file again before it refuses, so it never 403s a real prefill pod."""
-    from connector.allowlist import PoolAllowlist
-    from epp.providers.file import FileProvider
+    from connector.allowlist import PoolAllowlist, file_pool
 
     pool = tmp_path / "pool.yaml"
     pool.write_text(pool_yaml({"127.0.0.7:8000": "prefill"}))
     allowlist = PoolAllowlist(
         POOL,
         "default",
-        lambda ds: FileProvider(ds, [pool], POOL, "default", poll_interval=3600),
+        file_pool(pool, POOL, "default", poll_interval=3600),
         grace=0,
     )
     await allowlist.start()

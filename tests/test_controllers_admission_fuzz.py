@@ -21,13 +21,13 @@ import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 
+from cluster.store import AUTOSCALING_BINDING, MODEL_INFER, POD, Invalid
 from controllers import local_runtime
 from controllers.autoscaler import AutoscalerReconciler
 from controllers.local_runtime import LocalRuntime, NotInstalled
 from controllers.memory_store import MemoryStore
 from controllers.model import ModelReconciler
 from controllers.modelinfer import ModelInferReconciler
-from controllers.store import AUTOSCALING_BINDING, MODEL_INFER, POD, Invalid
 from controllers.webhook import decide, review_for
 from tests.controller_helpers import kubelet, modelinfer
 from tests.fuzzing import fuzz_settings

@@ -8,9 +8,9 @@ from __future__ import annotations
 import pytest
 from aiohttp import web
 
+from cluster.store import AUTOSCALING_BINDING, AUTOSCALING_POLICY, MODEL_INFER, POD
 from controllers.autoscaler import AutoscalerReconciler, parse_sum
 from controllers.memory_store import MemoryStore
-from controllers.store import AUTOSCALING_BINDING, AUTOSCALING_POLICY, MODEL_INFER, POD
 from tests.conftest import free_port
 from tests.controller_helpers import conds, modelinfer, since, summary
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import json
 
+from cluster.store import POD
 from controllers.envoy_eds import discovery_response, pool_endpoints
 from controllers.exporter import PoolExporter
 from controllers.memory_store import MemoryStore
-from controllers.store import POD
 
 POOL = {
     "apiVersion": "inference.networking.k8s.io/v1",

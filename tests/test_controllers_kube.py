@@ -10,10 +10,10 @@ import copy
 import yaml
 from kubernetes import client
 
+from cluster.kube_store import KubeStore
+from cluster.store import MODEL, MODEL_INFER, POD
 from controllers.app import build_controllers
-from controllers.kube_store import KubeStore
 from controllers.runner import ControllerMetrics
-from controllers.store import MODEL, MODEL_INFER, POD
 from tests.controller_helpers import kubelet
 from tests.kubeapi import KubeAPIEmulator
 from tests.paths import CRD_EXAMPLES

@@ -9,10 +9,10 @@ import asyncio
 import pytest
 from kubernetes import client
 
-from controllers.kube_store import KubeStore
+from cluster.kube_store import KubeStore
+from cluster.store import LEASE, Unavailable
 from controllers.leader import LeaderElector, _fmt, _now
 from controllers.memory_store import MemoryStore
-from controllers.store import LEASE, Unavailable
 from tests.kubeapi import KubeAPIEmulator
 
 

@@ -14,9 +14,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from cluster.store import POD
 from controllers.local_runtime import LocalRuntime
 from controllers.memory_store import MemoryStore
-from controllers.store import POD
 
 pytestmark = pytest.mark.slow
 
@@ -421,9 +421,9 @@ async def reconcile_until(reconciler, store, check, within: float = 60.0) -> lis
 
 async def test_a_stream_finishes_across_a_scale_down_while_new_requests_go_elsewhere(runtime):
     from api.names import MODELINFER_LABEL
+    from cluster.store import MODEL_INFER
     from controllers.envoy_eds import pool_endpoints
     from controllers.modelinfer import ModelInferReconciler
-    from controllers.store import MODEL_INFER
 
     store, rt = runtime
     reconciler = ModelInferReconciler(store)

@@ -9,10 +9,8 @@ import copy
 import yaml
 
 from api import ALLOW_PRIVILEGED_LABEL
-from controllers.exporter import PoolExporter
-from controllers.manifests import ManifestDirectory
-from controllers.memory_store import MemoryStore
-from controllers.store import (
+from cluster.files import load_objects
+from cluster.store import (
     AUTOSCALING_POLICY,
     INFERENCE_OBJECTIVE,
     INFERENCE_POOL,
@@ -20,7 +18,9 @@ from controllers.store import (
     MODEL_INFER,
     POD,
 )
-from epp.providers.file import load_objects
+from controllers.exporter import PoolExporter
+from controllers.manifests import ManifestDirectory
+from controllers.memory_store import MemoryStore
 from tests.paths import CRD_EXAMPLES
 
 

@@ -15,12 +15,7 @@ import pytest
 import yaml
 
 from api import Model, from_dict_as, to_dict, validate_dict
-from controllers import model_objects
-from controllers.memory_store import MemoryStore
-from controllers.model import NOT_OURS_RETRY, ModelReconciler
-from controllers.modelinfer import ModelInferReconciler
-from controllers.runner import Controller, own_key, owner_key
-from controllers.store import (
+from cluster.store import (
     AUTOSCALING_BINDING,
     AUTOSCALING_POLICY,
     INFERENCE_POOL,
@@ -31,6 +26,11 @@ from controllers.store import (
     POD,
     Invalid,
 )
+from controllers import model_objects
+from controllers.memory_store import MemoryStore
+from controllers.model import NOT_OURS_RETRY, ModelReconciler
+from controllers.modelinfer import ModelInferReconciler
+from controllers.runner import Controller, own_key, owner_key
 from tests.controller_helpers import conds, kubelet, modelinfer, since, summary
 from tests.paths import EXAMPLES
 from tests.waiting import wait_for_async

@@ -19,11 +19,11 @@ from api.names import (
     ROLE_INDEX_LABEL,
     ROLE_LABEL,
 )
+from cluster.store import MODEL_INFER, POD, POD_GROUP, SERVICE
 from controllers import modelinfer_pods as mp
 from controllers.memory_store import MemoryStore
 from controllers.modelinfer import ModelInferReconciler
 from controllers.runner import Controller, own_key, owner_key
-from controllers.store import MODEL_INFER, POD, POD_GROUP, SERVICE
 from tests.controller_helpers import conds, kubelet, modelinfer, settle, since, summary
 
 

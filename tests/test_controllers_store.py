@@ -1,4 +1,4 @@
-"""One contract for both stores (controllers/store.py): MemoryStore, and KubeStore talking over
+"""One contract for both stores (cluster/store.py): MemoryStore, and KubeStore talking over
 real HTTP to the API emulator (tests/kubeapi.py); then the Informer on both, and the WorkQueue."""
 
 from __future__ import annotations
@@ -14,10 +14,9 @@ from dataclasses import dataclass
 import pytest
 from kubernetes import client
 
-from controllers.informer import Informer
-from controllers.kube_store import KubeStore, Unavailable, error_from
-from controllers.memory_store import MemoryStore
-from controllers.store import (
+from cluster.informer import Informer
+from cluster.kube_store import KubeStore, Unavailable, error_from
+from cluster.store import (
     MODEL,
     MODEL_INFER,
     POD,
@@ -31,6 +30,7 @@ from controllers.store import (
     Store,
     owner_reference,
 )
+from controllers.memory_store import MemoryStore
 from controllers.workqueue import WorkQueue
 from tests.kubeapi import KubeAPIEmulator
 
@@ -485,9 +485,9 @@ async def test_informer_relist_reports_modified_and_added_while_expired(backend)
 class CountingKubeStore(KubeStore):
     watches = 0
 
-    def watch(self, kind: Kind, namespace: str | None, resource_version: str):
+    def watch(self, kind: Kind, namespace: str | None, resource_version: str, labels=None):
         self.watches += 1
-        return super().watch(kind, namespace, resource_version)
+        return super().watch(kind, namespace, resource_version, labels)
 
 
 def watch_threads() -> list[threading.Thread]:

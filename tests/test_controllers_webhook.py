@@ -26,9 +26,9 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from api import ALLOW_PRIVILEGED_LABEL
+from cluster.store import MODEL_INFER, POD
 from controllers.memory_store import MemoryStore
 from controllers.modelinfer import ModelInferReconciler
-from controllers.store import MODEL_INFER, POD
 from controllers.webhook import (
     SERVICE_NAMES,
     WebhookMetrics,

@@ -7,28 +7,8 @@ import copy
 import pytest
 
 from api.names import ENGINE_LABEL
-from epp.datastore import (
-    ACTIVE_PORTS_ANNOTATION,
-    Datastore,
-    Endpoint,
-    EndpointMetrics,
-    PoolSpec,
-)
-
-
-def pool_object(**spec_overrides) -> dict:
-    spec = {
-        "selector": {"matchLabels": {"app": "vllm"}},
-        "targetPorts": [{"number": 8000}],
-        "endpointPickerRef": {"name": "epp", "port": {"number": 9002}},
-    }
-    spec.update(spec_overrides)
-    return {
-        "apiVersion": "inference.networking.k8s.io/v1",
-        "kind": "InferencePool",
-        "metadata": {"name": "pool", "namespace": "ns"},
-        "spec": spec,
-    }
+from cluster.pool import ACTIVE_PORTS_ANNOTATION
+from epp.datastore import Datastore, Endpoint, EndpointMetrics, PoolSpec
 
 
 def pod(
@@ -60,76 +40,6 @@ def store(ports=(8000,), *pods) -> Datastore:
 
 def addresses(ds: Datastore) -> list[str]:
     return sorted(e.address for e in ds.endpoints())
-
-
-# ---- PoolSpec.from_object -----------------------------------------------------------------
-
-
-def test_pool_spec_from_a_v1_object():
-    obj = pool_object(
-        targetPorts=[{"number": 8000}, {"number": 8002}],
-        appProtocol="kubernetes.io/h2c",
-        endpointPickerRef={"name": "my-epp", "port": {"number": 9002}, "failureMode": "FailOpen"},
-    )
-    spec = PoolSpec.from_object(obj)
-    assert spec.name == "pool"
-    assert spec.namespace == "ns"
-    assert spec.selector == {"app": "vllm"}
-    assert spec.target_ports == [8000, 8002]
-    assert spec.app_protocol == "kubernetes.io/h2c"
-    assert spec.failure_mode == "FailOpen"
-    assert spec.picker_service == "my-epp"
-
-
-def test_pool_spec_defaults():
-    obj = pool_object()
-    del obj["spec"]["endpointPickerRef"]
-    del obj["metadata"]["namespace"]
-    spec = PoolSpec.from_object(obj)
-    assert spec.namespace == "default"
-    assert spec.app_protocol == "http"
-    assert spec.failure_mode == "FailClose"
-    assert spec.picker_service is None
-
-
-def test_pool_selector_values_become_strings():
-    spec = PoolSpec.from_object(pool_object(selector={"matchLabels": {"tier": 1}}))
-    assert spec.selector == {"tier": "1"}
-
-
-@pytest.mark.parametrize(
-    ("overrides", "words"),
-    [
-        ({"selector": None}, "selector"),
-        ({"selector": {}}, "selector"),
-        ({"selector": {"matchLabels": {}}}, "selector"),
-        ({"selector": {"matchLabels": ["app"]}}, "selector"),
-        ({"selector": {"app": "vllm"}}, "selector"),  # the legacy flat selector
-        ({"targetPorts": None}, "targetPorts"),
-        ({"targetPorts": []}, "targetPorts"),
-        ({"targetPorts": [{"number": 0}]}, "targetPorts"),
-        ({"targetPorts": [{"number": 65536}]}, "targetPorts"),
-        ({"targetPorts": [{"number": "8000"}]}, "targetPorts"),
-        ({"targetPorts": [{}]}, "targetPorts"),
-        ({"targetPorts": [{"number": 8000}, {"number": 8000}]}, "unique"),
-        ({"targetPorts": [{"number": 8000 + i} for i in range(9)]}, "1-8"),
-        ({"endpointPickerRef": {"name": "e", "failureMode": "FailSometimes"}}, "failureMode"),
-    ],
-)
-def test_pool_spec_validation_errors(overrides, words):
-    with pytest.raises(ValueError, match=words) as info:
-        PoolSpec.from_object(pool_object(**overrides))
-    assert "pool" in str(info.value)  # names the pool
-
-
-def test_eight_unique_ports_are_allowed():
-    spec = PoolSpec.from_object(pool_object(targetPorts=[{"number": 8000 + i} for i in range(8)]))
-    assert len(spec.target_ports) == 8
-
-
-def test_pool_spec_from_an_empty_object_is_an_error():
-    with pytest.raises(ValueError):
-        PoolSpec.from_object({})
 
 
 # ---- which pods become endpoints ----------------------------------------------------------

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 
 import pytest
@@ -157,6 +158,10 @@ async def test_periodic_resync_relists(kube, started, caplog):
     await wait_for_async(lambda: addresses(ds) == {"10.0.0.1:8000"}, within=1.0)
 
 
+def watch_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("watch ") and t.is_alive()]
+
+
 def skipped(provider: KubernetesProvider, kind: str) -> float:
     value = provider.metrics.registry.get_sample_value(
         "infergate_epp_kubernetes_objects_skipped_total", {"kind": kind}
@@ -178,7 +183,7 @@ async def test_malformed_objects_are_skipped(kube, started, caplog):
     kube.put(pod("llama-2", "10.0.0.3"))
     await wait_for_async(lambda: "10.0.0.3:8000" in addresses(two_pods), within=1.0)
     await wait_for_async(lambda: "InferencePool llama is invalid" in caplog.text, within=1.0)
-    assert "skipping ADDED event for pod broken: Expected `object`, got `str` - at " in caplog.text
+    assert "skipping Pod broken (ADDED): Expected `object`, got `str` - at " in caplog.text
     assert "$.status.conditions[0]" in caplog.text
     assert two_pods.pool.target_ports == [8000]  # the previous, valid pool stays
     assert "10.0.0.7:8000" not in addresses(two_pods)
@@ -192,7 +197,8 @@ async def test_stop_is_prompt(kube, started):
     began = time.monotonic()
     await provider.stop()
     assert time.monotonic() - began < 2.0
-    assert not provider._threads
+    # every watch's stream was shut down: its thread ends (the server notices later)
+    await wait_for_async(lambda: not watch_threads(), within=2.0)
 
 
 async def test_missing_pool_fails_start(kube, started):
@@ -209,7 +215,9 @@ async def test_malformed_pods_in_the_first_list_are_skipped(kube, started, caplo
     kube.put(pod("llama-0", "10.0.0.1"))
     ds, provider = await started()
     assert addresses(ds) == {"10.0.0.1:8000"}
-    assert "skipping pod broken: Expected `str`, got `int` - at `$.metadata.labels" in caplog.text
+    assert "skipping Pod broken (listed): Expected `str`, got `int` - at `$.metadata.lab" in (
+        caplog.text
+    )
     assert skipped(provider, "Pod") == 1
 
 

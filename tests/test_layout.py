@@ -93,8 +93,6 @@ def loaded_floors(modules: list[str]) -> dict[str, list[str]]:
 def pending(floor: str) -> str | None:
     if floor in ("stack", "bench", "launcher") and not (ROOT / "stack").is_dir():
         return "the local stack still imports the picker and controllers (until WP-STACK: stack/)"
-    if floor == "connector" and not (ROOT / "cluster" / "pool.py").exists():
-        return "the connector's allowlist reads the picker's datastore (until cluster/pool.py)"
     return None
 
 
@@ -108,6 +106,51 @@ def test_each_package_imports_only_its_floors(floor: str) -> None:
     loaded = loaded_floors(modules)
     above = {f: names for f, names in loaded.items() if f != floor and f not in FLOORS[floor]}
     assert above == {}, f"{floor} may import only {sorted(FLOORS[floor])}"
+
+
+def imported_floors(path) -> set[str]:
+    """The floors a source file imports anywhere, in functions too (where an import waits
+    until it runs, and the check above cannot see it)."""
+    tree = ast.parse(path.read_text(), str(path))
+    names = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.append(node.module)
+    floors = {floor_of(n) or floor_of(n.split(".")[0] + ".x") for n in names}
+    return floors - {None}
+
+
+# Imports in functions that break a floor today, each until its name moves to api/names.py.
+KNOWN_LATE_IMPORTS = {
+    "controllers": "controllers/app.py reads POOL_FILE_ENV from connector.options",
+}
+
+
+# The launcher imports each part when its command runs, by design.
+@pytest.mark.parametrize(
+    "floor",
+    [
+        pytest.param(f, marks=pytest.mark.xfail(reason=KNOWN_LATE_IMPORTS[f], strict=True))
+        if f in KNOWN_LATE_IMPORTS
+        else f
+        for f in sorted(set(FLOORS) - {"launcher"})
+    ],
+)
+def test_no_source_imports_above_its_floor_even_in_a_function(floor: str) -> None:
+    if reason := pending(floor):
+        pytest.skip(reason)
+    folder = ROOT / floor
+    if not folder.is_dir():
+        pytest.skip(f"{floor}/ does not exist yet")
+    allowed = FLOORS[floor] | {floor}
+    found = {
+        f"{path.relative_to(ROOT)}: {sorted(imported_floors(path) - allowed)}"
+        for path in sorted(folder.rglob("*.py"))
+        if imported_floors(path) - allowed
+    }
+    assert found == set(), f"{floor} may import only {sorted(FLOORS[floor])}"
 
 
 BARE = {*SUBPACKAGES, LAUNCHER}  # after the rename the launcher folder is `infergw` too

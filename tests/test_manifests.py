@@ -441,7 +441,7 @@ def test_role_grants_only_read_verbs_on_what_the_picker_reads() -> None:
     assert granted == {
         ("", "pods"),
         ("inference.networking.k8s.io", "inferencepools"),
-        *((group, plural) for group, _, plural in OPTIONAL_KINDS.values()),
+        *((kind.group, kind.plural) for kind in OPTIONAL_KINDS.values()),
     }
 
 

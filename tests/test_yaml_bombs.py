@@ -18,9 +18,9 @@ import pytest
 import yaml
 
 from api import yaml_files
+from cluster.store import AUTOSCALING_POLICY, MODEL_INFER
 from controllers.manifests import ManifestDirectory
 from controllers.memory_store import MemoryStore
-from controllers.store import AUTOSCALING_POLICY, MODEL_INFER
 from epp.scheduling.config import ConfigError, load_config
 from tests.conftest import free_port
 from tests.paths import CRD_EXAMPLES

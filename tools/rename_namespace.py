@@ -72,6 +72,8 @@ TEST_MOVES = {
     "tests/test_bench_soak.py": "tests/bench/test_soak.py",
     "tests/test_block_pool.py": "tests/simulator/test_block_pool.py",
     "tests/test_cluster_certs.py": "tests/cluster/test_certs.py",
+    "tests/test_cluster_informer.py": "tests/cluster/test_informer.py",
+    "tests/test_cluster_pool.py": "tests/cluster/test_pool.py",
     "tests/test_connector.py": "tests/connector/test_sidecar.py",
     "tests/test_controllers_autoscaler.py": "tests/controllers/test_autoscaler.py",
     "tests/test_controllers_autoscaling.py": "tests/controllers/test_autoscaling.py",

@@ -13,8 +13,8 @@ import aiohttp
 import pytest
 import yaml
 
+from cluster.store import MODEL, POD
 from controllers.app import Standalone
-from controllers.store import MODEL, POD
 from tests.conftest import free_port
 from tests.e2e.standalone_helpers import sim_model, wait_for_cluster
 

@@ -19,10 +19,10 @@ import pytest
 import yaml
 
 from api.names import MODELINFER_LABEL
+from cluster.store import AUTOSCALING_BINDING, MODEL_INFER, POD
 from controllers.app import Standalone
 from controllers.autoscaler import parse_sum
 from controllers.modelinfer_pods import pod_ready
-from controllers.store import AUTOSCALING_BINDING, MODEL_INFER, POD
 from tests.e2e.standalone_helpers import sim_model, wait_for_cluster
 
 pytestmark = pytest.mark.slow

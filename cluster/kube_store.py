@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
@@ -25,7 +26,7 @@ from urllib.parse import quote
 import urllib3
 from kubernetes.client import ApiClient, ApiException
 
-from controllers.store import (
+from cluster.store import (
     AlreadyExists,
     Conflict,
     Gone,
@@ -38,11 +39,26 @@ from controllers.store import (
     kind_of,
 )
 
-log = logging.getLogger("controllers.kube_store")
+log = logging.getLogger("cluster.kube_store")
 
 _JSON = "application/json"
 _MERGE_PATCH = "application/merge-patch+json"
 _END = object()  # a watch stream ended
+
+
+def api_client_from_environment() -> ApiClient:
+    """In a pod, its service account; elsewhere $KUBECONFIG (read now: the client reads it once,
+    at import) or ~/.kube/config. kubernetes.config.ConfigException when there is none."""
+    from kubernetes import config
+    from kubernetes.client import Configuration
+
+    cfg = Configuration()
+    try:
+        config.load_incluster_config(client_configuration=cfg)
+    except config.ConfigException:
+        path = os.environ.get("KUBECONFIG")
+        config.load_kube_config(config_file=path, client_configuration=cfg)
+    return ApiClient(cfg)
 
 
 def error_from(status: int, body: bytes | str | Obj | None) -> StoreError:
@@ -110,14 +126,8 @@ class KubeStore:
 
     @classmethod
     def from_environment(cls, **kwargs: Any) -> KubeStore:
-        """In a pod, its service account; elsewhere $KUBECONFIG or ~/.kube/config."""
-        from kubernetes import config
-
-        try:
-            config.load_incluster_config()
-        except config.ConfigException:
-            config.load_kube_config()
-        return cls(ApiClient(), **kwargs)
+        """The store over api_client_from_environment()."""
+        return cls(api_client_from_environment(), **kwargs)
 
     def close(self) -> None:
         self.api.close()
@@ -135,7 +145,7 @@ class KubeStore:
     ) -> tuple[list[Obj], str]:
         query = []
         if labels:
-            query.append(("labelSelector", ",".join(f"{k}={v}" for k, v in labels.items())))
+            query.append(("labelSelector", _label_selector(labels)))
         body = await self._call("GET", _path(kind, namespace), query=query)
         items = [_typed(kind, o) for o in body.get("items") or []]
         return items, (body.get("metadata") or {}).get("resourceVersion", "")
@@ -170,7 +180,11 @@ class KubeStore:
         return await self._call("PATCH", path, body=body, content_type=_MERGE_PATCH)
 
     async def watch(
-        self, kind: Kind, namespace: str | None, resource_version: str
+        self,
+        kind: Kind,
+        namespace: str | None,
+        resource_version: str,
+        labels: dict[str, str] | None = None,
     ) -> AsyncIterator[tuple[str, Obj]]:
         """(ADDED|MODIFIED|DELETED|BOOKMARK, object) after resource_version, until the server
         ends the stream (watch_timeout); an expired resource_version raises Gone."""
@@ -192,6 +206,8 @@ class KubeStore:
         ]
         if resource_version:
             query.append(("resourceVersion", resource_version))
+        if labels:
+            query.append(("labelSelector", _label_selector(labels)))
         path = _path(kind, namespace)
         thread = threading.Thread(
             target=self._stream,
@@ -204,12 +220,16 @@ class KubeStore:
             while (item := await queue.get()) is not _END:
                 if isinstance(item, BaseException):
                     raise item
+                if not isinstance(item, dict):
+                    raise Unavailable(f"watch {path}: not a watch event: {str(item)[:100]}")
                 event, obj = item.get("type"), item.get("object") or {}
                 if event == "ERROR":
-                    raise error_from(int(obj.get("code") or 500), obj)
-                if event != "BOOKMARK":
+                    status = obj if isinstance(obj, dict) else {}
+                    code = status.get("code")
+                    raise error_from(code if isinstance(code, int) else 500, status)
+                if event != "BOOKMARK" and isinstance(obj, dict):
                     _typed(kind, obj)
-                yield event, obj
+                yield event, obj  # an object of the wrong shape is the informer's to refuse
         finally:
             stopped.set()
             for resp in opened:  # wake the thread if it is blocked reading
@@ -316,6 +336,10 @@ class KubeStore:
             elif resp is not None:
                 resp.release_conn()
             put(_END)
+
+
+def _label_selector(labels: dict[str, str]) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
 
 
 def _namespace(kind: Kind, obj: Obj) -> str:

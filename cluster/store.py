@@ -135,9 +135,14 @@ class Store(Protocol):
     async def delete(self, kind: Kind, namespace: str, name: str) -> None: ...
 
     def watch(
-        self, kind: Kind, namespace: str | None, resource_version: str
+        self,
+        kind: Kind,
+        namespace: str | None,
+        resource_version: str,
+        labels: dict[str, str] | None = None,
     ) -> AsyncIterator[tuple[str, Obj]]:
-        """(ADDED|MODIFIED|DELETED, object) after resource_version; raises Gone."""
+        """(ADDED|MODIFIED|DELETED, object) after resource_version; raises Gone. With labels,
+        only objects that have them: one that stops matching comes as DELETED."""
         ...
 
 
