@@ -61,3 +61,7 @@ FAIRNESS_ID_HEADER = "x-gateway-inference-fairness-id"
 
 # A client's session, which the session-affinity scorer keeps on one pod.
 SESSION_HEADER = "x-session-id"
+
+# The sidecar's default --pool-file. Standalone mode's kubelet sets it in every container, as a
+# kubelet sets KUBERNETES_SERVICE_HOST: there the pool file stands in for the API server.
+POOL_FILE_ENV = "INFERGATE_POOL_FILE"

@@ -7,13 +7,11 @@ import os
 from dataclasses import dataclass
 
 from api import logs
+from api.names import POOL_FILE_ENV
 
 CONNECTORS = ("nixl", "mooncake", "http", "lmcache", "sglang")
 # llm-d's sidecar calls the same protocol nixlv2; accept its spelling too.
 ALIASES = {"nixlv2": "nixl"}
-# The default of --pool-file. Standalone mode's kubelet sets it in every container, as a
-# kubelet sets KUBERNETES_SERVICE_HOST: there the pool file stands in for the API server.
-POOL_FILE_ENV = "INFERGATE_POOL_FILE"
 
 
 @dataclass(slots=True)

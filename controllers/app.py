@@ -19,7 +19,7 @@ from pathlib import Path
 from prometheus_client import start_http_server
 
 from api import logs
-from api.names import KV_EVENTS_PORT
+from api.names import KV_EVENTS_PORT, POOL_FILE_ENV
 from cluster.store import AUTOSCALING_BINDING, MODEL, MODEL_INFER, POD, Store
 from controllers.autoscaler import AutoscalerReconciler
 from controllers.engine_command import PER_POD, KVEventSockets
@@ -76,7 +76,6 @@ class Standalone:
     _scaler: AutoscalerReconciler | None = None
 
     async def start(self) -> Standalone:
-        from connector.options import POOL_FILE_ENV
         from controllers.exporter import PoolExporter
         from controllers.local_runtime import LocalRuntime
         from controllers.manifests import ManifestDirectory

@@ -28,11 +28,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 from multidict import CIMultiDict
 
-from api.names import BOTH, PREFILLER_HEADER, ROLE_LABEL
+from api.names import BOTH, POOL_FILE_ENV, PREFILLER_HEADER, ROLE_LABEL
 from cluster.pool import ACTIVE_PORTS_ANNOTATION
 from connector.app import start as start_connector_app
 from connector.http_kv import prefill_body as http_prefill_body
-from connector.options import POOL_FILE_ENV, ConnectorOptions, parse_options
+from connector.options import ConnectorOptions, parse_options
 from connector.server import ConnectorProxy, parse_prefillers
 from infergate.cli import main as infergate_main
 from tests.conftest import free_port, running
