@@ -67,7 +67,6 @@ _UNSUPPORTED = {
     "echo": "echo",
     "best_of": "best_of",
     "suffix": "suffix",
-    "cache_salt": "cache_salt",
     "guided_json": "guided decoding",
     "guided_regex": "guided decoding",
     "guided_choice": "guided decoding",
@@ -111,6 +110,7 @@ class GenerationRequest:
     # P/D disaggregation (vLLM's NixlConnector): do_remote_decode on a prefill leg,
     # do_remote_prefill and where to pull the KV on a decode leg.
     kv_transfer_params: dict | None = None
+    cache_salt: str | None = None
 
 
 def _get(body: dict, key: str, kind: type | tuple[type, ...], default: Any = None) -> Any:
@@ -220,7 +220,17 @@ def _common(body: Any, *, chat: bool) -> GenerationRequest:
         seed=_get(body, "seed", int, None),
         add_special_tokens=_get(body, "add_special_tokens", bool, not chat),
         kv_transfer_params=_get(body, "kv_transfer_params", dict, None),
+        cache_salt=_cache_salt(body),
     )
+
+
+def _cache_salt(body: dict) -> str | None:
+    salt = body.get("cache_salt")
+    if salt is not None and not (isinstance(salt, str) and salt):
+        raise ApiError(
+            400, "Parameter 'cache_salt' must be a non-empty string if provided.", "cache_salt"
+        )
+    return salt
 
 
 def parse_completion(body: Any) -> GenerationRequest:
