@@ -13,7 +13,7 @@ import requests
 
 from epp.request import parse_request
 from kvindex import unresolved
-from kvindex.cache import KVCache
+from kvindex.cache import KVCache, Prompt
 from kvindex.events import BlockRemoved, BlockStored, decode_batch
 from kvindex.index import KVBlockIndex
 from kvindex.keys import prompt_keys
@@ -106,8 +106,6 @@ def test_a_prompt_of_whole_blocks_never_counts_its_last_token(tokenizers):
     translator, kv = picker(tokenizers, index_block=16)
     tokens = tuple(range(64))
     translator.apply(A, MODEL, BlockStored((1, 2), None, tokens, 32))
-    from kvindex.cache import Prompt
-
     prompt = Prompt(64, prompt_keys(tokens, 16, MODEL))
     assert kv.matched_blocks(prompt, [A]) == {A: 4}
     assert kv.cached_prefix(prompt, A) == reused(64, 32) == 32
@@ -170,8 +168,6 @@ def test_a_multimodal_item_keys_the_blocks_it_overlaps_apart():
     sink.apply(A, MODEL, BlockStored((1, 2, 3), None, TOKENS[:96], 32, extra_keys=extra))
     other = (None, (("img-2", 10),), None)
     sink.apply(B, MODEL, BlockStored((1, 2, 3), None, TOKENS[:96], 32, extra_keys=other))
-    from kvindex.cache import Prompt
-
     prompt = Prompt(96, prompt_keys(TOKENS[:96], 16, MODEL))
     assert kv.matched_blocks(prompt, [A, B]) == {A: 2, B: 2}
     assert kv.cached_prefix(prompt, A) == 32
