@@ -329,3 +329,26 @@ def test_simulator_salted_requests_as_vllm_caches_them(sim_factory, subscriber, 
     assert translator.stats()["skipped"] == {} and translator.stats()["unknown_parents"] == 0
     r = requests.post(url + base["path"], json={**base["body"], "cache_salt": ""}, timeout=30)
     assert r.status_code == 400 and "cache_salt" in r.text
+
+
+# --- against a real vLLM 0.32 recording of salted requests (tests/fixtures/vllm-cpu-tiny-salt)
+
+SALTED = TINY.parent / "vllm-cpu-tiny-salt"
+
+
+def test_recorded_salted_requests_predicted_as_vllm_cached_them(tokenizers):
+    rows = [json.loads(line) for line in (SALTED / "requests.jsonl").read_text().splitlines()]
+    lines = (SALTED / "events.jsonl").read_text().splitlines()
+    messages = [json.loads(line) for line in lines]
+    translator, kv = picker(tokenizers, index_block=16)
+    applied, hits = 0, 0
+    for row in rows:
+        for m in messages[applied : row["messages_before"]]:
+            for ev in decode_batch(base64.b64decode(m["payload_b64"])).events:
+                translator.apply(POD, MODEL, ev)
+        applied = row["messages_before"]
+        cached = row["usage"]["prompt_tokens_details"]["cached_tokens"]
+        assert predicted(kv, POD, row["path"], row["body"]) == cached, row["body"].get("cache_salt")
+        hits += cached > 0
+    assert hits >= 2  # the repeats with the same salt (or none) hit, the others did not
+    assert translator.stats()["skipped"] == {} and translator.stats()["unknown_parents"] == 0
