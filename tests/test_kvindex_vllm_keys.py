@@ -20,7 +20,7 @@ from kvindex.keys import prompt_keys
 from kvindex.tokenize import PromptTokenizers
 from kvindex.translate import MAX_EXTRA_BYTES, EventTranslator
 from simulator.block_hashing import BlockHasher, block_extra_keys, event_hash
-from tests.kv_subscriber import Subscriber
+from tests.kv_subscriber import Subscriber, start_tiny
 from tests.paths import TINY, TINY_MODEL
 
 POD, MODEL = "127.0.0.1:8300", "tiny"
@@ -292,8 +292,6 @@ def subscriber():
 
 
 def test_simulator_salted_requests_as_vllm_caches_them(sim_factory, subscriber, tokenizers):
-    from tests.test_simulator_kv_events import start_tiny
-
     url, _ = start_tiny(sim_factory, subscriber, blocks=200)  # no evictions
     translator, kv = picker(tokenizers, index_block=16)
     applied = 0
