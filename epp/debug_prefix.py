@@ -27,7 +27,7 @@ async def prefix_report(raw: bytes, director, view) -> tuple[int, dict]:
     kv = view.cache
     try:
         req = await asyncio.to_thread(_parse, raw, director)
-        prompt = await asyncio.to_thread(kv.prompt, req)
+        prompt = await asyncio.to_thread(kv.prompt, req, req.body.cache_salt)
     except PickerError as exc:
         return exc.status, exc.body()
     if prompt is None:
@@ -50,6 +50,7 @@ async def prefix_report(raw: bytes, director, view) -> tuple[int, dict]:
                 "address": a,
                 "matched_blocks": lengths.get(a, 0),
                 "matched_tokens": lengths.get(a, 0) * kv.block_size,
+                "cached_tokens": kv.cached_prefix(prompt, a),
                 "score": score,
             }
             for a, score in zip(endpoints, scores, strict=True)

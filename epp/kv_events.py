@@ -57,6 +57,7 @@ class KVCacheView:
             index=index,
             base_model=self.base_model,
             lookup_seconds=lookup_seconds,
+            engine_block_size=self.engine_block_size,
         )
         self.subscriber = KVEventSubscriber(
             self.translator,
@@ -81,6 +82,15 @@ class KVCacheView:
             if base is not None:
                 return base, model
         return model, None
+
+    def engine_block_size(self, address: str) -> int | None:
+        """A pod's engine block size: from its BlockStored events, else the `block_size` of
+        its `vllm:cache_config_info` (scraped), else unknown."""
+        size = self.translator.engine_block_size(address)
+        if size is None:
+            ep = self.datastore.endpoint(address)
+            size = ep.metrics.block_size if ep is not None else None
+        return size
 
     def _served_model(self, address: str) -> str | None:
         """The base model a pod serves (from its /v1/models), else the one model the picker
@@ -143,6 +153,26 @@ class KVCacheView:
             dropped.add_metric([reason], n)
         yield dropped
         stats = self.translator.stats()
+        skipped = CounterMetricFamily(
+            "infergate_kvindex_skipped_events",
+            "KV events the index did not apply (kv_cache_spec_kind, medium, block_size, "
+            "token_count, extra_keys, offload_unknown_hash, unknown_event), by reason.",
+            labels=["reason"],
+        )
+        for reason, n in sorted(stats["skipped"].items()):
+            skipped.add_metric([reason], n)
+        yield skipped
+        unresolved = CounterMetricFamily(
+            "infergate_kvindex_unresolved_hashes",
+            "Engine block hashes a pod's events named that its earlier events never stored "
+            "(parent, offload, removed), by pod: persistent parent misses mean its vLLM "
+            "processes hash differently (PYTHONHASHSEED, --prefix-caching-hash-algo).",
+            labels=["pod", "kind"],
+        )
+        for pod, kinds in sorted(stats["unresolved"].items()):
+            for kind, n in sorted(kinds.items()):
+                unresolved.add_metric([pod, kind], n)
+        yield unresolved
         for key in ("entries", "keys", "pods", "bytes"):
             if key in stats:
                 yield GaugeMetricFamily(

@@ -2,9 +2,17 @@
 event loop), cut it into the index's keys, score pods by what they hold of it, and add a
 routing decision's blocks speculatively.
 
-The prompt is tokenized as vLLM would (the model's own tokenizer and chat template); a LoRA
-adapter's blocks are keyed by the base model's name with the adapter in every block, so the
-prompt is keyed alike.
+The prompt is tokenized as vLLM would (the model's own tokenizer and chat template) and keyed as
+vLLM shares blocks (kvindex.keys): by the base model, the LoRA adapter and the request's
+`cache_salt`. Multimodal requests get no keys: the tokenizer refuses non-text content parts, as
+the picker can compute neither vLLM's multimodal hashes nor the placeholder tokens an image
+expands to, so it claims no hit for such a request rather than a wrong one.
+
+The cached prefix counts what the pod's engine will reuse: whole engine blocks (a pod's block
+size comes from its BlockStored events, else from its `vllm:cache_config_info`, else the index's)
+and never the last prompt token, which vLLM always computes again:
+`floor(min(held tokens, n - 1) / engine block) * engine block`. The index itself may be finer
+than the engines (`--kv-index-block-size`, 16 by default); it must divide their block sizes.
 """
 
 from __future__ import annotations
@@ -61,11 +69,13 @@ class KVCache:
         index: KVBlockIndex,
         base_model: Callable[[str], tuple[str, str | None]] = _no_adapter,
         lookup_seconds: Histogram | None = None,
+        engine_block_size: Callable[[str], int | None] = lambda pod: None,
     ) -> None:
         self.tokenizers = tokenizers  # shared with token counting: one prefix cache a model
         self._index = index
         self._base_model = base_model  # model → (base model, LoRA adapter or None)
         self._lookup_seconds = lookup_seconds
+        self._engine_block_size = engine_block_size  # pod → its engine's block size, if known
 
     @property
     def block_size(self) -> int:
@@ -84,9 +94,10 @@ class KVCache:
         if tokenizer is not None:
             await req.tokenize(tokenizer)
 
-    def prompt(self, req: TokenizableRequest) -> Prompt | None:
-        """The prompt's index keys, computed once per request; None if they cannot be known
-        (no tokenizer for its model, or the tokenizer refused the prompt)."""
+    def prompt(self, req: TokenizableRequest, cache_salt: str | None = None) -> Prompt | None:
+        """The prompt's index keys (salted with the request's `cache_salt`), computed once per
+        request; None if they cannot be known (no tokenizer for its model, or the tokenizer
+        refused the prompt)."""
         cached = req.state.get(self)
         if cached is not None or self in req.state:
             return cached
@@ -95,7 +106,8 @@ class KVCache:
         if tokenizer is not None:
             try:
                 tokens = req.prompt_token_ids(tokenizer)
-                out = Prompt(len(tokens), prompt_keys(tokens, self.block_size, base, lora))
+                keys = prompt_keys(tokens, self.block_size, base, lora, cache_salt)
+                out = Prompt(len(tokens), keys)
             except PromptError as exc:
                 log.debug("no prefix score for %s: %s", req.request_id, exc)
         req.state[self] = out
@@ -120,9 +132,11 @@ class KVCache:
         return self._index.match_lengths(prompt.keys, pods) if prompt.keys else {}
 
     def cached_prefix(self, prompt: Prompt, pod: str) -> int:
-        """How many of the prompt's tokens `pod` holds from the start, in any tier."""
-        held = self.matched_blocks(prompt, (pod,)).get(pod, 0)
-        return min(prompt.tokens, held * self.block_size)
+        """How many of the prompt's tokens `pod` will reuse from the start, in any tier: whole
+        engine blocks, never the last token (see the module's docstring)."""
+        held = self.matched_blocks(prompt, (pod,)).get(pod, 0) * self.block_size
+        engine = self._engine_block_size(pod) or self.block_size
+        return max(0, min(held, prompt.tokens - 1)) // engine * engine
 
     def add_speculative(self, pod: str, prompt: Prompt) -> None:
         """`pod` was chosen for the prompt: its blocks count as held until they expire or a

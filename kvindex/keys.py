@@ -4,31 +4,47 @@ vLLM's block hashes depend on its hash algorithm, seed and block size, so the pi
 compute them from a prompt. The index is therefore keyed by these request keys, which both
 sides (events and prompts) compute from tokens alone (the llm-d "xxh64" scheme):
 
-    key_i = XXH64(key_{i-1} as 8 bytes LE ‖ block i's tokens as uint32 LE ‖ (len LE8 ‖ utf-8)*)
+    root  = XXH64(0 as 8 bytes ‖ lp(model) [‖ "L" lp(LoRA name)] [‖ "S" lp(first-block extras)])
+    key_i = XXH64(key_{i-1} as 8 bytes LE ‖ block i's tokens as uint32 LE [‖ block i's extras])
 
-Chaining makes a key stand for the whole prefix up to its block, as in vLLM.
+(lp: 8-byte LE length, then the bytes; extras are msgpack, see `encode_extras`.) Chaining makes a
+key stand for the whole prefix up to its block, as in vLLM. What matters is not vLLM's hash
+values but its sharing rule: two requests get equal keys exactly where vLLM would share their
+blocks. vLLM's extra keys (`generate_block_hash_extra_keys`) and where they go here:
+
+- the LoRA name is in every block's extra keys, so equal chains need equal adapters from the
+  start: it goes into the root;
+- `cache_salt` is in the first block's extra keys only (start token 0), and chaining carries it
+  to every later block: it goes into the root too, so a salted prompt shares nothing with an
+  unsalted one or one salted otherwise;
+- multimodal hashes are in the blocks an item overlaps; the index puts an engine block's
+  remaining extra keys into each of its blocks that start inside that engine block.
+
+Putting the first two into the root makes keys independent of the engine's block size; only
+multimodal items need it, and the picker never has those (see kvindex/cache.py).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping
 
+import msgspec
 import numpy as np
 from xxhash import xxh64_intdigest
 
 _U32 = np.dtype("<u4")
+_ENCODER = msgspec.msgpack.Encoder()
 
 
-def _extra_bytes(extra: Sequence[str] | None) -> bytes:
+def _lp(b: bytes) -> bytes:
     # Length-prefixed so ("ab", "c") and ("a", "bc") differ.
-    if not extra:
-        return b""
-    out = bytearray()
-    for s in extra:
-        b = s.encode("utf-8")
-        out += len(b).to_bytes(8, "little")
-        out += b
-    return bytes(out)
+    return len(b).to_bytes(8, "little") + b
+
+
+def encode_extras(extras: tuple) -> bytes:
+    """vLLM's extra keys of a block (str, int, bytes, nested tuples) as canonical bytes: msgpack
+    is self-delimiting and gives one encoding per value."""
+    return _ENCODER.encode(extras)
 
 
 def _as_u32(token_ids) -> np.ndarray:
@@ -42,16 +58,23 @@ def _as_u32(token_ids) -> np.ndarray:
     return arr.astype(_U32)
 
 
-def model_root(model: str) -> int:
-    """The parent of a model's first block, so equal tokens under two models never share keys."""
-    return xxh64_intdigest(bytes(8) + _extra_bytes((model,)))
+def model_root(model: str, lora_name: str | None = None, first_extras: bytes = b"") -> int:
+    """The parent of a prompt's first block: equal tokens under two models, two adapters or two
+    cache salts never share keys. `first_extras`: `encode_extras` of the first block's extra
+    keys without the LoRA name (for a text prompt: its cache salt)."""
+    data = bytes(8) + _lp(model.encode("utf-8"))
+    if lora_name:
+        data += b"L" + _lp(lora_name.encode("utf-8"))
+    if first_extras:
+        data += b"S" + _lp(first_extras)
+    return xxh64_intdigest(data)
 
 
 def block_keys(
-    token_ids, block_size: int, *, parent: int, extra: tuple[str, ...] | None = None
+    token_ids, block_size: int, *, parent: int, extras: Mapping[int, bytes] | None = None
 ) -> list[int]:
     """One chained key per full block of `token_ids`; a trailing partial block is dropped
-    (vLLM caches only full blocks). `extra` goes into every block's key."""
+    (vLLM caches only full blocks). `extras`: block index → encoded extra keys of that block."""
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
     toks = _as_u32(token_ids)
@@ -60,17 +83,31 @@ def block_keys(
     if end == 0:
         return []
     data = memoryview(toks.tobytes())  # one copy; slices below are views
-    suffix = _extra_bytes(extra)
     keys = []
     h = parent
     for i in range(0, end, step):
-        h = xxh64_intdigest(h.to_bytes(8, "little") + data[i : i + step] + suffix)
+        block = h.to_bytes(8, "little") + data[i : i + step]
+        if extras:
+            block += extras.get(i // step, b"")
+        h = xxh64_intdigest(block)
         keys.append(h)
     return keys
 
 
-def prompt_keys(token_ids, block_size: int, model: str, lora_name: str | None = None) -> list[int]:
-    """The keys of a prompt's full blocks. vLLM puts the LoRA name into every block's
-    identity, so it is the extra key of every block here too."""
-    extra = (lora_name,) if lora_name else None
-    return block_keys(token_ids, block_size, parent=model_root(model), extra=extra)
+def salt_extras(cache_salt: str | None) -> bytes:
+    """A text prompt's first-block extra keys: its cache salt, if any (vLLM ignores an empty
+    one)."""
+    return encode_extras((cache_salt,)) if cache_salt else b""
+
+
+def prompt_keys(
+    token_ids,
+    block_size: int,
+    model: str,
+    lora_name: str | None = None,
+    cache_salt: str | None = None,
+) -> list[int]:
+    """The keys of a text prompt's full blocks, for `model` (the base model), a LoRA adapter
+    and a cache salt as vLLM keys them."""
+    root = model_root(model, lora_name, salt_extras(cache_salt))
+    return block_keys(token_ids, block_size, parent=root)

@@ -6,6 +6,13 @@ resolves removals, CPU-offload stores and the parents of later stores: engine ha
 (| group << 64) → request key or tuple of them (at most MAX_KEYS_PER_HASH, the newest: vLLM
 maps one hash to one content, so only a hostile publisher reuses a hash for many). The maps
 are sharded as the index's keys are (by low bits), so no one dict grows huge.
+
+vLLM's extra keys (LoRA name, cache salt, multimodal hashes: one tuple or None per engine block)
+are placed as kvindex.keys says, so a prompt's keys match exactly where vLLM would share. They
+are attacker-controlled values: an engine block's extra keys may take `MAX_EXTRA_BYTES` encoded,
+else the event is skipped (counted under skipped["extra_keys"]). Each pod's engine block size
+(from its BlockStored events) is remembered: the cached prefix counts whole engine blocks only.
+Lookups of engine hashes that miss are counted per pod (kvindex.unresolved).
 """
 
 from __future__ import annotations
@@ -14,13 +21,53 @@ from collections import Counter
 
 from kvindex.events import AllBlocksCleared, BlockRemoved, BlockStored
 from kvindex.index import KVBlockIndex, Tier, approx_bytes, walk_bytes
-from kvindex.keys import block_keys, model_root
+from kvindex.keys import block_keys, encode_extras, model_root
+from kvindex.unresolved import UnresolvedHashes
 
 _INDEXED_KINDS = frozenset({"full_attention", "mla_attention", "sink_full_attention"})
 _TIER_OF_MEDIUM: dict[str, Tier] = {"gpu": "gpu", "cpu": "cpu"}
 _SWEEP_MIN = 1024
 # One engine block covers engine block size / index block size keys (16 for 256 / 16).
 MAX_KEYS_PER_HASH = 64
+MAX_EXTRA_BYTES = 4096  # one engine block's extra keys, encoded (a salt is a client's string)
+MAX_ENGINE_BLOCK_SIZE = 1 << 16  # tokens; vLLM's largest (hybrid models) are a few thousand
+
+
+class _Refused(Exception):
+    pass
+
+
+def _placed_extras(ev: BlockStored, index_block_size: int) -> tuple[bytes, dict[int, bytes]]:
+    """(the first block's extra keys for the root, index block → extra keys) of a store, as
+    kvindex.keys places them: the LoRA name (first in each tuple, as vLLM orders them) is left
+    out, as the root holds it; a request's first block's extras (its parent is None: vLLM's
+    start token 0) go into the root; any other engine block's go into each index block that
+    starts inside it. _Refused if they are malformed or too big."""
+    per_block = ev.extra_keys
+    if not per_block:
+        return b"", {}
+    if len(per_block) != len(ev.block_hashes):
+        raise _Refused
+    first, placed, bs, lora = b"", {}, ev.block_size, ev.lora_name
+    for j, entry in enumerate(per_block):
+        if entry is None:
+            continue
+        if entry.__class__ is not tuple:
+            raise _Refused
+        if lora and entry and entry[0] == lora:
+            entry = entry[1:]
+        if not entry:
+            continue
+        enc = encode_extras(entry)
+        if len(enc) > MAX_EXTRA_BYTES:
+            raise _Refused
+        if j == 0 and ev.parent_block_hash is None:
+            first = enc
+            continue
+        # index blocks i with j*bs <= i*B < (j+1)*bs
+        for i in range(-(-j * bs // index_block_size), -(-(j + 1) * bs // index_block_size)):
+            placed[i] = enc
+    return first, placed
 
 
 def _slots(rs) -> tuple[int, ...]:
@@ -39,6 +86,8 @@ class EventTranslator:
         self._events: Counter[str] = Counter()
         self._skipped: Counter[str] = Counter()
         self._unknown_parents = self._removed_unknown = 0
+        self._engine_block_size: dict[str, int] = {}
+        self.unresolved = UnresolvedHashes()
 
     def _emap(self, pod: str) -> list[dict]:
         emap = self._emaps.get(pod)
@@ -71,29 +120,44 @@ class EventTranslator:
         emap, g, hashes, m = self._emap(pod), ev.group_idx << 64, ev.block_hashes, self._mask
         if not ev.token_ids:  # a CPU-offload store: only hashes we already know
             by_copies: dict[int, list[int]] = {}
+            missed = 0
             for h, copies in Counter(hashes).items():
                 rs = emap[h & m].get(h | g)
                 if rs is None:
-                    self._skipped["offload_unknown_hash"] += copies
+                    missed += copies
                 else:
                     by_copies.setdefault(copies, []).extend(_slots(rs))
+            self._skipped["offload_unknown_hash"] += missed
+            self.unresolved.note(pod, "offload", len(hashes), missed)
             for copies, keys in by_copies.items():
                 self.index.add(pod, keys, tier, copies)
+            return
+        if not 0 < ev.block_size <= MAX_ENGINE_BLOCK_SIZE:
+            self._skipped["block_size"] += 1
             return
         if len(ev.token_ids) != ev.block_size * len(hashes):
             self._skipped["token_count"] += 1
             return
+        try:
+            first, extras = _placed_extras(ev, self.index.block_size)
+        except _Refused:
+            self._skipped["extra_keys"] += 1
+            return
+        self._engine_block_size[pod] = ev.block_size
         parent = ev.parent_block_hash
-        rs = None if parent is None else emap[parent & m].get(parent | g)
-        if rs is not None:
-            pk = _slots(rs)[-1]
+        if parent is None:
+            pk = model_root(model, ev.lora_name, first)
         else:
-            # An unknown parent (we joined mid-stream, or it had no full index block): chain
-            # from the root as llm-d router PR #691 does.
-            self._unknown_parents += parent is not None
-            pk = model_root(model)
-        extra = (ev.lora_name,) if ev.lora_name else None
-        keys = block_keys(ev.token_ids, self.index.block_size, parent=pk, extra=extra)
+            rs = emap[parent & m].get(parent | g)
+            self.unresolved.note(pod, "parent", 1, int(rs is None))
+            if rs is not None:
+                pk = _slots(rs)[-1]
+            else:
+                # An unknown parent (we joined mid-stream, or it had no full index block):
+                # chain from the root as llm-d router PR #691 does.
+                self._unknown_parents += 1
+                pk = model_root(model, ev.lora_name)
+        keys = block_keys(ev.token_ids, self.index.block_size, parent=pk, extras=extras)
         self.index.add(pod, keys, tier)
         # llm-d's length ratio: with n = max(|E|, |R|), E[i*|E|/n] ↔ R[i*|R|/n].
         ne, nr = len(hashes), len(keys)
@@ -117,11 +181,12 @@ class EventTranslator:
         keys: list[int] = []
         for h in ev.block_hashes:
             rs = None if emap is None else emap[h & m].get(h | g)
-            if rs is None:
-                self._removed_unknown += 1
-            else:
+            if rs is not None:
                 known.append(h | g)
                 keys.extend(_slots(rs))
+        missed = len(ev.block_hashes) - len(known)
+        self._removed_unknown += missed
+        self.unresolved.note(pod, "removed", len(ev.block_hashes), missed)
         if not known:
             return
         gone = set(self.index.remove(pod, keys, tier))
@@ -138,6 +203,11 @@ class EventTranslator:
         self.index.clear_pod(pod, known)
         self._stale.pop(pod, None)
         self._sweeping.pop(pod, None)
+        self._engine_block_size.pop(pod, None)
+
+    def engine_block_size(self, pod: str) -> int | None:
+        """The block size of `pod`'s engine, from its BlockStored events; None before any."""
+        return self._engine_block_size.get(pod)
 
     def _sweep(self) -> None:
         # Mappings whose keys the LRU evicted would stay until their BlockRemoved (forever if
@@ -178,6 +248,7 @@ class EventTranslator:
             skipped=dict(self._skipped),
             unknown_parents=self._unknown_parents,
             removed_unknown=self._removed_unknown,
+            unresolved=self.unresolved.totals(),
         )
         return out
 

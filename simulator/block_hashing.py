@@ -1,4 +1,8 @@
-"""vLLM's prefix-cache block identity: hash(parent, block tokens, extra keys), full blocks only."""
+"""vLLM's prefix-cache block identity: hash(parent, block tokens, extra keys), full blocks only.
+
+The extra keys are vLLM's `generate_block_hash_extra_keys` for a text request: the LoRA name in
+every block, the cache salt in the first block only (start token 0; chaining carries it on).
+"""
 
 from __future__ import annotations
 
@@ -45,12 +49,24 @@ class BlockHasher:
         self.hash_fn = HASH_FUNCTIONS[algo]
         self.root = none_hash(self.hash_fn, seed)
 
-    def extend(self, hashes: list[bytes], tokens: Sequence[int], extra_keys: tuple | None) -> None:
+    def extend(
+        self,
+        hashes: list[bytes],
+        tokens: Sequence[int],
+        lora_name: str | None = None,
+        cache_salt: str | None = None,
+    ) -> None:
         """Append hashes for every full block of `tokens` not hashed yet."""
         bs = self.block_size
         full = len(tokens) // bs
         parent = hashes[-1] if hashes else self.root
         for i in range(len(hashes), full):
             block = tuple(tokens[i * bs : (i + 1) * bs])
-            parent = self.hash_fn((parent, block, extra_keys))
+            parent = self.hash_fn((parent, block, block_extra_keys(i, lora_name, cache_salt)))
             hashes.append(parent)
+
+
+def block_extra_keys(index: int, lora_name: str | None, cache_salt: str | None) -> tuple | None:
+    """Block `index`'s extra keys as vLLM orders them (LoRA, multimodal, salt); None if none."""
+    keys = ([lora_name] if lora_name else []) + ([cache_salt] if index == 0 and cache_salt else [])
+    return tuple(keys) or None

@@ -14,7 +14,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Protocol
 
-from simulator.block_hashing import event_hash
+from simulator.block_hashing import block_extra_keys, event_hash
 
 
 @dataclass(slots=True, frozen=True)
@@ -25,7 +25,7 @@ class StoredEvent:
     block_size: int
     lora_id: int | None
     lora_name: str | None
-    extra_keys: tuple | None
+    extra_keys: tuple[tuple | None, ...]  # one entry per block, as vLLM publishes them
 
 
 @dataclass(slots=True, frozen=True)
@@ -59,7 +59,7 @@ class CacheUser(Protocol):
     all_token_ids: list[int]
     lora_id: int | None
     lora_name: str | None
-    extra_keys: tuple | None
+    cache_salt: str | None
 
 
 class BlockPool:
@@ -142,7 +142,9 @@ class BlockPool:
                 block_size=bs,
                 lora_id=req.lora_id,
                 lora_name=req.lora_name,
-                extra_keys=req.extra_keys,
+                extra_keys=tuple(
+                    block_extra_keys(i, req.lora_name, req.cache_salt) for i in range(start, full)
+                ),
             )
         )
         req.num_cached_blocks = full

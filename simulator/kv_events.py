@@ -35,9 +35,8 @@ def encode_event(event: KVEvent, fmt: str = "map") -> dict | list:
             "lora_id": event.lora_id,
             "medium": "GPU",
             "lora_name": event.lora_name,
-            # One entry per block: the LoRA name is part of every block's identity.
-            "extra_keys": [list(event.extra_keys) if event.extra_keys else None]
-            * len(event.block_hashes),
+            # One entry per block: the LoRA name in each, the cache salt in a request's first.
+            "extra_keys": [list(k) if k else None for k in event.extra_keys],
             "group_idx": 0,
             "kv_cache_spec_kind": "full_attention",
         }

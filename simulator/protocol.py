@@ -67,7 +67,6 @@ _UNSUPPORTED = {
     "echo": "echo",
     "best_of": "best_of",
     "suffix": "suffix",
-    "cache_salt": "cache_salt",
     "guided_json": "guided decoding",
     "guided_regex": "guided decoding",
     "guided_choice": "guided decoding",
@@ -116,6 +115,7 @@ class GenerationRequest:
     return_token_ids: bool = False
     return_prompt_text: bool = False
     prompt_text: str | None = None
+    cache_salt: str | None = None
 
 
 def _get(body: dict, key: str, kind: type | tuple[type, ...], default: Any = None) -> Any:
@@ -227,7 +227,17 @@ def _common(body: Any, *, chat: bool) -> GenerationRequest:
         kv_transfer_params=_get(body, "kv_transfer_params", dict, None),
         return_token_ids=_get(body, "return_token_ids", bool, False),
         return_prompt_text=chat and _get(body, "return_prompt_text", bool, False),
+        cache_salt=_cache_salt(body),
     )
+
+
+def _cache_salt(body: dict) -> str | None:
+    salt = body.get("cache_salt")
+    if salt is not None and not (isinstance(salt, str) and salt):
+        raise ApiError(
+            400, "Parameter 'cache_salt' must be a non-empty string if provided.", "cache_salt"
+        )
+    return salt
 
 
 def parse_completion(body: Any) -> GenerationRequest:

@@ -65,8 +65,8 @@ class SimRequest:
     rng: random.Random
     lora_id: int | None = None
     lora_name: str | None = None
-    # Per-block extra keys, as vLLM hashes them: the LoRA name goes into every block.
-    extra_keys: tuple | None = None
+    # Salts the first block's hash, as vLLM does: requests share blocks only with equal salts.
+    cache_salt: str | None = None
     # Output length at which the simulated model emits EOS; None: never (a random-weight model).
     natural_len: int | None = None
     all_token_ids: list[int] = field(default_factory=list)

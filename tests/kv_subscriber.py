@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -9,6 +10,9 @@ import zmq
 
 from kvindex.events import decode_message
 from tests.conftest import free_port
+from tests.paths import TINY_MODEL
+
+TOPIC = "kv@127.0.0.1:8300@tiny"  # the recorded vLLM's
 
 
 class Subscriber:
@@ -62,3 +66,34 @@ class Subscriber:
         self.monitor.close(0)
         self.sub.close(0)
         self.ctx.term()
+
+
+def start_tiny(sim_factory, sub: Subscriber, *extra: str, blocks: int = 80):
+    """A simulator flagged as the recorded vLLM was, publishing to `sub`: (URL, replay port)."""
+    replay_port = free_port()
+    cfg = {
+        "enable_kv_cache_events": True,
+        "publisher": "zmq",
+        "endpoint": f"tcp://127.0.0.1:{sub.port}",
+        "replay_endpoint": f"tcp://127.0.0.1:{replay_port}",
+        "topic": TOPIC,
+    }
+    url = sim_factory(
+        "--model",
+        str(TINY_MODEL),
+        "--served-model-name",
+        "tiny",
+        "--block-size",
+        "32",
+        "--num-gpu-blocks-override",
+        str(blocks),
+        "--max-model-len",
+        "2048",
+        "--kv-events-config",
+        json.dumps(cfg),
+        "--sim-time-scale",
+        "0.1",
+        *extra,
+    )
+    sub.wait_connected()
+    return url, replay_port

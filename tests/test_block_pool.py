@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from simulator.block_hashing import BlockHasher, event_hash
+from simulator.block_hashing import BlockHasher, block_extra_keys, event_hash
 from simulator.block_pool import BlockPool, ClearedEvent, RemovedEvent, StoredEvent
 
 BS = 4
@@ -20,12 +20,12 @@ class Req:
     num_cached_blocks: int = 0
     lora_id: int | None = None
     lora_name: str | None = None
-    extra_keys: tuple | None = None
+    cache_salt: str | None = None
 
 
-def make(tokens: list[int], hasher: BlockHasher) -> Req:
-    r = Req(list(tokens))
-    hasher.extend(r.block_hashes, r.all_token_ids, r.extra_keys)
+def make(tokens: list[int], hasher: BlockHasher, cache_salt: str | None = None) -> Req:
+    r = Req(list(tokens), cache_salt=cache_salt)
+    hasher.extend(r.block_hashes, r.all_token_ids, r.lora_name, r.cache_salt)
     return r
 
 
@@ -69,14 +69,31 @@ def test_repeat_hits_all_but_the_last_token(hasher):
 
 def test_block_identity_chains_parent_and_lora(hasher):
     a, b = [], []
-    hasher.extend(a, [1, 2, 3, 4, 5, 6, 7, 8], None)
-    hasher.extend(b, [9, 9, 9, 9, 5, 6, 7, 8], None)
+    hasher.extend(a, [1, 2, 3, 4, 5, 6, 7, 8])
+    hasher.extend(b, [9, 9, 9, 9, 5, 6, 7, 8])
     assert a[1] != b[1]  # same tokens, different parent
     c = []
-    hasher.extend(c, [1, 2, 3, 4, 5, 6, 7, 8], ("my-lora",))
+    hasher.extend(c, [1, 2, 3, 4, 5, 6, 7, 8], "my-lora")
     assert c[0] != a[0]
     assert BlockHasher(BS, "sha256", seed=0).root == hasher.root
     assert BlockHasher(BS, "sha256", seed=1).root != hasher.root
+
+
+def test_cache_salt_keys_the_first_block_and_so_every_block(hasher):
+    # vLLM's generate_block_hash_extra_keys: the salt is in block 0's extra keys only.
+    assert block_extra_keys(0, "lora", "s") == ("lora", "s")
+    assert block_extra_keys(1, "lora", "s") == ("lora",)
+    assert block_extra_keys(1, None, "s") is None and block_extra_keys(0, None, None) is None
+    plain, salted = make(range(8), hasher), make(range(8), hasher, "s")
+    other = make(range(8), hasher, "t")
+    assert not set(salted.block_hashes) & (set(plain.block_hashes) | set(other.block_hashes))
+    pool = BlockPool(10, BS)
+    run_prompt(pool, salted)
+    [stored] = pool.take_events()
+    assert stored.extra_keys == (("s",), None)
+    pool.free(salted)
+    assert run_prompt(pool, make(range(9), hasher)) == 0
+    assert run_prompt(pool, make(range(9), hasher, "s")) == 8
 
 
 def test_lru_eviction_order_and_removed_events(hasher):

@@ -35,7 +35,6 @@ def request(prompt, max_tokens=4, lora=None, seed=0, **params) -> SimRequest:
         rng=random.Random(seed),
         lora_id=1 if lora else None,
         lora_name=lora,
-        extra_keys=(lora,) if lora else None,
     )
 
 

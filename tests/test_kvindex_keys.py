@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import msgspec
 import numpy as np
 import pytest
 import xxhash
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kvindex.keys import block_keys, model_root, prompt_keys
+from kvindex.keys import block_keys, encode_extras, model_root, prompt_keys
 
 TOKENS = list(range(100, 164))  # 64 tokens
 
@@ -20,15 +21,27 @@ def test_keys_are_deterministic_64_bit_and_one_per_full_block():
     assert all(0 <= k < 2**64 for k in a)
 
 
+def lp(b: bytes) -> bytes:
+    return len(b).to_bytes(8, "little") + b
+
+
 def test_key_layout_is_xxh64_of_parent_tokens_and_length_prefixed_extras():
     # Pinned so that another implementation (or a future refactor) can reproduce the keys.
-    root = xxhash.xxh64_intdigest(bytes(8) + (3).to_bytes(8, "little") + b"abc")
+    root = xxhash.xxh64_intdigest(bytes(8) + lp(b"abc"))
     assert model_root("abc") == root
     toks = [1, 2, 70000, 4]
-    data = root.to_bytes(8, "little") + np.array(toks, "<u4").tobytes()
-    lora = (4).to_bytes(8, "little") + b"sql1"
+    tokens = np.array(toks, "<u4").tobytes()
+    data = root.to_bytes(8, "little") + tokens
     assert block_keys(toks, 4, parent=root) == [xxhash.xxh64_intdigest(data)]
-    assert prompt_keys(toks, 4, "abc", "sql1") == [xxhash.xxh64_intdigest(data + lora)]
+    # The LoRA name and the cache salt go into the root (vLLM: the adapter is in every block's
+    # extra keys, the salt in the first block's; both then chain).
+    salt = msgspec.msgpack.encode(["t-a"])
+    lora_root = xxhash.xxh64_intdigest(bytes(8) + lp(b"abc") + b"L" + lp(b"sql1") + b"S" + lp(salt))
+    want = xxhash.xxh64_intdigest(lora_root.to_bytes(8, "little") + tokens)
+    assert prompt_keys(toks, 4, "abc", "sql1", "t-a") == [want]
+    # Other extra keys (multimodal hashes) follow their block's tokens.
+    mm = encode_extras((("img-hash", 3),))
+    assert block_keys(toks, 4, parent=root, extras={0: mm}) == [xxhash.xxh64_intdigest(data + mm)]
 
 
 def test_keys_are_chained_a_changed_block_changes_every_later_key():
@@ -57,8 +70,20 @@ def test_model_and_lora_name_change_the_keys():
 
 
 def test_extras_are_length_prefixed():
-    a = block_keys(TOKENS, 16, parent=1, extra=("ab", "c"))
-    assert set(a).isdisjoint(block_keys(TOKENS, 16, parent=1, extra=("a", "bc")))
+    a = block_keys(TOKENS, 16, parent=1, extras={0: encode_extras(("ab", "c"))})
+    b = block_keys(TOKENS, 16, parent=1, extras={0: encode_extras(("a", "bc"))})
+    assert set(a).isdisjoint(b)
+    assert model_root("m", "ab") != model_root("m", "a", encode_extras(("b",)))
+
+
+def test_cache_salt_keys_every_block_apart():
+    plain = prompt_keys(TOKENS, 16, "m")
+    a = prompt_keys(TOKENS, 16, "m", cache_salt="tenant-a")
+    b = prompt_keys(TOKENS, 16, "m", cache_salt="tenant-b")
+    assert len(a) == 4 and a == prompt_keys(TOKENS, 16, "m", cache_salt="tenant-a")
+    assert set(a).isdisjoint(plain) and set(a).isdisjoint(b)
+    assert prompt_keys(TOKENS, 16, "m", cache_salt="") == plain  # vLLM ignores an empty salt
+    assert set(prompt_keys(TOKENS, 16, "m", "tenant-a")).isdisjoint(a)  # a LoRA is not a salt
 
 
 def test_block_size_changes_the_chunking():

@@ -19,12 +19,9 @@ from kvindex.events import (
     decode_replay_frames,
     parse_topic,
 )
-from tests.conftest import free_port
 from tests.kv_invariants import check_event_stream
-from tests.kv_subscriber import Subscriber
-from tests.paths import TINY, TINY_MODEL
-
-TOPIC = "kv@127.0.0.1:8300@tiny"
+from tests.kv_subscriber import TOPIC, Subscriber, start_tiny
+from tests.paths import TINY
 
 
 def fixture_requests() -> list[dict]:
@@ -60,36 +57,6 @@ def subscriber():
     s = Subscriber()
     yield s
     s.close()
-
-
-def start_tiny(sim_factory, sub: Subscriber, *extra: str, blocks: int = 80):
-    replay_port = free_port()
-    cfg = {
-        "enable_kv_cache_events": True,
-        "publisher": "zmq",
-        "endpoint": f"tcp://127.0.0.1:{sub.port}",
-        "replay_endpoint": f"tcp://127.0.0.1:{replay_port}",
-        "topic": TOPIC,
-    }
-    url = sim_factory(
-        "--model",
-        str(TINY_MODEL),
-        "--served-model-name",
-        "tiny",
-        "--block-size",
-        "32",
-        "--num-gpu-blocks-override",
-        str(blocks),
-        "--max-model-len",
-        "2048",
-        "--kv-events-config",
-        json.dumps(cfg),
-        "--sim-time-scale",
-        "0.1",
-        *extra,
-    )
-    sub.wait_connected()
-    return url, replay_port
 
 
 def canonical(batches: list[EventBatch]) -> list[tuple]:

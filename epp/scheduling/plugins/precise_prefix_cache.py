@@ -1,11 +1,12 @@
 """precise-prefix-cache-scorer: what each pod really holds, from the model servers' KV events.
 
 The prompt is tokenized as vLLM would (the model's own tokenizer and chat template), cut into
-the index's blocks and looked up: a pod scores the weighted count of consecutive blocks from
-the start that it holds (GPU 1.0, CPU 0.8 a block), divided by the prompt's block count. After
-scheduling, the chosen pod's blocks (and a prefill pod's, with P/D) go in as speculative
-entries for a couple of seconds, so a burst of same-prefix requests follows the first one
-before its BlockStored arrives.
+the index's blocks (keyed by model, LoRA adapter and cache_salt, as vLLM shares blocks) and
+looked up: a pod scores the weighted count of consecutive blocks from the start that it holds
+(GPU 1.0, CPU 0.8 a block), divided by the prompt's block count. After scheduling, the chosen
+pod's blocks (and a prefill pod's, with P/D) go in as speculative entries for a couple of
+seconds, so a burst of same-prefix requests follows the first one before its BlockStored
+arrives.
 
 The plugin needs the picker's KV cache (kvindex.cache, built by epp/kv_events.py): its type
 says so (needs_kv_cache) and its factory takes the cache from the handle. Without one (a
@@ -57,8 +58,9 @@ class PrecisePrefixCacheScorer(Scorer, PreRequest, PrepareData):
             await self.kv.tokenize(req)
 
     def prompt(self, req) -> Prompt | None:
-        """The prompt's index keys; None if they cannot be known."""
-        return self.kv.prompt(req) if self.kv is not None else None
+        """The prompt's index keys (salted by its cache_salt, as vLLM salts its blocks); None
+        if they cannot be known."""
+        return self.kv.prompt(req, req.body.cache_salt) if self.kv is not None else None
 
     def score(self, req, endpoints):
         prompt = self.prompt(req)
