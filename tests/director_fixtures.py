@@ -20,6 +20,16 @@ HEAD = """\
 apiVersion: inference.networking.x-k8s.io/v1alpha1
 kind: EndpointPickerConfig
 """
+# A config whose one scorer reads the KV-event index: the picker must build the KV cache.
+PRECISE = (
+    HEAD
+    + """\
+plugins:
+- type: precise-prefix-cache-scorer
+schedulingProfiles:
+- {name: default, plugins: [{pluginRef: precise-prefix-cache-scorer}]}
+"""
+)
 LEAST_REQUEST = (
     HEAD
     + """\

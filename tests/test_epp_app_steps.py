@@ -19,9 +19,8 @@ from epp.scheduling.config import ConfigError
 from epp.scheduling.plugins.precise_prefix_cache import PrecisePrefixCacheScorer
 from tests.conftest import free_port
 from tests.default_ports import ports_free
-from tests.director_fixtures import HEAD
+from tests.director_fixtures import HEAD, PRECISE
 from tests.picker_fixtures import pool_yaml
-from tests.test_epp_plugin_handle import PRECISE
 
 PD = (
     HEAD

@@ -21,17 +21,8 @@ from epp.scheduling.plugins.precise_prefix_cache import PrecisePrefixCacheScorer
 from kvindex.cache import KVCache
 from kvindex.index import KVBlockIndex
 from kvindex.tokenize import PromptTokenizers
-from tests.director_fixtures import HEAD
+from tests.director_fixtures import HEAD, PRECISE
 
-PRECISE = (
-    HEAD
-    + """\
-plugins:
-- type: precise-prefix-cache-scorer
-schedulingProfiles:
-- {name: default, plugins: [{pluginRef: precise-prefix-cache-scorer}]}
-"""
-)
 # The handler comes first: the prefix scorers it asks are built after it.
 PD_FIRST = (
     HEAD
