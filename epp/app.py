@@ -30,6 +30,7 @@ from epp.providers.kubernetes import KubernetesProviderError
 from epp.scheduling.config import ConfigError, load_config
 from epp.scheduling.handle import ForgetsServers, UsesKVCache
 from epp.scrape import MetricsScraper
+from epp.tokenizing import ModelTokenizers
 from epp.trust import HeaderTrust, Users, UsersConfigError
 from kvindex.tokenize import PromptTokenizers
 
@@ -167,10 +168,10 @@ async def serve(opts: PickerOptions, ready: asyncio.Event | None = None) -> None
     provider = _provider(opts, datastore, metrics)
     await provider.start()
     view = _kv_cache_view(opts, scheduling, datastore, metrics)
+    # One way to tokenize a prompt: the KV cache's, which its scorer shares, if there is one.
+    prompts = view.cache if view is not None else ModelTokenizers(PromptTokenizers(opts.tokenizers))
     gate = Gatekeeper(
-        metrics.registry,
-        flow_control=_flow_control(text, scheduling),
-        tokenizers=view.cache.tokenizers if view is not None else PromptTokenizers(opts.tokenizers),
+        metrics.registry, flow_control=_flow_control(text, scheduling), prompts=prompts
     )
     if gate.queue is not None:
         _queue_gauges(gate, metrics)

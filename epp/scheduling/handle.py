@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, ClassVar, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
+    from epp.context import RequestContext
     from epp.metrics import PickerMetrics
     from kvindex.cache import KVCache
 
@@ -23,7 +24,7 @@ class PrefixSource(Protocol):
 
     precise: ClassVar[bool]  # from what pods report holding, not a guess
 
-    def cached_prompt(self, req, address: str) -> tuple[int, int] | None: ...
+    def cached_prompt(self, ctx: RequestContext, address: str) -> tuple[int, int] | None: ...
 
 
 @runtime_checkable
