@@ -6,18 +6,21 @@ from collections import Counter
 
 import pytest
 
+from epp.context import RequestContext
 from epp.datastore import Endpoint
 from epp.request import InferenceRequest
 from epp.request_body import RequestBody
 from epp.scheduling.plugins.pickers import MaxScorePicker, RandomPicker, WeightedRandomPicker
 
-REQ = InferenceRequest(
-    request_id="r",
-    path="/v1/completions",
-    api="completions",
-    body=RequestBody(),
-    raw_body=b"",
-    model="m",
+REQ = RequestContext(
+    InferenceRequest(
+        request_id="r",
+        path="/v1/completions",
+        api="completions",
+        body=RequestBody(),
+        raw_body=b"",
+        model="m",
+    )
 )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import xxhash
 
+from epp.context import RequestContext
 from epp.datastore import Endpoint
 from epp.request import InferenceRequest
 from epp.request_body import RequestBody
@@ -17,16 +18,17 @@ A, B, C = (
 ALL = [A, B, C]
 
 
-def req(prompt: str, model: str = "m", cache_salt: str | None = None) -> InferenceRequest:
-    return InferenceRequest(
-        request_id="r",
-        path="/v1/completions",
-        api="completions",
-        body=RequestBody(cache_salt=cache_salt),
-        raw_body=b"",
-        model=model,
-        target_model=model,
-        prompt_text=prompt,
+def req(prompt: str, model: str = "m", cache_salt: str | None = None) -> RequestContext:
+    return RequestContext(
+        InferenceRequest(
+            request_id="r",
+            path="/v1/completions",
+            api="completions",
+            body=RequestBody(cache_salt=cache_salt),
+            raw_body=b"",
+            model=model,
+            prompt_text=prompt,
+        )
     )
 
 

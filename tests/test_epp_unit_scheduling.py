@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from epp.context import RequestContext
 from epp.datastore import Endpoint
 from epp.errors import PickerError
 from epp.request import InferenceRequest
@@ -48,16 +49,17 @@ def endpoints(n: int) -> list[Endpoint]:
     ]
 
 
-def request() -> InferenceRequest:
-    return InferenceRequest(
-        request_id="r",
-        path="/v1/completions",
-        api="completions",
-        body=RequestBody(),
-        raw_body=b"",
-        model="m",
-        target_model="m",
-        prompt_text="hello",
+def request() -> RequestContext:
+    return RequestContext(
+        InferenceRequest(
+            request_id="r",
+            path="/v1/completions",
+            api="completions",
+            body=RequestBody(),
+            raw_body=b"",
+            model="m",
+            prompt_text="hello",
+        )
     )
 
 

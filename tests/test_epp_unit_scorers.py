@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from epp.context import RequestContext
 from epp.datastore import Endpoint, EndpointMetrics
 from epp.errors import PickerError
 from epp.request import InferenceRequest
@@ -27,18 +28,18 @@ def ep(i: int = 0, *, stale: bool = False, port: int = 8000, **metrics) -> Endpo
     return e
 
 
-def req(target_model: str = "m", max_tokens: int | None = None, headers=None) -> InferenceRequest:
-    return InferenceRequest(
+def req(target_model: str = "m", max_tokens: int | None = None, headers=None) -> RequestContext:
+    request = InferenceRequest(
         request_id="r",
         path="/v1/completions",
         api="completions",
         body=RequestBody(),
         raw_body=b"",
         model="m",
-        target_model=target_model,
         max_tokens=max_tokens,
         headers=headers or {},
     )
+    return RequestContext(request, target_model=target_model)
 
 
 # ---- queue-scorer and running-requests-scorer ---------------------------------------------

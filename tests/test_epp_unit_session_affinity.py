@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from epp.context import RequestContext
 from epp.datastore import Endpoint
 from epp.request import InferenceRequest
 from epp.request_body import RequestBody
@@ -28,16 +29,17 @@ def clock(monkeypatch):
     return fake
 
 
-def req(session: str | None) -> InferenceRequest:
-    return InferenceRequest(
-        request_id="r",
-        path="/v1/chat/completions",
-        api="chat",
-        body=RequestBody(),
-        raw_body=b"",
-        model="m",
-        target_model="m",
-        session_id=session,
+def req(session: str | None) -> RequestContext:
+    return RequestContext(
+        InferenceRequest(
+            request_id="r",
+            path="/v1/chat/completions",
+            api="chat",
+            body=RequestBody(),
+            raw_body=b"",
+            model="m",
+            session_id=session,
+        )
     )
 
 
