@@ -424,3 +424,53 @@ def test_bodyless_pick_honors_the_subset(director):
 def test_bodyless_pick_with_no_pods_is_503(director):
     director.datastore.replace_pods([])
     assert status_of(director.pick_for_bodyless, "GET", "/v1/models", None) == 503
+
+
+# ---- eligibility: one computation for flow control and scheduling --------------------------
+
+
+def port_8001_director(flow_control=None) -> Director:
+    """Model m is routed to a ModelServer whose pods listen on :8001 (A1, B1)."""
+    from tests.director_fixtures import NET, SERVERS, director_with
+
+    server = {**SERVERS[0], "spec": {**SERVERS[0]["spec"], "workloadPort": {"port": 8001}}}
+    route = {
+        "apiVersion": NET,
+        "kind": "ModelRoute",
+        "metadata": {"name": "r"},
+        "spec": {"modelName": "m", "rules": [{"targetModels": [{"modelServerName": "all"}]}]},
+    }
+    d = director_with(flow_control=flow_control)
+    d.datastore.set_routes([route], [server])
+    return d
+
+
+async def test_the_eligible_endpoints_are_the_routes_within_the_subset():
+    d = port_8001_director()
+    ctx = context(subset=[A1, B0])
+    (target,) = await d.handle(ctx)
+    assert target.address == A1 and ctx.resolution is not None
+    assert [e.address for e in d.eligibility.endpoints(ctx)] == [A1]
+    assert {e.address for e in d.eligibility.endpoints(context())} == EVERYONE  # no route yet
+
+
+async def test_flow_control_waits_for_room_on_the_endpoints_scheduling_may_use():
+    """The pods of another ModelServer have room; the route's are saturated: the request
+    waits, and goes to the route's pod once one has room."""
+    import asyncio
+
+    from epp.flowcontrol import FlowControlConfig
+
+    d = port_8001_director(FlowControlConfig())
+    for ep in d.datastore.endpoints():
+        busy = ep.address in (A1, B1)
+        ep.metrics.waiting, ep.metrics.updated_at = (10 if busy else 0), 1e18
+    ctx = context()
+    waiting = asyncio.create_task(d.handle(ctx))
+    await asyncio.sleep(0.05)
+    assert not waiting.done() and d.gate.queue.queued_requests == 1
+    d.datastore.endpoint(B1).metrics.waiting = 0
+    d.gate.notify()
+    (target,) = await asyncio.wait_for(waiting, 2)
+    assert target.address == B1 and ctx.targets == [B1]
+    await d.gate.close()
