@@ -6,22 +6,11 @@ from collections import Counter
 
 import pytest
 
-from epp.context import RequestContext
 from epp.datastore import Endpoint
-from epp.request import InferenceRequest
-from epp.request_body import RequestBody
 from epp.scheduling.plugins.pickers import MaxScorePicker, RandomPicker, WeightedRandomPicker
+from tests.request_fixtures import bare_context
 
-REQ = RequestContext(
-    InferenceRequest(
-        request_id="r",
-        path="/v1/completions",
-        api="completions",
-        body=RequestBody(),
-        raw_body=b"",
-        model="m",
-    )
-)
+REQ = bare_context()
 
 
 def eps(n: int) -> list[Endpoint]:
