@@ -112,7 +112,10 @@ class Director:
         """A ModelRoute for the request's model decides its ModelServer, pods and model
         name; without one, the pool's pods that serve the model take it."""
         req = ctx.request
-        resolution = self.datastore.routes.resolve(
+        routes = self.datastore.routes
+        if routes.route_for(req.model) is None:
+            return  # no route: the eligible endpoints are those serving the model
+        resolution = routes.resolve(
             req.model,
             ctx.match_headers,
             req.path,
