@@ -42,6 +42,7 @@ from epp.scheduling.config import (
 )
 from epp.scheduling.handle import ForgetsServers, Handle
 from epp.scrape import MetricsScraper
+from epp.tokenizing import ModelTokenizers
 from epp.trust import HeaderTrust, Users, UsersConfigError
 from kvindex.tokenize import PromptTokenizers
 
@@ -213,10 +214,10 @@ def build_gatekeeper(
     metrics: PickerMetrics,
 ) -> Gatekeeper:
     """Rate limits and, when configured, flow control (with its queue's gauges)."""
+    # One way to tokenize a prompt: the KV cache's, which its scorer shares, if there is one.
+    prompts = view.cache if view is not None else ModelTokenizers(PromptTokenizers(opts.tokenizers))
     gate = Gatekeeper(
-        metrics.registry,
-        flow_control=_flow_control(text, scheduling),
-        tokenizers=view.cache.tokenizers if view is not None else PromptTokenizers(opts.tokenizers),
+        metrics.registry, flow_control=_flow_control(text, scheduling), prompts=prompts
     )
     if gate.queue is not None:
         _queue_gauges(gate, metrics)

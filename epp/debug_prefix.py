@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 
+from epp.context import RequestContext
 from epp.errors import PickerError
 from epp.request import parse_request
 from epp.scheduling.plugins.precise_prefix_cache import PrecisePrefixCacheScorer
@@ -26,14 +27,14 @@ async def prefix_report(raw: bytes, director, view) -> tuple[int, dict]:
     )
     kv = view.cache
     try:
-        req = await asyncio.to_thread(_parse, raw, director)
-        prompt = await asyncio.to_thread(kv.prompt, req, req.body.cache_salt)
+        ctx = RequestContext(await asyncio.to_thread(_parse, raw, director))
+        prompt = await asyncio.to_thread(kv.prompt, ctx, ctx.request.body.cache_salt)
     except PickerError as exc:
         return exc.status, exc.body()
     if prompt is None:
         return 422, PickerError(
             422,
-            f"cannot tokenize for model {req.target_model!r}: no "
+            f"cannot tokenize for model {ctx.target_model!r}: no "
             "tokenizer is configured for it (--tokenizer)",
         ).body()
     endpoints = [e.address for e in director.datastore.endpoints()]
@@ -41,7 +42,7 @@ async def prefix_report(raw: bytes, director, view) -> tuple[int, dict]:
     weights = plugin.tier_weights if plugin is not None else DEFAULT_TIER_WEIGHTS
     scores = kv.score(prompt, endpoints, weights)
     return 200, {
-        "model": req.target_model,
+        "model": ctx.target_model,
         "prompt_tokens": prompt.tokens,
         "prompt_blocks": len(prompt.keys),
         "block_size": kv.block_size,

@@ -1,5 +1,7 @@
 """The request pipeline between the protocol and scheduling: route → rate limit and flow
-control (the gatekeeper) → candidates → schedule, and the bookkeeping when the answer ends."""
+control (the gatekeeper) → eligible endpoints (epp.eligibility) → schedule, and the
+bookkeeping when the answer ends. What it learns about a request goes in the request's
+context (epp.context)."""
 
 from __future__ import annotations
 
@@ -9,12 +11,12 @@ import time
 from dataclasses import dataclass, field
 
 from epp.bodyless import allowed_without_body
+from epp.context import RequestContext
 from epp.datastore import Datastore, Endpoint
+from epp.eligibility import Eligibility
 from epp.errors import PickerError
 from epp.gatekeeper import Gatekeeper
 from epp.metrics import PickerMetrics
-from epp.request import InferenceRequest
-from epp.routing.table import selects
 from epp.scheduling.config import SchedulingConfig
 from epp.scheduling.framework import PrepareData, ResponseInfo
 from epp.trust import HeaderTrust
@@ -47,132 +49,95 @@ class Director:
         self.metrics = metrics
         self.options = options
         self.gate = gate or Gatekeeper(metrics.registry)
+        self.eligibility = Eligibility(datastore, scheduling.handler, options.subset_filter)
         self.scheduler = scheduling.scheduler(1 + options.fallbacks, metrics.observe_plugin)
         self._preparers = [p for p in scheduling.plugins.values() if isinstance(p, PrepareData)]
         self._rng = random.Random()
 
-    def candidates(self, subset: list[str] | None) -> list[Endpoint]:
-        endpoints = self.datastore.ready_endpoints()
-        if subset is None or not self.options.subset_filter:
-            return endpoints
-        if not subset:
-            raise PickerError(503, "the endpoint subset hint is empty")
-        # An ip:port names one endpoint; a bare IP (as the reference picker matches) a pod.
-        addresses = {s for s in subset if ":" in s}
-        ips = {s for s in subset if ":" not in s}
-        chosen = [e for e in endpoints if e.address in addresses or e.ip in ips]
-        if not chosen:
-            raise PickerError(503, "no endpoint of the subset hint is in the pool")
-        return chosen
-
-    async def admit(self, req: InferenceRequest, subset: list[str] | None) -> list[Endpoint]:
+    async def handle(self, ctx: RequestContext) -> list[Endpoint]:
         """Route, gate and schedule a parsed request; on success the primary endpoint counts
         it in flight. Raises PickerError for every request that cannot go on."""
-        self.options.trust.apply(req)
-        eligible = self._route(req, self.candidates(subset))
-        req.priority = self.datastore.priority_of(req.objective)
-        if req.stream and not req.client_wants_usage and self._needs_usage(req):
-            req.strip_usage = True  # ask the engine for usage; the client does not see it
-        req.ticket = await self.gate.enter(req, lambda: self._destinations(req, subset))
-        if req.ticket.item is not None:  # it may have waited: the pool may have changed
-            eligible = self._eligible(req, subset)
+        self.options.trust.apply(ctx)
+        self._route(ctx)
+        eligible = self.eligibility.endpoints(ctx)
+        ctx.priority = self.datastore.priority_of(ctx.objective)
+        if ctx.request.stream and not ctx.request.client_wants_usage and self._needs_usage(ctx):
+            ctx.strip_usage = True  # ask the engine for usage; the client does not see it
+        ctx.ticket = await self.gate.enter(ctx, self.eligibility)
+        if ctx.ticket.item is not None:  # it may have waited: the pool may have changed
+            eligible = self.eligibility.endpoints(ctx)
         try:
             for plugin in self._preparers:
-                await plugin.prepare(req)
-            return self._schedule(req, eligible)
+                await plugin.prepare(ctx)
+            return self._schedule(ctx, eligible)
         except BaseException:
-            self.gate.abandon(req.ticket, req)
+            self.gate.abandon(ctx.ticket, ctx)
             raise
 
-    def _needs_usage(self, req: InferenceRequest) -> bool:
+    def _needs_usage(self, ctx: RequestContext) -> bool:
         """Output tokens are charged to a rate limit or a flow's fair share."""
-        limit = req.resolution.route.spec.rate_limit if req.resolution else None
+        limit = ctx.resolution.route.spec.rate_limit if ctx.resolution else None
         return self.gate.queue is not None or (
             limit is not None and limit.output_tokens_per_unit is not None
         )
 
-    def _destinations(self, req: InferenceRequest, subset: list[str] | None) -> list[Endpoint]:
-        """The endpoints that can be the request's destination, for flow control's saturation
-        check: with prefill/decode picking, prefill pods never are (their room is no room for
-        a decode)."""
-        return self.scheduling.handler.destinations(self._eligible(req, subset))
-
-    def _eligible(self, req: InferenceRequest, subset: list[str] | None) -> list[Endpoint]:
-        """The ready endpoints this request may use now: its ModelServer's, or those serving
-        its model."""
-        candidates = self.candidates(subset)
-        resolution = req.resolution
-        if resolution is None:
-            return self._serving(req.target_model, candidates)
-        if resolution.server is None:
-            return candidates
-        return [e for e in candidates if selects(resolution.server, e)]
-
-    def _schedule(self, req: InferenceRequest, candidates: list[Endpoint]) -> list[Endpoint]:
+    def _schedule(self, ctx: RequestContext, candidates: list[Endpoint]) -> list[Endpoint]:
         if not candidates:
-            raise PickerError(503, f"no ready endpoint left for model {req.model!r}")
+            raise PickerError(503, f"no ready endpoint left for model {ctx.request.model!r}")
         t0 = time.perf_counter()
-        result = self.scheduler.schedule(req, candidates)
+        result = self.scheduler.schedule(ctx, candidates)
         self.metrics.scheduler_e2e.observe(time.perf_counter() - t0)
         for plugin in self.scheduling.pre_request:
             t1 = time.perf_counter()
-            plugin.pre_request(req, result)
+            plugin.pre_request(ctx, result)
             self.metrics.observe_plugin(
                 "PreRequest", plugin.type_name, plugin.name, time.perf_counter() - t1
             )
         targets = result.targets
         if not targets:
             raise PickerError(429, "no endpoint left after scheduling")
-        route = req.resolution
+        route = ctx.resolution
         if route is not None and route.retries is not None:
             targets = targets[: 1 + route.retries]  # the ModelServer's retry attempts
         primary = targets[0]
         primary.inflight_requests += 1
         primary.sent_since_scrape += 1
-        primary.inflight_tokens += self._token_weight(req)
-        req.targets = [e.address for e in targets]
-        self.metrics.requests.labels(req.model, req.target_model).inc()
-        self.metrics.running.labels(req.model).inc()
+        primary.inflight_tokens += self._token_weight(ctx)
+        ctx.targets = [e.address for e in targets]
+        self.metrics.requests.labels(ctx.request.model, ctx.target_model).inc()
+        self.metrics.running.labels(ctx.request.model).inc()
         return targets
 
-    def _route(self, req: InferenceRequest, candidates: list[Endpoint]) -> list[Endpoint]:
+    def _route(self, ctx: RequestContext) -> None:
         """A ModelRoute for the request's model decides its ModelServer, pods and model
         name; without one, the pool's pods that serve the model take it."""
-        resolution = self.datastore.routes.resolve(
-            req.model, req.headers, req.path, candidates, self._rng
+        req = ctx.request
+        routes = self.datastore.routes
+        if routes.route_for(req.model) is None:
+            return  # no route: the eligible endpoints are those serving the model
+        resolution = routes.resolve(
+            req.model,
+            ctx.match_headers,
+            req.path,
+            self.eligibility.candidates(ctx.subset),
+            self._rng,
         )
         if resolution is None:
-            return self._serving(req.target_model, candidates)
-        req.resolution = resolution
+            return
+        ctx.resolution = resolution
         # The route decides the engine's model name: even a trusted
         # x-gateway-model-name-rewrite must not reach an adapter or model it does not expose.
-        req.target_model = resolution.target_model
+        ctx.target_model = resolution.target_model
         if resolution.timeout_s is not None:
             # Envoy's router takes the per-request timeout from this header.
-            req.upstream_headers[TIMEOUT_HEADER] = str(max(1, int(resolution.timeout_s * 1000)))
-        return resolution.candidates
-
-    def _serving(self, model: str, candidates: list[Endpoint]) -> list[Endpoint]:
-        """Candidates that serve `model` (or whose models are not known yet)."""
-        everyone = self.datastore.endpoints()
-        if (
-            everyone
-            and all(e.models is not None for e in everyone)
-            and not any(model in e.models for e in everyone)
-        ):
-            pool = self.datastore.pool.name if self.datastore.pool else "?"
-            raise PickerError(404, f"model {model!r} is not served by pool {pool}")
-        serving = [e for e in candidates if e.models is None or model in e.models]
-        if candidates and not serving:
-            raise PickerError(503, f"no available endpoint serves model {model!r}")
-        return serving
+            ctx.upstream_headers[TIMEOUT_HEADER] = str(max(1, int(resolution.timeout_s * 1000)))
 
     def pick_for_bodyless(self, method: str, path: str, subset: list[str] | None) -> list[Endpoint]:
         """A request without a body has nothing to score: any candidate will do, if it is
         one of the inference API's (epp.bodyless); anything else is not a client's to send."""
         if not allowed_without_body(method, path):
             raise PickerError(404, f"no inference API for {method} {path!r} without a body")
-        candidates = self.candidates(subset)
+        candidates = self.eligibility.candidates(subset)
         if not candidates:
             raise PickerError(503, "no pods available in the pool")
         count = min(len(candidates), 1 + self.options.fallbacks)
@@ -180,7 +145,7 @@ class Director:
 
     def finish(
         self,
-        req: InferenceRequest,
+        ctx: RequestContext,
         info: ResponseInfo,
         started: float,
         streamed_tokens: int | None = None,
@@ -188,17 +153,17 @@ class Director:
         """The answer ended (or the client left): release the slot and learn from it.
         `streamed_tokens`: output tokens counted from a streamed answer, charged when its
         usage never came (the client left mid-answer, or the engine sends none)."""
-        primary = self.datastore.endpoint(req.targets[0]) if req.targets else None
+        primary = self.datastore.endpoint(ctx.targets[0]) if ctx.targets else None
         if primary is not None:
             primary.inflight_requests = max(0, primary.inflight_requests - 1)
-            primary.inflight_tokens = max(0, primary.inflight_tokens - self._token_weight(req))
+            primary.inflight_tokens = max(0, primary.inflight_tokens - self._token_weight(ctx))
         charged = info.completion_tokens
         if charged is None:
             charged = streamed_tokens
-        self.gate.leave(req.ticket, charged)
+        self.gate.leave(ctx.ticket, charged)
         m = self.metrics
-        m.running.labels(req.model).dec()
-        labels = (req.model, req.target_model)
+        m.running.labels(ctx.request.model).dec()
+        labels = (ctx.request.model, ctx.target_model)
         if info.status >= 400 or info.status == 0:
             m.errors.labels(*labels, str(info.status or "cancelled")).inc()
         else:
@@ -218,12 +183,13 @@ class Director:
                 served.tpot_ewma = _ewma(served.tpot_ewma, info.tpot)
         for plugin in self.scheduling.post_response:
             try:
-                plugin.post_response(req, info)
+                plugin.post_response(ctx, info)
             except Exception:  # a plugin bug must not break the stream it observes
                 log.exception("post_response plugin %s failed", plugin.name)
 
     @staticmethod
-    def _token_weight(req: InferenceRequest) -> int:
+    def _token_weight(ctx: RequestContext) -> int:
+        req = ctx.request
         return req.approx_prompt_tokens + (req.max_tokens or 0)
 
 

@@ -19,6 +19,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pbg
 
 from epp import protocol
 from epp.body_budget import BodyBudget
+from epp.context import RequestContext
 from epp.director import Director
 from epp.errors import PickerError
 from epp.request import InferenceRequest, parse_request
@@ -44,7 +45,8 @@ class _Stream:
         self.subset: list[str] | None = None
         self.body = bytearray()
         self.request_done = False
-        self.req: InferenceRequest | None = None
+        self.req: InferenceRequest | None = None  # once the director took it
+        self.ctx: RequestContext | None = None
         self.started = time.monotonic()
         self.dispatched = 0.0
         self.status = 0
@@ -99,13 +101,14 @@ class _Stream:
         raw, self.body = bytes(self.body), bytearray()  # held once, by the request
         req = parse_request(path, raw, self.headers, max_body_bytes=limit)
         self._settle(req.held_bytes)
-        await self.director.admit(req, self.subset)
-        self.req = req
-        out_body = req.body_for_upstream()
+        ctx = RequestContext(req, subset=self.subset)
+        await self.director.handle(ctx)
+        self.req, self.ctx = req, ctx
+        out_body = ctx.upstream_body()
         self.dispatched = time.monotonic()
         # Chunks are built as they are sent, not all at once beside the body.
         return itertools.chain(
-            [protocol.destination_headers(req.targets, len(out_body), req.upstream_headers)],
+            [protocol.destination_headers(ctx.targets, len(out_body), ctx.upstream_headers)],
             protocol.request_body_chunks(out_body),
         )
 
@@ -118,15 +121,15 @@ class _Stream:
         except ValueError:
             self.status = 0
         self.served = protocol.served_endpoint(msg) or (
-            self.req.targets[0] if self.req and self.req.targets else None
+            self.ctx.targets[0] if self.ctx and self.ctx.targets else None
         )
         streaming = "text/event-stream" in headers.get("content-type", "")
-        req = self.req
+        ctx = self.ctx
         self.response, self.usage = response_chain(
             streaming,
-            strip_usage=bool(req and req.strip_usage),
-            served=req.target_model if req else "",
-            asked=req.model if req else "",
+            strip_usage=bool(ctx and ctx.strip_usage),
+            served=ctx.target_model if ctx else "",
+            asked=ctx.request.model if ctx else "",
         )
         if msg.response_headers.end_of_stream:
             self.finish()
@@ -176,7 +179,7 @@ class _Stream:
         return out
 
     def finish(self, cancelled: bool = False) -> None:
-        if self.finished or self.req is None:
+        if self.finished or self.ctx is None:
             self.finished = True
             return
         self.finished = True
@@ -219,7 +222,7 @@ class _Stream:
             ttft=ttft,
             tpot=tpot,
         )
-        self.director.finish(self.req, info, self.started, streamed)
+        self.director.finish(self.ctx, info, self.started, streamed)
 
     def close(self) -> None:
         """The stream ended. Before any response headers that means the request was
@@ -288,7 +291,7 @@ class ExternalProcessor(pbg.ExternalProcessorServicer):
 
     def _count_error(self, stream: _Stream, exc: PickerError) -> None:
         model = stream.req.model if stream.req else ""
-        target = stream.req.target_model if stream.req else ""
+        target = stream.ctx.target_model if stream.ctx else ""
         self.director.metrics.errors.labels(model, target, str(exc.status)).inc()
         log.info(
             "ext_proc: %s %s -> %d %s",

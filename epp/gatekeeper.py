@@ -12,10 +12,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
+from epp.context import RequestContext
+from epp.datastore import Endpoint
 from epp.errors import PickerError
 from epp.flowcontrol import (
     AdmissionController,
@@ -23,11 +24,19 @@ from epp.flowcontrol import (
     FlowItem,
     SaturationDetector,
 )
-from epp.ratelimit import RateLimitMetrics, RedisClients, build_limiter
-from epp.request import InferenceRequest
+from epp.ratelimit import Limiter, RateLimitMetrics, RedisClients, build_limiter
+from epp.routing.table import Resolution
+from epp.tokenizing import PromptTokenizing
 
 log = logging.getLogger("epp.gatekeeper")
 MAX_FLOWS_REMEMBERED = 10_000  # answer-length averages kept, least recently used dropped
+
+
+class Destinations(Protocol):
+    """Where a request could go now (epp.eligibility.Eligibility): asked again each time
+    flow control checks for room, since the pool changes while a request waits."""
+
+    def destinations(self, ctx: RequestContext) -> list[Endpoint]: ...
 
 
 @dataclass(slots=True)
@@ -35,17 +44,26 @@ class Ticket:
     """What the gate remembers of an admitted request, to charge it when it ends."""
 
     item: FlowItem | None = None
-    limiter: Any = None
+    limiter: Limiter | None = None
     route: str = ""
     user: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Waiting:
+    """A queued request as the saturation check sees it (FlowItem.payload)."""
+
+    ctx: RequestContext
+    where: Destinations
 
 
 @dataclass
 class Gatekeeper:
     metrics_registry: Any
     flow_control: FlowControlConfig | None = None  # None: requests never wait
-    tokenizers: Any = None  # kvindex.tokenize.PromptTokenizers, when models were given
-    _limiters: dict[str, tuple[str, Any]] = field(default_factory=dict)
+    # How prompts are tokenized for counting (epp.tokenizing); None: estimated from length.
+    prompts: PromptTokenizing | None = None
+    _limiters: dict[str, tuple[str, Limiter]] = field(default_factory=dict)
     _output_avg: dict[str, float] = field(default_factory=dict)  # flow → recent answer length
     _tasks: set[asyncio.Task] = field(default_factory=set)
 
@@ -61,16 +79,17 @@ class Gatekeeper:
 
     # ---- before scheduling ----------------------------------------------------------------
 
-    async def enter(self, req: InferenceRequest, eligible: Callable[[], list]) -> Ticket:
+    async def enter(self, ctx: RequestContext, where: Destinations) -> Ticket:
         """Raise PickerError (429 with Retry-After, or 503) unless the request may go on now;
-        `eligible()` gives the endpoints it may use, fresh each time it is asked."""
-        ticket = Ticket(user=req.user)
-        resolution = req.resolution
+        `where` says where it could go, fresh each time it is asked."""
+        user = ctx.request.user
+        ticket = Ticket(user=user)
+        resolution = ctx.resolution
         if resolution is not None and resolution.route.spec.rate_limit is not None:
             ticket.route = resolution.route_name
-            ticket.limiter = self._limiter(resolution)
-            tokens = await self.count_input_tokens(req)
-            decision = await ticket.limiter.check(ticket.route, req.user, tokens)
+            limiter = ticket.limiter = self._limiter(resolution)
+            tokens = await self.count_input_tokens(ctx)
+            decision = await limiter.check(ticket.route, user, tokens)
             if not decision.allowed:
                 status = 503 if decision.limit == "unavailable" else 429
                 retry = decision.retry_after_header()
@@ -80,19 +99,20 @@ class Gatekeeper:
                     headers={"retry-after": retry} if retry else None,
                 )
         try:
-            await self._wait_for_room(req, eligible, ticket)
+            await self._wait_for_room(ctx, where, ticket)
         except BaseException:  # turned away, timed out or the client left: never served
-            self._refund_input(ticket, req)
+            self._refund_input(ticket, ctx)
             raise
         return ticket
 
     async def _wait_for_room(
-        self, req: InferenceRequest, eligible: Callable[[], list], ticket: Ticket
+        self, ctx: RequestContext, where: Destinations, ticket: Ticket
     ) -> None:
+        waiting = _Waiting(ctx, where)
         if self.queue is None:
             # No queue to wait in, but sheddable requests are still turned away when the
             # endpoints they may use are saturated, as the reference picker does.
-            if req.priority < 0 and self._saturated_now(eligible):
+            if ctx.priority < 0 and self._saturated_now(waiting):
                 raise PickerError(
                     429,
                     "the pool is saturated and the request is sheddable",
@@ -100,13 +120,13 @@ class Gatekeeper:
                 )
             return
         item = FlowItem(
-            flow_id=req.fairness_id,
-            priority=req.priority,
-            input_tokens=await self.count_input_tokens(req),
-            size_bytes=req.held_bytes,  # what it costs in memory while it waits
-            request_id=req.request_id,
-            payload=eligible,
-            expected_output=self._expected_output(req),
+            flow_id=ctx.fairness_id,
+            priority=ctx.priority,
+            input_tokens=await self.count_input_tokens(ctx),
+            size_bytes=ctx.request.held_bytes,  # what it costs in memory while it waits
+            request_id=ctx.request_id,
+            payload=waiting,
+            expected_output=self._expected_output(ctx),
         )
         admission = await self.queue.admit(item)
         if not admission.admitted:
@@ -118,28 +138,29 @@ class Gatekeeper:
             )
         ticket.item = item
 
-    def _refund_input(self, ticket: Ticket, req: InferenceRequest) -> None:
+    def _refund_input(self, ticket: Ticket, ctx: RequestContext) -> None:
         if ticket.limiter is not None:
             self._spawn(
-                ticket.limiter.refund_input(ticket.route, ticket.user, self.input_tokens(req))
+                ticket.limiter.refund_input(ticket.route, ticket.user, self.input_tokens(ctx))
             )
 
-    def abandon(self, ticket: Ticket | None, req: InferenceRequest) -> None:
+    def abandon(self, ticket: Ticket | None, ctx: RequestContext) -> None:
         """Admitted, then not sent anywhere (scheduling found no endpoint): give back what it
         was charged, and let the next request try."""
         if ticket is None:
             return
-        self._refund_input(ticket, req)
+        self._refund_input(ticket, ctx)
         if ticket.item is not None and self.queue is not None:
             self.queue.undo(ticket.item)
 
-    def _expected_output(self, req: InferenceRequest) -> int:
+    def _expected_output(self, ctx: RequestContext) -> int:
         """The flow's recent answer length, at most the request's max_tokens; 0 before the
         flow has finished anything (then only what it really produced is charged)."""
-        avg = self._output_avg.get(req.fairness_id)
+        avg = self._output_avg.get(ctx.fairness_id)
         if avg is None:
             return 0
-        return int(min(avg, req.max_tokens) if req.max_tokens is not None else avg)
+        max_tokens = ctx.request.max_tokens
+        return int(min(avg, max_tokens) if max_tokens is not None else avg)
 
     def _learn_output(self, flow: str, tokens: int) -> None:
         old = self._output_avg.pop(flow, None)  # re-inserted last: the dict stays LRU-ordered
@@ -150,44 +171,28 @@ class Gatekeeper:
     def _saturated(self, item: FlowItem) -> bool:
         return self._saturated_now(item.payload)
 
-    def _saturated_now(self, eligible: Callable[[], list]) -> bool:
+    def _saturated_now(self, waiting: _Waiting) -> bool:
         try:
-            endpoints = eligible()
+            endpoints = waiting.where.destinations(waiting.ctx)
         except PickerError:
             # Its pods left or its model is gone: there is nothing to wait for. Scheduling
             # answers it with the right error; holding it would hold the queue behind it.
             return False
         return self.detector.saturated(endpoints)
 
-    async def count_input_tokens(self, req: InferenceRequest) -> int:
+    async def count_input_tokens(self, ctx: RequestContext) -> int:
         """input_tokens, with the prompt tokenized off the event loop first."""
-        tokenizer = self._tokenizer(req)
-        if tokenizer is not None and req.api in ("chat", "completions"):
-            await req.tokenize(tokenizer)
-        return self.input_tokens(req)
+        if self.prompts is not None:
+            await self.prompts.tokenize(ctx)
+        return self.input_tokens(ctx)
 
-    def input_tokens(self, req: InferenceRequest) -> int:
-        """The prompt's token count, once per request."""
-        if "prompt_tokens" in req.state:
-            return req.state["prompt_tokens"]
-        count = None
-        tokenizer = self._tokenizer(req)
-        if tokenizer is not None and req.api in ("chat", "completions"):
-            try:
-                count = len(req.prompt_token_ids(tokenizer))
-            except Exception as exc:  # a prompt the template rejects: estimate instead
-                log.debug("counting tokens of %s failed: %s", req.request_id, exc)
-        if count is None:
-            count = req.approx_prompt_tokens
-        req.state["prompt_tokens"] = count
-        return count
+    def input_tokens(self, ctx: RequestContext) -> int:
+        """The prompt's token count: its tokens, kept in the context, or an estimate when no
+        tokenizer fits its model or the prompt is refused."""
+        ids = self.prompts.token_ids(ctx) if self.prompts is not None else None
+        return len(ids) if ids is not None else ctx.request.approx_prompt_tokens
 
-    def _tokenizer(self, req: InferenceRequest):
-        if self.tokenizers is None:
-            return None
-        return self.tokenizers.get(req.target_model) or self.tokenizers.get(req.model)
-
-    def _limiter(self, resolution):
+    def _limiter(self, resolution: Resolution) -> Limiter:
         """One limiter per route, rebuilt when the route's rateLimit changes."""
         name = resolution.route_name
         spec = resolution.route.spec.rate_limit

@@ -11,17 +11,11 @@ import uuid
 from array import array
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from api.names import (
-    FAIRNESS_ID_HEADER,
-    MODEL_REWRITE_HEADER,
-    OBJECTIVE_HEADER,
-    SESSION_HEADER,
-    USER_HEADER,
-)
+from api.names import SESSION_HEADER, USER_HEADER
 from epp.errors import PickerError
 from epp.json_splice import find_member, set_member
 from epp.request_body import (
@@ -34,6 +28,9 @@ from epp.request_body import (
     decode_raw,
     present,
 )
+
+if TYPE_CHECKING:  # loaded when a prompt is first tokenized (jinja2, tokenizers)
+    from kvindex.tokenize import PromptError, PromptTokenizer
 
 log = logging.getLogger("epp.request")
 
@@ -71,37 +68,26 @@ MAX_TOKENIZED_BYTES = 1024 * 1024
 _NON_EMPTY_LIST = re.compile(rb"\[\s*[^\]\s]")
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class InferenceRequest:
+    """What parsing one request produces, and nothing else: it never changes after
+    parse_request. What the picker learns while handling it (who it believes is asking, the
+    route, the gate's ticket, the prompt's tokens, the chosen endpoints) is kept in its
+    context (epp.context.RequestContext)."""
+
     request_id: str
     path: str
     api: str
     body: RequestBody
     raw_body: bytes
     model: str
-    headers: dict[str, str] = field(default_factory=dict)
-    target_model: str = ""
+    headers: dict[str, str] = field(default_factory=dict)  # as the client (and Envoy) sent them
     stream: bool = False
     max_tokens: int | None = None
     prompt_text: str = ""  # what approximate prefix hashing reads
-    fairness_id: str = "default-flow"
     user: str | None = None  # the verified user Envoy's auth forwards (x-infergate-user)
-    objective: str | None = None
     session_id: str | None = None
-    priority: int = 0
     stream_options: StreamOptions | None = None
-    # Set by model routing: the route, rule and ModelServer (epp.routing.table.Resolution).
-    resolution: Any = None
-    # Set by scheduling: the chosen endpoints, primary first.
-    targets: list[str] = field(default_factory=list)
-    # Headers the picker adds to the request on its way to the pod (e.g. a route's timeout).
-    upstream_headers: dict[str, str] = field(default_factory=dict)
-    # Set when the picker asked a stream for usage the client did not ask for: the usage
-    # event is removed from the answer again.
-    strip_usage: bool = False
-    ticket: Any = None  # what flow control and rate limits charge when the answer ends
-    # Free slots for plugins (prefix hashes, kv-index hits, ...) keyed by plugin name.
-    state: dict[str, Any] = field(default_factory=dict)
 
     @property
     def approx_prompt_tokens(self) -> int:
@@ -114,15 +100,16 @@ class InferenceRequest:
         prompt text taken from it (the typed fields are slices of the body)."""
         return len(self.raw_body) + sys.getsizeof(self.prompt_text)
 
-    def body_for_upstream(self) -> bytes:
+    def body_for_upstream(self, target_model: str, *, ask_usage: bool = False) -> bytes:
         """The body to send on: the client's bytes, with the model and stream_options members
-        replaced in place when the model was rewritten or usage was asked for."""
+        replaced in place when the model is rewritten to `target_model` or usage is asked
+        for on the client's behalf."""
         out = self.raw_body
-        if self.target_model and self.target_model != self.model:
+        if target_model and target_model != self.model:
             out = set_member(
-                out, "model", msgspec.json.encode(self.target_model), bytes(self.body.model)
+                out, "model", msgspec.json.encode(target_model), bytes(self.body.model)
             )
-        if self.strip_usage:
+        if ask_usage:
             asked = self.stream_options or StreamOptions()
             options = msgspec.structs.replace(asked, include_usage=True)
             raw = self.body.stream_options
@@ -130,35 +117,31 @@ class InferenceRequest:
             out = set_member(out, "stream_options", msgspec.json.encode(options), current)
         return out
 
-    def prompt_token_ids(self, tokenizer) -> array:
-        """The prompt as `tokenizer` (kvindex.tokenize.PromptTokenizer) tokenizes it, once a
-        request: token counting for limits and prefix scoring both ask. May raise the
-        tokenizer's PromptError. Runs here when `tokenize` was not awaited first."""
-        key = ("prompt_token_ids", id(tokenizer))
-        if key not in self.state:
-            self.state[key] = _tokens_or_error(tokenizer, self.api, self.body)
-        result = self.state[key]
-        if isinstance(result, Exception):
-            raise result
-        return result
-
-    async def tokenize(self, tokenizer) -> None:
-        """Tokenize the prompt for `tokenizer` on the tokenizing thread, so that
-        prompt_token_ids answers from what was kept without blocking the event loop."""
-        key = ("prompt_token_ids", id(tokenizer))
-        if key in self.state:
-            return
-        loop = asyncio.get_running_loop()
-        self.state[key] = await loop.run_in_executor(
-            _lane(self.body).thread, _tokens_or_error, tokenizer, self.api, self.body
-        )
-
     @property
     def client_wants_usage(self) -> bool:
         return self.stream_options is not None and bool(self.stream_options.include_usage)
 
 
-def _tokens_or_error(tokenizer, api: str, body: RequestBody) -> array | Exception:
+def token_ids(req: InferenceRequest, tokenizer: PromptTokenizer) -> array | PromptError:
+    """The prompt as `tokenizer` tokenizes it, on the calling thread (under its lane's lock),
+    or the PromptError that says why not. RequestContext keeps the answer: call it through
+    the context, which asks once a request."""
+    return _tokens_or_error(tokenizer, req.api, req.body)
+
+
+async def token_ids_off_loop(
+    req: InferenceRequest, tokenizer: PromptTokenizer
+) -> array | PromptError:
+    """token_ids on the request's tokenizing lane, so the event loop never waits for it."""
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(
+        _lane(req.body).thread, _tokens_or_error, tokenizer, req.api, req.body
+    )
+
+
+def _tokens_or_error(
+    tokenizer: PromptTokenizer, api: str, body: RequestBody
+) -> array | PromptError:
     """The token ids, 4 bytes each (a list of ints would hold 36 a token for the request's
     life), or the PromptError the tokenizer raised (kept, so it is raised once a caller asks
     rather than in the tokenizing thread)."""
@@ -273,7 +256,7 @@ def parse_request(
             raise PickerError(
                 400, f"the member name {name!r} must be written without escapes", param=name
             )
-    req = InferenceRequest(
+    return InferenceRequest(
         request_id=headers.get("x-request-id") or str(uuid.uuid4()),
         path=path,
         api=api,
@@ -281,15 +264,11 @@ def parse_request(
         raw_body=raw_body,
         model=model,
         headers=headers,
-        target_model=headers.get(MODEL_REWRITE_HEADER) or model,
         stream=bool(body.stream),  # OpenAI allows null
         stream_options=stream_options,
         max_tokens=body.max_output,
         prompt_text=_prompt_text(api, body),
-        # Envoy removes a client's x-infergate-user and sets the verified one: it wins.
-        fairness_id=headers.get(USER_HEADER) or headers.get(FAIRNESS_ID_HEADER) or "default-flow",
+        # Envoy removes a client's x-infergate-user and sets the verified one.
         user=headers.get(USER_HEADER) or None,
-        objective=headers.get(OBJECTIVE_HEADER),
         session_id=headers.get(SESSION_HEADER),
     )
-    return req

@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from api.names import FAIRNESS_ID_HEADER, MODEL_REWRITE_HEADER, OBJECTIVE_HEADER
-from epp.request import InferenceRequest
+
+if TYPE_CHECKING:  # the context starts from this module's defaults
+    from epp.context import RequestContext
 
 log = logging.getLogger("epp.trust")
 
@@ -100,9 +102,10 @@ class HeaderTrust:
         names = (OBJECTIVE_HEADER, FAIRNESS_ID_HEADER) if self.client_headers else ()
         return names + ((MODEL_REWRITE_HEADER,) if self.model_rewrite_header else ())
 
-    def apply(self, req: InferenceRequest) -> None:
+    def apply(self, ctx: RequestContext) -> None:
         """Set the request's objective, fairness id and engine model from what is trusted,
         and leave only trusted values of those headers for route rules to match."""
+        req = ctx.request
         believed = self.trusted_names()
         claimed = {
             name: value
@@ -114,15 +117,15 @@ class HeaderTrust:
             log.debug("request %s: ignoring client-set %s", req.request_id, ", ".join(ignored))
         mapped = self.users.get(req.user) or UserIdentity()
         # The verified user wins over any claim; a claim counts only when trusted.
-        req.objective = mapped.objective or claimed.get(OBJECTIVE_HEADER)
-        req.fairness_id = (
+        ctx.objective = mapped.objective or claimed.get(OBJECTIVE_HEADER)
+        ctx.fairness_id = (
             mapped.fairness_id or req.user or claimed.get(FAIRNESS_ID_HEADER) or DEFAULT_FAIRNESS_ID
         )
-        req.target_model = claimed.get(MODEL_REWRITE_HEADER) or req.model
+        ctx.target_model = claimed.get(MODEL_REWRITE_HEADER) or req.model
         headers = {k: v for k, v in req.headers.items() if k not in CLIENT_ASSERTED}
-        if req.target_model != req.model:
-            headers[MODEL_REWRITE_HEADER] = req.target_model
-        if req.objective:
-            headers[OBJECTIVE_HEADER] = req.objective
-        headers[FAIRNESS_ID_HEADER] = req.fairness_id
-        req.headers = headers
+        if ctx.target_model != req.model:
+            headers[MODEL_REWRITE_HEADER] = ctx.target_model
+        if ctx.objective:
+            headers[OBJECTIVE_HEADER] = ctx.objective
+        headers[FAIRNESS_ID_HEADER] = ctx.fairness_id
+        ctx.match_headers = headers

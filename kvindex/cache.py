@@ -1,6 +1,7 @@
 """The one entry the picker uses into the KV-cache index: tokenize a request's prompt (off the
-event loop), cut it into the index's keys, score pods by what they hold of it, and add a
-routing decision's blocks speculatively.
+event loop; the picker's token counting asks here too, so a prompt is tokenized once), cut it
+into the index's keys, score pods by what they hold of it, and add a routing decision's
+blocks speculatively.
 
 The prompt is tokenized as vLLM would (the model's own tokenizer and chat template) and keyed as
 vLLM shares blocks (kvindex.keys): by the base model, the LoRA adapter and the request's
@@ -44,12 +45,15 @@ class Prompt:
 
 
 class TokenizableRequest(Protocol):
-    """What the cache needs of a request (epp.request.InferenceRequest)."""
+    """What the cache needs of a request: epp.context.RequestContext, which keeps the
+    prompt's tokens for the request's life."""
 
-    api: str
-    target_model: str
-    request_id: str
-    state: dict
+    @property
+    def api(self) -> str: ...
+    @property
+    def request_id(self) -> str: ...
+    @property
+    def target_model(self) -> str: ...
 
     def prompt_token_ids(self, tokenizer: PromptTokenizer) -> array: ...
     async def tokenize(self, tokenizer: PromptTokenizer) -> None: ...
@@ -94,24 +98,27 @@ class KVCache:
         if tokenizer is not None:
             await req.tokenize(tokenizer)
 
+    def token_ids(self, req: TokenizableRequest) -> array | None:
+        """The prompt's token ids (tokenized once a request, by the request); None when no
+        tokenizer fits its model or the tokenizer refused the prompt."""
+        tokenizer, _, _ = self._tokenizer(req)
+        if tokenizer is None:
+            return None
+        try:
+            return req.prompt_token_ids(tokenizer)
+        except PromptError as exc:
+            log.debug("no tokens for %s: %s", req.request_id, exc)
+            return None
+
     def prompt(self, req: TokenizableRequest, cache_salt: str | None = None) -> Prompt | None:
-        """The prompt's index keys (salted with the request's `cache_salt`), computed once per
-        request; None if they cannot be known (no tokenizer for its model, or the tokenizer
-        refused the prompt)."""
-        cached = req.state.get(self)
-        if cached is not None or self in req.state:
-            return cached
-        out = None
-        tokenizer, base, lora = self._tokenizer(req)
-        if tokenizer is not None:
-            try:
-                tokens = req.prompt_token_ids(tokenizer)
-                keys = prompt_keys(tokens, self.block_size, base, lora, cache_salt)
-                out = Prompt(len(tokens), keys)
-            except PromptError as exc:
-                log.debug("no prefix score for %s: %s", req.request_id, exc)
-        req.state[self] = out
-        return out
+        """The prompt's index keys, salted with the request's `cache_salt` as vLLM salts its
+        blocks; None if they cannot be known (no tokenizer for its model, or the tokenizer
+        refused the prompt). Callers keep it: it is cut anew."""
+        tokens = self.token_ids(req)
+        if tokens is None:
+            return None
+        _, base, lora = self._tokenizer(req)
+        return Prompt(len(tokens), prompt_keys(tokens, self.block_size, base, lora, cache_salt))
 
     def score(
         self, prompt: Prompt, pods: Sequence[str], tier_weights: Mapping[str, float]

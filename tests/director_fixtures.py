@@ -1,11 +1,13 @@
 """Builders for the Director unit tests: a pool of two pods with two ports each, a least-request
-picker config, parsed completion requests, and ModelRoutes with a rate limit in front of a gate.
+picker config, parsed completion requests in their contexts, and ModelRoutes with a rate limit
+in front of a gate.
 Shared by the director, gate, trust, hostile-body and ext_proc fuzz tests."""
 
 from __future__ import annotations
 
 import pytest
 
+from epp.context import RequestContext
 from epp.datastore import Datastore, PoolSpec
 from epp.director import Director, DirectorOptions
 from epp.errors import PickerError
@@ -69,12 +71,27 @@ def make_director(config: str = LEAST_REQUEST, **options) -> Director:
     )
 
 
-def request(model: str = "m", headers=None, max_tokens: int | None = 100, prompt: str = "x" * 40):
+def context(
+    model: str = "m",
+    headers=None,
+    max_tokens: int | None = 100,
+    prompt: str = "x" * 40,
+    *,
+    subset: list[str] | None = None,
+    stream: bool = False,
+    stream_options: str | None = None,
+) -> RequestContext:
+    """A parsed completion request in a fresh context, as extproc hands it to the director."""
     body = f'{{"model": "{model}", "prompt": "{prompt}"'
     if max_tokens is not None:
         body += f', "max_tokens": {max_tokens}'
+    if stream:
+        body += ', "stream": true'
+    if stream_options is not None:
+        body += f', "stream_options": {stream_options}'
     body += "}"
-    return parse_request("/v1/completions", body.encode(), headers or {}, max_body_bytes=1 << 20)
+    req = parse_request("/v1/completions", body.encode(), headers or {}, max_body_bytes=1 << 20)
+    return RequestContext(req, subset=subset)
 
 
 def status_of(fn, *args) -> int:

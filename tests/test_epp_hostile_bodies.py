@@ -288,10 +288,12 @@ def test_the_budget_flag_reaches_the_picker_options():
 
 
 async def test_a_large_prompt_is_tokenized_while_the_event_loop_runs():
+    from epp.context import RequestContext
     from epp.director import Director, DirectorOptions
     from epp.gatekeeper import Gatekeeper
     from epp.metrics import PickerMetrics
     from epp.scheduling.config import load_config
+    from epp.tokenizing import ModelTokenizers
     from kvindex.tokenize import PromptTokenizers
     from stack.local import DEFAULT_MODEL_DIR
     from tests.director_fixtures import LEAST_REQUEST, SERVERS, limited_route, make_datastore
@@ -299,13 +301,14 @@ async def test_a_large_prompt_is_tokenized_while_the_event_loop_runs():
     ds = make_datastore()
     ds.set_routes(limited_route(inputTokensPerUnit=10**9), SERVERS)
     metrics = PickerMetrics()
-    gate = Gatekeeper(metrics.registry, tokenizers=PromptTokenizers({"m": DEFAULT_MODEL_DIR}))
+    prompts = ModelTokenizers(PromptTokenizers({"m": DEFAULT_MODEL_DIR}))
+    gate = Gatekeeper(metrics.registry, prompts=prompts)
     director = Director(ds, load_config(LEAST_REQUEST), metrics, DirectorOptions(fallbacks=0), gate)
     words = " ".join(f"w{i}" for i in range(100_000))  # under MAX_TOKENIZED_BYTES
     body = json.dumps({"model": "m", "prompt": words}).encode()
-    req = parse_request("/v1/completions", body, {}, max_body_bytes=LIMIT)
+    ctx = RequestContext(parse_request("/v1/completions", body, {}, max_body_bytes=LIMIT))
     ticks = 0
-    admitted = asyncio.create_task(director.admit(req, None))
+    admitted = asyncio.create_task(director.handle(ctx))
 
     while not admitted.done():  # the loop turns while the prompt is being tokenized
         ticks += 1
@@ -317,21 +320,23 @@ async def test_a_large_prompt_is_tokenized_while_the_event_loop_runs():
         .get("m")
         .tokens_for("completions", {"prompt": words})
     )
-    assert req.state["prompt_tokens"] == len(counted)  # counted by the tokenizer, not estimated
+    # Counted by the tokenizer, not estimated, and kept in the context.
+    assert gate.input_tokens(ctx) == len(counted) == len(ctx.tokens.ids)
 
 
 async def test_a_queued_request_costs_the_bytes_it_holds_not_only_its_body():
     from epp.flowcontrol import FlowControlConfig
-    from tests.director_fixtures import director_with, request
+    from tests.director_fixtures import context, director_with
 
-    req = request(prompt="x" * 4000)
+    ctx = context(prompt="x" * 4000)
+    req = ctx.request
     limit = len(req.raw_body) + 100  # the body fits; the body and its prompt text do not
     assert len(req.raw_body) < limit < req.held_bytes
     director = director_with(flow_control=FlowControlConfig(max_bytes=limit))
     for ep in director.datastore.endpoints():
         ep.metrics.waiting, ep.metrics.updated_at = 10, 1e18  # saturated: requests queue
     with pytest.raises(PickerError) as info:
-        await director.admit(req, None)
+        await director.handle(ctx)
     assert f"cannot take {req.held_bytes} more bytes" in info.value.message
 
 

@@ -4,6 +4,7 @@ real Datastore, SchedulingConfig and PickerMetrics."""
 
 from __future__ import annotations
 
+from epp.context import RequestContext
 from epp.datastore import Datastore, PoolSpec
 from epp.director import Director, DirectorOptions
 from epp.metrics import MAX_MODEL_SERIES, MAX_UNLISTED_MODELS, OTHER_MODEL, PickerMetrics
@@ -29,9 +30,9 @@ def director() -> Director:
     return Director(ds, load_config(None), metrics, DirectorOptions())
 
 
-def request(model: str):
+def context(model: str) -> RequestContext:
     body = f'{{"model": "{model}", "prompt": "hi", "max_tokens": 4}}'.encode()
-    return parse_request("/v1/completions", body, {}, max_body_bytes=1 << 20)
+    return RequestContext(parse_request("/v1/completions", body, {}, max_body_bytes=1 << 20))
 
 
 def series(d: Director) -> dict[str, set[str]]:
@@ -45,11 +46,11 @@ def series(d: Director) -> dict[str, set[str]]:
 
 
 async def serve(d: Director, model: str, *, finish: bool = True):
-    req = request(model)
-    await d.admit(req, None)
+    ctx = context(model)
+    await d.handle(ctx)
     if finish:
-        d.finish(req, ResponseInfo(endpoint=None, status=200, prompt_tokens=2), 0.0)
-    return req
+        d.finish(ctx, ResponseInfo(endpoint=None, status=200, prompt_tokens=2), 0.0)
+    return ctx
 
 
 async def test_unknown_model_names_share_one_series_past_the_bound():
@@ -81,10 +82,10 @@ async def test_the_running_gauge_comes_back_to_zero_when_a_name_gets_its_series_
     d = director()
     for i in range(MAX_UNLISTED_MODELS):
         await serve(d, f"junk-{i}")
-    req = await serve(d, "late", finish=False)
+    ctx = await serve(d, "late", finish=False)
     (ep,) = d.datastore.endpoints()
     ep.models = frozenset({"late"})
-    d.finish(req, ResponseInfo(endpoint=None, status=200), 0.0)
+    d.finish(ctx, ResponseInfo(endpoint=None, status=200), 0.0)
     get = d.metrics.registry.get_sample_value
     name = "inference_objective_running_requests"
     assert get(name, {"model_name": OTHER_MODEL}) == 0

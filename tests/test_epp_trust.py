@@ -32,8 +32,8 @@ from tests.director_fixtures import (
     B0,
     B1,
     LEAST_REQUEST,
+    context,
     make_datastore,
-    request,
     set_models,
     status_of,
 )
@@ -89,19 +89,19 @@ def routed_pool(trust: HeaderTrust | None = None) -> Director:
 async def test_a_clients_rewrite_header_cannot_reach_a_routed_models_pods():
     d = routed_pool()
     for _ in range(20):
-        req = request(model="m", headers={MODEL_REWRITE_HEADER: "secret-engine"})
-        (target,) = await d.admit(req, None)
+        ctx = context(model="m", headers={MODEL_REWRITE_HEADER: "secret-engine"})
+        (target,) = await d.handle(ctx)
         assert target.address in (A0, B0)
-        assert req.target_model == "m" and json.loads(req.body_for_upstream())["model"] == "m"
-        assert MODEL_REWRITE_HEADER not in req.headers  # nor can a route rule match on it
+        assert ctx.target_model == "m" and json.loads(ctx.upstream_body())["model"] == "m"
+        assert MODEL_REWRITE_HEADER not in ctx.match_headers  # nor can a route rule match on it
 
 
 async def test_a_trusted_rewrite_header_still_rewrites():
     d = routed_pool(HeaderTrust(model_rewrite_header=True))
-    req = request(model="m", headers={MODEL_REWRITE_HEADER: "secret-engine"})
-    (target,) = await d.admit(req, None)
+    ctx = context(model="m", headers={MODEL_REWRITE_HEADER: "secret-engine"})
+    (target,) = await d.handle(ctx)
     assert target.address in (A1, B1)
-    assert json.loads(req.body_for_upstream())["model"] == "secret-engine"
+    assert json.loads(ctx.upstream_body())["model"] == "secret-engine"
 
 
 # ---- objective and fairness id --------------------------------------------------------------
@@ -109,11 +109,11 @@ async def test_a_trusted_rewrite_header_still_rewrites():
 
 async def test_client_claims_of_objective_and_fairness_are_ignored_by_default():
     d = director()
-    req = request(headers=dict(CLAIMS))
-    await d.admit(req, None)
-    assert req.objective is None and req.fairness_id == DEFAULT_FAIRNESS_ID
-    assert req.headers.get(OBJECTIVE_HEADER) is None
-    assert req.headers[FAIRNESS_ID_HEADER] == DEFAULT_FAIRNESS_ID
+    ctx = context(headers=dict(CLAIMS))
+    await d.handle(ctx)
+    assert ctx.objective is None and ctx.fairness_id == DEFAULT_FAIRNESS_ID
+    assert ctx.match_headers.get(OBJECTIVE_HEADER) is None
+    assert ctx.match_headers[FAIRNESS_ID_HEADER] == DEFAULT_FAIRNESS_ID
 
 
 async def test_the_verified_user_maps_to_objective_and_fairness_id():
@@ -121,29 +121,29 @@ async def test_the_verified_user_maps_to_objective_and_fairness_id():
         {"users": {"alice": {"objective": "vip", "fairnessId": "team-a"}, "bob": {}}}
     )
     d = director(HeaderTrust(users=users))
-    alice = request(headers={USER: "alice", OBJECTIVE_HEADER: "batch"})
-    await d.admit(alice, None)
+    alice = context(headers={USER: "alice", OBJECTIVE_HEADER: "batch"})
+    await d.handle(alice)
     assert (alice.objective, alice.fairness_id) == ("vip", "team-a")
-    bob = request(headers={USER: "bob", **CLAIMS})  # listed without values
-    await d.admit(bob, None)
+    bob = context(headers={USER: "bob", **CLAIMS})  # listed without values
+    await d.handle(bob)
     assert (bob.objective, bob.fairness_id) == (None, "bob")
-    carol = request(headers={USER: "carol", **CLAIMS})  # not listed: her own flow
-    await d.admit(carol, None)
+    carol = context(headers={USER: "carol", **CLAIMS})  # not listed: her own flow
+    await d.handle(carol)
     assert (carol.objective, carol.fairness_id) == (None, "carol")
 
 
 async def test_trusting_clients_honours_their_claims_but_not_over_the_verified_user():
     users = Users.from_config({"users": {"alice": {"objective": "std"}}})
     d = director(HeaderTrust(client_headers=True, users=users))
-    anonymous = request(headers=dict(CLAIMS))
-    await d.admit(anonymous, None)
+    anonymous = context(headers=dict(CLAIMS))
+    await d.handle(anonymous)
     assert (anonymous.objective, anonymous.fairness_id) == ("vip", "someone-else")
-    alice = request(headers={USER: "alice", **CLAIMS})
-    await d.admit(alice, None)
+    alice = context(headers={USER: "alice", **CLAIMS})
+    await d.handle(alice)
     assert (alice.objective, alice.fairness_id) == ("std", "alice")
     # The client headers flag never extends to the model rewrite.
-    rewrite = request(model="m", headers={MODEL_REWRITE_HEADER: "other"})
-    await d.admit(rewrite, None)
+    rewrite = context(model="m", headers={MODEL_REWRITE_HEADER: "other"})
+    await d.handle(rewrite)
     assert rewrite.target_model == "m"
 
 
@@ -162,12 +162,12 @@ async def test_route_rules_match_the_trusted_objective_not_the_claimed_one():
     }
     users = Users.from_config({"users": {"alice": {"objective": "vip"}}})
     d = director(HeaderTrust(users=users), [route], [SECRET_SERVER])
-    claimed = request(model="secret", headers={OBJECTIVE_HEADER: "vip"})
+    claimed = context(model="secret", headers={OBJECTIVE_HEADER: "vip"})
     with pytest.raises(PickerError) as err:
-        await d.admit(claimed, None)
+        await d.handle(claimed)
     assert err.value.status == 404  # no rule matches: the claim is ignored
-    alice = request(model="secret", headers={USER: "alice"})
-    (target,) = await d.admit(alice, None)
+    alice = context(model="secret", headers={USER: "alice"})
+    (target,) = await d.handle(alice)
     assert target.address in (A1, B1)
 
 

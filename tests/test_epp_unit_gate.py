@@ -17,25 +17,24 @@ from epp.errors import PickerError
 from epp.flowcontrol import FlowControlConfig
 from epp.gatekeeper import Gatekeeper
 from epp.metrics import PickerMetrics
-from epp.request_body import StreamOptions
 from epp.response import response_chain
 from epp.scheduling.config import load_config
 from epp.scheduling.framework import ResponseInfo
 from tests.director_fixtures import (
     LEAST_REQUEST,
     SERVERS,
+    context,
     director_with,
     limited_route,
     make_datastore,
-    request,
 )
 from tests.director_fixtures import pod as pod_
 
 
-def done(director: Director, req, completion_tokens: int | None = None) -> None:
-    ep = director.datastore.endpoint(req.targets[0])
+def done(director: Director, ctx, completion_tokens: int | None = None) -> None:
+    ep = director.datastore.endpoint(ctx.targets[0])
     director.finish(
-        req, ResponseInfo(endpoint=ep, status=200, completion_tokens=completion_tokens), 0.0
+        ctx, ResponseInfo(endpoint=ep, status=200, completion_tokens=completion_tokens), 0.0
     )
 
 
@@ -43,9 +42,9 @@ async def test_input_tokens_are_limited_exactly_with_retry_after_and_the_limit_n
     d = director_with(limited_route(inputTokensPerUnit=100))
     prompt = "x" * 80  # no tokenizer configured: about 4 characters a token, so 20 tokens
     for _ in range(5):
-        await d.admit(request(prompt=prompt), None)  # 5 × 20 = the whole minute's budget
+        await d.handle(context(prompt=prompt))  # 5 × 20 = the whole minute's budget
     with pytest.raises(PickerError) as err:
-        await d.admit(request(prompt=prompt), None)
+        await d.handle(context(prompt=prompt))
     assert err.value.status == 429
     assert "100 input tokens per minute" in err.value.message and "limited" in err.value.message
     assert err.value.headers["retry-after"] == "12"  # 20 tokens at 100 a minute
@@ -54,27 +53,27 @@ async def test_input_tokens_are_limited_exactly_with_retry_after_and_the_limit_n
 async def test_each_verified_user_has_a_budget_of_its_own():
     d = director_with(limited_route(inputTokensPerUnit=40, perUser=True))
     ann, bob = {"x-infergate-user": "ann"}, {"x-infergate-user": "bob"}
-    await d.admit(request(prompt="x" * 160, headers=ann), None)  # 40: ann's all
+    await d.handle(context(prompt="x" * 160, headers=ann))  # 40: ann's all
     with pytest.raises(PickerError):
-        await d.admit(request(prompt="x" * 8, headers=ann), None)
-    await d.admit(request(prompt="x" * 160, headers=bob), None)  # bob is untouched
+        await d.handle(context(prompt="x" * 8, headers=ann))
+    await d.handle(context(prompt="x" * 160, headers=bob))  # bob is untouched
 
 
 async def test_output_tokens_are_charged_when_the_answer_ends():
     d = director_with(limited_route(outputTokensPerUnit=50))
-    req = request()
-    await d.admit(req, None)
-    done(d, req, completion_tokens=80)  # 30 over the budget
+    ctx = context()
+    await d.handle(ctx)
+    done(d, ctx, completion_tokens=80)  # 30 over the budget
     await asyncio.sleep(0)  # the charge is a task
     with pytest.raises(PickerError) as err:
-        await d.admit(request(), None)
+        await d.handle(context())
     assert err.value.status == 429 and "output tokens" in err.value.message
 
 
 async def test_a_route_without_a_limit_is_not_limited():
     d = director_with()
     for _ in range(50):
-        await d.admit(request(prompt="x" * 400), None)
+        await d.handle(context(prompt="x" * 400))
 
 
 def test_objectives_give_priorities_and_unknown_ones_the_default():
@@ -107,13 +106,13 @@ async def test_requests_wait_while_the_pool_is_saturated_and_go_when_it_clears()
     first = d.datastore.endpoints()[0]
     only = [first.address]  # one candidate, so the dispatched request lands there
     low = asyncio.create_task(
-        d.admit(request(headers={"x-gateway-inference-fairness-id": "a"}), only)
+        d.handle(context(headers={"x-gateway-inference-fairness-id": "a"}, subset=only))
     )
     await asyncio.sleep(0.1)
     assert not low.done() and d.gate.queue.queued_requests == 1
     d.datastore.set_objectives([{"metadata": {"name": "vip"}, "spec": {"priority": 5}}])
     high = asyncio.create_task(
-        d.admit(request(headers={"x-gateway-inference-objective": "vip"}), only)
+        d.handle(context(headers={"x-gateway-inference-objective": "vip"}, subset=only))
     )
     await asyncio.sleep(0.1)
     # Sheddable requests are turned away at once while the pool is saturated.
@@ -124,7 +123,7 @@ async def test_requests_wait_while_the_pool_is_saturated_and_go_when_it_clears()
         ]
     )
     with pytest.raises(PickerError) as err:
-        await d.admit(request(headers={"x-gateway-inference-objective": "bulk"}), None)
+        await d.handle(context(headers={"x-gateway-inference-objective": "bulk"}))
     assert err.value.status == 429 and "retry-after" in err.value.headers
     first.metrics.waiting = 5  # at the threshold: room for one more
     d.gate.notify()
@@ -140,21 +139,18 @@ async def test_requests_wait_while_the_pool_is_saturated_and_go_when_it_clears()
 
 async def test_streamed_requests_ask_for_usage_when_it_is_charged_and_hide_it_again():
     d = director_with(limited_route(outputTokensPerUnit=1000))
-    req = request()
-    req.stream = True
-    await d.admit(req, None)
-    assert req.strip_usage
-    sent = json.loads(req.body_for_upstream())
+    ctx = context(stream=True)
+    await d.handle(ctx)
+    assert ctx.strip_usage
+    sent = json.loads(ctx.upstream_body())
     assert sent["stream_options"] == {"include_usage": True} and sent["model"] == "m"
-    asked = request()
-    asked.stream, asked.stream_options = True, StreamOptions(include_usage=True)
-    await d.admit(asked, None)
+    asked = context(stream=True, stream_options='{"include_usage": true}')
+    await d.handle(asked)
     assert not asked.strip_usage  # the client asked: it keeps its usage event
     plain = director_with()
-    req = request()
-    req.stream = True
-    await plain.admit(req, None)
-    assert not req.strip_usage and req.body_for_upstream() is req.raw_body
+    ctx = context(stream=True)
+    await plain.handle(ctx)
+    assert not ctx.strip_usage and ctx.upstream_body() is ctx.request.raw_body
 
 
 def test_the_usage_event_is_removed_across_any_split():
@@ -191,7 +187,7 @@ async def test_a_stream_the_client_leaves_is_charged_for_the_tokens_it_got():
     level = d.gate._limiters["limited"][1].output.level("limited")
     assert level == pytest.approx(50 - 59, abs=0.1)  # at most one token short
     with pytest.raises(PickerError) as err:
-        await d.admit(request(), None)
+        await d.handle(context())
     assert err.value.status == 429 and "50 output tokens per minute" in err.value.message
     # A stream with its usage is charged what the usage says, not what was counted.
     d = director_with(limited_route(outputTokensPerUnit=50))
@@ -219,9 +215,9 @@ async def test_a_servers_retry_attempts_cap_the_fallback_endpoints():
             ds, load_config(LEAST_REQUEST), metrics, options, Gatekeeper(metrics.registry)
         )
 
-    assert len(await director_for(None).admit(request(), None)) == 4  # the picker's own 1 + 3
-    assert len(await director_for(0).admit(request(), None)) == 1
-    assert len(await director_for(2).admit(request(), None)) == 3
+    assert len(await director_for(None).handle(context())) == 4  # the picker's own 1 + 3
+    assert len(await director_for(0).handle(context())) == 1
+    assert len(await director_for(2).handle(context())) == 3
 
 
 async def test_a_flows_answers_teach_the_output_charged_at_its_next_dispatch():
@@ -229,18 +225,18 @@ async def test_a_flows_answers_teach_the_output_charged_at_its_next_dispatch():
     for ep in d.datastore.endpoints():
         ep.metrics.updated_at = 1e18  # fresh and idle: requests go at once
     flow = {"x-gateway-inference-fairness-id": "team"}
-    first = request(headers=flow, max_tokens=500)
-    await d.admit(first, None)
+    first = context(headers=flow, max_tokens=500)
+    await d.handle(first)
     assert first.ticket.item.expected_output == 0  # nothing known about the flow yet
     done(d, first, completion_tokens=120)
-    second = request(headers=flow, max_tokens=500)
-    await d.admit(second, None)
+    second = context(headers=flow, max_tokens=500)
+    await d.handle(second)
     assert second.ticket.item.expected_output == 120
-    capped = request(headers=flow, max_tokens=50)
-    await d.admit(capped, None)
+    capped = context(headers=flow, max_tokens=50)
+    await d.handle(capped)
     assert capped.ticket.item.expected_output == 50  # never more than it may produce
-    other = request(headers={"x-gateway-inference-fairness-id": "else"})
-    await d.admit(other, None)
+    other = context(headers={"x-gateway-inference-fairness-id": "else"})
+    await d.handle(other)
     assert other.ticket.item.expected_output == 0
     await d.gate.close()
 
@@ -257,12 +253,12 @@ async def test_a_request_turned_away_after_the_rate_limit_gets_its_tokens_back()
     bulk = {"x-gateway-inference-objective": "bulk"}
     for _ in range(3):  # each would take the whole budget, and each is shed
         with pytest.raises(PickerError) as err:
-            await d.admit(request(prompt="x" * 160, headers=bulk), None)
+            await d.handle(context(prompt="x" * 160, headers=bulk))
         assert "sheddable" in err.value.message
         await asyncio.sleep(0)  # the refund is a task
     for ep in d.datastore.endpoints():
         ep.metrics.waiting = 0
-    await d.admit(request(prompt="x" * 160), None)  # the budget is whole
+    await d.handle(context(prompt="x" * 160))  # the budget is whole
     await d.gate.close()
 
 
@@ -271,26 +267,26 @@ async def test_sheddable_requests_are_shed_without_a_queue_too():
     saturate(d)
     d.datastore.set_objectives([{"metadata": {"name": "bulk"}, "spec": {"priority": -1}}])
     with pytest.raises(PickerError) as err:
-        await d.admit(request(headers={"x-gateway-inference-objective": "bulk"}), None)
+        await d.handle(context(headers={"x-gateway-inference-objective": "bulk"}))
     assert err.value.status == 429 and err.value.headers["retry-after"]
-    await d.admit(request(), None)  # others still go: there is no queue to wait in
+    await d.handle(context())  # others still go: there is no queue to wait in
 
 
 async def test_a_routed_request_ignores_a_clients_model_rewrite():
     d = director_with(limited_route(inputTokensPerUnit=10**6))
-    req = request(headers={"x-gateway-model-name-rewrite": "secret-adapter"})
-    await d.admit(req, None)
-    assert req.target_model == "m"  # the ModelServer's model, not the client's choice
-    assert json.loads(req.body_for_upstream())["model"] == "m"
+    ctx = context(headers={"x-gateway-model-name-rewrite": "secret-adapter"})
+    await d.handle(ctx)
+    assert ctx.target_model == "m"  # the ModelServer's model, not the client's choice
+    assert json.loads(ctx.upstream_body())["model"] == "m"
 
 
 async def test_a_request_whose_pods_left_does_not_hold_the_queue():
     d = director_with(flow_control=FlowControlConfig(default_request_ttl=5))
     saturate(d)
     a0 = d.datastore.endpoints()[0].address
-    pinned = asyncio.create_task(d.admit(request(), [a0]))
+    pinned = asyncio.create_task(d.handle(context(subset=[a0])))
     await asyncio.sleep(0.05)
-    other = asyncio.create_task(d.admit(request(), None))
+    other = asyncio.create_task(d.handle(context()))
     await asyncio.sleep(0.05)
     d.datastore.replace_pods([pod_("b", "10.0.0.2")])  # a0's pod is gone, b's is idle
     for ep in d.datastore.endpoints():

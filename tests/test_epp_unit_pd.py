@@ -14,6 +14,7 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from api import from_dict
+from epp.context import RequestContext
 from epp.datastore import Datastore, Endpoint, PoolSpec
 from epp.director import Director, DirectorOptions
 from epp.errors import PickerError
@@ -71,8 +72,8 @@ def ep(n: int, role: str | None, group: str | None, **labels: str) -> Endpoint:
 
 def req(
     prompt: str, *, pin: Endpoint | None = None, api: str = "completions", model: str = "m"
-) -> InferenceRequest:
-    return InferenceRequest(
+) -> RequestContext:
+    request = InferenceRequest(
         request_id="r",
         path=f"/v1/{api}",
         api=api,
@@ -80,12 +81,12 @@ def req(
         raw_body=b"",
         model=model,
         headers={PIN: pin.address} if pin else {},
-        target_model=model,
         prompt_text=prompt,
     )
+    return RequestContext(request)
 
 
-def schedule(cfg: SchedulingConfig, r: InferenceRequest, endpoints: list[Endpoint]):
+def schedule(cfg: SchedulingConfig, r: RequestContext, endpoints: list[Endpoint]):
     """What the director does: schedule (primary + 1 fallback), then the PreRequest plugins."""
     result = cfg.scheduler(2).schedule(r, endpoints)
     for plugin in cfg.pre_request:
@@ -100,8 +101,8 @@ def remember(cfg: SchedulingConfig, prompt: str, endpoint: Endpoint, model: str 
     )
 
 
-def decision(cfg: SchedulingConfig, r: InferenceRequest):
-    return r.state[cfg.handler.name]
+def decision(cfg: SchedulingConfig, r: RequestContext):
+    return cfg.handler.decision(r)
 
 
 def addresses(*endpoints: Endpoint) -> str:
@@ -481,8 +482,8 @@ async def test_debug_pd_lists_the_last_decisions_newest_first():
     try:
         for prompt in ("a" * 200, "b" * 200, "c" * 8):
             body = f'{{"model": "m", "prompt": "{prompt}"}}'.encode()
-            r = parse_request("/v1/completions", body, {}, max_body_bytes=1 << 20)
-            targets = await director.admit(r, None)
+            r = RequestContext(parse_request("/v1/completions", body, {}, max_body_bytes=1 << 20))
+            targets = await director.handle(r)
             assert [e.address for e in targets] == ["10.0.0.1:8000"]
             if prompt[0] != "c":
                 assert r.upstream_headers[PREFILLER_HEADER] == "10.0.0.2:8000"

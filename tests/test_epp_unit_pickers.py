@@ -7,18 +7,10 @@ from collections import Counter
 import pytest
 
 from epp.datastore import Endpoint
-from epp.request import InferenceRequest
-from epp.request_body import RequestBody
 from epp.scheduling.plugins.pickers import MaxScorePicker, RandomPicker, WeightedRandomPicker
+from tests.request_fixtures import bare_context
 
-REQ = InferenceRequest(
-    request_id="r",
-    path="/v1/completions",
-    api="completions",
-    body=RequestBody(),
-    raw_body=b"",
-    model="m",
-)
+REQ = bare_context()
 
 
 def eps(n: int) -> list[Endpoint]:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import xxhash
 
+from epp.context import RequestContext
 from epp.datastore import Endpoint
-from epp.request import InferenceRequest
 from epp.request_body import RequestBody
 from epp.scheduling.framework import ProfileResult, SchedulingResult
 from epp.scheduling.plugins.prefix_cache import PrefixCacheScorer
+from tests.request_fixtures import bare_context
 
 A, B, C = (
     Endpoint(name=f"{p}-rank-0", pod=p, address=f"10.0.0.{i}:8000")
@@ -17,17 +18,8 @@ A, B, C = (
 ALL = [A, B, C]
 
 
-def req(prompt: str, model: str = "m", cache_salt: str | None = None) -> InferenceRequest:
-    return InferenceRequest(
-        request_id="r",
-        path="/v1/completions",
-        api="completions",
-        body=RequestBody(cache_salt=cache_salt),
-        raw_body=b"",
-        model=model,
-        target_model=model,
-        prompt_text=prompt,
-    )
+def req(prompt: str, model: str = "m", cache_salt: str | None = None) -> RequestContext:
+    return bare_context(model=model, body=RequestBody(cache_salt=cache_salt), prompt_text=prompt)
 
 
 def scorer(**params) -> PrefixCacheScorer:

@@ -1,13 +1,16 @@
-"""epp/request.py: parse_request validates an OpenAI-style request at the picker's edge."""
+"""epp/request.py: parse_request validates an OpenAI-style request at the picker's edge and
+produces an immutable request; epp/context.py keeps what the picker learns beside it."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import uuid
 
 import pytest
 
+from epp.context import RequestContext
 from epp.errors import PickerError
 from epp.request import api_for_path, parse_request
 
@@ -241,14 +244,22 @@ def test_max_tokens_up_to_the_ceiling_is_kept():
 
 def test_defaults_without_control_headers():
     req = parse(CHAT)
-    assert req.fairness_id == "default-flow"
-    assert req.objective is None
-    assert req.session_id is None
-    assert req.target_model == "m"
+    assert req.session_id is None and req.user is None
     assert req.model == "m"
-    assert req.priority == 0
-    assert req.targets == []
     uuid.UUID(req.request_id)  # a generated UUID
+    ctx = RequestContext(req)  # before the trust and the director have their say
+    assert ctx.fairness_id == "default-flow"
+    assert ctx.objective is None
+    assert ctx.target_model == "m"
+    assert ctx.priority == 0
+    assert ctx.targets == [] and ctx.resolution is None and ctx.ticket is None
+
+
+def test_the_parsed_request_cannot_be_changed():
+    req = parse(CHAT)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        req.model = "other"  # type: ignore[misc]
+    assert not hasattr(req, "state")  # no scratchpad to write into
 
 
 def test_each_request_gets_its_own_generated_id():
@@ -261,16 +272,19 @@ def test_control_headers_are_read():
         "x-gateway-inference-fairness-id": "tenant-a",
         "x-gateway-inference-objective": "premium",
         "x-session-id": "sess-9",
+        "x-infergate-user": "ann",
         "x-gateway-model-name-rewrite": "m-lora",
     }
     req = parse(CHAT, headers=headers)
     assert req.request_id == "req-1"
-    assert req.fairness_id == "tenant-a"
-    assert req.objective == "premium"
     assert req.session_id == "sess-9"
+    assert req.user == "ann"
     assert req.model == "m"
-    assert req.target_model == "m-lora"
     assert req.headers is headers
+    # Claims a client may make are the trust's to believe (tests/test_epp_trust.py), not
+    # parsing's: the context starts without them.
+    ctx = RequestContext(req)
+    assert (ctx.fairness_id, ctx.objective, ctx.target_model) == ("default-flow", None, "m")
 
 
 def test_empty_header_values_fall_back_to_defaults():
@@ -281,8 +295,6 @@ def test_empty_header_values_fall_back_to_defaults():
     }
     req = parse(CHAT, headers=headers)
     assert req.request_id
-    assert req.fairness_id == "default-flow"
-    assert req.target_model == "m"
 
 
 # ---- body size ----------------------------------------------------------------------------
@@ -308,22 +320,14 @@ def test_body_exactly_at_the_limit_is_accepted():
 def test_body_for_upstream_is_the_raw_bytes_without_a_rewrite():
     raw = b'{ "model" : "m",  "prompt": "x" }'
     req = parse_request("/v1/completions", raw, {}, max_body_bytes=LIMIT)
-    assert req.body_for_upstream() is raw
-
-
-def test_body_for_upstream_is_untouched_when_the_rewrite_names_the_same_model():
-    raw = b'{ "model" : "m",  "prompt": "x" }'
-    req = parse_request(
-        "/v1/completions", raw, {"x-gateway-model-name-rewrite": "m"}, max_body_bytes=LIMIT
-    )
-    assert req.body_for_upstream() is raw
+    assert req.body_for_upstream("m") is raw
+    assert RequestContext(req).upstream_body() is raw
 
 
 def test_body_for_upstream_changes_only_the_model_member():
     raw = '{"prompt": "héllo ☃ \\"model\\":\\"m\\"", "tools":[{"model":"m"}], "model" : "m"}'
-    rewrite = {"x-gateway-model-name-rewrite": "m-v2"}
-    req = parse(raw.encode(), path="/v1/completions", headers=rewrite)
-    out = req.body_for_upstream()
+    req = parse(raw.encode(), path="/v1/completions")
+    out = RequestContext(req, target_model="m-v2").upstream_body()
     assert out == raw.replace('"model" : "m"', '"model" : "m-v2"').encode()
     assert req.raw_body == raw.encode()  # the client's body is not changed
 
@@ -355,9 +359,10 @@ def test_the_prompt_is_tokenized_once_per_request_and_tokenizer():
     from stack.local import DEFAULT_MODEL_DIR
 
     tokenizer, calls = counting_tokenizer()
-    req = parse(CHAT)
-    first = req.prompt_token_ids(tokenizer)
-    assert req.prompt_token_ids(tokenizer) is first and calls == ["chat"]
+    ctx = RequestContext(parse(CHAT))
+    first = ctx.prompt_token_ids(tokenizer)
+    assert ctx.prompt_token_ids(tokenizer) is first and calls == ["chat"]
+    assert ctx.tokens is not None and ctx.tokens.ids is first  # kept in the context
     assert list(first) == PromptTokenizer.from_dir(DEFAULT_MODEL_DIR).tokens_for("chat", CHAT)
     assert first.itemsize == 4  # 4 bytes a token for as long as the request lives
 
@@ -366,9 +371,9 @@ def test_token_ids_out_of_32_bits_are_a_prompt_error_not_a_crash():
     from kvindex.tokenize import PromptError, PromptTokenizer
     from stack.local import DEFAULT_MODEL_DIR
 
-    req = parse({"model": "m", "prompt": [1, 2**40]}, path="/v1/completions")
+    ctx = RequestContext(parse({"model": "m", "prompt": [1, 2**40]}, path="/v1/completions"))
     with pytest.raises(PromptError):
-        req.prompt_token_ids(PromptTokenizer.from_dir(DEFAULT_MODEL_DIR))
+        ctx.prompt_token_ids(PromptTokenizer.from_dir(DEFAULT_MODEL_DIR))
 
 
 def test_a_prompt_over_the_tokenizing_limit_is_not_tokenized():
@@ -377,9 +382,9 @@ def test_a_prompt_over_the_tokenizing_limit_is_not_tokenized():
 
     tokenizer, calls = counting_tokenizer()
     messages = [{"role": "user", "content": "x" * MAX_TOKENIZED_BYTES}]
-    req = parse({"model": "m", "messages": messages}, limit=2 * MAX_TOKENIZED_BYTES)
+    ctx = RequestContext(parse({"model": "m", "messages": messages}, limit=2 * MAX_TOKENIZED_BYTES))
     with pytest.raises(PromptError):
-        req.prompt_token_ids(tokenizer)
+        ctx.prompt_token_ids(tokenizer)
     assert calls == []  # the estimate stands in: nothing was decoded or tokenized
 
 
@@ -402,8 +407,10 @@ async def test_a_small_prompt_is_tokenized_while_a_large_one_still_is():
             return super().tokens_for(api, body)
 
     tokenizer = HeldOnLargePrompts.from_dir(DEFAULT_MODEL_DIR)
-    large = parse({"model": "m", "prompt": "w " * LARGE_PROMPT_BYTES}, path="/v1/completions")
-    small = parse({"model": "m", "prompt": "hello"}, path="/v1/completions")
+    large = RequestContext(
+        parse({"model": "m", "prompt": "w " * LARGE_PROMPT_BYTES}, path="/v1/completions")
+    )
+    small = RequestContext(parse({"model": "m", "prompt": "hello"}, path="/v1/completions"))
     large_done = asyncio.create_task(large.tokenize(tokenizer))
     await asyncio.sleep(0)  # the large prompt is on its thread first
     try:

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from epp.context import RequestContext
 from epp.datastore import Endpoint
 from epp.errors import PickerError
-from epp.request import InferenceRequest
-from epp.request_body import RequestBody
 from epp.scheduling import registry
 from epp.scheduling.config import ConfigError, load_config
 from epp.scheduling.config_file import API_VERSIONS
@@ -25,6 +24,7 @@ from epp.scheduling.plugins.pickers import MaxScorePicker
 from epp.scheduling.plugins.prefix_cache import PrefixCacheScorer
 from epp.scheduling.plugins.profile_handlers import SingleProfileHandler
 from epp.scheduling.plugins.queue import QueueScorer
+from tests.request_fixtures import bare_context
 
 HEADER = """\
 apiVersion: inference.networking.x-k8s.io/v1alpha1
@@ -48,17 +48,8 @@ def endpoints(n: int) -> list[Endpoint]:
     ]
 
 
-def request() -> InferenceRequest:
-    return InferenceRequest(
-        request_id="r",
-        path="/v1/completions",
-        api="completions",
-        body=RequestBody(),
-        raw_body=b"",
-        model="m",
-        target_model="m",
-        prompt_text="hello",
-    )
+def request() -> RequestContext:
+    return bare_context(prompt_text="hello")
 
 
 # ---- the default config -------------------------------------------------------------------

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from epp.context import RequestContext
 from epp.datastore import Endpoint, EndpointMetrics
 from epp.errors import PickerError
-from epp.request import InferenceRequest
-from epp.request_body import RequestBody
 from epp.scheduling.framework import Profile, ProfileResult
 from epp.scheduling.plugins.header_filter import HEADER, HeaderBasedTestingFilter
 from epp.scheduling.plugins.kv_cache_utilization import KVCacheUtilizationScorer
@@ -18,6 +17,7 @@ from epp.scheduling.plugins.profile_handlers import SingleProfileHandler
 from epp.scheduling.plugins.queue import QueueScorer
 from epp.scheduling.plugins.random_scorer import RandomScorer
 from epp.scheduling.plugins.running_requests import RunningRequestsScorer
+from tests.request_fixtures import bare_context
 
 
 def ep(i: int = 0, *, stale: bool = False, port: int = 8000, **metrics) -> Endpoint:
@@ -27,18 +27,8 @@ def ep(i: int = 0, *, stale: bool = False, port: int = 8000, **metrics) -> Endpo
     return e
 
 
-def req(target_model: str = "m", max_tokens: int | None = None, headers=None) -> InferenceRequest:
-    return InferenceRequest(
-        request_id="r",
-        path="/v1/completions",
-        api="completions",
-        body=RequestBody(),
-        raw_body=b"",
-        model="m",
-        target_model=target_model,
-        max_tokens=max_tokens,
-        headers=headers or {},
-    )
+def req(target_model: str = "m", max_tokens: int | None = None, headers=None) -> RequestContext:
+    return bare_context(target_model=target_model, max_tokens=max_tokens, headers=headers or {})
 
 
 # ---- queue-scorer and running-requests-scorer ---------------------------------------------

@@ -6,12 +6,12 @@ from types import SimpleNamespace
 
 import pytest
 
+from epp.context import RequestContext
 from epp.datastore import Endpoint
-from epp.request import InferenceRequest
-from epp.request_body import RequestBody
 from epp.scheduling.framework import ProfileResult, SchedulingResult
 from epp.scheduling.plugins import session_affinity
 from epp.scheduling.plugins.session_affinity import SessionAffinityScorer
+from tests.request_fixtures import bare_context
 
 A, B, C = (
     Endpoint(name=f"{p}-rank-0", pod=p, address=f"10.0.0.{i}:8000")
@@ -28,17 +28,8 @@ def clock(monkeypatch):
     return fake
 
 
-def req(session: str | None) -> InferenceRequest:
-    return InferenceRequest(
-        request_id="r",
-        path="/v1/chat/completions",
-        api="chat",
-        body=RequestBody(),
-        raw_body=b"",
-        model="m",
-        target_model="m",
-        session_id=session,
-    )
+def req(session: str | None) -> RequestContext:
+    return bare_context(api="chat", session_id=session)
 
 
 def send(s: SessionAffinityScorer, session: str | None, *targets: Endpoint) -> None:

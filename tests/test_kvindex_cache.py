@@ -9,6 +9,8 @@ import re
 
 import pytest
 
+from epp.context import RequestContext
+from epp.datastore import Endpoint
 from epp.request import parse_request
 from kvindex.cache import KVCache, Prompt
 from kvindex.events import BlockStored
@@ -23,9 +25,9 @@ A, B = "10.0.0.1:8000", "10.0.0.2:8000"
 PROMPT = " ".join(f"the quick brown fox {i} jumps over the lazy dog" for i in range(12))
 
 
-def completion(model: str = "m", prompt: str = PROMPT):
+def completion(model: str = "m", prompt: str = PROMPT) -> RequestContext:
     body = json.dumps({"model": model, "prompt": prompt}).encode()
-    return parse_request("/v1/completions", body, {}, max_body_bytes=1 << 20)
+    return RequestContext(parse_request("/v1/completions", body, {}, max_body_bytes=1 << 20))
 
 
 # --- the index's key API
@@ -76,7 +78,8 @@ def test_the_cache_keys_a_prompt_as_the_events_do(tokenizers):
     prompt = kv.prompt(r)
     tokens = tokenizers.get("m").tokens_for("completions", {"model": "m", "prompt": PROMPT})
     assert prompt == Prompt(len(tokens), prompt_keys(tokens, 16, "m"))
-    assert kv.prompt(r) is prompt  # once a request
+    kept = r.tokens
+    assert kv.prompt(r) == prompt and r.tokens is kept  # tokenized once a request
     full = len(tokens) // 16
     EventTranslator(index).apply(
         A, "m", BlockStored(tuple(range(1, full + 1)), None, tuple(tokens[: full * 16]), 16)
@@ -92,8 +95,44 @@ async def test_the_cache_tokenizes_off_the_loop_before_it_is_asked(tokenizers):
     kv = KVCache(tokenizers=tokenizers, index=KVBlockIndex())
     r = completion()
     await kv.tokenize(r)
-    assert any(isinstance(k, tuple) and k[0] == "prompt_token_ids" for k in r.state)
-    assert kv.prompt(r).tokens > 0
+    assert r.tokens is not None and r.tokens.tokenizer is tokenizers.get("m")
+    assert kv.prompt(r).tokens == len(r.tokens.ids) > 0
+
+
+async def test_token_counting_and_prefix_scoring_tokenize_a_prompt_once(tokenizers, monkeypatch):
+    """The gate counts a routed request's tokens and the precise scorer keys its prompt: both
+    ask the KV facade, which tokenizes through the request's context, once."""
+    from prometheus_client import CollectorRegistry
+
+    from epp.gatekeeper import Gatekeeper
+    from epp.scheduling.plugins.precise_prefix_cache import PrecisePrefixCacheScorer
+
+    tokenizer = tokenizers.get("m")
+    calls = []
+    real = tokenizer.tokens_for
+
+    def counting(api, body):
+        calls.append(api)
+        return real(api, body)
+
+    monkeypatch.setattr(tokenizer, "tokens_for", counting)
+    kv = KVCache(tokenizers=tokenizers, index=KVBlockIndex(block_size=16))
+    gate = Gatekeeper(CollectorRegistry(), prompts=kv)
+    scorer = PrecisePrefixCacheScorer("precise")
+    scorer.use_kv_cache(kv)
+    ctx = completion()
+    counted = await gate.count_input_tokens(ctx)
+    await scorer.prepare(ctx)
+    pods = [Endpoint(name="a", pod="a", address=A), Endpoint(name="b", pod="b", address=B)]
+    assert scorer.score(ctx, pods) == [0.0, 0.0]
+    assert scorer.cached_prompt(ctx, A) == (counted, 0)
+    assert calls == ["completions"]  # one tokenization for the count and the keys
+    assert counted == len(real("completions", {"model": "m", "prompt": PROMPT}))
+    assert gate.input_tokens(ctx) == counted
+    # Without a tokenizer for the model the gate estimates, and the scorer abstains.
+    other = completion("unknown")
+    assert await gate.count_input_tokens(other) == other.request.approx_prompt_tokens
+    assert scorer.cached_prompt(other, A) is None and calls == ["completions"]
 
 
 def test_a_lora_prompt_is_keyed_by_its_base_model_with_the_adapter(tokenizers):

@@ -1,11 +1,12 @@
 """Flow control for the picker: saturation, fair queueing (VTC) and admission.
 
-The director builds one `AdmissionController` with a saturation check, awaits
+The gatekeeper builds one `AdmissionController` with a saturation check, awaits
 `admit(FlowItem)` per request, reports output tokens with `charge_output`, and calls
 `notify()` when a request finishes or metrics refresh.
 """
 
 from epp.flowcontrol.admission import HTTP_STATUS, Admission, FlowControlStats, Outcome
+from epp.flowcontrol.admission_queue import AdmissionController
 from epp.flowcontrol.config import (
     BandConfig,
     FairnessConfig,
@@ -13,7 +14,6 @@ from epp.flowcontrol.config import (
     FlowControlConfigError,
     SaturationConfig,
 )
-from epp.flowcontrol.controller import AdmissionController
 from epp.flowcontrol.queue import Band, FlowItem
 from epp.flowcontrol.saturation import SaturationDetector
 from epp.flowcontrol.vtc import VirtualTokenCounter

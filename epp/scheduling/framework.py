@@ -6,6 +6,10 @@ filters in order, sums clamp(score, 0, 1) × weight over its scorers, and lets i
 order the survivors. A ProfileHandler decides which profiles run, on which candidates, and
 which one's result is the answer (prefill/decode runs a decode profile, then maybe a prefill
 profile on the decode pod's group).
+
+Plugins get the request's context (epp.context.RequestContext): the parsed request, never
+changed, as `ctx.request`; what the picker decided so far (the engine's model, the route)
+beside it; and typed slots for what a plugin keeps per request.
 """
 
 from __future__ import annotations
@@ -15,9 +19,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Self
 
+from epp.context import RequestContext
 from epp.datastore import Endpoint
 from epp.errors import PickerError
-from epp.request import InferenceRequest
 
 if TYPE_CHECKING:
     from epp.scheduling.handle import Handle
@@ -41,19 +45,19 @@ class Plugin:
 
 
 class Filter(Plugin):
-    def filter(self, req: InferenceRequest, endpoints: list[Endpoint]) -> list[Endpoint]:
+    def filter(self, ctx: RequestContext, endpoints: list[Endpoint]) -> list[Endpoint]:
         raise NotImplementedError
 
 
 class Scorer(Plugin):
-    def score(self, req: InferenceRequest, endpoints: list[Endpoint]) -> list[float]:
+    def score(self, ctx: RequestContext, endpoints: list[Endpoint]) -> list[float]:
         """One score per endpoint, in order; 0 is worst, 1 is best."""
         raise NotImplementedError
 
 
 class Picker(Plugin):
     def pick(
-        self, req: InferenceRequest, scored: list[tuple[Endpoint, float]], count: int
+        self, ctx: RequestContext, scored: list[tuple[Endpoint, float]], count: int
     ) -> list[Endpoint]:
         """Up to `count` endpoints, best first."""
         raise NotImplementedError
@@ -73,20 +77,21 @@ class ResponseInfo:
 
 
 class PreRequest(Plugin):
-    def pre_request(self, req: InferenceRequest, result: SchedulingResult) -> None:
+    def pre_request(self, ctx: RequestContext, result: SchedulingResult) -> None:
         raise NotImplementedError
 
 
 class PrepareData(Plugin):
     """Work for a request before scheduling that may be heavy (tokenizing its prompt): awaited,
-    so it can run off the event loop, and kept on the request for the scoring that follows."""
+    so it can run off the event loop, and kept in the request's context for the scoring that
+    follows."""
 
-    async def prepare(self, req: InferenceRequest) -> None:
+    async def prepare(self, ctx: RequestContext) -> None:
         raise NotImplementedError
 
 
 class PostResponse(Plugin):
-    def post_response(self, req: InferenceRequest, info: ResponseInfo) -> None:
+    def post_response(self, ctx: RequestContext, info: ResponseInfo) -> None:
         raise NotImplementedError
 
 
@@ -127,7 +132,7 @@ class ProfileHandler(Plugin):
         work with."""
 
     def profile_candidates(
-        self, req: InferenceRequest, profile: Profile, candidates: list[Endpoint]
+        self, ctx: RequestContext, profile: Profile, candidates: list[Endpoint]
     ) -> list[Endpoint]:
         """The candidates `profile` runs on. The scheduler calls this only for handlers that
         override it; empty makes the profile's result None."""
@@ -140,7 +145,7 @@ class ProfileHandler(Plugin):
 
     def pick_profiles(
         self,
-        req: InferenceRequest,
+        ctx: RequestContext,
         profiles: dict[str, Profile],
         done: dict[str, ProfileResult | None],
     ) -> list[Profile]:
@@ -148,7 +153,7 @@ class ProfileHandler(Plugin):
         raise NotImplementedError
 
     def process_results(
-        self, req: InferenceRequest, done: dict[str, ProfileResult | None]
+        self, ctx: RequestContext, done: dict[str, ProfileResult | None]
     ) -> SchedulingResult:
         raise NotImplementedError
 
@@ -172,45 +177,45 @@ class Scheduler:
         # Only handlers that narrow candidates per profile pay for the call.
         self._narrows = type(handler).profile_candidates is not ProfileHandler.profile_candidates
 
-    def schedule(self, req: InferenceRequest, candidates: list[Endpoint]) -> SchedulingResult:
+    def schedule(self, ctx: RequestContext, candidates: list[Endpoint]) -> SchedulingResult:
         if not candidates:
             raise PickerError(503, "no endpoints available for the request")
         done: dict[str, ProfileResult | None] = {}
         while True:
-            todo = self.handler.pick_profiles(req, self.profiles, done)
+            todo = self.handler.pick_profiles(ctx, self.profiles, done)
             if not todo:
                 break
             for profile in todo:
                 endpoints = candidates
                 if self._narrows:
-                    endpoints = self.handler.profile_candidates(req, profile, candidates)
+                    endpoints = self.handler.profile_candidates(ctx, profile, candidates)
                     if not endpoints:
                         done[profile.name] = None
                         continue
-                done[profile.name] = self._run_profile(profile, req, endpoints)
-        return self.handler.process_results(req, done)
+                done[profile.name] = self._run_profile(profile, ctx, endpoints)
+        return self.handler.process_results(ctx, done)
 
     def _run_profile(
-        self, profile: Profile, req: InferenceRequest, candidates: list[Endpoint]
+        self, profile: Profile, ctx: RequestContext, candidates: list[Endpoint]
     ) -> ProfileResult | None:
         endpoints = candidates
         for f in profile.filters:
             t0 = time.perf_counter()
-            endpoints = f.filter(req, endpoints)
+            endpoints = f.filter(ctx, endpoints)
             self._observe("Filter", f.type_name, f.name, time.perf_counter() - t0)
             if not endpoints:
                 return None
         totals = [0.0] * len(endpoints)
         for ws in profile.scorers:
             t0 = time.perf_counter()
-            scores = ws.scorer.score(req, endpoints)
+            scores = ws.scorer.score(ctx, endpoints)
             self._observe("Scorer", ws.scorer.type_name, ws.scorer.name, time.perf_counter() - t0)
             for i, s in enumerate(scores):
                 totals[i] += min(1.0, max(0.0, s)) * ws.weight
         scored = list(zip(endpoints, totals, strict=True))
         assert profile.picker is not None
         t0 = time.perf_counter()
-        targets = profile.picker.pick(req, scored, self.max_endpoints)
+        targets = profile.picker.pick(ctx, scored, self.max_endpoints)
         self._observe(
             "Picker", profile.picker.type_name, profile.picker.name, time.perf_counter() - t0
         )

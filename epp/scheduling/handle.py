@@ -17,6 +17,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, ClassVar, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
+    from epp.context import RequestContext
     from epp.metrics import PickerMetrics
     from epp.scheduling.framework import Plugin
     from kvindex.cache import KVCache
@@ -40,7 +41,7 @@ class PrefixSource(Protocol):
 
     precise: ClassVar[bool]  # from what pods report holding, not a guess
 
-    def cached_prompt(self, req, address: str) -> tuple[int, int] | None: ...
+    def cached_prompt(self, ctx: RequestContext, address: str) -> tuple[int, int] | None: ...
 
 
 @runtime_checkable

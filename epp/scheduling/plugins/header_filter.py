@@ -11,8 +11,8 @@ HEADER = "test-epp-endpoint-selection"
 class HeaderBasedTestingFilter(Filter):
     type_name = "header-based-testing-filter"
 
-    def filter(self, req, endpoints):
-        value = req.headers.get(HEADER)
+    def filter(self, ctx, endpoints):
+        value = ctx.request.headers.get(HEADER)
         if not value:
             return endpoints
         wanted = {v.strip() for v in value.split(",") if v.strip()}

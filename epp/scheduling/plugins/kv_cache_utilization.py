@@ -8,5 +8,5 @@ from epp.scheduling.framework import Scorer
 class KVCacheUtilizationScorer(Scorer):
     type_name = "kv-cache-utilization-scorer"
 
-    def score(self, req, endpoints):
+    def score(self, ctx, endpoints):
         return [0.0 if e.stale else 1.0 - e.metrics.kv_usage for e in endpoints]

@@ -28,8 +28,8 @@ class LeastLatencyScorer(Scorer):
         super().__init__(name, params)
         self.max_output = parse_params(self.params_type, self.params).max_output_tokens
 
-    def score(self, req, endpoints):
-        out = min(req.max_tokens or self.max_output, self.max_output)
+    def score(self, ctx, endpoints):
+        out = min(ctx.request.max_tokens or self.max_output, self.max_output)
         known = [e for e in endpoints if e.ttft_ewma is not None]
         if not known:
             return [1.0] * len(endpoints)

@@ -32,7 +32,7 @@ class LeastRequestScorer(Scorer):
         super().__init__(name, params)
         self.by = parse_params(self.params_type, self.params).by
 
-    def score(self, req, endpoints):
+    def score(self, ctx, endpoints):
         if self.by == "tokens":
             return lower_is_better([float(e.inflight_tokens) for e in endpoints])
         return lower_is_better([float(e.inflight_requests) for e in endpoints])
@@ -46,6 +46,6 @@ class LowQueueFilter(Filter):
         super().__init__(name, params)
         self.threshold = parse_params(self.params_type, self.params).threshold
 
-    def filter(self, req, endpoints):
+    def filter(self, ctx, endpoints):
         kept = [e for e in endpoints if not e.stale and e.metrics.waiting <= self.threshold]
         return kept or endpoints

@@ -24,15 +24,15 @@ def _affinity(adapter: str, e) -> float:
 class LoraAffinityScorer(Scorer):
     type_name = "lora-affinity-scorer"
 
-    def score(self, req, endpoints):
-        return [_affinity(req.target_model, e) for e in endpoints]
+    def score(self, ctx, endpoints):
+        return [_affinity(ctx.target_model, e) for e in endpoints]
 
 
 class LoraAffinityFilter(Filter):
     type_name = "lora-affinity-filter"
 
-    def filter(self, req, endpoints):
+    def filter(self, ctx, endpoints):
         tiers: dict[float, list] = {}
         for e in endpoints:
-            tiers.setdefault(_affinity(req.target_model, e), []).append(e)
+            tiers.setdefault(_affinity(ctx.target_model, e), []).append(e)
         return tiers[max(tiers)] if tiers else endpoints

@@ -33,7 +33,7 @@ class _RoleFilter(Filter):
         )
         self.values = frozenset((self.role, BOTH))
 
-    def filter(self, req, endpoints):
+    def filter(self, ctx, endpoints):
         label, values, allow = self.label, self.values, self.allow_unlabeled
         out = []
         for e in endpoints:

@@ -15,8 +15,9 @@
    sidecar in x-prefiller-host-port. No prefill pod in the group: the decode pod serves the
    whole request (aggregated).
 
-Each decision is kept in req.state[name], in the last `historySize` (GET /debug/pd) and in
-the picker's metrics (from the handle, when it has them).
+Each decision is kept in the request's context (the handler's slot there, `decision(ctx)`),
+in the last `historySize` (GET /debug/pd) and in the picker's metrics (from the handle, when it
+has them).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from typing import TYPE_CHECKING, Annotated
 import msgspec
 
 from api.names import GROUP_LABEL, PREFILL, PREFILLER_HEADER, ROLE_LABEL
+from epp.context import PluginSlot, RequestContext
 from epp.datastore import Endpoint
 from epp.errors import PickerError
 from epp.scheduling.framework import Plugin, ProfileHandler, ProfileResult, SchedulingResult
@@ -121,7 +123,8 @@ class PDProfileHandler(ProfileHandler):
         self.prefix_name = p.prefix_scorer
         self.recent: deque[PDDecision] = deque(maxlen=p.history_size)
         self.counts: Counter[str] = Counter()  # outcome -> decisions
-        self.sources: list = []  # plugins with cached_prompt(req, address), asked in order
+        self.sources: list[PrefixSource] = []  # asked in order what a pod holds of a prompt
+        self._decision = PluginSlot[PDDecision](f"{name}.decision")
         self._plugins = plugins  # the config's, complete when configure() runs
         self._metrics = metrics  # decisions are counted there too
 
@@ -164,32 +167,38 @@ class PDProfileHandler(ProfileHandler):
 
     # ---- the scheduling cycle ---------------------------------------------------------
 
-    def pick_profiles(self, req, profiles, done):
+    def pick_profiles(self, ctx, profiles, done):
         if self.decode_profile not in done:
-            req.state.pop(self.name, None)
+            self._decision.clear(ctx)
             return [profiles[self.decode_profile]]
         if self.prefill_profile in done:
             return []
         decode = done[self.decode_profile]
         if decode is None or not decode.targets:
             return []
-        decision = req.state[self.name] = self._decide(req, decode.targets[0])
+        decision = self._decide(ctx, decode.targets[0])
+        self._decision.put(ctx, decision)
         return [profiles[self.prefill_profile]] if decision.reason == UNCACHED else []
 
-    def profile_candidates(self, req, profile, candidates):
+    def decision(self, ctx: RequestContext) -> PDDecision | None:
+        """This request's decision, once the decode pod is picked."""
+        return self._decision.get(ctx)
+
+    def profile_candidates(self, ctx, profile, candidates):
         if profile.name != self.prefill_profile:
             return candidates
-        decision = req.state.get(self.name)
+        decision = self._decision.get(ctx)
         if decision is None:
             return []
         key, group, decode = decision.group_key, decision.group, decision.decode
         return [e for e in candidates if e.address != decode and e.labels.get(key) == group]
 
-    def process_results(self, req, done):
+    def process_results(self, ctx, done):
         decode = done.get(self.decode_profile)
         if decode is None or not decode.targets:
             raise PickerError(429, "no decode endpoint left after filtering")
-        decision: PDDecision = req.state[self.name]
+        decision = self._decision.get(ctx)
+        assert decision is not None  # pick_profiles decided when the decode pod was picked
         prefill = done.get(self.prefill_profile)
         results = {self.decode_profile: decode}
         if decision.reason != UNCACHED:
@@ -205,34 +214,34 @@ class PDProfileHandler(ProfileHandler):
                 decode = ProfileResult([decode.targets[0], *kept], decode.scores)
             results = {self.decode_profile: decode, self.prefill_profile: prefill}
         if decision.prefill:
-            req.upstream_headers[PREFILLER_HEADER] = ",".join(decision.prefill)
+            ctx.upstream_headers[PREFILLER_HEADER] = ",".join(decision.prefill)
         else:
-            req.upstream_headers.pop(PREFILLER_HEADER, None)
+            ctx.upstream_headers.pop(PREFILLER_HEADER, None)
         self._record(decision)
         return SchedulingResult(results, self.decode_profile)
 
     # ---- helpers ----------------------------------------------------------------------
 
-    def _decide(self, req, decode: Endpoint) -> PDDecision:
-        key = self._group_key(req)
+    def _decide(self, ctx: RequestContext, decode: Endpoint) -> PDDecision:
+        key = self._group_key(ctx)
         decision = PDDecision(
-            request_id=req.request_id,
-            model=req.target_model,
+            request_id=ctx.request_id,
+            model=ctx.target_model,
             decode=decode.address,
             group_key=key,
             group=decode.labels.get(key),
-            prompt_tokens=req.approx_prompt_tokens,
+            prompt_tokens=ctx.request.approx_prompt_tokens,
             cached_tokens=0,
             source="none",
             reason=DISABLED,
         )
         if self.threshold <= 0:
             return decision
-        if req.api not in DISAGGREGATED_APIS:
+        if ctx.api not in DISAGGREGATED_APIS:
             decision.reason = API
             return decision
         for plugin in self.sources:
-            got = plugin.cached_prompt(req, decode.address)
+            got = plugin.cached_prompt(ctx, decode.address)
             if got is not None:
                 decision.prompt_tokens, decision.cached_tokens = got
                 decision.source = plugin.name
@@ -240,9 +249,9 @@ class PDProfileHandler(ProfileHandler):
         decision.reason = UNCACHED if decision.uncached_tokens >= self.threshold else CACHED
         return decision
 
-    def _group_key(self, req) -> str:
+    def _group_key(self, ctx: RequestContext) -> str:
         """The routed ModelServer's pdGroup.groupKey, else the configured label."""
-        server = getattr(req.resolution, "server", None)
+        server = ctx.resolution.server if ctx.resolution is not None else None
         pd = server.spec.workload_selector.pd_group if server is not None else None
         return pd.group_key if pd is not None else self.group_label
 

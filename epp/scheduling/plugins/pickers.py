@@ -22,7 +22,7 @@ class MaxScorePicker(Picker):
         super().__init__(name, params)
         self._rng = random.Random(parse_params(self.params_type, self.params).seed)
 
-    def pick(self, req, scored, count):
+    def pick(self, ctx, scored, count):
         shuffled = list(scored)
         self._rng.shuffle(shuffled)
         shuffled.sort(key=lambda es: es[1], reverse=True)  # stable: shuffle decides ties
@@ -39,7 +39,7 @@ class WeightedRandomPicker(Picker):
         super().__init__(name, params)
         self._rng = random.Random(parse_params(self.params_type, self.params).seed)
 
-    def pick(self, req, scored, count):
+    def pick(self, ctx, scored, count):
         if all(s <= 0 for _, s in scored):
             keyed = [(self._rng.random(), e) for e, _ in scored]
         else:
@@ -56,7 +56,7 @@ class RandomPicker(Picker):
         super().__init__(name, params)
         self._rng = random.Random(parse_params(self.params_type, self.params).seed)
 
-    def pick(self, req, scored, count):
+    def pick(self, ctx, scored, count):
         endpoints = [e for e, _ in scored]
         self._rng.shuffle(endpoints)
         return endpoints[:count]

@@ -19,6 +19,7 @@ from typing import Annotated
 
 import msgspec
 
+from epp.context import PluginSlot, RequestContext
 from epp.scheduling.framework import PrepareData, PreRequest, Scorer
 from epp.scheduling.handle import Handle
 from epp.scheduling.params import PluginParams, parse_params
@@ -48,38 +49,42 @@ class PrecisePrefixCacheScorer(Scorer, PreRequest, PrepareData):
         self.tier_weights = {k.lower(): v for k, v in p.tier_weights.items()}
         self.speculative = p.speculative_indexing
         self.kv = kv
+        self._prompt = PluginSlot[Prompt | None](f"{name}.prompt")
 
     @classmethod
     def create(cls, name, params, handle: Handle):
         return cls(name, params, handle.kv_cache)
 
-    async def prepare(self, req) -> None:
+    async def prepare(self, ctx: RequestContext) -> None:
         if self.kv is not None:
-            await self.kv.tokenize(req)
+            await self.kv.tokenize(ctx)  # the tokens the gate counted, if it did: kept once
 
-    def prompt(self, req) -> Prompt | None:
-        """The prompt's index keys (salted by its cache_salt, as vLLM salts its blocks); None
-        if they cannot be known."""
-        return self.kv.prompt(req, req.body.cache_salt) if self.kv is not None else None
+    def prompt(self, ctx: RequestContext) -> Prompt | None:
+        """The prompt's index keys (salted by its cache_salt, as vLLM salts its blocks), cut
+        once a request; None if they cannot be known."""
+        kv = self.kv
+        if kv is None:
+            return None
+        return self._prompt.once(ctx, lambda: kv.prompt(ctx, ctx.request.body.cache_salt))
 
-    def score(self, req, endpoints):
-        prompt = self.prompt(req)
+    def score(self, ctx, endpoints):
+        prompt = self.prompt(ctx)
         if prompt is None:
             return [0.0] * len(endpoints)
         return self.kv.score(prompt, [e.address for e in endpoints], self.tier_weights)
 
-    def cached_prompt(self, req, address: str) -> tuple[int, int] | None:
+    def cached_prompt(self, ctx: RequestContext, address: str) -> tuple[int, int] | None:
         """(prompt tokens, how many of them `address` holds from the start, in any tier);
         None when the prompt cannot be tokenized."""
-        prompt = self.prompt(req)
+        prompt = self.prompt(ctx)
         if prompt is None:
             return None
         return prompt.tokens, self.kv.cached_prefix(prompt, address)
 
-    def pre_request(self, req, result):
+    def pre_request(self, ctx, result):
         if not self.speculative:
             return
-        prompt = self.prompt(req)
+        prompt = self.prompt(ctx)
         if prompt is None:
             return
         # Every profile's pick computes the prompt: the decode pod, and a prefill pod too.

@@ -16,6 +16,7 @@ from typing import Annotated
 import msgspec
 import xxhash
 
+from epp.context import PluginSlot, RequestContext
 from epp.scheduling.framework import PreRequest, Scorer
 from epp.scheduling.params import PluginParams, PositiveCount, parse_params
 
@@ -38,27 +39,30 @@ class PrefixCacheScorer(Scorer, PreRequest):
         self.block_chars = p.block_size_tokens * 4
         self.max_blocks = p.max_prefix_blocks_to_match
         self.capacity = p.lru_capacity_per_server
+        # Per instance: block sizes may differ.
+        self._hashes = PluginSlot[list[int]](f"{name}.hashes")
         self._by_server: dict[str, OrderedDict[int, None]] = {}
         # Reverse index for lookups: block hash → servers holding it.
         self._servers_of: dict[int, set[str]] = {}
 
-    def hashes(self, req) -> list[int]:
-        cached = req.state.get(self.name)  # per instance: block sizes may differ
-        if cached is not None:
-            return cached
+    def hashes(self, ctx: RequestContext) -> list[int]:
+        """The prompt's chained block hashes, computed once a request."""
+        return self._hashes.once(ctx, lambda: self._hash(ctx))
+
+    def _hash(self, ctx: RequestContext) -> list[int]:
+        req = ctx.request
         data = req.prompt_text.encode()
-        seed = req.target_model + (req.body.cache_salt or "")
+        seed = ctx.target_model + (req.body.cache_salt or "")
         prev = xxhash.xxh64_intdigest(seed.encode())
         out = []
         step = self.block_chars
         for start in range(0, min(len(data), step * self.max_blocks), step):
             prev = xxhash.xxh64_intdigest(data[start : start + step] + prev.to_bytes(8, "little"))
             out.append(prev)
-        req.state[self.name] = out
         return out
 
-    def score(self, req, endpoints):
-        hashes = self.hashes(req)
+    def score(self, ctx, endpoints):
+        hashes = self.hashes(ctx)
         if not hashes:
             return [0.0] * len(endpoints)
         alive = {e.address for e in endpoints}
@@ -72,23 +76,23 @@ class PrefixCacheScorer(Scorer, PreRequest):
         total = len(hashes)
         return [matched[e.address] / total for e in endpoints]
 
-    def cached_prompt(self, req, address: str) -> tuple[int, int]:
+    def cached_prompt(self, ctx: RequestContext, address: str) -> tuple[int, int]:
         """(prompt tokens, how many of them `address` holds from the start), in this
         scorer's approximate tokens of 4 characters."""
         holders = self._servers_of
         matched = 0
-        for h in self.hashes(req):
+        for h in self.hashes(ctx):
             if address not in holders.get(h, ()):
                 break
             matched += 1
-        prompt = req.approx_prompt_tokens
+        prompt = ctx.request.approx_prompt_tokens
         return prompt, min(prompt, matched * (self.block_chars // 4))
 
-    def pre_request(self, req, result):
+    def pre_request(self, ctx, result):
         # Every profile's pick computes the prompt: the decode pod, and a prefill pod too.
         for profile_result in result.results.values():
             if profile_result is not None and profile_result.targets:
-                self._record(profile_result.targets[0].address, self.hashes(req))
+                self._record(profile_result.targets[0].address, self.hashes(ctx))
 
     def _record(self, server: str, hashes: list[int]) -> None:
         lru = self._by_server.setdefault(server, OrderedDict())

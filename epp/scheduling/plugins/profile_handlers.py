@@ -9,7 +9,7 @@ from epp.scheduling.framework import ProfileHandler, SchedulingResult
 class SingleProfileHandler(ProfileHandler):
     type_name = "single-profile-handler"
 
-    def pick_profiles(self, req, profiles, done):
+    def pick_profiles(self, ctx, profiles, done):
         if done:
             return []
         if len(profiles) != 1:
@@ -18,7 +18,7 @@ class SingleProfileHandler(ProfileHandler):
             )
         return list(profiles.values())
 
-    def process_results(self, req, done):
+    def process_results(self, ctx, done):
         name, result = next(iter(done.items()))
         if result is None or not result.targets:
             raise PickerError(429, "no endpoint left after filtering")

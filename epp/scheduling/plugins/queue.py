@@ -9,6 +9,6 @@ from epp.scheduling.plugins._normalize import lower_is_better
 class QueueScorer(Scorer):
     type_name = "queue-scorer"
 
-    def score(self, req, endpoints):
+    def score(self, ctx, endpoints):
         # Stale metrics count as saturated: we do not send work to a pod we cannot see.
         return lower_is_better([float("inf") if e.stale else e.metrics.waiting for e in endpoints])

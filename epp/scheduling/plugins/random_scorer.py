@@ -17,5 +17,5 @@ class RandomScorer(Scorer):
         super().__init__(name, params)
         self._rng = random.Random(parse_params(self.params_type, self.params).seed)
 
-    def score(self, req, endpoints):
+    def score(self, ctx, endpoints):
         return [self._rng.random() for _ in endpoints]

@@ -9,5 +9,5 @@ from epp.scheduling.plugins._normalize import lower_is_better
 class RunningRequestsScorer(Scorer):
     type_name = "running-requests-scorer"
 
-    def score(self, req, endpoints):
+    def score(self, ctx, endpoints):
         return lower_is_better([float("inf") if e.stale else e.metrics.running for e in endpoints])

@@ -40,14 +40,16 @@ class SessionAffinityScorer(Scorer, PreRequest):
             return None
         return hit[0]
 
-    def score(self, req, endpoints):
-        address = self._lookup(req.session_id) if req.session_id else None
+    def score(self, ctx, endpoints):
+        session = ctx.request.session_id
+        address = self._lookup(session) if session else None
         return [1.0 if e.address == address else 0.0 for e in endpoints]
 
-    def pre_request(self, req, result):
-        if not req.session_id or not result.targets:
+    def pre_request(self, ctx, result):
+        session = ctx.request.session_id
+        if not session or not result.targets:
             return
-        self._sessions[req.session_id] = (result.targets[0].address, time.monotonic() + self.ttl)
-        self._sessions.move_to_end(req.session_id)
+        self._sessions[session] = (result.targets[0].address, time.monotonic() + self.ttl)
+        self._sessions.move_to_end(session)
         while len(self._sessions) > self.max_sessions:
             self._sessions.popitem(last=False)
