@@ -10,6 +10,7 @@ import aiohttp
 import pytest
 
 from epp.app import build_picker, drain_and_stop, start_servers, stop_picker
+from epp.context import RequestContext
 from epp.datastore import Datastore
 from epp.http_server import make_app
 from epp.metrics import PickerMetrics
@@ -84,7 +85,7 @@ async def test_the_pd_handler_counts_in_the_pickers_metrics(tmp_path):
     try:
         body = b'{"model": "m", "prompt": "a prompt the decode pod has never seen"}'
         r = parse_request("/v1/completions", body, {}, max_body_bytes=1 << 20)
-        targets = await picker.director.admit(r, None)
+        targets = await picker.director.handle(RequestContext(r))
         assert [e.address for e in targets] == [picker.datastore.endpoints()[0].address]
         sample = picker.metrics.registry.get_sample_value(
             "infergate_epp_pd_decisions_total", {"outcome": "no_prefill_pod"}

@@ -299,7 +299,7 @@ async def test_the_picker_strips_the_usage_event_it_asked_for_however_envoy_cuts
         stream = _Stream(director_with(limited_route(outputTokensPerUnit=50)), budget)
         stream.on_request_headers(ec.headers())
         await stream.on_request_body(ec.body({"model": "m", "prompt": "hi", "stream": True}))
-        assert stream.req.strip_usage  # the picker asked for the usage event
+        assert stream.ctx is not None and stream.ctx.strip_usage  # the picker asked for it
         stream.on_response_headers(ec.response_headers(content_type="text/event-stream"))
         out = [*stream.on_response_body(ec.response_body(sent[:cut], False))]
         out += stream.on_response_body(ec.response_body(sent[cut:], True))

@@ -11,6 +11,7 @@ import logging
 import pytest
 import requests
 
+from epp.context import RequestContext
 from epp.request import parse_request
 from kvindex import unresolved
 from kvindex.cache import KVCache, Prompt
@@ -35,8 +36,11 @@ def recorded_batches():
     return [decode_batch(base64.b64decode(d["payload_b64"])) for d in _jsonl("events.jsonl")]
 
 
-def request(path: str, body: dict):
-    return parse_request(path, json.dumps(body).encode(), {}, max_body_bytes=1 << 22)
+def request(path: str, body: dict) -> RequestContext:
+    """A parsed request in its context, as the picker hands it to the KV cache."""
+    return RequestContext(
+        parse_request(path, json.dumps(body).encode(), {}, max_body_bytes=1 << 22)
+    )
 
 
 def reused(n: int, block: int) -> int:
@@ -58,7 +62,7 @@ def picker(tokenizers, index_block: int = 16):
 
 def predicted(kv: KVCache, pod: str, path: str, body: dict) -> int:
     req = request(path, body)
-    prompt = kv.prompt(req, req.body.cache_salt)
+    prompt = kv.prompt(req, req.request.body.cache_salt)
     assert prompt is not None
     return kv.cached_prefix(prompt, pod)
 
