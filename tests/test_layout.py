@@ -117,7 +117,10 @@ def imported_floors(path) -> set[str]:
         if isinstance(node, ast.Import):
             names += [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            names.append(node.module)
+            if node.module == ROOT_PACKAGE:  # `from infergw import api` imports infergw.api
+                names += [f"{node.module}.{a.name}" for a in node.names]
+            else:
+                names.append(node.module)
     floors = {floor_of(n) or floor_of(n.split(".")[0] + ".x") for n in names}
     return floors - {None}
 
