@@ -51,7 +51,7 @@ def up(tmp_path_factory) -> Up:
     assert not any(engine_pids(ip) for ip in pods), "vLLM processes outlived `infergate up`"
 
 
-def prompt(topic: str, words: int = 200) -> str:
+def prompt(topic: str, words: int = 100) -> str:
     """A prompt of several 32-token blocks, its own for each topic."""
     return f"{topic}: " + " ".join(f"{topic[:3]}{i}" for i in range(words))
 
