@@ -40,8 +40,8 @@ def up(tmp_path_factory) -> Up:
     bin_dir = vllm_bin()
     base = tmp_path_factory.mktemp("vllm")
     running = start_up(write_model_dir(base / "example"), base / "run", bin_dir)
-    pods = [p.ip for p in pool_pods(running.pool_file(), "tiny")]
     try:
+        pods = [p.ip for p in pool_pods(running.pool_file(), "tiny")]
         yield running
     finally:
         code = running.stop()

@@ -126,11 +126,14 @@ def start_up(example: Path, workdir: Path, bin_dir: Path) -> Up:
         )
     up = Up(proc, workdir, log)
     deadline = time.monotonic() + 1260  # past up's own 1200 s, so its message is the one seen
-    while "infergate up: Envoy on" not in up.output:
-        if proc.poll() is not None or time.monotonic() > deadline:
-            up.stop()
-            pytest.fail(f"infergate up did not come up:\n{up.output}")
-        time.sleep(1)
+    try:
+        while "infergate up: Envoy on" not in up.output:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"infergate up did not come up:\n{up.output}")
+            time.sleep(1)
+    except BaseException:  # a failure, a timeout, Ctrl-C: nothing it started may outlive it
+        up.stop()
+        raise
     return up
 
 
