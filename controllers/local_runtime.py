@@ -1,8 +1,9 @@
 """Pods as local processes: the kubelet of standalone mode.
 
-Every Pod in the store gets its own loopback address (127.0.0.2, .3, …), so pods listen on
-the container port their template names — as in a cluster, where every pod has its own IP —
-and the picker's pool needs a single target port. Every container of the pod is its own
+Every Pod in the store gets its own loopback address (127.0.0.2, .3, …; claimed against the
+machine's other runtimes, address_locks.py), so pods listen on the container port their
+template names — as in a cluster, where every pod has its own IP — and the picker's pool
+needs a single target port. Every container of the pod is its own
 process on that address (the containers of a pod share it, as they share a network
 namespace), restarted per the pod's restartPolicy with its own growing back-off and
 restartCount, and its output goes to `<state-dir>/pods/<namespace>_<pod>_<container>.log`.
