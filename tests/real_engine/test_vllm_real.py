@@ -24,6 +24,7 @@ from tests.real_engine.vllm_stack import (
     engine_pids,
     engine_processes,
     group,
+    index_pods,
     post,
     predicted,
     start_up,
@@ -41,10 +42,12 @@ def up(tmp_path_factory) -> Up:
     bin_dir = vllm_bin()
     base = tmp_path_factory.mktemp("vllm")
     running = start_up(write_model_dir(base / "example"), base / "run", bin_dir)
+    pods: set[str] = set()  # every pod address the stack used, replacements too
     try:
-        pods = [p.ip for p in pool_pods(running.pool_file(), "tiny")]
+        pods |= {p.ip for p in pool_pods(running.pool_file(), "tiny")}
         yield running
     finally:
+        pods |= {p.ip for p in pool_pods(running.pool_file(), "tiny")}
         code = running.stop()
         print(running.output)
     # Ctrl-C stopped every engine the stack started, and their children with them.
@@ -164,15 +167,14 @@ def test_a_salted_request_is_not_predicted_to_hit_another_salts_blocks(up):
     assert cached(again) == scores[holder]["cached_tokens"]
 
 
-def test_a_killed_engine_leaves_no_process_and_its_replacement_serves(up):
-    text = prompt("Killed")
-    body = completion(text)
+def test_a_killed_engine_leaves_no_process_and_a_replacement_serves(up):
+    body = completion(prompt("Killed"))
     victim = post("/v1/completions", body).headers[SERVED]
     wait_for(lambda: predicted(body)[victim]["cached_tokens"] > 0, "the victim's blocks")
-    ip = victim.split(":")[0]
-    main, family = engine_processes(ip)
+    (survivor,) = set(endpoints()) - {victim}
+    holding = index_pods()  # pods with blocks in the index, the victim among them
+    main, family = engine_processes(victim.split(":")[0])
     assert len(family) > 1, family  # vLLM runs its engine core in a child process
-    name = next(p.name for p in pool_pods(up.pool_file(), "tiny") if p.ip == ip)
 
     # The API server dies at once (an OOM kill): the runtime ends the rest of its group.
     os.kill(main.pid, signal.SIGKILL)
@@ -183,21 +185,23 @@ def test_a_killed_engine_leaves_no_process_and_its_replacement_serves(up):
         within=60,
     )
     wait_for(lambda: victim not in endpoints(), f"{victim} to leave the picker", within=30)
+    # The index dropped all the dead engine held: one pod fewer holds blocks.
+    wait_for(lambda: index_pods() == holding - 1, "the victim's blocks to leave the index")
+    assert all(s["cached_tokens"] == 0 for s in predicted(body).values())
 
-    # The replacement: the same pod, its container restarted, ready once vLLM has loaded.
-    def restarted():
-        pod = next(p for p in pool_pods(up.pool_file(), "tiny") if p.name == name)
-        return pod.ready and pod.restarts == 1 and victim in endpoints()
+    # A replacement (the ModelInfer controller recreates a serving group whose pod failed)
+    # loads vLLM, joins the picker and serves.
+    def replaced() -> str | None:
+        now = set(endpoints())
+        return next(iter(now - {survivor}), None) if len(now) == 2 else None
 
-    wait_for(restarted, f"{name} restarted and ready\n{up.pod_log(name)}", within=900, interval=1)
-    new_main, _ = engine_processes(ip)
-    assert new_main.pid != main.pid
-    # The index dropped what the dead engine held: nothing of the prompt is predicted there.
-    assert predicted(body)[victim]["cached_tokens"] == 0
-    r = post("/v1/completions", body, {PIN: victim})
-    assert r.headers[SERVED] == victim and cached(r) == 0
-    # The new engine's events (a sequence from 0 again) fill the index once more.
-    wait_for(lambda: predicted(body)[victim]["cached_tokens"] > 0, "the new engine's blocks")
+    new = wait_for(replaced, f"a replacement pod\n{up.output}", within=900, interval=1)
+    assert engine_processes(new.split(":")[0])[0].pid != main.pid
+    assert predicted(body)[new]["cached_tokens"] == 0  # nothing of the dead engine's blocks
+    r = post("/v1/completions", body, {PIN: new})
+    assert r.headers[SERVED] == new and cached(r) == 0
+    # The new engine's KV events fill the index: the prompt goes back to it, and hits.
+    wait_for(lambda: predicted(body)[new]["cached_tokens"] > 0, "the new engine's blocks")
+    expected = predicted(body)[new]["cached_tokens"]
     follow = post("/v1/completions", body)
-    assert follow.headers[SERVED] == victim
-    assert cached(follow) == predicted(body)[victim]["cached_tokens"]
+    assert follow.headers[SERVED] == new and cached(follow) == expected

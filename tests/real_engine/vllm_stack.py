@@ -226,3 +226,10 @@ def predicted(body: dict) -> dict[str, dict]:
     r = requests.post(PICKER + "/debug/prefix-scores", json=body, timeout=30)
     assert r.status_code == 200, r.text
     return {e["address"]: e for e in r.json()["endpoints"]}
+
+
+def index_pods() -> int:
+    """Pods holding blocks in the picker's KV index (its `infergate_kvindex_pods` gauge)."""
+    text = requests.get(PICKER + "/metrics", timeout=10).text
+    (line,) = [x for x in text.splitlines() if x.startswith("infergate_kvindex_pods ")]
+    return int(float(line.split()[1]))
