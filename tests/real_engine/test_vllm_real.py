@@ -13,6 +13,7 @@ import signal
 import pytest
 import requests
 
+from controllers.process_group import live_members
 from stack.pods import pool_pods
 from tests.e2e.gateway_config import PIN, SERVED
 from tests.real_engine.vllm_stack import (
@@ -23,7 +24,6 @@ from tests.real_engine.vllm_stack import (
     endpoints,
     engine_pids,
     engine_processes,
-    group,
     index_pods,
     post,
     predicted,
@@ -180,7 +180,7 @@ def test_a_killed_engine_leaves_no_process_and_a_replacement_serves(up):
     os.kill(main.pid, signal.SIGKILL)
     # Nothing of it runs: neither what it had started nor anything since in its group.
     wait_for(
-        lambda: not alive(family) and not group(main.pid),
+        lambda: not alive(family) and not live_members(main.pid),
         f"every process of {victim}'s engine to end",
         within=60,
     )

@@ -170,11 +170,6 @@ def alive(pids: set[int]) -> set[int]:
     return {p.pid for p in processes() if p.pid in pids and p.state != "Z"}
 
 
-def group(pgid: int) -> set[int]:
-    """The running processes of a process group."""
-    return {p.pid for p in processes() if p.pgid == pgid and p.state != "Z"}
-
-
 def engine_processes(ip: str) -> tuple[Proc, set[int]]:
     """A pod's engine: its main process (the runtime starts it in a session of its own, so it
     leads its process group) and every process of that group or below it."""
