@@ -92,10 +92,6 @@ class Up:
     def pool_file(self) -> Path:
         return self.workdir / "pool.yaml"
 
-    def pod_log(self, pod: str) -> str:
-        path = self.workdir / "state" / "pods" / f"default_{pod}_engine.log"
-        return path.read_text(errors="replace")[-4000:] if path.exists() else "(no log)"
-
     def stop(self, timeout: float = 120) -> int:
         """Ctrl-C, as a user stops it; SIGKILL to the group if it does not stop in time."""
         if self.proc.poll() is None:
