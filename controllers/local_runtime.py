@@ -1,8 +1,9 @@
 """Pods as local processes: the kubelet of standalone mode.
 
-Every Pod in the store gets its own loopback address (127.0.0.2, .3, …), so pods listen on
-the container port their template names — as in a cluster, where every pod has its own IP —
-and the picker's pool needs a single target port. Every container of the pod is its own
+Every Pod in the store gets its own loopback address (127.0.0.2, .3, …; claimed against the
+machine's other runtimes, address_locks.py), so pods listen on the container port their
+template names — as in a cluster, where every pod has its own IP — and the picker's pool
+needs a single target port. Every container of the pod is its own
 process on that address (the containers of a pod share it, as they share a network
 namespace), restarted per the pod's restartPolicy with its own growing back-off and
 restartCount, and its output goes to `<state-dir>/pods/<namespace>_<pod>_<container>.log`.
@@ -60,6 +61,7 @@ from api.engines import SIMULATOR_IMAGES, image_repository
 from api.names import ENGINE_NOT_INSTALLED
 from cluster.informer import Informer
 from cluster.store import POD, NotFound, Obj, Store
+from controllers.address_locks import AddressLocks
 from controllers.engine_command import INSTALL_HINTS
 from controllers.process_group import stop_container
 
@@ -115,8 +117,11 @@ class LocalRuntime:
         probe_interval: float = 0.2,
         env: dict[str, str] | None = None,
         max_pods: int = MAX_PODS,
+        address_locks: AddressLocks | None = None,
     ) -> None:
         self.store = store
+        # Addresses this runtime's pods use, claimed against the machine's other runtimes.
+        self._addresses = address_locks or AddressLocks()
         self.max_pods = max_pods
         # Pods waiting for room, in arrival order: each starts when a running one is gone.
         self._pending: dict[tuple[str, str], Obj] = {}
@@ -144,6 +149,7 @@ class LocalRuntime:
         await asyncio.gather(*(self._stop(k) for k in list(self._running)), *self._stopping)
         if self._session is not None:
             await self._session.close()
+        self._addresses.release_all()
 
     def process(
         self, namespace: str, name: str, container: str | None = None
@@ -252,9 +258,10 @@ class LocalRuntime:
             pass
 
     def _take_ip(self, ports: list[int]) -> str:
-        """A loopback address where every container's ports are free: another stack on this
-        machine (or a leftover process) may hold some, and a pod that cannot bind its port
-        must not pass its readiness probe against someone else's server."""
+        """A loopback address where every container's ports are free and no other runtime
+        on this machine has claimed (address_locks.py): another stack (or a leftover
+        process) may hold some, and a pod that cannot bind its port must not pass its
+        readiness probe against someone else's server."""
         for ip in list(self._free_ips):
             if _ports_free(ip, ports):
                 self._free_ips.remove(ip)
@@ -262,8 +269,11 @@ class LocalRuntime:
         while self._next_ip <= 254:
             ip = f"127.0.0.{self._next_ip}"
             self._next_ip += 1
+            if not self._addresses.claim(ip):
+                continue
             if _ports_free(ip, ports):
                 return ip
+            self._addresses.release(ip)
         raise RuntimeError("no loopback address left for another local pod")
 
     # ---- one pod ------------------------------------------------------------------------

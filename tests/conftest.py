@@ -18,6 +18,17 @@ from stack.readiness import wait_http
 pytest_plugins = ["tests.picker_fixtures"]
 
 
+def pytest_collection_modifyitems(config, items) -> None:
+    """Tests marked `vllm` need a real vLLM and minutes: they run only when the marker
+    expression names them (`make test-vllm` passes `-m vllm`), never in `make test`."""
+    if "vllm" in (config.option.markexpr or ""):
+        return
+    real = [item for item in items if item.get_closest_marker("vllm") is not None]
+    if real:
+        config.hook.pytest_deselected(items=real)
+        items[:] = [item for item in items if item.get_closest_marker("vllm") is None]
+
+
 @contextmanager
 def running(
     cmd: list[str],

