@@ -78,6 +78,7 @@ TEST_MOVES = {
     "tests/test_cluster_pool.py": "tests/cluster/test_pool.py",
     "tests/test_connector.py": "tests/connector/test_sidecar.py",
     "tests/test_controllers_admission_fuzz.py": "tests/controllers/test_admission_fuzz.py",
+    "tests/test_controllers_address_locks.py": "tests/controllers/test_address_locks.py",
     "tests/test_controllers_autoscaler.py": "tests/controllers/test_autoscaler.py",
     "tests/test_controllers_autoscaling.py": "tests/controllers/test_autoscaling.py",
     "tests/test_controllers_cli_kubernetes.py": "tests/controllers/test_cli_kubernetes.py",
@@ -166,6 +167,7 @@ TEST_STAYS = {
     "tests/test_tests_movable.py",
     "tests/test_tests_swallow_nothing.py",
     "tests/test_yaml_bombs.py",
+    "tests/test_real_engine_gate.py",
 }
 
 
