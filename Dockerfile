@@ -19,20 +19,20 @@ ENV PYTHONUNBUFFERED=1 \
 
 WORKDIR /src
 COPY pyproject.toml README.md LICENSE ./
+COPY infergate ./infergate
 COPY api ./api
 COPY cluster ./cluster
-COPY infergate ./infergate
-COPY stack ./stack
+COPY kvindex ./kvindex
+COPY simulator ./simulator
 COPY epp ./epp
 COPY connector ./connector
-COPY kvindex ./kvindex
 COPY controllers ./controllers
-COPY simulator ./simulator
+COPY stack ./stack
 COPY bench ./bench
 RUN pip install . \
     && cd / && rm -rf /src \
     && mkdir -p /opt/infergate/models \
-    && ln -s "$(python -c 'import importlib.util, pathlib; print(pathlib.Path(importlib.util.find_spec("simulator").origin).parent / "default_model")')" \
+    && ln -s "$(python -c 'import importlib.util, pathlib; print(pathlib.Path(importlib.util.find_spec("infergw.simulator").origin).parent / "default_model")')" \
         /opt/infergate/models/infergate-sim \
     && test -f /opt/infergate/models/infergate-sim/tokenizer.json \
     && groupadd --gid 65532 infergate \

@@ -14,14 +14,14 @@ from typing import Any, TypeVar
 
 import msgspec
 
-from api import networking, upstream, workload
-from api.autoscaling import (
+from infergw.api import networking, upstream, workload
+from infergw.api.autoscaling import (
     AutoScalingPolicy,
     AutoScalingPolicyBinding,
     validate_autoscaling_policy,
     validate_autoscaling_policy_binding,
 )
-from api.meta import (
+from infergw.api.meta import (
     ApiStruct,
     Condition,
     ObjectMeta,
@@ -29,21 +29,21 @@ from api.meta import (
     conversion_problem,
     duration_seconds,
 )
-from api.networking import (
+from infergw.api.networking import (
     ModelRoute,
     ModelServer,
     validate_model_route,
     validate_model_server,
 )
-from api.nulls import prune_nulls as _prune_nulls
-from api.pod import ALLOW_PRIVILEGED_LABEL
-from api.upstream import (
+from infergw.api.nulls import prune_nulls as _prune_nulls
+from infergw.api.pod import ALLOW_PRIVILEGED_LABEL
+from infergw.api.upstream import (
     InferenceObjective,
     InferencePool,
     validate_inference_objective,
     validate_inference_pool,
 )
-from api.workload import (
+from infergw.api.workload import (
     Model,
     ModelInfer,
     model_infer_host_powers,

@@ -12,7 +12,7 @@ from typing import Any
 
 import msgspec
 
-from api.meta import (
+from infergw.api.meta import (
     DNS_LABEL,
     DNS_SUBDOMAIN,
     DURATION,
@@ -24,7 +24,7 @@ from api.meta import (
     check_status_conditions,
     duration_seconds,
 )
-from api.workload import (
+from infergw.api.workload import (
     DEFAULT_MIN_REPLICAS,
     GROUP_VERSION,
     MetricTarget,

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import msgspec
 
-from api.engines import ENGINE_TYPES
-from api.meta import (
+from infergw.api.engines import ENGINE_TYPES
+from infergw.api.meta import (
     DNS_LABEL,
     DNS_SUBDOMAIN,
     DURATION,

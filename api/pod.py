@@ -17,7 +17,7 @@ from typing import Any
 
 import msgspec
 
-from api.meta import DNS_LABEL, LABEL_KEY, ApiStruct, Problems, conversion_problem
+from infergw.api.meta import DNS_LABEL, LABEL_KEY, ApiStruct, Problems, conversion_problem
 
 ALLOW_PRIVILEGED_LABEL = "infergate.io/allow-privileged-pods"
 RESTART_POLICIES = ("Always", "OnFailure", "Never")

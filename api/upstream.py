@@ -10,7 +10,7 @@ from typing import Any
 
 import msgspec
 
-from api.meta import (
+from infergw.api.meta import (
     ApiStruct,
     Condition,
     ObjectMeta,

@@ -11,8 +11,8 @@ from typing import Annotated, Any
 
 import msgspec
 
-from api.engines import TRTLLM
-from api.meta import (
+from infergw.api.engines import TRTLLM
+from infergw.api.meta import (
     ARTIFACT_URI,
     DNS_LABEL,
     METRIC_NAME,
@@ -24,9 +24,9 @@ from api.meta import (
     Problems,
     check_status_conditions,
 )
-from api.networking import ENGINES, KVConnector, check_kv_connector
-from api.nulls import PROPERTIES
-from api.pod import check_pod_template, host_powers
+from infergw.api.networking import ENGINES, KVConnector, check_kv_connector
+from infergw.api.nulls import PROPERTIES
+from infergw.api.pod import check_pod_template, host_powers
 
 GROUP_VERSION = "workload.infergate.io/v1alpha1"
 

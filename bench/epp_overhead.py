@@ -20,11 +20,11 @@ from pathlib import Path
 
 import yaml
 
-from bench.common import machine, percentile, process_cpu_seconds, write_json
-from bench.loadgen import run_load
-from stack.local import LocalStack, StackConfig
-from stack.ports import free_port, free_stack_ports
-from stack.readiness import wait_http
+from infergw.bench.common import machine, percentile, process_cpu_seconds, write_json
+from infergw.bench.loadgen import run_load
+from infergw.stack.local import LocalStack, StackConfig
+from infergw.stack.ports import free_port, free_stack_ports
+from infergw.stack.readiness import wait_http
 
 MODEL = "infergate-sim"
 
@@ -94,7 +94,9 @@ def scrape_cost(endpoints: int, interval_ms: int, seconds: float) -> dict:
     if not 1 <= endpoints <= 8:
         raise ValueError("scrape_cost measures 1-8 endpoints (one pod, <= 8 target ports)")
     ports = [free_port() for _ in range(endpoints)]
-    server = subprocess.Popen([sys.executable, "-m", "bench.metrics_server", *map(str, ports)])
+    server = subprocess.Popen(
+        [sys.executable, "-m", "infergw.bench.metrics_server", *map(str, ports)]
+    )
     workdir = Path(tempfile.mkdtemp(prefix="bench-scrape-"))
     (workdir / "pool.yaml").write_text(
         yaml.safe_dump_all(
@@ -125,7 +127,7 @@ def scrape_cost(endpoints: int, interval_ms: int, seconds: float) -> dict:
         [
             sys.executable,
             "-m",
-            "epp",
+            "infergw.epp",
             "--host",
             "127.0.0.1",
             "--grpc-port",

@@ -17,11 +17,11 @@ import sys
 import time
 from pathlib import Path
 
-from bench.common import machine, percentile, write_json
-from kvindex.events import BlockStored
-from kvindex.index import KVBlockIndex
-from kvindex.keys import prompt_keys
-from kvindex.translate import EventTranslator
+from infergw.bench.common import machine, percentile, write_json
+from infergw.kvindex.events import BlockStored
+from infergw.kvindex.index import KVBlockIndex
+from infergw.kvindex.keys import prompt_keys
+from infergw.kvindex.translate import EventTranslator
 
 BLOCK = 16
 MODEL = "bench-model"
@@ -99,7 +99,7 @@ def lookup_latency(pods: int, prompt_tokens: int, repeats: int = 200) -> dict:
 
 
 def tokenization(prompt_tokens_target: int) -> dict:
-    from kvindex.tokenize import PromptTokenizer
+    from infergw.kvindex.tokenize import PromptTokenizer
 
     words = (Path(__file__).read_text() * 50).split()
     system = " ".join(words[:prompt_tokens_target])

@@ -1,7 +1,7 @@
 """Serve a real vLLM /metrics page (the recorded fixture) on many ports from one process, so a
 benchmark can measure what scraping N endpoints costs the picker without N model servers.
 
-python -m bench.metrics_server PORT [PORT ...]
+python -m infergw.bench.metrics_server PORT [PORT ...]
 """
 
 from __future__ import annotations

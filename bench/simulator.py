@@ -21,16 +21,16 @@ import time
 
 import aiohttp
 
-from bench.common import (
+from infergw.bench.common import (
     PLOTS,
     machine,
     percentile,
     process_cpu_seconds,
     write_json,
 )
-from simulator.config import LatencyModel
-from stack.ports import free_port
-from stack.readiness import wait_http
+from infergw.simulator.config import LatencyModel
+from infergw.stack.ports import free_port
+from infergw.stack.readiness import wait_http
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
 
@@ -187,7 +187,7 @@ def run_series(
     cmd = [
         sys.executable,
         "-m",
-        "simulator",
+        "infergw.simulator",
         "--port",
         str(port),
         "--max-num-seqs",

@@ -29,11 +29,11 @@ from pathlib import Path
 import aiohttp
 import yaml
 
-from bench.common import machine, save_results
-from bench.redis_server import RedisServer, which_redis_server
-from bench.soak_report import OK, FaultWindow, Outcome, markdown, plot, summarize
-from stack.local import LocalStack, StackConfig
-from stack.ports import free_port, free_stack_ports
+from infergw.bench.common import machine, save_results
+from infergw.bench.redis_server import RedisServer, which_redis_server
+from infergw.bench.soak_report import OK, FaultWindow, Outcome, markdown, plot, summarize
+from infergw.stack.local import LocalStack, StackConfig
+from infergw.stack.ports import free_port, free_stack_ports
 
 # The model clients ask for: the pods serve it, so with the picker down (FailOpen) Envoy's
 # round robin still reaches a pod that can answer; a ModelRoute of that name gives it a

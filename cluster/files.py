@@ -16,9 +16,9 @@ from typing import Any
 import msgspec
 import yaml
 
-from api import yaml_files
-from api.meta import ObjectMeta
-from cluster.pool import pod_problem
+from infergw.api import yaml_files
+from infergw.api.meta import ObjectMeta
+from infergw.cluster.pool import pod_problem
 
 Obj = dict[str, Any]
 

@@ -16,7 +16,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from cluster.store import Gone, Kind, Obj, Store, StoreError
+from infergw.cluster.store import Gone, Kind, Obj, Store, StoreError
 
 Handler = Callable[[str, Obj], None]  # (ADDED|MODIFIED|DELETED, object)
 Check = Callable[[Any], str | None]  # why an object cannot be used, or None

@@ -26,7 +26,7 @@ from urllib.parse import quote
 import urllib3
 from kubernetes.client import ApiClient, ApiException
 
-from cluster.store import (
+from infergw.cluster.store import (
     AlreadyExists,
     Conflict,
     Gone,

@@ -15,10 +15,10 @@ from typing import Any
 
 import msgspec
 
-from api import ApiError, InferencePool, from_dict_as
-from api.meta import ObjectMeta
-from api.names import ENGINE_LABEL, ROLE_LABEL
-from api.upstream import DEFAULT_FAILURE_MODE, POOL_GROUP_VERSION, validate_inference_pool
+from infergw.api import ApiError, InferencePool, from_dict_as
+from infergw.api.meta import ObjectMeta
+from infergw.api.names import ENGINE_LABEL, ROLE_LABEL
+from infergw.api.upstream import DEFAULT_FAILURE_MODE, POOL_GROUP_VERSION, validate_inference_pool
 
 Obj = dict[str, Any]
 

@@ -12,9 +12,9 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from cluster.informer import Informer
-from cluster.pool import PoolError, PoolSpec, pod_problem
-from cluster.store import INFERENCE_POOL, POD, Kind, Obj, Store
+from infergw.cluster.informer import Informer
+from infergw.cluster.pool import PoolError, PoolSpec, pod_problem
+from infergw.cluster.store import INFERENCE_POOL, POD, Kind, Obj, Store
 
 log = logging.getLogger("cluster.pool_watch")
 

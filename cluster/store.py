@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
-    from api import Model, ModelInfer
+    from infergw.api import Model, ModelInfer
 
 Obj = dict[str, Any]
 

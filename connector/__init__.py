@@ -6,7 +6,7 @@ engine — rewritten for the KV connector the engines use (nixl, mooncake, http,
 Only prefill pods of the sidecar's own InferencePool are ever called (`allowlist`).
 """
 
-from connector.options import ConnectorOptions, parse_options
-from connector.server import ConnectorProxy
+from infergw.connector.options import ConnectorOptions, parse_options
+from infergw.connector.server import ConnectorProxy
 
 __all__ = ["ConnectorOptions", "ConnectorProxy", "parse_options"]

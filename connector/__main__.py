@@ -1,5 +1,5 @@
 import sys
 
-from connector.app import main
+from infergw.connector.app import main
 
 sys.exit(main())

@@ -22,16 +22,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from api.names import BOTH, PREFILL
-from cluster.files import ObjectFileError, WatchedFiles
-from cluster.pool import PoolSpec, find_pool, members
-from cluster.store import Obj
-from connector.options import ConnectorOptions
-from connector.upstream import sanitized
+from infergw.api.names import BOTH, PREFILL
+from infergw.cluster.files import ObjectFileError, WatchedFiles
+from infergw.cluster.pool import PoolSpec, find_pool, members
+from infergw.cluster.store import Obj
+from infergw.connector.options import ConnectorOptions
+from infergw.connector.upstream import sanitized
 
 if TYPE_CHECKING:
-    from cluster.kube_store import KubeStore
-    from cluster.pool_watch import PoolWatch
+    from infergw.cluster.kube_store import KubeStore
+    from infergw.cluster.pool_watch import PoolWatch
 
 log = logging.getLogger("connector.allowlist")
 
@@ -222,8 +222,8 @@ class KubernetesPool:
 
     async def start(self) -> None:
         # The client is slow to import: only a sidecar in a cluster pays for it.
-        from cluster.kube_store import KubeStore
-        from cluster.pool_watch import PoolWatch
+        from infergw.cluster.kube_store import KubeStore
+        from infergw.cluster.pool_watch import PoolWatch
 
         store = KubeStore.from_environment()
         watch = PoolWatch(

@@ -8,10 +8,10 @@ import signal
 
 from aiohttp import web
 
-from api import logs
-from connector.allowlist import Allowlist
-from connector.options import ConnectorOptions, parse_options
-from connector.server import ConnectorProxy
+from infergw.api import logs
+from infergw.connector.allowlist import Allowlist
+from infergw.connector.options import ConnectorOptions, parse_options
+from infergw.connector.server import ConnectorProxy
 
 log = logging.getLogger("connector")
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from connector.prefill import run_prefill
-from connector.upstream import Exchange, LegError, dumps, run_decode
+from infergw.connector.prefill import run_prefill
+from infergw.connector.upstream import Exchange, LegError, dumps, run_decode
 
 
 def prefill_kv_params() -> dict:

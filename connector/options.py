@@ -6,8 +6,8 @@ import argparse
 import os
 from dataclasses import dataclass
 
-from api import logs
-from api.names import POOL_FILE_ENV
+from infergw.api import logs
+from infergw.api.names import POOL_FILE_ENV
 
 CONNECTORS = ("nixl", "mooncake", "http", "lmcache", "sglang")
 # llm-d's sidecar calls the same protocol nixlv2; accept its spelling too.

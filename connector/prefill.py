@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import aiohttp
 
-from connector.upstream import Exchange, LegError, describe, error_text
+from infergw.connector.upstream import Exchange, LegError, describe, error_text
 
 log = logging.getLogger("connector.prefill")
 

@@ -10,14 +10,14 @@ from typing import Protocol
 import aiohttp
 from aiohttp import web
 
-from api.names import PREFILLER_HEADER
-from connector.allowlist import Allowlist, allowlist_for
-from connector.http_kv import HttpConnector
-from connector.metrics import ConnectorMetrics
-from connector.nixl import NixlConnector
-from connector.options import ConnectorOptions
-from connector.sglang import SGLangConnector
-from connector.upstream import (
+from infergw.api.names import PREFILLER_HEADER
+from infergw.connector.allowlist import Allowlist, allowlist_for
+from infergw.connector.http_kv import HttpConnector
+from infergw.connector.metrics import ConnectorMetrics
+from infergw.connector.nixl import NixlConnector
+from infergw.connector.options import ConnectorOptions
+from infergw.connector.sglang import SGLangConnector
+from infergw.connector.upstream import (
     REQUEST_ID_HEADER,
     Exchange,
     LegError,

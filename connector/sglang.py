@@ -16,14 +16,14 @@ import time
 import aiohttp
 from aiohttp import web
 
-from connector.prefill import (
+from infergw.connector.prefill import (
     PrefillAttemptFailed,
     attempt_error,
     attempt_prefill,
     exhausted_error,
     prefill_attempts,
 )
-from connector.upstream import Exchange, dumps, open_upstream, relay
+from infergw.connector.upstream import Exchange, dumps, open_upstream, relay
 
 log = logging.getLogger("connector.sglang")
 

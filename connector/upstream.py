@@ -13,8 +13,8 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict, MultiMapping
 
-from connector.metrics import ConnectorMetrics
-from connector.options import ConnectorOptions
+from infergw.connector.metrics import ConnectorMetrics
+from infergw.connector.options import ConnectorOptions
 
 log = logging.getLogger("connector")
 

@@ -1,5 +1,5 @@
 import sys
 
-from controllers.app import main
+from infergw.controllers.app import main
 
 sys.exit(main())

@@ -1,4 +1,4 @@
-"""`python -m controllers` / `infergate controllers`: the reconcilers, standalone or against a
+"""`python -m infergw.controllers` / `infergate controllers`: the reconcilers, standalone or against a
 cluster.
 
 standalone (default): objects from --manifests (a watched YAML directory) live in memory,
@@ -18,14 +18,14 @@ from pathlib import Path
 
 from prometheus_client import start_http_server
 
-from api import logs
-from api.names import KV_EVENTS_PORT, POOL_FILE_ENV
-from cluster.store import AUTOSCALING_BINDING, MODEL, MODEL_INFER, POD, Store
-from controllers.autoscaler import AutoscalerReconciler
-from controllers.engine_command import PER_POD, KVEventSockets
-from controllers.model import ModelReconciler
-from controllers.modelinfer import ModelInferReconciler
-from controllers.runner import Controller, ControllerMetrics, own_key, owner_key
+from infergw.api import logs
+from infergw.api.names import KV_EVENTS_PORT, POOL_FILE_ENV
+from infergw.cluster.store import AUTOSCALING_BINDING, MODEL, MODEL_INFER, POD, Store
+from infergw.controllers.autoscaler import AutoscalerReconciler
+from infergw.controllers.engine_command import PER_POD, KVEventSockets
+from infergw.controllers.model import ModelReconciler
+from infergw.controllers.modelinfer import ModelInferReconciler
+from infergw.controllers.runner import Controller, ControllerMetrics, own_key, owner_key
 
 log = logging.getLogger("controllers")
 
@@ -76,10 +76,10 @@ class Standalone:
     _scaler: AutoscalerReconciler | None = None
 
     async def start(self) -> Standalone:
-        from controllers.exporter import PoolExporter
-        from controllers.local_runtime import LocalRuntime
-        from controllers.manifests import ManifestDirectory
-        from controllers.memory_store import MemoryStore
+        from infergw.controllers.exporter import PoolExporter
+        from infergw.controllers.local_runtime import LocalRuntime
+        from infergw.controllers.manifests import ManifestDirectory
+        from infergw.controllers.memory_store import MemoryStore
 
         store = self.store = MemoryStore()
         # The pool file is standalone mode's API server: decode sidecars read their pool there.
@@ -167,11 +167,11 @@ async def serve(args: argparse.Namespace) -> None:
         loop.add_signal_handler(sig, stop.set)
     webhook_store = None
     if args.webhook_port:
-        from controllers.webhook import namespace_reader, serve_webhook
+        from infergw.controllers.webhook import namespace_reader, serve_webhook
 
         labels = None
         if args.mode == "kubernetes":  # namespaces opt in to privileged pods by a label
-            from cluster.kube_store import KubeStore
+            from infergw.cluster.kube_store import KubeStore
 
             webhook_store = KubeStore.from_environment()
             labels = namespace_reader(webhook_store)
@@ -232,9 +232,9 @@ async def _serve_kubernetes(args: argparse.Namespace, stop: asyncio.Event) -> No
     import os
     import socket
 
-    from cluster.kube_store import KubeStore
-    from cluster.store import StoreError
-    from controllers.leader import LeaderElector
+    from infergw.cluster.kube_store import KubeStore
+    from infergw.cluster.store import StoreError
+    from infergw.controllers.leader import LeaderElector
 
     store = KubeStore.from_environment()
     metrics = ControllerMetrics()

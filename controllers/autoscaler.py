@@ -17,11 +17,11 @@ import time
 
 import aiohttp
 
-from api import ApiError, from_dict, prune_nulls
-from api.autoscaling import AutoScalingPolicy, EffectiveStep, effective_policy
-from api.engines import metric_name
-from api.names import ENGINE_LABEL, MODELINFER_LABEL, ROLE_LABEL
-from cluster.store import (
+from infergw.api import ApiError, from_dict, prune_nulls
+from infergw.api.autoscaling import AutoScalingPolicy, EffectiveStep, effective_policy
+from infergw.api.engines import metric_name
+from infergw.api.names import ENGINE_LABEL, MODELINFER_LABEL, ROLE_LABEL
+from infergw.cluster.store import (
     AUTOSCALING_BINDING,
     AUTOSCALING_POLICY,
     MODEL_INFER,
@@ -30,9 +30,9 @@ from cluster.store import (
     Obj,
     Store,
 )
-from controllers import autoscaling as a
-from controllers.conditions import condition, find, listed, now_rfc3339
-from controllers.modelinfer_pods import pod_ready
+from infergw.controllers import autoscaling as a
+from infergw.controllers.conditions import condition, find, listed, now_rfc3339
+from infergw.controllers.modelinfer_pods import pod_ready
 
 log = logging.getLogger("controllers.autoscaler")
 

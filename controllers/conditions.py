@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from datetime import UTC, datetime
 
-from cluster.store import Obj
+from infergw.cluster.store import Obj
 
 TRUE, FALSE, UNKNOWN = "True", "False", "Unknown"
 

@@ -20,9 +20,9 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from api.engines import SGLANG, SIMULATOR, TRTLLM, VLLM, runs_simulator
-from api.names import KV_EVENTS_PORT, KV_REPLAY_PORT
-from api.workload import DEFAULT_ENGINE, Model, ModelRole
+from infergw.api.engines import SGLANG, SIMULATOR, TRTLLM, VLLM, runs_simulator
+from infergw.api.names import KV_EVENTS_PORT, KV_REPLAY_PORT
+from infergw.api.workload import DEFAULT_ENGINE, Model, ModelRole
 
 ENGINE_PORT = 8000  # the pod's serving port: the engine's, or the connector's before it
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 
-from cluster.store import Obj, labels_match
+from infergw.cluster.store import Obj, labels_match
 
 ASSIGNMENT = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from cluster.store import (
+from infergw.cluster.store import (
     INFERENCE_OBJECTIVE,
     INFERENCE_POOL,
     MODEL_ROUTE,
@@ -23,7 +23,7 @@ from cluster.store import (
     Obj,
     Store,
 )
-from controllers import envoy_eds
+from infergw.controllers import envoy_eds
 
 
 def _slim(obj: Obj) -> Obj:

@@ -10,7 +10,7 @@ import asyncio
 import logging
 from datetime import UTC, datetime
 
-from cluster.store import LEASE, AlreadyExists, Conflict, Obj, Store, StoreError
+from infergw.cluster.store import LEASE, AlreadyExists, Conflict, Obj, Store, StoreError
 
 log = logging.getLogger("controllers.leader")
 

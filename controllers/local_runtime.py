@@ -27,7 +27,7 @@ and POD_IP is always set, with the runtime's own `env` (standalone mode: where t
 file is, as a kubelet tells every pod where the API server is). There are no images here,
 only what is installed on this machine:
 - a command whose first word is `infergate` runs this installation's CLI
-  (`sys.executable -m infergate.cli ...`), e.g. the simulator's `infergate simulate` or the
+  (`sys.executable -m infergw.cli ...`), e.g. the simulator's `infergate simulate` or the
   decode pod's `infergate connector`, without `.venv/bin` on PATH;
 - a container without a command runs the simulator with its args (`--host` the pod's
   address) if its image is a simulator image (api/engines.py), as the infergate image's
@@ -57,13 +57,13 @@ from pathlib import Path
 
 import aiohttp
 
-from api.engines import SIMULATOR_IMAGES, image_repository
-from api.names import ENGINE_NOT_INSTALLED
-from cluster.informer import Informer
-from cluster.store import POD, NotFound, Obj, Store
-from controllers.address_locks import AddressLocks
-from controllers.engine_command import INSTALL_HINTS
-from controllers.process_group import stop_container
+from infergw.api.engines import SIMULATOR_IMAGES, image_repository
+from infergw.api.names import ENGINE_NOT_INSTALLED
+from infergw.cluster.informer import Informer
+from infergw.cluster.store import POD, NotFound, Obj, Store
+from infergw.controllers.address_locks import AddressLocks
+from infergw.controllers.engine_command import INSTALL_HINTS
+from infergw.controllers.process_group import stop_container
 
 log = logging.getLogger("controllers.local_runtime")
 _VAR = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
@@ -462,9 +462,9 @@ class LocalRuntime:
                     "engine.type: Simulator for the simulator"
                 )
             # the simulator, on the pod's own address
-            args = [sys.executable, "-m", "simulator", *args, "--host", env["POD_IP"]]
+            args = [sys.executable, "-m", "infergw.simulator", *args, "--host", env["POD_IP"]]
         elif command[0] == "infergate":  # this installation's CLI, wherever it is
-            args = [sys.executable, "-m", "infergate.cli", *args[1:]]
+            args = [sys.executable, "-m", "infergw.cli", *args[1:]]
         else:
             await _check_installed(command, env.get("PATH", os.environ.get("PATH", "")))
         return [_expand(str(a), env) for a in args]

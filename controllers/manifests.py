@@ -17,10 +17,10 @@ from pathlib import Path
 
 import yaml
 
-from api import forbidden_host_powers, prune_nulls, validate_dict, yaml_files
-from api.meta import Problems
-from api.pod import check_pod_template
-from cluster.store import KINDS, NotFound, Obj, Store, kind_of
+from infergw.api import forbidden_host_powers, prune_nulls, validate_dict, yaml_files
+from infergw.api.meta import Problems
+from infergw.api.pod import check_pod_template
+from infergw.cluster.store import KINDS, NotFound, Obj, Store, kind_of
 
 log = logging.getLogger("controllers.manifests")
 # Kinds an example directory holds for the rest of the stack, not for the controllers: the

@@ -9,8 +9,8 @@ import uuid
 from collections import deque
 from collections.abc import AsyncIterator
 
-from api import prune_nulls
-from cluster.store import (
+from infergw.api import prune_nulls
+from infergw.cluster.store import (
     AlreadyExists,
     Conflict,
     Gone,
@@ -21,7 +21,7 @@ from cluster.store import (
     kind_of,
     labels_match,
 )
-from controllers.conditions import now_rfc3339
+from infergw.controllers.conditions import now_rfc3339
 
 _Key = tuple[str, str, str]  # kind, namespace, name
 

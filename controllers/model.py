@@ -16,12 +16,12 @@ from dataclasses import dataclass
 
 import msgspec
 
-import api
-from api import Condition, Model, ModelInfer
-from api.meta import ApiStruct
-from api.names import ENGINE_NOT_INSTALLED
-from api.workload import ModelInferStatus
-from cluster.store import (
+from infergw import api
+from infergw.api import Condition, Model, ModelInfer
+from infergw.api.meta import ApiStruct
+from infergw.api.names import ENGINE_NOT_INSTALLED
+from infergw.api.workload import ModelInferStatus
+from infergw.cluster.store import (
     KINDS,
     MODEL,
     MODEL_INFER,
@@ -33,9 +33,9 @@ from cluster.store import (
     StoreError,
     controller_of,
 )
-from controllers import model_objects
-from controllers.conditions import condition
-from controllers.engine_command import PER_POD, KVEventSockets
+from infergw.controllers import model_objects
+from infergw.controllers.conditions import condition
+from infergw.controllers.engine_command import PER_POD, KVEventSockets
 
 log = logging.getLogger("controllers.model")
 NOT_OURS_RETRY = 30.0  # seconds between looks at an object in the way

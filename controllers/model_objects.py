@@ -18,7 +18,7 @@ from typing import Any, overload
 
 import msgspec
 
-from api import (
+from infergw.api import (
     AutoScalingPolicy,
     AutoScalingPolicyBinding,
     InferencePool,
@@ -28,16 +28,16 @@ from api import (
     ModelServer,
     ObjectMeta,
 )
-from api.autoscaling import (
+from infergw.api.autoscaling import (
     AutoScalingPolicyBindingSpec,
     AutoScalingPolicySpec,
     BoundedTarget,
     ScaleTargetRef,
 )
-from api.engines import METRIC_VOCABULARY
-from api.meta import ApiStruct, LocalRef
-from api.names import DECODE, ENGINE_LABEL, GROUP_LABEL, MODEL_LABEL, PREFILL, ROLE_LABEL
-from api.networking import (
+from infergw.api.engines import METRIC_VOCABULARY
+from infergw.api.meta import ApiStruct, LocalRef
+from infergw.api.names import DECODE, ENGINE_LABEL, GROUP_LABEL, MODEL_LABEL, PREFILL, ROLE_LABEL
+from infergw.api.networking import (
     DEFAULT_KV_CONNECTOR,
     ModelRouteSpec,
     ModelServerSpec,
@@ -47,14 +47,14 @@ from api.networking import (
     WorkloadPort,
     WorkloadSelector,
 )
-from api.upstream import (
+from infergw.api.upstream import (
     DEFAULT_FAILURE_MODE,
     EndpointPickerRef,
     InferencePoolSpec,
     PoolSelector,
     Port,
 )
-from api.workload import (
+from infergw.api.workload import (
     DEFAULT_MAX_UNAVAILABLE,
     DEFAULT_MIN_REPLICAS,
     DEFAULT_RECOVERY_POLICY,
@@ -69,8 +69,8 @@ from api.workload import (
     RollingUpdateConfiguration,
     RolloutStrategy,
 )
-from cluster.store import owner_reference_of
-from controllers.engine_command import (
+from infergw.cluster.store import owner_reference_of
+from infergw.controllers.engine_command import (
     ENGINE_PORT,
     PER_POD,
     KVEventSockets,

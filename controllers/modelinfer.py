@@ -13,11 +13,11 @@ import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-import api
-from api import ModelInfer
-from api.names import ENGINE_NOT_INSTALLED, MODELINFER_LABEL, REVISION_LABEL
-from api.workload import DEFAULT_RECOVERY_POLICY
-from cluster.store import (
+from infergw import api
+from infergw.api import ModelInfer
+from infergw.api.names import ENGINE_NOT_INSTALLED, MODELINFER_LABEL, REVISION_LABEL
+from infergw.api.workload import DEFAULT_RECOVERY_POLICY
+from infergw.cluster.store import (
     MODEL_INFER,
     POD,
     POD_GROUP,
@@ -27,8 +27,8 @@ from cluster.store import (
     Obj,
     Store,
 )
-from controllers import modelinfer_pods as mp
-from controllers.conditions import condition, listed
+from infergw.controllers import modelinfer_pods as mp
+from infergw.controllers.conditions import condition, listed
 
 log = logging.getLogger("controllers.modelinfer")
 # Pods one pass creates at most, as the ReplicaSet controller's burstReplicas: a huge

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 import msgspec
 
-from api import ModelInfer
-from api.names import (
+from infergw.api import ModelInfer
+from infergw.api.names import (
     ENGINE_NOT_INSTALLED,
     ENTRY_LABEL,
     GROUP_LABEL,
@@ -21,14 +21,14 @@ from api.names import (
     ROLE_INDEX_LABEL,
     ROLE_LABEL,
 )
-from api.workload import (
+from infergw.api.workload import (
     DEFAULT_MAX_UNAVAILABLE,
     DEFAULT_REPLICAS,
     DEFAULT_ROLE_REPLICAS,
     DEFAULT_WORKER_REPLICAS,
     Role,
 )
-from cluster.store import Obj, owner_reference_of
+from infergw.cluster.store import Obj, owner_reference_of
 
 
 @dataclass(slots=True, frozen=True)

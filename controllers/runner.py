@@ -14,10 +14,10 @@ from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from api import ApiError
-from cluster.informer import Informer
-from cluster.store import Conflict, Kind, Obj, Store, StoreError, controller_of
-from controllers.workqueue import WorkQueue
+from infergw.api import ApiError
+from infergw.cluster.informer import Informer
+from infergw.cluster.store import Conflict, Kind, Obj, Store, StoreError, controller_of
+from infergw.controllers.workqueue import WorkQueue
 
 log = logging.getLogger("controllers.runner")
 

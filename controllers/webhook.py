@@ -38,10 +38,10 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 
-import api
-from api import networking
-from cluster import certs
-from cluster.store import NAMESPACE, Store
+from infergw import api
+from infergw.api import networking
+from infergw.cluster import certs
+from infergw.cluster.store import NAMESPACE, Store
 
 log = logging.getLogger("controllers.webhook")
 

@@ -1,5 +1,5 @@
 import sys
 
-from epp.app import main
+from infergw.epp.app import main
 
 sys.exit(main())

@@ -19,20 +19,20 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pbg
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import Gauge
 
-from api import logs, yaml_files
-from cluster import certs
-from epp.body_budget import BodyBudget
-from epp.datastore import Datastore
-from epp.director import Director, DirectorOptions
-from epp.extproc import ExternalProcessor
-from epp.flowcontrol import FlowControlConfig, FlowControlConfigError
-from epp.gatekeeper import Gatekeeper
-from epp.http_server import make_app
-from epp.metrics import PickerMetrics
-from epp.options import PickerOptions, parse_options
-from epp.providers.file import FileProvider, FileProviderError
-from epp.providers.kubernetes import KubernetesProviderError
-from epp.scheduling.config import (
+from infergw.api import logs, yaml_files
+from infergw.cluster import certs
+from infergw.epp.body_budget import BodyBudget
+from infergw.epp.datastore import Datastore
+from infergw.epp.director import Director, DirectorOptions
+from infergw.epp.extproc import ExternalProcessor
+from infergw.epp.flowcontrol import FlowControlConfig, FlowControlConfigError
+from infergw.epp.gatekeeper import Gatekeeper
+from infergw.epp.http_server import make_app
+from infergw.epp.metrics import PickerMetrics
+from infergw.epp.options import PickerOptions, parse_options
+from infergw.epp.providers.file import FileProvider, FileProviderError
+from infergw.epp.providers.kubernetes import KubernetesProviderError
+from infergw.epp.scheduling.config import (
     ConfigError,
     ConfigFile,
     SchedulingConfig,
@@ -40,14 +40,14 @@ from epp.scheduling.config import (
     needs_kv_cache,
     read_config,
 )
-from epp.scheduling.handle import ForgetsServers, Handle
-from epp.scrape import MetricsScraper
-from epp.tokenizing import ModelTokenizers
-from epp.trust import HeaderTrust, Users, UsersConfigError
-from kvindex.tokenize import PromptTokenizers
+from infergw.epp.scheduling.handle import ForgetsServers, Handle
+from infergw.epp.scrape import MetricsScraper
+from infergw.epp.tokenizing import ModelTokenizers
+from infergw.epp.trust import HeaderTrust, Users, UsersConfigError
+from infergw.kvindex.tokenize import PromptTokenizers
 
 if TYPE_CHECKING:
-    from epp.kv_events import KVCacheView
+    from infergw.epp.kv_events import KVCacheView
 
 log = logging.getLogger("epp")
 
@@ -146,7 +146,7 @@ def build_kv_cache(
     started (start_kv_cache binds its sockets once the provider runs)."""
     if not needs_kv_cache(doc):
         return None
-    from epp.kv_events import KVCacheView, KVEventOptions
+    from infergw.epp.kv_events import KVCacheView, KVEventOptions
 
     view = KVCacheView(
         datastore,
@@ -186,7 +186,7 @@ async def start_provider(
             datastore, opts.pool_files, opts.pool_name, opts.pool_namespace, metrics=metrics
         )
     else:
-        from epp.providers.kubernetes import KubernetesProvider
+        from infergw.epp.providers.kubernetes import KubernetesProvider
 
         provider = KubernetesProvider(
             datastore, opts.pool_name, opts.pool_namespace, metrics=metrics

@@ -8,7 +8,7 @@ read), so concurrent large bodies cannot exhaust the picker's memory.
 
 from __future__ import annotations
 
-from epp.errors import PickerError
+from infergw.epp.errors import PickerError
 
 DEFAULT_MAX_HELD_BYTES = 256 * 1024 * 1024  # eight bodies of the default --max-body-bytes
 RETRY_AFTER_SECONDS = 1

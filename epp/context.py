@@ -15,13 +15,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
-from epp.request import InferenceRequest, token_ids, token_ids_off_loop
-from epp.routing.table import Resolution
-from epp.trust import DEFAULT_FAIRNESS_ID
+from infergw.epp.request import InferenceRequest, token_ids, token_ids_off_loop
+from infergw.epp.routing.table import Resolution
+from infergw.epp.trust import DEFAULT_FAIRNESS_ID
 
 if TYPE_CHECKING:  # the gatekeeper and tokenizers read the context: no import cycle at run time
-    from epp.gatekeeper import Ticket
-    from kvindex.tokenize import PromptError, PromptTokenizer
+    from infergw.epp.gatekeeper import Ticket
+    from infergw.kvindex.tokenize import PromptError, PromptTokenizer
 
 T = TypeVar("T")
 

@@ -12,8 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from cluster.pool import PoolSpec, members, pod_problem
-from epp.routing.table import RouteTable
+from infergw.cluster.pool import PoolSpec, members, pod_problem
+from infergw.epp.routing.table import RouteTable
 
 log = logging.getLogger("epp.datastore")
 

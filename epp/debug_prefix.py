@@ -7,11 +7,11 @@ from __future__ import annotations
 import asyncio
 import json
 
-from epp.context import RequestContext
-from epp.errors import PickerError
-from epp.request import parse_request
-from epp.scheduling.plugins.precise_prefix_cache import PrecisePrefixCacheScorer
-from kvindex.index import DEFAULT_TIER_WEIGHTS
+from infergw.epp.context import RequestContext
+from infergw.epp.errors import PickerError
+from infergw.epp.request import parse_request
+from infergw.epp.scheduling.plugins.precise_prefix_cache import PrecisePrefixCacheScorer
+from infergw.kvindex.index import DEFAULT_TIER_WEIGHTS
 
 
 async def prefix_report(raw: bytes, director, view) -> tuple[int, dict]:

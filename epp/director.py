@@ -10,16 +10,16 @@ import random
 import time
 from dataclasses import dataclass, field
 
-from epp.bodyless import allowed_without_body
-from epp.context import RequestContext
-from epp.datastore import Datastore, Endpoint
-from epp.eligibility import Eligibility
-from epp.errors import PickerError
-from epp.gatekeeper import Gatekeeper
-from epp.metrics import PickerMetrics
-from epp.scheduling.config import SchedulingConfig
-from epp.scheduling.framework import PrepareData, ResponseInfo
-from epp.trust import HeaderTrust
+from infergw.epp.bodyless import allowed_without_body
+from infergw.epp.context import RequestContext
+from infergw.epp.datastore import Datastore, Endpoint
+from infergw.epp.eligibility import Eligibility
+from infergw.epp.errors import PickerError
+from infergw.epp.gatekeeper import Gatekeeper
+from infergw.epp.metrics import PickerMetrics
+from infergw.epp.scheduling.config import SchedulingConfig
+from infergw.epp.scheduling.framework import PrepareData, ResponseInfo
+from infergw.epp.trust import HeaderTrust
 
 log = logging.getLogger("epp.director")
 

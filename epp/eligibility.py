@@ -6,11 +6,11 @@ while a request waits."""
 
 from __future__ import annotations
 
-from epp.context import RequestContext
-from epp.datastore import Datastore, Endpoint
-from epp.errors import PickerError
-from epp.routing.table import selects
-from epp.scheduling.framework import ProfileHandler
+from infergw.epp.context import RequestContext
+from infergw.epp.datastore import Datastore, Endpoint
+from infergw.epp.errors import PickerError
+from infergw.epp.routing.table import selects
+from infergw.epp.scheduling.framework import ProfileHandler
 
 
 class Eligibility:

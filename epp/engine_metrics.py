@@ -15,8 +15,8 @@ import math
 import re
 import time
 
-from api.engines import ENGINES
-from epp.datastore import EndpointMetrics
+from infergw.api.engines import ENGINES
+from infergw.epp.datastore import EndpointMetrics
 
 # vLLM before v1 called KV usage this; still seen in the wild.
 _LEGACY_KV = {"vllm": "vllm:gpu_cache_usage_perc"}

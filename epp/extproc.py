@@ -17,14 +17,14 @@ import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pbg
 
-from epp import protocol
-from epp.body_budget import BodyBudget
-from epp.context import RequestContext
-from epp.director import Director
-from epp.errors import PickerError
-from epp.request import InferenceRequest, parse_request
-from epp.response import MAX_HELD, ResponseChain, UsageReader, response_chain
-from epp.scheduling.framework import ResponseInfo
+from infergw.epp import protocol
+from infergw.epp.body_budget import BodyBudget
+from infergw.epp.context import RequestContext
+from infergw.epp.director import Director
+from infergw.epp.errors import PickerError
+from infergw.epp.request import InferenceRequest, parse_request
+from infergw.epp.response import MAX_HELD, ResponseChain, UsageReader, response_chain
+from infergw.epp.scheduling.framework import ResponseInfo
 
 log = logging.getLogger("epp.extproc")
 

@@ -15,18 +15,18 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from epp.context import RequestContext
-from epp.datastore import Endpoint
-from epp.errors import PickerError
-from epp.flowcontrol import (
+from infergw.epp.context import RequestContext
+from infergw.epp.datastore import Endpoint
+from infergw.epp.errors import PickerError
+from infergw.epp.flowcontrol import (
     AdmissionController,
     FlowControlConfig,
     FlowItem,
     SaturationDetector,
 )
-from epp.ratelimit import Limiter, RateLimitMetrics, RedisClients, build_limiter
-from epp.routing.table import Resolution
-from epp.tokenizing import PromptTokenizing
+from infergw.epp.ratelimit import Limiter, RateLimitMetrics, RedisClients, build_limiter
+from infergw.epp.routing.table import Resolution
+from infergw.epp.tokenizing import PromptTokenizing
 
 log = logging.getLogger("epp.gatekeeper")
 MAX_FLOWS_REMEMBERED = 10_000  # answer-length averages kept, least recently used dropped

@@ -11,10 +11,10 @@ import os
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from epp.datastore import Datastore, Endpoint
-from epp.errors import PickerError
-from epp.metrics import PickerMetrics
-from epp.scheduling.handle import DebugReport
+from infergw.epp.datastore import Datastore, Endpoint
+from infergw.epp.errors import PickerError
+from infergw.epp.metrics import PickerMetrics
+from infergw.epp.scheduling.handle import DebugReport
 
 DEBUG_BODY_LIMIT = 1024 * 1024  # POST /debug/prefix-scores: larger bodies get 413
 
@@ -76,7 +76,7 @@ def debug_routes(datastore: Datastore, director, view) -> list[web.RouteDef]:
 
     async def prefix_scores(request: web.Request) -> web.Response:
         """Why a request would go where it goes: per endpoint, the blocks of its prompt held."""
-        from epp.debug_prefix import prefix_report
+        from infergw.epp.debug_prefix import prefix_report
 
         try:
             raw = await request.read()

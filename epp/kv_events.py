@@ -14,13 +14,13 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from epp.datastore import Datastore
-from epp.options import KV_EVENTS_PORT, default_kv_events_bind
-from kvindex.cache import KVCache
-from kvindex.index import KVBlockIndex
-from kvindex.subscriber import KVEventSubscriber
-from kvindex.tokenize import PromptTokenizers
-from kvindex.translate import EventTranslator
+from infergw.epp.datastore import Datastore
+from infergw.epp.options import KV_EVENTS_PORT, default_kv_events_bind
+from infergw.kvindex.cache import KVCache
+from infergw.kvindex.index import KVBlockIndex
+from infergw.kvindex.subscriber import KVEventSubscriber
+from infergw.kvindex.tokenize import PromptTokenizers
+from infergw.kvindex.translate import EventTranslator
 
 log = logging.getLogger("epp.kv_events")
 

@@ -8,8 +8,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from api import logs
-from epp.body_budget import DEFAULT_MAX_HELD_BYTES
+from infergw.api import logs
+from infergw.epp.body_budget import DEFAULT_MAX_HELD_BYTES
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m)?$")
 KV_EVENTS_PORT = 5557

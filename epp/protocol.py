@@ -15,7 +15,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 
-from api.names import DESTINATION_HEADER, PREFILLER_HEADER, SERVED_HEADER, SUBSET_HEADER
+from infergw.api.names import DESTINATION_HEADER, PREFILLER_HEADER, SERVED_HEADER, SUBSET_HEADER
 
 LB_NAMESPACE = "envoy.lb"
 SUBSET_NAMESPACE = "envoy.lb.subset_hint"

@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from api.names import SESSION_HEADER, USER_HEADER
-from epp.errors import PickerError
-from epp.json_splice import find_member, set_member
-from epp.request_body import (
+from infergw.api.names import SESSION_HEADER, USER_HEADER
+from infergw.epp.errors import PickerError
+from infergw.epp.json_splice import find_member, set_member
+from infergw.epp.request_body import (
     STREAM_OPTIONS,
     TEXT,
     RequestBody,
@@ -30,7 +30,7 @@ from epp.request_body import (
 )
 
 if TYPE_CHECKING:  # loaded when a prompt is first tokenized (jinja2, tokenizers)
-    from kvindex.tokenize import PromptError, PromptTokenizer
+    from infergw.kvindex.tokenize import PromptError, PromptTokenizer
 
 log = logging.getLogger("epp.request")
 
@@ -145,7 +145,7 @@ def _tokens_or_error(
     """The token ids, 4 bytes each (a list of ints would hold 36 a token for the request's
     life), or the PromptError the tokenizer raised (kept, so it is raised once a caller asks
     rather than in the tokenizing thread)."""
-    from kvindex.tokenize import PromptError
+    from infergw.kvindex.tokenize import PromptError
 
     size = _prompt_bytes(body)
     if size > MAX_TOKENIZED_BYTES:

@@ -16,8 +16,8 @@ from typing import Annotated
 
 import msgspec
 
-from epp.errors import PickerError
-from epp.json_splice import JSON_STRING
+from infergw.epp.errors import PickerError
+from infergw.epp.json_splice import JSON_STRING
 
 # An upper bound on max_tokens and its kin. vLLM bounds them by the model's context window,
 # which the picker does not know; 2**24 is above every context window served today, and keeps

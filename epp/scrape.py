@@ -22,9 +22,9 @@ from collections.abc import Callable
 import aiohttp
 import msgspec
 
-from epp.datastore import Datastore, Endpoint
-from epp.engine_metrics import InvalidMetricValue, MetricsParseError, parse
-from epp.metrics import PickerMetrics
+from infergw.epp.datastore import Datastore, Endpoint
+from infergw.epp.engine_metrics import InvalidMetricValue, MetricsParseError, parse
+from infergw.epp.metrics import PickerMetrics
 
 log = logging.getLogger("epp.scrape")
 

@@ -10,12 +10,12 @@ import logging
 from array import array
 from typing import TYPE_CHECKING, Protocol
 
-from epp.context import RequestContext
-from kvindex.cache import TOKENIZED_APIS
-from kvindex.tokenize import PromptError
+from infergw.epp.context import RequestContext
+from infergw.kvindex.cache import TOKENIZED_APIS
+from infergw.kvindex.tokenize import PromptError
 
 if TYPE_CHECKING:
-    from kvindex.tokenize import PromptTokenizer, PromptTokenizers
+    from infergw.kvindex.tokenize import PromptTokenizer, PromptTokenizers
 
 log = logging.getLogger("epp.tokenizing")
 

@@ -22,10 +22,10 @@ import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from api.names import FAIRNESS_ID_HEADER, MODEL_REWRITE_HEADER, OBJECTIVE_HEADER
+from infergw.api.names import FAIRNESS_ID_HEADER, MODEL_REWRITE_HEADER, OBJECTIVE_HEADER
 
 if TYPE_CHECKING:  # the context starts from this module's defaults
-    from epp.context import RequestContext
+    from infergw.epp.context import RequestContext
 
 log = logging.getLogger("epp.trust")
 

@@ -9,10 +9,10 @@ USAGE = """usage: infergate <command> [args...]
 
 commands:
   up         the local stack from an example directory (infergate up examples/quickstart)
-  epp        the endpoint picker, an Envoy ext_proc server (python -m epp)
-  controllers  reconcile Models, ModelInfers and autoscaling (python -m controllers)
-  connector  a decode pod's P/D sidecar: prefill remotely, decode locally (python -m connector)
-  simulate   a vLLM-compatible model server without GPUs (python -m simulator)
+  epp        the endpoint picker, an Envoy ext_proc server (python -m infergw.epp)
+  controllers  reconcile Models, ModelInfers and autoscaling (python -m infergw.controllers)
+  connector  a decode pod's P/D sidecar: prefill remotely, decode locally (python -m infergw.connector)
+  simulate   a vLLM-compatible model server without GPUs (python -m infergw.simulator)
   bench      run a benchmark under bench/ (infergate bench simulator ...; fairness: tenants
              contending for one pod, with and without flow control; pd: aggregated against
              prefill/decode disaggregated serving; soak: steady load while pods, the
@@ -21,13 +21,13 @@ commands:
 
 # Benchmarks by name, as module paths: the launcher finds them, they never import it.
 BENCHMARKS = {
-    "simulator": "bench.simulator",
-    "epp_overhead": "bench.epp_overhead",
-    "kvindex": "bench.kvindex",
-    "routing": "bench.routing.cli",
-    "fairness": "bench.fairness.cli",
-    "pd": "bench.pd.cli",
-    "soak": "bench.soak",
+    "simulator": "infergw.bench.simulator",
+    "epp_overhead": "infergw.bench.epp_overhead",
+    "kvindex": "infergw.bench.kvindex",
+    "routing": "infergw.bench.routing.cli",
+    "fairness": "infergw.bench.fairness.cli",
+    "pd": "infergw.bench.pd.cli",
+    "soak": "infergw.bench.soak",
 }
 
 
@@ -45,23 +45,23 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if args else 2
     command, rest = args[0], args[1:]
     if command == "up":
-        from infergate.up import main as up
+        from infergw.up import main as up
 
         return up(rest)
     if command == "epp":
-        from epp.app import main as epp
+        from infergw.epp.app import main as epp
 
         return epp(rest)
     if command == "controllers":
-        from controllers.app import main as controllers
+        from infergw.controllers.app import main as controllers
 
         return controllers(rest)
     if command == "connector":
-        from connector.app import main as connector
+        from infergw.connector.app import main as connector
 
         return connector(rest)
     if command == "simulate":
-        from simulator.app import main as simulate
+        from infergw.simulator.app import main as simulate
 
         return simulate(rest)
     if command == "bench":

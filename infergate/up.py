@@ -24,9 +24,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from stack.example import Example, ExampleError
-from stack.local import QUICKSTART, LocalStack, StackConfig
-from stack.ports import StackPorts
+from infergw.stack.example import Example, ExampleError
+from infergw.stack.local import QUICKSTART, LocalStack, StackConfig
+from infergw.stack.ports import StackPorts
 
 
 def build_parser() -> argparse.ArgumentParser:

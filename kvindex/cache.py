@@ -27,9 +27,9 @@ from typing import Protocol
 
 from prometheus_client import Histogram
 
-from kvindex.index import KVBlockIndex
-from kvindex.keys import prompt_keys
-from kvindex.tokenize import PromptError, PromptTokenizer, PromptTokenizers
+from infergw.kvindex.index import KVBlockIndex
+from infergw.kvindex.keys import prompt_keys
+from infergw.kvindex.tokenize import PromptError, PromptTokenizer, PromptTokenizers
 
 log = logging.getLogger("kvindex.cache")
 

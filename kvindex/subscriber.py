@@ -32,7 +32,7 @@ from typing import Protocol
 import zmq
 import zmq.asyncio
 
-from kvindex.events import (
+from infergw.kvindex.events import (
     AllBlocksCleared,
     EventBatch,
     KVEventDecodeError,

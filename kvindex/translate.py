@@ -19,10 +19,10 @@ from __future__ import annotations
 
 from collections import Counter
 
-from kvindex.events import AllBlocksCleared, BlockRemoved, BlockStored
-from kvindex.index import KVBlockIndex, Tier, approx_bytes, walk_bytes
-from kvindex.keys import block_keys, encode_extras, model_root
-from kvindex.unresolved import UnresolvedHashes
+from infergw.kvindex.events import AllBlocksCleared, BlockRemoved, BlockStored
+from infergw.kvindex.index import KVBlockIndex, Tier, approx_bytes, walk_bytes
+from infergw.kvindex.keys import block_keys, encode_extras, model_root
+from infergw.kvindex.unresolved import UnresolvedHashes
 
 _INDEXED_KINDS = frozenset({"full_attention", "mla_attention", "sink_full_attention"})
 _TIER_OF_MEDIUM: dict[str, Tier] = {"gpu": "gpu", "cpu": "cpu"}

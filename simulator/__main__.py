@@ -1,5 +1,5 @@
 import sys
 
-from simulator.app import main
+from infergw.simulator.app import main
 
 sys.exit(main())

@@ -9,8 +9,8 @@ import sys
 
 from aiohttp import web
 
-from simulator.config import SimulatorConfig, parse_config
-from simulator.server import Simulator
+from infergw.simulator.config import SimulatorConfig, parse_config
+from infergw.simulator.server import Simulator
 
 log = logging.getLogger("simulator")
 

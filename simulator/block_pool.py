@@ -14,7 +14,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Protocol
 
-from simulator.block_hashing import block_extra_keys, event_hash
+from infergw.simulator.block_hashing import block_extra_keys, event_hash
 
 
 @dataclass(slots=True, frozen=True)

@@ -21,12 +21,12 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from simulator.block_hashing import BlockHasher
-from simulator.block_pool import BlockPool, KVEvent
-from simulator.config import LatencyModel
-from simulator.kv_transfer import KVTransfer, KVTransferError
-from simulator.request import SimRequest, Status, TokenOutput
-from simulator.stats import EngineStats
+from infergw.simulator.block_hashing import BlockHasher
+from infergw.simulator.block_pool import BlockPool, KVEvent
+from infergw.simulator.config import LatencyModel
+from infergw.simulator.kv_transfer import KVTransfer, KVTransferError
+from infergw.simulator.request import SimRequest, Status, TokenOutput
+from infergw.simulator.stats import EngineStats
 
 log = logging.getLogger("simulator.engine")
 

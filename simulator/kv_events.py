@@ -16,8 +16,8 @@ import msgspec
 import zmq
 import zmq.asyncio
 
-from simulator.block_pool import ClearedEvent, KVEvent, RemovedEvent, StoredEvent
-from simulator.config import KVEventsConfig
+from infergw.simulator.block_pool import ClearedEvent, KVEvent, RemovedEvent, StoredEvent
+from infergw.simulator.config import KVEventsConfig
 
 log = logging.getLogger("simulator.kv_events")
 

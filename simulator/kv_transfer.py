@@ -24,10 +24,10 @@ from typing import Any
 
 import aiohttp
 
-from simulator.block_pool import Block, BlockPool
-from simulator.config import KVTransferConfig, LatencyModel
-from simulator.request import RemotePrefill, SimRequest
-from simulator.stats import Histogram
+from infergw.simulator.block_pool import Block, BlockPool
+from infergw.simulator.config import KVTransferConfig, LatencyModel
+from infergw.simulator.request import RemotePrefill, SimRequest
+from infergw.simulator.stats import Histogram
 
 log = logging.getLogger("simulator.kv_transfer")
 

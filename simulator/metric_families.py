@@ -15,7 +15,7 @@ from prometheus_client.core import (
     Metric,
 )
 
-from simulator.stats import Histogram
+from infergw.simulator.stats import Histogram
 
 
 class Families:

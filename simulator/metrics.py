@@ -11,10 +11,10 @@ from collections.abc import Iterator
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import Metric
 
-from simulator.config import SimulatorConfig
-from simulator.engine import Engine
-from simulator.metric_families import Families
-from simulator.vllm_metrics import VllmCollector
+from infergw.simulator.config import SimulatorConfig
+from infergw.simulator.engine import Engine
+from infergw.simulator.metric_families import Families
+from infergw.simulator.vllm_metrics import VllmCollector
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 

@@ -3,8 +3,8 @@ chat messages rendered through the model's template, each refused with the API's
 
 from __future__ import annotations
 
-from simulator.protocol import ApiError, TemplateOptions
-from simulator.tokenization import ChatTemplateError, ModelTokenizer
+from infergw.simulator.protocol import ApiError, TemplateOptions
+from infergw.simulator.tokenization import ChatTemplateError, ModelTokenizer
 
 
 class PromptEncoder:

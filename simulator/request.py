@@ -7,7 +7,7 @@ import enum
 import random
 from dataclasses import dataclass, field
 
-from simulator.block_pool import Block
+from infergw.simulator.block_pool import Block
 
 
 class Status(enum.Enum):

@@ -7,12 +7,12 @@ import hashlib
 import logging
 import random
 
-from simulator import responses
-from simulator.config import SimulatorConfig
-from simulator.kv_transfer import KVTransfer, parse_remote_prefill
-from simulator.protocol import ApiError, GenerationRequest
-from simulator.request import SamplingParams, SimRequest
-from simulator.served_models import LoraAdapter
+from infergw.simulator import responses
+from infergw.simulator.config import SimulatorConfig
+from infergw.simulator.kv_transfer import KVTransfer, parse_remote_prefill
+from infergw.simulator.protocol import ApiError, GenerationRequest
+from infergw.simulator.request import SamplingParams, SimRequest
+from infergw.simulator.served_models import LoraAdapter
 
 # The name operators already filter on: these lines came from the HTTP module.
 log = logging.getLogger("simulator.server")

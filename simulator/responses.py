@@ -12,7 +12,7 @@ from typing import Any
 
 import msgspec
 
-from simulator.request import SimRequest, TokenOutput
+from infergw.simulator.request import SimRequest, TokenOutput
 
 _json = msgspec.json.Encoder()
 DONE = b"data: [DONE]\n\n"

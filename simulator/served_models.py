@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from simulator import responses
-from simulator.config import SimulatorConfig
-from simulator.protocol import ApiError
+from infergw.simulator import responses
+from infergw.simulator.config import SimulatorConfig
+from infergw.simulator.protocol import ApiError
 
 
 @dataclass(slots=True)

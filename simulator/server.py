@@ -8,16 +8,16 @@ import logging
 
 from aiohttp import web
 
-from simulator import responses
-from simulator.block_hashing import BlockHasher
-from simulator.block_pool import BlockPool
-from simulator.config import SimulatorConfig
-from simulator.engine import Engine, EngineLimits
-from simulator.kv_events import KVEventPublisher
-from simulator.kv_transfer import PULL_PATH, KVTransfer, PullRefused
-from simulator.metrics import CONTENT_TYPE, MetricsRenderer
-from simulator.prompts import PromptEncoder
-from simulator.protocol import (
+from infergw.simulator import responses
+from infergw.simulator.block_hashing import BlockHasher
+from infergw.simulator.block_pool import BlockPool
+from infergw.simulator.config import SimulatorConfig
+from infergw.simulator.engine import Engine, EngineLimits
+from infergw.simulator.kv_events import KVEventPublisher
+from infergw.simulator.kv_transfer import PULL_PATH, KVTransfer, PullRefused
+from infergw.simulator.metrics import CONTENT_TYPE, MetricsRenderer
+from infergw.simulator.prompts import PromptEncoder
+from infergw.simulator.protocol import (
     ApiError,
     GenerationRequest,
     decode_json,
@@ -26,10 +26,10 @@ from simulator.protocol import (
     parse_detokenize,
     parse_tokenize,
 )
-from simulator.request import SimRequest, Status
-from simulator.request_builder import RequestBuilder
-from simulator.served_models import LoraAdapter, ServedModels
-from simulator.tokenization import ModelTokenizer
+from infergw.simulator.request import SimRequest, Status
+from infergw.simulator.request_builder import RequestBuilder
+from infergw.simulator.served_models import LoraAdapter, ServedModels
+from infergw.simulator.tokenization import ModelTokenizer
 
 log = logging.getLogger("simulator.server")
 

@@ -12,11 +12,11 @@ from collections.abc import Iterator
 
 from prometheus_client.core import Metric
 
-from simulator.config import SimulatorConfig
-from simulator.engine import Engine
-from simulator.kv_transfer import KVTransfer
-from simulator.metric_families import Families
-from simulator.stats import FINISH_REASONS
+from infergw.simulator.config import SimulatorConfig
+from infergw.simulator.engine import Engine
+from infergw.simulator.kv_transfer import KVTransfer
+from infergw.simulator.metric_families import Families
+from infergw.simulator.stats import FINISH_REASONS
 
 PROMPT_SOURCES = ("local_compute", "local_cache_hit", "external_kv_transfer")
 # The cache tiers of vllm:prompt_tokens_cached_by_source; the simulator fills device and p2p.

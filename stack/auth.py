@@ -29,7 +29,7 @@ import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from api.names import (
+from infergw.api.names import (
     DESTINATION_HEADER,
     FAIRNESS_ID_HEADER,
     MODEL_REWRITE_HEADER,

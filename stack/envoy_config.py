@@ -9,7 +9,7 @@ from pathlib import Path
 import jinja2
 import yaml
 
-from stack.auth import AuthConfig, http_filters
+from infergw.stack.auth import AuthConfig, http_filters
 
 TEMPLATE = Path(__file__).resolve().parent.parent / "gateway-manifests" / "local" / "envoy.yaml.j2"
 

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import yaml
 
-from api import yaml_files
-from api.engines import runs_simulator
-from api.workload import DEFAULT_ENGINE
-from stack.auth import AuthConfig, AuthError
+from infergw.api import yaml_files
+from infergw.api.engines import runs_simulator
+from infergw.api.workload import DEFAULT_ENGINE
+from infergw.stack.auth import AuthConfig, AuthError
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -25,15 +25,15 @@ from pathlib import Path
 
 import yaml
 
-from api import yaml_files
-from api.names import ENGINE_LABEL, KV_REPLAY_PORT
-from cluster.certs import serving_cert
-from stack.auth import AuthConfig
-from stack.envoy_config import EnvoySettings, render
-from stack.pods import StartReport, pool_pods
-from stack.ports import StackPorts
-from stack.readiness import wait_http, wait_until
-from stack.supervise import Supervisor
+from infergw.api import yaml_files
+from infergw.api.names import ENGINE_LABEL, KV_REPLAY_PORT
+from infergw.cluster.certs import serving_cert
+from infergw.stack.auth import AuthConfig
+from infergw.stack.envoy_config import EnvoySettings, render
+from infergw.stack.pods import StartReport, pool_pods
+from infergw.stack.ports import StackPorts
+from infergw.stack.readiness import wait_http, wait_until
+from infergw.stack.supervise import Supervisor
 
 ROOT = Path(__file__).resolve().parent.parent
 QUICKSTART = ROOT / "examples" / "quickstart"
@@ -236,7 +236,7 @@ class LocalStack:
         cmd = [
             sys.executable,
             "-m",
-            "simulator",
+            "infergw.simulator",
             "--host",
             "127.0.0.1",
             "--port",
@@ -263,7 +263,7 @@ class LocalStack:
         cmd = [
             sys.executable,
             "-m",
-            "controllers",
+            "infergw.controllers",
             "--manifests",
             str(c.manifests),
             "--state-dir",
@@ -325,7 +325,7 @@ class LocalStack:
         cmd = [
             sys.executable,
             "-m",
-            "epp",
+            "infergw.epp",
             "--host",
             PICKER_HOST,
             "--grpc-port",

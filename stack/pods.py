@@ -10,8 +10,8 @@ from pathlib import Path
 
 import yaml
 
-from api import yaml_files
-from api.names import ENGINE_NOT_INSTALLED
+from infergw.api import yaml_files
+from infergw.api.names import ENGINE_NOT_INSTALLED
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import socket
 from dataclasses import dataclass
 
-from api.names import KV_EVENTS_PORT, KV_REPLAY_PORT
+from infergw.api.names import KV_EVENTS_PORT, KV_REPLAY_PORT
 
 
 @dataclass(slots=True)

@@ -11,8 +11,8 @@ from contextlib import ExitStack, contextmanager
 
 import pytest
 
-from stack.ports import free_port
-from stack.readiness import wait_http
+from infergw.stack.ports import free_port
+from infergw.stack.readiness import wait_http
 
 # Fixtures shared by several test modules live in helper modules, registered here once.
 pytest_plugins = ["tests.picker_fixtures"]
@@ -59,7 +59,16 @@ def running(
 
 
 def simulator_cmd(port: int, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "simulator", "--host", "127.0.0.1", "--port", str(port), *extra]
+    return [
+        sys.executable,
+        "-m",
+        "infergw.simulator",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        *extra,
+    ]
 
 
 @contextmanager
@@ -98,7 +107,7 @@ def sim_factory():
 @pytest.fixture
 def wall(monkeypatch):
     """The wall clock status conditions are stamped with, moved only by tick()."""
-    from controllers import conditions
+    from infergw.controllers import conditions
     from tests.controller_helpers import Wall
 
     clock = Wall()

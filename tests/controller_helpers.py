@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import copy
 
-from cluster.store import POD, Obj, Store
+from infergw.cluster.store import POD, Obj, Store
 
 
 def modelinfer(name: str = "llm", replicas: int = 2, **spec) -> Obj:

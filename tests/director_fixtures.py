@@ -7,16 +7,16 @@ from __future__ import annotations
 
 import pytest
 
-from epp.context import RequestContext
-from epp.datastore import Datastore, PoolSpec
-from epp.director import Director, DirectorOptions
-from epp.errors import PickerError
-from epp.flowcontrol import FlowControlConfig
-from epp.gatekeeper import Gatekeeper
-from epp.metrics import PickerMetrics
-from epp.request import parse_request
-from epp.scheduling.config import load_config
-from epp.trust import HeaderTrust
+from infergw.epp.context import RequestContext
+from infergw.epp.datastore import Datastore, PoolSpec
+from infergw.epp.director import Director, DirectorOptions
+from infergw.epp.errors import PickerError
+from infergw.epp.flowcontrol import FlowControlConfig
+from infergw.epp.gatekeeper import Gatekeeper
+from infergw.epp.metrics import PickerMetrics
+from infergw.epp.request import parse_request
+from infergw.epp.scheduling.config import load_config
+from infergw.epp.trust import HeaderTrust
 
 HEAD = """\
 apiVersion: inference.networking.x-k8s.io/v1alpha1

@@ -34,7 +34,7 @@ import kubernetes.client
 import yaml
 from aiohttp import web
 
-from controllers.memory_store import scale_of
+from infergw.controllers.memory_store import scale_of
 
 Key = tuple[str, str, str, str, str]  # group, version, plural, namespace, name
 GVP = tuple[str, str, str]  # group, version, plural

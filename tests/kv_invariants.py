@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable
 
-from kvindex.events import AllBlocksCleared, BlockRemoved, BlockStored, EventBatch
-from kvindex.index import _FIELDS, _POD, KVBlockIndex, _slots
+from infergw.kvindex.events import AllBlocksCleared, BlockRemoved, BlockStored, EventBatch
+from infergw.kvindex.index import _FIELDS, _POD, KVBlockIndex, _slots
 
 
 def check_event_stream(batches: Iterable[EventBatch], *, strict: bool = False) -> int:

@@ -8,7 +8,7 @@ import time
 
 import zmq
 
-from kvindex.events import decode_message
+from infergw.kvindex.events import decode_message
 from tests.conftest import free_port
 from tests.paths import TINY_MODEL
 

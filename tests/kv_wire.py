@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import zmq
 
-from kvindex.subscriber import KVEventSubscriber
+from infergw.kvindex.subscriber import KVEventSubscriber
 from tests.paths import TINY
 
 RECORDED_TOPIC = b"kv@127.0.0.1:8300@tiny"

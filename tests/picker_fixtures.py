@@ -1,4 +1,4 @@
-"""A real picker process (`python -m epp` over a file provider) with three simulator pods,
+"""A real picker process (`python -m infergw.epp` over a file provider) with three simulator pods,
 for tests that play Envoy against it over ext_proc: `Picker`, and the module-scoped `sims` and
 `picker` fixtures (import them into the test module to use them)."""
 
@@ -34,11 +34,11 @@ FAST_SIMULATOR = ("--sim-time-scale", "0.05")
 
 
 def picker_cmd(grpc_port: int, metrics_port: int, *flags: str) -> list[str]:
-    """`python -m epp` on 127.0.0.1 with these ext_proc and metrics ports (health on a free one)."""
+    """`python -m infergw.epp` on 127.0.0.1 with these ext_proc and metrics ports (health on a free one)."""
     return [
         sys.executable,
         "-m",
-        "epp",
+        "infergw.epp",
         "--host",
         "127.0.0.1",
         "--grpc-port",

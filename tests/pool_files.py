@@ -9,9 +9,9 @@ from pathlib import Path
 
 import yaml
 
-from epp.datastore import Datastore
-from epp.metrics import PickerMetrics
-from epp.providers.file import FileProvider
+from infergw.epp.datastore import Datastore
+from infergw.epp.metrics import PickerMetrics
+from infergw.epp.providers.file import FileProvider
 
 POOL = {
     "apiVersion": "inference.networking.k8s.io/v1",

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from epp.context import RequestContext
-from epp.request import InferenceRequest
-from epp.request_body import RequestBody
+from infergw.epp.context import RequestContext
+from infergw.epp.request import InferenceRequest
+from infergw.epp.request_body import RequestBody
 
 
 def bare_context(

@@ -20,13 +20,18 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from api.names import DESTINATION_HEADER, MODEL_REWRITE_HEADER, OBJECTIVE_HEADER, USER_HEADER
-from controllers.model_objects import CONNECTOR_SERVICE_ACCOUNT
-from epp import protocol
-from epp.options import build_parser
-from epp.scheduling.config import ConfigError, load_config
-from stack.auth import removed_headers
-from stack.ports import StackPorts
+from infergw.api.names import (
+    DESTINATION_HEADER,
+    MODEL_REWRITE_HEADER,
+    OBJECTIVE_HEADER,
+    USER_HEADER,
+)
+from infergw.controllers.model_objects import CONNECTOR_SERVICE_ACCOUNT
+from infergw.epp import protocol
+from infergw.epp.options import build_parser
+from infergw.epp.scheduling.config import ConfigError, load_config
+from infergw.stack.auth import removed_headers
+from infergw.stack.ports import StackPorts
 from tests.paths import EXAMPLES, ROOT
 from tests.schema_lint import list_errors, structural_errors
 
@@ -436,7 +441,7 @@ def test_role_grants_only_read_verbs_on_what_the_picker_reads() -> None:
             assert "*" not in rule["resources"] and "*" not in rule["apiGroups"], rule
             granted |= {(g, r) for g in rule["apiGroups"] for r in rule["resources"]}
     # Everything the Kubernetes provider lists or watches, and nothing else.
-    from epp.providers.kubernetes import OPTIONAL_KINDS
+    from infergw.epp.providers.kubernetes import OPTIONAL_KINDS
 
     assert granted == {
         ("", "pods"),

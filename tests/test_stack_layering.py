@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from infergate.cli import BENCHMARKS
+from infergw.cli import BENCHMARKS
 
 # Every module of the packages, except `__main__`s (importing one runs its benchmark).
 IMPORT_ALL = """
@@ -70,7 +70,7 @@ def test_every_benchmark_name_is_a_module_with_a_main():
 @pytest.mark.parametrize("args", [["bench"], ["bench", "no-such-benchmark"]])
 def test_bench_without_a_known_name_lists_the_names(args):
     out = subprocess.run(
-        [sys.executable, "-m", "infergate.cli", *args], capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "infergw.cli", *args], capture_output=True, text=True, timeout=60
     )
     assert out.returncode == 2
     assert out.stdout.strip() == f"usage: infergate bench {{{','.join(BENCHMARKS)}}} [flags]"

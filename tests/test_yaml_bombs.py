@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from api import yaml_files
-from cluster.store import AUTOSCALING_POLICY, MODEL_INFER
-from controllers.manifests import ManifestDirectory
-from controllers.memory_store import MemoryStore
-from epp.scheduling.config import ConfigError, load_config
+from infergw.api import yaml_files
+from infergw.cluster.store import AUTOSCALING_POLICY, MODEL_INFER
+from infergw.controllers.manifests import ManifestDirectory
+from infergw.controllers.memory_store import MemoryStore
+from infergw.epp.scheduling.config import ConfigError, load_config
 from tests.conftest import free_port
 from tests.paths import CRD_EXAMPLES
 from tests.picker_fixtures import Picker
@@ -111,7 +111,7 @@ def test_anchors_that_expand_little_still_load():
 
 
 def picker_refusing_its_config(tmp_path: Path, place_config) -> str:
-    """Start the real `python -m epp` after `place_config(path)` put its config file in
+    """Start the real `python -m infergw.epp` after `place_config(path)` put its config file in
     place; it must exit with status 2 at once. Its stderr."""
     picker = Picker(tmp_path, [free_port()])
     config = tmp_path / "config.yaml"

@@ -1,5 +1,5 @@
 import sys
 
-from bench.fairness.cli import main
+from infergw.bench.fairness.cli import main
 
 sys.exit(main())

@@ -14,10 +14,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import machine, save_results
-from bench.fairness.report import markdown, plot
-from bench.fairness.scenario import SLOTS, TENANTS, Measurement, measure
-from bench.fairness.stack import fairness_stack
+from infergw.bench.common import machine, save_results
+from infergw.bench.fairness.report import markdown, plot
+from infergw.bench.fairness.scenario import SLOTS, TENANTS, Measurement, measure
+from infergw.bench.fairness.stack import fairness_stack
 
 QUICK = {"alone_s": 4.0, "duration_s": 10.0, "warmup_s": 2.0}
 FULL = {"alone_s": 10.0, "duration_s": 60.0, "warmup_s": 5.0}

@@ -30,8 +30,8 @@ from dataclasses import dataclass
 
 import aiohttp
 
-from bench.common import percentile
-from bench.fairness.load import Result, Run, Tenant, auth_headers, drive, weighted_tokens
+from infergw.bench.common import percentile
+from infergw.bench.fairness.load import Result, Run, Tenant, auth_headers, drive, weighted_tokens
 
 SLOTS = 16  # examples/fairness/model.yaml: --max-num-seqs
 WAITING = 1  # epp-config.yaml: queueDepthThreshold 0.5 lets one request wait in the pod

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import yaml
 
-from bench.common import ROOT
-from stack.example import Example
-from stack.local import LocalStack, StackConfig
-from stack.ports import free_stack_ports
+from infergw.bench.common import ROOT
+from infergw.stack.example import Example
+from infergw.stack.local import LocalStack, StackConfig
+from infergw.stack.ports import free_stack_ports
 
 EXAMPLE = ROOT / "examples" / "fairness"
 

@@ -1,5 +1,5 @@
 import sys
 
-from bench.pd.cli import main
+from infergw.bench.pd.cli import main
 
 sys.exit(main())

@@ -14,11 +14,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from bench.common import machine, save_results
-from bench.pd.fleet import MODES
-from bench.pd.report import markdown, plot
-from bench.pd.run import Settings, run_point
-from bench.pd.workload import Mix
+from infergw.bench.common import machine, save_results
+from infergw.bench.pd.fleet import MODES
+from infergw.bench.pd.report import markdown, plot
+from infergw.bench.pd.run import Settings, run_point
+from infergw.bench.pd.workload import Mix
 
 FULL = {"rates": [2.0, 6.0, 10.0, 14.0], "warmup_s": 5.0, "duration_s": 30.0, "modes": MODES}
 QUICK = {"rates": [6.0], "warmup_s": 3.0, "duration_s": 8.0, "modes": MODES[:2]}

@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
-from bench.client import chunks, text_of, usage_of
-from bench.pd.workload import Request
+from infergw.bench.client import chunks, text_of, usage_of
+from infergw.bench.pd.workload import Request
 
 
 @dataclass(slots=True)

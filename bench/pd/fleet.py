@@ -19,11 +19,11 @@ from pathlib import Path
 import aiohttp
 import yaml
 
-from api.names import BOTH, DECODE, ROLE_LABEL
-from bench.common import ROOT
-from stack.example import Example
-from stack.local import LocalStack, StackConfig
-from stack.ports import free_stack_ports
+from infergw.api.names import BOTH, DECODE, ROLE_LABEL
+from infergw.bench.common import ROOT
+from infergw.stack.example import Example
+from infergw.stack.local import LocalStack, StackConfig
+from infergw.stack.ports import free_stack_ports
 
 EXAMPLES = {
     "aggregated": ROOT / "examples" / "quickstart",

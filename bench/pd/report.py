@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bench.pd.workload import DECODE, LONG
+from infergw.bench.pd.workload import DECODE, LONG
 
 COLUMNS = [
     ("mode", "mode"),

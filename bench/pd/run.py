@@ -10,11 +10,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.client import run_trace
-from bench.common import percentile
-from bench.pd.client import Outcome, send
-from bench.pd.fleet import new_stack, snapshot
-from bench.pd.workload import DECODE, LONG, Mix
+from infergw.bench.client import run_trace
+from infergw.bench.common import percentile
+from infergw.bench.pd.client import Outcome, send
+from infergw.bench.pd.fleet import new_stack, snapshot
+from infergw.bench.pd.workload import DECODE, LONG, Mix
 
 
 @dataclass(slots=True)

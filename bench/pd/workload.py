@@ -15,7 +15,7 @@ from __future__ import annotations
 import random
 from dataclasses import asdict, dataclass
 
-from bench.workload import SYLLABLES, completion, poisson
+from infergw.bench.workload import SYLLABLES, completion, poisson
 
 LONG, DECODE = "long-prompt", "decode-heavy"
 

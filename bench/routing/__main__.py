@@ -1,5 +1,5 @@
 import sys
 
-from bench.routing.cli import main
+from infergw.bench.routing.cli import main
 
 sys.exit(main())

@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 import time
 
-from bench.common import PLOTS, machine, write_json
-from bench.routing.oracle import oracle
-from bench.routing.report import markdown, plot
-from bench.routing.routers import EXTERNAL_ROUTERS, INFERGATE_PROFILES, InfergateRouter
-from bench.routing.run import Point, Settings, run_point
-from bench.routing.workloads import MultiTurn, NoReuse, SharedPrefix
+from infergw.bench.common import PLOTS, machine, write_json
+from infergw.bench.routing.oracle import oracle
+from infergw.bench.routing.report import markdown, plot
+from infergw.bench.routing.routers import EXTERNAL_ROUTERS, INFERGATE_PROFILES, InfergateRouter
+from infergw.bench.routing.run import Point, Settings, run_point
+from infergw.bench.routing.workloads import MultiTurn, NoReuse, SharedPrefix
 
 # Prefill of uncached tokens dominates TTFT (150 µs a token: ~0.3 s for a 2k-token
 # prompt); each pod's cache has room for about three of the group prefixes.

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 import aiohttp
 
-from bench.client import chunks, text_of, usage_of
-from bench.routing.workloads import Arrival
+from infergw.bench.client import chunks, text_of, usage_of
+from infergw.bench.routing.workloads import Arrival
 
 PATHS = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
 

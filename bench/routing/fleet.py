@@ -9,8 +9,8 @@ from pathlib import Path
 
 import aiohttp
 
-from stack.local import LocalStack, StackConfig
-from stack.ports import free_port, free_stack_ports
+from infergw.stack.local import LocalStack, StackConfig
+from infergw.stack.ports import free_port, free_stack_ports
 
 
 def new_stack(

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 import xxhash
 
-from bench.routing.workloads import Arrival
-from kvindex.tokenize import PromptTokenizer
-from stack.local import DEFAULT_MODEL_DIR
+from infergw.bench.routing.workloads import Arrival
+from infergw.kvindex.tokenize import PromptTokenizer
+from infergw.stack.local import DEFAULT_MODEL_DIR
 
 
 @dataclass(slots=True)
@@ -70,7 +70,7 @@ def oracle(
     prefill_us_per_token: float,
     measured_from: float,
 ) -> OracleResult:
-    from bench.common import percentile
+    from infergw.bench.common import percentile
 
     tok = PromptTokenizer.from_dir(DEFAULT_MODEL_DIR)
     caches = [_PodCache(capacity_blocks) for _ in range(pods)]

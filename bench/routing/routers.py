@@ -15,9 +15,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from stack.local import LocalStack
-from stack.ports import free_port
-from stack.readiness import wait_http
+from infergw.stack.local import LocalStack
+from infergw.stack.ports import free_port
+from infergw.stack.readiness import wait_http
 
 # infergate's scheduling profiles: (plugin, weight); a max-score picker closes each.
 INFERGATE_PROFILES = {

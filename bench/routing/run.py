@@ -11,11 +11,11 @@ import asyncio
 import time
 from dataclasses import dataclass
 
-from bench.client import run_trace
-from bench.common import percentile, process_cpu_seconds
-from bench.routing.client import Outcome, send
-from bench.routing.fleet import PodWatch, new_stack, workdir
-from bench.routing.routers import RouterUnavailable
+from infergw.bench.client import run_trace
+from infergw.bench.common import percentile, process_cpu_seconds
+from infergw.bench.routing.client import Outcome, send
+from infergw.bench.routing.fleet import PodWatch, new_stack, workdir
+from infergw.bench.routing.routers import RouterUnavailable
 
 
 @dataclass(slots=True)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-from bench.workload import SYLLABLES, chat, completion, poisson
+from infergw.bench.workload import SYLLABLES, chat, completion, poisson
 
 
 def _words(rng: random.Random, n: int) -> str:

@@ -5,18 +5,18 @@ The gatekeeper builds one `AdmissionController` with a saturation check, awaits
 `notify()` when a request finishes or metrics refresh.
 """
 
-from epp.flowcontrol.admission import HTTP_STATUS, Admission, FlowControlStats, Outcome
-from epp.flowcontrol.admission_queue import AdmissionController
-from epp.flowcontrol.config import (
+from infergw.epp.flowcontrol.admission import HTTP_STATUS, Admission, FlowControlStats, Outcome
+from infergw.epp.flowcontrol.admission_queue import AdmissionController
+from infergw.epp.flowcontrol.config import (
     BandConfig,
     FairnessConfig,
     FlowControlConfig,
     FlowControlConfigError,
     SaturationConfig,
 )
-from epp.flowcontrol.queue import Band, FlowItem
-from epp.flowcontrol.saturation import SaturationDetector
-from epp.flowcontrol.vtc import VirtualTokenCounter
+from infergw.epp.flowcontrol.queue import Band, FlowItem
+from infergw.epp.flowcontrol.saturation import SaturationDetector
+from infergw.epp.flowcontrol.vtc import VirtualTokenCounter
 
 __all__ = [
     "HTTP_STATUS",

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from epp.flowcontrol.queue import FlowItem
+from infergw.epp.flowcontrol.queue import FlowItem
 
 
 class Outcome(StrEnum):

@@ -27,10 +27,10 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from epp.flowcontrol.admission import Admission, FlowControlStats, Outcome
-from epp.flowcontrol.config import FlowControlConfig
-from epp.flowcontrol.queue import Band, FlowItem
-from epp.flowcontrol.vtc import VirtualTokenCounter
+from infergw.epp.flowcontrol.admission import Admission, FlowControlStats, Outcome
+from infergw.epp.flowcontrol.config import FlowControlConfig
+from infergw.epp.flowcontrol.queue import Band, FlowItem
+from infergw.epp.flowcontrol.vtc import VirtualTokenCounter
 
 log = logging.getLogger("epp.flowcontrol")
 

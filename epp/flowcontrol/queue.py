@@ -13,8 +13,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from epp.flowcontrol.config import BandConfig
-from epp.flowcontrol.vtc import VirtualTokenCounter
+from infergw.epp.flowcontrol.config import BandConfig
+from infergw.epp.flowcontrol.vtc import VirtualTokenCounter
 
 
 @dataclass(slots=True, eq=False)

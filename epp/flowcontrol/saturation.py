@@ -12,8 +12,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 
-from epp.datastore import Endpoint
-from epp.flowcontrol.config import SaturationConfig
+from infergw.epp.datastore import Endpoint
+from infergw.epp.flowcontrol.config import SaturationConfig
 
 
 def waiting(ep: Endpoint) -> float:

@@ -12,10 +12,10 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from cluster.files import ObjectFileError, UnreadableFileError, WatchedFiles
-from cluster.pool import PoolError, PoolSpec, find_pool
-from epp.datastore import Datastore
-from epp.metrics import PickerMetrics
+from infergw.cluster.files import ObjectFileError, UnreadableFileError, WatchedFiles
+from infergw.cluster.pool import PoolError, PoolSpec, find_pool
+from infergw.epp.datastore import Datastore
+from infergw.epp.metrics import PickerMetrics
 
 log = logging.getLogger("epp.providers.file")
 

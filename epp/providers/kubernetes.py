@@ -15,11 +15,11 @@ import logging
 
 from kubernetes import client, config
 
-from cluster.informer import Informer
-from cluster.kube_store import KubeStore, api_client_from_environment
-from cluster.pool import PoolError
-from cluster.pool_watch import PoolWatch
-from cluster.store import (
+from infergw.cluster.informer import Informer
+from infergw.cluster.kube_store import KubeStore, api_client_from_environment
+from infergw.cluster.pool import PoolError
+from infergw.cluster.pool_watch import PoolWatch
+from infergw.cluster.store import (
     INFERENCE_OBJECTIVE,
     MODEL_ROUTE,
     MODEL_SERVER,
@@ -27,8 +27,8 @@ from cluster.store import (
     NotFound,
     StoreError,
 )
-from epp.datastore import Datastore
-from epp.metrics import PickerMetrics
+from infergw.epp.datastore import Datastore
+from infergw.epp.metrics import PickerMetrics
 
 log = logging.getLogger("epp.providers.kubernetes")
 

@@ -9,8 +9,8 @@ from typing import Any
 
 import msgspec
 
-from epp.ratelimit.buckets import Take, TokenBuckets, parse_unit
-from epp.ratelimit.limiter import (
+from infergw.epp.ratelimit.buckets import Take, TokenBuckets, parse_unit
+from infergw.epp.ratelimit.limiter import (
     ALLOWED,
     Decision,
     Limiter,
@@ -18,7 +18,7 @@ from epp.ratelimit.limiter import (
     RateLimiter,
     RateLimitMetrics,
 )
-from epp.ratelimit.redis_backend import RedisClients, RedisRateLimiter
+from infergw.epp.ratelimit.redis_backend import RedisClients, RedisRateLimiter
 
 __all__ = [
     "ALLOWED",

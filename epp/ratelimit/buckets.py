@@ -28,7 +28,7 @@ import math
 import time
 from dataclasses import dataclass
 
-from api.networking import DEFAULT_RATE_UNIT, RATE_UNIT_SECONDS, RATE_UNITS
+from infergw.api.networking import DEFAULT_RATE_UNIT, RATE_UNIT_SECONDS, RATE_UNITS
 
 __all__ = ["Take", "TokenBuckets", "parse_unit"]
 

@@ -40,8 +40,8 @@ from typing import Any, Protocol
 import msgspec
 from prometheus_client import CollectorRegistry, Counter
 
-from api.networking import DEFAULT_RATE_UNIT
-from epp.ratelimit.buckets import TokenBuckets, parse_unit
+from infergw.api.networking import DEFAULT_RATE_UNIT
+from infergw.epp.ratelimit.buckets import TokenBuckets, parse_unit
 
 __all__ = [
     "ALLOWED",

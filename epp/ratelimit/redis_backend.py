@@ -45,7 +45,7 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from epp.ratelimit.limiter import (
+from infergw.epp.ratelimit.limiter import (
     ALLOWED,
     INPUT,
     OUTPUT,
@@ -55,7 +55,7 @@ from epp.ratelimit.limiter import (
     RateLimitMetrics,
     deny,
 )
-from epp.ratelimit.redis_parser import BoundedRESP3Parser, ReplyTooLarge
+from infergw.epp.ratelimit.redis_parser import BoundedRESP3Parser, ReplyTooLarge
 
 __all__ = ["BUCKET_SCRIPT", "RedisClients", "RedisRateLimiter", "redis_client"]
 

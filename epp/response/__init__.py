@@ -4,10 +4,10 @@ and give the client back the model name it asked for (`rewrite.py`)."""
 
 from __future__ import annotations
 
-from epp.response.chain import MAX_HELD, Bytes, ResponseChain, Stage
-from epp.response.rewrite import ModelNameRewriter
-from epp.response.strip_usage import UsageEventStripper
-from epp.response.usage import Usage, UsageReader
+from infergw.epp.response.chain import MAX_HELD, Bytes, ResponseChain, Stage
+from infergw.epp.response.rewrite import ModelNameRewriter
+from infergw.epp.response.strip_usage import UsageEventStripper
+from infergw.epp.response.usage import Usage, UsageReader
 
 __all__ = ["MAX_HELD", "Bytes", "ResponseChain", "Usage", "UsageReader", "response_chain"]
 

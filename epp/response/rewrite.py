@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from typing import ClassVar
 
-from epp.response.chain import Bytes
+from infergw.epp.response.chain import Bytes
 
 
 class ModelNameRewriter:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from typing import ClassVar
 
-from epp.response.chain import Bytes
+from infergw.epp.response.chain import Bytes
 
 # A usage-only event is a few hundred bytes; anything past this cannot be one.
 MAX_USAGE_EVENT = 64 * 1024

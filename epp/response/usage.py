@@ -13,8 +13,8 @@ from typing import ClassVar
 
 import msgspec
 
-from epp.request_body import present
-from epp.response.chain import Bytes
+from infergw.epp.request_body import present
+from infergw.epp.response.chain import Bytes
 
 _DATA = b"data:"
 MAX_USAGE_OBJECT = 64 * 1024  # a usage object is a few counters

@@ -22,13 +22,13 @@ import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from api import ApiError, from_dict, validate
-from api.meta import duration_seconds
-from api.networking import ModelRoute, ModelServer, StringMatch
-from epp.errors import PickerError
+from infergw.api import ApiError, from_dict, validate
+from infergw.api.meta import duration_seconds
+from infergw.api.networking import ModelRoute, ModelServer, StringMatch
+from infergw.epp.errors import PickerError
 
 if TYPE_CHECKING:  # the datastore holds the table, so no import of it at run time
-    from epp.datastore import Endpoint
+    from infergw.epp.datastore import Endpoint
 
 log = logging.getLogger("epp.routing")
 

@@ -22,10 +22,10 @@ from typing import Any
 
 import yaml
 
-from api import yaml_files
-from epp.scheduling import registry
-from epp.scheduling.config_file import ConfigError, ConfigFile, ProfileSpec, decode
-from epp.scheduling.framework import (
+from infergw.api import yaml_files
+from infergw.epp.scheduling import registry
+from infergw.epp.scheduling.config_file import ConfigError, ConfigFile, ProfileSpec, decode
+from infergw.epp.scheduling.framework import (
     DurationSink,
     Filter,
     Picker,
@@ -38,7 +38,7 @@ from epp.scheduling.framework import (
     Scorer,
     WeightedScorer,
 )
-from epp.scheduling.handle import Handle
+from infergw.epp.scheduling.handle import Handle
 
 DEFAULT_CONFIG = """
 apiVersion: inference.networking.x-k8s.io/v1alpha1

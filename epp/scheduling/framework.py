@@ -19,12 +19,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Self
 
-from epp.context import RequestContext
-from epp.datastore import Endpoint
-from epp.errors import PickerError
+from infergw.epp.context import RequestContext
+from infergw.epp.datastore import Endpoint
+from infergw.epp.errors import PickerError
 
 if TYPE_CHECKING:
-    from epp.scheduling.handle import Handle
+    from infergw.epp.scheduling.handle import Handle
 
 
 class Plugin:

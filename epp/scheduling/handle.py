@@ -17,10 +17,10 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, ClassVar, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
-    from epp.context import RequestContext
-    from epp.metrics import PickerMetrics
-    from epp.scheduling.framework import Plugin
-    from kvindex.cache import KVCache
+    from infergw.epp.context import RequestContext
+    from infergw.epp.metrics import PickerMetrics
+    from infergw.epp.scheduling.framework import Plugin
+    from infergw.kvindex.cache import KVCache
 
 
 @dataclass(frozen=True, slots=True)

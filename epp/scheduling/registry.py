@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from epp.scheduling.framework import Plugin
-from epp.scheduling.handle import Handle
-from epp.scheduling.plugins import (
+from infergw.epp.scheduling.framework import Plugin
+from infergw.epp.scheduling.handle import Handle
+from infergw.epp.scheduling.plugins import (
     header_filter,
     kv_cache_utilization,
     least_latency,

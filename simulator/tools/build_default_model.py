@@ -1,6 +1,6 @@
 """Build simulator/default_model/: a small byte-level BPE tokenizer trained on Python's stdlib.
 
-Run from the repository root: ``python -m simulator.tools.build_default_model``.
+Run from the repository root: ``python -m infergw.simulator.tools.build_default_model``.
 The output is deterministic for a given Python version (sorted inputs, fixed caps), and the
 generated files are committed, so the simulator never needs to download a tokenizer.
 """

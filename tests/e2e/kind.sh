@@ -189,7 +189,7 @@ kubectl wait --for=condition=Established --timeout="${TIMEOUT}s" -f crds/upstrea
 if [ -n "$IMAGE" ]; then
     say "running the controllers in the cluster with $IMAGE (gateway-manifests/controllers.yaml)"
     kubectl create namespace "$SYSTEM_NS" --dry-run=client -o yaml | kubectl apply -f - >/dev/null
-    "$PYTHON" -c "import sys, pathlib; from controllers.webhook import webhook_cert; \
+    "$PYTHON" -c "import sys, pathlib; from infergw.controllers.webhook import webhook_cert; \
 webhook_cert().write(pathlib.Path(sys.argv[1]))" "$WORK/certs" \
         || fail "making the webhook certificate with controllers/webhook.py"
     kubectl create secret tls infergate-controllers-webhook-tls -n "$SYSTEM_NS" \
@@ -206,9 +206,9 @@ webhook_cert().write(pathlib.Path(sys.argv[1]))" "$WORK/certs" \
         "[{\"op\":\"add\",\"path\":\"/webhooks/0/clientConfig/caBundle\",\"value\":\"$(base64 <"$WORK/certs/ca.crt" | tr -d '\n')\"}]" \
         >/dev/null || fail "setting the webhook's caBundle"
 else
-    say "running the controllers here ($PYTHON -m controllers --mode kubernetes --leader-elect)"
+    say "running the controllers here ($PYTHON -m infergw.controllers --mode kubernetes --leader-elect)"
     kubectl create namespace "$SYSTEM_NS" --dry-run=client -o yaml | kubectl apply -f - >/dev/null
-    "$PYTHON" -m controllers --mode kubernetes --leader-elect --leader-namespace "$SYSTEM_NS" \
+    "$PYTHON" -m infergw.controllers --mode kubernetes --leader-elect --leader-namespace "$SYSTEM_NS" \
         --metrics-port 0 >"$WORK/controllers.log" 2>&1 &
     CONTROLLERS_PID=$!
 fi

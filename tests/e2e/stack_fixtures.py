@@ -10,8 +10,8 @@ import sys
 
 import requests
 
-from stack.local import QUICKSTART, LocalStack, StackConfig
-from stack.ports import free_port, free_stack_ports
+from infergw.stack.local import QUICKSTART, LocalStack, StackConfig
+from infergw.stack.ports import free_port, free_stack_ports
 from tests.e2e.gateway_config import pinnable
 
 

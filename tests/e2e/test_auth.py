@@ -18,10 +18,10 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
-from api.names import USER_HEADER
-from stack.auth import AuthConfig
-from stack.example import Example
-from stack.local import QUICKSTART, LocalStack
+from infergw.api.names import USER_HEADER
+from infergw.stack.auth import AuthConfig
+from infergw.stack.example import Example
+from infergw.stack.local import QUICKSTART, LocalStack
 from tests.e2e.stack_fixtures import ask, picker_requests, recorded, recording_stack
 
 pytestmark = pytest.mark.slow

@@ -21,9 +21,9 @@ import urllib.request
 import pytest
 import requests
 
-from bench.fairness.load import auth_headers
-from bench.fairness.scenario import measure
-from bench.fairness.stack import fairness_stack
+from infergw.bench.fairness.load import auth_headers
+from infergw.bench.fairness.scenario import measure
+from infergw.bench.fairness.stack import fairness_stack
 
 pytestmark = pytest.mark.slow
 

@@ -10,7 +10,7 @@ from collections import Counter
 import pytest
 import requests
 
-from stack.local import LocalStack
+from infergw.stack.local import LocalStack
 from tests.e2e.gateway_config import MODEL, PIN, SERVED, config
 from tests.e2e.stack_fixtures import make_stack
 

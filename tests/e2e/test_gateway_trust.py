@@ -16,11 +16,11 @@ import signal
 import pytest
 import requests
 
-from api.names import USER_HEADER
-from cluster.certs import serving_cert
-from stack.auth import CLIENT_HINT_HEADERS, GATEWAY_HEADERS
-from stack.local import LocalStack
-from stack.readiness import wait_until
+from infergw.api.names import USER_HEADER
+from infergw.cluster.certs import serving_cert
+from infergw.stack.auth import CLIENT_HINT_HEADERS, GATEWAY_HEADERS
+from infergw.stack.local import LocalStack
+from infergw.stack.readiness import wait_until
 from tests.e2e.stack_fixtures import ask, picker_requests, recorded, recording_stack
 
 pytestmark = pytest.mark.slow

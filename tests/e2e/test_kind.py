@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from api import Model, from_dict_as, to_dict, validate_dict
-from controllers import model_objects
-from simulator.config import parse_config
-from simulator.tokenization import DEFAULT_MODEL_DIR
+from infergw.api import Model, from_dict_as, to_dict, validate_dict
+from infergw.controllers import model_objects
+from infergw.simulator.config import parse_config
+from infergw.simulator.tokenization import DEFAULT_MODEL_DIR
 
 SCRIPT = Path(__file__).resolve().parent / "kind.sh"
 IMAGE_MODEL_DIR = "/opt/infergate/models/infergate-sim"  # where the Dockerfile puts it

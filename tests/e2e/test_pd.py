@@ -28,9 +28,9 @@ import pytest
 import requests
 import yaml
 
-from stack.example import Example
-from stack.local import ROOT, LocalStack, StackConfig
-from stack.ports import free_stack_ports
+from infergw.stack.example import Example
+from infergw.stack.local import ROOT, LocalStack, StackConfig
+from infergw.stack.ports import free_stack_ports
 from tests.e2e.metrics import Metrics
 
 pytestmark = pytest.mark.slow

@@ -22,8 +22,8 @@ import requests
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from stack.local import LocalStack, StackConfig
-from stack.ports import free_stack_ports
+from infergw.stack.local import LocalStack, StackConfig
+from infergw.stack.ports import free_stack_ports
 from tests.conftest import free_port
 from tests.e2e.gateway_config import SERVED
 

@@ -12,8 +12,8 @@ import aiohttp
 import pytest
 import yaml
 
-from cluster.store import MODEL, POD
-from controllers.app import Standalone
+from infergw.cluster.store import MODEL, POD
+from infergw.controllers.app import Standalone
 from tests.e2e.metrics import Metrics
 from tests.e2e.standalone_helpers import sim_model, wait_for_cluster
 

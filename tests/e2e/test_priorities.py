@@ -24,9 +24,9 @@ import pytest
 import requests
 import yaml
 
-from api.names import OBJECTIVE_HEADER
-from stack.local import LocalStack, StackConfig
-from stack.ports import free_stack_ports
+from infergw.api.names import OBJECTIVE_HEADER
+from infergw.stack.local import LocalStack, StackConfig
+from infergw.stack.ports import free_stack_ports
 from tests.conftest import free_port
 from tests.e2e.gateway_config import MODEL, config
 from tests.waiting import wait_for

@@ -29,10 +29,10 @@ import pytest
 import requests
 import yaml
 
-from kvindex.tokenize import PromptTokenizer
-from stack.example import Example
-from stack.local import DEFAULT_MODEL_DIR, QUICKSTART, LocalStack, StackConfig
-from stack.ports import free_stack_ports
+from infergw.kvindex.tokenize import PromptTokenizer
+from infergw.stack.example import Example
+from infergw.stack.local import DEFAULT_MODEL_DIR, QUICKSTART, LocalStack, StackConfig
+from infergw.stack.ports import free_stack_ports
 from tests.conftest import free_port
 from tests.e2e.gateway_config import MODEL, config
 from tests.redis_server import RedisServer, require_redis_server

@@ -13,8 +13,8 @@ import aiohttp
 import pytest
 import yaml
 
-from cluster.store import MODEL, POD
-from controllers.app import Standalone
+from infergw.cluster.store import MODEL, POD
+from infergw.controllers.app import Standalone
 from tests.conftest import free_port
 from tests.e2e.standalone_helpers import sim_model, wait_for_cluster
 
@@ -42,7 +42,7 @@ async def test_a_model_runs_heals_and_scales_behind_the_picker(tmp_path):
     app = await Standalone(manifests, tmp_path / "state", pool_file, autoscale_interval=1).start()
     metrics_port = free_port()
     picker = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "epp", "--provider", "file", "--pool-file", str(pool_file),
+        sys.executable, "-m", "infergw.epp", "--provider", "file", "--pool-file", str(pool_file),
         "--pool-name", "tiny", "--secure-serving=false", "--host", "127.0.0.1",
         "--grpc-port", str(free_port()), "--grpc-health-port", str(free_port()),
         "--metrics-port", str(metrics_port), "--enable-debug-endpoints",

@@ -18,11 +18,11 @@ import aiohttp
 import pytest
 import yaml
 
-from api.names import MODELINFER_LABEL
-from cluster.store import AUTOSCALING_BINDING, MODEL_INFER, POD
-from controllers.app import Standalone
-from controllers.autoscaler import parse_sum
-from controllers.modelinfer_pods import pod_ready
+from infergw.api.names import MODELINFER_LABEL
+from infergw.cluster.store import AUTOSCALING_BINDING, MODEL_INFER, POD
+from infergw.controllers.app import Standalone
+from infergw.controllers.autoscaler import parse_sum
+from infergw.controllers.modelinfer_pods import pod_ready
 from tests.e2e.standalone_helpers import sim_model, wait_for_cluster
 
 pytestmark = pytest.mark.slow

@@ -12,9 +12,9 @@ import pytest
 import requests
 import yaml
 
-from stack.example import Example
-from stack.local import QUICKSTART, LocalStack, StackConfig
-from stack.ports import free_stack_ports
+from infergw.stack.example import Example
+from infergw.stack.local import QUICKSTART, LocalStack, StackConfig
+from infergw.stack.ports import free_stack_ports
 from tests.e2e.gateway_config import PIN, pinnable
 
 pytestmark = pytest.mark.slow

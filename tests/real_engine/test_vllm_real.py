@@ -13,8 +13,8 @@ import signal
 import pytest
 import requests
 
-from controllers.process_group import live_members
-from stack.pods import pool_pods
+from infergw.controllers.process_group import live_members
+from infergw.stack.pods import pool_pods
 from tests.e2e.gateway_config import PIN, SERVED
 from tests.real_engine.vllm_stack import (
     BLOCK_SIZE,

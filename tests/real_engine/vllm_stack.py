@@ -17,7 +17,7 @@ import pytest
 import requests
 import yaml
 
-from stack.local import QUICKSTART
+from infergw.stack.local import QUICKSTART
 from tests.default_ports import DEFAULT_PORTS, ports_free
 from tests.e2e.gateway_config import pinnable
 from tests.paths import TINY_MODEL
@@ -114,7 +114,7 @@ def start_up(example: Path, workdir: Path, bin_dir: Path) -> Up:
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "infergate.cli", "up", str(example), "--workdir", str(workdir)],
+            [sys.executable, "-m", "infergw.cli", "up", str(example), "--workdir", str(workdir)],
             stdout=out,
             stderr=subprocess.STDOUT,
             env=env,

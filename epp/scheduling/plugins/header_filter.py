@@ -3,7 +3,7 @@ conformance): a comma list of IPs or ip:port addresses."""
 
 from __future__ import annotations
 
-from epp.scheduling.framework import Filter
+from infergw.epp.scheduling.framework import Filter
 
 HEADER = "test-epp-endpoint-selection"
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from epp.scheduling.framework import Scorer
+from infergw.epp.scheduling.framework import Scorer
 
 
 class KVCacheUtilizationScorer(Scorer):

@@ -11,9 +11,9 @@ from typing import Annotated
 
 import msgspec
 
-from epp.scheduling.framework import Scorer
-from epp.scheduling.params import MAX_TOKENS, PluginParams, parse_params
-from epp.scheduling.plugins._normalize import lower_is_better
+from infergw.epp.scheduling.framework import Scorer
+from infergw.epp.scheduling.params import MAX_TOKENS, PluginParams, parse_params
+from infergw.epp.scheduling.plugins._normalize import lower_is_better
 
 
 class LeastLatencyParams(PluginParams):

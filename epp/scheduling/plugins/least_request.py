@@ -10,9 +10,9 @@ from typing import Annotated, Literal
 
 import msgspec
 
-from epp.scheduling.framework import Filter, Scorer
-from epp.scheduling.params import MAX_ENTRIES, PluginParams, parse_params
-from epp.scheduling.plugins._normalize import lower_is_better
+from infergw.epp.scheduling.framework import Filter, Scorer
+from infergw.epp.scheduling.params import MAX_ENTRIES, PluginParams, parse_params
+from infergw.epp.scheduling.plugins._normalize import lower_is_better
 
 
 class LeastRequestParams(PluginParams):

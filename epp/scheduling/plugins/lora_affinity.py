@@ -7,7 +7,7 @@ those tiers that is not empty, so a request never loses all candidates to it.
 
 from __future__ import annotations
 
-from epp.scheduling.framework import Filter, Scorer
+from infergw.epp.scheduling.framework import Filter, Scorer
 
 
 def _affinity(adapter: str, e) -> float:

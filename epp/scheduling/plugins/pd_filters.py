@@ -9,9 +9,9 @@ prefill-filter keeps unlabelled pods only when told to (default false).
 
 from __future__ import annotations
 
-from api.names import BOTH, DECODE, PREFILL, ROLE_LABEL
-from epp.scheduling.framework import Filter
-from epp.scheduling.params import Label, PluginParams, parse_params
+from infergw.api.names import BOTH, DECODE, PREFILL, ROLE_LABEL
+from infergw.epp.scheduling.framework import Filter
+from infergw.epp.scheduling.params import Label, PluginParams, parse_params
 
 
 class RoleFilterParams(PluginParams):

@@ -31,16 +31,16 @@ from typing import TYPE_CHECKING, Annotated
 
 import msgspec
 
-from api.names import GROUP_LABEL, PREFILL, PREFILLER_HEADER, ROLE_LABEL
-from epp.context import PluginSlot, RequestContext
-from epp.datastore import Endpoint
-from epp.errors import PickerError
-from epp.scheduling.framework import Plugin, ProfileHandler, ProfileResult, SchedulingResult
-from epp.scheduling.handle import Handle, PrefixSource
-from epp.scheduling.params import MAX_TOKENS, Label, PluginParams, parse_params
+from infergw.api.names import GROUP_LABEL, PREFILL, PREFILLER_HEADER, ROLE_LABEL
+from infergw.epp.context import PluginSlot, RequestContext
+from infergw.epp.datastore import Endpoint
+from infergw.epp.errors import PickerError
+from infergw.epp.scheduling.framework import Plugin, ProfileHandler, ProfileResult, SchedulingResult
+from infergw.epp.scheduling.handle import Handle, PrefixSource
+from infergw.epp.scheduling.params import MAX_TOKENS, Label, PluginParams, parse_params
 
 if TYPE_CHECKING:
-    from epp.metrics import PickerMetrics
+    from infergw.epp.metrics import PickerMetrics
 
 DISAGGREGATED_APIS = frozenset({"chat", "completions"})
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import random
 
-from epp.scheduling.framework import Picker
-from epp.scheduling.params import PluginParams, Seed, parse_params
+from infergw.epp.scheduling.framework import Picker
+from infergw.epp.scheduling.params import PluginParams, Seed, parse_params
 
 
 class SeedParams(PluginParams):

@@ -19,12 +19,12 @@ from typing import Annotated
 
 import msgspec
 
-from epp.context import PluginSlot, RequestContext
-from epp.scheduling.framework import PrepareData, PreRequest, Scorer
-from epp.scheduling.handle import Handle
-from epp.scheduling.params import PluginParams, parse_params
-from kvindex.cache import KVCache, Prompt
-from kvindex.index import DEFAULT_TIER_WEIGHTS
+from infergw.epp.context import PluginSlot, RequestContext
+from infergw.epp.scheduling.framework import PrepareData, PreRequest, Scorer
+from infergw.epp.scheduling.handle import Handle
+from infergw.epp.scheduling.params import PluginParams, parse_params
+from infergw.kvindex.cache import KVCache, Prompt
+from infergw.kvindex.index import DEFAULT_TIER_WEIGHTS
 
 Weight = Annotated[float, msgspec.Meta(ge=0, le=1)]
 

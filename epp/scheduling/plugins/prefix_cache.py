@@ -16,9 +16,9 @@ from typing import Annotated
 import msgspec
 import xxhash
 
-from epp.context import PluginSlot, RequestContext
-from epp.scheduling.framework import PreRequest, Scorer
-from epp.scheduling.params import PluginParams, PositiveCount, parse_params
+from infergw.epp.context import PluginSlot, RequestContext
+from infergw.epp.scheduling.framework import PreRequest, Scorer
+from infergw.epp.scheduling.params import PluginParams, PositiveCount, parse_params
 
 
 class PrefixCacheParams(PluginParams):

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from epp.errors import PickerError
-from epp.scheduling.framework import ProfileHandler, SchedulingResult
+from infergw.epp.errors import PickerError
+from infergw.epp.scheduling.framework import ProfileHandler, SchedulingResult
 
 
 class SingleProfileHandler(ProfileHandler):

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import random
 
-from epp.scheduling.framework import Scorer
-from epp.scheduling.params import parse_params
-from epp.scheduling.plugins.pickers import SeedParams
+from infergw.epp.scheduling.framework import Scorer
+from infergw.epp.scheduling.params import parse_params
+from infergw.epp.scheduling.plugins.pickers import SeedParams
 
 
 class RandomScorer(Scorer):

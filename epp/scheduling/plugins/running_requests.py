@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from epp.scheduling.framework import Scorer
-from epp.scheduling.plugins._normalize import lower_is_better
+from infergw.epp.scheduling.framework import Scorer
+from infergw.epp.scheduling.plugins._normalize import lower_is_better
 
 
 class RunningRequestsScorer(Scorer):

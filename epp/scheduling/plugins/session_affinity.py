@@ -12,8 +12,8 @@ from typing import Annotated
 
 import msgspec
 
-from epp.scheduling.framework import PreRequest, Scorer
-from epp.scheduling.params import PluginParams, PositiveCount, parse_params
+from infergw.epp.scheduling.framework import PreRequest, Scorer
+from infergw.epp.scheduling.params import PluginParams, PositiveCount, parse_params
 
 MAX_TTL_SECONDS = 30 * 24 * 3600.0
 

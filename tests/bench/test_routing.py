@@ -1,0 +1,128 @@
+"""bench/routing: traces are deterministic and router-independent, the oracle counts what an
+LRU cache would hold, the client reads both SSE shapes, and one real point runs end to end."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from infergw.bench.client import parse_chunk, text_of
+from infergw.bench.routing.fleet import PodWatch
+from infergw.bench.routing.oracle import _PodCache, block_hashes, oracle
+from infergw.bench.routing.report import markdown
+from infergw.bench.routing.routers import InfergateRouter
+from infergw.bench.routing.run import Point, Settings, run_point
+from infergw.bench.routing.workloads import Arrival, MultiTurn, NoReuse, SharedPrefix
+from infergw.bench.workload import completion
+
+
+def test_traces_repeat_exactly_for_a_seed_and_differ_across_seeds():
+    for wl in (SharedPrefix(groups=4, users=3, prefix_words=50), MultiTurn(), NoReuse(50)):
+        a, b = wl.trace(5.0, 20.0, seed=1), wl.trace(5.0, 20.0, seed=1)
+        assert a == b and a, wl.name
+        assert wl.trace(5.0, 20.0, seed=2) != a
+        assert all(x.at <= y.at for x, y in itertools.pairwise(a))
+        assert all(0 <= x.at < 20.0 for x in a)
+
+
+def test_poisson_rate_is_roughly_the_asked_one():
+    trace = NoReuse(10).trace(8.0, 200.0, seed=3)
+    assert 0.9 * 1600 < len(trace) < 1.1 * 1600
+
+
+def test_shared_prefix_requests_share_their_groups_prefix():
+    wl = SharedPrefix(groups=2, users=2, prefix_words=30)
+    prompts = [a.body["prompt"] for a in wl.trace(20.0, 5.0, seed=1)]
+    assert {p.split("\n")[0] for p in prompts} == set(wl.prefixes)
+
+
+def test_multi_turn_resends_the_growing_history():
+    trace = MultiTurn(turns=3, think_s=0.1).trace(3.0, 30.0, seed=5)
+    by_chat: dict[str, list[list[dict]]] = {}
+    for a in trace:
+        by_chat.setdefault(a.body["messages"][0]["content"], []).append(a.body["messages"])
+    complete = [turns for turns in by_chat.values() if len(turns) == 3]
+    assert complete
+    for turns in complete:
+        for earlier, later in itertools.pairwise(turns):
+            assert later[: len(earlier)] == earlier  # the history is a prefix of the next turn
+            assert len(later) == len(earlier) + 2  # the fixed answer and a new question
+
+
+def test_block_hashes_chain_and_leave_the_last_token_uncached():
+    a = block_hashes(list(range(33)), 16)
+    assert len(a) == 2  # 33 tokens: the 33rd is always computed
+    assert len(block_hashes(list(range(32)), 16)) == 1
+    b = block_hashes([99, *range(1, 33)], 16)
+    assert a[0] != b[0] and a[1] != b[1]  # a different first block changes every later key
+
+
+def test_pod_cache_evicts_least_recently_used_blocks():
+    c = _PodCache(capacity=3)
+    c.store([1, 2])
+    c.store([3])
+    c.store([1])  # touch 1: 2 is now the oldest
+    c.store([4])
+    assert set(c.blocks) == {1, 3, 4}
+    assert c.matched([1, 3, 9]) == 2 and c.matched([2, 1]) == 0
+
+
+def test_oracle_sends_repeats_to_the_pod_that_holds_them():
+    prompt = "word " * 200
+    trace = [Arrival(float(i), "completions", completion(prompt, 4)) for i in range(4)]
+    result = oracle(
+        trace,
+        pods=2,
+        capacity_blocks=100,
+        block_size=16,
+        prefill_us_per_token=100,
+        measured_from=1.0,
+    )
+    assert result.hit_rate > 0.9  # the three measured repeats find the whole prefix
+    cold = oracle(
+        trace, pods=2, capacity_blocks=1, block_size=16, prefill_us_per_token=100, measured_from=1.0
+    )
+    assert cold.hit_rate < 0.1 and cold.ttft_p50_ms > result.ttft_p50_ms
+
+
+def test_client_reads_completion_and_chat_chunks():
+    assert text_of(parse_chunk(b'{"choices":[{"index":0,"text":"hi"}]}')) == "hi"
+    assert text_of(parse_chunk(b'{"choices":[{"delta":{"content":"yo"}}]}')) == "yo"
+    assert text_of(parse_chunk(b'{"choices":[{"delta":{"role":"assistant"}}]}')) == ""
+    assert text_of(parse_chunk(b'{"choices":[],"usage":{"prompt_tokens":3}}')) == ""
+    assert text_of(parse_chunk(b"{broken")) == ""
+
+
+def test_imbalance_is_max_over_mean_and_skips_idle_samples():
+    w = PodWatch([])
+    w.samples = [[2, 2], [0, 0], [4, 0]]
+    assert w.imbalance() == pytest.approx((1.0 + 2.0) / 2)
+    w.samples = [[0, 0]]
+    assert w.imbalance() is None
+
+
+@pytest.mark.slow
+def test_one_point_runs_through_a_real_fleet_and_router():
+    settings = Settings(
+        pods=2,
+        sim_args=["--sim-time-scale", "0.2", "--num-gpu-blocks-override", "128"],
+        warmup_s=1.0,
+        duration_s=3.0,
+        seed=1,
+    )
+    wl = SharedPrefix(groups=2, users=2, prefix_words=100)
+    row = run_point(Point(InfergateRouter("precise"), wl, 4.0), settings)
+    assert row["router"] == "infergate-precise" and row["errors"] == 0
+    assert row["requests"] > 3 and row["ttft_p90_ms"] > 0
+    assert 0 < row["prefix_hit_rate"] <= 1  # two groups repeat within seconds
+    assert row["router_cpu_ms_per_request"] > 0
+    out = {
+        "machine": {"date": "d", "cpu": "c", "cores": 2, "memory_gib": 1},
+        "settings": {"pods": 2, "warmup_s": 1.0, "duration_s": 3.0, "seed": 1},
+        "workloads": [wl.describe()],
+        "rows": [row, {"router": "x", "workload": wl.name, "rate": 4.0, "unavailable": "no"}],
+        "oracle": [],
+    }
+    table = markdown(out)
+    assert "| infergate-precise | 4.0 |" in table and "not run: no" in table

@@ -1,0 +1,292 @@
+"""The real CLI in kubernetes mode: `python -m infergw.controllers --mode kubernetes --leader-elect`
+as subprocesses, with a kubeconfig pointing at the API emulator (tests/kubeapi.py, real HTTP).
+
+The emulator authorizes the controllers' requests (they carry their ServiceAccount's bearer
+token) with the RBAC of gateway-manifests/controllers.yaml, as kube-apiserver would, and
+refuses anything else with 403: a Model becomes its ModelInfer, pods and InferencePool with
+exactly those permissions. The leader holds the Lease infergate-controllers in
+infergate-system; a standby serves metrics and the webhook (what the Deployment's probes ask)
+and stops on SIGTERM; SIGTERM stops the leader with exit 0 and hands the Lease back, so the
+next replica leads at once and keeps reconciling. A webhook that cannot start stops the
+process instead of leaving it running without one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+from aiohttp import web
+from kubernetes import client
+
+from tests.conftest import free_port, running
+from tests.controller_manifests import Authorizer, docs
+from tests.kubeapi import KubeAPIEmulator, status_object
+from tests.paths import CRD_EXAMPLES
+from tests.waiting import wait_for
+
+pytestmark = pytest.mark.slow
+
+EXAMPLE = CRD_EXAMPLES / "model.yaml"
+TOKEN = "infergate-controllers-token"
+LEASE_NS, LEASE_NAME = "infergate-system", "infergate-controllers"
+WORKLOAD = "workload.infergate.io/v1alpha1"
+
+
+class RBACEmulator(KubeAPIEmulator):
+    """The emulator, authorizing requests that carry TOKEN with `auth` (kube-apiserver's
+    request attributes: verb from the method and whether a name or watch=true is given,
+    resource[/subresource], namespace); other requests (the test's own) pass."""
+
+    def __init__(self, auth: Authorizer) -> None:
+        super().__init__()
+        self.auth = auth
+        self.denied: list[tuple[str, str, str, str]] = []
+        self.allowed: set[tuple[str, str, str, str]] = set()
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        if request.headers.get("Authorization") == f"Bearer {TOKEN}":
+            m = request.match_info
+            name, sub = m.get("name"), m.get("sub")
+            if request.method == "GET":
+                watch = request.query.get("watch") in ("true", "1")
+                verb = "get" if name else "watch" if watch else "list"
+            elif request.method == "DELETE":
+                verb = "delete" if name else "deletecollection"
+            else:
+                verb = {"POST": "create", "PUT": "update", "PATCH": "patch"}[request.method]
+            resource = f"{m['plural']}/{sub}" if sub else m["plural"]
+            attrs = (m.get("group", ""), resource, verb, m.get("namespace", ""))
+            if not self.auth.allows(*attrs):
+                self.denied.append(attrs)
+                message = (
+                    f"system:serviceaccount:infergate-system:infergate-controllers cannot {verb} "
+                    f'resource "{resource}" in API group "{attrs[0]}"'
+                )
+                return web.json_response(status_object(403, "Forbidden", message), status=403)
+            self.allowed.add(attrs)
+        return await super()._handle(request)
+
+
+def manifest_rbac() -> Authorizer:
+    account = next(d for d in docs() if d["kind"] == "ServiceAccount")["metadata"]
+    return Authorizer.for_account(docs(), account["name"], account["namespace"])
+
+
+def write_kubeconfig(path: Path, server: str) -> Path:
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": [{"name": "emulator", "cluster": {"server": server}}],
+                "users": [{"name": "infergate-controllers", "user": {"token": TOKEN}}],
+                "contexts": [
+                    {
+                        "name": "emulator",
+                        "context": {"cluster": "emulator", "user": "infergate-controllers"},
+                    }
+                ],
+                "current-context": "emulator",
+            }
+        )
+    )
+    return path
+
+
+def controllers_cmd(metrics_port: int, *extra: str) -> list[str]:
+    return [
+        sys.executable, "-m", "infergw.controllers", "--mode", "kubernetes", "--leader-elect",
+        "--leader-namespace", LEASE_NS, "--metrics-port", str(metrics_port), *extra,
+    ]  # fmt: skip
+
+
+def env_for(kubeconfig: Path) -> dict[str, str]:
+    # not in a pod: the in-cluster config must not apply, so the kubeconfig does
+    return {"KUBECONFIG": str(kubeconfig), "KUBERNETES_SERVICE_HOST": "", "PYTHONUNBUFFERED": "1"}
+
+
+def identity(proc: subprocess.Popen) -> str:
+    return f"{socket.gethostname()}-{proc.pid}"  # what controllers/app.py competes as
+
+
+def answers(url: str) -> bool:
+    ctx = ssl.create_default_context()
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    try:
+        with urllib.request.urlopen(url, timeout=1, context=ctx) as resp:
+            return resp.status == 200
+    except OSError:
+        return False
+
+
+def stop(proc: subprocess.Popen, within: float = 10.0) -> int:
+    """SIGTERM, as the kubelet sends it; the exit status."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(timeout=within)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"controllers did not stop within {within:.0f}s of SIGTERM")
+
+
+def holder(api: KubeAPIEmulator) -> str | None:
+    lease = api.get("coordination.k8s.io/v1", "Lease", LEASE_NAME, LEASE_NS)
+    return None if lease is None else lease["spec"].get("holderIdentity")
+
+
+def pod_names(core: client.CoreV1Api) -> set[str]:
+    # raw JSON: the emulator keeps quantities as written (an int GPU count), which the
+    # client's models would refuse; a real API server answers them as strings
+    resp = core.list_namespaced_pod(
+        "default", label_selector="infergate.io/model=llama-3-8b", _preload_content=False
+    )
+    return {p["metadata"]["name"] for p in json.loads(resp.data)["items"]}
+
+
+def kubelet(api: KubeAPIEmulator, names: set[str]) -> None:
+    """Mark the pods running and ready, as the kubelet would."""
+    for name in names:
+        pod = api.get("v1", "Pod", name)
+        if pod is None or (pod.get("status") or {}).get("phase"):
+            continue
+        pod["status"] = {
+            "phase": "Running",
+            "podIP": "127.0.0.1",
+            "conditions": [{"type": "Ready", "status": "True"}],
+            "containerStatuses": [{"name": "engine", "restartCount": 0, "ready": True}],
+        }
+        api.put(pod)
+
+
+def test_leader_reconciles_hands_over_on_sigterm_and_a_standby_waits(tmp_path: Path) -> None:
+    api = RBACEmulator(manifest_rbac())
+    with api.threaded():
+        kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", api.url)
+        env = env_for(kubeconfig)
+        admin = client.ApiClient(api.client_configuration())  # no token: not the controllers
+        custom, core = client.CustomObjectsApi(admin), client.CoreV1Api(admin)
+        a_metrics = free_port()
+        with running(controllers_cmd(a_metrics), env=env) as a:
+            wait_for(lambda: holder(api) == identity(a), "A holds the Lease", alive=(a,), within=30)
+            assert answers(f"http://127.0.0.1:{a_metrics}/metrics")
+
+            model = yaml.safe_load(EXAMPLE.read_text())
+            custom.create_namespaced_custom_object(
+                "workload.infergate.io", "v1alpha1", "default", "models", model
+            )
+            wait_for(lambda: len(pod_names(core)) == 4, "the Model's 4 pods", alive=(a,), within=30)
+            for api_version, kind in (
+                (WORKLOAD, "ModelInfer"),
+                ("inference.networking.k8s.io/v1", "InferencePool"),
+                ("networking.infergate.io/v1alpha1", "ModelServer"),
+                ("networking.infergate.io/v1alpha1", "ModelRoute"),
+                (WORKLOAD, "AutoScalingPolicyBinding"),
+            ):
+                obj = wait_for(
+                    lambda v=api_version, k=kind: api.get(v, k, "llama-3-8b"),
+                    kind,
+                    alive=(a,),
+                    within=30,
+                )
+                assert obj["metadata"]["ownerReferences"][0]["kind"] == "Model"
+
+            def model_ready() -> bool:
+                kubelet(api, pod_names(core))
+                status = api.get(WORKLOAD, "Model", "llama-3-8b").get("status") or {}
+                return status.get("readyReplicas") == 2
+
+            wait_for(model_ready, "the Model's status: 2 groups ready", alive=(a,), within=30)
+
+            # a standby: waits for the Lease, answers the probes meanwhile, stops on SIGTERM
+            b_metrics, b_webhook = free_port(), free_port()
+            cmd = controllers_cmd(b_metrics, "--webhook-port", str(b_webhook))
+            with running(cmd, env=env) as b:
+                wait_for(
+                    lambda: answers(f"http://127.0.0.1:{b_metrics}/metrics"),
+                    "the standby's metrics (the liveness probe)",
+                    alive=(b,),
+                    within=30,
+                )
+                wait_for(
+                    lambda: answers(f"https://127.0.0.1:{b_webhook}/healthz"),
+                    "the standby's webhook (the readiness probe)",
+                    alive=(b,),
+                    within=30,
+                )
+                assert holder(api) == identity(a)
+                assert stop(b) == 0
+            assert holder(api) == identity(a)
+
+            assert stop(a) == 0
+            lease = api.get("coordination.k8s.io/v1", "Lease", LEASE_NAME, LEASE_NS)
+            assert lease["spec"]["holderIdentity"] == "", "the Lease was not handed back"
+
+        # the next leader starts at once (the Lease is free, not left to expire in 15 s)
+        with running(controllers_cmd(free_port()), env=env) as c:
+            wait_for(lambda: holder(api) == identity(c), "C holds the Lease", alive=(c,), within=8)
+            lease = api.get("coordination.k8s.io/v1", "Lease", LEASE_NAME, LEASE_NS)
+            assert lease["spec"]["leaseTransitions"] >= 1
+            victim = "llama-3-8b-0-decode-0-0"
+            core.delete_namespaced_pod(victim, "default", _preload_content=False)
+            wait_for(
+                lambda: victim in pod_names(core),
+                "C recreates a deleted pod",
+                alive=(c,),
+                within=30,
+            )
+            assert stop(c) == 0
+            assert holder(api) == ""
+        admin.close()
+
+    assert not api.denied, f"the RBAC of controllers.yaml refused {api.denied}"
+    used = api.allowed
+    assert ("coordination.k8s.io", "leases", "update", LEASE_NS) in used
+    assert ("", "pods", "create", "default") in used
+    assert ("", "pods", "watch", "") in used  # every namespace
+    assert ("workload.infergate.io", "models/status", "update", "default") in used
+
+
+def test_the_emulator_refuses_what_the_rbac_does_not_grant(tmp_path: Path) -> None:
+    """Without the Role for Leases the controllers cannot lead: the check above has teeth."""
+    rbac = manifest_rbac()
+    rbac.namespaced.clear()
+    api = RBACEmulator(rbac)
+    with api.threaded():
+        env = env_for(write_kubeconfig(tmp_path / "kubeconfig", api.url))
+        with running(controllers_cmd(free_port()), env=env) as proc:
+            wait_for(lambda: api.denied, "a refused request", alive=(proc,), within=20)
+        assert holder(api) is None
+    assert api.denied[0] == ("coordination.k8s.io", "leases", "get", LEASE_NS)
+
+
+def test_a_webhook_that_cannot_start_stops_the_controllers(tmp_path: Path) -> None:
+    api = RBACEmulator(manifest_rbac())
+    with api.threaded():
+        env = {**os.environ, **env_for(write_kubeconfig(tmp_path / "kubeconfig", api.url))}
+        empty = tmp_path / "certs"
+        empty.mkdir()
+        cmd = controllers_cmd(
+            free_port(), "--webhook-port", str(free_port()), "--webhook-cert-dir", str(empty)
+        )
+        proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
+        try:
+            _, err = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            pytest.fail("the controllers kept running without their webhook")
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert proc.returncode != 0
+    assert "has no tls.crt" in err, err

@@ -1,0 +1,236 @@
+"""The endpoint-picker protocol, with this test playing Envoy against a real picker process."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import grpc
+import pytest
+
+from infergw.cluster import certs
+from tests import extproc_client as ec
+from tests.picker_fixtures import COMPLETION, GET, Picker
+
+
+async def test_destination_in_header_and_metadata_alike(picker):
+    out = await ec.exchange(picker.target, [ec.headers(), ec.body(COMPLETION)])
+    first = out[0]
+    assert first.WhichOneof("response") == "request_headers"
+    assert first.request_headers.response.clear_route_cache
+    dest = ec.set_headers(first)["x-gateway-destination-endpoint"]
+    meta = ec.lb_metadata(first)["envoy.lb"]["x-gateway-destination-endpoint"]
+    assert dest == meta
+    targets = dest.split(",")
+    # primary + one fallback (the default), distinct, all from the pool
+    assert len(targets) == 2 and len(set(targets)) == 2
+    assert set(targets) <= set(picker.addresses)
+    assert ec.set_headers(first)["content-length"] == str(len(json.dumps(COMPLETION)))
+
+
+async def test_a_client_named_prefiller_is_removed(picker):
+    # Only the picker may name a prefill pod for the decode sidecar.
+    out = await ec.exchange(picker.target, [ec.headers(), ec.body(COMPLETION)])
+    removed = out[0].request_headers.response.header_mutation.remove_headers
+    assert "x-prefiller-host-port" in removed
+
+
+async def test_body_is_echoed_in_chunks_of_at_most_62000_bytes(picker):
+    big = {**COMPLETION, "prompt": "x" * 150_000}
+    raw = json.dumps(big).encode()
+    # Envoy may deliver the body in pieces; the picker waits for the end of stream.
+    parts = [raw[i : i + 40_000] for i in range(0, len(raw), 40_000)]
+    msgs = [ec.headers(), *[ec.body(p, eos=(i == len(parts) - 1)) for i, p in enumerate(parts)]]
+    out = await ec.exchange(picker.target, msgs)
+    chunks = ec.streamed_bodies(out)
+    assert [len(c) for c, _ in chunks] == [62_000, 62_000, len(raw) - 124_000]
+    assert [eos for _, eos in chunks] == [False, False, True]
+    assert b"".join(c for c, _ in chunks) == raw
+    assert out[0].WhichOneof("response") == "request_headers"  # headers answered first
+
+
+async def test_request_without_body_is_answered_at_once(picker):
+    out = await ec.exchange(picker.target, [ec.headers("/v1/models", eos=True, extra=GET)])
+    assert len(out) == 1
+    dest = ec.set_headers(out[0])["x-gateway-destination-endpoint"]
+    assert set(dest.split(",")) <= set(picker.addresses)
+
+
+async def test_duplicate_end_of_stream_is_ignored(picker):
+    out = await ec.exchange(
+        picker.target, [ec.headers(), ec.body(COMPLETION), ec.body(b"", eos=True)]
+    )
+    kinds = [r.WhichOneof("response") for r in out]
+    assert kinds == ["request_headers", "request_body"]
+
+
+@pytest.mark.parametrize("subset", [None, "list", "comma"])
+async def test_subset_hint_restricts_candidates(picker, subset):
+    chosen = picker.addresses[1]
+    hint = None if subset is None else ([chosen] if subset == "list" else f"{chosen}, ")
+    out = await ec.exchange(picker.target, [ec.headers(subset=hint), ec.body(COMPLETION)])
+    dest = ec.set_headers(out[0])["x-gateway-destination-endpoint"]
+    if subset is None:
+        assert len(dest.split(",")) == 2
+    else:
+        assert dest == chosen
+
+
+@pytest.mark.parametrize("hint", [[], ["10.9.9.9:8000"]])
+async def test_empty_or_unusable_subset_is_503(picker, hint):
+    out = await ec.exchange(picker.target, [ec.headers(subset=hint), ec.body(COMPLETION)])
+    status, body = ec.immediate(out)
+    assert status == 503 and body["error"]["code"] == 503
+
+
+@pytest.mark.parametrize(
+    "path,raw,status",
+    [
+        ("/v1/completions", b"{not json", 400),
+        ("/v1/completions", b'["a"]', 400),
+        ("/v1/completions", json.dumps({"prompt": "no model"}).encode(), 400),
+        ("/v1/chat/completions", json.dumps({"model": "m", "messages": "x"}).encode(), 400),
+        ("/v1/completions", json.dumps({**COMPLETION, "stream": "yes"}).encode(), 400),
+        ("/v1/unknown-api", json.dumps(COMPLETION).encode(), 404),
+        # Each of these was a 500 (issue 12): a lone surrogate, a 5000-digit integer, a
+        # prompt nested 100,000 deep, a negative or 400-digit max_tokens.
+        ("/v1/completions", b'{"model":"m","prompt":"\\ud800"}', 400),
+        ("/v1/completions", b'{"model":"m","prompt":"x","seed":' + b"1" * 5000 + b"}", 400),
+        (
+            "/v1/completions",
+            b'{"model":"m","prompt":' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+            400,
+        ),
+        ("/v1/completions", b'{"model":"m","prompt":"x","max_tokens":-1}', 400),
+        ("/v1/completions", b'{"model":"m","prompt":"x","max_tokens":' + b"9" * 400 + b"}", 400),
+    ],
+)
+async def test_bad_requests_get_immediate_errors(picker, path, raw, status):
+    out = await ec.exchange(picker.target, [ec.headers(path), ec.body(raw)])
+    got, body = ec.immediate(out)
+    assert got == status
+    assert body["error"]["code"] == status and body["error"]["message"].startswith(
+        "inference error:"
+    )
+
+
+async def test_no_endpoint_left_after_filters_is_429(picker):
+    out = await ec.exchange(
+        picker.target,
+        [ec.headers(extra={"test-epp-endpoint-selection": "10.1.2.3"}), ec.body(COMPLETION)],
+    )
+    assert ec.immediate(out)[0] == 429
+
+
+async def test_header_filter_pins_the_endpoint(picker):
+    pinned = picker.addresses[2]
+    out = await ec.exchange(
+        picker.target,
+        [ec.headers(extra={"test-epp-endpoint-selection": pinned}), ec.body(COMPLETION)],
+    )
+    assert ec.set_headers(out[0])["x-gateway-destination-endpoint"] == pinned
+
+
+async def test_response_phase_adds_served_header_and_reads_usage(picker):
+    served = picker.addresses[0]
+    sse = (
+        b'data: {"choices":[{"text":"a"}]}\n\ndata: {"choices":[],"usage":{"prompt_tokens":'
+        b'7,"completion_tokens":3,"total_tokens":10,"prompt_tokens_details":'
+        b'{"cached_tokens":4}}}\n\ndata: [DONE]\n\n'
+    )
+    before = picker.metric_lines("inference_objective_output_tokens_sum")
+    msgs = [
+        ec.headers(),
+        ec.body({**COMPLETION, "stream": True}),
+        ec.response_headers(content_type="text/event-stream", served=served),
+        # a usage line cut in two by the chunking must still be read
+        ec.response_body(sse[:60], False),
+        ec.response_body(sse[60:], False),
+        ec.response_body(b"", True),
+    ]
+    out = await ec.exchange(picker.target, msgs)
+    resp_headers = next(r for r in out if r.WhichOneof("response") == "response_headers")
+    assert ec.set_headers(resp_headers, "response_headers") == {
+        "x-gateway-destination-endpoint-served": served
+    }
+    echoed = ec.streamed_bodies(out, "response_body")
+    assert b"".join(c for c, _ in echoed) == sse and echoed[-1][1] is True
+    after = picker.metric_lines("inference_objective_output_tokens_sum")
+    assert after != before and float(after[0].rsplit(" ", 1)[1]) >= 3
+
+
+async def test_inflight_counts_rise_and_fall_including_cancelled(picker):
+    pinned = picker.addresses[1]
+
+    def inflight():
+        return next(
+            e["inflight_requests"] for e in picker.debug()["endpoints"] if e["address"] == pinned
+        )
+
+    assert inflight() == 0
+    # A stream that ends after the request phase: the client went away mid-answer.
+    await ec.exchange(
+        picker.target,
+        [
+            ec.headers(extra={"test-epp-endpoint-selection": pinned}),
+            ec.body(COMPLETION),
+            ec.response_headers(served=pinned),
+        ],
+    )
+    await asyncio.sleep(0.1)
+    assert inflight() == 0
+    errors = picker.metric_lines('inference_objective_request_error_total{error_code="cancelled"')
+    assert errors
+
+
+async def test_tls_is_on_by_default(sims, tmp_path):
+    cert, key = certs.self_signed("localhost")
+    (tmp_path / "tls.crt").write_bytes(cert)
+    (tmp_path / "tls.key").write_bytes(key)
+    p = Picker(tmp_path, sims, secure=True, extra=["--cert-path", str(tmp_path)])
+    with p.run():
+        creds = grpc.ssl_channel_credentials(root_certificates=cert)
+        out = await ec.exchange(
+            p.target,
+            [ec.headers(), ec.body(COMPLETION)],
+            credentials=creds,
+            options=(("grpc.ssl_target_name_override", "localhost"),),
+        )
+        assert "x-gateway-destination-endpoint" in ec.set_headers(out[0])
+        with pytest.raises(grpc.aio.AioRpcError):
+            await ec.exchange(p.target, [ec.headers(), ec.body(COMPLETION)])
+
+
+async def test_no_ready_pods_gives_503_with_or_without_a_body(sims, tmp_path):
+    p = Picker(tmp_path, sims, ready=False)
+    with p.run():
+        out = await ec.exchange(p.target, [ec.headers(), ec.body(COMPLETION)])
+        assert ec.immediate(out)[0] == 503
+        out = await ec.exchange(p.target, [ec.headers("/v1/models", eos=True, extra=GET)])
+        assert ec.immediate(out)[0] == 503
+
+
+async def test_fallbacks_are_configurable(sims, tmp_path):
+    p = Picker(tmp_path, sims, extra=["--fallback-endpoints", "2"])
+    with p.run():
+        out = await ec.exchange(p.target, [ec.headers(), ec.body(COMPLETION)])
+        assert len(ec.set_headers(out[0])["x-gateway-destination-endpoint"].split(",")) == 3
+    p0 = Picker(tmp_path, sims, extra=["--fallback-endpoints", "0"])
+    with p0.run():
+        out = await ec.exchange(p0.target, [ec.headers(), ec.body(COMPLETION)])
+        assert "," not in ec.set_headers(out[0])["x-gateway-destination-endpoint"]
+
+
+async def test_unknown_model_is_404_once_the_pools_models_are_known(picker):
+    deadline = time.monotonic() + 10
+    while any(e["models"] is None for e in picker.debug()["endpoints"]):
+        assert time.monotonic() < deadline, "the picker never learned the served models"
+        await asyncio.sleep(0.05)
+    out = await ec.exchange(
+        picker.target, [ec.headers(), ec.body({**COMPLETION, "model": "gpt-nope"})]
+    )
+    status, body = ec.immediate(out)
+    assert status == 404 and "gpt-nope" in body["error"]["message"]
+    out = await ec.exchange(picker.target, [ec.headers(), ec.body(COMPLETION)])
+    assert ec.immediate(out) is None

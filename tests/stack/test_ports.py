@@ -1,0 +1,45 @@
+"""stack/ports.py, the one source of free ports for tests and benchmarks: within a process no
+port is handed out twice, runs are consecutive, and a stack's ports are distinct and free."""
+
+from __future__ import annotations
+
+import socket
+from contextlib import ExitStack
+
+from infergw.stack.ports import free_port, free_port_run, free_stack_ports
+
+
+def bind_all(ports: list[int]) -> None:
+    """Bind every port at once: fails if one is taken or listed twice."""
+    with ExitStack() as held:
+        for port in ports:
+            sock = held.enter_context(socket.socket())
+            sock.bind(("127.0.0.1", port))
+
+
+def test_no_port_is_handed_out_twice():
+    base = free_port_run(8)
+    singles = [free_port() for _ in range(200)]
+    bind_all([*range(base, base + 8), *singles])
+
+
+def test_a_stacks_ports_are_distinct_and_free():
+    pods = 4
+    ports = free_stack_ports(pods, per_pod_kv=True)
+    bind_all(
+        [
+            ports.envoy,
+            ports.envoy_admin,
+            ports.picker,
+            ports.picker_health,
+            ports.picker_metrics,
+            ports.kv_events,
+            ports.controllers_metrics,
+            *range(ports.kv_replay_base, ports.kv_replay_base + pods),
+            *range(ports.kv_pub_base, ports.kv_pub_base + pods),
+        ]
+    )
+
+
+def test_central_kv_mode_leaves_the_pub_base_unset():
+    assert free_stack_ports(2).kv_pub_base is None
