@@ -16,10 +16,17 @@ def top_level_packages() -> set[str]:
     return {p.parent.name for p in ROOT.glob("*/__init__.py") if p.parent.name not in NOT_SHIPPED}
 
 
-def test_the_distribution_includes_every_top_level_package():
-    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    include = pyproject["tool"]["setuptools"]["packages"]["find"]["include"]
-    assert {pattern.removesuffix("*") for pattern in include} == top_level_packages()
+def test_the_distribution_includes_every_package():
+    """Each folder is mapped under the namespace, and every package below it is listed."""
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    name_of = {folder: name for name, folder in setuptools["package-dir"].items()}
+    assert set(name_of) == top_level_packages()
+    folders = [
+        init.parent.relative_to(ROOT).parts
+        for init in ROOT.glob("*/**/__init__.py")
+        if init.parent.relative_to(ROOT).parts[0] in name_of
+    ]
+    assert set(setuptools["packages"]) == {".".join([name_of[f[0]], *f[1:]]) for f in folders}
 
 
 def test_the_image_copies_every_top_level_package():
