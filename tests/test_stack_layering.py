@@ -1,6 +1,8 @@
 """The launcher sits on top: `stack/` (the local stack library) and `bench/` never import
-`infergate` (cli.py, up.py), and the launcher finds benchmarks by name, so the arrows run one
-way. Each check imports in a fresh interpreter, where sys.modules shows what really loaded."""
+the launcher (`infergate/`: cli.py, up.py, imported as `infergw.cli`, `infergw.up`), and the
+launcher finds benchmarks by name, so the arrows run one way. Each check imports in a fresh
+interpreter, outside the repository (so no bare folder can be imported by accident), where
+sys.modules shows what really loaded."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import sys
 import pytest
 
 from infergw.cli import BENCHMARKS
+from tools.rename_namespace import DEFAULT_NS, SUBPACKAGES
 
 # Every module of the packages, except `__main__`s (importing one runs its benchmark).
 IMPORT_ALL = """
@@ -30,6 +33,7 @@ def modules_after_importing(*packages: str) -> list[str]:
         capture_output=True,
         text=True,
         timeout=120,
+        cwd="/",
     )
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout.splitlines()[-1])
@@ -39,17 +43,24 @@ def of(package: str, modules: list[str]) -> list[str]:
     return [m for m in modules if m == package or m.startswith(package + ".")]
 
 
+def launcher_modules(modules: list[str]) -> list[str]:
+    """The launcher's own modules: the namespace's, outside every folder mapped under it."""
+    return [
+        m for m in of(DEFAULT_NS, modules) if m.count(".") and m.split(".")[1] not in SUBPACKAGES
+    ]
+
+
 @pytest.mark.parametrize("package", ["stack", "bench"])
 def test_stack_and_bench_never_import_the_launcher(package):
-    loaded = modules_after_importing(package)
-    assert of(package, loaded), f"{package} did not import"
-    assert of("infergate", loaded) == []
+    loaded = modules_after_importing(f"{DEFAULT_NS}.{package}")
+    assert of(f"{DEFAULT_NS}.{package}", loaded), f"{package} did not import"
+    assert launcher_modules(loaded) == []
 
 
 def test_the_launcher_imports_no_benchmark_until_one_is_run():
-    loaded = modules_after_importing("infergate")
-    assert "infergate.cli" in loaded and "infergate.up" in loaded
-    assert of("bench", loaded) == []
+    loaded = modules_after_importing(DEFAULT_NS)
+    assert {f"{DEFAULT_NS}.cli", f"{DEFAULT_NS}.up"} <= set(launcher_modules(loaded))
+    assert of(f"{DEFAULT_NS}.bench", loaded) == []
 
 
 def test_every_benchmark_name_is_a_module_with_a_main():
@@ -62,6 +73,7 @@ def test_every_benchmark_name_is_a_module_with_a_main():
         capture_output=True,
         text=True,
         timeout=120,
+        cwd="/",
     )
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout.splitlines()[-1]) == [True] * len(BENCHMARKS)

@@ -200,7 +200,7 @@ def test_up_restarts_killed_controllers_without_leaving_their_pods(tmp_path):
     with _up(tmp_path, "--pods", "1") as (up, log, workdir):
         manifests = str(workdir / "manifests")
         [controllers] = _pids_with("-m infergw.controllers", manifests)
-        old_pods = _pids_with("infergate.cli simulate", "--served-model-name=infergate-sim")
+        old_pods = _pids_with("infergw.cli simulate", "--served-model-name=infergate-sim")
         old_pods = [p for p in old_pods if _descends_from(p, controllers)]
         assert old_pods
         os.kill(controllers, signal.SIGKILL)
