@@ -84,6 +84,10 @@ async def redis_holdings(client: Redis) -> dict[str, dict[str, set[int]]]:
     return out
 
 
+def all_block_keys(shared: Shared):
+    return shared.client.scan_iter(match=f"{KEY_PREFIX}:b:*", count=1000)
+
+
 def memory_holdings(index: KVBlockIndex, pods) -> dict[str, dict[str, set[int]]]:
     out = {}
     for pod in pods:
@@ -160,7 +164,7 @@ async def test_fuzz_storms_leave_redis_equal_to_the_in_memory_reference(redis_se
     shared = Shared(redis_server.address)
     mem_ref = test_fuzz.Reference()
     shared_ref = _SharedReference(shared.writer)
-    seq = [0]
+    seq, seen = [0], 0
     try:
         for seed in range(6):
             for frames in test_fuzz.storm(random.Random(seed), seq):
@@ -169,6 +173,14 @@ async def test_fuzz_storms_leave_redis_equal_to_the_in_memory_reference(redis_se
             assert await shared.writer.flush()
             want = memory_holdings(mem_ref.index, [test_fuzz.STORM])
             assert await redis_holdings(shared.client) == want
+            # Lookups agree too, on keys written before a clear (dead) as well as live ones.
+            held = mem_ref.index.keys_of(test_fuzz.STORM)
+            seen += bool(held)
+            every = [int(n.decode().rsplit(":", 1)[1], 16) async for n in all_block_keys(shared)]
+            for k in random.Random(seed).sample(every, min(100, len(every))):
+                got = (await shared.reader.fetch([k])).match_lengths([k], [test_fuzz.STORM])
+                assert got == {test_fuzz.STORM: int(k in held)}
+        assert seen, "some storm leaves entries"
     finally:
         await shared.close()
 
@@ -304,6 +316,9 @@ async def test_write_ops_compose_and_a_clear_supersedes_older_writes(redis_serve
         writer.add(A, [12], "gpu")  # after the clear: alive
         assert await writer.flush()
         assert await redis_holdings(client) == {A: {"gpu": {12}, "cpu": set()}}
+        held = await shared.reader.fetch([10, 12])
+        assert held.match_lengths([10, 12], [A]) == {A: 0}  # 10 was written before the clear
+        assert (await shared.reader.fetch([12])).match_lengths([12], [A]) == {A: 1}
         assert await client.ttl(block_key(KEY_PREFIX, 12)) > 0  # every write bounds its life
     finally:
         await shared.close()
