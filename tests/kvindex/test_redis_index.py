@@ -134,8 +134,8 @@ async def test_recorded_events_read_back_equal_to_the_in_memory_index(redis_serv
                 for keys in (prompt.keys, prompt.keys[: len(prompt.keys) // 2]):
                     p = type(prompt)(prompt.tokens, keys)
                     f = type(prompt)(prompt.tokens, keys, fetched.held)
-                    assert shared_kv.score(f, [POD, A], WEIGHTS) == mem_kv.score(
-                        p, [POD, A], WEIGHTS
+                    assert shared_kv.score(f, [POD, A], WEIGHTS) == pytest.approx(
+                        mem_kv.score(p, [POD, A], WEIGHTS)
                     )
                     assert shared_kv.matched_blocks(f, [POD]) == mem_kv.matched_blocks(p, [POD])
                 hits += mem_kv.matched_blocks(prompt, [POD])[POD] > 0
