@@ -19,8 +19,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from infergw.epp.datastore import Datastore
 from infergw.epp.options import KV_EVENTS_PORT, default_kv_events_bind
-from infergw.kvindex.cache import KVCache
 from infergw.kvindex.backend import BlockIndex, PrefixIndex
+from infergw.kvindex.cache import KVCache
 from infergw.kvindex.index import KVBlockIndex
 from infergw.kvindex.redis_index import RedisIndexMetrics, RedisIndexWriter, RedisPrefixIndex
 from infergw.kvindex.subscriber import KVEventSubscriber

@@ -53,7 +53,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
-from infergw.kvindex.backend import BlockIndex, PrefixView
+from infergw.kvindex.backend import BlockIndex
 from infergw.kvindex.index import DEFAULT_TIER_WEIGHTS, Tier
 
 log = logging.getLogger("kvindex.redis_index")

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 from collections import Counter
 
-from infergw.kvindex.events import AllBlocksCleared, BlockRemoved, BlockStored
 from infergw.kvindex.backend import BlockIndex
+from infergw.kvindex.events import AllBlocksCleared, BlockRemoved, BlockStored
 from infergw.kvindex.index import Tier, approx_bytes, walk_bytes
 from infergw.kvindex.keys import block_keys, encode_extras, model_root
 from infergw.kvindex.unresolved import UnresolvedHashes

@@ -74,8 +74,8 @@ async def test_a_read_only_picker_scores_the_blocks_another_picker_wrote(redis_s
         await reader.close()
 
 
-async def until_async(check, what: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
+async def until_async(check, what: str, within: float = 10.0) -> None:
+    deadline = time.monotonic() + within
     while not await check():
         assert time.monotonic() < deadline, f"timed out: {what}"
         await asyncio.sleep(0.05)
