@@ -158,6 +158,11 @@ def build_kv_cache(
             block_size=opts.kv_index_block_size,
             max_entries=opts.kv_index_max_entries,
             tokenizers=opts.tokenizers,
+            backend=opts.kv_index_backend,
+            redis_url=opts.kv_index_redis_url,
+            redis_write=opts.kv_index_redis_write,
+            redis_timeout=opts.kv_index_redis_timeout,
+            redis_ttl=opts.kv_index_redis_ttl,
         ),
         metrics.registry,
     )
@@ -198,10 +203,11 @@ async def start_provider(
 def start_kv_cache(opts: PickerOptions, view: KVCacheView) -> None:
     view.start()
     log.info(
-        "KV events: %s (%s), index block size %d, tokenizers for %s",
-        opts.kv_events_mode,
+        "KV events: %s (%s), index block size %d in %s, tokenizers for %s",
+        opts.kv_events_mode if view.subscribes else "not subscribed (reads the shared index)",
         opts.kv_events_bind if opts.kv_events_mode == "central" else "per pod",
         opts.kv_index_block_size,
+        opts.kv_index_backend,
         sorted(opts.tokenizers) or "no model",
     )
 

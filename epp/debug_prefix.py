@@ -37,6 +37,7 @@ async def prefix_report(raw: bytes, director, view) -> tuple[int, dict]:
             f"cannot tokenize for model {ctx.target_model!r}: no "
             "tokenizer is configured for it (--tokenizer)",
         ).body()
+    prompt = await kv.fetch(prompt)  # a shared index: one round trip
     endpoints = [e.address for e in director.datastore.endpoints()]
     lengths = kv.matched_blocks(prompt, endpoints)
     weights = plugin.tier_weights if plugin is not None else DEFAULT_TIER_WEIGHTS

@@ -2,11 +2,14 @@
 event translator), and the KV cache (kvindex.cache) that plugins score prompts with.
 
 Built only when a plugin asks for it (precise-prefix-cache-scorer), so a picker without one
-opens no ZMQ socket.
+opens no ZMQ socket. With `--kv-index-backend redis` the index is shared through Redis
+(kvindex.redis_index): the translator writes through a local index into it (unless this replica
+only reads), and the cache reads it with one round trip a prompt.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,8 +19,10 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from infergw.epp.datastore import Datastore
 from infergw.epp.options import KV_EVENTS_PORT, default_kv_events_bind
+from infergw.kvindex.backend import BlockIndex, PrefixIndex
 from infergw.kvindex.cache import KVCache
 from infergw.kvindex.index import KVBlockIndex
+from infergw.kvindex.redis_index import RedisIndexMetrics, RedisIndexWriter, RedisPrefixIndex
 from infergw.kvindex.subscriber import KVEventSubscriber
 from infergw.kvindex.tokenize import PromptTokenizers
 from infergw.kvindex.translate import EventTranslator
@@ -34,6 +39,13 @@ class KVEventOptions:
     block_size: int = 16
     max_entries: int = 5_000_000
     tokenizers: dict[str, Path] | None = None
+    backend: str = "memory"  # memory | redis
+    redis_url: str | None = None
+    redis_write: bool = True  # redis: subscribe and write (else only read)
+    redis_timeout: float = 0.05  # a lookup's deadline
+    redis_ttl: float = 3600.0
+    # A lookup's reply: per pod holding a prompt's first block, a byte per block it holds.
+    redis_max_reply_bytes: int = 16 << 20
 
 
 class KVCacheView:
@@ -50,11 +62,17 @@ class KVCacheView:
             buckets=(0.00001, 0.00003, 0.0001, 0.0003, 0.001, 0.003, 0.01, 0.03, 0.1),
             registry=registry,
         )
-        index = KVBlockIndex(block_size=opts.block_size, max_entries=opts.max_entries)
+        local = KVBlockIndex(block_size=opts.block_size, max_entries=opts.max_entries)
+        index: BlockIndex = local
+        reads: PrefixIndex = local
+        self.redis = self.writer = None
+        self._writer_task: asyncio.Task | None = None
+        if opts.backend == "redis":
+            index, reads = self._shared_index(local, registry)
         self.translator = EventTranslator(index)
         self.cache = KVCache(
             tokenizers=PromptTokenizers(opts.tokenizers or {}),
-            index=index,
+            index=reads,
             base_model=self.base_model,
             lookup_seconds=lookup_seconds,
             engine_block_size=self.engine_block_size,
@@ -66,6 +84,34 @@ class KVCacheView:
             is_member=self._in_pool,
         )
         self._connected: set[str] = set()
+
+    def _shared_index(
+        self, local: KVBlockIndex, registry: CollectorRegistry | None
+    ) -> tuple[BlockIndex, PrefixIndex]:
+        """(what the translator writes into, what the cache reads) for the Redis backend."""
+        from infergw.epp.ratelimit.redis_backend import redis_client
+
+        opts = self.opts
+        if not opts.redis_url:
+            raise ValueError("the redis KV index backend needs a Redis address")
+        self.redis = redis_client(
+            opts.redis_url,
+            timeout=max(opts.redis_timeout, 0.25),  # a write batch may take longer
+            max_reply_bytes=opts.redis_max_reply_bytes,
+        )
+        metrics = RedisIndexMetrics(registry)
+        reads = RedisPrefixIndex(
+            self.redis, block_size=opts.block_size, timeout=opts.redis_timeout, metrics=metrics
+        )
+        if not opts.redis_write:
+            return local, reads  # never fed: no subscription starts
+        self.writer = RedisIndexWriter(local, self.redis, ttl=opts.redis_ttl, metrics=metrics)
+        return self.writer, reads
+
+    @property
+    def subscribes(self) -> bool:
+        """Whether this replica receives KV events (all but a read-only shared-index one)."""
+        return self.opts.backend != "redis" or self.opts.redis_write
 
     def _endpoint_of(self, address: str, port: int | None) -> str | None:
         ep = self.datastore.endpoint(address)
@@ -109,6 +155,10 @@ class KVCacheView:
         return self._endpoint_of(address, self.opts.replay_port)
 
     def start(self) -> None:
+        if not self.subscribes:
+            return
+        if self.writer is not None:
+            self._writer_task = asyncio.get_running_loop().create_task(self.writer.run())
         if self.opts.mode == "central":
             self.subscriber.bind(self.opts.bind)
         self.datastore.removal_listeners.append(self._pod_left)
@@ -117,7 +167,7 @@ class KVCacheView:
 
     def sync_pods(self) -> None:
         """Per-pod mode: connect to pods that joined. Called when the pool changes."""
-        if self.opts.mode != "per-pod":
+        if self.opts.mode != "per-pod" or not self.subscribes:
             return
         for ep in self.datastore.endpoints():
             if ep.address not in self._connected:
@@ -132,6 +182,14 @@ class KVCacheView:
 
     async def close(self) -> None:
         await self.subscriber.close()
+        if self._writer_task is not None:
+            self._writer_task.cancel()
+            await asyncio.gather(self._writer_task, return_exceptions=True)
+            self._writer_task = None
+        if self.writer is not None:
+            await self.writer.flush()  # the last changes, if Redis answers (it has a deadline)
+        if self.redis is not None:
+            await self.redis.aclose()
 
     def collect(self):
         """Prometheus: what the subscriber received and the index holds, read at scrape."""

@@ -70,6 +70,11 @@ class PickerOptions:
     trust_client_headers: bool = False
     trust_model_rewrite_header: bool = False
     enable_debug_endpoints: bool = False
+    kv_index_backend: str = "memory"  # memory | redis (kvindex.redis_index)
+    kv_index_redis_url: str | None = None
+    kv_index_redis_write: bool = True
+    kv_index_redis_timeout: float = 0.05
+    kv_index_redis_ttl: float = 3600.0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -181,6 +186,40 @@ def build_parser() -> argparse.ArgumentParser:
     kv.add_argument("--kv-index-block-size", type=int, default=16)
     kv.add_argument("--kv-index-max-entries", type=int, default=5_000_000)
     kv.add_argument(
+        "--kv-index-backend",
+        choices=["memory", "redis"],
+        default="memory",
+        help="memory: this picker's own index; redis: one index shared by every replica in "
+        "Redis/Valkey (--kv-index-redis-url)",
+    )
+    kv.add_argument(
+        "--kv-index-redis-url",
+        default=None,
+        metavar="HOST:PORT",
+        help="the shared index's Redis (redis://HOST:PORT or HOST:PORT; standalone, not a "
+        "cluster); may be the rate limits' Redis",
+    )
+    kv.add_argument(
+        "--kv-index-redis-write",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="subscribe to KV events and write them to the shared index (default); with "
+        "--no-kv-index-redis-write this replica only reads: no subscription, no index in memory",
+    )
+    kv.add_argument(
+        "--kv-index-redis-timeout",
+        type=duration,
+        default=0.05,
+        help="a lookup's deadline in the shared index; past it the prompt scores no hits "
+        "(default 50ms)",
+    )
+    kv.add_argument(
+        "--kv-index-redis-ttl",
+        type=duration,
+        default=3600.0,
+        help="how long a block stays in the shared index after its last write (default 1h)",
+    )
+    kv.add_argument(
         "--tokenizer",
         action="append",
         default=[],
@@ -209,6 +248,10 @@ def parse_options(argv: list[str] | None = None) -> PickerOptions:
         tokenizers[model] = Path(directory)
     if a.kv_index_block_size < 1:
         p.error("--kv-index-block-size must be >= 1")
+    if a.kv_index_backend == "redis" and not a.kv_index_redis_url:
+        p.error("--kv-index-backend redis needs --kv-index-redis-url")
+    if a.kv_index_redis_timeout <= 0 or a.kv_index_redis_ttl <= 0:
+        p.error("--kv-index-redis-timeout and --kv-index-redis-ttl must be > 0")
     return PickerOptions(
         host=a.host,
         grpc_port=a.grpc_port,
@@ -239,4 +282,9 @@ def parse_options(argv: list[str] | None = None) -> PickerOptions:
         trust_client_headers=a.trust_client_headers,
         trust_model_rewrite_header=a.trust_model_rewrite_header,
         enable_debug_endpoints=a.enable_debug_endpoints,
+        kv_index_backend=a.kv_index_backend,
+        kv_index_redis_url=a.kv_index_redis_url,
+        kv_index_redis_write=a.kv_index_redis_write,
+        kv_index_redis_timeout=a.kv_index_redis_timeout,
+        kv_index_redis_ttl=a.kv_index_redis_ttl,
     )

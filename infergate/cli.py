@@ -16,7 +16,8 @@ commands:
   bench      run a benchmark under bench/ (infergate bench simulator ...; fairness: tenants
              contending for one pod, with and without flow control; pd: aggregated against
              prefill/decode disaggregated serving; soak: steady load while pods, the
-             picker, the pool file and Redis fail)
+             picker, the pool file and Redis fail; kvindex_redis: the shared KV index in
+             Redis against the in-memory one)
 """
 
 # Benchmarks by name, as module paths: the launcher finds them, they never import it.
@@ -24,6 +25,7 @@ BENCHMARKS = {
     "simulator": "infergw.bench.simulator",
     "epp_overhead": "infergw.bench.epp_overhead",
     "kvindex": "infergw.bench.kvindex",
+    "kvindex_redis": "infergw.bench.kvindex_redis",
     "routing": "infergw.bench.routing.cli",
     "fairness": "infergw.bench.fairness.cli",
     "pd": "infergw.bench.pd.cli",

@@ -18,6 +18,7 @@ than the engines (`--kv-index-block-size`, 16 by default); it must divide their 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from array import array
@@ -27,7 +28,7 @@ from typing import Protocol
 
 from prometheus_client import Histogram
 
-from infergw.kvindex.index import KVBlockIndex
+from infergw.kvindex.backend import PrefixIndex, PrefixView, RemotePrefixIndex
 from infergw.kvindex.keys import prompt_keys
 from infergw.kvindex.tokenize import PromptError, PromptTokenizer, PromptTokenizers
 
@@ -38,10 +39,12 @@ TOKENIZED_APIS = frozenset({"chat", "completions"})
 
 @dataclass(frozen=True, slots=True)
 class Prompt:
-    """One request's prompt as the index sees it."""
+    """One request's prompt as the index sees it; `held`: what the pods hold of it, when a
+    remote index was asked (KVCache.fetch), else None (the index answers directly)."""
 
     tokens: int
     keys: list[int]
+    held: PrefixView | None = None
 
 
 class TokenizableRequest(Protocol):
@@ -70,13 +73,14 @@ class KVCache:
         self,
         *,
         tokenizers: PromptTokenizers,
-        index: KVBlockIndex,
+        index: PrefixIndex,
         base_model: Callable[[str], tuple[str, str | None]] = _no_adapter,
         lookup_seconds: Histogram | None = None,
         engine_block_size: Callable[[str], int | None] = lambda pod: None,
     ) -> None:
         self.tokenizers = tokenizers  # shared with token counting: one prefix cache a model
         self._index = index
+        self._remote = index if isinstance(index, RemotePrefixIndex) else None
         self._base_model = base_model  # model → (base model, LoRA adapter or None)
         self._lookup_seconds = lookup_seconds
         self._engine_block_size = engine_block_size  # pod → its engine's block size, if known
@@ -120,6 +124,25 @@ class KVCache:
         _, base, lora = self._tokenizer(req)
         return Prompt(len(tokens), prompt_keys(tokens, self.block_size, base, lora, cache_salt))
 
+    @property
+    def remote(self) -> bool:
+        """Whether the index is behind a round trip: scoring needs a `fetch` first."""
+        return self._remote is not None
+
+    async def fetch(self, prompt: Prompt) -> Prompt:
+        """The prompt with what the pods hold of it, read in one round trip from a remote
+        index (a failure reads as no hits); with the in-memory index, the prompt itself."""
+        if self._remote is None or not prompt.keys:
+            return prompt
+        t0 = time.perf_counter()
+        held = await self._remote.fetch(prompt.keys)
+        if self._lookup_seconds is not None:
+            self._lookup_seconds.observe(time.perf_counter() - t0)
+        return dataclasses.replace(prompt, held=held)
+
+    def _held(self, prompt: Prompt) -> PrefixView:
+        return self._index if prompt.held is None else prompt.held
+
     def score(
         self, prompt: Prompt, pods: Sequence[str], tier_weights: Mapping[str, float]
     ) -> list[float]:
@@ -127,16 +150,19 @@ class KVCache:
         (each block weighs its best tier), over the prompt's block count: 0..1."""
         if not prompt.keys:
             return [0.0] * len(pods)
-        t0 = time.perf_counter()
-        held = self._index.lookup(prompt.keys, pods, tier_weights=tier_weights)
-        if self._lookup_seconds is not None:
-            self._lookup_seconds.observe(time.perf_counter() - t0)
+        if prompt.held is not None:  # fetched: its time was observed then
+            held = prompt.held.lookup(prompt.keys, pods, tier_weights=tier_weights)
+        else:
+            t0 = time.perf_counter()
+            held = self._index.lookup(prompt.keys, pods, tier_weights=tier_weights)
+            if self._lookup_seconds is not None:
+                self._lookup_seconds.observe(time.perf_counter() - t0)
         total = len(prompt.keys)
         return [held.get(pod, 0.0) / total for pod in pods]
 
     def matched_blocks(self, prompt: Prompt, pods: Sequence[str]) -> dict[str, int]:
         """Per pod, how many blocks from the prompt's start it holds, in any tier."""
-        return self._index.match_lengths(prompt.keys, pods) if prompt.keys else {}
+        return self._held(prompt).match_lengths(prompt.keys, pods) if prompt.keys else {}
 
     def cached_prefix(self, prompt: Prompt, pod: str) -> int:
         """How many of the prompt's tokens `pod` will reuse from the start, in any tier: whole

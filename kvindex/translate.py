@@ -19,8 +19,9 @@ from __future__ import annotations
 
 from collections import Counter
 
+from infergw.kvindex.backend import BlockIndex
 from infergw.kvindex.events import AllBlocksCleared, BlockRemoved, BlockStored
-from infergw.kvindex.index import KVBlockIndex, Tier, approx_bytes, walk_bytes
+from infergw.kvindex.index import Tier, approx_bytes, walk_bytes
 from infergw.kvindex.keys import block_keys, encode_extras, model_root
 from infergw.kvindex.unresolved import UnresolvedHashes
 
@@ -77,7 +78,7 @@ def _slots(rs) -> tuple[int, ...]:
 class EventTranslator:
     """The subscriber's EventSink: applies decoded KV events of each pod to `index`."""
 
-    def __init__(self, index: KVBlockIndex) -> None:
+    def __init__(self, index: BlockIndex) -> None:
         self.index = index
         self._mask = index.shard_count - 1
         self._emaps: dict[str, list[dict[int, int | tuple[int, ...]]]] = {}

@@ -55,7 +55,7 @@ from infergw.epp.ratelimit.limiter import (
     RateLimitMetrics,
     deny,
 )
-from infergw.epp.ratelimit.redis_parser import BoundedRESP3Parser, ReplyTooLarge
+from infergw.epp.ratelimit.redis_parser import MAX_REPLY_BYTES, ReplyTooLarge, bounded_parser
 
 __all__ = ["BUCKET_SCRIPT", "RedisClients", "RedisRateLimiter", "redis_client"]
 
@@ -130,11 +130,17 @@ BUCKET_SCRIPT_SHA = hashlib.sha1(BUCKET_SCRIPT.encode()).hexdigest()
 
 
 def redis_client(
-    address: str, *, timeout: float = DEFAULT_TIMEOUT, max_connections: int = 32
+    address: str,
+    *,
+    timeout: float = DEFAULT_TIMEOUT,
+    max_connections: int = 32,
+    max_reply_bytes: int = MAX_REPLY_BYTES,
 ) -> Redis:
     """An asyncio client for `host:port` tuned for the request path: short timeouts, one
     immediate retry (for a pooled connection the server closed), at most `max_connections`
-    connections, a caller waiting up to `timeout` for a free one."""
+    connections, a caller waiting up to `timeout` for a free one, a reply longer than
+    `max_reply_bytes` refused as it is read. `redis://host:port` is taken too."""
+    address = address.removeprefix("redis://").rstrip("/")
     host, _, port = address.rpartition(":")
     if not host or not port.isdigit():
         raise ValueError(f"redis address must be host:port, not {address!r}")
@@ -146,7 +152,7 @@ def redis_client(
         retry=Retry(NoBackoff(), 1),
         max_connections=max_connections,
         timeout=timeout,
-        parser_class=BoundedRESP3Parser,
+        parser_class=bounded_parser(max_reply_bytes),
     )
     return Redis(connection_pool=pool)
 

@@ -6,7 +6,8 @@ looked up: a pod scores the weighted count of consecutive blocks from the start 
 (GPU 1.0, CPU 0.8 a block), divided by the prompt's block count. After scheduling, the chosen
 pod's blocks (and a prefill pod's, with P/D) go in as speculative entries for a couple of
 seconds, so a burst of same-prefix requests follows the first one before its BlockStored
-arrives.
+arrives. With the shared index in Redis (kvindex.redis_index) the prompt's blocks are read in
+the prepare step, in one round trip, and scored from that answer.
 
 The plugin needs the picker's KV cache (kvindex.cache, built by epp/kv_events.py): its type
 says so (needs_kv_cache) and its factory takes the cache from the handle. Without one (a
@@ -56,8 +57,14 @@ class PrecisePrefixCacheScorer(Scorer, PreRequest, PrepareData):
         return cls(name, params, handle.kv_cache)
 
     async def prepare(self, ctx: RequestContext) -> None:
-        if self.kv is not None:
-            await self.kv.tokenize(ctx)  # the tokens the gate counted, if it did: kept once
+        kv = self.kv
+        if kv is None:
+            return
+        await kv.tokenize(ctx)  # the tokens the gate counted, if it did: kept once
+        if kv.remote:  # a shared index: read what the pods hold now, scheduling cannot wait
+            prompt = self.prompt(ctx)
+            if prompt is not None:
+                self._prompt.put(ctx, await kv.fetch(prompt))
 
     def prompt(self, ctx: RequestContext) -> Prompt | None:
         """The prompt's index keys (salted by its cache_salt, as vLLM salts its blocks), cut
