@@ -5,9 +5,8 @@ CPU), with a picker scraping at the fast interval all the time (`--idle-metrics-
 equal to it: how every pod was scraped before), and with the picker's defaults (idle pods
 rest, epp/scrape_pace.py). The simulator fleet renders /metrics with prometheus_client as vLLM
 does: the engine-side cost. The recorded-page fleet serves the real vLLM CPU page (55 KB) from
-a static string: the picker-side cost of a real page. Also the CPU of reading that page in
-the picker: the wanted lines found by substring search (sample_lines) against the full split
-of every line it replaced.
+a static string: the picker-side cost of a real page. (What reading that page costs the
+picker alone is a `python -m timeit` of epp.engine_metrics.parse: see the README.)
 """
 
 from __future__ import annotations
@@ -18,46 +17,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from infergw.bench.common import machine, process_cpu_seconds, write_json
-from infergw.epp.engine_metrics import parse, sample_lines, vocabulary
+from infergw.bench.common import cpu_over, machine, write_json
 from infergw.stack.local import LocalStack, StackConfig
 from infergw.stack.ports import free_port, free_stack_ports
 
-PAGE = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "vllm-cpu-tiny"
 FAST = "50ms"
-
-
-def full_split_lines(text: str, wanted: tuple[str, ...]) -> tuple[str, ...]:
-    """The lines the parser looked at before sample_lines: every line split off, its name
-    taken up to "{" or the first space; grouped by wanted name as sample_lines groups them."""
-    named = []
-    for line in text.split("\n"):
-        line = line.removesuffix("\r")
-        if line and line[0] != "#":
-            end = line.find("{")
-            named.append((line[:end] if end >= 0 else line.partition(" ")[0], line))
-    return tuple(line for name in wanted for n, line in named if n == name)
-
-
-def _per_call_us(fn, seconds: float = 1.0) -> float:
-    calls, t0 = 0, time.process_time()
-    while time.process_time() - t0 < seconds:
-        fn()
-        calls += 1
-    return round(1e6 * (time.process_time() - t0) / calls, 1)
-
-
-def page_cost() -> dict:
-    text = (PAGE / "metrics.txt").read_text()
-    wanted = vocabulary("vllm").wanted
-    assert sample_lines(text, wanted) == full_split_lines(text, wanted)
-    return {
-        "page_bytes": len(text.encode()),
-        "page_lines": text.count("\n"),
-        "full_split_us": _per_call_us(lambda: full_split_lines(text, wanted)),
-        "sample_lines_us": _per_call_us(lambda: sample_lines(text, wanted)),
-        "parse_us": _per_call_us(lambda: parse(text, "vllm")),
-    }
 
 
 def _stack(pods: int, recorded_page: bool) -> LocalStack:
@@ -79,11 +43,7 @@ def _stack(pods: int, recorded_page: bool) -> LocalStack:
 
 def _cpu_share(pids: dict[str, int], seconds: float) -> dict[str, float]:
     """Each process's CPU over `seconds`, as a % of one core."""
-    before = {n: process_cpu_seconds(p) for n, p in pids.items()}
-    time.sleep(seconds)
-    return {
-        n: round(100 * (process_cpu_seconds(p) - before[n]) / seconds, 2) for n, p in pids.items()
-    }
+    return {n: round(100 * v / seconds, 2) for n, v in cpu_over(pids, seconds).items()}
 
 
 def _fresh(stack: LocalStack, pods: int) -> bool:
@@ -131,7 +91,7 @@ def run_fleet(pods: int, recorded_page: bool, seconds: float) -> list[dict]:
 
 
 def markdown(out: dict) -> str:
-    m, s, p = out["machine"], out["settings"], out["page"]
+    m, s = out["machine"], out["settings"]
     lines = [
         f"Measured {m['date']} on {m['cpu']} ({m['cores']} cores), load average "
         f"{out['load_before']} before: {s['pods']} idle pods per fleet, {s['seconds']:.0f} s "
@@ -143,12 +103,6 @@ def markdown(out: dict) -> str:
     for r in out["rows"]:
         picker = "–" if r["picker_cpu_pct"] is None else f"{r['picker_cpu_pct']} %"
         lines.append(f"| {r['fleet']} | {r['setting']} | {r['pod_cpu_pct_mean']} % | {picker} |")
-    lines += [
-        "",
-        f"Reading the real page ({p['page_bytes']} bytes, {p['page_lines']} lines) in the "
-        f"picker: full split {p['full_split_us']} µs, sample_lines {p['sample_lines_us']} µs, "
-        f"whole parse {p['parse_us']} µs.",
-    ]
     return "\n".join(lines)
 
 
@@ -171,7 +125,6 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine(),
         "load_before": " ".join(load),
         "settings": {"pods": args.pods, "seconds": args.seconds, "fast_interval": FAST},
-        "page": page_cost(),
         "rows": rows,
     }
     print("wrote", write_json("scrape_cost", out))

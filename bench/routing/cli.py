@@ -8,7 +8,12 @@ import time
 from infergw.bench.common import PLOTS, machine, write_json
 from infergw.bench.routing.oracle import oracle
 from infergw.bench.routing.report import markdown, plot
-from infergw.bench.routing.routers import EXTERNAL_ROUTERS, INFERGATE_PROFILES, InfergateRouter
+from infergw.bench.routing.routers import (
+    EXTERNAL_ROUTERS,
+    INFERGATE_PROFILES,
+    PICKER_VARIANTS,
+    InfergateRouter,
+)
 from infergw.bench.routing.run import Point, Settings, run_point
 from infergw.bench.routing.workloads import MultiTurn, NoReuse, SharedPrefix
 
@@ -35,6 +40,11 @@ def all_routers() -> dict:
     return routers
 
 
+def variants() -> dict:
+    """Pickers with other flags, run only when named: precise scheduling under each."""
+    return {r.name: r for r in (InfergateRouter("precise", v) for v in PICKER_VARIANTS)}
+
+
 def plan(quick: bool, pods: int) -> list[tuple[object, list[float]]]:
     """(workload, rates). Six groups a pod against room for three: evictions happen, which
     is where knowing what each pod holds beats remembering what was sent where."""
@@ -57,6 +67,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--duration", type=float, default=None, help="measured seconds per point")
     p.add_argument("--seed", type=int, default=7)
+    p.add_argument(
+        "--idle",
+        type=float,
+        default=None,
+        help="seconds each router idles before the traffic, to tell its per-request CPU "
+        "from scraping and housekeeping (default 4, 0: off)",
+    )
     args = p.parse_args(argv)
     pods = args.pods or (4 if args.quick else 8)
     settings = Settings(
@@ -65,9 +82,11 @@ def main(argv: list[str] | None = None) -> int:
         warmup_s=4.0 if args.quick else 5.0,
         duration_s=args.duration or (10.0 if args.quick else 18.0),
         seed=args.seed,
+        idle_s=4.0 if args.idle is None else args.idle,
     )
     routers = all_routers()
     chosen = args.routers.split(",") if args.routers else list(routers)
+    routers |= variants()
     unknown = [r for r in chosen if r not in routers]
     if unknown:
         p.error(f"unknown routers {unknown}; known: {', '.join(routers)}")

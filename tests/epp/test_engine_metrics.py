@@ -351,9 +351,9 @@ def test_well_formed_scrapes_parse_to_sums_and_max(waiting, running, kv):
 # ---- the line filter ----------------------------------------------------------------------
 
 
-def lines_by_full_split(text: str, wanted: tuple[str, ...]) -> tuple[str, ...]:
-    """What the parser looked at before sample_lines: every line split off, its name taken up
-    to "{" or the first space; grouped by wanted name as sample_lines groups them."""
+def full_split_lines(text: str, wanted: tuple[str, ...]) -> tuple[str, ...]:
+    """The lines the parser looked at before sample_lines: every line split off, its name
+    taken up to "{" or the first space; grouped by wanted name as sample_lines groups them."""
     named = []
     for line in text.split("\n"):
         line = line.removesuffix("\r")
@@ -366,7 +366,7 @@ def lines_by_full_split(text: str, wanted: tuple[str, ...]) -> tuple[str, ...]:
 def test_sample_lines_of_a_real_page_are_the_few_the_picker_reads():
     wanted = vocabulary("vllm").wanted
     lines = sample_lines(VLLM_TEXT, wanted)
-    assert lines == lines_by_full_split(VLLM_TEXT, wanted)
+    assert lines == full_split_lines(VLLM_TEXT, wanted)
     # A page of 650 lines, five of them read: the *_by_reason family shares a prefix only.
     assert len(VLLM_TEXT.splitlines()) > 600 and len(lines) == 4
     assert not any("by_reason" in line for line in lines)
@@ -385,4 +385,4 @@ def test_sample_lines_at_the_page_edges_and_with_crlf():
 def test_sample_lines_select_what_a_full_split_selects(pieces, engine):
     text = "".join(pieces)
     wanted = vocabulary(engine).wanted
-    assert sample_lines(text, wanted) == lines_by_full_split(text, wanted)
+    assert sample_lines(text, wanted) == full_split_lines(text, wanted)
