@@ -159,12 +159,12 @@ def parse_lines(
         elif name == legacy_kv:
             kv_legacy.append(_check(name, value, 1.0))
         elif name == names.cache_info:
-            lab = dict(_LABEL.findall(labels))
+            lab = _labels(labels)
             m.block_size = _int(lab.get(names.block_size_label))
             m.num_blocks = _int(lab.get(names.num_blocks_label))
         elif name == names.lora_info and value > lora_ts:
             lora_ts = value  # the value is a timestamp: the newest sample wins
-            lab = dict(_LABEL.findall(labels))
+            lab = _labels(labels)
             m.running_loras = _names(name, "running", lab.get("running_lora_adapters"))
             m.waiting_loras = _names(name, "waiting", lab.get("waiting_lora_adapters"))
             m.max_loras = _int(lab.get("max_lora"))
@@ -176,6 +176,23 @@ def parse_lines(
     _check(names.waiting, m.waiting)
     _check(names.running, m.running)
     return m
+
+
+# Label sets of info metrics (cache config, LoRA state) repeat from page to page, and vLLM's
+# cache_config_info has forty labels: their parse is kept, for label sets of ordinary size.
+_MAX_CACHED_LABELS = 4096
+
+
+@functools.lru_cache(maxsize=1024)
+def _cached_labels(labels: str) -> dict[str, str]:
+    return dict(_LABEL.findall(labels))
+
+
+def _labels(labels: str) -> dict[str, str]:
+    """name → value of a sample's labels; the dict may be shared: read it only."""
+    if len(labels) > _MAX_CACHED_LABELS:
+        return dict(_LABEL.findall(labels))
+    return _cached_labels(labels)
 
 
 def _int(value: str | None) -> int | None:
