@@ -65,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
         help="comma-separated: shared-prefix, multi-turn, no-reuse (default: all; --quick "
         "runs shared-prefix only unless asked)",
     )
+    p.add_argument(
+        "--rates", default=None, help="comma-separated req/s for every workload (default: its own)"
+    )
     p.add_argument("--duration", type=float, default=None, help="measured seconds per point")
     p.add_argument("--seed", type=int, default=7)
     p.add_argument(
@@ -96,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     if set(wanted) - set(names):
         p.error(f"unknown workloads {sorted(set(wanted) - set(names))}; known: {names}")
     work = [(w, rates) for w, rates in work if w.name in wanted]
+    if args.rates:
+        work = [(w, [float(r) for r in args.rates.split(",")]) for w, _ in work]
     points = [Point(routers[r], wl, rate) for wl, rates in work for rate in rates for r in chosen]
     rows = _run_with_progress(points, settings)
     oracles = [
