@@ -85,76 +85,71 @@ async def scrapes_during(pod: Pod, ep: Endpoint, seconds: float) -> int:
     return pod.scrapes - before
 
 
-async def test_an_idle_pod_rests_and_stays_fresh():
-    pod = Pod(page(running=0))
+@asynccontextmanager
+async def scraped(text: str, **kw) -> AsyncIterator[tuple[Pod, Endpoint, MetricsScraper]]:
+    """A pod serving `text`, scraped until it is known (models and a fresh page)."""
+    pod = Pod(text)
     async with serving(pod) as port:
         ds = one_pod_store(port)
-        async with scraping(ds, idle_interval=IDLE_INTERVAL):
+        async with scraping(ds, **kw) as scraper:
             (ep,) = ds.endpoints()
             await wait_for_async(lambda: ep.models is not None and not ep.stale)
-            # 2.5 idle intervals: two or three slow scrapes where 50 would run at 50 ms.
-            assert await scrapes_during(pod, ep, 2.5 * IDLE_INTERVAL) <= 4
-            assert ep.metrics_age() < 5 * INTERVAL
+            yield pod, ep, scraper
+
+
+async def test_an_idle_pod_rests_and_stays_fresh():
+    async with scraped(page(running=0), idle_interval=IDLE_INTERVAL) as (pod, ep, _):
+        # 2.5 idle intervals: two or three slow scrapes where 50 would run at 50 ms.
+        assert await scrapes_during(pod, ep, 2.5 * IDLE_INTERVAL) <= 4
+        assert ep.metrics_age() < 5 * INTERVAL
 
 
 async def test_without_an_idle_interval_an_idle_pod_is_scraped_at_the_fast_interval():
-    pod = Pod(page(running=0))
-    async with serving(pod) as port:
-        ds = one_pod_store(port)
-        async with scraping(ds, idle_interval=INTERVAL):
-            (ep,) = ds.endpoints()
-            await wait_for_async(lambda: ep.models is not None and not ep.stale)
-            assert await scrapes_during(pod, ep, 1.0) >= 8
+    async with scraped(page(running=0), idle_interval=INTERVAL) as (pod, ep, _):
+        assert await scrapes_during(pod, ep, 1.0) >= 8
 
 
 async def test_a_busy_pod_never_rests():
-    pod = Pod(page(running=0, waiting=2))
-    async with serving(pod) as port:
-        ds = one_pod_store(port)
-        async with scraping(ds, idle_interval=IDLE_INTERVAL):
-            (ep,) = ds.endpoints()
-            await wait_for_async(lambda: ep.models is not None and not ep.stale)
-            assert await scrapes_during(pod, ep, 1.0) >= 8
+    async with scraped(page(running=0, waiting=2), idle_interval=IDLE_INTERVAL) as (pod, ep, _):
+        assert await scrapes_during(pod, ep, 1.0) >= 8
 
 
 @pytest.mark.parametrize("how", ["sent", "in_flight"])
 async def test_the_first_request_sent_to_a_resting_pod_brings_the_fast_interval_back(how):
-    pod = Pod(page(running=0))
-    async with serving(pod) as port:
-        ds = one_pod_store(port)
-        async with scraping(ds, idle_interval=30.0) as scraper:
-            (ep,) = ds.endpoints()
-            await wait_for_async(lambda: scraper.resting(ep))
-            before = pod.scrapes
-            pod.text = page(running=1)
-            if how == "sent":  # what the director does when it routes a request there
-                ep.sent_since_scrape += 1
-            else:
-                ep.inflight_requests += 1
-            t0 = time.monotonic()
-            await wait_for_async(lambda: ep.metrics.running == 1, within=2.0)
-            assert time.monotonic() - t0 < 10 * INTERVAL
-            # Busy now: scraped at the fast interval again.
-            assert await scrapes_during(pod, ep, 0.5) >= 4
-            assert pod.scrapes > before
+    async with scraped(page(running=0), idle_interval=30.0) as (pod, ep, scraper):
+        await wait_for_async(lambda: scraper.resting(ep))
+        before = pod.scrapes
+        pod.text = page(running=1)
+        if how == "sent":  # what the director does when it routes a request there
+            ep.sent_since_scrape += 1
+        else:
+            ep.inflight_requests += 1
+        t0 = time.monotonic()
+        await wait_for_async(lambda: ep.metrics.running == 1, within=2.0)
+        assert time.monotonic() - t0 < 10 * INTERVAL
+        # Busy now: scraped at the fast interval again.
+        assert await scrapes_during(pod, ep, 0.5) >= 4
+        assert pod.scrapes > before
 
 
 async def test_a_resting_pod_that_dies_is_dropped_soon_after_a_request_goes_there():
     pod = Pod(page(running=0))
-    async with serving(pod) as port:
-        ds = one_pod_store(port)
-        scraper = MetricsScraper(ds, PickerMetrics(), interval=INTERVAL, idle_interval=30.0)
-        await scraper.start()
-        (ep,) = ds.endpoints()
-        await wait_for_async(lambda: scraper.resting(ep))
+    scraper: MetricsScraper | None = None
     try:
+        async with serving(pod) as port:
+            ds = one_pod_store(port)
+            scraper = MetricsScraper(ds, PickerMetrics(), interval=INTERVAL, idle_interval=30.0)
+            await scraper.start()
+            (ep,) = ds.endpoints()
+            await wait_for_async(lambda: scraper.resting(ep))
         # The pod is gone; nothing was sent, so the picker still vouches for it.
         await asyncio.sleep(0.3)
         assert ep.reachable and not ep.stale
         ep.sent_since_scrape += 1
         await wait_for_async(lambda: not ep.reachable, within=2.0)
     finally:
-        await scraper.stop()
+        if scraper is not None:
+            await scraper.stop()
 
 
 async def test_a_page_whose_wanted_lines_did_not_change_is_not_parsed_again(monkeypatch):
