@@ -42,6 +42,13 @@ def process_cpu_seconds(pid: int) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
+def cpu_over(pids: dict[str, int], seconds: float) -> dict[str, float]:
+    """CPU seconds each process spends over the next `seconds` (this thread sleeps)."""
+    before = {n: process_cpu_seconds(p) for n, p in pids.items()}
+    time.sleep(seconds)
+    return {n: process_cpu_seconds(p) - before[n] for n, p in pids.items()}
+
+
 def percentile(values: list[float], q: float) -> float:
     if not values:
         return float("nan")

@@ -233,7 +233,12 @@ def build_gatekeeper(
 async def start_scraper(
     opts: PickerOptions, datastore: Datastore, metrics: PickerMetrics, gate: Gatekeeper
 ) -> MetricsScraper:
-    scraper = MetricsScraper(datastore, metrics, interval=opts.refresh_metrics_interval)
+    scraper = MetricsScraper(
+        datastore,
+        metrics,
+        interval=opts.refresh_metrics_interval,
+        idle_interval=opts.idle_metrics_interval,
+    )
     scraper.on_refresh = gate.notify  # fresh metrics may show room for waiting requests
     await scraper.start()
     return scraper

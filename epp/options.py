@@ -10,6 +10,7 @@ from pathlib import Path
 
 from infergw.api import logs
 from infergw.epp.body_budget import DEFAULT_MAX_HELD_BYTES
+from infergw.epp.scrape_pace import DEFAULT_IDLE_INTERVAL
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m)?$")
 KV_EVENTS_PORT = 5557
@@ -54,6 +55,7 @@ class PickerOptions:
     secure_serving: bool
     cert_path: Path | None
     refresh_metrics_interval: float
+    idle_metrics_interval: float
     fallback_endpoints: int
     max_body_bytes: int
     max_held_request_bytes: int
@@ -115,6 +117,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--cert-path", type=Path, help="directory with tls.crt and tls.key")
     p.add_argument("--refresh-metrics-interval", type=duration, default=0.05)
+    p.add_argument(
+        "--idle-metrics-interval",
+        type=duration,
+        default=DEFAULT_IDLE_INTERVAL,
+        help="scrape a pod this seldom while it is idle and the picker sends it nothing "
+        "(epp/scrape_pace.py); at most --refresh-metrics-interval: always the fast interval",
+    )
     p.add_argument(
         "--fallback-endpoints",
         type=int,
@@ -266,6 +275,7 @@ def parse_options(argv: list[str] | None = None) -> PickerOptions:
         secure_serving=a.secure_serving,
         cert_path=a.cert_path,
         refresh_metrics_interval=a.refresh_metrics_interval,
+        idle_metrics_interval=a.idle_metrics_interval,
         fallback_endpoints=a.fallback_endpoints,
         max_body_bytes=a.max_body_bytes,
         max_held_request_bytes=a.max_held_request_bytes,

@@ -10,21 +10,36 @@ bodies are read up to a cap and decoded as UTF-8 (the Prometheus text format and
 are; a declared charset is ignored, as some name bytes-to-bytes codecs such as `hex`), and
 whatever goes wrong in one round is counted by reason, logged, and retried on the next: a
 loop never ends but by the pod leaving the pool.
+
+The cost follows what routing needs: only the lines of the few metrics used are looked at
+(engine_metrics.sample_lines), a page whose lines are those of the last one is not parsed
+again, and an idle pod rests between slow scrapes while the picker's own in-flight counts
+stand for it (scrape_pace).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 
 import aiohttp
 import msgspec
 
-from infergw.epp.datastore import Datastore, Endpoint
-from infergw.epp.engine_metrics import InvalidMetricValue, MetricsParseError, parse
+from infergw.epp.datastore import Datastore, Endpoint, EndpointMetrics
+from infergw.epp.engine_metrics import (
+    InvalidMetricValue,
+    MetricsParseError,
+    Vocabulary,
+    parse_lines,
+    sample_lines,
+    vocabulary,
+)
 from infergw.epp.metrics import PickerMetrics
+from infergw.epp.scrape_pace import DEFAULT_IDLE_INTERVAL, Pace
 
 log = logging.getLogger("epp.scrape")
 
@@ -38,6 +53,9 @@ PARSE_BACKOFF = 20
 MAX_MODELS_BYTES = 1024 * 1024
 # Models one pod may list (base models and LoRA adapters); a longer list is refused whole.
 MAX_MODELS_PER_ENDPOINT = 4096
+# The wanted lines of a pod's last page are kept to recognize the next one when it is the
+# same; a page with more than this (a pathological number of engines or adapters) is not.
+MAX_REMEMBERED_CHARS = 16 * 1024
 
 # Reasons of infergate_epp_metrics_scrape_errors_total (a fixed set: label values stay few).
 UNREACHABLE = "unreachable"  # connection refused or reset, timeout
@@ -68,6 +86,22 @@ class ModelList(msgspec.Struct):
 
 
 _MODELS = msgspec.json.Decoder(ModelList)
+
+
+@dataclass(slots=True)
+class _Page:
+    """The wanted lines of a pod's last good page and what they said."""
+
+    vocab: Vocabulary
+    lines: tuple[str, ...]
+    metrics: EndpointMetrics
+
+
+@dataclass(slots=True, eq=False)
+class _PodState:
+    last: _Page | None = None
+    resting: bool = False  # its loop waits out the idle interval
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 async def read_capped(resp: aiohttp.ClientResponse, limit: int) -> bytes:
@@ -105,6 +139,7 @@ class MetricsScraper:
         stale_after: float | None = None,
         unreachable_after: int = 3,
         models_interval: float = 5.0,
+        idle_interval: float = DEFAULT_IDLE_INTERVAL,
     ) -> None:
         self.datastore = datastore
         self.metrics = metrics
@@ -114,8 +149,10 @@ class MetricsScraper:
         self.stale_after = stale_after if stale_after is not None else max(0.2, 5 * interval)
         self.unreachable_after = unreachable_after
         self.models_interval = models_interval
+        self.pace = Pace(interval, idle_interval)
         self.on_refresh: Callable[[], None] | None = None  # called after every good scrape
-        self._loops: dict[str, asyncio.Task] = {}
+        self._loops: dict[Endpoint, asyncio.Task] = {}
+        self._pods: dict[Endpoint, _PodState] = {}
         self._session: aiohttp.ClientSession | None = None
         self._task: asyncio.Task | None = None
 
@@ -135,6 +172,7 @@ class MetricsScraper:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._loops.clear()
+        self._pods.clear()
         if self._session is not None:
             await self._session.close()
 
@@ -154,14 +192,34 @@ class MetricsScraper:
         for ep in list(self._loops):
             if ep not in alive:
                 self._loops.pop(ep).cancel()
+                self._pods.pop(ep, None)
         for ep in current:
             if ep not in self._loops:
                 self._loops[ep] = asyncio.create_task(self._loop(ep), name=f"scrape {ep.address}")
         now = time.monotonic()
         for ep in current:
+            state = self._pods.get(ep)
+            if state is not None and state.resting:
+                if self.pace.woken(ep):
+                    state.wake.set()  # a request went there: scrape it now
+                else:
+                    # Nothing was sent since its last page said it was idle: still true.
+                    ep.metrics.updated_at = now
             ep.stale = ep.metrics_age(now) > self.stale_after
 
+    def resting(self, ep: Endpoint) -> bool:
+        """Whether the pod waits out the idle interval (scrape_pace) right now."""
+        state = self._pods.get(ep)
+        return state is not None and state.resting
+
+    def _state(self, ep: Endpoint) -> _PodState:
+        state = self._pods.get(ep)
+        if state is None:
+            state = self._pods[ep] = _PodState()
+        return state
+
     async def _loop(self, ep: Endpoint) -> None:
+        state = self._state(ep)
         next_models = 0.0  # served models change rarely (LoRA loads): ask now and then
         slowed = False
         while True:
@@ -187,7 +245,23 @@ class MetricsScraper:
                         wait,
                     )
             slowed = wait > self.interval
-            await asyncio.sleep(wait)
+            # Resting waits until the models are known: a pod still starting is asked again.
+            if next_models > time.monotonic() and self.pace.idle(ep):
+                await self._rest(state)
+                wait = t0 + wait - time.monotonic()  # woken early: still no sooner than that
+            if wait > 0:
+                await asyncio.sleep(wait)
+
+    async def _rest(self, state: _PodState) -> None:
+        """Wait for the idle interval, or until the manager sees a request sent to the pod."""
+        state.wake.clear()
+        state.resting = True
+        try:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.pace.idle_interval):
+                    await state.wake.wait()
+        finally:
+            state.resting = False
 
     async def fetch_models(self, ep: Endpoint) -> bool:
         """GET /v1/models; a server without it (or a bad answer) leaves the list as it was.
@@ -242,7 +316,7 @@ class MetricsScraper:
                 text = body.decode()
             except UnicodeDecodeError as exc:
                 raise ScrapeError(NOT_UTF8, f"not UTF-8: {exc}") from None
-            ep.metrics = parse(text, ep.engine)
+            ep.metrics = self._read(ep, text)
         except Exception as exc:  # every failure of one round is counted
             self._failed(ep, exc)
             return 0.0 if parse_start is None else time.thread_time() - parse_start
@@ -259,6 +333,20 @@ class MetricsScraper:
             except Exception:
                 log.exception("after scraping %s: on_refresh failed", ep.address)
         return parse_cpu
+
+    def _read(self, ep: Endpoint, text: str) -> EndpointMetrics:
+        """The page's metrics; when its wanted lines are the last page's, those metrics again
+        (fresh), without parsing: an idle or steady pod's page differs only elsewhere."""
+        vocab = vocabulary(ep.engine)
+        lines = sample_lines(text, vocab.wanted)
+        state = self._state(ep)
+        last = state.last
+        if last is not None and last.vocab is vocab and last.lines == lines:
+            return replace(last.metrics, updated_at=time.monotonic())
+        metrics = parse_lines(lines, vocab)
+        small = sum(map(len, lines)) <= MAX_REMEMBERED_CHARS
+        state.last = _Page(vocab, lines, metrics) if small else None
+        return metrics
 
     def _failed(self, ep: Endpoint, exc: Exception) -> None:
         ep.scrape_failures += 1

@@ -30,6 +30,7 @@ BENCHMARKS = {
     "fairness": "infergw.bench.fairness.cli",
     "pd": "infergw.bench.pd.cli",
     "soak": "infergw.bench.soak",
+    "scrape_cost": "infergw.bench.scrape_cost",
 }
 
 

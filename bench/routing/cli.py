@@ -8,7 +8,12 @@ import time
 from infergw.bench.common import PLOTS, machine, write_json
 from infergw.bench.routing.oracle import oracle
 from infergw.bench.routing.report import markdown, plot
-from infergw.bench.routing.routers import EXTERNAL_ROUTERS, INFERGATE_PROFILES, InfergateRouter
+from infergw.bench.routing.routers import (
+    EXTERNAL_ROUTERS,
+    INFERGATE_PROFILES,
+    PICKER_VARIANTS,
+    InfergateRouter,
+)
 from infergw.bench.routing.run import Point, Settings, run_point
 from infergw.bench.routing.workloads import MultiTurn, NoReuse, SharedPrefix
 
@@ -35,6 +40,11 @@ def all_routers() -> dict:
     return routers
 
 
+def variants() -> dict:
+    """Pickers with other flags, run only when named: precise scheduling under each."""
+    return {r.name: r for r in (InfergateRouter("precise", v) for v in PICKER_VARIANTS)}
+
+
 def plan(quick: bool, pods: int) -> list[tuple[object, list[float]]]:
     """(workload, rates). Six groups a pod against room for three: evictions happen, which
     is where knowing what each pod holds beats remembering what was sent where."""
@@ -55,8 +65,18 @@ def main(argv: list[str] | None = None) -> int:
         help="comma-separated: shared-prefix, multi-turn, no-reuse (default: all; --quick "
         "runs shared-prefix only unless asked)",
     )
+    p.add_argument(
+        "--rates", default=None, help="comma-separated req/s for every workload (default: its own)"
+    )
     p.add_argument("--duration", type=float, default=None, help="measured seconds per point")
     p.add_argument("--seed", type=int, default=7)
+    p.add_argument(
+        "--idle",
+        type=float,
+        default=None,
+        help="seconds each router idles before the traffic, to tell its per-request CPU "
+        "from scraping and housekeeping (default 4, 0: off)",
+    )
     args = p.parse_args(argv)
     pods = args.pods or (4 if args.quick else 8)
     settings = Settings(
@@ -65,9 +85,11 @@ def main(argv: list[str] | None = None) -> int:
         warmup_s=4.0 if args.quick else 5.0,
         duration_s=args.duration or (10.0 if args.quick else 18.0),
         seed=args.seed,
+        idle_s=4.0 if args.idle is None else args.idle,
     )
     routers = all_routers()
     chosen = args.routers.split(",") if args.routers else list(routers)
+    routers |= variants()
     unknown = [r for r in chosen if r not in routers]
     if unknown:
         p.error(f"unknown routers {unknown}; known: {', '.join(routers)}")
@@ -77,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     if set(wanted) - set(names):
         p.error(f"unknown workloads {sorted(set(wanted) - set(names))}; known: {names}")
     work = [(w, rates) for w, rates in work if w.name in wanted]
+    if args.rates:
+        work = [(w, [float(r) for r in args.rates.split(",")]) for w, _ in work]
     points = [Point(routers[r], wl, rate) for wl, rates in work for rate in rates for r in chosen]
     rows = _run_with_progress(points, settings)
     oracles = [

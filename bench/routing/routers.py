@@ -15,9 +15,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from infergw.bench.common import cpu_over
 from infergw.stack.local import LocalStack
 from infergw.stack.ports import free_port
-from infergw.stack.readiness import wait_http
+from infergw.stack.readiness import wait_http, wait_until
 
 # infergate's scheduling profiles: (plugin, weight); a max-score picker closes each.
 INFERGATE_PROFILES = {
@@ -55,19 +56,34 @@ class RouterUnavailable(RuntimeError):
     """The router cannot run here (not installed): the benchmark reports it and goes on."""
 
 
+# The picker's fast scrape interval (its default): while the measured traffic runs the pods
+# are busy and scraped this often, so the idle baseline scrapes every pod at it too.
+FAST_SCRAPE = "50ms"
+
+
+# Pickers run only when named (--routers): they compare one setting against the default.
+PICKER_VARIANTS = {
+    # Every pod scraped at the fast interval, idle or not: how the picker scraped before
+    # idle pods rested (epp/scrape_pace.py).
+    "always-fast-scrape": ["--idle-metrics-interval", FAST_SCRAPE],
+}
+
+
 @dataclass(slots=True)
 class InfergateRouter:
     config: str  # a key of INFERGATE_PROFILES
+    variant: str = ""  # a key of PICKER_VARIANTS: the picker with other flags
     _stack: LocalStack | None = None
 
     @property
     def name(self) -> str:
-        return f"infergate-{self.config}"
+        return f"infergate-{self.config}" + (f"-{self.variant}" if self.variant else "")
 
     def start(self, stack: LocalStack) -> str:
         path = stack.cfg.workdir / "epp-config.yaml"
         path.write_text(picker_config(INFERGATE_PROFILES[self.config]))
         stack.cfg.picker_config = path
+        stack.cfg.picker_args = [*stack.cfg.picker_args, *PICKER_VARIANTS.get(self.variant, [])]
         stack.start_picker()
         stack.start_envoy()
         self._stack = stack
@@ -76,6 +92,37 @@ class InfergateRouter:
     def pids(self) -> dict[str, int]:
         assert self._stack is not None
         return {n: self._stack.procs[n].pid for n in ("picker", "envoy")}
+
+    def idle_baseline(self, seconds: float) -> dict[str, float]:
+        """CPU seconds over `seconds` of no traffic with every pod scraped at the fast
+        interval, as busy pods are: the cost of scraping (and of the picker's and Envoy's
+        housekeeping), apart from any request. The picker then restarts with its defaults,
+        under which idle pods rest (epp/scrape_pace.py)."""
+        stack = self._stack
+        assert stack is not None
+        defaults = list(stack.cfg.picker_args)
+        self._restart_picker([*defaults, "--idle-metrics-interval", FAST_SCRAPE])
+        pods = len(stack.pod_addresses)
+
+        def all_fresh() -> bool:
+            eps = stack.picker_endpoints()
+            return len(eps) == pods and not any(e["stale"] for e in eps.values())
+
+        wait_until(
+            all_fresh,
+            30,
+            stack.procs["picker"],
+            "every pod scraped",
+        )
+        cpu = cpu_over(self.pids(), seconds)
+        self._restart_picker(defaults)
+        return cpu
+
+    def _restart_picker(self, args: list[str]) -> None:
+        assert self._stack is not None
+        self._stack.stop_picker()
+        self._stack.cfg.picker_args = args
+        self._stack.start_picker()
 
     def stop(self) -> None:
         pass  # the stack stops the picker and Envoy with the pods
@@ -111,6 +158,10 @@ class ExternalRouter:
 
     def pids(self) -> dict[str, int]:
         return {"router": self._proc.pid} if self._proc else {}
+
+    def idle_baseline(self, seconds: float) -> dict[str, float]:
+        """CPU seconds over `seconds` of no traffic: its health checks and event loops."""
+        return cpu_over(self.pids(), seconds)
 
     def stop(self) -> None:
         if self._proc is not None and self._proc.poll() is None:

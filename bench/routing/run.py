@@ -3,6 +3,10 @@
 Requests that arrive during the warm-up are sent (they fill the caches) but not counted;
 the pods' cache counters, the load samples and the router's CPU time cover only the
 measured part. Failures are counted, never dropped.
+
+Before any traffic, the router idles for `idle_s` (each pod scraped at the fast interval,
+as it is under load): its CPU then, scaled to the measured window, is the part of its cost
+that is not per request (scraping, health checks); the rest is charged to the requests.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ class Settings:
     warmup_s: float
     duration_s: float
     seed: int
+    idle_s: float = 0.0  # 0: no idle baseline, all the router's CPU is charged to requests
 
 
 def run_point(point: Point, s: Settings, on_request=None) -> dict:
@@ -40,8 +45,11 @@ def run_point(point: Point, s: Settings, on_request=None) -> dict:
     try:
         stack.start_pods()
         url = point.router.start(stack)
+        idle = point.router.idle_baseline(s.idle_s) if s.idle_s > 0 else None
         trace = point.workload.trace(point.rate, s.warmup_s + s.duration_s, s.seed)
         row |= asyncio.run(_measure(url, stack.pod_addresses, trace, point, s, on_request))
+        if idle is not None:
+            row |= split_cpu(row, {n: v / s.idle_s for n, v in idle.items()})
     except RouterUnavailable as exc:
         row["unavailable"] = str(exc)
     except (RuntimeError, OSError, TimeoutError) as exc:  # a point that could not start
@@ -73,13 +81,34 @@ async def _measure(url, pods, trace, point: Point, s: Settings, on_request) -> d
             b - a for a, b in zip(marks["counters"], await watch.counters(), strict=True)
         )
         await watch.stop_sampling()
-        return summarize(
+        row = summarize(
             [o for o in outcomes if o.at >= s.warmup_s],
             seconds=end - marks["t"],
             hit_rate=hits / queries if queries else None,
             imbalance=watch.imbalance(),
             router_cpu_s=cpu,
         )
+        row["measured_s"] = round(end - marks["t"], 2)
+        row["router_cpu_s"] = {n: round(v, 3) for n, v in cpu.items()}
+        return row
+
+
+def split_cpu(row: dict, idle_cores: dict[str, float]) -> dict:
+    """The router's CPU per request above what it spends idle (scraping, health checks) over
+    the same window; `idle_cores`: CPU seconds per second of each process, idle."""
+    done = row["requests"] - row["errors"]
+    seconds = row["measured_s"]
+    above = {
+        n: max(0.0, total - idle_cores.get(n, 0.0) * seconds)
+        for n, total in row["router_cpu_s"].items()
+    }
+    return {
+        "router_idle_cpu_pct": {n: round(100 * v, 2) for n, v in idle_cores.items()},
+        "router_cpu_ms_per_request_above_idle": per_request(sum(above.values()), done),
+        "router_cpu_ms_per_request_above_idle_by_process": {
+            n: per_request(v, done) for n, v in above.items()
+        },
+    }
 
 
 def summarize(

@@ -12,7 +12,7 @@ from infergw.bench.routing.fleet import PodWatch
 from infergw.bench.routing.oracle import _PodCache, block_hashes, oracle
 from infergw.bench.routing.report import markdown
 from infergw.bench.routing.routers import InfergateRouter
-from infergw.bench.routing.run import Point, Settings, run_point
+from infergw.bench.routing.run import Point, Settings, run_point, split_cpu
 from infergw.bench.routing.workloads import Arrival, MultiTurn, NoReuse, SharedPrefix
 from infergw.bench.workload import completion
 
@@ -94,6 +94,23 @@ def test_client_reads_completion_and_chat_chunks():
     assert text_of(parse_chunk(b"{broken")) == ""
 
 
+def test_split_cpu_charges_requests_only_what_idling_would_not_have_spent():
+    row = {
+        "requests": 11,
+        "errors": 1,
+        "measured_s": 10.0,
+        "router_cpu_s": {"picker": 1.5, "envoy": 0.2},
+    }
+    split = split_cpu(row, {"picker": 0.05, "envoy": 0.03})
+    assert split["router_idle_cpu_pct"] == {"picker": 5.0, "envoy": 3.0}
+    # picker: 1.5 - 0.5 s idle-equivalent; envoy: 0.2 - 0.3, never below zero.
+    assert split["router_cpu_ms_per_request_above_idle_by_process"] == {
+        "picker": 100.0,
+        "envoy": 0.0,
+    }
+    assert split["router_cpu_ms_per_request_above_idle"] == 100.0
+
+
 def test_imbalance_is_max_over_mean_and_skips_idle_samples():
     w = PodWatch([])
     w.samples = [[2, 2], [0, 0], [4, 0]]
@@ -110,6 +127,7 @@ def test_one_point_runs_through_a_real_fleet_and_router():
         warmup_s=1.0,
         duration_s=3.0,
         seed=1,
+        idle_s=1.0,
     )
     wl = SharedPrefix(groups=2, users=2, prefix_words=100)
     row = run_point(Point(InfergateRouter("precise"), wl, 4.0), settings)
@@ -117,6 +135,8 @@ def test_one_point_runs_through_a_real_fleet_and_router():
     assert row["requests"] > 3 and row["ttft_p90_ms"] > 0
     assert 0 < row["prefix_hit_rate"] <= 1  # two groups repeat within seconds
     assert row["router_cpu_ms_per_request"] > 0
+    assert set(row["router_idle_cpu_pct"]) == {"picker", "envoy"}
+    assert 0 <= row["router_cpu_ms_per_request_above_idle"] <= row["router_cpu_ms_per_request"]
     out = {
         "machine": {"date": "d", "cpu": "c", "cores": 2, "memory_gib": 1},
         "settings": {"pods": 2, "warmup_s": 1.0, "duration_s": 3.0, "seed": 1},

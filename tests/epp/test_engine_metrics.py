@@ -8,7 +8,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from infergw.epp.engine_metrics import ENGINES, InvalidMetricValue, MetricsParseError, parse
+from infergw.epp.engine_metrics import (
+    ENGINES,
+    InvalidMetricValue,
+    MetricsParseError,
+    parse,
+    sample_lines,
+    vocabulary,
+)
 from tests.engine_metric_names import WANTED
 from tests.paths import TINY
 
@@ -339,3 +346,43 @@ def test_well_formed_scrapes_parse_to_sums_and_max(waiting, running, kv):
     assert m.waiting == sum(waiting)
     assert m.running == sum(running)
     assert m.kv_usage == max(kv)
+
+
+# ---- the line filter ----------------------------------------------------------------------
+
+
+def full_split_lines(text: str, wanted: tuple[str, ...]) -> tuple[str, ...]:
+    """The lines the parser looked at before sample_lines: every line split off, its name
+    taken up to "{" or the first space; grouped by wanted name as sample_lines groups them."""
+    named = []
+    for line in text.split("\n"):
+        line = line.removesuffix("\r")
+        if line and line[0] != "#":
+            end = line.find("{")
+            named.append((line[:end] if end >= 0 else line.partition(" ")[0], line))
+    return tuple(line for name in wanted for n, line in named if n == name)
+
+
+def test_sample_lines_of_a_real_page_are_the_few_the_picker_reads():
+    wanted = vocabulary("vllm").wanted
+    lines = sample_lines(VLLM_TEXT, wanted)
+    assert lines == full_split_lines(VLLM_TEXT, wanted)
+    # A page of 650 lines, five of them read: the *_by_reason family shares a prefix only.
+    assert len(VLLM_TEXT.splitlines()) > 600 and len(lines) == 4
+    assert not any("by_reason" in line for line in lines)
+
+
+def test_sample_lines_at_the_page_edges_and_with_crlf():
+    wanted = ("a", "b")
+    assert sample_lines("a 1", wanted) == ("a 1",)
+    assert sample_lines('a 1\r\nb{x="1"} 2\r\n', wanted) == ("a 1", 'b{x="1"} 2')
+    assert sample_lines("# a 1\nab 2\n a 3\nb", wanted) == ("b",)
+    assert sample_lines("", wanted) == ()
+
+
+@settings(max_examples=400, deadline=None)
+@given(pieces=st.lists(PIECES, max_size=40), engine=st.sampled_from(sorted(ENGINES)))
+def test_sample_lines_select_what_a_full_split_selects(pieces, engine):
+    text = "".join(pieces)
+    wanted = vocabulary(engine).wanted
+    assert sample_lines(text, wanted) == full_split_lines(text, wanted)
