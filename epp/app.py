@@ -308,8 +308,8 @@ def _queue_gauges(gate: Gatekeeper, metrics: PickerMetrics) -> None:
 
 async def start_servers(opts: PickerOptions, picker: Picker) -> Servers:
     """The HTTP port, then ext_proc, then its health, then the pool gauges."""
-    extproc, address = _extproc_server(opts, picker.director)
     health_server, health_servicer = await _health_server(opts, picker.datastore)
+    extproc, address = _extproc_server(opts, picker.director, health_servicer)
     runner = web.AppRunner(
         make_app(
             picker.datastore,
@@ -338,8 +338,12 @@ async def start_servers(opts: PickerOptions, picker: Picker) -> Servers:
     return Servers(extproc, health_server, health_servicer, runner, gauges)
 
 
-def _extproc_server(opts: PickerOptions, director: Director) -> tuple[grpc.aio.Server, str]:
-    """The ext_proc gRPC server (TLS unless --secure-serving=false), not started."""
+def _extproc_server(
+    opts: PickerOptions, director: Director, health_servicer: health.aio.HealthServicer
+) -> tuple[grpc.aio.Server, str]:
+    """The ext_proc gRPC server (TLS unless --secure-serving=false), not started. It answers
+    gRPC health too, from the health port's servicer: Envoy Gateway health-checks the ext_proc
+    port of each picker replica (its health checks cannot name another port)."""
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", GRPC_MAX_MESSAGE_BYTES),
@@ -349,6 +353,7 @@ def _extproc_server(opts: PickerOptions, director: Director) -> tuple[grpc.aio.S
     pbg.add_ExternalProcessorServicer_to_server(
         ExternalProcessor(director, BodyBudget(opts.max_held_request_bytes)), server
     )
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     address = f"{opts.host}:{opts.grpc_port}"
     if opts.secure_serving:
         cert, key = certs.read_cert_dir(opts.cert_path) if opts.cert_path else certs.self_signed()

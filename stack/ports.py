@@ -4,9 +4,22 @@ servers started by one process (a test, a benchmark) never get the same port."""
 from __future__ import annotations
 
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from infergw.api.names import KV_EVENTS_PORT, KV_REPLAY_PORT
+
+# Picker i of `infergate up --pickers N` listens on picker 0's ports + i * this (9102, 9103,
+# 9190 for the second): far enough apart that no picker's port is another's.
+PICKER_PORT_STRIDE = 100
+
+
+@dataclass(frozen=True, slots=True)
+class PickerPorts:
+    """One picker process's ports: ext_proc, its gRPC health, metrics and debug pages."""
+
+    grpc: int
+    health: int
+    metrics: int
 
 
 @dataclass(slots=True)
@@ -26,6 +39,20 @@ class StackPorts:
     # picker binds kv_events and the pods connect to it (central mode).
     kv_pub_base: int | None = None
     controllers_metrics: int = 9091
+    # The ports of pickers 1..N-1 (picker 0's are the three above); unset, they follow
+    # PICKER_PORT_STRIDE. free_stack_ports fills it with free ones.
+    more_pickers: list[PickerPorts] = field(default_factory=list)
+
+    def picker_ports(self, index: int) -> PickerPorts:
+        """Picker `index`'s ports (0: picker, picker_health, picker_metrics)."""
+        if index == 0:
+            return PickerPorts(self.picker, self.picker_health, self.picker_metrics)
+        if index <= len(self.more_pickers):
+            return self.more_pickers[index - 1]
+        step = index * PICKER_PORT_STRIDE
+        return PickerPorts(
+            self.picker + step, self.picker_health + step, self.picker_metrics + step
+        )
 
 
 _handed_out: set[int] = set()
@@ -63,9 +90,12 @@ def _free(port: int) -> bool:
     return True
 
 
-def free_stack_ports(pods: int = 1, per_pod_kv: bool = False) -> StackPorts:
+def free_stack_ports(pods: int = 1, per_pod_kv: bool = False, pickers: int = 1) -> StackPorts:
     """A local stack's ports, all free now: `pods` consecutive KV replay ports and, with
-    per_pod_kv, `pods` consecutive KV-event PUB ports (each pod binds its own)."""
+    per_pod_kv, `pods` consecutive KV-event PUB ports (each pod binds its own); ports for
+    `pickers` picker processes. Several pickers need per-pod KV events (only one process can
+    bind the central socket), so pickers > 1 implies per_pod_kv."""
+    per_pod_kv = per_pod_kv or pickers > 1
     return StackPorts(
         envoy=free_port(),
         envoy_admin=free_port(),
@@ -76,4 +106,7 @@ def free_stack_ports(pods: int = 1, per_pod_kv: bool = False) -> StackPorts:
         kv_replay_base=free_port_run(pods),
         kv_pub_base=free_port_run(pods) if per_pod_kv else None,
         controllers_metrics=free_port(),
+        more_pickers=[
+            PickerPorts(free_port(), free_port(), free_port()) for _ in range(pickers - 1)
+        ],
     )

@@ -58,16 +58,19 @@ class RouterUnavailable(RuntimeError):
 @dataclass(slots=True)
 class InfergateRouter:
     config: str  # a key of INFERGATE_PROFILES
+    pickers: int = 1  # picker replicas behind the one Envoy (each subscribes to every pod)
     _stack: LocalStack | None = None
 
     @property
     def name(self) -> str:
-        return f"infergate-{self.config}"
+        replicas = f"-x{self.pickers}" if self.pickers > 1 else ""
+        return f"infergate-{self.config}{replicas}"
 
     def start(self, stack: LocalStack) -> str:
         path = stack.cfg.workdir / "epp-config.yaml"
         path.write_text(picker_config(INFERGATE_PROFILES[self.config]))
         stack.cfg.picker_config = path
+        stack.cfg.pickers = self.pickers
         stack.start_picker()
         stack.start_envoy()
         self._stack = stack
@@ -75,7 +78,8 @@ class InfergateRouter:
 
     def pids(self) -> dict[str, int]:
         assert self._stack is not None
-        return {n: self._stack.procs[n].pid for n in ("picker", "envoy")}
+        names = [*map(self._stack.picker_name, self._stack.picker_indexes), "envoy"]
+        return {n: self._stack.procs[n].pid for n in names}
 
     def stop(self) -> None:
         pass  # the stack stops the picker and Envoy with the pods

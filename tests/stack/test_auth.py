@@ -22,6 +22,7 @@ from infergw.stack.auth import AuthConfig, AuthError, http_filters
 from infergw.stack.envoy_config import EnvoySettings, render
 from infergw.stack.example import Example, ExampleError
 from infergw.stack.local import envoy_binary
+from infergw.stack.ports import PickerPorts
 from tests.paths import ROOT
 
 QUICKSTART = ROOT / "examples" / "quickstart"
@@ -201,7 +202,7 @@ def test_the_rendered_config_passes_envoys_validation(tmp_path):
             listen_port=18080,
             admin_port=19901,
             picker_host="127.0.0.1",
-            picker_port=19002,
+            pickers=[PickerPorts(19002, 19003, 19090)],
             picker_tls=True,
             picker_ca=str(tmp_path / "ca.crt"),
             failure_mode="FailClose",
@@ -356,7 +357,7 @@ def test_picker_tls_is_always_verified():
         listen_port=18080,
         admin_port=19901,
         picker_host="127.0.0.1",
-        picker_port=19002,
+        pickers=[PickerPorts(19002, 19003, 19090)],
         picker_tls=True,
         failure_mode="FailClose",
         endpoints=[("127.0.0.1", 18000)],

@@ -1,0 +1,140 @@
+"""Two pickers behind one real Envoy (`infergate up --pickers 2`): both take requests, and when
+one is killed under load the other takes every new request at once; only requests that were
+in flight on the killed one may fail, in FailOpen and FailClose alike."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+
+import pytest
+import requests
+
+from infergw.stack.local import LocalStack
+from tests.e2e.gateway_config import MODEL
+from tests.e2e.stack_fixtures import make_stack
+
+pytestmark = pytest.mark.slow
+
+CLIENTS = 8
+RUNNING = "inference_objective_running_requests"
+TOTAL = "inference_objective_request_total"
+
+
+def picker_metric(stack: LocalStack, index: int, name: str) -> float:
+    url = f"http://127.0.0.1:{stack.picker_ports(index).metrics}/metrics"
+    text = requests.get(url, timeout=5).text
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(name + "{") or line.startswith(name + " ")
+    )
+
+
+@dataclass
+class Outcome:
+    started: float
+    ended: float
+    status: int  # 0: the connection failed
+
+
+@dataclass
+class Load:
+    """CLIENTS threads sending completions through Envoy until stopped."""
+
+    url: str
+    outcomes: list[Outcome] = field(default_factory=list)
+    stop: threading.Event = field(default_factory=threading.Event)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    threads: list[threading.Thread] = field(default_factory=list)
+
+    def start(self) -> Load:
+        self.threads = [threading.Thread(target=self._client, daemon=True) for _ in range(CLIENTS)]
+        for t in self.threads:
+            t.start()
+        return self
+
+    def _client(self) -> None:
+        with requests.Session() as session:
+            while not self.stop.is_set():
+                started = time.monotonic()
+                try:
+                    r = session.post(
+                        self.url + "/v1/completions",
+                        json={"model": MODEL, "prompt": "tell me a story", "max_tokens": 16},
+                        timeout=30,
+                    )
+                    status = r.status_code
+                except requests.RequestException:
+                    status = 0
+                with self.lock:
+                    self.outcomes.append(Outcome(started, time.monotonic(), status))
+
+    def finish(self) -> list[Outcome]:
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=60)
+        with self.lock:
+            return list(self.outcomes)
+
+    def started_between(self, t0: float, t1: float) -> int:
+        with self.lock:
+            return sum(1 for o in self.outcomes if t0 <= o.started <= t1)
+
+    def done(self) -> int:
+        with self.lock:
+            return len(self.outcomes)
+
+
+def wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise TimeoutError(what)
+
+
+@pytest.mark.parametrize("failure_mode", ["FailOpen", "FailClose"])
+def test_killing_one_picker_under_load_fails_only_its_own_requests(tmp_path, failure_mode):
+    stack = make_stack(tmp_path, pickers=2, failure_mode=failure_mode)
+    try:
+        load = Load(stack.url).start()
+        # Both pickers take streams (Envoy spreads them over its ext_proc cluster).
+        wait_for(
+            lambda: all(picker_metric(stack, i, TOTAL) >= 5 for i in (0, 1)),
+            30,
+            "both pickers to serve requests",
+        )
+        victim = stack.procs[stack.picker_name(1)]
+        before_read = time.monotonic()
+        # Requests on the victim when it dies: those running now, or started since.
+        running_on_victim = picker_metric(stack, 1, RUNNING)
+        killed_at = time.monotonic()
+        os.killpg(victim.pid, signal.SIGKILL)
+        may_fail = running_on_victim + load.started_between(before_read, killed_at)
+        survivor_before = picker_metric(stack, 0, TOTAL)
+        done_at_kill = load.done()
+        wait_for(lambda: load.done() >= done_at_kill + 60, 60, "60 more requests after the kill")
+        outcomes = load.finish()
+        survivor_after = picker_metric(stack, 0, TOTAL)
+    finally:
+        stack.stop()
+
+    failed = [o for o in outcomes if o.status != 200]
+    in_flight = [o for o in outcomes if o.started < killed_at < o.ended]
+    after = [o for o in outcomes if o.started > killed_at]
+    print(
+        f"{failure_mode}: {len(outcomes)} requests, {len(in_flight)} in flight at the kill "
+        f"(at most {may_fail:.0f} on the killed picker), {len(failed)} failed "
+        f"({[o.status for o in failed]}), {len(after)} started after it"
+    )
+    # Every failure was a request in flight when the picker died, and no more than it held.
+    assert all(o.started < killed_at for o in failed), [o.status for o in failed]
+    assert len(failed) <= may_fail
+    # The survivor took the new requests at once: every one started after the kill succeeded.
+    assert len(after) >= 60 and all(o.status == 200 for o in after)
+    assert survivor_after - survivor_before >= 60
