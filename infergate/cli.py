@@ -28,6 +28,7 @@ BENCHMARKS = {
     "fairness": "infergw.bench.fairness.cli",
     "pd": "infergw.bench.pd.cli",
     "soak": "infergw.bench.soak",
+    "pickers": "infergw.bench.pickers",
 }
 
 
