@@ -158,6 +158,8 @@ def build_kv_cache(
             block_size=opts.kv_index_block_size,
             max_entries=opts.kv_index_max_entries,
             tokenizers=opts.tokenizers,
+            replica_bind=opts.replica_sync_bind,
+            replica_peers=opts.replica_sync_peers,
         ),
         metrics.registry,
     )

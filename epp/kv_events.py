@@ -16,6 +16,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from infergw.epp.datastore import Datastore
 from infergw.epp.options import KV_EVENTS_PORT, default_kv_events_bind
+from infergw.epp.replica_sync import ReplicaSync
 from infergw.kvindex.cache import KVCache
 from infergw.kvindex.index import KVBlockIndex
 from infergw.kvindex.subscriber import KVEventSubscriber
@@ -34,6 +35,10 @@ class KVEventOptions:
     block_size: int = 16
     max_entries: int = 5_000_000
     tokenizers: dict[str, Path] | None = None
+    # Set: share speculative entries with the other picker replicas (epp/replica_sync.py):
+    # bind a PUB here and subscribe to every peer's.
+    replica_bind: str | None = None
+    replica_peers: tuple[str, ...] = ()
 
 
 class KVCacheView:
@@ -66,6 +71,15 @@ class KVCacheView:
             is_member=self._in_pool,
         )
         self._connected: set[str] = set()
+        self.replicas: ReplicaSync | None = None
+        if opts.replica_bind:
+            self.replicas = ReplicaSync(
+                opts.replica_bind,
+                list(opts.replica_peers),
+                apply=self.cache.add_speculative_keys,
+                is_member=self._in_pool,
+            )
+            self.cache.speculative_listeners.append(self.replicas.publish)
 
     def _endpoint_of(self, address: str, port: int | None) -> str | None:
         ep = self.datastore.endpoint(address)
@@ -111,6 +125,8 @@ class KVCacheView:
     def start(self) -> None:
         if self.opts.mode == "central":
             self.subscriber.bind(self.opts.bind)
+        if self.replicas is not None:
+            self.replicas.start()
         self.datastore.removal_listeners.append(self._pod_left)
         self.datastore.change_listeners.append(self.sync_pods)
         self.sync_pods()
@@ -131,6 +147,8 @@ class KVCacheView:
         self.subscriber.forget_pod(address)
 
     async def close(self) -> None:
+        if self.replicas is not None:
+            await self.replicas.close()
         await self.subscriber.close()
 
     def collect(self):
@@ -152,6 +170,16 @@ class KVCacheView:
         for reason, n in sorted(self.subscriber.dropped.items()):
             dropped.add_metric([reason], n)
         yield dropped
+        if self.replicas is not None:
+            shared = CounterMetricFamily(
+                "infergate_kvindex_replica_speculative_messages",
+                "Speculative entries shared with other picker replicas (published, applied, "
+                "send_dropped, malformed, bad_keys, unknown_pod), by outcome.",
+                labels=["outcome"],
+            )
+            for outcome, n in sorted(self.replicas.counts.items()):
+                shared.add_metric([outcome], n)
+            yield shared
         stats = self.translator.stats()
         skipped = CounterMetricFamily(
             "infergate_kvindex_skipped_events",

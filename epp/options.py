@@ -70,6 +70,8 @@ class PickerOptions:
     trust_client_headers: bool = False
     trust_model_rewrite_header: bool = False
     enable_debug_endpoints: bool = False
+    replica_sync_bind: str | None = None
+    replica_sync_peers: tuple[str, ...] = ()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -178,6 +180,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="a pod's replay (ROUTER) port for rank 0 (rank r adds r); unset: no replay",
     )
+    kv.add_argument(
+        "--replica-sync-bind",
+        default=None,
+        help="several picker replicas: bind a ZMQ PUB here (tcp://host:port) that tells the "
+        "other replicas this one's speculative KV entries (default: not shared)",
+    )
+    kv.add_argument(
+        "--replica-sync-peers",
+        default="",
+        help="the other replicas' --replica-sync-bind endpoints, comma-separated (this one's "
+        "own is skipped, so every replica may get the same list)",
+    )
     kv.add_argument("--kv-index-block-size", type=int, default=16)
     kv.add_argument("--kv-index-max-entries", type=int, default=5_000_000)
     kv.add_argument(
@@ -235,6 +249,8 @@ def parse_options(argv: list[str] | None = None) -> PickerOptions:
         kv_events_replay_port=a.kv_events_replay_port,
         kv_index_block_size=a.kv_index_block_size,
         kv_index_max_entries=a.kv_index_max_entries,
+        replica_sync_bind=a.replica_sync_bind,
+        replica_sync_peers=tuple(p.strip() for p in a.replica_sync_peers.split(",") if p.strip()),
         tokenizers=tokenizers,
         trust_client_headers=a.trust_client_headers,
         trust_model_rewrite_header=a.trust_model_rewrite_header,

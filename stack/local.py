@@ -396,6 +396,7 @@ class LocalStack:
             *(["--trust-client-headers"] if c.trust_client_headers else []),
             "--enable-debug-endpoints",  # /debug/endpoints: readiness checks, tests, `up` users
             *self._kv_event_args(),
+            *self._replica_sync_args(index),
             "--kv-events-replay-port",
             # Manifest pods have addresses of their own, each with its replay socket on the
             # port the controllers write; fixed pods share 127.0.0.1, one port each.
@@ -418,6 +419,21 @@ class LocalStack:
             return ["--kv-events-bind", f"tcp://127.0.0.1:{p.kv_events}"]
         pub = KV_EVENTS_PORT if self.from_manifests else p.kv_pub_base
         return ["--kv-events-mode", "per-pod", "--kv-events-pub-port", str(pub)]
+
+    def _replica_sync_args(self, index: int) -> list[str]:
+        """Several pickers: each binds a PUB for its speculative KV entries and hears every
+        other's (epp/replica_sync.py), so a prefix one chose moments ago draws the others too."""
+        if self.cfg.pickers == 1:
+            return []
+        endpoints = [
+            f"tcp://127.0.0.1:{self.picker_ports(i).replica_sync}" for i in self.picker_indexes
+        ]
+        return [
+            "--replica-sync-bind",
+            endpoints[index],
+            "--replica-sync-peers",
+            ",".join(endpoints),
+        ]
 
     def restart_pod(self, address: str) -> None:
         """Stop one simulator pod and start it again on the same port (an engine restart)."""

@@ -20,18 +20,31 @@ from tests.e2e.stack_fixtures import make_stack
 pytestmark = pytest.mark.slow
 
 CLIENTS = 8
-RUNNING = "inference_objective_running_requests"
+# Several KV blocks long: the pickers hold it speculatively and tell each other.
+PROMPT = "tell me a story about " + " ".join(f"word{i}" for i in range(60))
 TOTAL = "inference_objective_request_total"
+SHARED_APPLIED = 'infergate_kvindex_replica_speculative_messages_total{outcome="applied"}'
 
 
-def picker_metric(stack: LocalStack, index: int, name: str) -> float:
+def picker_metric(stack: LocalStack, index: int, series: str) -> float:
+    """A metric of picker `index`: a name (summed over its labels) or one labelled series."""
     url = f"http://127.0.0.1:{stack.picker_ports(index).metrics}/metrics"
-    text = requests.get(url, timeout=5).text
-    return sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line.startswith(name + "{") or line.startswith(name + " ")
-    )
+    total = 0.0
+    for line in requests.get(url, timeout=5).text.splitlines():
+        head, _, value = line.rpartition(" ")
+        if head == series or ("{" not in series and head.startswith(series + "{")):
+            total += float(value)
+    return total
+
+
+def ext_proc_streams(stack: LocalStack, index: int) -> int:
+    """The ext_proc streams Envoy has open to picker `index`: the requests in flight with it."""
+    url = f"http://127.0.0.1:{stack.cfg.ports.envoy_admin}/clusters"
+    host = f"endpoint-picker::127.0.0.1:{stack.picker_ports(index).grpc}::rq_active::"
+    for line in requests.get(url, timeout=5).text.splitlines():
+        if line.startswith(host):
+            return int(line.removeprefix(host))
+    raise AssertionError(f"Envoy has no ext_proc host for picker {index}")
 
 
 @dataclass
@@ -64,7 +77,7 @@ class Load:
                 try:
                     r = session.post(
                         self.url + "/v1/completions",
-                        json={"model": MODEL, "prompt": "tell me a story", "max_tokens": 16},
+                        json={"model": MODEL, "prompt": PROMPT, "max_tokens": 16},
                         timeout=30,
                     )
                     status = r.status_code
@@ -109,13 +122,20 @@ def test_killing_one_picker_under_load_fails_only_its_own_requests(tmp_path, fai
             30,
             "both pickers to serve requests",
         )
+        # Each holds the other's speculative KV entries (epp/replica_sync.py).
+        wait_for(
+            lambda: all(picker_metric(stack, i, SHARED_APPLIED) >= 1 for i in (0, 1)),
+            10,
+            "each picker to apply the other's speculative entries",
+        )
         victim = stack.procs[stack.picker_name(1)]
         before_read = time.monotonic()
-        # Requests on the victim when it dies: those running now, or started since.
-        running_on_victim = picker_metric(stack, 1, RUNNING)
-        killed_at = time.monotonic()
+        # Requests on the victim when it dies: those it has streams for now, or started since.
+        streams_on_victim = ext_proc_streams(stack, 1)
         os.killpg(victim.pid, signal.SIGKILL)
-        may_fail = running_on_victim + load.started_between(before_read, killed_at)
+        victim.wait()
+        killed_at = time.monotonic()  # gone, its sockets closed
+        may_fail = streams_on_victim + load.started_between(before_read, killed_at)
         survivor_before = picker_metric(stack, 0, TOTAL)
         done_at_kill = load.done()
         wait_for(lambda: load.done() >= done_at_kill + 60, 60, "60 more requests after the kill")

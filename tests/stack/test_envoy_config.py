@@ -15,7 +15,7 @@ from infergw.stack.envoy_config import EnvoySettings, render
 from infergw.stack.local import envoy_binary
 from infergw.stack.ports import PickerPorts
 
-PICKERS = [PickerPorts(19002, 19003, 19090), PickerPorts(19102, 19103, 19190)]
+PICKERS = [PickerPorts(19002, 19003, 19090, 19004), PickerPorts(19102, 19103, 19190, 19104)]
 
 
 def settings(tmp_path, **kw) -> EnvoySettings:
