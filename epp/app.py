@@ -32,6 +32,7 @@ from infergw.epp.metrics import PickerMetrics
 from infergw.epp.options import PickerOptions, parse_options
 from infergw.epp.providers.file import FileProvider, FileProviderError
 from infergw.epp.providers.kubernetes import KubernetesProviderError
+from infergw.epp.replica_sync import ReplicaSync
 from infergw.epp.scheduling.config import (
     ConfigError,
     ConfigFile,
@@ -82,6 +83,7 @@ class Picker:
     gate: Gatekeeper
     scraper: MetricsScraper
     director: Director
+    replicas: ReplicaSync | None = None  # decisions shared with other replicas
 
 
 @dataclass(slots=True)
@@ -113,20 +115,25 @@ async def build_picker(opts: PickerOptions) -> Picker:
     doc = read_config(text)
     trust = _header_trust(opts, text)
     datastore, metrics = build_datastore()
-    view = build_kv_cache(opts, doc, datastore, metrics)
+    replicas = build_replica_sync(opts, datastore, metrics)
+    view = build_kv_cache(opts, doc, datastore, metrics, replicas)
     try:
-        scheduling = build_scheduling(doc, datastore, metrics, view)
+        scheduling = build_scheduling(doc, datastore, metrics, view, replicas)
     except ConfigError:
         if view is not None:
             await view.close()  # nothing is bound yet; this ends its ZMQ context
+        if replicas is not None:
+            await replicas.close()
         raise
     provider = await start_provider(opts, datastore, metrics)
     if view is not None:
         start_kv_cache(opts, view)
+    if replicas is not None:
+        replicas.start()
     gate = build_gatekeeper(opts, text, scheduling, view, metrics)
     scraper = await start_scraper(opts, datastore, metrics, gate)
     director = build_director(opts, datastore, scheduling, metrics, trust, gate)
-    return Picker(datastore, metrics, view, scheduling, provider, gate, scraper, director)
+    return Picker(datastore, metrics, view, scheduling, provider, gate, scraper, director, replicas)
 
 
 def build_datastore() -> tuple[Datastore, PickerMetrics]:
@@ -139,8 +146,28 @@ def build_datastore() -> tuple[Datastore, PickerMetrics]:
     return datastore, metrics
 
 
+def build_replica_sync(
+    opts: PickerOptions, datastore: Datastore, metrics: PickerMetrics
+) -> ReplicaSync | None:
+    """With several replicas (--replica-sync-bind): the channel their plugins and KV cache
+    share recent decisions on; not started."""
+    if not opts.replica_sync_bind:
+        return None
+    replicas = ReplicaSync(
+        opts.replica_sync_bind,
+        list(opts.replica_sync_peers),
+        is_member=lambda address: datastore.endpoint(address) is not None,
+    )
+    metrics.registry.register(replicas)
+    return replicas
+
+
 def build_kv_cache(
-    opts: PickerOptions, doc: ConfigFile, datastore: Datastore, metrics: PickerMetrics
+    opts: PickerOptions,
+    doc: ConfigFile,
+    datastore: Datastore,
+    metrics: PickerMetrics,
+    replicas: ReplicaSync | None = None,
 ) -> KVCacheView | None:
     """The KV-event index and tokenizers, only if a plugin type of the config needs them; not
     started (start_kv_cache binds its sockets once the provider runs)."""
@@ -158,20 +185,25 @@ def build_kv_cache(
             block_size=opts.kv_index_block_size,
             max_entries=opts.kv_index_max_entries,
             tokenizers=opts.tokenizers,
-            replica_bind=opts.replica_sync_bind,
-            replica_peers=opts.replica_sync_peers,
         ),
         metrics.registry,
+        replicas,
     )
     metrics.registry.register(view)  # its collect() reports the subscriber and the index
     return view
 
 
 def build_scheduling(
-    doc: ConfigFile, datastore: Datastore, metrics: PickerMetrics, view: KVCacheView | None
+    doc: ConfigFile,
+    datastore: Datastore,
+    metrics: PickerMetrics,
+    view: KVCacheView | None,
+    replicas: ReplicaSync | None = None,
 ) -> SchedulingConfig:
     """The plugins, each given the handle at construction, and the profiles over them."""
-    handle = Handle(kv_cache=view.cache if view is not None else None, metrics=metrics)
+    handle = Handle(
+        kv_cache=view.cache if view is not None else None, metrics=metrics, replicas=replicas
+    )
     scheduling = from_document(doc, handle)
     for plugin in scheduling.plugins.values():
         if isinstance(plugin, ForgetsServers):  # a departed pod must not attract requests
@@ -434,6 +466,8 @@ async def stop_picker(picker: Picker) -> None:
     await picker.provider.stop()
     if picker.view is not None:
         await picker.view.close()
+    if picker.replicas is not None:
+        await picker.replicas.close()
 
 
 def _run(coro) -> None:

@@ -25,6 +25,8 @@ from infergw.kvindex.translate import EventTranslator
 
 log = logging.getLogger("epp.kv_events")
 
+KV_SPECULATIVE = "kv-speculative"  # the replica sync channel of speculative index entries
+
 
 @dataclass(slots=True)
 class KVEventOptions:
@@ -35,17 +37,17 @@ class KVEventOptions:
     block_size: int = 16
     max_entries: int = 5_000_000
     tokenizers: dict[str, Path] | None = None
-    # Set: share speculative entries with the other picker replicas (epp/replica_sync.py):
-    # bind a PUB here and subscribe to every peer's.
-    replica_bind: str | None = None
-    replica_peers: tuple[str, ...] = ()
 
 
 class KVCacheView:
     """The index, its subscriber and the KV cache over them, kept in step with the pool."""
 
     def __init__(
-        self, datastore: Datastore, opts: KVEventOptions, registry: CollectorRegistry | None = None
+        self,
+        datastore: Datastore,
+        opts: KVEventOptions,
+        registry: CollectorRegistry | None = None,
+        replicas: ReplicaSync | None = None,
     ) -> None:
         self.datastore = datastore
         self.opts = opts
@@ -71,15 +73,9 @@ class KVCacheView:
             is_member=self._in_pool,
         )
         self._connected: set[str] = set()
-        self.replicas: ReplicaSync | None = None
-        if opts.replica_bind:
-            self.replicas = ReplicaSync(
-                opts.replica_bind,
-                list(opts.replica_peers),
-                apply=self.cache.add_speculative_keys,
-                is_member=self._in_pool,
-            )
-            self.cache.speculative_listeners.append(self.replicas.publish)
+        if replicas is not None:  # other picker replicas hold our speculative entries too
+            share = replicas.channel(KV_SPECULATIVE, self.cache.add_speculative_keys)
+            self.cache.speculative_listeners.append(share)
 
     def _endpoint_of(self, address: str, port: int | None) -> str | None:
         ep = self.datastore.endpoint(address)
@@ -125,8 +121,6 @@ class KVCacheView:
     def start(self) -> None:
         if self.opts.mode == "central":
             self.subscriber.bind(self.opts.bind)
-        if self.replicas is not None:
-            self.replicas.start()
         self.datastore.removal_listeners.append(self._pod_left)
         self.datastore.change_listeners.append(self.sync_pods)
         self.sync_pods()
@@ -147,8 +141,6 @@ class KVCacheView:
         self.subscriber.forget_pod(address)
 
     async def close(self) -> None:
-        if self.replicas is not None:
-            await self.replicas.close()
         await self.subscriber.close()
 
     def collect(self):
@@ -170,16 +162,6 @@ class KVCacheView:
         for reason, n in sorted(self.subscriber.dropped.items()):
             dropped.add_metric([reason], n)
         yield dropped
-        if self.replicas is not None:
-            shared = CounterMetricFamily(
-                "infergate_kvindex_replica_speculative_messages",
-                "Speculative entries shared with other picker replicas (published, applied, "
-                "send_dropped, malformed, bad_keys, unknown_pod), by outcome.",
-                labels=["outcome"],
-            )
-            for outcome, n in sorted(self.replicas.counts.items()):
-                shared.add_metric([outcome], n)
-            yield shared
         stats = self.translator.stats()
         skipped = CounterMetricFamily(
             "infergate_kvindex_skipped_events",

@@ -184,7 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--replica-sync-bind",
         default=None,
         help="several picker replicas: bind a ZMQ PUB here (tcp://host:port) that tells the "
-        "other replicas this one's speculative KV entries (default: not shared)",
+        "other replicas this one's recent decisions (speculative KV entries, the approximate "
+        "prefix scorer's records) so they choose alike (default: not shared)",
     )
     kv.add_argument(
         "--replica-sync-peers",

@@ -67,6 +67,12 @@ def main(argv: list[str] | None = None) -> int:
         "runs shared-prefix only unless asked)",
     )
     p.add_argument("--duration", type=float, default=None, help="measured seconds per point")
+    p.add_argument(
+        "--rates",
+        default=None,
+        help="comma-separated request rates for every workload (default: each workload's own); "
+        "a low rate keeps a shared machine's CPU out of a routing-quality comparison",
+    )
     p.add_argument("--seed", type=int, default=7)
     args = p.parse_args(argv)
     pods = args.pods or (4 if args.quick else 8)
@@ -90,6 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     if set(wanted) - set(names):
         p.error(f"unknown workloads {sorted(set(wanted) - set(names))}; known: {names}")
     work = [(w, rates) for w, rates in work if w.name in wanted]
+    if args.rates:
+        rates = [float(r) for r in args.rates.split(",")]
+        work = [(w, rates) for w, _ in work]
     points = [Point(routers[r], wl, rate) for wl, rates in work for rate in rates for r in chosen]
     rows = _run_with_progress(points, settings)
     oracles = [

@@ -23,7 +23,7 @@ CLIENTS = 8
 # Several KV blocks long: the pickers hold it speculatively and tell each other.
 PROMPT = "tell me a story about " + " ".join(f"word{i}" for i in range(60))
 TOTAL = "inference_objective_request_total"
-SHARED_APPLIED = 'infergate_kvindex_replica_speculative_messages_total{outcome="applied"}'
+SHARED_APPLIED = 'infergate_epp_replica_sync_records_total{outcome="applied"}'
 
 
 def picker_metric(stack: LocalStack, index: int, series: str) -> float:
