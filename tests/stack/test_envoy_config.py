@@ -4,16 +4,14 @@ the picker serves, and ejected at its first local failure."""
 
 from __future__ import annotations
 
-import subprocess
-
 import pytest
 import yaml
 
 from infergw.cluster.certs import serving_cert
 from infergw.epp.app import HEALTH_SERVICES
 from infergw.stack.envoy_config import EnvoySettings, render
-from infergw.stack.local import envoy_binary
 from infergw.stack.ports import PickerPorts
+from tests.envoy_check import assert_envoy_accepts
 
 PICKERS = [PickerPorts(19002, 19003, 19090, 19004), PickerPorts(19102, 19103, 19190, 19104)]
 
@@ -80,10 +78,4 @@ def test_envoy_accepts_the_config_with_several_pickers(tmp_path):
     serving_cert(hosts=("127.0.0.1",)).write(tmp_path)  # Envoy reads the CA file
     path = tmp_path / "envoy.yaml"
     path.write_text(render(settings(tmp_path)))
-    done = subprocess.run(
-        [envoy_binary(), "--mode", "validate", "-c", str(path), "--log-level", "error"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
+    assert_envoy_accepts(path)
