@@ -154,7 +154,8 @@ def kv_sockets(args: argparse.Namespace) -> KVEventSockets:
     """Where the engines send KV events: the flags, else the mode's usual place."""
     mode = args.kv_events_mode or ("per-pod" if args.mode == "kubernetes" else "central")
     if mode == "per-pod":
-        return PER_POD
+        # Standalone pods share this machine, one loopback address each: each binds its own.
+        return PER_POD if args.mode == "kubernetes" else KVEventSockets.per_pod_address()
     if args.mode == "kubernetes" and not args.kv_events_picker:
         raise SystemExit("infergate controllers: --kv-events-mode central needs --kv-events-picker")
     return central_sockets(args.kv_events_picker)

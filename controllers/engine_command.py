@@ -34,6 +34,7 @@ class KVEventSockets:
 
     endpoint: str
     replay_endpoint: str
+    pub_binds: bool = True  # the engine binds its PUB (per pod), else connects it (central)
 
     @classmethod
     def per_pod(cls) -> KVEventSockets:
@@ -42,16 +43,33 @@ class KVEventSockets:
         return cls(f"tcp://*:{KV_EVENTS_PORT}", f"tcp://*:{KV_REPLAY_PORT}")
 
     @classmethod
+    def per_pod_address(cls) -> KVEventSockets:
+        """Per pod for pods sharing one machine (standalone mode's loopback addresses, where
+        several pickers connect to every pod): each binds on its own address, since `*`
+        would take the port from the others. vLLM binds only wildcard endpoints (it connects
+        to an address), so only an engine with a flag to bind one (the simulator) gets it;
+        the others get `*` (one such pod per machine)."""
+        return cls(f"tcp://$(POD_IP):{KV_EVENTS_PORT}", f"tcp://$(POD_IP):{KV_REPLAY_PORT}")
+
+    @property
+    def binds_an_address(self) -> bool:
+        """A PUB bound on one address, which vLLM's rule (bind `*`, connect the rest)
+        would connect instead."""
+        return self.pub_binds and "*" not in self.endpoint
+
+    @classmethod
     def central(cls, picker: str) -> KVEventSockets:
         """Every pod connects to the picker's SUB at `picker` (host:port) from its own
         address (libzmq's `SRC:0;DST`, which the picker checks against the topic) and binds
         its replay socket on that address: what standalone mode's pods on loopback need."""
-        return cls(f"tcp://$(POD_IP):0;{picker}", f"tcp://$(POD_IP):{KV_REPLAY_PORT}")
+        return cls(
+            f"tcp://$(POD_IP):0;{picker}", f"tcp://$(POD_IP):{KV_REPLAY_PORT}", pub_binds=False
+        )
 
     def ports(self) -> list[dict]:
         """The container ports the engine binds (none for a PUB that connects out)."""
         binds = [("kv-replay", KV_REPLAY_PORT)]
-        if "*" in self.endpoint:
+        if self.pub_binds:
             binds.insert(0, ("kv-events", KV_EVENTS_PORT))
         return [{"name": name, "containerPort": port} for name, port in binds]
 
@@ -72,6 +90,9 @@ class EngineCli:
     lora_flag: str | None = None  # the name=path list after --enable-lora; None: no adapters
     host_flag: str = "--host"
     port_flag: str = "--port"
+    # Makes the engine bind its KV-event PUB on the endpoint given, whatever its form; None:
+    # the engine follows vLLM's rule (bind `*`, connect to an address).
+    kv_bind_flag: str | None = None
 
 
 VLLM_CLI = EngineCli(
@@ -99,6 +120,7 @@ SIMULATOR_CLI = EngineCli(
     "--served-model-name",
     usage_flags=("--enable-prompt-tokens-details",),
     lora_flag="--lora-modules",
+    kv_bind_flag="--sim-kv-events-bind",
 )
 CLIS = {VLLM: VLLM_CLI, SGLANG: SGLANG_CLI, TRTLLM: TRTLLM_CLI, SIMULATOR: SIMULATOR_CLI}
 
@@ -186,7 +208,11 @@ def render(
         args.append("--engine=sglang")  # standing in for SGLang: its metric names
     kv_ports: list[dict] = []
     if cli.kv_events and not sets(own, "--kv-events-config"):
+        if sockets.binds_an_address and cli.kv_bind_flag is None:
+            sockets = PER_POD  # it cannot bind one address: all of them
         args.append(f"--kv-events-config={kv_events_config(sockets, kv_topic(served_name))}")
+        if sockets.binds_an_address:
+            args.append(cli.kv_bind_flag)
         kv_ports = sockets.ports()
     args += own
     lora = spec.lora_adapters or []

@@ -32,6 +32,7 @@ from infergw.epp.metrics import PickerMetrics
 from infergw.epp.options import PickerOptions, parse_options
 from infergw.epp.providers.file import FileProvider, FileProviderError
 from infergw.epp.providers.kubernetes import KubernetesProviderError
+from infergw.epp.replica_sync import ReplicaSync
 from infergw.epp.scheduling.config import (
     ConfigError,
     ConfigFile,
@@ -82,6 +83,7 @@ class Picker:
     gate: Gatekeeper
     scraper: MetricsScraper
     director: Director
+    replicas: ReplicaSync | None = None  # decisions shared with other replicas
 
 
 @dataclass(slots=True)
@@ -113,20 +115,25 @@ async def build_picker(opts: PickerOptions) -> Picker:
     doc = read_config(text)
     trust = _header_trust(opts, text)
     datastore, metrics = build_datastore()
-    view = build_kv_cache(opts, doc, datastore, metrics)
+    replicas = build_replica_sync(opts, datastore, metrics)
+    view = build_kv_cache(opts, doc, datastore, metrics, replicas)
     try:
-        scheduling = build_scheduling(doc, datastore, metrics, view)
+        scheduling = build_scheduling(doc, datastore, metrics, view, replicas)
     except ConfigError:
         if view is not None:
             await view.close()  # nothing is bound yet; this ends its ZMQ context
+        if replicas is not None:
+            await replicas.close()
         raise
     provider = await start_provider(opts, datastore, metrics)
     if view is not None:
         start_kv_cache(opts, view)
+    if replicas is not None:
+        replicas.start()
     gate = build_gatekeeper(opts, text, scheduling, view, metrics)
     scraper = await start_scraper(opts, datastore, metrics, gate)
     director = build_director(opts, datastore, scheduling, metrics, trust, gate)
-    return Picker(datastore, metrics, view, scheduling, provider, gate, scraper, director)
+    return Picker(datastore, metrics, view, scheduling, provider, gate, scraper, director, replicas)
 
 
 def build_datastore() -> tuple[Datastore, PickerMetrics]:
@@ -139,8 +146,28 @@ def build_datastore() -> tuple[Datastore, PickerMetrics]:
     return datastore, metrics
 
 
+def build_replica_sync(
+    opts: PickerOptions, datastore: Datastore, metrics: PickerMetrics
+) -> ReplicaSync | None:
+    """With several replicas (--replica-sync-bind): the channel their plugins and KV cache
+    share recent decisions on; not started."""
+    if not opts.replica_sync_bind:
+        return None
+    replicas = ReplicaSync(
+        opts.replica_sync_bind,
+        list(opts.replica_sync_peers),
+        is_member=lambda address: datastore.endpoint(address) is not None,
+    )
+    metrics.registry.register(replicas)
+    return replicas
+
+
 def build_kv_cache(
-    opts: PickerOptions, doc: ConfigFile, datastore: Datastore, metrics: PickerMetrics
+    opts: PickerOptions,
+    doc: ConfigFile,
+    datastore: Datastore,
+    metrics: PickerMetrics,
+    replicas: ReplicaSync | None = None,
 ) -> KVCacheView | None:
     """The KV-event index and tokenizers, only if a plugin type of the config needs them; not
     started (start_kv_cache binds its sockets once the provider runs)."""
@@ -165,16 +192,23 @@ def build_kv_cache(
             redis_ttl=opts.kv_index_redis_ttl,
         ),
         metrics.registry,
+        replicas,
     )
     metrics.registry.register(view)  # its collect() reports the subscriber and the index
     return view
 
 
 def build_scheduling(
-    doc: ConfigFile, datastore: Datastore, metrics: PickerMetrics, view: KVCacheView | None
+    doc: ConfigFile,
+    datastore: Datastore,
+    metrics: PickerMetrics,
+    view: KVCacheView | None,
+    replicas: ReplicaSync | None = None,
 ) -> SchedulingConfig:
     """The plugins, each given the handle at construction, and the profiles over them."""
-    handle = Handle(kv_cache=view.cache if view is not None else None, metrics=metrics)
+    handle = Handle(
+        kv_cache=view.cache if view is not None else None, metrics=metrics, replicas=replicas
+    )
     scheduling = from_document(doc, handle)
     for plugin in scheduling.plugins.values():
         if isinstance(plugin, ForgetsServers):  # a departed pod must not attract requests
@@ -319,8 +353,8 @@ def _queue_gauges(gate: Gatekeeper, metrics: PickerMetrics) -> None:
 
 async def start_servers(opts: PickerOptions, picker: Picker) -> Servers:
     """The HTTP port, then ext_proc, then its health, then the pool gauges."""
-    extproc, address = _extproc_server(opts, picker.director)
     health_server, health_servicer = await _health_server(opts, picker.datastore)
+    extproc, address = _extproc_server(opts, picker.director, health_servicer)
     runner = web.AppRunner(
         make_app(
             picker.datastore,
@@ -349,8 +383,12 @@ async def start_servers(opts: PickerOptions, picker: Picker) -> Servers:
     return Servers(extproc, health_server, health_servicer, runner, gauges)
 
 
-def _extproc_server(opts: PickerOptions, director: Director) -> tuple[grpc.aio.Server, str]:
-    """The ext_proc gRPC server (TLS unless --secure-serving=false), not started."""
+def _extproc_server(
+    opts: PickerOptions, director: Director, health_servicer: health.aio.HealthServicer
+) -> tuple[grpc.aio.Server, str]:
+    """The ext_proc gRPC server (TLS unless --secure-serving=false), not started. It answers
+    gRPC health too, from the health port's servicer: Envoy Gateway health-checks the ext_proc
+    port of each picker replica (its health checks cannot name another port)."""
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", GRPC_MAX_MESSAGE_BYTES),
@@ -360,6 +398,7 @@ def _extproc_server(opts: PickerOptions, director: Director) -> tuple[grpc.aio.S
     pbg.add_ExternalProcessorServicer_to_server(
         ExternalProcessor(director, BodyBudget(opts.max_held_request_bytes)), server
     )
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     address = f"{opts.host}:{opts.grpc_port}"
     if opts.secure_serving:
         cert, key = certs.read_cert_dir(opts.cert_path) if opts.cert_path else certs.self_signed()
@@ -438,6 +477,8 @@ async def stop_picker(picker: Picker) -> None:
     await picker.provider.stop()
     if picker.view is not None:
         await picker.view.close()
+    if picker.replicas is not None:
+        await picker.replicas.close()
 
 
 def _run(coro) -> None:

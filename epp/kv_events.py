@@ -19,6 +19,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from infergw.epp.datastore import Datastore
 from infergw.epp.options import KV_EVENTS_PORT, default_kv_events_bind
+from infergw.epp.replica_sync import ReplicaSync
 from infergw.kvindex.backend import BlockIndex, PrefixIndex
 from infergw.kvindex.cache import KVCache
 from infergw.kvindex.index import KVBlockIndex
@@ -28,6 +29,8 @@ from infergw.kvindex.tokenize import PromptTokenizers
 from infergw.kvindex.translate import EventTranslator
 
 log = logging.getLogger("epp.kv_events")
+
+KV_SPECULATIVE = "kv-speculative"  # the replica sync channel of speculative index entries
 
 
 @dataclass(slots=True)
@@ -52,7 +55,11 @@ class KVCacheView:
     """The index, its subscriber and the KV cache over them, kept in step with the pool."""
 
     def __init__(
-        self, datastore: Datastore, opts: KVEventOptions, registry: CollectorRegistry | None = None
+        self,
+        datastore: Datastore,
+        opts: KVEventOptions,
+        registry: CollectorRegistry | None = None,
+        replicas: ReplicaSync | None = None,
     ) -> None:
         self.datastore = datastore
         self.opts = opts
@@ -84,6 +91,9 @@ class KVCacheView:
             is_member=self._in_pool,
         )
         self._connected: set[str] = set()
+        if replicas is not None:  # other picker replicas hold our speculative entries too
+            share = replicas.channel(KV_SPECULATIVE, self.cache.add_speculative_keys)
+            self.cache.speculative_listeners.append(share)
 
     def _shared_index(
         self, local: KVBlockIndex, registry: CollectorRegistry | None

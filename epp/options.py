@@ -77,6 +77,8 @@ class PickerOptions:
     kv_index_redis_write: bool = True
     kv_index_redis_timeout: float = 0.05
     kv_index_redis_ttl: float = 3600.0
+    replica_sync_bind: str | None = None
+    replica_sync_peers: tuple[str, ...] = ()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -192,6 +194,19 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="a pod's replay (ROUTER) port for rank 0 (rank r adds r); unset: no replay",
     )
+    kv.add_argument(
+        "--replica-sync-bind",
+        default=None,
+        help="several picker replicas: bind a ZMQ PUB here (tcp://host:port) that tells the "
+        "other replicas this one's recent decisions (speculative KV entries, the approximate "
+        "prefix scorer's records) so they choose alike (default: not shared)",
+    )
+    kv.add_argument(
+        "--replica-sync-peers",
+        default="",
+        help="the other replicas' --replica-sync-bind endpoints, comma-separated (this one's "
+        "own is skipped, so every replica may get the same list)",
+    )
     kv.add_argument("--kv-index-block-size", type=int, default=16)
     kv.add_argument("--kv-index-max-entries", type=int, default=5_000_000)
     kv.add_argument(
@@ -288,6 +303,8 @@ def parse_options(argv: list[str] | None = None) -> PickerOptions:
         kv_events_replay_port=a.kv_events_replay_port,
         kv_index_block_size=a.kv_index_block_size,
         kv_index_max_entries=a.kv_index_max_entries,
+        replica_sync_bind=a.replica_sync_bind,
+        replica_sync_peers=tuple(p.strip() for p in a.replica_sync_peers.split(",") if p.strip()),
         tokenizers=tokenizers,
         trust_client_headers=a.trust_client_headers,
         trust_model_rewrite_header=a.trust_model_rewrite_header,

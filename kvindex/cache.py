@@ -84,6 +84,9 @@ class KVCache:
         self._base_model = base_model  # model → (base model, LoRA adapter or None)
         self._lookup_seconds = lookup_seconds
         self._engine_block_size = engine_block_size  # pod → its engine's block size, if known
+        # Told of every speculative add this picker makes (pod, keys): other picker
+        # replicas hold the same entries (epp/replica_sync.py).
+        self.speculative_listeners: list[Callable[[str, list[int]], None]] = []
 
     @property
     def block_size(self) -> int:
@@ -176,3 +179,10 @@ class KVCache:
         BlockStored confirms them."""
         if prompt.keys:
             self._index.add_speculative(pod, prompt.keys)
+            for listener in self.speculative_listeners:
+                listener(pod, prompt.keys)
+
+    def add_speculative_keys(self, pod: str, keys: list[int]) -> None:
+        """Another picker replica chose `pod` for a prompt with these keys: hold them as this
+        picker's own speculative entries (not told to the listeners again)."""
+        self._index.add_speculative(pod, keys)

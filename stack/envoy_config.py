@@ -10,6 +10,7 @@ import jinja2
 import yaml
 
 from infergw.stack.auth import AuthConfig, http_filters
+from infergw.stack.ports import PickerPorts
 
 TEMPLATE = Path(__file__).resolve().parent.parent / "gateway-manifests" / "local" / "envoy.yaml.j2"
 
@@ -19,7 +20,9 @@ class EnvoySettings:
     listen_port: int
     admin_port: int
     picker_host: str
-    picker_port: int
+    # One endpoint of the ext_proc cluster per picker process: Envoy spreads streams over
+    # them and health-checks each on its own gRPC health port.
+    pickers: list[PickerPorts]
     picker_tls: bool  # ext_proc over TLS; then picker_ca is required (Envoy verifies it)
     failure_mode: str  # the InferencePool's FailOpen or FailClose
     endpoints: list[tuple[str, int]]
@@ -45,6 +48,8 @@ def render(settings: EnvoySettings) -> str:
         )
     if not settings.endpoints and settings.eds_path is None:
         raise ValueError("the pool has no endpoints to put in the Envoy cluster")
+    if settings.with_picker and not settings.pickers:
+        raise ValueError("the ext_proc cluster needs at least one picker")
     if settings.picker_tls and not settings.picker_ca:
         raise ValueError("TLS to the picker needs picker_ca: Envoy verifies its certificate")
     env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)

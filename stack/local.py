@@ -26,12 +26,12 @@ from pathlib import Path
 import yaml
 
 from infergw.api import yaml_files
-from infergw.api.names import ENGINE_LABEL, KV_REPLAY_PORT
+from infergw.api.names import ENGINE_LABEL, KV_EVENTS_PORT, KV_REPLAY_PORT
 from infergw.cluster.certs import serving_cert
 from infergw.stack.auth import AuthConfig
 from infergw.stack.envoy_config import EnvoySettings, render
 from infergw.stack.pods import StartReport, pool_pods
-from infergw.stack.ports import StackPorts
+from infergw.stack.ports import PickerPorts, StackPorts
 from infergw.stack.readiness import wait_http, wait_until
 from infergw.stack.supervise import Supervisor
 
@@ -62,6 +62,10 @@ class StackConfig:
     pod_command: Callable[[int], list[str]] | None = None
     # False: Envoy round-robins over the pods with no picker (the benchmarks' baseline).
     with_picker: bool = True
+    # Picker processes, active-active: each a full picker subscribed to every pod's KV
+    # events (per-pod mode: only one process could bind the central socket), one endpoint
+    # each in Envoy's ext_proc cluster. Their ports: ports.picker_ports(i).
+    pickers: int = 1
     # False: Envoy keeps response bodies away from the picker (no usage, TTFT or TPOT).
     response_bodies: bool = True
     # The pods' KV-event topic; None: kv@<ip:port>@<model>. "" is vLLM's default, which
@@ -136,6 +140,13 @@ class LocalStack:
             )
         self.pool_name = cfg.pool_name
         self.failure_mode = cfg.failure_mode or "FailClose"
+        if cfg.pickers < 1:
+            raise ValueError(f"a stack needs at least one picker, not {cfg.pickers}")
+        if cfg.pickers > 1 and not self.from_manifests and cfg.ports.kv_pub_base is None:
+            raise ValueError(
+                "several pickers need per-pod KV events (each connects to every pod): set "
+                "ports.kv_pub_base (free_stack_ports(pickers=N) does)"
+            )
         if not self.from_manifests:
             self.pool_path.write_text(yaml.safe_dump_all(self._static_pool(), sort_keys=False))
 
@@ -178,9 +189,24 @@ class LocalStack:
         }
         return [pool, pod]
 
-    def picker_endpoints(self) -> dict[str, dict]:
-        """What the picker's debug page lists: address → endpoint."""
-        url = f"http://127.0.0.1:{self.cfg.ports.picker_metrics}/debug/endpoints"
+    @property
+    def per_pod_kv(self) -> bool:
+        """Whether each picker connects to every pod's KV-event PUB (else the one picker binds
+        a socket the pods connect to). From manifests, several pickers need it."""
+        if self.from_manifests:
+            return self.cfg.pickers > 1
+        return self.cfg.ports.kv_pub_base is not None
+
+    @property
+    def picker_indexes(self) -> range:
+        return range(self.cfg.pickers)
+
+    def picker_ports(self, index: int = 0) -> PickerPorts:
+        return self.cfg.ports.picker_ports(index)
+
+    def picker_endpoints(self, index: int = 0) -> dict[str, dict]:
+        """What picker `index`'s debug page lists: address → endpoint."""
+        url = f"http://127.0.0.1:{self.picker_ports(index).metrics}/debug/endpoints"
         try:
             with urllib.request.urlopen(url, timeout=2) as r:
                 return {e["address"]: e for e in json.load(r)["endpoints"]}
@@ -278,11 +304,7 @@ class LocalStack:
             "127.0.0.1",
             "--metrics-port",
             str(c.ports.controllers_metrics),
-            # The pods publish KV events to this stack's picker, from their own address.
-            "--kv-events-mode",
-            "central",
-            "--kv-events-picker",
-            f"127.0.0.1:{c.ports.kv_events}",
+            *self._controllers_kv_args(),
         ]
         # From the project root, where the examples' relative file:// model paths start.
         proc = self._spawn("controllers", cmd, cwd=ROOT)
@@ -292,6 +314,19 @@ class LocalStack:
             proc,
             f"the controllers to write InferencePool {self.pool_name} to {self.pool_path}",
         )
+
+    def _controllers_kv_args(self) -> list[str]:
+        """One picker: the pods publish KV events to its socket, from their own address
+        (central). Several: each pod binds its PUB on its own address and every picker
+        connects to it (per pod), as vLLM publishes to one endpoint only."""
+        if self.per_pod_kv:
+            return ["--kv-events-mode", "per-pod"]
+        return [
+            "--kv-events-mode",
+            "central",
+            "--kv-events-picker",
+            f"127.0.0.1:{self.cfg.ports.kv_events}",
+        ]
 
     def wait_for_endpoints(self, timeout: float | None = None) -> None:
         """Until every pod of the pool is ready and the picker sees them all (at least
@@ -311,7 +346,9 @@ class LocalStack:
             if missing is not None:
                 raise RuntimeError(f"pod {missing.name} cannot start: {missing.message}")
             count = max(want, len(pods))
-            return all(p.ready for p in pods) and len(self.picker_endpoints()) >= count
+            return all(p.ready for p in pods) and all(
+                len(self.picker_endpoints(i)) >= count for i in self.picker_indexes
+            )
 
         wait_until(
             all_ready,
@@ -320,8 +357,20 @@ class LocalStack:
             f"{want} ready pods behind the picker (pods' logs: {self.cfg.workdir / 'state'})",
         )
 
-    def start_picker(self) -> None:
+    @staticmethod
+    def picker_name(index: int = 0) -> str:
+        """The supervised process name of picker `index` (its log: <name>.log)."""
+        return "picker" if index == 0 else f"picker-{index}"
+
+    def start_picker(self, index: int | None = None) -> None:
+        """Start picker `index`, or every picker (one after the other: each is ready before
+        the next starts)."""
+        for i in self.picker_indexes if index is None else [index]:
+            self._start_picker(i)
+
+    def _start_picker(self, index: int) -> None:
         c = self.cfg
+        ports = self.picker_ports(index)
         cmd = [
             sys.executable,
             "-m",
@@ -329,11 +378,11 @@ class LocalStack:
             "--host",
             PICKER_HOST,
             "--grpc-port",
-            str(c.ports.picker),
+            str(ports.grpc),
             "--grpc-health-port",
-            str(c.ports.picker_health),
+            str(ports.health),
             "--metrics-port",
-            str(c.ports.picker_metrics),
+            str(ports.metrics),
             "--provider",
             "file",
             "--pool-file",
@@ -347,6 +396,7 @@ class LocalStack:
             *(["--trust-client-headers"] if c.trust_client_headers else []),
             "--enable-debug-endpoints",  # /debug/endpoints: readiness checks, tests, `up` users
             *self._kv_event_args(),
+            *self._replica_sync_args(index),
             "--kv-events-replay-port",
             # Manifest pods have addresses of their own, each with its replay socket on the
             # port the controllers write; fixed pods share 127.0.0.1, one port each.
@@ -357,16 +407,33 @@ class LocalStack:
         ]
         if c.picker_config:
             cmd += ["--config", str(c.picker_config)]
-        proc = self._spawn("picker", cmd)
-        wait_http(f"http://127.0.0.1:{c.ports.picker_metrics}/healthz", 30, proc)
+        proc = self._spawn(self.picker_name(index), cmd)
+        wait_http(f"http://127.0.0.1:{ports.metrics}/healthz", 30, proc)
 
     def _kv_event_args(self) -> list[str]:
         """Central: the pods' PUBs connect to the picker. Per pod: the picker connects to
-        each pod's PUB at kv_pub_base + rank. Either way pod i's replay is at base + i."""
+        each pod's PUB (fixed pods: at kv_pub_base + rank on 127.0.0.1; manifest pods: on
+        their own address, the engines' usual port). Either way pod i's replay is at base + i."""
         p = self.cfg.ports
-        if p.kv_pub_base is None:
+        if not self.per_pod_kv:
             return ["--kv-events-bind", f"tcp://127.0.0.1:{p.kv_events}"]
-        return ["--kv-events-mode", "per-pod", "--kv-events-pub-port", str(p.kv_pub_base)]
+        pub = KV_EVENTS_PORT if self.from_manifests else p.kv_pub_base
+        return ["--kv-events-mode", "per-pod", "--kv-events-pub-port", str(pub)]
+
+    def _replica_sync_args(self, index: int) -> list[str]:
+        """Several pickers: each binds a PUB for its speculative KV entries and hears every
+        other's (epp/replica_sync.py), so a prefix one chose moments ago draws the others too."""
+        if self.cfg.pickers == 1:
+            return []
+        endpoints = [
+            f"tcp://127.0.0.1:{self.picker_ports(i).replica_sync}" for i in self.picker_indexes
+        ]
+        return [
+            "--replica-sync-bind",
+            endpoints[index],
+            "--replica-sync-peers",
+            ",".join(endpoints),
+        ]
 
     def restart_pod(self, address: str) -> None:
         """Stop one simulator pod and start it again on the same port (an engine restart)."""
@@ -376,8 +443,10 @@ class LocalStack:
         self._start_pod(rank, port)
         wait_http(f"http://127.0.0.1:{port}/health", 60, self.procs[f"pod-{port}"])
 
-    def stop_picker(self) -> None:
-        self._stop("picker")
+    def stop_picker(self, index: int | None = None) -> None:
+        """Stop picker `index` (SIGTERM: it drains), or every picker."""
+        for i in self.picker_indexes if index is None else [index]:
+            self._stop(self.picker_name(i))
 
     def start_envoy(self) -> None:
         c = self.cfg
@@ -387,7 +456,7 @@ class LocalStack:
                     listen_port=c.ports.envoy,
                     admin_port=c.ports.envoy_admin,
                     picker_host=PICKER_HOST,
-                    picker_port=c.ports.picker,
+                    pickers=[self.picker_ports(i) for i in self.picker_indexes],
                     picker_tls=c.picker_tls,
                     picker_ca=str(self.picker_tls_dir / "ca.crt") if c.picker_tls else None,
                     trust_client_headers=c.trust_client_headers,
@@ -425,8 +494,10 @@ class LocalStack:
     def start(self) -> LocalStack:
         try:
             if self.from_manifests:
-                # Pods connect to the picker's KV-event socket (central mode) and retry
-                # every 100 ms until it is bound; they get no request before they are up.
+                # Central mode: pods connect to the picker's KV-event socket and retry every
+                # 100 ms until it is bound. Per pod: each picker connects to a pod as it
+                # joins the pool and ZMQ retries until the pod has bound. Either way a pod
+                # gets no request before it is up.
                 self.start_controllers()
                 self.start_picker()
                 self.start_envoy()
@@ -437,7 +508,7 @@ class LocalStack:
             # connecting side sits in ZMQ's reconnect back-off for up to 200 ms after the
             # bind, and the events of a request sent in that window are lost (a PUB with no
             # subscriber drops, as vLLM's does).
-            picker_binds = self.cfg.ports.kv_pub_base is None
+            picker_binds = not self.per_pod_kv
             if self.cfg.with_picker and picker_binds:
                 self.start_picker()
             self.start_pods()

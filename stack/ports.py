@@ -4,9 +4,24 @@ servers started by one process (a test, a benchmark) never get the same port."""
 from __future__ import annotations
 
 import socket
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass, field
 
 from infergw.api.names import KV_EVENTS_PORT, KV_REPLAY_PORT
+
+# Picker i of `infergate up --pickers N` listens on picker 0's ports + i * this (9102, 9103,
+# 9190, 9104 for the second): far enough apart that no picker's port is another's.
+PICKER_PORT_STRIDE = 100
+
+
+@dataclass(frozen=True, slots=True)
+class PickerPorts:
+    """One picker process's ports: ext_proc, its gRPC health, metrics and debug pages, and
+    the PUB that shares its speculative KV entries with the other pickers."""
+
+    grpc: int
+    health: int
+    metrics: int
+    replica_sync: int
 
 
 @dataclass(slots=True)
@@ -18,6 +33,7 @@ class StackPorts:
     picker: int = 9002
     picker_health: int = 9003
     picker_metrics: int = 9090
+    picker_replica_sync: int = 9004  # used with several pickers only
     first_pod: int = 8000
     kv_events: int = KV_EVENTS_PORT
     kv_replay_base: int = KV_REPLAY_PORT  # pod i's KV-event replay socket is on kv_replay_base + i
@@ -26,6 +42,20 @@ class StackPorts:
     # picker binds kv_events and the pods connect to it (central mode).
     kv_pub_base: int | None = None
     controllers_metrics: int = 9091
+    # The ports of pickers 1..N-1 (picker 0's are the three above); unset, they follow
+    # PICKER_PORT_STRIDE. free_stack_ports fills it with free ones.
+    more_pickers: list[PickerPorts] = field(default_factory=list)
+
+    def picker_ports(self, index: int) -> PickerPorts:
+        """Picker `index`'s ports (0: picker, picker_health, picker_metrics)."""
+        if index == 0:
+            return PickerPorts(
+                self.picker, self.picker_health, self.picker_metrics, self.picker_replica_sync
+            )
+        if index <= len(self.more_pickers):
+            return self.more_pickers[index - 1]
+        first, step = self.picker_ports(0), index * PICKER_PORT_STRIDE
+        return PickerPorts(*(port + step for port in astuple(first)))
 
 
 _handed_out: set[int] = set()
@@ -63,17 +93,25 @@ def _free(port: int) -> bool:
     return True
 
 
-def free_stack_ports(pods: int = 1, per_pod_kv: bool = False) -> StackPorts:
+def free_stack_ports(pods: int = 1, per_pod_kv: bool = False, pickers: int = 1) -> StackPorts:
     """A local stack's ports, all free now: `pods` consecutive KV replay ports and, with
-    per_pod_kv, `pods` consecutive KV-event PUB ports (each pod binds its own)."""
+    per_pod_kv, `pods` consecutive KV-event PUB ports (each pod binds its own); ports for
+    `pickers` picker processes. Several pickers need per-pod KV events (only one process can
+    bind the central socket), so pickers > 1 implies per_pod_kv."""
+    per_pod_kv = per_pod_kv or pickers > 1
     return StackPorts(
         envoy=free_port(),
         envoy_admin=free_port(),
         picker=free_port(),
         picker_health=free_port(),
         picker_metrics=free_port(),
+        picker_replica_sync=free_port(),
         kv_events=free_port(),
         kv_replay_base=free_port_run(pods),
         kv_pub_base=free_port_run(pods) if per_pod_kv else None,
         controllers_metrics=free_port(),
+        more_pickers=[
+            PickerPorts(free_port(), free_port(), free_port(), free_port())
+            for _ in range(pickers - 1)
+        ],
     )

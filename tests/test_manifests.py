@@ -28,6 +28,7 @@ from infergw.api.names import (
 )
 from infergw.controllers.model_objects import CONNECTOR_SERVICE_ACCOUNT
 from infergw.epp import protocol
+from infergw.epp.app import HEALTH_SERVICES
 from infergw.epp.options import build_parser
 from infergw.epp.scheduling.config import ConfigError, load_config
 from infergw.stack.auth import removed_headers
@@ -50,6 +51,7 @@ BUILT_IN_KINDS = {
     "CustomResourceDefinition",
     "ValidatingWebhookConfiguration",
     "NetworkPolicy",
+    "PodDisruptionBudget",
 }
 CUSTOM_KINDS = {"InferencePool", "InferenceObjective"}
 READ_ONLY_VERBS = {"get", "list", "watch"}
@@ -421,6 +423,39 @@ def test_picker_service_matches_pool_and_deployment() -> None:
     assert ports["http-metrics"]["port"] == 9090
     labels = _picker()["spec"]["template"]["metadata"]["labels"]
     assert service["spec"]["selector"].items() <= labels.items()
+
+
+def test_the_picker_runs_active_active() -> None:
+    """Several replicas, each a full picker: per-pod KV events (every replica connects to every
+    pod; in central mode the pods would publish to one of them), a rollout that never leaves
+    fewer ready replicas, and a PodDisruptionBudget that keeps one through drains."""
+    spec = _picker()["spec"]
+    replicas = spec["replicas"]
+    assert replicas >= 2
+    assert _picker_args().kv_events_mode == "per-pod"
+    assert spec["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    budget = _one("PodDisruptionBudget", PICKER)
+    labels = spec["template"]["metadata"]["labels"]
+    assert budget["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert 1 <= budget["spec"]["minAvailable"] < replicas  # a drain can still take one
+
+
+def test_envoy_health_checks_and_ejects_each_picker_replica() -> None:
+    """Envoy Gateway's ext_proc cluster holds one host per replica: each is actively checked
+    (gRPC health on the port it dials, a service the picker serves there) and ejected at its
+    first refused connection, so a dead replica gets no new stream."""
+    [ext_proc] = _one("EnvoyExtensionPolicy")["spec"]["extProc"]
+    check = ext_proc["backendSettings"]["healthCheck"]
+    active = check["active"]
+    assert active["type"] == "GRPC"
+    assert active["grpc"]["service"] in HEALTH_SERVICES
+    assert active["unhealthyThreshold"] >= 2  # one slow check does not take a picker down
+    passive = check["passive"]
+    assert passive["splitExternalLocalOriginErrors"] is True
+    assert passive["consecutiveLocalOriginFailures"] == 1
+    assert passive["maxEjectionPercent"] == 100  # every replica may be ejected (then fail)
+    # The readiness the kubelet probes is the one Envoy checks.
+    assert _container()["readinessProbe"]["grpc"]["service"] == active["grpc"]["service"]
 
 
 # ---- RBAC: read-only, namespaced ----------------------------------------------------------------

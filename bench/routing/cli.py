@@ -34,9 +34,16 @@ SIM_ARGS = [
 ]
 
 
+# Two picker replicas behind one Envoy, against one picker: what active-active costs in
+# routing quality. Run when named (--routers), not by default.
+REPLICATED = ("infergate-precise-x2", "infergate-approximate-x2")
+
+
 def all_routers() -> dict:
     routers = {f"infergate-{c}": InfergateRouter(c) for c in INFERGATE_PROFILES}
     routers |= {r.name: r for r in EXTERNAL_ROUTERS()}
+    for replicated in (InfergateRouter("precise", 2), InfergateRouter("approximate", 2)):
+        routers[replicated.name] = replicated
     return routers
 
 
@@ -57,7 +64,11 @@ def plan(quick: bool, pods: int) -> list[tuple[object, list[float]]]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="infergate bench routing", description=__doc__)
     p.add_argument("--quick", action="store_true", help="4 pods, one workload and rate (< 3 min)")
-    p.add_argument("--routers", default=None, help="comma-separated names (default: all)")
+    p.add_argument(
+        "--routers",
+        default=None,
+        help="comma-separated names (default: all but the -x2 replicas)",
+    )
     p.add_argument("--pods", type=int, default=None)
     p.add_argument(
         "--workloads",
@@ -69,6 +80,12 @@ def main(argv: list[str] | None = None) -> int:
         "--rates", default=None, help="comma-separated req/s for every workload (default: its own)"
     )
     p.add_argument("--duration", type=float, default=None, help="measured seconds per point")
+    p.add_argument(
+        "--rates",
+        default=None,
+        help="comma-separated request rates for every workload (default: each workload's own); "
+        "a low rate keeps a shared machine's CPU out of a routing-quality comparison",
+    )
     p.add_argument("--seed", type=int, default=7)
     p.add_argument(
         "--idle",
@@ -88,7 +105,9 @@ def main(argv: list[str] | None = None) -> int:
         idle_s=4.0 if args.idle is None else args.idle,
     )
     routers = all_routers()
-    chosen = args.routers.split(",") if args.routers else list(routers)
+    chosen = (
+        args.routers.split(",") if args.routers else [r for r in routers if r not in REPLICATED]
+    )
     routers |= variants()
     unknown = [r for r in chosen if r not in routers]
     if unknown:

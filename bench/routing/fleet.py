@@ -12,13 +12,15 @@ import aiohttp
 from infergw.stack.local import LocalStack, StackConfig
 from infergw.stack.ports import free_port, free_stack_ports
 
+MAX_PICKERS = 4  # ports for this many; a router sets how many pickers it runs
+
 
 def new_stack(
     workdir: Path, pods: int, sim_args: list[str], picker_config: Path | None
 ) -> LocalStack:
     """Pods that each bind their own KV-event PUB (per-pod mode) and replay socket, so any
     router with a KV-event source can subscribe; a picker and Envoy only if asked for."""
-    ports = free_stack_ports(pods, per_pod_kv=True)
+    ports = free_stack_ports(pods, per_pod_kv=True, pickers=MAX_PICKERS)
     return LocalStack(
         StackConfig(
             workdir=workdir,

@@ -73,17 +73,20 @@ PICKER_VARIANTS = {
 class InfergateRouter:
     config: str  # a key of INFERGATE_PROFILES
     variant: str = ""  # a key of PICKER_VARIANTS: the picker with other flags
+    pickers: int = 1  # picker replicas behind the one Envoy (each subscribes to every pod)
     _stack: LocalStack | None = None
 
     @property
     def name(self) -> str:
-        return f"infergate-{self.config}" + (f"-{self.variant}" if self.variant else "")
+        replicas = f"-x{self.pickers}" if self.pickers > 1 else ""
+        return f"infergate-{self.config}{replicas}" + (f"-{self.variant}" if self.variant else "")
 
     def start(self, stack: LocalStack) -> str:
         path = stack.cfg.workdir / "epp-config.yaml"
         path.write_text(picker_config(INFERGATE_PROFILES[self.config]))
         stack.cfg.picker_config = path
         stack.cfg.picker_args = [*stack.cfg.picker_args, *PICKER_VARIANTS.get(self.variant, [])]
+        stack.cfg.pickers = self.pickers
         stack.start_picker()
         stack.start_envoy()
         self._stack = stack
@@ -91,7 +94,8 @@ class InfergateRouter:
 
     def pids(self) -> dict[str, int]:
         assert self._stack is not None
-        return {n: self._stack.procs[n].pid for n in ("picker", "envoy")}
+        names = [*map(self._stack.picker_name, self._stack.picker_indexes), "envoy"]
+        return {n: self._stack.procs[n].pid for n in names}
 
     def idle_baseline(self, seconds: float) -> dict[str, float]:
         """CPU seconds over `seconds` of no traffic with every pod scraped at the fast

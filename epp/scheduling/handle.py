@@ -3,7 +3,8 @@ of the plugins that offer them.
 
 Every plugin is made by its type's factory (`Plugin.create`, called by the registry) with a
 `Handle`: the KV cache facade (built only when a plugin type of the config says it
-`needs_kv_cache`), the picker's metrics, and the config's plugins by name. A plugin takes what
+`needs_kv_cache`), the picker's metrics, the config's plugins by name, and (several
+replicas) the channel replicas share decisions on. A plugin takes what
 it needs in its constructor; nothing is pushed into it afterwards.
 
 The protocols are what the picker *calls* on a plugin that offers them; it finds them by
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING, ClassVar, Protocol, runtime_checkable
 if TYPE_CHECKING:
     from infergw.epp.context import RequestContext
     from infergw.epp.metrics import PickerMetrics
+    from infergw.epp.replica_sync import ReplicaSync
     from infergw.epp.scheduling.framework import Plugin
     from infergw.kvindex.cache import KVCache
 
@@ -33,6 +35,9 @@ class Handle:
     # The config's plugins by name, read-only: it fills as the config builds them, so it is
     # complete by the time a profile handler configures itself.
     plugins: Mapping[str, Plugin] = field(default_factory=lambda: MappingProxyType({}))
+    # With several picker replicas: where a plugin shares its decisions with the others
+    # (epp/replica_sync.py), so they keep choosing alike. None with one picker.
+    replicas: ReplicaSync | None = None
 
 
 @runtime_checkable

@@ -198,6 +198,24 @@ def test_the_simulator_runs_only_when_asked_for_and_its_parser_takes_every_flag(
     assert c["ports"][1:] == [{"name": "kv-replay", "containerPort": 5600}]
 
 
+def test_per_pod_on_one_machine_binds_each_pods_own_address():
+    """Standalone pods share a machine (one loopback address each) and several pickers connect
+    to each: the simulator binds its PUB on its own address (its flag overrides vLLM's rule of
+    connecting to an address); vLLM, which cannot, binds `*` (one such pod per machine)."""
+    sockets = KVEventSockets.per_pod_address()
+    sim = container(
+        model("vLLM", "infergate/simulator:dev", modelURI=f"file://{DEFAULT_MODEL}"), sockets
+    )
+    cfg = parse_config([a.replace("$(POD_IP)", "127.0.0.9") for a in sim["args"]])
+    assert cfg.kv_events.endpoint == "tcp://127.0.0.9:5557"
+    assert cfg.kv_events.replay_endpoint == "tcp://127.0.0.9:5600"
+    assert cfg.kv_events_bind_pub  # bound, though it names one address
+    assert [p["name"] for p in sim["ports"][1:]] == ["kv-events", "kv-replay"]
+    vllm = container(model("vLLM", "vllm/vllm-openai:v0.32.0"), sockets)
+    assert events(vllm["args"])["endpoint"] == "tcp://*:5557"
+    assert "--sim-kv-events-bind" not in vllm["args"]
+
+
 def test_a_simulator_standing_in_for_sglang_speaks_sglangs_metric_names():
     c = container(model("SGLang", "infergate/simulator:dev", modelURI=f"file://{DEFAULT_MODEL}"))
     assert c["command"] == ["infergate", "simulate"]

@@ -16,9 +16,9 @@ from tests.e2e.gateway_config import pinnable
 
 
 def make_stack(
-    tmp_path, *, pods=3, picker_config: str | None = None, per_pod_kv=False, **kw
+    tmp_path, *, pods=3, picker_config: str | None = None, per_pod_kv=False, pickers=1, **kw
 ) -> LocalStack:
-    ports = free_stack_ports(pods, per_pod_kv)
+    ports = free_stack_ports(pods, per_pod_kv, pickers)
     if picker_config is None:
         picker_config = pinnable((QUICKSTART / "epp-config.yaml").read_text())
     cfg_path = tmp_path / "epp-config.yaml"
@@ -31,6 +31,7 @@ def make_stack(
             ports=ports,
             pod_ports=[free_port() for _ in range(pods)],
             picker_config=cfg_path,
+            pickers=pickers,
             **kw,
         )
     ).start()

@@ -107,23 +107,21 @@ def test_envoy_refuses_a_picker_whose_certificate_another_ca_signed(stack, tmp_p
     before = envoy_stats(stack, f"^{failed}$")[failed]
     try:
         restart_picker_with(stack, impostor)
-        # Envoy (its health check's handshake) refuses the impostor's certificate ...
-        wait_until(
-            lambda: envoy_stats(stack, f"^{failed}$")[failed] > before,
-            30,
-            None,
-            "Envoy to refuse the picker's certificate",
-        )
-        # ... and, failing closed, the request fails instead of going to a pod unpicked.
+        # The health check (plaintext, on the health port) passes; the request's own ext_proc
+        # connection refuses the impostor's certificate and, failing closed, the request fails
+        # instead of going to a pod unpicked.
+        wait_until(lambda: picker_healthy(stack), 30, None, "Envoy to check the new picker")
         seen, served = picker_requests(stack), len(recorded(stack))
         r = ask(stack)
         assert r.status_code >= 500, (r.status_code, r.text)
+        assert envoy_stats(stack, f"^{failed}$")[failed] > before
         assert picker_requests(stack) == seen
         assert len(recorded(stack)) == served
     finally:
         restart_picker_with(stack, ours)
     wait_until(lambda: picker_healthy(stack), 30, None, "Envoy to see the picker healthy")
-    assert ask(stack).status_code == 200
+    # The refused handshake ejected the picker for a second (outlier detection); then it serves.
+    wait_until(lambda: ask(stack).status_code == 200, 30, None, "the picker to serve again")
 
 
 def test_one_slow_health_check_does_not_take_the_picker_down(stack):

@@ -119,3 +119,37 @@ def test_an_engine_that_is_not_installed_stops_the_start_with_what_is_missing(tm
     message = str(failed.value)
     assert "cannot start" in message and "vllm-not-installed is not installed" in message
     assert "engine.type: Simulator" in message
+
+
+def matched_blocks(stack: LocalStack, index: int, prompt: str) -> dict[str, int]:
+    """What picker `index`'s KV index says each pod holds of the prompt."""
+    url = f"http://127.0.0.1:{stack.picker_ports(index).metrics}/debug/prefix-scores"
+    body = {"model": "infergate-sim", "prompt": prompt}
+    r = requests.post(url, json=body, timeout=30)
+    assert r.status_code == 200, r.text
+    return {e["address"]: e["matched_blocks"] for e in r.json()["endpoints"]}
+
+
+def test_two_pickers_each_hear_every_pods_kv_events(tmp_path):
+    """`infergate up --pickers 2`: the controllers run the pods in per-pod KV mode, each pod
+    binding its PUB on its own loopback address, and both pickers connect to every pod: a
+    prompt served once shows in both pickers' indexes, on the pod that served it."""
+    ports = free_stack_ports(pods=1, pickers=2)
+    example = write_example(tmp_path / "example", replicas=2)
+    cfg = StackConfig.from_example(example, tmp_path / "run", ports, pickers=2)
+    with LocalStack(cfg) as stack:
+        pods = stack.pod_addresses
+        assert len(pods) == 2
+        assert all(set(stack.picker_endpoints(i)) == set(pods) for i in (0, 1))
+        prompt = "Chapter 2: " + " ".join(f"word{i}" for i in range(300))
+        served = ask(stack, prompt).headers["x-gateway-destination-endpoint-served"]
+        for index in (0, 1):
+            held = wait(
+                lambda i=index: (m := matched_blocks(stack, i, prompt))[served] > 0 and m,
+                f"picker {index} to index the served pod's blocks",
+                within=10,
+            )
+            assert all(n == 0 for pod, n in held.items() if pod != served), held
+        # The controllers rendered per-pod sockets: each pod binds its own address.
+        log = (stack.cfg.workdir / "controllers.log").read_text()
+        assert "--sim-kv-events-bind" in log

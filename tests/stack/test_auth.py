@@ -9,7 +9,6 @@ import base64
 import copy
 import json
 import re
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,8 @@ from infergw.controllers.manifests import read_objects
 from infergw.stack.auth import AuthConfig, AuthError, http_filters
 from infergw.stack.envoy_config import EnvoySettings, render
 from infergw.stack.example import Example, ExampleError
-from infergw.stack.local import envoy_binary
+from infergw.stack.ports import PickerPorts
+from tests.envoy_check import assert_envoy_accepts
 from tests.paths import ROOT
 
 QUICKSTART = ROOT / "examples" / "quickstart"
@@ -201,7 +201,7 @@ def test_the_rendered_config_passes_envoys_validation(tmp_path):
             listen_port=18080,
             admin_port=19901,
             picker_host="127.0.0.1",
-            picker_port=19002,
+            pickers=[PickerPorts(19002, 19003, 19090, 19004)],
             picker_tls=True,
             picker_ca=str(tmp_path / "ca.crt"),
             failure_mode="FailClose",
@@ -222,13 +222,7 @@ def test_the_rendered_config_passes_envoys_validation(tmp_path):
     ]
     path = tmp_path / "envoy.yaml"
     path.write_text(text)
-    done = subprocess.run(
-        [envoy_binary(), "--mode", "validate", "-c", str(path), "--log-level", "error"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
+    assert_envoy_accepts(path)
 
 
 # ---- what the translation accepts -------------------------------------------------------------
@@ -356,7 +350,7 @@ def test_picker_tls_is_always_verified():
         listen_port=18080,
         admin_port=19901,
         picker_host="127.0.0.1",
-        picker_port=19002,
+        pickers=[PickerPorts(19002, 19003, 19090, 19004)],
         picker_tls=True,
         failure_mode="FailClose",
         endpoints=[("127.0.0.1", 18000)],

@@ -165,6 +165,30 @@ def test_up_takes_flags_on_either_side_of_the_directory_and_engine_args_after_da
     assert split_engine_args(["--pods", "2"]) == (["--pods", "2"], [])
 
 
+def test_several_pickers_need_pods_that_bind_their_own_address(tmp_path):
+    """--pickers N: every picker connects to every pod's KV-event PUB, bound on the pod's
+    own loopback address, which the simulator does and vLLM (binding `*`) does only for
+    one pod per machine."""
+    from infergw.up import build_parser, pickers_problem
+
+    assert build_parser().parse_args(["--pickers", "3"]).pickers == 3
+    sim = Example.read(ROOT / "examples" / "quickstart")
+    assert pickers_problem(1, sim) is None and pickers_problem(4, sim) is None
+    model = copy.deepcopy(sim.model)
+    model["spec"]["engine"] = {
+        "type": "vLLM",
+        "command": ["python", "-m", "vllm.entrypoints.openai.api_server"],
+    }
+    model["spec"]["image"] = "vllm/vllm-openai:v0.32.0"
+    (tmp_path / "model.yaml").write_text(yaml.safe_dump(model))
+    (tmp_path / "epp-config.yaml").write_text(sim.picker_config.read_text())
+    vllm = Example.read(tmp_path)
+    assert vllm.pod_count() > 1 and not vllm.runs_simulator
+    assert pickers_problem(1, vllm) is None
+    assert "vLLM" in pickers_problem(2, vllm)
+    assert pickers_problem(2, vllm.with_changes(tmp_path / "one", replicas=1)) is None
+
+
 SHIPPED = [ROOT / "examples", ROOT / "gateway-manifests"]
 
 

@@ -5,8 +5,16 @@ from __future__ import annotations
 
 import socket
 from contextlib import ExitStack
+from dataclasses import astuple
 
-from infergw.stack.ports import free_port, free_port_run, free_stack_ports
+from infergw.stack.ports import (
+    PICKER_PORT_STRIDE,
+    PickerPorts,
+    StackPorts,
+    free_port,
+    free_port_run,
+    free_stack_ports,
+)
 
 
 def bind_all(ports: list[int]) -> None:
@@ -43,3 +51,18 @@ def test_a_stacks_ports_are_distinct_and_free():
 
 def test_central_kv_mode_leaves_the_pub_base_unset():
     assert free_stack_ports(2).kv_pub_base is None
+
+
+def test_every_picker_gets_its_own_free_ports_and_per_pod_kv_events():
+    ports = free_stack_ports(2, pickers=3)
+    assert ports.kv_pub_base is not None  # one process alone could bind the central socket
+    pickers = [ports.picker_ports(i) for i in range(3)]
+    assert pickers[0] == PickerPorts(
+        ports.picker, ports.picker_health, ports.picker_metrics, ports.picker_replica_sync
+    )
+    bind_all([port for p in pickers for port in astuple(p)])
+
+
+def test_the_default_pickers_follow_the_stride():
+    second = StackPorts().picker_ports(1)
+    assert astuple(second) == tuple(p + PICKER_PORT_STRIDE for p in (9002, 9003, 9090, 9004))

@@ -5,7 +5,9 @@ block i-1's (xxh64 of the block's bytes and the previous hash, seeded with the m
 so a hit on block i means the whole prefix up to i matches. The score is the fraction of a
 prompt's blocks found, from block 0 up to the first miss, on each pod. After scheduling, the
 chosen pod's blocks are recorded in its LRU (lruCapacityPerServer entries); with prefill/decode
-disaggregation, the prefill pod's too.
+disaggregation, the prefill pod's too. With several picker replicas each records what the others
+chose as well (epp/replica_sync.py): otherwise each would learn its own map and a shared
+prefix would spread over as many pods as there are replicas.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import xxhash
 
 from infergw.epp.context import PluginSlot, RequestContext
 from infergw.epp.scheduling.framework import PreRequest, Scorer
+from infergw.epp.scheduling.handle import Handle
 from infergw.epp.scheduling.params import PluginParams, PositiveCount, parse_params
 
 
@@ -44,6 +47,14 @@ class PrefixCacheScorer(Scorer, PreRequest):
         self._by_server: dict[str, OrderedDict[int, None]] = {}
         # Reverse index for lookups: block hash → servers holding it.
         self._servers_of: dict[int, set[str]] = {}
+        self._share = None  # tells the other replicas what we recorded (create() sets it)
+
+    @classmethod
+    def create(cls, name, params, handle: Handle):
+        scorer = cls(name, params)
+        if handle.replicas is not None:
+            scorer._share = handle.replicas.channel(f"approximate-prefix/{name}", scorer._record)
+        return scorer
 
     def hashes(self, ctx: RequestContext) -> list[int]:
         """The prompt's chained block hashes, computed once a request."""
@@ -92,7 +103,10 @@ class PrefixCacheScorer(Scorer, PreRequest):
         # Every profile's pick computes the prompt: the decode pod, and a prefill pod too.
         for profile_result in result.results.values():
             if profile_result is not None and profile_result.targets:
-                self._record(profile_result.targets[0].address, self.hashes(ctx))
+                address, hashes = profile_result.targets[0].address, self.hashes(ctx)
+                self._record(address, hashes)
+                if self._share is not None:
+                    self._share(address, hashes)
 
     def _record(self, server: str, hashes: list[int]) -> None:
         lru = self._by_server.setdefault(server, OrderedDict())

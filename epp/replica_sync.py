@@ -1,0 +1,163 @@
+"""What picker replicas tell each other so that they choose alike: recent routing decisions.
+
+Every replica hears every pod's KV events, so their indexes agree on what the pods hold. What
+they do not share by themselves is the window before a pod's BlockStored arrives: the picker
+that chose a pod for a prompt holds its blocks as speculative entries (kvindex.cache), and a
+request with the same prefix that Envoy hands to another replica in that window would not
+see them and might go elsewhere, splitting the prefix over two pods. Under load the window is
+a queue wait plus a prefill, long enough to matter (bench/routing with two replicas).
+
+The approximate prefix scorer has it worse: it knows only what it routed itself, so without
+sharing, each replica learns its own map of prefixes to pods and a shared prefix is spread
+over as many pods as there are replicas.
+
+So each replica publishes its decisions on a ZMQ PUB it binds and subscribes to every peer's.
+A record is [channel, pod address, keys] in msgpack: channel `kv-speculative` carries a
+prompt's block keys (our chained request keys, kvindex.keys, computed alike by every replica)
+and goes into the local index as the same kind of speculative entry, expiring unless the
+pod's events confirm it; channel `approximate-prefix/<plugin name>` carries that scorer's
+block hashes for its LRU. Peers are trusted by address (loopback in the local stack, a
+NetworkPolicy in a cluster), yet a bad record is counted and dropped: a malformed frame, an
+unknown channel or pod, more keys than a prompt can have.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter
+from collections.abc import Callable
+
+import msgspec
+import zmq
+import zmq.asyncio
+from prometheus_client.core import CounterMetricFamily
+
+log = logging.getLogger("epp.replica_sync")
+
+MAX_KEYS = 65_536  # a 1M-token prompt in 16-token blocks
+MAX_MESSAGE_BYTES = 16 + 10 * MAX_KEYS + 512
+SEND_HWM = 10_000  # messages queued per peer before new ones are dropped (a slow peer)
+
+
+Share = Callable[[str, list[int]], None]  # (pod address, keys)
+
+
+class Record(msgspec.Struct, array_like=True, frozen=True):
+    channel: str
+    pod: str
+    keys: list[int]
+
+
+class ReplicaSync:
+    """One replica's side: publish its decisions, apply its peers'."""
+
+    def __init__(self, bind: str, peers: list[str], is_member: Callable[[str], bool]) -> None:
+        self.bind = bind
+        self.peers = [p for p in peers if p != bind]
+        self._is_member = is_member
+        self._channels: dict[str, Share] = {}
+        self._ctx = zmq.asyncio.Context()
+        self._pub: zmq.asyncio.Socket | None = None
+        self._sub: zmq.asyncio.Socket | None = None
+        self._task: asyncio.Task | None = None
+        self._encode = msgspec.msgpack.Encoder().encode
+        self._decode = msgspec.msgpack.Decoder(Record).decode
+        self.counts: Counter[str] = Counter()  # published, applied, and why not: reasons
+
+    def channel(self, name: str, apply: Share) -> Share:
+        """Records of one kind: peers' go to `apply`; the function returned publishes ours."""
+        if name in self._channels:
+            raise ValueError(f"replica sync channel {name!r} is taken")
+        self._channels[name] = apply
+        return lambda pod, keys: self.publish(name, pod, keys)
+
+    def start(self) -> None:
+        pub = self._ctx.socket(zmq.PUB)
+        pub.setsockopt(zmq.SNDHWM, SEND_HWM)
+        pub.setsockopt(zmq.LINGER, 0)
+        pub.bind(self.bind)
+        sub = self._ctx.socket(zmq.SUB)
+        sub.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)  # a larger frame drops the peer
+        sub.setsockopt(zmq.LINGER, 0)
+        sub.setsockopt(zmq.SUBSCRIBE, b"")
+        for peer in self.peers:
+            sub.connect(peer)
+        self._pub, self._sub = pub, sub
+        self._task = asyncio.create_task(self._receive())
+        log.info(
+            "sharing routing decisions (%s) on %s with %s",
+            ", ".join(self._channels) or "nothing",
+            self.bind,
+            self.peers or "no peer",
+        )
+
+    def publish(self, channel: str, pod: str, keys: list[int]) -> None:
+        """Tell the peers (never blocks: a message a slow peer cannot take is dropped)."""
+        if self._pub is None or not keys or len(keys) > MAX_KEYS:
+            return
+        try:
+            self._pub.send(self._encode(Record(channel, pod, keys)), zmq.NOBLOCK)
+            self.counts["published"] += 1
+        except zmq.Again:
+            self.counts["send_dropped"] += 1
+
+    def handle(self, frame: bytes) -> None:
+        """Apply one peer message, or count why not."""
+        try:
+            record = self._decode(frame)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            self.counts["malformed"] += 1
+            return
+        apply = self._channels.get(record.channel)
+        if apply is None:
+            self.counts["unknown_channel"] += 1
+        elif not record.keys or len(record.keys) > MAX_KEYS:
+            self.counts["bad_keys"] += 1
+        elif any(not 0 <= k < 2**64 for k in record.keys):
+            self.counts["bad_keys"] += 1
+        elif not self._is_member(record.pod):
+            self.counts["unknown_pod"] += 1
+        else:
+            apply(record.pod, record.keys)
+            self.counts["applied"] += 1
+
+    async def _receive(self) -> None:
+        assert self._sub is not None
+        while True:
+            try:
+                frames = await self._sub.recv_multipart()
+            except asyncio.CancelledError:
+                raise
+            except zmq.ZMQError as exc:
+                log.warning("replica sync: receive failed: %s", exc)
+                await asyncio.sleep(0.1)
+                continue
+            if len(frames) != 1:
+                self.counts["malformed"] += 1
+                continue
+            self.handle(frames[0])
+
+    def collect(self):
+        """Prometheus: records published, applied, and dropped by reason."""
+        family = CounterMetricFamily(
+            "infergate_epp_replica_sync_records",
+            "Routing decisions shared with other picker replicas (published, applied, "
+            "send_dropped, malformed, unknown_channel, bad_keys, unknown_pod), by outcome.",
+            labels=["outcome"],
+        )
+        for outcome, n in sorted(self.counts.items()):
+            family.add_metric([outcome], n)
+        yield family
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        for sock in (self._pub, self._sub):
+            if sock is not None:
+                sock.close(linger=0)
+        self._ctx.term()

@@ -1,0 +1,160 @@
+"""Two pickers behind one real Envoy (`infergate up --pickers 2`): both take requests, and when
+one is killed under load the other takes every new request at once; only requests that were
+in flight on the killed one may fail, in FailOpen and FailClose alike."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+
+import pytest
+import requests
+
+from infergw.stack.local import LocalStack
+from tests.e2e.gateway_config import MODEL
+from tests.e2e.stack_fixtures import make_stack
+
+pytestmark = pytest.mark.slow
+
+CLIENTS = 8
+# Several KV blocks long: the pickers hold it speculatively and tell each other.
+PROMPT = "tell me a story about " + " ".join(f"word{i}" for i in range(60))
+TOTAL = "inference_objective_request_total"
+SHARED_APPLIED = 'infergate_epp_replica_sync_records_total{outcome="applied"}'
+
+
+def picker_metric(stack: LocalStack, index: int, series: str) -> float:
+    """A metric of picker `index`: a name (summed over its labels) or one labelled series."""
+    url = f"http://127.0.0.1:{stack.picker_ports(index).metrics}/metrics"
+    total = 0.0
+    for line in requests.get(url, timeout=5).text.splitlines():
+        head, _, value = line.rpartition(" ")
+        if head == series or ("{" not in series and head.startswith(series + "{")):
+            total += float(value)
+    return total
+
+
+def ext_proc_streams(stack: LocalStack, index: int) -> int:
+    """The ext_proc streams Envoy has open to picker `index`: the requests in flight with it."""
+    url = f"http://127.0.0.1:{stack.cfg.ports.envoy_admin}/clusters"
+    host = f"endpoint-picker::127.0.0.1:{stack.picker_ports(index).grpc}::rq_active::"
+    for line in requests.get(url, timeout=5).text.splitlines():
+        if line.startswith(host):
+            return int(line.removeprefix(host))
+    raise AssertionError(f"Envoy has no ext_proc host for picker {index}")
+
+
+@dataclass
+class Outcome:
+    started: float
+    ended: float
+    status: int  # 0: the connection failed
+
+
+@dataclass
+class Load:
+    """CLIENTS threads sending completions through Envoy until stopped."""
+
+    url: str
+    outcomes: list[Outcome] = field(default_factory=list)
+    stop: threading.Event = field(default_factory=threading.Event)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    threads: list[threading.Thread] = field(default_factory=list)
+
+    def start(self) -> Load:
+        self.threads = [threading.Thread(target=self._client, daemon=True) for _ in range(CLIENTS)]
+        for t in self.threads:
+            t.start()
+        return self
+
+    def _client(self) -> None:
+        with requests.Session() as session:
+            while not self.stop.is_set():
+                started = time.monotonic()
+                try:
+                    r = session.post(
+                        self.url + "/v1/completions",
+                        json={"model": MODEL, "prompt": PROMPT, "max_tokens": 16},
+                        timeout=30,
+                    )
+                    status = r.status_code
+                except requests.RequestException:
+                    status = 0
+                with self.lock:
+                    self.outcomes.append(Outcome(started, time.monotonic(), status))
+
+    def finish(self) -> list[Outcome]:
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=60)
+        with self.lock:
+            return list(self.outcomes)
+
+    def started_between(self, t0: float, t1: float) -> int:
+        with self.lock:
+            return sum(1 for o in self.outcomes if t0 <= o.started <= t1)
+
+    def done(self) -> int:
+        with self.lock:
+            return len(self.outcomes)
+
+
+def wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise TimeoutError(what)
+
+
+@pytest.mark.parametrize("failure_mode", ["FailOpen", "FailClose"])
+def test_killing_one_picker_under_load_fails_only_its_own_requests(tmp_path, failure_mode):
+    stack = make_stack(tmp_path, pickers=2, failure_mode=failure_mode)
+    try:
+        load = Load(stack.url).start()
+        # Both pickers take streams (Envoy spreads them over its ext_proc cluster).
+        wait_for(
+            lambda: all(picker_metric(stack, i, TOTAL) >= 5 for i in (0, 1)),
+            30,
+            "both pickers to serve requests",
+        )
+        # Each holds the other's speculative KV entries (epp/replica_sync.py).
+        wait_for(
+            lambda: all(picker_metric(stack, i, SHARED_APPLIED) >= 1 for i in (0, 1)),
+            10,
+            "each picker to apply the other's speculative entries",
+        )
+        victim = stack.procs[stack.picker_name(1)]
+        before_read = time.monotonic()
+        # Requests on the victim when it dies: those it has streams for now, or started since.
+        streams_on_victim = ext_proc_streams(stack, 1)
+        os.killpg(victim.pid, signal.SIGKILL)
+        victim.wait()
+        killed_at = time.monotonic()  # gone, its sockets closed
+        may_fail = streams_on_victim + load.started_between(before_read, killed_at)
+        survivor_before = picker_metric(stack, 0, TOTAL)
+        done_at_kill = load.done()
+        wait_for(lambda: load.done() >= done_at_kill + 60, 60, "60 more requests after the kill")
+        outcomes = load.finish()
+        survivor_after = picker_metric(stack, 0, TOTAL)
+    finally:
+        stack.stop()
+
+    failed = [o for o in outcomes if o.status != 200]
+    in_flight = [o for o in outcomes if o.started < killed_at < o.ended]
+    after = [o for o in outcomes if o.started > killed_at]
+    print(
+        f"{failure_mode}: {len(outcomes)} requests, {len(in_flight)} in flight at the kill "
+        f"(at most {may_fail:.0f} on the killed picker), {len(failed)} failed "
+        f"({[o.status for o in failed]}), {len(after)} started after it"
+    )
+    # Every failure was a request in flight when the picker died, and no more than it held.
+    assert all(o.started < killed_at for o in failed), [o.status for o in failed]
+    assert len(failed) <= may_fail
+    # The survivor took the new requests at once: every one started after the kill succeeded.
+    assert len(after) >= 60 and all(o.status == 200 for o in after)
+    assert survivor_after - survivor_before >= 60
