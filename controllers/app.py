@@ -1,5 +1,5 @@
-"""`python -m infergw.controllers` / `infergate controllers`: the reconcilers, standalone or against a
-cluster.
+"""`python -m infergw.controllers` / `infergate controllers`: the reconcilers, standalone or
+against a cluster.
 
 standalone (default): objects from --manifests (a watched YAML directory) live in memory,
 pods run as local processes (local_runtime.py), and the InferencePools and Pods are written

@@ -34,7 +34,8 @@ FAST_SIMULATOR = ("--sim-time-scale", "0.05")
 
 
 def picker_cmd(grpc_port: int, metrics_port: int, *flags: str) -> list[str]:
-    """`python -m infergw.epp` on 127.0.0.1 with these ext_proc and metrics ports (health on a free one)."""
+    """`python -m infergw.epp` on 127.0.0.1 with these ext_proc and metrics ports (health on a
+    free one)."""
     return [
         sys.executable,
         "-m",

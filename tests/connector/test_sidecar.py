@@ -308,8 +308,8 @@ def test_infergate_cli_has_connector(capsys):
 
 
 def test_python_m_connector_is_its_command():
-    """The sidecar is its own top-level package: `python -m infergw.connector` starts it (the image and
-    the distribution ship the folder: tests/test_image_packages.py)."""
+    """The sidecar is its own top-level package: `python -m infergw.connector` starts it (the
+    image and the distribution ship the folder: tests/test_image_packages.py)."""
     done = subprocess.run(
         [sys.executable, "-m", "infergw.connector", "--help"],
         capture_output=True,

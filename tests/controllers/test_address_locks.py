@@ -30,7 +30,8 @@ def test_a_dead_claimants_addresses_are_free_again(tmp_path) -> None:
         [
             sys.executable,
             "-c",
-            "import pathlib, sys, time; from infergw.controllers.address_locks import AddressLocks; "
+            "import pathlib, sys, time\n"
+            "from infergw.controllers.address_locks import AddressLocks\n"
             "assert AddressLocks(pathlib.Path(sys.argv[1])).claim('127.0.0.9'); "
             "print('held', flush=True); time.sleep(60)",
             str(tmp_path),

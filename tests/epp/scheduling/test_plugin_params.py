@@ -1,5 +1,6 @@
 """Plugin parameters are typed and bounded: a config that breaks one is refused at start, by
-load_config and by the real `python -m infergw.epp`, with an error naming the plugin and parameter."""
+load_config and by the real `python -m infergw.epp`, with an error naming the plugin and the
+parameter."""
 
 from __future__ import annotations
 
@@ -87,7 +88,7 @@ def test_every_plugin_but_pd_is_made_with_its_defaults():
 
 
 def test_the_picker_refuses_a_bad_parameter_at_start(tmp_path):
-    """The real `python -m infergw.epp`: exits non-zero at once, saying which plugin and parameter."""
+    """The real `python -m infergw.epp`: exits non-zero at once, naming the plugin and parameter."""
     picker = Picker(tmp_path, [free_port()])
     (tmp_path / "config.yaml").write_text(config("prefix-cache-scorer", {"blockSizeTokens": -1e30}))
     try:
