@@ -404,6 +404,10 @@ def test_a_killed_prefill_pod_loses_no_request(pd: PD):
     assert failed == [], failed  # every request ended 200 with its whole answer
     # while the group had no prefill pod its decode pod served requests whole
     assert {d["outcome"] for d in after} == {"disaggregated", "no_prefill_pod"}, after
-    # requests already sent to the dead prefill pod (the leg it cut, or routed there before
-    # the picker noticed) were served by the decode pod itself: the sidecar's fallback
-    assert pd.connector(paired)(FALLBACKS) > fallbacks_before
+    # requests routed to the dead prefill pod before the picker noticed were served by the
+    # decode pod itself: the sidecar's fallback. (Whether any was, and whether a prefill leg
+    # was in flight at the kill, depends on timing: a loaded machine may route none there.)
+    sent_to_dead = [
+        d for d in after if d["outcome"] == "disaggregated" and d["prefill"] == [victim["address"]]
+    ]
+    assert pd.connector(paired)(FALLBACKS) - fallbacks_before >= len(sent_to_dead), sent_to_dead
