@@ -112,9 +112,15 @@ def test_envoy_refuses_a_picker_whose_certificate_another_ca_signed(stack, tmp_p
         # instead of going to a pod unpicked.
         wait_until(lambda: picker_healthy(stack), 30, None, "Envoy to check the new picker")
         seen, served = picker_requests(stack), len(recorded(stack))
-        r = ask(stack)
-        assert r.status_code >= 500, (r.status_code, r.text)
-        assert envoy_stats(stack, f"^{failed}$")[failed] > before
+
+        def refused_by_its_certificate() -> bool:
+            # Every request fails; the first ones may not even dial (the restart's refused
+            # connection ejected the picker for a second), so wait for a handshake to fail.
+            r = ask(stack)
+            assert r.status_code >= 500, (r.status_code, r.text)
+            return envoy_stats(stack, f"^{failed}$")[failed] > before
+
+        wait_until(refused_by_its_certificate, 30, None, "Envoy to refuse the impostor")
         assert picker_requests(stack) == seen
         assert len(recorded(stack)) == served
     finally:
