@@ -24,6 +24,10 @@ MAX_CHUNK = 62_000
 SYSTEM_HEADERS = frozenset({DESTINATION_HEADER, SUBSET_HEADER, SERVED_HEADER, "content-length"})
 
 _OVERWRITE = core.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+# Headers removed on the way to the pod. Only the picker names a prefiller: a client's would
+# make the decode sidecar send its prompt wherever the client said.
+_KEEP_PREFILLER = (SUBSET_HEADER, SERVED_HEADER)
+_REMOVE_PREFILLER = (*_KEEP_PREFILLER, PREFILLER_HEADER)
 
 
 def header_map(headers: core.HeaderMap) -> dict[str, str]:
@@ -49,22 +53,24 @@ def destination_headers(
     sets = [_set(DESTINATION_HEADER, value)]
     if content_length is not None:
         sets.append(_set("content-length", str(content_length)))
-    sets += [_set(k, v) for k, v in (extra or {}).items()]
+    if extra:
+        sets += [_set(k, v) for k, v in extra.items()]
     resp = pb.ProcessingResponse(
         request_headers=pb.HeadersResponse(
             response=pb.CommonResponse(
                 header_mutation=pb.HeaderMutation(
                     set_headers=sets,
-                    # Only the picker names a prefiller: a client's would make the decode
-                    # sidecar send its prompt wherever the client said.
-                    remove_headers=[SUBSET_HEADER, SERVED_HEADER]
-                    + ([] if extra and PREFILLER_HEADER in extra else [PREFILLER_HEADER]),
+                    remove_headers=_KEEP_PREFILLER
+                    if extra and PREFILLER_HEADER in extra
+                    else _REMOVE_PREFILLER,
                 ),
                 clear_route_cache=True,
             )
         )
     )
-    resp.dynamic_metadata.update({LB_NAMESPACE: {DESTINATION_HEADER: value}})
+    # What Struct.update builds from {LB_NAMESPACE: {DESTINATION_HEADER: value}}, set directly.
+    lb = resp.dynamic_metadata.fields[LB_NAMESPACE].struct_value
+    lb.fields[DESTINATION_HEADER].string_value = value
     return resp
 
 
