@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import yaml
 
+from infergw.bench import checkout
 from infergw.bench.common import percentile, process_cpu_seconds
 from infergw.bench.loadgen import run_load
 from infergw.stack.envoy_config import EnvoySettings, render
@@ -33,7 +35,6 @@ from infergw.stack.readiness import wait_http, wait_until
 
 MODEL = "infergate-sim"
 PROMPT = "hello " * 50
-STUB_CLUSTER = "extproc-stub"
 
 # Per request: a new first line, so no two prompts share a block (the precise scorer tokenizes,
 # hashes and looks up each one in full). done() prints one line of JSON the benchmark reads.
@@ -133,19 +134,30 @@ def _py_spy(pid: int, out: Path, seconds: float) -> subprocess.Popen:
     )
 
 
-def envoy_config(stack: LocalStack, stub_port: int, picker_port: int, stub_listen: int) -> str:
-    """The stack's Envoy config with a second listener whose ext_proc asks the stub: a copy
-    of the picker's listener and cluster but for the cluster name and ports."""
+@dataclass(slots=True)
+class ExtProcServer:
+    """One ext_proc server the benchmark puts behind a listener of its own."""
+
+    name: str
+    proc: subprocess.Popen
+    port: int  # where it serves ext_proc
+    ca: str | None  # the CA Envoy verifies it by (TLS), or None (plaintext)
+    listen: int = 0  # Envoy's listener that asks it
+
+
+def envoy_config(stack: LocalStack, servers: list[ExtProcServer], admin_port: int) -> str:
+    """The stack's Envoy config with one listener per ext_proc server: copies of the picker's
+    listener and cluster but for the names, ports and CA."""
     c = stack.cfg
     doc = yaml.safe_load(
         render(
             EnvoySettings(
-                listen_port=picker_port,
-                admin_port=c.ports.envoy_admin,
+                listen_port=servers[0].listen,
+                admin_port=admin_port,
                 picker_host=PICKER_HOST,
-                picker_port=c.ports.picker,
-                picker_tls=c.picker_tls,
-                picker_ca=str(stack.picker_tls_dir / "ca.crt") if c.picker_tls else None,
+                picker_port=servers[0].port,
+                picker_tls=servers[0].ca is not None,
+                picker_ca=servers[0].ca,
                 failure_mode="FailClose",
                 endpoints=[("127.0.0.1", p) for p in stack.pod_ports],
                 fallbacks=c.fallbacks,
@@ -154,19 +166,29 @@ def envoy_config(stack: LocalStack, stub_port: int, picker_port: int, stub_liste
         )
     )
     resources = doc["static_resources"]
-    listener = json.loads(json.dumps(resources["listeners"][0]))
-    listener["name"] = "inference-stub"
-    listener["address"]["socket_address"]["port_value"] = stub_listen
-    manager = listener["filter_chains"][0]["filters"][0]["typed_config"]
-    (ext_proc,) = [f for f in manager["http_filters"] if f["name"] == "envoy.filters.http.ext_proc"]
-    ext_proc["typed_config"]["grpc_service"]["envoy_grpc"]["cluster_name"] = STUB_CLUSTER
-    resources["listeners"].append(listener)
-    (picker,) = [x for x in resources["clusters"] if x["name"] == "endpoint-picker"]
-    stub = json.loads(json.dumps(picker))
-    stub["name"] = stub["load_assignment"]["cluster_name"] = STUB_CLUSTER
-    address = stub["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
-    address["socket_address"]["port_value"] = stub_port
-    resources["clusters"].append(stub)
+    (listener,) = resources["listeners"]
+    (cluster,) = [x for x in resources["clusters"] if x["name"] == "endpoint-picker"]
+    resources["listeners"], resources["clusters"] = (
+        [],
+        [x for x in resources["clusters"] if x is not cluster],
+    )
+    for server in servers:
+        mine = json.loads(json.dumps(listener))
+        mine["name"] = f"inference-{server.name}"
+        mine["address"]["socket_address"]["port_value"] = server.listen
+        manager = mine["filter_chains"][0]["filters"][0]["typed_config"]
+        (ext_proc,) = [f for f in manager["http_filters"] if f["name"].endswith(".ext_proc")]
+        cluster_name = f"extproc-{server.name}"
+        ext_proc["typed_config"]["grpc_service"]["envoy_grpc"]["cluster_name"] = cluster_name
+        resources["listeners"].append(mine)
+        theirs = json.loads(json.dumps(cluster))
+        theirs["name"] = theirs["load_assignment"]["cluster_name"] = cluster_name
+        endpoint = theirs["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
+        endpoint["address"]["socket_address"]["port_value"] = server.port
+        if server.ca is not None:
+            tls = theirs["transport_socket"]["typed_config"]["common_tls_context"]
+            tls["validation_context"]["trusted_ca"]["filename"] = server.ca
+        resources["clusters"].append(theirs)
     return yaml.safe_dump(doc, sort_keys=False)
 
 
@@ -189,6 +211,29 @@ def _wait_answering(url: str, proc: subprocess.Popen) -> None:
     wait_until(ok, 30, proc, f"a completion through {url}")
 
 
+def _picker_stack(workdir: Path, pod_ports: list[int], picker_args: list[str]) -> LocalStack:
+    return LocalStack(
+        StackConfig(
+            workdir=workdir,
+            pods=len(pod_ports),
+            ports=free_stack_ports(len(pod_ports)),
+            pod_ports=pod_ports,
+            pod_command=lambda port: [
+                sys.executable,
+                "-m",
+                "infergw.bench.canned_pod",
+                str(port),
+                MODEL,
+            ],
+            picker_args=["--log-level", "warning", *picker_args],
+        )
+    )
+
+
+def _ca(stack: LocalStack) -> str | None:
+    return str(stack.picker_tls_dir / "ca.crt") if stack.cfg.picker_tls else None
+
+
 def compare(
     pods: int = 2,
     concurrency: int = 32,
@@ -197,34 +242,45 @@ def compare(
     picker_args: list[str] | None = None,
     loadgen: str = "auto",
     profile: Path | None = None,
+    baselines: list[str] = (),
 ) -> dict:
     """Stub and picker in turns; the totals and their ratios. `profile`: py-spy records the
-    picker through its rounds into this file (collapsed stacks, flamegraph.pl's input)."""
+    picker through its first round into this file (collapsed stacks, flamegraph.pl's input).
+    `baselines`: commits of this repository whose picker runs beside, for before/after."""
     use_wrk = loadgen == "wrk" or (loadgen == "auto" and shutil.which("wrk") is not None)
     workdir = Path(tempfile.mkdtemp(prefix="bench-epp-stub-"))
-    stack = LocalStack(
-        StackConfig(
-            workdir=workdir,
-            pods=pods,
-            ports=free_stack_ports(pods),
-            pod_ports=[free_port() for _ in range(pods)],
-            pod_command=lambda port: [
-                sys.executable,
-                "-m",
-                "infergw.bench.canned_pod",
-                str(port),
-                MODEL,
-            ],
-            picker_args=["--log-level", "warning", *(picker_args or [])],
-        )
-    )
-    stub = envoy = None
+    args = picker_args or []
+    stack = _picker_stack(workdir / "picker", [free_port() for _ in range(pods)], args)
+    others: list[LocalStack] = []
+    envoy = None
+    servers: list[ExtProcServer] = []
     script = workdir / "load.lua"
     script.write_text(WRK_SCRIPT % {"model": MODEL, "prompt": PROMPT})
     try:
         stack.start_picker()
         stack.start_pods()
-        stub_port, picker_listen, stub_listen = free_port(), free_port(), free_port()
+        servers.append(
+            ExtProcServer("picker", stack.procs["picker"], stack.cfg.ports.picker, _ca(stack))
+        )
+        for commit in baselines:
+            other = _picker_stack(workdir / f"picker-{commit}", stack.pod_ports, args)
+            others.append(other)
+            path = checkout.importable(commit, workdir / f"checkout-{commit}")
+            # The supervisor starts the picker with this process's environment.
+            saved = os.environ.get("PYTHONPATH")
+            os.environ["PYTHONPATH"] = str(path)
+            try:
+                other.start_picker()
+            finally:
+                if saved is None:
+                    del os.environ["PYTHONPATH"]
+                else:
+                    os.environ["PYTHONPATH"] = saved
+            name = f"picker@{commit}"
+            servers.append(
+                ExtProcServer(name, other.procs["picker"], other.cfg.ports.picker, _ca(other))
+            )
+        stub_port = free_port()
         stub = subprocess.Popen(
             [
                 sys.executable,
@@ -238,8 +294,12 @@ def compare(
             ],
             start_new_session=True,
         )
-        config = workdir / "envoy-two-listeners.yaml"
-        config.write_text(envoy_config(stack, stub_port, picker_listen, stub_listen))
+        servers.insert(0, ExtProcServer("stub", stub, stub_port, _ca(stack)))
+        for server in servers:
+            server.listen = free_port()
+        config = workdir / "envoy.yaml"
+        admin = free_port()
+        config.write_text(envoy_config(stack, servers, admin))
         envoy = subprocess.Popen(
             [
                 envoy_binary(),
@@ -250,43 +310,44 @@ def compare(
                 "--log-level",
                 "error",
                 "--base-id",
-                str(stack.cfg.ports.envoy_admin),
+                str(admin),
             ],
             stdout=subprocess.DEVNULL,
             start_new_session=True,
         )
-        wait_http(f"http://127.0.0.1:{stack.cfg.ports.envoy_admin}/ready", 30, envoy)
-        servers = {"stub": stub, "picker": stack.procs["picker"]}
-        urls = {
-            "stub": f"http://127.0.0.1:{stub_listen}",
-            "picker": f"http://127.0.0.1:{picker_listen}",
-        }
-        for name, url in urls.items():
-            _wait_answering(url, servers[name])
+        wait_http(f"http://127.0.0.1:{admin}/ready", 30, envoy)
+        for server in servers:
+            _wait_answering(f"http://127.0.0.1:{server.listen}", server.proc)
 
-        def one(name: str, seconds: float, record: bool = False) -> Round:
-            pid = servers[name].pid
-            spy = _py_spy(pid, profile, seconds) if record and name == "picker" else None
+        def one(server: ExtProcServer, seconds: float, record: bool = False) -> Round:
+            pid = server.proc.pid
+            spy = _py_spy(pid, profile, seconds) if record and profile is not None else None
+            url = f"http://127.0.0.1:{server.listen}"
             cpu0 = process_cpu_seconds(pid)
             if use_wrk:
-                r = _load_wrk(urls[name], concurrency, seconds, script)
+                r = _load_wrk(url, concurrency, seconds, script)
             else:
-                r = _load_python(urls[name], concurrency, seconds)
+                r = _load_python(url, concurrency, seconds)
             r.server_cpu_s = process_cpu_seconds(pid) - cpu0
             if spy is not None:
                 spy.wait(30)
             return r
 
-        for name in urls:  # warm-up: connections, caches, the JIT-less first requests
-            one(name, 2)
-        results: dict[str, list[Round]] = {"stub": [], "picker": []}
+        for server in servers:  # warm-up: connections, caches, first-request costs
+            one(server, 2)
+        results: dict[str, list[Round]] = {s.name: [] for s in servers}
         for i in range(rounds):
-            for name in urls:
-                results[name].append(one(name, duration, record=profile is not None and i == 0))
+            for server in servers:
+                record = i == 0 and server.name == "picker"
+                results[server.name].append(one(server, duration, record))
     finally:
-        for proc in (envoy, stub):
-            if proc is not None:
-                stop_group(proc)
+        if envoy is not None:
+            stop_group(envoy)
+        for server in servers:
+            if server.name == "stub":
+                stop_group(server.proc)
+        for other in others:
+            other.stop()
         stack.stop()
         shutil.rmtree(workdir, ignore_errors=True)
     return summarize(results, use_wrk, pods, concurrency, duration, rounds)
@@ -307,6 +368,7 @@ def summarize(
         "duration_s": duration,
         "rounds": rounds,
     }
+    out["servers"] = list(results)
     for name, rs in results.items():
         requests = sum(r.requests for r in rs)
         seconds = sum(r.seconds for r in rs)
@@ -321,27 +383,31 @@ def summarize(
                 {"rps": round(r.requests / r.seconds, 1), "p99_ms": round(r.p99_ms, 2)} for r in rs
             ],
         }
-    out["rps_ratio"] = round(out["picker"]["rps"] / out["stub"]["rps"], 3)
-    out["p99_ratio"] = round(out["picker"]["p99_ms"] / out["stub"]["p99_ms"], 3)
+    for name in results:
+        if name != "stub":
+            out[name]["rps_ratio"] = round(out[name]["rps"] / out["stub"]["rps"], 3)
+            out[name]["p99_ratio"] = round(out[name]["p99_ms"] / out["stub"]["p99_ms"], 3)
     return out
 
 
 def markdown(out: dict) -> str:
-    s, p = out["stub"], out["picker"]
-    return "\n".join(
-        [
-            f"{out['loadgen']} with {out['concurrency']} connections, {out['rounds']} rounds of "
-            f"{out['duration_s']:.0f} s each, {out['pods']} canned pods, Envoy --concurrency 1.",
-            "",
-            "| ext_proc server | req/s | p50 ms | p99 ms | server CPU µs per request | errors |",
-            "|---|---|---|---|---|---|",
-            f"| minimal stub | {s['rps']} | {s['p50_ms']} | {s['p99_ms']} | "
-            f"{s['cpu_us_per_request']} | {s['errors']} |",
-            f"| picker (quickstart scheduling) | {p['rps']} | {p['p50_ms']} | {p['p99_ms']} | "
-            f"{p['cpu_us_per_request']} | {p['errors']} |",
-            f"| **picker / stub** | **{out['rps_ratio']}** | | **{out['p99_ratio']}** | | |",
-        ]
-    )
+    lines = [
+        f"{out['loadgen']} with {out['concurrency']} connections, {out['rounds']} rounds of "
+        f"{out['duration_s']:.0f} s each, {out['pods']} canned pods, Envoy --concurrency 1.",
+        "",
+        "| ext_proc server | req/s | p50 ms | p99 ms | server CPU µs per request | req/s ÷ stub's "
+        "| p99 ÷ stub's | errors |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name in out["servers"]:
+        r = out[name]
+        label = "minimal stub" if name == "stub" else name
+        lines.append(
+            f"| {label} | {r['rps']} | {r['p50_ms']} | {r['p99_ms']} | "
+            f"{r['cpu_us_per_request']} | {r.get('rps_ratio', 1.0)} | {r.get('p99_ratio', 1.0)} "
+            f"| {r['errors']} |"
+        )
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -354,6 +420,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--loadgen", choices=("auto", "wrk", "python"), default="auto")
     p.add_argument("--profile", type=Path, help="py-spy the picker's first round into this file")
+    p.add_argument(
+        "--baseline",
+        action="append",
+        default=[],
+        help="a commit whose picker runs beside (before/after in one run); repeatable",
+    )
     args = p.parse_args(argv)
     t0 = time.monotonic()
     out = compare(
@@ -363,6 +435,7 @@ def main(argv: list[str] | None = None) -> int:
         args.rounds,
         loadgen=args.loadgen,
         profile=args.profile,
+        baselines=args.baseline,
     )
     print(json.dumps(out))
     print(markdown(out))
