@@ -44,30 +44,36 @@ def _set(key: str, value: str) -> core.HeaderValueOption:
     )
 
 
+# The builders below set fields along their paths on one message (each sub-message made as it
+# is first touched) rather than nesting constructors: about half the CPU, the same message.
+
+
+def _add_set(sets, key: str, value: str) -> None:
+    option = sets.add()
+    option.header.key = key
+    option.header.raw_value = value.encode()
+    option.append_action = _OVERWRITE
+
+
 def destination_headers(
     targets: list[str], content_length: int | None, extra: dict[str, str] | None = None
 ) -> pb.ProcessingResponse:
     """The deferred request-headers answer: where to go, in header and metadata alike, and
     any `extra` headers for the pod."""
     value = ",".join(targets)
-    sets = [_set(DESTINATION_HEADER, value)]
+    resp = pb.ProcessingResponse()
+    common = resp.request_headers.response
+    mutation = common.header_mutation
+    sets = mutation.set_headers
+    _add_set(sets, DESTINATION_HEADER, value)
     if content_length is not None:
-        sets.append(_set("content-length", str(content_length)))
+        _add_set(sets, "content-length", str(content_length))
     if extra:
-        sets += [_set(k, v) for k, v in extra.items()]
-    resp = pb.ProcessingResponse(
-        request_headers=pb.HeadersResponse(
-            response=pb.CommonResponse(
-                header_mutation=pb.HeaderMutation(
-                    set_headers=sets,
-                    remove_headers=_KEEP_PREFILLER
-                    if extra and PREFILLER_HEADER in extra
-                    else _REMOVE_PREFILLER,
-                ),
-                clear_route_cache=True,
-            )
-        )
-    )
+        for k, v in extra.items():
+            _add_set(sets, k, v)
+    keep = extra and PREFILLER_HEADER in extra
+    mutation.remove_headers.extend(_KEEP_PREFILLER if keep else _REMOVE_PREFILLER)
+    common.clear_route_cache = True
     # What Struct.update builds from {LB_NAMESPACE: {DESTINATION_HEADER: value}}, set directly.
     lb = resp.dynamic_metadata.fields[LB_NAMESPACE].struct_value
     lb.fields[DESTINATION_HEADER].string_value = value
@@ -86,15 +92,17 @@ def request_body_chunks(body: bytes) -> Iterator[pb.ProcessingResponse]:
 
 
 def _request_chunk(data: bytes, eos: bool) -> pb.ProcessingResponse:
-    return pb.ProcessingResponse(
-        request_body=pb.BodyResponse(
-            response=pb.CommonResponse(
-                body_mutation=pb.BodyMutation(
-                    streamed_response=pb.StreamedBodyResponse(body=data, end_of_stream=eos)
-                )
-            )
-        )
-    )
+    resp = pb.ProcessingResponse()
+    _streamed(resp.request_body, data, eos)
+    return resp
+
+
+def _streamed(answer: pb.BodyResponse, data: bytes, eos: bool) -> None:
+    streamed = answer.response.body_mutation.streamed_response
+    streamed.body = data
+    streamed.end_of_stream = eos
+    if not data and not eos:  # an empty chunk is still a streamed answer
+        streamed.SetInParent()
 
 
 def response_body_chunks(
@@ -119,24 +127,19 @@ def response_body_chunks(
 
 
 def response_chunk(data: bytes, eos: bool) -> pb.ProcessingResponse:
-    return pb.ProcessingResponse(
-        response_body=pb.BodyResponse(
-            response=pb.CommonResponse(
-                body_mutation=pb.BodyMutation(
-                    streamed_response=pb.StreamedBodyResponse(body=data, end_of_stream=eos)
-                )
-            )
-        )
-    )
+    resp = pb.ProcessingResponse()
+    _streamed(resp.response_body, data, eos)
+    return resp
 
 
 def served_headers(served: str | None) -> pb.ProcessingResponse:
-    sets = [_set(SERVED_HEADER, served)] if served else []
-    return pb.ProcessingResponse(
-        response_headers=pb.HeadersResponse(
-            response=pb.CommonResponse(header_mutation=pb.HeaderMutation(set_headers=sets))
-        )
-    )
+    resp = pb.ProcessingResponse()
+    mutation = resp.response_headers.response.header_mutation
+    if served:
+        _add_set(mutation.set_headers, SERVED_HEADER, served)
+    else:
+        mutation.SetInParent()
+    return resp
 
 
 def empty_request_trailers() -> pb.ProcessingResponse:
