@@ -100,9 +100,7 @@ def _request_chunk(data: bytes, eos: bool) -> pb.ProcessingResponse:
 def _streamed(answer: pb.BodyResponse, data: bytes, eos: bool) -> None:
     streamed = answer.response.body_mutation.streamed_response
     streamed.body = data
-    streamed.end_of_stream = eos
-    if not data and not eos:  # an empty chunk is still a streamed answer
-        streamed.SetInParent()
+    streamed.end_of_stream = eos  # setting a field marks the path to it present, even empty
 
 
 def response_body_chunks(

@@ -59,7 +59,9 @@ def test_destination_answer(targets, length, extra):
     assert got.SerializeToString(deterministic=True) == want.SerializeToString(deterministic=True)
 
 
-@pytest.mark.parametrize(("data", "eos"), [(b"", False), (b"", True), (b"abc", False), (b"x", True)])
+@pytest.mark.parametrize(
+    ("data", "eos"), [(b"", False), (b"", True), (b"abc", False), (b"x", True)]
+)
 def test_body_chunks(data, eos):
     got = protocol.response_chunk(data, eos)
     assert got == pb.ProcessingResponse(response_body=body_answer(data, eos))
