@@ -136,32 +136,45 @@ def _py_spy(pid: int, out: Path, seconds: float) -> subprocess.Popen:
 
 @dataclass(slots=True)
 class ExtProcServer:
-    """One ext_proc server the benchmark puts behind a listener of its own."""
+    """One ext_proc server the benchmark puts behind listeners of its own."""
 
     name: str
     proc: subprocess.Popen
     port: int  # where it serves ext_proc
     ca: str | None  # the CA Envoy verifies it by (TLS), or None (plaintext)
-    listen: int = 0  # Envoy's listener that asks it
 
 
-def envoy_config(stack: LocalStack, servers: list[ExtProcServer], admin_port: int) -> str:
-    """The stack's Envoy config with one listener per ext_proc server: copies of the picker's
-    listener and cluster but for the names, ports and CA."""
+@dataclass(slots=True)
+class Listener:
+    """An Envoy listener that asks one ext_proc server, response bodies through it or not."""
+
+    server: ExtProcServer
+    bodies: bool
+    port: int
+
+    @property
+    def name(self) -> str:
+        return self.server.name + ("" if self.bodies else " (response bodies kept away)")
+
+
+def envoy_config(stack: LocalStack, listeners: list[Listener], admin_port: int) -> str:
+    """The stack's Envoy config with the given listeners, each asking its ext_proc server:
+    copies of the picker's listener and cluster but for the names, ports, CA and, when
+    response bodies are kept away, the response body and trailer modes."""
     c = stack.cfg
+    first = listeners[0].server
     doc = yaml.safe_load(
         render(
             EnvoySettings(
-                listen_port=servers[0].listen,
+                listen_port=listeners[0].port,
                 admin_port=admin_port,
                 picker_host=PICKER_HOST,
-                picker_port=servers[0].port,
-                picker_tls=servers[0].ca is not None,
-                picker_ca=servers[0].ca,
+                picker_port=first.port,
+                picker_tls=first.ca is not None,
+                picker_ca=first.ca,
                 failure_mode="FailClose",
                 endpoints=[("127.0.0.1", p) for p in stack.pod_ports],
                 fallbacks=c.fallbacks,
-                response_bodies=c.response_bodies,
             )
         )
     )
@@ -172,17 +185,22 @@ def envoy_config(stack: LocalStack, servers: list[ExtProcServer], admin_port: in
         [],
         [x for x in resources["clusters"] if x is not cluster],
     )
-    for server in servers:
+    servers = {id(x.server): x.server for x in listeners}.values()
+    for i, entry in enumerate(listeners):
         mine = json.loads(json.dumps(listener))
-        mine["name"] = f"inference-{server.name}"
-        mine["address"]["socket_address"]["port_value"] = server.listen
+        mine["name"] = f"inference-{i}"
+        mine["address"]["socket_address"]["port_value"] = entry.port
         manager = mine["filter_chains"][0]["filters"][0]["typed_config"]
         (ext_proc,) = [f for f in manager["http_filters"] if f["name"].endswith(".ext_proc")]
-        cluster_name = f"extproc-{server.name}"
-        ext_proc["typed_config"]["grpc_service"]["envoy_grpc"]["cluster_name"] = cluster_name
+        config = ext_proc["typed_config"]
+        config["grpc_service"]["envoy_grpc"]["cluster_name"] = _cluster(entry.server)
+        if not entry.bodies:  # what the stack's response_bodies=False renders
+            config["processing_mode"]["response_body_mode"] = "NONE"
+            config["processing_mode"]["response_trailer_mode"] = "SKIP"
         resources["listeners"].append(mine)
+    for server in servers:
         theirs = json.loads(json.dumps(cluster))
-        theirs["name"] = theirs["load_assignment"]["cluster_name"] = cluster_name
+        theirs["name"] = theirs["load_assignment"]["cluster_name"] = _cluster(server)
         endpoint = theirs["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
         endpoint["address"]["socket_address"]["port_value"] = server.port
         if server.ca is not None:
@@ -190,6 +208,10 @@ def envoy_config(stack: LocalStack, servers: list[ExtProcServer], admin_port: in
             tls["validation_context"]["trusted_ca"]["filename"] = server.ca
         resources["clusters"].append(theirs)
     return yaml.safe_dump(doc, sort_keys=False)
+
+
+def _cluster(server: ExtProcServer) -> str:
+    return "extproc-" + server.name.replace("@", "-")
 
 
 def _wait_answering(url: str, proc: subprocess.Popen) -> None:
@@ -243,10 +265,13 @@ def compare(
     loadgen: str = "auto",
     profile: Path | None = None,
     baselines: list[str] = (),
+    bodies: tuple[bool, ...] = (True,),
 ) -> dict:
     """Stub and picker in turns; the totals and their ratios. `profile`: py-spy records the
     picker through its first round into this file (collapsed stacks, flamegraph.pl's input).
-    `baselines`: commits of this repository whose picker runs beside, for before/after."""
+    `baselines`: commits of this repository whose picker runs beside, for before/after.
+    `bodies`: response bodies through the ext_proc server (True), kept away (False), or
+    both, each server behind a listener per mode."""
     use_wrk = loadgen == "wrk" or (loadgen == "auto" and shutil.which("wrk") is not None)
     workdir = Path(tempfile.mkdtemp(prefix="bench-epp-stub-"))
     args = picker_args or []
@@ -295,11 +320,10 @@ def compare(
             start_new_session=True,
         )
         servers.insert(0, ExtProcServer("stub", stub, stub_port, _ca(stack)))
-        for server in servers:
-            server.listen = free_port()
+        listeners = [Listener(x, b, free_port()) for b in bodies for x in servers]
         config = workdir / "envoy.yaml"
         admin = free_port()
-        config.write_text(envoy_config(stack, servers, admin))
+        config.write_text(envoy_config(stack, listeners, admin))
         envoy = subprocess.Popen(
             [
                 envoy_binary(),
@@ -316,13 +340,13 @@ def compare(
             start_new_session=True,
         )
         wait_http(f"http://127.0.0.1:{admin}/ready", 30, envoy)
-        for server in servers:
-            _wait_answering(f"http://127.0.0.1:{server.listen}", server.proc)
+        for entry in listeners:
+            _wait_answering(f"http://127.0.0.1:{entry.port}", entry.server.proc)
 
-        def one(server: ExtProcServer, seconds: float, record: bool = False) -> Round:
-            pid = server.proc.pid
+        def one(entry: Listener, seconds: float, record: bool = False) -> Round:
+            pid = entry.server.proc.pid
             spy = _py_spy(pid, profile, seconds) if record and profile is not None else None
-            url = f"http://127.0.0.1:{server.listen}"
+            url = f"http://127.0.0.1:{entry.port}"
             cpu0 = process_cpu_seconds(pid)
             if use_wrk:
                 r = _load_wrk(url, concurrency, seconds, script)
@@ -333,13 +357,13 @@ def compare(
                 spy.wait(30)
             return r
 
-        for server in servers:  # warm-up: connections, caches, first-request costs
-            one(server, 2)
-        results: dict[str, list[Round]] = {s.name: [] for s in servers}
+        for entry in listeners:  # warm-up: connections, caches, first-request costs
+            one(entry, 2)
+        results: dict[str, list[Round]] = {x.name: [] for x in listeners}
         for i in range(rounds):
-            for server in servers:
-                record = i == 0 and server.name == "picker"
-                results[server.name].append(one(server, duration, record))
+            for entry in listeners:
+                record = i == 0 and entry.name == "picker"
+                results[entry.name].append(one(entry, duration, record))
     finally:
         if envoy is not None:
             stop_group(envoy)
@@ -384,9 +408,11 @@ def summarize(
             ],
         }
     for name in results:
-        if name != "stub":
-            out[name]["rps_ratio"] = round(out[name]["rps"] / out["stub"]["rps"], 3)
-            out[name]["p99_ratio"] = round(out[name]["p99_ms"] / out["stub"]["p99_ms"], 3)
+        # Against the stub behind a listener of the same mode.
+        stub = out["stub" + name[name.index(" ") :] if " " in name else "stub"]
+        if not name.startswith("stub"):
+            out[name]["rps_ratio"] = round(out[name]["rps"] / stub["rps"], 3)
+            out[name]["p99_ratio"] = round(out[name]["p99_ms"] / stub["p99_ms"], 3)
     return out
 
 
@@ -396,12 +422,12 @@ def markdown(out: dict) -> str:
         f"{out['duration_s']:.0f} s each, {out['pods']} canned pods, Envoy --concurrency 1.",
         "",
         "| ext_proc server | req/s | p50 ms | p99 ms | server CPU µs per request | req/s ÷ stub's "
-        "| p99 ÷ stub's | errors |",
+        "| p99 ÷ stub's | errors |",  # the stub behind a listener of the same mode
         "|---|---|---|---|---|---|---|---|",
     ]
     for name in out["servers"]:
         r = out[name]
-        label = "minimal stub" if name == "stub" else name
+        label = name.replace("stub", "minimal stub", 1) if name.startswith("stub") else name
         lines.append(
             f"| {label} | {r['rps']} | {r['p50_ms']} | {r['p99_ms']} | "
             f"{r['cpu_us_per_request']} | {r.get('rps_ratio', 1.0)} | {r.get('p99_ratio', 1.0)} "
@@ -421,6 +447,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--loadgen", choices=("auto", "wrk", "python"), default="auto")
     p.add_argument("--profile", type=Path, help="py-spy the picker's first round into this file")
     p.add_argument(
+        "--bodies",
+        choices=("through", "away", "both"),
+        default="through",
+        help="response bodies through the ext_proc servers, kept away by Envoy, or both",
+    )
+    p.add_argument(
         "--baseline",
         action="append",
         default=[],
@@ -436,6 +468,7 @@ def main(argv: list[str] | None = None) -> int:
         loadgen=args.loadgen,
         profile=args.profile,
         baselines=args.baseline,
+        bodies={"through": (True,), "away": (False,), "both": (True, False)}[args.bodies],
     )
     print(json.dumps(out))
     print(markdown(out))
