@@ -1,6 +1,8 @@
 """What the endpoint picker costs: beside the floor a minimal Python ext_proc stub sets, through
-one Envoy (bench/epp_vs_stub.py); the same load through Envoy → picker → pods and through
-Envoy → pods directly (round robin), streaming and not; and what scraping costs it.
+one Envoy (bench/epp_vs_stub.py); its own work per request without gRPC
+(bench/epp_pipeline.py); the same load through Envoy → picker → pods and through Envoy → pods
+directly (round robin), streaming and not; and what scraping costs it. `--baseline COMMIT`
+runs that commit's picker beside this one in the first two parts (before/after in one run).
 
 Pods are simulators with a fast latency model (--sim-time-scale 0.1) so the gateway's own
 cost is visible. Each mode gets a fresh stack and C closed-loop clients for D seconds. The
@@ -21,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from infergw.bench import epp_vs_stub
+from infergw.bench import epp_pipeline, epp_vs_stub
 from infergw.bench.common import machine, percentile, process_cpu_seconds, write_json
 from infergw.bench.loadgen import run_load
 from infergw.stack.local import LocalStack, StackConfig
@@ -176,6 +178,8 @@ def markdown(out: dict) -> str:
     lines = [f"Measured {m['date']} on {m['cpu']} ({m['cores']} cores), load {out['load']}."]
     if out.get("stub"):
         lines += ["", epp_vs_stub.markdown(out["stub"])]
+    if out.get("pipeline"):
+        lines += ["", epp_pipeline.markdown(out["pipeline"])]
     if out.get("runs"):
         lines += ["", *_paths_markdown(out)]
     if out.get("scrape"):
@@ -230,9 +234,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scrape-seconds", type=float, default=10.0)
     p.add_argument(
         "--parts",
-        default="stub,paths,scrape",
-        help="which parts to run: stub (picker beside the minimal stub), paths (picker "
-        "against no picker, on simulator pods), scrape (idle scraping cost)",
+        default="stub,pipeline,paths,scrape",
+        help="which parts to run: stub (picker beside the minimal stub), pipeline (the "
+        "picker's own CPU per request without gRPC), paths (picker against no picker, on "
+        "simulator pods), scrape (idle scraping cost)",
+    )
+    p.add_argument(
+        "--baseline",
+        action="append",
+        default=[],
+        help="a commit whose picker runs beside this one in the stub and pipeline parts",
     )
     p.add_argument("--stub-concurrency", type=int, default=32)
     p.add_argument("--stub-duration", type=float, default=5.0, help="seconds a round")
@@ -240,8 +251,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--loadgen", choices=("auto", "wrk", "python"), default="auto")
     args = p.parse_args(argv)
     parts = set(args.parts.split(","))
-    if parts - {"stub", "paths", "scrape"}:
-        p.error(f"unknown parts: {', '.join(sorted(parts - {'stub', 'paths', 'scrape'}))}")
+    known = {"stub", "pipeline", "paths", "scrape"}
+    if parts - known:
+        p.error(f"unknown parts: {', '.join(sorted(parts - known))}")
     load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
     stub = None
     if "stub" in parts:
@@ -250,8 +262,14 @@ def main(argv: list[str] | None = None) -> int:
             duration=args.stub_duration,
             rounds=args.stub_rounds,
             loadgen=args.loadgen,
+            baselines=args.baseline,
+            bodies=(True, False),
         )
         print(json.dumps(stub), flush=True)
+    pipeline = None
+    if "pipeline" in parts:
+        pipeline = epp_pipeline.compare([*args.baseline, "HEAD"])
+        print(json.dumps(pipeline), flush=True)
     runs = []
     for stream in (False, True) if "paths" in parts else ():
         for with_picker, bodies in ((True, True), (True, False), (False, True)):
@@ -276,6 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine(),
         "load": load,  # /proc/loadavg before the run: what else shared the cores
         "stub": stub,
+        "pipeline": pipeline,
         "pods": args.pods,
         "concurrency": args.concurrency,
         "duration_s": args.duration,
