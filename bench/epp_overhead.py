@@ -302,7 +302,9 @@ def main(argv: list[str] | None = None) -> int:
         "runs": runs,
         "scrape": scrape,
     }
-    print("wrote", write_json("epp_overhead", out))
+    # A run of some parts keeps the full run's file as it was.
+    name = "epp_overhead" if parts == known else "epp_overhead-" + "-".join(sorted(parts))
+    print("wrote", write_json(name, out))
     print(markdown(out))
     return 0
 
