@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import re
 import sys
@@ -62,10 +61,6 @@ class _TokenizingLane:
 _SMALL_PROMPTS = _TokenizingLane(ThreadPoolExecutor(1, "epp-tokenize"), threading.Lock())
 _LARGE_PROMPTS = _TokenizingLane(ThreadPoolExecutor(1, "epp-tokenize-large"), threading.Lock())
 LARGE_PROMPT_BYTES = 64 * 1024
-# Small prompts are tokenized on the event loop itself: a few hundred bytes take ~0.1-0.5 ms,
-# less than handing them to a thread and back costs (the loop then waits for the GIL behind
-# the worker: a thread hop measured ~1 ms of wall time and ~0.2 ms of CPU a request).
-INLINE_PROMPT_BYTES = 1024
 # Larger prompts (about 300k tokens, past most models' context) are not tokenized: their
 # tokens are estimated and the precise prefix scorer leaves them to the others. Tokenizing
 # one costs ~150 bytes of memory a byte of prompt (a 4 MiB one: ~600 MB and 16 s).
@@ -137,12 +132,7 @@ def token_ids(req: InferenceRequest, tokenizer: PromptTokenizer) -> array | Prom
 async def token_ids_off_loop(
     req: InferenceRequest, tokenizer: PromptTokenizer
 ) -> array | PromptError:
-    """token_ids on the request's tokenizing lane, so the event loop never waits for it (a
-    prompt of at most INLINE_PROMPT_BYTES: here, at once, as the loop is quicker at it)."""
-    if _prompt_bytes(req.body) <= INLINE_PROMPT_BYTES:
-        # No lane lock: the loop tokenizes one small prompt at a time, and must not wait
-        # for a worker thread that holds the lane.
-        return _tokens_or_error(tokenizer, req.api, req.body, lane_lock=False)
+    """token_ids on the request's tokenizing lane, so the event loop never waits for it."""
     loop = asyncio.get_running_loop()
     return await loop.run_in_executor(
         _lane(req.body).thread, _tokens_or_error, tokenizer, req.api, req.body
@@ -150,11 +140,7 @@ async def token_ids_off_loop(
 
 
 def _tokens_or_error(
-    tokenizer: PromptTokenizer,
-    api: str,
-    body: RequestBody,
-    *,
-    lane_lock: bool = True,
+    tokenizer: PromptTokenizer, api: str, body: RequestBody
 ) -> array | PromptError:
     """The token ids, 4 bytes each (a list of ints would hold 36 a token for the request's
     life), or the PromptError the tokenizer raised (kept, so it is raised once a caller asks
@@ -166,7 +152,7 @@ def _tokens_or_error(
         return PromptError(
             f"the prompt's {size} bytes are over the {MAX_TOKENIZED_BYTES} tokenized"
         )
-    with _lane(body).lock if lane_lock else contextlib.nullcontext():
+    with _lane(body).lock:
         try:
             return array("I", tokenizer.tokens_for(api, _tokenizer_fields(body)))
         except PromptError as exc:

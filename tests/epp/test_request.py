@@ -421,34 +421,3 @@ async def test_a_small_prompt_is_tokenized_while_a_large_one_still_is():
     await large_done
     assert len(small.prompt_token_ids(tokenizer)) > 0
     assert len(large.prompt_token_ids(tokenizer)) > LARGE_PROMPT_BYTES // 2
-
-
-async def test_small_prompts_are_tokenized_on_the_loop_without_waiting_for_a_lane():
-    """A prompt of at most INLINE_PROMPT_BYTES costs less to tokenize than a thread hop: it
-    is tokenized on the loop's own thread, and a lane held by another thread (the debug
-    page tokenizing a prompt) does not hold it up. Larger ones still go to their lane."""
-    import threading
-
-    from infergw.epp.request import _SMALL_PROMPTS, INLINE_PROMPT_BYTES
-    from infergw.kvindex.tokenize import PromptTokenizer
-    from infergw.stack.local import DEFAULT_MODEL_DIR
-
-    threads: list[str] = []
-
-    class Recording(PromptTokenizer):
-        def tokens_for(self, api, body):
-            threads.append(threading.current_thread().name)
-            return super().tokens_for(api, body)
-
-    tokenizer = Recording.from_dir(DEFAULT_MODEL_DIR)
-    small = RequestContext(parse({"model": "m", "prompt": "hello"}, path="/v1/completions"))
-    larger = RequestContext(
-        parse({"model": "m", "prompt": "w" * (INLINE_PROMPT_BYTES + 1)}, path="/v1/completions")
-    )
-    with _SMALL_PROMPTS.lock:  # as a worker thread tokenizing on the small lane holds it
-        await asyncio.wait_for(small.tokenize(tokenizer), timeout=10)
-    await larger.tokenize(tokenizer)
-    assert threads[0] == threading.current_thread().name
-    assert threads[1].startswith("epp-tokenize")
-    assert len(small.prompt_token_ids(tokenizer)) > 0
-    assert len(threads) == 2  # kept: asking again tokenizes nothing
