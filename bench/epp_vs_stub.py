@@ -12,6 +12,7 @@ both alike.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import os
@@ -422,10 +423,10 @@ def markdown(out: dict) -> str:
         f"{out['duration_s']:.0f} s each, {out['pods']} canned pods, Envoy --concurrency 1.",
         "",
         "| ext_proc server | req/s | p50 ms | p99 ms | server CPU µs per request | req/s ÷ stub's "
-        "| p99 ÷ stub's | errors |",  # the stub behind a listener of the same mode
+        "| p99 ÷ stub's | errors |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for name in out["servers"]:
+    for name in out["servers"]:  # ratios: against the stub behind a listener of the same mode
         r = out[name]
         label = name.replace("stub", "minimal stub", 1) if name.startswith("stub") else name
         lines.append(
@@ -437,8 +438,6 @@ def markdown(out: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
-
     p = argparse.ArgumentParser(prog="python -m infergw.bench.epp_vs_stub", description=__doc__)
     p.add_argument("--pods", type=int, default=2)
     p.add_argument("--concurrency", type=int, default=32)
