@@ -1,5 +1,8 @@
-"""What the endpoint picker costs: the same load through Envoy → picker → pods and through
-Envoy → pods directly (round robin), streaming and not; and what scraping costs it.
+"""What the endpoint picker costs: beside the floor a minimal Python ext_proc stub sets, through
+one Envoy (bench/epp_vs_stub.py); its own work per request without gRPC
+(bench/epp_pipeline.py); the same load through Envoy → picker → pods and through Envoy → pods
+directly (round robin), streaming and not; and what scraping costs it. `--baseline COMMIT`
+runs that commit's picker beside this one in the first two parts (before/after in one run).
 
 Pods are simulators with a fast latency model (--sim-time-scale 0.1) so the gateway's own
 cost is visible. Each mode gets a fresh stack and C closed-loop clients for D seconds. The
@@ -20,6 +23,7 @@ from pathlib import Path
 
 import yaml
 
+from infergw.bench import epp_pipeline, epp_vs_stub
 from infergw.bench.common import machine, percentile, process_cpu_seconds, write_json
 from infergw.bench.loadgen import run_load
 from infergw.stack.local import LocalStack, StackConfig
@@ -171,9 +175,22 @@ def scrape_cost(endpoints: int, interval_ms: int, seconds: float) -> dict:
 
 def markdown(out: dict) -> str:
     m = out["machine"]
+    lines = [f"Measured {m['date']} on {m['cpu']} ({m['cores']} cores), load {out['load']}."]
+    if out.get("stub"):
+        lines += ["", epp_vs_stub.markdown(out["stub"])]
+    if out.get("pipeline"):
+        lines += ["", epp_pipeline.markdown(out["pipeline"])]
+    if out.get("runs"):
+        lines += ["", *_paths_markdown(out)]
+    if out.get("scrape"):
+        lines += ["", *_scrape_markdown(out)]
+    return "\n".join(lines)
+
+
+def _paths_markdown(out: dict) -> list[str]:
     rows = {(r["with_picker"], r["stream"], r["response_bodies"]): r for r in out["runs"]}
     lines = [
-        f"Measured {m['date']} on {m['cpu']} ({m['cores']} cores), {out['pods']} simulator "
+        f"Picker against no picker: {out['pods']} simulator "
         f"pods (time scale 0.1, {out['max_tokens']} output tokens), {out['concurrency']} "
         f"closed-loop clients, {out['duration_s']:.0f} s per run.",
         "",
@@ -191,8 +208,11 @@ def markdown(out: dict) -> str:
             f"{a['p50_ms'] / b['p50_ms']:.3f} | {a['p99_ms'] / b['p99_ms']:.3f} | "
             f"{a['p50_ms']:.1f} / {b['p50_ms']:.1f} | {a['picker_cpu_us_per_request']:.0f} |"
         )
-    lines += [
-        "",
+    return lines
+
+
+def _scrape_markdown(out: dict) -> list[str]:
+    lines = [
         "| endpoints scraped | interval | picker CPU (% of a core) | CPU µs per scrape |",
         "|---|---|---|---|",
     ]
@@ -201,7 +221,7 @@ def markdown(out: dict) -> str:
             f"| {s['endpoints']} | {s['interval_ms']} ms | {s['picker_cpu_percent']} | "
             f"{s['cpu_us_per_scrape']} |"
         )
-    return "\n".join(lines)
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -212,9 +232,46 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--scrape-endpoints", type=int, default=8)
     p.add_argument("--scrape-seconds", type=float, default=10.0)
+    p.add_argument(
+        "--parts",
+        default="stub,pipeline,paths,scrape",
+        help="which parts to run: stub (picker beside the minimal stub), pipeline (the "
+        "picker's own CPU per request without gRPC), paths (picker against no picker, on "
+        "simulator pods), scrape (idle scraping cost)",
+    )
+    p.add_argument(
+        "--baseline",
+        action="append",
+        default=[],
+        help="a commit whose picker runs beside this one in the stub and pipeline parts",
+    )
+    p.add_argument("--stub-concurrency", type=int, default=32)
+    p.add_argument("--stub-duration", type=float, default=5.0, help="seconds a round")
+    p.add_argument("--stub-rounds", type=int, default=3)
+    p.add_argument("--loadgen", choices=("auto", "wrk", "python"), default="auto")
     args = p.parse_args(argv)
+    parts = set(args.parts.split(","))
+    known = {"stub", "pipeline", "paths", "scrape"}
+    if parts - known:
+        p.error(f"unknown parts: {', '.join(sorted(parts - known))}")
+    load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    stub = None
+    if "stub" in parts:
+        stub = epp_vs_stub.compare(
+            concurrency=args.stub_concurrency,
+            duration=args.stub_duration,
+            rounds=args.stub_rounds,
+            loadgen=args.loadgen,
+            baselines=args.baseline,
+            bodies=(True, False),
+        )
+        print(json.dumps(stub), flush=True)
+    pipeline = None
+    if "pipeline" in parts:
+        pipeline = epp_pipeline.compare([*args.baseline, "HEAD"])
+        print(json.dumps(pipeline), flush=True)
     runs = []
-    for stream in (False, True):
+    for stream in (False, True) if "paths" in parts else ():
         for with_picker, bodies in ((True, True), (True, False), (False, True)):
             r = measure(
                 with_picker,
@@ -228,13 +285,16 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(r), flush=True)
             runs.append(r)
     scrape = []
-    for interval in (50, 100, 1000):
+    for interval in (50, 100, 1000) if "scrape" in parts else ():
         s = scrape_cost(args.scrape_endpoints, interval, args.scrape_seconds)
         print(json.dumps(s), flush=True)
         scrape.append(s)
     out = {
         "benchmark": "epp_overhead",
         "machine": machine(),
+        "load": load,  # /proc/loadavg before the run: what else shared the cores
+        "stub": stub,
+        "pipeline": pipeline,
         "pods": args.pods,
         "concurrency": args.concurrency,
         "duration_s": args.duration,
@@ -242,7 +302,9 @@ def main(argv: list[str] | None = None) -> int:
         "runs": runs,
         "scrape": scrape,
     }
-    print("wrote", write_json("epp_overhead", out))
+    # A run of some parts keeps the full run's file as it was.
+    name = "epp_overhead" if parts == known else "epp_overhead-" + "-".join(sorted(parts))
+    print("wrote", write_json(name, out))
     print(markdown(out))
     return 0
 

@@ -8,6 +8,7 @@ candidates with strings removed — linear in the body however many nested objec
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Iterator
@@ -24,12 +25,17 @@ def _depth_change(segment: bytes) -> int:
     return bare.count(b"{") + bare.count(b"[") - bare.count(b"}") - bare.count(b"]")
 
 
+@functools.lru_cache(maxsize=64)
+def _member_pattern(name: bytes) -> re.Pattern[bytes]:
+    # A quote after `{`, `,` or blank space is never inside a string (there it is escaped),
+    # and a string followed by `:` is a member's name.
+    return re.compile(rb'(?<=[{,\s])"' + name + rb'"\s*:\s*')
+
+
 def _top_level(doc: bytes, name: bytes) -> Iterator[re.Match]:
     """The top-level members of `doc` whose name (the bytes between its quotes) matches the
     pattern `name`, in order; each match ends where the member's value starts."""
-    # A quote after `{`, `,` or blank space is never inside a string (there it is escaped),
-    # and a string followed by `:` is a member's name.
-    pattern = re.compile(rb'(?<=[{,\s])"' + name + rb'"\s*:\s*')
+    pattern = _member_pattern(name)
     depth, last = 0, 0
     for match in pattern.finditer(doc):
         depth += _depth_change(doc[last : match.start()])
@@ -38,6 +44,7 @@ def _top_level(doc: bytes, name: bytes) -> Iterator[re.Match]:
             yield match
 
 
+@functools.lru_cache(maxsize=64)  # the keys are the picker's own few member names
 def _any_spelling(key: str) -> bytes:
     """A pattern for `key` (ASCII, no quote or backslash) with any of its characters written
     as a \\uXXXX escape, in either case of hex digit, as decoders read it."""

@@ -147,10 +147,20 @@ class _ModelSeries:
 
     def __init__(self, metric: Any, label: ModelLabels, models: int) -> None:
         self._metric, self._label, self._models = metric, label, models
+        # Children of label sets whose names have their own series: a name's label never
+        # changes back from itself, so these stay right (prometheus_client's labels() costs
+        # several µs a call, and a request makes a dozen). As many as the family has series.
+        self._children: dict[tuple[str, ...], Any] = {}
 
     def labels(self, *values: str) -> Any:
+        child = self._children.get(values)
+        if child is not None:
+            return child
         names = [self._label(v) for v in values[: self._models]]
-        return self._metric.labels(*names, *values[self._models :])
+        child = self._metric.labels(*names, *values[self._models :])
+        if OTHER_MODEL not in names:
+            self._children[values] = child
+        return child
 
 
 class _RunningGauge:
@@ -161,9 +171,16 @@ class _RunningGauge:
     def __init__(self, gauge: Gauge, label: ModelLabels) -> None:
         self._gauge, self._label = gauge, label
         self._under_other: Tally[str] = Tally()  # in-flight requests counted as OTHER_MODEL
+        self._children: dict[str, Any] = {}  # by label value, which ModelLabels bounds
 
     def labels(self, model: str) -> _RunningChild:
         return _RunningChild(self, model)
+
+    def child(self, label: str) -> Any:
+        found = self._children.get(label)
+        if found is None:
+            found = self._children[label] = self._gauge.labels(label)
+        return found
 
 
 class _RunningChild:
@@ -175,7 +192,7 @@ class _RunningChild:
         label = p._label(self._model)
         if label == OTHER_MODEL:
             p._under_other[self._model] += 1
-        p._gauge.labels(label).inc()
+        p.child(label).inc()
 
     def dec(self) -> None:
         p = self._parent
@@ -183,10 +200,10 @@ class _RunningChild:
             p._under_other[self._model] -= 1
             if not p._under_other[self._model]:
                 del p._under_other[self._model]
-            p._gauge.labels(OTHER_MODEL).dec()
+            p.child(OTHER_MODEL).dec()
         else:
             p._under_other.pop(self._model, None)
-            p._gauge.labels(p._label(self._model)).dec()
+            p.child(p._label(self._model)).dec()
 
 
 class PickerMetrics:
@@ -288,6 +305,7 @@ class PickerMetrics:
             buckets=SCHEDULER_BUCKETS,
             registry=r,
         )
+        self._plugin_children: dict[tuple[str, str, str], Any] = {}
         self.plugin_duration = Histogram(
             "inference_extension_plugin_duration_seconds",
             "Plugin processing latency distribution in seconds "
@@ -387,4 +405,9 @@ class PickerMetrics:
                 metric.remove(*labels)
 
     def observe_plugin(self, point: str, plugin_type: str, name: str, seconds: float) -> None:
-        self.plugin_duration.labels(point, plugin_type, name).observe(seconds)
+        # The config's plugins make a fixed set of label sets: their children are kept.
+        key = (point, plugin_type, name)
+        child = self._plugin_children.get(key)
+        if child is None:
+            child = self._plugin_children[key] = self.plugin_duration.labels(*key)
+        child.observe(seconds)

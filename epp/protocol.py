@@ -24,6 +24,10 @@ MAX_CHUNK = 62_000
 SYSTEM_HEADERS = frozenset({DESTINATION_HEADER, SUBSET_HEADER, SERVED_HEADER, "content-length"})
 
 _OVERWRITE = core.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+# Headers removed on the way to the pod. Only the picker names a prefiller: a client's would
+# make the decode sidecar send its prompt wherever the client said.
+_KEEP_PREFILLER = (SUBSET_HEADER, SERVED_HEADER)
+_REMOVE_PREFILLER = (*_KEEP_PREFILLER, PREFILLER_HEADER)
 
 
 def header_map(headers: core.HeaderMap) -> dict[str, str]:
@@ -40,31 +44,39 @@ def _set(key: str, value: str) -> core.HeaderValueOption:
     )
 
 
+# The builders below set fields along their paths on one message (each sub-message made as it
+# is first touched) rather than nesting constructors: about half the CPU, the same message.
+
+
+def _add_set(sets, key: str, value: str) -> None:
+    option = sets.add()
+    option.header.key = key
+    option.header.raw_value = value.encode()
+    option.append_action = _OVERWRITE
+
+
 def destination_headers(
     targets: list[str], content_length: int | None, extra: dict[str, str] | None = None
 ) -> pb.ProcessingResponse:
     """The deferred request-headers answer: where to go, in header and metadata alike, and
     any `extra` headers for the pod."""
     value = ",".join(targets)
-    sets = [_set(DESTINATION_HEADER, value)]
+    resp = pb.ProcessingResponse()
+    common = resp.request_headers.response
+    mutation = common.header_mutation
+    sets = mutation.set_headers
+    _add_set(sets, DESTINATION_HEADER, value)
     if content_length is not None:
-        sets.append(_set("content-length", str(content_length)))
-    sets += [_set(k, v) for k, v in (extra or {}).items()]
-    resp = pb.ProcessingResponse(
-        request_headers=pb.HeadersResponse(
-            response=pb.CommonResponse(
-                header_mutation=pb.HeaderMutation(
-                    set_headers=sets,
-                    # Only the picker names a prefiller: a client's would make the decode
-                    # sidecar send its prompt wherever the client said.
-                    remove_headers=[SUBSET_HEADER, SERVED_HEADER]
-                    + ([] if extra and PREFILLER_HEADER in extra else [PREFILLER_HEADER]),
-                ),
-                clear_route_cache=True,
-            )
-        )
-    )
-    resp.dynamic_metadata.update({LB_NAMESPACE: {DESTINATION_HEADER: value}})
+        _add_set(sets, "content-length", str(content_length))
+    if extra:
+        for k, v in extra.items():
+            _add_set(sets, k, v)
+    keep = extra and PREFILLER_HEADER in extra
+    mutation.remove_headers.extend(_KEEP_PREFILLER if keep else _REMOVE_PREFILLER)
+    common.clear_route_cache = True
+    # What Struct.update builds from {LB_NAMESPACE: {DESTINATION_HEADER: value}}, set directly.
+    lb = resp.dynamic_metadata.fields[LB_NAMESPACE].struct_value
+    lb.fields[DESTINATION_HEADER].string_value = value
     return resp
 
 
@@ -80,15 +92,15 @@ def request_body_chunks(body: bytes) -> Iterator[pb.ProcessingResponse]:
 
 
 def _request_chunk(data: bytes, eos: bool) -> pb.ProcessingResponse:
-    return pb.ProcessingResponse(
-        request_body=pb.BodyResponse(
-            response=pb.CommonResponse(
-                body_mutation=pb.BodyMutation(
-                    streamed_response=pb.StreamedBodyResponse(body=data, end_of_stream=eos)
-                )
-            )
-        )
-    )
+    resp = pb.ProcessingResponse()
+    _streamed(resp.request_body, data, eos)
+    return resp
+
+
+def _streamed(answer: pb.BodyResponse, data: bytes, eos: bool) -> None:
+    streamed = answer.response.body_mutation.streamed_response
+    streamed.body = data
+    streamed.end_of_stream = eos  # setting a field marks the path to it present, even empty
 
 
 def response_body_chunks(
@@ -113,24 +125,19 @@ def response_body_chunks(
 
 
 def response_chunk(data: bytes, eos: bool) -> pb.ProcessingResponse:
-    return pb.ProcessingResponse(
-        response_body=pb.BodyResponse(
-            response=pb.CommonResponse(
-                body_mutation=pb.BodyMutation(
-                    streamed_response=pb.StreamedBodyResponse(body=data, end_of_stream=eos)
-                )
-            )
-        )
-    )
+    resp = pb.ProcessingResponse()
+    _streamed(resp.response_body, data, eos)
+    return resp
 
 
 def served_headers(served: str | None) -> pb.ProcessingResponse:
-    sets = [_set(SERVED_HEADER, served)] if served else []
-    return pb.ProcessingResponse(
-        response_headers=pb.HeadersResponse(
-            response=pb.CommonResponse(header_mutation=pb.HeaderMutation(set_headers=sets))
-        )
-    )
+    resp = pb.ProcessingResponse()
+    mutation = resp.response_headers.response.header_mutation
+    if served:
+        _add_set(mutation.set_headers, SERVED_HEADER, served)
+    else:
+        mutation.SetInParent()
+    return resp
 
 
 def empty_request_trailers() -> pb.ProcessingResponse:
