@@ -31,7 +31,7 @@ from infergw.bench.common import percentile, process_cpu_seconds
 from infergw.bench.loadgen import run_load
 from infergw.stack.envoy_config import EnvoySettings, render
 from infergw.stack.local import PICKER_HOST, LocalStack, StackConfig, envoy_binary, stop_group
-from infergw.stack.ports import free_port, free_stack_ports
+from infergw.stack.ports import PickerPorts, free_port, free_stack_ports
 from infergw.stack.readiness import wait_http, wait_until
 
 MODEL = "infergate-sim"
@@ -170,7 +170,10 @@ def envoy_config(stack: LocalStack, listeners: list[Listener], admin_port: int) 
                 listen_port=listeners[0].port,
                 admin_port=admin_port,
                 picker_host=PICKER_HOST,
-                picker_port=first.port,
+                # The copies below ask servers without a health service (the stub): no checks.
+                pickers=[
+                    PickerPorts(grpc=first.port, health=first.port, metrics=0, replica_sync=0)
+                ],
                 picker_tls=first.ca is not None,
                 picker_ca=first.ca,
                 failure_mode="FailClose",
@@ -202,6 +205,7 @@ def envoy_config(stack: LocalStack, listeners: list[Listener], admin_port: int) 
     for server in servers:
         theirs = json.loads(json.dumps(cluster))
         theirs["name"] = theirs["load_assignment"]["cluster_name"] = _cluster(server)
+        theirs.pop("health_checks", None)
         endpoint = theirs["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
         endpoint["address"]["socket_address"]["port_value"] = server.port
         if server.ca is not None:
