@@ -69,7 +69,7 @@ def _rss_child(layout: str, path: str) -> None:
     sink = EventTranslator(index)
     rng = np.random.default_rng(3)
     keys = tokens = ev = None
-    warm = rng.integers(2, 2**63, RSS_EVENT_BLOCKS, dtype=np.uint64).tolist()
+    warm = rng.integers(2, 2**64 - 1, RSS_EVENT_BLOCKS, dtype=np.uint64).tolist()
     index.add("warm:1", warm, "gpu")
     index.remove("warm:1", warm, "gpu")
     print("ready", flush=True)
@@ -79,7 +79,7 @@ def _rss_child(layout: str, path: str) -> None:
         pod = f"10.2.0.{p}:8000"
         for e in range(RSS_BLOCKS // RSS_EVENT_BLOCKS):
             if path == "index":
-                keys = rng.integers(2, 2**63, RSS_EVENT_BLOCKS, dtype=np.uint64).tolist()
+                keys = rng.integers(2, 2**64 - 1, RSS_EVENT_BLOCKS, dtype=np.uint64).tolist()
                 index.add(pod, keys, "gpu")
             else:
                 n = RSS_EVENT_BLOCKS * BLOCK

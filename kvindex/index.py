@@ -28,7 +28,7 @@ from typing import Literal
 
 import numpy as np
 
-from infergw.kvindex.packed import KeyTable
+from infergw.kvindex.packed import SMALL, KeyTable
 
 Tier = Literal["gpu", "cpu"]
 
@@ -163,18 +163,26 @@ class KVBlockIndex:
             return None
         return self._wide[k] if v & _WIDE else _unpack(v)
 
-    def _records(self, keys: Sequence[int], pos: np.ndarray) -> list:
-        vals = self._table.vals[pos].tolist()
-        return [self._rec(k, v) if j >= 0 else None for k, j, v in zip(keys, pos.tolist(), vals)]
+    def _find(self, keys: Sequence[int]) -> list[int]:
+        t = self._table
+        return t.find_small(keys) if len(keys) <= SMALL else t.find(_array(keys)).tolist()
 
-    def _touch(self, pos: np.ndarray) -> None:
-        """Mark the keys at `pos` used, pos[0] last (the newest)."""
-        pos = pos[pos >= 0]
+    def _upsert(self, keys: Sequence[int]) -> list[int]:
+        t = self._table
+        return t.upsert_small(keys)[0] if len(keys) <= SMALL else t.upsert(_array(keys))[0].tolist()
+
+    def _records(self, keys: Sequence[int], pos: list[int]) -> list:
+        vals = self._table.get_vals(pos)
+        return [self._rec(k, v) if j >= 0 else None for k, j, v in zip(keys, pos, vals)]
+
+    def _touch(self, pos) -> None:
+        """Mark the keys at `pos` (a list or an array) used, pos[0] last (the newest)."""
+        pos = pos[pos >= 0] if isinstance(pos, np.ndarray) else [j for j in pos if j >= 0]
         n = len(pos)
         if self._stamp + n >= _STAMP_LIMIT:
             self._restamp()
-        # Assigned in reverse so that, for a key listed twice, its first place wins.
-        self._table.stamps[pos[::-1]] = np.arange(self._stamp + 1, self._stamp + n + 1)
+        # Stamped in reverse so that, for a key listed twice, its first place wins.
+        self._table.set_stamps(pos[::-1], self._stamp + 1)
         self._stamp += n
 
     def _restamp(self) -> None:
@@ -184,14 +192,14 @@ class KVBlockIndex:
         t.stamps[live[np.argsort(t.stamps[live], kind="stable")]] = np.arange(1, len(live) + 1)
         self._stamp = len(live)
 
-    def _edit(self, keys: Sequence[int], pos: np.ndarray, p: int, change) -> None:
+    def _edit(self, keys: Sequence[int], pos: list[int], p: int, change) -> None:
         """Give pod p's slot of each key (in order) the fields change(k, f) returns (0 removes
         it); one read of the table and one write back. A key the table cannot hold (pos -1)
         is seen as holding nothing, and what change returns for it is dropped."""
         t, cur, at = self._table, {}, {}
-        vals = t.vals[pos].tolist()
+        vals = t.get_vals(pos)
         canon, delta = self._canon, 0
-        for k, j, v in zip(keys, pos.tolist(), vals):
+        for k, j, v in zip(keys, pos, vals):
             if j < 0:
                 change(k, 0)
                 continue
@@ -225,7 +233,7 @@ class KVBlockIndex:
             (put if v else gone).append(j)
             if v:
                 vs.append(v)
-        t.vals[put] = vs
+        t.set_vals(put, vs)
         t.delete(gone)
 
     def _evict(self) -> None:
@@ -273,26 +281,34 @@ class KVBlockIndex:
         p, t = self._pod(pod), _TIERS[tier]
         if copies < 1 or not keys:
             return
-        pos, fresh = self._table.upsert(_array(keys))
-        if not self._add_packed(p, t, copies, keys, pos, fresh):
-            spec = self._specs[p]
+        if len(keys) > SMALL:
+            pos, fresh, plain = self._table.upsert(_array(keys))
+            if plain and self._add_packed(p, t, copies, keys, pos, fresh):
+                self._touch(pos)
+                self._evict()
+                return
+            pos = pos.tolist()
+        else:
+            pos = self._table.upsert_small(keys)[0]
+        spec = self._specs[p]
 
-            def change(k: int, f: int) -> int:
-                if t == _GPU and f & _SPEC:  # a speculative entry confirmed: it becomes real
-                    f -= _SPEC
-                    spec.pop(k, None)
-                held = f // t & _COUNT
-                return f + (min(_COUNT, held + copies) - held) * t  # saturate, never carry
+        def change(k: int, f: int) -> int:
+            if t == _GPU and f & _SPEC:  # a speculative entry confirmed: it becomes real
+                f -= _SPEC
+                spec.pop(k, None)
+            held = f // t & _COUNT
+            return f + (min(_COUNT, held + copies) - held) * t  # saturate, never carry
 
-            self._edit(keys[::-1], pos[::-1], p, change)
+        self._edit(keys[::-1], pos[::-1], p, change)
         self._touch(pos)
         self._evict()
 
     def _add_packed(self, p, t, copies, keys, pos, fresh) -> bool:
         """add's common case in a few array operations: every key new or held by pod p alone,
-        each key once, the counts still fitting a packed value. False if not that case."""
+        the counts still fitting a packed value (and, as upsert said, each key once, none
+        reserved). False if not that case."""
         tab = self._table
-        if p > _V_MAX_POD or len(pos) != len(set(pos.tolist())) or (pos < 0).any():
+        if p > _V_MAX_POD:
             return False
         v = tab.vals[pos]
         if not ((v >> _V_POD == p) | fresh).all():  # also false for _WIDE values
@@ -329,7 +345,7 @@ class KVBlockIndex:
                 gone.append(k)
             return f
 
-        self._edit(keys, self._table.find(_array(keys)), p, change)
+        self._edit(keys, self._find(keys), p, change)
         return gone
 
     def holds_any(self, pod: str, keys: Sequence[int]) -> bool:
@@ -338,7 +354,7 @@ class KVBlockIndex:
         if p is None or not keys:
             return False
         keys = list(keys)
-        recs = self._records(keys, self._table.find(_array(keys)))
+        recs = self._records(keys, self._find(keys))
         return any(_fields(rec, p) & _HELD for rec in recs)
 
     def take_evictions(self) -> dict[str, int]:
@@ -367,7 +383,7 @@ class KVBlockIndex:
         t.delete(mine)
         shared = [k for k, rec in self._wide.items() if _fields(rec, p)]
         if shared:
-            self._edit(shared, t.find(_array(shared)), p, lambda k, f: 0)
+            self._edit(shared, self._find(shared), p, lambda k, f: 0)
 
     # --- speculative entries
 
@@ -386,7 +402,7 @@ class KVBlockIndex:
                 spec[k] = exp
                 return f | _SPEC
 
-            pos, _ = self._table.upsert(_array(keys))
+            pos = self._upsert(keys)
             self._edit(keys[::-1], pos[::-1], p, change)
             self._touch(pos)
         self._spec_q.append((exp, p, tuple(keys)))
@@ -401,7 +417,7 @@ class KVBlockIndex:
             for k in due:
                 del spec[k]
             if due:
-                self._edit(due, self._table.find(_array(due)), p, lambda k, f: f & ~_SPEC)
+                self._edit(due, self._find(due), p, lambda k, f: f & ~_SPEC)
 
     # --- queries
 
@@ -429,21 +445,37 @@ class KVBlockIndex:
         if pods is not None:
             out = dict.fromkeys(pods, weights[0])
             allowed = {self._pod_idx[x] for x in out if x in self._pod_idx}
-        pos = self._table.find(_array(keys)) if len(keys) else np.empty(0, np.int64)
-        held = int(np.argmin(pos >= 0)) if len(pos) and (pos < 0).any() else len(pos)
-        if not held:
-            return out
-        pos = pos[:held]  # the walk stops at the first key nobody holds
-        vals = self._table.vals[pos]
-        if (vals & _WIDE).any():
+        if len(keys) <= SMALL:
+            pos = self._held_prefix(keys)
+            if not pos:
+                return out
             score, i = self._walk_slots(keys, pos, allowed, weights)
         else:
-            score, i = self._walk_packed(vals, allowed, weights)
+            pos = self._table.find(_array(keys))
+            held = int(np.argmin(pos >= 0)) if (pos < 0).any() else len(pos)
+            if not held:
+                return out
+            pos = pos[:held]  # the walk stops at the first key nobody holds
+            vals = self._table.vals[pos]
+            if (vals & _WIDE).any():
+                score, i = self._walk_slots(keys, pos.tolist(), allowed, weights)
+            else:
+                score, i = self._walk_packed(vals, allowed, weights)
         if touch:
             self._touch(pos[:i])
         names = self._names
         for q, v in score.items():
             out[names[q]] = v
+        return out
+
+    def _held_prefix(self, keys: Sequence[int]) -> list[int]:
+        """The positions of keys[0], keys[1], ... up to the first key nobody holds."""
+        out = []
+        for k in keys:
+            j = self._table.find_small((k,))[0]
+            if j < 0:
+                break
+            out.append(j)
         return out
 
     def _walk_packed(self, vals: np.ndarray, allowed, weights) -> tuple[dict, int]:
@@ -458,7 +490,7 @@ class KVBlockIndex:
         n = np.bincount(((v & _V_ON_GPU) != 0) | ((v & _V_CPU) != 0) << 1, minlength=4).tolist()
         return {q: weights[0] + n[1] * weights[1] + n[2] * weights[2] + n[3] * weights[3]}, i
 
-    def _walk_slots(self, keys, pos: np.ndarray, allowed, weights) -> tuple[dict, int]:
+    def _walk_slots(self, keys, pos: list[int], allowed, weights) -> tuple[dict, int]:
         """The general walk over the keys' records (some held by several pods)."""
         recs = self._records(keys[: len(pos)], pos)
         cand = [s >> _POD for s in _slots(recs[0]) if allowed is None or s >> _POD in allowed]

@@ -3,11 +3,12 @@
 The block index keeps one slot per request key here (kvindex.index): a Python dict costs
 ~100 bytes per key (the entry, the key's int object, its share of the table); this costs 16 bytes
 per slot (the key, a 32-bit value, a 32-bit stamp for the caller's LRU) at a load between
-GROW_LOAD and MAX_LOAD, so 19-27 bytes per key.
+GROW_LOAD and MAX_LOAD, so 20-29 bytes per key.
 
 Open addressing over buckets of WAYS slots: a key's home bucket comes from its high 32 bits times
-the bucket count (any count works, so the table grows by ~1/0.6 rather than doubling); a bucket
-with no empty slot sends a search on to the next bucket. Batches of keys are found and inserted
+the bucket count (any count works, so the table grows by MAX_LOAD / GROW_LOAD rather than
+doubling); a bucket with no empty slot sends a search on by a step taken from the key's low
+bits (double hashing over a prime number of buckets: no clusters of full buckets). Batches of keys are found and inserted
 with a few numpy operations per bucket step (most keys are settled in the first).
 
 Keys 0 and 1 mark empty and deleted slots, so the table cannot hold them: `find` reports them
@@ -20,17 +21,27 @@ from __future__ import annotations
 
 import math
 import mmap
+import secrets
 
 import numpy as np
 
 EMPTY, DELETED = 0, 1
 WAYS = 8  # slots per bucket: 64 bytes of keys, one cache line
-MAX_LOAD = 0.85  # resize when live + deleted slots pass this share of the slots
-GROW_LOAD = 0.6  # the live share right after a resize
+MAX_LOAD = 0.8  # resize when live + deleted slots pass this share of the slots
+GROW_LOAD = 0.55  # the live share right after a resize
 MIN_BUCKETS = 2
 MMAP_BYTES = 1 << 20  # arrays at least this big are mmapped
 
-_HIGH = np.uint64(32)
+SMALL = 24  # batches up to this many keys go key by key
+_HIGH, _LOW = np.uint64(32), np.uint64(0xFFFFFFFF)
+_M64 = (1 << 64) - 1
+
+
+def _prime_at_least(n: int) -> int:
+    """A prime bucket count makes every step reach every bucket."""
+    while n < 2 or any(n % d == 0 for d in range(2, math.isqrt(n) + 1)):
+        n += 1
+    return n
 
 
 def _zeros(n: int, dtype) -> np.ndarray:
@@ -46,6 +57,8 @@ class KeyTable:
     def __init__(self) -> None:
         self.live = 0  # slots holding a key
         self.deleted = 0  # slots marked DELETED (they still lengthen searches)
+        self._mix_int = secrets.randbits(64) | 1
+        self._mix = np.uint64(self._mix_int)
         self._alloc(MIN_BUCKETS)
 
     def _alloc(self, buckets: int) -> None:
@@ -54,82 +67,210 @@ class KeyTable:
         self._rows = self.keys.reshape(buckets, WAYS)
         self.vals = _zeros(buckets * WAYS, np.uint32)
         self.stamps = _zeros(buckets * WAYS, np.uint32)
+        # Item views for the key-by-key paths: a Python int per item, no numpy scalar.
+        self._km, self._vm, self._sm = map(memoryview, (self.keys, self.vals, self.stamps))
 
     @property
     def nbytes(self) -> int:
         return self.keys.nbytes + self.vals.nbytes + self.stamps.nbytes
 
-    def _home(self, ks: np.ndarray) -> np.ndarray:
-        return ((ks >> _HIGH) * np.uint64(self.buckets) >> _HIGH).astype(np.int64)
+    def _home(self, ks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Each key's first bucket and its step to the next (double hashing: keys that share
+        a bucket go on to different ones). Keys are multiplied by a secret odd number first
+        (a bijection): whoever chooses the tokens cannot aim keys at a few buckets."""
+        mixed = ks * self._mix
+        nb = np.uint64(self.buckets)
+        home = (mixed >> _HIGH) * nb >> _HIGH
+        step = (mixed & _LOW) * (nb - np.uint64(1)) >> _HIGH  # 0 .. buckets - 2
+        return home.astype(np.int64), step.astype(np.int64) + 1
 
-    def find(self, ks: np.ndarray) -> np.ndarray:
-        """Each key's position (int64), -1 where absent."""
+    def _search(self, ks: np.ndarray, home=None) -> tuple[np.ndarray, np.ndarray]:
+        """(each key's position or -1, the bucket where a search for it stopped: one with an
+        empty slot, where an absent key may go), for keys that are not reserved (home:
+        _home(ks))."""
         pos = np.full(len(ks), -1, np.int64)
-        idx = np.flatnonzero(ks > DELETED) if self.live else ()
-        if not len(idx):
-            return pos
-        k = ks[idx]
-        b = self._home(k)
+        b, step = self._home(ks) if home is None else home
+        stop = b.copy()
+        idx, k = np.arange(len(ks)), ks
         for _ in range(self.buckets):
             rows = self._rows[b]
             eq = rows == k[:, None]
             hit = eq.any(1)
             if hit.any():
                 pos[idx[hit]] = b[hit] * WAYS + eq[hit].argmax(1)
-            on = ~hit & ~(rows == EMPTY).any(1)  # a full bucket: the key may lie further on
+            on = ~(hit | (rows == EMPTY).any(1))  # a bucket without an empty slot: go on
             if not on.any():
                 break
-            idx, k, b = idx[on], k[on], (b[on] + 1) % self.buckets
+            idx, k, step = idx[on], k[on], step[on]
+            b = (b[on] + step) % self.buckets
+            stop[idx] = b
+        return pos, stop
+
+    def find(self, ks: np.ndarray) -> np.ndarray:
+        """Each key's position (int64), -1 where absent."""
+        if not self.live or not len(ks):
+            return np.full(len(ks), -1, np.int64)
+        ok = ks > DELETED
+        if ok.all():
+            return self._search(ks)[0]
+        pos = np.full(len(ks), -1, np.int64)
+        pos[ok] = self._search(ks[ok])[0]
         return pos
 
-    def upsert(self, ks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(each key's position, whether its slot is new), inserting absent keys with value 0
-        and stamp 0; -1 for the reserved keys. May resize first: positions found before a
-        call are stale after it."""
-        uniq, inverse = np.unique(ks, return_inverse=True)
-        pos = self.find(uniq)
-        new = np.flatnonzero((pos < 0) & (uniq > DELETED))
-        if len(new):
-            if self.live + self.deleted + len(new) > MAX_LOAD * self.buckets * WAYS:
-                self._resize(self.live + len(new))
-                pos = self.find(uniq)
-            pos[new] = self._place(uniq[new])
-            self.live += len(new)
-        fresh = np.zeros(len(uniq), bool)
-        fresh[new] = True
-        return pos[inverse], fresh[inverse]
+    def upsert(self, ks: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool]:
+        """(each key's position, whether its slot is new, whether the keys were distinct and
+        none reserved), inserting absent keys with value 0 and stamp 0; -1 for the reserved
+        keys. May resize
+        first: positions found before a call are stale after it."""
+        srt = np.sort(ks)
+        if len(srt) and (srt[0] <= DELETED or (srt[1:] == srt[:-1]).any()):
+            return self._upsert_unique(ks)
+        self._room_for(len(ks))
+        home, step = self._home(ks)
+        pos, stop = self._search(ks, (home, step))
+        new = pos < 0
+        if new.any():
+            pos[new] = self._place(ks[new], stop[new], step[new])
+            self.live += int(np.count_nonzero(new))
+        return pos, new, True
 
-    def _place(self, ks: np.ndarray) -> np.ndarray:
-        """Put distinct absent keys into free slots; their positions."""
+    def _upsert_unique(self, ks: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool]:
+        """upsert for keys with repeats or reserved keys among them."""
+        uniq, inverse = np.unique(ks, return_inverse=True)
+        pos = np.full(len(uniq), -1, np.int64)
+        fresh = np.zeros(len(uniq), bool)
+        ok = np.flatnonzero(uniq > DELETED)
+        if len(ok):
+            pos[ok], fresh[ok], _ = self.upsert(uniq[ok])
+        return pos[inverse], fresh[inverse], False
+
+    def _room_for(self, n: int) -> None:
+        if self.live + self.deleted + n > MAX_LOAD * self.buckets * WAYS:
+            self._resize(self.live + n)
+
+    def _place(self, ks: np.ndarray, b: np.ndarray, step: np.ndarray) -> np.ndarray:
+        """Put distinct absent keys into free slots on their search paths (from buckets b, by
+        steps; b no further than the first bucket with an empty slot); their positions. Keys bound for one bucket take its free slots
+        in turn."""
         pos = np.empty(len(ks), np.int64)
         idx = np.arange(len(ks))
-        b = self._home(ks)
         while len(idx):
-            free = self._rows[b] <= DELETED
-            has = free.any(1)
-            slot = b * WAYS + free.argmax(1)
-            cand = np.flatnonzero(has)
-            _, first = np.unique(slot[cand], return_index=True)
-            win = cand[first]  # one key per free slot this round; the others look again
-            s = slot[win]
-            self.deleted -= int(np.count_nonzero(self.keys[s] == DELETED))
-            self.keys[s] = ks[idx[win]]
+            order = np.argsort(b, kind="stable")
+            bs = b[order]
+            n = np.arange(len(bs))
+            first = np.ones(len(bs), bool)
+            first[1:] = bs[1:] != bs[:-1]
+            rank = n - np.maximum.accumulate(np.where(first, n, 0))  # among keys for its bucket
+            free = self._rows[bs] <= DELETED
+            fits = rank < free.sum(1)
+            nth = (np.cumsum(free, 1) == rank[:, None] + 1) & free
+            s = bs[fits] * WAYS + nth[fits].argmax(1)
+            if self.deleted:
+                self.deleted -= int(np.count_nonzero(self.keys[s] == DELETED))
+            put = idx[order[fits]]
+            self.keys[s] = ks[put]
             self.vals[s] = 0
             self.stamps[s] = 0
-            pos[idx[win]] = s
-            again = np.ones(len(idx), bool)
-            again[win] = False
-            b = np.where(has, b, (b + 1) % self.buckets)
-            idx, b = idx[again], b[again]
+            pos[put] = s
+            rest = order[~fits]  # the bucket is full: the next one on the key's path
+            idx, step = idx[rest], step[rest]
+            b = (bs[~fits] + step) % self.buckets
         return pos
+
+    # --- key by key, for small batches (a numpy call costs as much as ~20 of these steps)
+
+    def _path(self, k: int):
+        """The first slots of the buckets along k's search path (the path _home gives)."""
+        m = k * self._mix_int & _M64
+        nb = self.buckets
+        b = (m >> 32) * nb >> 32
+        yield b * WAYS
+        step = ((m & 0xFFFFFFFF) * (nb - 1) >> 32) + 1
+        for _ in range(nb - 1):
+            b = (b + step) % nb
+            yield b * WAYS
+
+    def find_small(self, keys) -> list[int]:
+        """find, key by key: each key's position or -1."""
+        out, km = [], self._km
+        for k in keys:
+            j = -1
+            if k > DELETED and self.live:
+                for base in self._path(k):
+                    row = km[base : base + WAYS].tolist()
+                    if k in row:
+                        j = base + row.index(k)
+                        break
+                    if EMPTY in row:
+                        break
+            out.append(j)
+        return out
+
+    def upsert_small(self, keys) -> tuple[list[int], list[bool]]:
+        """upsert, key by key: (positions, whether each slot is new); repeats allowed."""
+        self._room_for(len(keys))
+        out, fresh, km = [], [], self._km
+        for k in keys:
+            if k <= DELETED:
+                out.append(-1)
+                fresh.append(False)
+                continue
+            free = -1
+            for base in self._path(k):
+                row = km[base : base + WAYS].tolist()
+                if k in row:
+                    out.append(base + row.index(k))
+                    fresh.append(False)
+                    break
+                if free < 0 and DELETED in row:
+                    free = base + row.index(DELETED)
+                if EMPTY in row:
+                    if free < 0:
+                        free = base + row.index(EMPTY)
+                    else:
+                        self.deleted -= 1
+                    km[free] = k
+                    self._vm[free] = self._sm[free] = 0
+                    self.live += 1
+                    out.append(free)
+                    fresh.append(True)
+                    break
+        return out, fresh
+
+    def get_vals(self, pos: list[int]) -> list[int]:
+        if len(pos) <= SMALL:
+            vm = self._vm
+            return [vm[j] for j in pos]
+        return self.vals[pos].tolist()
+
+    def set_vals(self, pos: list[int], vals: list[int]) -> None:
+        if len(pos) <= SMALL:
+            vm = self._vm
+            for j, v in zip(pos, vals):
+                vm[j] = v
+        else:
+            self.vals[pos] = vals
+
+    def set_stamps(self, pos: list[int], first: int) -> None:
+        """Stamps first, first + 1, ... in order of pos (a repeated position keeps its last)."""
+        if len(pos) <= SMALL:
+            sm = self._sm
+            for i, j in enumerate(pos):
+                sm[j] = first + i
+        else:
+            self.stamps[pos] = np.arange(first, first + len(pos), dtype=np.uint32)
 
     def delete(self, pos) -> None:
         """Free the slots at `pos` (distinct live positions). May shrink the table: positions
         are stale after it."""
-        pos = np.asarray(pos, np.int64)
         if not len(pos):
             return
-        self.keys[pos] = DELETED
+        if len(pos) <= SMALL:
+            km = self._km
+            for j in pos:
+                km[j] = DELETED
+        else:
+            self.keys[np.asarray(pos, np.int64)] = DELETED
         self.live -= len(pos)
         self.deleted += len(pos)
         if self.buckets > MIN_BUCKETS and self.live < 0.25 * GROW_LOAD * self.buckets * WAYS:
@@ -141,8 +282,8 @@ class KeyTable:
     def _resize(self, live: int) -> None:
         keep = self.live_positions()
         ks, vs, ss = self.keys[keep], self.vals[keep], self.stamps[keep]
-        self._alloc(max(MIN_BUCKETS, math.ceil(live / (GROW_LOAD * WAYS))))
+        self._alloc(_prime_at_least(max(MIN_BUCKETS, math.ceil(live / (GROW_LOAD * WAYS)))))
         self.deleted = 0
-        pos = self._place(ks)
+        pos = self._place(ks, *self._home(ks))
         self.vals[pos] = vs
         self.stamps[pos] = ss
