@@ -26,7 +26,7 @@ from collections.abc import Iterable, Sequence
 from itertools import islice
 from typing import Literal
 
-from infergw.kvindex.index import approx_bytes, walk_bytes, _size
+from infergw.kvindex.index import _size, approx_bytes, walk_bytes
 
 Tier = Literal["gpu", "cpu"]
 
@@ -374,5 +374,3 @@ class DictBlockIndex:
 
     def bytes_per_entry(self) -> float:
         return self.memory_bytes() / max(1, self._n)
-
-

@@ -173,7 +173,8 @@ class KVBlockIndex:
 
     def _records(self, keys: Sequence[int], pos: list[int]) -> list:
         vals = self._table.get_vals(pos)
-        return [self._rec(k, v) if j >= 0 else None for k, j, v in zip(keys, pos, vals)]
+        rec = self._rec
+        return [rec(k, v) if j >= 0 else None for k, j, v in zip(keys, pos, vals, strict=True)]
 
     def _touch(self, pos) -> None:
         """Mark the keys at `pos` (a list or an array) used, pos[0] last (the newest)."""
@@ -199,7 +200,7 @@ class KVBlockIndex:
         t, cur, at = self._table, {}, {}
         vals = t.get_vals(pos)
         canon, delta = self._canon, 0
-        for k, j, v in zip(keys, pos, vals):
+        for k, j, v in zip(keys, pos, vals, strict=True):
             if j < 0:
                 change(k, 0)
                 continue
@@ -555,14 +556,11 @@ class KVBlockIndex:
         seen = set() if seen is None else seen
         maps = (self._wide, *self._specs, self._canon)
         return (
-            self._table.nbytes
-            + walk_bytes(maps, seen)
-            + sum(_size(x, seen) for x in self._spec_q)
+            self._table.nbytes + walk_bytes(maps, seen) + sum(_size(x, seen) for x in self._spec_q)
         )
 
     def bytes_per_entry(self) -> float:
         return self.memory_bytes() / max(1, self._n)
-
 
 
 def approx_bytes(maps: Iterable[dict]) -> int:

@@ -8,8 +8,9 @@ GROW_LOAD and MAX_LOAD, so 20-29 bytes per key.
 Open addressing over buckets of WAYS slots: a key's home bucket comes from its high 32 bits times
 the bucket count (any count works, so the table grows by MAX_LOAD / GROW_LOAD rather than
 doubling); a bucket with no empty slot sends a search on by a step taken from the key's low
-bits (double hashing over a prime number of buckets: no clusters of full buckets). Batches of keys are found and inserted
-with a few numpy operations per bucket step (most keys are settled in the first).
+bits (double hashing over a prime number of buckets: no clusters of full buckets). Batches of
+keys are found and inserted with a few numpy operations per bucket step (most keys are settled
+in the first); small batches go key by key over memoryviews of the same arrays.
 
 Keys 0 and 1 mark empty and deleted slots, so the table cannot hold them: `find` reports them
 absent and `upsert` refuses them (-1), a missed hit for 2 keys in 2**64.
@@ -150,8 +151,8 @@ class KeyTable:
 
     def _place(self, ks: np.ndarray, b: np.ndarray, step: np.ndarray) -> np.ndarray:
         """Put distinct absent keys into free slots on their search paths (from buckets b, by
-        steps; b no further than the first bucket with an empty slot); their positions. Keys bound for one bucket take its free slots
-        in turn."""
+        steps; b no further than the first bucket with an empty slot); their positions. Keys
+        bound for one bucket take its free slots in turn."""
         pos = np.empty(len(ks), np.int64)
         idx = np.arange(len(ks))
         while len(idx):
@@ -246,7 +247,7 @@ class KeyTable:
     def set_vals(self, pos: list[int], vals: list[int]) -> None:
         if len(pos) <= SMALL:
             vm = self._vm
-            for j, v in zip(pos, vals):
+            for j, v in zip(pos, vals, strict=True):
                 vm[j] = v
         else:
             self.vals[pos] = vals
