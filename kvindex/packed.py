@@ -32,6 +32,7 @@ MAX_LOAD = 0.8  # resize when live + deleted slots pass this share of the slots
 GROW_LOAD = 0.55  # the live share right after a resize
 MIN_BUCKETS = 2
 MMAP_BYTES = 1 << 20  # arrays at least this big are mmapped
+RESIZE_CHUNK = 1 << 14  # slots rehashed at a time
 
 SMALL = 24  # batches up to this many keys go key by key
 _HIGH, _LOW = np.uint64(32), np.uint64(0xFFFFFFFF)
@@ -49,7 +50,8 @@ def _zeros(n: int, dtype) -> np.ndarray:
     nbytes = n * np.dtype(dtype).itemsize
     if nbytes < MMAP_BYTES:
         return np.zeros(n, dtype)
-    return np.frombuffer(mmap.mmap(-1, nbytes), dtype)  # unmapped when the array is freed
+    anon = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    return np.frombuffer(anon, dtype)  # unmapped when the array is freed
 
 
 class KeyTable:
@@ -281,10 +283,15 @@ class KeyTable:
         return np.flatnonzero(self.keys > DELETED)
 
     def _resize(self, live: int) -> None:
-        keep = self.live_positions()
-        ks, vs, ss = self.keys[keep], self.vals[keep], self.stamps[keep]
+        old_keys, old_vals, old_stamps = self.keys, self.vals, self.stamps
         self._alloc(_prime_at_least(max(MIN_BUCKETS, math.ceil(live / (GROW_LOAD * WAYS)))))
         self.deleted = 0
-        pos = self._place(ks, *self._home(ks))
-        self.vals[pos] = vs
-        self.stamps[pos] = ss
+        # Chunk by chunk: whole-table temporaries would be malloc'd, and glibc keeps freed
+        # heap memory resident (its trim threshold grows with the largest block freed).
+        for i in range(0, len(old_keys), RESIZE_CHUNK):
+            ks = old_keys[i : i + RESIZE_CHUNK]
+            keep = np.flatnonzero(ks > DELETED)
+            ks = ks[keep]
+            pos = self._place(ks, *self._home(ks))
+            self.vals[pos] = old_vals[i : i + RESIZE_CHUNK][keep]
+            self.stamps[pos] = old_stamps[i : i + RESIZE_CHUNK][keep]
