@@ -1,10 +1,6 @@
 """The block index's previous layout (dicts of Python ints), kept only so `infergate bench kvindex`
 can measure it beside the packed one (kvindex.index) in one run. Not used by the picker.
 
-Keyed by request keys (kvindex.keys), which the picker computes from a prompt's tokens; vLLM's
-block hashes it cannot compute. The index takes keys only: kvindex.translate turns vLLM's KV
-events into add / remove / clear_pod calls (it keeps the engine-hash → request-keys maps).
-
 Layout, for memory (one dict entry per key, no object per entry):
 - request key → a *slot* int, or a tuple of slots when several pods hold the key. A slot
   packs `pod index << 41 | SPEC | cpu copies << 20 | gpu copies`. A copy count saturates at
@@ -24,43 +20,26 @@ import time
 from collections import Counter, deque
 from collections.abc import Iterable, Sequence
 from itertools import islice
-from typing import Literal
 
-from infergw.kvindex.index import _size, approx_bytes, walk_bytes
-
-Tier = Literal["gpu", "cpu"]
-
-_GPU, _CPU, _SPEC = 1, 1 << 20, 1 << 40
-_POD = 41  # slot >> _POD is the pod index
-_COUNT = (1 << 20) - 1
-_GPU_MASK, _CPU_MASK = _COUNT, _COUNT << 20
-_HELD = _GPU_MASK | _CPU_MASK  # held for real, in some tier
-_ON_GPU = _GPU_MASK | _SPEC  # held on GPU, for real or speculatively
-_FIELDS = (1 << _POD) - 1
-_TIERS: dict[str, int] = {"gpu": _GPU, "cpu": _CPU}
-MAX_INTERNED_SLOTS = 1 << 16  # distinct slot values interned at once
-DEFAULT_TIER_WEIGHTS = {"gpu": 1.0, "cpu": 0.8}
-
-
-def _slots(rec) -> tuple[int, ...]:
-    return (rec,) if rec.__class__ is int else rec
-
-
-def _fields(rec, p: int) -> int:
-    """Pod p's fields in a key's record (0 if it holds nothing there)."""
-    if rec is None:
-        return 0
-    if rec.__class__ is int:
-        return rec & _FIELDS if rec >> _POD == p else 0
-    for s in rec:
-        if s >> _POD == p:
-            return s & _FIELDS
-    return 0
-
-
-def _weight(f: int, weights) -> float:
-    # weights: (none, gpu only, cpu only, both); a key scores its best tier.
-    return weights[(f & _ON_GPU != 0) | (f & _CPU_MASK != 0) << 1]
+from infergw.kvindex.index import (
+    _COUNT,
+    _FIELDS,
+    _GPU,
+    _GPU_MASK,
+    _HELD,
+    _POD,
+    _SPEC,
+    _TIERS,
+    DEFAULT_TIER_WEIGHTS,
+    MAX_INTERNED_SLOTS,
+    Tier,
+    _fields,
+    _size,
+    _slots,
+    _weight,
+    approx_bytes,
+    walk_bytes,
+)
 
 
 def _run(shards, m: int, keys, i: int, q: int, weights, score):
