@@ -3,7 +3,7 @@
 The block index keeps one slot per request key here (kvindex.index): a Python dict costs
 ~100 bytes per key (the entry, the key's int object, its share of the table); this costs 16 bytes
 per slot (the key, a 32-bit value, a 32-bit stamp for the caller's LRU) at a load between
-GROW_LOAD and MAX_LOAD, so 20-29 bytes per key.
+GROW_LOAD and MAX_LOAD, so 19-26 bytes per key.
 
 Open addressing over buckets of WAYS slots: a key's home bucket comes from its high 32 bits times
 the bucket count (any count works, so the table grows by MAX_LOAD / GROW_LOAD rather than
@@ -28,8 +28,8 @@ import numpy as np
 
 EMPTY, DELETED = 0, 1
 WAYS = 8  # slots per bucket: 64 bytes of keys, one cache line
-MAX_LOAD = 0.8  # resize when live + deleted slots pass this share of the slots
-GROW_LOAD = 0.55  # the live share right after a resize
+MAX_LOAD = 0.85  # resize when live + deleted slots pass this share of the slots
+GROW_LOAD = 0.62  # the live share right after a resize
 MIN_BUCKETS = 2
 MMAP_BYTES = 1 << 20  # arrays at least this big are mmapped
 RESIZE_CHUNK = 1 << 14  # slots rehashed at a time
