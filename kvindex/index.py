@@ -349,12 +349,12 @@ class KVBlockIndex:
         self._edit(keys, self._find(keys), p, change)
         return gone
 
-    def holds_any(self, pod: str, keys: Sequence[int]) -> bool:
+    def holds_any(self, pod: str, keys: Iterable[int]) -> bool:
         """Whether `pod` holds any of `keys` for real, in some tier."""
         p = self._pod_idx.get(pod)
+        keys = list(keys)
         if p is None or not keys:
             return False
-        keys = list(keys)
         recs = self._records(keys, self._find(keys))
         return any(_fields(rec, p) & _HELD for rec in recs)
 
