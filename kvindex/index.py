@@ -452,7 +452,7 @@ class KVBlockIndex:
                 return out
             score, i = self._walk_slots(keys, pos, allowed, weights)
         else:
-            pos = self._table.find(_array(keys))
+            pos = self._table.find_prefix(_array(keys))
             held = int(np.argmin(pos >= 0)) if (pos < 0).any() else len(pos)
             if not held:
                 return out

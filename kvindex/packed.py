@@ -87,10 +87,10 @@ class KeyTable:
         step = (mixed & _LOW) * (nb - np.uint64(1)) >> _HIGH  # 0 .. buckets - 2
         return home.astype(np.int64), step.astype(np.int64) + 1
 
-    def _search(self, ks: np.ndarray, home=None) -> tuple[np.ndarray, np.ndarray]:
+    def _search(self, ks: np.ndarray, home=None, prefix=False) -> tuple[np.ndarray, np.ndarray]:
         """(each key's position or -1, the bucket where a search for it stopped: one with an
         empty slot, where an absent key may go), for keys that are not reserved (home:
-        _home(ks))."""
+        _home(ks)). prefix: only up to the first absent key (positions past it are -1)."""
         pos = np.full(len(ks), -1, np.int64)
         b, step = self._home(ks) if home is None else home
         stop = b.copy()
@@ -101,7 +101,12 @@ class KeyTable:
             hit = eq.any(1)
             if hit.any():
                 pos[idx[hit]] = b[hit] * WAYS + eq[hit].argmax(1)
-            on = ~(hit | (rows == EMPTY).any(1))  # a bucket without an empty slot: go on
+            empty = (rows == EMPTY).any(1)
+            on = ~(hit | empty)  # a bucket without an empty slot: go on
+            if prefix:
+                absent = idx[empty & ~hit]
+                if len(absent):
+                    on &= idx < absent[0]
             if not on.any():
                 break
             idx, k, step = idx[on], k[on], step[on]
@@ -118,6 +123,17 @@ class KeyTable:
             return self._search(ks)[0]
         pos = np.full(len(ks), -1, np.int64)
         pos[ok] = self._search(ks[ok])[0]
+        return pos
+
+    def find_prefix(self, ks: np.ndarray) -> np.ndarray:
+        """Positions of ks[0], ks[1], ... up to the first absent key; -1 from there on."""
+        if not self.live or not len(ks):
+            return np.full(len(ks), -1, np.int64)
+        ok = ks > DELETED
+        if not ok.all():
+            ks = ks[: int(np.argmin(ok))]
+        pos = np.full(len(ok), -1, np.int64)
+        pos[: len(ks)] = self._search(ks, prefix=True)[0]
         return pos
 
     def upsert(self, ks: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool]:
