@@ -1,5 +1,13 @@
 """The KV-cache index under load: ingestion rate, lookup latency, memory, tokenization.
 
+Both layouts side by side: the packed one (kvindex.index.KVBlockIndex) and the previous dicts of
+Python ints (kvindex.dict_index.DictBlockIndex).
+
+Resident memory is measured from outside: a child process ingests 16 pods × 62,500 distinct
+blocks, each held by one pod, and the parent reads the child's VmRSS before and after; once
+straight into the index (`add`), once through the event translator, whose engine-hash maps are
+part of the picker's memory too.
+
 Synthetic vLLM events (BlockStored of 16-token blocks, the way a pod reports a prompt) are fed
 through kvindex.translate.EventTranslator into kvindex.index.KVBlockIndex for P pods; then
 prompts of 1k, 8k and 32k tokens are looked up over 16 and 256 pods, half of which hold the
@@ -11,13 +19,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 from infergw.bench.common import machine, percentile, write_json
+from infergw.kvindex.dict_index import DictBlockIndex
 from infergw.kvindex.events import BlockStored
 from infergw.kvindex.index import KVBlockIndex
 from infergw.kvindex.keys import prompt_keys
@@ -38,9 +49,90 @@ def _stored(rng: random.Random, tokens: list[int], start_hash: int) -> BlockStor
     )
 
 
-def ingest_rate(pods: int, prompts_per_pod: int, prompt_tokens: int) -> dict:
+LAYOUTS = {"packed": KVBlockIndex, "dict": DictBlockIndex}
+RSS_PODS, RSS_BLOCKS, RSS_EVENT_BLOCKS = 16, 62_500, 50
+
+
+def _rss(pid: int) -> tuple[int, int]:
+    """(VmRSS, RssAnon) in bytes: all resident pages, and those that are not code or files."""
+    fields = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            name, _, value = line.partition(":")
+            fields[name] = value
+    return int(fields["VmRSS"].split()[0]) * 1024, int(fields["RssAnon"].split()[0]) * 1024
+
+
+def _rss_child(layout: str, path: str) -> None:
+    """The child: build an empty index, say so, ingest, say so, wait for the parent."""
+    import numpy as np
+
+    index = LAYOUTS[layout](block_size=BLOCK, max_entries=50_000_000)
+    sink = EventTranslator(index)
+    rng = np.random.default_rng(3)
+    keys = tokens = ev = None
+    # Run every path once on a throwaway index first, so the code they page in is not counted.
+    scratch = EventTranslator(LAYOUTS[layout](block_size=BLOCK))
+    for _ in range(200):
+        warm = rng.integers(2, 2**64 - 1, RSS_EVENT_BLOCKS, dtype=np.uint64).tolist()
+        scratch.index.add("warm:1", warm, "gpu")
+        scratch.index.lookup(warm)
+        scratch.index.remove("warm:1", warm[:10], "gpu")
+    tokens = rng.integers(0, 50_000, RSS_EVENT_BLOCKS * BLOCK, dtype=np.uint32).tolist()
+    scratch.apply("warm:1", MODEL, BlockStored((7,), None, tuple(tokens[:BLOCK]), BLOCK))
+    scratch = warm = tokens = None
+    print("ready", flush=True)
+    sys.stdin.readline()
+    t0 = time.perf_counter()
+    for p in range(RSS_PODS):
+        pod = f"10.2.0.{p}:8000"
+        for e in range(RSS_BLOCKS // RSS_EVENT_BLOCKS):
+            if path == "index":
+                keys = rng.integers(2, 2**64 - 1, RSS_EVENT_BLOCKS, dtype=np.uint64).tolist()
+                index.add(pod, keys, "gpu")
+            else:
+                n = RSS_EVENT_BLOCKS * BLOCK
+                tokens = rng.integers(0, 50_000, n, dtype=np.uint32).tolist()
+                h = (p << 40) + e * RSS_EVENT_BLOCKS + 2
+                ev = BlockStored(tuple(range(h, h + RSS_EVENT_BLOCKS)), None, tuple(tokens), BLOCK)
+                sink.apply(pod, MODEL, ev)
+    seconds = time.perf_counter() - t0
+    keys = tokens = ev = None  # only the index's own memory stays
+    print(json.dumps({"entries": index.stats()["entries"], "seconds": seconds}), flush=True)
+    sys.stdin.readline()
+
+
+def resident_growth(layout: str, path: str) -> dict:
+    """RSS growth per (block, pod), read from outside a child that ingests them."""
+    code = f"from infergw.bench.kvindex import _rss_child; _rss_child({layout!r}, {path!r})"
+    child = subprocess.Popen(
+        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert child.stdout.readline().strip() == "ready"
+        before = _rss(child.pid)
+        child.stdin.write("go\n")
+        child.stdin.flush()
+        done = json.loads(child.stdout.readline())
+        after = _rss(child.pid)
+        child.stdin.write("bye\n")
+        child.stdin.flush()
+    finally:
+        child.wait(60)
+    n = done["entries"]
+    return {
+        "layout": layout,
+        "path": path,
+        "entries": n,
+        "rss_bytes_per_entry": round((after[0] - before[0]) / n, 1),
+        "anon_bytes_per_entry": round((after[1] - before[1]) / n, 1),
+        "blocks_per_s": round(n / done["seconds"]),
+    }
+
+
+def ingest_rate(pods: int, prompts_per_pod: int, prompt_tokens: int, layout: str) -> dict:
     rng = random.Random(1)
-    sink = EventTranslator(KVBlockIndex(block_size=BLOCK, max_entries=50_000_000))
+    sink = EventTranslator(LAYOUTS[layout](block_size=BLOCK, max_entries=50_000_000))
     events = []
     h = 1
     for p in range(pods):
@@ -54,6 +146,7 @@ def ingest_rate(pods: int, prompts_per_pod: int, prompt_tokens: int) -> dict:
         sink.apply(pod, MODEL, ev)
     seconds = time.perf_counter() - t0
     return {
+        "layout": layout,
         "pods": pods,
         "blocks": blocks,
         "seconds": round(seconds, 3),
@@ -64,9 +157,9 @@ def ingest_rate(pods: int, prompts_per_pod: int, prompt_tokens: int) -> dict:
     }
 
 
-def lookup_latency(pods: int, prompt_tokens: int, repeats: int = 200) -> dict:
+def lookup_latency(pods: int, prompt_tokens: int, layout: str, repeats: int = 200) -> dict:
     rng = random.Random(2)
-    index = KVBlockIndex(block_size=BLOCK, max_entries=50_000_000)
+    index = LAYOUTS[layout](block_size=BLOCK, max_entries=50_000_000)
     sink = EventTranslator(index)
     prompt = [rng.randrange(8192) for _ in range(prompt_tokens)]
     names = [f"10.1.{p // 250}.{p % 250}:8000" for p in range(pods)]
@@ -90,6 +183,7 @@ def lookup_latency(pods: int, prompt_tokens: int, repeats: int = 200) -> dict:
         prompt_keys(prompt, BLOCK, MODEL)
         key_times.append(time.perf_counter() - t0)
     return {
+        "layout": layout,
         "pods": pods,
         "prompt_tokens": prompt_tokens,
         "lookup_p50_us": round(1e6 * percentile(times, 50), 1),
@@ -128,23 +222,38 @@ def tokenization(prompt_tokens_target: int) -> dict:
 def markdown(out: dict) -> str:
     m = out["machine"]
     lines = [
-        f"Measured {m['date']} on {m['cpu']}, Python {m['python']}, one core.",
+        f"Measured {m['date']} on {m['cpu']}, Python {m['python']}, one core; load average "
+        f"{out['load']} at the start (other work shared the machine).",
         "",
-        "| ingestion | blocks | blocks/s | bytes per indexed (block, pod) |",
-        "|---|---|---|---|",
+        f"| resident growth, {RSS_PODS} pods × {RSS_BLOCKS:,} blocks | layout | "
+        "VmRSS bytes per (block, pod) | of which anonymous | blocks/s |",
+        "|---|---|---|---|---|",
     ]
-    for r in out["ingest"]:
+    for r in out["rss"]:
+        path = "index.add" if r["path"] == "index" else "events → translator → index"
         lines.append(
-            f"| {r['pods']} pods | {r['blocks']} | {r['blocks_per_s']:,} | {r['bytes_per_entry']} |"
+            f"| {path} | {r['layout']} | {r['rss_bytes_per_entry']} | "
+            f"{r['anon_bytes_per_entry']} | {r['blocks_per_s']:,} |"
         )
     lines += [
         "",
-        "| lookup | pods | p50 µs | p99 µs | hashing the prompt µs |",
+        "| ingestion (events → translator → index) | layout | blocks | blocks/s | "
+        "bytes per (block, pod), by getsizeof |",
         "|---|---|---|---|---|",
+    ]
+    for r in out["ingest"]:
+        lines.append(
+            f"| {r['pods']} pods | {r['layout']} | {r['blocks']} | {r['blocks_per_s']:,} | "
+            f"{r['bytes_per_entry']} |"
+        )
+    lines += [
+        "",
+        "| lookup | pods | layout | p50 µs | p99 µs | hashing the prompt µs |",
+        "|---|---|---|---|---|---|",
     ]
     for r in out["lookup"]:
         lines.append(
-            f"| {r['prompt_tokens']} tokens | {r['pods']} | {r['lookup_p50_us']} | "
+            f"| {r['prompt_tokens']} tokens | {r['pods']} | {r['layout']} | {r['lookup_p50_us']} | "
             f"{r['lookup_p99_us']} | {r['hashing_us']} |"
         )
     lines += [
@@ -163,14 +272,29 @@ def markdown(out: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="infergate bench kvindex", description=__doc__)
     p.add_argument("--quick", action="store_true", help="smaller ingestion for a fast check")
+    p.add_argument("--no-rss", action="store_true", help="skip the resident-memory children")
     args = p.parse_args(argv)
-    ingest = [
-        ingest_rate(16, 20 if args.quick else 200, 1024),
-        ingest_rate(256, 2 if args.quick else 20, 1024),
-    ]
+    load = os.getloadavg()[0]
+    rss = []
+    if not args.no_rss:
+        for path in ("index", "translator"):
+            for layout in LAYOUTS:
+                rss.append(resident_growth(layout, path))
+                print(json.dumps(rss[-1]), flush=True)
+    ingest = []
+    for layout in LAYOUTS:
+        ingest += [
+            ingest_rate(16, 20 if args.quick else 200, 1024, layout),
+            ingest_rate(256, 2 if args.quick else 20, 1024, layout),
+        ]
     for r in ingest:
         print(json.dumps(r), flush=True)
-    lookup = [lookup_latency(pods, tokens) for pods in (16, 256) for tokens in (1024, 8192, 32768)]
+    lookup = [
+        lookup_latency(pods, tokens, layout)
+        for pods in (16, 256)
+        for tokens in (1024, 8192, 32768)
+        for layout in LAYOUTS
+    ]
     for r in lookup:
         print(json.dumps(r), flush=True)
     tok = [tokenization(n) for n in (1000, 8000)]
@@ -179,6 +303,8 @@ def main(argv: list[str] | None = None) -> int:
     out = {
         "benchmark": "kvindex",
         "machine": machine(),
+        "load": round(load, 2),
+        "rss": rss,
         "ingest": ingest,
         "lookup": lookup,
         "tokenize": tok,

@@ -186,6 +186,7 @@ def build_kv_cache(
             max_entries=opts.kv_index_max_entries,
             tokenizers=opts.tokenizers,
             backend=opts.kv_index_backend,
+            layout=opts.kv_index_layout,
             redis_url=opts.kv_index_redis_url,
             redis_write=opts.kv_index_redis_write,
             redis_timeout=opts.kv_index_redis_timeout,

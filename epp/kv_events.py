@@ -22,6 +22,7 @@ from infergw.epp.options import KV_EVENTS_PORT, default_kv_events_bind
 from infergw.epp.replica_sync import ReplicaSync
 from infergw.kvindex.backend import BlockIndex, PrefixIndex
 from infergw.kvindex.cache import KVCache
+from infergw.kvindex.dict_index import DictBlockIndex
 from infergw.kvindex.index import KVBlockIndex
 from infergw.kvindex.redis_index import RedisIndexMetrics, RedisIndexWriter, RedisPrefixIndex
 from infergw.kvindex.subscriber import KVEventSubscriber
@@ -43,6 +44,7 @@ class KVEventOptions:
     max_entries: int = 5_000_000
     tokenizers: dict[str, Path] | None = None
     backend: str = "memory"  # memory | redis
+    layout: str = "dict"  # dict | packed: the local index's memory layout
     redis_url: str | None = None
     redis_write: bool = True  # redis: subscribe and write (else only read)
     redis_timeout: float = 0.05  # a lookup's deadline
@@ -69,7 +71,8 @@ class KVCacheView:
             buckets=(0.00001, 0.00003, 0.0001, 0.0003, 0.001, 0.003, 0.01, 0.03, 0.1),
             registry=registry,
         )
-        local = KVBlockIndex(block_size=opts.block_size, max_entries=opts.max_entries)
+        layout = DictBlockIndex if opts.layout == "dict" else KVBlockIndex
+        local = layout(block_size=opts.block_size, max_entries=opts.max_entries)
         index: BlockIndex = local
         reads: PrefixIndex = local
         self.redis = self.writer = None
@@ -96,7 +99,7 @@ class KVCacheView:
             self.cache.speculative_listeners.append(share)
 
     def _shared_index(
-        self, local: KVBlockIndex, registry: CollectorRegistry | None
+        self, local: KVBlockIndex | DictBlockIndex, registry: CollectorRegistry | None
     ) -> tuple[BlockIndex, PrefixIndex]:
         """(what the translator writes into, what the cache reads) for the Redis backend."""
         from infergw.epp.ratelimit.redis_backend import redis_client

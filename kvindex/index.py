@@ -22,9 +22,13 @@ from __future__ import annotations
 import sys
 import time
 from collections import Counter, deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from itertools import islice
 from typing import Literal
+
+import numpy as np
+
+from infergw.kvindex.packed import SMALL, KeyTable
 
 Tier = Literal["gpu", "cpu"]
 
@@ -61,11 +65,39 @@ def _weight(f: int, weights) -> float:
     return weights[(f & _ON_GPU != 0) | (f & _CPU_MASK != 0) << 1]
 
 
-def _run(shards, m: int, keys, i: int, q: int, weights, score):
-    """Extend pod q's match from keys[i]; returns (score, keys matched)."""
-    memo = {}  # slot -> weight: slots are interned, so few distinct ones recur
-    for k in islice(keys, i, None):
-        rec = shards[k & m].get(k)
+# A key's record in the table's 32-bit value: one pod's slot packed small, or _WIDE (the
+# record, in slot form, is in _wide: several pods, a pod index or a copy count too big).
+_WIDE = 1 << 31
+_V_POD, _V_SPEC, _V_CPU, _V_GPU = 16, 1 << 15, 0x7F00, 0xFF
+_V_MAX_POD = 0x7FFF
+_V_ON_GPU = _V_GPU | _V_SPEC
+_V_TIER_MASK = {None: 0xFFFF, "gpu": _V_GPU | _V_SPEC, "cpu": _V_CPU}
+_V_TIERS = {_GPU: (0, 0xFF), _CPU: (8, 0x7F)}  # tier → (shift, largest count) in a value
+_STAMP_LIMIT = (1 << 32) - 1
+_U64 = np.uint64
+
+
+def _unpack(v: int) -> int:
+    """A packed value → its slot."""
+    return (v >> _V_POD) << _POD | (v & _V_SPEC) << 25 | (v >> 8 & 0x7F) << 20 | (v & _V_GPU)
+
+
+def _pack(s: int) -> int:
+    """A slot → its packed value, or 0 if it does not fit."""
+    gpu, cpu, p = s & _COUNT, s >> 20 & _COUNT, s >> _POD
+    if p > _V_MAX_POD or gpu > 0xFF or cpu > 0x7F:
+        return 0
+    return p << _V_POD | (s >> 25 & _V_SPEC) | cpu << 8 | gpu
+
+
+def _array(keys) -> np.ndarray:
+    return np.array(keys, dtype=_U64) if len(keys) else np.empty(0, _U64)
+
+
+def _run(recs: list, i: int, q: int, weights, score):
+    """Extend pod q's match from recs[i]; returns (score, keys matched)."""
+    memo = {}  # record -> weight: slots are interned, so few distinct ones recur
+    for rec in islice(recs, i, None):
         w = memo.get(rec)
         if w is None:
             f = _fields(rec, q)
@@ -98,11 +130,13 @@ class KVBlockIndex:
         self.max_entries = max_entries
         self.speculative_ttl = speculative_ttl
         self._clock = clock
-        self._mask = n_shards - 1
-        self._shards: list[dict[int, int | tuple[int, ...]]] = [{} for _ in range(n_shards)]
-        self._shard_n = [0] * n_shards  # (key, pod) entries per shard
-        self._budget = max_entries // n_shards
-        self._over: set[int] = set()  # shards above their budget
+        self._shards = n_shards
+        # Evict down to a little below the bound, so the O(keys) pass is paid once per batch.
+        slack = max_entries >> 8 if max_entries < 1 << 16 else max_entries >> 5
+        self._evict_to = max_entries - slack
+        self._table = KeyTable()
+        self._wide: dict[int, int | tuple[int, ...]] = {}  # key → record, for _WIDE values
+        self._stamp = 0  # the LRU clock: one tick per key used
         self._n = 0  # (key, pod) entries
         self._pod_idx: dict[str, int] = {}
         self._names: list[str] = []
@@ -113,7 +147,7 @@ class KVBlockIndex:
         self._canon: dict[int, int] = {}
         self._evicted = 0
 
-    # --- slots
+    # --- records
 
     def _pod(self, pod: str) -> int:
         p = self._pod_idx.get(pod)
@@ -124,108 +158,205 @@ class KVBlockIndex:
             self._specs.append({})
         return p
 
-    def _get(self, k: int):
-        return self._shards[k & self._mask].get(k)
+    def _rec(self, k: int, v: int):
+        if not v:
+            return None
+        return self._wide[k] if v & _WIDE else _unpack(v)
 
-    def _touch(self, k: int) -> None:
-        d = self._shards[k & self._mask]
-        d[k] = d.pop(k)
+    def _find(self, keys: Sequence[int]) -> list[int]:
+        t = self._table
+        return t.find_small(keys) if len(keys) <= SMALL else t.find(_array(keys)).tolist()
 
-    def _set(self, k: int, p: int, f: int, touch: bool) -> None:
-        """Make pod p's slot of key k hold fields f (0 removes it); touch moves k to the end."""
-        sh = k & self._mask
-        d = self._shards[sh]
-        rec = d.pop(k, None) if touch else d.get(k)
-        old = () if rec is None else _slots(rec)
-        rest = tuple(s for s in old if s >> _POD != p)
-        delta = (f != 0) - (len(rest) != len(old))
-        if f:
-            s = p << _POD | f
-            canon = self._canon
-            if len(canon) >= MAX_INTERNED_SLOTS:
-                canon.clear()
-            rest += (canon.setdefault(s, s),)
-        if rest:
-            d[k] = rest[0] if len(rest) == 1 else rest
-        elif rec is not None and not touch:
-            del d[k]
+    def _upsert(self, keys: Sequence[int]) -> list[int]:
+        t = self._table
+        return t.upsert_small(keys)[0] if len(keys) <= SMALL else t.upsert(_array(keys))[0].tolist()
+
+    def _records(self, keys: Sequence[int], pos: list[int]) -> list:
+        vals = self._table.get_vals(pos)
+        rec = self._rec
+        return [rec(k, v) if j >= 0 else None for k, j, v in zip(keys, pos, vals, strict=True)]
+
+    def _touch(self, pos) -> None:
+        """Mark the keys at `pos` (a list or an array) used, pos[0] last (the newest)."""
+        pos = pos[pos >= 0] if isinstance(pos, np.ndarray) else [j for j in pos if j >= 0]
+        n = len(pos)
+        if self._stamp + n >= _STAMP_LIMIT:
+            self._restamp()
+        # Stamped in reverse so that, for a key listed twice, its first place wins.
+        self._table.set_stamps(pos[::-1], self._stamp + 1)
+        self._stamp += n
+
+    def _restamp(self) -> None:
+        """The clock nears 2**32: renumber the live keys' stamps by rank (once in 4G uses)."""
+        t = self._table
+        live = t.live_positions()
+        t.stamps[live[np.argsort(t.stamps[live], kind="stable")]] = np.arange(1, len(live) + 1)
+        self._stamp = len(live)
+
+    def _edit(self, keys: Sequence[int], pos: list[int], p: int, change) -> None:
+        """Give pod p's slot of each key (in order) the fields change(k, f) returns (0 removes
+        it); one read of the table and one write back. A key the table cannot hold (pos -1)
+        is seen as holding nothing, and what change returns for it is dropped."""
+        t, cur, at = self._table, {}, {}
+        vals = t.get_vals(pos)
+        canon, delta = self._canon, 0
+        for k, j, v in zip(keys, pos, vals, strict=True):
+            if j < 0:
+                change(k, 0)
+                continue
+            rec = cur[j] if j in cur else self._rec(k, v)
+            old = () if rec is None else _slots(rec)
+            f = 0
+            for s in old:
+                if s >> _POD == p:
+                    f = s & _FIELDS
+            nf = change(k, f)
+            if nf == f and rec is not None:
+                continue
+            rest = tuple(s for s in old if s >> _POD != p)
+            delta += (nf != 0) - (len(rest) != len(old))
+            if nf:
+                if len(canon) >= MAX_INTERNED_SLOTS:
+                    canon.clear()
+                s = p << _POD | nf
+                rest += (canon.setdefault(s, s),)
+            cur[j], at[j] = (rest[0] if len(rest) == 1 else rest) if rest else None, k
         self._n += delta
         self._pod_n[p] += delta
-        self._shard_n[sh] += delta
-        if delta > 0 and self._shard_n[sh] > self._budget:
-            self._over.add(sh)
-
-    def _add(self, k: int, p: int, tier: int, copies: int = 1) -> None:
-        f = _fields(self._get(k), p)
-        if tier == _GPU and f & _SPEC:  # a speculative entry confirmed: it becomes real
-            f -= _SPEC
-            self._specs[p].pop(k, None)
-        held = f // tier & _COUNT
-        f += (min(_COUNT, held + copies) - held) * tier  # saturate: never carry into the next
-        self._set(k, p, f, True)
+        gone, put, vs = [], [], []
+        for j, rec in cur.items():
+            k = at[j]
+            v = 0 if rec is None else _pack(rec) if rec.__class__ is int else 0
+            if v or rec is None:
+                self._wide.pop(k, None)
+            else:
+                v, self._wide[k] = _WIDE, rec
+            (put if v else gone).append(j)
+            if v:
+                vs.append(v)
+        t.set_vals(put, vs)
+        t.delete(gone)
 
     def _evict(self) -> None:
-        # A little below the budget, so the scan over a dict's front (where deleted entries
-        # collect until its next resize) is paid once per batch.
-        target = self._budget - (self._budget >> 8)
+        need = self._n - self._evict_to
+        if self._n <= self.max_entries or need <= 0:
+            return
+        t = self._table
+        live = t.live_positions()
+        stamps = t.stamps[live]
+        if need < len(live):
+            live = live[np.argpartition(stamps, need - 1)[:need]]
+            stamps = t.stamps[live]
+        cand = live[np.argsort(stamps, kind="stable")]  # least recently used first
+        vals, keys = t.vals[cand], t.keys[cand]
+        wide = np.flatnonzero(vals & _WIDE)
+        entries = np.ones(len(cand), np.int64)
+        for i, k in zip(wide.tolist(), keys[wide].tolist(), strict=True):
+            entries[i] = len(_slots(self._wide[k]))
+        m = int(np.searchsorted(np.cumsum(entries), need)) + 1  # the fewest keys that will do
         evicted: Counter[int] = Counter()
-        for sh in self._over:
-            if self._shard_n[sh] <= self._budget:  # removals brought it back already
-                continue
-            d, excess = self._shards[sh], self._shard_n[sh] - target
-            victims = []
-            for k, rec in d.items():
-                victims.append(k)
-                excess -= 1 if rec.__class__ is int else len(rec)
-                if excess <= 0:
-                    break
-            for k in victims:
-                for s in _slots(d.pop(k)):
-                    q = s >> _POD
-                    self._pod_n[q] -= 1
-                    evicted[q] += 1
-                    self._shard_n[sh] -= 1
-                    self._n -= 1
-                    self._evicted += 1
-        self._over.clear()
-        for q in evicted:
-            self._evicted_from[q] = self._evicted_from.get(q, 0) + evicted[q]
+        inline = vals[:m][(vals[:m] & _WIDE) == 0] >> _V_POD
+        for q, n in enumerate(np.bincount(inline).tolist()):
+            if n:
+                evicted[q] += n
+        for k in keys[wide[wide < m]].tolist():
+            evicted.update(s >> _POD for s in _slots(self._wide.pop(k)))
+        for q, n in evicted.items():
+            self._pod_n[q] -= n
+            self._evicted_from[q] = self._evicted_from.get(q, 0) + n
+        n = sum(evicted.values())
+        self._n -= n
+        self._evicted += n
+        t.delete(cand[:m])
 
     # --- keys in, keys out
 
     @property
     def shard_count(self) -> int:
-        """How many dicts the keys are spread over (by their low bits)."""
-        return self._mask + 1
+        """How many maps a user of the index spreads its own per-key maps over (by low bits)."""
+        return self._shards
 
     def add(self, pod: str, keys: Sequence[int], tier: Tier, copies: int = 1) -> None:
         """`pod` stored `copies` more copies of each key in `tier`. Keys go in tail first, so the
         head ends up newest: eviction trims chains from the tail."""
         p, t = self._pod(pod), _TIERS[tier]
-        for k in reversed(keys):
-            self._add(k, p, t, copies)
+        if copies < 1 or not keys:
+            return
+        if len(keys) > SMALL:
+            pos, fresh, plain = self._table.upsert(_array(keys))
+            if plain and self._add_packed(p, t, copies, keys, pos, fresh):
+                self._touch(pos)
+                self._evict()
+                return
+            pos = pos.tolist()
+        else:
+            pos = self._table.upsert_small(keys)[0]
+        spec = self._specs[p]
+
+        def change(k: int, f: int) -> int:
+            if t == _GPU and f & _SPEC:  # a speculative entry confirmed: it becomes real
+                f -= _SPEC
+                spec.pop(k, None)
+            held = f // t & _COUNT
+            return f + (min(_COUNT, held + copies) - held) * t  # saturate, never carry
+
+        self._edit(keys[::-1], pos[::-1], p, change)
+        self._touch(pos)
         self._evict()
+
+    def _add_packed(self, p, t, copies, keys, pos, fresh) -> bool:
+        """add's common case in a few array operations: every key new or held by pod p alone,
+        the counts still fitting a packed value (and, as upsert said, each key once, none
+        reserved). False if not that case."""
+        tab = self._table
+        if p > _V_MAX_POD:
+            return False
+        v = tab.vals[pos]
+        if not ((v >> _V_POD == p) | fresh).all():  # also false for _WIDE values
+            return False
+        shift, top = _V_TIERS[t]
+        if copies > top:
+            return False
+        count = (v >> shift & top) + copies
+        if (count > top).any():
+            return False
+        if t == _GPU and (v & _V_SPEC).any():  # speculative entries confirmed: real now
+            spec = self._specs[p]
+            for k in np.asarray(keys)[(v & _V_SPEC) != 0].tolist():
+                spec.pop(k, None)
+            v &= ~np.uint32(_V_SPEC)
+        tab.vals[pos] = v & ~np.uint32(top << shift) | count << shift | p << _V_POD
+        n = int(np.count_nonzero(fresh))
+        self._n += n
+        self._pod_n[p] += n
+        return True
 
     def remove(self, pod: str, keys: Sequence[int], tier: Tier) -> list[int]:
         """`pod` dropped one copy of each key from `tier`; returns the keys it no longer holds
         in any tier (speculative entries do not count as held)."""
         p = self._pod_idx.get(pod)
-        if p is None:
+        if p is None or not keys:
             return list(keys)
         mask, t, gone = _COUNT * _TIERS[tier], _TIERS[tier], []
-        for k in keys:
-            f = _fields(self._get(k), p)
+
+        def change(k: int, f: int) -> int:
             if f & mask:
                 f -= t
-                self._set(k, p, f, False)
             if not f & _HELD:
                 gone.append(k)
+            return f
+
+        self._edit(keys, self._find(keys), p, change)
         return gone
 
     def holds_any(self, pod: str, keys: Iterable[int]) -> bool:
         """Whether `pod` holds any of `keys` for real, in some tier."""
         p = self._pod_idx.get(pod)
-        return p is not None and any(_fields(self._get(k), p) & _HELD for k in keys)
+        keys = list(keys)
+        if p is None or not keys:
+            return False
+        recs = self._records(keys, self._find(keys))
+        return any(_fields(rec, p) & _HELD for rec in recs)
 
     def take_evictions(self) -> dict[str, int]:
         """Per pod, the entries the LRU evicted since the last call (for whoever maps
@@ -235,21 +366,25 @@ class KVBlockIndex:
         return out
 
     def clear_pod(self, pod: str, keys: Iterable[int] = ()) -> None:
-        """Drop every entry of `pod` (engine restart, reset, pod gone). `keys`: those the caller
-        knows it holds, dropped directly; any left are found by a full scan."""
+        """Drop every entry of `pod` (engine restart, reset, pod gone). `keys` (those the
+        caller knows it holds) are not needed: one pass over the table finds them all."""
         p = self._pod_idx.get(pod)
         if p is None:
             return
-        for k in keys:
-            self._set(k, p, 0, False)
-        for k in self._specs[p]:
-            self._set(k, p, 0, False)
         self._specs[p] = {}
         self._evicted_from.pop(p, None)
-        if self._pod_n[p]:  # keys the caller did not know; a full scan keeps the index right
-            for d in self._shards:
-                for k in [k for k, rec in d.items() if _fields(rec, p)]:
-                    self._set(k, p, 0, False)
+        if not self._pod_n[p]:
+            return
+        t = self._table
+        live = t.live_positions()
+        v = t.vals[live]
+        mine = live[((v & _WIDE) == 0) & (v >> _V_POD == p)]
+        self._n -= len(mine)
+        self._pod_n[p] -= len(mine)
+        t.delete(mine)
+        shared = [k for k, rec in self._wide.items() if _fields(rec, p)]
+        if shared:
+            self._edit(shared, self._find(shared), p, lambda k, f: 0)
 
     # --- speculative entries
 
@@ -259,14 +394,18 @@ class KVBlockIndex:
         now = self._clock()
         self._expire(now)
         p, exp = self._pod(pod), now + self.speculative_ttl
-        spec = self._specs[p]
-        for k in reversed(keys):  # head newest, as in add
-            f = _fields(self._get(k), p)
-            if f & _GPU_MASK:
-                self._touch(k)  # already real
-            else:
-                self._set(k, p, f | _SPEC, True)
+        if keys:
+            spec = self._specs[p]
+
+            def change(k: int, f: int) -> int:
+                if f & _GPU_MASK:
+                    return f  # already real
                 spec[k] = exp
+                return f | _SPEC
+
+            pos = self._upsert(keys)
+            self._edit(keys[::-1], pos[::-1], p, change)
+            self._touch(pos)
         self._spec_q.append((exp, p, tuple(keys)))
         self._evict()
 
@@ -275,12 +414,11 @@ class KVBlockIndex:
         while q and q[0][0] <= now:
             exp, p, keys = q.popleft()
             spec = self._specs[p]
-            for k in keys:
-                if spec.get(k) == exp:  # neither confirmed nor renewed since
-                    del spec[k]
-                    f = _fields(self._get(k), p)
-                    if f & _SPEC:
-                        self._set(k, p, f - _SPEC, False)
+            due = [k for k in keys if spec.get(k) == exp]  # neither confirmed nor renewed since
+            for k in due:
+                del spec[k]
+            if due:
+                self._edit(due, self._find(due), p, lambda k, f: f & ~_SPEC)
 
     # --- queries
 
@@ -308,20 +446,62 @@ class KVBlockIndex:
         if pods is not None:
             out = dict.fromkeys(pods, weights[0])
             allowed = {self._pod_idx[x] for x in out if x in self._pod_idx}
-        shards, m = self._shards, self._mask
-        first = self._get(keys[0]) if keys else None
-        if first is None:
-            return out
-        cand = [s >> _POD for s in _slots(first) if allowed is None or s >> _POD in allowed]
+        if len(keys) <= SMALL:
+            pos = self._held_prefix(keys)
+            if not pos:
+                return out
+            score, i = self._walk_slots(keys, pos, allowed, weights)
+        else:
+            pos = self._table.find_prefix(_array(keys))
+            held = int(np.argmin(pos >= 0)) if (pos < 0).any() else len(pos)
+            if not held:
+                return out
+            pos = pos[:held]  # the walk stops at the first key nobody holds
+            vals = self._table.vals[pos]
+            if (vals & _WIDE).any():
+                score, i = self._walk_slots(keys, pos.tolist(), allowed, weights)
+            else:
+                score, i = self._walk_packed(vals, allowed, weights)
+        if touch:
+            self._touch(pos[:i])
+        names = self._names
+        for q, v in score.items():
+            out[names[q]] = v
+        return out
+
+    def _held_prefix(self, keys: Sequence[int]) -> list[int]:
+        """The positions of keys[0], keys[1], ... up to the first key nobody holds."""
+        out = []
+        for k in keys:
+            j = self._table.find_small((k,))[0]
+            if j < 0:
+                break
+            out.append(j)
+        return out
+
+    def _walk_packed(self, vals: np.ndarray, allowed, weights) -> tuple[dict, int]:
+        """Every key held by one pod: the match is the run of keys[0]'s pod, in array steps."""
+        q = int(vals[0] >> _V_POD)
+        if allowed is not None and q not in allowed:
+            return {}, 0
+        run = vals >> _V_POD == q
+        i = int(np.argmin(run)) if not run.all() else len(vals)
+        v = vals[:i]
+        # weights: (none, gpu only, cpu only, both); a key scores its best tier.
+        n = np.bincount(((v & _V_ON_GPU) != 0) | ((v & _V_CPU) != 0) << 1, minlength=4).tolist()
+        return {q: weights[0] + n[1] * weights[1] + n[2] * weights[2] + n[3] * weights[3]}, i
+
+    def _walk_slots(self, keys, pos: list[int], allowed, weights) -> tuple[dict, int]:
+        """The general walk over the keys' records (some held by several pods)."""
+        recs = self._records(keys[: len(pos)], pos)
+        cand = [s >> _POD for s in _slots(recs[0]) if allowed is None or s >> _POD in allowed]
         score = dict.fromkeys(cand, weights[0])
         hit = dict.fromkeys(cand, 0)  # keys matched per pod; alive while it equals i
-        i, alive, n = 0, len(cand), len(keys)
+        i, alive, n = 0, len(cand), len(recs)
         while alive > 1 and i < n:  # several pods share the prefix
-            rec = shards[keys[i] & m].get(keys[i])
-            if rec is None:
-                break
+            rec = recs[i]
             j = i + 1  # a shared prefix is mostly a run of equal records: one pass per run
-            while j < n and shards[keys[j] & m].get(keys[j]) == rec:
+            while j < n and recs[j] == rec:
                 j += 1
             alive = 0
             for s in _slots(rec):
@@ -334,41 +514,50 @@ class KVBlockIndex:
                 i = j
         if alive == 1:  # one pod left, the common case: a tight loop
             q = next(q for q, c in hit.items() if c == i)
-            score[q], i = _run(shards, m, keys, i, q, weights, score[q])
-        if touch:  # tail first, so the head is newest (see add)
-            for k in reversed(keys[:i]):
-                self._touch(k)
-        names = self._names
-        for q, v in score.items():
-            out[names[q]] = v
-        return out
+            score[q], i = _run(recs, i, q, weights, score[q])
+        return score, i
+
+    def _items(self) -> Iterator[tuple[int, tuple[int, ...]]]:
+        """Every key with its slots; O(keys), for tests and debug."""
+        t = self._table
+        live = t.live_positions()
+        for k, v in zip(t.keys[live].tolist(), t.vals[live].tolist(), strict=True):
+            yield k, _slots(self._rec(k, v))
 
     def keys_of(self, pod: str, tier: str | None = None) -> set[int]:
-        """The request keys `pod` holds (in `tier`, or any); O(entries), for tests and debug."""
+        """The request keys `pod` holds (in `tier`, or any); O(keys), for tests and debug."""
         p = self._pod_idx.get(pod, -1)
         mask = _FIELDS if tier is None else _COUNT * _TIERS[tier] | (_SPEC if tier == "gpu" else 0)
-        return {k for d in self._shards for k, rec in d.items() if _fields(rec, p) & mask}
+        t = self._table
+        live = t.live_positions()
+        v = t.vals[live]
+        mine = ((v & _WIDE) == 0) & (v >> _V_POD == p) & ((v & _V_TIER_MASK[tier]) != 0)
+        out = set(t.keys[live[mine]].tolist())
+        out.update(k for k, rec in self._wide.items() if _fields(rec, p) & mask)
+        return out
 
     # --- accounting
 
     def stats(self) -> dict:
-        """Counts for metrics; O(pods + shards)."""
+        """Counts for metrics; O(pods)."""
         self._expire(self._clock())
         return {
             "entries": self._n,
-            "keys": sum(map(len, self._shards)),
+            "keys": self._table.live,
             "pods": sum(1 for n in self._pod_n if n),
             "speculative": sum(map(len, self._specs)),
-            "bytes": approx_bytes((*self._shards, *self._specs)),
+            "bytes": self._table.nbytes + approx_bytes((self._wide, *self._specs)),
             "evicted": self._evicted,
         }
 
     def memory_bytes(self, seen: set[int] | None = None) -> int:
-        """The index's own memory by a getsizeof walk, shared objects counted once (`seen`:
-        ids already counted by the caller); O(entries)."""
+        """The index's own memory: its arrays, and a getsizeof walk of its dicts, shared objects
+        counted once (`seen`: ids already counted by the caller); O(wide keys + speculative)."""
         seen = set() if seen is None else seen
-        maps = (*self._shards, *self._specs, self._canon)
-        return walk_bytes(maps, seen) + sum(_size(x, seen) for x in self._spec_q)
+        maps = (self._wide, *self._specs, self._canon)
+        return (
+            self._table.nbytes + walk_bytes(maps, seen) + sum(_size(x, seen) for x in self._spec_q)
+        )
 
     def bytes_per_entry(self) -> float:
         return self.memory_bytes() / max(1, self._n)

@@ -6,7 +6,7 @@ from collections import Counter
 from collections.abc import Iterable
 
 from infergw.kvindex.events import AllBlocksCleared, BlockRemoved, BlockStored, EventBatch
-from infergw.kvindex.index import _FIELDS, _POD, KVBlockIndex, _slots
+from infergw.kvindex.index import _FIELDS, _POD, KVBlockIndex
 
 
 def check_event_stream(batches: Iterable[EventBatch], *, strict: bool = False) -> int:
@@ -59,14 +59,14 @@ def check_index_consistent(index: KVBlockIndex) -> None:
     """Raise AssertionError if the index's counters disagree with the entries it holds, or it
     holds an entry with no copy in any tier (a test helper that reads the index's layout)."""
     per_pod: Counter[int] = Counter()
-    for sh, d in enumerate(index._shards):
-        n = 0
-        for key, rec in d.items():
-            for slot in _slots(rec):
-                assert slot & _FIELDS, f"key {key:#x} has an empty slot for pod {slot >> _POD}"
-                per_pod[slot >> _POD] += 1
-                n += 1
-        assert n == index._shard_n[sh], f"shard {sh} counts {index._shard_n[sh]}, holds {n}"
+    keys = 0
+    for key, slots in index._items():
+        assert slots, f"key {key:#x} has no record"
+        for slot in slots:
+            assert slot & _FIELDS, f"key {key:#x} has an empty slot for pod {slot >> _POD}"
+            per_pod[slot >> _POD] += 1
+        keys += 1
+    assert keys == index._table.live == index.stats()["keys"]
     assert sum(per_pod.values()) == index._n
     for p, n in enumerate(index._pod_n):
         assert n == per_pod[p], f"pod {index._names[p]} counts {n} entries, holds {per_pod[p]}"

@@ -16,7 +16,7 @@ from infergw.epp.kv_events import KVCacheView, KVEventOptions
 from infergw.epp.options import parse_options
 from infergw.epp.scheduling.plugins.precise_prefix_cache import PrecisePrefixCacheScorer
 from tests.conftest import free_port
-from tests.kvindex.test_vllm_keys import _jsonl, recorded_batches, request
+from tests.kv_recordings import recorded_batches, recorded_lines, request
 from tests.paths import TINY_MODEL
 from tests.redis_server import redis_server_fixture  # noqa: F401
 
@@ -45,7 +45,7 @@ async def test_a_read_only_picker_scores_the_blocks_another_picker_wrote(redis_s
     writer.start()
     reader.start()  # binds nothing, starts no writer
     scorer = PrecisePrefixCacheScorer("precise", {}, kv=reader.cache)
-    row = _jsonl("requests.jsonl")[0]
+    row = recorded_lines("requests.jsonl")[0]
     endpoints = [SimpleNamespace(address=POD), SimpleNamespace(address="127.0.0.1:8301")]
 
     async def score() -> list[float]:

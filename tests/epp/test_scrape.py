@@ -10,7 +10,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from infergw.epp.datastore import Datastore, PoolSpec
+from infergw.epp.datastore import Datastore
 from infergw.epp.engine_metrics import MAX_LORA_NAMES
 from infergw.epp.metrics import PickerMetrics
 from infergw.epp.scrape import (
@@ -20,6 +20,7 @@ from infergw.epp.scrape import (
     MetricsScraper,
 )
 from tests.conftest import free_port
+from tests.datastores import one_pod_store
 from tests.waiting import wait_for_async
 
 METRICS = (
@@ -52,18 +53,6 @@ async def start_pod(port: int) -> web.AppRunner:
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", port).start()
     return runner
-
-
-def one_pod_store(*ports: int) -> Datastore:
-    """One ready pod on 127.0.0.1 in a pool with these target ports: an endpoint each."""
-    ds = Datastore()
-    ds.set_pool(PoolSpec("pool", "ns", {"app": "vllm"}, list(ports)))
-    pod = {
-        "metadata": {"name": "p", "namespace": "ns", "labels": {"app": "vllm"}},
-        "status": {"podIP": "127.0.0.1", "conditions": [{"type": "Ready", "status": "True"}]},
-    }
-    ds.replace_pods([pod])
-    return ds
 
 
 async def test_a_pod_that_starts_late_is_learned_with_its_adapters_at_once():

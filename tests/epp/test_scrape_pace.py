@@ -20,7 +20,7 @@ from infergw.epp.datastore import Datastore, Endpoint
 from infergw.epp.metrics import PickerMetrics
 from infergw.epp.scrape import MetricsScraper
 from tests.conftest import free_port
-from tests.epp.test_scrape import one_pod_store
+from tests.datastores import one_pod_store
 from tests.waiting import wait_for_async
 
 INTERVAL = 0.05

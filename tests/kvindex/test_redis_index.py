@@ -27,10 +27,10 @@ from infergw.kvindex.redis_index import (
 )
 from infergw.kvindex.tokenize import PromptTokenizers
 from infergw.kvindex.translate import EventTranslator
-from tests.epp.ratelimit.test_replies import FakeRedis, resp
-from tests.kvindex import test_fuzz
-from tests.kvindex.test_vllm_keys import _jsonl, recorded_batches, request
+from tests import kv_storms
+from tests.kv_recordings import recorded_batches, recorded_lines, request
 from tests.paths import TINY_MODEL
+from tests.redis_fakes import FakeRedis, resp
 from tests.redis_server import redis_server_fixture  # noqa: F401
 
 POD, MODEL = "127.0.0.1:8300", "tiny"
@@ -105,7 +105,7 @@ def tokenizers():
 def prompts(kv: KVCache):
     """The recorded requests' prompts, and prefixes of them (a lookup ending mid-chain)."""
     out = []
-    for row in _jsonl("requests.jsonl"):
+    for row in recorded_lines("requests.jsonl"):
         req = request(row["path"], row["body"])
         prompt = kv.prompt(req, req.request.body.cache_salt)
         if prompt is not None and prompt.keys:
@@ -151,7 +151,7 @@ async def test_recorded_events_read_back_equal_to_the_in_memory_index(redis_serv
         await shared.close()
 
 
-class _SharedReference(test_fuzz.Reference):
+class _SharedReference(kv_storms.Reference):
     """The fuzz test's reference rules (sequence numbers, clears), applied to any index."""
 
     def __init__(self, index) -> None:
@@ -162,24 +162,24 @@ class _SharedReference(test_fuzz.Reference):
 
 async def test_fuzz_storms_leave_redis_equal_to_the_in_memory_reference(redis_server):
     shared = Shared(redis_server.address)
-    mem_ref = test_fuzz.Reference()
+    mem_ref = kv_storms.Reference()
     shared_ref = _SharedReference(shared.writer)
     seq, seen = [0], 0
     try:
         for seed in range(6):
-            for frames in test_fuzz.storm(random.Random(seed), seq):
+            for frames in kv_storms.storm(random.Random(seed), seq):
                 mem_ref.feed(frames)
                 shared_ref.feed(frames)
             assert await shared.writer.flush()
-            want = memory_holdings(mem_ref.index, [test_fuzz.STORM])
+            want = memory_holdings(mem_ref.index, [kv_storms.STORM])
             assert await redis_holdings(shared.client) == want
             # Lookups agree too, on keys written before a clear (dead) as well as live ones.
-            held = mem_ref.index.keys_of(test_fuzz.STORM)
+            held = mem_ref.index.keys_of(kv_storms.STORM)
             seen += bool(held)
             every = [int(n.decode().rsplit(":", 1)[1], 16) async for n in all_block_keys(shared)]
             for k in random.Random(seed).sample(every, min(100, len(every))):
-                got = (await shared.reader.fetch([k])).match_lengths([k], [test_fuzz.STORM])
-                assert got == {test_fuzz.STORM: int(k in held)}
+                got = (await shared.reader.fetch([k])).match_lengths([k], [kv_storms.STORM])
+                assert got == {kv_storms.STORM: int(k in held)}
         assert seen, "some storm leaves entries"
     finally:
         await shared.close()

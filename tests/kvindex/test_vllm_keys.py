@@ -11,8 +11,6 @@ import logging
 import pytest
 import requests
 
-from infergw.epp.context import RequestContext
-from infergw.epp.request import parse_request
 from infergw.kvindex import unresolved
 from infergw.kvindex.cache import KVCache, Prompt
 from infergw.kvindex.events import BlockRemoved, BlockStored, decode_batch
@@ -21,26 +19,12 @@ from infergw.kvindex.keys import prompt_keys
 from infergw.kvindex.tokenize import PromptTokenizers
 from infergw.kvindex.translate import MAX_EXTRA_BYTES, EventTranslator
 from infergw.simulator.block_hashing import BlockHasher, block_extra_keys, event_hash
+from tests.kv_recordings import recorded_batches, recorded_lines, request
 from tests.kv_subscriber import Subscriber, start_tiny
 from tests.paths import TINY, TINY_MODEL
 
 POD, MODEL = "127.0.0.1:8300", "tiny"
 A, B = "10.0.0.1:8000", "10.0.0.2:8000"
-
-
-def _jsonl(name: str) -> list[dict]:
-    return [json.loads(line) for line in (TINY / name).read_text().splitlines() if line.strip()]
-
-
-def recorded_batches():
-    return [decode_batch(base64.b64decode(d["payload_b64"])) for d in _jsonl("events.jsonl")]
-
-
-def request(path: str, body: dict) -> RequestContext:
-    """A parsed request in its context, as the picker hands it to the KV cache."""
-    return RequestContext(
-        parse_request(path, json.dumps(body).encode(), {}, max_body_bytes=1 << 22)
-    )
 
 
 def reused(n: int, block: int) -> int:
@@ -73,7 +57,7 @@ def predicted(kv: KVCache, pod: str, path: str, body: dict) -> int:
 def test_recorded_events_salted_and_unsalted_prompts_and_whole_engine_blocks(tokenizers):
     translator, kv = picker(tokenizers, index_block=16)
     batches = recorded_batches()
-    first = _jsonl("requests.jsonl")[0]
+    first = recorded_lines("requests.jsonl")[0]
     # The first batches store the first completion's blocks (929 of its 935 tokens).
     for batch in batches[:1]:
         for ev in batch.events:
@@ -92,7 +76,7 @@ def test_speculative_entries_count_whole_engine_blocks_of_the_pod(tokenizers):
     translator, kv = picker(tokenizers, index_block=16)
     for ev in recorded_batches()[0].events:
         translator.apply(POD, MODEL, ev)  # teaches the index POD's engine block size
-    chat = _jsonl("requests.jsonl")[3]
+    chat = recorded_lines("requests.jsonl")[3]
     req = request(chat["path"], chat["body"])
     prompt = kv.prompt(req)
     n = len(chat["tokenize"]["tokens"])
@@ -308,7 +292,7 @@ def test_simulator_salted_requests_as_vllm_caches_them(sim_factory, subscriber, 
                 translator.apply(POD, MODEL, ev)
         applied = len(messages)
 
-    base = _jsonl("requests.jsonl")[0]
+    base = recorded_lines("requests.jsonl")[0]
     n = len(base["tokenize"]["tokens"])
 
     def send(salt):

@@ -1,0 +1,313 @@
+"""A packed hash table of 64-bit keys: numpy arrays, no Python object per key.
+
+The block index keeps one slot per request key here (kvindex.index): a Python dict costs
+~100 bytes per key (the entry, the key's int object, its share of the table); this costs 16 bytes
+per slot (the key, a 32-bit value, a 32-bit stamp for the caller's LRU) at a load between
+GROW_LOAD and MAX_LOAD, so 19-26 bytes per key.
+
+Open addressing over buckets of WAYS slots: a key's home bucket comes from its high 32 bits times
+the bucket count (any count works, so the table grows by MAX_LOAD / GROW_LOAD rather than
+doubling); a bucket with no empty slot sends a search on by a step taken from the key's low
+bits (double hashing over a prime number of buckets: no clusters of full buckets). Batches of
+keys are found and inserted with a few numpy operations per bucket step (most keys are settled
+in the first); small batches go key by key over memoryviews of the same arrays.
+
+Keys 0 and 1 mark empty and deleted slots, so the table cannot hold them: `find` reports them
+absent and `upsert` refuses them (-1), a missed hit for 2 keys in 2**64.
+Large arrays live in anonymous mmaps, so a resize gives the old ones back to the OS at once
+(glibc may keep freed heap memory resident).
+"""
+
+from __future__ import annotations
+
+import math
+import mmap
+import secrets
+
+import numpy as np
+
+EMPTY, DELETED = 0, 1
+WAYS = 8  # slots per bucket: 64 bytes of keys, one cache line
+MAX_LOAD = 0.85  # resize when live + deleted slots pass this share of the slots
+GROW_LOAD = 0.62  # the live share right after a resize
+MIN_BUCKETS = 2
+MMAP_BYTES = 1 << 20  # arrays at least this big are mmapped
+RESIZE_CHUNK = 1 << 14  # slots rehashed at a time
+
+SMALL = 24  # batches up to this many keys go key by key
+_HIGH, _LOW = np.uint64(32), np.uint64(0xFFFFFFFF)
+_M64 = (1 << 64) - 1
+
+
+def _prime_at_least(n: int) -> int:
+    """A prime bucket count makes every step reach every bucket."""
+    while n < 2 or any(n % d == 0 for d in range(2, math.isqrt(n) + 1)):
+        n += 1
+    return n
+
+
+def _zeros(n: int, dtype) -> np.ndarray:
+    nbytes = n * np.dtype(dtype).itemsize
+    if nbytes < MMAP_BYTES:
+        return np.zeros(n, dtype)
+    anon = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    return np.frombuffer(anon, dtype)  # unmapped when the array is freed
+
+
+class KeyTable:
+    """uint64 key → a slot position; per slot a uint32 value and a uint32 stamp (the caller's)."""
+
+    def __init__(self) -> None:
+        self.live = 0  # slots holding a key
+        self.deleted = 0  # slots marked DELETED (they still lengthen searches)
+        self._mix_int = secrets.randbits(64) | 1
+        self._mix = np.uint64(self._mix_int)
+        self._alloc(MIN_BUCKETS)
+
+    def _alloc(self, buckets: int) -> None:
+        self.buckets = buckets
+        self.keys = _zeros(buckets * WAYS, np.uint64)
+        self._rows = self.keys.reshape(buckets, WAYS)
+        self.vals = _zeros(buckets * WAYS, np.uint32)
+        self.stamps = _zeros(buckets * WAYS, np.uint32)
+        # Item views for the key-by-key paths: a Python int per item, no numpy scalar.
+        self._km, self._vm, self._sm = map(memoryview, (self.keys, self.vals, self.stamps))
+
+    @property
+    def nbytes(self) -> int:
+        return self.keys.nbytes + self.vals.nbytes + self.stamps.nbytes
+
+    def _home(self, ks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Each key's first bucket and its step to the next (double hashing: keys that share
+        a bucket go on to different ones). Keys are multiplied by a secret odd number first
+        (a bijection): whoever chooses the tokens cannot aim keys at a few buckets."""
+        mixed = ks * self._mix
+        nb = np.uint64(self.buckets)
+        home = (mixed >> _HIGH) * nb >> _HIGH
+        step = (mixed & _LOW) * (nb - np.uint64(1)) >> _HIGH  # 0 .. buckets - 2
+        return home.astype(np.int64), step.astype(np.int64) + 1
+
+    def _search(self, ks: np.ndarray, home=None, prefix=False) -> tuple[np.ndarray, np.ndarray]:
+        """(each key's position or -1, the bucket where a search for it stopped: one with an
+        empty slot, where an absent key may go), for keys that are not reserved (home:
+        _home(ks)). prefix: only up to the first absent key (positions past it are -1)."""
+        pos = np.full(len(ks), -1, np.int64)
+        b, step = self._home(ks) if home is None else home
+        stop = b.copy()
+        idx, k = np.arange(len(ks)), ks
+        for _ in range(self.buckets):
+            rows = self._rows[b]
+            eq = rows == k[:, None]
+            hit = eq.any(1)
+            if hit.any():
+                pos[idx[hit]] = b[hit] * WAYS + eq[hit].argmax(1)
+            empty = (rows == EMPTY).any(1)
+            on = ~(hit | empty)  # a bucket without an empty slot: go on
+            if prefix:
+                absent = idx[empty & ~hit]
+                if len(absent):
+                    on &= idx < absent[0]
+            if not on.any():
+                break
+            idx, k, step = idx[on], k[on], step[on]
+            b = (b[on] + step) % self.buckets
+            stop[idx] = b
+        return pos, stop
+
+    def find(self, ks: np.ndarray) -> np.ndarray:
+        """Each key's position (int64), -1 where absent."""
+        if not self.live or not len(ks):
+            return np.full(len(ks), -1, np.int64)
+        ok = ks > DELETED
+        if ok.all():
+            return self._search(ks)[0]
+        pos = np.full(len(ks), -1, np.int64)
+        pos[ok] = self._search(ks[ok])[0]
+        return pos
+
+    def find_prefix(self, ks: np.ndarray) -> np.ndarray:
+        """Positions of ks[0], ks[1], ... up to the first absent key; -1 from there on."""
+        if not self.live or not len(ks):
+            return np.full(len(ks), -1, np.int64)
+        ok = ks > DELETED
+        if not ok.all():
+            ks = ks[: int(np.argmin(ok))]
+        pos = np.full(len(ok), -1, np.int64)
+        pos[: len(ks)] = self._search(ks, prefix=True)[0]
+        return pos
+
+    def upsert(self, ks: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool]:
+        """(each key's position, whether its slot is new, whether the keys were distinct and
+        none reserved), inserting absent keys with value 0 and stamp 0; -1 for the reserved
+        keys. May resize
+        first: positions found before a call are stale after it."""
+        srt = np.sort(ks)
+        if len(srt) and (srt[0] <= DELETED or (srt[1:] == srt[:-1]).any()):
+            return self._upsert_unique(ks)
+        self._room_for(len(ks))
+        home, step = self._home(ks)
+        pos, stop = self._search(ks, (home, step))
+        new = pos < 0
+        if new.any():
+            pos[new] = self._place(ks[new], stop[new], step[new])
+            self.live += int(np.count_nonzero(new))
+        return pos, new, True
+
+    def _upsert_unique(self, ks: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool]:
+        """upsert for keys with repeats or reserved keys among them."""
+        uniq, inverse = np.unique(ks, return_inverse=True)
+        pos = np.full(len(uniq), -1, np.int64)
+        fresh = np.zeros(len(uniq), bool)
+        ok = np.flatnonzero(uniq > DELETED)
+        if len(ok):
+            pos[ok], fresh[ok], _ = self.upsert(uniq[ok])
+        return pos[inverse], fresh[inverse], False
+
+    def _room_for(self, n: int) -> None:
+        if self.live + self.deleted + n > MAX_LOAD * self.buckets * WAYS:
+            self._resize(self.live + n)
+
+    def _place(self, ks: np.ndarray, b: np.ndarray, step: np.ndarray) -> np.ndarray:
+        """Put distinct absent keys into free slots on their search paths (from buckets b, by
+        steps; b no further than the first bucket with an empty slot); their positions. Keys
+        bound for one bucket take its free slots in turn."""
+        pos = np.empty(len(ks), np.int64)
+        idx = np.arange(len(ks))
+        while len(idx):
+            order = np.argsort(b, kind="stable")
+            bs = b[order]
+            n = np.arange(len(bs))
+            first = np.ones(len(bs), bool)
+            first[1:] = bs[1:] != bs[:-1]
+            rank = n - np.maximum.accumulate(np.where(first, n, 0))  # among keys for its bucket
+            free = self._rows[bs] <= DELETED
+            fits = rank < free.sum(1)
+            nth = (np.cumsum(free, 1) == rank[:, None] + 1) & free
+            s = bs[fits] * WAYS + nth[fits].argmax(1)
+            if self.deleted:
+                self.deleted -= int(np.count_nonzero(self.keys[s] == DELETED))
+            put = idx[order[fits]]
+            self.keys[s] = ks[put]
+            self.vals[s] = 0
+            self.stamps[s] = 0
+            pos[put] = s
+            rest = order[~fits]  # the bucket is full: the next one on the key's path
+            idx, step = idx[rest], step[rest]
+            b = (bs[~fits] + step) % self.buckets
+        return pos
+
+    # --- key by key, for small batches (a numpy call costs as much as ~20 of these steps)
+
+    def _path(self, k: int):
+        """The first slots of the buckets along k's search path (the path _home gives)."""
+        m = k * self._mix_int & _M64
+        nb = self.buckets
+        b = (m >> 32) * nb >> 32
+        yield b * WAYS
+        step = ((m & 0xFFFFFFFF) * (nb - 1) >> 32) + 1
+        for _ in range(nb - 1):
+            b = (b + step) % nb
+            yield b * WAYS
+
+    def find_small(self, keys) -> list[int]:
+        """find, key by key: each key's position or -1."""
+        out, km = [], self._km
+        for k in keys:
+            j = -1
+            if k > DELETED and self.live:
+                for base in self._path(k):
+                    row = km[base : base + WAYS].tolist()
+                    if k in row:
+                        j = base + row.index(k)
+                        break
+                    if EMPTY in row:
+                        break
+            out.append(j)
+        return out
+
+    def upsert_small(self, keys) -> tuple[list[int], list[bool]]:
+        """upsert, key by key: (positions, whether each slot is new); repeats allowed."""
+        self._room_for(len(keys))
+        out, fresh, km = [], [], self._km
+        for k in keys:
+            if k <= DELETED:
+                out.append(-1)
+                fresh.append(False)
+                continue
+            free = -1
+            for base in self._path(k):
+                row = km[base : base + WAYS].tolist()
+                if k in row:
+                    out.append(base + row.index(k))
+                    fresh.append(False)
+                    break
+                if free < 0 and DELETED in row:
+                    free = base + row.index(DELETED)
+                if EMPTY in row:
+                    if free < 0:
+                        free = base + row.index(EMPTY)
+                    else:
+                        self.deleted -= 1
+                    km[free] = k
+                    self._vm[free] = self._sm[free] = 0
+                    self.live += 1
+                    out.append(free)
+                    fresh.append(True)
+                    break
+        return out, fresh
+
+    def get_vals(self, pos: list[int]) -> list[int]:
+        if len(pos) <= SMALL:
+            vm = self._vm
+            return [vm[j] for j in pos]
+        return self.vals[pos].tolist()
+
+    def set_vals(self, pos: list[int], vals: list[int]) -> None:
+        if len(pos) <= SMALL:
+            vm = self._vm
+            for j, v in zip(pos, vals, strict=True):
+                vm[j] = v
+        else:
+            self.vals[pos] = vals
+
+    def set_stamps(self, pos: list[int], first: int) -> None:
+        """Stamps first, first + 1, ... in order of pos (a repeated position keeps its last)."""
+        if len(pos) <= SMALL:
+            sm = self._sm
+            for i, j in enumerate(pos):
+                sm[j] = first + i
+        else:
+            self.stamps[pos] = np.arange(first, first + len(pos), dtype=np.uint32)
+
+    def delete(self, pos) -> None:
+        """Free the slots at `pos` (distinct live positions). May shrink the table: positions
+        are stale after it."""
+        if not len(pos):
+            return
+        if len(pos) <= SMALL:
+            km = self._km
+            for j in pos:
+                km[j] = DELETED
+        else:
+            self.keys[np.asarray(pos, np.int64)] = DELETED
+        self.live -= len(pos)
+        self.deleted += len(pos)
+        if self.buckets > MIN_BUCKETS and self.live < 0.25 * GROW_LOAD * self.buckets * WAYS:
+            self._resize(self.live)
+
+    def live_positions(self) -> np.ndarray:
+        return np.flatnonzero(self.keys > DELETED)
+
+    def _resize(self, live: int) -> None:
+        old_keys, old_vals, old_stamps = self.keys, self.vals, self.stamps
+        self._alloc(_prime_at_least(max(MIN_BUCKETS, math.ceil(live / (GROW_LOAD * WAYS)))))
+        self.deleted = 0
+        # Chunk by chunk: whole-table temporaries would be malloc'd, and glibc keeps freed
+        # heap memory resident (its trim threshold grows with the largest block freed).
+        for i in range(0, len(old_keys), RESIZE_CHUNK):
+            ks = old_keys[i : i + RESIZE_CHUNK]
+            keep = np.flatnonzero(ks > DELETED)
+            ks = ks[keep]
+            pos = self._place(ks, *self._home(ks))
+            self.vals[pos] = old_vals[i : i + RESIZE_CHUNK][keep]
+            self.stamps[pos] = old_stamps[i : i + RESIZE_CHUNK][keep]
