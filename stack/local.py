@@ -485,6 +485,22 @@ class LocalStack:
         )
         wait_http(f"http://127.0.0.1:{c.ports.envoy_admin}/ready", 30, proc)
 
+    def pickers_healthy_in_envoy(self) -> bool:
+        """Whether Envoy's health checks pass every picker (a restarted one is ejected or
+        unchecked for a moment, and FailClose requests fail meanwhile)."""
+        url = f"http://127.0.0.1:{self.cfg.ports.envoy_admin}/clusters"
+        try:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                lines = r.read().decode().splitlines()
+        except OSError:
+            return False
+        flags = [
+            line.rsplit("::", 1)[1]
+            for line in lines
+            if line.startswith("endpoint-picker::") and "::health_flags::" in line
+        ]
+        return len(flags) == len(self.picker_indexes) and all(f == "healthy" for f in flags)
+
     def restart_envoy(self) -> None:
         """Envoy again with the current config (say, another `cfg.auth`); the picker and
         pods keep running."""

@@ -124,9 +124,12 @@ class InfergateRouter:
 
     def _restart_picker(self, args: list[str]) -> None:
         assert self._stack is not None
-        self._stack.stop_picker()
-        self._stack.cfg.picker_args = args
-        self._stack.start_picker()
+        stack = self._stack
+        stack.stop_picker()
+        stack.cfg.picker_args = args
+        stack.start_picker()
+        if "envoy" in stack.procs:  # no request until Envoy's health checks pass it again
+            wait_until(stack.pickers_healthy_in_envoy, 30, stack.procs["envoy"], "pickers healthy")
 
     def stop(self) -> None:
         pass  # the stack stops the picker and Envoy with the pods

@@ -122,9 +122,9 @@ def test_bad_records_are_counted_and_dropped():
         "unknown_pod": 1,
         "bad_keys": 3,
     }
-    assert held(kv, [1, 2]) == 0
-    sync.handle(encode(["kv", POD, [1, 2]]))
-    assert sync.counts["applied"] == 1 and held(kv, [1, 2]) == 2
+    assert held(kv, [11, 12]) == 0
+    sync.handle(encode(["kv", POD, [11, 12]]))
+    assert sync.counts["applied"] == 1 and held(kv, [11, 12]) == 2
 
 
 def test_a_channel_has_one_owner_and_nothing_is_published_before_start():
