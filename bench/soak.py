@@ -174,6 +174,15 @@ async def until_answers(url: str, deadline: float) -> bool:
     return False
 
 
+def _gone(pid: int) -> bool:
+    """Whether the process no longer runs: reaped, or a zombie awaiting its parent."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(") ", 1)[1].startswith("Z")
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+
+
 class Faults:
     """Each fault strikes, waits for its recovery, and records its window."""
 
@@ -190,6 +199,15 @@ class Faults:
         self.windows.append(window)
         return window
 
+    async def _kill(self, pid: int, window: FaultWindow) -> None:
+        """SIGKILL `pid` and note when it is gone (exited, a zombie or reaped)."""
+        os.kill(pid, signal.SIGKILL)
+        for _ in range(5000):  # gone within milliseconds; past ~5 s, note the time anyway
+            if _gone(pid):
+                break
+            await asyncio.sleep(0.001)
+        window.gone = time.monotonic() - self.t0
+
     def _recovered(self, window: FaultWindow, ok: bool = True) -> None:
         if ok:
             window.end = time.monotonic() - self.t0
@@ -198,7 +216,7 @@ class Faults:
         port = self.stack.pod_ports[0]
         proc = self.stack.procs[f"pod-{port}"]
         window = self._strike("pod killed", kills=True)
-        os.kill(proc.pid, signal.SIGKILL)  # the supervisor starts it again
+        await self._kill(proc.pid, window)  # the supervisor starts it again
         ok = await until_answers(f"http://127.0.0.1:{port}/health", self.deadline)
         self._recovered(window, ok)
 
@@ -229,7 +247,7 @@ class Faults:
     async def kill_picker(self) -> None:
         proc = self.stack.procs["picker"]
         window = self._strike("picker killed", kills=True)
-        os.kill(proc.pid, signal.SIGKILL)  # the supervisor starts it again
+        await self._kill(proc.pid, window)  # the supervisor starts it again
         metrics = self.stack.cfg.ports.picker_metrics
         ok = await until_answers(f"http://127.0.0.1:{metrics}/healthz", self.deadline)
         self._recovered(window, ok)

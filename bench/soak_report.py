@@ -34,9 +34,13 @@ class FaultWindow:
     kills: bool  # a component is killed: the requests in flight with it may fail
     start: float  # seconds since the load began
     end: float | None = None  # recovered; None: never recovered within the run
+    # When the killed process was gone (it takes a few ms after the signal): a request that
+    # started before then may have been handed to it, and is in flight with it too.
+    gone: float | None = None
 
     def in_flight(self, o: Outcome) -> bool:
-        return self.kills and o.start < self.start < o.end
+        last = self.start if self.gone is None else max(self.start, self.gone)
+        return self.kills and o.start < last and self.start < o.end
 
     def during(self, o: Outcome, run_end: float) -> bool:
         end = run_end if self.end is None else self.end

@@ -34,6 +34,16 @@ def test_only_requests_in_flight_at_a_kill_may_be_lost():
     assert table[STEADY].errors == {"connection error": 1, "503": 1}
 
 
+def test_a_request_sent_while_the_killed_process_was_dying_was_in_flight_with_it():
+    # SIGKILL at 10.0; the process was gone at 10.004: a request started at 10.002 may have
+    # been handed to it. One started after it was gone is not explained by the kill.
+    kill = FaultWindow("picker killed", kills=True, start=10.0, end=12.0, gone=10.004)
+    outcomes = [Outcome(10.002, 10.01, "lost answer"), Outcome(10.005, 10.01, "500")]
+    table = attribute(outcomes, [kill], run_end=13.0)
+    assert (table["picker killed"].in_flight, table["picker killed"].during) == (1, 1)
+    assert table["picker killed"].violations == {"500": 1}
+
+
 @pytest.mark.slow
 def test_a_short_soak_accounts_for_every_request(tmp_path):
     require_redis_server()
