@@ -29,7 +29,7 @@ from pathlib import Path
 import aiohttp
 import yaml
 
-from infergw.bench.common import machine, save_results
+from infergw.bench.common import machine, process_gone, save_results
 from infergw.bench.redis_server import RedisServer, which_redis_server
 from infergw.bench.soak_report import OK, FaultWindow, Outcome, markdown, plot, summarize
 from infergw.stack.local import LocalStack, StackConfig
@@ -174,15 +174,6 @@ async def until_answers(url: str, deadline: float) -> bool:
     return False
 
 
-def _gone(pid: int) -> bool:
-    """Whether the process no longer runs: reaped, or a zombie awaiting its parent."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(") ", 1)[1].startswith("Z")
-    except (FileNotFoundError, ProcessLookupError):
-        return True
-
-
 class Faults:
     """Each fault strikes, waits for its recovery, and records its window."""
 
@@ -203,7 +194,7 @@ class Faults:
         """SIGKILL `pid` and note when it is gone (exited, a zombie or reaped)."""
         os.kill(pid, signal.SIGKILL)
         for _ in range(5000):  # gone within milliseconds; past ~5 s, note the time anyway
-            if _gone(pid):
+            if process_gone(pid):
                 break
             await asyncio.sleep(0.001)
         window.gone = time.monotonic() - self.t0

@@ -77,15 +77,6 @@ def envoy_stats(stack: LocalStack, pattern: str) -> dict[str, int]:
     return {k: int(v) for k, v in (line.split(": ", 1) for line in text.splitlines())}
 
 
-def picker_healthy(stack: LocalStack) -> bool:
-    url = f"http://127.0.0.1:{stack.cfg.ports.envoy_admin}/clusters"
-    lines = requests.get(url, timeout=5).text.splitlines()
-    flags = [
-        line for line in lines if line.startswith("endpoint-picker::") and "health_flags" in line
-    ]
-    return flags == [f"endpoint-picker::127.0.0.1:{stack.cfg.ports.picker}::health_flags::healthy"]
-
-
 def restart_picker_with(stack: LocalStack, tls_dir) -> None:
     """The picker again, serving tls.crt and tls.key from `tls_dir` (Envoy's CA unchanged)."""
     for name in ("tls.crt", "tls.key"):
@@ -110,7 +101,7 @@ def test_envoy_refuses_a_picker_whose_certificate_another_ca_signed(stack, tmp_p
         # The health check (plaintext, on the health port) passes; the request's own ext_proc
         # connection refuses the impostor's certificate and, failing closed, the request fails
         # instead of going to a pod unpicked.
-        wait_until(lambda: picker_healthy(stack), 30, None, "Envoy to check the new picker")
+        wait_until(stack.pickers_healthy_in_envoy, 30, None, "Envoy to check the new picker")
         seen, served = picker_requests(stack), len(recorded(stack))
 
         def refused_by_its_certificate() -> bool:
@@ -125,7 +116,7 @@ def test_envoy_refuses_a_picker_whose_certificate_another_ca_signed(stack, tmp_p
         assert len(recorded(stack)) == served
     finally:
         restart_picker_with(stack, ours)
-    wait_until(lambda: picker_healthy(stack), 30, None, "Envoy to see the picker healthy")
+    wait_until(stack.pickers_healthy_in_envoy, 30, None, "Envoy to see the picker healthy")
     # The refused handshake ejected the picker for a second (outlier detection); then it serves.
     wait_until(lambda: ask(stack).status_code == 200, 30, None, "the picker to serve again")
 
@@ -134,7 +125,7 @@ def test_one_slow_health_check_does_not_take_the_picker_down(stack):
     """The picker stalls (SIGSTOP, as under a CPU burst) until one health check has timed
     out, then goes on: Envoy keeps it healthy, and requests keep being picked."""
     assert ask(stack).status_code == 200
-    wait_until(lambda: picker_healthy(stack), 30, None, "Envoy to see the picker healthy")
+    wait_until(stack.pickers_healthy_in_envoy, 30, None, "Envoy to see the picker healthy")
     prefix = "cluster.endpoint-picker.health_check"
     pattern = f"^{prefix}\\.(failure|healthy)$"
     failures = envoy_stats(stack, pattern)[f"{prefix}.failure"]
