@@ -9,6 +9,9 @@ import asyncio
 from collections.abc import Callable
 
 import msgspec
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from infergw.epp.datastore import Endpoint
 from infergw.epp.kv_events import KV_SPECULATIVE
@@ -17,9 +20,11 @@ from infergw.epp.scheduling.framework import ProfileResult, SchedulingResult
 from infergw.epp.scheduling.handle import Handle
 from infergw.epp.scheduling.plugins.prefix_cache import PrefixCacheScorer
 from infergw.kvindex.cache import KVCache, Prompt
+from infergw.kvindex.dict_index import DictBlockIndex
 from infergw.kvindex.index import KVBlockIndex
 from infergw.kvindex.tokenize import PromptTokenizers
 from infergw.stack.ports import free_port
+from tests.fuzzing import fuzz_settings
 from tests.request_fixtures import bare_context
 
 ALL = [Endpoint(name=f"{p}-rank-0", pod=p, address=f"10.0.0.{i}:8000") for i, p in enumerate("abc")]
@@ -139,3 +144,35 @@ def test_a_channel_has_one_owner_and_nothing_is_published_before_start():
     share(POD, [1])
     share(POD, [])
     assert sync.counts["published"] == 0
+
+
+# A peer's frame: random bytes, or msgpack of anything near a record's shape.
+# What msgpack can carry: any int from -2**63 to 2**64 - 1.
+_KEY = st.one_of(st.integers(-(2**63), 2**64 - 1), st.sampled_from([0, 1, 2**64 - 1, -1]))
+_VALUE = st.recursive(
+    st.one_of(st.none(), st.booleans(), _KEY, st.text(max_size=20), st.binary(max_size=20)),
+    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=5), inner),
+    max_leaves=20,
+)
+_RECORDISH = st.tuples(
+    st.sampled_from(["kv", "other", ""]) | st.text(max_size=5),
+    st.sampled_from([POD, "10.9.9.9:8000"]) | st.text(max_size=10),
+    st.lists(_KEY, max_size=40) | _VALUE,
+).map(list)
+_FRAME = st.binary(max_size=200) | _RECORDISH.map(msgspec.msgpack.encode)
+_FRAME = _FRAME | _VALUE.map(msgspec.msgpack.encode)
+
+
+@pytest.mark.fuzz
+@pytest.mark.parametrize("layout", [KVBlockIndex, DictBlockIndex])
+@fuzz_settings(300)
+@given(frames=st.lists(_FRAME, max_size=20))
+def test_any_peer_frame_is_applied_or_counted_never_raised(layout, frames):
+    index = layout(block_size=16)
+    kv = KVCache(tokenizers=PromptTokenizers({}), index=index)
+    sync = ReplicaSync("tcp://127.0.0.1:1", [], is_member=lambda a: a == POD)
+    sync.channel("kv", kv.add_speculative_keys)
+    for frame in frames:
+        sync.handle(frame)  # never raises: the receive loop must outlive any peer
+    assert sum(sync.counts.values()) == len(frames)
+    assert all(0 <= k < 2**64 for k in index.keys_of(POD))

@@ -10,7 +10,10 @@ import logging
 
 import pytest
 import requests
+from hypothesis import given
+from hypothesis import strategies as st
 
+from infergw.epp.errors import PickerError
 from infergw.kvindex import unresolved
 from infergw.kvindex.cache import KVCache, Prompt
 from infergw.kvindex.events import BlockRemoved, BlockStored, decode_batch
@@ -19,6 +22,7 @@ from infergw.kvindex.keys import prompt_keys
 from infergw.kvindex.tokenize import PromptTokenizers
 from infergw.kvindex.translate import MAX_EXTRA_BYTES, EventTranslator
 from infergw.simulator.block_hashing import BlockHasher, block_extra_keys, event_hash
+from tests.fuzzing import fuzz_settings
 from tests.kv_recordings import recorded_batches, recorded_lines, request
 from tests.kv_subscriber import Subscriber, start_tiny
 from tests.paths import TINY, TINY_MODEL
@@ -338,3 +342,31 @@ def test_recorded_salted_requests_predicted_as_vllm_cached_them(tokenizers):
         hits += cached > 0
     assert hits >= 2  # the repeats with the same salt (or none) hit, the others did not
     assert translator.stats()["skipped"] == {} and translator.stats()["unknown_parents"] == 0
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=40),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=4), inner),
+    max_leaves=10,
+)
+
+
+@pytest.mark.fuzz
+@fuzz_settings(200)
+@given(salt=_JSON)
+def test_any_cache_salt_is_a_400_or_keys_the_prompt_apart(tokenizers, salt):
+    """A client's cache_salt: not a string → 400 with the field named, never a 500; a
+    non-empty string keys every block apart from the unsalted prompt's (an empty one is
+    ignored, as vLLM ignores it)."""
+    _, kv = picker(tokenizers)
+    body = {"model": MODEL, "prompt": "salted " * 40, "cache_salt": salt}
+    try:
+        ctx = request("/v1/completions", body)
+    except PickerError as exc:
+        assert exc.status == 400 and not isinstance(salt, str) and salt is not None
+        assert "cache_salt" in str(exc)
+        return
+    plain = kv.prompt(request("/v1/completions", {**body, "cache_salt": None}))
+    salted = kv.prompt(ctx, ctx.request.body.cache_salt)
+    assert plain is not None and salted is not None and plain.tokens == salted.tokens
+    assert (set(plain.keys) & set(salted.keys) == set()) == bool(salt)
