@@ -6,18 +6,14 @@ tokenizer, and kept in the request's context."""
 
 from __future__ import annotations
 
-import logging
 from array import array
 from typing import TYPE_CHECKING, Protocol
 
 from infergw.epp.context import RequestContext
-from infergw.kvindex.cache import TOKENIZED_APIS
-from infergw.kvindex.tokenize import PromptError
+from infergw.kvindex.cache import TOKENIZED_APIS, tokens_with
 
 if TYPE_CHECKING:
     from infergw.kvindex.tokenize import PromptTokenizer, PromptTokenizers
-
-log = logging.getLogger("epp.tokenizing")
 
 
 class PromptTokenizing(Protocol):
@@ -50,11 +46,4 @@ class ModelTokenizers:
             await ctx.tokenize(tokenizer)
 
     def token_ids(self, ctx: RequestContext) -> array | None:
-        tokenizer = self._tokenizer(ctx)
-        if tokenizer is None:
-            return None
-        try:
-            return ctx.prompt_token_ids(tokenizer)
-        except PromptError as exc:  # a prompt the template rejects: callers estimate instead
-            log.debug("tokenizing %s failed: %s", ctx.request_id, exc)
-            return None
+        return tokens_with(ctx, self._tokenizer(ctx))

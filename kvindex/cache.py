@@ -62,6 +62,18 @@ class TokenizableRequest(Protocol):
     async def tokenize(self, tokenizer: PromptTokenizer) -> None: ...
 
 
+def tokens_with(req: TokenizableRequest, tokenizer: PromptTokenizer | None) -> array | None:
+    """The prompt's token ids by `tokenizer` (tokenized once a request, by the request); None
+    without a tokenizer, or when it refused the prompt (callers estimate instead)."""
+    if tokenizer is None:
+        return None
+    try:
+        return req.prompt_token_ids(tokenizer)
+    except PromptError as exc:
+        log.debug("no tokens for %s: %s", req.request_id, exc)
+        return None
+
+
 def _no_adapter(model: str) -> tuple[str, str | None]:
     return model, None
 
@@ -106,16 +118,9 @@ class KVCache:
             await req.tokenize(tokenizer)
 
     def token_ids(self, req: TokenizableRequest) -> array | None:
-        """The prompt's token ids (tokenized once a request, by the request); None when no
-        tokenizer fits its model or the tokenizer refused the prompt."""
-        tokenizer, _, _ = self._tokenizer(req)
-        if tokenizer is None:
-            return None
-        try:
-            return req.prompt_token_ids(tokenizer)
-        except PromptError as exc:
-            log.debug("no tokens for %s: %s", req.request_id, exc)
-            return None
+        """The prompt's token ids; None when no tokenizer fits its model or it refused the
+        prompt."""
+        return tokens_with(req, self._tokenizer(req)[0])
 
     def prompt(self, req: TokenizableRequest, cache_salt: str | None = None) -> Prompt | None:
         """The prompt's index keys, salted with the request's `cache_salt` as vLLM salts its
