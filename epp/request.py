@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
 import sys
 import threading
 import uuid
 from array import array
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +26,7 @@ from infergw.epp.request_body import (
     decode_raw,
     present,
 )
+from infergw.epp.worker_lane import WorkerLane
 
 if TYPE_CHECKING:  # loaded when a prompt is first tokenized (jinja2, tokenizers)
     from infergw.kvindex.tokenize import PromptError, PromptTokenizer
@@ -51,15 +50,15 @@ class _TokenizingLane:
     messages, and the tokenizer's Encoding of ~400 bytes a token, is what a lane may hold
     beyond the bodies themselves)."""
 
-    thread: ThreadPoolExecutor
+    thread: WorkerLane
     lock: threading.Lock
 
 
 # Large prompts have a lane of their own: one takes seconds (1 MiB: ~4 s on 2 busy cores), and
 # nearly every request waits for its tokens, so small prompts must never queue behind them
 # (four 4 MiB prompts on one lane held a 1-token request for 9 s).
-_SMALL_PROMPTS = _TokenizingLane(ThreadPoolExecutor(1, "epp-tokenize"), threading.Lock())
-_LARGE_PROMPTS = _TokenizingLane(ThreadPoolExecutor(1, "epp-tokenize-large"), threading.Lock())
+_SMALL_PROMPTS = _TokenizingLane(WorkerLane("epp-tokenize"), threading.Lock())
+_LARGE_PROMPTS = _TokenizingLane(WorkerLane("epp-tokenize-large"), threading.Lock())
 LARGE_PROMPT_BYTES = 64 * 1024
 # Larger prompts (about 300k tokens, past most models' context) are not tokenized: their
 # tokens are estimated and the precise prefix scorer leaves them to the others. Tokenizing
@@ -133,10 +132,7 @@ async def token_ids_off_loop(
     req: InferenceRequest, tokenizer: PromptTokenizer
 ) -> array | PromptError:
     """token_ids on the request's tokenizing lane, so the event loop never waits for it."""
-    loop = asyncio.get_running_loop()
-    return await loop.run_in_executor(
-        _lane(req.body).thread, _tokens_or_error, tokenizer, req.api, req.body
-    )
+    return await _lane(req.body).thread.run(_tokens_or_error, tokenizer, req.api, req.body)
 
 
 def _tokens_or_error(
