@@ -13,7 +13,7 @@ from infergw.epp.body_budget import DEFAULT_MAX_HELD_BYTES
 from infergw.epp.scrape_pace import DEFAULT_IDLE_INTERVAL
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m)?$")
-_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")  # a namespace or Service name
+_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")  # a namespace or Service name
 KV_EVENTS_PORT = 5557
 
 
@@ -55,7 +55,7 @@ def service_ref(text: str, default_namespace: str) -> ServiceRef:
     namespace, _, name = text.strip().rpartition("/")
     namespace = namespace or default_namespace
     for what, value in (("namespace", namespace), ("Service name", name)):
-        if not _DNS_LABEL.match(value):
+        if not _DNS_LABEL.fullmatch(value):
             raise ValueError(f"{what} {value!r} is not a DNS label (lower case, digits, '-')")
     return ServiceRef(namespace, name)
 

@@ -244,6 +244,8 @@ def test_the_discovery_flag():
         [*base, bind, "--replica-sync-discovery=Not_A_Name"],
         [*base, bind, "--replica-sync-discovery=a/b/c"],
         [*base, bind, "--replica-sync-discovery=ns/"],
+        [*base, bind, "--replica-sync-discovery=ns\n/name"],
+        [*base, bind, f"--replica-sync-discovery={'x' * 64}"],
     ):
         with pytest.raises(SystemExit):
             parse_options(bad)
