@@ -39,6 +39,8 @@ POD = Kind("v1", "Pod", "pods")
 NAMESPACE = Kind("v1", "Namespace", "namespaces", namespaced=False)  # read by the webhook only
 SERVICE = Kind("v1", "Service", "services")
 LEASE = Kind("coordination.k8s.io/v1", "Lease", "leases")
+# Read by the picker only: its replicas find each other through a headless Service's slices.
+ENDPOINT_SLICE = Kind("discovery.k8s.io/v1", "EndpointSlice", "endpointslices")
 INFERENCE_POOL = Kind("inference.networking.k8s.io/v1", "InferencePool", "inferencepools")
 # Named priorities the picker reads; no controller reconciles them (standalone mode applies
 # them from manifests and exports them to the picker's pool file).

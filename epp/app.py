@@ -49,6 +49,7 @@ from infergw.kvindex.tokenize import PromptTokenizers
 
 if TYPE_CHECKING:
     from infergw.epp.kv_events import KVCacheView
+    from infergw.epp.replica_peers import ReplicaPeers
 
 log = logging.getLogger("epp")
 
@@ -84,6 +85,7 @@ class Picker:
     scraper: MetricsScraper
     director: Director
     replicas: ReplicaSync | None = None  # decisions shared with other replicas
+    peers: ReplicaPeers | None = None  # who those replicas are, in a cluster
 
 
 @dataclass(slots=True)
@@ -128,12 +130,16 @@ async def build_picker(opts: PickerOptions) -> Picker:
     provider = await start_provider(opts, datastore, metrics)
     if view is not None:
         start_kv_cache(opts, view)
+    peers = None
     if replicas is not None:
         replicas.start()
+        peers = start_replica_peers(opts, replicas, metrics)
     gate = build_gatekeeper(opts, text, scheduling, view, metrics)
     scraper = await start_scraper(opts, datastore, metrics, gate)
     director = build_director(opts, datastore, scheduling, metrics, trust, gate)
-    return Picker(datastore, metrics, view, scheduling, provider, gate, scraper, director, replicas)
+    return Picker(
+        datastore, metrics, view, scheduling, provider, gate, scraper, director, replicas, peers
+    )
 
 
 def build_datastore() -> tuple[Datastore, PickerMetrics]:
@@ -160,6 +166,39 @@ def build_replica_sync(
     )
     metrics.registry.register(replicas)
     return replicas
+
+
+def start_replica_peers(
+    opts: PickerOptions, replicas: ReplicaSync, metrics: PickerMetrics
+) -> ReplicaPeers | None:
+    """With --replica-sync-discovery: watch the Service's EndpointSlices for the replicas'
+    addresses (in the background; the picker serves without them)."""
+    if opts.replica_sync_discovery is None:
+        return None
+    from kubernetes import config
+
+    from infergw.cluster.kube_store import KubeStore, api_client_from_environment
+    from infergw.epp.providers.kubernetes import LIST_TIMEOUT, WATCH_TIMEOUT
+    from infergw.epp.replica_peers import ReplicaPeers, own_ips
+
+    service = opts.replica_sync_discovery
+    try:
+        client = api_client_from_environment()
+    except config.ConfigException as exc:
+        raise KubernetesProviderError(
+            f"--replica-sync-discovery {service}: no Kubernetes client config: {exc}"
+        ) from exc
+    peers = ReplicaPeers(
+        replicas,
+        KubeStore(client, watch_timeout=WATCH_TIMEOUT, request_timeout=LIST_TIMEOUT),
+        service.namespace,
+        service.name,
+        own=own_ips(replicas.bind, os.environ.get("POD_IP")),
+        close_store=client.close,
+    )
+    metrics.registry.register(peers)
+    peers.start()
+    return peers
 
 
 def build_kv_cache(
@@ -478,6 +517,8 @@ async def stop_picker(picker: Picker) -> None:
     await picker.provider.stop()
     if picker.view is not None:
         await picker.view.close()
+    if picker.peers is not None:
+        await picker.peers.stop()
     if picker.replicas is not None:
         await picker.replicas.close()
 

@@ -13,6 +13,7 @@ from infergw.epp.body_budget import DEFAULT_MAX_HELD_BYTES
 from infergw.epp.scrape_pace import DEFAULT_IDLE_INTERVAL
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m)?$")
+_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")  # a namespace or Service name
 KV_EVENTS_PORT = 5557
 
 
@@ -38,6 +39,25 @@ def boolean(text: str) -> bool:
     if text.lower() in ("false", "0", "no", "off"):
         return False
     raise argparse.ArgumentTypeError(f"not a boolean: {text!r}")
+
+
+@dataclass(slots=True, frozen=True)
+class ServiceRef:
+    namespace: str
+    name: str
+
+    def __str__(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+def service_ref(text: str, default_namespace: str) -> ServiceRef:
+    """'[NAMESPACE/]SERVICE' → ServiceRef; ValueError names what is wrong."""
+    namespace, _, name = text.strip().rpartition("/")
+    namespace = namespace or default_namespace
+    for what, value in (("namespace", namespace), ("Service name", name)):
+        if not _DNS_LABEL.fullmatch(value):
+            raise ValueError(f"{what} {value!r} is not a DNS label (lower case, digits, '-')")
+    return ServiceRef(namespace, name)
 
 
 @dataclass(slots=True)
@@ -80,6 +100,7 @@ class PickerOptions:
     kv_index_redis_ttl: float = 3600.0
     replica_sync_bind: str | None = None
     replica_sync_peers: tuple[str, ...] = ()
+    replica_sync_discovery: ServiceRef | None = None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -208,6 +229,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="the other replicas' --replica-sync-bind endpoints, comma-separated (this one's "
         "own is skipped, so every replica may get the same list)",
     )
+    kv.add_argument(
+        "--replica-sync-discovery",
+        default=None,
+        metavar="[NAMESPACE/]SERVICE",
+        help="in a cluster, instead of --replica-sync-peers: the other replicas are the ready "
+        "endpoints of this headless Service's port named replica-sync, watched through its "
+        "EndpointSlices (needs list/watch on endpointslices; namespace default: "
+        "--pool-namespace); endpoints at $POD_IP or the bind are this replica and skipped",
+    )
     kv.add_argument("--kv-index-block-size", type=int, default=16)
     kv.add_argument("--kv-index-max-entries", type=int, default=5_000_000)
     kv.add_argument(
@@ -284,6 +314,16 @@ def parse_options(argv: list[str] | None = None) -> PickerOptions:
         p.error("--kv-index-backend redis needs --kv-index-redis-url")
     if a.kv_index_redis_timeout <= 0 or a.kv_index_redis_ttl <= 0:
         p.error("--kv-index-redis-timeout and --kv-index-redis-ttl must be > 0")
+    discovery = None
+    if a.replica_sync_discovery is not None:
+        if not a.replica_sync_bind:
+            p.error("--replica-sync-discovery needs --replica-sync-bind")
+        if a.replica_sync_peers.strip():
+            p.error("give --replica-sync-peers or --replica-sync-discovery, not both")
+        try:
+            discovery = service_ref(a.replica_sync_discovery, a.pool_namespace)
+        except ValueError as exc:
+            p.error(f"--replica-sync-discovery {a.replica_sync_discovery!r}: {exc}")
     return PickerOptions(
         host=a.host,
         grpc_port=a.grpc_port,
@@ -313,6 +353,7 @@ def parse_options(argv: list[str] | None = None) -> PickerOptions:
         kv_index_max_entries=a.kv_index_max_entries,
         replica_sync_bind=a.replica_sync_bind,
         replica_sync_peers=tuple(p.strip() for p in a.replica_sync_peers.split(",") if p.strip()),
+        replica_sync_discovery=discovery,
         tokenizers=tokenizers,
         trust_client_headers=a.trust_client_headers,
         trust_model_rewrite_header=a.trust_model_rewrite_header,

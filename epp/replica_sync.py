@@ -19,6 +19,10 @@ pod's events confirm it; channel `approximate-prefix/<plugin name>` carries that
 block hashes for its LRU. Peers are trusted by address (loopback in the local stack, a
 NetworkPolicy in a cluster), yet a bad record is counted and dropped: a malformed frame, an
 unknown channel or pod, more keys than a prompt can have.
+
+Peers are a static list (`--replica-sync-peers`, the local stack) or found at run time
+(epp/replica_peers.py, a cluster): `set_peers` connects the SUB to new ones and disconnects it
+from gone ones, never from this replica's own endpoint, and follows at most MAX_PEERS.
 """
 
 from __future__ import annotations
@@ -26,18 +30,19 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import msgspec
 import zmq
 import zmq.asyncio
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 log = logging.getLogger("epp.replica_sync")
 
 MAX_KEYS = 65_536  # a 1M-token prompt in 16-token blocks
 MAX_MESSAGE_BYTES = 16 + 10 * MAX_KEYS + 512
 SEND_HWM = 10_000  # messages queued per peer before new ones are dropped (a slow peer)
+MAX_PEERS = 32  # a picker Deployment has a few replicas; more is a misconfiguration
 
 
 Share = Callable[[str, list[int]], None]  # (pod address, keys)
@@ -54,7 +59,7 @@ class ReplicaSync:
 
     def __init__(self, bind: str, peers: list[str], is_member: Callable[[str], bool]) -> None:
         self.bind = bind
-        self.peers = [p for p in peers if p != bind]
+        self.peers: list[str] = []  # the endpoints the SUB is connected to (or will be)
         self._is_member = is_member
         self._channels: dict[str, Share] = {}
         self._ctx = zmq.asyncio.Context()
@@ -64,6 +69,8 @@ class ReplicaSync:
         self._encode = msgspec.msgpack.Encoder().encode
         self._decode = msgspec.msgpack.Decoder(Record).decode
         self.counts: Counter[str] = Counter()  # published, applied, and why not: reasons
+        self.peer_changes: Counter[str] = Counter()  # connected, disconnected, over_cap, failed
+        self.set_peers(peers)
 
     def channel(self, name: str, apply: Share) -> Share:
         """Records of one kind: peers' go to `apply`; the function returned publishes ours."""
@@ -76,14 +83,15 @@ class ReplicaSync:
         pub = self._ctx.socket(zmq.PUB)
         pub.setsockopt(zmq.SNDHWM, SEND_HWM)
         pub.setsockopt(zmq.LINGER, 0)
-        pub.bind(self.bind)
         sub = self._ctx.socket(zmq.SUB)
         sub.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)  # a larger frame drops the peer
         sub.setsockopt(zmq.LINGER, 0)
         sub.setsockopt(zmq.SUBSCRIBE, b"")
-        for peer in self.peers:
-            sub.connect(peer)
+        for sock in (pub, sub):
+            sock.setsockopt(zmq.IPV6, 1)  # an IPv6 pod network; IPv4 endpoints work as before
+        pub.bind(self.bind)
         self._pub, self._sub = pub, sub
+        self.peers = [p for p in self.peers if self._connect(p)]
         self._task = asyncio.create_task(self._receive())
         log.info(
             "sharing routing decisions (%s) on %s with %s",
@@ -91,6 +99,49 @@ class ReplicaSync:
             self.bind,
             self.peers or "no peer",
         )
+
+    def set_peers(self, peers: Iterable[str]) -> None:
+        """Follow these peers from now on: connect to new ones, disconnect from gone ones.
+        This replica's own endpoint is left out; past MAX_PEERS the rest are (logged, counted)."""
+        wanted = sorted({p for p in peers if p != self.bind})
+        if len(wanted) > MAX_PEERS:
+            self.peer_changes["over_cap"] += 1
+            log.warning(
+                "replica sync: %d peers, following the first %d (MAX_PEERS): this replica "
+                "does not hear the others' decisions",
+                len(wanted), MAX_PEERS,
+            )  # fmt: skip
+            wanted = wanted[:MAX_PEERS]
+        if self._sub is None:  # not started: start() connects
+            self.peers = wanted
+            return
+        keep = set(wanted)
+        gone = [p for p in self.peers if p not in keep]
+        new = [p for p in wanted if p not in self.peers]
+        for peer in gone:
+            try:
+                self._sub.disconnect(peer)
+            except zmq.ZMQError:  # never connected (it failed): nothing to undo
+                pass
+            self.peer_changes["disconnected"] += 1
+        connected = [p for p in new if self._connect(p)]
+        self.peers = sorted((set(self.peers) - set(gone)) | set(connected))
+        if gone or connected:
+            log.info(
+                "replica sync peers: %s (connected %s, disconnected %s)",
+                self.peers or "none", connected or "none", gone or "none",
+            )  # fmt: skip
+
+    def _connect(self, peer: str) -> bool:
+        assert self._sub is not None
+        try:
+            self._sub.connect(peer)
+        except zmq.ZMQError as exc:  # not an endpoint ZMQ understands
+            self.peer_changes["failed"] += 1
+            log.warning("replica sync: cannot connect to peer %r: %s", peer, exc)
+            return False
+        self.peer_changes["connected"] += 1
+        return True
 
     def publish(self, channel: str, pod: str, keys: list[int]) -> None:
         """Tell the peers (never blocks: a message a slow peer cannot take is dropped)."""
@@ -149,6 +200,21 @@ class ReplicaSync:
         for outcome, n in sorted(self.counts.items()):
             family.add_metric([outcome], n)
         yield family
+        peers = GaugeMetricFamily(
+            "infergate_epp_replica_sync_peers",
+            "Other picker replicas this one subscribes to.",
+        )
+        peers.add_metric([], len(self.peers))
+        yield peers
+        changes = CounterMetricFamily(
+            "infergate_epp_replica_sync_peer_changes",
+            "Peers connected, disconnected, failed (an endpoint ZMQ refused), and times the "
+            "peer list exceeded its cap (over_cap).",
+            labels=["change"],
+        )
+        for change, n in sorted(self.peer_changes.items()):
+            changes.add_metric([change], n)
+        yield changes
 
     async def close(self) -> None:
         if self._task is not None:

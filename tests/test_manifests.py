@@ -26,10 +26,12 @@ from infergw.api.names import (
     OBJECTIVE_HEADER,
     USER_HEADER,
 )
+from infergw.cluster.store import ENDPOINT_SLICE
 from infergw.controllers.model_objects import CONNECTOR_SERVICE_ACCOUNT
 from infergw.epp import protocol
 from infergw.epp.app import HEALTH_SERVICES
-from infergw.epp.options import build_parser
+from infergw.epp.options import build_parser, parse_options
+from infergw.epp.replica_peers import SYNC_PORT_NAME
 from infergw.epp.scheduling.config import ConfigError, load_config
 from infergw.stack.auth import removed_headers
 from infergw.stack.ports import StackPorts
@@ -401,7 +403,7 @@ def test_deployment_probes_ports_and_hardening() -> None:
     container = _container()
     pod = _picker()["spec"]["template"]["spec"]
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"grpc": 9002, "grpc-health": 9003, "http-metrics": 9090}
+    assert ports == {"grpc": 9002, "grpc-health": 9003, "http-metrics": 9090, "replica-sync": 9004}
     assert container["readinessProbe"]["grpc"] == {"port": 9003, "service": "readiness"}
     assert container["livenessProbe"]["grpc"] == {"port": 9003, "service": "liveness"}
     assert container["resources"]["requests"] and container["resources"]["limits"]
@@ -440,6 +442,38 @@ def test_the_picker_runs_active_active() -> None:
     assert 1 <= budget["spec"]["minAvailable"] < replicas  # a drain can still take one
 
 
+def test_the_replicas_find_each_other_for_the_replica_sync() -> None:
+    """Each replica binds its sync PUB on its pod IP at the container's replica-sync port, and
+    follows the ready endpoints of a headless Service over the picker's pods whose port of
+    that name leads there; the args pass the picker's own checks once the kubelet expands
+    them."""
+    container = _container()
+    env = {e["name"]: e for e in container["env"]}
+    assert env["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    expanded = [
+        a.replace("$(POD_IP)", "10.0.0.5").replace("$(POD_NAMESPACE)", "default")
+        for a in container["args"]
+    ]
+    opts = parse_options([a for a in expanded if not a.startswith("--config=")])
+    assert opts.replica_sync_bind == f"tcp://10.0.0.5:{ports[SYNC_PORT_NAME]}"
+    assert opts.replica_sync_peers == ()
+    service_ref = opts.replica_sync_discovery
+    assert service_ref is not None and service_ref.namespace == "default"
+    service = _one("Service", service_ref.name)
+    assert service["metadata"]["namespace"] == _picker()["metadata"]["namespace"]
+    spec = service["spec"]
+    assert spec["clusterIP"] == "None"  # headless: the pods' own addresses, no virtual IP
+    assert not spec.get("publishNotReadyAddresses")  # only ready replicas are followed
+    assert spec["selector"].items() <= _picker()["spec"]["template"]["metadata"]["labels"].items()
+    [port] = spec["ports"]
+    assert port["name"] == SYNC_PORT_NAME and port["targetPort"] == SYNC_PORT_NAME
+    assert port["port"] == ports[SYNC_PORT_NAME]
+    # Envoy's Service (the InferencePool's picker) does not carry the sync port.
+    picker_service = _one("Service", "vllm-pool-epp")
+    assert SYNC_PORT_NAME not in {p["name"] for p in picker_service["spec"]["ports"]}
+
+
 def test_envoy_health_checks_and_ejects_each_picker_replica() -> None:
     """Envoy Gateway's ext_proc cluster holds one host per replica: each is actively checked
     (gRPC health on the port it dials, a service the picker serves there) and ejected at its
@@ -475,13 +509,15 @@ def test_role_grants_only_read_verbs_on_what_the_picker_reads() -> None:
             assert set(rule["verbs"]) <= READ_ONLY_VERBS, rule
             assert "*" not in rule["resources"] and "*" not in rule["apiGroups"], rule
             granted |= {(g, r) for g in rule["apiGroups"] for r in rule["resources"]}
-    # Everything the Kubernetes provider lists or watches, and nothing else.
+    # Everything the Kubernetes provider and the replicas' discovery list or watch, and
+    # nothing else.
     from infergw.epp.providers.kubernetes import OPTIONAL_KINDS
 
     assert granted == {
         ("", "pods"),
         ("inference.networking.k8s.io", "inferencepools"),
         *((kind.group, kind.plural) for kind in OPTIONAL_KINDS.values()),
+        (ENDPOINT_SLICE.group, ENDPOINT_SLICE.plural),
     }
 
 
@@ -742,10 +778,12 @@ def test_only_envoy_reaches_ext_proc_and_only_monitoring_the_metrics() -> None:
     ports = {p["name"] for p in _container()["ports"]}
     assert {p for p, _ in admitted if isinstance(p, str)} <= ports
     kv_bind = _picker_args().kv_events_bind
+    pickers = {"podSelector": {"matchLabels": _one("Service", "vllm-pool-epp")["spec"]["selector"]}}
     assert admitted == {
         ("grpc", None): [ENVOY_PODS],
         ("http-metrics", None): [MONITORING],
         (int(kv_bind.rsplit(":", 1)[1]), None): [pool_pods],  # central mode's SUB
+        (SYNC_PORT_NAME, None): [pickers],  # the replica sync's PUB: other pickers only
     }
 
 
