@@ -196,8 +196,15 @@ for s = 1, #ids, 1024 do  -- unpack's bound on values
   end
 end
 local segs, count, masked, prev = {}, 1, string.char(unpack(cur)), first
+local batch, at, want = {}, 0, 8
 for i = 4, #KEYS do
-  local v = redis.call('GET', KEYS[i])
+  if at == #batch then  -- read ahead in growing batches: fewer calls, little read past the end
+    local names = {}
+    for j = i, math.min(i + want - 1, #KEYS) do names[#names + 1] = KEYS[j] end
+    batch, at, want = redis.call('MGET', unpack(names)), 0, math.min(want * 2, 256)
+  end
+  at = at + 1
+  local v = batch[at]
   if not v then break end
   if v ~= prev then
     local any = false
