@@ -20,9 +20,11 @@ from infergw.kvindex.index import KVBlockIndex
 from infergw.kvindex.keys import block_keys, model_root
 from infergw.kvindex.redis_index import (
     KEY_PREFIX,
+    MalformedReply,
     RedisIndexMetrics,
     RedisIndexWriter,
     RedisPrefixIndex,
+    parse_segments,
 )
 from infergw.kvindex.redis_layout import KeyLayout
 from infergw.kvindex.tokenize import PromptTokenizers
@@ -270,22 +272,36 @@ async def test_redis_killed_mid_run_reads_as_no_hits_then_recovers(redis_server,
         await shared.close()
 
 
+MALFORMED = "malformed_reply"
+
+
 @pytest.mark.parametrize(
-    "reply",
+    ("reply", "reason"),
     [
-        b"*3\r\n" + resp(b"pod") + resp(b"1") + resp(b"x"),  # odd pairs
-        resp([b"pod", b"19"]),  # a tier digit out of range
-        resp([b"pod", b"1" * 9]),  # a run longer than the keys asked
-        resp([1, 2]),
-        ("+", "OK"),
-        ("-", "ERR nope"),
-        b"*1000000\r\n" + resp(1) * 100_000,  # far over the reply bound
+        pytest.param(b"*3\r\n" + resp(b"pod") + resp(b"1") + resp(b"x"), MALFORMED, id="odd"),
+        pytest.param(resp([b"pod", b"19"]), MALFORMED, id="pairs"),
+        pytest.param(resp([1, 2]), MALFORMED, id="ints"),
+        pytest.param(resp(("+", "OK")), MALFORMED, id="simple"),
+        pytest.param(resp(("-", "ERR nope")), "response", id="error"),
+        pytest.param(b"*1000000\r\n" + resp(1) * 100_000, "connection", id="huge"),
+        # The script's {positions, names, segments}, out of shape:
+        pytest.param(resp([[2, 1], [], [1, b"\x40\x40"]]), MALFORMED, id="order"),
+        pytest.param(resp([[1], [], [1, b"\x40\x40"]]), MALFORMED, id="width"),
+        pytest.param(resp([[1], [], [9, b"\x40"]]), MALFORMED, id="more-keys-than-asked"),
+        pytest.param(resp([[1], [], [0, b"\x40"]]), MALFORMED, id="empty-segment"),
+        pytest.param(resp([[1], [5, b"pod"], [1, b"\x40"]]), MALFORMED, id="stray-id"),
+        pytest.param(resp([[1], [0, 7], [1, b"\x40"]]), MALFORMED, id="name-type"),
+        pytest.param(resp([[1], [0], [1, b"\x40"]]), MALFORMED, id="odd-names"),
+        pytest.param(resp([[1], [0, b"pod"], []]), MALFORMED, id="no-segment"),
+        pytest.param(resp([[1], [0, b"pod"], [b"1", b"\x40"]]), MALFORMED, id="count-type"),
+        pytest.param(resp([[0], [0, b"pod"], [1, b"\x40"]]), MALFORMED, id="position"),
+        pytest.param(resp([[1], [0, b"pod"], [1, b"\x40"], []]), MALFORMED, id="four"),
+        pytest.param(resp([[1], [0, b"pod"], [1, b"\x40", 1]]), MALFORMED, id="odd-segments"),
     ],
-    ids=["odd", "digit", "long", "ints", "simple", "error", "huge"],
 )
-async def test_a_hostile_reply_reads_as_no_hits_and_is_counted(reply):
+async def test_a_hostile_reply_reads_as_no_hits_and_is_counted(reply, reason):
     server = FakeRedis()
-    server.replies = [reply if isinstance(reply, bytes) else resp(reply)]
+    server.replies = [reply]
     await server.start()
     registry = CollectorRegistry()
     client = redis_client(server.address, timeout=0.5, max_reply_bytes=64 * 1024)
@@ -296,7 +312,10 @@ async def test_a_hostile_reply_reads_as_no_hits_and_is_counted(reply):
         held = await reader.fetch(keys)
         assert time.monotonic() - t0 < 1.0
         assert held.match_lengths(keys, ["pod"]) == {"pod": 0}
+        assert held.lookup(keys) == {}
         assert value(registry, "infergate_kvindex_redis_lookups_total", result="failed") == 1
+        errors = "infergate_kvindex_redis_errors_total"
+        assert value(registry, errors, op="lookup", reason=reason) == 1
         assert not reader.available
     finally:
         await client.aclose()
@@ -329,55 +348,42 @@ async def test_write_ops_compose_and_a_clear_supersedes_older_writes(redis_serve
         await shared.close()
 
 
-@pytest.mark.parametrize(
-    "reply",
-    [
-        [[2, 1], [], [1, b"\x40\x40"]],  # positions out of order
-        [[1], [], [1, b"\x40\x40"]],  # a bitmap slice of another width
-        [[1], [], [9, b"\x40"]],  # more keys than asked
-        [[1], [], [0, b"\x40"]],  # an empty segment
-        [[1], [5, b"pod"], [1, b"\x40"]],  # a name for an id the bitmap does not hold
-        [[1], [0, 7], [1, b"\x40"]],  # a name that is not a string
-        [[1], [0], [1, b"\x40"]],  # odd names
-        [[1], [0, b"pod"], []],  # no segment
-        [[1], [0, b"pod"], [b"1", b"\x40"]],  # a count that is not an integer
-        [[0], [0, b"pod"], [1, b"\x40"]],  # a position before the first byte
-        [[1], [0, b"pod"], [1, b"\x40"], []],  # four parts
-        [1, 2, 3],
-    ],
-    ids=[
-        "order",
-        "width",
-        "long",
-        "empty-segment",
-        "stray-name",
-        "name-type",
-        "odd-names",
-        "no-segment",
-        "count-type",
-        "position",
-        "four",
-        "ints",
-    ],
-)
-async def test_a_hostile_segment_reply_reads_as_no_hits_and_is_counted(reply):
-    server = FakeRedis()
-    server.replies = [resp(reply)]
-    await server.start()
-    registry = CollectorRegistry()
-    client = redis_client(server.address, timeout=0.5, max_reply_bytes=64 * 1024)
-    reader = RedisPrefixIndex(client, timeout=0.5, metrics=RedisIndexMetrics(registry))
-    keys = list(range(4))
-    try:
-        held = await reader.fetch(keys)
-        assert held.match_lengths(keys, ["pod"]) == {"pod": 0}
-        assert held.lookup(keys) == {}
-        assert value(registry, "infergate_kvindex_redis_lookups_total", result="failed") == 1
-        reason = "malformed_reply"
-        assert value(registry, "infergate_kvindex_redis_errors_total", op="lookup", reason=reason)
-    finally:
-        await client.aclose()
-        await server.stop()
+def _garbage(rng: random.Random, depth: int = 0):
+    """A reply-like value: near the script's shape, or anything a RESP parser yields."""
+    kind = rng.randrange(7 if depth < 3 else 4)
+    if kind == 0:
+        return rng.choice([0, 1, 2, 3, 4, -1, 2**63, 4096, 4097])
+    if kind == 1:
+        return bytes(rng.randrange(256) for _ in range(rng.randrange(4)))
+    if kind == 2:
+        return rng.choice([None, True, 1.5, "s", b"pod"])
+    if kind == 3:
+        return []
+    if kind == 4:  # the script's shape, its parts mutated
+        width = rng.randrange(1, 3)
+        return [
+            sorted(rng.sample(range(1, 5), width)),
+            [rng.randrange(12), rng.choice([b"a", b"b"])] * rng.randrange(3),
+            [rng.randrange(-1, 4), bytes(rng.randrange(256) for _ in range(width))]
+            * rng.randrange(1, 3),
+        ]
+    return [_garbage(rng, depth + 1) for _ in range(rng.randrange(5))]
+
+
+def test_any_reply_parses_or_is_malformed_never_another_error():
+    rng = random.Random(3)
+    parsed = 0
+    for _ in range(5000):
+        reply = _garbage(rng)
+        try:
+            segments = parse_segments(reply, 4)
+        except MalformedReply:
+            continue
+        parsed += 1
+        for pod in segments.columns:
+            assert len(segments.run(pod, 4)) <= 4
+            assert segments.scores([pod], 4, (0, 1, 1, 1))[0] <= 4
+    assert parsed > 50, "some replies are well formed"
 
 
 async def test_a_well_formed_segment_reply_is_read_as_sent():
