@@ -13,23 +13,24 @@ new one's first. A picker started with `--no-kv-index-redis-write` subscribes to
 holds no index: it only reads (that is the memory this backend saves: one writer, or two for
 redundancy, holds the translation; every other replica holds nothing).
 
-Key layout (`infergate:kv` is the prefix):
-- `infergate:kv:b:<key as 16 hex digits>`: a hash, pod address → one digit of tier bits
-  (1 gpu, 2 cpu, 3 both) followed by the Redis time of the write in microseconds. Every write
-  sets the key's expiry to `ttl` (default 1 h): the bound on what a writer that died leaves.
-  Redis's own bound is `maxmemory` with `maxmemory-policy allkeys-lru` (reads count as uses),
-  which the operator sets; the README says how much each (block, pod) costs.
-- `infergate:kv:cleared`: a hash, pod → the Redis time of its last clear (AllBlocksCleared,
-  an engine restart, the pod leaving). An entry written before it is dead: lookups skip it, the
-  next write over it starts from nothing, the key's expiry removes it. So clear_pod is one
-  command, whatever the pod held, and needs no list of its keys.
-Standalone Redis/Valkey only (a lookup's keys are spread over every cluster slot).
+Key layout: kvindex.redis_layout (versioned: `infergate:kv:v2:...`). Per block key one small
+string, the holders as a bitmap over stable pod ids, two tier bits a pod; a pod-id table maps
+pods to ids. Every write sets the key's expiry to `ttl` (default 1 h): the bound on what a
+writer that died leaves. Redis's own bound is `maxmemory` with `maxmemory-policy allkeys-lru`
+(reads count as uses), which the operator sets; the README says how much each block costs.
+`clear_pod` (AllBlocksCleared, an engine restart, the pod leaving) retires the pod's id: one
+command, whatever the pod held, and needs no list of its keys. At most `max_pod_ids` pods have
+an id at once; a pod that finds the table full is not written (its changes are dropped and
+counted as errors{op="write",reason="pod_ids_full"}).
 
-Reads. `fetch` runs one script (EVALSHA) over the prompt's keys: it walks them in order and
-returns, per pod holding the first key, the tier digits of its consecutive run, stopping at
-the first key no pod still running holds. It has a deadline (`timeout`); the reply is bounded by
-the client's parser (epp builds the client). When Redis fails (refused, timed out, an error,
-a reply too large or out of shape) the lookup answers "no hits", counted in
+Reads. `fetch` runs one script (EVALSHA) over the prompt's keys: it takes the live holders of
+the first key as candidates and walks the keys in order, narrowing the candidates, until none
+is left. Its cost is about O(blocks matched + pods matched): a block whose bitmap equals the
+one before costs a string comparison, the reply holds one bitmap slice per change along the
+walk (a pod's run ending, a tier changing), not a digit per (block, pod). It has a deadline
+(`timeout`); the reply is bounded by the client's parser (epp builds the client) and checked
+in full (`parse_segments`). When Redis fails (refused, timed out, an error, a reply too large
+or out of shape) the lookup answers "no hits", counted in
 `infergate_kvindex_redis_errors_total{op,reason}` and logged at ERROR once, then at most every
 `log_interval` seconds, with a WARNING when Redis answers again; for `retry_interval` seconds
 after a failure Redis is not asked at all. Writes failing are kept (up to `max_pending`
@@ -49,12 +50,21 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
 from infergw.kvindex.backend import BlockIndex
 from infergw.kvindex.index import DEFAULT_TIER_WEIGHTS, Tier
+from infergw.kvindex.redis_layout import (
+    CLEAR_SCRIPT,
+    LOOKUP_SCRIPT,
+    MAX_MASK_BYTES,
+    MAX_POD_IDS,
+    WRITE_SCRIPT,
+    KeyLayout,
+)
 
 log = logging.getLogger("kvindex.redis_index")
 
@@ -66,81 +76,7 @@ KEYS_PER_CALL = 512  # block keys per write script call
 MAX_LOOKUP_KEYS = 8192  # a prompt's keys looked up (128k tokens at 16 a block)
 _BITS: dict[str, int] = {"gpu": 1, "cpu": 2}
 _ALL = 3
-
-# KEYS[1] cleared hash; KEYS[2..] block keys. ARGV[1] pod, ARGV[2] ttl ms, ARGV[i+1] the op on
-# KEYS[i]: set bits + 4 * cleared bits (applied as: bits = old & ~cleared | set).
-WRITE_SCRIPT = """
-local clock = redis.call('TIME')
-local now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
-local pod, ttl = ARGV[1], tonumber(ARGV[2])
-local cleared = tonumber(redis.call('HGET', KEYS[1], pod) or '-1')
-if now <= cleared then now = cleared + 1 end
-local stamp = string.format('%.0f', now)
-for i = 2, #KEYS do
-  local op = tonumber(ARGV[i + 1])
-  local set, clr = op % 4, math.floor(op / 4)
-  local old = 0
-  local v = redis.call('HGET', KEYS[i], pod)
-  if v then
-    local t = tonumber(string.sub(v, 2))
-    if t and t > cleared then old = tonumber(string.sub(v, 1, 1)) or 0 end
-  end
-  local bits = bit.bor(bit.band(old, 3 - clr), set)
-  if bits == 0 then
-    if v then redis.call('HDEL', KEYS[i], pod) end
-  else
-    redis.call('HSET', KEYS[i], pod, bits .. stamp)
-    redis.call('PEXPIRE', KEYS[i], ttl)
-  end
-end
-return #KEYS - 1
-"""
-
-# KEYS[1] cleared hash; ARGV[1] pod. Everything the pod wrote before now is dead.
-CLEAR_SCRIPT = """
-local clock = redis.call('TIME')
-local now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
-local cleared = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '-1')
-if now <= cleared then now = cleared + 1 end
-redis.call('HSET', KEYS[1], ARGV[1], string.format('%.0f', now))
-return 1
-"""
-
-# KEYS[1] cleared hash; KEYS[2..] a prompt's block keys in order.
-# -> {pod, run, pod, run, ...}: per pod holding KEYS[2], the tier digits of its consecutive run.
-LOOKUP_SCRIPT = """
-local cleared, runs, alive = {}, {}, nil
-for i = 2, #KEYS do
-  local row = redis.call('HGETALL', KEYS[i])
-  local next_alive, n = {}, 0
-  for j = 1, #row, 2 do
-    local pod, v = row[j], row[j + 1]
-    if alive == nil or alive[pod] then
-      local c = cleared[pod]
-      if c == nil then
-        c = tonumber(redis.call('HGET', KEYS[1], pod) or '-1')
-        cleared[pod] = c
-      end
-      local t = tonumber(string.sub(v, 2))
-      if t and t > c then
-        local r = runs[pod]
-        if r == nil then r = {}; runs[pod] = r end
-        r[#r + 1] = string.sub(v, 1, 1)
-        next_alive[pod] = true
-        n = n + 1
-      end
-    end
-  end
-  if n == 0 then break end
-  alive = next_alive
-end
-local out = {}
-for pod, r in pairs(runs) do
-  out[#out + 1] = pod
-  out[#out + 1] = table.concat(r)
-end
-return out
-"""
+_FIELD_SHIFTS = (6, 4, 2, 0)  # a bitmap byte's four pods (ids 4j..4j+3), two bits each
 
 
 class MalformedReply(redis_errors.RedisError):
@@ -159,24 +95,76 @@ def _reason(error: BaseException) -> str:
     return "other"
 
 
-def parse_runs(reply: Any, n_keys: int) -> dict[str, bytes]:
-    """The lookup script's {pod, run, ...} → pod → run of tier digits (b"1".."3"), each run at
-    most n_keys long; MalformedReply for anything else."""
-    if not isinstance(reply, list) or len(reply) % 2:
-        raise MalformedReply(f"lookup: expected a flat list of pairs, got {repr(reply)[:80]}")
-    runs: dict[str, bytes] = {}
-    for i in range(0, len(reply), 2):
-        pod, run = reply[i], reply[i + 1]
-        if not isinstance(pod, bytes) or not isinstance(run, bytes) or len(run) > n_keys:
-            raise MalformedReply(f"lookup: bad pair {repr(reply[i : i + 2])[:80]}")
-        if run.strip(b"123"):
-            raise MalformedReply(f"lookup: bad tier digits {run[:40]!r}")
-        runs[pod.decode(errors="replace")] = run
-    return runs
+@dataclass(frozen=True, slots=True)
+class Segments:
+    """A lookup's answer: the prompt's first `ends[-1]` keys cut into segments over which no
+    pod's tiers change; per segment and pod (a column), its tier digit (1 gpu, 2 cpu, 3 both),
+    0 from the segment where its run ended on."""
+
+    columns: dict[str, int]  # pod → its column in digits
+    ends: np.ndarray  # int64, each segment's end (exclusive), increasing
+    digits: np.ndarray  # uint8, (segments, columns)
+
+    def run(self, pod: str, n: int) -> bytes:
+        """The pod's run over the first n keys, as tier digits b"1".."3"."""
+        col = self.columns.get(pod)
+        if col is None:
+            return b""
+        lens = np.diff(self.ends, prepend=0)
+        held = int(lens[self.digits[:, col] != 0].sum())
+        return (np.repeat(self.digits[:, col], lens)[: min(n, held)] + 48).tobytes()
+
+    def scores(self, pods: list[str], n: int, weights: Sequence[float]) -> list:
+        """Per pod (in order), the sum of weights[digit] over its run within the first n keys."""
+        cols = [self.columns[p] for p in pods]
+        s = min(int(np.searchsorted(self.ends, n, side="left")) + 1, len(self.ends))
+        lens = np.diff(np.minimum(self.ends[:s], n), prepend=0)
+        table = np.asarray(weights)
+        return (table[self.digits[:s, cols]] * lens[:, None]).sum(axis=0).tolist()
 
 
-def block_key(prefix: str, key: int) -> str:
-    return f"{prefix}:b:{key:016x}"
+NO_SEGMENTS = Segments({}, np.zeros(0, np.int64), np.zeros((0, 0), np.uint8))
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def parse_segments(reply: Any, n_keys: int) -> Segments:
+    """The lookup script's {} or {positions, names, segments} (kvindex.redis_layout) → Segments
+    over at most n_keys keys; MalformedReply for anything else."""
+    if reply == []:
+        return NO_SEGMENTS
+    if not isinstance(reply, list) or len(reply) != 3:
+        raise MalformedReply(f"lookup: expected 3 parts, got {repr(reply)[:80]}")
+    positions, names, segs = reply
+    if not (isinstance(positions, list) and isinstance(names, list) and isinstance(segs, list)):
+        raise MalformedReply(f"lookup: expected 3 lists, got {repr(reply)[:80]}")
+    width = len(positions)
+    if not 0 < width <= MAX_MASK_BYTES or not all(_is_int(p) for p in positions):
+        raise MalformedReply(f"lookup: bad positions {repr(positions)[:80]}")
+    if any(not a < b for a, b in zip([0, *positions], positions, strict=False)):
+        raise MalformedReply(f"lookup: positions out of order {repr(positions)[:80]}")
+    counts, masks = segs[0::2], segs[1::2]
+    if not segs or len(segs) % 2 or not all(_is_int(c) and c > 0 for c in counts):
+        raise MalformedReply(f"lookup: bad segments {repr(segs)[:80]}")
+    if sum(counts) > n_keys or not all(isinstance(m, bytes) and len(m) == width for m in masks):
+        raise MalformedReply(f"lookup: segments over {n_keys} keys or of another width")
+    raw = np.frombuffer(b"".join(masks), np.uint8).reshape(len(masks), width)
+    digits = np.stack([raw >> s & 3 for s in _FIELD_SHIFTS], axis=2).reshape(len(masks), -1)
+    digits *= np.cumprod(digits != 0, axis=0, dtype=np.uint8)  # a run ends once
+    byte_of = {p: i for i, p in enumerate(positions)}
+    columns: dict[str, int] = {}
+    if len(names) % 2:
+        raise MalformedReply(f"lookup: odd names {repr(names)[:80]}")
+    for pod_id, name in zip(names[0::2], names[1::2], strict=True):
+        at = byte_of.get(pod_id // 4 + 1) if _is_int(pod_id) and pod_id >= 0 else None
+        if at is None or not isinstance(name, bytes):
+            raise MalformedReply(f"lookup: bad name {pod_id!r} {name!r}"[:120])
+        col = 4 * at + pod_id % 4
+        if digits[0, col]:
+            columns[name.decode(errors="replace")] = col
+    return Segments(columns, np.cumsum(counts, dtype=np.int64), digits)
 
 
 class RedisIndexMetrics:
@@ -309,43 +297,51 @@ class SpeculativeEntries:
 
 
 class HeldRuns:
-    """A prompt's lookup result: per pod the tier digits of its run from the first key (from
-    Redis), merged with this replica's speculative entries (GPU) as the lookup is answered.
-    A pod's run continues through speculative keys, and ends where neither holds the key."""
+    """A prompt's lookup result: per pod its run of held keys from the first key, with their
+    tiers (Segments, from Redis), merged with this replica's speculative entries (GPU) as the
+    lookup is answered. A pod's run continues through speculative keys, and ends where
+    neither holds the key."""
 
-    def __init__(self, keys: list[int], runs: Mapping[str, bytes], spec: SpeculativeEntries):
+    def __init__(self, keys: list[int], segments: Segments, spec: SpeculativeEntries):
         self.keys = keys
-        self.runs = runs
+        self.segments = segments
         self._spec = spec
 
     def _walk(self, keys, pods, weights) -> dict:
         self._spec.expire()
         if not keys:
             return dict.fromkeys(pods, weights[0]) if pods is not None else {}
+        seg = self.segments
         if pods is None:
-            cand = set(self.runs) | set(self._spec.pods_holding(keys[0]))
+            cand = dict.fromkeys([*seg.columns, *self._spec.pods_holding(keys[0])])
         else:
             cand = dict.fromkeys(pods)
+        # The common case, a pod without speculative keys: its run's score in array steps.
+        plain = [p for p in cand if p in seg.columns and not self._spec.of(p)]
+        scored = dict(zip(plain, seg.scores(plain, len(keys), weights), strict=True))
         out = {}
         for pod in cand:
-            run, spec = self.runs.get(pod, b""), self._spec.of(pod)
-            score, n = weights[0], len(run)
-            if not spec:  # the common case: count the run's digits, no walk in Python
-                run = run[: len(keys)]
-                score += sum(run.count(d) * weights[d - 48] for d in b"123")
-                if pods is not None or score:
-                    out[pod] = score
-                continue
-            for i, k in enumerate(keys):
-                bits = run[i] - 48 if i < n else 0
-                if k in spec:
-                    bits |= 1
-                if not bits:
-                    break
-                score += weights[bits]
+            score = scored.get(pod)
+            if score is None:
+                score = self._walk_one(pod, keys, weights)
+            else:
+                score += weights[0]
             if pods is not None or score:
                 out[pod] = score
         return out
+
+    def _walk_one(self, pod: str, keys: list[int], weights) -> float:
+        """A pod with speculative keys (or none held in Redis): key by key."""
+        run, spec = self.segments.run(pod, len(keys)), self._spec.of(pod)
+        score, n = weights[0], len(run)
+        for i, k in enumerate(keys):
+            bits = run[i] - 48 if i < n else 0
+            if k in spec:
+                bits |= 1
+            if not bits:
+                break
+            score += weights[bits]
+        return score
 
     def lookup(
         self,
@@ -388,8 +384,7 @@ class RedisPrefixIndex:
         self.block_size = block_size
         self.timeout = timeout
         self.metrics = metrics if metrics is not None else RedisIndexMetrics()
-        self.key_prefix = key_prefix
-        self._cleared = f"{key_prefix}:cleared"
+        self.layout = KeyLayout(key_prefix)
         self._script = client.register_script(LOOKUP_SCRIPT)
         self._health = _Health("lookup", retry_interval, log_interval)
         self._spec = SpeculativeEntries(speculative_ttl, max_speculative, clock)
@@ -403,22 +398,24 @@ class RedisPrefixIndex:
         keys = keys[:MAX_LOOKUP_KEYS]
         now = time.monotonic()
         if not keys:
-            return HeldRuns(keys, {}, self._spec)
+            return HeldRuns(keys, NO_SEGMENTS, self._spec)
         if self._health.skipping(now):
             self.metrics.lookups.labels("skipped").inc()
-            return HeldRuns(keys, {}, self._spec)
-        names = [self._cleared, *(block_key(self.key_prefix, k) for k in keys)]
+            return HeldRuns(keys, NO_SEGMENTS, self._spec)
+        layout = self.layout
+        names = [layout.live, layout.names, *map(layout.block, keys)]
         try:
             async with asyncio.timeout(self.timeout):
-                runs = parse_runs(await self._script(keys=names), len(keys))
+                reply = await self._script(keys=names, args=[MAX_MASK_BYTES])
+                segments = parse_segments(reply, len(keys))
         except Exception as error:  # whatever the client raises, Redis could not be asked
             self.metrics.errors.labels("lookup", _reason(error)).inc()
             self.metrics.lookups.labels("failed").inc()
             self._health.failed(error, time.monotonic(), "lookups answer no hits")
-            return HeldRuns(keys, {}, self._spec)
+            return HeldRuns(keys, NO_SEGMENTS, self._spec)
         self.metrics.lookups.labels("ok").inc()
         self._health.succeeded(time.monotonic())
-        return HeldRuns(keys, runs, self._spec)
+        return HeldRuns(keys, segments, self._spec)
 
     def lookup(
         self,
@@ -427,10 +424,10 @@ class RedisPrefixIndex:
         *,
         tier_weights: Mapping[str, float] = DEFAULT_TIER_WEIGHTS,
     ) -> dict[str, float]:
-        return HeldRuns(keys, {}, self._spec).lookup(keys, pods, tier_weights=tier_weights)
+        return HeldRuns(keys, NO_SEGMENTS, self._spec).lookup(keys, pods, tier_weights=tier_weights)
 
     def match_lengths(self, keys: list[int], pods: Iterable[str] | None = None) -> dict[str, int]:
-        return HeldRuns(keys, {}, self._spec).match_lengths(keys, pods)
+        return HeldRuns(keys, NO_SEGMENTS, self._spec).match_lengths(keys, pods)
 
     def add_speculative(self, pod: str, keys: list[int]) -> None:
         self._spec.add(pod, keys)
@@ -462,9 +459,12 @@ class RedisIndexWriter:
         log_interval: float = 30.0,
         metrics: RedisIndexMetrics | None = None,
         key_prefix: str = KEY_PREFIX,
+        max_pod_ids: int = MAX_POD_IDS,
     ) -> None:
         if ttl <= 0 or interval <= 0 or batch < 1 or max_pending < 1:
             raise ValueError("ttl and interval must be > 0, batch and max_pending >= 1")
+        if not 0 < max_pod_ids <= MAX_POD_IDS:
+            raise ValueError(f"max_pod_ids must be in 1..{MAX_POD_IDS}")
         self.local = local
         self.client = client
         self.ttl_ms = str(max(1, int(ttl * 1000)))
@@ -473,11 +473,13 @@ class RedisIndexWriter:
         self.max_pending = max_pending
         self.timeout = timeout
         self.metrics = metrics if metrics is not None else RedisIndexMetrics()
-        self.key_prefix = key_prefix
-        self._cleared = f"{key_prefix}:cleared"
+        self.layout = KeyLayout(key_prefix)
+        self.max_pod_ids = str(max_pod_ids)
         self._write = client.register_script(WRITE_SCRIPT)
         self._clear = client.register_script(CLEAR_SCRIPT)
         self._health = _Health("write", retry_interval, log_interval)
+        self._log_interval = log_interval
+        self._full_logged_at = -1e18
         self._ops: dict[str, dict[int, int]] = {}  # pod -> key -> op, in arrival order
         self._clears: list[str] = []  # pods cleared before the ops queued for them
         self._n = 0
@@ -573,29 +575,57 @@ class RedisIndexWriter:
             self._ops, self._clears, self._n = {}, [], 0
             try:
                 async with asyncio.timeout(self.timeout):
-                    await self._send(ops, clears)
+                    refused = await self._send(ops, clears)
             except Exception as error:
                 self.metrics.errors.labels("write", _reason(error)).inc()
                 self._health.failed(error, time.monotonic(), "changes kept and retried")
                 self._requeue(ops, clears, n)
                 return False
-            self.metrics.written.inc(n)
+            if refused:
+                self._refused(refused)
+            self.metrics.written.inc(n - sum(refused.values()))
             self.metrics.pending.set(self._n)
             self._health.succeeded(time.monotonic())
             return True
 
-    async def _send(self, ops: dict[str, dict[int, int]], clears: list[str]) -> None:
+    async def _send(self, ops: dict[str, dict[int, int]], clears: list[str]) -> dict[str, int]:
+        """Write; returns per pod the changes refused because the pod-id table was full."""
         pipe = self.client.pipeline(transaction=False)
+        table, block = self.layout.table, self.layout.block
         for pod in dict.fromkeys(clears):
-            await self._clear(keys=[self._cleared], args=[pod], client=pipe)
+            await self._clear(keys=table, args=[pod, self.ttl_ms], client=pipe)
+        calls: list[tuple[str, int]] = []
         for pod, by_key in ops.items():
             items = list(by_key.items())
             for i in range(0, len(items), KEYS_PER_CALL):
                 chunk = items[i : i + KEYS_PER_CALL]
-                keys = [self._cleared, *(block_key(self.key_prefix, k) for k, _ in chunk)]
-                args = [pod, self.ttl_ms, *(op for _, op in chunk)]
+                keys = [*table, *(block(k) for k, _ in chunk)]
+                args = [pod, self.ttl_ms, self.max_pod_ids, *(op for _, op in chunk)]
                 await self._write(keys=keys, args=args, client=pipe)
-        await pipe.execute()
+                calls.append((pod, len(chunk)))
+        results = await pipe.execute()
+        refused: dict[str, int] = {}
+        for (pod, n), result in zip(calls, results[len(results) - len(calls) :], strict=True):
+            if result == -1:
+                refused[pod] = refused.get(pod, 0) + n
+        return refused
+
+    def _refused(self, refused: dict[str, int]) -> None:
+        """Pods that found the pod-id table full: their changes are dropped, counted, logged."""
+        n = sum(refused.values())
+        self.metrics.errors.labels("write", "pod_ids_full").inc(len(refused))
+        self.metrics.dropped.inc(n)
+        now = time.monotonic()
+        if now - self._full_logged_at >= self._log_interval:
+            self._full_logged_at = now
+            log.error(
+                "shared KV index: the pod-id table is full (%s ids); %d changes of %d pods "
+                "dropped (e.g. %s): they get no precise routing from the shared index",
+                self.max_pod_ids,
+                n,
+                len(refused),
+                next(iter(refused)),
+            )
 
     def _requeue(self, ops: dict[str, dict[int, int]], clears: list[str], n: int) -> None:
         """Put a failed flush back before what was queued since, as if it had never left."""

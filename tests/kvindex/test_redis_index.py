@@ -20,11 +20,13 @@ from infergw.kvindex.index import KVBlockIndex
 from infergw.kvindex.keys import block_keys, model_root
 from infergw.kvindex.redis_index import (
     KEY_PREFIX,
+    MalformedReply,
     RedisIndexMetrics,
     RedisIndexWriter,
     RedisPrefixIndex,
-    block_key,
+    parse_segments,
 )
+from infergw.kvindex.redis_layout import KeyLayout
 from infergw.kvindex.tokenize import PromptTokenizers
 from infergw.kvindex.translate import EventTranslator
 from tests import kv_storms
@@ -63,29 +65,33 @@ class Shared:
         await self.client.aclose()
 
 
+LAYOUT = KeyLayout(KEY_PREFIX)
+
+
+def _bit(bitmap: bytes, offset: int) -> bool:
+    """Redis's GETBIT: bit 0 is the first byte's most significant bit."""
+    return offset // 8 < len(bitmap) and bool(bitmap[offset // 8] >> (7 - offset % 8) & 1)
+
+
 async def redis_holdings(client: Redis) -> dict[str, dict[str, set[int]]]:
-    """pod → tier → keys, read back from Redis as lookups see them (entries written before
-    the pod's clear are dead)."""
-    cleared = {
-        k.decode(): int(v) for k, v in (await client.hgetall(f"{KEY_PREFIX}:cleared")).items()
-    }
+    """pod → tier → keys, read back from Redis as lookups see them (bits of ids not live, i.e.
+    retired by a clear, are dead)."""
+    names = {int(i): pod.decode() for i, pod in (await client.hgetall(LAYOUT.names)).items()}
+    live = await client.get(LAYOUT.live) or b""
     out: dict[str, dict[str, set[int]]] = {}
-    async for name in client.scan_iter(match=f"{KEY_PREFIX}:b:*", count=1000):
+    async for name in client.scan_iter(match=f"{LAYOUT.root}:b:*", count=1000):
         key = int(name.decode().rsplit(":", 1)[1], 16)
-        for pod, v in (await client.hgetall(name)).items():
-            pod = pod.decode()
-            bits, stamp = int(v[:1]), int(v[1:])
-            if stamp <= cleared.get(pod, -1):
-                continue
-            tiers = out.setdefault(pod, {"gpu": set(), "cpu": set()})
-            for tier, bit in (("gpu", 1), ("cpu", 2)):
-                if bits & bit:
+        bitmap = await client.get(name) or b""
+        for pod_id, pod in names.items():
+            for tier, offset in (("gpu", 2 * pod_id + 1), ("cpu", 2 * pod_id)):
+                if _bit(bitmap, offset) and _bit(live, offset):
+                    tiers = out.setdefault(pod, {"gpu": set(), "cpu": set()})
                     tiers[tier].add(key)
     return out
 
 
 def all_block_keys(shared: Shared):
-    return shared.client.scan_iter(match=f"{KEY_PREFIX}:b:*", count=1000)
+    return shared.client.scan_iter(match=f"{LAYOUT.root}:b:*", count=1000)
 
 
 def memory_holdings(index: KVBlockIndex, pods) -> dict[str, dict[str, set[int]]]:
@@ -266,22 +272,36 @@ async def test_redis_killed_mid_run_reads_as_no_hits_then_recovers(redis_server,
         await shared.close()
 
 
+MALFORMED = "malformed_reply"
+
+
 @pytest.mark.parametrize(
-    "reply",
+    ("reply", "reason"),
     [
-        b"*3\r\n" + resp(b"pod") + resp(b"1") + resp(b"x"),  # odd pairs
-        resp([b"pod", b"19"]),  # a tier digit out of range
-        resp([b"pod", b"1" * 9]),  # a run longer than the keys asked
-        resp([1, 2]),
-        ("+", "OK"),
-        ("-", "ERR nope"),
-        b"*1000000\r\n" + resp(1) * 100_000,  # far over the reply bound
+        pytest.param(b"*3\r\n" + resp(b"pod") + resp(b"1") + resp(b"x"), MALFORMED, id="odd"),
+        pytest.param(resp([b"pod", b"19"]), MALFORMED, id="pairs"),
+        pytest.param(resp([1, 2]), MALFORMED, id="ints"),
+        pytest.param(resp(("+", "OK")), MALFORMED, id="simple"),
+        pytest.param(resp(("-", "ERR nope")), "response", id="error"),
+        pytest.param(b"*1000000\r\n" + resp(1) * 100_000, "connection", id="huge"),
+        # The script's {positions, names, segments}, out of shape:
+        pytest.param(resp([[2, 1], [], [1, b"\x40\x40"]]), MALFORMED, id="order"),
+        pytest.param(resp([[1], [], [1, b"\x40\x40"]]), MALFORMED, id="width"),
+        pytest.param(resp([[1], [], [9, b"\x40"]]), MALFORMED, id="more-keys-than-asked"),
+        pytest.param(resp([[1], [], [0, b"\x40"]]), MALFORMED, id="empty-segment"),
+        pytest.param(resp([[1], [5, b"pod"], [1, b"\x40"]]), MALFORMED, id="stray-id"),
+        pytest.param(resp([[1], [0, 7], [1, b"\x40"]]), MALFORMED, id="name-type"),
+        pytest.param(resp([[1], [0], [1, b"\x40"]]), MALFORMED, id="odd-names"),
+        pytest.param(resp([[1], [0, b"pod"], []]), MALFORMED, id="no-segment"),
+        pytest.param(resp([[1], [0, b"pod"], [b"1", b"\x40"]]), MALFORMED, id="count-type"),
+        pytest.param(resp([[0], [0, b"pod"], [1, b"\x40"]]), MALFORMED, id="position"),
+        pytest.param(resp([[1], [0, b"pod"], [1, b"\x40"], []]), MALFORMED, id="four"),
+        pytest.param(resp([[1], [0, b"pod"], [1, b"\x40", 1]]), MALFORMED, id="odd-segments"),
     ],
-    ids=["odd", "digit", "long", "ints", "simple", "error", "huge"],
 )
-async def test_a_hostile_reply_reads_as_no_hits_and_is_counted(reply):
+async def test_a_hostile_reply_reads_as_no_hits_and_is_counted(reply, reason):
     server = FakeRedis()
-    server.replies = [reply if isinstance(reply, bytes) else resp(reply)]
+    server.replies = [reply]
     await server.start()
     registry = CollectorRegistry()
     client = redis_client(server.address, timeout=0.5, max_reply_bytes=64 * 1024)
@@ -292,7 +312,10 @@ async def test_a_hostile_reply_reads_as_no_hits_and_is_counted(reply):
         held = await reader.fetch(keys)
         assert time.monotonic() - t0 < 1.0
         assert held.match_lengths(keys, ["pod"]) == {"pod": 0}
+        assert held.lookup(keys) == {}
         assert value(registry, "infergate_kvindex_redis_lookups_total", result="failed") == 1
+        errors = "infergate_kvindex_redis_errors_total"
+        assert value(registry, errors, op="lookup", reason=reason) == 1
         assert not reader.available
     finally:
         await client.aclose()
@@ -320,6 +343,210 @@ async def test_write_ops_compose_and_a_clear_supersedes_older_writes(redis_serve
         held = await shared.reader.fetch([10, 12])
         assert held.match_lengths([10, 12], [A]) == {A: 0}  # 10 was written before the clear
         assert (await shared.reader.fetch([12])).match_lengths([12], [A]) == {A: 1}
-        assert await client.ttl(block_key(KEY_PREFIX, 12)) > 0  # every write bounds its life
+        assert await client.ttl(LAYOUT.block(12)) > 0  # every write bounds its life
+    finally:
+        await shared.close()
+
+
+def _garbage(rng: random.Random, depth: int = 0):
+    """A reply-like value: near the script's shape, or anything a RESP parser yields."""
+    kind = rng.randrange(7 if depth < 3 else 4)
+    if kind == 0:
+        return rng.choice([0, 1, 2, 3, 4, -1, 2**63, 4096, 4097])
+    if kind == 1:
+        return bytes(rng.randrange(256) for _ in range(rng.randrange(4)))
+    if kind == 2:
+        return rng.choice([None, True, 1.5, "s", b"pod"])
+    if kind == 3:
+        return []
+    if kind == 4:  # the script's shape, its parts mutated
+        width = rng.randrange(1, 3)
+        return [
+            sorted(rng.sample(range(1, 5), width)),
+            [rng.randrange(12), rng.choice([b"a", b"b"])] * rng.randrange(3),
+            [rng.randrange(-1, 4), bytes(rng.randrange(256) for _ in range(width))]
+            * rng.randrange(1, 3),
+        ]
+    return [_garbage(rng, depth + 1) for _ in range(rng.randrange(5))]
+
+
+def test_any_reply_parses_or_is_malformed_never_another_error():
+    rng = random.Random(3)
+    parsed = 0
+    for _ in range(5000):
+        reply = _garbage(rng)
+        try:
+            segments = parse_segments(reply, 4)
+        except MalformedReply:
+            continue
+        parsed += 1
+        for pod in segments.columns:
+            assert len(segments.run(pod, 4)) <= 4
+            assert segments.scores([pod], 4, (0, 1, 1, 1))[0] <= 4
+    assert parsed > 50, "some replies are well formed"
+
+
+async def test_a_well_formed_segment_reply_is_read_as_sent():
+    """The reply's shape, pinned: pod 0 (GPU) and pod 1 (CPU) hold 2 keys, then pod 0 alone
+    holds one more in both tiers; pod 5's name has no bits at the first key: not a holder."""
+    server = FakeRedis()
+    # byte 1 holds ids 0..3: id 0 in bits 7 (cpu) and 6 (gpu), id 1 in bits 5 and 4.
+    first, then = bytes([0b0110_0000, 0]), bytes([0b1100_0000, 0])
+    server.replies = [resp([[1, 2], [0, b"a", 1, b"b", 5, b"c"], [2, first, 1, then]])]
+    await server.start()
+    client = redis_client(server.address, timeout=0.5, max_reply_bytes=64 * 1024)
+    reader = RedisPrefixIndex(client, timeout=0.5, metrics=RedisIndexMetrics(CollectorRegistry()))
+    keys = list(range(5))
+    try:
+        held = await reader.fetch(keys)
+        assert held.match_lengths(keys) == {"a": 3, "b": 2}
+        assert held.match_lengths(keys[:2], ["a", "c"]) == {"a": 2, "c": 0}
+        assert held.lookup(keys, tier_weights={"gpu": 1.0, "cpu": 0.5}) == {"a": 3.0, "b": 1.0}
+    finally:
+        await client.aclose()
+        await server.stop()
+
+
+TIER_CHOICES = [("gpu",), ("cpu",), ("gpu", "cpu")]
+
+
+async def test_many_pods_sharing_a_long_prefix_score_as_the_in_memory_index(redis_server):
+    """Pods (ids over several bitmap bytes) hold prefixes of one long chain of different
+    lengths, in changing tiers, some with holes and removals, some speculative: every lookup
+    and prefix of it scores as the in-memory index holding the same."""
+    shared = Shared(redis_server.address)
+    memory = KVBlockIndex(max_entries=1_000_000)
+    rng = random.Random(7)
+    chain = [rng.getrandbits(64) for _ in range(300)]
+    pods = [f"10.2.0.{i}:8000" for i in range(37)]
+    holed: set[str] = set()
+    try:
+        for pod in pods:
+            end = rng.choice([0, 1, 2, 50, 150, 299, 300])
+            tier_runs = sorted(rng.sample(range(1, 300), 3))
+            start = 0
+            for cut in [*tier_runs, end]:
+                if cut > start and start < end:
+                    for tier in rng.choice(TIER_CHOICES):
+                        for index in (memory, shared.writer):
+                            index.add(pod, chain[start : min(cut, end)], tier)
+                start = cut
+            if end > 10 and rng.random() < 0.4:  # a hole, in one tier or all
+                hole = chain[rng.randrange(end) : end][:3]
+                tier = rng.choice(["gpu", "cpu"])
+                for index in (memory, shared.writer):
+                    index.remove(pod, hole, tier)
+                holed.add(pod)
+        # Speculative entries (this replica's, GPU) extend a run past what Redis holds. (A
+        # run with a hole that a speculative key fills ends at the hole: Redis's run does.)
+        for pod in rng.sample(sorted(set(pods) - holed), 4):
+            spec = chain[: rng.randrange(1, 300)]
+            memory.add_speculative(pod, spec)
+            shared.reader.add_speculative(pod, spec)
+        assert await shared.writer.flush()
+        assert await redis_holdings(shared.client) == memory_holdings(shared.local, pods)
+        held = await shared.reader.fetch(chain)
+        for n in (300, 299, 151, 150, 50, 3, 1):
+            keys = chain[:n]
+            assert held.match_lengths(keys, pods) == memory.match_lengths(keys, pods)
+            got = held.lookup(keys, pods, tier_weights=WEIGHTS)
+            want = memory.lookup(keys, pods, tier_weights=WEIGHTS)
+            assert got == pytest.approx(want)
+            assert held.lookup(keys) == pytest.approx(memory.lookup(keys))
+        assert max(memory.match_lengths(chain, pods).values()) == 300
+    finally:
+        await shared.close()
+
+
+async def test_a_keyspace_of_the_old_layout_is_not_misread(redis_server):
+    """Layout v1 (a hash per block key: pod → tier digit and time) under the same prefix, as a
+    picker of the old version left it: the new reader sees none of it, and writes beside it."""
+    shared = Shared(redis_server.address)
+    chain = block_keys(list(range(64)), 16, parent=model_root(MODEL, None))
+    try:
+        for k in chain:
+            await shared.client.hset(f"{KEY_PREFIX}:b:{k:016x}", A, "1" + "9" * 16)
+        await shared.client.hset(f"{KEY_PREFIX}:cleared", A, "1")
+        held = await shared.reader.fetch(chain)
+        assert held.match_lengths(chain) == {}
+        assert value(shared.registry, "infergate_kvindex_redis_lookups_total", result="ok") == 1
+        shared.writer.add(B, chain[:2], "gpu")
+        assert await shared.writer.flush()
+        assert (await shared.reader.fetch(chain)).match_lengths(chain) == {B: 2}
+        assert await shared.client.type(f"{KEY_PREFIX}:b:{chain[0]:016x}") == b"hash"
+    finally:
+        await shared.close()
+
+
+async def test_a_retired_id_is_reused_only_once_its_bits_are_gone(redis_server):
+    """A clear retires the pod's id; another pod gets it only after the longest TTL, and by
+    then the old bits are gone: expired, or masked out where another pod's write kept the
+    block alive."""
+    shared = Shared(redis_server.address)
+    writer = RedisIndexWriter(KVBlockIndex(), shared.client, ttl=0.6)
+    client = shared.client
+    try:
+        writer.add(A, [1, 2], "gpu")
+        writer.add(B, [2], "cpu")
+        assert await writer.flush()
+        a_id = int(await client.hget(LAYOUT.table[1], A))
+        writer.clear_pod(A)
+        writer.add(C := "10.0.0.3:8000", [7], "gpu")  # the retired id is not free yet
+        assert await writer.flush()
+        assert int(await client.hget(LAYOUT.table[1], C)) != a_id
+        assert (await shared.reader.fetch([2])).match_lengths([2]) == {B: 1}
+        await asyncio.sleep(0.3)
+        writer.add(B, [2], "gpu")  # keeps block 2 alive past A's bits' TTL: masked
+        assert await writer.flush()
+        await asyncio.sleep(0.4)
+        assert await client.pttl(LAYOUT.block(2)) > 0
+        writer.add(D := "10.0.0.4:8000", [9], "gpu")
+        assert await writer.flush()
+        assert int(await client.hget(LAYOUT.table[1], D)) == a_id  # reused
+        assert (await shared.reader.fetch([1, 2])).match_lengths([1, 2]) == {}  # expired
+        assert (await shared.reader.fetch([2])).match_lengths([2], [A, B, D]) == {A: 0, B: 1, D: 0}
+        assert await redis_holdings(client) == {  # C's block 7 expired too
+            B: {"gpu": {2}, "cpu": {2}},
+            D: {"gpu": {9}, "cpu": set()},
+        }
+        # A clear-only write during the mask window keeps the key's expiry (BITOP drops it).
+        writer.clear_pod(C)
+        writer.remove(B, [2], "cpu")
+        assert await writer.flush()
+        assert await client.pttl(LAYOUT.block(2)) > 0
+    finally:
+        await shared.close()
+
+
+async def test_a_full_pod_id_table_refuses_new_pods_counted_and_frees_idle_ids(
+    redis_server, caplog
+):
+    shared = Shared(redis_server.address)
+    writer = RedisIndexWriter(
+        KVBlockIndex(), shared.client, ttl=0.1, max_pod_ids=2, metrics=shared.metrics
+    )
+    C = "10.0.0.3:8000"
+    try:
+        writer.add(A, [1], "gpu")
+        writer.add(B, [1], "gpu")
+        assert await writer.flush()
+        writer.add(C, [1, 2], "gpu")
+        assert await writer.flush()  # Redis answered: the refusal is not a failure to retry
+        assert writer.pending == 0
+        errors = "infergate_kvindex_redis_errors_total"
+        assert value(shared.registry, errors, op="write", reason="pod_ids_full") == 1
+        assert value(shared.registry, "infergate_kvindex_redis_dropped_writes_total") == 2
+        assert "pod-id table is full" in caplog.text
+        assert (await shared.reader.fetch([1])).match_lengths([1]) == {A: 1, B: 1}
+        # Once A and B have written nothing for longer than the TTL, a refused write retires
+        # the least recently written; its id is free one TTL later.
+        await asyncio.sleep(0.12)
+        writer.add(C, [3], "gpu")
+        assert await writer.flush()
+        assert await shared.client.hlen(LAYOUT.table[1]) == 1
+        await asyncio.sleep(0.12)
+        writer.add(C, [3], "gpu")
+        assert await writer.flush()
+        assert (await shared.reader.fetch([3])).match_lengths([3]) == {C: 1}
     finally:
         await shared.close()
