@@ -70,9 +70,7 @@ class RedisServer:
             "",
         ]
         with open(self.log, "ab") as log:
-            self.proc = spawn(
-                cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-            )
+            self.proc = spawn(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + timeout
         while not ping(self.port):
             if self.proc.poll() is not None:

@@ -149,9 +149,7 @@ class ExternalRouter:
         port = free_port()
         cmd = self.command(port, stack)
         log = open(stack.cfg.workdir / f"{self.name}.log", "wb")
-        self._proc = spawn(
-            cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
+        self._proc = spawn(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
         url = f"http://127.0.0.1:{port}"
         self.wait_ready(url, len(stack.pod_addresses))
