@@ -30,6 +30,7 @@ from infergw.bench import checkout
 from infergw.bench.common import percentile, process_cpu_seconds
 from infergw.bench.loadgen import run_load
 from infergw.stack.envoy_config import EnvoySettings, render
+from infergw.stack.lifetime import spawn
 from infergw.stack.local import PICKER_HOST, LocalStack, StackConfig, envoy_binary, stop_group
 from infergw.stack.ports import PickerPorts, free_port, free_stack_ports
 from infergw.stack.readiness import wait_http, wait_until
@@ -114,7 +115,7 @@ def _py_spy(pid: int, out: Path, seconds: float) -> subprocess.Popen:
     """py-spy recording `pid` for `seconds` (extra `bench`); it samples from outside, so the
     picker runs unchanged, only a little slower while it is sampled."""
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
-    return subprocess.Popen(
+    return spawn(
         [
             spy,
             "record",
@@ -311,7 +312,7 @@ def compare(
                 ExtProcServer(name, other.procs["picker"], other.cfg.ports.picker, _ca(other))
             )
         stub_port = free_port()
-        stub = subprocess.Popen(
+        stub = spawn(
             [
                 sys.executable,
                 "-m",
@@ -329,7 +330,7 @@ def compare(
         config = workdir / "envoy.yaml"
         admin = free_port()
         config.write_text(envoy_config(stack, listeners, admin))
-        envoy = subprocess.Popen(
+        envoy = spawn(
             [
                 envoy_binary(),
                 "-c",

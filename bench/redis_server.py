@@ -10,6 +10,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from infergw.stack.lifetime import spawn
+
 __all__ = ["RedisServer", "ping", "which_redis_server"]
 
 # Debian installs it in /usr/bin; some images have it only in /usr/sbin.
@@ -68,9 +70,7 @@ class RedisServer:
             "",
         ]
         with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(
-                cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-            )
+            self.proc = spawn(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + timeout
         while not ping(self.port):
             if self.proc.poll() is not None:

@@ -15,7 +15,6 @@ import argparse
 import asyncio
 import json
 import random
-import subprocess
 import sys
 import time
 
@@ -29,6 +28,7 @@ from infergw.bench.common import (
     write_json,
 )
 from infergw.simulator.config import LatencyModel
+from infergw.stack.lifetime import spawn
 from infergw.stack.ports import free_port
 from infergw.stack.readiness import wait_http
 
@@ -199,7 +199,7 @@ def run_series(
         "--sim-time-scale",
         str(time_scale),
     ]
-    proc = subprocess.Popen(cmd)
+    proc = spawn(cmd)
     results = []
     try:
         base = f"http://127.0.0.1:{port}"

@@ -77,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=d.prefill_retries,
         help="extra prefill attempts after the first, each on the next prefiller of the "
-        "header, wrapping round (on 502/503/504, connection errors and timeouts; default "
+        "header, wrapping round (on 502/503/504, connection errors and timeouts; a prefiller "
+        "that could not be connected to is not tried again; default "
         f"{d.prefill_retries})",
     )
     p.add_argument(
@@ -96,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--prefill-timeout",
         type=float,
         default=d.prefill_timeout,
-        help=f"seconds for one whole prefill attempt (default {d.prefill_timeout})",
+        help="seconds for the whole prefill leg, every attempt and backoff included "
+        f"(default {d.prefill_timeout})",
     )
     p.add_argument(
         "--decode-timeout",

@@ -1,5 +1,8 @@
 """The prefill leg: one blocking request to a prefill pod, retried on the next prefiller of the
-header when a pod is unreachable, overloaded (502/503/504) or too slow."""
+header when a pod is unreachable, overloaded (502/503/504) or too slow. The whole leg, retries
+and backoffs included, ends within --prefill-timeout, and a prefiller that could not be
+connected to is not tried again by the same request: a dead prefill pod costs a request one
+failed connect, then the local engine serves it."""
 
 from __future__ import annotations
 
@@ -36,6 +39,7 @@ class PrefillAttemptFailed(Exception):
         retryable: bool,
         status: int | None = None,
         unreachable: bool = False,
+        connect_failed: bool = False,
     ) -> None:
         super().__init__(f"{host} {text}")
         self.host = host
@@ -46,6 +50,8 @@ class PrefillAttemptFailed(Exception):
         # The prefiller is gone or refuses work (connection failed or dropped, 502/503/504),
         # as opposed to slow (a timeout) or rejecting this request: the local engine may serve it.
         self.unreachable = unreachable or status in RETRY_STATUSES
+        # No connection could be opened at all: trying this prefiller again would only wait.
+        self.connect_failed = connect_failed
 
 
 def connection_lost(exc: BaseException) -> bool:
@@ -58,21 +64,28 @@ def connection_lost(exc: BaseException) -> bool:
     return isinstance(exc, aiohttp.ClientConnectionError | aiohttp.ClientPayloadError)
 
 
-def prefill_timeout(ex: Exchange) -> aiohttp.ClientTimeout:
-    o = ex.opts
-    return aiohttp.ClientTimeout(
-        total=o.prefill_timeout, connect=o.connect_timeout, sock_connect=o.connect_timeout
-    )
+def connect_failed(exc: BaseException) -> bool:
+    """The connection could not be opened (refused, no route, connect timeout), as opposed to
+    one that broke later: a pooled keep-alive connection the prefiller had closed is worth a
+    new one, a prefiller that refuses connections is not worth asking again at once."""
+    return isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError)
 
 
-async def attempt_prefill(ex: Exchange, host: str, body: bytes) -> dict:
-    """One prefill request to `host`; its JSON object, or PrefillAttemptFailed."""
+def prefill_timeout(ex: Exchange, left: float) -> aiohttp.ClientTimeout:
+    """One attempt's timeout: what is left of the leg's --prefill-timeout."""
+    connect = min(ex.opts.connect_timeout, left)
+    return aiohttp.ClientTimeout(total=left, connect=connect, sock_connect=connect)
+
+
+async def attempt_prefill(ex: Exchange, host: str, body: bytes, left: float) -> dict:
+    """One prefill request to `host`, given `left` seconds; its JSON object, or
+    PrefillAttemptFailed."""
     try:
         async with ex.session.post(
             ex.prefill_url(host),
             data=body,
             headers=ex.leg_headers(),
-            timeout=prefill_timeout(ex),
+            timeout=prefill_timeout(ex, left),
             allow_redirects=False,
         ) as resp:
             raw = await resp.read()
@@ -80,9 +93,16 @@ async def attempt_prefill(ex: Exchange, host: str, body: bytes) -> dict:
     except (TimeoutError, aiohttp.ClientError) as exc:
         reason, text = describe(exc)
         if text == "timed out":
-            text = f"did not answer within {ex.opts.prefill_timeout:g}s (--prefill-timeout)"
+            text = (
+                f"did not answer within the leg's {ex.opts.prefill_timeout:g}s (--prefill-timeout)"
+            )
         raise PrefillAttemptFailed(
-            host, reason, text, retryable=True, unreachable=connection_lost(exc)
+            host,
+            reason,
+            text,
+            retryable=True,
+            unreachable=connection_lost(exc),
+            connect_failed=connect_failed(exc),
         ) from exc
     if status in RETRY_STATUSES:
         text = f"answered {status}: {error_text(raw)}"
@@ -124,29 +144,57 @@ def exhausted_error(failures: list[PrefillAttemptFailed]) -> LegError:
     )
 
 
-async def prefill_attempts(ex: Exchange) -> AsyncIterator[str]:
-    """The prefiller of each attempt: the header's in order, then round again after a short
-    backoff, 1 + prefill_retries in all."""
-    hosts = ex.prefillers
-    for i in range(1 + ex.opts.prefill_retries):
-        if i and i % len(hosts) == 0:
-            await asyncio.sleep(ex.opts.retry_backoff)
-        yield hosts[i % len(hosts)]
+class PrefillAttempts:
+    """The attempts of one prefill leg: 1 + --prefill-retries, each on the next prefiller of
+    the header, going round again after a short backoff, all within --prefill-timeout of the
+    first. A prefiller that could not be connected to is skipped from then on: without it, a
+    dead pod named alone in the header took every attempt and backoff (and, where its
+    address drops packets, --connect-timeout each) before the local engine could serve."""
+
+    def __init__(self, ex: Exchange) -> None:
+        self.ex = ex
+        self.deadline = time.monotonic() + ex.opts.prefill_timeout
+        self.gone: set[str] = set()
+
+    def left(self) -> float:
+        """Seconds left of the leg's budget."""
+        return self.deadline - time.monotonic()
+
+    def failed(self, failure: PrefillAttemptFailed) -> None:
+        if failure.connect_failed:
+            self.gone.add(failure.host)
+
+    async def hosts(self) -> AsyncIterator[str]:
+        hosts, opts = self.ex.prefillers, self.ex.opts
+        attempts, position = 0, 0
+        while attempts < 1 + opts.prefill_retries and not self.gone.issuperset(hosts):
+            host = hosts[position % len(hosts)]
+            if position and position % len(hosts) == 0:
+                await asyncio.sleep(max(0.0, min(opts.retry_backoff, self.left())))
+            position += 1
+            if host in self.gone:
+                continue
+            if self.left() <= 0:
+                return
+            attempts += 1
+            yield host
 
 
 async def run_prefill(ex: Exchange, body: bytes) -> PrefillReply:
     """The prefill leg with retries: each retry goes to the next prefiller of the header."""
     started = time.monotonic()
     failures: list[PrefillAttemptFailed] = []
-    async for host in prefill_attempts(ex):
+    attempts = PrefillAttempts(ex)
+    async for host in attempts.hosts():
         try:
-            doc = await attempt_prefill(ex, host, body)
+            doc = await attempt_prefill(ex, host, body, attempts.left())
         except PrefillAttemptFailed as failed:
             ex.metrics.prefill_failed(failed.reason)
             log.warning("request %s: prefill on %s", ex.request_id, failed)
             if not failed.retryable:
                 raise attempt_error(failed) from None
             failures.append(failed)
+            attempts.failed(failed)
             continue
         ex.metrics.prefill_done(time.monotonic() - started)
         return PrefillReply(host=host, body=doc, attempts=len(failures) + 1)

@@ -18,10 +18,10 @@ from aiohttp import web
 
 from infergw.connector.prefill import (
     PrefillAttemptFailed,
+    PrefillAttempts,
     attempt_error,
     attempt_prefill,
     exhausted_error,
-    prefill_attempts,
 )
 from infergw.connector.upstream import Exchange, dumps, open_upstream, relay
 
@@ -58,16 +58,18 @@ class SGLangConnector:
     async def handle(self, ex: Exchange) -> web.StreamResponse:
         started = time.monotonic()
         failures: list[PrefillAttemptFailed] = []
-        async for host in prefill_attempts(ex):
+        attempts = PrefillAttempts(ex)
+        async for host in attempts.hosts():
             fields = bootstrap_fields(host, ex.opts.sglang_bootstrap_port, new_room())
             try:
-                decode, prefilled = await self._pair(ex, host, fields)
+                decode, prefilled = await self._pair(ex, host, fields, attempts.left())
             except PrefillAttemptFailed as failed:
                 ex.metrics.prefill_failed(failed.reason)
                 log.warning("request %s: prefill on %s", ex.request_id, failed)
                 if not failed.retryable:
                     raise attempt_error(failed) from None
                 failures.append(failed)
+                attempts.failed(failed)
                 continue
             if prefilled:
                 ex.metrics.prefill_done(time.monotonic() - started)
@@ -75,12 +77,13 @@ class SGLangConnector:
         raise exhausted_error(failures)
 
     async def _pair(
-        self, ex: Exchange, host: str, fields: dict
+        self, ex: Exchange, host: str, fields: dict, left: float
     ) -> tuple[aiohttp.ClientResponse, bool]:
-        """Run one prefill/decode pair; the decode response to relay (its headers read) and
-        whether the prefill finished. A decode the engine refused is returned at once."""
+        """Run one prefill/decode pair, the prefill given `left` seconds; the decode response
+        to relay (its headers read) and whether the prefill finished. A decode the engine
+        refused is returned at once."""
         prefill = asyncio.create_task(
-            attempt_prefill(ex, host, dumps(prefill_body(ex.body, fields)))
+            attempt_prefill(ex, host, dumps(prefill_body(ex.body, fields)), left)
         )
         decode = asyncio.create_task(
             open_upstream(

@@ -30,6 +30,7 @@ from infergw.api.names import ENGINE_LABEL, KV_EVENTS_PORT, KV_REPLAY_PORT
 from infergw.cluster.certs import serving_cert
 from infergw.stack.auth import AuthConfig
 from infergw.stack.envoy_config import EnvoySettings, render
+from infergw.stack.lifetime import spawn
 from infergw.stack.pods import StartReport, pool_pods
 from infergw.stack.ports import PickerPorts, StackPorts
 from infergw.stack.readiness import wait_http, wait_until
@@ -226,7 +227,7 @@ class LocalStack:
 
         def start(env: dict[str, str]) -> subprocess.Popen:
             with open(log, "ab") as out:
-                return subprocess.Popen(
+                return spawn(
                     cmd,
                     stdout=out,
                     stderr=subprocess.STDOUT,

@@ -11,6 +11,7 @@ from contextlib import ExitStack, contextmanager
 
 import pytest
 
+from infergw.stack.lifetime import spawn
 from infergw.stack.ports import free_port
 from infergw.stack.readiness import wait_http
 
@@ -39,7 +40,7 @@ def running(
 ) -> Iterator[subprocess.Popen]:
     """Run `cmd` for the length of a with-block; always stopped (TERM, then KILL) afterwards."""
     log = open(os.devnull, "wb") if os.environ.get("INFERGATE_QUIET_PROCS") else None
-    proc = subprocess.Popen(
+    proc = spawn(
         cmd, env={**os.environ, **(env or {})}, stdout=log, stderr=None, start_new_session=True
     )
     try:

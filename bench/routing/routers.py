@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from infergw.bench.common import cpu_over
+from infergw.stack.lifetime import spawn
 from infergw.stack.local import LocalStack
 from infergw.stack.ports import free_port
 from infergw.stack.readiness import wait_http, wait_until
@@ -148,9 +149,7 @@ class ExternalRouter:
         port = free_port()
         cmd = self.command(port, stack)
         log = open(stack.cfg.workdir / f"{self.name}.log", "wb")
-        self._proc = subprocess.Popen(
-            cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
+        self._proc = spawn(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
         url = f"http://127.0.0.1:{port}"
         self.wait_ready(url, len(stack.pod_addresses))

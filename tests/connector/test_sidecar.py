@@ -701,7 +701,9 @@ async def test_all_prefillers_failing_is_a_quick_clear_error(engines, sidecar, c
     msg = err["message"]
     assert "after 3 attempts" in msg
     assert f"{dead} connection failed" in msg and f"{busy.host_port} answered 503" in msg
-    assert len(busy.seen) == 1 and decode.seen == []  # dead, busy, dead again
+    # dead, busy, busy again: a prefiller that refused the connection is not asked again
+    assert msg.count(f"{dead} connection failed") == 1
+    assert len(busy.seen) == 2 and decode.seen == []
 
     # Every prefiller saying 503: the client hears 503.
     busy2 = await engines("busy2", status=503)
@@ -715,21 +717,45 @@ async def test_all_prefillers_failing_is_a_quick_clear_error(engines, sidecar, c
 
 
 async def test_prefill_timeout_is_a_failure_not_a_hang(engines, sidecar, client):
-    async def hang(request, body):
-        await asyncio.sleep(30)
-
-    slow = await engines("slow", custom=hang)
+    """--prefill-timeout bounds the whole leg, retries included: a leg whose first prefiller
+    hangs until the timeout has no time left for another, so it never asks the next one."""
+    slow = await engines("slow", custom=_hang)
+    second = await engines("second", custom=_hang)
     decode = await engines("decode")
-    url = await sidecar(decode.url, prefill_timeout=0.3, prefill_retries=0)
+    url = await sidecar(decode.url, prefill_timeout=0.3, prefill_retries=3)
     t0 = time.monotonic()
     async with client.post(
-        url + "/v1/completions", json=COMPLETION, headers=pd(slow.host_port)
+        url + "/v1/completions", json=COMPLETION, headers=pd(f"{slow.host_port},{second.host_port}")
     ) as r:
         assert r.status == 502
         msg = (await r.json())["error"]["message"]
-    assert f"{slow.host_port} did not answer within 0.3s (--prefill-timeout)" in msg
-    assert time.monotonic() - t0 < 2
+    assert f"{slow.host_port} did not answer within the leg's 0.3s (--prefill-timeout)" in msg
+    assert "after 1 attempt " in msg
+    assert time.monotonic() - t0 < 2  # not 4 attempts of 0.3 s each, nor a hang
+    assert len(slow.seen) == 1 and second.seen == [] and decode.seen == []
     await asyncio.wait_for(slow.gone.wait(), 3)
+
+
+async def test_a_prefiller_that_answers_after_a_refusal_elsewhere_serves(engines, sidecar, client):
+    """Skipping a refusing prefiller leaves the retries to the others of the header."""
+    flaky_calls = 0
+
+    async def busy_once(request, body):
+        nonlocal flaky_calls
+        flaky_calls += 1
+        if flaky_calls == 1:
+            return web.json_response({"error": {"message": "busy"}}, status=503)
+        return None  # then an answer with the KV reply
+
+    flaky = await engines("flaky", custom=busy_once, kv_reply=PREFILL_KV_REPLY)
+    decode = await engines("decode")
+    url = await sidecar(decode.url, prefill_retries=2)
+    header = pd(f"{dead_host_port()},{flaky.host_port}")
+    async with client.post(url + "/v1/completions", json=COMPLETION, headers=header) as r:
+        assert r.status == 200
+    # dead (refused), flaky (503), then flaky again, not the dead one
+    assert len(flaky.seen) == 2
+    assert decode.seen[0].body["kv_transfer_params"] == PREFILL_KV_REPLY
 
 
 # ---- client disconnects ---------------------------------------------------------------------
@@ -1062,8 +1088,8 @@ async def test_dead_prefiller_falls_back_to_the_local_engine(engines, sidecar, c
     )
     assert (
         f'infergate_connector_prefill_failures_total{{connector="{connector}",'
-        'reason="connect_error"} 3.0' in text
-    )  # the first attempt and two retries, all refused
+        'reason="connect_error"} 1.0' in text
+    )  # refused once, and not asked again: the retries would only have waited
     assert "infergate_connector_errors_total{" not in text  # the client got no error
 
 

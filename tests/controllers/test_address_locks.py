@@ -10,6 +10,7 @@ import sys
 from infergw.controllers.address_locks import AddressLocks
 from infergw.controllers.local_runtime import LocalRuntime
 from infergw.controllers.memory_store import MemoryStore
+from infergw.stack.lifetime import spawn
 from tests.waiting import wait_for
 
 
@@ -26,7 +27,7 @@ def test_an_address_is_one_claimants_until_released(tmp_path) -> None:
 
 def test_a_dead_claimants_addresses_are_free_again(tmp_path) -> None:
     """The kernel drops a killed process's lock: a crashed runtime leaves no claim."""
-    holder = subprocess.Popen(
+    holder = spawn(
         [
             sys.executable,
             "-c",

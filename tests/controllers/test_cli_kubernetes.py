@@ -28,6 +28,7 @@ import yaml
 from aiohttp import web
 from kubernetes import client
 
+from infergw.stack.lifetime import spawn
 from tests.conftest import free_port, running
 from tests.controller_manifests import Authorizer, docs
 from tests.kubeapi import KubeAPIEmulator, status_object
@@ -277,7 +278,7 @@ def test_a_webhook_that_cannot_start_stops_the_controllers(tmp_path: Path) -> No
         cmd = controllers_cmd(
             free_port(), "--webhook-port", str(free_port()), "--webhook-cert-dir", str(empty)
         )
-        proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
+        proc = spawn(cmd, env=env, stderr=subprocess.PIPE, text=True)
         try:
             _, err = proc.communicate(timeout=30)
         except subprocess.TimeoutExpired:

@@ -324,18 +324,24 @@ def test_a_killed_prefill_pod_loses_no_request(pd: PD):
     fallbacks_before = pd.connector(paired)(FALLBACKS)
 
     results: list[tuple[int, int, str]] = []  # status, completion tokens, served or error
+    held: list[str] = []  # prompts the paired decode pod served (so holds) before the kill
     stop = threading.Event()
+
+    def send(prompt: str) -> None:
+        try:
+            r, _ = complete(stack, prompt, max_tokens=16)
+        except requests.RequestException as exc:
+            results.append((0, 0, repr(exc)))
+            return
+        ok = r.status_code == 200
+        tokens = r.json()["usage"]["completion_tokens"] if ok else 0
+        results.append((r.status_code, tokens, r.headers[SERVED] if ok else r.text[:300]))
+        if ok and r.headers[SERVED] == paired["address"]:
+            held.append(prompt)
 
     def load() -> None:  # one client of a steady concurrent load
         while not stop.is_set():
-            try:
-                r, _ = complete(stack, long_prompt(600), max_tokens=16)
-            except requests.RequestException as exc:
-                results.append((0, 0, repr(exc)))
-                continue
-            ok = r.status_code == 200
-            tokens = r.json()["usage"]["completion_tokens"] if ok else 0
-            results.append((r.status_code, tokens, r.headers[SERVED] if ok else r.text[:300]))
+            send(long_prompt(600))
 
     def decisions(since: float) -> list[dict]:
         """The group's decisions since `since` (wall clock), newest first."""
@@ -371,11 +377,18 @@ def test_a_killed_prefill_pod_loses_no_request(pd: PD):
             return ep is None or not ep["reachable"]
 
         wait(dropped, "the picker to drop the killed pod", 10)
-        wait(
-            lambda: any(d["outcome"] == "no_prefill_pod" for d in decisions(killed_at)),
-            "a no_prefill_pod decision for the group",
-            10,
-        )
+        # Until the rebuilt prefill pod is up (seconds), the picker must pair the group's
+        # decode pod with nobody. The load alone may send it no request in that window (its
+        # clients busy elsewhere), so probe it too: the paired decode pod holds a prompt it
+        # served, so the picker sends it that prompt plus enough new tokens to want a prefill.
+        assert held, "the paired decode pod served no request before the kill"
+        base = held[0]
+        deadline = time.monotonic() + 10
+        while not any(d["outcome"] == "no_prefill_pod" for d in decisions(killed_at)):
+            assert time.monotonic() < deadline, (
+                f"no no_prefill_pod decision for the group: {decisions(killed_at)}"
+            )
+            send(f"{base} {long_prompt(100)}")
 
         # the controllers rebuild the prefill pod (a new pod: RoleRecreate); the picker
         # pairs the group with it again

@@ -17,6 +17,7 @@ import pytest
 import requests
 import yaml
 
+from infergw.stack.lifetime import spawn
 from infergw.stack.local import QUICKSTART
 from tests.default_ports import DEFAULT_PORTS, ports_free
 from tests.e2e.gateway_config import pinnable
@@ -113,7 +114,7 @@ def start_up(example: Path, workdir: Path, bin_dir: Path) -> Up:
     log = workdir.parent / "up.out"
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
     with open(log, "wb") as out:
-        proc = subprocess.Popen(
+        proc = spawn(
             [sys.executable, "-m", "infergw.cli", "up", str(example), "--workdir", str(workdir)],
             stdout=out,
             stderr=subprocess.STDOUT,

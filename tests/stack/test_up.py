@@ -11,6 +11,7 @@ import sys
 import pytest
 import requests
 
+from infergw.stack.lifetime import spawn
 from infergw.stack.readiness import wait_http
 from tests.default_ports import DEFAULT_PORTS, ports_free
 
@@ -21,7 +22,7 @@ DEV_KEY = "sk-infergate-dev-alice"  # examples/quickstart/api-keys.yaml, what th
 def test_up_serves_the_readme_request_and_stops_on_sigint(tmp_path):
     if not ports_free(DEFAULT_PORTS):
         pytest.skip("the default local-stack ports are in use on this machine")
-    proc = subprocess.Popen(
+    proc = spawn(
         [sys.executable, "-m", "infergw.cli", "up", "--pods", "2", "--workdir", str(tmp_path)],
         stdout=subprocess.PIPE,
         text=True,
@@ -85,7 +86,7 @@ def test_ctrl_c_while_starting_stops_everything_started(tmp_path):
     import yaml
 
     (example / "model.yaml").write_text(yaml.safe_dump(model))
-    proc = subprocess.Popen(
+    proc = spawn(
         [
             sys.executable,
             "-m",

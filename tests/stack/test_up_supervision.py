@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from infergw.stack.lifetime import spawn
 from infergw.stack.local import stop_group
 from infergw.stack.readiness import wait_http, wait_until
 from infergw.stack.supervise import BackOff, Supervisor
@@ -53,7 +54,7 @@ def _delays_logged(backoff: BackOff, exits: int) -> list[str]:
     supervisor = Supervisor(backoff, log=lines.append)
 
     def start(env):
-        return subprocess.Popen([sys.executable, "-c", "exit(3)"], env=env)
+        return spawn([sys.executable, "-c", "exit(3)"], env=env)
 
     supervisor.run("crasher", start)
     try:
@@ -86,7 +87,7 @@ def test_a_killed_component_restarts_and_what_it_left_is_killed(tmp_path):
     )
 
     def start(env):
-        return subprocess.Popen([sys.executable, "-c", script], env=env, start_new_session=True)
+        return spawn([sys.executable, "-c", script], env=env, start_new_session=True)
 
     first = supervisor.run("parent", start)
     try:
@@ -135,7 +136,7 @@ def _up(tmp_path: Path, *flags: str) -> Iterator[tuple[subprocess.Popen, Path, P
         pytest.skip("the default local-stack ports are in use on this machine")
     log, workdir = tmp_path / "up.log", tmp_path / "w"
     with open(log, "wb") as out:
-        up = subprocess.Popen(
+        up = spawn(
             [
                 sys.executable,
                 "-m",

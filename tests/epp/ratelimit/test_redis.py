@@ -20,6 +20,7 @@ import pytest
 
 from infergw.epp.ratelimit import RateLimitConfig, RateLimiter, RateLimitMetrics, RedisRateLimiter
 from infergw.epp.ratelimit.redis_backend import TTL_MARGIN_MS
+from infergw.stack.lifetime import spawn
 from tests import redis_server as redis_fixtures
 from tests.conftest import free_port
 from tests.paths import ROOT
@@ -240,7 +241,7 @@ def test_two_picker_processes_share_one_budget(redis_server):
         str(start_at),
         str(duration),
     ]
-    procs = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    procs = [spawn(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True) for _ in range(2)]
     results = []
     for proc in procs:
         out, _ = proc.communicate(timeout=60)
