@@ -29,9 +29,11 @@ import sys
 import time
 from pathlib import Path
 
+import msgspec
+
 from infergw.bench.common import machine, percentile, write_json
 from infergw.kvindex.dict_index import DictBlockIndex
-from infergw.kvindex.events import BlockRemoved, BlockStored
+from infergw.kvindex.events import BlockRemoved, BlockStored, decode_batch
 from infergw.kvindex.index import KVBlockIndex
 from infergw.kvindex.keys import block_keys, model_root, prompt_keys
 from infergw.kvindex.translate import EventTranslator
@@ -134,11 +136,25 @@ def resident_growth(layout: str, path: str) -> dict:
     }
 
 
+def _wire(ev: BlockStored) -> dict:
+    """A BlockStored as vLLM (>= 0.26) sends it."""
+    return {
+        "type": "BlockStored",
+        "block_hashes": list(ev.block_hashes),
+        "parent_block_hash": ev.parent_block_hash,
+        "token_ids": list(ev.token_ids),
+        "block_size": ev.block_size,
+        "lora_id": None,
+        "medium": "GPU",
+    }
+
+
 def ingest_rate(
     pods: int, prompts_per_pod: int, prompt_tokens: int, layout: str, path: str
 ) -> dict:
     """Blocks per second into `layout`: through the translator (BlockStored events: hashing,
-    engine-hash maps, index), or straight into the index (index.add of keys hashed before).
+    engine-hash maps, index), from msgpack payloads (decoding, then the translator), or
+    straight into the index (index.add of keys hashed before).
     Per wall second and per CPU second of this process (what one core does when others
     compete for the machine)."""
     rng = random.Random(1)
@@ -151,7 +167,19 @@ def ingest_rate(
             events.append((f"10.0.{p // 250}.{p % 250}:8000", _stored(rng, tokens, h)))
             h += prompt_tokens
     blocks = sum(len(e.block_hashes) for _, e in events)
-    if path == "index":
+    if path == "payload":  # as the subscriber gets them: msgpack batches of 8 events
+        batches = []
+        for i in range(0, len(events), 8):
+            chunk = events[i : i + 8]
+            for pod in dict.fromkeys(pod for pod, _ in chunk):
+                evs = [_wire(ev) for p, ev in chunk if p == pod]
+                batches.append((pod, msgspec.msgpack.encode([time.time(), evs, 0])))
+        apply = sink.apply
+        c0, t0 = time.process_time(), time.perf_counter()
+        for pod, payload in batches:
+            for ev in decode_batch(payload).events:
+                apply(pod, MODEL, ev)
+    elif path == "index":
         root, add = model_root(MODEL), sink.index.add
         batches = [(pod, block_keys(ev.token_ids, BLOCK, parent=root)) for pod, ev in events]
         c0, t0 = time.process_time(), time.perf_counter()
@@ -239,6 +267,13 @@ def tokenization(prompt_tokens_target: int) -> dict:
     }
 
 
+_PATHS = {
+    "index": "index.add",
+    "translator": "events → translator → index",
+    "payload": "msgpack → decode → translator → index",
+}
+
+
 def markdown(out: dict) -> str:
     m = out["machine"]
     lines = [
@@ -262,10 +297,9 @@ def markdown(out: dict) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for r in out["ingest"]:
-        path = "index.add" if r["path"] == "index" else "events → translator → index"
         lines.append(
-            f"| {path} | {r['pods']} | {r['layout']} | {r['blocks']} | {r['blocks_per_s']:,} | "
-            f"{r['blocks_per_cpu_s']:,} | {r['bytes_per_entry']} |"
+            f"| {_PATHS[r['path']]} | {r['pods']} | {r['layout']} | {r['blocks']} | "
+            f"{r['blocks_per_s']:,} | {r['blocks_per_cpu_s']:,} | {r['bytes_per_entry']} |"
         )
     lines += [
         "",
@@ -298,12 +332,12 @@ def main(argv: list[str] | None = None) -> int:
     load = os.getloadavg()[0]
     rss = []
     if not args.no_rss:
-        for path in ("index", "translator"):
+        for path in ("index", "translator", "payload"):
             for layout in LAYOUTS:
                 rss.append(resident_growth(layout, path))
                 print(json.dumps(rss[-1]), flush=True)
     ingest = []
-    for path in ("index", "translator"):
+    for path in ("index", "translator", "payload"):
         for layout in LAYOUTS:
             ingest += [
                 ingest_rate(16, 20 if args.quick else 200, 1024, layout, path),
