@@ -332,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     load = os.getloadavg()[0]
     rss = []
     if not args.no_rss:
-        for path in ("index", "translator", "payload"):
+        for path in ("index", "translator"):
             for layout in LAYOUTS:
                 rss.append(resident_growth(layout, path))
                 print(json.dumps(rss[-1]), flush=True)
