@@ -352,21 +352,20 @@ _msgpack_values = st.recursive(
     ),
     max_leaves=30,
 )
-_field_names = st.sampled_from(
-    [
-        "type",
-        "block_hashes",
-        "parent_block_hash",
-        "token_ids",
-        "block_size",
-        "lora_id",
-        "medium",
-        "lora_name",
-        "extra_keys",
-        "group_idx",
-        "kv_cache_spec_kind",
-    ]
-)
+# BlockStored's fields in vLLM's positional order (its legacy array form)
+_NAMES = [
+    "block_hashes",
+    "parent_block_hash",
+    "token_ids",
+    "block_size",
+    "lora_id",
+    "medium",
+    "lora_name",
+    "extra_keys",
+    "group_idx",
+    "kv_cache_spec_kind",
+]
+_field_names = st.sampled_from(["type", *_NAMES])
 _tags = st.sampled_from(["BlockStored", "BlockRemoved", "AllBlocksCleared", "Other"])
 # Near-valid events reach the field converters instead of failing at the top level.
 _events = st.builds(
@@ -480,19 +479,6 @@ _VALUES = (
 )
 _LISTS = st.lists(_VALUES, max_size=4) | st.lists(st.integers(0, 9), max_size=8)
 _FIELD = _VALUES | _LISTS | st.lists(_LISTS, max_size=2)
-_TAGS = st.sampled_from(["BlockStored", "BlockRemoved", "AllBlocksCleared", "Other"])
-_NAMES = [
-    "block_hashes",
-    "parent_block_hash",
-    "token_ids",
-    "block_size",
-    "lora_id",
-    "medium",
-    "lora_name",
-    "extra_keys",
-    "group_idx",
-    "kv_cache_spec_kind",
-]
 _GOOD_STORED = st.fixed_dictionaries(
     {
         "block_hashes": st.lists(st.integers(0, 2**64 - 1) | st.binary(min_size=1), max_size=3),
@@ -509,7 +495,7 @@ _GOOD_STORED = st.fixed_dictionaries(
         "kv_cache_spec_kind": st.none() | st.sampled_from(["", "full_attention", "sliding"]),
     },
 )
-_ANY_EVENT = st.fixed_dictionaries({"type": _TAGS}, optional={n: _FIELD for n in _NAMES})
+_ANY_EVENT = st.fixed_dictionaries({"type": _tags}, optional={n: _FIELD for n in _NAMES})
 
 
 def _as_array(event: dict) -> list:
