@@ -6,10 +6,12 @@ Python ints (kvindex.dict_index.DictBlockIndex).
 Resident memory is measured from outside: a child process ingests 16 pods × 62,500 distinct
 blocks, each held by one pod, and the parent reads the child's VmRSS before and after; once
 straight into the index (`add`), once through the event translator, whose engine-hash maps are
-part of the picker's memory too.
+part of the picker's memory too (kvindex.engine_maps: dicts beside the dict index, a packed key
+table beside the packed one).
 
 Synthetic vLLM events (BlockStored of 16-token blocks, the way a pod reports a prompt) are fed
-through kvindex.translate.EventTranslator into kvindex.index.KVBlockIndex for P pods; then
+through kvindex.translate.EventTranslator into each layout for P pods, and the same blocks'
+keys straight into the index (rates per wall second and per CPU second); then
 prompts of 1k, 8k and 32k tokens are looked up over 16 and 256 pods, half of which hold the
 prompt's first half. Tokenization uses the simulator's bundled tokenizer through
 kvindex.tokenize, with and without the prefix cache.
@@ -27,11 +29,13 @@ import sys
 import time
 from pathlib import Path
 
+import msgspec
+
 from infergw.bench.common import machine, percentile, write_json
 from infergw.kvindex.dict_index import DictBlockIndex
-from infergw.kvindex.events import BlockStored
+from infergw.kvindex.events import BlockRemoved, BlockStored, decode_batch
 from infergw.kvindex.index import KVBlockIndex
-from infergw.kvindex.keys import prompt_keys
+from infergw.kvindex.keys import block_keys, model_root, prompt_keys
 from infergw.kvindex.translate import EventTranslator
 
 BLOCK = 16
@@ -79,7 +83,9 @@ def _rss_child(layout: str, path: str) -> None:
         scratch.index.lookup(warm)
         scratch.index.remove("warm:1", warm[:10], "gpu")
     tokens = rng.integers(0, 50_000, RSS_EVENT_BLOCKS * BLOCK, dtype=np.uint32).tolist()
-    scratch.apply("warm:1", MODEL, BlockStored((7,), None, tuple(tokens[:BLOCK]), BLOCK))
+    warm = tuple(range(7, 7 + RSS_EVENT_BLOCKS))
+    scratch.apply("warm:1", MODEL, BlockStored(warm, None, tuple(tokens), BLOCK))
+    scratch.apply("warm:1", MODEL, BlockRemoved(warm[:10]))
     scratch = warm = tokens = None
     print("ready", flush=True)
     sys.stdin.readline()
@@ -130,7 +136,27 @@ def resident_growth(layout: str, path: str) -> dict:
     }
 
 
-def ingest_rate(pods: int, prompts_per_pod: int, prompt_tokens: int, layout: str) -> dict:
+def _wire(ev: BlockStored) -> dict:
+    """A BlockStored as vLLM (>= 0.26) sends it."""
+    return {
+        "type": "BlockStored",
+        "block_hashes": list(ev.block_hashes),
+        "parent_block_hash": ev.parent_block_hash,
+        "token_ids": list(ev.token_ids),
+        "block_size": ev.block_size,
+        "lora_id": None,
+        "medium": "GPU",
+    }
+
+
+def ingest_rate(
+    pods: int, prompts_per_pod: int, prompt_tokens: int, layout: str, path: str
+) -> dict:
+    """Blocks per second into `layout`: through the translator (BlockStored events: hashing,
+    engine-hash maps, index), from msgpack payloads (decoding, then the translator), or
+    straight into the index (index.add of keys hashed before).
+    Per wall second and per CPU second of this process (what one core does when others
+    compete for the machine)."""
     rng = random.Random(1)
     sink = EventTranslator(LAYOUTS[layout](block_size=BLOCK, max_entries=50_000_000))
     events = []
@@ -141,16 +167,38 @@ def ingest_rate(pods: int, prompts_per_pod: int, prompt_tokens: int, layout: str
             events.append((f"10.0.{p // 250}.{p % 250}:8000", _stored(rng, tokens, h)))
             h += prompt_tokens
     blocks = sum(len(e.block_hashes) for _, e in events)
-    t0 = time.perf_counter()
-    for pod, ev in events:
-        sink.apply(pod, MODEL, ev)
-    seconds = time.perf_counter() - t0
+    if path == "payload":  # as the subscriber gets them: msgpack batches of 8 events
+        batches = []
+        for i in range(0, len(events), 8):
+            chunk = events[i : i + 8]
+            for pod in dict.fromkeys(pod for pod, _ in chunk):
+                evs = [_wire(ev) for p, ev in chunk if p == pod]
+                batches.append((pod, msgspec.msgpack.encode([time.time(), evs, 0])))
+        apply = sink.apply
+        c0, t0 = time.process_time(), time.perf_counter()
+        for pod, payload in batches:
+            for ev in decode_batch(payload).events:
+                apply(pod, MODEL, ev)
+    elif path == "index":
+        root, add = model_root(MODEL), sink.index.add
+        batches = [(pod, block_keys(ev.token_ids, BLOCK, parent=root)) for pod, ev in events]
+        c0, t0 = time.process_time(), time.perf_counter()
+        for pod, keys in batches:
+            add(pod, keys, "gpu")
+    else:
+        apply = sink.apply
+        c0, t0 = time.process_time(), time.perf_counter()
+        for pod, ev in events:
+            apply(pod, MODEL, ev)
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     return {
         "layout": layout,
+        "path": path,
         "pods": pods,
         "blocks": blocks,
         "seconds": round(seconds, 3),
         "blocks_per_s": round(blocks / seconds),
+        "blocks_per_cpu_s": round(blocks / cpu),
         "events_per_s": round(len(events) / seconds),
         "entries": sink.stats().get("entries"),
         "bytes_per_entry": round(sink.bytes_per_entry(), 1),
@@ -219,6 +267,13 @@ def tokenization(prompt_tokens_target: int) -> dict:
     }
 
 
+_PATHS = {
+    "index": "index.add",
+    "translator": "events → translator → index",
+    "payload": "msgpack → decode → translator → index",
+}
+
+
 def markdown(out: dict) -> str:
     m = out["machine"]
     lines = [
@@ -237,14 +292,14 @@ def markdown(out: dict) -> str:
         )
     lines += [
         "",
-        "| ingestion (events → translator → index) | layout | blocks | blocks/s | "
+        "| ingestion, 64-block events | pods | layout | blocks | blocks/s | blocks per CPU s | "
         "bytes per (block, pod), by getsizeof |",
-        "|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in out["ingest"]:
         lines.append(
-            f"| {r['pods']} pods | {r['layout']} | {r['blocks']} | {r['blocks_per_s']:,} | "
-            f"{r['bytes_per_entry']} |"
+            f"| {_PATHS[r['path']]} | {r['pods']} | {r['layout']} | {r['blocks']} | "
+            f"{r['blocks_per_s']:,} | {r['blocks_per_cpu_s']:,} | {r['bytes_per_entry']} |"
         )
     lines += [
         "",
@@ -282,11 +337,12 @@ def main(argv: list[str] | None = None) -> int:
                 rss.append(resident_growth(layout, path))
                 print(json.dumps(rss[-1]), flush=True)
     ingest = []
-    for layout in LAYOUTS:
-        ingest += [
-            ingest_rate(16, 20 if args.quick else 200, 1024, layout),
-            ingest_rate(256, 2 if args.quick else 20, 1024, layout),
-        ]
+    for path in ("index", "translator", "payload"):
+        for layout in LAYOUTS:
+            ingest += [
+                ingest_rate(16, 20 if args.quick else 200, 1024, layout, path),
+                ingest_rate(256, 2 if args.quick else 20, 1024, layout, path),
+            ]
     for r in ingest:
         print(json.dumps(r), flush=True)
     lookup = [

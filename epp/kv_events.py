@@ -79,7 +79,7 @@ class KVCacheView:
         self._writer_task: asyncio.Task | None = None
         if opts.backend == "redis":
             index, reads = self._shared_index(local, registry)
-        self.translator = EventTranslator(index)
+        self.translator = EventTranslator(index, opts.layout)  # its maps as the index
         self.cache = KVCache(
             tokenizers=PromptTokenizers(opts.tokenizers or {}),
             index=reads,

@@ -184,8 +184,38 @@ class DictBlockIndex:
         """`pod` stored `copies` more copies of each key in `tier`. Keys go in tail first, so the
         head ends up newest: eviction trims chains from the tail."""
         p, t = self._pod(pod), _TIERS[tier]
+        if copies < 1:
+            return
+        # A key nobody holds yet (most of what BlockStored events bring) takes one pop and one
+        # store; any other goes through _add. Counters are summed once per call.
+        s = p << _POD | min(_COUNT, copies) * t
+        canon = self._canon
+        if len(canon) >= MAX_INTERNED_SLOTS:
+            canon.clear()
+        s = canon.setdefault(s, s)
+        shards, m, shard_n, budget, over = (
+            self._shards,
+            self._mask,
+            self._shard_n,
+            self._budget,
+            self._over,
+        )
+        fresh = 0
         for k in reversed(keys):
-            self._add(k, p, t, copies)
+            sh = k & m
+            d = shards[sh]
+            rec = d.pop(k, None)
+            if rec is None:
+                d[k] = s
+                fresh += 1
+                shard_n[sh] += 1
+                if shard_n[sh] > budget:
+                    over.add(sh)
+            else:
+                d[k] = rec
+                self._add(k, p, t, copies)
+        self._n += fresh
+        self._pod_n[p] += fresh
         self._evict()
 
     def remove(self, pod: str, keys: Sequence[int], tier: Tier) -> list[int]:

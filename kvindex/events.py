@@ -16,9 +16,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
+from msgspec import UNSET, Meta, Struct, UnsetType
 
 REPLAY_END_SEQ = 2**64 - 1
 _U64_MAX = 2**64 - 1
@@ -229,8 +230,115 @@ def _decode_event(raw: Any, where: str) -> KVEvent | None:
     return cls(**kwargs)
 
 
+# --- the fast path: a whole batch decoded and checked in C by msgspec typed Structs, in the
+# two shapes vLLM sends (a [ts, events, rank] array of map events or of legacy array events).
+# Anything it does not take (another shape, an unknown event type, a bad value) is decoded
+# again by the generic path above, which skips unknown events and says what was wrong.
+
+_Hash = Annotated[int, Meta(ge=0)] | bytes  # msgpack ints stop at 2**64 - 1
+_Token = Annotated[int, Meta(ge=0, le=_TOKEN_MAX)]
+_Count = Annotated[int, Meta(ge=0)]
+
+
+def _typed_events(array_like: bool):
+    class Stored(Struct, tag="BlockStored", tag_field="type", array_like=array_like):
+        block_hashes: list[_Hash]
+        parent_block_hash: _Hash | None = None
+        # Required, but after an optional field: UNSET (missing) is refused in _from_typed.
+        token_ids: list[_Token] | UnsetType = UNSET
+        block_size: _Count | UnsetType = UNSET
+        lora_id: int | None = None
+        medium: str | None = None
+        lora_name: str | None = None
+        extra_keys: list | None = None
+        group_idx: _Count | None = None
+        kv_cache_spec_kind: str | None = None
+
+    class Removed(Struct, tag="BlockRemoved", tag_field="type", array_like=array_like):
+        block_hashes: list[_Hash]
+        medium: str | None = None
+        group_idx: _Count | None = None
+
+    class Cleared(Struct, tag="AllBlocksCleared", tag_field="type", array_like=array_like):
+        pass
+
+    batch = msgspec.defstruct(  # not a class statement: its annotations would be strings
+        "Batch",
+        [
+            ("ts", float),
+            ("events", list[Stored | Removed | Cleared]),
+            ("data_parallel_rank", int | None, None),
+        ],
+        array_like=True,
+    )
+    return msgspec.msgpack.Decoder(batch), Stored, Removed
+
+
+_MAP_DECODER, _MapStored, _MapRemoved = _typed_events(False)
+_ARRAY_DECODER, _ArrayStored, _ArrayRemoved = _typed_events(True)
+_STORED = (_MapStored, _ArrayStored)
+_REMOVED = (_MapRemoved, _ArrayRemoved)
+
+
+def _hashes(v: list) -> tuple[int, ...]:
+    for h in v:
+        if h.__class__ is not int:
+            return _hash_list(v)  # digests (or a bad one: _Invalid)
+    return tuple(v)
+
+
+def _from_typed(raw) -> EventBatch:
+    events: list[KVEvent] = []
+    for e in raw.events:
+        if e.__class__ in _STORED:
+            if e.token_ids is UNSET or e.block_size is UNSET:
+                raise _Invalid("a required field is missing")
+            events.append(
+                BlockStored(
+                    _hashes(e.block_hashes),
+                    None if e.parent_block_hash is None else _hash(e.parent_block_hash),
+                    tuple(e.token_ids),
+                    e.block_size,
+                    e.lora_id,
+                    "GPU" if e.medium is None else e.medium,
+                    e.lora_name,
+                    None if e.extra_keys is None else _tuple(e.extra_keys),
+                    e.group_idx or 0,
+                    "full_attention" if e.kv_cache_spec_kind is None else e.kv_cache_spec_kind,
+                )
+            )
+        elif e.__class__ in _REMOVED:
+            events.append(
+                BlockRemoved(
+                    _hashes(e.block_hashes),
+                    "GPU" if e.medium is None else e.medium,
+                    e.group_idx or 0,
+                )
+            )
+        else:
+            events.append(AllBlocksCleared())
+    return EventBatch(float(raw.ts), tuple(events), raw.data_parallel_rank, 0)
+
+
+def _decode_typed(payload: bytes) -> EventBatch | None:
+    """The batch by the fast path, or None if it does not take it."""
+    for decoder in (_MAP_DECODER, _ARRAY_DECODER):
+        try:
+            return _from_typed(decoder.decode(payload))
+        except (ValueError, TypeError, RecursionError, _Invalid):
+            continue
+    return None
+
+
 def decode_batch(payload: bytes, *, seq: int | None = None) -> EventBatch:
     """Decode one msgpack batch payload. `seq` only makes error messages say where."""
+    fast = _decode_typed(payload)
+    return _decode_generic(payload, seq) if fast is None else fast
+
+
+def _decode_generic(payload: bytes, seq: int | None) -> EventBatch:
+    """decode_batch over untyped msgpack, field by field: any shape vLLM has sent, unknown
+    event types skipped, and the error that says what is wrong."""
     where = "batch" if seq is None else f"batch seq={seq}"
     try:
         raw = msgspec.msgpack.decode(payload)

@@ -26,6 +26,8 @@ multimodal items need it, and the picker never has those (see kvindex/cache.py).
 
 from __future__ import annotations
 
+import array
+import sys
 from collections.abc import Mapping
 
 import msgspec
@@ -45,6 +47,23 @@ def encode_extras(extras: tuple) -> bytes:
     """vLLM's extra keys of a block (str, int, bytes, nested tuples) as canonical bytes: msgpack
     is self-delimiting and gives one encoding per value."""
     return _ENCODER.encode(extras)
+
+
+_U32_CODE = next(c for c in "IL" if array.array(c).itemsize == 4)
+
+
+def _token_bytes(token_ids) -> memoryview:
+    """The token ids as uint32 LE bytes. A list or tuple of ints (events, prompts) converts in
+    one C call, with its range check; anything else goes through numpy."""
+    if token_ids.__class__ is tuple or token_ids.__class__ is list:
+        try:
+            arr = array.array(_U32_CODE, token_ids)
+        except OverflowError:
+            raise ValueError("token ids must fit in uint32") from None
+        if sys.byteorder != "little":
+            arr.byteswap()
+        return memoryview(arr).cast("B")
+    return memoryview(_as_u32(token_ids).tobytes())
 
 
 def _as_u32(token_ids) -> np.ndarray:
@@ -77,20 +96,21 @@ def block_keys(
     (vLLM caches only full blocks). `extras`: block index → encoded extra keys of that block."""
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
-    toks = _as_u32(token_ids)
+    data = _token_bytes(token_ids)  # slices below are views
     step = 4 * block_size
-    end = (len(toks) // block_size) * step
-    if end == 0:
-        return []
-    data = memoryview(toks.tobytes())  # one copy; slices below are views
-    keys = []
-    h = parent
+    end = len(data) // step * step
+    keys: list[int] = []
+    append, h = keys.append, parent
+    if extras:
+        for i in range(0, end, step):
+            h = xxh64_intdigest(
+                h.to_bytes(8, "little") + data[i : i + step] + extras.get(i // step, b"")
+            )
+            append(h)
+        return keys
     for i in range(0, end, step):
-        block = h.to_bytes(8, "little") + data[i : i + step]
-        if extras:
-            block += extras.get(i // step, b"")
-        h = xxh64_intdigest(block)
-        keys.append(h)
+        h = xxh64_intdigest(h.to_bytes(8, "little") + data[i : i + step])
+        append(h)
     return keys
 
 

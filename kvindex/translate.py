@@ -2,10 +2,9 @@
 
 The index is keyed by request keys (kvindex.keys), which the picker computes from a prompt's
 tokens; vLLM's block hashes it cannot compute. So per pod an engine-hash → request-keys map
-resolves removals, CPU-offload stores and the parents of later stores: engine hash
-(| group << 64) → request key or tuple of them (at most MAX_KEYS_PER_HASH, the newest: vLLM
-maps one hash to one content, so only a hostile publisher reuses a hash for many). The maps
-are sharded as the index's keys are (by low bits), so no one dict grows huge.
+(kvindex.engine_maps) resolves removals, CPU-offload stores and the parents of later stores.
+Its layout follows the index's: dicts beside the dict index, a packed key table beside the
+packed one (`layout` overrides).
 
 vLLM's extra keys (LoRA name, cache salt, multimodal hashes: one tuple or None per engine block)
 are placed as kvindex.keys says, so a prompt's keys match exactly where vLLM would share. They
@@ -20,16 +19,17 @@ from __future__ import annotations
 from collections import Counter
 
 from infergw.kvindex.backend import BlockIndex
+from infergw.kvindex.engine_maps import LAYOUTS, MAX_KEYS_PER_HASH, EngineMap
 from infergw.kvindex.events import AllBlocksCleared, BlockRemoved, BlockStored
-from infergw.kvindex.index import Tier, approx_bytes, walk_bytes
+from infergw.kvindex.index import KVBlockIndex, Tier
 from infergw.kvindex.keys import block_keys, encode_extras, model_root
 from infergw.kvindex.unresolved import UnresolvedHashes
+
+__all__ = ["MAX_EXTRA_BYTES", "MAX_KEYS_PER_HASH", "EventTranslator"]
 
 _INDEXED_KINDS = frozenset({"full_attention", "mla_attention", "sink_full_attention"})
 _TIER_OF_MEDIUM: dict[str, Tier] = {"gpu": "gpu", "cpu": "cpu"}
 _SWEEP_MIN = 1024
-# One engine block covers engine block size / index block size keys (16 for 256 / 16).
-MAX_KEYS_PER_HASH = 64
 MAX_EXTRA_BYTES = 4096  # one engine block's extra keys, encoded (a salt is a client's string)
 MAX_ENGINE_BLOCK_SIZE = 1 << 16  # tokens; vLLM's largest (hybrid models) are a few thousand
 
@@ -71,29 +71,31 @@ def _placed_extras(ev: BlockStored, index_block_size: int) -> tuple[bytes, dict[
     return first, placed
 
 
-def _slots(rs) -> tuple[int, ...]:
-    return (rs,) if rs.__class__ is int else rs
-
-
 class EventTranslator:
-    """The subscriber's EventSink: applies decoded KV events of each pod to `index`."""
+    """The subscriber's EventSink: applies decoded KV events of each pod to `index`.
+    `layout`: the engine-hash maps' (kvindex.engine_maps: "dict" or "packed"); by default
+    packed beside the packed index, dicts beside any other."""
 
-    def __init__(self, index: BlockIndex) -> None:
+    def __init__(self, index: BlockIndex, layout: str | None = None) -> None:
         self.index = index
-        self._mask = index.shard_count - 1
-        self._emaps: dict[str, list[dict[int, int | tuple[int, ...]]]] = {}
+        if layout is None:
+            layout = "packed" if isinstance(index, KVBlockIndex) else "dict"
+        self.layout = layout
+        self._new_map = LAYOUTS[layout]
+        self._shards = index.shard_count
+        self._emaps: dict[str, EngineMap] = {}
         self._stale: Counter[str] = Counter()  # per pod: entries evicted since its last sweep
-        self._sweeping: dict[str, int] = {}  # pod -> next engine-map shard to sweep
+        self._sweeping: dict[str, int] = {}  # pod -> where its sweep goes on
         self._events: Counter[str] = Counter()
         self._skipped: Counter[str] = Counter()
         self._unknown_parents = self._removed_unknown = 0
         self._engine_block_size: dict[str, int] = {}
         self.unresolved = UnresolvedHashes()
 
-    def _emap(self, pod: str) -> list[dict]:
+    def _emap(self, pod: str) -> EngineMap:
         emap = self._emaps.get(pod)
         if emap is None:
-            emap = self._emaps[pod] = [{} for _ in range(self._mask + 1)]
+            emap = self._emaps[pod] = self._new_map(self._shards)
         return emap
 
     def apply(self, pod: str, model: str, event) -> None:
@@ -118,16 +120,16 @@ class EventTranslator:
         if tier is None:
             self._skipped["medium"] += 1
             return
-        emap, g, hashes, m = self._emap(pod), ev.group_idx << 64, ev.block_hashes, self._mask
+        emap, g, hashes = self._emap(pod), ev.group_idx, ev.block_hashes
         if not ev.token_ids:  # a CPU-offload store: only hashes we already know
             by_copies: dict[int, list[int]] = {}
             missed = 0
-            for h, copies in Counter(hashes).items():
-                rs = emap[h & m].get(h | g)
+            counts = Counter(hashes)
+            for copies, rs in zip(counts.values(), emap.resolve(list(counts), g), strict=True):
                 if rs is None:
                     missed += copies
                 else:
-                    by_copies.setdefault(copies, []).extend(_slots(rs))
+                    by_copies.setdefault(copies, []).extend(rs)
             self._skipped["offload_unknown_hash"] += missed
             self.unresolved.note(pod, "offload", len(hashes), missed)
             for copies, keys in by_copies.items():
@@ -149,11 +151,9 @@ class EventTranslator:
         if parent is None:
             pk = model_root(model, ev.lora_name, first)
         else:
-            rs = emap[parent & m].get(parent | g)
-            self.unresolved.note(pod, "parent", 1, int(rs is None))
-            if rs is not None:
-                pk = _slots(rs)[-1]
-            else:
+            pk = emap.last(parent, g)
+            self.unresolved.note(pod, "parent", 1, int(pk is None))
+            if pk is None:
                 # An unknown parent (we joined mid-stream, or it had no full index block):
                 # chain from the root as llm-d router PR #691 does.
                 self._unknown_parents += 1
@@ -162,46 +162,39 @@ class EventTranslator:
         self.index.add(pod, keys, tier)
         # llm-d's length ratio: with n = max(|E|, |R|), E[i*|E|/n] ↔ R[i*|R|/n].
         ne, nr = len(hashes), len(keys)
-        n = max(ne, nr)
-        for i in range(n if nr else 0):
-            e, k = hashes[i * ne // n] | g, keys[i * nr // n]
-            d = emap[e & m]
-            old = d.get(e)
-            if old is None:
-                d[e] = k
-            elif k not in _slots(old):
-                d[e] = (*_slots(old)[1 - MAX_KEYS_PER_HASH :], k)
+        if ne == nr:
+            emap.put(hashes, keys, g)
+        elif nr:
+            n = max(ne, nr)
+            emap.put(
+                [hashes[i * ne // n] for i in range(n)], [keys[i * nr // n] for i in range(n)], g
+            )
 
     def _removed(self, pod: str, ev: BlockRemoved) -> None:
         tier = _TIER_OF_MEDIUM.get(ev.medium.lower())
         if tier is None:
             self._skipped["medium"] += 1
             return
-        emap, g, m = self._emaps.get(pod), ev.group_idx << 64, self._mask
-        known: list[int] = []  # engine hashes (| group) we map
+        emap, g, hashes = self._emaps.get(pod), ev.group_idx, ev.block_hashes
+        known: list[int] = []  # engine hashes we map
         keys: list[int] = []
-        for h in ev.block_hashes:
-            rs = None if emap is None else emap[h & m].get(h | g)
-            if rs is not None:
-                known.append(h | g)
-                keys.extend(_slots(rs))
-        missed = len(ev.block_hashes) - len(known)
+        if emap is not None:
+            for h, rs in zip(hashes, emap.resolve(hashes, g), strict=True):
+                if rs is not None:
+                    known.append(h)
+                    keys.extend(rs)
+        missed = len(hashes) - len(known)
         self._removed_unknown += missed
-        self.unresolved.note(pod, "removed", len(ev.block_hashes), missed)
+        self.unresolved.note(pod, "removed", len(hashes), missed)
         if not known:
             return
         gone = set(self.index.remove(pod, keys, tier))
-        for e in known:
-            d = emap[e & m]
-            rs = d.get(e)
-            if rs is not None and all(k in gone for k in _slots(rs)):
-                del d[e]  # refers to nothing this pod holds any more
+        emap.forget(known, g, gone)  # those that refer to nothing this pod holds any more
 
     def clear_pod(self, pod: str) -> None:
         """Drop every entry and mapping of `pod` (engine restart, reset, pod gone)."""
         emap = self._emaps.pop(pod, None)
-        known = () if emap is None else (k for d in emap for rs in d.values() for k in _slots(rs))
-        self.index.clear_pod(pod, known)
+        self.index.clear_pod(pod, () if emap is None else emap.keys())
         self._stale.pop(pod, None)
         self._sweeping.pop(pod, None)
         self._engine_block_size.pop(pod, None)
@@ -213,38 +206,32 @@ class EventTranslator:
     def _sweep(self) -> None:
         # Mappings whose keys the LRU evicted would stay until their BlockRemoved (forever if
         # it was lost); their chains are unreachable anyway, as a lookup stops at the evicted
-        # key. Sweep once a quarter of a pod's mappings may be stale (amortized O(1)), one
-        # shard of one pod per call (short pauses).
+        # key. Sweep once a quarter of a pod's mappings may be stale (amortized O(1)), a part
+        # of one pod's map per call (short pauses).
         for pod, n in self.index.take_evictions().items():
             emap = self._emaps.get(pod)
             if emap is None:
                 continue
             self._stale[pod] += n
-            mapped = sum(map(len, emap))
-            if pod not in self._sweeping and self._stale[pod] > max(_SWEEP_MIN, mapped // 4):
+            if pod not in self._sweeping and self._stale[pod] > max(_SWEEP_MIN, len(emap) // 4):
                 self._sweeping[pod], self._stale[pod] = 0, 0
         if self._sweeping:
-            pod, i = next(iter(self._sweeping.items()))
-            emap, holds = self._emaps[pod], self.index.holds_any
-            # A new dict, because a dict does not shrink when emptied.
-            emap[i] = {e: rs for e, rs in emap[i].items() if holds(pod, _slots(rs))}
-            if i < self._mask:
-                self._sweeping[pod] = i + 1
-            else:
+            pod, cursor = next(iter(self._sweeping.items()))
+            holds = self.index.holds_any
+            cursor = self._emaps[pod].sweep(lambda keys: holds(pod, keys), cursor)
+            if cursor is None:
                 del self._sweeping[pod]
+            else:
+                self._sweeping[pod] = cursor
 
     # --- accounting
 
-    def _maps(self) -> list[dict]:
-        return [d for emap in self._emaps.values() for d in emap]
-
     def stats(self) -> dict:
-        """The index's counts and the translation's; O(pods + shards)."""
-        maps = self._maps()
+        """The index's counts and the translation's; O(pods) (and O(shards) a pod for dicts)."""
         out = self.index.stats()
-        out["bytes"] += approx_bytes(maps)
+        out["bytes"] += sum(m.approx_bytes() for m in self._emaps.values())
         out.update(
-            engine_hashes=sum(map(len, maps)),
+            engine_hashes=sum(map(len, self._emaps.values())),
             events=dict(self._events),
             skipped=dict(self._skipped),
             unknown_parents=self._unknown_parents,
@@ -256,7 +243,8 @@ class EventTranslator:
     def memory_bytes(self) -> int:
         """The index's memory and the engine-hash maps', shared objects counted once."""
         seen: set[int] = set()
-        return self.index.memory_bytes(seen) + walk_bytes(self._maps(), seen)
+        own = self.index.memory_bytes(seen)
+        return own + sum(m.memory_bytes(seen) for m in self._emaps.values())
 
     def bytes_per_entry(self) -> float:
         return self.memory_bytes() / max(1, self.index.stats()["entries"])

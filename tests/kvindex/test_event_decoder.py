@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from collections import Counter
 
 import msgspec
@@ -351,21 +352,20 @@ _msgpack_values = st.recursive(
     ),
     max_leaves=30,
 )
-_field_names = st.sampled_from(
-    [
-        "type",
-        "block_hashes",
-        "parent_block_hash",
-        "token_ids",
-        "block_size",
-        "lora_id",
-        "medium",
-        "lora_name",
-        "extra_keys",
-        "group_idx",
-        "kv_cache_spec_kind",
-    ]
-)
+# BlockStored's fields in vLLM's positional order (its legacy array form)
+_NAMES = [
+    "block_hashes",
+    "parent_block_hash",
+    "token_ids",
+    "block_size",
+    "lora_id",
+    "medium",
+    "lora_name",
+    "extra_keys",
+    "group_idx",
+    "kv_cache_spec_kind",
+]
+_field_names = st.sampled_from(["type", *_NAMES])
 _tags = st.sampled_from(["BlockStored", "BlockRemoved", "AllBlocksCleared", "Other"])
 # Near-valid events reach the field converters instead of failing at the top level.
 _events = st.builds(
@@ -463,3 +463,68 @@ def test_invariants_reject_bad_streams(stream, expected):
     with pytest.raises(AssertionError) as info:
         check_event_stream(stream)
     assert expected in str(info.value)
+
+
+# --- the typed fast path answers exactly as the generic decoder
+
+
+_VALUES = (
+    st.none()
+    | st.booleans()
+    | st.integers(-1, 3)
+    | st.sampled_from([2**32 - 1, 2**32, 2**63, 2**64 - 1])
+    | st.sampled_from(["GPU", "cpu", "", "full_attention", "x"])
+    | st.sampled_from([b"", b"\x01" * 9])
+    | st.floats(allow_nan=False)
+)
+_LISTS = st.lists(_VALUES, max_size=4) | st.lists(st.integers(0, 9), max_size=8)
+_FIELD = _VALUES | _LISTS | st.lists(_LISTS, max_size=2)
+_GOOD_STORED = st.fixed_dictionaries(
+    {
+        "block_hashes": st.lists(st.integers(0, 2**64 - 1) | st.binary(min_size=1), max_size=3),
+        "parent_block_hash": st.none() | st.integers(0, 2**64 - 1),
+        "token_ids": st.lists(st.integers(0, 2**32 - 1), max_size=6),
+        "block_size": st.integers(0, 4),
+    },
+    optional={
+        "lora_id": st.none() | st.integers(-2, 2),
+        "medium": st.none() | st.sampled_from(["GPU", "cpu", ""]),
+        "lora_name": st.none() | st.sampled_from(["", "lora-a"]),
+        "extra_keys": st.none() | st.lists(st.none() | st.lists(st.text(max_size=2)), max_size=2),
+        "group_idx": st.none() | st.integers(0, 2),
+        "kv_cache_spec_kind": st.none() | st.sampled_from(["", "full_attention", "sliding"]),
+    },
+)
+_ANY_EVENT = st.fixed_dictionaries({"type": _tags}, optional={n: _FIELD for n in _NAMES})
+
+
+def _as_array(event: dict) -> list:
+    fields = [event.get(n, None) for n in _NAMES]
+    while fields and fields[-1] is None and len(fields) > 4:
+        fields.pop()
+    return [event.get("type", "BlockStored"), *fields]
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.lists(
+        _GOOD_STORED.map(lambda e: {"type": "BlockStored", **e})
+        | _GOOD_STORED.map(lambda e: {"type": "BlockRemoved", **e})
+        | _ANY_EVENT,
+        max_size=4,
+    ),
+    st.booleans(),
+    st.floats(allow_nan=False) | st.integers(0, 9) | st.booleans() | st.none(),
+    st.none() | st.integers(0, 3) | st.booleans(),
+)
+def test_the_typed_fast_path_decodes_as_the_generic_one(events, arrays, ts, rank):
+    from infergw.kvindex.events import _decode_generic
+
+    payload = msgspec.msgpack.encode([ts, [_as_array(e) if arrays else e for e in events], rank])
+    try:
+        want = _decode_generic(payload, None)
+    except KVEventDecodeError as e:
+        with pytest.raises(KVEventDecodeError, match=re.escape(str(e))):
+            decode_batch(payload)
+        return
+    assert decode_batch(payload) == want

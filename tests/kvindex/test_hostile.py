@@ -263,10 +263,17 @@ def test_the_slot_table_stays_bounded_however_often_a_block_is_stored():
 
 
 def test_one_engine_hash_reused_for_many_blocks_maps_to_a_bounded_number_of_keys():
-    sink = EventTranslator(KVBlockIndex(block_size=4, max_entries=10_000))
-    for i in range(MAX_KEYS_PER_HASH * 4):
-        sink.apply(POD, "m", BlockStored((7,), None, (i, 1, 2, 3), 4))
-    assert max(len(rs) for d in sink._emaps[POD] for rs in d.values()) == MAX_KEYS_PER_HASH
+    for layout in ("dict", "packed"):
+        index = KVBlockIndex(block_size=4, max_entries=10_000)
+        sink = EventTranslator(index, layout)
+        for i in range(MAX_KEYS_PER_HASH * 4):
+            sink.apply(POD, "m", BlockStored((7,), None, (i, 1, 2, 3), 4))
+        assert sink.stats()["engine_hashes"] == 1
+        held = len(index.keys_of(POD))
+        # The hash names the newest MAX_KEYS_PER_HASH keys only: its removal drops those.
+        sink.apply(POD, "m", BlockRemoved((7,)))
+        assert held - len(index.keys_of(POD)) == MAX_KEYS_PER_HASH, layout
+        assert sink.stats()["engine_hashes"] == 0
 
 
 async def test_the_picker_exports_drops_by_reason_and_drops_pods_outside_its_pool():
