@@ -370,7 +370,7 @@ def test_endpoint_picker_config_loads_with_the_pickers_loader() -> None:
     except ConfigError as exc:
         pytest.fail(f"the picker would not start with this EndpointPickerConfig: {exc}")
     raw = yaml.safe_load(text)
-    assert raw["apiVersion"] == "inference.networking.x-k8s.io/v1alpha1"
+    assert raw["apiVersion"] == "llm-d.ai/v1alpha1"  # llm-d router's group since 2026
     assert raw["kind"] == "EndpointPickerConfig"
     [profile] = config.profiles.values()
     weights = {ws.scorer.type_name: ws.weight for ws in profile.scorers}

@@ -199,3 +199,24 @@ def test_defaults_are_upstreams() -> None:
     assert pool["spec"]["appProtocol"] == "http"
     ref = pool["spec"]["endpointPickerRef"]
     assert (ref["group"], ref["kind"], ref["failureMode"]) == ("", "Service", "FailClose")
+
+
+def test_what_we_write_uses_llm_d_groups() -> None:
+    """InferenceObjective and EndpointPickerConfig moved to llm-d.ai: the manifests, examples
+    and the picker's default config name it (the older group is only read)."""
+    from infergw.epp.scheduling.config import DEFAULT_CONFIG
+
+    written = sorted((ROOT / "gateway-manifests").rglob("*.yaml"))
+    written += sorted((ROOT / "examples").rglob("*.yaml"))
+    texts = {str(p.relative_to(ROOT)): p.read_text() for p in written}
+    texts["DEFAULT_CONFIG"] = DEFAULT_CONFIG
+    assert "kind: EndpointPickerConfig" in texts["DEFAULT_CONFIG"]
+    stale = [where for where, text in texts.items() if "inference.networking.x-k8s.io/" in text]
+    assert stale == []
+    objectives = [
+        doc
+        for path in written
+        for doc in yaml.safe_load_all(path.read_text())
+        if isinstance(doc, dict) and doc.get("kind") == "InferenceObjective"
+    ]
+    assert objectives and {o["apiVersion"] for o in objectives} == {"llm-d.ai/v1alpha2"}
