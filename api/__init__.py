@@ -95,7 +95,7 @@ KINDS: dict[tuple[str, str], type[ApiStruct]] = {
     (workload.GROUP_VERSION, "AutoScalingPolicy"): AutoScalingPolicy,
     (workload.GROUP_VERSION, "AutoScalingPolicyBinding"): AutoScalingPolicyBinding,
     (upstream.POOL_GROUP_VERSION, "InferencePool"): InferencePool,
-    (upstream.OBJECTIVE_GROUP_VERSION, "InferenceObjective"): InferenceObjective,
+    **{(v, "InferenceObjective"): InferenceObjective for v in upstream.OBJECTIVE_GROUP_VERSIONS},
 }
 
 

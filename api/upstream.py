@@ -1,7 +1,9 @@
-"""The Gateway API Inference Extension kinds we serve from crds/upstream/: InferencePool
-(inference.networking.k8s.io/v1) and InferenceObjective (inference.networking.x-k8s.io/v1alpha2).
+"""The upstream kinds we serve from crds/upstream/: InferencePool (inference.networking.k8s.io/v1,
+the Gateway API Inference Extension's) and InferenceObjective (llm-d.ai/v1alpha2, llm-d router's).
 
-`validate_*` mirror those CRDs' bounds and their CEL rule.
+InferenceObjective moved in 2026 from the Inference Extension's inference.networking.x-k8s.io
+group to llm-d.ai with the same fields: we read both apiVersions and write the current one.
+`validate_*` mirror those CRDs' bounds and their CEL rules.
 """
 
 from __future__ import annotations
@@ -19,10 +21,15 @@ from infergw.api.meta import (
 )
 
 POOL_GROUP_VERSION = "inference.networking.k8s.io/v1"
-OBJECTIVE_GROUP_VERSION = "inference.networking.x-k8s.io/v1alpha2"
+OBJECTIVE_GROUP_VERSION = "llm-d.ai/v1alpha2"
+# Where InferenceObjective lived before llm-d router took it over; still read.
+LEGACY_OBJECTIVE_GROUP_VERSION = "inference.networking.x-k8s.io/v1alpha2"
+OBJECTIVE_GROUP_VERSIONS = (OBJECTIVE_GROUP_VERSION, LEGACY_OBJECTIVE_GROUP_VERSION)
 APP_PROTOCOLS = ("http", "kubernetes.io/h2c")
 FAILURE_MODES = ("FailOpen", "FailClose")
 DEFAULT_FAILURE_MODE = "FailClose"
+# The message of the CRD's CEL rule on endpointPickerRef.
+PORT_REQUIRED = "port is required when kind is 'Service' or unspecified (defaults to 'Service')"
 
 
 class PoolSelector(ApiStruct):
@@ -71,9 +78,11 @@ def validate_inference_pool(pool: InferencePool) -> list[str]:
         p.number(f"spec.targetPorts[{i}].number", port.number, 1, 65535)
     p.choice("spec.appProtocol", spec.app_protocol, APP_PROTOCOLS)
     ref = spec.endpoint_picker_ref
-    if ref is not None:
+    if ref is None:  # required in the release we ship (GIE v1.5.0); optional from v1.6.0
+        p.add("spec.endpointPickerRef", "Required value")
+    else:
         if (ref.kind or "Service") == "Service" and ref.port is None:
-            p.add("spec.endpointPickerRef", "port is required when kind is 'Service'")
+            p.add("spec.endpointPickerRef", PORT_REQUIRED)
         if ref.port is not None:
             p.number("spec.endpointPickerRef.port.number", ref.port.number, 1, 65535)
         p.choice("spec.endpointPickerRef.failureMode", ref.failure_mode, FAILURE_MODES)
@@ -109,3 +118,9 @@ def validate_inference_objective(objective: InferenceObjective) -> list[str]:
     if objective.status is not None:
         check_status_conditions(p, "status.conditions", objective.status.conditions)
     return p.messages
+
+
+def current_group_last(objectives: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """InferenceObjectives of both groups, the legacy group's first: where a later object of
+    the same name wins (the picker's datastore), the llm-d.ai one does."""
+    return sorted(objectives, key=lambda o: o.get("apiVersion") == OBJECTIVE_GROUP_VERSION)

@@ -13,6 +13,12 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
+from infergw.api.upstream import (
+    LEGACY_OBJECTIVE_GROUP_VERSION,
+    OBJECTIVE_GROUP_VERSION,
+    POOL_GROUP_VERSION,
+)
+
 if TYPE_CHECKING:
     from infergw.api import Model, ModelInfer
 
@@ -41,11 +47,13 @@ SERVICE = Kind("v1", "Service", "services")
 LEASE = Kind("coordination.k8s.io/v1", "Lease", "leases")
 # Read by the picker only: its replicas find each other through a headless Service's slices.
 ENDPOINT_SLICE = Kind("discovery.k8s.io/v1", "EndpointSlice", "endpointslices")
-INFERENCE_POOL = Kind("inference.networking.k8s.io/v1", "InferencePool", "inferencepools")
+INFERENCE_POOL = Kind(POOL_GROUP_VERSION, "InferencePool", "inferencepools")
 # Named priorities the picker reads; no controller reconciles them (standalone mode applies
-# them from manifests and exports them to the picker's pool file).
-INFERENCE_OBJECTIVE = Kind(
-    "inference.networking.x-k8s.io/v1alpha2", "InferenceObjective", "inferenceobjectives"
+# them from manifests and exports them to the picker's pool file). llm-d router's group; the
+# picker also reads the Inference Extension's older one where that CRD is installed.
+INFERENCE_OBJECTIVE = Kind(OBJECTIVE_GROUP_VERSION, "InferenceObjective", "inferenceobjectives")
+LEGACY_INFERENCE_OBJECTIVE = Kind(
+    LEGACY_OBJECTIVE_GROUP_VERSION, "InferenceObjective", "inferenceobjectives"
 )
 MODEL = Kind("workload.infergate.io/v1alpha1", "Model", "models")
 MODEL_INFER = Kind("workload.infergate.io/v1alpha1", "ModelInfer", "modelinfers")

@@ -165,9 +165,12 @@ def _crds() -> dict[tuple[str, str], dict[str, Any]]:
 
 # The CEL rules our CRDs carry (x-kubernetes-validations), in Python; the apiserver runs the
 # CEL. A new rule must be added here, or the test fails.
-_CEL: dict[str, Callable[[dict[str, Any]], bool]] = {
+_CEL: dict[str, Callable[[Any], bool]] = {
     "self.kind != 'Service' || has(self.port)": lambda o: (
         o.get("kind", "Service") != "Service" or "port" in o
+    ),
+    "self.all(p1, self.exists_one(p2, p1.number==p2.number))": lambda ports: (
+        len({p.get("number") for p in ports}) == len(ports)
     ),
 }
 
@@ -179,7 +182,7 @@ def _cel_errors(schema: dict[str, Any], value: Any, path: str = "") -> list[str]
         check = _CEL.get(rule["rule"])
         if check is None:
             errors.append(f"{path or '/'}: no Python equivalent for CEL rule {rule['rule']!r}")
-        elif isinstance(value, dict) and not check(value):
+        elif isinstance(value, dict | list) and not check(value):
             errors.append(f"{path or '/'}: {rule['message']}")
     if isinstance(value, dict):
         props = schema.get("properties", {})
@@ -226,7 +229,7 @@ def test_crds_serve_the_upstream_api_versions() -> None:
     assert (v1["name"], v1["served"], v1["storage"]) == ("v1", True, True)
     assert v1["subresources"] == {"status": {}}
     objective = crds["InferenceObjective"]["spec"]
-    assert objective["group"] == "inference.networking.x-k8s.io"
+    assert objective["group"] == "llm-d.ai"
     assert objective["names"]["plural"] == "inferenceobjectives"
     assert [v["name"] for v in objective["versions"]] == ["v1alpha2"]
 
@@ -282,8 +285,13 @@ def _unknown_app_protocol(pool: dict[str, Any]) -> None:
     pool["spec"]["appProtocol"] = "grpc"
 
 
+def _no_endpoint_picker_ref(pool: dict[str, Any]) -> None:
+    del pool["spec"]["endpointPickerRef"]  # required until GIE v1.6.0
+
+
 _BROKEN_POOLS = [
     _no_target_ports,
+    _no_endpoint_picker_ref,
     _failure_mode_sometimes,
     _nine_target_ports,
     _duplicate_target_port,
@@ -304,7 +312,7 @@ def test_broken_inference_pool_fails_our_crd_schema(breakage: Callable[..., None
 
 def test_inference_objective_schema() -> None:
     objective = {
-        "apiVersion": "inference.networking.x-k8s.io/v1alpha2",
+        "apiVersion": "llm-d.ai/v1alpha2",
         "kind": "InferenceObjective",
         "metadata": {"name": "batch", "namespace": "default"},
         "spec": {"priority": -1, "poolRef": {"name": "vllm-pool"}},
@@ -362,7 +370,7 @@ def test_endpoint_picker_config_loads_with_the_pickers_loader() -> None:
     except ConfigError as exc:
         pytest.fail(f"the picker would not start with this EndpointPickerConfig: {exc}")
     raw = yaml.safe_load(text)
-    assert raw["apiVersion"] == "inference.networking.x-k8s.io/v1alpha1"
+    assert raw["apiVersion"] == "llm-d.ai/v1alpha1"  # llm-d router's group since 2026
     assert raw["kind"] == "EndpointPickerConfig"
     [profile] = config.profiles.values()
     weights = {ws.scorer.type_name: ws.weight for ws in profile.scorers}

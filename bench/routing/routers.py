@@ -42,7 +42,7 @@ INFERGATE_PROFILES = {
 
 def picker_config(plugins: list[tuple[str, float]]) -> str:
     lines = [
-        "apiVersion: inference.networking.x-k8s.io/v1alpha1",
+        "apiVersion: llm-d.ai/v1alpha1",
         "kind: EndpointPickerConfig",
         "plugins:",
     ]

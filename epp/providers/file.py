@@ -1,5 +1,6 @@
 """The file provider: InferencePool, Pod, ModelRoute, ModelServer and InferenceObjective
-objects from YAML files, reloaded on change.
+objects from YAML files, reloaded on change. InferenceObjectives may be llm-d.ai/v1alpha2 or
+the older inference.networking.x-k8s.io/v1alpha2 (llm-d.ai's wins on a name in both).
 
 The files hold the same objects a cluster would (multi-document YAML, one or more files or a
 directory); Pods need status.podIP and a Ready condition, as kubelet would set. The local stack
@@ -12,6 +13,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from infergw.api.upstream import OBJECTIVE_GROUP_VERSIONS, current_group_last
 from infergw.cluster.files import ObjectFileError, UnreadableFileError, WatchedFiles
 from infergw.cluster.pool import PoolError, PoolSpec, find_pool
 from infergw.epp.datastore import Datastore
@@ -62,10 +64,18 @@ def _apply(
         if obj.get("kind") in routing and obj.get("apiVersion") == ROUTING_API:
             routing[obj["kind"]].append(obj)
         elif obj.get("kind") == "InferenceObjective":
-            objectives.append(obj)
+            if obj.get("apiVersion") in OBJECTIVE_GROUP_VERSIONS:
+                objectives.append(obj)
+            else:
+                log.warning(
+                    "ignoring InferenceObjective %s: apiVersion %r is neither of %s",
+                    (obj.get("metadata") or {}).get("name"),
+                    obj.get("apiVersion"),
+                    ", ".join(OBJECTIVE_GROUP_VERSIONS),
+                )
     datastore.set_pool(pool)
     datastore.set_routes(routing["ModelRoute"], routing["ModelServer"])
-    datastore.set_objectives(objectives)
+    datastore.set_objectives(current_group_last(objectives))
     datastore.replace_pods(pods)
     datastore.synced = True
 

@@ -1,6 +1,7 @@
 """The Kubernetes provider: the InferencePool and its Pods from the API server, kept by watches,
 and the namespace's ModelRoutes, ModelServers and InferenceObjectives when their CRDs are
-installed.
+installed. InferenceObjectives come from both groups, llm-d.ai and the Inference Extension's
+older inference.networking.x-k8s.io, whichever CRDs exist; on a name in both, llm-d.ai's wins.
 
 It stands on cluster/: the pool and its pods through PoolWatch, the routing objects through
 informers, all over one KubeStore. Everything they hand over arrives on the event loop, where
@@ -15,12 +16,14 @@ import logging
 
 from kubernetes import client, config
 
+from infergw.api.upstream import current_group_last
 from infergw.cluster.informer import Informer
 from infergw.cluster.kube_store import KubeStore, api_client_from_environment
 from infergw.cluster.pool import PoolError
 from infergw.cluster.pool_watch import PoolWatch
 from infergw.cluster.store import (
     INFERENCE_OBJECTIVE,
+    LEGACY_INFERENCE_OBJECTIVE,
     MODEL_ROUTE,
     MODEL_SERVER,
     Kind,
@@ -33,7 +36,12 @@ from infergw.epp.metrics import PickerMetrics
 log = logging.getLogger("epp.providers.kubernetes")
 
 # Read when their CRDs are installed.
-OPTIONAL_KINDS = {"routes": MODEL_ROUTE, "servers": MODEL_SERVER, "objectives": INFERENCE_OBJECTIVE}
+OPTIONAL_KINDS = {
+    "routes": MODEL_ROUTE,
+    "servers": MODEL_SERVER,
+    "objectives": INFERENCE_OBJECTIVE,
+    "legacy objectives": LEGACY_INFERENCE_OBJECTIVE,
+}
 WATCH_TIMEOUT = 5  # seconds; bounds how long a silently dead connection goes unnoticed
 LIST_TIMEOUT = 30
 
@@ -158,7 +166,8 @@ class KubernetesProvider:
 
     def _publish_routing(self) -> None:
         self.datastore.set_routes(self._items("routes"), self._items("servers"))
-        self.datastore.set_objectives(self._items("objectives"))
+        objectives = self._items("legacy objectives") + self._items("objectives")
+        self.datastore.set_objectives(current_group_last(objectives))
 
     def _skipped(self, kind: Kind) -> None:
         """Count an object left out."""

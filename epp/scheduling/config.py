@@ -1,6 +1,6 @@
 """EndpointPickerConfig: the YAML that names plugins and builds scheduling profiles.
 
-    apiVersion: inference.networking.x-k8s.io/v1alpha1
+    apiVersion: llm-d.ai/v1alpha1
     kind: EndpointPickerConfig
     plugins:
     - {name: prefix, type: prefix-cache-scorer, parameters: {blockSizeTokens: 16}}
@@ -41,7 +41,7 @@ from infergw.epp.scheduling.framework import (
 from infergw.epp.scheduling.handle import Handle
 
 DEFAULT_CONFIG = """
-apiVersion: inference.networking.x-k8s.io/v1alpha1
+apiVersion: llm-d.ai/v1alpha1
 kind: EndpointPickerConfig
 plugins:
 - type: queue-scorer

@@ -179,8 +179,13 @@ CLUSTER_OK=1
 cd "$ROOT"
 
 # ---- CRDs ---------------------------------------------------------------------------------
-say "applying the CRDs (crds/upstream/, crds/)"
-kubectl apply --server-side --force-conflicts -f crds/upstream/ -f crds/ >/dev/null \
+say "applying the CRDs (crds/upstream/ where the cluster has none, crds/)"
+# An upstream install of InferencePool or InferenceObjective is never replaced.
+for f in crds/upstream/*.yaml; do
+    kubectl get -f "$f" >/dev/null 2>&1 || kubectl create -f "$f" >/dev/null \
+        || fail "kubectl create -f $f"
+done
+kubectl apply --server-side --force-conflicts -f crds/ >/dev/null \
     || fail "kubectl apply of the CRDs"
 kubectl wait --for=condition=Established --timeout="${TIMEOUT}s" -f crds/upstream/ -f crds/ \
     >/dev/null || fail "the CRDs were not established"

@@ -50,7 +50,7 @@ LONG, SHORT = 50, 5  # output tokens: about 1.05 s and 0.1 s on the pod
 
 def objective(name: str, priority: int) -> dict:
     return {
-        "apiVersion": "inference.networking.x-k8s.io/v1alpha2",
+        "apiVersion": "llm-d.ai/v1alpha2",
         "kind": "InferenceObjective",
         "metadata": {"name": name, "namespace": "default"},
         "spec": {"priority": priority, "poolRef": {"name": "quickstart"}},

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
+from infergw.api.upstream import LEGACY_OBJECTIVE_GROUP_VERSION, OBJECTIVE_GROUP_VERSION
 from infergw.epp.datastore import Datastore
 from infergw.epp.providers.file import FileProvider, FileProviderError
 from tests.pool_files import POOL, errors, only_the_first_pod, pod, watched_pool, write
@@ -82,3 +83,32 @@ def test_a_file_replaced_within_one_clock_tick_at_the_same_size_is_read_again(tm
     assert path.stat().st_size == before.st_size
     provider.refresh()
     assert [e.address for e in ds.endpoints()] == ["10.0.0.2:8000"]
+
+
+def _objective(name: str, priority: int, api_version: str) -> dict:
+    return {
+        "apiVersion": api_version,
+        "kind": "InferenceObjective",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {"priority": priority, "poolRef": {"name": POOL["metadata"]["name"]}},
+    }
+
+
+def test_objectives_of_both_groups_are_read_and_llm_d_wins_a_name(tmp_path, caplog):
+    """llm-d.ai/v1alpha2 (written first so that order alone would let the older one win) and
+    the Inference Extension's older group; any other apiVersion is left out with a warning."""
+    path = tmp_path / "pool.yaml"
+    write(
+        path,
+        POOL,
+        pod("a", "10.0.0.1"),
+        _objective("shared", 5, OBJECTIVE_GROUP_VERSION),
+        _objective("shared", 1, LEGACY_OBJECTIVE_GROUP_VERSION),
+        _objective("interactive", 10, OBJECTIVE_GROUP_VERSION),
+        _objective("batch", -1, LEGACY_OBJECTIVE_GROUP_VERSION),
+        _objective("typo", 7, "inference.networking.x-k8s.io/v1alpha1"),
+    )
+    ds = Datastore()
+    FileProvider(ds, [path], POOL["metadata"]["name"]).load()
+    assert ds.objectives == {"shared": 5, "interactive": 10, "batch": -1}
+    assert "ignoring InferenceObjective typo" in caplog.text

@@ -13,6 +13,7 @@ import time
 import pytest
 from kubernetes import client
 
+from infergw.api.upstream import LEGACY_OBJECTIVE_GROUP_VERSION, OBJECTIVE_GROUP_VERSION
 from infergw.epp.datastore import Datastore
 from infergw.epp.metrics import PickerMetrics
 from infergw.epp.providers.kubernetes import KubernetesProvider, KubernetesProviderError
@@ -21,8 +22,9 @@ from tests.kube_objects import POOL_API, pod, pool
 from tests.kubeapi import KubeAPIEmulator
 from tests.waiting import wait_for_async
 
-# pool, pods, ModelRoutes, ModelServers, InferenceObjectives (the emulator serves them all)
-WATCHES = 5
+# pool, pods, ModelRoutes, ModelServers, InferenceObjectives of llm-d.ai and of the older
+# inference.networking.x-k8s.io (the emulator serves them all)
+WATCHES = 6
 
 
 def addresses(ds: Datastore) -> set[str]:
@@ -273,6 +275,79 @@ async def test_a_role_without_routing_rights_still_serves_the_pool(caplog):
             await provider.start()
             assert addresses(ds) == {"10.0.0.1:8000"} and len(ds.routes) == 0
             assert "not allowed to list routes (403)" in caplog.text
+        finally:
+            await provider.stop()
+            api_client.close()
+
+
+# ---- InferenceObjectives: llm-d.ai and the Inference Extension's older group ------------------
+
+CURRENT, LEGACY = OBJECTIVE_GROUP_VERSION, LEGACY_OBJECTIVE_GROUP_VERSION
+
+
+def objective(name: str, priority: int, api_version: str = CURRENT) -> dict:
+    return {
+        "apiVersion": api_version,
+        "kind": "InferenceObjective",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {"priority": priority, "poolRef": {"name": "llama"}},
+    }
+
+
+class WithoutCRDs(KubeAPIEmulator):
+    """An API server without the CRDs of some groups: 404 there, as for a CRD not installed."""
+
+    def __init__(self, *missing_groups: str) -> None:
+        super().__init__()
+        self.missing_groups = missing_groups
+
+    async def _handle(self, request):
+        from aiohttp import web
+
+        from tests.kubeapi import status_object
+
+        if request.match_info.get("group") in self.missing_groups:
+            status = status_object(404, "NotFound", "the server could not find the resource")
+            return web.json_response(status, status=404)
+        return await super()._handle(request)
+
+
+async def test_objectives_of_both_groups_are_read_and_llm_d_wins_a_name(kube, started):
+    kube.put(pool())
+    kube.put(objective("interactive", 10))
+    kube.put(objective("batch", -1, LEGACY))
+    kube.put(objective("shared", 1, LEGACY))
+    kube.put(objective("shared", 5))
+    ds, _ = await started()
+    assert ds.objectives == {"interactive": 10, "batch": -1, "shared": 5}
+    # Both groups are watched: a change in either arrives.
+    kube.put(objective("late", 3, LEGACY))
+    kube.delete(CURRENT, "InferenceObjective", "shared")
+    await wait_for_async(lambda: ds.objectives.get("late") == 3, within=2.0)
+    await wait_for_async(lambda: ds.objectives.get("shared") == 1, within=2.0)
+
+
+@pytest.mark.parametrize(
+    ("missing", "present"),
+    [("llm-d.ai", LEGACY), ("inference.networking.x-k8s.io", CURRENT)],
+)
+async def test_objectives_come_from_whichever_crd_the_cluster_has(missing, present, caplog):
+    caplog.set_level(logging.INFO, logger="epp.providers.kubernetes")
+    async with WithoutCRDs(missing) as api:
+        api.put(pool())
+        api.put(pod("llama-0", "10.0.0.1"))
+        api.put(objective("batch", -1, present))
+        api_client = client.ApiClient(api.client_configuration())
+        ds = Datastore()
+        provider = KubernetesProvider(ds, "llama", "default", api_client=api_client)
+        try:
+            await provider.start()
+            assert addresses(ds) == {"10.0.0.1:8000"}
+            assert ds.objectives == {"batch": -1}
+            which = "objectives" if missing == "llm-d.ai" else "legacy objectives"
+            assert f"no {which} CRD in the cluster" in caplog.text
+            api.put(objective("interactive", 10, present))
+            await wait_for_async(lambda: ds.objectives.get("interactive") == 10, within=2.0)
         finally:
             await provider.stop()
             api_client.close()
