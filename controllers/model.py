@@ -203,7 +203,6 @@ class ModelReconciler:
         except NotFound:
             pass
 
-
     async def _reachable(self, model: Model) -> tuple[bool, str, str]:
         """The Reachable condition: the route accepted with its refs resolved by the Gateway,
         the picker Available; objects of those names that are not the Model's count as

@@ -207,7 +207,9 @@ def picker_rules() -> list[PolicyRule]:
     by_group: dict[str, list[str]] = defaultdict(list)
     for kind in PICKER_READS:
         by_group[kind.group].append(kind.plural)
-    return [PolicyRule(api_groups=[g], resources=r, verbs=list(READ_VERBS)) for g, r in by_group.items()]
+    return [
+        PolicyRule(api_groups=[g], resources=r, verbs=list(READ_VERBS)) for g, r in by_group.items()
+    ]
 
 
 def service_account(model: Model) -> ServiceAccount:
@@ -313,7 +315,11 @@ def _fetch_container(model: Model, settings: PickerSettings) -> dict:
     """Fetches the tokenizer files alone into the shared volume, with the Model's source
     credentials (FETCH_ENV entries of its env, e.g. HF_TOKEN from a Secret)."""
     env = [
-        {k: v for k, v in (("name", e.name), ("value", e.value), ("valueFrom", e.value_from)) if v is not None}
+        {
+            k: v
+            for k, v in (("name", e.name), ("value", e.value), ("valueFrom", e.value_from))
+            if v is not None
+        }
         for e in model.spec.env or []
         if e.name in FETCH_ENV
     ]
@@ -348,7 +354,10 @@ def _picker_container(model: Model, settings: PickerSettings, sockets: KVEventSo
         "args": picker_args(model, sockets),
         "env": [
             dict(POD_IP_ENV),
-            {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+            {
+                "name": "POD_NAMESPACE",
+                "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}},
+            },
             {"name": "HOME", "value": "/tmp"},
             {"name": "PYTHONDONTWRITEBYTECODE", "value": "1"},
         ],
@@ -388,7 +397,10 @@ def _volumes(model: Model) -> list[dict]:
             "secret": {
                 "secretName": tls_secret(model),
                 "defaultMode": 0o440,  # the key: readable by the picker's group (fsGroup) only
-                "items": [{"key": "tls.crt", "path": "tls.crt"}, {"key": "tls.key", "path": "tls.key"}],
+                "items": [
+                    {"key": "tls.crt", "path": "tls.crt"},
+                    {"key": "tls.key", "path": "tls.key"},
+                ],
             },
         },
         {"name": "tmp", "emptyDir": {"sizeLimit": "256Mi"}},
@@ -453,7 +465,11 @@ def service(model: Model) -> Service:
             selector=_pod_labels(model),
             ports=[
                 ServicePort(
-                    name="grpc", port=PICKER_PORT, target_port="grpc", protocol="TCP", app_protocol="http2"
+                    name="grpc",
+                    port=PICKER_PORT,
+                    target_port="grpc",
+                    protocol="TCP",
+                    app_protocol="http2",
                 ),
                 ServicePort(
                     name="http-metrics",
@@ -509,7 +525,9 @@ def http_route(model: Model) -> HTTPRoute:
         for path in INFERENCE_PATHS
     ]
     pool = BackendRef(
-        group=POOL_GROUP_VERSION.rpartition("/")[0], kind="InferencePool", name=model.metadata.name or ""
+        group=POOL_GROUP_VERSION.rpartition("/")[0],
+        kind="InferencePool",
+        name=model.metadata.name or "",
     )
     return HTTPRoute(
         metadata=_meta(model, model.metadata.name or ""),

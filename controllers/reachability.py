@@ -58,7 +58,9 @@ def route_problems(route: Obj | None, gateway: ParentRef) -> list[tuple[str, str
             detail = "not reported for its current generation" if found else "not reported"
         else:
             c = current[0]
-            detail = f"{c.status}: {c.reason or 'no reason'}" + (f" ({c.message})" if c.message else "")
+            detail = f"{c.status}: {c.reason or 'no reason'}" + (
+                f" ({c.message})" if c.message else ""
+            )
         problems.append((reason, f"HTTPRoute {name} on {where}: {kind} {detail}"))
     return problems
 
@@ -84,7 +86,9 @@ def picker_problems(deployment: Obj | None) -> list[tuple[str, str]]:
     return [("PickerUnavailable", f"endpoint picker Deployment {name}: {detail}, {ready} ready")]
 
 
-def reachable(route: Obj | None, gateway: ParentRef, deployment: Obj | None) -> tuple[bool, str, str]:
+def reachable(
+    route: Obj | None, gateway: ParentRef, deployment: Obj | None
+) -> tuple[bool, str, str]:
     """The Reachable condition's (status, reason, message): the first reason, every message."""
     problems = route_problems(route, gateway) + picker_problems(deployment)
     if problems:

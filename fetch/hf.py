@@ -28,7 +28,7 @@ class _SameHostAuth(urllib.request.HTTPRedirectHandler):
 
     max_redirections = MAX_REDIRECTS
 
-    def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: ANN001, ANN201
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
         target = urlsplit(newurl)
         if target.scheme not in ("http", "https"):
             raise FetchError(f"{req.full_url}: redirected to a {target.scheme or 'relative'} URL")
@@ -88,7 +88,9 @@ class HuggingFace:
                 return None
             if exc.code in (401, 403):
                 hint = "set HF_TOKEN" if not self.token else "HF_TOKEN has no access to it"
-                raise FetchError(f"{url}: HTTP {exc.code} (a gated or private model: {hint})")
+                raise FetchError(
+                    f"{url}: HTTP {exc.code} (a gated or private model: {hint})"
+                ) from None
             raise FetchError(f"{url}: HTTP {exc.code} {exc.reason}") from None
         except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
             reason = getattr(exc, "reason", exc)

@@ -34,7 +34,9 @@ def source_for(uri: str, revision: str, timeout: float) -> Source:
     scheme, sep, rest = uri.partition("://")
     rest = rest.strip("/")
     if not sep or scheme not in SCHEMES or not rest:
-        raise ValueError(f"{uri!r}: a tokenizer is fetched from hf://ORG/NAME or s3://BUCKET/PREFIX")
+        raise ValueError(
+            f"{uri!r}: a tokenizer is fetched from hf://ORG/NAME or s3://BUCKET/PREFIX"
+        )
     if scheme == "hf":
         if ".." in rest.split("/"):
             raise ValueError(f"{uri!r}: not a repository name")
@@ -52,7 +54,9 @@ def fetch_tokenizer(source: Source, dest: Path, limits: Limits) -> list[str]:
         opened = source.open(name)
         if opened is None:
             if name == REQUIRED:
-                raise FetchError(f"{source.describe(name)}: not found (the model has no fast tokenizer)")
+                raise FetchError(
+                    f"{source.describe(name)}: not found (the model has no fast tokenizer)"
+                )
             continue
         size = copy_bounded(opened, dest / name, limits, source.describe(name))
         log.info("fetched %s (%d bytes)", source.describe(name), size)
@@ -76,7 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="infergate fetch tokenizer",
         description="Fetch a model's tokenizer files (not its weights) into a directory.",
     )
-    p.add_argument("--source", required=True, help="the Model's modelURI: hf://ORG/NAME or s3://BUCKET/PREFIX")
+    p.add_argument(
+        "--source", required=True, help="the Model's modelURI: hf://ORG/NAME or s3://BUCKET/PREFIX"
+    )
     p.add_argument("--dest", required=True, type=Path, help="the directory to write")
     p.add_argument("--revision", default="main", help="hf://: the branch, tag or commit")
     p.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES, help="per file")
@@ -90,9 +96,13 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: infergate fetch tokenizer --source URI --dest DIR", file=sys.stderr)
         return 2
     opts = build_parser().parse_args(args[1:])
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     if opts.max_bytes < 1 or opts.timeout <= 0:
-        print("infergate fetch tokenizer: --max-bytes and --timeout must be positive", file=sys.stderr)
+        print(
+            "infergate fetch tokenizer: --max-bytes and --timeout must be positive", file=sys.stderr
+        )
         return 2
     try:
         source = source_for(opts.source, opts.revision, opts.timeout)

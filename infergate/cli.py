@@ -13,7 +13,8 @@ commands:
   controllers  reconcile Models, ModelInfers and autoscaling (python -m infergw.controllers)
   connector  the P/D sidecar: prefill remotely, decode locally (python -m infergw.connector)
   simulate   a vLLM-compatible model server without GPUs (python -m infergw.simulator)
-  fetch      fetch tokenizer: a model's tokenizer files from hf:// or s3:// (python -m infergw.fetch)
+  fetch      fetch tokenizer: a model's tokenizer files from hf:// or s3://, for the picker
+             (python -m infergw.fetch)
   bench      run a benchmark under bench/ (infergate bench simulator ...; fairness: tenants
              contending for one pod, with and without flow control; pd: aggregated against
              prefill/decode disaggregated serving; soak: steady load while pods, the

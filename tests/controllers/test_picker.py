@@ -58,7 +58,7 @@ from infergw.kvindex.index import KVBlockIndex
 from infergw.kvindex.tokenize import PromptTokenizers
 from tests.controller_helpers import conds, summary
 from tests.kubeapi import KubeAPIEmulator
-from tests.paths import CRD_EXAMPLES, DEFAULT_MODEL, EXAMPLES
+from tests.paths import DEFAULT_MODEL, EXAMPLES
 from tests.waiting import wait_for_async
 
 K8S_VERSION = "1.30"
@@ -126,6 +126,20 @@ async def cluster():
             c.store.close()
 
 
+def object_name(kind) -> str:
+    """The name of the Model llama's object of `kind` (its Services: SERVICE's own names)."""
+    return {HTTP_ROUTE: "llama", CONFIG_MAP: "llama-epp-config"}.get(kind, "llama-epp")
+
+
+async def versions(cluster: Cluster) -> dict[tuple[str, str], str]:
+    """(kind, name) → resourceVersion of every picker object and Service in the namespace."""
+    out = {}
+    for kind in (*PICKER_KINDS, SERVICE):
+        items, _ = await cluster.store.list(kind, NS)
+        out |= {(kind.kind, o["metadata"]["name"]): o["metadata"]["resourceVersion"] for o in items}
+    return out
+
+
 def expand(text: str, env: dict[str, str]) -> str:
     """The kubelet's $(VAR) expansion of a container's args (unknown names stay as written)."""
     return re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", lambda m: env.get(m[1], m[0]), text)
@@ -173,7 +187,7 @@ async def test_a_model_yields_its_picker_and_route_and_each_object_fits_its_cons
     uid = model["metadata"]["uid"]
     name = "llama-epp"
     for kind in PICKER_KINDS:
-        obj = await cluster.get(kind, "llama" if kind is HTTP_ROUTE else name + ("-config" if kind is CONFIG_MAP else ""))
+        obj = await cluster.get(kind, object_name(kind))
         [ref] = obj["metadata"]["ownerReferences"]
         assert (ref["kind"], ref["uid"], ref["controller"]) == ("Model", uid, True)
     dep = await cluster.get(DEPLOYMENT, name)
@@ -287,7 +301,11 @@ async def test_a_model_yields_its_picker_and_route_and_each_object_fits_its_cons
         assert {(kind.group, kind.plural, v) for v in ("get", "list", "watch")} <= granted
     assert {v for _, _, v in granted} == {"get", "list", "watch"}
     binding = await cluster.get(ROLE_BINDING, name)
-    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name}
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "Role",
+        "name": name,
+    }
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": name, "namespace": NS}]
     assert pod_spec(dep)["serviceAccountName"] == name
 
@@ -298,7 +316,7 @@ async def test_a_model_yields_its_picker_and_route_and_each_object_fits_its_cons
 
 async def test_the_built_in_objects_pass_the_kubernetes_schemas(cluster: Cluster) -> None:
     await cluster.apply(model_obj())
-    model = api.from_dict((await cluster.reconcile()))
+    model = api.from_dict(await cluster.reconcile())
     for want in picker_objects.desired(model, PickerSettings()):
         if want.kind == "HTTPRoute":
             continue  # a CRD's kind: not in the built-in schemas
@@ -312,9 +330,10 @@ async def test_the_built_in_objects_pass_the_kubernetes_schemas(cluster: Cluster
 async def test_a_second_pass_writes_nothing_and_drift_is_written_back(cluster: Cluster) -> None:
     await cluster.apply(model_obj())
     await cluster.reconcile()
-    before = {k.kind: (await cluster.get(k, "llama-epp-config" if k is CONFIG_MAP else "llama" if k is HTTP_ROUTE else "llama-epp"))["metadata"]["resourceVersion"] for k in PICKER_KINDS}
+    before = await versions(cluster)
+    assert len(before) == len(PICKER_KINDS) + 2  # and the two Services
     await cluster.reconcile()
-    after = {k.kind: (await cluster.get(k, "llama-epp-config" if k is CONFIG_MAP else "llama" if k is HTTP_ROUTE else "llama-epp"))["metadata"]["resourceVersion"] for k in PICKER_KINDS}
+    after = await versions(cluster)
     assert after == before
     # someone edits the ConfigMap and the Role: the next pass puts them back
     cm = await cluster.get(CONFIG_MAP, "llama-epp-config")
@@ -324,7 +343,10 @@ async def test_a_second_pass_writes_nothing_and_drift_is_written_back(cluster: C
     role["rules"][0]["verbs"] = ["*"]
     await cluster.store.update(role)
     await cluster.reconcile()
-    assert "precise-prefix-cache-scorer" in (await cluster.get(CONFIG_MAP, "llama-epp-config"))["data"]["epp-config.yaml"]
+    assert (
+        "precise-prefix-cache-scorer"
+        in (await cluster.get(CONFIG_MAP, "llama-epp-config"))["data"]["epp-config.yaml"]
+    )
     assert "*" not in (await cluster.get(ROLE, "llama-epp"))["rules"][0]["verbs"]
 
 
@@ -369,8 +391,15 @@ async def test_spec_gateway_names_the_routes_parent(cluster: Cluster) -> None:
 # ---- status -------------------------------------------------------------------------------------
 
 
-def route_status(*conditions: tuple[str, str], gateway: str = "inference-gateway", generation: int = 1) -> dict:
-    ref = {"group": "gateway.networking.k8s.io", "kind": "Gateway", "name": gateway, "namespace": NS}
+def route_status(
+    *conditions: tuple[str, str], gateway: str = "inference-gateway", generation: int = 1
+) -> dict:
+    ref = {
+        "group": "gateway.networking.k8s.io",
+        "kind": "Gateway",
+        "name": gateway,
+        "namespace": NS,
+    }
     return {
         "parents": [
             {
@@ -401,23 +430,37 @@ async def test_reachable_only_when_the_route_is_accepted_with_its_refs_and_the_p
     assert "Deployment llama-epp: Available not reported yet" in reachable["message"]
 
     # another Gateway's report says nothing about ours
-    cluster.set_status(HTTP_ROUTE, "llama", route_status(("Accepted", "True"), ("ResolvedRefs", "True"), gateway="other"))
+    cluster.set_status(
+        HTTP_ROUTE,
+        "llama",
+        route_status(("Accepted", "True"), ("ResolvedRefs", "True"), gateway="other"),
+    )
     assert summary(await cluster.reconcile())["Reachable"] == ("False", "RouteNotSeen")
 
-    cluster.set_status(HTTP_ROUTE, "llama", route_status(("Accepted", "True"), ("ResolvedRefs", "False")))
+    cluster.set_status(
+        HTTP_ROUTE, "llama", route_status(("Accepted", "True"), ("ResolvedRefs", "False"))
+    )
     reachable = conds(await cluster.reconcile())["Reachable"]
     assert (reachable["status"], reachable["reason"]) == ("False", "RouteRefsUnresolved")
     assert "ResolvedRefs False: Because (ResolvedRefs is False)" in reachable["message"]
 
-    cluster.set_status(HTTP_ROUTE, "llama", route_status(("Accepted", "False"), ("ResolvedRefs", "True")))
+    cluster.set_status(
+        HTTP_ROUTE, "llama", route_status(("Accepted", "False"), ("ResolvedRefs", "True"))
+    )
     assert summary(await cluster.reconcile())["Reachable"] == ("False", "RouteNotAccepted")
 
-    cluster.set_status(HTTP_ROUTE, "llama", route_status(("Accepted", "True"), ("ResolvedRefs", "True")))
+    cluster.set_status(
+        HTTP_ROUTE, "llama", route_status(("Accepted", "True"), ("ResolvedRefs", "True"))
+    )
     reachable = conds(await cluster.reconcile())["Reachable"]
     assert (reachable["status"], reachable["reason"]) == ("False", "PickerUnavailable")
     assert "HTTPRoute" not in reachable["message"]
 
-    unavailable = {"conditions": [{"type": "Available", "status": "False", "reason": "MinimumReplicasUnavailable"}]}
+    unavailable = {
+        "conditions": [
+            {"type": "Available", "status": "False", "reason": "MinimumReplicasUnavailable"}
+        ]
+    }
     cluster.set_status(DEPLOYMENT, "llama-epp", unavailable)
     reachable = conds(await cluster.reconcile())["Reachable"]
     assert "Available False: MinimumReplicasUnavailable" in reachable["message"]
@@ -429,7 +472,11 @@ async def test_reachable_only_when_the_route_is_accepted_with_its_refs_and_the_p
     assert set(conds(model)) == {"Initialized", "Active", "Failed", "Ready", "Reachable"}
 
     # a report about an older generation of the route does not count
-    cluster.set_status(HTTP_ROUTE, "llama", route_status(("Accepted", "True"), ("ResolvedRefs", "True"), generation=0))
+    cluster.set_status(
+        HTTP_ROUTE,
+        "llama",
+        route_status(("Accepted", "True"), ("ResolvedRefs", "True"), generation=0),
+    )
     reachable = conds(await cluster.reconcile())["Reachable"]
     assert (reachable["status"], reachable["reason"]) == ("False", "RouteNotAccepted")
     assert "not reported for its current generation" in reachable["message"]
@@ -445,9 +492,10 @@ async def test_a_route_of_that_name_that_is_not_the_models_is_left_alone_and_nev
         "spec": {"parentRefs": [{"name": "inference-gateway"}]},
     }
     await cluster.apply(theirs)
-    cluster.set_status(HTTP_ROUTE, "llama", route_status(("Accepted", "True"), ("ResolvedRefs", "True")))
+    cluster.set_status(
+        HTTP_ROUTE, "llama", route_status(("Accepted", "True"), ("ResolvedRefs", "True"))
+    )
     await cluster.apply(model_obj())
-    cluster.reconciler.reconcile  # noqa: B018
     model = await cluster.reconcile()
     assert summary(model)["Initialized"] == ("False", "ObjectNotOwned")
     assert summary(model)["Reachable"][1] == "RouteMissing"
@@ -460,7 +508,9 @@ async def test_a_route_of_that_name_that_is_not_the_models_is_left_alone_and_nev
 async def test_route_and_picker_status_changes_reconcile_the_model_and_deleting_it_removes_all(
     cluster: Cluster,
 ) -> None:
-    controllers, scaler = build_controllers(cluster.store, ControllerMetrics(), picker=PickerSettings())
+    controllers, scaler = build_controllers(
+        cluster.store, ControllerMetrics(), picker=PickerSettings()
+    )
     try:
         for c in controllers:
             await c.start()
@@ -472,15 +522,22 @@ async def test_route_and_picker_status_changes_reconcile_the_model_and_deleting_
             return got.get("status") == status
 
         async def objects_exist() -> bool:
-            return await cluster.store.get(DEPLOYMENT, NS, "llama-epp") is not None and await cluster.store.get(HTTP_ROUTE, NS, "llama") is not None
+            return (
+                await cluster.store.get(DEPLOYMENT, NS, "llama-epp") is not None
+                and await cluster.store.get(HTTP_ROUTE, NS, "llama") is not None
+            )
 
         await wait_for_async(objects_exist, "the picker and the route")
         await wait_for_async(lambda: reachable_is("False"), "Reachable False")
         # no reconcile is called here: the informers on Deployments and HTTPRoutes bring it
-        cluster.set_status(HTTP_ROUTE, "llama", route_status(("Accepted", "True"), ("ResolvedRefs", "True")))
+        cluster.set_status(
+            HTTP_ROUTE, "llama", route_status(("Accepted", "True"), ("ResolvedRefs", "True"))
+        )
         cluster.set_status(DEPLOYMENT, "llama-epp", AVAILABLE)
         await wait_for_async(lambda: reachable_is("True"), "Reachable True")
-        cluster.set_status(DEPLOYMENT, "llama-epp", {"conditions": [{"type": "Available", "status": "False"}]})
+        cluster.set_status(
+            DEPLOYMENT, "llama-epp", {"conditions": [{"type": "Available", "status": "False"}]}
+        )
         await wait_for_async(lambda: reachable_is("False"), "Reachable False again")
     finally:
         for c in controllers:

@@ -54,7 +54,7 @@ def _handler(hub: Hub, is_cdn: bool) -> type[BaseHTTPRequestHandler]:
         def log_message(self, *args) -> None:
             pass
 
-        def do_GET(self) -> None:  # noqa: N802
+        def do_GET(self) -> None:
             auth = self.headers.get("Authorization")
             (hub.cdn_auth if is_cdn else hub.hub_auth).append(auth)
             prefix = "/cdn/" if is_cdn else f"/{REPO}/resolve/main/"
@@ -118,7 +118,15 @@ def hub() -> Iterator[tuple[Hub, str]]:
 def fetch_cli(source: str, dest: Path, *flags: str, **env: str) -> subprocess.CompletedProcess:
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "AWS_"))}
     return subprocess.run(
-        [sys.executable, "-m", "infergw.fetch", "tokenizer", f"--source={source}", f"--dest={dest}", *flags],
+        [
+            sys.executable,
+            "-m",
+            "infergw.fetch",
+            "tokenizer",
+            f"--source={source}",
+            f"--dest={dest}",
+            *flags,
+        ],
         env={**clean, **env},
         capture_output=True,
         text=True,
@@ -157,7 +165,7 @@ def test_missing_optional_files_are_skipped_and_a_missing_tokenizer_fails(hub, t
     limits = Limits(1 << 20, 10.0)
     assert fetch_tokenizer(source, tmp_path / "a", limits) == [REQUIRED, "tokenizer_config.json"]
     del state.files[REQUIRED]
-    with pytest.raises(FetchError, match="tokenizer.json: not found"):
+    with pytest.raises(FetchError, match=r"tokenizer\.json: not found"):
         fetch_tokenizer(source, tmp_path / "b", limits)
 
 
@@ -233,7 +241,12 @@ S3_ENV = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_REG
 def test_s3_fetches_the_tokenizer_files_under_the_prefix(s3_server, tmp_path) -> None:
     import boto3
 
-    s3 = boto3.client("s3", endpoint_url=s3_server, **{k.lower(): v for k, v in S3_ENV.items() if k != "AWS_REGION"}, region_name="us-east-1")
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=s3_server,
+        **{k.lower(): v for k, v in S3_ENV.items() if k != "AWS_REGION"},
+        region_name="us-east-1",
+    )
     s3.create_bucket(Bucket="models")
     for name, body in FILES.items():
         s3.put_object(Bucket="models", Key=f"llama/v1/{name}", Body=body)
@@ -249,9 +262,17 @@ def test_s3_fetches_the_tokenizer_files_under_the_prefix(s3_server, tmp_path) ->
     assert "s3://models/other/tokenizer.json: not found" in missing.stderr
     broken = fetch_cli("s3://models/broken", tmp_path / "y", AWS_ENDPOINT_URL=s3_server, **S3_ENV)
     assert broken.returncode == 1 and "does not load" in broken.stderr
-    no_bucket = fetch_cli("s3://nobucket/llama", tmp_path / "z", AWS_ENDPOINT_URL=s3_server, **S3_ENV)
+    no_bucket = fetch_cli(
+        "s3://nobucket/llama", tmp_path / "z", AWS_ENDPOINT_URL=s3_server, **S3_ENV
+    )
     assert no_bucket.returncode == 1 and "NoSuchBucket" in no_bucket.stderr
 
-    big = fetch_cli("s3://models/llama/v1", tmp_path / "w", "--max-bytes=100", AWS_ENDPOINT_URL=s3_server, **S3_ENV)
+    big = fetch_cli(
+        "s3://models/llama/v1",
+        tmp_path / "w",
+        "--max-bytes=100",
+        AWS_ENDPOINT_URL=s3_server,
+        **S3_ENV,
+    )
     assert big.returncode == 1 and "more than the 100" in big.stderr
     assert not (tmp_path / "w" / REQUIRED).exists()
