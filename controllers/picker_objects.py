@@ -455,6 +455,13 @@ def deployment(
 # ---- Services and the disruption budget --------------------------------------------------------
 
 
+def _port(name: str, number: int, app_protocol: str | None = None) -> ServicePort:
+    """A Service port to the container port of the same name."""
+    return ServicePort(
+        name=name, port=number, target_port=name, protocol="TCP", app_protocol=app_protocol
+    )
+
+
 def service(model: Model) -> Service:
     """What the InferencePool's endpointPickerRef names, and Envoy's ext_proc cluster dials
     (one host per ready replica)."""
@@ -464,20 +471,8 @@ def service(model: Model) -> Service:
             type="ClusterIP",
             selector=_pod_labels(model),
             ports=[
-                ServicePort(
-                    name="grpc",
-                    port=PICKER_PORT,
-                    target_port="grpc",
-                    protocol="TCP",
-                    app_protocol="http2",
-                ),
-                ServicePort(
-                    name="http-metrics",
-                    port=METRICS_PORT,
-                    target_port="http-metrics",
-                    protocol="TCP",
-                    app_protocol="http",
-                ),
+                _port("grpc", PICKER_PORT, "http2"),
+                _port("http-metrics", METRICS_PORT, "http"),
             ],
         ),
     )
@@ -491,14 +486,7 @@ def replicas_headless_service(model: Model) -> Service:
         spec=ServiceSpec(
             cluster_ip="None",
             selector=_pod_labels(model),
-            ports=[
-                ServicePort(
-                    name="replica-sync",
-                    port=REPLICA_SYNC_PORT,
-                    target_port="replica-sync",
-                    protocol="TCP",
-                )
-            ],
+            ports=[_port("replica-sync", REPLICA_SYNC_PORT)],
         ),
     )
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import msgspec
 
-from infergw.api.core import condition_of, read_deployment
+from infergw.api.core import StatusCondition, condition_of, read_deployment
 from infergw.api.gateway import GROUP as GATEWAY_GROUP
 from infergw.api.gateway import RouteParentStatus, read_http_route
 from infergw.api.networking import ParentRef
@@ -27,6 +27,11 @@ def _same_parent(have: ParentRef, want: ParentRef, route_namespace: str) -> bool
         and (have.namespace or route_namespace) == want.namespace
         and have.section_name == want.section_name
     )
+
+
+def _said(c: StatusCondition) -> str:
+    """A condition as a message says it: `False: Reason (message)`."""
+    return f"{c.status}: {c.reason or 'no reason'}" + (f" ({c.message})" if c.message else "")
 
 
 def route_problems(route: Obj | None, gateway: ParentRef) -> list[tuple[str, str]]:
@@ -57,10 +62,7 @@ def route_problems(route: Obj | None, gateway: ParentRef) -> list[tuple[str, str
         if not current:
             detail = "not reported for its current generation" if found else "not reported"
         else:
-            c = current[0]
-            detail = f"{c.status}: {c.reason or 'no reason'}" + (
-                f" ({c.message})" if c.message else ""
-            )
+            detail = _said(current[0])
         problems.append((reason, f"HTTPRoute {name} on {where}: {kind} {detail}"))
     return problems
 
@@ -77,11 +79,7 @@ def picker_problems(deployment: Obj | None) -> list[tuple[str, str]]:
     available = condition_of(typed.status.conditions if typed.status else None, "Available")
     if available is not None and available.status == "True":
         return []
-    if available is None:
-        detail = "Available not reported yet"
-    else:
-        detail = f"Available {available.status}: {available.reason or 'no reason'}"
-        detail += f" ({available.message})" if available.message else ""
+    detail = "Available " + (_said(available) if available else "not reported yet")
     ready = (typed.status.ready_replicas if typed.status else None) or 0
     return [("PickerUnavailable", f"endpoint picker Deployment {name}: {detail}, {ready} ready")]
 
