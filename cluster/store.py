@@ -68,6 +68,12 @@ ROLE_BINDING = Kind("rbac.authorization.k8s.io/v1", "RoleBinding", "rolebindings
 POD_DISRUPTION_BUDGET = Kind("policy/v1", "PodDisruptionBudget", "poddisruptionbudgets")
 HTTP_ROUTE = Kind("gateway.networking.k8s.io/v1", "HTTPRoute", "httproutes")
 
+# Written by the controllers in a cluster only: standalone mode runs its own picker and Envoy,
+# and takes none of these from a manifest directory.
+CLUSTER_ONLY = frozenset(
+    (DEPLOYMENT, CONFIG_MAP, SERVICE_ACCOUNT, ROLE, ROLE_BINDING, POD_DISRUPTION_BUDGET, HTTP_ROUTE)
+)
+
 KINDS = {
     k.kind: k
     for k in (
