@@ -29,7 +29,8 @@ COPY connector ./connector
 COPY controllers ./controllers
 COPY stack ./stack
 COPY bench ./bench
-RUN pip install . \
+COPY fetch ./fetch
+RUN pip install '.[s3]' \
     && cd / && rm -rf /src \
     && mkdir -p /opt/infergate/models \
     && ln -s "$(python -c 'import importlib.util, pathlib; print(pathlib.Path(importlib.util.find_spec("infergw.simulator").origin).parent / "default_model")')" \

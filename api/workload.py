@@ -31,6 +31,9 @@ from infergw.api.pod import check_pod_template, host_powers
 GROUP_VERSION = "workload.infergate.io/v1alpha1"
 
 DEFAULT_ENGINE = "vLLM"
+# The Gateway a Model's HTTPRoute attaches to when spec.gateway names none (the CRD's default);
+# its namespace is the Model's own unless spec.gateway.namespace says otherwise.
+DEFAULT_GATEWAY = "inference-gateway"
 DEFAULT_REPLICAS = 1
 DEFAULT_ROLE_REPLICAS = 1
 DEFAULT_WORKER_REPLICAS = 0
@@ -105,6 +108,16 @@ class ModelAutoscaling(ApiStruct):
     metrics: list[MetricTarget] | None = None
 
 
+class GatewayRef(ApiStruct):
+    """The Gateway (gateway.networking.k8s.io) the Model's HTTPRoute attaches to, as a Gateway
+    API parentRef names one: a name (DEFAULT_GATEWAY), a namespace (the Model's) and
+    optionally one listener."""
+
+    name: str | None = None
+    namespace: str | None = None
+    section_name: str | None = None
+
+
 class ModelSpec(ApiStruct):
     model_uri: str = msgspec.field(name="modelURI")
     image: str
@@ -116,6 +129,7 @@ class ModelSpec(ApiStruct):
     replicas: int | None = None
     lora_adapters: list[LoraAdapter] | None = None
     autoscaling: ModelAutoscaling | None = None
+    gateway: GatewayRef | None = None
 
 
 class ModelStatus(ApiStruct):
@@ -209,6 +223,11 @@ def validate_model(model: Model) -> list[str]:
             p.match(
                 f"spec.loraAdapters[{i}].artifactURL", adapter.artifact_url, ARTIFACT_URI, "a URI"
             )
+    if spec.gateway is not None:
+        p.text("spec.gateway.name", spec.gateway.name, 1, 253)
+        p.match("spec.gateway.namespace", spec.gateway.namespace, DNS_LABEL, "a DNS label")
+        p.text("spec.gateway.namespace", spec.gateway.namespace, 1, 63)
+        p.text("spec.gateway.sectionName", spec.gateway.section_name, 1, 253)
     scaling = spec.autoscaling
     if scaling is not None:
         low = scaling.min_replicas if scaling.min_replicas is not None else DEFAULT_MIN_REPLICAS

@@ -66,6 +66,21 @@ AUTOSCALING_BINDING = Kind(
 MODEL_SERVER = Kind("networking.infergate.io/v1alpha1", "ModelServer", "modelservers")
 MODEL_ROUTE = Kind("networking.infergate.io/v1alpha1", "ModelRoute", "modelroutes")
 POD_GROUP = Kind("scheduling.volcano.sh/v1beta1", "PodGroup", "podgroups")
+# What a Model's endpoint picker runs as in a cluster (controllers/picker_objects.py), and the
+# HTTPRoute that attaches its InferencePool to a Gateway.
+DEPLOYMENT = Kind("apps/v1", "Deployment", "deployments")
+CONFIG_MAP = Kind("v1", "ConfigMap", "configmaps")
+SERVICE_ACCOUNT = Kind("v1", "ServiceAccount", "serviceaccounts")
+ROLE = Kind("rbac.authorization.k8s.io/v1", "Role", "roles")
+ROLE_BINDING = Kind("rbac.authorization.k8s.io/v1", "RoleBinding", "rolebindings")
+POD_DISRUPTION_BUDGET = Kind("policy/v1", "PodDisruptionBudget", "poddisruptionbudgets")
+HTTP_ROUTE = Kind("gateway.networking.k8s.io/v1", "HTTPRoute", "httproutes")
+
+# Written by the controllers in a cluster only: standalone mode runs its own picker and Envoy,
+# and takes none of these from a manifest directory.
+CLUSTER_ONLY = frozenset(
+    (DEPLOYMENT, CONFIG_MAP, SERVICE_ACCOUNT, ROLE, ROLE_BINDING, POD_DISRUPTION_BUDGET, HTTP_ROUTE)
+)
 
 KINDS = {
     k.kind: k
@@ -82,6 +97,13 @@ KINDS = {
         MODEL_SERVER,
         MODEL_ROUTE,
         POD_GROUP,
+        DEPLOYMENT,
+        CONFIG_MAP,
+        SERVICE_ACCOUNT,
+        ROLE,
+        ROLE_BINDING,
+        POD_DISRUPTION_BUDGET,
+        HTTP_ROUTE,
     )
 }
 

@@ -4,7 +4,8 @@ against a cluster.
 standalone (default): objects from --manifests (a watched YAML directory) live in memory,
 pods run as local processes (local_runtime.py), and the InferencePools and Pods are written
 to --pool-file for the picker's file provider.
-kubernetes: the same reconcilers over the Kubernetes API (kubeconfig or in-cluster).
+kubernetes: the same reconcilers over the Kubernetes API (kubeconfig or in-cluster), and each
+Model's endpoint picker and HTTPRoute (picker_objects.py).
 """
 
 from __future__ import annotations
@@ -20,11 +21,20 @@ from prometheus_client import start_http_server
 
 from infergw.api import logs
 from infergw.api.names import KV_EVENTS_PORT, POOL_FILE_ENV
-from infergw.cluster.store import AUTOSCALING_BINDING, MODEL, MODEL_INFER, POD, Store
+from infergw.cluster.store import (
+    AUTOSCALING_BINDING,
+    DEPLOYMENT,
+    HTTP_ROUTE,
+    MODEL,
+    MODEL_INFER,
+    POD,
+    Store,
+)
 from infergw.controllers.autoscaler import AutoscalerReconciler
 from infergw.controllers.engine_command import PER_POD, KVEventSockets
 from infergw.controllers.model import ModelReconciler
 from infergw.controllers.modelinfer import ModelInferReconciler
+from infergw.controllers.picker_objects import PICKER_IMAGE, PickerSettings
 from infergw.controllers.runner import Controller, ControllerMetrics, own_key, owner_key
 
 log = logging.getLogger("controllers")
@@ -37,15 +47,22 @@ def build_controllers(
     autoscale_interval: float = 15.0,
     namespace: str | None = None,
     kv_sockets: KVEventSockets = PER_POD,
+    picker: PickerSettings | None = None,
 ) -> tuple[list[Controller], AutoscalerReconciler]:
+    """The controllers; with `picker` (a cluster), every Model also gets its endpoint picker
+    and HTTPRoute, and is reconciled again when their status changes."""
     scaler = AutoscalerReconciler(store, interval=autoscale_interval)
+    model_watches = [(MODEL, own_key), (MODEL_INFER, owner_key(MODEL))]
+    if picker is not None:
+        model_watches += [(DEPLOYMENT, owner_key(MODEL)), (HTTP_ROUTE, owner_key(MODEL))]
     return [
         Controller(
             store,
-            ModelReconciler(store, kv_sockets),
-            [(MODEL, own_key), (MODEL_INFER, owner_key(MODEL))],
+            ModelReconciler(store, kv_sockets, picker),
+            model_watches,
             metrics,
             namespace=namespace,
+            optional=(HTTP_ROUTE,),  # the Gateway API's CRD: installed with the gateway
         ),
         Controller(
             store,
@@ -141,6 +158,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="central mode: the picker's KV-event SUB as host:port (standalone default "
         f"127.0.0.1:{KV_EVENTS_PORT}; kubernetes mode needs it, e.g. the picker Service's "
         f"name:{KV_EVENTS_PORT})",
+    )
+    p.add_argument(
+        "--picker-image",
+        default=PICKER_IMAGE,
+        help="kubernetes mode: the image of every Model's endpoint picker (infergate epp) and "
+        "of its tokenizer fetch",
     )
     p.add_argument("--log-level", type=logs.level_name, default="info")
     return p
@@ -246,6 +269,7 @@ async def _serve_kubernetes(args: argparse.Namespace, stop: asyncio.Event) -> No
         autoscale_interval=args.autoscale_interval,
         namespace=args.namespace,
         kv_sockets=kv_sockets(args),
+        picker=PickerSettings(image=args.picker_image),
     )
     elector = None
     try:

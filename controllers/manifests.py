@@ -20,7 +20,7 @@ import yaml
 from infergw.api import forbidden_host_powers, prune_nulls, validate_dict, yaml_files
 from infergw.api.meta import Problems
 from infergw.api.pod import check_pod_template
-from infergw.cluster.store import KINDS, NotFound, Obj, Store, kind_of
+from infergw.cluster.store import CLUSTER_ONLY, KINDS, NotFound, Obj, Store, kind_of
 
 log = logging.getLogger("controllers.manifests")
 # Kinds an example directory holds for the rest of the stack, not for the controllers: the
@@ -48,7 +48,11 @@ def read_objects(directory: Path) -> tuple[list[tuple[str, Obj]], list[str]]:
     for where, doc in found:
         if doc is None or (isinstance(doc, dict) and doc.get("kind") in BESIDE):
             continue
-        if not isinstance(doc, dict) or doc.get("kind") not in KINDS:
+        if (
+            not isinstance(doc, dict)
+            or doc.get("kind") not in KINDS
+            or KINDS[doc["kind"]] in CLUSTER_ONLY
+        ):
             kind = doc.get("kind") if isinstance(doc, dict) else doc
             problems.append(f"{where}: kind {kind!r} is not one standalone mode runs")
             continue

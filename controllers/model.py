@@ -1,6 +1,8 @@
-"""The Model reconciler: keep the objects a Model expands into (model_objects.py) equal to
-what the Model says, and report in status whether they exist (Initialized), whether every
-serving group is ready (Active), what needs a person (Failed), and Ready, the three together.
+"""The Model reconciler: keep the objects a Model expands into (model_objects.py and, in a
+cluster, its endpoint picker and HTTPRoute: picker_objects.py) equal to what the Model says,
+and report in status whether they exist (Initialized), whether every serving group is ready
+(Active), what needs a person (Failed), Ready, the three together, and in a cluster whether
+its Gateway serves it (Reachable: reachability.py).
 
 Edits propagate by comparing each owned object's spec with the desired one. The ModelInfer's
 replica count is the Model's only until an autoscaler owns it: with `autoscaling` set, the
@@ -22,6 +24,8 @@ from infergw.api.meta import ApiStruct
 from infergw.api.names import ENGINE_NOT_INSTALLED
 from infergw.api.workload import ModelInferStatus
 from infergw.cluster.store import (
+    DEPLOYMENT,
+    HTTP_ROUTE,
     KINDS,
     MODEL,
     MODEL_INFER,
@@ -33,12 +37,15 @@ from infergw.cluster.store import (
     StoreError,
     controller_of,
 )
-from infergw.controllers import model_objects
+from infergw.controllers import model_objects, picker_objects
 from infergw.controllers.conditions import condition
 from infergw.controllers.engine_command import PER_POD, KVEventSockets
+from infergw.controllers.picker_objects import PickerSettings
+from infergw.controllers.reachability import REACHABLE, reachable
 
 log = logging.getLogger("controllers.model")
 NOT_OURS_RETRY = 30.0  # seconds between looks at an object in the way
+IDENTITY_FIELDS = ("apiVersion", "kind", "metadata", "status")
 
 
 def covers(have, want) -> bool:
@@ -75,9 +82,23 @@ def _with_role_sizes(want: ModelInfer, have: ModelInfer) -> ModelInfer:
 class ModelReconciler:
     kind = MODEL
 
-    def __init__(self, store: Store, sockets: KVEventSockets = PER_POD) -> None:
+    def __init__(
+        self,
+        store: Store,
+        sockets: KVEventSockets = PER_POD,
+        picker: PickerSettings | None = None,
+    ) -> None:
         self.store = store
         self.sockets = sockets  # where the engines it writes send KV events
+        # In a cluster: each Model's endpoint picker and HTTPRoute, and its Reachable
+        # condition. Standalone mode (None) runs one picker and Envoy of its own.
+        self.picker = picker
+
+    def _desired(self, model: Model) -> list[ApiStruct]:
+        wants = model_objects.desired(model, self.sockets)
+        if self.picker is not None:
+            wants += picker_objects.desired(model, self.picker, self.sockets)
+        return wants
 
     async def reconcile(self, namespace: str, name: str) -> float | None:
         obj = await self.store.get(MODEL, namespace, name)
@@ -87,7 +108,7 @@ class ModelReconciler:
         if model.metadata.deletion_timestamp:
             return None
         problems: list[Problem] = []
-        for want in model_objects.desired(model, self.sockets):
+        for want in self._desired(model):
             try:
                 problem = await self._apply(model, want)
             except Invalid as exc:  # rejected: report it, then let the runner retry
@@ -105,14 +126,20 @@ class ModelReconciler:
         """Create or update one owned object; a Problem if it is not ours to write."""
         kind = KINDS[want.kind]
         m = want.metadata
-        have = await self.store.get(kind, m.namespace, m.name)
-        if have is None:
-            try:
+        try:
+            have = await self.store.get(kind, m.namespace, m.name)
+            if have is None:
                 await self.store.create(api.to_dict(want))
                 log.info("model %s: created %s %s", model.metadata.name, kind.kind, m.name)
-            except AlreadyExists:
-                pass  # someone was quicker: the next pass checks whose it is
-            return None
+                return None
+        except AlreadyExists:
+            return None  # someone was quicker: the next pass checks whose it is
+        except NotFound:  # the API server serves no such resource: its CRDs are missing
+            return Problem(
+                "KindNotInstalled",
+                f"{kind.kind} {m.name}: the API server does not serve {kind.api_version} "
+                f"{kind.plural} (install its CRDs)",
+            )
         owner = controller_of(have)
         if owner is None or owner.get("uid") != model.metadata.uid:
             log.warning(
@@ -128,13 +155,15 @@ class ModelReconciler:
             # The autoscaler owns the sizes: the groups, and with a prefill/decode binding
             # each role's replicas.
             want = _with_role_sizes(want, api.from_dict_as(ModelInfer, have))
-        spec = api.to_dict(want)["spec"]
+        # What the object says besides its identity: spec for most kinds, data for a
+        # ConfigMap, rules for a Role, roleRef and subjects for a RoleBinding.
+        body = {k: v for k, v in api.to_dict(want).items() if k not in IDENTITY_FIELDS}
         labels = {**(have["metadata"].get("labels") or {}), **(m.labels or {})}
         # The API server fills in defaults we do not write: what we want must be there,
         # not be all there is, or every pass would write again.
-        if covers(have.get("spec"), spec) and have["metadata"].get("labels") == labels:
+        if covers(have, body) and have["metadata"].get("labels") == labels:
             return None
-        have["spec"] = spec
+        have.update(body)
         have["metadata"]["labels"] = labels
         await self.store.update(have)  # a Conflict retries the whole pass
         log.info("model %s: updated %s %s", model.metadata.name, kind.kind, m.name)
@@ -157,16 +186,14 @@ class ModelReconciler:
         init = condition(obj, "Initialized", *_initialized(problems))
         active = condition(obj, "Active", *_active(mi, want, ready))
         failed = condition(obj, "Failed", *_failed(mi, problems))
+        conditions = [init, active, failed, condition(obj, "Ready", *_ready(init, active, failed))]
+        if self.picker is not None:
+            conditions.append(condition(obj, REACHABLE, *await self._reachable(model)))
         status = {
             "observedGeneration": m.generation or 1,
             "replicas": st.replicas or 0,
             "readyReplicas": ready,
-            "conditions": [
-                init,
-                active,
-                failed,
-                condition(obj, "Ready", *_ready(init, active, failed)),
-            ],
+            "conditions": conditions,
         }
         if obj.get("status") == status:
             return
@@ -175,6 +202,25 @@ class ModelReconciler:
             await self.store.update_status(obj)
         except NotFound:
             pass
+
+    async def _reachable(self, model: Model) -> tuple[bool, str, str]:
+        """The Reachable condition: the route accepted with its refs resolved by the Gateway,
+        the picker Available; objects of those names that are not the Model's count as
+        missing."""
+        m = model.metadata
+        ns = m.namespace or "default"
+
+        async def ours(kind, name: str) -> Obj | None:
+            try:
+                found = await self.store.get(kind, ns, name)
+            except NotFound:  # the kind is not served (no Gateway API CRDs)
+                return None
+            owner = controller_of(found) if found is not None else None
+            return found if owner is not None and owner.get("uid") == m.uid else None
+
+        route = await ours(HTTP_ROUTE, m.name or "")
+        picker = await ours(DEPLOYMENT, picker_objects.picker_name(model))
+        return reachable(route, picker_objects.gateway_of(model), picker)
 
 
 @dataclass(slots=True, frozen=True)

@@ -69,13 +69,17 @@ class Controller:
         metrics: ControllerMetrics | None = None,
         workers: int = 2,
         namespace: str | None = None,
+        optional: tuple[Kind, ...] = (),
     ) -> None:
+        """`optional`: kinds whose informers are not waited for at start (a CRD that may not
+        be installed: its informer keeps listing until it is, and enqueues what it finds)."""
         self.store = store
         self.reconciler = reconciler
         self.queue = WorkQueue()
         self.metrics = metrics or ControllerMetrics()
         self.workers = workers
         self.informers = []
+        self.optional = optional
         for kind, to_keys in watches:
             inf = Informer(store, kind, namespace)
             inf.add_handler(lambda _event, obj, f=to_keys: self._enqueue(f(obj)))
@@ -93,7 +97,9 @@ class Controller:
     async def start(self) -> None:
         for inf in self.informers:
             inf.start()
-        await asyncio.gather(*(inf.synced.wait() for inf in self.informers))
+        await asyncio.gather(
+            *(inf.synced.wait() for inf in self.informers if inf.kind not in self.optional)
+        )
         self._tasks = [asyncio.create_task(self._work()) for _ in range(self.workers)]
 
     async def stop(self) -> None:

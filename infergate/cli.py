@@ -13,6 +13,8 @@ commands:
   controllers  reconcile Models, ModelInfers and autoscaling (python -m infergw.controllers)
   connector  the P/D sidecar: prefill remotely, decode locally (python -m infergw.connector)
   simulate   a vLLM-compatible model server without GPUs (python -m infergw.simulator)
+  fetch      fetch tokenizer: a model's tokenizer files from hf:// or s3://, for the picker
+             (python -m infergw.fetch)
   bench      run a benchmark under bench/ (infergate bench simulator ...; fairness: tenants
              contending for one pod, with and without flow control; pd: aggregated against
              prefill/decode disaggregated serving; soak: steady load while pods, the
@@ -68,6 +70,10 @@ def main(argv: list[str] | None = None) -> int:
         from infergw.simulator.app import main as simulate
 
         return simulate(rest)
+    if command == "fetch":
+        from infergw.fetch.tokenizer import main as fetch
+
+        return fetch(rest)
     if command == "bench":
         return run_bench(rest)
     print(f"infergate: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)

@@ -29,6 +29,8 @@ FLOORS: dict[str, set[str]] = {
     "cluster": {"api"},
     "kvindex": {"api"},
     "simulator": set(),
+    # Run in the picker's init container: stands alone.
+    "fetch": set(),
     "epp": {"api", "cluster", "kvindex"},
     "controllers": {"api", "cluster"},
     "connector": {"api", "cluster"},

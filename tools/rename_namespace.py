@@ -44,6 +44,7 @@ SUBPACKAGES = (
     "controllers",
     "stack",
     "bench",
+    "fetch",
 )
 LAUNCHER = "infergate"
 CONSOLE_SCRIPT = "infergate"

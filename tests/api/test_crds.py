@@ -510,6 +510,18 @@ BROKEN = [
     Broken(MODEL, "empty-image", _set("spec.image", ""), "spec.image: must be 1..512 characters"),
     Broken(
         MODEL,
+        "gateway-namespace-upper",
+        _set("spec.gateway.namespace", "Gateways"),
+        "spec.gateway.namespace: must be a DNS label",
+    ),
+    Broken(
+        MODEL,
+        "gateway-empty-name",
+        _set("spec.gateway.name", ""),
+        "spec.gateway.name: must be 1..253 characters",
+    ),
+    Broken(
+        MODEL,
         "empty-command",
         _set("spec.engine.command", []),
         "spec.engine.command: must have 1..16 items",

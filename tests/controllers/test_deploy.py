@@ -46,6 +46,7 @@ from infergw.cluster.store import (
 from infergw.controllers.app import build_controllers, build_parser
 from infergw.controllers.leader import LeaderElector
 from infergw.controllers.memory_store import MemoryStore
+from infergw.controllers.picker_objects import PickerSettings, picker_rules
 from infergw.controllers.runner import ControllerMetrics
 from infergw.controllers.webhook import build_app, namespace_reader
 from tests.conftest import free_port
@@ -253,7 +254,10 @@ async def record_a_scenario() -> RecordingStore:
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", port).start()
 
-    ctrls, scaler = build_controllers(rec, ControllerMetrics(), autoscale_interval=0.2)
+    # as kubernetes mode builds them: every Model gets its picker and HTTPRoute
+    ctrls, scaler = build_controllers(
+        rec, ControllerMetrics(), autoscale_interval=0.2, picker=PickerSettings()
+    )
     kubelet = asyncio.create_task(kubelet_forever(store))
     try:
         for c in ctrls:
@@ -307,7 +311,10 @@ async def record_a_scenario() -> RecordingStore:
                     del obj["metadata"]["labels"]["infergate.io/model"]
                     await store.update(obj)
                     owned.append((kind, obj["metadata"]["name"]))
-        assert len(owned) == 6, owned
+        # ModelInfer, ModelServer, ModelRoute, InferencePool, the policy and its binding; the
+        # picker's ServiceAccount, Role, RoleBinding, ConfigMap, Deployment, two Services and
+        # budget; the HTTPRoute
+        assert len(owned) == 15, owned
         model["spec"]["image"] = "vllm/vllm-openai:v0.12.0"
         await store.update(model)
 
@@ -352,7 +359,7 @@ def recorded() -> RecordingStore:
 
 def kubernetes_mode_modules() -> set[str]:
     """The controllers modules whose store calls kubernetes mode makes."""
-    ctrls, _ = build_controllers(MemoryStore(), ControllerMetrics())
+    ctrls, _ = build_controllers(MemoryStore(), ControllerMetrics(), picker=PickerSettings())
     mods = {type(c.reconciler).__module__ for c in ctrls}
     mods |= {type(i).__module__ for c in ctrls for i in c.informers}
     mods.add(LeaderElector.__module__)
@@ -387,6 +394,10 @@ def needed(rec: RecordingStore) -> tuple[set[Grant], set[Grant]]:
     for owner in rec.owner_kinds:  # blockOwnerDeletion: update on the owner's finalizers
         kind = KINDS[owner]
         cluster.add((kind.group, f"{kind.plural}/finalizers", "update"))
+    # RBAC's escalation check: the controllers may create the pickers' Roles (and bind them)
+    # only if they hold every permission those Roles grant.
+    for rule in picker_rules():
+        cluster |= {(g, r, v) for g in rule.api_groups for r in rule.resources for v in rule.verbs}
     return cluster, lease
 
 
@@ -486,7 +497,8 @@ def test_cluster_role_grants_exactly_what_the_controllers_call(recorded: Recordi
     created = {c.kind.kind for c in recorded.calls if c.method == "create"}
     assert created >= {
         "ModelInfer", "ModelServer", "ModelRoute", "InferencePool", "AutoScalingPolicy",
-        "AutoScalingPolicyBinding", "Pod", "Service", "PodGroup", "Lease",
+        "AutoScalingPolicyBinding", "Pod", "Service", "PodGroup", "Lease", "ServiceAccount",
+        "Role", "RoleBinding", "ConfigMap", "Deployment", "PodDisruptionBudget", "HTTPRoute",
     }  # fmt: skip
     missing = cluster - auth.cluster
     assert not missing, f"the ClusterRole lacks {sorted(missing)}"
@@ -603,7 +615,8 @@ def test_dockerfile_copies_and_installs_every_package() -> None:
     folders = set(project["tool"]["setuptools"]["package-dir"].values())
     assert folders <= copied, f"not copied: {folders - copied}"
     assert {"pyproject.toml", "README.md"} <= copied  # the build reads both
-    assert any(w[:4] == ["RUN", "pip", "install", "."] for w in lines)
+    # the project with its s3 extra (the tokenizer fetch's boto3)
+    assert any(w[:4] == ["RUN", "pip", "install", "'.[s3]'"] for w in lines)
     user = next(w for w in lines if w[0] == "USER")[1]
     security = deployment()["spec"]["template"]["spec"]["securityContext"]
     assert user == f"{security['runAsUser']}:{security['runAsGroup']}"

@@ -36,8 +36,12 @@ async def test_apply_update_reject_and_delete(tmp_path):
     bad["spec"]["tolerancePercent"] = -5
     (tmp_path / "a.yaml").write_text(yaml.safe_dump_all([good, bad]))
     (tmp_path / "junk.yaml").write_text("kind: [unclosed")
+    # what the controllers write for a Model in a cluster: nothing standalone mode runs
+    route = {"apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute"}
+    (tmp_path / "route.yaml").write_text(yaml.safe_dump({**route, "metadata": {"name": "r"}}))
     md = ManifestDirectory(store, tmp_path)
     await md.apply_once()
+    assert any("'HTTPRoute' is not one standalone mode runs" in p for p in md.problems)
     assert await store.get(AUTOSCALING_POLICY, "default", "llama-3-8b-load") is not None
     assert await store.get(AUTOSCALING_POLICY, "default", "broken") is None
     assert any("a.yaml#1" in p and "tolerancePercent" in p for p in md.problems)

@@ -1,0 +1,550 @@
+"""What a Model needs in a cluster besides its serving pods: its endpoint picker and the
+HTTPRoute that attaches its InferencePool to a Gateway. Pure functions of the Model, like
+model_objects.py; the Model reconciler writes them in kubernetes mode (standalone mode runs
+its own picker and Envoy).
+
+Per Model `m` (gateway-manifests/epp.yaml is the same picker written by hand):
+- ServiceAccount, Role and RoleBinding `m-epp`: read-only, in the Model's namespace, on what
+  the picker's Kubernetes provider and replica discovery watch (PICKER_READS);
+- ConfigMap `m-epp-config`: the EndpointPickerConfig (queue 2, KV-cache utilization 2, in-flight
+  requests 2, the precise prefix scorer 3, as examples/quickstart/epp-config.yaml), with the
+  approximate prefix scorer instead when the Model's tokenizer cannot be fetched;
+- Deployment `m-epp`: 2 replicas active-active, spread over nodes, never below 2 during a
+  rollout, gRPC health probes, per-pod KV subscription (nothing listens for events), replica
+  sync over the headless Service, TLS from the Secret `m-epp-tls`, and an init container
+  fetching the tokenizer files (`infergate fetch tokenizer`) for `--tokenizer`;
+- Service `m-epp` (ext_proc, what the InferencePool's endpointPickerRef names), headless
+  Service `m-epp-replicas` (replica sync), PodDisruptionBudget `m-epp` (minAvailable 1);
+- HTTPRoute `m` on the Model's Gateway: the inference paths, for requests whose
+  MODEL_NAME_HEADER (set by the body-based router) is the Model's served name, to the pool.
+
+The picker's pods carry no MODEL_LABEL: the pool selects the Model's serving pods by it.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+import yaml
+
+from infergw.api import Model, ObjectMeta
+from infergw.api.core import (
+    RBAC_GROUP,
+    ConfigMap,
+    Deployment,
+    DeploymentSpec,
+    DeploymentStrategy,
+    LabelSelector,
+    PodDisruptionBudget,
+    PodDisruptionBudgetSpec,
+    PolicyRule,
+    Role,
+    RoleBinding,
+    RoleRef,
+    RollingUpdate,
+    Service,
+    ServiceAccount,
+    ServicePort,
+    ServiceSpec,
+    Subject,
+)
+from infergw.api.gateway import (
+    GROUP as GATEWAY_GROUP,
+)
+from infergw.api.gateway import (
+    BackendRef,
+    HeaderMatch,
+    HTTPRoute,
+    HTTPRouteRule,
+    HTTPRouteSpec,
+    PathMatch,
+    RouteMatch,
+    RouteTimeouts,
+)
+from infergw.api.meta import ApiStruct
+from infergw.api.names import KV_EVENTS_PORT, KV_REPLAY_PORT, MODEL_LABEL, MODEL_NAME_HEADER
+from infergw.api.networking import ParentRef
+from infergw.api.upstream import POOL_GROUP_VERSION
+from infergw.api.workload import DEFAULT_GATEWAY
+from infergw.cluster.store import (
+    ENDPOINT_SLICE,
+    INFERENCE_OBJECTIVE,
+    INFERENCE_POOL,
+    MODEL_ROUTE,
+    MODEL_SERVER,
+    POD,
+    Kind,
+    owner_reference_of,
+)
+from infergw.controllers.engine_command import PER_POD, KVEventSockets
+from infergw.controllers.model_objects import CONNECTOR_IMAGE, PICKER_PORT, POD_IP_ENV, served_name
+
+PICKER_IMAGE = CONNECTOR_IMAGE  # the infergate image: `infergate epp`, `infergate fetch`
+PICKER_REPLICAS = 2
+HEALTH_PORT = 9003
+METRICS_PORT = 9090
+REPLICA_SYNC_PORT = 9004
+CONFIG_DIR = "/etc/infergate/epp"
+CONFIG_KEY = "epp-config.yaml"
+TLS_DIR = "/etc/infergate/tls"
+TOKENIZER_DIR = "/var/lib/infergate/tokenizer"
+# Schemes `infergate fetch tokenizer` reads (fetch/tokenizer.py); other Models' pickers score
+# prefixes approximately.
+TOKENIZER_SCHEMES = ("hf", "s3")
+# What the tokenizer fetch may see of the Model's env: the credentials and endpoints of its
+# source, nothing else of the engine's.
+FETCH_ENV = (
+    "HF_TOKEN",
+    "HUGGING_FACE_HUB_TOKEN",
+    "HF_ENDPOINT",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+)
+# The request paths whose body names a model (the picker's APIs, epp/request.py): the body-based
+# router can set MODEL_NAME_HEADER on these only.
+INFERENCE_PATHS = (
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/responses",
+    "/v1/conversations",
+    "/v1/embeddings",
+)
+ROUTE_TIMEOUT = "3600s"  # generation streams for minutes; the Gateway's default would cut it
+# What the picker's Kubernetes provider (epp/providers/kubernetes.py, cluster/pool_watch.py)
+# and its replica discovery (epp/replica_peers.py) list and watch: its Role grants these only.
+PICKER_READS: tuple[Kind, ...] = (
+    POD,
+    INFERENCE_POOL,
+    INFERENCE_OBJECTIVE,
+    MODEL_ROUTE,
+    MODEL_SERVER,
+    ENDPOINT_SLICE,
+)
+READ_VERBS = ["get", "list", "watch"]
+SCORER_WEIGHTS = (  # examples/quickstart/epp-config.yaml's
+    ("queue-scorer", 2),
+    ("kv-cache-utilization-scorer", 2),
+    ("least-request", 2),
+)
+PREFIX_WEIGHT = 3
+PICKER_CONFIG_API = "llm-d.ai/v1alpha1"  # EndpointPickerConfig's current group
+
+
+@dataclass(frozen=True, slots=True)
+class PickerSettings:
+    """What the controllers' flags say about every Model's picker: its image. (Where the
+    engines publish KV events, which it subscribes to, is the reconciler's `sockets`.)"""
+
+    image: str = PICKER_IMAGE
+
+
+# ---- names --------------------------------------------------------------------------------------
+
+
+def picker_name(model: Model) -> str:
+    """The picker's Deployment, Service, ServiceAccount, Role: what the InferencePool names."""
+    return f"{model.metadata.name}-epp"
+
+
+def replicas_service(model: Model) -> str:
+    return f"{picker_name(model)}-replicas"
+
+
+def config_map_name(model: Model) -> str:
+    return f"{picker_name(model)}-config"
+
+
+def tls_secret(model: Model) -> str:
+    """The picker's serving certificate (tls.crt, tls.key): made by cert-manager or by hand,
+    as gateway-manifests/epp-tls.yaml shows; the pods start once it exists."""
+    return f"{picker_name(model)}-tls"
+
+
+def gateway_of(model: Model) -> ParentRef:
+    """The Gateway the Model's route attaches to: spec.gateway with its defaults."""
+    ref = model.spec.gateway
+    return ParentRef(
+        group=GATEWAY_GROUP,
+        kind="Gateway",
+        name=(ref.name if ref else None) or DEFAULT_GATEWAY,
+        namespace=(ref.namespace if ref else None) or model.metadata.namespace or "default",
+        section_name=ref.section_name if ref else None,
+    )
+
+
+def fetches_tokenizer(model: Model) -> bool:
+    """Whether the picker gets the Model's tokenizer: a source `infergate fetch` reads, and a
+    served name `--tokenizer MODEL=DIR` can spell."""
+    scheme = model.spec.model_uri.partition("://")[0]
+    return scheme in TOKENIZER_SCHEMES and "=" not in served_name(model)
+
+
+def _pod_labels(model: Model) -> dict[str, str]:
+    """The picker pods' labels, and the selector of its Deployment, Services and budget."""
+    return {"app.kubernetes.io/name": picker_name(model), "app.kubernetes.io/part-of": "infergate"}
+
+
+def _meta(model: Model, name: str) -> ObjectMeta:
+    return ObjectMeta(
+        name=name,
+        namespace=model.metadata.namespace or "default",
+        labels={**_pod_labels(model), MODEL_LABEL: model.metadata.name or ""},
+        owner_references=[owner_reference_of(model)],
+    )
+
+
+# ---- identity and permissions ------------------------------------------------------------------
+
+
+def picker_rules() -> list[PolicyRule]:
+    """Read-only rules on PICKER_READS, one per API group."""
+    by_group: dict[str, list[str]] = defaultdict(list)
+    for kind in PICKER_READS:
+        by_group[kind.group].append(kind.plural)
+    return [
+        PolicyRule(api_groups=[g], resources=r, verbs=list(READ_VERBS)) for g, r in by_group.items()
+    ]
+
+
+def service_account(model: Model) -> ServiceAccount:
+    return ServiceAccount(metadata=_meta(model, picker_name(model)))
+
+
+def role(model: Model) -> Role:
+    return Role(metadata=_meta(model, picker_name(model)), rules=picker_rules())
+
+
+def role_binding(model: Model) -> RoleBinding:
+    return RoleBinding(
+        metadata=_meta(model, picker_name(model)),
+        role_ref=RoleRef(api_group=RBAC_GROUP, kind="Role", name=picker_name(model)),
+        subjects=[
+            Subject(
+                kind="ServiceAccount",
+                name=picker_name(model),
+                namespace=model.metadata.namespace or "default",
+            )
+        ],
+    )
+
+
+# ---- configuration -----------------------------------------------------------------------------
+
+
+def picker_config(model: Model) -> str:
+    """The EndpointPickerConfig: the load scorers and a prefix scorer, precise (from the pods'
+    KV events, tokenizing as the engine does) when the picker has the tokenizer, else
+    approximate."""
+    prefix = "precise-prefix-cache-scorer" if fetches_tokenizer(model) else "prefix-cache-scorer"
+    scorers = [*SCORER_WEIGHTS, (prefix, PREFIX_WEIGHT)]
+    doc = {
+        "apiVersion": PICKER_CONFIG_API,
+        "kind": "EndpointPickerConfig",
+        "plugins": [{"type": t} for t, _ in scorers] + [{"type": "max-score-picker"}],
+        "schedulingProfiles": [
+            {
+                "name": "default",
+                "plugins": [{"pluginRef": t, "weight": w} for t, w in scorers]
+                + [{"pluginRef": "max-score-picker"}],
+            }
+        ],
+    }
+    return yaml.safe_dump(doc, sort_keys=False)
+
+
+def config_map(model: Model) -> ConfigMap:
+    return ConfigMap(
+        metadata=_meta(model, config_map_name(model)), data={CONFIG_KEY: picker_config(model)}
+    )
+
+
+# ---- the Deployment ----------------------------------------------------------------------------
+
+
+def kv_event_args(sockets: KVEventSockets) -> list[str]:
+    """The picker's side of the engines' --kv-events-config (engine_command.py): per pod, it
+    connects to each pod's PUB and replay ports; central, pods connect to its SUB."""
+    mode = "per-pod" if sockets.pub_binds else "central"
+    return [
+        f"--kv-events-mode={mode}",
+        f"--kv-events-pub-port={KV_EVENTS_PORT}",
+        f"--kv-events-replay-port={KV_REPLAY_PORT}",
+    ]
+
+
+def picker_args(model: Model, sockets: KVEventSockets = PER_POD) -> list[str]:
+    """`infergate epp`'s flags (the kubelet expands $(POD_IP) and $(POD_NAMESPACE))."""
+    args = [
+        f"--pool-name={model.metadata.name}",  # the InferencePool is the Model's name
+        "--pool-namespace=$(POD_NAMESPACE)",
+        "--provider=kubernetes",
+        f"--config={CONFIG_DIR}/{CONFIG_KEY}",
+        f"--grpc-port={PICKER_PORT}",
+        f"--grpc-health-port={HEALTH_PORT}",
+        f"--metrics-port={METRICS_PORT}",
+        "--secure-serving=true",
+        f"--cert-path={TLS_DIR}",
+        "--refresh-metrics-interval=50ms",
+        # One endpoint per request: Envoy's ORIGINAL_DST reads the header as one ip:port.
+        "--fallback-endpoints=0",
+        *kv_event_args(sockets),
+        # A PUB on this pod's IP; the peers are the headless Service's ready endpoints.
+        f"--replica-sync-bind=tcp://$(POD_IP):{REPLICA_SYNC_PORT}",
+        f"--replica-sync-discovery={replicas_service(model)}",
+    ]
+    if fetches_tokenizer(model):
+        args.append(f"--tokenizer={served_name(model)}={TOKENIZER_DIR}")
+    return args
+
+
+_CONTAINER_SECURITY = {
+    "allowPrivilegeEscalation": False,
+    "readOnlyRootFilesystem": True,
+    "runAsNonRoot": True,
+    "capabilities": {"drop": ["ALL"]},
+}
+
+
+def _fetch_container(model: Model, settings: PickerSettings) -> dict:
+    """Fetches the tokenizer files alone into the shared volume, with the Model's source
+    credentials (FETCH_ENV entries of its env, e.g. HF_TOKEN from a Secret)."""
+    env = [
+        {
+            k: v
+            for k, v in (("name", e.name), ("value", e.value), ("valueFrom", e.value_from))
+            if v is not None
+        }
+        for e in model.spec.env or []
+        if e.name in FETCH_ENV
+    ]
+    container = {
+        "name": "fetch-tokenizer",
+        "image": settings.image,
+        "command": ["infergate", "fetch", "tokenizer"],
+        "args": [f"--source={model.spec.model_uri}", f"--dest={TOKENIZER_DIR}"],
+        "env": [{"name": "HOME", "value": "/tmp"}, *env],
+        "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "1Gi"}},
+        "securityContext": dict(_CONTAINER_SECURITY),
+        "volumeMounts": [
+            {"name": "tokenizer", "mountPath": TOKENIZER_DIR},
+            {"name": "tmp", "mountPath": "/tmp"},
+        ],
+    }
+    return container
+
+
+def _picker_container(model: Model, settings: PickerSettings, sockets: KVEventSockets) -> dict:
+    mounts = [
+        {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+        {"name": "tls", "mountPath": TLS_DIR, "readOnly": True},
+        {"name": "tmp", "mountPath": "/tmp"},
+    ]
+    if fetches_tokenizer(model):
+        mounts.append({"name": "tokenizer", "mountPath": TOKENIZER_DIR, "readOnly": True})
+    return {
+        "name": "epp",
+        "image": settings.image,
+        "command": ["infergate", "epp"],
+        "args": picker_args(model, sockets),
+        "env": [
+            dict(POD_IP_ENV),
+            {
+                "name": "POD_NAMESPACE",
+                "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}},
+            },
+            {"name": "HOME", "value": "/tmp"},
+            {"name": "PYTHONDONTWRITEBYTECODE", "value": "1"},
+        ],
+        "ports": [
+            {"name": "grpc", "containerPort": PICKER_PORT, "protocol": "TCP"},
+            {"name": "grpc-health", "containerPort": HEALTH_PORT, "protocol": "TCP"},
+            {"name": "http-metrics", "containerPort": METRICS_PORT, "protocol": "TCP"},
+            {"name": "replica-sync", "containerPort": REPLICA_SYNC_PORT, "protocol": "TCP"},
+        ],
+        # "readiness" is SERVING once the pool and its pods are synced; "liveness" while it runs.
+        "readinessProbe": {
+            "grpc": {"port": HEALTH_PORT, "service": "readiness"},
+            "initialDelaySeconds": 2,
+            "periodSeconds": 2,
+            "failureThreshold": 3,
+        },
+        "livenessProbe": {
+            "grpc": {"port": HEALTH_PORT, "service": "liveness"},
+            "initialDelaySeconds": 5,
+            "periodSeconds": 10,
+            "failureThreshold": 3,
+        },
+        "resources": {
+            "requests": {"cpu": "500m", "memory": "512Mi"},
+            "limits": {"cpu": "2", "memory": "2Gi"},
+        },
+        "securityContext": dict(_CONTAINER_SECURITY),
+        "volumeMounts": mounts,
+    }
+
+
+def _volumes(model: Model) -> list[dict]:
+    volumes = [
+        {"name": "config", "configMap": {"name": config_map_name(model)}},
+        {
+            "name": "tls",
+            "secret": {
+                "secretName": tls_secret(model),
+                "defaultMode": 0o440,  # the key: readable by the picker's group (fsGroup) only
+                "items": [
+                    {"key": "tls.crt", "path": "tls.crt"},
+                    {"key": "tls.key", "path": "tls.key"},
+                ],
+            },
+        },
+        {"name": "tmp", "emptyDir": {"sizeLimit": "256Mi"}},
+    ]
+    if fetches_tokenizer(model):
+        volumes.append({"name": "tokenizer", "emptyDir": {"sizeLimit": "512Mi"}})
+    return volumes
+
+
+def deployment(
+    model: Model, settings: PickerSettings, sockets: KVEventSockets = PER_POD
+) -> Deployment:
+    labels = _pod_labels(model)
+    pod_spec: dict = {
+        "serviceAccountName": picker_name(model),
+        "terminationGracePeriodSeconds": 30,
+        # Replicas on different nodes where there are several: one node's loss leaves a picker.
+        "topologySpreadConstraints": [
+            {
+                "maxSkew": 1,
+                "topologyKey": "kubernetes.io/hostname",
+                "whenUnsatisfiable": "ScheduleAnyway",
+                "labelSelector": {"matchLabels": dict(labels)},
+            }
+        ],
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": 65532,
+            "runAsGroup": 65532,
+            "fsGroup": 65532,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [_picker_container(model, settings, sockets)],
+        "volumes": _volumes(model),
+    }
+    if fetches_tokenizer(model):
+        pod_spec["initContainers"] = [_fetch_container(model, settings)]
+    return Deployment(
+        metadata=_meta(model, picker_name(model)),
+        spec=DeploymentSpec(
+            replicas=PICKER_REPLICAS,
+            selector=LabelSelector(match_labels=dict(labels)),
+            # A new replica must be ready (synced the pool) before an old one goes.
+            strategy=DeploymentStrategy(
+                type="RollingUpdate", rolling_update=RollingUpdate(max_surge=1, max_unavailable=0)
+            ),
+            template={"metadata": {"labels": dict(labels)}, "spec": pod_spec},
+        ),
+    )
+
+
+# ---- Services and the disruption budget --------------------------------------------------------
+
+
+def _port(name: str, number: int, app_protocol: str | None = None) -> ServicePort:
+    """A Service port to the container port of the same name."""
+    return ServicePort(
+        name=name, port=number, target_port=name, protocol="TCP", app_protocol=app_protocol
+    )
+
+
+def service(model: Model) -> Service:
+    """What the InferencePool's endpointPickerRef names, and Envoy's ext_proc cluster dials
+    (one host per ready replica)."""
+    return Service(
+        metadata=_meta(model, picker_name(model)),
+        spec=ServiceSpec(
+            type="ClusterIP",
+            selector=_pod_labels(model),
+            ports=[
+                _port("grpc", PICKER_PORT, "http2"),
+                _port("http-metrics", METRICS_PORT, "http"),
+            ],
+        ),
+    )
+
+
+def replicas_headless_service(model: Model) -> Service:
+    """The replicas, for each other: its EndpointSlices list each ready replica's pod IP with
+    the port replica-sync, which --replica-sync-discovery watches."""
+    return Service(
+        metadata=_meta(model, replicas_service(model)),
+        spec=ServiceSpec(
+            cluster_ip="None",
+            selector=_pod_labels(model),
+            ports=[_port("replica-sync", REPLICA_SYNC_PORT)],
+        ),
+    )
+
+
+def disruption_budget(model: Model) -> PodDisruptionBudget:
+    """Voluntary disruptions (drains, upgrades) take at most one replica at a time."""
+    return PodDisruptionBudget(
+        metadata=_meta(model, picker_name(model)),
+        spec=PodDisruptionBudgetSpec(
+            min_available=1, selector=LabelSelector(match_labels=_pod_labels(model))
+        ),
+    )
+
+
+# ---- the route -----------------------------------------------------------------------------------
+
+
+def http_route(model: Model) -> HTTPRoute:
+    """The Model's Gateway → its InferencePool, for the inference paths whose body's model
+    (MODEL_NAME_HEADER, set by the body-based router in front) is the Model's served name."""
+    header = HeaderMatch(type="Exact", name=MODEL_NAME_HEADER, value=served_name(model))
+    matches = [
+        RouteMatch(path=PathMatch(type="Exact", value=path), headers=[header])
+        for path in INFERENCE_PATHS
+    ]
+    pool = BackendRef(
+        group=POOL_GROUP_VERSION.rpartition("/")[0],
+        kind="InferencePool",
+        name=model.metadata.name or "",
+    )
+    return HTTPRoute(
+        metadata=_meta(model, model.metadata.name or ""),
+        spec=HTTPRouteSpec(
+            parent_refs=[gateway_of(model)],
+            rules=[
+                HTTPRouteRule(
+                    matches=matches,
+                    backend_refs=[pool],
+                    timeouts=RouteTimeouts(request=ROUTE_TIMEOUT),
+                )
+            ],
+        ),
+    )
+
+
+def desired(
+    model: Model, settings: PickerSettings, sockets: KVEventSockets = PER_POD
+) -> list[ApiStruct]:
+    """The picker's objects, then the route; the Role before its binding, the ConfigMap and
+    the ServiceAccount before the Deployment that uses them."""
+    return [
+        service_account(model),
+        role(model),
+        role_binding(model),
+        config_map(model),
+        service(model),
+        replicas_headless_service(model),
+        deployment(model, settings, sockets),
+        disruption_budget(model),
+        http_route(model),
+    ]

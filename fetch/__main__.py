@@ -1,0 +1,5 @@
+import sys
+
+from infergw.fetch.tokenizer import main
+
+sys.exit(main())

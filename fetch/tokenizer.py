@@ -1,0 +1,114 @@
+"""`infergate fetch tokenizer --source URI --dest DIR`: a model's tokenizer files alone, for the
+endpoint picker's `--tokenizer MODEL=DIR` (the precise prefix scorer tokenizes prompts as the
+engine does). The picker's init container runs it; the weights are never fetched.
+
+tokenizer.json is required; the others are fetched when the repository has them. Each file is
+bounded in size and time, written whole or not at all, and tokenizer.json must load with the
+`tokenizers` library the picker uses, so a broken file fails here, with its name, rather than
+in the picker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from infergw.fetch.hf import HuggingFace
+from infergw.fetch.s3 import S3
+from infergw.fetch.source import FetchError, Limits, Source, copy_bounded
+
+log = logging.getLogger("fetch.tokenizer")
+
+REQUIRED = "tokenizer.json"
+# What kvindex/tokenize.py and the chat template reader may use besides tokenizer.json.
+OPTIONAL = ("tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+SCHEMES = ("hf", "s3")
+DEFAULT_MAX_BYTES = 64 << 20  # the largest tokenizer.json of common models is ~35 MiB
+DEFAULT_TIMEOUT = 120.0
+
+
+def source_for(uri: str, revision: str, timeout: float) -> Source:
+    """The source for a Model's URI; ValueError for a scheme without a tokenizer fetch."""
+    scheme, sep, rest = uri.partition("://")
+    rest = rest.strip("/")
+    if not sep or scheme not in SCHEMES or not rest:
+        raise ValueError(
+            f"{uri!r}: a tokenizer is fetched from hf://ORG/NAME or s3://BUCKET/PREFIX"
+        )
+    if scheme == "hf":
+        if ".." in rest.split("/"):
+            raise ValueError(f"{uri!r}: not a repository name")
+        return HuggingFace.from_environment(rest, revision, min(timeout, 30.0))
+    bucket, _, prefix = rest.partition("/")
+    return S3(bucket, prefix, timeout=min(timeout, 30.0))
+
+
+def fetch_tokenizer(source: Source, dest: Path, limits: Limits) -> list[str]:
+    """The tokenizer files of `source` into `dest`; the names written. FetchError when
+    tokenizer.json is missing, too big, too slow or does not load."""
+    dest.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name in (REQUIRED, *OPTIONAL):
+        opened = source.open(name)
+        if opened is None:
+            if name == REQUIRED:
+                raise FetchError(
+                    f"{source.describe(name)}: not found (the model has no fast tokenizer)"
+                )
+            continue
+        size = copy_bounded(opened, dest / name, limits, source.describe(name))
+        log.info("fetched %s (%d bytes)", source.describe(name), size)
+        written.append(name)
+    _check_loads(dest)
+    return written
+
+
+def _check_loads(dest: Path) -> None:
+    from tokenizers import Tokenizer
+
+    try:
+        Tokenizer.from_file(str(dest / REQUIRED))
+    except Exception as exc:  # the library raises its own Exception subclass
+        (dest / REQUIRED).unlink(missing_ok=True)
+        raise FetchError(f"{REQUIRED} does not load as a tokenizer: {exc}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="infergate fetch tokenizer",
+        description="Fetch a model's tokenizer files (not its weights) into a directory.",
+    )
+    p.add_argument(
+        "--source", required=True, help="the Model's modelURI: hf://ORG/NAME or s3://BUCKET/PREFIX"
+    )
+    p.add_argument("--dest", required=True, type=Path, help="the directory to write")
+    p.add_argument("--revision", default="main", help="hf://: the branch, tag or commit")
+    p.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES, help="per file")
+    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds per file")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] != ["tokenizer"]:  # the one artifact so far; the weights come later
+        print("usage: infergate fetch tokenizer --source URI --dest DIR", file=sys.stderr)
+        return 2
+    opts = build_parser().parse_args(args[1:])
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    if opts.max_bytes < 1 or opts.timeout <= 0:
+        print(
+            "infergate fetch tokenizer: --max-bytes and --timeout must be positive", file=sys.stderr
+        )
+        return 2
+    try:
+        source = source_for(opts.source, opts.revision, opts.timeout)
+        names = fetch_tokenizer(source, opts.dest, Limits(opts.max_bytes, opts.timeout))
+    except (ValueError, FetchError) as exc:
+        print(f"infergate fetch tokenizer: {exc}", file=sys.stderr)
+        return 1
+    log.info("tokenizer of %s in %s: %s", opts.source, opts.dest, ", ".join(names))
+    return 0

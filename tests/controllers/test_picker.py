@@ -1,0 +1,552 @@
+"""A Model in a cluster yields its endpoint picker and HTTPRoute (controllers/picker_objects.py),
+and its Reachable condition says whether the Gateway serves it (controllers/reachability.py).
+
+Through the official client over real HTTP to the API emulator (tests/kubeapi.py): the Model
+reconciler writes every object; each is checked against what consumes it — the picker's
+container args parse with the picker's own parser after the kubelet's $(VAR) expansion, its
+ConfigMap loads with the picker's config loader (precise scorer and all), the init container's
+args with the fetch's parser, HTTPRoute → InferencePool → picker Service resolve by name, the
+Role grants what the picker's provider watches, the KV-event ports agree with the engines' —
+and the built-in kinds pass the Kubernetes schemas. Status follows the route's and the
+Deployment's status as the emulator is told them; deleting the Model removes everything.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import shutil
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+from kubernetes import client
+
+from infergw import api
+from infergw.api.names import MODEL_LABEL, MODEL_NAME_HEADER
+from infergw.cluster.kube_store import KubeStore
+from infergw.cluster.store import (
+    CONFIG_MAP,
+    DEPLOYMENT,
+    HTTP_ROUTE,
+    INFERENCE_POOL,
+    KINDS,
+    MODEL,
+    MODEL_INFER,
+    POD_DISRUPTION_BUDGET,
+    ROLE,
+    ROLE_BINDING,
+    SERVICE,
+    SERVICE_ACCOUNT,
+    labels_match,
+)
+from infergw.controllers import picker_objects
+from infergw.controllers.app import build_controllers
+from infergw.controllers.model import ModelReconciler
+from infergw.controllers.picker_objects import TOKENIZER_DIR, PickerSettings
+from infergw.controllers.runner import ControllerMetrics
+from infergw.epp.options import parse_options
+from infergw.epp.providers.kubernetes import OPTIONAL_KINDS
+from infergw.epp.request import api_for_path
+from infergw.epp.scheduling.config import load_config, needs_kv_cache, read_config
+from infergw.epp.scheduling.handle import Handle
+from infergw.fetch.tokenizer import build_parser as fetch_parser
+from infergw.kvindex.cache import KVCache
+from infergw.kvindex.index import KVBlockIndex
+from infergw.kvindex.tokenize import PromptTokenizers
+from tests.controller_helpers import conds, summary
+from tests.kubeapi import KubeAPIEmulator
+from tests.paths import DEFAULT_MODEL, EXAMPLES
+from tests.waiting import wait_for_async
+
+K8S_VERSION = "1.30"
+WORKLOAD = "workload.infergate.io/v1alpha1"
+NS = "team-a"
+PICKER_KINDS = (
+    SERVICE_ACCOUNT, ROLE, ROLE_BINDING, CONFIG_MAP, DEPLOYMENT, POD_DISRUPTION_BUDGET, HTTP_ROUTE,
+)  # fmt: skip
+SERVED = "llama-3-8b-instruct"
+
+
+def model_obj(uri: str = "hf://meta-llama/Meta-Llama-3-8B-Instruct", **spec) -> dict:
+    return {
+        "apiVersion": WORKLOAD,
+        "kind": "Model",
+        "metadata": {"name": "llama", "namespace": NS},
+        "spec": {
+            "modelURI": uri,
+            "servedModelName": SERVED,
+            "image": "vllm/vllm-openai:v0.11.0",
+            "engine": {"type": "vLLM"},
+            "env": [
+                {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}},
+                {"name": "VLLM_LOGGING_LEVEL", "value": "DEBUG"},
+            ],
+            "backend": {"aggregated": {"replicas": 1}},
+            **spec,
+        },
+    }
+
+
+class Cluster:
+    """The emulator, a KubeStore over it and a Model reconciler in kubernetes mode."""
+
+    def __init__(self, emu: KubeAPIEmulator) -> None:
+        self.emu = emu
+        self.store = KubeStore(client.ApiClient(emu.client_configuration()), watch_timeout=30)
+        self.reconciler = ModelReconciler(self.store, picker=PickerSettings())
+
+    async def apply(self, obj: dict) -> dict:
+        return await self.store.create(copy.deepcopy(obj))
+
+    async def reconcile(self, name: str = "llama") -> dict:
+        await self.reconciler.reconcile(NS, name)
+        return await self.store.get(MODEL, NS, name)
+
+    async def get(self, kind, name: str) -> dict:
+        obj = await self.store.get(kind, NS, name)
+        assert obj is not None, f"no {kind.kind} {name}"
+        return obj
+
+    def set_status(self, kind, name: str, status: dict) -> None:
+        obj = self.emu.get(kind.api_version, kind.kind, name, NS)
+        obj["status"] = status
+        self.emu.put(obj)
+
+
+@pytest.fixture
+async def cluster():
+    async with KubeAPIEmulator() as emu:
+        c = Cluster(emu)
+        try:
+            yield c
+        finally:
+            c.store.close()
+
+
+def object_name(kind) -> str:
+    """The name of the Model llama's object of `kind` (its Services: SERVICE's own names)."""
+    return {HTTP_ROUTE: "llama", CONFIG_MAP: "llama-epp-config"}.get(kind, "llama-epp")
+
+
+async def versions(cluster: Cluster) -> dict[tuple[str, str], str]:
+    """(kind, name) → resourceVersion of every picker object and Service in the namespace."""
+    out = {}
+    for kind in (*PICKER_KINDS, SERVICE):
+        items, _ = await cluster.store.list(kind, NS)
+        out |= {(kind.kind, o["metadata"]["name"]): o["metadata"]["resourceVersion"] for o in items}
+    return out
+
+
+def expand(text: str, env: dict[str, str]) -> str:
+    """The kubelet's $(VAR) expansion of a container's args (unknown names stay as written)."""
+    return re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", lambda m: env.get(m[1], m[0]), text)
+
+
+def container_env(container: dict) -> dict[str, str]:
+    """The container's env as the kubelet would resolve the downward API here."""
+    field_values = {"status.podIP": "10.0.0.7", "metadata.namespace": NS}
+    out = {}
+    for e in container.get("env") or []:
+        if "value" in e:
+            out[e["name"]] = e["value"]
+        elif "fieldRef" in (e.get("valueFrom") or {}):
+            out[e["name"]] = field_values[e["valueFrom"]["fieldRef"]["fieldPath"]]
+    return out
+
+
+def pod_spec(dep: dict) -> dict:
+    return dep["spec"]["template"]["spec"]
+
+
+def picker_container(dep: dict) -> dict:
+    [c] = pod_spec(dep)["containers"]
+    return c
+
+
+def picker_options(dep: dict, tokenizer_dir: Path):
+    """The picker container's command line through `infergate epp`'s own parser, with the
+    tokenizer volume's path standing for a directory the init container filled."""
+    c = picker_container(dep)
+    assert c["command"] == ["infergate", "epp"]
+    env = container_env(c)
+    args = [expand(a, env).replace(TOKENIZER_DIR, str(tokenizer_dir)) for a in c["args"]]
+    return parse_options(args)
+
+
+# ---- the objects --------------------------------------------------------------------------------
+
+
+async def test_a_model_yields_its_picker_and_route_and_each_object_fits_its_consumer(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    await cluster.apply(model_obj())
+    model = await cluster.reconcile()
+    uid = model["metadata"]["uid"]
+    name = "llama-epp"
+    for kind in PICKER_KINDS:
+        obj = await cluster.get(kind, object_name(kind))
+        [ref] = obj["metadata"]["ownerReferences"]
+        assert (ref["kind"], ref["uid"], ref["controller"]) == ("Model", uid, True)
+    dep = await cluster.get(DEPLOYMENT, name)
+    svc = await cluster.get(SERVICE, name)
+    headless = await cluster.get(SERVICE, f"{name}-replicas")
+
+    # the Deployment: 2 replicas, never below them in a rollout, spread over nodes
+    spec = dep["spec"]
+    assert spec["replicas"] == 2
+    assert spec["strategy"]["rollingUpdate"] == {"maxSurge": 1, "maxUnavailable": 0}
+    labels = spec["template"]["metadata"]["labels"]
+    assert spec["selector"]["matchLabels"] == labels
+    [spread] = pod_spec(dep)["topologySpreadConstraints"]
+    assert spread["topologyKey"] == "kubernetes.io/hostname"
+    assert spread["labelSelector"]["matchLabels"] == labels
+    c = picker_container(dep)
+    probes = {p: c[p]["grpc"] for p in ("readinessProbe", "livenessProbe")}
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+
+    # its flags, as the picker reads them, with the tokenizer the init container fetched
+    tokenizer = tmp_path / "tokenizer"
+    shutil.copytree(DEFAULT_MODEL, tokenizer)
+    opts = picker_options(dep, tokenizer)
+    assert (opts.pool_name, opts.pool_namespace, opts.provider) == ("llama", NS, "kubernetes")
+    assert probes["readinessProbe"] == {"port": opts.grpc_health_port, "service": "readiness"}
+    assert probes["livenessProbe"] == {"port": opts.grpc_health_port, "service": "liveness"}
+    assert ports["grpc"] == opts.grpc_port and ports["http-metrics"] == opts.metrics_port
+    assert opts.secure_serving and opts.fallback_endpoints == 0
+    assert opts.tokenizers == {SERVED: tokenizer}
+    assert opts.replica_sync_bind == f"tcp://10.0.0.7:{ports['replica-sync']}"
+    assert str(opts.replica_sync_discovery) == f"{NS}/{headless['metadata']['name']}"
+    [sync_port] = headless["spec"]["ports"]
+    assert headless["spec"]["clusterIP"] == "None"
+    assert (sync_port["name"], sync_port["port"]) == ("replica-sync", ports["replica-sync"])
+
+    # KV events: the picker connects to each pod's PUB and replay ports, which the engines bind
+    mi = await cluster.get(MODEL_INFER, "llama")
+    [role] = mi["spec"]["template"]["roles"]
+    [engine] = role["entryTemplate"]["spec"]["containers"]
+    [kv_flag] = [a for a in engine["args"] if a.startswith("--kv-events-config=")]
+    kv = json.loads(kv_flag.partition("=")[2])
+    assert opts.kv_events_mode == "per-pod"
+    assert kv["endpoint"] == f"tcp://*:{opts.kv_events_pub_port}"
+    assert kv["replay_endpoint"] == f"tcp://*:{opts.kv_events_replay_port}"
+
+    # the ConfigMap, mounted where --config reads it, loads with the picker's loader: the
+    # precise scorer (a KV cache with the tokenizer) and the quickstart's weights
+    mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod_spec(dep)["volumes"]}
+    cm = await cluster.get(CONFIG_MAP, f"{name}-config")
+    assert volumes["config"]["configMap"]["name"] == cm["metadata"]["name"]
+    assert opts.config_file.parent == Path(mounts["config"])
+    text = cm["data"][opts.config_file.name]
+    doc = read_config(text)
+    assert needs_kv_cache(doc)
+    kv_cache = KVCache(tokenizers=PromptTokenizers(opts.tokenizers), index=KVBlockIndex())
+    config = load_config(text, Handle(kv_cache=kv_cache))
+    assert "precise-prefix-cache-scorer" in config.plugins
+    quickstart = yaml.safe_load((EXAMPLES / "quickstart" / "epp-config.yaml").read_text())
+    assert yaml.safe_load(text)["schedulingProfiles"] == quickstart["schedulingProfiles"]
+
+    # the init container fetches the tokenizer into the volume the picker reads
+    [init] = pod_spec(dep)["initContainers"]
+    assert init["command"] == ["infergate", "fetch", "tokenizer"]
+    fetch = fetch_parser().parse_args(init["args"])
+    assert fetch.source == "hf://meta-llama/Meta-Llama-3-8B-Instruct"
+    init_mounts = {m["name"]: m["mountPath"] for m in init["volumeMounts"]}
+    assert str(fetch.dest) == init_mounts["tokenizer"] == mounts["tokenizer"] == TOKENIZER_DIR
+    assert "emptyDir" in volumes["tokenizer"]
+    # the source's credentials reach the fetch, the engine's other settings do not
+    assert {e["name"] for e in init["env"]} == {"HOME", "HF_TOKEN"}
+    assert "HF_TOKEN" not in {e["name"] for e in c["env"]}
+
+    # TLS from the Secret epp-tls.yaml makes, where --cert-path reads it
+    assert volumes["tls"]["secret"]["secretName"] == f"{name}-tls"
+    assert str(opts.cert_path) == mounts["tls"]
+
+    # HTTPRoute → InferencePool → picker Service → picker pods; the pool never selects pickers
+    route = await cluster.get(HTTP_ROUTE, "llama")
+    [parent] = route["spec"]["parentRefs"]
+    assert parent == {
+        "group": "gateway.networking.k8s.io", "kind": "Gateway",
+        "name": "inference-gateway", "namespace": NS,
+    }  # fmt: skip
+    [rule] = route["spec"]["rules"]
+    [backend] = rule["backendRefs"]
+    assert (backend["group"], backend["kind"]) == ("inference.networking.k8s.io", "InferencePool")
+    pool = await cluster.get(INFERENCE_POOL, backend["name"])
+    epp = pool["spec"]["endpointPickerRef"]
+    assert epp["name"] == svc["metadata"]["name"]
+    [grpc] = [p for p in svc["spec"]["ports"] if p["port"] == epp["port"]["number"]]
+    assert (grpc["targetPort"], grpc["appProtocol"]) == ("grpc", "http2")
+    assert svc["spec"]["selector"].items() <= labels.items()
+    picker_pod = {"metadata": {"labels": labels}}
+    assert not labels_match(picker_pod, pool["spec"]["selector"]["matchLabels"])
+    assert MODEL_LABEL not in labels
+    # every inference path the picker parses, for this Model's served name only
+    paths = [m["path"]["value"] for m in rule["matches"]]
+    assert paths and all(api_for_path(p) for p in paths)
+    for match in rule["matches"]:
+        assert match["headers"] == [{"type": "Exact", "name": MODEL_NAME_HEADER, "value": SERVED}]
+
+    # RBAC: read-only, namespaced, on what the picker's provider and peer discovery watch
+    role_obj = await cluster.get(ROLE, name)
+    granted = {
+        (g, r, v) for rule in role_obj["rules"] for g in rule["apiGroups"]
+        for r in rule["resources"] for v in rule["verbs"]
+    }  # fmt: skip
+    watched = {*OPTIONAL_KINDS.values(), INFERENCE_POOL, KINDS["Pod"]}
+    for kind in watched:
+        assert {(kind.group, kind.plural, v) for v in ("get", "list", "watch")} <= granted
+    assert {v for _, _, v in granted} == {"get", "list", "watch"}
+    binding = await cluster.get(ROLE_BINDING, name)
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "Role",
+        "name": name,
+    }
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": name, "namespace": NS}]
+    assert pod_spec(dep)["serviceAccountName"] == name
+
+    pdb = await cluster.get(POD_DISRUPTION_BUDGET, name)
+    assert pdb["spec"]["minAvailable"] == 1
+    assert pdb["spec"]["selector"]["matchLabels"] == labels
+
+
+async def test_the_built_in_objects_pass_the_kubernetes_schemas(cluster: Cluster) -> None:
+    await cluster.apply(model_obj())
+    model = api.from_dict(await cluster.reconcile())
+    for want in picker_objects.desired(model, PickerSettings()):
+        if want.kind == "HTTPRoute":
+            continue  # a CRD's kind: not in the built-in schemas
+        doc = api.to_dict(want)
+        try:
+            kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            pytest.fail(f"{doc['kind']} {doc['metadata']['name']}: {exc}")
+
+
+async def test_a_second_pass_writes_nothing_and_drift_is_written_back(cluster: Cluster) -> None:
+    await cluster.apply(model_obj())
+    await cluster.reconcile()
+    before = await versions(cluster)
+    assert len(before) == len(PICKER_KINDS) + 2  # and the two Services
+    await cluster.reconcile()
+    after = await versions(cluster)
+    assert after == before
+    # someone edits the ConfigMap and the Role: the next pass puts them back
+    cm = await cluster.get(CONFIG_MAP, "llama-epp-config")
+    cm["data"]["epp-config.yaml"] = "kind: Nonsense\n"
+    await cluster.store.update(cm)
+    role = await cluster.get(ROLE, "llama-epp")
+    role["rules"][0]["verbs"] = ["*"]
+    await cluster.store.update(role)
+    await cluster.reconcile()
+    assert (
+        "precise-prefix-cache-scorer"
+        in (await cluster.get(CONFIG_MAP, "llama-epp-config"))["data"]["epp-config.yaml"]
+    )
+    assert "*" not in (await cluster.get(ROLE, "llama-epp"))["rules"][0]["verbs"]
+
+
+@pytest.mark.parametrize("uri", ["file:///models/llama", "pvc://weights/llama", "ms://org/llama"])
+async def test_without_a_tokenizer_source_the_picker_scores_prefixes_approximately(
+    cluster: Cluster, uri: str, tmp_path: Path
+) -> None:
+    await cluster.apply(model_obj(uri))
+    await cluster.reconcile()
+    dep = await cluster.get(DEPLOYMENT, "llama-epp")
+    assert "initContainers" not in pod_spec(dep)
+    opts = picker_options(dep, tmp_path)
+    assert opts.tokenizers == {}
+    text = (await cluster.get(CONFIG_MAP, "llama-epp-config"))["data"]["epp-config.yaml"]
+    assert not needs_kv_cache(read_config(text))
+    assert "prefix-cache-scorer" in load_config(text).plugins
+
+
+async def test_an_s3_model_fetches_its_tokenizer_with_the_models_s3_settings(
+    cluster: Cluster,
+) -> None:
+    env = [
+        {"name": "AWS_ACCESS_KEY_ID", "valueFrom": {"secretKeyRef": {"name": "s3", "key": "id"}}},
+        {"name": "AWS_ENDPOINT_URL", "value": "http://minio.storage:9000"},
+        {"name": "OTHER", "value": "x"},
+    ]
+    await cluster.apply(model_obj("s3://models/llama-3", env=env))
+    await cluster.reconcile()
+    [init] = pod_spec(await cluster.get(DEPLOYMENT, "llama-epp"))["initContainers"]
+    assert fetch_parser().parse_args(init["args"]).source == "s3://models/llama-3"
+    assert [e for e in init["env"] if e["name"] != "HOME"] == env[:2]
+
+
+async def test_spec_gateway_names_the_routes_parent(cluster: Cluster) -> None:
+    gateway = {"name": "public", "namespace": "gateways", "sectionName": "https"}
+    await cluster.apply(model_obj(gateway=gateway))
+    await cluster.reconcile()
+    [parent] = (await cluster.get(HTTP_ROUTE, "llama"))["spec"]["parentRefs"]
+    assert parent == {"group": "gateway.networking.k8s.io", "kind": "Gateway", **gateway}
+
+
+# ---- status -------------------------------------------------------------------------------------
+
+
+def route_status(
+    *conditions: tuple[str, str], gateway: str = "inference-gateway", generation: int = 1
+) -> dict:
+    ref = {
+        "group": "gateway.networking.k8s.io",
+        "kind": "Gateway",
+        "name": gateway,
+        "namespace": NS,
+    }
+    return {
+        "parents": [
+            {
+                "parentRef": ref,
+                "controllerName": "gateway.envoyproxy.io/gatewayclass-controller",
+                "conditions": [
+                    {"type": t, "status": s, "reason": "Because", "message": f"{t} is {s}",
+                     "observedGeneration": generation, "lastTransitionTime": "2030-01-01T00:00:00Z"}
+                    for t, s in conditions
+                ],
+            }
+        ]
+    }  # fmt: skip
+
+
+AVAILABLE = {
+    "readyReplicas": 2,
+    "conditions": [{"type": "Available", "status": "True", "reason": "MinimumReplicasAvailable"}],
+}
+
+
+async def test_reachable_only_when_the_route_is_accepted_with_its_refs_and_the_picker_is_available(
+    cluster: Cluster,
+) -> None:
+    await cluster.apply(model_obj())
+    reachable = conds(await cluster.reconcile())["Reachable"]
+    assert (reachable["status"], reachable["reason"]) == ("False", "RouteNotSeen")
+    assert "Deployment llama-epp: Available not reported yet" in reachable["message"]
+
+    # another Gateway's report says nothing about ours
+    cluster.set_status(
+        HTTP_ROUTE,
+        "llama",
+        route_status(("Accepted", "True"), ("ResolvedRefs", "True"), gateway="other"),
+    )
+    assert summary(await cluster.reconcile())["Reachable"] == ("False", "RouteNotSeen")
+
+    cluster.set_status(
+        HTTP_ROUTE, "llama", route_status(("Accepted", "True"), ("ResolvedRefs", "False"))
+    )
+    reachable = conds(await cluster.reconcile())["Reachable"]
+    assert (reachable["status"], reachable["reason"]) == ("False", "RouteRefsUnresolved")
+    assert "ResolvedRefs False: Because (ResolvedRefs is False)" in reachable["message"]
+
+    cluster.set_status(
+        HTTP_ROUTE, "llama", route_status(("Accepted", "False"), ("ResolvedRefs", "True"))
+    )
+    assert summary(await cluster.reconcile())["Reachable"] == ("False", "RouteNotAccepted")
+
+    cluster.set_status(
+        HTTP_ROUTE, "llama", route_status(("Accepted", "True"), ("ResolvedRefs", "True"))
+    )
+    reachable = conds(await cluster.reconcile())["Reachable"]
+    assert (reachable["status"], reachable["reason"]) == ("False", "PickerUnavailable")
+    assert "HTTPRoute" not in reachable["message"]
+
+    unavailable = {
+        "conditions": [
+            {"type": "Available", "status": "False", "reason": "MinimumReplicasUnavailable"}
+        ]
+    }
+    cluster.set_status(DEPLOYMENT, "llama-epp", unavailable)
+    reachable = conds(await cluster.reconcile())["Reachable"]
+    assert "Available False: MinimumReplicasUnavailable" in reachable["message"]
+
+    cluster.set_status(DEPLOYMENT, "llama-epp", AVAILABLE)
+    model = await cluster.reconcile()
+    assert summary(model)["Reachable"] == ("True", "RouteAccepted")
+    # the other conditions are as before: Reachable is one more, not a new meaning of Ready
+    assert set(conds(model)) == {"Initialized", "Active", "Failed", "Ready", "Reachable"}
+
+    # a report about an older generation of the route does not count
+    cluster.set_status(
+        HTTP_ROUTE,
+        "llama",
+        route_status(("Accepted", "True"), ("ResolvedRefs", "True"), generation=0),
+    )
+    reachable = conds(await cluster.reconcile())["Reachable"]
+    assert (reachable["status"], reachable["reason"]) == ("False", "RouteNotAccepted")
+    assert "not reported for its current generation" in reachable["message"]
+
+
+async def test_a_route_of_that_name_that_is_not_the_models_is_left_alone_and_never_reachable(
+    cluster: Cluster,
+) -> None:
+    theirs = {
+        "apiVersion": "gateway.networking.k8s.io/v1",
+        "kind": "HTTPRoute",
+        "metadata": {"name": "llama", "namespace": NS},
+        "spec": {"parentRefs": [{"name": "inference-gateway"}]},
+    }
+    await cluster.apply(theirs)
+    cluster.set_status(
+        HTTP_ROUTE, "llama", route_status(("Accepted", "True"), ("ResolvedRefs", "True"))
+    )
+    await cluster.apply(model_obj())
+    model = await cluster.reconcile()
+    assert summary(model)["Initialized"] == ("False", "ObjectNotOwned")
+    assert summary(model)["Reachable"][1] == "RouteMissing"
+    assert (await cluster.get(HTTP_ROUTE, "llama"))["spec"] == theirs["spec"]
+
+
+# ---- the controllers, level-triggered, and garbage collection ------------------------------------
+
+
+async def test_route_and_picker_status_changes_reconcile_the_model_and_deleting_it_removes_all(
+    cluster: Cluster,
+) -> None:
+    controllers, scaler = build_controllers(
+        cluster.store, ControllerMetrics(), picker=PickerSettings()
+    )
+    try:
+        for c in controllers:
+            await c.start()
+        await cluster.apply(model_obj())
+
+        async def reachable_is(status: str) -> bool:
+            model = await cluster.store.get(MODEL, NS, "llama")
+            got = conds(model).get("Reachable", {}) if model.get("status") else {}
+            return got.get("status") == status
+
+        async def objects_exist() -> bool:
+            return (
+                await cluster.store.get(DEPLOYMENT, NS, "llama-epp") is not None
+                and await cluster.store.get(HTTP_ROUTE, NS, "llama") is not None
+            )
+
+        await wait_for_async(objects_exist, "the picker and the route")
+        await wait_for_async(lambda: reachable_is("False"), "Reachable False")
+        # no reconcile is called here: the informers on Deployments and HTTPRoutes bring it
+        cluster.set_status(
+            HTTP_ROUTE, "llama", route_status(("Accepted", "True"), ("ResolvedRefs", "True"))
+        )
+        cluster.set_status(DEPLOYMENT, "llama-epp", AVAILABLE)
+        await wait_for_async(lambda: reachable_is("True"), "Reachable True")
+        cluster.set_status(
+            DEPLOYMENT, "llama-epp", {"conditions": [{"type": "Available", "status": "False"}]}
+        )
+        await wait_for_async(lambda: reachable_is("False"), "Reachable False again")
+    finally:
+        for c in controllers:
+            await c.stop()
+        await scaler.close()
+
+    await cluster.store.delete(MODEL, NS, "llama")
+    left = []
+    for kind in (*PICKER_KINDS, SERVICE, INFERENCE_POOL, MODEL_INFER):
+        items, _ = await cluster.store.list(kind, NS)
+        left += [(kind.kind, o["metadata"]["name"]) for o in items]
+    assert left == []
