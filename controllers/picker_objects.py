@@ -70,6 +70,7 @@ from infergw.api.workload import DEFAULT_GATEWAY
 from infergw.cluster.store import (
     ENDPOINT_SLICE,
     INFERENCE_OBJECTIVE,
+    LEGACY_INFERENCE_OBJECTIVE,
     INFERENCE_POOL,
     MODEL_ROUTE,
     MODEL_SERVER,
@@ -122,6 +123,7 @@ PICKER_READS: tuple[Kind, ...] = (
     POD,
     INFERENCE_POOL,
     INFERENCE_OBJECTIVE,
+    LEGACY_INFERENCE_OBJECTIVE,
     MODEL_ROUTE,
     MODEL_SERVER,
     ENDPOINT_SLICE,
