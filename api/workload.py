@@ -39,6 +39,7 @@ RECOVERY_POLICIES = ("GroupRecreate", "RoleRecreate", "None")
 DEFAULT_RECOVERY_POLICY = "RoleRecreate"
 ROLLOUT_TYPES = ("RollingUpdate",)
 DEFAULT_MAX_UNAVAILABLE = 1
+DEFAULT_RESTART_GRACE_SECONDS = 0
 MAX_COMMAND_WORDS = 16  # spec.engine.command: `python -m sglang.launch_server` is three
 MAX_WORD_LENGTH = 4096  # one argument or word of the command
 
