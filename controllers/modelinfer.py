@@ -260,6 +260,8 @@ class ModelInferReconciler:
                 await self._delete(SERVICE, mi, svc["metadata"]["name"])
 
     async def _ensure_pod_groups(self, mi: ModelInfer, groups: Groups) -> None:
+        if len(groups.pods) > mp.replicas(mi):
+            return  # scaling down: the groups seen may be the ones just deleted
         for g in groups.pods:
             await self._ensure_pod_group(mi, g)
 
