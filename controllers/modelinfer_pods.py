@@ -27,13 +27,16 @@ import msgspec
 from infergw.api import ModelInfer
 from infergw.api.names import (
     ENGINE_NOT_INSTALLED,
+    ENTRY_ADDRESS_ENV,
     ENTRY_LABEL,
     GROUP_LABEL,
+    GROUP_SIZE_ENV,
     MODEL_LABEL,
     MODELINFER_LABEL,
     REVISION_LABEL,
     ROLE_INDEX_LABEL,
     ROLE_LABEL,
+    WORKER_INDEX_ENV,
 )
 from infergw.api.workload import (
     DEFAULT_MAX_UNAVAILABLE,
@@ -41,11 +44,11 @@ from infergw.api.workload import (
     DEFAULT_RESTART_GRACE_SECONDS,
     DEFAULT_ROLE_REPLICAS,
     DEFAULT_WORKER_REPLICAS,
+    VOLCANO,
     Role,
 )
 from infergw.cluster.store import Obj, owner_reference_of
 
-VOLCANO = "volcano"
 # Volcano's: the PodGroup a pod belongs to, and the task (here: the role) within it that
 # minTaskMember counts.
 GANG_ANNOTATION = "scheduling.k8s.io/group-name"
@@ -133,9 +136,9 @@ def pod_for(mi: ModelInfer, slot: PodSlot, rev: str) -> Obj:
     spec = template.get("spec") or {}
     entry_name = PodSlot(slot.group, slot.role, slot.index, 0).name(name)
     env = [
-        {"name": "GROUP_SIZE", "value": str(1 + worker_replicas(role))},
-        {"name": "ENTRY_ADDRESS", "value": f"{entry_name}.{namespace}"},
-        {"name": "WORKER_INDEX", "value": str(slot.pod)},
+        {"name": GROUP_SIZE_ENV, "value": str(1 + worker_replicas(role))},
+        {"name": ENTRY_ADDRESS_ENV, "value": f"{entry_name}.{namespace}"},
+        {"name": WORKER_INDEX_ENV, "value": str(slot.pod)},
     ]
     for c in spec.get("containers") or []:
         names = {e["name"] for e in env}

@@ -15,7 +15,22 @@ from infergw.simulator.server import Simulator
 log = logging.getLogger("simulator")
 
 
+async def _until_stopped() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
 async def serve(cfg: SimulatorConfig, ready: asyncio.Event | None = None) -> None:
+    if cfg.headless:
+        # vLLM's worker node lends its GPUs to the entry's engine; the simulator has none
+        log.info("infergate simulator: a headless node, serving nothing until stopped")
+        if ready is not None:
+            ready.set()
+        await _until_stopped()
+        return
     sim = Simulator(cfg)
     # handler_cancellation: a client that disconnects cancels its handler, which aborts the
     # request in the engine and frees its KV blocks, as vLLM does.

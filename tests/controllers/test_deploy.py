@@ -234,8 +234,9 @@ async def until(check, what: str, within: float = 20.0) -> None:
 async def record_a_scenario() -> RecordingStore:
     """The kubernetes-mode parts over a recording store: the three controllers as
     build_controllers wires them, and the leader elector. A Model that autoscales; a
-    gang-scheduled ModelInfer scaled from 2 groups to 1 and its role from 1 instance to 2; a ModelInfer whose pods report load,
-    so the autoscaler resizes it; a binding whose policy is missing."""
+    gang-scheduled ModelInfer scaled from 2 groups to 1 and its role from 1 instance to 2;
+    a ModelInfer whose pods report load, so the autoscaler resizes it; a binding whose
+    policy is missing."""
     rec = RecordingStore()
     store = rec.inner
     elector = LeaderElector(rec, name="infergate-controllers", namespace="ns", identity="me")
@@ -333,9 +334,7 @@ async def record_a_scenario() -> RecordingStore:
             svcs, _ = await store.list(SERVICE, "default", {"infergate.io/modelinfer": "gang"})
             pgs, _ = await store.list(POD_GROUP, "default")
             return (
-                len(pods) == 2
-                and len(svcs) == 2
-                and [pg["spec"]["minMember"] for pg in pgs] == [2]
+                len(pods) == 2 and len(svcs) == 2 and [pg["spec"]["minMember"] for pg in pgs] == [2]
             )
 
         await until(gang_shrunk, "the gang ModelInfer scaled to one group of two instances")

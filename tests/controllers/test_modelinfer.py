@@ -88,10 +88,10 @@ async def test_groups_roles_entry_and_worker_pods(env):
     # ENTRY_ADDRESS resolves to the entry alone, before it is ready (it waits for its workers)
     entry_svc = next(s for s in services if s["metadata"]["name"] == "llm-1-prefill-0-0")
     assert entry_svc["spec"]["publishNotReadyAddresses"] is True
+    selector = entry_svc["spec"]["selector"].items()
     selected = [
-        n for n, p in pods.items()
-        if all(p["metadata"]["labels"].get(k) == v for k, v in entry_svc["spec"]["selector"].items())
-    ]  # fmt: skip
+        n for n, p in pods.items() if all(p["metadata"]["labels"].get(k) == v for k, v in selector)
+    ]
     assert selected == ["llm-1-prefill-0-0"]
     st = mi["status"]
     assert st["replicas"] == st["readyReplicas"] == st["updatedReplicas"] == 2
@@ -409,9 +409,9 @@ async def test_a_gang_policy_hands_each_group_to_volcano_with_its_minimum(env):
     groups, _ = await store.list(POD_GROUP, "default")
     # prefill: 1 instance × (entry + 1 worker); decode: min(1, 2 instances) × entry
     assert {g["metadata"]["name"]: g["spec"] for g in groups} == {
-        f"llm-{i}": {"minMember": 3, "minTaskMember": {"prefill": 2, "decode": 1}}
-        for i in (0, 1)
+        f"llm-{i}": {"minMember": 3, "minTaskMember": {"prefill": 2, "decode": 1}} for i in (0, 1)
     }
+
     # a role scaled in place changes what must start together: the PodGroups follow
     def scale(spec):
         spec["template"]["roles"][0]["replicas"] = 2
