@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+DEFAULT_METRICS_PATH = "/metrics"
+
 
 @dataclass(frozen=True, slots=True)
 class EngineNames:
@@ -17,17 +19,26 @@ class EngineNames:
     block_size_label: str = "block_size"
     num_blocks_label: str = "num_gpu_blocks"
     lora_info: str | None = None
+    # Where the engine serves its Prometheus page: trtllm-serve's /metrics is JSON
+    # iteration stats, its Prometheus text is at /prometheus/metrics.
+    metrics_path: str = DEFAULT_METRICS_PATH
 
+
+# The metric vocabularies: the value of the pods' ENGINE_LABEL and the keys of ENGINES, one
+# spelling for the controllers that write the label and the picker and autoscaler that read it.
+VLLM_METRICS = "vllm"
+SGLANG_METRICS = "sglang"
+TRTLLM_METRICS = "trtllm-serve"
 
 ENGINES = {
-    "vllm": EngineNames(
+    VLLM_METRICS: EngineNames(
         "vllm:num_requests_waiting",
         "vllm:num_requests_running",
         "vllm:kv_cache_usage_perc",
         "vllm:cache_config_info",
         lora_info="vllm:lora_requests_info",
     ),
-    "sglang": EngineNames(
+    SGLANG_METRICS: EngineNames(
         "sglang:num_queue_reqs",
         "sglang:num_running_reqs",
         "sglang:token_usage",
@@ -35,8 +46,11 @@ ENGINES = {
         block_size_label="page_size",
         num_blocks_label="num_pages",
     ),
-    "trtllm-serve": EngineNames(
-        "trtllm_num_requests_waiting", "trtllm_num_requests_running", "trtllm_kv_cache_utilization"
+    TRTLLM_METRICS: EngineNames(
+        "trtllm_num_requests_waiting",
+        "trtllm_num_requests_running",
+        "trtllm_kv_cache_utilization",
+        metrics_path="/prometheus/metrics",
     ),
 }
 
@@ -55,7 +69,12 @@ SIMULATOR_IMAGES = ("infergate/simulator", "infergate/infergate")
 
 # An engine type → the vocabulary of its /metrics, the value of the pods' ENGINE_LABEL and a
 # key of ENGINES. The simulator speaks vLLM's unless it stands in for SGLang.
-METRIC_VOCABULARY = {VLLM: "vllm", SGLANG: "sglang", TRTLLM: "trtllm-serve", SIMULATOR: "vllm"}
+METRIC_VOCABULARY = {
+    VLLM: VLLM_METRICS,
+    SGLANG: SGLANG_METRICS,
+    TRTLLM: TRTLLM_METRICS,
+    SIMULATOR: VLLM_METRICS,
+}
 
 
 def image_repository(image: str) -> str:
@@ -74,6 +93,13 @@ def image_repository(image: str) -> str:
 def runs_simulator(engine_type: str, image: str) -> bool:
     """Whether a Model of this engine type and image is served by the simulator."""
     return engine_type == SIMULATOR or image_repository(image) in SIMULATOR_IMAGES
+
+
+def metrics_path(engine: str) -> str:
+    """The path of the Prometheus page of a pod labelled with this vocabulary (/metrics for
+    one we do not know: the picker then says the page lacks the engine's names)."""
+    names = ENGINES.get(engine)
+    return names.metrics_path if names is not None else DEFAULT_METRICS_PATH
 
 
 def metric_name(engine: str, metric: str) -> str:

@@ -18,6 +18,13 @@ ROLE_INDEX_LABEL = "infergate.io/role-index"
 ENTRY_LABEL = "infergate.io/entry"
 REVISION_LABEL = "infergate.io/revision"
 
+# What the controllers set in every container of a ModelInfer's pods (Kthena's names): the pods
+# of its role instance, its entry's address (the headless Service named after the entry pod)
+# and its index there (0: the entry); a multi-node engine's flags refer to them.
+GROUP_SIZE_ENV = "GROUP_SIZE"
+ENTRY_ADDRESS_ENV = "ENTRY_ADDRESS"
+WORKER_INDEX_ENV = "WORKER_INDEX"
+
 # A pod's prefill/decode role (set by the controllers, read by the picker's pd filters and the
 # connector's allowlist), and its values: `both` serves either leg.
 ROLE_LABEL = "infergate.io/role"

@@ -42,11 +42,17 @@ RECOVERY_POLICIES = ("GroupRecreate", "RoleRecreate", "None")
 DEFAULT_RECOVERY_POLICY = "RoleRecreate"
 ROLLOUT_TYPES = ("RollingUpdate",)
 DEFAULT_MAX_UNAVAILABLE = 1
+DEFAULT_RESTART_GRACE_SECONDS = 0
 MAX_COMMAND_WORDS = 16  # spec.engine.command: `python -m sglang.launch_server` is three
 MAX_WORD_LENGTH = 4096  # one argument or word of the command
 
 # The CEL message: trtllm-serve loads no adapters from its command line.
 NO_LORA_FLAG = "loraAdapters need an engine that loads them by flag: vLLM, SGLang or Simulator"
+# The CEL message: trtllm-serve spans nodes through MPI, which no flag of a pod sets up.
+NO_MULTI_NODE = "workerReplicas need an engine that spans pods by flag: vLLM, SGLang or Simulator"
+# The scheduler a gang needs (its PodGroups are Volcano's), and the CEL message for another.
+VOLCANO = "volcano"
+GANG_NEEDS_VOLCANO = "gangPolicy.enabled needs schedulerName volcano (or unset)"
 
 _MAX_UNAVAILABLE_PERCENT = re.compile(r"^([1-9][0-9]?|100)%\Z")
 _PARTITION_PERCENT = re.compile(r"^([0-9]|[1-9][0-9]|100)%\Z")
@@ -216,6 +222,9 @@ def validate_model(model: Model) -> list[str]:
     )
     if spec.lora_adapters and engine == TRTLLM:
         p.add("spec", NO_LORA_FLAG)
+    roles = (backend.aggregated, backend.prefill, backend.decode)
+    if engine == TRTLLM and any(r is not None and (r.worker_replicas or 0) > 0 for r in roles):
+        p.add("spec", NO_MULTI_NODE)
     if spec.lora_adapters is not None:
         p.length("spec.loraAdapters", spec.lora_adapters, 0, 32, "items")
         p.unique("spec.loraAdapters", [a.name for a in spec.lora_adapters], "name")
@@ -349,6 +358,8 @@ def validate_model_infer(infer: ModelInfer) -> list[str]:
         )
         _check_int_or_percent(p, f"{where}.partition", config.partition, 0, _PARTITION_PERCENT)
     gang = spec.gang_policy
+    if gang is not None and gang.enabled and spec.scheduler_name not in (None, VOLCANO):
+        p.add("spec", GANG_NEEDS_VOLCANO)
     if gang is not None and gang.min_role_replicas is not None:
         p.length("spec.gangPolicy.minRoleReplicas", gang.min_role_replicas, 0, 4, "roles")
         names = {r.name for r in roles}

@@ -16,8 +16,9 @@ from typing import Any
 import msgspec
 
 from infergw.api import ApiError, InferencePool, from_dict_as
+from infergw.api.engines import VLLM_METRICS
 from infergw.api.meta import ObjectMeta
-from infergw.api.names import ENGINE_LABEL, ROLE_LABEL
+from infergw.api.names import ENGINE_LABEL, ENTRY_LABEL, ROLE_LABEL
 from infergw.api.upstream import DEFAULT_FAILURE_MODE, POOL_GROUP_VERSION, validate_inference_pool
 
 Obj = dict[str, Any]
@@ -26,7 +27,7 @@ Obj = dict[str, Any]
 POOL_API_VERSIONS = (POOL_GROUP_VERSION, "inference.networking.x-k8s.io/v1alpha2")
 # The target ports a pod serves right now, comma-separated (the reference picker's annotation).
 ACTIVE_PORTS_ANNOTATION = "inference.networking.k8s.io/active-ports"
-DEFAULT_ENGINE = "vllm"
+DEFAULT_ENGINE = VLLM_METRICS
 # The CRD problems that make a pool unusable: the fields membership and the picker act on.
 # Others (an appProtocol or a picker Service port the API server would insist on) leave the pool
 # usable, as before the pool was read through api; the API server refuses them in a cluster.
@@ -175,13 +176,15 @@ class Member:
 def members(pool: PoolSpec, pods: Iterable[Obj]) -> list[Member]:
     """The pool's members among `pods` (which passed pod_problem): each pod its selector matches
     that has an address, at each target port it serves, ordered by pod name then rank. Only the
-    ready ones take requests; the others are listed so callers can say why a pod is missing."""
+    ready ones take requests; the others are listed so callers can say why a pod is missing.
+    A ModelInfer's worker pod (ENTRY_LABEL "false") is never one, whatever its labels: it
+    lends its GPUs to its group's entry pod and serves nothing itself."""
     out = []
     for pod in sorted(pods, key=lambda p: p["metadata"]["name"]):
         meta = pod["metadata"]
         labels = meta.get("labels") or {}
         ip = (pod.get("status") or {}).get("podIP")
-        if not ip or not pool.selects(labels):
+        if not ip or not pool.selects(labels) or is_worker(labels):
             continue
         active = active_ports(pod)
         ready = pod_ready(pod)
@@ -202,6 +205,11 @@ def members(pool: PoolSpec, pods: Iterable[Obj]) -> list[Member]:
                 )
             )
     return out
+
+
+def is_worker(labels: Mapping[str, str]) -> bool:
+    """A ModelInfer's worker pod: it joins its entry pod's engine and serves nothing."""
+    return labels.get(ENTRY_LABEL) == "false"
 
 
 def active_ports(pod: Obj) -> set[int] | None:

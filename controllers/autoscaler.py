@@ -19,8 +19,9 @@ import aiohttp
 
 from infergw.api import ApiError, from_dict, prune_nulls
 from infergw.api.autoscaling import AutoScalingPolicy, EffectiveStep, effective_policy
-from infergw.api.engines import metric_name
+from infergw.api.engines import VLLM_METRICS, metric_name, metrics_path
 from infergw.api.names import ENGINE_LABEL, MODELINFER_LABEL, ROLE_LABEL
+from infergw.cluster.pool import is_worker
 from infergw.cluster.store import (
     AUTOSCALING_BINDING,
     AUTOSCALING_POLICY,
@@ -213,7 +214,9 @@ class AutoscalerReconciler:
         else:
             current = int(mi["spec"].get("replicas", 1))
         pods, _ = await self.store.list(POD, ns, labels)
-        return current, [p for p in pods if pod_ready(p)]
+        # a worker pod serves no requests and no metrics: its entry pod speaks for the group
+        serving = [p for p in pods if not is_worker(p["metadata"].get("labels") or {})]
+        return current, [p for p in serving if pod_ready(p)]
 
     async def _metrics(self, pods: list[Obj], policy: a.Policy) -> dict[str, float]:
         if self._session is None:
@@ -221,7 +224,7 @@ class AutoscalerReconciler:
         texts = await asyncio.gather(*(self._scrape(p) for p in pods))
         total = dict.fromkeys(policy.targets, 0.0)
         for pod, text in zip(pods, texts, strict=True):
-            engine = pod["metadata"].get("labels", {}).get(ENGINE_LABEL, "vllm")
+            engine = _engine(pod)
             names = {m: metric_name(engine, m) for m in policy.targets}
             values = parse_sum(text, set(names.values()))
             for m, n in names.items():
@@ -234,11 +237,10 @@ class AutoscalerReconciler:
         port = next((p["containerPort"] for p in container.get("ports") or []), 8000)
         try:
             assert self._session is not None
-            async with self._session.get(f"http://{ip}:{port}/metrics") as resp:
+            path = metrics_path(_engine(pod))
+            async with self._session.get(f"http://{ip}:{port}{path}") as resp:
                 if resp.status != 200:
-                    raise ScrapeFailed(
-                        f"{pod['metadata']['name']}: /metrics answered {resp.status}"
-                    )
+                    raise ScrapeFailed(f"{pod['metadata']['name']}: {path} answered {resp.status}")
                 return await resp.text()
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise ScrapeFailed(f"{pod['metadata']['name']}: {exc}") from exc
@@ -418,3 +420,8 @@ def _binding_key(binding: Obj) -> tuple[str, str]:
 
 def _key(target: dict) -> str:
     return f"{target['name']}/{target.get('role') or ''}"
+
+
+def _engine(pod: Obj) -> str:
+    """The metric vocabulary of a pod's engine (its ENGINE_LABEL)."""
+    return (pod["metadata"].get("labels") or {}).get(ENGINE_LABEL, VLLM_METRICS)

@@ -13,6 +13,21 @@ Every engine gets what the gateway relies on, as the simulator always had it:
   when the engine sits behind the P/D connector on another port.
 A flag the Model's own arguments set is left to them. TRT-LLM configures KV events through
 its `--extra_llm_api_options` file, which the Model's arguments may name.
+
+A role with workers (`workerReplicas`) runs one engine over 1 + workers pods, each a node of
+it, in the engine's own multi-node words (no Ray: vLLM stopped shipping it in its images):
+- vLLM (multiprocessing backend, docs "Running vLLM with MultiProcessing"): every node runs
+  the same `vllm serve` with `--nnodes N --node-rank R --master-addr H --master-port P`; the
+  entry is rank 0 and serves, the workers add `--headless`;
+- SGLang: `--nnodes N --node-rank R --dist-init-addr H:P`; rank 0 serves;
+- TRT-LLM spans nodes through MPI, which a pod cannot be told by flags: the CRD refuses
+  workers for it; the simulator takes vLLM's flags (a headless node serves nothing).
+The entry's address H is its own IP on the entry and ENTRY_ADDRESS (the headless Service
+named after the entry pod) on the workers; R is WORKER_INDEX, which the ModelInfer
+controller sets in every container (controllers/modelinfer_pods.py). Unless the Model's
+arguments choose the parallelism, the nodes are spanned as the engine's guide does: vLLM
+with pipeline parallelism across nodes and tensor parallelism over a node's GPUs, SGLang
+with tensor parallelism over every GPU of every node.
 """
 
 from __future__ import annotations
@@ -21,10 +36,17 @@ import json
 from dataclasses import dataclass
 
 from infergw.api.engines import SGLANG, SIMULATOR, TRTLLM, VLLM, runs_simulator
-from infergw.api.names import KV_EVENTS_PORT, KV_REPLAY_PORT
+from infergw.api.names import (
+    ENTRY_ADDRESS_ENV,
+    KV_EVENTS_PORT,
+    KV_REPLAY_PORT,
+    WORKER_INDEX_ENV,
+)
 from infergw.api.workload import DEFAULT_ENGINE, Model, ModelRole
 
 ENGINE_PORT = 8000  # the pod's serving port: the engine's, or the connector's before it
+NODES_PORT = 29501  # where a multi-node entry waits for its workers (vLLM's default)
+GPU_RESOURCE = "nvidia.com/gpu"
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +100,73 @@ PER_POD = KVEventSockets.per_pod()
 
 
 @dataclass(frozen=True, slots=True)
+class MultiNode:
+    """How an engine spans several pods: its flags for the node count, this node's rank and
+    the entry's address, what a worker adds, and its parallelism flags."""
+
+    address_flag: str
+    port_flag: str | None  # None: the address flag takes host:port
+    tensor_flag: str
+    pipeline_flag: str | None  # None: tensor parallelism alone spans the nodes
+    chooses_parallelism: tuple[str, ...]  # flags by which the Model's args choose it
+    worker_flags: tuple[str, ...] = ()
+    nodes_flag: str = "--nnodes"
+    rank_flag: str = "--node-rank"
+
+    def node_args(self, nodes: int, rank: str, address: str) -> list[str]:
+        args = [f"{self.nodes_flag}={nodes}", f"{self.rank_flag}={rank}"]
+        if self.port_flag is None:
+            return [*args, f"{self.address_flag}={address}:{NODES_PORT}"]
+        return [*args, f"{self.address_flag}={address}", f"{self.port_flag}={NODES_PORT}"]
+
+    def parallelism(self, own: list[str], nodes: int, gpus: int) -> list[str]:
+        """The parallel sizes that span `nodes` pods of `gpus` GPUs each, unless the Model's
+        own arguments chose them."""
+        if any(sets(own, flag) for flag in self.chooses_parallelism):
+            return []
+        if self.pipeline_flag is None:
+            return [f"{self.tensor_flag}={nodes * gpus}"]
+        tensor = [f"{self.tensor_flag}={gpus}"] if gpus > 1 else []
+        return [*tensor, f"{self.pipeline_flag}={nodes}"]
+
+
+VLLM_NODES = MultiNode(
+    "--master-addr",
+    "--master-port",
+    "--tensor-parallel-size",
+    "--pipeline-parallel-size",
+    ("--tensor-parallel-size", "-tp", "--pipeline-parallel-size", "-pp"),
+    worker_flags=("--headless",),
+)
+SGLANG_NODES = MultiNode(
+    "--dist-init-addr",
+    None,
+    "--tp-size",
+    None,
+    ("--tp-size", "--tp", "--tensor-parallel-size", "--pp-size", "--pipeline-parallel-size"),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Node:
+    """Which node of a role instance's engine a container is: of how many, and whether the
+    entry (rank 0, serving) or a worker."""
+
+    nodes: int
+    entry: bool
+
+    @classmethod
+    def single(cls) -> Node:
+        return cls(1, True)
+
+    def rank_and_entry(self) -> tuple[str, str]:
+        """This node's rank and the entry's address, as the kubelet will expand them."""
+        if self.entry:
+            return "0", "$(POD_IP)"  # its own: known at once, before any DNS record
+        return f"$({WORKER_INDEX_ENV})", f"$({ENTRY_ADDRESS_ENV})"
+
+
+@dataclass(frozen=True, slots=True)
 class EngineCli:
     """One engine's command line: its usual command and how it spells what we set."""
 
@@ -93,6 +182,7 @@ class EngineCli:
     # Makes the engine bind its KV-event PUB on the endpoint given, whatever its form; None:
     # the engine follows vLLM's rule (bind `*`, connect to an address).
     kv_bind_flag: str | None = None
+    nodes: MultiNode | None = None  # None: one pod only (workerReplicas refused)
 
 
 VLLM_CLI = EngineCli(
@@ -102,6 +192,7 @@ VLLM_CLI = EngineCli(
     "--served-model-name",
     usage_flags=("--enable-prompt-tokens-details",),
     lora_flag="--lora-modules",
+    nodes=VLLM_NODES,
 )
 SGLANG_CLI = EngineCli(
     "SGLang",
@@ -110,6 +201,7 @@ SGLANG_CLI = EngineCli(
     "--served-model-name",
     usage_flags=("--enable-cache-report", "--enable-metrics"),
     lora_flag="--lora-paths",
+    nodes=SGLANG_NODES,
 )
 TRTLLM_CLI = EngineCli("TRT-LLM", ("trtllm-serve",), None, "--served_model_name", kv_events=False)
 # The simulator speaks vLLM's flags; `infergate simulate` is the infergate image's CLI.
@@ -121,6 +213,7 @@ SIMULATOR_CLI = EngineCli(
     usage_flags=("--enable-prompt-tokens-details",),
     lora_flag="--lora-modules",
     kv_bind_flag="--sim-kv-events-bind",
+    nodes=VLLM_NODES,
 )
 CLIS = {VLLM: VLLM_CLI, SGLANG: SGLANG_CLI, TRTLLM: TRTLLM_CLI, SIMULATOR: SIMULATOR_CLI}
 
@@ -185,15 +278,26 @@ def sets(args: list[str], flag: str) -> bool:
     return any(a in (flag, negated) or a.startswith(flag + "=") for a in args)
 
 
+def gpus_per_pod(model: Model, role: ModelRole) -> int:
+    """The GPUs one pod of the role asks for (its resources, else the Model's), at least 1."""
+    resources = role.resources or model.spec.resources
+    limits = (resources.limits if resources is not None else None) or {}
+    value = str(limits.get(GPU_RESOURCE, "1"))
+    return int(value) if value.isdigit() and int(value) > 0 else 1
+
+
 def render(
     model: Model,
     role: ModelRole,
     served_name: str,
     port: int = ENGINE_PORT,
     sockets: KVEventSockets = PER_POD,
+    node: Node | None = None,
 ) -> EngineCommand:
-    """The engine container's command and args for one role of the Model: ours first, then
-    the Model's (engine.args, then the role's), then LoRA adapters."""
+    """The engine container's command and args for one role of the Model and one node of
+    its engine (default: the only one): ours first, then the Model's (engine.args, then the
+    role's), then LoRA adapters. Every node gets the same arguments but its rank (the
+    engines require it), and a worker its engine's worker flags."""
     spec = model.spec
     cli = engine_cli(engine_type(model), spec.image)
     own = [*(spec.engine.args or []), *(role.args or [])]
@@ -204,6 +308,15 @@ def render(
         args.append(f"{cli.host_flag}=$(POD_IP)")
     args.append(f"{cli.port_flag}={port}")
     args += [flag for flag in cli.usage_flags if not sets(own, flag)]
+    node = node or Node.single()
+    if node.nodes > 1:
+        if cli.nodes is None:  # validate_model refuses workers for such an engine
+            raise ValueError(f"{cli.program} does not span several pods")
+        rank, address = node.rank_and_entry()
+        args += cli.nodes.node_args(node.nodes, rank, address)
+        args += cli.nodes.parallelism(own, node.nodes, gpus_per_pod(model, role))
+        if not node.entry:
+            args += cli.nodes.worker_flags
     if cli is SIMULATOR_CLI and engine_type(model) == SGLANG and not sets(own, "--engine"):
         args.append("--engine=sglang")  # standing in for SGLang: its metric names
     kv_ports: list[dict] = []

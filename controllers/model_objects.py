@@ -74,6 +74,7 @@ from infergw.controllers.engine_command import (
     ENGINE_PORT,
     PER_POD,
     KVEventSockets,
+    Node,
     engine_type,
     render,
 )
@@ -117,12 +118,17 @@ def _meta(model: Model) -> ObjectMeta:
 
 
 def _container(
-    model: Model, role: ModelRole, sockets: KVEventSockets, port: int = ENGINE_PORT
+    model: Model,
+    role: ModelRole,
+    sockets: KVEventSockets,
+    port: int = ENGINE_PORT,
+    node: Node | None = None,
 ) -> dict:
     """The engine container: its command and flags (engine_command.py), port, probe, env
-    and resources."""
+    and resources. A worker node serves nothing: no port, no readiness probe (it is ready
+    while it runs; its entry is ready once the workers joined)."""
     spec = model.spec
-    engine = render(model, role, served_name(model), port, sockets)
+    engine = render(model, role, served_name(model), port, sockets, node)
     args = engine.args
     # Port names are unique in a pod: behind the connector, "http" is the connector's.
     port_name = "http" if port == ENGINE_PORT else "engine"
@@ -134,6 +140,8 @@ def _container(
         "ports": [{"name": port_name, "containerPort": port}, *engine.kv_ports],
         "readinessProbe": {"httpGet": {"path": "/health", "port": port_name}},
     }
+    if node is not None and not node.entry:
+        del container["ports"], container["readinessProbe"]
     env = [_plain(e) for e in spec.env or []]
     if any("$(POD_IP)" in a for a in args) and not any(e.get("name") == "POD_IP" for e in env):
         # The kubelet expands $(POD_IP) in args (e.g. a KV-event topic) only when the
@@ -192,26 +200,31 @@ def _role(
     nixl_role: str | None = None,
 ) -> Role:
     labels = {ENGINE_LABEL: METRIC_VOCABULARY[engine_type(model)]}
-    serving = _container(model, role, sockets)
+    workers = DEFAULT_WORKER_REPLICAS if role.worker_replicas is None else role.worker_replicas
+    nodes = 1 + workers
+    serving = _container(model, role, sockets, node=Node(nodes, entry=True))
     if nixl_role:
         _nixl(serving, nixl_role)
-    pod = {"metadata": {"labels": labels}, "spec": {"containers": [serving]}}
-    entry = pod
+    entry = {"metadata": {"labels": labels}, "spec": {"containers": [serving]}}
+    worker = None
+    if workers:
+        joining = _container(model, role, sockets, node=Node(nodes, entry=False))
+        spec = {"containers": [_nixl(joining, nixl_role) if nixl_role else joining]}
+        worker = {"metadata": {"labels": dict(labels)}, "spec": spec}
     if kv_connector:  # only the entry pod serves, so only it gets the sidecar
-        behind = _container(model, role, sockets, SIDECAR_ENGINE_PORT)
+        behind = _container(model, role, sockets, SIDECAR_ENGINE_PORT, Node(nodes, entry=True))
         containers = [
             _nixl(behind, nixl_role) if nixl_role else behind,
             connector_container(model, kv_connector),
         ]
         spec = {"serviceAccountName": CONNECTOR_SERVICE_ACCOUNT, "containers": containers}
         entry = {"metadata": {"labels": dict(labels)}, "spec": spec}
-    workers = DEFAULT_WORKER_REPLICAS if role.worker_replicas is None else role.worker_replicas
     return Role(
         name=name,
         replicas=DEFAULT_ROLE_REPLICAS if role.replicas is None else role.replicas,
         worker_replicas=workers,
         entry_template=entry,
-        worker_template=copy.deepcopy(pod) if workers else None,
+        worker_template=worker,
     )
 
 

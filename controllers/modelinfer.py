@@ -4,13 +4,21 @@ workers, kept at the asked number, rebuilt when they fail, rolled group by group
 One pass takes one kind of step — recover, scale, fill in, roll — then writes status; the
 pods it creates or deletes come back as events and the next pass takes the next step. So a
 pass can stop anywhere and be run again.
+
+A failed or restarted pod is given the template's restartGracePeriodSeconds to come back by
+itself (the kubelet restarts its container; ready again, it is forgiven) before the recovery
+policy rebuilds its role instance or group. The grace is timed from when this controller
+first saw the failure: a controller that restarts (or a new leader) starts the wait again,
+so it errs towards waiting.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from infergw import api
@@ -23,6 +31,7 @@ from infergw.cluster.store import (
     POD_GROUP,
     SERVICE,
     AlreadyExists,
+    Conflict,
     NotFound,
     Obj,
     Store,
@@ -52,11 +61,33 @@ class Groups:
         return revs.pop() if len(revs) == 1 else None
 
 
+@dataclass(frozen=True, slots=True)
+class _Failure:
+    """A failure of one pod as first seen: its restarts and phase then, and when."""
+
+    restarts: int
+    phase_failed: bool
+    since: float
+
+
+@dataclass(slots=True)
+class _Due:
+    """The failed pods the recovery policy acts on now, and when to look at the others."""
+
+    pods: set[str] = field(default_factory=set)  # pod names
+    wait: float | None = None  # seconds until the next grace ends
+
+
 class ModelInferReconciler:
     kind = MODEL_INFER
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, clock: Callable[[], float] = time.monotonic) -> None:
         self.store = store
+        self._clock = clock
+        # per ModelInfer (namespace, name), per pod uid: the failure being waited out, and
+        # the failures forgiven (the pod was ready again when its grace ended)
+        self._failures: dict[tuple[str, str], dict[str, _Failure]] = {}
+        self._forgiven: dict[tuple[str, str], dict[str, tuple[int, bool]]] = {}
 
     async def reconcile(self, namespace: str, name: str) -> float | None:
         """One step towards the spec; returns seconds after which to look again, or None."""
@@ -65,6 +96,8 @@ class ModelInferReconciler:
             return None
         mi = api.from_dict_as(ModelInfer, obj)  # status is written back on `obj`, as read
         if mi.metadata.deletion_timestamp:
+            self._failures.pop((namespace, name), None)
+            self._forgiven.pop((namespace, name), None)
             return None  # owner references take the pods with it
         pods, _ = await self.store.list(POD, namespace, {MODELINFER_LABEL: name})
         groups = Groups()
@@ -73,25 +106,60 @@ class ModelInferReconciler:
             if g is not None:
                 groups.pods[g].append(p)
         rev = mp.revision(mi)
+        due = self._due(mi, pods)
         acted = (
-            await self._recover(mi, groups)
+            await self._recover(mi, groups, due)
             or await self._scale(mi, groups, rev)
             or await self._fill(mi, groups, rev)
             or await self._roll(mi, groups, rev)
         )
         await self._ensure_services(mi, groups)
-        await self._write_status(obj, mi, groups, rev)
-        return 1.0 if acted else None
+        await self._ensure_pod_groups(mi, groups)
+        await self._write_status(obj, mi, groups, rev, due)
+        return 1.0 if acted else due.wait
+
+    def _due(self, mi: ModelInfer, pods: list[Obj]) -> _Due:
+        """Which failed pods have had their restart grace, and are still failing."""
+        key = (mp.namespace_of(mi), _name(mi))
+        grace = mp.restart_grace_seconds(mi)
+        now = self._clock()
+        seen = self._failures.setdefault(key, {})
+        forgiven = self._forgiven.setdefault(key, {})
+        due = _Due()
+        alive = set()
+        for p in pods:
+            uid = str(p["metadata"].get("uid") or p["metadata"]["name"])
+            alive.add(uid)
+            if not mp.pod_failed(p):
+                continue
+            restarts, phase_failed = mp.failure_of(p)
+            if forgiven.get(uid) == (restarts, phase_failed):
+                continue  # came back by itself after this failure
+            first = seen.get(uid)
+            if first is None or (first.restarts, first.phase_failed) != (restarts, phase_failed):
+                first = seen[uid] = _Failure(restarts, phase_failed, now)  # a new failure
+            left = grace - (now - first.since)
+            if left > 0:
+                due.wait = left if due.wait is None else min(due.wait, left)
+            elif grace > 0 and mp.pod_ready(p) and not phase_failed:
+                forgiven[uid] = (restarts, phase_failed)  # ready again within its grace
+                del seen[uid]
+            else:
+                due.pods.add(p["metadata"]["name"])
+        for table in (seen, forgiven):
+            for uid in set(table) - alive:
+                del table[uid]
+        return due
 
     # ---- steps --------------------------------------------------------------------------
 
-    async def _recover(self, mi: ModelInfer, groups: Groups) -> bool:
+    async def _recover(self, mi: ModelInfer, groups: Groups, due: _Due) -> bool:
         policy = _recovery_policy(mi)
         if policy == "None":
             return False
         acted = False
         for g, pods in groups.pods.items():
-            failed = [p for p in pods if mp.pod_failed(p)]
+            failed = [p for p in pods if p["metadata"]["name"] in due.pods]
             if not failed:
                 continue
             if policy == "GroupRecreate":
@@ -121,10 +189,10 @@ class ModelInferReconciler:
                 if created >= BURST_PODS:  # the rest on the next passes
                     break
                 g = next(free)
+                await self._ensure_pod_group(mi, g)  # before its pods: Volcano waits for it
                 for slot in mp.slots(mi, g):
                     await self._create(mp.pod_for(mi, slot, rev))
                     created += 1
-                await self._ensure_pod_group(mi, g)
             return True
         if len(have) > want:
             # not-ready groups go first, then the highest ordinal
@@ -191,21 +259,43 @@ class ModelInferReconciler:
             if svc["metadata"]["name"] not in wanted:
                 await self._delete(SERVICE, mi, svc["metadata"]["name"])
 
+    async def _ensure_pod_groups(self, mi: ModelInfer, groups: Groups) -> None:
+        if len(groups.pods) > mp.replicas(mi):
+            return  # scaling down: the groups seen may be the ones just deleted
+        for g in groups.pods:
+            await self._ensure_pod_group(mi, g)
+
     async def _ensure_pod_group(self, mi: ModelInfer, g: int) -> None:
-        gang = mi.spec.gang_policy
-        if (gang is not None and gang.enabled) or mi.spec.scheduler_name == "volcano":
-            await self._create(mp.pod_group_for(mi, g))
+        """The group's PodGroup as the spec says now: a role scaled in place or a new
+        minRoleReplicas changes how many of its pods must start together."""
+        if not mp.gang(mi):
+            return
+        want = mp.pod_group_for(mi, g)
+        have = await self.store.get(POD_GROUP, mp.namespace_of(mi), want["metadata"]["name"])
+        if have is None:
+            await self._create(want)
+            return
+        spec = have.get("spec") or {}
+        if all(spec.get(k) == v for k, v in want["spec"].items()):
+            return
+        have["spec"] = {**spec, **want["spec"]}
+        try:
+            await self.store.update(have)
+        except (NotFound, Conflict):
+            pass  # deleted or changed meanwhile: the next pass looks again
 
     # ---- status -------------------------------------------------------------------------
 
-    async def _write_status(self, obj: Obj, mi: ModelInfer, groups: Groups, rev: str) -> None:
+    async def _write_status(
+        self, obj: Obj, mi: ModelInfer, groups: Groups, rev: str, due: _Due
+    ) -> None:
         """Counts and conditions from what this pass saw (before its own writes land):
         Available (enough groups ready), Progressing (why the groups differ from the spec),
         UpdateInProgress (groups at an older revision are being rolled)."""
         name = _name(mi)
         want = mp.replicas(mi)
         ordinals = sorted(groups.pods)
-        recovering, failing = _failures(mi, groups)
+        recovering, failing = _failures(mi, groups, due)
         ready = [g for g in ordinals if g not in recovering and groups.ready(mi, g)]
         revs = {g: groups.revision(g) for g in ordinals}
         updated = [g for g in ordinals if revs[g] == rev]
@@ -284,16 +374,23 @@ class ModelInferReconciler:
                     pass
 
 
-def _failures(mi: ModelInfer, groups: Groups) -> tuple[dict[int, list[str]], dict[int, list[str]]]:
+def _failures(
+    mi: ModelInfer, groups: Groups, due: _Due
+) -> tuple[dict[int, list[str]], dict[int, list[str]]]:
     """Per group, what _recover is rebuilding (recovering: role instances such as
     "prefill-0", or [] for the whole group) and, with recoveryPolicy None, the failed pods
-    left as they are (failing: pod names)."""
+    left as they are (failing: pod names). A failed pod within its restart grace is neither:
+    its group is only not ready."""
     policy = _recovery_policy(mi)
     name = _name(mi)
     recovering: dict[int, list[str]] = {}
     failing: dict[int, list[str]] = {}
     for g in sorted(groups.pods):
-        failed = [p for p in groups.pods[g] if mp.pod_failed(p)]
+        failed = [
+            p
+            for p in groups.pods[g]
+            if mp.pod_failed(p) and (policy == "None" or p["metadata"]["name"] in due.pods)
+        ]
         if not failed:
             continue
         if policy == "None":

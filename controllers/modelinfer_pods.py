@@ -1,5 +1,19 @@
 """What a ModelInfer's pods and services should look like: names, labels, environment,
-revisions. Pure functions, so the reconciler's decisions can be read and tested apart."""
+revisions, gang scheduling. Pure functions, so the reconciler's decisions can be read and
+tested apart.
+
+A role instance is an entry pod and its workers (pods 1..workerReplicas). Only the entry
+serves: workers join its engine (their command says how: controllers/engine_command.py) and
+find it at ENTRY_ADDRESS, the headless Service named after the entry pod, which resolves to
+the entry alone and before it is ready (the entry is ready only once its workers joined). A
+worker never carries the Model's label the InferencePool selects by, and ENTRY_LABEL "false"
+keeps it out of any pool (cluster/pool.py).
+
+Gang scheduling (gangPolicy.enabled, or schedulerName volcano) hands a group's pods to
+Volcano: each pod names its group's PodGroup (GANG_ANNOTATION) and its role as Volcano's task
+(TASK_ANNOTATION); the PodGroup's minMember and minTaskMember say how many must start
+together, after gangPolicy.minRoleReplicas.
+"""
 
 from __future__ import annotations
 
@@ -13,22 +27,33 @@ import msgspec
 from infergw.api import ModelInfer
 from infergw.api.names import (
     ENGINE_NOT_INSTALLED,
+    ENTRY_ADDRESS_ENV,
     ENTRY_LABEL,
     GROUP_LABEL,
+    GROUP_SIZE_ENV,
     MODEL_LABEL,
     MODELINFER_LABEL,
     REVISION_LABEL,
     ROLE_INDEX_LABEL,
     ROLE_LABEL,
+    WORKER_INDEX_ENV,
 )
 from infergw.api.workload import (
     DEFAULT_MAX_UNAVAILABLE,
     DEFAULT_REPLICAS,
+    DEFAULT_RESTART_GRACE_SECONDS,
     DEFAULT_ROLE_REPLICAS,
     DEFAULT_WORKER_REPLICAS,
+    VOLCANO,
     Role,
 )
 from infergw.cluster.store import Obj, owner_reference_of
+
+# Volcano's: the PodGroup a pod belongs to, and the task (here: the role) within it that
+# minTaskMember counts.
+GANG_ANNOTATION = "scheduling.k8s.io/group-name"
+TASK_ANNOTATION = "volcano.sh/task-spec"
+POD_GROUP_API_VERSION = "scheduling.volcano.sh/v1beta1"
 
 
 @dataclass(slots=True, frozen=True)
@@ -111,9 +136,9 @@ def pod_for(mi: ModelInfer, slot: PodSlot, rev: str) -> Obj:
     spec = template.get("spec") or {}
     entry_name = PodSlot(slot.group, slot.role, slot.index, 0).name(name)
     env = [
-        {"name": "GROUP_SIZE", "value": str(1 + worker_replicas(role))},
-        {"name": "ENTRY_ADDRESS", "value": f"{entry_name}.{namespace}"},
-        {"name": "WORKER_INDEX", "value": str(slot.pod)},
+        {"name": GROUP_SIZE_ENV, "value": str(1 + worker_replicas(role))},
+        {"name": ENTRY_ADDRESS_ENV, "value": f"{entry_name}.{namespace}"},
+        {"name": WORKER_INDEX_ENV, "value": str(slot.pod)},
     ]
     for c in spec.get("containers") or []:
         names = {e["name"] for e in env}
@@ -128,7 +153,9 @@ def pod_for(mi: ModelInfer, slot: PodSlot, rev: str) -> Obj:
         REVISION_LABEL: rev,
     }
     model = (mi.metadata.labels or {}).get(MODEL_LABEL)
-    if model is not None:
+    if not entry:  # the pool selects the Model's pods by it: a worker must not have it
+        labels.pop(MODEL_LABEL, None)
+    elif model is not None:
         labels[MODEL_LABEL] = model
     pod_meta = {
         "name": slot.name(name),
@@ -136,10 +163,15 @@ def pod_for(mi: ModelInfer, slot: PodSlot, rev: str) -> Obj:
         "labels": labels,
         "ownerReferences": [owner_reference_of(mi)],
     }
-    if meta.get("annotations"):
-        pod_meta["annotations"] = dict(meta["annotations"])
-    if mi.spec.scheduler_name:
-        spec.setdefault("schedulerName", mi.spec.scheduler_name)
+    annotations = dict(meta.get("annotations") or {})
+    if gang(mi):
+        annotations[GANG_ANNOTATION] = group_name(name, slot.group)
+        annotations[TASK_ANNOTATION] = slot.role
+    if annotations:
+        pod_meta["annotations"] = annotations
+    scheduler = scheduler_name(mi)
+    if scheduler:
+        spec.setdefault("schedulerName", scheduler)
     return {"apiVersion": "v1", "kind": "Pod", "metadata": pod_meta, "spec": spec}
 
 
@@ -154,7 +186,9 @@ def slot_of(pod: Obj, mi_name: str) -> PodSlot | None:
 
 def service_for(mi: ModelInfer, slot: PodSlot) -> Obj:
     """A headless Service per role instance, named after its entry pod, so workers reach
-    the entry at a stable DNS name (ENTRY_ADDRESS)."""
+    the entry at a stable DNS name (ENTRY_ADDRESS): it selects the entry pod alone, and
+    publishes its address before it is ready, since the entry is ready only once its
+    workers have joined it."""
     mi_name = name_of(mi)
     group = group_name(mi_name, slot.group)
     return {
@@ -168,20 +202,49 @@ def service_for(mi: ModelInfer, slot: PodSlot) -> Obj:
         },
         "spec": {
             "clusterIP": "None",
+            "publishNotReadyAddresses": True,
             "selector": {
                 GROUP_LABEL: group,
                 ROLE_LABEL: slot.role,
                 ROLE_INDEX_LABEL: str(slot.index),
+                ENTRY_LABEL: "true",
             },
         },
     }
 
 
+def gang(mi: ModelInfer) -> bool:
+    """Whether the groups are gang-scheduled: asked by gangPolicy.enabled, or by Volcano as
+    the scheduler (the CRD's rule keeps the two from naming different schedulers)."""
+    policy = mi.spec.gang_policy
+    return bool(policy is not None and policy.enabled) or mi.spec.scheduler_name == VOLCANO
+
+
+def scheduler_name(mi: ModelInfer) -> str | None:
+    """The pods' scheduler: as written, else Volcano for a gang."""
+    return mi.spec.scheduler_name or (VOLCANO if gang(mi) else None)
+
+
+def gang_task_members(mi: ModelInfer) -> dict[str, int]:
+    """Per role, the pods that must be schedulable together: every pod of
+    min(minRoleReplicas, replicas) of its instances (all of them when the role is not named)."""
+    floor = (mi.spec.gang_policy.min_role_replicas if mi.spec.gang_policy else None) or {}
+    out = {}
+    for role in mi.spec.template.roles:
+        instances = role_replicas(role)
+        if role.name in floor:
+            instances = min(floor[role.name], instances)
+        out[role.name] = instances * (1 + worker_replicas(role))
+    return out
+
+
 def pod_group_for(mi: ModelInfer, group: int) -> Obj:
-    """Volcano gang scheduling: every pod of a group starts together or not at all."""
+    """Volcano gang scheduling: a group's pods start together, at least minMember of them
+    and minTaskMember of each role's, or none."""
     mi_name = name_of(mi)
+    tasks = gang_task_members(mi)
     return {
-        "apiVersion": "scheduling.volcano.sh/v1beta1",
+        "apiVersion": POD_GROUP_API_VERSION,
         "kind": "PodGroup",
         "metadata": {
             "name": group_name(mi_name, group),
@@ -189,8 +252,15 @@ def pod_group_for(mi: ModelInfer, group: int) -> Obj:
             "labels": {MODELINFER_LABEL: mi_name},
             "ownerReferences": [owner_reference_of(mi)],
         },
-        "spec": {"minMember": len(slots(mi, group))},
+        "spec": {"minMember": sum(tasks.values()), "minTaskMember": tasks},
     }
+
+
+def restart_grace_seconds(mi: ModelInfer) -> float:
+    """How long a failed or restarted pod is left to come back by itself (its container
+    restarted by the kubelet, ready again) before the recovery policy rebuilds around it."""
+    grace = mi.spec.template.restart_grace_period_seconds
+    return float(DEFAULT_RESTART_GRACE_SECONDS if grace is None else grace)
 
 
 def pod_ready(pod: Obj) -> bool:
@@ -208,6 +278,13 @@ def pod_failed(pod: Obj) -> bool:
     if status.get("phase") == "Failed":
         return True
     return any(int(c.get("restartCount", 0)) > 0 for c in status.get("containerStatuses") or [])
+
+
+def failure_of(pod: Obj) -> tuple[int, bool]:
+    """What tells one failure from the next: the containers' restarts, and phase Failed."""
+    status = pod.get("status") or {}
+    restarts = sum(int(c.get("restartCount", 0)) for c in status.get("containerStatuses") or [])
+    return restarts, status.get("phase") == "Failed"
 
 
 def cannot_run(pod: Obj) -> str | None:

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field, replace
 import aiohttp
 import msgspec
 
+from infergw.api.engines import metrics_path
 from infergw.epp.datastore import Datastore, Endpoint, EndpointMetrics
 from infergw.epp.engine_metrics import (
     InvalidMetricValue,
@@ -299,10 +300,11 @@ class MetricsScraper:
         self.metrics.scrape_errors.labels(ep.address, f"models_{reason}").inc()
 
     async def scrape_once(self, ep: Endpoint) -> float:
-        """One round: fetch and parse /metrics; any failure is counted, never raised.
-        Returns the CPU seconds reading the page took on the event loop."""
+        """One round: fetch and parse the engine's Prometheus page (/metrics, or where its
+        engine serves it); any failure is counted, never raised. Returns the CPU seconds
+        reading the page took on the event loop."""
         assert self._session is not None
-        url = f"http://{ep.address}/metrics"
+        url = f"http://{ep.address}{metrics_path(ep.engine)}"
         # Requests sent while this scrape is under way may be missing from its numbers.
         sent_before = ep.sent_since_scrape
         parse_start: float | None = None

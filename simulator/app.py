@@ -15,7 +15,27 @@ from infergw.simulator.server import Simulator
 log = logging.getLogger("simulator")
 
 
+async def _until_stopped(ready: asyncio.Event | None) -> None:
+    """Set `ready`, then wait for SIGINT or SIGTERM."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    if ready is not None:
+        ready.set()
+    try:
+        await stop.wait()
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+
 async def serve(cfg: SimulatorConfig, ready: asyncio.Event | None = None) -> None:
+    if cfg.headless:
+        # vLLM's worker node lends its GPUs to the entry's engine; the simulator has none
+        log.info("infergate simulator: a headless node, serving nothing until stopped")
+        await _until_stopped(ready)
+        return
     sim = Simulator(cfg)
     # handler_cancellation: a client that disconnects cancels its handler, which aborts the
     # request in the engine and frees its KV blocks, as vLLM does.
@@ -33,14 +53,8 @@ async def serve(cfg: SimulatorConfig, ready: asyncio.Event | None = None) -> Non
         cfg.block_size,
         cfg.num_gpu_blocks,
     )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    if ready is not None:
-        ready.set()
     try:
-        await stop.wait()
+        await _until_stopped(ready)
     finally:
         # As uvicorn does for vLLM: stop listening, let in-flight requests and streams finish
         # (the kubelet's grace period bounds the wait), then stop the engine.

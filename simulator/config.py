@@ -24,6 +24,12 @@ IGNORED_VLLM_FLAGS = {
     "--disable-log-requests": 0,
     "--disable-log-stats": 0,
     "--enable-chunked-prefill": 0,
+    # vLLM's multi-node flags: the simulator is one node whatever they say (--headless is
+    # read: a worker node serves nothing)
+    "--nnodes": 1,
+    "--node-rank": 1,
+    "--master-addr": 1,
+    "--master-port": 1,
 }
 
 
@@ -185,6 +191,7 @@ class SimulatorConfig:
     output_len_mean: float = 0.0
     latency: LatencyModel = field(default_factory=LatencyModel)
     log_level: str = "info"
+    headless: bool = False  # a worker node of a multi-node engine: no server
 
     @property
     def model_name(self) -> str:
@@ -298,6 +305,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="which engine's metric names /metrics uses",
     )
     p.add_argument("--log-level", default="info")
+    p.add_argument(
+        "--headless",
+        action="store_true",
+        help="a worker node of a multi-node engine (vLLM's flag): serve nothing, run until stopped",
+    )
     sim = p.add_argument_group("latency model (simulator only)")
     sim.add_argument(
         "--sim-prefill-us-per-token",
@@ -430,6 +442,7 @@ def parse_config(argv: list[str] | None = None) -> SimulatorConfig:
             time_scale=args.sim_time_scale,
         ),
         log_level=args.log_level,
+        headless=args.headless,
     )
 
 

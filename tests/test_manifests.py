@@ -57,6 +57,9 @@ BUILT_IN_KINDS = {
 }
 CUSTOM_KINDS = {"InferencePool", "InferenceObjective"}
 READ_ONLY_VERBS = {"get", "list", "watch"}
+# The namespace the few values that must spell it (gateway-manifests/README.md's table) assume;
+# the objects themselves name none, so `kubectl apply -n` or kustomize's `namespace:` sets it.
+INSTALL_NAMESPACE = "default"
 PICKER = "vllm-pool-epp"  # the picker's ServiceAccount, Role and RoleBinding
 
 
@@ -469,7 +472,7 @@ def test_the_replicas_find_each_other_for_the_replica_sync() -> None:
     service_ref = opts.replica_sync_discovery
     assert service_ref is not None and service_ref.namespace == "default"
     service = _one("Service", service_ref.name)
-    assert service["metadata"]["namespace"] == _picker()["metadata"]["namespace"]
+    assert service["metadata"].get("namespace") == _picker()["metadata"].get("namespace")
     spec = service["spec"]
     assert spec["clusterIP"] == "None"  # headless: the pods' own addresses, no virtual IP
     assert not spec.get("publishNotReadyAddresses")  # only ready replicas are followed
@@ -535,13 +538,9 @@ def test_role_binding_binds_its_service_account(name: str) -> None:
     account = _one("ServiceAccount", name)
     assert binding["roleRef"]["kind"] == "Role"
     assert binding["roleRef"]["name"] == _one("Role", name)["metadata"]["name"]
-    assert binding["subjects"] == [
-        {
-            "kind": "ServiceAccount",
-            "name": account["metadata"]["name"],
-            "namespace": account["metadata"]["namespace"],
-        }
-    ]
+    # no namespace on either: the subject is the binding's namespace's ServiceAccount
+    assert "namespace" not in account["metadata"] and "namespace" not in binding["metadata"]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": account["metadata"]["name"]}]
 
 
 def test_the_decode_sidecar_reads_only_its_pool_and_pods() -> None:
@@ -622,7 +621,7 @@ def test_patch_policy_routes_by_the_pickers_header() -> None:
     }
 
     # Envoy Gateway names the route configuration <namespace>/<gateway>/<listener>.
-    ns, name = gateway["metadata"]["namespace"], gateway["metadata"]["name"]
+    ns, name = gateway["metadata"].get("namespace", INSTALL_NAMESPACE), gateway["metadata"]["name"]
     listener = gateway["spec"]["listeners"][0]["name"]
     route = patches[("RouteConfiguration", f"{ns}/{name}/{listener}")]["operation"]
     assert route["path"].endswith("/route/cluster")
@@ -636,13 +635,32 @@ def test_patch_policy_routes_by_the_pickers_header() -> None:
     assert "transport_socket" not in yaml.safe_dump(policy)
 
 
-def test_namespaced_objects_share_one_namespace() -> None:
+def test_namespaced_objects_name_no_namespace_but_the_controllers() -> None:
     cluster_scoped = {"GatewayClass", "ValidatingWebhookConfiguration"}
-    # The picker's objects live in default; the controllers' (webhook.yaml) in infergate-system.
+    # The picker's objects go where they are applied; the controllers' (webhook.yaml) live in
+    # infergate-system.
     namespaces = {
         d["metadata"].get("namespace") for d in _manifests() if d["kind"] not in cluster_scoped
     }
-    assert namespaces == {"default", "infergate-system"}
+    assert namespaces == {None, "infergate-system"}
+
+
+# A value that spells the install namespace: `default/…`, `….default.svc`, a label or flag.
+_NAMESPACE_VALUE = re.compile(r"\bdefault/|\.default\.svc|namespace: default\b|-n default\b")
+
+
+def test_every_value_that_names_the_namespace_is_documented() -> None:
+    """What a user installing elsewhere must change is in the README's table, all of it."""
+    readme = (MANIFESTS / "README.md").read_text()
+    table = readme.split("still say the namespace", 1)[1].split("\n\n## ", 1)[0]
+    documented = set(re.findall(r"`([a-z-]+\.yaml)`", table))
+    spelled = {
+        path.name
+        for path in MANIFESTS.glob("*.yaml")
+        if path.name not in ("controllers.yaml", "webhook.yaml")
+        and _NAMESPACE_VALUE.search(path.read_text())
+    }
+    assert spelled - documented == set()
 
 
 # ---- headers a client may not set ---------------------------------------------------------------
@@ -658,7 +676,7 @@ def test_client_traffic_policy_strips_what_the_local_stack_strips_on_every_route
         "Gateway",
         gateway["metadata"]["name"],
     )
-    assert policy["metadata"]["namespace"] == gateway["metadata"]["namespace"]
+    assert policy["metadata"].get("namespace") == gateway["metadata"].get("namespace")
     # Early header mutation: before routing, auth and the picker's ext_proc filter.
     assert set(policy["spec"]["headers"]) == {"earlyRequestHeaders"}
     early = policy["spec"]["headers"]["earlyRequestHeaders"]
@@ -711,7 +729,7 @@ def test_envoy_verifies_the_picker_by_our_ca_and_the_service_name() -> None:
     service = _one("Service", "vllm-pool-epp")
     pool = _one("InferencePool")
     assert policy["apiVersion"] == "gateway.networking.k8s.io/v1"
-    assert policy["metadata"]["namespace"] == service["metadata"]["namespace"]
+    assert policy["metadata"].get("namespace") == service["metadata"].get("namespace")
     # The Service port the pool's endpointPickerRef names (ext_proc).
     [target] = policy["spec"]["targetRefs"]
     [port] = [p for p in service["spec"]["ports"] if p["name"] == target["sectionName"]]
@@ -721,7 +739,7 @@ def test_envoy_verifies_the_picker_by_our_ca_and_the_service_name() -> None:
     validation = policy["spec"]["validation"]
     assert set(validation) == {"caCertificateRefs", "hostname"}  # no well-known CAs
     meta = service["metadata"]
-    assert validation["hostname"] == f"{meta['name']}.{meta['namespace']}.svc"
+    assert validation["hostname"] == f"{meta['name']}.{INSTALL_NAMESPACE}.svc"
     [ca_ref] = validation["caCertificateRefs"]
     assert (ca_ref["group"], ca_ref["kind"]) == ("", "Secret")
     [cert] = [c for c in _manifests() if c["kind"] == "Certificate" and not c["spec"].get("isCA")]
@@ -736,7 +754,7 @@ ENVOY_PODS = {
     "podSelector": {
         "matchLabels": {
             "gateway.envoyproxy.io/owning-gateway-name": "inference-gateway",
-            "gateway.envoyproxy.io/owning-gateway-namespace": "default",
+            "gateway.envoyproxy.io/owning-gateway-namespace": INSTALL_NAMESPACE,
         }
     },
 }
@@ -773,8 +791,8 @@ def test_the_envoy_peer_is_the_gateways_proxy() -> None:
     gateway = _one("Gateway")
     labels = ENVOY_PODS["podSelector"]["matchLabels"]
     assert labels["gateway.envoyproxy.io/owning-gateway-name"] == gateway["metadata"]["name"]
-    assert (
-        labels["gateway.envoyproxy.io/owning-gateway-namespace"] == gateway["metadata"]["namespace"]
+    assert labels["gateway.envoyproxy.io/owning-gateway-namespace"] == gateway["metadata"].get(
+        "namespace", INSTALL_NAMESPACE
     )
 
 

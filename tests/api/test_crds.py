@@ -553,6 +553,18 @@ BROKEN = [
     ),
     Broken(
         MODEL,
+        "trtllm-workers",
+        _all(
+            _set("spec.engine.type", "TRTLLM"),
+            _set("spec.loraAdapters", DELETE),
+            _set("spec.backend.kvConnector", DELETE),
+            _set("spec.backend.decode.workerReplicas", 1),
+        ),
+        "spec: workerReplicas need an engine that spans pods by flag: vLLM, SGLang or Simulator",
+        cel=True,
+    ),
+    Broken(
+        MODEL,
         "adapter-url",
         _set("spec.loraAdapters[0].artifactURL", "llama-sql"),
         "spec.loraAdapters[0].artifactURL: must be a URI",
@@ -613,6 +625,13 @@ BROKEN = [
         "long-role-name",
         _set("spec.template.roles[0].name", "prefill-stage-1"),
         "spec.template.roles[0].name: must be a DNS label of at most 12 characters",
+    ),
+    Broken(
+        INFER,
+        "gang-on-another-scheduler",
+        _set("spec.schedulerName", "kai-scheduler"),
+        "spec: gangPolicy.enabled needs schedulerName volcano (or unset)",
+        cel=True,
     ),
     Broken(
         INFER,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from infergw.api.names import ENGINE_LABEL, ROLE_LABEL
+from infergw.api.names import ENGINE_LABEL, ENTRY_LABEL, ROLE_LABEL
 from infergw.cluster.pool import (
     ACTIVE_PORTS_ANNOTATION,
     PoolError,
@@ -161,6 +161,17 @@ def test_not_ready_and_terminating_pods_are_members_that_are_not_ready():
         pod("c", "10.0.0.3"),
     ]
     assert {m.pod: m.ready for m in members(POOL, pods)} == {"a": False, "b": False, "c": True}
+
+
+def test_a_modelinfer_worker_is_never_a_member_even_when_selected():
+    """A hand-written ModelInfer's worker template may carry the pool's labels (it falls back
+    to the entry's): the worker serves nothing, so it is no member; its entry is."""
+    pods = [
+        pod("entry", labels={ENTRY_LABEL: "true"}),
+        pod("worker", "10.0.0.2", labels={ENTRY_LABEL: "false"}),
+        pod("plain", "10.0.0.3"),
+    ]
+    assert {m.pod for m in members(POOL, pods)} == {"entry", "plain"}
 
 
 def test_the_active_ports_annotation_narrows_a_pods_ports_but_keeps_their_rank():

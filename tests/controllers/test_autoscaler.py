@@ -8,6 +8,8 @@ from __future__ import annotations
 import pytest
 from aiohttp import web
 
+from infergw.api.engines import metric_name, metrics_path
+from infergw.api.names import ENGINE_LABEL, ENTRY_LABEL
 from infergw.cluster.store import AUTOSCALING_BINDING, AUTOSCALING_POLICY, MODEL_INFER, POD
 from infergw.controllers.autoscaler import AutoscalerReconciler, parse_sum
 from infergw.controllers.memory_store import MemoryStore
@@ -18,23 +20,33 @@ WORKLOAD = "workload.infergate.io/v1alpha1"
 
 
 class FakePods:
-    """One HTTP server per pod address, answering /metrics with a settable queue length."""
+    """One HTTP server per pod address, answering /metrics with a settable queue length (or,
+    for trtllm-serve, /prometheus/metrics in its names)."""
 
     def __init__(self) -> None:
         self.port = free_port()
         self.waiting: dict[str, float] = {}
         self.runners: list[web.AppRunner] = []
 
-    async def add(self, store, mi: str, name: str, ip: str, role: str = "server", waiting=0.0):
+    async def add(
+        self,
+        store,
+        mi: str,
+        name: str,
+        ip: str,
+        role: str = "server",
+        waiting=0.0,
+        labels: dict[str, str] | None = None,
+    ):
         self.waiting[ip] = waiting
+        engine = (labels or {}).get(ENGINE_LABEL, "vllm")
+        metric = metric_name(engine, "waiting")
 
         async def metrics(_req, ip=ip):
-            return web.Response(
-                text=f'vllm:num_requests_waiting{{model_name="m"}} {self.waiting[ip]}\n'
-            )
+            return web.Response(text=f'{metric}{{model_name="m"}} {self.waiting[ip]}\n')
 
         app = web.Application()
-        app.router.add_get("/metrics", metrics)
+        app.router.add_get(metrics_path(engine), metrics)
         runner = web.AppRunner(app)
         await runner.setup()
         await web.TCPSite(runner, ip, self.port).start()
@@ -46,7 +58,11 @@ class FakePods:
                 "metadata": {
                     "name": name,
                     "namespace": "default",
-                    "labels": {"infergate.io/modelinfer": mi, "infergate.io/role": role},
+                    "labels": {
+                        "infergate.io/modelinfer": mi,
+                        "infergate.io/role": role,
+                        **(labels or {}),
+                    },
                 },
                 "spec": {"containers": [{"name": "e", "ports": [{"containerPort": self.port}]}]},
             }
@@ -174,6 +190,23 @@ async def test_a_silent_pod_skips_the_cycle(env):
     }
     assert conds(b)["Ready"]["message"].startswith("cycle skipped: a: ")
     assert b["status"]["targets"] == []  # nothing was decided
+
+
+async def test_trtllm_serve_is_read_at_its_path_and_workers_are_not_asked(env):
+    """A trtllm-serve pod's numbers are at /prometheus/metrics; a worker pod serves no
+    metrics (its entry speaks for the group), so its silence skips no cycle."""
+    store, pods, _clock, rec = env
+    await store.create(modelinfer("llm", replicas=1))
+    trt = {ENGINE_LABEL: "trtllm-serve"}
+    await pods.add(store, "llm", "entry", "127.0.0.41", waiting=20, labels=trt)
+    await pods.add(store, "llm", "worker", "127.0.0.42", labels={**trt, ENTRY_LABEL: "false"})
+    await pods.runners.pop().cleanup()  # the worker answers nothing
+    await store.create(policy(metrics=[{"metricName": "waiting", "targetValue": 4}]))
+    target = {"target": {"kind": "ModelInfer", "name": "llm"}, "minReplicas": 1, "maxReplicas": 9}
+    await store.create(binding(homogeneousTarget=target))
+    await rec.reconcile("default", "b")
+    assert summary(await get_binding(store))["Ready"][0] == "True"
+    assert await replicas(store) > 1  # 20 waiting / 4
 
 
 async def test_prefill_decode_roles_keep_their_ratio(env, wall):

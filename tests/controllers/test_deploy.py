@@ -235,8 +235,9 @@ async def until(check, what: str, within: float = 20.0) -> None:
 async def record_a_scenario() -> RecordingStore:
     """The kubernetes-mode parts over a recording store: the three controllers as
     build_controllers wires them, and the leader elector. A Model that autoscales; a
-    gang-scheduled ModelInfer scaled from 2 groups to 1; a ModelInfer whose pods report load,
-    so the autoscaler resizes it; a binding whose policy is missing."""
+    gang-scheduled ModelInfer scaled from 2 groups to 1 and its role from 1 instance to 2;
+    a ModelInfer whose pods report load, so the autoscaler resizes it; a binding whose
+    policy is missing."""
     rec = RecordingStore()
     store = rec.inner
     elector = LeaderElector(rec, name="infergate-controllers", namespace="ns", identity="me")
@@ -329,16 +330,21 @@ async def record_a_scenario() -> RecordingStore:
         await until(gang_ready, "the gang ModelInfer's groups ready, with PodGroups")
         await until(busy_scaled, "the autoscaler resized ModelInfer busy")
 
+        # one group fewer, and its role scaled in place: the PodGroup left is updated
         mi = await store.get(MODEL_INFER, "default", "gang")
         mi["spec"]["replicas"] = 1
+        mi["spec"]["template"]["roles"][0]["replicas"] = 2
         await store.update(mi)
 
         async def gang_shrunk():
             pods, _ = await store.list(POD, "default", {"infergate.io/modelinfer": "gang"})
             svcs, _ = await store.list(SERVICE, "default", {"infergate.io/modelinfer": "gang"})
-            return len(pods) == 1 and len(svcs) == 1
+            pgs, _ = await store.list(POD_GROUP, "default")
+            return (
+                len(pods) == 2 and len(svcs) == 2 and [pg["spec"]["minMember"] for pg in pgs] == [2]
+            )
 
-        await until(gang_shrunk, "the gang ModelInfer scaled down to one group")
+        await until(gang_shrunk, "the gang ModelInfer scaled to one group of two instances")
     finally:
         kubelet.cancel()
         (kubelet_end,) = await asyncio.gather(kubelet, return_exceptions=True)

@@ -283,3 +283,109 @@ def test_command_is_validated_and_lora_needs_an_engine_that_takes_it():
         "spec: loraAdapters need an engine that loads them by flag: vLLM, SGLang or Simulator"
     ]
     assert problems(engine={"type": "Simulator"}, loraAdapters=lora) == []
+
+
+# ---- multi-node: workerReplicas -----------------------------------------------------------------
+
+# The flags by which each engine spans nodes (vLLM 0.32's multiprocessing multi-node serving:
+# `vllm serve --help=ParallelConfig`; SGLang's server_args.py), beside those above.
+NODE_FLAGS = {
+    "vLLM": {
+        "--nnodes",
+        "--node-rank",
+        "--master-addr",
+        "--master-port",
+        "--headless",
+        "--tensor-parallel-size",
+        "--pipeline-parallel-size",
+    },
+    "SGLang": {"--nnodes", "--node-rank", "--dist-init-addr", "--tp-size"},
+}
+
+
+def nodes(kind: str, image: str, workers: int = 1, spec=None, **role) -> tuple[dict, dict]:
+    """The entry and worker engine containers of an aggregated Model with workers."""
+    backend = {"aggregated": {"workerReplicas": workers, **role}}
+    m = model(kind, image, backend=backend, **(spec or {}))
+    [r] = to_dict(model_objects.modelinfer(m))["spec"]["template"]["roles"]
+    assert r["workerReplicas"] == workers
+    [entry] = r["entryTemplate"]["spec"]["containers"]
+    [worker] = r["workerTemplate"]["spec"]["containers"]
+    return entry, worker
+
+
+def test_vllm_workers_join_the_entrys_engine_by_its_multi_node_flags():
+    gpus = {"resources": {"limits": {"nvidia.com/gpu": 8}}}
+    entry, worker = nodes("vLLM", "vllm/vllm-openai:v0.32.0", **gpus)
+    spans = ["--nnodes=2", "--tensor-parallel-size=8", "--pipeline-parallel-size=2"]
+    assert entry["command"] == worker["command"] == ["vllm", "serve"]
+    for flag in [*spans, "--node-rank=0", "--master-addr=$(POD_IP)", "--master-port=29501"]:
+        assert flag in entry["args"], flag
+    for flag in [*spans, "--node-rank=$(WORKER_INDEX)", "--master-addr=$(ENTRY_ADDRESS)"]:
+        assert flag in worker["args"], flag
+    # the entry serves (rank 0), a worker is headless: no port, no readiness probe
+    assert "--headless" not in entry["args"] and "--headless" in worker["args"]
+    assert entry["readinessProbe"] and entry["ports"][0]["containerPort"] == 8000
+    assert "readinessProbe" not in worker and "ports" not in worker
+    # every node runs the same engine: the arguments differ only where the rank does
+    differ = set(entry["args"]) ^ set(worker["args"])
+    assert differ == {
+        "--node-rank=0", "--master-addr=$(POD_IP)",
+        "--node-rank=$(WORKER_INDEX)", "--master-addr=$(ENTRY_ADDRESS)", "--headless",
+    }  # fmt: skip
+    assert worker["resources"] == entry["resources"]
+    assert set(flags(worker["args"])) <= DOCUMENTED["vLLM"] | NODE_FLAGS["vLLM"] | {
+        "--max-model-len"
+    }
+
+
+def test_sglang_workers_join_by_dist_init_addr_with_tensor_parallelism_over_every_gpu():
+    gpus = {"resources": {"limits": {"nvidia.com/gpu": "4"}}}
+    entry, worker = nodes("SGLang", "lmsysorg/sglang:v0.5.0", workers=3, **gpus)
+    assert entry["command"] == ["python", "-m", "sglang.launch_server"]
+    for args, rank, address in (
+        (entry["args"], "0", "$(POD_IP)"),
+        (worker["args"], "$(WORKER_INDEX)", "$(ENTRY_ADDRESS)"),
+    ):
+        assert "--nnodes=4" in args and f"--node-rank={rank}" in args
+        assert f"--dist-init-addr={address}:29501" in args
+        assert "--tp-size=16" in args  # 4 nodes × 4 GPUs
+        assert set(flags(args)) <= DOCUMENTED["SGLang"] | NODE_FLAGS["SGLang"] | {"--max-model-len"}
+
+
+def test_the_models_own_parallelism_is_left_as_written():
+    entry, worker = nodes("vLLM", "vllm/vllm-openai:v0.32.0", args=["--tensor-parallel-size=16"])
+    for args in (entry["args"], worker["args"]):
+        assert "--pipeline-parallel-size=2" not in args
+        assert [a for a in args if "parallel-size" in a] == ["--tensor-parallel-size=16"]
+        assert "--nnodes=2" in args
+
+
+def test_a_simulator_worker_is_a_headless_node_its_parser_takes():
+    entry, worker = nodes(
+        "Simulator", "infergate/simulator:dev", spec={"modelURI": f"file://{DEFAULT_MODEL}"}
+    )
+    env = {"POD_IP": "127.0.0.9", "WORKER_INDEX": "1", "ENTRY_ADDRESS": "llm-0-server-0-0.ns"}
+
+    def expanded(args):
+        out = []
+        for a in args:
+            for k, v in env.items():
+                a = a.replace(f"$({k})", v)
+            out.append(a)
+        return out
+
+    assert not parse_config(expanded(entry["args"])).headless
+    assert parse_config(expanded(worker["args"])).headless
+
+
+def test_trtllm_cannot_span_pods():
+    problems = validate_dict(
+        to_dict(model("TRTLLM", "nvcr.io/trt:1", backend={"aggregated": {"workerReplicas": 1}}))
+    )
+    assert problems == [
+        "spec: workerReplicas need an engine that spans pods by flag: vLLM, SGLang or Simulator"
+    ]
+    m = model("TRTLLM", "nvcr.io/trt:1", backend={"aggregated": {"workerReplicas": 1}})
+    with pytest.raises(ValueError, match="does not span several pods"):
+        model_objects.modelinfer(m)

@@ -72,7 +72,9 @@ async def test_groups_roles_entry_and_worker_pods(env):
     labels = worker["metadata"]["labels"]
     assert labels[GROUP_LABEL] == "llm-1" and labels[ROLE_LABEL] == "prefill"
     assert labels[ENTRY_LABEL] == "false" and labels[ROLE_INDEX_LABEL] == "0"
-    assert labels[MODEL_LABEL] == "llm" and "app" not in labels  # the worker template has none
+    # a worker is no pool member: not the Model's label the pool selects by (the entry has it)
+    assert MODEL_LABEL not in labels and "app" not in labels  # the worker template has none
+    assert pods["llm-1-prefill-0-0"]["metadata"]["labels"][MODEL_LABEL] == "llm"
     assert env_of(worker) == {
         "GROUP_SIZE": "2",
         "ENTRY_ADDRESS": "llm-1-prefill-0-0.default",
@@ -83,6 +85,14 @@ async def test_groups_roles_entry_and_worker_pods(env):
     assert worker["metadata"]["ownerReferences"][0]["uid"] == mi["metadata"]["uid"]
     services, _ = await store.list(SERVICE, "default")
     assert len(services) == 6 and all(s["spec"]["clusterIP"] == "None" for s in services)
+    # ENTRY_ADDRESS resolves to the entry alone, before it is ready (it waits for its workers)
+    entry_svc = next(s for s in services if s["metadata"]["name"] == "llm-1-prefill-0-0")
+    assert entry_svc["spec"]["publishNotReadyAddresses"] is True
+    selector = entry_svc["spec"]["selector"].items()
+    selected = [
+        n for n, p in pods.items() if all(p["metadata"]["labels"].get(k) == v for k, v in selector)
+    ]
+    assert selected == ["llm-1-prefill-0-0"]
     st = mi["status"]
     assert st["replicas"] == st["readyReplicas"] == st["updatedReplicas"] == 2
     assert st["observedGeneration"] == 1 and st["labelSelector"] == "infergate.io/modelinfer=llm"
@@ -381,6 +391,49 @@ async def test_gang_scheduling_makes_a_pod_group_per_group(env):
     assert all(p["spec"]["schedulerName"] == "volcano" for p in (await pods_of(store)).values())
 
 
+async def test_a_gang_policy_hands_each_group_to_volcano_with_its_minimum(env):
+    """gangPolicy alone selects Volcano; every pod names its group's PodGroup and its role
+    as Volcano's task; minRoleReplicas sets how many instances of a role must start."""
+    store, rec = env
+    gang = {"enabled": True, "minRoleReplicas": {"decode": 1}}
+    await store.create(modelinfer(replicas=2, gangPolicy=gang))
+    await settle(rec, store, "llm")
+    pods = await pods_of(store)
+    for name, p in pods.items():
+        group = p["metadata"]["labels"][GROUP_LABEL]
+        assert p["spec"]["schedulerName"] == "volcano", name
+        assert p["metadata"]["annotations"] == {
+            mp.GANG_ANNOTATION: group,
+            mp.TASK_ANNOTATION: p["metadata"]["labels"][ROLE_LABEL],
+        }
+    groups, _ = await store.list(POD_GROUP, "default")
+    # prefill: 1 instance × (entry + 1 worker); decode: min(1, 2 instances) × entry
+    assert {g["metadata"]["name"]: g["spec"] for g in groups} == {
+        f"llm-{i}": {"minMember": 3, "minTaskMember": {"prefill": 2, "decode": 1}} for i in (0, 1)
+    }
+
+    # a role scaled in place changes what must start together: the PodGroups follow
+    def scale(spec):
+        spec["template"]["roles"][0]["replicas"] = 2
+        spec["gangPolicy"]["minRoleReplicas"] = {}
+
+    await edit(store, "llm", scale)
+    await settle(rec, store, "llm")
+    groups, _ = await store.list(POD_GROUP, "default")
+    assert {g["spec"]["minMember"] for g in groups} == {6}
+    assert {g["spec"]["minTaskMember"]["prefill"] for g in groups} == {4}
+
+
+async def test_without_a_gang_pods_name_no_pod_group(env):
+    store, rec = env
+    await store.create(modelinfer(replicas=1, gangPolicy={"enabled": False}))
+    await settle(rec, store, "llm")
+    assert (await store.list(POD_GROUP, "default"))[0] == []
+    for p in (await pods_of(store)).values():
+        assert "schedulerName" not in p["spec"]
+        assert mp.GANG_ANNOTATION not in (p["metadata"].get("annotations") or {})
+
+
 async def test_deleting_the_modelinfer_deletes_what_it_made(env):
     store, rec = env
     await store.create(modelinfer(replicas=1))
@@ -467,3 +520,59 @@ async def test_a_huge_replica_count_fills_in_a_burst_per_pass() -> None:
     await reconciler.reconcile("default", "huge")
     second, _ = await store.list(POD, "default")
     assert len(second) == 2 * len(first)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+async def test_a_failed_pod_is_rebuilt_only_after_its_restart_grace():
+    store, clock = MemoryStore(), Clock()
+    rec = ModelInferReconciler(store, clock=clock)
+    mi = modelinfer(replicas=1)
+    mi["spec"]["template"]["restartGracePeriodSeconds"] = 30
+    await store.create(mi)
+    await settle(rec, store, "llm")
+    before = {n: p["metadata"]["uid"] for n, p in (await pods_of(store)).items()}
+    await set_pod(store, "llm-0-prefill-0-1", phase="Running", ready=False, restarts=1)
+    # within the grace: nothing rebuilt, and the reconciler asks to look again when it ends
+    assert await rec.reconcile("default", "llm") == 30
+    clock.t += 29
+    assert await rec.reconcile("default", "llm") == pytest.approx(1)
+    assert {n: p["metadata"]["uid"] for n, p in (await pods_of(store)).items()} == before
+    assert summary(await get_mi(store))["Progressing"] == ("True", "GroupsNotReady")
+    clock.t += 1  # the grace is over and the pod is still not ready: its role is rebuilt
+    await settle(rec, store, "llm")
+    after = {n: p["metadata"]["uid"] for n, p in (await pods_of(store)).items()}
+    assert {n for n in before if before[n] != after[n]} == {
+        "llm-0-prefill-0-0",
+        "llm-0-prefill-0-1",
+    }
+
+
+async def test_a_pod_ready_again_within_its_grace_is_forgiven_until_it_fails_again():
+    store, clock = MemoryStore(), Clock()
+    rec = ModelInferReconciler(store, clock=clock)
+    mi = modelinfer(replicas=1, recoveryPolicy="GroupRecreate")
+    mi["spec"]["template"]["restartGracePeriodSeconds"] = 10
+    await store.create(mi)
+    await settle(rec, store, "llm")
+    before = {n: p["metadata"]["uid"] for n, p in (await pods_of(store)).items()}
+    await set_pod(store, "llm-0-decode-1-0", phase="Running", ready=False, restarts=1)
+    await rec.reconcile("default", "llm")
+    await set_pod(store, "llm-0-decode-1-0", phase="Running", ready=True, restarts=1)
+    clock.t += 10
+    await settle(rec, store, "llm")
+    assert {n: p["metadata"]["uid"] for n, p in (await pods_of(store)).items()} == before
+    assert summary(await get_mi(store))["Progressing"] == ("False", "AllGroupsReady")
+    # it fails again: a new grace, after which the whole group is rebuilt
+    await set_pod(store, "llm-0-decode-1-0", phase="Failed", ready=False, restarts=1)
+    assert await rec.reconcile("default", "llm") == 10
+    clock.t += 10
+    await settle(rec, store, "llm")
+    after = {n: p["metadata"]["uid"] for n, p in (await pods_of(store)).items()}
+    assert all(before[n] != after[n] for n in before)

@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from infergw.api.engines import ENGINE_TYPES, METRIC_VOCABULARY, metrics_path
 from infergw.epp.engine_metrics import (
     ENGINES,
     InvalidMetricValue,
@@ -96,6 +97,21 @@ trtllm_kv_cache_utilization{model_name="m"} 0.9
 
 def test_known_engines():
     assert {"vllm", "sglang", "trtllm-serve"} <= set(ENGINES)
+
+
+@pytest.mark.parametrize("engine_type", ENGINE_TYPES)
+def test_every_engine_type_labels_its_pods_with_a_vocabulary_the_picker_reads(engine_type):
+    """The controllers label a Model's pods METRIC_VOCABULARY[engine type]; a label the picker
+    does not know drops every pod of that engine from the pool (TRTLLM's `trtllm` once did)."""
+    label = METRIC_VOCABULARY[engine_type]
+    assert vocabulary(label).engine == label
+    assert metrics_path(label).startswith("/")
+
+
+def test_trtllm_serve_is_scraped_at_its_prometheus_path():
+    assert metrics_path(METRIC_VOCABULARY["TRTLLM"]) == "/prometheus/metrics"
+    assert metrics_path(METRIC_VOCABULARY["vLLM"]) == "/metrics"
+    assert metrics_path("unknown") == "/metrics"
 
 
 def test_unknown_engine_is_a_parse_error():

@@ -10,6 +10,9 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from infergw.api.engines import METRIC_VOCABULARY, TRTLLM
+from infergw.api.names import ENGINE_LABEL
+from infergw.cluster.pool import PoolSpec
 from infergw.epp.datastore import Datastore
 from infergw.epp.engine_metrics import MAX_LORA_NAMES
 from infergw.epp.metrics import PickerMetrics
@@ -420,3 +423,55 @@ async def test_a_redirect_is_not_followed():
         await scraper.stop()
         await idle.stop()
         await busy.stop()
+
+
+async def test_a_trtllm_serve_pod_is_scraped_at_its_prometheus_path():
+    """trtllm-serve's /metrics answers JSON iteration stats; its Prometheus text is at
+    /prometheus/metrics. A pod labelled with the vocabulary the controllers write for
+    engine.type TRTLLM is read there, and stays reachable."""
+    asked: list[str] = []
+
+    async def prometheus(req: web.Request) -> web.Response:
+        asked.append(req.path)
+        return web.Response(
+            text='trtllm_num_requests_waiting{model_name="m"} 2\n'
+            'trtllm_num_requests_running{model_name="m"} 1\n'
+            'trtllm_kv_cache_utilization{model_name="m"} 0.5\n'
+        )
+
+    async def json_stats(req: web.Request) -> web.Response:
+        asked.append(req.path)
+        return web.json_response([{"iter": 1}])
+
+    port = free_port()
+    app = web.Application()
+    app.router.add_get("/prometheus/metrics", prometheus)
+    app.router.add_get("/metrics", json_stats)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    ds = Datastore()
+    ds.set_pool(PoolSpec("pool", "ns", {"app": "trt"}, [port]))
+    labels = {"app": "trt", ENGINE_LABEL: METRIC_VOCABULARY[TRTLLM]}
+    ds.replace_pods(
+        [
+            {
+                "metadata": {"name": "p", "namespace": "ns", "labels": labels},
+                "status": {
+                    "podIP": "127.0.0.1",
+                    "conditions": [{"type": "Ready", "status": "True"}],
+                },
+            }
+        ]
+    )
+    scraper = MetricsScraper(ds, PickerMetrics(), interval=60)
+    scraper._session = aiohttp.ClientSession()
+    try:
+        (ep,) = ds.endpoints()
+        await scraper.scrape_once(ep)
+        assert asked == ["/prometheus/metrics"]
+        assert ep.reachable and not ep.stale
+        assert (ep.metrics.waiting, ep.metrics.kv_usage) == (2, 0.5)
+    finally:
+        await scraper._session.close()
+        await runner.cleanup()
