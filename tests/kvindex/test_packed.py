@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from infergw.kvindex.dict_index import DictBlockIndex
 from infergw.kvindex.index import KVBlockIndex
-from infergw.kvindex.packed import SMALL, KeyTable
+from infergw.kvindex.packed import SMALL, WAYS, KeyTable
 
 # Few distinct keys, so batches repeat and share them; 0 and 1 are the reserved ones.
 KEYS = st.one_of(st.integers(0, 40), st.integers(2**64 - 3, 2**64 - 1))
@@ -73,7 +73,7 @@ def test_keys_aimed_at_one_bucket_still_spread():
     keys = (np.uint64(0xABCD) << np.uint64(48)) + np.arange(2, 50_002, dtype=np.uint64)
     table.upsert(keys)
     assert (table.find(keys) >= 0).all()
-    filled = (table.keys.reshape(-1, 8) > 1).any(1).mean()
+    filled = (table.keys.reshape(-1, WAYS) > 1).any(1).mean()
     assert filled > 0.9
 
 
