@@ -110,8 +110,8 @@ def _distinct_plain(keys: Sequence[int]) -> bool:
 
 def _first_false(mask: np.ndarray) -> int:
     """The index of mask's first False (len(mask) if none)."""
-    i = int(mask.argmin())
-    return i if not mask[i] else len(mask)
+    i = mask.tobytes().find(0)  # one pass in C, without numpy's reduction overhead
+    return len(mask) if i < 0 else i
 
 
 def _run(recs: list, i: int, q: int, weights, score):
@@ -208,6 +208,15 @@ class KVBlockIndex:
             self._restamp()
         # Stamped in reverse so that, for a key listed twice, its first place wins.
         self._table.set_stamps(pos[::-1], self._stamp + 1)
+        self._stamp += n
+
+    def _stamp_batch(self, pos: np.ndarray) -> None:
+        """_touch for live positions (an array), pos[0] the newest."""
+        n = len(pos)
+        if self._stamp + n >= _STAMP_LIMIT:
+            self._restamp()
+        # Written in reverse so that, for a key listed twice, its first place wins.
+        self._table.stamps[pos[::-1]] = np.arange(self._stamp + 1, self._stamp + n + 1, dtype=np.uint32)
         self._stamp += n
 
     def _touch_later(self, keys: Sequence[int]) -> None:
@@ -370,17 +379,17 @@ class KVBlockIndex:
         shift, top = _V_TIERS[t]
         pos, fresh = tab.upsert_distinct(_array(keys), zero=False)
         n = len(pos)
-        if copies <= top and fresh.all():  # the usual case: blocks nobody held
+        if copies <= top and np.count_nonzero(fresh) == n:  # the usual case: new blocks
             tab.vals[pos] = p << _V_POD | copies << shift
         else:
             v = tab.vals[pos]
             v[fresh] = 0
             count = (v >> shift & top) + copies
-            if copies > top or not ((v >> _V_POD == p) | fresh).all() or (count > top).any():
+            if copies > top or np.count_nonzero((v >> _V_POD == p) | fresh) < len(v) or np.count_nonzero(count > top):
                 tab.vals[pos[fresh]] = 0  # also false for _WIDE values
                 tab.stamps[pos[fresh]] = 0
                 return pos
-            if t == _GPU and (v & _V_SPEC).any():  # speculative entries confirmed: real now
+            if t == _GPU and np.count_nonzero(v & _V_SPEC):  # speculative entries confirmed: real now
                 spec = self._specs[p]
                 for k in compress(keys, ((v & _V_SPEC) != 0).tolist()):
                     spec.pop(k, None)
@@ -389,21 +398,21 @@ class KVBlockIndex:
             n = int(np.count_nonzero(fresh))
         self._n += n
         self._pod_n[p] += n
-        self._touch(pos)
+        self._stamp_batch(pos)
         return None
 
     def _write_packed(self, p: int, pos: np.ndarray, v: np.ndarray, nv: np.ndarray) -> None:
         """Pod p's keys at `pos`, each held by p alone in a packed value v, now hold nv: the
         changed ones are written, those left with no fields lose their slot."""
         changed = nv != v
-        if not changed.any():
+        if not np.count_nonzero(changed):
             return
         pos, nv = pos[changed], nv[changed]
         empty = (nv & _V_FIELDS) == 0
         keep = ~empty
         tab = self._table
         tab.vals[pos[keep]] = nv[keep]
-        if empty.any():
+        if np.count_nonzero(empty):
             n = int(np.count_nonzero(empty))
             self._n -= n
             self._pod_n[p] -= n
@@ -419,7 +428,7 @@ class KVBlockIndex:
         pos = tab.find(_array(keys))
         v = tab.vals[pos]
         v[pos < 0] = 0
-        if (v & _WIDE).any():
+        if np.count_nonzero(v >= _WIDE):
             return None
         return pos, v, (v >> _V_POD == p) & (v != 0)
 
@@ -521,14 +530,14 @@ class KVBlockIndex:
         tab = self._table
         pos, fresh = tab.upsert_distinct(_array(keys), zero=False)
         spec = self._specs[p]
-        if fresh.all():
+        if np.count_nonzero(fresh) == len(pos):
             tab.vals[pos] = p << _V_POD | _V_SPEC
             spec.update(dict.fromkeys(keys, exp))
             n = len(pos)
         else:
             v = tab.vals[pos]
             v[fresh] = 0
-            if not ((v >> _V_POD == p) | fresh).all():
+            if np.count_nonzero((v >> _V_POD == p) | fresh) < len(v):
                 tab.vals[pos[fresh]] = 0
                 tab.stamps[pos[fresh]] = 0
                 return pos
@@ -538,7 +547,7 @@ class KVBlockIndex:
             n = int(np.count_nonzero(fresh))
         self._n += n
         self._pod_n[p] += n
-        self._touch(pos)
+        self._stamp_batch(pos)
         return None
 
     def _expire(self, now: float) -> None:
@@ -607,13 +616,13 @@ class KVBlockIndex:
             if not len(pos):
                 return out
             vals = self._table.vals[pos]
-            if (vals & _WIDE).any():
+            if np.count_nonzero(vals >= _WIDE):
                 recs = [self._rec(k, v) for k, v in zip(keys, vals.tolist())]
                 score, i, _ = self._walk_records(recs, allowed, weights)
             else:
                 score, i = self._walk_packed(vals, allowed, weights)
             if touch:
-                self._touch(pos[:i])
+                self._stamp_batch(pos[:i])
         names = self._names
         for q, v in score.items():
             out[names[q]] = v
@@ -627,11 +636,11 @@ class KVBlockIndex:
         if not len(pos):
             return score, i
         vals = self._table.vals[pos]
-        if (vals & _WIDE).any():  # shared again further on: the general walk over it all
+        if np.count_nonzero(vals >= _WIDE):  # shared again further on: the general walk over it all
             tail = [self._rec(k, v) for k, v in zip(keys[i:], vals.tolist())]
             score, j, _ = self._walk_records(recs + tail, allowed, weights)
             if touch and j > i:
-                self._touch(pos[: j - i])
+                self._stamp_batch(pos[: j - i])
             return score, j
         q = int(vals[0]) >> _V_POD
         if q not in alive:
@@ -639,7 +648,7 @@ class KVBlockIndex:
         run, n = self._walk_packed(vals, {q}, weights)
         score[q] += run[q] - weights[0]
         if touch:
-            self._touch(pos[:n])
+            self._stamp_batch(pos[:n])
         return score, i + n
 
     def _held_from(self, keys: Sequence[int], i: int) -> np.ndarray:

@@ -28,9 +28,9 @@ from array import array
 import numpy as np
 
 EMPTY, DELETED = 0, 1
-WAYS = 16  # slots per bucket: 128 bytes of keys, two cache lines
-MAX_LOAD = 0.85  # resize when live + deleted slots pass this share of the slots
-GROW_LOAD = 0.62  # the live share right after a resize
+WAYS = 32  # slots per bucket: 256 bytes of keys, four cache lines
+MAX_LOAD = 0.8  # resize when live + deleted slots pass this share of the slots
+GROW_LOAD = 0.6  # the live share right after a resize
 MIN_BUCKETS = 2
 MMAP_BYTES = 1 << 20  # arrays at least this big are mmapped
 RESIZE_CHUNK = 1 << 16  # slots rehashed at a time
@@ -51,9 +51,9 @@ def as_keys(keys) -> np.ndarray:
 
 def _cut_after_miss(pos: np.ndarray, on: np.ndarray) -> None:
     """A prefix search: keys past the first one known absent need not be searched on."""
-    miss = (pos < 0) > on
-    if miss.any():
-        on[int(miss.argmax()) :] = False
+    first = ((pos < 0) > on).tobytes().find(1)
+    if first >= 0:
+        on[first:] = False
 
 
 def _prime_at_least(n: int) -> int:
@@ -125,7 +125,7 @@ class KeyTable:
         """(each key's first bucket, its step): the path _path walks key by key."""
         return self._bucket(ks), self._step(ks)
 
-    def _round(self, ks: np.ndarray, b: np.ndarray):
+    def _round(self, ks: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """One probe of bucket b[i] for key ks[i]: (the key's slot there or -1, whether the
         search must go on: not there and the bucket has no empty slot). A bucket's empty
         slots are its last ones (a key takes the first free slot, a deleted key leaves
@@ -133,33 +133,39 @@ class KeyTable:
         rows = self._rows.take(b, 0)
         p = (rows == ks[:, None]).argmax(1)
         p += b * WAYS
-        hit = self.keys.take(p) == ks
-        on = ~(hit | (rows[:, -1] == EMPTY))
-        return np.where(hit, p, -1), on
+        miss = self.keys.take(p) != ks
+        p[miss] = -1
+        on = rows[:, -1] != EMPTY
+        on &= miss
+        return p, on
 
     def _search(self, ks: np.ndarray, prefix=False) -> np.ndarray:
         """Each key's position or -1, for keys that are not reserved. prefix: only up to the
         first absent key (positions past it are -1 or right)."""
         b = self._bucket(ks)
         pos, on = self._round(ks, b)
-        if not on.any():
+        if not np.count_nonzero(on):
             return pos
         if prefix:
             _cut_after_miss(pos, on)
-        idx = np.flatnonzero(on)
+        idx = on.nonzero()[0]
         k = ks[idx]
         b = b[idx]
-        step = self._step(k)
+        step = None
         for _ in range(self.buckets):
             if len(idx) <= FEW:  # the last few: key by key is cheaper
                 pos[idx] = self.find_small(k.tolist())
                 break
+            if step is None:
+                step = self._step(k)
             b += step
             b[b >= self.buckets] -= self.buckets
             p, on = self._round(k, b)
             pos[idx] = p
             if prefix:
                 _cut_after_miss(p, on)
+            if not np.count_nonzero(on):
+                break
             idx, k, step, b = idx[on], k[on], step[on], b[on]
         return pos
 
@@ -168,7 +174,7 @@ class KeyTable:
         if not self.live or not len(ks):
             return np.full(len(ks), -1, np.int64)
         ok = ks > DELETED
-        if ok.all():
+        if np.count_nonzero(ok) == len(ks):
             return self._search(ks)
         pos = np.full(len(ks), -1, np.int64)
         pos[ok] = self._search(ks[ok])
@@ -176,17 +182,18 @@ class KeyTable:
 
     def find_prefix(self, ks: np.ndarray) -> np.ndarray:
         """Positions of ks[0], ks[1], ... up to the first absent key; -1 from there on."""
-        if not self.live or not len(ks):
-            return np.full(len(ks), -1, np.int64)
-        ok = ks > DELETED
-        if not ok.all():
-            ks = ks[: int(np.argmin(ok))]
-        pos = np.full(len(ok), -1, np.int64)
-        found = self._search(ks, prefix=True)
-        miss = found < 0
-        if miss.any():
-            found[int(miss.argmax()) :] = -1
-        pos[: len(ks)] = found
+        n = len(ks)
+        if not self.live or not n:
+            return np.full(n, -1, np.int64)
+        reserved = (ks <= DELETED).tobytes().find(1)
+        if reserved >= 0:
+            pos = np.full(n, -1, np.int64)
+            pos[:reserved] = self.find_prefix(ks[:reserved])
+            return pos
+        pos = self._search(ks, prefix=True)
+        miss = (pos < 0).tobytes().find(1)
+        if miss >= 0:
+            pos[miss:] = -1
         return pos
 
     def upsert(self, ks: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool]:
@@ -194,7 +201,7 @@ class KeyTable:
         none reserved), inserting absent keys with value 0 and stamp 0; -1 for the reserved
         keys. May resize first: positions found before a call are stale after it."""
         srt = np.sort(ks)
-        if len(srt) and (srt[0] <= DELETED or (srt[1:] == srt[:-1]).any()):
+        if len(srt) and (srt[0] <= DELETED or np.count_nonzero(srt[1:] == srt[:-1])):
             return self._upsert_unique(ks)
         return (*self.upsert_distinct(ks), True)
 
@@ -209,18 +216,8 @@ class KeyTable:
         self._room_for(len(ks))
         n = len(ks)
         if n > self.buckets >> 2:  # several keys per bucket: slots in turn, not in races
-            pos = self.find(ks)
-            fresh = pos < 0
-            if fresh.any():
-                if self.deleted:
-                    pos[fresh] = self._place(ks[fresh])
-                else:  # every free slot is empty (and zeroed): fill counts will do
-                    fill = (self._rows != EMPTY).sum(1).astype(np.uint8)
-                    pos[fresh] = self._rehash(ks[fresh], fill)
-                self.live += int(np.count_nonzero(fresh))
-            return pos, fresh
-        pos = np.empty(n, np.int64)
-        fresh = np.zeros(n, bool)
+            return self._upsert_dense(ks)
+        pos = fresh = None
         b, k, idx, step = self._bucket(ks), ks, None, None
         keys = self.keys
         for _ in range(self.buckets + n):
@@ -229,22 +226,26 @@ class KeyTable:
             p = (rows == k[:, None]).argmax(1)
             p += base
             hit = keys.take(p) == k
-            has_empty = rows[:, -1] == EMPTY
-            claim = has_empty > hit
+            claim = rows[:, -1] == EMPTY  # not found, and the search ends here: absent
+            nhit = np.count_nonzero(hit)
+            if nhit:
+                claim &= ~hit
+            m = len(k)
+            ncl = np.count_nonzero(claim)
             won = hit
-            if claim.any():
-                free = (rows <= DELETED) if self.deleted else (rows == EMPTY)
+            if ncl:
+                free = rows <= DELETED if self.deleted else rows == EMPTY
                 slot = free.argmax(1)
                 slot += base
-                new, nk = slot[claim], k[claim]
+                every = ncl == m
+                new, nk = (slot, k) if every else (slot[claim], k[claim])
                 was_deleted = keys.take(new) == DELETED if self.deleted else None
                 keys[new] = nk
                 ok = keys.take(new) == nk  # not taken by another key of this batch
-                if ok.all():
-                    won = hit | claim
-                else:
+                nok = np.count_nonzero(ok)
+                if nok < ncl:
                     claim[claim] = ok
-                    won = hit | claim
+                    every = False
                     new = new[ok]
                     if was_deleted is not None:
                         was_deleted = was_deleted[ok]
@@ -253,34 +254,57 @@ class KeyTable:
                 if zero:
                     self.vals[new] = 0
                     self.stamps[new] = 0
-                self.live += len(new)
-                p = np.where(claim, slot, p)
+                self.live += nok
+                if every:  # every key new and placed: the usual batch of new blocks
+                    p, won = slot, claim
+                else:
+                    np.copyto(p, slot, where=claim)
+                    won = hit | claim
+            elif not nhit:
+                won = None  # nothing settled this round
+            nwon = nhit + (nok if ncl else 0)
             if idx is None:
-                if won.all():
+                if nwon == m:
                     return p, claim
-                pos[won] = p[won]
-                fresh[claim] = True
-            else:
+                pos, fresh = np.empty(n, np.int64), np.zeros(n, bool)
+                idx = np.arange(n)
+            if nwon:
                 at = idx[won]
                 pos[at] = p[won]
-                fresh[idx[claim]] = True
-            rest = ~won
-            if not rest.any():
-                break
-            if np.count_nonzero(rest) <= FEW:  # the last few: key by key is cheaper
-                at = np.flatnonzero(rest)
+                fresh[at] = claim[won]
+                if nwon == m:
+                    break
+                rest = ~won
+            else:
+                rest = np.ones(m, bool)
+            if m - nwon <= FEW:  # the last few: key by key is cheaper
+                at = rest.nonzero()[0]
                 p, f = self.upsert_small(k[at].tolist())
-                at = at if idx is None else idx[at]
+                at = idx[at]
                 pos[at] = p
                 fresh[at] = f
                 break
             if step is None:
                 step = self._step(ks)
-                idx = np.arange(n)
-            on = rest > has_empty  # not in this full bucket: the next one on its path
+            on = rows[:, -1] != EMPTY  # not in this full bucket: the next one on its path
+            on &= rest
             b = b + step * on
             b[b >= self.buckets] -= self.buckets
             idx, k, b, step = idx[rest], k[rest], b[rest], step[rest]
+        return pos, fresh
+
+    def _upsert_dense(self, ks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """upsert_distinct for a batch with several keys per bucket: new keys take the free
+        slots in turn (sorted by bucket), not in races."""
+        pos = self.find(ks)
+        fresh = pos < 0
+        if np.count_nonzero(fresh):
+            if self.deleted:
+                pos[fresh] = self._place(ks[fresh])
+            else:  # every free slot is empty (and zeroed): fill counts will do
+                fill = (self._rows != EMPTY).sum(1).astype(np.uint8)
+                pos[fresh] = self._rehash(ks[fresh], fill)
+            self.live += int(np.count_nonzero(fresh))
         return pos, fresh
 
     def _upsert_unique(self, ks: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool]:
@@ -369,7 +393,9 @@ class KeyTable:
         yield b * WAYS
         step = ((m & 0xFFFFFFFF) * (nb - 1) >> 32) + 1
         for _ in range(nb - 1):
-            b = (b + step) % nb
+            b += step
+            if b >= nb:
+                b -= nb
             yield b * WAYS
 
     def find_small(self, keys) -> list[int]:
@@ -383,7 +409,7 @@ class KeyTable:
                     if k in row:
                         j = base + row.index(k)
                         break
-                    if EMPTY in row:
+                    if row[-1] == EMPTY:  # empty slots are a bucket's last: the search ends
                         break
             out.append(j)
         return out
@@ -404,9 +430,9 @@ class KeyTable:
                     out.append(base + row.index(k))
                     fresh.append(False)
                     break
-                if free < 0 and DELETED in row:
+                if free < 0 and self.deleted and DELETED in row:
                     free = base + row.index(DELETED)
-                if EMPTY in row:
+                if row[-1] == EMPTY:
                     if free < 0:
                         free = base + row.index(EMPTY)
                     else:
