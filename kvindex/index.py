@@ -4,16 +4,21 @@ Keyed by request keys (kvindex.keys), which the picker computes from a prompt's 
 block hashes it cannot compute. The index takes keys only: kvindex.translate turns vLLM's KV
 events into add / remove / clear_pod calls (it keeps the engine-hash → request-keys maps).
 
-Layout, for memory (one dict entry per key, no object per entry):
-- request key → a *slot* int, or a tuple of slots when several pods hold the key. A slot
-  packs `pod index << 41 | SPEC | cpu copies << 20 | gpu copies`. A copy count saturates at
-  2**20 - 1 rather than carry into the next field (past it, removals may end an entry while
-  copies remain: a missed hit, never a wrong tier). Slot ints are interned, so equal slots
-  share one object; the interning table is bounded (emptied when full: only sharing is lost).
-- The keys are spread over up to 64 dicts (by their low bits) because growing one big dict
-  copies it all at once: 0.75 s at 5M keys, on the picker's event loop.
-- Each dict's order is its LRU order (a use moves the key to the end); eviction takes the
-  front. With one shard (max_entries < 65536) that is exact LRU, with more a close one.
+The packed layout (`--kv-index-layout packed`; kvindex.dict_index keeps the same index in dicts):
+- Every key has a slot in a numpy key table (kvindex.packed) whose 32-bit value packs the
+  record of a key one pod holds: pod index, GPU and CPU copies, a speculative bit. A key held by
+  several pods (or by a pod numbered past 32,767, or with more copies than the value holds)
+  keeps its exact record in `_wide`, in slot form (`pod << 41 | SPEC | cpu << 20 | gpu`,
+  counts saturating at 2**20 - 1; slot ints interned, the interning table bounded).
+- Batches go through numpy in a few calls each: an add, removal, speculative batch or expiry
+  whose keys are new or held by that pod alone is one probe and a few array steps; anything
+  else (shared keys, repeats, huge counts) takes the general path, key by key.
+- A lookup walks a shared prefix (a system prompt many pods hold) in `_wide`, in dict
+  look-ups, and probes the table only from the first key not there: its first key alone, then
+  chunks that double, so a prompt nobody holds costs one look.
+- LRU by a 32-bit stamp per slot (one tick per key used); eviction takes the oldest stamps.
+  Uses of keys whose slots a lookup did not probe (those found in `_wide`) are stamped later,
+  in one probe, before anything reads the stamps.
 - Per pod: request key → expiry of a speculative entry, with a FIFO of expiries.
 """
 
@@ -216,7 +221,8 @@ class KVBlockIndex:
         if self._stamp + n >= _STAMP_LIMIT:
             self._restamp()
         # Written in reverse so that, for a key listed twice, its first place wins.
-        self._table.stamps[pos[::-1]] = np.arange(self._stamp + 1, self._stamp + n + 1, dtype=np.uint32)
+        first = self._stamp + 1
+        self._table.stamps[pos[::-1]] = np.arange(first, first + n, dtype=np.uint32)
         self._stamp += n
 
     def _touch_later(self, keys: Sequence[int]) -> None:
@@ -385,11 +391,12 @@ class KVBlockIndex:
             v = tab.vals[pos]
             v[fresh] = 0
             count = (v >> shift & top) + copies
-            if copies > top or np.count_nonzero((v >> _V_POD == p) | fresh) < len(v) or np.count_nonzero(count > top):
-                tab.vals[pos[fresh]] = 0  # also false for _WIDE values
+            others = np.count_nonzero((v >> _V_POD == p) | fresh) < len(v)  # or _WIDE values
+            if copies > top or others or np.count_nonzero(count > top):
+                tab.vals[pos[fresh]] = 0
                 tab.stamps[pos[fresh]] = 0
                 return pos
-            if t == _GPU and np.count_nonzero(v & _V_SPEC):  # speculative entries confirmed: real now
+            if t == _GPU and np.count_nonzero(v & _V_SPEC):  # speculative ones confirmed
                 spec = self._specs[p]
                 for k in compress(keys, ((v & _V_SPEC) != 0).tolist()):
                     spec.pop(k, None)
@@ -617,7 +624,7 @@ class KVBlockIndex:
                 return out
             vals = self._table.vals[pos]
             if np.count_nonzero(vals >= _WIDE):
-                recs = [self._rec(k, v) for k, v in zip(keys, vals.tolist())]
+                recs = [self._rec(k, v) for k, v in zip(keys, vals.tolist(), strict=False)]
                 score, i, _ = self._walk_records(recs, allowed, weights)
             else:
                 score, i = self._walk_packed(vals, allowed, weights)
@@ -637,7 +644,7 @@ class KVBlockIndex:
             return score, i
         vals = self._table.vals[pos]
         if np.count_nonzero(vals >= _WIDE):  # shared again further on: the general walk over it all
-            tail = [self._rec(k, v) for k, v in zip(keys[i:], vals.tolist())]
+            tail = [self._rec(k, v) for k, v in zip(keys[i:], vals.tolist(), strict=False)]
             score, j, _ = self._walk_records(recs + tail, allowed, weights)
             if touch and j > i:
                 self._stamp_batch(pos[: j - i])

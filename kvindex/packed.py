@@ -3,14 +3,19 @@
 The block index keeps one slot per request key here (kvindex.index): a Python dict costs
 ~100 bytes per key (the entry, the key's int object, its share of the table); this costs 16 bytes
 per slot (the key, a 32-bit value, a 32-bit stamp for the caller's LRU) at a load between
-GROW_LOAD and MAX_LOAD, so 19-26 bytes per key.
+GROW_LOAD and MAX_LOAD, so 20-27 bytes per key.
 
-Open addressing over buckets of WAYS slots: a key's home bucket comes from its high 32 bits times
-the bucket count (any count works, so the table grows by MAX_LOAD / GROW_LOAD rather than
-doubling); a bucket with no empty slot sends a search on by a step taken from the key's low
-bits (double hashing over a prime number of buckets: no clusters of full buckets). Batches of
-keys are found and inserted with a few numpy operations per bucket step (most keys are settled
-in the first); small batches go key by key over memoryviews of the same arrays.
+Open addressing over buckets of WAYS slots: a key's home bucket comes from the high 32 bits of
+its mixed value times the bucket count (any count works, so the table grows by MAX_LOAD /
+GROW_LOAD rather than doubling); a bucket with no empty slot sends a search on by a step taken
+from the low bits (double hashing over a prime number of buckets: no clusters of full buckets).
+A key takes the first free slot of the first bucket on its path with an empty one, and a
+deleted key leaves DELETED, so a bucket's empty slots are always its last ones.
+
+Speed comes from few numpy calls, not few operations: a numpy call costs ~1 µs whatever its
+size, as much as ~20 key-by-key steps. A batch is found or inserted in rounds of a dozen calls
+each, one bucket per key per round (wide buckets settle most keys in the first), and the last
+few keys go on key by key over memoryviews of the same arrays; small batches go key by key.
 
 Keys 0 and 1 mark empty and deleted slots, so the table cannot hold them: `find` reports them
 absent and `upsert` refuses them (-1), a missed hit for 2 keys in 2**64.
@@ -279,7 +284,7 @@ class KeyTable:
                 rest = np.ones(m, bool)
             if m - nwon <= FEW:  # the last few: key by key is cheaper
                 at = rest.nonzero()[0]
-                p, f = self.upsert_small(k[at].tolist())
+                p, f = self._upsert_keys(k[at].tolist())
                 at = idx[at]
                 pos[at] = p
                 fresh[at] = f
@@ -417,14 +422,23 @@ class KeyTable:
     def upsert_small(self, keys) -> tuple[list[int], list[bool]]:
         """upsert, key by key: (positions, whether each slot is new); repeats allowed."""
         self._room_for(len(keys))
+        return self._upsert_keys(keys)
+
+    def _upsert_keys(self, keys) -> tuple[list[int], list[bool]]:
+        """upsert_small once there is room."""
         out, fresh, km = [], [], self._km
+        mix, nb = self._mix_int, self.buckets
         for k in keys:
             if k <= DELETED:
                 out.append(-1)
                 fresh.append(False)
                 continue
-            free = -1
-            for base in self._path(k):
+            m = k * mix & _M64
+            m = (m ^ m >> 32) * mix & _M64
+            b = (m >> 32) * nb >> 32
+            step, free = 0, -1
+            while True:  # the path _path walks, inline: this is the batches' tail
+                base = b * WAYS
                 row = km[base : base + WAYS].tolist()
                 if k in row:
                     out.append(base + row.index(k))
@@ -443,6 +457,11 @@ class KeyTable:
                     out.append(free)
                     fresh.append(True)
                     break
+                if not step:
+                    step = ((m & 0xFFFFFFFF) * (nb - 1) >> 32) + 1
+                b += step
+                if b >= nb:
+                    b -= nb
         return out, fresh
 
     def get_vals(self, pos: list[int]) -> list[int]:
