@@ -660,13 +660,14 @@ class KVBlockIndex:
 
     def _held_from(self, keys: Sequence[int], i: int) -> np.ndarray:
         """The positions of keys[i], keys[i + 1], ... up to the first key nobody holds. The
-        first key is probed alone (a prompt nobody holds costs one look), then the rest in
+        first key is probed alone (a prompt nobody holds costs one look), then from it on in
         chunks that double, each one numpy probe, until one has an absent key."""
         t = self._table
-        first = t.find_small((keys[i],))[0]
-        if first < 0:
+        if t.find_small((keys[i],))[0] < 0:
             return np.empty(0, np.int64)
-        out, i, size = [np.array([first], np.int64)], i + 1, 63
+        if i + 1 == len(keys):
+            return np.array(t.find_small((keys[i],)), np.int64)
+        out, size = [], 64
         while i < len(keys):
             part = t.find_prefix(_array(keys[i : i + size]))
             if part[-1] < 0:
