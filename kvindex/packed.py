@@ -268,11 +268,23 @@ class KeyTable:
             elif not nhit:
                 won = None  # nothing settled this round
             nwon = nhit + (nok if ncl else 0)
-            if idx is None:
+            if idx is None:  # the first round: its positions stand where settled
                 if nwon == m:
                     return p, claim
-                pos, fresh = np.empty(n, np.int64), np.zeros(n, bool)
-                idx = np.arange(n)
+                pos, fresh = p, claim
+                rest = hit | claim
+                np.logical_not(rest, out=rest)
+                if m - nwon <= FEW:  # the last few: key by key is cheaper
+                    at = rest.nonzero()[0]
+                    pos[at], fresh[at] = self._upsert_keys(ks[at].tolist())
+                    return pos, fresh
+                step = self._step(ks)
+                idx = rest.nonzero()[0]
+                on = rows[:, -1] != EMPTY  # not in this full bucket: the next one on its path
+                b = b + step * on
+                b[b >= self.buckets] -= self.buckets
+                k, b, step = ks[idx], b[idx], step[idx]
+                continue
             if nwon:
                 at = idx[won]
                 pos[at] = p[won]
@@ -289,8 +301,6 @@ class KeyTable:
                 pos[at] = p
                 fresh[at] = f
                 break
-            if step is None:
-                step = self._step(ks)
             on = rows[:, -1] != EMPTY  # not in this full bucket: the next one on its path
             on &= rest
             b = b + step * on
