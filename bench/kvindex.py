@@ -136,6 +136,31 @@ def resident_growth(layout: str, path: str) -> dict:
     }
 
 
+def add_rate_interleaved(events: int, chunk: int = 250) -> dict:
+    """Both layouts take the same events straight into the index (`add`, 16 pods, 50 fresh
+    keys an event, from empty), in alternating chunks: load that comes and goes on a shared
+    machine falls on both alike, so their ratio holds where their rates do not."""
+    import numpy as np
+
+    rng = np.random.default_rng(4)
+    batches = rng.integers(2, 2**64 - 1, (events, RSS_EVENT_BLOCKS), dtype=np.uint64).tolist()
+    pods = [f"10.3.0.{p}:8000" for p in range(RSS_PODS)]
+    indexes = {name: cls(block_size=BLOCK, max_entries=50_000_000) for name, cls in LAYOUTS.items()}
+    seconds = dict.fromkeys(LAYOUTS, 0.0)
+    for lo in range(0, events, chunk):
+        order = list(indexes.items())
+        for name, index in order if lo // chunk % 2 else order[::-1]:  # who goes first alternates
+            t0 = time.perf_counter()
+            for i in range(lo, min(lo + chunk, events)):
+                index.add(pods[i * RSS_PODS // events], batches[i], "gpu")
+            seconds[name] += time.perf_counter() - t0
+    blocks = events * RSS_EVENT_BLOCKS
+    out = {f"{name}_blocks_per_s": round(blocks / s) for name, s in seconds.items()}
+    out["blocks"] = blocks
+    out["packed_over_dict"] = round(seconds["dict"] / seconds["packed"], 2)
+    return out
+
+
 def _wire(ev: BlockStored) -> dict:
     """A BlockStored as vLLM (>= 0.26) sends it."""
     return {
@@ -290,6 +315,15 @@ def markdown(out: dict) -> str:
             f"| {path} | {r['layout']} | {r['rss_bytes_per_entry']} | "
             f"{r['anon_bytes_per_entry']} | {r['blocks_per_s']:,} |"
         )
+    a = out["add_interleaved"]
+    lines += [
+        "",
+        "| index.add, both layouts in alternating chunks | blocks | packed blocks/s | "
+        "dict blocks/s | packed / dict |",
+        "|---|---|---|---|---|",
+        f"| 16 pods, events of {RSS_EVENT_BLOCKS} new blocks | {a['blocks']:,} | "
+        f"{a['packed_blocks_per_s']:,} | {a['dict_blocks_per_s']:,} | {a['packed_over_dict']} |",
+    ]
     lines += [
         "",
         "| ingestion, 64-block events | pods | layout | blocks | blocks/s | blocks per CPU s | "
@@ -336,6 +370,8 @@ def main(argv: list[str] | None = None) -> int:
             for layout in LAYOUTS:
                 rss.append(resident_growth(layout, path))
                 print(json.dumps(rss[-1]), flush=True)
+    interleaved = add_rate_interleaved(4_000 if args.quick else 20_000)
+    print(json.dumps(interleaved), flush=True)
     ingest = []
     for path in ("index", "translator", "payload"):
         for layout in LAYOUTS:
@@ -361,6 +397,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine(),
         "load": round(load, 2),
         "rss": rss,
+        "add_interleaved": interleaved,
         "ingest": ingest,
         "lookup": lookup,
         "tokenize": tok,

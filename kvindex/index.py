@@ -4,16 +4,21 @@ Keyed by request keys (kvindex.keys), which the picker computes from a prompt's 
 block hashes it cannot compute. The index takes keys only: kvindex.translate turns vLLM's KV
 events into add / remove / clear_pod calls (it keeps the engine-hash → request-keys maps).
 
-Layout, for memory (one dict entry per key, no object per entry):
-- request key → a *slot* int, or a tuple of slots when several pods hold the key. A slot
-  packs `pod index << 41 | SPEC | cpu copies << 20 | gpu copies`. A copy count saturates at
-  2**20 - 1 rather than carry into the next field (past it, removals may end an entry while
-  copies remain: a missed hit, never a wrong tier). Slot ints are interned, so equal slots
-  share one object; the interning table is bounded (emptied when full: only sharing is lost).
-- The keys are spread over up to 64 dicts (by their low bits) because growing one big dict
-  copies it all at once: 0.75 s at 5M keys, on the picker's event loop.
-- Each dict's order is its LRU order (a use moves the key to the end); eviction takes the
-  front. With one shard (max_entries < 65536) that is exact LRU, with more a close one.
+The packed layout (`--kv-index-layout packed`; kvindex.dict_index keeps the same index in dicts):
+- Every key has a slot in a numpy key table (kvindex.packed) whose 32-bit value packs the
+  record of a key one pod holds: pod index, GPU and CPU copies, a speculative bit. A key held by
+  several pods (or by a pod numbered past 32,767, or with more copies than the value holds)
+  keeps its exact record in `_wide`, in slot form (`pod << 41 | SPEC | cpu << 20 | gpu`,
+  counts saturating at 2**20 - 1; slot ints interned, the interning table bounded).
+- Batches go through numpy in a few calls each: an add, removal, speculative batch or expiry
+  whose keys are new or held by that pod alone is one probe and a few array steps; anything
+  else (shared keys, repeats, huge counts) takes the general path, key by key.
+- A lookup walks a shared prefix (a system prompt many pods hold) in `_wide`, in dict
+  look-ups, and probes the table only from the first key not there: its first key alone, then
+  chunks that double, so a prompt nobody holds costs one look.
+- LRU by a 32-bit stamp per slot (one tick per key used); eviction takes the oldest stamps.
+  Uses of keys whose slots a lookup did not probe (those found in `_wide`) are stamped later,
+  in one probe, before anything reads the stamps.
 - Per pod: request key → expiry of a speculative entry, with a FIFO of expiries.
 """
 
@@ -23,12 +28,12 @@ import sys
 import time
 from collections import Counter, deque
 from collections.abc import Iterable, Iterator, Sequence
-from itertools import islice
+from itertools import chain, compress, islice
 from typing import Literal
 
 import numpy as np
 
-from infergw.kvindex.packed import SMALL, KeyTable
+from infergw.kvindex.packed import DELETED, SMALL, KeyTable, as_keys
 
 Tier = Literal["gpu", "cpu"]
 
@@ -73,8 +78,17 @@ _V_MAX_POD = 0x7FFF
 _V_ON_GPU = _V_GPU | _V_SPEC
 _V_TIER_MASK = {None: 0xFFFF, "gpu": _V_GPU | _V_SPEC, "cpu": _V_CPU}
 _V_TIERS = {_GPU: (0, 0xFF), _CPU: (8, 0x7F)}  # tier → (shift, largest count) in a value
+_V_FIELDS = 0xFFFF  # a packed value's fields (pod above them)
+_V_HELD = _V_GPU | _V_CPU
 _STAMP_LIMIT = (1 << 32) - 1
 _U64 = np.uint64
+BATCH = 8  # batches of more keys than this go through numpy (below, key by key)
+PENDING_TOUCHES = 1 << 15  # keys whose LRU use is recorded before their slots are stamped
+
+# A packed value's low 16 bits → which tiers it holds: 0 none, 1 GPU (or speculative),
+# 2 CPU, 3 both: the weights' index (64 KiB, so a walk weighs a run of values in one step).
+_V_CLASS = np.arange(1 << 16, dtype=np.uint32)
+_V_CLASS = (((_V_CLASS & _V_ON_GPU) != 0) | ((_V_CLASS & _V_CPU) != 0) << 1).astype(np.uint8)
 
 
 def _unpack(v: int) -> int:
@@ -91,7 +105,18 @@ def _pack(s: int) -> int:
 
 
 def _array(keys) -> np.ndarray:
-    return np.array(keys, dtype=_U64) if len(keys) else np.empty(0, _U64)
+    return as_keys(keys)
+
+
+def _distinct_plain(keys: Sequence[int]) -> bool:
+    """No key twice and none reserved (what the batch paths assume)."""
+    return min(keys) > DELETED and len(set(keys)) == len(keys)
+
+
+def _first_false(mask: np.ndarray) -> int:
+    """The index of mask's first False (len(mask) if none)."""
+    i = mask.tobytes().find(0)  # one pass in C, without numpy's reduction overhead
+    return len(mask) if i < 0 else i
 
 
 def _run(recs: list, i: int, q: int, weights, score):
@@ -137,6 +162,10 @@ class KVBlockIndex:
         self._table = KeyTable()
         self._wide: dict[int, int | tuple[int, ...]] = {}  # key → record, for _WIDE values
         self._stamp = 0  # the LRU clock: one tick per key used
+        # Uses of keys whose slots a lookup did not probe (keys several pods hold: their
+        # records are in _wide), as (keys, stamp of the last): stamped in one probe later.
+        self._pending: list[tuple[Sequence[int], int]] = []
+        self._pending_n = 0
         self._n = 0  # (key, pod) entries
         self._pod_idx: dict[str, int] = {}
         self._names: list[str] = []
@@ -186,8 +215,48 @@ class KVBlockIndex:
         self._table.set_stamps(pos[::-1], self._stamp + 1)
         self._stamp += n
 
+    def _stamp_batch(self, pos: np.ndarray) -> None:
+        """_touch for live positions (an array), pos[0] the newest."""
+        n = len(pos)
+        if self._stamp + n >= _STAMP_LIMIT:
+            self._restamp()
+        # Written in reverse so that, for a key listed twice, its first place wins.
+        first = self._stamp + 1
+        self._table.stamps[pos[::-1]] = np.arange(first, first + n, dtype=np.uint32)
+        self._stamp += n
+
+    def _touch_later(self, keys: Sequence[int]) -> None:
+        """Mark keys used, keys[0] last (the newest), without probing for their slots now:
+        stamps are taken now and written by _flush_touches, before anything reads them."""
+        n = len(keys)
+        if not n:
+            return
+        if self._stamp + n >= _STAMP_LIMIT:
+            self._restamp()
+        self._pending.append((keys, self._stamp + 1))
+        self._stamp += n
+        self._pending_n += n
+        if self._pending_n > PENDING_TOUCHES:
+            self._flush_touches()
+
+    def _flush_touches(self) -> None:
+        """Write the pending uses' stamps. A slot keeps the newest stamp it was given: the
+        clock only goes up, so that is the stamp the last use would have written (a key
+        gone meanwhile is not found; one added back since was stamped newer by its add)."""
+        if not self._pending:
+            return
+        pending, self._pending, self._pending_n = self._pending, [], 0
+        t = self._table
+        pos = t.find(_array(list(chain.from_iterable(k for k, _ in pending))))
+        stamps = np.concatenate(
+            [np.arange(s + len(k) - 1, s - 1, -1, dtype=np.uint32) for k, s in pending]
+        )
+        found = pos >= 0
+        np.maximum.at(t.stamps, pos[found], stamps[found])
+
     def _restamp(self) -> None:
         """The clock nears 2**32: renumber the live keys' stamps by rank (once in 4G uses)."""
+        self._flush_touches()
         t = self._table
         live = t.live_positions()
         t.stamps[live[np.argsort(t.stamps[live], kind="stable")]] = np.arange(1, len(live) + 1)
@@ -241,6 +310,7 @@ class KVBlockIndex:
         need = self._n - self._evict_to
         if self._n <= self.max_entries or need <= 0:
             return
+        self._flush_touches()
         t = self._table
         live = t.live_positions()
         stamps = t.stamps[live]
@@ -282,13 +352,15 @@ class KVBlockIndex:
         p, t = self._pod(pod), _TIERS[tier]
         if copies < 1 or not keys:
             return
-        if len(keys) > SMALL:
-            pos, fresh, plain = self._table.upsert(_array(keys))
-            if plain and self._add_packed(p, t, copies, keys, pos, fresh):
-                self._touch(pos)
+        pos = None
+        if len(keys) > BATCH and p <= _V_MAX_POD and _distinct_plain(keys):
+            pos = self._add_batch(p, t, copies, keys)
+            if pos is None:
                 self._evict()
                 return
             pos = pos.tolist()
+        elif len(keys) > SMALL:
+            pos = self._table.upsert(_array(keys))[0].tolist()
         else:
             pos = self._table.upsert_small(keys)[0]
         spec = self._specs[p]
@@ -304,32 +376,68 @@ class KVBlockIndex:
         self._touch(pos)
         self._evict()
 
-    def _add_packed(self, p, t, copies, keys, pos, fresh) -> bool:
-        """add's common case in a few array operations: every key new or held by pod p alone,
-        the counts still fitting a packed value (and, as upsert said, each key once, none
-        reserved). False if not that case."""
+    def _add_batch(self, p: int, t: int, copies: int, keys: Sequence[int]):
+        """add's common case in one probe and a few array steps: every key new or held by
+        pod p alone, the counts still fitting a packed value (keys distinct, none reserved,
+        p packable). Done: None (keys stamped too). Not that case: the keys' positions, all
+        in the table, for the general path."""
         tab = self._table
-        if p > _V_MAX_POD:
-            return False
-        v = tab.vals[pos]
-        if not ((v >> _V_POD == p) | fresh).all():  # also false for _WIDE values
-            return False
         shift, top = _V_TIERS[t]
-        if copies > top:
-            return False
-        count = (v >> shift & top) + copies
-        if (count > top).any():
-            return False
-        if t == _GPU and (v & _V_SPEC).any():  # speculative entries confirmed: real now
-            spec = self._specs[p]
-            for k in np.asarray(keys)[(v & _V_SPEC) != 0].tolist():
-                spec.pop(k, None)
-            v &= ~np.uint32(_V_SPEC)
-        tab.vals[pos] = v & ~np.uint32(top << shift) | count << shift | p << _V_POD
-        n = int(np.count_nonzero(fresh))
+        pos, fresh = tab.upsert_distinct(_array(keys), zero=False)
+        n = len(pos)
+        if copies <= top and np.count_nonzero(fresh) == n:  # the usual case: new blocks
+            tab.vals[pos] = p << _V_POD | copies << shift
+        else:
+            v = tab.vals[pos]
+            v[fresh] = 0
+            count = (v >> shift & top) + copies
+            others = np.count_nonzero((v >> _V_POD == p) | fresh) < len(v)  # or _WIDE values
+            if copies > top or others or np.count_nonzero(count > top):
+                tab.vals[pos[fresh]] = 0
+                tab.stamps[pos[fresh]] = 0
+                return pos
+            if t == _GPU and np.count_nonzero(v & _V_SPEC):  # speculative ones confirmed
+                spec = self._specs[p]
+                for k in compress(keys, ((v & _V_SPEC) != 0).tolist()):
+                    spec.pop(k, None)
+                v &= ~np.uint32(_V_SPEC)
+            tab.vals[pos] = v & ~np.uint32(top << shift) | count << shift | p << _V_POD
+            n = int(np.count_nonzero(fresh))
         self._n += n
         self._pod_n[p] += n
-        return True
+        self._stamp_batch(pos)
+        return None
+
+    def _write_packed(self, p: int, pos: np.ndarray, v: np.ndarray, nv: np.ndarray) -> None:
+        """Pod p's keys at `pos`, each held by p alone in a packed value v, now hold nv: the
+        changed ones are written, those left with no fields lose their slot."""
+        changed = nv != v
+        if not np.count_nonzero(changed):
+            return
+        pos, nv = pos[changed], nv[changed]
+        empty = (nv & _V_FIELDS) == 0
+        keep = ~empty
+        tab = self._table
+        tab.vals[pos[keep]] = nv[keep]
+        if np.count_nonzero(empty):
+            n = int(np.count_nonzero(empty))
+            self._n -= n
+            self._pod_n[p] -= n
+            tab.delete(pos[empty])
+
+    def _mine_packed(self, p: int, keys: Sequence[int]):
+        """For a batch path over pod p's keys (distinct, any): (positions, values, whether p
+        alone holds each in a packed value), or None if some key is held by several pods
+        (its record is in _wide) or p is not packable."""
+        if p > _V_MAX_POD or len(set(keys)) != len(keys):
+            return None
+        tab = self._table
+        pos = tab.find(_array(keys))
+        v = tab.vals[pos]
+        v[pos < 0] = 0
+        if np.count_nonzero(v >= _WIDE):
+            return None
+        return pos, v, (v >> _V_POD == p) & (v != 0)
 
     def remove(self, pod: str, keys: Sequence[int], tier: Tier) -> list[int]:
         """`pod` dropped one copy of each key from `tier`; returns the keys it no longer holds
@@ -338,6 +446,16 @@ class KVBlockIndex:
         if p is None or not keys:
             return list(keys)
         mask, t, gone = _COUNT * _TIERS[tier], _TIERS[tier], []
+        if len(keys) > BATCH:
+            found = self._mine_packed(p, keys)
+            if found is not None:
+                pos, v, mine = found
+                shift, top = _V_TIERS[t]
+                drop = mine & ((v >> shift & top) != 0)
+                nv = v - (drop.astype(np.uint32) << shift)
+                self._write_packed(p, pos[mine], v[mine], nv[mine])
+                held = mine & ((nv & _V_HELD) != 0)
+                return list(compress(keys, (~held).tolist()))
 
         def change(k: int, f: int) -> int:
             if f & mask:
@@ -395,19 +513,49 @@ class KVBlockIndex:
         self._expire(now)
         p, exp = self._pod(pod), now + self.speculative_ttl
         if keys:
-            spec = self._specs[p]
+            spec, pos, done = self._specs[p], None, False
+            if len(keys) > BATCH and p <= _V_MAX_POD and _distinct_plain(keys):
+                pos = self._speculate_batch(p, keys, exp)
+                done = pos is None
+            if not done:
 
-            def change(k: int, f: int) -> int:
-                if f & _GPU_MASK:
-                    return f  # already real
-                spec[k] = exp
-                return f | _SPEC
+                def change(k: int, f: int) -> int:
+                    if f & _GPU_MASK:
+                        return f  # already real
+                    spec[k] = exp
+                    return f | _SPEC
 
-            pos = self._upsert(keys)
-            self._edit(keys[::-1], pos[::-1], p, change)
-            self._touch(pos)
+                pos = self._upsert(keys) if pos is None else pos.tolist()
+                self._edit(keys[::-1], pos[::-1], p, change)
+                self._touch(pos)
         self._spec_q.append((exp, p, tuple(keys)))
         self._evict()
+
+    def _speculate_batch(self, p: int, keys: list[int], exp: float):
+        """add_speculative's common case in array steps: every key new or held by p alone
+        in a packed value. Done: None (stamped too); else the keys' positions."""
+        tab = self._table
+        pos, fresh = tab.upsert_distinct(_array(keys), zero=False)
+        spec = self._specs[p]
+        if np.count_nonzero(fresh) == len(pos):
+            tab.vals[pos] = p << _V_POD | _V_SPEC
+            spec.update(dict.fromkeys(keys, exp))
+            n = len(pos)
+        else:
+            v = tab.vals[pos]
+            v[fresh] = 0
+            if np.count_nonzero((v >> _V_POD == p) | fresh) < len(v):
+                tab.vals[pos[fresh]] = 0
+                tab.stamps[pos[fresh]] = 0
+                return pos
+            real = (v & _V_GPU) != 0  # held on GPU already: left as it is
+            tab.vals[pos] = np.where(real, v, v | (p << _V_POD | _V_SPEC))
+            spec.update(dict.fromkeys(compress(keys, (~real).tolist()), exp))
+            n = int(np.count_nonzero(fresh))
+        self._n += n
+        self._pod_n[p] += n
+        self._stamp_batch(pos)
+        return None
 
     def _expire(self, now: float) -> None:
         q = self._spec_q
@@ -417,7 +565,13 @@ class KVBlockIndex:
             due = [k for k in keys if spec.get(k) == exp]  # neither confirmed nor renewed since
             for k in due:
                 del spec[k]
-            if due:
+            if not due:
+                continue
+            found = self._mine_packed(p, due) if len(due) > BATCH else None
+            if found is not None:
+                pos, v, mine = found
+                self._write_packed(p, pos[mine], v[mine], v[mine] & ~np.uint32(_V_SPEC))
+            else:
                 self._edit(due, self._find(due), p, lambda k, f: f & ~_SPEC)
 
     # --- queries
@@ -446,54 +600,96 @@ class KVBlockIndex:
         if pods is not None:
             out = dict.fromkeys(pods, weights[0])
             allowed = {self._pod_idx[x] for x in out if x in self._pod_idx}
-        if len(keys) <= SMALL:
-            pos = self._held_prefix(keys)
-            if not pos:
-                return out
-            score, i = self._walk_slots(keys, pos, allowed, weights)
+        if not keys:
+            return out
+        # Keys several pods hold have their records in _wide: a shared prefix (a system
+        # prompt) is walked there, in dict look-ups, and the table probed only past it.
+        recs, wide = [], self._wide
+        if wide:
+            get = wide.get
+            for k in keys:
+                rec = get(k)
+                if rec is None:
+                    break
+                recs.append(rec)
+        if recs:
+            score, i, alive = self._walk_records(recs, allowed, weights)
+            if alive and i == len(recs) < len(keys):
+                score, i = self._walk_on(keys, recs, alive, score, allowed, weights, touch)
+            if touch:
+                self._touch_later(keys[: min(i, len(recs))])
         else:
-            pos = self._table.find_prefix(_array(keys))
-            held = int(np.argmin(pos >= 0)) if (pos < 0).any() else len(pos)
-            if not held:
+            pos = self._held_from(keys, 0)
+            if not len(pos):
                 return out
-            pos = pos[:held]  # the walk stops at the first key nobody holds
             vals = self._table.vals[pos]
-            if (vals & _WIDE).any():
-                score, i = self._walk_slots(keys, pos.tolist(), allowed, weights)
+            if np.count_nonzero(vals >= _WIDE):
+                recs = [self._rec(k, v) for k, v in zip(keys, vals.tolist(), strict=False)]
+                score, i, _ = self._walk_records(recs, allowed, weights)
             else:
                 score, i = self._walk_packed(vals, allowed, weights)
-        if touch:
-            self._touch(pos[:i])
+            if touch:
+                self._stamp_batch(pos[:i])
         names = self._names
         for q, v in score.items():
             out[names[q]] = v
         return out
 
-    def _held_prefix(self, keys: Sequence[int]) -> list[int]:
-        """The positions of keys[0], keys[1], ... up to the first key nobody holds."""
-        out = []
-        for k in keys:
-            j = self._table.find_small((k,))[0]
-            if j < 0:
+    def _walk_on(self, keys, recs, alive, score, allowed, weights, touch: bool):
+        """Past a shared prefix (the records `recs` of keys[:i]) that the pods `alive` all
+        hold: extend their match over the table's keys from keys[i]. (score, keys matched)."""
+        i = len(recs)
+        pos = self._held_from(keys, i)
+        if not len(pos):
+            return score, i
+        vals = self._table.vals[pos]
+        if np.count_nonzero(vals >= _WIDE):  # shared again further on: the general walk over it all
+            tail = [self._rec(k, v) for k, v in zip(keys[i:], vals.tolist(), strict=False)]
+            score, j, _ = self._walk_records(recs + tail, allowed, weights)
+            if touch and j > i:
+                self._stamp_batch(pos[: j - i])
+            return score, j
+        q = int(vals[0]) >> _V_POD
+        if q not in alive:
+            return score, i
+        run, n = self._walk_packed(vals, {q}, weights)
+        score[q] += run[q] - weights[0]
+        if touch:
+            self._stamp_batch(pos[:n])
+        return score, i + n
+
+    def _held_from(self, keys: Sequence[int], i: int) -> np.ndarray:
+        """The positions of keys[i], keys[i + 1], ... up to the first key nobody holds. The
+        first key is probed alone (a prompt nobody holds costs one look), then from it on in
+        chunks that double, each one numpy probe, until one has an absent key."""
+        t = self._table
+        if t.find_small((keys[i],))[0] < 0:
+            return np.empty(0, np.int64)
+        if i + 1 == len(keys):
+            return np.array(t.find_small((keys[i],)), np.int64)
+        out, size = [], 64
+        while i < len(keys):
+            part = t.find_prefix(_array(keys[i : i + size]))
+            if part[-1] < 0:
+                out.append(part[: _first_false(part >= 0)])
                 break
-            out.append(j)
-        return out
+            out.append(part)
+            i, size = i + size, size * 2
+        return out[0] if len(out) == 1 else np.concatenate(out)
 
     def _walk_packed(self, vals: np.ndarray, allowed, weights) -> tuple[dict, int]:
         """Every key held by one pod: the match is the run of keys[0]'s pod, in array steps."""
-        q = int(vals[0] >> _V_POD)
+        q = int(vals[0]) >> _V_POD
         if allowed is not None and q not in allowed:
             return {}, 0
-        run = vals >> _V_POD == q
-        i = int(np.argmin(run)) if not run.all() else len(vals)
-        v = vals[:i]
+        i = _first_false(vals >> _V_POD == q)
         # weights: (none, gpu only, cpu only, both); a key scores its best tier.
-        n = np.bincount(((v & _V_ON_GPU) != 0) | ((v & _V_CPU) != 0) << 1, minlength=4).tolist()
+        n = np.bincount(_V_CLASS[vals[:i] & _V_FIELDS], minlength=4).tolist()
         return {q: weights[0] + n[1] * weights[1] + n[2] * weights[2] + n[3] * weights[3]}, i
 
-    def _walk_slots(self, keys, pos: list[int], allowed, weights) -> tuple[dict, int]:
-        """The general walk over the keys' records (some held by several pods)."""
-        recs = self._records(keys[: len(pos)], pos)
+    def _walk_records(self, recs: list, allowed, weights) -> tuple[dict, int, list]:
+        """The general walk over keys' records (some held by several pods), from the pods
+        holding the first: (score, keys matched, the pods that hold all of them)."""
         cand = [s >> _POD for s in _slots(recs[0]) if allowed is None or s >> _POD in allowed]
         score = dict.fromkeys(cand, weights[0])
         hit = dict.fromkeys(cand, 0)  # keys matched per pod; alive while it equals i
@@ -501,7 +697,7 @@ class KVBlockIndex:
         while alive > 1 and i < n:  # several pods share the prefix
             rec = recs[i]
             j = i + 1  # a shared prefix is mostly a run of equal records: one pass per run
-            while j < n and recs[j] == rec:
+            while j < n and (recs[j] is rec or recs[j] == rec):
                 j += 1
             alive = 0
             for s in _slots(rec):
@@ -515,7 +711,8 @@ class KVBlockIndex:
         if alive == 1:  # one pod left, the common case: a tight loop
             q = next(q for q, c in hit.items() if c == i)
             score[q], i = _run(recs, i, q, weights, score[q])
-        return score, i
+            return score, i, [q]
+        return score, i, [q for q, c in hit.items() if c == i] if alive else []
 
     def _items(self) -> Iterator[tuple[int, tuple[int, ...]]]:
         """Every key with its slots; O(keys), for tests and debug."""

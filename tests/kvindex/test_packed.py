@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from infergw.kvindex.dict_index import DictBlockIndex
 from infergw.kvindex.index import KVBlockIndex
-from infergw.kvindex.packed import SMALL, KeyTable
+from infergw.kvindex.packed import GROW_LOAD, MAX_LOAD, SMALL, WAYS, KeyTable
 
 # Few distinct keys, so batches repeat and share them; 0 and 1 are the reserved ones.
 KEYS = st.one_of(st.integers(0, 40), st.integers(2**64 - 3, 2**64 - 1))
@@ -59,12 +59,47 @@ def test_key_table_grows_and_shrinks_and_keeps_every_key():
         pos, fresh, plain = table.upsert(chunk)
         assert plain and fresh.all()
         table.vals[pos] = chunk & np.uint64(0xFFFF)
-    assert table.live == len(keys) and 0.6 < table.live / table.keys.size <= 0.85
+    assert table.live == len(keys) and 0.9 * GROW_LOAD < table.live / table.keys.size <= MAX_LOAD
     pos = table.find(keys)
     assert (table.vals[pos] == keys & np.uint64(0xFFFF)).all()
     table.delete(pos[10_000:].tolist())
     assert table.live == 10_000 and table.keys.size < 100_000  # shrunk
     assert (table.find(keys[:10_000]) >= 0).all() and (table.find(keys[10_000:]) < 0).all()
+
+
+def test_batches_racing_for_one_bucket_and_reusing_deleted_slots_keep_every_key():
+    # A big table, so batches go through the rounds (not the dense path), with keys picked to
+    # share a bucket: they race for its first free slot, and the losers must try again.
+    rng = np.random.default_rng(9)
+    table, model = KeyTable(), {}  # key -> value
+    pool = rng.integers(2, 2**64 - 1, 400_000, dtype=np.uint64)
+    start = pool[:40_000]
+    pos, fresh, _ = table.upsert(start)
+    table.vals[pos] = np.arange(len(start), dtype=np.uint32)
+    model.update(zip(start.tolist(), range(len(start)), strict=True))
+    spare = pool[40_000:]
+    for n in range(40):
+        buckets = table._bucket(spare)
+        crowded = spare[buckets == np.bincount(buckets).argmax()][:40]  # one bucket's worth
+        old = rng.choice(np.array(list(model), dtype=np.uint64), 30, replace=False)
+        batch = np.concatenate([crowded, spare[-200:], old])
+        spare = spare[~np.isin(spare, batch)]
+        pos, fresh = table.upsert_distinct(batch)
+        assert len(set(pos.tolist())) == len(batch)
+        assert fresh.tolist() == [k not in model for k in batch.tolist()]
+        for k, j, f in zip(batch.tolist(), pos.tolist(), fresh.tolist(), strict=True):
+            if f:
+                model[k] = table.vals[j] = 100_000 + n
+            else:
+                assert table.vals[j] == model[k]
+        gone = rng.choice(np.array(list(model), dtype=np.uint64), 300, replace=False)
+        table.delete(table.find(gone))
+        for k in gone.tolist():
+            del model[k]
+        assert table.live == len(model) and table.deleted > 0
+    keys = np.array(list(model), dtype=np.uint64)
+    assert table.vals[table.find(keys)].tolist() == list(model.values())
+    assert (table.find(gone) < 0).all()
 
 
 def test_keys_aimed_at_one_bucket_still_spread():
@@ -73,7 +108,7 @@ def test_keys_aimed_at_one_bucket_still_spread():
     keys = (np.uint64(0xABCD) << np.uint64(48)) + np.arange(2, 50_002, dtype=np.uint64)
     table.upsert(keys)
     assert (table.find(keys) >= 0).all()
-    filled = (table.keys.reshape(-1, 8) > 1).any(1).mean()
+    filled = (table.keys.reshape(-1, WAYS) > 1).any(1).mean()
     assert filled > 0.9
 
 
@@ -151,3 +186,19 @@ def test_pods_past_the_packed_range_and_huge_counts_keep_exact_records():
     assert index.keys_of("a:1") == set(keys[:3])
     assert index.remove("a:1", keys[:3], "gpu") == keys[:3]
     assert index.keys_of("far:1") == set(keys) and index.stats()["entries"] == len(keys)
+
+
+def test_a_lookup_of_a_shared_prefix_is_a_use_the_lru_sees():
+    # Keys two pods hold are walked in their records, without probing the table for their
+    # slots: their use is stamped later, but before any eviction reads the stamps.
+    index = KVBlockIndex(block_size=2, max_entries=1000)
+    shared = list(range(2, 102))
+    index.add("a:1", shared, "gpu")
+    index.add("b:1", shared, "gpu")
+    others = list(range(1000, 1700))
+    index.add("c:1", others, "gpu")  # newer than the shared keys
+    assert index.lookup(shared) == {"a:1": 100.0, "b:1": 100.0}  # now the newest
+    index.add("c:1", list(range(5000, 5200)), "gpu")  # past the bound: the oldest go
+    assert index.take_evictions() == {"c:1": 103}
+    assert index.match_lengths(shared) == {"a:1": 100, "b:1": 100}
+    assert index.keys_of("c:1") == set(others[:597]) | set(range(5000, 5200))
