@@ -128,13 +128,17 @@ def test_workers_count_as_pods(tmp_path):
     assert Example.read(tmp_path).tokenizer_dir is None  # a hub model: no local tokenizer
 
 
-def test_an_example_needs_exactly_one_model(tmp_path):
+def test_an_example_needs_models_of_distinct_names(tmp_path):
     write(tmp_path, {"kind": "EndpointPickerConfig"})
-    with pytest.raises(ExampleError, match="exactly one Model, not 0"):
+    with pytest.raises(ExampleError, match="holds no Model"):
         Example.read(tmp_path)
-    write(tmp_path, model("a"), model("b"), name="two.yaml")
-    with pytest.raises(ExampleError, match="exactly one Model, not 2"):
+    write(tmp_path, model("a"), model("a"), name="two.yaml")
+    with pytest.raises(ExampleError, match="two Models share a name"):
         Example.read(tmp_path)
+    write(tmp_path, model("a"), model("b", replicas=2), name="two.yaml")
+    example = Example.read(tmp_path)
+    assert example.several and [m.pool_name for m in example.each] == ["a", "b"]
+    assert example.pod_count() == 3 and example.model["metadata"]["name"] == "a"
     with pytest.raises(ExampleError, match="not a directory"):
         Example.read(tmp_path / "missing")
 
