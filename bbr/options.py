@@ -9,7 +9,7 @@ from pathlib import Path
 
 from infergw.api import logs
 from infergw.epp.body_budget import DEFAULT_MAX_HELD_BYTES
-from infergw.epp.options import boolean, duration
+from infergw.epp.options import add_tls_flags, duration
 
 # The reference router's ports (gateway-api-inference-extension's body-based routing).
 DEFAULT_GRPC_PORT = 9004
@@ -58,15 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
         "ModelRoutes, ModelServers and Models (repeatable); reloaded on change",
     )
     p.add_argument("--namespace", default="default", help="whose InferencePools, routes and Models")
-    p.add_argument(
-        "--secure-serving",
-        type=boolean,
-        default=True,
-        nargs="?",
-        const=True,
-        help="TLS on the ext_proc port (default true; --secure-serving=false)",
-    )
-    p.add_argument("--cert-path", type=Path, help="directory with tls.crt and tls.key")
+    add_tls_flags(p)
     p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES)
     p.add_argument(
         "--max-held-request-bytes",
