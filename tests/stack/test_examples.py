@@ -224,3 +224,23 @@ def test_an_example_with_a_billion_laughs_or_a_fifo_is_refused(tmp_path):
     os.mkfifo(tmp_path / "fifo.yaml")
     with pytest.raises(ExampleError, match=r"fifo.yaml: .*not a regular file"):
         Example.read(tmp_path)
+
+
+def test_up_tells_where_each_model_is_served(tmp_path, monkeypatch):
+    """With several Models, `infergate up` names the router and, per Model, its pickers and
+    pods (the stack is not started: its pickers' answers are stood in)."""
+    from infergw.stack.local import LocalStack, StackConfig
+    from infergw.stack.ports import StackPorts
+    from infergw.up import _serving_lines
+
+    example = Example.read(ROOT / "examples" / "two-models")
+    stack = LocalStack(StackConfig.from_example(example, tmp_path, StackPorts()))
+    pods = {0: ["127.0.0.2:8000", "127.0.0.3:8000"], 1: ["127.0.0.4:8000"]}
+    monkeypatch.setattr(stack, "picker_endpoints", lambda i=0: {a: {} for a in pods[i]})
+    text = _serving_lines(stack, example)
+    assert "body-based router (127.0.0.1:9012" in text
+    assert (
+        "Model 'chat' ('chat-sim')" in text and "2 pods on 127.0.0.2:8000, 127.0.0.3:8000" in text
+    )
+    assert "Model 'code' ('code-sim')" in text and "1 pods on 127.0.0.4:8000" in text
+    assert "127.0.0.1:9102" in text  # the second pool's picker
