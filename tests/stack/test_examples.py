@@ -23,12 +23,13 @@ from tests.crd_eval import KINDS as OUR_KINDS
 from tests.crd_eval import all_cel_errors, schema_errors
 from tests.paths import ROOT
 
-RUNNABLE = ["quickstart", "pd", "fairness"]
+RUNNABLE = ["quickstart", "pd", "fairness", "two-models"]
 # What each example gives the controllers besides its Model.
 OTHER_KINDS = {
     "quickstart": [],
     "pd": [],
     "fairness": ["InferenceObjective"] * 2 + ["ModelRoute"] * 2 + ["ModelServer"],
+    "two-models": ["Model", "ModelRoute"],  # a second Model, and a route to it
 }
 
 
