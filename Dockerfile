@@ -25,6 +25,7 @@ COPY cluster ./cluster
 COPY kvindex ./kvindex
 COPY simulator ./simulator
 COPY epp ./epp
+COPY bbr ./bbr
 COPY connector ./connector
 COPY controllers ./controllers
 COPY stack ./stack

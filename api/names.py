@@ -77,3 +77,10 @@ SESSION_HEADER = "x-session-id"
 # The sidecar's default --pool-file. Standalone mode's kubelet sets it in every container, as a
 # kubelet sets KUBERNETES_SERVICE_HOST: there the pool file stands in for the API server.
 POOL_FILE_ENV = "INFERGATE_POOL_FILE"
+
+# Set by the body-based router (bbr/) in front of the pickers, never by a client (the router
+# overwrites or removes a client's copy): the InferencePool that serves the body's `model`
+# (a ModelRoute name, a LoRA adapter or a Model's served name, resolved to its pool). Every
+# Model's HTTPRoute matches it against its pool's name, so many Models share one Gateway and
+# the same paths; the router clears Envoy's route cache after setting it.
+MODEL_NAME_HEADER = "x-gateway-model-name"

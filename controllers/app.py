@@ -85,6 +85,7 @@ class Standalone:
     autoscale_interval: float = 15.0
     eds_file: Path | None = None  # the local Envoy's endpoints of eds_pool (default: the only)
     eds_pool: str | None = None
+    eds_dir: Path | None = None  # every pool's endpoints, one file each (several Models)
     # The local picker's KV-event SUB, which every pod on this machine connects to.
     kv_sockets: KVEventSockets = field(default_factory=lambda: central_sockets(None))
     metrics: ControllerMetrics = field(default_factory=ControllerMetrics)
@@ -109,7 +110,11 @@ class Standalone:
             kv_sockets=self.kv_sockets,
         )
         exporter = PoolExporter(
-            store, self.pool_file, eds_file=self.eds_file, eds_pool=self.eds_pool
+            store,
+            self.pool_file,
+            eds_file=self.eds_file,
+            eds_pool=self.eds_pool,
+            eds_dir=self.eds_dir,
         )
         manifests = ManifestDirectory(store, self.manifests)
         for part in (runtime, *controllers, exporter, manifests):
@@ -137,6 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--envoy-eds-file", type=Path, help="standalone: write a pool's endpoints as Envoy EDS"
     )
     p.add_argument("--envoy-eds-pool", help="standalone: that pool (default: the only one)")
+    p.add_argument(
+        "--envoy-eds-dir",
+        type=Path,
+        help="standalone: write every pool's endpoints as Envoy EDS, DIR/<pool>.json each",
+    )
     p.add_argument("--namespace", default=None, help="kubernetes: watch one namespace")
     p.add_argument("--leader-elect", action="store_true", help="kubernetes: run several replicas")
     p.add_argument("--leader-namespace", default="infergate-system", help="where the Lease lives")
@@ -231,6 +241,7 @@ async def _serve_standalone(args: argparse.Namespace, stop: asyncio.Event) -> No
         args.autoscale_interval,
         eds_file=args.envoy_eds_file,
         eds_pool=args.envoy_eds_pool,
+        eds_dir=args.envoy_eds_dir,
         kv_sockets=kv_sockets(args),
     )
     start_http_server(args.metrics_port, addr=args.host, registry=app.metrics.registry)

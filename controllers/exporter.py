@@ -72,7 +72,8 @@ def _replace(path: Path, text: str) -> None:
 
 class PoolExporter:
     """Writes the pool file and, given eds_file, one pool's endpoints for the local Envoy
-    (eds_pool names it; by default the only pool there is)."""
+    (eds_pool names it; by default the only pool there is); given eds_dir, every pool's, each
+    in `<pool>.json` for a cluster named after the pool (several Models behind one Envoy)."""
 
     def __init__(
         self,
@@ -83,6 +84,7 @@ class PoolExporter:
         eds_file: Path | None = None,
         eds_pool: str | None = None,
         eds_cluster: str = "pool",
+        eds_dir: Path | None = None,
     ) -> None:
         self.store = store
         self.path = path
@@ -92,11 +94,15 @@ class PoolExporter:
         self.eds_cluster = eds_cluster
         self._last: str | None = None
         self._last_eds: str | None = None
+        self.eds_dir = eds_dir
+        self._last_eds_files: dict[str, str] = {}
         self._task: asyncio.Task | None = None
 
     async def write_once(self) -> bool:
         if self.eds_file is not None:
             await self._write_eds()
+        if self.eds_dir is not None:
+            await self._write_eds_dir()
         text = await snapshot(self.store)
         if text == self._last:
             return False
@@ -116,6 +122,20 @@ class PoolExporter:
         if text != self._last_eds:
             _replace(self.eds_file, text)
             self._last_eds = text
+
+    async def _write_eds_dir(self) -> None:
+        """One file per pool; a pool that goes away keeps its last file (its cluster in
+        Envoy's static config stays too) with no endpoints."""
+        pools, _ = await self.store.list(INFERENCE_POOL)
+        pods, _ = await self.store.list(POD)
+        texts = {name: envoy_eds.discovery_response(name, []) for name in self._last_eds_files}
+        for pool in pools:
+            name = pool["metadata"]["name"]
+            texts[name] = envoy_eds.discovery_response(name, envoy_eds.pool_endpoints(pool, pods))
+        for name, text in texts.items():
+            if self._last_eds_files.get(name) != text:
+                _replace(self.eds_dir / f"{name}.json", text)
+                self._last_eds_files[name] = text
 
     async def start(self) -> None:
         await self.write_once()

@@ -103,6 +103,19 @@ class PickerOptions:
     replica_sync_discovery: ServiceRef | None = None
 
 
+def add_tls_flags(p: argparse.ArgumentParser) -> None:
+    """--secure-serving and --cert-path, as the picker and the body-based router take them."""
+    p.add_argument(
+        "--secure-serving",
+        type=boolean,
+        default=True,
+        nargs="?",
+        const=True,
+        help="TLS on the ext_proc port (default true; --secure-serving=false)",
+    )
+    p.add_argument("--cert-path", type=Path, help="directory with tls.crt and tls.key")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="infergate epp", description="The endpoint picker: an Envoy ext_proc server."
@@ -131,15 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --provider file: YAML file or directory with the InferencePool "
         "and its Pods (repeatable); reloaded on change",
     )
-    p.add_argument(
-        "--secure-serving",
-        type=boolean,
-        default=True,
-        nargs="?",
-        const=True,
-        help="TLS on the ext_proc port (default true; --secure-serving=false)",
-    )
-    p.add_argument("--cert-path", type=Path, help="directory with tls.crt and tls.key")
+    add_tls_flags(p)
     p.add_argument("--refresh-metrics-interval", type=duration, default=0.05)
     p.add_argument(
         "--idle-metrics-interval",

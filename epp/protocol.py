@@ -149,8 +149,14 @@ def empty_response_trailers() -> pb.ProcessingResponse:
 
 
 def immediate(
-    status: int, body: dict, headers: dict[str, str] | None = None
+    status: int,
+    body: dict,
+    headers: dict[str, str] | None = None,
+    *,
+    details: str = "infergate_epp",
 ) -> pb.ProcessingResponse:
+    """An answer in place of the pod's; `details` (with the status) is what Envoy's access
+    log shows as the response code details: who answered."""
     payload = json.dumps(body).encode()
     sets = [_set("content-type", "application/json")]
     sets += [_set(k, v) for k, v in (headers or {}).items()]
@@ -159,7 +165,7 @@ def immediate(
             status=http_status_pb2.HttpStatus(code=status),
             headers=pb.HeaderMutation(set_headers=sets),
             body=payload,
-            details=f"infergate_epp_{status}",
+            details=f"{details}_{status}",
         )
     )
 

@@ -15,16 +15,18 @@ import msgspec
 
 from infergw.api.names import SESSION_HEADER, USER_HEADER
 from infergw.epp.errors import PickerError
-from infergw.epp.json_splice import find_member, set_member
+from infergw.epp.json_splice import set_member
 from infergw.epp.request_body import (
     STREAM_OPTIONS,
     TEXT,
     RequestBody,
     StreamOptions,
+    check_routed_member,
     decode_body,
     decode_field,
     decode_raw,
     present,
+    requested_model,
 )
 from infergw.epp.worker_lane import WorkerLane
 
@@ -232,26 +234,13 @@ def parse_request(
     if api is None:
         raise PickerError(404, f"no inference API at path {path!r}")
     body = decode_body(raw_body)
-    model = decode_field(body.model, "model", TEXT) if present(body.model) else None
-    if not model:
-        raise PickerError(400, "'model' is required and must be a non-empty string", param="model")
+    model = requested_model(body)
     stream_options = None
     if present(body.stream_options):
         stream_options = decode_field(body.stream_options, "stream_options", STREAM_OPTIONS)
-    # The members the picker routes on and may rewrite must be where it finds them: once,
-    # named without escapes. Else the engine could read another copy than the picker did
-    # (`{"model":"a","mod\u0065l":"a"}`: a rewrite would change the first, the engine reads
-    # the second) or the rewrite would find no copy to change.
-    for name, raw in (("model", body.model), ("stream_options", body.stream_options)):
-        if not len(raw):
-            continue
-        member = find_member(raw_body, name)  # one pass over the body per member
-        if member.count > 1:
-            raise PickerError(400, f"the member {name!r} appears more than once", param=name)
-        if member.offset is None:
-            raise PickerError(
-                400, f"the member name {name!r} must be written without escapes", param=name
-            )
+    # The members the picker routes on and may rewrite: once, named without escapes.
+    check_routed_member(raw_body, "model", body.model)
+    check_routed_member(raw_body, "stream_options", body.stream_options)
     return InferenceRequest(
         request_id=headers.get("x-request-id") or str(uuid.uuid4()),
         path=path,

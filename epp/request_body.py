@@ -17,7 +17,7 @@ from typing import Annotated
 import msgspec
 
 from infergw.epp.errors import PickerError
-from infergw.epp.json_splice import JSON_STRING
+from infergw.epp.json_splice import JSON_STRING, find_member
 
 # An upper bound on max_tokens and its kin. vLLM bounds them by the model's context window,
 # which the picker does not know; 2**24 is above every context window served today, and keeps
@@ -112,6 +112,29 @@ def _decode(decoder: msgspec.json.Decoder, data, field: str):
 
 TEXT = msgspec.json.Decoder(str)
 STREAM_OPTIONS = msgspec.json.Decoder(StreamOptions)
+
+
+def requested_model(body: RequestBody) -> str:
+    """The body's `model`: PickerError 400 unless it is a non-empty string."""
+    model = decode_field(body.model, "model", TEXT) if present(body.model) else None
+    if not model:
+        raise PickerError(400, "'model' is required and must be a non-empty string", param="model")
+    return model
+
+
+def check_routed_member(raw_body: bytes, name: str, raw: msgspec.Raw) -> None:
+    """A member a router reads (and may rewrite) must be where every reader finds it: once,
+    named without escapes. Else an engine could read another copy than the router did
+    (`{"model":"a","mod\\u0065l":"b"}`) or a rewrite would find no copy to change."""
+    if not len(raw):
+        return
+    member = find_member(raw_body, name)  # one pass over the body
+    if member.count > 1:
+        raise PickerError(400, f"the member {name!r} appears more than once", param=name)
+    if member.offset is None:
+        raise PickerError(
+            400, f"the member name {name!r} must be written without escapes", param=name
+        )
 
 
 def _check_utf8(raw_body: bytes) -> None:

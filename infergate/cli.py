@@ -10,6 +10,8 @@ USAGE = """usage: infergate <command> [args...]
 commands:
   up         the local stack from an example directory (infergate up examples/quickstart)
   epp        the endpoint picker, an Envoy ext_proc server (python -m infergw.epp)
+  bbr        body-based routing: the body's model -> the InferencePool's header, an ext_proc
+             server in front of the pickers (python -m infergw.bbr)
   controllers  reconcile Models, ModelInfers and autoscaling (python -m infergw.controllers)
   connector  the P/D sidecar: prefill remotely, decode locally (python -m infergw.connector)
   simulate   a vLLM-compatible model server without GPUs (python -m infergw.simulator)
@@ -58,6 +60,10 @@ def main(argv: list[str] | None = None) -> int:
         from infergw.epp.app import main as epp
 
         return epp(rest)
+    if command == "bbr":
+        from infergw.bbr.app import main as bbr
+
+        return bbr(rest)
     if command == "controllers":
         from infergw.controllers.app import main as controllers
 

@@ -2,9 +2,9 @@
 component that exits is restarted (at once, then after the kubelet's back-off: 10 s doubling
 to 5 min).
 
-DIR is an example directory (default examples/quickstart): a Model and the picker's
-EndpointPickerConfig, and optionally an Envoy Gateway SecurityPolicy with the Secret holding
-its API keys. The standalone controllers run the Model's pods as local processes (its
+DIR is an example directory (default examples/quickstart): a Model (or several) and the
+picker's EndpointPickerConfig, and optionally an Envoy Gateway SecurityPolicy with the Secret
+holding its API keys. The standalone controllers run the Model's pods as local processes (its
 engine's command, `vllm serve` for vLLM, if the engine is installed here; the simulator for
 engine type Simulator), and it waits until every pod of the pool is ready, a line per pod
 as it starts (120 s for the simulator, 20 min for a real engine). The endpoint picker (file
@@ -17,6 +17,13 @@ unless --no-auth.
 --pickers N runs N pickers side by side (the second on 9102/9103/9190, the third on 9202/...):
 Envoy spreads requests over them, health-checks each and stops sending to one that dies;
 each one subscribes to every pod's KV events (the pods bind their own, per-pod mode).
+
+Several Models in DIR (examples/two-models): one Envoy serves them all on the same paths. Each
+Model's pool gets its own picker(s) (the second pool's first picker on 9102/9103/9190 ...),
+and the body-based router (`infergate bbr`, ext_proc on 9012, health 9013, metrics 9092) runs
+first: it reads the body's `model` (a served name, a LoRA adapter, a ModelRoute name), sets
+x-gateway-model-name to the pool that serves it, and Envoy's route for that pool runs that
+pool's picker; an unknown model is a 404 `model_not_found`.
 """
 
 from __future__ import annotations
@@ -142,9 +149,10 @@ def main(argv: list[str] | None = None) -> int:
     # While starting, Ctrl-C (KeyboardInterrupt) or SIGTERM stops what has started.
     signal.signal(signal.SIGTERM, _interrupt)
     engine = "the simulator" if example.runs_simulator else "a real engine: loading the model"
+    models = ", ".join(repr(m.pool_name) for m in example.each)
     print(
-        f"infergate up: starting {example.pod_count()} pods of Model {example.pool_name!r} "
-        f"({engine}; waiting up to {stack.cfg.pod_timeout:.0f} s)",
+        f"infergate up: starting {example.pod_count()} pods of Model{'s' * example.several} "
+        f"{models} ({engine}; waiting up to {stack.cfg.pod_timeout:.0f} s)",
         flush=True,
     )
     try:
@@ -157,14 +165,13 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     name = example.served_name
-    pods = stack.pod_addresses
     auth = stack.cfg.auth
     credential = f"\n    {auth.curl_args()} \\" if auth else ""
     print(
         f"""
-infergate up: Envoy on {stack.url} -> {_pickers_line(stack)}
-  -> {len(pods)} pods serving {name!r} on {", ".join(pods)}
-  Model {example.pool_name!r} from {example.directory} (edit it: the controllers apply changes)
+infergate up: Envoy on {stack.url} -> {_serving_lines(stack, example)}
+  {"Models" if example.several else "Model"} {models} from {example.directory}
+  (edit it: the controllers apply changes)
   auth: {_auth_line(example, args.no_auth)}
   logs and configs: {workdir} (pods' logs in {workdir / "state" / "pods"})
 
@@ -189,17 +196,43 @@ def pickers_problem(pickers: int, example: Example) -> str | None:
     """Why this many pickers cannot run the example here, or None. Several pickers need
     each pod to bind its KV-event PUB on its own address; vLLM binds only `*`, so on one
     machine only one real engine pod can."""
-    if pickers > 1 and not example.runs_simulator and example.pod_count() > 1:
-        return (
-            f"--pickers {pickers} needs each pod to bind its KV events on its own address, "
-            f"which vLLM does not do (it binds '*'); run one pod, one picker, or the "
-            "simulator (engine.type: Simulator)"
-        )
+    if (pickers > 1 or example.several) and not example.runs_simulator:
+        if example.pod_count() > 1:
+            what = "several Models" if example.several else f"--pickers {pickers}"
+            return (
+                f"{what} need each pod to bind its KV events on its own address, which vLLM "
+                "does not do (it binds '*'); run one pod, one picker, or the simulator "
+                "(engine.type: Simulator)"
+            )
     return None
 
 
-def _pickers_line(stack: LocalStack) -> str:
-    ports = [stack.picker_ports(i) for i in stack.picker_indexes]
+def _serving_lines(stack: LocalStack, example: Example) -> str:
+    """Where requests go: the picker(s) and pods, or, with several Models, the router and
+    each Model's pickers and pods."""
+    if not example.several:
+        pods = stack.pod_addresses
+        return (
+            f"{_pickers_line(stack, stack.picker_indexes)}\n"
+            f"  -> {len(pods)} pods serving {example.served_name!r} on {', '.join(pods)}"
+        )
+    router = stack.cfg.ports.router
+    lines = [
+        f"body-based router (127.0.0.1:{router.grpc}, metrics :{router.metrics}: "
+        f"curl 127.0.0.1:{router.metrics}/debug/pools)"
+    ]
+    for plan, model in zip(stack.plans, example.each, strict=True):
+        pods = sorted(stack.picker_endpoints(stack.pickers_of(plan)[0]))
+        pickers = _pickers_line(stack, stack.pickers_of(plan))
+        lines.append(
+            f"  -> Model {plan.name!r} ({model.served_name!r}): {pickers}\n"
+            f"     -> {len(pods)} pods on {', '.join(pods)}"
+        )
+    return "\n".join(lines)
+
+
+def _pickers_line(stack: LocalStack, indexes) -> str:
+    ports = [stack.picker_ports(i) for i in indexes]
     if len(ports) == 1:
         return f"endpoint picker (127.0.0.1:{ports[0].grpc}, metrics :{ports[0].metrics})"
     each = ", ".join(f"127.0.0.1:{p.grpc} (metrics :{p.metrics})" for p in ports)

@@ -3,16 +3,54 @@
 from __future__ import annotations
 
 import ipaddress
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import jinja2
 import yaml
 
+from infergw.api.names import MODEL_NAME_HEADER
 from infergw.stack.auth import AuthConfig, http_filters
-from infergw.stack.ports import PickerPorts
+from infergw.stack.ports import PickerPorts, RouterPorts
 
 TEMPLATE = Path(__file__).resolve().parent.parent / "gateway-manifests" / "local" / "envoy.yaml.j2"
+
+
+# One pool alone: its clusters keep the names they always had.
+POOL_CLUSTER = "pool"
+PICKER_CLUSTER = "endpoint-picker"
+# The answer to a request the router gave no pool (no body, or one passed on unread).
+NO_POOL_ANSWER = {
+    "error": {
+        "message": "this gateway serves several models: send a JSON body naming one in 'model'",
+        "type": "invalid_request_error",
+        "param": "model",
+        "code": "model_not_found",
+    }
+}
+
+
+@dataclass(frozen=True, slots=True)
+class PoolRoute:
+    """One InferencePool behind Envoy: its pods' cluster (EDS from the controllers when
+    eds_path is set) and its pickers' ext_proc cluster."""
+
+    name: str
+    pickers: list[PickerPorts]
+    eds_path: str | None = None
+    cluster: str = POOL_CLUSTER
+    picker_cluster: str = PICKER_CLUSTER
+
+    @property
+    def eds_dir(self) -> str | None:
+        return str(Path(self.eds_path).parent) if self.eds_path else None
+
+    @classmethod
+    def named(cls, name: str, pickers: list[PickerPorts], eds_path: str | None) -> PoolRoute:
+        """A pool among several: clusters named after it (the controllers' EDS files name
+        their cluster after the pool)."""
+        return cls(name, pickers, eds_path, cluster=name, picker_cluster=f"{PICKER_CLUSTER}/{name}")
 
 
 @dataclass(slots=True)
@@ -39,6 +77,15 @@ class EnvoySettings:
     picker_ca: str | None = None
     # True (a closed network): client-sent objective and fairness-id headers reach the picker.
     trust_client_headers: bool = False
+    # Several pools behind one listener (unset: the one pool of the fields above). With
+    # `router`, the body-based router picks among them by x-gateway-model-name.
+    pools: list[PoolRoute] | None = None
+    router: RouterPorts | None = None
+
+    def routed_pools(self) -> list[PoolRoute]:
+        if self.pools is not None:
+            return self.pools
+        return [PoolRoute("pool", self.pickers, self.eds_path)]
 
 
 def render(settings: EnvoySettings) -> str:
@@ -46,15 +93,24 @@ def render(settings: EnvoySettings) -> str:
         raise ValueError(
             f"failure mode must be FailOpen or FailClose, not {settings.failure_mode!r}"
         )
-    if not settings.endpoints and settings.eds_path is None:
+    pools = settings.routed_pools()
+    if not pools:
+        raise ValueError("Envoy needs at least one pool")
+    if not settings.endpoints and any(pool.eds_path is None for pool in pools):
         raise ValueError("the pool has no endpoints to put in the Envoy cluster")
-    if settings.with_picker and not settings.pickers:
+    if settings.with_picker and not all(pool.pickers for pool in pools):
         raise ValueError("the ext_proc cluster needs at least one picker")
+    if len(pools) > 1 and settings.router is None:
+        raise ValueError("several pools need the body-based router to choose among them")
     if settings.picker_tls and not settings.picker_ca:
         raise ValueError("TLS to the picker needs picker_ca: Envoy verifies its certificate")
     env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
     fields = {name: getattr(settings, name) for name in settings.__slots__}
-    fields["eds_dir"] = str(Path(settings.eds_path).parent) if settings.eds_path else None
+    fields["pools"] = pools
+    fields["bbr"] = settings.router
+    fields["model_name_header"] = MODEL_NAME_HEADER
+    # In single quotes in the YAML, where a quote is written twice.
+    fields["no_pool_body"] = json.dumps(NO_POOL_ANSWER).replace("'", "''")
     fields["request_filters"] = _as_filter_list(
         http_filters(settings.auth, settings.trust_client_headers)
     )

@@ -1,7 +1,8 @@
-"""An example directory (examples/quickstart, examples/pd, …): the objects the standalone
-controllers apply — one `Model` and whatever else it needs — the picker's
-`EndpointPickerConfig` beside them and, for Envoy, optionally an Envoy Gateway
-`SecurityPolicy` with the `Secret`s holding its API keys. `infergate up DIR` runs one."""
+"""An example directory (examples/quickstart, examples/pd, examples/two-models, …): the objects
+the standalone controllers apply — one `Model` or several, and whatever else they need — the
+pickers' `EndpointPickerConfig` beside them and, for Envoy, optionally an Envoy Gateway
+`SecurityPolicy` with the `Secret`s holding its API keys. `infergate up DIR` runs one; with
+several Models, one Envoy serves them all through the body-based router."""
 
 from __future__ import annotations
 
@@ -23,38 +24,12 @@ class ExampleError(ValueError):
     pass
 
 
-@dataclass(slots=True)
-class Example:
-    directory: Path
-    documents: dict[Path, list[dict]]  # every YAML file and its documents
-    model: dict
-    picker_config: Path | None
-    auth: AuthConfig | None = None  # from its SecurityPolicy and Secrets, if it has them
+@dataclass(frozen=True, slots=True)
+class ExampleModel:
+    """One Model of an example, as the stack needs it: its pool, the name it serves, its
+    tokenizer, its engine and its pods."""
 
-    @classmethod
-    def read(cls, directory: Path) -> Example:
-        if not directory.is_dir():
-            raise ExampleError(f"{directory} is not a directory")
-        documents: dict[Path, list[dict]] = {}
-        for path in sorted(directory.glob("*.y*ml")):
-            try:
-                text = yaml_files.read_text(path)
-                documents[path] = [d for d in yaml_files.safe_load_all(text) if d]
-            except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-                raise ExampleError(f"{path}: not readable YAML: {exc}") from exc
-        models = [d for docs in documents.values() for d in docs if d.get("kind") == "Model"]
-        if len(models) != 1:
-            raise ExampleError(f"{directory} must hold exactly one Model, not {len(models)}")
-        configs = [p for p, docs in documents.items() if _has(docs, "EndpointPickerConfig")]
-        if len(configs) > 1:
-            raise ExampleError(f"{directory} has more than one EndpointPickerConfig")
-        try:
-            auth = AuthConfig.from_objects(
-                (d for docs in documents.values() for d in docs), str(directory)
-            )
-        except AuthError as exc:
-            raise ExampleError(str(exc)) from None
-        return cls(directory, documents, models[0], configs[0] if configs else None, auth)
+    model: dict
 
     @property
     def pool_name(self) -> str:
@@ -97,25 +72,103 @@ class Example:
         )
         return int(spec.get("replicas", 1)) * per_group
 
+
+@dataclass(slots=True)
+class Example:
+    directory: Path
+    documents: dict[Path, list[dict]]  # every YAML file and its documents
+    models: list[dict]  # in file order; the first is `model`
+    picker_config: Path | None
+    auth: AuthConfig | None = None  # from its SecurityPolicy and Secrets, if it has them
+
+    @classmethod
+    def read(cls, directory: Path) -> Example:
+        if not directory.is_dir():
+            raise ExampleError(f"{directory} is not a directory")
+        documents: dict[Path, list[dict]] = {}
+        for path in sorted(directory.glob("*.y*ml")):
+            try:
+                text = yaml_files.read_text(path)
+                documents[path] = [d for d in yaml_files.safe_load_all(text) if d]
+            except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+                raise ExampleError(f"{path}: not readable YAML: {exc}") from exc
+        models = [d for docs in documents.values() for d in docs if d.get("kind") == "Model"]
+        if not models:
+            raise ExampleError(f"{directory} holds no Model")
+        names = [(m.get("metadata") or {}).get("name") for m in models]
+        if len(set(names)) != len(names):
+            raise ExampleError(f"{directory}: two Models share a name ({names})")
+        configs = [p for p, docs in documents.items() if _has(docs, "EndpointPickerConfig")]
+        if len(configs) > 1:
+            raise ExampleError(f"{directory} has more than one EndpointPickerConfig")
+        try:
+            auth = AuthConfig.from_objects(
+                (d for docs in documents.values() for d in docs), str(directory)
+            )
+        except AuthError as exc:
+            raise ExampleError(str(exc)) from None
+        return cls(directory, documents, models, configs[0] if configs else None, auth)
+
+    @property
+    def model(self) -> dict:
+        """The Model (the first, when there are several)."""
+        return self.models[0]
+
+    @property
+    def each(self) -> list[ExampleModel]:
+        return [ExampleModel(m) for m in self.models]
+
+    @property
+    def several(self) -> bool:
+        """More than one Model: one Envoy serves them through the body-based router."""
+        return len(self.models) > 1
+
+    @property
+    def pool_name(self) -> str:
+        return self.each[0].pool_name
+
+    @property
+    def served_name(self) -> str:
+        return self.each[0].served_name
+
+    @property
+    def tokenizer_dir(self) -> Path | None:
+        return self.each[0].tokenizer_dir
+
+    @property
+    def runs_simulator(self) -> bool:
+        """Whether every Model runs the simulator."""
+        return all(m.runs_simulator for m in self.each)
+
+    def pod_count(self) -> int:
+        """Every Model's pods."""
+        return sum(m.pod_count() for m in self.each)
+
     def with_changes(
         self, into: Path, *, replicas: int | None = None, engine_args: list[str] = ()
     ) -> Example:
-        """A copy of the example in `into`, its Model with these replicas and extra engine
+        """A copy of the example in `into`, its Models with these replicas and extra engine
         arguments; the copy is what the controllers then watch."""
         into.mkdir(parents=True, exist_ok=True)
-        model = copy.deepcopy(self.model)
-        if replicas is not None:
-            model["spec"]["replicas"] = replicas
-        if engine_args:
-            engine = model["spec"].setdefault("engine", {})
-            engine["args"] = [*(engine.get("args") or []), *engine_args]
+        changed = {id(m): _changed(m, replicas, engine_args) for m in self.models}
         documents = {}
         for path, docs in self.documents.items():
-            docs = [model if d is self.model else d for d in docs]
+            docs = [changed.get(id(d), d) for d in docs]
             documents[into / path.name] = docs
             (into / path.name).write_text(yaml.safe_dump_all(docs, sort_keys=False))
         config = into / self.picker_config.name if self.picker_config else None
-        return Example(into, documents, model, config, self.auth)
+        models = [changed[id(m)] for m in self.models]
+        return Example(into, documents, models, config, self.auth)
+
+
+def _changed(model: dict, replicas: int | None, engine_args: list[str]) -> dict:
+    model = copy.deepcopy(model)
+    if replicas is not None:
+        model["spec"]["replicas"] = replicas
+    if engine_args:
+        engine = model["spec"].setdefault("engine", {})
+        engine["args"] = [*(engine.get("args") or []), *engine_args]
+    return model
 
 
 def _has(docs: list[dict], kind: str) -> bool:

@@ -29,7 +29,7 @@ from infergw.api import yaml_files
 from infergw.api.names import ENGINE_LABEL, KV_EVENTS_PORT, KV_REPLAY_PORT
 from infergw.cluster.certs import serving_cert
 from infergw.stack.auth import AuthConfig
-from infergw.stack.envoy_config import EnvoySettings, render
+from infergw.stack.envoy_config import EnvoySettings, PoolRoute, render
 from infergw.stack.lifetime import spawn
 from infergw.stack.pods import StartReport, pool_pods
 from infergw.stack.ports import PickerPorts, StackPorts
@@ -43,6 +43,17 @@ DEFAULT_MODEL_DIR = ROOT / "simulator" / "default_model"
 PICKER_HOST = "127.0.0.1"  # where Envoy dials the picker: its certificate's SAN
 SIMULATOR_POD_TIMEOUT = 120.0  # seconds for simulator pods to be ready
 ENGINE_POD_TIMEOUT = 1200.0  # for real engines: loading a model (and fetching it) takes long
+
+
+@dataclass(frozen=True, slots=True)
+class PoolPlan:
+    """One InferencePool of the stack: its name, the model name its pods serve (the picker's
+    tokenizer key), that tokenizer, and the pods it waits for."""
+
+    name: str
+    served_model_name: str
+    tokenizer_dir: Path | None = None
+    expect_pods: int = 0
 
 
 @dataclass(slots=True)
@@ -89,11 +100,19 @@ class StackConfig:
     # True (a closed network): Envoy lets client-sent objective and fairness-id headers
     # through and the picker honours them (--trust-client-headers on both).
     trust_client_headers: bool = False
+    # Several Models from manifests: one pool each, each with `pickers` pickers of its own,
+    # and the body-based router in front choosing among them (the pool_name,
+    # served_model_name, tokenizer_dir and expect_pods fields above are then unused).
+    pools: list[PoolPlan] = field(default_factory=list)
 
     @classmethod
     def from_example(cls, example, workdir: Path, ports: StackPorts, **kw) -> StackConfig:
         """A stack that runs an example directory (stack.example.Example) through the
         controllers; `kw` sets any other field."""
+        several = [
+            PoolPlan(m.pool_name, m.served_name, m.tokenizer_dir, m.pod_count())
+            for m in example.each
+        ]
         return cls(
             workdir=workdir,
             ports=ports,
@@ -105,6 +124,7 @@ class StackConfig:
             expect_pods=example.pod_count(),
             pod_timeout=SIMULATOR_POD_TIMEOUT if example.runs_simulator else ENGINE_POD_TIMEOUT,
             auth=example.auth,
+            pools=several if example.several else [],
             **kw,
         )
 
@@ -143,6 +163,14 @@ class LocalStack:
         self.failure_mode = cfg.failure_mode or "FailClose"
         if cfg.pickers < 1:
             raise ValueError(f"a stack needs at least one picker, not {cfg.pickers}")
+        if len(cfg.pools) > 1 and not self.from_manifests:
+            raise ValueError("several pools come from manifests (their Models) only")
+        # The pools, each with its pickers; the body-based router chooses among several.
+        self.plans = cfg.pools or [
+            PoolPlan(cfg.pool_name, cfg.served_model_name, cfg.tokenizer_dir, cfg.expect_pods)
+        ]
+        self.several = len(self.plans) > 1
+        self.eds_dir = cfg.workdir / "eds"
         if cfg.pickers > 1 and not self.from_manifests and cfg.ports.kv_pub_base is None:
             raise ValueError(
                 "several pickers need per-pod KV events (each connects to every pod): set "
@@ -195,12 +223,20 @@ class LocalStack:
         """Whether each picker connects to every pod's KV-event PUB (else the one picker binds
         a socket the pods connect to). From manifests, several pickers need it."""
         if self.from_manifests:
-            return self.cfg.pickers > 1
+            return self.cfg.pickers > 1 or self.several
         return self.cfg.ports.kv_pub_base is not None
 
     @property
     def picker_indexes(self) -> range:
-        return range(self.cfg.pickers)
+        """Every picker: pool p's are p * cfg.pickers ... (p + 1) * cfg.pickers - 1."""
+        return range(self.cfg.pickers * len(self.plans))
+
+    def plan_of(self, index: int) -> PoolPlan:
+        """The pool picker `index` serves."""
+        return self.plans[index // self.cfg.pickers]
+
+    def pickers_of(self, plan: PoolPlan) -> list[int]:
+        return [i for i in self.picker_indexes if self.plan_of(i) is plan]
 
     def picker_ports(self, index: int = 0) -> PickerPorts:
         return self.cfg.ports.picker_ports(index)
@@ -287,6 +323,8 @@ class LocalStack:
         c = self.cfg
         for stale in (self.pool_path, self.eds_path):  # an earlier run's, in a reused workdir
             stale.unlink(missing_ok=True)
+        for plan in self.plans:
+            self._eds_file(plan).unlink(missing_ok=True)
         cmd = [
             sys.executable,
             "-m",
@@ -297,10 +335,7 @@ class LocalStack:
             str(c.workdir / "state"),
             "--pool-file",
             str(self.pool_path),
-            "--envoy-eds-file",
-            str(self.eds_path),
-            "--envoy-eds-pool",
-            self.pool_name,
+            *self._eds_args(),
             "--host",
             "127.0.0.1",
             "--metrics-port",
@@ -309,12 +344,25 @@ class LocalStack:
         ]
         # From the project root, where the examples' relative file:// model paths start.
         proc = self._spawn("controllers", cmd, cwd=ROOT)
+        names = [plan.name for plan in self.plans]
         wait_until(
-            lambda: self.eds_path.exists() and _has_pool(self.pool_path, self.pool_name),
+            lambda: (
+                all(self._eds_file(p).exists() for p in self.plans)
+                and all(_has_pool(self.pool_path, name) for name in names)
+            ),
             30,
             proc,
-            f"the controllers to write InferencePool {self.pool_name} to {self.pool_path}",
+            f"the controllers to write InferencePool {', '.join(names)} to {self.pool_path}",
         )
+
+    def _eds_file(self, plan: PoolPlan) -> Path:
+        """Where the controllers write the pool's endpoints for Envoy."""
+        return self.eds_dir / f"{plan.name}.json" if self.several else self.eds_path
+
+    def _eds_args(self) -> list[str]:
+        if self.several:
+            return ["--envoy-eds-dir", str(self.eds_dir)]
+        return ["--envoy-eds-file", str(self.eds_path), "--envoy-eds-pool", self.pool_name]
 
     def _controllers_kv_args(self) -> list[str]:
         """One picker: the pods publish KV events to its socket, from their own address
@@ -333,22 +381,24 @@ class LocalStack:
         """Until every pod of the pool is ready and the picker sees them all (at least
         expect_pods; pods start in parallel), telling cfg.progress each pod's state as it
         changes. A pod whose engine is not installed here fails the wait at once."""
-        want = self.cfg.expect_pods
+        want = sum(plan.expect_pods for plan in self.plans)
         timeout = self.cfg.pod_timeout if timeout is None else timeout
         report = StartReport()
         started = time.monotonic()
 
         def all_ready() -> bool:
-            pods = pool_pods(self.pool_path, self.pool_name)
+            by_pool = {plan.name: pool_pods(self.pool_path, plan.name) for plan in self.plans}
+            pods = [pod for each in by_pool.values() for pod in each]
             if self.cfg.progress is not None:
                 for line in report.lines(pods, time.monotonic() - started):
                     self.cfg.progress(line)
             missing = next((p for p in pods if p.not_installed), None)
             if missing is not None:
                 raise RuntimeError(f"pod {missing.name} cannot start: {missing.message}")
-            count = max(want, len(pods))
             return all(p.ready for p in pods) and all(
-                len(self.picker_endpoints(i)) >= count for i in self.picker_indexes
+                len(self.picker_endpoints(i)) >= max(plan.expect_pods, len(by_pool[plan.name]))
+                for plan in self.plans
+                for i in self.pickers_of(plan)
             )
 
         wait_until(
@@ -371,6 +421,7 @@ class LocalStack:
 
     def _start_picker(self, index: int) -> None:
         c = self.cfg
+        plan = self.plan_of(index)
         ports = self.picker_ports(index)
         cmd = [
             sys.executable,
@@ -389,7 +440,7 @@ class LocalStack:
             "--pool-file",
             str(self.pool_path),
             "--pool-name",
-            self.pool_name,
+            plan.name,
             "--fallback-endpoints",
             str(c.fallbacks),
             f"--secure-serving={'true' if c.picker_tls else 'false'}",
@@ -403,7 +454,7 @@ class LocalStack:
             # port the controllers write; fixed pods share 127.0.0.1, one port each.
             str(KV_REPLAY_PORT if self.from_manifests else c.ports.kv_replay_base),
             "--tokenizer",
-            f"{c.served_model_name}={c.tokenizer_dir or c.model or DEFAULT_MODEL_DIR}",
+            f"{plan.served_model_name}={plan.tokenizer_dir or c.model or DEFAULT_MODEL_DIR}",
             *c.picker_args,
         ]
         if c.picker_config:
@@ -426,14 +477,13 @@ class LocalStack:
         other's (epp/replica_sync.py), so a prefix one chose moments ago draws the others too."""
         if self.cfg.pickers == 1:
             return []
-        endpoints = [
-            f"tcp://127.0.0.1:{self.picker_ports(i).replica_sync}" for i in self.picker_indexes
-        ]
+        peers = self.pickers_of(self.plan_of(index))  # the pickers of its own pool
+        endpoints = {i: f"tcp://127.0.0.1:{self.picker_ports(i).replica_sync}" for i in peers}
         return [
             "--replica-sync-bind",
             endpoints[index],
             "--replica-sync-peers",
-            ",".join(endpoints),
+            ",".join(endpoints.values()),
         ]
 
     def restart_pod(self, address: str) -> None:
@@ -468,6 +518,8 @@ class LocalStack:
                     response_bodies=c.response_bodies,
                     eds_path=str(self.eds_path) if self.from_manifests else None,
                     auth=c.auth,
+                    pools=self._routed_pools() if self.several else None,
+                    router=c.ports.router if self.several else None,
                 )
             )
         )
@@ -486,6 +538,44 @@ class LocalStack:
         )
         wait_http(f"http://127.0.0.1:{c.ports.envoy_admin}/ready", 30, proc)
 
+    def _routed_pools(self) -> list[PoolRoute]:
+        return [
+            PoolRoute.named(
+                plan.name,
+                [self.picker_ports(i) for i in self.pickers_of(plan)],
+                str(self._eds_file(plan)),
+            )
+            for plan in self.plans
+        ]
+
+    def start_router(self) -> None:
+        """The body-based router (several pools): it reads the same pool file as the pickers
+        (every pool, route and server the controllers export) and serves with the pickers'
+        certificate, which Envoy verifies by the same CA."""
+        c = self.cfg
+        ports = c.ports.router
+        cmd = [
+            sys.executable,
+            "-m",
+            "infergw.bbr",
+            "--host",
+            PICKER_HOST,
+            "--grpc-port",
+            str(ports.grpc),
+            "--grpc-health-port",
+            str(ports.health),
+            "--metrics-port",
+            str(ports.metrics),
+            "--provider",
+            "file",
+            "--pool-file",
+            str(self.pool_path),
+            f"--secure-serving={'true' if c.picker_tls else 'false'}",
+            *(["--cert-path", str(self.picker_tls_dir)] if c.picker_tls else []),
+        ]
+        proc = self._spawn("router", cmd)
+        wait_http(f"http://127.0.0.1:{ports.metrics}/healthz", 30, proc)
+
     def pickers_healthy_in_envoy(self) -> bool:
         """Whether Envoy's health checks pass every picker (a restarted one is ejected or
         unchecked for a moment, and FailClose requests fail meanwhile)."""
@@ -498,7 +588,7 @@ class LocalStack:
         flags = [
             line.rsplit("::", 1)[1]
             for line in lines
-            if line.startswith("endpoint-picker::") and "::health_flags::" in line
+            if line.startswith("endpoint-picker") and "::health_flags::" in line
         ]
         return len(flags) == len(self.picker_indexes) and all(f == "healthy" for f in flags)
 
@@ -517,6 +607,8 @@ class LocalStack:
                 # gets no request before it is up.
                 self.start_controllers()
                 self.start_picker()
+                if self.several:
+                    self.start_router()
                 self.start_envoy()
                 self.wait_for_endpoints()
                 return self

@@ -24,6 +24,16 @@ class PickerPorts:
     replica_sync: int
 
 
+@dataclass(frozen=True, slots=True)
+class RouterPorts:
+    """The body-based router's ports (several Models behind one Envoy): ext_proc, its gRPC
+    health, metrics."""
+
+    grpc: int
+    health: int
+    metrics: int
+
+
 @dataclass(slots=True)
 class StackPorts:
     """Where a local stack listens; the defaults are what `infergate up` uses."""
@@ -42,6 +52,8 @@ class StackPorts:
     # picker binds kv_events and the pods connect to it (central mode).
     kv_pub_base: int | None = None
     controllers_metrics: int = 9091
+    # The body-based router, which runs with several Models only.
+    router: RouterPorts = field(default_factory=lambda: RouterPorts(9012, 9013, 9092))
     # The ports of pickers 1..N-1 (picker 0's are the three above); unset, they follow
     # PICKER_PORT_STRIDE. free_stack_ports fills it with free ones.
     more_pickers: list[PickerPorts] = field(default_factory=list)
@@ -110,6 +122,7 @@ def free_stack_ports(pods: int = 1, per_pod_kv: bool = False, pickers: int = 1) 
         kv_replay_base=free_port_run(pods),
         kv_pub_base=free_port_run(pods) if per_pod_kv else None,
         controllers_metrics=free_port(),
+        router=RouterPorts(free_port(), free_port(), free_port()),
         more_pickers=[
             PickerPorts(free_port(), free_port(), free_port(), free_port())
             for _ in range(pickers - 1)

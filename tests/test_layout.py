@@ -34,6 +34,9 @@ FLOORS: dict[str, set[str]] = {
     "epp": {"api", "cluster", "kvindex"},
     "controllers": {"api", "cluster"},
     "connector": {"api", "cluster"},
+    # The body-based router reads bodies and routes as the picker does, with its code
+    # (epp/request_body.py, epp/routing/): it stands beside the stack, above the picker.
+    "bbr": {"api", "cluster", "epp"},
     # The stack starts the controllers and the picker as processes and makes the certificate
     # the picker serves with (cluster.certs): a downward import, never the other way.
     "stack": {"api", "cluster"},

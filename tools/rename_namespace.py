@@ -40,6 +40,7 @@ SUBPACKAGES = (
     "kvindex",
     "simulator",
     "epp",
+    "bbr",
     "connector",
     "controllers",
     "stack",

@@ -97,7 +97,7 @@ class RouteTable:
         route = self._by_model.get(model)
         if route is None:
             return None
-        rule = next((r for r in route.spec.rules if _rule_matches(r, headers, path)), None)
+        rule = next((r for r in route.spec.rules if rule_matches(r, headers, path)), None)
         if rule is None:
             raise PickerError(
                 404, f"no rule of ModelRoute {route.metadata.name} matches this request"
@@ -179,7 +179,8 @@ def _typed(obj: dict[str, Any]) -> ModelRoute | ModelServer | None:
     return typed  # type: ignore[return-value]
 
 
-def _rule_matches(rule, headers: dict[str, str], path: str) -> bool:
+def rule_matches(rule, headers: dict[str, str], path: str) -> bool:
+    """Whether a rule's modelMatch holds for these (lower-case) headers and path."""
     match = rule.model_match
     if match is None:
         return True

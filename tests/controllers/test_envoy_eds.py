@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from infergw.cluster.store import POD
+from infergw.cluster.store import INFERENCE_POOL, POD
 from infergw.controllers.envoy_eds import discovery_response, pool_endpoints
 from infergw.controllers.exporter import PoolExporter
 from infergw.controllers.memory_store import MemoryStore
@@ -88,3 +88,29 @@ async def test_the_exporter_keeps_the_eds_file_current(tmp_path):
     await exporter.write_once()
     assert json.loads(eds.read_text())["resources"][0]["endpoints"] == []
     assert not list(eds.parent.glob(".*.tmp"))
+
+
+async def test_with_a_directory_every_pool_has_its_own_file_and_cluster(tmp_path):
+    """Several Models behind one Envoy: a file per pool, each for the cluster named after it;
+    a pool that goes away keeps a file with no endpoints (its cluster stays in Envoy)."""
+    store = MemoryStore()
+    other = json.loads(json.dumps(POOL))
+    other["metadata"]["name"] = "other"
+    other["spec"]["selector"]["matchLabels"] = {"app": "other"}
+    for obj in (json.loads(json.dumps(POOL)), other):
+        await store.create(obj)
+    p = await store.create({**pod("a"), "spec": {"containers": [{"name": "e"}]}})
+    p["status"] = pod("a", "127.0.0.2")["status"]
+    await store.update_status(p)
+    exporter = PoolExporter(store, tmp_path / "pool.yaml", eds_dir=tmp_path / "eds")
+    await exporter.write_once()
+
+    def assignment(name):
+        return json.loads((tmp_path / "eds" / f"{name}.json").read_text())["resources"][0]
+
+    assert assignment("tiny")["cluster_name"] == "tiny"
+    assert len(assignment("tiny")["endpoints"][0]["lb_endpoints"]) == 2
+    assert assignment("other")["cluster_name"] == "other" and assignment("other")["endpoints"] == []
+    await store.delete(INFERENCE_POOL, "default", "tiny")
+    await exporter.write_once()
+    assert assignment("tiny")["endpoints"] == []

@@ -23,12 +23,13 @@ from tests.crd_eval import KINDS as OUR_KINDS
 from tests.crd_eval import all_cel_errors, schema_errors
 from tests.paths import ROOT
 
-RUNNABLE = ["quickstart", "pd", "fairness"]
+RUNNABLE = ["quickstart", "pd", "fairness", "two-models"]
 # What each example gives the controllers besides its Model.
 OTHER_KINDS = {
     "quickstart": [],
     "pd": [],
     "fairness": ["InferenceObjective"] * 2 + ["ModelRoute"] * 2 + ["ModelServer"],
+    "two-models": ["Model", "ModelRoute"],  # a second Model, and a route to it
 }
 
 
@@ -128,13 +129,17 @@ def test_workers_count_as_pods(tmp_path):
     assert Example.read(tmp_path).tokenizer_dir is None  # a hub model: no local tokenizer
 
 
-def test_an_example_needs_exactly_one_model(tmp_path):
+def test_an_example_needs_models_of_distinct_names(tmp_path):
     write(tmp_path, {"kind": "EndpointPickerConfig"})
-    with pytest.raises(ExampleError, match="exactly one Model, not 0"):
+    with pytest.raises(ExampleError, match="holds no Model"):
         Example.read(tmp_path)
-    write(tmp_path, model("a"), model("b"), name="two.yaml")
-    with pytest.raises(ExampleError, match="exactly one Model, not 2"):
+    write(tmp_path, model("a"), model("a"), name="two.yaml")
+    with pytest.raises(ExampleError, match="two Models share a name"):
         Example.read(tmp_path)
+    write(tmp_path, model("a"), model("b", replicas=2), name="two.yaml")
+    example = Example.read(tmp_path)
+    assert example.several and [m.pool_name for m in example.each] == ["a", "b"]
+    assert example.pod_count() == 3 and example.model["metadata"]["name"] == "a"
     with pytest.raises(ExampleError, match="not a directory"):
         Example.read(tmp_path / "missing")
 
@@ -220,3 +225,23 @@ def test_an_example_with_a_billion_laughs_or_a_fifo_is_refused(tmp_path):
     os.mkfifo(tmp_path / "fifo.yaml")
     with pytest.raises(ExampleError, match=r"fifo.yaml: .*not a regular file"):
         Example.read(tmp_path)
+
+
+def test_up_tells_where_each_model_is_served(tmp_path, monkeypatch):
+    """With several Models, `infergate up` names the router and, per Model, its pickers and
+    pods (the stack is not started: its pickers' answers are stood in)."""
+    from infergw.stack.local import LocalStack, StackConfig
+    from infergw.stack.ports import StackPorts
+    from infergw.up import _serving_lines
+
+    example = Example.read(ROOT / "examples" / "two-models")
+    stack = LocalStack(StackConfig.from_example(example, tmp_path, StackPorts()))
+    pods = {0: ["127.0.0.2:8000", "127.0.0.3:8000"], 1: ["127.0.0.4:8000"]}
+    monkeypatch.setattr(stack, "picker_endpoints", lambda i=0: {a: {} for a in pods[i]})
+    text = _serving_lines(stack, example)
+    assert "body-based router (127.0.0.1:9012" in text
+    assert (
+        "Model 'chat' ('chat-sim')" in text and "2 pods on 127.0.0.2:8000, 127.0.0.3:8000" in text
+    )
+    assert "Model 'code' ('code-sim')" in text and "1 pods on 127.0.0.4:8000" in text
+    assert "127.0.0.1:9102" in text  # the second pool's picker

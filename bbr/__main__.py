@@ -1,0 +1,5 @@
+import sys
+
+from infergw.bbr.app import main
+
+sys.exit(main())

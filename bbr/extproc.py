@@ -1,0 +1,233 @@
+"""The router's ext_proc servicer: one gRPC stream per HTTP request, the request body
+FULL_DUPLEX_STREAMED (Envoy never sends it the answer).
+
+The request's headers are held until the body's end of stream (its `model` may come last),
+then answered with `x-gateway-model-name: <pool>` and `clear_route_cache`, so Envoy matches
+the request to that pool's HTTPRoute — and the pool's picker, configured on that route, runs
+next — and the body is echoed unchanged. The body is read with the picker's own decoding
+(epp/request_body.py): what the router accepts, the picker accepts too, and both read the
+same `model` member. A client's copy of the header is always overwritten or removed.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import random
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
+
+import grpc
+from envoy.config.core.v3 import base_pb2 as core
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pbg
+
+from infergw.api.names import MODEL_NAME_HEADER
+from infergw.bbr import metrics as m
+from infergw.bbr.metrics import RouterMetrics
+from infergw.bbr.sources import Table
+from infergw.epp import protocol
+from infergw.epp.body_budget import BodyBudget
+from infergw.epp.errors import PickerError, bounded
+from infergw.epp.request_body import check_routed_member, decode_body, requested_model
+
+log = logging.getLogger("bbr.extproc")
+
+DETAILS = "infergate_bbr"  # Envoy's response code details for the router's own answers
+
+
+class ModelNotFound(PickerError):
+    """No pool here serves the model: OpenAI's answer for an unknown model."""
+
+    def __init__(self, model: str) -> None:
+        super().__init__(
+            404,
+            f"The model {model!r} does not exist or is not served by this gateway",
+            param="model",
+        )
+
+    def body(self) -> dict:
+        return {
+            "error": {
+                "message": self.message,
+                "type": "invalid_request_error",
+                "param": "model",
+                "code": "model_not_found",
+            }
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class RouterOptions:
+    max_body_bytes: int
+    # True: a body the router cannot read (not JSON, no `model`) goes on without the header
+    # (no HTTPRoute matches it: the gateway's catch-all answers); False: 400 here.
+    pass_bad_bodies: bool = False
+
+
+def route_headers(pool: str | None, content_length: int | None) -> pb.ProcessingResponse:
+    """The deferred request-headers answer: the pool's header (or none) and a route re-match."""
+    resp = pb.ProcessingResponse()
+    common = resp.request_headers.response
+    mutation = common.header_mutation
+    if pool is None:
+        mutation.remove_headers.append(MODEL_NAME_HEADER)
+    else:
+        mutation.set_headers.append(_header(MODEL_NAME_HEADER, pool))
+    if content_length is not None:
+        mutation.set_headers.append(_header("content-length", str(content_length)))
+    common.clear_route_cache = True
+    return resp
+
+
+def _header(key: str, value: str) -> core.HeaderValueOption:
+    return core.HeaderValueOption(
+        header=core.HeaderValue(key=key, raw_value=value.encode()),
+        append_action=core.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
+    )
+
+
+class _Stream:
+    """One HTTP request as the router sees it."""
+
+    def __init__(
+        self, table: Table, options: RouterOptions, budget: BodyBudget, metrics: RouterMetrics
+    ) -> None:
+        self.table = table
+        self.options = options
+        self.budget = budget
+        self.metrics = metrics
+        self.headers: dict[str, str] = {}
+        self.body = bytearray()
+        self.charged = 0
+        self.done = False
+        self.model = ""
+
+    def on_request_headers(self, msg: pb.ProcessingRequest) -> list[pb.ProcessingResponse]:
+        self.headers = protocol.header_map(msg.request_headers.headers)
+        if not msg.request_headers.end_of_stream:
+            return []  # deferred until the body ends
+        self.done = True
+        self.metrics.requests.labels(m.BODYLESS).inc()
+        return [route_headers(None, None)]
+
+    def on_request_body(self, msg: pb.ProcessingRequest) -> Iterable[pb.ProcessingResponse]:
+        if self.done:
+            return []  # a duplicate end of stream
+        chunk = msg.request_body
+        limit = self.options.max_body_bytes
+        if len(self.body) + len(chunk.body) > limit:
+            raise PickerError(413, f"request body exceeds the limit of {limit} bytes")
+        self._charge(len(chunk.body))
+        self.body += chunk.body
+        if not chunk.end_of_stream:
+            return []
+        self.done = True
+        self._charge(len(self.body))  # the copy below, while both are held
+        raw, self.body = bytes(self.body), bytearray()
+        pool = self._pool_for(raw)
+        return itertools.chain([route_headers(pool, len(raw))], protocol.request_body_chunks(raw))
+
+    def _pool_for(self, raw: bytes) -> str | None:
+        try:
+            body = decode_body(raw)
+            self.model = requested_model(body)
+            check_routed_member(raw, "model", body.model)
+        except PickerError as exc:
+            if not self.options.pass_bad_bodies:
+                raise
+            log.info("bbr: passing on a body it cannot route: %s", exc.message)
+            self.metrics.requests.labels(m.PASSED).inc()
+            return None
+        path = self.headers.get(":path", "")
+        choice = self.table.current.choose(self.model, self.headers, path, random)
+        if choice is None:
+            raise ModelNotFound(self.model)
+        self.metrics.requests.labels(m.ROUTED).inc()
+        self.metrics.routed.labels(choice.pool).inc()
+        log.debug("bbr: model %r -> pool %s (%s)", self.model, choice.pool, choice.via)
+        return choice.pool
+
+    def _charge(self, n: int) -> None:
+        self.budget.take(n)
+        self.charged += n
+
+    def close(self) -> None:
+        self.budget.give(self.charged)
+        self.charged = 0
+
+
+class BodyRouter(pbg.ExternalProcessorServicer):
+    def __init__(
+        self,
+        table: Table,
+        options: RouterOptions,
+        budget: BodyBudget,
+        metrics: RouterMetrics,
+    ) -> None:
+        self.table = table
+        self.options = options
+        self.budget = budget
+        self.metrics = metrics
+
+    async def Process(
+        self,
+        request_iterator: AsyncIterator[pb.ProcessingRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[pb.ProcessingResponse]:
+        stream = _Stream(self.table, self.options, self.budget, self.metrics)
+        try:
+            async for msg in request_iterator:
+                kind = msg.WhichOneof("request")
+                try:
+                    out = self._answer(stream, kind, msg)
+                except PickerError as exc:
+                    self._count(stream, exc)
+                    yield protocol.immediate(exc.status, exc.body(), exc.headers, details=DETAILS)
+                    return
+                except Exception:
+                    log.exception("bbr: internal error on %s", kind)
+                    err = PickerError(500, "internal error in the body-based router")
+                    self._count(stream, err)
+                    yield protocol.immediate(500, err.body(), details=DETAILS)
+                    return
+                for resp in out:
+                    yield resp
+        finally:
+            stream.close()
+
+    @staticmethod
+    def _answer(stream: _Stream, kind: str | None, msg) -> Iterable[pb.ProcessingResponse]:
+        if kind == "request_headers":
+            return stream.on_request_headers(msg)
+        if kind == "request_body":
+            return stream.on_request_body(msg)
+        if kind == "request_trailers":
+            return [protocol.empty_request_trailers()]
+        # The router asks for no part of the answer; a proxy configured to send it anyway
+        # gets it back unchanged.
+        if kind == "response_headers":
+            return [pb.ProcessingResponse(response_headers=pb.HeadersResponse())]
+        if kind == "response_body":
+            body = msg.response_body
+            return [protocol.response_chunk(body.body, body.end_of_stream)]
+        if kind == "response_trailers":
+            return [protocol.empty_response_trailers()]
+        log.warning("bbr: ignoring message of unknown kind %r", kind)
+        return []
+
+    def _count(self, stream: _Stream, exc: PickerError) -> None:
+        if isinstance(exc, ModelNotFound):
+            result = m.MODEL_NOT_FOUND
+            self.metrics.unknown_models.inc()
+        else:
+            result = m.RESULT_BY_STATUS.get(exc.status, str(exc.status))
+        self.metrics.requests.labels(result).inc()
+        log.info(
+            "bbr: %s %s (model %r) -> %d %s",
+            stream.headers.get(":method", "?"),
+            stream.headers.get(":path", "?"),
+            bounded(stream.model),
+            exc.status,
+            exc.message,
+        )

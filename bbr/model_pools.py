@@ -1,0 +1,147 @@
+"""Which InferencePool serves a request's `model`: the body-based router's table.
+
+Built from one namespace's InferencePools, ModelRoutes, ModelServers and Models (typed
+through `api/`). A name resolves, in this order:
+
+1. a ModelRoute answering it (its `modelName` or one of its `loraAdapters`; among routes for
+   one name the oldest wins): the picker's own table (epp/routing/table.py) finds the route
+   and the rule that matches the request's headers and path, as the picker will; a target is
+   chosen by weight among those with a pool (a cross-pool split is decided here, the picker
+   then picks among its own pool's targets). An `inferencePoolName` target is that pool; a
+   `modelServerName` target is the pool whose selector the server's `workloadSelector`
+   satisfies (every pod the server selects is a member);
+2. a Model whose `servedModelName` (or name) or LoRA adapter it is: the Model's pool, which
+   the controllers name after the Model (a Model before its ModelRoute exists).
+
+Anything else is not served here: None, which the router answers 404 `model_not_found`.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from infergw.api import ApiError, Model, from_dict_as, validate
+from infergw.api.meta import ApiStruct
+from infergw.api.networking import ModelServer
+from infergw.api.upstream import InferencePool
+from infergw.epp.errors import PickerError
+from infergw.epp.routing.table import RouteTable, rule_matches
+
+log = logging.getLogger("bbr.model_pools")
+
+Obj = dict[str, Any]
+T = TypeVar("T", bound=ApiStruct)
+
+
+@dataclass(frozen=True, slots=True)
+class Choice:
+    """Where one request goes: the pool (the header's value) and what named it."""
+
+    pool: str
+    via: str  # "ModelRoute <name>" or "Model <name>": for the log line and debugging
+
+
+@dataclass(slots=True)
+class ModelPools:
+    routes: RouteTable = field(default_factory=RouteTable)
+    # pool name -> its selector's matchLabels
+    pools: dict[str, dict[str, str]] = field(default_factory=dict)
+    # a Model's served name and adapters -> (the Model's pool, the Model's name)
+    models: dict[str, tuple[str, str]] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, objects: list[Obj], namespace: str) -> ModelPools:
+        """From API dicts of every kind (others are ignored); objects outside `namespace`
+        are left out, invalid ones are logged and left out."""
+        mine = [o for o in objects if _namespace(o) == namespace]
+        by_kind: dict[str, list[Obj]] = {}
+        for obj in mine:
+            by_kind.setdefault(obj.get("kind", ""), []).append(obj)
+        pools = {}
+        for pool in _typed_all(InferencePool, by_kind.get("InferencePool", [])):
+            pools[pool.metadata.name or ""] = dict(pool.spec.selector.match_labels)
+        routes = RouteTable.build(by_kind.get("ModelRoute", []), by_kind.get("ModelServer", []), "")
+        models: dict[str, tuple[str, str]] = {}
+        oldest_first = sorted(
+            _typed_all(Model, by_kind.get("Model", [])),
+            key=lambda m: (m.metadata.creation_timestamp or "", m.metadata.name or ""),
+        )
+        for model in oldest_first:
+            name = model.metadata.name or ""
+            served = [model.spec.served_model_name or name]
+            served += [a.name for a in model.spec.lora_adapters or []]
+            for each in served:
+                models.setdefault(each, (name, name))
+        return cls(routes, pools, models)
+
+    def __len__(self) -> int:
+        return len(self.pools)
+
+    def choose(
+        self, model: str, headers: dict[str, str], path: str, rng: random.Random
+    ) -> Choice | None:
+        """The pool for `model`; None when nothing here serves it. PickerError 404 when its
+        ModelRoute has no rule for this request, 503 when no target of the rule has a pool."""
+        route = self.routes.route_for(model)
+        if route is not None:
+            name = route.metadata.name or ""
+            rule = next((r for r in route.spec.rules if rule_matches(r, headers, path)), None)
+            if rule is None:
+                raise PickerError(404, f"no rule of ModelRoute {name} matches this request")
+            options = []
+            for target in rule.target_models:
+                weight = 1 if target.weight is None else target.weight
+                pool = self._target_pool(target)
+                if weight > 0 and pool is not None:
+                    options.append((weight, pool))
+            if not options:
+                raise PickerError(
+                    503, f"no InferencePool serves the targets of ModelRoute {name} for {model!r}"
+                )
+            [pool] = rng.choices([p for _, p in options], weights=[w for w, _ in options])
+            return Choice(pool, f"ModelRoute {name}")
+        found = self.models.get(model)
+        if found is not None and found[0] in self.pools:
+            return Choice(found[0], f"Model {found[1]}")
+        return None
+
+    def _target_pool(self, target) -> str | None:
+        if target.inference_pool_name is not None:
+            return target.inference_pool_name if target.inference_pool_name in self.pools else None
+        server = self.routes.servers.get(target.model_server_name or "")
+        return None if server is None else self.pool_of(server)
+
+    def pool_of(self, server: ModelServer) -> str | None:
+        """The pool whose members include every pod the server selects: its selector is a
+        subset of the server's labels. Several: the most specific (most labels), then by name."""
+        labels = server.spec.workload_selector.match_labels or {}
+        fits = [
+            (-len(selector), name)
+            for name, selector in self.pools.items()
+            if all(labels.get(k) == v for k, v in selector.items())
+        ]
+        return min(fits)[1] if fits else None
+
+
+def _namespace(obj: Obj) -> str:
+    return (obj.get("metadata") or {}).get("namespace") or "default"
+
+
+def _typed_all(cls: type[T], objects: list[Obj]) -> list[T]:
+    out = []
+    for obj in objects:
+        where = f"{obj.get('kind')} {(obj.get('metadata') or {}).get('name')}"
+        try:
+            typed = from_dict_as(cls, obj)
+        except ApiError as exc:  # names the object
+            log.error("ignoring %s", exc)
+            continue
+        problems = validate(typed)
+        if problems:
+            log.error("ignoring %s: %s", where, "; ".join(problems))
+            continue
+        out.append(typed)
+    return out

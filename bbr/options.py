@@ -1,0 +1,113 @@
+"""Command-line flags of the body-based router (`infergate bbr`), named like the picker's
+where they mean the same (epp/options.py)."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+
+from infergw.api import logs
+from infergw.epp.body_budget import DEFAULT_MAX_HELD_BYTES
+from infergw.epp.options import add_tls_flags, duration
+
+# The reference router's ports (gateway-api-inference-extension's body-based routing).
+DEFAULT_GRPC_PORT = 9004
+DEFAULT_HEALTH_PORT = 9005
+DEFAULT_METRICS_PORT = 9090
+DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024  # the picker's default: a body one passes, both do
+
+
+@dataclass(frozen=True, slots=True)
+class BbrOptions:
+    host: str
+    grpc_port: int
+    grpc_health_port: int
+    metrics_port: int
+    provider: str
+    pool_files: tuple[Path, ...]
+    namespace: str
+    secure_serving: bool
+    cert_path: Path | None
+    max_body_bytes: int
+    max_held_request_bytes: int
+    pass_bad_bodies: bool
+    grace_period: float
+    resync: float
+    log_level: str
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="infergate bbr",
+        description="Body-based routing: an Envoy ext_proc server in front of the pickers that "
+        "puts the InferencePool serving the body's `model` in x-gateway-model-name.",
+    )
+    p.add_argument("--host", default="0.0.0.0", help="address to listen on (0.0.0.0 in a pod)")
+    p.add_argument("--grpc-port", type=int, default=DEFAULT_GRPC_PORT)
+    p.add_argument("--grpc-health-port", type=int, default=DEFAULT_HEALTH_PORT)
+    p.add_argument("--metrics-port", type=int, default=DEFAULT_METRICS_PORT)
+    p.add_argument("--provider", choices=["file", "kubernetes"], default="kubernetes")
+    p.add_argument(
+        "--pool-file",
+        dest="pool_files",
+        type=Path,
+        action="append",
+        default=[],
+        help="with --provider file: YAML file or directory with the InferencePools, "
+        "ModelRoutes, ModelServers and Models (repeatable); reloaded on change",
+    )
+    p.add_argument("--namespace", default="default", help="whose InferencePools, routes and Models")
+    add_tls_flags(p)
+    p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES)
+    p.add_argument(
+        "--max-held-request-bytes",
+        type=int,
+        default=DEFAULT_MAX_HELD_BYTES,
+        help="request bytes held at once over all streams; past it, 429 with Retry-After",
+    )
+    p.add_argument(
+        "--on-bad-body",
+        choices=["reject", "pass"],
+        default="reject",
+        help="a body that is not JSON or names no model: 400 here (reject), or on without "
+        "the header (pass: no HTTPRoute matches it, the gateway's catch-all answers)",
+    )
+    p.add_argument("--grace-period", type=duration, default=30.0, help="drain on SIGTERM")
+    p.add_argument(
+        "--resync", type=duration, default=300.0, help="kubernetes: a full list this often"
+    )
+    p.add_argument("--log-level", type=logs.level_name, default="info")
+    return p
+
+
+def parse_options(argv: list[str] | None = None) -> BbrOptions:
+    p = build_parser()
+    a = p.parse_args(argv)
+    if a.provider == "file" and not a.pool_files:
+        p.error("--provider file needs --pool-file")
+    for name in ("grpc_port", "grpc_health_port", "metrics_port"):
+        if not 0 < getattr(a, name) < 65536:
+            p.error(f"--{name.replace('_', '-')} must be a port (1-65535)")
+    for name in ("max_body_bytes", "max_held_request_bytes"):
+        if getattr(a, name) <= 0:
+            p.error(f"--{name.replace('_', '-')} must be positive")
+    if a.max_held_request_bytes < a.max_body_bytes:
+        p.error("--max-held-request-bytes must hold at least one body of --max-body-bytes")
+    return BbrOptions(
+        host=a.host,
+        grpc_port=a.grpc_port,
+        grpc_health_port=a.grpc_health_port,
+        metrics_port=a.metrics_port,
+        provider=a.provider,
+        pool_files=tuple(a.pool_files),
+        namespace=a.namespace,
+        secure_serving=a.secure_serving,
+        cert_path=a.cert_path,
+        max_body_bytes=a.max_body_bytes,
+        max_held_request_bytes=a.max_held_request_bytes,
+        pass_bad_bodies=a.on_bad_body == "pass",
+        grace_period=a.grace_period,
+        resync=a.resync,
+        log_level=a.log_level,
+    )

@@ -1,0 +1,150 @@
+"""The router's ext_proc stream with real protocol messages (tests/extproc_client.py): the pool
+in the header and a route re-match, the body echoed unchanged, a client's copy of the header
+never kept, and every bad body a clean 4xx (never a 500), bounded in memory."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from infergw.api.names import MODEL_NAME_HEADER
+from infergw.bbr.extproc import BodyRouter, RouterOptions
+from infergw.bbr.metrics import RouterMetrics
+from infergw.bbr.sources import Table
+from infergw.epp.body_budget import BodyBudget
+from tests import extproc_client as ec
+from tests.bbr.objects import route, two_models
+from tests.epp.test_hostile_bodies import HOSTILE, path_of
+
+LIMIT = 1024 * 1024
+
+
+def router(*, pass_bad_bodies=False, limit=LIMIT, budget=16 * LIMIT, objects=None):
+    metrics = RouterMetrics()
+    table = Table("default", metrics)
+    table.replace(objects if objects is not None else two_models())
+    return BodyRouter(table, RouterOptions(limit, pass_bad_bodies), BodyBudget(budget), metrics)
+
+
+def count(servicer: BodyRouter, result: str) -> float:
+    return servicer.metrics.requests.labels(result)._value.get()
+
+
+async def send(servicer, body: bytes, path="/v1/chat/completions", headers=None, chunk=62_000):
+    parts = [body[i : i + chunk] for i in range(0, len(body), chunk)] or [b""]
+    messages = [ec.headers(path, extra=headers)]
+    messages += [ec.body(p, eos=i == len(parts) - 1) for i, p in enumerate(parts)]
+    return await ec.process(servicer, messages)
+
+
+def chat(model: str) -> bytes:
+    return json.dumps({"model": model, "messages": [{"role": "user", "content": "hi"}]}).encode()
+
+
+@pytest.mark.parametrize(
+    ("model", "pool"), [("chat-7b", "chat"), ("chat-sql", "chat"), ("code-3b", "code")]
+)
+async def test_the_pool_goes_in_the_header_and_the_body_comes_back_unchanged(model, pool):
+    servicer = router()
+    body = chat(model) + b" " * 150_000  # several chunks each way
+    out = await send(servicer, body, headers={MODEL_NAME_HEADER: "somebody-elses"})
+    first = out[0]
+    assert first.WhichOneof("response") == "request_headers"
+    assert ec.set_headers(first) == {MODEL_NAME_HEADER: pool, "content-length": str(len(body))}
+    assert first.request_headers.response.clear_route_cache
+    echoed = ec.streamed_bodies(out)
+    assert b"".join(b for b, _ in echoed) == body and echoed[-1][1] and len(echoed) > 1
+    assert servicer.metrics.routed.labels(pool)._value.get() == 1
+    assert servicer.budget.held == 0
+
+
+async def test_a_model_route_name_is_routed_to_its_pool():
+    objects = [*two_models(), route("coder", "coder", [{"modelServerName": "code"}])]
+    out = await send(router(objects=objects), chat("coder"))
+    assert ec.set_headers(out[0])[MODEL_NAME_HEADER] == "code"
+
+
+async def test_an_unknown_model_is_404_model_not_found_and_counted():
+    servicer = router()
+    status, answer = ec.immediate(await send(servicer, chat("gpt-9")))
+    assert status == 404
+    assert answer["error"]["code"] == "model_not_found" and answer["error"]["param"] == "model"
+    assert "gpt-9" in answer["error"]["message"]
+    assert servicer.metrics.unknown_models._value.get() == 1
+    assert count(servicer, "model_not_found") == 1
+
+
+async def test_a_huge_model_name_is_not_echoed_whole():
+    status, answer = ec.immediate(await send(router(), chat("a" * 500_000)))
+    assert status == 404 and len(json.dumps(answer)) < 4096
+
+
+async def test_a_bodyless_request_passes_with_a_clients_header_removed():
+    servicer = router()
+    out = await ec.process(
+        servicer, [ec.headers("/v1/models", eos=True, extra={MODEL_NAME_HEADER: "code"})]
+    )
+    mutation = out[0].request_headers.response.header_mutation
+    assert list(mutation.remove_headers) == [MODEL_NAME_HEADER] and not mutation.set_headers
+    assert count(servicer, "bodyless") == 1
+
+
+# What the picker refuses in fields the router does not read: the pool's picker answers 400.
+PICKERS_TO_REFUSE = {
+    "empty messages",
+    "stream_options not an object",
+    "stream_options twice, one with escapes",
+}
+
+
+@pytest.mark.parametrize("name", sorted(set(HOSTILE) - PICKERS_TO_REFUSE))
+async def test_a_hostile_body_is_a_clean_400(name):
+    # The bodies ask for model "m": known here, so only the body can be wrong.
+    servicer = router(objects=[*two_models(), route("m", "m", [{"modelServerName": "chat"}])])
+    status, answer = ec.immediate(await send(servicer, HOSTILE[name], path_of(name)))
+    assert status == 400 and answer["error"]["code"] == 400
+    assert count(servicer, "bad_request") == 1 and servicer.budget.held == 0
+
+
+@pytest.mark.parametrize(
+    "body", [b"not json", b"{}", b'{"model": 7}', b'{"model": ""}', HOSTILE["model twice"]]
+)
+async def test_with_pass_a_body_it_cannot_route_goes_on_without_the_header(body):
+    servicer = router(pass_bad_bodies=True)
+    out = await send(servicer, body, headers={MODEL_NAME_HEADER: "chat"})
+    assert ec.immediate(out) is None
+    assert list(out[0].request_headers.response.header_mutation.remove_headers) == [
+        MODEL_NAME_HEADER
+    ]
+    assert b"".join(b for b, _ in ec.streamed_bodies(out)) == body
+    assert count(servicer, "passed_through") == 1
+
+
+async def test_pass_still_answers_an_unknown_model_404():
+    out = await send(router(pass_bad_bodies=True), chat("nobody"))
+    assert ec.immediate(out)[0] == 404
+
+
+async def test_a_body_over_the_limit_is_413_before_it_is_all_held():
+    servicer = router(limit=100_000)
+    status, _ = ec.immediate(await send(servicer, chat("chat-7b") + b" " * 200_000))
+    assert status == 413 and servicer.budget.held == 0
+    assert count(servicer, "too_large") == 1
+
+
+async def test_bodies_beyond_the_budget_are_429_with_retry_after():
+    servicer = router(budget=50_000, limit=40_000)
+    out = await send(servicer, chat("chat-7b") + b" " * 30_000)  # body + its copy > budget
+    status, _ = ec.immediate(out)
+    assert status == 429 and servicer.budget.held == 0
+    answer = out[-1].immediate_response
+    assert {h.header.key: h.header.raw_value for h in answer.headers.set_headers}[
+        "retry-after"
+    ] == b"1"
+
+
+async def test_the_answer_is_passed_back_unchanged_if_a_proxy_sends_it():
+    out = await ec.process(router(), [ec.response_headers(), ec.response_body(b"data", eos=True)])
+    assert out[0].WhichOneof("response") == "response_headers"
+    assert ec.streamed_bodies(out, "response_body") == [(b"data", True)]

@@ -1,0 +1,108 @@
+"""Two Models behind one Envoy (examples/two-models), as `infergate up DIR` runs them: real
+Envoy, the standalone controllers' simulator pods, a picker per pool and the body-based router
+in front. Every request goes to the same path; the body's model decides the pool."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import requests
+
+from infergw.api.names import MODEL_NAME_HEADER, SERVED_HEADER
+from infergw.stack.example import Example
+from infergw.stack.local import LocalStack, StackConfig
+from infergw.stack.ports import free_stack_ports
+from tests.paths import ROOT
+
+pytestmark = pytest.mark.slow
+
+SERVED = {"chat": {"chat-sim", "chat-sql"}, "code": {"code-sim", "coder"}}
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    run = tmp_path_factory.mktemp("two-models")
+    example = Example.read(ROOT / "examples" / "two-models").with_changes(
+        run / "example", engine_args=["--sim-time-scale=0.2"]
+    )
+    ports = free_stack_ports(pods=example.pod_count(), pickers=len(example.models))
+    with LocalStack(StackConfig.from_example(example, run / "stack", ports)) as running:
+        yield running
+
+
+def pods_of(stack: LocalStack, pool: str) -> set[str]:
+    plan = next(p for p in stack.plans if p.name == pool)
+    return set(stack.picker_endpoints(stack.pickers_of(plan)[0]))
+
+
+def chat(stack: LocalStack, model: str, **kw) -> requests.Response:
+    return requests.post(
+        stack.url + "/v1/chat/completions",
+        json={"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+        timeout=60,
+        **kw,
+    )
+
+
+@pytest.mark.parametrize(
+    ("model", "pool"),
+    [("chat-sim", "chat"), ("chat-sql", "chat"), ("code-sim", "code"), ("coder", "code")],
+)
+def test_each_name_lands_on_its_models_pods(stack, model, pool):
+    """Served names, a LoRA adapter and a ModelRoute name, each on its own pool's pods, and
+    the answer names the model the client asked for."""
+    assert len(pods_of(stack, "chat")) == 2 and len(pods_of(stack, "code")) == 1
+    for _ in range(3):
+        r = chat(stack, model)
+        assert r.status_code == 200, r.text
+        assert r.headers[SERVED_HEADER] in pods_of(stack, pool)
+        assert r.json()["model"] == model
+
+
+def test_a_clients_header_does_not_choose_the_pool(stack):
+    r = chat(stack, "chat-sim", headers={MODEL_NAME_HEADER: "code"})
+    assert r.status_code == 200 and r.headers[SERVED_HEADER] in pods_of(stack, "chat")
+
+
+def test_an_unknown_model_is_404_model_not_found(stack):
+    r = chat(stack, "gpt-9")
+    assert r.status_code == 404
+    error = r.json()["error"]
+    assert error["code"] == "model_not_found" and "gpt-9" in error["message"]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"{not json",
+        b'{"model":"chat-sim","model":"code-sim","messages":[]}',
+        b'{"model":"chat-sim","messages":[],"x":"\\ud800"}',
+        b'{"messages":[{"role":"user","content":"hi"}]}',
+    ],
+)
+def test_a_hostile_body_is_a_clean_400(stack, body):
+    r = requests.post(
+        stack.url + "/v1/chat/completions",
+        data=body,
+        headers={"content-type": "application/json"},
+        timeout=30,
+    )
+    assert r.status_code == 400, r.text
+    assert set(r.json()["error"]) >= {"message", "type", "code"}
+
+
+def test_a_request_without_a_body_has_no_pool(stack):
+    r = requests.get(stack.url + "/v1/models", timeout=30)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+
+
+def test_the_router_counts_what_it_routed(stack):
+    chat(stack, "code-sim")
+    chat(stack, "nobody-serves-this")
+    text = requests.get(
+        f"http://127.0.0.1:{stack.cfg.ports.router.metrics}/metrics", timeout=10
+    ).text
+    routed = dict(re.findall(r'infergate_bbr_routed_total\{pool="(\w+)"\} (\S+)', text))
+    assert float(routed["code"]) >= 1
+    assert re.search(r'infergate_bbr_requests_total\{result="model_not_found"\}', text)
