@@ -9,10 +9,31 @@ from pathlib import Path
 import jinja2
 import yaml
 
+from infergw.cluster.certs import key_problem
 from infergw.stack.auth import AuthConfig, http_filters
 from infergw.stack.ports import PickerPorts
 
 TEMPLATE = Path(__file__).resolve().parent.parent / "gateway-manifests" / "local" / "envoy.yaml.j2"
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerTls:
+    """HTTPS on the client listener: the PEM certificate chain and key Envoy serves (it reads
+    them at start; TLS 1.2 and 1.3, ALPN h2 and http/1.1)."""
+
+    cert_file: Path
+    key_file: Path
+
+    def check(self) -> None:
+        """ValueError naming what is wrong: a file missing or unreadable, a certificate or key
+        that is not PEM, a key that is not the certificate's."""
+        try:
+            cert, key = self.cert_file.read_bytes(), self.key_file.read_bytes()
+        except OSError as exc:
+            raise ValueError(f"the listener's TLS files: {exc}") from None
+        problem = key_problem(cert, key)
+        if problem is not None:
+            raise ValueError(f"the listener's TLS files {self.cert_file}, {self.key_file}: {problem}")
 
 
 @dataclass(slots=True)
@@ -39,6 +60,9 @@ class EnvoySettings:
     picker_ca: str | None = None
     # True (a closed network): client-sent objective and fairness-id headers reach the picker.
     trust_client_headers: bool = False
+    listen_host: str = "127.0.0.1"  # the client listener's address
+    # Set: the client listener speaks HTTPS only, with this certificate.
+    listener_tls: ListenerTls | None = None
 
 
 def render(settings: EnvoySettings) -> str:
@@ -52,6 +76,10 @@ def render(settings: EnvoySettings) -> str:
         raise ValueError("the ext_proc cluster needs at least one picker")
     if settings.picker_tls and not settings.picker_ca:
         raise ValueError("TLS to the picker needs picker_ca: Envoy verifies its certificate")
+    if not is_ip_address(settings.listen_host):
+        raise ValueError(f"the listen address must be an IP address, not {settings.listen_host!r}")
+    if settings.listener_tls is not None:
+        settings.listener_tls.check()
     env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
     fields = {name: getattr(settings, name) for name in settings.__slots__}
     fields["eds_dir"] = str(Path(settings.eds_path).parent) if settings.eds_path else None
@@ -68,10 +96,15 @@ def _as_filter_list(filters: list[dict]) -> str:
     return "\n".join(" " * 10 + line for line in text.splitlines())
 
 
-def _san_type(host: str) -> str:
-    """How Envoy matches the picker's certificate to the address it dials."""
+def is_ip_address(host: str) -> bool:
+    """Whether `host` is an IP address (Envoy binds a listener to one, never to a name)."""
     try:
         ipaddress.ip_address(host)
     except ValueError:
-        return "DNS"
-    return "IP_ADDRESS"
+        return False
+    return True
+
+
+def _san_type(host: str) -> str:
+    """How Envoy matches the picker's certificate to the address it dials."""
+    return "IP_ADDRESS" if is_ip_address(host) else "DNS"

@@ -29,7 +29,8 @@ from infergw.api import yaml_files
 from infergw.api.names import ENGINE_LABEL, KV_EVENTS_PORT, KV_REPLAY_PORT
 from infergw.cluster.certs import serving_cert
 from infergw.stack.auth import AuthConfig
-from infergw.stack.envoy_config import EnvoySettings, render
+from infergw.stack.envoy_config import EnvoySettings, ListenerTls, render
+from infergw.stack.gateway_tls import WILDCARD_HOSTS
 from infergw.stack.lifetime import spawn
 from infergw.stack.pods import StartReport, pool_pods
 from infergw.stack.ports import PickerPorts, StackPorts
@@ -89,6 +90,10 @@ class StackConfig:
     # True (a closed network): Envoy lets client-sent objective and fairness-id headers
     # through and the picker honours them (--trust-client-headers on both).
     trust_client_headers: bool = False
+    # Where Envoy's client listener is bound, and, set, the certificate it serves HTTPS
+    # with (plain HTTP otherwise). stack/gateway_tls.py makes or checks one.
+    listen_host: str = "127.0.0.1"
+    listener_tls: ListenerTls | None = None
 
     @classmethod
     def from_example(cls, example, workdir: Path, ports: StackPorts, **kw) -> StackConfig:
@@ -153,7 +158,12 @@ class LocalStack:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.cfg.ports.envoy}"
+        """Where clients reach Envoy (loopback when it listens on every address)."""
+        scheme = "https" if self.cfg.listener_tls else "http"
+        host = self.cfg.listen_host
+        host = "127.0.0.1" if host in WILDCARD_HOSTS else host
+        host = f"[{host}]" if ":" in host else host
+        return f"{scheme}://{host}:{self.cfg.ports.envoy}"
 
     @property
     def pod_addresses(self) -> list[str]:
@@ -468,6 +478,8 @@ class LocalStack:
                     response_bodies=c.response_bodies,
                     eds_path=str(self.eds_path) if self.from_manifests else None,
                     auth=c.auth,
+                    listen_host=c.listen_host,
+                    listener_tls=c.listener_tls,
                 )
             )
         )

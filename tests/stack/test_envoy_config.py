@@ -9,25 +9,14 @@ import yaml
 
 from infergw.cluster.certs import serving_cert
 from infergw.epp.app import HEALTH_SERVICES
-from infergw.stack.envoy_config import EnvoySettings, render
-from infergw.stack.ports import PickerPorts
+from infergw.stack.envoy_config import render
 from tests.envoy_check import assert_envoy_accepts
+from tests.envoy_settings import PICKERS, local_envoy_settings
 
-PICKERS = [PickerPorts(19002, 19003, 19090, 19004), PickerPorts(19102, 19103, 19190, 19104)]
 
-
-def settings(tmp_path, **kw) -> EnvoySettings:
-    fields = dict(
-        listen_port=18080,
-        admin_port=19901,
-        picker_host="127.0.0.1",
-        pickers=PICKERS,
-        picker_tls=True,
-        picker_ca=str(tmp_path / "ca.crt"),
-        failure_mode="FailOpen",
-        endpoints=[("127.0.0.1", 18000)],
-    )
-    return EnvoySettings(**{**fields, **kw})
+def settings(tmp_path, **kw):
+    """Two pickers behind verified TLS ext_proc (the CA file, if Envoy is run, in tmp_path)."""
+    return local_envoy_settings(**{"picker_tls": True, "picker_ca": str(tmp_path / "ca.crt"), **kw})
 
 
 def picker_cluster(text: str) -> dict:
