@@ -194,7 +194,7 @@ def validity_problem(
     now: datetime.datetime | None = None,
     renew_before: datetime.timedelta = datetime.timedelta(0),
 ) -> str | None:
-    """"expired on …", "expires on …" (within `renew_before`), "is not valid before …", or None."""
+    """ "expired on …", "expires on …" (within `renew_before`), "is not valid before …", or None."""
     now = now or datetime.datetime.now(datetime.UTC)
     starts, ends = cert.not_valid_before_utc, cert.not_valid_after_utc
     if ends <= now:

@@ -210,7 +210,8 @@ infergate up: Envoy on {stack.url} -> {_pickers_line(stack)}
   {_tls_lines(tls)}
   logs and configs: {workdir} (pods' logs in {workdir / "state" / "pods"})
 
-  curl {_cacert(tls)}{stack.url}/v1/chat/completions -H 'content-type: application/json' \\{credential}
+  curl {_cacert(tls)}{stack.url}/v1/chat/completions \\
+    -H 'content-type: application/json' \\{credential}
     -d '{{"model":"{name}","messages":[{{"role":"user","content":"hi"}}]}}'
 
   What the picker sees: curl 127.0.0.1:{stack.picker_ports().metrics}/debug/endpoints

@@ -33,7 +33,9 @@ class ListenerTls:
             raise ValueError(f"the listener's TLS files: {exc}") from None
         problem = key_problem(cert, key)
         if problem is not None:
-            raise ValueError(f"the listener's TLS files {self.cert_file}, {self.key_file}: {problem}")
+            raise ValueError(
+                f"the listener's TLS files {self.cert_file}, {self.key_file}: {problem}"
+            )
 
 
 @dataclass(slots=True)

@@ -15,8 +15,13 @@ from pathlib import Path
 
 from cryptography import x509
 
-from infergw.cluster.certs import CA_FILE, CERT_FILE, KEY_FILE, ensure_serving_cert
-from infergw.cluster.certs import validity_problem
+from infergw.cluster.certs import (
+    CA_FILE,
+    CERT_FILE,
+    KEY_FILE,
+    ensure_serving_cert,
+    validity_problem,
+)
 from infergw.stack.envoy_config import ListenerTls
 
 GATEWAY_TLS_DIR = "gateway-tls"  # in the work directory, or the user's state directory

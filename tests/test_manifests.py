@@ -26,6 +26,7 @@ from infergw.api.names import (
     OBJECTIVE_HEADER,
     USER_HEADER,
 )
+from infergw.cluster.certs import serving_cert
 from infergw.cluster.store import ENDPOINT_SLICE
 from infergw.controllers.model_objects import CONNECTOR_SERVICE_ACCOUNT
 from infergw.epp import protocol
@@ -33,7 +34,6 @@ from infergw.epp.app import HEALTH_SERVICES
 from infergw.epp.options import build_parser, parse_options
 from infergw.epp.replica_peers import SYNC_PORT_NAME
 from infergw.epp.scheduling.config import ConfigError, load_config
-from infergw.cluster.certs import serving_cert
 from infergw.stack.auth import removed_headers
 from infergw.stack.envoy_config import ListenerTls, render
 from infergw.stack.ports import StackPorts
@@ -611,9 +611,7 @@ def test_the_gateways_certificate_is_cert_manager_ready() -> None:
     certificate (not a CA) from an Issuer the user names, for the names clients dial."""
     gateway = _one("Gateway")
     [ref] = _listener(gateway, "https")["tls"]["certificateRefs"]
-    [cert] = [
-        d for d in _load(MANIFESTS / "gateway-tls.yaml") if d["kind"] == "Certificate"
-    ]
+    [cert] = [d for d in _load(MANIFESTS / "gateway-tls.yaml") if d["kind"] == "Certificate"]
     assert cert["apiVersion"] == "cert-manager.io/v1"
     assert cert["metadata"]["namespace"] == gateway["metadata"]["namespace"]
     assert cert["spec"]["secretName"] == ref["name"]
@@ -624,8 +622,11 @@ def test_the_gateways_certificate_is_cert_manager_ready() -> None:
     assert issuer["kind"] in ("Issuer", "ClusterIssuer")
     # The issuer is the user's: a placeholder the file's header explains, no Issuer shipped.
     assert "REPLACE" in issuer["name"]
-    assert not [d for d in _manifests() if d["kind"] in ("Issuer", "ClusterIssuer")
-                and d["metadata"]["name"] == issuer["name"]]
+    assert not [
+        d
+        for d in _manifests()
+        if d["kind"] in ("Issuer", "ClusterIssuer") and d["metadata"]["name"] == issuer["name"]
+    ]
 
 
 def test_the_https_listener_negotiates_what_the_local_stack_does(tmp_path: Path) -> None:
@@ -638,8 +639,9 @@ def test_the_https_listener_negotiates_what_the_local_stack_does(tmp_path: Path)
     [listener] = config["static_resources"]["listeners"]
     [chain] = listener["filter_chains"]
     local = chain["transport_socket"]["typed_config"]["common_tls_context"]
-    assert f"TLSv{tls['minVersion'].replace('.', '_')}" == (
-        local["tls_params"]["tls_minimum_protocol_version"]
+    assert (
+        f"TLSv{tls['minVersion'].replace('.', '_')}"
+        == (local["tls_params"]["tls_minimum_protocol_version"])
     )
     assert tls["alpnProtocols"] == local["alpn_protocols"]
 

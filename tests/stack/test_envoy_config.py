@@ -114,7 +114,7 @@ def test_a_path_with_quotes_stays_one_yaml_string(tmp_path) -> None:
 def test_listener_tls_files_are_checked_before_envoy_sees_them(tmp_path) -> None:
     made = serving_cert(hosts=("127.0.0.1",)).write(tmp_path)
     missing = ListenerTls(tmp_path / "nope.crt", made / "tls.key")
-    with pytest.raises(ValueError, match="nope.crt"):
+    with pytest.raises(ValueError, match=r"nope\.crt"):
         render(settings(tmp_path, listener_tls=missing))
     (tmp_path / "other.key").write_bytes(serving_cert(hosts=("127.0.0.1",)).key)
     foreign = ListenerTls(made / "tls.crt", tmp_path / "other.key")
