@@ -27,7 +27,8 @@ from infergw.stack.envoy_config import ListenerTls
 GATEWAY_TLS_DIR = "gateway-tls"  # in the work directory, or the user's state directory
 COMMON_NAME = "infergate-gateway"
 LOOPBACK_NAMES = ("127.0.0.1", "localhost")
-WILDCARD_HOSTS = frozenset({"0.0.0.0", "::"})
+# A listener on every address, and where this machine's own clients reach it.
+WILDCARD_LOOPBACK = {"0.0.0.0": "127.0.0.1", "::": "::1"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,11 +41,8 @@ class GatewayCert:
 def certificate_hosts(listen_host: str) -> tuple[str, ...]:
     """The names the certificate must carry: loopback's, and the listen address (for a
     wildcard address, this machine's host name and FQDN, which remote clients dial)."""
-    extra = (
-        (socket.gethostname(), socket.getfqdn())
-        if listen_host in WILDCARD_HOSTS
-        else (listen_host,)
-    )
+    loopback = WILDCARD_LOOPBACK.get(listen_host)
+    extra = (loopback, socket.gethostname(), socket.getfqdn()) if loopback else (listen_host,)
     return tuple(dict.fromkeys((*LOOPBACK_NAMES, *extra)))
 
 

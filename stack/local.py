@@ -30,7 +30,7 @@ from infergw.api.names import ENGINE_LABEL, KV_EVENTS_PORT, KV_REPLAY_PORT
 from infergw.cluster.certs import serving_cert
 from infergw.stack.auth import AuthConfig
 from infergw.stack.envoy_config import EnvoySettings, ListenerTls, render
-from infergw.stack.gateway_tls import WILDCARD_HOSTS
+from infergw.stack.gateway_tls import WILDCARD_LOOPBACK
 from infergw.stack.lifetime import spawn
 from infergw.stack.pods import StartReport, pool_pods
 from infergw.stack.ports import PickerPorts, StackPorts
@@ -160,8 +160,7 @@ class LocalStack:
     def url(self) -> str:
         """Where clients reach Envoy (loopback when it listens on every address)."""
         scheme = "https" if self.cfg.listener_tls else "http"
-        host = self.cfg.listen_host
-        host = "127.0.0.1" if host in WILDCARD_HOSTS else host
+        host = WILDCARD_LOOPBACK.get(self.cfg.listen_host, self.cfg.listen_host)
         host = f"[{host}]" if ":" in host else host
         return f"{scheme}://{host}:{self.cfg.ports.envoy}"
 

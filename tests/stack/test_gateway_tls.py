@@ -11,6 +11,8 @@ import pytest
 
 from infergw.cluster import certs
 from infergw.stack import gateway_tls
+from infergw.stack.local import LocalStack, StackConfig
+from infergw.stack.ports import StackPorts
 
 
 def test_the_certificate_names_loopback_and_the_listen_address() -> None:
@@ -18,6 +20,7 @@ def test_the_certificate_names_loopback_and_the_listen_address() -> None:
     assert gateway_tls.certificate_hosts("10.1.2.3") == ("127.0.0.1", "localhost", "10.1.2.3")
     everywhere = gateway_tls.certificate_hosts("0.0.0.0")
     assert socket.gethostname() in everywhere and "0.0.0.0" not in everywhere
+    assert {"::1", socket.gethostname()} <= set(gateway_tls.certificate_hosts("::"))
 
 
 def test_it_lives_in_the_workdir_or_the_users_state_directory(tmp_path, monkeypatch) -> None:
@@ -75,3 +78,21 @@ def test_your_own_certificate_is_refused_saying_why(tmp_path, breakage, message)
         crt.write_text("hello")
     with pytest.raises(ValueError, match=message):
         gateway_tls.own_cert(crt, key)
+
+
+@pytest.mark.parametrize(
+    ("host", "tls", "url"),
+    [
+        ("127.0.0.1", False, "http://127.0.0.1:8443"),
+        ("127.0.0.1", True, "https://127.0.0.1:8443"),
+        ("0.0.0.0", True, "https://127.0.0.1:8443"),
+        ("::", True, "https://[::1]:8443"),
+        ("10.1.2.3", False, "http://10.1.2.3:8443"),
+    ],
+)
+def test_the_stack_says_where_its_own_clients_reach_it(tmp_path, host, tls, url) -> None:
+    cert = gateway_tls.stack_cert(tmp_path / "tls", host).listener if tls else None
+    cfg = StackConfig(
+        workdir=tmp_path, ports=StackPorts(envoy=8443), listen_host=host, listener_tls=cert
+    )
+    assert LocalStack(cfg).url == url
