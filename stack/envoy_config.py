@@ -11,6 +11,7 @@ import jinja2
 import yaml
 
 from infergw.api.names import MODEL_NAME_HEADER
+from infergw.cluster.certs import key_problem
 from infergw.stack.auth import AuthConfig, http_filters
 from infergw.stack.ports import PickerPorts, RouterPorts
 
@@ -53,6 +54,28 @@ class PoolRoute:
         return cls(name, pickers, eds_path, cluster=name, picker_cluster=f"{PICKER_CLUSTER}/{name}")
 
 
+@dataclass(frozen=True, slots=True)
+class ListenerTls:
+    """HTTPS on the client listener: the PEM certificate chain and key Envoy serves (it reads
+    them at start; TLS 1.2 and 1.3, ALPN h2 and http/1.1)."""
+
+    cert_file: Path
+    key_file: Path
+
+    def check(self) -> None:
+        """ValueError naming what is wrong: a file missing or unreadable, a certificate or key
+        that is not PEM, a key that is not the certificate's."""
+        try:
+            cert, key = self.cert_file.read_bytes(), self.key_file.read_bytes()
+        except OSError as exc:
+            raise ValueError(f"the listener's TLS files: {exc}") from None
+        problem = key_problem(cert, key)
+        if problem is not None:
+            raise ValueError(
+                f"the listener's TLS files {self.cert_file}, {self.key_file}: {problem}"
+            )
+
+
 @dataclass(slots=True)
 class EnvoySettings:
     listen_port: int
@@ -87,6 +110,10 @@ class EnvoySettings:
             return self.pools
         return [PoolRoute("pool", self.pickers, self.eds_path)]
 
+    listen_host: str = "127.0.0.1"  # the client listener's address
+    # Set: the client listener speaks HTTPS only, with this certificate.
+    listener_tls: ListenerTls | None = None
+
 
 def render(settings: EnvoySettings) -> str:
     if settings.failure_mode not in ("FailOpen", "FailClose"):
@@ -104,6 +131,10 @@ def render(settings: EnvoySettings) -> str:
         raise ValueError("several pools need the body-based router to choose among them")
     if settings.picker_tls and not settings.picker_ca:
         raise ValueError("TLS to the picker needs picker_ca: Envoy verifies its certificate")
+    if not is_ip_address(settings.listen_host):
+        raise ValueError(f"the listen address must be an IP address, not {settings.listen_host!r}")
+    if settings.listener_tls is not None:
+        settings.listener_tls.check()
     env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
     fields = {name: getattr(settings, name) for name in settings.__slots__}
     fields["pools"] = pools
@@ -124,10 +155,15 @@ def _as_filter_list(filters: list[dict]) -> str:
     return "\n".join(" " * 10 + line for line in text.splitlines())
 
 
-def _san_type(host: str) -> str:
-    """How Envoy matches the picker's certificate to the address it dials."""
+def is_ip_address(host: str) -> bool:
+    """Whether `host` is an IP address (Envoy binds a listener to one, never to a name)."""
     try:
         ipaddress.ip_address(host)
     except ValueError:
-        return "DNS"
-    return "IP_ADDRESS"
+        return False
+    return True
+
+
+def _san_type(host: str) -> str:
+    """How Envoy matches the picker's certificate to the address it dials."""
+    return "IP_ADDRESS" if is_ip_address(host) else "DNS"

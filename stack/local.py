@@ -29,7 +29,8 @@ from infergw.api import yaml_files
 from infergw.api.names import ENGINE_LABEL, KV_EVENTS_PORT, KV_REPLAY_PORT
 from infergw.cluster.certs import serving_cert
 from infergw.stack.auth import AuthConfig
-from infergw.stack.envoy_config import EnvoySettings, PoolRoute, render
+from infergw.stack.envoy_config import EnvoySettings, ListenerTls, PoolRoute, render
+from infergw.stack.gateway_tls import WILDCARD_LOOPBACK
 from infergw.stack.lifetime import spawn
 from infergw.stack.pods import StartReport, pool_pods
 from infergw.stack.ports import PickerPorts, StackPorts
@@ -104,6 +105,10 @@ class StackConfig:
     # and the body-based router in front choosing among them (the pool_name,
     # served_model_name, tokenizer_dir and expect_pods fields above are then unused).
     pools: list[PoolPlan] = field(default_factory=list)
+    # Where Envoy's client listener is bound, and, set, the certificate it serves HTTPS
+    # with (plain HTTP otherwise). stack/gateway_tls.py makes or checks one.
+    listen_host: str = "127.0.0.1"
+    listener_tls: ListenerTls | None = None
 
     @classmethod
     def from_example(cls, example, workdir: Path, ports: StackPorts, **kw) -> StackConfig:
@@ -181,7 +186,11 @@ class LocalStack:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.cfg.ports.envoy}"
+        """Where clients reach Envoy (loopback when it listens on every address)."""
+        scheme = "https" if self.cfg.listener_tls else "http"
+        host = WILDCARD_LOOPBACK.get(self.cfg.listen_host, self.cfg.listen_host)
+        host = f"[{host}]" if ":" in host else host
+        return f"{scheme}://{host}:{self.cfg.ports.envoy}"
 
     @property
     def pod_addresses(self) -> list[str]:
@@ -520,6 +529,8 @@ class LocalStack:
                     auth=c.auth,
                     pools=self._routed_pools() if self.several else None,
                     router=c.ports.router if self.several else None,
+                    listen_host=c.listen_host,
+                    listener_tls=c.listener_tls,
                 )
             )
         )

@@ -26,6 +26,7 @@ from infergw.api.names import (
     OBJECTIVE_HEADER,
     USER_HEADER,
 )
+from infergw.cluster.certs import serving_cert
 from infergw.cluster.store import ENDPOINT_SLICE
 from infergw.controllers.model_objects import CONNECTOR_SERVICE_ACCOUNT
 from infergw.epp import protocol
@@ -34,7 +35,9 @@ from infergw.epp.options import build_parser, parse_options
 from infergw.epp.replica_peers import SYNC_PORT_NAME
 from infergw.epp.scheduling.config import ConfigError, load_config
 from infergw.stack.auth import removed_headers
+from infergw.stack.envoy_config import ListenerTls, render
 from infergw.stack.ports import StackPorts
+from tests.envoy_settings import local_envoy_settings
 from tests.paths import EXAMPLES, ROOT
 from tests.schema_lint import list_errors, structural_errors
 
@@ -115,6 +118,7 @@ def test_the_expected_files_are_there() -> None:
         "envoy-patch-policy.yaml",
         "client-traffic-policy.yaml",
         "epp-tls.yaml",
+        "gateway-tls.yaml",
         "network-policies.yaml",
     }
     assert (CRDS / "upstream" / "inferencepool.yaml").is_file()
@@ -557,10 +561,17 @@ def test_the_decode_sidecar_reads_only_its_pool_and_pods() -> None:
 # ---- Envoy Gateway wiring -----------------------------------------------------------------------
 
 
+def _listener(gateway: dict[str, Any], name: str) -> dict[str, Any]:
+    [listener] = [lst for lst in gateway["spec"]["listeners"] if lst["name"] == name]
+    return listener
+
+
 def test_httproute_sends_v1_to_the_inference_pool() -> None:
     route = _one("HTTPRoute")
     gateway = _one("Gateway")
-    assert route["spec"]["parentRefs"][0]["name"] == gateway["metadata"]["name"]
+    [parent] = route["spec"]["parentRefs"]
+    assert parent["name"] == gateway["metadata"]["name"]
+    assert _listener(gateway, parent["sectionName"])["protocol"] == "HTTPS"
     [rule] = route["spec"]["rules"]
     assert rule["matches"] == [{"path": {"type": "PathPrefix", "value": "/v1"}}]
     [backend] = rule["backendRefs"]
@@ -577,9 +588,61 @@ def test_gateway_uses_envoy_gateway() -> None:
         gateway_class["spec"]["controllerName"] == "gateway.envoyproxy.io/gatewayclass-controller"
     )
     assert gateway["spec"]["gatewayClassName"] == gateway_class["metadata"]["name"]
-    assert [(lst["protocol"], lst["port"]) for lst in gateway["spec"]["listeners"]] == [
-        ("HTTP", 80)
+
+
+# ---- HTTPS for clients --------------------------------------------------------------------------
+
+
+def test_clients_reach_the_gateway_by_https_only() -> None:
+    """One listener, HTTPS on 443, terminating TLS with a kubernetes.io/tls Secret; no plain
+    HTTP listener (nor a redirect from one: the key would cross in the clear first)."""
+    gateway = _one("Gateway")
+    [listener] = gateway["spec"]["listeners"]
+    assert (listener["protocol"], listener["port"]) == ("HTTPS", 443)
+    assert listener["tls"]["mode"] == "Terminate"
+    [ref] = listener["tls"]["certificateRefs"]
+    assert (ref["group"], ref["kind"]) == ("", "Secret")
+    assert "namespace" not in ref  # the Gateway's own: no ReferenceGrant needed
+
+
+def test_the_gateways_certificate_is_cert_manager_ready() -> None:
+    """gateway-tls.yaml's Certificate writes the Secret the listener serves: a server
+    certificate (not a CA) from an Issuer the user names, for the names clients dial."""
+    gateway = _one("Gateway")
+    [ref] = _listener(gateway, "https")["tls"]["certificateRefs"]
+    [cert] = [d for d in _load(MANIFESTS / "gateway-tls.yaml") if d["kind"] == "Certificate"]
+    assert cert["apiVersion"] == "cert-manager.io/v1"
+    assert cert["metadata"]["namespace"] == gateway["metadata"]["namespace"]
+    assert cert["spec"]["secretName"] == ref["name"]
+    assert "server auth" in cert["spec"]["usages"] and not cert["spec"].get("isCA")
+    assert cert["spec"]["dnsNames"]
+    issuer = cert["spec"]["issuerRef"]
+    assert issuer["group"] == "cert-manager.io"
+    assert issuer["kind"] in ("Issuer", "ClusterIssuer")
+    # The issuer is the user's: a placeholder the file's header explains, no Issuer shipped.
+    assert "REPLACE" in issuer["name"]
+    assert not [
+        d
+        for d in _manifests()
+        if d["kind"] in ("Issuer", "ClusterIssuer") and d["metadata"]["name"] == issuer["name"]
     ]
+
+
+def test_the_https_listener_negotiates_what_the_local_stack_does(tmp_path: Path) -> None:
+    """TLS 1.2 or later and ALPN h2, http/1.1 on the Gateway, as the local Envoy's client
+    listener with `infergate up --tls`."""
+    tls = _one("ClientTrafficPolicy")["spec"]["tls"]
+    made = serving_cert(("127.0.0.1",)).write(tmp_path)
+    listener_tls = ListenerTls(made / "tls.crt", made / "tls.key")
+    config = yaml.safe_load(render(local_envoy_settings(listener_tls=listener_tls)))
+    [listener] = config["static_resources"]["listeners"]
+    [chain] = listener["filter_chains"]
+    local = chain["transport_socket"]["typed_config"]["common_tls_context"]
+    assert (
+        f"TLSv{tls['minVersion'].replace('.', '_')}"
+        == (local["tls_params"]["tls_minimum_protocol_version"])
+    )
+    assert tls["alpnProtocols"] == local["alpn_protocols"]
 
 
 def test_extension_policy_streams_both_bodies_to_the_picker() -> None:
@@ -742,8 +805,12 @@ def test_envoy_verifies_the_picker_by_our_ca_and_the_service_name() -> None:
     assert validation["hostname"] == f"{meta['name']}.{INSTALL_NAMESPACE}.svc"
     [ca_ref] = validation["caCertificateRefs"]
     assert (ca_ref["group"], ca_ref["kind"]) == ("", "Secret")
-    [cert] = [c for c in _manifests() if c["kind"] == "Certificate" and not c["spec"].get("isCA")]
-    assert ca_ref["name"] == cert["spec"]["secretName"]  # cert-manager's ca.crt in it
+    [cert] = [
+        c
+        for c in _manifests()
+        if c["kind"] == "Certificate" and c["spec"]["secretName"] == ca_ref["name"]
+    ]  # cert-manager's ca.crt in it
+    assert not cert["spec"].get("isCA")
     assert validation["hostname"] in cert["spec"]["dnsNames"]
 
 

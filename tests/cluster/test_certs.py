@@ -3,11 +3,15 @@
 A client that trusts a serving certificate's CA accepts it for every host it was made for and
 for no other, and a second CA's client refuses it; a self-signed certificate is accepted by a
 client that trusts exactly it; a cert dir without its files is refused, naming what is missing.
+A stored serving certificate is reused while it serves the same names, is signed by its CA, has
+its own key and is more than 30 days from expiring; otherwise it is made again, saying why.
 """
 
 from __future__ import annotations
 
+import datetime
 import ssl
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -85,3 +89,61 @@ def test_a_cert_dir_without_its_files_names_what_is_missing(tmp_path) -> None:
     (tmp_path / "tls.crt").write_bytes(b"")
     with pytest.raises(FileNotFoundError, match=r"has no tls\.key$"):
         certs.cert_files(tmp_path)
+
+
+# ---- a stored certificate, kept while it still serves -------------------------------------------
+
+HOSTS = ("127.0.0.1", "localhost")
+
+
+def test_a_stored_certificate_is_reused_while_it_serves_the_same_names(tmp_path) -> None:
+    first, why = certs.ensure_serving_cert(tmp_path, HOSTS)
+    assert why == "none was stored"
+    again, why = certs.ensure_serving_cert(tmp_path, HOSTS)
+    assert why is None and again == first
+    handshake(tmp_path, again.ca, "localhost")
+
+
+def test_an_expired_or_expiring_certificate_is_made_again(tmp_path) -> None:
+    long_ago = datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=400)
+    old = certs.serving_cert(HOSTS, days=365, now=long_ago).write(tmp_path)
+    expired = certs.ServingCert.read(old)
+    made, why = certs.ensure_serving_cert(old, HOSTS)
+    assert why is not None and why.startswith("it expired on"), why
+    assert made.ca != expired.ca  # a new CA, the expired one's gone
+    assert certs.ServingCert.read(tmp_path) == made  # written over the expired one
+    handshake(tmp_path, made.ca, "127.0.0.1")  # and valid now
+    soon = certs.serving_cert(HOSTS, days=10)
+    assert certs.reuse_problem(soon, HOSTS).startswith("it expires on")
+    assert certs.reuse_problem(soon, HOSTS, renew_before=datetime.timedelta(days=1)) is None
+
+
+def test_other_names_a_foreign_ca_or_a_foreign_key_are_not_reused() -> None:
+    stored = certs.serving_cert(HOSTS)
+    assert certs.reuse_problem(stored, ("localhost", "127.0.0.1")) is None  # order is no change
+    assert "not 10.0.0.7" in certs.reuse_problem(stored, (*HOSTS, "10.0.0.7"))
+    other = certs.serving_cert(HOSTS)
+    assert "did not sign" in certs.reuse_problem(replace(stored, ca=other.ca), HOSTS)
+    assert "not the certificate's key" in certs.reuse_problem(replace(stored, key=other.key), HOSTS)
+    assert "cannot be read" in certs.reuse_problem(replace(stored, cert=b"junk"), HOSTS)
+
+
+def test_a_half_written_directory_is_made_again(tmp_path) -> None:
+    certs.serving_cert(HOSTS).write(tmp_path)
+    (tmp_path / "tls.key").write_bytes(b"-----BEGIN PRIVATE KEY-----\ntruncated")
+    made, why = certs.ensure_serving_cert(tmp_path, HOSTS)
+    assert "key is not an unencrypted PEM private key" in why
+    handshake(tmp_path, made.ca, "localhost")
+
+
+def test_an_encrypted_key_is_named_not_raised() -> None:
+    from cryptography.hazmat.primitives import serialization
+
+    made = certs.serving_cert(HOSTS)
+    key = serialization.load_pem_private_key(made.key, None)
+    locked = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(b"secret"),
+    )
+    assert "unencrypted" in certs.key_problem(made.cert, locked)

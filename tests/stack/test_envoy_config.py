@@ -1,6 +1,7 @@
 """The local Envoy's ext_proc cluster with several pickers: one endpoint each, each
 health-checked on its own gRPC health port (plaintext, beside TLS ext_proc) for a readiness
-the picker serves, and ejected at its first local failure."""
+the picker serves, and ejected at its first local failure. The client listener: HTTPS with a
+checked certificate (TLS 1.2+, ALPN h2 and http/1.1) when given one, on an IP address only."""
 
 from __future__ import annotations
 
@@ -9,25 +10,14 @@ import yaml
 
 from infergw.cluster.certs import serving_cert
 from infergw.epp.app import HEALTH_SERVICES
-from infergw.stack.envoy_config import EnvoySettings, render
-from infergw.stack.ports import PickerPorts
+from infergw.stack.envoy_config import ListenerTls, render
 from tests.envoy_check import assert_envoy_accepts
+from tests.envoy_settings import PICKERS, local_envoy_settings
 
-PICKERS = [PickerPorts(19002, 19003, 19090, 19004), PickerPorts(19102, 19103, 19190, 19104)]
 
-
-def settings(tmp_path, **kw) -> EnvoySettings:
-    fields = dict(
-        listen_port=18080,
-        admin_port=19901,
-        picker_host="127.0.0.1",
-        pickers=PICKERS,
-        picker_tls=True,
-        picker_ca=str(tmp_path / "ca.crt"),
-        failure_mode="FailOpen",
-        endpoints=[("127.0.0.1", 18000)],
-    )
-    return EnvoySettings(**{**fields, **kw})
+def settings(tmp_path, **kw):
+    """Two pickers behind verified TLS ext_proc (the CA file, if Envoy is run, in tmp_path)."""
+    return local_envoy_settings(**{"picker_tls": True, "picker_ca": str(tmp_path / "ca.crt"), **kw})
 
 
 def picker_cluster(text: str) -> dict:
@@ -79,3 +69,60 @@ def test_envoy_accepts_the_config_with_several_pickers(tmp_path):
     path = tmp_path / "envoy.yaml"
     path.write_text(render(settings(tmp_path)))
     assert_envoy_accepts(path)
+
+
+# ---- the client listener: HTTPS with --tls ------------------------------------------------------
+
+
+def client_chain(text: str) -> dict:
+    [listener] = yaml.safe_load(text)["static_resources"]["listeners"]
+    [chain] = listener["filter_chains"]
+    return chain
+
+
+def test_the_client_listener_serves_https_with_the_given_certificate(tmp_path) -> None:
+    made = serving_cert(hosts=("127.0.0.1",)).write(tmp_path)
+    tls = ListenerTls(made / "tls.crt", made / "tls.key")
+    chain = client_chain(render(settings(tmp_path, listener_tls=tls)))
+    socket = chain["transport_socket"]
+    assert socket["name"] == "envoy.transport_sockets.tls"
+    context = socket["typed_config"]["common_tls_context"]
+    assert context["tls_params"] == {"tls_minimum_protocol_version": "TLSv1_2"}
+    assert context["alpn_protocols"] == ["h2", "http/1.1"]
+    [pair] = context["tls_certificates"]
+    assert pair == {
+        "certificate_chain": {"filename": str(tls.cert_file)},
+        "private_key": {"filename": str(tls.key_file)},
+    }
+    assert chain["filters"][0]["name"] == "envoy.filters.network.http_connection_manager"
+    assert "transport_socket" not in client_chain(render(settings(tmp_path)))  # plain HTTP
+    path = tmp_path / "envoy.yaml"
+    path.write_text(render(settings(tmp_path, listener_tls=tls, listen_host="::")))
+    assert_envoy_accepts(path)
+
+
+def test_a_path_with_quotes_stays_one_yaml_string(tmp_path) -> None:
+    odd = tmp_path / 'a "quoted": dir'
+    made = serving_cert(hosts=("127.0.0.1",)).write(odd)
+    tls = ListenerTls(made / "tls.crt", made / "tls.key")
+    [pair] = client_chain(render(settings(tmp_path, listener_tls=tls)))["transport_socket"][
+        "typed_config"
+    ]["common_tls_context"]["tls_certificates"]
+    assert pair["certificate_chain"]["filename"] == str(tls.cert_file)
+
+
+def test_listener_tls_files_are_checked_before_envoy_sees_them(tmp_path) -> None:
+    made = serving_cert(hosts=("127.0.0.1",)).write(tmp_path)
+    missing = ListenerTls(tmp_path / "nope.crt", made / "tls.key")
+    with pytest.raises(ValueError, match=r"nope\.crt"):
+        render(settings(tmp_path, listener_tls=missing))
+    (tmp_path / "other.key").write_bytes(serving_cert(hosts=("127.0.0.1",)).key)
+    foreign = ListenerTls(made / "tls.crt", tmp_path / "other.key")
+    with pytest.raises(ValueError, match="not the certificate's key"):
+        render(settings(tmp_path, listener_tls=foreign))
+
+
+@pytest.mark.parametrize("host", ["localhost", '127.0.0.1"', ""])
+def test_the_listen_address_must_be_an_ip_address(tmp_path, host) -> None:
+    with pytest.raises(ValueError, match="must be an IP address"):
+        render(settings(tmp_path, listen_host=host))
