@@ -9,7 +9,8 @@ without a newline costs one held `MAX_HELD` and a chunk, not 1 GiB. A JSON answe
 cap is passed on as parts (no stage reads it whole).
 
 When no stage edits (reading usage only), each chunk is passed on as it came, at once; the
-framer holds its copy for the readers only.
+framer holds its copy for the readers only — and a stream whose stages all read lines
+(`lines.LineReader`) is not framed at all: a `lines.LineScanner` hands them its whole lines.
 """
 
 from __future__ import annotations
@@ -18,11 +19,11 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Protocol
 
+from infergw.epp.response.lines import Bytes, LineReader, LineScanner
+
 # An unfinished SSE event, or a JSON answer, is held up to this (a usage event is a few hundred
 # bytes; the Responses API's response.completed repeats the answer, still far below it).
 MAX_HELD = 4 * 1024 * 1024
-
-Bytes = bytes | bytearray
 
 
 class Stage(Protocol):
@@ -173,22 +174,41 @@ class ResponseChain:
 
     def __init__(self, stages: Sequence[Stage], streaming: bool, cap: int = MAX_HELD) -> None:
         self.stages = list(stages)
-        self.framer = Framer(streaming, cap)
         self._edits = any(stage.edits for stage in self.stages)
+        # Readers of a stream only need its lines: scanned, not framed into events.
+        self._scanner: LineScanner | None = None
+        if streaming and not self._edits and all(isinstance(s, LineReader) for s in stages):
+            self._scanner = LineScanner(self.stages, cap)
+        self.framer = Framer(streaming, cap)
 
     @property
     def held_bytes(self) -> int:
+        if self._scanner is not None:
+            return self._scanner.held_bytes
         return self.framer.held_bytes
 
     def feed(self, chunk: bytes) -> list[Bytes]:
+        if self._scanner is not None:
+            if not chunk:
+                return []
+            self._scanner.feed(chunk)
+            return [chunk]
         out = self._run(self.framer.feed(chunk))
         return out if self._edits else [chunk] if chunk else []
 
     def release(self) -> list[Bytes]:
         """Pass on what is held (the readers do not read it)."""
+        if self._scanner is not None:
+            self._scanner.release()
+            return []
         return self._run(self.framer.release())
 
     def flush(self) -> list[Bytes]:
+        if self._scanner is not None:
+            self._scanner.flush()
+            for stage in self.stages:
+                stage.flush()  # a reader passes nothing on
+            return []
         out = self._run(self.framer.flush())
         for i, stage in enumerate(self.stages):
             rest = stage.flush()
