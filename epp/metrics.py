@@ -8,6 +8,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
+from infergw.epp.metric_values import LoopTally
+
 LATENCY_BUCKETS = (
     0.005,
     0.025,
@@ -103,6 +105,15 @@ TPOT_BUCKETS = (
 )
 
 MODEL = ("model_name", "target_model_name")
+# The kinds of ext_proc message the proxy sends (ProcessingRequest's `request` oneof).
+EXTPROC_MESSAGE_KINDS = (
+    "request_headers",
+    "request_body",
+    "request_trailers",
+    "response_headers",
+    "response_body",
+    "response_trailers",
+)
 
 # Model names come from clients: while the pods' model lists are unknown (or for requests
 # refused with 404) any name reaches the per-model series. Names the pool serves always get
@@ -370,24 +381,14 @@ class PickerMetrics:
             ("reason",),
             registry=r,
         )
-        self.extproc_messages = Counter(
+        # Counted for every message on the hot path: plain ints, by the event loop alone.
+        self.extproc_messages = LoopTally(
             "infergate_epp_extproc_messages_total",
             "ext_proc messages received from the proxy, by kind.",
-            ("kind",),
+            "kind",
+            EXTPROC_MESSAGE_KINDS,
             registry=r,
         )
-        # Bound once: this is counted for every message on the hot path.
-        self.message_kind = {
-            k: self.extproc_messages.labels(k)
-            for k in (
-                "request_headers",
-                "request_body",
-                "request_trailers",
-                "response_headers",
-                "response_body",
-                "response_trailers",
-            )
-        }
         info = Info("inference_extension", "General information of the current build.", registry=r)
         info.info({"commit": "unknown", "build_ref": "infergate"})
 

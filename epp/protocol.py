@@ -8,7 +8,7 @@ go back in chunks of at most 62,000 bytes, errors are ImmediateResponses.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 from envoy.config.core.v3 import base_pb2 as core
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
@@ -105,9 +105,19 @@ def _streamed(answer: pb.BodyResponse, data: bytes, eos: bool) -> None:
 
 def response_body_chunks(
     pieces: Sequence[bytes | bytearray], eos: bool
-) -> Iterator[pb.ProcessingResponse]:
+) -> Iterable[pb.ProcessingResponse]:
     """The answer's bytes passed on now, in streamed chunks of at most MAX_CHUNK bytes, each
     built when it is asked for; the last carries `eos`. Nothing to pass on is one empty chunk."""
+    if len(pieces) == 1:  # most often: the chunk as it came
+        piece = pieces[0]
+        if piece and isinstance(piece, bytes) and len(piece) <= MAX_CHUNK:
+            return (response_chunk(piece, eos),)
+    return _response_body_chunks(pieces, eos)
+
+
+def _response_body_chunks(
+    pieces: Sequence[bytes | bytearray], eos: bool
+) -> Iterator[pb.ProcessingResponse]:
     last: bytes | None = None
     for piece in pieces:
         if not piece:
