@@ -34,7 +34,8 @@ def header_map(headers: core.HeaderMap) -> dict[str, str]:
     """Envoy sends values in raw_value (bytes) or, older, in value."""
     out = {}
     for h in headers.headers:
-        out[h.key.lower()] = h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value
+        raw = h.raw_value
+        out[h.key.lower()] = raw.decode("utf-8", "replace") if raw else h.value
     return out
 
 

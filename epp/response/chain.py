@@ -15,6 +15,7 @@ framer holds its copy for the readers only — and a stream whose stages all rea
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Protocol
@@ -177,9 +178,10 @@ class ResponseChain:
         self._edits = any(stage.edits for stage in self.stages)
         # Readers of a stream only need its lines: scanned, not framed into events.
         self._scanner: LineScanner | None = None
-        if streaming and not self._edits and all(isinstance(s, LineReader) for s in stages):
+        if streaming and not self._edits and all(_reads_lines(type(s)) for s in stages):
             self._scanner = LineScanner(self.stages, cap)
-        self.framer = Framer(streaming, cap)
+        else:
+            self.framer = Framer(streaming, cap)
 
     @property
     def held_bytes(self) -> int:
@@ -225,6 +227,11 @@ class ResponseChain:
             if data and self._edits:
                 out.append(data)
         return out
+
+
+@functools.cache
+def _reads_lines(stage: type) -> bool:
+    return issubclass(stage, LineReader)  # (a protocol's check is slow: once a class)
 
 
 def _through(stages: Sequence[Stage], frame: Frame) -> Bytes:
