@@ -136,8 +136,10 @@ def _response_body_chunks(
 
 
 def response_chunk(data: bytes, eos: bool) -> pb.ProcessingResponse:
-    resp = pb.ProcessingResponse()
-    _streamed(resp.response_body, data, eos)
+    resp = pb.ProcessingResponse()  # once a streamed token: _streamed inlined
+    streamed = resp.response_body.response.body_mutation.streamed_response
+    streamed.body = data
+    streamed.end_of_stream = eos
     return resp
 
 

@@ -178,34 +178,38 @@ class ResponseChain:
         self._edits = any(stage.edits for stage in self.stages)
         # Readers of a stream only need its lines: scanned, not framed into events.
         self._scanner: LineScanner | None = None
+        self.framer: Framer | None = None
         if streaming and not self._edits and all(_reads_lines(type(s)) for s in stages):
             self._scanner = LineScanner(self.stages, cap)
         else:
             self.framer = Framer(streaming, cap)
-
-    @property
-    def held_bytes(self) -> int:
-        if self._scanner is not None:
-            return self._scanner.held_bytes
-        return self.framer.held_bytes
+        # What the framer or scanner holds now (kept current: read once a chunk).
+        self.held_bytes = 0
 
     def feed(self, chunk: bytes) -> list[Bytes]:
-        if self._scanner is not None:
+        scanner = self._scanner
+        if scanner is not None:
             if not chunk:
                 return []
-            self._scanner.feed(chunk)
+            scanner.feed(chunk)
+            self.held_bytes = scanner.held_bytes
             return [chunk]
         out = self._run(self.framer.feed(chunk))
+        self.held_bytes = self.framer.held_bytes
         return out if self._edits else [chunk] if chunk else []
 
     def release(self) -> list[Bytes]:
         """Pass on what is held (the readers do not read it)."""
         if self._scanner is not None:
             self._scanner.release()
+            self.held_bytes = self._scanner.held_bytes
             return []
-        return self._run(self.framer.release())
+        out = self._run(self.framer.release())
+        self.held_bytes = self.framer.held_bytes
+        return out
 
     def flush(self) -> list[Bytes]:
+        self.held_bytes = 0
         if self._scanner is not None:
             self._scanner.flush()
             for stage in self.stages:

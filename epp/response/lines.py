@@ -41,6 +41,8 @@ class LineScanner:
         self.cap = cap
         self._held: Bytes = b""  # the unfinished line, up to cap
         self._head: bytes | None = None  # while a line too long to hold goes on: its head
+        # Once a chunk: straight to the one reader there usually is.
+        self._read = readers[0].lines if len(readers) == 1 else self._read_all
 
     @property
     def held_bytes(self) -> int:
@@ -108,6 +110,6 @@ class LineScanner:
         for reader in self.readers:
             reader.long_line(head)
 
-    def _read(self, data: Bytes, start: int, end: int) -> None:
+    def _read_all(self, data: Bytes, start: int, end: int) -> None:
         for reader in self.readers:
             reader.lines(data, start, end)

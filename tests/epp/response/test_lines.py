@@ -44,6 +44,7 @@ def read_both(chunks: list[bytes], cap: int, release_at: set[int] = frozenset())
             assert chain.held_bytes <= cap + len(chunk)
             if i in release_at:
                 assert chain.release() == []
+            assert chain.held_bytes == (chain._scanner or chain.framer).held_bytes  # kept current
     for chain in chains:
         assert chain.flush() == [] and chain.held_bytes == 0
     return scanned, framed.reader
