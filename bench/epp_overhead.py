@@ -245,6 +245,12 @@ def main(argv: list[str] | None = None) -> int:
         default=[],
         help="a commit whose picker runs beside this one in the stub and pipeline parts",
     )
+    p.add_argument(
+        "--pipeline-chunks",
+        default="0,100",
+        help="the answers of the pipeline part: 0 a JSON answer, N a streamed answer of N "
+        "token events (comma-separated)",
+    )
     p.add_argument("--stub-concurrency", type=int, default=32)
     p.add_argument("--stub-duration", type=float, default=5.0, help="seconds a round")
     p.add_argument("--stub-rounds", type=int, default=3)
@@ -268,7 +274,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(stub), flush=True)
     pipeline = None
     if "pipeline" in parts:
-        pipeline = epp_pipeline.compare([*args.baseline, "HEAD"])
+        chunks = [int(n) for n in args.pipeline_chunks.split(",")]
+        pipeline = epp_pipeline.compare([*args.baseline, "HEAD"], chunks=chunks)
         print(json.dumps(pipeline), flush=True)
     runs = []
     for stream in (False, True) if "paths" in parts else ():

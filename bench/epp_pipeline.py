@@ -2,15 +2,23 @@
 
 A child process builds the picker as `python -m infergw.epp` would (the quickstart
 scheduling: precise prefix scorer, tokenizer on; two pods that are never scraped during the
-run) and feeds its ext_proc servicer the four messages of each request directly (request
-headers, body, response headers, response body), one request after another; its CPU time
-per request is the picker's parsing, routing, tokenizing, scheduling, bookkeeping and answer
-building, with no network and no gRPC. Each commit (`--commit`, repeatable; `HEAD` is the
-installed code) runs in turns for R rounds, so drift on a shared machine falls on all alike.
-The child imports the picker as any process that runs it does; this module does not.
+run) and feeds its ext_proc servicer the messages of each request directly, one request after
+another; its CPU time per request is the picker's parsing, routing, tokenizing, scheduling,
+bookkeeping and answer building, with no network and no gRPC. Each commit (`--commit`,
+repeatable; `HEAD` is the installed code) runs in turns for R rounds, so drift on a shared
+machine falls on all alike. The child imports the picker as any process that runs it does;
+this module does not.
 
-infergate bench epp_overhead --parts pipeline --pipeline-commit 002be74 ...
-python -m infergw.bench.epp_pipeline --commit 002be74 --commit HEAD
+Two answers: a JSON completion in one body message (four messages a request), or with
+`--chunks N` a streamed one as vLLM sends it — N SSE events of one token each, each in its own
+body message, then a last message with the usage event and `data: [DONE]`. In the streamed
+mode the chunks' CPU is also timed on its own (from the first of the N chunk messages to the
+last, answers included): µs per chunk, and per request without them. The messages are built
+before the clock starts (making them is the proxy's work). On a shared machine the others'
+load only adds CPU time (caches, frequency), so the best run is reported beside the median.
+
+infergate bench epp_overhead --parts pipeline --baseline 002be74 [--pipeline-chunks 0,100]
+python -m infergw.bench.epp_pipeline --commit 002be74 --commit HEAD [--chunks 100]
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 from infergw.bench import checkout
@@ -45,25 +54,52 @@ s = json.loads(sys.argv[1])
 def headers(pairs):
     return core.HeaderMap(headers=[core.HeaderValue(key=k, raw_value=v.encode()) for k, v in pairs])
 
+N = s["chunks"]
 ANSWER = json.dumps({"id": "c", "object": "text_completion", "model": s["model"],
     "choices": [{"index": 0, "text": " x", "finish_reason": "length"}],
     "usage": {"prompt_tokens": 64, "completion_tokens": 1, "total_tokens": 65}}).encode()
 
+def sse(doc):
+    return b"data: " + json.dumps(doc).encode() + b"\n\n"
+
+# A vLLM /v1/completions stream: one event a token, then (include_usage) the usage event.
+CHUNK = sse({"id": "cmpl-1", "object": "text_completion", "created": 1, "model": s["model"],
+    "choices": [{"index": 0, "text": " tok", "logprobs": None, "finish_reason": None,
+                 "stop_reason": None}]})
+LAST = sse({"id": "cmpl-1", "object": "text_completion", "created": 1, "model": s["model"],
+    "choices": [], "usage": {"prompt_tokens": 64, "completion_tokens": N,
+                             "total_tokens": 64 + N}}) + b"data: [DONE]\n\n"
+
 def messages(i):
-    body = json.dumps({"model": s["model"], "max_tokens": 1,
-                       "prompt": f"request {i}: " + s["prompt"]}).encode()
-    return [
+    body = {"model": s["model"], "max_tokens": max(1, N), "prompt": f"request {i}: " + s["prompt"]}
+    if N:
+        body["stream"] = True
+    out = [
         pb.ProcessingRequest(request_headers=pb.HttpHeaders(headers=headers([
             (":method", "POST"), (":path", "/v1/completions"), (":authority", "gw"),
             ("content-type", "application/json"), ("x-request-id", f"r{i}")]))),
-        pb.ProcessingRequest(request_body=pb.HttpBody(body=body, end_of_stream=True)),
+        pb.ProcessingRequest(request_body=pb.HttpBody(body=json.dumps(body).encode(),
+                                                      end_of_stream=True)),
         pb.ProcessingRequest(response_headers=pb.HttpHeaders(headers=headers([
-            (":status", "200"), ("content-type", "application/json")]))),
-        pb.ProcessingRequest(response_body=pb.HttpBody(body=ANSWER, end_of_stream=True)),
+            (":status", "200"),
+            ("content-type", "text/event-stream" if N else "application/json")]))),
     ]
+    if not N:
+        return out + [pb.ProcessingRequest(response_body=pb.HttpBody(body=ANSWER,
+                                                                     end_of_stream=True))]
+    out += [pb.ProcessingRequest(response_body=pb.HttpBody(body=CHUNK)) for _ in range(N)]
+    return out + [pb.ProcessingRequest(response_body=pb.HttpBody(body=LAST, end_of_stream=True))]
 
+chunk_cpu = 0.0
+
+# The messages; the CPU from the first chunk message to the last one's answers is timed.
 async def feed(items):
-    for m in items:
+    global chunk_cpu
+    for k, m in enumerate(items):
+        if k == 3 and N:
+            t = time.process_time()
+        elif k == 3 + N and N:
+            chunk_cpu += time.process_time() - t
         yield m
 
 async def main():
@@ -85,17 +121,26 @@ async def main():
     processor = ExternalProcessor(picker.director)
 
     async def one(i):
-        answers = [a async for a in processor.Process(feed(messages(i)), None)]
-        if len(answers) != 4 or not answers[0].HasField("request_headers"):
+        await one_of(messages(i))
+
+    async def one_of(items):
+        answers = [a async for a in processor.Process(feed(items), None)]
+        if len(answers) != 4 + N or not answers[0].HasField("request_headers"):
             raise SystemExit(f"unexpected answers: {answers}")
 
     for i in range(s["warmup"]):
         await one(i)
+    # Built beforehand: making the messages is the proxy's work, not the picker's.
+    batch = [messages(i) for i in range(s["warmup"], s["warmup"] + s["requests"])]
+    global chunk_cpu
+    chunk_cpu = 0.0
     cpu, wall = time.process_time(), time.perf_counter()
-    for i in range(s["warmup"], s["warmup"] + s["requests"]):
-        await one(i)
+    for items in batch:
+        await one_of(items)
     cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
-    print(json.dumps({"cpu_us": 1e6 * cpu / s["requests"], "wall_us": 1e6 * wall / s["requests"]}))
+    r = s["requests"]
+    print(json.dumps({"cpu_us": 1e6 * cpu / r, "wall_us": 1e6 * wall / r,
+                      "chunk_cpu_us": 1e6 * chunk_cpu / (r * N) if N else None}))
     await stop_picker(picker)
 
 try:
@@ -109,8 +154,9 @@ MODEL = "infergate-sim"
 PROMPT = "hello " * 50
 
 
-def run_child(path: Path | None, requests: int, warmup: int = 200) -> dict:
-    """One child run of the picker code on PYTHONPATH `path` (None: the installed code)."""
+def run_child(path: Path | None, requests: int, warmup: int = 200, chunks: int = 0) -> dict:
+    """One child run of the picker code on PYTHONPATH `path` (None: the installed code);
+    `chunks`: 0 for a JSON answer, else the streamed answer's token events."""
     settings = {
         "model": MODEL,
         "prompt": PROMPT,
@@ -120,6 +166,7 @@ def run_child(path: Path | None, requests: int, warmup: int = 200) -> dict:
         "kv_port": free_port(),
         "requests": requests,
         "warmup": warmup,
+        "chunks": chunks,
     }
     env = dict(os.environ)
     if path is not None:
@@ -136,18 +183,40 @@ def run_child(path: Path | None, requests: int, warmup: int = 200) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def compare(commits: list[str], requests: int = 2000, rounds: int = 3) -> dict:
-    """CPU µs per request of each commit's picker pipeline: the median of `rounds` runs,
-    the commits taking turns."""
+def _summary(runs: list[dict], chunks: int) -> dict:
+    cpu = statistics.median(r["cpu_us"] for r in runs)
+    # The least disturbed run: on a shared machine, the others' load only ever adds.
+    out = {
+        "cpu_us_per_request": round(cpu),
+        "best_cpu_us_per_request": round(min(r["cpu_us"] for r in runs)),
+        "wall_us_per_request": round(statistics.median(r["wall_us"] for r in runs)),
+        "runs_cpu_us": [round(r["cpu_us"]) for r in runs],
+    }
+    if chunks:
+        chunk = statistics.median(r["chunk_cpu_us"] for r in runs)
+        out["cpu_us_per_chunk"] = round(chunk, 2)
+        out["best_cpu_us_per_chunk"] = round(min(r["chunk_cpu_us"] for r in runs), 2)
+        out["runs_cpu_us_per_chunk"] = [round(r["chunk_cpu_us"], 2) for r in runs]
+        out["cpu_us_per_request_without_chunks"] = round(cpu - chunks * chunk)
+    return out
+
+
+def compare(
+    commits: list[str], requests: int = 2000, rounds: int = 3, chunks: Sequence[int] = (0,)
+) -> dict:
+    """CPU µs per request (and per streamed chunk) of each commit's picker pipeline, for each
+    answer in `chunks` (0: JSON, N: N streamed token events): the median of `rounds` runs,
+    the commits and answers taking turns."""
     work = Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
     paths = {
         c: None if c == "HEAD" else checkout.importable(c, work / c.replace("/", "_"))
         for c in commits
     }
-    runs: dict[str, list[dict]] = {c: [] for c in commits}
+    runs: dict[tuple[int, str], list[dict]] = {(n, c): [] for n in chunks for c in commits}
     for _ in range(rounds):
-        for c in commits:
-            runs[c].append(run_child(paths[c], requests))
+        for n in chunks:
+            for c in commits:
+                runs[n, c].append(run_child(paths[c], requests, chunks=n))
     head = subprocess.run(
         ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
     ).stdout.strip()
@@ -155,30 +224,37 @@ def compare(commits: list[str], requests: int = 2000, rounds: int = 3) -> dict:
         "requests": requests,
         "rounds": rounds,
         "head": head,
-        "commits": {
-            c: {
-                "cpu_us_per_request": round(statistics.median(r["cpu_us"] for r in rs)),
-                "wall_us_per_request": round(statistics.median(r["wall_us"] for r in rs)),
-                "runs_cpu_us": [round(r["cpu_us"]) for r in rs],
-            }
-            for c, rs in runs.items()
-        },
+        "load": " ".join(Path("/proc/loadavg").read_text().split()[:3]),
+        "modes": [
+            {"chunks": n, "commits": {c: _summary(runs[n, c], n) for c in commits}} for n in chunks
+        ],
     }
 
 
 def markdown(out: dict) -> str:
     lines = [
         f"The picker's own work, no gRPC: {out['requests']} requests a run, median of "
-        f"{out['rounds']} runs taking turns (HEAD is {out['head']}).",
+        f"{out['rounds']} runs taking turns (HEAD is {out['head']}; load average after: "
+        f"{out.get('load', '?')}).",
         "",
-        "| commit | CPU µs per request | wall µs per request (one at a time) | runs (CPU µs) |",
-        "|---|---|---|---|",
+        "| answer | commit | CPU µs per request (best run) | per streamed chunk (best run) | "
+        "per request without its chunks | wall µs per request (one at a time) | "
+        "runs (CPU µs per request) |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for c, r in out["commits"].items():
-        lines.append(
-            f"| {c} | {r['cpu_us_per_request']} | {r['wall_us_per_request']} | "
-            f"{', '.join(map(str, r['runs_cpu_us']))} |"
-        )
+    for mode in out["modes"]:
+        n = mode["chunks"]
+        answer = f"{n} streamed chunks" if n else "JSON"
+        for c, r in mode["commits"].items():
+            per_chunk = "—"
+            if "cpu_us_per_chunk" in r:
+                per_chunk = f"{r['cpu_us_per_chunk']} ({r['best_cpu_us_per_chunk']})"
+            without = r.get("cpu_us_per_request_without_chunks", "—")
+            per_request = f"{r['cpu_us_per_request']} ({r['best_cpu_us_per_request']})"
+            lines.append(
+                f"| {answer} | {c} | {per_request} | {per_chunk} | {without} | "
+                f"{r['wall_us_per_request']} | {', '.join(map(str, r['runs_cpu_us']))} |"
+            )
     return "\n".join(lines)
 
 
@@ -187,8 +263,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--commit", action="append", default=[], help="repeatable; HEAD: installed")
     p.add_argument("--requests", type=int, default=2000)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument(
+        "--chunks",
+        type=int,
+        action="append",
+        default=[],
+        help="repeatable: 0 for a JSON answer (the default), N for a streamed answer of N "
+        "token events (each its own body message) and the usage event",
+    )
     args = p.parse_args(argv)
-    out = compare(args.commit or ["HEAD"], args.requests, args.rounds)
+    if any(n < 0 for n in args.chunks):
+        p.error("--chunks must be 0 or more")
+    out = compare(args.commit or ["HEAD"], args.requests, args.rounds, args.chunks or [0])
     print(json.dumps(out))
     print(markdown(out))
     return 0

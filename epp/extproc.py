@@ -138,22 +138,27 @@ class _Stream:
         return [protocol.served_headers(self.served)]
 
     def on_response_body(self, msg: pb.ProcessingRequest) -> Iterable[pb.ProcessingResponse]:
+        # Once per streamed token: kept to what each chunk needs.
         chunk = msg.response_body
-        now = time.monotonic()
         data = chunk.body
+        eos = chunk.end_of_stream
         if data:
+            now = time.monotonic()
             if self.first_chunk is None:
                 self.first_chunk = now
             self.last_chunk = now
-        out: list[bytes | bytearray] = [data]
-        if self.response is not None:
-            out = self.response.feed(data)
-            out += self._account_held()
-            if chunk.end_of_stream:
-                out += self.response.flush()
-        if chunk.end_of_stream:
+        response = self.response
+        if response is None:
+            out: list[bytes | bytearray] = [data]
+        else:
+            out = response.feed(data)
+            if response.held_bytes != self.response_charged:
+                out += self._account_held()
+            if eos:
+                out += response.flush()
+        if eos:
             self.finish()
-        return protocol.response_body_chunks(out, chunk.end_of_stream)
+        return protocol.response_body_chunks(out, eos)
 
     def _account_held(self) -> list[bytes | bytearray]:
         """Charge the budget for what the response chain holds; past it, the chain passes it
@@ -246,23 +251,23 @@ class ExternalProcessor(pbg.ExternalProcessorServicer):
     ) -> AsyncIterator[pb.ProcessingResponse]:
         stream = _Stream(self.director, self.budget)
         try:
-            counters = self.director.metrics.message_kind
+            tally = self.director.metrics.extproc_messages.counts
             async for msg in request_iterator:
                 kind = msg.WhichOneof("request")
-                counter = counters.get(kind)
-                if counter is not None:
-                    counter.inc()
+                if kind in tally:
+                    tally[kind] += 1
                 try:
-                    if kind == "request_headers":
+                    # The most frequent first: a streamed answer is a message a token.
+                    if kind == "response_body":
+                        out = stream.on_response_body(msg)
+                    elif kind == "request_headers":
                         out = stream.on_request_headers(msg)
                     elif kind == "request_body":
                         out = await stream.on_request_body(msg)
-                    elif kind == "request_trailers":
-                        out = [protocol.empty_request_trailers()]
                     elif kind == "response_headers":
                         out = stream.on_response_headers(msg)
-                    elif kind == "response_body":
-                        out = stream.on_response_body(msg)
+                    elif kind == "request_trailers":
+                        out = [protocol.empty_request_trailers()]
                     elif kind == "response_trailers":
                         stream.finish()
                         out = [protocol.empty_response_trailers()]

@@ -21,15 +21,19 @@ _CLOSE = re.compile(rb"\s*}")
 
 def _depth_change(segment: bytes) -> int:
     """Brackets opened minus closed in `segment`, which starts and ends outside strings."""
-    bare = JSON_STRING.sub(b"", segment)
+    bare = JSON_STRING.sub(b"", segment) if b'"' in segment else segment
     return bare.count(b"{") + bare.count(b"[") - bare.count(b"}") - bare.count(b"]")
+
+
+# A quote after `{`, `,` or blank space is never inside a string (there it is escaped), and a
+# string followed by `:` is a member's name. (Checked on the byte before a match rather than
+# by a lookbehind, which the regex engine would try at every byte of the body.)
+_BEFORE_NAME = frozenset(b"{, \t\n\r\f\v")
 
 
 @functools.lru_cache(maxsize=64)
 def _member_pattern(name: bytes) -> re.Pattern[bytes]:
-    # A quote after `{`, `,` or blank space is never inside a string (there it is escaped),
-    # and a string followed by `:` is a member's name.
-    return re.compile(rb'(?<=[{,\s])"' + name + rb'"\s*:\s*')
+    return re.compile(rb'"' + name + rb'"\s*:\s*')
 
 
 def _top_level(doc: bytes, name: bytes) -> Iterator[re.Match]:
@@ -38,8 +42,12 @@ def _top_level(doc: bytes, name: bytes) -> Iterator[re.Match]:
     pattern = _member_pattern(name)
     depth, last = 0, 0
     for match in pattern.finditer(doc):
-        depth += _depth_change(doc[last : match.start()])
-        last = match.start()
+        at = match.start()
+        # (A match refused here holds no quote a name could start at: none is skipped.)
+        if not at or doc[at - 1] not in _BEFORE_NAME:
+            continue
+        depth += _depth_change(doc[last:at])
+        last = at
         if depth == 1:
             yield match
 
@@ -55,6 +63,11 @@ def _any_spelling(key: str) -> bytes:
     return out
 
 
+@functools.lru_cache(maxsize=64)
+def _plain_name(key: str) -> bytes:
+    return json.dumps(key).encode()
+
+
 class Member(NamedTuple):
     """What one pass over `doc` finds of its top-level member `key`."""
 
@@ -65,7 +78,7 @@ class Member(NamedTuple):
 def find_member(doc: bytes, key: str) -> Member:
     """Count and locate `key`'s top-level members in one pass over `doc` (decoders keep the
     last of repeated keys)."""
-    plain = b'"' + json.dumps(key).encode()[1:-1] + b'"'
+    plain = _plain_name(key)
     count, offset = 0, None
     for match in _top_level(doc, _any_spelling(key)):
         count += 1

@@ -6,7 +6,9 @@ from collections import Counter as Tally
 from collections.abc import Callable
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import CollectorRegistry, Gauge, Info
+
+from infergw.epp.metric_values import FastCounter, FastHistogram, LoopTally
 
 LATENCY_BUCKETS = (
     0.005,
@@ -103,6 +105,15 @@ TPOT_BUCKETS = (
 )
 
 MODEL = ("model_name", "target_model_name")
+# The kinds of ext_proc message the proxy sends (ProcessingRequest's `request` oneof).
+EXTPROC_MESSAGE_KINDS = (
+    "request_headers",
+    "request_body",
+    "request_trailers",
+    "response_headers",
+    "response_body",
+    "response_trailers",
+)
 
 # Model names come from clients: while the pods' model lists are unknown (or for requests
 # refused with 404) any name reaches the per-model series. Names the pool serves always get
@@ -120,7 +131,7 @@ class ModelLabels:
     OTHER_MODEL to the name (when the pool comes to serve it), never back."""
 
     def __init__(
-        self, overflow: Counter, limit: int = MAX_UNLISTED_MODELS, total: int = MAX_MODEL_SERIES
+        self, overflow: FastCounter, limit: int = MAX_UNLISTED_MODELS, total: int = MAX_MODEL_SERIES
     ) -> None:
         self.known: Callable[[str], bool] = lambda _name: False  # the pool serves it
         self.limit = limit
@@ -209,40 +220,40 @@ class _RunningChild:
 class PickerMetrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
-        self.requests = Counter(
+        self.requests = FastCounter(
             "inference_objective_request_total",
             "Counter of inference objective requests.",
             MODEL,
             registry=r,
         )
-        self.errors = Counter(
+        self.errors = FastCounter(
             "inference_objective_request_error_total",
             "Counter of inference objective requests errors.",
             (*MODEL, "error_code"),
             registry=r,
         )
-        self.duration = Histogram(
+        self.duration = FastHistogram(
             "inference_objective_request_duration_seconds",
             "Inference objective response latency distribution in seconds.",
             MODEL,
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        self.input_tokens = Histogram(
+        self.input_tokens = FastHistogram(
             "inference_objective_input_tokens",
             "Inference objective input token count distribution.",
             MODEL,
             buckets=TOKEN_BUCKETS,
             registry=r,
         )
-        self.output_tokens = Histogram(
+        self.output_tokens = FastHistogram(
             "inference_objective_output_tokens",
             "Inference objective output token count distribution.",
             MODEL,
             buckets=TOKEN_BUCKETS,
             registry=r,
         )
-        self.cached_tokens = Histogram(
+        self.cached_tokens = FastHistogram(
             "inference_objective_prompt_cached_tokens",
             "Inference objective prompt cached token count distribution.",
             MODEL,
@@ -255,7 +266,7 @@ class PickerMetrics:
             ("model_name",),
             registry=r,
         )
-        self.ntpot = Histogram(
+        self.ntpot = FastHistogram(
             "inference_objective_normalized_time_per_output_token_seconds",
             "Inference objective latency divided by number of output tokens in seconds.",
             MODEL,
@@ -264,7 +275,7 @@ class PickerMetrics:
         )
         # Model names are the client's: bound the series they make (ModelLabels).
         self.model_labels = ModelLabels(
-            Counter(
+            FastCounter(
                 "infergate_epp_model_label_overflow_total",
                 f"Per-model observations recorded under model_name={OTHER_MODEL!r}: the "
                 f"name is not served by the pool and {MAX_UNLISTED_MODELS} such names "
@@ -299,14 +310,14 @@ class PickerMetrics:
             ("name",),
             registry=r,
         )
-        self.scheduler_e2e = Histogram(
+        self.scheduler_e2e = FastHistogram(
             "inference_extension_scheduler_e2e_duration_seconds",
             "End-to-end scheduling latency distribution in seconds.",
             buckets=SCHEDULER_BUCKETS,
             registry=r,
         )
         self._plugin_children: dict[tuple[str, str, str], Any] = {}
-        self.plugin_duration = Histogram(
+        self.plugin_duration = FastHistogram(
             "inference_extension_plugin_duration_seconds",
             "Plugin processing latency distribution in seconds "
             "for each extension point, plugin type and plugin "
@@ -315,14 +326,14 @@ class PickerMetrics:
             buckets=SCHEDULER_BUCKETS,
             registry=r,
         )
-        self.prefix_hit_ratio = Histogram(
+        self.prefix_hit_ratio = FastHistogram(
             "inference_extension_prefix_indexer_hit_ratio",
             "Ratio of prefix length matched to total prefix length in the cache lookup.",
             buckets=(0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0),
             registry=r,
         )
         # Prefill/decode disaggregation (pd-profile-handler, given them by its handle).
-        self.pd_decisions = Counter(
+        self.pd_decisions = FastCounter(
             "infergate_epp_pd_decisions_total",
             "Prefill/decode decisions by outcome: disaggregated, decode_only (the decode pod "
             "holds enough of the prompt, or P/D is off) and no_prefill_pod (none in the "
@@ -330,64 +341,54 @@ class PickerMetrics:
             ("outcome",),
             registry=r,
         )
-        self.pd_picks = Counter(
+        self.pd_picks = FastCounter(
             "infergate_epp_pd_endpoint_picks_total",
             "Endpoints chosen by prefill/decode scheduling, by role (decode, prefill): the "
             "primary of each.",
             ("role", "endpoint"),
             registry=r,
         )
-        self.pd_uncached_tokens = Histogram(
+        self.pd_uncached_tokens = FastHistogram(
             "infergate_epp_pd_uncached_prompt_tokens",
             "Prompt tokens the chosen decode pod did not hold, as prefill/decode scheduling "
             "measured them against nonCachedTokens.",
             buckets=TOKEN_BUCKETS,
             registry=r,
         )
-        self.scrape_errors = Counter(
+        self.scrape_errors = FastCounter(
             "infergate_epp_metrics_scrape_errors_total",
             "Model-server /metrics scrapes that failed.",
             ("endpoint", "reason"),
             registry=r,
         )
-        self.pool_file_errors = Counter(
+        self.pool_file_errors = FastCounter(
             "infergate_epp_pool_file_errors_total",
             "Pool file reloads refused (the previous pool stays), by reason: invalid, "
             "unreadable, internal.",
             ("reason",),
             registry=r,
         )
-        self.kubernetes_skipped = Counter(
+        self.kubernetes_skipped = FastCounter(
             "infergate_epp_kubernetes_objects_skipped_total",
             "Objects from the Kubernetes API the picker left out as malformed (the previous "
             "state stays), by kind.",
             ("kind",),
             registry=r,
         )
-        self.bad_requests = Counter(
+        self.bad_requests = FastCounter(
             "infergate_epp_protocol_errors_total",
             "ext_proc streams the picker could not make sense of.",
             ("reason",),
             registry=r,
         )
-        self.extproc_messages = Counter(
+        # Counted for every message on the hot path: plain ints, by the event loop alone.
+        self.extproc_messages = LoopTally(
             "infergate_epp_extproc_messages_total",
             "ext_proc messages received from the proxy, by kind.",
-            ("kind",),
+            "kind",
+            EXTPROC_MESSAGE_KINDS,
             registry=r,
         )
-        # Bound once: this is counted for every message on the hot path.
-        self.message_kind = {
-            k: self.extproc_messages.labels(k)
-            for k in (
-                "request_headers",
-                "request_body",
-                "request_trailers",
-                "response_headers",
-                "response_body",
-                "response_trailers",
-            )
-        }
         info = Info("inference_extension", "General information of the current build.", registry=r)
         info.info({"commit": "unknown", "build_ref": "infergate"})
 

@@ -8,7 +8,7 @@ go back in chunks of at most 62,000 bytes, errors are ImmediateResponses.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 from envoy.config.core.v3 import base_pb2 as core
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
@@ -34,7 +34,8 @@ def header_map(headers: core.HeaderMap) -> dict[str, str]:
     """Envoy sends values in raw_value (bytes) or, older, in value."""
     out = {}
     for h in headers.headers:
-        out[h.key.lower()] = h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value
+        raw = h.raw_value
+        out[h.key.lower()] = raw.decode("utf-8", "replace") if raw else h.value
     return out
 
 
@@ -105,9 +106,19 @@ def _streamed(answer: pb.BodyResponse, data: bytes, eos: bool) -> None:
 
 def response_body_chunks(
     pieces: Sequence[bytes | bytearray], eos: bool
-) -> Iterator[pb.ProcessingResponse]:
+) -> Iterable[pb.ProcessingResponse]:
     """The answer's bytes passed on now, in streamed chunks of at most MAX_CHUNK bytes, each
     built when it is asked for; the last carries `eos`. Nothing to pass on is one empty chunk."""
+    if len(pieces) == 1:  # most often: the chunk as it came
+        piece = pieces[0]
+        if piece and isinstance(piece, bytes) and len(piece) <= MAX_CHUNK:
+            return (response_chunk(piece, eos),)
+    return _response_body_chunks(pieces, eos)
+
+
+def _response_body_chunks(
+    pieces: Sequence[bytes | bytearray], eos: bool
+) -> Iterator[pb.ProcessingResponse]:
     last: bytes | None = None
     for piece in pieces:
         if not piece:
@@ -125,8 +136,10 @@ def response_body_chunks(
 
 
 def response_chunk(data: bytes, eos: bool) -> pb.ProcessingResponse:
-    resp = pb.ProcessingResponse()
-    _streamed(resp.response_body, data, eos)
+    resp = pb.ProcessingResponse()  # once a streamed token: _streamed inlined
+    streamed = resp.response_body.response.body_mutation.streamed_response
+    streamed.body = data
+    streamed.end_of_stream = eos
     return resp
 
 

@@ -9,20 +9,22 @@ without a newline costs one held `MAX_HELD` and a chunk, not 1 GiB. A JSON answe
 cap is passed on as parts (no stage reads it whole).
 
 When no stage edits (reading usage only), each chunk is passed on as it came, at once; the
-framer holds its copy for the readers only.
+framer holds its copy for the readers only — and a stream whose stages all read lines
+(`lines.LineReader`) is not framed at all: a `lines.LineScanner` hands them its whole lines.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Protocol
 
+from infergw.epp.response.lines import Bytes, LineReader, LineScanner
+
 # An unfinished SSE event, or a JSON answer, is held up to this (a usage event is a few hundred
 # bytes; the Responses API's response.completed repeats the answer, still far below it).
 MAX_HELD = 4 * 1024 * 1024
-
-Bytes = bytes | bytearray
 
 
 class Stage(Protocol):
@@ -173,22 +175,46 @@ class ResponseChain:
 
     def __init__(self, stages: Sequence[Stage], streaming: bool, cap: int = MAX_HELD) -> None:
         self.stages = list(stages)
-        self.framer = Framer(streaming, cap)
         self._edits = any(stage.edits for stage in self.stages)
-
-    @property
-    def held_bytes(self) -> int:
-        return self.framer.held_bytes
+        # Readers of a stream only need its lines: scanned, not framed into events.
+        self._scanner: LineScanner | None = None
+        self.framer: Framer | None = None
+        if streaming and not self._edits and all(_reads_lines(type(s)) for s in stages):
+            self._scanner = LineScanner(self.stages, cap)
+        else:
+            self.framer = Framer(streaming, cap)
+        # What the framer or scanner holds now (kept current: read once a chunk).
+        self.held_bytes = 0
 
     def feed(self, chunk: bytes) -> list[Bytes]:
+        scanner = self._scanner
+        if scanner is not None:
+            if not chunk:
+                return []
+            scanner.feed(chunk)
+            self.held_bytes = scanner.held_bytes
+            return [chunk]
         out = self._run(self.framer.feed(chunk))
+        self.held_bytes = self.framer.held_bytes
         return out if self._edits else [chunk] if chunk else []
 
     def release(self) -> list[Bytes]:
         """Pass on what is held (the readers do not read it)."""
-        return self._run(self.framer.release())
+        if self._scanner is not None:
+            self._scanner.release()
+            self.held_bytes = self._scanner.held_bytes
+            return []
+        out = self._run(self.framer.release())
+        self.held_bytes = self.framer.held_bytes
+        return out
 
     def flush(self) -> list[Bytes]:
+        self.held_bytes = 0
+        if self._scanner is not None:
+            self._scanner.flush()
+            for stage in self.stages:
+                stage.flush()  # a reader passes nothing on
+            return []
         out = self._run(self.framer.flush())
         for i, stage in enumerate(self.stages):
             rest = stage.flush()
@@ -205,6 +231,11 @@ class ResponseChain:
             if data and self._edits:
                 out.append(data)
         return out
+
+
+@functools.cache
+def _reads_lines(stage: type) -> bool:
+    return issubclass(stage, LineReader)  # (a protocol's check is slow: once a class)
 
 
 def _through(stages: Sequence[Stage], frame: Frame) -> Bytes:

@@ -17,6 +17,7 @@ from infergw.epp.request_body import present
 from infergw.epp.response.chain import Bytes
 
 _DATA = b"data:"
+_DATA_AFTER_NEWLINE = b"\n" + _DATA
 MAX_USAGE_OBJECT = 64 * 1024  # a usage object is a few counters
 
 
@@ -117,11 +118,23 @@ class UsageReader:
         return b""
 
     def _close_open_line(self) -> None:
+        self.long_line(self._open_head or b"")
+        self._open_head = None
+
+    # ---- as a lines.LineReader: a stream no stage edits is scanned, not framed ----------
+
+    def lines(self, data: Bytes, start: int, end: int) -> None:
+        if data.find(b'"usage"', start, end) >= 0:
+            self._lines(data, start, end)
+        else:  # nothing to parse: count the data lines in C
+            first = data.startswith(_DATA, start, end)
+            self.events += first + data.count(_DATA_AFTER_NEWLINE, start, end)
+
+    def long_line(self, head: bytes) -> None:
         # Counted as an event, but not read: part of a JSON text carries no usage.
         self.lines_too_long += 1
-        if self._open_head is not None and self._open_head.startswith(_DATA):
+        if head.startswith(_DATA):
             self.events += 1
-        self._open_head = None
 
     def _lines(self, data: Bytes, start: int, end: int) -> None:
         """Read the lines of data[start:end] (the last may lack its newline)."""

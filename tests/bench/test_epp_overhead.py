@@ -106,7 +106,11 @@ def test_stub_and_picker_answer_side_by_side_through_one_envoy():
 
 @pytest.mark.slow
 def test_the_pipeline_child_runs_the_pickers_code_and_reports_cpu_per_request():
-    out = epp_pipeline.compare(["HEAD"], requests=50, rounds=1)
-    result = out["commits"]["HEAD"]
-    assert result["cpu_us_per_request"] > 0
-    assert result["wall_us_per_request"] >= result["cpu_us_per_request"] * 0.5
+    out = epp_pipeline.compare(["HEAD"], requests=50, rounds=1, chunks=(0, 20))
+    json_answer, streamed = (mode["commits"]["HEAD"] for mode in out["modes"])
+    assert json_answer["cpu_us_per_request"] > 0 and "cpu_us_per_chunk" not in json_answer
+    assert json_answer["wall_us_per_request"] >= json_answer["cpu_us_per_request"] * 0.5
+    # The chunks are timed on their own, a part of the request's CPU.
+    assert 0 < 20 * streamed["cpu_us_per_chunk"] < streamed["cpu_us_per_request"]
+    assert streamed["cpu_us_per_request_without_chunks"] > 0
+    assert "20 streamed chunks" in epp_pipeline.markdown(out)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from infergw.epp.json_splice import member_count, set_member, value_offset
+from infergw.epp.json_splice import find_member, member_count, set_member, value_offset
 from tests.fuzzing import fuzz_settings
 
 KEYS = st.sampled_from(["model", "stream_options", "x", 'mo"del', "model "])
@@ -65,3 +66,44 @@ def test_a_missing_member_is_added_first():
 def test_member_count_reads_names_as_decoders_do(raw, count):
     assert len([k for k, _ in json.loads(raw, object_pairs_hook=list) if k == "model"]) == count
     assert member_count(raw, "model") == count
+
+
+def reference_find_member(doc: bytes, key: str) -> tuple[int, int | None]:
+    """find_member as first written: a lookbehind tried at every byte."""
+    from infergw.epp.json_splice import _any_spelling, _depth_change
+
+    pattern = re.compile(rb'(?<=[{,\s])"' + _any_spelling(key) + rb'"\s*:\s*')
+    plain = b'"' + json.dumps(key).encode()[1:-1] + b'"'
+    depth, last, count, offset = 0, 0, 0, None
+    for match in pattern.finditer(doc):
+        depth += _depth_change(doc[last : match.start()])
+        last = match.start()
+        if depth == 1:
+            count += 1
+            if match.group().startswith(plain):
+                offset = match.end()
+    return count, offset
+
+
+spellings = st.sampled_from(
+    [b'"model"', b'"mod\\u0065l"', b'"\\u006D\\u006f\\u0064\\u0065\\u006c"', b'"stream_options"']
+)
+pieces = st.one_of(
+    spellings,
+    st.sampled_from([b"{", b"}", b"[", b"]", b",", b":", b" ", b"\n", b'"', b"\\", b'"x"', b"1"]),
+    st.binary(max_size=6),
+)
+
+
+@pytest.mark.fuzz
+@fuzz_settings(500)
+@given(
+    doc=st.one_of(
+        documents.map(lambda d: json.dumps(d).encode()),
+        st.lists(pieces, max_size=30).map(b"".join),
+    ),
+    key=st.sampled_from(["model", "stream_options"]),
+)
+def test_members_are_found_as_the_lookbehind_pattern_found_them(doc, key):
+    member = find_member(doc, key)
+    assert (member.count, member.offset) == reference_find_member(doc, key)
