@@ -133,7 +133,16 @@ def test_custom_objects_and_status_subresource(api, custom):
     got = custom.get_namespaced_custom_object(*args, "llama")
     assert got["spec"]["targetPorts"] == [{"number": 8000}]
 
-    status = {"status": {"parents": [{"conditions": [{"type": "Accepted", "status": "True"}]}]}}
+    accepted = {
+        "type": "Accepted",
+        "status": "True",
+        "reason": "Accepted",
+        "message": "",
+        "lastTransitionTime": "2025-01-01T00:00:00Z",
+    }
+    gateway = {"group": "gateway.networking.k8s.io", "kind": "Gateway", "name": "gateway"}
+    parent = {"parentRef": gateway, "conditions": [accepted]}
+    status = {"status": {"parents": [parent]}}
     after_status = custom.patch_namespaced_custom_object_status(*args, "llama", status)
     assert after_status["metadata"]["generation"] == 1  # status writes leave generation alone
 
@@ -306,7 +315,10 @@ def test_discovery(api_client):
         GROUP, VERSION, "default", PLURAL, pool()
     )
     groups = client.ApisApi(api_client).get_api_versions().groups
-    assert [(g.name, g.preferred_version.version) for g in groups] == [(GROUP, VERSION)]
+    listed = [(g.name, g.preferred_version.version) for g in groups]
+    assert listed == sorted(listed)
+    # Every installed CRD's group, objects or not, as kube-apiserver lists them.
+    assert {(GROUP, VERSION), ("workload.infergate.io", "v1alpha1")} <= set(listed)
 
 
 async def test_async_context_manager():
