@@ -239,7 +239,7 @@ class StructuralSchema:
                 detail = f"{exc} evaluating rule: {rule.check.text}"
                 cel.append(invalid(path, _schema_type(schema), detail))
                 continue
-            if ok is not True:
+            if not ok:
                 cel.append(rule.error(path, schema, value, old))
         for key, sub_schema, item, old_item in _children(schema, value, path, old):
             self._walk(sub_schema, item, key, old_item, errors, cel)
