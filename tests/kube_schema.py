@@ -197,6 +197,9 @@ class StructuralSchema:
         if isinstance(schema.get("items"), dict):
             self._compile(schema["items"], f"{path}.items")
 
+    def rules(self) -> list[Rule]:
+        return [rule for rules in self._rules.values() for rule in rules]
+
     # ---- pruning --------------------------------------------------------------------------
 
     def prune(self, obj: Obj) -> list[str]:
@@ -415,9 +418,9 @@ def _prune_meta(meta: Obj, path: str, dropped: list[str]) -> None:
 def _default(schema: Obj, value: Any) -> None:
     if isinstance(value, dict):
         for key, sub in (schema.get("properties") or {}).items():
-            if "default" in sub and (
-                key not in value or (value[key] is None and not sub.get("nullable"))
-            ):
+            if key in value and value[key] is None and not sub.get("nullable"):
+                del value[key]  # null where null is not allowed is pruned, then defaulted
+            if key not in value and "default" in sub:
                 value[key] = copy.deepcopy(sub["default"])
             if key in value:
                 _default(sub, value[key])
