@@ -363,7 +363,8 @@ properties:
       message: root may not own widgets
       reason: FieldValueForbidden
     - rule: "!has(self.minReplicas) || self.minReplicas <= self.replicas"
-      messageExpression: "'minReplicas ' + string(self.minReplicas) + ' exceeds replicas ' + string(self.replicas)"
+      messageExpression: >-
+        'minReplicas ' + string(self.minReplicas) + ' exceeds replicas ' + string(self.replicas)
       fieldPath: .minReplicas
     properties:
       size: {type: string, enum: [small, large]}
@@ -636,8 +637,10 @@ def test_validation_messages_read_like_kube_apiserver(widgets):
         "Invalid value: 11: spec.replicas in body should be less than or equal to 10"
     )
     # Valid values of every kind pass (int-or-string as either).
-    ok = widget(replicas=3, minReplicas=2, ratio=0.5, label="abc", since="2025-01-01T00:00:00Z",
-                tags=["a"], port="http", limits={"cpu": "2"}, timeout="30m", address="10.0.0.1")  # fmt: skip
+    ok = widget(
+        replicas=3, minReplicas=2, ratio=0.5, label="abc", since="2025-01-01T00:00:00Z",
+        tags=["a"], port="http", limits={"cpu": "2"}, timeout="30m", address="10.0.0.1",
+    )  # fmt: skip
     custom.create_namespaced_custom_object(*WIDGETS, ok)
     custom.create_namespaced_custom_object(*WIDGETS, {**widget("w2", port=8080)})
     # Object names are RFC 1123 subdomains.
@@ -709,8 +712,10 @@ def test_status_and_scale_are_validated_too(custom, widgets):
         widget_api.patch_namespaced_custom_object_status, *args, {"status": {"phase": "Gone"}}
     )
     assert (code, causes(status)) == (422, [("status.phase", "FieldValueNotSupported")])
-    code, status = refused(widget_api.patch_namespaced_custom_object_status, *args, {"status": {"bogus": 1}},
-                           field_validation="Strict")  # fmt: skip
+    code, status = refused(
+        widget_api.patch_namespaced_custom_object_status, *args, {"status": {"bogus": 1}},
+        field_validation="Strict",
+    )  # fmt: skip
     assert code == 400 and 'unknown field "status.bogus"' in status["message"]
     assert widget_api.patch_namespaced_custom_object_status(*args, {"status": {"phase": "Ready"}})
     # The scale subresource writes spec.replicas through the same schema (maximum 10).
@@ -734,8 +739,13 @@ def test_status_and_scale_are_validated_too(custom, widgets):
 def test_status_is_kept_apart_only_with_a_status_subresource(custom):
     # Volcano's PodGroup has none: the object carries its status and /status is 404.
     args = ("scheduling.volcano.sh", "v1beta1", "default", "podgroups")
-    group = {"apiVersion": "scheduling.volcano.sh/v1beta1", "kind": "PodGroup",
-             "metadata": {"name": "g"}, "spec": {"minMember": 2}, "status": {"phase": "Pending"}}  # fmt: skip
+    group = {
+        "apiVersion": "scheduling.volcano.sh/v1beta1",
+        "kind": "PodGroup",
+        "metadata": {"name": "g"},
+        "spec": {"minMember": 2},
+        "status": {"phase": "Pending"},
+    }
     created = custom.create_namespaced_custom_object(*args, group)
     assert created["status"] == {"phase": "Pending"} and created["spec"]["queue"] == "default"
     code, _ = refused(custom.patch_namespaced_custom_object_status, *args, "g", {"status": {}})
