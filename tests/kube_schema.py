@@ -214,8 +214,7 @@ class StructuralSchema:
     # ---- defaulting -----------------------------------------------------------------------
 
     def default(self, obj: Obj) -> Obj:
-        _default(self.root, obj)
-        return obj
+        return apply_defaults(self.root, obj)
 
     # ---- validation -----------------------------------------------------------------------
 
@@ -339,17 +338,20 @@ def _number_errors(schema: Obj, value: float, path: str) -> Iterator[FieldError]
         yield invalid(path, value, f"{path} in body should be a multiple of {step}")
 
 
-def _list_errors(schema: Obj, value: list, path: str) -> Iterator[FieldError]:
-    if "maxItems" in schema and len(value) > schema["maxItems"]:
+def _size_errors(schema: Obj, value: list | Obj, path: str, noun: str) -> Iterator[FieldError]:
+    """maxItems/minItems (noun "Items") or maxProperties/minProperties ("Properties")."""
+    most, least = schema.get(f"max{noun}"), schema.get(f"min{noun}")
+    if most is not None and len(value) > most:
+        # apimachinery's field.TooMany says "items" for both
         yield FieldError(
-            "FieldValueTooMany",
-            path,
-            f"Too many: {len(value)}: must have at most {schema['maxItems']} items",
+            "FieldValueTooMany", path, f"Too many: {len(value)}: must have at most {most} items"
         )
-    if "minItems" in schema and len(value) < schema["minItems"]:
-        yield invalid(
-            path, value, f"{path} in body should have at least {schema['minItems']} items"
-        )
+    if least is not None and len(value) < least:
+        yield invalid(path, value, f"{path} in body should have at least {least} {noun.lower()}")
+
+
+def _list_errors(schema: Obj, value: list, path: str) -> Iterator[FieldError]:
+    yield from _size_errors(schema, value, path, "Items")
     kind = schema.get("x-kubernetes-list-type")
     if kind not in ("map", "set") and not schema.get("uniqueItems"):
         return
@@ -371,16 +373,7 @@ def _object_errors(schema: Obj, value: Obj, path: str) -> Iterator[FieldError]:
     for name in schema.get("required") or []:
         if name not in value:
             yield required(child(path, name))
-    if "maxProperties" in schema and len(value) > schema["maxProperties"]:
-        yield FieldError(
-            "FieldValueTooMany",
-            path,
-            f"Too many: {len(value)}: must have at most {schema['maxProperties']} items",
-        )
-    if "minProperties" in schema and len(value) < schema["minProperties"]:
-        yield invalid(
-            path, value, f"{path} in body should have at least {schema['minProperties']} properties"
-        )
+    yield from _size_errors(schema, value, path, "Properties")
 
 
 def _prune(schema: Obj, value: Any, path: str, dropped: list[str], root: bool = False) -> None:
@@ -415,7 +408,8 @@ def _prune_meta(meta: Obj, path: str, dropped: list[str]) -> None:
             dropped.append(child(path, key))
 
 
-def _default(schema: Obj, value: Any) -> None:
+def apply_defaults(schema: Obj, value: Any) -> Any:
+    """Fill in, in place, unset fields that have a default, as the API server does on write."""
     if isinstance(value, dict):
         for key, sub in (schema.get("properties") or {}).items():
             if key in value and value[key] is None and not sub.get("nullable"):
@@ -423,11 +417,12 @@ def _default(schema: Obj, value: Any) -> None:
             if key not in value and "default" in sub:
                 value[key] = copy.deepcopy(sub["default"])
             if key in value:
-                _default(sub, value[key])
+                apply_defaults(sub, value[key])
         extra = schema.get("additionalProperties")
         if isinstance(extra, dict):
             for item in value.values():
-                _default(extra, item)
+                apply_defaults(extra, item)
     elif isinstance(value, list) and isinstance(schema.get("items"), dict):
         for item in value:
-            _default(schema["items"], item)
+            apply_defaults(schema["items"], item)
+    return value
