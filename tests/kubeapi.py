@@ -352,7 +352,8 @@ class KubeAPIEmulator:
         else:
             for f in ("uid", "creationTimestamp", "generation"):
                 meta[f] = prev["metadata"].get(f)
-            if obj.get("spec") != prev.get("spec"):
+            # compared with the old object as read (defaulted), as kube-apiserver compares
+            if obj.get("spec") != self._present(prev, key[1]).get("spec"):
                 meta["generation"] = (meta["generation"] or 0) + 1
         if obj.get("kind"):
             self._kinds.setdefault((key[0], key[2]), obj["kind"])
@@ -470,7 +471,8 @@ class KubeAPIEmulator:
                     raise APIError(404, "NotFound", f'{plural} "{name}" not found')
                 if method == "GET":
                     if sub == "scale":
-                        return web.json_response(scale_of(current, self._scale_paths(crd)))
+                        served = self._present(current, version)
+                        return web.json_response(scale_of(served, self._scale_paths(crd)))
                     return web.json_response(self._present(current, version))
                 if method == "DELETE" and sub is None:
                     return web.json_response(self._present(self._delete(key), version))
@@ -553,7 +555,8 @@ class KubeAPIEmulator:
 
     def _update_scale(self, key: Key, current: Obj, body: Obj, method: str, write: Write) -> Obj:
         paths = self._scale_paths(write.crd)
-        scale = merge_patch(scale_of(current, paths), body) if method == "PATCH" else body
+        served = self._present(current, write.version)
+        scale = merge_patch(scale_of(served, paths), body) if method == "PATCH" else body
         self._check_version(key, current, body)
         replicas = (scale.get("spec") or {}).get("replicas")
         if type(replicas) is not int or replicas < 0:
@@ -561,7 +564,6 @@ class KubeAPIEmulator:
                 "autoscaling", "Scale", key[4],
                 [invalid("spec.replicas", replicas, "must be greater than or equal to 0")],
             )  # fmt: skip
-        served = self._present(current, write.version)
         new = copy.deepcopy(served)
         set_path(new, paths.spec_replicas, replicas)
         new = write.admit(new, served)

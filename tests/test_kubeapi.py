@@ -567,6 +567,12 @@ def test_defaults_on_write_and_on_read(api, custom, widgets):
     assert emulator.get("example.infergate.io/v1", "Widget", "old")["spec"]["replicas"] == 1
     listed = widget_api.list_namespaced_custom_object(*WIDGETS)["items"]
     assert [w["spec"]["replicas"] for w in listed] == [1, 1]
+    assert widget_api.get_namespaced_custom_object_scale(*WIDGETS, "old")["spec"]["replicas"] == 1
+    # Reading defaults is no spec change: a status write leaves the generation alone.
+    after = widget_api.patch_namespaced_custom_object_status(
+        *WIDGETS, "old", {"status": {"phase": "Ready"}}
+    )
+    assert after["metadata"]["generation"] == 1
     # Our InferencePool CRD: the picker reference's defaults.
     ref = {"name": "llama-epp", "port": {"number": 9002}}
     got = custom.create_namespaced_custom_object(
