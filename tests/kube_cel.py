@@ -246,11 +246,13 @@ def _check(tree: lark.Tree, scope: dict[str, Obj | None]) -> Iterator[str]:
         args = _args(tree)
         yield from _check(receiver, scope)
         if name in MACROS:
-            if len(args) != 2 or not _is_ident(args[0]):
+            # (variable, expression), or map's (variable, filter, expression)
+            if len(args) not in (2, 3 if name == "map" else 2) or not _is_ident(args[0]):
                 yield f"macro {name} needs (variable, expression)"
                 return
             inner = {**scope, _ident(args[0]): _element_schema(_schema_of(receiver, scope))}
-            yield from _check(args[1], inner)
+            for arg in args[1:]:
+                yield from _check(arg, inner)
             return
         if name not in KNOWN_FUNCTIONS:
             yield f"undeclared reference to {name!r}"
