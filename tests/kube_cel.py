@@ -24,6 +24,7 @@ from celpy import celtypes
 Obj = dict[str, Any]
 MACROS = {"all", "exists", "exists_one", "map", "filter"}
 VARIABLES = {"self", "oldSelf"}
+EMBEDDED_FIELDS = {"apiVersion", "kind", "metadata"}  # an embedded resource has them anyway
 TYPE_NAMES = {"int", "uint", "double", "bool", "string", "bytes", "list", "map", "null_type"}
 
 
@@ -292,7 +293,9 @@ def _check_has(arg: lark.Tree, scope: dict[str, Obj | None]) -> Iterator[str]:
 def _check_field(tree: lark.Tree, scope: dict[str, Obj | None]) -> Iterator[str]:
     schema = _schema_of(tree.children[0], scope)
     name = tree.children[1].value
-    if schema is not None and _closed_object(schema) and name not in schema["properties"]:
+    if schema is None or not _closed_object(schema) or name in schema["properties"]:
+        return
+    if not (schema.get("x-kubernetes-embedded-resource") and name in EMBEDDED_FIELDS):
         yield f"undefined field {name!r}"
 
 
