@@ -481,7 +481,7 @@ def test_kinds_without_a_crd_are_not_found(api, custom, widgets):
     # A group nobody installed, an unserved version, the wrong scope: 404 as kube-apiserver.
     code, status = refused(
         custom.create_namespaced_custom_object,
-        "gateway.networking.k8s.io", "v1", "default", "httproutes", {"metadata": {"name": "r"}},
+        "things.example.com", "v1", "default", "things", {"metadata": {"name": "r"}},
     )  # fmt: skip
     assert (code, status["reason"]) == (404, "NotFound")
     code, _ = refused(custom.list_namespaced_custom_object, GROUP, "v1alpha2", "default", PLURAL)
@@ -495,6 +495,27 @@ def test_kinds_without_a_crd_are_not_found(api, custom, widgets):
     with pytest.raises(ValueError, match="no CRD installed"):
         emulator.put(pool())
     emulator.put(pod("p1"))
+
+
+def test_a_custom_resource_is_stored_once_for_all_its_served_versions(custom):
+    # Gateway API's HTTPRoute serves v1 and v1beta1 (conversion None): one object, two views.
+    route = {
+        "apiVersion": "gateway.networking.k8s.io/v1beta1",
+        "kind": "HTTPRoute",
+        "metadata": {"name": "r"},
+        "spec": {"parentRefs": [{"name": "gw"}]},
+    }
+    args = ("gateway.networking.k8s.io", "v1beta1", "default", "httproutes")
+    custom.create_namespaced_custom_object(*args, route)
+    got = custom.get_namespaced_custom_object("gateway.networking.k8s.io", "v1", "default",
+                                              "httproutes", "r")  # fmt: skip
+    assert got["apiVersion"] == "gateway.networking.k8s.io/v1"
+    assert got["spec"] == route["spec"]
+    listed = custom.list_namespaced_custom_object(*args)
+    assert [r["apiVersion"] for r in listed["items"]] == ["gateway.networking.k8s.io/v1beta1"]
+    code, _ = refused(custom.list_namespaced_custom_object, "gateway.networking.k8s.io",
+                      "v1alpha1", "default", "httproutes")  # fmt: skip
+    assert code == 404
 
 
 def test_unknown_fields_are_pruned_as_field_validation_says(widgets):
