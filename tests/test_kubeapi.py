@@ -36,7 +36,11 @@ def pool(name: str = "llama", port: int = 8000) -> dict:
         "apiVersion": POOL_API,
         "kind": "InferencePool",
         "metadata": {"name": name},
-        "spec": {"selector": {"matchLabels": {"app": "vllm"}}, "targetPorts": [{"number": port}]},
+        "spec": {
+            "selector": {"matchLabels": {"app": "vllm"}},
+            "targetPorts": [{"number": port}],
+            "endpointPickerRef": {"name": f"{name}-epp", "port": {"number": 9002}},
+        },
     }
 
 
