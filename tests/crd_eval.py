@@ -13,6 +13,7 @@ import jsonschema
 import pytest
 import yaml
 
+from tests.kube_schema import apply_defaults
 from tests.paths import ROOT
 from tests.schema_lint import join_path, list_errors
 
@@ -52,24 +53,6 @@ def load_crd(kind: str) -> Obj:
 def crd_schema(kind: str) -> Obj:
     [version] = load_crd(kind)["spec"]["versions"]
     return version["schema"]["openAPIV3Schema"]
-
-
-def apply_defaults(schema: Obj, value: Any) -> Any:
-    """Fill in unset fields that have a default, recursively, as the API server does on write."""
-    if isinstance(value, dict):
-        for key, sub in schema.get("properties", {}).items():
-            if key not in value and "default" in sub:
-                value[key] = copy.deepcopy(sub["default"])
-            if key in value:
-                apply_defaults(sub, value[key])
-        extra = schema.get("additionalProperties")
-        if isinstance(extra, dict):
-            for item in value.values():
-                apply_defaults(extra, item)
-    elif isinstance(value, list) and "items" in schema:
-        for item in value:
-            apply_defaults(schema["items"], item)
-    return value
 
 
 def schema_errors(kind: str, doc: Obj) -> list[str]:

@@ -10,6 +10,15 @@ also has a scale subresource (autoscaling/v1 Scale over .spec.replicas, .status.
 gets a deletionTimestamp until an update empties them), and removing an object removes its
 dependents (ownerReferences to its uid), as the garbage collector's background deletion does.
 
+Custom resources exist only where a CRD is installed (ours from crds/ by default, see
+tests/kube_crd.py; anything else outside the built-in groups is 404), with the subresources
+that CRD declares, and every write goes through the version's structural schema as on a real
+API server (tests/kube_schema.py): unknown fields pruned (the `fieldValidation` query parameter:
+Strict refuses them with 400, Warn — the server's default — and Ignore drop them, Warn with a
+`Warning` header that `warnings` also records), defaults filled in (on reads too), then
+OpenAPI and CEL validation, failures a 422 Invalid Status naming each field in
+`details.causes`. Built-in kinds are stored as sent (their schemas are not checked here).
+
     async with KubeAPIEmulator() as api: ...          # on the running event loop
     with KubeAPIEmulator().threaded() as api: ...     # own loop in a thread, for sync code
     client = kubernetes.client.ApiClient(api.client_configuration())
@@ -20,11 +29,12 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import re
 import socket
 import threading
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -33,14 +43,24 @@ from typing import Any
 import kubernetes.client
 import yaml
 from aiohttp import web
+from multidict import CIMultiDict
 
-from infergw.controllers.memory_store import scale_of
+from tests.kube_crd import BUILTIN_GROUPS, DEFAULT_CRDS, CustomResource, ScalePaths, load_crds
+from tests.kube_schema import FieldError, invalid
 
 Key = tuple[str, str, str, str, str]  # group, version, plural, namespace, name
 GVP = tuple[str, str, str]  # group, version, plural
 Obj = dict[str, Any]
 WATCH_TIMEOUT = 1800  # what kube-apiserver's --min-request-timeout defaults to
 IRREGULAR_PLURALS = {"Endpoints": "endpoints"}
+FIELD_VALIDATION = ("Ignore", "Warn", "Strict")  # "Warn" is kube-apiserver's default
+DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+NAME_MESSAGE = (
+    "a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or "
+    "'.', and must start and end with an alphanumeric character (e.g. 'example.com', regex used "
+    "for validation is '[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*')"
+)
+BUILTIN_SCALE = ScalePaths()
 # fmt: off
 VERSION_INFO = {  # the client's model wants every field
     "major": "1", "minor": "33", "gitVersion": "v1.33.0-emulator", "gitCommit": "0" * 40,
@@ -54,6 +74,20 @@ class APIError(Exception):
     def __init__(self, code: int, reason: str, message: str) -> None:
         super().__init__(message)
         self.code, self.status = code, status_object(code, reason, message)
+
+
+def invalid_error(group: str, kind: str, name: str, errors: list[FieldError]) -> APIError:
+    """422 Invalid, as apimachinery's errors.NewInvalid builds it."""
+    qualified = f"{kind}.{group}" if group else kind
+    listed = str(errors[0]) if len(errors) == 1 else f"[{', '.join(map(str, errors))}]"
+    exc = APIError(422, "Invalid", f'{qualified} "{name}" is invalid: {listed}')
+    details = {"name": name, "group": group, "kind": kind, "causes": [e.cause() for e in errors]}
+    exc.status["details"] = {k: v for k, v in details.items() if v != ""}
+    return exc
+
+
+def not_found() -> APIError:
+    return APIError(404, "NotFound", "the server could not find the requested resource")
 
 
 def status_object(code: int, reason: str, message: str) -> Obj:
@@ -127,7 +161,15 @@ def query_matcher(query: Mapping[str, str], ns: str) -> Callable[[Obj], bool]:
 
 
 class KubeAPIEmulator:
-    def __init__(self, history: int = 1000) -> None:
+    def __init__(
+        self, history: int = 1000, crds: Iterable[Path | dict[str, Any]] | None = None
+    ) -> None:
+        """`crds`: CRD files (or parsed CRDs) to install; by default ours and the ones tests
+        use (tests/kube_crd.py DEFAULT_CRDS). A CEL rule that does not compile raises here."""
+        self._crds: dict[tuple[str, str], CustomResource] = {
+            (c.group, c.plural): c for c in load_crds(DEFAULT_CRDS if crds is None else crds)
+        }
+        self.warnings: list[str] = []  # every Warning header sent (dropped unknown fields)
         self._objects: dict[Key, Obj] = {}
         # (resourceVersion, key, type, object, previous object) per write; watches replay it.
         self._history: deque[tuple[int, Key, str, Obj, Obj | None]] = deque()
@@ -138,6 +180,7 @@ class KubeAPIEmulator:
         self._epoch = 0  # bumped by expire_history(): open watches get 410 too
         self.open_watches = 0  # lets tests wait until a client is watching
         self._kinds: dict[tuple[str, str], str] = {("", "pods"): "Pod"}
+        self._kinds.update({gp: c.kind for gp, c in self._crds.items()})
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._changed: asyncio.Event | None = None
@@ -221,26 +264,58 @@ class KubeAPIEmulator:
     # ---- helpers for tests (thread-safe) --------------------------------------------------
 
     def put(self, obj: Obj, *, plural: str | None = None, cluster_scoped: bool = False) -> Obj:
-        """Create or replace an object as given (status included), bypassing all checks."""
+        """Create or replace an object as given (status included), bypassing all checks but
+        one: a custom resource needs its CRD."""
         obj = copy.deepcopy(obj)
         meta = obj.setdefault("metadata", {})
-        ns = "" if cluster_scoped else meta.setdefault("namespace", "default")
         group, version = split_api_version(obj["apiVersion"])
-        key = (group, version, plural or plural_of(obj["kind"]), ns, meta["name"])
+        crd = self._crd_of_kind(group, obj["kind"])
+        if crd is not None:
+            plural, cluster_scoped = crd.plural, not crd.namespaced
+        elif group not in BUILTIN_GROUPS:
+            raise ValueError(f"no CRD installed for {obj['kind']}.{group}")
+        ns = "" if cluster_scoped else meta.setdefault("namespace", "default")
+        key = self._key(group, version, plural or plural_of(obj["kind"]), ns, meta["name"])
         with self._lock:
-            return copy.deepcopy(self._write(key, obj))
+            return self._present(self._write(key, obj), version)
 
     def get(self, api_version: str, kind: str, name: str, namespace: str = "default") -> Obj | None:
+        """The object as a client reads it (defaults applied), or None."""
+        group, version = split_api_version(api_version)
         with self._lock:
-            obj = self._objects.get(
-                (*split_api_version(api_version), plural_of(kind), namespace, name)
-            )
-            return copy.deepcopy(obj)
+            obj = self._objects.get(self._helper_key(group, version, kind, namespace, name))
+            return None if obj is None else self._present(obj, version)
 
     def delete(self, api_version: str, kind: str, name: str, namespace: str = "default") -> bool:
-        key = (*split_api_version(api_version), plural_of(kind), namespace, name)
+        group, version = split_api_version(api_version)
+        key = self._helper_key(group, version, kind, namespace, name)
         with self._lock:
             return self._remove(key) is not None
+
+    def _crd_of_kind(self, group: str, kind: str) -> CustomResource | None:
+        return next((c for c in self._crds.values() if (c.group, c.kind) == (group, kind)), None)
+
+    def _helper_key(self, group: str, version: str, kind: str, ns: str, name: str) -> Key:
+        crd = self._crd_of_kind(group, kind)
+        plural = crd.plural if crd else plural_of(kind)
+        return self._key(group, version, plural, ns if crd is None or crd.namespaced else "", name)
+
+    def _key(self, group: str, version: str, plural: str, ns: str, name: str) -> Key:
+        """Custom resources are stored once, at the storage version, whatever version a
+        client names (conversion None: only apiVersion differs)."""
+        crd = self._crds.get((group, plural))
+        return (group, crd.storage_version if crd else version, plural, ns, name)
+
+    def _present(self, obj: Obj, version: str) -> Obj:
+        """A copy as served at `version`: a custom resource with its defaults applied, as
+        kube-apiserver defaults what it reads from storage."""
+        out = copy.deepcopy(obj)
+        group = split_api_version(out.get("apiVersion", ""))[0]
+        crd = self._crd_of_kind(group, out.get("kind", ""))
+        if crd is not None and version in crd.schemas:
+            out["apiVersion"] = f"{group}/{version}"
+            crd.schemas[version].default(out)
+        return out
 
     def expire_history(self) -> None:
         """Forget all events, as if compacted: open watches end with an ERROR 410 event and a
@@ -277,7 +352,8 @@ class KubeAPIEmulator:
         else:
             for f in ("uid", "creationTimestamp", "generation"):
                 meta[f] = prev["metadata"].get(f)
-            if obj.get("spec") != prev.get("spec"):
+            # compared with the old object as read (defaulted), as kube-apiserver compares
+            if obj.get("spec") != self._present(prev, key[1]).get("spec"):
                 meta["generation"] = (meta["generation"] or 0) + 1
         if obj.get("kind"):
             self._kinds.setdefault((key[0], key[2]), obj["kind"])
@@ -339,54 +415,90 @@ class KubeAPIEmulator:
                 {"kind": "APIVersions", "versions": ["v1"], "serverAddressByClientCIDRs": [address]}
             )
         with self._lock:
-            served = sorted({(k[0], k[1]) for k in self._objects if k[0]})
+            served = {(k[0], k[1]) for k in self._objects if k[0]}
+        served |= {(c.group, v) for c in self._crds.values() for v in c.schemas}
         groups = []
-        for g, v in served:
+        for g, v in sorted(served):
             gv = {"groupVersion": f"{g}/{v}", "version": v}
             groups.append({"name": g, "versions": [gv], "preferredVersion": gv})
         return web.json_response({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups})
+
+    def _resource(
+        self, group: str, version: str, plural: str, ns: str, name: str | None, method: str
+    ) -> CustomResource | None:
+        """The CRD serving this path (None for a built-in group), or 404 as kube-apiserver
+        answers for a resource, version or scope it does not serve."""
+        if group in BUILTIN_GROUPS:
+            return None
+        crd = self._crds.get((group, plural))
+        if crd is None or version not in crd.schemas:
+            raise not_found()
+        if ns and not crd.namespaced:
+            raise not_found()
+        if not ns and crd.namespaced and (name is not None or method != "GET"):
+            raise not_found()
+        return crd
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         m = request.match_info
         group, version, plural = m.get("group", ""), m["version"], m["plural"]
         ns, name, sub, method = m.get("namespace", ""), m.get("name"), m.get("sub"), request.method
+        write: Write | None = None
         try:
-            if sub not in (None, "status", "scale"):
+            crd = self._resource(group, version, plural, ns, name, method)
+            if sub not in (None, "status", "scale") or (
+                crd is not None
+                and ((sub == "status" and not crd.status) or (sub == "scale" and not crd.scale))
+            ):
                 raise APIError(404, "NotFound", f"the server could not find {request.path}")
+            gvp = self._key(group, version, plural, "", "")[:3]
             if name is None and method == "GET":
                 match = query_matcher(request.query, ns)
                 if request.query.get("watch") in ("true", "1"):
-                    return await self._watch(request, (group, version, plural), match)
-                return web.json_response(self._list((group, version, plural), match))
+                    return await self._watch(request, gvp, version, match)
+                return web.json_response(self._list(gvp, version, match))
             body = await request.json() if method in ("POST", "PUT", "PATCH") else None
             if method in ("PUT", "PATCH") and not isinstance(body, dict):  # e.g. a JSON patch
                 raise APIError(415, "UnsupportedMediaType", "only merge patches are supported")
+            write = Write(crd, version, field_validation(request.query))
             with self._lock:
                 if name is None and method == "POST":
-                    return web.json_response(
-                        self._create(group, version, plural, ns, body), status=201
-                    )
-                key = (group, version, plural, ns, name or "")
+                    created = self._create((*gvp, ns), body, write)
+                    return write.response(self._present(created, version), 201)
+                key = (*gvp, ns, name or "")
                 current = self._objects.get(key)
                 if current is None:
                     raise APIError(404, "NotFound", f'{plural} "{name}" not found')
                 if method == "GET":
-                    return web.json_response(scale_of(current) if sub == "scale" else current)
+                    if sub == "scale":
+                        served = self._present(current, version)
+                        return web.json_response(scale_of(served, self._scale_paths(crd)))
+                    return web.json_response(self._present(current, version))
                 if method == "DELETE" and sub is None:
-                    return web.json_response(self._delete(key))
+                    return web.json_response(self._present(self._delete(key), version))
                 if method not in ("PUT", "PATCH"):
                     raise APIError(405, "MethodNotAllowed", f"{method} is not supported here")
                 if sub == "scale":
-                    return web.json_response(self._update_scale(key, current, body, method))
-                return web.json_response(self._update(key, current, body, method, sub))
+                    scale = self._update_scale(key, current, body, method, write)
+                    return web.json_response(scale)
+                updated = self._update(key, current, body, method, sub, write)
+                return write.response(self._present(updated, version))
         except APIError as exc:
             return web.json_response(exc.status, status=exc.code)
         except json.JSONDecodeError as exc:
             return web.json_response(status_object(400, "BadRequest", str(exc)), status=400)
+        finally:
+            if write is not None:
+                self.warnings += write.warnings
 
-    def _create(self, group: str, version: str, plural: str, ns: str, body: Any) -> Obj:
+    @staticmethod
+    def _scale_paths(crd: CustomResource | None) -> ScalePaths:
+        return BUILTIN_SCALE if crd is None or crd.scale is None else crd.scale
+
+    def _create(self, where: tuple[str, str, str, str], body: Any, write: Write) -> Obj:
         if not isinstance(body, dict):
             raise APIError(400, "BadRequest", "the body must be an object")
+        group, version, plural, ns = where
         meta = body.setdefault("metadata", {})
         if not meta.get("name") and meta.get("generateName"):
             meta["name"] = meta["generateName"] + uuid.uuid4().hex[:5]
@@ -397,9 +509,13 @@ class KubeAPIEmulator:
             raise APIError(409, "AlreadyExists", f'{plural} "{meta["name"]}" already exists')
         for f in ("uid", "resourceVersion", "generation", "creationTimestamp"):
             meta.pop(f, None)
-        body.setdefault("apiVersion", f"{group}/{version}" if group else version)
+        body.setdefault("apiVersion", f"{group}/{write.version}" if group else version)
         body.setdefault("kind", self._kinds.get((group, plural), ""))
-        return self._write(key, body)
+        if write.crd is not None and write.crd.status:
+            body.pop("status", None)  # a status subresource: create ignores the status
+        obj = write.admit(body, None)
+        obj["apiVersion"] = f"{group}/{version}" if group else version
+        return self._write(key, obj)
 
     @staticmethod
     def _check_version(key: Key, current: Obj, body: Obj) -> None:
@@ -410,14 +526,18 @@ class KubeAPIEmulator:
                 "the object has been modified; please apply your changes to the latest version"
             )  # fmt: skip
 
-    def _update(self, key: Key, current: Obj, body: Obj, method: str, sub: str | None) -> Obj:
-        new = merge_patch(current, body) if method == "PATCH" else copy.deepcopy(body)
+    def _update(
+        self, key: Key, current: Obj, body: Obj, method: str, sub: str | None, write: Write
+    ) -> Obj:
+        served = self._present(current, write.version)  # patches apply to what clients see
+        new = merge_patch(served, body) if method == "PATCH" else copy.deepcopy(body)
         self._check_version(key, current, body)
+        has_status = write.crd is None or write.crd.status
         if sub == "status":  # only the status changes
-            new = {**copy.deepcopy(current), "status": new.get("status")}
-        elif "status" in current:
-            new["status"] = copy.deepcopy(current["status"])
-        else:
+            new = {**copy.deepcopy(served), "status": new.get("status")}
+        elif has_status and "status" in current:
+            new["status"] = copy.deepcopy(served["status"])
+        elif has_status:
             new.pop("status", None)
         meta = new.setdefault("metadata", {})
         for f in ("deletionTimestamp", "deletionGracePeriodSeconds"):  # only DELETE sets them
@@ -425,31 +545,39 @@ class KubeAPIEmulator:
                 meta[f] = current["metadata"][f]
             else:
                 meta.pop(f, None)
+        new.setdefault("apiVersion", served["apiVersion"])
+        new.setdefault("kind", served.get("kind", ""))
+        new = write.admit(new, served)
+        new["apiVersion"] = current["apiVersion"]
         if meta.get("deletionTimestamp") and not meta.get("finalizers"):
             return self._remove(key) or current  # the last finalizer is gone
         return self._write(key, new, current)
 
-    def _update_scale(self, key: Key, current: Obj, body: Obj, method: str) -> Obj:
-        scale = merge_patch(scale_of(current), body) if method == "PATCH" else body
+    def _update_scale(self, key: Key, current: Obj, body: Obj, method: str, write: Write) -> Obj:
+        paths = self._scale_paths(write.crd)
+        served = self._present(current, write.version)
+        scale = merge_patch(scale_of(served, paths), body) if method == "PATCH" else body
         self._check_version(key, current, body)
         replicas = (scale.get("spec") or {}).get("replicas")
         if type(replicas) is not int or replicas < 0:
-            raise APIError(
-                422, "Invalid", f'Scale.autoscaling "{key[4]}" is invalid: spec.replicas: '
-                f"Invalid value: {json.dumps(replicas)}: must be a non-negative integer"
+            raise invalid_error(
+                "autoscaling", "Scale", key[4],
+                [invalid("spec.replicas", replicas, "must be greater than or equal to 0")],
             )  # fmt: skip
-        new = copy.deepcopy(current)
-        new["spec"] = {**(new.get("spec") or {}), "replicas": replicas}
-        return scale_of(self._write(key, new, current))
+        new = copy.deepcopy(served)
+        set_path(new, paths.spec_replicas, replicas)
+        new = write.admit(new, served)
+        new["apiVersion"] = current["apiVersion"]
+        return scale_of(self._write(key, new, current), paths)
 
-    def _matching(self, gvp: GVP, match: Callable[[Obj], bool]) -> list[Obj]:
-        return [copy.deepcopy(o) for k, o in sorted(self._objects.items())
+    def _matching(self, gvp: GVP, version: str, match: Callable[[Obj], bool]) -> list[Obj]:
+        return [self._present(o, version) for k, o in sorted(self._objects.items())
                 if k[:3] == gvp and match(o)]  # fmt: skip
 
-    def _list(self, gvp: GVP, match: Callable[[Obj], bool]) -> Obj:
-        group, version, plural = gvp
+    def _list(self, gvp: GVP, version: str, match: Callable[[Obj], bool]) -> Obj:
+        group, _, plural = gvp
         with self._lock:
-            items, rv = self._matching(gvp, match), str(self._rv)
+            items, rv = self._matching(gvp, version, match), str(self._rv)
         return {
             "kind": self._kinds.get((group, plural), "") + "List",
             "apiVersion": f"{group}/{version}" if group else version,
@@ -458,7 +586,7 @@ class KubeAPIEmulator:
         }
 
     async def _watch(
-        self, request: web.Request, gvp: GVP, match: Callable[[Obj], bool]
+        self, request: web.Request, gvp: GVP, version: str, match: Callable[[Obj], bool]
     ) -> web.StreamResponse:
         timeout = float(request.query.get("timeoutSeconds") or WATCH_TIMEOUT)
         deadline = asyncio.get_running_loop().time() + timeout
@@ -476,7 +604,7 @@ class KubeAPIEmulator:
         with self._lock:
             if last == 0:  # no version: synthetic ADDED for what exists, then changes
                 last = self._rv
-                events = [("ADDED", o) for o in self._matching(gvp, match)]
+                events = [("ADDED", o) for o in self._matching(gvp, version, match)]
         self.open_watches += 1
         try:
             while not self._closing:
@@ -486,7 +614,7 @@ class KubeAPIEmulator:
                         message = f"too old resource version: {last} ({self._floor})"
                         events.append(("ERROR", status_object(410, "Expired", message)))
                     else:
-                        events += self._events_since(last, gvp, match)
+                        events += self._events_since(last, gvp, version, match)
                         last = self._rv
                 for kind, obj in events:
                     await send(kind, obj)
@@ -507,7 +635,7 @@ class KubeAPIEmulator:
         return resp
 
     def _events_since(
-        self, last: int, gvp: GVP, match: Callable[[Obj], bool]
+        self, last: int, gvp: GVP, version: str, match: Callable[[Obj], bool]
     ) -> list[tuple[str, Obj]]:
         """Events after `last`; like kube-apiserver, an object entering/leaving a filtered
         watch shows up as ADDED/DELETED."""
@@ -519,5 +647,103 @@ class KubeAPIEmulator:
             if kind == "MODIFIED" and now != before:
                 kind = "ADDED" if now else "DELETED"
             if now or (kind == "DELETED" and before):
-                out.append((kind, copy.deepcopy(obj)))
+                out.append((kind, self._present(obj, version)))
         return out
+
+
+def field_validation(query: Mapping[str, str]) -> str:
+    value = query.get("fieldValidation") or "Warn"
+    if value not in FIELD_VALIDATION:
+        raise APIError(
+            400, "BadRequest",
+            f"fieldValidation must be one of {', '.join(FIELD_VALIDATION)}, not {value!r}",
+        )  # fmt: skip
+    return value
+
+
+class Write:
+    """One write's admission of a custom resource, as kube-apiserver's CR handler does it:
+    prune (fieldValidation decides what an unknown field costs), default, validate."""
+
+    def __init__(self, crd: CustomResource | None, version: str, validation: str) -> None:
+        self.crd, self.version, self.validation = crd, version, validation
+        self.warnings: list[str] = []
+
+    def admit(self, obj: Obj, old: Obj | None) -> Obj:
+        errors = name_errors(obj) if old is None else []
+        if self.crd is None:
+            if errors:
+                group = split_api_version(obj.get("apiVersion", ""))[0]
+                raise invalid_error(group, obj.get("kind", ""), obj["metadata"]["name"], errors)
+            return obj
+        crd, schema = self.crd, self.crd.schemas[self.version]
+        obj = copy.deepcopy(obj)
+        self._check_type(obj)
+        dropped = schema.prune(obj)
+        if dropped and self.validation == "Strict":
+            unknown = ", ".join(f'unknown field "{p}"' for p in dropped)
+            raise APIError(
+                400, "BadRequest", f'{crd.kind} in version "{self.version}" cannot be handled '
+                f"as a {crd.kind}: strict decoding error: {unknown}",
+            )  # fmt: skip
+        if self.validation == "Warn":
+            self.warnings += [f'unknown field "{p}"' for p in dropped]
+        schema.default(obj)
+        errors += schema.validate(obj, old)
+        if errors:
+            raise invalid_error(crd.group, crd.kind, obj["metadata"]["name"], errors)
+        return obj
+
+    def _check_type(self, obj: Obj) -> None:
+        want = f"{self.crd.group}/{self.version}"
+        if obj.get("apiVersion") != want:
+            raise APIError(
+                400, "BadRequest", f"the API version in the data ({obj.get('apiVersion')}) "
+                f"does not match the expected API version ({want})",
+            )  # fmt: skip
+        if obj.get("kind") != self.crd.kind:
+            raise APIError(
+                400, "BadRequest", f"the kind in the data ({obj.get('kind')}) does not match "
+                f"the expected kind ({self.crd.kind})",
+            )  # fmt: skip
+
+    def response(self, obj: Obj, status: int = 200) -> web.Response:
+        headers = CIMultiDict(("Warning", f"299 - {json.dumps(w)}") for w in self.warnings)
+        return web.json_response(obj, status=status, headers=headers)
+
+
+def name_errors(obj: Obj) -> list[FieldError]:
+    name = obj["metadata"]["name"]
+    if len(name) > 253 or not DNS_SUBDOMAIN.match(name):
+        return [invalid("metadata.name", name, NAME_MESSAGE)]
+    return []
+
+
+def get_path(obj: Obj, path: str) -> Any:
+    for part in path.strip(".").split("."):
+        obj = obj.get(part) if isinstance(obj, dict) else None
+    return obj
+
+
+def set_path(obj: Obj, path: str, value: Any) -> None:
+    *parents, last = path.strip(".").split(".")
+    for part in parents:
+        obj = obj.setdefault(part, {})
+    obj[last] = value
+
+
+def scale_of(obj: Obj, paths: ScalePaths) -> Obj:
+    """autoscaling/v1 Scale over the paths a CRD's scale subresource declares."""
+    meta = obj["metadata"]
+    fields = ("name", "namespace", "uid", "resourceVersion", "creationTimestamp")
+    scale = {
+        "kind": "Scale",
+        "apiVersion": "autoscaling/v1",
+        "metadata": {f: meta[f] for f in fields if f in meta},
+        "spec": {"replicas": get_path(obj, paths.spec_replicas) or 0},
+        "status": {"replicas": get_path(obj, paths.status_replicas) or 0},
+    }
+    selector = paths.label_selector and get_path(obj, paths.label_selector)
+    if selector:
+        scale["status"]["selector"] = selector
+    return scale

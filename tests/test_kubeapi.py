@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import copy
 import json
+import re
 import threading
 import time
 
 import aiohttp
 import pytest
+import yaml
 from kubernetes import client, watch
 from kubernetes.client import ApiException
 
+from tests.kube_cel import CELCompileError
+from tests.kube_crd import DEFAULT_CRDS, load_crds
 from tests.kubeapi import KubeAPIEmulator
 
 GROUP, VERSION, PLURAL = "inference.networking.k8s.io", "v1", "inferencepools"
@@ -31,7 +36,11 @@ def pool(name: str = "llama", port: int = 8000) -> dict:
         "apiVersion": POOL_API,
         "kind": "InferencePool",
         "metadata": {"name": name},
-        "spec": {"selector": {"matchLabels": {"app": "vllm"}}, "targetPorts": [{"number": port}]},
+        "spec": {
+            "selector": {"matchLabels": {"app": "vllm"}},
+            "targetPorts": [{"number": port}],
+            "endpointPickerRef": {"name": f"{name}-epp", "port": {"number": 9002}},
+        },
     }
 
 
@@ -133,7 +142,16 @@ def test_custom_objects_and_status_subresource(api, custom):
     got = custom.get_namespaced_custom_object(*args, "llama")
     assert got["spec"]["targetPorts"] == [{"number": 8000}]
 
-    status = {"status": {"parents": [{"conditions": [{"type": "Accepted", "status": "True"}]}]}}
+    accepted = {
+        "type": "Accepted",
+        "status": "True",
+        "reason": "Accepted",
+        "message": "",
+        "lastTransitionTime": "2025-01-01T00:00:00Z",
+    }
+    gateway = {"group": "gateway.networking.k8s.io", "kind": "Gateway", "name": "gateway"}
+    parent = {"parentRef": gateway, "conditions": [accepted]}
+    status = {"status": {"parents": [parent]}}
     after_status = custom.patch_namespaced_custom_object_status(*args, "llama", status)
     assert after_status["metadata"]["generation"] == 1  # status writes leave generation alone
 
@@ -306,7 +324,10 @@ def test_discovery(api_client):
         GROUP, VERSION, "default", PLURAL, pool()
     )
     groups = client.ApisApi(api_client).get_api_versions().groups
-    assert [(g.name, g.preferred_version.version) for g in groups] == [(GROUP, VERSION)]
+    listed = [(g.name, g.preferred_version.version) for g in groups]
+    assert listed == sorted(listed)
+    # Every installed CRD's group, objects or not, as kube-apiserver lists them.
+    assert {(GROUP, VERSION), ("workload.infergate.io", "v1alpha1")} <= set(listed)
 
 
 async def test_async_context_manager():
@@ -326,3 +347,470 @@ async def test_async_context_manager():
                 await api.stop()  # ends open watches rather than waiting for their timeout
                 assert await resp.content.read() == b""
                 assert time.monotonic() - began < 2
+
+
+# ---- custom resources: what kube-apiserver does on write ------------------------------------
+
+WIDGETS = ("example.infergate.io", "v1", "default", "widgets")
+# A schema with one of each thing kube-apiserver checks on a custom resource.
+WIDGET_SCHEMA = """
+type: object
+properties:
+  apiVersion: {type: string}
+  kind: {type: string}
+  metadata: {type: object}
+  spec:
+    type: object
+    required: [size]
+    x-kubernetes-validations:
+    - rule: "!has(self.owner) || self.owner != 'root'"
+      message: root may not own widgets
+      reason: FieldValueForbidden
+    - rule: "!has(self.minReplicas) || self.minReplicas <= self.replicas"
+      messageExpression: >-
+        'minReplicas ' + string(self.minReplicas) + ' exceeds replicas ' + string(self.replicas)
+      fieldPath: .minReplicas
+    properties:
+      size: {type: string, enum: [small, large]}
+      replicas: {type: integer, minimum: 0, maximum: 10, default: 1}
+      minReplicas: {type: integer}
+      ratio: {type: number, maximum: 1, exclusiveMaximum: true}
+      label: {type: string, minLength: 1, maxLength: 8, pattern: "^[a-z]*$"}
+      since: {type: string, format: date-time}
+      tags:
+        type: array
+        minItems: 1
+        maxItems: 3
+        x-kubernetes-list-type: set
+        items: {type: string}
+      ports:
+        type: array
+        maxItems: 4
+        x-kubernetes-list-type: map
+        x-kubernetes-list-map-keys: [number]
+        items:
+          type: object
+          required: [number]
+          x-kubernetes-validations:
+          - rule: "self.protocol != 'SCTP'"
+            message: SCTP is not supported
+          properties:
+            number: {type: integer}
+            protocol: {type: string, default: TCP}
+      port:
+        x-kubernetes-int-or-string: true
+        anyOf: [{type: integer}, {type: string}]
+      limits:
+        type: object
+        additionalProperties: {type: string, maxLength: 4}
+      owner: {type: string}
+      serial:
+        type: string
+        x-kubernetes-validations:
+        - {rule: self == oldSelf, message: serial is immutable}
+      extra:
+        type: object
+        x-kubernetes-preserve-unknown-fields: true
+        properties:
+          known: {type: integer}
+      timeout:
+        type: string
+        format: duration
+        x-kubernetes-validations:
+        - {rule: "self <= duration('1h')", message: at most 1h}
+      address:
+        type: string
+        x-kubernetes-validations:
+        - {rule: isIP(self) && ip(self).family() == 4, message: must be an IPv4 address}
+  status:
+    type: object
+    properties:
+      replicas: {type: integer, minimum: 0}
+      phase: {type: string, enum: [Pending, Ready]}
+"""
+WIDGET_CRD = {
+    "apiVersion": "apiextensions.k8s.io/v1",
+    "kind": "CustomResourceDefinition",
+    "metadata": {"name": "widgets.example.infergate.io"},
+    "spec": {
+        "group": "example.infergate.io",
+        "scope": "Namespaced",
+        "names": {"kind": "Widget", "plural": "widgets"},
+        "versions": [
+            {
+                "name": "v1",
+                "served": True,
+                "storage": True,
+                "subresources": {
+                    "status": {},
+                    "scale": {
+                        "specReplicasPath": ".spec.replicas",
+                        "statusReplicasPath": ".status.replicas",
+                    },
+                },
+                "schema": {"openAPIV3Schema": yaml.safe_load(WIDGET_SCHEMA)},
+            }
+        ],
+    },
+}
+
+
+def widget(name: str = "w", **spec) -> dict:
+    return {
+        "apiVersion": "example.infergate.io/v1",
+        "kind": "Widget",
+        "metadata": {"name": name},
+        "spec": {"size": "small", **spec},
+    }
+
+
+@pytest.fixture
+def widgets():
+    with KubeAPIEmulator(crds=[WIDGET_CRD]).threaded() as api:
+        with client.ApiClient(api.client_configuration()) as c:
+            yield api, client.CustomObjectsApi(c)
+
+
+def refused(call, *args, **kwargs) -> tuple[int, dict]:
+    with pytest.raises(ApiException) as exc:
+        call(*args, **kwargs)
+    return exc.value.status, status_of(exc.value)
+
+
+def causes(status: dict) -> list[tuple[str, str]]:
+    return [(c["field"], c["reason"]) for c in status["details"]["causes"]]
+
+
+def test_kinds_without_a_crd_are_not_found(api, custom, widgets):
+    # A group nobody installed, an unserved version, the wrong scope: 404 as kube-apiserver.
+    code, status = refused(
+        custom.create_namespaced_custom_object,
+        "things.example.com", "v1", "default", "things", {"metadata": {"name": "r"}},
+    )  # fmt: skip
+    assert (code, status["reason"]) == (404, "NotFound")
+    code, _ = refused(custom.list_namespaced_custom_object, GROUP, "v1alpha2", "default", PLURAL)
+    assert code == 404
+    code, _ = refused(custom.create_cluster_custom_object, GROUP, VERSION, PLURAL, pool())
+    assert code == 404
+    # Only the CRDs given are installed; built-in groups need none.
+    emulator, widget_api = widgets
+    code, _ = refused(widget_api.list_namespaced_custom_object, GROUP, VERSION, "default", PLURAL)
+    assert code == 404
+    with pytest.raises(ValueError, match="no CRD installed"):
+        emulator.put(pool())
+    emulator.put(pod("p1"))
+
+
+def test_a_custom_resource_is_stored_once_for_all_its_served_versions(custom):
+    # Gateway API's HTTPRoute serves v1 and v1beta1 (conversion None): one object, two views.
+    route = {
+        "apiVersion": "gateway.networking.k8s.io/v1beta1",
+        "kind": "HTTPRoute",
+        "metadata": {"name": "r"},
+        "spec": {"parentRefs": [{"name": "gw"}]},
+    }
+    args = ("gateway.networking.k8s.io", "v1beta1", "default", "httproutes")
+    custom.create_namespaced_custom_object(*args, route)
+    got = custom.get_namespaced_custom_object("gateway.networking.k8s.io", "v1", "default",
+                                              "httproutes", "r")  # fmt: skip
+    assert got["apiVersion"] == "gateway.networking.k8s.io/v1"
+    assert got["spec"] == route["spec"]
+    listed = custom.list_namespaced_custom_object(*args)
+    assert [r["apiVersion"] for r in listed["items"]] == ["gateway.networking.k8s.io/v1beta1"]
+    code, _ = refused(custom.list_namespaced_custom_object, "gateway.networking.k8s.io",
+                      "v1alpha1", "default", "httproutes")  # fmt: skip
+    assert code == 404
+
+
+def test_unknown_fields_are_pruned_as_field_validation_says(widgets):
+    api, custom = widgets
+    body = widget("warned", bogus=1, extra={"known": 1, "anything": {"kept": True}})
+    body["metadata"]["nonsense"] = "x"
+    body["unknownTopLevel"] = {}
+    created, code, headers = _with_headers(custom, body)
+    assert code == 201
+    # Warn (the server's default): dropped, one Warning header per field.
+    assert "bogus" not in created["spec"] and "nonsense" not in created["metadata"]
+    assert "unknownTopLevel" not in created
+    # x-kubernetes-preserve-unknown-fields keeps what the schema does not name.
+    assert created["spec"]["extra"] == {"known": 1, "anything": {"kept": True}}
+    expected = ['unknown field "metadata.nonsense"', 'unknown field "spec.bogus"',
+                'unknown field "unknownTopLevel"']  # fmt: skip
+    assert sorted(headers) == [f"299 - {json.dumps(w)}" for w in expected]
+    assert sorted(api.warnings) == expected
+
+    # Ignore: dropped silently.
+    api.warnings.clear()
+    quiet = custom.create_namespaced_custom_object(
+        *WIDGETS, widget("quiet", bogus=1), field_validation="Ignore"
+    )
+    assert "bogus" not in quiet["spec"] and api.warnings == []
+
+    # Strict: refused with 400 BadRequest naming every unknown field (kubectl's default).
+    code, status = refused(
+        custom.create_namespaced_custom_object, *WIDGETS,
+        widget("strict", bogus=1, ports=[{"number": 1, "nope": 2}]), field_validation="Strict",
+    )  # fmt: skip
+    assert (code, status["reason"]) == (400, "BadRequest")
+    assert status["message"] == (
+        'Widget in version "v1" cannot be handled as a Widget: strict decoding error: '
+        'unknown field "spec.bogus", unknown field "spec.ports[0].nope"'
+    )
+    # Patches too.
+    code, _ = refused(
+        custom.patch_namespaced_custom_object, *WIDGETS, "quiet",
+        {"spec": {"bogus": 2}}, field_validation="Strict",
+    )  # fmt: skip
+    assert code == 400
+    assert (
+        "bogus"
+        not in custom.patch_namespaced_custom_object(*WIDGETS, "quiet", {"spec": {"bogus": 2}})[
+            "spec"
+        ]
+    )
+    code, status = refused(
+        custom.create_namespaced_custom_object, *WIDGETS, widget("x"), field_validation="Loose"
+    )
+    assert (code, status["reason"]) == (400, "BadRequest")
+
+
+def _with_headers(custom, body) -> tuple[dict, int, list[str]]:
+    resp = custom.create_namespaced_custom_object(*WIDGETS, body, _preload_content=False)
+    return json.loads(resp.data), resp.status, resp.headers.getlist("Warning")
+
+
+def test_defaults_on_write_and_on_read(api, custom, widgets):
+    emulator, widget_api = widgets
+    created = widget_api.create_namespaced_custom_object(
+        *WIDGETS, widget(ports=[{"number": 80}], replicas=None)
+    )
+    # A missing field, a null non-nullable one, and a field inside a list item get defaults.
+    assert created["spec"]["replicas"] == 1
+    assert created["spec"]["ports"] == [{"number": 80, "protocol": "TCP"}]
+    # An object stored without them (as before a CRD gained a default) is read with them.
+    emulator.put(widget("old"))
+    assert emulator.get("example.infergate.io/v1", "Widget", "old")["spec"]["replicas"] == 1
+    listed = widget_api.list_namespaced_custom_object(*WIDGETS)["items"]
+    assert [w["spec"]["replicas"] for w in listed] == [1, 1]
+    assert widget_api.get_namespaced_custom_object_scale(*WIDGETS, "old")["spec"]["replicas"] == 1
+    # Reading defaults is no spec change: a status write leaves the generation alone.
+    after = widget_api.patch_namespaced_custom_object_status(
+        *WIDGETS, "old", {"status": {"phase": "Ready"}}
+    )
+    assert after["metadata"]["generation"] == 1
+    # Our InferencePool CRD: the picker reference's defaults.
+    ref = {"name": "llama-epp", "port": {"number": 9002}}
+    got = custom.create_namespaced_custom_object(
+        GROUP,
+        VERSION,
+        "default",
+        PLURAL,
+        {**pool(), "spec": {**pool()["spec"], "endpointPickerRef": ref}},
+    )
+    assert got["spec"]["endpointPickerRef"]["kind"] == "Service"
+    assert got["spec"]["endpointPickerRef"]["failureMode"] == "FailClose"
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        # (what is wrong, [(field, reason)]) as kube-apiserver reports them
+        ({"size": None}, [("spec.size", "FieldValueRequired")]),  # null is pruned
+        ({"size": "huge"}, [("spec.size", "FieldValueNotSupported")]),
+        ({"replicas": "two"}, [("spec.replicas", "FieldValueTypeInvalid")]),
+        ({"replicas": 11}, [("spec.replicas", "FieldValueInvalid")]),
+        ({"replicas": -1}, [("spec.replicas", "FieldValueInvalid")]),
+        ({"ratio": 1}, [("spec.ratio", "FieldValueInvalid")]),
+        ({"label": ""}, [("spec.label", "FieldValueInvalid")]),
+        ({"label": "toolongname"}, [("spec.label", "FieldValueTooLong")]),
+        ({"label": "UPPER"}, [("spec.label", "FieldValueInvalid")]),
+        ({"since": "yesterday"}, [("spec.since", "FieldValueInvalid")]),
+        ({"tags": []}, [("spec.tags", "FieldValueInvalid")]),
+        ({"tags": ["a", "b", "c", "d"]}, [("spec.tags", "FieldValueTooMany")]),
+        ({"tags": ["a", "a"]}, [("spec.tags[1]", "FieldValueDuplicate")]),
+        ({"ports": [{"number": 1}, {"number": 1}]}, [("spec.ports[1]", "FieldValueDuplicate")]),
+        ({"ports": [{"protocol": "UDP"}]}, [("spec.ports[0].number", "FieldValueRequired")]),
+        ({"port": True}, [("spec.port", "FieldValueTypeInvalid")]),
+        ({"limits": {"cpu": "toolong"}}, [("spec.limits[cpu]", "FieldValueTooLong")]),
+        ({"replicas": "x", "label": "UPPER"},
+         [("spec.replicas", "FieldValueTypeInvalid"), ("spec.label", "FieldValueInvalid")]),
+    ],
+)  # fmt: skip
+def test_openapi_validation_is_422_with_causes(widgets, spec, expected):
+    _, custom = widgets
+    code, status = refused(custom.create_namespaced_custom_object, *WIDGETS, widget(**spec))
+    assert (code, status["reason"], status["kind"]) == (422, "Invalid", "Status")
+    details = status["details"]
+    assert (details["kind"], details["group"], details["name"]) == (
+        "Widget", "example.infergate.io", "w",
+    )  # fmt: skip
+    assert sorted(causes(status)) == sorted(expected)
+    assert status["message"].startswith('Widget.example.infergate.io "w" is invalid: ')
+
+
+def test_validation_messages_read_like_kube_apiserver(widgets):
+    _, custom = widgets
+    body = widget(size="huge")
+    del body["spec"]["size"]
+    _, status = refused(custom.create_namespaced_custom_object, *WIDGETS, body)
+    assert (
+        status["message"] == 'Widget.example.infergate.io "w" is invalid: spec.size: Required value'
+    )
+    assert status["details"]["causes"] == [
+        {"reason": "FieldValueRequired", "message": "Required value", "field": "spec.size"}
+    ]
+    _, status = refused(custom.create_namespaced_custom_object, *WIDGETS, widget(size="huge"))
+    assert status["details"]["causes"][0]["message"] == (
+        'Unsupported value: "huge": supported values: "small", "large"'
+    )
+    _, status = refused(custom.create_namespaced_custom_object, *WIDGETS, widget(replicas=11))
+    assert status["details"]["causes"][0]["message"] == (
+        "Invalid value: 11: spec.replicas in body should be less than or equal to 10"
+    )
+    # Valid values of every kind pass (int-or-string as either).
+    ok = widget(
+        replicas=3, minReplicas=2, ratio=0.5, label="abc", since="2025-01-01T00:00:00Z",
+        tags=["a"], port="http", limits={"cpu": "2"}, timeout="30m", address="10.0.0.1",
+    )  # fmt: skip
+    custom.create_namespaced_custom_object(*WIDGETS, ok)
+    custom.create_namespaced_custom_object(*WIDGETS, {**widget("w2", port=8080)})
+    # Object names are RFC 1123 subdomains.
+    code, status = refused(custom.create_namespaced_custom_object, *WIDGETS, widget("Bad_Name"))
+    assert (code, causes(status)) == (422, [("metadata.name", "FieldValueInvalid")])
+
+
+def test_cel_rules(widgets):
+    _, custom = widgets
+    # message, on the node's path, value rendered as its type as the server does
+    _, status = refused(custom.create_namespaced_custom_object, *WIDGETS, widget(owner="root"))
+    assert status["details"]["causes"] == [
+        {"reason": "FieldValueForbidden", "message": "Forbidden: root may not own widgets",
+         "field": "spec"}
+    ]  # fmt: skip
+    # messageExpression and fieldPath
+    _, status = refused(
+        custom.create_namespaced_custom_object, *WIDGETS, widget(replicas=1, minReplicas=3)
+    )
+    assert status["details"]["causes"] == [
+        {"reason": "FieldValueInvalid", "field": "spec.minReplicas",
+         "message": 'Invalid value: "object": minReplicas 3 exceeds replicas 1'}
+    ]  # fmt: skip
+    # Kubernetes library functions and schema-typed values (a duration string is a duration).
+    _, status = refused(custom.create_namespaced_custom_object, *WIDGETS, widget(address="::1"))
+    assert causes(status) == [("spec.address", "FieldValueInvalid")]
+    assert "must be an IPv4 address" in status["message"]
+    _, status = refused(custom.create_namespaced_custom_object, *WIDGETS, widget(timeout="2h"))
+    assert causes(status) == [("spec.timeout", "FieldValueInvalid")]
+    # Rules on map values and list items name the entry.
+    _, status = refused(
+        custom.create_namespaced_custom_object,
+        *WIDGETS,
+        widget(ports=[{"number": 1, "protocol": "SCTP"}]),
+    )
+    assert causes(status) == [("spec.ports[0]", "FieldValueInvalid")]
+
+
+def test_transition_rules_and_ratcheting(api, widgets):
+    emulator, custom = widgets
+    custom.create_namespaced_custom_object(*WIDGETS, widget(serial="a1"))
+    # oldSelf: immutable once set, whatever way the update comes
+    code, status = refused(
+        custom.patch_namespaced_custom_object, *WIDGETS, "w", {"spec": {"serial": "b2"}}
+    )
+    assert code == 422 and status["details"]["causes"][0]["message"] == (
+        'Invalid value: "string": serial is immutable'
+    )
+    current = custom.get_namespaced_custom_object(*WIDGETS, "w")
+    current["spec"]["serial"] = "b2"
+    code, _ = refused(custom.replace_namespaced_custom_object, *WIDGETS, "w", current)
+    assert code == 422
+    custom.patch_namespaced_custom_object(*WIDGETS, "w", {"spec": {"label": "ok"}})
+    # An object stored invalid (as before a CRD tightened) can still be updated elsewhere:
+    # unchanged values are not validated again; a change must be valid.
+    emulator.put(widget("legacy", size="huge", replicas=1))
+    custom.patch_namespaced_custom_object(*WIDGETS, "legacy", {"spec": {"replicas": 2}})
+    code, status = refused(
+        custom.patch_namespaced_custom_object, *WIDGETS, "legacy", {"spec": {"size": "tiny"}}
+    )
+    assert causes(status) == [("spec.size", "FieldValueNotSupported")]
+
+
+def test_status_and_scale_are_validated_too(custom, widgets):
+    _, widget_api = widgets
+    args = (*WIDGETS, "w")
+    widget_api.create_namespaced_custom_object(*WIDGETS, widget())
+    code, status = refused(
+        widget_api.patch_namespaced_custom_object_status, *args, {"status": {"phase": "Gone"}}
+    )
+    assert (code, causes(status)) == (422, [("status.phase", "FieldValueNotSupported")])
+    code, status = refused(
+        widget_api.patch_namespaced_custom_object_status, *args, {"status": {"bogus": 1}},
+        field_validation="Strict",
+    )  # fmt: skip
+    assert code == 400 and 'unknown field "status.bogus"' in status["message"]
+    assert widget_api.patch_namespaced_custom_object_status(*args, {"status": {"phase": "Ready"}})
+    # The scale subresource writes spec.replicas through the same schema (maximum 10).
+    code, status = refused(
+        widget_api.patch_namespaced_custom_object_scale, *args, {"spec": {"replicas": 11}}
+    )
+    assert (code, causes(status)) == (422, [("spec.replicas", "FieldValueInvalid")])
+    code, status = refused(
+        widget_api.patch_namespaced_custom_object_scale, *args, {"spec": {"replicas": -1}}
+    )
+    assert (code, causes(status)) == (422, [("spec.replicas", "FieldValueInvalid")])
+    assert widget_api.patch_namespaced_custom_object_scale(*args, {"spec": {"replicas": 4}})[
+        "spec"
+    ] == {"replicas": 4}
+    # Subresources exist only where the CRD declares them: a Model has no /scale.
+    code, _ = refused(custom.get_namespaced_custom_object_scale,
+                      "workload.infergate.io", "v1alpha1", "default", "models", "m")  # fmt: skip
+    assert code == 404
+
+
+def test_status_is_kept_apart_only_with_a_status_subresource(custom):
+    # Volcano's PodGroup has none: the object carries its status and /status is 404.
+    args = ("scheduling.volcano.sh", "v1beta1", "default", "podgroups")
+    group = {
+        "apiVersion": "scheduling.volcano.sh/v1beta1",
+        "kind": "PodGroup",
+        "metadata": {"name": "g"},
+        "spec": {"minMember": 2},
+        "status": {"phase": "Pending"},
+    }
+    created = custom.create_namespaced_custom_object(*args, group)
+    assert created["status"] == {"phase": "Pending"} and created["spec"]["queue"] == "default"
+    code, _ = refused(custom.patch_namespaced_custom_object_status, *args, "g", {"status": {}})
+    assert code == 404
+    # With one (InferencePool), create drops the status as kube-apiserver does.
+    body = {**pool(), "status": {"parents": []}}
+    assert "status" not in custom.create_namespaced_custom_object(
+        GROUP, VERSION, "default", PLURAL, body
+    )
+
+
+def test_every_shipped_cel_rule_compiles():
+    # The emulator compiles each rule when it installs a CRD; one it cannot compile raises.
+    installed = load_crds(DEFAULT_CRDS)
+    rules = [rule for crd in installed for schema in crd.schemas.values()
+             for rule in schema.rules()]  # fmt: skip
+    assert {c.kind for c in installed} >= {"Model", "ModelInfer", "InferencePool", "PodGroup"}
+    assert len(rules) >= 20
+
+
+@pytest.mark.parametrize(
+    ("rule", "why"),
+    [
+        ("self.size ==", "compilation failed"),
+        ("self.nosuchfield == 1", "undefined field 'nosuchfield'"),
+        ("self.size.isFrobnicated()", "undeclared reference to 'isFrobnicated'"),
+        ("other.size == 'small'", "undeclared reference to 'other'"),
+        ("self.ports.all(p, p.nosuch > 0)", "undefined field 'nosuch'"),
+    ],
+)
+def test_a_rule_that_does_not_compile_fails_loudly(rule, why):
+    crd = copy.deepcopy(WIDGET_CRD)
+    spec = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    spec["x-kubernetes-validations"] = [{"rule": rule, "message": "m"}]
+    with pytest.raises(CELCompileError, match=re.escape(why)) as exc:
+        KubeAPIEmulator(crds=[crd])
+    assert "properties[spec].x-kubernetes-validations[0].rule" in str(exc.value)

@@ -84,12 +84,19 @@ def pod(name: str, ns: str = "default", labels: dict | None = None, **meta) -> O
     }
 
 
+# What a ModelInfer's role needs at least (its CRD requires an entry pod template).
+POD_TEMPLATE = {"spec": {"containers": [{"name": "engine", "image": "sim"}]}}
+
+
 def model_infer(name: str, replicas: int = 1, ns: str = "default", **meta) -> Obj:
     return {
         "apiVersion": MODEL_INFER.api_version,
         "kind": "ModelInfer",
         "metadata": {"name": name, "namespace": ns, **meta},
-        "spec": {"replicas": replicas, "template": {"roles": [{"name": "decode"}]}},
+        "spec": {
+            "replicas": replicas,
+            "template": {"roles": [{"name": "decode", "entryTemplate": POD_TEMPLATE}]},
+        },
     }
 
 
@@ -98,7 +105,13 @@ def model(name: str, ns: str = "default") -> Obj:
         "apiVersion": MODEL.api_version,
         "kind": "Model",
         "metadata": {"name": name, "namespace": ns},
-        "spec": {"modelURI": "hf://tiny", "replicas": 1},
+        "spec": {
+            "modelURI": "hf://tiny",
+            "image": "sim",
+            "engine": {"type": "Simulator"},
+            "replicas": 1,
+            "backend": {"aggregated": {}},
+        },
     }
 
 
@@ -196,7 +209,7 @@ async def test_update_bumps_resource_version_and_generation_on_spec_change(backe
 async def test_stale_resource_version_is_a_conflict(backend):
     s = backend.store
     v1 = await s.create(model_infer("mi"))
-    v2 = await s.update({**copy.deepcopy(v1), "spec": {"replicas": 2}})
+    v2 = await s.update({**copy.deepcopy(v1), "spec": {**v1["spec"], "replicas": 2}})
     stale = copy.deepcopy(v1)
     stale["spec"]["replicas"] = 5
     with pytest.raises(Conflict):
@@ -204,7 +217,7 @@ async def test_stale_resource_version_is_a_conflict(backend):
     with pytest.raises(Conflict):
         await s.update_status({**copy.deepcopy(v1), "status": {"replicas": 1}})
     got = await s.get(MODEL_INFER, "default", "mi")
-    assert got["spec"] == {"replicas": 2} and "replicas" not in (got.get("status") or {})
+    assert got["spec"]["replicas"] == 2 and "replicas" not in (got.get("status") or {})
     # read again and retry: it works
     got["spec"]["replicas"] = 5
     assert (await s.update(got))["metadata"]["generation"] == v2["metadata"]["generation"] + 1
