@@ -16,7 +16,7 @@ Per Model `m` (gateway-manifests/epp.yaml is the same picker written by hand):
 - Service `m-epp` (ext_proc, what the InferencePool's endpointPickerRef names), headless
   Service `m-epp-replicas` (replica sync), PodDisruptionBudget `m-epp` (minAvailable 1);
 - HTTPRoute `m` on the Model's Gateway: the inference paths, for requests whose
-  MODEL_NAME_HEADER (set by the body-based router) is the Model's served name, to the pool.
+  MODEL_NAME_HEADER (set by the body-based router) names the Model's pool, to the pool.
 
 The picker's pods carry no MODEL_LABEL: the pool selects the Model's serving pods by it.
 """
@@ -70,8 +70,8 @@ from infergw.api.workload import DEFAULT_GATEWAY
 from infergw.cluster.store import (
     ENDPOINT_SLICE,
     INFERENCE_OBJECTIVE,
-    LEGACY_INFERENCE_OBJECTIVE,
     INFERENCE_POOL,
+    LEGACY_INFERENCE_OBJECTIVE,
     MODEL_ROUTE,
     MODEL_SERVER,
     POD,
@@ -508,8 +508,10 @@ def disruption_budget(model: Model) -> PodDisruptionBudget:
 
 def http_route(model: Model) -> HTTPRoute:
     """The Model's Gateway → its InferencePool, for the inference paths whose body's model
-    (MODEL_NAME_HEADER, set by the body-based router in front) is the Model's served name."""
-    header = HeaderMatch(type="Exact", name=MODEL_NAME_HEADER, value=served_name(model))
+    the body-based router in front resolved to this pool: it sets MODEL_NAME_HEADER to the
+    pool's name (the Model's), whichever name the client used — the served name, a LoRA
+    adapter or a ModelRoute (bbr/)."""
+    header = HeaderMatch(type="Exact", name=MODEL_NAME_HEADER, value=model.metadata.name or "")
     matches = [
         RouteMatch(path=PathMatch(type="Exact", value=path), headers=[header])
         for path in INFERENCE_PATHS

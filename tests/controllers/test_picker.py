@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import json
+import random
 import re
 import shutil
 from pathlib import Path
@@ -26,6 +27,7 @@ from kubernetes import client
 
 from infergw import api
 from infergw.api.names import MODEL_LABEL, MODEL_NAME_HEADER
+from infergw.bbr.model_pools import ModelPools
 from infergw.cluster.kube_store import KubeStore
 from infergw.cluster.store import (
     CONFIG_MAP,
@@ -284,11 +286,17 @@ async def test_a_model_yields_its_picker_and_route_and_each_object_fits_its_cons
     picker_pod = {"metadata": {"labels": labels}}
     assert not labels_match(picker_pod, pool["spec"]["selector"]["matchLabels"])
     assert MODEL_LABEL not in labels
-    # every inference path the picker parses, for this Model's served name only
+    # every inference path the picker parses, for requests the body-based router in front
+    # sends to this pool: the header value is what bbr/ sets for the Model's served name
     paths = [m["path"]["value"] for m in rule["matches"]]
     assert paths and all(api_for_path(p) for p in paths)
+    stored = [await cluster.get(MODEL, "llama"), pool]
+    chosen = ModelPools.build(stored, NS).choose(SERVED, {}, paths[0], random.Random(0))
+    assert chosen is not None
     for match in rule["matches"]:
-        assert match["headers"] == [{"type": "Exact", "name": MODEL_NAME_HEADER, "value": SERVED}]
+        assert match["headers"] == [
+            {"type": "Exact", "name": MODEL_NAME_HEADER, "value": chosen.pool}
+        ]
 
     # RBAC: read-only, namespaced, on what the picker's provider and peer discovery watch
     role_obj = await cluster.get(ROLE, name)
