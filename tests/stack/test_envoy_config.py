@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
+from infergw.api.retries import retry_budget, retry_policy
 from infergw.cluster.certs import serving_cert
 from infergw.epp.app import HEALTH_SERVICES
 from infergw.stack.envoy_config import EnvoySettings, render
@@ -79,3 +80,13 @@ def test_envoy_accepts_the_config_with_several_pickers(tmp_path):
     path = tmp_path / "envoy.yaml"
     path.write_text(render(settings(tmp_path)))
     assert_envoy_accepts(path)
+
+
+def test_the_pool_route_retries_what_the_cluster_manifests_retry(tmp_path):
+    config = yaml.safe_load(render(settings(tmp_path, fallbacks=2)))
+    hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+    [route] = hcm["typed_config"]["route_config"]["virtual_hosts"][0]["routes"]
+    assert route["route"]["retry_policy"] == retry_policy(2)
+    assert "503" in str(route["route"]["retry_policy"]["retriable_status_codes"])
+    [pool] = [c for c in config["static_resources"]["clusters"] if c["name"] == "pool"]
+    assert pool["circuit_breakers"]["thresholds"] == [{"retry_budget": retry_budget()}]
