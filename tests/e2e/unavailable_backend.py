@@ -8,12 +8,9 @@ vLLM-named /metrics so the picker treats it as a ready pod.
 
 from __future__ import annotations
 
-import sys
-
 from aiohttp import web
 
-from tests.e2e.recording_backend import MODEL
-from tests.e2e.scripted_backend import METRICS
+from tests.e2e.recording_backend import serve_as_pod
 
 
 def main() -> None:
@@ -26,16 +23,10 @@ def main() -> None:
         error = {"message": "draining", "type": "server_error", "code": 503}
         return web.json_response({"error": error}, status=503)
 
-    async def models(_request: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": [{"id": MODEL, "object": "model"}]})
-
     app = web.Application()
     app.router.add_post("/v1/completions", complete)
-    app.router.add_get("/v1/models", models)
     app.router.add_get("/turned-away", lambda _r: web.json_response(turned_away))
-    app.router.add_get("/health", lambda _r: web.Response())
-    app.router.add_get("/metrics", lambda _r: web.Response(text=METRICS))
-    web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=None)
+    serve_as_pod(app)
 
 
 if __name__ == "__main__":
