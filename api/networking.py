@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import msgspec
 
 from infergw.api.engines import ENGINE_TYPES
@@ -29,7 +31,19 @@ DEFAULT_KV_CONNECTOR = "nixl"
 RATE_UNITS = ("second", "minute", "hour", "day")
 DEFAULT_RATE_UNIT = "second"
 RATE_UNIT_SECONDS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}
-DEFAULT_RETRY_INTERVAL = "100ms"
+PROTOCOLS = ("http",)  # what the gateway speaks to the pods (the InferencePool's appProtocol)
+
+# Fields a ModelServer once accepted and nothing honoured. The CRD keeps them only to refuse
+# them with these messages (a field left out of a structural schema would be dropped in
+# silence); the README's ModelServer reference says why each went.
+REMOVED_RETRY_INTERVAL = (
+    "retryInterval is not supported: Envoy takes its retry back-off from the route, never from "
+    "a request, and each retry goes at once to the next endpoint the picker chose; remove it"
+)
+REMOVED_KV_CONNECTOR = (
+    "kvConnector is not a ModelServer field: the decode pods' connector sidecar is chosen by "
+    "the Model's spec.backend.kvConnector; remove it"
+)
 
 
 class NetworkingStatus(ApiStruct):
@@ -206,7 +220,8 @@ class WorkloadPort(ApiStruct):
 
 class Retry(ApiStruct):
     attempts: int | None = None
-    retry_interval: str | None = None
+    # Removed (REMOVED_RETRY_INTERVAL): read only to be refused.
+    retry_interval: Any = None
 
 
 class TrafficPolicy(ApiStruct):
@@ -224,7 +239,8 @@ class ModelServerSpec(ApiStruct):
     model: str | None = None
     workload_port: WorkloadPort | None = None
     traffic_policy: TrafficPolicy | None = None
-    kv_connector: KVConnector | None = None
+    # Removed (REMOVED_KV_CONNECTOR): read only to be refused.
+    kv_connector: Any = None
 
 
 class ModelServer(ApiStruct, kw_only=True):
@@ -268,23 +284,16 @@ def validate_model_server(server: ModelServer) -> list[str]:
             p.add(where, "prefillLabels and decodeLabels must differ")
     if spec.workload_port is not None:
         p.number("spec.workloadPort.port", spec.workload_port.port, 1, 65535)
-        p.choice("spec.workloadPort.protocol", spec.workload_port.protocol, ("http", "https"))
+        p.choice("spec.workloadPort.protocol", spec.workload_port.protocol, PROTOCOLS)
     traffic = spec.traffic_policy
     if traffic is not None:
         p.match("spec.trafficPolicy.timeout", traffic.timeout, DURATION, "a duration like 30s")
         if traffic.retry is not None:
             p.number("spec.trafficPolicy.retry.attempts", traffic.retry.attempts, 0, 10)
-            p.match(
-                "spec.trafficPolicy.retry.retryInterval",
-                traffic.retry.retry_interval,
-                DURATION,
-                "a duration like 100ms",
-            )
-    if spec.kv_connector is not None and pd is None:
-        p.add("spec", "kvConnector needs workloadSelector.pdGroup")
-    check_kv_connector(
-        p, "spec.kvConnector", spec.kv_connector, spec.inference_engine, ("spec", "inferenceEngine")
-    )
+            if traffic.retry.retry_interval is not None:
+                p.add("spec.trafficPolicy.retry", REMOVED_RETRY_INTERVAL)
+    if spec.kv_connector is not None:
+        p.add("spec", REMOVED_KV_CONNECTOR)
     if server.status is not None:
         check_status_conditions(p, "status.conditions", server.status.conditions)
     return p.messages

@@ -273,7 +273,6 @@ def modelserver(model: Model) -> ModelServer:
             prefill_labels={ROLE_LABEL: PREFILL},
             decode_labels={ROLE_LABEL: DECODE},
         )
-    connector = backend.kv_connector
     return ModelServer(
         metadata=_meta(model),
         spec=ModelServerSpec(
@@ -281,8 +280,6 @@ def modelserver(model: Model) -> ModelServer:
             inference_engine=engine_type(model),
             workload_selector=selector,
             workload_port=WorkloadPort(port=ENGINE_PORT, protocol="http"),
-            # as written: an empty connector (no type) is left out
-            kv_connector=connector if connector is not None and connector.type else None,
         ),
     )
 

@@ -24,6 +24,9 @@ from infergw.epp.trust import HeaderTrust
 log = logging.getLogger("epp.director")
 
 TIMEOUT_HEADER = "x-envoy-upstream-rq-timeout-ms"
+# Overrides the route's num_retries: without it Envoy would retry a ModelServer with fewer
+# attempts than the route allows on the same pod again (override_host keeps the last host).
+MAX_RETRIES_HEADER = "x-envoy-max-retries"
 EWMA_ALPHA = 0.2  # weight of the newest observation in per-endpoint latency averages
 
 
@@ -99,6 +102,7 @@ class Director:
         route = ctx.resolution
         if route is not None and route.retries is not None:
             targets = targets[: 1 + route.retries]  # the ModelServer's retry attempts
+            ctx.upstream_headers[MAX_RETRIES_HEADER] = str(route.retries)
         primary = targets[0]
         primary.inflight_requests += 1
         primary.sent_since_scrape += 1

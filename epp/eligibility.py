@@ -50,7 +50,7 @@ class Eligibility:
         """The endpoints that can be the request's destination, for flow control's saturation
         check: with prefill/decode picking, prefill pods never are (their room is no room for
         a decode)."""
-        return self.handler.destinations(self.endpoints(ctx))
+        return self.handler.destinations(ctx, self.endpoints(ctx))
 
     def _serving(self, model: str, candidates: list[Endpoint]) -> list[Endpoint]:
         """Candidates that serve `model` (or whose models are not known yet)."""

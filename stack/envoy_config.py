@@ -11,6 +11,7 @@ import jinja2
 import yaml
 
 from infergw.api.names import MODEL_NAME_HEADER
+from infergw.api.retries import RETRIABLE_STATUS_CODES, RETRY_ON, retry_budget
 from infergw.cluster.certs import key_problem
 from infergw.stack.auth import AuthConfig, http_filters
 from infergw.stack.ports import PickerPorts, RouterPorts
@@ -146,6 +147,9 @@ def render(settings: EnvoySettings) -> str:
         http_filters(settings.auth, settings.trust_client_headers)
     )
     fields["picker_san_type"] = _san_type(settings.picker_host)
+    fields["retry_on"] = RETRY_ON
+    fields["retriable_status_codes"] = _flow(list(RETRIABLE_STATUS_CODES))
+    fields["retry_budget"] = _flow(retry_budget())
     return env.from_string(TEMPLATE.read_text()).render(**fields)
 
 
@@ -153,6 +157,11 @@ def _as_filter_list(filters: list[dict]) -> str:
     """Filters as items of the template's http_filters list (indented to match it)."""
     text = yaml.safe_dump(filters, sort_keys=False, width=float("inf"))
     return "\n".join(" " * 10 + line for line in text.splitlines())
+
+
+def _flow(value: object) -> str:
+    """A value as one line of YAML flow style, for the template."""
+    return yaml.safe_dump(value, default_flow_style=True, width=float("inf")).strip()
 
 
 def is_ip_address(host: str) -> bool:

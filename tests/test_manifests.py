@@ -26,11 +26,13 @@ from infergw.api.names import (
     OBJECTIVE_HEADER,
     USER_HEADER,
 )
+from infergw.api.retries import retry_budget, retry_policy
 from infergw.cluster.certs import serving_cert
 from infergw.cluster.store import ENDPOINT_SLICE
 from infergw.controllers.model_objects import CONNECTOR_SERVICE_ACCOUNT
 from infergw.epp import protocol
 from infergw.epp.app import HEALTH_SERVICES
+from infergw.epp.director import TIMEOUT_HEADER
 from infergw.epp.options import build_parser, parse_options
 from infergw.epp.replica_peers import SYNC_PORT_NAME
 from infergw.epp.scheduling.config import ConfigError, load_config
@@ -686,16 +688,61 @@ def test_patch_policy_routes_by_the_pickers_header() -> None:
     # Envoy Gateway names the route configuration <namespace>/<gateway>/<listener>.
     ns, name = gateway["metadata"].get("namespace", INSTALL_NAMESPACE), gateway["metadata"]["name"]
     listener = gateway["spec"]["listeners"][0]["name"]
-    route = patches[("RouteConfiguration", f"{ns}/{name}/{listener}")]["operation"]
-    assert route["path"].endswith("/route/cluster")
+    xds_name = f"{ns}/{name}/{listener}"
+    route_patches = {
+        p["operation"]["path"]: p["operation"]
+        for p in policy["spec"]["jsonPatches"]
+        if p["type"].endswith("RouteConfiguration")
+    }
+    route = route_patches["/virtual_hosts/0/routes/0/route/cluster"]
     assert route["value"] == "original_destination_cluster"
 
     # TLS to the picker comes from the BackendTLSPolicy (verified), never from a patch.
     assert set(patches) == {
         ("Cluster", "original_destination_cluster"),
-        ("RouteConfiguration", f"{ns}/{name}/{listener}"),
+        ("RouteConfiguration", xds_name),
+        ("Listener", xds_name),
     }
     assert "transport_socket" not in yaml.safe_dump(policy)
+
+
+def test_patch_policy_retries_what_the_local_stack_retries() -> None:
+    policy = _one("EnvoyPatchPolicy")
+    ops = [p["operation"] for p in policy["spec"]["jsonPatches"]]
+    [retry] = [o for o in ops if o["path"].endswith("/route/retry_policy")]
+    assert retry["op"] == "add"
+    assert retry["value"] == retry_policy(retry["value"]["num_retries"])
+    assert retry["value"]["num_retries"] >= 1
+    [cluster] = [o["value"] for o in ops if o.get("value", {}) and "type" in o["value"]]
+    [threshold] = cluster["circuit_breakers"]["thresholds"]
+    assert threshold["retry_budget"] == retry_budget()
+
+
+def test_patch_policy_lets_the_picker_set_the_request_timeout() -> None:
+    """The ModelServer's timeout reaches Envoy as x-envoy-upstream-rq-timeout-ms, which
+    ext_proc passes on only with mutation_rules.allow_envoy: the patch must name the filter
+    Envoy Gateway makes of our EnvoyExtensionPolicy, on the Gateway's listener."""
+    policy = _one("EnvoyPatchPolicy")
+    extension = _one("EnvoyExtensionPolicy")
+    gateway = _one("Gateway")
+    meta = extension["metadata"]
+    assert len(extension["spec"]["extProc"]) == 1
+    namespace = meta.get("namespace", "default")  # spelled out: the README's namespace table
+    filter_name = (
+        f"envoy.filters.http.ext_proc/envoyextensionpolicy/{namespace}/{meta['name']}/extproc/0"
+    )
+    listener = (
+        f"{gateway['metadata'].get('namespace', 'default')}/{gateway['metadata']['name']}/"
+        f"{gateway['spec']['listeners'][0]['name']}"
+    )
+    [patch] = [p for p in policy["spec"]["jsonPatches"] if p["type"].endswith("Listener")]
+    assert patch["name"] == listener
+    operation = patch["operation"]
+    assert operation["jsonPath"] == f"..http_filters[?(@.name=='{filter_name}')]"
+    assert (operation["op"], operation["path"]) == ("add", "/typed_config/mutation_rules")
+    assert operation["value"] == {"allow_envoy": True}
+    # What the picker sets is what that rule lets through.
+    assert TIMEOUT_HEADER.startswith("x-envoy-")
 
 
 def test_namespaced_objects_name_no_namespace_but_the_controllers() -> None:

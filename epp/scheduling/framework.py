@@ -138,8 +138,8 @@ class ProfileHandler(Plugin):
         override it; empty makes the profile's result None."""
         return candidates
 
-    def destinations(self, endpoints: list[Endpoint]) -> list[Endpoint]:
-        """Those of `endpoints` a request's destination can be (flow control asks whether
+    def destinations(self, ctx: RequestContext, endpoints: list[Endpoint]) -> list[Endpoint]:
+        """Those of `endpoints` the request's destination can be (flow control asks whether
         they have room): all of them, unless the handler sends requests to some only."""
         return endpoints
 

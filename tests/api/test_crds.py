@@ -222,8 +222,10 @@ def test_python_defaults_match_the_crds() -> None:
     assert infer["replicas"]["default"] == workload.DEFAULT_REPLICAS
     server = crd_schema("ModelServer")["properties"]["spec"]["properties"]
     assert server["inferenceEngine"]["enum"] == list(networking.ENGINES)
-    assert server["kvConnector"]["properties"]["type"]["default"] == networking.DEFAULT_KV_CONNECTOR
-    assert server["kvConnector"]["properties"]["type"]["enum"] == list(networking.KV_CONNECTORS)
+    assert server["workloadPort"]["properties"]["protocol"]["enum"] == list(networking.PROTOCOLS)
+    model = crd_schema("Model")["properties"]["spec"]["properties"]["backend"]["properties"]
+    assert model["kvConnector"]["properties"]["type"]["default"] == networking.DEFAULT_KV_CONNECTOR
+    assert model["kvConnector"]["properties"]["type"]["enum"] == list(networking.KV_CONNECTORS)
     route = crd_schema("ModelRoute")["properties"]["spec"]["properties"]["rateLimit"]["properties"]
     assert route["unit"]["enum"] == list(networking.RATE_UNITS)
     policy = crd_schema("AutoScalingPolicy")["properties"]["spec"]["properties"]
@@ -429,9 +431,9 @@ BROKEN = [
     ),
     Broken(
         SERVER,
-        "connector-rdma",
-        _set("spec.kvConnector.type", "rdma"),
-        "spec.kvConnector.type: must be one of nixl, mooncake, lmcache, http, sglang",
+        "https-to-pods",
+        _set("spec.workloadPort.protocol", "https"),
+        "spec.workloadPort.protocol: must be one of http",
     ),
     Broken(
         SERVER,
@@ -441,23 +443,16 @@ BROKEN = [
     ),
     Broken(
         SERVER,
-        "connector-without-pd-group",
-        _set("spec.workloadSelector.pdGroup", DELETE),
-        "spec: kvConnector needs workloadSelector.pdGroup",
+        "removed-kv-connector",
+        _set("spec.kvConnector", {"type": "nixl"}),
+        f"spec: {networking.REMOVED_KV_CONNECTOR}",
         cel=True,
     ),
     Broken(
         SERVER,
-        "sglang-connector-on-vllm",
-        _set("spec.kvConnector.type", "sglang"),
-        "spec: kvConnector type sglang goes with inferenceEngine SGLang, and only with it",
-        cel=True,
-    ),
-    Broken(
-        SERVER,
-        "nixl-on-sglang",
-        _set("spec.inferenceEngine", "SGLang"),
-        "spec: kvConnector type sglang goes with inferenceEngine SGLang, and only with it",
+        "removed-retry-interval",
+        _set("spec.trafficPolicy.retry.retryInterval", "100ms"),
+        f"spec.trafficPolicy.retry: {networking.REMOVED_RETRY_INTERVAL}",
         cel=True,
     ),
     Broken(
@@ -926,16 +921,8 @@ VALID_VARIANTS = [
             _set("spec.rules[0].targetModels[0]", {"inferencePoolName": "llama-3-8b"}),
         ),
     ),
-    (
-        SERVER,
-        "sglang-with-sglang-connector",
-        _all(_set("spec.inferenceEngine", "SGLang"), _set("spec.kvConnector.type", "sglang")),
-    ),
-    (
-        SERVER,
-        "aggregated-no-connector",
-        _all(_set("spec.kvConnector", DELETE), _set("spec.workloadSelector.pdGroup", DELETE)),
-    ),
+    (SERVER, "sglang", _set("spec.inferenceEngine", "SGLang")),
+    (SERVER, "aggregated", _set("spec.workloadSelector.pdGroup", DELETE)),
     (
         MODEL,
         "aggregated",

@@ -99,7 +99,10 @@ async def test_a_model_expands_into_valid_objects_it_owns(env):
     assert "--lora-modules" in args
     server = await owned(store, MODEL_SERVER)
     assert server["spec"]["workloadSelector"]["pdGroup"]["groupKey"] == "infergate.io/group"
-    assert server["spec"]["kvConnector"]["type"] == "nixl"
+    pd = server["spec"]["workloadSelector"]["pdGroup"]
+    assert pd["prefillLabels"] == {"infergate.io/role": "prefill"}
+    assert pd["decodeLabels"] == {"infergate.io/role": "decode"}
+    assert "kvConnector" not in server["spec"]  # the sidecar is the Model's, not the server's
     route = await owned(store, MODEL_ROUTE)
     assert route["spec"]["loraAdapters"] == ["llama-3-8b-sql"]
     binding = await owned(store, AUTOSCALING_BINDING)

@@ -177,8 +177,12 @@ def _min_above_max(o: Obj) -> None:  # CEL: self.minReplicas <= self.maxReplicas
     o["spec"]["prefillDecode"]["decode"]["minReplicas"] = 9
 
 
-def _sglang_connector_on_vllm(o: Obj) -> None:  # CEL across spec.kvConnector and inferenceEngine
-    o["spec"]["kvConnector"]["type"] = "sglang"
+def _sglang_connector_on_vllm(o: Obj) -> None:  # CEL across backend.kvConnector and engine type
+    o["spec"]["backend"]["kvConnector"]["type"] = "sglang"
+
+
+def _removed_retry_interval(o: Obj) -> None:  # CEL: a field kept only to be refused
+    o["spec"]["trafficPolicy"]["retry"]["retryInterval"] = "100ms"
 
 
 def _weight_on_some_targets(o: Obj) -> None:  # CEL: weight on all targetModels or on none
@@ -209,9 +213,14 @@ BROKEN: list[tuple[str, Callable[[Obj], None], str]] = [
         "spec.prefillDecode.decode: minReplicas must not exceed maxReplicas",
     ),
     (
-        "modelserver.yaml",
+        "model.yaml",
         _sglang_connector_on_vllm,
-        "spec: kvConnector type sglang goes with inferenceEngine SGLang, and only with it",
+        "spec: kvConnector type sglang goes with engine type SGLang, and only with it",
+    ),
+    (
+        "modelserver.yaml",
+        _removed_retry_interval,
+        "spec.trafficPolicy.retry: retryInterval is not supported",
     ),
     (
         "modelroute.yaml",

@@ -43,15 +43,22 @@ def main() -> None:
         record(request)
         return web.json_response({"id": request.match_info["id"], "object": "response"})
 
-    async def models(_request: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": [{"id": MODEL, "object": "model"}]})
-
     app = web.Application()
     app.router.add_post("/v1/completions", complete)
     app.router.add_post("/v1/chat/completions", complete)
-    app.router.add_get("/v1/models", models)
     app.router.add_get("/v1/responses/{id}", stored_response)
     app.router.add_get("/recorded", lambda _r: web.json_response(recorded))
+    serve_as_pod(app)
+
+
+def serve_as_pod(app: web.Application) -> None:
+    """Serve `app` on the port in argv with what the picker needs of a pod: /v1/models (MODEL),
+    /health and a vLLM-named /metrics."""
+
+    async def models(_request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [{"id": MODEL, "object": "model"}]})
+
+    app.router.add_get("/v1/models", models)
     app.router.add_get("/health", lambda _r: web.Response())
     app.router.add_get("/metrics", lambda _r: web.Response(text=METRICS))
     web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=None)

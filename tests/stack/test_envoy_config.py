@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
+from infergw.api.retries import retry_budget, retry_policy
 from infergw.cluster.certs import serving_cert
 from infergw.epp.app import HEALTH_SERVICES
 from infergw.stack.envoy_config import ListenerTls, render
@@ -126,3 +127,13 @@ def test_listener_tls_files_are_checked_before_envoy_sees_them(tmp_path) -> None
 def test_the_listen_address_must_be_an_ip_address(tmp_path, host) -> None:
     with pytest.raises(ValueError, match="must be an IP address"):
         render(settings(tmp_path, listen_host=host))
+
+
+def test_the_pool_route_retries_what_the_cluster_manifests_retry(tmp_path):
+    config = yaml.safe_load(render(settings(tmp_path, fallbacks=2)))
+    hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+    [route] = hcm["typed_config"]["route_config"]["virtual_hosts"][0]["routes"]
+    assert route["route"]["retry_policy"] == retry_policy(2)
+    assert "503" in str(route["route"]["retry_policy"]["retriable_status_codes"])
+    [pool] = [c for c in config["static_resources"]["clusters"] if c["name"] == "pool"]
+    assert pool["circuit_breakers"]["thresholds"] == [{"retry_budget": retry_budget()}]

@@ -1,17 +1,20 @@
 """decode-filter and prefill-filter: keep the pods of one prefill/decode role.
 
-A pod's role is its `infergate.io/role` label (parameter `label`): `prefill`, `decode`, or
-`both` (a pod that does either, so both filters keep it). decode-filter also keeps pods
-without the label (parameter `allowUnlabeled`, default true): a plain model server decodes,
-and one that gets x-prefiller-host-port without a sidecar just serves the whole request.
-prefill-filter keeps unlabelled pods only when told to (default false).
+A pod's role (epp.scheduling.plugins.pd_roles) comes from the request's ModelServer's
+`pdGroup.prefillLabels` / `decodeLabels` when it has them, else from one label (parameter
+`label`, `infergate.io/role`): `prefill`, `decode`, or `both` (a pod that does either, so both
+filters keep it). decode-filter also keeps unlabelled pods (parameter `allowUnlabeled`, default
+true): a plain model server decodes, and one that gets x-prefiller-host-port without a sidecar
+just serves the whole request. prefill-filter keeps unlabelled pods only when told to (default
+false).
 """
 
 from __future__ import annotations
 
-from infergw.api.names import BOTH, DECODE, PREFILL, ROLE_LABEL
+from infergw.api.names import ROLE_LABEL
 from infergw.epp.scheduling.framework import Filter
 from infergw.epp.scheduling.params import Label, PluginParams, parse_params
+from infergw.epp.scheduling.plugins.pd_roles import Roles, roles_for
 
 
 class RoleFilterParams(PluginParams):
@@ -21,7 +24,6 @@ class RoleFilterParams(PluginParams):
 
 class _RoleFilter(Filter):
     params_type = RoleFilterParams
-    role = ""
     unlabeled_default = False
 
     def __init__(self, name, params=None):
@@ -31,25 +33,26 @@ class _RoleFilter(Filter):
         self.allow_unlabeled = (
             self.unlabeled_default if p.allow_unlabeled is None else p.allow_unlabeled
         )
-        self.values = frozenset((self.role, BOTH))
+
+    def plays(self, roles: Roles, endpoint) -> bool:
+        raise NotImplementedError
 
     def filter(self, ctx, endpoints):
-        label, values, allow = self.label, self.values, self.allow_unlabeled
-        out = []
-        for e in endpoints:
-            role = e.labels.get(label)
-            if role in values or (role is None and allow):
-                out.append(e)
-        return out
+        roles, allow = roles_for(ctx, self.label), self.allow_unlabeled
+        return [e for e in endpoints if self.plays(roles, e) or (allow and roles.unlabelled(e))]
 
 
 class DecodeFilter(_RoleFilter):
     type_name = "decode-filter"
-    role = DECODE
     unlabeled_default = True
+
+    def plays(self, roles, endpoint):
+        return roles.is_decode(endpoint)
 
 
 class PrefillFilter(_RoleFilter):
     type_name = "prefill-filter"
-    role = PREFILL
     unlabeled_default = False
+
+    def plays(self, roles, endpoint):
+        return roles.is_prefill(endpoint)

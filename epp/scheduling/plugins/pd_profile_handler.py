@@ -31,13 +31,14 @@ from typing import TYPE_CHECKING, Annotated
 
 import msgspec
 
-from infergw.api.names import GROUP_LABEL, PREFILL, PREFILLER_HEADER, ROLE_LABEL
+from infergw.api.names import GROUP_LABEL, PREFILLER_HEADER, ROLE_LABEL
 from infergw.epp.context import PluginSlot, RequestContext
 from infergw.epp.datastore import Endpoint
 from infergw.epp.errors import PickerError
 from infergw.epp.scheduling.framework import Plugin, ProfileHandler, ProfileResult, SchedulingResult
 from infergw.epp.scheduling.handle import Handle, PrefixSource
 from infergw.epp.scheduling.params import MAX_TOKENS, Label, PluginParams, parse_params
+from infergw.epp.scheduling.plugins.pd_roles import roles_for
 
 if TYPE_CHECKING:
     from infergw.epp.metrics import PickerMetrics
@@ -132,9 +133,10 @@ class PDProfileHandler(ProfileHandler):
     def create(cls, name, params, handle: Handle):
         return cls(name, params, plugins=handle.plugins, metrics=handle.metrics)
 
-    def destinations(self, endpoints):
-        # The destination is always the decode pod: a prefill pod's room is none for it.
-        return [e for e in endpoints if e.labels.get(ROLE_LABEL) != PREFILL]
+    def destinations(self, ctx, endpoints):
+        # The destination is always the decode pod: a prefill-only pod's room is none for it.
+        roles = roles_for(ctx, ROLE_LABEL)
+        return [e for e in endpoints if roles.is_decode(e) or not roles.is_prefill(e)]
 
     def configure(self, profiles):
         plugins = self._plugins

@@ -307,8 +307,17 @@ def test_pods_without_a_group_label_pair_with_each_other():
     assert r.upstream_headers[PREFILLER_HEADER] == p1.address
 
 
-def test_the_model_servers_pd_group_key_names_the_group_label():
-    cfg = load_config(pd_config(16))
+ROLE = "infergate.io/role"
+
+
+def routed(
+    r: RequestContext,
+    *,
+    group_key: str = "example.com/pair",
+    prefill: dict[str, str] | None = None,
+    decode: dict[str, str] | None = None,
+) -> RequestContext:
+    """`r` as routed to a ModelServer with this pdGroup (role labels by default)."""
     server = from_dict(
         {
             "apiVersion": "networking.infergate.io/v1alpha1",
@@ -319,20 +328,59 @@ def test_the_model_servers_pd_group_key_names_the_group_label():
                 "workloadSelector": {
                     "matchLabels": {"app": "x"},
                     "pdGroup": {
-                        "groupKey": "example.com/pair",
-                        "prefillLabels": {"infergate.io/role": "prefill"},
-                        "decodeLabels": {"infergate.io/role": "decode"},
+                        "groupKey": group_key,
+                        "prefillLabels": prefill or {ROLE: "prefill"},
+                        "decodeLabels": decode or {ROLE: "decode"},
                     },
                 },
             },
         }
     )
+    r.resolution = Resolution(route=None, rule="r", target_model="m", candidates=[], server=server)
+    return r
+
+
+def test_the_model_servers_pd_labels_decide_the_roles_not_the_role_label():
+    cfg = load_config(pd_config(16))
+    decode, prefill = cfg.plugins["decode-filter"], cfg.plugins["prefill-filter"]
+    tiers = {"prefill": {"tier": "prompt", "size": "big"}, "decode": {"tier": "gen"}}
+    pods = [
+        ep(1, "decode", None, tier="prompt", size="big"),  # the role label says the opposite
+        ep(2, "prefill", None, tier="gen"),
+        ep(3, None, None, tier="prompt"),  # only part of prefillLabels: no role
+        ep(4, None, None, tier="both", size="big"),  # both counts for either role
+        ep(5, "prefill", None),  # no tier at all: unlabelled for this server
+    ]
+    r = routed(req("x"), **tiers)
+    assert [e.pod for e in prefill.filter(r, pods)] == ["pod1", "pod4"]
+    assert [e.pod for e in decode.filter(r, pods)] == ["pod2", "pod4", "pod5"]
+    plain = req("x")  # no ModelServer: the role label, as configured
+    assert [e.pod for e in prefill.filter(plain, pods)] == ["pod2", "pod5"]
+    assert [e.pod for e in decode.filter(plain, pods)] == ["pod1", "pod3", "pod4"]
+
+
+def test_disaggregation_follows_the_model_servers_pd_labels():
+    cfg = load_config(pd_config(16))
+    tiers = {"prefill": {"tier": "prompt"}, "decode": {"tier": "gen"}}
+    d1 = ep(1, "prefill", "g", tier="gen")  # role label "prefill", but the server says decode
+    p1 = ep(2, "decode", "g", tier="prompt")
+    r = routed(req(PROMPT), group_key="infergate.io/group", **tiers)
+    schedule(cfg, r, [d1, p1])
+    assert decision(cfg, r).decode == d1.address
+    assert r.upstream_headers[PREFILLER_HEADER] == p1.address
+    r = req("z" + PROMPT)  # without the server the role label decides: the other way round
+    schedule(cfg, r, [d1, p1])
+    assert decision(cfg, r).decode == p1.address
+    assert r.upstream_headers[PREFILLER_HEADER] == d1.address
+
+
+def test_the_model_servers_pd_group_key_names_the_group_label():
+    cfg = load_config(pd_config(16))
     # infergate.io/group says one group; the server's groupKey says two.
     d1 = ep(1, "decode", "all", **{"example.com/pair": "a"})
     p1 = ep(2, "prefill", "all", **{"example.com/pair": "b"})
     p2 = ep(3, "prefill", "all", **{"example.com/pair": "a"})
-    r = req(PROMPT, pin=d1)
-    r.resolution = Resolution(route=None, rule="r", target_model="m", candidates=[], server=server)
+    r = routed(req(PROMPT, pin=d1))
     schedule(cfg, r, [d1, p1, p2])
     assert r.upstream_headers[PREFILLER_HEADER] == p2.address
     assert (decision(cfg, r).group_key, decision(cfg, r).group) == ("example.com/pair", "a")
@@ -523,6 +571,15 @@ def test_no_decode_pod_is_429():
 def test_only_pods_that_can_be_a_destination_count_for_flow_control():
     cfg = load_config(pd_config())
     pods = [ep(1, "prefill", "g"), ep(2, "decode", "g"), ep(3, "both", "g"), ep(4, None, None)]
-    assert cfg.handler.destinations(pods) == pods[1:]  # a prefill pod never is one
+    r = req("x")
+    assert cfg.handler.destinations(r, pods) == pods[1:]  # a prefill pod never is one
     plain = load_config(None)  # one profile: every candidate can be
-    assert plain.handler.destinations(pods) == pods
+    assert plain.handler.destinations(r, pods) == pods
+
+
+def test_the_model_servers_prefill_labels_say_which_pods_are_no_destination():
+    cfg = load_config(pd_config())
+    pods = [ep(1, None, "g", tier="prompt"), ep(2, "prefill", "g", tier="gen"), ep(3, None, None)]
+    r = routed(req("x"), prefill={"tier": "prompt"}, decode={"tier": "gen"})
+    # tier decides, not infergate.io/role: pod2 is labelled prefill by the role label alone.
+    assert cfg.handler.destinations(r, pods) == pods[1:]
