@@ -135,6 +135,10 @@ class DictEngineMap:
         return walk_bytes(self._maps, seen)
 
 
+# splitmix64's multipliers: odd, well mixed.
+_MIX_A, _MIX_B = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+
+
 class PackedEngineMap:
     def __init__(self) -> None:
         self._t = KeyTable()
@@ -145,7 +149,12 @@ class PackedEngineMap:
         self._spill: dict[int, int | tuple[int, ...]] = {}  # (hash | group << 64) -> keys
 
     def _mix(self, group: int) -> int:
-        return self._salt ^ (group * self._fold & _M64)
+        # A keyed xorshift-multiply of the group, not a plain product: with (group * fold) the
+        # groups 1 and 2**64-1 differed by fold ^ -fold = ~1 whatever the secret, so hash 1 of
+        # one and hash 2**64-1 of the other shared a table key.
+        m = (group ^ self._fold) * _MIX_A & _M64
+        m = (m ^ m >> 29) * _MIX_B & _M64
+        return self._salt ^ m ^ m >> 32
 
     def _find(self, hashes: Sequence[int], group: int) -> tuple[np.ndarray, list[int]]:
         """(table keys as uint64, each one's slot or -1)."""

@@ -15,7 +15,7 @@ from infergw.bbr.sources import Table
 from infergw.epp.body_budget import BodyBudget
 from tests import extproc_client as ec
 from tests.bbr.objects import route, two_models
-from tests.epp.test_hostile_bodies import HOSTILE, path_of
+from tests.hostile_bodies import HOSTILE, path_of
 
 LIMIT = 1024 * 1024
 

@@ -135,9 +135,13 @@ def test_killing_one_picker_under_load_fails_only_its_own_requests(tmp_path, fai
         # to it now, and every one it opens to it from now on (rq_total counts a stream when
         # Envoy sends it; read again once the victim is long gone).
         before = ext_proc_host(stack, 1)
+        signalled_at = time.monotonic()
         os.killpg(victim.pid, signal.SIGKILL)
         wait_for(lambda: process_gone(victim.pid), 10, "the killed picker to be gone")
-        killed_at = time.monotonic()  # gone, its sockets closed
+        # Gone, its sockets closed; Envoy learns it when it handles the closed connections, a
+        # few ms later. A request it dispatched before then went to the dead picker.
+        wait_for(lambda: ext_proc_host(stack, 1)["cx_active"] == 0, 10, "Envoy to see it gone")
+        killed_at = time.monotonic()
         victim.wait()
         survivor_before = picker_metric(stack, 0, TOTAL)
         done_at_kill = load.done()
@@ -150,6 +154,10 @@ def test_killing_one_picker_under_load_fails_only_its_own_requests(tmp_path, fai
         stack.stop()
 
     failed = [o for o in outcomes if o.status != 200]
+    # Requests that started while the picker was dying (until Envoy saw its connections close)
+    # may have been sent to it without a stream Envoy counted, so they may fail too.
+    dying = [o for o in outcomes if signalled_at <= o.started < killed_at]
+    may_fail += len(dying)
     in_flight = [o for o in outcomes if o.started < killed_at < o.ended]
     started_after = [o for o in outcomes if o.started > killed_at]
     print(f"Envoy's ext_proc streams to the killed picker: {before} before the kill, {after} after")

@@ -105,3 +105,14 @@ def test_the_packed_maps_follow_the_packed_index_and_dicts_the_dict_index():
     assert EventTranslator(KVBlockIndex()).layout == "packed"
     assert EventTranslator(DictBlockIndex()).layout == "dict"
     assert EventTranslator(KVBlockIndex(), "dict").layout == "dict"
+
+
+def test_hashes_of_different_groups_never_share_a_table_key():
+    """Group 1's hash 2**64-1 and group 2**64-1's hash 1 once folded onto one key (a product of
+    the group and a secret differs between those two groups by ~1, whatever the secret)."""
+    m = PackedEngineMap()
+    m.put([1], [10], 2**64 - 1)
+    m.put([2**64 - 1], [20], 1)
+    assert m.resolve([1], 2**64 - 1) == [(10,)]
+    assert m.resolve([2**64 - 1], 1) == [(20,)]
+    assert len(m) == 2
