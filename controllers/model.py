@@ -116,6 +116,11 @@ class ModelReconciler:
             if why is None:
                 stored = picker_tls.stored_cert(have)
                 assert stored is not None  # renewal_problem read it
+                want_labels = picker_objects.tls_secret_meta(model).labels or {}
+                labels = have["metadata"].get("labels") or {}
+                if any(labels.get(k) != v for k, v in want_labels.items()):
+                    have["metadata"]["labels"] = {**labels, **want_labels}
+                    await self.store.update(have)
                 return PickerTLS(stored.ca.decode(), picker_tls.fingerprint(stored.cert)), None
             log.info("model %s: renewing Secret %s: %s", model.metadata.name, name, why)
         cert = picker_tls.issue(ns, picker, have)

@@ -561,7 +561,11 @@ def http_route(model: Model) -> HTTPRoute:
 
 def tls_secret_object(model: Model, cert: ServingCert) -> Secret:
     """The Secret `m-epp-tls`, owned by the Model like the rest."""
-    return picker_tls.secret(_meta(model, tls_secret(model)), cert)
+    return picker_tls.secret(tls_secret_meta(model), cert)
+
+
+def tls_secret_meta(model: Model) -> ObjectMeta:
+    return _meta(model, tls_secret(model))
 
 
 def patch_policy(model: Model, tls: PickerTLS) -> EnvoyPatchPolicy | None:
