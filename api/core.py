@@ -88,6 +88,14 @@ class ConfigMap(ApiStruct, kw_only=True):
     data: dict[str, str]
 
 
+class Secret(ApiStruct, kw_only=True):
+    api_version: str = "v1"
+    kind: str = "Secret"
+    metadata: ObjectMeta = msgspec.field(default_factory=ObjectMeta)
+    type: str | None = None
+    data: dict[str, str] | None = None  # base64, as the API server stores it
+
+
 class ServicePort(ApiStruct):
     name: str
     port: int

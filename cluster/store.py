@@ -75,11 +75,25 @@ ROLE = Kind("rbac.authorization.k8s.io/v1", "Role", "roles")
 ROLE_BINDING = Kind("rbac.authorization.k8s.io/v1", "RoleBinding", "rolebindings")
 POD_DISRUPTION_BUDGET = Kind("policy/v1", "PodDisruptionBudget", "poddisruptionbudgets")
 HTTP_ROUTE = Kind("gateway.networking.k8s.io/v1", "HTTPRoute", "httproutes")
+SECRET = Kind("v1", "Secret", "secrets")  # a Model's picker certificate (picker_tls.py)
+ENVOY_PATCH_POLICY = Kind(
+    "gateway.envoyproxy.io/v1alpha1", "EnvoyPatchPolicy", "envoypatchpolicies"
+)  # a Model's picker in Envoy Gateway's xDS (picker_patch.py)
 
 # Written by the controllers in a cluster only: standalone mode runs its own picker and Envoy,
 # and takes none of these from a manifest directory.
 CLUSTER_ONLY = frozenset(
-    (DEPLOYMENT, CONFIG_MAP, SERVICE_ACCOUNT, ROLE, ROLE_BINDING, POD_DISRUPTION_BUDGET, HTTP_ROUTE)
+    (
+        DEPLOYMENT,
+        CONFIG_MAP,
+        SERVICE_ACCOUNT,
+        ROLE,
+        ROLE_BINDING,
+        POD_DISRUPTION_BUDGET,
+        HTTP_ROUTE,
+        SECRET,
+        ENVOY_PATCH_POLICY,
+    )
 )
 
 KINDS = {
@@ -104,6 +118,8 @@ KINDS = {
         ROLE_BINDING,
         POD_DISRUPTION_BUDGET,
         HTTP_ROUTE,
+        SECRET,
+        ENVOY_PATCH_POLICY,
     )
 }
 

@@ -29,6 +29,7 @@ from infergw.cluster.store import (
     KINDS,
     MODEL,
     MODEL_INFER,
+    SECRET,
     AlreadyExists,
     Invalid,
     NotFound,
@@ -37,14 +38,15 @@ from infergw.cluster.store import (
     StoreError,
     controller_of,
 )
-from infergw.controllers import model_objects, picker_objects
+from infergw.controllers import model_objects, picker_objects, picker_tls
 from infergw.controllers.conditions import condition
 from infergw.controllers.engine_command import PER_POD, KVEventSockets
-from infergw.controllers.picker_objects import PickerSettings
+from infergw.controllers.picker_objects import PickerSettings, PickerTLS
 from infergw.controllers.reachability import REACHABLE, reachable
 
 log = logging.getLogger("controllers.model")
 NOT_OURS_RETRY = 30.0  # seconds between looks at an object in the way
+TLS_CHECK_INTERVAL = 3600.0  # seconds between looks at a picker certificate's age
 IDENTITY_FIELDS = ("apiVersion", "kind", "metadata", "status")
 
 
@@ -94,11 +96,41 @@ class ModelReconciler:
         # condition. Standalone mode (None) runs one picker and Envoy of its own.
         self.picker = picker
 
-    def _desired(self, model: Model) -> list[ApiStruct]:
+    def _desired(self, model: Model, tls: PickerTLS | None) -> list[ApiStruct]:
         wants = model_objects.desired(model, self.sockets)
         if self.picker is not None:
-            wants += picker_objects.desired(model, self.picker, self.sockets)
+            wants += picker_objects.desired(model, self.picker, self.sockets, tls)
         return wants
+
+    async def _picker_tls(self, model: Model) -> tuple[PickerTLS | None, Problem | None]:
+        """The picker's Secret: made, or replaced when picker_tls.renewal_problem says so;
+        left alone (a Problem) if it is not the Model's."""
+        name, ns = picker_objects.tls_secret(model), model.metadata.namespace or "default"
+        picker = picker_objects.picker_name(model)
+        have = await self.store.get(SECRET, ns, name)
+        if have is not None:
+            owner = controller_of(have)
+            if owner is None or owner.get("uid") != model.metadata.uid:
+                return None, Problem("ObjectNotOwned", f"Secret {name} is not this Model's")
+            why = picker_tls.renewal_problem(have, ns, picker)
+            if why is None:
+                stored = picker_tls.stored_cert(have)
+                assert stored is not None  # renewal_problem read it
+                want_labels = picker_objects.tls_secret_meta(model).labels or {}
+                labels = have["metadata"].get("labels") or {}
+                if any(labels.get(k) != v for k, v in want_labels.items()):
+                    have["metadata"]["labels"] = {**labels, **want_labels}
+                    await self.store.update(have)
+                return PickerTLS(stored.ca.decode(), picker_tls.fingerprint(stored.cert)), None
+            log.info("model %s: renewing Secret %s: %s", model.metadata.name, name, why)
+        cert = picker_tls.issue(ns, picker, have)
+        want = api.to_dict(picker_objects.tls_secret_object(model, cert))
+        if have is None:
+            await self.store.create(want)  # AlreadyExists: the next pass reads theirs
+        else:
+            have["data"], have["type"] = want["data"], want["type"]
+            await self.store.update(have)  # a Conflict retries the whole pass
+        return PickerTLS(cert.ca.decode(), picker_tls.fingerprint(cert.cert)), None
 
     async def reconcile(self, namespace: str, name: str) -> float | None:
         obj = await self.store.get(MODEL, namespace, name)
@@ -108,7 +140,15 @@ class ModelReconciler:
         if model.metadata.deletion_timestamp:
             return None
         problems: list[Problem] = []
-        for want in self._desired(model):
+        tls = None
+        if self.picker is not None:
+            try:
+                tls, problem = await self._picker_tls(model)
+            except AlreadyExists:
+                tls, problem = None, None
+            if problem is not None:
+                problems.append(problem)
+        for want in self._desired(model, tls):
             try:
                 problem = await self._apply(model, want)
             except Invalid as exc:  # rejected: report it, then let the runner retry
@@ -120,7 +160,10 @@ class ModelReconciler:
             if p.error is not None:
                 raise p.error
         # An object in the way that is not ours sends us no event when it goes: look again.
-        return NOT_OURS_RETRY if problems else None
+        if problems:
+            return NOT_OURS_RETRY
+        # The picker's certificate ages without an event: look at it again now and then.
+        return TLS_CHECK_INTERVAL if self.picker is not None else None
 
     async def _apply(self, model: Model, want: ApiStruct) -> Problem | None:
         """Create or update one owned object; a Problem if it is not ours to write."""

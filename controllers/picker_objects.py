@@ -16,7 +16,10 @@ Per Model `m` (gateway-manifests/epp.yaml is the same picker written by hand):
 - Service `m-epp` (ext_proc, what the InferencePool's endpointPickerRef names), headless
   Service `m-epp-replicas` (replica sync), PodDisruptionBudget `m-epp` (minAvailable 1);
 - HTTPRoute `m` on the Model's Gateway: the inference paths, for requests whose
-  MODEL_NAME_HEADER (set by the body-based router) names the Model's pool, to the pool.
+  MODEL_NAME_HEADER (set by the body-based router) names the Model's pool, to the pool;
+- Secret `m-epp-tls` (picker_tls.py: made by the controllers, rotated before it ends) and
+  EnvoyPatchPolicy `m-epp` (picker_patch.py: Envoy Gateway runs the picker for the route,
+  verifying it against the Secret's CA).
 
 The picker's pods carry no MODEL_LABEL: the pool selects the Model's serving pods by it.
 """
@@ -43,12 +46,14 @@ from infergw.api.core import (
     RoleBinding,
     RoleRef,
     RollingUpdate,
+    Secret,
     Service,
     ServiceAccount,
     ServicePort,
     ServiceSpec,
     Subject,
 )
+from infergw.api.envoy_gateway import EnvoyPatchPolicy
 from infergw.api.gateway import (
     GROUP as GATEWAY_GROUP,
 )
@@ -67,6 +72,7 @@ from infergw.api.names import KV_EVENTS_PORT, KV_REPLAY_PORT, MODEL_LABEL, MODEL
 from infergw.api.networking import ParentRef
 from infergw.api.upstream import POOL_GROUP_VERSION
 from infergw.api.workload import DEFAULT_GATEWAY
+from infergw.cluster.certs import ServingCert
 from infergw.cluster.store import (
     ENDPOINT_SLICE,
     INFERENCE_OBJECTIVE,
@@ -78,8 +84,10 @@ from infergw.cluster.store import (
     Kind,
     owner_reference_of,
 )
+from infergw.controllers import picker_patch, picker_tls
 from infergw.controllers.engine_command import PER_POD, KVEventSockets
 from infergw.controllers.model_objects import CONNECTOR_IMAGE, PICKER_PORT, POD_IP_ENV, served_name
+from infergw.controllers.picker_tls import TLS_ANNOTATION
 
 PICKER_IMAGE = CONNECTOR_IMAGE  # the infergate image: `infergate epp`, `infergate fetch`
 PICKER_REPLICAS = 2
@@ -139,6 +147,15 @@ PICKER_CONFIG_API = "llm-d.ai/v1alpha1"  # EndpointPickerConfig's current group
 
 
 @dataclass(frozen=True, slots=True)
+class PickerTLS:
+    """The picker's certificate as the controllers made it (picker_tls.py): the CA bundle Envoy
+    trusts, and the certificate's fingerprint (a new one rolls the replicas)."""
+
+    ca_bundle: str
+    cert_sha256: str
+
+
+@dataclass(frozen=True, slots=True)
 class PickerSettings:
     """What the controllers' flags say about every Model's picker: its image. (Where the
     engines publish KV events, which it subscribes to, is the reconciler's `sockets`.)"""
@@ -163,8 +180,8 @@ def config_map_name(model: Model) -> str:
 
 
 def tls_secret(model: Model) -> str:
-    """The picker's serving certificate (tls.crt, tls.key): made by cert-manager or by hand,
-    as gateway-manifests/epp-tls.yaml shows; the pods start once it exists."""
+    """The picker's serving certificate (tls.crt, tls.key, ca.crt): the controllers make it
+    (picker_tls.py); the pods start once it exists."""
     return f"{picker_name(model)}-tls"
 
 
@@ -413,7 +430,10 @@ def _volumes(model: Model) -> list[dict]:
 
 
 def deployment(
-    model: Model, settings: PickerSettings, sockets: KVEventSockets = PER_POD
+    model: Model,
+    settings: PickerSettings,
+    sockets: KVEventSockets = PER_POD,
+    tls: PickerTLS | None = None,
 ) -> Deployment:
     labels = _pod_labels(model)
     pod_spec: dict = {
@@ -440,6 +460,9 @@ def deployment(
     }
     if fetches_tokenizer(model):
         pod_spec["initContainers"] = [_fetch_container(model, settings)]
+    template_meta: dict = {"labels": dict(labels)}
+    if tls is not None:  # the picker reads its certificate at start: a new one restarts it
+        template_meta["annotations"] = {TLS_ANNOTATION: tls.cert_sha256}
     return Deployment(
         metadata=_meta(model, picker_name(model)),
         spec=DeploymentSpec(
@@ -449,7 +472,7 @@ def deployment(
             strategy=DeploymentStrategy(
                 type="RollingUpdate", rolling_update=RollingUpdate(max_surge=1, max_unavailable=0)
             ),
-            template={"metadata": {"labels": dict(labels)}, "spec": pod_spec},
+            template={"metadata": template_meta, "spec": pod_spec},
         ),
     )
 
@@ -536,11 +559,44 @@ def http_route(model: Model) -> HTTPRoute:
     )
 
 
+def tls_secret_object(model: Model, cert: ServingCert) -> Secret:
+    """The Secret `m-epp-tls`, owned by the Model like the rest."""
+    return picker_tls.secret(tls_secret_meta(model), cert)
+
+
+def tls_secret_meta(model: Model) -> ObjectMeta:
+    return _meta(model, tls_secret(model))
+
+
+def patch_policy(model: Model, tls: PickerTLS) -> EnvoyPatchPolicy | None:
+    """The Model's EnvoyPatchPolicy (picker_patch.py), or None when its Gateway is in another
+    namespace: Envoy Gateway reads the policy in the Gateway's namespace, where the Model
+    cannot own it."""
+    gw = gateway_of(model)
+    if gw.namespace != (model.metadata.namespace or "default"):
+        return None
+    policy = picker_patch.envoy_patch_policy(
+        model,
+        picker_name(model),
+        (gw.namespace, gw.name, gw.section_name),
+        len(INFERENCE_PATHS),  # http_route's matches, in its order
+        tls.ca_bundle,
+    )
+    policy.metadata = _meta(model, picker_name(model))
+    return policy
+
+
 def desired(
-    model: Model, settings: PickerSettings, sockets: KVEventSockets = PER_POD
+    model: Model,
+    settings: PickerSettings,
+    sockets: KVEventSockets = PER_POD,
+    tls: PickerTLS | None = None,
 ) -> list[ApiStruct]:
-    """The picker's objects, then the route; the Role before its binding, the ConfigMap and
-    the ServiceAccount before the Deployment that uses them."""
+    """The picker's objects, then the route and (with the picker's certificate made) the
+    EnvoyPatchPolicy; the Role before its binding, the ConfigMap and the ServiceAccount before
+    the Deployment that uses them. The Secret itself is written by the reconciler
+    (picker_tls.py: its contents are new keys, not a function of the Model)."""
+    patch = patch_policy(model, tls) if tls is not None else None
     return [
         service_account(model),
         role(model),
@@ -548,7 +604,8 @@ def desired(
         config_map(model),
         service(model),
         replicas_headless_service(model),
-        deployment(model, settings, sockets),
+        deployment(model, settings, sockets, tls),
         disruption_budget(model),
         http_route(model),
+        *([patch] if patch is not None else []),
     ]

@@ -314,8 +314,8 @@ async def record_a_scenario() -> RecordingStore:
                     owned.append((kind, obj["metadata"]["name"]))
         # ModelInfer, ModelServer, ModelRoute, InferencePool, the policy and its binding; the
         # picker's ServiceAccount, Role, RoleBinding, ConfigMap, Deployment, two Services and
-        # budget; the HTTPRoute
-        assert len(owned) == 15, owned
+        # budget; the HTTPRoute; the picker's TLS Secret and EnvoyPatchPolicy
+        assert len(owned) == 17, owned
         model["spec"]["image"] = "vllm/vllm-openai:v0.12.0"
         await store.update(model)
 
@@ -529,7 +529,7 @@ def test_the_authorizer_refuses_what_is_not_granted() -> None:
     auth = manifest_authorizer()
     assert auth.allows("", "pods", "create", "default")
     assert not auth.allows("", "pods", "update", "default")
-    assert not auth.allows("", "secrets", "get", "default")
+    assert not auth.allows("", "secrets", "list", "default")
     assert auth.allows("coordination.k8s.io", "leases", "update", "infergate-system")
     assert not auth.allows("coordination.k8s.io", "leases", "update", "default")
     broken = copy.deepcopy(docs())

@@ -32,6 +32,7 @@ from infergw.cluster.kube_store import KubeStore
 from infergw.cluster.store import (
     CONFIG_MAP,
     DEPLOYMENT,
+    ENVOY_PATCH_POLICY,
     HTTP_ROUTE,
     INFERENCE_POOL,
     KINDS,
@@ -40,6 +41,7 @@ from infergw.cluster.store import (
     POD_DISRUPTION_BUDGET,
     ROLE,
     ROLE_BINDING,
+    SECRET,
     SERVICE,
     SERVICE_ACCOUNT,
     labels_match,
@@ -554,7 +556,7 @@ async def test_route_and_picker_status_changes_reconcile_the_model_and_deleting_
 
     await cluster.store.delete(MODEL, NS, "llama")
     left = []
-    for kind in (*PICKER_KINDS, SERVICE, INFERENCE_POOL, MODEL_INFER):
+    for kind in (*PICKER_KINDS, SECRET, ENVOY_PATCH_POLICY, SERVICE, INFERENCE_POOL, MODEL_INFER):
         items, _ = await cluster.store.list(kind, NS)
         left += [(kind.kind, o["metadata"]["name"]) for o in items]
     assert left == []

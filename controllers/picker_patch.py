@@ -1,0 +1,174 @@
+"""How Envoy Gateway runs a Model's picker for its route: an EnvoyPatchPolicy per Model.
+
+A route-targeted EnvoyExtensionPolicy does not work behind the body-based router: Envoy decides
+which per-route-enabled filters run from the route it matched first, before the router set
+MODEL_NAME_HEADER (README, "Many Models behind one Gateway"). What works is one picker ext_proc
+filter on the listener (PICKER_FILTER, enabled for every route) with a per-route
+`ExtProcPerRoute` override naming the pool's own picker, as the local stack renders it
+(gateway-manifests/local/envoy.yaml.j2). On Envoy Gateway that override is a JSON patch, so per
+Model `m` the controllers write EnvoyPatchPolicy `m-epp` (owned by the Model) with:
+1. a Cluster `infergate-picker/<ns>/<m>`: the picker Service `m-epp` by its DNS name, HTTP/2,
+   TLS verified against the CA bundle of the Secret `m-epp-tls` (inlined: the controllers made
+   it, picker_tls.py) with SNI and SAN `m-epp.<ns>.svc`;
+2. on each Envoy route Envoy Gateway makes of the HTTPRoute `m` (one per match: the inference
+   paths), `typed_per_filter_config[PICKER_FILTER]` = ExtProcPerRoute with that cluster.
+
+Names are Envoy Gateway's (its default "V1" xDS name scheme, which its docs warn may change):
+the RouteConfiguration `<Gateway ns>/<Gateway>/<listener>`, the routes
+`httproute/<ns>/<route>/rule/<i>/match/<j>/*` (`*`: the HTTPRoute names no hostname).
+"""
+
+from __future__ import annotations
+
+from infergw.api import Model, ObjectMeta
+from infergw.api.envoy_gateway import (
+    CLUSTER_TYPE,
+    ROUTE_CONFIGURATION_TYPE,
+    EnvoyJSONPatch,
+    EnvoyPatchPolicy,
+    EnvoyPatchPolicySpec,
+    JSONPatchOperation,
+    PolicyTargetRef,
+)
+from infergw.api.gateway import GROUP as GATEWAY_GROUP
+from infergw.api.upstream import DEFAULT_FAILURE_MODE
+from infergw.controllers.model_objects import PICKER_PORT
+
+# The picker filter on the Gateway's listener the routes override. Installed once per Gateway,
+# after the body-based router's filter (see the README); every Model's route names it.
+PICKER_FILTER = "infergate.picker"
+DEFAULT_LISTENER = "https"  # gateway-manifests/gateway.yaml's only listener
+EXT_PROC_PER_ROUTE = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute"
+TLS_CONTEXT = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
+HTTP_OPTIONS = "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+GRPC_TIMEOUT = "10s"
+
+
+def picker_host(namespace: str, picker: str) -> str:
+    """The name Envoy dials, sends as SNI and verifies: the picker Service's DNS name."""
+    return f"{picker}.{namespace}.svc"
+
+
+def cluster_name(namespace: str, model: str) -> str:
+    return f"infergate-picker/{namespace}/{model}"
+
+
+def route_config_name(gateway_namespace: str, gateway: str, listener: str | None) -> str:
+    return f"{gateway_namespace}/{gateway}/{listener or DEFAULT_LISTENER}"
+
+
+def route_names(namespace: str, route: str, matches: int) -> list[str]:
+    """Envoy Gateway's names for the Envoy routes of rule 0 of an HTTPRoute without hostnames."""
+    return [f"httproute/{namespace}/{route}/rule/0/match/{j}/*" for j in range(matches)]
+
+
+def picker_cluster(namespace: str, model: str, picker: str, ca_bundle: str) -> dict:
+    """The picker Service over verified TLS and HTTP/2; one host per address DNS returns."""
+    host = picker_host(namespace, picker)
+    return {
+        "name": cluster_name(namespace, model),
+        "type": "STRICT_DNS",
+        "connect_timeout": "1s",
+        "dns_lookup_family": "V4_PREFERRED",
+        "load_assignment": {
+            "cluster_name": cluster_name(namespace, model),
+            "endpoints": [
+                {
+                    "lb_endpoints": [
+                        {
+                            "endpoint": {
+                                "address": {
+                                    "socket_address": {
+                                        "address": f"{host}.cluster.local",
+                                        "port_value": PICKER_PORT,
+                                    }
+                                }
+                            }
+                        }
+                    ]
+                }
+            ],
+        },
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": HTTP_OPTIONS,
+                "explicit_http_config": {"http2_protocol_options": {}},
+            }
+        },
+        "transport_socket": {
+            "name": "envoy.transport_sockets.tls",
+            "typed_config": {
+                "@type": TLS_CONTEXT,
+                "sni": host,
+                "common_tls_context": {
+                    "validation_context": {
+                        "trusted_ca": {"inline_string": ca_bundle},
+                        "match_typed_subject_alt_names": [
+                            {"san_type": "DNS", "matcher": {"exact": host}}
+                        ],
+                    }
+                },
+            },
+        },
+    }
+
+
+def route_override(namespace: str, model: str, fail_open: bool) -> dict:
+    """The route's typed_per_filter_config: PICKER_FILTER talks to this Model's picker."""
+    return {
+        PICKER_FILTER: {
+            "@type": EXT_PROC_PER_ROUTE,
+            "overrides": {
+                "grpc_service": {
+                    "envoy_grpc": {"cluster_name": cluster_name(namespace, model)},
+                    "timeout": GRPC_TIMEOUT,
+                },
+                "failure_mode_allow": fail_open,
+            },
+        }
+    }
+
+
+def envoy_patch_policy(
+    model: Model,
+    picker: str,
+    gateway: tuple[str, str, str | None],
+    matches: int,
+    ca_bundle: str,
+) -> EnvoyPatchPolicy:
+    """The Model's EnvoyPatchPolicy: its picker's Cluster and the override on each of its
+    route's `matches` Envoy routes. `gateway` is (namespace, name, listener)."""
+    ns, name = model.metadata.namespace or "default", model.metadata.name or ""
+    gw_ns, gw_name, listener = gateway
+    fail_open = DEFAULT_FAILURE_MODE == "FailOpen"  # the Model's pool's (model_objects.py)
+    patches = [
+        EnvoyJSONPatch(
+            type=CLUSTER_TYPE,
+            name=cluster_name(ns, name),
+            operation=JSONPatchOperation(
+                op="add", path="", value=picker_cluster(ns, name, picker, ca_bundle)
+            ),
+        )
+    ]
+    patches += [
+        EnvoyJSONPatch(
+            type=ROUTE_CONFIGURATION_TYPE,
+            name=route_config_name(gw_ns, gw_name, listener),
+            operation=JSONPatchOperation(
+                op="add",
+                json_path=f"..routes[?(@.name=='{route}')]",
+                path="/typed_per_filter_config",
+                value=route_override(ns, name, fail_open),
+            ),
+        )
+        for route in route_names(ns, name, matches)
+    ]
+    # Envoy Gateway reads a policy in its Gateway's namespace only; the caller writes it where
+    # that is the Model's (an owner reference cannot cross namespaces).
+    return EnvoyPatchPolicy(
+        metadata=ObjectMeta(name=picker, namespace=gw_ns),
+        spec=EnvoyPatchPolicySpec(
+            target_ref=PolicyTargetRef(group=GATEWAY_GROUP, kind="Gateway", name=gw_name),
+            json_patches=patches,
+        ),
+    )
