@@ -9,6 +9,8 @@ USAGE = """usage: infergate <command> [args...]
 
 commands:
   up         the local stack from an example directory (infergate up examples/quickstart)
+  install    print the cluster install for `kubectl apply -f -` (--namespace, --gateway;
+             --upstream-crds: the upstream CRDs alone, to create where the cluster has none)
   epp        the endpoint picker, an Envoy ext_proc server (python -m infergw.epp)
   bbr        body-based routing: the body's model -> the InferencePool's header, an ext_proc
              server in front of the pickers (python -m infergw.bbr)
@@ -56,6 +58,10 @@ def main(argv: list[str] | None = None) -> int:
         from infergw.up import main as up
 
         return up(rest)
+    if command == "install":
+        from infergw.stack.install import main as install
+
+        return install(rest)
     if command == "epp":
         from infergw.epp.app import main as epp
 

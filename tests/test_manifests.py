@@ -47,6 +47,9 @@ MANIFESTS = ROOT / "gateway-manifests"
 CRDS = ROOT / "crds"
 
 K8S_VERSION = "1.30"
+# kustomize's own files (gateway-manifests/, crds/): not Kubernetes objects;
+# tests/stack/test_install.py renders them
+KUSTOMIZATION = "kustomization.yaml"
 BUILT_IN_KINDS = {
     "ServiceAccount",
     "Secret",
@@ -71,8 +74,12 @@ PICKER = "vllm-pool-epp"  # the picker's ServiceAccount, Role and RoleBinding
 # ---- loading ------------------------------------------------------------------------------------
 
 
+def _yaml_files(folder: Path, pattern: str = "*.yaml") -> list[Path]:
+    return sorted(p for p in folder.glob(pattern) if p.name != KUSTOMIZATION)
+
+
 def _manifest_files() -> list[Path]:
-    return sorted(MANIFESTS.glob("*.yaml")) + sorted(CRDS.rglob("*.yaml"))
+    return _yaml_files(MANIFESTS) + _yaml_files(CRDS, "**/*.yaml")
 
 
 def _load(path: Path) -> list[dict[str, Any]]:
@@ -87,7 +94,7 @@ def _docs(paths: list[Path]) -> Iterator[tuple[str, dict[str, Any]]]:
 
 def _manifests() -> list[dict[str, Any]]:
     # controllers.yaml: the controllers' own objects, checked by test_controllers_deploy.py
-    paths = [p for p in sorted(MANIFESTS.glob("*.yaml")) if p.name != "controllers.yaml"]
+    paths = [p for p in _yaml_files(MANIFESTS) if p.name != "controllers.yaml"]
     return [doc for _, doc in _docs(paths)]
 
 
@@ -162,7 +169,7 @@ def test_built_in_kind_passes_kubernetes_schema(where: str, doc: dict[str, Any])
 def _crds() -> dict[tuple[str, str], dict[str, Any]]:
     """(apiVersion, kind) → the CRD version's openAPIV3Schema."""
     out = {}
-    for _, doc in _docs(sorted(CRDS.rglob("*.yaml"))):
+    for _, doc in _docs(_yaml_files(CRDS, "**/*.yaml")):
         if doc["kind"] != "CustomResourceDefinition":
             continue
         spec = doc["spec"]
@@ -220,7 +227,7 @@ def _schema_errors(doc: dict[str, Any]) -> list[str]:
 
 
 def _custom_resources() -> list[tuple[str, dict[str, Any]]]:
-    paths = sorted(MANIFESTS.glob("*.yaml")) + sorted(EXAMPLES.rglob("*.yaml"))
+    paths = _yaml_files(MANIFESTS) + sorted(EXAMPLES.rglob("*.yaml"))
     return [(w, d) for w, d in _docs(paths) if d.get("kind") in CUSTOM_KINDS]
 
 
@@ -228,7 +235,7 @@ _CUSTOM = _custom_resources()
 
 
 def test_crds_serve_the_upstream_api_versions() -> None:
-    crds = {d["spec"]["names"]["kind"]: d for _, d in _docs(sorted(CRDS.rglob("*.yaml")))}
+    crds = {d["spec"]["names"]["kind"]: d for _, d in _docs(_yaml_files(CRDS, "**/*.yaml"))}
     pool = crds["InferencePool"]["spec"]
     assert pool["group"] == "inference.networking.k8s.io"
     assert pool["scope"] == "Namespaced"
@@ -766,7 +773,7 @@ def test_every_value_that_names_the_namespace_is_documented() -> None:
     documented = set(re.findall(r"`([a-z-]+\.yaml)`", table))
     spelled = {
         path.name
-        for path in MANIFESTS.glob("*.yaml")
+        for path in _yaml_files(MANIFESTS)
         if path.name not in ("controllers.yaml", "webhook.yaml")
         and _NAMESPACE_VALUE.search(path.read_text())
     }

@@ -650,6 +650,8 @@ def test_the_webhook_manifest_covers_our_kinds_through_the_service() -> None:
         }
     ours = set()
     for path in CRDS.glob("*.yaml"):  # our six CRDs; crds/upstream/ is not ours to validate
+        if path.name == "kustomization.yaml":  # kustomize's list of them
+            continue
         spec = yaml.safe_load(path.read_text())["spec"]
         ours |= {(spec["group"], v["name"], spec["names"]["plural"]) for v in spec["versions"]}
     assert len(ours) == 6
