@@ -13,7 +13,6 @@ Deployment's status as the emulator is told them; deleting the Model removes eve
 
 from __future__ import annotations
 
-import copy
 import json
 import random
 import re
@@ -23,12 +22,10 @@ from pathlib import Path
 import kubernetes_validate
 import pytest
 import yaml
-from kubernetes import client
 
 from infergw import api
 from infergw.api.names import MODEL_LABEL, MODEL_NAME_HEADER
 from infergw.bbr.model_pools import ModelPools
-from infergw.cluster.kube_store import KubeStore
 from infergw.cluster.store import (
     CONFIG_MAP,
     DEPLOYMENT,
@@ -48,7 +45,6 @@ from infergw.cluster.store import (
 )
 from infergw.controllers import picker_objects
 from infergw.controllers.app import build_controllers
-from infergw.controllers.model import ModelReconciler
 from infergw.controllers.picker_objects import TOKENIZER_DIR, PickerSettings
 from infergw.controllers.runner import ControllerMetrics
 from infergw.epp.options import parse_options
@@ -61,73 +57,14 @@ from infergw.kvindex.cache import KVCache
 from infergw.kvindex.index import KVBlockIndex
 from infergw.kvindex.tokenize import PromptTokenizers
 from tests.controller_helpers import conds, summary
-from tests.kubeapi import KubeAPIEmulator
 from tests.paths import DEFAULT_MODEL, EXAMPLES
+from tests.picker_cluster import NS, SERVED, Cluster, model_obj
 from tests.waiting import wait_for_async
 
 K8S_VERSION = "1.30"
-WORKLOAD = "workload.infergate.io/v1alpha1"
-NS = "team-a"
 PICKER_KINDS = (
     SERVICE_ACCOUNT, ROLE, ROLE_BINDING, CONFIG_MAP, DEPLOYMENT, POD_DISRUPTION_BUDGET, HTTP_ROUTE,
 )  # fmt: skip
-SERVED = "llama-3-8b-instruct"
-
-
-def model_obj(uri: str = "hf://meta-llama/Meta-Llama-3-8B-Instruct", **spec) -> dict:
-    return {
-        "apiVersion": WORKLOAD,
-        "kind": "Model",
-        "metadata": {"name": "llama", "namespace": NS},
-        "spec": {
-            "modelURI": uri,
-            "servedModelName": SERVED,
-            "image": "vllm/vllm-openai:v0.11.0",
-            "engine": {"type": "vLLM"},
-            "env": [
-                {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}},
-                {"name": "VLLM_LOGGING_LEVEL", "value": "DEBUG"},
-            ],
-            "backend": {"aggregated": {"replicas": 1}},
-            **spec,
-        },
-    }
-
-
-class Cluster:
-    """The emulator, a KubeStore over it and a Model reconciler in kubernetes mode."""
-
-    def __init__(self, emu: KubeAPIEmulator) -> None:
-        self.emu = emu
-        self.store = KubeStore(client.ApiClient(emu.client_configuration()), watch_timeout=30)
-        self.reconciler = ModelReconciler(self.store, picker=PickerSettings())
-
-    async def apply(self, obj: dict) -> dict:
-        return await self.store.create(copy.deepcopy(obj))
-
-    async def reconcile(self, name: str = "llama") -> dict:
-        await self.reconciler.reconcile(NS, name)
-        return await self.store.get(MODEL, NS, name)
-
-    async def get(self, kind, name: str) -> dict:
-        obj = await self.store.get(kind, NS, name)
-        assert obj is not None, f"no {kind.kind} {name}"
-        return obj
-
-    def set_status(self, kind, name: str, status: dict) -> None:
-        obj = self.emu.get(kind.api_version, kind.kind, name, NS)
-        obj["status"] = status
-        self.emu.put(obj)
-
-
-@pytest.fixture
-async def cluster():
-    async with KubeAPIEmulator() as emu:
-        c = Cluster(emu)
-        try:
-            yield c
-        finally:
-            c.store.close()
 
 
 def object_name(kind) -> str:

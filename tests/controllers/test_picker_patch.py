@@ -30,8 +30,8 @@ from infergw.controllers.picker_patch import (
     route_names,
 )
 from tests.controller_helpers import summary
-from tests.controllers.test_picker import NS, Cluster, cluster, model_obj  # noqa: F401
 from tests.envoy_check import assert_envoy_accepts
+from tests.picker_cluster import NS, Cluster, model_obj
 
 HOSTS = (f"llama-epp.{NS}.svc", f"llama-epp.{NS}.svc.cluster.local")
 
@@ -252,7 +252,7 @@ def _trusted_ca(policy: dict) -> str:
     return tls["common_tls_context"]["validation_context"]["trusted_ca"]["inline_string"]
 
 
-async def test_reconcile_makes_the_secret_and_the_patch_and_keeps_them(cluster: Cluster) -> None:  # noqa: F811
+async def test_reconcile_makes_the_secret_and_the_patch_and_keeps_them(cluster: Cluster) -> None:
     await cluster.apply(model_obj())
     await cluster.reconcile()
     secret = await cluster.get(SECRET, "llama-epp-tls")
@@ -280,7 +280,7 @@ async def test_reconcile_makes_the_secret_and_the_patch_and_keeps_them(cluster: 
     assert _trusted_ca(policy) == base64.b64decode(renewed["data"]["ca.crt"]).decode()
 
 
-async def test_a_secret_that_is_not_the_models_is_left_alone(cluster: Cluster) -> None:  # noqa: F811
+async def test_a_secret_that_is_not_the_models_is_left_alone(cluster: Cluster) -> None:
     theirs = {"apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
               "metadata": {"name": "llama-epp-tls", "namespace": NS},
               "data": {"tls.crt": "", "tls.key": ""}}  # fmt: skip

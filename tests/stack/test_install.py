@@ -28,9 +28,9 @@ from infergw.stack.install import (
     render_upstream_crds,
     upstream_crds,
 )
+from tests.crd_eval import K8S_VERSION
 from tests.kube_crd import BUILTIN_GROUPS, DEFAULT_CRDS, load_crds
 from tests.paths import ROOT
-from tests.test_manifests import K8S_VERSION
 
 KUBECTL = shutil.which("kubectl")
 SYSTEM_NAMESPACE = "infergate-system"

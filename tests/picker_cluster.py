@@ -1,0 +1,75 @@
+"""A namespace in the API emulator with the Model reconciler in kubernetes mode: what the tests
+of a Model's picker objects (its Deployment, route, Secret, patch) share."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+from kubernetes import client
+
+from infergw.cluster.kube_store import KubeStore
+from infergw.cluster.store import MODEL
+from infergw.controllers.model import ModelReconciler
+from infergw.controllers.picker_objects import PickerSettings
+from tests.kubeapi import KubeAPIEmulator
+
+WORKLOAD = "workload.infergate.io/v1alpha1"
+NS = "team-a"
+SERVED = "llama-3-8b-instruct"
+
+
+def model_obj(uri: str = "hf://meta-llama/Meta-Llama-3-8B-Instruct", **spec) -> dict:
+    return {
+        "apiVersion": WORKLOAD,
+        "kind": "Model",
+        "metadata": {"name": "llama", "namespace": NS},
+        "spec": {
+            "modelURI": uri,
+            "servedModelName": SERVED,
+            "image": "vllm/vllm-openai:v0.11.0",
+            "engine": {"type": "vLLM"},
+            "env": [
+                {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}},
+                {"name": "VLLM_LOGGING_LEVEL", "value": "DEBUG"},
+            ],
+            "backend": {"aggregated": {"replicas": 1}},
+            **spec,
+        },
+    }
+
+
+class Cluster:
+    """The emulator, a KubeStore over it and a Model reconciler in kubernetes mode."""
+
+    def __init__(self, emu: KubeAPIEmulator) -> None:
+        self.emu = emu
+        self.store = KubeStore(client.ApiClient(emu.client_configuration()), watch_timeout=30)
+        self.reconciler = ModelReconciler(self.store, picker=PickerSettings())
+
+    async def apply(self, obj: dict) -> dict:
+        return await self.store.create(copy.deepcopy(obj))
+
+    async def reconcile(self, name: str = "llama") -> dict:
+        await self.reconciler.reconcile(NS, name)
+        return await self.store.get(MODEL, NS, name)
+
+    async def get(self, kind, name: str) -> dict:
+        obj = await self.store.get(kind, NS, name)
+        assert obj is not None, f"no {kind.kind} {name}"
+        return obj
+
+    def set_status(self, kind, name: str, status: dict) -> None:
+        obj = self.emu.get(kind.api_version, kind.kind, name, NS)
+        obj["status"] = status
+        self.emu.put(obj)
+
+
+@pytest.fixture
+async def cluster():
+    async with KubeAPIEmulator() as emu:
+        c = Cluster(emu)
+        try:
+            yield c
+        finally:
+            c.store.close()
