@@ -76,9 +76,6 @@ def main(argv: list[str] | None = None) -> int:
         help="comma-separated: shared-prefix, multi-turn, no-reuse (default: all; --quick "
         "runs shared-prefix only unless asked)",
     )
-    p.add_argument(
-        "--rates", default=None, help="comma-separated req/s for every workload (default: its own)"
-    )
     p.add_argument("--duration", type=float, default=None, help="measured seconds per point")
     p.add_argument(
         "--rates",
