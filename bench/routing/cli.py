@@ -36,14 +36,17 @@ SIM_ARGS = [
 
 # Two picker replicas behind one Envoy, against one picker: what active-active costs in
 # routing quality. Run when named (--routers), not by default.
-REPLICATED = ("infergate-precise-x2", "infergate-approximate-x2")
+def replicated_routers() -> list[InfergateRouter]:
+    return [InfergateRouter("precise", pickers=2), InfergateRouter("approximate", pickers=2)]
+
+
+REPLICATED = tuple(r.name for r in replicated_routers())
 
 
 def all_routers() -> dict:
     routers = {f"infergate-{c}": InfergateRouter(c) for c in INFERGATE_PROFILES}
     routers |= {r.name: r for r in EXTERNAL_ROUTERS()}
-    for replicated in (InfergateRouter("precise", 2), InfergateRouter("approximate", 2)):
-        routers[replicated.name] = replicated
+    routers |= {r.name: r for r in replicated_routers()}
     return routers
 
 

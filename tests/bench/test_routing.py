@@ -146,3 +146,12 @@ def test_one_point_runs_through_a_real_fleet_and_router():
     }
     table = markdown(out)
     assert "| infergate-precise | 4.0 |" in table and "not run: no" in table
+
+
+def test_the_default_run_leaves_the_replicated_pickers_out() -> None:
+    """Two-replica routers run only when named: their names are the routers' own."""
+    from infergw.bench.routing import cli
+
+    routers = cli.all_routers()
+    assert set(cli.REPLICATED) <= set(routers)
+    assert all(routers[name].pickers == 2 for name in cli.REPLICATED)
