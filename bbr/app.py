@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 from dataclasses import dataclass
 
 import grpc
@@ -18,6 +17,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from infergw.api import logs
+from infergw.api.signals import wait_for_signal
 from infergw.bbr.extproc import BodyRouter, RouterOptions
 from infergw.bbr.metrics import RouterMetrics
 from infergw.bbr.options import BbrOptions, parse_options
@@ -138,16 +138,6 @@ def http_app(table: Table, metrics: RouterMetrics) -> web.Application:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/debug/pools", pools)
     return app
-
-
-async def wait_for_signal(ready: asyncio.Event | None = None) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    if ready is not None:
-        ready.set()
-    await stop.wait()
 
 
 async def drain(opts: BbrOptions, servers: Servers) -> None:

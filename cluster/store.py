@@ -111,15 +111,7 @@ KINDS = {
         MODEL_SERVER,
         MODEL_ROUTE,
         POD_GROUP,
-        DEPLOYMENT,
-        CONFIG_MAP,
-        SERVICE_ACCOUNT,
-        ROLE,
-        ROLE_BINDING,
-        POD_DISRUPTION_BUDGET,
-        HTTP_ROUTE,
-        SECRET,
-        ENVOY_PATCH_POLICY,
+        *CLUSTER_ONLY,
     )
 }
 

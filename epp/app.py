@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import signal
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -20,6 +19,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import Gauge
 
 from infergw.api import logs, yaml_files
+from infergw.api.signals import wait_for_signal
 from infergw.cluster import certs
 from infergw.epp.body_budget import BodyBudget
 from infergw.epp.datastore import Datastore
@@ -481,17 +481,6 @@ async def _pool_gauges(datastore: Datastore, metrics: PickerMetrics) -> None:
                     sum(e.metrics.waiting for e in eps) / len(eps)
                 )
         await asyncio.sleep(POOL_GAUGE_INTERVAL)
-
-
-async def wait_for_signal(ready: asyncio.Event | None = None) -> None:
-    """Until SIGINT or SIGTERM; `ready` is set once the handlers are in place."""
-    stop_requested = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop_requested.set)
-    if ready is not None:
-        ready.set()
-    await stop_requested.wait()
 
 
 async def drain_and_stop(opts: PickerOptions, picker: Picker, servers: Servers) -> None:
