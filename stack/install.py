@@ -90,15 +90,21 @@ def _namespaced_values(text: str, namespace: str) -> str:
 
 
 def _rename_gateway(doc: Obj, gateway: str) -> None:
-    """The Gateway itself and every reference to it; the GatewayClass keeps its name."""
+    """The Gateway itself and every reference to it, the xDS names an EnvoyPatchPolicy patches
+    (`<namespace>/<Gateway>/<listener>`) included; the GatewayClass keeps its name."""
     if doc["kind"] == "Gateway" and doc["metadata"]["name"] == DEFAULT_GATEWAY:
         doc["metadata"]["name"] = gateway
     spec = doc.get("spec")
     if not isinstance(spec, dict):
         return
-    for ref in (spec.get("targetRefs") or []) + (spec.get("parentRefs") or []):
+    single = [spec["targetRef"]] if isinstance(spec.get("targetRef"), dict) else []
+    for ref in single + (spec.get("targetRefs") or []) + (spec.get("parentRefs") or []):
         if ref.get("kind", "Gateway") == "Gateway" and ref.get("name") == DEFAULT_GATEWAY:
             ref["name"] = gateway
+    for patch in spec.get("jsonPatches") or []:
+        namespace, sep, rest = patch["name"].partition(f"/{DEFAULT_GATEWAY}/")
+        if sep and "/" not in namespace:
+            patch["name"] = f"{namespace}/{gateway}/{rest}"
 
 
 def objects(target: Target = Target()) -> Iterator[Obj]:
