@@ -41,7 +41,10 @@ Obj = dict[str, Any]
 EXT_PROC = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor"
 EXT_PROC_PER_ROUTE = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute"
 FILTER_CONFIG = "type.googleapis.com/envoy.config.route.v3.FilterConfig"
-HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+HCM = (
+    "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3"
+    ".HttpConnectionManager"
+)
 ROUTER = "envoy.filters.http.router"
 TLS = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
 HTTP2 = {
@@ -68,7 +71,8 @@ class Gateway:
     @property
     def router_filter(self) -> str:
         """Envoy Gateway's name for bbr-extension-policy.yaml's ext_proc filter."""
-        return f"envoy.filters.http.ext_proc/envoyextensionpolicy/{self.namespace}/infergate-bbr/extproc/0"
+        policy = f"{self.namespace}/infergate-bbr"
+        return f"envoy.filters.http.ext_proc/envoyextensionpolicy/{policy}/extproc/0"
 
 
 def _socket(address: str, port: int) -> Obj:
@@ -178,7 +182,8 @@ def base(gw: Gateway, models: list[str], listen_port: int, admin_port: int, rout
             "type": "ORIGINAL_DST",
             "lb_policy": "CLUSTER_PROVIDED",
             "connect_timeout": "10s",
-            "original_dst_lb_config": {"use_http_header": True, "http_header_name": DESTINATION_HEADER},
+            "original_dst_lb_config": {
+                "use_http_header": True, "http_header_name": DESTINATION_HEADER},
         }
         for m in models
     ]  # fmt: skip
@@ -219,7 +224,11 @@ def _locate(node: Any, key: str, name: str, at: str = "") -> Iterator[str]:
         for k, v in node.items():
             here = f"{at}/{_escape(k)}"
             if k == key and isinstance(v, list):
-                yield from (f"{here}/{i}" for i, e in enumerate(v) if isinstance(e, dict) and e.get("name") == name)
+                yield from (
+                    f"{here}/{i}"
+                    for i, e in enumerate(v)
+                    if isinstance(e, dict) and e.get("name") == name
+                )
             yield from _locate(v, key, name, here)
     elif isinstance(node, list):
         for i, v in enumerate(node):
@@ -312,7 +321,10 @@ def ai_gateway_post_translate(config: Obj, gw: Gateway, pools: list[str]) -> Non
                 typed_extension_protocol_options=HTTP2,
                 transport_socket={
                     "name": "envoy.transport_sockets.tls",
-                    "typed_config": {"@type": TLS, "common_tls_context": {"validation_context": {}}},
+                    "typed_config": {
+                        "@type": TLS,
+                        "common_tls_context": {"validation_context": {}},
+                    },
                 },
             )
         )

@@ -109,9 +109,7 @@ def test_the_role_reads_exactly_what_the_router_reads_and_is_bound_to_it():
         "name": "infergate-bbr",
     }
     account = one("ServiceAccount")
-    assert binding["subjects"] == [
-        {"kind": "ServiceAccount", "name": "infergate-bbr"}
-    ]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "infergate-bbr"}]
     assert (
         one("Deployment")["spec"]["template"]["spec"]["serviceAccountName"]
         == (account["metadata"]["name"])
@@ -178,7 +176,10 @@ def test_the_gateway_wide_picker_filter_is_the_local_stacks_on_every_route_but_n
     xds_name = f"default/{gateway['metadata']['name']}/{https['name']}"
     assert listener["name"] == no_model["name"] == xds_name
     # inserted at the router's index: before it, after every filter Envoy Gateway renders
-    assert listener["operation"]["jsonPath"] == "..http_filters[?(@.name=='envoy.filters.http.router')]"
+    assert (
+        listener["operation"]["jsonPath"]
+        == "..http_filters[?(@.name=='envoy.filters.http.router')]"
+    )
     assert listener["operation"]["path"] == ""
     added = listener["operation"]["value"]
     assert added["name"] == PICKER_FILTER

@@ -26,8 +26,8 @@ from infergw.controllers.picker_patch import (
     cluster_name,
     route_names,
 )
-from tests.controller_helpers import summary
 from tests import envoy_gateway_recipe as recipe
+from tests.controller_helpers import summary
 from tests.envoy_check import assert_envoy_accepts
 from tests.picker_cluster import NS, Cluster, model_obj
 
