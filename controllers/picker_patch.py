@@ -54,6 +54,7 @@ EXT_PROC_PER_ROUTE = "type.googleapis.com/envoy.extensions.filters.http.ext_proc
 TLS_CONTEXT = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
 HTTP_OPTIONS = "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 GRPC_TIMEOUT = "10s"
+DISABLED = {"@type": EXT_PROC_PER_ROUTE, "disabled": True}  # a filter off on one route
 
 
 def picker_host(namespace: str, picker: str) -> str:
@@ -147,9 +148,6 @@ def route_override(namespace: str, model: str, fail_open: bool) -> dict:
             "failure_mode_allow": fail_open,
         },
     }
-
-
-DISABLED = {"@type": EXT_PROC_PER_ROUTE, "disabled": True}
 
 
 def envoy_patch_policy(
