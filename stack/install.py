@@ -131,8 +131,9 @@ def header(target: Target) -> str:
     files = " ".join(str(p.relative_to(ROOT)) for p in upstream_crds())
     lines = [
         "# infergate's cluster install: kubectl apply --server-side -f -",
-        "# Needs Envoy Gateway v1.5+ (EnvoyPatchPolicy enabled) with Envoy AI Gateway v0.4+'s",
-        "# InferencePool backend support (README: A Model in a cluster), and cert-manager.",
+        "# Needs Envoy Gateway (EnvoyPatchPolicy enabled) with Envoy AI Gateway (v0.4 or",
+        "# later)'s InferencePool backend support (README: A Model in a cluster), and",
+        "# cert-manager.",
         "# First the upstream CRDs (InferencePool, InferenceObjective), only where the cluster",
         "# has none, so an upstream install is never overwritten (kubectl create refuses an",
         "# existing one):",
