@@ -1,21 +1,33 @@
 """How Envoy Gateway runs a Model's picker for its route: an EnvoyPatchPolicy per Model.
 
+The recipe (README, "A Model in a cluster"): Envoy Gateway with Envoy AI Gateway's InferencePool
+backend support. AI Gateway's extension server accepts the HTTPRoute's InferencePool backendRef
+and renders the route's cluster `httproute/<ns>/<route>/rule/0` as ORIGINAL_DST on
+x-gateway-destination-endpoint (the pod the picker chose). It also adds a picker filter of its
+own per pool (AI_GATEWAY_FILTER), enabled on the pool's routes; that one dials the picker
+without verifying its certificate and cannot let it set x-envoy-* headers, so we switch it off
+on the Model's routes and run the pool's picker through ours.
+
 A route-targeted EnvoyExtensionPolicy does not work behind the body-based router: Envoy decides
 which per-route-enabled filters run from the route it matched first, before the router set
 MODEL_NAME_HEADER (README, "Many Models behind one Gateway"). What works is one picker ext_proc
-filter on the listener (PICKER_FILTER, enabled for every route) with a per-route
-`ExtProcPerRoute` override naming the pool's own picker, as the local stack renders it
-(gateway-manifests/local/envoy.yaml.j2). On Envoy Gateway that override is a JSON patch, so per
-Model `m` the controllers write EnvoyPatchPolicy `m-epp` (owned by the Model) with:
+filter on the listener (PICKER_FILTER, enabled for every route: the Gateway-wide patch
+gateway-manifests/bbr/picker-filter.yaml) with a per-route `ExtProcPerRoute` override naming
+the pool's own picker, as the local stack renders it (gateway-manifests/local/envoy.yaml.j2).
+On Envoy Gateway that override is a JSON patch, so per Model `m` the controllers write
+EnvoyPatchPolicy `m-epp` (owned by the Model) with:
 1. a Cluster `infergate-picker/<ns>/<m>`: the picker Service `m-epp` by its DNS name, HTTP/2,
    TLS verified against the CA bundle of the Secret `m-epp-tls` (inlined: the controllers made
    it, picker_tls.py) with SNI and SAN `m-epp.<ns>.svc`;
 2. on each Envoy route Envoy Gateway makes of the HTTPRoute `m` (one per match: the inference
-   paths), `typed_per_filter_config[PICKER_FILTER]` = ExtProcPerRoute with that cluster.
+   paths), `typed_per_filter_config[PICKER_FILTER]` = ExtProcPerRoute with that cluster, and
+   `typed_per_filter_config[AI_GATEWAY_FILTER of pool m]` = disabled. Each is added as a key of
+   the route's map, never the whole map: the router's per-route enablement stays.
 
 Names are Envoy Gateway's (its default "V1" xDS name scheme, which its docs warn may change):
 the RouteConfiguration `<Gateway ns>/<Gateway>/<listener>`, the routes
-`httproute/<ns>/<route>/rule/<i>/match/<j>/*` (`*`: the HTTPRoute names no hostname).
+`httproute/<ns>/<route>/rule/<i>/match/<j>/*` (`*`: the HTTPRoute names no hostname); and
+Envoy AI Gateway's (v0.4 and later) for its pool filter.
 """
 
 from __future__ import annotations
@@ -42,6 +54,7 @@ EXT_PROC_PER_ROUTE = "type.googleapis.com/envoy.extensions.filters.http.ext_proc
 TLS_CONTEXT = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
 HTTP_OPTIONS = "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 GRPC_TIMEOUT = "10s"
+DISABLED = {"@type": EXT_PROC_PER_ROUTE, "disabled": True}  # a filter off on one route
 
 
 def picker_host(namespace: str, picker: str) -> str:
@@ -113,19 +126,27 @@ def picker_cluster(namespace: str, model: str, picker: str, ca_bundle: str) -> d
     }
 
 
+def ai_gateway_filter(namespace: str, pool: str) -> str:
+    """Envoy AI Gateway's picker filter for an InferencePool (its extension server's name)."""
+    return f"envoy.filters.http.ext_proc/endpointpicker/{pool}_{namespace}_ext_proc"
+
+
+def per_filter_path(filter_name: str) -> str:
+    """The JSON pointer to one key of a route's typed_per_filter_config ('/' and '~' escaped)."""
+    return "/typed_per_filter_config/" + filter_name.replace("~", "~0").replace("/", "~1")
+
+
 def route_override(namespace: str, model: str, fail_open: bool) -> dict:
-    """The route's typed_per_filter_config: PICKER_FILTER talks to this Model's picker."""
+    """PICKER_FILTER's config on the Model's routes: talk to this Model's picker."""
     return {
-        PICKER_FILTER: {
-            "@type": EXT_PROC_PER_ROUTE,
-            "overrides": {
-                "grpc_service": {
-                    "envoy_grpc": {"cluster_name": cluster_name(namespace, model)},
-                    "timeout": GRPC_TIMEOUT,
-                },
-                "failure_mode_allow": fail_open,
+        "@type": EXT_PROC_PER_ROUTE,
+        "overrides": {
+            "grpc_service": {
+                "envoy_grpc": {"cluster_name": cluster_name(namespace, model)},
+                "timeout": GRPC_TIMEOUT,
             },
-        }
+            "failure_mode_allow": fail_open,
+        },
     }
 
 
@@ -150,6 +171,11 @@ def envoy_patch_policy(
             ),
         )
     ]
+    # The pool is the Model's namespace and name (model_objects.py).
+    per_route = (
+        (PICKER_FILTER, route_override(ns, name, fail_open)),
+        (ai_gateway_filter(ns, name), DISABLED),
+    )
     patches += [
         EnvoyJSONPatch(
             type=ROUTE_CONFIGURATION_TYPE,
@@ -157,11 +183,12 @@ def envoy_patch_policy(
             operation=JSONPatchOperation(
                 op="add",
                 json_path=f"..routes[?(@.name=='{route}')]",
-                path="/typed_per_filter_config",
-                value=route_override(ns, name, fail_open),
+                path=per_filter_path(filter_name),
+                value=value,
             ),
         )
         for route in route_names(ns, name, matches)
+        for filter_name, value in per_route
     ]
     # Envoy Gateway reads a policy in its Gateway's namespace only; the caller writes it where
     # that is the Model's (an owner reference cannot cross namespaces).

@@ -17,6 +17,11 @@ from infergw.api.networking import ParentRef
 from infergw.cluster.store import Obj
 
 REACHABLE = "Reachable"
+# Why an InferencePool backendRef stays unresolved on Envoy Gateway: the recipe's missing part.
+UNRESOLVED_HINT = (
+    "Envoy Gateway resolves an InferencePool backendRef only with Envoy AI Gateway's "
+    "InferencePool backend enabled (README, 'A Model in a cluster')"
+)
 
 
 def _same_parent(have: ParentRef, want: ParentRef, route_namespace: str) -> bool:
@@ -63,6 +68,8 @@ def route_problems(route: Obj | None, gateway: ParentRef) -> list[tuple[str, str
             detail = "not reported for its current generation" if found else "not reported"
         else:
             detail = _said(current[0])
+            if kind == "ResolvedRefs":
+                detail += f"; {UNRESOLVED_HINT}"
         problems.append((reason, f"HTTPRoute {name} on {where}: {kind} {detail}"))
     return problems
 

@@ -90,15 +90,21 @@ def _namespaced_values(text: str, namespace: str) -> str:
 
 
 def _rename_gateway(doc: Obj, gateway: str) -> None:
-    """The Gateway itself and every reference to it; the GatewayClass keeps its name."""
+    """The Gateway itself and every reference to it, the xDS names an EnvoyPatchPolicy patches
+    (`<namespace>/<Gateway>/<listener>`) included; the GatewayClass keeps its name."""
     if doc["kind"] == "Gateway" and doc["metadata"]["name"] == DEFAULT_GATEWAY:
         doc["metadata"]["name"] = gateway
     spec = doc.get("spec")
     if not isinstance(spec, dict):
         return
-    for ref in (spec.get("targetRefs") or []) + (spec.get("parentRefs") or []):
+    single = [spec["targetRef"]] if isinstance(spec.get("targetRef"), dict) else []
+    for ref in single + (spec.get("targetRefs") or []) + (spec.get("parentRefs") or []):
         if ref.get("kind", "Gateway") == "Gateway" and ref.get("name") == DEFAULT_GATEWAY:
             ref["name"] = gateway
+    for patch in spec.get("jsonPatches") or []:
+        namespace, sep, rest = patch["name"].partition(f"/{DEFAULT_GATEWAY}/")
+        if sep and "/" not in namespace:
+            patch["name"] = f"{namespace}/{gateway}/{rest}"
 
 
 def objects(target: Target = Target()) -> Iterator[Obj]:
@@ -125,7 +131,9 @@ def header(target: Target) -> str:
     files = " ".join(str(p.relative_to(ROOT)) for p in upstream_crds())
     lines = [
         "# infergate's cluster install: kubectl apply --server-side -f -",
-        "# Needs Envoy Gateway (EnvoyPatchPolicy enabled) and cert-manager.",
+        "# Needs Envoy Gateway (EnvoyPatchPolicy enabled) with Envoy AI Gateway (v0.4 or",
+        "# later)'s InferencePool backend support (README: A Model in a cluster), and",
+        "# cert-manager.",
         "# First the upstream CRDs (InferencePool, InferenceObjective), only where the cluster",
         "# has none, so an upstream install is never overwritten (kubectl create refuses an",
         "# existing one):",

@@ -55,6 +55,9 @@ class PoolPlan:
     served_model_name: str
     tokenizer_dir: Path | None = None
     expect_pods: int = 0
+    # The certificate its pickers serve (ca.crt, tls.crt, tls.key); None: the stack's own.
+    # A cluster's pickers each have their own (tests/e2e/test_gateway_recipe.py renders that).
+    cert_dir: Path | None = None
 
 
 @dataclass(slots=True)
@@ -453,7 +456,7 @@ class LocalStack:
             "--fallback-endpoints",
             str(c.fallbacks),
             f"--secure-serving={'true' if c.picker_tls else 'false'}",
-            *(["--cert-path", str(self.picker_tls_dir)] if c.picker_tls else []),
+            *(["--cert-path", str(plan.cert_dir or self.picker_tls_dir)] if c.picker_tls else []),
             *(["--trust-client-headers"] if c.trust_client_headers else []),
             "--enable-debug-endpoints",  # /debug/endpoints: readiness checks, tests, `up` users
             *self._kv_event_args(),

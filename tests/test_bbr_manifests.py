@@ -17,7 +17,9 @@ from infergw.bbr.app import HEALTH_SERVICES
 from infergw.bbr.options import parse_options
 from infergw.bbr.sources import OPTIONAL_KINDS
 from infergw.cluster.store import INFERENCE_POOL
-from infergw.stack.envoy_config import NO_POOL_ANSWER
+from infergw.controllers.picker_patch import PICKER_FILTER
+from infergw.stack.envoy_config import NO_POOL_ANSWER, render
+from tests.envoy_settings import local_envoy_settings
 from tests.paths import ROOT
 
 HERE = ROOT / "gateway-manifests" / "bbr"
@@ -107,9 +109,7 @@ def test_the_role_reads_exactly_what_the_router_reads_and_is_bound_to_it():
         "name": "infergate-bbr",
     }
     account = one("ServiceAccount")
-    assert binding["subjects"] == [
-        {"kind": "ServiceAccount", "name": "infergate-bbr"}
-    ]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "infergate-bbr"}]
     assert (
         one("Deployment")["spec"]["template"]["spec"]["serviceAccountName"]
         == (account["metadata"]["name"])
@@ -152,3 +152,51 @@ def test_a_request_without_a_pool_gets_the_local_stacks_answer():
     answer = one("HTTPRouteFilter", ref["extensionRef"]["name"])["spec"]["directResponse"]
     assert answer["statusCode"] == 404
     assert json.loads(answer["body"]["inline"]) == NO_POOL_ANSWER
+
+
+def _local_picker_filter() -> dict[str, Any]:
+    """The local stack's picker filter (gateway-manifests/local/envoy.yaml.j2), FailClose."""
+    config = yaml.safe_load(render(local_envoy_settings(failure_mode="FailClose")))
+    [hcm] = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"]
+    [picker] = [f for f in hcm["typed_config"]["http_filters"] if f["name"].endswith("ext_proc")]
+    return picker["typed_config"]
+
+
+def test_the_gateway_wide_picker_filter_is_the_local_stacks_on_every_route_but_no_models():
+    policy = one("EnvoyPatchPolicy", "infergate-picker-filter")
+    [gateway] = [d for d in gateway_docs("gateway.yaml") if d["kind"] == "Gateway"]
+    assert policy["spec"]["targetRef"] == {
+        "group": "gateway.networking.k8s.io",
+        "kind": "Gateway",
+        "name": gateway["metadata"]["name"],
+    }
+    cluster, listener, no_model = policy["spec"]["jsonPatches"]
+    # Envoy Gateway's V1 names for the Gateway's listener (gateway.yaml's only one)
+    [https] = gateway["spec"]["listeners"]
+    xds_name = f"default/{gateway['metadata']['name']}/{https['name']}"
+    assert listener["name"] == no_model["name"] == xds_name
+    # inserted at the router's index: before it, after every filter Envoy Gateway renders
+    assert (
+        listener["operation"]["jsonPath"]
+        == "..http_filters[?(@.name=='envoy.filters.http.router')]"
+    )
+    assert listener["operation"]["path"] == ""
+    added = listener["operation"]["value"]
+    assert added["name"] == PICKER_FILTER
+    ours = added["typed_config"]
+    local = _local_picker_filter()
+    for field in ("processing_mode", "mutation_rules", "metadata_options", "response_attributes",
+                  "message_timeout", "failure_mode_allow"):  # fmt: skip
+        assert ours[field] == local[field], field
+    assert ours["failure_mode_allow"] is False
+    # its default cluster has no endpoints: a route no Model overrides fails closed
+    default = ours["grpc_service"]["envoy_grpc"]["cluster_name"]
+    assert cluster["name"] == cluster["operation"]["value"]["name"] == default
+    assert "endpoints" not in cluster["operation"]["value"]["load_assignment"]
+    # off on the no-model route, one key of its per-filter map (the router's stays)
+    route = one("HTTPRoute", "infergate-no-model")
+    assert no_model["operation"]["jsonPath"] == (
+        f"..routes[?(@.name=='httproute/default/{route['metadata']['name']}/rule/0/match/0/*')]"
+    )
+    assert no_model["operation"]["path"] == f"/typed_per_filter_config/{PICKER_FILTER}"
+    assert no_model["operation"]["value"]["disabled"] is True

@@ -43,7 +43,7 @@ from infergw.cluster.store import (
     SERVICE_ACCOUNT,
     labels_match,
 )
-from infergw.controllers import picker_objects
+from infergw.controllers import picker_objects, reachability
 from infergw.controllers.app import build_controllers
 from infergw.controllers.picker_objects import TOKENIZER_DIR, PickerSettings
 from infergw.controllers.runner import ControllerMetrics
@@ -390,6 +390,7 @@ async def test_reachable_only_when_the_route_is_accepted_with_its_refs_and_the_p
     reachable = conds(await cluster.reconcile())["Reachable"]
     assert (reachable["status"], reachable["reason"]) == ("False", "RouteRefsUnresolved")
     assert "ResolvedRefs False: Because (ResolvedRefs is False)" in reachable["message"]
+    assert reachability.UNRESOLVED_HINT in reachable["message"]  # the recipe's missing part
 
     cluster.set_status(
         HTTP_ROUTE, "llama", route_status(("Accepted", "False"), ("ResolvedRefs", "True"))

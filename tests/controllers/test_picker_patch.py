@@ -10,13 +10,10 @@ generates for two Models' HTTPRoutes (its V1 xDS names), not its output.
 from __future__ import annotations
 
 import base64
-import copy
 import datetime
 from pathlib import Path
 
-import yaml
 from cryptography import x509
-from jsonpath_ng.ext import parse as jsonpath
 
 from infergw import api
 from infergw.cluster.certs import cert_names
@@ -29,6 +26,7 @@ from infergw.controllers.picker_patch import (
     cluster_name,
     route_names,
 )
+from tests import envoy_gateway_recipe as recipe
 from tests.controller_helpers import summary
 from tests.envoy_check import assert_envoy_accepts
 from tests.picker_cluster import NS, Cluster, model_obj
@@ -95,15 +93,25 @@ def test_the_patch_targets_the_models_gateway_route_by_route() -> None:
     }
     patches = policy["spec"]["jsonPatches"]
     route_patches = [p for p in patches if p["type"].endswith("RouteConfiguration")]
-    # one per match of the HTTPRoute the controllers write, in its order
+    # per match of the HTTPRoute the controllers write, in its order: our picker's override
+    # and AI Gateway's own picker filter for the pool switched off, each one key of the map
     route = api.to_dict(picker_objects.http_route(_model()))
-    assert len(route_patches) == len(route["spec"]["rules"][0]["matches"]) == len(INFERENCE_PATHS)
+    assert len(route["spec"]["rules"][0]["matches"]) == len(INFERENCE_PATHS)
+    assert len(route_patches) == 2 * len(INFERENCE_PATHS)
     assert {p["name"] for p in route_patches} == {f"{NS}/inference-gateway/{DEFAULT_LISTENER}"}
-    for p, name in zip(route_patches, route_names(NS, "llama", len(INFERENCE_PATHS)), strict=True):
-        assert p["operation"]["jsonPath"] == f"..routes[?(@.name=='{name}')]"
-        override = p["operation"]["value"][PICKER_FILTER]["overrides"]
+    names = route_names(NS, "llama", len(INFERENCE_PATHS))
+    for i, name in enumerate(names):
+        ours, theirs = route_patches[2 * i : 2 * i + 2]
+        for p in (ours, theirs):
+            assert p["operation"]["jsonPath"] == f"..routes[?(@.name=='{name}')]"
+        assert ours["operation"]["path"] == f"/typed_per_filter_config/{PICKER_FILTER}"
+        override = ours["operation"]["value"]["overrides"]
         assert override["grpc_service"]["envoy_grpc"]["cluster_name"] == cluster_name(NS, "llama")
         assert override["failure_mode_allow"] is False  # the pool fails closed
+        assert theirs["operation"]["path"] == (
+            f"/typed_per_filter_config/envoy.filters.http.ext_proc~1endpointpicker~1llama_{NS}_ext_proc"
+        )
+        assert theirs["operation"]["value"]["disabled"] is True
     [cluster_patch] = [p for p in patches if p["type"].endswith("Cluster")]
     tls = cluster_patch["operation"]["value"]["transport_socket"]["typed_config"]
     assert tls["sni"] == HOSTS[0]
@@ -126,121 +134,35 @@ def test_no_patch_for_a_gateway_in_another_namespace() -> None:
     assert picker_objects.patch_policy(model, _tls()) is None
 
 
-def _envoy_gateway_base(models: list[str]) -> dict:
-    """Our rendering of what Envoy Gateway makes of the Gateway, the router's and the picker
-    filters and the Models' HTTPRoutes (V1 names), before the patches."""
-    routes = [
-        {
-            "name": name,
-            "match": {
-                "path": path,
-                "headers": [{"name": "x-gateway-model-name", "string_match": {"exact": m}}],
-            },
-            "route": {"cluster": f"httproute/{NS}/{m}/rule/0"},
-        }
-        for m in models
-        for name, path in zip(
-            route_names(NS, m, len(INFERENCE_PATHS)), INFERENCE_PATHS, strict=True
-        )
-    ]
-    ext_proc = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor"
-    hcm = {
-        "@type": "type.googleapis.com/envoy.extensions.filters.network"
-        ".http_connection_manager.v3.HttpConnectionManager",
-        "stat_prefix": "https",
-        "route_config": {
-            "name": f"{NS}/inference-gateway/{DEFAULT_LISTENER}",
-            "virtual_hosts": [{"name": "all", "domains": ["*"], "routes": routes}],
-        },
-        "http_filters": [
-            {
-                "name": PICKER_FILTER,
-                "typed_config": {
-                    "@type": ext_proc,
-                    "grpc_service": {"envoy_grpc": {"cluster_name": "no-picker"}},
-                    "failure_mode_allow": False,
-                    "processing_mode": {
-                        "request_body_mode": "FULL_DUPLEX_STREAMED",
-                        "request_trailer_mode": "SEND",
-                    },
-                },
-            },
-            {
-                "name": "envoy.filters.http.router",
-                "typed_config": {
-                    "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
-                },
-            },
-        ],
-    }
-    clusters = [{"name": "no-picker", "type": "STATIC", "connect_timeout": "1s"}] + [
-        {"name": f"httproute/{NS}/{m}/rule/0", "type": "STATIC", "connect_timeout": "1s"}
-        for m in models
-    ]
-    return {
-        "static_resources": {
-            "listeners": [
-                {
-                    "name": f"{NS}/inference-gateway/{DEFAULT_LISTENER}",
-                    "address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}},
-                    "filter_chains": [
-                        {
-                            "filters": [
-                                {
-                                    "name": "envoy.filters.network.http_connection_manager",
-                                    "typed_config": hcm,
-                                }
-                            ]
-                        }
-                    ],
-                }
-            ],
-            "clusters": clusters,
-        }
-    }
-
-
-def _apply(config: dict, policy: dict) -> None:
-    """Envoy Gateway's application of a policy's patches, for the operations ours use."""
-    static = config["static_resources"]
-    for patch in policy["spec"]["jsonPatches"]:
-        op = patch["operation"]
-        assert op["op"] == "add"
-        if patch["type"].endswith("Cluster"):
-            assert op["path"] == "" and op["value"]["name"] == patch["name"]
-            static["clusters"].append(copy.deepcopy(op["value"]))
-            continue
-        assert patch["type"].endswith("RouteConfiguration")
-        [rc] = [
-            f["typed_config"]["route_config"]
-            for listener in static["listeners"]
-            for chain in listener["filter_chains"]
-            for f in chain["filters"]
-            if f["typed_config"]["route_config"]["name"] == patch["name"]
-        ]
-        found = jsonpath(op["jsonPath"].replace("..", "$..", 1)).find(rc)
-        assert len(found) == 1, f"{op['jsonPath']} selects {len(found)} routes"
-        assert op["path"] == "/typed_per_filter_config"
-        found[0].value["typed_per_filter_config"] = copy.deepcopy(op["value"])
-
-
 def test_two_models_patches_make_a_config_envoy_accepts(tmp_path: Path) -> None:
-    config = _envoy_gateway_base(["llama", "code"])
+    """The recipe as tests/envoy_gateway_recipe.py renders it: Envoy Gateway's base, the
+    Gateway-wide picker filter and two Models' patches, AI Gateway's post-translate hook."""
+    gw = recipe.Gateway(NS)
+    router = recipe.router_cluster(gw, "127.0.0.1", 9004, _tls().ca_bundle, "127.0.0.1")
+    config = recipe.base(gw, ["llama", "code"], 8080, 9901, router)
+    recipe.apply_policy(config, recipe.picker_filter_policy(gw))
     for name in ("llama", "code"):
-        _apply(config, _policy(name))
-    rc = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0][
-        "typed_config"
-    ]["route_config"]
-    pickers = {
-        r["name"].split("/")[2]: r["typed_per_filter_config"][PICKER_FILTER]["overrides"][
-            "grpc_service"
-        ]["envoy_grpc"]["cluster_name"]
-        for r in rc["virtual_hosts"][0]["routes"]
-    }
-    assert pickers == {"llama": cluster_name(NS, "llama"), "code": cluster_name(NS, "code")}
-    path = tmp_path / "envoy.yaml"
-    path.write_text(yaml.safe_dump(config))
-    assert_envoy_accepts(path)
+        recipe.apply_policy(config, _policy(name))
+    recipe.ai_gateway_post_translate(config, gw, ["llama", "code"])
+    hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+    filters = [f["name"] for f in hcm["typed_config"]["http_filters"]]
+    # the router's filter, ours, AI Gateway's, the router
+    assert filters[0] == gw.router_filter and filters[1] == PICKER_FILTER
+    assert filters[-1] == "envoy.filters.http.router"
+    routes = hcm["typed_config"]["route_config"]["virtual_hosts"][0]["routes"]
+    for r in routes:
+        per_filter = r["typed_per_filter_config"]
+        assert gw.router_filter in per_filter  # the router stays on for every route
+        model = r["name"].split("/")[2]
+        if model == recipe.NO_MODEL_ROUTE:
+            assert per_filter[PICKER_FILTER]["disabled"] is True
+            continue
+        override = per_filter[PICKER_FILTER]["overrides"]["grpc_service"]["envoy_grpc"]
+        assert override["cluster_name"] == cluster_name(NS, model)
+        # AI Gateway's picker filters: every one off (its own by our patch)
+        theirs = {k: v for k, v in per_filter.items() if "endpointpicker" in k}
+        assert len(theirs) == 2 and all(v["disabled"] for v in theirs.values())
+    assert_envoy_accepts(recipe.write(config, tmp_path / "envoy.yaml"))
 
 
 # ---- through the API emulator --------------------------------------------------------------------

@@ -45,6 +45,7 @@ NO_SCHEMA_HERE = {
     "BackendTLSPolicy",
     "ClientTrafficPolicy",
     "EnvoyExtensionPolicy",
+    "EnvoyPatchPolicy",
     "HTTPRouteFilter",
 }
 
@@ -137,6 +138,15 @@ def test_another_namespace_and_gateway_reach_every_value_that_spells_them() -> N
         if ref.get("kind", "Gateway") == "Gateway"
     ]
     assert refs and all(ref["name"] == "edge" for ref in refs)
+    # an EnvoyPatchPolicy's single targetRef and the xDS names it patches follow too
+    patch_policies = [d for d in docs if d["kind"] == "EnvoyPatchPolicy"]
+    assert patch_policies
+    for policy in patch_policies:
+        assert policy["spec"]["targetRef"]["name"] == "edge"
+        for patch in policy["spec"]["jsonPatches"]:
+            if patch["type"].endswith(("Listener", "RouteConfiguration")):
+                assert patch["name"] == "prod/edge/https", patch
+    assert "httproute/prod/infergate-no-model/" in text
     # the controllers stay where they are, the GatewayClass keeps its name
     assert {d["metadata"]["name"] for d in docs if d["kind"] == "GatewayClass"} == {
         "inference-gateway"
@@ -246,7 +256,8 @@ def test_every_route_and_policy_names_a_listener_the_gateway_has() -> None:
         listeners = {listener["name"] for listener in gateway["spec"]["listeners"]}
         for doc in docs:
             spec = doc.get("spec") or {}
-            for ref in spec.get("parentRefs", []) + spec.get("targetRefs", []):
+            single = [spec["targetRef"]] if "targetRef" in spec else []
+            for ref in single + spec.get("parentRefs", []) + spec.get("targetRefs", []):
                 if ref.get("kind", "Gateway") != "Gateway":
                     continue
                 assert ref["name"] == gateway["metadata"]["name"], _key(doc)
