@@ -66,11 +66,6 @@ MODEL_REWRITE_HEADER = "x-gateway-model-name-rewrite"
 OBJECTIVE_HEADER = "x-gateway-inference-objective"
 FAIRNESS_ID_HEADER = "x-gateway-inference-fairness-id"
 
-# The body's `model`, copied into a header by the body-based router in front of the pickers, so
-# HTTPRoutes can choose a Model's InferencePool by it (every Model's route serves the same
-# paths). Set by the gateway only: clients' copies are removed first.
-MODEL_NAME_HEADER = "x-gateway-model-name"
-
 # A client's session, which the session-affinity scorer keeps on one pod.
 SESSION_HEADER = "x-session-id"
 
