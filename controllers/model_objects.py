@@ -37,7 +37,6 @@ from infergw.api.autoscaling import (
 from infergw.api.engines import METRIC_VOCABULARY
 from infergw.api.meta import ApiStruct, LocalRef
 from infergw.api.names import DECODE, ENGINE_LABEL, GROUP_LABEL, MODEL_LABEL, PREFILL, ROLE_LABEL
-from infergw.api.object_names import dns_label, label_value
 from infergw.api.networking import (
     DEFAULT_KV_CONNECTOR,
     ModelRouteSpec,
@@ -48,6 +47,7 @@ from infergw.api.networking import (
     WorkloadPort,
     WorkloadSelector,
 )
+from infergw.api.object_names import dns_label, label_value
 from infergw.api.upstream import (
     DEFAULT_FAILURE_MODE,
     EndpointPickerRef,

@@ -22,7 +22,6 @@ from infergw.controllers import model_objects
 from infergw.controllers.app import build_parser as controllers_parser
 from infergw.simulator.config import parse_config
 from infergw.simulator.tokenization import DEFAULT_MODEL_DIR
-
 from tests.e2e.served_only import split
 
 SCRIPT = Path(__file__).resolve().parent / "kind.sh"
@@ -88,7 +87,9 @@ def test_the_install_it_applies_runs_its_image_everywhere() -> None:
     ours = [c for d in docs for c in containers(d) if "infergate" in c["image"]]
     assert ours and all(c["image"] == TEST_IMAGE for c in ours)
     [controllers] = [
-        d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "infergate-controllers"
+        d
+        for d in docs
+        if d["kind"] == "Deployment" and d["metadata"]["name"] == "infergate-controllers"
     ]
     [c] = containers(controllers)
     assert c["imagePullPolicy"] == "IfNotPresent"  # an image kind loaded
