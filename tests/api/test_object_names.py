@@ -10,23 +10,11 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from infergw.api.object_names import dns_label, label_value, name_hash, subdomain
+from tests.name_strategies import subdomains
 
 SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 DNS_1035 = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
 LABEL_VALUE = re.compile(r"(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?")
-DNS_LABEL_PART = r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?"
-
-
-@st.composite
-def subdomains(draw) -> str:
-    """A valid DNS-1123 subdomain of 1 to 253 characters, long ones as likely as short."""
-    parts = draw(st.lists(st.from_regex(DNS_LABEL_PART, fullmatch=True), min_size=1, max_size=8))
-    sep = draw(st.sampled_from([".", "-"]))  # dots make it a subdomain, not a DNS label
-    name = sep.join(parts)
-    if draw(st.booleans()):  # stretch it past every limit
-        name = (name + sep) * (253 // (len(name) + 1) + 1)
-    name = name[: draw(st.integers(1, 253))].rstrip("-.")
-    return name or "a"
 
 
 def valid_subdomain(name: str) -> bool:

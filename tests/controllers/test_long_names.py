@@ -36,8 +36,8 @@ from infergw.cluster.store import (
 from infergw.controllers.model import ModelReconciler
 from infergw.controllers.modelinfer import ModelInferReconciler
 from infergw.controllers.picker_objects import PickerSettings
-from tests.api.test_object_names import subdomains
 from tests.kubeapi import KubeAPIEmulator
+from tests.name_strategies import subdomains
 from tests.picker_cluster import NS, SERVED, model_obj
 
 
