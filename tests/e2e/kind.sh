@@ -14,10 +14,12 @@
 #       print the install it applies (before leaving out the kinds a cluster does not serve),
 #       and touch no cluster.
 #
-# A Gateway controller: Envoy Gateway, installed as gateway-manifests/README.md ("Order" 0)
-# says. Without one (no gateway.envoyproxy.io API) the script says so, applies the Gateway API
-# CRDs alone if they are missing ($GATEWAY_API_CRDS), and checks everything up to the Model's
-# `Reachable` reason `RouteNotSeen`: nothing reports on the route, so no request is sent.
+# A Gateway controller: Envoy Gateway with Envoy AI Gateway's InferencePool backend (the
+# README's recipe, gateway-manifests/README.md "Order" 0). Without one (no gateway.envoyproxy.io
+# API) the script says so, applies the Gateway API CRDs alone if they are missing
+# ($GATEWAY_API_CRDS), and checks everything up to the Model's `Reachable` reason
+# `RouteNotSeen`: nothing reports on the route, so no request is sent. Envoy Gateway without
+# AI Gateway (no aigateway.envoyproxy.io API): up to `RouteRefsUnresolved`.
 # Without cert-manager, the install's cert-manager objects are left out (the script names
 # each); the controllers make the pickers' certificates themselves.
 #
@@ -193,13 +195,21 @@ kubectl version >/dev/null 2>&1 || fail "the cluster in $KUBECONFIG does not ans
 CLUSTER_OK=1
 cd "$ROOT"
 kubectl api-versions >"$WORK/api-versions" || fail "kubectl api-versions"
-if serves gateway.envoyproxy.io/v1alpha1; then
-    GATEWAY_CONTROLLER=envoy-gateway
-    say "Envoy Gateway is installed: the Model must become Reachable and answer through it"
+# NOT_REACHABLE: the Reachable reason to stop at when the cluster cannot serve the route;
+# empty: the Model must become Reachable and answer through the Gateway.
+NOT_REACHABLE=""
+if serves gateway.envoyproxy.io/v1alpha1 && serves aigateway.envoyproxy.io/v1alpha1; then
+    say "Envoy Gateway and Envoy AI Gateway are installed: the Model must become Reachable" \
+        "and answer through the Gateway"
+elif serves gateway.envoyproxy.io/v1alpha1; then
+    NOT_REACHABLE=RouteRefsUnresolved
+    say "Envoy Gateway without Envoy AI Gateway (no aigateway.envoyproxy.io API): an" \
+        "InferencePool backendRef stays unresolved; checking everything up to" \
+        "Reachable=$NOT_REACHABLE (README, \"A Model in a cluster\", the recipe)"
 else
-    GATEWAY_CONTROLLER=""
+    NOT_REACHABLE=RouteNotSeen
     say "no Gateway controller (no gateway.envoyproxy.io API; gateway-manifests/README.md," \
-        "Order 0, installs Envoy Gateway): checking everything up to Reachable=RouteNotSeen"
+        "Order 0): checking everything up to Reachable=$NOT_REACHABLE"
     if ! serves gateway.networking.k8s.io/v1; then
         say "no Gateway API CRDs either: applying $GATEWAY_API_CRDS"
         kubectl apply --server-side -f "$GATEWAY_API_CRDS" >/dev/null \
@@ -266,10 +276,10 @@ wait_for "the picker Deployment $PICKER to be Available" jsonpath_is "deployment
     "$NAMESPACE" '.status.conditions[?(@.type=="Available")].status' True
 
 # ---- 5. Reachable, and a chat completion through the Gateway -------------------------------------
-if [ -z "$GATEWAY_CONTROLLER" ]; then
-    wait_for "Model $MODEL to say Reachable=False RouteNotSeen (no Gateway controller)" \
-        reachable_is reason RouteNotSeen
-    say "no Gateway controller: stopped at RouteNotSeen, no request sent"
+if [ -n "$NOT_REACHABLE" ]; then
+    wait_for "Model $MODEL to say Reachable=False $NOT_REACHABLE" \
+        reachable_is reason "$NOT_REACHABLE"
+    say "stopped at Reachable=False $NOT_REACHABLE: no request sent"
 else
     wait_for "Model $MODEL to be Reachable (route Accepted with ResolvedRefs, picker Available)" \
         reachable_is status True
@@ -314,4 +324,4 @@ wait_for "ModelInfer $MODEL to go (garbage-collected)" gone "modelinfer/$MODEL"
 wait_for "the picker Deployment $PICKER to go (garbage-collected)" gone "deployment/$PICKER"
 wait_for "HTTPRoute $MODEL to go (garbage-collected)" gone "httproute/$MODEL"
 
-say "PASSED: install → Model → picker Available → ${GATEWAY_CONTROLLER:+Reachable → chat → }${GATEWAY_CONTROLLER:-RouteNotSeen → }scale to 2 → deleted, all it made gone"
+say "PASSED: install → Model → picker Available → ${NOT_REACHABLE:-Reachable → chat} → scale to 2 → deleted, all it made gone"
