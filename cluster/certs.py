@@ -254,8 +254,13 @@ def _validity(
     return now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=days)
 
 
+# X.509's upper bound on a common name (RFC 5280's ub-common-name): a CA named after a picker
+# Service of 63 characters plus "-ca" would exceed it. Clients verify the SANs, never the CN.
+COMMON_NAME_MAX = 64
+
+
 def _name(common_name: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name[:COMMON_NAME_MAX])])
 
 
 def _alt_names(hosts: tuple[str, ...]) -> list[x509.GeneralName]:

@@ -20,7 +20,7 @@ import aiohttp
 from infergw.api import ApiError, from_dict, prune_nulls
 from infergw.api.autoscaling import AutoScalingPolicy, EffectiveStep, effective_policy
 from infergw.api.engines import VLLM_METRICS, metric_name, metrics_path
-from infergw.api.names import ENGINE_LABEL, MODELINFER_LABEL, ROLE_LABEL
+from infergw.api.names import ENGINE_LABEL, ROLE_LABEL
 from infergw.cluster.pool import is_worker
 from infergw.cluster.store import (
     AUTOSCALING_BINDING,
@@ -33,7 +33,7 @@ from infergw.cluster.store import (
 )
 from infergw.controllers import autoscaling as a
 from infergw.controllers.conditions import condition, find, listed, now_rfc3339
-from infergw.controllers.modelinfer_pods import pod_ready
+from infergw.controllers.modelinfer_pods import instance_label, pod_ready
 
 log = logging.getLogger("controllers.autoscaler")
 
@@ -206,7 +206,7 @@ class AutoscalerReconciler:
         mi = await self.store.get(MODEL_INFER, ns, target["name"])
         if mi is None:
             raise ScrapeFailed(f"ModelInfer {target['name']} not found")
-        labels = {MODELINFER_LABEL: target["name"]}
+        labels = instance_label(target["name"])
         if target.get("role"):
             labels[ROLE_LABEL] = target["role"]
             role = next(r for r in mi["spec"]["template"]["roles"] if r["name"] == target["role"])

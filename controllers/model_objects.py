@@ -47,6 +47,7 @@ from infergw.api.networking import (
     WorkloadPort,
     WorkloadSelector,
 )
+from infergw.api.object_names import dns_label, label_value
 from infergw.api.upstream import (
     DEFAULT_FAILURE_MODE,
     EndpointPickerRef,
@@ -99,6 +100,18 @@ def _namespace(model: Model) -> str:
     return model.metadata.namespace or "default"
 
 
+def model_label(model: Model) -> dict[str, str]:
+    """MODEL_LABEL on the Model's objects and pods, what its pool selects by: the Model's
+    name, bounded as a label value."""
+    return {MODEL_LABEL: label_value(_name(model))}
+
+
+def picker_name(model: Model) -> str:
+    """The picker's Service (what the InferencePool's endpointPickerRef names), and its
+    Deployment, ServiceAccount and Role (controllers/picker_objects.py)."""
+    return dns_label(_name(model), "-epp")
+
+
 @overload
 def _plain(value: ApiStruct) -> dict[str, Any]: ...
 @overload
@@ -112,7 +125,7 @@ def _meta(model: Model) -> ObjectMeta:
     return ObjectMeta(
         name=_name(model),
         namespace=_namespace(model),
-        labels={MODEL_LABEL: _name(model)},
+        labels=model_label(model),
         owner_references=[owner_reference_of(model)],
     )
 
@@ -266,7 +279,7 @@ def modelinfer(model: Model, sockets: KVEventSockets = PER_POD) -> ModelInfer:
 
 def modelserver(model: Model) -> ModelServer:
     backend = model.spec.backend
-    selector = WorkloadSelector(match_labels={MODEL_LABEL: _name(model)})
+    selector = WorkloadSelector(match_labels=model_label(model))
     if backend.aggregated is None:
         selector.pd_group = PDGroup(
             group_key=GROUP_LABEL,
@@ -301,14 +314,13 @@ def modelroute(model: Model) -> ModelRoute:
 
 
 def inferencepool(model: Model) -> InferencePool:
-    name = _name(model)
     return InferencePool(
         metadata=_meta(model),
         spec=InferencePoolSpec(
-            selector=PoolSelector(match_labels={MODEL_LABEL: name}),
+            selector=PoolSelector(match_labels=model_label(model)),
             target_ports=[Port(number=ENGINE_PORT)],
             endpoint_picker_ref=EndpointPickerRef(
-                name=f"{name}-epp",
+                name=picker_name(model),
                 port=Port(number=PICKER_PORT),
                 failure_mode=DEFAULT_FAILURE_MODE,
             ),

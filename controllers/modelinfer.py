@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from infergw import api
 from infergw.api import ModelInfer
-from infergw.api.names import ENGINE_NOT_INSTALLED, MODELINFER_LABEL, REVISION_LABEL
+from infergw.api.names import ENGINE_NOT_INSTALLED, REVISION_LABEL
 from infergw.api.workload import DEFAULT_RECOVERY_POLICY
 from infergw.cluster.store import (
     MODEL_INFER,
@@ -99,7 +99,7 @@ class ModelInferReconciler:
             self._failures.pop((namespace, name), None)
             self._forgiven.pop((namespace, name), None)
             return None  # owner references take the pods with it
-        pods, _ = await self.store.list(POD, namespace, {MODELINFER_LABEL: name})
+        pods, _ = await self.store.list(POD, namespace, mp.instance_label(name))
         groups = Groups()
         for p in pods:
             g = mp.group_of(p, name)
@@ -253,7 +253,7 @@ class ModelInferReconciler:
                     await self._create(svc)
         if len(groups.pods) < mp.replicas(mi):
             return  # groups being rebuilt keep their services
-        labels = {MODELINFER_LABEL: _name(mi)}
+        labels = mp.instance_label(_name(mi))
         services, _ = await self.store.list(SERVICE, mp.namespace_of(mi), labels)
         for svc in services:
             if svc["metadata"]["name"] not in wanted:
@@ -323,7 +323,7 @@ class ModelInferReconciler:
             "updatedReplicas": len(updated),
             "currentRevision": current,
             "updateRevision": rev,
-            "labelSelector": f"{MODELINFER_LABEL}={name}",
+            "labelSelector": ",".join(f"{k}={v}" for k, v in mp.instance_label(name).items()),
             "conditions": [
                 condition(
                     obj,

@@ -38,6 +38,7 @@ from infergw.api.names import (
     ROLE_LABEL,
     WORKER_INDEX_ENV,
 )
+from infergw.api.object_names import dns_label, label_value, subdomain
 from infergw.api.workload import (
     DEFAULT_MAX_UNAVAILABLE,
     DEFAULT_REPLICAS,
@@ -66,11 +67,26 @@ class PodSlot:
     pod: int
 
     def name(self, mi_name: str) -> str:
-        return f"{group_name(mi_name, self.group)}-{self.role}-{self.index}-{self.pod}"
+        """`<mi>-<group>-<role>-<index>-<pod>`; for a long ModelInfer name, truncated before
+        the group with a hash (api/object_names.py): slot_of reads the pod index at the end."""
+        return subdomain(mi_name, f"-{self.group}-{self.role}-{self.index}-{self.pod}")
 
 
 def group_name(mi_name: str, group: int) -> str:
-    return f"{mi_name}-{group}"
+    """`<mi>-<group>`: GROUP_LABEL's value and the group's PodGroup, so a label value (63
+    characters; group_of reads the index at the end)."""
+    return label_value(mi_name, f"-{group}")
+
+
+def instance_label(mi_name: str) -> dict[str, str]:
+    """MODELINFER_LABEL on the ModelInfer's pods, Services and PodGroups: what it lists them by."""
+    return {MODELINFER_LABEL: label_value(mi_name)}
+
+
+def entry_service_name(mi_name: str, slot: PodSlot) -> str:
+    """The headless Service of the slot's role instance: its entry pod's name, as a DNS-1035
+    label (a Service's name), which ENTRY_ADDRESS spells."""
+    return dns_label(PodSlot(slot.group, slot.role, slot.index, 0).name(mi_name))
 
 
 def name_of(mi: ModelInfer) -> str:
@@ -100,9 +116,10 @@ def pod_labels(pod: Obj) -> dict[str, str]:
 
 def group_of(pod: Obj, mi_name: str) -> int | None:
     label = pod_labels(pod).get(GROUP_LABEL, "")
-    prefix = mi_name + "-"
-    tail = label[len(prefix) :] if label.startswith(prefix) else ""
-    return int(tail) if tail.isdigit() else None
+    tail = label.rpartition("-")[2]
+    if not tail.isdigit() or label != group_name(mi_name, int(tail)):
+        return None
+    return int(tail)
 
 
 def revision(mi: ModelInfer) -> str:
@@ -134,10 +151,10 @@ def pod_for(mi: ModelInfer, slot: PodSlot, rev: str) -> Obj:
     )
     meta = template.get("metadata") or {}
     spec = template.get("spec") or {}
-    entry_name = PodSlot(slot.group, slot.role, slot.index, 0).name(name)
+    entry_address = f"{entry_service_name(name, slot)}.{namespace}"
     env = [
         {"name": GROUP_SIZE_ENV, "value": str(1 + worker_replicas(role))},
-        {"name": ENTRY_ADDRESS_ENV, "value": f"{entry_name}.{namespace}"},
+        {"name": ENTRY_ADDRESS_ENV, "value": entry_address},
         {"name": WORKER_INDEX_ENV, "value": str(slot.pod)},
     ]
     for c in spec.get("containers") or []:
@@ -145,7 +162,7 @@ def pod_for(mi: ModelInfer, slot: PodSlot, rev: str) -> Obj:
         c["env"] = [e for e in c.get("env") or [] if e.get("name") not in names] + env
     labels = {
         **(meta.get("labels") or {}),
-        MODELINFER_LABEL: name,
+        **instance_label(name),
         GROUP_LABEL: group_name(name, slot.group),
         ROLE_LABEL: slot.role,
         ROLE_INDEX_LABEL: str(slot.index),
@@ -195,9 +212,9 @@ def service_for(mi: ModelInfer, slot: PodSlot) -> Obj:
         "apiVersion": "v1",
         "kind": "Service",
         "metadata": {
-            "name": PodSlot(slot.group, slot.role, slot.index, 0).name(mi_name),
+            "name": entry_service_name(mi_name, slot),
             "namespace": namespace_of(mi),
-            "labels": {MODELINFER_LABEL: mi_name, GROUP_LABEL: group},
+            "labels": {**instance_label(mi_name), GROUP_LABEL: group},
             "ownerReferences": [owner_reference_of(mi)],
         },
         "spec": {
@@ -249,7 +266,7 @@ def pod_group_for(mi: ModelInfer, group: int) -> Obj:
         "metadata": {
             "name": group_name(mi_name, group),
             "namespace": namespace_of(mi),
-            "labels": {MODELINFER_LABEL: mi_name},
+            "labels": instance_label(mi_name),
             "ownerReferences": [owner_reference_of(mi)],
         },
         "spec": {"minMember": sum(tasks.values()), "minTaskMember": tasks},

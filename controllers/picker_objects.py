@@ -22,6 +22,8 @@ Per Model `m` (gateway-manifests/epp.yaml is the same picker written by hand):
   verifying it against the Secret's CA).
 
 The picker's pods carry no MODEL_LABEL: the pool selects the Model's serving pods by it.
+For a long Model name each name is bounded by api/object_names.py (Services 63 characters,
+starting with a letter; other objects 253; label values 63): truncated, with a hash.
 """
 
 from __future__ import annotations
@@ -68,8 +70,9 @@ from infergw.api.gateway import (
     RouteTimeouts,
 )
 from infergw.api.meta import ApiStruct
-from infergw.api.names import KV_EVENTS_PORT, KV_REPLAY_PORT, MODEL_LABEL, MODEL_NAME_HEADER
+from infergw.api.names import KV_EVENTS_PORT, KV_REPLAY_PORT, MODEL_NAME_HEADER
 from infergw.api.networking import ParentRef
+from infergw.api.object_names import dns_label, subdomain
 from infergw.api.upstream import POOL_GROUP_VERSION
 from infergw.api.workload import DEFAULT_GATEWAY
 from infergw.cluster.certs import ServingCert
@@ -86,7 +89,14 @@ from infergw.cluster.store import (
 )
 from infergw.controllers import picker_patch, picker_tls
 from infergw.controllers.engine_command import PER_POD, KVEventSockets
-from infergw.controllers.model_objects import CONNECTOR_IMAGE, PICKER_PORT, POD_IP_ENV, served_name
+from infergw.controllers.model_objects import (
+    CONNECTOR_IMAGE,
+    PICKER_PORT,
+    POD_IP_ENV,
+    model_label,
+    picker_name,
+    served_name,
+)
 from infergw.controllers.picker_tls import TLS_ANNOTATION
 
 PICKER_IMAGE = CONNECTOR_IMAGE  # the infergate image: `infergate epp`, `infergate fetch`
@@ -166,23 +176,18 @@ class PickerSettings:
 # ---- names --------------------------------------------------------------------------------------
 
 
-def picker_name(model: Model) -> str:
-    """The picker's Deployment, Service, ServiceAccount, Role: what the InferencePool names."""
-    return f"{model.metadata.name}-epp"
-
-
 def replicas_service(model: Model) -> str:
-    return f"{picker_name(model)}-replicas"
+    return dns_label(model.metadata.name or "", "-epp-replicas")
 
 
 def config_map_name(model: Model) -> str:
-    return f"{picker_name(model)}-config"
+    return subdomain(model.metadata.name or "", "-epp-config")
 
 
 def tls_secret(model: Model) -> str:
     """The picker's serving certificate (tls.crt, tls.key, ca.crt): the controllers make it
     (picker_tls.py); the pods start once it exists."""
-    return f"{picker_name(model)}-tls"
+    return subdomain(model.metadata.name or "", "-epp-tls")
 
 
 def gateway_of(model: Model) -> ParentRef:
@@ -213,7 +218,7 @@ def _meta(model: Model, name: str) -> ObjectMeta:
     return ObjectMeta(
         name=name,
         namespace=model.metadata.namespace or "default",
-        labels={**_pod_labels(model), MODEL_LABEL: model.metadata.name or ""},
+        labels={**_pod_labels(model), **model_label(model)},
         owner_references=[owner_reference_of(model)],
     )
 

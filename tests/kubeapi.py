@@ -60,6 +60,27 @@ NAME_MESSAGE = (
     "'.', and must start and end with an alphanumeric character (e.g. 'example.com', regex used "
     "for validation is '[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*')"
 )
+# What kube-apiserver's validation says of a Service's name (a DNS-1035 label) and of labels
+# (apimachinery's IsValidLabelValue and IsQualifiedName), written out here, not imported:
+# the controllers' names (api/object_names.py) are what these check.
+DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+DNS_1035_MESSAGE = (
+    "a DNS-1035 label must consist of lower case alphanumeric characters or '-', start with an "
+    "alphabetic character, and end with an alphanumeric character (e.g. 'my-name',  or "
+    "'abc-123', regex used for validation is '[a-z]([-a-z0-9]*[a-z0-9])?')"
+)
+LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
+LABEL_VALUE_MESSAGE = (
+    "a valid label must be an empty string or consist of alphanumeric characters, '-', '_' or "
+    "'.', and must start and end with an alphanumeric character (e.g. 'MyValue',  or "
+    "'my_value',  or '12345', regex used for validation is "
+    "'(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?')"
+)
+LABEL_NAME = re.compile(r"^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$")
+LABEL_MAX = 63
+# Where a built-in kind carries labels besides metadata.labels: a Service's selector, a
+# Deployment's (or PodDisruptionBudget's) selector and pod template.
+NESTED_LABELS = ("spec.selector", "spec.selector.matchLabels", "spec.template.metadata.labels")
 BUILTIN_SCALE = ScalePaths()
 # fmt: off
 VERSION_INFO = {  # the client's model wants every field
@@ -671,6 +692,7 @@ class Write:
 
     def admit(self, obj: Obj, old: Obj | None) -> Obj:
         errors = name_errors(obj) if old is None else []
+        errors += label_errors(obj, nested=self.crd is None)
         if self.crd is None:
             if errors:
                 group = split_api_version(obj.get("apiVersion", ""))[0]
@@ -714,9 +736,42 @@ class Write:
 
 def name_errors(obj: Obj) -> list[FieldError]:
     name = obj["metadata"]["name"]
+    if obj.get("kind") == "Service" and obj.get("apiVersion") == "v1":
+        if len(name) > LABEL_MAX:
+            return [invalid("metadata.name", name, f"must be no more than {LABEL_MAX} characters")]
+        if not DNS_1035.match(name):
+            return [invalid("metadata.name", name, DNS_1035_MESSAGE)]
     if len(name) > 253 or not DNS_SUBDOMAIN.match(name):
         return [invalid("metadata.name", name, NAME_MESSAGE)]
     return []
+
+
+def label_errors(obj: Obj, nested: bool) -> list[FieldError]:
+    """metadata.labels, and with `nested` (a built-in kind) the label maps of NESTED_LABELS:
+    keys are qualified names, values at most 63 characters of LABEL_VALUE."""
+    paths = ("metadata.labels", *(NESTED_LABELS if nested else ()))
+    errors = []
+    for path in paths:
+        labels = get_path(obj, path)
+        if not isinstance(labels, dict) or (path == "spec.selector" and "matchLabels" in labels):
+            continue
+        for key, value in labels.items():
+            prefix, _, name = str(key).rpartition("/")
+            if (
+                not LABEL_NAME.match(name)
+                or len(name) > LABEL_MAX
+                or (prefix and (len(prefix) > 253 or not DNS_SUBDOMAIN.match(prefix)))
+            ):
+                errors.append(invalid(f"{path}", key, "name part must be a qualified name"))
+            if not isinstance(value, str):
+                errors.append(invalid(f"{path}", value, "a label value must be a string"))
+            elif len(value) > LABEL_MAX:
+                errors.append(
+                    invalid(f"{path}", value, f"must be no more than {LABEL_MAX} characters")
+                )
+            elif not LABEL_VALUE.match(value):
+                errors.append(invalid(f"{path}", value, LABEL_VALUE_MESSAGE))
+    return errors
 
 
 def get_path(obj: Obj, path: str) -> Any:

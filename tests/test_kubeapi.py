@@ -814,3 +814,38 @@ def test_a_rule_that_does_not_compile_fails_loudly(rule, why):
     with pytest.raises(CELCompileError, match=re.escape(why)) as exc:
         KubeAPIEmulator(crds=[crd])
     assert "properties[spec].x-kubernetes-validations[0].rule" in str(exc.value)
+
+
+def service(name: str, selector: dict[str, str] | None = None) -> dict:
+    return {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name},
+            "spec": {"selector": selector or {"app": "x"}, "ports": [{"port": 80}]}}  # fmt: skip
+
+
+def test_service_names_are_dns_1035_labels_and_label_values_at_most_63(core, api_client):
+    # What kube-apiserver refuses and our derived names depend on (api/object_names.py).
+    for bad in ("a" * 64, "7b-model", "llama.v3"):
+        code, status = refused(core.create_namespaced_service, "default", service(bad))
+        assert (code, causes(status)) == (422, [("metadata.name", "FieldValueInvalid")]), bad
+    core.create_namespaced_service("default", service("a" * 63))
+    # Other kinds keep the subdomain rule: dots and a leading digit are fine.
+    core.create_namespaced_pod("default", pod("7b.model"))
+    too_long = {"infergate.io/model": "m" * 64}
+    code, status = refused(core.create_namespaced_pod, "default", pod("p2", labels=too_long))
+    assert (code, causes(status)) == (422, [("metadata.labels", "FieldValueInvalid")])
+    code, _ = refused(core.create_namespaced_service, "default", service("s", too_long))
+    assert code == 422
+    deployment = {
+        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "d"},
+        "spec": {"selector": {"matchLabels": {"app": "d"}},
+                 "template": {"metadata": {"labels": {"app": "d", "bad": "-x"}},
+                              "spec": {"containers": [{"name": "c", "image": "i"}]}}},
+    }  # fmt: skip
+    apps = client.AppsV1Api(api_client)
+    code, status = refused(apps.create_namespaced_deployment, "default", deployment)
+    assert (code, causes(status)) == (422, [("spec.template.metadata.labels", "FieldValueInvalid")])
+    # on update too
+    core.create_namespaced_pod("default", pod("p3"))
+    code, _ = refused(
+        core.patch_namespaced_pod, "p3", "default", {"metadata": {"labels": {"k": "v" * 64}}}
+    )
+    assert code == 422

@@ -327,6 +327,24 @@ async def test_an_s3_model_fetches_its_tokenizer_with_the_models_s3_settings(
     assert [e for e in init["env"] if e["name"] != "HOME"] == env[:2]
 
 
+async def test_lora_adapters_are_tokenized_with_the_base_models_tokenizer(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """vLLM tokenizes every LoRA request with the base model's tokenizer, even when the adapter
+    ships one (README, "LoRA adapters' tokenizers"): the picker gets the base's alone (the KV
+    facade maps an adapter to its base, kvindex/cache.py), and nothing fetches an adapter's."""
+    adapters = [{"name": "sql-lora", "artifactURL": "hf://org/sql-lora"}]
+    await cluster.apply(model_obj(loraAdapters=adapters))
+    await cluster.reconcile()
+    dep = await cluster.get(DEPLOYMENT, "llama-epp")
+    [init] = pod_spec(dep)["initContainers"]
+    source = fetch_parser().parse_args(init["args"]).source
+    assert source == "hf://meta-llama/Meta-Llama-3-8B-Instruct"
+    tokenizer = tmp_path / "tokenizer"
+    shutil.copytree(DEFAULT_MODEL, tokenizer)
+    assert picker_options(dep, tokenizer).tokenizers == {SERVED: tokenizer}
+
+
 async def test_spec_gateway_names_the_routes_parent(cluster: Cluster) -> None:
     gateway = {"name": "public", "namespace": "gateways", "sectionName": "https"}
     await cluster.apply(model_obj(gateway=gateway))
