@@ -11,7 +11,8 @@ gets a deletionTimestamp until an update empties them), and removing an object r
 dependents (ownerReferences to its uid), as the garbage collector's background deletion does.
 
 Custom resources exist only where a CRD is installed (ours from crds/ by default, see
-tests/kube_crd.py; anything else outside the built-in groups is 404), with the subresources
+tests/kube_crd.py, or a CustomResourceDefinition created through the API, as `kubectl apply`
+installs one; anything else outside the built-in groups is 404), with the subresources
 that CRD declares, and every write goes through the version's structural schema as on a real
 API server (tests/kube_schema.py): unknown fields pruned (the `fieldValidation` query parameter:
 Strict refuses them with 400, Warn — the server's default — and Ignore drop them, Warn with a
@@ -45,7 +46,14 @@ import yaml
 from aiohttp import web
 from multidict import CIMultiDict
 
-from tests.kube_crd import BUILTIN_GROUPS, DEFAULT_CRDS, CustomResource, ScalePaths, load_crds
+from tests.kube_crd import (
+    BUILTIN_GROUPS,
+    DEFAULT_CRDS,
+    CustomResource,
+    ScalePaths,
+    custom_resource,
+    load_crds,
+)
 from tests.kube_schema import FieldError, invalid
 
 Key = tuple[str, str, str, str, str]  # group, version, plural, namespace, name
@@ -61,6 +69,7 @@ NAME_MESSAGE = (
     "for validation is '[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*')"
 )
 BUILTIN_SCALE = ScalePaths()
+CRD_RESOURCE = ("apiextensions.k8s.io", "customresourcedefinitions")
 # fmt: off
 VERSION_INFO = {  # the client's model wants every field
     "major": "1", "minor": "33", "gitVersion": "v1.33.0-emulator", "gitCommit": "0" * 40,
@@ -292,6 +301,11 @@ class KubeAPIEmulator:
         with self._lock:
             return self._remove(key) is not None
 
+    def resource_of(self, group: str, kind: str) -> CustomResource | None:
+        """The installed CRD serving `kind` of `group` (its plural and scope), or None."""
+        with self._lock:
+            return self._crd_of_kind(group, kind)
+
     def _crd_of_kind(self, group: str, kind: str) -> CustomResource | None:
         return next((c for c in self._crds.values() if (c.group, c.kind) == (group, kind)), None)
 
@@ -515,7 +529,20 @@ class KubeAPIEmulator:
             body.pop("status", None)  # a status subresource: create ignores the status
         obj = write.admit(body, None)
         obj["apiVersion"] = f"{group}/{version}" if group else version
+        if (group, plural) == CRD_RESOURCE:
+            self._install(obj)
         return self._write(key, obj)
+
+    def _install(self, crd_doc: Obj) -> None:
+        """Serve a CRD created through the API from now on (an update changes nothing: the
+        emulator's CRDs are fixed once installed). One that cannot be served is a 422."""
+        try:
+            crd = custom_resource(crd_doc)
+        except (KeyError, TypeError, ValueError) as exc:
+            name = crd_doc["metadata"]["name"]
+            raise APIError(422, "Invalid", f'CustomResourceDefinition "{name}" is invalid: {exc}')
+        self._crds.setdefault((crd.group, crd.plural), crd)
+        self._kinds.setdefault((crd.group, crd.plural), crd.kind)
 
     @staticmethod
     def _check_version(key: Key, current: Obj, body: Obj) -> None:
