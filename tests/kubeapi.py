@@ -295,6 +295,13 @@ class KubeAPIEmulator:
             obj = self._objects.get(self._helper_key(group, version, kind, namespace, name))
             return None if obj is None else self._present(obj, version)
 
+    def list_objects(self, api_version: str, kind: str) -> list[Obj]:
+        """Every stored object of `kind`, in all namespaces, as a client reads them."""
+        group, version = split_api_version(api_version)
+        gvp = self._helper_key(group, version, kind, "", "")[:3]
+        with self._lock:
+            return self._matching(gvp, version, lambda _: True)
+
     def delete(self, api_version: str, kind: str, name: str, namespace: str = "default") -> bool:
         group, version = split_api_version(api_version)
         key = self._helper_key(group, version, kind, namespace, name)
@@ -539,8 +546,8 @@ class KubeAPIEmulator:
         try:
             crd = custom_resource(crd_doc)
         except (KeyError, TypeError, ValueError) as exc:
-            name = crd_doc["metadata"]["name"]
-            raise APIError(422, "Invalid", f'CustomResourceDefinition "{name}" is invalid: {exc}')
+            message = f'CustomResourceDefinition "{crd_doc["metadata"]["name"]}" is invalid: {exc}'
+            raise APIError(422, "Invalid", message) from exc
         self._crds.setdefault((crd.group, crd.plural), crd)
         self._kinds.setdefault((crd.group, crd.plural), crd.kind)
 
