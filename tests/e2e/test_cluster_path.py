@@ -19,9 +19,9 @@ No Envoy runs here (tests/e2e/test_gateway.py and the gateway recipe's own tests
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import copy
-import shutil
 import socket
 import sys
 from contextlib import ExitStack
@@ -46,6 +46,7 @@ from infergw.stack.install import Target, objects, upstream_crds
 from tests import extproc_client as ec
 from tests.cluster_install import apply
 from tests.conftest import free_port, running, simulator_cmd
+from tests.controller_manifests import expand as expand_rules
 from tests.kube_crd import TEST_CRDS
 from tests.kube_rbac import Account, RBACEmulator, stored_rbac
 from tests.paths import DEFAULT_MODEL
@@ -82,6 +83,7 @@ def pod_ip(n: int) -> str:
 
 def bindable(address: str, port: int) -> bool:
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the simulator binds
         try:
             s.bind((address, port))
         except OSError:
@@ -302,6 +304,13 @@ def test_the_pickers_objects_fit_what_consumes_them(cluster: Cluster) -> None:
     assert not labels_match(workers[0], selector)
     assert MODEL_LABEL not in workers[0]["metadata"]["labels"]
 
+    # kube-apiserver lets the controllers create the picker's Role only if they hold every
+    # permission it grants (RBAC's escalation check, which the emulator does not make)
+    controllers = stored_rbac(cluster.api, CONTROLLERS)()
+    role = cluster.get("rbac.authorization.k8s.io/v1", "Role", PICKER.name)
+    for group, resource, verb in expand_rules(role["rules"]):
+        assert controllers.allows(group, resource, verb, NS), (group, resource, verb)
+
 
 def test_reachable_once_the_gateway_accepts_the_route_and_the_picker_is_available(
     cluster: Cluster,
@@ -321,3 +330,135 @@ def test_reachable_once_the_gateway_accepts_the_route_and_the_picker_is_availabl
     cluster.set_status("apps/v1", "Deployment", "llama-epp", available)
     wait_for(lambda: reachable().get("status") == "True", "Reachable True",
              alive=(cluster.controllers,), within=30)  # fmt: skip
+
+
+# ---- 3. the picker process, while pods come and go ----------------------------------------------
+
+
+def picker_files(cluster: Cluster, c: dict) -> dict[str, Path]:
+    """The files the picker's volumes would hold, from the objects the controllers made."""
+    root = cluster.tmp / "picker"
+    tls, config = root / "tls", root / "config"
+    tls.mkdir(parents=True, exist_ok=True)
+    config.mkdir(exist_ok=True)
+    secret = cluster.get("v1", "Secret", "llama-epp-tls")
+    for key, value in secret["data"].items():
+        (tls / key).write_bytes(base64.b64decode(value))
+    cm = cluster.get("v1", "ConfigMap", "llama-epp-config")
+    for key, value in cm["data"].items():
+        (config / key).write_text(value)
+    mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
+    return {mounts["tls"]: tls, mounts["config"]: config, mounts["tokenizer"]: DEFAULT_MODEL}
+
+
+def picker_cmd(cluster: Cluster) -> tuple[list[str], int, int]:
+    """The rendered Deployment's command line with the laptop's ports, files and pod IP; its
+    ext_proc and metrics ports."""
+    c = picker_container(cluster.get("apps/v1", "Deployment", "llama-epp"))
+    args = [expand(a, container_env(c, "127.0.0.1")) for a in c["args"]]
+    for mounted, local in picker_files(cluster, c).items():
+        args = [a.replace(mounted, str(local)) for a in args]
+    grpc_port, metrics_port = free_port(), free_port()
+    args = with_values(
+        args,
+        host="127.0.0.1",
+        grpc_port=str(grpc_port),
+        grpc_health_port=str(free_port()),
+        metrics_port=str(metrics_port),
+        replica_sync_bind=f"tcp://127.0.0.1:{free_port()}",
+    )
+    return [sys.executable, "-m", "infergw.epp", *args], grpc_port, metrics_port
+
+
+class Picker:
+    """Asks the picker process as Envoy does, over TLS verified with the Secret's CA."""
+
+    def __init__(self, cluster: Cluster, grpc_port: int) -> None:
+        ca = (cluster.tmp / "picker" / "tls" / "ca.crt").read_bytes()
+        self.target = f"127.0.0.1:{grpc_port}"
+        self.credentials = grpc.ssl_channel_credentials(root_certificates=ca)
+        self.options = (("grpc.ssl_target_name_override", f"llama-epp.{NS}.svc"),)
+
+    async def pick(self, subset: list[str] | None = None) -> str | None:
+        """The endpoint picked for a chat completion (restricted to `subset`), or None."""
+        body = {"model": SERVED, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+        out = await ec.exchange(
+            self.target,
+            [ec.headers("/v1/chat/completions", subset=subset), ec.body(body)],
+            credentials=self.credentials,
+            options=self.options,
+        )
+        return ec.set_headers(out[0]).get(DESTINATION_HEADER) if out else None
+
+    async def picks(self, n: int) -> set[str | None]:
+        return {await self.pick() for _ in range(n)}
+
+
+async def eventually(check, what: str, proc, within: float = 15.0) -> None:
+    """Await `check()` until truthy (a watch event takes a moment to reach the picker)."""
+    deadline = asyncio.get_running_loop().time() + within
+    while not await check():
+        assert proc.poll() is None, f"the picker exited while waiting for {what}"
+        assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.1)
+
+
+async def test_the_picker_process_picks_only_current_ready_pool_members(cluster: Cluster) -> None:
+    ips = [pod_ip(n) for n in (1, 2, 3)]
+    if not all(bindable(ip, ENGINE_PORT) for ip in ips):
+        pytest.skip(f"{ENGINE_PORT} is taken on an address of {POD_NET}.x")
+    [entry] = [p for p in cluster.pods() if p["metadata"]["labels"].get(ENTRY_LABEL) == "true"]
+    [worker] = [p for p in cluster.pods() if p["metadata"]["labels"].get(ENTRY_LABEL) == "false"]
+    extra = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "llama-extra", "namespace": NS,
+                     "labels": dict(entry["metadata"]["labels"])},
+        "spec": entry["spec"],
+    }  # fmt: skip
+    at = {ip: f"{ip}:{ENGINE_PORT}" for ip in ips}
+    entry_at, worker_at, extra_at = at.values()
+    with ExitStack() as started:
+        for ip in ips:  # every pod is served, so a wrong pick would be answered too
+            cmd = simulator_cmd(ENGINE_PORT, *FAST_SIMULATOR, "--host", ip,
+                                "--served-model-name", SERVED)  # fmt: skip
+            started.enter_context(running(cmd, ready_url=f"http://{ip}:{ENGINE_PORT}/health"))
+        cluster.run_pod(entry, ips[0])
+        cluster.run_pod(worker, ips[1])
+        cmd, grpc_port, metrics_port = picker_cmd(cluster)
+        config = kubeconfig(cluster.tmp / "picker.kubeconfig", cluster.api.url, PICKER_TOKEN)
+        proc = started.enter_context(
+            running(cmd, ready_url=f"http://127.0.0.1:{metrics_port}/healthz", env=env_for(config))
+        )
+        picker = Picker(cluster, grpc_port)
+
+        # the Model's entry pod only; the worker is never a candidate, even when asked for
+        await eventually(lambda: _equals(picker.picks(5), {entry_at}), "the entry pod", proc)
+        assert await picker.pick(subset=[worker_at]) is None
+
+        # a pod joins the pool: picked
+        cluster.run_pod(extra, ips[2])
+        await eventually(lambda: _equals(picker.pick([extra_at]), extra_at), "the new pod", proc)
+        assert await picker.picks(10) <= {entry_at, extra_at}
+
+        # not ready: never picked again; ready again, then deleted: never picked again
+        cluster.run_pod(extra, ips[2], ready=False)
+        await eventually(lambda: _equals(picker.pick([extra_at]), None), "NotReady", proc)
+        assert await picker.picks(10) == {entry_at}
+        cluster.run_pod(extra, ips[2])
+        await eventually(lambda: _equals(picker.pick([extra_at]), extra_at), "Ready", proc)
+        cluster.api.delete("v1", "Pod", "llama-extra", NS)
+        await eventually(lambda: _equals(picker.pick([extra_at]), None), "deleted", proc)
+        assert await picker.picks(10) == {entry_at}
+
+    # the Role the controllers made covers every call the picker made, and it made them
+    assert PICKER.name not in cluster.api.denied
+    calls = cluster.api.allowed[PICKER.name]
+    assert {(g, r) for g, r, v, ns in calls if v == "watch"} >= {
+        ("", "pods"), ("inference.networking.k8s.io", "inferencepools")
+    }  # fmt: skip
+    assert {ns for *_, ns in calls} == {NS}
+
+
+async def _equals(got, want) -> bool:
+    return await got == want
