@@ -23,6 +23,7 @@ import asyncio
 import base64
 import copy
 import socket
+import subprocess
 import sys
 from contextlib import ExitStack
 from pathlib import Path
@@ -148,8 +149,11 @@ def route_status(generation: int) -> dict:
 class Cluster:
     """The emulator after the install, with the controllers' process running."""
 
-    def __init__(self, api: RBACEmulator, controllers, tmp: Path) -> None:
+    def __init__(
+        self, api: RBACEmulator, controllers: subprocess.Popen, tmp: Path, skipped: list
+    ) -> None:
         self.api, self.controllers, self.tmp = api, controllers, tmp
+        self.skipped = skipped  # (group, kind, name) of the install's objects not applied
 
     def get(self, api_version: str, kind: str, name: str) -> dict:
         return self.api.get(api_version, kind, name, NS)
@@ -218,8 +222,7 @@ def cluster(tmp_path_factory):
         skipped = install(api)
         config = kubeconfig(tmp / "controllers.kubeconfig", api.url, CONTROLLERS_TOKEN)
         with running(controllers_cmd(api), env=env_for(config)) as proc:
-            c = Cluster(api, proc, tmp)
-            c.skipped = skipped
+            c = Cluster(api, proc, tmp, skipped)
             model = model_obj(backend={"aggregated": {"replicas": 1, "workerReplicas": 1}})
             apply(api, [model])
             c.wait(WORKLOAD, "Model", "llama")
