@@ -169,6 +169,12 @@ def query_matcher(query: Mapping[str, str], ns: str) -> Callable[[Obj], bool]:
     return lambda o: (not ns or o["metadata"].get("namespace") == ns) and labels(o) and fields(o)
 
 
+def kubeconfig_env(kubeconfig: Path) -> dict[str, str]:
+    """The environment of a process outside a pod that finds the API by this kubeconfig (the
+    in-cluster config must not apply)."""
+    return {"KUBECONFIG": str(kubeconfig), "KUBERNETES_SERVICE_HOST": "", "PYTHONUNBUFFERED": "1"}
+
+
 class KubeAPIEmulator:
     def __init__(
         self, history: int = 1000, crds: Iterable[Path | dict[str, Any]] | None = None
@@ -208,15 +214,16 @@ class KubeAPIEmulator:
         cfg.host = self.url
         return cfg
 
-    def write_kubeconfig(self, path: Path) -> Path:
-        """A kubeconfig naming this emulator, for code that finds the API by $KUBECONFIG."""
+    def write_kubeconfig(self, path: Path, token: str = "test") -> Path:
+        """A kubeconfig naming this emulator, for code that finds the API by $KUBECONFIG; its
+        user sends `token` (a ServiceAccount's, where tests/kube_rbac.py authorizes)."""
         cluster = {"name": "emu", "cluster": {"server": self.url}}
         context = {"name": "emu", "context": {"cluster": "emu", "user": "me"}}
         config = {
             "apiVersion": "v1",
             "kind": "Config",
             "clusters": [cluster],
-            "users": [{"name": "me", "user": {"token": "test"}}],
+            "users": [{"name": "me", "user": {"token": token}}],
             "contexts": [context],
             "current-context": "emu",
         }

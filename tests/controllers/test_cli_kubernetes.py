@@ -31,7 +31,7 @@ from infergw.stack.lifetime import spawn
 from tests.conftest import free_port, running
 from tests.controller_manifests import Authorizer, docs
 from tests.kube_rbac import Account, RBACEmulator
-from tests.kubeapi import KubeAPIEmulator
+from tests.kubeapi import KubeAPIEmulator, kubeconfig_env
 from tests.paths import CRD_EXAMPLES
 from tests.waiting import wait_for
 
@@ -60,37 +60,11 @@ def manifest_rbac() -> Authorizer:
     return Authorizer.for_account(docs(), account["name"], account["namespace"])
 
 
-def write_kubeconfig(path: Path, server: str) -> Path:
-    path.write_text(
-        yaml.safe_dump(
-            {
-                "apiVersion": "v1",
-                "kind": "Config",
-                "clusters": [{"name": "emulator", "cluster": {"server": server}}],
-                "users": [{"name": "infergate-controllers", "user": {"token": TOKEN}}],
-                "contexts": [
-                    {
-                        "name": "emulator",
-                        "context": {"cluster": "emulator", "user": "infergate-controllers"},
-                    }
-                ],
-                "current-context": "emulator",
-            }
-        )
-    )
-    return path
-
-
 def controllers_cmd(metrics_port: int, *extra: str) -> list[str]:
     return [
         sys.executable, "-m", "infergw.controllers", "--mode", "kubernetes", "--leader-elect",
         "--leader-namespace", LEASE_NS, "--metrics-port", str(metrics_port), *extra,
     ]  # fmt: skip
-
-
-def env_for(kubeconfig: Path) -> dict[str, str]:
-    # not in a pod: the in-cluster config must not apply, so the kubeconfig does
-    return {"KUBECONFIG": str(kubeconfig), "KUBERNETES_SERVICE_HOST": "", "PYTHONUNBUFFERED": "1"}
 
 
 def identity(proc: subprocess.Popen) -> str:
@@ -148,8 +122,8 @@ def kubelet(api: KubeAPIEmulator, names: set[str]) -> None:
 def test_leader_reconciles_hands_over_on_sigterm_and_a_standby_waits(tmp_path: Path) -> None:
     api = emulator(manifest_rbac())
     with api.threaded():
-        kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", api.url)
-        env = env_for(kubeconfig)
+        kubeconfig = api.write_kubeconfig(tmp_path / "kubeconfig", TOKEN)
+        env = kubeconfig_env(kubeconfig)
         admin = client.ApiClient(api.client_configuration())  # no token: not the controllers
         custom, core = client.CustomObjectsApi(admin), client.CoreV1Api(admin)
         a_metrics = free_port()
@@ -241,7 +215,7 @@ def test_the_emulator_refuses_what_the_rbac_does_not_grant(tmp_path: Path) -> No
     rbac.namespaced.clear()
     api = emulator(rbac)
     with api.threaded():
-        env = env_for(write_kubeconfig(tmp_path / "kubeconfig", api.url))
+        env = kubeconfig_env(api.write_kubeconfig(tmp_path / "kubeconfig", TOKEN))
         with running(controllers_cmd(free_port()), env=env) as proc:
             wait_for(lambda: denied(api), "a refused request", alive=(proc,), within=20)
         assert holder(api) is None
@@ -251,7 +225,7 @@ def test_the_emulator_refuses_what_the_rbac_does_not_grant(tmp_path: Path) -> No
 def test_a_webhook_that_cannot_start_stops_the_controllers(tmp_path: Path) -> None:
     api = emulator(manifest_rbac())
     with api.threaded():
-        env = {**os.environ, **env_for(write_kubeconfig(tmp_path / "kubeconfig", api.url))}
+        env = {**os.environ, **kubeconfig_env(api.write_kubeconfig(tmp_path / "kubeconfig", TOKEN))}
         empty = tmp_path / "certs"
         empty.mkdir()
         cmd = controllers_cmd(

@@ -50,6 +50,7 @@ from tests.conftest import free_port, running, simulator_cmd
 from tests.controller_manifests import expand as expand_rules
 from tests.kube_crd import TEST_CRDS
 from tests.kube_rbac import Account, RBACEmulator, stored_rbac
+from tests.kubeapi import kubeconfig_env
 from tests.paths import DEFAULT_MODEL
 from tests.picker_cluster import NS, SERVED, container_env, expand, model_obj
 from tests.picker_fixtures import FAST_SIMULATOR
@@ -90,28 +91,6 @@ def bindable(address: str, port: int) -> bool:
         except OSError:
             return False
     return True
-
-
-def kubeconfig(path: Path, server: str, token: str) -> Path:
-    user = {"name": "sa", "user": {"token": token}}
-    path.write_text(
-        yaml.safe_dump(
-            {
-                "apiVersion": "v1",
-                "kind": "Config",
-                "clusters": [{"name": "emu", "cluster": {"server": server}}],
-                "users": [user],
-                "contexts": [{"name": "emu", "context": {"cluster": "emu", "user": "sa"}}],
-                "current-context": "emu",
-            }
-        )
-    )
-    return path
-
-
-def env_for(config: Path) -> dict[str, str]:
-    # not in a pod: the in-cluster config must not apply, so the kubeconfig does
-    return {"KUBECONFIG": str(config), "KUBERNETES_SERVICE_HOST": "", "PYTHONUNBUFFERED": "1"}
 
 
 def with_values(args: list[str], **values: str) -> list[str]:
@@ -220,8 +199,8 @@ def cluster(tmp_path_factory):
     }
     with api.threaded():
         skipped = install(api)
-        config = kubeconfig(tmp / "controllers.kubeconfig", api.url, CONTROLLERS_TOKEN)
-        with running(controllers_cmd(api), env=env_for(config)) as proc:
+        config = api.write_kubeconfig(tmp / "controllers.kubeconfig", CONTROLLERS_TOKEN)
+        with running(controllers_cmd(api), env=kubeconfig_env(config)) as proc:
             c = Cluster(api, proc, tmp, skipped)
             model = model_obj(backend={"aggregated": {"replicas": 1, "workerReplicas": 1}})
             apply(api, [model])
@@ -429,9 +408,13 @@ async def test_the_picker_process_picks_only_current_ready_pool_members(cluster:
         cluster.run_pod(entry, ips[0])
         cluster.run_pod(worker, ips[1])
         cmd, grpc_port, metrics_port = picker_cmd(cluster)
-        config = kubeconfig(cluster.tmp / "picker.kubeconfig", cluster.api.url, PICKER_TOKEN)
+        config = cluster.api.write_kubeconfig(cluster.tmp / "picker.kubeconfig", PICKER_TOKEN)
         proc = started.enter_context(
-            running(cmd, ready_url=f"http://127.0.0.1:{metrics_port}/healthz", env=env_for(config))
+            running(
+                cmd,
+                ready_url=f"http://127.0.0.1:{metrics_port}/healthz",
+                env=kubeconfig_env(config),
+            )
         )
         picker = Picker(cluster, grpc_port)
 
