@@ -12,7 +12,9 @@
    authorized by the Role the controllers made; only what must differ on a laptop is replaced
    (ports, the TLS and config files written from the Secret and ConfigMap, the tokenizer
    directory, the pod IP). Pods come and go, served by simulators on 127.77.14.x:8000, and the
-   picker, asked through ext_proc, picks only the current Ready pool members, never the worker.
+   picker, asked through ext_proc, picks only the current Ready pool members, never the worker,
+   and sends a prompt back to the pod that served it (the pods' KV events, configured as the
+   controllers rendered their engines, reach the picker's per-pod subscription).
 
 No Envoy runs here (tests/e2e/test_gateway.py and the gateway recipe's own tests do that).
 """
@@ -30,6 +32,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+import requests
 import yaml
 
 from infergw.api.names import DESTINATION_HEADER, ENTRY_LABEL, MODEL_LABEL
@@ -66,6 +69,8 @@ PICKER = Account("llama-epp", NS)
 CONTROLLERS_TOKEN, PICKER_TOKEN = "controllers-token", "picker-token"
 POD_NET = "127.77.14"  # the pods' addresses: a loopback range no other test uses
 ENGINE_PORT = 8000  # what the Model's InferencePool targets
+TOPICS = ("rivers", "mountains", "deserts", "glaciers")  # a prompt each, no prefix shared
+KV_EVENTS_APPLIED = 'infergate_kvindex_messages_total{outcome="events"}'
 # Kinds in the install the emulator serves no CRD for, and why that is acceptable here.
 SKIPPED_KINDS = {
     ("cert-manager.io", "Issuer"): "cert-manager's; no cert-manager runs here",
@@ -352,6 +357,34 @@ def picker_cmd(cluster: Cluster) -> tuple[list[str], int, int]:
     return [sys.executable, "-m", "infergw.epp", *args], grpc_port, metrics_port
 
 
+def engine_kv_flags(pod: dict, ip: str) -> list[str]:
+    """The pod's rendered --kv-events-config as its engine would read it at `ip`, binding on
+    that address rather than `*` (the pods share this machine; the simulator's bind flag)."""
+    [engine] = [c for c in pod["spec"]["containers"] if c["name"] == "engine"]
+    [flag] = [a for a in engine["args"] if a.startswith("--kv-events-config=")]
+    flag = expand(flag, container_env(engine, ip)).replace("tcp://*:", f"tcp://{ip}:")
+    assert "$(" not in flag, f"unexpanded in {flag}"
+    return [flag, "--sim-kv-events-bind"]
+
+
+def chat(prompt: str) -> dict:
+    return {"model": SERVED, "messages": [{"role": "user", "content": prompt}], "max_tokens": 1}
+
+
+def long_prompt(topic: str) -> str:
+    """Enough tokens for several KV blocks, different from the first word on."""
+    return " ".join(f"{topic} paragraph {i} says something about {topic}." for i in range(40))
+
+
+def kv_events_applied(metrics_port: int) -> float:
+    """KV events the picker's index applied (its metrics)."""
+    text = requests.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).text
+    for line in text.splitlines():
+        if line.startswith(KV_EVENTS_APPLIED):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
 class Picker:
     """Asks the picker process as Envoy does, over TLS verified with the Secret's CA."""
 
@@ -361,19 +394,18 @@ class Picker:
         self.credentials = grpc.ssl_channel_credentials(root_certificates=ca)
         self.options = (("grpc.ssl_target_name_override", f"llama-epp.{NS}.svc"),)
 
-    async def pick(self, subset: list[str] | None = None) -> str | None:
+    async def pick(self, subset: list[str] | None = None, prompt: str = "hi") -> str | None:
         """The endpoint picked for a chat completion (restricted to `subset`), or None."""
-        body = {"model": SERVED, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
         out = await ec.exchange(
             self.target,
-            [ec.headers("/v1/chat/completions", subset=subset), ec.body(body)],
+            [ec.headers("/v1/chat/completions", subset=subset), ec.body(chat(prompt))],
             credentials=self.credentials,
             options=self.options,
         )
         return ec.set_headers(out[0]).get(DESTINATION_HEADER) if out else None
 
-    async def picks(self, n: int) -> set[str | None]:
-        return {await self.pick() for _ in range(n)}
+    async def picks(self, n: int, prompt: str = "hi") -> set[str | None]:
+        return {await self.pick(prompt=prompt) for _ in range(n)}
 
 
 async def eventually(check, what: str, proc, within: float = 15.0) -> None:
@@ -401,9 +433,12 @@ async def test_the_picker_process_picks_only_current_ready_pool_members(cluster:
     at = {ip: f"{ip}:{ENGINE_PORT}" for ip in ips}
     entry_at, worker_at, extra_at = at.values()
     with ExitStack() as started:
-        for ip in ips:  # every pod is served, so a wrong pick would be answered too
+        # every pod is served, so a wrong pick would be answered too; the pool's members
+        # publish KV events as the controllers configured their engines
+        for ip, pod in zip(ips, (entry, worker, extra), strict=True):
+            kv = [] if pod is worker else engine_kv_flags(pod, ip)
             cmd = simulator_cmd(ENGINE_PORT, *FAST_SIMULATOR, "--host", ip,
-                                "--served-model-name", SERVED)  # fmt: skip
+                                "--served-model-name", SERVED, *kv)  # fmt: skip
             started.enter_context(running(cmd, ready_url=f"http://{ip}:{ENGINE_PORT}/health"))
         cluster.run_pod(entry, ips[0])
         cluster.run_pod(worker, ips[1])
@@ -426,6 +461,19 @@ async def test_the_picker_process_picks_only_current_ready_pool_members(cluster:
         cluster.run_pod(extra, ips[2])
         await eventually(lambda: _equals(picker.pick([extra_at]), extra_at), "the new pod", proc)
         assert await picker.picks(10) <= {entry_at, extra_at}
+
+        # precise prefix routing: a prompt a pod has served goes back to it, decided at the
+        # first ask (its KV events, on the port and topic its engine was given, reached the
+        # picker's subscription); twice each way, so a lucky tie-break would not pass
+        for served_by, topic in zip([extra_at, entry_at] * 2, TOPICS, strict=True):
+            prompt = long_prompt(topic)
+            before = kv_events_applied(metrics_port)
+            answer = requests.post(f"http://{served_by}/v1/chat/completions",
+                                   json=chat(prompt), timeout=30)  # fmt: skip
+            assert answer.status_code == 200, answer.text
+            wait_for(lambda b=before: kv_events_applied(metrics_port) > b,
+                     f"the {topic} prompt's KV events", alive=(proc,))  # fmt: skip
+            assert await picker.pick(prompt=prompt) == served_by, topic
 
         # not ready: never picked again; ready again, then deleted: never picked again
         cluster.run_pod(extra, ips[2], ready=False)
