@@ -28,12 +28,14 @@ import socket
 import subprocess
 import sys
 from contextlib import ExitStack
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 import pytest
 import requests
 import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from infergw.api.names import DESTINATION_HEADER, ENTRY_LABEL, MODEL_LABEL
 from infergw.cluster.store import labels_match
@@ -338,23 +340,40 @@ def picker_files(cluster: Cluster, c: dict) -> dict[str, Path]:
     return {mounts["tls"]: tls, mounts["config"]: config, mounts["tokenizer"]: DEFAULT_MODEL}
 
 
-def picker_cmd(cluster: Cluster) -> tuple[list[str], int, int]:
-    """The rendered Deployment's command line with the laptop's ports, files and pod IP; its
-    ext_proc and metrics ports."""
+@dataclass(frozen=True)
+class PickerPorts:
+    grpc: int = field(default_factory=free_port)
+    health: int = field(default_factory=free_port)
+    metrics: int = field(default_factory=free_port)
+
+
+def picker_cmd(cluster: Cluster, ports: PickerPorts) -> list[str]:
+    """The rendered Deployment's command line with the laptop's ports, files and pod IP."""
     c = picker_container(cluster.get("apps/v1", "Deployment", "llama-epp"))
     args = [expand(a, container_env(c, "127.0.0.1")) for a in c["args"]]
     for mounted, local in picker_files(cluster, c).items():
         args = [a.replace(mounted, str(local)) for a in args]
-    grpc_port, metrics_port = free_port(), free_port()
     args = with_values(
         args,
         host="127.0.0.1",
-        grpc_port=str(grpc_port),
-        grpc_health_port=str(free_port()),
-        metrics_port=str(metrics_port),
+        grpc_port=str(ports.grpc),
+        grpc_health_port=str(ports.health),
+        metrics_port=str(ports.metrics),
         replica_sync_bind=f"tcp://127.0.0.1:{free_port()}",
     )
-    return [sys.executable, "-m", "infergw.epp", *args], grpc_port, metrics_port
+    return [sys.executable, "-m", "infergw.epp", *args]
+
+
+def probe_answers(container: dict, health_port: int) -> dict[str, str]:
+    """What the kubelet's gRPC probes of the container hear from a picker (on our port)."""
+    out = {}
+    with grpc.insecure_channel(f"127.0.0.1:{health_port}") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        for probe in ("readinessProbe", "livenessProbe"):
+            service = container[probe]["grpc"]["service"]
+            answer = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+            out[probe] = health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status)
+    return out
 
 
 def engine_kv_flags(pod: dict, ip: str) -> list[str]:
@@ -442,16 +461,21 @@ async def test_the_picker_process_picks_only_current_ready_pool_members(cluster:
             started.enter_context(running(cmd, ready_url=f"http://{ip}:{ENGINE_PORT}/health"))
         cluster.run_pod(entry, ips[0])
         cluster.run_pod(worker, ips[1])
-        cmd, grpc_port, metrics_port = picker_cmd(cluster)
+        ports = PickerPorts()
+        cmd = picker_cmd(cluster, ports)
         config = cluster.api.write_kubeconfig(cluster.tmp / "picker.kubeconfig", PICKER_TOKEN)
         proc = started.enter_context(
             running(
                 cmd,
-                ready_url=f"http://127.0.0.1:{metrics_port}/healthz",
+                ready_url=f"http://127.0.0.1:{ports.metrics}/healthz",
                 env=kubeconfig_env(config),
             )
         )
-        picker = Picker(cluster, grpc_port)
+        picker = Picker(cluster, ports.grpc)
+        container = picker_container(cluster.get("apps/v1", "Deployment", "llama-epp"))
+        assert probe_answers(container, ports.health) == dict.fromkeys(
+            ("readinessProbe", "livenessProbe"), "SERVING"
+        )
 
         # the Model's entry pod only; the worker is never a candidate, even when asked for
         await eventually(lambda: _equals(picker.picks(5), {entry_at}), "the entry pod", proc)
@@ -467,11 +491,11 @@ async def test_the_picker_process_picks_only_current_ready_pool_members(cluster:
         # picker's subscription); twice each way, so a lucky tie-break would not pass
         for served_by, topic in zip([extra_at, entry_at] * 2, TOPICS, strict=True):
             prompt = long_prompt(topic)
-            before = kv_events_applied(metrics_port)
+            before = kv_events_applied(ports.metrics)
             answer = requests.post(f"http://{served_by}/v1/chat/completions",
                                    json=chat(prompt), timeout=30)  # fmt: skip
             assert answer.status_code == 200, answer.text
-            wait_for(lambda b=before: kv_events_applied(metrics_port) > b,
+            wait_for(lambda b=before: kv_events_applied(ports.metrics) > b,
                      f"the {topic} prompt's KV events", alive=(proc,))  # fmt: skip
             assert await picker.pick(prompt=prompt) == served_by, topic
 
