@@ -175,9 +175,8 @@ def install(api: RBACEmulator) -> list[tuple[str, str, str]]:
     """The upstream CRDs (`kubectl create`, where the cluster has none) and the install stream,
     as the README's cluster section says; the objects skipped."""
     upstream = [d for p in upstream_crds() for d in yaml.safe_load_all(p.read_text()) if d]
-    apply(api, upstream)
-    api.put({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}},
-            cluster_scoped=True)  # fmt: skip
+    namespace = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}}
+    apply(api, [*upstream, namespace])  # the install's header: create the namespace first
     return apply(api, objects(Target(namespace=NS))).skipped
 
 
