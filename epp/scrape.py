@@ -235,8 +235,11 @@ class MetricsScraper:
             except Exception as exc:  # the loop outlives any one round
                 self._failed(ep, exc)
             wait = max(0.0, self.interval - (time.monotonic() - t0))
-            if parse_cpu * PARSE_BACKOFF > wait:
-                wait = parse_cpu * PARSE_BACKOFF
+            # Slowed only for pages that cost more than the interval allows: a slow answer
+            # (a loaded machine) leaves no wait, and is not the page's CPU.
+            slow = parse_cpu * PARSE_BACKOFF > self.interval
+            if slow:
+                wait = max(wait, parse_cpu * PARSE_BACKOFF)
                 if not slowed:
                     log.warning(
                         "endpoint %s: its /metrics page took %.0f ms of CPU to read; "
@@ -245,7 +248,7 @@ class MetricsScraper:
                         parse_cpu * 1000,
                         wait,
                     )
-            slowed = wait > self.interval
+            slowed = slow
             # Resting waits until the models are known: a pod still starting is asked again.
             if next_models > time.monotonic() and self.pace.idle(ep):
                 await self._rest(state)

@@ -11,7 +11,8 @@ gets a deletionTimestamp until an update empties them), and removing an object r
 dependents (ownerReferences to its uid), as the garbage collector's background deletion does.
 
 Custom resources exist only where a CRD is installed (ours from crds/ by default, see
-tests/kube_crd.py; anything else outside the built-in groups is 404), with the subresources
+tests/kube_crd.py, or a CustomResourceDefinition created through the API, as `kubectl apply`
+installs one; anything else outside the built-in groups is 404), with the subresources
 that CRD declares, and every write goes through the version's structural schema as on a real
 API server (tests/kube_schema.py): unknown fields pruned (the `fieldValidation` query parameter:
 Strict refuses them with 400, Warn — the server's default — and Ignore drop them, Warn with a
@@ -45,7 +46,14 @@ import yaml
 from aiohttp import web
 from multidict import CIMultiDict
 
-from tests.kube_crd import BUILTIN_GROUPS, DEFAULT_CRDS, CustomResource, ScalePaths, load_crds
+from tests.kube_crd import (
+    BUILTIN_GROUPS,
+    DEFAULT_CRDS,
+    CustomResource,
+    ScalePaths,
+    custom_resource,
+    load_crds,
+)
 from tests.kube_schema import FieldError, invalid
 
 Key = tuple[str, str, str, str, str]  # group, version, plural, namespace, name
@@ -82,6 +90,7 @@ LABEL_MAX = 63
 # Deployment's (or PodDisruptionBudget's) selector and pod template.
 NESTED_LABELS = ("spec.selector", "spec.selector.matchLabels", "spec.template.metadata.labels")
 BUILTIN_SCALE = ScalePaths()
+CRD_RESOURCE = ("apiextensions.k8s.io", "customresourcedefinitions")
 # fmt: off
 VERSION_INFO = {  # the client's model wants every field
     "major": "1", "minor": "33", "gitVersion": "v1.33.0-emulator", "gitCommit": "0" * 40,
@@ -181,6 +190,12 @@ def query_matcher(query: Mapping[str, str], ns: str) -> Callable[[Obj], bool]:
     return lambda o: (not ns or o["metadata"].get("namespace") == ns) and labels(o) and fields(o)
 
 
+def kubeconfig_env(kubeconfig: Path) -> dict[str, str]:
+    """The environment of a process outside a pod that finds the API by this kubeconfig (the
+    in-cluster config must not apply)."""
+    return {"KUBECONFIG": str(kubeconfig), "KUBERNETES_SERVICE_HOST": "", "PYTHONUNBUFFERED": "1"}
+
+
 class KubeAPIEmulator:
     def __init__(
         self, history: int = 1000, crds: Iterable[Path | dict[str, Any]] | None = None
@@ -220,15 +235,16 @@ class KubeAPIEmulator:
         cfg.host = self.url
         return cfg
 
-    def write_kubeconfig(self, path: Path) -> Path:
-        """A kubeconfig naming this emulator, for code that finds the API by $KUBECONFIG."""
+    def write_kubeconfig(self, path: Path, token: str = "test") -> Path:
+        """A kubeconfig naming this emulator, for code that finds the API by $KUBECONFIG; its
+        user sends `token` (a ServiceAccount's, where tests/kube_rbac.py authorizes)."""
         cluster = {"name": "emu", "cluster": {"server": self.url}}
         context = {"name": "emu", "context": {"cluster": "emu", "user": "me"}}
         config = {
             "apiVersion": "v1",
             "kind": "Config",
             "clusters": [cluster],
-            "users": [{"name": "me", "user": {"token": "test"}}],
+            "users": [{"name": "me", "user": {"token": token}}],
             "contexts": [context],
             "current-context": "emu",
         }
@@ -307,11 +323,23 @@ class KubeAPIEmulator:
             obj = self._objects.get(self._helper_key(group, version, kind, namespace, name))
             return None if obj is None else self._present(obj, version)
 
+    def list_objects(self, api_version: str, kind: str) -> list[Obj]:
+        """Every stored object of `kind`, in all namespaces, as a client reads them."""
+        group, version = split_api_version(api_version)
+        gvp = self._helper_key(group, version, kind, "", "")[:3]
+        with self._lock:
+            return self._matching(gvp, version, lambda _: True)
+
     def delete(self, api_version: str, kind: str, name: str, namespace: str = "default") -> bool:
         group, version = split_api_version(api_version)
         key = self._helper_key(group, version, kind, namespace, name)
         with self._lock:
             return self._remove(key) is not None
+
+    def resource_of(self, group: str, kind: str) -> CustomResource | None:
+        """The installed CRD serving `kind` of `group` (its plural and scope), or None."""
+        with self._lock:
+            return self._crd_of_kind(group, kind)
 
     def _crd_of_kind(self, group: str, kind: str) -> CustomResource | None:
         return next((c for c in self._crds.values() if (c.group, c.kind) == (group, kind)), None)
@@ -536,7 +564,20 @@ class KubeAPIEmulator:
             body.pop("status", None)  # a status subresource: create ignores the status
         obj = write.admit(body, None)
         obj["apiVersion"] = f"{group}/{version}" if group else version
+        if (group, plural) == CRD_RESOURCE:
+            self._install(obj)
         return self._write(key, obj)
+
+    def _install(self, crd_doc: Obj) -> None:
+        """Serve a CRD created through the API from now on (an update changes nothing: the
+        emulator's CRDs are fixed once installed). One that cannot be served is a 422."""
+        try:
+            crd = custom_resource(crd_doc)
+        except (KeyError, TypeError, ValueError) as exc:
+            message = f'CustomResourceDefinition "{crd_doc["metadata"]["name"]}" is invalid: {exc}'
+            raise APIError(422, "Invalid", message) from exc
+        self._crds.setdefault((crd.group, crd.plural), crd)
+        self._kinds.setdefault((crd.group, crd.plural), crd.kind)
 
     @staticmethod
     def _check_version(key: Key, current: Obj, body: Obj) -> None:

@@ -1,9 +1,11 @@
 """A namespace in the API emulator with the Model reconciler in kubernetes mode: what the tests
-of a Model's picker objects (its Deployment, route, Secret, patch) share."""
+of a Model's picker objects (its Deployment, route, Secret, patch) share, and how the kubelet
+reads a container's command line ($(VAR) expansion, downward-API env)."""
 
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 from kubernetes import client
@@ -37,6 +39,23 @@ def model_obj(uri: str = "hf://meta-llama/Meta-Llama-3-8B-Instruct", **spec) -> 
             **spec,
         },
     }
+
+
+def expand(text: str, env: dict[str, str]) -> str:
+    """The kubelet's $(VAR) expansion of a container's args (unknown names stay as written)."""
+    return re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", lambda m: env.get(m[1], m[0]), text)
+
+
+def container_env(container: dict, pod_ip: str, namespace: str = NS) -> dict[str, str]:
+    """The container's env as the kubelet would resolve it for a pod at `pod_ip`."""
+    field_values = {"status.podIP": pod_ip, "metadata.namespace": namespace}
+    out = {}
+    for e in container.get("env") or []:
+        if "value" in e:
+            out[e["name"]] = e["value"]
+        elif "fieldRef" in (e.get("valueFrom") or {}):
+            out[e["name"]] = field_values[e["valueFrom"]["fieldRef"]["fieldPath"]]
+    return out
 
 
 class Cluster:

@@ -501,6 +501,31 @@ def test_kinds_without_a_crd_are_not_found(api, custom, widgets):
     emulator.put(pod("p1"))
 
 
+def test_a_crd_created_through_the_api_is_served_from_then_on():
+    # As `kubectl apply` installs a CRD: before it, 404; after it, pruned and validated.
+    with KubeAPIEmulator(crds=[]).threaded() as api:
+        with client.ApiClient(api.client_configuration()) as c:
+            widgets = client.CustomObjectsApi(c)
+            group, plural = WIDGET_CRD["spec"]["group"], "widgets"
+            code, _ = refused(
+                widgets.create_namespaced_custom_object, group, "v1", "default", plural, widget()
+            )
+            assert code == 404
+            client.ApiextensionsV1Api(c).create_custom_resource_definition(
+                WIDGET_CRD, _preload_content=False
+            )
+            assert api.resource_of(group, "Widget").plural == plural
+            created = widgets.create_namespaced_custom_object(
+                group, "v1", "default", plural, {**widget(), "extra": 1}
+            )
+            assert "extra" not in created
+            code, _ = refused(
+                widgets.create_namespaced_custom_object, group, "v1", "default", plural,
+                widget("w2", size="enormous"),
+            )  # fmt: skip
+            assert code == 422
+
+
 def test_a_custom_resource_is_stored_once_for_all_its_served_versions(custom):
     # Gateway API's HTTPRoute serves v1 and v1beta1 (conversion None): one object, two views.
     route = {

@@ -25,13 +25,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-from aiohttp import web
 from kubernetes import client
 
 from infergw.stack.lifetime import spawn
 from tests.conftest import free_port, running
 from tests.controller_manifests import Authorizer, docs
-from tests.kubeapi import KubeAPIEmulator, status_object
+from tests.kube_rbac import Account, RBACEmulator
+from tests.kubeapi import KubeAPIEmulator, kubeconfig_env
 from tests.paths import CRD_EXAMPLES
 from tests.waiting import wait_for
 
@@ -43,39 +43,16 @@ LEASE_NS, LEASE_NAME = "infergate-system", "infergate-controllers"
 WORKLOAD = "workload.infergate.io/v1alpha1"
 
 
-class RBACEmulator(KubeAPIEmulator):
-    """The emulator, authorizing requests that carry TOKEN with `auth` (kube-apiserver's
-    request attributes: verb from the method and whether a name or watch=true is given,
-    resource[/subresource], namespace); other requests (the test's own) pass."""
+CONTROLLERS = Account("infergate-controllers", "infergate-system")
 
-    def __init__(self, auth: Authorizer) -> None:
-        super().__init__()
-        self.auth = auth
-        self.denied: list[tuple[str, str, str, str]] = []
-        self.allowed: set[tuple[str, str, str, str]] = set()
 
-    async def _handle(self, request: web.Request) -> web.StreamResponse:
-        if request.headers.get("Authorization") == f"Bearer {TOKEN}":
-            m = request.match_info
-            name, sub = m.get("name"), m.get("sub")
-            if request.method == "GET":
-                watch = request.query.get("watch") in ("true", "1")
-                verb = "get" if name else "watch" if watch else "list"
-            elif request.method == "DELETE":
-                verb = "delete" if name else "deletecollection"
-            else:
-                verb = {"POST": "create", "PUT": "update", "PATCH": "patch"}[request.method]
-            resource = f"{m['plural']}/{sub}" if sub else m["plural"]
-            attrs = (m.get("group", ""), resource, verb, m.get("namespace", ""))
-            if not self.auth.allows(*attrs):
-                self.denied.append(attrs)
-                message = (
-                    f"system:serviceaccount:infergate-system:infergate-controllers cannot {verb} "
-                    f'resource "{resource}" in API group "{attrs[0]}"'
-                )
-                return web.json_response(status_object(403, "Forbidden", message), status=403)
-            self.allowed.add(attrs)
-        return await super()._handle(request)
+def emulator(auth: Authorizer) -> RBACEmulator:
+    """The emulator, authorizing requests that carry TOKEN with `auth`."""
+    return RBACEmulator({TOKEN: (CONTROLLERS, lambda: auth)})
+
+
+def denied(api: RBACEmulator) -> list:
+    return api.denied.get(CONTROLLERS.name, [])
 
 
 def manifest_rbac() -> Authorizer:
@@ -83,37 +60,11 @@ def manifest_rbac() -> Authorizer:
     return Authorizer.for_account(docs(), account["name"], account["namespace"])
 
 
-def write_kubeconfig(path: Path, server: str) -> Path:
-    path.write_text(
-        yaml.safe_dump(
-            {
-                "apiVersion": "v1",
-                "kind": "Config",
-                "clusters": [{"name": "emulator", "cluster": {"server": server}}],
-                "users": [{"name": "infergate-controllers", "user": {"token": TOKEN}}],
-                "contexts": [
-                    {
-                        "name": "emulator",
-                        "context": {"cluster": "emulator", "user": "infergate-controllers"},
-                    }
-                ],
-                "current-context": "emulator",
-            }
-        )
-    )
-    return path
-
-
 def controllers_cmd(metrics_port: int, *extra: str) -> list[str]:
     return [
         sys.executable, "-m", "infergw.controllers", "--mode", "kubernetes", "--leader-elect",
         "--leader-namespace", LEASE_NS, "--metrics-port", str(metrics_port), *extra,
     ]  # fmt: skip
-
-
-def env_for(kubeconfig: Path) -> dict[str, str]:
-    # not in a pod: the in-cluster config must not apply, so the kubeconfig does
-    return {"KUBECONFIG": str(kubeconfig), "KUBERNETES_SERVICE_HOST": "", "PYTHONUNBUFFERED": "1"}
 
 
 def identity(proc: subprocess.Popen) -> str:
@@ -169,10 +120,10 @@ def kubelet(api: KubeAPIEmulator, names: set[str]) -> None:
 
 
 def test_leader_reconciles_hands_over_on_sigterm_and_a_standby_waits(tmp_path: Path) -> None:
-    api = RBACEmulator(manifest_rbac())
+    api = emulator(manifest_rbac())
     with api.threaded():
-        kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", api.url)
-        env = env_for(kubeconfig)
+        kubeconfig = api.write_kubeconfig(tmp_path / "kubeconfig", TOKEN)
+        env = kubeconfig_env(kubeconfig)
         admin = client.ApiClient(api.client_configuration())  # no token: not the controllers
         custom, core = client.CustomObjectsApi(admin), client.CoreV1Api(admin)
         a_metrics = free_port()
@@ -248,10 +199,10 @@ def test_leader_reconciles_hands_over_on_sigterm_and_a_standby_waits(tmp_path: P
             assert holder(api) == ""
         admin.close()
 
-    assert not api.denied, f"the RBAC of controllers.yaml refused {api.denied}"
+    assert not denied(api), f"the RBAC of controllers.yaml refused {denied(api)}"
     # Nothing the controllers wrote was a field the CRDs do not have (a cluster drops those).
     assert api.warnings == []
-    used = api.allowed
+    used = api.allowed[CONTROLLERS.name]
     assert ("coordination.k8s.io", "leases", "update", LEASE_NS) in used
     assert ("", "pods", "create", "default") in used
     assert ("", "pods", "watch", "") in used  # every namespace
@@ -262,19 +213,19 @@ def test_the_emulator_refuses_what_the_rbac_does_not_grant(tmp_path: Path) -> No
     """Without the Role for Leases the controllers cannot lead: the check above has teeth."""
     rbac = manifest_rbac()
     rbac.namespaced.clear()
-    api = RBACEmulator(rbac)
+    api = emulator(rbac)
     with api.threaded():
-        env = env_for(write_kubeconfig(tmp_path / "kubeconfig", api.url))
+        env = kubeconfig_env(api.write_kubeconfig(tmp_path / "kubeconfig", TOKEN))
         with running(controllers_cmd(free_port()), env=env) as proc:
-            wait_for(lambda: api.denied, "a refused request", alive=(proc,), within=20)
+            wait_for(lambda: denied(api), "a refused request", alive=(proc,), within=20)
         assert holder(api) is None
-    assert api.denied[0] == ("coordination.k8s.io", "leases", "get", LEASE_NS)
+    assert denied(api)[0] == ("coordination.k8s.io", "leases", "get", LEASE_NS)
 
 
 def test_a_webhook_that_cannot_start_stops_the_controllers(tmp_path: Path) -> None:
-    api = RBACEmulator(manifest_rbac())
+    api = emulator(manifest_rbac())
     with api.threaded():
-        env = {**os.environ, **env_for(write_kubeconfig(tmp_path / "kubeconfig", api.url))}
+        env = {**os.environ, **kubeconfig_env(api.write_kubeconfig(tmp_path / "kubeconfig", TOKEN))}
         empty = tmp_path / "certs"
         empty.mkdir()
         cmd = controllers_cmd(

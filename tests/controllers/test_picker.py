@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import random
-import re
 import shutil
 from pathlib import Path
 
@@ -58,7 +57,7 @@ from infergw.kvindex.index import KVBlockIndex
 from infergw.kvindex.tokenize import PromptTokenizers
 from tests.controller_helpers import conds, summary
 from tests.paths import DEFAULT_MODEL, EXAMPLES
-from tests.picker_cluster import NS, SERVED, Cluster, model_obj
+from tests.picker_cluster import NS, SERVED, Cluster, container_env, expand, model_obj
 from tests.waiting import wait_for_async
 
 K8S_VERSION = "1.30"
@@ -81,23 +80,6 @@ async def versions(cluster: Cluster) -> dict[tuple[str, str], str]:
     return out
 
 
-def expand(text: str, env: dict[str, str]) -> str:
-    """The kubelet's $(VAR) expansion of a container's args (unknown names stay as written)."""
-    return re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", lambda m: env.get(m[1], m[0]), text)
-
-
-def container_env(container: dict) -> dict[str, str]:
-    """The container's env as the kubelet would resolve the downward API here."""
-    field_values = {"status.podIP": "10.0.0.7", "metadata.namespace": NS}
-    out = {}
-    for e in container.get("env") or []:
-        if "value" in e:
-            out[e["name"]] = e["value"]
-        elif "fieldRef" in (e.get("valueFrom") or {}):
-            out[e["name"]] = field_values[e["valueFrom"]["fieldRef"]["fieldPath"]]
-    return out
-
-
 def pod_spec(dep: dict) -> dict:
     return dep["spec"]["template"]["spec"]
 
@@ -112,7 +94,7 @@ def picker_options(dep: dict, tokenizer_dir: Path):
     tokenizer volume's path standing for a directory the init container filled."""
     c = picker_container(dep)
     assert c["command"] == ["infergate", "epp"]
-    env = container_env(c)
+    env = container_env(c, "10.0.0.7")
     args = [expand(a, env).replace(TOKENIZER_DIR, str(tokenizer_dir)) for a in c["args"]]
     return parse_options(args)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import logging
 
 import aiohttp
 import pytest
@@ -377,6 +378,30 @@ async def test_a_pod_whose_pages_cost_much_cpu_is_scraped_less_often():
         await scraper.stop()
         await normal.stop()
         await costly.stop()
+
+
+class SlowPod(CountingPod):
+    """Answers cheap pages, each after longer than the scrape interval (a loaded machine)."""
+
+    async def _metrics(self, req: web.Request) -> web.StreamResponse:
+        await asyncio.sleep(0.08)
+        return await super()._metrics(req)
+
+
+async def test_a_slow_answer_of_a_cheap_page_is_not_a_costly_page(caplog):
+    """An answer slower than the interval left no wait, so any parse CPU exceeded it: every
+    round logged "took 0 ms of CPU to read; scraping it every 0.0s" and waited anyway."""
+    port = free_port()
+    pod = SlowPod()
+    await pod.start(port)
+    scraper = await running_scraper(one_pod_store(port), PickerMetrics(), models_interval=60)
+    try:
+        with caplog.at_level(logging.WARNING, logger="epp.scrape"):
+            await wait_for_async(lambda: pod.scrapes >= 5, within=10)
+    finally:
+        await scraper.stop()
+        await pod.stop()
+    assert not [r for r in caplog.records if "CPU to read" in r.getMessage()]
 
 
 async def test_a_model_list_longer_than_the_bound_is_refused_whole():
