@@ -91,6 +91,9 @@ class EnvoySettings:
     fallbacks: int = 1
     with_picker: bool = True  # False: plain round robin, the baseline benchmarks compare to
     response_bodies: bool = True  # stream response bodies through the picker
+    # False (only with response_bodies False): Envoy sends the picker nothing of the
+    # response either; the picker then learns only that the stream ended.
+    response_headers: bool = True
     # Set: the pool's endpoints come from this EDS file (the controllers keep it current)
     # instead of the fixed `endpoints`.
     eds_path: str | None = None
@@ -130,6 +133,8 @@ def render(settings: EnvoySettings) -> str:
         raise ValueError("the ext_proc cluster needs at least one picker")
     if len(pools) > 1 and settings.router is None:
         raise ValueError("several pools need the body-based router to choose among them")
+    if settings.response_bodies and not settings.response_headers:
+        raise ValueError("response bodies through the picker need its response headers too")
     if settings.picker_tls and not settings.picker_ca:
         raise ValueError("TLS to the picker needs picker_ca: Envoy verifies its certificate")
     if not is_ip_address(settings.listen_host):
