@@ -10,7 +10,7 @@ from pathlib import Path
 import jinja2
 import yaml
 
-from infergw.api.names import MODEL_NAME_HEADER
+from infergw.api.names import MODEL_NAME_HEADER, SERVED_HEADER
 from infergw.api.retries import RETRIABLE_STATUS_CODES, RETRY_ON, retry_budget
 from infergw.cluster.certs import key_problem
 from infergw.stack.auth import AuthConfig, http_filters
@@ -146,6 +146,7 @@ def render(settings: EnvoySettings) -> str:
     fields["pools"] = pools
     fields["bbr"] = settings.router
     fields["model_name_header"] = MODEL_NAME_HEADER
+    fields["served_header"] = SERVED_HEADER
     # In single quotes in the YAML, where a quote is written twice.
     fields["no_pool_body"] = json.dumps(NO_POOL_ANSWER).replace("'", "''")
     fields["request_filters"] = _as_filter_list(

@@ -38,14 +38,15 @@ Mode = pm.ProcessingMode
 ANSWER = b'{"choices": [{"text": "ok"}], "usage": {"completion_tokens": 1}}'
 
 
-def _response_bodies_too() -> Mode:
-    """What the picker would ask for a request whose answer it must read."""
+def _response_bodies_too(full_duplex: bool) -> Mode:
+    """What the picker would ask for a request whose answer it must read: the request's
+    modes as configured, the response body FULL_DUPLEX_STREAMED."""
     return Mode(
         request_header_mode=Mode.SEND,
         response_header_mode=Mode.SEND,
-        request_body_mode=Mode.FULL_DUPLEX_STREAMED,
+        request_body_mode=Mode.FULL_DUPLEX_STREAMED if full_duplex else Mode.STREAMED,
         response_body_mode=Mode.FULL_DUPLEX_STREAMED,
-        request_trailer_mode=Mode.SEND,
+        request_trailer_mode=Mode.SEND if full_duplex else Mode.SKIP,
         response_trailer_mode=Mode.SEND,
     )
 
@@ -70,7 +71,7 @@ class Processor(pbg.ExternalProcessorServicer):
         option.header.raw_value = self.destination.encode()
         common.clear_route_cache = True
         if self.override == "with-headers":
-            resp.mode_override.CopyFrom(_response_bodies_too())
+            resp.mode_override.CopyFrom(_response_bodies_too(self.full_duplex))
         return resp
 
     async def Process(self, request_iterator, context):
@@ -82,7 +83,7 @@ class Processor(pbg.ExternalProcessorServicer):
             kinds.append(kind)
             if kind == "request_headers":
                 if self.override == "standalone":
-                    yield pb.ProcessingResponse(mode_override=_response_bodies_too())
+                    yield pb.ProcessingResponse(mode_override=_response_bodies_too(self.full_duplex))
                 if not self.full_duplex or msg.request_headers.end_of_stream:
                     yield self._headers_answer()
             elif kind == "request_body" and not self.full_duplex:

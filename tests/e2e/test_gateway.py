@@ -214,15 +214,16 @@ def test_what_of_the_response_passes_the_picker(tmp_path, response):
         running = picker_metric(s, "inference_objective_running_requests")
         assert messages("request_headers") == 1 and messages("request_body") >= 1
         if response == "through":
-            assert messages("response_headers") == 1 and messages("response_body") >= 8
+            # (Envoy may join chunks that arrive together: at least one.)
+            assert messages("response_headers") == 1 and messages("response_body") >= 1
             assert tokens == 8
         else:
             assert messages("response_body") == 0 and tokens == 0  # the proxy kept it away
         if response == "none":
             assert messages("response_headers") == 0
-            assert SERVED not in r.headers  # only the picker's answer to them names it
-        else:
-            assert r.headers[SERVED] in s.pod_addresses
+        # The pod that answered is named either way: by the picker, or by Envoy itself when
+        # the picker sees no response headers.
+        assert r.headers[SERVED] in s.pod_addresses
         # Either way the request ended well and left no slot taken.
         assert (done, errors, running) == (1, 0, 0)
     finally:
