@@ -83,7 +83,8 @@ class Processor(pbg.ExternalProcessorServicer):
             kinds.append(kind)
             if kind == "request_headers":
                 if self.override == "standalone":
-                    yield pb.ProcessingResponse(mode_override=_response_bodies_too(self.full_duplex))
+                    override = _response_bodies_too(self.full_duplex)
+                    yield pb.ProcessingResponse(mode_override=override)
                 if not self.full_duplex or msg.request_headers.end_of_stream:
                     yield self._headers_answer()
             elif kind == "request_body" and not self.full_duplex:
@@ -168,8 +169,17 @@ async def _through_envoy(tmp_path, override: str, full_duplex: bool) -> tuple[in
     config = tmp_path / "envoy.yaml"
     config.write_text(_envoy_config(listen, admin, processor_port, pod_port, full_duplex))
     envoy = spawn(
-        [envoy_binary(), "-c", str(config), "--concurrency", "1", "--log-level", "error"]
-        + ["--base-id", str(admin)],
+        [
+            envoy_binary(),
+            "-c",
+            str(config),
+            "--concurrency",
+            "1",
+            "--log-level",
+            "error",
+            "--base-id",
+            str(admin),
+        ],
         stdout=subprocess.DEVNULL,
         start_new_session=True,
     )
