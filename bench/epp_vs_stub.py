@@ -254,6 +254,32 @@ def _processing_mode(response: str) -> dict:
     return ext_proc["typed_config"]["processing_mode"]
 
 
+def start_envoy(config: Path, admin: int) -> subprocess.Popen:
+    """Envoy on one worker thread with this config, once its admin port says it is ready
+    (its own process group: stop it with stop_group)."""
+    envoy = spawn(
+        [
+            envoy_binary(),
+            "-c",
+            str(config),
+            "--concurrency",
+            "1",
+            "--log-level",
+            "error",
+            "--base-id",
+            str(admin),
+        ],
+        stdout=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        wait_http(f"http://127.0.0.1:{admin}/ready", 30, envoy)
+    except BaseException:
+        stop_group(envoy)
+        raise
+    return envoy
+
+
 def _cluster(server: ExtProcServer) -> str:
     return "extproc-" + server.name.replace("@", "-")
 
@@ -368,22 +394,7 @@ def compare(
         config = workdir / "envoy.yaml"
         admin = free_port()
         config.write_text(envoy_config(stack, listeners, admin))
-        envoy = spawn(
-            [
-                envoy_binary(),
-                "-c",
-                str(config),
-                "--concurrency",
-                "1",
-                "--log-level",
-                "error",
-                "--base-id",
-                str(admin),
-            ],
-            stdout=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        wait_http(f"http://127.0.0.1:{admin}/ready", 30, envoy)
+        envoy = start_envoy(config, admin)
         for entry in listeners:
             _wait_answering(f"http://127.0.0.1:{entry.port}", entry.server.proc)
 

@@ -14,7 +14,6 @@ revisited (response bodies per request instead of a proxy setting).
 from __future__ import annotations
 
 import asyncio
-import subprocess
 
 import grpc
 import pytest
@@ -26,11 +25,10 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pbg
 
 from infergw.api.names import DESTINATION_HEADER
+from infergw.bench.epp_vs_stub import start_envoy
 from infergw.stack.envoy_config import EnvoySettings, render
-from infergw.stack.lifetime import spawn
-from infergw.stack.local import PICKER_HOST, envoy_binary, stop_group
+from infergw.stack.local import PICKER_HOST, stop_group
 from infergw.stack.ports import PickerPorts, free_port
-from infergw.stack.readiness import wait_http
 
 pytestmark = pytest.mark.slow
 
@@ -168,23 +166,9 @@ async def _through_envoy(tmp_path, override: str, full_duplex: bool) -> tuple[in
     pod = await _pod(pod_port)
     config = tmp_path / "envoy.yaml"
     config.write_text(_envoy_config(listen, admin, processor_port, pod_port, full_duplex))
-    envoy = spawn(
-        [
-            envoy_binary(),
-            "-c",
-            str(config),
-            "--concurrency",
-            "1",
-            "--log-level",
-            "error",
-            "--base-id",
-            str(admin),
-        ],
-        stdout=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    envoy = None
     try:
-        await asyncio.to_thread(wait_http, f"http://127.0.0.1:{admin}/ready", 30, envoy)
+        envoy = await asyncio.to_thread(start_envoy, config, admin)
         r = await asyncio.to_thread(
             requests.post,
             f"http://127.0.0.1:{listen}/v1/completions",
@@ -195,7 +179,8 @@ async def _through_envoy(tmp_path, override: str, full_duplex: bool) -> tuple[in
         assert len(processor.streams) == 1
         return r.status_code, processor.streams[0]
     finally:
-        stop_group(envoy)
+        if envoy is not None:
+            stop_group(envoy)
         await pod.cleanup()
         await server.stop(0)
 
