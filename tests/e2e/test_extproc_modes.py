@@ -4,11 +4,11 @@ The picker needs the request body FULL_DUPLEX_STREAMED (it answers the request h
 once the body is in). Asking Envoy, in that answer, to send the response body after all
 (`mode_override`, with `allow_mode_override`) would let the picker see response bodies only
 for the requests that need them; Envoy ignores the override while the request body is
-FULL_DUPLEX_STREAMED, and a standalone override (a ProcessingResponse with nothing else) is a
-spurious message that fails the request. These tests pin that, beside a control showing the
-same override honoured when the request body is STREAMED: when an Envoy upgrade starts
-honouring it, the first test fails and the README's "Fewer ext_proc messages" should be
-revisited (response bodies per request instead of a proxy setting).
+FULL_DUPLEX_STREAMED, and a standalone override (a ProcessingResponse with nothing else, before
+the headers answer) is a spurious message that fails the request. These tests pin that,
+beside a control showing the same override honoured when the request body is STREAMED: when
+an Envoy upgrade starts honouring it, the first test fails and the README's "Fewer ext_proc
+messages" should be revisited (response bodies per request instead of a proxy setting).
 """
 
 from __future__ import annotations
