@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
             rounds=args.stub_rounds,
             loadgen=args.loadgen,
             baselines=args.baseline,
-            bodies=(True, False),
+            responses=epp_vs_stub.RESPONSE_MODES,
         )
         print(json.dumps(stub), flush=True)
     pipeline = None

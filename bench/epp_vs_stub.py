@@ -146,23 +146,39 @@ class ExtProcServer:
     ca: str | None  # the CA Envoy verifies it by (TLS), or None (plaintext)
 
 
+# What of the response Envoy sends the ext_proc server: everything (headers, bodies,
+# trailers), headers only (the stack's response_bodies=False), or nothing (also
+# response_headers=False). The request side is the same in all: headers and a
+# FULL_DUPLEX_STREAMED body.
+RESPONSE_MODES = ("through", "headers", "none")
+_SUFFIX = {
+    "through": "",
+    "headers": " (response bodies kept away)",
+    "none": " (response headers and bodies kept away)",
+}
+
+
 @dataclass(slots=True)
 class Listener:
-    """An Envoy listener that asks one ext_proc server, response bodies through it or not."""
+    """An Envoy listener that asks one ext_proc server, with one of RESPONSE_MODES."""
 
     server: ExtProcServer
-    bodies: bool
+    response: str
     port: int
+
+    def __post_init__(self) -> None:
+        if self.response not in RESPONSE_MODES:
+            raise ValueError(f"response mode {self.response!r} is not one of {RESPONSE_MODES}")
 
     @property
     def name(self) -> str:
-        return self.server.name + ("" if self.bodies else " (response bodies kept away)")
+        return self.server.name + _SUFFIX[self.response]
 
 
 def envoy_config(stack: LocalStack, listeners: list[Listener], admin_port: int) -> str:
     """The stack's Envoy config with the given listeners, each asking its ext_proc server:
-    copies of the picker's listener and cluster but for the names, ports, CA and, when
-    response bodies are kept away, the response body and trailer modes."""
+    copies of the picker's listener and cluster but for the names, ports, CA and the
+    response modes the stack renders for each of RESPONSE_MODES."""
     c = stack.cfg
     first = listeners[0].server
     doc = yaml.safe_load(
@@ -199,9 +215,7 @@ def envoy_config(stack: LocalStack, listeners: list[Listener], admin_port: int) 
         (ext_proc,) = [f for f in manager["http_filters"] if f["name"].endswith(".ext_proc")]
         config = ext_proc["typed_config"]
         config["grpc_service"]["envoy_grpc"]["cluster_name"] = _cluster(entry.server)
-        if not entry.bodies:  # what the stack's response_bodies=False renders
-            config["processing_mode"]["response_body_mode"] = "NONE"
-            config["processing_mode"]["response_trailer_mode"] = "SKIP"
+        config["processing_mode"] = _processing_mode(entry.response)
         resources["listeners"].append(mine)
     for server in servers:
         theirs = json.loads(json.dumps(cluster))
@@ -214,6 +228,56 @@ def envoy_config(stack: LocalStack, listeners: list[Listener], admin_port: int) 
             tls["validation_context"]["trusted_ca"]["filename"] = server.ca
         resources["clusters"].append(theirs)
     return yaml.safe_dump(doc, sort_keys=False)
+
+
+def _processing_mode(response: str) -> dict:
+    """The stack's own rendering of a response mode (stack/envoy_config.py), so the
+    benchmark measures what `infergate up` runs."""
+    doc = yaml.safe_load(
+        render(
+            EnvoySettings(
+                listen_port=1,
+                admin_port=2,
+                picker_host=PICKER_HOST,
+                pickers=[PickerPorts(grpc=3, health=4, metrics=0, replica_sync=0)],
+                picker_tls=False,
+                failure_mode="FailClose",
+                endpoints=[("127.0.0.1", 5)],
+                response_bodies=response == "through",
+                response_headers=response != "none",
+            )
+        )
+    )
+    (listener,) = doc["static_resources"]["listeners"]
+    manager = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    (ext_proc,) = [f for f in manager["http_filters"] if f["name"].endswith(".ext_proc")]
+    return ext_proc["typed_config"]["processing_mode"]
+
+
+def start_envoy(config: Path, admin: int) -> subprocess.Popen:
+    """Envoy on one worker thread with this config, once its admin port says it is ready
+    (its own process group: stop it with stop_group)."""
+    envoy = spawn(
+        [
+            envoy_binary(),
+            "-c",
+            str(config),
+            "--concurrency",
+            "1",
+            "--log-level",
+            "error",
+            "--base-id",
+            str(admin),
+        ],
+        stdout=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        wait_http(f"http://127.0.0.1:{admin}/ready", 30, envoy)
+    except BaseException:
+        stop_group(envoy)
+        raise
+    return envoy
 
 
 def _cluster(server: ExtProcServer) -> str:
@@ -271,13 +335,13 @@ def compare(
     loadgen: str = "auto",
     profile: Path | None = None,
     baselines: list[str] = (),
-    bodies: tuple[bool, ...] = (True,),
+    responses: tuple[str, ...] = ("through",),
 ) -> dict:
     """Stub and picker in turns; the totals and their ratios. `profile`: py-spy records the
     picker through its first round into this file (collapsed stacks, flamegraph.pl's input).
     `baselines`: commits of this repository whose picker runs beside, for before/after.
-    `bodies`: response bodies through the ext_proc server (True), kept away (False), or
-    both, each server behind a listener per mode."""
+    `responses`: which of RESPONSE_MODES to measure, each server behind a listener per
+    mode (the stub with the same modes as the picker)."""
     use_wrk = loadgen == "wrk" or (loadgen == "auto" and shutil.which("wrk") is not None)
     workdir = Path(tempfile.mkdtemp(prefix="bench-epp-stub-"))
     args = picker_args or []
@@ -326,26 +390,11 @@ def compare(
             start_new_session=True,
         )
         servers.insert(0, ExtProcServer("stub", stub, stub_port, _ca(stack)))
-        listeners = [Listener(x, b, free_port()) for b in bodies for x in servers]
+        listeners = [Listener(x, r, free_port()) for r in responses for x in servers]
         config = workdir / "envoy.yaml"
         admin = free_port()
         config.write_text(envoy_config(stack, listeners, admin))
-        envoy = spawn(
-            [
-                envoy_binary(),
-                "-c",
-                str(config),
-                "--concurrency",
-                "1",
-                "--log-level",
-                "error",
-                "--base-id",
-                str(admin),
-            ],
-            stdout=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        wait_http(f"http://127.0.0.1:{admin}/ready", 30, envoy)
+        envoy = start_envoy(config, admin)
         for entry in listeners:
             _wait_answering(f"http://127.0.0.1:{entry.port}", entry.server.proc)
 
@@ -451,10 +500,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--loadgen", choices=("auto", "wrk", "python"), default="auto")
     p.add_argument("--profile", type=Path, help="py-spy the picker's first round into this file")
     p.add_argument(
-        "--bodies",
-        choices=("through", "away", "both"),
+        "--response",
         default="through",
-        help="response bodies through the ext_proc servers, kept away by Envoy, or both",
+        help="what of the response goes to the ext_proc servers, comma-separated of "
+        "through (headers, bodies, trailers), headers (bodies kept away), none",
     )
     p.add_argument(
         "--baseline",
@@ -463,6 +512,9 @@ def main(argv: list[str] | None = None) -> int:
         help="a commit whose picker runs beside (before/after in one run); repeatable",
     )
     args = p.parse_args(argv)
+    responses = tuple(args.response.split(","))
+    if set(responses) - set(RESPONSE_MODES):
+        p.error(f"--response takes {', '.join(RESPONSE_MODES)}")
     t0 = time.monotonic()
     out = compare(
         args.pods,
@@ -472,7 +524,7 @@ def main(argv: list[str] | None = None) -> int:
         loadgen=args.loadgen,
         profile=args.profile,
         baselines=args.baseline,
-        bodies={"through": (True,), "away": (False,), "both": (True, False)}[args.bodies],
+        responses=responses,
     )
     print(json.dumps(out))
     print(markdown(out))

@@ -335,6 +335,7 @@ def build_director(
             max_body_bytes=opts.max_body_bytes,
             subset_filter=opts.subset_filter,
             trust=trust,
+            response_headers_skipped=opts.response_headers_skipped,
         ),
         gate,
     )

@@ -36,6 +36,9 @@ class DirectorOptions:
     max_body_bytes: int = 32 * 1024 * 1024
     subset_filter: bool = True
     trust: HeaderTrust = field(default_factory=HeaderTrust)
+    # The proxy sends no response headers (--response-headers-skipped): a stream's end after
+    # the request went on is its answer's end, status unknown.
+    response_headers_skipped: bool = False
 
 
 class Director:
@@ -168,7 +171,9 @@ class Director:
         m = self.metrics
         m.running.labels(ctx.request.model).dec()
         labels = (ctx.request.model, ctx.target_model)
-        if info.status >= 400 or info.status == 0:
+        if info.status is None:  # answered; the proxy did not show the picker its status
+            m.duration.labels(*labels).observe(time.monotonic() - started)
+        elif info.status >= 400 or info.status == 0:
             m.errors.labels(*labels, str(info.status or "cancelled")).inc()
         else:
             m.duration.labels(*labels).observe(time.monotonic() - started)
@@ -181,7 +186,7 @@ class Director:
             m.cached_tokens.labels(*labels).observe(info.cached_tokens)
         served = info.endpoint
         # Only good answers teach latency: a pod that fails fast must not look fast.
-        if served is not None and info.ttft is not None and 200 <= info.status < 400:
+        if served is not None and info.ttft is not None and 200 <= (info.status or 0) < 400:
             served.ttft_ewma = _ewma(served.ttft_ewma, info.ttft)
             if info.tpot is not None:
                 served.tpot_ewma = _ewma(served.tpot_ewma, info.tpot)

@@ -183,7 +183,7 @@ class _Stream:
             self.charged += delta
         return out
 
-    def finish(self, cancelled: bool = False) -> None:
+    def finish(self, cancelled: bool = False, status_unseen: bool = False) -> None:
         if self.finished or self.ctx is None:
             self.finished = True
             return
@@ -220,7 +220,7 @@ class _Stream:
         served = self.director.datastore.endpoint(self.served) if self.served else None
         info = ResponseInfo(
             endpoint=served,
-            status=0 if cancelled else self.status,
+            status=None if status_unseen else 0 if cancelled else self.status,
             prompt_tokens=usage.prompt_tokens if usage else None,
             completion_tokens=usage.completion_tokens if usage else None,
             cached_tokens=usage.cached_tokens if usage else None,
@@ -231,10 +231,14 @@ class _Stream:
 
     def close(self) -> None:
         """The stream ended. Before any response headers that means the request was
-        cancelled (client or proxy gone); after them, the answer was delivered without its
-        body passing through here."""
+        cancelled (client or proxy gone) — unless the proxy sends none, when it means the
+        answer ended; after them, the answer was delivered without its body passing through
+        here."""
         if not self.finished:
-            self.finish(cancelled=self.status == 0)
+            if self.response is None and self.director.options.response_headers_skipped:
+                self.finish(status_unseen=True)
+            else:
+                self.finish(cancelled=self.status == 0)
         self.budget.give(self.charged)
         self.charged = 0
 

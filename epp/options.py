@@ -90,6 +90,7 @@ class PickerOptions:
     kv_index_max_entries: int
     tokenizers: dict[str, Path]
     trust_client_headers: bool = False
+    response_headers_skipped: bool = False
     trust_model_rewrite_header: bool = False
     enable_debug_endpoints: bool = False
     kv_index_backend: str = "memory"  # memory | redis (kvindex.redis_index)
@@ -168,6 +169,13 @@ def build_parser() -> argparse.ArgumentParser:
         "a request that would exceed it is answered 429 with Retry-After",
     )
     p.add_argument("--disable-endpoint-subset-filter", action="store_true")
+    p.add_argument(
+        "--response-headers-skipped",
+        action="store_true",
+        help="the proxy sends the picker nothing of the response (response_header_mode SKIP, "
+        "response bodies NONE): a stream that ends after the request went on counts as "
+        "answered, its status unknown, instead of as cancelled",
+    )
     p.add_argument("--log-level", type=logs.level_name, default="info")
     trust = p.add_argument_group("what the picker believes and shows (epp/trust.py)")
     trust.add_argument(
@@ -361,6 +369,7 @@ def parse_options(argv: list[str] | None = None) -> PickerOptions:
         replica_sync_discovery=discovery,
         tokenizers=tokenizers,
         trust_client_headers=a.trust_client_headers,
+        response_headers_skipped=a.response_headers_skipped,
         trust_model_rewrite_header=a.trust_model_rewrite_header,
         enable_debug_endpoints=a.enable_debug_endpoints,
         kv_index_backend=a.kv_index_backend,

@@ -10,7 +10,7 @@ from pathlib import Path
 import jinja2
 import yaml
 
-from infergw.api.names import MODEL_NAME_HEADER
+from infergw.api.names import MODEL_NAME_HEADER, SERVED_HEADER
 from infergw.api.retries import RETRIABLE_STATUS_CODES, RETRY_ON, retry_budget
 from infergw.cluster.certs import key_problem
 from infergw.stack.auth import AuthConfig, http_filters
@@ -91,6 +91,9 @@ class EnvoySettings:
     fallbacks: int = 1
     with_picker: bool = True  # False: plain round robin, the baseline benchmarks compare to
     response_bodies: bool = True  # stream response bodies through the picker
+    # False (only with response_bodies False): Envoy sends the picker nothing of the
+    # response either; the picker then learns only that the stream ended.
+    response_headers: bool = True
     # Set: the pool's endpoints come from this EDS file (the controllers keep it current)
     # instead of the fixed `endpoints`.
     eds_path: str | None = None
@@ -130,6 +133,8 @@ def render(settings: EnvoySettings) -> str:
         raise ValueError("the ext_proc cluster needs at least one picker")
     if len(pools) > 1 and settings.router is None:
         raise ValueError("several pools need the body-based router to choose among them")
+    if settings.response_bodies and not settings.response_headers:
+        raise ValueError("response bodies through the picker need its response headers too")
     if settings.picker_tls and not settings.picker_ca:
         raise ValueError("TLS to the picker needs picker_ca: Envoy verifies its certificate")
     if not is_ip_address(settings.listen_host):
@@ -141,6 +146,7 @@ def render(settings: EnvoySettings) -> str:
     fields["pools"] = pools
     fields["bbr"] = settings.router
     fields["model_name_header"] = MODEL_NAME_HEADER
+    fields["served_header"] = SERVED_HEADER
     # In single quotes in the YAML, where a quote is written twice.
     fields["no_pool_body"] = json.dumps(NO_POOL_ANSWER).replace("'", "''")
     fields["request_filters"] = _as_filter_list(

@@ -84,6 +84,9 @@ class StackConfig:
     pickers: int = 1
     # False: Envoy keeps response bodies away from the picker (no usage, TTFT or TPOT).
     response_bodies: bool = True
+    # False (with response_bodies False): response headers too (no status, no served pod):
+    # the picker hears only that each stream ended (--response-headers-skipped).
+    response_headers: bool = True
     # The pods' KV-event topic; None: kv@<ip:port>@<model>. "" is vLLM's default, which
     # per-pod subscribers (ours and vllm-router's) read; central mode needs the full one.
     kv_topic: str | None = None
@@ -458,6 +461,7 @@ class LocalStack:
             f"--secure-serving={'true' if c.picker_tls else 'false'}",
             *(["--cert-path", str(plan.cert_dir or self.picker_tls_dir)] if c.picker_tls else []),
             *(["--trust-client-headers"] if c.trust_client_headers else []),
+            *([] if c.response_headers else ["--response-headers-skipped"]),
             "--enable-debug-endpoints",  # /debug/endpoints: readiness checks, tests, `up` users
             *self._kv_event_args(),
             *self._replica_sync_args(index),
@@ -528,6 +532,7 @@ class LocalStack:
                     fallbacks=c.fallbacks,
                     with_picker=c.with_picker,
                     response_bodies=c.response_bodies,
+                    response_headers=c.response_headers,
                     eds_path=str(self.eds_path) if self.from_manifests else None,
                     auth=c.auth,
                     pools=self._routed_pools() if self.several else None,

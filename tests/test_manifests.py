@@ -665,6 +665,9 @@ def test_extension_policy_streams_both_bodies_to_the_picker() -> None:
     mode = ext_proc["processingMode"]
     assert mode["request"]["body"] == "FullDuplexStreamed"
     assert mode["response"]["body"] == "FullDuplexStreamed"
+    # Envoy ignores mode_override while the request body is FULL_DUPLEX_STREAMED
+    # (tests/e2e/test_extproc_modes.py): allowing it would promise what does not happen.
+    assert "allowModeOverride" not in mode
     assert ext_proc["failOpen"] is False
     assert ext_proc["messageTimeout"] == "1000s"
     [backend] = ext_proc["backendRefs"]

@@ -68,7 +68,7 @@ class ResponseInfo:
     """What the picker saw of the answer, for PostResponse plugins."""
 
     endpoint: Endpoint | None
-    status: int
+    status: int | None  # None: the proxy sent no response headers (0: cancelled)
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     cached_tokens: int | None = None

@@ -34,9 +34,10 @@ def test_one_listener_per_server_and_mode_each_asking_its_own_cluster(tmp_path):
     stub = epp_vs_stub.ExtProcServer("stub", None, 7001, ca)
     picker = epp_vs_stub.ExtProcServer("picker@abc123", None, 7002, ca)
     listeners = [
-        epp_vs_stub.Listener(stub, True, 8101),
-        epp_vs_stub.Listener(picker, True, 8102),
-        epp_vs_stub.Listener(picker, False, 8103),
+        epp_vs_stub.Listener(stub, "through", 8101),
+        epp_vs_stub.Listener(picker, "through", 8102),
+        epp_vs_stub.Listener(picker, "headers", 8103),
+        epp_vs_stub.Listener(stub, "none", 8104),
     ]
     doc = yaml.safe_load(epp_vs_stub.envoy_config(stack, listeners, 9999))
     resources = doc["static_resources"]
@@ -60,14 +61,24 @@ def test_one_listener_per_server_and_mode_each_asking_its_own_cluster(tmp_path):
                 listener["address"]["socket_address"]["port_value"],
                 config["grpc_service"]["envoy_grpc"]["cluster_name"],
                 mode["request_body_mode"],
+                mode["response_header_mode"],
                 mode["response_body_mode"],
+                mode["response_trailer_mode"],
             )
         )
+    full = "FULL_DUPLEX_STREAMED"
     assert seen == [
-        (8101, "extproc-stub", "FULL_DUPLEX_STREAMED", "FULL_DUPLEX_STREAMED"),
-        (8102, "extproc-picker-abc123", "FULL_DUPLEX_STREAMED", "FULL_DUPLEX_STREAMED"),
-        (8103, "extproc-picker-abc123", "FULL_DUPLEX_STREAMED", "NONE"),
+        (8101, "extproc-stub", full, "SEND", full, "SEND"),
+        (8102, "extproc-picker-abc123", full, "SEND", full, "SEND"),
+        (8103, "extproc-picker-abc123", full, "SEND", "NONE", "SKIP"),
+        (8104, "extproc-stub", full, "SKIP", "NONE", "SKIP"),
     ]
+
+
+def test_a_listener_takes_only_the_known_response_modes():
+    server = epp_vs_stub.ExtProcServer("stub", None, 7001, None)
+    with pytest.raises(ValueError, match="response mode"):
+        epp_vs_stub.Listener(server, "bodies", 8101)
 
 
 def test_another_commit_imports_as_infergw_from_its_own_files(tmp_path):
@@ -85,14 +96,14 @@ def test_another_commit_imports_as_infergw_from_its_own_files(tmp_path):
 @pytest.mark.slow
 def test_stub_and_picker_answer_side_by_side_through_one_envoy():
     out = epp_vs_stub.compare(
-        concurrency=4, duration=1.0, rounds=1, loadgen="python", bodies=(True, False)
+        concurrency=4, duration=1.0, rounds=1, loadgen="python", responses=("through", "none")
     )
     names = out["servers"]
     assert names == [
         "stub",
         "picker",
-        "stub (response bodies kept away)",
-        "picker (response bodies kept away)",
+        "stub (response headers and bodies kept away)",
+        "picker (response headers and bodies kept away)",
     ]
     for name in names:
         assert out[name]["errors"] == 0, (name, out[name])

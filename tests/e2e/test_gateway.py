@@ -193,21 +193,38 @@ def picker_metric(stack: LocalStack, prefix: str) -> float:
     return sum(float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines() if ln.startswith(prefix))
 
 
-@pytest.mark.parametrize("bodies", [True, False])
-def test_response_bodies_through_the_picker_or_not(tmp_path, bodies):
-    s = make_stack(tmp_path, response_bodies=bodies)
+@pytest.mark.parametrize("response", ["through", "headers", "none"])
+def test_what_of_the_response_passes_the_picker(tmp_path, response):
+    """The proxy setting (Envoy 1.40 honours no per-request mode_override while the request
+    body is FULL_DUPLEX_STREAMED): all of the response through the picker, its headers only,
+    or nothing; the picker's own message counts show what it was sent."""
+    s = make_stack(
+        tmp_path, response_bodies=response == "through", response_headers=response != "none"
+    )
     try:
         r = complete(s, max_tokens=8, stream=True, stream_options={"include_usage": True})
         assert r.status_code == 200 and r.text.endswith("data: [DONE]\n\n")
-        assert r.headers[SERVED] in s.pod_addresses  # response headers still pass the picker
-        seen = picker_metric(s, 'infergate_epp_extproc_messages_total{kind="response_body"}')
+
+        def messages(kind: str) -> float:
+            return picker_metric(s, f'infergate_epp_extproc_messages_total{{kind="{kind}"}}')
+
         tokens = picker_metric(s, "inference_objective_output_tokens_sum")
         done = picker_metric(s, "inference_objective_request_duration_seconds_count")
         errors = picker_metric(s, "inference_objective_request_error_total")
-        if bodies:
-            assert seen >= 8 and tokens == 8
+        running = picker_metric(s, "inference_objective_running_requests")
+        assert messages("request_headers") == 1 and messages("request_body") >= 1
+        if response == "through":
+            # (Envoy may join chunks that arrive together: at least one.)
+            assert messages("response_headers") == 1 and messages("response_body") >= 1
+            assert tokens == 8
         else:
-            assert seen == 0 and tokens == 0  # the proxy kept the body away
-        assert (done, errors) == (1, 0)  # either way the request ended well
+            assert messages("response_body") == 0 and tokens == 0  # the proxy kept it away
+        if response == "none":
+            assert messages("response_headers") == 0
+        # The pod that answered is named either way: by the picker, or by Envoy itself when
+        # the picker sees no response headers.
+        assert r.headers[SERVED] in s.pod_addresses
+        # Either way the request ended well and left no slot taken.
+        assert (done, errors, running) == (1, 0, 0)
     finally:
         s.stop()

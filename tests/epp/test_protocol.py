@@ -234,3 +234,26 @@ async def test_unknown_model_is_404_once_the_pools_models_are_known(picker):
     assert status == 404 and "gpt-nope" in body["error"]["message"]
     out = await ec.exchange(picker.target, [ec.headers(), ec.body(COMPLETION)])
     assert ec.immediate(out) is None
+
+
+async def test_a_stream_without_response_headers_ends_answered_when_the_proxy_skips_them(
+    sims, tmp_path
+):
+    """Envoy with response_header_mode SKIP closes the stream when the answer ends: with
+    --response-headers-skipped that is an answered request (its duration counted, status
+    unknown); without, the same stream is a request cancelled before its answer."""
+    for skipped in (False, True):
+        workdir = tmp_path / f"skipped-{skipped}"
+        workdir.mkdir()
+        p = Picker(workdir, sims, extra=["--response-headers-skipped"] if skipped else [])
+        with p.run():
+            await ec.exchange(p.target, [ec.headers(), ec.body(COMPLETION)])
+            await asyncio.sleep(0.1)
+
+            def total(prefix: str, picker: Picker = p) -> float:
+                return sum(float(line.rsplit(" ", 1)[1]) for line in picker.metric_lines(prefix))
+
+            cancelled = total('inference_objective_request_error_total{error_code="cancelled"')
+            answered = total("inference_objective_request_duration_seconds_count")
+            assert (cancelled, answered) == ((0, 1) if skipped else (1, 0))
+            assert all(e["inflight_requests"] == 0 for e in p.debug()["endpoints"])

@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
+from infergw.api.names import SERVED_HEADER
 from infergw.api.retries import retry_budget, retry_policy
 from infergw.cluster.certs import serving_cert
 from infergw.epp.app import HEALTH_SERVICES
@@ -137,3 +138,45 @@ def test_the_pool_route_retries_what_the_cluster_manifests_retry(tmp_path):
     assert "503" in str(route["route"]["retry_policy"]["retriable_status_codes"])
     [pool] = [c for c in config["static_resources"]["clusters"] if c["name"] == "pool"]
     assert pool["circuit_breakers"]["thresholds"] == [{"retry_budget": retry_budget()}]
+
+
+def _picker_filter(doc: dict) -> dict:
+    (listener,) = doc["static_resources"]["listeners"]
+    manager = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    (ext_proc,) = [f for f in manager["http_filters"] if f["name"].endswith(".ext_proc")]
+    return ext_proc["typed_config"]
+
+
+@pytest.mark.parametrize(
+    ("bodies", "headers", "modes"),
+    [
+        (True, True, ("SEND", "FULL_DUPLEX_STREAMED", "SEND")),
+        (False, True, ("SEND", "NONE", "SKIP")),
+        (False, False, ("SKIP", "NONE", "SKIP")),
+    ],
+)
+def test_what_of_the_response_the_picker_sees_is_a_proxy_setting(tmp_path, bodies, headers, modes):
+    doc = yaml.safe_load(
+        render(local_envoy_settings(response_bodies=bodies, response_headers=headers))
+    )
+    config = _picker_filter(doc)
+    mode = config["processing_mode"]
+    assert (mode["response_header_mode"], mode["response_body_mode"]) == modes[:2]
+    assert mode["response_trailer_mode"] == modes[2]
+    assert mode["request_body_mode"] == "FULL_DUPLEX_STREAMED"  # the picker needs it
+    (listener,) = doc["static_resources"]["listeners"]
+    manager = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    (vhost,) = manager["route_config"]["virtual_hosts"]
+    added = vhost.get("response_headers_to_add", [])
+    added = {h["header"]["key"]: h["header"]["value"] for h in added}
+    # Without response headers the picker cannot name the pod that answered: Envoy does.
+    assert added == ({} if headers else {SERVED_HEADER: "%UPSTREAM_REMOTE_ADDRESS%"})
+    assert ("response_attributes" in config) == headers
+    path = tmp_path / "envoy.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    assert_envoy_accepts(path)
+
+
+def test_response_bodies_through_the_picker_need_its_response_headers():
+    with pytest.raises(ValueError, match="response headers"):
+        render(local_envoy_settings(response_bodies=True, response_headers=False))

