@@ -1633,7 +1633,7 @@ def test_sigterm_stops_the_sidecar_cleanly(tmp_path):
             start_new_session=True,
         )
     try:
-        wait_http(f"http://127.0.0.1:{port}/metrics", 30, proc)
+        wait_http(f"http://127.0.0.1:{port}/connector/metrics", 30, proc)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=15) == 0
     finally:
