@@ -1,4 +1,4 @@
-"""Waiting for the signals that stop a server process (picker, body-based router)."""
+"""Waiting for the signals that stop a server process (picker, body-based router, P/D sidecar)."""
 
 from __future__ import annotations
 

@@ -27,7 +27,7 @@ from infergw.bbr import metrics as m
 from infergw.bbr.metrics import RouterMetrics
 from infergw.bbr.sources import Table
 from infergw.epp import protocol
-from infergw.epp.body_budget import BodyBudget
+from infergw.epp.body_budget import BodyAccumulator, BodyBudget, BudgetShare
 from infergw.epp.errors import PickerError, bounded
 from infergw.epp.request_body import check_routed_member, decode_body, requested_model
 
@@ -95,11 +95,10 @@ class _Stream:
     ) -> None:
         self.table = table
         self.options = options
-        self.budget = budget
+        self.share = BudgetShare(budget)  # given back when the stream ends
         self.metrics = metrics
         self.headers: dict[str, str] = {}
-        self.body = bytearray()
-        self.charged = 0
+        self.body = BodyAccumulator(self.share, options.max_body_bytes)
         self.done = False
         self.model = ""
 
@@ -115,16 +114,11 @@ class _Stream:
         if self.done:
             return []  # a duplicate end of stream
         chunk = msg.request_body
-        limit = self.options.max_body_bytes
-        if len(self.body) + len(chunk.body) > limit:
-            raise PickerError(413, f"request body exceeds the limit of {limit} bytes")
-        self._charge(len(chunk.body))
-        self.body += chunk.body
+        self.body.add(chunk.body)
         if not chunk.end_of_stream:
             return []
         self.done = True
-        self._charge(len(self.body))  # the copy below, while both are held
-        raw, self.body = bytes(self.body), bytearray()
+        raw = self.body.take_all()  # the copy, charged while both are held
         pool = self._pool_for(raw)
         return itertools.chain([route_headers(pool, len(raw))], protocol.request_body_chunks(raw))
 
@@ -148,13 +142,8 @@ class _Stream:
         log.debug("bbr: model %r -> pool %s (%s)", self.model, choice.pool, choice.via)
         return choice.pool
 
-    def _charge(self, n: int) -> None:
-        self.budget.take(n)
-        self.charged += n
-
     def close(self) -> None:
-        self.budget.give(self.charged)
-        self.charged = 0
+        self.share.release()
 
 
 class BodyRouter(pbg.ExternalProcessorServicer):

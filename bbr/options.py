@@ -8,14 +8,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from infergw.api import logs
-from infergw.epp.body_budget import DEFAULT_MAX_HELD_BYTES
-from infergw.epp.options import add_tls_flags, duration
+from infergw.epp.options import add_body_limit_flags, add_serving_flags, duration
 
 # The reference router's ports (gateway-api-inference-extension's body-based routing).
 DEFAULT_GRPC_PORT = 9004
 DEFAULT_HEALTH_PORT = 9005
 DEFAULT_METRICS_PORT = 9090
-DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024  # the picker's default: a body one passes, both do
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,10 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Body-based routing: an Envoy ext_proc server in front of the pickers that "
         "puts the InferencePool serving the body's `model` in x-gateway-model-name.",
     )
-    p.add_argument("--host", default="0.0.0.0", help="address to listen on (0.0.0.0 in a pod)")
-    p.add_argument("--grpc-port", type=int, default=DEFAULT_GRPC_PORT)
-    p.add_argument("--grpc-health-port", type=int, default=DEFAULT_HEALTH_PORT)
-    p.add_argument("--metrics-port", type=int, default=DEFAULT_METRICS_PORT)
+    add_serving_flags(
+        p,
+        grpc_port=DEFAULT_GRPC_PORT,
+        health_port=DEFAULT_HEALTH_PORT,
+        metrics_port=DEFAULT_METRICS_PORT,
+    )
     p.add_argument("--provider", choices=["file", "kubernetes"], default="kubernetes")
     p.add_argument(
         "--pool-file",
@@ -58,14 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
         "ModelRoutes, ModelServers and Models (repeatable); reloaded on change",
     )
     p.add_argument("--namespace", default="default", help="whose InferencePools, routes and Models")
-    add_tls_flags(p)
-    p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES)
-    p.add_argument(
-        "--max-held-request-bytes",
-        type=int,
-        default=DEFAULT_MAX_HELD_BYTES,
-        help="request bytes held at once over all streams; past it, 429 with Retry-After",
-    )
+    # The picker's defaults: a body one passes, the other does too.
+    add_body_limit_flags(p)
     p.add_argument(
         "--on-bad-body",
         choices=["reject", "pass"],

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 
 from aiohttp import web
 
 from infergw.api import logs
+from infergw.api.signals import wait_for_signal
 from infergw.connector.allowlist import Allowlist
 from infergw.connector.options import ConnectorOptions, parse_options
 from infergw.connector.server import ConnectorProxy
@@ -39,12 +39,8 @@ async def serve(opts: ConnectorOptions) -> None:
         opts.port,
         opts.engine_url,
     )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
     try:
-        await stop.wait()
+        await wait_for_signal()
     finally:
         log.info("shutting down")
         await runner.cleanup()

@@ -10,6 +10,7 @@ import random
 import time
 from dataclasses import dataclass, field
 
+from infergw.epp.body_budget import DEFAULT_MAX_BODY_BYTES
 from infergw.epp.bodyless import allowed_without_body
 from infergw.epp.context import RequestContext
 from infergw.epp.datastore import Datastore, Endpoint
@@ -33,7 +34,7 @@ EWMA_ALPHA = 0.2  # weight of the newest observation in per-endpoint latency ave
 @dataclass(slots=True)
 class DirectorOptions:
     fallbacks: int = 1
-    max_body_bytes: int = 32 * 1024 * 1024
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     subset_filter: bool = True
     trust: HeaderTrust = field(default_factory=HeaderTrust)
     # The proxy sends no response headers (--response-headers-skipped): a stream's end after

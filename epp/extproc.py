@@ -18,7 +18,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pbg
 
 from infergw.epp import protocol
-from infergw.epp.body_budget import BodyBudget
+from infergw.epp.body_budget import BodyAccumulator, BodyBudget, BudgetShare
 from infergw.epp.context import RequestContext
 from infergw.epp.director import Director
 from infergw.epp.errors import PickerError
@@ -39,11 +39,11 @@ class _Stream:
     def __init__(self, director: Director, budget: BodyBudget | None = None) -> None:
         self.director = director
         self.budget = budget or BodyBudget()
-        self.charged = 0  # bytes taken from the budget, given back when the stream ends
+        self.share = BudgetShare(self.budget)  # given back when the stream ends
         self.response_charged = 0  # the part of it the response chain holds
         self.headers: dict[str, str] = {}
         self.subset: list[str] | None = None
-        self.body = bytearray()
+        self.body = BodyAccumulator(self.share, director.options.max_body_bytes)
         self.request_done = False
         self.req: InferenceRequest | None = None  # once the director took it
         self.ctx: RequestContext | None = None
@@ -69,27 +69,11 @@ class _Stream:
         targets = self.director.pick_for_bodyless(method, path, self.subset)
         return [protocol.destination_headers([e.address for e in targets], None)]
 
-    def _charge(self, n: int) -> None:
-        self.budget.take(n)
-        self.charged += n
-
-    def _settle(self, held: int) -> None:
-        """Make what this stream has taken from the budget exactly `held` bytes."""
-        if held > self.charged:
-            self._charge(held - self.charged)
-        else:
-            self.budget.give(self.charged - held)
-            self.charged = held
-
     async def on_request_body(self, msg: pb.ProcessingRequest) -> Iterable[pb.ProcessingResponse]:
         if self.request_done:
             return []  # a duplicate end of stream, or body after a body-less pick
         chunk = msg.request_body
-        limit = self.director.options.max_body_bytes
-        if len(self.body) + len(chunk.body) > limit:
-            raise PickerError(413, f"request body exceeds the limit of {limit} bytes")
-        self._charge(len(chunk.body))
-        self.body += chunk.body
+        self.body.add(chunk.body)
         if not chunk.end_of_stream:
             return []
         self.request_done = True
@@ -97,10 +81,9 @@ class _Stream:
         # Parsing briefly holds more than the body: its bytes copy and the prompt as text (up
         # to 4 bytes a character). Reserve that before building it, then settle to what the
         # request keeps, so the budget bounds the peak and not only what is left after it.
-        self._charge(PARSE_OVERHEAD * len(self.body))
-        raw, self.body = bytes(self.body), bytearray()  # held once, by the request
-        req = parse_request(path, raw, self.headers, max_body_bytes=limit)
-        self._settle(req.held_bytes)
+        raw = self.body.take_all(PARSE_OVERHEAD)  # held once, by the request
+        req = parse_request(path, raw, self.headers, max_body_bytes=self.body.limit)
+        self.share.settle(req.held_bytes)
         ctx = RequestContext(req, subset=self.subset)
         await self.director.handle(ctx)
         self.req, self.ctx = req, ctx
@@ -176,11 +159,7 @@ class _Stream:
             )
             held = self.response.held_bytes
         delta, self.response_charged = held - self.response_charged, held
-        if delta > 0:
-            self._charge(delta)
-        else:
-            self.budget.give(-delta)
-            self.charged += delta
+        self.share.settle(self.share.held + delta)
         return out
 
     def finish(self, cancelled: bool = False, status_unseen: bool = False) -> None:
@@ -239,8 +218,7 @@ class _Stream:
                 self.finish(status_unseen=True)
             else:
                 self.finish(cancelled=self.status == 0)
-        self.budget.give(self.charged)
-        self.charged = 0
+        self.share.release()
 
 
 class ExternalProcessor(pbg.ExternalProcessorServicer):

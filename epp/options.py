@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from infergw.api import logs
-from infergw.epp.body_budget import DEFAULT_MAX_HELD_BYTES
+from infergw.epp.body_budget import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_HELD_BYTES
 from infergw.epp.scrape_pace import DEFAULT_IDLE_INTERVAL
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m)?$")
@@ -104,6 +104,31 @@ class PickerOptions:
     replica_sync_discovery: ServiceRef | None = None
 
 
+def add_serving_flags(
+    p: argparse.ArgumentParser, *, grpc_port: int, health_port: int, metrics_port: int
+) -> None:
+    """Where an ext_proc server listens (--host, its three ports, given their defaults) and
+    with what TLS: the picker and the body-based router take the same flags."""
+    p.add_argument("--host", default="0.0.0.0", help="address to listen on (0.0.0.0 in a pod)")
+    p.add_argument("--grpc-port", type=int, default=grpc_port)
+    p.add_argument("--grpc-health-port", type=int, default=health_port)
+    p.add_argument("--metrics-port", type=int, default=metrics_port)
+    add_tls_flags(p)
+
+
+def add_body_limit_flags(p: argparse.ArgumentParser) -> None:
+    """--max-body-bytes (one request) and --max-held-request-bytes (all streams at once), as
+    the picker and the body-based router bound the bodies they read."""
+    p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES)
+    p.add_argument(
+        "--max-held-request-bytes",
+        type=int,
+        default=DEFAULT_MAX_HELD_BYTES,
+        help="request bytes held at once over all streams (bodies and what parsing keeps); "
+        "a request that would exceed it is answered 429 with Retry-After",
+    )
+
+
 def add_tls_flags(p: argparse.ArgumentParser) -> None:
     """--secure-serving and --cert-path, as the picker and the body-based router take them."""
     p.add_argument(
@@ -121,10 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="infergate epp", description="The endpoint picker: an Envoy ext_proc server."
     )
-    p.add_argument("--host", default="0.0.0.0", help="address to listen on (0.0.0.0 in a pod)")
-    p.add_argument("--grpc-port", type=int, default=9002)
-    p.add_argument("--grpc-health-port", type=int, default=9003)
-    p.add_argument("--metrics-port", type=int, default=9090)
+    add_serving_flags(p, grpc_port=9002, health_port=9003, metrics_port=9090)
     p.add_argument(
         "--config",
         "--config-file",
@@ -145,7 +167,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --provider file: YAML file or directory with the InferencePool "
         "and its Pods (repeatable); reloaded on change",
     )
-    add_tls_flags(p)
     p.add_argument("--refresh-metrics-interval", type=duration, default=0.05)
     p.add_argument(
         "--idle-metrics-interval",
@@ -160,14 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="endpoints after the primary in the destination list",
     )
-    p.add_argument("--max-body-bytes", type=int, default=32 * 1024 * 1024)
-    p.add_argument(
-        "--max-held-request-bytes",
-        type=int,
-        default=DEFAULT_MAX_HELD_BYTES,
-        help="request bytes held at once over all streams (bodies and what parsing keeps); "
-        "a request that would exceed it is answered 429 with Retry-After",
-    )
+    add_body_limit_flags(p)
     p.add_argument("--disable-endpoint-subset-filter", action="store_true")
     p.add_argument(
         "--response-headers-skipped",

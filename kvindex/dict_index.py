@@ -269,7 +269,9 @@ class DictBlockIndex:
         """Insert GPU entries for a routing decision before its BlockStored events arrive;
         they vanish after `speculative_ttl` seconds unless a BlockStored confirms them."""
         now = self._clock()
-        self._expire(now)
+        q = self._spec_q
+        if q and q[0][0] <= now:  # see _walk: nothing to expire is the common case
+            self._expire(now)
         p, exp = self._pod(pod), now + self.speculative_ttl
         spec = self._specs[p]
         for k in reversed(keys):  # head newest, as in add
@@ -315,7 +317,12 @@ class DictBlockIndex:
         return self._walk(keys, pods, (0, 1, 1, 1), False)
 
     def _walk(self, keys, pods, weights, touch: bool) -> dict:
-        self._expire(self._clock())
+        # _expire's own first test, made here: every walk of every request would otherwise
+        # call it (and the clock) for nothing. The clock is read only while speculative
+        # entries exist, _expire called only when one is due.
+        q = self._spec_q
+        if q and q[0][0] <= (now := self._clock()):
+            self._expire(now)
         out, allowed = {}, None
         if pods is not None:
             out = dict.fromkeys(pods, weights[0])

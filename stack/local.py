@@ -33,7 +33,7 @@ from infergw.stack.envoy_config import EnvoySettings, ListenerTls, PoolRoute, re
 from infergw.stack.gateway_tls import WILDCARD_LOOPBACK
 from infergw.stack.lifetime import spawn
 from infergw.stack.pods import StartReport, pool_pods
-from infergw.stack.ports import PickerPorts, StackPorts
+from infergw.stack.ports import PickerPorts, RouterPorts, StackPorts
 from infergw.stack.readiness import wait_http, wait_until
 from infergw.stack.supervise import Supervisor
 
@@ -434,14 +434,22 @@ class LocalStack:
         for i in self.picker_indexes if index is None else [index]:
             self._start_picker(i)
 
-    def _start_picker(self, index: int) -> None:
+    def _start_ext_proc(
+        self,
+        name: str,
+        module: str,
+        ports: PickerPorts | RouterPorts,
+        args: list[str],
+        cert_dir: Path | None = None,
+    ) -> None:
+        """Start one of our ext_proc servers (a picker, the body-based router) and wait until
+        it is up: it listens where Envoy dials it, with the stack's certificate (Envoy
+        verifies it by the stack's CA), and reads the pool file the stack keeps current."""
         c = self.cfg
-        plan = self.plan_of(index)
-        ports = self.picker_ports(index)
         cmd = [
             sys.executable,
             "-m",
-            "infergw.epp",
+            module,
             "--host",
             PICKER_HOST,
             "--grpc-port",
@@ -454,12 +462,21 @@ class LocalStack:
             "file",
             "--pool-file",
             str(self.pool_path),
+            f"--secure-serving={'true' if c.picker_tls else 'false'}",
+            *(["--cert-path", str(cert_dir or self.picker_tls_dir)] if c.picker_tls else []),
+            *args,
+        ]
+        proc = self._spawn(name, cmd)
+        wait_http(f"http://127.0.0.1:{ports.metrics}/healthz", 30, proc)
+
+    def _start_picker(self, index: int) -> None:
+        c = self.cfg
+        plan = self.plan_of(index)
+        args = [
             "--pool-name",
             plan.name,
             "--fallback-endpoints",
             str(c.fallbacks),
-            f"--secure-serving={'true' if c.picker_tls else 'false'}",
-            *(["--cert-path", str(plan.cert_dir or self.picker_tls_dir)] if c.picker_tls else []),
             *(["--trust-client-headers"] if c.trust_client_headers else []),
             *([] if c.response_headers else ["--response-headers-skipped"]),
             "--enable-debug-endpoints",  # /debug/endpoints: readiness checks, tests, `up` users
@@ -472,11 +489,11 @@ class LocalStack:
             "--tokenizer",
             f"{plan.served_model_name}={plan.tokenizer_dir or c.model or DEFAULT_MODEL_DIR}",
             *c.picker_args,
+            *(["--config", str(c.picker_config)] if c.picker_config else []),
         ]
-        if c.picker_config:
-            cmd += ["--config", str(c.picker_config)]
-        proc = self._spawn(self.picker_name(index), cmd)
-        wait_http(f"http://127.0.0.1:{ports.metrics}/healthz", 30, proc)
+        self._start_ext_proc(
+            self.picker_name(index), "infergw.epp", self.picker_ports(index), args, plan.cert_dir
+        )
 
     def _kv_event_args(self) -> list[str]:
         """Central: the pods' PUBs connect to the picker. Per pod: the picker connects to
@@ -571,29 +588,7 @@ class LocalStack:
         """The body-based router (several pools): it reads the same pool file as the pickers
         (every pool, route and server the controllers export) and serves with the pickers'
         certificate, which Envoy verifies by the same CA."""
-        c = self.cfg
-        ports = c.ports.router
-        cmd = [
-            sys.executable,
-            "-m",
-            "infergw.bbr",
-            "--host",
-            PICKER_HOST,
-            "--grpc-port",
-            str(ports.grpc),
-            "--grpc-health-port",
-            str(ports.health),
-            "--metrics-port",
-            str(ports.metrics),
-            "--provider",
-            "file",
-            "--pool-file",
-            str(self.pool_path),
-            f"--secure-serving={'true' if c.picker_tls else 'false'}",
-            *(["--cert-path", str(self.picker_tls_dir)] if c.picker_tls else []),
-        ]
-        proc = self._spawn("router", cmd)
-        wait_http(f"http://127.0.0.1:{ports.metrics}/healthz", 30, proc)
+        self._start_ext_proc("router", "infergw.bbr", self.cfg.ports.router, [])
 
     def pickers_healthy_in_envoy(self) -> bool:
         """Whether Envoy's health checks pass every picker (a restarted one is ejected or

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
+from pathlib import Path
 
 import pytest
 
@@ -37,11 +38,18 @@ def running(
     ready_url: str | None = None,
     timeout: float = 30.0,
     env: dict[str, str] | None = None,
+    output: Path | None = None,
 ) -> Iterator[subprocess.Popen]:
-    """Run `cmd` for the length of a with-block; always stopped (TERM, then KILL) afterwards."""
-    log = open(os.devnull, "wb") if os.environ.get("INFERGATE_QUIET_PROCS") else None
+    """Run `cmd` for the length of a with-block; always stopped (TERM, then KILL) afterwards.
+    Its stdout and stderr go to `output` when given (appended), else to the test's."""
+    if output is not None:
+        log = open(output, "ab")  # closed below, after the process
+        err = subprocess.STDOUT
+    else:
+        log = open(os.devnull, "wb") if os.environ.get("INFERGATE_QUIET_PROCS") else None
+        err = None
     proc = spawn(
-        cmd, env={**os.environ, **(env or {})}, stdout=log, stderr=None, start_new_session=True
+        cmd, env={**os.environ, **(env or {})}, stdout=log, stderr=err, start_new_session=True
     )
     try:
         if ready_url:

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from subprocess import Popen
 
 import pytest
 import requests
@@ -31,6 +34,14 @@ schedulingProfiles:
 
 # Simulated time runs 20x faster: tests wait for tokens, not for the latency model.
 FAST_SIMULATOR = ("--sim-time-scale", "0.05")
+
+# A port free when free_port() found it can be taken before the picker binds it: by another
+# process's server, or as the source port of any outgoing connection on the machine (both
+# come from the kernel's ephemeral range). Under load the picker starts slowly and the window
+# is wide; the picker then exits at start ("address already in use") and is started again on
+# other ports, this many times in all.
+START_ATTEMPTS = 3
+PORT_TAKEN = "address already in use"
 
 
 def picker_cmd(grpc_port: int, metrics_port: int, *flags: str) -> list[str]:
@@ -80,18 +91,16 @@ def pool_yaml(ports: list[int], ready: bool = True, name: str = "pool") -> str:
 
 class Picker:
     def __init__(self, tmp_path, ports, *, ready=True, extra=(), secure=False):
-        self.grpc, self.metrics = free_port(), free_port()
-        pool = tmp_path / f"pool-{self.grpc}.yaml"
-        pool.write_text(pool_yaml(ports, ready))
+        self.dir = tmp_path
+        self.pool = tmp_path / f"pool-{free_port()}.yaml"
+        self.pool.write_text(pool_yaml(ports, ready))
         config = tmp_path / "config.yaml"
         config.write_text(CONFIG)
-        self.cmd = picker_cmd(
-            self.grpc,
-            self.metrics,
+        self.flags = (
             "--provider",
             "file",
             "--pool-file",
-            str(pool),
+            str(self.pool),
             "--pool-name",
             "pool",
             "--config",
@@ -100,11 +109,37 @@ class Picker:
             "--enable-debug-endpoints",
             *extra,
         )
-        self.target = f"127.0.0.1:{self.grpc}"
         self.addresses = [f"127.0.0.1:{p}" for p in ports]
+        self._choose_ports()
 
-    def run(self):
-        return running(self.cmd, ready_url=f"http://127.0.0.1:{self.metrics}/healthz")
+    def _choose_ports(self) -> None:
+        self.grpc, self.metrics = free_port(), free_port()
+        self.cmd = picker_cmd(self.grpc, self.metrics, *self.flags)
+        self.target = f"127.0.0.1:{self.grpc}"
+
+    @contextmanager
+    def run(self) -> Iterator[Popen]:
+        """The picker for the length of a with-block, ready; started again on other ports
+        when one it was given was taken before it could bind it (START_ATTEMPTS)."""
+        with ExitStack() as stack:
+            for attempt in range(1, START_ATTEMPTS + 1):
+                log = self.dir / f"picker-{self.grpc}.log"
+                try:
+                    proc = stack.enter_context(
+                        running(
+                            self.cmd,
+                            ready_url=f"http://127.0.0.1:{self.metrics}/healthz",
+                            output=log,
+                        )
+                    )
+                    break
+                except RuntimeError:  # it exited before it was ready
+                    output = log.read_text(errors="replace")
+                    if attempt == START_ATTEMPTS or PORT_TAKEN not in output.lower():
+                        print(output, file=sys.stderr)  # the picker's reason, in the report
+                        raise
+                    self._choose_ports()
+            yield proc
 
     def debug(self) -> dict:
         return requests.get(f"http://127.0.0.1:{self.metrics}/debug/endpoints", timeout=5).json()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import asyncio
 import json
+import signal
 import subprocess
 import sys
 import threading
@@ -35,6 +36,8 @@ from infergw.connector.app import start as start_connector_app
 from infergw.connector.http_kv import prefill_body as http_prefill_body
 from infergw.connector.options import ConnectorOptions, parse_options
 from infergw.connector.server import ConnectorProxy, parse_prefillers
+from infergw.stack.lifetime import spawn
+from infergw.stack.readiness import wait_http
 from tests.conftest import free_port, running
 from tests.fuzzing import examples, fuzz_settings
 from tests.kubeapi import KubeAPIEmulator
@@ -1615,3 +1618,26 @@ async def test_a_prefill_pod_newer_than_the_last_poll_is_allowed_at_once(tmp_pat
         assert not allowlist.allows("127.0.0.9:8000")
     finally:
         await allowlist.stop()
+
+
+def test_sigterm_stops_the_sidecar_cleanly(tmp_path):
+    """`python -m infergw.connector` waits for SIGTERM with api/signals.py's wait_for_signal,
+    then cleans its server up and exits 0 (the engine need not be up for that)."""
+    port = free_port()
+    log = tmp_path / "connector.log"
+    with open(log, "wb") as out:
+        proc = spawn(
+            connector_cmd(port, f"http://127.0.0.1:{free_port()}"),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        wait_http(f"http://127.0.0.1:{port}/connector/metrics", 30, proc)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "shutting down" in log.read_text()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
 
 import grpc
@@ -11,7 +12,9 @@ import pytest
 
 from infergw.cluster import certs
 from tests import extproc_client as ec
-from tests.picker_fixtures import COMPLETION, GET, Picker
+from tests import picker_fixtures
+from tests.conftest import free_port
+from tests.picker_fixtures import COMPLETION, GET, PORT_TAKEN, Picker
 
 
 async def test_destination_in_header_and_metadata_alike(picker):
@@ -200,6 +203,30 @@ async def test_tls_is_on_by_default(sims, tmp_path):
         assert "x-gateway-destination-endpoint" in ec.set_headers(out[0])
         with pytest.raises(grpc.aio.AioRpcError):
             await ec.exchange(p.target, [ec.headers(), ec.body(COMPLETION)])
+
+
+async def test_a_picker_whose_port_was_taken_meanwhile_starts_on_others(
+    sims, tmp_path, monkeypatch
+):
+    """The harness (tests/picker_fixtures.py): a port found free can be taken before the picker
+    binds it (by any process's outgoing connection, under load most of all); the picker then
+    exits at start and is started again on other ports, instead of failing the test."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        p = Picker(tmp_path, sims)
+        handed = [port]  # the next port free_port finds: the taken one
+        monkeypatch.setattr(
+            picker_fixtures, "free_port", lambda: handed.pop() if handed else free_port()
+        )
+        p._choose_ports()
+        assert p.grpc == port
+        with p.run():
+            assert p.grpc != port
+            out = await ec.exchange(p.target, [ec.headers(), ec.body(COMPLETION)])
+            assert "x-gateway-destination-endpoint" in ec.set_headers(out[0])
+    assert PORT_TAKEN in (tmp_path / f"picker-{port}.log").read_text().lower()
 
 
 async def test_no_ready_pods_gives_503_with_or_without_a_body(sims, tmp_path):
