@@ -34,7 +34,7 @@ from redis.asyncio import Redis
 
 from infergw.bench.common import machine, percentile, write_json
 from infergw.bench.kvindex import BLOCK, MODEL, _stored
-from infergw.bench.redis_server import RedisServer, which_redis_server
+from infergw.stack.redis_server import RedisServer, which_redis_server
 from infergw.kvindex import redis_index
 from infergw.kvindex.index import KVBlockIndex
 from infergw.kvindex.keys import prompt_keys
