@@ -7,12 +7,12 @@ events (per pod), Envoy spreading ext_proc streams over the pickers, and C close
 clients for D seconds. With `--kv-index memory,redis` each count runs twice, side by side:
 every picker ingesting every pod's events into its own index (memory), and one shared index
 in a redis-server the stack starts, each pod's events ingested by one picker (redis: sharded,
-epp/kv_shards.py; one picker alone subscribes to all). It reports req/s, latency, and the CPU per request of all pickers
-together and of Envoy, from /proc. Each picker also works with no traffic (scraping every pod
-every 50 ms, its KV-event subscriptions): that idle CPU is measured first, for IDLE_SECONDS,
-and taken out of the per-request figure. From both comes what the count would serve on a
-machine with a core for each picker: N × (1 − idle share) / CPU per request, while Envoy and
-the pods keep up.
+epp/kv_shards.py; one picker alone subscribes to all). It reports req/s, latency, and the
+CPU per request of all pickers together and of Envoy, from /proc. Each picker also works
+with no traffic (scraping every pod every 50 ms, its KV-event subscriptions): that idle CPU
+is measured first, for IDLE_SECONDS, and taken out of the per-request figure. From both
+comes what the count would serve on a machine with a core for each picker: N × (1 − idle
+share) / CPU per request, while Envoy and the pods keep up.
 """
 
 from __future__ import annotations
@@ -114,9 +114,9 @@ def markdown(out: dict) -> str:
         f"{out['max_tokens']} output tokens), {out['concurrency']} closed-loop clients, "
         f"{out['duration_s']:.0f} s per count, quickstart scheduling.",
         "",
-        "| pickers | KV index | req/s | vs 1 | p50 ms | p99 ms | pickers' CPU µs/req (idle work out) "
-        "| idle CPU per picker | Envoy CPU µs/req | CPU share per picker "
-        "| bound with a core per picker (req/s) |",
+        "| pickers | KV index | req/s | vs 1 | p50 ms | p99 ms "
+        "| pickers' CPU µs/req (idle work out) | idle CPU per picker | Envoy CPU µs/req "
+        "| CPU share per picker | bound with a core per picker (req/s) |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     base = out["runs"][0]["throughput_rps"]

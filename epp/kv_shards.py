@@ -90,7 +90,9 @@ class LiveReplicas:
     def members(self) -> list[str]:
         now = self._clock()
         followed = set(self._followed())
-        for r in [r for r, t in self._heard.items() if now - t > self.liveness or r not in followed]:
+        for r in [
+            r for r, t in self._heard.items() if now - t > self.liveness or r not in followed
+        ]:
             del self._heard[r]
         return sorted([self.me, *self._heard])
 
@@ -176,8 +178,7 @@ class KVShards:
         """Prometheus: the live replicas sharing the pods, and how often that set changed."""
         yield GaugeMetricFamily(
             "infergate_epp_kv_shard_replicas",
-            "Picker replicas (this one included) the pods' KV-event subscriptions are shared "
-            "over.",
+            "Picker replicas (this one included) the pods' KV-event subscriptions are shared over.",
             value=len(self._members),
         )
         changes = CounterMetricFamily(
@@ -190,4 +191,3 @@ class KVShards:
             changes.add_metric([change], n)
         changes.add_metric(["heartbeat_ignored"], self.live.ignored)
         yield changes
-
