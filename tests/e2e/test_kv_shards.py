@@ -14,10 +14,10 @@ import pytest
 import requests
 
 from infergw.bench.common import process_gone
-from infergw.epp.kv_shards import HEARTBEAT_INTERVAL, LIVENESS
-from infergw.stack.local import LocalStack
+from infergw.epp.kv_shards import HEARTBEAT_INTERVAL, LIVENESS, owner
+from infergw.stack.local import LocalStack, StackConfig
+from infergw.stack.ports import free_port, free_stack_ports
 from tests.e2e.gateway_config import MODEL, config
-from tests.e2e.stack_fixtures import make_stack
 from tests.redis_server import redis_server_fixture  # noqa: F401
 
 pytestmark = pytest.mark.slow
@@ -84,23 +84,45 @@ def wait_for(predicate, timeout: float, what: str) -> float:
     return time.monotonic() - start
 
 
+def split_stack(tmp_path, redis: str) -> LocalStack:
+    """Two pickers sharding PODS pods, whose ports are chosen so that each picker owns some
+    (rendezvous hashing over random ports leaves one picker none 1 time in 8)."""
+    ports = free_stack_ports(PODS, True, 2)
+    binds = [f"tcp://127.0.0.1:{ports.picker_ports(i).replica_sync}" for i in (0, 1)]
+    pod_ports: list[int] = []
+    owned = {b: 0 for b in binds}
+    while len(pod_ports) < PODS:
+        port = free_port()
+        mine = owner(f"127.0.0.1:{port}", binds)
+        if port not in pod_ports and owned[mine] < PODS // 2:
+            pod_ports.append(port)
+            owned[mine] += 1
+    cfg_path = tmp_path / "epp-config.yaml"
+    cfg_path.write_text(PRECISE)
+    return LocalStack(
+        StackConfig(
+            workdir=tmp_path,
+            pods=PODS,
+            ports=ports,
+            pod_ports=pod_ports,
+            picker_config=cfg_path,
+            pickers=2,
+            sim_args=SIM,
+            picker_args=[
+                "--kv-index-backend",
+                "redis",
+                "--kv-index-redis-url",
+                redis,
+                "--kv-index-redis-shard",
+            ],
+        )
+    ).start()
+
+
 def test_each_pod_has_one_subscriber_both_read_all_and_a_dead_ones_pods_move(
     tmp_path, redis_server
 ):
-    stack = make_stack(
-        tmp_path,
-        pods=PODS,
-        pickers=2,
-        picker_config=PRECISE,
-        sim_args=SIM,
-        picker_args=[
-            "--kv-index-backend",
-            "redis",
-            "--kv-index-redis-url",
-            redis_server.address,
-            "--kv-index-redis-shard",
-        ],
-    )
+    stack = split_stack(tmp_path, redis_server.address)
     try:
         pods = stack.pod_addresses
         wait_for(lambda: replicas(stack, 0) == replicas(stack, 1) == 2, 20, "both see both")
@@ -111,7 +133,7 @@ def test_each_pod_has_one_subscriber_both_read_all_and_a_dead_ones_pods_move(
 
         wait_for(split, 10, "the pods split between the pickers, one subscriber each")
         shards = [subscribed(stack, 0), subscribed(stack, 1)]
-        print("shards:", shards)
+        assert len(shards[0]) == len(shards[1]) == PODS // 2, shards  # as the hashing says
         for i, pod in enumerate(pods):
             straight_to(pod, prefix(i) + "first?")
         for reader in (0, 1):  # each sees every pod's blocks, its own shard's and the other's
@@ -123,10 +145,9 @@ def test_each_pod_has_one_subscriber_both_read_all_and_a_dead_ones_pods_move(
                 )
         assert subscribed(stack, 0) == shards[0] and subscribed(stack, 1) == shards[1]
 
-        # Kill the picker with more pods; a pod of its shard stores blocks while nobody
-        # subscribes to it (its owner is dead, the survivor has not noticed yet).
-        victim = 0 if len(shards[0]) >= len(shards[1]) else 1
-        survivor = 1 - victim
+        # Kill one; a pod of its shard stores blocks while nobody subscribes to it (its owner
+        # is dead, the survivor has not noticed yet).
+        victim, survivor = 0, 1
         orphan = sorted(shards[victim])[0]
         proc = stack.procs[stack.picker_name(victim)]
         os.killpg(proc.pid, signal.SIGKILL)
