@@ -24,6 +24,7 @@ import os
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 from infergw.bench.common import machine, percentile, process_cpu_seconds, write_json
@@ -72,11 +73,13 @@ def measure(
         idle = {
             name: (process_cpu_seconds(pids[name]) - idle0[name]) / IDLE_SECONDS for name in names
         }
+        received0 = kv_messages(stack)
         cpu0 = {name: process_cpu_seconds(pid) for name, pid in pids.items()}
         t0 = time.monotonic()
         res = asyncio.run(run_load(url, body, concurrency, duration))
         wall = time.monotonic() - t0
         cpu = {name: process_cpu_seconds(pid) - cpu0[name] for name, pid in pids.items()}
+        received = kv_messages(stack) - received0
     finally:
         stack.stop()
     # CPU covers the whole run (warm-up included): per request of the whole run.
@@ -96,6 +99,9 @@ def measure(
         "pickers_cpu_us_per_request": round(picker_us, 1),
         "idle_cpu_percent_per_picker": round(100 * idle_share, 1),
         "envoy_cpu_us_per_request": round(cpu["envoy"] * per_request, 1),
+        # KV-event messages all pickers together ingested per request: N × the pods' with
+        # every picker subscribing, 1 × sharded.
+        "kv_messages_per_request": round(received / max(res.requests + res.errors, 1), 2),
         # Each picker's share of the CPU: how evenly Envoy spread the streams.
         "picker_cpu_shares": [
             round(cpu[stack.picker_name(i)] / max(pickers_cpu, 1e-9), 3) for i in range(pickers)
@@ -104,6 +110,19 @@ def measure(
         # and the pods keep up.
         "pickers_bound_rps": round(pickers * (1 - idle_share) * 1e6 / max(picker_us, 1e-9), 1),
     }
+
+
+def kv_messages(stack: LocalStack) -> float:
+    """KV-event messages every picker received so far, summed (from their /metrics)."""
+    series = 'infergate_kvindex_messages_total{outcome="received"} '
+    total = 0.0
+    for i in stack.picker_indexes:
+        url = f"http://127.0.0.1:{stack.picker_ports(i).metrics}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as r:
+            for line in r.read().decode().splitlines():
+                if line.startswith(series):
+                    total += float(line.rsplit(" ", 1)[1])
+    return total
 
 
 def markdown(out: dict) -> str:
@@ -115,9 +134,10 @@ def markdown(out: dict) -> str:
         f"{out['duration_s']:.0f} s per count, quickstart scheduling.",
         "",
         "| pickers | KV index | req/s | vs 1 | p50 ms | p99 ms "
-        "| pickers' CPU µs/req (idle work out) | idle CPU per picker | Envoy CPU µs/req "
+        "| pickers' CPU µs/req (idle work out) | KV messages ingested per req (all pickers) "
+        "| idle CPU per picker | Envoy CPU µs/req "
         "| CPU share per picker | bound with a core per picker (req/s) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     base = out["runs"][0]["throughput_rps"]
     for r in out["runs"]:
@@ -126,6 +146,7 @@ def markdown(out: dict) -> str:
             f"| {r['pickers']} | {kv} | {r['throughput_rps']:.0f} | "
             f"{r['throughput_rps'] / base:.2f} | "
             f"{r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['pickers_cpu_us_per_request']:.0f} | "
+            f"{r['kv_messages_per_request']:.2f} | "
             f"{r['idle_cpu_percent_per_picker']:.0f} % | "
             f"{r['envoy_cpu_us_per_request']:.0f} | "
             f"{' / '.join(f'{s:.2f}' for s in r['picker_cpu_shares'])} | "
