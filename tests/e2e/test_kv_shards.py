@@ -1,8 +1,10 @@
-"""Two real pickers sharding the KV events over one real Redis (`--kv-index-backend redis
---kv-index-redis-shard`, epp/kv_shards.py), simulator pods publishing over real ZMQ: each
-pod's events are ingested by exactly one picker, both pickers' lookups see every pod's blocks,
-and when one picker is killed the other takes its pods over within the liveness window,
-catching up from the pods' replay sockets (blocks stored while nobody subscribed included)."""
+"""Two real pickers sharding the KV events over one real Redis, as `infergate up --pickers 2
+--kv-index redis` runs them (the stack's own redis-server; the pickers'
+`--kv-index-backend redis --kv-index-redis-shard`, epp/kv_shards.py), simulator pods
+publishing over real ZMQ: each pod's events are ingested by exactly one picker, both
+pickers' lookups see every pod's blocks, and when one picker is killed the other takes its
+pods over within the liveness window, catching up from the pods' replay sockets (blocks
+stored while nobody subscribed included)."""
 
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from infergw.epp.kv_shards import HEARTBEAT_INTERVAL, LIVENESS, owner
 from infergw.stack.local import LocalStack, StackConfig
 from infergw.stack.ports import free_port, free_stack_ports
 from tests.e2e.gateway_config import MODEL, config
-from tests.redis_server import redis_server_fixture  # noqa: F401
+from tests.redis_server import require_redis_server
 
 pytestmark = pytest.mark.slow
 
@@ -84,9 +86,11 @@ def wait_for(predicate, timeout: float, what: str) -> float:
     return time.monotonic() - start
 
 
-def split_stack(tmp_path, redis: str) -> LocalStack:
-    """Two pickers sharding PODS pods, whose ports are chosen so that each picker owns some
-    (rendezvous hashing over random ports leaves one picker none 1 time in 8)."""
+def split_stack(tmp_path) -> LocalStack:
+    """Two pickers sharding PODS pods over the stack's own redis-server, the pods' ports
+    chosen so that each picker owns half (rendezvous hashing over random ports leaves one
+    picker none 1 time in 8)."""
+    require_redis_server()
     ports = free_stack_ports(PODS, True, 2)
     binds = [f"tcp://127.0.0.1:{ports.picker_ports(i).replica_sync}" for i in (0, 1)]
     pod_ports: list[int] = []
@@ -108,21 +112,13 @@ def split_stack(tmp_path, redis: str) -> LocalStack:
             picker_config=cfg_path,
             pickers=2,
             sim_args=SIM,
-            picker_args=[
-                "--kv-index-backend",
-                "redis",
-                "--kv-index-redis-url",
-                redis,
-                "--kv-index-redis-shard",
-            ],
+            kv_index="redis",  # as `infergate up --pickers 2 --kv-index redis`
         )
     ).start()
 
 
-def test_each_pod_has_one_subscriber_both_read_all_and_a_dead_ones_pods_move(
-    tmp_path, redis_server
-):
-    stack = split_stack(tmp_path, redis_server.address)
+def test_each_pod_has_one_subscriber_both_read_all_and_a_dead_ones_pods_move(tmp_path):
+    stack = split_stack(tmp_path)
     try:
         pods = stack.pod_addresses
         wait_for(lambda: replicas(stack, 0) == replicas(stack, 1) == 2, 20, "both see both")
