@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import ipaddress
 import logging
 import time
 from collections import Counter
@@ -49,6 +50,17 @@ HEARTBEAT_CHANNEL = "replica-alive"
 HEARTBEAT_INTERVAL = 0.5  # seconds between a replica's heartbeats, and between ownership checks
 LIVENESS = 2.0  # a peer unheard this long is gone: its pods move to the others
 MAX_CACHED = 65_536  # pods whose ownership is remembered between changes of the members
+
+
+def canonical(endpoint: str) -> str:
+    """A replica's name: its sync endpoint, an IPv6 host bracketed as discovery writes it
+    (`--replica-sync-bind=tcp://$(POD_IP):9004` expands to an unbracketed one)."""
+    host, _, port = endpoint.removeprefix("tcp://").rpartition(":")
+    try:
+        ip = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return endpoint
+    return f"tcp://[{ip}]:{port}" if ip.version == 6 else f"tcp://{ip}:{port}"
 
 
 def weight(replica: str, pod: str) -> int:
@@ -72,17 +84,18 @@ class LiveReplicas:
         liveness: float = LIVENESS,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.me = me
-        self._followed = followed
+        self.me = canonical(me)
+        self._followed = lambda: {canonical(r) for r in followed()}
         self.liveness = liveness
         self._clock = clock
         self._heard: dict[str, float] = {}
         self.ignored = 0  # heartbeats from a replica this one does not follow
 
     def heard(self, replica: str) -> None:
+        replica = canonical(replica)
         if replica == self.me:
             return
-        if replica not in set(self._followed()):
+        if replica not in self._followed():
             self.ignored += 1
             return
         self._heard[replica] = self._clock()
@@ -155,7 +168,10 @@ class KVShards:
         while True:
             if self._beat is not None:
                 self._beat(self.live.me, [1])
-            self.check()
+            try:
+                self.check()
+            except Exception:  # a bug must not freeze the shards: log it, check again
+                log.exception("KV index shards: the ownership check failed")
             await asyncio.sleep(self.interval)
 
     def check(self) -> None:

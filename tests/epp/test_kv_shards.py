@@ -8,7 +8,7 @@ from collections import Counter
 
 import msgspec
 
-from infergw.epp.kv_shards import HEARTBEAT_CHANNEL, KVShards, LiveReplicas, owner
+from infergw.epp.kv_shards import HEARTBEAT_CHANNEL, KVShards, LiveReplicas, canonical, owner
 from infergw.epp.replica_sync import Record, ReplicaSync
 
 REPLICAS = [f"tcp://10.0.0.{i}:9004" for i in range(1, 5)]
@@ -104,3 +104,13 @@ def test_views_of_two_replicas_split_the_pods_and_one_takes_all_when_the_other_i
     assert views[0].subscribed == set(PODS[:40])  # takes replica 1's pods over
     # Replica 1, if alive, keeps its own: two subscribers for a while, never none.
     assert views[1].subscribed == b
+
+
+def test_a_replica_is_named_alike_whether_its_ipv6_address_is_bracketed_or_not():
+    assert canonical("tcp://fd00::7:9004") == canonical("tcp://[fd00::7]:9004")
+    assert canonical("tcp://fd00::7:9004") == "tcp://[fd00::7]:9004"
+    assert canonical("tcp://10.0.0.7:9004") == "tcp://10.0.0.7:9004"
+    assert canonical("tcp://*:9004") == "tcp://*:9004"
+    live = LiveReplicas("tcp://fd00::7:9004", lambda: ["tcp://[fd00::8]:9004"])
+    live.heard("tcp://fd00::8:9004")
+    assert live.members() == ["tcp://[fd00::7]:9004", "tcp://[fd00::8]:9004"]
