@@ -34,13 +34,13 @@ from redis.asyncio import Redis
 
 from infergw.bench.common import machine, percentile, write_json
 from infergw.bench.kvindex import BLOCK, MODEL, _stored
-from infergw.bench.redis_server import RedisServer, which_redis_server
 from infergw.kvindex import redis_index
 from infergw.kvindex.index import KVBlockIndex
 from infergw.kvindex.keys import prompt_keys
 from infergw.kvindex.redis_layout import LAYOUT_VERSION
 from infergw.kvindex.translate import EventTranslator
 from infergw.stack.ports import free_port
+from infergw.stack.redis_server import RedisServer, which_redis_server
 
 
 def _events(pods: int, prompts_per_pod: int, prompt_tokens: int, same: bool = False):

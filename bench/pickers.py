@@ -4,12 +4,15 @@ Each count gets a fresh stack: simulator pods with a fast latency model (--sim-t
 so the gateway's own cost shows), the quickstart's scheduling (precise prefix scorer with its
 tokenizer, queue, KV-cache and in-flight scorers), every picker subscribed to every pod's KV
 events (per pod), Envoy spreading ext_proc streams over the pickers, and C closed-loop
-clients for D seconds. It reports req/s, latency, and the CPU per request of all pickers
-together and of Envoy, from /proc. Each picker also works with no traffic (scraping every pod
-every 50 ms, its KV-event subscriptions): that idle CPU is measured first, for IDLE_SECONDS,
-and taken out of the per-request figure. From both comes what the count would serve on a
-machine with a core for each picker: N × (1 − idle share) / CPU per request, while Envoy and
-the pods keep up.
+clients for D seconds. With `--kv-index memory,redis` each count runs twice, side by side:
+every picker ingesting every pod's events into its own index (memory), and one shared index
+in a redis-server the stack starts, each pod's events ingested by one picker (redis: sharded,
+epp/kv_shards.py; one picker alone subscribes to all). It reports req/s, latency, and the
+CPU per request of all pickers together and of Envoy, from /proc. Each picker also works
+with no traffic (scraping every pod every 50 ms, its KV-event subscriptions): that idle CPU
+is measured first, for IDLE_SECONDS, and taken out of the per-request figure. From both
+comes what the count would serve on a machine with a core for each picker: N × (1 − idle
+share) / CPU per request, while Envoy and the pods keep up.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import os
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 from infergw.bench.common import machine, percentile, process_cpu_seconds, write_json
@@ -32,7 +36,9 @@ MODEL = "infergate-sim"
 IDLE_SECONDS = 3.0
 
 
-def measure(pickers: int, pods: int, concurrency: int, duration: float, max_tokens: int) -> dict:
+def measure(
+    pickers: int, pods: int, concurrency: int, duration: float, max_tokens: int, kv_index: str
+) -> dict:
     workdir = Path(tempfile.mkdtemp(prefix="bench-pickers-"))
     stack = LocalStack(
         StackConfig(
@@ -43,6 +49,7 @@ def measure(pickers: int, pods: int, concurrency: int, duration: float, max_toke
             pickers=pickers,
             sim_args=["--sim-time-scale", "0.1", "--log-level", "warning"],
             picker_args=["--log-level", "warning"],
+            kv_index=kv_index,
         )
     ).start()
     try:
@@ -66,11 +73,13 @@ def measure(pickers: int, pods: int, concurrency: int, duration: float, max_toke
         idle = {
             name: (process_cpu_seconds(pids[name]) - idle0[name]) / IDLE_SECONDS for name in names
         }
+        received0 = kv_messages(stack)
         cpu0 = {name: process_cpu_seconds(pid) for name, pid in pids.items()}
         t0 = time.monotonic()
         res = asyncio.run(run_load(url, body, concurrency, duration))
         wall = time.monotonic() - t0
         cpu = {name: process_cpu_seconds(pid) - cpu0[name] for name, pid in pids.items()}
+        received = kv_messages(stack) - received0
     finally:
         stack.stop()
     # CPU covers the whole run (warm-up included): per request of the whole run.
@@ -81,6 +90,7 @@ def measure(pickers: int, pods: int, concurrency: int, duration: float, max_toke
     idle_share = idle_cpu / pickers  # of each picker's core
     return {
         "pickers": pickers,
+        "kv_index": kv_index,
         "requests": res.requests,
         "errors": res.errors,
         "throughput_rps": round(res.requests / res.wall, 2),
@@ -89,6 +99,9 @@ def measure(pickers: int, pods: int, concurrency: int, duration: float, max_toke
         "pickers_cpu_us_per_request": round(picker_us, 1),
         "idle_cpu_percent_per_picker": round(100 * idle_share, 1),
         "envoy_cpu_us_per_request": round(cpu["envoy"] * per_request, 1),
+        # KV-event messages all pickers together ingested per request: N × the pods' with
+        # every picker subscribing, 1 × sharded.
+        "kv_messages_per_request": round(received / max(res.requests + res.errors, 1), 2),
         # Each picker's share of the CPU: how evenly Envoy spread the streams.
         "picker_cpu_shares": [
             round(cpu[stack.picker_name(i)] / max(pickers_cpu, 1e-9), 3) for i in range(pickers)
@@ -99,6 +112,19 @@ def measure(pickers: int, pods: int, concurrency: int, duration: float, max_toke
     }
 
 
+def kv_messages(stack: LocalStack) -> float:
+    """KV-event messages every picker received so far, summed (from their /metrics)."""
+    series = 'infergate_kvindex_messages_total{outcome="received"} '
+    total = 0.0
+    for i in stack.picker_indexes:
+        url = f"http://127.0.0.1:{stack.picker_ports(i).metrics}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as r:
+            for line in r.read().decode().splitlines():
+                if line.startswith(series):
+                    total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
 def markdown(out: dict) -> str:
     m = out["machine"]
     lines = [
@@ -107,16 +133,20 @@ def markdown(out: dict) -> str:
         f"{out['max_tokens']} output tokens), {out['concurrency']} closed-loop clients, "
         f"{out['duration_s']:.0f} s per count, quickstart scheduling.",
         "",
-        "| pickers | req/s | vs 1 | p50 ms | p99 ms | pickers' CPU µs/req (idle work out) "
-        "| idle CPU per picker | Envoy CPU µs/req | CPU share per picker "
-        "| bound with a core per picker (req/s) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| pickers | KV index | req/s | vs 1 | p50 ms | p99 ms "
+        "| pickers' CPU µs/req (idle work out) | KV messages ingested per req (all pickers) "
+        "| idle CPU per picker | Envoy CPU µs/req "
+        "| CPU share per picker | bound with a core per picker (req/s) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     base = out["runs"][0]["throughput_rps"]
     for r in out["runs"]:
+        kv = "Redis, sharded" if r["kv_index"] == "redis" and r["pickers"] > 1 else r["kv_index"]
         lines.append(
-            f"| {r['pickers']} | {r['throughput_rps']:.0f} | {r['throughput_rps'] / base:.2f} | "
+            f"| {r['pickers']} | {kv} | {r['throughput_rps']:.0f} | "
+            f"{r['throughput_rps'] / base:.2f} | "
             f"{r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['pickers_cpu_us_per_request']:.0f} | "
+            f"{r['kv_messages_per_request']:.2f} | "
             f"{r['idle_cpu_percent_per_picker']:.0f} % | "
             f"{r['envoy_cpu_us_per_request']:.0f} | "
             f"{' / '.join(f'{s:.2f}' for s in r['picker_cpu_shares'])} | "
@@ -132,16 +162,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--duration", type=float, default=10.0)
     p.add_argument("--max-tokens", type=int, default=16)
+    p.add_argument(
+        "--kv-index",
+        default="memory",
+        help="memory, redis or both (comma-separated: each count runs with each, in turn)",
+    )
     args = p.parse_args(argv)
     counts = [int(c) for c in args.counts.split(",")]
     if not counts or min(counts) < 1:
         p.error("--counts: positive integers")
+    kv_indexes = args.kv_index.split(",")
+    if not kv_indexes or not set(kv_indexes) <= {"memory", "redis"}:
+        p.error("--kv-index: memory, redis or memory,redis")
     load_before = round(os.getloadavg()[0], 2)
     runs = []
     for n in counts:
-        r = measure(n, args.pods, args.concurrency, args.duration, args.max_tokens)
-        print(json.dumps(r), flush=True)
-        runs.append(r)
+        for kv in kv_indexes:
+            r = measure(n, args.pods, args.concurrency, args.duration, args.max_tokens, kv)
+            print(json.dumps(r), flush=True)
+            runs.append(r)
     out = {
         "benchmark": "pickers",
         "machine": machine(),

@@ -30,10 +30,10 @@ import aiohttp
 import yaml
 
 from infergw.bench.common import machine, process_gone, save_results
-from infergw.bench.redis_server import RedisServer, which_redis_server
 from infergw.bench.soak_report import OK, FaultWindow, Outcome, markdown, plot, summarize
 from infergw.stack.local import LocalStack, StackConfig
 from infergw.stack.ports import free_port, free_stack_ports
+from infergw.stack.redis_server import RedisServer, which_redis_server
 
 # The model clients ask for: the pods serve it, so with the picker down (FailOpen) Envoy's
 # round robin still reaches a pod that can answer; a ModelRoute of that name gives it a

@@ -130,6 +130,16 @@ class Standalone:
             await self._scaler.close()
 
 
+def redis_address(text: str) -> str:
+    """HOST:PORT (a name, an IPv4 address or a bracketed IPv6 one): what the picker connects to."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT")
+    if any(c.isspace() or c in "/?#@," for c in host):
+        raise argparse.ArgumentTypeError(f"{text!r}: not a host name or address")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="infergate controllers", description=__doc__)
     p.add_argument("--mode", choices=["standalone", "kubernetes"], default="standalone")
@@ -174,6 +184,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=PICKER_IMAGE,
         help="kubernetes mode: the image of every Model's endpoint picker (infergate epp) and "
         "of its tokenizer fetch",
+    )
+    p.add_argument(
+        "--picker-kv-index-redis",
+        type=redis_address,
+        default=None,
+        metavar="HOST:PORT",
+        help="kubernetes mode: every Model's picker replicas share one KV index in this Redis "
+        "(standalone Redis or Valkey), each pod's KV events ingested by one replica; default: "
+        "each replica subscribes to every pod and keeps its own index",
     )
     p.add_argument("--log-level", type=logs.level_name, default="info")
     return p
@@ -280,7 +299,7 @@ async def _serve_kubernetes(args: argparse.Namespace, stop: asyncio.Event) -> No
         autoscale_interval=args.autoscale_interval,
         namespace=args.namespace,
         kv_sockets=kv_sockets(args),
-        picker=PickerSettings(image=args.picker_image),
+        picker=PickerSettings(image=args.picker_image, kv_index_redis=args.picker_kv_index_redis),
     )
     elector = None
     try:

@@ -167,10 +167,13 @@ class PickerTLS:
 
 @dataclass(frozen=True, slots=True)
 class PickerSettings:
-    """What the controllers' flags say about every Model's picker: its image. (Where the
-    engines publish KV events, which it subscribes to, is the reconciler's `sockets`.)"""
+    """What the controllers' flags say about every Model's picker: its image, and a shared KV
+    index in Redis (`--picker-kv-index-redis HOST:PORT`; opt-in, default each replica's own
+    index). (Where the engines publish KV events, which it subscribes to, is the
+    reconciler's `sockets`.)"""
 
     image: str = PICKER_IMAGE
+    kv_index_redis: str | None = None
 
 
 # ---- names --------------------------------------------------------------------------------------
@@ -302,7 +305,18 @@ def kv_event_args(sockets: KVEventSockets) -> list[str]:
     ]
 
 
-def picker_args(model: Model, sockets: KVEventSockets = PER_POD) -> list[str]:
+def kv_index_args(redis: str | None, sockets: KVEventSockets) -> list[str]:
+    """A shared index in Redis: the replicas split the pods' KV events between them (per
+    pod: each pod's by one replica, epp/kv_shards.py) and all read it from Redis."""
+    if redis is None:
+        return []
+    args = ["--kv-index-backend=redis", f"--kv-index-redis-url={redis}"]
+    return [*args, "--kv-index-redis-shard"] if sockets.pub_binds else args
+
+
+def picker_args(
+    model: Model, sockets: KVEventSockets = PER_POD, kv_index_redis: str | None = None
+) -> list[str]:
     """`infergate epp`'s flags (the kubelet expands $(POD_IP) and $(POD_NAMESPACE))."""
     args = [
         f"--pool-name={model.metadata.name}",  # the InferencePool is the Model's name
@@ -321,6 +335,7 @@ def picker_args(model: Model, sockets: KVEventSockets = PER_POD) -> list[str]:
         # A PUB on this pod's IP; the peers are the headless Service's ready endpoints.
         f"--replica-sync-bind=tcp://$(POD_IP):{REPLICA_SYNC_PORT}",
         f"--replica-sync-discovery={replicas_service(model)}",
+        *kv_index_args(kv_index_redis, sockets),
     ]
     if fetches_tokenizer(model):
         args.append(f"--tokenizer={served_name(model)}={TOKENIZER_DIR}")
@@ -375,7 +390,7 @@ def _picker_container(model: Model, settings: PickerSettings, sockets: KVEventSo
         "name": "epp",
         "image": settings.image,
         "command": ["infergate", "epp"],
-        "args": picker_args(model, sockets),
+        "args": picker_args(model, sockets, settings.kv_index_redis),
         "env": [
             dict(POD_IP_ENV),
             {

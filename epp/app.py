@@ -228,6 +228,7 @@ def build_kv_cache(
             layout=opts.kv_index_layout,
             redis_url=opts.kv_index_redis_url,
             redis_write=opts.kv_index_redis_write,
+            redis_shard=opts.kv_index_redis_shard,
             redis_timeout=opts.kv_index_redis_timeout,
             redis_ttl=opts.kv_index_redis_ttl,
         ),
@@ -278,12 +279,20 @@ def start_kv_cache(opts: PickerOptions, view: KVCacheView) -> None:
     view.start()
     log.info(
         "KV events: %s (%s), index block size %d in %s, tokenizers for %s",
-        opts.kv_events_mode if view.subscribes else "not subscribed (reads the shared index)",
+        _subscription(opts, view),
         opts.kv_events_bind if opts.kv_events_mode == "central" else "per pod",
         opts.kv_index_block_size,
         opts.kv_index_backend,
         sorted(opts.tokenizers) or "no model",
     )
+
+
+def _subscription(opts: PickerOptions, view: KVCacheView) -> str:
+    if not view.subscribes:
+        return "not subscribed (reads the shared index)"
+    if view.shards is not None:
+        return f"{opts.kv_events_mode}, this replica's shard of the pods (writes the shared index)"
+    return opts.kv_events_mode
 
 
 def build_gatekeeper(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from infergw.epp.datastore import Datastore
+from infergw.epp.kv_shards import KVShards
 from infergw.epp.options import KV_EVENTS_PORT, default_kv_events_bind
 from infergw.epp.replica_sync import ReplicaSync
 from infergw.kvindex.backend import BlockIndex, PrefixIndex
@@ -47,6 +49,7 @@ class KVEventOptions:
     layout: str = "dict"  # dict | packed: the local index's memory layout
     redis_url: str | None = None
     redis_write: bool = True  # redis: subscribe and write (else only read)
+    redis_shard: bool = False  # redis, per pod: only this replica's shard (epp/kv_shards.py)
     redis_timeout: float = 0.05  # a lookup's deadline
     redis_ttl: float = 3600.0
     # A lookup's reply: per pod holding a prompt's first block, a byte per block it holds.
@@ -94,6 +97,13 @@ class KVCacheView:
             is_member=self._in_pool,
         )
         self._connected: set[str] = set()
+        # Per-pod mode: the pods this replica subscribes to (epp/kv_shards.py narrows it to
+        # this replica's shard; by default every pod).
+        self.owns: Callable[[str], bool] = lambda _pod: True
+        self.released = 0  # pods handed to another replica (sharded)
+        self.shards: KVShards | None = None
+        if opts.redis_shard and self.writer is not None:  # sets self.owns
+            self.shards = KVShards(self, replicas)
         if replicas is not None:  # other picker replicas hold our speculative entries too
             share = replicas.channel(KV_SPECULATIVE, self.cache.add_speculative_keys)
             self.cache.speculative_listeners.append(share)
@@ -176,24 +186,36 @@ class KVCacheView:
             self.subscriber.bind(self.opts.bind)
         self.datastore.removal_listeners.append(self._pod_left)
         self.datastore.change_listeners.append(self.sync_pods)
-        self.sync_pods()
+        if self.shards is not None:
+            self.shards.start()  # decides which pods are ours, then subscribes
+        else:
+            self.sync_pods()
 
     def sync_pods(self) -> None:
-        """Per-pod mode: connect to pods that joined. Called when the pool changes."""
+        """Per-pod mode: connect to the pods that joined (of those this replica owns), let go
+        of those it no longer owns. Called when the pool changes (and by epp/kv_shards.py)."""
         if self.opts.mode != "per-pod" or not self.subscribes:
             return
         for ep in self.datastore.endpoints():
-            if ep.address not in self._connected:
-                pub = self._endpoint_of(ep.address, self.opts.pub_port)
+            address = ep.address
+            if not self.owns(address):
+                if address in self._connected:  # another replica follows it now
+                    self._connected.discard(address)
+                    self.subscriber.release_pod(address)
+                    self.released += 1
+            elif address not in self._connected:
+                pub = self._endpoint_of(address, self.opts.pub_port)
                 if pub:
-                    self.subscriber.connect_pod(ep.address, pub, self._replay_for(ep.address))
-                    self._connected.add(ep.address)
+                    self.subscriber.connect_pod(address, pub, self._replay_for(address))
+                    self._connected.add(address)
 
     def _pod_left(self, address: str) -> None:
         self._connected.discard(address)
         self.subscriber.forget_pod(address)
 
     async def close(self) -> None:
+        if self.shards is not None:
+            await self.shards.close()
         await self.subscriber.close()
         if self._writer_task is not None:
             self._writer_task.cancel()
@@ -244,6 +266,22 @@ class KVCacheView:
             for kind, n in sorted(kinds.items()):
                 unresolved.add_metric([pod, kind], n)
         yield unresolved
+        subscribed = GaugeMetricFamily(
+            "infergate_kvindex_subscribed",
+            "Pods whose KV events this picker subscribes to (per-pod mode), 1 each; sharded "
+            "(--kv-index-redis-shard) its own shard only.",
+            labels=["pod"],
+        )
+        for pod in sorted(self._connected):
+            subscribed.add_metric([pod], 1)
+        yield subscribed
+        if self.shards is not None:
+            yield from self.shards.collect()
+        yield CounterMetricFamily(
+            "infergate_kvindex_released_pods",
+            "Pods this picker stopped subscribing to because another replica owns them now.",
+            value=self.released,
+        )
         for key in ("entries", "keys", "pods", "bytes"):
             if key in stats:
                 yield GaugeMetricFamily(

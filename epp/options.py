@@ -97,6 +97,7 @@ class PickerOptions:
     kv_index_layout: str = "dict"  # dict (kvindex.dict_index) | packed (kvindex.index)
     kv_index_redis_url: str | None = None
     kv_index_redis_write: bool = True
+    kv_index_redis_shard: bool = False  # subscribe to this replica's shard of the pods only
     kv_index_redis_timeout: float = 0.05
     kv_index_redis_ttl: float = 3600.0
     replica_sync_bind: str | None = None
@@ -296,6 +297,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-kv-index-redis-write this replica only reads: no subscription, no index in memory",
     )
     kv.add_argument(
+        "--kv-index-redis-shard",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="several replicas writing the shared index (per-pod KV events): each subscribes "
+        "only to its shard of the pods, by rendezvous hashing over the replicas it hears on "
+        "the replica sync (--replica-sync-bind and its peers); a replica's pods move to the "
+        "others within seconds of its last heartbeat (README: Several pickers)",
+    )
+    kv.add_argument(
         "--kv-index-redis-timeout",
         type=duration,
         default=0.05,
@@ -339,6 +349,13 @@ def parse_options(argv: list[str] | None = None) -> PickerOptions:
         p.error("--kv-index-block-size must be >= 1")
     if a.kv_index_backend == "redis" and not a.kv_index_redis_url:
         p.error("--kv-index-backend redis needs --kv-index-redis-url")
+    if a.kv_index_redis_shard and (
+        a.kv_index_backend != "redis" or not a.kv_index_redis_write or a.kv_events_mode != "per-pod"
+    ):
+        p.error(
+            "--kv-index-redis-shard needs --kv-index-backend redis, --kv-index-redis-write "
+            "and --kv-events-mode per-pod (central mode has one subscriber already)"
+        )
     if a.kv_index_redis_timeout <= 0 or a.kv_index_redis_ttl <= 0:
         p.error("--kv-index-redis-timeout and --kv-index-redis-ttl must be > 0")
     discovery = None
@@ -390,6 +407,7 @@ def parse_options(argv: list[str] | None = None) -> PickerOptions:
         kv_index_layout=a.kv_index_layout,
         kv_index_redis_url=a.kv_index_redis_url,
         kv_index_redis_write=a.kv_index_redis_write,
+        kv_index_redis_shard=a.kv_index_redis_shard,
         kv_index_redis_timeout=a.kv_index_redis_timeout,
         kv_index_redis_ttl=a.kv_index_redis_ttl,
     )

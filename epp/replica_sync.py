@@ -62,6 +62,7 @@ class ReplicaSync:
         self.peers: list[str] = []  # the endpoints the SUB is connected to (or will be)
         self._is_member = is_member
         self._channels: dict[str, Share] = {}
+        self._about_replicas: set[str] = set()  # channels whose records name a replica
         self._ctx = zmq.asyncio.Context()
         self._pub: zmq.asyncio.Socket | None = None
         self._sub: zmq.asyncio.Socket | None = None
@@ -72,11 +73,15 @@ class ReplicaSync:
         self.peer_changes: Counter[str] = Counter()  # connected, disconnected, over_cap, failed
         self.set_peers(peers)
 
-    def channel(self, name: str, apply: Share) -> Share:
-        """Records of one kind: peers' go to `apply`; the function returned publishes ours."""
+    def channel(self, name: str, apply: Share, *, about_pods: bool = True) -> Share:
+        """Records of one kind: peers' go to `apply`; the function returned publishes ours.
+        `about_pods=False`: the record's `pod` names a replica (its bind), not a pod of the
+        pool, so it is not checked against the pool (epp/kv_shards.py's heartbeats)."""
         if name in self._channels:
             raise ValueError(f"replica sync channel {name!r} is taken")
         self._channels[name] = apply
+        if not about_pods:
+            self._about_replicas.add(name)
         return lambda pod, keys: self.publish(name, pod, keys)
 
     def start(self) -> None:
@@ -167,6 +172,9 @@ class ReplicaSync:
             self.counts["bad_keys"] += 1
         elif any(not 0 <= k < 2**64 for k in record.keys):
             self.counts["bad_keys"] += 1
+        elif record.channel in self._about_replicas:
+            apply(record.pod, record.keys)
+            self.counts["heard"] += 1  # a replica's record, not a decision
         elif not self._is_member(record.pod):
             self.counts["unknown_pod"] += 1
         else:
@@ -194,7 +202,8 @@ class ReplicaSync:
         family = CounterMetricFamily(
             "infergate_epp_replica_sync_records",
             "Routing decisions shared with other picker replicas (published, applied, "
-            "send_dropped, malformed, unknown_channel, bad_keys, unknown_pod), by outcome.",
+            "send_dropped, malformed, unknown_channel, bad_keys, unknown_pod; heard: the "
+            "replicas' heartbeats of a sharded KV index), by outcome.",
             labels=["outcome"],
         )
         for outcome, n in sorted(self.counts.items()):

@@ -23,7 +23,9 @@ names change; it prints the CA's path for clients (curl --cacert, SSL_CERT_FILE)
 
 --pickers N runs N pickers side by side (the second on 9102/9103/9190, the third on 9202/...):
 Envoy spreads requests over them, health-checks each and stops sending to one that dies;
-each one subscribes to every pod's KV events (the pods bind their own, per-pod mode).
+each one subscribes to every pod's KV events (the pods bind their own, per-pod mode). With
+--kv-index redis the stack starts a redis-server for one shared KV index, and each pod's events
+are ingested by one picker only (its shard), every picker reading them all from Redis.
 
 Several Models in DIR (examples/two-models): one Envoy serves them all on the same paths. Each
 Model's pool gets its own picker(s) (the second pool's first picker on 9102/9103/9190 ...),
@@ -67,6 +69,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=1,
         help="picker processes, active-active behind Envoy (default 1)",
+    )
+    p.add_argument(
+        "--kv-index",
+        choices=["memory", "redis"],
+        default="memory",
+        help="memory: each picker's own KV index; redis: a redis-server the stack starts holds "
+        "one index for every picker, and with --pickers N each pod's KV events are ingested "
+        "by one picker only (sharded; README: Several pickers)",
     )
     p.add_argument("--failure-mode", choices=["FailOpen", "FailClose"], default=None)
     p.add_argument("--fallbacks", type=int, default=1)
@@ -134,6 +144,7 @@ def stack_config(
         fallbacks=args.fallbacks,
         trust_client_headers=args.trust_client_headers,
         pickers=args.pickers,
+        kv_index=args.kv_index,
         listen_host=args.host,
         listener_tls=tls.listener if tls else None,
     )

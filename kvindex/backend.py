@@ -7,7 +7,8 @@ Two sides, because in the shared index they are two objects in two places:
   that lives elsewhere also offers `RemotePrefixIndex.fetch`: one round trip that reads what
   the pods hold of a prompt, after which the prompt is scored from that `PrefixView` without
   waiting (scheduling is synchronous; the scorer fetches in its async prepare step).
-`kvindex.index.KVBlockIndex` is both sides and its own view.
+`kvindex.index.KVBlockIndex` is both sides and its own view. A write side others read too
+(`SharedBlockIndex`, the Redis writer) can also let a pod go without clearing it there.
 """
 
 from __future__ import annotations
@@ -65,3 +66,11 @@ class BlockIndex(Protocol):
     def clear_pod(self, pod: str, keys: Iterable[int] = ()) -> None: ...
     def stats(self) -> dict: ...
     def memory_bytes(self, seen: set[int] | None = None) -> int: ...
+
+
+@runtime_checkable
+class SharedBlockIndex(BlockIndex, Protocol):
+    """A write side whose entries other replicas read: when another replica takes a pod over
+    (epp/kv_shards.py), this one forgets it locally and leaves the shared entries alone."""
+
+    def release_pod(self, pod: str, keys: Iterable[int] = ()) -> None: ...

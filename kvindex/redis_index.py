@@ -560,6 +560,14 @@ class RedisIndexWriter:
         self._clears.append(pod)
         self._wake.set()
 
+    def release_pod(self, pod: str, keys: Iterable[int] = ()) -> None:
+        """Another writer follows `pod` now: forget it locally, leave Redis as it is. What is
+        queued for it was true when its events came, so it is flushed at once (before the new
+        writer's replay has caught up, in all but a very slow flush)."""
+        self.local.clear_pod(pod, keys)
+        if pod in self._ops:
+            self._wake.set()
+
     # --- flushing
 
     @property

@@ -56,6 +56,7 @@ MAX_FRAME_BYTES = 64 << 20
 class EventSink(Protocol):
     def apply(self, pod: str, model: str, event) -> None: ...
     def clear_pod(self, pod: str) -> None: ...
+    def release_pod(self, pod: str) -> None: ...
 
 
 class _Dropped(Exception):
@@ -155,10 +156,19 @@ class KVEventSubscriber:
 
     def forget_pod(self, pod: str) -> None:
         """The pod left the pool: its entries go, and so does its socket."""
+        self._close_pod(pod)
+        self.sink.clear_pod(pod)
+
+    def release_pod(self, pod: str) -> None:
+        """Per-pod mode: another subscriber follows the pod now: its socket goes, and the sink
+        forgets it without clearing what others read (a shared index)."""
+        self._close_pod(pod)
+        self.sink.release_pod(pod)
+
+    def _close_pod(self, pod: str) -> None:
         state = self._pods.pop(pod, None)
         if state is not None and state.socket is not None:
             state.socket.close(0)
-        self.sink.clear_pod(pod)
 
     def drop_next(self, n: int) -> None:
         """Test hook: discard the next n live messages, as a congested network would."""

@@ -17,8 +17,9 @@ Lookups of engine hashes that miss are counted per pod (kvindex.unresolved).
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterable
 
-from infergw.kvindex.backend import BlockIndex
+from infergw.kvindex.backend import BlockIndex, SharedBlockIndex
 from infergw.kvindex.engine_maps import LAYOUTS, MAX_KEYS_PER_HASH, EngineMap
 from infergw.kvindex.events import AllBlocksCleared, BlockRemoved, BlockStored
 from infergw.kvindex.index import KVBlockIndex, Tier
@@ -193,11 +194,24 @@ class EventTranslator:
 
     def clear_pod(self, pod: str) -> None:
         """Drop every entry and mapping of `pod` (engine restart, reset, pod gone)."""
+        self.index.clear_pod(pod, self._forget(pod))
+
+    def release_pod(self, pod: str) -> None:
+        """Stop following `pod` here (another replica subscribes to it now): its mappings go,
+        and its entries in this index; a shared index keeps them for the new writer."""
+        keys = self._forget(pod)
+        if isinstance(self.index, SharedBlockIndex):
+            self.index.release_pod(pod, keys)
+        else:
+            self.index.clear_pod(pod, keys)
+
+    def _forget(self, pod: str) -> Iterable[int]:
+        """Drop `pod`'s mappings; the keys its engine-hash map held (for the index's clear)."""
         emap = self._emaps.pop(pod, None)
-        self.index.clear_pod(pod, () if emap is None else emap.keys())
         self._stale.pop(pod, None)
         self._sweeping.pop(pod, None)
         self._engine_block_size.pop(pod, None)
+        return () if emap is None else emap.keys()
 
     def engine_block_size(self, pod: str) -> int | None:
         """The block size of `pod`'s engine, from its BlockStored events; None before any."""

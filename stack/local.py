@@ -33,8 +33,9 @@ from infergw.stack.envoy_config import EnvoySettings, ListenerTls, PoolRoute, re
 from infergw.stack.gateway_tls import WILDCARD_LOOPBACK
 from infergw.stack.lifetime import spawn
 from infergw.stack.pods import StartReport, pool_pods
-from infergw.stack.ports import PickerPorts, RouterPorts, StackPorts
+from infergw.stack.ports import PickerPorts, RouterPorts, StackPorts, free_port
 from infergw.stack.readiness import wait_http, wait_until
+from infergw.stack.redis_server import RedisServer, which_redis_server
 from infergw.stack.supervise import Supervisor
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -82,6 +83,9 @@ class StackConfig:
     # events (per-pod mode: only one process could bind the central socket), one endpoint
     # each in Envoy's ext_proc cluster. Their ports: ports.picker_ports(i).
     pickers: int = 1
+    # "redis": the stack starts a redis-server and the pickers share the KV index in it;
+    # several pickers then subscribe each to its shard of the pods (epp/kv_shards.py).
+    kv_index: str = "memory"
     # False: Envoy keeps response bodies away from the picker (no usage, TTFT or TPOT).
     response_bodies: bool = True
     # False (with response_bodies False): response headers too (no status, no served pod):
@@ -159,6 +163,7 @@ class LocalStack:
             else cfg.pod_ports or [cfg.ports.first_pod + i for i in range(cfg.pods)]
         )
         self.supervisor = Supervisor()
+        self.redis: RedisServer | None = None  # cfg.kv_index "redis": the shared KV index's
         cfg.workdir.mkdir(parents=True, exist_ok=True)
         self.pool_path = cfg.workdir / "pool.yaml"
         self.eds_path = cfg.workdir / "eds" / "pool.json"
@@ -482,6 +487,7 @@ class LocalStack:
             "--enable-debug-endpoints",  # /debug/endpoints: readiness checks, tests, `up` users
             *self._kv_event_args(),
             *self._replica_sync_args(index),
+            *self._kv_index_args(),
             "--kv-events-replay-port",
             # Manifest pods have addresses of their own, each with its replay socket on the
             # port the controllers write; fixed pods share 127.0.0.1, one port each.
@@ -504,6 +510,25 @@ class LocalStack:
             return ["--kv-events-bind", f"tcp://127.0.0.1:{p.kv_events}"]
         pub = KV_EVENTS_PORT if self.from_manifests else p.kv_pub_base
         return ["--kv-events-mode", "per-pod", "--kv-events-pub-port", str(pub)]
+
+    def _kv_index_args(self) -> list[str]:
+        """The shared index in the stack's Redis; with several pickers, sharded: each pod's
+        events are ingested by one picker, and every picker reads them all from Redis."""
+        if self.redis is None:
+            return []
+        args = ["--kv-index-backend", "redis", "--kv-index-redis-url", self.redis.address]
+        return [*args, "--kv-index-redis-shard"] if self.cfg.pickers > 1 else args
+
+    def start_redis(self) -> None:
+        binary = which_redis_server()
+        if binary is None:
+            raise RuntimeError(
+                "--kv-index redis needs redis-server on PATH (Debian: apt-get install redis-server)"
+            )
+        workdir = self.cfg.workdir / "redis"
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.redis = RedisServer(binary, free_port(), workdir)
+        self.redis.start()
 
     def _replica_sync_args(self, index: int) -> list[str]:
         """Several pickers: each binds a PUB for its speculative KV entries and hears every
@@ -614,6 +639,8 @@ class LocalStack:
 
     def start(self) -> LocalStack:
         try:
+            if self.cfg.kv_index == "redis" and self.cfg.with_picker:
+                self.start_redis()
             if self.from_manifests:
                 # Central mode: pods connect to the picker's KV-event socket and retry every
                 # 100 ms until it is bound. Per pod: each picker connects to a pod as it
@@ -652,6 +679,8 @@ class LocalStack:
     def stop(self) -> None:
         for name in reversed(list(self.procs)):
             self._stop(name)
+        if self.redis is not None:
+            self.redis.stop()
 
     def __enter__(self) -> LocalStack:
         return self.start()

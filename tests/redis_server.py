@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from infergw.bench.redis_server import SEARCH_PATH, RedisServer
+from infergw.stack.redis_server import SEARCH_PATH, RedisServer
 from tests.conftest import free_port
 
 __all__ = ["RedisServer", "find_redis_server", "redis_server_fixture", "require_redis_server"]

@@ -43,7 +43,7 @@ from infergw.cluster.store import (
     labels_match,
 )
 from infergw.controllers import picker_objects, reachability
-from infergw.controllers.app import build_controllers
+from infergw.controllers.app import build_controllers, build_parser
 from infergw.controllers.picker_objects import TOKENIZER_DIR, PickerSettings
 from infergw.controllers.runner import ControllerMetrics
 from infergw.epp.options import parse_options
@@ -498,3 +498,31 @@ async def test_route_and_picker_status_changes_reconcile_the_model_and_deleting_
         items, _ = await cluster.store.list(kind, NS)
         left += [(kind.kind, o["metadata"]["name"]) for o in items]
     assert left == []
+
+
+async def test_the_shared_kv_index_is_opt_in_and_its_replicas_shard_the_pods(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """--picker-kv-index-redis: every Model's picker reads and writes one index in Redis, each
+    pod's KV events ingested by one replica (epp/kv_shards.py); without it, nothing changes."""
+    await cluster.apply(model_obj())
+    model = api.from_dict(await cluster.reconcile())
+    tokenizer = tmp_path / "tokenizer"
+    shutil.copytree(DEFAULT_MODEL, tokenizer)
+
+    def options(settings: PickerSettings):
+        [dep] = [w for w in picker_objects.desired(model, settings) if w.kind == "Deployment"]
+        return picker_options(api.to_dict(dep), tokenizer)
+
+    alone = options(PickerSettings())
+    assert (alone.kv_index_backend, alone.kv_index_redis_shard) == ("memory", False)
+    shared = options(PickerSettings(kv_index_redis="valkey.infra:6379"))
+    assert shared.kv_index_backend == "redis" and shared.kv_index_redis_url == "valkey.infra:6379"
+    assert shared.kv_index_redis_shard and shared.kv_index_redis_write
+    assert shared.kv_events_mode == "per-pod"
+    parser = build_parser()
+    args = parser.parse_args(["--picker-kv-index-redis", "valkey.infra:6379"])
+    assert args.picker_kv_index_redis == "valkey.infra:6379"
+    for bad in ("valkey.infra", "redis://x:1/0", ":6379", "host:99999"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--picker-kv-index-redis", bad])

@@ -230,6 +230,35 @@ async def test_two_pickers_sharing_one_redis_see_each_others_blocks(redis_server
         await two.close()
 
 
+async def test_a_pod_handed_to_another_writer_stays_in_redis_and_a_clear_empties_it(
+    redis_server,
+):
+    """Sharded writers (epp/kv_shards.py): the replica that lets a pod go forgets it locally
+    only; the one that takes it over replays its events over what is there (idempotent) and
+    follows its removals; a pod leaving the pool (clear_pod) is gone for every reader."""
+    old, new = Shared(redis_server.address), Shared(redis_server.address)
+    tokens = list(range(64))
+    chain = block_keys(tokens, 16, parent=model_root(MODEL, None))
+    stored = _store(None, [1, 2, 3, 4], tokens)
+    try:
+        old.translator.apply(A, MODEL, stored)
+        old.translator.release_pod(A)  # its queued writes are still flushed
+        assert await old.writer.flush()
+        assert old.local.keys_of(A) == set() and old.translator.engine_block_size(A) is None
+        for reader in (old.reader, new.reader):
+            assert (await reader.fetch(chain)).match_lengths(chain, [A]) == {A: 4}
+        new.translator.apply(A, MODEL, stored)  # the new owner's replay from 0
+        new.translator.apply(A, MODEL, BlockRemoved((3, 4)))
+        assert await new.writer.flush()
+        assert (await old.reader.fetch(chain)).match_lengths(chain, [A]) == {A: 2}
+        new.translator.clear_pod(A)
+        assert await new.writer.flush()
+        assert (await old.reader.fetch(chain)).match_lengths(chain, [A]) == {A: 0}
+    finally:
+        await old.close()
+        await new.close()
+
+
 async def test_redis_killed_mid_run_reads_as_no_hits_then_recovers(redis_server, caplog):
     shared = Shared(redis_server.address, timeout=0.2, retry=0.2)
     tokens = list(range(64))

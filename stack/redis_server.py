@@ -1,5 +1,6 @@
-"""A real redis-server on a 127.0.0.1 port, started and stopped by its owner: the soak
-benchmark's rate-limit store, and the tests' (tests/redis_server.py adds their fixture)."""
+"""A real redis-server on a 127.0.0.1 port, started and stopped by its owner: the local
+stack's shared KV index (`infergate up --kv-index redis`), the soak benchmark's rate-limit
+store, and the tests' (tests/redis_server.py adds their fixture)."""
 
 from __future__ import annotations
 
