@@ -16,7 +16,7 @@ batch of 50 keys costs a dozen calls of ~1 µs per table per round, which alone 
 block, over the 2 µs a block that 500k blocks/s allows. Entries are inserted only (no removal,
 no LRU): enough to measure bytes, insert rate, probe cost and the compiler's warm-up.
 
-    python -m infergw.bench.kvindex_floor [--entries N] [--batch B]
+    infergate bench kvindex_floor [--entries N] [--batch B]
 """
 
 from __future__ import annotations
@@ -183,7 +183,7 @@ def run(entries: int, batch: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m infergw.bench.kvindex_floor", description=__doc__)
+    p = argparse.ArgumentParser(prog="infergate bench kvindex_floor", description=__doc__)
     p.add_argument("--entries", type=int, default=1_000_000)
     p.add_argument("--batch", type=int, default=50, help="blocks an event (or a ZMQ batch)")
     args = p.parse_args(argv)
