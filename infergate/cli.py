@@ -23,7 +23,8 @@ commands:
              contending for one pod, with and without flow control; pd: aggregated against
              prefill/decode disaggregated serving; soak: steady load while pods, the
              picker, the pool file and Redis fail; kvindex_redis: the shared KV index in
-             Redis against the in-memory one)
+             Redis against the in-memory one; kvindex_floor: the one-table index's storage
+             floor, a prototype that needs numba)
 """
 
 # Benchmarks by name, as module paths: the launcher finds them, they never import it.
@@ -32,6 +33,7 @@ BENCHMARKS = {
     "epp_overhead": "infergw.bench.epp_overhead",
     "kvindex": "infergw.bench.kvindex",
     "kvindex_redis": "infergw.bench.kvindex_redis",
+    "kvindex_floor": "infergw.bench.kvindex_floor",
     "routing": "infergw.bench.routing.cli",
     "fairness": "infergw.bench.fairness.cli",
     "pd": "infergw.bench.pd.cli",
