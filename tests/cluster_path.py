@@ -176,26 +176,30 @@ def picker_files(cluster: Cluster, c: dict) -> dict[str, Path]:
 
 
 @dataclass(frozen=True)
-class PickerPorts:
+class ServerPorts:
+    """An ext_proc server's ports on this machine (the picker's, the router's)."""
+
     grpc: int = field(default_factory=free_port)
     health: int = field(default_factory=free_port)
     metrics: int = field(default_factory=free_port)
 
+    def values(self) -> dict[str, str]:
+        """`with_values` arguments: listen on 127.0.0.1, on these ports."""
+        return {
+            "host": "127.0.0.1",
+            "grpc_port": str(self.grpc),
+            "grpc_health_port": str(self.health),
+            "metrics_port": str(self.metrics),
+        }
 
-def picker_cmd(cluster: Cluster, ports: PickerPorts) -> list[str]:
+
+def picker_cmd(cluster: Cluster, ports: ServerPorts) -> list[str]:
     """The rendered Deployment's command line with the laptop's ports, files and pod IP."""
     c = picker_container(cluster.get("apps/v1", "Deployment", "llama-epp"))
     args = [expand(a, container_env(c, "127.0.0.1")) for a in c["args"]]
     for mounted, local in picker_files(cluster, c).items():
         args = [a.replace(mounted, str(local)) for a in args]
-    args = with_values(
-        args,
-        host="127.0.0.1",
-        grpc_port=str(ports.grpc),
-        grpc_health_port=str(ports.health),
-        metrics_port=str(ports.metrics),
-        replica_sync_bind=f"tcp://127.0.0.1:{free_port()}",
-    )
+    args = with_values(args, **ports.values(), replica_sync_bind=f"tcp://127.0.0.1:{free_port()}")
     return [sys.executable, "-m", "infergw.epp", *args]
 
 
@@ -249,13 +253,6 @@ def engine_lora_flags(pod: dict) -> list[str]:
 # ---- the body-based router -----------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class RouterPorts:
-    grpc: int = field(default_factory=free_port)
-    health: int = field(default_factory=free_port)
-    metrics: int = field(default_factory=free_port)
-
-
 def router_container(cluster: Cluster) -> dict:
     dep = cluster.get("apps/v1", "Deployment", ROUTER.name)
     [c] = dep["spec"]["template"]["spec"]["containers"]
@@ -276,7 +273,7 @@ def router_hosts() -> tuple[str, ...]:
     return hosts
 
 
-def router_cmd(cluster: Cluster, ports: RouterPorts) -> tuple[list[str], bytes]:
+def router_cmd(cluster: Cluster, ports: ServerPorts) -> tuple[list[str], bytes]:
     """The installed router Deployment's command line with the laptop's ports and a certificate
     for the names the install's Certificate asks for; and that certificate's CA."""
     c = router_container(cluster)
@@ -286,11 +283,5 @@ def router_cmd(cluster: Cluster, ports: RouterPorts) -> tuple[list[str], bytes]:
     cert_dir = made.write(cluster.tmp / "router-tls")
     [mount] = [m["mountPath"] for m in c["volumeMounts"] if m["name"] == "tls"]
     args = [a.replace(mount, str(cert_dir)) for a in args]
-    args = with_values(
-        args,
-        host="127.0.0.1",
-        grpc_port=str(ports.grpc),
-        grpc_health_port=str(ports.health),
-        metrics_port=str(ports.metrics),
-    )
+    args = with_values(args, **ports.values())
     return [sys.executable, "-m", "infergw.bbr", *args], made.ca

@@ -34,8 +34,7 @@ from tests.cluster_path import (
     PICKER,
     ROUTER,
     Cluster,
-    PickerPorts,
-    RouterPorts,
+    ServerPorts,
     bindable,
     engine_kv_flags,
     engine_lora_flags,
@@ -151,13 +150,13 @@ def test_requests_through_envoy_reach_the_pods_the_picker_chose(cluster: Cluster
             started.enter_context(running(cmd, ready_url=f"http://{ip}:{ENGINE_PORT}/health"))
             cluster.run_pod(pod, ip)
 
-        picker = PickerPorts()
+        picker = ServerPorts()
         picking = started.enter_context(running(
             picker_cmd(cluster, picker),
             ready_url=f"http://127.0.0.1:{picker.metrics}/healthz",
             env=cluster.kubeconfig_env(PICKER),
         ))  # fmt: skip
-        router = RouterPorts()
+        router = ServerPorts()
         cmd, router_ca = router_cmd(cluster, router)
         started.enter_context(running(
             cmd, ready_url=f"http://127.0.0.1:{router.metrics}/healthz",

@@ -16,7 +16,8 @@
    and sends a prompt back to the pod that served it (the pods' KV events, configured as the
    controllers rendered their engines, reach the picker's per-pod subscription).
 
-No Envoy runs here (tests/e2e/test_gateway.py and the gateway recipe's own tests do that).
+No Envoy runs here: tests/e2e/test_cluster_gateway.py runs this path through Envoy configured
+as the gateway recipe renders it.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ from tests.cluster_path import (
     POOL_API,
     WORKLOAD,
     Cluster,
-    PickerPorts,
+    ServerPorts,
     bindable,
     engine_kv_flags,
     installed,
@@ -289,7 +290,7 @@ async def test_the_picker_process_picks_only_current_ready_pool_members(cluster:
             started.enter_context(running(cmd, ready_url=f"http://{ip}:{ENGINE_PORT}/health"))
         cluster.run_pod(entry, ips[0])
         cluster.run_pod(worker, ips[1])
-        ports = PickerPorts()
+        ports = ServerPorts()
         cmd = picker_cmd(cluster, ports)
         proc = started.enter_context(
             running(
