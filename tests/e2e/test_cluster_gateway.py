@@ -210,4 +210,8 @@ def test_requests_through_envoy_reach_the_pods_the_picker_chose(cluster: Cluster
         asked = [(SERVED, prompts[at[gone]])] * 3 + [(SERVED, "hi")] * 5 + [(ADAPTER, "hi")] * 2
         assert {gateway.answered_by(*a) for a in asked} == {kept}
 
+    # both ran as their ServiceAccounts, watching what their Roles let them read
     assert ROUTER.name not in cluster.api.denied and PICKER.name not in cluster.api.denied
+    watched = {(g, r) for g, r, v, _ in cluster.api.allowed[ROUTER.name] if v == "watch"}
+    assert watched >= {("inference.networking.k8s.io", "inferencepools"),
+                       ("workload.infergate.io", "models")}  # fmt: skip
