@@ -39,14 +39,13 @@ class Authorizer:
 
     @classmethod
     def for_account(cls, documents: list[dict[str, Any]], name: str, namespace: str) -> Authorizer:
-        subject = {"kind": "ServiceAccount", "name": name, "namespace": namespace}
         roles = {(d["kind"], d["metadata"].get("namespace", ""), d["metadata"]["name"]): d
                  for d in documents if d["kind"] in ("Role", "ClusterRole")}  # fmt: skip
         auth = cls()
         for b in documents:
             if b["kind"] not in ("RoleBinding", "ClusterRoleBinding"):
                 continue
-            if subject not in b.get("subjects", []):
+            if not binds(b, name, namespace):
                 continue
             ref = b["roleRef"]
             assert ref["apiGroup"] == "rbac.authorization.k8s.io", ref
@@ -65,6 +64,20 @@ class Authorizer:
     def allows(self, group: str, resource: str, verb: str, namespace: str) -> bool:
         grant = (group, resource, verb)
         return grant in self.cluster or grant in self.namespaced.get(namespace, set())
+
+
+def binds(binding: dict[str, Any], name: str, namespace: str) -> bool:
+    """Whether the (Cluster)RoleBinding names ServiceAccount `namespace`/`name`. As
+    kube-apiserver's RBAC (appliesToUser), a ServiceAccount subject without a namespace is in
+    the RoleBinding's own namespace; a ClusterRoleBinding has none to lend."""
+    own = binding["metadata"].get("namespace", "") if binding["kind"] == "RoleBinding" else ""
+    return any(
+        s.get("kind") == "ServiceAccount"
+        and s.get("apiGroup", "") == ""
+        and s.get("name") == name
+        and (s.get("namespace") or own) == namespace
+        for s in binding.get("subjects") or []
+    )
 
 
 def expand(rules: list[dict[str, Any]]) -> Iterator[Grant]:

@@ -90,22 +90,25 @@ def _cluster(name: str, kind: str, address: str, port: int, **more: Any) -> Obj:
     }
 
 
-def router_cluster(gw: Gateway, address: str, port: int, ca: str, san: str) -> Obj:
-    """Envoy Gateway's cluster for the router's Service, verified as its BackendTLSPolicy says."""
-    tls = {
-        "name": "envoy.transport_sockets.tls",
-        "typed_config": {
-            "@type": TLS,
-            "common_tls_context": {
-                "validation_context": {
-                    "trusted_ca": {"inline_string": ca},
-                    "match_typed_subject_alt_names": [
-                        {"san_type": "IP_ADDRESS", "matcher": {"exact": san}}
-                    ],
-                }
-            },
+def router_cluster(
+    gw: Gateway, address: str, port: int, ca: str, san: str, san_type: str = "IP_ADDRESS"
+) -> Obj:
+    """Envoy Gateway's cluster for the router's Service, verified as its BackendTLSPolicy says
+    (its `hostname`: a DNS SAN, sent as SNI too)."""
+    tls_context: Obj = {
+        "@type": TLS,
+        "common_tls_context": {
+            "validation_context": {
+                "trusted_ca": {"inline_string": ca},
+                "match_typed_subject_alt_names": [
+                    {"san_type": san_type, "matcher": {"exact": san}}
+                ],
+            }
         },
     }
+    if san_type == "DNS":
+        tls_context["sni"] = san
+    tls = {"name": "envoy.transport_sockets.tls", "typed_config": tls_context}
     return _cluster(
         f"envoyextensionpolicy/{gw.namespace}/infergate-bbr/0",
         "STATIC",

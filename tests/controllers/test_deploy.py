@@ -540,6 +540,28 @@ def test_the_authorizer_refuses_what_is_not_granted() -> None:
     assert Authorizer.for_account(broken, account["name"], account["namespace"]).cluster == set()
 
 
+def test_a_service_account_subject_without_a_namespace_is_the_role_bindings() -> None:
+    """kube-apiserver's reading (gateway-manifests/bbr/bbr.yaml's RoleBinding relies on it):
+    in a RoleBinding the binding's namespace, in a ClusterRoleBinding no namespace at all."""
+    ref = {"apiGroup": "rbac.authorization.k8s.io", "name": "reader"}
+    role = {"kind": "Role", "metadata": {"name": "reader", "namespace": "team-a"},
+            "rules": [{"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]}]}  # fmt: skip
+    cluster_role = {**role, "kind": "ClusterRole", "metadata": {"name": "reader"}}
+    unqualified = [{"kind": "ServiceAccount", "name": "sa"}]
+    binding = {"kind": "RoleBinding", "metadata": {"name": "b", "namespace": "team-a"},
+               "roleRef": {**ref, "kind": "Role"}, "subjects": unqualified}  # fmt: skip
+    auth = Authorizer.for_account([role, binding], "sa", "team-a")
+    assert auth.allows("", "pods", "list", "team-a")
+    assert not Authorizer.for_account([role, binding], "sa", "team-b").namespaced
+    cluster_binding = {
+        "kind": "ClusterRoleBinding",
+        "metadata": {"name": "b"},
+        "roleRef": {**ref, "kind": "ClusterRole"},
+        "subjects": unqualified,
+    }
+    assert not Authorizer.for_account([cluster_role, cluster_binding], "sa", "team-a").cluster
+
+
 # ---- tests: the Deployment --------------------------------------------------------------------
 
 

@@ -16,30 +16,22 @@
    and sends a prompt back to the pod that served it (the pods' KV events, configured as the
    controllers rendered their engines, reach the picker's per-pod subscription).
 
-No Envoy runs here (tests/e2e/test_gateway.py and the gateway recipe's own tests do that).
+No Envoy runs here: tests/e2e/test_cluster_gateway.py runs this path through Envoy configured
+as the gateway recipe renders it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import copy
-import socket
-import subprocess
-import sys
 from contextlib import ExitStack
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import grpc
 import pytest
 import requests
-import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from infergw.api.names import DESTINATION_HEADER, ENTRY_LABEL, MODEL_LABEL
 from infergw.cluster.store import labels_match
-from infergw.controllers.app import build_parser as controllers_parser
 from infergw.controllers.picker_objects import TOKENIZER_DIR
 from infergw.epp.options import parse_options
 from infergw.epp.scheduling.config import load_config, needs_kv_cache, read_config
@@ -48,14 +40,27 @@ from infergw.fetch.tokenizer import build_parser as fetch_parser
 from infergw.kvindex.cache import KVCache
 from infergw.kvindex.index import KVBlockIndex
 from infergw.kvindex.tokenize import PromptTokenizers
-from infergw.stack.install import Target, objects, upstream_crds
 from tests import extproc_client as ec
-from tests.cluster_install import apply
-from tests.conftest import free_port, running, simulator_cmd
+from tests.cluster_path import (
+    CONTROLLERS,
+    ENGINE_PORT,
+    GATEWAY_API,
+    PICKER,
+    POOL_API,
+    WORKLOAD,
+    Cluster,
+    ServerPorts,
+    bindable,
+    engine_kv_flags,
+    installed,
+    kv_events_applied,
+    long_prompt,
+    picker_cmd,
+    picker_container,
+)
+from tests.conftest import running, simulator_cmd
 from tests.controller_manifests import expand as expand_rules
-from tests.kube_crd import TEST_CRDS
-from tests.kube_rbac import Account, RBACEmulator, stored_rbac
-from tests.kubeapi import kubeconfig_env
+from tests.kube_rbac import stored_rbac
 from tests.paths import DEFAULT_MODEL
 from tests.picker_cluster import NS, SERVED, container_env, expand, model_obj
 from tests.picker_fixtures import FAST_SIMULATOR
@@ -63,16 +68,8 @@ from tests.waiting import wait_for
 
 pytestmark = pytest.mark.slow
 
-WORKLOAD = "workload.infergate.io/v1alpha1"
-POOL_API = "inference.networking.k8s.io/v1"
-GATEWAY_API = "gateway.networking.k8s.io/v1"
-CONTROLLERS = Account("infergate-controllers", "infergate-system")
-PICKER = Account("llama-epp", NS)
-CONTROLLERS_TOKEN, PICKER_TOKEN = "controllers-token", "picker-token"
 POD_NET = "127.77.14"  # the pods' addresses: a loopback range no other test uses
-ENGINE_PORT = 8000  # what the Model's InferencePool targets
 TOPICS = ("rivers", "mountains", "deserts", "glaciers")  # a prompt each, no prefix shared
-KV_EVENTS_APPLIED = 'infergate_kvindex_messages_total{outcome="events"}'
 # Kinds in the install the emulator serves no CRD for, and why that is acceptable here.
 SKIPPED_KINDS = {
     ("cert-manager.io", "Issuer"): "cert-manager's; no cert-manager runs here",
@@ -88,24 +85,6 @@ SKIPPED_KINDS = {
 
 def pod_ip(n: int) -> str:
     return f"{POD_NET}.{n}"
-
-
-def bindable(address: str, port: int) -> bool:
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the simulator binds
-        try:
-            s.bind((address, port))
-        except OSError:
-            return False
-    return True
-
-
-def with_values(args: list[str], **values: str) -> list[str]:
-    """`--flag=value` args with the named flags' values replaced (flag names with _ for -);
-    flags not there are added."""
-    flags = {f"--{k.replace('_', '-')}": v for k, v in values.items()}
-    out = [a for a in args if a.partition("=")[0] not in flags]
-    return out + [f"{f}={v}" for f, v in flags.items()]
 
 
 def conditions(obj: dict) -> dict[str, dict]:
@@ -132,90 +111,11 @@ def route_status(generation: int) -> dict:
     }  # fmt: skip
 
 
-class Cluster:
-    """The emulator after the install, with the controllers' process running."""
-
-    def __init__(
-        self, api: RBACEmulator, controllers: subprocess.Popen, tmp: Path, skipped: list
-    ) -> None:
-        self.api, self.controllers, self.tmp = api, controllers, tmp
-        self.skipped = skipped  # (group, kind, name) of the install's objects not applied
-
-    def get(self, api_version: str, kind: str, name: str) -> dict:
-        return self.api.get(api_version, kind, name, NS)
-
-    def wait(self, api_version: str, kind: str, name: str) -> dict:
-        return wait_for(
-            lambda: self.get(api_version, kind, name),
-            f"{kind} {name}",
-            alive=(self.controllers,),
-            within=30,
-        )
-
-    def pods(self) -> list[dict]:
-        return [p for p in self.api.list_objects("v1", "Pod") if p["metadata"]["namespace"] == NS]
-
-    def set_status(self, api_version: str, kind: str, name: str, status: dict) -> None:
-        obj = self.get(api_version, kind, name)
-        obj["status"] = status
-        self.api.put(obj)
-
-    def run_pod(self, pod: dict, ip: str, ready: bool = True) -> None:
-        """What the kubelet reports for a running pod at `ip`."""
-        pod = copy.deepcopy(pod)
-        pod["status"] = {
-            "phase": "Running",
-            "podIP": ip,
-            "conditions": [{"type": "Ready", "status": "True" if ready else "False"}],
-        }
-        self.api.put(pod)
-
-
-def install(api: RBACEmulator) -> list[tuple[str, str, str]]:
-    """The upstream CRDs (`kubectl create`, where the cluster has none) and the install stream,
-    as the README's cluster section says; the objects skipped."""
-    upstream = [d for p in upstream_crds() for d in yaml.safe_load_all(p.read_text()) if d]
-    namespace = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}}
-    apply(api, [*upstream, namespace])  # the install's header: create the namespace first
-    return apply(api, objects(Target(namespace=NS))).skipped
-
-
-def controllers_cmd(api: RBACEmulator) -> list[str]:
-    """The installed controllers Deployment's command line, with the laptop's ports."""
-    dep = api.get("apps/v1", "Deployment", "infergate-controllers", CONTROLLERS.namespace)
-    [c] = dep["spec"]["template"]["spec"]["containers"]
-    assert c["command"] == ["infergate", "controllers"]
-    controllers_parser().parse_args(c["args"])
-    args = [a for a in c["args"] if not a.startswith("--webhook-cert-dir")]  # a generated one
-    args = with_values(
-        args, host="127.0.0.1", metrics_port=str(free_port()), webhook_port=str(free_port())
-    )
-    return [sys.executable, "-m", "infergw.controllers", *args]
-
-
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("cluster")
-    # other projects' CRDs our objects use (HTTPRoute, EnvoyPatchPolicy, ...); ours come
-    # from the install stream
-    api = RBACEmulator({}, crds=TEST_CRDS)
-    api.tokens = {
-        CONTROLLERS_TOKEN: (CONTROLLERS, stored_rbac(api, CONTROLLERS)),
-        PICKER_TOKEN: (PICKER, stored_rbac(api, PICKER)),
-    }
-    with api.threaded():
-        skipped = install(api)
-        config = api.write_kubeconfig(tmp / "controllers.kubeconfig", CONTROLLERS_TOKEN)
-        with running(controllers_cmd(api), env=kubeconfig_env(config)) as proc:
-            c = Cluster(api, proc, tmp, skipped)
-            model = model_obj(backend={"aggregated": {"replicas": 1, "workerReplicas": 1}})
-            apply(api, [model])
-            c.wait(WORKLOAD, "Model", "llama")
-            c.wait("apps/v1", "Deployment", "llama-epp")
-            c.wait("v1", "Secret", "llama-epp-tls")
-            c.wait(GATEWAY_API, "HTTPRoute", "llama")
-            yield c
-    assert not api.denied, f"RBAC refused {api.denied}"
+    model = model_obj(backend={"aggregated": {"replicas": 1, "workerReplicas": 1}})
+    with installed(tmp_path_factory.mktemp("cluster"), model) as c:
+        yield c
 
 
 # ---- 1. the install -----------------------------------------------------------------------------
@@ -234,12 +134,6 @@ def test_the_install_applies_and_only_other_projects_kinds_are_skipped(cluster: 
 
 
 # ---- 2. what the controllers made ---------------------------------------------------------------
-
-
-def picker_container(dep: dict) -> dict:
-    [c] = dep["spec"]["template"]["spec"]["containers"]
-    assert c["command"] == ["infergate", "epp"]
-    return c
 
 
 def test_the_pickers_objects_fit_what_consumes_them(cluster: Cluster) -> None:
@@ -323,46 +217,6 @@ def test_reachable_once_the_gateway_accepts_the_route_and_the_picker_is_availabl
 # ---- 3. the picker process, while pods come and go ----------------------------------------------
 
 
-def picker_files(cluster: Cluster, c: dict) -> dict[str, Path]:
-    """The files the picker's volumes would hold, from the objects the controllers made."""
-    root = cluster.tmp / "picker"
-    tls, config = root / "tls", root / "config"
-    tls.mkdir(parents=True, exist_ok=True)
-    config.mkdir(exist_ok=True)
-    secret = cluster.get("v1", "Secret", "llama-epp-tls")
-    for key, value in secret["data"].items():
-        (tls / key).write_bytes(base64.b64decode(value))
-    cm = cluster.get("v1", "ConfigMap", "llama-epp-config")
-    for key, value in cm["data"].items():
-        (config / key).write_text(value)
-    mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
-    return {mounts["tls"]: tls, mounts["config"]: config, mounts["tokenizer"]: DEFAULT_MODEL}
-
-
-@dataclass(frozen=True)
-class PickerPorts:
-    grpc: int = field(default_factory=free_port)
-    health: int = field(default_factory=free_port)
-    metrics: int = field(default_factory=free_port)
-
-
-def picker_cmd(cluster: Cluster, ports: PickerPorts) -> list[str]:
-    """The rendered Deployment's command line with the laptop's ports, files and pod IP."""
-    c = picker_container(cluster.get("apps/v1", "Deployment", "llama-epp"))
-    args = [expand(a, container_env(c, "127.0.0.1")) for a in c["args"]]
-    for mounted, local in picker_files(cluster, c).items():
-        args = [a.replace(mounted, str(local)) for a in args]
-    args = with_values(
-        args,
-        host="127.0.0.1",
-        grpc_port=str(ports.grpc),
-        grpc_health_port=str(ports.health),
-        metrics_port=str(ports.metrics),
-        replica_sync_bind=f"tcp://127.0.0.1:{free_port()}",
-    )
-    return [sys.executable, "-m", "infergw.epp", *args]
-
-
 def probe_answers(container: dict, health_port: int) -> dict[str, str]:
     """What the kubelet's gRPC probes of the container hear from a picker (on our port)."""
     out = {}
@@ -375,32 +229,8 @@ def probe_answers(container: dict, health_port: int) -> dict[str, str]:
     return out
 
 
-def engine_kv_flags(pod: dict, ip: str) -> list[str]:
-    """The pod's rendered --kv-events-config as its engine would read it at `ip`, binding on
-    that address rather than `*` (the pods share this machine; the simulator's bind flag)."""
-    [engine] = [c for c in pod["spec"]["containers"] if c["name"] == "engine"]
-    [flag] = [a for a in engine["args"] if a.startswith("--kv-events-config=")]
-    flag = expand(flag, container_env(engine, ip)).replace("tcp://*:", f"tcp://{ip}:")
-    assert "$(" not in flag, f"unexpanded in {flag}"
-    return [flag, "--sim-kv-events-bind"]
-
-
 def chat(prompt: str) -> dict:
     return {"model": SERVED, "messages": [{"role": "user", "content": prompt}], "max_tokens": 1}
-
-
-def long_prompt(topic: str) -> str:
-    """Enough tokens for several KV blocks, different from the first word on."""
-    return " ".join(f"{topic} paragraph {i} says something about {topic}." for i in range(40))
-
-
-def kv_events_applied(metrics_port: int) -> float:
-    """KV events the picker's index applied (its metrics)."""
-    text = requests.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).text
-    for line in text.splitlines():
-        if line.startswith(KV_EVENTS_APPLIED):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
 
 
 class Picker:
@@ -460,14 +290,13 @@ async def test_the_picker_process_picks_only_current_ready_pool_members(cluster:
             started.enter_context(running(cmd, ready_url=f"http://{ip}:{ENGINE_PORT}/health"))
         cluster.run_pod(entry, ips[0])
         cluster.run_pod(worker, ips[1])
-        ports = PickerPorts()
+        ports = ServerPorts()
         cmd = picker_cmd(cluster, ports)
-        config = cluster.api.write_kubeconfig(cluster.tmp / "picker.kubeconfig", PICKER_TOKEN)
         proc = started.enter_context(
             running(
                 cmd,
                 ready_url=f"http://127.0.0.1:{ports.metrics}/healthz",
-                env=kubeconfig_env(config),
+                env=cluster.kubeconfig_env(PICKER),
             )
         )
         picker = Picker(cluster, ports.grpc)
