@@ -56,10 +56,15 @@ class _Stream:
         self.first_chunk: float | None = None
         self.last_chunk: float | None = None
         self.finished = False
+        # Whether the answer's body passes through here, as Envoy announces on the stream's
+        # first message (None: this proxy does not say).
+        self.response_bodies: bool | None = None
 
     # ---- request phase ---------------------------------------------------------------
 
     def on_request_headers(self, msg: pb.ProcessingRequest) -> list[pb.ProcessingResponse]:
+        if msg.HasField("protocol_config"):
+            self.response_bodies = msg.protocol_config.response_body_mode != protocol.BODY_NONE
         self.headers = protocol.header_map(msg.request_headers.headers)
         self.subset = protocol.subset_hint(msg)
         if not msg.request_headers.end_of_stream:
@@ -209,13 +214,16 @@ class _Stream:
         self.director.finish(self.ctx, info, self.started, streamed)
 
     def close(self) -> None:
-        """The stream ended. Before any response headers that means the request was
-        cancelled (client or proxy gone) — unless the proxy sends none, when it means the
-        answer ended; after them, the answer was delivered without its body passing through
-        here."""
+        """The stream ended before the answer's end. Before any response headers that means
+        the request was cancelled (client or proxy gone) — unless the proxy sends none, when
+        it means the answer ended. After them: when the proxy announced that response bodies
+        pass through here, the client or proxy left mid-answer (cancelled); otherwise the
+        answer was delivered without its body passing through here."""
         if not self.finished:
             if self.response is None and self.director.options.response_headers_skipped:
                 self.finish(status_unseen=True)
+            elif self.response is not None and self.response_bodies:
+                self.finish(cancelled=True)
             else:
                 self.finish(cancelled=self.status == 0)
         self.share.release()

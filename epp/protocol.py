@@ -11,6 +11,7 @@ import json
 from collections.abc import Iterable, Iterator, Sequence
 
 from envoy.config.core.v3 import base_pb2 as core
+from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
@@ -20,6 +21,8 @@ from infergw.api.names import DESTINATION_HEADER, PREFILLER_HEADER, SERVED_HEADE
 LB_NAMESPACE = "envoy.lb"
 SUBSET_NAMESPACE = "envoy.lb.subset_hint"
 MAX_CHUNK = 62_000
+# The body mode with which no body passes through the ext_proc server.
+BODY_NONE = processing_mode_pb2.ProcessingMode.NONE
 # Never passed on from the client: the picker alone decides where a request goes.
 SYSTEM_HEADERS = frozenset({DESTINATION_HEADER, SUBSET_HEADER, SERVED_HEADER, "content-length"})
 

@@ -6,14 +6,21 @@ import json
 
 import grpc
 from envoy.config.core.v3 import base_pb2 as core
+from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2 as pm
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pbg
 from google.protobuf import struct_pb2
 
 
 def headers(
-    path: str = "/v1/completions", eos: bool = False, extra: dict | None = None, subset=None
+    path: str = "/v1/completions",
+    eos: bool = False,
+    extra: dict | None = None,
+    subset=None,
+    response_body_mode: int | None = None,
 ) -> pb.ProcessingRequest:
+    """A stream's first message; `response_body_mode` set: the modes Envoy announces on it
+    (a ProcessingMode.BodySendMode), as Envoy 1.40 does."""
     hs = {
         ":method": "POST",
         ":path": path,
@@ -29,6 +36,9 @@ def headers(
             end_of_stream=eos,
         )
     )
+    if response_body_mode is not None:
+        msg.protocol_config.request_body_mode = pm.ProcessingMode.FULL_DUPLEX_STREAMED
+        msg.protocol_config.response_body_mode = response_body_mode
     if subset is not None:
         s = struct_pb2.Struct()
         s.update({"x-gateway-destination-endpoint-subset": subset})

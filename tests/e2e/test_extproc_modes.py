@@ -57,9 +57,11 @@ class Processor(pbg.ExternalProcessorServicer):
 
     def __init__(self, destination: str, override: str, full_duplex: bool) -> None:
         self.destination = destination
-        self.override = override  # "with-headers" | "standalone"
+        self.override = override  # "with-headers" | "standalone" | "none"
         self.full_duplex = full_duplex
         self.streams: list[list[str]] = []
+        # What Envoy said of its modes on each stream's first message (None: nothing).
+        self.configs: list[pb.ProtocolConfiguration | None] = []
 
     def _headers_answer(self) -> pb.ProcessingResponse:
         resp = pb.ProcessingResponse()
@@ -78,6 +80,10 @@ class Processor(pbg.ExternalProcessorServicer):
         body = b""
         async for msg in request_iterator:
             kind = msg.WhichOneof("request")
+            if not kinds:
+                self.configs.append(
+                    msg.protocol_config if msg.HasField("protocol_config") else None
+                )
             kinds.append(kind)
             if kind == "request_headers":
                 if self.override == "standalone":
@@ -154,9 +160,11 @@ async def _pod(port: int) -> web.AppRunner:
     return runner
 
 
-async def _through_envoy(tmp_path, override: str, full_duplex: bool) -> tuple[int, list[str]]:
-    """One completion through Envoy with this processor: its status and the processor's
-    record of the stream."""
+async def _through_envoy(
+    tmp_path, override: str, full_duplex: bool
+) -> tuple[int, list[str], pb.ProtocolConfiguration | None]:
+    """One completion through Envoy with this processor: its status, the processor's record
+    of the stream and the modes Envoy announced on it."""
     pod_port, processor_port, listen, admin = (free_port() for _ in range(4))
     processor = Processor(f"127.0.0.1:{pod_port}", override, full_duplex)
     server = grpc.aio.server()
@@ -177,7 +185,7 @@ async def _through_envoy(tmp_path, override: str, full_duplex: bool) -> tuple[in
         )
         await asyncio.sleep(0.2)  # the stream's last messages
         assert len(processor.streams) == 1
-        return r.status_code, processor.streams[0]
+        return r.status_code, processor.streams[0], processor.configs[0]
     finally:
         if envoy is not None:
             stop_group(envoy)
@@ -186,7 +194,7 @@ async def _through_envoy(tmp_path, override: str, full_duplex: bool) -> tuple[in
 
 
 async def test_a_full_duplex_request_keeps_the_configured_response_modes(tmp_path):
-    status, kinds = await _through_envoy(tmp_path, "with-headers", full_duplex=True)
+    status, kinds, _ = await _through_envoy(tmp_path, "with-headers", full_duplex=True)
     assert status == 200
     assert "response_headers" in kinds
     assert "response_body" not in kinds, (
@@ -196,12 +204,22 @@ async def test_a_full_duplex_request_keeps_the_configured_response_modes(tmp_pat
 
 
 async def test_the_same_override_is_honoured_when_the_request_body_is_streamed(tmp_path):
-    status, kinds = await _through_envoy(tmp_path, "with-headers", full_duplex=False)
+    status, kinds, _ = await _through_envoy(tmp_path, "with-headers", full_duplex=False)
     assert status == 200
     assert "response_body" in kinds  # the override itself is well-formed
 
 
 async def test_a_standalone_override_fails_the_request(tmp_path):
-    status, kinds = await _through_envoy(tmp_path, "standalone", full_duplex=True)
+    status, kinds, _ = await _through_envoy(tmp_path, "standalone", full_duplex=True)
     assert status == 500
     assert "response_headers" not in kinds
+
+
+async def test_envoy_announces_the_body_modes_on_the_first_message(tmp_path):
+    """The picker tells a client gone mid-answer from an answer that never passes through it
+    by the response body mode Envoy announces (epp/extproc.py, _Stream.close)."""
+    status, kinds, config = await _through_envoy(tmp_path, "none", full_duplex=True)
+    assert status == 200 and kinds[0] == "request_headers"
+    assert config is not None, "Envoy no longer sends protocol_config on a stream's first message"
+    assert config.request_body_mode == Mode.FULL_DUPLEX_STREAMED
+    assert config.response_body_mode == Mode.NONE  # this config keeps response bodies away

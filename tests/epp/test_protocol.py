@@ -9,12 +9,14 @@ import time
 
 import grpc
 import pytest
+from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2 as pm
 
 from infergw.cluster import certs
 from tests import extproc_client as ec
 from tests import picker_fixtures
 from tests.conftest import free_port
 from tests.picker_fixtures import COMPLETION, GET, PORT_TAKEN, Picker
+from tests.waiting import wait_for_async
 
 
 async def test_destination_in_header_and_metadata_alike(picker):
@@ -163,7 +165,22 @@ async def test_response_phase_adds_served_header_and_reads_usage(picker):
     assert after != before and float(after[0].rsplit(" ", 1)[1]) >= 3
 
 
-async def test_inflight_counts_rise_and_fall_including_cancelled(picker):
+def _cancelled(picker) -> float:
+    lines = picker.metric_lines('inference_objective_request_error_total{error_code="cancelled"')
+    return sum(float(line.rsplit(" ", 1)[1]) for line in lines)
+
+
+@pytest.mark.parametrize(
+    ("announced", "counts_as_cancelled"),
+    [
+        (pm.ProcessingMode.FULL_DUPLEX_STREAMED, True),  # the body was to pass here: left
+        (pm.ProcessingMode.NONE, False),  # the body never passes here: delivered
+        (None, False),  # the proxy does not say: as if delivered
+    ],
+)
+async def test_inflight_counts_rise_and_fall_including_cancelled(
+    picker, announced, counts_as_cancelled
+):
     pinned = picker.addresses[1]
 
     def inflight():
@@ -172,19 +189,18 @@ async def test_inflight_counts_rise_and_fall_including_cancelled(picker):
         )
 
     assert inflight() == 0
-    # A stream that ends after the request phase: the client went away mid-answer.
+    before = _cancelled(picker)
+    # A stream that ends after the response headers, before the answer's end.
     await ec.exchange(
         picker.target,
         [
-            ec.headers(extra={"test-epp-endpoint-selection": pinned}),
+            ec.headers(extra={"test-epp-endpoint-selection": pinned}, response_body_mode=announced),
             ec.body(COMPLETION),
             ec.response_headers(served=pinned),
         ],
     )
-    await asyncio.sleep(0.1)
-    assert inflight() == 0
-    errors = picker.metric_lines('inference_objective_request_error_total{error_code="cancelled"')
-    assert errors
+    await wait_for_async(lambda: inflight() == 0, "the request's end")
+    assert _cancelled(picker) == before + (1 if counts_as_cancelled else 0)
 
 
 async def test_tls_is_on_by_default(sims, tmp_path):
