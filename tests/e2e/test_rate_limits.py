@@ -384,7 +384,7 @@ def test_two_pickers_sharing_a_redis_limit_stay_within_it(stack, second, redis):
     assert sum(admitted) == SHARED_BUDGET // T, statuses
     # Both were hammered and both refused: each picker's own share of a separate budget would
     # have let it admit ten.
-    assert all(set(c) <= {200, 429} and c[429] > 50 for c in statuses), statuses
+    assert all(set(c) <= {200, 429} and c[429] > 0 for c in statuses), statuses
     for s in both:  # Redis answered every time: nothing was let through by failing open
         assert picker_metric(s, "infergate_epp_ratelimit_backend_errors_total") == 0
         assert picker_metric(s, "infergate_epp_ratelimit_failure_mode_allowed_total") == 0
