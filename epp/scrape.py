@@ -235,17 +235,20 @@ class MetricsScraper:
             except Exception as exc:  # the loop outlives any one round
                 self._failed(ep, exc)
             wait = max(0.0, self.interval - (time.monotonic() - t0))
-            if parse_cpu * PARSE_BACKOFF > wait:
-                wait = parse_cpu * PARSE_BACKOFF
-                if not slowed:
-                    log.warning(
-                        "endpoint %s: its /metrics page took %.0f ms of CPU to read; "
-                        "scraping it every %.1fs while its pages cost that much",
-                        ep.address,
-                        parse_cpu * 1000,
-                        wait,
-                    )
-            slowed = wait > self.interval
+            backoff = parse_cpu * PARSE_BACKOFF
+            wait = max(wait, backoff)
+            # Only a page whose cost stretches the interval says so, once: a round that took
+            # longer than the interval (a loaded machine, a slow pod) leaves no wait to
+            # compare with, and had a warning logged at every scrape.
+            if backoff > self.interval and not slowed:
+                log.warning(
+                    "endpoint %s: its /metrics page took %.0f ms of CPU to read; "
+                    "scraping it every %.1fs while its pages cost that much",
+                    ep.address,
+                    parse_cpu * 1000,
+                    wait,
+                )
+            slowed = backoff > self.interval
             # Resting waits until the models are known: a pod still starting is asked again.
             if next_models > time.monotonic() and self.pace.idle(ep):
                 await self._rest(state)

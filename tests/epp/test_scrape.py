@@ -379,6 +379,34 @@ async def test_a_pod_whose_pages_cost_much_cpu_is_scraped_less_often():
         await costly.stop()
 
 
+class SlowPod(CountingPod):
+    """A Pod whose /metrics answers after longer than the scrape interval."""
+
+    async def _metrics(self, req: web.Request) -> web.StreamResponse:
+        await asyncio.sleep(0.08)
+        return await super()._metrics(req)
+
+
+async def test_a_slow_answer_with_a_cheap_page_logs_no_warning(caplog):
+    """A round that took longer than the interval (a loaded machine, a slow pod) left no
+    wait, so any page's parse CPU exceeded it and the 'scraping it every 0.0s' warning was
+    logged at every scrape (~25 lines a second with 8 busy pods). Only a page whose cost
+    stretches the interval warns."""
+    port = free_port()
+    pod = SlowPod()
+    await pod.start(port)
+    ds = one_pod_store(port)
+    caplog.set_level("WARNING", logger="epp.scrape")
+    scraper = await running_scraper(ds, PickerMetrics(), models_interval=60)
+    try:
+        # several rounds, each longer than the interval
+        await wait_for_async(lambda: pod.scrapes >= 4, within=30)
+        assert not [r for r in caplog.records if "of CPU to read" in r.getMessage()]
+    finally:
+        await scraper.stop()
+        await pod.stop()
+
+
 async def test_a_model_list_longer_than_the_bound_is_refused_whole():
     """Every name a pod lists may get its own metric series and is kept per endpoint: a
     list of more than MAX_MODELS_PER_ENDPOINT is counted and the last good list stays."""
