@@ -294,8 +294,16 @@ class DictBlockIndex:
         self._expire(now)
         p, exp = self._pod(pod), now + self.speculative_ttl
         spec = self._specs[p]
+        shards, m = self._shards, self._mask
         for k in reversed(keys):  # head newest, as in add
-            f = _fields(self._get(k), p)
+            d = shards[k & m]
+            rec = d.get(k)
+            # The chosen pod mostly holds the prompt's head already, alone (a shared prefix
+            # routed where it is): a touch, inline (what _fields and _touch do).
+            if rec.__class__ is int and rec >> _POD == p and rec & _GPU_MASK:
+                d[k] = d.pop(k)
+                continue
+            f = _fields(rec, p)
             if f & _GPU_MASK:
                 self._touch(k)  # already real
             else:
