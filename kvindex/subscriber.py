@@ -26,7 +26,7 @@ import ipaddress
 import logging
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
 import zmq
@@ -35,6 +35,7 @@ import zmq.asyncio
 from infergw.kvindex.events import (
     AllBlocksCleared,
     EventBatch,
+    KVEvent,
     KVEventDecodeError,
     KVMessage,
     decode_message,
@@ -54,9 +55,34 @@ MAX_FRAME_BYTES = 64 << 20
 
 
 class EventSink(Protocol):
-    def apply(self, pod: str, model: str, event) -> None: ...
+    def apply_events(self, pod: str, model: str, events: Sequence[KVEvent]) -> int:
+        """Apply one batch's events in order; how many the sink could not take (each such
+        event is skipped, the rest still apply)."""
+        ...
+
     def clear_pod(self, pod: str) -> None: ...
     def release_pod(self, pod: str) -> None: ...
+
+
+class SimpleSink(Protocol):
+    def apply(self, pod: str, model: str, event: KVEvent) -> None: ...
+    def clear_pod(self, pod: str) -> None: ...
+
+
+def apply_each(sink: SimpleSink, pod: str, model: str, events: Sequence[KVEvent]) -> int:
+    """`apply_events` for a sink that takes one event at a time: AllBlocksCleared clears the
+    pod, an event that raises is skipped and counted."""
+    rejected = 0
+    for event in events:
+        try:
+            if isinstance(event, AllBlocksCleared):
+                sink.clear_pod(pod)
+            else:
+                sink.apply(pod, model, event)
+        except Exception as exc:  # one event the index cannot take; the rest still count
+            rejected += 1
+            log.debug("index rejected an event from %s: %r", pod, exc)
+    return rejected
 
 
 class _Dropped(Exception):
@@ -303,16 +329,10 @@ class KVEventSubscriber:
         state.last_seq = msg.seq
 
     def _apply_batch(self, pod: str, model: str, batch: EventBatch) -> None:
-        for event in batch.events:
-            try:
-                if isinstance(event, AllBlocksCleared):
-                    self.sink.clear_pod(pod)
-                else:
-                    self.sink.apply(pod, model, event)
-                self.counts["events"] += 1
-            except Exception as exc:  # one event the index cannot take; the rest still count
-                self.counts["rejected_by_index"] += 1
-                log.debug("index rejected an event from %s: %r", pod, exc)
+        rejected = self.sink.apply_events(pod, model, batch.events)
+        self.counts["events"] += len(batch.events) - rejected
+        if rejected:
+            self.counts["rejected_by_index"] += rejected
 
     def _model_of(self, pod: str, topic: str) -> str:
         """The model a batch's blocks belong to: from a `kv@pod@model` topic, else (per-pod

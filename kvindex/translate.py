@@ -16,17 +16,20 @@ Lookups of engine hashes that miss are counted per pod (kvindex.unresolved).
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from infergw.kvindex.backend import BlockIndex, SharedBlockIndex
 from infergw.kvindex.engine_maps import LAYOUTS, MAX_KEYS_PER_HASH, EngineMap
-from infergw.kvindex.events import AllBlocksCleared, BlockRemoved, BlockStored
+from infergw.kvindex.events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
 from infergw.kvindex.index import KVBlockIndex, Tier
 from infergw.kvindex.keys import block_keys, encode_extras, model_root
 from infergw.kvindex.unresolved import UnresolvedHashes
 
 __all__ = ["MAX_EXTRA_BYTES", "MAX_KEYS_PER_HASH", "EventTranslator"]
+
+log = logging.getLogger("kvindex.translate")
 
 _INDEXED_KINDS = frozenset({"full_attention", "mla_attention", "sink_full_attention"})
 _TIER_OF_MEDIUM: dict[str, Tier] = {"gpu": "gpu", "cpu": "cpu"}
@@ -113,6 +116,38 @@ class EventTranslator:
         else:
             self._skipped["unknown_event"] += 1
 
+    def apply_events(self, pod: str, model: str, events: Sequence[KVEvent]) -> int:
+        """Apply one batch's events in order (AllBlocksCleared clears the pod); how many
+        raised (each skipped, the rest still apply). vLLM sends a BlockRemoved per evicted
+        block, ~70 a request in bench/routing's shared-prefix workload: a run of them with
+        one medium and group goes through the index as one removal (see _removed_run)."""
+        rejected, i, n = 0, 0, len(events)
+        while i < n:
+            ev = events[i]
+            j = i + 1
+            if ev.__class__ is BlockRemoved:
+                medium, group = ev.medium, ev.group_idx
+                while j < n:
+                    nxt = events[j]
+                    if nxt.__class__ is not BlockRemoved or nxt.medium != medium:
+                        break
+                    if nxt.group_idx != group:
+                        break
+                    j += 1
+            try:
+                if j - i > 1:
+                    self._events["BlockRemoved"] += j - i
+                    self._removed_run(pod, events[i:j])
+                elif ev.__class__ is AllBlocksCleared:
+                    self.clear_pod(pod)
+                else:
+                    self.apply(pod, model, ev)
+            except Exception as exc:  # events the index cannot take; the rest still count
+                rejected += j - i
+                log.debug("index rejected %d event(s) from %s: %r", j - i, pod, exc)
+            i = j
+        return rejected
+
     def _stored(self, pod: str, model: str, ev: BlockStored) -> None:
         if ev.kv_cache_spec_kind not in _INDEXED_KINDS:
             self._skipped["kv_cache_spec_kind"] += 1
@@ -176,18 +211,57 @@ class EventTranslator:
         if tier is None:
             self._skipped["medium"] += 1
             return
-        emap, g, hashes = self._emaps.get(pod), ev.group_idx, ev.block_hashes
-        known: list[int] = []  # engine hashes we map
+        emap, g = self._emaps.get(pod), ev.group_idx
+        known, keys = self._resolve(emap, ev.block_hashes, g)
+        self._remove(pod, tier, emap, g, len(ev.block_hashes), known, keys)
+
+    def _removed_run(self, pod: str, run: Sequence[BlockRemoved]) -> None:
+        """Consecutive BlockRemoved events of one medium and group, as one removal when that
+        is exactly what applying them one by one does: when no engine hash and no request
+        key comes twice (an event's removal then touches nothing a later one reads), else
+        one by one."""
+        first = run[0]
+        tier = _TIER_OF_MEDIUM.get(first.medium.lower())
+        if tier is None:
+            self._skipped["medium"] += len(run)
+            return
+        hashes = [h for ev in run for h in ev.block_hashes]
+        emap, g = self._emaps.get(pod), first.group_idx
+        known, keys = self._resolve(emap, hashes, g)
+        if len(set(hashes)) != len(hashes) or len(set(keys)) != len(keys):
+            for ev in run:
+                self._removed(pod, ev)
+            return
+        self._remove(pod, tier, emap, g, len(hashes), known, keys)
+
+    @staticmethod
+    def _resolve(
+        emap: EngineMap | None, hashes: Sequence[int], g: int
+    ) -> tuple[list[int], list[int]]:
+        """(the engine hashes the pod's map knows, the request keys they map to)."""
+        known: list[int] = []
         keys: list[int] = []
         if emap is not None:
             for h, rs in zip(hashes, emap.resolve(hashes, g), strict=True):
                 if rs is not None:
                     known.append(h)
                     keys.extend(rs)
-        missed = len(hashes) - len(known)
+        return known, keys
+
+    def _remove(
+        self,
+        pod: str,
+        tier: Tier,
+        emap: EngineMap | None,
+        g: int,
+        looked: int,
+        known: list[int],
+        keys: list[int],
+    ) -> None:
+        missed = looked - len(known)
         self._removed_unknown += missed
-        self.unresolved.note(pod, "removed", len(hashes), missed)
-        if not known:
+        self.unresolved.note(pod, "removed", looked, missed)
+        if not known or emap is None:
             return
         gone = set(self.index.remove(pod, keys, tier))
         emap.forget(known, g, gone)  # those that refer to nothing this pod holds any more

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import tempfile
 import time
+from pathlib import Path
 
 from infergw.bench.common import PLOTS, machine, write_json
 from infergw.bench.routing.oracle import oracle
@@ -55,6 +58,23 @@ def variants() -> dict:
     return {r.name: r for r in (InfergateRouter("precise", v) for v in PICKER_VARIANTS)}
 
 
+def with_baselines(chosen: list, commits: list[str]) -> list:
+    """Each infergate router followed by its twin at every commit (its picker from
+    bench/checkout.py), so the two run back to back on the same workload and rate."""
+    if not commits:
+        return chosen
+    from infergw.bench import checkout
+
+    work = Path(tempfile.mkdtemp(prefix="bench-routing-checkout-"))
+    paths = {c: checkout.importable(c, work / c.replace("/", "_")) for c in commits}
+    out = []
+    for router in chosen:
+        out.append(router)
+        if isinstance(router, InfergateRouter):
+            out += [dataclasses.replace(router, commit=c, checkout=paths[c]) for c in commits]
+    return out
+
+
 def plan(quick: bool, pods: int) -> list[tuple[object, list[float]]]:
     """(workload, rates). Six groups a pod against room for three: evictions happen, which
     is where knowing what each pod holds beats remembering what was sent where."""
@@ -88,6 +108,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--seed", type=int, default=7)
     p.add_argument(
+        "--baseline",
+        action="append",
+        default=[],
+        metavar="COMMIT",
+        help="also run each chosen infergate router with this commit's picker, right after "
+        "it (infergate-precise@COMMIT): before/after in one run (repeatable)",
+    )
+    p.add_argument(
         "--idle",
         type=float,
         default=None,
@@ -120,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     work = [(w, rates) for w, rates in work if w.name in wanted]
     if args.rates:
         work = [(w, [float(r) for r in args.rates.split(",")]) for w, _ in work]
-    points = [Point(routers[r], wl, rate) for wl, rates in work for rate in rates for r in chosen]
+    chosen = with_baselines([routers[r] for r in chosen], args.baseline)
+    points = [Point(r, wl, rate) for wl, rates in work for rate in rates for r in chosen]
     rows = _run_with_progress(points, settings)
     oracles = [
         {"workload": wl.name, "rate": rate}

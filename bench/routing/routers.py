@@ -8,6 +8,8 @@ own defaults; only what any user must set (worker URLs, policy, the KV-event sou
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
 import subprocess
 import sys
@@ -75,12 +77,22 @@ class InfergateRouter:
     config: str  # a key of INFERGATE_PROFILES
     variant: str = ""  # a key of PICKER_VARIANTS: the picker with other flags
     pickers: int = 1  # picker replicas behind the one Envoy (each subscribes to every pod)
+    # Another commit's picker (--baseline): its name, and bench/checkout.py's folder for it.
+    commit: str = ""
+    checkout: Path | None = None
     _stack: LocalStack | None = None
 
     @property
     def name(self) -> str:
         replicas = f"-x{self.pickers}" if self.pickers > 1 else ""
-        return f"infergate-{self.config}{replicas}" + (f"-{self.variant}" if self.variant else "")
+        variant = f"-{self.variant}" if self.variant else ""
+        return f"infergate-{self.config}{replicas}{variant}" + (
+            f"@{self.commit}" if self.commit else ""
+        )
+
+    def _start_pickers(self, stack: LocalStack) -> None:
+        with _pythonpath(self.checkout):
+            stack.start_picker()
 
     def start(self, stack: LocalStack) -> str:
         path = stack.cfg.workdir / "epp-config.yaml"
@@ -88,7 +100,7 @@ class InfergateRouter:
         stack.cfg.picker_config = path
         stack.cfg.picker_args = [*stack.cfg.picker_args, *PICKER_VARIANTS.get(self.variant, [])]
         stack.cfg.pickers = self.pickers
-        stack.start_picker()
+        self._start_pickers(stack)
         stack.start_envoy()
         self._stack = stack
         return stack.url
@@ -128,12 +140,30 @@ class InfergateRouter:
         stack = self._stack
         stack.stop_picker()
         stack.cfg.picker_args = args
-        stack.start_picker()
+        self._start_pickers(stack)
         if "envoy" in stack.procs:  # no request until Envoy's health checks pass it again
             wait_until(stack.pickers_healthy_in_envoy, 30, stack.procs["envoy"], "pickers healthy")
 
     def stop(self) -> None:
         pass  # the stack stops the picker and Envoy with the pods
+
+
+@contextlib.contextmanager
+def _pythonpath(path: Path | None):
+    """The stack starts the picker with this process's environment: with `path` first on
+    PYTHONPATH, its `infergw` (another commit's) wins over the installed one."""
+    if path is None:
+        yield
+        return
+    saved = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = str(path)
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ["PYTHONPATH"]
+        else:
+            os.environ["PYTHONPATH"] = saved
 
 
 @dataclass(slots=True)

@@ -155,3 +155,31 @@ def test_the_default_run_leaves_the_replicated_pickers_out() -> None:
     routers = cli.all_routers()
     assert set(cli.REPLICATED) <= set(routers)
     assert all(routers[name].pickers == 2 for name in cli.REPLICATED)
+
+
+def test_a_baseline_twin_runs_right_after_its_router_with_that_commits_picker(monkeypatch):
+    """--baseline COMMIT: each infergate router is followed by its twin whose picker is that
+    commit's (bench/checkout.py's folder first on PYTHONPATH while it starts); other routers
+    get none."""
+    import os
+    from pathlib import Path
+
+    from infergw.bench import checkout
+    from infergw.bench.routing import cli, routers
+
+    monkeypatch.setattr(checkout, "importable", lambda commit, dest: Path(f"/x/{commit}"))
+    table = cli.all_routers()
+    chosen = [table["infergate-precise"], table["vllm-router-kv_aware"]]
+    out = cli.with_baselines(chosen, ["abc123"])
+    assert [r.name for r in out] == [
+        "infergate-precise",
+        "infergate-precise@abc123",
+        "vllm-router-kv_aware",
+    ]
+    assert out[1].config == "precise" and out[1].checkout == Path("/x/abc123")
+    monkeypatch.setenv("PYTHONPATH", "/before")
+    with routers._pythonpath(out[1].checkout):
+        assert os.environ["PYTHONPATH"] == "/x/abc123"
+    assert os.environ["PYTHONPATH"] == "/before"
+    with routers._pythonpath(None):
+        assert os.environ["PYTHONPATH"] == "/before"

@@ -12,7 +12,7 @@ import requests
 import zmq
 
 from infergw.kvindex.events import BlockRemoved, BlockStored, decode_replay_frames
-from infergw.kvindex.subscriber import KVEventSubscriber
+from infergw.kvindex.subscriber import KVEventSubscriber, apply_each
 from tests.conftest import free_port, running, simulator_cmd
 
 pytestmark = pytest.mark.slow
@@ -34,6 +34,9 @@ class StoredSet:
 
     def clear_pod(self, pod) -> None:
         self.held.pop(pod, None)
+
+    def apply_events(self, pod, model, events) -> int:
+        return apply_each(self, pod, model, events)
 
 
 def held_per_replay(replay_endpoint: str) -> set[int]:
