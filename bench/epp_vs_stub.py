@@ -26,11 +26,11 @@ from pathlib import Path
 
 import yaml
 
+from infergw.api.lifetime import spawn
 from infergw.bench import checkout
 from infergw.bench.common import percentile, process_cpu_seconds
 from infergw.bench.loadgen import run_load
 from infergw.stack.envoy_config import EnvoySettings, render
-from infergw.stack.lifetime import spawn
 from infergw.stack.local import PICKER_HOST, LocalStack, StackConfig, envoy_binary, stop_group
 from infergw.stack.ports import PickerPorts, free_port, free_stack_ports
 from infergw.stack.readiness import wait_http, wait_until

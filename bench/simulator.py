@@ -20,6 +20,7 @@ import time
 
 import aiohttp
 
+from infergw.api.lifetime import spawn
 from infergw.bench.common import (
     PLOTS,
     machine,
@@ -28,7 +29,6 @@ from infergw.bench.common import (
     write_json,
 )
 from infergw.simulator.config import LatencyModel
-from infergw.stack.lifetime import spawn
 from infergw.stack.ports import free_port
 from infergw.stack.readiness import wait_http
 

@@ -58,6 +58,7 @@ from pathlib import Path
 import aiohttp
 
 from infergw.api.engines import SIMULATOR_IMAGES, image_repository
+from infergw.api.lifetime import die_with_parent
 from infergw.api.names import ENGINE_NOT_INSTALLED
 from infergw.cluster.informer import Informer
 from infergw.cluster.store import POD, NotFound, Obj, Store
@@ -348,6 +349,8 @@ class LocalRuntime:
                     stderr=asyncio.subprocess.STDOUT,
                     env={**os.environ, **c.env},
                     start_new_session=True,
+                    # A pod outlives no controllers: SIGKILLed, they would leave it running.
+                    preexec_fn=die_with_parent(),
                 )
         except OSError as exc:
             log.error("pod %s/%s container %s cannot start: %s", *key, c.name, exc)

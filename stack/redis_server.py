@@ -11,7 +11,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from infergw.stack.lifetime import spawn
+from infergw.api.lifetime import spawn
 
 __all__ = ["RedisServer", "ping", "which_redis_server"]
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from infergw.stack.lifetime import spawn
+from infergw.api.lifetime import spawn
 from infergw.stack.ports import free_port
 from infergw.stack.readiness import wait_http
 

@@ -17,8 +17,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from infergw.api.lifetime import spawn
 from infergw.bench.common import cpu_over
-from infergw.stack.lifetime import spawn
 from infergw.stack.local import LocalStack
 from infergw.stack.ports import free_port
 from infergw.stack.readiness import wait_http, wait_until

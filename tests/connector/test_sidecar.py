@@ -29,6 +29,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from multidict import CIMultiDict
 
+from infergw.api.lifetime import spawn
 from infergw.api.names import BOTH, POOL_FILE_ENV, PREFILLER_HEADER, ROLE_LABEL
 from infergw.cli import main as infergate_main
 from infergw.cluster.pool import ACTIVE_PORTS_ANNOTATION
@@ -36,7 +37,6 @@ from infergw.connector.app import start as start_connector_app
 from infergw.connector.http_kv import prefill_body as http_prefill_body
 from infergw.connector.options import ConnectorOptions, parse_options
 from infergw.connector.server import ConnectorProxy, parse_prefillers
-from infergw.stack.lifetime import spawn
 from infergw.stack.readiness import wait_http
 from tests.conftest import free_port, running
 from tests.fuzzing import examples, fuzz_settings

@@ -7,10 +7,10 @@ from __future__ import annotations
 import subprocess
 import sys
 
+from infergw.api.lifetime import spawn
 from infergw.controllers.address_locks import AddressLocks
 from infergw.controllers.local_runtime import LocalRuntime
 from infergw.controllers.memory_store import MemoryStore
-from infergw.stack.lifetime import spawn
 from tests.waiting import wait_for
 
 

@@ -27,7 +27,7 @@ import pytest
 import yaml
 from kubernetes import client
 
-from infergw.stack.lifetime import spawn
+from infergw.api.lifetime import spawn
 from tests.conftest import free_port, running
 from tests.controller_manifests import Authorizer, docs
 from tests.kube_rbac import Account, RBACEmulator

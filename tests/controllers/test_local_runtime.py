@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -14,9 +15,11 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from infergw.api.lifetime import spawn
 from infergw.cluster.store import POD
 from infergw.controllers.local_runtime import LocalRuntime
 from infergw.controllers.memory_store import MemoryStore
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -520,3 +523,55 @@ async def test_pods_beyond_max_pods_wait_pending_and_start_when_one_stops(tmp_pa
         assert rt.process("default", "c") is not None
     finally:
         await rt.stop()
+
+
+RUNTIME_THEN_SLEEP = """
+import asyncio, sys
+from pathlib import Path
+from infergw.cluster.store import POD
+from infergw.controllers.local_runtime import LocalRuntime
+from infergw.controllers.memory_store import MemoryStore
+
+async def main():
+    store = MemoryStore()
+    rt = LocalRuntime(store, Path(sys.argv[1]), probe_interval=0.05)
+    await rt.start()
+    await store.create({"apiVersion": "v1", "kind": "Pod",
+                        "metadata": {"name": "p", "namespace": "default"},
+                        "spec": {"containers": [{"name": "c", "command": ["sleep", "600"]}]}})
+    while rt.process("default", "p") is None:
+        await asyncio.sleep(0.05)
+    print(rt.process("default", "p").pid, flush=True)
+    await asyncio.sleep(600)
+
+asyncio.run(main())
+"""
+
+
+def test_a_sigkilled_runtime_leaves_no_pod_running(tmp_path):
+    """Each pod runs in its own session, so nothing but the kernel's parent-death signal
+    (api/lifetime.py) stops it when the runtime is SIGKILLed and runs no cleanup."""
+    runtime = spawn(
+        [sys.executable, "-c", RUNTIME_THEN_SLEEP, str(tmp_path)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        pod = int(runtime.stdout.readline())
+        os.kill(pod, 0)  # running
+        runtime.kill()
+        runtime.wait()
+
+        def gone() -> bool:
+            try:
+                os.kill(pod, 0)
+            except ProcessLookupError:
+                return True
+            try:  # a zombie until init reaps it counts as gone
+                return Path(f"/proc/{pod}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+            except OSError:
+                return True
+
+        wait_for(gone, "the pod of the killed runtime to stop", within=10)
+    finally:
+        if runtime.poll() is None:
+            runtime.kill()
+            runtime.wait()

@@ -13,9 +13,9 @@ import aiohttp
 import pytest
 import yaml
 
+from infergw.api.lifetime import die_with_parent
 from infergw.cluster.store import MODEL, POD
 from infergw.controllers.app import Standalone
-from infergw.stack.lifetime import die_with_parent
 from tests.conftest import free_port
 from tests.e2e.standalone_helpers import sim_model, wait_for_cluster
 
@@ -49,7 +49,7 @@ async def test_a_model_runs_heals_and_scales_behind_the_picker(tmp_path):
         "--metrics-port", str(metrics_port), "--enable-debug-endpoints",
         stdout=open(tmp_path / "picker.log", "wb"),  # noqa: ASYNC230
         stderr=asyncio.subprocess.STDOUT,
-        preexec_fn=die_with_parent(),  # stack/lifetime.py: gone with pytest, however it ends
+        preexec_fn=die_with_parent(),  # api/lifetime.py: gone with pytest, however it ends
     )  # fmt: skip
     store = app.store
     try:

@@ -17,7 +17,7 @@ import pytest
 import requests
 import yaml
 
-from infergw.stack.lifetime import spawn
+from infergw.api.lifetime import spawn
 from infergw.stack.local import QUICKSTART
 from tests.default_ports import DEFAULT_PORTS, ports_free
 from tests.e2e.gateway_config import pinnable

@@ -11,7 +11,7 @@ import sys
 import pytest
 import requests
 
-from infergw.stack.lifetime import spawn
+from infergw.api.lifetime import spawn
 from infergw.stack.readiness import wait_http
 from tests.default_ports import DEFAULT_PORTS, ports_free
 

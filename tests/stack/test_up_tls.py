@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import requests
 
+from infergw.api.lifetime import spawn
 from infergw.cluster.certs import ServingCert, serving_cert
 from infergw.stack.gateway_tls import certificate_hosts
-from infergw.stack.lifetime import spawn
 from infergw.stack.readiness import wait_http
 from tests.default_ports import DEFAULT_PORTS, ports_free
 

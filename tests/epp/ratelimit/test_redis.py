@@ -18,9 +18,9 @@ from contextlib import asynccontextmanager
 
 import pytest
 
+from infergw.api.lifetime import spawn
 from infergw.epp.ratelimit import RateLimitConfig, RateLimiter, RateLimitMetrics, RedisRateLimiter
 from infergw.epp.ratelimit.redis_backend import TTL_MARGIN_MS
-from infergw.stack.lifetime import spawn
 from tests import redis_server as redis_fixtures
 from tests.conftest import free_port
 from tests.paths import ROOT

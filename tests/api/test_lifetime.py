@@ -1,4 +1,4 @@
-"""stack/lifetime.py: a child started through spawn() exits when its parent is SIGKILLed,
+"""api/lifetime.py: a child started through spawn() exits when its parent is SIGKILLed,
 from the main thread or any other; one started by plain Popen outlives it (what the helper
 is for)."""
 
@@ -23,12 +23,12 @@ SLEEPER = "[sys.executable, '-c', 'import time; time.sleep(600)']"
 # The parent: starts a sleeping child one way, prints its pid, then sleeps until killed.
 PARENTS = {
     "main thread": f"import sys, time\n"
-    f"from infergw.stack.lifetime import spawn\n"
+    f"from infergw.api.lifetime import spawn\n"
     f"child = spawn({SLEEPER})\n",
     # a worker thread that has ended by the time the parent dies: the child must not have
     # died with it, and must die with the process
     "ended thread": f"import sys, threading, time\n"
-    f"from infergw.stack.lifetime import spawn\n"
+    f"from infergw.api.lifetime import spawn\n"
     f"out = []\n"
     f"t = threading.Thread(target=lambda: out.append(spawn({SLEEPER})))\n"
     f"t.start(); t.join()\n"
@@ -86,7 +86,7 @@ def test_a_plain_popen_child_outlives_its_killed_parent():
 
 
 def test_spawn_refuses_a_preexec_fn_of_its_own():
-    from infergw.stack.lifetime import spawn
+    from infergw.api.lifetime import spawn
 
     with pytest.raises(TypeError, match="preexec_fn"):
         spawn([sys.executable, "-c", "pass"], preexec_fn=lambda: None)
