@@ -4,8 +4,10 @@ PolicyStatus, one entry per Gateway), for the tests that play its part."""
 from __future__ import annotations
 
 EG_CONTROLLER = "gateway.envoyproxy.io/gatewayclass-controller"
-APPLIED = (("Accepted", "True", "Accepted", "Policy has been accepted."),
-           ("Programmed", "True", "Programmed", "Patches have been successfully applied."))  # fmt: skip
+APPLIED = (
+    ("Accepted", "True", "Accepted", "Policy has been accepted."),
+    ("Programmed", "True", "Programmed", "Patches have been successfully applied."),
+)
 
 
 def patch_policy_status(

@@ -484,8 +484,10 @@ async def test_reachable_only_once_envoy_gateway_applied_the_install_filter_and_
     assert len(reachable["message"]) < 1000  # Envoy Gateway's message quoted clipped
 
     # a JSON path that matches nothing (xDS names not Envoy Gateway's defaults)
-    unmatched = (("Accepted", "True", "Accepted", ""),
-                 ("Programmed", "False", "ResourceNotFound", "Unable to find xds resources"))  # fmt: skip
+    unmatched = (
+        ("Accepted", "True", "Accepted", ""),
+        ("Programmed", "False", "ResourceNotFound", "Unable to find xds resources"),
+    )
     await patches_applied(cluster, PICKER_FILTER_POLICY, conditions=unmatched)
     await patches_applied(cluster, "llama-epp")
     reachable = conds(await cluster.reconcile())["Reachable"]

@@ -158,7 +158,9 @@ def test_order_route_then_the_install_filter_then_the_models_patch_then_the_pick
 
 JSON = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=30),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
     max_leaves=20,
 )
 LONG = st.text(min_size=0, max_size=5000)
@@ -189,8 +191,8 @@ def test_any_status_gives_a_known_reason_and_a_bounded_message(status) -> None:
     for reason, message in found:
         assert reason in KNOWN
         assert len(message) <= BOUND
-    ok, reason, message = reachable(ROUTE_OK, GATEWAY, AVAILABLE,
-                                    [Patch("llama-epp", policy(status), "PatchMissing")])  # fmt: skip
+    patches = [Patch("llama-epp", policy(status), "PatchMissing")]
+    ok, _, message = reachable(ROUTE_OK, GATEWAY, AVAILABLE, patches)
     assert ok == (not found)
     assert len(message) <= BOUND
 
