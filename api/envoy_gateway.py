@@ -2,7 +2,9 @@
 xDS it renders for a Gateway. The controllers write one per Model (controllers/picker_patch.py)
 to run the Model's picker on its route.
 
-Not one of our kinds: no validation here (Envoy Gateway's CRD does it) and not in `api.KINDS`.
+Not one of our kinds: no validation here (Envoy Gateway's CRD does it) and not in `api.KINDS`;
+`read_envoy_patch_policy` decodes one the API server returned, with the status Envoy Gateway
+reports (read to tell whether a Model is reachable).
 """
 
 from __future__ import annotations
@@ -11,7 +13,9 @@ from typing import Any
 
 import msgspec
 
+from infergw.api.core import StatusCondition
 from infergw.api.meta import ApiStruct, ObjectMeta
+from infergw.api.networking import ParentRef
 
 GROUP_VERSION = "gateway.envoyproxy.io/v1alpha1"
 # The xDS resource types a patch names (Envoy's type URLs).
@@ -46,8 +50,31 @@ class EnvoyPatchPolicySpec(ApiStruct):
     priority: int | None = None
 
 
+class PolicyAncestorStatus(ApiStruct):
+    """Envoy Gateway's report on a policy for one of the objects it applies to (a Gateway)."""
+
+    ancestor_ref: ParentRef
+    controller_name: str | None = None
+    conditions: list[StatusCondition] | None = None
+
+
+class EnvoyPatchPolicyStatus(ApiStruct):
+    """Accepted and Programmed, per Gateway (`ancestors`: Gateway API's PolicyStatus, Envoy
+    Gateway v1.1 and later) or once for the policy (`conditions`: v0.5 to v1.0)."""
+
+    ancestors: list[PolicyAncestorStatus] | None = None
+    conditions: list[StatusCondition] | None = None
+
+
 class EnvoyPatchPolicy(ApiStruct, kw_only=True):
     api_version: str = GROUP_VERSION
     kind: str = "EnvoyPatchPolicy"
     metadata: ObjectMeta = msgspec.field(default_factory=ObjectMeta)
     spec: EnvoyPatchPolicySpec
+    status: EnvoyPatchPolicyStatus | None = None  # Envoy Gateway's; never written by us
+
+
+def read_envoy_patch_policy(obj: dict) -> EnvoyPatchPolicy:
+    """An EnvoyPatchPolicy as the API server returned it; msgspec.ValidationError if it is not
+    one."""
+    return msgspec.convert(obj, EnvoyPatchPolicy)

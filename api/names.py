@@ -44,6 +44,12 @@ KV_REPLAY_PORT = 5600
 # reason it reports, as a kubelet reports ErrImageNeverPull for an image it does not have.
 ENGINE_NOT_INSTALLED = "EngineNotInstalled"
 
+# ---- install objects the controllers read -----------------------------------------------------
+
+# The install's Gateway-wide EnvoyPatchPolicy (gateway-manifests/bbr/picker-filter.yaml) that
+# adds the picker filter every Model's own patch overrides: a Model is reachable only with it.
+PICKER_FILTER_POLICY = "infergate-picker-filter"
+
 # ---- request headers --------------------------------------------------------------------------
 
 # The verified user Envoy's auth filters set (after removing any client copy).

@@ -14,20 +14,24 @@ import argparse
 import asyncio
 import logging
 import signal
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from prometheus_client import start_http_server
 
 from infergw.api import logs
-from infergw.api.names import KV_EVENTS_PORT, POOL_FILE_ENV
+from infergw.api.names import KV_EVENTS_PORT, PICKER_FILTER_POLICY, POOL_FILE_ENV
+from infergw.cluster.informer import Informer
 from infergw.cluster.store import (
     AUTOSCALING_BINDING,
     DEPLOYMENT,
+    ENVOY_PATCH_POLICY,
     HTTP_ROUTE,
     MODEL,
     MODEL_INFER,
     POD,
+    Obj,
     Store,
 )
 from infergw.controllers.autoscaler import AutoscalerReconciler
@@ -40,6 +44,21 @@ from infergw.controllers.runner import Controller, ControllerMetrics, own_key, o
 log = logging.getLogger("controllers")
 
 
+def patch_policy_keys(models: Informer) -> Callable[[Obj], list[Hashable]]:
+    """The Models an EnvoyPatchPolicy's status concerns: its controlling Model's, or for the
+    install's Gateway-wide picker filter every Model in its namespace (the Gateway's: where a
+    Model's own patch is written, its Gateway is)."""
+    owned = owner_key(MODEL)
+
+    def keys(obj: Obj) -> list[Hashable]:
+        meta = obj["metadata"]
+        if meta.get("name") != PICKER_FILTER_POLICY:
+            return owned(obj)
+        return [k for m in models.items(meta.get("namespace", "")) for k in own_key(m)]
+
+    return keys
+
+
 def build_controllers(
     store: Store,
     metrics: ControllerMetrics,
@@ -49,21 +68,26 @@ def build_controllers(
     kv_sockets: KVEventSockets = PER_POD,
     picker: PickerSettings | None = None,
 ) -> tuple[list[Controller], AutoscalerReconciler]:
-    """The controllers; with `picker` (a cluster), every Model also gets its endpoint picker
-    and HTTPRoute, and is reconciled again when their status changes."""
+    """The controllers; with `picker` (a cluster), every Model also gets its endpoint picker,
+    HTTPRoute and EnvoyPatchPolicy, and is reconciled again when their status (or the
+    install's picker filter's) changes."""
     scaler = AutoscalerReconciler(store, interval=autoscale_interval)
     model_watches = [(MODEL, own_key), (MODEL_INFER, owner_key(MODEL))]
     if picker is not None:
         model_watches += [(DEPLOYMENT, owner_key(MODEL)), (HTTP_ROUTE, owner_key(MODEL))]
+    models = Controller(
+        store,
+        ModelReconciler(store, kv_sockets, picker),
+        model_watches,
+        metrics,
+        namespace=namespace,
+        # CRDs installed with the gateway: the Gateway API's and Envoy Gateway's
+        optional=(HTTP_ROUTE, ENVOY_PATCH_POLICY),
+    )
+    if picker is not None:
+        models.watch(ENVOY_PATCH_POLICY, patch_policy_keys(models.informer(MODEL)))
     return [
-        Controller(
-            store,
-            ModelReconciler(store, kv_sockets, picker),
-            model_watches,
-            metrics,
-            namespace=namespace,
-            optional=(HTTP_ROUTE,),  # the Gateway API's CRD: installed with the gateway
-        ),
+        models,
         Controller(
             store,
             ModelInferReconciler(store),

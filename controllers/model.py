@@ -21,10 +21,11 @@ import msgspec
 from infergw import api
 from infergw.api import Condition, Model, ModelInfer
 from infergw.api.meta import ApiStruct
-from infergw.api.names import ENGINE_NOT_INSTALLED
+from infergw.api.names import ENGINE_NOT_INSTALLED, PICKER_FILTER_POLICY
 from infergw.api.workload import ModelInferStatus
 from infergw.cluster.store import (
     DEPLOYMENT,
+    ENVOY_PATCH_POLICY,
     HTTP_ROUTE,
     KINDS,
     MODEL,
@@ -42,7 +43,7 @@ from infergw.controllers import model_objects, picker_objects, picker_tls
 from infergw.controllers.conditions import condition
 from infergw.controllers.engine_command import PER_POD, KVEventSockets
 from infergw.controllers.picker_objects import PickerSettings, PickerTLS
-from infergw.controllers.reachability import REACHABLE, reachable
+from infergw.controllers.reachability import REACHABLE, Patch, reachable
 
 log = logging.getLogger("controllers.model")
 NOT_OURS_RETRY = 30.0  # seconds between looks at an object in the way
@@ -248,22 +249,39 @@ class ModelReconciler:
 
     async def _reachable(self, model: Model) -> tuple[bool, str, str]:
         """The Reachable condition: the route accepted with its refs resolved by the Gateway,
-        the picker Available; objects of those names that are not the Model's count as
-        missing."""
+        the patches that run the picker on it applied by Envoy Gateway (where the Model's is
+        written: its Gateway in its namespace), the picker Available; objects of those names
+        that are not the Model's count as missing."""
         m = model.metadata
         ns = m.namespace or "default"
 
-        async def ours(kind, name: str) -> Obj | None:
+        async def read(kind, name: str) -> Obj | None:
             try:
-                found = await self.store.get(kind, ns, name)
-            except NotFound:  # the kind is not served (no Gateway API CRDs)
+                return await self.store.get(kind, ns, name)
+            except NotFound:  # the kind is not served (no Gateway API or Envoy Gateway CRDs)
                 return None
+
+        async def ours(kind, name: str) -> Obj | None:
+            found = await read(kind, name)
             owner = controller_of(found) if found is not None else None
             return found if owner is not None and owner.get("uid") == m.uid else None
 
+        gateway = picker_objects.gateway_of(model)
         route = await ours(HTTP_ROUTE, m.name or "")
         picker = await ours(DEPLOYMENT, picker_objects.picker_name(model))
-        return reachable(route, picker_objects.gateway_of(model), picker)
+        patches = []
+        if picker_objects.writes_patch(model):
+            # the install's, in the Gateway's namespace (here the Model's), then the Model's
+            picker_name = picker_objects.picker_name(model)
+            patches = [
+                Patch(
+                    PICKER_FILTER_POLICY,
+                    await read(ENVOY_PATCH_POLICY, PICKER_FILTER_POLICY),
+                    "PickerFilterMissing",
+                ),
+                Patch(picker_name, await ours(ENVOY_PATCH_POLICY, picker_name), "PatchMissing"),
+            ]
+        return reachable(route, gateway, picker, patches)
 
 
 @dataclass(slots=True, frozen=True)

@@ -588,13 +588,19 @@ def tls_secret_meta(model: Model) -> ObjectMeta:
     return _meta(model, tls_secret(model))
 
 
+def writes_patch(model: Model) -> bool:
+    """Whether the Model gets an EnvoyPatchPolicy: not when its Gateway is in another
+    namespace, since Envoy Gateway reads the policy in the Gateway's namespace, where the
+    Model cannot own it."""
+    return gateway_of(model).namespace == (model.metadata.namespace or "default")
+
+
 def patch_policy(model: Model, tls: PickerTLS) -> EnvoyPatchPolicy | None:
-    """The Model's EnvoyPatchPolicy (picker_patch.py), or None when its Gateway is in another
-    namespace: Envoy Gateway reads the policy in the Gateway's namespace, where the Model
-    cannot own it."""
-    gw = gateway_of(model)
-    if gw.namespace != (model.metadata.namespace or "default"):
+    """The Model's EnvoyPatchPolicy (picker_patch.py), or None when it writes none
+    (writes_patch)."""
+    if not writes_patch(model):
         return None
+    gw = gateway_of(model)
     policy = picker_patch.envoy_patch_policy(
         model,
         picker_name(model),

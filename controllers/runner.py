@@ -78,13 +78,24 @@ class Controller:
         self.queue = WorkQueue()
         self.metrics = metrics or ControllerMetrics()
         self.workers = workers
-        self.informers = []
+        self.informers: list[Informer] = []
         self.optional = optional
+        self.namespace = namespace
         for kind, to_keys in watches:
-            inf = Informer(store, kind, namespace)
-            inf.add_handler(lambda _event, obj, f=to_keys: self._enqueue(f(obj)))
-            self.informers.append(inf)
+            self.watch(kind, to_keys)
         self._tasks: list[asyncio.Task] = []
+
+    def watch(self, kind: Kind, to_keys: Callable[[Obj], list[Hashable]]) -> Informer:
+        """Reconcile the keys `to_keys` gives for each change of a `kind` object (before
+        start)."""
+        inf = Informer(self.store, kind, self.namespace)
+        inf.add_handler(lambda _event, obj: self._enqueue(to_keys(obj)))
+        self.informers.append(inf)
+        return inf
+
+    def informer(self, kind: Kind) -> Informer:
+        """The informer of a watched kind: its cache, for a key function that fans out."""
+        return next(inf for inf in self.informers if inf.kind == kind)
 
     @property
     def name(self) -> str:

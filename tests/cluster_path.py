@@ -25,6 +25,7 @@ from infergw.controllers.app import build_parser as controllers_parser
 from infergw.stack.install import Target, objects, upstream_crds
 from tests.cluster_install import apply
 from tests.conftest import free_port, running
+from tests.envoy_gateway_status import patch_policy_status
 from tests.kube_crd import TEST_CRDS
 from tests.kube_rbac import Account, RBACEmulator, stored_rbac
 from tests.kubeapi import kubeconfig_env
@@ -35,6 +36,7 @@ from tests.waiting import wait_for
 WORKLOAD = "workload.infergate.io/v1alpha1"
 POOL_API = "inference.networking.k8s.io/v1"
 GATEWAY_API = "gateway.networking.k8s.io/v1"
+EG_API = "gateway.envoyproxy.io/v1alpha1"
 CONTROLLERS = Account("infergate-controllers", "infergate-system")
 PICKER = Account("llama-epp", NS)
 ROUTER = Account("infergate-bbr", NS)  # gateway-manifests/bbr/bbr.yaml
@@ -88,6 +90,13 @@ class Cluster:
         obj = self.get(api_version, kind, name)
         obj["status"] = status
         self.api.put(obj)
+
+    def patches_applied(self, *names: str) -> None:
+        """What Envoy Gateway reports once it applied the EnvoyPatchPolicies `names` to the
+        Gateway, each for its current generation."""
+        for name in names:
+            generation = self.get(EG_API, "EnvoyPatchPolicy", name)["metadata"]["generation"]
+            self.set_status(EG_API, "EnvoyPatchPolicy", name, patch_policy_status(NS, generation))
 
     def run_pod(self, pod: dict, ip: str, ready: bool = True) -> None:
         """What the kubelet reports for a running pod at `ip`."""

@@ -1,5 +1,6 @@
 """A Model in a cluster yields its endpoint picker and HTTPRoute (controllers/picker_objects.py),
-and its Reachable condition says whether the Gateway serves it (controllers/reachability.py).
+and its Reachable condition says whether the Gateway serves it (controllers/reachability.py):
+the route accepted, the EnvoyPatchPolicies that run its picker applied, the picker Available.
 
 Through the official client over real HTTP to the API emulator (tests/kubeapi.py): the Model
 reconciler writes every object; each is checked against what consumes it — the picker's
@@ -8,7 +9,8 @@ ConfigMap loads with the picker's config loader (precise scorer and all), the in
 args with the fetch's parser, HTTPRoute → InferencePool → picker Service resolve by name, the
 Role grants what the picker's provider watches, the KV-event ports agree with the engines' —
 and the built-in kinds pass the Kubernetes schemas. Status follows the route's and the
-Deployment's status as the emulator is told them; deleting the Model removes everything.
+Deployment's and the policies' status as the emulator is told them; deleting the Model removes
+everything.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import pytest
 import yaml
 
 from infergw import api
-from infergw.api.names import MODEL_LABEL, MODEL_NAME_HEADER
+from infergw.api.names import MODEL_LABEL, MODEL_NAME_HEADER, PICKER_FILTER_POLICY
 from infergw.bbr.model_pools import ModelPools
 from infergw.cluster.store import (
     CONFIG_MAP,
@@ -56,6 +58,7 @@ from infergw.kvindex.cache import KVCache
 from infergw.kvindex.index import KVBlockIndex
 from infergw.kvindex.tokenize import PromptTokenizers
 from tests.controller_helpers import conds, summary
+from tests.envoy_gateway_status import patch_policy_status
 from tests.paths import DEFAULT_MODEL, EXAMPLES
 from tests.picker_cluster import NS, SERVED, Cluster, container_env, expand, model_obj
 from tests.waiting import wait_for_async
@@ -367,6 +370,24 @@ AVAILABLE = {
     "conditions": [{"type": "Available", "status": "True", "reason": "MinimumReplicasAvailable"}],
 }
 
+# The install's Gateway-wide picker filter (gateway-manifests/bbr/picker-filter.yaml), its spec
+# cut to what the controllers read: none of it.
+PICKER_FILTER = {
+    "apiVersion": ENVOY_PATCH_POLICY.api_version,
+    "kind": "EnvoyPatchPolicy",
+    "metadata": {"name": PICKER_FILTER_POLICY, "namespace": NS},
+    "spec": {"type": "JSONPatch", "targetRef": {"group": "gateway.networking.k8s.io",
+             "kind": "Gateway", "name": "inference-gateway"}, "jsonPatches": []},
+}  # fmt: skip
+
+
+async def patches_applied(cluster: Cluster, *names: str, conditions=None) -> None:
+    """Envoy Gateway's report on the policies `names` (default: both) for their generation."""
+    for name in names or (PICKER_FILTER_POLICY, "llama-epp"):
+        generation = (await cluster.get(ENVOY_PATCH_POLICY, name))["metadata"]["generation"]
+        status = patch_policy_status(NS, generation, *([conditions] if conditions else []))
+        cluster.set_status(ENVOY_PATCH_POLICY, name, status)
+
 
 async def test_reachable_only_when_the_route_is_accepted_with_its_refs_and_the_picker_is_available(
     cluster: Cluster,
@@ -400,6 +421,8 @@ async def test_reachable_only_when_the_route_is_accepted_with_its_refs_and_the_p
     cluster.set_status(
         HTTP_ROUTE, "llama", route_status(("Accepted", "True"), ("ResolvedRefs", "True"))
     )
+    await cluster.apply(PICKER_FILTER)
+    await patches_applied(cluster)
     reachable = conds(await cluster.reconcile())["Reachable"]
     assert (reachable["status"], reachable["reason"]) == ("False", "PickerUnavailable")
     assert "HTTPRoute" not in reachable["message"]
@@ -428,6 +451,73 @@ async def test_reachable_only_when_the_route_is_accepted_with_its_refs_and_the_p
     reachable = conds(await cluster.reconcile())["Reachable"]
     assert (reachable["status"], reachable["reason"]) == ("False", "RouteNotAccepted")
     assert "not reported for its current generation" in reachable["message"]
+
+
+async def test_reachable_only_once_envoy_gateway_applied_the_install_filter_and_the_models_patch(
+    cluster: Cluster,
+) -> None:
+    await cluster.apply(model_obj())
+    await cluster.reconcile()
+    cluster.set_status(
+        HTTP_ROUTE, "llama", route_status(("Accepted", "True"), ("ResolvedRefs", "True"))
+    )
+    cluster.set_status(DEPLOYMENT, "llama-epp", AVAILABLE)
+    reachable = conds(await cluster.reconcile())["Reachable"]
+    assert (reachable["status"], reachable["reason"]) == ("False", "PickerFilterMissing")
+    assert f"EnvoyPatchPolicy {PICKER_FILTER_POLICY} does not exist" in reachable["message"]
+    assert "EnvoyPatchPolicy llama-epp for Gateway" in reachable["message"]  # not seen either
+
+    await cluster.apply(PICKER_FILTER)
+    assert summary(await cluster.reconcile())["Reachable"] == ("False", "PatchNotSeen")
+    await patches_applied(cluster, PICKER_FILTER_POLICY)
+    reachable = conds(await cluster.reconcile())["Reachable"]
+    assert (reachable["status"], reachable["reason"]) == ("False", "PatchNotSeen")
+    assert PICKER_FILTER_POLICY not in reachable["message"]
+
+    # EnvoyPatchPolicy switched off in Envoy Gateway's configuration
+    disabled = (("Accepted", "False", "Disabled", "EnvoyPatchPolicy is disabled" + "!" * 5000),)
+    await patches_applied(cluster, "llama-epp", conditions=disabled)
+    reachable = conds(await cluster.reconcile())["Reachable"]
+    assert (reachable["status"], reachable["reason"]) == ("False", "PatchNotAccepted")
+    assert "EnvoyPatchPolicy llama-epp on Gateway" in reachable["message"]
+    assert "Accepted False: Disabled (EnvoyPatchPolicy is disabled!!" in reachable["message"]
+    assert len(reachable["message"]) < 1000  # Envoy Gateway's message quoted clipped
+
+    # a JSON path that matches nothing (xDS names not Envoy Gateway's defaults)
+    unmatched = (
+        ("Accepted", "True", "Accepted", ""),
+        ("Programmed", "False", "ResourceNotFound", "Unable to find xds resources"),
+    )
+    await patches_applied(cluster, PICKER_FILTER_POLICY, conditions=unmatched)
+    await patches_applied(cluster, "llama-epp")
+    reachable = conds(await cluster.reconcile())["Reachable"]
+    assert (reachable["status"], reachable["reason"]) == ("False", "PatchNotProgrammed")
+    assert f"EnvoyPatchPolicy {PICKER_FILTER_POLICY} on Gateway" in reachable["message"]
+
+    await patches_applied(cluster)
+    assert summary(await cluster.reconcile())["Reachable"] == ("True", "RouteAccepted")
+
+    # a report about an older generation of the Model's patch does not count
+    patch = await cluster.get(ENVOY_PATCH_POLICY, "llama-epp")
+    generation = patch["metadata"]["generation"]
+    cluster.set_status(ENVOY_PATCH_POLICY, "llama-epp", patch_policy_status(NS, generation - 1))
+    reachable = conds(await cluster.reconcile())["Reachable"]
+    assert (reachable["status"], reachable["reason"]) == ("False", "PatchNotAccepted")
+    assert "not reported for its current generation" in reachable["message"]
+
+
+async def test_with_its_gateway_in_another_namespace_no_patch_is_written_or_needed(
+    cluster: Cluster,
+) -> None:
+    await cluster.apply(model_obj(gateway={"name": "public", "namespace": "gateways"}))
+    await cluster.reconcile()
+    assert await cluster.store.get(ENVOY_PATCH_POLICY, NS, "llama-epp") is None
+    status = route_status(("Accepted", "True"), ("ResolvedRefs", "True"), gateway="public")
+    status["parents"][0]["parentRef"]["namespace"] = "gateways"
+    cluster.set_status(HTTP_ROUTE, "llama", status)
+    cluster.set_status(DEPLOYMENT, "llama-epp", AVAILABLE)
+    # as before patches: the route and the picker are all Reachable can see
+    assert summary(await cluster.reconcile())["Reachable"] == ("True", "RouteAccepted")
 
 
 async def test_a_route_of_that_name_that_is_not_the_models_is_left_alone_and_never_reachable(
@@ -464,10 +554,10 @@ async def test_route_and_picker_status_changes_reconcile_the_model_and_deleting_
             await c.start()
         await cluster.apply(model_obj())
 
-        async def reachable_is(status: str) -> bool:
+        async def reachable_is(status_or_reason: str) -> bool:
             model = await cluster.store.get(MODEL, NS, "llama")
             got = conds(model).get("Reachable", {}) if model.get("status") else {}
-            return got.get("status") == status
+            return status_or_reason in (got.get("status"), got.get("reason"))
 
         async def objects_exist() -> bool:
             return (
@@ -477,11 +567,18 @@ async def test_route_and_picker_status_changes_reconcile_the_model_and_deleting_
 
         await wait_for_async(objects_exist, "the picker and the route")
         await wait_for_async(lambda: reachable_is("False"), "Reachable False")
-        # no reconcile is called here: the informers on Deployments and HTTPRoutes bring it
+        # no reconcile is called here: the informers on Deployments, HTTPRoutes and
+        # EnvoyPatchPolicies bring it
         cluster.set_status(
             HTTP_ROUTE, "llama", route_status(("Accepted", "True"), ("ResolvedRefs", "True"))
         )
         cluster.set_status(DEPLOYMENT, "llama-epp", AVAILABLE)
+        await wait_for_async(lambda: reachable_is("PickerFilterMissing"), "the install's filter")
+        await patches_applied(cluster, "llama-epp")
+        # the install's policy is no Model's: its status reaches every Model in its namespace
+        await cluster.apply(PICKER_FILTER)
+        await wait_for_async(lambda: reachable_is("PatchNotSeen"), "the install's filter seen")
+        await patches_applied(cluster, PICKER_FILTER_POLICY)
         await wait_for_async(lambda: reachable_is("True"), "Reachable True")
         cluster.set_status(
             DEPLOYMENT, "llama-epp", {"conditions": [{"type": "Available", "status": "False"}]}
@@ -497,7 +594,7 @@ async def test_route_and_picker_status_changes_reconcile_the_model_and_deleting_
     for kind in (*PICKER_KINDS, SECRET, ENVOY_PATCH_POLICY, SERVICE, INFERENCE_POOL, MODEL_INFER):
         items, _ = await cluster.store.list(kind, NS)
         left += [(kind.kind, o["metadata"]["name"]) for o in items]
-    assert left == []
+    assert left == [("EnvoyPatchPolicy", PICKER_FILTER_POLICY)]  # the install's, not the Model's
 
 
 async def test_the_shared_kv_index_is_opt_in_and_its_replicas_shard_the_pods(

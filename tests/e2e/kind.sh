@@ -281,7 +281,7 @@ if [ -n "$NOT_REACHABLE" ]; then
         reachable_is reason "$NOT_REACHABLE"
     say "stopped at Reachable=False $NOT_REACHABLE: no request sent"
 else
-    wait_for "Model $MODEL to be Reachable (route Accepted with ResolvedRefs, picker Available)" \
+    wait_for "Model $MODEL to be Reachable (route Accepted with ResolvedRefs, EnvoyPatchPolicies Accepted and Programmed, picker Available)" \
         reachable_is status True
     ENVOY=$(kubectl get service -n envoy-gateway-system -o name \
         -l "gateway.envoyproxy.io/owning-gateway-name=$GATEWAY,gateway.envoyproxy.io/owning-gateway-namespace=$NAMESPACE" \

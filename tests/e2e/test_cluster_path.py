@@ -6,8 +6,9 @@
 2. A multi-node Model (hf:// source, `workerReplicas: 1`), reconciled by the real
    `python -m infergw.controllers` process as the installed Deployment runs it (its args, its
    ServiceAccount's token, authorized by the RBAC the stream installed): the objects a cluster
-   would run are checked against their consumers, and Reachable follows the route's and the
-   picker Deployment's status as the Gateway controller and the kubelet would set them.
+   would run are checked against their consumers, and Reachable follows the route's, the
+   EnvoyPatchPolicies' and the picker Deployment's status as the Gateway controller (Envoy
+   Gateway) and the kubelet would set them.
 3. The picker process itself (`python -m infergw.epp`), with the rendered Deployment's args,
    authorized by the Role the controllers made; only what must differ on a laptop is replaced
    (ports, the TLS and config files written from the Secret and ConfigMap, the tokenizer
@@ -30,7 +31,12 @@ import pytest
 import requests
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from infergw.api.names import DESTINATION_HEADER, ENTRY_LABEL, MODEL_LABEL
+from infergw.api.names import (
+    DESTINATION_HEADER,
+    ENTRY_LABEL,
+    MODEL_LABEL,
+    PICKER_FILTER_POLICY,
+)
 from infergw.cluster.store import labels_match
 from infergw.controllers.picker_objects import TOKENIZER_DIR
 from infergw.epp.options import parse_options
@@ -205,6 +211,12 @@ def test_reachable_once_the_gateway_accepts_the_route_and_the_picker_is_availabl
     assert reachable()["reason"] == "RouteNotSeen"
     generation = cluster.get(GATEWAY_API, "HTTPRoute", "llama")["metadata"]["generation"]
     cluster.set_status(GATEWAY_API, "HTTPRoute", "llama", route_status(generation))
+    # the install's picker filter and the Model's patch, both waiting for Envoy Gateway
+    wait_for(lambda: reachable().get("reason") == "PatchNotSeen", "PatchNotSeen",
+             alive=(cluster.controllers,), within=30)  # fmt: skip
+    assert PICKER_FILTER_POLICY in reachable()["message"]
+    assert "EnvoyPatchPolicy llama-epp" in reachable()["message"]
+    cluster.patches_applied(PICKER_FILTER_POLICY, "llama-epp")
     wait_for(lambda: reachable().get("reason") == "PickerUnavailable", "PickerUnavailable",
              alive=(cluster.controllers,), within=30)  # fmt: skip
     available = {"readyReplicas": 2, "conditions": [
