@@ -31,7 +31,7 @@ from typing import Any
 
 import yaml
 
-from infergw.api.names import DESTINATION_HEADER, MODEL_NAME_HEADER
+from infergw.api.names import DESTINATION_HEADER, MODEL_NAME_HEADER, PICKER_FILTER_POLICY
 from infergw.controllers.picker_objects import INFERENCE_PATHS, ROUTE_TIMEOUT
 from infergw.controllers.picker_patch import DEFAULT_LISTENER, ai_gateway_filter, route_names
 from infergw.stack.envoy_config import NO_POOL_ANSWER
@@ -53,7 +53,6 @@ HTTP2 = {
         "explicit_http_config": {"http2_protocol_options": {}},
     }
 }
-PICKER_FILTER_POLICY = "infergate-picker-filter"  # gateway-manifests/bbr/picker-filter.yaml
 NO_MODEL_ROUTE = "infergate-no-model"
 EPP_PORT = 9002  # the picker Service's ext_proc port (AI Gateway's default for a pool)
 
