@@ -99,3 +99,15 @@ def picker_requests(stack: LocalStack) -> float:
 def recorded(stack: LocalStack) -> list[dict]:
     (pod,) = stack.pod_addresses
     return requests.get(f"http://{pod}/recorded", timeout=5).json()
+
+
+def prefix_scores(metrics_port: int, model: str, text: str) -> dict[str, int]:
+    """What a picker's index says each pod holds of `text`, in blocks (its
+    /debug/prefix-scores page, on the metrics port)."""
+    r = requests.post(
+        f"http://127.0.0.1:{metrics_port}/debug/prefix-scores",
+        json={"model": model, "prompt": text},
+        timeout=10,
+    )
+    assert r.status_code == 200, r.text
+    return {e["address"]: e["matched_blocks"] for e in r.json()["endpoints"]}

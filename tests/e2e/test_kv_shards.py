@@ -20,6 +20,7 @@ from infergw.epp.kv_shards import HEARTBEAT_INTERVAL, LIVENESS, owner
 from infergw.stack.local import LocalStack, StackConfig
 from infergw.stack.ports import free_port, free_stack_ports
 from tests.e2e.gateway_config import MODEL, config
+from tests.e2e.stack_fixtures import prefix_scores
 from tests.redis_server import require_redis_server
 
 pytestmark = pytest.mark.slow
@@ -57,13 +58,7 @@ def replicas(stack: LocalStack, index: int) -> float:
 
 def matched(stack: LocalStack, index: int, text: str) -> dict[str, int]:
     """What picker `index`'s index (read from Redis) says each pod holds of `text`."""
-    r = requests.post(
-        f"http://127.0.0.1:{stack.picker_ports(index).metrics}/debug/prefix-scores",
-        json={"model": MODEL, "prompt": text},
-        timeout=10,
-    )
-    assert r.status_code == 200, r.text
-    return {e["address"]: e["matched_blocks"] for e in r.json()["endpoints"]}
+    return prefix_scores(stack.picker_ports(index).metrics, MODEL, text)
 
 
 def straight_to(pod: str, text: str) -> None:

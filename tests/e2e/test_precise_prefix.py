@@ -9,7 +9,7 @@ import pytest
 import requests
 
 from tests.e2e.gateway_config import MODEL, PIN, SERVED, config
-from tests.e2e.stack_fixtures import make_stack
+from tests.e2e.stack_fixtures import make_stack, prefix_scores
 
 pytestmark = pytest.mark.slow
 
@@ -38,13 +38,7 @@ def ask(stack, text: str, pin: str | None = None) -> requests.Response:
 
 
 def scores(stack, text: str) -> dict[str, int]:
-    r = requests.post(
-        f"http://127.0.0.1:{stack.cfg.ports.picker_metrics}/debug/prefix-scores",
-        json={"model": MODEL, "prompt": text},
-        timeout=10,
-    )
-    assert r.status_code == 200, r.text
-    return {e["address"]: e["matched_blocks"] for e in r.json()["endpoints"]}
+    return prefix_scores(stack.cfg.ports.picker_metrics, MODEL, text)
 
 
 def wait_held(stack, text: str, address: str, within: float = 10.0) -> None:
