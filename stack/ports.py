@@ -3,8 +3,10 @@ servers started by one process (a test, a benchmark) never get the same port."""
 
 from __future__ import annotations
 
+import random
 import socket
 from dataclasses import astuple, dataclass, field
+from pathlib import Path
 
 from infergw.api.names import KV_EVENTS_PORT, KV_REPLAY_PORT
 
@@ -72,14 +74,57 @@ class StackPorts:
 
 _handed_out: set[int] = set()
 
+# Ports are chosen below the kernel's ephemeral range, where the source ports of outgoing
+# connections come from: a port handed out is not bound until its server starts, and one from
+# the ephemeral range could meanwhile become the source port of any connection on the machine
+# (the server then fails with "address already in use" — a busy machine's flake).
+LOWEST_PORT = 10_000  # above the well-known and registered ports local services tend to hold
+EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+_ATTEMPTS = 2_000
+_rng = random.Random()  # its own: a test's seeded global random must not repeat our choices
+
+
+def _ephemeral_start() -> int:
+    """The first port of the kernel's ephemeral range (Linux; 32768 elsewhere, as on macOS's
+    49152 the range below is as safe)."""
+    try:
+        return int(EPHEMERAL_RANGE.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def _free(port: int) -> bool:
+    """Whether a server could bind `port` now. SO_REUSEADDR as every server here sets it
+    (aiohttp, grpc, Envoy, ZMQ): a port whose last connection lingers in TIME_WAIT is free."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _kernel_port() -> int:
+    """A port the kernel picks (from the ephemeral range): the fallback where the range
+    below it is too small or full."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
 
 def free_port() -> int:
-    """A port free now and not handed out before in this process: a port handed out is not
-    bound until its server starts, so the kernel may offer it again meanwhile."""
+    """A port free now, below the ephemeral range, and not handed out before in this
+    process."""
+    top = _ephemeral_start()
+    if top - LOWEST_PORT >= 1_000:
+        for _ in range(_ATTEMPTS):
+            port = _rng.randrange(LOWEST_PORT, top)
+            if port not in _handed_out and _free(port):
+                _handed_out.add(port)
+                return port
     while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = _kernel_port()
         if port not in _handed_out:
             _handed_out.add(port)
             return port
@@ -94,15 +139,6 @@ def free_port_run(n: int) -> int:
             _handed_out.update(run)
             return base
     raise RuntimeError(f"no run of {n} free ports")
-
-
-def _free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 def free_stack_ports(pods: int = 1, per_pod_kv: bool = False, pickers: int = 1) -> StackPorts:

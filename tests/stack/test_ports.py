@@ -6,11 +6,14 @@ from __future__ import annotations
 import socket
 from contextlib import ExitStack
 from dataclasses import astuple
+from pathlib import Path
 
 from infergw.stack.ports import (
+    LOWEST_PORT,
     PICKER_PORT_STRIDE,
     PickerPorts,
     StackPorts,
+    _free,
     free_port,
     free_port_run,
     free_stack_ports,
@@ -66,3 +69,27 @@ def test_every_picker_gets_its_own_free_ports_and_per_pod_kv_events():
 def test_the_default_pickers_follow_the_stride():
     second = StackPorts().picker_ports(1)
     assert astuple(second) == tuple(p + PICKER_PORT_STRIDE for p in (9002, 9003, 9090, 9004))
+
+
+def test_ports_come_from_below_the_ephemeral_range():
+    """An outgoing connection's source port never takes a port handed out but not yet bound
+    (the 'address already in use' flake of a busy machine)."""
+    first_ephemeral = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    ports = [free_port() for _ in range(100)]
+    assert all(LOWEST_PORT <= p < first_ephemeral for p in ports), ports
+
+
+def test_a_port_in_time_wait_counts_as_free():
+    """Servers here bind with SO_REUSEADDR, so a port whose last connection lingers in
+    TIME_WAIT is theirs to bind; the probe must not call it taken ('no run of 4 free ports'
+    after other load tests)."""
+    port = free_port()
+    with socket.socket() as server:
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        server.bind(("127.0.0.1", port))
+        server.listen()
+        client = socket.create_connection(("127.0.0.1", port))
+        accepted, _ = server.accept()
+        accepted.close()  # the server side closes first: its end lingers in TIME_WAIT
+        client.close()
+    assert _free(port)
