@@ -48,7 +48,7 @@ def build_source(opts: BbrOptions, table: Table) -> Source:
 
 async def serve(opts: BbrOptions, ready: asyncio.Event | None = None) -> None:
     metrics = RouterMetrics()
-    table = Table(opts.namespace, metrics)
+    table = Table(opts.namespace, metrics, opts.gateway)
     source = build_source(opts, table)
     await source.start()
     try:
@@ -99,9 +99,10 @@ async def start_servers(opts: BbrOptions, table: Table, metrics: RouterMetrics) 
     await extproc.start()
     await health_server.start()
     log.info(
-        "body-based router for namespace %s: ext_proc %s on %s, health :%d, metrics :%d, "
-        "%d InferencePools",
-        opts.namespace, "TLS" if opts.secure_serving else "plaintext", address,
+        "body-based router for namespace %s (Gateway %s): ext_proc %s on %s, health :%d, "
+        "metrics :%d, %d InferencePools",
+        opts.namespace, opts.gateway or "any",
+        "TLS" if opts.secure_serving else "plaintext", address,
         opts.grpc_health_port, opts.metrics_port, len(table.current),
     )  # fmt: skip
     return Servers(extproc, health_server, servicer, runner)

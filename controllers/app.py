@@ -27,6 +27,8 @@ from infergw.cluster.store import (
     HTTP_ROUTE,
     MODEL,
     MODEL_INFER,
+    MODEL_ROUTE,
+    MODEL_SERVER,
     POD,
     Store,
 )
@@ -35,7 +37,13 @@ from infergw.controllers.engine_command import PER_POD, KVEventSockets
 from infergw.controllers.model import ModelReconciler
 from infergw.controllers.modelinfer import ModelInferReconciler
 from infergw.controllers.picker_objects import PICKER_IMAGE, PickerSettings
-from infergw.controllers.runner import Controller, ControllerMetrics, own_key, owner_key
+from infergw.controllers.runner import (
+    Controller,
+    ControllerMetrics,
+    own_key,
+    owner_key,
+    same_namespace_keys,
+)
 
 log = logging.getLogger("controllers")
 
@@ -55,15 +63,24 @@ def build_controllers(
     model_watches = [(MODEL, own_key), (MODEL_INFER, owner_key(MODEL))]
     if picker is not None:
         model_watches += [(DEPLOYMENT, owner_key(MODEL)), (HTTP_ROUTE, owner_key(MODEL))]
+    models = Controller(
+        store,
+        ModelReconciler(store, kv_sockets, picker),
+        model_watches,
+        metrics,
+        namespace=namespace,
+        # CRDs that may be missing: the Gateway API's (installed with the gateway), ours of
+        # networking.infergate.io
+        optional=(HTTP_ROUTE, MODEL_ROUTE, MODEL_SERVER),
+    )
+    if picker is not None:
+        # A ModelRoute's parentRefs attach the HTTPRoutes of the Models it targets
+        # (route_parents.py): any change may concern any Model of its namespace.
+        [model_informer] = [i for i in models.informers if i.kind == MODEL]
+        for kind in (MODEL_ROUTE, MODEL_SERVER):
+            models.watch(kind, same_namespace_keys(model_informer))
     return [
-        Controller(
-            store,
-            ModelReconciler(store, kv_sockets, picker),
-            model_watches,
-            metrics,
-            namespace=namespace,
-            optional=(HTTP_ROUTE,),  # the Gateway API's CRD: installed with the gateway
-        ),
+        models,
         Controller(
             store,
             ModelInferReconciler(store),

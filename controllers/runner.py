@@ -33,6 +33,17 @@ def own_key(obj: Obj) -> list[Hashable]:
     return [(m.get("namespace", ""), m["name"])]
 
 
+def same_namespace_keys(owners: Informer) -> Callable[[Obj], list[Hashable]]:
+    """Every object `owners` holds in the event's namespace: for an object that may concern
+    any of them (a ModelRoute and the Models it targets)."""
+
+    def keys(obj: Obj) -> list[Hashable]:
+        ns = obj["metadata"].get("namespace", "")
+        return [(ns, o["metadata"]["name"]) for o in owners.items(ns)]
+
+    return keys
+
+
 def owner_key(owner_kind: Kind) -> Callable[[Obj], list[Hashable]]:
     def keys(obj: Obj) -> list[Hashable]:
         ref = controller_of(obj)
@@ -78,13 +89,19 @@ class Controller:
         self.queue = WorkQueue()
         self.metrics = metrics or ControllerMetrics()
         self.workers = workers
-        self.informers = []
+        self.informers: list[Informer] = []
         self.optional = optional
+        self.namespace = namespace
         for kind, to_keys in watches:
-            inf = Informer(store, kind, namespace)
-            inf.add_handler(lambda _event, obj, f=to_keys: self._enqueue(f(obj)))
-            self.informers.append(inf)
+            self.watch(kind, to_keys)
         self._tasks: list[asyncio.Task] = []
+
+    def watch(self, kind: Kind, to_keys: Callable[[Obj], list[Hashable]]) -> Informer:
+        """One more informer whose events enqueue `to_keys(obj)` (before start)."""
+        inf = Informer(self.store, kind, self.namespace)
+        inf.add_handler(lambda _event, obj, f=to_keys: self._enqueue(f(obj)))
+        self.informers.append(inf)
+        return inf
 
     @property
     def name(self) -> str:
