@@ -109,7 +109,8 @@ async def start_servers(opts: BbrOptions, table: Table, metrics: RouterMetrics) 
 
 
 def http_app(table: Table, metrics: RouterMetrics) -> web.Application:
-    """/metrics, /healthz, and /debug/pools: the table's pools and the names they answer."""
+    """/metrics, /healthz, and /debug/pools: the router's Gateway, the table's pools and the
+    names they answer."""
 
     async def metrics_page(_request: web.Request) -> web.Response:
         return web.Response(
@@ -125,6 +126,7 @@ def http_app(table: Table, metrics: RouterMetrics) -> web.Application:
         current = table.current
         return web.json_response(
             {
+                "gateway": None if table.gateway is None else str(table.gateway),
                 "pools": sorted(current.pools),
                 "routes": {
                     route.metadata.name: [route.spec.model_name, *(route.spec.lora_adapters or [])]

@@ -10,6 +10,7 @@ import dataclasses
 import json
 import random
 
+import aiohttp
 import pytest
 import yaml
 
@@ -142,6 +143,11 @@ async def test_a_real_router_answers_routes_of_other_gateways_404(tmp_path, gate
     task = asyncio.create_task(serve(opts, ready))
     try:
         await asyncio.wait_for(ready.wait(), 20)  # set once every server listens
+        url = f"http://127.0.0.1:{opts.metrics_port}/debug/pools"
+        async with aiohttp.ClientSession() as session, session.get(url) as resp:
+            table = await resp.json()
+        assert table["gateway"] == (None if gateway is None else f"default/{gateway}")
+        assert ("names-edge" in table["routes"]) == (gateway is None)
         for name, pool in SERVED_ON_MINE.items():
             out = await ask(opts.grpc_port, name)
             if pool is None and gateway is not None:
