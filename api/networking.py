@@ -79,6 +79,11 @@ class RouteRule(ApiStruct):
     model_match: ModelMatch | None = None
 
 
+# What a ModelRoute's parentRefs may name (api/parents.py reads them): Gateways.
+PARENT_GROUP = "gateway.networking.k8s.io"
+PARENT_KIND = "Gateway"
+
+
 class ParentRef(ApiStruct):
     name: str
     group: str | None = None
@@ -178,8 +183,15 @@ def validate_model_route(route: ModelRoute) -> list[str]:
     if spec.parent_refs is not None:
         p.length("spec.parentRefs", spec.parent_refs, 0, 16, "items")
         for i, ref in enumerate(spec.parent_refs):
-            p.text(f"spec.parentRefs[{i}].name", ref.name, 1, 253)
-            p.match(f"spec.parentRefs[{i}].namespace", ref.namespace, DNS_LABEL, "a DNS label")
+            where = f"spec.parentRefs[{i}]"
+            # Only a Gateway: the body-based router of that Gateway is what honours them.
+            p.choice(f"{where}.group", ref.group, (PARENT_GROUP,))
+            p.choice(f"{where}.kind", ref.kind, (PARENT_KIND,))
+            p.text(f"{where}.name", ref.name, 1, 253)
+            p.match(f"{where}.name", ref.name, DNS_SUBDOMAIN, "a DNS name")
+            p.match(f"{where}.namespace", ref.namespace, DNS_LABEL, "a DNS label")
+            p.text(f"{where}.sectionName", ref.section_name, 1, 253)
+            p.match(f"{where}.sectionName", ref.section_name, DNS_SUBDOMAIN, "a DNS name")
     p.length("spec.rules", spec.rules, 1, 16, "items")
     for i, rule in enumerate(spec.rules):
         where = f"spec.rules[{i}]"

@@ -48,7 +48,7 @@ def build_source(opts: BbrOptions, table: Table) -> Source:
 
 async def serve(opts: BbrOptions, ready: asyncio.Event | None = None) -> None:
     metrics = RouterMetrics()
-    table = Table(opts.namespace, metrics)
+    table = Table(opts.namespace, metrics, opts.gateway)
     source = build_source(opts, table)
     await source.start()
     try:
@@ -99,16 +99,18 @@ async def start_servers(opts: BbrOptions, table: Table, metrics: RouterMetrics) 
     await extproc.start()
     await health_server.start()
     log.info(
-        "body-based router for namespace %s: ext_proc %s on %s, health :%d, metrics :%d, "
-        "%d InferencePools",
-        opts.namespace, "TLS" if opts.secure_serving else "plaintext", address,
+        "body-based router for namespace %s (Gateway %s): ext_proc %s on %s, health :%d, "
+        "metrics :%d, %d InferencePools",
+        opts.namespace, opts.gateway or "any",
+        "TLS" if opts.secure_serving else "plaintext", address,
         opts.grpc_health_port, opts.metrics_port, len(table.current),
     )  # fmt: skip
     return Servers(extproc, health_server, servicer, runner)
 
 
 def http_app(table: Table, metrics: RouterMetrics) -> web.Application:
-    """/metrics, /healthz, and /debug/pools: the table's pools and the names they answer."""
+    """/metrics, /healthz, and /debug/pools: the router's Gateway, the table's pools and the
+    names they answer."""
 
     async def metrics_page(_request: web.Request) -> web.Response:
         return web.Response(
@@ -124,6 +126,7 @@ def http_app(table: Table, metrics: RouterMetrics) -> web.Application:
         current = table.current
         return web.json_response(
             {
+                "gateway": None if table.gateway is None else str(table.gateway),
                 "pools": sorted(current.pools),
                 "routes": {
                     route.metadata.name: [route.spec.model_name, *(route.spec.lora_adapters or [])]

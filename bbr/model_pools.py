@@ -14,6 +14,11 @@ through `api/`). A name resolves, in this order:
    the controllers name after the Model (a Model before its ModelRoute exists).
 
 Anything else is not served here: None, which the router answers 404 `model_not_found`.
+
+With the router's Gateway known (`--gateway`), a ModelRoute whose parentRefs do not name it
+and a Model on another Gateway are left out, so their names are "not served here" on this
+Gateway (api/parents.py says what each names). The pools stay: a route served here may target
+a Model whose own Gateway is another (the controllers attach that Model's HTTPRoute here too).
 """
 
 from __future__ import annotations
@@ -25,7 +30,8 @@ from typing import Any, TypeVar
 
 from infergw.api import ApiError, Model, from_dict_as, validate
 from infergw.api.meta import ApiStruct
-from infergw.api.networking import ModelServer
+from infergw.api.networking import ModelRoute, ModelServer
+from infergw.api.parents import GatewayName, model_gateway, pool_of_server, route_served_on
 from infergw.api.upstream import InferencePool
 from infergw.epp.errors import PickerError
 from infergw.epp.routing.table import RouteTable, rule_matches
@@ -53,9 +59,12 @@ class ModelPools:
     models: dict[str, tuple[str, str]] = field(default_factory=dict)
 
     @classmethod
-    def build(cls, objects: list[Obj], namespace: str) -> ModelPools:
+    def build(
+        cls, objects: list[Obj], namespace: str, gateway: GatewayName | None = None
+    ) -> ModelPools:
         """From API dicts of every kind (others are ignored); objects outside `namespace`
-        are left out, invalid ones are logged and left out."""
+        are left out, invalid ones are logged and left out, and with `gateway` the routes
+        and Models not served on it."""
         mine = [o for o in objects if _namespace(o) == namespace]
         by_kind: dict[str, list[Obj]] = {}
         for obj in mine:
@@ -63,13 +72,18 @@ class ModelPools:
         pools = {}
         for pool in _typed_all(InferencePool, by_kind.get("InferencePool", [])):
             pools[pool.metadata.name or ""] = dict(pool.spec.selector.match_labels)
-        routes = RouteTable.build(by_kind.get("ModelRoute", []), by_kind.get("ModelServer", []), "")
+        route_objs = by_kind.get("ModelRoute", [])
+        if gateway is not None:
+            route_objs = [o for o in route_objs if _route_served_on(o, gateway)]
+        routes = RouteTable.build(route_objs, by_kind.get("ModelServer", []), "")
         models: dict[str, tuple[str, str]] = {}
         oldest_first = sorted(
             _typed_all(Model, by_kind.get("Model", [])),
             key=lambda m: (m.metadata.creation_timestamp or "", m.metadata.name or ""),
         )
         for model in oldest_first:
+            if gateway is not None and model_gateway(model) != gateway:
+                continue
             name = model.metadata.name or ""
             served = [model.spec.served_model_name or name]
             served += [a.name for a in model.spec.lora_adapters or []]
@@ -117,17 +131,27 @@ class ModelPools:
     def pool_of(self, server: ModelServer) -> str | None:
         """The pool whose members include every pod the server selects: its selector is a
         subset of the server's labels. Several: the most specific (most labels), then by name."""
-        labels = server.spec.workload_selector.match_labels or {}
-        fits = [
-            (-len(selector), name)
-            for name, selector in self.pools.items()
-            if all(labels.get(k) == v for k, v in selector.items())
-        ]
-        return min(fits)[1] if fits else None
+        return pool_of_server(server.spec.workload_selector.match_labels or {}, self.pools)
 
 
 def _namespace(obj: Obj) -> str:
     return (obj.get("metadata") or {}).get("namespace") or "default"
+
+
+def _route_served_on(obj: Obj, gateway: GatewayName) -> bool:
+    """Whether the ModelRoute dict is served on `gateway`; one that cannot be read is kept
+    for RouteTable.build, which logs it and leaves it out."""
+    try:
+        route = from_dict_as(ModelRoute, obj)
+    except ApiError:
+        return True
+    if route_served_on(route, gateway):
+        return True
+    log.debug(
+        "ModelRoute %s: its parentRefs do not name Gateway %s, not served here",
+        route.metadata.name, gateway,
+    )  # fmt: skip
+    return False
 
 
 def _typed_all(cls: type[T], objects: list[Obj]) -> list[T]:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from infergw.api import logs
+from infergw.api.parents import GatewayName, parse_gateway
 from infergw.epp.options import add_body_limit_flags, add_serving_flags, duration
 
 # The reference router's ports (gateway-api-inference-extension's body-based routing).
@@ -25,6 +26,9 @@ class BbrOptions:
     provider: str
     pool_files: tuple[Path, ...]
     namespace: str
+    # The Gateway whose EnvoyExtensionPolicy runs this router: ModelRoutes whose parentRefs do
+    # not name it, and Models on another Gateway, are not in its table. None: every one.
+    gateway: GatewayName | None
     secure_serving: bool
     cert_path: Path | None
     max_body_bytes: int
@@ -58,6 +62,13 @@ def build_parser() -> argparse.ArgumentParser:
         "ModelRoutes, ModelServers and Models (repeatable); reloaded on change",
     )
     p.add_argument("--namespace", default="default", help="whose InferencePools, routes and Models")
+    p.add_argument(
+        "--gateway",
+        metavar="[NS/]NAME",
+        help="the Gateway this router runs for (NS defaults to --namespace): a ModelRoute "
+        "whose parentRefs do not name it, and a Model whose spec.gateway is another, answer "
+        "404 here; unset (one Envoy, the local stack): every route and Model counts",
+    )
     # The picker's defaults: a body one passes, the other does too.
     add_body_limit_flags(p)
     p.add_argument(
@@ -88,6 +99,12 @@ def parse_options(argv: list[str] | None = None) -> BbrOptions:
             p.error(f"--{name.replace('_', '-')} must be positive")
     if a.max_held_request_bytes < a.max_body_bytes:
         p.error("--max-held-request-bytes must hold at least one body of --max-body-bytes")
+    gateway = None
+    if a.gateway is not None:
+        try:
+            gateway = parse_gateway(a.gateway, a.namespace)
+        except ValueError as exc:
+            p.error(f"--gateway: {exc}")
     return BbrOptions(
         host=a.host,
         grpc_port=a.grpc_port,
@@ -96,6 +113,7 @@ def parse_options(argv: list[str] | None = None) -> BbrOptions:
         provider=a.provider,
         pool_files=tuple(a.pool_files),
         namespace=a.namespace,
+        gateway=gateway,
         secure_serving=a.secure_serving,
         cert_path=a.cert_path,
         max_body_bytes=a.max_body_bytes,

@@ -12,6 +12,7 @@ from typing import Protocol
 
 from kubernetes import client, config
 
+from infergw.api.parents import GatewayName
 from infergw.bbr.metrics import RouterMetrics
 from infergw.bbr.model_pools import ModelPools, Obj
 from infergw.cluster.files import UnreadableFileError, WatchedFiles
@@ -48,14 +49,17 @@ class Source(Protocol):
 class Table:
     """The current table, swapped whole; `synced` once the first objects arrived."""
 
-    def __init__(self, namespace: str, metrics: RouterMetrics) -> None:
+    def __init__(
+        self, namespace: str, metrics: RouterMetrics, gateway: GatewayName | None = None
+    ) -> None:
         self.namespace = namespace
+        self.gateway = gateway  # only what is served on it (None: everything)
         self.metrics = metrics
         self.current = ModelPools()
         self.synced = False
 
     def replace(self, objects: list[Obj]) -> None:
-        self.current = ModelPools.build(objects, self.namespace)
+        self.current = ModelPools.build(objects, self.namespace, self.gateway)
         self.synced = True
         self.metrics.pools.set(len(self.current))
         log.info(

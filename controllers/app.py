@@ -30,6 +30,8 @@ from infergw.cluster.store import (
     HTTP_ROUTE,
     MODEL,
     MODEL_INFER,
+    MODEL_ROUTE,
+    MODEL_SERVER,
     POD,
     Obj,
     Store,
@@ -39,7 +41,13 @@ from infergw.controllers.engine_command import PER_POD, KVEventSockets
 from infergw.controllers.model import ModelReconciler
 from infergw.controllers.modelinfer import ModelInferReconciler
 from infergw.controllers.picker_objects import PICKER_IMAGE, PickerSettings
-from infergw.controllers.runner import Controller, ControllerMetrics, own_key, owner_key
+from infergw.controllers.runner import (
+    Controller,
+    ControllerMetrics,
+    own_key,
+    owner_key,
+    same_namespace_keys,
+)
 
 log = logging.getLogger("controllers")
 
@@ -81,11 +89,17 @@ def build_controllers(
         model_watches,
         metrics,
         namespace=namespace,
-        # CRDs installed with the gateway: the Gateway API's and Envoy Gateway's
-        optional=(HTTP_ROUTE, ENVOY_PATCH_POLICY),
+        # CRDs that may be missing: those installed with the gateway (the Gateway API's,
+        # Envoy Gateway's) and ours of networking.infergate.io
+        optional=(HTTP_ROUTE, ENVOY_PATCH_POLICY, MODEL_ROUTE, MODEL_SERVER),
     )
     if picker is not None:
-        models.watch(ENVOY_PATCH_POLICY, patch_policy_keys(models.informer(MODEL)))
+        model_informer = models.informer(MODEL)
+        models.watch(ENVOY_PATCH_POLICY, patch_policy_keys(model_informer))
+        # A ModelRoute's parentRefs attach the HTTPRoutes of the Models it targets
+        # (route_parents.py): any change may concern any Model of its namespace.
+        for kind in (MODEL_ROUTE, MODEL_SERVER):
+            models.watch(kind, same_namespace_keys(model_informer))
     return [
         models,
         Controller(

@@ -44,6 +44,7 @@ from infergw.controllers.conditions import condition
 from infergw.controllers.engine_command import PER_POD, KVEventSockets
 from infergw.controllers.picker_objects import PickerSettings, PickerTLS
 from infergw.controllers.reachability import REACHABLE, Patch, reachable
+from infergw.controllers.route_parents import read_route_parents
 
 log = logging.getLogger("controllers.model")
 NOT_OURS_RETRY = 30.0  # seconds between looks at an object in the way
@@ -97,10 +98,12 @@ class ModelReconciler:
         # condition. Standalone mode (None) runs one picker and Envoy of its own.
         self.picker = picker
 
-    def _desired(self, model: Model, tls: PickerTLS | None) -> list[ApiStruct]:
+    async def _desired(self, model: Model, tls: PickerTLS | None) -> list[ApiStruct]:
         wants = model_objects.desired(model, self.sockets)
         if self.picker is not None:
-            wants += picker_objects.desired(model, self.picker, self.sockets, tls)
+            # The Gateways of the ModelRoutes that target this Model (route_parents.py).
+            parents = await read_route_parents(self.store, model, model_objects.model_label(model))
+            wants += picker_objects.desired(model, self.picker, self.sockets, tls, parents)
         return wants
 
     async def _picker_tls(self, model: Model) -> tuple[PickerTLS | None, Problem | None]:
@@ -149,7 +152,7 @@ class ModelReconciler:
                 tls, problem = None, None
             if problem is not None:
                 problems.append(problem)
-        for want in self._desired(model, tls):
+        for want in await self._desired(model, tls):
             try:
                 problem = await self._apply(model, want)
             except Invalid as exc:  # rejected: report it, then let the runner retry

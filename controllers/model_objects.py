@@ -39,8 +39,11 @@ from infergw.api.meta import ApiStruct, LocalRef
 from infergw.api.names import DECODE, ENGINE_LABEL, GROUP_LABEL, MODEL_LABEL, PREFILL, ROLE_LABEL
 from infergw.api.networking import (
     DEFAULT_KV_CONNECTOR,
+    PARENT_GROUP,
+    PARENT_KIND,
     ModelRouteSpec,
     ModelServerSpec,
+    ParentRef,
     PDGroup,
     RouteRule,
     TargetModel,
@@ -48,6 +51,7 @@ from infergw.api.networking import (
     WorkloadSelector,
 )
 from infergw.api.object_names import dns_label, label_value
+from infergw.api.parents import model_gateway
 from infergw.api.upstream import (
     DEFAULT_FAILURE_MODE,
     EndpointPickerRef,
@@ -298,7 +302,17 @@ def modelserver(model: Model) -> ModelServer:
 
 
 def modelroute(model: Model) -> ModelRoute:
+    """The Model's names → its ModelServer, served on the Model's Gateway only: the router of
+    another Gateway answers them 404 (api/parents.py)."""
     lora = [a.name for a in model.spec.lora_adapters or []]
+    gateway = model_gateway(model)
+    parent = ParentRef(
+        group=PARENT_GROUP,
+        kind=PARENT_KIND,
+        name=gateway.name,
+        namespace=gateway.namespace,
+        section_name=model.spec.gateway.section_name if model.spec.gateway else None,
+    )
     return ModelRoute(
         metadata=_meta(model),
         spec=ModelRouteSpec(
@@ -309,6 +323,7 @@ def modelroute(model: Model) -> ModelRoute:
                 )
             ],
             lora_adapters=lora or None,
+            parent_refs=[parent],
         ),
     )
 

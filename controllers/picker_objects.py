@@ -29,6 +29,7 @@ starting with a letter; other objects 253; label values 63): truncated, with a h
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import yaml
@@ -98,6 +99,7 @@ from infergw.controllers.model_objects import (
     served_name,
 )
 from infergw.controllers.picker_tls import TLS_ANNOTATION
+from infergw.controllers.route_parents import merge_parents
 
 PICKER_IMAGE = CONNECTOR_IMAGE  # the infergate image: `infergate epp`, `infergate fetch`
 PICKER_REPLICAS = 2
@@ -549,11 +551,12 @@ def disruption_budget(model: Model) -> PodDisruptionBudget:
 # ---- the route -----------------------------------------------------------------------------------
 
 
-def http_route(model: Model) -> HTTPRoute:
+def http_route(model: Model, route_parents: Sequence[ParentRef] = ()) -> HTTPRoute:
     """The Model's Gateway → its InferencePool, for the inference paths whose body's model
     the body-based router in front resolved to this pool: it sets MODEL_NAME_HEADER to the
     pool's name (the Model's), whichever name the client used — the served name, a LoRA
-    adapter or a ModelRoute (bbr/)."""
+    adapter or a ModelRoute (bbr/). `route_parents`: the other Gateways of the ModelRoutes
+    that target the Model (route_parents.py), attached after its own."""
     header = HeaderMatch(type="Exact", name=MODEL_NAME_HEADER, value=model.metadata.name or "")
     matches = [
         RouteMatch(path=PathMatch(type="Exact", value=path), headers=[header])
@@ -567,7 +570,9 @@ def http_route(model: Model) -> HTTPRoute:
     return HTTPRoute(
         metadata=_meta(model, model.metadata.name or ""),
         spec=HTTPRouteSpec(
-            parent_refs=[gateway_of(model)],
+            parent_refs=merge_parents(
+                gateway_of(model), list(route_parents), model.metadata.name or ""
+            ),
             rules=[
                 HTTPRouteRule(
                     matches=matches,
@@ -617,6 +622,7 @@ def desired(
     settings: PickerSettings,
     sockets: KVEventSockets = PER_POD,
     tls: PickerTLS | None = None,
+    route_parents: Sequence[ParentRef] = (),
 ) -> list[ApiStruct]:
     """The picker's objects, then the route and (with the picker's certificate made) the
     EnvoyPatchPolicy; the Role before its binding, the ConfigMap and the ServiceAccount before
@@ -632,6 +638,6 @@ def desired(
         replicas_headless_service(model),
         deployment(model, settings, sockets, tls),
         disruption_budget(model),
-        http_route(model),
+        http_route(model, route_parents),
         *([patch] if patch is not None else []),
     ]

@@ -33,6 +33,17 @@ def own_key(obj: Obj) -> list[Hashable]:
     return [(m.get("namespace", ""), m["name"])]
 
 
+def same_namespace_keys(owners: Informer) -> Callable[[Obj], list[Hashable]]:
+    """Every object `owners` holds in the event's namespace: for an object that may concern
+    any of them (a ModelRoute and the Models it targets)."""
+
+    def keys(obj: Obj) -> list[Hashable]:
+        ns = obj["metadata"].get("namespace", "")
+        return [(ns, o["metadata"]["name"]) for o in owners.items(ns)]
+
+    return keys
+
+
 def owner_key(owner_kind: Kind) -> Callable[[Obj], list[Hashable]]:
     def keys(obj: Obj) -> list[Hashable]:
         ref = controller_of(obj)

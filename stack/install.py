@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BASE = ROOT / "gateway-manifests"
 UPSTREAM_CRDS = ROOT / "crds" / "upstream"
 DEFAULT_NAMESPACE = "default"  # the namespace the base's values spell
+GATEWAY_FLAG = "--gateway="  # the body-based router's (gateway-manifests/bbr/bbr.yaml)
 # The controllers' files keep their own namespace (infergate-system): never moved.
 SYSTEM_FILES = frozenset({"controllers.yaml", "webhook.yaml"})
 CLUSTER_SCOPED = frozenset(
@@ -105,6 +106,14 @@ def _rename_gateway(doc: Obj, gateway: str) -> None:
         namespace, sep, rest = patch["name"].partition(f"/{DEFAULT_GATEWAY}/")
         if sep and "/" not in namespace:
             patch["name"] = f"{namespace}/{gateway}/{rest}"
+    # The body-based router's own --gateway: the one its EnvoyExtensionPolicy targets.
+    pod = (spec.get("template") or {}).get("spec") or {}
+    for container in pod.get("containers") or []:
+        args = container.get("args") or []
+        container["args"] = [
+            f"{GATEWAY_FLAG}{gateway}" if arg == f"{GATEWAY_FLAG}{DEFAULT_GATEWAY}" else arg
+            for arg in args
+        ]
 
 
 def objects(target: Target = Target()) -> Iterator[Obj]:

@@ -341,6 +341,43 @@ BROKEN = [
         _set("spec.parentRefs[0].namespace", "Default"),
         "spec.parentRefs[0].namespace: must be a DNS label",
     ),
+    # parentRefs name Gateways only: the router of that Gateway honours them (api/parents.py)
+    Broken(
+        ROUTE,
+        "parent-not-a-gateway",
+        _set("spec.parentRefs[0].kind", "Service"),
+        "spec.parentRefs[0].kind: must be one of Gateway",
+    ),
+    Broken(
+        ROUTE,
+        "parent-other-group",
+        _set("spec.parentRefs[0].group", "networking.istio.io"),
+        "spec.parentRefs[0].group: must be one of gateway.networking.k8s.io",
+    ),
+    Broken(
+        ROUTE,
+        "parent-name-with-slash",
+        _set("spec.parentRefs[0].name", "ns/gw"),
+        "spec.parentRefs[0].name: must be a DNS name",
+    ),
+    Broken(
+        ROUTE,
+        "parent-section-with-newline",
+        _set("spec.parentRefs[0].sectionName", "https\nx"),
+        "spec.parentRefs[0].sectionName: must be a DNS name",
+    ),
+    Broken(
+        ROUTE,
+        "parent-name-too-long",
+        _set("spec.parentRefs[0].name", "g" * 254),
+        "spec.parentRefs[0].name: must be 1..253 characters",
+    ),
+    Broken(
+        ROUTE,
+        "17-parents",
+        _set("spec.parentRefs", [{"name": f"g{i}"} for i in range(17)]),
+        "spec.parentRefs: must have 0..16 items",
+    ),
     Broken(
         ROUTE,
         "11-adapters",

@@ -19,6 +19,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from infergw.bbr.options import parse_options
 from infergw.cli import main as cli_main
 from infergw.stack.install import (
     CLUSTER_SCOPED,
@@ -262,3 +263,34 @@ def test_every_route_and_policy_names_a_listener_the_gateway_has() -> None:
                     continue
                 assert ref["name"] == gateway["metadata"]["name"], _key(doc)
                 assert ref.get("sectionName", next(iter(listeners))) in listeners, _key(doc)
+
+
+def _router_gateway(docs: list[dict]) -> str:
+    """The router Deployment's --gateway, as `infergate bbr` reads it (namespace included)."""
+    [router] = [
+        d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "infergate-bbr"
+    ]
+    [container] = router["spec"]["template"]["spec"]["containers"]
+    namespace = router["metadata"]["namespace"]
+    args = [a.replace("$(POD_NAMESPACE)", namespace) for a in container["args"]]
+    gateway = parse_options(args).gateway
+    assert gateway is not None, "the installed router must know its Gateway"
+    return str(gateway)
+
+
+def _extension_policy_gateway(docs: list[dict]) -> str:
+    [policy] = [
+        d
+        for d in docs
+        if d["kind"] == "EnvoyExtensionPolicy" and d["metadata"]["name"] == "infergate-bbr"
+    ]
+    [ref] = policy["spec"]["targetRefs"]
+    assert ref["kind"] == "Gateway"
+    return f"{policy['metadata']['namespace']}/{ref['name']}"
+
+
+@pytest.mark.parametrize("target", [Target(), Target("prod", "edge")], ids=str)
+def test_the_router_runs_for_the_gateway_its_extension_policy_targets(target: Target) -> None:
+    docs = list(objects(target))
+    gateway = f"{target.namespace}/{target.gateway}"
+    assert _router_gateway(docs) == _extension_policy_gateway(docs) == gateway
