@@ -32,6 +32,7 @@ from infergw.epp.metrics import PickerMetrics
 from infergw.epp.options import PickerOptions, parse_options
 from infergw.epp.providers.file import FileProvider, FileProviderError
 from infergw.epp.providers.kubernetes import KubernetesProviderError
+from infergw.epp.replica_members import ReplicaMembers
 from infergw.epp.replica_sync import ReplicaSync
 from infergw.epp.scheduling.config import (
     ConfigError,
@@ -43,6 +44,7 @@ from infergw.epp.scheduling.config import (
 )
 from infergw.epp.scheduling.handle import ForgetsServers, Handle
 from infergw.epp.scrape import MetricsScraper
+from infergw.epp.scrape_shares import ScrapeShares
 from infergw.epp.tokenizing import ModelTokenizers
 from infergw.epp.trust import HeaderTrust, Users, UsersConfigError
 from infergw.kvindex.tokenize import PromptTokenizers
@@ -86,6 +88,7 @@ class Picker:
     director: Director
     replicas: ReplicaSync | None = None  # decisions shared with other replicas
     peers: ReplicaPeers | None = None  # who those replicas are, in a cluster
+    members: ReplicaMembers | None = None  # which of them owns which pod's shared work
 
 
 @dataclass(slots=True)
@@ -118,7 +121,8 @@ async def build_picker(opts: PickerOptions) -> Picker:
     trust = _header_trust(opts, text)
     datastore, metrics = build_datastore()
     replicas = build_replica_sync(opts, datastore, metrics)
-    view = build_kv_cache(opts, doc, datastore, metrics, replicas)
+    members = build_replica_members(opts, replicas, metrics)
+    view = build_kv_cache(opts, doc, datastore, metrics, replicas, members)
     try:
         scheduling = build_scheduling(doc, datastore, metrics, view, replicas)
     except ConfigError:
@@ -135,11 +139,12 @@ async def build_picker(opts: PickerOptions) -> Picker:
         replicas.start()
         peers = start_replica_peers(opts, replicas, metrics)
     gate = build_gatekeeper(opts, text, scheduling, view, metrics)
-    scraper = await start_scraper(opts, datastore, metrics, gate)
+    scraper = await start_scraper(opts, datastore, metrics, gate, replicas, members)
     director = build_director(opts, datastore, scheduling, metrics, trust, gate)
     return Picker(
-        datastore, metrics, view, scheduling, provider, gate, scraper, director, replicas, peers
-    )
+        datastore, metrics, view, scheduling, provider, gate, scraper, director, replicas, peers,
+        members,
+    )  # fmt: skip
 
 
 def build_datastore() -> tuple[Datastore, PickerMetrics]:
@@ -166,6 +171,18 @@ def build_replica_sync(
     )
     metrics.registry.register(replicas)
     return replicas
+
+
+def build_replica_members(
+    opts: PickerOptions, replicas: ReplicaSync | None, metrics: PickerMetrics
+) -> ReplicaMembers | None:
+    """Who owns which pod among the replicas, when some work is shared by owner: KV-event
+    ingestion into the shared index, scraping (epp/replica_members.py); not started."""
+    if replicas is None or not (opts.kv_index_redis_shard or opts.share_scrapes):
+        return None
+    members = ReplicaMembers(replicas)
+    metrics.registry.register(members)
+    return members
 
 
 def start_replica_peers(
@@ -207,6 +224,7 @@ def build_kv_cache(
     datastore: Datastore,
     metrics: PickerMetrics,
     replicas: ReplicaSync | None = None,
+    members: ReplicaMembers | None = None,
 ) -> KVCacheView | None:
     """The KV-event index and tokenizers, only if a plugin type of the config needs them; not
     started (start_kv_cache binds its sockets once the provider runs)."""
@@ -234,6 +252,7 @@ def build_kv_cache(
         ),
         metrics.registry,
         replicas,
+        members,
     )
     metrics.registry.register(view)  # its collect() reports the subscriber and the index
     return view
@@ -314,7 +333,12 @@ def build_gatekeeper(
 
 
 async def start_scraper(
-    opts: PickerOptions, datastore: Datastore, metrics: PickerMetrics, gate: Gatekeeper
+    opts: PickerOptions,
+    datastore: Datastore,
+    metrics: PickerMetrics,
+    gate: Gatekeeper,
+    replicas: ReplicaSync | None = None,
+    members: ReplicaMembers | None = None,
 ) -> MetricsScraper:
     scraper = MetricsScraper(
         datastore,
@@ -323,6 +347,11 @@ async def start_scraper(
         idle_interval=opts.idle_metrics_interval,
     )
     scraper.on_refresh = gate.notify  # fresh metrics may show room for waiting requests
+    if opts.share_scrapes and replicas is not None and members is not None:
+        shares = ScrapeShares(datastore, replicas, members, stale_after=scraper.stale_after)
+        scraper.share(shares)
+        metrics.registry.register(shares)
+        members.start()
     await scraper.start()
     return scraper
 
@@ -518,6 +547,8 @@ async def stop_picker(picker: Picker) -> None:
         await picker.view.close()
     if picker.peers is not None:
         await picker.peers.stop()
+    if picker.members is not None:
+        await picker.members.close()
     if picker.replicas is not None:
         await picker.replicas.close()
 

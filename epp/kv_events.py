@@ -21,6 +21,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from infergw.epp.datastore import Datastore
 from infergw.epp.kv_shards import KVShards
 from infergw.epp.options import KV_EVENTS_PORT, default_kv_events_bind
+from infergw.epp.replica_members import ReplicaMembers
 from infergw.epp.replica_sync import ReplicaSync
 from infergw.kvindex.backend import BlockIndex, PrefixIndex
 from infergw.kvindex.cache import KVCache
@@ -65,6 +66,7 @@ class KVCacheView:
         opts: KVEventOptions,
         registry: CollectorRegistry | None = None,
         replicas: ReplicaSync | None = None,
+        members: ReplicaMembers | None = None,
     ) -> None:
         self.datastore = datastore
         self.opts = opts
@@ -103,7 +105,7 @@ class KVCacheView:
         self.released = 0  # pods handed to another replica (sharded)
         self.shards: KVShards | None = None
         if opts.redis_shard and self.writer is not None:  # sets self.owns
-            self.shards = KVShards(self, replicas)
+            self.shards = KVShards(self, members or ReplicaMembers(replicas))
         if replicas is not None:  # other picker replicas hold our speculative entries too
             share = replicas.channel(KV_SPECULATIVE, self.cache.add_speculative_keys)
             self.cache.speculative_listeners.append(share)
@@ -275,8 +277,6 @@ class KVCacheView:
         for pod in sorted(self._connected):
             subscribed.add_metric([pod], 1)
         yield subscribed
-        if self.shards is not None:
-            yield from self.shards.collect()
         yield CounterMetricFamily(
             "infergate_kvindex_released_pods",
             "Pods this picker stopped subscribing to because another replica owns them now.",

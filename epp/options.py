@@ -103,6 +103,8 @@ class PickerOptions:
     replica_sync_bind: str | None = None
     replica_sync_peers: tuple[str, ...] = ()
     replica_sync_discovery: ServiceRef | None = None
+    # With a replica sync: each pod scraped by one replica, heard by the others.
+    share_scrapes: bool = False
 
 
 def add_serving_flags(
@@ -266,6 +268,14 @@ def build_parser() -> argparse.ArgumentParser:
         "EndpointSlices (needs list/watch on endpointslices; namespace default: "
         "--pool-namespace); endpoints at $POD_IP or the bind are this replica and skipped",
     )
+    kv.add_argument(
+        "--share-scrapes",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="with --replica-sync-bind: each pod's /metrics is scraped by one replica and its "
+        "numbers shared with the others, instead of by every replica (epp/scrape_shares.py; "
+        "default: on with a replica sync)",
+    )
     kv.add_argument("--kv-index-block-size", type=int, default=16)
     kv.add_argument("--kv-index-max-entries", type=int, default=5_000_000)
     kv.add_argument(
@@ -358,6 +368,8 @@ def parse_options(argv: list[str] | None = None) -> PickerOptions:
         )
     if a.kv_index_redis_timeout <= 0 or a.kv_index_redis_ttl <= 0:
         p.error("--kv-index-redis-timeout and --kv-index-redis-ttl must be > 0")
+    if a.share_scrapes and not a.replica_sync_bind:
+        p.error("--share-scrapes needs --replica-sync-bind (the replicas share on it)")
     discovery = None
     if a.replica_sync_discovery is not None:
         if not a.replica_sync_bind:
@@ -398,6 +410,7 @@ def parse_options(argv: list[str] | None = None) -> PickerOptions:
         replica_sync_bind=a.replica_sync_bind,
         replica_sync_peers=tuple(p.strip() for p in a.replica_sync_peers.split(",") if p.strip()),
         replica_sync_discovery=discovery,
+        share_scrapes=bool(a.replica_sync_bind) and a.share_scrapes is not False,
         tokenizers=tokenizers,
         trust_client_headers=a.trust_client_headers,
         response_headers_skipped=a.response_headers_skipped,

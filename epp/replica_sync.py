@@ -12,11 +12,13 @@ sharing, each replica learns its own map of prefixes to pods and a shared prefix
 over as many pods as there are replicas.
 
 So each replica publishes its decisions on a ZMQ PUB it binds and subscribes to every peer's.
-A record is [channel, pod address, keys] in msgpack: channel `kv-speculative` carries a
+A record is [channel, pod address, keys, data] in msgpack: channel `kv-speculative` carries a
 prompt's block keys (our chained request keys, kvindex.keys, computed alike by every replica)
 and goes into the local index as the same kind of speculative entry, expiring unless the
 pod's events confirm it; channel `approximate-prefix/<plugin name>` carries that scorer's
-block hashes for its LRU. Peers are trusted by address (loopback in the local stack, a
+block hashes for its LRU; a channel made with `data_channel` carries its own msgpack
+payload in `data` instead of keys (epp/scrape_shares.py: what a pod's /metrics page said).
+Peers are trusted by address (loopback in the local stack, a
 NetworkPolicy in a cluster), yet a bad record is counted and dropped: a malformed frame, an
 unknown channel or pod, more keys than a prompt can have.
 
@@ -40,18 +42,21 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 log = logging.getLogger("epp.replica_sync")
 
 MAX_KEYS = 65_536  # a 1M-token prompt in 16-token blocks
-MAX_MESSAGE_BYTES = 16 + 10 * MAX_KEYS + 512
+MAX_DATA_BYTES = 64 * 1024  # a data channel's payload (a page's numbers and LoRA names)
+MAX_MESSAGE_BYTES = 16 + 10 * MAX_KEYS + 512 + MAX_DATA_BYTES
 SEND_HWM = 10_000  # messages queued per peer before new ones are dropped (a slow peer)
 MAX_PEERS = 32  # a picker Deployment has a few replicas; more is a misconfiguration
 
 
 Share = Callable[[str, list[int]], None]  # (pod address, keys)
+ShareData = Callable[[str, bytes], None]  # (pod address, payload); raises ValueError if bad
 
 
 class Record(msgspec.Struct, array_like=True, frozen=True):
     channel: str
     pod: str
     keys: list[int]
+    data: bytes = b""  # a data channel's payload (then keys is empty)
 
 
 class ReplicaSync:
@@ -62,6 +67,7 @@ class ReplicaSync:
         self.peers: list[str] = []  # the endpoints the SUB is connected to (or will be)
         self._is_member = is_member
         self._channels: dict[str, Share] = {}
+        self._data_channels: dict[str, ShareData] = {}
         self._about_replicas: set[str] = set()  # channels whose records name a replica
         self._ctx = zmq.asyncio.Context()
         self._pub: zmq.asyncio.Socket | None = None
@@ -77,12 +83,22 @@ class ReplicaSync:
         """Records of one kind: peers' go to `apply`; the function returned publishes ours.
         `about_pods=False`: the record's `pod` names a replica (its bind), not a pod of the
         pool, so it is not checked against the pool (epp/kv_shards.py's heartbeats)."""
-        if name in self._channels:
-            raise ValueError(f"replica sync channel {name!r} is taken")
+        self._take(name)
         self._channels[name] = apply
         if not about_pods:
             self._about_replicas.add(name)
         return lambda pod, keys: self.publish(name, pod, keys)
+
+    def data_channel(self, name: str, apply: ShareData) -> ShareData:
+        """Records about a pod of the pool carrying a payload: peers' go to `apply`, which
+        raises ValueError for a payload it cannot use; the function returned publishes ours."""
+        self._take(name)
+        self._data_channels[name] = apply
+        return lambda pod, data: self._send(Record(name, pod, [], data))
+
+    def _take(self, name: str) -> None:
+        if name in self._channels or name in self._data_channels:
+            raise ValueError(f"replica sync channel {name!r} is taken")
 
     def start(self) -> None:
         pub = self._ctx.socket(zmq.PUB)
@@ -150,10 +166,15 @@ class ReplicaSync:
 
     def publish(self, channel: str, pod: str, keys: list[int]) -> None:
         """Tell the peers (never blocks: a message a slow peer cannot take is dropped)."""
-        if self._pub is None or not keys or len(keys) > MAX_KEYS:
+        if not keys or len(keys) > MAX_KEYS:
+            return
+        self._send(Record(channel, pod, keys))
+
+    def _send(self, record: Record) -> None:
+        if self._pub is None or len(record.data) > MAX_DATA_BYTES:
             return
         try:
-            self._pub.send(self._encode(Record(channel, pod, keys)), zmq.NOBLOCK)
+            self._pub.send(self._encode(record), zmq.NOBLOCK)
             self.counts["published"] += 1
         except zmq.Again:
             self.counts["send_dropped"] += 1
@@ -164,6 +185,9 @@ class ReplicaSync:
             record = self._decode(frame)
         except (msgspec.DecodeError, msgspec.ValidationError):
             self.counts["malformed"] += 1
+            return
+        if record.channel in self._data_channels:
+            self._handle_data(record)
             return
         apply = self._channels.get(record.channel)
         if apply is None:
@@ -179,6 +203,22 @@ class ReplicaSync:
             self.counts["unknown_pod"] += 1
         else:
             apply(record.pod, record.keys)
+            self.counts["applied"] += 1
+
+    def _handle_data(self, record: Record) -> None:
+        if record.keys or not record.data or len(record.data) > MAX_DATA_BYTES:
+            self.counts["bad_data"] += 1
+        elif not self._is_member(record.pod):
+            self.counts["unknown_pod"] += 1
+        else:
+            try:
+                self._data_channels[record.channel](record.pod, record.data)
+            except ValueError as exc:
+                self.counts["bad_data"] += 1
+                log.debug(
+                    "replica sync: %s record for %s refused: %s", record.channel, record.pod, exc
+                )
+                return
             self.counts["applied"] += 1
 
     async def _receive(self) -> None:
@@ -202,7 +242,7 @@ class ReplicaSync:
         family = CounterMetricFamily(
             "infergate_epp_replica_sync_records",
             "Routing decisions shared with other picker replicas (published, applied, "
-            "send_dropped, malformed, unknown_channel, bad_keys, unknown_pod; heard: the "
+            "send_dropped, malformed, unknown_channel, bad_keys, bad_data, unknown_pod; heard: the "
             "replicas' heartbeats of a sharded KV index), by outcome.",
             labels=["outcome"],
         )

@@ -41,6 +41,7 @@ from infergw.epp.engine_metrics import (
 )
 from infergw.epp.metrics import PickerMetrics
 from infergw.epp.scrape_pace import DEFAULT_IDLE_INTERVAL, Pace
+from infergw.epp.scrape_shares import ScrapeShares
 
 log = logging.getLogger("epp.scrape")
 
@@ -156,6 +157,19 @@ class MetricsScraper:
         self._pods: dict[Endpoint, _PodState] = {}
         self._session: aiohttp.ClientSession | None = None
         self._task: asyncio.Task | None = None
+        # Several replicas: scrape only the pods this one owns, hear the rest (share()).
+        self.shares: ScrapeShares | None = None
+
+    def share(self, shares: ScrapeShares) -> None:
+        """Scrape with the other picker replicas (epp/scrape_shares.py)."""
+        self.shares = shares
+        shares.on_applied = self.on_refresh
+        shares.wake_owner_of = self._wake
+
+    def _wake(self, ep: Endpoint) -> None:
+        state = self._pods.get(ep)
+        if state is not None and state.resting:
+            state.wake.set()
 
     async def start(self) -> None:
         self._session = aiohttp.ClientSession(
@@ -194,6 +208,8 @@ class MetricsScraper:
             if ep not in alive:
                 self._loops.pop(ep).cancel()
                 self._pods.pop(ep, None)
+                if self.shares is not None:
+                    self.shares.forget(ep)
         for ep in current:
             if ep not in self._loops:
                 self._loops[ep] = asyncio.create_task(self._loop(ep), name=f"scrape {ep.address}")
@@ -206,6 +222,8 @@ class MetricsScraper:
                 else:
                     # Nothing was sent since its last page said it was idle: still true.
                     ep.metrics.updated_at = now
+            elif self.shares is not None and self.shares.tick(ep, self.pace.woken(ep)):
+                ep.metrics.updated_at = now  # its owner rests it, and nothing went there
             ep.stale = ep.metrics_age(now) > self.stale_after
 
     def resting(self, ep: Endpoint) -> bool:
@@ -226,8 +244,10 @@ class MetricsScraper:
         while True:
             t0 = time.monotonic()
             parse_cpu = 0.0
+            scraped = self.shares is None or self.shares.scrapes(ep)
             try:
-                parse_cpu = await self.scrape_once(ep)
+                if scraped:
+                    parse_cpu = await self.scrape_once(ep)
                 # A pod that is still starting is asked again on the next round, not only
                 # after models_interval: its adapters decide where LoRA prompts go.
                 if t0 >= next_models and ep.reachable and await self.fetch_models(ep):
@@ -250,7 +270,13 @@ class MetricsScraper:
                     )
             slowed = slow
             # Resting waits until the models are known: a pod still starting is asked again.
-            if next_models > time.monotonic() and self.pace.idle(ep):
+            # With shares only the owner rests a pod: a replica scraping for itself until
+            # shared pages flow keeps the fast interval, so it notices them at once.
+            owned = self.shares is None or self.shares.owns(ep)
+            rests = owned and scraped and next_models > time.monotonic() and self.pace.idle(ep)
+            if scraped and self.shares is not None:
+                self.shares.publish(ep, self.pace.idle_interval if rests else 0.0)
+            if rests:
                 await self._rest(state)
                 wait = t0 + wait - time.monotonic()  # woken early: still no sooner than that
             if wait > 0:

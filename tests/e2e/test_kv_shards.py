@@ -16,7 +16,7 @@ import pytest
 import requests
 
 from infergw.bench.common import process_gone
-from infergw.epp.kv_shards import HEARTBEAT_INTERVAL, LIVENESS, owner
+from infergw.epp.replica_members import HEARTBEAT_INTERVAL, LIVENESS, owner
 from infergw.stack.local import LocalStack, StackConfig
 from infergw.stack.ports import free_port, free_stack_ports
 from tests.e2e.gateway_config import MODEL, config
@@ -51,7 +51,7 @@ def subscribed(stack: LocalStack, index: int) -> set[str]:
 
 def replicas(stack: LocalStack, index: int) -> float:
     for line in metrics(stack, index).splitlines():
-        if line.startswith("infergate_epp_kv_shard_replicas "):
+        if line.startswith("infergate_epp_replicas_live "):
             return float(line.split()[1])
     return 0.0
 

@@ -8,7 +8,14 @@ from collections import Counter
 
 import msgspec
 
-from infergw.epp.kv_shards import HEARTBEAT_CHANNEL, KVShards, LiveReplicas, canonical, owner
+from infergw.epp.kv_shards import KVShards
+from infergw.epp.replica_members import (
+    HEARTBEAT_CHANNEL,
+    LiveReplicas,
+    ReplicaMembers,
+    canonical,
+    owner,
+)
 from infergw.epp.replica_sync import Record, ReplicaSync
 
 REPLICAS = [f"tcp://10.0.0.{i}:9004" for i in range(1, 5)]
@@ -63,13 +70,15 @@ def test_live_replicas_are_the_followed_peers_heard_recently():
 def test_heartbeats_name_replicas_not_pods_and_are_counted_apart():
     sync = ReplicaSync(REPLICAS[0], REPLICAS[1:], is_member=lambda pod: False)
     view = FakeView()
-    shards = KVShards(view, sync)
+    members = ReplicaMembers(sync)
+    KVShards(view, members)
     frame = msgspec.msgpack.encode(Record(HEARTBEAT_CHANNEL, REPLICAS[2], [1]))
     sync.handle(frame)
     assert sync.counts["heard"] == 1 and sync.counts["unknown_pod"] == 0
     assert sync.counts["applied"] == 0  # not a routing decision
-    shards.check()
-    assert shards.live.members() == [REPLICAS[0], REPLICAS[2]]
+    members.check()
+    assert members.members == [REPLICAS[0], REPLICAS[2]]
+    assert view.subscribed == {p for p in view.pods if owner(p, members.members) == REPLICAS[0]}
 
 
 class FakeView:
@@ -88,8 +97,9 @@ def test_views_of_two_replicas_split_the_pods_and_one_takes_all_when_the_other_i
     clock = Clock()
     views, shards = [FakeView(), FakeView()], []
     for i, me in enumerate(REPLICAS[:2]):
-        s = KVShards(views[i], None)
+        s = ReplicaMembers(None)
         s.live = LiveReplicas(me, lambda me=me: [r for r in REPLICAS[:2] if r != me], clock=clock)
+        KVShards(views[i], s)
         shards.append(s)
     assert views[0].owns(PODS[0]) is False  # nothing is ours before the first check
     for s, other in zip(shards, reversed(REPLICAS[:2]), strict=True):
