@@ -355,6 +355,12 @@ class PickerMetrics:
             buckets=TOKEN_BUCKETS,
             registry=r,
         )
+        self.scrapes = FastCounter(
+            "infergate_epp_metrics_scrapes_total",
+            "Model-server /metrics pages this picker asked for (with several replicas sharing "
+            "scrapes, about 1/N of the fleet's).",
+            registry=r,
+        )
         self.scrape_errors = FastCounter(
             "infergate_epp_metrics_scrape_errors_total",
             "Model-server /metrics scrapes that failed.",

@@ -337,6 +337,7 @@ class MetricsScraper:
         # Requests sent while this scrape is under way may be missing from its numbers.
         sent_before = ep.sent_since_scrape
         parse_start: float | None = None
+        self.metrics.scrapes.inc()
         try:
             async with self._session.get(url, allow_redirects=False) as resp:
                 if resp.status != 200:
