@@ -141,6 +141,8 @@ def test_flags_override_the_profile():
     assert lat.decode_s_per_step == H100.decode_s_per_step
     assert lat.attention_s_per_pair == H100.attention_s_per_pair
     assert lat.roofline
+    # As a Model's engine.args spell it (infergate up -- ... appends there too).
+    assert parse_config(["--sim-latency-profile=llama-3.1-8b-h100"]).latency == H100
     flat = parse_config(["--sim-latency-profile", "llama-3.1-8b-h100", "--no-sim-roofline"])
     assert not flat.latency.roofline
     assert parse_config(["--sim-attention-ns-per-pair", "2"]).latency.attention_s_per_pair == (
