@@ -6,8 +6,11 @@ import argparse
 import json
 import os
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+
+from infergw.simulator.latency import LatencyModel
+from infergw.simulator.latency_profiles import DEFAULT_PROFILE, PROFILES
 
 # vLLM flags that change nothing in a simulation; accepted so real manifests start unchanged.
 IGNORED_VLLM_FLAGS = {
@@ -72,28 +75,6 @@ class KVEventsConfig:
     @property
     def active(self) -> bool:
         return self.enable_kv_cache_events and self.publisher == "zmq"
-
-
-@dataclass(slots=True)
-class LatencyModel:
-    """Step time of a continuous-batching engine: fixed overhead + prefill + batched decode.
-    A KV pull from a prefill pod runs beside the steps (asynchronously, as NIXL's does)."""
-
-    prefill_s_per_token: float = 60e-6
-    decode_s_per_step: float = 8e-3
-    decode_s_per_seq: float = 0.15e-3
-    step_overhead_s: float = 1e-3
-    kv_transfer_s_per_block: float = 0.1e-3
-    time_scale: float = 1.0
-
-    def step_seconds(self, prefill_tokens: int, decode_seqs: int) -> float:
-        t = self.step_overhead_s + prefill_tokens * self.prefill_s_per_token
-        if decode_seqs:
-            t += self.decode_s_per_step + decode_seqs * self.decode_s_per_seq
-        return t * self.time_scale
-
-    def transfer_seconds(self, num_blocks: int) -> float:
-        return num_blocks * self.kv_transfer_s_per_block * self.time_scale
 
 
 KV_ROLES = ("prefill", "decode", "both")
@@ -221,6 +202,46 @@ def _positive_int(text: str) -> int:
     return value
 
 
+# Flags that override one term of the latency profile: (flag, LatencyModel field, seconds per
+# flag unit, help). Their defaults are the profile's.
+LATENCY_FLAGS = (
+    (
+        "--sim-prefill-us-per-token",
+        "prefill_s_per_token",
+        1e-6,
+        "prefill time per uncached prompt token, microseconds",
+    ),
+    (
+        "--sim-decode-ms-per-step",
+        "decode_s_per_step",
+        1e-3,
+        "decode time of one engine step with a single sequence; roofline: the weight read "
+        "every step pays, ms",
+    ),
+    (
+        "--sim-decode-ms-per-seq",
+        "decode_s_per_seq",
+        1e-3,
+        "extra decode time per running sequence in the batch; roofline: its compute, ms",
+    ),
+    ("--sim-step-overhead-ms", "step_overhead_s", 1e-3, "fixed cost of every engine step, ms"),
+    (
+        "--sim-kv-read-ns-per-token",
+        "kv_read_s_per_token",
+        1e-9,
+        "time to read one context token's KV in a step, nanoseconds",
+    ),
+    (
+        "--sim-attention-ns-per-pair",
+        "attention_s_per_pair",
+        1e-9,
+        "attention compute per (new token, earlier token) pair: the quadratic prompt term, "
+        "nanoseconds",
+    ),
+)
+_UNIT_NAMES = {1e-3: "MS", 1e-6: "US", 1e-9: "NS"}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="infergate simulate",
@@ -310,30 +331,35 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="a worker node of a multi-node engine (vLLM's flag): serve nothing, run until stopped",
     )
-    sim = p.add_argument_group("latency model (simulator only)")
-    sim.add_argument(
-        "--sim-prefill-us-per-token",
-        type=float,
-        default=60.0,
-        help="prefill time per uncached prompt token, microseconds",
+    sim = p.add_argument_group(
+        "latency model (simulator only)",
+        "A profile sets every term; each flag below overrides its profile's value "
+        "(README: Latency profiles).",
     )
     sim.add_argument(
-        "--sim-decode-ms-per-step",
-        type=float,
-        default=8.0,
-        help="decode time of one engine step with a single sequence, ms",
+        "--sim-latency-profile",
+        choices=sorted(PROFILES),
+        default=DEFAULT_PROFILE,
+        help="named step-time model: "
+        + "; ".join(f"{p.name}: {p.summary}" for p in PROFILES.values()),
     )
+    default_model = PROFILES[DEFAULT_PROFILE].model
+    for flag, field_, scale, help_text in LATENCY_FLAGS:
+        default = getattr(default_model, field_) / scale
+        sim.add_argument(
+            flag,
+            dest=field_,
+            metavar=_UNIT_NAMES[scale],
+            type=float,
+            default=None,
+            help=f"{help_text} (default: the profile's; {DEFAULT_PROFILE}: {default:g})",
+        )
     sim.add_argument(
-        "--sim-decode-ms-per-seq",
-        type=float,
-        default=0.15,
-        help="extra decode time per running sequence in the batch, ms",
-    )
-    sim.add_argument(
-        "--sim-step-overhead-ms",
-        type=float,
-        default=1.0,
-        help="fixed cost of every engine step, ms",
+        "--sim-roofline",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="combine the terms as a roofline (max of compute and memory time) rather than "
+        "adding them (default: the profile's)",
     )
     sim.add_argument(
         "--sim-kv-transfer-ms-per-block",
@@ -399,6 +425,9 @@ def parse_config(argv: list[str] | None = None) -> SimulatorConfig:
         )
     if args.sim_time_scale < 0:
         parser.error("--sim-time-scale must be >= 0")
+    negative = [flag for flag, field_, _, _ in LATENCY_FLAGS if (getattr(args, field_) or 0) < 0]
+    if negative:
+        parser.error(f"{', '.join(negative)} must be >= 0")
     if args.sim_output_len_mean < 0:
         parser.error("--sim-output-len-mean must be >= 0")
     if args.model is not None and not Path(args.model, "tokenizer.json").is_file():
@@ -433,16 +462,26 @@ def parse_config(argv: list[str] | None = None) -> SimulatorConfig:
         seed=args.seed,
         engine=args.engine,
         output_len_mean=args.sim_output_len_mean,
-        latency=LatencyModel(
-            prefill_s_per_token=args.sim_prefill_us_per_token * 1e-6,
-            decode_s_per_step=args.sim_decode_ms_per_step * 1e-3,
-            decode_s_per_seq=args.sim_decode_ms_per_seq * 1e-3,
-            step_overhead_s=args.sim_step_overhead_ms * 1e-3,
-            kv_transfer_s_per_block=args.sim_kv_transfer_ms_per_block * 1e-3,
-            time_scale=args.sim_time_scale,
-        ),
+        latency=_latency_model(args),
         log_level=args.log_level,
         headless=args.headless,
+    )
+
+
+def _latency_model(args: argparse.Namespace) -> LatencyModel:
+    """The profile's model with the flags' overrides."""
+    overrides = {
+        field_: getattr(args, field_) * scale
+        for _, field_, scale, _ in LATENCY_FLAGS
+        if getattr(args, field_) is not None
+    }
+    if args.sim_roofline is not None:
+        overrides["roofline"] = args.sim_roofline
+    return replace(
+        PROFILES[args.sim_latency_profile].model,
+        **overrides,
+        kv_transfer_s_per_block=args.sim_kv_transfer_ms_per_block * 1e-3,
+        time_scale=args.sim_time_scale,
     )
 
 

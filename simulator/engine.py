@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 
 from infergw.simulator.block_hashing import BlockHasher
 from infergw.simulator.block_pool import BlockPool, KVEvent
-from infergw.simulator.config import LatencyModel
 from infergw.simulator.kv_transfer import KVTransfer, KVTransferError
+from infergw.simulator.latency import LatencyModel, StepWork, attention_pairs
 from infergw.simulator.request import SimRequest, Status, TokenOutput
 from infergw.simulator.stats import EngineStats
 
@@ -47,6 +47,13 @@ class _Step:
     scheduled: list[tuple[SimRequest, int]] = field(default_factory=list)
     prefill_tokens: int = 0
     decode_seqs: int = 0
+    context_tokens: int = 0
+    attention_pairs: int = 0
+
+    def work(self) -> StepWork:
+        return StepWork(
+            self.prefill_tokens, self.decode_seqs, self.context_tokens, self.attention_pairs
+        )
 
 
 class Engine:
@@ -174,7 +181,7 @@ class Engine:
                     self._wakeup.clear()
                     await self._wakeup.wait()
                     continue
-                duration = self.latency.step_seconds(step.prefill_tokens, step.decode_seqs)
+                duration = self.latency.work_seconds(step.work())
                 # Sleep to a deadline carried from step to step, so the event loop's ~1 ms
                 # timer rounding does not add up; a start later than that is not caught up.
                 if started - deadline > _CATCH_UP_S:
@@ -346,6 +353,9 @@ class Engine:
 
     def _account(self, step: _Step, req: SimRequest, n: int) -> None:
         step.scheduled.append((req, n))
+        # The n new tokens attend to the tokens before them, whose KV the step reads.
+        step.context_tokens += req.num_computed_tokens
+        step.attention_pairs += attention_pairs(n, req.num_computed_tokens)
         if req.is_prefilling:
             step.prefill_tokens += n
         else:

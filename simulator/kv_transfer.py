@@ -25,7 +25,8 @@ from typing import Any
 import aiohttp
 
 from infergw.simulator.block_pool import Block, BlockPool
-from infergw.simulator.config import KVTransferConfig, LatencyModel
+from infergw.simulator.config import KVTransferConfig
+from infergw.simulator.latency import LatencyModel
 from infergw.simulator.request import RemotePrefill, SimRequest
 from infergw.simulator.stats import Histogram
 
