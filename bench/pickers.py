@@ -7,7 +7,9 @@ events (per pod), Envoy spreading ext_proc streams over the pickers, and C close
 clients for D seconds. With `--kv-index memory,redis` each count runs twice, side by side:
 every picker ingesting every pod's events into its own index (memory), and one shared index
 in a redis-server the stack starts, each pod's events ingested by one picker (redis: sharded,
-epp/kv_shards.py; one picker alone subscribes to all). It reports req/s, latency, and the
+epp/kv_shards.py; one picker alone subscribes to all). With `--scrapes shared,each` each
+count also runs twice: each pod's /metrics scraped by its owner and shared (the default,
+epp/scrape_shares.py), and by every picker (`--no-share-scrapes`). It reports req/s, latency, and the
 CPU per request of all pickers together and of Envoy, from /proc. Each picker also works
 with no traffic (scraping every pod every 50 ms, its KV-event subscriptions): that idle CPU
 is measured first, for IDLE_SECONDS, and taken out of the per-request figure. From both
@@ -37,7 +39,13 @@ IDLE_SECONDS = 3.0
 
 
 def measure(
-    pickers: int, pods: int, concurrency: int, duration: float, max_tokens: int, kv_index: str
+    pickers: int,
+    pods: int,
+    concurrency: int,
+    duration: float,
+    max_tokens: int,
+    kv_index: str,
+    scrapes: str = "shared",
 ) -> dict:
     workdir = Path(tempfile.mkdtemp(prefix="bench-pickers-"))
     stack = LocalStack(
@@ -48,7 +56,8 @@ def measure(
             pod_ports=[free_port() for _ in range(pods)],
             pickers=pickers,
             sim_args=["--sim-time-scale", "0.1", "--log-level", "warning"],
-            picker_args=["--log-level", "warning"],
+            picker_args=["--log-level", "warning"]
+            + (["--no-share-scrapes"] if scrapes == "each" else []),
             kv_index=kv_index,
         )
     ).start()
@@ -91,6 +100,7 @@ def measure(
     return {
         "pickers": pickers,
         "kv_index": kv_index,
+        "scrapes": scrapes,
         "requests": res.requests,
         "errors": res.errors,
         "throughput_rps": round(res.requests / res.wall, 2),
@@ -133,17 +143,17 @@ def markdown(out: dict) -> str:
         f"{out['max_tokens']} output tokens), {out['concurrency']} closed-loop clients, "
         f"{out['duration_s']:.0f} s per count, quickstart scheduling.",
         "",
-        "| pickers | KV index | req/s | vs 1 | p50 ms | p99 ms "
+        "| pickers | KV index | scraping | req/s | vs 1 | p50 ms | p99 ms "
         "| pickers' CPU µs/req (idle work out) | KV messages ingested per req (all pickers) "
         "| idle CPU per picker | Envoy CPU µs/req "
         "| CPU share per picker | bound with a core per picker (req/s) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     base = out["runs"][0]["throughput_rps"]
     for r in out["runs"]:
         kv = "Redis, sharded" if r["kv_index"] == "redis" and r["pickers"] > 1 else r["kv_index"]
         lines.append(
-            f"| {r['pickers']} | {kv} | {r['throughput_rps']:.0f} | "
+            f"| {r['pickers']} | {kv} | {r.get('scrapes', 'each')} | {r['throughput_rps']:.0f} | "
             f"{r['throughput_rps'] / base:.2f} | "
             f"{r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['pickers_cpu_us_per_request']:.0f} | "
             f"{r['kv_messages_per_request']:.2f} | "
@@ -167,6 +177,12 @@ def main(argv: list[str] | None = None) -> int:
         default="memory",
         help="memory, redis or both (comma-separated: each count runs with each, in turn)",
     )
+    p.add_argument(
+        "--scrapes",
+        default="shared",
+        help="shared (each pod scraped by its owner, epp/scrape_shares.py), each (every picker "
+        "scrapes every pod), or both: each count runs with each, in turn",
+    )
     args = p.parse_args(argv)
     counts = [int(c) for c in args.counts.split(",")]
     if not counts or min(counts) < 1:
@@ -174,13 +190,19 @@ def main(argv: list[str] | None = None) -> int:
     kv_indexes = args.kv_index.split(",")
     if not kv_indexes or not set(kv_indexes) <= {"memory", "redis"}:
         p.error("--kv-index: memory, redis or memory,redis")
+    scrape_modes = args.scrapes.split(",")
+    if not scrape_modes or not set(scrape_modes) <= {"shared", "each"}:
+        p.error("--scrapes: shared, each or shared,each")
     load_before = round(os.getloadavg()[0], 2)
     runs = []
     for n in counts:
         for kv in kv_indexes:
-            r = measure(n, args.pods, args.concurrency, args.duration, args.max_tokens, kv)
-            print(json.dumps(r), flush=True)
-            runs.append(r)
+            for scrapes in scrape_modes:
+                r = measure(
+                    n, args.pods, args.concurrency, args.duration, args.max_tokens, kv, scrapes
+                )
+                print(json.dumps(r), flush=True)
+                runs.append(r)
     out = {
         "benchmark": "pickers",
         "machine": machine(),
