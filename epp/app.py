@@ -173,6 +173,9 @@ def build_replica_sync(
     return replicas
 
 
+WILDCARD_HOSTS = {"*", "0.0.0.0", "[::]"}  # canonical() brackets IPv6: "::" → "[::]"
+
+
 def build_replica_members(
     opts: PickerOptions, replicas: ReplicaSync | None, metrics: PickerMetrics
 ) -> ReplicaMembers | None:
@@ -181,6 +184,13 @@ def build_replica_members(
     if replicas is None or not (opts.kv_index_redis_shard or opts.share_scrapes):
         return None
     members = ReplicaMembers(replicas)
+    if members.live.me.removeprefix("tcp://").rpartition(":")[0] in WILDCARD_HOSTS:
+        log.warning(
+            "--replica-sync-bind %s is a wildcard: the other replicas cannot name this one, so "
+            "each replica owns every pod (scraping and KV shards are not shared). Bind this "
+            "replica's own address (tcp://$(POD_IP):PORT in a cluster)",
+            replicas.bind,
+        )
     metrics.registry.register(members)
     return members
 

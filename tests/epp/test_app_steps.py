@@ -152,3 +152,48 @@ def test_make_app_serves_the_groups_its_flags_ask_for(
     view = object() if with_view else None  # only whether there is one counts here
     app = make_app(Datastore(), PickerMetrics(), None, view, debug=debug)
     assert {r.resource.canonical for r in app.router.routes()} == expected
+
+
+@pytest.mark.parametrize(
+    ("bind", "warned"),
+    [("tcp://*:{port}", True), ("tcp://0.0.0.0:{port}", True), ("tcp://127.0.0.1:{port}", False)],
+)
+def test_a_wildcard_replica_sync_bind_is_warned_about(bind, warned, caplog):
+    """Peers name a replica by its bind; a wildcard names nobody, so nothing is shared."""
+    from infergw.epp.app import build_replica_members, build_replica_sync
+
+    opts = parse_options(
+        [
+            "--provider=file",
+            "--pool-file=x.yaml",
+            "--pool-name=pool",
+            f"--replica-sync-bind={bind.format(port=9)}",
+        ]
+    )
+    assert opts.share_scrapes  # on by default with a replica sync
+    ds, metrics = Datastore(), PickerMetrics()
+    replicas = build_replica_sync(opts, ds, metrics)
+    assert replicas is not None
+    with caplog.at_level("WARNING", logger="epp"):
+        assert build_replica_members(opts, replicas, metrics) is not None
+    assert ("is a wildcard" in caplog.text) is warned
+
+
+def test_share_scrapes_needs_a_replica_sync_and_can_be_turned_off():
+    with pytest.raises(SystemExit):
+        parse_options(
+            ["--provider=file", "--pool-file=x.yaml", "--pool-name=pool", "--share-scrapes"]
+        )
+    off = parse_options(
+        [
+            "--provider=file",
+            "--pool-file=x.yaml",
+            "--pool-name=pool",
+            "--replica-sync-bind=tcp://127.0.0.1:9",
+            "--no-share-scrapes",
+        ]
+    )
+    assert not off.share_scrapes
+    assert not parse_options(
+        ["--provider=file", "--pool-file=x.yaml", "--pool-name=pool"]
+    ).share_scrapes
