@@ -21,11 +21,14 @@ from infergw.stack.ports import (
 
 
 def bind_all(ports: list[int]) -> None:
-    """Bind every port at once: fails if one is taken or listed twice."""
+    """Bind every port at once, as the servers do (SO_REUSEADDR: a port in TIME_WAIT is
+    free to them): fails if one is taken or listed twice."""
     with ExitStack() as held:
         for port in ports:
             sock = held.enter_context(socket.socket())
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind(("127.0.0.1", port))
+            sock.listen()  # two listeners on one port fail even with SO_REUSEADDR
 
 
 def test_no_port_is_handed_out_twice():
