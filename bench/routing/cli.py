@@ -238,6 +238,6 @@ def _one_line(row: dict) -> str:
     if "unavailable" in row:
         return f"{head}  not run: {row['unavailable']}"
     return (
-        f"{head}  TTFT p90 {row['ttft_p90_ms']:>7} ms  hit {row['prefix_hit_rate']}"
-        f"  imbalance {row['load_imbalance']}  errors {row['errors']}"
+        f"{head}  TTFT p90 {row['ttft_p90_ms']:>7} ms  goodput {row['goodput_per_s']}/s"
+        f"  hit {row['prefix_hit_rate']}  imbalance {row['load_imbalance']}  errors {row['errors']}"
     )

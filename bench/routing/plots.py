@@ -62,7 +62,7 @@ def _at_top_rate(ax, out: dict, wl: str, bars: list[tuple[str, str]]) -> float |
     at_top = [r for r in rows if r["rate"] == top]
     ys = range(len(at_top))
     for offset, (key, label) in zip((0.2, -0.2), bars, strict=True):
-        ax.barh([y + offset for y in ys], [r[key] or 0 for r in at_top], 0.4, label=label)
+        ax.barh([y + offset for y in ys], [r.get(key) or 0 for r in at_top], 0.4, label=label)
     ax.set_yticks(list(ys), [r["router"] for r in at_top], fontsize=7)
     ax.set_title(f"{wl} at {top} req/s")
     return top
