@@ -82,6 +82,7 @@ def text_of(chunk: dict) -> str:
 class Usage:
     prompt_tokens: int
     cached_tokens: int  # prompt tokens the pod found in its cache on admission
+    completion_tokens: int = 0  # 0: not reported
 
 
 def usage_of(chunk: dict) -> Usage | None:
@@ -90,4 +91,8 @@ def usage_of(chunk: dict) -> Usage | None:
     if not isinstance(usage, dict):
         return None
     details = usage.get("prompt_tokens_details") or {}
-    return Usage(int(usage.get("prompt_tokens") or 0), int(details.get("cached_tokens") or 0))
+    return Usage(
+        int(usage.get("prompt_tokens") or 0),
+        int(details.get("cached_tokens") or 0),
+        int(usage.get("completion_tokens") or 0),
+    )

@@ -9,8 +9,11 @@ import time
 from pathlib import Path
 
 from infergw.bench.common import PLOTS, machine, write_json
+from infergw.bench.routing.arrivals import ARRIVALS
+from infergw.bench.routing.catalog import plan, with_arrivals
 from infergw.bench.routing.oracle import oracle
-from infergw.bench.routing.report import markdown, plot
+from infergw.bench.routing.plots import plot
+from infergw.bench.routing.report import markdown
 from infergw.bench.routing.routers import (
     EXTERNAL_ROUTERS,
     INFERGATE_PROFILES,
@@ -18,7 +21,7 @@ from infergw.bench.routing.routers import (
     InfergateRouter,
 )
 from infergw.bench.routing.run import Point, Settings, run_point
-from infergw.bench.routing.workloads import MultiTurn, NoReuse, SharedPrefix
+from infergw.bench.routing.slo import Slo
 
 # Prefill of uncached tokens dominates TTFT (150 µs a token: ~0.3 s for a 2k-token
 # prompt); each pod's cache has room for about three of the group prefixes.
@@ -75,15 +78,6 @@ def with_baselines(chosen: list, commits: list[str]) -> list:
     return out
 
 
-def plan(quick: bool, pods: int) -> list[tuple[object, list[float]]]:
-    """(workload, rates). Six groups a pod against room for three: evictions happen, which
-    is where knowing what each pod holds beats remembering what was sent where."""
-    shared = SharedPrefix(groups=pods * 6, users=5)
-    if quick:
-        return [(shared, [10.0]), (MultiTurn(), [8.0]), (NoReuse(), [8.0])]
-    return [(shared, [6.0, 12.0, 20.0]), (MultiTurn(), [8.0, 16.0]), (NoReuse(), [12.0])]
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="infergate bench routing", description=__doc__)
     p.add_argument("--quick", action="store_true", help="4 pods, one workload and rate (< 3 min)")
@@ -96,8 +90,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--workloads",
         default=None,
-        help="comma-separated: shared-prefix, multi-turn, no-reuse (default: all; --quick "
-        "runs shared-prefix only unless asked)",
+        help="comma-separated: "
+        + ", ".join(w.name for w, _ in plan(False, 1))
+        + " (default: all; --quick runs shared-prefix only unless asked)",
+    )
+    p.add_argument(
+        "--arrivals",
+        choices=sorted(ARRIVALS),
+        default="poisson",
+        help="every chosen workload's arrival process (bursty: on-off bursts at "
+        f"{ARRIVALS['bursty'].peak_factor:g}× the mean rate; the workload's name gets "
+        "+bursty); the bursty workload is always bursty",
+    )
+    p.add_argument(
+        "--slo-ttft-ms",
+        type=float,
+        default=1000 * Slo().ttft_s,
+        help="goodput counts requests whose first token came within this (default %(default)g)",
+    )
+    p.add_argument(
+        "--slo-tpot-ms",
+        type=float,
+        default=1000 * Slo().tpot_s,
+        help="... and whose later tokens came this far apart or less on average "
+        "(default %(default)g)",
     )
     p.add_argument("--duration", type=float, default=None, help="measured seconds per point")
     p.add_argument(
@@ -131,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         duration_s=args.duration or (10.0 if args.quick else 18.0),
         seed=args.seed,
         idle_s=4.0 if args.idle is None else args.idle,
+        slo=Slo(args.slo_ttft_ms / 1000, args.slo_tpot_ms / 1000),
     )
     routers = all_routers()
     chosen = (
@@ -145,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     wanted = args.workloads.split(",") if args.workloads else names[:1] if args.quick else names
     if set(wanted) - set(names):
         p.error(f"unknown workloads {sorted(set(wanted) - set(names))}; known: {names}")
-    work = [(w, rates) for w, rates in work if w.name in wanted]
+    work = [(with_arrivals(w, args.arrivals), rates) for w, rates in work if w.name in wanted]
     if args.rates:
         work = [(w, [float(r) for r in args.rates.split(",")]) for w, _ in work]
     chosen = with_baselines([routers[r] for r in chosen], args.baseline)
@@ -169,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     out = {
         "benchmark": "routing",
         "machine": machine(),
-        "settings": vars_of(settings),
+        "settings": vars_of(settings) | {"slo": settings.slo.describe()},
         "workloads": [wl.describe() for wl, _ in work],
         "rows": rows,
         "oracle": oracles,
@@ -221,6 +238,6 @@ def _one_line(row: dict) -> str:
     if "unavailable" in row:
         return f"{head}  not run: {row['unavailable']}"
     return (
-        f"{head}  TTFT p90 {row['ttft_p90_ms']:>7} ms  hit {row['prefix_hit_rate']}"
-        f"  imbalance {row['load_imbalance']}  errors {row['errors']}"
+        f"{head}  TTFT p90 {row['ttft_p90_ms']:>7} ms  goodput {row['goodput_per_s']}/s"
+        f"  hit {row['prefix_hit_rate']}  imbalance {row['load_imbalance']}  errors {row['errors']}"
     )

@@ -8,6 +8,7 @@ no queueing, no decode — so it is a floor no router can beat on this fleet, no
 
 from __future__ import annotations
 
+import statistics
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -21,6 +22,7 @@ from infergw.stack.local import DEFAULT_MODEL_DIR
 @dataclass(slots=True)
 class OracleResult:
     hit_rate: float
+    ttft_mean_ms: float
     ttft_p50_ms: float
     ttft_p90_ms: float
     ttft_p99_ms: float
@@ -92,6 +94,7 @@ def oracle(
             ttfts.append((len(tokens) - cached) * prefill_us_per_token / 1000)
     return OracleResult(
         hit_rate=round(hits / queries, 3) if queries else 0.0,
+        ttft_mean_ms=round(statistics.fmean(ttfts), 1) if ttfts else float("nan"),
         ttft_p50_ms=round(percentile(ttfts, 50), 1),
         ttft_p90_ms=round(percentile(ttfts, 90), 1),
         ttft_p99_ms=round(percentile(ttfts, 99), 1),

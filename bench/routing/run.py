@@ -12,14 +12,16 @@ that is not per request (scraping, health checks); the rest is charged to the re
 from __future__ import annotations
 
 import asyncio
+import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from infergw.bench.client import run_trace
 from infergw.bench.common import percentile, process_cpu_seconds
 from infergw.bench.routing.client import Outcome, send
 from infergw.bench.routing.fleet import PodWatch, new_stack, workdir
 from infergw.bench.routing.routers import RouterUnavailable
+from infergw.bench.routing.slo import Slo, goodput
 
 
 @dataclass(slots=True)
@@ -37,6 +39,7 @@ class Settings:
     duration_s: float
     seed: int
     idle_s: float = 0.0  # 0: no idle baseline, all the router's CPU is charged to requests
+    slo: Slo = field(default_factory=Slo)  # what goodput counts
 
 
 def run_point(point: Point, s: Settings, on_request=None) -> dict:
@@ -87,6 +90,7 @@ async def _measure(url, pods, trace, point: Point, s: Settings, on_request) -> d
             hit_rate=hits / queries if queries else None,
             imbalance=watch.imbalance(),
             router_cpu_s=cpu,
+            slo=s.slo,
         )
         row["measured_s"] = round(end - marks["t"], 2)
         row["router_cpu_s"] = {n: round(v, 3) for n, v in cpu.items()}
@@ -118,22 +122,28 @@ def summarize(
     hit_rate: float | None,
     imbalance: float | None,
     router_cpu_s: dict[str, float],
+    slo: Slo,
 ) -> dict:
+    """One point's row; failed requests count in `requests`, `errors` and against goodput."""
     done = [o for o in measured if o.ok]
     ttfts = [o.ttft for o in done if o.ttft is not None]
     tpots = [o.tpot for o in done if o.tpot is not None]
     prompt = sum(o.prompt_tokens for o in done)
     cached = sum(o.cached_tokens for o in done)
     ms = lambda v: round(1000 * v, 1)  # noqa: E731
+    good_per_s, good_share = goodput(measured, seconds, slo)
     return {
         "requests": len(measured),
         "errors": len(measured) - len(done),
+        "ttft_mean_ms": ms(statistics.fmean(ttfts)) if ttfts else None,
         "ttft_p50_ms": ms(percentile(ttfts, 50)),
         "ttft_p90_ms": ms(percentile(ttfts, 90)),
         "ttft_p99_ms": ms(percentile(ttfts, 99)),
         "tpot_p50_ms": round(1000 * percentile(tpots, 50), 2),
         "output_tokens_per_s": round(sum(o.tokens for o in done) / seconds, 1),
         "requests_per_s": round(len(done) / seconds, 2),
+        "goodput_per_s": round(good_per_s, 2),
+        "slo_met_share": round(good_share, 3) if good_share is not None else None,
         "prefix_hit_rate": round(hit_rate, 3) if hit_rate is not None else None,
         "cached_share": round(cached / prompt, 3) if prompt else None,
         "load_imbalance": imbalance,

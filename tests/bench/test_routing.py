@@ -133,6 +133,8 @@ def test_one_point_runs_through_a_real_fleet_and_router():
     row = run_point(Point(InfergateRouter("precise"), wl, 4.0), settings)
     assert row["router"] == "infergate-precise" and row["errors"] == 0
     assert row["requests"] > 3 and row["ttft_p90_ms"] > 0
+    assert 0 < row["ttft_mean_ms"] <= row["ttft_p99_ms"] * 1.5
+    assert 0 <= row["goodput_per_s"] <= row["requests_per_s"]
     assert 0 < row["prefix_hit_rate"] <= 1  # two groups repeat within seconds
     assert row["router_cpu_ms_per_request"] > 0
     assert set(row["router_idle_cpu_pct"]) == {"picker", "envoy"}
