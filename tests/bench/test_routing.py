@@ -185,3 +185,18 @@ def test_a_baseline_twin_runs_right_after_its_router_with_that_commits_picker(mo
     assert os.environ["PYTHONPATH"] == "/before"
     with routers._pythonpath(None):
         assert os.environ["PYTHONPATH"] == "/before"
+
+
+@pytest.mark.parametrize("profile", [None, "llama-3.1-8b-h100"])
+def test_the_pods_and_the_oracle_assume_the_same_prefill_cost(profile) -> None:
+    """`--sim-latency-profile`: the simulator parses the pods' flags into the latency model
+    whose prefill cost the oracle is given, with the bench's cache sizes either way."""
+    from infergw.bench.routing import cli
+    from infergw.simulator.config import parse_config
+
+    sim_args, prefill_us = cli.latency(profile)
+    cfg = parse_config(sim_args)
+    assert cfg.latency.prefill_s_per_token * 1e6 == pytest.approx(prefill_us)
+    assert cfg.block_size == cli.BLOCK_SIZE
+    if profile is not None:  # calibrated: prefill much cheaper than the bench's 150 µs
+        assert prefill_us < cli.PREFILL_US / 2 and cfg.latency.roofline
