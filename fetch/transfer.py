@@ -92,7 +92,7 @@ def fetch_file(
             if attempt == retry.retries:
                 raise
             pause = retry.backoff * 2**attempt
-            log.warning("%s: %s; trying again in %.1fs (resuming)", file.path, exc, pause)
+            log.warning("%s; trying again in %.1fs (resuming)", exc, pause)
             time.sleep(pause)
     with disk_errors(str(target)):
         os.replace(partial, target)
