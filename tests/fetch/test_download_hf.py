@@ -113,9 +113,7 @@ def test_a_cut_transfer_resumes_by_range_within_the_run(hub, tmp_path) -> None:
     assert "trying again" in out.stderr
 
 
-def test_a_run_that_fails_mid_file_leaves_no_entry_and_the_next_one_resumes(
-    hub, tmp_path
-) -> None:
+def test_a_run_that_fails_mid_file_leaves_no_entry_and_the_next_one_resumes(hub, tmp_path) -> None:
     hub.cut_after, hub.cut_times = {"model.safetensors": 1 << 20}, 2
     out = run(hub, tmp_path, f"--termination-log={tmp_path / 'term.log'}")
     assert out.returncode == 5, out.stderr

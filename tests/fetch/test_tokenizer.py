@@ -211,8 +211,6 @@ def test_the_launcher_runs_it() -> None:
 # ---- S3 ------------------------------------------------------------------------------------------
 
 
-
-
 def test_s3_fetches_the_tokenizer_files_under_the_prefix(s3_server, tmp_path) -> None:
     s3 = s3_client(s3_server)
     s3.create_bucket(Bucket="models")
