@@ -33,7 +33,7 @@ PVC_ROOT = "/mnt/pvc"  # a claim CLAIM is mounted at PVC_ROOT/CLAIM (the downloa
 POD_MODELS_DIR = "/models"  # the per-pod links, one per artifact
 POD_CACHE_DIR = "/var/cache/infergate/models"
 CACHE_VOLUME = "weights-cache"
-DOWNLOAD_CONTAINER = "weights"  # the Model's; an adapter's is weights-lora-<i>
+DOWNLOAD_CONTAINER = "weights"  # the Model's; loraAdapters[k]'s is weights-lora-<k>
 MODELS_VOLUME = "models"
 BASE = "base"  # the Model's own weights under the models folder; adapters under lora/<name>
 DOWNLOAD_IMAGE = INFERGATE_IMAGE  # `infergate download`
@@ -150,8 +150,11 @@ def is_download(container: str) -> bool:
 def init_containers(model: Model, layout: WeightsLayout) -> list[dict]:
     """One download per artifact that needs one, the Model's own first."""
     out = []
-    for i, artifact in enumerate(a for a in artifacts(model) if downloads(model, a.uri)):
-        name = DOWNLOAD_CONTAINER if artifact.link == BASE else f"{DOWNLOAD_CONTAINER}-lora-{i}"
+    for i, artifact in enumerate(artifacts(model)):
+        if not downloads(model, artifact.uri):
+            continue
+        # loraAdapters[k]'s is weights-lora-<k>: a name that stays when another adapter changes
+        name = DOWNLOAD_CONTAINER if i == 0 else f"{DOWNLOAD_CONTAINER}-lora-{i - 1}"
         args = [artifact.uri, f"--dest={layout.models_dir(model)}/{artifact.link}"]
         if layout.cache_dir is not None:
             args.append(f"--cache-dir={layout.cache_dir}")
