@@ -48,6 +48,7 @@ from infergw.controllers.runner import (
     owner_key,
     same_namespace_keys,
 )
+from infergw.controllers.weights import CLUSTER, WeightsLayout, cache_volume_of
 
 log = logging.getLogger("controllers")
 
@@ -75,6 +76,7 @@ def build_controllers(
     namespace: str | None = None,
     kv_sockets: KVEventSockets = PER_POD,
     picker: PickerSettings | None = None,
+    weights: WeightsLayout = CLUSTER,
 ) -> tuple[list[Controller], AutoscalerReconciler]:
     """The controllers; with `picker` (a cluster), every Model also gets its endpoint picker,
     HTTPRoute and EnvoyPatchPolicy, and is reconciled again when their status (or the
@@ -85,7 +87,7 @@ def build_controllers(
         model_watches += [(DEPLOYMENT, owner_key(MODEL)), (HTTP_ROUTE, owner_key(MODEL))]
     models = Controller(
         store,
-        ModelReconciler(store, kv_sockets, picker),
+        ModelReconciler(store, kv_sockets, picker, weights),
         model_watches,
         metrics,
         namespace=namespace,
@@ -126,6 +128,7 @@ class Standalone:
     eds_dir: Path | None = None  # every pool's endpoints, one file each (several Models)
     # The local picker's KV-event SUB, which every pod on this machine connects to.
     kv_sockets: KVEventSockets = field(default_factory=lambda: central_sockets(None))
+    weights_cache_dir: Path | None = None  # None: the download's own default
     metrics: ControllerMetrics = field(default_factory=ControllerMetrics)
     store: Store | None = None
     parts: list = field(default_factory=list)
@@ -146,6 +149,7 @@ class Standalone:
             self.metrics,
             autoscale_interval=self.autoscale_interval,
             kv_sockets=self.kv_sockets,
+            weights=WeightsLayout.standalone(self.weights_cache_dir, self.state_dir / "models"),
         )
         exporter = PoolExporter(
             store,
@@ -220,8 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--picker-image",
         default=PICKER_IMAGE,
-        help="kubernetes mode: the image of every Model's endpoint picker (infergate epp) and "
-        "of its tokenizer fetch",
+        help="kubernetes mode: the image of every Model's endpoint picker (infergate epp), "
+        "of its tokenizer fetch and of its weights' downloads (infergate download)",
     )
     p.add_argument(
         "--picker-kv-index-redis",
@@ -232,8 +236,33 @@ def build_parser() -> argparse.ArgumentParser:
         "(standalone Redis or Valkey), each pod's KV events ingested by one replica; default: "
         "each replica subscribes to every pod and keeps its own index",
     )
+    p.add_argument(
+        "--weights-cache",
+        type=weights_cache,
+        default="emptyDir",
+        metavar="emptyDir|hostPath:/DIR|pvc:CLAIM",
+        help="kubernetes mode: the volume the Models' weights are downloaded into; a hostPath "
+        "or a claim that a node's pods share downloads each model once per node (the "
+        "webhook admits a hostPath only in namespaces labelled "
+        "infergate.io/allow-privileged-pods=true); default: each pod's own emptyDir",
+    )
+    p.add_argument(
+        "--weights-cache-dir",
+        type=Path,
+        default=None,
+        help="standalone: where the Models' weights are downloaded (default: the download's "
+        "own, $INFERGATE_CACHE_DIR, else ~/.cache/infergate/models)",
+    )
     p.add_argument("--log-level", type=logs.level_name, default="info")
     return p
+
+
+def weights_cache(text: str) -> str:
+    try:
+        cache_volume_of(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def central_sockets(picker: str | None) -> KVEventSockets:
@@ -300,6 +329,7 @@ async def _serve_standalone(args: argparse.Namespace, stop: asyncio.Event) -> No
         eds_pool=args.envoy_eds_pool,
         eds_dir=args.envoy_eds_dir,
         kv_sockets=kv_sockets(args),
+        weights_cache_dir=args.weights_cache_dir,
     )
     start_http_server(args.metrics_port, addr=args.host, registry=app.metrics.registry)
     await app.start()
@@ -338,6 +368,7 @@ async def _serve_kubernetes(args: argparse.Namespace, stop: asyncio.Event) -> No
         namespace=args.namespace,
         kv_sockets=kv_sockets(args),
         picker=PickerSettings(image=args.picker_image, kv_index_redis=args.picker_kv_index_redis),
+        weights=WeightsLayout.cluster(cache_volume_of(args.weights_cache), args.picker_image),
     )
     elector = None
     try:
