@@ -1,18 +1,28 @@
-"""Load balance (issue 16): never worse than round robin with no reuse. The replays run the
-real plugins against fleet_sim's pods."""
+"""Load balance (issue 16): never worse than round robin with no reuse, and a bound on how far
+cache affinity may pull load. The replays run the real plugins against fleet_sim's pods."""
 
 from __future__ import annotations
+
+import json
+from collections import Counter
 
 import pytest
 
 from infergw.epp.context import RequestContext
 from infergw.epp.datastore import Endpoint
+from infergw.epp.request import parse_request
 from infergw.epp.scheduling.framework import Profile, Scheduler, WeightedScorer
 from infergw.epp.scheduling.plugins.kv_cache_utilization import KVCacheUtilizationScorer
 from infergw.epp.scheduling.plugins.least_request import LeastRequestScorer
 from infergw.epp.scheduling.plugins.pickers import MaxScorePicker
+from infergw.epp.scheduling.plugins.precise_prefix_cache import PrecisePrefixCacheScorer
+from infergw.epp.scheduling.plugins.prefix_cache import PrefixCacheScorer
 from infergw.epp.scheduling.plugins.profile_handlers import SingleProfileHandler
 from infergw.epp.scheduling.plugins.queue import QueueScorer
+from infergw.kvindex.cache import KVCache
+from infergw.kvindex.index import KVBlockIndex
+from infergw.kvindex.tokenize import PromptTokenizers
+from infergw.stack.local import DEFAULT_MODEL_DIR
 from tests.epp.scheduling.fleet_sim import (
     Fleet,
     SimClock,
@@ -117,3 +127,73 @@ def test_by_tokens_the_recent_request_counts_its_mean_tokens():
     e.inflight_requests, e.inflight_tokens, e.last_sent_at = 2, 1000, 10.0
     lr = LeastRequestScorer("lr", {"by": "tokens", "recentSeconds": 1.0})
     assert lr.load(e, 10.0) == pytest.approx(1500.0)
+
+
+# ---- affinity against load -------------------------------------------------------------------
+
+
+def affinity_profile(prefix, clock):
+    return [(prefix, 3), (LeastRequestScorer("lr", {"recentSeconds": 0}, clock=clock), 2)]
+
+
+@pytest.mark.parametrize("bound", [2, 4])
+def test_a_popular_prefix_stays_on_its_pod_until_the_bound_then_spills(bound):
+    eps = Fleet(pods=4).endpoints()
+    clock = SimClock()
+    sched = scheduler(affinity_profile(PrefixCacheScorer("p", {"loadBound": bound}), clock))
+    prompt = "system prompt shared by a burst " * 40
+    first = send(sched, bare_context(prompt_text=prompt + "0"), eps, 0.0)
+    picks = [send(sched, bare_context(prompt_text=f"{prompt}{i}"), eps, 0.0) for i in range(1, 9)]
+    # Affinity holds while the pod is at most `bound` above the least loaded (0 elsewhere).
+    assert picks[:bound] == [first] * bound
+    spill = picks[bound]
+    assert spill is not first
+    # The spill pod was recorded: the prefix's next requests follow it while it is in bound.
+    assert picks[bound + 1] is spill
+    assert first.inflight_requests == bound + 1
+
+
+def test_without_a_bound_affinity_takes_every_request():
+    eps = Fleet(pods=4).endpoints()
+    clock = SimClock()
+    sched = scheduler(affinity_profile(PrefixCacheScorer("p", {"loadBound": None}), clock))
+    prompt = "system prompt shared by a burst " * 40
+    picks = [send(sched, bare_context(prompt_text=f"{prompt}{i}"), eps, 0.0) for i in range(8)]
+    assert Counter(map(id, picks)).most_common(1)[0][1] == 8
+
+
+def test_the_default_bound_is_four_and_is_in_the_parameters():
+    assert PrefixCacheScorer("p").load_bound == 4
+    assert PrecisePrefixCacheScorer("p").load_bound == 4
+    with pytest.raises(ValueError, match="loadBound"):
+        PrefixCacheScorer("p", {"loadBound": -1})
+
+
+def completion(prompt: str) -> RequestContext:
+    body = json.dumps({"model": "m", "prompt": prompt}).encode()
+    return RequestContext(parse_request("/v1/completions", body, {}, max_body_bytes=1 << 20))
+
+
+async def test_the_precise_scorer_spills_and_the_spill_pod_gets_the_speculative_entries():
+    kv = KVCache(
+        tokenizers=PromptTokenizers({"m": DEFAULT_MODEL_DIR}), index=KVBlockIndex(block_size=16)
+    )
+    precise = PrecisePrefixCacheScorer("precise", {"loadBound": 2}, kv=kv)
+    eps = Fleet(pods=3).endpoints()
+    sched = scheduler(affinity_profile(precise, SimClock()))
+    prompt = " ".join(f"a new popular system prompt, part {i}" for i in range(40))
+    picks = []
+    for i in range(5):
+        ctx = completion(f"{prompt} question {i}")
+        await precise.prepare(ctx)
+        picks.append(send(sched, ctx, eps, 0.0))
+    first = picks[0]
+    assert picks[1:3] == [first, first]  # 1 and 2 above the others: within the bound
+    spill = picks[3]  # 3 above: affinity yields
+    assert spill is not first
+    ctx = completion(f"{prompt} question 9")
+    await precise.prepare(ctx)
+    held = precise.score(ctx, eps)
+    assert held[eps.index(spill)] > 0.8  # speculative entries on the spill pod
+    assert held[eps.index(first)] == 0.0  # still over the bound
+    assert picks[4] is spill
