@@ -83,6 +83,7 @@ class Fleet:
     token_budget: int = 8192
     kv_tokens: int = 5120  # 320 blocks of 16
     cached_prefixes: int = 3
+    cache_info: bool = True  # pages say their block size and count (vLLM's cache_config_info)
 
     def endpoints(self) -> list[Endpoint]:
         out = []
@@ -176,6 +177,7 @@ def replay(
             eps[i].inflight_requests += 1
             eps[i].sent_since_scrape += 1
             eps[i].last_sent_at = now
+            eps[i].inflight_tokens += a.prefix_tokens + a.suffix_tokens + a.output_tokens
             reqs.append(r)
             nxt += 1
         for i, pod in enumerate(pods):
@@ -203,6 +205,8 @@ def _finish_step(fleet: Fleet, pod: _Pod, now: float) -> None:
         if r.decoded >= r.arrival.output_tokens:
             pod.running.remove(r)
             pod.endpoint.inflight_requests -= 1
+            a = r.arrival
+            pod.endpoint.inflight_tokens -= a.prefix_tokens + a.suffix_tokens + a.output_tokens
     pod.step = []
 
 
@@ -235,6 +239,8 @@ def _scrape(fleet: Fleet, pod: _Pod, now: float) -> None:
         waiting=len(pod.waiting),
         running=len(pod.running),
         kv_usage=min(1.0, held / fleet.kv_tokens),
+        block_size=16 if fleet.cache_info else None,
+        num_blocks=fleet.kv_tokens // 16 if fleet.cache_info else None,
         updated_at=now,
     )
     pod.endpoint.sent_since_scrape = 0

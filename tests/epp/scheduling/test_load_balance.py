@@ -9,10 +9,13 @@ from collections import Counter
 import pytest
 
 from infergw.epp.context import RequestContext
-from infergw.epp.datastore import Endpoint
+from infergw.epp.datastore import Endpoint, EndpointMetrics
 from infergw.epp.request import parse_request
 from infergw.epp.scheduling.framework import Profile, Scheduler, WeightedScorer
-from infergw.epp.scheduling.plugins.kv_cache_utilization import KVCacheUtilizationScorer
+from infergw.epp.scheduling.plugins.kv_cache_utilization import (
+    KVCacheUtilizationScorer,
+    usage_now,
+)
 from infergw.epp.scheduling.plugins.least_request import LeastRequestScorer
 from infergw.epp.scheduling.plugins.pickers import MaxScorePicker
 from infergw.epp.scheduling.plugins.precise_prefix_cache import PrecisePrefixCacheScorer
@@ -87,6 +90,30 @@ def test_without_recency_equal_counts_pick_at_random_and_lose_to_round_robin():
     clock = SimClock()
     old = replay(fleet, arrivals, scheduler_route(load_profile(clock, recent=0)), clock)
     assert old.p(0.9) > 1.2 * rr.p(0.9)
+
+
+@pytest.mark.parametrize("seed", [7, 8])
+def test_kv_usage_counts_what_was_sent_since_the_scrape(seed):
+    # Busier (20 req/s on 8 pods) and scraped every 200 ms: without the pods' cache size the
+    # scorer cannot add what was sent since, and it pulls towards the pod just chosen.
+    arrivals = no_reuse(20.0, seconds=30, seed=seed)
+    p90 = {}
+    for info in (True, False):
+        fleet = Fleet(pods=8, scrape_interval=0.2, cache_info=info)
+        clock = SimClock()
+        p90[info] = replay(fleet, arrivals, scheduler_route(load_profile(clock)), clock).p(0.9)
+    assert p90[True] < 0.9 * p90[False]
+
+
+def test_usage_now_adds_the_mean_in_flight_tokens_sent_since_the_scrape():
+    (e,) = Fleet(pods=1).endpoints()
+    e.metrics = EndpointMetrics(kv_usage=0.25, block_size=16, num_blocks=100, updated_at=1.0)
+    e.inflight_requests, e.inflight_tokens, e.sent_since_scrape = 2, 800, 1
+    assert usage_now(e) == pytest.approx(0.25 + 400 / 1600)
+    e.sent_since_scrape = 9
+    assert usage_now(e) == 1.0
+    e.metrics.num_blocks = None  # the page does not say: the scrape's number alone
+    assert usage_now(e) == 0.25
 
 
 def test_a_burst_between_two_scrapes_spreads_evenly():
