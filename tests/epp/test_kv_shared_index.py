@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-from types import SimpleNamespace
 
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from infergw.epp.datastore import Datastore
+from infergw.epp.datastore import Datastore, Endpoint
 from infergw.epp.kv_events import KVCacheView, KVEventOptions
 from infergw.epp.options import parse_options
 from infergw.epp.scheduling.plugins.precise_prefix_cache import PrecisePrefixCacheScorer
@@ -46,7 +45,7 @@ async def test_a_read_only_picker_scores_the_blocks_another_picker_wrote(redis_s
     reader.start()  # binds nothing, starts no writer
     scorer = PrecisePrefixCacheScorer("precise", {}, kv=reader.cache)
     row = recorded_lines("requests.jsonl")[0]
-    endpoints = [SimpleNamespace(address=POD), SimpleNamespace(address="127.0.0.1:8301")]
+    endpoints = [Endpoint(name=a, pod=a, address=a) for a in (POD, "127.0.0.1:8301")]
 
     async def score() -> list[float]:
         ctx = request(row["path"], row["body"])
