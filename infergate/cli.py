@@ -48,6 +48,9 @@ BENCHMARKS = {
 # benchmark runs, since they import them late (plotting at the end of a long run).
 BENCH_EXTRA_MODULES = ("matplotlib", "rich")
 BENCH_EXTRA_MISSING = 3  # the exit status when they are not installed
+# Benchmarks record into the checkout (bench/results, docs/benchmarks) and some replay its
+# test recordings (tests/fixtures): from an installed wheel they refuse with this status.
+BENCH_NEEDS_CHECKOUT = 4
 
 
 def missing_bench_modules() -> list[str]:
@@ -66,6 +69,16 @@ def run_bench(argv: list[str]) -> int:
             file=sys.stderr,
         )
         return BENCH_EXTRA_MISSING
+    from infergw.bench.common import ROOT
+
+    if not (ROOT / "pyproject.toml").is_file():
+        print(
+            "infergate bench runs from a checkout (git clone, then pip install -e '.[bench]'): "
+            f"benchmarks write into its bench/results and read its tests/fixtures ({ROOT} is "
+            "an installed package)",
+            file=sys.stderr,
+        )
+        return BENCH_NEEDS_CHECKOUT
     return importlib.import_module(BENCHMARKS[argv[0]]).main(argv[1:])
 
 

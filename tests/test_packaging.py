@@ -97,6 +97,16 @@ def test_infergate_bench_without_its_extra_says_which_to_install(monkeypatch, ca
     assert "pip install 'infergw[bench]'" in capsys.readouterr().err
 
 
+def test_infergate_bench_from_an_installed_wheel_says_it_needs_a_checkout(
+    tmp_path, monkeypatch, capsys
+) -> None:
+    from infergw.bench import common
+
+    monkeypatch.setattr(common, "ROOT", tmp_path)  # site-packages/infergw: no pyproject.toml
+    assert cli.main(["bench", "kvindex"]) == cli.BENCH_NEEDS_CHECKOUT
+    assert "runs from a checkout" in capsys.readouterr().err
+
+
 def test_the_files_the_commands_read_are_package_data() -> None:
     """Each folder resources.py reads from is a package of pyproject.toml whose package-data
     covers every file the folder holds (the wheel test checks the built wheel too)."""
