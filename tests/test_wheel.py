@@ -71,6 +71,11 @@ def test_the_wheel_in_a_fresh_venv_runs_up_from_an_empty_directory(tmp_path: Pat
     _run([sys.executable, "-m", "venv", venv])
     _run([venv / "bin" / "python", "-m", "pip", "install", "-q", wheel])
     step("install")
+    bench = subprocess.run(
+        [venv / "bin" / "infergate", "bench", "kvindex"], capture_output=True, text=True
+    )
+    assert bench.returncode == 3, bench.stderr  # the bench extra is not installed
+    assert "pip install 'infergw[bench]'" in bench.stderr
 
     empty = tmp_path / "empty"
     empty.mkdir()
