@@ -31,6 +31,10 @@ COPY controllers ./controllers
 COPY stack ./stack
 COPY bench ./bench
 COPY fetch ./fetch
+# The files the commands read (package data: stack/resources.py).
+COPY examples ./examples
+COPY gateway-manifests ./gateway-manifests
+COPY crds ./crds
 RUN pip install '.[s3]' \
     && cd / && rm -rf /src \
     && mkdir -p /opt/infergate/models \

@@ -8,12 +8,15 @@ PYTEST_ARGS ?=
 
 .PHONY: up test test-fast test-vllm vllm-cpu fuzz lint fmt bench clean
 
+# Python >= 3.11 first, saying which one was found (macOS ships 3.9); PYTHON= picks another.
 $(BIN)/python:
+	@tools/check_python.sh '$(PYTHON)' PYTHON
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 
 # Reinstall whenever the dependency list changes.
 $(STAMP): pyproject.toml | $(BIN)/python
+	@tools/check_python.sh '$(BIN)/python' .venv
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 

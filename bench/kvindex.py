@@ -37,10 +37,10 @@ from infergw.kvindex.events import BlockRemoved, BlockStored, decode_batch
 from infergw.kvindex.index import KVBlockIndex
 from infergw.kvindex.keys import block_keys, model_root, prompt_keys
 from infergw.kvindex.translate import EventTranslator
+from infergw.stack.resources import DEFAULT_MODEL_DIR
 
 BLOCK = 16
 MODEL = "bench-model"
-DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "simulator" / "default_model"
 
 
 def _stored(rng: random.Random, tokens: list[int], start_hash: int) -> BlockStored:
@@ -270,15 +270,15 @@ def tokenization(prompt_tokens_target: int) -> dict:
 
     words = (Path(__file__).read_text() * 50).split()
     system = " ".join(words[:prompt_tokens_target])
-    cold = PromptTokenizer.from_dir(DEFAULT_MODEL)
+    cold = PromptTokenizer.from_dir(DEFAULT_MODEL_DIR)
     n = len(cold.tokens_for("completions", {"prompt": system}))
     times_cold = []
     for i in range(5):
-        fresh = PromptTokenizer.from_dir(DEFAULT_MODEL)
+        fresh = PromptTokenizer.from_dir(DEFAULT_MODEL_DIR)
         t0 = time.perf_counter()
         fresh.tokens_for("completions", {"prompt": system + f" question {i}?"})
         times_cold.append(time.perf_counter() - t0)
-    warm = PromptTokenizer.from_dir(DEFAULT_MODEL)
+    warm = PromptTokenizer.from_dir(DEFAULT_MODEL_DIR)
     warm.tokens_for("completions", {"prompt": system + " warm up?"})
     times_warm = []
     for i in range(20):

@@ -59,6 +59,7 @@ import aiohttp
 
 from infergw.api.engines import SIMULATOR_IMAGES, image_repository
 from infergw.api.lifetime import die_with_parent
+from infergw.api.loopback import missing_loopback
 from infergw.api.names import ENGINE_NOT_INSTALLED
 from infergw.cluster.informer import Informer
 from infergw.cluster.store import POD, NotFound, Obj, Store
@@ -278,6 +279,10 @@ class LocalRuntime:
             self._next_ip += 1
             if not self._addresses.claim(ip):
                 continue
+            problem = missing_loopback(ip)
+            if problem is not None:  # macOS without aliases: every further one is missing too
+                self._addresses.release(ip)
+                raise RuntimeError(problem)
             if _ports_free(ip, ports):
                 return ip
             self._addresses.release(ip)

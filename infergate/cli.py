@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import sys
 
 USAGE = """usage: infergate <command> [args...]
@@ -45,10 +46,41 @@ BENCHMARKS = {
 }
 
 
+# What the `bench` extra brings that benchmarks import (pyproject.toml): checked before a
+# benchmark runs, since they import them late (plotting at the end of a long run).
+BENCH_EXTRA_MODULES = ("matplotlib", "rich")
+BENCH_EXTRA_MISSING = 3  # the exit status when they are not installed
+# Benchmarks record into the checkout (bench/results, docs/benchmarks) and some replay its
+# test recordings (tests/fixtures): from an installed wheel they refuse with this status.
+BENCH_NEEDS_CHECKOUT = 4
+
+
+def missing_bench_modules() -> list[str]:
+    return [m for m in BENCH_EXTRA_MODULES if importlib.util.find_spec(m) is None]
+
+
 def run_bench(argv: list[str]) -> int:
     if not argv or argv[0] not in BENCHMARKS:
         print(f"usage: infergate bench {{{','.join(BENCHMARKS)}}} [flags]")
         return 2
+    missing = missing_bench_modules()
+    if missing:
+        print(
+            f"infergate bench needs the `bench` extra ({', '.join(missing)} not installed): "
+            "pip install 'infergw[bench]' (or the wheel/checkout with [bench])",
+            file=sys.stderr,
+        )
+        return BENCH_EXTRA_MISSING
+    from infergw.bench.common import ROOT
+
+    if not (ROOT / "pyproject.toml").is_file():
+        print(
+            "infergate bench runs from a checkout (git clone, then pip install -e '.[bench]'): "
+            f"benchmarks write into its bench/results and read its tests/fixtures ({ROOT} is "
+            "an installed package)",
+            file=sys.stderr,
+        )
+        return BENCH_NEEDS_CHECKOUT
     return importlib.import_module(BENCHMARKS[argv[0]]).main(argv[1:])
 
 

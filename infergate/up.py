@@ -47,8 +47,9 @@ from pathlib import Path
 from infergw.stack.envoy_config import is_ip_address
 from infergw.stack.example import Example, ExampleError
 from infergw.stack.gateway_tls import GatewayCert, default_directory, own_cert, stack_cert
-from infergw.stack.local import QUICKSTART, LocalStack, StackConfig
+from infergw.stack.local import LocalStack, StackConfig
 from infergw.stack.ports import StackPorts
+from infergw.stack.resources import QUICKSTART
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,4 +1,5 @@
-"""Render the local Envoy config from gateway-manifests/local/envoy.yaml.j2."""
+"""Render the local Envoy config from gateway-manifests/local/envoy.yaml.j2 (shipped as
+`infergw.gateway_manifests`' data, stack/resources.py)."""
 
 from __future__ import annotations
 
@@ -15,9 +16,7 @@ from infergw.api.retries import RETRIABLE_STATUS_CODES, RETRY_ON, retry_budget
 from infergw.cluster.certs import key_problem
 from infergw.stack.auth import AuthConfig, http_filters
 from infergw.stack.ports import PickerPorts, RouterPorts
-
-TEMPLATE = Path(__file__).resolve().parent.parent / "gateway-manifests" / "local" / "envoy.yaml.j2"
-
+from infergw.stack.resources import ENVOY_TEMPLATE
 
 # One pool alone: its clusters keep the names they always had.
 POOL_CLUSTER = "pool"
@@ -156,7 +155,7 @@ def render(settings: EnvoySettings) -> str:
     fields["retry_on"] = RETRY_ON
     fields["retriable_status_codes"] = _flow(list(RETRIABLE_STATUS_CODES))
     fields["retry_budget"] = _flow(retry_budget())
-    return env.from_string(TEMPLATE.read_text()).render(**fields)
+    return env.from_string(ENVOY_TEMPLATE.read_text()).render(**fields)
 
 
 def _as_filter_list(filters: list[dict]) -> str:

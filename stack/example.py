@@ -16,8 +16,7 @@ from infergw.api import yaml_files
 from infergw.api.engines import runs_simulator
 from infergw.api.workload import DEFAULT_ENGINE
 from infergw.stack.auth import AuthConfig, AuthError
-
-ROOT = Path(__file__).resolve().parent.parent
+from infergw.stack.resources import FILE_URI_ROOT
 
 
 class ExampleError(ValueError):
@@ -42,10 +41,10 @@ class ExampleModel:
 
     @property
     def tokenizer_dir(self) -> Path | None:
-        """Where a file:// model lives; relative paths are from the project root, where
-        `infergate up` runs the controllers."""
+        """Where a file:// model lives; relative paths start at FILE_URI_ROOT (the project
+        root in a checkout), where `infergate up` runs the controllers."""
         scheme, _, path = self.model["spec"]["modelURI"].partition("://")
-        return (ROOT / path).resolve() if scheme == "file" else None
+        return (FILE_URI_ROOT / path).resolve() if scheme == "file" else None
 
     @property
     def runs_simulator(self) -> bool:

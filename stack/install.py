@@ -21,10 +21,9 @@ from typing import Any
 import yaml
 
 from infergw.api.workload import DEFAULT_GATEWAY
+from infergw.stack.resources import CRDS, GATEWAY_MANIFESTS
 
-ROOT = Path(__file__).resolve().parent.parent
-BASE = ROOT / "gateway-manifests"
-UPSTREAM_CRDS = ROOT / "crds" / "upstream"
+UPSTREAM_CRDS = CRDS / "upstream"
 DEFAULT_NAMESPACE = "default"  # the namespace the base's values spell
 GATEWAY_FLAG = "--gateway="  # the body-based router's (gateway-manifests/bbr/bbr.yaml)
 # The controllers' files keep their own namespace (infergate-system): never moved.
@@ -67,7 +66,7 @@ class Source:
     movable: bool
 
 
-def base_files(kustomization_dir: Path = BASE) -> list[Source]:
+def base_files(kustomization_dir: Path = GATEWAY_MANIFESTS) -> list[Source]:
     """The files the kustomization names, its `bases:` first (as kustomize loads them)."""
     spec = yaml.safe_load((kustomization_dir / "kustomization.yaml").read_text())
     files: list[Source] = []
@@ -75,9 +74,7 @@ def base_files(kustomization_dir: Path = BASE) -> list[Source]:
         files += base_files((kustomization_dir / base).resolve())
     for name in spec.get("resources") or []:
         path = (kustomization_dir / name).resolve()
-        files.append(
-            Source(path, movable=path.name not in SYSTEM_FILES and path.parent != ROOT / "crds")
-        )
+        files.append(Source(path, movable=path.name not in SYSTEM_FILES and path.parent != CRDS))
     return files
 
 
@@ -137,7 +134,7 @@ def upstream_crds() -> list[Path]:
 
 
 def header(target: Target) -> str:
-    files = " ".join(str(p.relative_to(ROOT)) for p in upstream_crds())
+    files = " ".join(str(p.relative_to(CRDS.parent)) for p in upstream_crds())
     lines = [
         "# infergate's cluster install: kubectl apply --server-side -f -",
         "# Needs Envoy Gateway (EnvoyPatchPolicy enabled) with Envoy AI Gateway (v0.4 or",

@@ -27,6 +27,7 @@ import yaml
 
 from infergw.api import yaml_files
 from infergw.api.lifetime import spawn
+from infergw.api.loopback import missing_loopback
 from infergw.api.names import ENGINE_LABEL, KV_EVENTS_PORT, KV_REPLAY_PORT
 from infergw.cluster.certs import serving_cert
 from infergw.stack.auth import AuthConfig
@@ -36,12 +37,9 @@ from infergw.stack.pods import StartReport, pool_pods
 from infergw.stack.ports import PickerPorts, RouterPorts, StackPorts, free_port
 from infergw.stack.readiness import wait_http, wait_until
 from infergw.stack.redis_server import RedisServer, which_redis_server
+from infergw.stack.resources import DEFAULT_MODEL_DIR, FILE_URI_ROOT, QUICKSTART
 from infergw.stack.supervise import Supervisor
 
-ROOT = Path(__file__).resolve().parent.parent
-QUICKSTART = ROOT / "examples" / "quickstart"
-# The simulator's bundled tokenizer, which the picker needs to tokenize prompts as pods do.
-DEFAULT_MODEL_DIR = ROOT / "simulator" / "default_model"
 PICKER_HOST = "127.0.0.1"  # where Envoy dials the picker: its certificate's SAN
 SIMULATOR_POD_TIMEOUT = 120.0  # seconds for simulator pods to be ready
 ENGINE_POD_TIMEOUT = 1200.0  # for real engines: loading a model (and fetching it) takes long
@@ -339,7 +337,11 @@ class LocalStack:
 
     def start_controllers(self) -> None:
         """The standalone controllers on the manifests; back once they have written the
-        pool (its pods start in the background)."""
+        pool (its pods start in the background). Stops at once, saying how to add them,
+        where the pods' own loopback addresses are missing (macOS: api/loopback.py)."""
+        problem = missing_loopback()
+        if problem is not None:
+            raise RuntimeError(problem)
         c = self.cfg
         for stale in (self.pool_path, self.eds_path):  # an earlier run's, in a reused workdir
             stale.unlink(missing_ok=True)
@@ -362,8 +364,8 @@ class LocalStack:
             str(c.ports.controllers_metrics),
             *self._controllers_kv_args(),
         ]
-        # From the project root, where the examples' relative file:// model paths start.
-        proc = self._spawn("controllers", cmd, cwd=ROOT)
+        # From where the examples' relative file:// model paths start (stack/resources.py).
+        proc = self._spawn("controllers", cmd, cwd=FILE_URI_ROOT)
         names = [plan.name for plan in self.plans]
         wait_until(
             lambda: (

@@ -49,12 +49,16 @@ RENAMED = importlib.util.find_spec(DEFAULT_NS) is not None
 ROOT_PACKAGE = DEFAULT_NS if RENAMED else LAUNCHER
 
 
+# Packages of data alone (the files the commands read, stack/resources.py): no code, no floor.
+DATA_PACKAGES = frozenset({"examples", "gateway_manifests", "crds"})
+
+
 def floor_of(module: str) -> str | None:
     """The floor a loaded module belongs to; None for what is not ours (or the bare root)."""
     parts = module.split(".")
     if not RENAMED and parts[0] in SUBPACKAGES:
         return parts[0]
-    if parts[0] != ROOT_PACKAGE or len(parts) == 1:
+    if parts[0] != ROOT_PACKAGE or len(parts) == 1 or parts[1] in DATA_PACKAGES:
         return None
     return parts[1] if parts[1] in SUBPACKAGES else "launcher"
 

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import yaml
 
-from infergw.bench.common import ROOT
 from infergw.stack.example import Example
 from infergw.stack.local import LocalStack, StackConfig
 from infergw.stack.ports import free_stack_ports
+from infergw.stack.resources import EXAMPLES
 
-EXAMPLE = ROOT / "examples" / "fairness"
+EXAMPLE = EXAMPLES / "fairness"
 
 
 def copy_example(into: Path, *, flow_control: bool = True) -> Example:

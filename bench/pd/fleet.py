@@ -20,15 +20,15 @@ import aiohttp
 import yaml
 
 from infergw.api.names import BOTH, DECODE, ROLE_LABEL
-from infergw.bench.common import ROOT
 from infergw.stack.example import Example
 from infergw.stack.local import LocalStack, StackConfig
 from infergw.stack.ports import free_stack_ports
+from infergw.stack.resources import EXAMPLES as EXAMPLE_DIRS
 
 EXAMPLES = {
-    "aggregated": ROOT / "examples" / "quickstart",
-    "disaggregated": ROOT / "examples" / "pd",
-    "disaggregated-1-group": ROOT / "examples" / "pd",
+    "aggregated": EXAMPLE_DIRS / "quickstart",
+    "disaggregated": EXAMPLE_DIRS / "pd",
+    "disaggregated-1-group": EXAMPLE_DIRS / "pd",
 }
 # (groups, prefill pods a group, decode pods a group): 4 pods in every mode
 LAYOUT = {

@@ -7,6 +7,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from infergw.api.lifetime import spawn
 from infergw.controllers.address_locks import AddressLocks
 from infergw.controllers.local_runtime import LocalRuntime
@@ -62,3 +64,21 @@ def test_two_runtimes_take_different_addresses_for_ports_nobody_bound_yet(tmp_pa
     a, b = (rt._take_ip([8000, 5600]) for rt in runtimes)
     assert a != b, (a, b)
     assert a.startswith("127.0.0.") and b.startswith("127.0.0.")
+
+
+def test_without_extra_loopback_addresses_the_runtime_says_how_to_add_them(
+    tmp_path, monkeypatch
+) -> None:
+    """macOS has 127.0.0.1 alone: every address the runtime tries is missing (a real bind of an
+    address this machine lacks stands in), and it stops with the fix instead of trying 253."""
+    from infergw.api import loopback
+    from infergw.controllers import local_runtime
+
+    monkeypatch.setattr(
+        local_runtime, "missing_loopback", lambda _ip: loopback.missing_loopback("192.0.2.1")
+    )
+    locks = AddressLocks(tmp_path / "ips")
+    runtime = LocalRuntime(MemoryStore(), tmp_path / "a", address_locks=locks)
+    with pytest.raises(RuntimeError, match="sudo ifconfig lo0 alias"):
+        runtime._take_ip([8000])
+    assert AddressLocks(tmp_path / "ips").claim("127.0.0.2")  # the claim was released

@@ -29,8 +29,9 @@ import requests
 import yaml
 
 from infergw.stack.example import Example
-from infergw.stack.local import ROOT, LocalStack, StackConfig
+from infergw.stack.local import LocalStack, StackConfig
 from infergw.stack.ports import free_stack_ports
+from infergw.stack.resources import EXAMPLES
 from tests.e2e.metrics import Metrics
 
 pytestmark = pytest.mark.slow
@@ -143,7 +144,7 @@ def pd(tmp_path_factory) -> PD:
     tmp = tmp_path_factory.mktemp("pd")
     ports = free_stack_ports(pods=1)
     # the controllers point the pods' KV events at this stack's picker (--kv-events-picker)
-    example = Example.read(ROOT / "examples" / "pd")
+    example = Example.read(EXAMPLES / "pd")
     stack = LocalStack(StackConfig.from_example(example, tmp / "run", ports))
     with stack:
         running = PD(stack)

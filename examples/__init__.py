@@ -1,0 +1,1 @@
+"""The example directories `infergate up` runs, shipped as package data (stack/resources.py)."""
