@@ -3,18 +3,18 @@
 Each count gets a fresh stack: simulator pods with a fast latency model (--sim-time-scale 0.1,
 so the gateway's own cost shows), the quickstart's scheduling (precise prefix scorer with its
 tokenizer, queue, KV-cache and in-flight scorers), every picker subscribed to every pod's KV
-events (per pod), Envoy spreading ext_proc streams over the pickers, and C closed-loop
-clients for D seconds. With `--kv-index memory,redis` each count runs twice, side by side:
-every picker ingesting every pod's events into its own index (memory), and one shared index
-in a redis-server the stack starts, each pod's events ingested by one picker (redis: sharded,
-epp/kv_shards.py; one picker alone subscribes to all). With `--scrapes shared,each` each
-count also runs twice: each pod's /metrics scraped by its owner and shared (the default,
-epp/scrape_shares.py), and by every picker (`--no-share-scrapes`). It reports req/s, latency, and the
-CPU per request of all pickers together and of Envoy, from /proc. Each picker also works
-with no traffic (scraping every pod every 50 ms, its KV-event subscriptions): that idle CPU
-is measured first, for IDLE_SECONDS, and taken out of the per-request figure. From both
-comes what the count would serve on a machine with a core for each picker: N × (1 − idle
-share) / CPU per request, while Envoy and the pods keep up.
+events (per pod), Envoy spreading ext_proc streams over the pickers, and C closed-loop clients
+for D seconds. With `--kv-index memory,redis` each count runs twice, side by side: every picker
+ingesting every pod's events into its own index (memory), and one shared index in a
+redis-server the stack starts, each pod's events ingested by one picker (redis: sharded,
+epp/kv_shards.py; one picker alone subscribes to all). With `--scrapes shared,each` each count
+also runs twice: each pod's /metrics scraped by its owner and shared (the default,
+epp/scrape_shares.py), and by every picker (`--no-share-scrapes`). It reports req/s, latency,
+and the CPU per request of all pickers together and of Envoy, from /proc. Each picker also
+works with no traffic (scraping every pod every 50 ms, its KV-event subscriptions): that idle
+CPU is measured first, for IDLE_SECONDS, and taken out of the per-request figure. From both
+comes what the count would serve on a machine with a core for each picker: N × (1 − idle share)
+/ CPU per request, while Envoy and the pods keep up.
 """
 
 from __future__ import annotations
