@@ -19,6 +19,7 @@ from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from infergw.api.names import PICKER_DEMAND_METRIC
 from infergw.epp.context import RequestContext
 from infergw.epp.errors import NoCapacity, PickerError
 from infergw.epp.flowcontrol import AdmissionController, FlowControlConfig, FlowItem, Outcome
@@ -28,7 +29,6 @@ log = logging.getLogger("epp.capacity_wait")
 # How long a request may wait for its first ready endpoint: flow control's default TTL
 # (llm-d-router's 60 s), long enough for a simulator or a cached small model to start.
 DEFAULT_CAPACITY_WAIT_TTL = FlowControlConfig().default_request_ttl
-WAITING_METRIC = "infergate_epp_pool_waiting_for_capacity"
 OUTCOMES_METRIC = "infergate_epp_capacity_wait"  # a counter: the family gets _total
 
 HasCapacity = Callable[[RequestContext], bool]
@@ -109,7 +109,7 @@ class CapacityWaitCollector:
     def collect(self) -> Iterator[Any]:
         pool = self.wait.pool()
         gauge = GaugeMetricFamily(
-            WAITING_METRIC,
+            PICKER_DEMAND_METRIC,
             "Requests the picker holds because no endpoint of the pool can take them (scaled "
             "to zero, or every pod starting): the autoscaler's demand signal",
             labels=["name", "model_name"],

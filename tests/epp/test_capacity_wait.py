@@ -10,9 +10,9 @@ import asyncio
 import pytest
 from prometheus_client import CollectorRegistry
 
+from infergw.api.names import PICKER_DEMAND_METRIC
 from infergw.epp.capacity_wait import (
     OUTCOMES_METRIC,
-    WAITING_METRIC,
     CapacityWait,
     CapacityWaitCollector,
 )
@@ -53,7 +53,7 @@ def cold_director(*, ttl: float = 30.0, routes=(), flow_control=None) -> Directo
     return Director(ds, load_config(LEAST_REQUEST), metrics, options, gate)
 
 
-def gauge(d: Director, metric: str = WAITING_METRIC, **labels) -> float:
+def gauge(d: Director, metric: str = PICKER_DEMAND_METRIC, **labels) -> float:
     total = 0.0
     for family in d.metrics.registry.collect():
         for s in family.samples:
@@ -183,5 +183,5 @@ def test_the_collector_bounds_model_names():
     wait = CapacityWait(ttl=30)
     registry = CollectorRegistry()
     registry.register(CapacityWaitCollector(wait, lambda name: "other"))
-    assert {f.name for f in registry.collect()} == {WAITING_METRIC, OUTCOMES_METRIC}
+    assert {f.name for f in registry.collect()} == {PICKER_DEMAND_METRIC, OUTCOMES_METRIC}
 
