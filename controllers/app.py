@@ -37,10 +37,10 @@ from infergw.cluster.store import (
     Store,
 )
 from infergw.controllers.autoscaler import AutoscalerReconciler
-from infergw.controllers.picker_demand import by_pool, picker_metrics_item
 from infergw.controllers.engine_command import PER_POD, KVEventSockets
 from infergw.controllers.model import ModelReconciler
 from infergw.controllers.modelinfer import ModelInferReconciler
+from infergw.controllers.picker_demand import by_pool, picker_metrics_item
 from infergw.controllers.picker_objects import PICKER_IMAGE, PickerSettings
 from infergw.controllers.runner import (
     Controller,
@@ -82,9 +82,7 @@ def build_controllers(
     HTTPRoute and EnvoyPatchPolicy, and is reconciled again when their status (or the
     install's picker filter's) changes. `picker_metrics`: the pickers' metrics URLs per
     pool, where the autoscaler reads their demand (None: each pool's picker Service's pods)."""
-    scaler = AutoscalerReconciler(
-        store, interval=autoscale_interval, picker_metrics=picker_metrics
-    )
+    scaler = AutoscalerReconciler(store, interval=autoscale_interval, picker_metrics=picker_metrics)
     model_watches = [(MODEL, own_key), (MODEL_INFER, owner_key(MODEL))]
     if picker is not None:
         model_watches += [(DEPLOYMENT, owner_key(MODEL)), (HTTP_ROUTE, owner_key(MODEL))]

@@ -73,9 +73,7 @@ class Scaler:
     def panicking(self, now: float) -> bool:
         return now < self.panic_until
 
-    def step(
-        self, now: float, metrics: dict[str, float], current: int, demand: float = 0.0
-    ) -> int:
+    def step(self, now: float, metrics: dict[str, float], current: int, demand: float = 0.0) -> int:
         """The size to set now, given the metrics summed over the target's ready pods and
         `demand`, the requests the pickers hold because no pod is ready (scale from zero).
 

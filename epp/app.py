@@ -22,10 +22,10 @@ from infergw.api import logs, yaml_files
 from infergw.api.signals import wait_for_signal
 from infergw.cluster import certs
 from infergw.epp.body_budget import BodyBudget
+from infergw.epp.capacity_wait import CapacityWaitCollector
 from infergw.epp.datastore import Datastore
 from infergw.epp.director import Director, DirectorOptions
 from infergw.epp.extproc import ExternalProcessor
-from infergw.epp.capacity_wait import CapacityWaitCollector
 from infergw.epp.flowcontrol import FlowControlConfig, FlowControlConfigError
 from infergw.epp.gatekeeper import Gatekeeper
 from infergw.epp.http_server import make_app

@@ -133,4 +133,3 @@ class CapacityWaitCollector:
         outcomes.add_metric(["cancelled"], s.cancelled_queued)
         outcomes.add_metric(["rejected"], sum(s.rejected.values()) - expired)  # limits, shutdown
         yield outcomes
-

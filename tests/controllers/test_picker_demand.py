@@ -115,6 +115,10 @@ async def size(store: MemoryStore) -> int:
     return (await store.get(MODEL_INFER, "default", "llm"))["spec"]["replicas"]
 
 
+async def held(rec: AutoscalerReconciler, store: MemoryStore) -> float:
+    return await rec.demand.waiting("default", await store.get(MODEL_INFER, "default", "llm"))
+
+
 @pytest.fixture
 async def pickers():
     p = FakePickers()
@@ -134,15 +138,12 @@ async def test_every_picker_replicas_demand_scales_from_zero_and_idle_returns_to
         assert await size(store) == 0  # idle at zero
         pickers.held[PICKER_IPS[1]] = 2.0  # one replica of two holds requests
         clock.t += 15
-        assert await rec.demand.waiting("default", await store.get(MODEL_INFER, "default", "llm")) == 2
+        assert await held(rec, store) == 2
         await rec.reconcile("default", "b")
         assert await size(store) == 1  # at once, whatever the 30 s up window
         pickers.held = dict.fromkeys(PICKER_IPS, 1.0)
         clock.t += 15
-        assert (
-            await rec.demand.waiting("default", await store.get(MODEL_INFER, "default", "llm"))
-            == 2  # summed over the replicas
-        )
+        assert await held(rec, store) == 2  # summed over the replicas
         # the pod is up and idle, nothing is held: one until the down window has passed
         pickers.held = dict.fromkeys(PICKER_IPS, 0.0)
         clock.t += 15

@@ -90,9 +90,7 @@ def wait_for_zero(stack: LocalStack, within: float = WINDOW + 30) -> None:
         time.sleep(0.2)
 
 
-def cold_request(
-    stack: LocalStack, n: int
-) -> tuple[int, float | None, float, str, dict[str, str]]:
+def cold_request(stack: LocalStack, n: int) -> tuple[int, float | None, float, str, dict[str, str]]:
     """(status, seconds to the first streamed token, seconds in all, body, headers)."""
     body = {"model": "tiny", "prompt": f"cold {n}", "max_tokens": 8, "stream": True}
     t0 = time.monotonic()

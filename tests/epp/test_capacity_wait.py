@@ -184,4 +184,3 @@ def test_the_collector_bounds_model_names():
     registry = CollectorRegistry()
     registry.register(CapacityWaitCollector(wait, lambda name: "other"))
     assert {f.name for f in registry.collect()} == {PICKER_DEMAND_METRIC, OUTCOMES_METRIC}
-
