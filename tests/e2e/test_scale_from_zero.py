@@ -1,6 +1,6 @@
 """Scale from zero end to end, in standalone mode as `infergate up` runs it: the standalone
-controllers (autoscaler included, reading the picker's demand), a simulator Model with
-`minReplicas: 0`, the picker and Envoy, all real processes.
+controllers (autoscaler included, reading the pickers' demand), a simulator Model with
+`minReplicas: 0`, two pickers and Envoy, all real processes.
 
 Idle, the Model goes to zero pods. A request then is held by the picker while the autoscaler,
 seeing it in the picker's `infergate_epp_pool_waiting_for_capacity`, starts a pod; the
@@ -32,6 +32,7 @@ WINDOW = 4  # the scale-down stabilization window, seconds: idle this long → z
 INTERVAL = 0.5  # the autoscaler's cycle
 TTL = 25  # the picker's --capacity-wait-ttl: a simulator pod starts well within it
 COLD = 6  # concurrent cold requests
+PICKERS = 2  # each holds what Envoy gives it; the autoscaler sums their demand
 
 
 def manifests() -> list[dict]:
@@ -68,7 +69,8 @@ def stack(tmp_path):
     s = LocalStack(
         StackConfig(
             workdir=tmp_path / "stack",
-            ports=free_stack_ports(1),
+            ports=free_stack_ports(1, pickers=PICKERS),
+            pickers=PICKERS,
             manifests=directory,
             pool_name="tiny",
             served_model_name="tiny",
@@ -85,7 +87,9 @@ def stack(tmp_path):
 
 def wait_for_zero(stack: LocalStack, within: float = WINDOW + 30) -> None:
     deadline = time.monotonic() + within
-    while pool_pods(stack.pool_path, "tiny") or stack.picker_endpoints():
+    while pool_pods(stack.pool_path, "tiny") or any(
+        stack.picker_endpoints(i) for i in range(PICKERS)
+    ):
         assert time.monotonic() < deadline, "the Model never went to zero pods"
         time.sleep(0.2)
 
