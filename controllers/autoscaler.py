@@ -40,6 +40,10 @@ from infergw.controllers.prom_text import parse_sum
 log = logging.getLogger("controllers.autoscaler")
 
 
+# Seconds between the cycles of a binding with a target at zero replicas.
+AT_ZERO_INTERVAL = 1.0
+
+
 class ScrapeFailed(Exception):
     pass
 
@@ -134,6 +138,10 @@ class AutoscalerReconciler:
         for target, _current, desired in results:
             await self._set_size(namespace, target["target"], desired)
         await self._status(binding, results, None)
+        if any(desired == 0 for _, _, desired in results):
+            # At zero only the pickers' demand can move it, and a held request waits for
+            # the next cycle: look again soon (it costs a scrape of the pickers only).
+            return min(self.interval, AT_ZERO_INTERVAL)
         return self.interval
 
     # ---- the three binding forms ------------------------------------------------------

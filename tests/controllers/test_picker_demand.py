@@ -11,7 +11,7 @@ from aiohttp import web
 
 from infergw.api.names import MODEL_LABEL, PICKER_DEMAND_METRIC
 from infergw.cluster.store import AUTOSCALING_BINDING, MODEL_INFER, POD
-from infergw.controllers.autoscaler import AutoscalerReconciler
+from infergw.controllers.autoscaler import AT_ZERO_INTERVAL, AutoscalerReconciler
 from infergw.controllers.memory_store import MemoryStore
 from infergw.controllers.picker_demand import picker_metrics_item
 from tests.conftest import free_port
@@ -134,8 +134,9 @@ async def test_every_picker_replicas_demand_scales_from_zero_and_idle_returns_to
         await pickers.start(ip, 0.0)
     rec = AutoscalerReconciler(store, interval=15, clock=clock)  # kubernetes: via the Service
     try:
-        await rec.reconcile("default", "b")
-        assert await size(store) == 0  # idle at zero
+        # idle at zero, and looked at again within a second, not a whole interval
+        assert await rec.reconcile("default", "b") == AT_ZERO_INTERVAL
+        assert await size(store) == 0
         pickers.held[PICKER_IPS[1]] = 2.0  # one replica of two holds requests
         clock.t += 15
         assert await held(rec, store) == 2
