@@ -63,6 +63,8 @@ TRTLLM = "TRTLLM"
 SIMULATOR = "Simulator"
 ENGINE_TYPES = (VLLM, SGLANG, TRTLLM, SIMULATOR)
 
+# The image of every part of ours (`infergate connector`, `infergate download`, `infergate epp`).
+INFERGATE_IMAGE = "ghcr.io/infergate/infergate:latest"
 # Images whose entrypoint is the simulator (the infergate image runs it for arguments that
 # start with a flag: the Dockerfile's ENTRYPOINT), by repository, without registry or tag.
 SIMULATOR_IMAGES = ("infergate/simulator", "infergate/infergate")

@@ -43,6 +43,8 @@ KV_REPLAY_PORT = 5600
 # A container standalone mode cannot run (its engine is not installed here): the waiting
 # reason it reports, as a kubelet reports ErrImageNeverPull for an image it does not have.
 ENGINE_NOT_INSTALLED = "EngineNotInstalled"
+# A pod whose weights could not be downloaded: its init container `infergate download` failed.
+DOWNLOAD_FAILED = "DownloadFailed"
 
 # ---- install objects the controllers read -----------------------------------------------------
 

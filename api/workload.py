@@ -153,6 +153,11 @@ class Model(ApiStruct, kw_only=True):
     status: ModelStatus | None = None
 
 
+def engine_type(model: Model) -> str:
+    """The Model's engine type, DEFAULT_ENGINE when it does not say."""
+    return model.spec.engine.type or DEFAULT_ENGINE
+
+
 def check_metric_targets(p: Problems, path: str, metrics: list[MetricTarget]) -> None:
     p.length(path, metrics, 1, 8, "items")
     p.unique(path, [m.metric_name for m in metrics], "metricName")

@@ -49,6 +49,7 @@ from infergw.controllers.runner import (
     owner_key,
     same_namespace_keys,
 )
+from infergw.controllers.weights import CLUSTER, WeightsLayout, cache_volume_of
 
 log = logging.getLogger("controllers")
 
@@ -77,6 +78,7 @@ def build_controllers(
     kv_sockets: KVEventSockets = PER_POD,
     picker: PickerSettings | None = None,
     picker_metrics: dict[str, list[str]] | None = None,
+    weights: WeightsLayout = CLUSTER,
 ) -> tuple[list[Controller], AutoscalerReconciler]:
     """The controllers; with `picker` (a cluster), every Model also gets its endpoint picker,
     HTTPRoute and EnvoyPatchPolicy, and is reconciled again when their status (or the
@@ -88,7 +90,7 @@ def build_controllers(
         model_watches += [(DEPLOYMENT, owner_key(MODEL)), (HTTP_ROUTE, owner_key(MODEL))]
     models = Controller(
         store,
-        ModelReconciler(store, kv_sockets, picker),
+        ModelReconciler(store, kv_sockets, picker, weights),
         model_watches,
         metrics,
         namespace=namespace,
@@ -129,6 +131,7 @@ class Standalone:
     eds_dir: Path | None = None  # every pool's endpoints, one file each (several Models)
     # The local picker's KV-event SUB, which every pod on this machine connects to.
     kv_sockets: KVEventSockets = field(default_factory=lambda: central_sockets(None))
+    weights_cache_dir: Path | None = None  # None: the download's own default
     metrics: ControllerMetrics = field(default_factory=ControllerMetrics)
     # pool → its pickers' metrics URLs: their demand scales a pool up from zero
     picker_metrics: dict[str, list[str]] = field(default_factory=dict)
@@ -152,6 +155,7 @@ class Standalone:
             autoscale_interval=self.autoscale_interval,
             kv_sockets=self.kv_sockets,
             picker_metrics=self.picker_metrics,
+            weights=WeightsLayout.standalone(self.weights_cache_dir, self.state_dir / "models"),
         )
         exporter = PoolExporter(
             store,
@@ -236,8 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--picker-image",
         default=PICKER_IMAGE,
-        help="kubernetes mode: the image of every Model's endpoint picker (infergate epp) and "
-        "of its tokenizer fetch",
+        help="kubernetes mode: the image of every Model's endpoint picker (infergate epp), "
+        "of its tokenizer fetch and of its weights' downloads (infergate download)",
     )
     p.add_argument(
         "--picker-kv-index-redis",
@@ -248,8 +252,33 @@ def build_parser() -> argparse.ArgumentParser:
         "(standalone Redis or Valkey), each pod's KV events ingested by one replica; default: "
         "each replica subscribes to every pod and keeps its own index",
     )
+    p.add_argument(
+        "--weights-cache",
+        type=weights_cache,
+        default="emptyDir",
+        metavar="emptyDir|hostPath:/DIR|pvc:CLAIM",
+        help="kubernetes mode: the volume the Models' weights are downloaded into; a hostPath "
+        "or a claim that a node's pods share downloads each model once per node (the "
+        "webhook admits a hostPath only in namespaces labelled "
+        "infergate.io/allow-privileged-pods=true); default: each pod's own emptyDir",
+    )
+    p.add_argument(
+        "--weights-cache-dir",
+        type=Path,
+        default=None,
+        help="standalone: where the Models' weights are downloaded (default: the download's "
+        "own, $INFERGATE_CACHE_DIR, else ~/.cache/infergate/models)",
+    )
     p.add_argument("--log-level", type=logs.level_name, default="info")
     return p
+
+
+def weights_cache(text: str) -> str:
+    try:
+        cache_volume_of(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def central_sockets(picker: str | None) -> KVEventSockets:
@@ -317,6 +346,7 @@ async def _serve_standalone(args: argparse.Namespace, stop: asyncio.Event) -> No
         eds_dir=args.envoy_eds_dir,
         kv_sockets=kv_sockets(args),
         picker_metrics=by_pool(args.picker_metrics),
+        weights_cache_dir=args.weights_cache_dir,
     )
     start_http_server(args.metrics_port, addr=args.host, registry=app.metrics.registry)
     await app.start()
@@ -355,6 +385,7 @@ async def _serve_kubernetes(args: argparse.Namespace, stop: asyncio.Event) -> No
         namespace=args.namespace,
         kv_sockets=kv_sockets(args),
         picker=PickerSettings(image=args.picker_image, kv_index_redis=args.picker_kv_index_redis),
+        weights=WeightsLayout.cluster(cache_volume_of(args.weights_cache), args.picker_image),
     )
     elector = None
     try:

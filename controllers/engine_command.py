@@ -42,7 +42,8 @@ from infergw.api.names import (
     KV_REPLAY_PORT,
     WORKER_INDEX_ENV,
 )
-from infergw.api.workload import DEFAULT_ENGINE, Model, ModelRole
+from infergw.api.workload import Model, ModelRole, engine_type
+from infergw.controllers.weights import CLUSTER, WeightsLayout, artifacts, engine_path
 
 ENGINE_PORT = 8000  # the pod's serving port: the engine's, or the connector's before it
 NODES_PORT = 29501  # where a multi-node entry waits for its workers (vLLM's default)
@@ -237,22 +238,10 @@ class EngineCommand:
     kv_ports: list[dict]
 
 
-def engine_type(model: Model) -> str:
-    return model.spec.engine.type or DEFAULT_ENGINE
-
-
 def engine_cli(engine: str, image: str) -> EngineCli:
     """The command line a Model of this engine type and image runs: the simulator's when
     asked for (engine type Simulator or a simulator image), else the engine's."""
     return SIMULATOR_CLI if runs_simulator(engine, image) else CLIS[engine]
-
-
-def model_arg(uri: str) -> str:
-    """What an engine's model flag takes for a model URI: a hub id, or a local path."""
-    scheme, _, rest = uri.partition("://")
-    if scheme in ("hf", "ms", "file"):
-        return rest
-    return "/models/" + rest.rstrip("/").rsplit("/", 1)[-1]  # s3, obs, pvc: mounted there
 
 
 def kv_events_config(sockets: KVEventSockets, topic: str) -> str:
@@ -293,15 +282,18 @@ def render(
     port: int = ENGINE_PORT,
     sockets: KVEventSockets = PER_POD,
     node: Node | None = None,
+    weights: WeightsLayout = CLUSTER,
 ) -> EngineCommand:
     """The engine container's command and args for one role of the Model and one node of
     its engine (default: the only one): ours first, then the Model's (engine.args, then the
     role's), then LoRA adapters. Every node gets the same arguments but its rank (the
-    engines require it), and a worker its engine's worker flags."""
+    engines require it), and a worker its engine's worker flags. Model and adapters are
+    read where `weights` puts them (weights.py)."""
     spec = model.spec
     cli = engine_cli(engine_type(model), spec.image)
     own = [*(spec.engine.args or []), *(role.args or [])]
-    model_path = model_arg(spec.model_uri)
+    base, *adapters = artifacts(model)
+    model_path = engine_path(model, base, weights)
     args = [f"{cli.model_flag}={model_path}"] if cli.model_flag else [model_path]
     args.append(f"{cli.served_name_flag}={served_name}")
     if not sets(own, cli.host_flag):
@@ -331,6 +323,9 @@ def render(
     lora = spec.lora_adapters or []
     if lora and cli.lora_flag:  # validate_model refuses adapters for an engine without one
         args += ["--enable-lora", cli.lora_flag]
-        args += [f"{a.name}={model_arg(a.artifact_url)}" for a in lora]
+        args += [
+            f"{a.name}={engine_path(model, f, weights)}"
+            for a, f in zip(lora, adapters, strict=True)
+        ]
     command = list(spec.engine.command or cli.command)
     return EngineCommand(command, args, kv_ports)

@@ -75,6 +75,8 @@ DEFAULT_GRACE_SECONDS = 30  # terminationGracePeriodSeconds when the pod does no
 # otherwise start a thousand engines on this machine. The others wait, Pending.
 MAX_PODS = 110
 UNSCHEDULABLE = "Unschedulable"
+TERMINATION_MESSAGE_BYTES = 2048  # the kubelet's bounds on a message taken from the log
+TERMINATION_MESSAGE_LINES = 80
 
 
 class NotInstalled(Exception):
@@ -95,6 +97,7 @@ class _Container:
     running: bool = False
     done: bool = False  # exited and, per restartPolicy, not restarted
     exit_code: int | None = None  # the last exit
+    message: str | None = None  # the last failed exit's termination message
     task: asyncio.Task | None = None
 
 
@@ -103,6 +106,9 @@ class _Running:
     pod: Obj
     ip: str
     containers: list[_Container] = field(default_factory=list)
+    init: list[_Container] = field(default_factory=list)  # run one by one, before containers
+    initialized: bool = True  # every init container exited 0 (or there are none)
+    starting: asyncio.Task | None = None  # the init containers' run, then the containers' start
     stopping: bool = False
     status_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -280,25 +286,59 @@ class LocalRuntime:
     # ---- one pod ------------------------------------------------------------------------
 
     def _start_containers(self, key: tuple[str, str], run: _Running) -> None:
-        specs = run.pod.get("spec", {}).get("containers") or [{}]
-        for i, spec in enumerate(specs):
-            name = spec.get("name") or f"c{i}"
-            env = {**self.env, **self._env(run.pod, spec, run.ip)}
-            c = _Container(
-                name=name,
-                spec=spec,
-                env=env,
-                logfile=self.state_dir / "pods" / f"{key[0]}_{key[1]}_{name}.log",
+        spec = run.pod.get("spec", {})
+        run.init = [
+            self._container(key, run, c, f"init{i}")
+            for i, c in enumerate(spec.get("initContainers") or [])
+        ]
+        specs = spec.get("containers") or [{}]
+        run.containers = [self._container(key, run, c, f"c{i}") for i, c in enumerate(specs)]
+        if run.init:
+            run.initialized = False
+            run.starting = asyncio.create_task(
+                self._initialize(key, run), name=f"pod {key[1]} init"
             )
-            run.containers.append(c)
+        else:
+            self._supervise_containers(key, run)
+
+    def _container(
+        self, key: tuple[str, str], run: _Running, spec: dict, default: str
+    ) -> _Container:
+        name = spec.get("name") or default
+        return _Container(
+            name=name,
+            spec=spec,
+            env={**self.env, **self._env(run.pod, spec, run.ip)},
+            logfile=self.state_dir / "pods" / f"{key[0]}_{key[1]}_{name}.log",
+        )
+
+    def _supervise_containers(self, key: tuple[str, str], run: _Running) -> None:
         for c in run.containers:
             c.task = asyncio.create_task(
                 self._supervise(key, run, c), name=f"pod {key[1]} container {c.name}"
             )
 
-    async def _supervise(self, key: tuple[str, str], run: _Running, c: _Container) -> None:
-        """One container: start, probe, and restart per the pod's restartPolicy."""
+    async def _initialize(self, key: tuple[str, str], run: _Running) -> None:
+        """The init containers one after another, each until it exits 0 (restarted after a
+        failure unless restartPolicy is Never, which fails the pod), then the containers: a
+        kubelet's order, so an engine starts only once its weights are there."""
+        for c in run.init:
+            c.task = asyncio.current_task()
+            await self._supervise(key, run, c, init=True)
+            if run.stopping or c.exit_code != 0:
+                return  # stopped, or failed for good (restartPolicy Never): the pod Failed
+        run.initialized = True
+        await self._write_status(key, run)
+        self._supervise_containers(key, run)
+
+    async def _supervise(
+        self, key: tuple[str, str], run: _Running, c: _Container, init: bool = False
+    ) -> None:
+        """One container: start, probe, and restart per the pod's restartPolicy; an init
+        container until it exits 0 (Always restarts it only on failure, as OnFailure)."""
         policy = run.pod.get("spec", {}).get("restartPolicy", "Always")
+        if init and policy == "Always":
+            policy = "OnFailure"
         backoff = min(1.0, self.max_backoff)
         while not c.cmd and not run.stopping:
             if await self._resolve(key, run, c):
@@ -313,6 +353,7 @@ class LocalRuntime:
             if run.stopping:
                 return
             log.warning("pod %s/%s container %s exited with %s", *key, c.name, code)
+            c.message = _termination_message(c) if code else None
             if policy == "Never" or (policy == "OnFailure" and code == 0):
                 c.done = True
                 await self._write_status(key, run)
@@ -408,7 +449,8 @@ class LocalRuntime:
         if run is None or run.stopping:
             return
         run.stopping = True  # it stays under its key while it drains: its pod is not released
-        tasks = [c.task for c in run.containers if c.task is not None]
+        every = [*run.init, *run.containers]
+        tasks = list({c.task for c in every if c.task is not None} | {run.starting} - {None})
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -416,9 +458,7 @@ class LocalRuntime:
             c.ready = False
         await self._write_status(key, run)  # terminating: out of every pool before SIGTERM
         grace = _grace_seconds(run.pod)
-        await asyncio.gather(
-            *(self._stop_container(c, grace) for c in run.containers if c.proc is not None)
-        )
+        await asyncio.gather(*(self._stop_container(c, grace) for c in every if c.proc is not None))
         self._free_ips.append(run.ip)
         if self._running.get(key) is run:
             del self._running[key]
@@ -516,28 +556,38 @@ def _not_installed(what: str, detail: str) -> str:
 
 
 def _pod_status(run: _Running) -> dict:
-    """What the kubelet reports: Running while any container runs or will restart;
-    Succeeded when all exited 0 for good, Failed when all exited and one failed."""
+    """What the kubelet reports: Pending while the init containers run, Failed if one failed
+    for good; Running while any container runs or will restart; Succeeded when all exited 0
+    for good, Failed when all exited and one failed."""
     containers = run.containers
-    missing = [c for c in containers if c.missing]
-    if containers and all(c.done for c in containers):
+    missing = [c for c in [*run.init, *containers] if c.missing]
+    if any(c.done and c.exit_code != 0 for c in run.init):
+        phase = "Failed"  # restartPolicy Never
+    elif not run.initialized:
+        phase = "Pending"
+    elif containers and all(c.done for c in containers):
         phase = "Succeeded" if all(c.exit_code == 0 for c in containers) else "Failed"
     elif missing:
         phase = "Pending"  # a container that cannot run here never started
     else:
         phase = "Running"
-    ready = bool(containers) and all(c.ready for c in containers)
+    ready = run.initialized and bool(containers) and all(c.ready for c in containers)
     condition = {"type": "Ready", "status": "True" if ready else "False"}
     if missing:
         condition["reason"] = ENGINE_NOT_INSTALLED
         condition["message"] = "; ".join(f"container {c.name}: {c.missing}" for c in missing)
-    return {
+    status = {
         "phase": phase,
         "podIP": run.ip,
         "podIPs": [{"ip": run.ip}],
         "conditions": [condition],
         "containerStatuses": [_container_status(c) for c in containers],
     }
+    if run.init:
+        initialized = {"type": "Initialized", "status": "True" if run.initialized else "False"}
+        status["conditions"].insert(0, initialized)
+        status["initContainerStatuses"] = [_container_status(c) for c in run.init]
+    return status
 
 
 def _container_status(c: _Container) -> dict:
@@ -546,15 +596,36 @@ def _container_status(c: _Container) -> dict:
     elif c.missing:
         state = {"waiting": {"reason": ENGINE_NOT_INSTALLED, "message": c.missing}}
     elif c.done:
-        state = {"terminated": {"exitCode": c.exit_code}}
+        state = {"terminated": _terminated(c)}
     elif c.exit_code is not None:
         state = {"waiting": {"reason": "CrashLoopBackOff"}}
     else:
         state = {"waiting": {"reason": "ContainerCreating"}}
     out = {"name": c.name, "ready": c.ready, "restartCount": c.restarts, "state": state}
     if c.exit_code is not None and "terminated" not in state:
-        out["lastState"] = {"terminated": {"exitCode": c.exit_code}}
+        out["lastState"] = {"terminated": _terminated(c)}
     return out
+
+
+def _terminated(c: _Container) -> dict:
+    out: dict = {"exitCode": c.exit_code, "reason": "Completed" if c.exit_code == 0 else "Error"}
+    if c.message:
+        out["message"] = c.message
+    return out
+
+
+def _termination_message(c: _Container) -> str | None:
+    """terminationMessagePolicy FallbackToLogsOnError, as the kubelet reads it: the log's
+    last 80 lines, at most 2048 bytes (no container here can write /dev/termination-log)."""
+    if c.spec.get("terminationMessagePolicy") != "FallbackToLogsOnError":
+        return None
+    try:
+        with open(c.logfile, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - TERMINATION_MESSAGE_BYTES))
+            tail = f.read().decode(errors="replace")
+    except OSError:
+        return None
+    return "\n".join(tail.splitlines()[-TERMINATION_MESSAGE_LINES:]) or None
 
 
 def _same(a: Obj, b: Obj) -> bool:

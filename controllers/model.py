@@ -21,7 +21,7 @@ import msgspec
 from infergw import api
 from infergw.api import Condition, Model, ModelInfer
 from infergw.api.meta import ApiStruct
-from infergw.api.names import ENGINE_NOT_INSTALLED, PICKER_FILTER_POLICY
+from infergw.api.names import DOWNLOAD_FAILED, ENGINE_NOT_INSTALLED, PICKER_FILTER_POLICY
 from infergw.api.workload import ModelInferStatus
 from infergw.cluster.store import (
     DEPLOYMENT,
@@ -45,6 +45,7 @@ from infergw.controllers.engine_command import PER_POD, KVEventSockets
 from infergw.controllers.picker_objects import PickerSettings, PickerTLS
 from infergw.controllers.reachability import REACHABLE, Patch, reachable
 from infergw.controllers.route_parents import read_route_parents
+from infergw.controllers.weights import CLUSTER, WeightsLayout
 
 log = logging.getLogger("controllers.model")
 NOT_OURS_RETRY = 30.0  # seconds between looks at an object in the way
@@ -91,15 +92,17 @@ class ModelReconciler:
         store: Store,
         sockets: KVEventSockets = PER_POD,
         picker: PickerSettings | None = None,
+        weights: WeightsLayout = CLUSTER,
     ) -> None:
         self.store = store
         self.sockets = sockets  # where the engines it writes send KV events
+        self.weights = weights  # where the downloads before the engines put the weights
         # In a cluster: each Model's endpoint picker and HTTPRoute, and its Reachable
         # condition. Standalone mode (None) runs one picker and Envoy of its own.
         self.picker = picker
 
     async def _desired(self, model: Model, tls: PickerTLS | None) -> list[ApiStruct]:
-        wants = model_objects.desired(model, self.sockets)
+        wants = model_objects.desired(model, self.sockets, self.weights)
         if self.picker is not None:
             # The Gateways of the ModelRoutes that target this Model (route_parents.py).
             parents = await read_route_parents(self.store, model, model_objects.model_label(model))
@@ -331,7 +334,7 @@ def _failed(mi: ModelInfer | None, problems: list[Problem]) -> tuple[bool, str, 
     progressing = _progressing(mi)
     reason = progressing.reason if progressing else None
     message = progressing.message if progressing else ""
-    if reason in ("PodsFailed", ENGINE_NOT_INSTALLED):  # and nothing recreates them
+    if reason in ("PodsFailed", ENGINE_NOT_INSTALLED, DOWNLOAD_FAILED):  # nothing recreates them
         return True, reason, message
     if reason in ("RecreatingRoles", "RecreatingGroups"):
         return True, "PodsFailing", message

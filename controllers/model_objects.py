@@ -34,7 +34,7 @@ from infergw.api.autoscaling import (
     BoundedTarget,
     ScaleTargetRef,
 )
-from infergw.api.engines import METRIC_VOCABULARY
+from infergw.api.engines import INFERGATE_IMAGE, METRIC_VOCABULARY
 from infergw.api.meta import ApiStruct, LocalRef
 from infergw.api.names import DECODE, ENGINE_LABEL, GROUP_LABEL, MODEL_LABEL, PREFILL, ROLE_LABEL
 from infergw.api.networking import (
@@ -75,6 +75,7 @@ from infergw.api.workload import (
     RolloutStrategy,
 )
 from infergw.cluster.store import owner_reference_of
+from infergw.controllers import weights as weights_objects
 from infergw.controllers.engine_command import (
     ENGINE_PORT,
     PER_POD,
@@ -83,9 +84,10 @@ from infergw.controllers.engine_command import (
     engine_type,
     render,
 )
+from infergw.controllers.weights import CLUSTER, WeightsLayout
 
 SIDECAR_ENGINE_PORT = 8200  # the engine's port behind the connector (llm-d's)
-CONNECTOR_IMAGE = "ghcr.io/infergate/infergate:latest"
+CONNECTOR_IMAGE = INFERGATE_IMAGE
 CONNECTOR_SERVICE_ACCOUNT = "infergate-connector"  # may read the pool and its pods, no more
 POD_IP_ENV = {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}
 NIXL_HOST = "VLLM_NIXL_SIDE_CHANNEL_HOST"
@@ -140,12 +142,14 @@ def _container(
     sockets: KVEventSockets,
     port: int = ENGINE_PORT,
     node: Node | None = None,
+    weights: WeightsLayout = CLUSTER,
 ) -> dict:
-    """The engine container: its command and flags (engine_command.py), port, probe, env
-    and resources. A worker node serves nothing: no port, no readiness probe (it is ready
-    while it runs; its entry is ready once the workers joined)."""
+    """The engine container: its command and flags (engine_command.py), port, probe, env,
+    resources and its view of the weights (weights.py). A worker node serves nothing: no
+    port, no readiness probe (it is ready while it runs; its entry is ready once the workers
+    joined)."""
     spec = model.spec
-    engine = render(model, role, served_name(model), port, sockets, node)
+    engine = render(model, role, served_name(model), port, sockets, node, weights)
     args = engine.args
     # Port names are unique in a pod: behind the connector, "http" is the connector's.
     port_name = "http" if port == ENGINE_PORT else "engine"
@@ -169,7 +173,18 @@ def _container(
     resources = _plain(role.resources) or _plain(spec.resources)
     if resources:
         container["resources"] = resources
+    if mounts := weights_objects.engine_mounts(model, weights):
+        container["volumeMounts"] = mounts
     return container
+
+
+def _pod(model: Model, weights: WeightsLayout, labels: dict, spec: dict) -> dict:
+    """A pod template: its engine (and sidecar) `spec`, after the downloads of its weights."""
+    if init := weights_objects.init_containers(model, weights):
+        spec = {**spec, "initContainers": init}
+    if volumes := weights_objects.volumes(model, weights):
+        spec = {**spec, "volumes": volumes}
+    return {"metadata": {"labels": labels}, "spec": spec}
 
 
 def connector_container(model: Model, kv_connector: str) -> dict:
@@ -215,27 +230,30 @@ def _role(
     sockets: KVEventSockets,
     kv_connector: str | None = None,
     nixl_role: str | None = None,
+    weights: WeightsLayout = CLUSTER,
 ) -> Role:
     labels = {ENGINE_LABEL: METRIC_VOCABULARY[engine_type(model)]}
     workers = DEFAULT_WORKER_REPLICAS if role.worker_replicas is None else role.worker_replicas
     nodes = 1 + workers
-    serving = _container(model, role, sockets, node=Node(nodes, entry=True))
+    serving = _container(model, role, sockets, node=Node(nodes, entry=True), weights=weights)
     if nixl_role:
         _nixl(serving, nixl_role)
-    entry = {"metadata": {"labels": labels}, "spec": {"containers": [serving]}}
+    entry = _pod(model, weights, labels, {"containers": [serving]})
     worker = None
-    if workers:
-        joining = _container(model, role, sockets, node=Node(nodes, entry=False))
+    if workers:  # every node loads its part of the weights
+        joining = _container(model, role, sockets, node=Node(nodes, entry=False), weights=weights)
         spec = {"containers": [_nixl(joining, nixl_role) if nixl_role else joining]}
-        worker = {"metadata": {"labels": dict(labels)}, "spec": spec}
+        worker = _pod(model, weights, dict(labels), spec)
     if kv_connector:  # only the entry pod serves, so only it gets the sidecar
-        behind = _container(model, role, sockets, SIDECAR_ENGINE_PORT, Node(nodes, entry=True))
+        behind = _container(
+            model, role, sockets, SIDECAR_ENGINE_PORT, Node(nodes, entry=True), weights
+        )
         containers = [
             _nixl(behind, nixl_role) if nixl_role else behind,
             connector_container(model, kv_connector),
         ]
         spec = {"serviceAccountName": CONNECTOR_SERVICE_ACCOUNT, "containers": containers}
-        entry = {"metadata": {"labels": dict(labels)}, "spec": spec}
+        entry = _pod(model, weights, dict(labels), spec)
     return Role(
         name=name,
         replicas=DEFAULT_ROLE_REPLICAS if role.replicas is None else role.replicas,
@@ -245,12 +263,14 @@ def _role(
     )
 
 
-def roles(model: Model, sockets: KVEventSockets = PER_POD) -> list[Role]:
+def roles(
+    model: Model, sockets: KVEventSockets = PER_POD, weights: WeightsLayout = CLUSTER
+) -> list[Role]:
     """The ModelInfer's roles; `sockets`: where the engines' KV events go (the picker's
-    --kv-events-mode)."""
+    --kv-events-mode); `weights`: where the downloads put the weights."""
     backend = model.spec.backend
     if backend.aggregated is not None:
-        return [_role(model, "server", backend.aggregated, sockets)]
+        return [_role(model, "server", backend.aggregated, sockets, weights=weights)]
     connector = backend.kv_connector
     kv_connector = None if connector is None else connector.type or DEFAULT_KV_CONNECTOR
     nixl = kv_connector == "nixl"  # vLLM's NixlConnector; other connectors: the Model's args
@@ -258,12 +278,16 @@ def roles(model: Model, sockets: KVEventSockets = PER_POD) -> list[Role]:
     if prefill is None or decode is None:  # validate_model's rule, for a Model it never saw
         raise ValueError("spec.backend: set either aggregated, or both prefill and decode")
     return [
-        _role(model, PREFILL, prefill, sockets, nixl_role="kv_producer" if nixl else None),
-        _role(model, DECODE, decode, sockets, kv_connector, "kv_consumer" if nixl else None),
+        _role(model, PREFILL, prefill, sockets, None, "kv_producer" if nixl else None, weights),
+        _role(
+            model, DECODE, decode, sockets, kv_connector, "kv_consumer" if nixl else None, weights
+        ),
     ]
 
 
-def modelinfer(model: Model, sockets: KVEventSockets = PER_POD) -> ModelInfer:
+def modelinfer(
+    model: Model, sockets: KVEventSockets = PER_POD, weights: WeightsLayout = CLUSTER
+) -> ModelInfer:
     replicas = model.spec.replicas
     return ModelInfer(
         metadata=_meta(model),
@@ -276,7 +300,7 @@ def modelinfer(model: Model, sockets: KVEventSockets = PER_POD) -> ModelInfer:
                     max_unavailable=DEFAULT_MAX_UNAVAILABLE
                 ),
             ),
-            template=GroupTemplate(roles=roles(model, sockets)),
+            template=GroupTemplate(roles=roles(model, sockets, weights)),
         ),
     )
 
@@ -375,10 +399,12 @@ def autoscaling(model: Model) -> list[AutoScalingPolicy | AutoScalingPolicyBindi
     return out
 
 
-def desired(model: Model, sockets: KVEventSockets = PER_POD) -> list[ApiStruct]:
+def desired(
+    model: Model, sockets: KVEventSockets = PER_POD, weights: WeightsLayout = CLUSTER
+) -> list[ApiStruct]:
     """Every object the Model owns, typed; the reconciler turns each into a dict to write."""
     return [
-        modelinfer(model, sockets),
+        modelinfer(model, sockets, weights),
         modelserver(model),
         modelroute(model),
         inferencepool(model),

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from infergw import api
 from infergw.api import ModelInfer
-from infergw.api.names import ENGINE_NOT_INSTALLED, REVISION_LABEL
+from infergw.api.names import DOWNLOAD_FAILED, ENGINE_NOT_INSTALLED, REVISION_LABEL
 from infergw.api.workload import DEFAULT_RECOVERY_POLICY
 from infergw.cluster.store import (
     MODEL_INFER,
@@ -420,8 +420,9 @@ def _progress(
     failing: dict[int, list[str]],
 ) -> tuple[bool, str, str]:
     """(status, reason, message) of Progressing: True while the groups are moving towards
-    the spec, False when they are there (AllGroupsReady) or stuck (PodsFailed, or
-    EngineNotInstalled: a pod's engine is not installed on its node)."""
+    the spec, False when they are there (AllGroupsReady) or stuck (PodsFailed,
+    EngineNotInstalled: a pod's engine is not installed on its node, or DownloadFailed: a
+    pod's weights could not be downloaded)."""
     name = _name(mi)
     if failing:
         pods = [p for g in failing for p in failing[g]]
@@ -436,6 +437,16 @@ def _progress(
         pod, why = stuck[0]
         more = f" (and {len(stuck) - 1} more pods)" if len(stuck) > 1 else ""
         return False, ENGINE_NOT_INSTALLED, f"pod {pod} cannot start: {why}{more}"
+    unfetched = sorted(
+        (p["metadata"]["name"], why)
+        for pods in groups.pods.values()
+        for p in pods
+        if (why := mp.download_failure(p))
+    )
+    if unfetched:  # retried with back-off, but the message says what a person should fix
+        pod, why = unfetched[0]
+        more = f" (and {len(unfetched) - 1} more pods)" if len(unfetched) > 1 else ""
+        return False, DOWNLOAD_FAILED, f"pod {pod} has no weights: {why}{more}"
     if recovering:
         what = [
             f"group {g} role {', '.join(roles)}" if roles else f"group {g}"

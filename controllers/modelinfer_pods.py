@@ -49,6 +49,7 @@ from infergw.api.workload import (
     Role,
 )
 from infergw.cluster.store import Obj, owner_reference_of
+from infergw.controllers.weights import is_download
 
 # Volcano's: the PodGroup a pod belongs to, and the task (here: the role) within it that
 # minTaskMember counts.
@@ -311,6 +312,24 @@ def cannot_run(pod: Obj) -> str | None:
         waiting = (c.get("state") or {}).get("waiting") or {}
         if waiting.get("reason") == ENGINE_NOT_INSTALLED:
             return f"container {c.get('name')}: {waiting.get('message', '')}"
+    return None
+
+
+def download_failure(pod: Obj) -> str | None:
+    """Why the pod's weights are not there: a download init container (weights.py) whose
+    last run failed and that is not running again, with its error line (the last line of its
+    termination message), or None."""
+    for c in (pod.get("status") or {}).get("initContainerStatuses") or []:
+        if not is_download(c.get("name", "")):
+            continue
+        state = c.get("state") or {}
+        ended = state.get("terminated") or (
+            (c.get("lastState") or {}).get("terminated") if "waiting" in state else None
+        )
+        if ended and ended.get("exitCode"):
+            lines = [line for line in str(ended.get("message") or "").splitlines() if line.strip()]
+            said = lines[-1].removeprefix("infergate download: ") if lines else "no message"
+            return f"container {c['name']} exited with {ended['exitCode']}: {said}"
     return None
 
 

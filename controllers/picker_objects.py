@@ -100,6 +100,7 @@ from infergw.controllers.model_objects import (
 )
 from infergw.controllers.picker_tls import TLS_ANNOTATION
 from infergw.controllers.route_parents import merge_parents
+from infergw.controllers.weights import fetch_env
 
 PICKER_IMAGE = CONNECTOR_IMAGE  # the infergate image: `infergate epp`, `infergate fetch`
 PICKER_REPLICAS = 2
@@ -113,20 +114,6 @@ TOKENIZER_DIR = "/var/lib/infergate/tokenizer"
 # Schemes `infergate fetch tokenizer` reads (fetch/tokenizer.py); other Models' pickers score
 # prefixes approximately.
 TOKENIZER_SCHEMES = ("hf", "s3")
-# What the tokenizer fetch may see of the Model's env: the credentials and endpoints of its
-# source, nothing else of the engine's.
-FETCH_ENV = (
-    "HF_TOKEN",
-    "HUGGING_FACE_HUB_TOKEN",
-    "HF_ENDPOINT",
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
-    "AWS_REGION",
-    "AWS_DEFAULT_REGION",
-    "AWS_ENDPOINT_URL",
-    "AWS_ENDPOINT_URL_S3",
-)
 # The request paths whose body names a model (the picker's APIs, epp/request.py): the body-based
 # router can set MODEL_NAME_HEADER on these only.
 INFERENCE_PATHS = (
@@ -355,15 +342,7 @@ _CONTAINER_SECURITY = {
 def _fetch_container(model: Model, settings: PickerSettings) -> dict:
     """Fetches the tokenizer files alone into the shared volume, with the Model's source
     credentials (FETCH_ENV entries of its env, e.g. HF_TOKEN from a Secret)."""
-    env = [
-        {
-            k: v
-            for k, v in (("name", e.name), ("value", e.value), ("valueFrom", e.value_from))
-            if v is not None
-        }
-        for e in model.spec.env or []
-        if e.name in FETCH_ENV
-    ]
+    env = fetch_env(model)
     container = {
         "name": "fetch-tokenizer",
         "image": settings.image,

@@ -51,6 +51,7 @@ class Endpoint:
     scrape_failures: int = 0
     inflight_requests: int = 0
     sent_since_scrape: int = 0  # requests sent after the last good scrape (flow control)
+    last_sent_at: float = 0.0  # time.monotonic() the picker last sent it a request; 0: never
     inflight_tokens: int = 0
     ttft_ewma: float | None = None
     tpot_ewma: float | None = None

@@ -132,6 +132,7 @@ class Director:
         primary = targets[0]
         primary.inflight_requests += 1
         primary.sent_since_scrape += 1
+        primary.last_sent_at = time.monotonic()
         primary.inflight_tokens += self._token_weight(ctx)
         ctx.targets = [e.address for e in targets]
         self.metrics.requests.labels(ctx.request.model, ctx.target_model).inc()

@@ -3,16 +3,40 @@
 Through boto3 (the `s3` extra, which the image installs), with its usual configuration from
 the environment: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (from the Secret the Model's env
 names), AWS_REGION, and AWS_ENDPOINT_URL(_S3) for an S3-compatible store.
+
+A weights snapshot lists every object under `prefix/` (ListObjectsV2) and asks each its size,
+ETag and, where it was uploaded with one, its SHA-256 (HeadObject with ChecksumMode): the
+revision is a digest of that listing, and a resumed read asks for the same ETag (If-Match),
+so an object replaced meanwhile fails rather than splicing two versions. The ETag is an MD5
+of the content only for an object uploaded in one part and not encrypted with KMS or a
+customer key; only then is it checked as one.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from infergw.fetch.source import FetchError, Opened
+from infergw.fetch.snapshot import RemoteFile, Snapshot, checked_files, listing_digest
+from infergw.fetch.source import Denied, FetchError, NotFound, Opened, TransferFailed
 
-MISSING = ("NoSuchKey", "404", "NotFound")
+MISSING = ("NoSuchKey", "404", "NotFound", "NoSuchBucket")
+DENIED = (
+    "AccessDenied",
+    "403",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "ExpiredToken",
+    "InvalidToken",
+)
+CHANGED = ("PreconditionFailed", "412", "InvalidRange", "416")
+_MD5_ETAG = re.compile(r'"?([0-9a-f]{32})"?')
+_CONTENT_RANGE = re.compile(r"bytes (\d+)-\d+/\d+")
 
 
 class _Stream:
@@ -24,7 +48,12 @@ class _Stream:
         self._read = getattr(raw, "read1", None) or body.read
 
     def read(self, n: int) -> bytes:
-        return self._read(n)
+        from botocore.exceptions import BotoCoreError
+
+        try:
+            return self._read(n)
+        except (BotoCoreError, OSError) as exc:  # cut off, timed out, or a checksum mismatch
+            raise TransferFailed(f"interrupted: {exc}") from None
 
     def close(self) -> None:
         self.body.close()
@@ -60,17 +89,111 @@ class S3:
     def describe(self, name: str) -> str:
         return f"s3://{self.bucket}/{self.key(name)}"
 
-    def open(self, name: str) -> Opened | None:
+    def _call(self, what: str, method: str, **kwargs: Any) -> Any:
+        """One S3 call, its errors as ours."""
         client = self._s3()  # FetchError without boto3, before its exceptions are imported
-        from botocore.exceptions import BotoCoreError, ClientError
+        with _errors(what):
+            return getattr(client, method)(**kwargs)
 
+    def open(self, name: str) -> Opened | None:
         try:
-            answer = client.get_object(Bucket=self.bucket, Key=self.key(name))
-        except ClientError as exc:
-            code = str(exc.response.get("Error", {}).get("Code", ""))
-            if code in MISSING:
-                return None
-            raise FetchError(f"{self.describe(name)}: {code or exc}") from None
-        except BotoCoreError as exc:
-            raise FetchError(f"{self.describe(name)}: {exc}") from None
+            answer = self._call(
+                self.describe(name), "get_object", Bucket=self.bucket, Key=self.key(name)
+            )
+        except NotFound as exc:
+            if "NoSuchBucket" in str(exc):
+                raise FetchError(str(exc)) from None  # the tokenizer fetch names it so
+            return None
         return Opened(_Stream(answer["Body"]), answer.get("ContentLength"))
+
+    # ---- a weights snapshot ---------------------------------------------------------------
+
+    def snapshot(self) -> Snapshot:
+        root = f"s3://{self.bucket}/{self.prefix.strip('/')}"
+        folder = self.key("")  # "prefix/": not "prefix-other/"
+        client = self._s3()
+        files = []
+        with _errors(root):
+            pages = client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=folder
+            )
+            keys = [o["Key"] for page in pages for o in page.get("Contents", [])]
+        for key in keys:
+            if key.endswith("/"):
+                continue  # a folder marker, as consoles create them
+            head = self._call(
+                f"s3://{self.bucket}/{key}",
+                "head_object",
+                Bucket=self.bucket,
+                Key=key,
+                ChecksumMode="ENABLED",
+            )
+            files.append(_remote_file(key.removeprefix(folder), head))
+        if not files:
+            raise NotFound(f"{root}/: no objects under this prefix")
+        checked = checked_files(files, root)
+        return Snapshot(root, listing_digest(checked), checked)
+
+    def open_at(self, file: RemoteFile, offset: int) -> Opened:
+        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": self.key(file.path)}
+        if file.version:
+            kwargs["IfMatch"] = file.version
+        if offset:
+            kwargs["Range"] = f"bytes={offset}-"
+        answer = self._call(self.describe(file.path), "get_object", **kwargs)
+        start = 0
+        if offset and (match := _CONTENT_RANGE.fullmatch(answer.get("ContentRange", ""))):
+            start = int(match.group(1))
+        return Opened(_Stream(answer["Body"]), answer.get("ContentLength"), start)
+
+
+@contextmanager
+def _errors(what: str) -> Iterator[None]:
+    """botocore's errors as NotFound, Denied, TransferFailed (changed meanwhile) or
+    FetchError, each naming `what`."""
+    from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+
+    try:
+        yield
+    except ClientError as exc:
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        if code in MISSING:
+            raise NotFound(f"{what}: {code}") from None
+        if code in DENIED:
+            raise Denied(f"{what}: {code} (the credentials or their permissions)") from None
+        if code in CHANGED:
+            raise TransferFailed(f"{what}: {code} (the object changed meanwhile)") from None
+        raise FetchError(f"{what}: {code or exc}") from None
+    except NoCredentialsError:
+        raise Denied(f"{what}: no credentials (set AWS_ACCESS_KEY_ID)") from None
+    except BotoCoreError as exc:
+        raise FetchError(f"{what}: {exc}") from None
+
+
+def _remote_file(name: str, head: dict) -> RemoteFile:
+    """An object as HeadObject describes it."""
+    etag = head.get("ETag")
+    # KMS or a customer's key make the ETag something other than the content's MD5.
+    encrypted = head.get("ServerSideEncryption") not in (None, "AES256")
+    encrypted = encrypted or bool(head.get("SSECustomerAlgorithm"))
+    md5 = _MD5_ETAG.fullmatch(etag or "")
+    return RemoteFile(
+        path=name,
+        size=head.get("ContentLength"),
+        sha256=_sha256(head),
+        md5=md5.group(1) if md5 and not encrypted else None,
+        version=etag,
+    )
+
+
+def _sha256(head: dict) -> str | None:
+    """The whole object's SHA-256 in hex, if it was uploaded with one (not a multipart
+    upload's checksum of checksums)."""
+    value = head.get("ChecksumSHA256")
+    if not value or head.get("ChecksumType", "FULL_OBJECT") != "FULL_OBJECT" or "-" in value:
+        return None
+    try:
+        raw = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    return raw.hex() if len(raw) == 32 else None

@@ -1,5 +1,6 @@
 """What a fetch reads from: a named file of a model's repository, opened as a byte stream, and
-the bounded copy of one to disk (size and time limits, written whole or not at all)."""
+the bounded copy of one to disk (size and time limits, written whole or not at all); the
+errors a fetch ends with, each with its exit code, condition reason and what to do next."""
 
 from __future__ import annotations
 
@@ -14,7 +15,46 @@ CHUNK = 1 << 16
 
 class FetchError(Exception):
     """A file that cannot be fetched: the message says which and why (the init container's
-    last log line)."""
+    last log line). Subclasses tell the kinds apart by exit code and condition reason."""
+
+    exit_code = 1
+    reason = "FetchFailed"
+    hint = "see the message"  # what to do next, for the one-line error
+
+
+class NotFound(FetchError):
+    exit_code = 3
+    reason = "SourceNotFound"
+    hint = "check the Model's URI and revision"
+
+
+class Denied(FetchError):
+    exit_code = 4
+    reason = "AccessDenied"
+    hint = "check the credentials in the Model's env (HF_TOKEN, AWS_* from a Secret)"
+
+
+class TransferFailed(FetchError):
+    """Interrupted, truncated or not what the source said: running again resumes or
+    refetches."""
+
+    exit_code = 5
+    reason = "TransferFailed"
+    hint = "run it again: a partial file resumes where it stopped"
+
+
+class NoSpace(FetchError):
+    exit_code = 6
+    reason = "NoSpace"
+    hint = "free space in the cache directory, or give it a larger volume"
+
+
+class Unsafe(FetchError):
+    """What the source sent would write outside the destination, or is absurd."""
+
+    exit_code = 7
+    reason = "UnsafeSource"
+    hint = "the source is not a model repository this tool will copy; check it"
 
 
 class Stream(Protocol):
@@ -26,7 +66,8 @@ class Stream(Protocol):
 @dataclass(slots=True)
 class Opened:
     stream: Stream
-    length: int | None  # as the server declares it; None: not said
+    length: int | None  # of what the stream sends, as the server declares it; None: not said
+    start: int = 0  # the offset in the file the stream starts at (a ranged read honoured)
 
 
 class Source(Protocol):

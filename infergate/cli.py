@@ -19,6 +19,8 @@ commands:
   simulate   a vLLM-compatible model server without GPUs (python -m infergw.simulator)
   fetch      fetch tokenizer: a model's tokenizer files from hf:// or s3://, for the picker
              (python -m infergw.fetch)
+  download   a model's weights into the shared cache, resumable and verified, --dest a link
+             to them (python -m infergw.fetch.download)
   bench      run a benchmark under bench/ (infergate bench simulator ...; fairness: tenants
              contending for one pod, with and without flow control; pd: aggregated against
              prefill/decode disaggregated serving; soak: steady load while pods, the
@@ -88,6 +90,10 @@ def main(argv: list[str] | None = None) -> int:
         from infergw.fetch.tokenizer import main as fetch
 
         return fetch(rest)
+    if command == "download":
+        from infergw.fetch.download import main as download
+
+        return download(rest)
     if command == "bench":
         return run_bench(rest)
     print(f"infergate: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)

@@ -106,7 +106,7 @@ def test_vllm_runs_vllm_serve_with_the_gateways_flags():
     c = container(model("vLLM", "vllm/vllm-openai:v0.32.0"))
     assert c["command"] == ["vllm", "serve"]
     assert c["args"] == [
-        "--model=org/model",
+        "--model=/models/base",
         "--served-model-name=chat",
         "--host=$(POD_IP)",
         "--port=8000",
@@ -133,7 +133,7 @@ def test_sglang_runs_launch_server_with_its_own_flag_names():
     c = container(m)
     assert c["command"] == ["python", "-m", "sglang.launch_server"]
     assert c["args"] == [
-        "--model-path=org/model",
+        "--model-path=/models/base",
         "--served-model-name=chat",
         "--host=$(POD_IP)",
         "--port=8000",
@@ -143,7 +143,7 @@ def test_sglang_runs_launch_server_with_its_own_flag_names():
         "--max-model-len=4096",
         "--enable-lora",
         "--lora-paths",
-        "sql=org/sql-lora",
+        "sql=/models/lora/sql",
     ]
     assert c["env"] == [POD_IP_ENV]
     own = {"--max-model-len"}
@@ -157,7 +157,7 @@ def test_trtllm_takes_the_model_as_its_argument_and_no_kv_event_flag():
     c = container(model("TRTLLM", "nvcr.io/nvidia/tensorrt-llm/release:1.0.0"))
     assert c["command"] == ["trtllm-serve"]
     assert c["args"] == [
-        "org/model",
+        "/models/base",
         "--served_model_name=chat",
         "--host=$(POD_IP)",
         "--port=8000",
@@ -244,7 +244,7 @@ def test_the_models_command_and_flags_win():
     c = container(m)
     assert c["command"] == ["python3", "-m", "vllm.entrypoints.openai.api_server"]
     assert c["args"] == [
-        "--model=org/model",
+        "--model=/models/base",
         "--served-model-name=chat",
         "--port=8000",
         "--host=0.0.0.0",

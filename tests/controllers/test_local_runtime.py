@@ -575,3 +575,75 @@ def test_a_sigkilled_runtime_leaves_no_pod_running(tmp_path):
         if runtime.poll() is None:
             runtime.kill()
             runtime.wait()
+
+
+# ---- init containers -------------------------------------------------------------------------
+
+
+def init(name: str, code: str) -> dict:
+    return {
+        "name": name,
+        "command": [sys.executable, "-c", code],
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+
+
+def initialized(status) -> bool:
+    return any(
+        c["type"] == "Initialized" and c["status"] == "True" for c in status.get("conditions", [])
+    )
+
+
+async def test_init_containers_run_in_order_before_the_containers(runtime, tmp_path):
+    store, rt = runtime
+    first, second = tmp_path / "first", tmp_path / "second"
+    pod = sim_pod("i")
+    pod["spec"]["initContainers"] = [
+        init("one", f"import time, pathlib; time.sleep(0.5); pathlib.Path({str(first)!r}).touch()"),
+        init("two", f"import pathlib; assert pathlib.Path({str(first)!r}).exists(); "
+             f"pathlib.Path({str(second)!r}).touch()"),
+    ]  # fmt: skip
+    await store.create(pod)
+    pending = await wait_status(store, "i", lambda st: st.get("initContainerStatuses"))
+    assert pending["status"]["phase"] == "Pending" and not initialized(pending["status"])
+    assert rt.process("default", "i") is None  # the engine waits for them
+    done = await wait_status(store, "i", ready)
+    status = done["status"]
+    assert initialized(status) and status["phase"] == "Running" and second.exists()
+    assert [c["state"]["terminated"] for c in status["initContainerStatuses"]] == [
+        {"exitCode": 0, "reason": "Completed"},
+        {"exitCode": 0, "reason": "Completed"},
+    ]
+
+
+async def test_a_failing_init_container_holds_the_pod_and_says_why(runtime, tmp_path):
+    store, rt = runtime
+    flag = tmp_path / "fixed"
+    pod = sim_pod("f")
+    pod["spec"]["initContainers"] = [
+        init("weights", f"import pathlib, sys; print('progress line'); "
+             f"pathlib.Path({str(flag)!r}).exists() or sys.exit("
+             f"'infergate download: SourceNotFound: hf://org/x: HTTP 404; check it')"),
+    ]  # fmt: skip
+    await store.create(pod)
+    failed = await wait_status(
+        store, "f", lambda st: (st.get("initContainerStatuses") or [{}])[0].get("restartCount")
+    )
+    weights = failed["status"]["initContainerStatuses"][0]
+    last = weights["lastState"]["terminated"]
+    assert last["exitCode"] == 1 and last["reason"] == "Error"
+    assert last["message"].splitlines()[-1].startswith("infergate download: SourceNotFound")
+    assert failed["status"]["phase"] == "Pending" and not ready(failed["status"])
+    assert rt.process("default", "f") is None  # the engine never started
+    flag.touch()  # the cause fixed: the next try passes and the engine starts
+    await wait_status(store, "f", ready)
+
+
+async def test_a_failed_init_container_with_restart_policy_never_fails_the_pod(runtime):
+    store, rt = runtime
+    pod = sim_pod("n", restartPolicy="Never")
+    pod["spec"]["initContainers"] = [init("weights", "raise SystemExit(6)")]
+    await store.create(pod)
+    failed = await wait_status(store, "n", lambda st: st.get("phase") == "Failed")
+    assert failed["status"]["initContainerStatuses"][0]["state"]["terminated"]["exitCode"] == 6
+    assert rt.process("default", "n") is None

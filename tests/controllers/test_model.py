@@ -94,7 +94,7 @@ async def test_a_model_expands_into_valid_objects_it_owns(env):
     roles = {r["name"]: r for r in mi["spec"]["template"]["roles"]}
     assert set(roles) == {"prefill", "decode"} and mi["spec"]["replicas"] == 2
     args = roles["decode"]["entryTemplate"]["spec"]["containers"][0]["args"]
-    assert "--model=meta-llama/Meta-Llama-3-8B-Instruct" in args
+    assert "--model=/models/base" in args  # downloaded there first (weights.py)
     assert "--max-num-seqs=256" in args and "--max-model-len=8192" in args
     assert "--lora-modules" in args
     server = await owned(store, MODEL_SERVER)

@@ -24,7 +24,7 @@ from infergw.epp.scrape import MetricsScraper
 from infergw.epp.scrape_shares import PAGE_CHANNEL, ScrapeShares, SharedPage, read_page
 from tests.conftest import free_port
 from tests.datastores import one_pod_store
-from tests.epp.test_scrape_pace import INTERVAL, Pod, page, serving
+from tests.epp.metrics_pods import INTERVAL, Pod, page, serving
 from tests.waiting import wait_for_async
 
 PODS = 4
@@ -83,7 +83,7 @@ async def fleet(texts: list[str], **scraper_kw) -> AsyncIterator[tuple[list[Pod]
             lambda: all(not r.ep(p).stale and r.ep(p).models for r in replicas for p in ports)
         )
         for pod, port in zip(pods, ports, strict=True):
-            pod.port = port  # type: ignore[attr-defined]
+            pod.port = port
         yield pods, replicas
 
 

@@ -10,12 +10,10 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
@@ -23,8 +21,8 @@ import pytest
 from infergw.fetch.hf import HuggingFace
 from infergw.fetch.source import FetchError, Limits
 from infergw.fetch.tokenizer import OPTIONAL, REQUIRED, fetch_tokenizer
-from infergw.stack.ports import free_port
-from tests.conftest import running
+from tests.fetch.conftest import S3_ENV, s3_client
+from tests.fetch.hub_mirror import serve
 from tests.paths import DEFAULT_MODEL
 
 TOKEN = "hf_secret"
@@ -92,19 +90,6 @@ def _handler(hub: Hub, is_cdn: bool) -> type[BaseHTTPRequestHandler]:
                 self.wfile.write(body)
 
     return Handler
-
-
-@contextmanager
-def serve(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 @pytest.fixture
@@ -226,27 +211,8 @@ def test_the_launcher_runs_it() -> None:
 # ---- S3 ------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def s3_server() -> Iterator[str]:
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
-    with running(cmd, ready_url=f"{url}/moto-api/", timeout=60):
-        yield url
-
-
-S3_ENV = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_REGION": "us-east-1"}
-
-
 def test_s3_fetches_the_tokenizer_files_under_the_prefix(s3_server, tmp_path) -> None:
-    import boto3
-
-    s3 = boto3.client(
-        "s3",
-        endpoint_url=s3_server,
-        **{k.lower(): v for k, v in S3_ENV.items() if k != "AWS_REGION"},
-        region_name="us-east-1",
-    )
+    s3 = s3_client(s3_server)
     s3.create_bucket(Bucket="models")
     for name, body in FILES.items():
         s3.put_object(Bucket="models", Key=f"llama/v1/{name}", Body=body)

@@ -6,7 +6,9 @@ looked up: a pod scores the weighted count of consecutive blocks from the start 
 (GPU 1.0, CPU 0.8 a block), divided by the prompt's block count. After scheduling, the chosen
 pod's blocks (and a prefill pod's, with P/D) go in as speculative entries for a couple of
 seconds, so a burst of same-prefix requests follows the first one before its BlockStored
-arrives. With the shared index in Redis (kvindex.redis_index) the prompt's blocks are read in
+arrives; a pod more than `loadBound` in-flight requests above the least loaded candidate scores
+0, so such a burst spills to another pod, which then gets the entries (plugins/_load_bound.py).
+With the shared index in Redis (kvindex.redis_index) the prompt's blocks are read in
 the prepare step, in one round trip, and scored from that answer.
 
 The plugin needs the picker's KV cache (kvindex.cache, built by epp/kv_events.py): its type
@@ -24,6 +26,7 @@ from infergw.epp.context import PluginSlot, RequestContext
 from infergw.epp.scheduling.framework import PrepareData, PreRequest, Scorer
 from infergw.epp.scheduling.handle import Handle
 from infergw.epp.scheduling.params import PluginParams, parse_params
+from infergw.epp.scheduling.plugins._load_bound import DEFAULT_LOAD_BOUND, LoadBound, bounded
 from infergw.kvindex.cache import KVCache, Prompt
 from infergw.kvindex.index import DEFAULT_TIER_WEIGHTS
 
@@ -36,6 +39,7 @@ class PrecisePrefixCacheParams(PluginParams):
         default_factory=lambda: dict(DEFAULT_TIER_WEIGHTS)
     )
     speculative_indexing: bool = True
+    load_bound: LoadBound = DEFAULT_LOAD_BOUND  # plugins/_load_bound.py; null: no bound
 
 
 class PrecisePrefixCacheScorer(Scorer, PreRequest, PrepareData):
@@ -49,6 +53,7 @@ class PrecisePrefixCacheScorer(Scorer, PreRequest, PrepareData):
         p = parse_params(self.params_type, self.params)
         self.tier_weights = {k.lower(): v for k, v in p.tier_weights.items()}
         self.speculative = p.speculative_indexing
+        self.load_bound = p.load_bound
         self.kv = kv
         self._prompt = PluginSlot[Prompt | None](f"{name}.prompt")
 
@@ -78,7 +83,8 @@ class PrecisePrefixCacheScorer(Scorer, PreRequest, PrepareData):
         prompt = self.prompt(ctx)
         if prompt is None:
             return [0.0] * len(endpoints)
-        return self.kv.score(prompt, [e.address for e in endpoints], self.tier_weights)
+        scores = self.kv.score(prompt, [e.address for e in endpoints], self.tier_weights)
+        return bounded(scores, endpoints, self.load_bound)
 
     def cached_prompt(self, ctx: RequestContext, address: str) -> tuple[int, int] | None:
         """(prompt tokens, how many of them `address` holds from the start, in any tier);

@@ -5,9 +5,10 @@ block i-1's (xxh64 of the block's bytes and the previous hash, seeded with the m
 so a hit on block i means the whole prefix up to i matches. The score is the fraction of a
 prompt's blocks found, from block 0 up to the first miss, on each pod. After scheduling, the
 chosen pod's blocks are recorded in its LRU (lruCapacityPerServer entries); with prefill/decode
-disaggregation, the prefill pod's too. With several picker replicas each records what the others
-chose as well (epp/replica_sync.py): otherwise each would learn its own map and a shared
-prefix would spread over as many pods as there are replicas.
+disaggregation, the prefill pod's too. A pod more than `loadBound` in-flight requests above the
+least loaded candidate scores 0 (plugins/_load_bound.py). With several picker replicas each
+records what the others chose as well (epp/replica_sync.py): otherwise each would learn its own
+map and a shared prefix would spread over as many pods as there are replicas.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from infergw.epp.context import PluginSlot, RequestContext
 from infergw.epp.scheduling.framework import PreRequest, Scorer
 from infergw.epp.scheduling.handle import Handle
 from infergw.epp.scheduling.params import PluginParams, PositiveCount, parse_params
+from infergw.epp.scheduling.plugins._load_bound import DEFAULT_LOAD_BOUND, LoadBound, bounded
 
 
 class PrefixCacheParams(PluginParams):
@@ -29,6 +31,7 @@ class PrefixCacheParams(PluginParams):
     block_size_tokens: Annotated[int, msgspec.Meta(ge=1, le=65_536)] = 16
     max_prefix_blocks_to_match: PositiveCount = 256
     lru_capacity_per_server: PositiveCount = 31_250
+    load_bound: LoadBound = DEFAULT_LOAD_BOUND  # plugins/_load_bound.py; null: no bound
 
 
 class PrefixCacheScorer(Scorer, PreRequest):
@@ -42,6 +45,7 @@ class PrefixCacheScorer(Scorer, PreRequest):
         self.block_chars = p.block_size_tokens * 4
         self.max_blocks = p.max_prefix_blocks_to_match
         self.capacity = p.lru_capacity_per_server
+        self.load_bound = p.load_bound
         # Per instance: block sizes may differ.
         self._hashes = PluginSlot[list[int]](f"{name}.hashes")
         self._by_server: dict[str, OrderedDict[int, None]] = {}
@@ -85,7 +89,7 @@ class PrefixCacheScorer(Scorer, PreRequest):
             for address in alive:
                 matched[address] = i + 1
         total = len(hashes)
-        return [matched[e.address] / total for e in endpoints]
+        return bounded([matched[e.address] / total for e in endpoints], endpoints, self.load_bound)
 
     def cached_prompt(self, ctx: RequestContext, address: str) -> tuple[int, int]:
         """(prompt tokens, how many of them `address` holds from the start), in this

@@ -1,0 +1,230 @@
+"""Where a Model's engine reads its weights (and its LoRA adapters'), and what puts them there.
+
+- `hf://`, `s3://`, `obs://` (a real engine; the simulator needs no weights): an init
+  container per artifact runs `infergate download URI --dest=<models>/<artifact>` (fetch/
+  download.py) into the weights cache before the engine starts, and the engine is pointed at
+  that link. The download gets the Model's source settings alone (FETCH_ENV: the token, the
+  endpoint, the AWS credentials, each a secretKeyRef where the Model says so). A download that
+  fails writes its one-line error as the container's termination message, which the
+  ModelInfer's Progressing and the Model's Failed conditions quote (DOWNLOAD_FAILED).
+- `pvc://CLAIM/PATH` (in a cluster): the claim mounted read-only at PVC_ROOT/CLAIM in the
+  engine, which reads PATH in place: nothing to copy.
+- `file://PATH` and `ms://ORG/NAME`: as written (a path in the image or on this machine; the
+  engine's own ModelScope download).
+
+In a cluster the cache is a volume mounted at the same path in the init containers and the
+engine (the link names a path in it): an emptyDir by default (the pod's own copy, kept
+across its containers' restarts), or, with the controllers' `--weights-cache`, a hostPath or
+a claim that the pods of a node share — the download's lock then makes one of them fetch
+and the others wait and reuse. The per-pod `models` emptyDir holds the links. Standalone
+mode runs the same init containers as processes, with folders of this machine instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from infergw.api.engines import INFERGATE_IMAGE, runs_simulator
+from infergw.api.workload import Model, engine_type
+
+DOWNLOADED = ("hf", "s3", "obs")  # fetched by `infergate download` before the engine starts
+PVC_ROOT = "/mnt/pvc"  # a claim CLAIM is mounted at PVC_ROOT/CLAIM (the download's default)
+POD_MODELS_DIR = "/models"  # the per-pod links, one per artifact
+POD_CACHE_DIR = "/var/cache/infergate/models"
+CACHE_VOLUME = "weights-cache"
+DOWNLOAD_CONTAINER = "weights"  # the Model's; loraAdapters[k]'s is weights-lora-<k>
+MODELS_VOLUME = "models"
+BASE = "base"  # the Model's own weights under the models folder; adapters under lora/<name>
+DOWNLOAD_IMAGE = INFERGATE_IMAGE  # `infergate download`
+TERMINATION_LOG = "/dev/termination-log"  # where the kubelet reads a container's last word
+# What a download (and the picker's tokenizer fetch) may see of the Model's env: the
+# credentials and endpoints of its source, nothing else of the engine's.
+FETCH_ENV = (
+    "HF_TOKEN",
+    "HUGGING_FACE_HUB_TOKEN",
+    "HF_ENDPOINT",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+)
+_SECURITY = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+
+
+@dataclass(frozen=True, slots=True)
+class WeightsLayout:
+    """Where the cache and the links are: volumes at fixed paths in a pod (`cache_volume`
+    set), or folders of this machine (standalone: None)."""
+
+    cache_dir: str | None  # None: the download's own default (standalone)
+    models_root: str
+    cache_volume: dict | None = None  # the cache volume's source, e.g. {"emptyDir": {}}
+    image: str = DOWNLOAD_IMAGE
+
+    @classmethod
+    def cluster(
+        cls, cache_volume: dict | None = None, image: str = DOWNLOAD_IMAGE
+    ) -> WeightsLayout:
+        return cls(POD_CACHE_DIR, POD_MODELS_DIR, cache_volume or {"emptyDir": {}}, image)
+
+    @classmethod
+    def standalone(cls, cache_dir: Path | None, models_root: Path) -> WeightsLayout:
+        return cls(str(cache_dir.resolve()) if cache_dir else None, str(models_root.resolve()))
+
+    @property
+    def in_pod(self) -> bool:
+        return self.cache_volume is not None
+
+    def models_dir(self, model: Model) -> str:
+        """The links' folder: the pod's own, or this machine's per Model."""
+        if self.in_pod:
+            return self.models_root
+        m = model.metadata
+        return f"{self.models_root}/{m.namespace or 'default'}/{m.name}"
+
+
+CLUSTER = WeightsLayout.cluster()
+
+
+def cache_volume_of(setting: str) -> dict:
+    """The controllers' `--weights-cache`: `emptyDir`, `hostPath:/DIR` or `pvc:CLAIM`."""
+    kind, _, value = setting.partition(":")
+    if kind == "emptyDir" and not value:
+        return {"emptyDir": {}}
+    if kind == "hostPath" and value.startswith("/"):
+        return {"hostPath": {"path": value, "type": "DirectoryOrCreate"}}
+    if kind == "pvc" and value:
+        return {"persistentVolumeClaim": {"claimName": value}}
+    raise ValueError(f"--weights-cache {setting!r}: emptyDir, hostPath:/DIR or pvc:CLAIM")
+
+
+@dataclass(frozen=True, slots=True)
+class Artifact:
+    uri: str
+    link: str  # under the models folder: BASE, or lora/<adapter>
+
+
+def artifacts(model: Model) -> list[Artifact]:
+    out = [Artifact(model.spec.model_uri, BASE)]
+    out += [Artifact(a.artifact_url, f"lora/{a.name}") for a in model.spec.lora_adapters or []]
+    return out
+
+
+def downloads(model: Model, uri: str) -> bool:
+    """Whether this artifact is downloaded before the engine starts."""
+    simulated = runs_simulator(engine_type(model), model.spec.image)
+    return uri.partition("://")[0] in DOWNLOADED and not simulated
+
+
+def engine_path(model: Model, artifact: Artifact, layout: WeightsLayout) -> str:
+    """What the engine's model flag (or an adapter's name=path) takes for an artifact."""
+    scheme, _, rest = artifact.uri.partition("://")
+    if downloads(model, artifact.uri):
+        return f"{layout.models_dir(model)}/{artifact.link}"
+    if scheme == "pvc" and layout.in_pod:
+        return f"{PVC_ROOT}/{rest.strip('/')}"
+    if scheme in ("hf", "ms", "file"):
+        return rest
+    return "/models/" + rest.rstrip("/").rsplit("/", 1)[-1]  # nothing brings it here
+
+
+def _claims(model: Model) -> list[str]:
+    """The claims the Model's pvc:// artifacts are on."""
+    named = {
+        a.uri.partition("://")[2].split("/")[0]
+        for a in artifacts(model)
+        if a.uri.startswith("pvc://")
+    }
+    return sorted(named - {""})
+
+
+def is_download(container: str) -> bool:
+    """Whether an init container of this name is one of ours (its status is the download's)."""
+    return container == DOWNLOAD_CONTAINER or container.startswith(f"{DOWNLOAD_CONTAINER}-lora-")
+
+
+def init_containers(model: Model, layout: WeightsLayout) -> list[dict]:
+    """One download per artifact that needs one, the Model's own first."""
+    out = []
+    for i, artifact in enumerate(artifacts(model)):
+        if not downloads(model, artifact.uri):
+            continue
+        # loraAdapters[k]'s is weights-lora-<k>: a name that stays when another adapter changes
+        name = DOWNLOAD_CONTAINER if i == 0 else f"{DOWNLOAD_CONTAINER}-lora-{i - 1}"
+        args = [artifact.uri, f"--dest={layout.models_dir(model)}/{artifact.link}"]
+        if layout.cache_dir is not None:
+            args.append(f"--cache-dir={layout.cache_dir}")
+        container = {
+            "name": name,
+            "image": layout.image,
+            "command": ["infergate", "download"],
+            "args": args,
+            "env": [{"name": "HOME", "value": "/tmp"}, *fetch_env(model)],
+            # The download's last line, if it could not write its termination message.
+            "terminationMessagePolicy": "FallbackToLogsOnError",
+        }
+        if layout.in_pod:
+            assert layout.cache_dir is not None
+            args.append(f"--termination-log={TERMINATION_LOG}")
+            container |= {
+                "resources": {
+                    "requests": {"cpu": "250m", "memory": "256Mi"},
+                    "limits": {"memory": "1Gi"},
+                },
+                "securityContext": dict(_SECURITY),
+                "volumeMounts": [
+                    {"name": CACHE_VOLUME, "mountPath": layout.cache_dir},
+                    {"name": MODELS_VOLUME, "mountPath": layout.models_root},
+                ],
+            }
+        out.append(container)
+    return out
+
+
+def engine_mounts(model: Model, layout: WeightsLayout) -> list[dict]:
+    """The engine's read-only view of the cache and links, and of the Model's claims."""
+    if not layout.in_pod:
+        return []
+    mounts = []
+    if any(downloads(model, a.uri) for a in artifacts(model)):
+        mounts += [
+            {"name": CACHE_VOLUME, "mountPath": layout.cache_dir, "readOnly": True},
+            {"name": MODELS_VOLUME, "mountPath": layout.models_root, "readOnly": True},
+        ]
+    for i, claim in enumerate(_claims(model)):
+        mounts.append({"name": f"claim-{i}", "mountPath": f"{PVC_ROOT}/{claim}", "readOnly": True})
+    return mounts
+
+
+def volumes(model: Model, layout: WeightsLayout) -> list[dict]:
+    if not layout.in_pod:
+        return []
+    out = []
+    if any(downloads(model, a.uri) for a in artifacts(model)):
+        assert layout.cache_volume is not None
+        out += [
+            {"name": CACHE_VOLUME, **layout.cache_volume},
+            {"name": MODELS_VOLUME, "emptyDir": {}},
+        ]
+    for i, claim in enumerate(_claims(model)):
+        out.append(
+            {"name": f"claim-{i}", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}}
+        )
+    return out
+
+
+def fetch_env(model: Model) -> list[dict]:
+    """The FETCH_ENV entries of the Model's env, a secretKeyRef kept a reference."""
+    return [
+        {
+            k: v
+            for k, v in (("name", e.name), ("value", e.value), ("valueFrom", e.value_from))
+            if v is not None
+        }
+        for e in model.spec.env or []
+        if e.name in FETCH_ENV
+    ]

@@ -1,0 +1,249 @@
+"""`infergate download URI [--dest PATH]`: a model's weights (or a LoRA adapter's) into the
+weights cache, once per node, and `--dest` a link to them; what the Model's init container runs
+before its engine, and what standalone mode runs before starting one.
+
+Sources: `hf://ORG/NAME` or a bare repository id (its `--revision`; HF_TOKEN, HF_ENDPOINT),
+`s3://BUCKET/PREFIX` and `obs://BUCKET/PREFIX` (boto3's AWS_* variables; OBS through its S3
+API at AWS_ENDPOINT_URL), `pvc://CLAIM/PATH` (the claim mounted at `--pvc-root/CLAIM`), a
+local folder (`file://PATH` or a path), and an `http(s)://` archive (`--sha256` to check it).
+
+The steps: list the snapshot (resolving the revision), find its cache entry, else take its
+lock, find it again (another process may have made it meanwhile), check the free space,
+fetch every file (resuming what an earlier try left), unpack an archive, and rename the whole
+into place. Any failure ends with one line on stderr — the condition reason, what went
+wrong, what to do next — the same line in `--termination-log` (Kubernetes shows it in the
+pod's status) and the progress file, and an exit code per kind (source.py): nothing half
+written becomes an entry.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import logging
+import os
+import re
+import shutil
+import signal
+import sys
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from infergw.fetch.archive import HttpArchive
+from infergw.fetch.cache import Cache, default_root, link
+from infergw.fetch.hf import HuggingFace
+from infergw.fetch.local import LocalFolder
+from infergw.fetch.progress import Progress
+from infergw.fetch.s3 import S3
+from infergw.fetch.snapshot import Repository, Snapshot
+from infergw.fetch.source import FetchError, NotFound, Unsafe
+from infergw.fetch.transfer import Retry, fetch_file
+from infergw.fetch.unpack import unpack
+
+log = logging.getLogger("fetch.download")
+
+USAGE_EXIT = 2
+DEFAULT_MAX_BYTES = 4 << 40  # 4 TiB: more than the largest open models' weights
+DEFAULT_TIMEOUT = 60.0  # seconds to connect and between two reads
+DEFAULT_PVC_ROOT = Path("/mnt/pvc")
+_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+ENDPOINT_ENVS = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    uri: str
+    revision: str = "main"
+    sha256: str | None = None
+    exclude: tuple[str, ...] = ()
+    max_bytes: int = DEFAULT_MAX_BYTES
+    timeout: float = DEFAULT_TIMEOUT
+    pvc_root: Path = DEFAULT_PVC_ROOT
+    retry: Retry = field(default_factory=Retry)
+
+
+def repository_for(req: Request) -> Repository:
+    """The source of a URI; ValueError for one this tool does not read."""
+    uri = req.uri
+    scheme, sep, rest = uri.partition("://")
+    if not sep:
+        if Path(uri).exists() or not _REPO_ID.fullmatch(uri):
+            return LocalFolder(Path(uri), str(Path(uri).absolute()))
+        scheme, rest = "hf", uri  # a repository id, as vLLM reads one
+    rest = rest.strip("/") if scheme != "file" else rest
+    if not rest:
+        raise ValueError(f"{uri!r}: names nothing")
+    if scheme == "hf":
+        if not _REPO_ID.fullmatch(rest) or ".." in rest.split("/"):
+            raise ValueError(f"{uri!r}: not a repository id (ORG/NAME)")
+        return HuggingFace.from_environment(rest, req.revision, req.timeout)
+    if scheme in ("s3", "obs"):
+        if scheme == "obs" and not any(os.environ.get(e) for e in ENDPOINT_ENVS):
+            raise ValueError(f"{uri!r}: obs:// is read through OBS's S3 API: set AWS_ENDPOINT_URL")
+        bucket, _, prefix = rest.partition("/")
+        return S3(bucket, prefix, timeout=req.timeout)
+    if scheme == "pvc":
+        claim, _, path = rest.partition("/")
+        return LocalFolder(req.pvc_root / claim / path, f"pvc://{rest}")
+    if scheme == "file":
+        return LocalFolder(Path(rest), f"file://{rest}")
+    if scheme in ("http", "https"):
+        return HttpArchive(uri, req.sha256, req.timeout)
+    raise ValueError(
+        f"{uri!r}: reads hf://, s3://, obs://, pvc://, file://, http(s):// archives and paths"
+    )
+
+
+def download(req: Request, cache: Cache, progress: Progress) -> tuple[Path, bool]:
+    """The cache entry of the request's snapshot, and whether it was there already."""
+    repo = repository_for(req)
+    snap = _chosen(repo.snapshot(), req)
+    key = cache.key(snap)
+    if (entry := cache.complete(key)) is not None:
+        return entry, True
+    with cache.locked(key, progress.waiting):
+        if (entry := cache.complete(key)) is not None:
+            return entry, True  # another process finished it while this one waited
+        return _fetch(repo, snap, key, cache, progress, req), False
+
+
+def _chosen(snap: Snapshot, req: Request) -> Snapshot:
+    """The snapshot less the excluded files, within the size allowed."""
+    files = tuple(f for f in snap.files if not any(fnmatch.fnmatch(f.path, g) for g in req.exclude))
+    if not files:
+        raise NotFound(f"{snap.source}: no files left to download")
+    chosen = replace(snap, files=files)
+    if chosen.size > req.max_bytes:
+        raise Unsafe(f"{snap.source}: {chosen.size} bytes, more than --max-bytes {req.max_bytes}")
+    return chosen
+
+
+def _fetch(
+    repo: Repository, snap: Snapshot, key: str, cache: Cache, progress: Progress, req: Request
+) -> Path:
+    staging, partials = cache.staging(key), cache.partials(key)
+    already = _bytes_under(staging) + _bytes_under(partials)
+    cache.check_space(snap.size - already)
+    progress.begin(snap.size, len(snap.files), already)
+    for file in snap.files:
+        fetch_file(repo, file, staging, partials, progress, req.max_bytes, req.retry)
+    tree = staging
+    if isinstance(repo, HttpArchive):
+        progress.set_phase("unpacking")
+        unpacked = cache.unpacked(key)
+        shutil.rmtree(unpacked, ignore_errors=True)  # an unpack cut short: done again whole
+        tree = unpack(staging / snap.files[0].path, unpacked, req.max_bytes)
+    entry = cache.publish(tree, key, snap.manifest())
+    cache.discard(key)
+    return entry
+
+
+def _bytes_under(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else 0
+
+
+# ---- the command --------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="infergate download",
+        description="Download a model's weights into the shared cache; print the entry's path.",
+    )
+    p.add_argument(
+        "uri",
+        help="hf://ORG/NAME, ORG/NAME, s3://, obs://, pvc://, file://, a path, "
+        "or an http(s):// archive",
+    )
+    p.add_argument("--dest", type=Path, help="made a link to the cache entry")
+    p.add_argument("--cache-dir", type=Path, default=None, help=f"default {default_root()}")
+    p.add_argument("--revision", default="main", help="hf://: a branch, tag or commit")
+    p.add_argument("--sha256", help="an http(s) archive's SHA-256, checked")
+    p.add_argument(
+        "--exclude",
+        action="append",
+        default=[],
+        metavar="GLOB",
+        help="leave out files matching it (repeatable), e.g. 'original/*'",
+    )
+    p.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES, help="in all")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT,
+        help="seconds to connect and between two reads",
+    )
+    p.add_argument(
+        "--retries",
+        type=int,
+        default=Retry().retries,
+        help="more tries of a file whose transfer failed, each resuming",
+    )
+    p.add_argument(
+        "--pvc-root",
+        type=Path,
+        default=DEFAULT_PVC_ROOT,
+        help="where pvc://CLAIM is mounted, as <root>/CLAIM",
+    )
+    p.add_argument("--progress-file", type=Path, help="JSON progress, rewritten in place")
+    p.add_argument(
+        "--termination-log",
+        type=Path,
+        help="the error line written here too (Kubernetes: /dev/termination-log)",
+    )
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    opts = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    # A file size limit (ulimit -f) must end in an error we report, not a kill.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    if opts.max_bytes < 1 or opts.timeout <= 0 or opts.retries < 0:
+        print(
+            "infergate download: --max-bytes, --timeout and --retries must be positive",
+            file=sys.stderr,
+        )
+        return USAGE_EXIT
+    progress = Progress(opts.uri, opts.progress_file)
+    try:
+        req = Request(
+            opts.uri,
+            opts.revision,
+            opts.sha256,
+            tuple(opts.exclude),
+            opts.max_bytes,
+            opts.timeout,
+            opts.pvc_root,
+            Retry(opts.retries),
+        )
+        entry, cached = download(req, Cache(opts.cache_dir or default_root()), progress)
+        if opts.dest is not None:
+            link(opts.dest, entry)
+    except ValueError as exc:
+        return _failed(opts, progress, "InvalidSource", str(exc), "fix the URI", USAGE_EXIT)
+    except FetchError as exc:
+        return _failed(opts, progress, exc.reason, str(exc), exc.hint, exc.exit_code)
+    progress.finish(entry, cached)
+    print(opts.dest if opts.dest is not None else entry)
+    return 0
+
+
+def _failed(
+    opts: argparse.Namespace, progress: Progress, reason: str, message: str, hint: str, code: int
+) -> int:
+    line = f"{reason}: {message}; {hint}"
+    progress.fail(reason, message)
+    print(f"infergate download: {line}", file=sys.stderr)
+    if opts.termination_log is not None:
+        try:
+            opts.termination_log.write_text(line + "\n")
+        except OSError as exc:
+            log.warning("termination log %s: %s", opts.termination_log, exc)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

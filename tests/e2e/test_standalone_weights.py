@@ -1,0 +1,104 @@
+"""Standalone mode downloads a Model's weights before its engine starts: an `hf://` Model (a
+vLLM Model whose command is the simulator, so it runs here) gets its init container, which
+fetches the snapshot from a Hub mirror of our own over real HTTP (the Model's HF_ENDPOINT)
+into the cache; the engine starts on the link and serves. A Model whose repository does not
+exist never starts, and its Failed condition says why in the download's words."""
+
+from __future__ import annotations
+
+import random
+import sys
+
+import aiohttp
+import pytest
+import yaml
+
+from infergw.cluster.store import MODEL, POD
+from infergw.controllers.app import Standalone
+from tests.e2e.standalone_helpers import wait_for_cluster
+from tests.fetch.hub_mirror import Mirror, running_mirror
+from tests.paths import DEFAULT_MODEL
+
+pytestmark = pytest.mark.slow
+WEIGHTS = random.Random(5).randbytes(1 << 20)
+
+
+def hf_model(name: str, repo: str, hub: str) -> dict:
+    return {
+        "apiVersion": "workload.infergate.io/v1alpha1",
+        "kind": "Model",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {
+            "modelURI": f"hf://{repo}",
+            "image": "vllm/vllm-openai",  # a real engine's: its weights are downloaded
+            "engine": {
+                "type": "vLLM",
+                "command": [sys.executable, "-m", "infergw.simulator"],
+                "args": ["--sim-time-scale=0"],
+            },
+            "replicas": 1,
+            "backend": {"aggregated": {}},
+            "env": [{"name": "HF_ENDPOINT", "value": hub}],
+        },
+    }
+
+
+def condition(model: dict, kind: str) -> dict:
+    return next(
+        (c for c in (model.get("status") or {}).get("conditions") or [] if c["type"] == kind), {}
+    )
+
+
+async def test_weights_are_downloaded_before_the_engine_and_failures_named(tmp_path) -> None:
+    files = {p.name: p.read_bytes() for p in DEFAULT_MODEL.iterdir() if p.is_file()}
+    mirror = Mirror("org/tiny", {**files, "model.safetensors": WEIGHTS}, lfs={"model.safetensors"})
+    with running_mirror(mirror):
+        manifests = tmp_path / "manifests"
+        manifests.mkdir()
+        docs = [
+            hf_model("tiny", "org/tiny", mirror.hub_url),
+            hf_model("gone", "org/gone", mirror.hub_url),
+        ]
+        (manifests / "models.yaml").write_text(yaml.safe_dump_all(docs))
+        state = tmp_path / "state"
+        app = await Standalone(
+            manifests, state, tmp_path / "pool.yaml", weights_cache_dir=tmp_path / "cache"
+        ).start()
+        store = app.store
+        try:
+
+            async def tiny_ready():
+                m = await store.get(MODEL, "default", "tiny")
+                return (m.get("status") or {}).get("readyReplicas") == 1
+
+            await wait_for_cluster(tiny_ready, "the downloaded Model to serve")
+            [pod], _ = await store.list(POD, "default", {"infergate.io/model": "tiny"})
+            link = (state / "models").resolve() / "default" / "tiny" / "base"
+            assert f"--model={link}" in pod["spec"]["containers"][0]["args"]
+            assert (
+                link.is_symlink()
+                and link.resolve().parent == (tmp_path / "cache" / "entries").resolve()
+            )
+            assert (link / "model.safetensors").read_bytes() == WEIGHTS
+            assert len(mirror.asked("cdn", "model.safetensors")) == 1
+            init = pod["status"]["initContainerStatuses"][0]
+            assert init["name"] == "weights" and init["state"]["terminated"]["exitCode"] == 0
+            async with aiohttp.ClientSession() as session:
+                url = f"http://{pod['status']['podIP']}:8000/v1/models"
+                async with session.get(url) as resp:
+                    assert (await resp.json())["data"][0]["id"] == "tiny"
+
+            async def gone_failed():
+                m = await store.get(MODEL, "default", "gone")
+                failed = condition(m, "Failed")
+                return failed if failed.get("status") == "True" else None
+
+            failed = await wait_for_cluster(gone_failed, "the missing Model's Failed condition")
+            assert failed["reason"] == "DownloadFailed"
+            assert "SourceNotFound" in failed["message"] and "org/gone" in failed["message"]
+            gone = await store.get(MODEL, "default", "gone")
+            assert condition(gone, "Ready")["reason"] == "DownloadFailed"
+            [pod], _ = await store.list(POD, "default", {"infergate.io/model": "gone"})
+            assert pod["status"]["phase"] == "Pending"
+        finally:
+            await app.stop()

@@ -1,0 +1,226 @@
+"""Load balance (issue 16): never worse than round robin with no reuse, and a bound on how far
+cache affinity may pull load. The replays run the real plugins against fleet_sim's pods."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+
+from infergw.epp.context import RequestContext
+from infergw.epp.datastore import Endpoint, EndpointMetrics
+from infergw.epp.request import parse_request
+from infergw.epp.scheduling.framework import Profile, Scheduler, WeightedScorer
+from infergw.epp.scheduling.plugins.kv_cache_utilization import (
+    KVCacheUtilizationScorer,
+    usage_now,
+)
+from infergw.epp.scheduling.plugins.least_request import LeastRequestScorer
+from infergw.epp.scheduling.plugins.pickers import MaxScorePicker
+from infergw.epp.scheduling.plugins.precise_prefix_cache import PrecisePrefixCacheScorer
+from infergw.epp.scheduling.plugins.prefix_cache import PrefixCacheScorer
+from infergw.epp.scheduling.plugins.profile_handlers import SingleProfileHandler
+from infergw.epp.scheduling.plugins.queue import QueueScorer
+from infergw.kvindex.cache import KVCache
+from infergw.kvindex.index import KVBlockIndex
+from infergw.kvindex.tokenize import PromptTokenizers
+from infergw.stack.local import DEFAULT_MODEL_DIR
+from tests.epp.scheduling.fleet_sim import (
+    Fleet,
+    SimClock,
+    no_reuse,
+    replay,
+    round_robin,
+    scheduler_route,
+)
+from tests.request_fixtures import bare_context
+
+
+def load_profile(clock, recent=None, weight: float = 1):
+    """bench/routing's `load` profile (the precise one's load part, at weight 2)."""
+    params = None if recent is None else {"recentSeconds": recent}
+    return [
+        (QueueScorer("q"), weight),
+        (KVCacheUtilizationScorer("kv"), weight),
+        (LeastRequestScorer("lr", params, clock=clock), weight),
+    ]
+
+
+def scheduler(scorers, seed: int = 3) -> Scheduler:
+    profile = Profile(
+        "default",
+        scorers=[WeightedScorer(s, w) for s, w in scorers],
+        picker=MaxScorePicker("pick", {"seed": seed}),
+    )
+    return Scheduler({"default": profile}, SingleProfileHandler("h"), 1)
+
+
+def send(sched: Scheduler, ctx: RequestContext, eps: list[Endpoint], now: float) -> Endpoint:
+    """Schedule and count the request in flight on its pod, as epp/director.py does."""
+    result = sched.schedule(ctx, eps)
+    for ws in sched.profiles["default"].scorers:
+        if hasattr(ws.scorer, "pre_request"):
+            ws.scorer.pre_request(ctx, result)
+    chosen = result.targets[0]
+    chosen.inflight_requests += 1
+    chosen.sent_since_scrape += 1
+    chosen.last_sent_at = now
+    return chosen
+
+
+# ---- no reuse ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", [7, 8, 9])
+def test_no_reuse_ttft_p90_is_within_5_percent_of_round_robin(seed):
+    # bench/routing's no-reuse point: 8 pods, 12 req/s, ~1,800 unique prompt tokens each.
+    fleet, arrivals = Fleet(pods=8), no_reuse(12.0, seconds=30, seed=seed)
+    rr = replay(fleet, arrivals, round_robin())
+    clock = SimClock()
+    ours = replay(fleet, arrivals, scheduler_route(load_profile(clock, weight=2)), clock)
+    assert ours.p(0.9) <= 1.05 * rr.p(0.9)
+
+
+def test_without_recency_equal_counts_pick_at_random_and_lose_to_round_robin():
+    # The cause: a pod whose request was just sent (still prefilling) and one whose request is
+    # decoding have the same in-flight count; picking at random among them lets prefills meet.
+    fleet, arrivals = Fleet(pods=8), no_reuse(12.0, seconds=30, seed=7)
+    rr = replay(fleet, arrivals, round_robin())
+    clock = SimClock()
+    old = replay(fleet, arrivals, scheduler_route(load_profile(clock, recent=0)), clock)
+    assert old.p(0.9) > 1.2 * rr.p(0.9)
+
+
+@pytest.mark.parametrize("seed", [7, 8])
+def test_kv_usage_counts_what_was_sent_since_the_scrape(seed):
+    # Busier (20 req/s on 8 pods) and scraped every 200 ms: without the pods' cache size the
+    # scorer cannot add what was sent since, and it pulls towards the pod just chosen.
+    arrivals = no_reuse(20.0, seconds=30, seed=seed)
+    p90 = {}
+    for info in (True, False):
+        fleet = Fleet(pods=8, scrape_interval=0.2, cache_info=info)
+        clock = SimClock()
+        p90[info] = replay(fleet, arrivals, scheduler_route(load_profile(clock)), clock).p(0.9)
+    assert p90[True] < 0.9 * p90[False]
+
+
+def test_usage_now_adds_the_mean_in_flight_tokens_sent_since_the_scrape():
+    (e,) = Fleet(pods=1).endpoints()
+    e.metrics = EndpointMetrics(kv_usage=0.25, block_size=16, num_blocks=100, updated_at=1.0)
+    e.inflight_requests, e.inflight_tokens, e.sent_since_scrape = 2, 800, 1
+    assert usage_now(e) == pytest.approx(0.25 + 400 / 1600)
+    e.sent_since_scrape = 9
+    assert usage_now(e) == 1.0
+    e.metrics.num_blocks = None  # the page does not say: the scrape's number alone
+    assert usage_now(e) == 0.25
+
+
+def test_a_burst_between_two_scrapes_spreads_evenly():
+    # No scrape in between: the scraped numbers are the same for every pod all along.
+    eps = Fleet(pods=8).endpoints()
+    clock = SimClock()
+    sched = scheduler(load_profile(clock))
+    for i in range(20):
+        clock.now = 0.001 * i
+        send(sched, bare_context(prompt_text=f"{i} unique"), eps, clock.now)
+    counts = [e.inflight_requests for e in eps]
+    assert max(counts) - min(counts) <= 1 and sum(counts) == 20
+
+
+def test_equal_counts_go_to_the_pod_sent_to_longest_ago():
+    a, b, c = Fleet(pods=3).endpoints()
+    for e, sent in ((a, 9.9), (b, 9.5), (c, 9.8)):
+        e.inflight_requests, e.last_sent_at = 1, sent
+    lr = LeastRequestScorer("lr", {"recentSeconds": 1.0}, clock=lambda: 10.0)
+    assert lr.score(None, [a, b, c]) == pytest.approx([0.0, 1.0, 0.1 / 0.4])
+    # Two in flight still count more than one just sent; older than the window, no extra.
+    a.inflight_requests, a.last_sent_at = 2, 5.0
+    b.last_sent_at = 9.99
+    assert [lr.load(e, 10.0) for e in (a, b)] == pytest.approx([2.0, 1.99])
+
+
+def test_the_window_defaults_to_the_pods_ttft_and_zero_turns_it_off():
+    (e,) = Fleet(pods=1).endpoints()
+    e.inflight_requests, e.last_sent_at, e.ttft_ewma = 1, 9.0, 2.0
+    assert LeastRequestScorer("lr").load(e, 10.0) == pytest.approx(1.5)
+    assert LeastRequestScorer("lr", {"recentSeconds": 0}).load(e, 10.0) == 1.0
+    e.ttft_ewma = None  # not learnt yet: half a second
+    assert LeastRequestScorer("lr").load(e, 9.25) == pytest.approx(1.5)
+
+
+def test_by_tokens_the_recent_request_counts_its_mean_tokens():
+    (e,) = Fleet(pods=1).endpoints()
+    e.inflight_requests, e.inflight_tokens, e.last_sent_at = 2, 1000, 10.0
+    lr = LeastRequestScorer("lr", {"by": "tokens", "recentSeconds": 1.0})
+    assert lr.load(e, 10.0) == pytest.approx(1500.0)
+
+
+# ---- affinity against load -------------------------------------------------------------------
+
+
+def affinity_profile(prefix, clock):
+    return [(prefix, 3), (LeastRequestScorer("lr", {"recentSeconds": 0}, clock=clock), 2)]
+
+
+@pytest.mark.parametrize("bound", [2, 4])
+def test_a_popular_prefix_stays_on_its_pod_until_the_bound_then_spills(bound):
+    eps = Fleet(pods=4).endpoints()
+    clock = SimClock()
+    sched = scheduler(affinity_profile(PrefixCacheScorer("p", {"loadBound": bound}), clock))
+    prompt = "system prompt shared by a burst " * 40
+    first = send(sched, bare_context(prompt_text=prompt + "0"), eps, 0.0)
+    picks = [send(sched, bare_context(prompt_text=f"{prompt}{i}"), eps, 0.0) for i in range(1, 9)]
+    # Affinity holds while the pod is at most `bound` above the least loaded (0 elsewhere).
+    assert picks[:bound] == [first] * bound
+    spill = picks[bound]
+    assert spill is not first
+    # The spill pod was recorded: the prefix's next requests follow it while it is in bound.
+    assert picks[bound + 1] is spill
+    assert first.inflight_requests == bound + 1
+
+
+def test_without_a_bound_affinity_takes_every_request():
+    eps = Fleet(pods=4).endpoints()
+    clock = SimClock()
+    sched = scheduler(affinity_profile(PrefixCacheScorer("p", {"loadBound": None}), clock))
+    prompt = "system prompt shared by a burst " * 40
+    picks = [send(sched, bare_context(prompt_text=f"{prompt}{i}"), eps, 0.0) for i in range(8)]
+    assert Counter(map(id, picks)).most_common(1)[0][1] == 8
+
+
+def test_the_default_bound_is_four_and_is_in_the_parameters():
+    assert PrefixCacheScorer("p").load_bound == 4
+    assert PrecisePrefixCacheScorer("p").load_bound == 4
+    with pytest.raises(ValueError, match="loadBound"):
+        PrefixCacheScorer("p", {"loadBound": -1})
+
+
+def completion(prompt: str) -> RequestContext:
+    body = json.dumps({"model": "m", "prompt": prompt}).encode()
+    return RequestContext(parse_request("/v1/completions", body, {}, max_body_bytes=1 << 20))
+
+
+async def test_the_precise_scorer_spills_and_the_spill_pod_gets_the_speculative_entries():
+    kv = KVCache(
+        tokenizers=PromptTokenizers({"m": DEFAULT_MODEL_DIR}), index=KVBlockIndex(block_size=16)
+    )
+    precise = PrecisePrefixCacheScorer("precise", {"loadBound": 2}, kv=kv)
+    eps = Fleet(pods=3).endpoints()
+    sched = scheduler(affinity_profile(precise, SimClock()))
+    prompt = " ".join(f"a new popular system prompt, part {i}" for i in range(40))
+    picks = []
+    for i in range(5):
+        ctx = completion(f"{prompt} question {i}")
+        await precise.prepare(ctx)
+        picks.append(send(sched, ctx, eps, 0.0))
+    first = picks[0]
+    assert picks[1:3] == [first, first]  # 1 and 2 above the others: within the bound
+    spill = picks[3]  # 3 above: affinity yields
+    assert spill is not first
+    ctx = completion(f"{prompt} question 9")
+    await precise.prepare(ctx)
+    held = precise.score(ctx, eps)
+    assert held[eps.index(spill)] > 0.8  # speculative entries on the spill pod
+    assert held[eps.index(first)] == 0.0  # still over the bound
+    assert picks[4] is spill
