@@ -87,3 +87,8 @@ POOL_FILE_ENV = "INFERGATE_POOL_FILE"
 # Model's HTTPRoute matches it against its pool's name, so many Models share one Gateway and
 # the same paths; the router clears Envoy's route cache after setting it.
 MODEL_NAME_HEADER = "x-gateway-model-name"
+
+# The picker's demand gauge: requests it holds because no endpoint of its pool is ready
+# (epp/capacity_wait.py); the autoscaler sums it over every picker replica of a pool
+# (controllers/picker_demand.py) to scale a pool up from zero.
+PICKER_DEMAND_METRIC = "infergate_epp_pool_waiting_for_capacity"

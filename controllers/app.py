@@ -40,6 +40,7 @@ from infergw.controllers.autoscaler import AutoscalerReconciler
 from infergw.controllers.engine_command import PER_POD, KVEventSockets
 from infergw.controllers.model import ModelReconciler
 from infergw.controllers.modelinfer import ModelInferReconciler
+from infergw.controllers.picker_demand import by_pool, picker_metrics_item
 from infergw.controllers.picker_objects import PICKER_IMAGE, PickerSettings
 from infergw.controllers.runner import (
     Controller,
@@ -76,12 +77,14 @@ def build_controllers(
     namespace: str | None = None,
     kv_sockets: KVEventSockets = PER_POD,
     picker: PickerSettings | None = None,
+    picker_metrics: dict[str, list[str]] | None = None,
     weights: WeightsLayout = CLUSTER,
 ) -> tuple[list[Controller], AutoscalerReconciler]:
     """The controllers; with `picker` (a cluster), every Model also gets its endpoint picker,
     HTTPRoute and EnvoyPatchPolicy, and is reconciled again when their status (or the
-    install's picker filter's) changes."""
-    scaler = AutoscalerReconciler(store, interval=autoscale_interval)
+    install's picker filter's) changes. `picker_metrics`: the pickers' metrics URLs per
+    pool, where the autoscaler reads their demand (None: each pool's picker Service's pods)."""
+    scaler = AutoscalerReconciler(store, interval=autoscale_interval, picker_metrics=picker_metrics)
     model_watches = [(MODEL, own_key), (MODEL_INFER, owner_key(MODEL))]
     if picker is not None:
         model_watches += [(DEPLOYMENT, owner_key(MODEL)), (HTTP_ROUTE, owner_key(MODEL))]
@@ -130,6 +133,8 @@ class Standalone:
     kv_sockets: KVEventSockets = field(default_factory=lambda: central_sockets(None))
     weights_cache_dir: Path | None = None  # None: the download's own default
     metrics: ControllerMetrics = field(default_factory=ControllerMetrics)
+    # pool → its pickers' metrics URLs: their demand scales a pool up from zero
+    picker_metrics: dict[str, list[str]] = field(default_factory=dict)
     store: Store | None = None
     parts: list = field(default_factory=list)
     _scaler: AutoscalerReconciler | None = None
@@ -149,6 +154,7 @@ class Standalone:
             self.metrics,
             autoscale_interval=self.autoscale_interval,
             kv_sockets=self.kv_sockets,
+            picker_metrics=self.picker_metrics,
             weights=WeightsLayout.standalone(self.weights_cache_dir, self.state_dir / "models"),
         )
         exporter = PoolExporter(
@@ -203,6 +209,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--leader-elect", action="store_true", help="kubernetes: run several replicas")
     p.add_argument("--leader-namespace", default="infergate-system", help="where the Lease lives")
     p.add_argument("--autoscale-interval", type=float, default=15.0)
+    p.add_argument(
+        "--picker-metrics",
+        action="append",
+        type=picker_metrics_item,
+        default=[],
+        metavar="POOL=URL",
+        help="standalone: a picker's metrics URL for pool POOL (repeat for every replica); the "
+        "autoscaler sums their held requests to scale the pool up from zero "
+        "(controllers/picker_demand.py). Kubernetes mode finds them itself",
+    )
     p.add_argument("--host", default="127.0.0.1", help="address for metrics and the webhook")
     p.add_argument("--metrics-port", type=int, default=9091)
     p.add_argument("--webhook-port", type=int, default=0, help="serve the admission webhook")
@@ -329,6 +345,7 @@ async def _serve_standalone(args: argparse.Namespace, stop: asyncio.Event) -> No
         eds_pool=args.envoy_eds_pool,
         eds_dir=args.envoy_eds_dir,
         kv_sockets=kv_sockets(args),
+        picker_metrics=by_pool(args.picker_metrics),
         weights_cache_dir=args.weights_cache_dir,
     )
     start_http_server(args.metrics_port, addr=args.host, registry=app.metrics.registry)

@@ -34,8 +34,14 @@ from infergw.cluster.store import (
 from infergw.controllers import autoscaling as a
 from infergw.controllers.conditions import condition, find, listed, now_rfc3339
 from infergw.controllers.modelinfer_pods import instance_label, pod_ready
+from infergw.controllers.picker_demand import PickerDemand
+from infergw.controllers.prom_text import parse_sum
 
 log = logging.getLogger("controllers.autoscaler")
+
+
+# Seconds between the cycles of a binding with a target at zero replicas.
+AT_ZERO_INTERVAL = 1.0
 
 
 class ScrapeFailed(Exception):
@@ -75,32 +81,23 @@ def _step(step: EffectiveStep) -> a.StepPolicy:
     )
 
 
-def parse_sum(text: str, names: set[str]) -> dict[str, float]:
-    """Sum each wanted metric's samples (gauges and counters) in Prometheus text."""
-    out = dict.fromkeys(names, 0.0)
-    for line in text.splitlines():
-        if not line or line[0] == "#":
-            continue
-        name = line.split("{", 1)[0].split(" ", 1)[0]
-        if name in out:
-            # The value follows the labels; an optional timestamp may follow the value.
-            fields = line[line.rfind("}") + 1 :].split() if "{" in line else line.split()[1:]
-            try:
-                value = float(fields[0])
-            except (IndexError, ValueError):
-                continue
-            if math.isfinite(value):  # NaN or Inf would poison the sum and the scale
-                out[name] += value
-    return out
-
-
 class AutoscalerReconciler:
     kind = AUTOSCALING_BINDING
 
-    def __init__(self, store: Store, *, interval: float = 15.0, clock=time.monotonic) -> None:
+    def __init__(
+        self,
+        store: Store,
+        *,
+        interval: float = 15.0,
+        clock=time.monotonic,
+        picker_metrics: dict[str, list[str]] | None = None,
+    ) -> None:
+        """`picker_metrics`: pool → its pickers' metrics URLs (standalone mode); None: found
+        through each pool's endpointPickerRef (controllers/picker_demand.py)."""
         self.store = store
         self.interval = interval
         self.clock = clock
+        self.demand = PickerDemand(store, self._get_text, picker_metrics)
         self.scalers: dict[tuple[str, str, str], a.Scaler] = {}
         # per prefillDecode binding, for status: the roles' sizes before and after the ratio
         self.ratios: dict[tuple[str, str], tuple[tuple[int, int], tuple[int, int]]] = {}
@@ -141,6 +138,10 @@ class AutoscalerReconciler:
         for target, _current, desired in results:
             await self._set_size(namespace, target["target"], desired)
         await self._status(binding, results, None)
+        if any(desired == 0 for _, _, desired in results):
+            # At zero only the pickers' demand can move it, and a held request waits for
+            # the next cycle: look again soon (it costs a scrape of the pickers only).
+            return min(self.interval, AT_ZERO_INTERVAL)
         return self.interval
 
     # ---- the three binding forms ------------------------------------------------------
@@ -148,16 +149,19 @@ class AutoscalerReconciler:
     async def _one(self, binding: Obj, policy: a.Policy, t: dict) -> tuple[dict, int, int]:
         current, pods = await self._observe(binding, t["target"])
         metrics = await self._metrics(pods, policy)
+        demand = await self._demand(binding, t["target"])
         scaler = self._scaler(binding, t, policy)
-        return t, current, scaler.step(self.clock(), metrics, current)
+        return t, current, scaler.step(self.clock(), metrics, current, demand)
 
     async def _several(self, binding: Obj, policy: a.Policy, h: dict):
         """One recommendation for the total, split over the targets cheapest-first."""
-        current, pods = {}, []
+        current, pods, demand = {}, [], 0.0
         for t in h["targets"]:
             c, p = await self._observe(binding, t["target"])
             current[_key(t["target"])] = c
             pods += p
+            # one pool's pickers, whichever target: the largest, not the sum
+            demand = max(demand, await self._demand(binding, t["target"]))
         currents = sum(current.values())
         metrics = await self._metrics(pods, policy)
         total_range = {
@@ -165,7 +169,8 @@ class AutoscalerReconciler:
             "maxReplicas": sum(t["maxReplicas"] for t in h["targets"]),
             "target": {"name": "__total__"},
         }
-        total = self._scaler(binding, total_range, policy).step(self.clock(), metrics, currents)
+        scaler = self._scaler(binding, total_range, policy)
+        total = scaler.step(self.clock(), metrics, currents, demand)
         split = a.split_by_cost(
             total,
             [
@@ -219,8 +224,6 @@ class AutoscalerReconciler:
         return current, [p for p in serving if pod_ready(p)]
 
     async def _metrics(self, pods: list[Obj], policy: a.Policy) -> dict[str, float]:
-        if self._session is None:
-            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2))
         texts = await asyncio.gather(*(self._scrape(p) for p in pods))
         total = dict.fromkeys(policy.targets, 0.0)
         for pod, text in zip(pods, texts, strict=True):
@@ -235,15 +238,25 @@ class AutoscalerReconciler:
         ip = (pod.get("status") or {}).get("podIP")
         container = (pod["spec"].get("containers") or [{}])[0]
         port = next((p["containerPort"] for p in container.get("ports") or []), 8000)
+        path = metrics_path(_engine(pod))
+        return await self._get_text(f"http://{ip}:{port}{path}", pod["metadata"]["name"])
+
+    async def _demand(self, binding: Obj, target: dict) -> float:
+        """Requests the target's pickers hold for want of a ready pod."""
+        ns = binding["metadata"].get("namespace", "default")
+        mi = await self.store.get(MODEL_INFER, ns, target["name"])
+        return 0.0 if mi is None else await self.demand.waiting(ns, mi)
+
+    async def _get_text(self, url: str, who: str | None = None) -> str:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2))
         try:
-            assert self._session is not None
-            path = metrics_path(_engine(pod))
-            async with self._session.get(f"http://{ip}:{port}{path}") as resp:
+            async with self._session.get(url) as resp:
                 if resp.status != 200:
-                    raise ScrapeFailed(f"{pod['metadata']['name']}: {path} answered {resp.status}")
+                    raise ScrapeFailed(f"{who or url}: answered {resp.status}")
                 return await resp.text()
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            raise ScrapeFailed(f"{pod['metadata']['name']}: {exc}") from exc
+            raise ScrapeFailed(f"{who or url}: {exc}") from exc
 
     async def _set_size(self, namespace: str, target: dict, desired: int) -> None:
         mi = await self.store.get(MODEL_INFER, namespace, target["name"])

@@ -73,10 +73,17 @@ class Scaler:
     def panicking(self, now: float) -> bool:
         return now < self.panic_until
 
-    def step(self, now: float, metrics: dict[str, float], current: int) -> int:
-        """The size to set now, given the metrics summed over the target's ready pods."""
+    def step(self, now: float, metrics: dict[str, float], current: int, demand: float = 0.0) -> int:
+        """The size to set now, given the metrics summed over the target's ready pods and
+        `demand`, the requests the pickers hold because no pod is ready (scale from zero).
+
+        While any request is held the target never shrinks and has at least one replica,
+        at once (no window or rate limit delays the first pod); the held demand enters the
+        recommendations, so a scale down (to zero too) comes only a whole scale-down
+        stabilization window after the last request was held."""
         p = self.policy
-        rec = recommend(metrics, p, current)
+        floor = max(current, 1) if demand > 0 else 0
+        rec = max(recommend(metrics, p, current), floor)
         self.recs.append((now, rec))
         self.sizes.append((now, current))
         self._trim(now)
@@ -88,7 +95,8 @@ class Scaler:
             desired = max(current, min(rec, cap))  # panic never scales down
         elif rec > current:
             rec = min(r for t, r in self.recs if t >= now - p.up.window)
-            base = self._min_size(now - p.up.period)
+            # From zero a percentage bound is zero too: grow from one pod instead.
+            base = max(1, self._min_size(now - p.up.period))
             desired = max(current, min(rec, _bound(base, p.up, up=True)))
         elif rec < current:
             rec = max(r for t, r in self.recs if t >= now - p.down.window)
@@ -96,7 +104,7 @@ class Scaler:
             desired = min(current, max(rec, _bound(base, p.down, up=False)))
         else:
             desired = current
-        return max(self.min_replicas, min(self.max_replicas, desired))
+        return max(self.min_replicas, min(self.max_replicas, max(desired, floor)))
 
     def _trim(self, now: float) -> None:
         p = self.policy

@@ -22,6 +22,7 @@ from infergw.api import logs, yaml_files
 from infergw.api.signals import wait_for_signal
 from infergw.cluster import certs
 from infergw.epp.body_budget import BodyBudget
+from infergw.epp.capacity_wait import CapacityWaitCollector
 from infergw.epp.datastore import Datastore
 from infergw.epp.director import Director, DirectorOptions
 from infergw.epp.extproc import ExternalProcessor
@@ -335,10 +336,15 @@ def build_gatekeeper(
     # One way to tokenize a prompt: the KV cache's, which its scorer shares, if there is one.
     prompts = view.cache if view is not None else ModelTokenizers(PromptTokenizers(opts.tokenizers))
     gate = Gatekeeper(
-        metrics.registry, flow_control=_flow_control(text, scheduling), prompts=prompts
+        metrics.registry,
+        flow_control=_flow_control(text, scheduling),
+        prompts=prompts,
+        capacity_wait_ttl=opts.capacity_wait_ttl,
     )
     if gate.queue is not None:
         _queue_gauges(gate, metrics)
+    gate.capacity.pool = lambda: opts.pool_name
+    metrics.registry.register(CapacityWaitCollector(gate.capacity, metrics.model_labels))
     return gate
 
 

@@ -15,7 +15,7 @@ from infergw.epp.bodyless import allowed_without_body
 from infergw.epp.context import RequestContext
 from infergw.epp.datastore import Datastore, Endpoint
 from infergw.epp.eligibility import Eligibility
-from infergw.epp.errors import PickerError
+from infergw.epp.errors import NoCapacity, PickerError
 from infergw.epp.gatekeeper import Gatekeeper
 from infergw.epp.metrics import PickerMetrics
 from infergw.epp.scheduling.config import SchedulingConfig
@@ -65,9 +65,15 @@ class Director:
         """Route, gate and schedule a parsed request; on success the primary endpoint counts
         it in flight. Raises PickerError for every request that cannot go on."""
         self.options.trust.apply(ctx)
-        self._route(ctx)
-        eligible = self.eligibility.endpoints(ctx)
         ctx.priority = self.datastore.priority_of(ctx.objective)
+        try:
+            eligible = self._routed(ctx)
+        except NoCapacity as cold:
+            # Nothing ready (scaled to zero, pods starting): hold it until a pod is, as an
+            # activator does; the autoscaler reads how many wait (epp.capacity_wait).
+            waited = await self.gate.hold_for_capacity(ctx, self._has_capacity, cold)
+            log.info("request %s waited %.2fs for a ready endpoint", ctx.request_id, waited)
+            eligible = self._routed(ctx)
         if ctx.request.stream and not ctx.request.client_wants_usage and self._needs_usage(ctx):
             ctx.strip_usage = True  # ask the engine for usage; the client does not see it
         ctx.ticket = await self.gate.enter(ctx, self.eligibility)
@@ -80,6 +86,22 @@ class Director:
         except BaseException:
             self.gate.abandon(ctx.ticket, ctx)
             raise
+
+    def _routed(self, ctx: RequestContext) -> list[Endpoint]:
+        """Route the request, then the endpoints it may use."""
+        self._route(ctx)
+        return self.eligibility.endpoints(ctx)
+
+    def _has_capacity(self, ctx: RequestContext) -> bool:
+        """A held request may go on: some endpoint can take it, or another error than "no
+        ready endpoint" answers it."""
+        try:
+            self._routed(ctx)
+        except NoCapacity:
+            return False
+        except PickerError:
+            pass
+        return True
 
     def _needs_usage(self, ctx: RequestContext) -> bool:
         """Output tokens are charged to a rate limit or a flow's fair share."""

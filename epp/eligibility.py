@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from infergw.epp.context import RequestContext
 from infergw.epp.datastore import Datastore, Endpoint
-from infergw.epp.errors import PickerError
+from infergw.epp.errors import NoCapacity, PickerError
 from infergw.epp.routing.table import selects
 from infergw.epp.scheduling.framework import ProfileHandler
 
@@ -37,14 +37,20 @@ class Eligibility:
     def endpoints(self, ctx: RequestContext) -> list[Endpoint]:
         """The ready endpoints the request may use now: of its subset hint, its ModelServer's
         (or all, when its route targets the pool), or without a route those serving its
-        model. Raises PickerError when the model is not served at all."""
+        model. Raises PickerError when the model is not served at all, NoCapacity when
+        nothing in the pool is ready (a pool scaled to zero: the request may wait)."""
         candidates = self.candidates(ctx.subset)
         resolution = ctx.resolution
         if resolution is None:
-            return self._serving(ctx.target_model, candidates)
-        if resolution.server is None:
-            return candidates
-        return [e for e in candidates if selects(resolution.server, e)]
+            chosen = self._serving(ctx.target_model, candidates)
+        elif resolution.server is None:
+            chosen = candidates
+        else:
+            chosen = [e for e in candidates if selects(resolution.server, e)]
+        if not candidates:
+            pool = self.datastore.pool.name if self.datastore.pool else "?"
+            raise NoCapacity(f"no ready endpoint in pool {pool} for model {ctx.request.model!r}")
+        return chosen
 
     def destinations(self, ctx: RequestContext) -> list[Endpoint]:
         """The endpoints that can be the request's destination, for flow control's saturation

@@ -60,3 +60,12 @@ class PickerError(Exception):
                 "code": self.status,
             }
         }
+
+
+class NoCapacity(PickerError):
+    """No ready endpoint can take the request now (its pool or ModelServer has none, as after
+    a scale to zero): the director holds it for a pod to come (epp.capacity_wait) rather
+    than answer at once."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(503, message)

@@ -15,9 +15,10 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from infergw.epp.capacity_wait import DEFAULT_CAPACITY_WAIT_TTL, CapacityWait, HasCapacity
 from infergw.epp.context import RequestContext
 from infergw.epp.datastore import Endpoint
-from infergw.epp.errors import PickerError
+from infergw.epp.errors import NoCapacity, PickerError
 from infergw.epp.flowcontrol import (
     AdmissionController,
     FlowControlConfig,
@@ -63,6 +64,8 @@ class Gatekeeper:
     flow_control: FlowControlConfig | None = None  # None: requests never wait
     # How prompts are tokenized for counting (epp.tokenizing); None: estimated from length.
     prompts: PromptTokenizing | None = None
+    # How long a request with no ready endpoint waits for one (scale from zero); 0: 503 at once.
+    capacity_wait_ttl: float = DEFAULT_CAPACITY_WAIT_TTL
     _limiters: dict[str, tuple[str, Limiter]] = field(default_factory=dict)
     _output_avg: dict[str, float] = field(default_factory=dict)  # flow → recent answer length
     _tasks: set[asyncio.Task] = field(default_factory=set)
@@ -76,6 +79,23 @@ class Gatekeeper:
         self.queue = None
         if self.flow_control is not None:
             self.queue = AdmissionController(self.flow_control, self._saturated)
+        self.capacity = CapacityWait(self.capacity_wait_ttl, self.flow_control)
+
+    # ---- before routing ------------------------------------------------------------------
+
+    async def hold_for_capacity(
+        self, ctx: RequestContext, has_capacity: HasCapacity, cold: NoCapacity
+    ) -> float:
+        """Hold a request no ready endpoint can take until one can (epp.capacity_wait); the
+        seconds it waited. Raises PickerError past the TTL, CancelledError if the client
+        leaves."""
+        item = FlowItem(
+            flow_id=ctx.fairness_id,
+            priority=ctx.priority,
+            size_bytes=ctx.request.held_bytes,
+            request_id=ctx.request_id,
+        )
+        return await self.capacity.hold(ctx, item, has_capacity, cold)
 
     # ---- before scheduling ----------------------------------------------------------------
 
@@ -174,6 +194,8 @@ class Gatekeeper:
     def _saturated_now(self, waiting: _Waiting) -> bool:
         try:
             endpoints = waiting.where.destinations(waiting.ctx)
+        except NoCapacity:
+            return True  # the pool went to zero while it waited: wait on for a pod
         except PickerError:
             # Its pods left or its model is gone: there is nothing to wait for. Scheduling
             # answers it with the right error; holding it would hold the queue behind it.
@@ -229,6 +251,7 @@ class Gatekeeper:
         """Capacity may have freed: let waiting requests try again."""
         if self.queue is not None:
             self.queue.notify()
+        self.capacity.notify()
 
     def _spawn(self, coro) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -236,6 +259,7 @@ class Gatekeeper:
         task.add_done_callback(self._tasks.discard)
 
     async def close(self) -> None:
+        await self.capacity.close()
         if self.queue is not None:
             await self.queue.close()
         await asyncio.gather(*self._tasks, return_exceptions=True)

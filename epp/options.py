@@ -10,6 +10,7 @@ from pathlib import Path
 
 from infergw.api import logs
 from infergw.epp.body_budget import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_HELD_BYTES
+from infergw.epp.capacity_wait import DEFAULT_CAPACITY_WAIT_TTL
 from infergw.epp.scrape_pace import DEFAULT_IDLE_INTERVAL
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m)?$")
@@ -105,6 +106,8 @@ class PickerOptions:
     replica_sync_discovery: ServiceRef | None = None
     # With a replica sync: each pod scraped by one replica, heard by the others.
     share_scrapes: bool = False
+    # How long a request with no ready endpoint waits for one (epp/capacity_wait.py).
+    capacity_wait_ttl: float = DEFAULT_CAPACITY_WAIT_TTL
 
 
 def add_serving_flags(
@@ -185,6 +188,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="endpoints after the primary in the destination list",
     )
     add_body_limit_flags(p)
+    p.add_argument(
+        "--capacity-wait-ttl",
+        type=duration,
+        default=DEFAULT_CAPACITY_WAIT_TTL,
+        help="how long a request waits when no endpoint of the pool is ready (scaled to zero, "
+        "pods starting) before 503 with Retry-After; 0: answer 503 at once "
+        "(epp/capacity_wait.py)",
+    )
     p.add_argument("--disable-endpoint-subset-filter", action="store_true")
     p.add_argument(
         "--response-headers-skipped",
@@ -411,6 +422,7 @@ def parse_options(argv: list[str] | None = None) -> PickerOptions:
         replica_sync_peers=tuple(p.strip() for p in a.replica_sync_peers.split(",") if p.strip()),
         replica_sync_discovery=discovery,
         share_scrapes=bool(a.replica_sync_bind) and a.share_scrapes is not False,
+        capacity_wait_ttl=a.capacity_wait_ttl,
         tokenizers=tokenizers,
         trust_client_headers=a.trust_client_headers,
         response_headers_skipped=a.response_headers_skipped,

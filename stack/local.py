@@ -73,6 +73,8 @@ class StackConfig:
     fallbacks: int = 1
     sim_args: list[str] = field(default_factory=list)
     picker_args: list[str] = field(default_factory=list)
+    # From manifests: more flags for the standalone controllers (e.g. --autoscale-interval).
+    controllers_args: list[str] = field(default_factory=list)
     # Another model server in place of the simulator: port -> command line.
     pod_command: Callable[[int], list[str]] | None = None
     # False: Envoy round-robins over the pods with no picker (the benchmarks' baseline).
@@ -363,6 +365,8 @@ class LocalStack:
             "--metrics-port",
             str(c.ports.controllers_metrics),
             *self._controllers_kv_args(),
+            *self._picker_metrics_args(),
+            *c.controllers_args,
         ]
         # From where the examples' relative file:// model paths start (stack/resources.py).
         proc = self._spawn("controllers", cmd, cwd=FILE_URI_ROOT)
@@ -376,6 +380,17 @@ class LocalStack:
             proc,
             f"the controllers to write InferencePool {', '.join(names)} to {self.pool_path}",
         )
+
+    def _picker_metrics_args(self) -> list[str]:
+        """Where the autoscaler reads each pool's held requests: every picker of the pool
+        (their sum is the pool's demand, which scales it up from zero)."""
+        if not self.cfg.with_picker:
+            return []
+        return [
+            f"--picker-metrics={self.plan_of(i).name}="
+            f"http://{PICKER_HOST}:{self.picker_ports(i).metrics}/metrics"
+            for i in self.picker_indexes
+        ]
 
     def _eds_file(self, plan: PoolPlan) -> Path:
         """Where the controllers write the pool's endpoints for Envoy."""

@@ -883,6 +883,11 @@ ENVOY_PODS = {
     },
 }
 MONITORING = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+# the autoscaler reads the pickers' held requests (scale from zero)
+CONTROLLERS = {
+    "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "infergate-system"}},
+    "podSelector": {"matchLabels": {"app.kubernetes.io/name": "infergate-controllers"}},
+}
 
 
 def _network_policy(selects: dict[str, str]) -> dict[str, Any]:
@@ -920,7 +925,7 @@ def test_the_envoy_peer_is_the_gateways_proxy() -> None:
     )
 
 
-def test_only_envoy_reaches_ext_proc_and_only_monitoring_the_metrics() -> None:
+def test_only_envoy_reaches_ext_proc_and_only_monitoring_and_the_controllers_the_metrics() -> None:
     labels = _picker()["spec"]["template"]["metadata"]["labels"]
     pool_pods = {"podSelector": _one("InferencePool")["spec"]["selector"]}
     admitted = _admitted(_network_policy(labels))
@@ -931,7 +936,7 @@ def test_only_envoy_reaches_ext_proc_and_only_monitoring_the_metrics() -> None:
     pickers = {"podSelector": {"matchLabels": _one("Service", "vllm-pool-epp")["spec"]["selector"]}}
     assert admitted == {
         ("grpc", None): [ENVOY_PODS],
-        ("http-metrics", None): [MONITORING],
+        ("http-metrics", None): [MONITORING, CONTROLLERS],
         (int(kv_bind.rsplit(":", 1)[1]), None): [pool_pods],  # central mode's SUB
         (SYNC_PORT_NAME, None): [pickers],  # the replica sync's PUB: other pickers only
     }

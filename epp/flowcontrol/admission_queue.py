@@ -207,6 +207,11 @@ class AdmissionController:
             "wait_seconds_max": s.wait_seconds_max,
         }
 
+    def queued_items(self) -> Iterator[FlowItem]:
+        """Every waiting item, highest band first (for gauges: a snapshot's worth of work)."""
+        for band in self._order:
+            yield from band.items()
+
     def band_vtc(self, priority: int) -> VirtualTokenCounter:
         return self._band(priority).vtc
 

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from infergw.api import ApiError, from_dict, validate
 from infergw.api.meta import duration_seconds
 from infergw.api.networking import ModelRoute, ModelServer, StringMatch
-from infergw.epp.errors import PickerError
+from infergw.epp.errors import NoCapacity, PickerError
 
 if TYPE_CHECKING:  # the datastore holds the table, so no import of it at run time
     from infergw.epp.datastore import Endpoint
@@ -112,8 +112,7 @@ class RouteTable:
                 options.append((weight, candidates, server))
         if not options:
             names = [t.model_server_name or t.inference_pool_name for t in rule.target_models]
-            raise PickerError(
-                503,
+            raise NoCapacity(
                 f"no ready pod for model {model!r}: ModelRoute {route.metadata.name} rule "
                 f"{rule.name or '#'} targets {', '.join(map(str, names))}",
             )

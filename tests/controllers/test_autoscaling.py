@@ -116,3 +116,36 @@ def test_cost_aware_split_fills_minimums_then_cheapest_packages():
 )
 def test_prefill_decode_ratio_raises_the_short_role(given, kept):
     assert enforce_ratio(*given, low=0.5, high=2.0) == kept
+
+
+# ---- demand: requests the pickers hold for want of a ready pod (scale from zero) ------------
+
+
+def zero_to_ten(**kw) -> Scaler:
+    kw.setdefault("up", StepPolicy(percent=100.0, period=15.0, window=60.0))
+    kw.setdefault("down", StepPolicy(percent=100.0, period=15.0, window=60.0))
+    return Scaler(policy(**kw), min_replicas=0, max_replicas=10)
+
+
+def test_demand_starts_the_first_replica_at_once_whatever_the_up_window():
+    s = zero_to_ten()
+    assert s.step(0.0, {}, 0) == 0  # idle at zero stays at zero
+    assert s.step(1.0, {}, 0, demand=3) == 1  # the up window holds a 0, demand does not wait
+    s = zero_to_ten(up=StepPolicy(percent=100.0, period=15.0), panic=None)
+    assert s.step(0.0, {}, 0, demand=1) == 1  # 100% of nothing is still one pod
+
+
+def test_held_requests_keep_the_size_and_metrics_still_scale_up():
+    s = zero_to_ten(down=StepPolicy(percent=100.0, period=15.0))
+    assert s.step(0.0, {"running": 0.0}, 3, demand=2) == 3  # pods starting: do not shrink
+    assert s.step(100.0, {"running": 0.0}, 3) == 0  # no demand, no window: down
+    assert zero_to_ten().step(0.0, {"running": 40.0}, 1, demand=1) >= 2
+
+
+def test_scale_to_zero_comes_a_down_window_after_the_last_demand():
+    s = zero_to_ten(panic=None)
+    assert s.step(0.0, {}, 0, demand=1) == 1
+    assert s.step(15.0, {"running": 0.0}, 1) == 1  # idle, but the window remembers demand
+    assert s.step(45.0, {"running": 0.0}, 1) == 1
+    assert s.step(61.0, {"running": 0.0}, 1) == 0  # 60 s window past the last demand
+    assert Scaler(policy(), min_replicas=1).step(0.0, {}, 1) == 1  # minReplicas still holds

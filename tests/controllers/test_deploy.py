@@ -46,6 +46,7 @@ from infergw.cluster.store import (
 from infergw.controllers.app import build_controllers, build_parser
 from infergw.controllers.leader import LeaderElector
 from infergw.controllers.memory_store import MemoryStore
+from infergw.controllers.picker_demand import PickerDemand
 from infergw.controllers.picker_objects import PickerSettings, picker_rules
 from infergw.controllers.route_parents import read_route_parents
 from infergw.controllers.runner import ControllerMetrics
@@ -372,6 +373,7 @@ def kubernetes_mode_modules() -> set[str]:
     mods.add(LeaderElector.__module__)
     mods.add(namespace_reader.__module__)
     mods.add(read_route_parents.__module__)  # the Model reconciler reads ModelRoutes through it
+    mods.add(PickerDemand.__module__)  # the autoscaler reads the pickers' demand through it
     return {m.rpartition(".")[2] for m in mods}
 
 
@@ -496,6 +498,7 @@ def test_the_scenario_makes_every_store_call_the_code_has(recorded: RecordingSto
         "leader",
         "webhook",
         "route_parents",
+        "picker_demand",
     }
     for module in sorted(modules):
         in_code = store_calls_in(module)

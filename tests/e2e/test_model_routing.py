@@ -47,7 +47,8 @@ def route(name: str, model: str, targets: list[dict]) -> dict:
 
 @pytest.fixture
 def routed(tmp_path):
-    stack = make_stack(tmp_path, pods=3)
+    # a server without pods is held for one at most a second (scale from zero), then 503
+    stack = make_stack(tmp_path, pods=3, picker_args=["--capacity-wait-ttl", "1s"])
     main, canary, slow = stack.pod_ports
     objects = [
         server("main", main),
@@ -122,6 +123,7 @@ def test_unknown_model_is_404_and_a_server_without_pods_503(routed):
     r = ask(routed, "down-model")
     assert r.status_code == 503
     assert "no ready pod" in r.json()["error"]["message"]
+    assert int(r.headers["retry-after"]) >= 1
 
 
 def test_a_server_timeout_is_enforced_by_envoy(routed):

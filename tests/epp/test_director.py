@@ -217,8 +217,9 @@ def test_subset_filter_can_be_turned_off():
     assert {e.address for e in d.eligibility.candidates([])} == EVERYONE
 
 
-async def test_empty_pool_is_503(director):
+async def test_empty_pool_is_503_at_once_without_a_capacity_wait(director):
     director.datastore.replace_pods([])
+    director.gate.capacity.ttl = 0  # with one, it waits for a pod (test_capacity_wait.py)
     assert await handle_status(director, context()) == 503
 
 

@@ -246,10 +246,14 @@ async def test_a_picker_whose_port_was_taken_meanwhile_starts_on_others(
 
 
 async def test_no_ready_pods_gives_503_with_or_without_a_body(sims, tmp_path):
-    p = Picker(tmp_path, sims, ready=False)
+    p = Picker(tmp_path, sims, ready=False, extra=["--capacity-wait-ttl", "300ms"])
     with p.run():
         out = await ec.exchange(p.target, [ec.headers(), ec.body(COMPLETION)])
+        # held for a pod (scale from zero) for the TTL, then 503 with Retry-After
         assert ec.immediate(out)[0] == 503
+        answer = next(r.immediate_response for r in out if r.HasField("immediate_response"))
+        sent = {h.header.key: h.header.raw_value for h in answer.headers.set_headers}
+        assert int(sent["retry-after"]) >= 1
         out = await ec.exchange(p.target, [ec.headers("/v1/models", eos=True, extra=GET)])
         assert ec.immediate(out)[0] == 503
 
