@@ -87,3 +87,35 @@ def summary(obj) -> dict[str, tuple[str, str]]:
 
 def since(obj) -> dict[str, str]:
     return {t: c["lastTransitionTime"] for t, c in conds(obj).items()}
+
+
+WORKLOAD = "workload.infergate.io/v1alpha1"
+
+
+def policy(**spec) -> dict:
+    return {
+        "apiVersion": WORKLOAD,
+        "kind": "AutoScalingPolicy",
+        "metadata": {"name": "p", "namespace": "default"},
+        "spec": {
+            "metrics": [{"metricName": "vllm:num_requests_waiting", "targetValue": 4}],
+            **spec,
+        },
+    }
+
+
+def binding(**spec) -> dict:
+    return {
+        "apiVersion": WORKLOAD,
+        "kind": "AutoScalingPolicyBinding",
+        "metadata": {"name": "b", "namespace": "default"},
+        "spec": {"policyRef": {"name": "p"}, **spec},
+    }
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t

@@ -43,11 +43,15 @@ def of(package: str, modules: list[str]) -> list[str]:
     return [m for m in modules if m == package or m.startswith(package + ".")]
 
 
+# Folders shipped as data under the namespace (stack/resources.py reads them): no code, so
+# never the launcher's, though the rename tool does not list them among the code packages.
+DATA_PACKAGES = ("examples", "gateway_manifests", "crds")
+
+
 def launcher_modules(modules: list[str]) -> list[str]:
     """The launcher's own modules: the namespace's, outside every folder mapped under it."""
-    return [
-        m for m in of(DEFAULT_NS, modules) if m.count(".") and m.split(".")[1] not in SUBPACKAGES
-    ]
+    mapped = {*SUBPACKAGES, *DATA_PACKAGES}
+    return [m for m in of(DEFAULT_NS, modules) if m.count(".") and m.split(".")[1] not in mapped]
 
 
 @pytest.mark.parametrize("package", ["stack", "bench"])

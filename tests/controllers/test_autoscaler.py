@@ -14,9 +14,7 @@ from infergw.cluster.store import AUTOSCALING_BINDING, AUTOSCALING_POLICY, MODEL
 from infergw.controllers.autoscaler import AutoscalerReconciler, parse_sum
 from infergw.controllers.memory_store import MemoryStore
 from tests.conftest import free_port
-from tests.controller_helpers import conds, modelinfer, since, summary
-
-WORKLOAD = "workload.infergate.io/v1alpha1"
+from tests.controller_helpers import Clock, binding, conds, modelinfer, policy, since, summary
 
 
 class FakePods:
@@ -73,35 +71,6 @@ class FakePods:
     async def close(self):
         for r in self.runners:
             await r.cleanup()
-
-
-def policy(**spec) -> dict:
-    return {
-        "apiVersion": WORKLOAD,
-        "kind": "AutoScalingPolicy",
-        "metadata": {"name": "p", "namespace": "default"},
-        "spec": {
-            "metrics": [{"metricName": "vllm:num_requests_waiting", "targetValue": 4}],
-            **spec,
-        },
-    }
-
-
-def binding(**spec) -> dict:
-    return {
-        "apiVersion": WORKLOAD,
-        "kind": "AutoScalingPolicyBinding",
-        "metadata": {"name": "b", "namespace": "default"},
-        "spec": {"policyRef": {"name": "p"}, **spec},
-    }
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.t = 1000.0
-
-    def __call__(self) -> float:
-        return self.t
 
 
 async def get_binding(store):

@@ -15,8 +15,7 @@ from infergw.controllers.autoscaler import AT_ZERO_INTERVAL, AutoscalerReconcile
 from infergw.controllers.memory_store import MemoryStore
 from infergw.controllers.picker_demand import picker_metrics_item
 from tests.conftest import free_port
-from tests.controller_helpers import modelinfer
-from tests.controllers.test_autoscaler import Clock, binding, policy
+from tests.controller_helpers import Clock, binding, modelinfer, policy
 
 PICKER_IPS = ("127.0.0.31", "127.0.0.32")
 
