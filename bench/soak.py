@@ -31,6 +31,7 @@ import yaml
 
 from infergw.bench.common import machine, process_gone, save_results
 from infergw.bench.soak_report import OK, FaultWindow, Outcome, markdown, plot, summarize
+from infergw.stack.envoy_config import PICKER_CLUSTER
 from infergw.stack.local import LocalStack, StackConfig
 from infergw.stack.ports import free_port, free_stack_ports
 from infergw.stack.redis_server import RedisServer, which_redis_server
@@ -174,6 +175,28 @@ async def until_answers(url: str, deadline: float) -> bool:
     return False
 
 
+def _envoy_connections(admin_port: int, host: str) -> int | None:
+    """Envoy's open connections to `host` in the picker's cluster (None: unreadable)."""
+    prefix = f"{PICKER_CLUSTER}::{host}::cx_active::"
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/clusters", timeout=1) as r:
+            for line in r.read().decode().splitlines():
+                if line.startswith(prefix):
+                    return int(line.removeprefix(prefix))
+    except (OSError, ValueError):
+        return None
+    return 0  # no such host any more
+
+
+async def until_envoy_dropped(admin_port: int, host: str, deadline: float) -> None:
+    """Until Envoy has closed its connections to a killed picker: before that it may still
+    hand it a new request (which then fails), so such requests are in flight with the kill."""
+    while time.monotonic() < deadline:
+        if await asyncio.to_thread(_envoy_connections, admin_port, host) == 0:
+            return
+        await asyncio.sleep(0.005)
+
+
 class Faults:
     """Each fault strikes, waits for its recovery, and records its window."""
 
@@ -239,6 +262,10 @@ class Faults:
         proc = self.stack.procs["picker"]
         window = self._strike("picker killed", kills=True)
         await self._kill(proc.pid, window)  # the supervisor starts it again
+        ports = self.stack.cfg.ports
+        host = f"127.0.0.1:{ports.picker}"
+        await until_envoy_dropped(ports.envoy_admin, host, min(self.deadline, time.monotonic() + 5))
+        window.gone = time.monotonic() - self.t0
         metrics = self.stack.cfg.ports.picker_metrics
         ok = await until_answers(f"http://127.0.0.1:{metrics}/healthz", self.deadline)
         self._recovered(window, ok)

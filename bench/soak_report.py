@@ -34,8 +34,9 @@ class FaultWindow:
     kills: bool  # a component is killed: the requests in flight with it may fail
     start: float  # seconds since the load began
     end: float | None = None  # recovered; None: never recovered within the run
-    # When the killed process was gone (it takes a few ms after the signal): a request that
-    # started before then may have been handed to it, and is in flight with it too.
+    # When the killed process was gone (it takes a few ms after the signal; for the picker,
+    # until Envoy closed its connections to it): a request that started before then may
+    # have been handed to it, and is in flight with it too.
     gone: float | None = None
 
     def in_flight(self, o: Outcome) -> bool:
