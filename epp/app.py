@@ -361,6 +361,7 @@ async def start_scraper(
         metrics,
         interval=opts.refresh_metrics_interval,
         idle_interval=opts.idle_metrics_interval,
+        stale_after=opts.metrics_staleness_threshold,
     )
     scraper.on_refresh = gate.notify  # fresh metrics may show room for waiting requests
     if opts.share_scrapes and replicas is not None and members is not None:
@@ -585,6 +586,8 @@ def _run(coro) -> None:
 def main(argv: list[str] | None = None) -> int:
     opts = parse_options(argv)
     logs.configure(opts.log_level)
+    for warning in opts.reference_warnings:
+        log.warning("%s", warning)
     try:
         _run(serve(opts))
     except (ConfigError, FileProviderError, KubernetesProviderError, FileNotFoundError) as exc:

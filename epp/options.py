@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from infergw.api import logs
 from infergw.epp.body_budget import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_HELD_BYTES
 from infergw.epp.capacity_wait import DEFAULT_CAPACITY_WAIT_TTL
+from infergw.epp.reference_flags import add_reference_flags, read_reference_flags
 from infergw.epp.scrape_pace import DEFAULT_IDLE_INTERVAL
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m)?$")
@@ -108,6 +110,10 @@ class PickerOptions:
     share_scrapes: bool = False
     # How long a request with no ready endpoint waits for one (epp/capacity_wait.py).
     capacity_wait_ttl: float = DEFAULT_CAPACITY_WAIT_TTL
+    # Metrics older than this make a pod stale; None: the scraper's default.
+    metrics_staleness_threshold: float | None = None
+    # The reference picker's flags given and not applied (epp/reference_flags.py), logged at start.
+    reference_warnings: tuple[str, ...] = ()
 
 
 def add_serving_flags(
@@ -346,12 +352,27 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="MODEL=DIR",
         help="the tokenizer directory for a served model name (repeatable)",
     )
+    add_reference_flags(p)
     return p
 
 
 def parse_options(argv: list[str] | None = None) -> PickerOptions:
     p = build_parser()
     a = p.parse_args(argv)
+    log_level_given = any(
+        arg == "--log-level" or arg.startswith("--log-level=") for arg in (argv or sys.argv[1:])
+    )
+    ref = read_reference_flags(p, a, log_level_given)
+    try:
+        staleness = duration(ref.staleness) if ref.staleness is not None else None
+        if ref.drain is not None:
+            a.grace_period = duration(ref.drain)
+    except argparse.ArgumentTypeError as exc:
+        p.error(f"--metrics-staleness-threshold / --drain-timeout: {exc}")
+    if ref.log_level is not None:
+        a.log_level = ref.log_level
+    if staleness is not None and staleness <= 0:
+        p.error("--metrics-staleness-threshold must be > 0")
     if a.config_file and a.config_text:
         p.error("give --config or --config-text, not both")
     if a.provider == "file" and not a.pool_files:
@@ -423,6 +444,8 @@ def parse_options(argv: list[str] | None = None) -> PickerOptions:
         replica_sync_discovery=discovery,
         share_scrapes=bool(a.replica_sync_bind) and a.share_scrapes is not False,
         capacity_wait_ttl=a.capacity_wait_ttl,
+        metrics_staleness_threshold=staleness,
+        reference_warnings=ref.warnings,
         tokenizers=tokenizers,
         trust_client_headers=a.trust_client_headers,
         response_headers_skipped=a.response_headers_skipped,
