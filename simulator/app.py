@@ -69,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    for warning in cfg.warnings:
+        log.warning("%s", warning)
     try:
         asyncio.run(serve(cfg))
     except OSError as exc:

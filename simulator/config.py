@@ -5,35 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import uuid
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from infergw.simulator.latency import LatencyModel
 from infergw.simulator.latency_profiles import DEFAULT_PROFILE, PROFILES
-
-# vLLM flags that change nothing in a simulation; accepted so real manifests start unchanged.
-IGNORED_VLLM_FLAGS = {
-    "--dtype": 1,
-    "--gpu-memory-utilization": 1,
-    "--tensor-parallel-size": 1,
-    "--pipeline-parallel-size": 1,
-    "--load-format": 1,
-    "--max-lora-rank": 1,
-    "--swap-space": 1,
-    "--kv-cache-dtype": 1,
-    "--enforce-eager": 0,
-    "--trust-remote-code": 0,
-    "--disable-log-requests": 0,
-    "--disable-log-stats": 0,
-    "--enable-chunked-prefill": 0,
-    # vLLM's multi-node flags: the simulator is one node whatever they say (--headless is
-    # read: a worker node serves nothing)
-    "--nnodes": 1,
-    "--node-rank": 1,
-    "--master-addr": 1,
-    "--master-port": 1,
-}
+from infergw.simulator.vllm_flags import add_ignored_flags, ignored_given
 
 
 @dataclass(slots=True)
@@ -173,24 +152,30 @@ class SimulatorConfig:
     latency: LatencyModel = field(default_factory=LatencyModel)
     log_level: str = "info"
     headless: bool = False  # a worker node of a multi-node engine: no server
+    # A model named by id with no local files (a Hugging Face repo): its name is served.
+    model_id: str | None = None
+    warnings: tuple[str, ...] = ()  # said at start: flags accepted that change nothing
 
     @property
     def model_name(self) -> str:
         """The name clients use: the first served name, else the model path as vLLM does."""
         if self.served_model_name:
             return self.served_model_name[0]
-        return self.model or "infergate-sim"
+        return self.model or self.model_id or "infergate-sim"
 
 
 def _parse_lora_module(text: str) -> LoraModule:
-    # vLLM accepts `name=path` or a JSON object {"name", "path", "base_model_name"}.
+    # vLLM accepts `name=path` or a JSON object {"name", "path", "base_model_name"}; the
+    # simulator also a bare name (it has no weights to find).
     if text.lstrip().startswith("{"):
         raw = json.loads(text)
         if not isinstance(raw, dict) or "name" not in raw or "path" not in raw:
             raise argparse.ArgumentTypeError("a JSON --lora-modules entry needs 'name' and 'path'")
         return LoraModule(str(raw["name"]), str(raw["path"]), raw.get("base_model_name"))
     name, sep, path = text.partition("=")
-    if not sep or not name or not path:
+    if not sep and name:  # a bare name: the simulator loads no weights, so none is needed
+        return LoraModule(name, name)
+    if not name or not path:
         raise argparse.ArgumentTypeError(f"--lora-modules entry {text!r} is not name=path")
     return LoraModule(name, path)
 
@@ -248,12 +233,20 @@ def build_parser() -> argparse.ArgumentParser:
         description="A vLLM-compatible model server without GPUs: real tokenizer, real KV events "
         "and metrics formats, simulated timing.",
     )
+    p.add_argument(
+        "model_tag",
+        nargs="?",
+        default=None,
+        metavar="MODEL",
+        help="the model, as in `vllm serve MODEL` (overrides --model)",
+    )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument(
         "--model",
         default=None,
-        help="model directory with tokenizer.json; "
+        help="a model directory with tokenizer.json, or a model id (a Hugging Face repo: "
+        "served under that name with the simulator's own tokenizer, as nothing is downloaded); "
         "default: the small tokenizer shipped with infergate",
     )
     p.add_argument("--served-model-name", nargs="+", default=[])
@@ -397,17 +390,25 @@ def build_parser() -> argparse.ArgumentParser:
         default=1.0,
         help="multiply every simulated duration (0 runs as fast as possible)",
     )
-    for flag, nargs in IGNORED_VLLM_FLAGS.items():
-        if nargs:
-            p.add_argument(flag, help=argparse.SUPPRESS)
-        else:
-            p.add_argument(flag, action="store_true", help=argparse.SUPPRESS)
+    add_ignored_flags(p)
     return p
 
 
 def parse_config(argv: list[str] | None = None) -> SimulatorConfig:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["serve"]:  # `vllm serve MODEL ...` with the simulator put in vllm's place
+        argv = argv[1:]
     args = parser.parse_args(argv)
+    warnings = [
+        f"{flag} is accepted and changes nothing in a simulation" for flag in ignored_given(args)
+    ]
+    model_dir, model_id = _model(parser, args.model_tag or args.model)
+    if model_id is not None:
+        warnings.append(
+            f"model {model_id!r} is not a local directory: served under that name with the "
+            "simulator's own tokenizer (token counts differ from the real model's)"
+        )
     try:
         kv_events = (
             KVEventsConfig.from_json(args.kv_events_config)
@@ -430,8 +431,6 @@ def parse_config(argv: list[str] | None = None) -> SimulatorConfig:
         parser.error(f"{', '.join(negative)} must be >= 0")
     if args.sim_output_len_mean < 0:
         parser.error("--sim-output-len-mean must be >= 0")
-    if args.model is not None and not Path(args.model, "tokenizer.json").is_file():
-        parser.error(f"--model {args.model}: no tokenizer.json in that directory")
     try:
         kv_transfer = _kv_transfer_config(args)
     except ValueError as exc:
@@ -439,7 +438,8 @@ def parse_config(argv: list[str] | None = None) -> SimulatorConfig:
     return SimulatorConfig(
         host=args.host,
         port=args.port,
-        model=args.model,
+        model=model_dir,
+        model_id=model_id,
         served_model_name=list(args.served_model_name),
         block_size=args.block_size,
         num_gpu_blocks=args.num_gpu_blocks_override,
@@ -465,7 +465,22 @@ def parse_config(argv: list[str] | None = None) -> SimulatorConfig:
         latency=_latency_model(args),
         log_level=args.log_level,
         headless=args.headless,
+        warnings=tuple(warnings),
     )
+
+
+def _model(parser: argparse.ArgumentParser, given: str | None) -> tuple[str | None, str | None]:
+    """(a model directory, a model id) from --model or the positional MODEL: a directory must
+    hold tokenizer.json; anything that is not a path here is an id (a Hugging Face repo)."""
+    if given is None:
+        return None, None
+    if Path(given).is_dir():
+        if not Path(given, "tokenizer.json").is_file():
+            parser.error(f"--model {given}: no tokenizer.json in that directory")
+        return given, None
+    if Path(given).exists() or given.startswith(("/", "./", "../")):
+        parser.error(f"--model {given}: not a directory with tokenizer.json")
+    return None, given
 
 
 def _latency_model(args: argparse.Namespace) -> LatencyModel:

@@ -50,7 +50,7 @@ class ServedModels:
     def cards(self, max_model_len: int) -> list[dict]:
         """GET /v1/models' entries: the base model's names, then the adapters."""
         created = responses.now()
-        root = self.cfg.model or self.cfg.model_name
+        root = self.cfg.model or self.cfg.model_id or self.cfg.model_name
         base = [
             responses.model_card(name, created, root, None, max_model_len)
             for name in self.served_names
