@@ -39,19 +39,23 @@ INFERGATE_PROFILES = {
     ],
     "load": [("queue-scorer", 1), ("kv-cache-utilization-scorer", 1), ("least-request", 1)],
     "random": [("random-scorer", 1)],
+    # No scorer: the picker's own cost with a plain load balancer's choices (its picker below).
+    "round-robin": [],
 }
+# The picker closing a profile: max-score-picker unless named here.
+PROFILE_PICKERS = {"round-robin": "round-robin-picker"}
 
 
-def picker_config(plugins: list[tuple[str, float]]) -> str:
+def picker_config(plugins: list[tuple[str, float]], picker: str = "max-score-picker") -> str:
     lines = [
         "apiVersion: llm-d.ai/v1alpha1",
         "kind: EndpointPickerConfig",
         "plugins:",
     ]
-    lines += [f"- type: {t}" for t, _ in plugins] + ["- type: max-score-picker"]
+    lines += [f"- type: {t}" for t, _ in plugins] + [f"- type: {picker}"]
     lines += ["schedulingProfiles:", "- name: default", "  plugins:"]
     lines += [f"  - {{pluginRef: {t}, weight: {w}}}" for t, w in plugins]
-    lines += ["  - {pluginRef: max-score-picker}"]
+    lines += [f"  - {{pluginRef: {picker}}}"]
     return "\n".join(lines) + "\n"
 
 
@@ -96,7 +100,8 @@ class InfergateRouter:
 
     def start(self, stack: LocalStack) -> str:
         path = stack.cfg.workdir / "epp-config.yaml"
-        path.write_text(picker_config(INFERGATE_PROFILES[self.config]))
+        picker = PROFILE_PICKERS.get(self.config, "max-score-picker")
+        path.write_text(picker_config(INFERGATE_PROFILES[self.config], picker))
         stack.cfg.picker_config = path
         stack.cfg.picker_args = [*stack.cfg.picker_args, *PICKER_VARIANTS.get(self.variant, [])]
         stack.cfg.pickers = self.pickers

@@ -46,6 +46,7 @@ PLUGIN_TYPES: dict[str, type[Plugin]] = {
         pickers.MaxScorePicker,
         pickers.WeightedRandomPicker,
         pickers.RandomPicker,
+        pickers.RoundRobinPicker,
         header_filter.HeaderBasedTestingFilter,
         profile_handlers.SingleProfileHandler,
         pd_profile_handler.PDProfileHandler,

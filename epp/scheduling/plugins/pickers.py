@@ -60,3 +60,25 @@ class RandomPicker(Picker):
         endpoints = [e for e, _ in scored]
         self._rng.shuffle(endpoints)
         return endpoints[:count]
+
+
+class RoundRobinPicker(Picker):
+    """The candidates in turn, by address, scores ignored: what a plain load balancer does,
+    through the picker — the baseline that tells the picker's own latency from its choices
+    (bench/routing's infergate-round-robin against vllm-router's round_robin)."""
+
+    type_name = "round-robin-picker"
+
+    def __init__(self, name, params=None):
+        super().__init__(name, params)
+        self._last = ""  # the address chosen last: the next is the first one after it
+
+    def pick(self, ctx, scored, count):
+        endpoints = sorted((e for e, _ in scored), key=lambda e: e.address)
+        if not endpoints:
+            return []
+        start = next((i for i, e in enumerate(endpoints) if e.address > self._last), 0)
+        ordered = endpoints[start:] + endpoints[:start]
+        self._last = ordered[0].address
+        return ordered[:count]
+

@@ -10,6 +10,7 @@ from infergw.epp.datastore import Endpoint
 from infergw.epp.scheduling.plugins.pickers import (
     MaxScorePicker,
     RandomPicker,
+    RoundRobinPicker,
     WeightedRandomPicker,
 )
 from tests.request_fixtures import bare_context
@@ -143,3 +144,27 @@ def test_random_picker_ignores_scores():
 
 def test_random_picker_without_seed_still_works():
     assert len(RandomPicker("r").pick(REQ, scored(0.1, 0.2), 2)) == 2
+
+
+# ---- round-robin-picker -------------------------------------------------------------------
+
+
+def test_round_robin_takes_the_candidates_in_turn_whatever_their_scores():
+    picker = RoundRobinPicker("rr")
+    items = scored(1.0, 0.0, 0.5, 0.2)
+    firsts = [names(picker.pick(REQ, list(reversed(items)), 2)) for _ in range(8)]
+    assert [f[0] for f in firsts] == ["p0", "p1", "p2", "p3"] * 2
+    assert all(len(set(f)) == 2 for f in firsts)  # the fallback is the next in turn
+    assert firsts[0] == ["p0", "p1"]
+
+
+def test_round_robin_goes_on_after_the_last_when_the_candidates_change():
+    picker = RoundRobinPicker("rr")
+    all4 = scored(0, 0, 0, 0)
+    assert names(picker.pick(REQ, all4, 1)) == ["p0"]
+    assert names(picker.pick(REQ, all4, 1)) == ["p1"]
+    # p2 filtered out for this request: the turn passes to p3, then wraps.
+    assert names(picker.pick(REQ, [all4[0], all4[1], all4[3]], 1)) == ["p3"]
+    assert names(picker.pick(REQ, all4, 1)) == ["p0"]
+    assert picker.pick(REQ, [], 1) == []
+
