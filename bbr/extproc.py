@@ -30,6 +30,7 @@ from infergw.epp import protocol
 from infergw.epp.body_budget import BodyAccumulator, BodyBudget, BudgetShare
 from infergw.epp.errors import ModelNotFound, PickerError, bounded
 from infergw.epp.model_catalog import answer_from
+from infergw.epp.request import FORM_APIS, api_for_path, form_model
 from infergw.epp.request_body import check_routed_member, decode_body, requested_model
 
 log = logging.getLogger("bbr.extproc")
@@ -110,9 +111,12 @@ class _Stream:
     def _pool_for(self, raw: bytes) -> str | None:
         path = self.headers.get(":path", "")
         try:
-            body = decode_body(raw)
-            self.model = requested_model(body)
-            check_routed_member(raw, "model", body.model)
+            if api_for_path(path) in FORM_APIS:  # an upload: `model` is a form field
+                self.model = form_model(raw, self.headers).value
+            else:
+                body = decode_body(raw)
+                self.model = requested_model(body)
+                check_routed_member(raw, "model", body.model)
         except PickerError as exc:
             if not self.options.pass_bad_bodies:
                 raise

@@ -74,7 +74,13 @@ class Director:
             waited = await self.gate.hold_for_capacity(ctx, self._has_capacity, cold)
             log.info("request %s waited %.2fs for a ready endpoint", ctx.request_id, waited)
             eligible = self._routed(ctx)
-        if ctx.request.stream and not ctx.request.client_wants_usage and self._needs_usage(ctx):
+        req = ctx.request
+        if (
+            req.stream
+            and req.takes_stream_options
+            and not req.client_wants_usage
+            and self._needs_usage(ctx)
+        ):
             ctx.strip_usage = True  # ask the engine for usage; the client does not see it
         ctx.ticket = await self.gate.enter(ctx, self.eligibility)
         if ctx.ticket.item is not None:  # it may have waited: the pool may have changed
