@@ -180,6 +180,26 @@ def test_audio_rerank_score_and_anthropic_messages(client, stack):
     assert body["usage"]["output_tokens"] == 3 and body["stop_reason"] == "max_tokens"
 
 
+def test_anthropic_messages_stream_with_the_public_name(stack):
+    r = requests.post(
+        stack.url + "/v1/messages",
+        json={
+            "model": ROUTE,
+            "max_tokens": 3,
+            "stream": True,
+            "messages": [{"role": "user", "content": "hi"}],
+        },
+        timeout=30,
+    )
+    assert r.status_code == 200, r.text
+    events = [block.split("\n") for block in r.text.strip().split("\n\n")]
+    kinds = [lines[0].removeprefix("event: ") for lines in events]
+    assert kinds[0] == "message_start" and kinds[-1] == "message_stop"
+    assert kinds.count("content_block_delta") == 3
+    start = json.loads(events[0][1].removeprefix("data: "))
+    assert start["message"]["model"] == ROUTE  # the engine said infergate-sim
+
+
 @pytest.mark.parametrize(
     ("path", "data", "content_type", "status"),
     [
