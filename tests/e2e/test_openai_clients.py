@@ -205,7 +205,7 @@ def test_anthropic_messages_stream_with_the_public_name(stack):
     [
         ("/v1/audio/transcriptions", b"--x\r\nnot a form", "multipart/form-data; boundary=x", 400),
         ("/v1/audio/transcriptions", b'{"model": "assistant"}', "application/json", 400),
-        ("/v1/audio/transcriptions", b"", "multipart/form-data", 404),  # no body: not an API read
+        ("/v1/audio/transcriptions", b"", "multipart/form-data", 400),  # no body, so no model
         ("/v1/messages", b'{"messages": [{"role": "user", "content": "hi"}]}', "application/json",
          400),
         ("/v1/rerank", b'{"model": "assistant", "query": "q"}', "application/json", 400),

@@ -181,6 +181,15 @@ def test_missing_or_bad_members_are_400_naming_them(path, body, param):
     assert exc.status == 400 and exc.param == param
 
 
+@pytest.mark.parametrize(
+    "path", ["/v1/audio/transcriptions", "/v1/messages", "/v1/rerank", "/v1/chat/completions"]
+)
+async def test_an_api_post_without_a_body_is_400_naming_the_model(path):
+    out = await ec.process(ExternalProcessor(make_director()), [ec.headers(path, eos=True)])
+    status, body = ec.immediate(out)
+    assert status == 400 and body["error"]["param"] == "model"
+
+
 async def test_an_upload_goes_to_a_pod_serving_its_model_through_the_stream():
     director = make_director(fallbacks=0)
     set_models(director, {a.address: {"whisper"} for a in director.datastore.endpoints()})
