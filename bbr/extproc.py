@@ -28,33 +28,14 @@ from infergw.bbr.metrics import RouterMetrics
 from infergw.bbr.sources import Table
 from infergw.epp import protocol
 from infergw.epp.body_budget import BodyAccumulator, BodyBudget, BudgetShare
-from infergw.epp.errors import PickerError, bounded
+from infergw.epp.errors import ModelNotFound, PickerError, bounded
+from infergw.epp.model_catalog import answer_from
+from infergw.epp.request import FORM_APIS, api_for_path, form_model
 from infergw.epp.request_body import check_routed_member, decode_body, requested_model
 
 log = logging.getLogger("bbr.extproc")
 
 DETAILS = "infergate_bbr"  # Envoy's response code details for the router's own answers
-
-
-class ModelNotFound(PickerError):
-    """No pool here serves the model: OpenAI's answer for an unknown model."""
-
-    def __init__(self, model: str) -> None:
-        super().__init__(
-            404,
-            f"The model {model!r} does not exist or is not served by this gateway",
-            param="model",
-        )
-
-    def body(self) -> dict:
-        return {
-            "error": {
-                "message": self.message,
-                "type": "invalid_request_error",
-                "param": "model",
-                "code": "model_not_found",
-            }
-        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +89,11 @@ class _Stream:
             return []  # deferred until the body ends
         self.done = True
         self.metrics.requests.labels(m.BODYLESS).inc()
+        method, path = self.headers.get(":method", ""), self.headers.get(":path", "")
+        table = self.table
+        models = answer_from(lambda: table.current.cards(table.namespace), method, path)
+        if models is not None:  # every name served on this Gateway, not one pool's
+            return [protocol.immediate(200, models, details=DETAILS)]
         return [route_headers(None, None)]
 
     def on_request_body(self, msg: pb.ProcessingRequest) -> Iterable[pb.ProcessingResponse]:
@@ -123,17 +109,20 @@ class _Stream:
         return itertools.chain([route_headers(pool, len(raw))], protocol.request_body_chunks(raw))
 
     def _pool_for(self, raw: bytes) -> str | None:
+        path = self.headers.get(":path", "")
         try:
-            body = decode_body(raw)
-            self.model = requested_model(body)
-            check_routed_member(raw, "model", body.model)
+            if api_for_path(path) in FORM_APIS:  # an upload: `model` is a form field
+                self.model = form_model(raw, self.headers).value
+            else:
+                body = decode_body(raw)
+                self.model = requested_model(body)
+                check_routed_member(raw, "model", body.model)
         except PickerError as exc:
             if not self.options.pass_bad_bodies:
                 raise
             log.info("bbr: passing on a body it cannot route: %s", exc.message)
             self.metrics.requests.labels(m.PASSED).inc()
             return None
-        path = self.headers.get(":path", "")
         choice = self.table.current.choose(self.model, self.headers, path, random)
         if choice is None:
             raise ModelNotFound(self.model)

@@ -34,6 +34,7 @@ from infergw.api.networking import ModelRoute, ModelServer
 from infergw.api.parents import GatewayName, model_gateway, pool_of_server, route_served_on
 from infergw.api.upstream import InferencePool
 from infergw.epp.errors import PickerError
+from infergw.epp.model_catalog import epoch_seconds, listed, route_cards
 from infergw.epp.routing.table import RouteTable, rule_matches
 
 log = logging.getLogger("bbr.model_pools")
@@ -57,6 +58,8 @@ class ModelPools:
     pools: dict[str, dict[str, str]] = field(default_factory=dict)
     # a Model's served name and adapters -> (the Model's pool, the Model's name)
     models: dict[str, tuple[str, str]] = field(default_factory=dict)
+    # the same names -> the Model's creationTimestamp (GET /v1/models' `created`)
+    created: dict[str, str | None] = field(default_factory=dict)
 
     @classmethod
     def build(
@@ -77,6 +80,7 @@ class ModelPools:
             route_objs = [o for o in route_objs if _route_served_on(o, gateway)]
         routes = RouteTable.build(route_objs, by_kind.get("ModelServer", []), "")
         models: dict[str, tuple[str, str]] = {}
+        created: dict[str, str | None] = {}
         oldest_first = sorted(
             _typed_all(Model, by_kind.get("Model", [])),
             key=lambda m: (m.metadata.creation_timestamp or "", m.metadata.name or ""),
@@ -89,7 +93,8 @@ class ModelPools:
             served += [a.name for a in model.spec.lora_adapters or []]
             for each in served:
                 models.setdefault(each, (name, name))
-        return cls(routes, pools, models)
+                created.setdefault(each, model.metadata.creation_timestamp)
+        return cls(routes, pools, models, created)
 
     def __len__(self) -> int:
         return len(self.pools)
@@ -121,6 +126,16 @@ class ModelPools:
         if found is not None and found[0] in self.pools:
             return Choice(found[0], f"Model {found[1]}")
         return None
+
+    def cards(self, owner: str) -> list[dict]:
+        """GET /v1/models' list for the Gateway: the routes' names, then the Models' served
+        names and adapters whose pool exists (epp/model_catalog.py)."""
+        served = {
+            name: epoch_seconds(self.created.get(name))
+            for name, (pool, _) in self.models.items()
+            if pool in self.pools
+        }
+        return listed(route_cards(self.routes, owner), served, owner)
 
     def _target_pool(self, target) -> str | None:
         if target.inference_pool_name is not None:

@@ -122,6 +122,11 @@ INFERENCE_PATHS = (
     "/v1/responses",
     "/v1/conversations",
     "/v1/embeddings",
+    "/v1/audio/transcriptions",
+    "/v1/audio/translations",
+    "/v1/rerank",
+    "/v1/score",
+    "/v1/messages",
 )
 ROUTE_TIMEOUT = "3600s"  # generation streams for minutes; the Gateway's default would cut it
 # What the picker's Kubernetes provider (epp/providers/kubernetes.py, cluster/pool_watch.py)

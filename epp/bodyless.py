@@ -1,9 +1,10 @@
 """Requests without a body: only the inference API's reads (and deletes of a client's own
-stored objects) may reach a pod. Everything else a model server answers without a body —
-POST /reset_prefix_cache, /sleep, LoRA unloads, /metrics, … — is the operator's, not a
-client's, so the picker answers 404 and nothing is sent.
+stored objects) may reach a pod. `GET /v1/models[/{id}]` never does: the picker answers it
+with the gateway's names (epp/model_catalog.py). Everything else a model server answers
+without a body — POST /reset_prefix_cache, /sleep, LoRA unloads, /metrics, … — is the
+operator's, not a client's, so the picker answers 404 and nothing is sent.
 
-The paths are OpenAI's (as vLLM serves them): models, stored responses, conversations.
+The paths are OpenAI's (as vLLM serves them): stored responses, conversations.
 """
 
 from __future__ import annotations
@@ -13,14 +14,10 @@ import re
 # One path segment of an id: no dot segments (a server that resolves `..` would land
 # elsewhere), no percent escapes or backslashes (decoded ones could do the same).
 _ID = r"(?!\.\.?(?:/|$))[A-Za-z0-9._:~@+-]+"
-# Model ids may carry one organisation prefix: meta-llama/Llama-3.1-8B.
-_MODEL = rf"{_ID}(?:/{_ID})?"
 
 ALLOWED: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
     (method, re.compile(pattern))
     for method, pattern in (
-        ("GET", r"/v1/models"),
-        ("GET", rf"/v1/models/{_MODEL}"),
         ("GET", rf"/v1/responses/{_ID}"),
         ("DELETE", rf"/v1/responses/{_ID}"),
         ("POST", rf"/v1/responses/{_ID}/cancel"),

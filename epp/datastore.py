@@ -175,6 +175,11 @@ class Datastore:
     def endpoint(self, address: str) -> Endpoint | None:
         return self._endpoints.get(address)
 
+    def pod_created(self, pod: str) -> str | None:
+        """A pod's creationTimestamp, as its object says (None: not given)."""
+        obj = self._pods.get(pod)
+        return (obj.get("metadata") or {}).get("creationTimestamp") if obj else None
+
     def serves_model(self, name: str) -> bool:
         """A ModelRoute names it, or some endpoint's /v1/models lists it."""
         if self.routes.route_for(name) is not None:

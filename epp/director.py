@@ -18,6 +18,7 @@ from infergw.epp.eligibility import Eligibility
 from infergw.epp.errors import NoCapacity, PickerError
 from infergw.epp.gatekeeper import Gatekeeper
 from infergw.epp.metrics import PickerMetrics
+from infergw.epp.request import api_for_path
 from infergw.epp.scheduling.config import SchedulingConfig
 from infergw.epp.scheduling.framework import PrepareData, ResponseInfo
 from infergw.epp.trust import HeaderTrust
@@ -74,7 +75,13 @@ class Director:
             waited = await self.gate.hold_for_capacity(ctx, self._has_capacity, cold)
             log.info("request %s waited %.2fs for a ready endpoint", ctx.request_id, waited)
             eligible = self._routed(ctx)
-        if ctx.request.stream and not ctx.request.client_wants_usage and self._needs_usage(ctx):
+        req = ctx.request
+        if (
+            req.stream
+            and req.takes_stream_options
+            and not req.client_wants_usage
+            and self._needs_usage(ctx)
+        ):
             ctx.strip_usage = True  # ask the engine for usage; the client does not see it
         ctx.ticket = await self.gate.enter(ctx, self.eligibility)
         if ctx.ticket.item is not None:  # it may have waited: the pool may have changed
@@ -167,6 +174,10 @@ class Director:
         """A request without a body has nothing to score: any candidate will do, if it is
         one of the inference API's (epp.bodyless); anything else is not a client's to send."""
         if not allowed_without_body(method, path):
+            if method == "POST" and api_for_path(path) is not None:  # a body was due
+                raise PickerError(
+                    400, "'model' is required: this API takes a body naming it", param="model"
+                )
             raise PickerError(404, f"no inference API for {method} {path!r} without a body")
         candidates = self.eligibility.candidates(subset)
         if not candidates:

@@ -62,6 +62,28 @@ class PickerError(Exception):
         }
 
 
+class ModelNotFound(PickerError):
+    """No model of that name is served here: OpenAI's answer for an unknown model (the
+    body-based router's for a name no pool serves, the picker's for GET /v1/models/{id})."""
+
+    def __init__(self, model: str) -> None:
+        super().__init__(
+            404,
+            f"The model {model!r} does not exist or is not served by this gateway",
+            param="model",
+        )
+
+    def body(self) -> dict:
+        return {
+            "error": {
+                "message": self.message,
+                "type": "invalid_request_error",
+                "param": "model",
+                "code": "model_not_found",
+            }
+        }
+
+
 class NoCapacity(PickerError):
     """No ready endpoint can take the request now (its pool or ModelServer has none, as after
     a scale to zero): the director holds it for a pod to come (epp.capacity_wait) rather

@@ -17,7 +17,7 @@ import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pbg
 
-from infergw.epp import protocol
+from infergw.epp import model_catalog, protocol
 from infergw.epp.body_budget import BodyAccumulator, BodyBudget, BudgetShare
 from infergw.epp.context import RequestContext
 from infergw.epp.director import Director
@@ -71,6 +71,9 @@ class _Stream:
             return []  # deferred until the body ends
         self.request_done = True
         method, path = self.headers.get(":method", ""), self.headers.get(":path", "")
+        models = model_catalog.answer(self.director.datastore, method, path)
+        if models is not None:  # the gateway's names, not one pod's (epp/model_catalog.py)
+            return [protocol.immediate(200, models)]
         targets = self.director.pick_for_bodyless(method, path, self.subset)
         return [protocol.destination_headers([e.address for e in targets], None)]
 

@@ -16,6 +16,7 @@ import msgspec
 from infergw.api.names import SESSION_HEADER, USER_HEADER
 from infergw.epp.errors import PickerError
 from infergw.epp.json_splice import set_member
+from infergw.epp.multipart import FormField, form_field
 from infergw.epp.request_body import (
     STREAM_OPTIONS,
     TEXT,
@@ -43,7 +44,22 @@ API_BY_SUFFIX = (
     ("/responses", "responses"),
     ("/conversations", "conversations"),
     ("/embeddings", "embeddings"),
+    ("/audio/transcriptions", "transcriptions"),
+    ("/audio/translations", "translations"),
+    ("/rerank", "rerank"),
+    ("/score", "score"),
+    ("/messages", "messages"),  # Anthropic's Messages API, as vLLM serves it
 )
+# APIs whose body is a multipart/form-data upload, its `model` a text field (epp/multipart.py).
+FORM_APIS = frozenset({"transcriptions", "translations"})
+# APIs whose streams carry usage only when stream_options asks for it: the picker may ask on
+# a client's behalf. Anthropic's stream always has it; the others do not stream here.
+STREAM_OPTIONS_APIS = frozenset({"chat", "completions", "responses", "conversations"})
+# The members an API must have besides `model` (400 naming the first one missing).
+_REQUIRED = {
+    "rerank": ("query", "documents"),
+    "score": ("text_1", "text_2"),
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +105,8 @@ class InferenceRequest:
     user: str | None = None  # the verified user Envoy's auth forwards (x-infergate-user)
     session_id: str | None = None
     stream_options: StreamOptions | None = None
+    # A form's `model` (FORM_APIS): where its value's bytes are in raw_body, for a rewrite.
+    model_span: tuple[int, int] | None = None
 
     @property
     def approx_prompt_tokens(self) -> int:
@@ -107,6 +125,9 @@ class InferenceRequest:
         for on the client's behalf."""
         out = self.raw_body
         if target_model and target_model != self.model:
+            if self.model_span is not None:
+                start, end = self.model_span
+                return b"".join((out[:start], target_model.encode(), out[end:]))
             out = set_member(
                 out, "model", msgspec.json.encode(target_model), bytes(self.body.model)
             )
@@ -117,6 +138,11 @@ class InferenceRequest:
             current = bytes(raw) if len(raw) else None
             out = set_member(out, "stream_options", msgspec.json.encode(options), current)
         return out
+
+    @property
+    def takes_stream_options(self) -> bool:
+        """Whether usage may be asked for on the client's behalf (STREAM_OPTIONS_APIS)."""
+        return self.api in STREAM_OPTIONS_APIS
 
     @property
     def client_wants_usage(self) -> bool:
@@ -204,9 +230,14 @@ def _text(raw: msgspec.Raw, name: str) -> str:
 def _prompt_text(api: str, body: RequestBody) -> str:
     """What approximate prefix hashing reads: the prompt's bytes as the client sent them (a
     conversation that grows keeps its prefix), never re-serialized."""
-    if api == "chat":
+    for name in _REQUIRED.get(api, ()):
+        if not present(getattr(body, name)):
+            raise PickerError(400, f"'{name}' is required", param=name)
+    if api in ("chat", "messages"):
         if not present(body.messages) or not _NON_EMPTY_LIST.match(memoryview(body.messages)):
             raise PickerError(400, "'messages' must be a non-empty list", param="messages")
+        if api == "messages" and present(body.system):  # Anthropic's system prompt comes first
+            return str(b"\n".join((memoryview(body.system), memoryview(body.messages))), "utf-8")
         return str(memoryview(body.messages), "utf-8")
     if api == "completions":
         if not present(body.prompt):
@@ -219,6 +250,9 @@ def _prompt_text(api: str, body: RequestBody) -> str:
         if not present(body.input):
             raise PickerError(400, "'input' is required", param="input")
         return _text(body.input, "input")
+    if api in _REQUIRED:  # rerank, score: what the prompts share comes first
+        first, second = (getattr(body, name) for name in _REQUIRED[api])
+        return str(b"\n".join((memoryview(first), memoryview(second))), "utf-8")
     return ""
 
 
@@ -233,6 +267,8 @@ def parse_request(
     api = api_for_path(path)
     if api is None:
         raise PickerError(404, f"no inference API at path {path!r}")
+    if api in FORM_APIS:
+        return _parse_form(path, api, raw_body, headers)
     body = decode_body(raw_body)
     model = requested_model(body)
     stream_options = None
@@ -256,4 +292,30 @@ def parse_request(
         # Envoy removes a client's x-infergate-user and sets the verified one.
         user=headers.get(USER_HEADER) or None,
         session_id=headers.get(SESSION_HEADER),
+    )
+
+
+def form_model(raw_body: bytes, headers: dict[str, str]) -> FormField:
+    """A form upload's `model` field: PickerError 400 unless the body is a well-formed
+    multipart/form-data body with a non-empty `model` text field (epp/multipart.py)."""
+    found = form_field(raw_body, headers.get("content-type", ""), "model")
+    if found is None or not found.value:
+        raise PickerError(400, "'model' is required and must be a non-empty string", param="model")
+    return found
+
+
+def _parse_form(path: str, api: str, raw_body: bytes, headers: dict[str, str]) -> InferenceRequest:
+    """A form upload (FORM_APIS): only its `model` is read; the file goes on untouched."""
+    model = form_model(raw_body, headers)
+    return InferenceRequest(
+        request_id=headers.get("x-request-id") or str(uuid.uuid4()),
+        path=path,
+        api=api,
+        body=RequestBody(),
+        raw_body=raw_body,
+        model=model.value,
+        headers=headers,
+        user=headers.get(USER_HEADER) or None,
+        session_id=headers.get(SESSION_HEADER),
+        model_span=(model.start, model.end),
     )

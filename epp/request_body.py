@@ -57,6 +57,11 @@ class RequestBody(msgspec.Struct):
     instructions: msgspec.Raw = msgspec.Raw()
     tools: msgspec.Raw = msgspec.Raw()
     chat_template_kwargs: msgspec.Raw = msgspec.Raw()
+    system: msgspec.Raw = msgspec.Raw()  # Anthropic's Messages API
+    query: msgspec.Raw = msgspec.Raw()  # rerank
+    documents: msgspec.Raw = msgspec.Raw()
+    text_1: msgspec.Raw = msgspec.Raw()  # score
+    text_2: msgspec.Raw = msgspec.Raw()
 
     @property
     def max_output(self) -> int | None:

@@ -116,6 +116,8 @@ class GenerationRequest:
     return_prompt_text: bool = False
     prompt_text: str | None = None
     cache_salt: str | None = None
+    # chat: the function the answer must call (tool_choice "required" or named), if any
+    tool_call: dict | None = None
 
 
 def _get(body: dict, key: str, kind: type | tuple[type, ...], default: Any = None) -> Any:

@@ -8,7 +8,7 @@ import logging
 
 from aiohttp import web
 
-from infergw.simulator import responses
+from infergw.simulator import anthropic, responses, responses_api, scoring, tool_calls
 from infergw.simulator.block_hashing import BlockHasher
 from infergw.simulator.block_pool import BlockPool
 from infergw.simulator.config import SimulatorConfig
@@ -90,6 +90,14 @@ class Simulator:
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/chat/completions", self.chat_completions)
         app.router.add_get("/v1/models", self.models)
+        app.router.add_post("/v1/messages", self.messages)
+        app.router.add_post("/v1/responses", self.responses)
+        for path in ("/rerank", "/v1/rerank", "/v2/rerank"):
+            app.router.add_post(path, self.rerank)
+        for path in ("/score", "/v1/score"):
+            app.router.add_post(path, self.score)
+        app.router.add_post("/v1/audio/transcriptions", self.transcriptions)
+        app.router.add_post("/v1/audio/translations", self.transcriptions)
         app.router.add_post("/tokenize", self.tokenize)
         app.router.add_post("/detokenize", self.detokenize)
         app.router.add_get("/health", self.health)
@@ -124,7 +132,9 @@ class Simulator:
         return await self._generate(request, gen, model, lora, prompts, chat=False)
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
-        gen = parse_chat(await _json_body(request))
+        body = await _json_body(request)
+        gen = parse_chat(body)
+        gen.tool_call = tool_calls.forced_tool(body)
         model, lora = self.served.resolve(gen.model)
         text = self.prompts.render_chat(gen.messages, gen.template)
         ids = self.tokenizer.encode(text, add_special_tokens=gen.add_special_tokens)
@@ -187,6 +197,13 @@ class Simulator:
                 prompt_text=gen.prompt_text,
                 kv_transfer_params=kv_params,
             )
+            if gen.tool_call is not None:
+                choice = body["choices"][0]
+                choice["message"]["tool_calls"] = [
+                    tool_calls.tool_call(gen.tool_call, choice["message"]["content"])
+                ]
+                choice["message"]["content"] = None
+                choice["finish_reason"] = tool_calls.FINISH_REASON
         else:
             body = responses.completion(
                 head, reqs, use, return_token_ids=gen.return_token_ids, kv_transfer_params=kv_params
@@ -226,7 +243,15 @@ class Simulator:
                 break
             first_out = first_out or r
             token_ids = [out.token_id] if ids else None
-            if chat:
+            if chat and gen.tool_call is not None:
+                if out.finish_reason is None:
+                    continue  # the call goes in one chunk once its arguments are complete
+                chunk = responses.chat_chunk(head, out, token_ids)
+                call = tool_calls.tool_call(gen.tool_call, r.output_text)
+                choice = chunk["choices"][0]
+                choice["delta"] = {"content": None, "tool_calls": [{"index": 0, **call}]}
+                choice["finish_reason"] = tool_calls.FINISH_REASON
+            elif chat:
                 chunk = responses.chat_chunk(head, out, token_ids)
             else:
                 # return_token_ids: a prompt's ids ride on its first chunk only.
@@ -245,6 +270,87 @@ class Simulator:
         await resp.write(responses.DONE)
         await resp.write_eof()
         return resp
+
+    def _start_chat(self, chat: dict) -> tuple[str, SimRequest]:
+        """A chat request other APIs amount to, in the engine: the model to answer with."""
+        gen = parse_chat(chat)
+        model, lora = self.served.resolve(gen.model)
+        text = self.prompts.render_chat(gen.messages, gen.template)
+        ids = self.tokenizer.encode(text, add_special_tokens=gen.add_special_tokens)
+        req = self.requests.build(gen, lora, ids)
+        self.engine.add_request(req)
+        return model, req
+
+    async def _finished(self, req: SimRequest) -> SimRequest:
+        while (await req.outputs.get()).finish_reason is None:
+            pass
+        if req.finish_reason in ("abort", "error"):
+            raise ApiError(500, req.error or f"request {req.request_id} failed in the engine")
+        return req
+
+    async def messages(self, request: web.Request) -> web.StreamResponse:
+        """Anthropic's Messages API: a chat generation, answered in Anthropic's shape."""
+        chat = anthropic.to_chat(await _json_body(request))
+        model, req = self._start_chat(chat)
+        message_id = anthropic.new_id()
+        try:
+            if not chat.get("stream"):
+                await self._finished(req)
+                return web.json_response(anthropic.message(message_id, model, req), dumps=_dumps)
+            resp = web.StreamResponse(
+                headers={"Content-Type": "text/event-stream; charset=utf-8",
+                         "Cache-Control": "no-cache"}
+            )  # fmt: skip
+            await resp.prepare(request)
+            async for event in anthropic.events(message_id, model, req):
+                await resp.write(event)
+            await resp.write_eof()
+            return resp
+        finally:
+            if req.status is not Status.FINISHED:  # client gone or error: free its resources
+                self.engine.abort(req)
+
+    async def responses(self, request: web.Request) -> web.Response:
+        """OpenAI's Responses API, its plain text exchange (simulator/responses_api.py)."""
+        model, req = self._start_chat(responses_api.to_chat(await _json_body(request)))
+        try:
+            await self._finished(req)
+            answer = responses_api.response(model, req, responses.now())
+            return web.json_response(answer, dumps=_dumps)
+        finally:
+            if req.status is not Status.FINISHED:
+                self.engine.abort(req)
+
+    # ---- rerank, score, audio: answers without generation ----------------------------------
+
+    def _count(self, text: str) -> int:
+        return len(self.tokenizer.encode(text, add_special_tokens=True))
+
+    async def rerank(self, request: web.Request) -> web.Response:
+        body = await _json_body(request)
+        model, _ = self.served.resolve(body.get("model") if isinstance(body, dict) else None)
+        return web.json_response(scoring.rerank(body, model, self._count), dumps=_dumps)
+
+    async def score(self, request: web.Request) -> web.Response:
+        body = await _json_body(request)
+        model, _ = self.served.resolve(body.get("model") if isinstance(body, dict) else None)
+        return web.json_response(scoring.score(body, model, self._count), dumps=_dumps)
+
+    async def transcriptions(self, request: web.Request) -> web.Response:
+        """An upload's form is read (its model resolved); the transcript is canned."""
+        if not request.content_type.startswith("multipart/"):
+            raise ApiError(400, "the body must be multipart/form-data")
+        try:
+            form = await request.post()
+        except ValueError as exc:
+            raise ApiError(400, f"the form cannot be read: {exc}") from None
+        if not isinstance(form.get("file"), web.FileField):
+            raise ApiError(400, "'file' is required: the audio to transcribe", "file")
+        model = form.get("model")
+        self.served.resolve(model if isinstance(model, str) else None)
+        fmt = form.get("response_format")
+        content_type, text = scoring.transcription(fmt if isinstance(fmt, str) else None)
+        return web.Response(text=text, content_type=content_type)
 
     # ---- models, tokens, health ------------------------------------------------------------
 

@@ -49,6 +49,7 @@ class _WithUsage(msgspec.Struct):
 
     usage: msgspec.Raw = msgspec.Raw()
     response: msgspec.Raw = msgspec.Raw()  # the Responses API's response.completed
+    message: msgspec.Raw = msgspec.Raw()  # Anthropic's message_start
 
 
 _WITH_USAGE = msgspec.json.Decoder(_WithUsage)
@@ -60,8 +61,9 @@ def _read_usage(payload: Bytes, into: Usage) -> None:
     try:
         doc = _WITH_USAGE.decode(payload)
         usage = doc.usage
-        if not present(usage) and present(doc.response):
-            usage = _WITH_USAGE.decode(doc.response).usage
+        for nested in (doc.response, doc.message):
+            if not present(usage) and present(nested):
+                usage = _WITH_USAGE.decode(nested).usage
         if present(usage) and len(usage) <= MAX_USAGE_OBJECT:
             _from_usage_object(msgspec.json.decode(usage), into)
     except _BAD_JSON:

@@ -73,11 +73,15 @@ class RouteTable:
             routes, key=lambda r: (r.metadata.creation_timestamp or "", r.metadata.name or "")
         )
         for route in oldest_first:
-            names = [route.spec.model_name, *(route.spec.lora_adapters or [])]
-            for name in names:
-                if name is not None:
-                    table._by_model.setdefault(name, route)
+            for name in cls.names_of(route):
+                table._by_model.setdefault(name, route)
         return table
+
+    @staticmethod
+    def names_of(route: ModelRoute) -> list[str]:
+        """The model names a route answers: its modelName and LoRA adapters."""
+        names = [route.spec.model_name, *(route.spec.lora_adapters or [])]
+        return [name for name in names if name is not None]
 
     def __len__(self) -> int:
         return len(self.routes)

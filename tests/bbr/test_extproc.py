@@ -83,11 +83,28 @@ async def test_a_huge_model_name_is_not_echoed_whole():
 async def test_a_bodyless_request_passes_with_a_clients_header_removed():
     servicer = router()
     out = await ec.process(
-        servicer, [ec.headers("/v1/models", eos=True, extra={MODEL_NAME_HEADER: "code"})]
+        servicer,
+        [ec.headers("/v1/responses/resp_1", eos=True, extra={MODEL_NAME_HEADER: "code"})],
     )
     mutation = out[0].request_headers.response.header_mutation
     assert list(mutation.remove_headers) == [MODEL_NAME_HEADER] and not mutation.set_headers
     assert count(servicer, "bodyless") == 1
+
+
+async def test_the_router_lists_every_name_served_on_its_gateway():
+    coder = route("coder", "coder", [{"inferencePoolName": "code"}])
+    servicer = router(objects=[*two_models(), coder])
+    get = {":method": "GET"}
+    out = await ec.process(servicer, [ec.headers("/v1/models", eos=True, extra=get)])
+    status, listing = ec.immediate(out)
+    assert status == 200 and listing["object"] == "list"
+    assert [c["id"] for c in listing["data"]] == ["chat-7b", "chat-sql", "code-3b", "coder"]
+    assert all(c["object"] == "model" and c["owned_by"] == "default" for c in listing["data"])
+    out = await ec.process(servicer, [ec.headers("/v1/models/coder", eos=True, extra=get)])
+    assert ec.immediate(out) == (200, listing["data"][3])
+    out = await ec.process(servicer, [ec.headers("/v1/models/nope", eos=True, extra=get)])
+    status, error = ec.immediate(out)
+    assert status == 404 and error["error"]["code"] == "model_not_found"
 
 
 # What the picker refuses in fields the router does not read: the pool's picker answers 400.

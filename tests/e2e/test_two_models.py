@@ -92,8 +92,14 @@ def test_a_hostile_body_is_a_clean_400(stack, body):
     assert set(r.json()["error"]) >= {"message", "type", "code"}
 
 
-def test_a_request_without_a_body_has_no_pool(stack):
+def test_the_router_lists_every_model_and_route_and_other_bodyless_requests_have_no_pool(stack):
     r = requests.get(stack.url + "/v1/models", timeout=30)
+    assert r.status_code == 200, r.text
+    listed = [m["id"] for m in r.json()["data"]]
+    assert sorted(listed) == sorted(SERVED["chat"] | SERVED["code"])
+    r = requests.get(stack.url + "/v1/models/coder", timeout=30)
+    assert r.status_code == 200 and r.json()["owned_by"] == "default"
+    r = requests.get(stack.url + "/v1/responses/resp_1", timeout=30)
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
 
 

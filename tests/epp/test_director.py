@@ -410,7 +410,7 @@ def test_bodyless_pick_is_random_among_candidates():
     d = make_director(fallbacks=1)
     firsts = Counter()
     for _ in range(400):
-        picked = d.pick_for_bodyless("GET", "/v1/models", None)
+        picked = d.pick_for_bodyless("GET", "/v1/responses/resp_1", None)
         assert len(picked) == 2 and picked[0] is not picked[1]
         firsts[picked[0].address] += 1
     assert set(firsts) == EVERYONE
@@ -418,13 +418,15 @@ def test_bodyless_pick_is_random_among_candidates():
 
 
 def test_bodyless_pick_honors_the_subset(director):
-    assert [e.address for e in director.pick_for_bodyless("GET", "/v1/models", [B0])] == [B0]
-    assert status_of(director.pick_for_bodyless, "GET", "/v1/models", []) == 503
+    assert [e.address for e in director.pick_for_bodyless("GET", "/v1/responses/resp_1", [B0])] == [
+        B0
+    ]
+    assert status_of(director.pick_for_bodyless, "GET", "/v1/responses/resp_1", []) == 503
 
 
 def test_bodyless_pick_with_no_pods_is_503(director):
     director.datastore.replace_pods([])
-    assert status_of(director.pick_for_bodyless, "GET", "/v1/models", None) == 503
+    assert status_of(director.pick_for_bodyless, "GET", "/v1/responses/resp_1", None) == 503
 
 
 # ---- eligibility: one computation for flow control and scheduling --------------------------

@@ -18,6 +18,8 @@ from tests.conftest import free_port
 from tests.picker_fixtures import COMPLETION, GET, PORT_TAKEN, Picker
 from tests.waiting import wait_for_async
 
+STORED = "/v1/responses/resp_1"  # a read without a body that goes to a pod
+
 
 async def test_destination_in_header_and_metadata_alike(picker):
     out = await ec.exchange(picker.target, [ec.headers(), ec.body(COMPLETION)])
@@ -56,10 +58,30 @@ async def test_body_is_echoed_in_chunks_of_at_most_62000_bytes(picker):
 
 
 async def test_request_without_body_is_answered_at_once(picker):
-    out = await ec.exchange(picker.target, [ec.headers("/v1/models", eos=True, extra=GET)])
+    out = await ec.exchange(picker.target, [ec.headers(STORED, eos=True, extra=GET)])
     assert len(out) == 1
     dest = ec.set_headers(out[0])["x-gateway-destination-endpoint"]
     assert set(dest.split(",")) <= set(picker.addresses)
+
+
+async def test_the_picker_lists_the_pools_models_itself(picker):
+    deadline = time.monotonic() + 10
+    while any(e["models"] is None for e in picker.debug()["endpoints"]):
+        assert time.monotonic() < deadline, "the picker never learned the served models"
+        await asyncio.sleep(0.05)
+    out = await ec.exchange(picker.target, [ec.headers("/v1/models?x=1", eos=True, extra=GET)])
+    status, body = ec.immediate(out)
+    assert status == 200 and body["object"] == "list"
+    assert body["data"] == [
+        {"id": "infergate-sim", "object": "model", "created": 0, "owned_by": "default"}
+    ]
+    out = await ec.exchange(
+        picker.target, [ec.headers("/v1/models/infergate-sim", eos=True, extra=GET)]
+    )
+    assert ec.immediate(out) == (200, body["data"][0])
+    out = await ec.exchange(picker.target, [ec.headers("/v1/models/nope", eos=True, extra=GET)])
+    status, body = ec.immediate(out)
+    assert status == 404 and body["error"]["code"] == "model_not_found"
 
 
 async def test_duplicate_end_of_stream_is_ignored(picker):
@@ -254,7 +276,7 @@ async def test_no_ready_pods_gives_503_with_or_without_a_body(sims, tmp_path):
         answer = next(r.immediate_response for r in out if r.HasField("immediate_response"))
         sent = {h.header.key: h.header.raw_value for h in answer.headers.set_headers}
         assert int(sent["retry-after"]) >= 1
-        out = await ec.exchange(p.target, [ec.headers("/v1/models", eos=True, extra=GET)])
+        out = await ec.exchange(p.target, [ec.headers(STORED, eos=True, extra=GET)])
         assert ec.immediate(out)[0] == 503
 
 

@@ -607,3 +607,185 @@ def test_fingerprint_mode_custom_and_none(sim_factory):
     off = sim_factory("--fingerprint-mode", "none", *FAST)
     r = requests.post(off + "/v1/completions", json=body, timeout=10).json()
     assert "system_fingerprint" in r and r["system_fingerprint"] is None
+
+
+# ---- the other APIs the gateway routes: Anthropic's Messages, rerank, score, audio ----------
+
+
+def test_messages_answers_in_anthropics_shape(tiny_url):
+    r = requests.post(
+        tiny_url + "/v1/messages",
+        json={
+            "model": "tiny",
+            "max_tokens": 4,
+            "system": [{"type": "text", "text": "be brief"}],
+            "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
+        },
+        timeout=30,
+    )
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["type"] == "message" and body["role"] == "assistant" and body["model"] == "tiny"
+    assert body["id"].startswith("msg_")
+    (block,) = body["content"]
+    assert block["type"] == "text" and isinstance(block["text"], str)
+    assert body["stop_reason"] == "max_tokens" and body["stop_sequence"] is None
+    assert body["usage"]["output_tokens"] == 4 and body["usage"]["input_tokens"] > 1
+
+
+def test_messages_streams_anthropics_events(tiny_url):
+    r = requests.post(
+        tiny_url + "/v1/messages",
+        json={"model": "sql-lora", "max_tokens": 3, "stream": True,
+              "messages": [{"role": "user", "content": "hi"}]},
+        timeout=30,
+    )  # fmt: skip
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    events = [
+        (e.split("\n")[0].removeprefix("event: "), json.loads(e.split("\n")[1][6:]))
+        for e in r.text.strip().split("\n\n")
+    ]
+    kinds = [k for k, _ in events]
+    assert kinds[:2] == ["message_start", "content_block_start"]
+    assert kinds[-3:] == ["content_block_stop", "message_delta", "message_stop"]
+    assert kinds.count("content_block_delta") == 3
+    assert all(data["type"] == kind for kind, data in events)
+    assert events[0][1]["message"]["model"] == "sql-lora"
+    delta = events[-2][1]
+    assert delta["delta"]["stop_reason"] == "max_tokens" and delta["usage"]["output_tokens"] == 3
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}]}, "max_tokens"),
+        ({"model": "tiny", "max_tokens": 2, "messages": []}, "messages"),
+        ({"model": "tiny", "max_tokens": 2, "messages": [{"role": "system", "content": "x"}]},
+         "messages"),
+        ({"model": "nope", "max_tokens": 2, "messages": [{"role": "user", "content": "x"}]},
+         "model"),
+    ],
+)  # fmt: skip
+def test_bad_messages_requests_are_4xx(tiny_url, body, param):
+    r = requests.post(tiny_url + "/v1/messages", json=body, timeout=30)
+    assert 400 <= r.status_code < 500 and r.json()["error"]["param"] == param
+
+
+def test_rerank_ranks_the_matching_document_first(tiny_url):
+    docs = ["the cat sat", "stock prices fell today", "a red fox"]
+    for path in ("/v1/rerank", "/rerank", "/v2/rerank"):
+        r = requests.post(
+            tiny_url + path,
+            json={"model": "tiny", "query": "why did stock prices fall", "documents": docs,
+                  "top_n": 2},
+            timeout=30,
+        )  # fmt: skip
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert [x["index"] for x in body["results"]][:1] == [1] and len(body["results"]) == 2
+        assert body["results"][0]["document"] == {"text": docs[1]}
+        assert body["usage"]["total_tokens"] > 0 and body["model"] == "tiny"
+    r = requests.post(tiny_url + "/v1/rerank", json={"model": "tiny", "query": 1}, timeout=30)
+    assert r.status_code == 400
+
+
+def test_score_pairs_texts(tiny_url):
+    r = requests.post(
+        tiny_url + "/v1/score",
+        json={"model": "tiny", "text_1": "red fox", "text_2": ["a red fox", "blue sky"]},
+        timeout=30,
+    )
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "list" and [d["index"] for d in body["data"]] == [0, 1]
+    assert body["data"][0]["score"] > body["data"][1]["score"]
+    assert body["usage"]["prompt_tokens"] > 0
+    bad = {"model": "tiny", "text_1": ["a", "b"], "text_2": ["a", "b", "c"]}
+    assert requests.post(tiny_url + "/v1/score", json=bad, timeout=30).status_code == 400
+
+
+def test_transcriptions_take_a_form_and_answer_a_canned_text(tiny_url, client):
+    audio = ("a.wav", b"RIFF....WAVE", "audio/wav")
+    r = requests.post(
+        tiny_url + "/v1/audio/transcriptions", files={"file": audio}, data={"model": "tiny"},
+        timeout=30,
+    )  # fmt: skip
+    assert r.status_code == 200 and isinstance(r.json()["text"], str)
+    text = client.audio.transcriptions.create(model="tiny", file=audio, response_format="text")
+    assert isinstance(text, str) and text
+    r = requests.post(
+        tiny_url + "/v1/audio/transcriptions", files={"file": audio}, data={"model": "nope"},
+        timeout=30,
+    )  # fmt: skip
+    assert r.status_code == 404
+    r = requests.post(tiny_url + "/v1/audio/transcriptions", json={"model": "tiny"}, timeout=30)
+    assert r.status_code == 400
+
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "weather",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
+            "required": ["city", "days"],
+        },
+    },
+}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_forced_tool_call_comes_back_in_openais_shape(client, stream):
+    ask = {"model": "tiny", "messages": [{"role": "user", "content": "weather?"}],
+           "max_tokens": 3, "tools": [WEATHER], "tool_choice": "required"}  # fmt: skip
+    if stream:
+        chunks = list(client.chat.completions.create(**ask, stream=True))
+        (last,) = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+        call = last.choices[0].delta.tool_calls[0]
+        assert last.choices[0].finish_reason == "tool_calls"
+    else:
+        answer = client.chat.completions.create(**ask)
+        choice = answer.choices[0]
+        assert choice.finish_reason == "tool_calls" and choice.message.content is None
+        call = choice.message.tool_calls[0]
+    assert call.type == "function" and call.function.name == "weather" and call.id
+    args = json.loads(call.function.arguments)
+    assert set(args) == {"city", "days"} and isinstance(args["days"], int)
+
+
+def test_a_named_tool_choice_and_its_errors(client):
+    named = {"type": "function", "function": {"name": "weather"}}
+    answer = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=2,
+        tools=[WEATHER], tool_choice=named,
+    )  # fmt: skip
+    assert answer.choices[0].message.tool_calls[0].function.name == "weather"
+    auto = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=2,
+        tools=[WEATHER], tool_choice="auto",
+    )  # fmt: skip
+    assert auto.choices[0].message.tool_calls is None and auto.choices[0].message.content
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=2,
+            tools=[WEATHER], tool_choice={"type": "function", "function": {"name": "nope"}},
+        )  # fmt: skip
+
+
+def test_the_responses_api_answers_text(client):
+    answer = client.responses.create(
+        model="tiny", instructions="be brief", input="hi", max_output_tokens=4
+    )
+    assert answer.object == "response" and answer.model == "tiny"
+    assert answer.status == "incomplete" and answer.incomplete_details.reason == "max_output_tokens"
+    assert isinstance(answer.output_text, str) and answer.output_text
+    assert answer.usage.output_tokens == 4 and answer.usage.input_tokens > 1
+    listed = client.responses.create(
+        model="tiny",
+        input=[{"role": "user", "content": [{"type": "input_text", "text": "hi"}]}],
+        max_output_tokens=2,
+    )
+    assert listed.usage.output_tokens == 2
+    with pytest.raises(openai.BadRequestError):
+        client.responses.create(model="tiny", input=[{"type": "function_call_output"}])

@@ -126,6 +126,23 @@ def test_streaming_responses_api_completed_event():
     assert read(True, body) == Usage(30, 9, 16)
 
 
+def test_streaming_anthropic_messages_events():
+    start = {"type": "message_start", "message": {"id": "msg_1", "content": [],
+             "usage": {"input_tokens": 12, "output_tokens": 0}}}  # fmt: skip
+    delta = {"type": "message_delta", "delta": {"stop_reason": "max_tokens"},
+             "usage": {"output_tokens": 7}}  # fmt: skip
+    body = (
+        f"event: message_start\ndata: {json.dumps(start)}\n\n".encode()
+        + b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,'
+        b'"delta":{"type":"text_delta","text":"hi"}}\n\n'
+        + f"event: message_delta\ndata: {json.dumps(delta)}\n\n".encode()
+        + b'event: message_stop\ndata: {"type":"message_stop"}\n\n'
+    )
+    assert read(True, body) == Usage(12, 7, None)
+    # an error answer's top-level "message" is a string: no usage, and no error either
+    assert read(False, b'{"object":"error","message":"bad","code":400}') == Usage()
+
+
 def test_usage_without_cached_details_leaves_cached_unknown():
     body = sse({"usage": {"prompt_tokens": 1, "completion_tokens": 2}})
     assert read(True, body).cached_tokens is None

@@ -1,0 +1,99 @@
+"""OpenAI's Responses API (`POST /v1/responses`), the part a client's plain text exchange
+uses: `input` (a string, or messages whose content is a string or input_text/output_text
+parts) and `instructions` become a chat generation; the answer is a `response` with one
+assistant message of `output_text`, `status` (`incomplete` when `max_output_tokens` cut it)
+and `usage` in input/output tokens. Not simulated: streaming, tools, stored responses."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from infergw.simulator.protocol import ApiError
+from infergw.simulator.request import SimRequest
+
+_SAME = ("model", "temperature", "top_p")
+_ROLES = ("user", "assistant", "system", "developer")
+
+
+def to_chat(body: Any) -> dict:
+    """The chat completion request a Responses request amounts to; 400 for what the
+    simulator does not serve."""
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    if body.get("stream"):
+        raise ApiError(400, "streaming the Responses API is not simulated", "stream")
+    if body.get("tools"):
+        raise ApiError(400, "tools in the Responses API are not simulated", "tools")
+    chat = _messages(body.get("input"))
+    if body.get("instructions") is not None:
+        if not isinstance(body["instructions"], str):
+            raise ApiError(400, "'instructions' must be a string", "instructions")
+        chat.insert(0, {"role": "system", "content": body["instructions"]})
+    out = {k: body[k] for k in _SAME if body.get(k) is not None}
+    if body.get("max_output_tokens") is not None:
+        out["max_tokens"] = body["max_output_tokens"]
+    return {**out, "messages": chat}
+
+
+def _messages(given: Any) -> list[dict]:
+    if isinstance(given, str):
+        return [{"role": "user", "content": given}]
+    if not isinstance(given, list) or not given:
+        raise ApiError(400, "'input' must be a string or a non-empty list of messages", "input")
+    out = []
+    for i, item in enumerate(given):
+        if not isinstance(item, dict) or item.get("type", "message") != "message":
+            raise ApiError(400, f"input[{i}]: only messages are simulated", "input")
+        role = item.get("role")
+        if role not in _ROLES:
+            raise ApiError(400, f"input[{i}] needs a role of {', '.join(_ROLES)}", "input")
+        out.append({"role": "system" if role == "developer" else role,
+                    "content": _text(item.get("content"), i)})  # fmt: skip
+    return out
+
+
+def _text(content: Any, i: int) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(
+        isinstance(p, dict) and isinstance(p.get("text"), str) for p in content
+    ):
+        return "".join(p["text"] for p in content)
+    raise ApiError(400, f"input[{i}].content must be a string or text parts", "input")
+
+
+def response(model: str, req: SimRequest, created: int) -> dict:
+    """The finished answer."""
+    cut = req.finish_reason == "length"
+    prompt, output = len(req.prompt_token_ids), len(req.output_token_ids)
+    text = {"type": "output_text", "text": req.output_text, "annotations": [], "logprobs": []}
+    return {
+        "id": f"resp_{uuid.uuid4().hex}",
+        "object": "response",
+        "created_at": created,
+        "model": model,
+        "status": "incomplete" if cut else "completed",
+        "incomplete_details": {"reason": "max_output_tokens"} if cut else None,
+        "error": None,
+        "instructions": None,
+        "output": [
+            {
+                "id": f"msg_{uuid.uuid4().hex}",
+                "type": "message",
+                "role": "assistant",
+                "status": "incomplete" if cut else "completed",
+                "content": [text],
+            }
+        ],
+        "parallel_tool_calls": True,
+        "tool_choice": "auto",
+        "tools": [],
+        "usage": {
+            "input_tokens": prompt,
+            "input_tokens_details": {"cached_tokens": max(0, req.num_cached_tokens)},
+            "output_tokens": output,
+            "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": prompt + output,
+        },
+    }
