@@ -39,7 +39,7 @@ from infergw.cluster.store import (
     StoreError,
     controller_of,
 )
-from infergw.controllers import model_objects, picker_objects, picker_tls
+from infergw.controllers import adapters, model_objects, picker_objects, picker_tls
 from infergw.controllers.conditions import condition
 from infergw.controllers.engine_command import PER_POD, KVEventSockets
 from infergw.controllers.picker_objects import PickerSettings, PickerTLS
@@ -155,6 +155,11 @@ class ModelReconciler:
                 tls, problem = None, None
             if problem is not None:
                 problems.append(problem)
+        if not self.weights.in_pod and adapters.loads_at_run_time(model):
+            # standalone: the runtime sidecars' adapters file, which a cluster mounts from
+            # the ConfigMap
+            if adapters.write_local(model, self.weights):
+                log.info("model %s: wrote its adapters file", model.metadata.name)
         for want in await self._desired(model, tls):
             try:
                 problem = await self._apply(model, want)
