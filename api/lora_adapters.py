@@ -26,9 +26,11 @@ MAX_ADAPTERS = 32  # the CRD's bound on loraAdapters
 MAX_SOURCE = 2048  # the CRD's bound on an artifactURL
 MAX_PATH = 4096
 # One path component the engine and the disk both take: no `/`, no leading dot (`..`), no
-# spaces or control characters. The CRD allows more (any 1-256 characters); those are refused
-# here, per adapter, with INVALID_ADAPTER.
-NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,255}")
+# spaces or control characters; at most MAX_NAME characters. The CRD and the webhook refuse
+# other names (api/workload.py); the sidecar checks again, per adapter, whoever wrote the file.
+ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*\Z")
+ADAPTER_NAME_RULE = "a path component: letters, digits, '.', '_' or '-', a letter or digit first"
+MAX_NAME = 256
 LORA_DIR = "lora"  # the downloaded adapters' links under the models folder
 INVALID_ADAPTER = "InvalidAdapter"
 UNREADABLE = "AdaptersUnreadable"
@@ -90,11 +92,8 @@ def _entry(item: object, models_dir: str) -> tuple[Adapter | None, str | None]:
         return None, "not an object"
     name, source, path = item.get("name"), item.get("source"), item.get("path")
     download = item.get("download", False)
-    if not isinstance(name, str) or not NAME.fullmatch(name):
-        return None, (
-            "the name must be 1-256 letters, digits, '.', '_' or '-', starting with a letter "
-            "or digit (it is a path component and the engine's model name)"
-        )
+    if not isinstance(name, str) or not ADAPTER_NAME.match(name) or len(name) > MAX_NAME:
+        return None, f"the name must be {ADAPTER_NAME_RULE}, at most {MAX_NAME} characters"
     if not isinstance(source, str) or len(source) > MAX_SOURCE or not ARTIFACT_URI.match(source):
         return None, "the source must be a URI with hf, ms, s3, obs, pvc or file"
     if not isinstance(path, str) or not path or len(path) > MAX_PATH or _control(path):

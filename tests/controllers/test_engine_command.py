@@ -276,7 +276,7 @@ def test_command_is_validated_and_lora_needs_an_engine_that_takes_it():
     ]
     lora = [{"name": "a", "artifactURL": "hf://o/a"}]
     assert problems(engine={"type": "TRTLLM"}, loraAdapters=lora) == [
-        "spec: loraAdapters need an engine that loads them by flag: vLLM, SGLang or Simulator"
+        "spec: loraAdapters need an engine that loads them at run time: vLLM, SGLang or Simulator"
     ]
     assert problems(engine={"type": "Simulator"}, loraAdapters=lora) == []
 
