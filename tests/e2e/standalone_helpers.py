@@ -45,17 +45,17 @@ wait_for_cluster = functools.partial(wait_for_async, within=40.0, interval=0.1)
 
 async def start_picker(
     log_dir: Path, pool_file: Path, pool: str = "tiny"
-) -> tuple[asyncio.subprocess.Process, int]:
-    """A picker reading the pool file, its debug pages on: the process and its metrics port
-    (/debug/endpoints: what it believes of every pod)."""
-    metrics_port = free_port()
+) -> tuple[asyncio.subprocess.Process, int, int]:
+    """A picker reading the pool file, its debug pages on: the process, its metrics port
+    (/debug/endpoints: what it believes of every pod) and its ext_proc port (plain gRPC)."""
+    metrics_port, grpc_port = free_port(), free_port()
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "infergw.epp", "--provider", "file", "--pool-file", str(pool_file),
         "--pool-name", pool, "--secure-serving=false", "--host", "127.0.0.1",
-        "--grpc-port", str(free_port()), "--grpc-health-port", str(free_port()),
+        "--grpc-port", str(grpc_port), "--grpc-health-port", str(free_port()),
         "--metrics-port", str(metrics_port), "--enable-debug-endpoints",
         stdout=open(log_dir / "picker.log", "wb"),  # noqa: ASYNC230
         stderr=asyncio.subprocess.STDOUT,
         preexec_fn=die_with_parent(),  # api/lifetime.py: gone with pytest, however it ends
     )  # fmt: skip
-    return proc, metrics_port
+    return proc, metrics_port, grpc_port

@@ -3,7 +3,8 @@ runtime sidecar beside each engine and a picker reading the pool file.
 
 - Adding an adapter to the Model loads it on every running pod — same pods (uids), same
   engine processes (PIDs), no restart — and the picker sees it in the pods' /v1/models within
-  one models scrape; removing it unloads it everywhere.
+  one models scrape: a request for it, answered 404 by the picker before, is routed to a pod
+  that serves it; removing it unloads it everywhere, and the picker answers 404 again.
 - An adapter that cannot be had (a repository the Hub does not have, with a vLLM-typed Model
   whose adapters are downloaded) makes the pods not ready, the sidecar's /ready saying why in
   the download's words, until it is removed again.
@@ -18,9 +19,10 @@ import aiohttp
 import pytest
 import yaml
 
-from infergw.api.names import RUNTIME_PORT
+from infergw.api.names import DESTINATION_HEADER, RUNTIME_PORT
 from infergw.cluster.store import POD
 from infergw.controllers.app import Standalone
+from tests import extproc_client as ec
 from tests.e2e.standalone_helpers import sim_model, start_picker, wait_for_cluster
 from tests.fetch.hub_mirror import Mirror, running_mirror
 
@@ -41,6 +43,27 @@ async def picker_models(session, port) -> dict[str, set[str]]:
     except (aiohttp.ClientError, OSError, ValueError):
         return {}
     return {e["address"]: set(e.get("models") or []) for e in eps if e["reachable"]}
+
+
+async def pick_answer(grpc_port: int, model: str):
+    """The picker's answer to a completion for `model`, asked as Envoy asks it."""
+    body = {"model": model, "prompt": "hello", "max_tokens": 2}
+    return await ec.exchange(
+        f"127.0.0.1:{grpc_port}", [ec.headers("/v1/completions"), ec.body(body)]
+    )
+
+
+async def pick(grpc_port: int, model: str) -> str | None:
+    """The pod the picker sends a completion for `model` to (first of its fallbacks)."""
+    out = await pick_answer(grpc_port, model)
+    chosen = ec.set_headers(out[0]).get(DESTINATION_HEADER) if out else None
+    return chosen.split(",")[0] if chosen else None
+
+
+async def not_served(grpc_port: int, model: str) -> bool:
+    """The picker answers a request for `model` 404 itself: no pod of the pool serves it."""
+    answered = ec.immediate(await pick_answer(grpc_port, model))
+    return answered is not None and answered[0] == 404 and "not served" in str(answered[1])
 
 
 async def pods_of(store) -> list[dict]:
@@ -77,7 +100,7 @@ async def test_adapters_are_loaded_and_unloaded_on_running_pods(tmp_path) -> Non
     apply("a")
     pool_file = tmp_path / "pool.yaml"
     app = await Standalone(manifests, tmp_path / "state", pool_file).start()
-    picker, port = await start_picker(tmp_path, pool_file)
+    picker, port, grpc_port = await start_picker(tmp_path, pool_file)
     store = app.store
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
@@ -92,6 +115,7 @@ async def test_adapters_are_loaded_and_unloaded_on_running_pods(tmp_path) -> Non
             engine_args = (await pods_of(store))[0]["spec"]["containers"][0]["args"]
             assert "--enable-lora" in engine_args and "--lora-modules" not in engine_args
 
+            assert await not_served(grpc_port, "b")  # before it is added: 404
             apply("a", "b")
             seen = await wait_for_cluster(
                 lambda: every_pod_serves({"tiny", "a", "b"}), "adapter b loaded on every pod"
@@ -102,8 +126,9 @@ async def test_adapters_are_loaded_and_unloaded_on_running_pods(tmp_path) -> Non
             assert all(
                 c["restartCount"] == 0 for p in pods for c in p["status"]["containerStatuses"]
             )
-            # a request for the new adapter is served by a pod the picker lists it on
-            address = next(iter(seen))
+            # the picker routes a request for the new adapter to a pod that serves it
+            address = await pick(grpc_port, "b")
+            assert address in seen and "b" in seen[address]
             body = {"model": "b", "prompt": "hello", "max_tokens": 2}
             async with session.post(f"http://{address}/v1/completions", json=body) as r:
                 assert r.status == 200, await r.text()
@@ -118,6 +143,8 @@ async def test_adapters_are_loaded_and_unloaded_on_running_pods(tmp_path) -> Non
             await wait_for_cluster(
                 lambda: every_pod_serves({"tiny", "a"}, {"b"}), "adapter b unloaded everywhere"
             )
+            # and the picker no longer sends it anywhere: answered at once, not routed
+            assert await not_served(grpc_port, "b")
             assert identity(app, await pods_of(store)) == before
     finally:
         picker.send_signal(signal.SIGTERM)

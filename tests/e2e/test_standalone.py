@@ -37,7 +37,7 @@ async def test_a_model_runs_heals_and_scales_behind_the_picker(tmp_path):
     (manifests / "model.yaml").write_text(yaml.safe_dump(model(replicas=2)))
     pool_file = tmp_path / "pool.yaml"
     app = await Standalone(manifests, tmp_path / "state", pool_file, autoscale_interval=1).start()
-    picker, metrics_port = await start_picker(tmp_path, pool_file)
+    picker, metrics_port, _ = await start_picker(tmp_path, pool_file)
     store = app.store
     try:
 
