@@ -7,14 +7,20 @@ from __future__ import annotations
 
 import json
 
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
 from infergw import api
 from infergw.api import validate_dict
 from infergw.api.lora_adapters import parse
-from infergw.api.names import RUNTIME_PORT
+from infergw.api.names import MODEL_LABEL, RUNTIME_PORT
 from infergw.controllers import adapters, model_objects
 from infergw.controllers import modelinfer_pods as mp
+from infergw.controllers.adapter_status import NOT_LOADED, adapters_loaded, sidecar_says
+from infergw.controllers.memory_store import MemoryStore
 from infergw.controllers.weights import WeightsLayout
 from infergw.runtime.sidecar import build_parser as runtime_parser
+from tests.conftest import free_port
 from tests.model_templates import SECRET_TOKEN, model, templates
 
 SQL = {"name": "sql", "artifactURL": "hf://org/sql-lora"}
@@ -123,3 +129,48 @@ def test_standalone_writes_the_file_beside_the_links(tmp_path) -> None:
     _, entry, _ = templates(m, layout)
     opts = runtime_parser().parse_args(containers(entry)["runtime"]["args"])
     assert opts.adapters_file == path
+
+
+async def test_the_model_condition_quotes_a_sidecar_but_not_blindly() -> None:
+    """A pod runs the Model's image: its sidecar's answer is kept only as a condition reason
+    and a clipped, printable message."""
+    answers = [
+        {"reason": "SourceNotFound", "message": "adapter gone: HTTP 404"},
+        {"reason": "Not a reason!", "message": "x\x00y" + "z" * 2000},
+        ["not", "an", "object"],
+    ]
+
+    async def status(_request):
+        return web.json_response(answers.pop(0))
+
+    app = web.Application()
+    app.router.add_get("/status", status)
+    async with TestServer(app, host="127.0.0.1") as server:
+        said = await sidecar_says("127.0.0.1", server.port)
+        assert said == ("SourceNotFound", "adapter gone: HTTP 404")
+        reason, message = await sidecar_says("127.0.0.1", server.port)
+        assert reason == NOT_LOADED and message.startswith("x y") and len(message) == 500
+        assert await sidecar_says("127.0.0.1", server.port) is None
+    assert await sidecar_says("127.0.0.1", free_port()) is None  # nobody there
+
+
+async def test_the_model_condition_follows_the_sidecars_readiness() -> None:
+    store = MemoryStore()
+    m = model("hf://org/llama", loraAdapters=[SQL])
+    assert (await adapters_loaded(store, m))[:2] == (None, "NoPods")
+
+    def pod(name: str, ready: bool) -> dict:
+        return {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": name, "namespace": "team", "labels": {MODEL_LABEL: "llama"}},
+            "spec": {"containers": [{"name": "engine"}, {"name": "runtime"}]},
+            "status": {"containerStatuses": [{"name": "runtime", "ready": ready}]},
+        }
+
+    await store.create(pod("llama-0", True))
+    assert (await adapters_loaded(store, m))[:2] == (True, "AdaptersLoaded")
+    await store.create(pod("llama-1", False))  # no podIP yet: nobody to ask
+    ok, reason, message = await adapters_loaded(store, m)
+    assert (ok, reason) == (False, NOT_LOADED)
+    assert message.startswith("1/2 pod(s) without every adapter; pod llama-1:")

@@ -317,6 +317,7 @@ async def test_an_object_that_is_not_ours_is_left_alone(env):
         "Active": ("Unknown", "ModelInferPending"),
         "Failed": ("True", "ObjectNotOwned"),
         "Ready": ("False", "ObjectNotOwned"),
+        "AdaptersLoaded": ("Unknown", "NoPods"),  # its LoRA adapter (adapter_status.py)
     }
     assert conds(model)["Failed"]["message"] == conds(model)["Initialized"]["message"] == why
     # the hand-made route goes: the Model makes its own, and the failure clears
@@ -427,6 +428,7 @@ async def test_conditions_follow_the_serving_groups(wall):
         "Active": ("Unknown", "ModelInferPending"),  # the ModelInfer has no status yet
         "Failed": ("False", "NoFailures"),
         "Ready": ("Unknown", "ModelInferPending"),
+        "AdaptersLoaded": ("Unknown", "NoPods"),
     }
     assert m["status"]["observedGeneration"] == 1
     assert all(c["observedGeneration"] == 1 for c in m["status"]["conditions"])
@@ -447,6 +449,7 @@ async def test_conditions_follow_the_serving_groups(wall):
         "Active": ("True", "AllGroupsReady"),
         "Failed": ("False", "NoFailures"),
         "Ready": ("True", "GroupsReady"),
+        "AdaptersLoaded": ("True", "AdaptersLoaded"),
     }
     ready = since(m)
     assert ready["Initialized"] == ready["Failed"] == born["Initialized"]
@@ -495,6 +498,8 @@ async def test_failed_pods_make_the_model_failed_until_they_are_replaced():
         "Active": ("False", "RecreatingRoles"),
         "Failed": ("True", "PodsFailing"),
         "Ready": ("False", "PodsFailing"),
+        # the pods there hold their adapters (the role instance's are being recreated)
+        "AdaptersLoaded": ("True", "AdaptersLoaded"),
     }
     assert conds(m)["Failed"]["message"] == ("recreating after a failed pod: group 1 role decode-0")
     await settle_both(store, models, infers)

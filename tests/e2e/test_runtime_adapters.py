@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from infergw.api.names import DESTINATION_HEADER, RUNTIME_PORT
-from infergw.cluster.store import POD
+from infergw.cluster.store import MODEL, POD
 from infergw.controllers.app import Standalone
 from tests import extproc_client as ec
 from tests.e2e.standalone_helpers import sim_model, start_picker, wait_for_cluster
@@ -69,6 +69,11 @@ async def not_served(grpc_port: int, model: str) -> bool:
 async def pods_of(store) -> list[dict]:
     pods, _ = await store.list(POD, "default", {"infergate.io/model": "tiny"})
     return sorted(pods, key=lambda p: p["metadata"]["name"])
+
+
+def adapters_condition(model: dict) -> dict:
+    conditions = (model.get("status") or {}).get("conditions") or []
+    return next((c for c in conditions if c["type"] == "AdaptersLoaded"), {})
 
 
 def ready(pod: dict) -> bool:
@@ -222,10 +227,24 @@ async def test_an_adapter_that_cannot_be_had_holds_readiness_with_its_reason(tmp
                 ip = pod["status"]["podIP"]
                 async with session.get(f"http://{ip}:{RUNTIME_PORT}/ready") as r:
                     assert r.status == 503
+
+                async def model_says_why():
+                    found = adapters_condition(await store.get(MODEL, "default", "tiny"))
+                    return found if found.get("reason") == "SourceNotFound" else None
+
+                said = await wait_for_cluster(model_says_why, "the Model's AdaptersLoaded reason")
+                assert said["status"] == "False" and "org/gone" in said["message"]
+                assert f"pod {pod['metadata']['name']}" in said["message"]
                 assert identity(app, await pods_of(store)) == before
 
                 model_file.write_text(yaml.safe_dump(downloaded_model(["sql"], mirror.hub_url)))
                 await wait_for_cluster(ready_pod, "the pod ready again without gone")
                 assert identity(app, await pods_of(store)) == before
+
+                async def model_loaded():
+                    found = adapters_condition(await store.get(MODEL, "default", "tiny"))
+                    return found.get("status") == "True"
+
+                await wait_for_cluster(model_loaded, "the Model's AdaptersLoaded True again")
         finally:
             await app.stop()
