@@ -31,6 +31,7 @@ COPY controllers ./controllers
 COPY stack ./stack
 COPY bench ./bench
 COPY fetch ./fetch
+COPY runtime ./runtime
 # The files the commands read (package data: stack/resources.py).
 COPY examples ./examples
 COPY gateway-manifests ./gateway-manifests

@@ -12,6 +12,7 @@ from typing import Annotated, Any
 import msgspec
 
 from infergw.api.engines import TRTLLM
+from infergw.api.lora_adapters import ADAPTER_NAME, ADAPTER_NAME_RULE, MAX_NAME
 from infergw.api.meta import (
     ARTIFACT_URI,
     DNS_LABEL,
@@ -46,8 +47,8 @@ DEFAULT_RESTART_GRACE_SECONDS = 0
 MAX_COMMAND_WORDS = 16  # spec.engine.command: `python -m sglang.launch_server` is three
 MAX_WORD_LENGTH = 4096  # one argument or word of the command
 
-# The CEL message: trtllm-serve loads no adapters from its command line.
-NO_LORA_FLAG = "loraAdapters need an engine that loads them by flag: vLLM, SGLang or Simulator"
+# The CEL message: trtllm-serve has no API that loads adapters at run time.
+NO_LORA_FLAG = "loraAdapters need an engine that loads them at run time: vLLM, SGLang or Simulator"
 # The CEL message: trtllm-serve spans nodes through MPI, which no flag of a pod sets up.
 NO_MULTI_NODE = "workerReplicas need an engine that spans pods by flag: vLLM, SGLang or Simulator"
 # The scheduler a gang needs (its PodGroups are Volcano's), and the CEL message for another.
@@ -234,6 +235,9 @@ def validate_model(model: Model) -> list[str]:
         p.length("spec.loraAdapters", spec.lora_adapters, 0, 32, "items")
         p.unique("spec.loraAdapters", [a.name for a in spec.lora_adapters], "name")
         for i, adapter in enumerate(spec.lora_adapters):
+            name = f"spec.loraAdapters[{i}].name"
+            p.match(name, adapter.name, ADAPTER_NAME, ADAPTER_NAME_RULE)
+            p.text(name, adapter.name, 1, MAX_NAME)
             p.match(
                 f"spec.loraAdapters[{i}].artifactURL", adapter.artifact_url, ARTIFACT_URI, "a URI"
             )

@@ -7,6 +7,8 @@ Every engine gets what the gateway relies on, as the simulator always had it:
   mode's loopback addresses) do not take each other's port;
 - it reports cached prompt tokens in `usage` (vLLM: `--enable-prompt-tokens-details`,
   SGLang: `--enable-cache-report`) and serves /metrics (SGLang: `--enable-metrics`);
+- with `loraAdapters`, LoRA is on (`--enable-lora`) and the adapters are the runtime
+  sidecar's to load (adapters.py);
 - vLLM and SGLang (and the simulator) publish KV events (`--kv-events-config`, vLLM's
   KVEventsConfig, which SGLang's reads too) with a replay socket, under the topic
   `kv@<pod IP>:8000@<served name>`: the pod's serving address, which the picker knows, even
@@ -177,7 +179,7 @@ class EngineCli:
     served_name_flag: str
     usage_flags: tuple[str, ...] = ()  # cached tokens in usage, /metrics
     kv_events: bool = True  # takes --kv-events-config
-    lora_flag: str | None = None  # the name=path list after --enable-lora; None: no adapters
+    lora: bool = False  # takes --enable-lora and loads adapters at run time (adapters.py)
     host_flag: str = "--host"
     port_flag: str = "--port"
     # Makes the engine bind its KV-event PUB on the endpoint given, whatever its form; None:
@@ -192,7 +194,7 @@ VLLM_CLI = EngineCli(
     "--model",
     "--served-model-name",
     usage_flags=("--enable-prompt-tokens-details",),
-    lora_flag="--lora-modules",
+    lora=True,
     nodes=VLLM_NODES,
 )
 SGLANG_CLI = EngineCli(
@@ -201,7 +203,7 @@ SGLANG_CLI = EngineCli(
     "--model-path",
     "--served-model-name",
     usage_flags=("--enable-cache-report", "--enable-metrics"),
-    lora_flag="--lora-paths",
+    lora=True,
     nodes=SGLANG_NODES,
 )
 TRTLLM_CLI = EngineCli("TRT-LLM", ("trtllm-serve",), None, "--served_model_name", kv_events=False)
@@ -212,7 +214,7 @@ SIMULATOR_CLI = EngineCli(
     "--model",
     "--served-model-name",
     usage_flags=("--enable-prompt-tokens-details",),
-    lora_flag="--lora-modules",
+    lora=True,
     kv_bind_flag="--sim-kv-events-bind",
     nodes=VLLM_NODES,
 )
@@ -286,13 +288,15 @@ def render(
 ) -> EngineCommand:
     """The engine container's command and args for one role of the Model and one node of
     its engine (default: the only one): ours first, then the Model's (engine.args, then the
-    role's), then LoRA adapters. Every node gets the same arguments but its rank (the
+    role's), then `--enable-lora` when the Model has `loraAdapters` (the adapters themselves
+    are loaded at run time by the runtime sidecar, adapters.py: no flag names them, so adding
+    one changes no pod). Every node gets the same arguments but its rank (the
     engines require it), and a worker its engine's worker flags. Model and adapters are
     read where `weights` puts them (weights.py)."""
     spec = model.spec
     cli = engine_cli(engine_type(model), spec.image)
     own = [*(spec.engine.args or []), *(role.args or [])]
-    base, *adapters = artifacts(model)
+    base = artifacts(model)[0]
     model_path = engine_path(model, base, weights)
     args = [f"{cli.model_flag}={model_path}"] if cli.model_flag else [model_path]
     args.append(f"{cli.served_name_flag}={served_name}")
@@ -320,12 +324,8 @@ def render(
             args.append(cli.kv_bind_flag)
         kv_ports = sockets.ports()
     args += own
-    lora = spec.lora_adapters or []
-    if lora and cli.lora_flag:  # validate_model refuses adapters for an engine without one
-        args += ["--enable-lora", cli.lora_flag]
-        args += [
-            f"{a.name}={engine_path(model, f, weights)}"
-            for a, f in zip(lora, adapters, strict=True)
-        ]
+    # validate_model refuses adapters for an engine without LoRA
+    if spec.lora_adapters is not None and cli.lora and not sets(args, "--enable-lora"):
+        args.append("--enable-lora")
     command = list(spec.engine.command or cli.command)
     return EngineCommand(command, args, kv_ports)

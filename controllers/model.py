@@ -39,7 +39,8 @@ from infergw.cluster.store import (
     StoreError,
     controller_of,
 )
-from infergw.controllers import model_objects, picker_objects, picker_tls
+from infergw.controllers import adapters, model_objects, picker_objects, picker_tls
+from infergw.controllers.adapter_status import ADAPTERS_LOADED, RECHECK_SECONDS, adapters_loaded
 from infergw.controllers.conditions import condition
 from infergw.controllers.engine_command import PER_POD, KVEventSockets
 from infergw.controllers.picker_objects import PickerSettings, PickerTLS
@@ -155,6 +156,11 @@ class ModelReconciler:
                 tls, problem = None, None
             if problem is not None:
                 problems.append(problem)
+        if not self.weights.in_pod and adapters.loads_at_run_time(model):
+            # standalone: the runtime sidecars' adapters file, which a cluster mounts from
+            # the ConfigMap
+            if adapters.write_local(model, self.weights):
+                log.info("model %s: wrote its adapters file", model.metadata.name)
         for want in await self._desired(model, tls):
             try:
                 problem = await self._apply(model, want)
@@ -162,13 +168,15 @@ class ModelReconciler:
                 problem = Problem("ObjectRejected", f"{want.kind} {want.metadata.name}: {exc}", exc)
             if problem is not None:
                 problems.append(problem)
-        await self._write_status(obj, model, problems)
+        loading = await self._write_status(obj, model, problems)
         for p in problems:
             if p.error is not None:
                 raise p.error
         # An object in the way that is not ours sends us no event when it goes: look again.
         if problems:
             return NOT_OURS_RETRY
+        if loading:  # a sidecar's progress sends no event either
+            return RECHECK_SECONDS
         # The picker's certificate ages without an event: look at it again now and then.
         return TLS_CHECK_INTERVAL if self.picker is not None else None
 
@@ -219,11 +227,12 @@ class ModelReconciler:
         log.info("model %s: updated %s %s", model.metadata.name, kind.kind, m.name)
         return None
 
-    async def _write_status(self, obj: Obj, model: Model, problems: list[Problem]) -> None:
+    async def _write_status(self, obj: Obj, model: Model, problems: list[Problem]) -> bool:
         """Initialized (the owned objects exist and are ours), Active (every serving group of
         the ModelInfer is ready), Failed (an object that is not ours, a rejected write, or
         failed pods: being recreated, or not with recoveryPolicy None) and Ready, the three
-        together."""
+        together; with LoRA adapters, AdaptersLoaded (adapter_status.py). Whether adapters
+        are still being loaded somewhere."""
         m = model.metadata
         found = await self.store.get(MODEL_INFER, m.namespace or "default", m.name or "")
         mi = None
@@ -239,6 +248,11 @@ class ModelReconciler:
         conditions = [init, active, failed, condition(obj, "Ready", *_ready(init, active, failed))]
         if self.picker is not None:
             conditions.append(condition(obj, REACHABLE, *await self._reachable(model)))
+        loading = False
+        if adapters.loads_at_run_time(model):
+            loaded = condition(obj, ADAPTERS_LOADED, *await adapters_loaded(self.store, model))
+            conditions.append(loaded)
+            loading = loaded["status"] == "False"
         status = {
             "observedGeneration": m.generation or 1,
             "replicas": st.replicas or 0,
@@ -246,12 +260,13 @@ class ModelReconciler:
             "conditions": conditions,
         }
         if obj.get("status") == status:
-            return
+            return loading
         obj["status"] = status
         try:
             await self.store.update_status(obj)
         except NotFound:
             pass
+        return loading
 
     async def _reachable(self, model: Model) -> tuple[bool, str, str]:
         """The Reachable condition: the route accepted with its refs resolved by the Gateway,

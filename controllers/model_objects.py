@@ -2,6 +2,9 @@
 when it autoscales, an AutoScalingPolicyBinding (and a policy for inline metrics). Pure
 functions of the Model, so the reconciler only compares and writes.
 
+A Model with `loraAdapters` gets the runtime sidecar beside each serving engine and, in a
+cluster, the ConfigMap of the adapters it loads (adapters.py).
+
 A prefill/decode Model with `backend.kvConnector` gets llm-d's decode pod: the connector
 sidecar (`infergate connector`) on the pod's serving port 8000, which the InferencePool
 targets and the picker's `x-prefiller-host-port` reaches, in front of the engine moved to
@@ -35,6 +38,7 @@ from infergw.api.autoscaling import (
     ScaleTargetRef,
 )
 from infergw.api.engines import INFERGATE_IMAGE, METRIC_VOCABULARY
+from infergw.api.lora_adapters import VLLM_API
 from infergw.api.meta import ApiStruct, LocalRef
 from infergw.api.names import DECODE, ENGINE_LABEL, GROUP_LABEL, MODEL_LABEL, PREFILL, ROLE_LABEL
 from infergw.api.networking import (
@@ -75,6 +79,7 @@ from infergw.api.workload import (
     RolloutStrategy,
 )
 from infergw.cluster.store import owner_reference_of
+from infergw.controllers import adapters as adapter_objects
 from infergw.controllers import weights as weights_objects
 from infergw.controllers.engine_command import (
     ENGINE_PORT,
@@ -164,6 +169,10 @@ def _container(
     if node is not None and not node.entry:
         del container["ports"], container["readinessProbe"]
     env = [_plain(e) for e in spec.env or []]
+    if adapter_objects.loads_at_run_time(model) and adapter_objects.engine_api(model) == VLLM_API:
+        # vLLM serves its load/unload routes only when told to (the simulator ignores it)
+        if not any(e.get("name") == adapter_objects.RUNTIME_LORA_ENV for e in env):
+            env.append({"name": adapter_objects.RUNTIME_LORA_ENV, "value": "True"})
     if any("$(POD_IP)" in a for a in args) and not any(e.get("name") == "POD_IP" for e in env):
         # The kubelet expands $(POD_IP) in args (e.g. a KV-event topic) only when the
         # container defines it.
@@ -179,12 +188,27 @@ def _container(
 
 
 def _pod(model: Model, weights: WeightsLayout, labels: dict, spec: dict) -> dict:
-    """A pod template: its engine (and sidecar) `spec`, after the downloads of its weights."""
+    """A pod template: its engine (and sidecars) `spec`, after the downloads of its weights."""
     if init := weights_objects.init_containers(model, weights):
         spec = {**spec, "initContainers": init}
-    if volumes := weights_objects.volumes(model, weights):
+    volumes = weights_objects.volumes(model, weights)
+    if any(c["name"] == adapter_objects.RUNTIME_CONTAINER for c in spec["containers"]):
+        volumes += adapter_objects.volumes(model, weights)
+    if volumes:
         spec = {**spec, "volumes": volumes}
     return {"metadata": {"labels": labels}, "spec": spec}
+
+
+def _with_runtime(
+    model: Model, weights: WeightsLayout, containers: list[dict], engine_port: int
+) -> list[dict]:
+    """The serving pod's containers, and the runtime sidecar beside its engine when the Model
+    loads LoRA adapters at run time (adapters.py)."""
+    if not adapter_objects.loads_at_run_time(model):
+        return containers
+    runtime = adapter_objects.runtime_container(model, weights, served_name(model), engine_port)
+    runtime["env"].insert(0, copy.deepcopy(POD_IP_ENV))
+    return [*containers, runtime]
 
 
 def connector_container(model: Model, kv_connector: str) -> dict:
@@ -238,7 +262,12 @@ def _role(
     serving = _container(model, role, sockets, node=Node(nodes, entry=True), weights=weights)
     if nixl_role:
         _nixl(serving, nixl_role)
-    entry = _pod(model, weights, labels, {"containers": [serving]})
+    entry = _pod(
+        model,
+        weights,
+        labels,
+        {"containers": _with_runtime(model, weights, [serving], ENGINE_PORT)},
+    )
     worker = None
     if workers:  # every node loads its part of the weights
         joining = _container(model, role, sockets, node=Node(nodes, entry=False), weights=weights)
@@ -248,10 +277,15 @@ def _role(
         behind = _container(
             model, role, sockets, SIDECAR_ENGINE_PORT, Node(nodes, entry=True), weights
         )
-        containers = [
-            _nixl(behind, nixl_role) if nixl_role else behind,
-            connector_container(model, kv_connector),
-        ]
+        containers = _with_runtime(
+            model,
+            weights,
+            [
+                _nixl(behind, nixl_role) if nixl_role else behind,
+                connector_container(model, kv_connector),
+            ],
+            SIDECAR_ENGINE_PORT,
+        )
         spec = {"serviceAccountName": CONNECTOR_SERVICE_ACCOUNT, "containers": containers}
         entry = _pod(model, weights, dict(labels), spec)
     return Role(
@@ -402,11 +436,15 @@ def autoscaling(model: Model) -> list[AutoScalingPolicy | AutoScalingPolicyBindi
 def desired(
     model: Model, sockets: KVEventSockets = PER_POD, weights: WeightsLayout = CLUSTER
 ) -> list[ApiStruct]:
-    """Every object the Model owns, typed; the reconciler turns each into a dict to write."""
+    """Every object the Model owns, typed; the reconciler turns each into a dict to write.
+    In a cluster, a Model with LoRA adapters also owns the ConfigMap its runtime sidecars read
+    (standalone mode writes that file itself: adapters.write_local)."""
+    adapters = adapter_objects.loads_at_run_time(model) and weights.in_pod
     return [
         modelinfer(model, sockets, weights),
         modelserver(model),
         modelroute(model),
         inferencepool(model),
         *autoscaling(model),
+        *([adapter_objects.configmap(model, weights)] if adapters else []),
     ]

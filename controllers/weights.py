@@ -1,10 +1,12 @@
 """Where a Model's engine reads its weights (and its LoRA adapters'), and what puts them there.
 
 - `hf://`, `s3://`, `obs://` (a real engine; the simulator needs no weights): an init
-  container per artifact runs `infergate download URI --dest=<models>/<artifact>` (fetch/
-  download.py) into the weights cache before the engine starts, and the engine is pointed at
-  that link. The download gets the Model's source settings alone (FETCH_ENV: the token, the
-  endpoint, the AWS credentials, each a secretKeyRef where the Model says so). A download that
+  container for the Model's own weights runs `infergate download URI --dest=<models>/base`
+  (fetch/download.py) into the weights cache before the engine starts, and the engine is
+  pointed at that link. Its LoRA adapters are downloaded the same way at run time, into
+  <models>/lora/<name>, by the runtime sidecar (adapters.py). The download gets the Model's
+  source settings alone (FETCH_ENV: the token, the endpoint, the AWS credentials, each a
+  secretKeyRef where the Model says so). A download that
   fails writes its one-line error as the container's termination message, which the
   ModelInfer's Progressing and the Model's Failed conditions quote (DOWNLOAD_FAILED).
 - `pvc://CLAIM/PATH` (in a cluster): the claim mounted read-only at PVC_ROOT/CLAIM in the
@@ -33,7 +35,7 @@ PVC_ROOT = "/mnt/pvc"  # a claim CLAIM is mounted at PVC_ROOT/CLAIM (the downloa
 POD_MODELS_DIR = "/models"  # the per-pod links, one per artifact
 POD_CACHE_DIR = "/var/cache/infergate/models"
 CACHE_VOLUME = "weights-cache"
-DOWNLOAD_CONTAINER = "weights"  # the Model's; loraAdapters[k]'s is weights-lora-<k>
+DOWNLOAD_CONTAINER = "weights"  # the Model's (its adapters: the runtime sidecar, adapters.py)
 MODELS_VOLUME = "models"
 BASE = "base"  # the Model's own weights under the models folder; adapters under lora/<name>
 DOWNLOAD_IMAGE = INFERGATE_IMAGE  # `infergate download`
@@ -143,44 +145,63 @@ def _claims(model: Model) -> list[str]:
 
 
 def is_download(container: str) -> bool:
-    """Whether an init container of this name is one of ours (its status is the download's)."""
-    return container == DOWNLOAD_CONTAINER or container.startswith(f"{DOWNLOAD_CONTAINER}-lora-")
+    """Whether an init container of this name is ours (its status is the download's)."""
+    return container == DOWNLOAD_CONTAINER
+
+
+def caches(model: Model) -> bool:
+    """Whether the pod has the weights cache and the links' folder: a real engine whose
+    weights are downloaded, or that loads LoRA adapters at run time (whatever their sources
+    now: the pod template must not change with them)."""
+    if runs_simulator(engine_type(model), model.spec.image):
+        return False
+    return downloads(model, model.spec.model_uri) or model.spec.lora_adapters is not None
+
+
+def sidecar_resources() -> dict:
+    """What a download (or the runtime sidecar) asks of the node, and may do."""
+    return {
+        "resources": {"requests": {"cpu": "250m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}},
+        "securityContext": dict(_SECURITY),
+    }
+
+
+def fetcher(model: Model, layout: WeightsLayout, name: str, command: str, args: list[str]) -> dict:
+    """A container of ours that fetches the Model's artifacts (`infergate <command>`): the
+    weights cache's folder, and of the Model's env its source settings alone."""
+    if layout.cache_dir is not None:
+        args = [*args, f"--cache-dir={layout.cache_dir}"]
+    return {
+        "name": name,
+        "image": layout.image,
+        "command": ["infergate", command],
+        "args": args,
+        "env": [{"name": "HOME", "value": "/tmp"}, *fetch_env(model)],
+    }
+
+
+def writable_mounts(layout: WeightsLayout) -> list[dict]:
+    """The cache and the links' folder, for what downloads into them."""
+    return [
+        {"name": CACHE_VOLUME, "mountPath": layout.cache_dir},
+        {"name": MODELS_VOLUME, "mountPath": layout.models_root},
+    ]
 
 
 def init_containers(model: Model, layout: WeightsLayout) -> list[dict]:
-    """One download per artifact that needs one, the Model's own first."""
+    """The download of the Model's own weights, if it needs one."""
     out = []
-    for i, artifact in enumerate(artifacts(model)):
+    for artifact in artifacts(model)[:1]:
         if not downloads(model, artifact.uri):
             continue
-        # loraAdapters[k]'s is weights-lora-<k>: a name that stays when another adapter changes
-        name = DOWNLOAD_CONTAINER if i == 0 else f"{DOWNLOAD_CONTAINER}-lora-{i - 1}"
         args = [artifact.uri, f"--dest={layout.models_dir(model)}/{artifact.link}"]
-        if layout.cache_dir is not None:
-            args.append(f"--cache-dir={layout.cache_dir}")
-        container = {
-            "name": name,
-            "image": layout.image,
-            "command": ["infergate", "download"],
-            "args": args,
-            "env": [{"name": "HOME", "value": "/tmp"}, *fetch_env(model)],
-            # The download's last line, if it could not write its termination message.
-            "terminationMessagePolicy": "FallbackToLogsOnError",
-        }
+        container = fetcher(model, layout, DOWNLOAD_CONTAINER, "download", args)
+        # The download's last line, if it could not write its termination message.
+        container["terminationMessagePolicy"] = "FallbackToLogsOnError"
         if layout.in_pod:
             assert layout.cache_dir is not None
-            args.append(f"--termination-log={TERMINATION_LOG}")
-            container |= {
-                "resources": {
-                    "requests": {"cpu": "250m", "memory": "256Mi"},
-                    "limits": {"memory": "1Gi"},
-                },
-                "securityContext": dict(_SECURITY),
-                "volumeMounts": [
-                    {"name": CACHE_VOLUME, "mountPath": layout.cache_dir},
-                    {"name": MODELS_VOLUME, "mountPath": layout.models_root},
-                ],
-            }
+            container["args"].append(f"--termination-log={TERMINATION_LOG}")
+            container |= {**sidecar_resources(), "volumeMounts": writable_mounts(layout)}
         out.append(container)
     return out
 
@@ -190,7 +211,7 @@ def engine_mounts(model: Model, layout: WeightsLayout) -> list[dict]:
     if not layout.in_pod:
         return []
     mounts = []
-    if any(downloads(model, a.uri) for a in artifacts(model)):
+    if caches(model):
         mounts += [
             {"name": CACHE_VOLUME, "mountPath": layout.cache_dir, "readOnly": True},
             {"name": MODELS_VOLUME, "mountPath": layout.models_root, "readOnly": True},
@@ -204,7 +225,7 @@ def volumes(model: Model, layout: WeightsLayout) -> list[dict]:
     if not layout.in_pod:
         return []
     out = []
-    if any(downloads(model, a.uri) for a in artifacts(model)):
+    if caches(model):
         assert layout.cache_volume is not None
         out += [
             {"name": CACHE_VOLUME, **layout.cache_volume},

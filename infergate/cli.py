@@ -20,6 +20,9 @@ commands:
   simulate   a vLLM-compatible model server without GPUs (python -m infergw.simulator)
   fetch      fetch tokenizer: a model's tokenizer files from hf:// or s3://, for the picker
              (python -m infergw.fetch)
+  runtime    the sidecar beside an engine: loads and unloads the Model's LoRA adapters
+             through the engine's API, its /ready the pod's readiness
+             (python -m infergw.runtime)
   download   a model's weights into the shared cache, resumable and verified, --dest a link
              to them (python -m infergw.fetch.download)
   bench      run a benchmark under bench/ (infergate bench simulator ...; fairness: tenants
@@ -122,6 +125,10 @@ def main(argv: list[str] | None = None) -> int:
         from infergw.fetch.tokenizer import main as fetch
 
         return fetch(rest)
+    if command == "runtime":
+        from infergw.runtime.sidecar import main as runtime
+
+        return runtime(rest)
     if command == "download":
         from infergw.fetch.download import main as download
 

@@ -20,8 +20,11 @@ from pathlib import Path
 import requests
 import yaml
 
+from infergw.api.lora_adapters import parse
 from infergw.cluster.certs import serving_cert
+from infergw.controllers.adapters import ADAPTERS_FILE, ADAPTERS_VOLUME
 from infergw.controllers.app import build_parser as controllers_parser
+from infergw.controllers.weights import POD_MODELS_DIR
 from infergw.stack.install import Target, objects, upstream_crds
 from tests.cluster_install import apply
 from tests.conftest import free_port, running
@@ -244,18 +247,16 @@ def engine_kv_flags(pod: dict, ip: str) -> list[str]:
     return [flag, "--sim-kv-events-bind"]
 
 
-def engine_lora_flags(pod: dict) -> list[str]:
-    """The pod's rendered `--enable-lora --lora-modules name=path ...` (vLLM's flags, which
-    the simulator takes too), or none."""
-    args = engine_args(pod)
-    if "--enable-lora" not in args:
+def engine_lora_flags(cluster: Cluster, pod: dict) -> list[str]:
+    """The adapters the pod's runtime sidecar would load (its Model's adapters ConfigMap,
+    controllers/adapters.py) as the simulator's start flags, or none: this path runs the
+    engines alone, without their sidecars, and loads at start what they would at run time."""
+    if "--enable-lora" not in engine_args(pod):
         return []
-    at = args.index("--lora-modules")
-    modules = []
-    for a in args[at + 1 :]:
-        if a.startswith("-"):
-            break
-        modules.append(a)
+    [volume] = [v for v in pod["spec"]["volumes"] if v["name"] == ADAPTERS_VOLUME]
+    configmap = cluster.get("v1", "ConfigMap", volume["configMap"]["name"])
+    wanted, _ = parse(configmap["data"][ADAPTERS_FILE], POD_MODELS_DIR)
+    modules = [f"{a.name}={a.path}" for a in wanted.values()]
     return ["--enable-lora", "--lora-modules", *modules, "--max-loras", str(len(modules))]
 
 

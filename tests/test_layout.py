@@ -31,6 +31,8 @@ FLOORS: dict[str, set[str]] = {
     "simulator": set(),
     # Run in the picker's init container: stands alone.
     "fetch": set(),
+    # Beside an engine: its adapters file (api) and the weights downloads (fetch).
+    "runtime": {"api", "fetch"},
     "epp": {"api", "cluster", "kvindex"},
     "controllers": {"api", "cluster"},
     "connector": {"api", "cluster"},

@@ -46,6 +46,7 @@ SUBPACKAGES = (
     "stack",
     "bench",
     "fetch",
+    "runtime",
 )
 LAUNCHER = "infergate"
 CONSOLE_SCRIPT = "infergate"

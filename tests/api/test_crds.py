@@ -580,7 +580,7 @@ BROKEN = [
         MODEL,
         "trtllm-adapters",
         _set("spec.engine.type", "TRTLLM"),
-        "spec: loraAdapters need an engine that loads them by flag: vLLM, SGLang or Simulator",
+        "spec: loraAdapters need an engine that loads them at run time: vLLM, SGLang or Simulator",
         cel=True,
     ),
     Broken(
@@ -594,6 +594,13 @@ BROKEN = [
         ),
         "spec: workerReplicas need an engine that spans pods by flag: vLLM, SGLang or Simulator",
         cel=True,
+    ),
+    Broken(
+        MODEL,
+        "adapter-name-climbs-out",
+        _set("spec.loraAdapters[0].name", "../sql"),
+        "spec.loraAdapters[0].name: must be a path component: letters, digits, '.', '_' or '-', "
+        "a letter or digit first",
     ),
     Broken(
         MODEL,

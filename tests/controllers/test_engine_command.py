@@ -51,7 +51,6 @@ DOCUMENTED = {
         "--enable-prompt-tokens-details",
         "--kv-events-config",
         "--enable-lora",
-        "--lora-modules",
     },
     "SGLang": {
         "--model-path",
@@ -62,7 +61,6 @@ DOCUMENTED = {
         "--enable-metrics",
         "--kv-events-config",
         "--enable-lora",
-        "--lora-paths",
     },
     "TRTLLM": {"--host", "--port", "--served_model_name"},
 }
@@ -89,7 +87,7 @@ def model(kind: str, image: str, **spec) -> Model:
 
 def container(m: Model, sockets: KVEventSockets = PER_POD) -> dict:
     [role] = to_dict(model_objects.modelinfer(m, sockets))["spec"]["template"]["roles"]
-    [engine] = role["entryTemplate"]["spec"]["containers"]
+    [engine] = [c for c in role["entryTemplate"]["spec"]["containers"] if c["name"] == "engine"]
     return engine
 
 
@@ -141,9 +139,7 @@ def test_sglang_runs_launch_server_with_its_own_flag_names():
         "--enable-metrics",
         "--kv-events-config=" + json.dumps(PER_POD_EVENTS),
         "--max-model-len=4096",
-        "--enable-lora",
-        "--lora-paths",
-        "sql=/models/lora/sql",
+        "--enable-lora",  # the adapters: loaded at run time by the runtime sidecar
     ]
     assert c["env"] == [POD_IP_ENV]
     own = {"--max-model-len"}
@@ -280,7 +276,7 @@ def test_command_is_validated_and_lora_needs_an_engine_that_takes_it():
     ]
     lora = [{"name": "a", "artifactURL": "hf://o/a"}]
     assert problems(engine={"type": "TRTLLM"}, loraAdapters=lora) == [
-        "spec: loraAdapters need an engine that loads them by flag: vLLM, SGLang or Simulator"
+        "spec: loraAdapters need an engine that loads them at run time: vLLM, SGLang or Simulator"
     ]
     assert problems(engine={"type": "Simulator"}, loraAdapters=lora) == []
 

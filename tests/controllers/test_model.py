@@ -96,7 +96,8 @@ async def test_a_model_expands_into_valid_objects_it_owns(env):
     args = roles["decode"]["entryTemplate"]["spec"]["containers"][0]["args"]
     assert "--model=/models/base" in args  # downloaded there first (weights.py)
     assert "--max-num-seqs=256" in args and "--max-model-len=8192" in args
-    assert "--lora-modules" in args
+    # LoRA on; the adapters are the runtime sidecar's to load (adapters.py), named nowhere here
+    assert "--enable-lora" in args and not any("sql" in a for a in args)
     server = await owned(store, MODEL_SERVER)
     assert server["spec"]["workloadSelector"]["pdGroup"]["groupKey"] == "infergate.io/group"
     pd = server["spec"]["workloadSelector"]["pdGroup"]
@@ -134,7 +135,8 @@ def test_a_kv_connector_puts_the_sidecar_before_the_decode_engine(kind):
     model["spec"]["backend"]["decode"]["workerReplicas"] = 1
     roles = role_templates(model)
     decode = roles["decode"]["entryTemplate"]["spec"]["containers"]
-    assert [c["name"] for c in decode] == ["engine", "connector"]  # the engine stays first
+    # the engine stays first; the runtime sidecar loads the Model's LoRA adapter
+    assert [c["name"] for c in decode] == ["engine", "connector", "runtime"]
     engine, sidecar = by_name(decode)["engine"], by_name(decode)["connector"]
     # the sidecar owns the pod's serving port, which the pool targets
     assert sidecar["command"] == ["infergate", "connector"]
@@ -169,7 +171,7 @@ def test_a_kv_connector_puts_the_sidecar_before_the_decode_engine(kind):
     assert [c["name"] for c in worker] == ["engine"] and "--port=8000" in worker[0]["args"]
     # prefill pods answer the sidecar's prefill legs on 8000 themselves
     prefill = roles["prefill"]["entryTemplate"]["spec"]["containers"]
-    assert [c["name"] for c in prefill] == ["engine"]
+    assert [c["name"] for c in prefill] == ["engine", "runtime"]
     assert "--port=8000" in prefill[0]["args"]
     assert prefill[0]["ports"] == [{"name": "http", "containerPort": 8000}, *KV_PORTS]
     # what routes to the pods is unchanged: port 8000
@@ -182,6 +184,7 @@ def test_a_kv_connector_puts_the_sidecar_before_the_decode_engine(kind):
 def test_no_kv_connector_no_sidecar():
     model = example_model()
     del model["spec"]["backend"]["kvConnector"]
+    del model["spec"]["loraAdapters"]  # no runtime sidecar either
     for role in role_templates(model).values():
         (engine,) = role["entryTemplate"]["spec"]["containers"]
         assert engine["name"] == "engine" and "--port=8000" in engine["args"]
@@ -314,6 +317,7 @@ async def test_an_object_that_is_not_ours_is_left_alone(env):
         "Active": ("Unknown", "ModelInferPending"),
         "Failed": ("True", "ObjectNotOwned"),
         "Ready": ("False", "ObjectNotOwned"),
+        "AdaptersLoaded": ("Unknown", "NoPods"),  # its LoRA adapter (adapter_status.py)
     }
     assert conds(model)["Failed"]["message"] == conds(model)["Initialized"]["message"] == why
     # the hand-made route goes: the Model makes its own, and the failure clears
@@ -424,6 +428,7 @@ async def test_conditions_follow_the_serving_groups(wall):
         "Active": ("Unknown", "ModelInferPending"),  # the ModelInfer has no status yet
         "Failed": ("False", "NoFailures"),
         "Ready": ("Unknown", "ModelInferPending"),
+        "AdaptersLoaded": ("Unknown", "NoPods"),
     }
     assert m["status"]["observedGeneration"] == 1
     assert all(c["observedGeneration"] == 1 for c in m["status"]["conditions"])
@@ -444,6 +449,7 @@ async def test_conditions_follow_the_serving_groups(wall):
         "Active": ("True", "AllGroupsReady"),
         "Failed": ("False", "NoFailures"),
         "Ready": ("True", "GroupsReady"),
+        "AdaptersLoaded": ("True", "AdaptersLoaded"),
     }
     ready = since(m)
     assert ready["Initialized"] == ready["Failed"] == born["Initialized"]
@@ -492,6 +498,8 @@ async def test_failed_pods_make_the_model_failed_until_they_are_replaced():
         "Active": ("False", "RecreatingRoles"),
         "Failed": ("True", "PodsFailing"),
         "Ready": ("False", "PodsFailing"),
+        # the pods there hold their adapters (the role instance's are being recreated)
+        "AdaptersLoaded": ("True", "AdaptersLoaded"),
     }
     assert conds(m)["Failed"]["message"] == ("recreating after a failed pod: group 1 role decode-0")
     await settle_both(store, models, infers)
@@ -544,8 +552,9 @@ async def test_model_to_pods_and_back_through_both_controllers():
         containers = {
             p["metadata"]["name"]: [c["name"] for c in p["spec"]["containers"]] for p in pods
         }
-        assert sorted(containers.values()) == [["engine"]] * 2 + [["engine", "connector"]] * 2
-        assert all(n.endswith("-decode-0-0") for n, c in containers.items() if len(c) == 2)
+        want = [["engine", "connector", "runtime"]] * 2 + [["engine", "runtime"]] * 2
+        assert sorted(containers.values()) == want
+        assert all(n.endswith("-decode-0-0") for n, c in containers.items() if "connector" in c)
         await store.delete(MODEL, "default", "llama-3-8b")
         assert (await store.list(POD))[0] == []
         for kind in OWNED:

@@ -133,7 +133,9 @@ async def test_workers_join_their_entry_and_stay_out_of_the_pool():
         assert "--node-rank=0" in engine_args(pods[entry])
         [engine] = pods[worker]["spec"]["containers"]  # no P/D sidecar: it serves nothing
         assert "ports" not in engine and "readinessProbe" not in engine
-        assert [c["name"] for c in pods[entry]["spec"]["containers"]] == ["engine", "connector"]
+        # the P/D sidecar, and the runtime sidecar for the Model's LoRA adapter
+        entry_containers = [c["name"] for c in pods[entry]["spec"]["containers"]]
+        assert entry_containers == ["engine", "connector", "runtime"]
 
 
 async def test_a_gang_reaches_volcano_through_the_api():

@@ -10,9 +10,8 @@ from pathlib import Path
 import pytest
 
 from infergw import api
-from infergw.api import Model, validate_dict
-from infergw.api.workload import ModelInfer, model_infer_host_powers
-from infergw.controllers import model_objects
+from infergw.api import validate_dict
+from infergw.api.workload import model_infer_host_powers
 from infergw.controllers import modelinfer_pods as mp
 from infergw.controllers.app import build_parser
 from infergw.controllers.weights import (
@@ -21,33 +20,7 @@ from infergw.controllers.weights import (
     cache_volume_of,
 )
 from infergw.fetch.download import build_parser as download_parser
-
-SECRET_TOKEN = {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}}
-
-
-def model(uri: str, engine: str = "vLLM", image: str = "vllm/vllm-openai", **spec) -> Model:
-    return api.from_dict_as(
-        Model,
-        {
-            "apiVersion": "workload.infergate.io/v1alpha1",
-            "kind": "Model",
-            "metadata": {"name": "llama", "namespace": "team"},
-            "spec": {
-                "modelURI": uri,
-                "image": image,
-                "engine": {"type": engine},
-                "backend": {"aggregated": {"workerReplicas": 1}},
-                "env": [SECRET_TOKEN, {"name": "VLLM_LOGGING_LEVEL", "value": "DEBUG"}],
-                **spec,
-            },
-        },
-    )
-
-
-def templates(m: Model, layout: WeightsLayout | None = None) -> tuple[ModelInfer, dict, dict]:
-    mi = model_objects.modelinfer(m, weights=layout or WeightsLayout.cluster())
-    role = api.to_dict(mi)["spec"]["template"]["roles"][0]
-    return mi, role["entryTemplate"]["spec"], role["workerTemplate"]["spec"]
+from tests.model_templates import SECRET_TOKEN, model, templates
 
 
 def engine_args(pod: dict) -> list[str]:
@@ -89,20 +62,19 @@ def test_the_controllers_refuse_a_cache_they_cannot_render(bad, capsys) -> None:
     assert "emptyDir, hostPath:/DIR or pvc:CLAIM" in capsys.readouterr().err
 
 
-def test_lora_adapters_are_downloaded_and_claims_mounted() -> None:
+def test_lora_adapters_are_the_sidecars_to_download_and_claims_mounted() -> None:
+    """No init container per adapter (the runtime sidecar downloads them at run time:
+    adapters.py), but the cache and links are there for it, and the claims for the engine."""
     adapters = [
         {"name": "sql", "artifactURL": "s3://bucket/sql-lora"},
         {"name": "chat", "artifactURL": "pvc://adapters/chat"},
     ]
     _, entry, _ = templates(model("pvc://weights/llama", loraAdapters=adapters))
-    assert [c["name"] for c in entry["initContainers"]] == ["weights-lora-0"]
-    assert entry["initContainers"][0]["args"][:2] == [
-        "s3://bucket/sql-lora",
-        "--dest=/models/lora/sql",
-    ]
+    assert "initContainers" not in entry
     args = engine_args(entry)
-    assert f"--model={PVC_ROOT}/weights/llama" in args
-    assert "sql=/models/lora/sql" in args and f"chat={PVC_ROOT}/adapters/chat" in args
+    assert f"--model={PVC_ROOT}/weights/llama" in args and "--enable-lora" in args
+    assert not any("sql" in a or "chat" in a for a in args)
+    assert {"weights-cache", "models"} <= {v["name"] for v in entry["volumes"]}
     claims = {
         v["persistentVolumeClaim"]["claimName"]
         for v in entry["volumes"]

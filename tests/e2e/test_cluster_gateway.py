@@ -146,7 +146,8 @@ def test_requests_through_envoy_reach_the_pods_the_picker_chose(cluster: Cluster
         for pod, ip in zip(pods, ips, strict=True):
             cmd = simulator_cmd(ENGINE_PORT, *FAST_SIMULATOR, "--host", ip,
                                 "--served-model-name", SERVED,
-                                *engine_kv_flags(pod, ip), *engine_lora_flags(pod))  # fmt: skip
+                                *engine_kv_flags(pod, ip),
+                                *engine_lora_flags(cluster, pod))  # fmt: skip
             started.enter_context(running(cmd, ready_url=f"http://{ip}:{ENGINE_PORT}/health"))
             cluster.run_pod(pod, ip)
 

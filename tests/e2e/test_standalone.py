@@ -4,20 +4,16 @@ and the picker drops and re-adds its endpoint; editing the manifest scales the M
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
-import sys
 
 import aiohttp
 import pytest
 import yaml
 
-from infergw.api.lifetime import die_with_parent
 from infergw.cluster.store import MODEL, POD
 from infergw.controllers.app import Standalone
-from tests.conftest import free_port
-from tests.e2e.standalone_helpers import sim_model, wait_for_cluster
+from tests.e2e.standalone_helpers import sim_model, start_picker, wait_for_cluster
 
 pytestmark = pytest.mark.slow
 PD = {"prefill": {"replicas": 1}, "decode": {"replicas": 1}}
@@ -41,16 +37,7 @@ async def test_a_model_runs_heals_and_scales_behind_the_picker(tmp_path):
     (manifests / "model.yaml").write_text(yaml.safe_dump(model(replicas=2)))
     pool_file = tmp_path / "pool.yaml"
     app = await Standalone(manifests, tmp_path / "state", pool_file, autoscale_interval=1).start()
-    metrics_port = free_port()
-    picker = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "infergw.epp", "--provider", "file", "--pool-file", str(pool_file),
-        "--pool-name", "tiny", "--secure-serving=false", "--host", "127.0.0.1",
-        "--grpc-port", str(free_port()), "--grpc-health-port", str(free_port()),
-        "--metrics-port", str(metrics_port), "--enable-debug-endpoints",
-        stdout=open(tmp_path / "picker.log", "wb"),  # noqa: ASYNC230
-        stderr=asyncio.subprocess.STDOUT,
-        preexec_fn=die_with_parent(),  # api/lifetime.py: gone with pytest, however it ends
-    )  # fmt: skip
+    picker, metrics_port, _ = await start_picker(tmp_path, pool_file)
     store = app.store
     try:
 

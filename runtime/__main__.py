@@ -1,0 +1,5 @@
+import sys
+
+from infergw.runtime.sidecar import main
+
+sys.exit(main())
