@@ -10,7 +10,7 @@ from typing import Protocol
 import aiohttp
 from aiohttp import web
 
-from infergw.api.names import PREFILLER_HEADER
+from infergw.api.names import PREFILLER_HEADER, REQUEST_ID_HEADER
 from infergw.connector.allowlist import Allowlist, allowlist_for
 from infergw.connector.http_kv import HttpConnector
 from infergw.connector.metrics import ConnectorMetrics
@@ -18,7 +18,6 @@ from infergw.connector.nixl import NixlConnector
 from infergw.connector.options import ConnectorOptions
 from infergw.connector.sglang import SGLangConnector
 from infergw.connector.upstream import (
-    REQUEST_ID_HEADER,
     Exchange,
     LegError,
     dumps,
