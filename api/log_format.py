@@ -24,7 +24,10 @@ MAX_FIELD = 1024
 
 # The attributes every LogRecord has: anything else on a record came from `extra=`.
 _STANDARD = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
-_CONTROL = re.compile(r"[\x00-\x1f\x7f\u2028\u2029]")
+# What ends a line for someone: C0 and C1 controls, and Unicode's line and paragraph separators.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+# JSON leaves these raw outside ASCII; readers that split lines as Python does would split there.
+_JSON_LINE_BREAKS = re.compile(r"[\x85\u2028\u2029]")
 
 
 def _escape_char(m: re.Match[str]) -> str:
@@ -110,7 +113,8 @@ class JsonFormatter(logging.Formatter):
             out["exception"] = clip(self.formatException(record.exc_info))
         if record.stack_info:
             out["stack"] = clip(self.formatStack(record.stack_info))
-        return json.dumps(out, ensure_ascii=False, default=_json_value)
+        text = json.dumps(out, ensure_ascii=False, default=_json_value)
+        return _JSON_LINE_BREAKS.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
 
 
 def _json_value(value: object) -> str:
