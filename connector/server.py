@@ -10,6 +10,7 @@ from typing import Protocol
 import aiohttp
 from aiohttp import web
 
+from infergw.api import log_context
 from infergw.api.names import PREFILLER_HEADER, REQUEST_ID_HEADER
 from infergw.connector.allowlist import Allowlist, allowlist_for
 from infergw.connector.http_kv import HttpConnector
@@ -118,6 +119,8 @@ class ConnectorProxy:
         )
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        # aiohttp runs each request in a task of its own: its log lines name it.
+        log_context.bind_request(request.headers)
         if request.path == HEALTH_PATH and not self.allowlist.synced:
             return error_response(503, self.allowlist.refusal(""))
         header = request.headers.get(PREFILLER_HEADER, "").strip()
