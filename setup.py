@@ -9,17 +9,26 @@ else `git rev-parse HEAD` of this checkout; neither: no file, and api/version.py
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
-import subprocess
 from pathlib import Path
 
 from setuptools import setup
 from setuptools.command.build_py import build_py
 
 HERE = Path(__file__).resolve().parent
+VERSION_PY = HERE / "api" / "version.py"
 BUILD_INFO = Path("infergw", "api", "_build_info.py")
 COMMIT_ENV = "INFERGATE_COMMIT"
+
+
+def _version_module():
+    """api/version.py, by its path: the package is not importable while it is being built."""
+    spec = importlib.util.spec_from_file_location("_infergate_version", VERSION_PY)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def build_commit() -> str | None:
@@ -28,19 +37,7 @@ def build_commit() -> str | None:
         if not re.fullmatch(r"[0-9a-f]{40}|[0-9a-f]{64}", given):
             raise SystemExit(f"{COMMIT_ENV}={given!r} is not a full git commit hash")
         return given
-    if not (HERE / ".git").exists():
-        return None
-    try:
-        out = subprocess.run(
-            ["git", "-C", str(HERE), "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None
+    return _version_module().checkout_commit(HERE)
 
 
 class BuildPyWithCommit(build_py):
