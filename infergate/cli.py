@@ -9,7 +9,8 @@ import sys
 USAGE = """usage: infergate <command> [args...]
        infergate --version    the version and the git commit it was built from
 
-Every command takes --log-format text|json, --log-level, -v/-vv and --version (README: Logs).
+The commands that run a process take --log-format text|json, --log-level, -v/-vv and
+--version (README: Logs and version).
 
 commands:
   up         the local stack from an example directory (infergate up examples/quickstart)
