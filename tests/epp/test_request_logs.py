@@ -10,7 +10,7 @@ import json
 import pytest
 
 from tests import extproc_client as ec
-from tests.picker_fixtures import COMPLETION, Picker, sims  # noqa: F401 (fixture)
+from tests.picker_fixtures import COMPLETION, Picker
 
 MARKER = "PROMPT-MARKER-7f3a9c"
 ANSWER_MARKER = "COMPLETION-MARKER-51be02"
@@ -51,7 +51,7 @@ async def _requests(picker: Picker) -> None:
 
 
 @pytest.mark.parametrize("fmt", ["json", "text"])
-async def test_request_lines_carry_the_ids_and_never_the_prompt(sims, tmp_path, fmt):  # noqa: F811
+async def test_request_lines_carry_the_ids_and_never_the_prompt(sims, tmp_path, fmt):
     picker = Picker(tmp_path, sims, extra=("-vv", "--log-format", fmt))
     with picker.run():
         await _requests(picker)
