@@ -299,7 +299,7 @@ class LocalStack:
 
     def _wait_http(self, name: str, url: str, timeout: float) -> None:
         """Wait for component `name` to answer `url`; if it dies first, say why from its log."""
-        wait_http(url, timeout, self.procs[name], self._log(name))
+        wait_http(url, timeout, self.procs.get(name), self._log(name))
 
     def start_pods(self) -> None:
         for rank, port in enumerate(self.pod_ports):
