@@ -8,7 +8,8 @@
 # simulator's own small tokenizer is at /opt/infergate/models/infergate-sim, so such a Model
 # says `modelURI: file:///opt/infergate/models/infergate-sim`.
 #
-#   docker build -t ghcr.io/infergate/infergate:latest .
+#   docker build --build-arg INFERGATE_COMMIT=$(git rev-parse HEAD) \
+#       -t ghcr.io/infergate/infergate:latest .        # or: make image
 #   kind load docker-image ghcr.io/infergate/infergate:latest   # for a kind cluster
 FROM python:3.11-slim
 
@@ -17,8 +18,12 @@ ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
+# The commit `infergate --version` and inference_extension_info name (setup.py writes it into
+# the package: the build context has no .git). Without it they say "unknown".
+ARG INFERGATE_COMMIT=""
+
 WORKDIR /src
-COPY pyproject.toml README.md LICENSE ./
+COPY pyproject.toml setup.py README.md LICENSE ./
 COPY infergate ./infergate
 COPY api ./api
 COPY cluster ./cluster

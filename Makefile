@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 TEST_WORKERS ?= 2
 XDIST = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 
-.PHONY: up test test-fast test-vllm vllm-cpu fuzz lint fmt bench clean
+.PHONY: up test test-fast test-vllm vllm-cpu fuzz lint fmt bench clean image
 
 # Python >= 3.11 first, saying which one was found (macOS ships 3.9); PYTHON= picks another.
 $(BIN)/python:
@@ -72,3 +72,8 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
+
+# The image, with the commit it is built from (infergate --version, inference_extension_info).
+IMAGE ?= ghcr.io/infergate/infergate:latest
+image:
+	docker build --build-arg INFERGATE_COMMIT=$$(git rev-parse HEAD) -t $(IMAGE) .

@@ -77,6 +77,12 @@ MODEL_REWRITE_HEADER = "x-gateway-model-name-rewrite"
 OBJECTIVE_HEADER = "x-gateway-inference-objective"
 FAIRNESS_ID_HEADER = "x-gateway-inference-fairness-id"
 
+# A request's id: Envoy sets one (or keeps the client's); the picker's and sidecar's log lines
+# name it (api/log_context.py) and the P/D sidecar sends it on both legs.
+REQUEST_ID_HEADER = "x-request-id"
+# W3C Trace Context: the trace a request belongs to (the log lines' trace id).
+TRACEPARENT_HEADER = "traceparent"
+
 # A client's session, which the session-affinity scorer keeps on one pod.
 SESSION_HEADER = "x-session-id"
 

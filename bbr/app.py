@@ -153,7 +153,7 @@ async def drain(opts: BbrOptions, servers: Servers) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     opts = parse_options(argv)
-    logs.configure(opts.log_level)
+    logs.configure(opts.log)
     try:
         asyncio.run(serve(opts))
     except SourceError as exc:

@@ -22,6 +22,7 @@ from envoy.config.core.v3 import base_pb2 as core
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pbg
 
+from infergw.api import log_context
 from infergw.api.names import MODEL_NAME_HEADER
 from infergw.bbr import metrics as m
 from infergw.bbr.metrics import RouterMetrics
@@ -85,6 +86,7 @@ class _Stream:
 
     def on_request_headers(self, msg: pb.ProcessingRequest) -> list[pb.ProcessingResponse]:
         self.headers = protocol.header_map(msg.request_headers.headers)
+        log_context.bind_request(self.headers)  # this stream's log lines name the request
         if not msg.request_headers.end_of_stream:
             return []  # deferred until the body ends
         self.done = True
@@ -173,6 +175,7 @@ class BodyRouter(pbg.ExternalProcessorServicer):
                     yield resp
         finally:
             stream.close()
+            log_context.unbind_request()
 
     @staticmethod
     def _answer(stream: _Stream, kind: str | None, msg) -> Iterable[pb.ProcessingResponse]:

@@ -7,7 +7,7 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
-from infergw.api import logs
+from infergw.api import logs, version
 from infergw.api.parents import GatewayName, parse_gateway
 from infergw.epp.options import add_body_limit_flags, add_serving_flags, duration
 
@@ -36,7 +36,7 @@ class BbrOptions:
     pass_bad_bodies: bool
     grace_period: float
     resync: float
-    log_level: str
+    log: logs.LogSettings
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--resync", type=duration, default=300.0, help="kubernetes: a full list this often"
     )
-    p.add_argument("--log-level", type=logs.level_name, default="info")
+    logs.add_log_flags(p)
+    version.add_version_flag(p)
     return p
 
 
@@ -121,5 +122,5 @@ def parse_options(argv: list[str] | None = None) -> BbrOptions:
         pass_bad_bodies=a.on_bad_body == "pass",
         grace_period=a.grace_period,
         resync=a.resync,
-        log_level=a.log_level,
+        log=logs.settings_from_args(a),
     )

@@ -48,7 +48,7 @@ async def serve(opts: ConnectorOptions) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     opts = parse_options(argv)
-    logs.configure(opts.log_level)
+    logs.configure(logs.settings(opts.log_format, opts.log_level, opts.verbosity))
     try:
         asyncio.run(serve(opts))
     except OSError as exc:

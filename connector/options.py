@@ -6,7 +6,7 @@ import argparse
 import os
 from dataclasses import dataclass
 
-from infergw.api import logs
+from infergw.api import logs, version
 from infergw.api.names import POOL_FILE_ENV
 
 CONNECTORS = ("nixl", "mooncake", "http", "lmcache", "sglang")
@@ -31,7 +31,9 @@ class ConnectorOptions:
     pool_namespace: str = "default"
     pool_file: str | None = None
     prefiller_grace: float = 10.0
-    log_level: str = "info"
+    log_format: str | None = None  # api/logs.py: None is the environment's default
+    log_level: str | None = None
+    verbosity: int | None = None
 
     def __post_init__(self) -> None:
         self.kv_connector = ALIASES.get(self.kv_connector, self.kv_connector)
@@ -150,9 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
         "sent it before noticing fails over as for an unreachable prefiller instead of being "
         f"refused (default {d.prefiller_grace:g})",
     )
-    p.add_argument(
-        "--log-level", type=logs.level_name, default=d.log_level, help="debug, info, warning, error"
-    )
+    logs.add_log_flags(p)
+    version.add_version_flag(p)
     return p
 
 

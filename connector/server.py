@@ -10,7 +10,8 @@ from typing import Protocol
 import aiohttp
 from aiohttp import web
 
-from infergw.api.names import PREFILLER_HEADER
+from infergw.api import log_context
+from infergw.api.names import PREFILLER_HEADER, REQUEST_ID_HEADER
 from infergw.connector.allowlist import Allowlist, allowlist_for
 from infergw.connector.http_kv import HttpConnector
 from infergw.connector.metrics import ConnectorMetrics
@@ -18,7 +19,6 @@ from infergw.connector.nixl import NixlConnector
 from infergw.connector.options import ConnectorOptions
 from infergw.connector.sglang import SGLangConnector
 from infergw.connector.upstream import (
-    REQUEST_ID_HEADER,
     Exchange,
     LegError,
     dumps,
@@ -119,6 +119,8 @@ class ConnectorProxy:
         )
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        # aiohttp runs each request in a task of its own: its log lines name it.
+        log_context.bind_request(request.headers)
         if request.path == HEALTH_PATH and not self.allowlist.synced:
             return error_response(503, self.allowlist.refusal(""))
         header = request.headers.get(PREFILLER_HEADER, "").strip()

@@ -13,12 +13,11 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict, MultiMapping
 
+from infergw.api.names import REQUEST_ID_HEADER
 from infergw.connector.metrics import ConnectorMetrics
 from infergw.connector.options import ConnectorOptions
 
 log = logging.getLogger("connector")
-
-REQUEST_ID_HEADER = "x-request-id"
 
 # RFC 9110 §7.6.1: meant for one connection only, never forwarded.
 HOP_BY_HOP = frozenset(

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from prometheus_client import start_http_server
 
-from infergw.api import logs
+from infergw.api import logs, version
 from infergw.api.names import KV_EVENTS_PORT, PICKER_FILTER_POLICY, POOL_FILE_ENV
 from infergw.cluster.informer import Informer
 from infergw.cluster.store import (
@@ -269,7 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="standalone: where the Models' weights are downloaded (default: the download's "
         "own, $INFERGATE_CACHE_DIR, else ~/.cache/infergate/models)",
     )
-    p.add_argument("--log-level", type=logs.level_name, default="info")
+    logs.add_log_flags(p)
+    version.add_version_flag(p)
     return p
 
 
@@ -445,6 +446,6 @@ async def _stop_when(lost: asyncio.Event, stop: asyncio.Event) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logs.configure(args.log_level)
+    logs.configure(logs.settings_from_args(args))
     asyncio.run(serve(args))
     return 0

@@ -585,7 +585,7 @@ def _run(coro) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     opts = parse_options(argv)
-    logs.configure(opts.log_level)
+    logs.configure(opts.log)
     for warning in opts.reference_warnings:
         log.warning("%s", warning)
     try:

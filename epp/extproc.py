@@ -17,6 +17,7 @@ import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pbg
 
+from infergw.api import log_context
 from infergw.epp import model_catalog, protocol
 from infergw.epp.body_budget import BodyAccumulator, BodyBudget, BudgetShare
 from infergw.epp.context import RequestContext
@@ -66,6 +67,8 @@ class _Stream:
         if msg.HasField("protocol_config"):
             self.response_bodies = msg.protocol_config.response_body_mode != protocol.BODY_NONE
         self.headers = protocol.header_map(msg.request_headers.headers)
+        # From here every log line of this stream names the request (api/log_context.py).
+        log_context.bind_request(self.headers)
         self.subset = protocol.subset_hint(msg)
         if not msg.request_headers.end_of_stream:
             return []  # deferred until the body ends
@@ -92,10 +95,19 @@ class _Stream:
         raw = self.body.take_all(PARSE_OVERHEAD)  # held once, by the request
         req = parse_request(path, raw, self.headers, max_body_bytes=self.body.limit)
         self.share.settle(req.held_bytes)
+        log_context.name_request(req.request_id)  # the id the picker made, if Envoy gave none
         ctx = RequestContext(req, subset=self.subset)
         await self.director.handle(ctx)
         self.req, self.ctx = req, ctx
         out_body = ctx.upstream_body()
+        # Sizes, never the body: prompts and completions stay out of logs.
+        log.debug(
+            "ext_proc: %s model %r -> %s",
+            path,
+            req.model,
+            ctx.targets,
+            extra={"request_bytes": len(raw), "upstream_bytes": len(out_body)},
+        )
         self.dispatched = time.monotonic()
         # Chunks are built as they are sent, not all at once beside the body.
         return itertools.chain(
@@ -215,6 +227,16 @@ class _Stream:
             tpot=tpot,
         )
         self.director.finish(self.ctx, info, self.started, streamed)
+        log.debug(
+            "ext_proc: answered %s from %s",
+            info.status,
+            self.served,
+            extra={
+                "prompt_tokens": info.prompt_tokens,
+                "completion_tokens": info.completion_tokens,
+                "seconds": round(time.monotonic() - self.started, 3),
+            },
+        )
 
     def close(self) -> None:
         """The stream ended before the answer's end. Before any response headers that means
@@ -286,6 +308,7 @@ class ExternalProcessor(pbg.ExternalProcessorServicer):
                     yield resp
         finally:
             stream.close()
+            log_context.unbind_request()
 
     def _count_error(self, stream: _Stream, exc: PickerError) -> None:
         model = stream.req.model if stream.req else ""

@@ -8,6 +8,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Gauge, Info
 
+from infergw.api import version
 from infergw.epp.metric_values import FastCounter, FastHistogram, LoopTally
 
 LATENCY_BUCKETS = (
@@ -396,7 +397,10 @@ class PickerMetrics:
             registry=r,
         )
         info = Info("inference_extension", "General information of the current build.", registry=r)
-        info.info({"commit": "unknown", "build_ref": "infergate"})
+        # The reference's labels (commit, build_ref) and our version (api/version.py).
+        info.info(
+            {"commit": version.commit(), "build_ref": "infergate", "version": version.version()}
+        )
 
     def forget_endpoint(self, address: str) -> None:
         """Drop the series labelled with an endpoint that left the pool: pods come and go,

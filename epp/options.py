@@ -5,11 +5,10 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from infergw.api import logs
+from infergw.api import logs, version
 from infergw.epp.body_budget import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_HELD_BYTES
 from infergw.epp.capacity_wait import DEFAULT_CAPACITY_WAIT_TTL
 from infergw.epp.reference_flags import add_reference_flags, read_reference_flags
@@ -83,7 +82,7 @@ class PickerOptions:
     max_body_bytes: int
     max_held_request_bytes: int
     subset_filter: bool
-    log_level: str
+    log: logs.LogSettings
     grace_period: float
     kv_events_mode: str
     kv_events_bind: str
@@ -210,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
         "response bodies NONE): a stream that ends after the request went on counts as "
         "answered, its status unknown, instead of as cancelled",
     )
-    p.add_argument("--log-level", type=logs.level_name, default="info")
+    logs.add_log_flags(p, verbose_flag=False)  # -v: the reference's, epp/reference_flags.py
     trust = p.add_argument_group("what the picker believes and shows (epp/trust.py)")
     trust.add_argument(
         "--trust-client-headers",
@@ -353,24 +352,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="the tokenizer directory for a served model name (repeatable)",
     )
     add_reference_flags(p)
+    version.add_version_flag(p)
     return p
 
 
 def parse_options(argv: list[str] | None = None) -> PickerOptions:
     p = build_parser()
     a = p.parse_args(argv)
-    log_level_given = any(
-        arg == "--log-level" or arg.startswith("--log-level=") for arg in (argv or sys.argv[1:])
-    )
-    ref = read_reference_flags(p, a, log_level_given)
+    ref = read_reference_flags(p, a)
     try:
         staleness = duration(ref.staleness) if ref.staleness is not None else None
         if ref.drain is not None:
             a.grace_period = duration(ref.drain)
     except argparse.ArgumentTypeError as exc:
         p.error(f"--metrics-staleness-threshold / --drain-timeout: {exc}")
-    if ref.log_level is not None:
-        a.log_level = ref.log_level
+    log = logs.settings(a.log_format or ref.log_format, a.log_level or ref.log_level, ref.verbosity)
     if staleness is not None and staleness <= 0:
         p.error("--metrics-staleness-threshold must be > 0")
     if a.config_file and a.config_text:
@@ -431,7 +427,7 @@ def parse_options(argv: list[str] | None = None) -> PickerOptions:
         max_body_bytes=a.max_body_bytes,
         max_held_request_bytes=a.max_held_request_bytes,
         subset_filter=not a.disable_endpoint_subset_filter,
-        log_level=a.log_level,
+        log=log,
         grace_period=a.grace_period,
         kv_events_mode=a.kv_events_mode,
         kv_events_bind=a.kv_events_bind,

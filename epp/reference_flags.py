@@ -19,8 +19,41 @@ from infergw.api.upstream import POOL_GROUP_VERSION
 INFERENCE_POOL_GROUP = POOL_GROUP_VERSION.partition("/")[0]
 
 # The reference's `-v` levels (its logging package): 1-2 default, 3 verbose, 4 debug, 5 trace.
+# Ours are counts (api/logs.py): 4 is our -v (our loggers at debug), 5 and up our -vv.
 DEBUG_VERBOSITY = 4
-ZAP_LEVELS = {"debug": "DEBUG", "info": "INFO", "warn": "WARNING", "error": "ERROR"}
+TRACE_VERBOSITY = 5
+ZAP_LEVELS = {
+    "debug": "DEBUG",
+    "info": "INFO",
+    "warn": "WARNING",
+    "error": "ERROR",
+    "dpanic": "CRITICAL",
+    "panic": "CRITICAL",
+    "fatal": "CRITICAL",
+}
+ZAP_ENCODERS = {"json": "json", "console": "text"}
+
+
+@dataclass(frozen=True, slots=True)
+class Verbosity:
+    """What a `-v` on the picker's command line said: the reference's `-v N` / `--v=N`, or our
+    own bare `-v` / `-vv` (a count)."""
+
+    count: int  # ours: 0, 1 (-v) or 2 (-vv and more)
+
+    @classmethod
+    def parse(cls, text: str) -> Verbosity:
+        """argparse `type`: `-vv` reaches it as "v", `-v=4` as "4"."""
+        value = text.strip()
+        if value and set(value) == {"v"}:
+            return cls(min(len(value) + 1, 2))
+        try:
+            level = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"-v takes a number (the reference's verbosity) or is repeated (-vv): {text!r}"
+            ) from None
+        return cls(2 if level >= TRACE_VERBOSITY else 1 if level >= DEBUG_VERBOSITY else 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,9 +100,9 @@ IGNORED_VALUES = (
         "the picker's own metrics are computed when /metrics is read",
     ),
     NotApplied("--grpc-max-recv-msg-size", "request bodies are bounded by --max-body-bytes"),
-    NotApplied("--zap-devel", "log lines are infergate's format (--log-level)"),
+    NotApplied("--zap-devel", "log lines are infergate's format (--log-format, --log-level)"),
     NotApplied("--zap-stacktrace-level", "tracebacks are logged with errors"),
-    NotApplied("--zap-time-encoding", "log lines are infergate's format (--log-level)"),
+    NotApplied("--zap-time-encoding", "log lines' time is RFC 3339 in UTC (api/log_format.py)"),
 )
 # Flags whose setting the reference itself refuses today, or a mode infergate has not.
 REFUSED = {
@@ -144,22 +177,38 @@ def add_reference_flags(p: argparse.ArgumentParser) -> None:
         help="accepted; the gRPC health service is always served",
     )
     g.add_argument(
-        "-v", "--v", dest="ref_v", type=int, default=None, metavar="LEVEL",
-        help=f"verbosity: {DEBUG_VERBOSITY} and up logs at debug (unless --log-level is given)",
+        "-v", "--v", dest="ref_v", type=Verbosity.parse, nargs="?", const=Verbosity(1),
+        default=None, metavar="LEVEL",
+        help=f"the reference's verbosity -v=N ({DEBUG_VERBOSITY}: our -v, {TRACE_VERBOSITY} and "
+        "up: -vv), or ours: -v our log lines at debug, -vv every library's too "
+        "(unless --log-level is given)",
     )  # fmt: skip
     g.add_argument(
         "--zap-log-level",
         dest="ref_zap_log_level",
-        choices=sorted(ZAP_LEVELS),
+        type=_zap_level,
         default=None,
-        help="as --log-level (unless --log-level is given)",
+        help="as --log-level (debug, info, warn, error, panic), or a number as -v=N "
+        "(unless --log-level is given)",
     )
     g.add_argument(
         "--zap-encoder",
         dest="ref_zap_encoder",
-        choices=["console", "json"],
+        choices=sorted(ZAP_ENCODERS),
         default=None,
-        help="accepted; log lines are infergate's text format (json: not yet)",
+        help="as --log-format: json, or console (text) (unless --log-format is given)",
+    )
+
+
+def _zap_level(text: str) -> str | Verbosity:
+    """zap's level: a name, or a number > 0 for its levels of increasing verbosity."""
+    value = text.strip().lower()
+    if value in ZAP_LEVELS:
+        return ZAP_LEVELS[value]
+    if value.isdigit() and int(value) > 0:
+        return Verbosity.parse(value)
+    raise argparse.ArgumentTypeError(
+        f"unknown zap level {text!r} (one of: {', '.join(ZAP_LEVELS)}, or a number > 0)"
     )
 
 
@@ -168,14 +217,14 @@ class ReferenceSettings:
     """What the reference flags asked for, in the picker's terms."""
 
     warnings: tuple[str, ...]
-    log_level: str | None  # from -v / --zap-log-level, when --log-level was not given
+    log_level: str | None  # --zap-log-level's name, as --log-level
+    verbosity: int | None  # -v / --v / --zap-log-level=N, as our -v count
+    log_format: str | None  # --zap-encoder, as --log-format
     staleness: str | None  # --metrics-staleness-threshold, still a duration string
     drain: str | None  # --drain-timeout, still a duration string
 
 
-def read_reference_flags(
-    p: argparse.ArgumentParser, a: argparse.Namespace, log_level_given: bool
-) -> ReferenceSettings:
+def read_reference_flags(p: argparse.ArgumentParser, a: argparse.Namespace) -> ReferenceSettings:
     """Refuse what must be refused (p.error), and say what is not applied."""
     if a.pool_group != INFERENCE_POOL_GROUP:
         p.error(
@@ -197,14 +246,15 @@ def read_reference_flags(
     ]
     if not a.ref_health_checking:
         warnings.append("--health-checking=false is not applied: health is always served")
-    if a.ref_zap_encoder == "json":
-        warnings.append("--zap-encoder=json is not applied: log lines are text")
-    level = None
-    if not log_level_given:
-        if a.ref_zap_log_level is not None:
-            level = ZAP_LEVELS[a.ref_zap_log_level]
-        elif a.ref_v is not None:
-            level = "DEBUG" if a.ref_v >= DEBUG_VERBOSITY else "INFO"
+    zap_level = a.ref_zap_log_level
+    verbosity = a.ref_v.count if a.ref_v is not None else None
+    if isinstance(zap_level, Verbosity):
+        verbosity, zap_level = max(verbosity or 0, zap_level.count), None
     return ReferenceSettings(
-        tuple(warnings), level, a.ref_metrics_staleness_threshold, a.ref_drain_timeout
+        tuple(warnings),
+        zap_level,
+        verbosity,
+        ZAP_ENCODERS[a.ref_zap_encoder] if a.ref_zap_encoder else None,
+        a.ref_metrics_staleness_threshold,
+        a.ref_drain_timeout,
     )

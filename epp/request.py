@@ -6,6 +6,7 @@ import logging
 import re
 import sys
 import threading
+import traceback
 import uuid
 from array import array
 from dataclasses import dataclass, field
@@ -13,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from infergw.api.names import SESSION_HEADER, USER_HEADER
+from infergw.api.names import REQUEST_ID_HEADER, SESSION_HEADER, USER_HEADER
 from infergw.epp.errors import PickerError
 from infergw.epp.json_splice import set_member
 from infergw.epp.multipart import FormField, form_field
@@ -184,8 +185,14 @@ def _tokens_or_error(
         except OverflowError:  # a client's token ids out of 0..2**32-1: no vocabulary has them
             return PromptError("token ids must fit in 32 bits")
         except Exception as exc:  # a tokenizer bug: callers estimate instead of failing
-            log.exception("tokenizing a %s prompt failed", api)
-            return PromptError(f"the tokenizer failed: {exc!r}")
+            # The exception's message may quote the prompt: the log has its type and frames.
+            log.error(
+                "tokenizing a %s prompt failed: %s",
+                api,
+                type(exc).__name__,
+                extra={"frames": "".join(traceback.format_tb(exc.__traceback__))},
+            )
+            return PromptError("the tokenizer failed", repr(exc))
 
 
 def _prompt_bytes(body: RequestBody) -> int:
@@ -278,7 +285,7 @@ def parse_request(
     check_routed_member(raw_body, "model", body.model)
     check_routed_member(raw_body, "stream_options", body.stream_options)
     return InferenceRequest(
-        request_id=headers.get("x-request-id") or str(uuid.uuid4()),
+        request_id=headers.get(REQUEST_ID_HEADER) or str(uuid.uuid4()),
         path=path,
         api=api,
         body=body,
@@ -308,7 +315,7 @@ def _parse_form(path: str, api: str, raw_body: bytes, headers: dict[str, str]) -
     """A form upload (FORM_APIS): only its `model` is read; the file goes on untouched."""
     model = form_model(raw_body, headers)
     return InferenceRequest(
-        request_id=headers.get("x-request-id") or str(uuid.uuid4()),
+        request_id=headers.get(REQUEST_ID_HEADER) or str(uuid.uuid4()),
         path=path,
         api=api,
         body=RequestBody(),

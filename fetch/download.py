@@ -29,6 +29,7 @@ import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from infergw.api import logs, version
 from infergw.fetch.archive import HttpArchive
 from infergw.fetch.cache import Cache, default_root, link
 from infergw.fetch.hf import HuggingFace
@@ -191,14 +192,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         help="the error line written here too (Kubernetes: /dev/termination-log)",
     )
+    logs.add_log_flags(p)
+    version.add_version_flag(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     opts = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logs.configure(logs.settings_from_args(opts))
     # A file size limit (ulimit -f) must end in an error we report, not a kill.
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     if opts.max_bytes < 1 or opts.timeout <= 0 or opts.retries < 0:

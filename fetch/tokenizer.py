@@ -15,6 +15,7 @@ import logging
 import sys
 from pathlib import Path
 
+from infergw.api import logs, version
 from infergw.fetch.hf import HuggingFace
 from infergw.fetch.s3 import S3
 from infergw.fetch.source import FetchError, Limits, Source, copy_bounded
@@ -87,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--revision", default="main", help="hf://: the branch, tag or commit")
     p.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES, help="per file")
     p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds per file")
+    logs.add_log_flags(p)
+    version.add_version_flag(p)
     return p
 
 
@@ -96,9 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: infergate fetch tokenizer --source URI --dest DIR", file=sys.stderr)
         return 2
     opts = build_parser().parse_args(args[1:])
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logs.configure(logs.settings_from_args(opts))
     if opts.max_bytes < 1 or opts.timeout <= 0:
         print(
             "infergate fetch tokenizer: --max-bytes and --timeout must be positive", file=sys.stderr

@@ -7,6 +7,10 @@ import importlib.util
 import sys
 
 USAGE = """usage: infergate <command> [args...]
+       infergate --version    the version and the git commit it was built from
+
+The commands that run a process take --log-format text|json, --log-level, -v/-vv and
+--version (README: Logs and version).
 
 commands:
   up         the local stack from an example directory (infergate up examples/quickstart)
@@ -92,6 +96,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args or args[0] in ("-h", "--help"):
         print(USAGE)
         return 0 if args else 2
+    if args[0] == "--version":
+        from infergw.api.version import describe
+
+        print(describe())
+        return 0
     command, rest = args[0], args[1:]
     if command == "up":
         from infergw.up import main as up

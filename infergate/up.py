@@ -38,12 +38,14 @@ pool's picker; an unknown model is a 404 `model_not_found`.
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from infergw.api import logs, version
 from infergw.stack.envoy_config import is_ip_address
 from infergw.stack.example import Example, ExampleError
 from infergw.stack.gateway_tls import GatewayCert, default_directory, own_cert, stack_cert
@@ -117,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="where configs and logs go (default: a new temporary directory)",
     )
+    logs.add_log_flags(p)  # handed to every process it starts (api/logs.py)
+    version.add_version_flag(p)
     p.epilog = "Arguments after -- are added to the Model's engine arguments (every pod)."
     return p
 
@@ -163,6 +167,10 @@ def main(argv: list[str] | None = None) -> int:
     p = build_parser()
     ours, engine_args = split_engine_args(sys.argv[1:] if argv is None else list(argv))
     args = p.parse_args(ours)
+    log_settings = logs.settings_from_args(args)
+    logs.configure(log_settings)
+    # The children inherit the environment (stack/supervise.py): one set of flags for all.
+    os.environ.update(logs.child_environment(log_settings))
     if args.pods is not None and args.pods < 1:
         p.error("--pods must be at least 1")
     if args.pickers < 1:

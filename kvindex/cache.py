@@ -70,7 +70,7 @@ def tokens_with(req: TokenizableRequest, tokenizer: PromptTokenizer | None) -> a
     try:
         return req.prompt_token_ids(tokenizer)
     except PromptError as exc:
-        log.debug("no tokens for %s: %s", req.request_id, exc)
+        log.debug("no tokens for %s: %s", req.request_id, exc.reason)
         return None
 
 

@@ -26,11 +26,18 @@ SPECIAL = ("bos_token", "eos_token", "unk_token", "pad_token")
 
 
 class PromptError(ValueError):
-    """The body cannot be turned into tokens (bad prompt, bad messages, template error)."""
+    """The body cannot be turned into tokens (bad prompt, bad messages, template error).
+
+    `str(exc)` is for the client (it may quote a library's message, which may quote the
+    prompt); `reason` is ours alone, what log lines say."""
+
+    def __init__(self, reason: str, detail: str | None = None) -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
 
 
 def _raise(message: str) -> None:
-    raise PromptError(f"chat template raised: {message}")
+    raise PromptError("chat template raised", message)
 
 
 _ENV = jinja2.sandbox.ImmutableSandboxedEnvironment(
@@ -164,7 +171,7 @@ class PromptTokenizer:
             ArithmeticError,
             RecursionError,
         ) as exc:
-            raise PromptError(f"chat template failed: {exc}") from exc
+            raise PromptError("chat template failed", str(exc)) from exc
 
     def _encode(self, text: str, *, special: bool) -> list[int]:
         try:
@@ -172,7 +179,7 @@ class PromptTokenizer:
                 return encode_unlocked(self._tok, text, special=True).ids
             ids = self._cache.encode(text)
         except TypeError as exc:  # lone surrogates and the like
-            raise PromptError(f"prompt text cannot be tokenized: {exc}") from exc
+            raise PromptError("prompt text cannot be tokenized", str(exc)) from exc
         if special:
             head, tail = self._wrap
             return [*head, *ids, *tail]

@@ -29,6 +29,7 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
+from infergw.api import logs, version
 from infergw.api import lora_adapters as desired_file
 from infergw.api.lora_adapters import ENGINE_APIS, UNREADABLE, Adapter, Refused, Unreadable
 from infergw.api.names import DOWNLOAD_FAILED, RUNTIME_PORT
@@ -295,14 +296,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=RUNTIME_PORT)
     p.add_argument("--interval", type=float, default=DEFAULT_INTERVAL, help="seconds per pass")
     p.add_argument("--max-backoff", type=float, default=MAX_BACKOFF)
+    logs.add_log_flags(p)
+    version.add_version_flag(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     opts = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logs.configure(logs.settings_from_args(opts))
     if opts.interval <= 0 or opts.max_backoff <= 0:
         print("infergate runtime: --interval and --max-backoff must be positive", file=sys.stderr)
         return 2

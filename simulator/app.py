@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-import sys
 
 from aiohttp import web
 
+from infergw.api import logs
 from infergw.simulator.config import SimulatorConfig, parse_config
 from infergw.simulator.server import Simulator
 
@@ -64,11 +64,7 @@ async def serve(cfg: SimulatorConfig, ready: asyncio.Event | None = None) -> Non
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(argv)
-    logging.basicConfig(
-        level=cfg.log_level.upper(),
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    logs.configure(cfg.log)
     for warning in cfg.warnings:
         log.warning("%s", warning)
     try:

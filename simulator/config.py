@@ -10,6 +10,7 @@ import uuid
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from infergw.api import logs, version
 from infergw.simulator.latency import LatencyModel
 from infergw.simulator.latency_profiles import DEFAULT_PROFILE, PROFILES
 from infergw.simulator.vllm_flags import add_ignored_flags, ignored_given
@@ -150,7 +151,7 @@ class SimulatorConfig:
     engine: str = "vllm"
     output_len_mean: float = 0.0
     latency: LatencyModel = field(default_factory=LatencyModel)
-    log_level: str = "info"
+    log: logs.LogSettings = field(default_factory=logs.LogSettings)
     headless: bool = False  # a worker node of a multi-node engine: no server
     # A model named by id with no local files (a Hugging Face repo): its name is served.
     model_id: str | None = None
@@ -318,7 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
         default="vllm",
         help="which engine's metric names /metrics uses",
     )
-    p.add_argument("--log-level", default="info")
+    logs.add_log_flags(p)
+    version.add_version_flag(p)
     p.add_argument(
         "--headless",
         action="store_true",
@@ -463,7 +465,7 @@ def parse_config(argv: list[str] | None = None) -> SimulatorConfig:
         engine=args.engine,
         output_len_mean=args.sim_output_len_mean,
         latency=_latency_model(args),
-        log_level=args.log_level,
+        log=logs.settings_from_args(args),
         headless=args.headless,
         warnings=tuple(warnings),
     )

@@ -13,11 +13,16 @@ from pathlib import Path
 import pytest
 
 from infergw.api.lifetime import spawn
+from infergw.api.logs import FORMAT_ENV
 from infergw.stack.ports import free_port
 from infergw.stack.readiness import wait_http
 
 # Fixtures shared by several test modules live in helper modules, registered here once.
 pytest_plugins = ["tests.picker_fixtures"]
+
+# The processes tests start log text wherever the suite runs: in a CI pod the kubelet's
+# KUBERNETES_SERVICE_HOST would make them log JSON (api/logs.py). Tests of the format say theirs.
+os.environ.setdefault(FORMAT_ENV, "text")
 
 
 def pytest_collection_modifyitems(config, items) -> None:

@@ -28,9 +28,11 @@ FLOORS: dict[str, set[str]] = {
     "api": set(),
     "cluster": {"api"},
     "kvindex": {"api"},
-    "simulator": set(),
-    # Run in the picker's init container: stands alone.
-    "fetch": set(),
+    # The simulator and fetch stand alone, but for the floor's shared conventions: the log
+    # format and flags (api/logs.py) and the version (api/version.py), as every process has.
+    "simulator": {"api"},
+    # Run in the picker's init container.
+    "fetch": {"api"},
     # Beside an engine: its adapters file (api) and the weights downloads (fetch).
     "runtime": {"api", "fetch"},
     "epp": {"api", "cluster", "kvindex"},

@@ -26,6 +26,9 @@ from tests.paths import ROOT
 
 pytestmark = pytest.mark.slow
 
+HEAD = subprocess.run(
+    ["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+).stdout.strip()
 DEV_KEY = "sk-infergate-dev-alice"  # examples/quickstart/api-keys.yaml
 # The folders whose files the commands read, and where the wheel puts them.
 DATA = {
@@ -65,6 +68,8 @@ def test_the_wheel_in_a_fresh_venv_runs_up_from_an_empty_directory(tmp_path: Pat
     (wheel,) = dist.glob("infergw-*.whl")
     with zipfile.ZipFile(wheel) as z:
         assert data_files() - set(z.namelist()) == set()
+        # setup.py's hook: the commit built from, for --version and inference_extension_info
+        assert z.read("infergw/api/_build_info.py").decode().endswith(f'COMMIT = "{HEAD}"\n')
     step("build")
 
     venv = tmp_path / "venv"
@@ -77,6 +82,10 @@ def test_the_wheel_in_a_fresh_venv_runs_up_from_an_empty_directory(tmp_path: Pat
     )
     assert bench.returncode == 3, bench.stderr  # the bench extra is not installed
     assert "pip install 'infergw[bench]'" in bench.stderr
+    said = subprocess.run(
+        [venv / "bin" / "infergate", "--version"], capture_output=True, text=True, cwd=tmp_path
+    )
+    assert said.stdout.strip().endswith(f"(commit {HEAD[:12]})"), said
 
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -4,10 +4,13 @@ never kept, and every bad body a clean 4xx (never a 500), bounded in memory."""
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 
 import pytest
 
+from infergw.api import logs
 from infergw.api.names import MODEL_NAME_HEADER
 from infergw.bbr.extproc import BodyRouter, RouterOptions
 from infergw.bbr.metrics import RouterMetrics
@@ -165,3 +168,26 @@ async def test_the_answer_is_passed_back_unchanged_if_a_proxy_sends_it():
     out = await ec.process(router(), [ec.response_headers(), ec.response_body(b"data", eos=True)])
     assert out[0].WhichOneof("response") == "response_headers"
     assert ec.streamed_bodies(out, "response_body") == [(b"data", True)]
+
+
+async def test_its_lines_name_the_request_and_never_the_prompt():
+    """An unknown model's line (info) carries the request's id and trace id; the chat's
+    content is in no line (api/log_context.py, as in the picker)."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    out = io.StringIO()
+    logs.configure(logs.LogSettings("json", "DEBUG", "DEBUG"), out)
+    trace = "4bf92f3577b34da6a3ce929d0e0e4736"
+    try:
+        body = json.dumps(
+            {"model": "gpt-9", "messages": [{"role": "user", "content": "BBR-MARKER-41"}]}
+        ).encode()
+        headers = {"x-request-id": "bbr-1", "traceparent": f"00-{trace}-00f067aa0ba902b7-01"}
+        await send(router(), body, headers=headers)
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    refused = [ln for ln in lines if "-> 404" in ln["message"]]
+    assert refused and (refused[0]["request_id"], refused[0]["trace_id"]) == ("bbr-1", trace)
+    assert "BBR-MARKER-41" not in out.getvalue()

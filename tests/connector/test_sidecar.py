@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import io
 import json
+import logging
 import signal
 import subprocess
 import sys
@@ -29,6 +31,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from multidict import CIMultiDict
 
+from infergw.api import logs
 from infergw.api.lifetime import spawn
 from infergw.api.names import BOTH, POOL_FILE_ENV, PREFILLER_HEADER, ROLE_LABEL
 from infergw.cli import main as infergate_main
@@ -1641,3 +1644,32 @@ def test_sigterm_stops_the_sidecar_cleanly(tmp_path):
             proc.kill()
             proc.wait()
     assert "shutting down" in log.read_text()
+
+
+# ---- log lines -----------------------------------------------------------------------------
+
+LOG_TRACE = "0af7651916cd43dd8448eb211c80319c"
+
+
+@pytest.fixture
+def json_log():
+    """The sidecar's lines, as JSON (api/logs.py), for the length of a test."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    out = io.StringIO()
+    logs.configure(logs.LogSettings("json"), out)
+    yield out
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+async def test_a_failed_request_is_logged_with_its_ids_not_its_prompt(sidecar, client, json_log):
+    url = await sidecar("http://" + dead_host_port())
+    headers = {"x-request-id": "rid-42", "traceparent": f"00-{LOG_TRACE}-b7ad6b7169203331-01"}
+    async with client.post(url + "/v1/completions", json=COMPLETION, headers=headers) as resp:
+        assert resp.status == 502
+    lines = [json.loads(line) for line in json_log.getvalue().splitlines()]
+    failed = [ln for ln in lines if ln["logger"] == "connector" and "local engine" in ln["message"]]
+    assert failed
+    assert all((ln["request_id"], ln["trace_id"]) == ("rid-42", LOG_TRACE) for ln in failed)
+    assert COMPLETION["prompt"] not in json_log.getvalue()

@@ -36,7 +36,8 @@ def test_the_reference_charts_args_start_the_picker_and_each_unapplied_one_is_sa
     assert opts.pool_name == "pool" and str(opts.config_file) == "/config/default-plugins.yaml"
     assert opts.metrics_staleness_threshold == 2.0  # meant: the scraper's staleness bound
     assert opts.grace_period == 30.0  # meant: the drain window
-    assert opts.log_level == "INFO"  # -v 3: verbose, below debug
+    assert (opts.log.level, opts.log.libraries_level) == ("INFO", "INFO")  # -v 3: verbose
+    assert opts.log.format == "json"  # --zap-encoder=json
     said = "\n".join(opts.reference_warnings)
     for flag in (
         "--metrics-endpoint-auth",
@@ -45,7 +46,6 @@ def test_the_reference_charts_args_start_the_picker_and_each_unapplied_one_is_sa
         "--model-server-metrics-path",
         "--model-server-metrics-https-insecure-skip-verify",
         "--refresh-prometheus-metrics-interval",
-        "--zap-encoder=json",
     ):
         assert flag in said, flag
     assert "--tracing" not in said  # it was turned off: nothing is missing
@@ -78,18 +78,50 @@ def test_another_pool_group_is_refused(capsys):
 
 
 @pytest.mark.parametrize(
-    ("args", "level"),
+    ("args", "ours", "libraries"),
     [
-        (["-v", "4"], "DEBUG"),
-        (["--v=5"], "DEBUG"),
-        (["--v=2"], "INFO"),
-        (["--zap-log-level=error"], "ERROR"),
-        (["--v=5", "--log-level=warning"], "WARNING"),  # our own flag wins
-        (["--log-level=error", "--zap-log-level=debug"], "ERROR"),
+        (["-v", "4"], "DEBUG", "INFO"),  # the reference's debug: our -v
+        (["--v=5"], "DEBUG", "DEBUG"),  # its trace: our -vv
+        (["--v=2"], "INFO", "INFO"),
+        (["-v"], "DEBUG", "INFO"),  # ours
+        (["-vv"], "DEBUG", "DEBUG"),
+        (["-vvv"], "DEBUG", "DEBUG"),
+        (["--zap-log-level=error"], "ERROR", "ERROR"),
+        (["--zap-log-level=debug"], "DEBUG", "DEBUG"),
+        (["--zap-log-level=4"], "DEBUG", "INFO"),  # zap's number: as -v=N
+        (["--zap-log-level=panic"], "CRITICAL", "CRITICAL"),
+        (["--v=5", "--log-level=warning"], "WARNING", "WARNING"),  # our own flag wins
+        (["--log-level=error", "--zap-log-level=debug"], "ERROR", "ERROR"),
     ],
 )
-def test_verbosity_maps_onto_the_log_level_unless_log_level_is_given(args, level):
-    assert parse_options([*BASE, *args]).log_level == level
+def test_verbosity_maps_onto_the_log_level_unless_log_level_is_given(
+    args, ours, libraries, monkeypatch
+):
+    monkeypatch.delenv("INFERGATE_VERBOSITY", raising=False)
+    monkeypatch.delenv("INFERGATE_LOG_LEVEL", raising=False)
+    log = parse_options([*BASE, *args]).log
+    assert (log.level, log.libraries_level) == (ours, libraries)
+
+
+@pytest.mark.parametrize(
+    ("args", "fmt"),
+    [
+        (["--zap-encoder=json"], "json"),
+        (["--zap-encoder=console"], "text"),
+        (["--zap-encoder=json", "--log-format=text"], "text"),  # our own flag wins
+        (["--log-format=json"], "json"),
+    ],
+)
+def test_the_zap_encoder_maps_onto_the_log_format(args, fmt, monkeypatch):
+    monkeypatch.delenv("INFERGATE_LOG_FORMAT", raising=False)
+    assert parse_options([*BASE, *args]).log.format == fmt
+
+
+@pytest.mark.parametrize("bad", ["-v=lots", "--v=x", "--zap-log-level=chatty", "--zap-log-level=0"])
+def test_a_level_neither_knows_is_a_usage_error(bad, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_options([*BASE, bad])
+    assert exit_info.value.code == 2
 
 
 @pytest.mark.parametrize(
