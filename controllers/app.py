@@ -20,7 +20,7 @@ from pathlib import Path
 
 from prometheus_client import start_http_server
 
-from infergw.api import logs
+from infergw.api import logs, tracing
 from infergw.api.names import KV_EVENTS_PORT, PICKER_FILTER_POLICY, POOL_FILE_ENV
 from infergw.cluster.informer import Informer
 from infergw.cluster.store import (
@@ -446,5 +446,13 @@ async def _stop_when(lost: asyncio.Event, stop: asyncio.Event) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logs.configure(args.log_level)
-    asyncio.run(serve(args))
+    try:
+        tracing.start("controllers")
+    except tracing.TracingConfigError as exc:
+        log.error("cannot start: %s", exc)
+        return 2
+    try:
+        asyncio.run(serve(args))
+    finally:
+        tracing.stop()
     return 0

@@ -9,6 +9,7 @@ import sys
 
 from aiohttp import web
 
+from infergw.api import tracing
 from infergw.simulator.config import SimulatorConfig, parse_config
 from infergw.simulator.server import Simulator
 
@@ -72,8 +73,15 @@ def main(argv: list[str] | None = None) -> int:
     for warning in cfg.warnings:
         log.warning("%s", warning)
     try:
+        tracing.start("simulator")
+    except tracing.TracingConfigError as exc:
+        log.error("cannot start: %s", exc)
+        return 2
+    try:
         asyncio.run(serve(cfg))
     except OSError as exc:
         log.error("cannot serve on %s:%d: %s", cfg.host, cfg.port, exc)
         return 1
+    finally:
+        tracing.stop()
     return 0

@@ -28,7 +28,8 @@ FLOORS: dict[str, set[str]] = {
     "api": set(),
     "cluster": {"api"},
     "kvindex": {"api"},
-    "simulator": set(),
+    # Its spans through the shared tracing setup (api/tracing.py).
+    "simulator": {"api"},
     # Run in the picker's init container: stands alone.
     "fetch": set(),
     # Beside an engine: its adapters file (api) and the weights downloads (fetch).
