@@ -249,7 +249,7 @@ class _Stream:
         if self.trace is not None:
             status = info.status
             outcome = "cancelled" if status == 0 else "error" if (status or 0) >= 400 else "ok"
-            self.trace.finished(info, outcome)
+            self.trace.finished(info, outcome, streamed_tokens=streamed)
 
     def close(self) -> None:
         """The stream ended before the answer's end. Before any response headers that means

@@ -102,7 +102,15 @@ class RequestTrace:
             {"http.response.status_code": status, "infergate.pod": served or ""},
         )
 
-    def finished(self, info: ResponseInfo | None, outcome: str, status: int = 0) -> None:
+    def finished(
+        self,
+        info: ResponseInfo | None,
+        outcome: str,
+        status: int = 0,
+        streamed_tokens: int | None = None,
+    ) -> None:
+        """End the spans. Without usage in the answer, a stream's output tokens are its
+        events counted (`streamed_tokens`)."""
         attrs: dict[str, object] = {"infergate.outcome": outcome}
         if status:
             attrs["http.response.status_code"] = status
@@ -110,7 +118,9 @@ class RequestTrace:
             attrs.update(
                 {
                     "gen_ai.usage.input_tokens": info.prompt_tokens,
-                    "gen_ai.usage.output_tokens": info.completion_tokens,
+                    "gen_ai.usage.output_tokens": info.completion_tokens
+                    if info.completion_tokens is not None
+                    else streamed_tokens,
                     "gen_ai.usage.cache_read.input_tokens": info.cached_tokens,
                     "infergate.ttft_seconds": info.ttft,
                 }

@@ -101,8 +101,7 @@ class HttpReceiver:
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self):
-                length = int(self.headers.get("content-length", "0"))
-                data = self.rfile.read(length)
+                data = self._body()
                 if self.path != "/v1/traces":
                     self.send_response(404)
                     self.end_headers()
@@ -116,6 +115,18 @@ class HttpReceiver:
                 self.send_header("content-length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)
+
+            def _body(self) -> bytes:
+                if "chunked" not in self.headers.get("transfer-encoding", "").lower():
+                    return self.rfile.read(int(self.headers.get("content-length", "0")))
+                data = b""
+                while True:  # chunked (Envoy's exporter streams its body)
+                    size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                    if size == 0:
+                        self.rfile.readline()
+                        return data
+                    data += self.rfile.read(size)
+                    self.rfile.readline()
 
             def log_message(self, *_args):
                 pass
