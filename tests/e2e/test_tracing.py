@@ -128,7 +128,6 @@ def test_one_trace_from_envoy_through_the_picker_to_the_pod(tmp_path, monkeypatc
         finally:
             stack.stop()
     trace = _one_trace(spans)
-    print("SPANS", sorted({(s.service, s.name) for s in spans}))
     assert trace is not None, sorted({(s.service, s.name) for s in spans})
     _check_trace(trace, stream)
     _no_prompt_anywhere(spans, answers)
