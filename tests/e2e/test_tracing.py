@@ -8,6 +8,7 @@ prompt or the completion."""
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import requests
@@ -148,3 +149,66 @@ def test_over_http_protobuf_too(tmp_path, monkeypatch):
     assert trace is not None, sorted({(s.service, s.name) for s in spans})
     _check_trace(trace, stream=False)
     _no_prompt_anywhere(spans, answers)
+
+
+def test_the_pd_legs_join_the_trace(tmp_path, monkeypatch):
+    """examples/pd (the controllers run the pods; each decode pod's sidecar in front of its
+    engine): a long new prompt's trace holds the sidecar's prefill and decode legs, each the
+    parent of the engine it called, under the picker's and Envoy's; the controllers export
+    their reconciles too."""
+    from infergw.stack.example import Example
+    from infergw.stack.local import LocalStack, StackConfig
+    from infergw.stack.ports import free_stack_ports
+    from infergw.stack.resources import EXAMPLES
+    from tests.e2e.test_pd import PD, complete, long_prompt
+
+    with GrpcReceiver() as collector:
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", collector.endpoint)
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
+        example = Example.read(EXAMPLES / "pd")
+        stack = LocalStack(StackConfig.from_example(example, tmp_path, free_stack_ports(pods=1)))
+        with stack:
+            running = PD(stack)
+            deadline = time.monotonic() + 60
+            while len(running.pods()) < 4:
+                assert time.monotonic() < deadline, "4 ready pods in the pool file"
+                time.sleep(0.2)
+            r, _rid = complete(stack, long_prompt())
+            assert r.status_code == 200, r.text
+
+            def done(spans: list[ReceivedSpan]) -> bool:
+                return _pd_trace(spans) is not None and any(
+                    s.service == "infergate-controllers" for s in spans
+                )
+
+            spans = collector.spans.wait_for(done, timeout=30)
+    trace = _pd_trace(spans)
+    assert trace is not None, sorted({(s.service, s.name) for s in spans})
+    ids = {s.span_id: s for s in trace}
+    (prefill_leg,) = [s for s in trace if s.name == "connector.prefill"]
+    (decode_leg,) = [s for s in trace if s.name == "connector.decode"]
+    engines = [s for s in trace if s.name == "simulator.request"]
+    assert {ids[e.parent_span_id].name for e in engines} == {
+        "connector.prefill",
+        "connector.decode",
+    }
+    (sidecar,) = [s for s in trace if s.name == "connector.request"]
+    assert ids[prefill_leg.parent_span_id] is sidecar and ids[decode_leg.parent_span_id] is sidecar
+    assert ids[sidecar.parent_span_id].service in ("infergate-envoy", "infergate-epp")
+    assert any(s.name == "gateway.request" for s in trace)
+    assert any(s.name == "controller.reconcile" for s in spans)
+
+
+def _pd_trace(spans: list[ReceivedSpan]) -> list[ReceivedSpan] | None:
+    by_trace: dict[str, list[ReceivedSpan]] = {}
+    for s in spans:
+        by_trace.setdefault(s.trace_id, []).append(s)
+    for trace in by_trace.values():
+        names = [s.name for s in trace]
+        ids = {s.span_id for s in trace}
+        whole = all(s.parent_span_id in ids for s in trace if s.parent_span_id)
+        if {"connector.prefill", "connector.decode", "gateway.request"} <= set(names) and (
+            names.count("simulator.request") == 2 and whole  # Envoy's spans came too
+        ):
+            return trace
+    return None
