@@ -279,7 +279,8 @@ class ExternalProcessor(pbg.ExternalProcessorServicer):
     ) -> AsyncIterator[pb.ProcessingResponse]:
         trace_context = None
         if tracing.enabled():
-            trace_context = trace_headers(context.invocation_metadata())
+            # No context: called directly (bench/epp_pipeline.py), not over gRPC.
+            trace_context = trace_headers(context.invocation_metadata() if context else None)
         stream = _Stream(self.director, self.budget, trace_context)
         try:
             tally = self.director.metrics.extproc_messages.counts
