@@ -310,6 +310,11 @@ def span(name: str, attributes: Mapping[str, Any] | None = None) -> AbstractCont
     """A child of the current span for the block, or nothing when tracing is off."""
     if _tracer is None:
         return _NOTHING
+    from opentelemetry import trace
+
+    parent = trace.get_current_span()
+    if parent is not trace.INVALID_SPAN and not parent.is_recording():
+        return _NOTHING  # a trace not sampled: its children would not be either
     return _child(name, attributes)
 
 

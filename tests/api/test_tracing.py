@@ -176,3 +176,17 @@ def test_an_unreachable_collector_never_blocks_the_caller(stopped):
     stop0 = time.perf_counter()
     tracing.stop()
     assert time.perf_counter() - stop0 < tracing.EXPORT_TIMEOUT_MS / 1000 * 3
+
+
+@pytest.mark.parametrize(
+    "traceparent",
+    ["garbage", "00-" + "0" * 32 + "-" + "0" * 16 + "-01", "00-" + "a" * 5000, "ff-x-y-z"],
+)
+def test_a_hostile_traceparent_starts_a_trace_of_our_own(stopped, traceparent):
+    with HttpReceiver() as rx:
+        tracing.start("test", env={"OTEL_EXPORTER_OTLP_ENDPOINT": rx.endpoint})
+        parent = tracing.extract({"traceparent": traceparent, "tracestate": "k=v," * 1000})
+        span = tracing.start_span("request", parent, server=True)
+        assert span.is_recording() and span.get_span_context().is_valid
+        assert span.get_span_context().trace_id != 0
+        tracing.end(span)
