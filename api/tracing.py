@@ -260,6 +260,16 @@ def start(
     return settings
 
 
+def started(component: str, *, force: bool = False) -> bool:
+    """start() for a command's main: False, with the reason logged, when it cannot."""
+    try:
+        start(component, force=force)
+    except TracingConfigError as exc:
+        log.error("cannot start: %s", exc)
+        return False
+    return True
+
+
 def stop() -> None:
     """Export what is queued (bounded by the export timeout) and stop."""
     global _tracer, _provider

@@ -49,10 +49,7 @@ async def serve(opts: ConnectorOptions) -> None:
 def main(argv: list[str] | None = None) -> int:
     opts = parse_options(argv)
     logs.configure(opts.log_level)
-    try:
-        tracing.start("connector")
-    except tracing.TracingConfigError as exc:
-        log.error("cannot start: %s", exc)
+    if not tracing.started("connector"):
         return 2
     try:
         asyncio.run(serve(opts))

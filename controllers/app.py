@@ -446,10 +446,7 @@ async def _stop_when(lost: asyncio.Event, stop: asyncio.Event) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logs.configure(args.log_level)
-    try:
-        tracing.start("controllers")
-    except tracing.TracingConfigError as exc:
-        log.error("cannot start: %s", exc)
+    if not tracing.started("controllers"):
         return 2
     try:
         asyncio.run(serve(args))

@@ -588,10 +588,7 @@ def main(argv: list[str] | None = None) -> int:
     logs.configure(opts.log_level)
     for warning in opts.reference_warnings:
         log.warning("%s", warning)
-    try:
-        tracing.start("epp", force=opts.tracing)
-    except tracing.TracingConfigError as exc:
-        log.error("cannot start: %s", exc)
+    if not tracing.started("epp", force=opts.tracing):
         return 2
     try:
         _run(serve(opts))

@@ -72,10 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     for warning in cfg.warnings:
         log.warning("%s", warning)
-    try:
-        tracing.start("simulator")
-    except tracing.TracingConfigError as exc:
-        log.error("cannot start: %s", exc)
+    if not tracing.started("simulator"):
         return 2
     try:
         asyncio.run(serve(cfg))

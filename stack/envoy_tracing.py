@@ -11,7 +11,6 @@ request to the pod.
 
 from __future__ import annotations
 
-import ipaddress
 from pathlib import Path
 
 import yaml
@@ -81,10 +80,12 @@ def tracing_block(settings: TraceSettings) -> dict:
 def collector_cluster(settings: TraceSettings) -> dict:
     """The cluster Envoy exports to: the collector's host and port (HTTP/2 for gRPC, TLS
     verified against the system's CAs for https)."""
+    from infergw.stack.envoy_config import is_ip_address  # it imports this module
+
     host, port, tls = settings.host_port
     cluster: dict = {
         "name": COLLECTOR_CLUSTER,
-        "type": "STATIC" if _is_ip(host) else "STRICT_DNS",
+        "type": "STATIC" if is_ip_address(host) else "STRICT_DNS",
         "connect_timeout": "1s",
         "load_assignment": {
             "cluster_name": COLLECTOR_CLUSTER,
@@ -124,14 +125,6 @@ def as_yaml(value: dict, indent: int) -> str:
     """`value` as block YAML indented for its place in the template."""
     text = yaml.safe_dump(value, sort_keys=False, width=float("inf"))
     return "\n".join(" " * indent + line for line in text.splitlines())
-
-
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
 
 
 def _ca_bundle() -> str:

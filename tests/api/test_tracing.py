@@ -4,6 +4,7 @@ off, and spans exported over OTLP — HTTP and gRPC — to receivers this test r
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -190,3 +191,25 @@ def test_a_hostile_traceparent_starts_a_trace_of_our_own(stopped, traceparent):
         assert span.is_recording() and span.get_span_context().is_valid
         assert span.get_span_context().trace_id != 0
         tracing.end(span)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["-m", "infergw.simulator"],
+        ["-m", "infergw.connector"],
+        ["-m", "infergw.controllers"],
+        ["-m", "infergw.epp", "--pool-name", "p"],
+    ],
+)
+def test_each_component_refuses_to_start_naming_the_variable(argv):
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("OTEL_")},
+        "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9",
+        "OTEL_TRACES_SAMPLER_ARG": "lots",
+    }
+    done = subprocess.run(
+        [sys.executable, *argv], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 2
+    assert "OTEL_TRACES_SAMPLER_ARG='lots'" in done.stderr
