@@ -41,7 +41,10 @@ COPY runtime ./runtime
 COPY examples ./examples
 COPY gateway-manifests ./gateway-manifests
 COPY crds ./crds
+# opentelemetry-proto again last: xds-protos' older copy of its files breaks the OTLP
+# exporters when it lands on top (api/tracing.py).
 RUN pip install '.[s3]' \
+    && pip install --force-reinstall --no-deps opentelemetry-proto \
     && cd / && rm -rf /src \
     && mkdir -p /opt/infergate/models \
     && ln -s "$(python -c 'import importlib.util, pathlib; print(pathlib.Path(importlib.util.find_spec("infergw.simulator").origin).parent / "default_model")')" \

@@ -22,6 +22,9 @@ $(BIN)/python:
 $(STAMP): pyproject.toml | $(BIN)/python
 	@tools/check_python.sh '$(BIN)/python' .venv
 	$(BIN)/python -m pip install -q -e '.[dev]'
+	# xds-protos carries an older opentelemetry/proto/ that breaks the OTLP exporters when
+	# it lands last (api/tracing.py): opentelemetry-proto's own files back on top.
+	$(BIN)/python -m pip install -q --force-reinstall --no-deps opentelemetry-proto
 	touch $(STAMP)
 
 up: $(STAMP)

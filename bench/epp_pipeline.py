@@ -17,8 +17,13 @@ last, answers included): µs per chunk, and per request without them. The messag
 before the clock starts (making them is the proxy's work). On a shared machine the others'
 load only adds CPU time (caches, frequency), so the best run is reported beside the median.
 
+With `--tracing off --tracing sampled --tracing unsampled` the installed code runs once per
+tracing setting instead (api/tracing.py; the spans of `sampled` go over OTLP/HTTP to a sink
+this process runs, `unsampled` is tracing on with the always_off sampler).
+
 infergate bench epp_overhead --parts pipeline --baseline 002be74 [--pipeline-chunks 0,100]
 python -m infergw.bench.epp_pipeline --commit 002be74 --commit HEAD [--chunks 100]
+python -m infergw.bench.epp_pipeline --tracing off --tracing sampled --tracing unsampled
 """
 
 from __future__ import annotations
@@ -30,7 +35,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from infergw.bench import checkout
@@ -117,6 +125,9 @@ async def main():
         "--config", s["config"], "--tokenizer", f"{s['model']}={s['tokenizer']}",
         "--kv-events-bind", f"tcp://127.0.0.1:{s['kv_port']}",
         "--refresh-metrics-interval", "1000s", "--log-level", "warning"])
+    if s.get("tracing"):  # the OTEL_* variables the parent set (api/tracing.py)
+        from infergw.api import tracing
+        tracing.start("epp")
     picker = await build_picker(opts)
     processor = ExternalProcessor(picker.director)
 
@@ -154,9 +165,16 @@ MODEL = "infergate-sim"
 PROMPT = "hello " * 50
 
 
-def run_child(path: Path | None, requests: int, warmup: int = 200, chunks: int = 0) -> dict:
+def run_child(
+    path: Path | None,
+    requests: int,
+    warmup: int = 200,
+    chunks: int = 0,
+    tracing: dict[str, str] | None = None,
+) -> dict:
     """One child run of the picker code on PYTHONPATH `path` (None: the installed code);
-    `chunks`: 0 for a JSON answer, else the streamed answer's token events."""
+    `chunks`: 0 for a JSON answer, else the streamed answer's token events; `tracing`: the
+    OTEL_* variables to start tracing with (None: off)."""
     settings = {
         "model": MODEL,
         "prompt": PROMPT,
@@ -167,8 +185,10 @@ def run_child(path: Path | None, requests: int, warmup: int = 200, chunks: int =
         "requests": requests,
         "warmup": warmup,
         "chunks": chunks,
+        "tracing": tracing is not None,
     }
-    env = dict(os.environ)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    env.update(tracing or {})
     if path is not None:
         env["PYTHONPATH"] = str(path)
     out = subprocess.run(
@@ -201,6 +221,55 @@ def _summary(runs: list[dict], chunks: int) -> dict:
     return out
 
 
+TRACING_MODES = ("off", "sampled", "unsampled")
+
+
+@contextmanager
+def trace_sink() -> Iterator[str]:
+    """An OTLP/HTTP endpoint on 127.0.0.1 that takes every export and keeps nothing."""
+
+    class Sink(BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers.get("content-length", "0")))
+            self.send_response(200)
+            self.send_header("content-length", "0")
+            self.end_headers()
+
+        def log_message(self, *_args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Sink)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def tracing_env(mode: str, endpoint: str) -> dict[str, str] | None:
+    if mode == "off":
+        return None
+    sampler = "always_on" if mode == "sampled" else "always_off"
+    return {"OTEL_EXPORTER_OTLP_ENDPOINT": endpoint, "OTEL_TRACES_SAMPLER": sampler}
+
+
+def compare_tracing(
+    modes: Sequence[str], requests: int = 2000, rounds: int = 3, chunks: Sequence[int] = (0,)
+) -> dict:
+    """The installed picker's CPU per request with tracing off, on and sampled, on and not
+    sampled: the modes taking turns, as compare's commits do."""
+    runs: dict[tuple[int, str], list[dict]] = {(n, m): [] for n in chunks for m in modes}
+    with trace_sink() as endpoint:
+        for _ in range(rounds):
+            for n in chunks:
+                for m in modes:
+                    env = tracing_env(m, endpoint)
+                    runs[n, m].append(run_child(None, requests, chunks=n, tracing=env))
+    return _result(requests, rounds, chunks, modes, runs, label="tracing ")
+
+
 def compare(
     commits: list[str], requests: int = 2000, rounds: int = 3, chunks: Sequence[int] = (0,)
 ) -> dict:
@@ -217,6 +286,10 @@ def compare(
         for n in chunks:
             for c in commits:
                 runs[n, c].append(run_child(paths[c], requests, chunks=n))
+    return _result(requests, rounds, chunks, commits, runs)
+
+
+def _result(requests, rounds, chunks, commits, runs, label: str = "") -> dict:
     head = subprocess.run(
         ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
     ).stdout.strip()
@@ -226,7 +299,8 @@ def compare(
         "head": head,
         "load": " ".join(Path("/proc/loadavg").read_text().split()[:3]),
         "modes": [
-            {"chunks": n, "commits": {c: _summary(runs[n, c], n) for c in commits}} for n in chunks
+            {"chunks": n, "commits": {label + c: _summary(runs[n, c], n) for c in commits}}
+            for n in chunks
         ],
     }
 
@@ -271,10 +345,23 @@ def main(argv: list[str] | None = None) -> int:
         help="repeatable: 0 for a JSON answer (the default), N for a streamed answer of N "
         "token events (each its own body message) and the usage event",
     )
+    p.add_argument(
+        "--tracing",
+        action="append",
+        default=[],
+        choices=TRACING_MODES,
+        help="repeatable, instead of --commit: the installed code with tracing off, on and "
+        "sampled, on and not sampled",
+    )
     args = p.parse_args(argv)
     if any(n < 0 for n in args.chunks):
         p.error("--chunks must be 0 or more")
-    out = compare(args.commit or ["HEAD"], args.requests, args.rounds, args.chunks or [0])
+    if args.tracing and args.commit:
+        p.error("--tracing compares the installed code's tracing settings: no --commit")
+    if args.tracing:
+        out = compare_tracing(args.tracing, args.requests, args.rounds, args.chunks or [0])
+    else:
+        out = compare(args.commit or ["HEAD"], args.requests, args.rounds, args.chunks or [0])
     print(json.dumps(out))
     print(markdown(out))
     return 0

@@ -7,7 +7,7 @@ import logging
 
 from aiohttp import web
 
-from infergw.api import logs
+from infergw.api import logs, tracing
 from infergw.api.signals import wait_for_signal
 from infergw.connector.allowlist import Allowlist
 from infergw.connector.options import ConnectorOptions, parse_options
@@ -49,9 +49,13 @@ async def serve(opts: ConnectorOptions) -> None:
 def main(argv: list[str] | None = None) -> int:
     opts = parse_options(argv)
     logs.configure(logs.settings(opts.log_format, opts.log_level, opts.verbosity))
+    if not tracing.started("connector"):
+        return 2
     try:
         asyncio.run(serve(opts))
     except OSError as exc:
         log.error("cannot serve on %s:%d: %s", opts.host, opts.port, exc)
         return 1
+    finally:
+        tracing.stop()
     return 0

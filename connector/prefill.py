@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import aiohttp
 
+from infergw.api import tracing
 from infergw.connector.upstream import Exchange, LegError, describe, error_text
 
 log = logging.getLogger("connector.prefill")
@@ -187,7 +188,8 @@ async def run_prefill(ex: Exchange, body: bytes) -> PrefillReply:
     attempts = PrefillAttempts(ex)
     async for host in attempts.hosts():
         try:
-            doc = await attempt_prefill(ex, host, body, attempts.left())
+            with tracing.span("connector.prefill", {"server.address": host}):
+                doc = await attempt_prefill(ex, host, body, attempts.left())
         except PrefillAttemptFailed as failed:
             ex.metrics.prefill_failed(failed.reason)
             log.warning("request %s: prefill on %s", ex.request_id, failed)

@@ -10,7 +10,7 @@ from typing import Protocol
 import aiohttp
 from aiohttp import web
 
-from infergw.api import log_context
+from infergw.api import log_context, tracing
 from infergw.api.names import PREFILLER_HEADER, REQUEST_ID_HEADER
 from infergw.connector.allowlist import Allowlist, allowlist_for
 from infergw.connector.http_kv import HttpConnector
@@ -127,6 +127,25 @@ class ConnectorProxy:
         if not header or request.method != "POST" or request.path not in TWO_LEG_PATHS:
             return await self.passthrough(request)
         self.metrics.request("disaggregated")
+        span = None
+        if tracing.enabled():  # the two legs are its children
+            span = tracing.start_span(
+                "connector.request",
+                tracing.extract(request.headers),
+                {"url.path": request.path, "infergate.kv_connector": self.connector.name},
+                server=True,
+            )
+        status = 499  # the client left, unless an answer says otherwise
+        try:
+            with tracing.current(span):
+                answer = await self._two_legs(request, header)
+            status = answer.status
+            return answer
+        finally:
+            error = str(status) if status >= 400 else ""
+            tracing.end(span, {"http.response.status_code": status}, error=error)
+
+    async def _two_legs(self, request: web.Request, header: str) -> web.StreamResponse:
         ex = None
         try:
             ex = await self._exchange(request, header)

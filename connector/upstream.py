@@ -13,6 +13,7 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict, MultiMapping
 
+from infergw.api import tracing
 from infergw.api.names import REQUEST_ID_HEADER
 from infergw.connector.metrics import ConnectorMetrics
 from infergw.connector.options import ConnectorOptions
@@ -164,6 +165,7 @@ class Exchange:
         h = CIMultiDict(self.headers)
         h[REQUEST_ID_HEADER] = self.request_id
         h["Content-Type"] = "application/json"
+        tracing.inject(h)  # the leg's span (tracing on) is the engine's parent
         return h
 
     def prefill_url(self, host_port: str) -> str:
@@ -255,13 +257,14 @@ def dumps(body: dict) -> bytes:
 
 async def run_decode(ex: Exchange, body: dict) -> web.StreamResponse:
     """The decode leg: `body` to the local engine, its answer streamed back to the client."""
-    resp = await open_upstream(
-        ex.session,
-        "POST",
-        ex.engine_url,
-        headers=ex.leg_headers(),
-        data=dumps(body),
-        opts=ex.opts,
-        what="decode leg: local engine",
-    )
-    return await relay(ex.request, resp, ex.metrics)
+    with tracing.span("connector.decode", {"server.address": ex.opts.engine_url}):
+        resp = await open_upstream(
+            ex.session,
+            "POST",
+            ex.engine_url,
+            headers=ex.leg_headers(),
+            data=dumps(body),
+            opts=ex.opts,
+            what="decode leg: local engine",
+        )
+        return await relay(ex.request, resp, ex.metrics)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from prometheus_client import start_http_server
 
-from infergw.api import logs, version
+from infergw.api import logs, tracing, version
 from infergw.api.names import KV_EVENTS_PORT, PICKER_FILTER_POLICY, POOL_FILE_ENV
 from infergw.cluster.informer import Informer
 from infergw.cluster.store import (
@@ -447,5 +447,10 @@ async def _stop_when(lost: asyncio.Event, stop: asyncio.Event) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logs.configure(logs.settings_from_args(args))
-    asyncio.run(serve(args))
+    if not tracing.started("controllers"):
+        return 2
+    try:
+        asyncio.run(serve(args))
+    finally:
+        tracing.stop()
     return 0

@@ -14,7 +14,7 @@ from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from infergw.api import ApiError
+from infergw.api import ApiError, tracing
 from infergw.cluster.informer import Informer
 from infergw.cluster.store import Conflict, Kind, Obj, Store, StoreError, controller_of
 from infergw.controllers.workqueue import WorkQueue
@@ -138,7 +138,13 @@ class Controller:
             ns, name = key
             t0 = time.monotonic()
             try:
-                again = await self.reconciler.reconcile(ns, name)
+                # A trace per reconcile pass (tracing on): its Kubernetes calls' time, whole.
+                with tracing.span(
+                    "controller.reconcile",
+                    {"infergate.controller": self.name, "k8s.namespace.name": ns,
+                     "infergate.object": name},
+                ):  # fmt: skip
+                    again = await self.reconciler.reconcile(ns, name)
             except Conflict:
                 self.metrics.reconciles.labels(self.name, "conflict").inc()
                 self.queue.add_rate_limited(key)  # read again and retry

@@ -18,7 +18,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pbg
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import Gauge
 
-from infergw.api import logs, yaml_files
+from infergw.api import logs, tracing, yaml_files
 from infergw.api.signals import wait_for_signal
 from infergw.cluster import certs
 from infergw.epp.body_budget import BodyBudget
@@ -588,6 +588,8 @@ def main(argv: list[str] | None = None) -> int:
     logs.configure(opts.log)
     for warning in opts.reference_warnings:
         log.warning("%s", warning)
+    if not tracing.started("epp", force=opts.tracing):
+        return 2
     try:
         _run(serve(opts))
     except (ConfigError, FileProviderError, KubernetesProviderError, FileNotFoundError) as exc:
@@ -596,4 +598,6 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         log.error("cannot serve: %s", exc)
         return 1
+    finally:
+        tracing.stop()
     return 0

@@ -10,6 +10,7 @@ import random
 import time
 from dataclasses import dataclass, field
 
+from infergw.api import tracing
 from infergw.epp.body_budget import DEFAULT_MAX_BODY_BYTES
 from infergw.epp.bodyless import allowed_without_body
 from infergw.epp.context import RequestContext
@@ -68,11 +69,13 @@ class Director:
         self.options.trust.apply(ctx)
         ctx.priority = self.datastore.priority_of(ctx.objective)
         try:
-            eligible = self._routed(ctx)
+            with tracing.span("gateway.route"):
+                eligible = self._routed(ctx)
         except NoCapacity as cold:
             # Nothing ready (scaled to zero, pods starting): hold it until a pod is, as an
             # activator does; the autoscaler reads how many wait (epp.capacity_wait).
-            waited = await self.gate.hold_for_capacity(ctx, self._has_capacity, cold)
+            with tracing.span("gateway.capacity_wait"):
+                waited = await self.gate.hold_for_capacity(ctx, self._has_capacity, cold)
             log.info("request %s waited %.2fs for a ready endpoint", ctx.request_id, waited)
             eligible = self._routed(ctx)
         req = ctx.request
@@ -87,9 +90,12 @@ class Director:
         if ctx.ticket.item is not None:  # it may have waited: the pool may have changed
             eligible = self.eligibility.endpoints(ctx)
         try:
-            for plugin in self._preparers:
-                await plugin.prepare(ctx)
-            return self._schedule(ctx, eligible)
+            if self._preparers:
+                with tracing.span("gateway.prepare"):
+                    for plugin in self._preparers:
+                        await plugin.prepare(ctx)
+            with tracing.span("gateway.schedule", {"infergate.candidates": len(eligible)}):
+                return self._schedule(ctx, eligible)
         except BaseException:
             self.gate.abandon(ctx.ticket, ctx)
             raise

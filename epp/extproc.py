@@ -17,13 +17,14 @@ import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pbg
 
-from infergw.api import log_context
+from infergw.api import log_context, tracing
 from infergw.epp import model_catalog, protocol
 from infergw.epp.body_budget import BodyAccumulator, BodyBudget, BudgetShare
 from infergw.epp.context import RequestContext
 from infergw.epp.director import Director
 from infergw.epp.errors import PickerError
 from infergw.epp.request import InferenceRequest, parse_request
+from infergw.epp.request_trace import RequestTrace, trace_headers
 from infergw.epp.response import MAX_HELD, ResponseChain, UsageReader, response_chain
 from infergw.epp.scheduling.framework import ResponseInfo
 
@@ -37,9 +38,18 @@ PARSE_OVERHEAD = 5
 class _Stream:
     """The state of one HTTP request as the picker sees it."""
 
-    def __init__(self, director: Director, budget: BodyBudget | None = None) -> None:
+    def __init__(
+        self,
+        director: Director,
+        budget: BodyBudget | None = None,
+        trace_context: dict[str, str] | None = None,
+    ) -> None:
         self.director = director
         self.budget = budget or BodyBudget()
+        # Tracing on: the W3C context Envoy sent with the stream, until the headers come.
+        self.trace_context = trace_context
+        self.trace: RequestTrace | None = None
+        self.error_status = 0  # the status the picker answered with itself
         self.share = BudgetShare(self.budget)  # given back when the stream ends
         self.response_charged = 0  # the part of it the response chain holds
         self.headers: dict[str, str] = {}
@@ -70,6 +80,8 @@ class _Stream:
         # From here every log line of this stream names the request (api/log_context.py).
         log_context.bind_request(self.headers)
         self.subset = protocol.subset_hint(msg)
+        if self.trace_context is not None:
+            self.trace = RequestTrace(self.trace_context, self.headers)
         if not msg.request_headers.end_of_stream:
             return []  # deferred until the body ends
         self.request_done = True
@@ -93,11 +105,24 @@ class _Stream:
         # to 4 bytes a character). Reserve that before building it, then settle to what the
         # request keeps, so the budget bounds the peak and not only what is left after it.
         raw = self.body.take_all(PARSE_OVERHEAD)  # held once, by the request
-        req = parse_request(path, raw, self.headers, max_body_bytes=self.body.limit)
+        trace = self.trace
+        if trace is None:
+            req = parse_request(path, raw, self.headers, max_body_bytes=self.body.limit)
+        else:
+            with tracing.current(trace.request), trace.parse():
+                req = parse_request(path, raw, self.headers, max_body_bytes=self.body.limit)
+            trace.parsed(req)
         self.share.settle(req.held_bytes)
         log_context.name_request(req.request_id)  # the id the picker made, if Envoy gave none
         ctx = RequestContext(req, subset=self.subset)
-        await self.director.handle(ctx)
+        if trace is None:
+            await self.director.handle(ctx)
+        else:
+            with tracing.current(trace.request):
+                await self.director.handle(ctx)
+            trace.decided(ctx)
+            if trace.request is not None:  # the pod continues the picker's trace
+                tracing.inject(ctx.upstream_headers, trace.request)
         self.req, self.ctx = req, ctx
         out_body = ctx.upstream_body()
         # Sizes, never the body: prompts and completions stay out of logs.
@@ -134,6 +159,8 @@ class _Stream:
             served=ctx.target_model if ctx else "",
             asked=ctx.request.model if ctx else "",
         )
+        if self.trace is not None:
+            self.trace.response_started(self.status, self.served)
         if msg.response_headers.end_of_stream:
             self.finish()
         # Otherwise the request ends with the body's end of stream or, when the proxy keeps
@@ -185,6 +212,9 @@ class _Stream:
     def finish(self, cancelled: bool = False, status_unseen: bool = False) -> None:
         if self.finished or self.ctx is None:
             self.finished = True
+            if self.trace is not None:  # answered by the picker itself, or never routed
+                self.trace.finished(None, "rejected" if self.error_status else "ok",
+                                    self.error_status)  # fmt: skip
             return
         self.finished = True
         if self.response is not None:
@@ -237,6 +267,10 @@ class _Stream:
                 "seconds": round(time.monotonic() - self.started, 3),
             },
         )
+        if self.trace is not None:
+            status = info.status
+            outcome = "cancelled" if status == 0 else "error" if (status or 0) >= 400 else "ok"
+            self.trace.finished(info, outcome, streamed_tokens=streamed)
 
     def close(self) -> None:
         """The stream ended before the answer's end. Before any response headers that means
@@ -264,7 +298,11 @@ class ExternalProcessor(pbg.ExternalProcessorServicer):
         request_iterator: AsyncIterator[pb.ProcessingRequest],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[pb.ProcessingResponse]:
-        stream = _Stream(self.director, self.budget)
+        trace_context = None
+        if tracing.enabled():
+            # No context: called directly (bench/epp_pipeline.py), not over gRPC.
+            trace_context = trace_headers(context.invocation_metadata() if context else None)
+        stream = _Stream(self.director, self.budget, trace_context)
         try:
             tally = self.director.metrics.extproc_messages.counts
             async for msg in request_iterator:
@@ -311,6 +349,7 @@ class ExternalProcessor(pbg.ExternalProcessorServicer):
             log_context.unbind_request()
 
     def _count_error(self, stream: _Stream, exc: PickerError) -> None:
+        stream.error_status = exc.status
         model = stream.req.model if stream.req else ""
         target = stream.ctx.target_model if stream.ctx else ""
         self.director.metrics.errors.labels(model, target, str(exc.status)).inc()

@@ -15,6 +15,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from infergw.api import tracing
 from infergw.epp.capacity_wait import DEFAULT_CAPACITY_WAIT_TTL, CapacityWait, HasCapacity
 from infergw.epp.context import RequestContext
 from infergw.epp.datastore import Endpoint
@@ -108,8 +109,9 @@ class Gatekeeper:
         if resolution is not None and resolution.route.spec.rate_limit is not None:
             ticket.route = resolution.route_name
             limiter = ticket.limiter = self._limiter(resolution)
-            tokens = await self.count_input_tokens(ctx)
-            decision = await limiter.check(ticket.route, user, tokens)
+            with tracing.span("gateway.rate_limit", {"infergate.route": ticket.route}):
+                tokens = await self.count_input_tokens(ctx)
+                decision = await limiter.check(ticket.route, user, tokens)
             if not decision.allowed:
                 status = 503 if decision.limit == "unavailable" else 429
                 retry = decision.retry_after_header()
@@ -119,7 +121,8 @@ class Gatekeeper:
                     headers={"retry-after": retry} if retry else None,
                 )
         try:
-            await self._wait_for_room(ctx, where, ticket)
+            with tracing.span("gateway.flow_control"):
+                await self._wait_for_room(ctx, where, ticket)
         except BaseException:  # turned away, timed out or the client left: never served
             self._refund_input(ticket, ctx)
             raise

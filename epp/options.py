@@ -113,6 +113,8 @@ class PickerOptions:
     metrics_staleness_threshold: float | None = None
     # The reference picker's flags given and not applied (epp/reference_flags.py), logged at start.
     reference_warnings: tuple[str, ...] = ()
+    # The reference's --tracing: export traces even when no OTEL_* variable asks (api/tracing.py).
+    tracing: bool = False
 
 
 def add_serving_flags(
@@ -442,6 +444,7 @@ def parse_options(argv: list[str] | None = None) -> PickerOptions:
         capacity_wait_ttl=a.capacity_wait_ttl,
         metrics_staleness_threshold=staleness,
         reference_warnings=ref.warnings,
+        tracing=a.ref_tracing,
         tokenizers=tokenizers,
         trust_client_headers=a.trust_client_headers,
         response_headers_skipped=a.response_headers_skipped,

@@ -74,9 +74,9 @@ SWITCHES = (
         "NetworkPolicy (gateway-manifests/network-policies.yaml)",
     ),
     NotApplied("--enable-pprof", "no pprof handlers (py-spy profiles the picker from outside)"),
-    NotApplied("--tracing", "no traces are exported yet"),
     NotApplied("--enable-cert-reload", "the certificate in --cert-path is read once, at start"),
 )
+TRACING_FLAG = "--tracing"
 # Valued flags accepted and not applied.
 IGNORED_VALUES = (
     NotApplied(
@@ -144,6 +144,12 @@ def add_reference_flags(p: argparse.ArgumentParser) -> None:
             s.flag, dest=_dest(s.flag), type=_switch, nargs="?", const=True, default=False,
             help=f"accepted; {s.instead}",
         )  # fmt: skip
+    # Meant: the reference's tracing switch, on api/tracing.py (its defaults when no OTEL_*
+    # variable says otherwise: OTLP gRPC to localhost:4317, a tenth of new traces).
+    g.add_argument(
+        TRACING_FLAG, dest=_dest(TRACING_FLAG), type=_switch, nargs="?", const=True,
+        default=False, help="export traces over OTLP as the OTEL_* variables say (README: Tracing)",
+    )  # fmt: skip
     # nargs="?": some are switches in the reference (--zap-devel), given bare.
     for s in IGNORED_VALUES:
         g.add_argument(

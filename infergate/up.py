@@ -47,6 +47,7 @@ from pathlib import Path
 
 from infergw.api import logs, version
 from infergw.stack.envoy_config import is_ip_address
+from infergw.stack.envoy_tracing import TracingConfigError, check_tracing, describe
 from infergw.stack.example import Example, ExampleError
 from infergw.stack.gateway_tls import GatewayCert, default_directory, own_cert, stack_cert
 from infergw.stack.local import LocalStack, StackConfig
@@ -184,6 +185,11 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as exc:
         print(f"infergate up: --tls: {exc}", file=sys.stderr)
         return 2
+    try:  # every component reads the same OTEL_* variables: one clear error before any starts
+        traces = check_tracing()
+    except TracingConfigError as exc:
+        print(f"infergate up: {exc}", file=sys.stderr)
+        return 2
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="infergate-up-"))
     try:
         example = Example.read(args.example)
@@ -235,6 +241,7 @@ infergate up: Envoy on {stack.url} -> {_serving_lines(stack, example)}
   (edit it: the controllers apply changes)
   auth: {_auth_line(example, args.no_auth)}
   {_tls_lines(tls)}
+  {describe(traces) if traces else "traces: off (README: Tracing)"}
   logs and configs: {workdir} (pods' logs in {workdir / "state" / "pods"})
 
   curl {_cacert(tls)}{stack.url}/v1/chat/completions \\

@@ -28,6 +28,7 @@ from typing import Protocol
 
 from prometheus_client import Histogram
 
+from infergw.api import tracing
 from infergw.kvindex.backend import PrefixIndex, PrefixView, RemotePrefixIndex
 from infergw.kvindex.keys import prompt_keys
 from infergw.kvindex.tokenize import PromptError, PromptTokenizer, PromptTokenizers
@@ -143,7 +144,8 @@ class KVCache:
         if self._remote is None or not prompt.keys:
             return prompt
         t0 = time.perf_counter()
-        held = await self._remote.fetch(prompt.keys)
+        with tracing.span("kvindex.lookup", {"infergate.kv.blocks": len(prompt.keys)}):
+            held = await self._remote.fetch(prompt.keys)
         if self._lookup_seconds is not None:
             self._lookup_seconds.observe(time.perf_counter() - t0)
         return dataclasses.replace(prompt, held=held)
@@ -158,14 +160,17 @@ class KVCache:
         (each block weighs its best tier), over the prompt's block count: 0..1."""
         if not prompt.keys:
             return [0.0] * len(pods)
+        total = len(prompt.keys)
         if prompt.held is not None:  # fetched: its time was observed then
             held = prompt.held.lookup(prompt.keys, pods, tier_weights=tier_weights)
         else:
             t0 = time.perf_counter()
-            held = self._index.lookup(prompt.keys, pods, tier_weights=tier_weights)
+            with tracing.span(
+                "kvindex.lookup", {"infergate.kv.blocks": total, "infergate.endpoints": len(pods)}
+            ):
+                held = self._index.lookup(prompt.keys, pods, tier_weights=tier_weights)
             if self._lookup_seconds is not None:
                 self._lookup_seconds.observe(time.perf_counter() - t0)
-        total = len(prompt.keys)
         return [held.get(pod, 0.0) / total for pod in pods]
 
     def matched_blocks(self, prompt: Prompt, pods: Sequence[str]) -> dict[str, int]:

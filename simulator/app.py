@@ -8,7 +8,7 @@ import signal
 
 from aiohttp import web
 
-from infergw.api import logs
+from infergw.api import logs, tracing
 from infergw.simulator.config import SimulatorConfig, parse_config
 from infergw.simulator.server import Simulator
 
@@ -67,9 +67,13 @@ def main(argv: list[str] | None = None) -> int:
     logs.configure(cfg.log)
     for warning in cfg.warnings:
         log.warning("%s", warning)
+    if not tracing.started("simulator"):
+        return 2
     try:
         asyncio.run(serve(cfg))
     except OSError as exc:
         log.error("cannot serve on %s:%d: %s", cfg.host, cfg.port, exc)
         return 1
+    finally:
+        tracing.stop()
     return 0

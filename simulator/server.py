@@ -8,7 +8,14 @@ import logging
 
 from aiohttp import web
 
-from infergw.simulator import anthropic, responses, responses_api, scoring, tool_calls
+from infergw.simulator import (
+    anthropic,
+    request_trace,
+    responses,
+    responses_api,
+    scoring,
+    tool_calls,
+)
 from infergw.simulator.block_hashing import BlockHasher
 from infergw.simulator.block_pool import BlockPool
 from infergw.simulator.config import SimulatorConfig
@@ -159,17 +166,26 @@ class Simulator:
                 "kv_transfer_params",
             )
         reqs = [self.requests.build(gen, lora, ids) for ids in prompts]
+        span = request_trace.begin(request.headers, request.path, gen.model)
         for r in reqs:
             self.engine.add_request(r)
         head = responses.AnswerHead.new(model, chat, self.system_fingerprint)
+        status = 499  # the client left, unless an answer or an error says otherwise
         try:
             if gen.stream:
-                return await self._stream(request, gen, head, reqs)
-            return await self._collect(gen, head, reqs)
+                answer = await self._stream(request, gen, head, reqs)
+            else:
+                answer = await self._collect(gen, head, reqs)
+            status = answer.status
+            return answer
+        except ApiError as exc:
+            status = exc.status
+            raise
         finally:
             for r in reqs:  # client gone or error: free the engine's resources
                 if r.status is not Status.FINISHED:
                     self.engine.abort(r)
+            request_trace.finish(span, reqs, status)
 
     def _usage(self, reqs: list[SimRequest], details_of: SimRequest, chat: bool) -> dict:
         details = details_of if self.cfg.enable_prompt_tokens_details else None

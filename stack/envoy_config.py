@@ -13,8 +13,10 @@ import yaml
 
 from infergw.api.names import MODEL_NAME_HEADER, SERVED_HEADER
 from infergw.api.retries import RETRIABLE_STATUS_CODES, RETRY_ON, retry_budget
+from infergw.api.tracing import TraceSettings
 from infergw.cluster.certs import key_problem
 from infergw.stack.auth import AuthConfig, http_filters
+from infergw.stack.envoy_tracing import as_yaml, collector_cluster, tracing_block
 from infergw.stack.ports import PickerPorts, RouterPorts
 from infergw.stack.resources import ENVOY_TEMPLATE
 
@@ -116,6 +118,9 @@ class EnvoySettings:
     listen_host: str = "127.0.0.1"  # the client listener's address
     # Set: the client listener speaks HTTPS only, with this certificate.
     listener_tls: ListenerTls | None = None
+    # Set: Envoy's OpenTelemetry tracer exports to the OTEL_* variables' collector
+    # (stack/envoy_tracing.py).
+    tracing: TraceSettings | None = None
 
 
 def render(settings: EnvoySettings) -> str:
@@ -155,6 +160,9 @@ def render(settings: EnvoySettings) -> str:
     fields["retry_on"] = RETRY_ON
     fields["retriable_status_codes"] = _flow(list(RETRIABLE_STATUS_CODES))
     fields["retry_budget"] = _flow(retry_budget())
+    trace = settings.tracing
+    fields["tracing_block"] = as_yaml({"tracing": tracing_block(trace)}, 10) if trace else ""
+    fields["tracing_cluster"] = as_yaml([collector_cluster(trace)], 2) if trace else ""
     return env.from_string(ENVOY_TEMPLATE.read_text()).render(**fields)
 
 

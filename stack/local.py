@@ -25,7 +25,7 @@ from pathlib import Path
 
 import yaml
 
-from infergw.api import yaml_files
+from infergw.api import tracing, yaml_files
 from infergw.api.lifetime import spawn
 from infergw.api.loopback import missing_loopback
 from infergw.api.names import ENGINE_LABEL, KV_EVENTS_PORT, KV_REPLAY_PORT
@@ -607,6 +607,7 @@ class LocalStack:
                     router=c.ports.router if self.several else None,
                     listen_host=c.listen_host,
                     listener_tls=c.listener_tls,
+                    tracing=tracing.settings_from_env(),
                 )
             )
         )

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Self
 
+from infergw.api import tracing
 from infergw.epp.context import RequestContext
 from infergw.epp.datastore import Endpoint
 from infergw.epp.errors import PickerError
@@ -192,31 +194,55 @@ class Scheduler:
                     if not endpoints:
                         done[profile.name] = None
                         continue
-                done[profile.name] = self._run_profile(profile, ctx, endpoints)
+                with tracing.span("gateway.profile", {"infergate.profile": profile.name}):
+                    done[profile.name] = self._run_profile(profile, ctx, endpoints)
         return self.handler.process_results(ctx, done)
 
     def _run_profile(
         self, profile: Profile, ctx: RequestContext, candidates: list[Endpoint]
     ) -> ProfileResult | None:
+        traced = tracing.recording()  # a span per plugin only for a sampled request
         endpoints = candidates
         for f in profile.filters:
             t0 = time.perf_counter()
-            endpoints = f.filter(ctx, endpoints)
+            with _plugin_span(traced, "Filter", f, len(endpoints)):
+                endpoints = f.filter(ctx, endpoints)
             self._observe("Filter", f.type_name, f.name, time.perf_counter() - t0)
             if not endpoints:
                 return None
         totals = [0.0] * len(endpoints)
         for ws in profile.scorers:
             t0 = time.perf_counter()
-            scores = ws.scorer.score(ctx, endpoints)
+            with _plugin_span(traced, "Scorer", ws.scorer, len(endpoints)):
+                scores = ws.scorer.score(ctx, endpoints)
             self._observe("Scorer", ws.scorer.type_name, ws.scorer.name, time.perf_counter() - t0)
             for i, s in enumerate(scores):
                 totals[i] += min(1.0, max(0.0, s)) * ws.weight
         scored = list(zip(endpoints, totals, strict=True))
         assert profile.picker is not None
         t0 = time.perf_counter()
-        targets = profile.picker.pick(ctx, scored, self.max_endpoints)
+        with _plugin_span(traced, "Picker", profile.picker, len(scored)):
+            targets = profile.picker.pick(ctx, scored, self.max_endpoints)
         self._observe(
             "Picker", profile.picker.type_name, profile.picker.name, time.perf_counter() - t0
         )
         return ProfileResult(targets, {e.address: s for e, s in scored})
+
+
+_UNTRACED = nullcontext()
+
+
+def _plugin_span(
+    traced: bool, point: str, plugin: Plugin, endpoints: int
+) -> AbstractContextManager:
+    if not traced:
+        return _UNTRACED
+    return tracing.span(
+        "gateway.plugin",
+        {
+            "infergate.extension_point": point,
+            "infergate.plugin.type": plugin.type_name,
+            "infergate.plugin.name": plugin.name,
+            "infergate.endpoints": endpoints,
+        },
+    )

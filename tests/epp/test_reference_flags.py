@@ -146,3 +146,11 @@ async def test_the_staleness_threshold_reaches_the_scraper(tmp_path):
         assert scraper.stale_after == 1.5
     finally:
         await scraper.stop()
+
+
+def test_tracing_is_meant_it_turns_on_the_pickers_tracing():
+    """--tracing (README: Tracing): on with the reference's defaults unless OTEL_* say more."""
+    assert parse_options([*BASE, "--tracing"]).tracing is True
+    assert parse_options([*BASE, "--tracing=true"]).reference_warnings == ()
+    assert parse_options([*BASE, "--tracing=false"]).tracing is False
+    assert parse_options(BASE).tracing is False

@@ -1,0 +1,421 @@
+"""OpenTelemetry tracing from the standard OTEL_* variables, one setup for every component
+(picker, simulator, P/D sidecar, controllers; `stack/envoy_tracing.py` renders the same
+settings for Envoy).
+
+Off unless an OTLP endpoint is named (or OTEL_TRACES_EXPORTER=otlp, or the reference
+picker's --tracing): then nothing of the OpenTelemetry SDK is imported and every hook is one
+check of a module global. On: a BatchSpanProcessor with a bounded queue exports from its own
+thread, so an unreachable collector drops spans and never blocks or slows a request.
+
+What spans carry: sizes, token counts, model, pod, objective and outcome — never a prompt or
+a completion (README, "Tracing").
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator, Mapping, MutableMapping
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+if TYPE_CHECKING:
+    from opentelemetry.context import Context
+    from opentelemetry.trace import Span, Tracer
+
+log = logging.getLogger("api.tracing")
+
+ENDPOINT = "OTEL_EXPORTER_OTLP_ENDPOINT"
+TRACES_ENDPOINT = "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"
+PROTOCOL = "OTEL_EXPORTER_OTLP_PROTOCOL"
+TRACES_PROTOCOL = "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"
+SAMPLER = "OTEL_TRACES_SAMPLER"
+SAMPLER_ARG = "OTEL_TRACES_SAMPLER_ARG"
+SERVICE_NAME = "OTEL_SERVICE_NAME"
+EXPORTER = "OTEL_TRACES_EXPORTER"
+SDK_DISABLED = "OTEL_SDK_DISABLED"
+# Every variable this module reads: what `infergate up` passes on to what it starts.
+VARIABLES = (
+    ENDPOINT, TRACES_ENDPOINT, PROTOCOL, TRACES_PROTOCOL, SAMPLER, SAMPLER_ARG, SERVICE_NAME,
+    EXPORTER, SDK_DISABLED,
+)  # fmt: skip
+
+GRPC, HTTP = "grpc", "http/protobuf"
+DEFAULT_ENDPOINTS = {GRPC: "http://localhost:4317", HTTP: "http://localhost:4318"}
+SAMPLERS = (
+    "always_on", "always_off", "traceidratio",
+    "parentbased_always_on", "parentbased_always_off", "parentbased_traceidratio",
+)  # fmt: skip
+# The reference picker's --tracing defaults (its helm chart's inferenceExtension.tracing):
+# OTLP over gRPC to a collector on localhost, a tenth of new traces, parents' choice kept.
+REFERENCE_SAMPLER, REFERENCE_RATIO = "parentbased_traceidratio", 0.1
+# The export queue: spans beyond it are dropped (a down collector costs no memory).
+MAX_QUEUE = 2048
+EXPORT_TIMEOUT_MS = 5000
+
+# infergw depends on them; an environment that lost them gets them back with:
+INSTALL_HINT = (
+    "pip install opentelemetry-sdk opentelemetry-exporter-otlp-proto-grpc "
+    "opentelemetry-exporter-otlp-proto-http"
+)
+PROTO_FIX = "pip install --force-reinstall --no-deps opentelemetry-proto"
+
+
+class TracingConfigError(ValueError):
+    """An OTEL_* variable this process cannot use; the message names it."""
+
+
+@dataclass(frozen=True, slots=True)
+class TraceSettings:
+    """Where and how spans go, read from the environment once at start."""
+
+    protocol: str  # GRPC or HTTP
+    # gRPC: scheme://host:port; http/protobuf: the full URL of the traces route.
+    endpoint: str
+    sampler: str
+    ratio: float  # for the *traceidratio samplers
+    service_name: str | None  # OTEL_SERVICE_NAME, else each component's own
+
+    @property
+    def host_port(self) -> tuple[str, int, bool]:
+        """The collector's host, port and whether it speaks TLS (https)."""
+        url = urlsplit(self.endpoint)
+        tls = url.scheme == "https"
+        return url.hostname or "localhost", url.port or (443 if tls else 80), tls
+
+    @property
+    def path(self) -> str:
+        return urlsplit(self.endpoint).path or "/"
+
+    @property
+    def sampled_share(self) -> float:
+        """The share of new traces sampled (Envoy's random_sampling, as a fraction)."""
+        if self.sampler.endswith("always_off"):
+            return 0.0
+        if self.sampler.endswith("traceidratio"):
+            return self.ratio
+        return 1.0
+
+
+def settings_from_env(
+    env: Mapping[str, str] | None = None, *, force: bool = False
+) -> TraceSettings | None:
+    """The settings, or None when tracing is off. `force` (the reference's --tracing) turns
+    it on with the reference's defaults for whatever the variables leave unsaid. Raises
+    TracingConfigError naming the variable whose value cannot be used."""
+    env = os.environ if env is None else env
+    if _get(env, SDK_DISABLED).lower() == "true":
+        return None
+    exporter = _get(env, EXPORTER).lower()
+    if exporter not in ("", "otlp", "none"):
+        raise TracingConfigError(f"{EXPORTER}={exporter!r}: only 'otlp' or 'none' are supported")
+    named = _get(env, TRACES_ENDPOINT) or _get(env, ENDPOINT)
+    if exporter == "none" or not (named or exporter == "otlp" or force):
+        return None
+    protocol = _protocol(env, default=GRPC if force else HTTP)
+    endpoint = _endpoint(env, protocol)
+    default_sampler = REFERENCE_SAMPLER if force else "parentbased_always_on"
+    sampler = _get(env, SAMPLER).lower() or default_sampler
+    if sampler not in SAMPLERS:
+        raise TracingConfigError(f"{SAMPLER}={sampler!r}: one of {', '.join(SAMPLERS)}")
+    ratio = _ratio(env, REFERENCE_RATIO if force and not _get(env, SAMPLER) else 1.0)
+    return TraceSettings(protocol, endpoint, sampler, ratio, _get(env, SERVICE_NAME) or None)
+
+
+def _get(env: Mapping[str, str], name: str) -> str:
+    return env.get(name, "").strip()
+
+
+def _protocol(env: Mapping[str, str], default: str) -> str:
+    for name in (TRACES_PROTOCOL, PROTOCOL):
+        value = _get(env, name).lower()
+        if value:
+            if value not in (GRPC, HTTP):
+                raise TracingConfigError(f"{name}={value!r}: '{GRPC}' or '{HTTP}'")
+            return value
+    return default
+
+
+def _endpoint(env: Mapping[str, str], protocol: str) -> str:
+    traces, base = _get(env, TRACES_ENDPOINT), _get(env, ENDPOINT)
+    name, value = (TRACES_ENDPOINT, traces) if traces else (ENDPOINT, base)
+    value = value or DEFAULT_ENDPOINTS[protocol]
+    url = urlsplit(value)
+    try:
+        url.port  # noqa: B018 — raises for a port that is not a number
+    except ValueError:
+        raise TracingConfigError(f"{name}={value!r}: the port is not a number") from None
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise TracingConfigError(f"{name}={value!r}: an http:// or https:// URL with a host")
+    if protocol == GRPC:
+        port = url.port or (443 if url.scheme == "https" else 4317)
+        return f"{url.scheme}://{_bracketed(url.hostname)}:{port}"
+    if name == ENDPOINT or not traces:  # the base URL: the traces route is appended
+        return value.rstrip("/") + "/v1/traces"
+    return value
+
+
+def _bracketed(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def _ratio(env: Mapping[str, str], default: float) -> float:
+    text = _get(env, SAMPLER_ARG)
+    if not text:
+        return default
+    try:
+        ratio = float(text)
+    except ValueError:
+        raise TracingConfigError(f"{SAMPLER_ARG}={text!r}: a number from 0 to 1") from None
+    if not 0.0 <= ratio <= 1.0:
+        raise TracingConfigError(f"{SAMPLER_ARG}={text!r}: a number from 0 to 1")
+    return ratio
+
+
+def check(env: Mapping[str, str] | None = None) -> TraceSettings | None:
+    """What settings_from_env says, and that the SDK and the exporter they need import (a
+    launcher checks before it starts anything)."""
+    settings = settings_from_env(env)
+    if settings is not None:
+        _exporter_class(settings.protocol)
+    return settings
+
+
+def _exporter_class(protocol: str) -> Any:
+    """The OTLP span exporter for `protocol`; TracingConfigError saying what to install."""
+    try:
+        import opentelemetry.sdk.trace  # noqa: F401
+
+        if protocol == GRPC:
+            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+        else:
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    except ImportError as exc:
+        if getattr(exc, "name", None) and str(exc.name).startswith("opentelemetry.proto"):
+            # xds-protos (Envoy's protos, which the picker needs) ships an older copy of
+            # opentelemetry/proto/; installed after opentelemetry-proto, it replaces it.
+            raise TracingConfigError(
+                f"the OTLP exporter cannot import ({exc}): opentelemetry-proto's files were "
+                f"overwritten by xds-protos' older copy; {PROTO_FIX}"
+            ) from None
+        raise TracingConfigError(
+            f"tracing is on (an OTEL_* variable is set) but the OpenTelemetry SDK or its OTLP "
+            f"exporter is not installed ({exc}): {INSTALL_HINT}"
+        ) from None
+    return OTLPSpanExporter
+
+
+# ---- the process's tracer ------------------------------------------------------------------
+
+_tracer: Tracer | None = None
+_provider: Any = None
+
+
+def start(
+    component: str, env: Mapping[str, str] | None = None, *, force: bool = False
+) -> TraceSettings | None:
+    """Export this process's spans as `env` says (None: off, nothing imported). Raises
+    TracingConfigError for a value it cannot use, or when the SDK is not installed."""
+    global _tracer, _provider
+    settings = settings_from_env(env, force=force)
+    if settings is None:
+        return None
+    exporter = _exporter(settings)  # first: it says what is missing
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+    resource = Resource.create(
+        {
+            "service.name": settings.service_name or f"infergate-{component}",
+            "infergate.component": component,
+        }
+    )
+    provider = TracerProvider(resource=resource, sampler=_sampler(settings))
+    provider.add_span_processor(
+        BatchSpanProcessor(
+            exporter,
+            max_queue_size=MAX_QUEUE,
+            schedule_delay_millis=500,
+            export_timeout_millis=EXPORT_TIMEOUT_MS,
+        )
+    )
+    _provider, _tracer = provider, provider.get_tracer("infergate")
+    named = env if env is not None else os.environ
+    if force and not (_get(named, TRACES_ENDPOINT) or _get(named, ENDPOINT)):
+        log.warning(
+            "tracing: --tracing without %s: spans go to the reference picker's default, %s "
+            "(a collector beside the picker); set %s to send them elsewhere",
+            ENDPOINT, settings.endpoint, ENDPOINT,
+        )  # fmt: skip
+    log.info(
+        "tracing: exporting spans over OTLP %s to %s (sampler %s%s)",
+        settings.protocol,
+        settings.endpoint,
+        settings.sampler,
+        f", ratio {settings.ratio}" if "ratio" in settings.sampler else "",
+    )
+    return settings
+
+
+def started(component: str, *, force: bool = False) -> bool:
+    """start() for a command's main: False, with the reason logged, when it cannot."""
+    try:
+        start(component, force=force)
+    except TracingConfigError as exc:
+        log.error("cannot start: %s", exc)
+        return False
+    return True
+
+
+def stop() -> None:
+    """Export what is queued (bounded by the export timeout) and stop."""
+    global _tracer, _provider
+    if _provider is not None:
+        _provider.shutdown()
+    _tracer = _provider = None
+
+
+def _sampler(settings: TraceSettings) -> Any:
+    from opentelemetry.sdk.trace import sampling
+
+    root = {
+        "always_on": sampling.ALWAYS_ON,
+        "always_off": sampling.ALWAYS_OFF,
+        "traceidratio": sampling.TraceIdRatioBased(settings.ratio),
+    }[settings.sampler.removeprefix("parentbased_")]
+    return sampling.ParentBased(root) if settings.sampler.startswith("parentbased_") else root
+
+
+def _exporter(settings: TraceSettings) -> Any:
+    exporter = _exporter_class(settings.protocol)
+    timeout = EXPORT_TIMEOUT_MS / 1000
+    if settings.protocol == GRPC:
+        insecure = settings.endpoint.startswith("http://")
+        return exporter(endpoint=settings.endpoint, insecure=insecure, timeout=timeout)
+    return exporter(endpoint=settings.endpoint, timeout=timeout)
+
+
+# ---- hooks where spans start ----------------------------------------------------------------
+
+_NOTHING = nullcontext()  # reentrant and reusable: what every hook returns when off
+
+
+def enabled() -> bool:
+    return _tracer is not None
+
+
+def recording() -> bool:
+    """Whether the current span is sampled: finer spans (one per plugin) only then."""
+    if _tracer is None:
+        return False
+    from opentelemetry import trace
+
+    return trace.get_current_span().is_recording()
+
+
+def span(name: str, attributes: Mapping[str, Any] | None = None) -> AbstractContextManager:
+    """A child of the current span for the block, or nothing when tracing is off."""
+    if _tracer is None:
+        return _NOTHING
+    from opentelemetry import trace
+
+    parent = trace.get_current_span()
+    if parent is not trace.INVALID_SPAN and not parent.is_recording():
+        return _NOTHING  # a trace not sampled: its children would not be either
+    return _child(name, attributes)
+
+
+@contextmanager
+def _child(name: str, attributes: Mapping[str, Any] | None) -> Iterator[Span]:
+    # Exceptions are not recorded: their messages may quote what a client sent. The
+    # error's type (a status for the picker's errors) says what went wrong.
+    with _tracer.start_as_current_span(
+        name, attributes=attributes, record_exception=False, set_status_on_exception=False
+    ) as s:
+        try:
+            yield s
+        except BaseException as exc:
+            if s.is_recording():
+                status = getattr(exc, "status", None)
+                _fail(s, str(status) if status else type(exc).__name__)
+            raise
+
+
+def _fail(span: Span, error: str) -> None:
+    from opentelemetry.trace import Status, StatusCode
+
+    span.set_attribute("error.type", error)
+    span.set_status(Status(StatusCode.ERROR))
+
+
+def extract(headers: Mapping[str, str]) -> Context | None:
+    """The W3C trace context (traceparent, tracestate) in `headers`, lower-case names."""
+    if _tracer is None or "traceparent" not in headers:
+        return None
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    return TraceContextTextMapPropagator().extract(headers)
+
+
+def inject(headers: MutableMapping[str, str], span: Span | None = None) -> None:
+    """Put `span`'s (else the current span's) traceparent in `headers`, to continue the
+    trace in the next hop."""
+    if _tracer is None:
+        return
+    from opentelemetry import trace
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    ctx = trace.set_span_in_context(span) if span is not None else None
+    TraceContextTextMapPropagator().inject(headers, context=ctx)
+
+
+def start_span(
+    name: str,
+    parent: Context | None = None,
+    attributes: Mapping[str, Any] | None = None,
+    *,
+    server: bool = False,
+    client: bool = False,
+    start_time: int | None = None,
+) -> Span | None:
+    """A span ended by the caller (`end`), for work across callbacks; None when off. The
+    parent is `parent`, else the current span."""
+    if _tracer is None:
+        return None
+    from opentelemetry.trace import SpanKind
+
+    kind = SpanKind.SERVER if server else SpanKind.CLIENT if client else SpanKind.INTERNAL
+    return _tracer.start_span(
+        name, context=parent, kind=kind, attributes=attributes, start_time=start_time
+    )
+
+
+@contextmanager
+def current(span: Span | None) -> Iterator[None]:
+    """Make `span` the current span for the block (nothing when it is None)."""
+    if span is None:
+        yield
+        return
+    from opentelemetry import trace
+
+    with trace.use_span(span, end_on_exit=False):
+        yield
+
+
+def end(
+    span: Span | None,
+    attributes: Mapping[str, Any] | None = None,
+    error: str = "",
+    end_time: int | None = None,
+) -> None:
+    """Set the last attributes and end `span`; `error` marks it failed (its error.type)."""
+    if span is None:
+        return
+    if attributes:
+        span.set_attributes({k: v for k, v in attributes.items() if v is not None})
+    if error:
+        _fail(span, error)
+    span.end(end_time=end_time)
