@@ -29,6 +29,11 @@ from infergw.epp.extproc import ExternalProcessor
 from infergw.epp.flowcontrol import FlowControlConfig, FlowControlConfigError
 from infergw.epp.gatekeeper import Gatekeeper
 from infergw.epp.http_server import make_app
+from infergw.epp.metric_collectors import (
+    FlowQueueCollector,
+    PoolEndpointsCollector,
+    queue_wait_observer,
+)
 from infergw.epp.metrics import PickerMetrics
 from infergw.epp.options import PickerOptions, parse_options
 from infergw.epp.providers.file import FileProvider, FileProviderError
@@ -139,7 +144,7 @@ async def build_picker(opts: PickerOptions) -> Picker:
     if replicas is not None:
         replicas.start()
         peers = start_replica_peers(opts, replicas, metrics)
-    gate = build_gatekeeper(opts, text, scheduling, view, metrics)
+    gate = build_gatekeeper(opts, text, scheduling, view, metrics, datastore)
     scraper = await start_scraper(opts, datastore, metrics, gate, replicas, members)
     director = build_director(opts, datastore, scheduling, metrics, trust, gate)
     return Picker(
@@ -155,6 +160,7 @@ def build_datastore() -> tuple[Datastore, PickerMetrics]:
     metrics = PickerMetrics()
     metrics.model_labels.known = datastore.serves_model
     datastore.removal_listeners.append(metrics.forget_endpoint)
+    metrics.registry.register(PoolEndpointsCollector(datastore))
     return datastore, metrics
 
 
@@ -331,6 +337,7 @@ def build_gatekeeper(
     scheduling: SchedulingConfig,
     view: KVCacheView | None,
     metrics: PickerMetrics,
+    datastore: Datastore,
 ) -> Gatekeeper:
     """Rate limits and, when configured, flow control (with its queue's gauges)."""
     # One way to tokenize a prompt: the KV cache's, which its scorer shares, if there is one.
@@ -340,9 +347,13 @@ def build_gatekeeper(
         flow_control=_flow_control(text, scheduling),
         prompts=prompts,
         capacity_wait_ttl=opts.capacity_wait_ttl,
+        observe_queue=queue_wait_observer(metrics, opts.pool_name),
     )
     if gate.queue is not None:
         _queue_gauges(gate, metrics)
+        metrics.registry.register(
+            FlowQueueCollector(gate.queue, gate.detector, datastore, metrics, opts.pool_name)
+        )
     gate.capacity.pool = lambda: opts.pool_name
     metrics.registry.register(CapacityWaitCollector(gate.capacity, metrics.model_labels))
     return gate
@@ -535,6 +546,9 @@ async def _pool_gauges(datastore: Datastore, metrics: PickerMetrics) -> None:
                 )
                 metrics.pool_queue.labels(pool.name).set(
                     sum(e.metrics.waiting for e in eps) / len(eps)
+                )
+                metrics.pool_running.labels(pool.name).set(
+                    sum(e.metrics.running for e in eps) / len(eps)
                 )
         await asyncio.sleep(POOL_GAUGE_INTERVAL)
 

@@ -54,6 +54,7 @@ class _Stream:
         self.response: ResponseChain | None = None
         self.usage: UsageReader | None = None  # the chain's usage stage
         self.first_chunk: float | None = None
+        self.response_bytes = 0
         self.last_chunk: float | None = None
         self.finished = False
         # Whether the answer's body passes through here, as Envoy announces on the stream's
@@ -138,6 +139,7 @@ class _Stream:
             if self.first_chunk is None:
                 self.first_chunk = now
             self.last_chunk = now
+            self.response_bytes += len(data)
         response = self.response
         if response is None:
             out: list[bytes | bytearray] = [data]
@@ -213,6 +215,7 @@ class _Stream:
             cached_tokens=usage.cached_tokens if usage else None,
             ttft=ttft,
             tpot=tpot,
+            response_bytes=self.response_bytes,
         )
         self.director.finish(self.ctx, info, self.started, streamed)
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -20,6 +22,7 @@ from infergw.epp.context import RequestContext
 from infergw.epp.datastore import Endpoint
 from infergw.epp.errors import NoCapacity, PickerError
 from infergw.epp.flowcontrol import (
+    CANCELLED,
     AdmissionController,
     FlowControlConfig,
     FlowItem,
@@ -66,6 +69,8 @@ class Gatekeeper:
     prompts: PromptTokenizing | None = None
     # How long a request with no ready endpoint waits for one (scale from zero); 0: 503 at once.
     capacity_wait_ttl: float = DEFAULT_CAPACITY_WAIT_TTL
+    # Told how long each request spent in flow control and how it left (its metrics).
+    observe_queue: Callable[[RequestContext, str, float], None] | None = None
     _limiters: dict[str, tuple[str, Limiter]] = field(default_factory=dict)
     _output_avg: dict[str, float] = field(default_factory=dict)  # flow → recent answer length
     _tasks: set[asyncio.Task] = field(default_factory=set)
@@ -148,7 +153,12 @@ class Gatekeeper:
             payload=waiting,
             expected_output=self._expected_output(ctx),
         )
-        admission = await self.queue.admit(item)
+        try:
+            admission = await self.queue.admit(item)
+        except asyncio.CancelledError:
+            self._observe_queue(ctx, CANCELLED, time.monotonic() - item.enqueued_at)
+            raise
+        self._observe_queue(ctx, admission.outcome.value, admission.waited)
         if not admission.admitted:
             retry = admission.retry_after
             raise PickerError(
@@ -157,6 +167,10 @@ class Gatekeeper:
                 headers={"retry-after": str(int(retry))} if retry else None,
             )
         ticket.item = item
+
+    def _observe_queue(self, ctx: RequestContext, outcome: str, seconds: float) -> None:
+        if self.observe_queue is not None:
+            self.observe_queue(ctx, outcome, seconds)
 
     def _refund_input(self, ticket: Ticket, ctx: RequestContext) -> None:
         if ticket.limiter is not None:

@@ -5,7 +5,13 @@ The gatekeeper builds one `AdmissionController` with a saturation check, awaits
 `notify()` when a request finishes or metrics refresh.
 """
 
-from infergw.epp.flowcontrol.admission import HTTP_STATUS, Admission, FlowControlStats, Outcome
+from infergw.epp.flowcontrol.admission import (
+    CANCELLED,
+    HTTP_STATUS,
+    Admission,
+    FlowControlStats,
+    Outcome,
+)
 from infergw.epp.flowcontrol.admission_queue import AdmissionController
 from infergw.epp.flowcontrol.config import (
     BandConfig,
@@ -19,6 +25,7 @@ from infergw.epp.flowcontrol.saturation import SaturationDetector
 from infergw.epp.flowcontrol.vtc import VirtualTokenCounter
 
 __all__ = [
+    "CANCELLED",
     "HTTP_STATUS",
     "Admission",
     "AdmissionController",

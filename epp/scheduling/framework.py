@@ -74,6 +74,7 @@ class ResponseInfo:
     cached_tokens: int | None = None
     ttft: float | None = None
     tpot: float | None = None
+    response_bytes: int = 0  # the answer's body as the engine sent it
 
 
 class PreRequest(Plugin):

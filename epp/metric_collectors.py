@@ -1,0 +1,133 @@
+"""The picker's families read at scrape time, never on the request path: each pod's queue and
+KV-cache use (from the datastore), flow control's queue by flow and the pool's saturation
+(from the admission queue), and the wait and outcome of each request flow control admitted or
+turned away (observed once, when it leaves the queue)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client.core import GaugeMetricFamily
+
+from infergw.epp.context import RequestContext
+from infergw.epp.datastore import Datastore
+from infergw.epp.flowcontrol import AdmissionController, SaturationDetector
+from infergw.epp.metrics import MODEL, PickerMetrics
+
+PER_POD_QUEUE = "inference_pool_per_pod_queue_size"
+PER_POD_KV = "infergate_epp_pod_kv_cache_utilization"
+QUEUE_SIZE = "inference_extension_flow_control_queue_size"
+QUEUE_BYTES = "inference_extension_flow_control_queue_bytes"
+POOL_SATURATION = "inference_extension_flow_control_pool_saturation"
+FLOW = (*MODEL, "fairness_id", "priority", "inference_pool")
+
+
+class PoolEndpointsCollector:
+    """Each endpoint's waiting queue and KV-cache use as last scraped, labelled by the pool
+    and the endpoint's name; the series follow the pool's endpoints by construction."""
+
+    def __init__(self, datastore: Datastore) -> None:
+        self.datastore = datastore
+
+    def describe(self) -> list[Any]:
+        return []  # collected at scrape time only
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        labels = ["name", "model_server_pod"]
+        queue = GaugeMetricFamily(
+            PER_POD_QUEUE,
+            "The total number of requests pending in the model server queue for each "
+            "underlying pod.",
+            labels=labels,
+        )
+        kv = GaugeMetricFamily(
+            PER_POD_KV,
+            "Each model server's KV-cache utilization (0 to 1) as the picker last scraped it.",
+            labels=labels,
+        )
+        pool = self.datastore.pool
+        if pool is not None:
+            for ep in self.datastore.endpoints():
+                queue.add_metric([pool.name, ep.name], ep.metrics.waiting)
+                kv.add_metric([pool.name, ep.name], ep.metrics.kv_usage)
+        yield queue
+        yield kv
+
+
+class FlowQueueCollector:
+    """Flow control's queue by model, flow and priority (requests and bytes), and the pool's
+    saturation as the detector sees it (mean endpoint utilization; 1.0 = at the limits)."""
+
+    def __init__(
+        self,
+        queue: AdmissionController,
+        detector: SaturationDetector,
+        datastore: Datastore,
+        metrics: PickerMetrics,
+        pool: str,
+    ) -> None:
+        self.queue, self.detector, self.datastore = queue, detector, datastore
+        self.metrics, self.pool = metrics, pool
+
+    def describe(self) -> list[Any]:
+        return []  # collected at scrape time only
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        requests: dict[tuple[str, ...], int] = {}
+        size: dict[tuple[str, ...], int] = {}
+        for item in self.queue.queued_items():
+            key = flow_labels(self.metrics, item.payload.ctx, self.pool)
+            requests[key] = requests.get(key, 0) + 1
+            size[key] = size.get(key, 0) + item.size_bytes
+        count = GaugeMetricFamily(
+            QUEUE_SIZE,
+            "Current number of requests actively held in the Flow Control queue.",
+            labels=FLOW,
+        )
+        held = GaugeMetricFamily(
+            QUEUE_BYTES,
+            "Current total size in bytes of requests actively held in the Flow Control queue.",
+            labels=FLOW,
+        )
+        for key, n in requests.items():
+            count.add_metric(key, n)
+            held.add_metric(key, size[key])
+        yield count
+        yield held
+        saturation = GaugeMetricFamily(
+            POOL_SATURATION,
+            "Current saturation level of the inference pool (0.0 = empty, 1.0 = fully "
+            "saturated): its endpoints' mean utilization of the saturation thresholds.",
+            labels=["inference_pool"],
+        )
+        endpoints = self.datastore.endpoints()
+        saturation.add_metric([self.pool], self.detector.pool_utilization(endpoints))
+        yield saturation
+
+
+def flow_labels(metrics: PickerMetrics, ctx: RequestContext, pool: str) -> tuple[str, ...]:
+    """A request's flow-control label values, in FLOW's order, the client-chosen ones bounded."""
+    models = metrics.model_labels
+    return (
+        models(ctx.request.model),
+        models(ctx.target_model),
+        metrics.fairness_labels(ctx.fairness_id),
+        str(ctx.priority),
+        pool,
+    )
+
+
+def queue_wait_observer(
+    metrics: PickerMetrics, pool: str
+) -> Callable[[RequestContext, str, float], None]:
+    """Records how long a request spent in flow control and how it left (an Outcome value,
+    or flowcontrol.CANCELLED)."""
+
+    def observe(ctx: RequestContext, outcome: str, seconds: float) -> None:
+        # The model names go as they are: the family bounds them itself (metrics._ModelSeries).
+        fairness = metrics.fairness_labels(ctx.fairness_id)
+        model, target, priority = ctx.request.model, ctx.target_model, str(ctx.priority)
+        metrics.queue_wait.labels(model, target, fairness, priority, outcome, pool).observe(seconds)
+
+    return observe
