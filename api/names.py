@@ -37,6 +37,10 @@ BOTH = "both"
 # COMPONENT_LABEL=PICKER_COMPONENT, whichever Model (or hand-written pool) it is for.
 COMPONENT_LABEL = "app.kubernetes.io/component"
 PICKER_COMPONENT = "endpoint-picker"
+# A serving pod's sidecar that serves metrics of its own (the P/D connector's
+# /connector/metrics), for the shipped PodMonitor to select by.
+SIDECAR_LABEL = "infergate.io/sidecar"
+CONNECTOR_SIDECAR = "connector"
 
 # ---- engine ports and states ------------------------------------------------------------------
 
