@@ -229,7 +229,9 @@ class Director:
             m.response_sizes.labels(*labels).observe(info.response_bytes)
         # Only good answers teach latency: a pod that fails fast must not look fast.
         if info.ttft is not None and 200 <= (info.status or 0) < 400:
-            m.ttft.labels(*labels).observe(info.ttft)
+            m.ttft.labels(*labels).observe(
+                info.ttft if info.client_ttft is None else info.client_ttft
+            )
             if info.tpot is not None:
                 m.tpot.labels(*labels).observe(info.tpot)
             served = info.endpoint

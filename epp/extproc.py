@@ -198,9 +198,10 @@ class _Stream:
         streamed = None
         if self.usage is not None and self.usage.streaming and self.usage.events > 1:
             streamed = self.usage.events - 1
-        ttft = tpot = None
+        ttft = tpot = client_ttft = None
         if self.first_chunk is not None:
             ttft = self.first_chunk - self.dispatched
+            client_ttft = self.first_chunk - self.started
             n = usage.completion_tokens if usage else None
             if n is None:
                 n = streamed
@@ -216,6 +217,7 @@ class _Stream:
             ttft=ttft,
             tpot=tpot,
             response_bytes=self.response_bytes,
+            client_ttft=client_ttft,
         )
         self.director.finish(self.ctx, info, self.started, streamed)
 

@@ -336,8 +336,8 @@ class PickerMetrics:
         )
         self.ttft = FastHistogram(
             "inference_objective_request_ttft_seconds",
-            "Inference objective time to first token in seconds: from sending the request on "
-            "to the answer's first body bytes (good answers only).",
+            "Inference objective time to first token in seconds: from the request's arrival "
+            "at the picker to the answer's first body bytes (good answers only).",
             MODEL,
             buckets=LATENCY_BUCKETS,
             registry=r,
