@@ -30,9 +30,9 @@ from infergw.epp.flowcontrol import FlowControlConfig, FlowControlConfigError
 from infergw.epp.gatekeeper import Gatekeeper
 from infergw.epp.http_server import make_app
 from infergw.epp.metric_collectors import (
+    FlowControlMetrics,
     FlowQueueCollector,
     PoolEndpointsCollector,
-    queue_wait_observer,
 )
 from infergw.epp.metrics import PickerMetrics
 from infergw.epp.options import PickerOptions, parse_options
@@ -347,7 +347,7 @@ def build_gatekeeper(
         flow_control=_flow_control(text, scheduling),
         prompts=prompts,
         capacity_wait_ttl=opts.capacity_wait_ttl,
-        observe_queue=queue_wait_observer(metrics, opts.pool_name),
+        flow_observer=FlowControlMetrics(metrics, opts.pool_name),
     )
     if gate.queue is not None:
         _queue_gauges(gate, metrics)

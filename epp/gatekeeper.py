@@ -13,7 +13,6 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -43,6 +42,16 @@ class Destinations(Protocol):
     def destinations(self, ctx: RequestContext) -> list[Endpoint]: ...
 
 
+class FlowObserver(Protocol):
+    """Who hears what flow control does (its metrics)."""
+
+    def waited(self, ctx: RequestContext, outcome: str, seconds: float) -> None: ...
+
+    def enqueued(self, item: FlowItem, outcome: str, seconds: float) -> None: ...
+
+    def dispatch_cycle(self, seconds: float) -> None: ...
+
+
 @dataclass(slots=True)
 class Ticket:
     """What the gate remembers of an admitted request, to charge it when it ends."""
@@ -69,8 +78,8 @@ class Gatekeeper:
     prompts: PromptTokenizing | None = None
     # How long a request with no ready endpoint waits for one (scale from zero); 0: 503 at once.
     capacity_wait_ttl: float = DEFAULT_CAPACITY_WAIT_TTL
-    # Told how long each request spent in flow control and how it left (its metrics).
-    observe_queue: Callable[[RequestContext, str, float], None] | None = None
+    # Told what flow control does (its metrics: epp.metric_collectors.FlowControlMetrics).
+    flow_observer: FlowObserver | None = None
     _limiters: dict[str, tuple[str, Limiter]] = field(default_factory=dict)
     _output_avg: dict[str, float] = field(default_factory=dict)  # flow → recent answer length
     _tasks: set[asyncio.Task] = field(default_factory=set)
@@ -83,7 +92,13 @@ class Gatekeeper:
         )
         self.queue = None
         if self.flow_control is not None:
-            self.queue = AdmissionController(self.flow_control, self._saturated)
+            seen = self.flow_observer
+            self.queue = AdmissionController(
+                self.flow_control,
+                self._saturated,
+                observe_enqueue=seen.enqueued if seen is not None else None,
+                observe_cycle=seen.dispatch_cycle if seen is not None else None,
+            )
         self.capacity = CapacityWait(self.capacity_wait_ttl, self.flow_control)
 
     # ---- before routing ------------------------------------------------------------------
@@ -169,8 +184,8 @@ class Gatekeeper:
         ticket.item = item
 
     def _observe_queue(self, ctx: RequestContext, outcome: str, seconds: float) -> None:
-        if self.observe_queue is not None:
-            self.observe_queue(ctx, outcome, seconds)
+        if self.flow_observer is not None:
+            self.flow_observer.waited(ctx, outcome, seconds)
 
     def _refund_input(self, ticket: Ticket, ctx: RequestContext) -> None:
         if ticket.limiter is not None:

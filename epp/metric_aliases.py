@@ -59,6 +59,12 @@ LLMD_ALIASES: dict[str, Alias] = {
     "inference_extension_flow_control_request_queue_duration_seconds": Alias(
         "llm_d_epp_flow_control_request_queue_duration_seconds"
     ),
+    "inference_extension_flow_control_request_enqueue_duration_seconds": Alias(
+        "llm_d_epp_flow_control_request_enqueue_duration_seconds"
+    ),
+    "inference_extension_flow_control_dispatch_cycle_duration_seconds": Alias(
+        "llm_d_epp_flow_control_dispatch_cycle_duration_seconds"
+    ),
     "inference_extension_flow_control_queue_size": Alias("llm_d_epp_flow_control_queue_size"),
     "inference_extension_flow_control_queue_bytes": Alias("llm_d_epp_flow_control_queue_bytes"),
     "inference_extension_flow_control_pool_saturation": Alias(

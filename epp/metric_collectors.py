@@ -5,14 +5,21 @@ turned away (observed once, when it leaves the queue)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client.core import GaugeMetricFamily
 
 from infergw.epp.context import RequestContext
 from infergw.epp.datastore import Datastore
-from infergw.epp.flowcontrol import AdmissionController, SaturationDetector
+from infergw.epp.flowcontrol import (
+    CANCELLED,
+    QUEUED,
+    AdmissionController,
+    FlowItem,
+    Outcome,
+    SaturationDetector,
+)
 from infergw.epp.metrics import MODEL, PickerMetrics
 
 PER_POD_QUEUE = "inference_pool_per_pod_queue_size"
@@ -118,16 +125,43 @@ def flow_labels(metrics: PickerMetrics, ctx: RequestContext, pool: str) -> tuple
     )
 
 
-def queue_wait_observer(
-    metrics: PickerMetrics, pool: str
-) -> Callable[[RequestContext, str, float], None]:
-    """Records how long a request spent in flow control and how it left (an Outcome value,
-    or flowcontrol.CANCELLED)."""
+# Flow control's outcomes under the reference's names, which its dashboard selects on.
+OUTCOME_LABELS = {
+    Outcome.DISPATCHED.value: "Dispatched",
+    Outcome.REJECTED_CAPACITY.value: "RejectedCapacity",
+    Outcome.REJECTED_SHEDDABLE.value: "RejectedCapacity",  # no room, and it may not wait
+    Outcome.EVICTED_TTL.value: "EvictedTTL",
+    Outcome.REJECTED_SHUTDOWN.value: "RejectedOther",
+    CANCELLED: "EvictedContextCancelled",
+    QUEUED: "NotYetFinalized",
+}
 
-    def observe(ctx: RequestContext, outcome: str, seconds: float) -> None:
+
+class FlowControlMetrics:
+    """What flow control reports, recorded: each request's time in it and how it left, how
+    long admitting it took, and each dispatch cycle (the gatekeeper passes these on)."""
+
+    def __init__(self, metrics: PickerMetrics, pool: str) -> None:
+        self.metrics, self.pool = metrics, pool
+        self._cycle = metrics.dispatch_cycle
+
+    def waited(self, ctx: RequestContext, outcome: str, seconds: float) -> None:
+        """From enqueue to its outcome (an Outcome value, or flowcontrol.CANCELLED)."""
+        m = self.metrics
         # The model names go as they are: the family bounds them itself (metrics._ModelSeries).
-        fairness = metrics.fairness_labels(ctx.fairness_id)
-        model, target, priority = ctx.request.model, ctx.target_model, str(ctx.priority)
-        metrics.queue_wait.labels(model, target, fairness, priority, outcome, pool).observe(seconds)
+        m.queue_wait.labels(
+            ctx.request.model,
+            ctx.target_model,
+            m.fairness_labels(ctx.fairness_id),
+            str(ctx.priority),
+            OUTCOME_LABELS.get(outcome, outcome),
+            self.pool,
+        ).observe(seconds)
 
-    return observe
+    def enqueued(self, item: FlowItem, outcome: str, seconds: float) -> None:
+        fairness = self.metrics.fairness_labels(item.flow_id)
+        label = OUTCOME_LABELS.get(outcome, outcome)
+        self.metrics.enqueue_duration.labels(fairness, str(item.priority), label).observe(seconds)
+
+    def dispatch_cycle(self, seconds: float) -> None:
+        self._cycle.observe(seconds)

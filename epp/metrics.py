@@ -358,6 +358,21 @@ class PickerMetrics:
             buckets=QUEUE_WAIT_BUCKETS,
             registry=r,
         )
+        self.enqueue_duration = FastHistogram(
+            "inference_extension_flow_control_request_enqueue_duration_seconds",
+            "Distribution of time taken to enqueue requests into the Flow Control layer, by "
+            "how it ended (NotYetFinalized: queued).",
+            ("fairness_id", "priority", "outcome"),
+            buckets=SCHEDULER_BUCKETS,
+            registry=r,
+        )
+        self.dispatch_cycle = FastHistogram(
+            "inference_extension_flow_control_dispatch_cycle_duration_seconds",
+            "Distribution of time taken for each internal dispatch cycle in the Flow Control "
+            "layer (one look over the queue for a request to dispatch).",
+            buckets=SCHEDULER_BUCKETS,
+            registry=r,
+        )
         self.fairness_labels = BoundedLabel()
         # Model names are the client's: bound the series they make (ModelLabels).
         self.model_labels = ModelLabels(

@@ -8,6 +8,7 @@ The gatekeeper builds one `AdmissionController` with a saturation check, awaits
 from infergw.epp.flowcontrol.admission import (
     CANCELLED,
     HTTP_STATUS,
+    QUEUED,
     Admission,
     FlowControlStats,
     Outcome,
@@ -27,6 +28,7 @@ from infergw.epp.flowcontrol.vtc import VirtualTokenCounter
 __all__ = [
     "CANCELLED",
     "HTTP_STATUS",
+    "QUEUED",
     "Admission",
     "AdmissionController",
     "Band",

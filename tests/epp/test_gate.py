@@ -16,7 +16,7 @@ from infergw.epp.director import Director, DirectorOptions
 from infergw.epp.errors import PickerError
 from infergw.epp.flowcontrol import FlowControlConfig
 from infergw.epp.gatekeeper import Gatekeeper
-from infergw.epp.metric_collectors import FlowQueueCollector, queue_wait_observer
+from infergw.epp.metric_collectors import FlowQueueCollector
 from infergw.epp.metrics import OTHER_MODEL, BoundedLabel, PickerMetrics
 from infergw.epp.response import response_chain
 from infergw.epp.scheduling.config import load_config
@@ -311,8 +311,7 @@ def test_an_endpoint_that_leaves_takes_its_metric_series_along():
 
 
 async def test_flow_controls_wait_is_recorded_with_how_each_request_left():
-    d = director_with(flow_control=FlowControlConfig())
-    d.gate.observe_queue = queue_wait_observer(d.metrics, "pool")
+    d = director_with(flow_control=FlowControlConfig(), pool="pool")
     for ep in d.datastore.endpoints():
         ep.metrics.waiting, ep.metrics.updated_at = 10, 1e18  # saturated, fresh forever
     waiting = asyncio.create_task(
@@ -348,8 +347,14 @@ async def test_flow_controls_wait_is_recorded_with_how_each_request_left():
         )
         return value or 0.0
 
-    assert count("cancelled", fairness_id="a", priority="0") == 1
-    assert count("rejected_sheddable", fairness_id="default-flow", priority="-1") == 1
+    # under the reference's outcome names
+    assert count("EvictedContextCancelled", fairness_id="a", priority="0") == 1
+    assert count("RejectedCapacity", fairness_id="default-flow", priority="-1") == 1
+    enqueued = "inference_extension_flow_control_request_enqueue_duration_seconds_count"
+    queued = {"fairness_id": "a", "priority": "0", "outcome": "NotYetFinalized"}
+    assert d.metrics.registry.get_sample_value(enqueued, queued) == 1
+    cycles = "inference_extension_flow_control_dispatch_cycle_duration_seconds_count"
+    assert d.metrics.registry.get_sample_value(cycles, {}) >= 1  # it looked for room
     await d.gate.close()
 
 

@@ -92,7 +92,7 @@ async def test_one_request_records_sizes_latency_attempts_and_its_flow(picker):
     assert grew("llm_d_epp_scheduler_attempts_total", endpoint_name="sims", **attempt) == 1
     flow = {"fairness_id": FAIRNESS, "priority": "0", "inference_pool": "pool", **model}
     waited = "inference_extension_flow_control_request_queue_duration_seconds_count"
-    assert grew(waited, outcome="dispatched", **flow) == 1
+    assert grew(waited, outcome="Dispatched", **flow) == 1  # the reference's outcome name
 
 
 def test_the_pool_and_its_pods_are_read_when_scraped(picker):
