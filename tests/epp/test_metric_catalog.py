@@ -9,7 +9,7 @@ from importlib import resources
 import pytest
 
 from tests.metric_catalog import Row, full_registry, readme_table, rows, table
-from tests.paths import ROOT
+from tests.paths import FIXTURES, ROOT
 from tests.promql_names import template_query, uses
 
 HISTOGRAM_SERIES = ("_bucket", "_sum", "_count")
@@ -137,3 +137,23 @@ def test_the_promql_reader_finds_names_and_labels(expr, metrics, groupings):
     used = uses(expr)
     assert {s.metric: s.labels for s in used.selectors} == metrics
     assert used.groupings == groupings
+
+
+# The picker's queries of the reference's own dashboard: an operator's existing dashboard
+# keeps working against infergate. Labels Prometheus adds to every target are not the picker's.
+REFERENCE_QUERIES = [
+    line
+    for line in (FIXTURES / "reference_dashboard_queries.txt").read_text().splitlines()
+    if line and not line.startswith("#")
+]
+TARGET_LABELS = {"pod", "namespace", "instance", "job", "container", "service", "endpoint"}
+
+
+@pytest.mark.parametrize("expr", REFERENCE_QUERIES)
+def test_the_reference_dashboards_picker_queries_resolve(exported, expr):
+    known = series_labels(exported)
+    used = uses(expr)
+    (selector,) = used.selectors
+    assert selector.metric in known, selector.metric
+    have = known[selector.metric] | TARGET_LABELS
+    assert set(selector.labels) <= have and set(used.groupings) <= have, expr
