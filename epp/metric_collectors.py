@@ -1,7 +1,8 @@
 """The picker's families read at scrape time, never on the request path: each pod's queue and
 KV-cache use (from the datastore), flow control's queue by flow and the pool's saturation
-(from the admission queue), and the wait and outcome of each request flow control admitted or
-turned away (observed once, when it leaves the queue)."""
+(from the admission queue). And what flow control reports as it works (FlowControlMetrics):
+each request's wait and outcome, once, when it leaves the queue; how long admitting it took;
+each dispatch cycle."""
 
 from __future__ import annotations
 
