@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import statistics
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -541,15 +542,13 @@ async def _pool_gauges(datastore: Datastore, metrics: PickerMetrics) -> None:
             eps = datastore.ready_endpoints()
             metrics.pool_ready.labels(pool.name).set(len(eps))
             if eps:
-                metrics.pool_kv.labels(pool.name).set(
-                    sum(e.metrics.kv_usage for e in eps) / len(eps)
-                )
-                metrics.pool_queue.labels(pool.name).set(
-                    sum(e.metrics.waiting for e in eps) / len(eps)
-                )
-                metrics.pool_running.labels(pool.name).set(
-                    sum(e.metrics.running for e in eps) / len(eps)
-                )
+                for what, average, values in (
+                    ("kv_cache_utilization", metrics.pool_kv, [e.metrics.kv_usage for e in eps]),
+                    ("queue_size", metrics.pool_queue, [e.metrics.waiting for e in eps]),
+                    ("running_requests", metrics.pool_running, [e.metrics.running for e in eps]),
+                ):
+                    average.labels(pool.name).set(statistics.fmean(values))
+                    metrics.pool_spread[what].labels(pool.name).set(statistics.pstdev(values))
         await asyncio.sleep(POOL_GAUGE_INTERVAL)
 
 

@@ -416,6 +416,21 @@ class PickerMetrics:
             ("name",),
             registry=r,
         )
+        # The spread over the pool's ready pods, as the llm-d router exports it (it has no
+        # inference_pool_* name): a pool whose averages look fine can hide one hot pod.
+        self.pool_spread = {
+            what: Gauge(
+                f"llm_d_epp_std_dev_{what}",
+                f"The standard deviation of {meaning} across the pool's ready pods.",
+                ("name",),
+                registry=r,
+            )
+            for what, meaning in (
+                ("kv_cache_utilization", "the KV-cache utilization"),
+                ("queue_size", "the number of requests pending in the model server queue"),
+                ("running_requests", "the number of running requests"),
+            )
+        }
         self.pool_ready = Gauge(
             "inference_pool_ready_pods",
             "The number of ready pods in the inference server pool.",
@@ -453,6 +468,20 @@ class PickerMetrics:
             buckets=(0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0),
             registry=r,
         )
+        self.prefix_hit_bytes = FastHistogram(
+            "inference_extension_prefix_indexer_hit_bytes",
+            "Length of the prefix match in number of bytes in the cache lookup.",
+            buckets=(0, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536),
+            registry=r,
+        )
+        # The approximate prefix scorers' indexes, read at scrape time (their entry counts).
+        self.prefix_indexes: list[Callable[[], int]] = []
+        prefix_size = Gauge(
+            "inference_extension_prefix_indexer_size",
+            "Size of the prefix indexer: (block, pod) entries the approximate prefix scorers hold.",
+            registry=r,
+        )
+        prefix_size.set_function(lambda: sum(size() for size in self.prefix_indexes))
         # Prefill/decode disaggregation (pd-profile-handler, given them by its handle).
         self.pd_decisions = FastCounter(
             "infergate_epp_pd_decisions_total",

@@ -111,3 +111,5 @@ def test_the_pool_and_its_pods_are_read_when_scraped(picker):
     assert 0 <= saturation[0].value
     running = [s for s in found if s.name == "inference_pool_average_running_requests"]
     assert [s.labels for s in running] == [{"name": "pool"}]
+    spread = [s for s in found if s.name == "llm_d_epp_std_dev_queue_size"]
+    assert [s.labels for s in spread] == [{"name": "pool"}] and spread[0].value >= 0
