@@ -56,6 +56,7 @@ LLMD_ALIASES: dict[str, Alias] = {
     ),
     "inference_extension_plugin_duration_seconds": Alias("llm_d_epp_plugin_duration_seconds"),
     "inference_extension": Alias("llm_d_epp"),  # the build's info
+    "inference_extension_model_rewrite_decisions": Alias("llm_d_epp_model_rewrite_decisions"),
     "inference_extension_flow_control_request_queue_duration_seconds": Alias(
         "llm_d_epp_flow_control_request_queue_duration_seconds"
     ),

@@ -443,6 +443,17 @@ class PickerMetrics:
             buckets=SCHEDULER_BUCKETS,
             registry=r,
         )
+        self.rewrites = _ModelSeries(
+            FastCounter(
+                "inference_extension_model_rewrite_decisions_total",
+                "Total number of model rewrite decisions: requests a ModelRoute sent on under "
+                "a model name (model_rewrite_name: the route).",
+                ("model_name", "target_model", "model_rewrite_name"),
+                registry=r,
+            ),
+            self.model_labels,
+            2,
+        )
         self.scheduler_attempts = FastCounter(
             "inference_extension_scheduler_attempts_total",
             "Total number of scheduling attempts, by status (success: the primary endpoint "

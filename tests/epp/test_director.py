@@ -22,6 +22,8 @@ from tests.director_fixtures import (
     EVERYONE,
     HEAD,
     context,
+    director_with,
+    limited_route,
     make_director,
     set_models,
     status_of,
@@ -514,3 +516,15 @@ async def test_flow_control_waits_for_room_on_the_endpoints_scheduling_may_use()
     (target,) = await asyncio.wait_for(waiting, 2)
     assert target.address == B1 and ctx.targets == [B1]
     await d.gate.close()
+
+
+async def test_a_routed_request_counts_its_routes_rewrite_decision_once():
+    d = director_with(limited_route(inputTokensPerUnit=10_000))
+    await d.handle(context(model="m"))
+    await d.handle(context(model="m"))
+    decision = {"model_name": "m", "target_model": "m", "model_rewrite_name": "limited"}
+    assert sample(d, "inference_extension_model_rewrite_decisions_total", **decision) == 2
+    assert sample(d, "llm_d_epp_model_rewrite_decisions_total", **decision) == 2
+    plain = make_director()  # no route: no decision
+    await plain.handle(context(model="m"))
+    assert sample(plain, "inference_extension_model_rewrite_decisions_total", **decision) == 0
