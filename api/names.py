@@ -32,6 +32,16 @@ PREFILL = "prefill"
 DECODE = "decode"
 BOTH = "both"
 
+# What a Service of ours serves, for the shipped ServiceMonitors to select by
+# (gateway-manifests/observability/monitors.yaml): the picker's metrics Service carries
+# COMPONENT_LABEL=PICKER_COMPONENT, whichever Model (or hand-written pool) it is for.
+COMPONENT_LABEL = "app.kubernetes.io/component"
+PICKER_COMPONENT = "endpoint-picker"
+# A serving pod's sidecar that serves metrics of its own (the P/D connector's
+# /connector/metrics), for the shipped PodMonitor to select by.
+SIDECAR_LABEL = "infergate.io/sidecar"
+CONNECTOR_SIDECAR = "connector"
+
 # ---- engine ports and states ------------------------------------------------------------------
 
 # An engine's KV-event PUB (per-pod mode binds it; central mode's picker binds its SUB there)

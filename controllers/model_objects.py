@@ -40,7 +40,16 @@ from infergw.api.autoscaling import (
 from infergw.api.engines import INFERGATE_IMAGE, METRIC_VOCABULARY
 from infergw.api.lora_adapters import VLLM_API
 from infergw.api.meta import ApiStruct, LocalRef
-from infergw.api.names import DECODE, ENGINE_LABEL, GROUP_LABEL, MODEL_LABEL, PREFILL, ROLE_LABEL
+from infergw.api.names import (
+    CONNECTOR_SIDECAR,
+    DECODE,
+    ENGINE_LABEL,
+    GROUP_LABEL,
+    MODEL_LABEL,
+    PREFILL,
+    ROLE_LABEL,
+    SIDECAR_LABEL,
+)
 from infergw.api.networking import (
     DEFAULT_KV_CONNECTOR,
     PARENT_GROUP,
@@ -287,7 +296,7 @@ def _role(
             SIDECAR_ENGINE_PORT,
         )
         spec = {"serviceAccountName": CONNECTOR_SERVICE_ACCOUNT, "containers": containers}
-        entry = _pod(model, weights, dict(labels), spec)
+        entry = _pod(model, weights, {**labels, SIDECAR_LABEL: CONNECTOR_SIDECAR}, spec)
     return Role(
         name=name,
         replicas=DEFAULT_ROLE_REPLICAS if role.replicas is None else role.replicas,

@@ -71,7 +71,13 @@ from infergw.api.gateway import (
     RouteTimeouts,
 )
 from infergw.api.meta import ApiStruct
-from infergw.api.names import KV_EVENTS_PORT, KV_REPLAY_PORT, MODEL_NAME_HEADER
+from infergw.api.names import (
+    COMPONENT_LABEL,
+    KV_EVENTS_PORT,
+    KV_REPLAY_PORT,
+    MODEL_NAME_HEADER,
+    PICKER_COMPONENT,
+)
 from infergw.api.networking import ParentRef
 from infergw.api.object_names import dns_label, subdomain
 from infergw.api.upstream import POOL_GROUP_VERSION
@@ -496,8 +502,10 @@ def _port(name: str, number: int, app_protocol: str | None = None) -> ServicePor
 def service(model: Model) -> Service:
     """What the InferencePool's endpointPickerRef names, and Envoy's ext_proc cluster dials
     (one host per ready replica)."""
+    meta = _meta(model, picker_name(model))
+    meta.labels[COMPONENT_LABEL] = PICKER_COMPONENT  # what the pickers' ServiceMonitor selects
     return Service(
-        metadata=_meta(model, picker_name(model)),
+        metadata=meta,
         spec=ServiceSpec(
             type="ClusterIP",
             selector=_pod_labels(model),

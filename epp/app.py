@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import statistics
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -29,6 +30,11 @@ from infergw.epp.extproc import ExternalProcessor
 from infergw.epp.flowcontrol import FlowControlConfig, FlowControlConfigError
 from infergw.epp.gatekeeper import Gatekeeper
 from infergw.epp.http_server import make_app
+from infergw.epp.metric_collectors import (
+    FlowControlMetrics,
+    FlowQueueCollector,
+    PoolEndpointsCollector,
+)
 from infergw.epp.metrics import PickerMetrics
 from infergw.epp.options import PickerOptions, parse_options
 from infergw.epp.providers.file import FileProvider, FileProviderError
@@ -139,7 +145,7 @@ async def build_picker(opts: PickerOptions) -> Picker:
     if replicas is not None:
         replicas.start()
         peers = start_replica_peers(opts, replicas, metrics)
-    gate = build_gatekeeper(opts, text, scheduling, view, metrics)
+    gate = build_gatekeeper(opts, text, scheduling, view, metrics, datastore)
     scraper = await start_scraper(opts, datastore, metrics, gate, replicas, members)
     director = build_director(opts, datastore, scheduling, metrics, trust, gate)
     return Picker(
@@ -155,6 +161,7 @@ def build_datastore() -> tuple[Datastore, PickerMetrics]:
     metrics = PickerMetrics()
     metrics.model_labels.known = datastore.serves_model
     datastore.removal_listeners.append(metrics.forget_endpoint)
+    metrics.registry.register(PoolEndpointsCollector(datastore))
     return datastore, metrics
 
 
@@ -331,6 +338,7 @@ def build_gatekeeper(
     scheduling: SchedulingConfig,
     view: KVCacheView | None,
     metrics: PickerMetrics,
+    datastore: Datastore,
 ) -> Gatekeeper:
     """Rate limits and, when configured, flow control (with its queue's gauges)."""
     # One way to tokenize a prompt: the KV cache's, which its scorer shares, if there is one.
@@ -340,9 +348,13 @@ def build_gatekeeper(
         flow_control=_flow_control(text, scheduling),
         prompts=prompts,
         capacity_wait_ttl=opts.capacity_wait_ttl,
+        flow_observer=FlowControlMetrics(metrics, opts.pool_name),
     )
     if gate.queue is not None:
         _queue_gauges(gate, metrics)
+        metrics.registry.register(
+            FlowQueueCollector(gate.queue, gate.detector, datastore, metrics, opts.pool_name)
+        )
     gate.capacity.pool = lambda: opts.pool_name
     metrics.registry.register(CapacityWaitCollector(gate.capacity, metrics.model_labels))
     return gate
@@ -530,12 +542,13 @@ async def _pool_gauges(datastore: Datastore, metrics: PickerMetrics) -> None:
             eps = datastore.ready_endpoints()
             metrics.pool_ready.labels(pool.name).set(len(eps))
             if eps:
-                metrics.pool_kv.labels(pool.name).set(
-                    sum(e.metrics.kv_usage for e in eps) / len(eps)
-                )
-                metrics.pool_queue.labels(pool.name).set(
-                    sum(e.metrics.waiting for e in eps) / len(eps)
-                )
+                for what, average, values in (
+                    ("kv_cache_utilization", metrics.pool_kv, [e.metrics.kv_usage for e in eps]),
+                    ("queue_size", metrics.pool_queue, [e.metrics.waiting for e in eps]),
+                    ("running_requests", metrics.pool_running, [e.metrics.running for e in eps]),
+                ):
+                    average.labels(pool.name).set(statistics.fmean(values))
+                    metrics.pool_spread[what].labels(pool.name).set(statistics.pstdev(values))
         await asyncio.sleep(POOL_GAUGE_INTERVAL)
 
 

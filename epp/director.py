@@ -125,6 +125,7 @@ class Director:
 
     def _schedule(self, ctx: RequestContext, candidates: list[Endpoint]) -> list[Endpoint]:
         if not candidates:
+            self.metrics.count_attempt(ctx.target_model)
             raise PickerError(503, f"no ready endpoint left for model {ctx.request.model!r}")
         t0 = time.perf_counter()
         result = self.scheduler.schedule(ctx, candidates)
@@ -137,6 +138,7 @@ class Director:
             )
         targets = result.targets
         if not targets:
+            self.metrics.count_attempt(ctx.target_model)
             raise PickerError(429, "no endpoint left after scheduling")
         route = ctx.resolution
         if route is not None and route.retries is not None:
@@ -148,8 +150,14 @@ class Director:
         primary.last_sent_at = time.monotonic()
         primary.inflight_tokens += self._token_weight(ctx)
         ctx.targets = [e.address for e in targets]
-        self.metrics.requests.labels(ctx.request.model, ctx.target_model).inc()
-        self.metrics.running.labels(ctx.request.model).inc()
+        m, model, target = self.metrics, ctx.request.model, ctx.target_model
+        pool = self.datastore.pool
+        m.count_attempt(target, primary.address, primary.pod, pool.namespace if pool else "")
+        m.requests.labels(model, target, str(ctx.priority)).inc()
+        m.request_sizes.labels(model, target).observe(len(ctx.request.raw_body))
+        m.running.labels(model).inc()
+        if route is not None:  # counted once a request (routing runs again while one waits)
+            m.rewrites.labels(model, target, route.route_name).inc()
         return targets
 
     def _route(self, ctx: RequestContext) -> None:
@@ -225,12 +233,20 @@ class Director:
             m.ntpot.labels(*labels).observe((time.monotonic() - started) / info.completion_tokens)
         if info.cached_tokens is not None:
             m.cached_tokens.labels(*labels).observe(info.cached_tokens)
-        served = info.endpoint
+        if info.response_bytes:
+            m.response_sizes.labels(*labels).observe(info.response_bytes)
         # Only good answers teach latency: a pod that fails fast must not look fast.
-        if served is not None and info.ttft is not None and 200 <= (info.status or 0) < 400:
-            served.ttft_ewma = _ewma(served.ttft_ewma, info.ttft)
+        if info.ttft is not None and 200 <= (info.status or 0) < 400:
+            m.ttft.labels(*labels).observe(
+                info.ttft if info.client_ttft is None else info.client_ttft
+            )
             if info.tpot is not None:
-                served.tpot_ewma = _ewma(served.tpot_ewma, info.tpot)
+                m.tpot.labels(*labels).observe(info.tpot)
+            served = info.endpoint
+            if served is not None:
+                served.ttft_ewma = _ewma(served.ttft_ewma, info.ttft)
+                if info.tpot is not None:
+                    served.tpot_ewma = _ewma(served.tpot_ewma, info.tpot)
         for plugin in self.scheduling.post_response:
             try:
                 plugin.post_response(ctx, info)

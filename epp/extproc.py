@@ -65,6 +65,7 @@ class _Stream:
         self.response: ResponseChain | None = None
         self.usage: UsageReader | None = None  # the chain's usage stage
         self.first_chunk: float | None = None
+        self.response_bytes = 0
         self.last_chunk: float | None = None
         self.finished = False
         # Whether the answer's body passes through here, as Envoy announces on the stream's
@@ -177,6 +178,7 @@ class _Stream:
             if self.first_chunk is None:
                 self.first_chunk = now
             self.last_chunk = now
+            self.response_bytes += len(data)
         response = self.response
         if response is None:
             out: list[bytes | bytearray] = [data]
@@ -238,9 +240,10 @@ class _Stream:
         streamed = None
         if self.usage is not None and self.usage.streaming and self.usage.events > 1:
             streamed = self.usage.events - 1
-        ttft = tpot = None
+        ttft = tpot = client_ttft = None
         if self.first_chunk is not None:
             ttft = self.first_chunk - self.dispatched
+            client_ttft = self.first_chunk - self.started
             n = usage.completion_tokens if usage else None
             if n is None:
                 n = streamed
@@ -255,6 +258,8 @@ class _Stream:
             cached_tokens=usage.cached_tokens if usage else None,
             ttft=ttft,
             tpot=tpot,
+            response_bytes=self.response_bytes,
+            client_ttft=client_ttft,
         )
         self.director.finish(self.ctx, info, self.started, streamed)
         log.debug(

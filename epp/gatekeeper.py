@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -21,6 +22,7 @@ from infergw.epp.context import RequestContext
 from infergw.epp.datastore import Endpoint
 from infergw.epp.errors import NoCapacity, PickerError
 from infergw.epp.flowcontrol import (
+    CANCELLED,
     AdmissionController,
     FlowControlConfig,
     FlowItem,
@@ -39,6 +41,16 @@ class Destinations(Protocol):
     flow control checks for room, since the pool changes while a request waits."""
 
     def destinations(self, ctx: RequestContext) -> list[Endpoint]: ...
+
+
+class FlowObserver(Protocol):
+    """Who hears what flow control does (its metrics)."""
+
+    def waited(self, ctx: RequestContext, outcome: str, seconds: float) -> None: ...
+
+    def enqueued(self, item: FlowItem, outcome: str, seconds: float) -> None: ...
+
+    def dispatch_cycle(self, seconds: float) -> None: ...
 
 
 @dataclass(slots=True)
@@ -67,6 +79,8 @@ class Gatekeeper:
     prompts: PromptTokenizing | None = None
     # How long a request with no ready endpoint waits for one (scale from zero); 0: 503 at once.
     capacity_wait_ttl: float = DEFAULT_CAPACITY_WAIT_TTL
+    # Told what flow control does (its metrics: epp.metric_collectors.FlowControlMetrics).
+    flow_observer: FlowObserver | None = None
     _limiters: dict[str, tuple[str, Limiter]] = field(default_factory=dict)
     _output_avg: dict[str, float] = field(default_factory=dict)  # flow → recent answer length
     _tasks: set[asyncio.Task] = field(default_factory=set)
@@ -79,7 +93,13 @@ class Gatekeeper:
         )
         self.queue = None
         if self.flow_control is not None:
-            self.queue = AdmissionController(self.flow_control, self._saturated)
+            seen = self.flow_observer
+            self.queue = AdmissionController(
+                self.flow_control,
+                self._saturated,
+                observe_enqueue=seen.enqueued if seen is not None else None,
+                observe_cycle=seen.dispatch_cycle if seen is not None else None,
+            )
         self.capacity = CapacityWait(self.capacity_wait_ttl, self.flow_control)
 
     # ---- before routing ------------------------------------------------------------------
@@ -151,7 +171,12 @@ class Gatekeeper:
             payload=waiting,
             expected_output=self._expected_output(ctx),
         )
-        admission = await self.queue.admit(item)
+        try:
+            admission = await self.queue.admit(item)
+        except asyncio.CancelledError:
+            self._observe_queue(ctx, CANCELLED, time.monotonic() - item.enqueued_at)
+            raise
+        self._observe_queue(ctx, admission.outcome.value, admission.waited)
         if not admission.admitted:
             retry = admission.retry_after
             raise PickerError(
@@ -160,6 +185,10 @@ class Gatekeeper:
                 headers={"retry-after": str(int(retry))} if retry else None,
             )
         ticket.item = item
+
+    def _observe_queue(self, ctx: RequestContext, outcome: str, seconds: float) -> None:
+        if self.flow_observer is not None:
+            self.flow_observer.waited(ctx, outcome, seconds)
 
     def _refund_input(self, ticket: Ticket, ctx: RequestContext) -> None:
         if ticket.limiter is not None:

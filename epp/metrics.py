@@ -9,6 +9,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Gauge, Info
 
 from infergw.api import version
+from infergw.epp.metric_aliases import LlmdAliases
 from infergw.epp.metric_values import FastCounter, FastHistogram, LoopTally
 
 LATENCY_BUCKETS = (
@@ -69,6 +70,28 @@ TOKEN_BUCKETS = (
     524288,
     1048576,
 )
+# Request bodies, 64 B to 1 GiB; responses, as the reference buckets them (1 B to 64 KiB).
+REQUEST_SIZE_BUCKETS = tuple(float(2**n) for n in range(6, 31))
+RESPONSE_SIZE_BUCKETS = TOKEN_BUCKETS[:15]
+# From enqueue to the outcome: flow control's wait, as the reference buckets it.
+QUEUE_WAIT_BUCKETS = (
+    0.0001,
+    0.0005,
+    0.001,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+)
 SCHEDULER_BUCKETS = (0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1)
 TPOT_BUCKETS = (
     0.001,
@@ -106,6 +129,9 @@ TPOT_BUCKETS = (
 )
 
 MODEL = ("model_name", "target_model_name")
+# An endpoint as the reference's scheduler_attempts_total names it.
+ENDPOINT = ("pod_name", "namespace", "port")
+SCHEDULED, NOT_SCHEDULED = "success", "failure"  # scheduler_attempts_total's status
 # The kinds of ext_proc message the proxy sends (ProcessingRequest's `request` oneof).
 EXTPROC_MESSAGE_KINDS = (
     "request_headers",
@@ -125,6 +151,9 @@ MAX_UNLISTED_MODELS = 100
 # bounded too; past this, new names share OTHER_MODEL as well.
 MAX_MODEL_SERIES = 10_000
 OTHER_MODEL = "(other)"
+# Fairness ids come from a header (or the users section): the first this many get their own
+# series in flow control's families, later ones share OTHER_MODEL's value.
+MAX_FAIRNESS_SERIES = 100
 
 
 class ModelLabels:
@@ -151,6 +180,23 @@ class ModelLabels:
             self._named.add(name)
             return name
         self._overflow.inc()
+        return OTHER_MODEL
+
+
+class BoundedLabel:
+    """Maps a client-chosen label value (a fairness id) to itself for the first `limit`
+    distinct values, to OTHER_MODEL after that: the series it makes stay bounded."""
+
+    def __init__(self, limit: int = MAX_FAIRNESS_SERIES) -> None:
+        self.limit = limit
+        self._named: set[str] = set()
+
+    def __call__(self, value: str) -> str:
+        if value in self._named:
+            return value
+        if len(self._named) < self.limit:
+            self._named.add(value)
+            return value
         return OTHER_MODEL
 
 
@@ -223,8 +269,8 @@ class PickerMetrics:
         r = self.registry = CollectorRegistry()
         self.requests = FastCounter(
             "inference_objective_request_total",
-            "Counter of inference objective requests.",
-            MODEL,
+            "Counter of inference objective requests, by the objective's priority.",
+            (*MODEL, "priority"),
             registry=r,
         )
         self.errors = FastCounter(
@@ -274,6 +320,61 @@ class PickerMetrics:
             buckets=TPOT_BUCKETS,
             registry=r,
         )
+        self.request_sizes = FastHistogram(
+            "inference_objective_request_sizes",
+            "Inference objective requests size distribution in bytes.",
+            MODEL,
+            buckets=REQUEST_SIZE_BUCKETS,
+            registry=r,
+        )
+        self.response_sizes = FastHistogram(
+            "inference_objective_response_sizes",
+            "Inference objective responses size distribution in bytes (the body as the "
+            "engine sent it).",
+            MODEL,
+            buckets=RESPONSE_SIZE_BUCKETS,
+            registry=r,
+        )
+        self.ttft = FastHistogram(
+            "inference_objective_request_ttft_seconds",
+            "Inference objective time to first token in seconds: from the request's arrival "
+            "at the picker to the answer's first body bytes (good answers only).",
+            MODEL,
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.tpot = FastHistogram(
+            "inference_objective_request_tpot_seconds",
+            "Inference objective time per output token in seconds of streamed answers: "
+            "(last chunk - first chunk) / (output tokens - 1) (good answers only).",
+            MODEL,
+            buckets=TPOT_BUCKETS,
+            registry=r,
+        )
+        self.queue_wait = FastHistogram(
+            "inference_extension_flow_control_request_queue_duration_seconds",
+            "Distribution of total time requests spend in the Flow Control layer (from "
+            "enqueue to final outcome), by outcome.",
+            (*MODEL, "fairness_id", "priority", "outcome", "inference_pool"),
+            buckets=QUEUE_WAIT_BUCKETS,
+            registry=r,
+        )
+        self.enqueue_duration = FastHistogram(
+            "inference_extension_flow_control_request_enqueue_duration_seconds",
+            "Distribution of time taken to enqueue requests into the Flow Control layer, by "
+            "how it ended (NotYetFinalized: queued).",
+            ("fairness_id", "priority", "outcome"),
+            buckets=SCHEDULER_BUCKETS,
+            registry=r,
+        )
+        self.dispatch_cycle = FastHistogram(
+            "inference_extension_flow_control_dispatch_cycle_duration_seconds",
+            "Distribution of time taken for each internal dispatch cycle in the Flow Control "
+            "layer (one look over the queue for a request to dispatch).",
+            buckets=SCHEDULER_BUCKETS,
+            registry=r,
+        )
+        self.fairness_labels = BoundedLabel()
         # Model names are the client's: bound the series they make (ModelLabels).
         self.model_labels = ModelLabels(
             FastCounter(
@@ -292,6 +393,11 @@ class PickerMetrics:
         self.output_tokens = _ModelSeries(self.output_tokens, labels, 2)
         self.cached_tokens = _ModelSeries(self.cached_tokens, labels, 2)
         self.ntpot = _ModelSeries(self.ntpot, labels, 2)
+        self.request_sizes = _ModelSeries(self.request_sizes, labels, 2)
+        self.response_sizes = _ModelSeries(self.response_sizes, labels, 2)
+        self.ttft = _ModelSeries(self.ttft, labels, 2)
+        self.tpot = _ModelSeries(self.tpot, labels, 2)
+        self.queue_wait = _ModelSeries(self.queue_wait, labels, 2)
         self.running = _RunningGauge(self.running, labels)
         self.pool_kv = Gauge(
             "inference_pool_average_kv_cache_utilization",
@@ -305,6 +411,27 @@ class PickerMetrics:
             ("name",),
             registry=r,
         )
+        self.pool_running = Gauge(
+            "inference_pool_average_running_requests",
+            "The average number of running requests across model servers in the pool.",
+            ("name",),
+            registry=r,
+        )
+        # The spread over the pool's ready pods, as the llm-d router exports it (it has no
+        # inference_pool_* name): a pool whose averages look fine can hide one hot pod.
+        self.pool_spread = {
+            what: Gauge(
+                f"llm_d_epp_std_dev_{what}",
+                f"The standard deviation of {meaning} across the pool's ready pods.",
+                ("name",),
+                registry=r,
+            )
+            for what, meaning in (
+                ("kv_cache_utilization", "the KV-cache utilization"),
+                ("queue_size", "the number of requests pending in the model server queue"),
+                ("running_requests", "the number of running requests"),
+            )
+        }
         self.pool_ready = Gauge(
             "inference_pool_ready_pods",
             "The number of ready pods in the inference server pool.",
@@ -317,6 +444,26 @@ class PickerMetrics:
             buckets=SCHEDULER_BUCKETS,
             registry=r,
         )
+        self.rewrites = _ModelSeries(
+            FastCounter(
+                "inference_extension_model_rewrite_decisions_total",
+                "Total number of model rewrite decisions: requests a ModelRoute sent on under "
+                "a model name (model_rewrite_name: the route).",
+                ("model_name", "target_model", "model_rewrite_name"),
+                registry=r,
+            ),
+            self.model_labels,
+            2,
+        )
+        self.scheduler_attempts = FastCounter(
+            "inference_extension_scheduler_attempts_total",
+            "Total number of scheduling attempts, by status (success: the primary endpoint "
+            "chosen; failure: none left).",
+            ("status", "target_model_name", *ENDPOINT),
+            registry=r,
+        )
+        self._attempt_children: dict[tuple[str, str], Any] = {}  # (target model, address)
+        self._attempt_series: dict[str, set[tuple[str, ...]]] = {}  # address → its label sets
         self._plugin_children: dict[tuple[str, str, str], Any] = {}
         self.plugin_duration = FastHistogram(
             "inference_extension_plugin_duration_seconds",
@@ -333,6 +480,20 @@ class PickerMetrics:
             buckets=(0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0),
             registry=r,
         )
+        self.prefix_hit_bytes = FastHistogram(
+            "inference_extension_prefix_indexer_hit_bytes",
+            "Length of the prefix match in number of bytes in the cache lookup.",
+            buckets=(0, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536),
+            registry=r,
+        )
+        # The approximate prefix scorers' indexes, read at scrape time (their entry counts).
+        self.prefix_indexes: list[Callable[[], int]] = []
+        prefix_size = Gauge(
+            "inference_extension_prefix_indexer_size",
+            "Size of the prefix indexer: (block, pod) entries the approximate prefix scorers hold.",
+            registry=r,
+        )
+        prefix_size.set_function(lambda: sum(size() for size in self.prefix_indexes))
         # Prefill/decode disaggregation (pd-profile-handler, given them by its handle).
         self.pd_decisions = FastCounter(
             "infergate_epp_pd_decisions_total",
@@ -401,10 +562,30 @@ class PickerMetrics:
         info.info(
             {"commit": version.commit(), "build_ref": "infergate", "version": version.version()}
         )
+        r.register(LlmdAliases(r))  # every family above and registered later, under llm-d's names
+
+    def count_attempt(
+        self, target_model: str, endpoint: str = "", pod: str = "", namespace: str = ""
+    ) -> None:
+        """A scheduling attempt: chose `endpoint` (ip:port) of `pod`, or, with none, failed."""
+        key = (target_model, endpoint)
+        child = self._attempt_children.get(key)
+        if child is None:
+            model = self.model_labels(target_model)
+            port = endpoint.rpartition(":")[2]
+            status = SCHEDULED if endpoint else NOT_SCHEDULED
+            labels = (status, model, pod, namespace, port)
+            child = self.scheduler_attempts.labels(*labels)
+            if endpoint:
+                self._attempt_series.setdefault(endpoint, set()).add(labels)
+            if model != OTHER_MODEL:  # kept only while its label cannot change
+                self._attempt_children[key] = child
+        child.inc()
 
     def forget_endpoint(self, address: str) -> None:
         """Drop the series labelled with an endpoint that left the pool: pods come and go,
         and their series would otherwise pile up for the life of the picker."""
+        self._forget_attempts(address)
         for metric in (self.pd_picks, self.scrape_errors):
             names = metric._labelnames
             seen = set()
@@ -422,3 +603,11 @@ class PickerMetrics:
         if child is None:
             child = self._plugin_children[key] = self.plugin_duration.labels(*key)
         child.observe(seconds)
+
+    def _forget_attempts(self, address: str) -> None:
+        for key in [k for k in self._attempt_children if k[1] == address]:
+            del self._attempt_children[key]
+        gone = self._attempt_series.pop(address, set())
+        # A pod made again under its name at another IP keeps its series.
+        for labels in gone.difference(*self._attempt_series.values()):
+            self.scheduler_attempts.remove(*labels)

@@ -13,6 +13,7 @@ from infergw.epp.director import Director, DirectorOptions
 from infergw.epp.errors import PickerError
 from infergw.epp.flowcontrol import FlowControlConfig
 from infergw.epp.gatekeeper import Gatekeeper
+from infergw.epp.metric_collectors import FlowControlMetrics
 from infergw.epp.metrics import PickerMetrics
 from infergw.epp.request import parse_request
 from infergw.epp.scheduling.config import load_config
@@ -137,11 +138,15 @@ SERVERS = [
 ]
 
 
-def director_with(routes=(), flow_control: FlowControlConfig | None = None) -> Director:
+def director_with(
+    routes=(), flow_control: FlowControlConfig | None = None, *, pool: str | None = None
+) -> Director:
+    """`pool` named: flow control's metrics are recorded for that pool name."""
     ds = make_datastore()
     ds.set_routes(list(routes), SERVERS)
     metrics = PickerMetrics()
-    gate = Gatekeeper(metrics.registry, flow_control=flow_control)
+    observer = FlowControlMetrics(metrics, pool) if pool is not None else None
+    gate = Gatekeeper(metrics.registry, flow_control=flow_control, flow_observer=observer)
     # These clients name their flows and objectives, as on a closed network that trusts them.
     options = DirectorOptions(fallbacks=0, trust=HeaderTrust(client_headers=True))
     return Director(ds, load_config(LEAST_REQUEST), metrics, options, gate)

@@ -5,7 +5,14 @@ The gatekeeper builds one `AdmissionController` with a saturation check, awaits
 `notify()` when a request finishes or metrics refresh.
 """
 
-from infergw.epp.flowcontrol.admission import HTTP_STATUS, Admission, FlowControlStats, Outcome
+from infergw.epp.flowcontrol.admission import (
+    CANCELLED,
+    HTTP_STATUS,
+    QUEUED,
+    Admission,
+    FlowControlStats,
+    Outcome,
+)
 from infergw.epp.flowcontrol.admission_queue import AdmissionController
 from infergw.epp.flowcontrol.config import (
     BandConfig,
@@ -19,7 +26,9 @@ from infergw.epp.flowcontrol.saturation import SaturationDetector
 from infergw.epp.flowcontrol.vtc import VirtualTokenCounter
 
 __all__ = [
+    "CANCELLED",
     "HTTP_STATUS",
+    "QUEUED",
     "Admission",
     "AdmissionController",
     "Band",

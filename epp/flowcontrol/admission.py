@@ -16,6 +16,12 @@ class Outcome(StrEnum):
     REJECTED_SHUTDOWN = "rejected_shutdown"
 
 
+# How a request left the queue when its client went away while it waited: not an answer
+# admission gives, but one more way a wait ends (for its metrics).
+CANCELLED = "cancelled"
+# Where admitting an item ended when it had to wait: in the queue (for its metrics).
+QUEUED = "queued"
+
 # The ImmediateResponse status for each rejection (as GIE maps its queue outcomes).
 HTTP_STATUS = {
     Outcome.REJECTED_CAPACITY: 429,

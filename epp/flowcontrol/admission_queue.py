@@ -27,7 +27,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from infergw.epp.flowcontrol.admission import Admission, FlowControlStats, Outcome
+from infergw.epp.flowcontrol.admission import QUEUED, Admission, FlowControlStats, Outcome
 from infergw.epp.flowcontrol.config import FlowControlConfig
 from infergw.epp.flowcontrol.queue import Band, FlowItem
 from infergw.epp.flowcontrol.vtc import VirtualTokenCounter
@@ -46,13 +46,20 @@ class AdmissionController:
         *,
         clock: Callable[[], float] = time.monotonic,
         observe_wait: Callable[[FlowItem, float], None] | None = None,
+        observe_enqueue: Callable[[FlowItem, str, float], None] | None = None,
+        observe_cycle: Callable[[float], None] | None = None,
     ) -> None:
         """`saturated(item)` says whether the endpoints `item` may use have no room; it must be
-        cheap (it runs per request and per dispatch). `clock` is FlowItem.enqueued_at's."""
+        cheap (it runs per request and per dispatch). `clock` is FlowItem.enqueued_at's.
+        Observers (metrics): `observe_enqueue(item, outcome, seconds)` once an item is answered
+        at once or queued (outcome QUEUED), `observe_cycle(seconds)` for each look over the
+        queue for an item to dispatch."""
         self.config = config
         self.saturated = saturated
         self.clock = clock
         self.observe_wait = observe_wait
+        self.observe_enqueue = observe_enqueue
+        self.observe_cycle = observe_cycle
         self.stats = FlowControlStats()
         self._bands: dict[int, Band] = {}
         self._order: list[Band] = []  # highest priority first
@@ -70,6 +77,15 @@ class AdmissionController:
     async def admit(self, item: FlowItem) -> Admission:
         """Wait until `item` may be scheduled, or learn why not. Cancel the awaiting task to
         withdraw it (the client went away)."""
+        started = time.perf_counter()
+        admission = self._decide_now(item)
+        if admission is not None:
+            self._enqueued(item, admission.outcome.value, started)
+            return admission
+        return await self._wait(self._band(item.priority), item, started)
+
+    def _decide_now(self, item: FlowItem) -> Admission | None:
+        """Admission's answer without waiting, or None when `item` must queue."""
         if self._closed:
             return self._reject(item, Outcome.REJECTED_SHUTDOWN, "flow control is shutting down")
         self._maybe_gc()
@@ -90,7 +106,13 @@ class AdmissionController:
             return self._reject(
                 item, Outcome.REJECTED_CAPACITY, why, self._retry_after(item.priority)
             )
-        return await self._wait(band, item)
+        return None
+
+    def _enqueued(self, item: FlowItem, outcome: str, started: float) -> None:
+        """Tell the observer how long admitting took before an answer or a place in the
+        queue (QUEUED), and which."""
+        if self.observe_enqueue is not None:
+            self.observe_enqueue(item, outcome, time.perf_counter() - started)
 
     def notify(self) -> None:
         """Capacity may have freed (a request finished, metrics refreshed): try to dispatch."""
@@ -141,10 +163,14 @@ class AdmissionController:
         dispatched = 0
         async with self._dispatching:  # one loop at a time, or two could fill one free slot
             while True:
+                started = time.perf_counter()
                 item = self._first_with_room()
+                if item is not None:
+                    self._dispatch_queued(item)
+                if self.observe_cycle is not None:  # one look over the queue: its cost
+                    self.observe_cycle(time.perf_counter() - started)
                 if item is None:
                     return dispatched
-                self._dispatch_queued(item)
                 dispatched += 1
                 # Let the resumed request claim its endpoint before the next saturation check.
                 await asyncio.sleep(0)
@@ -249,7 +275,7 @@ class AdmissionController:
         self._dispatch_times.append(self.clock())
         return Admission(Outcome.DISPATCHED, item)
 
-    async def _wait(self, band: Band, item: FlowItem) -> Admission:
+    async def _wait(self, band: Band, item: FlowItem, started: float) -> Admission:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Admission] = loop.create_future()
         item.future = fut
@@ -260,6 +286,7 @@ class AdmissionController:
         if ttl > 0:
             delay = max(0.0, item.enqueued_at + ttl - self.clock())
             item.timer = loop.call_later(delay, self._expire, item)
+        self._enqueued(item, QUEUED, started)
         self.notify()
         try:
             return await fut

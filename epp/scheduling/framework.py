@@ -76,6 +76,10 @@ class ResponseInfo:
     cached_tokens: int | None = None
     ttft: float | None = None
     tpot: float | None = None
+    response_bytes: int = 0  # the answer's body as the engine sent it
+    # Time to first token as the client sees it: from the request's arrival at the picker
+    # (parsing, flow control's wait and scheduling included); `ttft` is the pod's part.
+    client_ttft: float | None = None
 
 
 class PreRequest(Plugin):

@@ -75,7 +75,7 @@ def check_split_and_limited(stack) -> None:
     counts = {
         target: float(n)
         for target, n in re.findall(
-            rb'inference_objective_request_total\{model_name="split",'
+            rb'inference_objective_request_total\{model_name="split",priority="[^"]*",'
             rb'target_model_name="([^"]+)"\} (\S+)',
             metrics,
         )

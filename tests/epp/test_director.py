@@ -22,6 +22,8 @@ from tests.director_fixtures import (
     EVERYONE,
     HEAD,
     context,
+    director_with,
+    limited_route,
     make_director,
     set_models,
     status_of,
@@ -116,13 +118,50 @@ async def test_bookkeeping_metrics(director):
     ctx = context(model="m")
     await director.handle(ctx)
     labels = {"model_name": "m", "target_model_name": "m"}
-    assert sample(director, "inference_objective_request_total", **labels) == 1
+    assert sample(director, "inference_objective_request_total", priority="0", **labels) == 1
     assert sample(director, "inference_objective_running_requests", model_name="m") == 1
-    director.finish(ctx, ok(prompt_tokens=10, completion_tokens=5), time.monotonic())
+    size = len(ctx.request.raw_body)
+    assert sample(director, "inference_objective_request_sizes_sum", **labels) == size
+    info = ok(prompt_tokens=10, completion_tokens=5, ttft=0.25, tpot=0.02, response_bytes=321)
+    director.finish(ctx, info, time.monotonic())
     assert sample(director, "inference_objective_running_requests", model_name="m") == 0
     assert sample(director, "inference_objective_request_duration_seconds_count", **labels) == 1
     assert sample(director, "inference_objective_input_tokens_sum", **labels) == 10
     assert sample(director, "inference_objective_output_tokens_sum", **labels) == 5
+    assert sample(director, "inference_objective_request_ttft_seconds_sum", **labels) == 0.25
+    assert sample(director, "inference_objective_request_tpot_seconds_sum", **labels) == 0.02
+    assert sample(director, "inference_objective_response_sizes_sum", **labels) == 321
+
+
+async def test_a_failed_answer_teaches_no_latency(director):
+    ctx = context(model="m")
+    await director.handle(ctx)
+    director.finish(
+        ctx, ResponseInfo(endpoint=None, status=500, ttft=0.01, tpot=0.01), time.monotonic()
+    )
+    labels = {"model_name": "m", "target_model_name": "m"}
+    assert sample(director, "inference_objective_request_ttft_seconds_count", **labels) == 0
+    assert sample(director, "inference_objective_request_tpot_seconds_count", **labels) == 0
+
+
+async def test_scheduling_attempts_name_the_primary_and_go_with_its_pod(director):
+    ctx = context(model="m")
+    (primary,) = (await director.handle(ctx))[:1]
+    port = primary.address.rpartition(":")[2]
+    attempt = {"status": "success", "target_model_name": "m", "pod_name": primary.pod}
+    assert (
+        sample(
+            director,
+            "inference_extension_scheduler_attempts_total",
+            port=port,
+            namespace=(director.datastore.pool.namespace),
+            **attempt,
+        )
+        == 1
+    )
+    director.metrics.forget_endpoint(primary.address)
+    names = {s.name for f in director.metrics.registry.collect() for s in f.samples}
+    assert "inference_extension_scheduler_attempts_total" not in names
 
 
 @pytest.mark.parametrize(("status", "code"), [(0, "cancelled"), (500, "500"), (404, "404")])
@@ -477,3 +516,15 @@ async def test_flow_control_waits_for_room_on_the_endpoints_scheduling_may_use()
     (target,) = await asyncio.wait_for(waiting, 2)
     assert target.address == B1 and ctx.targets == [B1]
     await d.gate.close()
+
+
+async def test_a_routed_request_counts_its_routes_rewrite_decision_once():
+    d = director_with(limited_route(inputTokensPerUnit=10_000))
+    await d.handle(context(model="m"))
+    await d.handle(context(model="m"))
+    decision = {"model_name": "m", "target_model": "m", "model_rewrite_name": "limited"}
+    assert sample(d, "inference_extension_model_rewrite_decisions_total", **decision) == 2
+    assert sample(d, "llm_d_epp_model_rewrite_decisions_total", **decision) == 2
+    plain = make_director()  # no route: no decision
+    await plain.handle(context(model="m"))
+    assert sample(plain, "inference_extension_model_rewrite_decisions_total", **decision) == 0

@@ -16,7 +16,8 @@ from infergw.epp.director import Director, DirectorOptions
 from infergw.epp.errors import PickerError
 from infergw.epp.flowcontrol import FlowControlConfig
 from infergw.epp.gatekeeper import Gatekeeper
-from infergw.epp.metrics import PickerMetrics
+from infergw.epp.metric_collectors import FlowQueueCollector
+from infergw.epp.metrics import OTHER_MODEL, BoundedLabel, PickerMetrics
 from infergw.epp.response import response_chain
 from infergw.epp.scheduling.config import load_config
 from infergw.epp.scheduling.framework import ResponseInfo
@@ -307,3 +308,62 @@ def test_an_endpoint_that_leaves_takes_its_metric_series_along():
     metrics.forget_endpoint("10.0.0.1:8000")
     text = generate_latest(metrics.registry).decode()
     assert "10.0.0.1:8000" not in text and 'endpoint="10.0.0.2:8000"' in text
+
+
+async def test_flow_controls_wait_is_recorded_with_how_each_request_left():
+    d = director_with(flow_control=FlowControlConfig(), pool="pool")
+    for ep in d.datastore.endpoints():
+        ep.metrics.waiting, ep.metrics.updated_at = 10, 1e18  # saturated, fresh forever
+    waiting = asyncio.create_task(
+        d.handle(context(headers={"x-gateway-inference-fairness-id": "a"}))
+    )
+    await asyncio.sleep(0.1)
+    collected = {
+        s.name: s
+        for f in FlowQueueCollector(
+            d.gate.queue, d.gate.detector, d.datastore, d.metrics, "pool"
+        ).collect()
+        for s in f.samples
+    }
+    assert collected["inference_extension_flow_control_queue_size"].labels["fairness_id"] == "a"
+    assert collected["inference_extension_flow_control_queue_size"].value == 1
+    waiting.cancel()
+    await asyncio.sleep(0.05)
+    d.datastore.set_objectives([{"metadata": {"name": "bulk"}, "spec": {"priority": -1}}])
+    with pytest.raises(PickerError):
+        await d.handle(context(headers={"x-gateway-inference-objective": "bulk"}))
+
+    def count(outcome: str, **labels) -> float:
+        name = "inference_extension_flow_control_request_queue_duration_seconds_count"
+        value = d.metrics.registry.get_sample_value(
+            name,
+            {
+                "model_name": "m",
+                "target_model_name": "m",
+                "inference_pool": "pool",
+                "outcome": outcome,
+                **labels,
+            },
+        )
+        return value or 0.0
+
+    # under the reference's outcome names
+    assert count("EvictedContextCancelled", fairness_id="a", priority="0") == 1
+    assert count("RejectedCapacity", fairness_id="default-flow", priority="-1") == 1
+    enqueued = "inference_extension_flow_control_request_enqueue_duration_seconds_count"
+    queued = {"fairness_id": "a", "priority": "0", "outcome": "NotYetFinalized"}
+    assert d.metrics.registry.get_sample_value(enqueued, queued) == 1
+    cycles = "inference_extension_flow_control_dispatch_cycle_duration_seconds_count"
+    assert d.metrics.registry.get_sample_value(cycles, {}) >= 1  # it looked for room
+    await d.gate.close()
+
+
+def test_fairness_ids_past_the_bound_share_one_series():
+    label = BoundedLabel(limit=2)
+    assert [label(v) for v in ("a", "b", "c", "a", "d")] == [
+        "a",
+        "b",
+        OTHER_MODEL,
+        "a",
+        OTHER_MODEL,
+    ]

@@ -117,11 +117,13 @@ def test_the_pickers_metrics_keep_their_names_labels_and_buckets():
     m = PickerMetrics()
     m.duration.labels("a", "a").observe(0.3)
     m.plugin_duration.labels("Scorer", "t", "n").observe(0.0004)
-    m.requests.labels("a", "a").inc()
+    m.requests.labels("a", "a", "0").inc()
     text = generate_latest(m.registry).decode()
     assert 'inference_objective_request_duration_seconds_bucket{le="0.4",model_name="a",' in text
     assert 'inference_extension_plugin_duration_seconds_bucket{extension_point="Scorer",' in text
-    assert 'inference_objective_request_total{model_name="a",target_model_name="a"} 1.0' in text
+    total = 'request_total{model_name="a",priority="0",target_model_name="a"} 1.0'
+    assert f"inference_objective_{total}" in text
+    assert f"llm_d_epp_{total}" in text  # llm-d's name for it, the same series
     for kind in EXTPROC_MESSAGE_KINDS:
         assert f'infergate_epp_extproc_messages_total{{kind="{kind}"}} 0.0' in text
         assert f'infergate_epp_extproc_messages_created{{kind="{kind}"}}' in text

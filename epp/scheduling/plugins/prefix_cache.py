@@ -52,10 +52,15 @@ class PrefixCacheScorer(Scorer, PreRequest):
         # Reverse index for lookups: block hash → servers holding it.
         self._servers_of: dict[int, set[str]] = {}
         self._share = None  # tells the other replicas what we recorded (create() sets it)
+        self._metrics = None  # the picker's, for the lookups' hit ratio (create() sets it)
+        self._entries = 0  # (block, pod) entries over every pod's LRU
 
     @classmethod
     def create(cls, name, params, handle: Handle):
         scorer = cls(name, params)
+        if handle.metrics is not None:
+            scorer._metrics = handle.metrics
+            handle.metrics.prefix_indexes.append(lambda: scorer._entries)
         if handle.replicas is not None:
             scorer._share = handle.replicas.channel(f"approximate-prefix/{name}", scorer._record)
         return scorer
@@ -89,6 +94,10 @@ class PrefixCacheScorer(Scorer, PreRequest):
             for address in alive:
                 matched[address] = i + 1
         total = len(hashes)
+        if self._metrics is not None:  # the best match among the candidates, as GIE records
+            best = max(matched.values(), default=0)
+            self._metrics.prefix_hit_ratio.observe(best / total)
+            self._metrics.prefix_hit_bytes.observe(best * self.block_chars)
         return bounded([matched[e.address] / total for e in endpoints], endpoints, self.load_bound)
 
     def cached_prompt(self, ctx: RequestContext, address: str) -> tuple[int, int]:
@@ -119,9 +128,11 @@ class PrefixCacheScorer(Scorer, PreRequest):
                 lru.move_to_end(h)
             else:
                 lru[h] = None
+                self._entries += 1
                 self._servers_of.setdefault(h, set()).add(server)
         while len(lru) > self.capacity:
             old, _ = lru.popitem(last=False)
+            self._entries -= 1
             holders = self._servers_of.get(old)
             if holders is not None:
                 holders.discard(server)
@@ -130,7 +141,9 @@ class PrefixCacheScorer(Scorer, PreRequest):
 
     def forget_server(self, server: str) -> None:
         """A pod left the pool: drop what we believed it held."""
-        for h in self._by_server.pop(server, {}):
+        forgotten = self._by_server.pop(server, {})
+        self._entries -= len(forgotten)
+        for h in forgotten:
             holders = self._servers_of.get(h)
             if holders is not None:
                 holders.discard(server)

@@ -6,8 +6,10 @@ import xxhash
 
 from infergw.epp.context import RequestContext
 from infergw.epp.datastore import Endpoint
+from infergw.epp.metrics import PickerMetrics
 from infergw.epp.request_body import RequestBody
 from infergw.epp.scheduling.framework import ProfileResult, SchedulingResult
+from infergw.epp.scheduling.handle import Handle
 from infergw.epp.scheduling.plugins.prefix_cache import PrefixCacheScorer
 from tests.request_fixtures import bare_context
 
@@ -248,3 +250,23 @@ def test_instances_with_different_block_sizes_hash_the_same_request_their_own_wa
     r = req("x" * 64)
     assert len(small.hashes(r)) == 16
     assert len(large.hashes(r)) == 4
+
+
+# ---- the reference's prefix-indexer metrics -------------------------------------------------
+
+
+def test_lookups_record_the_best_match_and_the_index_its_size():
+    metrics = PickerMetrics()
+    s = PrefixCacheScorer.create("prefix", {"blockSizeTokens": 1}, Handle(metrics=metrics))
+    send(s, "abcdefgh", A)  # two blocks on A
+    send(s, "abcdwxyz", B)  # the first block on B too, and another
+
+    def value(name: str) -> float:
+        return metrics.registry.get_sample_value(name) or 0.0
+
+    assert value("inference_extension_prefix_indexer_size") == 4
+    scores(s, "abcdefghijkl")  # three blocks: A holds two of them
+    assert value("inference_extension_prefix_indexer_hit_ratio_sum") == 2 / 3
+    assert value("inference_extension_prefix_indexer_hit_bytes_sum") == 8
+    s.forget_server(A.address)
+    assert value("inference_extension_prefix_indexer_size") == 2
