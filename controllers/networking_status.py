@@ -1,6 +1,7 @@
 """The status of ModelRoutes and ModelServers, which nothing else writes:
 
-- ModelRoute `Accepted` (its spec reads through api/: Invalid and the field when it does not)
+- ModelRoute `Accepted` (its spec reads and validates through api/: Invalid and the field
+  when it does not)
   and `ResolvedRefs` (every ModelServer and InferencePool its rules target exists in its
   namespace: RefNotFound naming the missing ones);
 - ModelServer `Ready` (how many of the pods its workloadSelector matches are ready:
@@ -36,7 +37,7 @@ log = logging.getLogger("controllers.networking_status")
 
 # Reasons that need a person: their Events are Warnings.
 ROUTE_WARNINGS = frozenset(("Invalid", "RefNotFound"))
-SERVER_WARNINGS = frozenset(("NoReadyPods",))
+SERVER_WARNINGS = frozenset(("NoReadyPods", "Invalid"))
 
 
 async def write_status(
@@ -57,6 +58,21 @@ async def write_status(
         pass  # deleted meanwhile
 
 
+MAX_PROBLEMS = 3  # of api.validate's, quoted in a condition
+
+
+def spec_problem(obj: Obj) -> str | None:
+    """Why obj is not what its CRD accepts (api/ reads and validates it), or None. A cluster's
+    API server refuses most of it on write; standalone manifests and older objects may not
+    have been checked."""
+    try:
+        typed = api.from_dict(api.prune_nulls(obj))
+    except ApiError as exc:
+        return str(exc)
+    problems = api.validate(typed)
+    return "; ".join(problems[:MAX_PROBLEMS]) if problems else None
+
+
 class ModelRouteStatus:
     kind = MODEL_ROUTE
 
@@ -67,12 +83,12 @@ class ModelRouteStatus:
         obj = await self.store.get(MODEL_ROUTE, namespace, name)
         if obj is None:
             return None
-        try:
-            route = api.from_dict_as(ModelRoute, obj)
-        except ApiError as exc:
-            accepted = condition(obj, "Accepted", False, "Invalid", str(exc))
-            refs = condition(obj, "ResolvedRefs", None, "Invalid", "the spec cannot be read")
+        problem = spec_problem(obj)
+        if problem is not None:
+            accepted = condition(obj, "Accepted", False, "Invalid", problem)
+            refs = condition(obj, "ResolvedRefs", None, "Invalid", "the spec is not valid")
         else:
+            route = api.from_dict_as(ModelRoute, api.prune_nulls(obj))
             accepted = condition(obj, "Accepted", True, "Accepted", "the spec is valid")
             refs = condition(obj, "ResolvedRefs", *await self._refs(namespace, route))
         await write_status(self.store, self.events, obj, [accepted, refs], ROUTE_WARNINGS)
@@ -111,11 +127,11 @@ class ModelServerStatus:
         obj = await self.store.get(MODEL_SERVER, namespace, name)
         if obj is None:
             return None
-        try:
-            server = api.from_dict_as(ModelServer, obj)
-        except ApiError as exc:
-            ready = condition(obj, "Ready", False, "Invalid", str(exc))
+        problem = spec_problem(obj)
+        if problem is not None:
+            ready = condition(obj, "Ready", False, "Invalid", problem)
         else:
+            server = api.from_dict_as(ModelServer, api.prune_nulls(obj))
             labels = server.spec.workload_selector.match_labels
             pods, _ = await self.store.list(POD, namespace, labels)
             ready = condition(obj, "Ready", *pods_ready(pods))

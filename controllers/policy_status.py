@@ -1,6 +1,6 @@
 """The status of AutoScalingPolicies, which nothing else writes: `Valid` (the policy reads
-through api/ and yields the autoscaler's arithmetic: InvalidPolicy naming the field when it
-does not) and `InUse` (the bindings of its namespace that name it, counted in
+and validates through api/ and yields the autoscaler's arithmetic: InvalidPolicy naming the
+field when it does not) and `InUse` (the bindings of its namespace that name it, counted in
 `status.bindings`: Unused when none does)."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from infergw.cluster.store import AUTOSCALING_BINDING, AUTOSCALING_POLICY, NotFo
 from infergw.controllers.autoscaler import policy_from
 from infergw.controllers.conditions import condition, listed
 from infergw.controllers.events import NO_EVENTS, Recorder, condition_events
+from infergw.controllers.networking_status import spec_problem
 
 POLICY_WARNINGS = frozenset(("InvalidPolicy",))
 
@@ -24,10 +25,14 @@ class PolicyStatus:
         obj = await self.store.get(AUTOSCALING_POLICY, namespace, name)
         if obj is None:
             return None
-        try:
-            policy_from(obj)
-        except (ApiError, ValueError) as exc:
-            valid = condition(obj, "Valid", False, "InvalidPolicy", str(exc))
+        problem = spec_problem(obj)
+        if problem is None:
+            try:
+                policy_from(obj)
+            except (ApiError, ValueError) as exc:
+                problem = str(exc)
+        if problem is not None:
+            valid = condition(obj, "Valid", False, "InvalidPolicy", problem)
         else:
             valid = condition(obj, "Valid", True, "Valid", "the policy is valid")
         bindings, _ = await self.store.list(AUTOSCALING_BINDING, namespace)
