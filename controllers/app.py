@@ -14,7 +14,7 @@ import argparse
 import asyncio
 import logging
 import signal
-from collections.abc import Callable, Hashable
+from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +28,7 @@ from infergw.cluster.store import (
     AUTOSCALING_POLICY,
     DEPLOYMENT,
     ENVOY_PATCH_POLICY,
+    EVENT,
     HTTP_ROUTE,
     INFERENCE_POOL,
     MODEL,
@@ -35,6 +36,7 @@ from infergw.cluster.store import (
     MODEL_ROUTE,
     MODEL_SERVER,
     POD,
+    NotFound,
     Obj,
     Store,
 )
@@ -212,7 +214,7 @@ class Standalone:
             store,
             self.metrics,
             # memory has no Event TTL: forgotten series take their Events with them
-            events=EventRecorder(store, prune=True),
+            events=EventRecorder(store, forget=forget_event(store)),
             autoscale_interval=self.autoscale_interval,
             kv_sockets=self.kv_sockets,
             picker_metrics=self.picker_metrics,
@@ -237,6 +239,19 @@ class Standalone:
         self.parts.clear()
         if self._scaler is not None:
             await self._scaler.close()
+
+
+def forget_event(store: Store) -> Callable[[str, str], Awaitable[None]]:
+    """Delete an Event the recorder no longer counts (standalone mode only: the API server
+    expires Events itself, and the install grants no delete on them)."""
+
+    async def forget(namespace: str, name: str) -> None:
+        try:
+            await store.delete(EVENT, namespace, name)
+        except NotFound:
+            pass
+
+    return forget
 
 
 def redis_address(text: str) -> str:

@@ -83,14 +83,19 @@ class Decision:
     reason: str
 
 
-def _moved(reason: str, rec: int, windowed: int, bound: int, desired: int) -> str:
-    """Why a step towards `rec` stopped at `desired`: the window, the rate bound, or not."""
-    if desired == rec:
-        return reason
-    if desired == windowed and windowed != rec:
-        return STABILIZATION_WINDOW
-    if desired == bound:
-        return RATE_LIMITED
+def _moved(reason: str, rec: int, windowed: int, bound: int, *, up: bool) -> str:
+    """Why a step towards `rec` went no further: the period's rate bound, the window's
+    recommendations, or neither (`reason`)."""
+    if up:
+        if bound < min(rec, windowed):
+            return RATE_LIMITED
+        if windowed < rec:
+            return STABILIZATION_WINDOW
+    else:
+        if bound > max(rec, windowed):
+            return RATE_LIMITED
+        if windowed > rec:
+            return STABILIZATION_WINDOW
     return reason
 
 
@@ -138,13 +143,13 @@ class Scaler:
             base = max(1, self._min_size(now - p.up.period))
             bound = _bound(base, p.up, up=True)
             desired = max(current, min(windowed, bound))
-            why = _moved(HELD_REQUESTS if held else SCALE_UP, rec, windowed, bound, desired)
+            why = _moved(HELD_REQUESTS if held else SCALE_UP, rec, windowed, bound, up=True)
         elif rec < current:
             windowed = max(r for t, r in self.recs if t >= now - p.down.window)
             base = self._max_size(now - p.down.period)
             bound = _bound(base, p.down, up=False)
             desired = min(current, max(windowed, bound))
-            why = _moved(SCALE_DOWN, rec, windowed, bound, desired)
+            why = _moved(SCALE_DOWN, rec, windowed, bound, up=False)
         else:
             desired = current
             why = HELD_REQUESTS if held else WITHIN_TOLERANCE if raw == current else STEADY

@@ -12,9 +12,10 @@ pass writes no new Event each time:
 - after `finish` seconds without a repeat the series ends: the next occurrence is a new Event.
 
 Memory is bounded: at most `max_series` series are remembered, the least recently seen
-forgotten first (with `prune`, as in standalone mode, whose in-memory store has no Event TTL,
-its Event is deleted too). Writing an Event never fails a reconcile: a refused or failed write
-is logged and dropped, as client-go's recorder drops it after its retries.
+forgotten first (`forget` is told its Event: standalone mode, whose in-memory store has no
+Event TTL, deletes it; an API server expires Events by itself). Writing an Event never fails
+a reconcile: a refused or failed write is logged and dropped, as client-go's recorder drops
+it after its retries.
 """
 
 from __future__ import annotations
@@ -24,12 +25,12 @@ import os
 import socket
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Protocol
 
-from infergw.cluster.store import EVENT, NotFound, Obj, Store, StoreError
+from infergw.cluster.store import EVENT, Obj, Store, StoreError
 
 log = logging.getLogger("controllers.events")
 
@@ -93,14 +94,15 @@ class EventRecorder:
         finish: float = SERIES_FINISH,
         refresh: float = SERIES_REFRESH,
         max_series: int = MAX_SERIES,
-        prune: bool = False,
+        forget: Callable[[str, str], Awaitable[None]] | None = None,
     ) -> None:
         self.store = store
         self.instance = clip(instance or default_instance(), FIELD_LIMIT)
         self.clock, self.wall = clock, wall
         self.finish, self.refresh = finish, refresh
         self.max_series = max_series
-        self.prune = prune  # delete an Event when its series is forgotten
+        # called with (namespace, name) of an Event whose series is forgotten
+        self.forget = forget
         self._series: OrderedDict[tuple, _Series] = OrderedDict()
         self.written = 0  # Event writes that reached the store (tests, debugging)
 
@@ -112,8 +114,16 @@ class EventRecorder:
         regarding = _reference(obj)
         reason, action = clip(reason, FIELD_LIMIT), clip(action, FIELD_LIMIT)
         note = clip(note, NOTE_LIMIT)
-        key = (regarding.get("uid") or "", regarding["kind"], regarding["namespace"],
-               regarding["name"], type_, reason, action, note)  # fmt: skip
+        key = (
+            regarding.get("uid") or "",
+            regarding["kind"],
+            regarding["namespace"],
+            regarding["name"],
+            type_,
+            reason,
+            action,
+            note,
+        )
         now = self.clock()
         series = self._series.get(key)
         if series is not None and now - series.last_seen > self.finish:
@@ -145,20 +155,19 @@ class EventRecorder:
             "type": type_,
             "regarding": regarding,
         }
-        if not await self._write(self.store.create, body):
+        if not await self._write(body, create=True):
             return
         self._series[key] = _Series(ns, name, 1, now, now, now, 1)
         while len(self._series) > self.max_series:
             _, old = self._series.popitem(last=False)
-            if self.prune:
-                await self._delete(old)
+            await self._forget(old)
 
     async def _write_series(self, series: _Series) -> None:
         have = await self._read(series)
         if have is None:
             return
         have["series"] = {"count": series.count, "lastObservedTime": micro_time(self.wall())}
-        if await self._write(self.store.update, have):
+        if await self._write(have, create=False):
             series.last_written = series.last_seen
             series.written_count = series.count
 
@@ -169,22 +178,30 @@ class EventRecorder:
             log.warning("event %s/%s: not read: %s", series.namespace, series.name, exc)
             return None
 
-    async def _write(self, write, body: Obj) -> bool:
+    async def _write(self, body: Obj, *, create: bool) -> bool:
         try:
-            await write(body)
+            if create:
+                await self.store.create(body)
+            else:
+                await self.store.update(body)
         except (StoreError, OSError) as exc:
             m = body["metadata"]
-            log.warning("event %s/%s (%s) not written: %s", m["namespace"], m["name"],
-                        body.get("reason"), exc)  # fmt: skip
+            log.warning(
+                "event %s/%s (%s) not written: %s",
+                m["namespace"],
+                m["name"],
+                body.get("reason"),
+                exc,
+            )
             return False
         self.written += 1
         return True
 
-    async def _delete(self, series: _Series) -> None:
+    async def _forget(self, series: _Series) -> None:
+        if self.forget is None:
+            return
         try:
-            await self.store.delete(EVENT, series.namespace, series.name)
-        except NotFound:
-            pass
+            await self.forget(series.namespace, series.name)
         except (StoreError, OSError) as exc:
             log.warning("event %s/%s not deleted: %s", series.namespace, series.name, exc)
 

@@ -206,7 +206,9 @@ class ModelReconciler:
             if have is None:
                 await self.store.create(api.to_dict(want))
                 log.info("model %s: created %s %s", model.metadata.name, kind.kind, m.name)
-                await self._event(model, NORMAL, "Created", "Create", f"created {kind.kind} {m.name}")
+                await self._event(
+                    model, NORMAL, "Created", "Create", f"created {kind.kind} {m.name}"
+                )
                 return None
         except AlreadyExists:
             return None  # someone was quicker: the next pass checks whose it is

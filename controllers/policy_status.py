@@ -63,4 +63,3 @@ class PolicyStatus:
 def policy_name(binding: Obj) -> str | None:
     ref = (binding.get("spec") or {}).get("policyRef")
     return ref.get("name") if isinstance(ref, dict) else None
-

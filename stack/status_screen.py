@@ -136,8 +136,10 @@ def picker_head(v: PickerView, new_errors: float | None) -> list[str]:
 def picker_lines(v: PickerView, new_errors: float | None) -> list[str]:
     lines = [f"picker {v.url}  pool {v.pool or UNKNOWN}"]
     lines += [f"  {line}" for line in picker_head(v, new_errors)]
-    lines.append(f"  {'pod':<28} {'address':<22} {'ok':<3} {'running':>7} {'waiting':>7} "
-                 f"{'inflight':>8} {'kv':>5}")  # fmt: skip
+    lines.append(
+        f"  {'pod':<28} {'address':<22} {'ok':<3} {'running':>7} {'waiting':>7} "
+        f"{'inflight':>8} {'kv':>5}"
+    )
     for p in v.pods:
         ok = UNKNOWN if p.reachable is None else "yes" if p.reachable else "no"
         lines.append(
@@ -154,19 +156,27 @@ def cluster_lines(c: ClusterView) -> list[str]:
     if c.error:
         lines.append(f"  {c.error}")
     for m in c.models:
-        lines.append(f"  model {m.name or UNKNOWN}: Ready {m.ready or UNKNOWN} "
-                     f"({m.reason or UNKNOWN}), {fmt(m.ready_replicas)}/{fmt(m.replicas)} "
-                     "groups ready")  # fmt: skip
+        lines.append(
+            f"  model {m.name or UNKNOWN}: Ready {m.ready or UNKNOWN} "
+            f"({m.reason or UNKNOWN}), {fmt(m.ready_replicas)}/{fmt(m.replicas)} "
+            "groups ready"
+        )
     for p in c.pods:
-        lines.append(f"  pod {p.name or UNKNOWN} ({p.model or UNKNOWN}): {p.phase or UNKNOWN}, "
-                     f"{'ready' if p.ready else 'not ready'}, restarts {fmt(p.restarts)}")  # fmt: skip
+        lines.append(
+            f"  pod {p.name or UNKNOWN} ({p.model or UNKNOWN}): {p.phase or UNKNOWN}, "
+            f"{'ready' if p.ready else 'not ready'}, restarts {fmt(p.restarts)}"
+        )
     for d in c.decisions:
-        lines.append(f"  scaling {d.binding or UNKNOWN} {d.target or UNKNOWN}: "
-                     f"{fmt(d.current)} -> {fmt(d.desired)} ({d.reason or UNKNOWN}; "
-                     f"{d.metrics or 'no metrics'})")  # fmt: skip
+        lines.append(
+            f"  scaling {d.binding or UNKNOWN} {d.target or UNKNOWN}: "
+            f"{fmt(d.current)} -> {fmt(d.desired)} ({d.reason or UNKNOWN}; "
+            f"{d.metrics or 'no metrics'})"
+        )
     for e in c.warnings:
-        lines.append(f"  warning {e.when or UNKNOWN} {e.object or UNKNOWN} {e.reason or UNKNOWN}"
-                     f" x{fmt(e.count)}: {e.note or ''}")  # fmt: skip
+        lines.append(
+            f"  warning {e.when or UNKNOWN} {e.object or UNKNOWN} {e.reason or UNKNOWN}"
+            f" x{fmt(e.count)}: {e.note or ''}"
+        )
     return lines
 
 
@@ -199,8 +209,15 @@ def render_rich(snap: Snapshot):
             kv = pct(p.kv_usage)
             if p.kv_usage is not None and p.kv_usage > 0.9:
                 kv = f"[red]{kv}[/]"
-            table.add_row(escape(p.name or UNKNOWN), escape(p.address or UNKNOWN), ok,
-                          fmt(p.running), fmt(p.waiting), fmt(p.inflight), kv)  # fmt: skip
+            table.add_row(
+                escape(p.name or UNKNOWN),
+                escape(p.address or UNKNOWN),
+                ok,
+                fmt(p.running),
+                fmt(p.waiting),
+                fmt(p.inflight),
+                kv,
+            )
         head = [escape(line) for line in picker_head(v, snap.new_errors.get(v.url))]
         if v.error:
             head[0] = f"[red]{head[0]}[/]"
@@ -208,8 +225,9 @@ def render_rich(snap: Snapshot):
         parts.append(Panel(Group(*head, table), title=escape(title)))
     if snap.cluster is not None:
         lines = [escape(line.strip()) for line in cluster_lines(snap.cluster)[1:]]
-        parts.append(Panel("\n".join(lines) or "nothing here",
-                           title=f"namespace {snap.cluster.namespace}"))  # fmt: skip
+        parts.append(
+            Panel("\n".join(lines) or "nothing here", title=f"namespace {snap.cluster.namespace}")
+        )
     stamp = time.strftime("%H:%M:%S", time.localtime(snap.taken))
     return Panel(Group(*parts), title=f"infergate status · {stamp}", subtitle="Ctrl-C to quit")
 
@@ -218,18 +236,32 @@ def render_rich(snap: Snapshot):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="infergate status", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    p.add_argument("--picker", action="append", default=[], metavar="URL",
-                   help=f"a picker's metrics address, repeat for each (default {LOCAL_PICKER}, "
-                   "infergate up's first picker; none with --kubernetes)")  # fmt: skip
-    p.add_argument("--kubernetes", action="store_true",
-                   help="read a cluster namespace through the kubeconfig (KUBECONFIG, "
-                   "~/.kube/config or in-cluster)")  # fmt: skip
+    p = argparse.ArgumentParser(
+        prog="infergate status",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--picker",
+        action="append",
+        default=[],
+        metavar="URL",
+        help=f"a picker's metrics address, repeat for each (default {LOCAL_PICKER}, "
+        "infergate up's first picker; none with --kubernetes)",
+    )
+    p.add_argument(
+        "--kubernetes",
+        action="store_true",
+        help="read a cluster namespace through the kubeconfig (KUBECONFIG, "
+        "~/.kube/config or in-cluster)",
+    )
     p.add_argument("-n", "--namespace", default="default", help="with --kubernetes")
     how = p.add_mutually_exclusive_group()
-    how.add_argument("--once", action="store_true", help="one plain-text snapshot, then exit "
-                     "(1 when a source could not be read)")  # fmt: skip
+    how.add_argument(
+        "--once",
+        action="store_true",
+        help="one plain-text snapshot, then exit (1 when a source could not be read)",
+    )
     how.add_argument("--watch", action="store_true", help="refresh (the default on a terminal)")
     p.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
     return p

@@ -40,8 +40,9 @@ CACHED_TOKENS = "inference_objective_prompt_cached_tokens_sum"
 QUEUE = "infergate_epp_flow_control_queue_size"
 WAITING_FOR_CAPACITY = "infergate_epp_pool_waiting_for_capacity"
 READY_PODS = "inference_pool_ready_pods"
-WANTED = frozenset((REQUESTS, ERRORS, INPUT_TOKENS, CACHED_TOKENS, QUEUE,
-                    WAITING_FOR_CAPACITY, READY_PODS))  # fmt: skip
+WANTED = frozenset(
+    (REQUESTS, ERRORS, INPUT_TOKENS, CACHED_TOKENS, QUEUE, WAITING_FOR_CAPACITY, READY_PODS)
+)
 
 
 class SourceError(Exception):
@@ -68,7 +69,7 @@ def fetch(url: str, limit: int | None = None, timeout: float = TIMEOUT) -> bytes
     within them."""
     limit = PAGE_LIMIT if limit is None else limit
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 (http only)
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
             body = resp.read(limit + 1)
     except urllib.error.HTTPError as exc:
         raise SourceError(f"{url}: HTTP {exc.code}") from None
@@ -283,7 +284,9 @@ def model_row(obj: Mapping) -> ModelRow:
 
 def cluster_pod(obj: Mapping) -> ClusterPod:
     meta, status = _dict(obj.get("metadata")), _dict(obj.get("status"))
-    restarts = [number(_dict(c).get("restartCount")) for c in _list(status.get("containerStatuses"))]
+    restarts = [
+        number(_dict(c).get("restartCount")) for c in _list(status.get("containerStatuses"))
+    ]
     return ClusterPod(
         text(meta.get("name")),
         text(_dict(meta.get("labels")).get(MODEL_LABEL)),

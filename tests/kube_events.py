@@ -18,12 +18,23 @@ NOTE_LIMIT = 1024  # the note (1 kB)
 TYPES = ("Normal", "Warning")
 # metav1.MicroTime: RFC 3339 with microseconds (the API server also reads seconds)
 MICRO_TIME = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,9})?(Z|[+-]\d\d:\d\d)$")
-QUALIFIED = re.compile(r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
-                       r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")  # fmt: skip
+QUALIFIED = re.compile(
+    r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+    r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
+)
 # Fields an update may not change (ValidateEventUpdate): everything but the series and
 # metadata's mutable parts.
-IMMUTABLE = ("eventTime", "reportingController", "reportingInstance", "action", "reason",
-             "note", "type", "regarding", "related")  # fmt: skip
+IMMUTABLE = (
+    "eventTime",
+    "reportingController",
+    "reportingInstance",
+    "action",
+    "reason",
+    "note",
+    "type",
+    "regarding",
+    "related",
+)
 
 
 def is_event(obj: Obj) -> bool:
@@ -32,8 +43,11 @@ def is_event(obj: Obj) -> bool:
 
 def event_errors(obj: Obj, old: Obj | None) -> list[FieldError]:
     if old is not None:
-        return [invalid(f, obj.get(f), "field is immutable") for f in IMMUTABLE
-                if obj.get(f) != old.get(f)] + _series_errors(obj)  # fmt: skip
+        return [
+            invalid(f, obj.get(f), "field is immutable")
+            for f in IMMUTABLE
+            if obj.get(f) != old.get(f)
+        ] + _series_errors(obj)
     errors: list[FieldError] = []
     if not _time(obj.get("eventTime")):
         errors.append(required("eventTime"))
@@ -56,8 +70,9 @@ def event_errors(obj: Obj, old: Obj | None) -> list[FieldError]:
     if not isinstance(regarding, dict) or not regarding.get("kind") or not regarding.get("name"):
         errors.append(required("regarding"))
     elif regarding.get("namespace") and regarding["namespace"] != ns:
-        errors.append(invalid("regarding.namespace", regarding["namespace"],
-                              "does not match event.namespace"))  # fmt: skip
+        errors.append(
+            invalid("regarding.namespace", regarding["namespace"], "does not match event.namespace")
+        )
     # the fields of the core v1 Event that the events.k8s.io API writes no more
     for f in ("deprecatedSource", "deprecatedFirstTimestamp", "deprecatedLastTimestamp"):
         if obj.get(f):

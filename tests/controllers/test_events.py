@@ -14,10 +14,11 @@ from kubernetes import client
 
 from infergw.cluster.kube_store import KubeStore
 from infergw.cluster.store import EVENT, Invalid, StoreError
+from infergw.controllers.app import forget_event
 from infergw.controllers.events import (
     FIELD_LIMIT,
-    NOTE_LIMIT,
     NORMAL,
+    NOTE_LIMIT,
     WARNING,
     EventRecorder,
     condition_events,
@@ -82,7 +83,7 @@ async def test_a_series_ends_after_finish_and_another_message_is_another_event()
 
 async def test_memory_is_bounded_and_standalone_prunes_what_it_forgets() -> None:
     store, clock = MemoryStore(), Clock()
-    rec = recorder(store, clock, max_series=4, prune=True)
+    rec = recorder(store, clock, max_series=4, forget=forget_event(store))
     for i in range(20):
         await rec.event(target(f"p{i}"), WARNING, "InvalidSpec", "Reconcile", f"bad {i}")
     assert len(rec) == 4
@@ -146,8 +147,11 @@ def test_the_emulator_accepts_what_the_recorder_writes_and_its_series(emulator) 
             obj = target("through-api")
             for _ in range(3):
                 await rec.event(obj, WARNING, "PolicyNotFound", "Scale", "policy p not found")
-            return [e for e in (await store.list(EVENT, "default"))[0]
-                    if e["regarding"]["name"] == "through-api"]  # fmt: skip
+            return [
+                e
+                for e in (await store.list(EVENT, "default"))[0]
+                if e["regarding"]["name"] == "through-api"
+            ]
         finally:
             store.close()
 
@@ -203,8 +207,9 @@ def test_an_event_update_may_change_only_its_series(emulator) -> None:
     async def run() -> None:
         store = await _kube(emulator)
         try:
-            have = await store.create({**copy.deepcopy(GOOD), "metadata": {
-                "name": "immutable", "namespace": "default"}})  # fmt: skip
+            have = await store.create(
+                {**copy.deepcopy(GOOD), "metadata": {"name": "immutable", "namespace": "default"}}
+            )
             have["series"] = {"count": 2, "lastObservedTime": "2026-12-07T10:01:00.000000Z"}
             have = await store.update(have)
             have["note"] = "rewritten"

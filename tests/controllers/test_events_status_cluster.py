@@ -70,42 +70,69 @@ async def scenario(api: RBACEmulator) -> None:
 
         await until("ModelServer not ready", lambda: "Ready" in conditions(server()))
         assert conditions(server())["Ready"][0] == "False"
-        pods = await until("the pods", lambda: {p["metadata"]["name"] for p in
-                                                api.list_objects("v1", "Pod")})  # fmt: skip
+        pods = await until(
+            "the pods", lambda: {p["metadata"]["name"] for p in api.list_objects("v1", "Pod")}
+        )
         kubelet(api, pods)
-        await until("ModelServer ready", lambda: conditions(server())["Ready"] == ("True", "PodsReady"))
+        await until(
+            "ModelServer ready", lambda: conditions(server())["Ready"] == ("True", "PodsReady")
+        )
         s = server()
         assert s["status"]["observedGeneration"] == s["metadata"]["generation"]
 
-        route = await until("ModelRoute status", lambda: conditions(api.get(NET, "ModelRoute", name)))
+        route = await until(
+            "ModelRoute status", lambda: conditions(api.get(NET, "ModelRoute", name))
+        )
         assert route == {"Accepted": ("True", "Accepted"), "ResolvedRefs": ("True", "ResolvedRefs")}
 
         pname = policy["metadata"]["name"]
-        await until("policy in use", lambda: conditions(api.get(WORKLOAD, "AutoScalingPolicy", pname))
-                    .get("InUse") == ("True", "BoundByBindings"))  # fmt: skip
+        await until(
+            "policy in use",
+            lambda: (
+                conditions(api.get(WORKLOAD, "AutoScalingPolicy", pname)).get("InUse")
+                == ("True", "BoundByBindings")
+            ),
+        )
         p = api.get(WORKLOAD, "AutoScalingPolicy", pname)
         assert conditions(p)["Valid"] == ("True", "Valid") and p["status"]["bindings"] == 1
 
         # the pods serve no metrics here: the binding says so, and a Warning Event does
         await until("a MetricsUnavailable Warning", lambda: events(api, "MetricsUnavailable"))
         [warning] = events(api, "MetricsUnavailable")[:1]
-        assert warning["type"] == "Warning" and warning["regarding"]["kind"] == "AutoScalingPolicyBinding"
+        assert (
+            warning["type"] == "Warning"
+            and warning["regarding"]["kind"] == "AutoScalingPolicyBinding"
+        )
 
         # a route to a ModelServer that does not exist: RefNotFound, a Warning, then resolved
         stray = {
-            "apiVersion": NET, "kind": "ModelRoute",
+            "apiVersion": NET,
+            "kind": "ModelRoute",
             "metadata": {"name": "stray", "namespace": "default"},
-            "spec": {"modelName": "other", "rules": [{"targetModels": [{"modelServerName": "later"}]}]},
-        }  # fmt: skip
+            "spec": {
+                "modelName": "other",
+                "rules": [{"targetModels": [{"modelServerName": "later"}]}],
+            },
+        }
         api.put(stray)
-        await until("stray unresolved", lambda: conditions(api.get(NET, "ModelRoute", "stray"))
-                    .get("ResolvedRefs") == ("False", "RefNotFound"))  # fmt: skip
+        await until(
+            "stray unresolved",
+            lambda: (
+                conditions(api.get(NET, "ModelRoute", "stray")).get("ResolvedRefs")
+                == ("False", "RefNotFound")
+            ),
+        )
         assert any(e["regarding"]["name"] == "stray" for e in events(api, "RefNotFound"))
         later = {**s, "metadata": {"name": "later", "namespace": "default"}}
         later.pop("status", None)
         api.put(later)
-        await until("stray resolved", lambda: conditions(api.get(NET, "ModelRoute", "stray"))
-                    .get("ResolvedRefs") == ("True", "ResolvedRefs"))  # fmt: skip
+        await until(
+            "stray resolved",
+            lambda: (
+                conditions(api.get(NET, "ModelRoute", "stray")).get("ResolvedRefs")
+                == ("True", "ResolvedRefs")
+            ),
+        )
         assert api.denied.get(CONTROLLERS.name, []) == []
     finally:
         for c in controllers:
@@ -114,7 +141,9 @@ async def scenario(api: RBACEmulator) -> None:
         store.close()
 
 
-def test_statuses_and_events_through_the_api_with_the_install_rbac(tmp_path: Path, monkeypatch) -> None:
+def test_statuses_and_events_through_the_api_with_the_install_rbac(
+    tmp_path: Path, monkeypatch
+) -> None:
     auth = manifest_rbac()
     api = RBACEmulator({TOKEN: (CONTROLLERS, lambda: auth)})
     with api.threaded():

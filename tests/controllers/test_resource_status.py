@@ -82,7 +82,10 @@ async def test_a_route_resolves_its_servers_and_says_which_are_missing(wall) -> 
     await store.create(server("s"))
     await rec.reconcile("default", "r")
     r = await store.get(MODEL_ROUTE, "default", "r")
-    assert summary(r) == {"Accepted": ("True", "Accepted"), "ResolvedRefs": ("False", "RefNotFound")}
+    assert summary(r) == {
+        "Accepted": ("True", "Accepted"),
+        "ResolvedRefs": ("False", "RefNotFound"),
+    }
     assert "ModelServer t" in conds(r)["ResolvedRefs"]["message"]
     assert "ModelServer s" not in conds(r)["ResolvedRefs"]["message"]
     assert r["status"]["observedGeneration"] == r["metadata"]["generation"]
@@ -128,9 +131,7 @@ async def test_a_server_is_ready_while_one_of_its_pods_is(wall) -> None:
     rec = ModelServerStatus(store)
     await store.create(server())
     await rec.reconcile("default", "s")
-    assert summary(await store.get(MODEL_SERVER, "default", "s")) == {
-        "Ready": ("False", "NoPods")
-    }
+    assert summary(await store.get(MODEL_SERVER, "default", "s")) == {"Ready": ("False", "NoPods")}
     for name in ("a", "b"):
         await store.create(pod(name, False))
     await store.create(pod("other", True, app="else"))  # not selected

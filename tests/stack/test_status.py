@@ -8,6 +8,7 @@ just sent."""
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import subprocess
 import sys
@@ -44,13 +45,23 @@ METRICS = f"""# HELP inference_objective_request_total Counter of inference obje
 {CACHED_TOKENS}{{model_name="m",target_model_name="m"}} 100
 infergate_epp_flow_control_queue_size 3
 """.encode()
-ENDPOINTS = json.dumps({
-    "pool": {"name": "vllm-pool"},
-    "endpoints": [
-        {"name": "pod-0", "address": "127.0.0.2:8000", "reachable": True, "running": 2,
-         "waiting": 1, "kv_usage": 0.25, "inflight_requests": 3, "engine": "vllm"},
-    ],
-}).encode()  # fmt: skip
+ENDPOINTS = json.dumps(
+    {
+        "pool": {"name": "vllm-pool"},
+        "endpoints": [
+            {
+                "name": "pod-0",
+                "address": "127.0.0.2:8000",
+                "reachable": True,
+                "running": 2,
+                "waiting": 1,
+                "kv_usage": 0.25,
+                "inflight_requests": 3,
+                "engine": "vllm",
+            },
+        ],
+    }
+).encode()
 
 
 @contextmanager
@@ -58,7 +69,7 @@ def serving(pages: dict[str, bytes]) -> Iterator[str]:
     """An HTTP server on 127.0.0.1 answering each path with its page (else 404)."""
 
     class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802
+        def do_GET(self) -> None:
             body = pages.get(self.path)
             self.send_response(200 if body is not None else 404)
             self.end_headers()
@@ -104,11 +115,25 @@ HOSTILE_ENDPOINTS = [
     b"not json",
     b"[1, 2, 3]",
     json.dumps({"endpoints": "many"}).encode(),
-    json.dumps({"pool": "x", "endpoints": [
-        7, None, {"name": 5, "running": "two", "waiting": True, "kv_usage": float("nan"),
-                  "inflight_requests": [1], "reachable": "yes"},
-        {"name": "a" * 10_000, "address": {"x": 1}, "running": 1e308 * 10},
-    ]}, allow_nan=True).encode(),  # fmt: skip
+    json.dumps(
+        {
+            "pool": "x",
+            "endpoints": [
+                7,
+                None,
+                {
+                    "name": 5,
+                    "running": "two",
+                    "waiting": True,
+                    "kv_usage": float("nan"),
+                    "inflight_requests": [1],
+                    "reachable": "yes",
+                },
+                {"name": "a" * 10_000, "address": {"x": 1}, "running": 1e308 * 10},
+            ],
+        },
+        allow_nan=True,
+    ).encode(),
 ]
 
 
@@ -128,15 +153,20 @@ def test_values_that_are_not_finite_numbers_are_unknown() -> None:
     assert pool is None and more == 0
     bad = rows[0]
     assert (bad.name, bad.running, bad.waiting, bad.kv_usage, bad.inflight, bad.reachable) == (
-        None, None, None, None, None, None,
-    )  # fmt: skip
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+    )
     assert len(rows[1].name) <= status_sources.TEXT_LIMIT and rows[1].address is None
     assert rows[1].running is None  # inf
 
 
 def test_metrics_lines_are_read_leniently_and_boundedly(monkeypatch) -> None:
     body = (
-        f"{REQUESTS} NaN\n{REQUESTS} +Inf\n{REQUESTS} 1\n{REQUESTS}{{a=\"b\"}} two\nnoise\n"
+        f'{REQUESTS} NaN\n{REQUESTS} +Inf\n{REQUESTS} 1\n{REQUESTS}{{a="b"}} two\nnoise\n'
     ).encode()
     s = parse_metrics(body)
     assert s.get(REQUESTS) == 1 and s.skipped == 4
@@ -177,8 +207,10 @@ def test_the_watch_screen_renders_with_rich() -> None:
     from rich.console import Console
 
     with serving({"/metrics": METRICS, "/debug/endpoints": ENDPOINTS}) as url:
-        snap = asyncio.run(status_screen.Reader([url, f"http://127.0.0.1:{free_port()}"]).snapshot())
-    console = Console(width=140, record=True, file=open("/dev/null", "w"))  # noqa: SIM115
+        snap = asyncio.run(
+            status_screen.Reader([url, f"http://127.0.0.1:{free_port()}"]).snapshot()
+        )
+    console = Console(width=140, record=True, file=io.StringIO())
     console.print(status_screen.render_rich(snap))
     text = console.export_text()
     assert "pod-0" in text and "25%" in text and "vllm-pool" in text
@@ -192,8 +224,15 @@ def test_watching_without_rich_says_what_to_install(monkeypatch, capsys) -> None
 
 
 def test_recent_warnings_are_the_newest_few() -> None:
-    events = [{"type": "Warning", "reason": f"R{i}", "eventTime": f"2026-12-07T10:00:{i:02d}.0Z",
-               "regarding": {"kind": "Model", "name": "m"}} for i in range(20)]  # fmt: skip
+    events = [
+        {
+            "type": "Warning",
+            "reason": f"R{i}",
+            "eventTime": f"2026-12-07T10:00:{i:02d}.0Z",
+            "regarding": {"kind": "Model", "name": "m"},
+        }
+        for i in range(20)
+    ]
     events += [{"type": "Normal", "reason": "Created"}, "junk", {"type": "Warning", "note": 5}]
     rows = recent_warnings(events)
     assert len(rows) == status_sources.MAX_EVENTS
@@ -202,29 +241,55 @@ def test_recent_warnings_are_the_newest_few() -> None:
 
 def test_a_cluster_namespace_through_the_api() -> None:
     with KubeAPIEmulator().threaded() as api:
-        api.put({
-            "apiVersion": "workload.infergate.io/v1alpha1", "kind": "Model",
-            "metadata": {"name": "m", "namespace": "default"},
-            "spec": {"modelURI": "hf://a/b", "image": "vllm/vllm-openai:v0.11.0"},
-            "status": {"replicas": 2, "readyReplicas": "lots", "conditions": [
-                {"type": "Ready", "status": "False", "reason": "GroupsNotReady",
-                 "message": "", "lastTransitionTime": "2026-12-07T10:00:00Z"}]},
-        })  # fmt: skip
-        api.put({
-            "apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": "m-0", "namespace": "default",
-                         "labels": {"infergate.io/model": "m"}},
-            "spec": {"containers": [{"name": "engine", "image": "x"}]},
-            "status": {"phase": "Running", "containerStatuses": [{"restartCount": 2}]},
-        })  # fmt: skip
-        api.put({
-            "apiVersion": "events.k8s.io/v1", "kind": "Event",
-            "metadata": {"name": "m.1", "namespace": "default"},
-            "eventTime": "2026-12-07T10:00:00.000000Z", "type": "Warning",
-            "reportingController": "infergate.io/controllers", "reportingInstance": "i",
-            "action": "Apply", "reason": "ObjectNotOwned", "note": "ModelServer m is not ours",
-            "regarding": {"kind": "Model", "name": "m", "namespace": "default"},
-        })  # fmt: skip
+        api.put(
+            {
+                "apiVersion": "workload.infergate.io/v1alpha1",
+                "kind": "Model",
+                "metadata": {"name": "m", "namespace": "default"},
+                "spec": {"modelURI": "hf://a/b", "image": "vllm/vllm-openai:v0.11.0"},
+                "status": {
+                    "replicas": 2,
+                    "readyReplicas": "lots",
+                    "conditions": [
+                        {
+                            "type": "Ready",
+                            "status": "False",
+                            "reason": "GroupsNotReady",
+                            "message": "",
+                            "lastTransitionTime": "2026-12-07T10:00:00Z",
+                        }
+                    ],
+                },
+            }
+        )
+        api.put(
+            {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {
+                    "name": "m-0",
+                    "namespace": "default",
+                    "labels": {"infergate.io/model": "m"},
+                },
+                "spec": {"containers": [{"name": "engine", "image": "x"}]},
+                "status": {"phase": "Running", "containerStatuses": [{"restartCount": 2}]},
+            }
+        )
+        api.put(
+            {
+                "apiVersion": "events.k8s.io/v1",
+                "kind": "Event",
+                "metadata": {"name": "m.1", "namespace": "default"},
+                "eventTime": "2026-12-07T10:00:00.000000Z",
+                "type": "Warning",
+                "reportingController": "infergate.io/controllers",
+                "reportingInstance": "i",
+                "action": "Apply",
+                "reason": "ObjectNotOwned",
+                "note": "ModelServer m is not ours",
+                "regarding": {"kind": "Model", "name": "m", "namespace": "default"},
+            }
+        )
 
         async def read():
             store = KubeStore(client.ApiClient(api.client_configuration()))
@@ -260,8 +325,10 @@ def test_once_against_a_real_local_stack(tmp_path) -> None:
         url = f"http://127.0.0.1:{stack.picker_ports().metrics}"
         out = subprocess.run(
             [sys.executable, "-m", "infergw.cli", "status", "--once", "--picker", url],
-            capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
     finally:
         stack.stop()
     assert out.returncode == 0, out.stderr
