@@ -36,6 +36,7 @@ from infergw.cluster.store import (
     MODEL_ROUTE,
     MODEL_SERVER,
     POD,
+    Kind,
     NotFound,
     Obj,
     Store,
@@ -124,36 +125,22 @@ def build_controllers(
         # (route_parents.py): any change may concern any Model of its namespace.
         for kind in (MODEL_ROUTE, MODEL_SERVER):
             models.watch(kind, same_namespace_keys(model_informer))
-    routes = Controller(
-        store,
-        ModelRouteStatus(store, events),
-        [(MODEL_ROUTE, own_key)],
-        metrics,
-        namespace=namespace,
-        optional=(MODEL_ROUTE, MODEL_SERVER, INFERENCE_POOL),
-        events=events,
+
+    def status_controller(reconciler, *optional: Kind) -> Controller:
+        """A controller of a kind whose status alone it writes."""
+        watches = [(reconciler.kind, own_key)]
+        return Controller(store, reconciler, watches, metrics, namespace=namespace,
+                          optional=optional, events=events)  # fmt: skip
+
+    routes = status_controller(
+        ModelRouteStatus(store, events), MODEL_ROUTE, MODEL_SERVER, INFERENCE_POOL
     )
     route_keys = same_namespace_keys(routes.informer(MODEL_ROUTE))
     routes.watch(MODEL_SERVER, route_keys)
     routes.watch(INFERENCE_POOL, route_keys)
-    servers = Controller(
-        store,
-        ModelServerStatus(store, events),
-        [(MODEL_SERVER, own_key)],
-        metrics,
-        namespace=namespace,
-        optional=(MODEL_SERVER,),
-        events=events,
-    )
+    servers = status_controller(ModelServerStatus(store, events), MODEL_SERVER)
     servers.watch(POD, servers_selecting(servers.informer(MODEL_SERVER)))
-    policies = Controller(
-        store,
-        PolicyStatus(store, events),
-        [(AUTOSCALING_POLICY, own_key)],
-        metrics,
-        namespace=namespace,
-        events=events,
-    )
+    policies = status_controller(PolicyStatus(store, events))
     policies.watch(AUTOSCALING_BINDING, same_namespace_keys(policies.informer(AUTOSCALING_POLICY)))
     return [
         models,

@@ -1,9 +1,8 @@
 """The status of ModelRoutes and ModelServers, which nothing else writes:
 
 - ModelRoute `Accepted` (its spec reads and validates through api/: Invalid and the field
-  when it does not)
-  and `ResolvedRefs` (every ModelServer and InferencePool its rules target exists in its
-  namespace: RefNotFound naming the missing ones);
+  when it does not) and `ResolvedRefs` (every ModelServer and InferencePool its rules target
+  exists in its namespace: RefNotFound naming the missing ones);
 - ModelServer `Ready` (how many of the pods its workloadSelector matches are ready:
   PodsReady when one is, else NoReadyPods or NoPods).
 
@@ -13,11 +12,10 @@ written again, and `lastTransitionTime` moves only when a condition's status doe
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Hashable
 
 from infergw import api
-from infergw.api import ApiError, ModelRoute, ModelServer
+from infergw.api import ModelRoute, ModelServer
 from infergw.cluster.informer import Informer
 from infergw.cluster.store import (
     INFERENCE_POOL,
@@ -30,47 +28,13 @@ from infergw.cluster.store import (
     labels_match,
 )
 from infergw.controllers.conditions import condition, listed
-from infergw.controllers.events import NO_EVENTS, Recorder, condition_events
+from infergw.controllers.events import NO_EVENTS, Recorder
 from infergw.controllers.modelinfer_pods import pod_ready
-
-log = logging.getLogger("controllers.networking_status")
+from infergw.controllers.object_status import spec_problem, write_status
 
 # Reasons that need a person: their Events are Warnings.
 ROUTE_WARNINGS = frozenset(("Invalid", "RefNotFound"))
 SERVER_WARNINGS = frozenset(("NoReadyPods", "Invalid"))
-
-
-async def write_status(
-    store: Store, events: Recorder, obj: Obj, conditions: list[dict], warnings: frozenset[str]
-) -> None:
-    """obj's status with these conditions, written only when it changed."""
-    status = {
-        "observedGeneration": obj["metadata"].get("generation", 1),
-        "conditions": conditions,
-    }
-    if obj.get("status") == status:
-        return
-    await condition_events(events, obj, conditions, warnings)
-    obj["status"] = status
-    try:
-        await store.update_status(obj)
-    except NotFound:
-        pass  # deleted meanwhile
-
-
-MAX_PROBLEMS = 3  # of api.validate's, quoted in a condition
-
-
-def spec_problem(obj: Obj) -> str | None:
-    """Why obj is not what its CRD accepts (api/ reads and validates it), or None. A cluster's
-    API server refuses most of it on write; standalone manifests and older objects may not
-    have been checked."""
-    try:
-        typed = api.from_dict(api.prune_nulls(obj))
-    except ApiError as exc:
-        return str(exc)
-    problems = api.validate(typed)
-    return "; ".join(problems[:MAX_PROBLEMS]) if problems else None
 
 
 class ModelRouteStatus:

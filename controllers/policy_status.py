@@ -6,11 +6,11 @@ field when it does not) and `InUse` (the bindings of its namespace that name it,
 from __future__ import annotations
 
 from infergw.api import ApiError
-from infergw.cluster.store import AUTOSCALING_BINDING, AUTOSCALING_POLICY, NotFound, Obj, Store
+from infergw.cluster.store import AUTOSCALING_BINDING, AUTOSCALING_POLICY, Obj, Store
 from infergw.controllers.autoscaler import policy_from
 from infergw.controllers.conditions import condition, listed
-from infergw.controllers.events import NO_EVENTS, Recorder, condition_events
-from infergw.controllers.networking_status import spec_problem
+from infergw.controllers.events import NO_EVENTS, Recorder
+from infergw.controllers.object_status import spec_problem, write_status
 
 POLICY_WARNINGS = frozenset(("InvalidPolicy",))
 
@@ -44,19 +44,9 @@ class PolicyStatus:
             "BoundByBindings" if users else "Unused",
             f"used by {len(users)} binding(s): {listed(users)}" if users else "no binding names it",
         )
-        status = {
-            "observedGeneration": obj["metadata"].get("generation", 1),
-            "bindings": len(users),
-            "conditions": [valid, in_use],
-        }
-        if obj.get("status") == status:
-            return None
-        await condition_events(self.events, obj, status["conditions"], POLICY_WARNINGS)
-        obj["status"] = status
-        try:
-            await self.store.update_status(obj)
-        except NotFound:
-            pass
+        await write_status(
+            self.store, self.events, obj, [valid, in_use], POLICY_WARNINGS, bindings=len(users)
+        )
         return None
 
 

@@ -47,6 +47,7 @@ from infergw.cluster.store import (
 from infergw.controllers.app import build_controllers, build_parser
 from infergw.controllers.events import EventRecorder
 from infergw.controllers.leader import LeaderElector
+from infergw.controllers.object_status import write_status
 from infergw.controllers.memory_store import MemoryStore
 from infergw.controllers.picker_demand import PickerDemand
 from infergw.controllers.picker_objects import PickerSettings, picker_rules
@@ -395,6 +396,7 @@ def kubernetes_mode_modules() -> set[str]:
     mods.add(read_route_parents.__module__)  # the Model reconciler reads ModelRoutes through it
     mods.add(PickerDemand.__module__)  # the autoscaler reads the pickers' demand through it
     mods.add(EventRecorder.__module__)  # every controller reports through it
+    mods.add(write_status.__module__)  # the status of the kinds only status is written for
     return {m.rpartition(".")[2] for m in mods}
 
 
@@ -524,6 +526,7 @@ def test_the_scenario_makes_every_store_call_the_code_has(recorded: RecordingSto
         "policy_status",
         "events",
         "runner",
+        "object_status",
     }
     for module in sorted(modules):
         in_code = store_calls_in(module)
