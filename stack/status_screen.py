@@ -18,6 +18,7 @@ import asyncio
 import importlib.util
 import sys
 import time
+import urllib.parse
 from dataclasses import dataclass, field
 
 from infergw.stack.ports import StackPorts
@@ -235,6 +236,14 @@ def render_rich(snap: Snapshot):
 # ---- the command --------------------------------------------------------------------------
 
 
+def picker_url(text: str) -> str:
+    """An http(s) address with a host: the only thing --picker reads from."""
+    parts = urllib.parse.urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an http:// or https:// address")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="infergate status",
@@ -246,6 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="URL",
+        type=picker_url,
         help=f"a picker's metrics address, repeat for each (default {LOCAL_PICKER}, "
         "infergate up's first picker; none with --kubernetes)",
     )

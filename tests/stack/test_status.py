@@ -192,6 +192,20 @@ def test_an_unreachable_picker_is_named_and_once_exits_1(capsys) -> None:
     assert url in out and "unreachable" in out
 
 
+@pytest.mark.parametrize("url", ["file:///etc/passwd", "ftp://x/", "http://", "127.0.0.1:9090"])
+def test_only_http_addresses_are_read(url: str, capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
+        status_screen.main(["--once", "--picker", url])
+    assert exc.value.code == 2 and "not an http:// or https:// address" in capsys.readouterr().err
+
+
+def test_without_a_kubeconfig_the_cluster_view_says_so(tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "none"))
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    assert status_screen.main(["--once", "--kubernetes"]) == 2
+    assert "no cluster to read" in capsys.readouterr().err
+
+
 def test_new_errors_are_counted_between_snapshots() -> None:
     pages = {"/metrics": METRICS, "/debug/endpoints": ENDPOINTS}
     with serving(pages) as url:
