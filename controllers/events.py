@@ -77,10 +77,8 @@ class _Series:
     namespace: str
     name: str  # the Event's
     count: int
-    first_seen: float  # monotonic
-    last_seen: float
+    last_seen: float  # monotonic
     last_written: float
-    written_count: int
 
 
 class EventRecorder:
@@ -155,9 +153,11 @@ class EventRecorder:
             "type": type_,
             "regarding": regarding,
         }
+        # counted from now: a repeat recorded meanwhile (another worker) joins this series
+        self._series[key] = _Series(ns, name, 1, now, now)
         if not await self._write(body, create=True):
+            self._series.pop(key, None)  # the next occurrence tries again
             return
-        self._series[key] = _Series(ns, name, 1, now, now, now, 1)
         while len(self._series) > self.max_series:
             _, old = self._series.popitem(last=False)
             await self._forget(old)
@@ -169,7 +169,6 @@ class EventRecorder:
         have["series"] = {"count": series.count, "lastObservedTime": micro_time(self.wall())}
         if await self._write(have, create=False):
             series.last_written = series.last_seen
-            series.written_count = series.count
 
     async def _read(self, series: _Series) -> Obj | None:
         try:

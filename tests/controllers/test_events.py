@@ -112,6 +112,24 @@ async def test_a_refused_event_never_fails_the_caller() -> None:
     assert rec.written == 0 and len(rec) == 0  # the next occurrence tries again
 
 
+class Slow(MemoryStore):
+    """A store whose writes take a while: another worker records meanwhile."""
+
+    async def create(self, obj):
+        await asyncio.sleep(0.05)
+        return await super().create(obj)
+
+
+async def test_two_workers_recording_the_same_thing_at_once_make_one_event() -> None:
+    store = Slow()
+    rec = recorder(store, Clock())
+    obj = target()
+    await asyncio.gather(
+        *(rec.event(obj, WARNING, "InvalidSpec", "Reconcile", "bad") for _ in range(3))
+    )
+    assert len(await events_of(store)) == 1
+
+
 async def test_condition_events_tell_transitions_only() -> None:
     store, clock = MemoryStore(), Clock()
     rec = recorder(store, clock)
