@@ -21,8 +21,11 @@ import time
 import urllib.parse
 from dataclasses import dataclass, field
 
+from infergw.api.names import MODEL_LABEL
+from infergw.cluster.store import AUTOSCALING_BINDING, EVENT, MODEL, POD, Store, StoreError
 from infergw.stack.ports import StackPorts
 from infergw.stack.status_sources import (
+    ERROR_LIMIT,
     ERRORS,
     QUEUE,
     READY_PODS,
@@ -35,6 +38,7 @@ from infergw.stack.status_sources import (
     model_row,
     read_picker,
     recent_warnings,
+    text,
 )
 
 RICH_MISSING = 3  # the exit status when the screen's extra is not installed
@@ -64,18 +68,15 @@ def pct(value: float | None) -> str:
     return UNKNOWN if value is None else f"{value * 100:.0f}%"
 
 
-async def read_cluster(store, namespace: str) -> ClusterView:
+async def read_cluster(store: Store, namespace: str) -> ClusterView:
     """A namespace's Models, their pods, bindings' decisions and Warning Events."""
-    from infergw.api.names import MODEL_LABEL
-    from infergw.cluster.store import AUTOSCALING_BINDING, EVENT, MODEL, POD, StoreError
-
     view = ClusterView(namespace)
     try:
         models, _ = await store.list(MODEL, namespace)
         pods, _ = await store.list(POD, namespace)
         bindings, _ = await store.list(AUTOSCALING_BINDING, namespace)
     except (StoreError, OSError) as exc:
-        view.error = f"cannot read namespace {namespace}: {exc}"[:300]
+        view.error = text(f"cannot read namespace {namespace}: {exc}", ERROR_LIMIT)
         return view
     view.models = [model_row(m) for m in models[:64]]
     ours = [p for p in pods if MODEL_LABEL in ((p.get("metadata") or {}).get("labels") or {})]
@@ -84,7 +85,7 @@ async def read_cluster(store, namespace: str) -> ClusterView:
     try:
         events, _ = await store.list(EVENT, namespace)
     except (StoreError, OSError) as exc:  # e.g. no RBAC to read Events: the rest still shows
-        view.error = f"cannot read Events: {exc}"[:300]
+        view.error = text(f"cannot read Events: {exc}", ERROR_LIMIT)
     else:
         view.warnings = recent_warnings(events)
     return view
@@ -93,7 +94,9 @@ async def read_cluster(store, namespace: str) -> ClusterView:
 class Reader:
     """Takes snapshots; remembers error counts to show those since the last one."""
 
-    def __init__(self, pickers: list[str], store=None, namespace: str = "default") -> None:
+    def __init__(
+        self, pickers: list[str], store: Store | None = None, namespace: str = "default"
+    ) -> None:
         self.pickers, self.store, self.namespace = pickers, store, namespace
         self._errors: dict[str, float] = {}
 

@@ -25,6 +25,7 @@ MAX_LINES = 200_000  # metric lines looked at
 MAX_ENDPOINTS = 64  # pods shown per picker
 MAX_EVENTS = 8  # Warning Events shown
 TEXT_LIMIT = 160  # characters of any string shown
+ERROR_LIMIT = 400  # characters of a reason a source could not be read
 TIMEOUT = 2.0
 
 _SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)")
@@ -49,12 +50,12 @@ class SourceError(Exception):
     """A page that could not be read (the message says why)."""
 
 
-def text(value: Any) -> str | None:
-    """A string to show, clipped; None for anything else."""
+def text(value: Any, limit: int = TEXT_LIMIT) -> str | None:
+    """A string to show, clipped, control characters replaced; None for anything else."""
     if not isinstance(value, str):
         return None
-    value = _CONTROL.sub("?", value[:TEXT_LIMIT])
-    return value if len(value) < TEXT_LIMIT else value[: TEXT_LIMIT - 1] + "…"
+    value = _CONTROL.sub("?", value[:limit])
+    return value if len(value) < limit else value[: limit - 1] + "…"
 
 
 def number(value: Any) -> float | None:
@@ -202,7 +203,7 @@ def read_picker(url: str) -> PickerView:
         view.pool, view.pods, view.more_pods = pod_rows(fetch(f"{base}/debug/endpoints"))
     except SourceError as exc:
         problems.append(str(exc))
-    view.error = "; ".join(problems) or None
+    view.error = text("; ".join(problems), ERROR_LIMIT) or None
     return view
 
 
