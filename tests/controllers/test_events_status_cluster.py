@@ -18,7 +18,7 @@ import yaml
 from infergw.cluster.kube_store import KubeStore
 from infergw.controllers.app import build_controllers
 from infergw.controllers.runner import ControllerMetrics
-from tests.controllers.test_cli_kubernetes import CONTROLLERS, TOKEN, kubelet, manifest_rbac
+from tests.controllers_in_emulator import CONTROLLERS, TOKEN, kubelet, manifest_rbac
 from tests.kube_rbac import RBACEmulator
 from tests.paths import CRD_EXAMPLES
 

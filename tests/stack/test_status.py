@@ -326,13 +326,14 @@ def test_a_cluster_namespace_through_the_api() -> None:
 
 @pytest.mark.slow
 def test_once_against_a_real_local_stack(tmp_path) -> None:
+    from tests.e2e.gateway_config import MODEL
     from tests.e2e.stack_fixtures import make_stack
 
     stack = make_stack(tmp_path, pods=2)
     try:
         r = requests.post(
             stack.url + "/v1/completions",
-            json={"model": "food-review", "prompt": "hello", "max_tokens": 3},
+            json={"model": MODEL, "prompt": "hello", "max_tokens": 3},
             timeout=60,
         )
         assert r.status_code == 200, r.text
