@@ -115,24 +115,16 @@ async def scenario(api: RBACEmulator) -> None:
             },
         }
         api.put(stray)
-        await until(
-            "stray unresolved",
-            lambda: (
-                conditions(api.get(NET, "ModelRoute", "stray")).get("ResolvedRefs")
-                == ("False", "RefNotFound")
-            ),
-        )
+
+        def stray_refs() -> tuple[str, str] | None:
+            return conditions(api.get(NET, "ModelRoute", "stray")).get("ResolvedRefs")
+
+        await until("stray unresolved", lambda: stray_refs() == ("False", "RefNotFound"))
         assert any(e["regarding"]["name"] == "stray" for e in events(api, "RefNotFound"))
         later = {**s, "metadata": {"name": "later", "namespace": "default"}}
         later.pop("status", None)
         api.put(later)
-        await until(
-            "stray resolved",
-            lambda: (
-                conditions(api.get(NET, "ModelRoute", "stray")).get("ResolvedRefs")
-                == ("True", "ResolvedRefs")
-            ),
-        )
+        await until("stray resolved", lambda: stray_refs() == ("True", "ResolvedRefs"))
         assert api.denied.get(CONTROLLERS.name, []) == []
     finally:
         for c in controllers:

@@ -12,10 +12,9 @@ import io
 import json
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
 import requests
@@ -34,6 +33,7 @@ from infergw.stack.status_sources import (
     recent_warnings,
 )
 from tests.conftest import free_port
+from tests.fetch.hub_mirror import serve
 from tests.kubeapi import KubeAPIEmulator
 
 METRICS = f"""# HELP inference_objective_request_total Counter of inference objective requests.
@@ -73,22 +73,13 @@ def serving(pages: dict[str, bytes]) -> Iterator[str]:
             body = pages.get(self.path)
             self.send_response(200 if body is not None else 404)
             self.end_headers()
-            try:
-                self.wfile.write(body or b"")
-            except OSError:  # the reader stopped at its limit
-                pass
+            self.wfile.write(body or b"")  # a reader stopping at its limit: serve() expects it
 
         def log_message(self, *args) -> None:
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with serve(Handler) as url:
+        yield url
 
 
 def test_a_picker_s_pages_become_its_view() -> None:
