@@ -89,6 +89,7 @@ class AutoScalingPolicySpec(ApiStruct):
 
 class PolicyStatus(ApiStruct):
     observed_generation: int | None = None
+    bindings: int | None = None  # the bindings that name it
     conditions: list[Condition] | None = None
 
 
@@ -261,6 +262,11 @@ class AutoScalingPolicyBindingSpec(ApiStruct):
     prefill_decode: PrefillDecodeTarget | None = None
 
 
+class MetricValue(ApiStruct):
+    name: str
+    value: str  # the sum over the target's ready pods, as %g
+
+
 class TargetStatus(ApiStruct):
     name: str
     role: str | None = None
@@ -268,6 +274,11 @@ class TargetStatus(ApiStruct):
     desired_replicas: int | None = None
     mode: str | None = None
     last_scale_time: str | None = None
+    # the last decision's inputs and why (controllers/autoscaling.py's Decision)
+    metrics: list[MetricValue] | None = None
+    held_requests: str | None = None
+    recommended_replicas: int | None = None
+    reason: str | None = None
 
 
 class BindingStatus(ApiStruct):

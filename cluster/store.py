@@ -47,6 +47,8 @@ SERVICE = Kind("v1", "Service", "services")
 LEASE = Kind("coordination.k8s.io/v1", "Lease", "leases")
 # Read by the picker only: its replicas find each other through a headless Service's slices.
 ENDPOINT_SLICE = Kind("discovery.k8s.io/v1", "EndpointSlice", "endpointslices")
+# What the controllers report (controllers/events.py) and `infergate status` reads.
+EVENT = Kind("events.k8s.io/v1", "Event", "events")
 INFERENCE_POOL = Kind(POOL_GROUP_VERSION, "InferencePool", "inferencepools")
 # Named priorities the picker reads; no controller reconciles them (standalone mode applies
 # them from manifests and exports them to the picker's pool file). llm-d router's group; the
@@ -102,6 +104,7 @@ KINDS = {
         POD,
         SERVICE,
         LEASE,
+        EVENT,
         INFERENCE_POOL,
         INFERENCE_OBJECTIVE,
         MODEL,

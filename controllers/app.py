@@ -14,7 +14,7 @@ import argparse
 import asyncio
 import logging
 import signal
-from collections.abc import Callable, Hashable
+from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,23 +25,35 @@ from infergw.api.names import KV_EVENTS_PORT, PICKER_FILTER_POLICY, POOL_FILE_EN
 from infergw.cluster.informer import Informer
 from infergw.cluster.store import (
     AUTOSCALING_BINDING,
+    AUTOSCALING_POLICY,
     DEPLOYMENT,
     ENVOY_PATCH_POLICY,
+    EVENT,
     HTTP_ROUTE,
+    INFERENCE_POOL,
     MODEL,
     MODEL_INFER,
     MODEL_ROUTE,
     MODEL_SERVER,
     POD,
+    Kind,
+    NotFound,
     Obj,
     Store,
 )
 from infergw.controllers.autoscaler import AutoscalerReconciler
 from infergw.controllers.engine_command import PER_POD, KVEventSockets
+from infergw.controllers.events import EventRecorder
 from infergw.controllers.model import ModelReconciler
 from infergw.controllers.modelinfer import ModelInferReconciler
+from infergw.controllers.networking_status import (
+    ModelRouteStatus,
+    ModelServerStatus,
+    servers_selecting,
+)
 from infergw.controllers.picker_demand import by_pool, picker_metrics_item
 from infergw.controllers.picker_objects import PICKER_IMAGE, PickerSettings
+from infergw.controllers.policy_status import PolicyStatus
 from infergw.controllers.runner import (
     Controller,
     ControllerMetrics,
@@ -79,21 +91,29 @@ def build_controllers(
     picker: PickerSettings | None = None,
     picker_metrics: dict[str, list[str]] | None = None,
     weights: WeightsLayout = CLUSTER,
+    events: EventRecorder | None = None,
 ) -> tuple[list[Controller], AutoscalerReconciler]:
     """The controllers; with `picker` (a cluster), every Model also gets its endpoint picker,
     HTTPRoute and EnvoyPatchPolicy, and is reconciled again when their status (or the
     install's picker filter's) changes. `picker_metrics`: the pickers' metrics URLs per
-    pool, where the autoscaler reads their demand (None: each pool's picker Service's pods)."""
-    scaler = AutoscalerReconciler(store, interval=autoscale_interval, picker_metrics=picker_metrics)
+    pool, where the autoscaler reads their demand (None: each pool's picker Service's pods).
+    Every controller reports what it does and what fails as Events (events.py) and writes
+    the status of ModelRoutes, ModelServers and AutoScalingPolicies (networking_status.py,
+    policy_status.py)."""
+    events = events or EventRecorder(store)
+    scaler = AutoscalerReconciler(
+        store, interval=autoscale_interval, picker_metrics=picker_metrics, events=events
+    )
     model_watches = [(MODEL, own_key), (MODEL_INFER, owner_key(MODEL))]
     if picker is not None:
         model_watches += [(DEPLOYMENT, owner_key(MODEL)), (HTTP_ROUTE, owner_key(MODEL))]
     models = Controller(
         store,
-        ModelReconciler(store, kv_sockets, picker, weights),
+        ModelReconciler(store, kv_sockets, picker, weights, events),
         model_watches,
         metrics,
         namespace=namespace,
+        events=events,
         # CRDs that may be missing: those installed with the gateway (the Gateway API's,
         # Envoy Gateway's) and ours of networking.infergate.io
         optional=(HTTP_ROUTE, ENVOY_PATCH_POLICY, MODEL_ROUTE, MODEL_SERVER),
@@ -105,16 +125,44 @@ def build_controllers(
         # (route_parents.py): any change may concern any Model of its namespace.
         for kind in (MODEL_ROUTE, MODEL_SERVER):
             models.watch(kind, same_namespace_keys(model_informer))
+
+    def status_controller(reconciler, *optional: Kind) -> Controller:
+        """A controller of a kind whose status alone it writes."""
+        watches = [(reconciler.kind, own_key)]
+        return Controller(store, reconciler, watches, metrics, namespace=namespace,
+                          optional=optional, events=events)  # fmt: skip
+
+    routes = status_controller(
+        ModelRouteStatus(store, events), MODEL_ROUTE, MODEL_SERVER, INFERENCE_POOL
+    )
+    route_keys = same_namespace_keys(routes.informer(MODEL_ROUTE))
+    routes.watch(MODEL_SERVER, route_keys)
+    routes.watch(INFERENCE_POOL, route_keys)
+    servers = status_controller(ModelServerStatus(store, events), MODEL_SERVER)
+    servers.watch(POD, servers_selecting(servers.informer(MODEL_SERVER)))
+    policies = status_controller(PolicyStatus(store, events))
+    policies.watch(AUTOSCALING_BINDING, same_namespace_keys(policies.informer(AUTOSCALING_POLICY)))
     return [
         models,
         Controller(
             store,
-            ModelInferReconciler(store),
+            ModelInferReconciler(store, events=events),
             [(MODEL_INFER, own_key), (POD, owner_key(MODEL_INFER))],
             metrics,
             namespace=namespace,
+            events=events,
         ),
-        Controller(store, scaler, [(AUTOSCALING_BINDING, own_key)], metrics, namespace=namespace),
+        Controller(
+            store,
+            scaler,
+            [(AUTOSCALING_BINDING, own_key)],
+            metrics,
+            namespace=namespace,
+            events=events,
+        ),
+        routes,
+        servers,
+        policies,
     ], scaler
 
 
@@ -152,6 +200,8 @@ class Standalone:
         controllers, self._scaler = build_controllers(
             store,
             self.metrics,
+            # memory has no Event TTL: forgotten series take their Events with them
+            events=EventRecorder(store, forget=forget_event(store)),
             autoscale_interval=self.autoscale_interval,
             kv_sockets=self.kv_sockets,
             picker_metrics=self.picker_metrics,
@@ -176,6 +226,19 @@ class Standalone:
         self.parts.clear()
         if self._scaler is not None:
             await self._scaler.close()
+
+
+def forget_event(store: Store) -> Callable[[str, str], Awaitable[None]]:
+    """Delete an Event the recorder no longer counts (standalone mode only: the API server
+    expires Events itself, and the install grants no delete on them)."""
+
+    async def forget(namespace: str, name: str) -> None:
+        try:
+            await store.delete(EVENT, namespace, name)
+        except NotFound:
+            pass
+
+    return forget
 
 
 def redis_address(text: str) -> str:

@@ -33,6 +33,7 @@ from infergw.cluster.store import (
 )
 from infergw.controllers import autoscaling as a
 from infergw.controllers.conditions import condition, find, listed, now_rfc3339
+from infergw.controllers.events import NO_EVENTS, NORMAL, Recorder, condition_events
 from infergw.controllers.modelinfer_pods import instance_label, pod_ready
 from infergw.controllers.picker_demand import PickerDemand
 from infergw.controllers.prom_text import parse_sum
@@ -40,6 +41,8 @@ from infergw.controllers.prom_text import parse_sum
 log = logging.getLogger("controllers.autoscaler")
 
 
+# Ready reasons that need a person (or a metrics endpoint back): their Events are Warnings.
+BINDING_WARNINGS = frozenset(("PolicyNotFound", "TargetNotFound", "MetricsUnavailable"))
 # Seconds between the cycles of a binding with a target at zero replicas.
 AT_ZERO_INTERVAL = 1.0
 
@@ -91,10 +94,12 @@ class AutoscalerReconciler:
         interval: float = 15.0,
         clock=time.monotonic,
         picker_metrics: dict[str, list[str]] | None = None,
+        events: Recorder = NO_EVENTS,
     ) -> None:
         """`picker_metrics`: pool → its pickers' metrics URLs (standalone mode); None: found
         through each pool's endpointPickerRef (controllers/picker_demand.py)."""
         self.store = store
+        self.events = events
         self.interval = interval
         self.clock = clock
         self.demand = PickerDemand(store, self._get_text, picker_metrics)
@@ -136,7 +141,7 @@ class AutoscalerReconciler:
             await self._status(binding, None, f"cycle skipped: {exc}", reason="MetricsUnavailable")
             return self.interval
         for target, _current, desired in results:
-            await self._set_size(namespace, target["target"], desired)
+            await self._set_size(binding, target["target"], desired)
         await self._status(binding, results, None)
         if any(desired == 0 for _, _, desired in results):
             # At zero only the pickers' demand can move it, and a held request waits for
@@ -167,7 +172,7 @@ class AutoscalerReconciler:
         total_range = {
             "minReplicas": sum(t.get("minReplicas", 1) for t in h["targets"]),
             "maxReplicas": sum(t["maxReplicas"] for t in h["targets"]),
-            "target": {"name": "__total__"},
+            "target": TOTAL,
         }
         scaler = self._scaler(binding, total_range, policy)
         total = scaler.step(self.clock(), metrics, currents, demand)
@@ -258,23 +263,30 @@ class AutoscalerReconciler:
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise ScrapeFailed(f"{who or url}: {exc}") from exc
 
-    async def _set_size(self, namespace: str, target: dict, desired: int) -> None:
+    async def _set_size(self, binding: Obj, target: dict, desired: int) -> None:
+        namespace = binding["metadata"].get("namespace", "default")
         mi = await self.store.get(MODEL_INFER, namespace, target["name"])
         if mi is None:
             return
         if target.get("role"):
             role = next(r for r in mi["spec"]["template"]["roles"] if r["name"] == target["role"])
-            if int(role.get("replicas", 1)) == desired:
+            current = int(role.get("replicas", 1))
+            if current == desired:
                 return
             role["replicas"] = desired
         else:
-            if int(mi["spec"].get("replicas", 1)) == desired:
+            current = int(mi["spec"].get("replicas", 1))
+            if current == desired:
                 return
             mi["spec"]["replicas"] = desired
         log.info(
             "scaling ModelInfer %s %s to %d", target["name"], target.get("role") or "", desired
         )
         await self.store.update(mi)  # a Conflict retries the pass
+        scaler = self.scalers.get((namespace, binding["metadata"]["name"], _key(target)))
+        why = f" ({scaler.last.reason})" if scaler is not None and scaler.last else ""
+        note = f"{_target_name(target)}: {current} -> {desired} replicas{why}"
+        await self.events.event(binding, NORMAL, "SuccessfulRescale", "Scale", note)
 
     # ---- status ----------------------------------------------------------------------
 
@@ -332,6 +344,7 @@ class AutoscalerReconciler:
         }
         if binding.get("status") == status:
             return
+        await condition_events(self.events, binding, conditions, BINDING_WARNINGS)
         binding["status"] = status
         try:
             await self.store.update_status(binding)
@@ -348,13 +361,20 @@ class AutoscalerReconciler:
         targets = []
         for t, current, desired in results:
             tgt = t["target"]
-            scaler = self.scalers.get((m.get("namespace", "default"), m["name"], _key(tgt)))
+            ns = m.get("namespace", "default")
+            scaler = self.scalers.get((ns, m["name"], _key(tgt)))
+            # several targets share one recommendation for their total, split by cost
+            shared = scaler is None
+            if shared:
+                scaler = self.scalers.get((ns, m["name"], _key(TOTAL)))
             entry = {
                 "name": tgt["name"],
                 "currentReplicas": current,
                 "desiredReplicas": desired,
                 "mode": "Panic" if scaler and scaler.panicking(self.clock()) else "Stable",
             }
+            if scaler is not None and scaler.last is not None:
+                entry.update(_decision(scaler.last, desired, shared))
             if tgt.get("role"):
                 entry["role"] = tgt["role"]
             prev = old.get((tgt["name"], tgt.get("role")), {})
@@ -409,6 +429,29 @@ class AutoscalerReconciler:
             ):
                 missing.append(f"role {t['role']} not found in ModelInfer {t['name']}")
         return missing
+
+
+TOTAL = {"name": "__total__"}  # the scaler of a heterogeneous binding's total
+MAX_METRICS = 16  # metrics reported per target (the CRD's maxItems)
+
+
+def _decision(d: a.Decision, desired: int, shared: bool) -> dict:
+    """A target's status fields for the step that sized it: the metric sums it read, the
+    requests the pickers held, the metrics' recommendation, and why this size."""
+    reason = d.reason
+    if shared:
+        reason = "CostSplit"  # the total's size spread cheapest-first
+    elif desired != d.desired:
+        reason = "Ratio"  # prefill/decode raised to keep the ratio
+    metrics = [{"name": k, "value": f"{v:g}"} for k, v in sorted(d.metrics.items())]
+    out = {
+        "metrics": metrics[:MAX_METRICS],
+        "recommendedReplicas": d.recommended,
+        "reason": reason,
+    }
+    if d.demand:
+        out["heldRequests"] = f"{d.demand:g}"
+    return out
 
 
 def _targets_of(spec: dict) -> list[dict]:

@@ -59,6 +59,46 @@ def recommend(metrics: dict[str, float], policy: Policy, current: int) -> int:
     return max(wanted, default=current)
 
 
+# Why a step chose its size (the binding's status.targets[].reason).
+WITHIN_TOLERANCE = "WithinTolerance"  # every metric near its target at this size
+STEADY = "Steady"  # the recommendation is the current size
+SCALE_UP, SCALE_DOWN = "ScaleUp", "ScaleDown"
+STABILIZATION_WINDOW = "StabilizationWindow"  # the window's recommendations held it back
+RATE_LIMITED = "RateLimited"  # the step's instances/percent bound per period held it back
+PANIC = "Panic"
+PANIC_RATE_LIMITED = "PanicRateLimited"
+HELD_REQUESTS = "HeldRequests"  # the pickers hold requests for want of a ready pod
+MIN_REPLICAS, MAX_REPLICAS = "MinReplicas", "MaxReplicas"
+
+
+@dataclass(slots=True, frozen=True)
+class Decision:
+    """One step: what it read, what the metrics alone recommend and the size it set, why."""
+
+    metrics: dict[str, float]  # summed over the target's ready pods
+    demand: float  # requests the pickers hold
+    current: int
+    recommended: int
+    desired: int
+    reason: str
+
+
+def _moved(reason: str, rec: int, windowed: int, bound: int, *, up: bool) -> str:
+    """Why a step towards `rec` went no further: the period's rate bound, the window's
+    recommendations, or neither (`reason`)."""
+    if up:
+        if bound < min(rec, windowed):
+            return RATE_LIMITED
+        if windowed < rec:
+            return STABILIZATION_WINDOW
+    else:
+        if bound > max(rec, windowed):
+            return RATE_LIMITED
+        if windowed > rec:
+            return STABILIZATION_WINDOW
+    return reason
+
+
 @dataclass(slots=True)
 class Scaler:
     """The state of one scaled target over time."""
@@ -67,6 +107,7 @@ class Scaler:
     min_replicas: int = 1
     max_replicas: int = 10
     panic_until: float = -math.inf
+    last: Decision | None = None  # the last step's inputs and why, for the binding's status
     recs: deque[tuple[float, int]] = field(default_factory=deque)
     sizes: deque[tuple[float, int]] = field(default_factory=deque)
 
@@ -83,28 +124,42 @@ class Scaler:
         stabilization window after the last request was held."""
         p = self.policy
         floor = max(current, 1) if demand > 0 else 0
-        rec = max(recommend(metrics, p, current), floor)
+        raw = recommend(metrics, p, current)
+        rec = max(raw, floor)
         self.recs.append((now, rec))
         self.sizes.append((now, current))
         self._trim(now)
         if p.panic and current > 0 and rec * 100 >= current * p.panic.threshold_percent:
             self.panic_until = now + p.panic.hold
+        held = floor > raw
         if p.panic and now < self.panic_until:
             base = self._min_size(now - p.panic.period)
             cap = math.floor(base * (1 + p.panic.percent / 100))
             desired = max(current, min(rec, cap))  # panic never scales down
+            why = PANIC_RATE_LIMITED if rec > cap and cap > current else PANIC
         elif rec > current:
-            rec = min(r for t, r in self.recs if t >= now - p.up.window)
+            windowed = min(r for t, r in self.recs if t >= now - p.up.window)
             # From zero a percentage bound is zero too: grow from one pod instead.
             base = max(1, self._min_size(now - p.up.period))
-            desired = max(current, min(rec, _bound(base, p.up, up=True)))
+            bound = _bound(base, p.up, up=True)
+            desired = max(current, min(windowed, bound))
+            why = _moved(HELD_REQUESTS if held else SCALE_UP, rec, windowed, bound, up=True)
         elif rec < current:
-            rec = max(r for t, r in self.recs if t >= now - p.down.window)
+            windowed = max(r for t, r in self.recs if t >= now - p.down.window)
             base = self._max_size(now - p.down.period)
-            desired = min(current, max(rec, _bound(base, p.down, up=False)))
+            bound = _bound(base, p.down, up=False)
+            desired = min(current, max(windowed, bound))
+            why = _moved(SCALE_DOWN, rec, windowed, bound, up=False)
         else:
             desired = current
-        return max(self.min_replicas, min(self.max_replicas, max(desired, floor)))
+            why = HELD_REQUESTS if held else WITHIN_TOLERANCE if raw == current else STEADY
+        size = max(self.min_replicas, min(self.max_replicas, max(desired, floor)))
+        if size > desired and size == self.min_replicas:
+            why = MIN_REPLICAS
+        elif size < desired:
+            why = MAX_REPLICAS
+        self.last = Decision(dict(metrics), demand, current, rec, size, why)
+        return size
 
     def _trim(self, now: float) -> None:
         p = self.policy

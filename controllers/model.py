@@ -43,6 +43,14 @@ from infergw.controllers import adapters, model_objects, picker_objects, picker_
 from infergw.controllers.adapter_status import ADAPTERS_LOADED, RECHECK_SECONDS, adapters_loaded
 from infergw.controllers.conditions import condition
 from infergw.controllers.engine_command import PER_POD, KVEventSockets
+from infergw.controllers.events import (
+    NO_EVENTS,
+    NORMAL,
+    WARNING,
+    Recorder,
+    condition_events,
+    object_ref,
+)
 from infergw.controllers.picker_objects import PickerSettings, PickerTLS
 from infergw.controllers.reachability import REACHABLE, Patch, reachable
 from infergw.controllers.route_parents import read_route_parents
@@ -52,6 +60,11 @@ log = logging.getLogger("controllers.model")
 NOT_OURS_RETRY = 30.0  # seconds between looks at an object in the way
 TLS_CHECK_INTERVAL = 3600.0  # seconds between looks at a picker certificate's age
 IDENTITY_FIELDS = ("apiVersion", "kind", "metadata", "status")
+# Condition reasons that need a person: their Events are Warnings.
+MODEL_WARNINGS = frozenset(
+    ("ObjectNotOwned", "ObjectRejected", "KindNotInstalled", "PodsFailed", "PodsFailing",
+     ENGINE_NOT_INSTALLED, DOWNLOAD_FAILED, "NotReachable", "AdaptersNotLoaded")
+)  # fmt: skip
 
 
 def covers(have, want) -> bool:
@@ -94,8 +107,10 @@ class ModelReconciler:
         sockets: KVEventSockets = PER_POD,
         picker: PickerSettings | None = None,
         weights: WeightsLayout = CLUSTER,
+        events: Recorder = NO_EVENTS,
     ) -> None:
         self.store = store
+        self.events = events
         self.sockets = sockets  # where the engines it writes send KV events
         self.weights = weights  # where the downloads before the engines put the weights
         # In a cluster: each Model's endpoint picker and HTTPRoute, and its Reachable
@@ -168,6 +183,8 @@ class ModelReconciler:
                 problem = Problem("ObjectRejected", f"{want.kind} {want.metadata.name}: {exc}", exc)
             if problem is not None:
                 problems.append(problem)
+        for p in problems:  # each pass that meets one counts into its series
+            await self._event(model, WARNING, p.reason, "Apply", p.message)
         loading = await self._write_status(obj, model, problems)
         for p in problems:
             if p.error is not None:
@@ -189,6 +206,9 @@ class ModelReconciler:
             if have is None:
                 await self.store.create(api.to_dict(want))
                 log.info("model %s: created %s %s", model.metadata.name, kind.kind, m.name)
+                await self._event(
+                    model, NORMAL, "Created", "Create", f"created {kind.kind} {m.name}"
+                )
                 return None
         except AlreadyExists:
             return None  # someone was quicker: the next pass checks whose it is
@@ -225,7 +245,11 @@ class ModelReconciler:
         have["metadata"]["labels"] = labels
         await self.store.update(have)  # a Conflict retries the whole pass
         log.info("model %s: updated %s %s", model.metadata.name, kind.kind, m.name)
+        await self._event(model, NORMAL, "Updated", "Update", f"updated {kind.kind} {m.name}")
         return None
+
+    async def _event(self, model: Model, type_: str, reason: str, action: str, note: str) -> None:
+        await self.events.event(object_ref(model), type_, reason, action, note)
 
     async def _write_status(self, obj: Obj, model: Model, problems: list[Problem]) -> bool:
         """Initialized (the owned objects exist and are ours), Active (every serving group of
@@ -261,6 +285,9 @@ class ModelReconciler:
         }
         if obj.get("status") == status:
             return loading
+        # Ready says what Initialized, Active and Failed say, once
+        told = [c for c in conditions if c["type"] not in ("Initialized", "Active", "Failed")]
+        await condition_events(self.events, obj, told, MODEL_WARNINGS)
         obj["status"] = status
         try:
             await self.store.update_status(obj)

@@ -38,6 +38,7 @@ from infergw.cluster.store import (
 )
 from infergw.controllers import modelinfer_pods as mp
 from infergw.controllers.conditions import condition, listed
+from infergw.controllers.events import NO_EVENTS, Recorder, condition_events
 
 log = logging.getLogger("controllers.modelinfer")
 # Pods one pass creates at most, as the ReplicaSet controller's burstReplicas: a huge
@@ -78,11 +79,21 @@ class _Due:
     wait: float | None = None  # seconds until the next grace ends
 
 
+# Progressing reasons that need a person: their Events are Warnings.
+MODEL_INFER_WARNINGS = frozenset(("PodsFailed", ENGINE_NOT_INSTALLED, DOWNLOAD_FAILED))
+
+
 class ModelInferReconciler:
     kind = MODEL_INFER
 
-    def __init__(self, store: Store, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        store: Store,
+        clock: Callable[[], float] = time.monotonic,
+        events: Recorder = NO_EVENTS,
+    ) -> None:
         self.store = store
+        self.events = events
         self._clock = clock
         # per ModelInfer (namespace, name), per pod uid: the failure being waited out, and
         # the failures forgiven (the pod was ready again when its grace ended)
@@ -345,6 +356,7 @@ class ModelInferReconciler:
         }
         if obj.get("status") == status:
             return
+        await condition_events(self.events, obj, status["conditions"], MODEL_INFER_WARNINGS)
         obj["status"] = status
         try:
             await self.store.update_status(obj)

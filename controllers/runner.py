@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from infergw.api import ApiError, tracing
 from infergw.cluster.informer import Informer
 from infergw.cluster.store import Conflict, Kind, Obj, Store, StoreError, controller_of
+from infergw.controllers.events import NO_EVENTS, WARNING, Recorder
 from infergw.controllers.workqueue import WorkQueue
 
 log = logging.getLogger("controllers.runner")
@@ -81,6 +82,7 @@ class Controller:
         workers: int = 2,
         namespace: str | None = None,
         optional: tuple[Kind, ...] = (),
+        events: Recorder = NO_EVENTS,
     ) -> None:
         """`optional`: kinds whose informers are not waited for at start (a CRD that may not
         be installed: its informer keeps listing until it is, and enqueues what it finds)."""
@@ -92,6 +94,7 @@ class Controller:
         self.informers: list[Informer] = []
         self.optional = optional
         self.namespace = namespace
+        self.events = events
         for kind, to_keys in watches:
             self.watch(kind, to_keys)
         self._tasks: list[asyncio.Task] = []
@@ -132,6 +135,15 @@ class Controller:
         for inf in self.informers:
             await inf.stop()
 
+    async def _invalid(self, ns: str, name: str, exc: ApiError) -> None:
+        """A Warning on an object its reconciler cannot read (the recorder counts repeats)."""
+        try:
+            obj = await self.store.get(self.reconciler.kind, ns, name)
+        except StoreError:
+            return
+        if obj is not None:
+            await self.events.event(obj, WARNING, "InvalidSpec", "Reconcile", str(exc))
+
     async def _work(self) -> None:
         while True:
             key = await self.queue.get()
@@ -154,6 +166,7 @@ class Controller:
                 self.metrics.reconciles.labels(self.name, "unreadable").inc()
                 self.queue.forget(key)
                 log.warning("%s %s/%s: %s; waiting for it to change", self.name, ns, name, exc)
+                await self._invalid(ns, name, exc)
             except (StoreError, OSError) as exc:
                 self.metrics.reconciles.labels(self.name, "error").inc()
                 delay = self.queue.add_rate_limited(key)

@@ -14,6 +14,8 @@ The commands that run a process take --log-format text|json, --log-level, -v/-vv
 
 commands:
   up         the local stack from an example directory (infergate up examples/quickstart)
+  status     one screen of the local stack's pickers or a cluster namespace: pods, load,
+             KV use, cached-token share, queue, errors (--once: plain text, for scripts)
   install    print the cluster install for `kubectl apply -f -` (--namespace, --gateway;
              --upstream-crds: the upstream CRDs alone, to create where the cluster has none)
   epp        the endpoint picker, an Envoy ext_proc server (python -m infergw.epp)
@@ -106,6 +108,10 @@ def main(argv: list[str] | None = None) -> int:
         from infergw.up import main as up
 
         return up(rest)
+    if command == "status":
+        from infergw.stack.status_screen import main as status
+
+        return status(rest)
     if command == "install":
         from infergw.stack.install import main as install
 

@@ -18,7 +18,9 @@ API server (tests/kube_schema.py): unknown fields pruned (the `fieldValidation` 
 Strict refuses them with 400, Warn — the server's default — and Ignore drop them, Warn with a
 `Warning` header that `warnings` also records), defaults filled in (on reads too), then
 OpenAPI and CEL validation, failures a 422 Invalid Status naming each field in
-`details.causes`. Built-in kinds are stored as sent (their schemas are not checked here).
+`details.causes`. Built-in kinds are stored as sent (their schemas are not checked here), but
+for the names and labels every kind is checked for and the fields of an `events.k8s.io/v1`
+Event (tests/kube_events.py).
 
     async with KubeAPIEmulator() as api: ...          # on the running event loop
     with KubeAPIEmulator().threaded() as api: ...     # own loop in a thread, for sync code
@@ -54,6 +56,7 @@ from tests.kube_crd import (
     custom_resource,
     load_crds,
 )
+from tests.kube_events import event_errors, is_event
 from tests.kube_schema import FieldError, invalid
 
 Key = tuple[str, str, str, str, str]  # group, version, plural, namespace, name
@@ -734,6 +737,8 @@ class Write:
     def admit(self, obj: Obj, old: Obj | None) -> Obj:
         errors = name_errors(obj) if old is None else []
         errors += label_errors(obj, nested=self.crd is None)
+        if self.crd is None and is_event(obj):
+            errors += event_errors(obj, old)
         if self.crd is None:
             if errors:
                 group = split_api_version(obj.get("apiVersion", ""))[0]

@@ -27,6 +27,7 @@ PACKAGE_DIRS: dict[str, str] = PYPROJECT["tool"]["setuptools"]["package-dir"]
 ELSEWHERE = {
     "botocore": "comes with boto3 (the s3 extra)",
     "numba": "bench kvindex_floor alone, which says to install it",
+    "rich": "the status extra: infergate status's screen, which says to install it",
 }
 # A namespace shared by several distributions: the part we import names ours.
 NAMESPACED = {"google.protobuf": "protobuf"}

@@ -109,20 +109,29 @@ async def test_scales_up_within_the_step_limit_then_down_after_the_window(env):
     assert await rec.reconcile("default", "b") == 15
     assert await replicas(store) == 4
     status = (await store.get(AUTOSCALING_BINDING, "default", "b"))["status"]
+    # the decision and its inputs: 40 waiting read, 10 recommended, the step bound held it
     assert status["targets"][0] == {
         "name": "llm",
         "currentReplicas": 2,
         "desiredReplicas": 4,
         "mode": "Stable",
         "lastScaleTime": status["targets"][0]["lastScaleTime"],
+        "metrics": [{"name": "vllm:num_requests_waiting", "value": "40"}],
+        "recommendedReplicas": 10,
+        "reason": "RateLimited",
     }
     pods.waiting = dict.fromkeys(pods.waiting, 0.0)
     clock.t += 30
     await rec.reconcile("default", "b")
     assert await replicas(store) == 4  # the window still holds the high recommendation
+    [held] = (await get_binding(store))["status"]["targets"]
+    assert (held["recommendedReplicas"], held["reason"]) == (0, "StabilizationWindow")
+    assert held["metrics"] == [{"name": "vllm:num_requests_waiting", "value": "0"}]
     clock.t += 61
     await rec.reconcile("default", "b")
     assert await replicas(store) == 1
+    [down] = (await get_binding(store))["status"]["targets"]
+    assert (down["desiredReplicas"], down["reason"]) == (1, "MinReplicas")
 
 
 async def test_panic_scales_past_the_stable_limit(env):
@@ -226,6 +235,9 @@ async def test_prefill_decode_roles_keep_their_ratio(env, wall):
             "currentReplicas": 1,
             "desiredReplicas": 2,
             "mode": "Stable",
+            "metrics": [{"name": "vllm:num_requests_waiting", "value": "0"}],
+            "recommendedReplicas": 0,
+            "reason": "Ratio",  # idle, raised to keep the ratio
         },
         {
             "name": "llm",
@@ -233,6 +245,9 @@ async def test_prefill_decode_roles_keep_their_ratio(env, wall):
             "currentReplicas": 2,
             "desiredReplicas": 4,
             "mode": "Stable",
+            "metrics": [{"name": "vllm:num_requests_waiting", "value": "24"}],
+            "recommendedReplicas": 6,
+            "reason": "RateLimited",
         },
     ]
     assert all("lastScaleTime" in t for t in b["status"]["targets"])
@@ -317,7 +332,15 @@ async def test_ready_and_target_found_follow_the_policy_and_the_target(env, wall
     b = await get_binding(store)
     assert summary(b) == {"Ready": ("True", "Scaling"), "TargetFound": ("True", "TargetsFound")}
     assert b["status"]["targets"] == [
-        {"name": "llm", "currentReplicas": 2, "desiredReplicas": 2, "mode": "Stable"}
+        {
+            "name": "llm",
+            "currentReplicas": 2,
+            "desiredReplicas": 2,
+            "mode": "Stable",
+            "metrics": [{"name": "vllm:num_requests_waiting", "value": "8"}],
+            "recommendedReplicas": 2,
+            "reason": "WithinTolerance",
+        }
     ]
     found = since(b)
     assert found["Ready"] == found["TargetFound"] == wall() != born["Ready"]

@@ -149,3 +149,32 @@ def test_scale_to_zero_comes_a_down_window_after_the_last_demand():
     assert s.step(45.0, {"running": 0.0}, 1) == 1
     assert s.step(61.0, {"running": 0.0}, 1) == 0  # 60 s window past the last demand
     assert Scaler(policy(), min_replicas=1).step(0.0, {}, 1) == 1  # minReplicas still holds
+
+
+# ---- why a step chose its size (the binding's status.targets[].reason) --------------------
+
+
+def test_each_step_says_what_it_read_and_why_it_chose_its_size():
+    s = Scaler(
+        policy(
+            up=StepPolicy(instances=2, period=15.0),
+            down=StepPolicy(percent=100.0, period=15.0, window=60.0),
+            panic=PanicPolicy(threshold_percent=400.0, percent=100.0, period=10.0, hold=30.0),
+        ),
+        min_replicas=1,
+        max_replicas=6,
+    )
+
+    def step(t, running, current, demand=0.0):
+        size = s.step(t, {"running": running}, current, demand)
+        assert s.last.desired == size and s.last.current == current
+        assert s.last.metrics == {"running": running} and s.last.demand == demand
+        return size, s.last.recommended, s.last.reason
+
+    assert step(0, 20, 2) == (2, 2, "WithinTolerance")
+    assert step(1, 50, 2) == (4, 5, "RateLimited")  # 5 wanted, 2 more per period
+    assert step(20, 50, 4) == (5, 5, "ScaleUp")
+    assert step(21, 10, 5) == (5, 1, "StabilizationWindow")  # the window remembers 5
+    assert step(30, 300, 5) == (6, 30, "MaxReplicas")  # panic (30 ≥ 5 × 400%), capped at 6
+    assert s.panicking(30)
+    assert step(100, 0, 0, demand=2) == (1, 1, "HeldRequests")  # from zero for a held request

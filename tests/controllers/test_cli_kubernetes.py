@@ -29,8 +29,9 @@ from kubernetes import client
 
 from infergw.api.lifetime import spawn
 from tests.conftest import free_port, running
-from tests.controller_manifests import Authorizer, docs
-from tests.kube_rbac import Account, RBACEmulator
+from tests.controller_manifests import Authorizer
+from tests.controllers_in_emulator import CONTROLLERS, TOKEN, kubelet, manifest_rbac
+from tests.kube_rbac import RBACEmulator
 from tests.kubeapi import KubeAPIEmulator, kubeconfig_env
 from tests.paths import CRD_EXAMPLES
 from tests.waiting import wait_for
@@ -38,12 +39,8 @@ from tests.waiting import wait_for
 pytestmark = pytest.mark.slow
 
 EXAMPLE = CRD_EXAMPLES / "model.yaml"
-TOKEN = "infergate-controllers-token"
 LEASE_NS, LEASE_NAME = "infergate-system", "infergate-controllers"
 WORKLOAD = "workload.infergate.io/v1alpha1"
-
-
-CONTROLLERS = Account("infergate-controllers", "infergate-system")
 
 
 def emulator(auth: Authorizer) -> RBACEmulator:
@@ -53,11 +50,6 @@ def emulator(auth: Authorizer) -> RBACEmulator:
 
 def denied(api: RBACEmulator) -> list:
     return api.denied.get(CONTROLLERS.name, [])
-
-
-def manifest_rbac() -> Authorizer:
-    account = next(d for d in docs() if d["kind"] == "ServiceAccount")["metadata"]
-    return Authorizer.for_account(docs(), account["name"], account["namespace"])
 
 
 def controllers_cmd(metrics_port: int, *extra: str) -> list[str]:
@@ -102,21 +94,6 @@ def pod_names(core: client.CoreV1Api) -> set[str]:
         "default", label_selector="infergate.io/model=llama-3-8b", _preload_content=False
     )
     return {p["metadata"]["name"] for p in json.loads(resp.data)["items"]}
-
-
-def kubelet(api: KubeAPIEmulator, names: set[str]) -> None:
-    """Mark the pods running and ready, as the kubelet would."""
-    for name in names:
-        pod = api.get("v1", "Pod", name)
-        if pod is None or (pod.get("status") or {}).get("phase"):
-            continue
-        pod["status"] = {
-            "phase": "Running",
-            "podIP": "127.0.0.1",
-            "conditions": [{"type": "Ready", "status": "True"}],
-            "containerStatuses": [{"name": "engine", "restartCount": 0, "ready": True}],
-        }
-        api.put(pod)
 
 
 def test_leader_reconciles_hands_over_on_sigterm_and_a_standby_waits(tmp_path: Path) -> None:

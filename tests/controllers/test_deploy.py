@@ -29,6 +29,7 @@ from aiohttp import web
 from infergw import cluster, controllers
 from infergw.cluster.store import (
     AUTOSCALING_BINDING,
+    EVENT,
     KINDS,
     LEASE,
     MODEL,
@@ -44,7 +45,9 @@ from infergw.cluster.store import (
     kind_of,
 )
 from infergw.controllers.app import build_controllers, build_parser
+from infergw.controllers.events import EventRecorder
 from infergw.controllers.leader import LeaderElector
+from infergw.controllers.object_status import write_status
 from infergw.controllers.memory_store import MemoryStore
 from infergw.controllers.picker_demand import PickerDemand
 from infergw.controllers.picker_objects import PickerSettings, picker_rules
@@ -347,6 +350,23 @@ async def record_a_scenario() -> RecordingStore:
             )
 
         await until(gang_shrunk, "the gang ModelInfer scaled to one group of two instances")
+
+        # a ModelInfer its reconciler cannot read, met twice: an InvalidSpec Event, then the
+        # same again as a series (the recorder reads and updates it)
+        broken = modelinfer_obj("broken", 1)
+        broken["spec"]["replicas"] = "two"
+        await store.create(broken)
+
+        async def invalid_events(count: int):
+            found, _ = await store.list(EVENT, "default")
+            return [e for e in found if e["reason"] == "InvalidSpec"
+                    and (e.get("series") or {}).get("count", 1) == count]  # fmt: skip
+
+        await until(lambda: invalid_events(1), "an InvalidSpec Event")
+        broken = await store.get(MODEL_INFER, "default", "broken")
+        broken["metadata"].setdefault("labels", {})["touched"] = "yes"
+        await store.update(broken)
+        await until(lambda: invalid_events(2), "the InvalidSpec Event counted twice")
     finally:
         kubelet.cancel()
         (kubelet_end,) = await asyncio.gather(kubelet, return_exceptions=True)
@@ -370,10 +390,13 @@ def kubernetes_mode_modules() -> set[str]:
     ctrls, _ = build_controllers(MemoryStore(), ControllerMetrics(), picker=PickerSettings())
     mods = {type(c.reconciler).__module__ for c in ctrls}
     mods |= {type(i).__module__ for c in ctrls for i in c.informers}
+    mods |= {type(c).__module__ for c in ctrls}  # an unreadable object's Event
     mods.add(LeaderElector.__module__)
     mods.add(namespace_reader.__module__)
     mods.add(read_route_parents.__module__)  # the Model reconciler reads ModelRoutes through it
     mods.add(PickerDemand.__module__)  # the autoscaler reads the pickers' demand through it
+    mods.add(EventRecorder.__module__)  # every controller reports through it
+    mods.add(write_status.__module__)  # the status of the kinds only status is written for
     return {m.rpartition(".")[2] for m in mods}
 
 
@@ -499,6 +522,11 @@ def test_the_scenario_makes_every_store_call_the_code_has(recorded: RecordingSto
         "webhook",
         "route_parents",
         "picker_demand",
+        "networking_status",
+        "policy_status",
+        "events",
+        "runner",
+        "object_status",
     }
     for module in sorted(modules):
         in_code = store_calls_in(module)
