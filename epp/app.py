@@ -391,6 +391,7 @@ def build_director(
             subset_filter=opts.subset_filter,
             trust=trust,
             response_headers_skipped=opts.response_headers_skipped,
+            response_id_key=opts.response_id_key,
         ),
         gate,
     )
@@ -588,6 +589,11 @@ def main(argv: list[str] | None = None) -> int:
     logs.configure(opts.log_level)
     for warning in opts.reference_warnings:
         log.warning("%s", warning)
+    if opts.response_id_key is None:
+        log.info(
+            "Responses API ids are signed with a key derived from the pool's name: give every "
+            "replica the same --response-id-key-file so clients cannot make up ids"
+        )
     try:
         _run(serve(opts))
     except (ConfigError, FileProviderError, KubernetesProviderError, FileNotFoundError) as exc:

@@ -13,6 +13,7 @@ from infergw.api import logs
 from infergw.epp.body_budget import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_HELD_BYTES
 from infergw.epp.capacity_wait import DEFAULT_CAPACITY_WAIT_TTL
 from infergw.epp.reference_flags import add_reference_flags, read_reference_flags
+from infergw.epp.response_ids import load_key
 from infergw.epp.scrape_pace import DEFAULT_IDLE_INTERVAL
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m)?$")
@@ -114,6 +115,8 @@ class PickerOptions:
     metrics_staleness_threshold: float | None = None
     # The reference picker's flags given and not applied (epp/reference_flags.py), logged at start.
     reference_warnings: tuple[str, ...] = ()
+    # The MAC key of the Responses API ids (epp/response_ids.py); None: from the pool's name.
+    response_id_key: bytes | None = None
 
 
 def add_serving_flags(
@@ -211,6 +214,16 @@ def build_parser() -> argparse.ArgumentParser:
         "answered, its status unknown, instead of as cancelled",
     )
     p.add_argument("--log-level", type=logs.level_name, default="info")
+    p.add_argument(
+        "--response-id-key-file",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="the key (16 bytes or more) that signs the Responses API ids the picker gives "
+        "clients, which name the pod that stored each response; every replica of the pool "
+        "needs the same one (default: derived from the pool's name, so ids cannot be moved "
+        "to another pool but could be made up to pick a pod of this one)",
+    )
     trust = p.add_argument_group("what the picker believes and shows (epp/trust.py)")
     trust.add_argument(
         "--trust-client-headers",
@@ -402,6 +415,14 @@ def parse_options(argv: list[str] | None = None) -> PickerOptions:
         p.error("--kv-index-redis-timeout and --kv-index-redis-ttl must be > 0")
     if a.share_scrapes and not a.replica_sync_bind:
         p.error("--share-scrapes needs --replica-sync-bind (the replicas share on it)")
+    response_id_key = None
+    if a.response_id_key_file is not None:
+        try:
+            response_id_key = load_key(a.response_id_key_file)
+        except OSError as exc:
+            p.error(f"--response-id-key-file: cannot read it ({exc.strerror}): give a readable file")
+        except ValueError as exc:
+            p.error(f"--response-id-key-file: {exc}")
     discovery = None
     if a.replica_sync_discovery is not None:
         if not a.replica_sync_bind:
@@ -446,6 +467,7 @@ def parse_options(argv: list[str] | None = None) -> PickerOptions:
         capacity_wait_ttl=a.capacity_wait_ttl,
         metrics_staleness_threshold=staleness,
         reference_warnings=ref.warnings,
+        response_id_key=response_id_key,
         tokenizers=tokenizers,
         trust_client_headers=a.trust_client_headers,
         response_headers_skipped=a.response_headers_skipped,

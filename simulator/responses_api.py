@@ -2,7 +2,9 @@
 uses: `input` (a string, or messages whose content is a string or input_text/output_text
 parts) and `instructions` become a chat generation; the answer is a `response` with one
 assistant message of `output_text`, `status` (`incomplete` when `max_output_tokens` cut it)
-and `usage` in input/output tokens. Not simulated: streaming, tools, stored responses."""
+and `usage` in input/output tokens. Stored answers (`store`, true by default) continue with
+`previous_response_id` (simulator/response_store.py). Not simulated: streaming, tools,
+background responses."""
 
 from __future__ import annotations
 
@@ -16,16 +18,16 @@ _SAME = ("model", "temperature", "top_p")
 _ROLES = ("user", "assistant", "system", "developer")
 
 
-def to_chat(body: Any) -> dict:
-    """The chat completion request a Responses request amounts to; 400 for what the
-    simulator does not serve."""
+def to_chat(body: Any, earlier: tuple[dict, ...] = ()) -> dict:
+    """The chat completion request a Responses request amounts to, after the `earlier`
+    conversation its previous_response_id names; 400 for what the simulator does not serve."""
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
     if body.get("stream"):
         raise ApiError(400, "streaming the Responses API is not simulated", "stream")
     if body.get("tools"):
         raise ApiError(400, "tools in the Responses API are not simulated", "tools")
-    chat = _messages(body.get("input"))
+    chat = [*earlier, *_messages(body.get("input"))]
     if body.get("instructions") is not None:
         if not isinstance(body["instructions"], str):
             raise ApiError(400, "'instructions' must be a string", "instructions")
@@ -34,6 +36,22 @@ def to_chat(body: Any) -> dict:
     if body.get("max_output_tokens") is not None:
         out["max_tokens"] = body["max_output_tokens"]
     return {**out, "messages": chat}
+
+
+def previous_id(body: Any) -> str | None:
+    """The stored response a request continues (400 unless a string)."""
+    given = body.get("previous_response_id") if isinstance(body, dict) else None
+    if given is not None and not isinstance(given, str):
+        raise ApiError(400, "'previous_response_id' must be a string", "previous_response_id")
+    return given
+
+
+def stores(body: dict) -> bool:
+    """Whether the answer is kept (`store`, true unless false, as in vLLM)."""
+    store = body.get("store")
+    if store is not None and not isinstance(store, bool):
+        raise ApiError(400, "'store' must be a boolean", "store")
+    return store is not False
 
 
 def _messages(given: Any) -> list[dict]:
@@ -63,7 +81,9 @@ def _text(content: Any, i: int) -> str:
     raise ApiError(400, f"input[{i}].content must be a string or text parts", "input")
 
 
-def response(model: str, req: SimRequest, created: int) -> dict:
+def response(
+    model: str, req: SimRequest, created: int, previous: str | None = None, store: bool = True
+) -> dict:
     """The finished answer."""
     cut = req.finish_reason == "length"
     prompt, output = len(req.prompt_token_ids), len(req.output_token_ids)
@@ -86,6 +106,8 @@ def response(model: str, req: SimRequest, created: int) -> dict:
                 "content": [text],
             }
         ],
+        "previous_response_id": previous,
+        "store": store,
         "parallel_tool_calls": True,
         "tool_choice": "auto",
         "tools": [],
