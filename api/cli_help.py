@@ -22,13 +22,3 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
         if nothing or default is argparse.SUPPRESS or "default" in text:
             return text
         return super()._get_help_string(action)
-
-
-def ungrouped(parser: argparse.ArgumentParser) -> list[str]:
-    """The options left in argparse's catch-all group (all but -h): a command's --help
-    should have none, every option under the heading users look for it by."""
-    return [
-        action.option_strings[0]
-        for action in parser._optionals._group_actions  # argparse's own catch-all group
-        if action.option_strings and not isinstance(action, argparse._HelpAction)
-    ]

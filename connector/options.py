@@ -67,7 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     pool = p.add_argument_group("Pool and pods (which prefill pods may be called)")
     logging_group = p.add_argument_group("Logging")
     listening.add_argument("--host", default=d.host, help=f"listen address (default {d.host})")
-    listening.add_argument("--port", type=int, default=d.port, help=f"listen port (default {d.port})")
+    listening.add_argument(
+        "--port", type=int, default=d.port, help=f"listen port (default {d.port})"
+    )
     engine.add_argument(
         "--engine-url",
         default=d.engine_url,

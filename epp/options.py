@@ -469,7 +469,7 @@ def parse_options(argv: list[str] | None = None) -> PickerOptions:
         try:
             response_id_key = load_key(a.response_id_key_file)
         except OSError as exc:
-            p.error(f"--response-id-key-file: cannot read it ({exc.strerror}): give a readable file")
+            p.error(f"--response-id-key-file: cannot read it ({exc.strerror}); give a readable one")
         except ValueError as exc:
             p.error(f"--response-id-key-file: {exc}")
     discovery = None

@@ -79,14 +79,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="infergate fetch tokenizer",
         description="Fetch a model's tokenizer files (not its weights) into a directory.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument(
+    where = p.add_argument_group("Source and destination")
+    limits = p.add_argument_group("Limits")
+    where.add_argument(
         "--source", required=True, help="the Model's modelURI: hf://ORG/NAME or s3://BUCKET/PREFIX"
     )
-    p.add_argument("--dest", required=True, type=Path, help="the directory to write")
-    p.add_argument("--revision", default="main", help="hf://: the branch, tag or commit")
-    p.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES, help="per file")
-    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds per file")
+    where.add_argument("--dest", required=True, type=Path, help="the directory to write")
+    where.add_argument("--revision", default="main", help="hf://: the branch, tag or commit")
+    limits.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES, help="per file")
+    limits.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds per file")
     return p
 
 

@@ -44,6 +44,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from infergw.api.cli_help import HelpFormatter
 from infergw.stack.envoy_config import is_ip_address
 from infergw.stack.example import Example, ExampleError
 from infergw.stack.gateway_tls import GatewayCert, default_directory, own_cert, stack_cert
@@ -56,22 +57,28 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="infergate up",
         description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
+    pool = p.add_argument_group("Pool and pods")
+    replicas = p.add_argument_group("Replicas")
+    kv = p.add_argument_group("KV cache")
+    listening = p.add_argument_group("Listening and TLS")
+    auth = p.add_argument_group("Auth and trust")
+    files = p.add_argument_group("Work directory")
     p.add_argument("example", nargs="?", type=Path, default=QUICKSTART, help="example directory")
-    p.add_argument(
+    pool.add_argument(
         "--pods",
         type=int,
         default=None,
         help="the Model's replicas (serving groups; one pod each in the quickstart)",
     )
-    p.add_argument(
+    replicas.add_argument(
         "--pickers",
         type=int,
         default=1,
         help="picker processes, active-active behind Envoy (default 1)",
     )
-    p.add_argument(
+    kv.add_argument(
         "--kv-index",
         choices=["memory", "redis"],
         default="memory",
@@ -79,39 +86,45 @@ def build_parser() -> argparse.ArgumentParser:
         "one index for every picker, and with --pickers N each pod's KV events are ingested "
         "by one picker only (sharded; README: Several pickers)",
     )
-    p.add_argument("--failure-mode", choices=["FailOpen", "FailClose"], default=None)
-    p.add_argument("--fallbacks", type=int, default=1)
-    p.add_argument(
+    pool.add_argument("--failure-mode", choices=["FailOpen", "FailClose"], default=None)
+    pool.add_argument(
+        "--fallbacks",
+        type=int,
+        default=1,
+        help="endpoints after the picker's first choice, tried when it fails (the picker's "
+        "--fallback-endpoints)",
+    )
+    auth.add_argument(
         "--no-auth",
         action="store_true",
         help="Envoy lets every request through (ignores the example's SecurityPolicy)",
     )
-    p.add_argument(
+    auth.add_argument(
         "--trust-client-headers",
         action="store_true",
         help="a closed network: Envoy keeps client-sent x-gateway-inference-objective and "
         "x-gateway-inference-fairness-id and the picker honours them (default: removed)",
     )
-    p.add_argument(
+    listening.add_argument(
         "--host",
         default="127.0.0.1",
         help="the address Envoy listens on for clients (default 127.0.0.1; 0.0.0.0 for every "
         "address): with --tls, the certificate names it too",
     )
-    p.add_argument(
+    listening.add_argument(
         "--tls",
         action="store_true",
         help="HTTPS for clients, with a CA and certificate the stack makes and keeps (its "
         "path is printed for clients)",
     )
-    p.add_argument(
+    listening.add_argument(
         "--tls-cert",
         type=Path,
         default=None,
         help="with --tls-key: serve this PEM certificate (chain) instead of a made one",
     )
-    p.add_argument("--tls-key", type=Path, default=None, help="the PEM key of --tls-cert")
-    p.add_argument(
+    listening.add_argument("--tls-key", type=Path, default=None, help="the PEM key of --tls-cert")
+    files.add_argument(
         "--workdir",
         type=Path,
         default=None,

@@ -232,7 +232,14 @@ def build_parser() -> argparse.ArgumentParser:
         prog="infergate simulate",
         description="A vLLM-compatible model server without GPUs: real tokenizer, real KV events "
         "and metrics formats, simulated timing.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+    serving = p.add_argument_group("Serving (vLLM's frontend flags)")
+    scheduling = p.add_argument_group("Scheduling")
+    kv = p.add_argument_group("KV cache")
+    pd = p.add_argument_group("Prefill/decode disaggregation")
+    lora = p.add_argument_group("LoRA adapters")
+    logging_group = p.add_argument_group("Logging")
     p.add_argument(
         "model_tag",
         nargs="?",
@@ -240,60 +247,77 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="MODEL",
         help="the model, as in `vllm serve MODEL` (overrides --model)",
     )
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument(
+    serving.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    serving.add_argument("--port", type=int, default=8000, help="port to listen on")
+    serving.add_argument(
         "--model",
         default=None,
         help="a model directory with tokenizer.json, or a model id (a Hugging Face repo: "
         "served under that name with the simulator's own tokenizer, as nothing is downloaded); "
         "default: the small tokenizer shipped with infergate",
     )
-    p.add_argument("--served-model-name", nargs="+", default=[])
-    p.add_argument("--block-size", type=_positive_int, default=16)
-    p.add_argument(
+    serving.add_argument("--served-model-name", nargs="+", default=[])
+    kv.add_argument(
+        "--block-size", type=_positive_int, default=16, help="tokens in a KV-cache block"
+    )
+    kv.add_argument(
         "--num-gpu-blocks-override",
         type=_positive_int,
         default=4096,
         help="KV capacity in blocks (the simulator has no GPU memory to size it from)",
     )
-    p.add_argument("--max-num-seqs", type=_positive_int, default=256)
-    p.add_argument("--max-num-batched-tokens", type=_positive_int, default=8192)
-    p.add_argument("--max-model-len", type=_positive_int, default=None)
-    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument(
-        "--prefix-caching-hash-algo", choices=["sha256", "sha256_cbor"], default="sha256"
+    scheduling.add_argument(
+        "--max-num-seqs", type=_positive_int, default=256, help="requests in one step at most"
     )
-    p.add_argument(
+    scheduling.add_argument(
+        "--max-num-batched-tokens",
+        type=_positive_int,
+        default=8192,
+        help="tokens in one step at most",
+    )
+    scheduling.add_argument("--max-model-len", type=_positive_int, default=None)
+    kv.add_argument(
+        "--enable-prefix-caching",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="reuse cached blocks of a prompt's prefix",
+    )
+    kv.add_argument(
+        "--prefix-caching-hash-algo",
+        choices=["sha256", "sha256_cbor"],
+        default="sha256",
+        help="how blocks are hashed, as vLLM's flag (KV events carry the hashes)",
+    )
+    serving.add_argument(
         "--enable-prompt-tokens-details",
         action=argparse.BooleanOptionalAction,
         default=True,
         help="report usage.prompt_tokens_details.cached_tokens "
         "(vLLM's default is off; the picker wants it, so ours is on)",
     )
-    p.add_argument(
+    serving.add_argument(
         "--fingerprint-mode",
         choices=["full", "hash", "custom", "none"],
         default="full",
         help="system_fingerprint in answers: vllm-<version>-<config hash> (full, hash), "
         "--fingerprint-value (custom) or null (none)",
     )
-    p.add_argument("--fingerprint-value", default=None)
-    p.add_argument(
+    serving.add_argument("--fingerprint-value", default=None)
+    serving.add_argument(
         "--trust-request-chat-template",
         action="store_true",
         help="accept a chat_template in requests (off: 400, as in vLLM; a template is code "
         "that runs in the server)",
     )
-    p.add_argument("--kv-events-config", default=None, help="vLLM's KVEventsConfig as JSON")
-    p.add_argument(
+    kv.add_argument("--kv-events-config", default=None, help="vLLM's KVEventsConfig as JSON")
+    kv.add_argument(
         "--kv-events-format",
         choices=["map", "array"],
         default="map",
         help="map: events as {'type': ...} maps (vLLM >= 0.26); array: the older "
         "positional encoding",
     )
-    p.add_argument(
+    pd.add_argument(
         "--kv-role",
         choices=KV_ROLES,
         default=None,
@@ -301,25 +325,27 @@ def build_parser() -> argparse.ArgumentParser:
         "requests, prefill legs and decode legs, as vLLM's NixlConnector does; the role only "
         "counts legs that reach the wrong kind of pod (infergate_sim:kv_role_mismatch_total)",
     )
-    p.add_argument(
+    pd.add_argument(
         "--kv-transfer-config",
         default=None,
         help="vLLM's KVTransferConfig as JSON: kv_connector (NixlConnector), kv_role "
         "(kv_producer, kv_consumer, kv_both), engine_id, kv_load_failure_policy "
         "(fail, recompute); other keys are ignored",
     )
-    p.add_argument("--enable-lora", action="store_true")
-    p.add_argument("--lora-modules", nargs="+", type=_parse_lora_module, default=[])
-    p.add_argument("--max-loras", type=_positive_int, default=1)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
+    lora.add_argument("--enable-lora", action="store_true")
+    lora.add_argument("--lora-modules", nargs="+", type=_parse_lora_module, default=[])
+    lora.add_argument(
+        "--max-loras", type=_positive_int, default=1, help="adapters in one step at most"
+    )
+    scheduling.add_argument("--seed", type=int, default=0, help="random seed of the answers")
+    serving.add_argument(
         "--engine",
         choices=["vllm", "sglang"],
         default="vllm",
         help="which engine's metric names /metrics uses",
     )
-    p.add_argument("--log-level", default="info")
-    p.add_argument(
+    logging_group.add_argument("--log-level", default="info", help="debug, info, warning, error")
+    serving.add_argument(
         "--headless",
         action="store_true",
         help="a worker node of a multi-node engine (vLLM's flag): serve nothing, run until stopped",

@@ -44,7 +44,8 @@ def test_a_chain_of_responses_stays_on_the_pod_that_stored_it(client, stack):
     assert first.id.startswith(PREFIX), first.id
     previous, answers = first, []
     for turn in range(8):  # half of them would land on the other pod, which 404s
-        answer, served = create(client, input=f"And then? ({turn})", previous_response_id=previous.id)
+        asked = f"And then? ({turn})"
+        answer, served = create(client, input=asked, previous_response_id=previous.id)
         assert served == pod and answer.previous_response_id == previous.id
         assert answer.output_text and answer.id.startswith(PREFIX)
         answers.append(answer)

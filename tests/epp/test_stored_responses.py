@@ -10,6 +10,7 @@ import msgspec
 import pytest
 
 from infergw.epp.context import RequestContext
+from infergw.epp.datastore import PoolSpec
 from infergw.epp.errors import PickerError
 from infergw.epp.request import parse_request
 from infergw.epp.stored_responses import answers_with_response, stores_answer
@@ -61,14 +62,14 @@ async def test_a_pod_gone_from_the_pool_is_a_404_that_says_so(director):
     assert err.status == 404
     body = err.body()["error"]
     assert body["code"] == "response_not_found" and body["param"] == "previous_response_id"
-    assert "has left the pool" in body["message"] and "without previous_response_id" in body[
-        "message"
-    ]
+    assert (
+        "has left the pool" in body["message"] and "without previous_response_id" in body["message"]
+    )
 
 
 async def test_a_port_gone_from_the_pool_is_gone_too(director):
     given = made_at(director, "a", 8001)
-    director.datastore.set_pool(type(director.datastore.pool)("pool", "ns", {"app": "vllm"}, [8000]))
+    director.datastore.set_pool(PoolSpec("pool", "ns", {"app": "vllm"}, [8000]))
     assert (await error_of(director, responses_ctx(previous_response_id=given))).status == 404
 
 
