@@ -438,16 +438,19 @@ def parse_options(argv: list[str] | None = None) -> PickerOptions:
     if a.config_file and a.config_text:
         p.error("give --config or --config-text, not both")
     if a.provider == "file" and not a.pool_files:
-        p.error("--provider file needs --pool-file")
+        p.error("--provider file needs --pool-file (the pool and its pods as YAML)")
     if a.fallback_endpoints < 0:
         p.error("--fallback-endpoints must be >= 0")
     tokenizers = {}
     for item in a.tokenizer:
         model, sep, directory = item.partition("=")
         if not sep or not model or not directory:
-            p.error(f"--tokenizer {item!r} is not MODEL=DIR")
+            p.error(f"--tokenizer {item!r}: give it as MODEL=DIR")
         if not Path(directory, "tokenizer.json").is_file():
-            p.error(f"--tokenizer {item!r}: no tokenizer.json in {directory}")
+            p.error(
+                f"--tokenizer {item!r}: no tokenizer.json in {directory} (infergate fetch "
+                "tokenizer --source URI --dest DIR fetches a model's)"
+            )
         tokenizers[model] = Path(directory)
     if a.kv_index_block_size < 1:
         p.error("--kv-index-block-size must be >= 1")

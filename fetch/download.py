@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     if opts.max_bytes < 1 or opts.timeout <= 0 or opts.retries < 0:
         print(
-            "infergate download: --max-bytes, --timeout and --retries must be positive",
+            "infergate download: give --max-bytes and --timeout above 0, --retries 0 or more",
             file=sys.stderr,
         )
         return USAGE_EXIT

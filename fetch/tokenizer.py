@@ -95,16 +95,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    if args[:1] != ["tokenizer"]:  # the one artifact so far; the weights come later
-        print("usage: infergate fetch tokenizer --source URI --dest DIR", file=sys.stderr)
-        return 2
+    if args[:1] != ["tokenizer"]:  # the one artifact so far; weights: infergate download
+        asked_help = args[:1] in (["-h"], ["--help"])
+        print(
+            "usage: infergate fetch tokenizer --source URI --dest DIR\n"
+            "(infergate fetch tokenizer --help: its options; a model's weights: "
+            "infergate download)",
+            file=sys.stdout if asked_help else sys.stderr,
+        )
+        return 0 if asked_help else 2
     opts = build_parser().parse_args(args[1:])
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     if opts.max_bytes < 1 or opts.timeout <= 0:
         print(
-            "infergate fetch tokenizer: --max-bytes and --timeout must be positive", file=sys.stderr
+            "infergate fetch tokenizer: give --max-bytes and --timeout values above 0",
+            file=sys.stderr,
         )
         return 2
     try:

@@ -181,9 +181,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.pickers < 1:
         p.error("--pickers must be at least 1")
     if not is_ip_address(args.host):
-        p.error(f"--host must be an IP address (Envoy binds to one), not {args.host!r}")
+        p.error(
+            f"--host must be an IP address (Envoy binds to one), not {args.host!r}: "
+            "e.g. 127.0.0.1, or 0.0.0.0 for every address"
+        )
     if (args.tls_cert is None) != (args.tls_key is None):
-        p.error("--tls-cert and --tls-key go together")
+        p.error("give both --tls-cert and --tls-key, or neither (with --tls: a made one)")
     try:
         tls = gateway_cert(args)
     except (OSError, ValueError) as exc:
@@ -198,7 +201,11 @@ def main(argv: list[str] | None = None) -> int:
                 workdir / "manifests", replicas=args.pods, engine_args=engine_args
             )
     except (ExampleError, OSError, KeyError) as exc:
-        print(f"infergate up: {args.example}: {exc}", file=sys.stderr)
+        print(
+            f"infergate up: {args.example}: {exc}\n  an example is a directory of a Model's "
+            "manifests, as examples/quickstart (infergate up with none runs it)",
+            file=sys.stderr,
+        )
         return 2
     problem = pickers_problem(args.pickers, example)
     if problem:

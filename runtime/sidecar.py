@@ -321,7 +321,10 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     if opts.interval <= 0 or opts.max_backoff <= 0:
-        print("infergate runtime: --interval and --max-backoff must be positive", file=sys.stderr)
+        print(
+            "infergate runtime: give --interval and --max-backoff in seconds above 0",
+            file=sys.stderr,
+        )
         return 2
     settings = Settings(
         engine=opts.engine,

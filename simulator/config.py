@@ -502,10 +502,16 @@ def _model(parser: argparse.ArgumentParser, given: str | None) -> tuple[str | No
         return None, None
     if Path(given).is_dir():
         if not Path(given, "tokenizer.json").is_file():
-            parser.error(f"--model {given}: no tokenizer.json in that directory")
+            parser.error(
+                f"--model {given}: no tokenizer.json in that directory; give a model directory "
+                "with one, a Hugging Face model id, or leave --model out (the simulator's own)"
+            )
         return given, None
     if Path(given).exists() or given.startswith(("/", "./", "../")):
-        parser.error(f"--model {given}: not a directory with tokenizer.json")
+        parser.error(
+            f"--model {given}: not a directory; give a model directory with tokenizer.json, "
+            "a Hugging Face model id, or leave --model out (the simulator's own)"
+        )
     return None, given
 
 
