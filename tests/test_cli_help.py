@@ -36,16 +36,36 @@ def shows_nothing(default: object) -> bool:
     return default is None or default is False or default == [] or default == ()
 
 
-@pytest.mark.parametrize("command", PARSERS)
-def test_every_option_is_under_a_named_heading(command):
-    parser = parser_of(command)
-    loose = [
+def loose_options(parser: argparse.ArgumentParser) -> list[str]:
+    """Options in argparse's catch-all group (-h aside)."""
+    return [
         a.option_strings[0]
         for group in parser._action_groups  # argparse keeps the groups only here
         if group.title in CATCH_ALL
         for a in group._group_actions
         if a.option_strings and not isinstance(a, argparse._HelpAction)
     ]
+
+
+def hidden_defaults(parser: argparse.ArgumentParser) -> list[str]:
+    """Options with a default worth showing whose help line does not show one."""
+    hidden = []
+    for action in parser._actions:
+        if not action.option_strings or action.help == argparse.SUPPRESS:
+            continue
+        if shows_nothing(action.default) or action.default is argparse.SUPPRESS:
+            continue
+        # (argparse shows a default only beside help text: an option needs some.)
+        shown = " ".join(parser._get_formatter()._format_action(action).split())
+        if "default" not in shown:
+            hidden.append(shown)
+    return hidden
+
+
+@pytest.mark.parametrize("command", PARSERS)
+def test_every_option_is_under_a_named_heading(command):
+    parser = parser_of(command)
+    loose = loose_options(parser)
     assert loose == [], f"infergate {command}: options outside a named group: {loose}"
     named = [
         g for g in parser._action_groups if g.title not in (*CATCH_ALL, "positional arguments")
@@ -58,14 +78,7 @@ def test_help_renders_with_every_default(command):
     parser = parser_of(command)
     text = parser.format_help()
     assert text.startswith("usage: ")
-    for action in parser._actions:
-        if not action.option_strings or action.help == argparse.SUPPRESS:
-            continue
-        if shows_nothing(action.default) or action.default is argparse.SUPPRESS:
-            continue
-        # (argparse shows a default only beside help text: an option needs some.)
-        shown = " ".join(parser._get_formatter()._format_action(action).split())
-        assert "default" in shown, f"infergate {command}: {shown!r}"
+    assert hidden_defaults(parser) == [], f"infergate {command}"
 
 
 def test_the_formatter_shows_defaults_worth_showing_once():
@@ -109,3 +122,32 @@ def test_each_commands_help_exits_cleanly(command, capsys):
         cli.main([command, "--help"])
     assert info.value.code == 0
     assert capsys.readouterr().out.startswith("usage: infergate ")
+
+
+
+class _Parsed(Exception):
+    """Raised in place of parsing: carries the parser a benchmark's main built."""
+
+
+def bench_parser(name: str, monkeypatch) -> argparse.ArgumentParser:
+    """The parser `infergate bench NAME` builds (in its main), caught before it parses."""
+    try:
+        module = importlib.import_module(cli.BENCHMARKS[name])
+    except ModuleNotFoundError as exc:  # the bench extra (matplotlib, numba) not installed
+        pytest.skip(f"infergate bench {name} needs {exc.name}")
+
+    def caught(self, *args, **kwargs):
+        raise _Parsed(self)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", caught)
+    with pytest.raises(_Parsed) as info:
+        module.main([])
+    return info.value.args[0]
+
+
+@pytest.mark.parametrize("name", sorted(cli.BENCHMARKS))
+def test_every_benchmarks_options_are_under_a_named_heading_with_defaults(name, monkeypatch):
+    parser = bench_parser(name, monkeypatch)
+    assert parser.prog == f"infergate bench {name}"
+    assert loose_options(parser) == []
+    assert hidden_defaults(parser) == []
