@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from typing import ClassVar
 
 from infergw.epp.response.chain import Bytes
+from infergw.epp.response.rewrite import HeldTailEditor
 
 _ENGINE_ID = re.compile(
     rb'("(?:id|previous_response_id)"[ \t]{0,8}:[ \t]{0,8}")(resp_[A-Za-z0-9_-]{1,128})"'
@@ -19,12 +19,10 @@ _ENGINE_ID = re.compile(
 _TAIL = 200
 
 
-class ResponseIdStamper:
-    edits: ClassVar[bool] = True
-
+class ResponseIdStamper(HeldTailEditor):
     def __init__(self, stamp: Callable[[str], str]) -> None:
+        super().__init__()
         self._stamp = stamp
-        self._held = b""
 
     def _replace(self, data: Bytes) -> Bytes:
         def stamped(m: re.Match[bytes]) -> bytes:
@@ -32,20 +30,6 @@ class ResponseIdStamper:
 
         return _ENGINE_ID.sub(stamped, data) if b'"resp_' in data else data
 
-    def event(self, data: Bytes) -> Bytes:
-        return self._replace(self._with_held(data))
-
-    def part(self, data: Bytes, line_open: bool) -> Bytes:
-        data = self._replace(self._with_held(data))
+    def _tail(self, data: Bytes) -> int:
         # Stamped ids hold a dot, so a held tail is never stamped twice.
-        keep = min(_TAIL, len(data))
-        self._held = data[len(data) - keep :]
-        return data[: len(data) - keep]
-
-    def flush(self) -> bytes:
-        held, self._held = self._held, b""
-        return held
-
-    def _with_held(self, data: Bytes) -> Bytes:
-        held = self.flush()
-        return held + data if held else data
+        return min(_TAIL, len(data))
