@@ -315,7 +315,7 @@ class Simulator:
             if req.status is not Status.FINISHED:  # client gone or error: free its resources
                 self.engine.abort(req)
 
-    async def responses(self, request: web.Request) -> web.Response:
+    async def responses(self, request: web.Request) -> web.StreamResponse:
         """OpenAI's Responses API, its plain text exchange (simulator/responses_api.py),
         stored unless `store` is false; `previous_response_id` continues a stored one."""
         body = await _json_body(request)
@@ -324,14 +324,29 @@ class Simulator:
         chat = responses_api.to_chat(body, earlier)
         store = responses_api.stores(body)
         model, req = self._start_chat(chat)
-        try:
-            await self._finished(req)
-            answer = responses_api.response(model, req, responses.now(), previous, store)
+        head = responses_api.Head(model, responses.now(), previous, store)
+
+        def keep(answer: dict) -> None:
             if store:
                 asked = chat["messages"][1:] if body.get("instructions") else chat["messages"]
                 said = {"role": "assistant", "content": req.output_text}
                 self.stored_responses.put(answer, [*asked, said])
-            return web.json_response(answer, dumps=_dumps)
+
+        try:
+            if not body.get("stream"):
+                await self._finished(req)
+                answer = responses_api.response(head, req)
+                keep(answer)
+                return web.json_response(answer, dumps=_dumps)
+            resp = web.StreamResponse(
+                headers={"Content-Type": "text/event-stream; charset=utf-8",
+                         "Cache-Control": "no-cache"}
+            )  # fmt: skip
+            await resp.prepare(request)
+            async for event in responses_api.events(head, req, keep):
+                await resp.write(event)
+            await resp.write_eof()
+            return resp
         finally:
             if req.status is not Status.FINISHED:
                 self.engine.abort(req)

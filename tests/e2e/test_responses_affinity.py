@@ -54,6 +54,21 @@ def test_a_chain_of_responses_stays_on_the_pod_that_stored_it(client, stack):
     assert answers[-1].usage.input_tokens > answers[0].usage.input_tokens > first.usage.input_tokens
 
 
+def test_a_streamed_responses_ids_name_its_pod_too(client):
+    raw = client.responses.with_raw_response.create(
+        model=MODEL, input="Stream it.", max_output_tokens=3, stream=True
+    )
+    pod, events = raw.headers[SERVED_HEADER], list(raw.parse())
+    ids = {
+        e.response.id for e in events if e.type.startswith("response.") and hasattr(e, "response")
+    }
+    (made,) = ids  # created, in progress and completed: one id, stamped in every event
+    assert made.startswith(PREFIX)
+    for _ in range(4):
+        answer, served = create(client, input="and?", previous_response_id=made)
+        assert served == pod and answer.previous_response_id == made
+
+
 def test_retrieve_cancel_and_delete_reach_the_storing_pod(client, stack):
     made, pod = create(client, input="Remember this.")
     for _ in range(6):  # spread over both pickers

@@ -44,6 +44,21 @@ def test_a_stored_response_continues_with_its_conversation(client):
     assert got.id == first.id and got.output_text == first.output_text
 
 
+def test_a_streamed_response_is_stored_and_continued(client):
+    model = model_of(client)
+    stream = client.responses.create(model=model, input="one two", max_output_tokens=4, stream=True)
+    events = list(stream)
+    kinds = [e.type for e in events]
+    assert kinds[:2] == ["response.created", "response.in_progress"]
+    assert kinds[-1] in ("response.completed", "response.incomplete")
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    done = events[-1].response
+    deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert done.id == events[0].response.id and done.output_text == deltas
+    again = client.responses.create(model=model, input="three", previous_response_id=done.id)
+    assert again.previous_response_id == done.id
+
+
 def test_an_unknown_or_unstored_id_is_404_as_in_vllm(client, url):
     model = model_of(client)
     unstored = client.responses.create(model=model, input="hi", store=False, max_output_tokens=2)
