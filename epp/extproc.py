@@ -98,9 +98,9 @@ class _Stream:
         req = parse_request(path, raw, self.headers, max_body_bytes=self.body.limit)
         self.share.settle(req.held_bytes)
         ctx = RequestContext(req, subset=self.subset)
+        self.stamps_ids = stores_answer(req)  # (a bad `store` is 400 before the gate counts it)
         await self.director.handle(ctx)
         self.req, self.ctx = req, ctx
-        self.stamps_ids = stores_answer(req)
         out_body = ctx.upstream_body()
         self.dispatched = time.monotonic()
         # Chunks are built as they are sent, not all at once beside the body.

@@ -35,6 +35,7 @@ PREFIX = "resp_ig."
 # An engine's id as vLLM makes it: `resp_` and a uuid's hex. Others are allowed in a bounded
 # alphabet that needs no escaping in a path or JSON string.
 ENGINE_ID = re.compile(r"resp_[A-Za-z0-9_-]{1,128}")
+_PORT = re.compile(r"[0-9]{1,5}")
 MAX_ID_CHARS = 1024  # far above any id made here (a 253-character pod name is ~420)
 _MAC_BYTES = 16
 _KEY_CONTEXT = b"infergate response ids v1\0"
@@ -119,7 +120,10 @@ class ResponseIds:
             endpoint, mac = _unb64(parts[0]).decode("utf-8"), _unb64(parts[1])
         except (binascii.Error, ValueError):
             raise BadResponseId("the id is not one this gateway made") from None
+        # Checked even under a valid MAC: without a key file, a client can make one.
+        pod, _, port = endpoint.rpartition(":")
+        if not pod or not _PORT.fullmatch(port):
+            raise BadResponseId("the id is not one this gateway made")
         if not hmac.compare_digest(mac, self._mac(pool, endpoint, parts[2])):
             raise BadResponseId("the id was not made by this gateway's pool")
-        pod, _, port = endpoint.rpartition(":")
-        return StoredAt(pod, int(port), parts[2])  # as this pool's key wrote them
+        return StoredAt(pod, int(port), parts[2])

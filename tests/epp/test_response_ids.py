@@ -16,6 +16,7 @@ from infergw.epp.response_ids import (
     BadResponseId,
     ResponseIds,
     StoredAt,
+    _b64,
     load_key,
 )
 
@@ -63,6 +64,16 @@ def test_another_pools_or_keys_id_is_refused():
     assert ResponseIds(None).read("ns/pool", unkeyed) == StoredAt("pod-a", 8000, ENGINE)
     with pytest.raises(BadResponseId):
         ResponseIds(None).read("ns/other", unkeyed)
+
+
+@pytest.mark.parametrize("endpoint", ["pod-a:", "pod-a:x1", ":8000", "pod-a:\u00b2", "pod-a"])
+def test_an_id_made_with_the_pools_own_key_still_needs_a_pod_and_port(endpoint):
+    """Without a key file anyone can compute the MAC: what it covers is checked all the same."""
+    ids = ResponseIds(None)
+    mac = ids._mac("ns/pool", endpoint, ENGINE)
+    made = f"{PREFIX}{_b64(endpoint.encode())}.{_b64(mac)}.{ENGINE}"
+    with pytest.raises(BadResponseId):
+        ids.read("ns/pool", made)
 
 
 def test_a_key_file_needs_enough_bytes(tmp_path):

@@ -126,6 +126,9 @@ def test_which_answers_get_their_ids_stamped():
     assert stores_answer(req("/v1/responses"))
     assert stores_answer(req("/v1/responses", store=True))
     assert not stores_answer(req("/v1/responses", store=False))  # the engine keeps nothing
+    with pytest.raises(PickerError) as info:
+        stores_answer(req("/v1/responses", store="yes"))
+    assert info.value.status == 400 and info.value.param == "store"
     assert answers_with_response("GET", "/v1/responses/resp_1")
     assert answers_with_response("POST", "/v1/responses/resp_1/cancel")
     assert not answers_with_response("GET", "/v1/models")
