@@ -66,6 +66,7 @@ class Pinned:
 
     stored: StoredAt
     client_id: str  # as the client sent it, for messages
+    param: str | None = None  # the request field that named it (None: the path)
 
 
 def _b64(data: bytes) -> str:

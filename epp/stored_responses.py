@@ -31,7 +31,6 @@ from infergw.epp.response_ids import BadResponseId, Pinned, ResponseIds
 
 log = logging.getLogger("epp.stored_responses")
 
-RESPONSES_PATH = "/v1/responses"
 PREVIOUS = "previous_response_id"
 RETRY_AFTER_S = 5
 # `/v1/responses/{id}` and the routes under it (epp/bodyless.py says which methods).
@@ -55,7 +54,7 @@ class StoredResponses:
         except BadResponseId as exc:
             log.info("refused response id %.80r: %s", response_id, exc)
             raise ResponseNotFound(response_id, str(exc), param) from None
-        return Pinned(stored, response_id) if stored is not None else None
+        return Pinned(stored, response_id, param) if stored is not None else None
 
     # ---- requests ------------------------------------------------------------------------
 
@@ -93,7 +92,7 @@ class StoredResponses:
                     f"pod {pod} stored it and has left the pool, and its stored responses "
                     "with it; send the conversation again in full, without "
                     "previous_response_id",
-                    PREVIOUS,
+                    pinned.param,
                 )
             raise PickerError(
                 503,
@@ -126,7 +125,7 @@ def _port(endpoint: Endpoint) -> int:
 
 def stores_answer(req: InferenceRequest) -> bool:
     """A Responses API creation the engine stores (`store` is not false)."""
-    if req.api != "responses" or req.path.split("?", 1)[0].rstrip("/") != RESPONSES_PATH:
+    if req.api != "responses":  # (api_for_path: a path ending /responses, a creation)
         return False
     raw = getattr(req.body, "store", None)
     return raw is None or not present(raw) or decode_field(raw, "store", _STORE) is not False

@@ -115,7 +115,7 @@ def test_a_path_id_of_a_gone_pod_is_404(director):
     director.datastore.replace_pods([pod("a", "10.0.0.1")])
     with pytest.raises(PickerError) as info:
         director.route_bodyless("GET", f"/v1/responses/{given}", None)
-    assert info.value.status == 404
+    assert info.value.status == 404 and info.value.param is None  # the path named it
 
 
 def test_which_answers_get_their_ids_stamped():
@@ -124,6 +124,7 @@ def test_which_answers_get_their_ids_stamped():
         return parse_request(path, raw, {}, max_body_bytes=1 << 20)
 
     assert stores_answer(req("/v1/responses"))
+    assert stores_answer(req("/openai/v1/responses?x=1"))
     assert stores_answer(req("/v1/responses", store=True))
     assert not stores_answer(req("/v1/responses", store=False))  # the engine keeps nothing
     with pytest.raises(PickerError) as info:
