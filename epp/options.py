@@ -251,10 +251,6 @@ def build_parser() -> argparse.ArgumentParser:
         "response bodies NONE): a stream that ends after the request went on counts as "
         "answered, its status unknown, instead of as cancelled",
     )
-    logging_group = p.add_argument_group("Logging")
-    logging_group.add_argument(
-        "--log-level", type=logs.level_name, default="info", help="debug, info, warning, error"
-    )
     bodies.add_argument(
         "--response-id-key-file",
         type=Path,
@@ -413,6 +409,10 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="MODEL=DIR",
         help="the tokenizer directory for a served model name (repeatable)",
+    )
+    logging_group = p.add_argument_group("Logging")
+    logging_group.add_argument(
+        "--log-level", type=logs.level_name, default="info", help="debug, info, warning, error"
     )
     add_reference_flags(p)
     return p

@@ -351,7 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="a worker node of a multi-node engine (vLLM's flag): serve nothing, run until stopped",
     )
     sim = p.add_argument_group(
-        "latency model (simulator only)",
+        "Latency model (simulator only)",
         "A profile sets every term; each flag below overrides its profile's value "
         "(README: Latency profiles).",
     )
