@@ -34,12 +34,24 @@ def client(stack) -> openai.OpenAI:
     return openai.OpenAI(base_url=stack.url + "/v1", api_key="unused", max_retries=0)
 
 
+def streams_taken(stack) -> list[float]:
+    """How many requests each picker has taken (its ext_proc streams' request headers)."""
+    series = 'infergate_epp_extproc_messages_total{kind="request_headers"}'
+    counts = []
+    for i in stack.picker_indexes:
+        page = requests.get(f"http://127.0.0.1:{stack.picker_ports(i).metrics}/metrics", timeout=5)
+        line = next(x for x in page.text.splitlines() if x.startswith(series + " "))
+        counts.append(float(line.rsplit(" ", 1)[1]))
+    return counts
+
+
 def create(client, **kw):
     raw = client.responses.with_raw_response.create(model=MODEL, max_output_tokens=3, **kw)
     return raw.parse(), raw.headers[SERVED_HEADER]
 
 
 def test_a_chain_of_responses_stays_on_the_pod_that_stored_it(client, stack):
+    before = streams_taken(stack)
     first, pod = create(client, input="Tell me a story.")
     assert first.id.startswith(PREFIX), first.id
     previous, answers = first, []
@@ -50,6 +62,9 @@ def test_a_chain_of_responses_stays_on_the_pod_that_stored_it(client, stack):
         assert answer.output_text and answer.id.startswith(PREFIX)
         answers.append(answer)
         previous = answer
+    # Both pickers took turns of it, and sent each to that pod.
+    after = streams_taken(stack)
+    assert len(before) == 2 and all(a > b for a, b in zip(after, before, strict=True))
     # The conversation grows on that pod: each turn's prompt holds the ones before it.
     assert answers[-1].usage.input_tokens > answers[0].usage.input_tokens > first.usage.input_tokens
 
