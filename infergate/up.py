@@ -65,7 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
     listening = p.add_argument_group("Listening and TLS")
     auth = p.add_argument_group("Auth and trust")
     files = p.add_argument_group("Work directory")
-    p.add_argument("example", nargs="?", type=Path, default=QUICKSTART, help="example directory")
+    p.add_argument(
+        "example",
+        nargs="?",
+        type=Path,
+        default=QUICKSTART,
+        help="example directory (default: the quickstart, examples/quickstart)",
+    )
     pool.add_argument(
         "--pods",
         type=int,
@@ -86,7 +92,13 @@ def build_parser() -> argparse.ArgumentParser:
         "one index for every picker, and with --pickers N each pod's KV events are ingested "
         "by one picker only (sharded; README: Several pickers)",
     )
-    pool.add_argument("--failure-mode", choices=["FailOpen", "FailClose"], default=None)
+    pool.add_argument(
+        "--failure-mode",
+        choices=["FailOpen", "FailClose"],
+        default=None,
+        help="what Envoy does while no picker answers: let requests through to a pod "
+        "(FailOpen) or refuse them (FailClose; default: FailClose, or the pool's own)",
+    )
     pool.add_argument(
         "--fallbacks",
         type=int,
