@@ -256,7 +256,12 @@ def build_parser() -> argparse.ArgumentParser:
         "served under that name with the simulator's own tokenizer, as nothing is downloaded); "
         "default: the small tokenizer shipped with infergate",
     )
-    serving.add_argument("--served-model-name", nargs="+", default=[])
+    serving.add_argument(
+        "--served-model-name",
+        nargs="+",
+        default=[],
+        help="the names the model answers to (default: the model's own)",
+    )
     kv.add_argument(
         "--block-size", type=_positive_int, default=16, help="tokens in a KV-cache block"
     )
@@ -275,7 +280,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=8192,
         help="tokens in one step at most",
     )
-    scheduling.add_argument("--max-model-len", type=_positive_int, default=None)
+    scheduling.add_argument(
+        "--max-model-len",
+        type=_positive_int,
+        default=None,
+        help="tokens of prompt and answer at most (default: the model's max_position_embeddings, "
+        "else 4096; never above what the KV cache holds)",
+    )
     kv.add_argument(
         "--enable-prefix-caching",
         action=argparse.BooleanOptionalAction,
@@ -302,7 +313,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="system_fingerprint in answers: vllm-<version>-<config hash> (full, hash), "
         "--fingerprint-value (custom) or null (none)",
     )
-    serving.add_argument("--fingerprint-value", default=None)
+    serving.add_argument(
+        "--fingerprint-value", default=None, help="with --fingerprint-mode custom: its value"
+    )
     serving.add_argument(
         "--trust-request-chat-template",
         action="store_true",
@@ -332,8 +345,14 @@ def build_parser() -> argparse.ArgumentParser:
         "(kv_producer, kv_consumer, kv_both), engine_id, kv_load_failure_policy "
         "(fail, recompute); other keys are ignored",
     )
-    lora.add_argument("--enable-lora", action="store_true")
-    lora.add_argument("--lora-modules", nargs="+", type=_parse_lora_module, default=[])
+    lora.add_argument("--enable-lora", action="store_true", help="serve LoRA adapters")
+    lora.add_argument(
+        "--lora-modules",
+        nargs="+",
+        type=_parse_lora_module,
+        default=[],
+        help="adapters served from the start: NAME=PATH, NAME or vLLM's JSON form",
+    )
     lora.add_argument(
         "--max-loras", type=_positive_int, default=1, help="adapters in one step at most"
     )
