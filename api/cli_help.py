@@ -1,8 +1,8 @@
 """How our commands' `--help` reads: options in named groups (argparse argument groups, as
 users look for them: "Pool and pods", "Scheduling", "KV cache", "TLS", "Logging"…) and each
 option's default after its help. Here, on the floor every command stands on, as a shared
-convention like logs.py; stdlib only. The simulator and `fetch` stand on no floor and use
-argparse's own ArgumentDefaultsHelpFormatter.
+convention like logs.py; stdlib only. The simulator and `fetch` stand on no floor: their
+help texts say `(default: %(default)s)` themselves.
 """
 
 from __future__ import annotations

@@ -149,7 +149,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="infergate download",
         description="Download a model's weights into the shared cache; print the entry's path.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     where = p.add_argument_group("Source and destination")
     limits = p.add_argument_group("Limits and retries")
@@ -161,7 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     where.add_argument("--dest", type=Path, help="made a link to the cache entry")
     where.add_argument("--cache-dir", type=Path, default=None, help=f"default {default_root()}")
-    where.add_argument("--revision", default="main", help="hf://: a branch, tag or commit")
+    where.add_argument(
+        "--revision", default="main", help="hf://: a branch, tag or commit (default: %(default)s)"
+    )
     where.add_argument("--sha256", help="an http(s) archive's SHA-256, checked")
     where.add_argument(
         "--exclude",
@@ -170,24 +171,26 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="GLOB",
         help="leave out files matching it (repeatable), e.g. 'original/*'",
     )
-    limits.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES, help="in all")
+    limits.add_argument(
+        "--max-bytes", type=int, default=DEFAULT_MAX_BYTES, help="in all (default: %(default)s)"
+    )
     limits.add_argument(
         "--timeout",
         type=float,
         default=DEFAULT_TIMEOUT,
-        help="seconds to connect and between two reads",
+        help="seconds to connect and between two reads (default: %(default)s)",
     )
     limits.add_argument(
         "--retries",
         type=int,
         default=Retry().retries,
-        help="more tries of a file whose transfer failed, each resuming",
+        help="more tries of a file whose transfer failed, each resuming (default: %(default)s)",
     )
     where.add_argument(
         "--pvc-root",
         type=Path,
         default=DEFAULT_PVC_ROOT,
-        help="where pvc://CLAIM is mounted, as <root>/CLAIM",
+        help="where pvc://CLAIM is mounted, as <root>/CLAIM (default: %(default)s)",
     )
     progress.add_argument("--progress-file", type=Path, help="JSON progress, rewritten in place")
     progress.add_argument(

@@ -79,7 +79,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="infergate fetch tokenizer",
         description="Fetch a model's tokenizer files (not its weights) into a directory.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     where = p.add_argument_group("Source and destination")
     limits = p.add_argument_group("Limits")
@@ -87,9 +86,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--source", required=True, help="the Model's modelURI: hf://ORG/NAME or s3://BUCKET/PREFIX"
     )
     where.add_argument("--dest", required=True, type=Path, help="the directory to write")
-    where.add_argument("--revision", default="main", help="hf://: the branch, tag or commit")
-    limits.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES, help="per file")
-    limits.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds per file")
+    where.add_argument(
+        "--revision", default="main", help="hf://: the branch, tag or commit (default: %(default)s)"
+    )
+    limits.add_argument(
+        "--max-bytes", type=int, default=DEFAULT_MAX_BYTES, help="per file (default: %(default)s)"
+    )
+    limits.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT,
+        help="seconds per file (default: %(default)s)",
+    )
     return p
 
 

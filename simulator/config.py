@@ -232,7 +232,6 @@ def build_parser() -> argparse.ArgumentParser:
         prog="infergate simulate",
         description="A vLLM-compatible model server without GPUs: real tokenizer, real KV events "
         "and metrics formats, simulated timing.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     serving = p.add_argument_group("Serving (vLLM's frontend flags)")
     scheduling = p.add_argument_group("Scheduling")
@@ -247,8 +246,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="MODEL",
         help="the model, as in `vllm serve MODEL` (overrides --model)",
     )
-    serving.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    serving.add_argument("--port", type=int, default=8000, help="port to listen on")
+    serving.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default: %(default)s)"
+    )
+    serving.add_argument(
+        "--port", type=int, default=8000, help="port to listen on (default: %(default)s)"
+    )
     serving.add_argument(
         "--model",
         default=None,
@@ -263,22 +266,29 @@ def build_parser() -> argparse.ArgumentParser:
         help="the names the model answers to (default: the model's own)",
     )
     kv.add_argument(
-        "--block-size", type=_positive_int, default=16, help="tokens in a KV-cache block"
+        "--block-size",
+        type=_positive_int,
+        default=16,
+        help="tokens in a KV-cache block (default: %(default)s)",
     )
     kv.add_argument(
         "--num-gpu-blocks-override",
         type=_positive_int,
         default=4096,
-        help="KV capacity in blocks (the simulator has no GPU memory to size it from)",
+        help="KV capacity in blocks (the simulator has no GPU memory to size it from; "
+        "default: %(default)s)",
     )
     scheduling.add_argument(
-        "--max-num-seqs", type=_positive_int, default=256, help="requests in one step at most"
+        "--max-num-seqs",
+        type=_positive_int,
+        default=256,
+        help="requests in one step at most (default: %(default)s)",
     )
     scheduling.add_argument(
         "--max-num-batched-tokens",
         type=_positive_int,
         default=8192,
-        help="tokens in one step at most",
+        help="tokens in one step at most (default: %(default)s)",
     )
     scheduling.add_argument(
         "--max-model-len",
@@ -291,13 +301,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--enable-prefix-caching",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="reuse cached blocks of a prompt's prefix",
+        help="reuse cached blocks of a prompt's prefix (default: %(default)s)",
     )
     kv.add_argument(
         "--prefix-caching-hash-algo",
         choices=["sha256", "sha256_cbor"],
         default="sha256",
-        help="how blocks are hashed, as vLLM's flag (KV events carry the hashes)",
+        help="how blocks are hashed, as vLLM's flag (KV events carry the hashes; default: "
+        "%(default)s)",
     )
     serving.add_argument(
         "--enable-prompt-tokens-details",
@@ -311,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["full", "hash", "custom", "none"],
         default="full",
         help="system_fingerprint in answers: vllm-<version>-<config hash> (full, hash), "
-        "--fingerprint-value (custom) or null (none)",
+        "--fingerprint-value (custom) or null (none) (default: %(default)s)",
     )
     serving.add_argument(
         "--fingerprint-value", default=None, help="with --fingerprint-mode custom: its value"
@@ -328,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["map", "array"],
         default="map",
         help="map: events as {'type': ...} maps (vLLM >= 0.26); array: the older "
-        "positional encoding",
+        "positional encoding (default: %(default)s)",
     )
     pd.add_argument(
         "--kv-role",
@@ -354,16 +365,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="adapters served from the start: NAME=PATH, NAME or vLLM's JSON form",
     )
     lora.add_argument(
-        "--max-loras", type=_positive_int, default=1, help="adapters in one step at most"
+        "--max-loras",
+        type=_positive_int,
+        default=1,
+        help="adapters in one step at most (default: %(default)s)",
     )
-    scheduling.add_argument("--seed", type=int, default=0, help="random seed of the answers")
+    scheduling.add_argument(
+        "--seed", type=int, default=0, help="random seed of the answers (default: %(default)s)"
+    )
     serving.add_argument(
         "--engine",
         choices=["vllm", "sglang"],
         default="vllm",
-        help="which engine's metric names /metrics uses",
+        help="which engine's metric names /metrics uses (default: %(default)s)",
     )
-    logging_group.add_argument("--log-level", default="info", help="debug, info, warning, error")
+    logging_group.add_argument(
+        "--log-level", default="info", help="debug, info, warning, error (default: %(default)s)"
+    )
     serving.add_argument(
         "--headless",
         action="store_true",
@@ -404,7 +422,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=0.1,
         help="time a decode pod takes to pull one KV block from a prefill pod, ms (the pull "
-        "runs beside the engine's steps and replaces the prefill of those tokens)",
+        "runs beside the engine's steps and replaces the prefill of those tokens; default: "
+        "%(default)s)",
     )
     sim.add_argument(
         "--sim-kv-hold-seconds",
@@ -433,7 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--sim-time-scale",
         type=float,
         default=1.0,
-        help="multiply every simulated duration (0 runs as fast as possible)",
+        help="multiply every simulated duration (0 runs as fast as possible; default: %(default)s)",
     )
     add_ignored_flags(p)
     return p
