@@ -133,3 +133,20 @@ def test_which_answers_get_their_ids_stamped():
     assert answers_with_response("GET", "/v1/responses/resp_1")
     assert answers_with_response("POST", "/v1/responses/resp_1/cancel")
     assert not answers_with_response("GET", "/v1/models")
+
+
+def test_the_engines_id_goes_in_beside_a_rewritten_model():
+    raw = b'{"previous_response_id": "resp_ig.x.y.z", "model": "public", "input": "hi"}'
+    req = parse_request("/v1/responses", raw, {}, max_body_bytes=1 << 20)
+    sent = msgspec.json.decode(req.body_for_upstream("served", previous_response_id=ENGINE))
+    assert sent == {"previous_response_id": ENGINE, "model": "served", "input": "hi"}
+
+
+def test_a_previous_response_id_written_twice_or_escaped_is_400():
+    for raw in (
+        b'{"model": "m", "input": "hi", "previous_response_id": "a", "previous_response_id": "b"}',
+        b'{"model": "m", "input": "hi", "previous_response_\\u0069d": "a"}',
+    ):
+        with pytest.raises(PickerError) as info:
+            parse_request("/v1/responses", raw, {}, max_body_bytes=1 << 20)
+        assert info.value.status == 400
