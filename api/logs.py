@@ -94,8 +94,8 @@ def _isatty(stream: TextIO) -> bool:
         return False
 
 
-def add_log_flags(p: argparse.ArgumentParser, *, verbose_flag: bool = True) -> None:
-    """--log-format, --log-level and (unless the parser has its own -v: the picker takes the
+def add_log_flags(p: argparse._ActionsContainer, *, verbose_flag: bool = True) -> None:
+    """(Into a parser or, for `--help`'s headings, its "Logging" group.) --log-format, --log-level and (unless the parser has its own -v: the picker takes the
     reference's `-v N`, epp/reference_flags.py) -v/-vv."""
     p.add_argument(
         "--log-format",

@@ -160,6 +160,10 @@ def main(argv: list[str] | None = None) -> int:
         log.error("cannot start: %s", exc)
         return 2
     except OSError as exc:
-        log.error("cannot serve: %s", exc)
+        log.error(
+            "cannot serve: %s (another process on a port? --grpc-port, --grpc-health-port and "
+            "--metrics-port choose others)",
+            exc,
+        )
         return 1
     return 0

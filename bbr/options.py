@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from infergw.api import logs, version
+from infergw.api.cli_help import HelpFormatter
 from infergw.api.parents import GatewayName, parse_gateway
 from infergw.epp.options import add_body_limit_flags, add_serving_flags, duration
 
@@ -44,15 +45,22 @@ def build_parser() -> argparse.ArgumentParser:
         prog="infergate bbr",
         description="Body-based routing: an Envoy ext_proc server in front of the pickers that "
         "puts the InferencePool serving the body's `model` in x-gateway-model-name.",
+        formatter_class=HelpFormatter,
     )
-    add_serving_flags(
+    listening = add_serving_flags(
         p,
         grpc_port=DEFAULT_GRPC_PORT,
         health_port=DEFAULT_HEALTH_PORT,
         metrics_port=DEFAULT_METRICS_PORT,
     )
-    p.add_argument("--provider", choices=["file", "kubernetes"], default="kubernetes")
-    p.add_argument(
+    pools = p.add_argument_group("Pools, routes and Models")
+    pools.add_argument(
+        "--provider",
+        choices=["file", "kubernetes"],
+        default="kubernetes",
+        help="where the objects come from: the API server, or --pool-file",
+    )
+    pools.add_argument(
         "--pool-file",
         dest="pool_files",
         type=Path,
@@ -61,8 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --provider file: YAML file or directory with the InferencePools, "
         "ModelRoutes, ModelServers and Models (repeatable); reloaded on change",
     )
-    p.add_argument("--namespace", default="default", help="whose InferencePools, routes and Models")
-    p.add_argument(
+    pools.add_argument(
+        "--namespace", default="default", help="whose InferencePools, routes and Models"
+    )
+    pools.add_argument(
         "--gateway",
         metavar="[NS/]NAME",
         help="the Gateway this router runs for (NS defaults to --namespace): a ModelRoute "
@@ -70,19 +80,21 @@ def build_parser() -> argparse.ArgumentParser:
         "404 here; unset (one Envoy, the local stack): every route and Model counts",
     )
     # The picker's defaults: a body one passes, the other does too.
-    add_body_limit_flags(p)
-    p.add_argument(
+    bodies = add_body_limit_flags(p)
+    bodies.add_argument(
         "--on-bad-body",
         choices=["reject", "pass"],
         default="reject",
         help="a body that is not JSON or names no model: 400 here (reject), or on without "
         "the header (pass: no HTTPRoute matches it, the gateway's catch-all answers)",
     )
-    p.add_argument("--grace-period", type=duration, default=30.0, help="drain on SIGTERM")
-    p.add_argument(
+    listening.add_argument(
+        "--grace-period", type=duration, default=30.0, help="drain on SIGTERM (seconds)"
+    )
+    pools.add_argument(
         "--resync", type=duration, default=300.0, help="kubernetes: a full list this often"
     )
-    logs.add_log_flags(p)
+    logs.add_log_flags(p.add_argument_group("Logging"))
     version.add_version_flag(p)
     return p
 

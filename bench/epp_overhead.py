@@ -23,6 +23,7 @@ from pathlib import Path
 
 import yaml
 
+from infergw.api.cli_help import HelpFormatter
 from infergw.bench import epp_pipeline, epp_vs_stub
 from infergw.bench.common import machine, percentile, process_cpu_seconds, write_json
 from infergw.bench.loadgen import run_load
@@ -225,41 +226,65 @@ def _scrape_markdown(out: dict) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="infergate bench epp_overhead", description=__doc__)
-    p.add_argument("--pods", type=int, default=2)
-    p.add_argument("--concurrency", type=int, default=16)
-    p.add_argument("--duration", type=float, default=10.0)
-    p.add_argument("--max-tokens", type=int, default=16)
-    p.add_argument("--scrape-endpoints", type=int, default=8)
-    p.add_argument("--scrape-seconds", type=float, default=10.0)
-    p.add_argument(
+    p = argparse.ArgumentParser(
+        prog="infergate bench epp_overhead", description=__doc__, formatter_class=HelpFormatter
+    )
+    load = p.add_argument_group("Fleet and load")
+    scraping = p.add_argument_group("Scraping")
+    parts = p.add_argument_group("Parts measured")
+    comparison = p.add_argument_group("Comparison")
+    load.add_argument("--pods", type=int, default=2, help="simulator pods")
+    load.add_argument("--concurrency", type=int, default=16, help="clients sending at once")
+    load.add_argument("--duration", type=float, default=10.0, help="seconds of load")
+    load.add_argument("--max-tokens", type=int, default=16, help="output tokens a request")
+    scraping.add_argument(
+        "--scrape-endpoints", type=int, default=8, help="pods whose metrics the scrape part reads"
+    )
+    scraping.add_argument(
+        "--scrape-seconds", type=float, default=10.0, help="seconds the scrape part runs"
+    )
+    parts.add_argument(
         "--parts",
         default="stub,pipeline,paths,scrape",
         help="which parts to run: stub (picker beside the minimal stub), pipeline (the "
         "picker's own CPU per request without gRPC), paths (picker against no picker, on "
         "simulator pods), scrape (idle scraping cost)",
     )
-    p.add_argument(
+    comparison.add_argument(
         "--baseline",
         action="append",
         default=[],
         help="a commit whose picker runs beside this one in the stub and pipeline parts",
     )
-    p.add_argument(
+    parts.add_argument(
         "--pipeline-chunks",
         default="0,100",
         help="the answers of the pipeline part: 0 a JSON answer, N a streamed answer of N "
         "token events (comma-separated)",
     )
-    p.add_argument("--stub-concurrency", type=int, default=32)
-    p.add_argument("--stub-duration", type=float, default=5.0, help="seconds a round")
-    p.add_argument("--stub-rounds", type=int, default=3)
-    p.add_argument("--loadgen", choices=("auto", "wrk", "python"), default="auto")
+    parts.add_argument(
+        "--stub-concurrency",
+        type=int,
+        default=32,
+        help="clients at once in the picker-vs-stub part",
+    )
+    parts.add_argument("--stub-duration", type=float, default=5.0, help="seconds a round")
+    parts.add_argument(
+        "--stub-rounds", type=int, default=3, help="rounds of the picker-vs-stub part (alternating)"
+    )
+    load.add_argument(
+        "--loadgen",
+        choices=("auto", "wrk", "python"),
+        default="auto",
+        help="what sends the load: wrk if installed (auto), or the Python client",
+    )
     args = p.parse_args(argv)
     parts = set(args.parts.split(","))
     known = {"stub", "pipeline", "paths", "scrape"}
     if parts - known:
-        p.error(f"unknown parts: {', '.join(sorted(parts - known))}")
+        p.error(
+            f"unknown parts: {', '.join(sorted(parts - known))}; known: {', '.join(sorted(known))}"
+        )
     load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
     stub = None
     if "stub" in parts:

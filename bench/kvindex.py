@@ -31,6 +31,7 @@ from pathlib import Path
 
 import msgspec
 
+from infergw.api.cli_help import HelpFormatter
 from infergw.bench.common import machine, percentile, write_json
 from infergw.kvindex.dict_index import DictBlockIndex
 from infergw.kvindex.events import BlockRemoved, BlockStored, decode_batch
@@ -359,9 +360,12 @@ def markdown(out: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="infergate bench kvindex", description=__doc__)
-    p.add_argument("--quick", action="store_true", help="smaller ingestion for a fast check")
-    p.add_argument("--no-rss", action="store_true", help="skip the resident-memory children")
+    p = argparse.ArgumentParser(
+        prog="infergate bench kvindex", description=__doc__, formatter_class=HelpFormatter
+    )
+    run = p.add_argument_group("Run")
+    run.add_argument("--quick", action="store_true", help="smaller ingestion for a fast check")
+    run.add_argument("--no-rss", action="store_true", help="skip the resident-memory children")
     args = p.parse_args(argv)
     load = os.getloadavg()[0]
     rss = []

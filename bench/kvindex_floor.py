@@ -32,6 +32,8 @@ from array import array
 
 import numpy as np
 
+from infergw.api.cli_help import HelpFormatter
+
 MAX_LOAD = 0.85  # a position table grows by GROWTH past this load (so 0.68-0.85)
 GROWTH = 1.25
 
@@ -183,9 +185,12 @@ def run(entries: int, batch: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="infergate bench kvindex_floor", description=__doc__)
-    p.add_argument("--entries", type=int, default=1_000_000)
-    p.add_argument("--batch", type=int, default=50, help="blocks an event (or a ZMQ batch)")
+    p = argparse.ArgumentParser(
+        prog="infergate bench kvindex_floor", description=__doc__, formatter_class=HelpFormatter
+    )
+    size = p.add_argument_group("Index size")
+    size.add_argument("--entries", type=int, default=1_000_000, help="(block, pod) entries stored")
+    size.add_argument("--batch", type=int, default=50, help="blocks an event (or a ZMQ batch)")
     args = p.parse_args(argv)
     print(json.dumps(run(args.entries, args.batch)))
     return 0

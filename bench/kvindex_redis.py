@@ -32,6 +32,7 @@ from pathlib import Path
 
 from redis.asyncio import Redis
 
+from infergw.api.cli_help import HelpFormatter
 from infergw.bench.common import machine, percentile, write_json
 from infergw.bench.kvindex import BLOCK, MODEL, _stored
 from infergw.kvindex import redis_index
@@ -231,10 +232,14 @@ async def run(args: argparse.Namespace, port: int, impls: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="infergate bench kvindex_redis", description=__doc__)
-    p.add_argument("--quick", action="store_true", help="fewer events and lookups")
-    p.add_argument("--flush-every", type=int, default=64, help="events between flushes")
-    p.add_argument(
+    p = argparse.ArgumentParser(
+        prog="infergate bench kvindex_redis", description=__doc__, formatter_class=HelpFormatter
+    )
+    run = p.add_argument_group("Run")
+    comparison = p.add_argument_group("Comparison")
+    run.add_argument("--quick", action="store_true", help="fewer events and lookups")
+    run.add_argument("--flush-every", type=int, default=64, help="events between flushes")
+    comparison.add_argument(
         "--baseline",
         type=Path,
         help="another version of kvindex/redis_index.py to measure beside this one",

@@ -29,6 +29,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+from infergw.api.cli_help import HelpFormatter
 from infergw.bench.common import machine, percentile, process_cpu_seconds, write_json
 from infergw.bench.loadgen import run_load
 from infergw.stack.local import LocalStack, StackConfig
@@ -166,18 +167,22 @@ def markdown(out: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="infergate bench pickers", description=__doc__)
-    p.add_argument("--counts", default="1,2,4", help="picker counts, comma-separated")
-    p.add_argument("--pods", type=int, default=4)
-    p.add_argument("--concurrency", type=int, default=32)
-    p.add_argument("--duration", type=float, default=10.0)
-    p.add_argument("--max-tokens", type=int, default=16)
-    p.add_argument(
+    p = argparse.ArgumentParser(
+        prog="infergate bench pickers", description=__doc__, formatter_class=HelpFormatter
+    )
+    load = p.add_argument_group("Fleet and load")
+    pickers = p.add_argument_group("Pickers")
+    load.add_argument("--counts", default="1,2,4", help="picker counts, comma-separated")
+    load.add_argument("--pods", type=int, default=4, help="simulator pods")
+    load.add_argument("--concurrency", type=int, default=32, help="clients sending at once")
+    load.add_argument("--duration", type=float, default=10.0, help="seconds of load")
+    load.add_argument("--max-tokens", type=int, default=16, help="output tokens a request")
+    pickers.add_argument(
         "--kv-index",
         default="memory",
         help="memory, redis or both (comma-separated: each count runs with each, in turn)",
     )
-    p.add_argument(
+    pickers.add_argument(
         "--scrapes",
         default="shared",
         help="shared (each pod scraped by its owner, epp/scrape_shares.py), each (every picker "

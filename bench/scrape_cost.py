@@ -17,6 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from infergw.api.cli_help import HelpFormatter
 from infergw.bench.common import cpu_over, machine, write_json
 from infergw.stack.local import LocalStack, StackConfig
 from infergw.stack.ports import free_port, free_stack_ports
@@ -107,10 +108,13 @@ def markdown(out: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="infergate bench scrape_cost", description=__doc__)
-    ap.add_argument("--pods", type=int, default=8)
-    ap.add_argument("--seconds", type=float, default=10.0, help="measured window per setting")
-    ap.add_argument(
+    ap = argparse.ArgumentParser(
+        prog="infergate bench scrape_cost", description=__doc__, formatter_class=HelpFormatter
+    )
+    fleets = ap.add_argument_group("Fleets")
+    fleets.add_argument("--pods", type=int, default=8, help="simulator pods")
+    fleets.add_argument("--seconds", type=float, default=10.0, help="measured window per setting")
+    fleets.add_argument(
         "--fleets", default="simulator,recorded", help="comma-separated: simulator, recorded"
     )
     args = ap.parse_args(argv)

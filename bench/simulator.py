@@ -20,6 +20,7 @@ import time
 
 import aiohttp
 
+from infergw.api.cli_help import HelpFormatter
 from infergw.api.lifetime import spawn
 from infergw.bench.common import (
     PLOTS,
@@ -246,16 +247,22 @@ def markdown(out: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="infergate bench simulator", description=__doc__)
-    p.add_argument("--concurrency", default="1,8,32,64,128,256")
-    p.add_argument(
+    p = argparse.ArgumentParser(
+        prog="infergate bench simulator", description=__doc__, formatter_class=HelpFormatter
+    )
+    load = p.add_argument_group("Load")
+    output = p.add_argument_group("Output")
+    load.add_argument(
+        "--concurrency", default="1,8,32,64,128,256", help="the levels of concurrent streams run"
+    )
+    load.add_argument(
         "--ceiling-concurrency",
         default="8,64",
         help="levels run with --sim-time-scale 0 (as fast as the process can go)",
     )
-    p.add_argument("--duration", type=float, default=10.0, help="seconds measured per level")
-    p.add_argument("--max-tokens", type=int, default=128)
-    p.add_argument("--no-plot", action="store_true")
+    load.add_argument("--duration", type=float, default=10.0, help="seconds measured per level")
+    load.add_argument("--max-tokens", type=int, default=128, help="output tokens a request")
+    output.add_argument("--no-plot", action="store_true")
     args = p.parse_args(argv)
     levels = [int(x) for x in args.concurrency.split(",")]
     ceiling_levels = [int(x) for x in args.ceiling_concurrency.split(",") if x]

@@ -29,6 +29,7 @@ from pathlib import Path
 import aiohttp
 import yaml
 
+from infergw.api.cli_help import HelpFormatter
 from infergw.bench.common import machine, process_gone, save_results
 from infergw.bench.soak_report import OK, FaultWindow, Outcome, markdown, plot, summarize
 from infergw.stack.envoy_config import PICKER_CLUSTER
@@ -348,13 +349,18 @@ async def soak(stack: LocalStack, redis: RedisServer, args: argparse.Namespace) 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="infergate bench soak", description=__doc__)
-    p.add_argument("--duration", type=float, default=180.0, help="seconds of load")
-    p.add_argument("--quick", action="store_true", help=f"{QUICK_DURATION:.0f} s, -quick files")
-    p.add_argument("--pods", type=int, default=3)
-    p.add_argument("--concurrency", type=int, default=6)
-    p.add_argument("--max-tokens", type=int, default=16)
-    p.add_argument("--output-dir", type=Path, default=None, help="default: bench/results/")
+    p = argparse.ArgumentParser(
+        prog="infergate bench soak", description=__doc__, formatter_class=HelpFormatter
+    )
+    load = p.add_argument_group("Fleet and load")
+    run = p.add_argument_group("Run")
+    output = p.add_argument_group("Output")
+    load.add_argument("--duration", type=float, default=180.0, help="seconds of load")
+    run.add_argument("--quick", action="store_true", help=f"{QUICK_DURATION:.0f} s, -quick files")
+    load.add_argument("--pods", type=int, default=3, help="simulator pods")
+    load.add_argument("--concurrency", type=int, default=6, help="clients sending at once")
+    load.add_argument("--max-tokens", type=int, default=16, help="output tokens a request")
+    output.add_argument("--output-dir", type=Path, default=None, help="default: bench/results/")
     args = p.parse_args(argv)
     if args.quick:
         args.duration = QUICK_DURATION

@@ -54,7 +54,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         asyncio.run(serve(opts))
     except OSError as exc:
-        log.error("cannot serve on %s:%d: %s", opts.host, opts.port, exc)
+        log.error(
+            "cannot serve on %s:%d: %s (another process on it? choose another --host or --port)",
+            opts.host,
+            opts.port,
+            exc,
+        )
         return 1
     finally:
         tracing.stop()

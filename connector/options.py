@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass
 
 from infergw.api import logs, version
+from infergw.api.cli_help import HelpFormatter
 from infergw.api.names import POOL_FILE_ENV
 
 CONNECTORS = ("nixl", "mooncake", "http", "lmcache", "sglang")
@@ -60,21 +61,29 @@ def build_parser() -> argparse.ArgumentParser:
         description="Connector sidecar for a decode pod: passes requests to the local engine, "
         "or runs prefill on the pod named in x-prefiller-host-port (only a prefill pod of "
         "--pool-name) and decode locally.",
+        formatter_class=HelpFormatter,
     )
-    p.add_argument("--host", default=d.host, help=f"listen address (default {d.host})")
-    p.add_argument("--port", type=int, default=d.port, help=f"listen port (default {d.port})")
-    p.add_argument(
+    listening = p.add_argument_group("Listening")
+    engine = p.add_argument_group("Engine and KV connector")
+    prefill = p.add_argument_group("Prefill leg")
+    pool = p.add_argument_group("Pool and pods (which prefill pods may be called)")
+    logging_group = p.add_argument_group("Logging")
+    listening.add_argument("--host", default=d.host, help=f"listen address (default {d.host})")
+    listening.add_argument(
+        "--port", type=int, default=d.port, help=f"listen port (default {d.port})"
+    )
+    engine.add_argument(
         "--engine-url",
         default=d.engine_url,
         help=f"the local engine (decode leg and passthrough; default {d.engine_url})",
     )
-    p.add_argument(
+    engine.add_argument(
         "--kv-connector",
         default=d.kv_connector,
         choices=[*CONNECTORS, *ALIASES],
         help="how prefill and decode legs are rewritten (default nixl)",
     )
-    p.add_argument(
+    prefill.add_argument(
         "--prefill-retries",
         type=int,
         default=d.prefill_retries,
@@ -83,39 +92,39 @@ def build_parser() -> argparse.ArgumentParser:
         "that could not be connected to is not tried again; default "
         f"{d.prefill_retries})",
     )
-    p.add_argument(
+    prefill.add_argument(
         "--retry-backoff",
         type=float,
         default=d.retry_backoff,
         help=f"seconds to wait before going round the prefillers again (default {d.retry_backoff})",
     )
-    p.add_argument(
+    prefill.add_argument(
         "--connect-timeout",
         type=float,
         default=d.connect_timeout,
         help=f"seconds to open a connection to any upstream (default {d.connect_timeout})",
     )
-    p.add_argument(
+    prefill.add_argument(
         "--prefill-timeout",
         type=float,
         default=d.prefill_timeout,
         help="seconds for the whole prefill leg, every attempt and backoff included "
         f"(default {d.prefill_timeout})",
     )
-    p.add_argument(
+    engine.add_argument(
         "--decode-timeout",
         type=float,
         default=d.decode_timeout,
         help="seconds the local engine may stay silent: before its headers and between two "
         f"reads of its body (default {d.decode_timeout})",
     )
-    p.add_argument(
+    engine.add_argument(
         "--sglang-bootstrap-port",
         type=int,
         default=d.sglang_bootstrap_port,
         help=f"the prefill pods' SGLang bootstrap port (default {d.sglang_bootstrap_port})",
     )
-    p.add_argument(
+    prefill.add_argument(
         "--local-prefill-fallback",
         action=argparse.BooleanOptionalAction,
         default=d.local_prefill_fallback,
@@ -125,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
         "502/503 instead (default on; nixl, mooncake, http and lmcache: an SGLang decode "
         "server cannot serve a request without its prefill peer)",
     )
-    p.add_argument(
+    pool.add_argument(
         "--pool-name",
         default=d.pool_name,
         help="the InferencePool whose prefill pods (role label prefill or both, ready) are the "
@@ -133,18 +142,18 @@ def build_parser() -> argparse.ArgumentParser:
         "x-prefiller-host-port gets 403 and nothing is sent. Without it every such request "
         "gets 403",
     )
-    p.add_argument(
+    pool.add_argument(
         "--pool-namespace",
         default=d.pool_namespace,
         help=f"the pool's namespace (default {d.pool_namespace})",
     )
-    p.add_argument(
+    pool.add_argument(
         "--pool-file",
         default=os.environ.get(POOL_FILE_ENV) or d.pool_file,
         help="read the pool and its pods from this file (the picker's file provider; default "
         f"${POOL_FILE_ENV}, which the local stack sets) instead of the Kubernetes API",
     )
-    p.add_argument(
+    pool.add_argument(
         "--prefiller-grace",
         type=float,
         default=d.prefiller_grace,
@@ -152,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
         "sent it before noticing fails over as for an unreachable prefiller instead of being "
         f"refused (default {d.prefiller_grace:g})",
     )
-    logs.add_log_flags(p)
+    logs.add_log_flags(logging_group)
     version.add_version_flag(p)
     return p
 

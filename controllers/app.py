@@ -21,6 +21,7 @@ from pathlib import Path
 from prometheus_client import start_http_server
 
 from infergw.api import logs, tracing, version
+from infergw.api.cli_help import HelpFormatter
 from infergw.api.names import KV_EVENTS_PORT, PICKER_FILTER_POLICY, POOL_FILE_ENV
 from infergw.cluster.informer import Informer
 from infergw.cluster.store import (
@@ -252,27 +253,57 @@ def redis_address(text: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="infergate controllers", description=__doc__)
-    p.add_argument("--mode", choices=["standalone", "kubernetes"], default="standalone")
-    p.add_argument("--manifests", type=Path, help="standalone: YAML file or directory, watched")
-    p.add_argument("--state-dir", type=Path, default=Path(".infergate"), help="standalone: logs")
-    p.add_argument(
+    p = argparse.ArgumentParser(
+        prog="infergate controllers", description=__doc__, formatter_class=HelpFormatter
+    )
+    mode = p.add_argument_group("Mode")
+    standalone = p.add_argument_group("Standalone mode (objects from files, pods as processes)")
+    autoscaling = p.add_argument_group("Autoscaling")
+    listening = p.add_argument_group("Listening and webhook")
+    kv = p.add_argument_group("KV cache")
+    pods = p.add_argument_group("Models' pods and pickers (kubernetes mode)")
+    logging_group = p.add_argument_group("Logging")
+    mode.add_argument(
+        "--mode",
+        choices=["standalone", "kubernetes"],
+        default="standalone",
+        help="standalone: objects from --manifests, pods as local processes; kubernetes: an "
+        "API server's objects, pods and pickers made in the cluster",
+    )
+    standalone.add_argument(
+        "--manifests", type=Path, help="standalone: YAML file or directory, watched"
+    )
+    standalone.add_argument(
+        "--state-dir", type=Path, default=Path(".infergate"), help="standalone: logs"
+    )
+    standalone.add_argument(
         "--pool-file", type=Path, help="standalone: where the picker reads pools and pods"
     )
-    p.add_argument(
+    standalone.add_argument(
         "--envoy-eds-file", type=Path, help="standalone: write a pool's endpoints as Envoy EDS"
     )
-    p.add_argument("--envoy-eds-pool", help="standalone: that pool (default: the only one)")
-    p.add_argument(
+    standalone.add_argument(
+        "--envoy-eds-pool", help="standalone: that pool (default: the only one)"
+    )
+    standalone.add_argument(
         "--envoy-eds-dir",
         type=Path,
         help="standalone: write every pool's endpoints as Envoy EDS, DIR/<pool>.json each",
     )
-    p.add_argument("--namespace", default=None, help="kubernetes: watch one namespace")
-    p.add_argument("--leader-elect", action="store_true", help="kubernetes: run several replicas")
-    p.add_argument("--leader-namespace", default="infergate-system", help="where the Lease lives")
-    p.add_argument("--autoscale-interval", type=float, default=15.0)
-    p.add_argument(
+    mode.add_argument("--namespace", default=None, help="kubernetes: watch one namespace")
+    mode.add_argument(
+        "--leader-elect", action="store_true", help="kubernetes: run several replicas"
+    )
+    mode.add_argument(
+        "--leader-namespace", default="infergate-system", help="where the Lease lives"
+    )
+    autoscaling.add_argument(
+        "--autoscale-interval",
+        type=float,
+        default=15.0,
+        help="seconds between two looks at the pods' metrics",
+    )
+    autoscaling.add_argument(
         "--picker-metrics",
         action="append",
         type=picker_metrics_item,
@@ -282,31 +313,37 @@ def build_parser() -> argparse.ArgumentParser:
         "autoscaler sums their held requests to scale the pool up from zero "
         "(controllers/picker_demand.py). Kubernetes mode finds them itself",
     )
-    p.add_argument("--host", default="127.0.0.1", help="address for metrics and the webhook")
-    p.add_argument("--metrics-port", type=int, default=9091)
-    p.add_argument("--webhook-port", type=int, default=0, help="serve the admission webhook")
-    p.add_argument("--webhook-cert-dir", type=Path, help="tls.crt and tls.key (default: generated)")
-    p.add_argument(
+    listening.add_argument(
+        "--host", default="127.0.0.1", help="address for metrics and the webhook"
+    )
+    listening.add_argument("--metrics-port", type=int, default=9091, help="/metrics and health")
+    listening.add_argument(
+        "--webhook-port", type=int, default=0, help="serve the admission webhook"
+    )
+    listening.add_argument(
+        "--webhook-cert-dir", type=Path, help="tls.crt and tls.key (default: generated)"
+    )
+    kv.add_argument(
         "--kv-events-mode",
         choices=["central", "per-pod"],
         default=None,
         help="where the engines of the Models send KV events, as the picker's flag of that "
         "name says (default: central in standalone mode, per-pod in kubernetes mode)",
     )
-    p.add_argument(
+    kv.add_argument(
         "--kv-events-picker",
         default=None,
         help="central mode: the picker's KV-event SUB as host:port (standalone default "
         f"127.0.0.1:{KV_EVENTS_PORT}; kubernetes mode needs it, e.g. the picker Service's "
         f"name:{KV_EVENTS_PORT})",
     )
-    p.add_argument(
+    pods.add_argument(
         "--picker-image",
         default=PICKER_IMAGE,
         help="kubernetes mode: the image of every Model's endpoint picker (infergate epp), "
         "of its tokenizer fetch and of its weights' downloads (infergate download)",
     )
-    p.add_argument(
+    kv.add_argument(
         "--picker-kv-index-redis",
         type=redis_address,
         default=None,
@@ -315,7 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(standalone Redis or Valkey), each pod's KV events ingested by one replica; default: "
         "each replica subscribes to every pod and keeps its own index",
     )
-    p.add_argument(
+    pods.add_argument(
         "--weights-cache",
         type=weights_cache,
         default="emptyDir",
@@ -325,14 +362,14 @@ def build_parser() -> argparse.ArgumentParser:
         "webhook admits a hostPath only in namespaces labelled "
         "infergate.io/allow-privileged-pods=true); default: each pod's own emptyDir",
     )
-    p.add_argument(
+    standalone.add_argument(
         "--weights-cache-dir",
         type=Path,
         default=None,
         help="standalone: where the Models' weights are downloaded (default: the download's "
         "own, $INFERGATE_CACHE_DIR, else ~/.cache/infergate/models)",
     )
-    logs.add_log_flags(p)
+    logs.add_log_flags(logging_group)
     version.add_version_flag(p)
     return p
 

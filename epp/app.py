@@ -403,6 +403,7 @@ def build_director(
             subset_filter=opts.subset_filter,
             trust=trust,
             response_headers_skipped=opts.response_headers_skipped,
+            response_id_key=opts.response_id_key,
         ),
         gate,
     )
@@ -603,13 +604,22 @@ def main(argv: list[str] | None = None) -> int:
         log.warning("%s", warning)
     if not tracing.started("epp", force=opts.tracing):
         return 2
+    if opts.response_id_key is None:
+        log.info(
+            "Responses API ids are signed with a key derived from the pool's name: give every "
+            "replica the same --response-id-key-file so clients cannot make up ids"
+        )
     try:
         _run(serve(opts))
     except (ConfigError, FileProviderError, KubernetesProviderError, FileNotFoundError) as exc:
         log.error("cannot start: %s", exc)
         return 2
     except OSError as exc:
-        log.error("cannot serve: %s", exc)
+        log.error(
+            "cannot serve: %s (another process on a port? --grpc-port, --grpc-health-port and "
+            "--metrics-port choose others)",
+            exc,
+        )
         return 1
     finally:
         tracing.stop()

@@ -21,6 +21,7 @@ from infergw.epp.trust import DEFAULT_FAIRNESS_ID
 
 if TYPE_CHECKING:  # the gatekeeper and tokenizers read the context: no import cycle at run time
     from infergw.epp.gatekeeper import Ticket
+    from infergw.epp.response_ids import Pinned
     from infergw.kvindex.tokenize import PromptError, PromptTokenizer
 
 T = TypeVar("T")
@@ -84,6 +85,9 @@ class RequestContext:
     # Headers the picker adds on the request's way to the pod (a route's timeout, P/D's
     # prefill pods).
     upstream_headers: dict[str, str] = field(default_factory=dict)
+    # The stored response the request continues, on the pod that stored it
+    # (epp/stored_responses.py); its engine's id goes in place of the client's.
+    pinned: Pinned | None = None
     plugin_values: dict[PluginSlot[Any], object] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -121,4 +125,8 @@ class RequestContext:
     def upstream_body(self) -> bytes:
         """The body the pod gets: the model the route chose, and usage asked for if the
         picker needs it."""
-        return self.request.body_for_upstream(self.target_model, ask_usage=self.strip_usage)
+        return self.request.body_for_upstream(
+            self.target_model,
+            ask_usage=self.strip_usage,
+            previous_response_id=self.pinned.stored.engine_id if self.pinned else "",
+        )

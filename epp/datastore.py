@@ -180,6 +180,11 @@ class Datastore:
         obj = self._pods.get(pod)
         return (obj.get("metadata") or {}).get("creationTimestamp") if obj else None
 
+    def has_member(self, pod: str, port: int) -> bool:
+        """The pod, at that target port, is in the pool, ready or not."""
+        pool = self.pool
+        return pool is not None and pod in self._pods and port in pool.target_ports
+
     def serves_model(self, name: str) -> bool:
         """A ModelRoute names it, or some endpoint's /v1/models lists it."""
         if self.routes.route_for(name) is not None:

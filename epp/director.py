@@ -20,8 +20,10 @@ from infergw.epp.errors import NoCapacity, PickerError
 from infergw.epp.gatekeeper import Gatekeeper
 from infergw.epp.metrics import PickerMetrics
 from infergw.epp.request import api_for_path
+from infergw.epp.response_ids import ResponseIds
 from infergw.epp.scheduling.config import SchedulingConfig
 from infergw.epp.scheduling.framework import PrepareData, ResponseInfo
+from infergw.epp.stored_responses import StoredResponses
 from infergw.epp.trust import HeaderTrust
 
 log = logging.getLogger("epp.director")
@@ -42,6 +44,8 @@ class DirectorOptions:
     # The proxy sends no response headers (--response-headers-skipped): a stream's end after
     # the request went on is its answer's end, status unknown.
     response_headers_skipped: bool = False
+    # The MAC key of response ids (--response-id-key-file); None: derived from the pool name.
+    response_id_key: bytes | None = None
 
 
 class Director:
@@ -62,12 +66,16 @@ class Director:
         self.scheduler = scheduling.scheduler(1 + options.fallbacks, metrics.observe_plugin)
         self._preparers = [p for p in scheduling.plugins.values() if isinstance(p, PrepareData)]
         self._rng = random.Random()
+        self.stored = StoredResponses(datastore, ResponseIds(options.response_id_key))
 
     async def handle(self, ctx: RequestContext) -> list[Endpoint]:
         """Route, gate and schedule a parsed request; on success the primary endpoint counts
         it in flight. Raises PickerError for every request that cannot go on."""
         self.options.trust.apply(ctx)
         ctx.priority = self.datastore.priority_of(ctx.objective)
+        ctx.pinned = self.stored.pinned_by_body(ctx.request)
+        if ctx.pinned is not None:
+            self.stored.endpoint_for(ctx.pinned)  # gone or not ready: say so before the gate
         try:
             with tracing.span("gateway.route"):
                 eligible = self._routed(ctx)
@@ -124,6 +132,8 @@ class Director:
         )
 
     def _schedule(self, ctx: RequestContext, candidates: list[Endpoint]) -> list[Endpoint]:
+        if ctx.pinned is not None:  # only the pod that stored the response has it
+            return self._dispatch(ctx, [self.stored.endpoint_for(ctx.pinned, candidates)])
         if not candidates:
             self.metrics.count_attempt(ctx.target_model)
             raise PickerError(503, f"no ready endpoint left for model {ctx.request.model!r}")
@@ -144,6 +154,10 @@ class Director:
         if route is not None and route.retries is not None:
             targets = targets[: 1 + route.retries]  # the ModelServer's retry attempts
             ctx.upstream_headers[MAX_RETRIES_HEADER] = str(route.retries)
+        return self._dispatch(ctx, targets)
+
+    def _dispatch(self, ctx: RequestContext, targets: list[Endpoint]) -> list[Endpoint]:
+        """Send the request to `targets` (primary first), counting it on the primary."""
         primary = targets[0]
         primary.inflight_requests += 1
         primary.sent_since_scrape += 1
@@ -183,6 +197,18 @@ class Director:
         if resolution.timeout_s is not None:
             # Envoy's router takes the per-request timeout from this header.
             ctx.upstream_headers[TIMEOUT_HEADER] = str(max(1, int(resolution.timeout_s * 1000)))
+
+    def route_bodyless(
+        self, method: str, path: str, subset: list[str] | None
+    ) -> tuple[list[Endpoint], str | None]:
+        """Where a request without a body goes, and the path to send it with when that
+        changes: one naming a stored response by one of our ids goes to the pod that stored
+        it, with the engine's id in the path (epp/stored_responses.py)."""
+        if allowed_without_body(method, path):
+            pinned = self.stored.pinned_by_path(path)
+            if pinned is not None:
+                return [self.stored.endpoint_for(pinned[0])], pinned[1]
+        return self.pick_for_bodyless(method, path, subset), None
 
     def pick_for_bodyless(self, method: str, path: str, subset: list[str] | None) -> list[Endpoint]:
         """A request without a body has nothing to score: any candidate will do, if it is

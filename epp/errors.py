@@ -91,3 +91,22 @@ class NoCapacity(PickerError):
 
     def __init__(self, message: str) -> None:
         super().__init__(503, message)
+
+
+class ResponseNotFound(PickerError):
+    """A stored response the gateway cannot reach: vLLM's answer for an unknown response id
+    (404, OpenAI's `invalid_request_error`), with why — the pod that stored it is gone, or
+    the id is not one this pool made."""
+
+    def __init__(self, response_id: str, why: str, param: str | None = None) -> None:
+        super().__init__(404, f"Response with id {response_id!r} not found: {why}", param=param)
+
+    def body(self) -> dict:
+        return {
+            "error": {
+                "message": self.message,
+                "type": "invalid_request_error",
+                "param": self.param,
+                "code": "response_not_found",
+            }
+        }

@@ -27,6 +27,7 @@ from infergw.epp.request import InferenceRequest, parse_request
 from infergw.epp.request_trace import RequestTrace, trace_headers
 from infergw.epp.response import MAX_HELD, ResponseChain, UsageReader, response_chain
 from infergw.epp.scheduling.framework import ResponseInfo
+from infergw.epp.stored_responses import answers_with_response, stores_answer
 
 log = logging.getLogger("epp.extproc")
 
@@ -71,6 +72,8 @@ class _Stream:
         # Whether the answer's body passes through here, as Envoy announces on the stream's
         # first message (None: this proxy does not say).
         self.response_bodies: bool | None = None
+        # The answer holds stored responses' ids, to stamp with the serving pod's.
+        self.stamps_ids = False
 
     # ---- request phase ---------------------------------------------------------------
 
@@ -90,8 +93,10 @@ class _Stream:
         models = model_catalog.answer(self.director.datastore, method, path)
         if models is not None:  # the gateway's names, not one pod's (epp/model_catalog.py)
             return [protocol.immediate(200, models)]
-        targets = self.director.pick_for_bodyless(method, path, self.subset)
-        return [protocol.destination_headers([e.address for e in targets], None)]
+        targets, new_path = self.director.route_bodyless(method, path, self.subset)
+        self.stamps_ids = answers_with_response(method, path)
+        extra = {":path": new_path} if new_path else None
+        return [protocol.destination_headers([e.address for e in targets], None, extra)]
 
     async def on_request_body(self, msg: pb.ProcessingRequest) -> Iterable[pb.ProcessingResponse]:
         if self.request_done:
@@ -116,6 +121,7 @@ class _Stream:
         self.share.settle(req.held_bytes)
         log_context.name_request(req.request_id)  # the id the picker made, if Envoy gave none
         ctx = RequestContext(req, subset=self.subset)
+        self.stamps_ids = stores_answer(req)  # (a bad `store` is 400 before the gate counts it)
         if trace is None:
             await self.director.handle(ctx)
         else:
@@ -154,11 +160,15 @@ class _Stream:
         )
         streaming = "text/event-stream" in headers.get("content-type", "")
         ctx = self.ctx
+        stamper = None
+        if self.stamps_ids and 200 <= self.status < 300 and self.served:
+            stamper = self.director.stored.stamper(self.director.datastore.endpoint(self.served))
         self.response, self.usage = response_chain(
             streaming,
             strip_usage=bool(ctx and ctx.strip_usage),
             served=ctx.target_model if ctx else "",
             asked=ctx.request.model if ctx else "",
+            extra=stamper,
         )
         if self.trace is not None:
             self.trace.response_started(self.status, self.served)

@@ -9,9 +9,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from infergw.api import logs, version
+from infergw.api.cli_help import HelpFormatter
 from infergw.epp.body_budget import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_HELD_BYTES
 from infergw.epp.capacity_wait import DEFAULT_CAPACITY_WAIT_TTL
 from infergw.epp.reference_flags import add_reference_flags, read_reference_flags
+from infergw.epp.response_ids import load_key
 from infergw.epp.scrape_pace import DEFAULT_IDLE_INTERVAL
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m)?$")
@@ -115,36 +117,53 @@ class PickerOptions:
     reference_warnings: tuple[str, ...] = ()
     # The reference's --tracing: export traces even when no OTEL_* variable asks (api/tracing.py).
     tracing: bool = False
+    # The MAC key of the Responses API ids (epp/response_ids.py); None: from the pool's name.
+    response_id_key: bytes | None = None
 
 
 def add_serving_flags(
     p: argparse.ArgumentParser, *, grpc_port: int, health_port: int, metrics_port: int
-) -> None:
+) -> argparse._ArgumentGroup:
     """Where an ext_proc server listens (--host, its three ports, given their defaults) and
-    with what TLS: the picker and the body-based router take the same flags."""
-    p.add_argument("--host", default="0.0.0.0", help="address to listen on (0.0.0.0 in a pod)")
-    p.add_argument("--grpc-port", type=int, default=grpc_port)
-    p.add_argument("--grpc-health-port", type=int, default=health_port)
-    p.add_argument("--metrics-port", type=int, default=metrics_port)
+    with what TLS: the picker and the body-based router take the same flags. Returns the
+    "Listening" group, for the caller's other flags of that kind."""
+    g = p.add_argument_group("Listening")
+    g.add_argument("--host", default="0.0.0.0", help="address to listen on (0.0.0.0 in a pod)")
+    g.add_argument("--grpc-port", type=int, default=grpc_port, help="the ext_proc gRPC port")
+    g.add_argument(
+        "--grpc-health-port", type=int, default=health_port, help="the gRPC health service"
+    )
+    g.add_argument(
+        "--metrics-port", type=int, default=metrics_port, help="/metrics and health over HTTP"
+    )
     add_tls_flags(p)
+    return g
 
 
-def add_body_limit_flags(p: argparse.ArgumentParser) -> None:
+def add_body_limit_flags(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     """--max-body-bytes (one request) and --max-held-request-bytes (all streams at once), as
-    the picker and the body-based router bound the bodies they read."""
-    p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES)
-    p.add_argument(
+    the picker and the body-based router bound the bodies they read. Returns their group."""
+    g = p.add_argument_group("Requests and answers")
+    g.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=DEFAULT_MAX_BODY_BYTES,
+        help="one request's body; a longer one is answered 413",
+    )
+    g.add_argument(
         "--max-held-request-bytes",
         type=int,
         default=DEFAULT_MAX_HELD_BYTES,
         help="request bytes held at once over all streams (bodies and what parsing keeps); "
         "a request that would exceed it is answered 429 with Retry-After",
     )
+    return g
 
 
 def add_tls_flags(p: argparse.ArgumentParser) -> None:
     """--secure-serving and --cert-path, as the picker and the body-based router take them."""
-    p.add_argument(
+    g = p.add_argument_group("TLS")
+    g.add_argument(
         "--secure-serving",
         type=boolean,
         default=True,
@@ -152,26 +171,39 @@ def add_tls_flags(p: argparse.ArgumentParser) -> None:
         const=True,
         help="TLS on the ext_proc port (default true; --secure-serving=false)",
     )
-    p.add_argument("--cert-path", type=Path, help="directory with tls.crt and tls.key")
+    g.add_argument(
+        "--cert-path",
+        type=Path,
+        help="directory with tls.crt and tls.key (default: a self-signed certificate)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="infergate epp", description="The endpoint picker: an Envoy ext_proc server."
+        prog="infergate epp",
+        description="The endpoint picker: an Envoy ext_proc server.",
+        formatter_class=HelpFormatter,
     )
-    add_serving_flags(p, grpc_port=9002, health_port=9003, metrics_port=9090)
-    p.add_argument(
+    listening = add_serving_flags(p, grpc_port=9002, health_port=9003, metrics_port=9090)
+    pool = p.add_argument_group("Pool and pods")
+    scheduling = p.add_argument_group("Scheduling")
+    scheduling.add_argument(
         "--config",
         "--config-file",
         dest="config_file",
         type=Path,
         help="EndpointPickerConfig YAML (default: queue 2, kv-cache 2, prefix 3)",
     )
-    p.add_argument("--config-text", help="EndpointPickerConfig YAML given inline")
-    p.add_argument("--pool-name", required=True, help="the InferencePool this picker serves")
-    p.add_argument("--pool-namespace", default="default")
-    p.add_argument("--provider", choices=["file", "kubernetes"], default="kubernetes")
-    p.add_argument(
+    scheduling.add_argument("--config-text", help="EndpointPickerConfig YAML given inline")
+    pool.add_argument("--pool-name", required=True, help="the InferencePool this picker serves")
+    pool.add_argument("--pool-namespace", default="default", help="the InferencePool's namespace")
+    pool.add_argument(
+        "--provider",
+        choices=["file", "kubernetes"],
+        default="kubernetes",
+        help="where the pool and its pods come from: the API server, or --pool-file",
+    )
+    pool.add_argument(
         "--pool-file",
         dest="pool_files",
         type=Path,
@@ -180,22 +212,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --provider file: YAML file or directory with the InferencePool "
         "and its Pods (repeatable); reloaded on change",
     )
-    p.add_argument("--refresh-metrics-interval", type=duration, default=0.05)
-    p.add_argument(
+    pool.add_argument(
+        "--refresh-metrics-interval",
+        type=duration,
+        default=0.05,
+        help="how often each pod's /metrics is read (seconds, or 50ms, 1s…)",
+    )
+    pool.add_argument(
         "--idle-metrics-interval",
         type=duration,
         default=DEFAULT_IDLE_INTERVAL,
         help="scrape a pod this seldom while it is idle and the picker sends it nothing "
         "(epp/scrape_pace.py); at most --refresh-metrics-interval: always the fast interval",
     )
-    p.add_argument(
+    scheduling.add_argument(
         "--fallback-endpoints",
         type=int,
         default=1,
         help="endpoints after the primary in the destination list",
     )
-    add_body_limit_flags(p)
-    p.add_argument(
+    bodies = add_body_limit_flags(p)
+    scheduling.add_argument(
         "--capacity-wait-ttl",
         type=duration,
         default=DEFAULT_CAPACITY_WAIT_TTL,
@@ -203,16 +240,29 @@ def build_parser() -> argparse.ArgumentParser:
         "pods starting) before 503 with Retry-After; 0: answer 503 at once "
         "(epp/capacity_wait.py)",
     )
-    p.add_argument("--disable-endpoint-subset-filter", action="store_true")
-    p.add_argument(
+    scheduling.add_argument(
+        "--disable-endpoint-subset-filter",
+        action="store_true",
+        help="ignore the proxy's endpoint subset hint (x-gateway-destination-endpoint-subset)",
+    )
+    bodies.add_argument(
         "--response-headers-skipped",
         action="store_true",
         help="the proxy sends the picker nothing of the response (response_header_mode SKIP, "
         "response bodies NONE): a stream that ends after the request went on counts as "
         "answered, its status unknown, instead of as cancelled",
     )
-    logs.add_log_flags(p, verbose_flag=False)  # -v: the reference's, epp/reference_flags.py
-    trust = p.add_argument_group("what the picker believes and shows (epp/trust.py)")
+    bodies.add_argument(
+        "--response-id-key-file",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="the key (16 bytes or more) that signs the Responses API ids the picker gives "
+        "clients, which name the pod that stored each response; every replica of the pool "
+        "needs the same one (default: derived from the pool's name, so ids cannot be moved "
+        "to another pool but could be made up to pick a pod of this one)",
+    )
+    trust = p.add_argument_group("Trust and debugging (epp/trust.py)")
     trust.add_argument(
         "--trust-client-headers",
         action="store_true",
@@ -232,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve /debug/* on the metrics port (what the picker knows about pods, prefix "
         "scores, P/D decisions); off by default",
     )
-    p.add_argument(
+    listening.add_argument(
         "--grace-period",
         type=duration,
         default=25.0,
@@ -240,7 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
         "health says NOT_SERVING and new streams are refused (default 25s: the rest of the "
         "shutdown fits in the kubelet's 30s terminationGracePeriodSeconds)",
     )
-    kv = p.add_argument_group("KV events (used by precise-prefix-cache-scorer)")
+    kv = p.add_argument_group("KV cache (KV events and the index the precise prefix scorer reads)")
+    replicas = p.add_argument_group("Replicas (several pickers side by side)")
     kv.add_argument(
         "--kv-events-mode",
         choices=["central", "per-pod"],
@@ -264,20 +315,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="a pod's replay (ROUTER) port for rank 0 (rank r adds r); unset: no replay",
     )
-    kv.add_argument(
+    replicas.add_argument(
         "--replica-sync-bind",
         default=None,
         help="several picker replicas: bind a ZMQ PUB here (tcp://host:port) that tells the "
         "other replicas this one's recent decisions (speculative KV entries, the approximate "
         "prefix scorer's records) so they choose alike (default: not shared)",
     )
-    kv.add_argument(
+    replicas.add_argument(
         "--replica-sync-peers",
         default="",
         help="the other replicas' --replica-sync-bind endpoints, comma-separated (this one's "
         "own is skipped, so every replica may get the same list)",
     )
-    kv.add_argument(
+    replicas.add_argument(
         "--replica-sync-discovery",
         default=None,
         metavar="[NAMESPACE/]SERVICE",
@@ -286,7 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
         "EndpointSlices (needs list/watch on endpointslices; namespace default: "
         "--pool-namespace); endpoints at $POD_IP or the bind are this replica and skipped",
     )
-    kv.add_argument(
+    replicas.add_argument(
         "--share-scrapes",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -294,8 +345,15 @@ def build_parser() -> argparse.ArgumentParser:
         "numbers shared with the others, instead of by every replica (epp/scrape_shares.py; "
         "default: on with a replica sync)",
     )
-    kv.add_argument("--kv-index-block-size", type=int, default=16)
-    kv.add_argument("--kv-index-max-entries", type=int, default=5_000_000)
+    kv.add_argument(
+        "--kv-index-block-size", type=int, default=16, help="tokens a block of the index holds"
+    )
+    kv.add_argument(
+        "--kv-index-max-entries",
+        type=int,
+        default=5_000_000,
+        help="(block, pod) entries the index keeps; past it the least recent go",
+    )
     kv.add_argument(
         "--kv-index-layout",
         choices=["dict", "packed"],
@@ -346,13 +404,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=3600.0,
         help="how long a block stays in the shared index after its last write (default 1h)",
     )
-    kv.add_argument(
+    scheduling.add_argument(
         "--tokenizer",
         action="append",
         default=[],
         metavar="MODEL=DIR",
         help="the tokenizer directory for a served model name (repeatable)",
     )
+    # -v: the reference's (epp/reference_flags.py), not ours.
+    logs.add_log_flags(p.add_argument_group("Logging"), verbose_flag=False)
     add_reference_flags(p)
     version.add_version_flag(p)
     return p
@@ -374,16 +434,19 @@ def parse_options(argv: list[str] | None = None) -> PickerOptions:
     if a.config_file and a.config_text:
         p.error("give --config or --config-text, not both")
     if a.provider == "file" and not a.pool_files:
-        p.error("--provider file needs --pool-file")
+        p.error("--provider file needs --pool-file (the pool and its pods as YAML)")
     if a.fallback_endpoints < 0:
         p.error("--fallback-endpoints must be >= 0")
     tokenizers = {}
     for item in a.tokenizer:
         model, sep, directory = item.partition("=")
         if not sep or not model or not directory:
-            p.error(f"--tokenizer {item!r} is not MODEL=DIR")
+            p.error(f"--tokenizer {item!r}: give it as MODEL=DIR")
         if not Path(directory, "tokenizer.json").is_file():
-            p.error(f"--tokenizer {item!r}: no tokenizer.json in {directory}")
+            p.error(
+                f"--tokenizer {item!r}: no tokenizer.json in {directory} (infergate fetch "
+                "tokenizer --source URI --dest DIR fetches a model's)"
+            )
         tokenizers[model] = Path(directory)
     if a.kv_index_block_size < 1:
         p.error("--kv-index-block-size must be >= 1")
@@ -400,6 +463,14 @@ def parse_options(argv: list[str] | None = None) -> PickerOptions:
         p.error("--kv-index-redis-timeout and --kv-index-redis-ttl must be > 0")
     if a.share_scrapes and not a.replica_sync_bind:
         p.error("--share-scrapes needs --replica-sync-bind (the replicas share on it)")
+    response_id_key = None
+    if a.response_id_key_file is not None:
+        try:
+            response_id_key = load_key(a.response_id_key_file)
+        except OSError as exc:
+            p.error(f"--response-id-key-file: cannot read it ({exc.strerror}); give a readable one")
+        except ValueError as exc:
+            p.error(f"--response-id-key-file: {exc}")
     discovery = None
     if a.replica_sync_discovery is not None:
         if not a.replica_sync_bind:
@@ -445,6 +516,7 @@ def parse_options(argv: list[str] | None = None) -> PickerOptions:
         metrics_staleness_threshold=staleness,
         reference_warnings=ref.warnings,
         tracing=a.ref_tracing,
+        response_id_key=response_id_key,
         tokenizers=tokenizers,
         trust_client_headers=a.trust_client_headers,
         response_headers_skipped=a.response_headers_skipped,

@@ -120,11 +120,18 @@ class InferenceRequest:
         prompt text taken from it (the typed fields are slices of the body)."""
         return len(self.raw_body) + sys.getsizeof(self.prompt_text)
 
-    def body_for_upstream(self, target_model: str, *, ask_usage: bool = False) -> bytes:
+    def body_for_upstream(
+        self, target_model: str, *, ask_usage: bool = False, previous_response_id: str = ""
+    ) -> bytes:
         """The body to send on: the client's bytes, with the model and stream_options members
         replaced in place when the model is rewritten to `target_model` or usage is asked
-        for on the client's behalf."""
+        for on the client's behalf, and previous_response_id replaced by the engine's own id
+        (epp/stored_responses.py)."""
         out = self.raw_body
+        if previous_response_id:
+            current = bytes(self.body.previous_response_id)
+            encoded = msgspec.json.encode(previous_response_id)
+            out = set_member(out, "previous_response_id", encoded, current)
         if target_model and target_model != self.model:
             if self.model_span is not None:
                 start, end = self.model_span
@@ -284,6 +291,8 @@ def parse_request(
     # The members the picker routes on and may rewrite: once, named without escapes.
     check_routed_member(raw_body, "model", body.model)
     check_routed_member(raw_body, "stream_options", body.stream_options)
+    if api == "responses":  # the picker may put the engine's own id in its place
+        check_routed_member(raw_body, "previous_response_id", body.previous_response_id)
     return InferenceRequest(
         request_id=headers.get(REQUEST_ID_HEADER) or str(uuid.uuid4()),
         path=path,

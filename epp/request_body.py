@@ -62,6 +62,9 @@ class RequestBody(msgspec.Struct):
     documents: msgspec.Raw = msgspec.Raw()
     text_1: msgspec.Raw = msgspec.Raw()  # score
     text_2: msgspec.Raw = msgspec.Raw()
+    # The Responses API's: which pod stored the response it continues (epp/stored_responses.py).
+    previous_response_id: msgspec.Raw = msgspec.Raw()
+    store: msgspec.Raw = msgspec.Raw()
 
     @property
     def max_output(self) -> int | None:

@@ -151,48 +151,55 @@ def build_parser() -> argparse.ArgumentParser:
         prog="infergate download",
         description="Download a model's weights into the shared cache; print the entry's path.",
     )
+    where = p.add_argument_group("Source and destination")
+    limits = p.add_argument_group("Limits and retries")
+    progress = p.add_argument_group("Progress and errors")
     p.add_argument(
         "uri",
         help="hf://ORG/NAME, ORG/NAME, s3://, obs://, pvc://, file://, a path, "
         "or an http(s):// archive",
     )
-    p.add_argument("--dest", type=Path, help="made a link to the cache entry")
-    p.add_argument("--cache-dir", type=Path, default=None, help=f"default {default_root()}")
-    p.add_argument("--revision", default="main", help="hf://: a branch, tag or commit")
-    p.add_argument("--sha256", help="an http(s) archive's SHA-256, checked")
-    p.add_argument(
+    where.add_argument("--dest", type=Path, help="made a link to the cache entry")
+    where.add_argument("--cache-dir", type=Path, default=None, help=f"default {default_root()}")
+    where.add_argument(
+        "--revision", default="main", help="hf://: a branch, tag or commit (default: %(default)s)"
+    )
+    where.add_argument("--sha256", help="an http(s) archive's SHA-256, checked")
+    where.add_argument(
         "--exclude",
         action="append",
         default=[],
         metavar="GLOB",
         help="leave out files matching it (repeatable), e.g. 'original/*'",
     )
-    p.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES, help="in all")
-    p.add_argument(
+    limits.add_argument(
+        "--max-bytes", type=int, default=DEFAULT_MAX_BYTES, help="in all (default: %(default)s)"
+    )
+    limits.add_argument(
         "--timeout",
         type=float,
         default=DEFAULT_TIMEOUT,
-        help="seconds to connect and between two reads",
+        help="seconds to connect and between two reads (default: %(default)s)",
     )
-    p.add_argument(
+    limits.add_argument(
         "--retries",
         type=int,
         default=Retry().retries,
-        help="more tries of a file whose transfer failed, each resuming",
+        help="more tries of a file whose transfer failed, each resuming (default: %(default)s)",
     )
-    p.add_argument(
+    where.add_argument(
         "--pvc-root",
         type=Path,
         default=DEFAULT_PVC_ROOT,
-        help="where pvc://CLAIM is mounted, as <root>/CLAIM",
+        help="where pvc://CLAIM is mounted, as <root>/CLAIM (default: %(default)s)",
     )
-    p.add_argument("--progress-file", type=Path, help="JSON progress, rewritten in place")
-    p.add_argument(
+    progress.add_argument("--progress-file", type=Path, help="JSON progress, rewritten in place")
+    progress.add_argument(
         "--termination-log",
         type=Path,
         help="the error line written here too (Kubernetes: /dev/termination-log)",
     )
-    logs.add_log_flags(p)
+    logs.add_log_flags(p.add_argument_group("Logging"))
     version.add_version_flag(p)
     return p
 
@@ -204,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     if opts.max_bytes < 1 or opts.timeout <= 0 or opts.retries < 0:
         print(
-            "infergate download: --max-bytes, --timeout and --retries must be positive",
+            "infergate download: give --max-bytes and --timeout above 0, --retries 0 or more",
             file=sys.stderr,
         )
         return USAGE_EXIT

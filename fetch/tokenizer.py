@@ -81,28 +81,46 @@ def build_parser() -> argparse.ArgumentParser:
         prog="infergate fetch tokenizer",
         description="Fetch a model's tokenizer files (not its weights) into a directory.",
     )
-    p.add_argument(
+    where = p.add_argument_group("Source and destination")
+    limits = p.add_argument_group("Limits")
+    where.add_argument(
         "--source", required=True, help="the Model's modelURI: hf://ORG/NAME or s3://BUCKET/PREFIX"
     )
-    p.add_argument("--dest", required=True, type=Path, help="the directory to write")
-    p.add_argument("--revision", default="main", help="hf://: the branch, tag or commit")
-    p.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES, help="per file")
-    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds per file")
-    logs.add_log_flags(p)
+    where.add_argument("--dest", required=True, type=Path, help="the directory to write")
+    where.add_argument(
+        "--revision", default="main", help="hf://: the branch, tag or commit (default: %(default)s)"
+    )
+    limits.add_argument(
+        "--max-bytes", type=int, default=DEFAULT_MAX_BYTES, help="per file (default: %(default)s)"
+    )
+    limits.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT,
+        help="seconds per file (default: %(default)s)",
+    )
+    logs.add_log_flags(p.add_argument_group("Logging"))
     version.add_version_flag(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    if args[:1] != ["tokenizer"]:  # the one artifact so far; the weights come later
-        print("usage: infergate fetch tokenizer --source URI --dest DIR", file=sys.stderr)
-        return 2
+    if args[:1] != ["tokenizer"]:  # the one artifact so far; weights: infergate download
+        asked_help = args[:1] in (["-h"], ["--help"])
+        print(
+            "usage: infergate fetch tokenizer --source URI --dest DIR\n"
+            "(infergate fetch tokenizer --help: its options; a model's weights: "
+            "infergate download)",
+            file=sys.stdout if asked_help else sys.stderr,
+        )
+        return 0 if asked_help else 2
     opts = build_parser().parse_args(args[1:])
     logs.configure(logs.settings_from_args(opts))
     if opts.max_bytes < 1 or opts.timeout <= 0:
         print(
-            "infergate fetch tokenizer: --max-bytes and --timeout must be positive", file=sys.stderr
+            "infergate fetch tokenizer: give --max-bytes and --timeout values above 0",
+            file=sys.stderr,
         )
         return 2
     try:

@@ -6,37 +6,42 @@ import importlib
 import importlib.util
 import sys
 
-USAGE = """usage: infergate <command> [args...]
-       infergate --version    the version and the git commit it was built from
+USAGE = """\
+usage: infergate <command> [args...]    (infergate <command> --help: its options)
+       infergate --version              the version and the git commit it was built from
 
 The commands that run a process take --log-format text|json, --log-level, -v/-vv and
 --version (README: Logs and version).
 
-commands:
-  up         the local stack from an example directory (infergate up examples/quickstart)
-  status     one screen of the local stack's pickers or a cluster namespace: pods, load,
-             KV use, cached-token share, queue, errors (--once: plain text, for scripts)
-  install    print the cluster install for `kubectl apply -f -` (--namespace, --gateway;
-             --upstream-crds: the upstream CRDs alone, to create where the cluster has none)
-  epp        the endpoint picker, an Envoy ext_proc server (python -m infergw.epp)
-  bbr        body-based routing: the body's model -> the InferencePool's header, an ext_proc
-             server in front of the pickers (python -m infergw.bbr)
+Run the gateway on this machine:
+  up           the local stack from an example directory: pods, pickers, Envoy
+               (infergate up examples/quickstart)
+  status       one screen of the local stack's pickers or a cluster namespace: pods, load,
+               KV use, cached-token share, queue, errors (--once: plain text, for scripts)
+
+Install in a cluster:
+  install      print the cluster install for `kubectl apply -f -` (--namespace, --gateway;
+               --upstream-crds: the upstream CRDs alone, to create where the cluster has none)
   controllers  reconcile Models, ModelInfers and autoscaling (python -m infergw.controllers)
-  connector  the P/D sidecar: prefill remotely, decode locally (python -m infergw.connector)
-  simulate   a vLLM-compatible model server without GPUs (python -m infergw.simulator)
-  fetch      fetch tokenizer: a model's tokenizer files from hf:// or s3://, for the picker
-             (python -m infergw.fetch)
-  runtime    the sidecar beside an engine: loads and unloads the Model's LoRA adapters
-             through the engine's API, its /ready the pod's readiness
-             (python -m infergw.runtime)
-  download   a model's weights into the shared cache, resumable and verified, --dest a link
-             to them (python -m infergw.fetch.download)
-  bench      run a benchmark under bench/ (infergate bench simulator ...; fairness: tenants
-             contending for one pod, with and without flow control; pd: aggregated against
-             prefill/decode disaggregated serving; soak: steady load while pods, the
-             picker, the pool file and Redis fail; kvindex_redis: the shared KV index in
-             Redis against the in-memory one; kvindex_floor: the one-table index's storage
-             floor, a prototype that needs numba)
+
+The gateway's parts (each a process; the controllers start them):
+  epp          the endpoint picker, an Envoy ext_proc server (python -m infergw.epp)
+  bbr          body-based routing: the body's model -> the InferencePool's header, an ext_proc
+               server in front of the pickers (python -m infergw.bbr)
+  connector    the P/D sidecar: prefill remotely, decode locally (python -m infergw.connector)
+  runtime      the sidecar beside an engine: loads and unloads the Model's LoRA adapters
+               through the engine's API, its /ready the pod's readiness
+               (python -m infergw.runtime)
+
+Models and engines:
+  simulate     a vLLM-compatible model server without GPUs (python -m infergw.simulator)
+  download     a model's weights into the shared cache, resumable and verified, --dest a link
+               to them (python -m infergw.fetch.download)
+  fetch        fetch tokenizer: a model's tokenizer files from hf:// or s3://, for the picker
+               (python -m infergw.fetch)
+
+Measuring:
+  bench        run a benchmark under bench/ (infergate bench --help lists them)
 """
 
 # Benchmarks by name, as module paths: the launcher finds them, they never import it.
@@ -68,9 +73,33 @@ def missing_bench_modules() -> list[str]:
     return [m for m in BENCH_EXTRA_MODULES if importlib.util.find_spec(m) is None]
 
 
+BENCH_USAGE = """\
+usage: infergate bench <benchmark> [flags]    (infergate bench <benchmark> --help: its flags)
+
+  simulator      concurrent streams and output tokens/s one simulator process sustains
+  epp_overhead   what the picker costs per request, beside a minimal ext_proc server
+  routing        every router, workload and rate on the same fleet and seed
+  fairness       tenants contending for one pod, with and without flow control
+  pd             TTFT and TPOT, aggregated against prefill/decode disaggregated serving
+  pickers        requests per second with 1, 2 and 4 pickers
+  soak           steady load while pods, the picker, the pool file and Redis fail
+  kvindex        the KV-cache index: ingestion, lookup latency, memory, tokenization
+  kvindex_redis  the shared KV index in Redis against the in-memory one
+  kvindex_floor  the one-table index's storage floor (a prototype that needs numba)
+  scrape_cost    what scraping idle pods costs the pods and the picker
+"""
+
+
 def run_bench(argv: list[str]) -> int:
-    if not argv or argv[0] not in BENCHMARKS:
-        print(f"usage: infergate bench {{{','.join(BENCHMARKS)}}} [flags]")
+    if not argv or argv[0] in ("-h", "--help"):
+        print(BENCH_USAGE)
+        return 0 if argv else 2
+    if argv[0] not in BENCHMARKS:
+        print(
+            f"infergate bench: no benchmark {argv[0]!r}; one of {', '.join(BENCHMARKS)} "
+            "(infergate bench --help says what each measures)",
+            file=sys.stderr,
+        )
         return 2
     missing = missing_bench_modules()
     if missing:
@@ -150,7 +179,10 @@ def main(argv: list[str] | None = None) -> int:
         return download(rest)
     if command == "bench":
         return run_bench(rest)
-    print(f"infergate: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+    print(
+        f"infergate: unknown command {command!r}; see the commands below\n\n{USAGE}",
+        file=sys.stderr,
+    )
     return 2
 
 

@@ -46,6 +46,7 @@ import time
 from pathlib import Path
 
 from infergw.api import logs, version
+from infergw.api.cli_help import HelpFormatter
 from infergw.stack.envoy_config import is_ip_address
 from infergw.stack.envoy_tracing import TracingConfigError, check_tracing, describe
 from infergw.stack.example import Example, ExampleError
@@ -59,22 +60,34 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="infergate up",
         description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
-    p.add_argument("example", nargs="?", type=Path, default=QUICKSTART, help="example directory")
+    pool = p.add_argument_group("Pool and pods")
+    replicas = p.add_argument_group("Replicas")
+    kv = p.add_argument_group("KV cache")
+    listening = p.add_argument_group("Listening and TLS")
+    auth = p.add_argument_group("Auth and trust")
+    files = p.add_argument_group("Work directory")
     p.add_argument(
+        "example",
+        nargs="?",
+        type=Path,
+        default=QUICKSTART,
+        help="example directory (default: the quickstart, examples/quickstart)",
+    )
+    pool.add_argument(
         "--pods",
         type=int,
         default=None,
         help="the Model's replicas (serving groups; one pod each in the quickstart)",
     )
-    p.add_argument(
+    replicas.add_argument(
         "--pickers",
         type=int,
         default=1,
         help="picker processes, active-active behind Envoy (default 1)",
     )
-    p.add_argument(
+    kv.add_argument(
         "--kv-index",
         choices=["memory", "redis"],
         default="memory",
@@ -82,45 +95,58 @@ def build_parser() -> argparse.ArgumentParser:
         "one index for every picker, and with --pickers N each pod's KV events are ingested "
         "by one picker only (sharded; README: Several pickers)",
     )
-    p.add_argument("--failure-mode", choices=["FailOpen", "FailClose"], default=None)
-    p.add_argument("--fallbacks", type=int, default=1)
-    p.add_argument(
+    pool.add_argument(
+        "--failure-mode",
+        choices=["FailOpen", "FailClose"],
+        default=None,
+        help="what Envoy does while no picker answers: let requests through to a pod "
+        "(FailOpen) or refuse them (FailClose; default: FailClose, or the pool's own)",
+    )
+    pool.add_argument(
+        "--fallbacks",
+        type=int,
+        default=1,
+        help="endpoints after the picker's first choice, tried when it fails (the picker's "
+        "--fallback-endpoints)",
+    )
+    auth.add_argument(
         "--no-auth",
         action="store_true",
         help="Envoy lets every request through (ignores the example's SecurityPolicy)",
     )
-    p.add_argument(
+    auth.add_argument(
         "--trust-client-headers",
         action="store_true",
         help="a closed network: Envoy keeps client-sent x-gateway-inference-objective and "
         "x-gateway-inference-fairness-id and the picker honours them (default: removed)",
     )
-    p.add_argument(
+    listening.add_argument(
         "--host",
         default="127.0.0.1",
         help="the address Envoy listens on for clients (default 127.0.0.1; 0.0.0.0 for every "
         "address): with --tls, the certificate names it too",
     )
-    p.add_argument(
+    listening.add_argument(
         "--tls",
         action="store_true",
         help="HTTPS for clients, with a CA and certificate the stack makes and keeps (its "
         "path is printed for clients)",
     )
-    p.add_argument(
+    listening.add_argument(
         "--tls-cert",
         type=Path,
         default=None,
         help="with --tls-key: serve this PEM certificate (chain) instead of a made one",
     )
-    p.add_argument("--tls-key", type=Path, default=None, help="the PEM key of --tls-cert")
-    p.add_argument(
+    listening.add_argument("--tls-key", type=Path, default=None, help="the PEM key of --tls-cert")
+    files.add_argument(
         "--workdir",
         type=Path,
         default=None,
         help="where configs and logs go (default: a new temporary directory)",
     )
-    logs.add_log_flags(p)  # handed to every process it starts (api/logs.py)
+    # Handed to every process it starts (api/logs.py).
+    logs.add_log_flags(p.add_argument_group("Logging"))
     version.add_version_flag(p)
     p.epilog = "Arguments after -- are added to the Model's engine arguments (every pod)."
     return p
@@ -177,9 +203,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.pickers < 1:
         p.error("--pickers must be at least 1")
     if not is_ip_address(args.host):
-        p.error(f"--host must be an IP address (Envoy binds to one), not {args.host!r}")
+        p.error(
+            f"--host must be an IP address (Envoy binds to one), not {args.host!r}: "
+            "e.g. 127.0.0.1, or 0.0.0.0 for every address"
+        )
     if (args.tls_cert is None) != (args.tls_key is None):
-        p.error("--tls-cert and --tls-key go together")
+        p.error("give both --tls-cert and --tls-key, or neither (with --tls: a made one)")
     try:
         tls = gateway_cert(args)
     except (OSError, ValueError) as exc:
@@ -199,7 +228,11 @@ def main(argv: list[str] | None = None) -> int:
                 workdir / "manifests", replicas=args.pods, engine_args=engine_args
             )
     except (ExampleError, OSError, KeyError) as exc:
-        print(f"infergate up: {args.example}: {exc}", file=sys.stderr)
+        print(
+            f"infergate up: {args.example}: {exc}\n  an example is a directory of a Model's "
+            "manifests, as examples/quickstart (infergate up with none runs it)",
+            file=sys.stderr,
+        )
         return 2
     problem = pickers_problem(args.pickers, example)
     if problem:

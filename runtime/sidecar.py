@@ -31,6 +31,7 @@ from aiohttp import web
 
 from infergw.api import logs, version
 from infergw.api import lora_adapters as desired_file
+from infergw.api.cli_help import HelpFormatter
 from infergw.api.lora_adapters import ENGINE_APIS, UNREADABLE, Adapter, Refused, Unreadable
 from infergw.api.names import DOWNLOAD_FAILED, RUNTIME_PORT
 from infergw.fetch.cache import Cache, default_root, link
@@ -283,20 +284,36 @@ async def serve(settings: Settings, host: str, port: int) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="infergate runtime", description=__doc__.split("\n")[0])
-    p.add_argument("--engine", choices=ENGINE_APIS, required=True, help="whose adapter API to call")
-    p.add_argument("--engine-url", required=True, help="the engine, e.g. http://$(POD_IP):8000")
-    p.add_argument("--served-model-name", required=True, help="the base model's name")
-    p.add_argument("--adapters-file", type=Path, required=True, help="the adapters wanted")
-    p.add_argument(
+    p = argparse.ArgumentParser(
+        prog="infergate runtime", description=__doc__.split("\n")[0], formatter_class=HelpFormatter
+    )
+    engine = p.add_argument_group("Engine")
+    adapters = p.add_argument_group("Adapters")
+    listening = p.add_argument_group("Listening (/ready, /status)")
+    engine.add_argument(
+        "--engine", choices=ENGINE_APIS, required=True, help="whose adapter API to call"
+    )
+    engine.add_argument(
+        "--engine-url", required=True, help="the engine, e.g. http://$(POD_IP):8000"
+    )
+    engine.add_argument("--served-model-name", required=True, help="the base model's name")
+    adapters.add_argument("--adapters-file", type=Path, required=True, help="the adapters wanted")
+    adapters.add_argument(
         "--models-dir", required=True, help="downloaded adapters are linked at DIR/lora/<name>"
     )
-    p.add_argument("--cache-dir", type=Path, default=None, help="the weights cache")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=RUNTIME_PORT)
-    p.add_argument("--interval", type=float, default=DEFAULT_INTERVAL, help="seconds per pass")
-    p.add_argument("--max-backoff", type=float, default=MAX_BACKOFF)
-    logs.add_log_flags(p)
+    adapters.add_argument("--cache-dir", type=Path, default=None, help="the weights cache")
+    listening.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    listening.add_argument("--port", type=int, default=RUNTIME_PORT, help="port to listen on")
+    adapters.add_argument(
+        "--interval", type=float, default=DEFAULT_INTERVAL, help="seconds per pass"
+    )
+    adapters.add_argument(
+        "--max-backoff",
+        type=float,
+        default=MAX_BACKOFF,
+        help="seconds at most between two tries of an adapter that keeps failing",
+    )
+    logs.add_log_flags(p.add_argument_group("Logging"))
     version.add_version_flag(p)
     return p
 
@@ -305,7 +322,10 @@ def main(argv: list[str] | None = None) -> int:
     opts = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     logs.configure(logs.settings_from_args(opts))
     if opts.interval <= 0 or opts.max_backoff <= 0:
-        print("infergate runtime: --interval and --max-backoff must be positive", file=sys.stderr)
+        print(
+            "infergate runtime: give --interval and --max-backoff in seconds above 0",
+            file=sys.stderr,
+        )
         return 2
     settings = Settings(
         engine=opts.engine,

@@ -72,7 +72,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         asyncio.run(serve(cfg))
     except OSError as exc:
-        log.error("cannot serve on %s:%d: %s", cfg.host, cfg.port, exc)
+        log.error(
+            "cannot serve on %s:%d: %s (another process on it? choose another --host or --port)",
+            cfg.host,
+            cfg.port,
+            exc,
+        )
         return 1
     finally:
         tracing.stop()

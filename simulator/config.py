@@ -234,6 +234,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="A vLLM-compatible model server without GPUs: real tokenizer, real KV events "
         "and metrics formats, simulated timing.",
     )
+    serving = p.add_argument_group("Serving (vLLM's frontend flags)")
+    scheduling = p.add_argument_group("Scheduling")
+    kv = p.add_argument_group("KV cache")
+    pd = p.add_argument_group("Prefill/decode disaggregation")
+    lora = p.add_argument_group("LoRA adapters")
+    logging_group = p.add_argument_group("Logging")
     p.add_argument(
         "model_tag",
         nargs="?",
@@ -241,60 +247,102 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="MODEL",
         help="the model, as in `vllm serve MODEL` (overrides --model)",
     )
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument(
+    serving.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default: %(default)s)"
+    )
+    serving.add_argument(
+        "--port", type=int, default=8000, help="port to listen on (default: %(default)s)"
+    )
+    serving.add_argument(
         "--model",
         default=None,
         help="a model directory with tokenizer.json, or a model id (a Hugging Face repo: "
         "served under that name with the simulator's own tokenizer, as nothing is downloaded); "
         "default: the small tokenizer shipped with infergate",
     )
-    p.add_argument("--served-model-name", nargs="+", default=[])
-    p.add_argument("--block-size", type=_positive_int, default=16)
-    p.add_argument(
+    serving.add_argument(
+        "--served-model-name",
+        nargs="+",
+        default=[],
+        help="the names the model answers to (default: the model's own)",
+    )
+    kv.add_argument(
+        "--block-size",
+        type=_positive_int,
+        default=16,
+        help="tokens in a KV-cache block (default: %(default)s)",
+    )
+    kv.add_argument(
         "--num-gpu-blocks-override",
         type=_positive_int,
         default=4096,
-        help="KV capacity in blocks (the simulator has no GPU memory to size it from)",
+        help="KV capacity in blocks (the simulator has no GPU memory to size it from; "
+        "default: %(default)s)",
     )
-    p.add_argument("--max-num-seqs", type=_positive_int, default=256)
-    p.add_argument("--max-num-batched-tokens", type=_positive_int, default=8192)
-    p.add_argument("--max-model-len", type=_positive_int, default=None)
-    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument(
-        "--prefix-caching-hash-algo", choices=["sha256", "sha256_cbor"], default="sha256"
+    scheduling.add_argument(
+        "--max-num-seqs",
+        type=_positive_int,
+        default=256,
+        help="requests in one step at most (default: %(default)s)",
     )
-    p.add_argument(
+    scheduling.add_argument(
+        "--max-num-batched-tokens",
+        type=_positive_int,
+        default=8192,
+        help="tokens in one step at most (default: %(default)s)",
+    )
+    scheduling.add_argument(
+        "--max-model-len",
+        type=_positive_int,
+        default=None,
+        help="tokens of prompt and answer at most (default: the model's max_position_embeddings, "
+        "else 4096; never above what the KV cache holds)",
+    )
+    kv.add_argument(
+        "--enable-prefix-caching",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="reuse cached blocks of a prompt's prefix (default: %(default)s)",
+    )
+    kv.add_argument(
+        "--prefix-caching-hash-algo",
+        choices=["sha256", "sha256_cbor"],
+        default="sha256",
+        help="how blocks are hashed, as vLLM's flag (KV events carry the hashes; default: "
+        "%(default)s)",
+    )
+    serving.add_argument(
         "--enable-prompt-tokens-details",
         action=argparse.BooleanOptionalAction,
         default=True,
         help="report usage.prompt_tokens_details.cached_tokens "
         "(vLLM's default is off; the picker wants it, so ours is on)",
     )
-    p.add_argument(
+    serving.add_argument(
         "--fingerprint-mode",
         choices=["full", "hash", "custom", "none"],
         default="full",
         help="system_fingerprint in answers: vllm-<version>-<config hash> (full, hash), "
-        "--fingerprint-value (custom) or null (none)",
+        "--fingerprint-value (custom) or null (none) (default: %(default)s)",
     )
-    p.add_argument("--fingerprint-value", default=None)
-    p.add_argument(
+    serving.add_argument(
+        "--fingerprint-value", default=None, help="with --fingerprint-mode custom: its value"
+    )
+    serving.add_argument(
         "--trust-request-chat-template",
         action="store_true",
         help="accept a chat_template in requests (off: 400, as in vLLM; a template is code "
         "that runs in the server)",
     )
-    p.add_argument("--kv-events-config", default=None, help="vLLM's KVEventsConfig as JSON")
-    p.add_argument(
+    kv.add_argument("--kv-events-config", default=None, help="vLLM's KVEventsConfig as JSON")
+    kv.add_argument(
         "--kv-events-format",
         choices=["map", "array"],
         default="map",
         help="map: events as {'type': ...} maps (vLLM >= 0.26); array: the older "
-        "positional encoding",
+        "positional encoding (default: %(default)s)",
     )
-    p.add_argument(
+    pd.add_argument(
         "--kv-role",
         choices=KV_ROLES,
         default=None,
@@ -302,32 +350,45 @@ def build_parser() -> argparse.ArgumentParser:
         "requests, prefill legs and decode legs, as vLLM's NixlConnector does; the role only "
         "counts legs that reach the wrong kind of pod (infergate_sim:kv_role_mismatch_total)",
     )
-    p.add_argument(
+    pd.add_argument(
         "--kv-transfer-config",
         default=None,
         help="vLLM's KVTransferConfig as JSON: kv_connector (NixlConnector), kv_role "
         "(kv_producer, kv_consumer, kv_both), engine_id, kv_load_failure_policy "
         "(fail, recompute); other keys are ignored",
     )
-    p.add_argument("--enable-lora", action="store_true")
-    p.add_argument("--lora-modules", nargs="+", type=_parse_lora_module, default=[])
-    p.add_argument("--max-loras", type=_positive_int, default=1)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
+    lora.add_argument("--enable-lora", action="store_true", help="serve LoRA adapters")
+    lora.add_argument(
+        "--lora-modules",
+        nargs="+",
+        type=_parse_lora_module,
+        default=[],
+        help="adapters served from the start: NAME=PATH, NAME or vLLM's JSON form",
+    )
+    lora.add_argument(
+        "--max-loras",
+        type=_positive_int,
+        default=1,
+        help="adapters in one step at most (default: %(default)s)",
+    )
+    scheduling.add_argument(
+        "--seed", type=int, default=0, help="random seed of the answers (default: %(default)s)"
+    )
+    serving.add_argument(
         "--engine",
         choices=["vllm", "sglang"],
         default="vllm",
-        help="which engine's metric names /metrics uses",
+        help="which engine's metric names /metrics uses (default: %(default)s)",
     )
-    logs.add_log_flags(p)
+    logs.add_log_flags(logging_group)
     version.add_version_flag(p)
-    p.add_argument(
+    serving.add_argument(
         "--headless",
         action="store_true",
         help="a worker node of a multi-node engine (vLLM's flag): serve nothing, run until stopped",
     )
     sim = p.add_argument_group(
-        "latency model (simulator only)",
+        "Latency model (simulator only)",
         "A profile sets every term; each flag below overrides its profile's value "
         "(README: Latency profiles).",
     )
@@ -361,7 +422,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=0.1,
         help="time a decode pod takes to pull one KV block from a prefill pod, ms (the pull "
-        "runs beside the engine's steps and replaces the prefill of those tokens)",
+        "runs beside the engine's steps and replaces the prefill of those tokens; default: "
+        "%(default)s)",
     )
     sim.add_argument(
         "--sim-kv-hold-seconds",
@@ -390,7 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--sim-time-scale",
         type=float,
         default=1.0,
-        help="multiply every simulated duration (0 runs as fast as possible)",
+        help="multiply every simulated duration (0 runs as fast as possible; default: %(default)s)",
     )
     add_ignored_flags(p)
     return p
@@ -478,10 +540,16 @@ def _model(parser: argparse.ArgumentParser, given: str | None) -> tuple[str | No
         return None, None
     if Path(given).is_dir():
         if not Path(given, "tokenizer.json").is_file():
-            parser.error(f"--model {given}: no tokenizer.json in that directory")
+            parser.error(
+                f"--model {given}: no tokenizer.json in that directory; give a model directory "
+                "with one, a Hugging Face model id, or leave --model out (the simulator's own)"
+            )
         return given, None
     if Path(given).exists() or given.startswith(("/", "./", "../")):
-        parser.error(f"--model {given}: not a directory with tokenizer.json")
+        parser.error(
+            f"--model {given}: not a directory; give a model directory with tokenizer.json, "
+            "a Hugging Face model id, or leave --model out (the simulator's own)"
+        )
     return None, given
 
 

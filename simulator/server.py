@@ -35,6 +35,7 @@ from infergw.simulator.protocol import (
 )
 from infergw.simulator.request import SimRequest, Status
 from infergw.simulator.request_builder import RequestBuilder
+from infergw.simulator.response_store import ResponseStore
 from infergw.simulator.served_models import LoraAdapter, ServedModels
 from infergw.simulator.tokenization import ModelTokenizer
 
@@ -57,6 +58,7 @@ class Simulator:
             cfg.max_model_len or self.tokenizer.max_position_embeddings or 4096, pool
         )
         self.served = ServedModels(cfg)
+        self.stored_responses = ResponseStore()
         self.prompts = PromptEncoder(
             self.tokenizer, trust_request_chat_template=cfg.trust_request_chat_template
         )
@@ -99,6 +101,9 @@ class Simulator:
         app.router.add_get("/v1/models", self.models)
         app.router.add_post("/v1/messages", self.messages)
         app.router.add_post("/v1/responses", self.responses)
+        # As vLLM: retrieve and cancel; no DELETE (a client's gets 405).
+        app.router.add_get("/v1/responses/{response_id}", self.stored_response)
+        app.router.add_post("/v1/responses/{response_id}/cancel", self.cancel_response)
         for path in ("/rerank", "/v1/rerank", "/v2/rerank"):
             app.router.add_post(path, self.rerank)
         for path in ("/score", "/v1/score"):
@@ -326,16 +331,52 @@ class Simulator:
             if req.status is not Status.FINISHED:  # client gone or error: free its resources
                 self.engine.abort(req)
 
-    async def responses(self, request: web.Request) -> web.Response:
-        """OpenAI's Responses API, its plain text exchange (simulator/responses_api.py)."""
-        model, req = self._start_chat(responses_api.to_chat(await _json_body(request)))
+    async def responses(self, request: web.Request) -> web.StreamResponse:
+        """OpenAI's Responses API, its plain text exchange (simulator/responses_api.py),
+        stored unless `store` is false; `previous_response_id` continues a stored one."""
+        body = await _json_body(request)
+        previous = responses_api.previous_id(body)
+        earlier = self.stored_responses.get(previous).messages if previous else ()
+        chat = responses_api.to_chat(body, earlier)
+        store = responses_api.stores(body)
+        model, req = self._start_chat(chat)
+        head = responses_api.Head(model, responses.now(), previous, store)
+
+        def keep(answer: dict) -> None:
+            if store:
+                asked = chat["messages"][1:] if body.get("instructions") else chat["messages"]
+                said = {"role": "assistant", "content": req.output_text}
+                self.stored_responses.put(answer, [*asked, said])
+
         try:
-            await self._finished(req)
-            answer = responses_api.response(model, req, responses.now())
-            return web.json_response(answer, dumps=_dumps)
+            if not body.get("stream"):
+                await self._finished(req)
+                answer = responses_api.response(head, req)
+                keep(answer)
+                return web.json_response(answer, dumps=_dumps)
+            resp = web.StreamResponse(
+                headers={"Content-Type": "text/event-stream; charset=utf-8",
+                         "Cache-Control": "no-cache"}
+            )  # fmt: skip
+            await resp.prepare(request)
+            async for event in responses_api.events(head, req, keep):
+                await resp.write(event)
+            await resp.write_eof()
+            return resp
         finally:
             if req.status is not Status.FINISHED:
                 self.engine.abort(req)
+
+    async def stored_response(self, request: web.Request) -> web.Response:
+        """`GET /v1/responses/{id}`: a stored answer, as it was sent."""
+        stored = self.stored_responses.get(request.match_info["response_id"])
+        return web.json_response(stored.answer, dumps=_dumps)
+
+    async def cancel_response(self, request: web.Request) -> web.Response:
+        """`POST /v1/responses/{id}/cancel`: only background responses can be, and none is
+        simulated, so a stored one answers as vLLM does for a finished one."""
+        self.stored_responses.get(request.match_info["response_id"])
+        raise ApiError(400, "Cannot cancel a synchronous response.")
 
     # ---- rerank, score, audio: answers without generation ----------------------------------
 

@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from infergw.api.cli_help import HelpFormatter
 from infergw.api.workload import DEFAULT_GATEWAY
 from infergw.stack.resources import CRDS, GATEWAY_MANIFESTS
 
@@ -175,12 +176,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="infergate install",
         description="Print the cluster install as one YAML stream for `kubectl apply -f -`.",
+        formatter_class=HelpFormatter,
     )
-    parser.add_argument(
-        "--namespace", default=DEFAULT_NAMESPACE, help="for the Gateway-side objects"
-    )
-    parser.add_argument("--gateway", default=DEFAULT_GATEWAY, help="the Gateway's name")
-    parser.add_argument(
+    what = parser.add_argument_group("What the install holds")
+    what.add_argument("--namespace", default=DEFAULT_NAMESPACE, help="for the Gateway-side objects")
+    what.add_argument("--gateway", default=DEFAULT_GATEWAY, help="the Gateway's name")
+    what.add_argument(
         "--upstream-crds",
         action="store_true",
         help="print only the upstream CRDs, for `kubectl create` where the cluster has none",

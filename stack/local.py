@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -513,6 +514,7 @@ class LocalStack:
             "--enable-debug-endpoints",  # /debug/endpoints: readiness checks, tests, `up` users
             *self._kv_event_args(),
             *self._replica_sync_args(index),
+            *self._response_id_key_args(),
             *self._kv_index_args(),
             "--kv-events-replay-port",
             # Manifest pods have addresses of their own, each with its replay socket on the
@@ -526,6 +528,15 @@ class LocalStack:
         self._start_ext_proc(
             self.picker_name(index), "infergw.epp", self.picker_ports(index), args, plan.cert_dir
         )
+
+    def _response_id_key_args(self) -> list[str]:
+        """One key for every picker, so each reads the Responses API ids the others made
+        (epp/response_ids.py); kept in the work directory, so ids outlive a restart."""
+        path = self.cfg.workdir / "response-id.key"
+        if not path.is_file():
+            path.touch(mode=0o600)
+            path.write_text(secrets.token_hex(32))
+        return ["--response-id-key-file", str(path)]
 
     def _kv_event_args(self) -> list[str]:
         """Central: the pods' PUBs connect to the picker. Per pod: the picker connects to

@@ -21,6 +21,7 @@ import time
 import urllib.parse
 from dataclasses import dataclass, field
 
+from infergw.api.cli_help import HelpFormatter
 from infergw.api.names import MODEL_LABEL
 from infergw.cluster.store import AUTOSCALING_BINDING, EVENT, MODEL, POD, Store, StoreError
 from infergw.stack.ports import StackPorts
@@ -251,9 +252,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="infergate status",
         description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
-    p.add_argument(
+    sources = p.add_argument_group("What to read")
+    display = p.add_argument_group("Display")
+    sources.add_argument(
         "--picker",
         action="append",
         default=[],
@@ -262,21 +265,21 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"a picker's metrics address, repeat for each (default {LOCAL_PICKER}, "
         "infergate up's first picker; none with --kubernetes)",
     )
-    p.add_argument(
+    sources.add_argument(
         "--kubernetes",
         action="store_true",
         help="read a cluster namespace through the kubeconfig (KUBECONFIG, "
         "~/.kube/config or in-cluster)",
     )
-    p.add_argument("-n", "--namespace", default="default", help="with --kubernetes")
-    how = p.add_mutually_exclusive_group()
+    sources.add_argument("-n", "--namespace", default="default", help="with --kubernetes")
+    how = display.add_mutually_exclusive_group()
     how.add_argument(
         "--once",
         action="store_true",
         help="one plain-text snapshot, then exit (1 when a source could not be read)",
     )
     how.add_argument("--watch", action="store_true", help="refresh (the default on a terminal)")
-    p.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
+    display.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
     return p
 
 

@@ -89,4 +89,6 @@ def test_bench_without_a_known_name_lists_the_names(args):
         [sys.executable, "-m", "infergw.cli", *args], capture_output=True, text=True, timeout=60
     )
     assert out.returncode == 2
-    assert out.stdout.strip() == f"usage: infergate bench {{{','.join(BENCHMARKS)}}} [flags]"
+    said = out.stdout + out.stderr  # the usage (no name), or what to run instead (a wrong one)
+    assert said.startswith("usage: infergate bench") or "infergate bench --help" in said
+    assert all(name in said for name in BENCHMARKS)

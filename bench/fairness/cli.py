@@ -14,6 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from infergw.api.cli_help import HelpFormatter
 from infergw.bench.common import machine, save_results
 from infergw.bench.fairness.report import markdown, plot
 from infergw.bench.fairness.scenario import SLOTS, TENANTS, Measurement, measure
@@ -45,11 +46,15 @@ def run_mode(flow_control: bool, settings: dict, workdir: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="infergate bench fairness", description=__doc__)
-    p.add_argument("--quick", action="store_true", help="short phases (about a minute in all)")
-    p.add_argument("--duration", type=float, default=None, help="seconds the tenants contend")
-    p.add_argument("--modes", default="off,on", help="comma-separated: off (no flow control), on")
-    p.add_argument(
+    p = argparse.ArgumentParser(
+        prog="infergate bench fairness", description=__doc__, formatter_class=HelpFormatter
+    )
+    run = p.add_argument_group("Run")
+    output = p.add_argument_group("Output")
+    run.add_argument("--quick", action="store_true", help="short phases (about a minute in all)")
+    run.add_argument("--duration", type=float, default=None, help="seconds the tenants contend")
+    run.add_argument("--modes", default="off,on", help="comma-separated: off (no flow control), on")
+    output.add_argument(
         "--output-dir",
         type=Path,
         default=None,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from infergw.api.cli_help import HelpFormatter
 from infergw.bench.common import machine, save_results
 from infergw.bench.pd.fleet import MODES
 from infergw.bench.pd.report import markdown, plot
@@ -25,17 +26,21 @@ QUICK = {"rates": [6.0], "warmup_s": 3.0, "duration_s": 8.0, "modes": MODES[:2]}
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="infergate bench pd", description=__doc__)
-    p.add_argument("--quick", action="store_true", help="one rate, short (about a minute)")
-    p.add_argument("--rates", default=None, help="comma-separated requests/s")
-    p.add_argument("--duration", type=float, default=None, help="measured seconds per point")
-    p.add_argument(
+    p = argparse.ArgumentParser(
+        prog="infergate bench pd", description=__doc__, formatter_class=HelpFormatter
+    )
+    run = p.add_argument_group("Run")
+    output = p.add_argument_group("Output")
+    run.add_argument("--quick", action="store_true", help="one rate, short (about a minute)")
+    run.add_argument("--rates", default=None, help="comma-separated requests/s")
+    run.add_argument("--duration", type=float, default=None, help="measured seconds per point")
+    run.add_argument(
         "--modes",
         default=None,
         help=f"comma-separated: {', '.join(MODES)} (default: all; --quick: the first two)",
     )
-    p.add_argument("--seed", type=int, default=7)
-    p.add_argument(
+    run.add_argument("--seed", type=int, default=7, help="random seed of the workload")
+    output.add_argument(
         "--output-dir",
         type=Path,
         default=None,

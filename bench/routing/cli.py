@@ -8,6 +8,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from infergw.api.cli_help import HelpFormatter
 from infergw.bench.common import PLOTS, machine, write_json
 from infergw.bench.routing.arrivals import ARRIVALS
 from infergw.bench.routing.catalog import plan, with_arrivals
@@ -90,22 +91,29 @@ def with_baselines(chosen: list, commits: list[str]) -> list:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="infergate bench routing", description=__doc__)
-    p.add_argument("--quick", action="store_true", help="4 pods, one workload and rate (< 3 min)")
-    p.add_argument(
+    p = argparse.ArgumentParser(
+        prog="infergate bench routing", description=__doc__, formatter_class=HelpFormatter
+    )
+    run = p.add_argument_group("Run")
+    fleet = p.add_argument_group("Fleet")
+    compared = p.add_argument_group("Routers and workloads")
+    slos = p.add_argument_group("SLOs")
+    comparison = p.add_argument_group("Comparison")
+    run.add_argument("--quick", action="store_true", help="4 pods, one workload and rate (< 3 min)")
+    compared.add_argument(
         "--routers",
         default=None,
         help="comma-separated names (default: all but the -x2 replicas)",
     )
-    p.add_argument("--pods", type=int, default=None)
-    p.add_argument(
+    fleet.add_argument("--pods", type=int, default=None, help="simulator pods")
+    compared.add_argument(
         "--workloads",
         default=None,
         help="comma-separated: "
         + ", ".join(w.name for w, _ in plan(False, 1))
         + " (default: all; --quick runs shared-prefix only unless asked)",
     )
-    p.add_argument(
+    run.add_argument(
         "--arrivals",
         choices=sorted(ARRIVALS),
         default="poisson",
@@ -113,28 +121,28 @@ def main(argv: list[str] | None = None) -> int:
         f"{ARRIVALS['bursty'].peak_factor:g}× the mean rate; the workload's name gets "
         "+bursty); the bursty workload is always bursty",
     )
-    p.add_argument(
+    slos.add_argument(
         "--slo-ttft-ms",
         type=float,
         default=1000 * Slo().ttft_s,
         help="goodput counts requests whose first token came within this (default %(default)g)",
     )
-    p.add_argument(
+    slos.add_argument(
         "--slo-tpot-ms",
         type=float,
         default=1000 * Slo().tpot_s,
         help="... and whose later tokens came this far apart or less on average "
         "(default %(default)g)",
     )
-    p.add_argument("--duration", type=float, default=None, help="measured seconds per point")
-    p.add_argument(
+    run.add_argument("--duration", type=float, default=None, help="measured seconds per point")
+    run.add_argument(
         "--rates",
         default=None,
         help="comma-separated request rates for every workload (default: each workload's own); "
         "a low rate keeps a shared machine's CPU out of a routing-quality comparison",
     )
-    p.add_argument("--seed", type=int, default=7)
-    p.add_argument(
+    run.add_argument("--seed", type=int, default=7, help="random seed of the workload")
+    comparison.add_argument(
         "--baseline",
         action="append",
         default=[],
@@ -142,14 +150,14 @@ def main(argv: list[str] | None = None) -> int:
         help="also run each chosen infergate router with this commit's picker, right after "
         "it (infergate-precise@COMMIT): before/after in one run (repeatable)",
     )
-    p.add_argument(
+    run.add_argument(
         "--idle",
         type=float,
         default=None,
         help="seconds each router idles before the traffic, to tell its per-request CPU "
         "from scraping and housekeeping (default 4, 0: off)",
     )
-    p.add_argument(
+    fleet.add_argument(
         "--sim-latency-profile",
         choices=sorted(PROFILES),
         default=None,

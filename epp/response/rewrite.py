@@ -13,21 +13,28 @@ from typing import ClassVar
 from infergw.epp.response.chain import Bytes
 
 
-class ModelNameRewriter:
+class HeldTailEditor:
+    """An editing stage whose edits are found by pattern: whole events and bodies are edited
+    at once; in parts, the tail that could hold the start of a match (`_tail`) waits for the
+    next part. Subclasses say what to replace (`_replace`) and how long that tail is."""
+
     edits: ClassVar[bool] = True
 
-    def __init__(self, served: str, asked: str) -> None:
-        s, a = json.dumps(served), json.dumps(asked)
-        self._pairs = [(f'"model":{s}'.encode(), f'"model":{a}'.encode())]
-        self._pairs.append((f'"model": {s}'.encode(), f'"model": {a}'.encode()))
+    def __init__(self) -> None:
         self._held = b""
+
+    def _replace(self, data: Bytes) -> Bytes:
+        raise NotImplementedError
+
+    def _tail(self, data: Bytes) -> int:
+        raise NotImplementedError
 
     def event(self, data: Bytes) -> Bytes:
         return self._replace(self._with_held(data))  # nothing continues a whole event
 
     def part(self, data: Bytes, line_open: bool) -> Bytes:
         data = self._replace(self._with_held(data))
-        keep = self._partial_tail(data)
+        keep = self._tail(data)
         self._held = bytes(data[len(data) - keep :]) if keep else b""
         return data[: len(data) - keep] if keep else data
 
@@ -39,13 +46,21 @@ class ModelNameRewriter:
         held = self.flush()
         return held + data if held else data
 
+
+class ModelNameRewriter(HeldTailEditor):
+    def __init__(self, served: str, asked: str) -> None:
+        super().__init__()
+        s, a = json.dumps(served), json.dumps(asked)
+        self._pairs = [(f'"model":{s}'.encode(), f'"model":{a}'.encode())]
+        self._pairs.append((f'"model": {s}'.encode(), f'"model": {a}'.encode()))
+
     def _replace(self, data: Bytes) -> Bytes:
         for old, new in self._pairs:
             if old in data:  # (a bytearray's replace copies even when nothing matches)
                 data = data.replace(old, new)
         return data
 
-    def _partial_tail(self, data: Bytes) -> int:
+    def _tail(self, data: Bytes) -> int:
         """Length of the longest end of `data` that is a proper start of a pattern."""
         longest = 0
         for old, _ in self._pairs:
