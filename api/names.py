@@ -49,6 +49,12 @@ DOWNLOAD_FAILED = "DownloadFailed"
 # adapters at run time.
 RUNTIME_PORT = 8300
 
+# ---- example documents for the local stack alone -----------------------------------------------
+
+# A local S3 the stack starts for an example and fills with its files (stack/object_store.py);
+# the standalone controllers skip it (controllers/manifests.py).
+LOCAL_OBJECT_STORE_KIND = "LocalObjectStore"
+
 # ---- install objects the controllers read -----------------------------------------------------
 
 # The install's Gateway-wide EnvoyPatchPolicy (gateway-manifests/bbr/picker-filter.yaml) that

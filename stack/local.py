@@ -32,6 +32,7 @@ from infergw.api.names import ENGINE_LABEL, KV_EVENTS_PORT, KV_REPLAY_PORT
 from infergw.cluster.certs import serving_cert
 from infergw.stack.auth import AuthConfig
 from infergw.stack.envoy_config import EnvoySettings, ListenerTls, PoolRoute, render
+from infergw.stack.object_store import ObjectStoreServer, ObjectStoreSpec
 from infergw.stack.gateway_tls import WILDCARD_LOOPBACK
 from infergw.stack.pods import StartReport, pool_pods
 from infergw.stack.ports import PickerPorts, RouterPorts, StackPorts, free_port
@@ -119,13 +120,16 @@ class StackConfig:
     # with (plain HTTP otherwise). stack/gateway_tls.py makes or checks one.
     listen_host: str = "127.0.0.1"
     listener_tls: ListenerTls | None = None
+    # Local S3 servers (an example's LocalObjectStore), started and filled before the
+    # controllers, so the pods' downloads find their files (stack/object_store.py).
+    object_stores: list[ObjectStoreSpec] = field(default_factory=list)
 
     @classmethod
     def from_example(cls, example, workdir: Path, ports: StackPorts, **kw) -> StackConfig:
         """A stack that runs an example directory (stack.example.Example) through the
         controllers; `kw` sets any other field."""
         several = [
-            PoolPlan(m.pool_name, m.served_name, m.tokenizer_dir, m.pod_count())
+            PoolPlan(m.pool_name, m.served_name, m.tokenizer_dir, m.pods_to_wait_for())
             for m in example.each
         ]
         return cls(
@@ -136,7 +140,8 @@ class StackConfig:
             manifests=example.directory,
             pool_name=example.pool_name,
             tokenizer_dir=example.tokenizer_dir,
-            expect_pods=example.pod_count(),
+            expect_pods=example.pods_to_wait_for(),
+            object_stores=list(example.object_stores),
             pod_timeout=SIMULATOR_POD_TIMEOUT if example.runs_simulator else ENGINE_POD_TIMEOUT,
             auth=example.auth,
             pools=several if example.several else [],
@@ -164,6 +169,7 @@ class LocalStack:
         )
         self.supervisor = Supervisor()
         self.redis: RedisServer | None = None  # cfg.kv_index "redis": the shared KV index's
+        self.object_stores: list[ObjectStoreServer] = []  # cfg.object_stores, once started
         cfg.workdir.mkdir(parents=True, exist_ok=True)
         self.pool_path = cfg.workdir / "pool.yaml"
         self.eds_path = cfg.workdir / "eds" / "pool.json"
@@ -654,8 +660,21 @@ class LocalStack:
         self._stop("envoy")
         self.start_envoy()
 
+    def start_object_stores(self) -> None:
+        """Each local S3, filled with its uploads, before anything downloads from it."""
+        for spec in self.cfg.object_stores:
+            server = ObjectStoreServer(spec, self.cfg.workdir)
+            server.start()
+            self.object_stores.append(server)
+            if self.cfg.progress:
+                self.cfg.progress(
+                    f"  local S3 (moto) on {spec.endpoint}: bucket {spec.bucket!r} with "
+                    f"{server.objects()} objects ({', '.join(u.prefix for u in spec.uploads)})"
+                )
+
     def start(self) -> LocalStack:
         try:
+            self.start_object_stores()
             if self.cfg.kv_index == "redis" and self.cfg.with_picker:
                 self.start_redis()
             if self.from_manifests:
@@ -698,6 +717,8 @@ class LocalStack:
             self._stop(name)
         if self.redis is not None:
             self.redis.stop()
+        while self.object_stores:
+            self.object_stores.pop().stop()
 
     def __enter__(self) -> LocalStack:
         return self.start()
