@@ -32,8 +32,8 @@ from infergw.api.names import ENGINE_LABEL, KV_EVENTS_PORT, KV_REPLAY_PORT
 from infergw.cluster.certs import serving_cert
 from infergw.stack.auth import AuthConfig
 from infergw.stack.envoy_config import EnvoySettings, ListenerTls, PoolRoute, render
-from infergw.stack.object_store import ObjectStoreServer, ObjectStoreSpec
 from infergw.stack.gateway_tls import WILDCARD_LOOPBACK
+from infergw.stack.object_store import ObjectStoreServer, ObjectStoreSpec
 from infergw.stack.pods import StartReport, pool_pods
 from infergw.stack.ports import PickerPorts, RouterPorts, StackPorts, free_port
 from infergw.stack.readiness import wait_http, wait_until

@@ -117,7 +117,8 @@ class ObjectStoreSpec:
         uploads = spec.get("uploads") or []
         if not isinstance(uploads, list):
             raise ObjectStoreError(f"{where}: spec.uploads must be a list")
-        return cls(name, endpoint.rstrip("/"), bucket, tuple(_upload(where, u, root) for u in uploads))
+        chosen = tuple(_upload(where, u, root) for u in uploads)
+        return cls(name, endpoint.rstrip("/"), bucket, chosen)
 
 
 def _loopback_endpoint(endpoint: str) -> bool:

@@ -78,9 +78,7 @@ def completion(stack: LocalStack, model: str) -> tuple[int, dict, float]:
     return r.status_code, r.json(), time.monotonic() - t0
 
 
-def test_the_lifecycle_example_downloads_loads_its_adapter_and_scales_from_zero(
-    stack, tmp_path
-):
+def test_the_lifecycle_example_downloads_loads_its_adapter_and_scales_from_zero(stack, tmp_path):
     store = stack.cfg.object_stores[0]
     listing = requests.get(f"{store.endpoint}/{store.bucket}?list-type=2", timeout=5).text
     assert "<Key>tiny/tokenizer.json</Key>" in listing
