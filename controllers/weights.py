@@ -8,7 +8,9 @@
   source settings alone (FETCH_ENV: the token, the endpoint, the AWS credentials, each a
   secretKeyRef where the Model says so). A download that
   fails writes its one-line error as the container's termination message, which the
-  ModelInfer's Progressing and the Model's Failed conditions quote (DOWNLOAD_FAILED).
+  ModelInfer's Progressing and the Model's Failed conditions quote (DOWNLOAD_FAILED). The
+  Model's `modelRevision` and `modelFiles` become the download's `--revision`, `--include`
+  and `--exclude` (source_args; its adapters are downloaded whole, at their main).
 - `pvc://CLAIM/PATH` (in a cluster): the claim mounted read-only at PVC_ROOT/CLAIM in the
   engine, which reads PATH in place: nothing to copy.
 - `file://PATH` and `ms://ORG/NAME`: as written (a path in the image or on this machine; the
@@ -188,13 +190,30 @@ def writable_mounts(layout: WeightsLayout) -> list[dict]:
     ]
 
 
+def source_args(model: Model) -> list[str]:
+    """The download's flags for the Model's own weights: the revision and the files chosen
+    (unset exclude: the downloader's default; `[]`: nothing left out)."""
+    spec = model.spec
+    args = [f"--revision={spec.model_revision}"] if spec.model_revision else []
+    files = spec.model_files
+    if files is not None:
+        args += [f"--include={glob}" for glob in files.include or []]
+        if files.exclude is not None:
+            args += [f"--exclude={glob}" for glob in files.exclude] or ["--no-default-exclude"]
+    return args
+
+
 def init_containers(model: Model, layout: WeightsLayout) -> list[dict]:
     """The download of the Model's own weights, if it needs one."""
     out = []
     for artifact in artifacts(model)[:1]:
         if not downloads(model, artifact.uri):
             continue
-        args = [artifact.uri, f"--dest={layout.models_dir(model)}/{artifact.link}"]
+        args = [
+            artifact.uri,
+            f"--dest={layout.models_dir(model)}/{artifact.link}",
+            *source_args(model),
+        ]
         container = fetcher(model, layout, DOWNLOAD_CONTAINER, "download", args)
         # The download's last line, if it could not write its termination message.
         container["terminationMessagePolicy"] = "FallbackToLogsOnError"

@@ -15,7 +15,7 @@ import logging
 import sys
 from pathlib import Path
 
-from infergw.fetch.hf import HuggingFace
+from infergw.fetch.hf import HuggingFace, check_revision
 from infergw.fetch.s3 import S3
 from infergw.fetch.source import FetchError, Limits, Source, copy_bounded
 
@@ -40,6 +40,7 @@ def source_for(uri: str, revision: str, timeout: float) -> Source:
     if scheme == "hf":
         if ".." in rest.split("/"):
             raise ValueError(f"{uri!r}: not a repository name")
+        check_revision(revision)
         return HuggingFace.from_environment(rest, revision, min(timeout, 30.0))
     bucket, _, prefix = rest.partition("/")
     return S3(bucket, prefix, timeout=min(timeout, 30.0))
