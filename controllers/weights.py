@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from infergw.api.engines import INFERGATE_IMAGE, runs_simulator
+from infergw.api.names import FETCH_ENV
 from infergw.api.workload import Model, engine_type
 
 DOWNLOADED = ("hf", "s3", "obs")  # fetched by `infergate download` before the engine starts
@@ -42,20 +43,6 @@ MODELS_VOLUME = "models"
 BASE = "base"  # the Model's own weights under the models folder; adapters under lora/<name>
 DOWNLOAD_IMAGE = INFERGATE_IMAGE  # `infergate download`
 TERMINATION_LOG = "/dev/termination-log"  # where the kubelet reads a container's last word
-# What a download (and the picker's tokenizer fetch) may see of the Model's env: the
-# credentials and endpoints of its source, nothing else of the engine's.
-FETCH_ENV = (
-    "HF_TOKEN",
-    "HUGGING_FACE_HUB_TOKEN",
-    "HF_ENDPOINT",
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
-    "AWS_REGION",
-    "AWS_DEFAULT_REGION",
-    "AWS_ENDPOINT_URL",
-    "AWS_ENDPOINT_URL_S3",
-)
 _SECURITY = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
 
 
