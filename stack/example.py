@@ -18,6 +18,7 @@ from infergw.api.engines import runs_simulator
 from infergw.api.names import LOCAL_OBJECT_STORE_KIND
 from infergw.api.workload import DEFAULT_ENGINE
 from infergw.stack.auth import AuthConfig, AuthError
+from infergw.stack.model_tokenizer import TokenizerSource
 from infergw.stack.object_store import ObjectStoreError, ObjectStoreSpec
 from infergw.stack.resources import FILE_URI_ROOT
 
@@ -48,6 +49,11 @@ class ExampleModel:
         root in a checkout), where `infergate up` runs the controllers."""
         scheme, _, path = self.model["spec"]["modelURI"].partition("://")
         return (FILE_URI_ROOT / path).resolve() if scheme == "file" else None
+
+    @property
+    def tokenizer_source(self) -> TokenizerSource | None:
+        """Where the picker's tokenizer is fetched from: the source of downloaded weights."""
+        return TokenizerSource.of(self.model)
 
     @property
     def runs_simulator(self) -> bool:

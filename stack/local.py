@@ -20,7 +20,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import yaml
@@ -33,6 +33,7 @@ from infergw.cluster.certs import serving_cert
 from infergw.stack.auth import AuthConfig
 from infergw.stack.envoy_config import EnvoySettings, ListenerTls, PoolRoute, render
 from infergw.stack.gateway_tls import WILDCARD_LOOPBACK
+from infergw.stack.model_tokenizer import TokenizerSource, fetch_tokenizer
 from infergw.stack.object_store import ObjectStoreServer, ObjectStoreSpec
 from infergw.stack.pods import StartReport, pool_pods
 from infergw.stack.ports import PickerPorts, RouterPorts, StackPorts, free_port
@@ -123,6 +124,12 @@ class StackConfig:
     # Local S3 servers (an example's LocalObjectStore), started and filled before the
     # controllers, so the pods' downloads find their files (stack/object_store.py).
     object_stores: list[ObjectStoreSpec] = field(default_factory=list)
+    # Pool name → where its picker's tokenizer is fetched from (a Model whose weights are
+    # downloaded), before the picker starts: stack/model_tokenizer.py.
+    tokenizer_sources: dict[str, TokenizerSource] = field(default_factory=dict)
+    # The weights cache the controllers download into (--weights-cache-dir) and the
+    # tokenizer fetch reads; None: the download's default (~/.cache/infergate/models).
+    weights_cache_dir: Path | None = None
 
     @classmethod
     def from_example(cls, example, workdir: Path, ports: StackPorts, **kw) -> StackConfig:
@@ -142,6 +149,9 @@ class StackConfig:
             tokenizer_dir=example.tokenizer_dir,
             expect_pods=example.pods_to_wait_for(),
             object_stores=list(example.object_stores),
+            tokenizer_sources={
+                m.pool_name: m.tokenizer_source for m in example.each if m.tokenizer_source
+            },
             pod_timeout=SIMULATOR_POD_TIMEOUT if example.runs_simulator else ENGINE_POD_TIMEOUT,
             auth=example.auth,
             pools=several if example.several else [],
@@ -188,7 +198,7 @@ class LocalStack:
         if len(cfg.pools) > 1 and not self.from_manifests:
             raise ValueError("several pools come from manifests (their Models) only")
         # The pools, each with its pickers; the body-based router chooses among several.
-        self.plans = cfg.pools or [
+        self.plans = list(cfg.pools) or [
             PoolPlan(cfg.pool_name, cfg.served_model_name, cfg.tokenizer_dir, cfg.expect_pods)
         ]
         self.several = len(self.plans) > 1
@@ -372,6 +382,7 @@ class LocalStack:
             str(c.ports.controllers_metrics),
             *self._controllers_kv_args(),
             *self._picker_metrics_args(),
+            *(["--weights-cache-dir", str(c.weights_cache_dir)] if c.weights_cache_dir else []),
             *c.controllers_args,
         ]
         # From where the examples' relative file:// model paths start (stack/resources.py).
@@ -672,9 +683,30 @@ class LocalStack:
                     f"{server.objects()} objects ({', '.join(u.prefix for u in spec.uploads)})"
                 )
 
+    def fetch_tokenizers(self) -> None:
+        """Each downloaded Model's tokenizer for its picker, from the weights cache or its
+        source (stack/model_tokenizer.py); one that cannot be had leaves the simulator's."""
+        for i, plan in enumerate(self.plans):
+            source = self.cfg.tokenizer_sources.get(plan.name)
+            if source is None or plan.tokenizer_dir is not None:
+                continue
+            dest = self.cfg.workdir / "tokenizers" / plan.name
+            log = self.cfg.workdir / f"tokenizer-{plan.name}.log"
+            problem = fetch_tokenizer(source, dest, self.cfg.weights_cache_dir, log)
+            if problem is None:
+                self.plans[i] = replace(plan, tokenizer_dir=dest)
+            if self.cfg.progress:
+                self.cfg.progress(
+                    f"  picker's tokenizer for {plan.name!r}: {source.uri} -> {dest}"
+                    if problem is None
+                    else f"  picker's tokenizer for {plan.name!r}: {problem}; "
+                    f"tokenizing with the simulator's instead (log: {log})"
+                )
+
     def start(self) -> LocalStack:
         try:
             self.start_object_stores()
+            self.fetch_tokenizers()
             if self.cfg.kv_index == "redis" and self.cfg.with_picker:
                 self.start_redis()
             if self.from_manifests:

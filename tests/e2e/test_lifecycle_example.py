@@ -6,7 +6,8 @@ standalone controllers, picker and Envoy, all real processes.
 The walk of the README: idle → zero pods; a request → held by the picker while a pod starts,
 its init container downloading the weights from the local S3 into the weights cache; 200,
 the runtime sidecar having downloaded the adapter and loaded it through the engine's API; a
-request for the adapter → 200 from the engine under the adapter's name."""
+request for the adapter → 200 from the engine under the adapter's name. The picker's
+tokenizer is the model's own, from the same S3 prefix."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from infergw.stack.local import LocalStack, StackConfig
 from infergw.stack.object_store import moto_installed
 from infergw.stack.pods import pool_pods
 from infergw.stack.ports import free_port, free_stack_ports
-from tests.paths import EXAMPLES
+from tests.paths import DEFAULT_MODEL, EXAMPLES
 
 pytestmark = [
     pytest.mark.slow,
@@ -43,12 +44,8 @@ def stack(tmp_path):
         free_stack_ports(1),
         # This machine's cache stays untouched; the autoscaler's cycle shortened (at zero it
         # looks every second whatever the interval).
-        controllers_args=[
-            "--weights-cache-dir",
-            str(tmp_path / "cache"),
-            "--autoscale-interval",
-            "2",
-        ],
+        weights_cache_dir=tmp_path / "cache",
+        controllers_args=["--autoscale-interval", "2"],
     )
     s = LocalStack(cfg)
     s.start()
@@ -83,6 +80,13 @@ def test_the_lifecycle_example_downloads_loads_its_adapter_and_scales_from_zero(
     listing = requests.get(f"{store.endpoint}/{store.bucket}?list-type=2", timeout=5).text
     assert "<Key>tiny/tokenizer.json</Key>" in listing
     assert f"<Key>{ADAPTER}/adapter_config.json</Key>" in listing
+
+    # The picker tokenizes with the model's own files, fetched from the local S3 before it
+    # started (nothing was downloaded yet to take them from).
+    tokenizer = stack.cfg.workdir / "tokenizers" / POOL
+    assert stack.plans[0].tokenizer_dir == tokenizer
+    uploaded = (DEFAULT_MODEL / "tokenizer.json").read_bytes()  # object-store.yaml's upload
+    assert (tokenizer / "tokenizer.json").read_bytes() == uploaded
 
     wait_for_zero(stack)  # idle → zero pods
     time.sleep(1)
