@@ -6,7 +6,8 @@ standalone controllers, picker and Envoy, all real processes.
 The walk of the README: idle → zero pods; a request → held by the picker while a pod starts,
 its init container downloading the weights from the local S3 into the weights cache; 200,
 the runtime sidecar having downloaded the adapter and loaded it through the engine's API; a
-request for the adapter → 200 from the engine under the adapter's name. The picker's
+request for the adapter → 200 from the engine under the adapter's name; idle → zero pods
+again; a cold request for the adapter → held, 200, nothing downloaded again. The picker's
 tokenizer is the model's own, from the same S3 prefix."""
 
 from __future__ import annotations
@@ -118,3 +119,13 @@ def test_the_lifecycle_example_downloads_loads_its_adapter_and_scales_from_zero(
     status, body, _ = completion(stack, ADAPTER)
     assert status == 200, body
     assert body["model"] == ADAPTER
+
+    # Idle → zero again, after the window; a cold request for the adapter is held too, and
+    # the new pod finds the weights and the adapter in the cache (no new entry).
+    assert pool_pods(stack.pool_path, POOL)
+    wait_for_zero(stack)
+    status, body, took = completion(stack, ADAPTER)
+    assert status == 200, body
+    assert body["model"] == ADAPTER
+    print(f"cold start of the adapter, from the cache: answered in {took:.2f}s")
+    assert sorted((tmp_path / "cache" / "entries").iterdir()) == entries
