@@ -37,7 +37,7 @@ from importlib.util import find_spec
 from pathlib import Path
 from urllib.parse import quote, urlsplit
 
-from infergw.api.lifetime import spawn
+from infergw.api.lifetime import spawn, stop
 from infergw.api.names import LOCAL_OBJECT_STORE_KIND
 
 EXTRA = "local-s3"
@@ -212,14 +212,7 @@ class ObjectStoreServer:
 
     def stop(self) -> None:
         proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
 
 
 def _put(url: str, data: bytes) -> None:
