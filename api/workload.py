@@ -15,6 +15,7 @@ from infergw.api.engines import TRTLLM
 from infergw.api.lora_adapters import ADAPTER_NAME, ADAPTER_NAME_RULE, MAX_NAME
 from infergw.api.meta import (
     ARTIFACT_URI,
+    ARTIFACT_URI_RULE,
     DNS_LABEL,
     METRIC_NAME,
     QUANTITY,
@@ -198,7 +199,7 @@ def validate_model(model: Model) -> list[str]:
     p = Problems()
     spec = model.spec
     p.match(
-        "spec.modelURI", spec.model_uri, ARTIFACT_URI, "a URI with hf, ms, s3, obs, pvc or file"
+        "spec.modelURI", spec.model_uri, ARTIFACT_URI, ARTIFACT_URI_RULE
     )
     p.text("spec.modelURI", spec.model_uri, 1, 2048)
     check_model_source(p, spec.model_uri, spec.model_revision, spec.model_files)

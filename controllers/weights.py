@@ -1,6 +1,7 @@
 """Where a Model's engine reads its weights (and its LoRA adapters'), and what puts them there.
 
-- `hf://`, `s3://`, `obs://` (a real engine; the simulator needs no weights): an init
+- `hf://`, `s3://`, `obs://`, an `http(s)://` archive (a real engine; the simulator needs no
+  weights): an init
   container for the Model's own weights runs `infergate download URI --dest=<models>/base`
   (fetch/download.py) into the weights cache before the engine starts, and the engine is
   pointed at that link. Its LoRA adapters are downloaded the same way at run time, into
@@ -33,7 +34,8 @@ from infergw.api.engines import INFERGATE_IMAGE, runs_simulator
 from infergw.api.names import FETCH_ENV
 from infergw.api.workload import Model, engine_type
 
-DOWNLOADED = ("hf", "s3", "obs")  # fetched by `infergate download` before the engine starts
+# Fetched by `infergate download` before the engine starts (http(s): an archive, unpacked).
+DOWNLOADED = ("hf", "s3", "obs", "http", "https")
 PVC_ROOT = "/mnt/pvc"  # a claim CLAIM is mounted at PVC_ROOT/CLAIM (the download's default)
 POD_MODELS_DIR = "/models"  # the per-pod links, one per artifact
 POD_CACHE_DIR = "/var/cache/infergate/models"

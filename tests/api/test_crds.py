@@ -504,7 +504,7 @@ BROKEN = [
         MODEL,
         "uri-without-scheme",
         _set("spec.modelURI", "meta-llama/Meta-Llama-3-8B"),
-        "spec.modelURI: must be a URI with hf, ms, s3, obs, pvc or file",
+        "spec.modelURI: must be a URI with hf, ms, s3, obs, pvc, file, http or https",
     ),
     Broken(
         MODEL,
@@ -998,6 +998,7 @@ VALID_VARIANTS = [
         "aggregated",
         _set("spec.backend", {"aggregated": {"replicas": 2, "workerReplicas": 1}}),
     ),
+    (MODEL, "https-archive", _set("spec.modelURI", "https://models.example.com/llama.tar.gz")),
     (
         MODEL,
         "pinned-revision-and-files",

@@ -63,6 +63,15 @@ def test_the_models_revision_and_files_are_the_downloads(files, include, exclude
     assert (opts.include, opts.exclude, opts.no_default_exclude) == (include, exclude, no_default)
 
 
+def test_an_https_archive_is_downloaded_and_unpacked_before_the_engine() -> None:
+    url = "https://models.example.com/llama.tar.gz"
+    mi, entry, _ = templates(model(url))
+    [init] = entry["initContainers"]
+    assert download_parser().parse_args(init["args"]).uri == url
+    assert "--model=/models/base" in engine_args(entry)
+    assert validate_dict(api.to_dict(mi)) == []
+
+
 def test_without_a_revision_the_download_reads_main() -> None:
     _, entry, _ = templates(model("s3://bucket/llama"))
     assert download_parser().parse_args(entry["initContainers"][0]["args"]).revision == "main"
