@@ -317,3 +317,17 @@ def test_a_model_whose_weights_are_downloaded_has_its_tokenizer_fetched(tmp_path
     hf = sources["hf"]
     assert (hf.uri, hf.revision) == ("hf://org/m", "v1")
     assert hf.env == (("HF_ENDPOINT", "http://mirror"),)  # the source's settings alone
+
+
+def test_up_without_moto_stops_before_starting_anything_and_names_the_extra(
+    tmp_path, monkeypatch, capsys
+):
+    from infergw import up
+
+    monkeypatch.setattr(up, "moto_installed", lambda: False)
+    lifecycle = ROOT / "examples" / "lifecycle"
+    assert up.main([str(lifecycle), "--workdir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "moto" in err and "pip install 'infergw[local-s3]'" in err and str(lifecycle) in err
+    assert list(tmp_path.iterdir()) == []  # nothing started, nothing written
+    assert up.object_store_problem(Example.read(ROOT / "examples" / "quickstart"), tmp_path) is None
