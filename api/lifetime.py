@@ -108,3 +108,16 @@ def spawn(args: Any, **kwargs: Any) -> subprocess.Popen:
     if threading.current_thread() is threading.main_thread():
         return _popen(args, kwargs)
     return _spawner.popen(args, kwargs)
+
+
+def stop(proc: subprocess.Popen | None, grace: float = 10) -> None:
+    """SIGTERM a process `spawn` started, SIGKILL it if it has not exited after `grace`
+    seconds (a server the stack owns: redis-server, the local S3)."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

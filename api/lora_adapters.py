@@ -14,7 +14,7 @@ import json
 import re
 from dataclasses import dataclass
 
-from infergw.api.meta import ARTIFACT_URI
+from infergw.api.meta import ARTIFACT_URI, ARTIFACT_URI_RULE
 
 # Whose adapter routes the sidecar calls (runtime/engine_api.py): vLLM's (the simulator's too)
 # or SGLang's.
@@ -95,7 +95,7 @@ def _entry(item: object, models_dir: str) -> tuple[Adapter | None, str | None]:
     if not isinstance(name, str) or not ADAPTER_NAME.match(name) or len(name) > MAX_NAME:
         return None, f"the name must be {ADAPTER_NAME_RULE}, at most {MAX_NAME} characters"
     if not isinstance(source, str) or len(source) > MAX_SOURCE or not ARTIFACT_URI.match(source):
-        return None, "the source must be a URI with hf, ms, s3, obs, pvc or file"
+        return None, f"the source must be {ARTIFACT_URI_RULE}"
     if not isinstance(path, str) or not path or len(path) > MAX_PATH or _control(path):
         return None, "the path must be a non-empty string without control characters"
     if not isinstance(download, bool):

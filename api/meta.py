@@ -67,7 +67,10 @@ QUANTITY = re.compile(
     r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))"
     r"(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?\Z"
 )
-ARTIFACT_URI = re.compile(r"^(hf|ms|s3|obs|pvc|file)://.+\Z")
+# Where a Model's weights or an adapter come from; an http(s):// URL is an archive
+# (fetch/archive.py: .tar, .tar.gz, .zip, ...) downloaded and unpacked.
+ARTIFACT_URI = re.compile(r"^(hf|ms|s3|obs|pvc|file|https?)://.+\Z")
+ARTIFACT_URI_RULE = "a URI with hf, ms, s3, obs, pvc, file, http or https"
 METRIC_NAME = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*\Z")
 
 _DURATION_UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}

@@ -59,6 +59,27 @@ DOWNLOAD_FAILED = "DownloadFailed"
 # adapters at run time.
 RUNTIME_PORT = 8300
 
+# What a download (and the picker's tokenizer fetch, in a cluster or the local stack) may see
+# of a Model's env: the credentials and endpoints of its source, nothing else of the engine's.
+FETCH_ENV = (
+    "HF_TOKEN",
+    "HUGGING_FACE_HUB_TOKEN",
+    "HF_ENDPOINT",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+)
+
+# ---- example documents for the local stack alone -----------------------------------------------
+
+# A local S3 the stack starts for an example and fills with its files (stack/object_store.py);
+# the standalone controllers skip it (controllers/manifests.py).
+LOCAL_OBJECT_STORE_KIND = "LocalObjectStore"
+
 # ---- install objects the controllers read -----------------------------------------------------
 
 # The install's Gateway-wide EnvoyPatchPolicy (gateway-manifests/bbr/picker-filter.yaml) that

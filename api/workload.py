@@ -15,6 +15,7 @@ from infergw.api.engines import TRTLLM
 from infergw.api.lora_adapters import ADAPTER_NAME, ADAPTER_NAME_RULE, MAX_NAME
 from infergw.api.meta import (
     ARTIFACT_URI,
+    ARTIFACT_URI_RULE,
     DNS_LABEL,
     METRIC_NAME,
     QUANTITY,
@@ -25,6 +26,7 @@ from infergw.api.meta import (
     Problems,
     check_status_conditions,
 )
+from infergw.api.model_source import ModelFiles, check_model_source
 from infergw.api.networking import ENGINES, KVConnector, check_kv_connector
 from infergw.api.nulls import PROPERTIES
 from infergw.api.pod import check_pod_template, host_powers
@@ -137,6 +139,9 @@ class ModelSpec(ApiStruct):
     lora_adapters: list[LoraAdapter] | None = None
     autoscaling: ModelAutoscaling | None = None
     gateway: GatewayRef | None = None
+    # The revision of an hf:// model (default: the repository's main branch).
+    model_revision: str | None = None
+    model_files: ModelFiles | None = None
 
 
 class ModelStatus(ApiStruct):
@@ -194,9 +199,10 @@ def validate_model(model: Model) -> list[str]:
     p = Problems()
     spec = model.spec
     p.match(
-        "spec.modelURI", spec.model_uri, ARTIFACT_URI, "a URI with hf, ms, s3, obs, pvc or file"
+        "spec.modelURI", spec.model_uri, ARTIFACT_URI, ARTIFACT_URI_RULE
     )
     p.text("spec.modelURI", spec.model_uri, 1, 2048)
+    check_model_source(p, spec.model_uri, spec.model_revision, spec.model_files)
     p.text("spec.image", spec.image, 1, 512)
     p.text("spec.servedModelName", spec.served_model_name, 1, 256)
     engine = spec.engine.type or DEFAULT_ENGINE

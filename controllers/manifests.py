@@ -19,13 +19,21 @@ import yaml
 
 from infergw.api import forbidden_host_powers, prune_nulls, validate_dict, yaml_files
 from infergw.api.meta import Problems
+from infergw.api.names import LOCAL_OBJECT_STORE_KIND
 from infergw.api.pod import check_pod_template
 from infergw.cluster.store import CLUSTER_ONLY, KINDS, NotFound, Obj, Store, kind_of
 
 log = logging.getLogger("controllers.manifests")
 # Kinds an example directory holds for the rest of the stack, not for the controllers: the
-# picker's configuration, and Envoy's SecurityPolicy with the Secrets of its API keys.
-BESIDE = {"EndpointPickerConfig", "SecurityPolicy", "Secret", "Namespace"}
+# picker's configuration, Envoy's SecurityPolicy with the Secrets of its API keys, and the
+# local S3 the stack starts for the example (stack/object_store.py).
+BESIDE = {
+    "EndpointPickerConfig",
+    "SecurityPolicy",
+    "Secret",
+    "Namespace",
+    LOCAL_OBJECT_STORE_KIND,
+}
 
 
 def read_objects(directory: Path) -> tuple[list[tuple[str, Obj]], list[str]]:

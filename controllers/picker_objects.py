@@ -352,13 +352,17 @@ _CONTAINER_SECURITY = {
 
 def _fetch_container(model: Model, settings: PickerSettings) -> dict:
     """Fetches the tokenizer files alone into the shared volume, with the Model's source
-    credentials (FETCH_ENV entries of its env, e.g. HF_TOKEN from a Secret)."""
+    credentials (FETCH_ENV entries of its env, e.g. HF_TOKEN from a Secret) and at its
+    revision: the picker's pod has no access to the node's weights cache, so it reads the
+    same source at the same revision rather than the engine's copy (a commit pins both to
+    the same files; a branch is resolved by each as it runs)."""
     env = fetch_env(model)
+    revision = [f"--revision={model.spec.model_revision}"] if model.spec.model_revision else []
     container = {
         "name": "fetch-tokenizer",
         "image": settings.image,
         "command": ["infergate", "fetch", "tokenizer"],
-        "args": [f"--source={model.spec.model_uri}", f"--dest={TOKENIZER_DIR}"],
+        "args": [f"--source={model.spec.model_uri}", f"--dest={TOKENIZER_DIR}", *revision],
         "env": [{"name": "HOME", "value": "/tmp"}, *env],
         "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "1Gi"}},
         "securityContext": dict(_CONTAINER_SECURITY),

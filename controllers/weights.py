@@ -1,6 +1,7 @@
 """Where a Model's engine reads its weights (and its LoRA adapters'), and what puts them there.
 
-- `hf://`, `s3://`, `obs://` (a real engine; the simulator needs no weights): an init
+- `hf://`, `s3://`, `obs://`, an `http(s)://` archive (a real engine; the simulator needs no
+  weights): an init
   container for the Model's own weights runs `infergate download URI --dest=<models>/base`
   (fetch/download.py) into the weights cache before the engine starts, and the engine is
   pointed at that link. Its LoRA adapters are downloaded the same way at run time, into
@@ -8,7 +9,9 @@
   source settings alone (FETCH_ENV: the token, the endpoint, the AWS credentials, each a
   secretKeyRef where the Model says so). A download that
   fails writes its one-line error as the container's termination message, which the
-  ModelInfer's Progressing and the Model's Failed conditions quote (DOWNLOAD_FAILED).
+  ModelInfer's Progressing and the Model's Failed conditions quote (DOWNLOAD_FAILED). The
+  Model's `modelRevision` and `modelFiles` become the download's `--revision`, `--include`
+  and `--exclude` (source_args; its adapters are downloaded whole, at their main).
 - `pvc://CLAIM/PATH` (in a cluster): the claim mounted read-only at PVC_ROOT/CLAIM in the
   engine, which reads PATH in place: nothing to copy.
 - `file://PATH` and `ms://ORG/NAME`: as written (a path in the image or on this machine; the
@@ -28,9 +31,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from infergw.api.engines import INFERGATE_IMAGE, runs_simulator
+from infergw.api.names import FETCH_ENV
 from infergw.api.workload import Model, engine_type
 
-DOWNLOADED = ("hf", "s3", "obs")  # fetched by `infergate download` before the engine starts
+# Fetched by `infergate download` before the engine starts (http(s): an archive, unpacked).
+DOWNLOADED = ("hf", "s3", "obs", "http", "https")
 PVC_ROOT = "/mnt/pvc"  # a claim CLAIM is mounted at PVC_ROOT/CLAIM (the download's default)
 POD_MODELS_DIR = "/models"  # the per-pod links, one per artifact
 POD_CACHE_DIR = "/var/cache/infergate/models"
@@ -40,20 +45,6 @@ MODELS_VOLUME = "models"
 BASE = "base"  # the Model's own weights under the models folder; adapters under lora/<name>
 DOWNLOAD_IMAGE = INFERGATE_IMAGE  # `infergate download`
 TERMINATION_LOG = "/dev/termination-log"  # where the kubelet reads a container's last word
-# What a download (and the picker's tokenizer fetch) may see of the Model's env: the
-# credentials and endpoints of its source, nothing else of the engine's.
-FETCH_ENV = (
-    "HF_TOKEN",
-    "HUGGING_FACE_HUB_TOKEN",
-    "HF_ENDPOINT",
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
-    "AWS_REGION",
-    "AWS_DEFAULT_REGION",
-    "AWS_ENDPOINT_URL",
-    "AWS_ENDPOINT_URL_S3",
-)
 _SECURITY = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
 
 
@@ -188,13 +179,30 @@ def writable_mounts(layout: WeightsLayout) -> list[dict]:
     ]
 
 
+def source_args(model: Model) -> list[str]:
+    """The download's flags for the Model's own weights: the revision and the files chosen
+    (unset exclude: the downloader's default; `[]`: nothing left out)."""
+    spec = model.spec
+    args = [f"--revision={spec.model_revision}"] if spec.model_revision else []
+    files = spec.model_files
+    if files is not None:
+        args += [f"--include={glob}" for glob in files.include or []]
+        if files.exclude is not None:
+            args += [f"--exclude={glob}" for glob in files.exclude] or ["--no-default-exclude"]
+    return args
+
+
 def init_containers(model: Model, layout: WeightsLayout) -> list[dict]:
     """The download of the Model's own weights, if it needs one."""
     out = []
     for artifact in artifacts(model)[:1]:
         if not downloads(model, artifact.uri):
             continue
-        args = [artifact.uri, f"--dest={layout.models_dir(model)}/{artifact.link}"]
+        args = [
+            artifact.uri,
+            f"--dest={layout.models_dir(model)}/{artifact.link}",
+            *source_args(model),
+        ]
         container = fetcher(model, layout, DOWNLOAD_CONTAINER, "download", args)
         # The download's last line, if it could not write its termination message.
         container["terminationMessagePolicy"] = "FallbackToLogsOnError"

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import glob
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -31,10 +33,16 @@ from infergw.fetch.snapshot import Snapshot
 from infergw.fetch.source import FetchError, NoSpace
 
 MANIFEST = ".infergate-snapshot.json"  # in each entry: what it holds and where it came from
+MAX_MANIFEST_READ = 64 << 20  # a manifest of MAX_FILES files; one longer is not ours
 ENV = "INFERGATE_CACHE_DIR"
 FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)  # no room: the disk, a file size limit, quota
 LOCK_POLL = 0.25  # seconds between tries of a held lock
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def _slug(source: str) -> str:
+    """The readable start of a source's entries' keys."""
+    return _UNSAFE.sub("-", source.replace("://", "--")).strip("-.")[:80]
 
 
 def default_root() -> Path:
@@ -67,8 +75,7 @@ class Cache:
         h = hashlib.sha256(f"{snapshot.source}\0{snapshot.revision}\0".encode())
         for f in snapshot.files:
             h.update(f"{f.path}\0".encode())
-        slug = _UNSAFE.sub("-", snapshot.source.replace("://", "--")).strip("-.")[:80]
-        return f"{slug}--{h.hexdigest()[:20]}"
+        return f"{_slug(snapshot.source)}--{h.hexdigest()[:20]}"
 
     def entry(self, key: str) -> Path:
         return self.root / "entries" / key
@@ -86,6 +93,28 @@ class Cache:
         """The entry, if a download finished it (its manifest is the last thing renamed in)."""
         entry = self.entry(key)
         return entry if (entry / MANIFEST).is_file() else None
+
+    def holding(self, source: str, revision: str, name: str) -> Path | None:
+        """A complete entry of this source at this resolved revision that holds the file
+        `name` (the picker's tokenizer beside the engine's weights), read from the entries'
+        manifests; None if there is none (or no cache)."""
+        folder = self.root / "entries"
+        try:
+            candidates = sorted(folder.glob(f"{glob.escape(_slug(source))}--*"))
+        except OSError:
+            return None
+        for entry in candidates:
+            try:
+                manifest = (entry / MANIFEST).read_text()[:MAX_MANIFEST_READ]
+                said = json.loads(manifest)
+            except (OSError, ValueError):
+                continue  # incomplete, or not ours
+            if not isinstance(said, dict):
+                continue
+            same = said.get("source") == source and said.get("revision") == revision
+            if same and (entry / name).is_file():
+                return entry
+        return None
 
     @contextmanager
     def locked(self, key: str, waiting: Callable[[str, float], None]) -> Iterator[None]:

@@ -2,10 +2,17 @@
 weights cache, once per node, and `--dest` a link to them; what the Model's init container runs
 before its engine, and what standalone mode runs before starting one.
 
-Sources: `hf://ORG/NAME` or a bare repository id (its `--revision`; HF_TOKEN, HF_ENDPOINT),
+Sources: `hf://ORG/NAME` or a bare repository id (its `--revision`, a branch, tag or commit;
+HF_TOKEN, HF_ENDPOINT),
 `s3://BUCKET/PREFIX` and `obs://BUCKET/PREFIX` (boto3's AWS_* variables; OBS through its S3
 API at AWS_ENDPOINT_URL), `pvc://CLAIM/PATH` (the claim mounted at `--pvc-root/CLAIM`), a
 local folder (`file://PATH` or a path), and an `http(s)://` archive (`--sha256` to check it).
+
+Which files: those matching an `--include` glob (all without one), less those matching an
+`--exclude` glob. Without `--exclude`, a snapshot holding safetensors leaves out what vLLM
+does not read beside them (DEFAULT_EXCLUDE: the `original/` checkpoint of Meta's
+repositories, `*.pth`, PyTorch `.bin` shards), which would otherwise double the download;
+`--no-default-exclude` keeps everything.
 
 The steps: list the snapshot (resolving the revision), find its cache entry, else take its
 lock, find it again (another process may have made it meanwhile), check the free space,
@@ -32,7 +39,7 @@ from pathlib import Path
 from infergw.api import logs, version
 from infergw.fetch.archive import HttpArchive
 from infergw.fetch.cache import Cache, default_root, link
-from infergw.fetch.hf import HuggingFace
+from infergw.fetch.hf import HuggingFace, check_revision
 from infergw.fetch.local import LocalFolder
 from infergw.fetch.progress import Progress
 from infergw.fetch.s3 import S3
@@ -48,6 +55,10 @@ DEFAULT_MAX_BYTES = 4 << 40  # 4 TiB: more than the largest open models' weights
 DEFAULT_TIMEOUT = 60.0  # seconds to connect and between two reads
 DEFAULT_PVC_ROOT = Path("/mnt/pvc")
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+# Left out of a snapshot that has safetensors, unless --exclude or --no-default-exclude says
+# otherwise: vLLM loads the safetensors and never these (Meta's consolidated checkpoint in
+# original/, PyTorch pickles), which often double a repository's size.
+DEFAULT_EXCLUDE = ("original/*", "*.pth", "pytorch_model*.bin")
 ENDPOINT_ENVS = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
 
 
@@ -56,7 +67,8 @@ class Request:
     uri: str
     revision: str = "main"
     sha256: str | None = None
-    exclude: tuple[str, ...] = ()
+    exclude: tuple[str, ...] | None = None  # None: DEFAULT_EXCLUDE beside safetensors
+    include: tuple[str, ...] = ()  # empty: every file
     max_bytes: int = DEFAULT_MAX_BYTES
     timeout: float = DEFAULT_TIMEOUT
     pvc_root: Path = DEFAULT_PVC_ROOT
@@ -77,6 +89,7 @@ def repository_for(req: Request) -> Repository:
     if scheme == "hf":
         if not _REPO_ID.fullmatch(rest) or ".." in rest.split("/"):
             raise ValueError(f"{uri!r}: not a repository id (ORG/NAME)")
+        check_revision(req.revision)
         return HuggingFace.from_environment(rest, req.revision, req.timeout)
     if scheme in ("s3", "obs"):
         if scheme == "obs" and not any(os.environ.get(e) for e in ENDPOINT_ENVS):
@@ -108,11 +121,35 @@ def download(req: Request, cache: Cache, progress: Progress) -> tuple[Path, bool
         return _fetch(repo, snap, key, cache, progress, req), False
 
 
+def excluded(snap: Snapshot, req: Request) -> tuple[str, ...]:
+    """The globs a snapshot's files are left out by: the request's, else DEFAULT_EXCLUDE
+    when the snapshot has safetensors (outside what that leaves out)."""
+    if req.exclude is not None:
+        return req.exclude
+    kept = [f.path for f in snap.files if not _matches(f.path, DEFAULT_EXCLUDE)]
+    return DEFAULT_EXCLUDE if any(p.endswith(".safetensors") for p in kept) else ()
+
+
+def _matches(path: str, globs: tuple[str, ...]) -> bool:
+    return any(fnmatch.fnmatchcase(path, g) for g in globs)
+
+
 def _chosen(snap: Snapshot, req: Request) -> Snapshot:
-    """The snapshot less the excluded files, within the size allowed."""
-    files = tuple(f for f in snap.files if not any(fnmatch.fnmatch(f.path, g) for g in req.exclude))
+    """The snapshot's included files less the excluded, within the size allowed."""
+    exclude = excluded(snap, req)
+    files = tuple(
+        f
+        for f in snap.files
+        if (not req.include or _matches(f.path, req.include)) and not _matches(f.path, exclude)
+    )
     if not files:
         raise NotFound(f"{snap.source}: no files left to download")
+    if exclude and len(files) < len(snap.files) and req.exclude is None:
+        log.info(
+            "%s: leaving out %d files matching %s (vLLM reads the safetensors; "
+            "--no-default-exclude keeps them)",
+            snap.source, len(snap.files) - len(files), ", ".join(exclude),
+        )  # fmt: skip
     chosen = replace(snap, files=files)
     if chosen.size > req.max_bytes:
         raise Unsafe(f"{snap.source}: {chosen.size} bytes, more than --max-bytes {req.max_bytes}")
@@ -166,11 +203,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     where.add_argument("--sha256", help="an http(s) archive's SHA-256, checked")
     where.add_argument(
-        "--exclude",
+        "--include",
         action="append",
         default=[],
         metavar="GLOB",
-        help="leave out files matching it (repeatable), e.g. 'original/*'",
+        help="only files matching it (repeatable), e.g. '*.safetensors'; default: all",
+    )
+    where.add_argument(
+        "--exclude",
+        action="append",
+        default=None,
+        metavar="GLOB",
+        help="leave out files matching it (repeatable), e.g. 'original/*'; default: "
+        f"{', '.join(DEFAULT_EXCLUDE)} when the model has safetensors",
+    )
+    where.add_argument(
+        "--no-default-exclude",
+        action="store_true",
+        help="without --exclude, leave nothing out",
     )
     limits.add_argument(
         "--max-bytes", type=int, default=DEFAULT_MAX_BYTES, help="in all (default: %(default)s)"
@@ -217,11 +267,13 @@ def main(argv: list[str] | None = None) -> int:
         return USAGE_EXIT
     progress = Progress(opts.uri, opts.progress_file)
     try:
+        exclude = () if opts.no_default_exclude else None
         req = Request(
             opts.uri,
             opts.revision,
             opts.sha256,
-            tuple(opts.exclude),
+            tuple(opts.exclude) if opts.exclude is not None else exclude,
+            tuple(opts.include),
             opts.max_bytes,
             opts.timeout,
             opts.pvc_root,

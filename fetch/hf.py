@@ -29,6 +29,15 @@ TOKEN_ENVS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
 MAX_LISTING_BYTES = 64 << 20  # the API's answer for a repository of many thousand files
 _COMMIT = re.compile(r"[0-9a-f]{40}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+# A branch, tag or commit, as api/workload.py's MODEL_REVISION allows (checked again here: a
+# command line is input too). It becomes a path segment of the Hub's URLs, so no `..`.
+_REVISION = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._/-]{0,254}")
+
+
+def check_revision(revision: str) -> None:
+    """ValueError unless `revision` is a branch, tag or commit name."""
+    if not _REVISION.fullmatch(revision) or ".." in revision:
+        raise ValueError(f"revision {revision[:80]!r}: not a branch, tag or commit")
 
 
 @dataclass(slots=True)

@@ -6,6 +6,14 @@ tokenizer.json is required; the others are fetched when the repository has them.
 bounded in size and time, written whole or not at all, and tokenizer.json must load with the
 `tokenizers` library the picker uses, so a broken file fails here, with its name, rather than
 in the picker.
+
+`--from-weights-cache` (the local stack, whose picker can read this machine's weights cache):
+the revision is resolved first (the Hub's commit, an S3 listing's digest); if the cache
+(`--cache-dir`, the download's default) holds a complete entry of that source at that
+revision — the engine's weights, downloaded by `infergate download` — the tokenizer is copied
+from it and nothing more is fetched; otherwise the files are fetched at the resolved commit.
+A picker in a cluster cannot read the node's cache: its init container fetches the tokenizer
+files alone, at the Model's `modelRevision`, with the Model's source settings.
 """
 
 from __future__ import annotations
@@ -13,12 +21,14 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from infergw.api import logs, version
-from infergw.fetch.hf import HuggingFace
+from infergw.fetch.cache import Cache, default_root
+from infergw.fetch.hf import HuggingFace, check_revision
 from infergw.fetch.s3 import S3
-from infergw.fetch.source import FetchError, Limits, Source, copy_bounded
+from infergw.fetch.source import FetchError, Limits, Opened, Source, copy_bounded
 
 log = logging.getLogger("fetch.tokenizer")
 
@@ -41,9 +51,46 @@ def source_for(uri: str, revision: str, timeout: float) -> Source:
     if scheme == "hf":
         if ".." in rest.split("/"):
             raise ValueError(f"{uri!r}: not a repository name")
+        check_revision(revision)
         return HuggingFace.from_environment(rest, revision, min(timeout, 30.0))
     bucket, _, prefix = rest.partition("/")
     return S3(bucket, prefix, timeout=min(timeout, 30.0))
+
+
+class CachedEntry:
+    """A weights cache entry read as a tokenizer's source: its files were verified when it
+    was downloaded, and are copied with the same bounds as a fetch."""
+
+    def __init__(self, entry: Path) -> None:
+        self.entry = entry
+
+    def describe(self, name: str) -> str:
+        return str(self.entry / name)
+
+    def open(self, name: str) -> Opened | None:
+        path = self.entry / name
+        try:
+            f = path.open("rb")
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise FetchError(f"{path}: {exc.strerror or exc}") from None
+        return Opened(f, path.stat().st_size)
+
+
+def beside_the_weights(source: Source, cache: Cache) -> tuple[Source, Path | None]:
+    """The source to read the tokenizer from: the weights cache's entry of the source at its
+    resolved revision, if there is one, else the source pinned to that revision (hf://);
+    and that entry."""
+    if not isinstance(source, HuggingFace | S3):
+        return source, None
+    snap = source.snapshot()  # the revision resolved now: a commit, or the listing's digest
+    entry = cache.holding(snap.source, snap.revision, REQUIRED)
+    if entry is not None:
+        return CachedEntry(entry), entry
+    if isinstance(source, HuggingFace):
+        source = replace(source, revision=snap.revision)
+    return source, None
 
 
 def fetch_tokenizer(source: Source, dest: Path, limits: Limits) -> list[str]:
@@ -90,6 +137,13 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument(
         "--revision", default="main", help="hf://: the branch, tag or commit (default: %(default)s)"
     )
+    where.add_argument(
+        "--from-weights-cache",
+        action="store_true",
+        help="copy the tokenizer from the weights cache's entry of this source at its "
+        "resolved revision when there is one (else fetch at that revision)",
+    )
+    where.add_argument("--cache-dir", type=Path, default=None, help=f"default {default_root()}")
     limits.add_argument(
         "--max-bytes", type=int, default=DEFAULT_MAX_BYTES, help="per file (default: %(default)s)"
     )
@@ -123,11 +177,16 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    entry = None
     try:
         source = source_for(opts.source, opts.revision, opts.timeout)
+        if opts.from_weights_cache:
+            cache = Cache(opts.cache_dir or default_root())
+            source, entry = beside_the_weights(source, cache)
         names = fetch_tokenizer(source, opts.dest, Limits(opts.max_bytes, opts.timeout))
     except (ValueError, FetchError) as exc:
         print(f"infergate fetch tokenizer: {exc}", file=sys.stderr)
         return 1
-    log.info("tokenizer of %s in %s: %s", opts.source, opts.dest, ", ".join(names))
+    where = f"the weights cache's {entry}" if entry else opts.source
+    log.info("tokenizer of %s in %s, from %s: %s", opts.source, opts.dest, where, ", ".join(names))
     return 0

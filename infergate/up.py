@@ -52,6 +52,7 @@ from infergw.stack.envoy_tracing import TracingConfigError, check_tracing, descr
 from infergw.stack.example import Example, ExampleError
 from infergw.stack.gateway_tls import GatewayCert, default_directory, own_cert, stack_cert
 from infergw.stack.local import LocalStack, StackConfig
+from infergw.stack.object_store import MISSING_MOTO, moto_installed
 from infergw.stack.ports import StackPorts
 from infergw.stack.resources import QUICKSTART
 
@@ -234,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    problem = pickers_problem(args.pickers, example)
+    problem = pickers_problem(args.pickers, example) or object_store_problem(example, args.example)
     if problem:
         print(f"infergate up: {problem}", file=sys.stderr)
         return 2
@@ -250,9 +251,15 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     engine = "the simulator" if example.runs_simulator else "a real engine: loading the model"
     models = ", ".join(repr(m.pool_name) for m in example.each)
+    to_zero = [repr(m.pool_name) for m in example.each if m.scales_to_zero]
+    waiting = (
+        f"waiting up to {stack.cfg.pod_timeout:.0f} s"
+        if not to_zero
+        else f"{', '.join(to_zero)} scales to zero when idle: its pods are not waited for"
+    )
     print(
         f"infergate up: starting {example.pod_count()} pods of Model{'s' * example.several} "
-        f"{models} ({engine}; waiting up to {stack.cfg.pod_timeout:.0f} s)",
+        f"{models} ({engine}; {waiting})",
         flush=True,
     )
     try:
@@ -337,6 +344,13 @@ def pickers_problem(pickers: int, example: Example) -> str | None:
                 "does not do (it binds '*'); run one pod, one picker, or the simulator "
                 "(engine.type: Simulator)"
             )
+    return None
+
+
+def object_store_problem(example: Example, directory: Path) -> str | None:
+    """Why the example's local S3 cannot start here (moto missing), or None."""
+    if example.object_stores and not moto_installed():
+        return MISSING_MOTO.format(example=directory)
     return None
 
 

@@ -1,21 +1,25 @@
 """An example directory (examples/quickstart, examples/pd, examples/two-models, …): the objects
 the standalone controllers apply — one `Model` or several, and whatever else they need — the
 pickers' `EndpointPickerConfig` beside them and, for Envoy, optionally an Envoy Gateway
-`SecurityPolicy` with the `Secret`s holding its API keys. `infergate up DIR` runs one; with
-several Models, one Envoy serves them all through the body-based router."""
+`SecurityPolicy` with the `Secret`s holding its API keys, and a `LocalObjectStore` (a local
+S3 the stack starts and fills before the controllers: stack/object_store.py). `infergate up
+DIR` runs one; with several Models, one Envoy serves them all through the body-based router."""
 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
 from infergw.api import yaml_files
 from infergw.api.engines import runs_simulator
+from infergw.api.names import LOCAL_OBJECT_STORE_KIND
 from infergw.api.workload import DEFAULT_ENGINE
 from infergw.stack.auth import AuthConfig, AuthError
+from infergw.stack.model_tokenizer import TokenizerSource
+from infergw.stack.object_store import ObjectStoreError, ObjectStoreSpec
 from infergw.stack.resources import FILE_URI_ROOT
 
 
@@ -47,12 +51,27 @@ class ExampleModel:
         return (FILE_URI_ROOT / path).resolve() if scheme == "file" else None
 
     @property
+    def tokenizer_source(self) -> TokenizerSource | None:
+        """Where the picker's tokenizer is fetched from: the source of downloaded weights."""
+        return TokenizerSource.of(self.model)
+
+    @property
     def runs_simulator(self) -> bool:
         """Whether the Model's pods run the simulator (else a real engine, which takes
         longer to start)."""
         spec = self.model["spec"]
         engine = (spec.get("engine") or {}).get("type") or DEFAULT_ENGINE
         return runs_simulator(engine, str(spec.get("image") or ""))
+
+    @property
+    def scales_to_zero(self) -> bool:
+        """`autoscaling.minReplicas: 0`: idle, the Model has no pod (and may be on its way
+        there when the stack starts), so the stack waits for none."""
+        scaling = self.model["spec"].get("autoscaling") or {}
+        return scaling.get("minReplicas") == 0
+
+    def pods_to_wait_for(self) -> int:
+        return 0 if self.scales_to_zero else self.pod_count()
 
     def pod_count(self) -> int:
         """Pods the Model runs: groups × Σ roles' replicas × (entry + workers)."""
@@ -79,6 +98,8 @@ class Example:
     models: list[dict]  # in file order; the first is `model`
     picker_config: Path | None
     auth: AuthConfig | None = None  # from its SecurityPolicy and Secrets, if it has them
+    # Local S3 servers the stack starts (and fills) before the controllers.
+    object_stores: list[ObjectStoreSpec] = field(default_factory=list)
 
     @classmethod
     def read(cls, directory: Path) -> Example:
@@ -106,7 +127,17 @@ class Example:
             )
         except AuthError as exc:
             raise ExampleError(str(exc)) from None
-        return cls(directory, documents, models, configs[0] if configs else None, auth)
+        try:
+            stores = [
+                ObjectStoreSpec.parse(d, FILE_URI_ROOT)
+                for docs in documents.values()
+                for d in docs
+                if d.get("kind") == LOCAL_OBJECT_STORE_KIND
+            ]
+        except ObjectStoreError as exc:
+            raise ExampleError(f"{directory}: {exc}") from None
+        config = configs[0] if configs else None
+        return cls(directory, documents, models, config, auth, stores)
 
     @property
     def model(self) -> dict:
@@ -143,13 +174,29 @@ class Example:
         """Every Model's pods."""
         return sum(m.pod_count() for m in self.each)
 
+    def pods_to_wait_for(self) -> int:
+        """The pods the stack waits for: none of a Model that scales to zero."""
+        return sum(m.pods_to_wait_for() for m in self.each)
+
     def with_changes(
-        self, into: Path, *, replicas: int | None = None, engine_args: list[str] = ()
+        self,
+        into: Path,
+        *,
+        replicas: int | None = None,
+        engine_args: list[str] = (),
+        object_store: str | None = None,
     ) -> Example:
         """A copy of the example in `into`, its Models with these replicas and extra engine
-        arguments; the copy is what the controllers then watch."""
+        arguments and, with `object_store` (http://127.0.0.1:PORT), its local S3 moved
+        there — the store's endpoint and the Models' env values that named it; the copy is
+        what the controllers then watch."""
         into.mkdir(parents=True, exist_ok=True)
-        changed = {id(m): _changed(m, replicas, engine_args) for m in self.models}
+        moved = _moved_endpoints(self.object_stores, object_store)
+        changed = {id(m): _changed(m, replicas, engine_args, moved) for m in self.models}
+        for docs in self.documents.values():
+            for d in docs:
+                if d.get("kind") == LOCAL_OBJECT_STORE_KIND and moved:
+                    changed[id(d)] = _store_moved(d, moved)
         documents = {}
         for path, docs in self.documents.items():
             docs = [changed.get(id(d), d) for d in docs]
@@ -157,16 +204,41 @@ class Example:
             (into / path.name).write_text(yaml.safe_dump_all(docs, sort_keys=False))
         config = into / self.picker_config.name if self.picker_config else None
         models = [changed[id(m)] for m in self.models]
-        return Example(into, documents, models, config, self.auth)
+        stores = [
+            ObjectStoreSpec(s.name, moved.get(s.endpoint, s.endpoint), s.bucket, s.uploads)
+            for s in self.object_stores
+        ]
+        return Example(into, documents, models, config, self.auth, stores)
 
 
-def _changed(model: dict, replicas: int | None, engine_args: list[str]) -> dict:
+def _moved_endpoints(stores: list[ObjectStoreSpec], to: str | None) -> dict[str, str]:
+    if to is None:
+        return {}
+    if len(stores) != 1:
+        raise ExampleError(f"moving the local S3 needs one LocalObjectStore, not {len(stores)}")
+    return {stores[0].endpoint: to.rstrip("/")}
+
+
+def _store_moved(doc: dict, moved: dict[str, str]) -> dict:
+    doc = copy.deepcopy(doc)
+    endpoint = str(doc["spec"]["endpoint"]).rstrip("/")
+    doc["spec"]["endpoint"] = moved.get(endpoint, endpoint)
+    return doc
+
+
+def _changed(
+    model: dict, replicas: int | None, engine_args: list[str], moved: dict[str, str]
+) -> dict:
     model = copy.deepcopy(model)
     if replicas is not None:
         model["spec"]["replicas"] = replicas
     if engine_args:
         engine = model["spec"].setdefault("engine", {})
         engine["args"] = [*(engine.get("args") or []), *engine_args]
+    for env in model["spec"].get("env") or []:
+        value = env.get("value")
+        if isinstance(value, str) and value.rstrip("/") in moved:
+            env["value"] = moved[value.rstrip("/")]
     return model
 
 

@@ -21,7 +21,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import yaml
@@ -34,6 +34,8 @@ from infergw.cluster.certs import serving_cert
 from infergw.stack.auth import AuthConfig
 from infergw.stack.envoy_config import EnvoySettings, ListenerTls, PoolRoute, render
 from infergw.stack.gateway_tls import WILDCARD_LOOPBACK
+from infergw.stack.model_tokenizer import TokenizerSource, fetch_tokenizer
+from infergw.stack.object_store import ObjectStoreServer, ObjectStoreSpec
 from infergw.stack.pods import StartReport, pool_pods
 from infergw.stack.ports import PickerPorts, RouterPorts, StackPorts, free_port
 from infergw.stack.readiness import wait_http, wait_until
@@ -120,13 +122,22 @@ class StackConfig:
     # with (plain HTTP otherwise). stack/gateway_tls.py makes or checks one.
     listen_host: str = "127.0.0.1"
     listener_tls: ListenerTls | None = None
+    # Local S3 servers (an example's LocalObjectStore), started and filled before the
+    # controllers, so the pods' downloads find their files (stack/object_store.py).
+    object_stores: list[ObjectStoreSpec] = field(default_factory=list)
+    # Pool name → where its picker's tokenizer is fetched from (a Model whose weights are
+    # downloaded), before the picker starts: stack/model_tokenizer.py.
+    tokenizer_sources: dict[str, TokenizerSource] = field(default_factory=dict)
+    # The weights cache the controllers download into (--weights-cache-dir) and the
+    # tokenizer fetch reads; None: the download's default (~/.cache/infergate/models).
+    weights_cache_dir: Path | None = None
 
     @classmethod
     def from_example(cls, example, workdir: Path, ports: StackPorts, **kw) -> StackConfig:
         """A stack that runs an example directory (stack.example.Example) through the
         controllers; `kw` sets any other field."""
         several = [
-            PoolPlan(m.pool_name, m.served_name, m.tokenizer_dir, m.pod_count())
+            PoolPlan(m.pool_name, m.served_name, m.tokenizer_dir, m.pods_to_wait_for())
             for m in example.each
         ]
         return cls(
@@ -137,7 +148,11 @@ class StackConfig:
             manifests=example.directory,
             pool_name=example.pool_name,
             tokenizer_dir=example.tokenizer_dir,
-            expect_pods=example.pod_count(),
+            expect_pods=example.pods_to_wait_for(),
+            object_stores=list(example.object_stores),
+            tokenizer_sources={
+                m.pool_name: m.tokenizer_source for m in example.each if m.tokenizer_source
+            },
             pod_timeout=SIMULATOR_POD_TIMEOUT if example.runs_simulator else ENGINE_POD_TIMEOUT,
             auth=example.auth,
             pools=several if example.several else [],
@@ -165,6 +180,7 @@ class LocalStack:
         )
         self.supervisor = Supervisor()
         self.redis: RedisServer | None = None  # cfg.kv_index "redis": the shared KV index's
+        self.object_stores: list[ObjectStoreServer] = []  # cfg.object_stores, once started
         cfg.workdir.mkdir(parents=True, exist_ok=True)
         self.pool_path = cfg.workdir / "pool.yaml"
         self.eds_path = cfg.workdir / "eds" / "pool.json"
@@ -183,7 +199,7 @@ class LocalStack:
         if len(cfg.pools) > 1 and not self.from_manifests:
             raise ValueError("several pools come from manifests (their Models) only")
         # The pools, each with its pickers; the body-based router chooses among several.
-        self.plans = cfg.pools or [
+        self.plans = list(cfg.pools) or [
             PoolPlan(cfg.pool_name, cfg.served_model_name, cfg.tokenizer_dir, cfg.expect_pods)
         ]
         self.several = len(self.plans) > 1
@@ -374,6 +390,7 @@ class LocalStack:
             str(c.ports.controllers_metrics),
             *self._controllers_kv_args(),
             *self._picker_metrics_args(),
+            *(["--weights-cache-dir", str(c.weights_cache_dir)] if c.weights_cache_dir else []),
             *c.controllers_args,
         ]
         # From where the examples' relative file:// model paths start (stack/resources.py).
@@ -675,8 +692,42 @@ class LocalStack:
         self._stop("envoy")
         self.start_envoy()
 
+    def start_object_stores(self) -> None:
+        """Each local S3, filled with its uploads, before anything downloads from it."""
+        for spec in self.cfg.object_stores:
+            server = ObjectStoreServer(spec, self.cfg.workdir)
+            server.start()
+            self.object_stores.append(server)
+            if self.cfg.progress:
+                self.cfg.progress(
+                    f"  local S3 (moto) on {spec.endpoint}: bucket {spec.bucket!r} with "
+                    f"{server.objects()} objects ({', '.join(u.prefix for u in spec.uploads)})"
+                )
+
+    def fetch_tokenizers(self) -> None:
+        """Each downloaded Model's tokenizer for its picker, from the weights cache or its
+        source (stack/model_tokenizer.py); one that cannot be had leaves the simulator's."""
+        for i, plan in enumerate(self.plans):
+            source = self.cfg.tokenizer_sources.get(plan.name)
+            if source is None or plan.tokenizer_dir is not None:
+                continue
+            dest = self.cfg.workdir / "tokenizers" / plan.name
+            log = self.cfg.workdir / f"tokenizer-{plan.name}.log"
+            problem = fetch_tokenizer(source, dest, self.cfg.weights_cache_dir, log)
+            if problem is None:
+                self.plans[i] = replace(plan, tokenizer_dir=dest)
+            if self.cfg.progress:
+                self.cfg.progress(
+                    f"  picker's tokenizer for {plan.name!r}: {source.uri} -> {dest}"
+                    if problem is None
+                    else f"  picker's tokenizer for {plan.name!r}: {problem}; "
+                    f"tokenizing with the simulator's instead (log: {log})"
+                )
+
     def start(self) -> LocalStack:
         try:
+            self.start_object_stores()
+            self.fetch_tokenizers()
             if self.cfg.kv_index == "redis" and self.cfg.with_picker:
                 self.start_redis()
             if self.from_manifests:
@@ -719,6 +770,8 @@ class LocalStack:
             self._stop(name)
         if self.redis is not None:
             self.redis.stop()
+        while self.object_stores:
+            self.object_stores.pop().stop()
 
     def __enter__(self) -> LocalStack:
         return self.start()

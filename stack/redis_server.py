@@ -11,7 +11,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from infergw.api.lifetime import spawn
+from infergw.api.lifetime import spawn, stop
 
 __all__ = ["RedisServer", "ping", "which_redis_server"]
 
@@ -86,11 +86,4 @@ class RedisServer:
 
     def stop(self) -> None:
         proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)

@@ -504,7 +504,33 @@ BROKEN = [
         MODEL,
         "uri-without-scheme",
         _set("spec.modelURI", "meta-llama/Meta-Llama-3-8B"),
-        "spec.modelURI: must be a URI with hf, ms, s3, obs, pvc or file",
+        "spec.modelURI: must be a URI with hf, ms, s3, obs, pvc, file, http or https",
+    ),
+    Broken(
+        MODEL,
+        "revision-with-space",
+        _set("spec.modelRevision", "v1 beta"),
+        "spec.modelRevision: must be a branch, tag or commit (letters, digits, . _ / -)",
+    ),
+    Broken(
+        MODEL,
+        "revision-up-a-folder",
+        _set("spec.modelRevision", "refs/../main"),
+        "spec.modelRevision: a revision must not contain '..'",
+        cel=True,
+    ),
+    Broken(
+        MODEL,
+        "revision-of-s3",
+        _all(_set("spec.modelURI", "s3://models/llama"), _set("spec.modelRevision", "v1")),
+        "spec: modelRevision applies to hf:// models only",
+        cel=True,
+    ),
+    Broken(
+        MODEL,
+        "exclude-with-a-variable",
+        _set("spec.modelFiles", {"exclude": ["$(AWS_SECRET_ACCESS_KEY)"]}),
+        "spec.modelFiles.exclude[0]: must be a file glob (letters, digits, . _ / - and * ? [ ] !)",
     ),
     Broken(
         MODEL,
@@ -971,6 +997,15 @@ VALID_VARIANTS = [
         MODEL,
         "aggregated",
         _set("spec.backend", {"aggregated": {"replicas": 2, "workerReplicas": 1}}),
+    ),
+    (MODEL, "https-archive", _set("spec.modelURI", "https://models.example.com/llama.tar.gz")),
+    (
+        MODEL,
+        "pinned-revision-and-files",
+        _all(
+            _set("spec.modelRevision", "refs/pr/1"),
+            _set("spec.modelFiles", {"include": ["*.safetensors", "*.json"], "exclude": []}),
+        ),
     ),
     (
         MODEL,

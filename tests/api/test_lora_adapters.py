@@ -42,7 +42,7 @@ def test_a_file_that_is_no_adapters_document_is_unreadable(text) -> None:
         (entry(name=".hidden", path="/models/lora/.hidden"), "name"),
         (entry(name="a" * 257), "name"),
         (entry(name="a\nb"), "name"),
-        (entry(source="http://example.com/a.tgz"), "source"),
+        (entry(source="ftp://example.com/a.tgz"), "source"),  # http(s): an archive, taken
         (entry(source="hf://" + "x" * 3000), "source"),
         (entry(path="/models/lora/a\x00"), "path"),
         (entry(path=""), "path"),

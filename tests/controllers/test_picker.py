@@ -312,6 +312,15 @@ async def test_an_s3_model_fetches_its_tokenizer_with_the_models_s3_settings(
     assert [e for e in init["env"] if e["name"] != "HOME"] == env[:2]
 
 
+async def test_the_tokenizer_is_fetched_at_the_models_revision(cluster: Cluster) -> None:
+    """The picker's pod cannot read the node's weights cache: it fetches the tokenizer from
+    the same source at the same revision as the weights download."""
+    await cluster.apply(model_obj(modelRevision="0123abc"))
+    await cluster.reconcile()
+    [init] = pod_spec(await cluster.get(DEPLOYMENT, "llama-epp"))["initContainers"]
+    assert fetch_parser().parse_args(init["args"]).revision == "0123abc"
+
+
 async def test_lora_adapters_are_tokenized_with_the_base_models_tokenizer(
     cluster: Cluster, tmp_path: Path
 ) -> None:

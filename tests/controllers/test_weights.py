@@ -45,6 +45,38 @@ def test_an_hf_model_is_downloaded_before_the_engine_on_every_node() -> None:
     assert model_infer_host_powers(mi) == []  # an emptyDir: no power over the node
 
 
+@pytest.mark.parametrize(
+    ("files", "include", "exclude", "no_default"),
+    [
+        (None, [], None, False),  # the downloader's default beside safetensors
+        ({"include": ["*.safetensors", "*.json"]}, ["*.safetensors", "*.json"], None, False),
+        ({"exclude": ["original/*"]}, [], ["original/*"], False),
+        ({"exclude": []}, [], None, True),  # nothing left out
+    ],
+)
+def test_the_models_revision_and_files_are_the_downloads(files, include, exclude, no_default):
+    spec = {"modelRevision": "v2.0"} | ({"modelFiles": files} if files is not None else {})
+    _, entry, _ = templates(model("hf://org/llama", **spec))
+    [init] = entry["initContainers"]
+    opts = download_parser().parse_args(init["args"])
+    assert opts.revision == "v2.0" and opts.uri == "hf://org/llama"
+    assert (opts.include, opts.exclude, opts.no_default_exclude) == (include, exclude, no_default)
+
+
+def test_an_https_archive_is_downloaded_and_unpacked_before_the_engine() -> None:
+    url = "https://models.example.com/llama.tar.gz"
+    mi, entry, _ = templates(model(url))
+    [init] = entry["initContainers"]
+    assert download_parser().parse_args(init["args"]).uri == url
+    assert "--model=/models/base" in engine_args(entry)
+    assert validate_dict(api.to_dict(mi)) == []
+
+
+def test_without_a_revision_the_download_reads_main() -> None:
+    _, entry, _ = templates(model("s3://bucket/llama"))
+    assert download_parser().parse_args(entry["initContainers"][0]["args"]).revision == "main"
+
+
 def test_a_node_shared_cache_is_a_host_path_the_webhook_asks_a_label_for() -> None:
     layout = WeightsLayout.cluster(cache_volume_of("hostPath:/var/cache/infergate"))
     mi, entry, _ = templates(model("s3://bucket/llama"), layout)

@@ -2,12 +2,15 @@
 vLLM Model whose command is the simulator, so it runs here) gets its init container, which
 fetches the snapshot from a Hub mirror of our own over real HTTP (the Model's HF_ENDPOINT)
 into the cache; the engine starts on the link and serves. A Model whose repository does not
-exist never starts, and its Failed condition says why in the download's words."""
+exist never starts, and its Failed condition says why in the download's words. A Model whose
+modelURI is an http(s) archive is unpacked before its engine starts."""
 
 from __future__ import annotations
 
+import io
 import random
 import sys
+import tarfile
 
 import aiohttp
 import pytest
@@ -102,3 +105,42 @@ async def test_weights_are_downloaded_before_the_engine_and_failures_named(tmp_p
             assert pod["status"]["phase"] == "Pending"
         finally:
             await app.stop()
+
+
+async def test_an_https_archive_model_is_unpacked_before_the_engine(tmp_path) -> None:
+    """A Model whose modelURI is an archive URL (the CRD accepts http(s)://): the init
+    container downloads and unpacks it, the engine serves from the unpacked folder."""
+    files = {p.name: p.read_bytes() for p in DEFAULT_MODEL.iterdir() if p.is_file()}
+    mirror = Mirror("org/unused", {"tiny.tar.gz": tar_gz(files)})
+    with running_mirror(mirror):
+        manifests = tmp_path / "manifests"
+        manifests.mkdir()
+        doc = hf_model("tiny", "org/unused", mirror.hub_url)
+        doc["spec"]["modelURI"] = f"{mirror.cdn_url}/cdn/tiny.tar.gz"
+        (manifests / "models.yaml").write_text(yaml.safe_dump(doc))
+        state = tmp_path / "state"
+        app = await Standalone(
+            manifests, state, tmp_path / "pool.yaml", weights_cache_dir=tmp_path / "cache"
+        ).start()
+        try:
+
+            async def ready():
+                m = await app.store.get(MODEL, "default", "tiny")
+                return (m.get("status") or {}).get("readyReplicas") == 1
+
+            await wait_for_cluster(ready, "the Model from an archive to serve")
+            link = (state / "models").resolve() / "default" / "tiny" / "base"
+            assert (link / "tokenizer.json").read_bytes() == files["tokenizer.json"]
+            assert len(mirror.asked("cdn", "tiny.tar.gz")) >= 1
+        finally:
+            await app.stop()
+
+
+def tar_gz(files: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(f"tiny/{name}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -23,13 +24,14 @@ from tests.crd_eval import KINDS as OUR_KINDS
 from tests.crd_eval import all_cel_errors, schema_errors
 from tests.paths import ROOT
 
-RUNNABLE = ["quickstart", "pd", "fairness", "two-models"]
+RUNNABLE = ["quickstart", "pd", "fairness", "two-models", "lifecycle"]
 # What each example gives the controllers besides its Model.
 OTHER_KINDS = {
     "quickstart": [],
     "pd": [],
     "fairness": ["InferenceObjective"] * 2 + ["ModelRoute"] * 2 + ["ModelServer"],
     "two-models": ["Model", "ModelRoute"],  # a second Model, and a route to it
+    "lifecycle": ["AutoScalingPolicy"],  # its LocalObjectStore is the stack's
 }
 
 
@@ -50,9 +52,9 @@ def test_example_model_is_valid_everywhere_it_is_checked(name):
     assert example.picker_config is not None
     text = example.picker_config.read_text()
     _flow_control(text, load_config(text))  # its flowControl section, if any, parses
-    assert (
-        example.tokenizer_dir is not None and (example.tokenizer_dir / "tokenizer.json").is_file()
-    )
+    if example.each[0].tokenizer_source is None:  # else fetched before the picker starts
+        assert example.tokenizer_dir is not None
+        assert (example.tokenizer_dir / "tokenizer.json").is_file()
 
 
 def test_pod_counts_follow_groups_roles_and_workers():
@@ -245,3 +247,87 @@ def test_up_tells_where_each_model_is_served(tmp_path, monkeypatch):
     )
     assert "Model 'code' ('code-sim')" in text and "1 pods on 127.0.0.4:8000" in text
     assert "127.0.0.1:9102" in text  # the second pool's picker
+
+
+def test_the_lifecycle_example_serves_its_files_from_the_s3_its_model_names(tmp_path):
+    example = Example.read(ROOT / "examples" / "lifecycle")
+    [store] = example.object_stores
+    [lifecycle] = example.each
+    env = dict(lifecycle.tokenizer_source.env)
+    assert env["AWS_ENDPOINT_URL"] == store.endpoint
+    assert lifecycle.tokenizer_source.uri == f"s3://{store.bucket}/tiny"
+    keys = {key for upload in store.uploads for key, _ in upload.objects()}
+    assert {"tiny/tokenizer.json", "tiny-sql/adapter_config.json"} <= keys
+    adapter = lifecycle.model["spec"]["loraAdapters"][0]["artifactURL"]
+    assert adapter == f"s3://{store.bucket}/tiny-sql"
+    assert lifecycle.scales_to_zero and example.pods_to_wait_for() == 0
+    assert example.pod_count() == 1
+
+    moved = example.with_changes(tmp_path / "copy", object_store="http://127.0.0.1:12345")
+    again = Example.read(tmp_path / "copy")
+    for ex in (moved, again):
+        assert ex.object_stores[0].endpoint == "http://127.0.0.1:12345"
+        assert dict(ex.each[0].tokenizer_source.env)["AWS_ENDPOINT_URL"] == (
+            "http://127.0.0.1:12345"
+        )
+    assert store.endpoint == "http://127.0.0.1:9700"  # the example itself unchanged
+
+
+def store_doc(**spec) -> dict:
+    base = {"endpoint": "http://127.0.0.1:9700", "bucket": "models", "uploads": []}
+    return {"kind": "LocalObjectStore", "metadata": {"name": "s3"}, "spec": base | spec}
+
+
+@pytest.mark.parametrize(
+    ("spec", "says"),
+    [
+        ({"endpoint": "http://10.0.0.1:9700"}, "spec.endpoint"),
+        ({"endpoint": "https://127.0.0.1:9700"}, "spec.endpoint"),
+        ({"endpoint": "http://127.0.0.1"}, "spec.endpoint"),
+        ({"endpoint": "http://127.0.0.1:99999"}, "spec.endpoint"),
+        ({"endpoint": "http://user@127.0.0.1:9700"}, "spec.endpoint"),
+        ({"bucket": "Models_1"}, "spec.bucket"),
+        ({"uploads": {"prefix": "x"}}, "spec.uploads"),
+        ({"uploads": [{"prefix": "../x", "files": {"a": "b"}}]}, "prefix"),
+        ({"uploads": [{"prefix": "x"}]}, "one of directory or files"),
+        ({"uploads": [{"prefix": "x", "directory": "d", "files": {"a": "b"}}]}, "one of"),
+        ({"uploads": [{"prefix": "x", "files": {"../a": "b"}}]}, "file names"),
+        ({"uploads": [{"prefix": "x", "files": {"a": 1}}]}, "file names"),
+    ],
+)
+def test_a_local_object_store_that_is_not_a_loopback_s3_is_refused(tmp_path, spec, says):
+    write(tmp_path, model(), store_doc(**spec))
+    with pytest.raises(ExampleError, match=re.escape(says)):
+        Example.read(tmp_path)
+
+
+def test_a_model_whose_weights_are_downloaded_has_its_tokenizer_fetched(tmp_path):
+    secret = {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "t"}}}
+    env = [{"name": "HF_ENDPOINT", "value": "http://mirror"}, {"name": "OTHER", "value": "x"}]
+    vllm = {"type": "vLLM"}
+    cases = {
+        "hf": model("hf", engine=vllm, env=[*env, secret], modelRevision="v1"),
+        "sim": model("sim", engine={"type": "Simulator"}),  # its own tokenizer
+        "file": model("file", engine=vllm, modelURI="file://simulator/default_model"),
+        "pvc": model("pvc", engine=vllm, modelURI="pvc://claim/llama"),
+    }
+    write(tmp_path, *cases.values())
+    sources = {m.pool_name: m.tokenizer_source for m in Example.read(tmp_path).each}
+    assert sources["sim"] is None and sources["file"] is None and sources["pvc"] is None
+    hf = sources["hf"]
+    assert (hf.uri, hf.revision) == ("hf://org/m", "v1")
+    assert hf.env == (("HF_ENDPOINT", "http://mirror"),)  # the source's settings alone
+
+
+def test_up_without_moto_stops_before_starting_anything_and_names_the_extra(
+    tmp_path, monkeypatch, capsys
+):
+    from infergw import up
+
+    monkeypatch.setattr(up, "moto_installed", lambda: False)
+    lifecycle = ROOT / "examples" / "lifecycle"
+    assert up.main([str(lifecycle), "--workdir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "moto" in err and "pip install 'infergw[local-s3]'" in err and str(lifecycle) in err
+    assert list(tmp_path.iterdir()) == []  # nothing started, nothing written
+    assert up.object_store_problem(Example.read(ROOT / "examples" / "quickstart"), tmp_path) is None
