@@ -71,9 +71,14 @@ FAST_SCRAPE = "50ms"
 
 # Pickers run only when named (--routers): they compare one setting against the default.
 PICKER_VARIANTS = {
-    # Every pod scraped at the fast interval, idle or not: how the picker scraped before
-    # idle pods rested (epp/scrape_pace.py).
-    "always-fast-scrape": ["--idle-metrics-interval", FAST_SCRAPE],
+    # Every pod scraped at the fast interval, idle, busy or sent nothing: how the picker
+    # scraped before idle pods rested and busy ones went quiet (epp/scrape_pace.py).
+    "always-fast-scrape": [
+        "--idle-metrics-interval",
+        FAST_SCRAPE,
+        "--quiet-metrics-interval",
+        FAST_SCRAPE,
+    ],
 }
 
 
