@@ -157,7 +157,9 @@ class MetricsScraper:
         self._loops: dict[Endpoint, asyncio.Task] = {}
         self._pods: dict[Endpoint, _PodState] = {}
         self.fetcher = PageFetcher(timeout)
-        self.read_cpu = 0.0  # CPU seconds the main loop spent reading pages
+        # CPU seconds the main loop spent on scraping: reading the pages, acting on them,
+        # the manager's ticks (the loop's own switching between tasks is not counted).
+        self.loop_cpu = 0.0
         self._task: asyncio.Task | None = None
         # Several replicas: scrape only the pods this one owns, hear the rest (share()).
         self.shares: ScrapeShares | None = None
@@ -189,28 +191,37 @@ class MetricsScraper:
     def cpu_seconds(self) -> float:
         """CPU scraping has cost this process: fetching pages (their thread) and reading
         them (the main loop)."""
-        return self.fetcher.cpu_seconds() + self.read_cpu
+        return self.fetcher.cpu_seconds() + self.loop_cpu
+
+    def _charge(self, start: float) -> float:
+        """Count the main loop's CPU since `start` (time.thread_time()) as scraping's."""
+        spent = time.thread_time() - start
+        self.loop_cpu += spent
+        return spent
 
     def collect(self):
         """Prometheus: scraping's CPU apart from the requests' (bench/routing reads it)."""
         family = CounterMetricFamily(
             "infergate_epp_scrape_cpu_seconds",
             "CPU seconds this picker spent scraping model servers: 'fetch' is the thread "
-            "that fetches the pages (HTTP), 'read' the main loop reading them.",
+            "that fetches the pages (HTTP), 'loop' the main loop reading them and acting "
+            "on them.",
             labels=["part"],
         )
         family.add_metric(["fetch"], self.fetcher.cpu_seconds())
-        family.add_metric(["read"], self.read_cpu)
+        family.add_metric(["loop"], self.loop_cpu)
         yield family
 
     async def _manage(self) -> None:
         """Keep one loop per endpoint and refresh staleness between scrapes. Loops are kept
         by Endpoint object, not address: a new pod on a recycled IP is a new endpoint."""
         while True:
+            start = time.thread_time()
             try:
                 self._sync_loops()
             except Exception:  # a bug here must not stop every endpoint's refresh
                 log.exception("scrape manager: refreshing the endpoint loops failed")
+            self._charge(start)
             await asyncio.sleep(self.interval)
 
     def _sync_loops(self) -> None:
@@ -363,13 +374,18 @@ class MetricsScraper:
         url = f"http://{ep.address}{metrics_path(ep.engine)}"
         # Requests sent while this scrape is under way may be missing from its numbers.
         sent_before = ep.sent_since_scrape
-        parse_start: float | None = None
         self.metrics.scrapes.inc()
         try:
             status, body = await self.fetcher.get(url, MAX_METRICS_BYTES)
+        except Exception as exc:  # unreachable, too large: counted
+            start = time.thread_time()
+            self._failed(ep, exc)
+            self._charge(start)
+            return 0.0
+        start = time.thread_time()  # no await from here to the end
+        try:
             if status != 200:
                 raise ScrapeError(HTTP_STATUS, f"HTTP {status}")
-            parse_start = time.thread_time()  # no await from here to the parse's end
             try:
                 text = body.decode()
             except UnicodeDecodeError as exc:
@@ -377,11 +393,8 @@ class MetricsScraper:
             ep.metrics = self._read(ep, text)
         except Exception as exc:  # every failure of one round is counted
             self._failed(ep, exc)
-            parse_cpu = 0.0 if parse_start is None else time.thread_time() - parse_start
-            self.read_cpu += parse_cpu
-            return parse_cpu
-        parse_cpu = time.thread_time() - parse_start
-        self.read_cpu += parse_cpu
+            return self._charge(start)
+        parse_cpu = time.thread_time() - start
         if not ep.reachable:
             log.info("endpoint %s answers again", ep.address)
         ep.reachable = True
@@ -393,6 +406,7 @@ class MetricsScraper:
                 self.on_refresh()
             except Exception:
                 log.exception("after scraping %s: on_refresh failed", ep.address)
+        self._charge(start)
         return parse_cpu
 
     def _read(self, ep: Endpoint, text: str) -> EndpointMetrics:

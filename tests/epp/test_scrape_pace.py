@@ -200,11 +200,11 @@ async def test_the_scrapes_cpu_is_counted_apart():
     async with scraped(page(running=1)) as (pod, ep, scraper):
         await scrapes_during(pod, ep, 0.3)
         fetch = scraper.fetcher.cpu_seconds()
-        assert fetch > 0 and scraper.read_cpu > 0
-        assert scraper.cpu_seconds() == pytest.approx(fetch + scraper.read_cpu, abs=0.01)
+        assert fetch > 0 and scraper.loop_cpu > 0
+        assert scraper.cpu_seconds() == pytest.approx(fetch + scraper.loop_cpu, abs=0.01)
         (family,) = scraper.collect()
         parts = {s.labels["part"]: s.value for s in family.samples}
-        assert set(parts) == {"fetch", "read"} and parts["fetch"] >= fetch
+        assert set(parts) == {"fetch", "loop"} and parts["fetch"] >= fetch
     assert scraper.cpu_seconds() >= fetch  # still readable once the thread has ended
 
 
