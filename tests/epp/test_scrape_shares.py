@@ -99,8 +99,9 @@ async def test_each_pod_is_scraped_by_its_owner_alone_and_both_replicas_know_its
         fallbacks = [r.shares.fallback_rounds for r in replicas]
         await asyncio.sleep(1.0)
         scrapes = [p.scrapes - b for p, b in zip(pods, before, strict=True)]
-        # One scraper's worth each (20 at 50 ms; the pods are busy, so they never rest),
-        # not two replicas' (40).
+        # One scraper's worth each (20 at 50 ms; the pods are busy, so they never rest, and
+        # with shares the owner keeps them fast though nobody sends them anything: it cannot
+        # see the other replica's requests), not two replicas' (40).
         assert all(10 <= n <= 26 for n in scrapes), scrapes
         assert [r.shares.fallback_rounds for r in replicas] == fallbacks
         owners = {owner_index(replicas, p.port) for p in pods}
