@@ -64,8 +64,9 @@ class RouterUnavailable(RuntimeError):
     """The router cannot run here (not installed): the benchmark reports it and goes on."""
 
 
-# The picker's fast scrape interval (its default): while the measured traffic runs the pods
-# are busy and scraped this often, so the idle baseline scrapes every pod at it too.
+# The picker's fast scrape interval (its default): the idle baseline scrapes every pod at
+# it, as the picker scraped busy pods before they went quiet between its requests (so that
+# baseline overstates the scraping of a run; the pickers' own count does not).
 FAST_SCRAPE = "50ms"
 
 
