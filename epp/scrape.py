@@ -246,7 +246,9 @@ class MetricsScraper:
                 elif state.waiting == RESTING:
                     # Nothing was sent since its last page said it was idle: still true.
                     ep.metrics.updated_at = now
-            elif self.shares is not None and self.shares.tick(ep, self.pace.woken(ep)):
+            elif self.shares is not None and self.shares.tick(
+                ep, self.pace.woken(ep), held or self.pace.wakes(QUIET, ep)
+            ):
                 ep.metrics.updated_at = now  # its owner rests it, and nothing went there
             ep.stale = ep.metrics_age(now) > self.stale_after
 
@@ -299,7 +301,10 @@ class MetricsScraper:
             slowed = slow
             pace = self._pace(ep, scraped, next_models)
             if scraped and self.shares is not None:
-                self.shares.publish(ep, self.pace.idle_interval if pace == RESTING else 0.0)
+                rest = self.pace.wait_for(pace)
+                self.shares.publish(
+                    ep, rest if pace == RESTING else 0.0, rest if pace == QUIET else 0.0
+                )
             if pace != FAST:
                 await self._rest(state, pace, t0)
                 wait = t0 + wait - time.monotonic()  # woken early: still no sooner than that
@@ -309,17 +314,15 @@ class MetricsScraper:
     def _pace(self, ep: Endpoint, scraped: bool, next_models: float) -> str:
         """The pace of the wait after this round (scrape_pace). Only a round that scraped
         the pod, once its models are known (a pod still starting is asked again soon), may
-        slow down. With shares only the owner rests a pod: a replica scraping for itself
-        until shared pages flow keeps the fast interval, so it notices them at once; and
-        the owner keeps busy pods fast, as it cannot see the other replicas' requests."""
+        slow down. With shares only the owner slows a pod down (the others wake it, through
+        the shares, when they send it requests): a replica scraping for itself until shared
+        pages flow keeps the fast interval, so it notices them at once."""
         if not scraped or next_models <= time.monotonic():
             return FAST
+        if self.shares is not None and not self.shares.owns(ep):
+            return FAST
         pace = self.pace.pace(ep)
-        if pace == QUIET and (self.shares is not None or self.held()):
-            return FAST
-        if pace == RESTING and self.shares is not None and not self.shares.owns(ep):
-            return FAST
-        return pace
+        return FAST if pace == QUIET and self.held() else pace
 
     async def _rest(self, state: _PodState, pace: str, since: float) -> None:
         """Wait at `pace` from the round that began at `since` (the next page of a quiet pod

@@ -21,11 +21,11 @@ sent to it, and the picker knows what it sends. So a pod is scraped at one of th
   while nobody sends it anything, so the scraper vouches for them (their age stays that of
   the last check, so they never go stale). The first request routed to it wakes it.
 
-What the picker cannot see: requests another picker replica or a client bypassing the gateway
-sends to a pod. For up to `quiet_interval` (busy) or `idle_interval` (idle) it looks idler
-than it is; the first request this picker routes there, or the next page, ends that. With
-shared scraping (several replicas, epp/scrape_shares.py) the owner cannot see the others'
-requests at all, so there a busy pod keeps the fast pace and only idle pods rest.
+What the picker cannot see: requests a client bypassing the gateway sends to a pod. For up to
+`quiet_interval` (busy) or `idle_interval` (idle) it looks idler than it is; the first request
+this picker routes there, or the next page, ends that. With shared scraping (several replicas,
+epp/scrape_shares.py) a pod's owner paces it, and a replica that sends a quiet or resting pod
+a request wakes the owner through the shares.
 """
 
 from __future__ import annotations
