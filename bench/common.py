@@ -48,6 +48,16 @@ def process_gone(pid: int) -> bool:
         return True
 
 
+def counter_sum(text: str, name: str) -> float:
+    """The samples of a counter in a Prometheus page, with or without its _total suffix,
+    summed over its labels."""
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name) and line.split("{")[0].split(" ")[0] in (name, name + "_total"):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
 def process_cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process (and its reaped children), from /proc."""
     fields = _stat_fields(pid)

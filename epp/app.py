@@ -373,9 +373,15 @@ async def start_scraper(
         metrics,
         interval=opts.refresh_metrics_interval,
         idle_interval=opts.idle_metrics_interval,
+        quiet_interval=opts.quiet_metrics_interval,
         stale_after=opts.metrics_staleness_threshold,
+        stale_bound=gate.detector.config.metrics_staleness,
     )
     scraper.on_refresh = gate.notify  # fresh metrics may show room for waiting requests
+    queue = gate.queue
+    if queue is not None:
+        scraper.held = lambda: queue.queued_requests() > 0
+    metrics.registry.register(scraper)
     if opts.share_scrapes and replicas is not None and members is not None:
         shares = ScrapeShares(datastore, replicas, members, stale_after=scraper.stale_after)
         scraper.share(shares)

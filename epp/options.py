@@ -14,7 +14,7 @@ from infergw.epp.body_budget import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_HELD_BYT
 from infergw.epp.capacity_wait import DEFAULT_CAPACITY_WAIT_TTL
 from infergw.epp.reference_flags import add_reference_flags, read_reference_flags
 from infergw.epp.response_ids import load_key
-from infergw.epp.scrape_pace import DEFAULT_IDLE_INTERVAL
+from infergw.epp.scrape_pace import DEFAULT_IDLE_INTERVAL, DEFAULT_QUIET_INTERVAL
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m)?$")
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")  # a namespace or Service name
@@ -80,6 +80,7 @@ class PickerOptions:
     cert_path: Path | None
     refresh_metrics_interval: float
     idle_metrics_interval: float
+    quiet_metrics_interval: float
     fallback_endpoints: int
     max_body_bytes: int
     max_held_request_bytes: int
@@ -224,6 +225,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_IDLE_INTERVAL,
         help="scrape a pod this seldom while it is idle and the picker sends it nothing "
         "(epp/scrape_pace.py); at most --refresh-metrics-interval: always the fast interval",
+    )
+    pool.add_argument(
+        "--quiet-metrics-interval",
+        type=duration,
+        default=DEFAULT_QUIET_INTERVAL,
+        help="scrape a busy pod this seldom while the picker sends it nothing; kept one "
+        "--refresh-metrics-interval below the staleness bounds (epp/scrape_pace.py); at most "
+        "--refresh-metrics-interval: busy pods always at the fast interval",
     )
     scheduling.add_argument(
         "--fallback-endpoints",
@@ -496,6 +505,7 @@ def parse_options(argv: list[str] | None = None) -> PickerOptions:
         cert_path=a.cert_path,
         refresh_metrics_interval=a.refresh_metrics_interval,
         idle_metrics_interval=a.idle_metrics_interval,
+        quiet_metrics_interval=a.quiet_metrics_interval,
         fallback_endpoints=a.fallback_endpoints,
         max_body_bytes=a.max_body_bytes,
         max_held_request_bytes=a.max_held_request_bytes,

@@ -6,15 +6,16 @@ as saturated.
 
 A pod's answers are untrusted input: redirects are not followed (the numbers must be the
 pod's own, not those of whatever address it names: an idle pod's, an internal service's),
-bodies are read up to a cap and decoded as UTF-8 (the Prometheus text format and JSON both
-are; a declared charset is ignored, as some name bytes-to-bytes codecs such as `hex`), and
-whatever goes wrong in one round is counted by reason, logged, and retried on the next: a
-loop never ends but by the pod leaving the pool.
+bodies are read up to a cap (epp/scrape_fetch.py) and decoded as UTF-8 (the Prometheus text
+format and JSON both are; a declared charset is ignored, as some name bytes-to-bytes codecs
+such as `hex`), and whatever goes wrong in one round is counted by reason, logged, and retried
+on the next: a loop never ends but by the pod leaving the pool.
 
-The cost follows what routing needs: only the lines of the few metrics used are looked at
+The cost follows what routing needs: pages are fetched on a thread of their own whose CPU is
+counted (scrape_fetch), only the lines of the few metrics used are looked at
 (engine_metrics.sample_lines), a page whose lines are those of the last one is not parsed
-again, and an idle pod rests between slow scrapes while the picker's own in-flight counts
-stand for it (scrape_pace).
+again, and a pod the picker sends nothing is scraped seldom — a busy one at the quiet pace,
+an idle one resting — while the picker's own counts stand for it (scrape_pace).
 """
 
 from __future__ import annotations
@@ -22,12 +23,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import aiohttp
 import msgspec
+from prometheus_client.core import CounterMetricFamily
 
 from infergw.api.engines import metrics_path
 from infergw.epp.datastore import Datastore, Endpoint, EndpointMetrics
@@ -40,7 +43,15 @@ from infergw.epp.engine_metrics import (
     vocabulary,
 )
 from infergw.epp.metrics import PickerMetrics
-from infergw.epp.scrape_pace import DEFAULT_IDLE_INTERVAL, Pace
+from infergw.epp.scrape_fetch import PageFetcher, ScrapeError
+from infergw.epp.scrape_pace import (
+    DEFAULT_IDLE_INTERVAL,
+    DEFAULT_QUIET_INTERVAL,
+    FAST,
+    QUIET,
+    RESTING,
+    Pace,
+)
 from infergw.epp.scrape_shares import ScrapeShares
 
 log = logging.getLogger("epp.scrape")
@@ -62,18 +73,12 @@ MAX_REMEMBERED_CHARS = 16 * 1024
 # Reasons of infergate_epp_metrics_scrape_errors_total (a fixed set: label values stay few).
 UNREACHABLE = "unreachable"  # connection refused or reset, timeout
 HTTP_STATUS = "http_status"
-TOO_LARGE = "too_large"
+# TOO_LARGE: scrape_fetch's, raised where the body is read.
 NOT_UTF8 = "not_utf8"
 PARSE = "parse"
 INVALID_VALUE = "invalid_value"
 TOO_MANY = "too_many"  # /v1/models lists more than MAX_MODELS_PER_ENDPOINT
 INTERNAL = "internal"  # a bug of ours, seen on a pod's answer: logged with its traceback
-
-
-class ScrapeError(Exception):
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
 
 
 class ModelCard(msgspec.Struct):
@@ -102,20 +107,8 @@ class _Page:
 @dataclass(slots=True, eq=False)
 class _PodState:
     last: _Page | None = None
-    resting: bool = False  # its loop waits out the idle interval
+    waiting: str | None = None  # QUIET or RESTING while its loop waits at that pace
     wake: asyncio.Event = field(default_factory=asyncio.Event)
-
-
-async def read_capped(resp: aiohttp.ClientResponse, limit: int) -> bytes:
-    """The body, or ScrapeError(TOO_LARGE) as soon as it passes `limit` bytes."""
-    if resp.content_length is not None and resp.content_length > limit:
-        raise ScrapeError(TOO_LARGE, f"body of {resp.content_length} bytes > {limit}")
-    body = bytearray()
-    async for chunk in resp.content.iter_any():
-        body += chunk
-        if len(body) > limit:
-            raise ScrapeError(TOO_LARGE, f"body longer than {limit} bytes")
-    return bytes(body)
 
 
 def _classify(exc: BaseException) -> str:
@@ -142,7 +135,11 @@ class MetricsScraper:
         unreachable_after: int = 3,
         models_interval: float = 5.0,
         idle_interval: float = DEFAULT_IDLE_INTERVAL,
+        quiet_interval: float = DEFAULT_QUIET_INTERVAL,
+        stale_bound: float | None = None,
     ) -> None:
+        """`stale_bound`: the shortest staleness other readers of the numbers apply (flow
+        control's), which the quiet pace must stay under as well as `stale_after`."""
         self.datastore = datastore
         self.metrics = metrics
         self.interval = interval
@@ -151,11 +148,18 @@ class MetricsScraper:
         self.stale_after = stale_after if stale_after is not None else max(0.2, 5 * interval)
         self.unreachable_after = unreachable_after
         self.models_interval = models_interval
-        self.pace = Pace(interval, idle_interval)
+        bound = min(self.stale_after, stale_bound if stale_bound is not None else math.inf)
+        self.pace = Pace.of(interval, idle_interval, quiet_interval, bound)
         self.on_refresh: Callable[[], None] | None = None  # called after every good scrape
+        # Requests wait in flow control for room: every page may release them, so no pod
+        # waits at the quiet pace meanwhile.
+        self.held: Callable[[], bool] = lambda: False
         self._loops: dict[Endpoint, asyncio.Task] = {}
         self._pods: dict[Endpoint, _PodState] = {}
-        self._session: aiohttp.ClientSession | None = None
+        self.fetcher = PageFetcher(timeout)
+        # CPU seconds the main loop spent on scraping: reading the pages, acting on them,
+        # the manager's ticks (the loop's own switching between tasks is not counted).
+        self.loop_cpu = 0.0
         self._task: asyncio.Task | None = None
         # Several replicas: scrape only the pods this one owns, hear the rest (share()).
         self.shares: ScrapeShares | None = None
@@ -168,17 +172,11 @@ class MetricsScraper:
 
     def _wake(self, ep: Endpoint) -> None:
         state = self._pods.get(ep)
-        if state is not None and state.resting:
+        if state is not None and state.waiting is not None:
             state.wake.set()
 
     async def start(self) -> None:
-        self._session = aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=self.timeout),
-            connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
-            # Uncompressed only: a few KiB of gzip can inflate past any cap before we see it.
-            headers={"Accept-Encoding": "identity"},
-            auto_decompress=False,
-        )
+        self.fetcher.start()
         self._task = asyncio.create_task(self._manage(), name="scrape-manager")
 
     async def stop(self) -> None:
@@ -188,17 +186,42 @@ class MetricsScraper:
         await asyncio.gather(*tasks, return_exceptions=True)
         self._loops.clear()
         self._pods.clear()
-        if self._session is not None:
-            await self._session.close()
+        self.fetcher.stop()
+
+    def cpu_seconds(self) -> float:
+        """CPU scraping has cost this process: fetching pages (their thread) and reading
+        them (the main loop)."""
+        return self.fetcher.cpu_seconds() + self.loop_cpu
+
+    def _charge(self, start: float) -> float:
+        """Count the main loop's CPU since `start` (time.thread_time()) as scraping's."""
+        spent = time.thread_time() - start
+        self.loop_cpu += spent
+        return spent
+
+    def collect(self):
+        """Prometheus: scraping's CPU apart from the requests' (bench/routing reads it)."""
+        family = CounterMetricFamily(
+            "infergate_epp_scrape_cpu_seconds",
+            "CPU seconds this picker spent scraping model servers: 'fetch' is the thread "
+            "that fetches the pages (HTTP), 'loop' the main loop reading them and acting "
+            "on them.",
+            labels=["part"],
+        )
+        family.add_metric(["fetch"], self.fetcher.cpu_seconds())
+        family.add_metric(["loop"], self.loop_cpu)
+        yield family
 
     async def _manage(self) -> None:
         """Keep one loop per endpoint and refresh staleness between scrapes. Loops are kept
         by Endpoint object, not address: a new pod on a recycled IP is a new endpoint."""
         while True:
+            start = time.thread_time()
             try:
                 self._sync_loops()
             except Exception:  # a bug here must not stop every endpoint's refresh
                 log.exception("scrape manager: refreshing the endpoint loops failed")
+            self._charge(start)
             await asyncio.sleep(self.interval)
 
     def _sync_loops(self) -> None:
@@ -214,22 +237,29 @@ class MetricsScraper:
             if ep not in self._loops:
                 self._loops[ep] = asyncio.create_task(self._loop(ep), name=f"scrape {ep.address}")
         now = time.monotonic()
+        held = self.held()
         for ep in current:
             state = self._pods.get(ep)
-            if state is not None and state.resting:
-                if self.pace.woken(ep):
-                    state.wake.set()  # a request went there: scrape it now
-                else:
+            if state is not None and state.waiting is not None:
+                if self.pace.wakes(state.waiting, ep) or (held and state.waiting == QUIET):
+                    state.wake.set()  # a request went there (or waits for room): scrape it now
+                elif state.waiting == RESTING:
                     # Nothing was sent since its last page said it was idle: still true.
                     ep.metrics.updated_at = now
-            elif self.shares is not None and self.shares.tick(ep, self.pace.woken(ep)):
+            elif self.shares is not None and self.shares.tick(
+                ep, self.pace.woken(ep), held or self.pace.wakes(QUIET, ep)
+            ):
                 ep.metrics.updated_at = now  # its owner rests it, and nothing went there
             ep.stale = ep.metrics_age(now) > self.stale_after
 
     def resting(self, ep: Endpoint) -> bool:
         """Whether the pod waits out the idle interval (scrape_pace) right now."""
+        return self.waiting(ep) == RESTING
+
+    def waiting(self, ep: Endpoint) -> str | None:
+        """QUIET or RESTING while the pod's loop waits at that pace (scrape_pace), else None."""
         state = self._pods.get(ep)
-        return state is not None and state.resting
+        return state.waiting if state is not None else None
 
     def _state(self, ep: Endpoint) -> _PodState:
         state = self._pods.get(ep)
@@ -269,41 +299,53 @@ class MetricsScraper:
                         wait,
                     )
             slowed = slow
-            # Resting waits until the models are known: a pod still starting is asked again.
-            # With shares only the owner rests a pod: a replica scraping for itself until
-            # shared pages flow keeps the fast interval, so it notices them at once.
-            owned = self.shares is None or self.shares.owns(ep)
-            rests = owned and scraped and next_models > time.monotonic() and self.pace.idle(ep)
+            pace = self._pace(ep, scraped, next_models)
             if scraped and self.shares is not None:
-                self.shares.publish(ep, self.pace.idle_interval if rests else 0.0)
-            if rests:
-                await self._rest(state)
+                rest = self.pace.wait_for(pace)
+                self.shares.publish(
+                    ep, rest if pace == RESTING else 0.0, rest if pace == QUIET else 0.0
+                )
+            if pace != FAST:
+                await self._rest(state, pace, t0)
                 wait = t0 + wait - time.monotonic()  # woken early: still no sooner than that
             if wait > 0:
                 await asyncio.sleep(wait)
 
-    async def _rest(self, state: _PodState) -> None:
-        """Wait for the idle interval, or until the manager sees a request sent to the pod."""
+    def _pace(self, ep: Endpoint, scraped: bool, next_models: float) -> str:
+        """The pace of the wait after this round (scrape_pace). Only a round that scraped
+        the pod, once its models are known (a pod still starting is asked again soon), may
+        slow down. With shares only the owner slows a pod down (the others wake it, through
+        the shares, when they send it requests): a replica scraping for itself until shared
+        pages flow keeps the fast interval, so it notices them at once."""
+        if not scraped or next_models <= time.monotonic():
+            return FAST
+        if self.shares is not None and not self.shares.owns(ep):
+            return FAST
+        pace = self.pace.pace(ep)
+        return FAST if pace == QUIET and self.held() else pace
+
+    async def _rest(self, state: _PodState, pace: str, since: float) -> None:
+        """Wait at `pace` from the round that began at `since` (the next page of a quiet pod
+        must come before its numbers go stale), or until the manager sees something that
+        ends the wait (scrape_pace)."""
         state.wake.clear()
-        state.resting = True
+        state.waiting = pace
         try:
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.pace.idle_interval):
+                async with asyncio.timeout(since + self.pace.wait_for(pace) - time.monotonic()):
                     await state.wake.wait()
         finally:
-            state.resting = False
+            state.waiting = None
 
     async def fetch_models(self, ep: Endpoint) -> bool:
         """GET /v1/models; a server without it (or a bad answer) leaves the list as it was.
         False only when the pod could not be reached, so that it is asked again soon."""
-        assert self._session is not None
         try:
-            async with self._session.get(
-                f"http://{ep.address}/v1/models", allow_redirects=False
-            ) as resp:
-                if resp.status != 200:
-                    return True
-                body = await read_capped(resp, MAX_MODELS_BYTES)
+            status, body = await self.fetcher.get(
+                f"http://{ep.address}/v1/models", MAX_MODELS_BYTES
+            )
+            if status != 200:
+                return True
             models = _MODELS.decode(body)
             if len(models.data) > MAX_MODELS_PER_ENDPOINT:
                 raise ScrapeError(
@@ -332,18 +374,21 @@ class MetricsScraper:
         """One round: fetch and parse the engine's Prometheus page (/metrics, or where its
         engine serves it); any failure is counted, never raised. Returns the CPU seconds
         reading the page took on the event loop."""
-        assert self._session is not None
         url = f"http://{ep.address}{metrics_path(ep.engine)}"
         # Requests sent while this scrape is under way may be missing from its numbers.
         sent_before = ep.sent_since_scrape
-        parse_start: float | None = None
         self.metrics.scrapes.inc()
         try:
-            async with self._session.get(url, allow_redirects=False) as resp:
-                if resp.status != 200:
-                    raise ScrapeError(HTTP_STATUS, f"HTTP {resp.status}")
-                body = await read_capped(resp, MAX_METRICS_BYTES)
-            parse_start = time.thread_time()  # no await from here to the parse's end
+            status, body = await self.fetcher.get(url, MAX_METRICS_BYTES)
+        except Exception as exc:  # unreachable, too large: counted
+            start = time.thread_time()
+            self._failed(ep, exc)
+            self._charge(start)
+            return 0.0
+        start = time.thread_time()  # no await from here to the end
+        try:
+            if status != 200:
+                raise ScrapeError(HTTP_STATUS, f"HTTP {status}")
             try:
                 text = body.decode()
             except UnicodeDecodeError as exc:
@@ -351,8 +396,8 @@ class MetricsScraper:
             ep.metrics = self._read(ep, text)
         except Exception as exc:  # every failure of one round is counted
             self._failed(ep, exc)
-            return 0.0 if parse_start is None else time.thread_time() - parse_start
-        parse_cpu = time.thread_time() - parse_start
+            return self._charge(start)
+        parse_cpu = time.thread_time() - start
         if not ep.reachable:
             log.info("endpoint %s answers again", ep.address)
         ep.reachable = True
@@ -364,6 +409,7 @@ class MetricsScraper:
                 self.on_refresh()
             except Exception:
                 log.exception("after scraping %s: on_refresh failed", ep.address)
+        self._charge(start)
         return parse_cpu
 
     def _read(self, ep: Endpoint, text: str) -> EndpointMetrics:

@@ -10,10 +10,13 @@ How: the pod's owner (epp/replica_members.py, the same rendezvous hashing as the
 scrapes it as one picker alone would and, after every round, good or failed, publishes what it
 knows on the replica sync's channel `pod-metrics` (a SharedPage: the engine-neutral numbers,
 their age, reachability, and how long the owner lets the pod rest when it is idle,
-epp/scrape_pace.py). The others apply it as if they had scraped (the numbers' age counts from
-the owner's scrape). A pod resting at its owner is vouched for by the others until the owner's
-rest ends; a replica that sends such a pod a request tells the owner (channel `scrape-wake`),
-which scrapes it at once, as it would for its own request.
+epp/scrape_pace.py), or how long it lets it be quiet when it is busy and nobody sends it
+anything. The others apply it as if they had scraped (the numbers' age counts from the owner's
+scrape). A pod resting at its owner is vouched for by the others until the owner's rest ends;
+a replica that sends a resting or quiet pod a request (or holds requests in flow control)
+tells the owner (channel `scrape-wake`, once per page), which scrapes it at once, as it would
+for its own request. A replica from before the quiet pace sends no such wake for a quiet pod:
+its requests there wait for the quiet interval, as another client's would.
 
 Never worse than scraping alone: a replica scrapes a pod itself whenever it has no fresh
 shared numbers for it — in the first second after start (before the owners are known), when
@@ -60,13 +63,16 @@ class SharedPage(msgspec.Struct, array_like=True, frozen=True):
     reachable: bool
     failures: int  # the owner's failed rounds in a row
     rest_for: float  # seconds the owner will not scrape an idle pod (0: it scrapes on)
+    # Seconds the owner will not scrape a busy pod unless woken (0: it scrapes on). Last, with
+    # a default: replicas from before it decode the pages and ignore it.
+    quiet_for: float = 0.0
 
 
 _encode = msgspec.msgpack.Encoder().encode
 _decode = msgspec.msgpack.Decoder(SharedPage).decode
 
 
-def page_of(ep: Endpoint, rest_for: float, now: float) -> SharedPage:
+def page_of(ep: Endpoint, rest_for: float, now: float, quiet_for: float = 0.0) -> SharedPage:
     m = ep.metrics
     return SharedPage(
         waiting=m.waiting,
@@ -81,6 +87,7 @@ def page_of(ep: Endpoint, rest_for: float, now: float) -> SharedPage:
         reachable=ep.reachable,
         failures=ep.scrape_failures,
         rest_for=rest_for,
+        quiet_for=quiet_for,
     )
 
 
@@ -94,6 +101,7 @@ def read_page(data: bytes) -> SharedPage:
         _finite(name, getattr(page, name), math.inf)
     _finite("kv_usage", page.kv_usage, 1.0)
     _finite("rest_for", page.rest_for, MAX_REST)
+    _finite("quiet_for", page.quiet_for, MAX_REST)
     if not (page.age >= 0):  # inf allowed (never scraped), NaN and negatives not
         raise ValueError(f"age = {page.age!r}")
     for name in ("block_size", "num_blocks", "max_loras"):
@@ -119,7 +127,8 @@ class _Heard:
 
     at: float  # time.monotonic() it arrived
     vouched_until: float  # the owner rests the pod till then (0: it does not)
-    woke: bool = False  # this replica asked the owner to end that rest
+    quiet_until: float = 0.0  # the owner lets the busy pod be quiet till then (0: it does not)
+    woke: bool = False  # this replica asked the owner to end that rest or quiet
 
 
 class ScrapeShares:
@@ -164,10 +173,11 @@ class ScrapeShares:
         now = self._clock()
         return now - heard.at <= self.stale_after or now < heard.vouched_until
 
-    def publish(self, ep: Endpoint, rest_for: float) -> None:
+    def publish(self, ep: Endpoint, rest_for: float, quiet_for: float = 0.0) -> None:
         """After a round this replica did as the pod's owner: tell the others."""
         if self.owns(ep):
-            self._publish_page(ep.address, _encode(page_of(ep, rest_for, self._clock())))
+            page = page_of(ep, rest_for, self._clock(), quiet_for)
+            self._publish_page(ep.address, _encode(page))
 
     def _apply_page(self, address: str, data: bytes) -> None:
         page = read_page(data)
@@ -192,7 +202,11 @@ class ScrapeShares:
         ep.reachable = page.reachable
         ep.scrape_failures = page.failures
         ep.stale = ep.metrics_age(now) > self.stale_after
-        self._heard[ep] = _Heard(now, now + page.rest_for if page.rest_for else 0.0)
+        self._heard[ep] = _Heard(
+            now,
+            now + page.rest_for if page.rest_for else 0.0,
+            now + page.quiet_for if page.quiet_for else 0.0,
+        )
         if self.on_applied is not None:
             self.on_applied()
 
@@ -201,23 +215,35 @@ class ScrapeShares:
         if ep is not None and self.wake_owner_of is not None and self.owns(ep):
             self.wake_owner_of(ep)
 
-    def tick(self, ep: Endpoint, woken: bool) -> bool:
+    def tick(self, ep: Endpoint, woken: bool, wakes_quiet: bool = False) -> bool:
         """Every manager tick, for a pod this replica does not scrape: vouch for a resting
         pod's numbers while nothing was sent to it (True: vouched), else ask its owner once
-        to scrape it now."""
+        to scrape it now. `woken`: ends a rest (scrape_pace.Pace.woken); `wakes_quiet`: ends
+        a quiet wait (a request sent since the last page, or requests held for room)."""
         heard = self._heard.get(ep)
-        if heard is None or self._clock() >= heard.vouched_until:
+        if heard is None:
+            return False
+        now = self._clock()
+        if wakes_quiet and now < heard.quiet_until:
+            self._wake_owner(ep, heard)
+            heard.quiet_until = 0.0
+            return False
+        if now >= heard.vouched_until:
             return False
         if not woken:
             return True
-        if not heard.woke:
-            heard.woke = True
-            self._publish_wake(ep.address, [1])
+        self._wake_owner(ep, heard)
         # The owner's fresh page comes within a round: until stale_after from now, wait for
         # it rather than scrape; the numbers themselves are no longer vouched for.
         heard.vouched_until = 0.0
         heard.at = self._clock()
         return False
+
+    def _wake_owner(self, ep: Endpoint, heard: _Heard) -> None:
+        """Ask the owner to scrape the pod now, once per page heard."""
+        if not heard.woke:
+            heard.woke = True
+            self._publish_wake(ep.address, [1])
 
     def forget(self, ep: Endpoint) -> None:
         self._heard.pop(ep, None)

@@ -20,6 +20,7 @@ import aiohttp
 import yaml
 
 from infergw.api.names import BOTH, DECODE, ROLE_LABEL
+from infergw.bench.common import counter_sum
 from infergw.stack.example import Example
 from infergw.stack.local import LocalStack, StackConfig
 from infergw.stack.ports import free_stack_ports
@@ -77,15 +78,6 @@ def pods(stack: LocalStack) -> list[dict]:
     return out
 
 
-def _sum(text: str, name: str) -> float:
-    """The samples of a counter, with or without its _total suffix and labels."""
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name) and line.split("{")[0].split(" ")[0] in (name, name + "_total"):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
-
-
 async def snapshot(stack: LocalStack) -> dict[str, float]:
     """Counters summed over the pods (the engines' step times, by role) and, for the
     disaggregated fleet, the sidecars' fallbacks and errors."""
@@ -100,7 +92,7 @@ async def snapshot(stack: LocalStack) -> dict[str, float]:
                 ("modeled", "infergate_sim:step_modeled_seconds"),
             ):
                 k = f"{pod['role']}_{key}"
-                out[k] = out.get(k, 0.0) + _sum(text, name)
+                out[k] = out.get(k, 0.0) + counter_sum(text, name)
             if pod["role"] == DECODE:
                 async with s.get(f"http://{pod['address']}/connector/metrics") as r:
                     own = await r.text()
@@ -109,7 +101,7 @@ async def snapshot(stack: LocalStack) -> dict[str, float]:
                     ("connector_errors", "infergate_connector_errors_total"),
                     ("prefill_legs", "infergate_connector_prefill_duration_seconds_count"),
                 ):
-                    out[key] = out.get(key, 0.0) + _sum(own, name)
+                    out[key] = out.get(key, 0.0) + counter_sum(own, name)
         url = f"http://127.0.0.1:{stack.cfg.ports.picker_metrics}/metrics"
         async with s.get(url) as r:
             text = await r.text()

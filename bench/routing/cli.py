@@ -69,8 +69,11 @@ def all_routers() -> dict:
 
 
 def variants() -> dict:
-    """Pickers with other flags, run only when named: precise scheduling under each."""
-    return {r.name: r for r in (InfergateRouter("precise", v) for v in PICKER_VARIANTS)}
+    """Pickers with other flags, run only when named: each profile under each."""
+    return {
+        r.name: r
+        for r in (InfergateRouter(c, v) for c in INFERGATE_PROFILES for v in PICKER_VARIANTS)
+    }
 
 
 def with_baselines(chosen: list, commits: list[str]) -> list:

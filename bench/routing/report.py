@@ -20,6 +20,9 @@ COLUMNS = [
     ("router_cpu_ms_per_request", "router CPU ms/req"),
     ("router_idle_cpu_pct", "idle CPU % core"),
     ("router_cpu_ms_per_request_above_idle", "CPU ms/req above idle"),
+    ("scrape_pages_per_s", "pages scraped /s"),
+    ("router_cpu_ms_per_request_scraping", "scraping CPU ms/req"),
+    ("router_cpu_ms_per_request_without_scraping", "CPU ms/req without scraping"),
     ("errors", "errors"),
 ]
 # Columns whose cell also names each process's share, from these per-process fields.

@@ -14,11 +14,12 @@ import shutil
 import subprocess
 import sys
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 from infergw.api.lifetime import spawn
-from infergw.bench.common import cpu_over
+from infergw.bench.common import counter_sum, cpu_over
 from infergw.stack.local import LocalStack
 from infergw.stack.ports import free_port
 from infergw.stack.readiness import wait_http, wait_until
@@ -63,17 +64,35 @@ class RouterUnavailable(RuntimeError):
     """The router cannot run here (not installed): the benchmark reports it and goes on."""
 
 
-# The picker's fast scrape interval (its default): while the measured traffic runs the pods
-# are busy and scraped this often, so the idle baseline scrapes every pod at it too.
+# The picker's fast scrape interval (its default): the idle baseline scrapes every pod at
+# it, as the picker scraped busy pods before they went quiet between its requests (so that
+# baseline overstates the scraping of a run; the pickers' own count does not).
 FAST_SCRAPE = "50ms"
 
 
 # Pickers run only when named (--routers): they compare one setting against the default.
 PICKER_VARIANTS = {
-    # Every pod scraped at the fast interval, idle or not: how the picker scraped before
-    # idle pods rested (epp/scrape_pace.py).
-    "always-fast-scrape": ["--idle-metrics-interval", FAST_SCRAPE],
+    # Every pod scraped at the fast interval, idle, busy or sent nothing: how the picker
+    # scraped before idle pods rested and busy ones went quiet (epp/scrape_pace.py).
+    "always-fast-scrape": [
+        "--idle-metrics-interval",
+        FAST_SCRAPE,
+        "--quiet-metrics-interval",
+        FAST_SCRAPE,
+    ],
 }
+
+
+@dataclass(frozen=True, slots=True)
+class Scraping:
+    """What a router's scraping of the pods has cost so far (counters: subtract two)."""
+
+    cpu_s: float | None  # CPU seconds its scraping took; None: not counted
+    pages: float  # /metrics pages it fetched
+
+    def since(self, before: Scraping) -> Scraping:
+        cpu = None if self.cpu_s is None or before.cpu_s is None else self.cpu_s - before.cpu_s
+        return Scraping(cpu, self.pages - before.pages)
 
 
 @dataclass(slots=True)
@@ -114,6 +133,24 @@ class InfergateRouter:
         assert self._stack is not None
         names = [*map(self._stack.picker_name, self._stack.picker_indexes), "envoy"]
         return {n: self._stack.procs[n].pid for n in names}
+
+    def scraping(self) -> Scraping | None:
+        """The pickers' scraping so far, summed over them, from their /metrics (the CPU is
+        None for a picker from before it was counted: --baseline)."""
+        stack = self._stack
+        assert stack is not None
+        cpu: float | None = 0.0
+        pages = 0.0
+        for i in stack.picker_indexes:
+            url = f"http://127.0.0.1:{stack.picker_ports(i).metrics}/metrics"
+            with urllib.request.urlopen(url, timeout=10) as r:
+                text = r.read().decode()
+            pages += counter_sum(text, "infergate_epp_metrics_scrapes")
+            if cpu is not None and "infergate_epp_scrape_cpu_seconds" in text:
+                cpu += counter_sum(text, "infergate_epp_scrape_cpu_seconds")
+            else:
+                cpu = None
+        return Scraping(cpu, pages)
 
     def idle_baseline(self, seconds: float) -> dict[str, float]:
         """CPU seconds over `seconds` of no traffic with every pod scraped at the fast
@@ -199,6 +236,9 @@ class ExternalRouter:
 
     def pids(self) -> dict[str, int]:
         return {"router": self._proc.pid} if self._proc else {}
+
+    def scraping(self) -> Scraping | None:
+        return None  # its scraping is not told apart from its requests
 
     def idle_baseline(self, seconds: float) -> dict[str, float]:
         """CPU seconds over `seconds` of no traffic: its health checks and event loops."""

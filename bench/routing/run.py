@@ -4,9 +4,11 @@ Requests that arrive during the warm-up are sent (they fill the caches) but not 
 the pods' cache counters, the load samples and the router's CPU time cover only the
 measured part. Failures are counted, never dropped.
 
-Before any traffic, the router idles for `idle_s` (each pod scraped at the fast interval,
-as it is under load): its CPU then, scaled to the measured window, is the part of its cost
-that is not per request (scraping, health checks); the rest is charged to the requests.
+Before any traffic, the router idles for `idle_s` (each pod scraped at the fast interval):
+its CPU then, scaled to the measured window, is the part of its cost that is not per request
+(scraping, health checks); the rest is charged to the requests. infergate's pickers also
+count their scraping's CPU themselves (epp/scrape.py): the measured window's scraping is
+taken out of the requests' CPU exactly, however the pace of scraping followed the load.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from infergw.bench.client import run_trace
 from infergw.bench.common import percentile, process_cpu_seconds
 from infergw.bench.routing.client import Outcome, send
 from infergw.bench.routing.fleet import PodWatch, new_stack, workdir
-from infergw.bench.routing.routers import RouterUnavailable
+from infergw.bench.routing.routers import RouterUnavailable, Scraping
 from infergw.bench.routing.slo import Slo, goodput
 
 
@@ -72,6 +74,7 @@ async def _measure(url, pods, trace, point: Point, s: Settings, on_request) -> d
             await asyncio.sleep(s.warmup_s)
             marks["counters"] = await watch.counters()
             marks["cpu"] = {n: process_cpu_seconds(p) for n, p in pids.items()}
+            marks["scraping"] = point.router.scraping()
             marks["t"] = time.monotonic()
             watch.start_sampling()
 
@@ -80,6 +83,7 @@ async def _measure(url, pods, trace, point: Point, s: Settings, on_request) -> d
         await mark
         end = time.monotonic()
         cpu = {n: process_cpu_seconds(p) - marks["cpu"][n] for n, p in pids.items()}
+        scraping = point.router.scraping()
         hits, queries = (
             b - a for a, b in zip(marks["counters"], await watch.counters(), strict=True)
         )
@@ -94,7 +98,23 @@ async def _measure(url, pods, trace, point: Point, s: Settings, on_request) -> d
         )
         row["measured_s"] = round(end - marks["t"], 2)
         row["router_cpu_s"] = {n: round(v, 3) for n, v in cpu.items()}
+        if scraping is not None and marks["scraping"] is not None:
+            row |= split_scraping(row, scraping.since(marks["scraping"]))
         return row
+
+
+def split_scraping(row: dict, scraping: Scraping) -> dict:
+    """The router's CPU per request apart from what its scraping took (the picker counts
+    its scraping's CPU: epp/scrape.py), and the pages it fetched a second."""
+    done = row["requests"] - row["errors"]
+    out = {"scrape_pages_per_s": round(scraping.pages / row["measured_s"], 1)}
+    if scraping.cpu_s is not None:
+        total = sum(row["router_cpu_s"].values())
+        out["router_cpu_ms_per_request_scraping"] = per_request(scraping.cpu_s, done)
+        out["router_cpu_ms_per_request_without_scraping"] = per_request(
+            total - scraping.cpu_s, done
+        )
+    return out
 
 
 def split_cpu(row: dict, idle_cores: dict[str, float]) -> dict:

@@ -11,8 +11,8 @@ from infergw.bench.client import parse_chunk, text_of
 from infergw.bench.routing.fleet import PodWatch
 from infergw.bench.routing.oracle import _PodCache, block_hashes, oracle
 from infergw.bench.routing.report import markdown
-from infergw.bench.routing.routers import InfergateRouter
-from infergw.bench.routing.run import Point, Settings, run_point, split_cpu
+from infergw.bench.routing.routers import InfergateRouter, Scraping
+from infergw.bench.routing.run import Point, Settings, run_point, split_cpu, split_scraping
 from infergw.bench.routing.workloads import Arrival, MultiTurn, NoReuse, SharedPrefix
 from infergw.bench.workload import completion
 
@@ -111,6 +111,21 @@ def test_split_cpu_charges_requests_only_what_idling_would_not_have_spent():
     assert split["router_cpu_ms_per_request_above_idle"] == 100.0
 
 
+def test_scraping_is_taken_out_of_the_requests_cpu_when_the_picker_counts_it():
+    row = {"requests": 11, "errors": 1, "measured_s": 10.0}
+    row["router_cpu_s"] = {"picker": 1.5, "envoy": 0.2}
+    split = split_scraping(row, Scraping(cpu_s=0.7, pages=400.0))
+    assert split == {
+        "scrape_pages_per_s": 40.0,
+        "router_cpu_ms_per_request_scraping": 70.0,
+        "router_cpu_ms_per_request_without_scraping": 100.0,
+    }
+    # A picker from before the count (--baseline): pages only.
+    assert split_scraping(row, Scraping(cpu_s=None, pages=400.0)) == {"scrape_pages_per_s": 40.0}
+    assert Scraping(2.0, 10).since(Scraping(0.5, 4)) == Scraping(1.5, 6)
+    assert Scraping(2.0, 10).since(Scraping(None, 4)) == Scraping(None, 6)
+
+
 def test_imbalance_is_max_over_mean_and_skips_idle_samples():
     w = PodWatch([])
     w.samples = [[2, 2], [0, 0], [4, 0]]
@@ -139,6 +154,13 @@ def test_one_point_runs_through_a_real_fleet_and_router():
     assert row["router_cpu_ms_per_request"] > 0
     assert set(row["router_idle_cpu_pct"]) == {"picker", "envoy"}
     assert 0 <= row["router_cpu_ms_per_request_above_idle"] <= row["router_cpu_ms_per_request"]
+    # The picker counted its scraping: some of its CPU, not all of it, and pages were read.
+    assert row["scrape_pages_per_s"] > 0
+    scraping = row["router_cpu_ms_per_request_scraping"]
+    assert 0 < scraping < row["router_cpu_ms_per_request"]
+    assert row["router_cpu_ms_per_request_without_scraping"] == pytest.approx(
+        row["router_cpu_ms_per_request"] - scraping, abs=0.02
+    )
     out = {
         "machine": {"date": "d", "cpu": "c", "cores": 2, "memory_gib": 1},
         "settings": {"pods": 2, "warmup_s": 1.0, "duration_s": 3.0, "seed": 1},

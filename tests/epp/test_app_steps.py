@@ -80,6 +80,20 @@ async def test_the_kv_cache_is_built_started_and_handed_to_its_plugin(tmp_path):
     assert ports_free([kv_port])
 
 
+async def test_the_scraper_paces_under_flow_controls_staleness_and_exports_its_cpu(tmp_path):
+    picker = await build_picker(options(tmp_path, None))
+    try:
+        # 250 ms asked by default, kept one 50 ms interval under flow control's 200 ms.
+        assert picker.scraper.pace.quiet_interval == pytest.approx(0.15)
+        assert not picker.scraper.held()  # no flow-control queue configured: nothing held
+        cpu = picker.metrics.registry.get_sample_value(
+            "infergate_epp_scrape_cpu_seconds_total", {"part": "fetch"}
+        )
+        assert cpu is not None and cpu >= 0
+    finally:
+        await stop_picker(picker)
+
+
 async def test_the_pd_handler_counts_in_the_pickers_metrics(tmp_path):
     picker = await build_picker(options(tmp_path, PD))
     try:

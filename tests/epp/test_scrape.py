@@ -7,7 +7,6 @@ import asyncio
 import gzip
 import logging
 
-import aiohttp
 import pytest
 from aiohttp import web
 
@@ -102,7 +101,7 @@ async def test_a_scrape_forgets_only_the_requests_sent_before_it_began():
     await web.TCPSite(runner, "127.0.0.1", port).start()
     ds = one_pod_store(port)
     scraper = MetricsScraper(ds, PickerMetrics(), interval=60)
-    scraper._session = aiohttp.ClientSession()
+    scraper.fetcher.start()  # no loops: only the scrapes below
     try:
         (ep,) = ds.endpoints()
         ep.sent_since_scrape = 3  # sent before the scrape
@@ -113,7 +112,7 @@ async def test_a_scrape_forgets_only_the_requests_sent_before_it_began():
         await scrape
         assert ep.sent_since_scrape == 2 and not ep.stale
     finally:
-        await scraper._session.close()
+        scraper.fetcher.stop()
         await runner.cleanup()
 
 
@@ -490,7 +489,7 @@ async def test_a_trtllm_serve_pod_is_scraped_at_its_prometheus_path():
         ]
     )
     scraper = MetricsScraper(ds, PickerMetrics(), interval=60)
-    scraper._session = aiohttp.ClientSession()
+    scraper.fetcher.start()  # no loops: only the scrapes below
     try:
         (ep,) = ds.endpoints()
         await scraper.scrape_once(ep)
@@ -498,5 +497,5 @@ async def test_a_trtllm_serve_pod_is_scraped_at_its_prometheus_path():
         assert ep.reachable and not ep.stale
         assert (ep.metrics.waiting, ep.metrics.kv_usage) == (2, 0.5)
     finally:
-        await scraper._session.close()
+        scraper.fetcher.stop()
         await runner.cleanup()

@@ -21,6 +21,7 @@ from infergw.epp.metrics import PickerMetrics
 from infergw.epp.replica_members import ReplicaMembers, owner
 from infergw.epp.replica_sync import Record, ReplicaSync
 from infergw.epp.scrape import MetricsScraper
+from infergw.epp.scrape_pace import QUIET
 from infergw.epp.scrape_shares import PAGE_CHANNEL, ScrapeShares, SharedPage, read_page
 from tests.conftest import free_port
 from tests.datastores import one_pod_store
@@ -94,13 +95,13 @@ def owner_index(replicas: list[Replica], port: int) -> int:
 
 async def test_each_pod_is_scraped_by_its_owner_alone_and_both_replicas_know_its_numbers():
     texts = [page(running=i + 1, waiting=i) for i in range(PODS)]
-    async with fleet(texts) as (pods, replicas):
+    async with fleet(texts, quiet_interval=INTERVAL) as (pods, replicas):
         before = [p.scrapes for p in pods]
         fallbacks = [r.shares.fallback_rounds for r in replicas]
         await asyncio.sleep(1.0)
         scrapes = [p.scrapes - b for p, b in zip(pods, before, strict=True)]
-        # One scraper's worth each (20 at 50 ms; the pods are busy, so they never rest),
-        # not two replicas' (40).
+        # One scraper's worth each (20 at 50 ms; the pods are busy, so they never rest, and the
+        # quiet pace is off here), not two replicas' (40).
         assert all(10 <= n <= 26 for n in scrapes), scrapes
         assert [r.shares.fallback_rounds for r in replicas] == fallbacks
         owners = {owner_index(replicas, p.port) for p in pods}
@@ -165,6 +166,38 @@ async def test_a_pod_resting_at_its_owner_stays_fresh_at_the_other_until_a_reque
         assert own.ep(pod.port).metrics.running == 1
 
 
+async def test_a_busy_pod_quiet_at_its_owner_is_woken_by_the_others_request():
+    """The owner paces a busy pod nobody sends anything quietly, and the other replica, whose
+    requests the owner cannot see, gets a page showing its request within a few ticks."""
+    texts = [page(running=1) for _ in range(PODS)]
+    kw = {"quiet_interval": 20.0, "stale_after": 30.0}
+    async with fleet(texts, **kw) as (pods, replicas):
+        pod = pods[0]
+        own = replicas[owner_index(replicas, pod.port)]
+        other = replicas[1 - owner_index(replicas, pod.port)]
+        await wait_for_async(lambda: own.scraper.waiting(own.ep(pod.port)) == QUIET)
+        before = pod.scrapes
+        await asyncio.sleep(0.5)
+        assert pod.scrapes - before <= 1, "nobody should scrape a quiet pod nobody sends to"
+        ep = other.ep(pod.port)
+        assert not ep.stale
+        pod.text = page(running=2)
+        ep.sent_since_scrape += 1  # the other replica routes a request there
+        t0 = time.monotonic()
+        await wait_for_async(lambda: ep.metrics.running == 2, within=2.0)
+        assert time.monotonic() - t0 < 6 * INTERVAL
+        assert own.ep(pod.port).metrics.running == 2
+
+
+def test_a_page_from_a_replica_before_the_quiet_pace_still_reads():
+    """quiet_for is the page's last field, with a default: an older replica's page (one field
+    fewer) reads as 'not quiet', and an older replica reads ours without it."""
+    old = msgspec.msgpack.encode(list(msgspec.structs.astuple(valid_page()))[:-1])
+    assert read_page(old).quiet_for == 0.0
+    quiet = read_page(msgspec.msgpack.encode(valid_page(quiet_for=0.15)))
+    assert quiet.quiet_for == 0.15
+
+
 def valid_page(**overrides) -> SharedPage:
     fields = dict(
         waiting=1.0,
@@ -202,6 +235,8 @@ def test_a_shared_page_round_trips():
         {"age": math.nan},
         {"rest_for": 1e9},
         {"rest_for": -1.0},
+        {"quiet_for": math.inf},
+        {"quiet_for": -0.1},
         {"failures": -1},
         {"block_size": -16},
         {"num_blocks": 2**63},

@@ -7,7 +7,10 @@ request arriving mid-step waits for the next. A pod caches the prompt prefixes i
 (an LRU of prefix ids). The picker side is the picker's: each pod's metrics (waiting,
 running, KV usage) are copied into its Endpoint by a scrape every `scrape_interval`, at its
 own phase, and between scrapes only the picker's own counts move (`inflight_requests`,
-`sent_since_scrape`), as epp/director.py and epp/scrape.py move them.
+`sent_since_scrape`), as epp/director.py and epp/scrape.py move them. With `quiet_interval`
+or `idle_interval` set, the real pace policy (epp/scrape_pace.py) decides each pod's next
+scrape, and a request sent to a waiting pod brings its scrape to the next manager tick, as
+the scraper's manager does.
 
 Used by the scheduling tests to show herding and affinity against round robin; the numbers
 are the model's, not a real engine's.
@@ -25,6 +28,7 @@ from infergw.epp.director import EWMA_ALPHA
 from infergw.epp.scheduling.framework import Profile, Scheduler, WeightedScorer
 from infergw.epp.scheduling.plugins.pickers import MaxScorePicker
 from infergw.epp.scheduling.plugins.profile_handlers import SingleProfileHandler
+from infergw.epp.scrape_pace import FAST, Pace
 from tests.request_fixtures import bare_context
 
 TICK = 0.001  # seconds per simulated tick
@@ -84,6 +88,12 @@ class Fleet:
     kv_tokens: int = 5120  # 320 blocks of 16
     cached_prefixes: int = 3
     cache_info: bool = True  # pages say their block size and count (vLLM's cache_config_info)
+    quiet_interval: float = 0.0  # 0: busy pods at scrape_interval (epp/scrape_pace.py)
+    idle_interval: float = 0.0  # 0: idle pods at scrape_interval
+
+    @property
+    def pace(self) -> Pace:
+        return Pace(self.scrape_interval, self.idle_interval, self.quiet_interval)
 
     def endpoints(self) -> list[Endpoint]:
         out = []
@@ -99,6 +109,7 @@ class Fleet:
 class Result:
     ttft: list[float]  # seconds, per request in arrival order
     pods: list[int]  # the pod each request went to
+    scrapes: int = 0  # pages read over the replay
 
     def p(self, q: float) -> float:
         s = sorted(self.ttft)
@@ -155,6 +166,14 @@ def no_reuse(rate: float, seconds: float = 30.0, seed: int = 7) -> list[Arrival]
     return poisson(rate, seconds, seed, lambda t, rng: Arrival(t, -1, 0, 1800))
 
 
+def shared_prefix(
+    rate: float, seconds: float = 30.0, seed: int = 7, groups: int = 48
+) -> list[Arrival]:
+    """bench/routing's shared-prefix workload: one of `groups` ~1,600-token prefixes, chosen
+    uniformly, and a short question; 16 out."""
+    return poisson(rate, seconds, seed, lambda t, rng: Arrival(t, rng.randrange(groups), 1600, 16))
+
+
 def replay(
     fleet: Fleet, arrivals: list[Arrival], route: Route, clock: SimClock | None = None
 ) -> Result:
@@ -163,8 +182,12 @@ def replay(
     pods = [_Pod(e) for e in eps]
     reqs: list[_Req] = []
     # Pods are scraped at staggered phases, as the picker's per-endpoint loops drift apart.
-    phase = [fleet.scrape_interval * i / fleet.pods for i in range(fleet.pods)]
+    interval, pace = fleet.scrape_interval, fleet.pace
+    phase = [interval * i / fleet.pods for i in range(fleet.pods)]
     next_scrape = list(phase)
+    last_scrape = [-interval] * fleet.pods
+    waits = [FAST] * fleet.pods
+    scrapes = 0
     end = arrivals[-1].at + 10.0
     nxt, now = 0, 0.0
     while now < end and (nxt < len(arrivals) or any(p.running or p.waiting for p in pods)):
@@ -184,12 +207,20 @@ def replay(
             if now >= pod.step_ends:
                 _finish_step(fleet, pod, now)
                 _start_step(fleet, pod, now)
+            if waits[i] != FAST and pace.wakes(waits[i], eps[i]):
+                # The manager sees it at its next tick; still no sooner than one interval.
+                tick = interval * -(-now // interval)
+                next_scrape[i] = min(next_scrape[i], max(last_scrape[i] + interval, tick))
+                waits[i] = FAST
             if now >= next_scrape[i]:
                 _scrape(fleet, pod, now)
-                next_scrape[i] += fleet.scrape_interval
+                scrapes += 1
+                last_scrape[i] = now
+                waits[i] = pace.pace(eps[i])
+                next_scrape[i] += pace.wait_for(waits[i])
         now += TICK
     ttft = [(r.first_token_at or end) - r.arrival.at for r in reqs]
-    return Result(ttft, [r.pod for r in reqs])
+    return Result(ttft, [r.pod for r in reqs], scrapes)
 
 
 def _finish_step(fleet: Fleet, pod: _Pod, now: float) -> None:
