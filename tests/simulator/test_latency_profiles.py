@@ -221,3 +221,24 @@ def test_simulator_prefill_takes_the_profiles_time():
     assert 0.05 < expected < 0.15  # ~80 ms: 2000 tokens at ~26k tokens/s
     # The simulator sleeps the modeled time; the rest is HTTP and a loaded machine.
     assert modeled <= elapsed < modeled + 2.0
+
+
+def test_kv_pull_is_the_block_bytes_over_the_link():
+    """Llama-3.1-8B keeps 128 KiB of KV a token (2 × 32 layers × 8 KV heads × 128 × 2 bytes),
+    so a 16-token block is 2 MiB; at 80 % of 400 Gb/s (H100 nodes' NDR InfiniBand) that is
+    52 µs, at 80 % of 200 Gb/s (A100 nodes' HDR) 105 µs."""
+    block = 2 * 32 * 8 * 128 * 2 * 16
+    assert block == 2 * 1024 * 1024
+    assert H100.kv_transfer_s_per_block == pytest.approx(block / (0.8 * 50e9))
+    assert H100.kv_transfer_s_per_block == pytest.approx(52.4e-6, rel=1e-3)
+    a100 = PROFILES["llama-3.1-8b-a100"].model
+    assert a100.kv_transfer_s_per_block == pytest.approx(104.9e-6, rel=1e-3)
+
+
+def test_kv_pull_flag_overrides_the_profile():
+    cfg = parse_config(["--sim-latency-profile", "llama-3.1-8b-h100"])
+    assert cfg.latency.kv_transfer_s_per_block == H100.kv_transfer_s_per_block
+    cfg = parse_config(
+        ["--sim-latency-profile", "llama-3.1-8b-h100", "--sim-kv-transfer-ms-per-block", "2"]
+    )
+    assert cfg.latency.kv_transfer_s_per_block == pytest.approx(2e-3)
