@@ -19,7 +19,8 @@ the b sequences one prefill's time each, disaggregating costs this request q pro
 plus a fixed hop and KV pull (nonCachedTokens is that fixed cost, in prompt tokens).
 
 Metrics the decider cannot trust give the fixed threshold, never a guess: an endpoint never
-scraped, marked stale by the scraper, or whose numbers are negative or not finite.
+scraped, marked stale by the scraper, or whose numbers are negative or not finite (only the
+pods whose term has a weight are read).
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ class AdaptiveThreshold:
         `prefill`."""
         if self.base <= 0 or not self.adaptive:
             return self.base
-        b, q = batch(decode), backlog(prefill)
+        b, q = self._batch(decode), self._backlog(prefill)
         if b is None or q is None:
             return self.base  # an input the decider cannot trust: the fixed threshold
         return self._formula(b, q)
@@ -59,8 +60,15 @@ class AdaptiveThreshold:
         pod without running the prefill profile."""
         if self.base <= 0 or not self.adaptive:
             return self.base
-        b = batch(decode)
+        b = self._batch(decode)
         return self.base if b is None else min(self.base, self._formula(b, 0.0))
+
+    # An input whose weight is 0 is not read: its metrics need not be there.
+    def _batch(self, decode: Endpoint) -> float | None:
+        return batch(decode) if self.decode_batch_weight > 0 else 0.0
+
+    def _backlog(self, prefill: Endpoint) -> float | None:
+        return backlog(prefill) if self.prefill_queue_weight > 0 else 0.0
 
     def _formula(self, b: float, q: float) -> int:
         t = self.base * (1 + self.prefill_queue_weight * q) / (1 + self.decode_batch_weight * b)

@@ -78,6 +78,14 @@ def test_metrics_it_cannot_trust_give_the_fixed_threshold(bad):
     assert ADAPTIVE.lowest(bad) == 256
 
 
+def test_a_term_without_weight_does_not_need_its_pods_metrics():
+    decode_only = AdaptiveThreshold(256, decode_batch_weight=0.1)
+    assert decode_only.tokens(ep(30), ep(fresh=False)) == 64
+    queue_only = AdaptiveThreshold(256, prefill_queue_weight=1.0)
+    assert queue_only.tokens(ep(fresh=False), ep(0, 3)) == 1024
+    assert queue_only.lowest(ep(fresh=False)) == 256
+
+
 def test_stale_flag_alone_counts_as_missing():
     e = ep(30)
     e.stale = True  # scraped once, but too long ago
