@@ -192,6 +192,30 @@ def test_engine_counts_context_and_attention_of_each_step():
     )
 
 
+def test_a_prefill_sharing_a_step_delays_its_decodes():
+    """The interference P/D removes: with the H100 profile a decoding sequence's token takes
+    one flat decode step alone, and the whole chunk's prefill time when a prompt is admitted
+    into its step (chunked at the token budget)."""
+    e = Engine(
+        pool=BlockPool(1000, 16),
+        hasher=BlockHasher(16, "sha256", 0),
+        limits=EngineLimits(8, 8192, 16384, 1),
+        latency=H100,
+        token_texts={i: f" t{i}" for i in range(100, 200)},
+    )
+    decoder = request("d", range(300), max_tokens=8)
+    e.add_request(decoder)
+    e._complete(e._schedule())
+    step = e._schedule()
+    alone = H100.work_seconds(step.work())
+    e._complete(step)
+    e.add_request(request("p", range(5000, 13000), max_tokens=1))
+    shared = e._schedule().work()
+    assert shared.decode_seqs == 1 and shared.prefill_tokens == 8000
+    assert alone < 0.008  # ~6.6 ms: the weight read
+    assert H100.work_seconds(shared) > 40 * alone  # ~0.33 s for that one token
+
+
 def test_simulator_prefill_takes_the_profiles_time():
     """A real simulator process with the H100 profile: the prefill step it models for a
     2000-token prompt is the derivation's, and the TTFT clients see follows it."""
