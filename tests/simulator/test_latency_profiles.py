@@ -213,7 +213,7 @@ def test_a_prefill_sharing_a_step_delays_its_decodes():
     shared = e._schedule().work()
     assert shared.decode_seqs == 1 and shared.prefill_tokens == 8000
     assert alone < 0.008  # ~6.6 ms: the weight read
-    assert H100.work_seconds(shared) > 40 * alone  # ~0.33 s for that one token
+    assert H100.work_seconds(shared) > 40 * alone  # ~0.35 s for that one token
 
 
 def test_simulator_prefill_takes_the_profiles_time():

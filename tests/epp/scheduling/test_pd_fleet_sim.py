@@ -33,7 +33,7 @@ def test_a_prefill_in_the_same_step_slows_the_decodes_and_disaggregation_removes
     assert agg[0].decode_pod != agg[1].decode_pod
     assert agg[0].tpot == pytest.approx(alone.tpot, rel=0.01)
     one_pod = replay(Fleet(both=1), Decider(0), trace).reqs
-    assert one_pod[0].tpot > alone.tpot + 0.3 / 63  # ≥ one ~320 ms prefill step in its gaps
+    assert one_pod[0].tpot > alone.tpot + 0.3 / 63  # ≥ one ~345 ms prefill step in its gaps
     # disaggregated: the decode pod only computes the last prompt token
     assert pd[1].prefill_pod is not None and pd[0].decode_pod == pd[1].decode_pod
     assert pd[0].tpot < alone.tpot * 1.05
