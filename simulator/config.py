@@ -420,10 +420,10 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument(
         "--sim-kv-transfer-ms-per-block",
         type=float,
-        default=0.1,
+        default=None,
         help="time a decode pod takes to pull one KV block from a prefill pod, ms (the pull "
         "runs beside the engine's steps and replaces the prefill of those tokens; default: "
-        "%(default)s)",
+        "the profile's, 0.1 for sim-default)",
     )
     sim.add_argument(
         "--sim-kv-hold-seconds",
@@ -562,11 +562,10 @@ def _latency_model(args: argparse.Namespace) -> LatencyModel:
     }
     if args.sim_roofline is not None:
         overrides["roofline"] = args.sim_roofline
+    if args.sim_kv_transfer_ms_per_block is not None:
+        overrides["kv_transfer_s_per_block"] = args.sim_kv_transfer_ms_per_block * 1e-3
     return replace(
-        PROFILES[args.sim_latency_profile].model,
-        **overrides,
-        kv_transfer_s_per_block=args.sim_kv_transfer_ms_per_block * 1e-3,
-        time_scale=args.sim_time_scale,
+        PROFILES[args.sim_latency_profile].model, **overrides, time_scale=args.sim_time_scale
     )
 
 
@@ -588,7 +587,7 @@ def _kv_transfer_config(args: argparse.Namespace) -> KVTransferConfig:
             raise ValueError(f"VLLM_NIXL_ABORT_REQUEST_TIMEOUT={env!r} is not a number") from exc
     if hold <= 0:
         raise ValueError("--sim-kv-hold-seconds must be > 0")
-    if args.sim_kv_transfer_ms_per_block < 0:
+    if args.sim_kv_transfer_ms_per_block is not None and args.sim_kv_transfer_ms_per_block < 0:
         raise ValueError("--sim-kv-transfer-ms-per-block must be >= 0")
     host = os.environ.get("VLLM_NIXL_SIDE_CHANNEL_HOST") or None
     connector = bool(args.kv_transfer_config) or args.kv_role is not None

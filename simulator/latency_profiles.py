@@ -66,6 +66,18 @@ class Efficiency:
     mfu: float  # model FLOPs utilisation of prefill (and of compute-bound decode)
     mbu: float  # model bandwidth utilisation of decode
     step_overhead_s: float
+    link_utilisation: float = 0.8  # of the KV link's line rate a transfer reaches
+
+
+@dataclass(frozen=True, slots=True)
+class KvLink:
+    """The network a decode pod pulls a prefill pod's KV over (P/D disaggregation)."""
+
+    bytes_per_s: float  # line rate, one direction
+
+
+# vLLM's default KV block on CUDA: the unit a P/D pull moves (simulator/kv_transfer.py).
+KV_BLOCK_TOKENS = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,11 +87,13 @@ class LatencyProfile:
     model: LatencyModel
 
 
-def derive(model: ModelShape, gpu: Gpu, eff: Efficiency) -> LatencyModel:
-    """The roofline latency model of `model` on `gpu` at the efficiencies `eff`."""
+def derive(model: ModelShape, gpu: Gpu, eff: Efficiency, link: KvLink) -> LatencyModel:
+    """The roofline latency model of `model` on `gpu` at the efficiencies `eff`, its P/D KV
+    pulls over `link` (a block of KV_BLOCK_TOKENS tokens' KV at the link's usable rate)."""
     flops = gpu.dense_bf16_flops * eff.mfu
     bandwidth = gpu.hbm_bytes_per_s * eff.mbu
     token_s = 2 * model.matmul_params / flops
+    block_bytes = model.kv_bytes_per_token * KV_BLOCK_TOKENS
     return LatencyModel(
         prefill_s_per_token=token_s,
         decode_s_per_seq=token_s,
@@ -88,6 +102,7 @@ def derive(model: ModelShape, gpu: Gpu, eff: Efficiency) -> LatencyModel:
         kv_read_s_per_token=model.kv_bytes_per_token / bandwidth,
         attention_s_per_pair=model.attention_flops_per_pair / flops,
         roofline=True,
+        kv_transfer_s_per_block=block_bytes / (link.bytes_per_s * eff.link_utilisation),
     )
 
 
@@ -108,7 +123,13 @@ A100_SXM_80GB = Gpu(dense_bf16_flops=312e12, hbm_bytes_per_s=2.039e12)
 # vLLM v0.6.0 blog's profile implies (13 ms a token, 38 % of it on the GPU: ~4.9 ms for
 # 15 GB of weights); MFU 0.4 is a round figure for a whole forward pass at prefill shapes;
 # 1 ms is the per-step scheduling and launch cost an engine does not hide behind the GPU.
+# link_utilisation 0.8 (the default) is likewise assumed: RDMA reaches most of its line rate
+# on multi-MiB transfers, less the protocol's overhead and NIXL's bookkeeping.
 VLLM_EFFICIENCY = Efficiency(mfu=0.4, mbu=0.8, step_overhead_s=1e-3)
+# NVIDIA DGX H100 / DGX A100 user guides: one ConnectX-7 400 Gb/s (NDR) and one ConnectX-6
+# 200 Gb/s (HDR) InfiniBand port per GPU, the path a prefill pod on another node's KV takes.
+NDR_400G = KvLink(bytes_per_s=400e9 / 8)
+HDR_200G = KvLink(bytes_per_s=200e9 / 8)
 
 DEFAULT_PROFILE = "sim-default"
 PROFILES: dict[str, LatencyProfile] = {
@@ -122,12 +143,12 @@ PROFILES: dict[str, LatencyProfile] = {
         LatencyProfile(
             "llama-3.1-8b-h100",
             "Llama-3.1-8B bf16 on one H100 SXM with vLLM (roofline model)",
-            derive(LLAMA_3_1_8B, H100_SXM, VLLM_EFFICIENCY),
+            derive(LLAMA_3_1_8B, H100_SXM, VLLM_EFFICIENCY, NDR_400G),
         ),
         LatencyProfile(
             "llama-3.1-8b-a100",
             "Llama-3.1-8B bf16 on one A100 SXM 80 GB with vLLM (roofline model)",
-            derive(LLAMA_3_1_8B, A100_SXM_80GB, VLLM_EFFICIENCY),
+            derive(LLAMA_3_1_8B, A100_SXM_80GB, VLLM_EFFICIENCY, HDR_200G),
         ),
     )
 }

@@ -6,20 +6,25 @@ examples/pd (2 groups of 1 prefill + 1 decode pod with the nixl connector sideca
 pd-profile-handler); disaggregated-1-group: the same as one group of 2 + 2 (bench/pd/fleet.py).
 A mix of long prompts with short answers and short prompts with long answers
 (bench/pd/workload.py), open-loop Poisson arrivals at a few rates, a fresh fleet per point.
-Writes bench/results/pd-<date>[-quick].json and docs/benchmarks/pd[-quick].png.
+--latency-profile, --pd-params and the mix's flags run other points of the regime (README
+"bench/pd"). Writes bench/results/pd-<date>[-quick].json and docs/benchmarks/pd[-quick].png.
 """
 
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from pathlib import Path
+
+import yaml
 
 from infergw.api.cli_help import HelpFormatter
 from infergw.bench.common import machine, save_results
-from infergw.bench.pd.fleet import MODES
+from infergw.bench.pd.fleet import MODES, Tuning
 from infergw.bench.pd.report import markdown, plot
 from infergw.bench.pd.run import Settings, run_point
 from infergw.bench.pd.workload import Mix
+from infergw.simulator.latency_profiles import DEFAULT_PROFILE, PROFILES
 
 FULL = {"rates": [2.0, 6.0, 10.0, 14.0], "warmup_s": 5.0, "duration_s": 30.0, "modes": MODES}
 QUICK = {"rates": [6.0], "warmup_s": 3.0, "duration_s": 8.0, "modes": MODES[:2]}
@@ -40,6 +45,37 @@ def main(argv: list[str] | None = None) -> int:
         help=f"comma-separated: {', '.join(MODES)} (default: all; --quick: the first two)",
     )
     run.add_argument("--seed", type=int, default=7, help="random seed of the workload")
+    tuning_group = p.add_argument_group("Pods and the P/D decider")
+    mix_group = p.add_argument_group("Workload mix")
+    tuning_group.add_argument(
+        "--latency-profile",
+        choices=sorted(PROFILES),
+        default=DEFAULT_PROFILE,
+        help="every pod's --sim-latency-profile (default: the examples', sim-default)",
+    )
+    tuning_group.add_argument(
+        "--pd-params",
+        type=_mapping,
+        default={},
+        help="YAML mapping merged into the pd-profile-handler's parameters, e.g. "
+        "'{nonCachedTokens: 256, decodeBatchWeight: 0.1, prefillQueueWeight: 32}'",
+    )
+    defaults = Mix()
+    mix_group.add_argument(
+        "--long-share", type=float, default=defaults.long_share, help="share of long prompts"
+    )
+    mix_group.add_argument(
+        "--long-prompt-words",
+        type=int,
+        default=defaults.long_prompt_words,
+        help="words in a long prompt",
+    )
+    mix_group.add_argument(
+        "--decode-output-tokens",
+        type=int,
+        default=defaults.decode_output_tokens,
+        help="tokens each request generates",
+    )
     output.add_argument(
         "--output-dir",
         type=Path,
@@ -55,8 +91,16 @@ def main(argv: list[str] | None = None) -> int:
     modes = args.modes.split(",") if args.modes else list(plan["modes"])
     if not modes or set(modes) - set(MODES):
         p.error(f"--modes takes {', '.join(MODES)}")
-    mix = Mix()
-    settings = Settings(plan["warmup_s"], plan["duration_s"], args.seed, mix)
+    if not 0 <= args.long_share <= 1 or args.long_prompt_words < 1 or args.decode_output_tokens < 1:
+        p.error("--long-share takes 0..1; --long-prompt-words and --decode-output-tokens >= 1")
+    mix = replace(
+        defaults,
+        long_share=args.long_share,
+        long_prompt_words=args.long_prompt_words,
+        decode_output_tokens=args.decode_output_tokens,
+    )
+    tuning = Tuning(args.latency_profile, args.pd_params)
+    settings = Settings(plan["warmup_s"], plan["duration_s"], args.seed, mix, tuning)
     out = {
         "benchmark": "pd",
         "machine": machine(),
@@ -67,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
             "rates": plan["rates"],
             "pods": 4,
             "workload": mix.describe(),
+            "tuning": tuning.describe(),
+            "slo": settings.slo.describe(),
         },
         "rows": [],
     }
@@ -78,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"  TTFT p50/p90 {row['ttft_p50_ms']}/{row['ttft_p90_ms']} ms, "
                 f"TPOT p50/p90 {row['tpot_p50_ms']}/{row['tpot_p90_ms']} ms, "
+                f"goodput {row['goodput_per_s']} req/s, "
                 f"errors {row['errors']}, {row['seconds']:.0f} s",
                 flush=True,
             )
@@ -85,6 +132,16 @@ def main(argv: list[str] | None = None) -> int:
         "pd", out, quick=args.quick, output_dir=args.output_dir, plot=plot, markdown=markdown
     )
     return 0
+
+
+def _mapping(text: str) -> dict:
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise argparse.ArgumentTypeError(f"not YAML: {exc}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("a YAML mapping of the handler's parameters")
+    return value
 
 
 if __name__ == "__main__":

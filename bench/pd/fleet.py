@@ -7,13 +7,16 @@
 - disaggregated-1-group: the same Model as 1 group of 2 prefill + 2 decode pods, so the
   picker chooses the prefill pod by its own load instead of taking the decode pod's partner.
 
-Both keep their example's engine arguments (so the simulator's default latency model) but for
-the KV-event socket, which is this run's free port; no SecurityPolicy is copied (auth off).
+Both keep their example's engine arguments (the simulator's default latency model unless a
+`Tuning` names a profile) but for the KV-event socket, which is this run's free port; no
+SecurityPolicy is copied (auth off). A `Tuning` may also change the pd-profile-handler's
+parameters (the adaptive threshold's weights).
 """
 
 from __future__ import annotations
 
-import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
@@ -21,6 +24,7 @@ import yaml
 
 from infergw.api.names import BOTH, DECODE, ROLE_LABEL
 from infergw.bench.common import counter_sum
+from infergw.simulator.latency_profiles import DEFAULT_PROFILE
 from infergw.stack.example import Example
 from infergw.stack.local import LocalStack, StackConfig
 from infergw.stack.ports import free_stack_ports
@@ -40,9 +44,22 @@ LAYOUT = {
 MODES = tuple(EXAMPLES)
 
 
-def copy_example(mode: str, into: Path) -> Example:
+@dataclass(frozen=True, slots=True)
+class Tuning:
+    """What a run changes in the examples: every pod's latency profile, and parameters merged
+    into the pd-profile-handler's (ignored by the aggregated mode, which has none)."""
+
+    latency_profile: str = DEFAULT_PROFILE
+    pd_params: Mapping[str, object] = field(default_factory=dict)
+
+    def describe(self) -> dict:
+        return {"latency_profile": self.latency_profile, "pd_params": dict(self.pd_params)}
+
+
+def copy_example(mode: str, into: Path, tuning: Tuning | None = None) -> Example:
     """The mode's example Model and picker config in `into`, with the mode's layout. Its
     pods' KV events go where the stack tells the controllers (its picker's port)."""
+    tuning = tuning or Tuning()
     into.mkdir(parents=True, exist_ok=True)
     src = EXAMPLES[mode]
     model = next(d for d in yaml.safe_load_all((src / "model.yaml").read_text()) if d)
@@ -53,15 +70,30 @@ def copy_example(mode: str, into: Path) -> Example:
         model["spec"]["backend"]["decode"]["replicas"] = decode
     engine = model["spec"]["engine"]
     engine["args"] = [*engine["args"], "--log-level=warning"]
+    if tuning.latency_profile != DEFAULT_PROFILE:
+        engine["args"].append(f"--sim-latency-profile={tuning.latency_profile}")
     (into / "model.yaml").write_text(yaml.safe_dump(model, sort_keys=False))
-    shutil.copy(src / "epp-config.yaml", into / "epp-config.yaml")
+    config = (src / "epp-config.yaml").read_text()
+    if tuning.pd_params:
+        config = _with_pd_params(config, tuning.pd_params)
+    (into / "epp-config.yaml").write_text(config)
     return Example.read(into)
 
 
-def new_stack(mode: str, workdir: Path) -> LocalStack:
+def _with_pd_params(config: str, params: Mapping[str, object]) -> str:
+    doc = yaml.safe_load(config)
+    handlers = [p for p in doc["plugins"] if p["type"] == "pd-profile-handler"]
+    if not handlers:
+        return config  # aggregated: kept as written
+    for plugin in handlers:
+        plugin["parameters"] = {**plugin.get("parameters", {}), **params}
+    return yaml.safe_dump(doc, sort_keys=False)
+
+
+def new_stack(mode: str, workdir: Path, tuning: Tuning | None = None) -> LocalStack:
     """Not started: use it as a context manager."""
     ports = free_stack_ports()
-    example = copy_example(mode, workdir / "example")
+    example = copy_example(mode, workdir / "example", tuning)
     cfg = StackConfig.from_example(
         example, workdir / "run", ports, picker_args=["--log-level", "warning"]
     )

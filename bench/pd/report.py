@@ -19,6 +19,7 @@ COLUMNS = [
     ("itl_p99_ms", "ITL p99 ms"),
     ("worst_gap_p50_ms", "longest gap p50 ms"),
     ("output_tokens_per_s", "out tok/s"),
+    ("goodput_per_s", "goodput req/s"),
     ("engine_utilization", "engines busy"),
     ("errors", "errors"),
 ]
@@ -49,16 +50,35 @@ def _max_lag(out: dict) -> str:
     return f"{round(100 * max(lags))}%" if lags else "–"
 
 
+def _tokens(words: int) -> str:
+    return f"{round(1.5 * words, -1):,.0f}"  # the simulator's tokenizer: ~1.5 tokens a word
+
+
+def _tuning(settings: dict) -> str:
+    t = settings.get("tuning") or {}
+    profile, params = t.get("latency_profile", "sim-default"), t.get("pd_params") or {}
+    out = f" Latency profile {profile}." if profile != "sim-default" else ""
+    if params:
+        out += " pd-profile-handler: " + ", ".join(f"{k} {v}" for k, v in params.items()) + "."
+    if "slo" in settings:
+        slo = settings["slo"]
+        out += f" Goodput: requests a second with TTFT ≤ {slo['ttft_ms']:g} ms and TPOT ≤ "
+        out += f"{slo['tpot_ms']:g} ms."
+    return out
+
+
 def markdown(out: dict) -> str:
     m, s, w = out["machine"], out["settings"], out["settings"]["workload"]
     lines = [
         f"Measured {m['date']} on {m['cpu']} ({m['cores']} cores, {m['memory_gib']} GiB): "
         f"{s['pods']} simulator pods per mode, a fresh fleet per point, {s['warmup_s']:g} s "
         f"warm-up then {s['duration_s']:g} s of Poisson arrivals, seed {s['seed']}. Workload: "
-        f"{round(100 * w['long_share'])}% long-prompt ({w['long_prompt_words']} words ≈ 2,000 "
-        f"tokens, {w['long_output_tokens']} output tokens), the rest decode-heavy "
-        f"({w['decode_prompt_words']} words ≈ 150 tokens, {w['decode_output_tokens']} output "
-        "tokens); no prefix reuse; streamed completions through Envoy. TPOT (per request), ITL "
+        f"{round(100 * w['long_share'])}% long-prompt ({w['long_prompt_words']} words "
+        f"≈ {_tokens(w['long_prompt_words'])} tokens, {w['long_output_tokens']} output tokens), "
+        f"the rest decode-heavy ({w['decode_prompt_words']} words "
+        f"≈ {_tokens(w['decode_prompt_words'])} tokens, {w['decode_output_tokens']} output "
+        f"tokens); no prefix reuse; streamed completions through Envoy.{_tuning(s)} "
+        "TPOT (per request), ITL "
         "(every gap between two tokens) and the longest gap of each request are over the "
         "decode-heavy requests; engines busy is the share of time each role's engines ran "
         f"steps by the latency model (largest lag behind it: {_max_lag(out)}).",

@@ -7,14 +7,15 @@ from __future__ import annotations
 import asyncio
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from infergw.bench.client import run_trace
 from infergw.bench.common import percentile
 from infergw.bench.pd.client import Outcome, send
-from infergw.bench.pd.fleet import new_stack, snapshot
+from infergw.bench.pd.fleet import Tuning, new_stack, snapshot
 from infergw.bench.pd.workload import DECODE, LONG, Mix
+from infergw.bench.routing.slo import Slo
 
 
 @dataclass(slots=True)
@@ -23,13 +24,15 @@ class Settings:
     duration_s: float
     seed: int
     mix: Mix
+    tuning: Tuning = field(default_factory=Tuning)
+    slo: Slo = field(default_factory=Slo)
 
 
 def run_point(mode: str, rate: float, s: Settings, on_request=None) -> dict:
     trace = s.mix.trace(rate, s.warmup_s + s.duration_s, s.seed)
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory(prefix=f"infergate-bench-pd-{mode}-") as tmp:
-        with new_stack(mode, Path(tmp)) as stack:
+        with new_stack(mode, Path(tmp), s.tuning) as stack:
             row = asyncio.run(_measure(stack, trace, s, on_request))
     return (
         {"mode": mode, "rate": rate, "sent": len(trace)}
@@ -53,7 +56,7 @@ async def _measure(stack, trace, s: Settings, on_request) -> dict:
     after = await snapshot(stack)
     delta = {k: after.get(k, 0.0) - marks["before"].get(k, 0.0) for k in after}
     measured = [o for o in outcomes if o.at >= s.warmup_s]
-    return summarize(measured, seconds) | engines(delta, after, seconds)
+    return summarize(measured, seconds, s.slo) | engines(delta, after, seconds)
 
 
 def _ms(values: list[float], q: float) -> float | None:
@@ -78,10 +81,13 @@ def latency(outcomes: list[Outcome]) -> dict:
     return out
 
 
-def summarize(measured: list[Outcome], seconds: float) -> dict:
+def summarize(measured: list[Outcome], seconds: float, slo: Slo | None = None) -> dict:
     done = [o for o in measured if o.ok]
     prompt = sum(o.prompt_tokens for o in done)
+    slo = slo or Slo()
+    met = sum(slo.met_by(o) for o in measured)  # type: ignore[arg-type]  # same fields
     row = latency(measured) | {
+        "goodput_per_s": round(met / seconds, 2),
         "output_tokens_per_s": round(sum(len(o.token_times) for o in done) / seconds, 1),
         "requests_per_s": round(len(done) / seconds, 2),
         "mean_prompt_tokens": round(prompt / len(done)) if done else None,

@@ -12,10 +12,11 @@ import yaml
 
 from infergw.bench.pd.cli import main
 from infergw.bench.pd.client import Outcome
-from infergw.bench.pd.fleet import EXAMPLES, copy_example
+from infergw.bench.pd.fleet import EXAMPLES, Tuning, copy_example
 from infergw.bench.pd.report import markdown, plot
-from infergw.bench.pd.run import latency
+from infergw.bench.pd.run import latency, summarize
 from infergw.bench.pd.workload import DECODE, LONG, Mix
+from infergw.epp.scheduling.config import load_config
 
 
 def test_the_trace_repeats_for_a_seed_and_mixes_both_kinds():
@@ -57,6 +58,31 @@ def test_each_mode_is_its_example_on_four_pods(tmp_path, mode, groups, roles):
     assert spec["engine"]["args"] == [*source["spec"]["engine"]["args"], "--log-level=warning"]
     assert example.picker_config.read_text() == (EXAMPLES[mode] / "epp-config.yaml").read_text()
     assert example.auth is None  # no SecurityPolicy copied
+
+
+def test_a_tuning_sets_the_profile_and_the_handlers_parameters(tmp_path):
+    params = {"decodeBatchWeight": 0.1, "prefillQueueWeight": 32}
+    tuning = Tuning("llama-3.1-8b-h100", params)
+    example = copy_example("disaggregated", tmp_path / "pd", tuning)
+    args = example.model["spec"]["engine"]["args"]
+    assert args[-1] == "--sim-latency-profile=llama-3.1-8b-h100"
+    config = yaml.safe_load(example.picker_config.read_text())
+    [handler] = [p for p in config["plugins"] if p["type"] == "pd-profile-handler"]
+    assert handler["parameters"] == {"nonCachedTokens": 64, **params}  # the example's kept
+    load_config(example.picker_config.read_text())  # a config the picker accepts
+    # the aggregated example has no handler: only the profile changes
+    agg = copy_example("aggregated", tmp_path / "agg", tuning)
+    assert agg.picker_config.read_text() == (EXAMPLES["aggregated"] / "epp-config.yaml").read_text()
+
+
+def test_goodput_counts_answers_within_both_slos():
+    fast = Outcome(DECODE, 1.0, status=200, ttft=0.2, token_times=[0.0, 0.01, 0.02])
+    slow_first = Outcome(DECODE, 1.0, status=200, ttft=1.5, token_times=[0.0, 0.01, 0.02])
+    slow_tokens = Outcome(DECODE, 1.0, status=200, ttft=0.2, token_times=[0.0, 0.1, 0.2])
+    one_token = Outcome(LONG, 1.0, status=200, ttft=0.3, token_times=[0.0])
+    failed = Outcome(DECODE, 1.0, status=500, error="boom")
+    row = summarize([fast, slow_first, slow_tokens, one_token, failed], seconds=2.0)
+    assert row["goodput_per_s"] == 1.0  # fast and one_token, over 2 s
 
 
 def test_latency_counts_gaps_and_errors():

@@ -192,6 +192,30 @@ def test_engine_counts_context_and_attention_of_each_step():
     )
 
 
+def test_a_prefill_sharing_a_step_delays_its_decodes():
+    """The interference P/D removes: with the H100 profile a decoding sequence's token takes
+    one flat decode step alone, and the whole chunk's prefill time when a prompt is admitted
+    into its step (chunked at the token budget)."""
+    e = Engine(
+        pool=BlockPool(1000, 16),
+        hasher=BlockHasher(16, "sha256", 0),
+        limits=EngineLimits(8, 8192, 16384, 1),
+        latency=H100,
+        token_texts={i: f" t{i}" for i in range(100, 200)},
+    )
+    decoder = request("d", range(300), max_tokens=8)
+    e.add_request(decoder)
+    e._complete(e._schedule())
+    step = e._schedule()
+    alone = H100.work_seconds(step.work())
+    e._complete(step)
+    e.add_request(request("p", range(5000, 13000), max_tokens=1))
+    shared = e._schedule().work()
+    assert shared.decode_seqs == 1 and shared.prefill_tokens == 8000
+    assert alone < 0.008  # ~6.6 ms: the weight read
+    assert H100.work_seconds(shared) > 40 * alone  # ~0.35 s for that one token
+
+
 def test_simulator_prefill_takes_the_profiles_time():
     """A real simulator process with the H100 profile: the prefill step it models for a
     2000-token prompt is the derivation's, and the TTFT clients see follows it."""
@@ -221,3 +245,24 @@ def test_simulator_prefill_takes_the_profiles_time():
     assert 0.05 < expected < 0.15  # ~80 ms: 2000 tokens at ~26k tokens/s
     # The simulator sleeps the modeled time; the rest is HTTP and a loaded machine.
     assert modeled <= elapsed < modeled + 2.0
+
+
+def test_kv_pull_is_the_block_bytes_over_the_link():
+    """Llama-3.1-8B keeps 128 KiB of KV a token (2 × 32 layers × 8 KV heads × 128 × 2 bytes),
+    so a 16-token block is 2 MiB; at 80 % of 400 Gb/s (H100 nodes' NDR InfiniBand) that is
+    52 µs, at 80 % of 200 Gb/s (A100 nodes' HDR) 105 µs."""
+    block = 2 * 32 * 8 * 128 * 2 * 16
+    assert block == 2 * 1024 * 1024
+    assert H100.kv_transfer_s_per_block == pytest.approx(block / (0.8 * 50e9))
+    assert H100.kv_transfer_s_per_block == pytest.approx(52.4e-6, rel=1e-3)
+    a100 = PROFILES["llama-3.1-8b-a100"].model
+    assert a100.kv_transfer_s_per_block == pytest.approx(104.9e-6, rel=1e-3)
+
+
+def test_kv_pull_flag_overrides_the_profile():
+    cfg = parse_config(["--sim-latency-profile", "llama-3.1-8b-h100"])
+    assert cfg.latency.kv_transfer_s_per_block == H100.kv_transfer_s_per_block
+    cfg = parse_config(
+        ["--sim-latency-profile", "llama-3.1-8b-h100", "--sim-kv-transfer-ms-per-block", "2"]
+    )
+    assert cfg.latency.kv_transfer_s_per_block == pytest.approx(2e-3)

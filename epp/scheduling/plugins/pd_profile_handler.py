@@ -2,14 +2,17 @@
 
 1. The decode profile picks the decode pod, and its fallbacks.
 2. Disaggregate only when the part of the prompt the decode pod does not hold is at least
-   `nonCachedTokens` (0: never): uncached = prompt tokens - cached blocks x block size on that
-   pod. The precise prefix index answers when a precise-prefix-cache-scorer is configured and
-   can tokenize the prompt, else the approximate prefix-cache-scorer, else nothing counts as
-   cached. Only chat and completions requests are disaggregated.
+   the threshold: `nonCachedTokens` (0: never), or with `decodeBatchWeight` /
+   `prefillQueueWeight` that scaled by the two pods' load (pd_threshold.py has the formula).
+   uncached = prompt tokens - cached blocks x block size on that pod. The precise prefix index
+   answers when a precise-prefix-cache-scorer is configured and can tokenize the prompt, else
+   the approximate prefix-cache-scorer, else nothing counts as cached. Only chat and
+   completions requests are disaggregated.
 3. The prefill profile picks prefill pods among the decode pod's P/D group: the endpoints
    whose group label (the request's ModelServer's workloadSelector.pdGroup.groupKey, else
    `groupLabel`) has the decode pod's value (both unlabelled also pairs), less the decode
-   endpoint itself.
+   endpoint itself. With an adaptive threshold it runs when the prompt reaches the threshold
+   for an idle prefill pod; the picked pod's queue then says whether to use it.
 4. The decode pods stay the destination (fallbacks cut to the decode pod's group, so a retry
    pairs with the same prefill pods); the prefill pods, primary first, go to the decode pod's
    sidecar in x-prefiller-host-port. No prefill pod in the group: the decode pod serves the
@@ -39,6 +42,7 @@ from infergw.epp.scheduling.framework import Plugin, ProfileHandler, ProfileResu
 from infergw.epp.scheduling.handle import Handle, PrefixSource
 from infergw.epp.scheduling.params import MAX_TOKENS, Label, PluginParams, parse_params
 from infergw.epp.scheduling.plugins.pd_roles import roles_for
+from infergw.epp.scheduling.plugins.pd_threshold import AdaptiveThreshold
 
 if TYPE_CHECKING:
     from infergw.epp.metrics import PickerMetrics
@@ -51,6 +55,7 @@ DECODE_ONLY = "decode_only"
 NO_PREFILL_POD = "no_prefill_pod"
 UNCACHED = "uncached"  # enough of the prompt is new to the decode pod: prefill elsewhere
 CACHED = "cached"  # the decode pod holds enough of it
+PREFILL_QUEUED = "prefill_queued"  # the picked prefill pod's queue raised the threshold above it
 DISABLED = "disabled"  # nonCachedTokens is 0
 API = "api"  # not a chat or completions request
 
@@ -66,6 +71,7 @@ class PDDecision:
     cached_tokens: int
     source: str  # the plugin that said what the decode pod holds; "none"
     reason: str
+    threshold: int = 0  # the uncached tokens at which this request would disaggregate
     outcome: str = ""
     prefill: list[str] = field(default_factory=list)
     at: float = 0.0
@@ -87,15 +93,23 @@ class PDDecision:
             "prompt_tokens": self.prompt_tokens,
             "cached_tokens": self.cached_tokens,
             "uncached_tokens": self.uncached_tokens,
+            "threshold": self.threshold,
             "cache_source": self.source,
         }
 
 
 Name = Annotated[str, msgspec.Meta(min_length=1, max_length=253)]
+Weight = Annotated[float, msgspec.Meta(ge=0, le=1e6)]
+Tokens = Annotated[int, msgspec.Meta(ge=0, le=MAX_TOKENS)]
 
 
 class PDParams(PluginParams):
-    non_cached_tokens: Annotated[int, msgspec.Meta(ge=0, le=MAX_TOKENS)]  # 0: never disaggregate
+    non_cached_tokens: Tokens  # 0: never disaggregate
+    # pd_threshold.py: 0 and 0 keep the threshold fixed
+    decode_batch_weight: Weight = 0.0
+    prefill_queue_weight: Weight = 0.0
+    min_non_cached_tokens: Annotated[int, msgspec.Meta(ge=1, le=MAX_TOKENS)] = 1
+    max_non_cached_tokens: Tokens = MAX_TOKENS
     decode_profile: Name = "decode"
     prefill_profile: Name = "prefill"
     group_label: Label = GROUP_LABEL
@@ -117,7 +131,16 @@ class PDProfileHandler(ProfileHandler):
     ):
         super().__init__(name, params)
         p = parse_params(self.params_type, self.params)
+        if p.min_non_cached_tokens > p.max_non_cached_tokens:
+            raise ValueError("minNonCachedTokens must not exceed maxNonCachedTokens")
         self.threshold = p.non_cached_tokens
+        self.adaptive = AdaptiveThreshold(
+            p.non_cached_tokens,
+            p.decode_batch_weight,
+            p.prefill_queue_weight,
+            p.min_non_cached_tokens,
+            p.max_non_cached_tokens,
+        )
         self.decode_profile = p.decode_profile
         self.prefill_profile = p.prefill_profile
         self.group_label = p.group_label
@@ -203,6 +226,8 @@ class PDProfileHandler(ProfileHandler):
         assert decision is not None  # pick_profiles decided when the decode pod was picked
         prefill = done.get(self.prefill_profile)
         results = {self.decode_profile: decode}
+        if decision.reason == UNCACHED and prefill is not None and prefill.targets:
+            self._weigh_prefill_queue(decision, decode.targets[0], prefill.targets[0])
         if decision.reason != UNCACHED:
             decision.outcome = DECODE_ONLY
         elif prefill is None or not prefill.targets:
@@ -215,6 +240,9 @@ class PDProfileHandler(ProfileHandler):
             if len(kept) + 1 != len(decode.targets):
                 decode = ProfileResult([decode.targets[0], *kept], decode.scores)
             results = {self.decode_profile: decode, self.prefill_profile: prefill}
+            # The prefill leg is a request on that pod: counted until its next scrape, as the
+            # director counts the destination's, so the next decision sees the queue grow.
+            prefill.targets[0].sent_since_scrape += 1
         if decision.prefill:
             ctx.upstream_headers[PREFILLER_HEADER] = ",".join(decision.prefill)
         else:
@@ -248,8 +276,15 @@ class PDProfileHandler(ProfileHandler):
                 decision.prompt_tokens, decision.cached_tokens = got
                 decision.source = plugin.name
                 break
-        decision.reason = UNCACHED if decision.uncached_tokens >= self.threshold else CACHED
+        decision.threshold = self.adaptive.lowest(decode)
+        decision.reason = UNCACHED if decision.uncached_tokens >= decision.threshold else CACHED
         return decision
+
+    def _weigh_prefill_queue(self, decision: PDDecision, decode: Endpoint, prefill: Endpoint):
+        """With the prefill pod known, the threshold its queue gives (pd_threshold.py)."""
+        decision.threshold = self.adaptive.tokens(decode, prefill)
+        if decision.uncached_tokens < decision.threshold:
+            decision.reason = PREFILL_QUEUED
 
     def _group_key(self, ctx: RequestContext) -> str:
         """The routed ModelServer's pdGroup.groupKey, else the configured label."""
@@ -268,7 +303,7 @@ class PDProfileHandler(ProfileHandler):
         m.pd_picks.labels("decode", decision.decode).inc()
         if decision.prefill:
             m.pd_picks.labels("prefill", decision.prefill[0]).inc()
-        if decision.reason in (UNCACHED, CACHED):
+        if decision.reason in (UNCACHED, CACHED, PREFILL_QUEUED):
             m.pd_uncached_tokens.observe(decision.uncached_tokens)
 
     def debug(self) -> dict:
@@ -276,6 +311,10 @@ class PDProfileHandler(ProfileHandler):
         return {
             "handler": self.name,
             "nonCachedTokens": self.threshold,
+            "decodeBatchWeight": self.adaptive.decode_batch_weight,
+            "prefillQueueWeight": self.adaptive.prefill_queue_weight,
+            "minNonCachedTokens": self.adaptive.minimum,
+            "maxNonCachedTokens": self.adaptive.maximum,
             "decodeProfile": self.decode_profile,
             "prefillProfile": self.prefill_profile,
             "groupLabel": self.group_label,

@@ -15,7 +15,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from infergw.api import from_dict
 from infergw.epp.context import RequestContext
-from infergw.epp.datastore import Datastore, Endpoint, PoolSpec
+from infergw.epp.datastore import Datastore, Endpoint, EndpointMetrics, PoolSpec
 from infergw.epp.director import Director, DirectorOptions
 from infergw.epp.errors import PickerError
 from infergw.epp.http_server import make_app
@@ -193,6 +193,74 @@ def test_only_chat_and_completions_are_disaggregated():
     schedule(cfg, r, [d1, p1])
     assert (decision(cfg, r).outcome, decision(cfg, r).reason) == ("decode_only", "api")
     assert PREFILLER_HEADER not in r.upstream_headers
+
+
+# ---- the adaptive threshold (pd_threshold.py) -------------------------------------------------
+
+ADAPTIVE = ", decodeBatchWeight: 0.1, prefillQueueWeight: 1.0"
+
+
+def loaded(e: Endpoint, running: float = 0, waiting: float = 0) -> Endpoint:
+    e.metrics = EndpointMetrics(running=running, waiting=waiting, updated_at=1.0)
+    e.stale = False
+    return e
+
+
+def test_a_busy_decode_pod_lowers_the_threshold():
+    # 50 uncached tokens, nonCachedTokens 64: fixed, it stays on the decode pod; adaptive with
+    # 10 sequences running there (64 / 2 = 32) and an idle prefill pod, it disaggregates.
+    for params, outcome in (("", "decode_only"), (ADAPTIVE, "disaggregated")):
+        cfg = load_config(pd_config(64, handler_params=params))
+        d1, p1 = loaded(ep(1, "decode", "g"), running=10), loaded(ep(2, "prefill", "g"))
+        r = req(PROMPT)
+        schedule(cfg, r, [d1, p1])
+        assert decision(cfg, r).outcome == outcome
+        assert decision(cfg, r).threshold == (64 if not params else 32)
+
+
+def test_a_queued_prefill_pod_raises_the_threshold():
+    # 50 uncached tokens, nonCachedTokens 16; prefill pod with 3 prompts waiting: 16 × 4 = 64
+    cfg = load_config(pd_config(16, handler_params=ADAPTIVE))
+    d1, p1 = loaded(ep(1, "decode", "g")), loaded(ep(2, "prefill", "g"), waiting=3)
+    r = req(PROMPT)
+    result = schedule(cfg, r, [d1, p1])
+    d = decision(cfg, r)
+    assert (d.outcome, d.reason, d.threshold) == ("decode_only", "prefill_queued", 64)
+    assert set(result.results) == {"decode"} and PREFILLER_HEADER not in r.upstream_headers
+    assert p1.sent_since_scrape == 0  # no prefill leg was sent
+
+
+def test_each_prefill_leg_counts_on_the_prefill_pod_until_its_next_scrape():
+    # threshold 16 × (1 + q): 50 tokens disaggregate while q ≤ 2, then stay local
+    cfg = load_config(pd_config(16, handler_params=ADAPTIVE))
+    d1, p1 = loaded(ep(1, "decode", "g")), loaded(ep(2, "prefill", "g"))
+    outcomes = []
+    for i in range(4):
+        r = req("".join(f"{'abcd'[i]}{j:03d}" for j in range(50)))  # new to both pods
+        schedule(cfg, r, [d1, p1])
+        outcomes.append(decision(cfg, r).outcome)
+    assert outcomes == ["disaggregated"] * 3 + ["decode_only"]
+    assert p1.sent_since_scrape == 3
+
+
+def test_stale_metrics_fall_back_to_the_fixed_threshold():
+    cfg = load_config(pd_config(64, handler_params=ADAPTIVE))
+    d1, p1 = loaded(ep(1, "decode", "g"), running=10), loaded(ep(2, "prefill", "g"))
+    d1.stale = True  # 10 running, but too long ago to trust
+    r = req(PROMPT)
+    schedule(cfg, r, [d1, p1])
+    assert (decision(cfg, r).outcome, decision(cfg, r).threshold) == ("decode_only", 64)
+
+
+def test_adaptive_parameters_are_bounded():
+    for params, message in (
+        (", decodeBatchWeight: -1", "decodeBatchWeight"),
+        (", prefillQueueWeight: .inf", "prefillQueueWeight"),
+        (", minNonCachedTokens: 0", "minNonCachedTokens"),
+        (", minNonCachedTokens: 100, maxNonCachedTokens: 10", "minNonCachedTokens"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            load_config(pd_config(16, handler_params=params))
 
 
 # ---- the prefill pick: the decode pod's group, prefix hits first ----------------------------
