@@ -95,8 +95,9 @@ def _isatty(stream: TextIO) -> bool:
 
 
 def add_log_flags(p: argparse._ActionsContainer, *, verbose_flag: bool = True) -> None:
-    """(Into a parser or, for `--help`'s headings, its "Logging" group.) --log-format, --log-level and (unless the parser has its own -v: the picker takes the
-    reference's `-v N`, epp/reference_flags.py) -v/-vv."""
+    """--log-format, --log-level and (unless the parser has its own -v: the picker takes the
+    reference's `-v N`, epp/reference_flags.py) -v/-vv, into a parser or (for `--help`'s
+    headings) its "Logging" group."""
     p.add_argument(
         "--log-format",
         type=format_name,

@@ -20,14 +20,21 @@ import yaml
 
 from infergw.api.cli_help import HelpFormatter
 from infergw.bench.common import machine, save_results
-from infergw.bench.pd.fleet import MODES, Tuning
+from infergw.bench.pd.fleet import MODES, Tuning, check_tuning
 from infergw.bench.pd.report import markdown, plot
 from infergw.bench.pd.run import Settings, run_point
 from infergw.bench.pd.workload import Mix
+from infergw.epp.scheduling.config_file import ConfigError
 from infergw.simulator.latency_profiles import DEFAULT_PROFILE, PROFILES
 
 FULL = {"rates": [2.0, 6.0, 10.0, 14.0], "warmup_s": 5.0, "duration_s": 30.0, "modes": MODES}
 QUICK = {"rates": [6.0], "warmup_s": 3.0, "duration_s": 8.0, "modes": MODES[:2]}
+# The longest prompt (words) and answer (tokens) a run asks for: far past any model's context
+# in the profiles, small enough that a trace of them fits in memory.
+MAX_LENGTH = 100_000
+# A point's trace is built before it runs: its expected arrivals (rate × seconds) are bounded
+# so that it fits in memory (the full run's largest point has about 500).
+MAX_ARRIVALS = 1_000_000
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,8 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     run = p.add_argument_group("Run")
     output = p.add_argument_group("Output")
     run.add_argument("--quick", action="store_true", help="one rate, short (about a minute)")
-    run.add_argument("--rates", default=None, help="comma-separated requests/s")
-    run.add_argument("--duration", type=float, default=None, help="measured seconds per point")
+    run.add_argument("--rates", type=_rates, default=None, help="comma-separated requests/s")
+    run.add_argument(
+        "--duration", type=_positive, default=None, help="measured seconds per point"
+    )
     run.add_argument(
         "--modes",
         default=None,
@@ -85,14 +94,22 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     plan = dict(QUICK if args.quick else FULL)
     if args.rates:
-        plan["rates"] = [float(r) for r in args.rates.split(",")]
+        plan["rates"] = args.rates
     if args.duration is not None:
         plan["duration_s"] = args.duration
+    if max(plan["rates"]) * (plan["warmup_s"] + plan["duration_s"]) > MAX_ARRIVALS:
+        p.error(f"--rates × (warm-up + --duration) over {MAX_ARRIVALS:,} requests a point")
     modes = args.modes.split(",") if args.modes else list(plan["modes"])
     if not modes or set(modes) - set(MODES):
         p.error(f"--modes takes {', '.join(MODES)}")
-    if not 0 <= args.long_share <= 1 or args.long_prompt_words < 1 or args.decode_output_tokens < 1:
-        p.error("--long-share takes 0..1; --long-prompt-words and --decode-output-tokens >= 1")
+    if not 0 <= args.long_share <= 1:
+        p.error("--long-share takes 0..1")
+    for flag, n in (
+        ("--long-prompt-words", args.long_prompt_words),
+        ("--decode-output-tokens", args.decode_output_tokens),
+    ):
+        if not 1 <= n <= MAX_LENGTH:
+            p.error(f"{flag} takes 1..{MAX_LENGTH:,}, got {n}")
     mix = replace(
         defaults,
         long_share=args.long_share,
@@ -100,6 +117,10 @@ def main(argv: list[str] | None = None) -> int:
         decode_output_tokens=args.decode_output_tokens,
     )
     tuning = Tuning(args.latency_profile, args.pd_params)
+    try:
+        check_tuning(tuning)
+    except ConfigError as exc:
+        p.error(f"--pd-params: {exc}")
     settings = Settings(plan["warmup_s"], plan["duration_s"], args.seed, mix, tuning)
     out = {
         "benchmark": "pd",
@@ -132,6 +153,20 @@ def main(argv: list[str] | None = None) -> int:
         "pd", out, quick=args.quick, output_dir=args.output_dir, plot=plot, markdown=markdown
     )
     return 0
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 < value < float("inf"):  # NaN fails too
+        raise argparse.ArgumentTypeError(f"a positive finite number, got {text!r}")
+    return value
+
+
+def _rates(text: str) -> list[float]:
+    return [_positive(r) for r in text.split(",")]
 
 
 def _mapping(text: str) -> dict:

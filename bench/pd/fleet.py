@@ -24,6 +24,7 @@ import yaml
 
 from infergw.api.names import BOTH, DECODE, ROLE_LABEL
 from infergw.bench.common import counter_sum
+from infergw.epp.scheduling.config import load_config
 from infergw.simulator.latency_profiles import DEFAULT_PROFILE
 from infergw.stack.example import Example
 from infergw.stack.local import LocalStack, StackConfig
@@ -78,6 +79,17 @@ def copy_example(mode: str, into: Path, tuning: Tuning | None = None) -> Example
         config = _with_pd_params(config, tuning.pd_params)
     (into / "epp-config.yaml").write_text(config)
     return Example.read(into)
+
+
+def check_tuning(tuning: Tuning) -> None:
+    """The picker's own check of every tuned picker config, before any fleet starts: a bad
+    pd-profile-handler parameter is a ConfigError now, not a picker that never gets ready
+    minutes into a run."""
+    for src in EXAMPLES.values():
+        config = (src / "epp-config.yaml").read_text()
+        tuned = _with_pd_params(config, tuning.pd_params)
+        if tuned != config:
+            load_config(tuned)
 
 
 def _with_pd_params(config: str, params: Mapping[str, object]) -> str:

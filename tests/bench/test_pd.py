@@ -75,6 +75,31 @@ def test_a_tuning_sets_the_profile_and_the_handlers_parameters(tmp_path):
     assert agg.picker_config.read_text() == (EXAMPLES["aggregated"] / "epp-config.yaml").read_text()
 
 
+@pytest.mark.parametrize(
+    ("argv", "names"),
+    [
+        (["--pd-params", "{decodeBatchWeight: -1}"], "decodeBatchWeight"),
+        (["--pd-params", "{prefillQueueWeight: .nan}"], "prefillQueueWeight"),
+        (["--pd-params", "{minNonCachedTokens: 128}"], "must lie between"),  # the example's 64
+        (["--pd-params", "{decodeBatchWieght: 0.1}"], "unknown parameter"),
+        (["--pd-params", "[1, 2]"], "a YAML mapping"),
+        (["--rates", "6,abc"], "not a number"),
+        (["--rates", "0"], "positive finite"),
+        (["--duration", "nan"], "positive finite"),
+        (["--rates", "1e5", "--duration", "60"], "1,000,000 requests"),
+        (["--long-share", "1.5"], "--long-share"),
+        (["--long-prompt-words", "1000000000"], "--long-prompt-words takes 1..100,000"),
+        (["--decode-output-tokens", "0"], "--decode-output-tokens"),
+    ],
+)
+def test_bad_arguments_are_refused_before_any_fleet_starts(tmp_path, capsys, argv, names):
+    with pytest.raises(SystemExit) as exit_:
+        main([*argv, "--output-dir", str(tmp_path)])
+    assert exit_.value.code == 2
+    assert names in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # nothing ran
+
+
 def test_goodput_counts_answers_within_both_slos():
     fast = Outcome(DECODE, 1.0, status=200, ttft=0.2, token_times=[0.0, 0.01, 0.02])
     slow_first = Outcome(DECODE, 1.0, status=200, ttft=1.5, token_times=[0.0, 0.01, 0.02])

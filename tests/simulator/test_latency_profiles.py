@@ -167,14 +167,19 @@ def request(request_id: str, prompt, max_tokens: int) -> SimRequest:
     )
 
 
-def test_engine_counts_context_and_attention_of_each_step():
-    e = Engine(
-        pool=BlockPool(400, 16),
+def h100_engine(blocks: int, token_budget: int, max_model_len: int) -> Engine:
+    """An engine of 16-token blocks timed by the H100 profile, up to 8 sequences a step."""
+    return Engine(
+        pool=BlockPool(blocks, 16),
         hasher=BlockHasher(16, "sha256", 0),
-        limits=EngineLimits(8, 1000, 4096, 1),
+        limits=EngineLimits(8, token_budget, max_model_len, 1),
         latency=H100,
         token_texts={i: f" t{i}" for i in range(100, 200)},
     )
+
+
+def test_engine_counts_context_and_attention_of_each_step():
+    e = h100_engine(400, 1000, 4096)
     # A running decoder with 300 computed tokens, and a 1500-token prompt chunked at the
     # budget left (999 tokens).
     decoder = request("d", range(300), max_tokens=4)
@@ -196,13 +201,7 @@ def test_a_prefill_sharing_a_step_delays_its_decodes():
     """The interference P/D removes: with the H100 profile a decoding sequence's token takes
     one flat decode step alone, and the whole chunk's prefill time when a prompt is admitted
     into its step (chunked at the token budget)."""
-    e = Engine(
-        pool=BlockPool(1000, 16),
-        hasher=BlockHasher(16, "sha256", 0),
-        limits=EngineLimits(8, 8192, 16384, 1),
-        latency=H100,
-        token_texts={i: f" t{i}" for i in range(100, 200)},
-    )
+    e = h100_engine(1000, 8192, 16384)
     decoder = request("d", range(300), max_tokens=8)
     e.add_request(decoder)
     e._complete(e._schedule())

@@ -131,8 +131,6 @@ class PDProfileHandler(ProfileHandler):
     ):
         super().__init__(name, params)
         p = parse_params(self.params_type, self.params)
-        if p.min_non_cached_tokens > p.max_non_cached_tokens:
-            raise ValueError("minNonCachedTokens must not exceed maxNonCachedTokens")
         self.threshold = p.non_cached_tokens
         self.adaptive = AdaptiveThreshold(
             p.non_cached_tokens,

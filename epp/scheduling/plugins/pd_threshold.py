@@ -40,6 +40,20 @@ class AdaptiveThreshold:
     minimum: int = 1
     maximum: int = MAX_TOKENS
 
+    def __post_init__(self):
+        # Bounds that do not bracket the threshold at zero load would make the fixed fallback
+        # (stale metrics) and the adapted threshold disagree about an idle fleet.
+        if self.minimum > self.maximum:
+            raise ValueError(
+                f"minNonCachedTokens ({self.minimum}) must not exceed "
+                f"maxNonCachedTokens ({self.maximum})"
+            )
+        if self.base > 0 and not self.minimum <= self.base <= self.maximum:
+            raise ValueError(
+                f"nonCachedTokens ({self.base}) must lie between minNonCachedTokens "
+                f"({self.minimum}) and maxNonCachedTokens ({self.maximum})"
+            )
+
     @property
     def adaptive(self) -> bool:
         return self.decode_batch_weight > 0 or self.prefill_queue_weight > 0
@@ -57,11 +71,12 @@ class AdaptiveThreshold:
     def lowest(self, decode: Endpoint) -> int:
         """The smallest threshold any prefill pod could give (q = 0, or the fixed threshold
         when the decode pod's metrics are missing): a request below it stays on the decode
-        pod without running the prefill profile."""
+        pod without running the prefill profile. Never above nonCachedTokens, as the bounds
+        bracket it."""
         if self.base <= 0 or not self.adaptive:
             return self.base
         b = self._batch(decode)
-        return self.base if b is None else min(self.base, self._formula(b, 0.0))
+        return self.base if b is None else self._formula(b, 0.0)
 
     # An input whose weight is 0 is not read: its metrics need not be there.
     def _batch(self, decode: Endpoint) -> float | None:

@@ -258,9 +258,16 @@ def test_adaptive_parameters_are_bounded():
         (", prefillQueueWeight: .inf", "prefillQueueWeight"),
         (", minNonCachedTokens: 0", "minNonCachedTokens"),
         (", minNonCachedTokens: 100, maxNonCachedTokens: 10", "minNonCachedTokens"),
+        (", maxNonCachedTokens: 8", r"nonCachedTokens \(16\) must lie between"),
+        (", decodeBatchWeight: .nan", "decodeBatchWeight"),
+        (", prefillQueueWeight: 1e7", "prefillQueueWeight"),
+        (", decodeBatchWeight: '0.1'", "decodeBatchWeight"),
+        (", prefillQueueWeight: true", "prefillQueueWeight"),
+        (", maxNonCachedTokens: 2.5", "maxNonCachedTokens"),
     ):
-        with pytest.raises(ConfigError, match=message):
+        with pytest.raises(ConfigError, match=message) as got:
             load_config(pd_config(16, handler_params=params))
+        assert "pd-profile-handler" in str(got.value)  # the plugin is named too
 
 
 # ---- the prefill pick: the decode pod's group, prefix hits first ----------------------------

@@ -95,8 +95,24 @@ def test_stale_flag_alone_counts_as_missing():
 def test_lowest_is_the_threshold_for_an_idle_prefill_pod_never_above_the_fixed_one():
     assert ADAPTIVE.lowest(ep(30)) == 64 == ADAPTIVE.tokens(ep(30), ep())
     assert ADAPTIVE.lowest(ep()) == 256
-    # a minimum above nonCachedTokens: still never above the fixed threshold
-    assert AdaptiveThreshold(16, 0.1, 1.0, minimum=64).lowest(ep()) == 16
+    assert AdaptiveThreshold(256, 0.1, 1.0, minimum=256).lowest(ep(30)) == 256
+
+
+@pytest.mark.parametrize(
+    "bounds",
+    [
+        {"minimum": 64, "maximum": 32},  # empty
+        {"minimum": 512},  # above nonCachedTokens: an idle fleet's threshold would be 512, not 256
+        {"maximum": 128},  # below it
+    ],
+)
+def test_bounds_that_do_not_bracket_the_threshold_are_refused(bounds):
+    with pytest.raises(ValueError, match="NonCachedTokens"):
+        AdaptiveThreshold(256, 0.1, 1.0, **bounds)
+
+
+def test_bounds_need_not_bracket_a_threshold_that_turns_pd_off():
+    assert AdaptiveThreshold(0, 0.1, 1.0, minimum=64).tokens(ep(30), ep()) == 0
 
 
 def test_sent_since_scrape_counts_as_load():
