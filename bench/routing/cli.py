@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from infergw.api.cli_help import HelpFormatter
-from infergw.bench.common import PLOTS, machine, write_json
+from infergw.bench.common import PLOTS, RESULTS, machine, write_json
 from infergw.bench.routing.arrivals import ARRIVALS
 from infergw.bench.routing.catalog import plan, with_arrivals
 from infergw.bench.routing.oracle import oracle
@@ -167,6 +167,13 @@ def main(argv: list[str] | None = None) -> int:
         help="the pods' latency profile (default: the bench's own, 150 µs a prefill token); "
         "a calibrated one prefills ~4× faster, so rates may need raising",
     )
+    run.add_argument(
+        "--output-dir",
+        type=Path,
+        default=None,
+        help="where the JSON and PNGs go (default: bench/results/ and docs/benchmarks/, "
+        "whose plots the README shows: a partial run belongs elsewhere)",
+    )
     args = p.parse_args(argv)
     pods = args.pods or (4 if args.quick else 8)
     sim_args, prefill_us = latency(args.sim_latency_profile)
@@ -222,8 +229,8 @@ def main(argv: list[str] | None = None) -> int:
         "oracle": oracles,
     }
     name = f"routing-{out['machine']['date']}" + ("-quick" if args.quick else "")
-    print("wrote", write_json(name, out))
-    for path in plot(out, PLOTS):
+    print("wrote", write_json(name, out, args.output_dir or RESULTS))
+    for path in plot(out, args.output_dir or PLOTS):
         print("wrote", path)
     print(markdown(out))
     return 0

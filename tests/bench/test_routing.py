@@ -222,3 +222,23 @@ def test_the_pods_and_the_oracle_assume_the_same_prefill_cost(profile) -> None:
     assert cfg.block_size == cli.BLOCK_SIZE
     if profile is not None:  # calibrated: prefill much cheaper than the bench's 150 µs
         assert prefill_us < cli.PREFILL_US / 2 and cfg.latency.roofline
+
+
+def test_output_dir_takes_the_json_and_the_plots(monkeypatch, tmp_path) -> None:
+    """--output-dir: a partial run (one workload, a few routers) writes there, leaving the
+    README's plots in docs/benchmarks/ and the day's default result alone. The points
+    themselves (a real fleet each) and the drawing are not what this tests: neither runs."""
+    from infergw.bench.common import PLOTS, RESULTS
+    from infergw.bench.routing import cli
+
+    monkeypatch.setattr(cli, "_run_with_progress", lambda points, settings: [])
+    plotted = []  # matplotlib would take most of the test's time: where it is asked to draw
+    monkeypatch.setattr(cli, "plot", lambda out, directory: plotted.append(directory) or [])
+    before = {p: p.stat().st_mtime_ns for d in (PLOTS, RESULTS) for p in d.glob("routing*")}
+    argv = ["--routers", "vllm-router-round_robin", "--workloads", "no-reuse", "--rates", "2"]
+    assert cli.main([*argv, "--duration", "2", "--output-dir", str(tmp_path)]) == 0
+    written = sorted(p.name for p in tmp_path.iterdir())
+    assert written == [f"routing-{cli.machine()['date']}.json"]
+    assert plotted == [tmp_path]
+    after = {p: p.stat().st_mtime_ns for d in (PLOTS, RESULTS) for p in d.glob("routing*")}
+    assert after == before

@@ -367,7 +367,9 @@ async def test_a_pod_whose_pages_cost_much_cpu_is_scraped_less_often():
     await normal.start(normal_port)
     await costly.start(costly_port)
     ds = one_pod_store(normal_port, costly_port)
-    scraper = await running_scraper(ds, PickerMetrics(), models_interval=60)
+    # Both pods are busy and sent nothing: at the fast pace, not the quiet one (scrape_pace),
+    # so that the normal pod's sixty pages take three seconds, not nine.
+    scraper = await running_scraper(ds, PickerMetrics(), models_interval=60, quiet_interval=0)
     try:
         await wait_for_async(lambda: costly.scrapes >= 1 and normal.scrapes >= 60, within=60)
         # Before, both were scraped at about the same rate (each round of the normal pod
