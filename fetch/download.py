@@ -6,7 +6,8 @@ Sources: `hf://ORG/NAME` or a bare repository id (its `--revision`, a branch, ta
 HF_TOKEN, HF_ENDPOINT),
 `s3://BUCKET/PREFIX` and `obs://BUCKET/PREFIX` (boto3's AWS_* variables; OBS through its S3
 API at AWS_ENDPOINT_URL), `pvc://CLAIM/PATH` (the claim mounted at `--pvc-root/CLAIM`), a
-local folder (`file://PATH` or a path), and an `http(s)://` archive (`--sha256` to check it).
+local folder (`file://PATH` or a path), and an `http(s)://` archive (`--sha256`, or the URL's
+`#sha256=HEX`, to check it).
 
 Which files: those matching an `--include` glob (all without one), less those matching an
 `--exclude` glob. Without `--exclude`, a snapshot holding safetensors leaves out what vLLM
@@ -36,7 +37,7 @@ import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from infergw.fetch.archive import HttpArchive
+from infergw.fetch.archive import HttpArchive, checksum_in_url
 from infergw.fetch.cache import Cache, default_root, link
 from infergw.fetch.hf import HuggingFace, check_revision
 from infergw.fetch.local import LocalFolder
@@ -101,7 +102,7 @@ def repository_for(req: Request) -> Repository:
     if scheme == "file":
         return LocalFolder(Path(rest), f"file://{rest}")
     if scheme in ("http", "https"):
-        return HttpArchive(uri, req.sha256, req.timeout)
+        return HttpArchive(*checksum_in_url(uri, req.sha256), req.timeout)
     raise ValueError(
         f"{uri!r}: reads hf://, s3://, obs://, pvc://, file://, http(s):// archives and paths"
     )
@@ -195,7 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dest", type=Path, help="made a link to the cache entry")
     p.add_argument("--cache-dir", type=Path, default=None, help=f"default {default_root()}")
     p.add_argument("--revision", default="main", help="hf://: a branch, tag or commit")
-    p.add_argument("--sha256", help="an http(s) archive's SHA-256, checked")
+    p.add_argument(
+        "--sha256", help="an http(s) archive's SHA-256, checked (or the URL's #sha256=HEX)"
+    )
     p.add_argument(
         "--include",
         action="append",

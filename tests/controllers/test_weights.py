@@ -64,7 +64,7 @@ def test_the_models_revision_and_files_are_the_downloads(files, include, exclude
 
 
 def test_an_https_archive_is_downloaded_and_unpacked_before_the_engine() -> None:
-    url = "https://models.example.com/llama.tar.gz"
+    url = f"https://models.example.com/llama.tar.gz#sha256={'a' * 64}"  # its checksum kept
     mi, entry, _ = templates(model(url))
     [init] = entry["initContainers"]
     assert download_parser().parse_args(init["args"]).uri == url
