@@ -39,7 +39,7 @@ from infergw.cluster.store import (
 from infergw.controllers.autoscaler import AutoscalerReconciler
 from infergw.controllers.engine_command import PER_POD, KVEventSockets
 from infergw.controllers.model import ModelReconciler
-from infergw.controllers.modelinfer import ModelInferReconciler
+from infergw.controllers.modelinfer import ContainerLogs, ModelInferReconciler
 from infergw.controllers.picker_demand import by_pool, picker_metrics_item
 from infergw.controllers.picker_objects import PICKER_IMAGE, PickerSettings
 from infergw.controllers.runner import (
@@ -79,11 +79,14 @@ def build_controllers(
     picker: PickerSettings | None = None,
     picker_metrics: dict[str, list[str]] | None = None,
     weights: WeightsLayout = CLUSTER,
+    logs: ContainerLogs | None = None,
 ) -> tuple[list[Controller], AutoscalerReconciler]:
     """The controllers; with `picker` (a cluster), every Model also gets its endpoint picker,
     HTTPRoute and EnvoyPatchPolicy, and is reconciled again when their status (or the
     install's picker filter's) changes. `picker_metrics`: the pickers' metrics URLs per
-    pool, where the autoscaler reads their demand (None: each pool's picker Service's pods)."""
+    pool, where the autoscaler reads their demand (None: each pool's picker Service's pods).
+    `logs`: the pods' logs, where a download's progress is read (standalone: the local
+    runtime's; None: not read)."""
     scaler = AutoscalerReconciler(store, interval=autoscale_interval, picker_metrics=picker_metrics)
     model_watches = [(MODEL, own_key), (MODEL_INFER, owner_key(MODEL))]
     if picker is not None:
@@ -109,7 +112,7 @@ def build_controllers(
         models,
         Controller(
             store,
-            ModelInferReconciler(store),
+            ModelInferReconciler(store, logs=logs),
             [(MODEL_INFER, own_key), (POD, owner_key(MODEL_INFER))],
             metrics,
             namespace=namespace,
@@ -156,6 +159,7 @@ class Standalone:
             kv_sockets=self.kv_sockets,
             picker_metrics=self.picker_metrics,
             weights=WeightsLayout.standalone(self.weights_cache_dir, self.state_dir / "models"),
+            logs=runtime.log_tail,
         )
         exporter = PoolExporter(
             store,

@@ -174,3 +174,16 @@ def test_a_failed_download_is_read_from_the_pod_until_it_runs_again() -> None:
     assert mp.download_failure(pod_with(done)) is None
     theirs = {**waiting, "name": "migrate-db"}  # not one of ours
     assert mp.download_failure(pod_with(theirs)) is None
+
+
+def test_a_running_download_is_said_with_its_start_and_its_try() -> None:
+    first = {"name": "weights", "restartCount": 0, "state": {"running": {"startedAt": "T0"}}}
+    assert mp.downloading(pod_with(first)) == "container weights running since T0"
+    again = {**first, "restartCount": 2, "lastState": {"terminated": {"exitCode": 5}}}
+    assert mp.downloading(pod_with(again)) == (
+        "container weights running since T0, try 3 (resuming)"
+    )
+    done = {"name": "weights", "state": {"terminated": {"exitCode": 0}}}
+    assert mp.downloading(pod_with(done)) is None
+    theirs = {**first, "name": "migrate-db"}  # not one of ours
+    assert mp.downloading(pod_with(theirs)) is None
