@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import logging
-import os
 import re
 import shutil
 import signal
@@ -42,7 +41,7 @@ from infergw.fetch.cache import Cache, default_root, link
 from infergw.fetch.hf import HuggingFace, check_revision
 from infergw.fetch.local import LocalFolder
 from infergw.fetch.progress import Progress
-from infergw.fetch.s3 import S3
+from infergw.fetch.s3 import bucket_source
 from infergw.fetch.snapshot import Repository, Snapshot
 from infergw.fetch.source import FetchError, NotFound, Unsafe
 from infergw.fetch.transfer import Retry, fetch_file
@@ -59,7 +58,6 @@ _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 # otherwise: vLLM loads the safetensors and never these (Meta's consolidated checkpoint in
 # original/, PyTorch pickles), which often double a repository's size.
 DEFAULT_EXCLUDE = ("original/*", "*.pth", "pytorch_model*.bin")
-ENDPOINT_ENVS = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,10 +90,7 @@ def repository_for(req: Request) -> Repository:
         check_revision(req.revision)
         return HuggingFace.from_environment(rest, req.revision, req.timeout)
     if scheme in ("s3", "obs"):
-        if scheme == "obs" and not any(os.environ.get(e) for e in ENDPOINT_ENVS):
-            raise ValueError(f"{uri!r}: obs:// is read through OBS's S3 API: set AWS_ENDPOINT_URL")
-        bucket, _, prefix = rest.partition("/")
-        return S3(bucket, prefix, timeout=req.timeout)
+        return bucket_source(uri, req.timeout)
     if scheme == "pvc":
         claim, _, path = rest.partition("/")
         return LocalFolder(req.pvc_root / claim / path, f"pvc://{rest}")
