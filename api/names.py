@@ -55,6 +55,8 @@ KV_REPLAY_PORT = 5600
 ENGINE_NOT_INSTALLED = "EngineNotInstalled"
 # A pod whose weights could not be downloaded: its init container `infergate download` failed.
 DOWNLOAD_FAILED = "DownloadFailed"
+# A pod whose weights are on their way: its download init container is running.
+DOWNLOADING_WEIGHTS = "DownloadingWeights"
 # The runtime sidecar's port (infergate runtime: /ready, /status) in every pod that loads LoRA
 # adapters at run time.
 RUNTIME_PORT = 8300

@@ -46,7 +46,7 @@ from infergw.controllers.autoscaler import AutoscalerReconciler
 from infergw.controllers.engine_command import PER_POD, KVEventSockets
 from infergw.controllers.events import EventRecorder
 from infergw.controllers.model import ModelReconciler
-from infergw.controllers.modelinfer import ModelInferReconciler
+from infergw.controllers.modelinfer import ContainerLogs, ModelInferReconciler
 from infergw.controllers.networking_status import (
     ModelRouteStatus,
     ModelServerStatus,
@@ -93,6 +93,7 @@ def build_controllers(
     picker_metrics: dict[str, list[str]] | None = None,
     weights: WeightsLayout = CLUSTER,
     events: EventRecorder | None = None,
+    logs: ContainerLogs | None = None,
 ) -> tuple[list[Controller], AutoscalerReconciler]:
     """The controllers; with `picker` (a cluster), every Model also gets its endpoint picker,
     HTTPRoute and EnvoyPatchPolicy, and is reconciled again when their status (or the
@@ -100,7 +101,8 @@ def build_controllers(
     pool, where the autoscaler reads their demand (None: each pool's picker Service's pods).
     Every controller reports what it does and what fails as Events (events.py) and writes
     the status of ModelRoutes, ModelServers and AutoScalingPolicies (networking_status.py,
-    policy_status.py)."""
+    policy_status.py). `logs`: the pods' logs, where a download's progress is read
+    (standalone: the local runtime's; None: not read)."""
     events = events or EventRecorder(store)
     scaler = AutoscalerReconciler(
         store, interval=autoscale_interval, picker_metrics=picker_metrics, events=events
@@ -147,7 +149,7 @@ def build_controllers(
         models,
         Controller(
             store,
-            ModelInferReconciler(store, events=events),
+            ModelInferReconciler(store, events=events, logs=logs),
             [(MODEL_INFER, own_key), (POD, owner_key(MODEL_INFER))],
             metrics,
             namespace=namespace,
@@ -207,6 +209,7 @@ class Standalone:
             kv_sockets=self.kv_sockets,
             picker_metrics=self.picker_metrics,
             weights=WeightsLayout.standalone(self.weights_cache_dir, self.state_dir / "models"),
+            logs=runtime.log_tail,
         )
         exporter = PoolExporter(
             store,

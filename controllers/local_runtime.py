@@ -64,6 +64,7 @@ from infergw.api.names import ENGINE_NOT_INSTALLED
 from infergw.cluster.informer import Informer
 from infergw.cluster.store import POD, NotFound, Obj, Store
 from infergw.controllers.address_locks import AddressLocks
+from infergw.controllers.conditions import now_rfc3339
 from infergw.controllers.engine_command import INSTALL_HINTS
 from infergw.controllers.process_group import stop_container
 
@@ -77,6 +78,7 @@ DEFAULT_GRACE_SECONDS = 30  # terminationGracePeriodSeconds when the pod does no
 MAX_PODS = 110
 UNSCHEDULABLE = "Unschedulable"
 TERMINATION_MESSAGE_BYTES = 2048  # the kubelet's bounds on a message taken from the log
+LOG_TAIL_BYTES = 4096  # what log_tail reads at most: the last lines, as `kubectl logs --tail`
 TERMINATION_MESSAGE_LINES = 80
 
 
@@ -96,6 +98,7 @@ class _Container:
     restarts: int = 0
     ready: bool = False
     running: bool = False
+    started_at: str | None = None  # of the running process, as the kubelet reports it
     done: bool = False  # exited and, per restartPolicy, not restarted
     exit_code: int | None = None  # the last exit
     message: str | None = None  # the last failed exit's termination message
@@ -169,6 +172,13 @@ class LocalRuntime:
         if container is None:
             return run.containers[0].proc
         return next((c.proc for c in run.containers if c.name == container), None)
+
+    async def log_tail(self, namespace: str, name: str, container: str) -> str | None:
+        """The end of a running pod's container's log (init containers too), as the kubelet
+        serves `kubectl logs --tail`; None if no such container runs here."""
+        run = self._running.get((namespace, name))
+        found = [c for c in (run.init + run.containers if run else []) if c.name == container]
+        return await asyncio.to_thread(_tail, found[0].logfile) if found else None
 
     # ---- pod events ---------------------------------------------------------------------
 
@@ -401,7 +411,7 @@ class LocalRuntime:
         except OSError as exc:
             log.error("pod %s/%s container %s cannot start: %s", *key, c.name, exc)
             return 127
-        c.running = True
+        c.running, c.started_at = True, now_rfc3339()
         log.info("pod %s/%s container %s started on %s: %s", *key, c.name, run.ip, " ".join(c.cmd))
         await self._write_status(key, run)
         probe = asyncio.create_task(self._probe(key, run, c))
@@ -597,7 +607,7 @@ def _pod_status(run: _Running) -> dict:
 
 def _container_status(c: _Container) -> dict:
     if c.running:
-        state: dict = {"running": {}}
+        state: dict = {"running": {"startedAt": c.started_at}}
     elif c.missing:
         state = {"waiting": {"reason": ENGINE_NOT_INSTALLED, "message": c.missing}}
     elif c.done:
@@ -619,16 +629,22 @@ def _terminated(c: _Container) -> dict:
     return out
 
 
+def _tail(logfile: Path, size: int = LOG_TAIL_BYTES) -> str | None:
+    try:
+        with open(logfile, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - size))
+            return f.read().decode(errors="replace")
+    except OSError:
+        return None
+
+
 def _termination_message(c: _Container) -> str | None:
     """terminationMessagePolicy FallbackToLogsOnError, as the kubelet reads it: the log's
     last 80 lines, at most 2048 bytes (no container here can write /dev/termination-log)."""
     if c.spec.get("terminationMessagePolicy") != "FallbackToLogsOnError":
         return None
-    try:
-        with open(c.logfile, "rb") as f:
-            f.seek(max(0, f.seek(0, os.SEEK_END) - TERMINATION_MESSAGE_BYTES))
-            tail = f.read().decode(errors="replace")
-    except OSError:
+    tail = _tail(c.logfile, TERMINATION_MESSAGE_BYTES)
+    if tail is None:
         return None
     return "\n".join(tail.splitlines()[-TERMINATION_MESSAGE_LINES:]) or None
 

@@ -18,12 +18,17 @@ import itertools
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from infergw import api
 from infergw.api import ModelInfer
-from infergw.api.names import DOWNLOAD_FAILED, ENGINE_NOT_INSTALLED, REVISION_LABEL
+from infergw.api.names import (
+    DOWNLOAD_FAILED,
+    DOWNLOADING_WEIGHTS,
+    ENGINE_NOT_INSTALLED,
+    REVISION_LABEL,
+)
 from infergw.api.workload import DEFAULT_RECOVERY_POLICY
 from infergw.cluster.store import (
     MODEL_INFER,
@@ -39,6 +44,8 @@ from infergw.cluster.store import (
 from infergw.controllers import modelinfer_pods as mp
 from infergw.controllers.conditions import condition, listed
 from infergw.controllers.events import NO_EVENTS, Recorder, condition_events
+from infergw.controllers.weights import DOWNLOAD_CONTAINER
+from infergw.fetch.progress import said as progress_said
 
 log = logging.getLogger("controllers.modelinfer")
 # Pods one pass creates at most, as the ReplicaSet controller's burstReplicas: a huge
@@ -81,6 +88,20 @@ class _Due:
 
 # Progressing reasons that need a person: their Events are Warnings.
 MODEL_INFER_WARNINGS = frozenset(("PodsFailed", ENGINE_NOT_INSTALLED, DOWNLOAD_FAILED))
+# (namespace, pod, container) → the end of that container's log, or None (not running).
+ContainerLogs = Callable[[str, str, str], Awaitable[str | None]]
+# While a pod downloads its weights, its progress is read again this often (no pod event
+# comes with it); the download logs a progress line every 10 s.
+DOWNLOAD_LOOK_AGAIN = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class Fetching:
+    """A pod whose weights download runs, as Progressing says it."""
+
+    pod: str
+    said: str  # its container's state and, where its log says, how far it is
+    others: int  # pods downloading besides it
 
 
 class ModelInferReconciler:
@@ -91,10 +112,12 @@ class ModelInferReconciler:
         store: Store,
         clock: Callable[[], float] = time.monotonic,
         events: Recorder = NO_EVENTS,
+        logs: ContainerLogs | None = None,
     ) -> None:
         self.store = store
         self.events = events
         self._clock = clock
+        self._logs = logs
         # per ModelInfer (namespace, name), per pod uid: the failure being waited out, and
         # the failures forgiven (the pod was ready again when its grace ended)
         self._failures: dict[tuple[str, str], dict[str, _Failure]] = {}
@@ -126,8 +149,28 @@ class ModelInferReconciler:
         )
         await self._ensure_services(mi, groups)
         await self._ensure_pod_groups(mi, groups)
-        await self._write_status(obj, mi, groups, rev, due)
-        return 1.0 if acted else due.wait
+        fetching = await self._fetching(namespace, groups)
+        await self._write_status(obj, mi, groups, rev, due, fetching)
+        if acted:
+            return 1.0
+        if fetching is not None:
+            return min(due.wait or DOWNLOAD_LOOK_AGAIN, DOWNLOAD_LOOK_AGAIN)
+        return due.wait
+
+    async def _fetching(self, namespace: str, groups: Groups) -> Fetching | None:
+        """The first pod (by name) whose download runs, with where it is when its log says."""
+        running = sorted(
+            (p["metadata"]["name"], what)
+            for pods in groups.pods.values()
+            for p in pods
+            if (what := mp.downloading(p))
+        )
+        if not running:
+            return None
+        pod, what = running[0]
+        tail = await self._logs(namespace, pod, DOWNLOAD_CONTAINER) if self._logs else None
+        where = progress_said(tail) if tail else None
+        return Fetching(pod, f"{what}, {where}" if where else what, len(running) - 1)
 
     def _due(self, mi: ModelInfer, pods: list[Obj]) -> _Due:
         """Which failed pods have had their restart grace, and are still failing."""
@@ -298,7 +341,13 @@ class ModelInferReconciler:
     # ---- status -------------------------------------------------------------------------
 
     async def _write_status(
-        self, obj: Obj, mi: ModelInfer, groups: Groups, rev: str, due: _Due
+        self,
+        obj: Obj,
+        mi: ModelInfer,
+        groups: Groups,
+        rev: str,
+        due: _Due,
+        fetching: Fetching | None = None,
     ) -> None:
         """Counts and conditions from what this pass saw (before its own writes land):
         Available (enough groups ready), Progressing (why the groups differ from the spec),
@@ -344,7 +393,9 @@ class ModelInferReconciler:
                     f"{len(ready)}/{want} groups ready, at least {need} needed",
                 ),
                 condition(
-                    obj, "Progressing", *_progress(mi, groups, want, ready, recovering, failing)
+                    obj,
+                    "Progressing",
+                    *_progress(mi, groups, want, ready, recovering, failing, fetching),
                 ),
                 condition(
                     obj,
@@ -430,11 +481,13 @@ def _progress(
     ready: list[int],
     recovering: dict[int, list[str]],
     failing: dict[int, list[str]],
+    fetching: Fetching | None = None,
 ) -> tuple[bool, str, str]:
     """(status, reason, message) of Progressing: True while the groups are moving towards
     the spec, False when they are there (AllGroupsReady) or stuck (PodsFailed,
     EngineNotInstalled: a pod's engine is not installed on its node, or DownloadFailed: a
-    pod's weights could not be downloaded)."""
+    pod's weights could not be downloaded); DownloadingWeights while a not-ready group's pod
+    runs its download."""
     name = _name(mi)
     if failing:
         pods = [p for g in failing for p in failing[g]]
@@ -488,6 +541,10 @@ def _progress(
     if extra:
         return True, "DeletingPods", f"pod(s) beyond the template: {listed(sorted(extra))}"
     not_ready = [g for g in sorted(groups.pods) if g not in ready]
+    if not_ready and fetching is not None:  # a cold start's longest wait: say where it is
+        more = f" (and {fetching.others} more pods)" if fetching.others else ""
+        message = f"pod {fetching.pod} is downloading its weights: {fetching.said}{more}"
+        return True, DOWNLOADING_WEIGHTS, message
     if not_ready:
         return True, "GroupsNotReady", f"group(s) not ready: {listed(not_ready)}"
     return False, "AllGroupsReady", f"{len(ready)}/{want} groups ready"

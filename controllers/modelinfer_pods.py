@@ -333,6 +333,21 @@ def download_failure(pod: Obj) -> str | None:
     return None
 
 
+def downloading(pod: Obj) -> str | None:
+    """What the pod's download init container is doing while it runs (its bytes are in its
+    log: a line every 10 s), or None when none runs."""
+    for c in (pod.get("status") or {}).get("initContainerStatuses") or []:
+        if not is_download(c.get("name", "")) or "running" not in (c.get("state") or {}):
+            continue
+        since = (c["state"]["running"] or {}).get("startedAt")
+        tries = int(c.get("restartCount") or 0)
+        said = f"container {c['name']} running"
+        said += f" since {since}" if since else ""
+        said += f", try {tries + 1} (resuming)" if tries else ""
+        return said
+    return None
+
+
 def _rolling_update(mi: ModelInfer) -> tuple[int | str | None, int | str | None]:
     """(maxUnavailable, partition) as written, None where unset."""
     rollout = mi.spec.rollout_strategy

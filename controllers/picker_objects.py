@@ -107,6 +107,7 @@ from infergw.controllers.model_objects import (
 from infergw.controllers.picker_tls import TLS_ANNOTATION
 from infergw.controllers.route_parents import merge_parents
 from infergw.controllers.weights import fetch_env
+from infergw.fetch.tokenizer import SCHEMES as TOKENIZER_SCHEMES
 
 PICKER_IMAGE = CONNECTOR_IMAGE  # the infergate image: `infergate epp`, `infergate fetch`
 PICKER_REPLICAS = 2
@@ -117,9 +118,6 @@ CONFIG_DIR = "/etc/infergate/epp"
 CONFIG_KEY = "epp-config.yaml"
 TLS_DIR = "/etc/infergate/tls"
 TOKENIZER_DIR = "/var/lib/infergate/tokenizer"
-# Schemes `infergate fetch tokenizer` reads (fetch/tokenizer.py); other Models' pickers score
-# prefixes approximately.
-TOKENIZER_SCHEMES = ("hf", "s3")
 # The request paths whose body names a model (the picker's APIs, epp/request.py): the body-based
 # router can set MODEL_NAME_HEADER on these only.
 INFERENCE_PATHS = (
@@ -209,6 +207,7 @@ def fetches_tokenizer(model: Model) -> bool:
     """Whether the picker gets the Model's tokenizer: a source `infergate fetch` reads, and a
     served name `--tokenizer MODEL=DIR` can spell."""
     scheme = model.spec.model_uri.partition("://")[0]
+    # Other Models' pickers score prefixes approximately.
     return scheme in TOKENIZER_SCHEMES and "=" not in served_name(model)
 
 

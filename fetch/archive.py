@@ -2,8 +2,9 @@
 any of Python's compressions, or zip) as a snapshot source: the archive is the one file, its
 size from the server (asked with a one-byte range, which a presigned GET URL allows where a
 HEAD would not), its SHA-256 when the caller gives one (`--sha256`), its ETag as the version a
-resumed read must match (If-Range: a changed archive comes back whole). unpack.py then makes
-the model folder of it.
+resumed read must match (If-Range: a changed archive comes back whole). The SHA-256 may be
+named in the URL itself, `https://host/model.tar.gz#sha256=HEX` (checksum_in_url). unpack.py
+then makes the model folder of it.
 
 The URL's query (a presigned URL's signature) and user info stay out of messages and of the
 cache key: the source is named by scheme, host and path.
@@ -22,6 +23,26 @@ from infergw.fetch.source import Opened, Unsafe
 from infergw.fetch.unpack import is_archive
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+_FRAGMENT = re.compile(r"sha256=([0-9a-f]{64})")
+
+
+def checksum_in_url(url: str, given: str | None) -> tuple[str, str | None]:
+    """The URL without its fragment, and the SHA-256 the fragment names as `#sha256=HEX` (as
+    pip reads a file's hash from its URL): how a Model, whose `modelURI` is one string, says
+    what its archive must hash to. It must agree with `given` (`--sha256`), if both say one;
+    a fragment of any other form is refused rather than ignored."""
+    base, sep, fragment = url.partition("#")
+    if not sep:
+        return url, given
+    match = _FRAGMENT.fullmatch(fragment)
+    if match is None:
+        raise ValueError(
+            f"{http_get.shown(base)}: the URL's fragment may only be #sha256=<64 lowercase hex "
+            f"digits>, not #{fragment[:80]!r}"
+        )
+    if given is not None and given != match.group(1):
+        raise ValueError(f"{http_get.shown(base)}: --sha256 and the URL's #sha256= differ")
+    return base, match.group(1)
 
 
 @dataclass(frozen=True, slots=True)

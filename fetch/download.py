@@ -6,7 +6,8 @@ Sources: `hf://ORG/NAME` or a bare repository id (its `--revision`, a branch, ta
 HF_TOKEN, HF_ENDPOINT),
 `s3://BUCKET/PREFIX` and `obs://BUCKET/PREFIX` (boto3's AWS_* variables; OBS through its S3
 API at AWS_ENDPOINT_URL), `pvc://CLAIM/PATH` (the claim mounted at `--pvc-root/CLAIM`), a
-local folder (`file://PATH` or a path), and an `http(s)://` archive (`--sha256` to check it).
+local folder (`file://PATH` or a path), and an `http(s)://` archive (`--sha256`, or the URL's
+`#sha256=HEX`, to check it).
 
 Which files: those matching an `--include` glob (all without one), less those matching an
 `--exclude` glob. Without `--exclude`, a snapshot holding safetensors leaves out what vLLM
@@ -28,7 +29,6 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import logging
-import os
 import re
 import shutil
 import signal
@@ -37,12 +37,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from infergw.api import logs, version
-from infergw.fetch.archive import HttpArchive
+from infergw.fetch.archive import HttpArchive, checksum_in_url
 from infergw.fetch.cache import Cache, default_root, link
 from infergw.fetch.hf import HuggingFace, check_revision
 from infergw.fetch.local import LocalFolder
 from infergw.fetch.progress import Progress
-from infergw.fetch.s3 import S3
+from infergw.fetch.s3 import bucket_source
 from infergw.fetch.snapshot import Repository, Snapshot
 from infergw.fetch.source import FetchError, NotFound, Unsafe
 from infergw.fetch.transfer import Retry, fetch_file
@@ -59,7 +59,6 @@ _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 # otherwise: vLLM loads the safetensors and never these (Meta's consolidated checkpoint in
 # original/, PyTorch pickles), which often double a repository's size.
 DEFAULT_EXCLUDE = ("original/*", "*.pth", "pytorch_model*.bin")
-ENDPOINT_ENVS = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,17 +91,14 @@ def repository_for(req: Request) -> Repository:
         check_revision(req.revision)
         return HuggingFace.from_environment(rest, req.revision, req.timeout)
     if scheme in ("s3", "obs"):
-        if scheme == "obs" and not any(os.environ.get(e) for e in ENDPOINT_ENVS):
-            raise ValueError(f"{uri!r}: obs:// is read through OBS's S3 API: set AWS_ENDPOINT_URL")
-        bucket, _, prefix = rest.partition("/")
-        return S3(bucket, prefix, timeout=req.timeout)
+        return bucket_source(uri, req.timeout)
     if scheme == "pvc":
         claim, _, path = rest.partition("/")
         return LocalFolder(req.pvc_root / claim / path, f"pvc://{rest}")
     if scheme == "file":
         return LocalFolder(Path(rest), f"file://{rest}")
     if scheme in ("http", "https"):
-        return HttpArchive(uri, req.sha256, req.timeout)
+        return HttpArchive(*checksum_in_url(uri, req.sha256), req.timeout)
     raise ValueError(
         f"{uri!r}: reads hf://, s3://, obs://, pvc://, file://, http(s):// archives and paths"
     )
@@ -201,7 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument(
         "--revision", default="main", help="hf://: a branch, tag or commit (default: %(default)s)"
     )
-    where.add_argument("--sha256", help="an http(s) archive's SHA-256, checked")
+    where.add_argument(
+        "--sha256", help="an http(s) archive's SHA-256, checked (or the URL's #sha256=HEX)"
+    )
     where.add_argument(
         "--include",
         action="append",

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -20,6 +21,12 @@ LOG_EVERY = 10.0  # seconds between log lines when not on a terminal
 DRAW_EVERY = 0.1  # seconds between redraws of the bar
 WRITE_EVERY = 1.0  # seconds between rewrites of the progress file
 BAR = 30  # characters
+_SIZE = r"\d+(?:\.\d)? (?:B|KiB|MiB|GiB|TiB)"
+# line() as written (the bar and the file's name left out): what said() reads back from a log.
+_LINE = re.compile(
+    rf"\] +(\d{{1,3}})% ({_SIZE})/({_SIZE}) ({_SIZE})/s file (\d{{1,6}})/(\d{{1,6}})"
+)
+_WAITING = re.compile(r"waiting for .{0,200}, which downloads \S{1,300} \((\d{1,9})s\)")
 
 
 @dataclass(slots=True)
@@ -138,6 +145,19 @@ class Progress:
             os.replace(tmp, self.path)
         except OSError as exc:  # a full disk must not hide the download's own error
             log.warning("progress file %s: %s", self.path, exc)
+
+
+def said(log_tail: str) -> str | None:
+    """Where a download is, from the end of its log (what line() and waiting() write there),
+    in words for a status condition; None when the tail says neither. A log is read from a
+    pod, so nothing of it but the numbers is repeated."""
+    for text in reversed(log_tail.splitlines()):
+        if m := _LINE.search(text):
+            pct, done, total, rate, files_done, files = m.groups()
+            return f"{pct}% ({done} of {total}, {rate}/s), file {files_done} of {files}"
+        if m := _WAITING.search(text):
+            return f"waiting for another download of the same files ({m.group(1)}s)"
+    return None
 
 
 def _size(n: float) -> str:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import os
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -35,8 +36,22 @@ DENIED = (
     "InvalidToken",
 )
 CHANGED = ("PreconditionFailed", "412", "InvalidRange", "416")
+# Where an S3-compatible store other than AWS is (boto3's variables); obs:// needs one.
+ENDPOINT_ENVS = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
 _MD5_ETAG = re.compile(r'"?([0-9a-f]{32})"?')
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-\d+/\d+")
+
+
+def bucket_source(uri: str, timeout: float) -> S3:
+    """The S3 source of an `s3://BUCKET/PREFIX` or `obs://BUCKET/PREFIX` URI (OBS read
+    through its S3 API, so only with an endpoint set); ValueError for anything else."""
+    scheme, _, rest = uri.partition("://")
+    bucket, _, prefix = rest.strip("/").partition("/")
+    if scheme not in ("s3", "obs") or not bucket:
+        raise ValueError(f"{uri!r}: not s3://BUCKET/PREFIX or obs://BUCKET/PREFIX")
+    if scheme == "obs" and not any(os.environ.get(e) for e in ENDPOINT_ENVS):
+        raise ValueError(f"{uri!r}: obs:// is read through OBS's S3 API: set AWS_ENDPOINT_URL")
+    return S3(bucket, prefix, timeout=timeout)
 
 
 class _Stream:

@@ -27,7 +27,7 @@ from pathlib import Path
 from infergw.api import logs, version
 from infergw.fetch.cache import Cache, default_root
 from infergw.fetch.hf import HuggingFace, check_revision
-from infergw.fetch.s3 import S3
+from infergw.fetch.s3 import S3, bucket_source
 from infergw.fetch.source import FetchError, Limits, Opened, Source, copy_bounded
 
 log = logging.getLogger("fetch.tokenizer")
@@ -35,7 +35,7 @@ log = logging.getLogger("fetch.tokenizer")
 REQUIRED = "tokenizer.json"
 # What kvindex/tokenize.py and the chat template reader may use besides tokenizer.json.
 OPTIONAL = ("tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
-SCHEMES = ("hf", "s3")
+SCHEMES = ("hf", "s3", "obs")  # the Model URIs a tokenizer is fetched from
 DEFAULT_MAX_BYTES = 64 << 20  # the largest tokenizer.json of common models is ~35 MiB
 DEFAULT_TIMEOUT = 120.0
 
@@ -46,15 +46,14 @@ def source_for(uri: str, revision: str, timeout: float) -> Source:
     rest = rest.strip("/")
     if not sep or scheme not in SCHEMES or not rest:
         raise ValueError(
-            f"{uri!r}: a tokenizer is fetched from hf://ORG/NAME or s3://BUCKET/PREFIX"
+            f"{uri!r}: a tokenizer is fetched from hf://ORG/NAME, s3:// or obs://BUCKET/PREFIX"
         )
     if scheme == "hf":
         if ".." in rest.split("/"):
             raise ValueError(f"{uri!r}: not a repository name")
         check_revision(revision)
         return HuggingFace.from_environment(rest, revision, min(timeout, 30.0))
-    bucket, _, prefix = rest.partition("/")
-    return S3(bucket, prefix, timeout=min(timeout, 30.0))
+    return bucket_source(uri, min(timeout, 30.0))
 
 
 class CachedEntry:
@@ -131,7 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     where = p.add_argument_group("Source and destination")
     limits = p.add_argument_group("Limits")
     where.add_argument(
-        "--source", required=True, help="the Model's modelURI: hf://ORG/NAME or s3://BUCKET/PREFIX"
+        "--source",
+        required=True,
+        help="the Model's modelURI: hf://ORG/NAME, s3:// or obs://BUCKET/PREFIX",
     )
     where.add_argument("--dest", required=True, type=Path, help="the directory to write")
     where.add_argument(

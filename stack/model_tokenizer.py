@@ -1,7 +1,7 @@
-"""The picker's tokenizer for a Model whose weights are downloaded (a real engine's `hf://` or
-`s3://` model): the same files the engine reads. Before the picker starts, the stack runs
-`infergate fetch tokenizer --from-weights-cache` (fetch/tokenizer.py) with the Model's source
-settings: it copies the tokenizer from this machine's weights cache when the engine's
+"""The picker's tokenizer for a Model whose weights are downloaded (a real engine's `hf://`,
+`s3://` or `obs://` model): the same files the engine reads. Before the picker starts, the
+stack runs `infergate fetch tokenizer --from-weights-cache` (fetch/tokenizer.py) with the
+Model's source settings: it copies the tokenizer from this machine's weights cache when the engine's
 download is there at the revision resolved now, and otherwise fetches the tokenizer files
 alone at that revision (a Model at zero has downloaded nothing yet). In a cluster the
 picker's own init container does the fetch (controllers/picker_objects.py): its pod cannot
@@ -21,8 +21,8 @@ from pathlib import Path
 from infergw.api.engines import runs_simulator
 from infergw.api.names import FETCH_ENV
 from infergw.api.workload import DEFAULT_ENGINE
+from infergw.fetch.tokenizer import SCHEMES as TOKENIZER_SCHEMES
 
-FETCHED = ("hf", "s3")  # what `infergate fetch tokenizer` reads
 FETCH_TIMEOUT = 120.0  # seconds for the whole fetch (a listing and a few small files)
 
 
@@ -40,7 +40,7 @@ class TokenizerSource:
         spec = model["spec"]
         uri = str(spec.get("modelURI") or "")
         engine = (spec.get("engine") or {}).get("type") or DEFAULT_ENGINE
-        if uri.partition("://")[0] not in FETCHED or runs_simulator(
+        if uri.partition("://")[0] not in TOKENIZER_SCHEMES or runs_simulator(
             engine, str(spec.get("image") or "")
         ):
             return None

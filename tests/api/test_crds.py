@@ -1001,6 +1001,11 @@ VALID_VARIANTS = [
     (MODEL, "https-archive", _set("spec.modelURI", "https://models.example.com/llama.tar.gz")),
     (
         MODEL,
+        "https-archive-with-its-sha256",
+        _set("spec.modelURI", f"https://models.example.com/llama.tar.gz#sha256={'a' * 64}"),
+    ),
+    (
+        MODEL,
         "pinned-revision-and-files",
         _all(
             _set("spec.modelRevision", "refs/pr/1"),

@@ -200,7 +200,8 @@ async def test_every_container_runs_on_the_pod_address_and_restarts_alone(runtim
     await store.create(pod)
     pod = await wait_status(store, "two", lambda st: statuses(st).get("engine", {}).get("ready"))
     assert not ready(pod["status"]) and not statuses(pod)["files"]["ready"]
-    assert statuses(pod)["files"]["state"] == {"running": {}}
+    assert list(statuses(pod)["files"]["state"]) == ["running"]
+    assert statuses(pod)["files"]["state"]["running"]["startedAt"].endswith("Z")
     ip = pod["status"]["podIP"]
     async with aiohttp.ClientSession() as s:
         async with s.get(f"http://{ip}:8000/health") as r:

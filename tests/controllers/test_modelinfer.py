@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import io
 
 import pytest
 
@@ -22,8 +23,9 @@ from infergw.api.names import (
 from infergw.cluster.store import MODEL_INFER, POD, POD_GROUP, SERVICE
 from infergw.controllers import modelinfer_pods as mp
 from infergw.controllers.memory_store import MemoryStore
-from infergw.controllers.modelinfer import ModelInferReconciler
+from infergw.controllers.modelinfer import DOWNLOAD_LOOK_AGAIN, ModelInferReconciler
 from infergw.controllers.runner import Controller, own_key, owner_key
+from infergw.fetch.progress import Progress
 from tests.controller_helpers import conds, kubelet, modelinfer, settle, since, summary
 
 
@@ -313,6 +315,49 @@ async def test_conditions_follow_the_groups_and_keep_their_transition_times(env,
     assert conds(mi)["Available"]["message"] == "2/3 groups ready, at least 2 needed"
     assert since(mi)["Available"] == settled["Available"]
     assert since(mi)["Progressing"] == wall()
+
+
+async def test_a_group_whose_pod_downloads_its_weights_says_how_far(env):
+    store, _ = env
+    progress = Progress("s3://bucket/model", out=io.StringIO(), tty=False)
+    progress.begin(10 << 20, 7)
+    progress.advance(4 << 20)
+    progress.files_done = 3
+    logs: dict[tuple[str, str, str], str] = {}
+
+    async def log_tail(namespace: str, pod: str, container: str) -> str | None:
+        return logs.get((namespace, pod, container))
+
+    rec = ModelInferReconciler(store, logs=log_tail)
+    await store.create(modelinfer(replicas=2))
+    await rec.reconcile("default", "llm")
+    pods = sorted((await pods_of(store)).values(), key=lambda p: p["metadata"]["name"])
+    for p in pods:  # Pending, the download running in every one
+        p["status"] = {
+            "phase": "Pending",
+            "conditions": [{"type": "Ready", "status": "False"}],
+            "initContainerStatuses": [
+                {"name": "weights", "restartCount": 0, "state": {"running": {"startedAt": "T0"}}}
+            ],
+        }
+        await store.update_status(p)
+    first = pods[0]["metadata"]["name"]
+    # What the download logs: a line every 10 s, as infergate download writes it.
+    logs["default", first, "weights"] = f"2026 INFO fetch.download: {progress.line()}\n"
+    assert await rec.reconcile("default", "llm") <= DOWNLOAD_LOOK_AGAIN  # looks again
+    mi = await get_mi(store)
+    assert summary(mi)["Progressing"] == ("True", "DownloadingWeights")
+    message = conds(mi)["Progressing"]["message"]
+    assert message.startswith(
+        f"pod {first} is downloading its weights: container weights running since T0, "
+        "40% (4.0 MiB of 10.0 MiB, "
+    )
+    assert message.endswith(f"/s), file 3 of 7 (and {len(pods) - 1} more pods)")
+    for p in (await pods_of(store)).values():  # downloaded, the engines starting
+        p["status"]["initContainerStatuses"][0]["state"] = {"terminated": {"exitCode": 0}}
+        await store.update_status(p)
+    assert await rec.reconcile("default", "llm") is None
+    assert summary(await get_mi(store))["Progressing"] == ("True", "GroupsNotReady")
 
 
 async def warm_up(store) -> int:

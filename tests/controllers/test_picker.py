@@ -297,18 +297,19 @@ async def test_without_a_tokenizer_source_the_picker_scores_prefixes_approximate
     assert "prefix-cache-scorer" in load_config(text).plugins
 
 
+@pytest.mark.parametrize("scheme", ["s3", "obs"])
 async def test_an_s3_model_fetches_its_tokenizer_with_the_models_s3_settings(
-    cluster: Cluster,
+    cluster: Cluster, scheme: str
 ) -> None:
     env = [
         {"name": "AWS_ACCESS_KEY_ID", "valueFrom": {"secretKeyRef": {"name": "s3", "key": "id"}}},
         {"name": "AWS_ENDPOINT_URL", "value": "http://minio.storage:9000"},
         {"name": "OTHER", "value": "x"},
     ]
-    await cluster.apply(model_obj("s3://models/llama-3", env=env))
+    await cluster.apply(model_obj(f"{scheme}://models/llama-3", env=env))
     await cluster.reconcile()
     [init] = pod_spec(await cluster.get(DEPLOYMENT, "llama-epp"))["initContainers"]
-    assert fetch_parser().parse_args(init["args"]).source == "s3://models/llama-3"
+    assert fetch_parser().parse_args(init["args"]).source == f"{scheme}://models/llama-3"
     assert [e for e in init["env"] if e["name"] != "HOME"] == env[:2]
 
 

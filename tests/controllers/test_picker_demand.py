@@ -2,20 +2,25 @@
 HTTP, summed over every picker replica of the target's pool — found through the pool's
 endpointPickerRef Service (kubernetes) or given per pool (standalone) — and scales a
 ModelInfer at zero replicas up to one; a picker that does not answer skips the cycle; with
-no demand left it goes back to zero only after the scale-down window."""
+no demand left it goes back to zero only after the scale-down window. The cluster's way is
+run on the in-memory store and over real HTTP through the API emulator (tests/kubeapi.py)
+with the controllers' Kubernetes client."""
 
 from __future__ import annotations
 
 import pytest
 from aiohttp import web
+from kubernetes import client
 
 from infergw.api.names import MODEL_LABEL, PICKER_DEMAND_METRIC
-from infergw.cluster.store import AUTOSCALING_BINDING, MODEL_INFER, POD
+from infergw.cluster.kube_store import KubeStore
+from infergw.cluster.store import AUTOSCALING_BINDING, MODEL_INFER, POD, Store
 from infergw.controllers.autoscaler import AT_ZERO_INTERVAL, AutoscalerReconciler
 from infergw.controllers.memory_store import MemoryStore
 from infergw.controllers.picker_demand import picker_metrics_item
 from tests.conftest import free_port
 from tests.controller_helpers import Clock, binding, modelinfer, policy
+from tests.kubeapi import KubeAPIEmulator
 
 PICKER_IPS = ("127.0.0.31", "127.0.0.32")
 
@@ -118,6 +123,20 @@ async def held(rec: AutoscalerReconciler, store: MemoryStore) -> float:
     return await rec.demand.waiting("default", await store.get(MODEL_INFER, "default", "llm"))
 
 
+@pytest.fixture(params=["memory", "kubernetes"])
+async def store(request):
+    """The objects in memory, or behind the API emulator through the Kubernetes client."""
+    if request.param == "memory":
+        yield MemoryStore()
+        return
+    async with KubeAPIEmulator() as api:
+        kube = KubeStore(client.ApiClient(api.client_configuration()))
+        try:
+            yield kube
+        finally:
+            kube.close()
+
+
 @pytest.fixture
 async def pickers():
     p = FakePickers()
@@ -125,8 +144,10 @@ async def pickers():
     await p.close()
 
 
-async def test_every_picker_replicas_demand_scales_from_zero_and_idle_returns_to_zero(pickers):
-    store, clock = MemoryStore(), Clock()
+async def test_every_picker_replicas_demand_scales_from_zero_and_idle_returns_to_zero(
+    pickers, store: Store
+):
+    clock = Clock()
     await cold_target(store)
     await picker_pods(store, pickers.port)
     for ip in PICKER_IPS:

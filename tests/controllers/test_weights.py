@@ -64,7 +64,7 @@ def test_the_models_revision_and_files_are_the_downloads(files, include, exclude
 
 
 def test_an_https_archive_is_downloaded_and_unpacked_before_the_engine() -> None:
-    url = "https://models.example.com/llama.tar.gz"
+    url = f"https://models.example.com/llama.tar.gz#sha256={'a' * 64}"  # its checksum kept
     mi, entry, _ = templates(model(url))
     [init] = entry["initContainers"]
     assert download_parser().parse_args(init["args"]).uri == url
@@ -174,3 +174,16 @@ def test_a_failed_download_is_read_from_the_pod_until_it_runs_again() -> None:
     assert mp.download_failure(pod_with(done)) is None
     theirs = {**waiting, "name": "migrate-db"}  # not one of ours
     assert mp.download_failure(pod_with(theirs)) is None
+
+
+def test_a_running_download_is_said_with_its_start_and_its_try() -> None:
+    first = {"name": "weights", "restartCount": 0, "state": {"running": {"startedAt": "T0"}}}
+    assert mp.downloading(pod_with(first)) == "container weights running since T0"
+    again = {**first, "restartCount": 2, "lastState": {"terminated": {"exitCode": 5}}}
+    assert mp.downloading(pod_with(again)) == (
+        "container weights running since T0, try 3 (resuming)"
+    )
+    done = {"name": "weights", "state": {"terminated": {"exitCode": 0}}}
+    assert mp.downloading(pod_with(done)) is None
+    theirs = {**first, "name": "migrate-db"}  # not one of ours
+    assert mp.downloading(pod_with(theirs)) is None

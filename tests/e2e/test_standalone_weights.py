@@ -1,7 +1,8 @@
 """Standalone mode downloads a Model's weights before its engine starts: an `hf://` Model (a
 vLLM Model whose command is the simulator, so it runs here) gets its init container, which
 fetches the snapshot from a Hub mirror of our own over real HTTP (the Model's HF_ENDPOINT)
-into the cache; the engine starts on the link and serves. A Model whose repository does not
+into the cache, the Model's Active condition saying how far meanwhile; the engine starts on the
+link and serves. A Model whose repository does not
 exist never starts, and its Failed condition says why in the download's words. A Model whose
 modelURI is an http(s) archive is unpacked before its engine starts."""
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import io
 import random
+import re
 import sys
 import tarfile
 
@@ -24,6 +26,7 @@ from tests.paths import DEFAULT_MODEL
 
 pytestmark = pytest.mark.slow
 WEIGHTS = random.Random(5).randbytes(1 << 20)
+HOW_FAR = re.compile(r"\d+% \(\d+(\.\d)? \w+ of \d+\.\d MiB, [^)]+/s\), file \d+ of \d+")
 
 
 def hf_model(name: str, repo: str, hub: str) -> dict:
@@ -55,6 +58,7 @@ def condition(model: dict, kind: str) -> dict:
 async def test_weights_are_downloaded_before_the_engine_and_failures_named(tmp_path) -> None:
     files = {p.name: p.read_bytes() for p in DEFAULT_MODEL.iterdir() if p.is_file()}
     mirror = Mirror("org/tiny", {**files, "model.safetensors": WEIGHTS}, lfs={"model.safetensors"})
+    mirror.drip = 0.5  # the weights take about 8 s to arrive: long enough to be seen doing so
     with running_mirror(mirror):
         manifests = tmp_path / "manifests"
         manifests.mkdir()
@@ -69,6 +73,17 @@ async def test_weights_are_downloaded_before_the_engine_and_failures_named(tmp_p
         ).start()
         store = app.store
         try:
+
+            async def tiny_downloading():
+                m = await store.get(MODEL, "default", "tiny")
+                active = condition(m or {}, "Active")
+                downloading = active.get("reason") == "DownloadingWeights"
+                return active if downloading and HOW_FAR.search(active["message"]) else None
+
+            # How far it is, read from the download's log as the local runtime keeps it.
+            active = await wait_for_cluster(tiny_downloading, "the Model to say how far")
+            said = active["message"]
+            assert "is downloading its weights: container weights running since" in said
 
             async def tiny_ready():
                 m = await store.get(MODEL, "default", "tiny")

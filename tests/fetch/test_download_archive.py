@@ -104,6 +104,34 @@ def test_a_wrong_sha256_fails_the_transfer(web, tmp_path) -> None:
     assert entries(tmp_path / "cache") == []
 
 
+def test_the_urls_sha256_fragment_is_checked_and_never_sent(web, tmp_path) -> None:
+    sha = hashlib.sha256(web.files["model.tar.gz"]).hexdigest()
+    out = run(web, f"model.tar.gz#sha256={sha}", tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert model_files(tmp_path / "m") == MODEL
+    assert all("#" not in r.path for r in web.requests)  # a fragment stays with the client
+    wrong = run(web, f"model.tar.gz#sha256={'0' * 64}", tmp_path / "wrong")
+    assert wrong.returncode == 5 and "sha256" in wrong.stderr
+    assert entries(tmp_path / "wrong" / "cache") == []
+
+
+@pytest.mark.parametrize(
+    ("fragment", "flags", "said"),
+    [
+        ("#md5=0123", (), "may only be #sha256="),
+        (f"#sha256={'A' * 64}", (), "may only be #sha256="),
+        (f"#sha256={'0' * 64}", (f"--sha256={'1' * 64}",), "differ"),
+    ],
+    ids=["other-hash", "upper-case", "disagrees"],
+)
+def test_a_fragment_that_is_no_sha256_of_ours_is_refused_before_asking(
+    web, tmp_path, fragment, flags, said
+) -> None:
+    out = run(web, f"model.tar.gz{fragment}", tmp_path, *flags)
+    assert out.returncode == 2 and said in out.stderr and "InvalidSource" in out.stderr
+    assert web.requests == []
+
+
 def test_a_cut_archive_transfer_resumes_by_range(web, tmp_path) -> None:
     web.cut_after, web.cut_times = {"model.tar.gz": 4096}, 2  # the one-byte size probe, a GET
     out = run(web, "model.tar.gz", tmp_path)

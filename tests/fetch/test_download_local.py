@@ -5,12 +5,14 @@ the progress bar on a terminal."""
 from __future__ import annotations
 
 import io
+import logging
 import os
 
 import pytest
 
 from infergw.fetch.cache import MANIFEST
 from infergw.fetch.progress import Progress
+from infergw.fetch.progress import said as progress_said
 from infergw.fetch.snapshot import RemoteFile, checked_files
 from infergw.fetch.source import Unsafe
 from tests.fetch.conftest import download_cli, entries
@@ -83,3 +85,21 @@ def test_the_bar_is_drawn_in_place_on_a_terminal() -> None:
     progress.advance(1024)
     drawn = out.getvalue()
     assert drawn.startswith("\r[###############") and " 50% " in drawn and "file 0/2" in drawn
+
+
+def test_a_log_tail_says_where_the_download_is_in_numbers_alone(caplog) -> None:
+    progress = Progress("hf://org/tiny", out=io.StringIO(), tty=False)
+    progress.begin(total=3 << 30, files=4)
+    progress.file("model-00001-of-00002.safetensors")
+    progress.advance(1 << 30)
+    logged = f"2026-12-07 16:00:00,000 INFO fetch.download: {progress.line()}"
+    said = progress_said(f"starting\n{logged}\nsomething else\n")
+    assert said is not None and said.startswith("33% (1.0 GiB of 3.0 GiB, ")
+    assert said.endswith("/s), file 0 of 4")  # the file's name, from the source, is not said
+    with caplog.at_level(logging.INFO, "fetch.download"):
+        progress.waiting("pid 7 on node-a", 12.4)
+    assert progress_said(caplog.records[-1].getMessage()) == (
+        "waiting for another download of the same files (12s)"
+    )
+    assert progress_said("Traceback\nOSError: boom\n") is None
+    assert progress_said("] 999999% x/y") is None

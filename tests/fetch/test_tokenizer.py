@@ -242,3 +242,15 @@ def test_s3_fetches_the_tokenizer_files_under_the_prefix(s3_server, tmp_path) ->
     )
     assert big.returncode == 1 and "more than the 100" in big.stderr
     assert not (tmp_path / "w" / REQUIRED).exists()
+
+
+def test_obs_is_read_through_its_s3_api_and_only_with_an_endpoint(s3_server, tmp_path) -> None:
+    s3_client(s3_server).create_bucket(Bucket="obs-models")
+    s3_client(s3_server).put_object(
+        Bucket="obs-models", Key=f"llama/{REQUIRED}", Body=FILES[REQUIRED]
+    )
+    obs = fetch_cli("obs://obs-models/llama", tmp_path / "o", AWS_ENDPOINT_URL=s3_server, **S3_ENV)
+    assert obs.returncode == 0, obs.stderr
+    assert (tmp_path / "o" / REQUIRED).read_bytes() == FILES[REQUIRED]
+    nowhere = fetch_cli("obs://obs-models/llama", tmp_path / "n", **S3_ENV)
+    assert nowhere.returncode == 1 and "set AWS_ENDPOINT_URL" in nowhere.stderr

@@ -310,6 +310,7 @@ def test_a_model_whose_weights_are_downloaded_has_its_tokenizer_fetched(tmp_path
         "sim": model("sim", engine={"type": "Simulator"}),  # its own tokenizer
         "file": model("file", engine=vllm, modelURI="file://simulator/default_model"),
         "pvc": model("pvc", engine=vllm, modelURI="pvc://claim/llama"),
+        "obs": model("obs", engine=vllm, modelURI="obs://bucket/llama", env=env),
     }
     write(tmp_path, *cases.values())
     sources = {m.pool_name: m.tokenizer_source for m in Example.read(tmp_path).each}
@@ -317,6 +318,7 @@ def test_a_model_whose_weights_are_downloaded_has_its_tokenizer_fetched(tmp_path
     hf = sources["hf"]
     assert (hf.uri, hf.revision) == ("hf://org/m", "v1")
     assert hf.env == (("HF_ENDPOINT", "http://mirror"),)  # the source's settings alone
+    assert sources["obs"].uri == "obs://bucket/llama"
 
 
 def test_up_without_moto_stops_before_starting_anything_and_names_the_extra(
