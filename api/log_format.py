@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import time
 from types import ModuleType
@@ -24,10 +25,12 @@ MAX_FIELD = 1024
 
 # The attributes every LogRecord has: anything else on a record came from `extra=`.
 _STANDARD = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
-# What ends a line for someone: C0 and C1 controls, and Unicode's line and paragraph separators.
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
-# JSON leaves these raw outside ASCII; readers that split lines as Python does would split there.
-_JSON_LINE_BREAKS = re.compile(r"[\x85\u2028\u2029]")
+# What ends a line for someone: C0 and C1 controls, and Unicode's line and paragraph separators;
+# and lone surrogates (a JSON body's "\ud800" decodes to one), which no UTF-8 stream can write.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+# What JSON leaves raw outside ASCII: DEL and C1 controls (a terminal acts on \x9b as on ESC [),
+# line breaks for readers that split lines as Python does, and lone surrogates.
+_JSON_RAW = re.compile(r"[\x7f-\x9f\u2028\u2029\ud800-\udfff]")
 
 
 def _escape_char(m: re.Match[str]) -> str:
@@ -88,8 +91,18 @@ def line_fields(record: logging.LogRecord, trace_ids: _TraceIds) -> dict[str, ob
         out["trace_id"], out["span_id"] = trace_id, span_id
     for key, value in vars(record).items():
         if key not in _STANDARD and not key.startswith("_"):
-            out[key] = value
+            out[key] = field_value(value)
     return out
+
+
+def field_value(value: object) -> object:
+    """A call's field as a line carries it: a number as it is, anything else as its text,
+    clipped (a model name or header may be the client's, and any size)."""
+    if value is None or isinstance(value, (bool, int)):
+        return value
+    if isinstance(value, float) and math.isfinite(value):
+        return value  # NaN and infinity are not JSON: as text, below
+    return clip(str(value), MAX_FIELD)
 
 
 class JsonFormatter(logging.Formatter):
@@ -113,12 +126,8 @@ class JsonFormatter(logging.Formatter):
             out["exception"] = clip(self.formatException(record.exc_info))
         if record.stack_info:
             out["stack"] = clip(self.formatStack(record.stack_info))
-        text = json.dumps(out, ensure_ascii=False, default=_json_value)
-        return _JSON_LINE_BREAKS.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
-
-
-def _json_value(value: object) -> str:
-    return clip(str(value), MAX_FIELD)
+        text = json.dumps(out, ensure_ascii=False)
+        return _JSON_RAW.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
 
 
 class TextFormatter(logging.Formatter):
@@ -139,9 +148,7 @@ class TextFormatter(logging.Formatter):
         line = super().format(head)
         fields = line_fields(record, self.trace_ids)
         if fields:
-            line += " " + " ".join(
-                f"{key}={escape(clip(str(value), MAX_FIELD))}" for key, value in fields.items()
-            )
+            line += " " + " ".join(f"{key}={escape(str(value))}" for key, value in fields.items())
         extra = []
         if record.exc_info:
             extra.append(self.formatException(record.exc_info))

@@ -8,6 +8,7 @@ import logging
 
 from aiohttp import web
 
+from infergw.api import log_context
 from infergw.simulator import (
     anthropic,
     request_trace,
@@ -514,6 +515,8 @@ async def _json_body(request: web.Request):
 
 @web.middleware
 async def _errors_as_json(request: web.Request, handler) -> web.StreamResponse:
+    # aiohttp runs each request in a task of its own: its log lines name it (api/log_context.py).
+    log_context.bind_request(request.headers)
     try:
         return await handler(request)
     except ApiError as exc:

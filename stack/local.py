@@ -20,19 +20,20 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import yaml
 
-from infergw.api import tracing, yaml_files
+from infergw.api import logs, tracing, yaml_files
 from infergw.api.lifetime import spawn
 from infergw.api.loopback import missing_loopback
 from infergw.api.names import ENGINE_LABEL, KV_EVENTS_PORT, KV_REPLAY_PORT
 from infergw.cluster.certs import serving_cert
 from infergw.stack.auth import AuthConfig
 from infergw.stack.envoy_config import EnvoySettings, ListenerTls, PoolRoute, render
+from infergw.stack.envoy_logs import UTC_ENV, envoy_log_args
 from infergw.stack.gateway_tls import WILDCARD_LOOPBACK
 from infergw.stack.model_tokenizer import TokenizerSource, fetch_tokenizer
 from infergw.stack.object_store import ObjectStoreServer, ObjectStoreSpec
@@ -293,12 +294,19 @@ class LocalStack:
     def procs(self) -> dict[str, subprocess.Popen]:
         return self.supervisor.procs
 
-    def _spawn(self, name: str, cmd: list[str], cwd: Path | None = None) -> subprocess.Popen:
-        """Start a component under supervision; a restart appends to the same log."""
+    def _spawn(
+        self,
+        name: str,
+        cmd: list[str],
+        cwd: Path | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> subprocess.Popen:
+        """Start a component under supervision (`env` added to the environment); a restart
+        appends to the same log."""
         log = self._log(name)
         log.unlink(missing_ok=True)  # an earlier run's, in a reused workdir
 
-        def start(env: dict[str, str]) -> subprocess.Popen:
+        def start(environ: dict[str, str]) -> subprocess.Popen:
             with open(log, "ab") as out:
                 return spawn(
                     cmd,
@@ -306,7 +314,7 @@ class LocalStack:
                     stderr=subprocess.STDOUT,
                     start_new_session=True,
                     cwd=cwd,
-                    env=env,
+                    env={**environ, **(env or {})},
                 )
 
         return self.supervisor.run(name, start)
@@ -646,11 +654,12 @@ class LocalStack:
                 envoy_binary(),
                 "-c",
                 str(self.envoy_path),
-                "--log-level",
-                "warn",
+                # Our log settings, as `infergate up` hands them to every process it starts.
+                *envoy_log_args(logs.settings(None, None, None)),
                 "--base-id",
                 str(c.ports.envoy_admin),
             ],
+            env=UTC_ENV,
         )
         self._wait_http("envoy", f"http://127.0.0.1:{c.ports.envoy_admin}/ready", 30)
 

@@ -16,10 +16,10 @@ processes they kill dead unless they ask otherwise.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -57,14 +57,18 @@ class _Component:
     restart_at: float | None = None  # set while the component is down, waiting to restart
 
 
-def _stderr(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
+log = logging.getLogger(__name__)
+
+
+def _warn(line: str) -> None:
+    """Exits and restarts as the launcher's log lines (its --log-format: JSON under json)."""
+    log.warning("%s", line)
 
 
 class Supervisor:
     """Processes by name, each with the function that starts it again."""
 
-    def __init__(self, backoff: BackOff = BackOff(), log: Callable[[str], None] = _stderr):
+    def __init__(self, backoff: BackOff = BackOff(), log: Callable[[str], None] = _warn):
         self.backoff = backoff
         self.log = log
         self._id = uuid.uuid4().hex

@@ -29,8 +29,8 @@ FLOORS: dict[str, set[str]] = {
     "cluster": {"api"},
     "kvindex": {"api"},
     # The simulator and fetch stand alone, but for the floor's shared conventions: the log
-    # format and flags (api/logs.py), the version (api/version.py) and, for the simulator,
-    # its spans (api/tracing.py), as every process has.
+    # format, flags and request fields (api/logs.py, api/log_context.py), the version
+    # (api/version.py) and, for the simulator, its spans (api/tracing.py), as every process has.
     "simulator": {"api"},
     # Run in the picker's init container.
     "fetch": {"api"},

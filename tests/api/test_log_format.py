@@ -13,7 +13,7 @@ import re
 import pytest
 
 from infergw.api import log_context, logs
-from infergw.api.log_format import MAX_MESSAGE, escape
+from infergw.api.log_format import MAX_FIELD, MAX_MESSAGE, escape
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 SPAN = "00f067aa0ba902b7"
@@ -152,6 +152,26 @@ def test_hostile_values_neither_forge_a_line_nor_flood_one(logged) -> None:
         assert not any("forged" in ln and ln.startswith("2026-12-07 00:00") for ln in lines)
         assert not re.search(r"[\x00-\x08\x0b-\x1f\x7f\u2028]", out.getvalue())
         assert len(starts[0]) < MAX_MESSAGE + 2 * 1024 + 500
+
+
+@pytest.mark.parametrize("logged", ["json", "text"], indirect=True)
+def test_a_field_of_any_size_or_kind_stays_bounded_and_encodable(logged) -> None:
+    """A call's field may hold the client's text (a model name): clipped in both shapes; a
+    lone surrogate (what a JSON body's "\\ud800" decodes to), a C1 control that a terminal
+    obeys, and NaN (no JSON number) each still make one line any UTF-8 stream can write."""
+    log, out = logged
+    hostile = "\ud800m\x9b31m" + "w" * 10 * MAX_FIELD
+    log.warning("model %s", hostile, extra={"model": hostile, "ratio": float("nan"), "n": 3})
+    line = out.getvalue()
+    line.encode("utf-8")  # raises on a raw surrogate
+    assert line.count("\n") == 1 and not re.search(r"[\x7f-\x9f]", line)
+    if line.startswith("{"):
+        got = json.loads(line)
+        assert len(got["model"]) < MAX_FIELD + 50 and got["model"].startswith("\ud800m\x9b")
+        assert (got["ratio"], got["n"]) == ("nan", 3)
+    else:
+        assert " model=\\xd800m\\x9b31mwww" in line and " ratio=nan n=3" in line
+        assert len(line) < MAX_MESSAGE + 2 * MAX_FIELD + 500
 
 
 def test_escape_keeps_text_on_one_line() -> None:

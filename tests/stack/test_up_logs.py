@@ -1,6 +1,7 @@
 """`infergate up --log-format json -v` hands its log flags to every process it starts: the
-picker's, the controllers' and the pods' logs in the work directory are JSON lines (each one
-parses), the picker's debug lines of a request carry its id, and the prompt is in none."""
+picker's, the controllers', Envoy's and the pods' logs in the work directory are JSON lines
+(each one parses), the picker's debug lines of a request carry its id, and the prompt is in
+none."""
 
 from __future__ import annotations
 
@@ -19,7 +20,6 @@ from tests.default_ports import DEFAULT_PORTS, ports_free
 
 DEV_KEY = "sk-infergate-dev-alice"  # examples/quickstart/api-keys.yaml
 MARKER = "UP-PROMPT-MARKER-0c9d"
-NOT_OURS = ("envoy.log",)  # Envoy writes its own format
 UP = [sys.executable, "-m", "infergw.cli", "up"]
 
 
@@ -52,11 +52,14 @@ def test_up_hands_json_and_verbosity_to_every_process(tmp_path):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-    # The stack's own processes, and the pods the controllers run (<state>/pods/*.log).
-    logs = {p.name: p.read_text() for p in work.rglob("*.log") if p.name not in NOT_OURS}
-    assert {"controllers.log"} <= set(logs) and any(n.startswith("picker") for n in logs)
+    # The stack's own processes, Envoy (stack/envoy_logs.py), and the pods the controllers run
+    # (<state>/pods/*.log).
+    logs = {p.name: p.read_text() for p in work.rglob("*.log")}
+    assert {"controllers.log", "envoy.log"} <= set(logs), sorted(logs)
+    assert any(n.startswith("picker") for n in logs)
     assert any(n.endswith("_engine.log") for n in logs), sorted(logs)
     lines = {name: [json.loads(ln) for ln in text.splitlines()] for name, text in logs.items()}
+    assert any(ln["level"] == "info" for ln in lines["envoy.log"])  # -v: Envoy at info
     picker = [ln for name, got in lines.items() if name.startswith("picker") for ln in got]
     mine = [ln for ln in picker if ln.get("request_id") == "up-logs-1"]
     assert any(ln["level"] == "debug" for ln in mine), picker  # -v reached the picker

@@ -3,6 +3,8 @@ component is restarted, and the stack stops only on Ctrl-C or SIGTERM."""
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import signal
 import subprocess
@@ -15,6 +17,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from infergw.api import logs
 from infergw.api.lifetime import spawn
 from infergw.stack.local import stop_group
 from infergw.stack.readiness import wait_http, wait_until
@@ -70,6 +73,30 @@ def test_a_crash_loop_backs_off_and_a_long_run_starts_over():
     assert _delays_logged(BackOff(initial=0.1, cap=0.2), 4) == ["0", "0.1", "0.2", "0.2"]
     # every run counts as long: each exit is the first in a row again
     assert _delays_logged(BackOff(initial=0.1, cap=0.2, reset_after=0), 3) == ["0", "0", "0"]
+
+
+def test_exits_and_restarts_are_the_launchers_log_lines(tmp_path):
+    """By default the supervisor says what it does through logging, so `infergate up
+    --log-format json` writes those lines as JSON too."""
+    out = tmp_path / "up.log"
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    with out.open("w") as stream:
+        logs.configure(logs.LogSettings("json"), stream)
+        supervisor = Supervisor(BackOff(initial=0.1, cap=0.1))
+        supervisor.run("crasher", lambda env: spawn([sys.executable, "-c", "exit(3)"], env=env))
+        try:
+            restarted = "restarted crasher"
+            wait_until(
+                lambda: supervisor.tick() or restarted in out.read_text(), 30, None, restarted
+            )
+        finally:
+            supervisor.release("crasher").wait()
+            root.handlers[:] = handlers
+            root.setLevel(level)
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    said = {(ln["level"], ln["logger"]) for ln in lines if ln["message"].startswith("supervisor:")}
+    assert said == {("warning", "infergw.stack.supervise")}, lines
 
 
 def test_a_killed_component_restarts_and_what_it_left_is_killed(tmp_path):
