@@ -133,4 +133,10 @@ def stores_answer(req: InferenceRequest) -> bool:
 
 def answers_with_response(method: str, path: str) -> bool:
     """A body-less request whose answer is a stored response (or names one)."""
-    return method in ("GET", "POST", "DELETE") and _BY_ID.fullmatch(path) is not None
+    return response_id_in_path(method, path) is not None
+
+
+def response_id_in_path(method: str, path: str) -> str | None:
+    """The response id a body-less request's path names (`/v1/responses/{id}…`), if any."""
+    match = _BY_ID.fullmatch(path) if method in ("GET", "POST", "DELETE") else None
+    return match[2] if match is not None else None
