@@ -34,7 +34,7 @@ from infergw.epp.errors import ModelNotFound, PickerError, ResponseNotFound, bou
 from infergw.epp.model_catalog import answer_from
 from infergw.epp.request import FORM_APIS, api_for_path, form_model
 from infergw.epp.request_body import check_routed_member, decode_body, requested_model
-from infergw.epp.response_ids import BadResponseId, pool_named
+from infergw.epp.response_ids import REFUSED_NEXT, BadResponseId, pool_named
 from infergw.epp.stored_responses import response_id_in_path
 
 log = logging.getLogger("bbr.extproc")
@@ -111,7 +111,7 @@ class _Stream:
         try:
             pool = pool_named(response_id)
         except BadResponseId as exc:
-            raise ResponseNotFound(response_id, str(exc)) from None
+            raise ResponseNotFound(response_id, f"{exc}; {REFUSED_NEXT}") from None
         if pool is None:  # an engine's own id: no pool to tell
             return None
         if pool not in self.table.current.pools:

@@ -46,6 +46,10 @@ _KEY_CONTEXT = b"infergate response ids v1\0"
 MIN_KEY_BYTES = 16
 
 
+# What a client can do about a refused id, said after why it was refused.
+REFUSED_NEXT = "send the id as this gateway returned it, or the conversation in full without it"
+
+
 class BadResponseId(ValueError):
     """An id with the prefix that this pool did not make (edited, forged, another pool's,
     another key's, or too long)."""

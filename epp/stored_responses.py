@@ -27,7 +27,7 @@ from infergw.epp.errors import PickerError, ResponseNotFound
 from infergw.epp.request import InferenceRequest
 from infergw.epp.request_body import decode_field, present
 from infergw.epp.response.ids import ResponseIdStamper
-from infergw.epp.response_ids import BadResponseId, Pinned, ResponseIds
+from infergw.epp.response_ids import REFUSED_NEXT, BadResponseId, Pinned, ResponseIds
 
 log = logging.getLogger("epp.stored_responses")
 
@@ -53,7 +53,7 @@ class StoredResponses:
             stored = self.ids.read(self._pool(), response_id)
         except BadResponseId as exc:
             log.info("refused response id %.80r: %s", response_id, exc)
-            raise ResponseNotFound(response_id, str(exc), param) from None
+            raise ResponseNotFound(response_id, f"{exc}; {REFUSED_NEXT}", param) from None
         return Pinned(stored, response_id, param) if stored is not None else None
 
     # ---- requests ------------------------------------------------------------------------

@@ -131,6 +131,7 @@ async def test_a_response_id_of_a_pool_not_served_here_or_made_up_is_404():
         status, error = ec.immediate(out)
         assert status == 404 and error["error"]["code"] == "response_not_found", error
         assert why in error["error"]["message"]
+        assert "conversation" in error["error"]["message"]  # what to do next
         assert count(servicer, "response_not_found") == 1 and count(servicer, "bodyless") == 0
 
 
