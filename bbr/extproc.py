@@ -7,6 +7,8 @@ the request to that pool's HTTPRoute — and the pool's picker, configured on th
 next — and the body is echoed unchanged. The body is read with the picker's own decoding
 (epp/request_body.py): what the router accepts, the picker accepts too, and both read the
 same `model` member. A client's copy of the header is always overwritten or removed.
+A body-less request goes on without the header, but for `GET /v1/models` (answered here) and
+a stored response's routes (`/v1/responses/{id}`…), whose id names its pool.
 """
 
 from __future__ import annotations
@@ -29,10 +31,12 @@ from infergw.bbr.metrics import RouterMetrics
 from infergw.bbr.sources import Table
 from infergw.epp import protocol
 from infergw.epp.body_budget import BodyAccumulator, BodyBudget, BudgetShare
-from infergw.epp.errors import ModelNotFound, PickerError, bounded
+from infergw.epp.errors import ModelNotFound, PickerError, ResponseNotFound, bounded
 from infergw.epp.model_catalog import answer_from
 from infergw.epp.request import FORM_APIS, api_for_path, form_model
 from infergw.epp.request_body import check_routed_member, decode_body, requested_model
+from infergw.epp.response_ids import REFUSED_NEXT, BadResponseId, pool_named
+from infergw.epp.stored_responses import response_id_in_path
 
 log = logging.getLogger("bbr.extproc")
 
@@ -90,13 +94,37 @@ class _Stream:
         if not msg.request_headers.end_of_stream:
             return []  # deferred until the body ends
         self.done = True
-        self.metrics.requests.labels(m.BODYLESS).inc()
         method, path = self.headers.get(":method", ""), self.headers.get(":path", "")
+        pool = self._stored_response_pool(method, path)
+        self.metrics.requests.labels(m.ROUTED if pool is not None else m.BODYLESS).inc()
         table = self.table
         models = answer_from(lambda: table.current.cards(table.namespace), method, path)
         if models is not None:  # every name served on this Gateway, not one pool's
             return [protocol.immediate(200, models, details=DETAILS)]
-        return [route_headers(None, None)]
+        return [route_headers(pool, None)]
+
+    def _stored_response_pool(self, method: str, path: str) -> str | None:
+        """For `GET`/`DELETE /v1/responses/{id}` (and `…/cancel`, `…/input_items`), which
+        name no model: the pool the id names (epp/response_ids.py). The router has no pool's
+        key: that pool's picker checks the id. None: not a path naming one of our ids."""
+        response_id = response_id_in_path(method, path)
+        if response_id is None:
+            return None
+        try:
+            pool = pool_named(response_id)
+        except BadResponseId as exc:
+            raise ResponseNotFound(response_id, f"{exc}; {REFUSED_NEXT}") from None
+        if pool is None:  # an engine's own id: no pool to tell
+            return None
+        if pool not in self.table.current.pools:
+            raise ResponseNotFound(
+                response_id,
+                f"InferencePool {pool}, which stored it, is not served here; send the "
+                "conversation again in full, without previous_response_id",
+            )
+        self.metrics.routed.labels(pool).inc()
+        log.debug("bbr: %s %s -> pool %s (the response id)", method, bounded(path), pool)
+        return pool
 
     def on_request_body(self, msg: pb.ProcessingRequest) -> Iterable[pb.ProcessingResponse]:
         if self.done:
@@ -201,6 +229,8 @@ class BodyRouter(pbg.ExternalProcessorServicer):
         if isinstance(exc, ModelNotFound):
             result = m.MODEL_NOT_FOUND
             self.metrics.unknown_models.inc()
+        elif isinstance(exc, ResponseNotFound):
+            result = m.RESPONSE_NOT_FOUND
         else:
             result = m.RESULT_BY_STATUS.get(exc.status, str(exc.status))
         self.metrics.requests.labels(result).inc()

@@ -9,6 +9,7 @@ ROUTED = "routed"  # the header names the pool
 BODYLESS = "bodyless"  # no body to read: passed on, header removed
 PASSED = "passed_through"  # a body it could not read, passed on (--on-bad-body pass)
 MODEL_NOT_FOUND = "model_not_found"  # 404: no pool serves the model
+RESPONSE_NOT_FOUND = "response_not_found"  # 404: a response id naming no pool served here
 RESULT_BY_STATUS = {
     400: "bad_request",
     404: "no_matching_rule",

@@ -13,6 +13,7 @@ standalone store's).
 
 from __future__ import annotations
 
+import base64
 import logging
 from dataclasses import dataclass
 
@@ -141,13 +142,23 @@ class ModelReconciler:
                 assert stored is not None  # renewal_problem read it
                 want_labels = picker_objects.tls_secret_meta(model).labels or {}
                 labels = have["metadata"].get("labels") or {}
-                if any(labels.get(k) != v for k, v in want_labels.items()):
+                changed = any(labels.get(k) != v for k, v in want_labels.items())
+                if changed:
                     have["metadata"]["labels"] = {**labels, **want_labels}
+                if picker_tls.stored_response_id_key(have) is None:  # made before there was one
+                    key = base64.b64encode(picker_tls.new_response_id_key()).decode()
+                    have["data"][picker_tls.RESPONSE_ID_KEY] = key
+                    changed = True
+                if changed:
                     await self.store.update(have)
                 return PickerTLS(stored.ca.decode(), picker_tls.fingerprint(stored.cert)), None
             log.info("model %s: renewing Secret %s: %s", model.metadata.name, name, why)
         cert = picker_tls.issue(ns, picker, have)
-        want = api.to_dict(picker_objects.tls_secret_object(model, cert))
+        # The key outlives the certificate: clients hold ids made with it.
+        key = (picker_tls.stored_response_id_key(have) if have else None) or (
+            picker_tls.new_response_id_key()
+        )
+        want = api.to_dict(picker_objects.tls_secret_object(model, cert, key))
         if have is None:
             await self.store.create(want)  # AlreadyExists: the next pass reads theirs
         else:

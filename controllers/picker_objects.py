@@ -104,7 +104,7 @@ from infergw.controllers.model_objects import (
     picker_name,
     served_name,
 )
-from infergw.controllers.picker_tls import TLS_ANNOTATION
+from infergw.controllers.picker_tls import RESPONSE_ID_KEY, TLS_ANNOTATION
 from infergw.controllers.route_parents import merge_parents
 from infergw.controllers.weights import fetch_env
 from infergw.fetch.tokenizer import SCHEMES as TOKENIZER_SCHEMES
@@ -131,6 +131,14 @@ INFERENCE_PATHS = (
     "/v1/rerank",
     "/v1/score",
     "/v1/messages",
+)
+# A stored response's paths (`/v1/responses/{id}`, `…/cancel`, `…/input_items`) have no body:
+# the router sets MODEL_NAME_HEADER to the pool the response id names (epp/response_ids.py).
+STORED_RESPONSES_PREFIX = "/v1/responses/"
+# The HTTPRoute's matches, in its order (the EnvoyPatchPolicy patches the Envoy route of each).
+ROUTE_PATHS = (
+    *(PathMatch(type="Exact", value=path) for path in INFERENCE_PATHS),
+    PathMatch(type="PathPrefix", value=STORED_RESPONSES_PREFIX),
 )
 ROUTE_TIMEOUT = "3600s"  # generation streams for minutes; the Gateway's default would cut it
 # What the picker's Kubernetes provider (epp/providers/kubernetes.py, cluster/pool_watch.py)
@@ -327,6 +335,8 @@ def picker_args(
         f"--metrics-port={METRICS_PORT}",
         "--secure-serving=true",
         f"--cert-path={TLS_DIR}",
+        # Every replica's Responses API ids under one key (picker_tls.py keeps it).
+        f"--response-id-key-file={TLS_DIR}/{RESPONSE_ID_KEY}",
         "--refresh-metrics-interval=50ms",
         # One endpoint per request: Envoy's ORIGINAL_DST reads the header as one ip:port.
         "--fallback-endpoints=0",
@@ -434,6 +444,7 @@ def _volumes(model: Model) -> list[dict]:
                 "items": [
                     {"key": "tls.crt", "path": "tls.crt"},
                     {"key": "tls.key", "path": "tls.key"},
+                    {"key": RESPONSE_ID_KEY, "path": RESPONSE_ID_KEY},
                 ],
             },
         },
@@ -550,13 +561,11 @@ def http_route(model: Model, route_parents: Sequence[ParentRef] = ()) -> HTTPRou
     """The Model's Gateway → its InferencePool, for the inference paths whose body's model
     the body-based router in front resolved to this pool: it sets MODEL_NAME_HEADER to the
     pool's name (the Model's), whichever name the client used — the served name, a LoRA
-    adapter or a ModelRoute (bbr/). `route_parents`: the other Gateways of the ModelRoutes
-    that target the Model (route_parents.py), attached after its own."""
+    adapter or a ModelRoute (bbr/) — or the one a stored response's id named.
+    `route_parents`: the other Gateways of the ModelRoutes that target the Model
+    (route_parents.py), attached after its own."""
     header = HeaderMatch(type="Exact", name=MODEL_NAME_HEADER, value=model.metadata.name or "")
-    matches = [
-        RouteMatch(path=PathMatch(type="Exact", value=path), headers=[header])
-        for path in INFERENCE_PATHS
-    ]
+    matches = [RouteMatch(path=path, headers=[header]) for path in ROUTE_PATHS]
     pool = BackendRef(
         group=POOL_GROUP_VERSION.rpartition("/")[0],
         kind="InferencePool",
@@ -579,9 +588,9 @@ def http_route(model: Model, route_parents: Sequence[ParentRef] = ()) -> HTTPRou
     )
 
 
-def tls_secret_object(model: Model, cert: ServingCert) -> Secret:
+def tls_secret_object(model: Model, cert: ServingCert, response_id_key: bytes) -> Secret:
     """The Secret `m-epp-tls`, owned by the Model like the rest."""
-    return picker_tls.secret(tls_secret_meta(model), cert)
+    return picker_tls.secret(tls_secret_meta(model), cert, response_id_key)
 
 
 def tls_secret_meta(model: Model) -> ObjectMeta:
@@ -605,7 +614,7 @@ def patch_policy(model: Model, tls: PickerTLS) -> EnvoyPatchPolicy | None:
         model,
         picker_name(model),
         (gw.namespace, gw.name, gw.section_name),
-        len(INFERENCE_PATHS),  # http_route's matches, in its order
+        len(ROUTE_PATHS),  # http_route's matches, in its order
         tls.ca_bundle,
     )
     policy.metadata = _meta(model, picker_name(model))

@@ -9,6 +9,10 @@ kubernetes.io/tls, owned by the Model) holds tls.crt, tls.key and ca.crt. It is 
 ca.crt then holds the new CA and the previous one, so Envoy keeps trusting the replicas still
 serving the old certificate while the Deployment rolls (its pod template carries the
 certificate's fingerprint, TLS_ANNOTATION, so a new certificate restarts the replicas).
+
+The same Secret holds the pool's Responses API id key (RESPONSE_ID_KEY, epp/response_ids.py):
+made once, kept through renewals (a new key would orphan every response id clients hold), and
+shared by every replica, so a client cannot make up an id naming a pod of its choice.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import base64
 import datetime
 import hashlib
+import secrets
 
 from cryptography import x509
 
@@ -27,6 +32,7 @@ from infergw.cluster.certs import serving_cert as make_serving_cert
 CERT_DAYS = 90  # renewed RENEW_BEFORE (30 days) before it ends
 TLS_ANNOTATION = "infergate.io/picker-cert-sha256"
 PEM_END = b"-----END CERTIFICATE-----"
+RESPONSE_ID_KEY = "response-id.key"  # its key in the Secret and its file beside tls.crt
 
 
 def hosts(namespace: str, picker: str) -> tuple[str, str]:
@@ -85,13 +91,28 @@ def fingerprint(cert_pem: bytes) -> str:
     return hashlib.sha256(cert_pem).hexdigest()
 
 
-def secret(meta: ObjectMeta, cert: ServingCert) -> Secret:
-    """The Secret the picker mounts (tls.crt, tls.key) and Envoy's CA comes from (ca.crt)."""
+def new_response_id_key() -> bytes:
+    """32 random bytes as text (the picker strips blanks around a key file's bytes)."""
+    return secrets.token_urlsafe(32).encode()
+
+
+def stored_response_id_key(secret: dict) -> bytes | None:
+    """The Secret's response id key, or None if it has none (made before there was one)."""
+    text = (secret.get("data") or {}).get(RESPONSE_ID_KEY)
+    try:
+        return base64.b64decode(text, validate=True) if isinstance(text, str) else None
+    except ValueError:
+        return None
+
+
+def secret(meta: ObjectMeta, cert: ServingCert, response_id_key: bytes) -> Secret:
+    """The Secret the picker mounts (tls.crt, tls.key, its response id key) and Envoy's CA
+    comes from (ca.crt)."""
+    files = ((CERT_FILE, cert.cert), (KEY_FILE, cert.key), (CA_FILE, cert.ca))
     return Secret(
         metadata=meta,
         type="kubernetes.io/tls",
         data={
-            k: base64.b64encode(v).decode()
-            for k, v in ((CERT_FILE, cert.cert), (KEY_FILE, cert.key), (CA_FILE, cert.ca))
+            k: base64.b64encode(v).decode() for k, v in (*files, (RESPONSE_ID_KEY, response_id_key))
         },
     )

@@ -6,11 +6,13 @@ the pod that made it. Picker replicas must agree on that pod without sharing a m
 (docs/architecture.md, "State and several picker replicas"), so the pod travels in the id the
 client gets back:
 
-    resp_ig.<"pod:port", base64url>.<MAC, base64url>.<the engine's id>
+    resp_ig.<"pool/pod:port", base64url>.<MAC, base64url>.<the engine's id>
 
 The pod is named with its port (a pool's target port: one engine each), not with its rank,
-which moves when the pool's targetPorts change. The MAC (HMAC-SHA256, cut to 16 bytes)
-covers the pool, the pod, the port and the engine's id:
+which moves when the pool's targetPorts change. The pool's name is there for the body-based
+router, which sends a body-less `GET /v1/responses/{id}` to that pool's picker without a key
+to check it (`pool_named`); the picker checks it. The MAC (HMAC-SHA256, cut to 16 bytes)
+covers the pool (its namespace too), the pod, the port and the engine's id:
 another pool's ids, edited ids and made-up ids are refused; every replica verifies any
 replica's ids when they share the key (`--response-id-key-file`), and ids outlive picker
 restarts. Without a key file, the key is derived from the pool's name: ids still cannot be
@@ -31,6 +33,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from infergw.api.meta import DNS_SUBDOMAIN
+
 PREFIX = "resp_ig."
 # An engine's id as vLLM makes it: `resp_` and a uuid's hex. Others are allowed in a bounded
 # alphabet that needs no escaping in a path or JSON string.
@@ -40,6 +44,10 @@ MAX_ID_CHARS = 1024  # far above any id made here (a 253-character pod name is ~
 _MAC_BYTES = 16
 _KEY_CONTEXT = b"infergate response ids v1\0"
 MIN_KEY_BYTES = 16
+
+
+# What a client can do about a refused id, said after why it was refused.
+REFUSED_NEXT = "send the id as this gateway returned it, or the conversation in full without it"
 
 
 class BadResponseId(ValueError):
@@ -89,8 +97,50 @@ def load_key(path: str | Path) -> bytes:
     return data
 
 
+@dataclass(frozen=True, slots=True)
+class _Parsed:
+    pool_name: str
+    endpoint: str  # "pod:port", as the MAC covers it
+    mac: bytes
+    engine_id: str
+
+
+def _parse(response_id: str) -> _Parsed | None:
+    """The parts of one of our ids, unverified; None for an engine's own id. BadResponseId
+    for an id with the prefix that is not in our shape."""
+    if len(response_id) > MAX_ID_CHARS:
+        raise BadResponseId(f"a response id is at most {MAX_ID_CHARS} characters")
+    if not response_id.startswith(PREFIX):
+        return None
+    parts = response_id[len(PREFIX) :].split(".", 2)
+    if len(parts) != 3 or not ENGINE_ID.fullmatch(parts[2]):
+        raise BadResponseId("the id is not one this gateway made")
+    try:
+        place, mac = _unb64(parts[0]).decode("utf-8"), _unb64(parts[1])
+    except (binascii.Error, ValueError):
+        raise BadResponseId("the id is not one this gateway made") from None
+    # Checked even under a valid MAC: without a key file, a client can make one.
+    pool_name, _, endpoint = place.partition("/")
+    pod, _, port = endpoint.rpartition(":")
+    if not DNS_SUBDOMAIN.match(pool_name) or not pod or not _PORT.fullmatch(port):
+        raise BadResponseId("the id is not one this gateway made")
+    return _Parsed(pool_name, endpoint, mac, parts[2])
+
+
+def pool_named(response_id: str) -> str | None:
+    """The pool's name an id of ours says, unchecked (the body-based router has no pool's key;
+    that pool's picker checks the id); None for an engine's own id. BadResponseId for an id
+    with the prefix that is not in our shape."""
+    parsed = _parse(response_id)
+    return parsed.pool_name if parsed is not None else None
+
+
+def _name_of(pool: str) -> str:
+    return pool.rpartition("/")[2]  # "namespace/name"
+
+
 class ResponseIds:
-    """Makes and reads the ids of one pool's responses."""
+    """Makes and reads the ids of one pool's responses (`pool`: "namespace/name")."""
 
     def __init__(self, key: bytes | None) -> None:
         self.keyed = key is not None
@@ -105,26 +155,18 @@ class ResponseIds:
         """The id the client gets for `engine_id`, made by `pod`'s engine at `port`."""
         endpoint = f"{pod}:{port}"
         mac = self._mac(pool, endpoint, engine_id)
-        return f"{PREFIX}{_b64(endpoint.encode())}.{_b64(mac)}.{engine_id}"
+        place = f"{_name_of(pool)}/{endpoint}"
+        return f"{PREFIX}{_b64(place.encode())}.{_b64(mac)}.{engine_id}"
 
     def read(self, pool: str, response_id: str) -> StoredAt | None:
         """Where `response_id` lives; None for an engine's own id (not ours to route).
         BadResponseId for an id with the prefix that this pool did not make."""
-        if len(response_id) > MAX_ID_CHARS:
-            raise BadResponseId(f"a response id is at most {MAX_ID_CHARS} characters")
-        if not response_id.startswith(PREFIX):
+        parsed = _parse(response_id)
+        if parsed is None:
             return None
-        parts = response_id[len(PREFIX) :].split(".", 2)
-        if len(parts) != 3 or not ENGINE_ID.fullmatch(parts[2]):
-            raise BadResponseId("the id is not one this gateway made")
-        try:
-            endpoint, mac = _unb64(parts[0]).decode("utf-8"), _unb64(parts[1])
-        except (binascii.Error, ValueError):
-            raise BadResponseId("the id is not one this gateway made") from None
-        # Checked even under a valid MAC: without a key file, a client can make one.
-        pod, _, port = endpoint.rpartition(":")
-        if not pod or not _PORT.fullmatch(port):
-            raise BadResponseId("the id is not one this gateway made")
-        if not hmac.compare_digest(mac, self._mac(pool, endpoint, parts[2])):
+        if parsed.pool_name != _name_of(pool) or not hmac.compare_digest(
+            parsed.mac, self._mac(pool, parsed.endpoint, parsed.engine_id)
+        ):
             raise BadResponseId("the id was not made by this gateway's pool")
-        return StoredAt(pod, int(port), parts[2])
+        pod, _, port = parsed.endpoint.rpartition(":")
+        return StoredAt(pod, int(port), parsed.engine_id)

@@ -27,7 +27,7 @@ from infergw.epp.errors import PickerError, ResponseNotFound
 from infergw.epp.request import InferenceRequest
 from infergw.epp.request_body import decode_field, present
 from infergw.epp.response.ids import ResponseIdStamper
-from infergw.epp.response_ids import BadResponseId, Pinned, ResponseIds
+from infergw.epp.response_ids import REFUSED_NEXT, BadResponseId, Pinned, ResponseIds
 
 log = logging.getLogger("epp.stored_responses")
 
@@ -53,7 +53,7 @@ class StoredResponses:
             stored = self.ids.read(self._pool(), response_id)
         except BadResponseId as exc:
             log.info("refused response id %.80r: %s", response_id, exc)
-            raise ResponseNotFound(response_id, str(exc), param) from None
+            raise ResponseNotFound(response_id, f"{exc}; {REFUSED_NEXT}", param) from None
         return Pinned(stored, response_id, param) if stored is not None else None
 
     # ---- requests ------------------------------------------------------------------------
@@ -133,4 +133,10 @@ def stores_answer(req: InferenceRequest) -> bool:
 
 def answers_with_response(method: str, path: str) -> bool:
     """A body-less request whose answer is a stored response (or names one)."""
-    return method in ("GET", "POST", "DELETE") and _BY_ID.fullmatch(path) is not None
+    return response_id_in_path(method, path) is not None
+
+
+def response_id_in_path(method: str, path: str) -> str | None:
+    """The response id a body-less request's path names (`/v1/responses/{id}…`), if any."""
+    match = _BY_ID.fullmatch(path) if method in ("GET", "POST", "DELETE") else None
+    return match[2] if match is not None else None

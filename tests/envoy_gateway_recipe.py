@@ -31,8 +31,9 @@ from typing import Any
 
 import yaml
 
+from infergw.api.gateway import PathMatch
 from infergw.api.names import DESTINATION_HEADER, MODEL_NAME_HEADER, PICKER_FILTER_POLICY
-from infergw.controllers.picker_objects import INFERENCE_PATHS, ROUTE_TIMEOUT
+from infergw.controllers.picker_objects import ROUTE_PATHS, ROUTE_TIMEOUT
 from infergw.controllers.picker_patch import DEFAULT_LISTENER, ai_gateway_filter, route_names
 from infergw.stack.envoy_config import NO_POOL_ANSWER
 from infergw.stack.install import Target, objects
@@ -123,6 +124,14 @@ def _enabled(gw: Gateway) -> Obj:
     return {gw.router_filter: {"@type": FILTER_CONFIG, "config": {}}}
 
 
+def _path_match(path: PathMatch) -> Obj:
+    """An HTTPRoute path match as Envoy Gateway renders it: a prefix as whole path segments."""
+    if path.type == "Exact":
+        return {"path": path.value}
+    assert path.type == "PathPrefix", path
+    return {"path_separated_prefix": path.value.rstrip("/")}
+
+
 def base(gw: Gateway, models: list[str], listen_port: int, admin_port: int, router: Obj) -> Obj:
     """What Envoy Gateway (with AI Gateway's route and cluster hooks) renders for the install's
     Gateway and the Models' HTTPRoutes, before any EnvoyPatchPolicy."""
@@ -130,7 +139,7 @@ def base(gw: Gateway, models: list[str], listen_port: int, admin_port: int, rout
         {
             "name": name,
             "match": {
-                "path": path,
+                **_path_match(path),
                 "headers": [{"name": MODEL_NAME_HEADER, "string_match": {"exact": m}}],
             },
             "route": {"cluster": f"httproute/{gw.namespace}/{m}/rule/0", "timeout": ROUTE_TIMEOUT},
@@ -138,7 +147,7 @@ def base(gw: Gateway, models: list[str], listen_port: int, admin_port: int, rout
         }
         for m in models
         for name, path in zip(
-            route_names(gw.namespace, m, len(INFERENCE_PATHS)), INFERENCE_PATHS, strict=True
+            route_names(gw.namespace, m, len(ROUTE_PATHS)), ROUTE_PATHS, strict=True
         )
     ]
     routes.append(

@@ -16,6 +16,7 @@ from infergw.bbr.extproc import BodyRouter, RouterOptions
 from infergw.bbr.metrics import RouterMetrics
 from infergw.bbr.sources import Table
 from infergw.epp.body_budget import BodyBudget
+from infergw.epp.response_ids import ResponseIds
 from tests import extproc_client as ec
 from tests.bbr.objects import route, two_models
 from tests.hostile_bodies import HOSTILE, path_of
@@ -92,6 +93,49 @@ async def test_a_bodyless_request_passes_with_a_clients_header_removed():
     mutation = out[0].request_headers.response.header_mutation
     assert list(mutation.remove_headers) == [MODEL_NAME_HEADER] and not mutation.set_headers
     assert count(servicer, "bodyless") == 1
+
+
+ENGINE_ID = "resp_0123456789abcdef0123456789abcdef"
+
+
+@pytest.mark.parametrize(
+    ("method", "suffix"),
+    [("GET", ""), ("DELETE", ""), ("POST", "/cancel"), ("GET", "/input_items")],
+)
+async def test_a_stored_responses_path_goes_to_the_pool_its_id_names(method, suffix):
+    """No body names a model: the id does (made by the pool's picker, checked there)."""
+    servicer = router()
+    made = ResponseIds(b"k" * 32).stamp("default/code", "code-0", 8000, ENGINE_ID)
+    extra = {":method": method, MODEL_NAME_HEADER: "chat"}
+    out = await ec.process(
+        servicer, [ec.headers(f"/v1/responses/{made}{suffix}?x=1", eos=True, extra=extra)]
+    )
+    assert ec.set_headers(out[0]) == {MODEL_NAME_HEADER: "code"}
+    assert out[0].request_headers.response.clear_route_cache
+    assert servicer.metrics.routed.labels("code")._value.get() == 1
+    assert count(servicer, "routed") == 1 and count(servicer, "bodyless") == 0
+
+
+async def test_an_engines_own_response_id_passes_without_the_header():
+    extra = {":method": "GET", MODEL_NAME_HEADER: "code"}
+    out = await ec.process(
+        router(), [ec.headers(f"/v1/responses/{ENGINE_ID}", eos=True, extra=extra)]
+    )
+    mutation = out[0].request_headers.response.header_mutation
+    assert list(mutation.remove_headers) == [MODEL_NAME_HEADER] and not mutation.set_headers
+
+
+async def test_a_response_id_of_a_pool_not_served_here_or_made_up_is_404():
+    gone = ResponseIds(None).stamp("default/gone", "gone-0", 8000, ENGINE_ID)
+    for bad, why in ((gone, "InferencePool gone"), ("resp_ig.x.y." + ENGINE_ID, "not one")):
+        servicer = router()
+        get = {":method": "GET"}
+        out = await ec.process(servicer, [ec.headers(f"/v1/responses/{bad}", eos=True, extra=get)])
+        status, error = ec.immediate(out)
+        assert status == 404 and error["error"]["code"] == "response_not_found", error
+        assert why in error["error"]["message"]
+        assert "conversation" in error["error"]["message"]  # what to do next
+        assert count(servicer, "response_not_found") == 1 and count(servicer, "bodyless") == 0
 
 
 async def test_the_router_lists_every_name_served_on_its_gateway():

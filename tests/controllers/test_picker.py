@@ -15,9 +15,11 @@ everything.
 
 from __future__ import annotations
 
+import base64
 import json
 import random
 import shutil
+import tempfile
 from pathlib import Path
 
 import kubernetes_validate
@@ -46,7 +48,7 @@ from infergw.cluster.store import (
 )
 from infergw.controllers import picker_objects, reachability
 from infergw.controllers.app import build_controllers, build_parser
-from infergw.controllers.picker_objects import TOKENIZER_DIR, PickerSettings
+from infergw.controllers.picker_objects import TLS_DIR, TOKENIZER_DIR, PickerSettings
 from infergw.controllers.runner import ControllerMetrics
 from infergw.epp.options import parse_options
 from infergw.epp.providers.kubernetes import OPTIONAL_KINDS
@@ -92,13 +94,22 @@ def picker_container(dep: dict) -> dict:
     return c
 
 
-def picker_options(dep: dict, tokenizer_dir: Path):
+def picker_options(dep: dict, tokenizer_dir: Path, secret: dict):
     """The picker container's command line through `infergate epp`'s own parser, with the
-    tokenizer volume's path standing for a directory the init container filled."""
+    tokenizer volume's path standing for a directory the init container filled, and the TLS
+    volume's for a directory beside it holding the Secret's files as the kubelet mounts them."""
     c = picker_container(dep)
     assert c["command"] == ["infergate", "epp"]
+    [volume] = [v for v in pod_spec(dep)["volumes"] if v["name"] == "tls"]
+    assert volume["secret"]["secretName"] == secret["metadata"]["name"]
+    tls_dir = Path(tempfile.mkdtemp(prefix="tls-", dir=tokenizer_dir.parent))
+    for item in volume["secret"]["items"]:  # a key the Secret lacks: the pod would not start
+        (tls_dir / item["path"]).write_bytes(base64.b64decode(secret["data"][item["key"]]))
     env = container_env(c, "10.0.0.7")
-    args = [expand(a, env).replace(TOKENIZER_DIR, str(tokenizer_dir)) for a in c["args"]]
+    args = [
+        expand(a, env).replace(TOKENIZER_DIR, str(tokenizer_dir)).replace(TLS_DIR, str(tls_dir))
+        for a in c["args"]
+    ]
     return parse_options(args)
 
 
@@ -136,7 +147,8 @@ async def test_a_model_yields_its_picker_and_route_and_each_object_fits_its_cons
     # its flags, as the picker reads them, with the tokenizer the init container fetched
     tokenizer = tmp_path / "tokenizer"
     shutil.copytree(DEFAULT_MODEL, tokenizer)
-    opts = picker_options(dep, tokenizer)
+    secret = await cluster.get(SECRET, "llama-epp-tls")
+    opts = picker_options(dep, tokenizer, secret)
     assert (opts.pool_name, opts.pool_namespace, opts.provider) == ("llama", NS, "kubernetes")
     assert probes["readinessProbe"] == {"port": opts.grpc_health_port, "service": "readiness"}
     assert probes["livenessProbe"] == {"port": opts.grpc_health_port, "service": "liveness"}
@@ -188,8 +200,11 @@ async def test_a_model_yields_its_picker_and_route_and_each_object_fits_its_cons
     assert "HF_TOKEN" not in {e["name"] for e in c["env"]}
 
     # TLS from the Secret epp-tls.yaml makes, where --cert-path reads it
+    # and every replica's Responses API ids under the key it keeps there
     assert volumes["tls"]["secret"]["secretName"] == f"{name}-tls"
-    assert str(opts.cert_path) == mounts["tls"]
+    assert f"--cert-path={mounts['tls']}" in c["args"]
+    assert (opts.cert_path / "tls.crt").read_bytes() == base64.b64decode(secret["data"]["tls.crt"])
+    assert opts.response_id_key is not None and len(opts.response_id_key) >= 32
 
     # HTTPRoute → InferencePool → picker Service → picker pods; the pool never selects pickers
     route = await cluster.get(HTTP_ROUTE, "llama")
@@ -290,7 +305,8 @@ async def test_without_a_tokenizer_source_the_picker_scores_prefixes_approximate
     await cluster.reconcile()
     dep = await cluster.get(DEPLOYMENT, "llama-epp")
     assert "initContainers" not in pod_spec(dep)
-    opts = picker_options(dep, tmp_path)
+    secret = await cluster.get(SECRET, "llama-epp-tls")
+    opts = picker_options(dep, tmp_path, secret)
     assert opts.tokenizers == {}
     text = (await cluster.get(CONFIG_MAP, "llama-epp-config"))["data"]["epp-config.yaml"]
     assert not needs_kv_cache(read_config(text))
@@ -337,7 +353,8 @@ async def test_lora_adapters_are_tokenized_with_the_base_models_tokenizer(
     assert source == "hf://meta-llama/Meta-Llama-3-8B-Instruct"
     tokenizer = tmp_path / "tokenizer"
     shutil.copytree(DEFAULT_MODEL, tokenizer)
-    assert picker_options(dep, tokenizer).tokenizers == {SERVED: tokenizer}
+    secret = await cluster.get(SECRET, "llama-epp-tls")
+    assert picker_options(dep, tokenizer, secret).tokenizers == {SERVED: tokenizer}
 
 
 async def test_spec_gateway_names_the_routes_parent(cluster: Cluster) -> None:
@@ -616,10 +633,11 @@ async def test_the_shared_kv_index_is_opt_in_and_its_replicas_shard_the_pods(
     model = api.from_dict(await cluster.reconcile())
     tokenizer = tmp_path / "tokenizer"
     shutil.copytree(DEFAULT_MODEL, tokenizer)
+    secret = await cluster.get(SECRET, "llama-epp-tls")
 
     def options(settings: PickerSettings):
         [dep] = [w for w in picker_objects.desired(model, settings) if w.kind == "Deployment"]
-        return picker_options(api.to_dict(dep), tokenizer)
+        return picker_options(api.to_dict(dep), tokenizer, secret)
 
     alone = options(PickerSettings())
     assert (alone.kv_index_backend, alone.kv_index_redis_shard) == ("memory", False)

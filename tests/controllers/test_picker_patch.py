@@ -19,7 +19,7 @@ from infergw import api
 from infergw.cluster.certs import cert_names
 from infergw.cluster.store import DEPLOYMENT, ENVOY_PATCH_POLICY, SECRET
 from infergw.controllers import picker_objects, picker_tls
-from infergw.controllers.picker_objects import INFERENCE_PATHS, PickerTLS
+from infergw.controllers.picker_objects import ROUTE_PATHS, PickerTLS
 from infergw.controllers.picker_patch import (
     DEFAULT_LISTENER,
     PICKER_FILTER,
@@ -58,21 +58,21 @@ def test_a_new_certificate_names_the_picker_service_and_its_ca_signs_it() -> Non
     leaf = x509.load_pem_x509_certificate(cert.cert)
     assert cert_names(leaf) == set(HOSTS)
     leaf.verify_directly_issued_by(x509.load_pem_x509_certificate(cert.ca))
-    secret = api.to_dict(picker_tls.secret(api.ObjectMeta(name="llama-epp-tls"), cert))
+    secret = api.to_dict(picker_tls.secret(api.ObjectMeta(name="llama-epp-tls"), cert, b"k" * 43))
     assert secret["type"] == "kubernetes.io/tls"
     assert picker_tls.renewal_problem(secret, NS, "llama-epp") is None
 
 
 def test_a_certificate_is_renewed_before_it_ends_and_envoy_trusts_both_cas_meanwhile() -> None:
     old = picker_tls.issue(NS, "llama-epp")
-    old_secret = api.to_dict(picker_tls.secret(api.ObjectMeta(name="s"), old))
+    old_secret = api.to_dict(picker_tls.secret(api.ObjectMeta(name="s"), old, b"k" * 43))
     later = datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=picker_tls.CERT_DAYS - 29)
     assert "expires on" in (picker_tls.renewal_problem(old_secret, NS, "llama-epp", later) or "")
     assert picker_tls.renewal_problem(old_secret, NS, "other-epp") is not None  # other names
     new = picker_tls.issue(NS, "llama-epp", old_secret, later)
     bundle = new.ca.decode()
     assert old.ca.decode() in bundle and bundle.startswith(picker_tls.first_pem(new.ca).decode())
-    new_secret = api.to_dict(picker_tls.secret(api.ObjectMeta(name="s"), new))
+    new_secret = api.to_dict(picker_tls.secret(api.ObjectMeta(name="s"), new, b"k" * 43))
     assert picker_tls.renewal_problem(new_secret, NS, "llama-epp", later) is None
     # a garbled Secret is replaced, not trusted
     assert picker_tls.renewal_problem({"data": {"tls.crt": "!"}}, NS, "llama-epp") is not None
@@ -96,10 +96,10 @@ def test_the_patch_targets_the_models_gateway_route_by_route() -> None:
     # per match of the HTTPRoute the controllers write, in its order: our picker's override
     # and AI Gateway's own picker filter for the pool switched off, each one key of the map
     route = api.to_dict(picker_objects.http_route(_model()))
-    assert len(route["spec"]["rules"][0]["matches"]) == len(INFERENCE_PATHS)
-    assert len(route_patches) == 2 * len(INFERENCE_PATHS)
+    assert len(route["spec"]["rules"][0]["matches"]) == len(ROUTE_PATHS)
+    assert len(route_patches) == 2 * len(ROUTE_PATHS)
     assert {p["name"] for p in route_patches} == {f"{NS}/inference-gateway/{DEFAULT_LISTENER}"}
-    names = route_names(NS, "llama", len(INFERENCE_PATHS))
+    names = route_names(NS, "llama", len(ROUTE_PATHS))
     for i, name in enumerate(names):
         ours, theirs = route_patches[2 * i : 2 * i + 2]
         for p in (ours, theirs):
@@ -200,6 +200,27 @@ async def test_reconcile_makes_the_secret_and_the_patch_and_keeps_them(cluster: 
     assert picker_tls.renewal_problem(renewed, NS, "llama-epp") is None
     policy = await cluster.get(ENVOY_PATCH_POLICY, "llama-epp")
     assert _trusted_ca(policy) == base64.b64decode(renewed["data"]["ca.crt"]).decode()
+    # the response id key outlives certificates: clients hold ids made with it
+    key = picker_tls.stored_response_id_key(secret)
+    assert key is not None and len(key) >= 32
+    assert picker_tls.stored_response_id_key(renewed) == key
+
+
+async def test_a_secret_made_before_response_id_keys_gets_one_and_keeps_it(
+    cluster: Cluster,
+) -> None:
+    await cluster.apply(model_obj())
+    await cluster.reconcile()
+    secret = await cluster.get(SECRET, "llama-epp-tls")
+    del secret["data"][picker_tls.RESPONSE_ID_KEY]
+    await cluster.store.update(secret)
+    await cluster.reconcile()
+    upgraded = await cluster.get(SECRET, "llama-epp-tls")
+    key = picker_tls.stored_response_id_key(upgraded)
+    assert key is not None and len(key) >= 32
+    assert upgraded["data"]["tls.crt"] == secret["data"]["tls.crt"]  # the certificate kept
+    await cluster.reconcile()
+    assert picker_tls.stored_response_id_key(await cluster.get(SECRET, "llama-epp-tls")) == key
 
 
 async def test_a_secret_that_is_not_the_models_is_left_alone(cluster: Cluster) -> None:

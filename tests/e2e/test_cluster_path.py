@@ -63,6 +63,7 @@ from tests.cluster_path import (
     long_prompt,
     picker_cmd,
     picker_container,
+    picker_files,
 )
 from tests.conftest import running, simulator_cmd
 from tests.controller_manifests import expand as expand_rules
@@ -147,7 +148,11 @@ def test_the_pickers_objects_fit_what_consumes_them(cluster: Cluster) -> None:
     pod_spec = dep["spec"]["template"]["spec"]
     c = picker_container(dep)
     args = [expand(a, container_env(c, "10.0.0.7")) for a in c["args"]]
-    opts = parse_options([a.replace(TOKENIZER_DIR, str(DEFAULT_MODEL)) for a in args])
+    # the Secret's, the ConfigMap's and the tokenizer's files where its volumes put them
+    for mounted, local in picker_files(cluster, c).items():
+        args = [a.replace(mounted, str(local)) for a in args]
+    opts = parse_options(args)
+    assert opts.response_id_key is not None  # every replica's, from the Secret
     assert (opts.pool_name, opts.pool_namespace, opts.provider) == ("llama", NS, "kubernetes")
     assert opts.tokenizers == {SERVED: DEFAULT_MODEL}
     assert pod_spec["serviceAccountName"] == PICKER.name

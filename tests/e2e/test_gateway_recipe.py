@@ -161,3 +161,18 @@ def test_the_no_model_route_answers_404_without_a_picker(stack):
     r = requests.get(stack.url + "/v1/models", timeout=30)  # the router answers it itself
     assert r.status_code == 200 and r.json()["object"] == "list"
     assert picked(stack) == before
+
+
+def test_a_stored_response_is_read_back_on_the_route_prefix_its_id_chose(stack):
+    """`GET /v1/responses/{id}`: the router reads the pool from the id, the HTTPRoute's
+    `/v1/responses/` prefix match takes it to that pool, its picker to the pod."""
+    body = {"model": "coder", "input": "hi", "max_output_tokens": 2}
+    made = requests.post(stack.url + "/v1/responses", json=body, timeout=60)
+    assert made.status_code == 200, made.text
+    before = picked(stack)
+    got = requests.get(f"{stack.url}/v1/responses/{made.json()['id']}", timeout=30)
+    assert got.status_code == 200, got.text
+    assert got.json()["id"] == made.json()["id"]
+    assert got.headers[SERVED_HEADER] == made.headers[SERVED_HEADER]
+    after = picked(stack)
+    assert {p: after[p] - before[p] for p in after} == {"chat": 0.0, "code": 1.0}

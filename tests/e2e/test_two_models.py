@@ -4,6 +4,7 @@ in front. Every request goes to the same path; the body's model decides the pool
 
 from __future__ import annotations
 
+import base64
 import re
 
 import pytest
@@ -99,8 +100,37 @@ def test_the_router_lists_every_model_and_route_and_other_bodyless_requests_have
     assert sorted(listed) == sorted(SERVED["chat"] | SERVED["code"])
     r = requests.get(stack.url + "/v1/models/coder", timeout=30)
     assert r.status_code == 200 and r.json()["owned_by"] == "default"
-    r = requests.get(stack.url + "/v1/responses/resp_1", timeout=30)
+    r = requests.get(stack.url + "/v1/responses/resp_1", timeout=30)  # the engine's own id
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+
+
+def respond(stack: LocalStack, model: str) -> requests.Response:
+    body = {"model": model, "input": "hi", "max_output_tokens": 2}
+    return requests.post(stack.url + "/v1/responses", json=body, timeout=60)
+
+
+@pytest.mark.parametrize(("model", "pool"), [("chat-sql", "chat"), ("coder", "code")])
+def test_a_stored_response_is_read_back_through_the_pool_its_id_names(stack, model, pool):
+    """`GET /v1/responses/{id}` has no body to name a model: the router reads the pool from
+    the id, that pool's picker the pod."""
+    made = respond(stack, model)
+    assert made.status_code == 200, made.text
+    response_id, pod = made.json()["id"], made.headers[SERVED_HEADER]
+    assert pod in pods_of(stack, pool)
+    for _ in range(3):
+        got = requests.get(f"{stack.url}/v1/responses/{response_id}", timeout=30)
+        assert got.status_code == 200, got.text
+        assert got.json()["id"] == response_id and got.headers[SERVED_HEADER] == pod
+
+
+def test_a_response_id_naming_a_pool_not_served_here_is_404(stack):
+    response_id = respond(stack, "code-sim").json()["id"]
+    place = base64.urlsafe_b64encode(b"gone/code-0:8000").rstrip(b"=").decode()
+    elsewhere = ".".join([response_id.split(".")[0], place, *response_id.split(".")[2:]])
+    r = requests.get(f"{stack.url}/v1/responses/{elsewhere}", timeout=30)
+    assert r.status_code == 404, r.text
+    error = r.json()["error"]
+    assert error["code"] == "response_not_found" and "InferencePool gone" in error["message"]
 
 
 def test_the_router_counts_what_it_routed(stack):

@@ -18,6 +18,7 @@ from infergw.epp.response_ids import (
     StoredAt,
     _b64,
     load_key,
+    pool_named,
 )
 
 KEY = b"k" * 32
@@ -34,13 +35,31 @@ def test_an_id_reads_back_as_the_pod_port_and_engine_id():
 
 def test_an_engines_own_id_is_not_ours():
     assert ResponseIds(KEY).read("ns/pool", ENGINE) is None
+    assert pool_named(ENGINE) is None
+
+
+def test_the_id_names_its_pool_for_the_router_without_a_key():
+    made = ResponseIds(KEY).stamp("ns/llama-3", "pod-a", 8001, ENGINE)
+    assert pool_named(made) == "llama-3"
+
+
+@pytest.mark.parametrize("place", [b"Pool!/pod-a:8000", b"/pod-a:8000", b"pool/pod-a", b"\xff"])
+def test_the_router_refuses_an_id_naming_no_pool(place):
+    with pytest.raises(BadResponseId):
+        pool_named(f"{PREFIX}{_b64(place)}.{_b64(b'm' * 16)}.{ENGINE}")
+
+
+def _placed(made: str, place: bytes) -> str:
+    """`made` with its pool and pod replaced, its MAC kept."""
+    return PREFIX + _b64(place) + made[len(PREFIX) + made[len(PREFIX) :].index(".") :]
 
 
 @pytest.mark.parametrize(
     "tamper",
     [
         lambda i: i[:-1] + ("0" if i[-1] != "0" else "1"),  # another engine id
-        lambda i: PREFIX + "cG9kLWI6ODAwMQ" + i[len(PREFIX) + i[len(PREFIX) :].index(".") :],
+        lambda i: _placed(i, b"pool/pod-b:8001"),  # another pod
+        lambda i: _placed(i, b"other/pod-a:8000"),  # another pool
         lambda i: PREFIX + i[len(PREFIX) :].replace(".", "!", 1),
         lambda i: PREFIX + "x.y.z",
         lambda i: PREFIX + "only-one-part",
@@ -66,12 +85,15 @@ def test_another_pools_or_keys_id_is_refused():
         ResponseIds(None).read("ns/other", unkeyed)
 
 
-@pytest.mark.parametrize("endpoint", ["pod-a:", "pod-a:x1", ":8000", "pod-a:\u00b2", "pod-a"])
-def test_an_id_made_with_the_pools_own_key_still_needs_a_pod_and_port(endpoint):
+@pytest.mark.parametrize(
+    "place",
+    ["pool/pod-a:", "pool/pod-a:x1", "pool/:8000", "pool/pod-a:\u00b2", "pool/pod-a", "pod-a:8000"],
+)
+def test_an_id_made_with_the_pools_own_key_still_needs_a_pod_and_port(place):
     """Without a key file anyone can compute the MAC: what it covers is checked all the same."""
     ids = ResponseIds(None)
-    mac = ids._mac("ns/pool", endpoint, ENGINE)
-    made = f"{PREFIX}{_b64(endpoint.encode())}.{_b64(mac)}.{ENGINE}"
+    mac = ids._mac("ns/pool", place.partition("/")[2], ENGINE)
+    made = f"{PREFIX}{_b64(place.encode())}.{_b64(mac)}.{ENGINE}"
     with pytest.raises(BadResponseId):
         ids.read("ns/pool", made)
 

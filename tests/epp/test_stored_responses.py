@@ -13,6 +13,7 @@ from infergw.epp.context import RequestContext
 from infergw.epp.datastore import PoolSpec
 from infergw.epp.errors import PickerError
 from infergw.epp.request import parse_request
+from infergw.epp.response_ids import REFUSED_NEXT
 from infergw.epp.stored_responses import answers_with_response, stores_answer
 from tests.director_fixtures import A1, B0, make_director, pod
 
@@ -93,6 +94,7 @@ async def test_a_pod_not_ready_is_a_503_to_retry(director):
 async def test_forged_huge_and_other_pools_ids_are_404(director, given):
     err = await error_of(director, responses_ctx(previous_response_id=given(director)))
     assert err.status == 404 and err.body()["error"]["code"] == "response_not_found"
+    assert err.message.endswith(REFUSED_NEXT)  # what the client can do about it
 
 
 async def test_a_previous_response_id_that_is_not_a_string_is_400(director):
