@@ -168,7 +168,8 @@ class PickerSettings:
 
     image: str = PICKER_IMAGE
     kv_index_redis: str | None = None
-    # The controllers' own OTEL_* (api/tracing.py passed_on): their pickers trace where they do.
+    # The controllers' own OTEL_* (api/tracing.py passed_on): their pickers (and the Model
+    # pods' sidecars, model_objects.pass_trace_env) trace where they do.
     trace_env: tuple[tuple[str, str], ...] = ()
 
 
