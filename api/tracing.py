@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Iterator, Mapping, MutableMapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
@@ -36,10 +37,12 @@ SAMPLER_ARG = "OTEL_TRACES_SAMPLER_ARG"
 SERVICE_NAME = "OTEL_SERVICE_NAME"
 EXPORTER = "OTEL_TRACES_EXPORTER"
 SDK_DISABLED = "OTEL_SDK_DISABLED"
-# Every variable this module reads: what `infergate up` passes on to what it starts.
-VARIABLES = (
-    ENDPOINT, TRACES_ENDPOINT, PROTOCOL, TRACES_PROTOCOL, SAMPLER, SAMPLER_ARG, SERVICE_NAME,
-    EXPORTER, SDK_DISABLED,
+# What a process passes on to the components it writes (the controllers, to the pickers'
+# Deployments): every variable it reads but the service name, which is each component's own.
+# (Not the exporter's headers: they may hold a token, and a Deployment's env is no Secret.)
+PASSED_ON = (
+    ENDPOINT, TRACES_ENDPOINT, PROTOCOL, TRACES_PROTOCOL, SAMPLER, SAMPLER_ARG, EXPORTER,
+    SDK_DISABLED,
 )  # fmt: skip
 
 GRPC, HTTP = "grpc", "http/protobuf"
@@ -54,6 +57,9 @@ REFERENCE_SAMPLER, REFERENCE_RATIO = "parentbased_traceidratio", 0.1
 # The export queue: spans beyond it are dropped (a down collector costs no memory).
 MAX_QUEUE = 2048
 EXPORT_TIMEOUT_MS = 5000
+# At exit, what is queued gets this long; the rest is dropped, so a collector that is down
+# delays no component's stop by more (the SDK alone retries each batch for the timeout).
+STOP_FLUSH_MS = 2000
 
 # infergw depends on them; an environment that lost them gets them back with:
 INSTALL_HINT = (
@@ -174,6 +180,12 @@ def _ratio(env: Mapping[str, str], default: float) -> float:
     return ratio
 
 
+def passed_on(env: Mapping[str, str] | None = None) -> tuple[tuple[str, str], ...]:
+    """The PASSED_ON variables `env` sets, by name, for the env of what a process writes."""
+    env = os.environ if env is None else env
+    return tuple((name, env[name]) for name in PASSED_ON if _get(env, name))
+
+
 def check(env: Mapping[str, str] | None = None) -> TraceSettings | None:
     """What settings_from_env says, and that the SDK and the exporter they need import (a
     launcher checks before it starts anything)."""
@@ -211,6 +223,7 @@ def _exporter_class(protocol: str) -> Any:
 
 _tracer: Tracer | None = None
 _provider: Any = None
+_span_exporter: Any = None
 
 
 def start(
@@ -218,7 +231,7 @@ def start(
 ) -> TraceSettings | None:
     """Export this process's spans as `env` says (None: off, nothing imported). Raises
     TracingConfigError for a value it cannot use, or when the SDK is not installed."""
-    global _tracer, _provider
+    global _tracer, _provider, _span_exporter
     settings = settings_from_env(env, force=force)
     if settings is None:
         return None
@@ -242,7 +255,7 @@ def start(
             export_timeout_millis=EXPORT_TIMEOUT_MS,
         )
     )
-    _provider, _tracer = provider, provider.get_tracer("infergate")
+    _provider, _tracer, _span_exporter = provider, provider.get_tracer("infergate"), exporter
     named = env if env is not None else os.environ
     if force and not (_get(named, TRACES_ENDPOINT) or _get(named, ENDPOINT)):
         log.warning(
@@ -271,11 +284,19 @@ def started(component: str, *, force: bool = False) -> bool:
 
 
 def stop() -> None:
-    """Export what is queued (bounded by the export timeout) and stop."""
-    global _tracer, _provider
+    """Export what is queued, for at most STOP_FLUSH_MS, and stop."""
+    global _tracer, _provider, _span_exporter
     if _provider is not None:
-        _provider.shutdown()
-    _tracer = _provider = None
+        _tracer = None  # spans from now on are not made
+        # The SDK's flush at shutdown takes no timeout: the exporter's own shutdown, when it
+        # is up, ends its retries, and what is left is dropped.
+        deadline = threading.Timer(STOP_FLUSH_MS / 1000, _span_exporter.shutdown)
+        deadline.start()
+        try:
+            _provider.shutdown()
+        finally:
+            deadline.cancel()
+    _tracer = _provider = _span_exporter = None
 
 
 def _sampler(settings: TraceSettings) -> Any:

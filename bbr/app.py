@@ -16,7 +16,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pbg
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from infergw.api import logs
+from infergw.api import logs, tracing
 from infergw.api.signals import wait_for_signal
 from infergw.bbr.extproc import BodyRouter, RouterOptions
 from infergw.bbr.metrics import RouterMetrics
@@ -154,6 +154,8 @@ async def drain(opts: BbrOptions, servers: Servers) -> None:
 def main(argv: list[str] | None = None) -> int:
     opts = parse_options(argv)
     logs.configure(opts.log)
+    if not tracing.started("bbr"):
+        return 2
     try:
         asyncio.run(serve(opts))
     except SourceError as exc:
@@ -166,4 +168,6 @@ def main(argv: list[str] | None = None) -> int:
             exc,
         )
         return 1
+    finally:
+        tracing.stop()
     return 0

@@ -18,13 +18,14 @@ import logging
 import random
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import grpc
 from envoy.config.core.v3 import base_pb2 as core
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pbg
 
-from infergw.api import log_context
+from infergw.api import log_context, tracing
 from infergw.api.names import MODEL_NAME_HEADER
 from infergw.bbr import metrics as m
 from infergw.bbr.metrics import RouterMetrics
@@ -35,8 +36,12 @@ from infergw.epp.errors import ModelNotFound, PickerError, ResponseNotFound, bou
 from infergw.epp.model_catalog import answer_from
 from infergw.epp.request import FORM_APIS, api_for_path, form_model
 from infergw.epp.request_body import check_routed_member, decode_body, requested_model
+from infergw.epp.request_trace import trace_headers
 from infergw.epp.response_ids import REFUSED_NEXT, BadResponseId, pool_named
 from infergw.epp.stored_responses import response_id_in_path
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import Span
 
 log = logging.getLogger("bbr.extproc")
 
@@ -77,7 +82,12 @@ class _Stream:
     """One HTTP request as the router sees it."""
 
     def __init__(
-        self, table: Table, options: RouterOptions, budget: BodyBudget, metrics: RouterMetrics
+        self,
+        table: Table,
+        options: RouterOptions,
+        budget: BodyBudget,
+        metrics: RouterMetrics,
+        trace_context: dict[str, str] | None = None,
     ) -> None:
         self.table = table
         self.options = options
@@ -87,16 +97,27 @@ class _Stream:
         self.body = BodyAccumulator(self.share, options.max_body_bytes)
         self.done = False
         self.model = ""
+        # Tracing on: the W3C context Envoy sent with the stream (its ext_proc call's span),
+        # and `router.request`, from the headers to the pool's choice.
+        self.trace_context = trace_context
+        self.span: Span | None = None
 
     def on_request_headers(self, msg: pb.ProcessingRequest) -> list[pb.ProcessingResponse]:
         self.headers = protocol.header_map(msg.request_headers.headers)
         log_context.bind_request(self.headers)  # this stream's log lines name the request
+        if self.trace_context is not None:
+            parent = tracing.extract(self.trace_context) or tracing.extract(self.headers)
+            path = self.headers.get(":path", "").partition("?")[0][:256]
+            self.span = tracing.start_span(
+                "router.request", parent, {"url.path": path}, server=True
+            )
         if not msg.request_headers.end_of_stream:
             return []  # deferred until the body ends
         self.done = True
         method, path = self.headers.get(":method", ""), self.headers.get(":path", "")
         pool = self._stored_response_pool(method, path)
         self.metrics.requests.labels(m.ROUTED if pool is not None else m.BODYLESS).inc()
+        self.traced("routed" if pool is not None else "bodyless", pool)
         table = self.table
         models = answer_from(lambda: table.current.cards(table.namespace), method, path)
         if models is not None:  # every name served on this Gateway, not one pool's
@@ -136,6 +157,7 @@ class _Stream:
         self.done = True
         raw = self.body.take_all()  # the copy, charged while both are held
         pool = self._pool_for(raw)
+        self.traced("routed" if pool else "passed", pool, len(raw))
         return itertools.chain([route_headers(pool, len(raw))], protocol.request_body_chunks(raw))
 
     def _pool_for(self, raw: bytes) -> str | None:
@@ -161,7 +183,24 @@ class _Stream:
         log.debug("bbr: model %r -> pool %s (%s)", self.model, choice.pool, choice.via)
         return choice.pool
 
+    def traced(self, outcome: str, pool: str | None = None, size: int = 0, status: int = 0) -> None:
+        """End `router.request` (tracing on): the model's name and the pool, never the body."""
+        if self.span is None:
+            return
+        attrs: dict[str, object] = {"infergate.outcome": outcome}
+        if self.model:
+            attrs["gen_ai.request.model"] = bounded(self.model)
+        if pool:
+            attrs["infergate.pool"] = pool
+        if size:
+            attrs["http.request.body.size"] = size
+        if status:
+            attrs["http.response.status_code"] = status
+        tracing.end(self.span, attrs, error=str(status) if status else "")
+        self.span = None
+
     def close(self) -> None:
+        self.traced("cancelled")  # the client left before the body's end
         self.share.release()
 
 
@@ -183,7 +222,10 @@ class BodyRouter(pbg.ExternalProcessorServicer):
         request_iterator: AsyncIterator[pb.ProcessingRequest],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[pb.ProcessingResponse]:
-        stream = _Stream(self.table, self.options, self.budget, self.metrics)
+        trace_context = None
+        if tracing.enabled():  # no context: called in-process, not over gRPC
+            trace_context = trace_headers(context.invocation_metadata() if context else None)
+        stream = _Stream(self.table, self.options, self.budget, self.metrics, trace_context)
         try:
             async for msg in request_iterator:
                 kind = msg.WhichOneof("request")
@@ -226,6 +268,7 @@ class BodyRouter(pbg.ExternalProcessorServicer):
         return []
 
     def _count(self, stream: _Stream, exc: PickerError) -> None:
+        stream.traced("rejected", status=exc.status)
         if isinstance(exc, ModelNotFound):
             result = m.MODEL_NOT_FOUND
             self.metrics.unknown_models.inc()

@@ -488,7 +488,11 @@ async def _serve_kubernetes(args: argparse.Namespace, stop: asyncio.Event) -> No
         autoscale_interval=args.autoscale_interval,
         namespace=args.namespace,
         kv_sockets=kv_sockets(args),
-        picker=PickerSettings(image=args.picker_image, kv_index_redis=args.picker_kv_index_redis),
+        picker=PickerSettings(
+            image=args.picker_image,
+            kv_index_redis=args.picker_kv_index_redis,
+            trace_env=tracing.passed_on(),
+        ),
         weights=WeightsLayout.cluster(cache_volume_of(args.weights_cache), args.picker_image),
     )
     elector = None

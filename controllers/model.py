@@ -121,6 +121,7 @@ class ModelReconciler:
     async def _desired(self, model: Model, tls: PickerTLS | None) -> list[ApiStruct]:
         wants = model_objects.desired(model, self.sockets, self.weights)
         if self.picker is not None:
+            model_objects.pass_trace_env(wants, self.picker.trace_env)
             # The Gateways of the ModelRoutes that target this Model (route_parents.py).
             parents = await read_route_parents(self.store, model, model_objects.model_label(model))
             wants += picker_objects.desired(model, self.picker, self.sockets, tls, parents)

@@ -442,6 +442,24 @@ def autoscaling(model: Model) -> list[AutoScalingPolicy | AutoScalingPolicyBindi
     return out
 
 
+# The containers of ours in a Model's pods, which read the OTEL_* variables (api/tracing.py).
+OUR_SIDECARS = ("connector", adapter_objects.RUNTIME_CONTAINER)
+
+
+def pass_trace_env(wants: list[ApiStruct], env: tuple[tuple[str, str], ...]) -> None:
+    """Our sidecars in the pods of the ModelInfer among `wants` (the P/D connector, the LoRA
+    runtime) get `env`, the controllers' own OTEL_* (api/tracing.py passed_on), so they trace
+    where the controllers do. The engine's env is the Model's to set."""
+    for want in wants:
+        if not env or not isinstance(want, ModelInfer):
+            continue
+        for role in want.spec.template.roles:
+            for template in (role.entry_template, role.worker_template):
+                for c in (template or {}).get("spec", {}).get("containers", []):
+                    if c.get("name") in OUR_SIDECARS:
+                        c.setdefault("env", []).extend({"name": n, "value": v} for n, v in env)
+
+
 def desired(
     model: Model, sockets: KVEventSockets = PER_POD, weights: WeightsLayout = CLUSTER
 ) -> list[ApiStruct]:

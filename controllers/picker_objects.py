@@ -180,6 +180,9 @@ class PickerSettings:
 
     image: str = PICKER_IMAGE
     kv_index_redis: str | None = None
+    # The controllers' own OTEL_* (api/tracing.py passed_on): their pickers (and the Model
+    # pods' sidecars, model_objects.pass_trace_env) trace where they do.
+    trace_env: tuple[tuple[str, str], ...] = ()
 
 
 # ---- names --------------------------------------------------------------------------------------
@@ -404,6 +407,7 @@ def _picker_container(model: Model, settings: PickerSettings, sockets: KVEventSo
             },
             {"name": "HOME", "value": "/tmp"},
             {"name": "PYTHONDONTWRITEBYTECODE", "value": "1"},
+            *({"name": name, "value": value} for name, value in settings.trace_env),
         ],
         "ports": [
             {"name": "grpc", "containerPort": PICKER_PORT, "protocol": "TCP"},

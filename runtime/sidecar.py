@@ -29,7 +29,7 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
-from infergw.api import logs, version
+from infergw.api import logs, tracing, version
 from infergw.api import lora_adapters as desired_file
 from infergw.api.cli_help import HelpFormatter
 from infergw.api.lora_adapters import ENGINE_APIS, UNREADABLE, Adapter, Refused, Unreadable
@@ -139,6 +139,20 @@ class Sidecar:
         return desired_file.parse(data.decode(errors="replace"), self.settings.models_dir)
 
     async def _take(self, step: Step, seen: Seen) -> None:
+        # Tracing on: a span per step (its own trace), the adapter's name and what failed.
+        span = tracing.start_span(
+            "runtime.adapter",
+            attributes={"infergate.adapter": step.name, "infergate.step": step.kind},
+        )
+        reason = ""
+        try:
+            with tracing.current(span):
+                reason = await self._attempt(step, seen)
+        finally:
+            tracing.end(span, error=reason)
+
+    async def _attempt(self, step: Step, seen: Seen) -> str:
+        """Take `step`; the reason it failed, or ""."""
         name = step.name
         attempts = self.state.of(name)
         try:
@@ -156,14 +170,15 @@ class Sidecar:
                 await self._load(seen.desired[name], seen)
         except EngineRefused as exc:
             self._failed(name, attempts, exc.reason, exc.message)
-            return
+            return exc.reason
         except FetchError as exc:
             self._failed(name, attempts, exc.reason, f"{exc}; {exc.hint}")
-            return
+            return exc.reason
         except (ValueError, OSError) as exc:  # a source download() does not read; a bad link
             self._failed(name, attempts, DOWNLOAD_FAILED, str(exc))
-            return
+            return DOWNLOAD_FAILED
         self.state.succeeded(name)
+        return ""
 
     async def _load(self, adapter: Adapter, seen: Seen) -> None:
         await self.engine.load(adapter.name, adapter.path)
@@ -337,7 +352,12 @@ def main(argv: list[str] | None = None) -> int:
         interval=opts.interval,
         max_backoff=opts.max_backoff,
     )
-    asyncio.run(serve(settings, opts.host, opts.port))
+    if not tracing.started("runtime"):
+        return 2
+    try:
+        asyncio.run(serve(settings, opts.host, opts.port))
+    finally:
+        tracing.stop()
     return 0
 
 

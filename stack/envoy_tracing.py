@@ -40,7 +40,7 @@ def describe(settings: TraceSettings) -> str:
     share = "" if "ratio" not in settings.sampler else f" {settings.ratio:g}"
     return (
         f"traces: OTLP {settings.protocol} to {settings.endpoint} "
-        f"(sampler {settings.sampler}{share}; Envoy, pickers, controllers, pods)"
+        f"(sampler {settings.sampler}{share}; Envoy, pickers, router, controllers, pods)"
     )
 
 

@@ -174,3 +174,33 @@ async def test_the_model_condition_follows_the_sidecars_readiness() -> None:
     ok, reason, message = await adapters_loaded(store, m)
     assert (ok, reason) == (False, NOT_LOADED)
     assert message.startswith("1/2 pod(s) without every adapter; pod llama-1:")
+
+
+def test_our_sidecars_get_the_controllers_trace_env_and_the_engine_does_not() -> None:
+    """In a cluster the controllers' OTEL_* reach the P/D connector and the LoRA runtime
+    sidecar (api/tracing.py reads them there as the controllers do); the engine's env stays
+    the Model's."""
+    from infergw.api import tracing
+
+    m = model(
+        "hf://org/llama",
+        loraAdapters=[SQL],
+        backend={"prefill": {}, "decode": {}, "kvConnector": {"type": "http"}},
+    )
+    wants = model_objects.desired(m, weights=WeightsLayout.cluster())
+    trace_env = tracing.passed_on(
+        {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318", "OTEL_SERVICE_NAME": "x"}
+    )
+    model_objects.pass_trace_env(wants, trace_env)
+    [infer] = [w for w in wants if w.kind == "ModelInfer"]
+    seen = set()
+    for role in api.to_dict(infer)["spec"]["template"]["roles"]:
+        for name, c in containers(role["entryTemplate"]["spec"]).items():
+            env = {e["name"]: e.get("value") for e in c.get("env", [])}
+            traced = tracing.settings_from_env({k: v for k, v in env.items() if v is not None})
+            if name in model_objects.OUR_SIDECARS:
+                seen.add(name)
+                assert traced is not None and traced.endpoint == "http://collector:4318/v1/traces"
+            else:
+                assert traced is None and "OTEL_SERVICE_NAME" not in env
+    assert seen == {"connector", "runtime"}

@@ -651,3 +651,35 @@ async def test_the_shared_kv_index_is_opt_in_and_its_replicas_shard_the_pods(
     for bad in ("valkey.infra", "redis://x:1/0", ":6379", "host:99999"):
         with pytest.raises(SystemExit):
             parser.parse_args(["--picker-kv-index-redis", bad])
+
+
+async def test_the_pickers_trace_where_the_controllers_do(cluster: Cluster) -> None:
+    """The controllers' OTEL_* (api/tracing.py) go into every picker Deployment they write,
+    but the service name (each component's own) and the exporter's headers (a token is no
+    Deployment env's business); without them the picker's env names none."""
+    from infergw.api import tracing
+
+    await cluster.apply(model_obj())
+    model = api.from_dict(await cluster.reconcile())
+    controllers_env = {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": "http://otel-collector.monitoring:4317",
+        "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
+        "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+        "OTEL_TRACES_SAMPLER_ARG": "0.25",
+        "OTEL_SERVICE_NAME": "infergate-controllers",
+        "OTEL_EXPORTER_OTLP_HEADERS": "authorization=Bearer s3cret",
+        "HOME": "/root",
+    }
+
+    def picker_env(settings: PickerSettings) -> dict[str, str]:
+        [dep] = [w for w in picker_objects.desired(model, settings) if w.kind == "Deployment"]
+        [epp] = [c for c in pod_spec(api.to_dict(dep))["containers"] if c["name"] == "epp"]
+        return {e["name"]: e["value"] for e in epp["env"] if "value" in e}
+
+    env = picker_env(PickerSettings(trace_env=tracing.passed_on(controllers_env)))
+    assert tracing.settings_from_env(env) == tracing.settings_from_env(
+        {k: v for k, v in controllers_env.items() if k != "OTEL_SERVICE_NAME"}
+    )
+    assert "OTEL_SERVICE_NAME" not in env and "OTEL_EXPORTER_OTLP_HEADERS" not in env
+    assert env["HOME"] == "/tmp"
+    assert tracing.settings_from_env(picker_env(PickerSettings())) is None

@@ -22,11 +22,11 @@ SECRET = "zebra-umbrella-4711"  # in the prompt; must appear in no span
 PICKER_PHASES = {"gateway.parse", "gateway.route", "gateway.flow_control", "gateway.schedule"}
 
 
-def _complete(stack, stream: bool) -> str:
+def _complete(stack, stream: bool, model: str = "infergate-sim") -> str:
     r = requests.post(
         f"{stack.url}/v1/chat/completions",
         json={
-            "model": "infergate-sim",
+            "model": model,
             "messages": [{"role": "user", "content": f"tell me about {SECRET} " * 8}],
             "max_tokens": 5,
             "stream": stream,
@@ -37,19 +37,25 @@ def _complete(stack, stream: bool) -> str:
     return r.text
 
 
-def _one_trace(spans: list[ReceivedSpan]) -> list[ReceivedSpan] | None:
-    """The spans of the first trace that has the picker's and the pod's request spans."""
+def _traces(spans: list[ReceivedSpan]) -> list[list[ReceivedSpan]]:
+    """The traces that have Envoy's, the picker's and the pod's spans."""
     by_trace: dict[str, list[ReceivedSpan]] = {}
     for s in spans:
         by_trace.setdefault(s.trace_id, []).append(s)
+    whole = []
     for trace in by_trace.values():
         names = {s.name for s in trace}
         services = {s.service for s in trace}
         if {"gateway.request", "simulator.request", "simulator.decode"} <= names and (
             "infergate-envoy" in services
         ):
-            return trace
-    return None
+            whole.append(trace)
+    return whole
+
+
+def _one_trace(spans: list[ReceivedSpan]) -> list[ReceivedSpan] | None:
+    found = _traces(spans)
+    return found[0] if found else None
 
 
 def _check_trace(trace: list[ReceivedSpan], stream: bool) -> None:
@@ -101,53 +107,80 @@ def _check_trace(trace: list[ReceivedSpan], stream: bool) -> None:
 
 def _no_prompt_anywhere(spans: list[ReceivedSpan], answers: list[str]) -> None:
     words = {SECRET}
-    for answer in answers:  # the completions' text too
+    for answer in answers:  # each completion's whole text too (a stream's deltas joined)
+        parts = []
         for line in answer.splitlines():
             line = line.removeprefix("data: ").strip()
             if not line.startswith("{"):
                 continue
             for choice in json.loads(line).get("choices", []):
-                text = (choice.get("message") or choice.get("delta") or {}).get("content")
-                if text and len(text.strip()) > 3:
-                    words.add(text.strip())
+                parts.append((choice.get("message") or choice.get("delta") or {}).get("content"))
+        text = "".join(p for p in parts if p).strip()
+        assert len(text) > 8, answer  # long enough to be found only where it was copied
+        words.add(text)
     for s in spans:
         dumped = json.dumps([s.name, s.attributes], default=str)
         for word in words:
             assert word not in dumped, (s.name, word)
 
 
-@pytest.mark.parametrize("stream", [False, True])
-def test_one_trace_from_envoy_through_the_picker_to_the_pod(tmp_path, monkeypatch, stream):
+def test_one_trace_from_envoy_through_the_picker_to_the_pod(tmp_path, monkeypatch):
+    """A JSON answer's trace and a stream's, on one stack (each stack costs ~25 s to start)."""
     with GrpcReceiver() as collector:
         monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", collector.endpoint)
         monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
         monkeypatch.setenv("OTEL_TRACES_SAMPLER", "always_on")
         stack = make_stack(tmp_path, pods=2)
         try:
-            answers = [_complete(stack, stream) for _ in range(2)]
-            spans = collector.spans.wait_for(lambda s: _one_trace(s) is not None, timeout=30)
+            answers = {stream: _complete(stack, stream) for stream in (False, True)}
+            spans = collector.spans.wait_for(lambda s: len(_traces(s)) == 2, timeout=30)
         finally:
             stack.stop()
-    trace = _one_trace(spans)
-    assert trace is not None, sorted({(s.service, s.name) for s in spans})
-    _check_trace(trace, stream)
-    _no_prompt_anywhere(spans, answers)
+    traces = _traces(spans)
+    assert len(traces) == 2, sorted({(s.service, s.name) for s in spans})
+    for trace in traces:
+        (request,) = [s for s in trace if s.name == "gateway.request"]
+        _check_trace(trace, stream=request.attributes["infergate.stream"])
+    _no_prompt_anywhere(spans, list(answers.values()))
 
 
-def test_over_http_protobuf_too(tmp_path, monkeypatch):
-    """OTLP/HTTP for every component: Envoy's http_service, the SDK's HTTP exporter."""
+def test_over_http_protobuf_with_the_body_based_router(tmp_path, monkeypatch):
+    """OTLP/HTTP for every component (Envoy's http_service, the SDK's HTTP exporter), on
+    examples/two-models as `infergate up` runs it: the body-based router's span joins the
+    trace too, under Envoy's ext_proc call to it, naming the pool it chose."""
+    from infergw.stack.example import Example
+    from infergw.stack.local import LocalStack, StackConfig
+    from infergw.stack.ports import free_stack_ports
+    from infergw.stack.resources import EXAMPLES
+
     with HttpReceiver() as collector:
         monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", collector.endpoint)
         monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")
-        stack = make_stack(tmp_path, pods=1)
-        try:
-            answers = [_complete(stack, False)]
-            spans = collector.spans.wait_for(lambda s: _one_trace(s) is not None, timeout=30)
-        finally:
-            stack.stop()
+        example = Example.read(EXAMPLES / "two-models").with_changes(
+            tmp_path / "example", engine_args=["--sim-time-scale=0.2"]
+        )
+        ports = free_stack_ports(pods=example.pod_count(), pickers=len(example.models))
+        with LocalStack(StackConfig.from_example(example, tmp_path / "stack", ports)) as stack:
+            answers = [_complete(stack, False, model="code-sim")]
+
+            def routed(spans: list[ReceivedSpan]) -> bool:
+                trace = _one_trace(spans)
+                return trace is not None and any(s.name == "router.request" for s in trace)
+
+            spans = collector.spans.wait_for(routed, timeout=30)
     trace = _one_trace(spans)
     assert trace is not None, sorted({(s.service, s.name) for s in spans})
-    _check_trace(trace, stream=False)
+    ids = {s.span_id: s for s in trace}
+    (router,) = [s for s in trace if s.name == "router.request"]
+    assert router.service == "infergate-bbr"
+    assert ids[router.parent_span_id].service == "infergate-envoy"
+    assert router.attributes["infergate.pool"] == "code"
+    assert router.attributes["gen_ai.request.model"] == "code-sim"
+    (request,) = [s for s in trace if s.name == "gateway.request"]
+    assert request.attributes["gen_ai.request.model"] == "code-sim"
+    assert ids[request.parent_span_id].service == "infergate-envoy"
+    (pod,) = [s for s in trace if s.name == "simulator.request"]
+    assert pod.attributes["gen_ai.usage.output_tokens"] == 5
     _no_prompt_anywhere(spans, answers)
 
 

@@ -193,3 +193,25 @@ async def test_a_downloaded_adapter_is_linked_then_loaded(tmp_path) -> None:
         assert engine.loaded == {"a": f"{models}/lora/a"}
         assert (models / "lora" / "a" / "adapter_config.json").read_text() == "{}"
         assert sidecar.status()["ready"] is True
+
+
+async def test_each_step_is_a_span_naming_the_adapter_and_what_failed(tmp_path) -> None:
+    """Tracing on (an OTLP receiver this test runs): a span per load or unload, the
+    engine's refusal as its error type."""
+    from infergw.api import tracing
+    from tests.otlp_receiver import HttpReceiver
+
+    engine = FakeEngine(VLLM)
+    engine.refuse["b"] = (400, "LoRA rank 64 is greater than max_lora_rank 16.")
+    with HttpReceiver() as rx:
+        tracing.start("runtime", env={"OTEL_EXPORTER_OTLP_ENDPOINT": rx.endpoint})
+        try:
+            async with sidecar_for(engine, tmp_path) as sidecar:
+                write(sidecar.settings.adapters_file, A, B)
+                await sidecar.run_once()
+        finally:
+            tracing.stop()  # flushes
+        spans = rx.spans.wait_for(lambda s: len(s) >= 2, timeout=10)
+    steps = {s.attributes["infergate.adapter"]: s for s in spans if s.name == "runtime.adapter"}
+    assert steps["a"].attributes["infergate.step"] == "load" and not steps["a"].error
+    assert steps["b"].error and steps["b"].attributes["error.type"] == "LoadFailed"
