@@ -47,8 +47,8 @@ from infergw.cluster.store import (
 from infergw.controllers.app import build_controllers, build_parser
 from infergw.controllers.events import EventRecorder
 from infergw.controllers.leader import LeaderElector
-from infergw.controllers.object_status import write_status
 from infergw.controllers.memory_store import MemoryStore
+from infergw.controllers.object_status import write_status
 from infergw.controllers.picker_demand import PickerDemand
 from infergw.controllers.picker_objects import PickerSettings, picker_rules
 from infergw.controllers.route_parents import read_route_parents
