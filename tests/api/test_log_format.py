@@ -28,7 +28,15 @@ def logged(request):
     handlers, level = root.handlers[:], root.level
     out = io.StringIO()
     logs.configure(logs.LogSettings(request.param, "DEBUG", "DEBUG"), out)
-    yield logging.getLogger("infergw.test"), out
+    # The test's records go to the handler configure() made and nowhere else: a logger
+    # outside logging's registry, which pytest's capture (it joins every registered logger)
+    # never sees; under xdist captured logs travel between processes as UTF-8, which a lone
+    # surrogate (one of the hostile values here) cannot be written in.
+    log = logging.Logger("infergw.test", logging.DEBUG)
+    for handler in root.handlers:
+        if getattr(handler, "stream", None) is out:
+            log.addHandler(handler)
+    yield log, out
     root.handlers[:] = handlers
     root.setLevel(level)
     log_context.unbind_request()
