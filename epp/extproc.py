@@ -22,6 +22,8 @@ from infergw.epp.body_budget import BodyAccumulator, BodyBudget, BudgetShare
 from infergw.epp.context import RequestContext
 from infergw.epp.director import Director
 from infergw.epp.errors import PickerError
+from infergw.epp.metric_values import LocalTally
+from infergw.epp.metrics import ITL_BUCKETS
 from infergw.epp.request import InferenceRequest, parse_request
 from infergw.epp.response import MAX_HELD, ResponseChain, UsageReader, response_chain
 from infergw.epp.scheduling.framework import ResponseInfo
@@ -56,6 +58,7 @@ class _Stream:
         self.first_chunk: float | None = None
         self.response_bytes = 0
         self.last_chunk: float | None = None
+        self.chunk_gaps: LocalTally | None = None  # a streamed answer's
         self.finished = False
         # Whether the answer's body passes through here, as Envoy announces on the stream's
         # first message (None: this proxy does not say).
@@ -116,6 +119,8 @@ class _Stream:
             self.ctx.targets[0] if self.ctx and self.ctx.targets else None
         )
         streaming = "text/event-stream" in headers.get("content-type", "")
+        if streaming:
+            self.chunk_gaps = LocalTally(ITL_BUCKETS)
         ctx = self.ctx
         self.response, self.usage = response_chain(
             streaming,
@@ -138,6 +143,8 @@ class _Stream:
             now = time.monotonic()
             if self.first_chunk is None:
                 self.first_chunk = now
+            elif self.chunk_gaps is not None:
+                self.chunk_gaps.add(now - self.last_chunk)
             self.last_chunk = now
             self.response_bytes += len(data)
         response = self.response
@@ -218,6 +225,7 @@ class _Stream:
             tpot=tpot,
             response_bytes=self.response_bytes,
             client_ttft=client_ttft,
+            chunk_gaps=self.chunk_gaps,
         )
         self.director.finish(self.ctx, info, self.started, streamed)
 

@@ -126,6 +126,8 @@ TPOT_BUCKETS = (
     90,
     120,
 )
+# The gaps between a streamed answer's chunks, as the llm-d router buckets them.
+ITL_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1, 2)
 
 MODEL = ("model_name", "target_model_name")
 # An endpoint as the reference's scheduler_attempts_total names it.
@@ -350,6 +352,16 @@ class PickerMetrics:
             buckets=TPOT_BUCKETS,
             registry=r,
         )
+        # llm-d's (no inference_objective_* name): each gap, where TPOT is their mean, so a
+        # stream that stalls mid-answer shows.
+        self.itl = FastHistogram(
+            "llm_d_epp_request_streaming_itl_seconds",
+            "Inter-token latency in seconds of streamed answers: the time between consecutive "
+            "chunks of the answer's body (good answers only).",
+            MODEL,
+            buckets=ITL_BUCKETS,
+            registry=r,
+        )
         self.queue_wait = FastHistogram(
             "inference_extension_flow_control_request_queue_duration_seconds",
             "Distribution of total time requests spend in the Flow Control layer (from "
@@ -396,6 +408,7 @@ class PickerMetrics:
         self.response_sizes = _ModelSeries(self.response_sizes, labels, 2)
         self.ttft = _ModelSeries(self.ttft, labels, 2)
         self.tpot = _ModelSeries(self.tpot, labels, 2)
+        self.itl = _ModelSeries(self.itl, labels, 2)
         self.queue_wait = _ModelSeries(self.queue_wait, labels, 2)
         self.running = _RunningGauge(self.running, labels)
         self.pool_kv = Gauge(

@@ -86,6 +86,11 @@ async def test_one_request_records_sizes_latency_attempts_and_its_flow(picker):
     # streamed with 3 output tokens: one TPOT observation, of (last - first) / 2
     assert grew("inference_objective_request_tpot_seconds_count", **model) == 1
     assert grew("llm_d_epp_request_streaming_tpot_seconds_count", **model) == 1
+    # each gap between the 4 chunks once; the gaps add up to (last - first) = TPOT × 2
+    itl = "llm_d_epp_request_streaming_itl_seconds"
+    assert grew(itl + "_count", **model) == len(STREAM) - 1
+    tpot = grew("inference_objective_request_tpot_seconds_sum", **model)
+    assert grew(itl + "_sum", **model) == pytest.approx(2 * tpot, rel=1e-6, abs=1e-9)
     port = chosen.rpartition(":")[2]
     attempt = {"status": "success", "target_model_name": MODEL, "port": port}
     assert grew("inference_extension_scheduler_attempts_total", pod_name="sims", **attempt) == 1
