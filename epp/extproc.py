@@ -101,6 +101,7 @@ class _Stream:
         self.req, self.ctx = req, ctx
         out_body = ctx.upstream_body()
         self.dispatched = time.monotonic()
+        self.director.metrics.processing.observe(self.dispatched - self.started)
         # Chunks are built as they are sent, not all at once beside the body.
         return itertools.chain(
             [protocol.destination_headers(ctx.targets, len(out_body), ctx.upstream_headers)],

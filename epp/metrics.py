@@ -128,6 +128,25 @@ TPOT_BUCKETS = (
 )
 # The gaps between a streamed answer's chunks, as the llm-d router buckets them.
 ITL_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1, 2)
+# The picker's own part of a request, as the llm-d router buckets it.
+PROCESSING_BUCKETS = (
+    0.0005,
+    0.001,
+    0.002,
+    0.005,
+    0.01,
+    0.015,
+    0.025,
+    0.04,
+    0.06,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    5,
+    10,
+)
 
 MODEL = ("model_name", "target_model_name")
 # An endpoint as the reference's scheduler_attempts_total names it.
@@ -360,6 +379,15 @@ class PickerMetrics:
             "chunks of the answer's body (good answers only).",
             MODEL,
             buckets=ITL_BUCKETS,
+            registry=r,
+        )
+        # llm-d's: what the picker added before the request went on (parsing, rate limits,
+        # flow control's wait, scheduling), the answer to "was it the gateway?".
+        self.processing = FastHistogram(
+            "llm_d_epp_request_processing_duration_seconds",
+            "Request processing latency in seconds, from the request's arrival at the picker "
+            "until it was sent on to its endpoint (flow control's wait included).",
+            buckets=PROCESSING_BUCKETS,
             registry=r,
         )
         self.queue_wait = FastHistogram(

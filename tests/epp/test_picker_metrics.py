@@ -83,6 +83,11 @@ async def test_one_request_records_sizes_latency_attempts_and_its_flow(picker):
     assert grew("inference_objective_response_sizes_sum", **model) == sum(map(len, STREAM))
     assert grew("inference_objective_request_ttft_seconds_count", **model) == 1
     assert 0 < grew("inference_objective_request_ttft_seconds_sum", **model) < 10
+    # the picker's own part ends when the request goes on, before the answer's first byte
+    processing = "llm_d_epp_request_processing_duration_seconds"
+    assert grew(processing + "_count") == 1
+    ttft = grew("inference_objective_request_ttft_seconds_sum", **model)
+    assert 0 < grew(processing + "_sum") <= ttft
     # streamed with 3 output tokens: one TPOT observation, of (last - first) / 2
     assert grew("inference_objective_request_tpot_seconds_count", **model) == 1
     assert grew("llm_d_epp_request_streaming_tpot_seconds_count", **model) == 1
