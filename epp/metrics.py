@@ -149,6 +149,8 @@ PROCESSING_BUCKETS = (
 )
 
 MODEL = ("model_name", "target_model_name")
+# The data source the picker polls, by the reference config's plugin type.
+METRICS_SOURCE = "metrics-data-source"
 # An endpoint as the reference's scheduler_attempts_total names it.
 ENDPOINT = ("pod_name", "namespace", "port")
 SCHEDULED, NOT_SCHEDULED = "success", "failure"  # scheduler_attempts_total's status
@@ -569,6 +571,16 @@ class PickerMetrics:
             ("endpoint", "reason"),
             registry=r,
         )
+        # llm-d's count of failed polls by data source type: the same failures, without the
+        # endpoint, so it never drops a series when a pod leaves (the picker polls one source:
+        # the model servers' /metrics, the reference config's metrics-data-source).
+        self.poll_errors = FastCounter(
+            "llm_d_epp_datalayer_poll_errors_total",
+            "Data-source poll errors per source type (metrics-data-source: model-server "
+            "/metrics scrapes that failed).",
+            ("source_type",),
+            registry=r,
+        ).labels(METRICS_SOURCE)
         self.pool_file_errors = FastCounter(
             "infergate_epp_pool_file_errors_total",
             "Pool file reloads refused (the previous pool stays), by reason: invalid, "
