@@ -400,6 +400,14 @@ class PickerMetrics:
             buckets=QUEUE_WAIT_BUCKETS,
             registry=r,
         )
+        # llm-d's count of what left flow control, by outcome: the wait's _count without the
+        # model and flow labels, for its dashboards and alerts (few series: outcomes × bands).
+        self.flow_requests = FastCounter(
+            "llm_d_epp_flow_control_requests_total",
+            "Total number of requests processed by the Flow Control layer, by outcome.",
+            ("outcome", "priority", "inference_pool"),
+            registry=r,
+        )
         self.enqueue_duration = FastHistogram(
             "inference_extension_flow_control_request_enqueue_duration_seconds",
             "Distribution of time taken to enqueue requests into the Flow Control layer, by "

@@ -103,6 +103,8 @@ async def test_one_request_records_sizes_latency_attempts_and_its_flow(picker):
     flow = {"fairness_id": FAIRNESS, "priority": "0", "inference_pool": "pool", **model}
     waited = "inference_extension_flow_control_request_queue_duration_seconds_count"
     assert grew(waited, outcome="Dispatched", **flow) == 1  # the reference's outcome name
+    left = {"outcome": "Dispatched", "priority": "0", "inference_pool": "pool"}
+    assert grew("llm_d_epp_flow_control_requests_total", **left) == 1
 
 
 def test_the_pool_and_its_pods_are_read_when_scraped(picker):
