@@ -269,6 +269,8 @@ class Director:
             )
             if info.tpot is not None:
                 m.tpot.labels(*labels).observe(info.tpot)
+            if info.chunk_gaps is not None and any(info.chunk_gaps.counts):
+                m.itl.labels(*labels).merge(info.chunk_gaps)
             served = info.endpoint
             if served is not None:
                 served.ttft_ewma = _ewma(served.ttft_ewma, info.ttft)

@@ -23,6 +23,8 @@ from infergw.epp.body_budget import BodyAccumulator, BodyBudget, BudgetShare
 from infergw.epp.context import RequestContext
 from infergw.epp.director import Director
 from infergw.epp.errors import PickerError
+from infergw.epp.metric_values import LocalTally
+from infergw.epp.metrics import ITL_BUCKETS
 from infergw.epp.request import InferenceRequest, parse_request
 from infergw.epp.request_trace import RequestTrace, trace_headers
 from infergw.epp.response import MAX_HELD, ResponseChain, UsageReader, response_chain
@@ -68,6 +70,7 @@ class _Stream:
         self.first_chunk: float | None = None
         self.response_bytes = 0
         self.last_chunk: float | None = None
+        self.chunk_gaps: LocalTally | None = None  # a streamed answer's
         self.finished = False
         # Whether the answer's body passes through here, as Envoy announces on the stream's
         # first message (None: this proxy does not say).
@@ -141,6 +144,7 @@ class _Stream:
             extra={"request_bytes": len(raw), "upstream_bytes": len(out_body)},
         )
         self.dispatched = time.monotonic()
+        self.director.metrics.processing.observe(self.dispatched - self.started)
         # Chunks are built as they are sent, not all at once beside the body.
         return itertools.chain(
             [protocol.destination_headers(ctx.targets, len(out_body), ctx.upstream_headers)],
@@ -159,6 +163,8 @@ class _Stream:
             self.ctx.targets[0] if self.ctx and self.ctx.targets else None
         )
         streaming = "text/event-stream" in headers.get("content-type", "")
+        if streaming:
+            self.chunk_gaps = LocalTally(ITL_BUCKETS)
         ctx = self.ctx
         stamper = None
         if self.stamps_ids and 200 <= self.status < 300 and self.served:
@@ -187,6 +193,8 @@ class _Stream:
             now = time.monotonic()
             if self.first_chunk is None:
                 self.first_chunk = now
+            elif self.chunk_gaps is not None:
+                self.chunk_gaps.add(now - self.last_chunk)
             self.last_chunk = now
             self.response_bytes += len(data)
         response = self.response
@@ -270,6 +278,7 @@ class _Stream:
             tpot=tpot,
             response_bytes=self.response_bytes,
             client_ttft=client_ttft,
+            chunk_gaps=self.chunk_gaps,
         )
         self.director.finish(self.ctx, info, self.started, streamed)
         log.debug(

@@ -149,15 +149,17 @@ class FlowControlMetrics:
     def waited(self, ctx: RequestContext, outcome: str, seconds: float) -> None:
         """From enqueue to its outcome (an Outcome value, or flowcontrol.CANCELLED)."""
         m = self.metrics
+        label, priority = OUTCOME_LABELS.get(outcome, outcome), str(ctx.priority)
         # The model names go as they are: the family bounds them itself (metrics._ModelSeries).
         m.queue_wait.labels(
             ctx.request.model,
             ctx.target_model,
             m.fairness_labels(ctx.fairness_id),
-            str(ctx.priority),
-            OUTCOME_LABELS.get(outcome, outcome),
+            priority,
+            label,
             self.pool,
         ).observe(seconds)
+        m.flow_requests.labels(label, priority, self.pool).inc()
 
     def enqueued(self, item: FlowItem, outcome: str, seconds: float) -> None:
         fairness = self.metrics.fairness_labels(item.flow_id)

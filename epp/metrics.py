@@ -127,8 +127,31 @@ TPOT_BUCKETS = (
     90,
     120,
 )
+# The gaps between a streamed answer's chunks, as the llm-d router buckets them.
+ITL_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1, 2)
+# The picker's own part of a request, as the llm-d router buckets it.
+PROCESSING_BUCKETS = (
+    0.0005,
+    0.001,
+    0.002,
+    0.005,
+    0.01,
+    0.015,
+    0.025,
+    0.04,
+    0.06,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    5,
+    10,
+)
 
 MODEL = ("model_name", "target_model_name")
+# The data source the picker polls, by the reference config's plugin type.
+METRICS_SOURCE = "metrics-data-source"
 # An endpoint as the reference's scheduler_attempts_total names it.
 ENDPOINT = ("pod_name", "namespace", "port")
 SCHEDULED, NOT_SCHEDULED = "success", "failure"  # scheduler_attempts_total's status
@@ -351,12 +374,39 @@ class PickerMetrics:
             buckets=TPOT_BUCKETS,
             registry=r,
         )
+        # llm-d's (no inference_objective_* name): each gap, where TPOT is their mean, so a
+        # stream that stalls mid-answer shows.
+        self.itl = FastHistogram(
+            "llm_d_epp_request_streaming_itl_seconds",
+            "Inter-token latency in seconds of streamed answers: the time between consecutive "
+            "chunks of the answer's body (good answers only).",
+            MODEL,
+            buckets=ITL_BUCKETS,
+            registry=r,
+        )
+        # llm-d's: what the picker added before the request went on (parsing, rate limits,
+        # flow control's wait, scheduling), the answer to "was it the gateway?".
+        self.processing = FastHistogram(
+            "llm_d_epp_request_processing_duration_seconds",
+            "Request processing latency in seconds, from the request's arrival at the picker "
+            "until it was sent on to its endpoint (flow control's wait included).",
+            buckets=PROCESSING_BUCKETS,
+            registry=r,
+        )
         self.queue_wait = FastHistogram(
             "inference_extension_flow_control_request_queue_duration_seconds",
             "Distribution of total time requests spend in the Flow Control layer (from "
             "enqueue to final outcome), by outcome.",
             (*MODEL, "fairness_id", "priority", "outcome", "inference_pool"),
             buckets=QUEUE_WAIT_BUCKETS,
+            registry=r,
+        )
+        # llm-d's count of what left flow control, by outcome: the wait's _count without the
+        # model and flow labels, for its dashboards and alerts (few series: outcomes × bands).
+        self.flow_requests = FastCounter(
+            "llm_d_epp_flow_control_requests_total",
+            "Total number of requests processed by the Flow Control layer, by outcome.",
+            ("outcome", "priority", "inference_pool"),
             registry=r,
         )
         self.enqueue_duration = FastHistogram(
@@ -397,6 +447,7 @@ class PickerMetrics:
         self.response_sizes = _ModelSeries(self.response_sizes, labels, 2)
         self.ttft = _ModelSeries(self.ttft, labels, 2)
         self.tpot = _ModelSeries(self.tpot, labels, 2)
+        self.itl = _ModelSeries(self.itl, labels, 2)
         self.queue_wait = _ModelSeries(self.queue_wait, labels, 2)
         self.running = _RunningGauge(self.running, labels)
         self.pool_kv = Gauge(
@@ -529,6 +580,16 @@ class PickerMetrics:
             ("endpoint", "reason"),
             registry=r,
         )
+        # llm-d's count of failed polls by data source type: the same failures, without the
+        # endpoint, so it never drops a series when a pod leaves (the picker polls one source:
+        # the model servers' /metrics, the reference config's metrics-data-source).
+        self.poll_errors = FastCounter(
+            "llm_d_epp_datalayer_poll_errors_total",
+            "Data-source poll errors per source type (metrics-data-source: model-server "
+            "/metrics scrapes that failed).",
+            ("source_type",),
+            registry=r,
+        ).labels(METRICS_SOURCE)
         self.pool_file_errors = FastCounter(
             "infergate_epp_pool_file_errors_total",
             "Pool file reloads refused (the previous pool stays), by reason: invalid, "

@@ -430,6 +430,7 @@ class MetricsScraper:
         ep.scrape_failures += 1
         reason = _classify(exc)
         self.metrics.scrape_errors.labels(ep.address, reason).inc()
+        self.metrics.poll_errors.inc()
         if reason == INTERNAL:
             log.error("endpoint %s: scrape failed", ep.address, exc_info=exc)
         elif ep.scrape_failures == 1 and reason != UNREACHABLE:

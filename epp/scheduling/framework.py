@@ -24,6 +24,7 @@ from infergw.api import tracing
 from infergw.epp.context import RequestContext
 from infergw.epp.datastore import Endpoint
 from infergw.epp.errors import PickerError
+from infergw.epp.metric_values import LocalTally
 
 if TYPE_CHECKING:
     from infergw.epp.scheduling.handle import Handle
@@ -80,6 +81,8 @@ class ResponseInfo:
     # Time to first token as the client sees it: from the request's arrival at the picker
     # (parsing, flow control's wait and scheduling included); `ttft` is the pod's part.
     client_ttft: float | None = None
+    # A streamed answer's gaps between body chunks (None: not streamed, or not seen).
+    chunk_gaps: LocalTally | None = None
 
 
 class PreRequest(Plugin):

@@ -350,6 +350,11 @@ async def test_flow_controls_wait_is_recorded_with_how_each_request_left():
     # under the reference's outcome names
     assert count("EvictedContextCancelled", fairness_id="a", priority="0") == 1
     assert count("RejectedCapacity", fairness_id="default-flow", priority="-1") == 1
+    # llm-d's count by outcome: the same two requests, without model and flow
+    for outcome, priority in (("EvictedContextCancelled", "0"), ("RejectedCapacity", "-1")):
+        left = {"outcome": outcome, "priority": priority, "inference_pool": "pool"}
+        total = "llm_d_epp_flow_control_requests_total"
+        assert d.metrics.registry.get_sample_value(total, left) == 1
     enqueued = "inference_extension_flow_control_request_enqueue_duration_seconds_count"
     queued = {"fairness_id": "a", "priority": "0", "outcome": "NotYetFinalized"}
     assert d.metrics.registry.get_sample_value(enqueued, queued) == 1

@@ -108,6 +108,7 @@ def test_the_dashboard_covers_what_an_operator_asks(exported):
         "inference_objective_request_error_total",
         "inference_objective_request_ttft_seconds_bucket",
         "inference_objective_request_tpot_seconds_bucket",
+        "llm_d_epp_request_streaming_itl_seconds_bucket",
         "inference_pool_per_pod_queue_size",
         "infergate_epp_pod_kv_cache_utilization",
         "inference_extension_scheduler_e2e_duration_seconds_bucket",

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 
-from infergw.epp.metric_values import FastCounter, FastHistogram, LoopTally
+from infergw.epp.metric_values import FastCounter, FastHistogram, LocalTally, LoopTally
 from infergw.epp.metrics import EXTPROC_MESSAGE_KINDS, LATENCY_BUCKETS, PickerMetrics
 from tests.fuzzing import fuzz_settings
 
@@ -51,6 +51,32 @@ def test_a_fast_histogram_is_exposed_as_a_histogram(observed):
         for h in unlabelled:
             h.observe(amount)
     assert exposition(ours) == exposition(theirs)
+
+
+# Sums of these are exact in any order, so the merged sum is the observed one to the bit
+# (bucket bounds among them: 1.0, 2, 3, ...).
+dyadic = st.one_of(
+    st.integers(0, 2**20).map(lambda n: n / 1024),
+    st.sampled_from([1.0, 2.0, 3600.0, float("inf")]),
+)
+
+
+@fuzz_settings(60)
+@given(requests=st.lists(st.tuples(st.sampled_from("ab"), st.lists(dyadic, max_size=20))))
+def test_merged_tallies_are_exposed_as_each_observation_would_be(requests):
+    ours, theirs = CollectorRegistry(), CollectorRegistry()
+    fast = FastHistogram("h_seconds", "help", ("m",), buckets=LATENCY_BUCKETS, registry=ours)
+    plain = Histogram("h_seconds", "help", ("m",), buckets=LATENCY_BUCKETS, registry=theirs)
+    for label, amounts in requests:
+        tally = LocalTally(LATENCY_BUCKETS)
+        child = plain.labels(label)  # an empty tally still makes its series
+        for amount in amounts:
+            tally.add(amount)
+            child.observe(amount)
+        fast.labels(label).merge(tally)
+    assert exposition(ours) == exposition(theirs)
+    with pytest.raises(ValueError):
+        fast.merge(LocalTally(LATENCY_BUCKETS))  # a labelled parent is not observable
 
 
 @fuzz_settings(200)

@@ -83,9 +83,19 @@ async def test_one_request_records_sizes_latency_attempts_and_its_flow(picker):
     assert grew("inference_objective_response_sizes_sum", **model) == sum(map(len, STREAM))
     assert grew("inference_objective_request_ttft_seconds_count", **model) == 1
     assert 0 < grew("inference_objective_request_ttft_seconds_sum", **model) < 10
+    # the picker's own part ends when the request goes on, before the answer's first byte
+    processing = "llm_d_epp_request_processing_duration_seconds"
+    assert grew(processing + "_count") == 1
+    ttft = grew("inference_objective_request_ttft_seconds_sum", **model)
+    assert 0 < grew(processing + "_sum") <= ttft
     # streamed with 3 output tokens: one TPOT observation, of (last - first) / 2
     assert grew("inference_objective_request_tpot_seconds_count", **model) == 1
     assert grew("llm_d_epp_request_streaming_tpot_seconds_count", **model) == 1
+    # each gap between the 4 chunks once; the gaps add up to (last - first) = TPOT × 2
+    itl = "llm_d_epp_request_streaming_itl_seconds"
+    assert grew(itl + "_count", **model) == len(STREAM) - 1
+    tpot = grew("inference_objective_request_tpot_seconds_sum", **model)
+    assert grew(itl + "_sum", **model) == pytest.approx(2 * tpot, rel=1e-6, abs=1e-9)
     port = chosen.rpartition(":")[2]
     attempt = {"status": "success", "target_model_name": MODEL, "port": port}
     assert grew("inference_extension_scheduler_attempts_total", pod_name="sims", **attempt) == 1
@@ -93,6 +103,8 @@ async def test_one_request_records_sizes_latency_attempts_and_its_flow(picker):
     flow = {"fairness_id": FAIRNESS, "priority": "0", "inference_pool": "pool", **model}
     waited = "inference_extension_flow_control_request_queue_duration_seconds_count"
     assert grew(waited, outcome="Dispatched", **flow) == 1  # the reference's outcome name
+    left = {"outcome": "Dispatched", "priority": "0", "inference_pool": "pool"}
+    assert grew("llm_d_epp_flow_control_requests_total", **left) == 1
 
 
 def test_the_pool_and_its_pods_are_read_when_scraped(picker):

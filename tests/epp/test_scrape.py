@@ -168,15 +168,29 @@ def lora_info(adapters: int) -> str:
 
 def errors(metrics: PickerMetrics, reason: str) -> float:
     """Scrape errors counted with this reason, over all endpoints."""
-    total = 0.0
+    return scrape_errors(metrics).get(reason, 0.0)
+
+
+def scrape_errors(metrics: PickerMetrics) -> dict[str, float]:
+    """Scrape errors by reason, over all endpoints."""
+    out: dict[str, float] = {}
     for family in metrics.registry.collect():
         for sample in family.samples:
-            if (
-                sample.name == "infergate_epp_metrics_scrape_errors_total"
-                and sample.labels.get("reason") == reason
-            ):
-                total += sample.value
-    return total
+            if sample.name == "infergate_epp_metrics_scrape_errors_total":
+                reason = sample.labels["reason"]
+                out[reason] = out.get(reason, 0.0) + sample.value
+    return out
+
+
+def polls_failed(metrics: PickerMetrics) -> float:
+    (value,) = [
+        sample.value
+        for family in metrics.registry.collect()
+        for sample in family.samples
+        if sample.name == "llm_d_epp_datalayer_poll_errors_total"
+        and sample.labels == {"source_type": "metrics-data-source"}
+    ]
+    return value
 
 
 async def running_scraper(ds: Datastore, metrics: PickerMetrics, **kw) -> MetricsScraper:
@@ -247,6 +261,10 @@ async def test_a_hostile_page_is_counted_and_the_loop_goes_on(hostile, reason):
         await wait_for_async(lambda: ep.stale)
         pod.metrics = web.Response(text=page(waiting=2))
         await wait_for_async(lambda: not ep.stale and ep.metrics.waiting == 2 and ep.reachable)
+        # llm-d's poll errors are the same failed /metrics scrapes, without the endpoint
+        polls = polls_failed(metrics)
+        assert polls == sum(n for why, n in scrape_errors(metrics).items() if "models" not in why)
+        assert polls >= 2
     finally:
         await scraper.stop()
         await pod.stop()
