@@ -59,17 +59,25 @@ class PickerDemand:
         name = pool["metadata"]["name"]
         if self.static is not None:
             return list(self.static.get(name, ()))
-        ref = (pool.get("spec") or {}).get("endpointPickerRef") or {}
-        service = await self.store.get(SERVICE, namespace, ref.get("name", ""))
-        selector = ((service or {}).get("spec") or {}).get("selector")
-        if not selector:
-            return []
-        pods, _ = await self.store.list(POD, namespace, selector)
         return [
-            f"http://{p['status']['podIP']}:{_metrics_port(p)}/metrics"
-            for p in pods
-            if pod_ready(p) and (p.get("status") or {}).get("podIP")
+            f"http://{p['status']['podIP']}:{metrics_port(p)}/metrics"
+            for p in await picker_pods(self.store, namespace, pool)
         ]
+
+
+async def picker_pods(store: Store, namespace: str, pool: Obj) -> list[Obj]:
+    """The ready pods, with an address, behind the Service a pool's endpointPickerRef names:
+    its picker's replicas (also what `infergate status` reads in a cluster)."""
+    ref = (pool.get("spec") or {}).get("endpointPickerRef") or {}
+    name = ref.get("name") if isinstance(ref, Mapping) else None
+    if not isinstance(name, str) or not name:
+        return []
+    service = await store.get(SERVICE, namespace, name)
+    selector = ((service or {}).get("spec") or {}).get("selector")
+    if not selector or not isinstance(selector, Mapping):
+        return []
+    pods, _ = await store.list(POD, namespace, dict(selector))
+    return [p for p in pods if pod_ready(p) and (p.get("status") or {}).get("podIP")]
 
 
 def demand_in(text: str) -> float:
@@ -77,11 +85,13 @@ def demand_in(text: str) -> float:
     return parse_sum(text, {PICKER_DEMAND_METRIC})[PICKER_DEMAND_METRIC]
 
 
-def _metrics_port(pod: Obj) -> int:
-    for c in pod["spec"].get("containers") or []:
+def metrics_port(pod: Obj) -> int:
+    """The picker pod's `http-metrics` container port (METRICS_PORT when it names none)."""
+    for c in (pod.get("spec") or {}).get("containers") or []:
         for port in c.get("ports") or []:
-            if port.get("name") == PICKER_METRICS_PORT_NAME:
-                return int(port["containerPort"])
+            number = port.get("containerPort")
+            if port.get("name") == PICKER_METRICS_PORT_NAME and isinstance(number, int):
+                return number
     return METRICS_PORT
 
 
