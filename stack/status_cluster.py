@@ -11,7 +11,7 @@ each counts its own requests."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from infergw.api.names import MODEL_LABEL
 from infergw.cluster.kube_store import KubeStore
@@ -79,7 +79,7 @@ async def read_pool_pickers(store: KubeStore, namespace: str) -> list[PickerView
     except (StoreError, OSError) as exc:
         where = f"namespace {namespace}"
         return [PickerView(where, error=text(f"cannot list InferencePools: {exc}", ERROR_LIMIT))]
-    views = []
+    views: list[PickerView | Awaitable[PickerView]] = []
     for pool in pools[:MAX_POOLS]:
         name = text((pool.get("metadata") or {}).get("name")) or "?"
         try:
@@ -94,8 +94,11 @@ async def read_pool_pickers(store: KubeStore, namespace: str) -> list[PickerView
         for pod in pods[:MAX_PICKERS]:
             get = proxied(store, namespace, pod)
             where = f"pod {namespace}/{pod['metadata']['name']} (API server proxy)"
-            views.append(await asyncio.to_thread(read_pages, where, get))
-    return views
+            views.append(asyncio.to_thread(read_pages, where, get))
+    # the replicas read at once: a refresh waits for the slowest, not for their sum
+    pending = [v for v in views if not isinstance(v, PickerView)]
+    done = iter(await asyncio.gather(*pending))
+    return [v if isinstance(v, PickerView) else next(done) for v in views]
 
 
 def proxied(store: KubeStore, namespace: str, pod: Obj) -> Callable[[str], bytes]:
