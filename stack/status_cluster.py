@@ -21,6 +21,7 @@ from infergw.cluster.store import (
     INFERENCE_POOL,
     MODEL,
     POD,
+    Kind,
     Obj,
     StoreError,
 )
@@ -49,25 +50,28 @@ MAX_PICKERS = 4  # replicas read per pool
 
 
 async def read_cluster(store: KubeStore, namespace: str) -> ClusterView:
-    """A namespace's Models, their pods, bindings' decisions and Warning Events."""
+    """A namespace's Models, their pods, bindings' decisions and Warning Events; a kind that
+    cannot be read (no RBAC for it, say) is named in the view's error, the others still show."""
     view = ClusterView(namespace)
-    try:
-        models, _ = await store.list(MODEL, namespace)
-        pods, _ = await store.list(POD, namespace)
-        bindings, _ = await store.list(AUTOSCALING_BINDING, namespace)
-    except (StoreError, OSError) as exc:
-        view.error = text(f"cannot read namespace {namespace}: {exc}", ERROR_LIMIT)
-        return view
+    problems = []
+
+    async def listed(kind: Kind) -> list[Obj]:
+        try:
+            objs, _ = await store.list(kind, namespace)
+        except (StoreError, OSError) as exc:
+            problems.append(f"cannot list {kind.plural}: {exc}")
+            return []
+        return objs
+
+    models, pods, bindings, events = [
+        await listed(k) for k in (MODEL, POD, AUTOSCALING_BINDING, EVENT)
+    ]
     view.models = [model_row(m) for m in models[:MAX_MODELS]]
     ours = [p for p in pods if MODEL_LABEL in ((p.get("metadata") or {}).get("labels") or {})]
     view.pods = [cluster_pod(p) for p in ours[:MAX_PODS]]
     view.decisions = [d for b in bindings[:MAX_BINDINGS] for d in decisions(b)]
-    try:
-        events, _ = await store.list(EVENT, namespace)
-    except (StoreError, OSError) as exc:  # e.g. no RBAC to read Events: the rest still shows
-        view.error = text(f"cannot read Events: {exc}", ERROR_LIMIT)
-    else:
-        view.warnings = recent_warnings(events)
+    view.warnings = recent_warnings(events)
+    view.error = text("; ".join(problems), ERROR_LIMIT) or None
     return view
 
 
