@@ -42,6 +42,7 @@ RICH_MISSING = 3  # the exit status when the screen's extra is not installed
 # the first is always shown, the next ones when they answer.
 LOCAL_PICKERS = tuple(f"http://127.0.0.1:{StackPorts().picker_ports(i).metrics}" for i in range(8))
 UNKNOWN = "?"
+NO_PODS = "no pods behind it"  # a picker that answers with none (a pool at zero)
 
 
 @dataclass(slots=True)
@@ -127,6 +128,8 @@ def picker_head(v: PickerView, new_errors: float | None) -> list[str]:
 def picker_lines(v: PickerView, new_errors: float | None) -> list[str]:
     lines = [f"picker {v.url}  pool {v.pool or UNKNOWN}"]
     lines += [f"  {line}" for line in picker_head(v, new_errors)]
+    if not v.pods:
+        return lines if v.error else [*lines, f"  {NO_PODS}"]
     lines.append(
         f"  {'pod':<28} {'address':<22} {'ok':<3} {'running':>7} {'waiting':>7} "
         f"{'inflight':>8} {'kv':>5}"
@@ -213,7 +216,8 @@ def render_rich(snap: Snapshot):
         if v.error:
             head[0] = f"[red]{head[0]}[/]"
         title = f"picker {v.url} · pool {v.pool or UNKNOWN}"
-        parts.append(Panel(Group(*head, table), title=escape(title)))
+        body = table if v.pods else None if v.error else NO_PODS
+        parts.append(Panel(Group(*head, *([body] if body else [])), title=escape(title)))
     if snap.cluster is not None:
         lines = [escape(line.strip()) for line in cluster_lines(snap.cluster)[1:]]
         parts.append(

@@ -382,6 +382,15 @@ def test_a_cluster_pool_s_pickers_through_the_api_server_s_pod_proxy(
     assert "unreachable or unreadable" in b.splitlines()[1] and "error trying to reach" in b
     assert "llama-epp-c" not in text
     assert "pool default/lonely" in text and "no ready picker pod" in text
+    assert "no pods behind it" not in text  # said only of a picker that answered
+
+
+def test_a_picker_with_no_pods_says_so(capsys) -> None:
+    empty = json.dumps({"pool": {"name": "cold"}, "endpoints": []}).encode()
+    with serving({"/metrics": METRICS, "/debug/endpoints": empty}) as url:
+        assert status_screen.main(["--once", "--picker", url]) == 0
+    out = capsys.readouterr().out
+    assert "pool cold" in out and status_screen.NO_PODS in out and "address" not in out
 
 
 @pytest.mark.slow
