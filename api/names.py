@@ -45,6 +45,10 @@ KV_REPLAY_PORT = 5600
 ENGINE_NOT_INSTALLED = "EngineNotInstalled"
 # A pod whose weights could not be downloaded: its init container `infergate download` failed.
 DOWNLOAD_FAILED = "DownloadFailed"
+# A picker's metrics and debug pages: the container port and its name, by which the
+# autoscaler and `infergate status` find each replica's (cluster/picker_pods.py).
+PICKER_METRICS_PORT = 9090
+PICKER_METRICS_PORT_NAME = "http-metrics"
 # The runtime sidecar's port (infergate runtime: /ready, /status) in every pod that loads LoRA
 # adapters at run time.
 RUNTIME_PORT = 8300

@@ -20,12 +20,9 @@ import asyncio
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 from infergw.api.names import PICKER_DEMAND_METRIC
-from infergw.cluster.store import INFERENCE_POOL, POD, SERVICE, Obj, Store
-from infergw.controllers.modelinfer_pods import pod_ready
-from infergw.controllers.picker_objects import METRICS_PORT
+from infergw.cluster.picker_pods import metrics_port, picker_pods
+from infergw.cluster.store import INFERENCE_POOL, Obj, Store
 from infergw.controllers.prom_text import parse_sum
-
-PICKER_METRICS_PORT_NAME = "http-metrics"  # the port's name in the picker's Deployment
 
 Fetch = Callable[[str], Awaitable[str]]  # a URL's text, or raises
 
@@ -65,34 +62,9 @@ class PickerDemand:
         ]
 
 
-async def picker_pods(store: Store, namespace: str, pool: Obj) -> list[Obj]:
-    """The ready pods, with an address, behind the Service a pool's endpointPickerRef names:
-    its picker's replicas (also what `infergate status` reads in a cluster)."""
-    ref = (pool.get("spec") or {}).get("endpointPickerRef") or {}
-    name = ref.get("name") if isinstance(ref, Mapping) else None
-    if not isinstance(name, str) or not name:
-        return []
-    service = await store.get(SERVICE, namespace, name)
-    selector = ((service or {}).get("spec") or {}).get("selector")
-    if not selector or not isinstance(selector, Mapping):
-        return []
-    pods, _ = await store.list(POD, namespace, dict(selector))
-    return [p for p in pods if pod_ready(p) and (p.get("status") or {}).get("podIP")]
-
-
 def demand_in(text: str) -> float:
     """The demand gauge's samples summed (every model of the pool)."""
     return parse_sum(text, {PICKER_DEMAND_METRIC})[PICKER_DEMAND_METRIC]
-
-
-def metrics_port(pod: Obj) -> int:
-    """The picker pod's `http-metrics` container port (METRICS_PORT when it names none)."""
-    for c in (pod.get("spec") or {}).get("containers") or []:
-        for port in c.get("ports") or []:
-            number = port.get("containerPort")
-            if port.get("name") == PICKER_METRICS_PORT_NAME and isinstance(number, int):
-                return number
-    return METRICS_PORT
 
 
 def picker_metrics_item(text: str) -> tuple[str, str]:

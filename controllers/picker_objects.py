@@ -71,7 +71,13 @@ from infergw.api.gateway import (
     RouteTimeouts,
 )
 from infergw.api.meta import ApiStruct
-from infergw.api.names import KV_EVENTS_PORT, KV_REPLAY_PORT, MODEL_NAME_HEADER
+from infergw.api.names import (
+    KV_EVENTS_PORT,
+    KV_REPLAY_PORT,
+    MODEL_NAME_HEADER,
+    PICKER_METRICS_PORT,
+    PICKER_METRICS_PORT_NAME,
+)
 from infergw.api.networking import ParentRef
 from infergw.api.object_names import dns_label, subdomain
 from infergw.api.upstream import POOL_GROUP_VERSION
@@ -105,7 +111,6 @@ from infergw.controllers.weights import fetch_env
 PICKER_IMAGE = CONNECTOR_IMAGE  # the infergate image: `infergate epp`, `infergate fetch`
 PICKER_REPLICAS = 2
 HEALTH_PORT = 9003
-METRICS_PORT = 9090
 REPLICA_SYNC_PORT = 9004
 CONFIG_DIR = "/etc/infergate/epp"
 CONFIG_KEY = "epp-config.yaml"
@@ -319,7 +324,7 @@ def picker_args(
         f"--config={CONFIG_DIR}/{CONFIG_KEY}",
         f"--grpc-port={PICKER_PORT}",
         f"--grpc-health-port={HEALTH_PORT}",
-        f"--metrics-port={METRICS_PORT}",
+        f"--metrics-port={PICKER_METRICS_PORT}",
         "--secure-serving=true",
         f"--cert-path={TLS_DIR}",
         "--refresh-metrics-interval=50ms",
@@ -389,7 +394,11 @@ def _picker_container(model: Model, settings: PickerSettings, sockets: KVEventSo
         "ports": [
             {"name": "grpc", "containerPort": PICKER_PORT, "protocol": "TCP"},
             {"name": "grpc-health", "containerPort": HEALTH_PORT, "protocol": "TCP"},
-            {"name": "http-metrics", "containerPort": METRICS_PORT, "protocol": "TCP"},
+            {
+                "name": PICKER_METRICS_PORT_NAME,
+                "containerPort": PICKER_METRICS_PORT,
+                "protocol": "TCP",
+            },
             {"name": "replica-sync", "containerPort": REPLICA_SYNC_PORT, "protocol": "TCP"},
         ],
         # "readiness" is SERVING once the pool and its pods are synced; "liveness" while it runs.
@@ -503,7 +512,7 @@ def service(model: Model) -> Service:
             selector=_pod_labels(model),
             ports=[
                 _port("grpc", PICKER_PORT, "http2"),
-                _port("http-metrics", METRICS_PORT, "http"),
+                _port(PICKER_METRICS_PORT_NAME, PICKER_METRICS_PORT, "http"),
             ],
         ),
     )

@@ -5,7 +5,7 @@ API server's pod proxy (`pods/NAME:PORT/proxy/...`, the `get` verb on `pods/prox
 pool's pods, load and KV use show without a port-forward.
 
 Which pickers: the ready pods behind the Service each pool's `endpointPickerRef` names, as
-the autoscaler finds them (controllers/picker_demand.py); each replica is its own view, as
+the autoscaler finds them (cluster/picker_pods.py); each replica is its own view, as
 each counts its own requests."""
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 
 from infergw.api.names import MODEL_LABEL
 from infergw.cluster.kube_store import KubeStore
+from infergw.cluster.picker_pods import metrics_port, picker_pods
 from infergw.cluster.store import (
     AUTOSCALING_BINDING,
     EVENT,
@@ -25,7 +26,6 @@ from infergw.cluster.store import (
     Obj,
     StoreError,
 )
-from infergw.controllers.picker_demand import metrics_port, picker_pods
 from infergw.stack.status_sources import (
     ERROR_LIMIT,
     PAGE_LIMIT,
