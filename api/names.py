@@ -57,6 +57,10 @@ ENGINE_NOT_INSTALLED = "EngineNotInstalled"
 DOWNLOAD_FAILED = "DownloadFailed"
 # A pod whose weights are on their way: its download init container is running.
 DOWNLOADING_WEIGHTS = "DownloadingWeights"
+# A picker's metrics and debug pages: the container port and its name, by which the
+# autoscaler and `infergate status` find each replica's (cluster/picker_pods.py).
+PICKER_METRICS_PORT = 9090
+PICKER_METRICS_PORT_NAME = "http-metrics"
 # The runtime sidecar's port (infergate runtime: /ready, /status) in every pod that loads LoRA
 # adapters at run time.
 RUNTIME_PORT = 8300

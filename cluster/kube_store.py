@@ -179,6 +179,26 @@ class KubeStore:
         body = {"spec": {"replicas": replicas}}
         return await self._call("PATCH", path, body=body, content_type=_MERGE_PATCH)
 
+    def pod_page(
+        self, namespace: str, pod: str, port: int, path: str, limit: int, timeout: float
+    ) -> bytes:
+        """A page a pod serves on `port`, through the API server's pod proxy (what `kubectl
+        get --raw /api/v1/namespaces/NS/pods/POD:PORT/proxy/PATH` reads): for reading a
+        pod's HTTP pages from outside the cluster. At most `limit` + 1 bytes are read, so a
+        caller tells a page over its limit by its length. Blocking: run it in a thread."""
+        target = quote(f"{pod}:{int(port)}", safe=":")
+        url = f"/api/v1/namespaces/{quote(namespace, safe='')}/pods/{target}/proxy/"
+        resp = self._open("GET", url + path.lstrip("/"), [], None, _JSON, timeout)
+        try:
+            data = resp.read(limit + 1)
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise Unavailable(f"GET {url}: {exc}") from exc
+        finally:
+            resp.close()  # perhaps not read to its end: the connection is not reusable
+        if not 200 <= resp.status < 300:
+            raise error_from(resp.status, data)
+        return data
+
     async def watch(
         self,
         kind: Kind,

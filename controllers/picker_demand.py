@@ -20,12 +20,9 @@ import asyncio
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 from infergw.api.names import PICKER_DEMAND_METRIC
-from infergw.cluster.store import INFERENCE_POOL, POD, SERVICE, Obj, Store
-from infergw.controllers.modelinfer_pods import pod_ready
-from infergw.controllers.picker_objects import METRICS_PORT
+from infergw.cluster.picker_pods import metrics_port, picker_pods
+from infergw.cluster.store import INFERENCE_POOL, Obj, Store
 from infergw.controllers.prom_text import parse_sum
-
-PICKER_METRICS_PORT_NAME = "http-metrics"  # the port's name in the picker's Deployment
 
 Fetch = Callable[[str], Awaitable[str]]  # a URL's text, or raises
 
@@ -59,30 +56,15 @@ class PickerDemand:
         name = pool["metadata"]["name"]
         if self.static is not None:
             return list(self.static.get(name, ()))
-        ref = (pool.get("spec") or {}).get("endpointPickerRef") or {}
-        service = await self.store.get(SERVICE, namespace, ref.get("name", ""))
-        selector = ((service or {}).get("spec") or {}).get("selector")
-        if not selector:
-            return []
-        pods, _ = await self.store.list(POD, namespace, selector)
         return [
-            f"http://{p['status']['podIP']}:{_metrics_port(p)}/metrics"
-            for p in pods
-            if pod_ready(p) and (p.get("status") or {}).get("podIP")
+            f"http://{p['status']['podIP']}:{metrics_port(p)}/metrics"
+            for p in await picker_pods(self.store, namespace, pool)
         ]
 
 
 def demand_in(text: str) -> float:
     """The demand gauge's samples summed (every model of the pool)."""
     return parse_sum(text, {PICKER_DEMAND_METRIC})[PICKER_DEMAND_METRIC]
-
-
-def _metrics_port(pod: Obj) -> int:
-    for c in pod["spec"].get("containers") or []:
-        for port in c.get("ports") or []:
-            if port.get("name") == PICKER_METRICS_PORT_NAME:
-                return int(port["containerPort"])
-    return METRICS_PORT
 
 
 def picker_metrics_item(text: str) -> tuple[str, str]:

@@ -77,6 +77,8 @@ from infergw.api.names import (
     KV_REPLAY_PORT,
     MODEL_NAME_HEADER,
     PICKER_COMPONENT,
+    PICKER_METRICS_PORT,
+    PICKER_METRICS_PORT_NAME,
 )
 from infergw.api.networking import ParentRef
 from infergw.api.object_names import dns_label, subdomain
@@ -112,7 +114,6 @@ from infergw.fetch.tokenizer import SCHEMES as TOKENIZER_SCHEMES
 PICKER_IMAGE = CONNECTOR_IMAGE  # the infergate image: `infergate epp`, `infergate fetch`
 PICKER_REPLICAS = 2
 HEALTH_PORT = 9003
-METRICS_PORT = 9090
 REPLICA_SYNC_PORT = 9004
 CONFIG_DIR = "/etc/infergate/epp"
 CONFIG_KEY = "epp-config.yaml"
@@ -335,7 +336,7 @@ def picker_args(
         f"--config={CONFIG_DIR}/{CONFIG_KEY}",
         f"--grpc-port={PICKER_PORT}",
         f"--grpc-health-port={HEALTH_PORT}",
-        f"--metrics-port={METRICS_PORT}",
+        f"--metrics-port={PICKER_METRICS_PORT}",
         "--secure-serving=true",
         f"--cert-path={TLS_DIR}",
         # Every replica's Responses API ids under one key (picker_tls.py keeps it).
@@ -412,7 +413,11 @@ def _picker_container(model: Model, settings: PickerSettings, sockets: KVEventSo
         "ports": [
             {"name": "grpc", "containerPort": PICKER_PORT, "protocol": "TCP"},
             {"name": "grpc-health", "containerPort": HEALTH_PORT, "protocol": "TCP"},
-            {"name": "http-metrics", "containerPort": METRICS_PORT, "protocol": "TCP"},
+            {
+                "name": PICKER_METRICS_PORT_NAME,
+                "containerPort": PICKER_METRICS_PORT,
+                "protocol": "TCP",
+            },
             {"name": "replica-sync", "containerPort": REPLICA_SYNC_PORT, "protocol": "TCP"},
         ],
         # "readiness" is SERVING once the pool and its pods are synced; "liveness" while it runs.
@@ -529,7 +534,7 @@ def service(model: Model) -> Service:
             selector=_pod_labels(model),
             ports=[
                 _port("grpc", PICKER_PORT, "http2"),
-                _port("http-metrics", METRICS_PORT, "http"),
+                _port(PICKER_METRICS_PORT_NAME, PICKER_METRICS_PORT, "http"),
             ],
         ),
     )

@@ -3,9 +3,10 @@ behind each picker with their load (running, waiting, in flight) and KV-cache us
 cached-token share, the flow-control queue, errors by code; in a cluster the Models, their
 pods, the autoscaler's last decisions and the recent Warning Events.
 
-    infergate status                      # the local stack's picker (infergate up), refreshing
+    infergate status                      # the local stack's pickers (infergate up), refreshing
     infergate status --once               # one plain-text snapshot, for scripts and tests
-    infergate status --kubernetes -n team # a namespace of a cluster (kubeconfig)
+    infergate status --kubernetes -n team # a namespace of a cluster (kubeconfig), its pickers
+                                          # read through the API server's pod proxy
 
 The refreshing screen needs `rich` (the `status` extra); `--once` prints plain text without it.
 What it reads is untrusted (status_sources.py): unknown values are shown as `?`.
@@ -16,17 +17,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib.util
+import math
 import sys
 import time
 import urllib.parse
 from dataclasses import dataclass, field
 
 from infergw.api.cli_help import HelpFormatter
-from infergw.api.names import MODEL_LABEL
-from infergw.cluster.store import AUTOSCALING_BINDING, EVENT, MODEL, POD, Store, StoreError
+from infergw.cluster.kube_store import KubeStore
 from infergw.stack.ports import StackPorts
+from infergw.stack.status_cluster import read_cluster, read_pool_pickers
 from infergw.stack.status_sources import (
-    ERROR_LIMIT,
     ERRORS,
     QUEUE,
     READY_PODS,
@@ -34,17 +35,15 @@ from infergw.stack.status_sources import (
     WAITING_FOR_CAPACITY,
     ClusterView,
     PickerView,
-    cluster_pod,
-    decisions,
-    model_row,
     read_picker,
-    recent_warnings,
-    text,
 )
 
 RICH_MISSING = 3  # the exit status when the screen's extra is not installed
-LOCAL_PICKER = f"http://127.0.0.1:{StackPorts().picker_metrics}"  # infergate up's picker 0
+# infergate up's pickers (Models x --pickers) listen at picker 0's ports + i * the stride:
+# the first is always shown, the next ones when they answer.
+LOCAL_PICKERS = tuple(f"http://127.0.0.1:{StackPorts().picker_ports(i).metrics}" for i in range(8))
 UNKNOWN = "?"
+NO_PODS = "no pods behind it"  # a picker that answers with none (a pool at zero)
 
 
 @dataclass(slots=True)
@@ -69,41 +68,30 @@ def pct(value: float | None) -> str:
     return UNKNOWN if value is None else f"{value * 100:.0f}%"
 
 
-async def read_cluster(store: Store, namespace: str) -> ClusterView:
-    """A namespace's Models, their pods, bindings' decisions and Warning Events."""
-    view = ClusterView(namespace)
-    try:
-        models, _ = await store.list(MODEL, namespace)
-        pods, _ = await store.list(POD, namespace)
-        bindings, _ = await store.list(AUTOSCALING_BINDING, namespace)
-    except (StoreError, OSError) as exc:
-        view.error = text(f"cannot read namespace {namespace}: {exc}", ERROR_LIMIT)
-        return view
-    view.models = [model_row(m) for m in models[:64]]
-    ours = [p for p in pods if MODEL_LABEL in ((p.get("metadata") or {}).get("labels") or {})]
-    view.pods = [cluster_pod(p) for p in ours[:128]]
-    view.decisions = [d for b in bindings[:32] for d in decisions(b)]
-    try:
-        events, _ = await store.list(EVENT, namespace)
-    except (StoreError, OSError) as exc:  # e.g. no RBAC to read Events: the rest still shows
-        view.error = text(f"cannot read Events: {exc}", ERROR_LIMIT)
-    else:
-        view.warnings = recent_warnings(events)
-    return view
-
-
 class Reader:
     """Takes snapshots; remembers error counts to show those since the last one."""
 
     def __init__(
-        self, pickers: list[str], store: Store | None = None, namespace: str = "default"
+        self,
+        pickers: list[str],
+        store: KubeStore | None = None,
+        namespace: str = "default",
+        pool_pickers: bool = False,
+        optional: tuple[str, ...] = (),
     ) -> None:
-        self.pickers, self.store, self.namespace = pickers, store, namespace
+        """`pool_pickers`: also read the namespace's pickers through the API server;
+        `optional`: pickers shown only while their address answers."""
+        self.pickers, self.store, self.namespace = [*pickers, *optional], store, namespace
+        self.required = len(pickers)
+        self.pool_pickers = pool_pickers and store is not None
         self._errors: dict[str, float] = {}
 
     async def snapshot(self) -> Snapshot:
-        views = await asyncio.gather(*(asyncio.to_thread(read_picker, u) for u in self.pickers))
-        snap = Snapshot(time.time(), list(views))
+        read = await asyncio.gather(*(asyncio.to_thread(read_picker, u) for u in self.pickers))
+        views = [v for i, v in enumerate(read) if v.answered or i < self.required]
+        if self.store is not None and self.pool_pickers:
+            views += await read_pool_pickers(self.store, self.namespace)
+        snap = Snapshot(time.time(), views)
         for v in views:
             total = v.samples.get(ERRORS) if v.samples is not None else None
             before = self._errors.get(v.url)
@@ -141,6 +129,8 @@ def picker_head(v: PickerView, new_errors: float | None) -> list[str]:
 def picker_lines(v: PickerView, new_errors: float | None) -> list[str]:
     lines = [f"picker {v.url}  pool {v.pool or UNKNOWN}"]
     lines += [f"  {line}" for line in picker_head(v, new_errors)]
+    if not v.pods:
+        return lines if v.error else [*lines, f"  {NO_PODS}"]
     lines.append(
         f"  {'pod':<28} {'address':<22} {'ok':<3} {'running':>7} {'waiting':>7} "
         f"{'inflight':>8} {'kv':>5}"
@@ -227,7 +217,8 @@ def render_rich(snap: Snapshot):
         if v.error:
             head[0] = f"[red]{head[0]}[/]"
         title = f"picker {v.url} · pool {v.pool or UNKNOWN}"
-        parts.append(Panel(Group(*head, table), title=escape(title)))
+        body = table if v.pods else None if v.error else NO_PODS
+        parts.append(Panel(Group(*head, *([body] if body else [])), title=escape(title)))
     if snap.cluster is not None:
         lines = [escape(line.strip()) for line in cluster_lines(snap.cluster)[1:]]
         parts.append(
@@ -248,6 +239,17 @@ def picker_url(text: str) -> str:
     return text
 
 
+def interval(text: str) -> float:
+    """Seconds between refreshes: a finite number from 0.2 to an hour."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0.2 <= value <= 3600:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds from 0.2 to 3600")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="infergate status",
@@ -262,8 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="URL",
         type=picker_url,
-        help=f"a picker's metrics address, repeat for each (default {LOCAL_PICKER}, "
-        "infergate up's first picker; none with --kubernetes)",
+        help=f"a picker's metrics address, repeat for each (default {LOCAL_PICKERS[0]}, "
+        "infergate up's first picker, and its next ones when they answer; with --kubernetes, "
+        "the namespace's pickers through the API server)",
     )
     sources.add_argument(
         "--kubernetes",
@@ -279,24 +282,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="one plain-text snapshot, then exit (1 when a source could not be read)",
     )
     how.add_argument("--watch", action="store_true", help="refresh (the default on a terminal)")
-    display.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
+    display.add_argument(
+        "--interval", type=interval, default=2.0, help="seconds between refreshes (0.2 to 3600)"
+    )
     return p
 
 
 async def run(args: argparse.Namespace) -> int:
-    pickers = args.picker or ([] if args.kubernetes else [LOCAL_PICKER])
+    pickers, optional = args.picker, ()
+    if not args.picker and not args.kubernetes:
+        pickers, optional = list(LOCAL_PICKERS[:1]), LOCAL_PICKERS[1:]
     store = None
     if args.kubernetes:
         from kubernetes.config import ConfigException
-
-        from infergw.cluster.kube_store import KubeStore
 
         try:
             store = KubeStore.from_environment()
         except (ConfigException, OSError) as exc:
             print(f"infergate status: no cluster to read: {exc}", file=sys.stderr)
             return 2
-    reader = Reader(pickers, store, args.namespace)
+    # a cluster's pickers through the API server, unless they are given (a port-forward)
+    reader = Reader(pickers, store, args.namespace, not args.picker, optional)
     try:
         watch = args.watch or (not args.once and sys.stdout.isatty())
         if not watch:
@@ -309,7 +315,7 @@ async def run(args: argparse.Namespace) -> int:
         with Live(console=Console(), auto_refresh=False, screen=True) as live:
             while True:
                 live.update(render_rich(await reader.snapshot()), refresh=True)
-                await asyncio.sleep(max(0.2, args.interval))
+                await asyncio.sleep(args.interval)
     finally:
         if store is not None:
             store.close()

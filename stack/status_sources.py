@@ -14,7 +14,7 @@ import math
 import re
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,6 +50,10 @@ class SourceError(Exception):
     """A page that could not be read (the message says why)."""
 
 
+class Unreachable(SourceError):
+    """Nothing answered at the page's address (refused, timed out, no such host)."""
+
+
 def text(value: Any, limit: int = TEXT_LIMIT) -> str | None:
     """A string to show, clipped, control characters replaced; None for anything else."""
     if not isinstance(value, str):
@@ -74,10 +78,17 @@ def fetch(url: str, limit: int | None = None, timeout: float = TIMEOUT) -> bytes
             body = resp.read(limit + 1)
     except urllib.error.HTTPError as exc:
         raise SourceError(f"{url}: HTTP {exc.code}") from None
-    except (OSError, ValueError) as exc:  # refused, timed out, a bad URL
+    except OSError as exc:  # refused, timed out, no such host
+        raise Unreachable(f"{url}: {exc}") from None
+    except ValueError as exc:  # a bad URL
         raise SourceError(f"{url}: {exc}") from None
+    return within(url, body, limit)
+
+
+def within(where: str, body: bytes, limit: int) -> bytes:
+    """body, read as `limit` + 1 bytes at most: SourceError when it is over the limit."""
     if len(body) > limit:
-        raise SourceError(f"{url}: more than {limit} bytes")
+        raise SourceError(f"{where}: more than {limit} bytes")
     return body
 
 
@@ -178,6 +189,7 @@ class PickerView:
     pods: list[PodRow] = field(default_factory=list)
     more_pods: int = 0
     samples: Samples | None = None
+    answered: bool = True  # False: neither page's address answered at all
 
     @property
     def cached_share(self) -> float | None:
@@ -193,17 +205,24 @@ class PickerView:
 def read_picker(url: str) -> PickerView:
     """One picker's view; `url` is its metrics address (http://127.0.0.1:9090)."""
     base = url.rstrip("/")
-    view = PickerView(base)
-    problems = []
+    return read_pages(base, lambda path: fetch(base + path))
+
+
+def read_pages(name: str, get: Callable[[str], bytes]) -> PickerView:
+    """A picker's view from its two pages, each read by `get(path)` (SourceError when it
+    cannot be): over HTTP, or through the API server's pod proxy."""
+    view = PickerView(name)
+    problems: list[SourceError] = []
     try:
-        view.samples = parse_metrics(fetch(f"{base}/metrics"))
+        view.samples = parse_metrics(get("/metrics"))
     except SourceError as exc:
-        problems.append(str(exc))
+        problems.append(exc)
     try:
-        view.pool, view.pods, view.more_pods = pod_rows(fetch(f"{base}/debug/endpoints"))
+        view.pool, view.pods, view.more_pods = pod_rows(get("/debug/endpoints"))
     except SourceError as exc:
-        problems.append(str(exc))
-    view.error = text("; ".join(problems), ERROR_LIMIT) or None
+        problems.append(exc)
+    view.error = text("; ".join(map(str, problems)), ERROR_LIMIT) or None
+    view.answered = not (len(problems) == 2 and all(isinstance(p, Unreachable) for p in problems))
     return view
 
 

@@ -9,6 +9,8 @@ also has a scale subresource (autoscaling/v1 Scale over .spec.replicas, .status.
 .status.labelSelector, as a CRD declares it). DELETE honours metadata.finalizers (the object only
 gets a deletionTimestamp until an update empties them), and removing an object removes its
 dependents (ownerReferences to its uid), as the garbage collector's background deletion does.
+A GET of a pod's `proxy` subresource (`pods/NAME:PORT/proxy/PATH`) is forwarded over HTTP to
+the pod's `status.podIP` and that port, as kube-apiserver's pod proxy does.
 
 Custom resources exist only where a CRD is installed (ours from crds/ by default, see
 tests/kube_crd.py, or a CustomResourceDefinition created through the API, as `kubectl apply`
@@ -43,6 +45,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import kubernetes.client
 import yaml
 from aiohttp import web
@@ -258,6 +261,10 @@ class KubeAPIEmulator:
         self._loop, self._changed = asyncio.get_running_loop(), asyncio.Event()
         self._closing = False
         app = web.Application()
+        # before the generic routes, which would take "NAME:PORT/proxy" as a name and subresource
+        app.router.add_get(
+            "/api/v1/namespaces/{namespace}/pods/{target}/proxy/{path:.*}", self._pod_proxy
+        )
         for prefix in ("/api/{version}", "/apis/{group}/{version}"):
             for scope in ("/namespaces/{namespace}/{plural}", "/{plural}"):
                 for tail in ("", "/{name}", "/{name}/{sub}"):
@@ -474,6 +481,31 @@ class KubeAPIEmulator:
             gv = {"groupVersion": f"{g}/{v}", "version": v}
             groups.append({"name": g, "versions": [gv], "preferredVersion": gv})
         return web.json_response({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups})
+
+    async def _pod_proxy(self, request: web.Request) -> web.Response:
+        """GET pods/NAME[:PORT]/proxy/PATH: the pod's answer, relayed (503 when it has no IP
+        or does not answer, as the API server says)."""
+        m = request.match_info
+        name, _, port = m["target"].partition(":")
+        with self._lock:
+            pod = self._objects.get(("", "v1", "pods", m["namespace"], name))
+        if pod is None:
+            return web.json_response(not_found().status, status=404)
+        ip = (pod.get("status") or {}).get("podIP")
+        if not ip or not port.isdigit():
+            error = status_object(503, "ServiceUnavailable", f"pod {name} has no address:port")
+            return web.json_response(error, status=503)
+        url = f"http://{ip}:{port}/{m['path']}"
+        try:
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as s:
+                async with s.get(url, params=request.query) as resp:
+                    body = await resp.read()
+                    return web.Response(
+                        body=body, status=resp.status, content_type=resp.content_type
+                    )
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            error = status_object(503, "ServiceUnavailable", f"error trying to reach {url}: {exc}")
+            return web.json_response(error, status=503)
 
     def _resource(
         self, group: str, version: str, plural: str, ns: str, name: str | None, method: str

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import subprocess
 import sys
 from collections.abc import Callable
@@ -67,8 +68,12 @@ def _cel_rules(schema: Obj) -> list[Obj]:
 
 
 def _schema_at(schema: Obj, json_path: str) -> Obj | None:
-    for part in json_path.strip(".").split("."):
-        schema = schema.get("properties", {}).get(part)
+    """The field a printer column's path names; `list[?(@.type=="X")]` is a list's item."""
+    for part in re.sub(r"\[\?\(@\.[^)]*\)\]", "[]", json_path).strip(".").split("."):
+        name, filtered = part.removesuffix("[]"), part.endswith("[]")
+        schema = schema.get("properties", {}).get(name)
+        if schema is not None and filtered:
+            schema = schema.get("items")
         if schema is None:
             return None
     return schema

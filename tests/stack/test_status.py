@@ -21,7 +21,7 @@ import requests
 from kubernetes import client
 
 from infergw.cluster.kube_store import KubeStore
-from infergw.stack import status_screen, status_sources
+from infergw.stack import status_cluster, status_screen, status_sources
 from infergw.stack.status_sources import (
     CACHED_TOKENS,
     ERRORS,
@@ -34,6 +34,8 @@ from infergw.stack.status_sources import (
 )
 from tests.conftest import free_port
 from tests.fetch.hub_mirror import serve
+from tests.kube_crd import DEFAULT_CRDS
+from tests.kube_objects import pod, pool
 from tests.kubeapi import KubeAPIEmulator
 
 METRICS = f"""# HELP inference_objective_request_total Counter of inference objective requests.
@@ -197,6 +199,24 @@ def test_without_a_kubeconfig_the_cluster_view_says_so(tmp_path, monkeypatch, ca
     assert "no cluster to read" in capsys.readouterr().err
 
 
+def test_the_stack_s_further_pickers_show_only_while_they_answer() -> None:
+    """infergate up's pickers after the first are looked for; one not running is left out,
+    but the first, or one given, is named when it does not answer."""
+    dead = f"http://127.0.0.1:{free_port()}"
+    with serving({"/metrics": METRICS, "/debug/endpoints": ENDPOINTS}) as url:
+        snap = asyncio.run(status_screen.Reader([url], optional=(dead, url + "/")).snapshot())
+        assert [v.url for v in snap.pickers] == [url, url]  # the answering optional one too
+        snap = asyncio.run(status_screen.Reader([dead], optional=(dead, dead)).snapshot())
+    assert [v.url for v in snap.pickers] == [dead] and not snap.ok
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "1e9", "soon"])
+def test_a_refresh_interval_out_of_range_is_refused(value: str, capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
+        status_screen.main(["--watch", "--interval", value])
+    assert exc.value.code == 2 and "from 0.2 to 3600" in capsys.readouterr().err
+
+
 def test_new_errors_are_counted_between_snapshots() -> None:
     pages = {"/metrics": METRICS, "/debug/endpoints": ENDPOINTS}
     with serving(pages) as url:
@@ -244,8 +264,12 @@ def test_recent_warnings_are_the_newest_few() -> None:
     assert rows[0].reason == "R19"
 
 
-def test_a_cluster_namespace_through_the_api() -> None:
-    with KubeAPIEmulator().threaded() as api:
+@pytest.mark.parametrize("bindings_served", [True, False])
+def test_a_cluster_namespace_through_the_api(bindings_served: bool) -> None:
+    """What the namespace holds; a kind that cannot be listed (here: its CRD not installed)
+    is named, and the rest still shows."""
+    crds = [c for c in DEFAULT_CRDS if bindings_served or "policybindings" not in c.name]
+    with KubeAPIEmulator(crds=crds).threaded() as api:
         api.put(
             {
                 "apiVersion": "workload.infergate.io/v1alpha1",
@@ -299,12 +323,15 @@ def test_a_cluster_namespace_through_the_api() -> None:
         async def read():
             store = KubeStore(client.ApiClient(api.client_configuration()))
             try:
-                return await status_screen.read_cluster(store, "default")
+                return await status_cluster.read_cluster(store, "default")
             finally:
                 store.close()
 
         view = asyncio.run(read())
-    assert view.error is None
+    if bindings_served:
+        assert view.error is None
+    else:
+        assert view.error.startswith("cannot list autoscalingpolicybindings: ")
     [m] = view.models
     assert (m.ready, m.reason, m.replicas, m.ready_replicas) == ("False", "GroupsNotReady", 2, None)
     [pod] = view.pods
@@ -313,6 +340,57 @@ def test_a_cluster_namespace_through_the_api() -> None:
     assert (w.reason, w.object) == ("ObjectNotOwned", "Model/m")
     text = "\n".join(status_screen.cluster_lines(view))
     assert "0/2" not in text and "?/2 groups ready" in text
+
+
+def picker_pod(name: str, port: int) -> dict:
+    """A ready picker replica of pool llama, its metrics on 127.0.0.1:port."""
+    obj = pod(name, "127.0.0.1", labels={"app": "llama-epp"})
+    obj["spec"]["containers"][0]["ports"] = [{"name": "http-metrics", "containerPort": port}]
+    return obj
+
+
+def test_a_cluster_pool_s_pickers_through_the_api_server_s_pod_proxy(
+    tmp_path, monkeypatch, capsys
+) -> None:
+    """Each ready replica behind the pool's endpointPickerRef is read through the pod proxy
+    (the emulator relays to the real server); a replica that does not answer and a pool with
+    none ready are named, with why."""
+    service = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "llama-epp", "namespace": "default"},
+        "spec": {"selector": {"app": "llama-epp"}, "ports": [{"port": 9002}]},
+    }
+    lonely = pool(name="lonely")
+    lonely["spec"]["endpointPickerRef"] = {"name": "nobody-epp"}
+    pages = {"/metrics": METRICS, "/debug/endpoints": ENDPOINTS}
+    with serving(pages) as url, KubeAPIEmulator().threaded() as api:
+        for obj in (pool(), lonely, service, picker_pod("llama-epp-a", int(url.split(":")[-1]))):
+            api.put(obj)
+        api.put(picker_pod("llama-epp-b", free_port()))  # nothing listens there
+        api.put(picker_pod("llama-epp-c", 1) | {"status": {"podIP": "127.0.0.1"}})  # not ready
+        monkeypatch.setenv("KUBECONFIG", str(api.write_kubeconfig(tmp_path / "config")))
+        code = status_screen.main(["--once", "--kubernetes"])
+    assert code == 1  # two pickers could not be read
+    out = capsys.readouterr()
+    assert "Traceback" not in out.err
+    text = out.out
+    a = text[text.index("pod default/llama-epp-a") :]
+    assert "pool vllm-pool" in a and "127.0.0.2:8000" in a and "requests 7" in a
+    assert "cached-token share 25%" in a
+    b = text[text.index("pod default/llama-epp-b") :]
+    assert "unreachable or unreadable" in b.splitlines()[1] and "error trying to reach" in b
+    assert "llama-epp-c" not in text
+    assert "pool default/lonely" in text and "no ready picker pod" in text
+    assert "no pods behind it" not in text  # said only of a picker that answered
+
+
+def test_a_picker_with_no_pods_says_so(capsys) -> None:
+    empty = json.dumps({"pool": {"name": "cold"}, "endpoints": []}).encode()
+    with serving({"/metrics": METRICS, "/debug/endpoints": empty}) as url:
+        assert status_screen.main(["--once", "--picker", url]) == 0
+    out = capsys.readouterr().out
+    assert "pool cold" in out and status_screen.NO_PODS in out and "address" not in out
 
 
 @pytest.mark.slow
