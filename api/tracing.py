@@ -60,6 +60,10 @@ EXPORT_TIMEOUT_MS = 5000
 # At exit, what is queued gets this long; the rest is dropped, so a collector that is down
 # delays no component's stop by more (the SDK alone retries each batch for the timeout).
 STOP_FLUSH_MS = 2000
+# A span attribute's value is clipped to this many characters, unless the SDK's own
+# OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT says otherwise: model names and request ids are the
+# client's (as long as a body or a header), and the queue holds MAX_QUEUE spans of them.
+MAX_ATTRIBUTE_CHARS = 1024
 
 # infergw depends on them; an environment that lost them gets them back with:
 INSTALL_HINT = (
@@ -246,7 +250,9 @@ def start(
             "infergate.component": component,
         }
     )
-    provider = TracerProvider(resource=resource, sampler=_sampler(settings))
+    provider = TracerProvider(
+        resource=resource, sampler=_sampler(settings), span_limits=_span_limits()
+    )
     provider.add_span_processor(
         BatchSpanProcessor(
             exporter,
@@ -308,6 +314,20 @@ def _sampler(settings: TraceSettings) -> Any:
         "traceidratio": sampling.TraceIdRatioBased(settings.ratio),
     }[settings.sampler.removeprefix("parentbased_")]
     return sampling.ParentBased(root) if settings.sampler.startswith("parentbased_") else root
+
+
+def _span_limits() -> Any:
+    """The SDK's limits from its OTEL_*_LIMIT variables, attribute values bounded even when
+    they say nothing. TracingConfigError for a value it refuses (its message names it)."""
+    from opentelemetry.sdk.trace import SpanLimits
+
+    try:
+        limits = SpanLimits()
+    except ValueError as exc:
+        raise TracingConfigError(str(exc)) from None
+    if limits.max_span_attribute_length is None:
+        limits = SpanLimits(max_span_attribute_length=MAX_ATTRIBUTE_CHARS)
+    return limits
 
 
 def _exporter(settings: TraceSettings) -> Any:

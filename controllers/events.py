@@ -37,7 +37,7 @@ log = logging.getLogger("controllers.events")
 NORMAL, WARNING = "Normal", "Warning"
 REPORTING_CONTROLLER = "infergate.io/controllers"
 # What the API server accepts (events.k8s.io/v1 validation): reason and action up to 128
-# characters, the note up to 1 kB, reportingInstance up to 128.
+# bytes, the note up to 1 kB, reportingInstance up to 128 (bytes of UTF-8: Go's len()).
 FIELD_LIMIT = 128
 NOTE_LIMIT = 1024
 SERIES_FINISH = 6 * 60.0  # client-go's finishTime
@@ -65,7 +65,13 @@ def micro_time(wall: float) -> str:
 
 
 def clip(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    """`text` in at most `limit` bytes of UTF-8 (a note of 1,000 é is 2,000 bytes)."""
+    if len(text) * 4 <= limit:  # no character takes more than 4 bytes
+        return text
+    data = text.encode("utf-8", "replace")  # a lone surrogate becomes "?"
+    if len(data) <= limit:
+        return data.decode()
+    return data[: limit - 3].decode("utf-8", "ignore") + "..."
 
 
 def default_instance() -> str:

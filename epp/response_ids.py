@@ -119,6 +119,10 @@ def _parse(response_id: str) -> _Parsed | None:
         place, mac = _unb64(parts[0]).decode("utf-8"), _unb64(parts[1])
     except (binascii.Error, ValueError):
         raise BadResponseId("the id is not one this gateway made") from None
+    # base64 decodes stray characters and other unused bits to the same bytes: one id a
+    # response, the one stamp() writes.
+    if _b64(place.encode()) != parts[0] or _b64(mac) != parts[1]:
+        raise BadResponseId("the id is not one this gateway made")
     # Checked even under a valid MAC: without a key file, a client can make one.
     pool_name, _, endpoint = place.partition("/")
     pod, _, port = endpoint.rpartition(":")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping
@@ -66,16 +67,29 @@ def number(value: Any) -> float | None:
     """A finite number (bools are not), else None."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
-    return float(value) if math.isfinite(value) else None
+    try:
+        value = float(value)
+    except OverflowError:  # an integer of hundreds of digits
+        return None
+    return value if math.isfinite(value) else None
 
 
 def fetch(url: str, limit: int | None = None, timeout: float = TIMEOUT) -> bytes:
     """GET url, at most `limit` bytes (PAGE_LIMIT): SourceError for anything but a 200
     within them."""
     limit = PAGE_LIMIT if limit is None else limit
+    # The socket's timeout bounds each read; a page sent a byte at a time needs a deadline.
+    deadline = time.monotonic() + timeout
     try:
         with urllib.request.urlopen(url, timeout=timeout) as resp:
-            body = resp.read(limit + 1)
+            body = bytearray()
+            while len(body) <= limit:
+                if time.monotonic() > deadline:
+                    raise SourceError(f"{url}: not read within {timeout} s")
+                chunk = resp.read1(limit + 1 - len(body))
+                if not chunk:
+                    break
+                body += chunk
     except urllib.error.HTTPError as exc:
         raise SourceError(f"{url}: HTTP {exc.code}") from None
     except OSError as exc:  # refused, timed out, no such host
@@ -89,7 +103,7 @@ def within(where: str, body: bytes, limit: int) -> bytes:
     """body, read as `limit` + 1 bytes at most: SourceError when it is over the limit."""
     if len(body) > limit:
         raise SourceError(f"{where}: more than {limit} bytes")
-    return body
+    return bytes(body)
 
 
 @dataclass(slots=True)
@@ -154,6 +168,8 @@ def pod_rows(body: bytes) -> tuple[str | None, list[PodRow], int]:
         doc = json.loads(body)
     except ValueError as exc:
         raise SourceError(f"/debug/endpoints is not JSON: {exc}") from None
+    except RecursionError:
+        raise SourceError("/debug/endpoints is not JSON: nested too deeply") from None
     if not isinstance(doc, Mapping):
         raise SourceError("/debug/endpoints is not a JSON object")
     pool = doc.get("pool")

@@ -13,6 +13,7 @@ from tests.kube_schema import FieldError, invalid, required
 
 Obj = dict[str, Any]
 EVENTS_API = "events.k8s.io/v1"
+# In bytes of UTF-8, as Go's len() counts a string.
 FIELD_LIMIT = 128  # reportingController, reportingInstance, action, reason
 NOTE_LIMIT = 1024  # the note (1 kB)
 TYPES = ("Normal", "Warning")
@@ -57,13 +58,13 @@ def event_errors(obj: Obj, old: Obj | None) -> list[FieldError]:
         value = obj.get(f)
         if not isinstance(value, str) or not value:
             errors.append(required(f))
-        elif len(value) > FIELD_LIMIT:
+        elif len(value.encode()) > FIELD_LIMIT:
             errors.append(invalid(f, value, f"can have at most {FIELD_LIMIT} characters"))
     controller = obj.get("reportingController")
     if isinstance(controller, str) and controller and not QUALIFIED.match(controller):
         errors.append(invalid("reportingController", controller, "must be a qualified name"))
     note = obj.get("note", "")
-    if not isinstance(note, str) or len(note) > NOTE_LIMIT:
+    if not isinstance(note, str) or len(note.encode()) > NOTE_LIMIT:
         errors.append(invalid("note", "", f"can have at most {NOTE_LIMIT} characters"))
     regarding = obj.get("regarding")
     ns = (obj.get("metadata") or {}).get("namespace", "")

@@ -225,3 +225,39 @@ def test_each_component_refuses_to_start_naming_the_variable(monkeypatch, caplog
     assert _main(module)(argv) == 2
     assert "OTEL_TRACES_SAMPLER_ARG='lots'" in caplog.text
     assert not tracing.enabled()
+
+
+@pytest.mark.parametrize(
+    "name", ["OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT", "OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT"]
+)
+def test_a_span_limit_the_sdk_cannot_use_is_refused_by_name(stopped, monkeypatch, name):
+    """The SDK reads these itself: a bad one was a ValueError traceback, not exit 2."""
+    monkeypatch.setenv(name, "lots")
+    with pytest.raises(tracing.TracingConfigError, match=name):
+        tracing.start("test", env={"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9"})
+
+
+def test_a_clients_huge_values_reach_the_collector_clipped(stopped, monkeypatch):
+    """A model name can be as long as a body (megabytes) and a request id as long as a header:
+    unclipped, every one of the export queue's spans could hold them."""
+    monkeypatch.delenv("OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT", raising=False)
+    monkeypatch.delenv("OTEL_SPAN_ATTRIBUTE_VALUE_LENGTH_LIMIT", raising=False)
+    with HttpReceiver() as rx:
+        tracing.start("test", env={"OTEL_EXPORTER_OTLP_ENDPOINT": rx.endpoint})
+        span = tracing.start_span("request", None, {"gen_ai.request.model": "m" * 1_000_000})
+        tracing.end(span, {"infergate.request_id": "r" * 100_000, "n": 7})
+        tracing.stop()
+        (got,) = rx.spans.wait_for(lambda s: len(s) >= 1, timeout=10)
+    assert got.attributes["gen_ai.request.model"] == "m" * tracing.MAX_ATTRIBUTE_CHARS
+    assert got.attributes["infergate.request_id"] == "r" * tracing.MAX_ATTRIBUTE_CHARS
+    assert got.attributes["n"] == 7
+
+
+def test_an_operators_attribute_limit_is_kept(stopped, monkeypatch):
+    monkeypatch.setenv("OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT", "10")
+    with HttpReceiver() as rx:
+        tracing.start("test", env={"OTEL_EXPORTER_OTLP_ENDPOINT": rx.endpoint})
+        tracing.end(tracing.start_span("request", None, {"gen_ai.request.model": "m" * 50}))
+        tracing.stop()
+        (got,) = rx.spans.wait_for(lambda s: len(s) >= 1, timeout=10)
+    assert got.attributes["gen_ai.request.model"] == "m" * 10

@@ -101,6 +101,15 @@ async def test_long_fields_are_clipped_to_what_the_api_server_takes() -> None:
     assert len(e["metadata"]["name"]) <= 253
 
 
+async def test_fields_are_clipped_in_bytes_as_the_api_server_counts_them() -> None:
+    store, clock = MemoryStore(), Clock()
+    rec = recorder(store, clock)
+    await rec.event(target(), WARNING, "é" * 100, "Reconcile", "模型" * 400 + "\ud800")
+    [e] = await events_of(store)
+    assert len(e["reason"].encode()) <= FIELD_LIMIT and e["reason"].startswith("é" * 60)
+    assert len(e["note"].encode()) <= NOTE_LIMIT and e["note"].startswith("模型" * 100)
+
+
 class Refusing(MemoryStore):
     async def create(self, obj):
         raise Invalid("refused")
@@ -179,6 +188,23 @@ def test_the_emulator_accepts_what_the_recorder_writes_and_its_series(emulator) 
     assert event["eventTime"].endswith("Z")
 
 
+def test_the_emulator_takes_a_long_multibyte_note_the_recorder_clipped(emulator) -> None:
+    """kube-apiserver counts a note's bytes: 1,000 characters of é are 2,000 of them."""
+
+    async def run() -> list[dict]:
+        store = await _kube(emulator)
+        try:
+            rec = EventRecorder(store)
+            await rec.event(target("multibyte"), WARNING, "Failed", "Fetch", "é" * 1000)
+            items, _ = await store.list(EVENT, "default")
+            return [e for e in items if e["regarding"]["name"] == "multibyte"]
+        finally:
+            store.close()
+
+    [event] = asyncio.run(run())
+    assert event["note"].startswith("é" * 500)
+
+
 GOOD = {
     "apiVersion": "events.k8s.io/v1",
     "kind": "Event",
@@ -202,6 +228,7 @@ GOOD = {
         ({"reportingController": ""}, "reportingController"),
         ({"reason": "r" * 129}, "reason"),
         ({"note": "n" * 1025}, "note"),
+        ({"note": "é" * 513}, "note"),
         ({"regarding": {"kind": "Model", "name": "m", "namespace": "other"}}, "regarding"),
         ({"series": {"count": 1, "lastObservedTime": "2026-12-07T10:00:00Z"}}, "series"),
         ({"deprecatedCount": 3}, "deprecatedCount"),

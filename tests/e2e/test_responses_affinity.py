@@ -6,7 +6,10 @@ id and a pod gone from the pool are clear 404s, never another pod's answer."""
 
 from __future__ import annotations
 
+import http.client
+import json
 import time
+import urllib.parse
 from collections import Counter
 
 import openai
@@ -138,3 +141,44 @@ def test_a_pod_gone_from_the_pool_is_a_clear_404(client, stack):
         assert time.monotonic() < deadline, f"the pickers never saw the pod go: {seen}"
     r = requests.get(f"{stack.url}/v1/responses/{made.id}", timeout=30)
     assert r.status_code == 404 and "has left the pool" in r.json()["error"]["message"]
+
+
+def raw_get(url: str, method: str, path: str) -> tuple[int, dict, bytes]:
+    """`path` sent byte for byte (requests and urllib3 resolve dot segments first)."""
+    parts = urllib.parse.urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+    try:
+        conn.request(method, path)
+        r = conn.getresponse()
+        return r.status, {k.lower(): v for k, v in r.getheaders()}, r.read()
+    finally:
+        conn.close()
+
+
+def test_odd_paths_to_a_stored_response_reach_its_pod_or_are_a_4xx(client, stack):
+    """Through real Envoy: dot segments, encoded slashes and dots, query strings and doubled
+    slashes around one of our ids. Whatever Envoy makes of the path, the answer is the storing
+    pod's or a 4xx with an OpenAI-style error: never a 5xx, never another pod's."""
+    made, pod = create(client, input="Keep this.")
+    rid = made.id
+    paths = [
+        f"/v1/responses/{rid}?include[]=x&stream=false",
+        f"/v1/responses/{rid}/../{rid}",
+        f"/v1/responses/./{rid}",
+        f"/v1/responses/{rid}%2F..%2F..%2Fmetrics",
+        f"/v1/responses/%2e%2e/{rid}",
+        f"/v1/responses//{rid}",
+        f"/v1/responses/{rid}/input_items/../../../../metrics",
+        f"/v1/responses/{rid}%00",
+        f"/v1/responses/{rid}/cancel?x=%0d%0a",
+        f"/v1/responses/{rid[:-1]}%{rid[-1]}",
+    ]
+    for path in paths:
+        for method in ("GET", "DELETE"):
+            status, headers, body = raw_get(stack.url, method, path)
+            assert status < 500, (method, path, status, body[:300])
+            if status < 300 or headers.get(SERVED_HEADER):
+                assert headers.get(SERVED_HEADER) == pod, (method, path, status)
+            else:
+                error = json.loads(body)["error"]
+                assert error["message"] and 400 <= status < 500, (method, path, body[:300])

@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from infergw.epp.response import response_chain
 from infergw.epp.response.ids import ResponseIdStamper
@@ -20,6 +22,7 @@ from infergw.epp.response_ids import (
     load_key,
     pool_named,
 )
+from tests.fuzzing import fuzz_settings
 
 KEY = b"k" * 32
 ENGINE = "resp_0123456789abcdef0123456789abcdef"
@@ -155,3 +158,53 @@ def test_ids_split_between_parts_too_long_to_hold_are_stamped_once():
         out = s.part(data[:cut], True) + s.part(data[cut:], True) + s.flush()
         assert out.count(PREFIX.encode()) == 1, cut
         assert json.loads(out)["id"] == f"{PREFIX}P.M.{ENGINE}"
+
+
+_MADE = ResponseIds(KEY).stamp("ns/pool", "pod-ab", 8000, ENGINE)  # 22 base64 characters
+_B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+
+
+@fuzz_settings(300)
+@given(
+    st.one_of(
+        st.text(max_size=200),
+        st.text(max_size=60).map(lambda t: PREFIX + t),
+        st.tuples(st.integers(0, 80), st.text(max_size=3)).map(
+            lambda cut: _MADE[: cut[0]] + cut[1] + _MADE[cut[0] :]
+        ),
+        st.tuples(st.integers(0, 80), st.sampled_from(_B64)).map(
+            lambda cut: _MADE[: cut[0]] + cut[1] + _MADE[cut[0] + 1 :]
+        ),
+        st.integers(0, 80).map(lambda cut: _MADE[:cut] + _MADE[cut + 1 :]),
+    )
+)
+def test_only_the_ids_stamp_makes_read_back(given_id):
+    """Whatever a client sends: None (an engine's id), BadResponseId, or the place it was
+    stamped for, when it is exactly the id stamped for that place (base64 that decodes the
+    same with a stray character or other padding bits is another id, refused)."""
+    ids = ResponseIds(KEY)
+    try:
+        stored = ids.read("ns/pool", given_id)
+    except BadResponseId:
+        return
+    if stored is None:
+        assert not given_id.startswith(PREFIX)
+    else:
+        assert ids.stamp("ns/pool", stored.pod, stored.port, stored.engine_id) == given_id
+
+
+@pytest.mark.parametrize("which", [0, 1])  # the place, the MAC
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda p: p[:3] + "~~" + p[3:],  # characters base64 skips
+        lambda p: p[:-1] + _B64[_B64.index(p[-1]) ^ 1],  # a bit past the last byte
+    ],
+)
+def test_base64_written_another_way_is_refused(which, edit):
+    ids = ResponseIds(KEY)
+    parts = _MADE[len(PREFIX) :].split(".", 2)
+    assert len(parts[which]) % 4 in (2, 3)  # the last character has bits no byte uses
+    parts[which] = edit(parts[which])
+    with pytest.raises(BadResponseId):
+        ids.read("ns/pool", PREFIX + ".".join(parts))

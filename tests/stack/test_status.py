@@ -12,6 +12,7 @@ import io
 import json
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler
@@ -127,6 +128,8 @@ HOSTILE_ENDPOINTS = [
         },
         allow_nan=True,
     ).encode(),
+    b"[" * 100_000 + b"]" * 100_000,  # nested past the parser's recursion limit
+    b'{"endpoints": [{"name": "p", "running": 1' + b"0" * 400 + b"}]}",  # no float holds it
 ]
 
 
@@ -155,6 +158,31 @@ def test_values_that_are_not_finite_numbers_are_unknown() -> None:
     )
     assert len(rows[1].name) <= status_sources.TEXT_LIMIT and rows[1].address is None
     assert rows[1].running is None  # inf
+
+
+def test_an_integer_too_large_for_a_float_is_unknown() -> None:
+    _, [row], _ = pod_rows(HOSTILE_ENDPOINTS[-1])
+    assert row.name == "p" and row.running is None
+
+
+def test_a_page_that_trickles_is_given_up_at_the_timeout() -> None:
+    """Each byte within the socket's timeout, the whole page never: a bound on each read
+    alone kept `infergate status` waiting for as long as the picker liked."""
+
+    class Trickle(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.end_headers()
+            for _ in range(100):  # 5 s in all, each byte well within the timeout
+                self.wfile.write(b"#")
+                self.wfile.flush()
+                time.sleep(0.05)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    with serve(Trickle) as url, pytest.raises(status_sources.SourceError, match="within"):
+        status_sources.fetch(f"{url}/metrics", timeout=0.5)
 
 
 def test_metrics_lines_are_read_leniently_and_boundedly(monkeypatch) -> None:
