@@ -198,9 +198,7 @@ def _check_model_role(p: Problems, path: str, role: ModelRole) -> None:
 def validate_model(model: Model) -> list[str]:
     p = Problems()
     spec = model.spec
-    p.match(
-        "spec.modelURI", spec.model_uri, ARTIFACT_URI, ARTIFACT_URI_RULE
-    )
+    p.match("spec.modelURI", spec.model_uri, ARTIFACT_URI, ARTIFACT_URI_RULE)
     p.text("spec.modelURI", spec.model_uri, 1, 2048)
     check_model_source(p, spec.model_uri, spec.model_revision, spec.model_files)
     p.text("spec.image", spec.image, 1, 512)

@@ -45,7 +45,8 @@ def loose_options(parser: argparse.ArgumentParser) -> list[str]:
         if group.title in CATCH_ALL
         for a in group._group_actions
         # -h and --version stay at the top, where every command line tool has them.
-        if a.option_strings and not isinstance(a, argparse._HelpAction)
+        if a.option_strings
+        and not isinstance(a, argparse._HelpAction)
         and "--version" not in a.option_strings
     ]
 
@@ -125,7 +126,6 @@ def test_each_commands_help_exits_cleanly(command, capsys):
         cli.main([command, "--help"])
     assert info.value.code == 0
     assert capsys.readouterr().out.startswith("usage: infergate ")
-
 
 
 class _Parsed(Exception):

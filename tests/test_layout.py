@@ -37,15 +37,19 @@ FLOORS: dict[str, set[str]] = {
     # Beside an engine: its adapters file (api) and the weights downloads (fetch).
     "runtime": {"api", "fetch"},
     "epp": {"api", "cluster", "kvindex"},
-    "controllers": {"api", "cluster"},
+    # The weights download's progress lines (fetch/progress.py) and the URIs a tokenizer is
+    # fetched from (fetch/tokenizer.py): read where fetch writes and defines them.
+    "controllers": {"api", "cluster", "fetch"},
     "connector": {"api", "cluster"},
     # The body-based router reads bodies and routes as the picker does, with its code
     # (epp/request_body.py, epp/routing/): it stands beside the stack, above the picker.
     "bbr": {"api", "cluster", "epp"},
     # The stack starts the controllers and the picker as processes and makes the certificate
     # the picker serves with (cluster.certs): a downward import, never the other way.
-    "stack": {"api", "cluster"},
-    "bench": {"stack", "api", "cluster", "kvindex", "simulator"},
+    "stack": {"api", "cluster", "fetch"},
+    # bench pd checks its --pd-params with the picker's own config loader before a fleet
+    # starts; fetch comes with the stack.
+    "bench": {"stack", "api", "cluster", "kvindex", "simulator", "epp", "fetch"},
     "launcher": {"stack"},
 }
 RENAMED = importlib.util.find_spec(DEFAULT_NS) is not None

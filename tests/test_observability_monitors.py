@@ -98,8 +98,7 @@ def pod_targets(mon: Obj, candidates: list[Obj]) -> list[Obj]:
         p
         for p in candidates
         if matches(mon["spec"]["selector"], p["metadata"]["labels"])
-        and port
-        in {cp.get("name") for c in p["spec"]["containers"] for cp in c.get("ports") or []}
+        and port in {cp.get("name") for c in p["spec"]["containers"] for cp in c.get("ports") or []}
     ]
 
 
@@ -133,7 +132,9 @@ def test_model_server_monitors_find_every_serving_pod_and_no_other():
     plain = monitor("infergate-model-servers")
     trtllm = monitor("infergate-model-servers-trtllm")
     for m in (aggregated("vLLM"), aggregated("SGLang"), model()):  # model(): P/D, vLLM
-        serving = [p for p in pods(m) if p["metadata"]["labels"].get("infergate.io/entry") == "true"]
+        serving = [
+            p for p in pods(m) if p["metadata"]["labels"].get("infergate.io/entry") == "true"
+        ]
         assert serving and pod_targets(plain, pods(m)) == serving
         assert pod_targets(trtllm, pods(m)) == []
     trt = pods(aggregated("TRTLLM"))

@@ -45,9 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     output = p.add_argument_group("Output")
     run.add_argument("--quick", action="store_true", help="one rate, short (about a minute)")
     run.add_argument("--rates", type=_rates, default=None, help="comma-separated requests/s")
-    run.add_argument(
-        "--duration", type=_positive, default=None, help="measured seconds per point"
-    )
+    run.add_argument("--duration", type=_positive, default=None, help="measured seconds per point")
     run.add_argument(
         "--modes",
         default=None,

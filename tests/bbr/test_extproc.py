@@ -12,38 +12,16 @@ import pytest
 
 from infergw.api import logs
 from infergw.api.names import MODEL_NAME_HEADER
-from infergw.bbr.extproc import BodyRouter, RouterOptions
-from infergw.bbr.metrics import RouterMetrics
-from infergw.bbr.sources import Table
-from infergw.epp.body_budget import BodyBudget
+from infergw.bbr.extproc import BodyRouter
 from infergw.epp.response_ids import ResponseIds
 from tests import extproc_client as ec
 from tests.bbr.objects import route, two_models
+from tests.bbr.router_helpers import chat, router, send
 from tests.hostile_bodies import HOSTILE, path_of
-
-LIMIT = 1024 * 1024
-
-
-def router(*, pass_bad_bodies=False, limit=LIMIT, budget=16 * LIMIT, objects=None):
-    metrics = RouterMetrics()
-    table = Table("default", metrics)
-    table.replace(objects if objects is not None else two_models())
-    return BodyRouter(table, RouterOptions(limit, pass_bad_bodies), BodyBudget(budget), metrics)
 
 
 def count(servicer: BodyRouter, result: str) -> float:
     return servicer.metrics.requests.labels(result)._value.get()
-
-
-async def send(servicer, body: bytes, path="/v1/chat/completions", headers=None, chunk=62_000):
-    parts = [body[i : i + chunk] for i in range(0, len(body), chunk)] or [b""]
-    messages = [ec.headers(path, extra=headers)]
-    messages += [ec.body(p, eos=i == len(parts) - 1) for i, p in enumerate(parts)]
-    return await ec.process(servicer, messages)
-
-
-def chat(model: str) -> bytes:
-    return json.dumps({"model": model, "messages": [{"role": "user", "content": "hi"}]}).encode()
 
 
 @pytest.mark.parametrize(

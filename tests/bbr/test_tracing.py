@@ -9,7 +9,7 @@ import pytest
 from infergw.api import tracing
 from infergw.api.names import MODEL_NAME_HEADER
 from tests import extproc_client as ec
-from tests.bbr.test_extproc import chat, router, send
+from tests.bbr.router_helpers import chat, router, send
 from tests.otlp_receiver import HttpReceiver
 
 TRACE_ID, PARENT_ID = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"

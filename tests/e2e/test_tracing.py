@@ -193,7 +193,7 @@ def test_the_pd_legs_join_the_trace(tmp_path, monkeypatch):
     from infergw.stack.local import LocalStack, StackConfig
     from infergw.stack.ports import free_stack_ports
     from infergw.stack.resources import EXAMPLES
-    from tests.e2e.test_pd import PD, complete, long_prompt
+    from tests.e2e.pd_helpers import PD, complete, long_prompt
 
     with GrpcReceiver() as collector:
         monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", collector.endpoint)

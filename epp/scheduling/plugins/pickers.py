@@ -81,4 +81,3 @@ class RoundRobinPicker(Picker):
         ordered = endpoints[start:] + endpoints[:start]
         self._last = ordered[0].address
         return ordered[:count]
-

@@ -26,8 +26,11 @@ from dataclasses import dataclass, field
 from infergw.epp.datastore import Endpoint, EndpointMetrics
 from infergw.epp.director import EWMA_ALPHA
 from infergw.epp.scheduling.framework import Profile, Scheduler, WeightedScorer
+from infergw.epp.scheduling.plugins.kv_cache_utilization import KVCacheUtilizationScorer
+from infergw.epp.scheduling.plugins.least_request import LeastRequestScorer
 from infergw.epp.scheduling.plugins.pickers import MaxScorePicker
 from infergw.epp.scheduling.plugins.profile_handlers import SingleProfileHandler
+from infergw.epp.scheduling.plugins.queue import QueueScorer
 from infergw.epp.scrape_pace import FAST, Pace
 from tests.request_fixtures import bare_context
 
@@ -275,3 +278,13 @@ def _scrape(fleet: Fleet, pod: _Pod, now: float) -> None:
         updated_at=now,
     )
     pod.endpoint.sent_since_scrape = 0
+
+
+def load_profile(clock, recent=None, weight: float = 1):
+    """bench/routing's `load` profile (the precise one's load part, at weight 2)."""
+    params = None if recent is None else {"recentSeconds": recent}
+    return [
+        (QueueScorer("q"), weight),
+        (KVCacheUtilizationScorer("kv"), weight),
+        (LeastRequestScorer("lr", params, clock=clock), weight),
+    ]

@@ -13,7 +13,6 @@ from infergw.epp.datastore import Endpoint, EndpointMetrics
 from infergw.epp.request import parse_request
 from infergw.epp.scheduling.framework import Profile, Scheduler, WeightedScorer
 from infergw.epp.scheduling.plugins.kv_cache_utilization import (
-    KVCacheUtilizationScorer,
     usage_now,
 )
 from infergw.epp.scheduling.plugins.least_request import LeastRequestScorer
@@ -21,7 +20,6 @@ from infergw.epp.scheduling.plugins.pickers import MaxScorePicker
 from infergw.epp.scheduling.plugins.precise_prefix_cache import PrecisePrefixCacheScorer
 from infergw.epp.scheduling.plugins.prefix_cache import PrefixCacheScorer
 from infergw.epp.scheduling.plugins.profile_handlers import SingleProfileHandler
-from infergw.epp.scheduling.plugins.queue import QueueScorer
 from infergw.kvindex.cache import KVCache
 from infergw.kvindex.index import KVBlockIndex
 from infergw.kvindex.tokenize import PromptTokenizers
@@ -29,22 +27,13 @@ from infergw.stack.local import DEFAULT_MODEL_DIR
 from tests.epp.scheduling.fleet_sim import (
     Fleet,
     SimClock,
+    load_profile,
     no_reuse,
     replay,
     round_robin,
     scheduler_route,
 )
 from tests.request_fixtures import bare_context
-
-
-def load_profile(clock, recent=None, weight: float = 1):
-    """bench/routing's `load` profile (the precise one's load part, at weight 2)."""
-    params = None if recent is None else {"recentSeconds": recent}
-    return [
-        (QueueScorer("q"), weight),
-        (KVCacheUtilizationScorer("kv"), weight),
-        (LeastRequestScorer("lr", params, clock=clock), weight),
-    ]
 
 
 def scheduler(scorers, seed: int = 3) -> Scheduler:

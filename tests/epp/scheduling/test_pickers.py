@@ -167,4 +167,3 @@ def test_round_robin_goes_on_after_the_last_when_the_candidates_change():
     assert names(picker.pick(REQ, [all4[0], all4[1], all4[3]], 1)) == ["p3"]
     assert names(picker.pick(REQ, all4, 1)) == ["p0"]
     assert picker.pick(REQ, [], 1) == []
-

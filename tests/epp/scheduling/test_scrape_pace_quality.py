@@ -12,12 +12,12 @@ from infergw.epp.scheduling.plugins.prefix_cache import PrefixCacheScorer
 from tests.epp.scheduling.fleet_sim import (
     Fleet,
     SimClock,
+    load_profile,
     no_reuse,
     replay,
     scheduler_route,
     shared_prefix,
 )
-from tests.epp.scheduling.test_load_balance import load_profile
 
 FAST = 0.05
 QUIET = 0.15  # the default quiet pace under the default staleness bounds
