@@ -380,7 +380,7 @@ async def start_scraper(
     scraper.on_refresh = gate.notify  # fresh metrics may show room for waiting requests
     queue = gate.queue
     if queue is not None:
-        scraper.held = lambda: queue.queued_requests() > 0
+        scraper.held = lambda: queue.queued_requests > 0
     metrics.registry.register(scraper)
     if opts.share_scrapes and replicas is not None and members is not None:
         shares = ScrapeShares(datastore, replicas, members, stale_after=scraper.stale_after)

@@ -94,6 +94,19 @@ async def test_the_scraper_paces_under_flow_controls_staleness_and_exports_its_c
         await stop_picker(picker)
 
 
+async def test_with_a_flow_control_queue_the_scraper_knows_when_requests_are_held(tmp_path):
+    """The quiet pace gives way while requests wait in flow control (epp/scrape_pace.py):
+    the scraper reads the queue's count, which was once called as a method (a TypeError on
+    every manager tick, and queued requests never released)."""
+    config = PRECISE + "flowControl:\n  maxRequests: 4\n"
+    picker = await build_picker(options(tmp_path, config))
+    try:
+        assert picker.gate.queue is not None
+        assert picker.scraper.held() is False
+    finally:
+        await stop_picker(picker)
+
+
 async def test_the_pd_handler_counts_in_the_pickers_metrics(tmp_path):
     picker = await build_picker(options(tmp_path, PD))
     try:
