@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 
 from infergw.api import tracing
+from infergw.api.names import TRACEPARENT_HEADER
 
 if TYPE_CHECKING:
     from opentelemetry.trace import Span
@@ -21,7 +22,7 @@ if TYPE_CHECKING:
     from infergw.epp.request import InferenceRequest
     from infergw.epp.scheduling.framework import ResponseInfo
 
-TRACE_HEADERS = ("traceparent", "tracestate")
+TRACE_HEADERS = (TRACEPARENT_HEADER, "tracestate")
 # The inference APIs as GenAI's gen_ai.operation.name says them.
 OPERATIONS = {
     "chat": "chat",

@@ -27,6 +27,7 @@ import pytest
 from aiohttp import web
 
 from infergw import cluster, controllers
+from infergw.cluster.picker_pods import picker_pods
 from infergw.cluster.store import (
     AUTOSCALING_BINDING,
     EVENT,
@@ -395,6 +396,7 @@ def kubernetes_mode_modules() -> set[str]:
     mods.add(namespace_reader.__module__)
     mods.add(read_route_parents.__module__)  # the Model reconciler reads ModelRoutes through it
     mods.add(PickerDemand.__module__)  # the autoscaler reads the pickers' demand through it
+    mods.add(picker_pods.__module__)  # … from the picker pods it finds there
     mods.add(EventRecorder.__module__)  # every controller reports through it
     mods.add(write_status.__module__)  # the status of the kinds only status is written for
     return {m.rpartition(".")[2] for m in mods}
@@ -522,6 +524,7 @@ def test_the_scenario_makes_every_store_call_the_code_has(recorded: RecordingSto
         "webhook",
         "route_parents",
         "picker_demand",
+        "picker_pods",
         "networking_status",
         "policy_status",
         "events",
