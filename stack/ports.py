@@ -3,6 +3,7 @@ servers started by one process (a test, a benchmark) never get the same port."""
 
 from __future__ import annotations
 
+import os
 import random
 import socket
 from dataclasses import astuple, dataclass, field
@@ -82,6 +83,10 @@ LOWEST_PORT = 10_000  # above the well-known and registered ports local services
 EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
 _ATTEMPTS = 2_000
 _rng = random.Random()  # its own: a test's seeded global random must not repeat our choices
+# Processes handing out ports at the same time (pytest-xdist's workers: each remembers only
+# its own) take a slice each: "K/N", the K-th (from 0) of N equal slices of the range below.
+# What they start inherits it.
+PORT_SLICE_ENV = "INFERGATE_PORT_SLICE"
 
 
 def _ephemeral_start() -> int:
@@ -113,13 +118,29 @@ def _kernel_port() -> int:
         return s.getsockname()[1]
 
 
+def port_slice(low: int, top: int) -> tuple[int, int]:
+    """[low, top) narrowed to this process's slice ($INFERGATE_PORT_SLICE), else whole."""
+    said = os.environ.get(PORT_SLICE_ENV, "")
+    if not said:
+        return low, top
+    k, sep, n = said.partition("/")
+    try:
+        index, count = int(k), int(n)
+    except ValueError:
+        index, count = -1, 0
+    if not sep or not 0 <= index < count:
+        raise ValueError(f"${PORT_SLICE_ENV}={said!r}: give K/N with 0 <= K < N, e.g. 0/2")
+    width = (top - low) // count
+    return low + index * width, low + (index + 1) * width
+
+
 def free_port() -> int:
-    """A port free now, below the ephemeral range, and not handed out before in this
-    process."""
-    top = _ephemeral_start()
-    if top - LOWEST_PORT >= 1_000:
+    """A port free now, below the ephemeral range, in this process's slice of it, and not
+    handed out before in this process."""
+    low, top = port_slice(LOWEST_PORT, _ephemeral_start())
+    if top - low >= 1_000:
         for _ in range(_ATTEMPTS):
-            port = _rng.randrange(LOWEST_PORT, top)
+            port = _rng.randrange(low, top)
             if port not in _handed_out and _free(port):
                 _handed_out.add(port)
                 return port

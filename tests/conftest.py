@@ -14,7 +14,7 @@ import pytest
 
 from infergw.api.lifetime import spawn
 from infergw.api.logs import FORMAT_ENV
-from infergw.stack.ports import free_port
+from infergw.stack.ports import PORT_SLICE_ENV, free_port
 from infergw.stack.readiness import wait_http
 
 # Fixtures shared by several test modules live in helper modules, registered here once.
@@ -23,6 +23,12 @@ pytest_plugins = ["tests.picker_fixtures"]
 # The processes tests start log text wherever the suite runs: in a CI pod the kubelet's
 # KUBERNETES_SERVICE_HOST would make them log JSON (api/logs.py). Tests of the format say theirs.
 os.environ.setdefault(FORMAT_ENV, "text")
+
+# Under pytest-xdist (make test) each worker hands out ports from a slice of its own: two
+# workers' stacks would otherwise draw the same free port and one of them fail to bind it.
+if "PYTEST_XDIST_WORKER" in os.environ:
+    _worker = int(os.environ["PYTEST_XDIST_WORKER"].removeprefix("gw"))
+    os.environ[PORT_SLICE_ENV] = f"{_worker}/{os.environ['PYTEST_XDIST_WORKER_COUNT']}"
 
 
 def pytest_collection_modifyitems(config, items) -> None:

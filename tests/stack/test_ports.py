@@ -8,6 +8,9 @@ from contextlib import ExitStack
 from dataclasses import astuple
 from pathlib import Path
 
+import pytest
+
+from infergw.stack import ports
 from infergw.stack.ports import (
     LOWEST_PORT,
     PICKER_PORT_STRIDE,
@@ -96,3 +99,23 @@ def test_a_port_in_time_wait_counts_as_free():
         accepted.close()  # the server side closes first: its end lingers in TIME_WAIT
         client.close()
     assert _free(port)
+
+
+def test_processes_handing_out_ports_at_once_take_disjoint_slices(monkeypatch):
+    """pytest-xdist's workers (tests/conftest.py): each draws from its own slice, all of the
+    range covered but a remainder, none overlapping."""
+    slices = []
+    for k in range(3):
+        monkeypatch.setenv(ports.PORT_SLICE_ENV, f"{k}/3")
+        slices.append(ports.port_slice(10_000, 32_768))
+        low, top = slices[-1]
+        assert all(low <= ports.free_port() < top for _ in range(20))
+    assert [s[0] for s in slices[1:]] == [s[1] for s in slices[:-1]]
+    assert slices[0][0] == 10_000 and 32_768 - slices[-1][1] < 3
+
+
+@pytest.mark.parametrize("said", ["2/2", "-1/2", "1", "a/b", "0/0", "1/2/3"])
+def test_a_bad_port_slice_says_how_to_write_one(monkeypatch, said):
+    monkeypatch.setenv(ports.PORT_SLICE_ENV, said)
+    with pytest.raises(ValueError, match=r"INFERGATE_PORT_SLICE.*give K/N"):
+        ports.free_port()
