@@ -170,6 +170,7 @@ class Director:
         m.requests.labels(model, target, str(ctx.priority)).inc()
         m.request_sizes.labels(model, target).observe(len(ctx.request.raw_body))
         m.running.labels(model).inc()
+        route = ctx.resolution
         if route is not None:  # counted once a request (routing runs again while one waits)
             m.rewrites.labels(model, target, route.route_name).inc()
         return targets
