@@ -24,9 +24,9 @@ POD_ADDRESS_HELP = {
     ONE: "one: every pod on 127.0.0.1, its ports moved to free ones (infergate.io/host-ports)",
 }
 ONE_ADDRESS = "127.0.0.1"
-# Where one-address mode looks for pods' ports: above the well-known and registered ports local
-# services tend to hold, below Linux's ephemeral range (32768 on macOS' 49152 too), so no
-# outgoing connection's source port takes one between its choice and its bind.
+# Where one-address mode looks for pods' ports: above the ports local stacks and tests take
+# (stack/ports.py stays below), below the kernel's ephemeral range (Linux's from 32768, macOS's
+# from 49152), so no outgoing connection's source port takes one between its choice and its bind.
 FIRST_HOST_PORT = 20_000
 LAST_HOST_PORT = 32_767
 _PAIR = re.compile(r"([0-9]{1,5})=([0-9]{1,5})")
