@@ -9,8 +9,9 @@ trust them.
 from __future__ import annotations
 
 import ipaddress
+import logging
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
@@ -19,14 +20,21 @@ from infergw.api import ApiError, InferencePool, from_dict_as
 from infergw.api.engines import VLLM_METRICS
 from infergw.api.meta import ObjectMeta
 from infergw.api.names import ENGINE_LABEL, ENTRY_LABEL, ROLE_LABEL
+from infergw.api.pod_ports import HostPorts
 from infergw.api.upstream import DEFAULT_FAILURE_MODE, POOL_GROUP_VERSION, validate_inference_pool
 
 Obj = dict[str, Any]
+log = logging.getLogger("cluster.pool")
 
 # The alpha group's pools are read with v1's shape (the pool files of older setups say it).
 POOL_API_VERSIONS = (POOL_GROUP_VERSION, "inference.networking.x-k8s.io/v1alpha2")
 # The target ports a pod serves right now, comma-separated (the reference picker's annotation).
 ACTIVE_PORTS_ANNOTATION = "inference.networking.k8s.io/active-ports"
+# Standalone mode with one address for every pod (`--pod-addresses one`, api/pod_ports.py): where
+# each of the pod's container ports is reached on its podIP, `8000=20417,5557=20418`. Read from
+# pool files only: in a cluster every pod has its own IP and a pod's annotation must not move
+# traffic.
+HOST_PORTS_ANNOTATION = "infergate.io/host-ports"
 DEFAULT_ENGINE = VLLM_METRICS
 # The CRD problems that make a pool unusable: the fields membership and the picker act on.
 # Others (an appProtocol or a picker Service port the API server would insist on) leave the pool
@@ -166,25 +174,33 @@ class Member:
     pod_uid: str  # a pod deleted and made again under its name is another member
     address: str  # "ip:port", the key Envoy and KV events use
     rank: int  # the port's index in targetPorts (the data-parallel rank, as the reference names it)
-    port: int
+    port: int  # where the pod serves it: the target port, or its host port (one-address mode)
+    target_port: int
     labels: Mapping[str, str]
     engine: str
     role: str | None  # infergate.io/role: prefill, decode, both, or unset
     ready: bool
+    host_ports: HostPorts = field(default_factory=HostPorts)  # one-address mode: its other ports
 
 
-def members(pool: PoolSpec, pods: Iterable[Obj]) -> list[Member]:
+def members(pool: PoolSpec, pods: Iterable[Obj], *, host_ports: bool = False) -> list[Member]:
     """The pool's members among `pods` (which passed pod_problem): each pod its selector matches
     that has an address, at each target port it serves, ordered by pod name then rank. Only the
     ready ones take requests; the others are listed so callers can say why a pod is missing.
     A ModelInfer's worker pod (ENTRY_LABEL "false") is never one, whatever its labels: it
-    lends its GPUs to its group's entry pod and serves nothing itself."""
+    lends its GPUs to its group's entry pod and serves nothing itself.
+
+    host_ports (pool files, standalone mode): a pod's HOST_PORTS_ANNOTATION moves each target
+    port to where that pod serves it; a pod whose annotation is unreadable is left out, logged."""
     out = []
     for pod in sorted(pods, key=lambda p: p["metadata"]["name"]):
         meta = pod["metadata"]
         labels = meta.get("labels") or {}
         ip = (pod.get("status") or {}).get("podIP")
         if not ip or not pool.selects(labels) or is_worker(labels):
+            continue
+        moved = pod_host_ports(pod) if host_ports else HostPorts()
+        if moved is None:
             continue
         active = active_ports(pod)
         ready = pod_ready(pod)
@@ -195,16 +211,32 @@ def members(pool: PoolSpec, pods: Iterable[Obj]) -> list[Member]:
                 Member(
                     pod=meta["name"],
                     pod_uid=str(meta.get("uid") or ""),
-                    address=join_host_port(ip, port),
+                    address=join_host_port(ip, moved.of(port)),
                     rank=rank,
-                    port=port,
+                    port=moved.of(port),
+                    target_port=port,
                     labels=labels,
                     engine=labels.get(ENGINE_LABEL, DEFAULT_ENGINE),
                     role=labels.get(ROLE_LABEL),
                     ready=ready,
+                    host_ports=moved,
                 )
             )
     return out
+
+
+def pod_host_ports(pod: Obj) -> HostPorts | None:
+    """The pod's HOST_PORTS_ANNOTATION (empty without one); None, logged, when it is not
+    `PORT=PORT,...`."""
+    text = ((pod.get("metadata") or {}).get("annotations") or {}).get(HOST_PORTS_ANNOTATION)
+    if text is None:
+        return HostPorts()
+    try:
+        return HostPorts.parse(text)
+    except ValueError as exc:
+        name = (pod.get("metadata") or {}).get("name")
+        log.error("ignoring pod %s: annotation %s: %s", name, HOST_PORTS_ANNOTATION, exc)
+        return None
 
 
 def is_worker(labels: Mapping[str, str]) -> bool:
@@ -219,6 +251,12 @@ def active_ports(pod: Obj) -> set[int] | None:
         return None
     # isdigit alone admits "²", which int() refuses.
     return {int(p) for p in active.split(",") if p.strip().isascii() and p.strip().isdigit()}
+
+
+def reached_port(pod: Obj, port: int) -> int:
+    """Where the pod serves its container port `port` on its podIP (one-address mode moves it;
+    an unreadable annotation, logged, moves nothing)."""
+    return (pod_host_ports(pod) or HostPorts()).of(port)
 
 
 def find_pool(objects: Iterable[Obj], name: str, namespace: str) -> tuple[Obj | None, list[Obj]]:

@@ -106,7 +106,9 @@ class PoolAllowlist:
         source: Callable[[PoolUpdate], PoolSource],
         *,
         grace: float,
+        host_ports: bool = False,
     ) -> None:
+        self.host_ports = host_ports  # pods' one-address ports are read (pool files)
         self.where = f"InferencePool {namespace}/{pool_name}"
         self.grace = grace
         self.synced = False  # whether it knows its pool yet (the sidecar is not ready before)
@@ -118,7 +120,7 @@ class PoolAllowlist:
 
     def _update(self, pool: PoolSpec | None, pods: list[Obj]) -> None:
         now = time.monotonic()
-        found = members(pool, pods) if pool is not None else []
+        found = members(pool, pods, host_ports=self.host_ports) if pool is not None else []
         current = frozenset(m.address for m in found if m.ready and m.role in PREFILL_ROLES)
         for address in self._current - current:
             self._departed[address] = now
@@ -266,8 +268,15 @@ def allowlist_for(opts: ConnectorOptions) -> Allowlist:
     """The allowlist the flags ask for: the pool file's, the cluster's, or none."""
     if opts.pool_name is None:
         return NoAllowlist()
-    if opts.pool_file is not None:
+    from_file = opts.pool_file is not None
+    if from_file:
         source = file_pool(Path(opts.pool_file), opts.pool_name, opts.pool_namespace)
     else:
         source = kubernetes_pool(opts.pool_name, opts.pool_namespace)
-    return PoolAllowlist(opts.pool_name, opts.pool_namespace, source, grace=opts.prefiller_grace)
+    return PoolAllowlist(
+        opts.pool_name,
+        opts.pool_namespace,
+        source,
+        grace=opts.prefiller_grace,
+        host_ports=from_file,
+    )

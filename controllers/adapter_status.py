@@ -15,6 +15,7 @@ import aiohttp
 
 from infergw.api import Model
 from infergw.api.names import RUNTIME_PORT
+from infergw.cluster.pool import reached_port
 from infergw.cluster.store import POD, Store
 from infergw.controllers.adapters import RUNTIME_CONTAINER
 from infergw.controllers.model_objects import model_label
@@ -82,7 +83,7 @@ async def adapters_loaded(store: Store, model: Model) -> tuple[bool | None, str,
         return True, ADAPTERS_LOADED, f"{count} adapter(s) loaded on {len(serving)} pod(s)"
     first = waiting[0]
     ip = (first.get("status") or {}).get("podIP")
-    said = await sidecar_says(ip) if ip else None
+    said = await sidecar_says(ip, reached_port(first, RUNTIME_PORT)) if ip else None
     reason, why = said or (NOT_LOADED, "its runtime sidecar is not ready and did not say why")
     return (
         False,

@@ -23,6 +23,14 @@ from prometheus_client import start_http_server
 from infergw.api import logs, tracing, version
 from infergw.api.cli_help import HelpFormatter
 from infergw.api.names import KV_EVENTS_PORT, PICKER_FILTER_POLICY, POOL_FILE_ENV
+from infergw.api.pod_ports import (
+    AUTO,
+    MANY,
+    ONE,
+    POD_ADDRESS_HELP,
+    POD_ADDRESS_MODES,
+    resolve_pod_addresses,
+)
 from infergw.cluster.informer import Informer
 from infergw.cluster.store import (
     AUTOSCALING_BINDING,
@@ -183,6 +191,9 @@ class Standalone:
     # The local picker's KV-event SUB, which every pod on this machine connects to.
     kv_sockets: KVEventSockets = field(default_factory=lambda: central_sockets(None))
     weights_cache_dir: Path | None = None  # None: the download's own default
+    # How pods share this machine: `many` addresses, `one` address with ports of their own,
+    # `auto` (api/pod_ports.py).
+    pod_addresses: str = AUTO
     metrics: ControllerMetrics = field(default_factory=ControllerMetrics)
     # pool → its pickers' metrics URLs: their demand scales a pool up from zero
     picker_metrics: dict[str, list[str]] = field(default_factory=dict)
@@ -199,7 +210,9 @@ class Standalone:
         store = self.store = MemoryStore()
         # The pool file is standalone mode's API server: decode sidecars read their pool there.
         pool_env = {POOL_FILE_ENV: str(self.pool_file.resolve())}
-        runtime = LocalRuntime(store, self.state_dir, env=pool_env)
+        addresses = resolve_pod_addresses(self.pod_addresses)
+        log.info("standalone pods: %s", POD_ADDRESS_HELP[addresses])
+        runtime = LocalRuntime(store, self.state_dir, env=pool_env, pod_addresses=addresses)
         controllers, self._scaler = build_controllers(
             store,
             self.metrics,
@@ -281,6 +294,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     standalone.add_argument(
         "--pool-file", type=Path, help="standalone: where the picker reads pools and pods"
+    )
+    standalone.add_argument(
+        "--pod-addresses",
+        choices=POD_ADDRESS_MODES,
+        default=AUTO,
+        help=f"standalone: {POD_ADDRESS_HELP[MANY]}; {POD_ADDRESS_HELP[ONE]}; auto: many where "
+        "127.0.0.2 can be bound (Linux), else one (macOS)",
     )
     standalone.add_argument(
         "--envoy-eds-file", type=Path, help="standalone: write a pool's endpoints as Envoy EDS"
@@ -451,6 +471,7 @@ async def _serve_standalone(args: argparse.Namespace, stop: asyncio.Event) -> No
         kv_sockets=kv_sockets(args),
         picker_metrics=by_pool(args.picker_metrics),
         weights_cache_dir=args.weights_cache_dir,
+        pod_addresses=args.pod_addresses,
     )
     start_http_server(args.metrics_port, addr=args.host, registry=app.metrics.registry)
     await app.start()

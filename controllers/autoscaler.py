@@ -21,7 +21,7 @@ from infergw.api import ApiError, from_dict, prune_nulls
 from infergw.api.autoscaling import AutoScalingPolicy, EffectiveStep, effective_policy
 from infergw.api.engines import VLLM_METRICS, metric_name, metrics_path
 from infergw.api.names import ENGINE_LABEL, ROLE_LABEL
-from infergw.cluster.pool import is_worker
+from infergw.cluster.pool import is_worker, reached_port
 from infergw.cluster.store import (
     AUTOSCALING_BINDING,
     AUTOSCALING_POLICY,
@@ -243,6 +243,7 @@ class AutoscalerReconciler:
         ip = (pod.get("status") or {}).get("podIP")
         container = (pod["spec"].get("containers") or [{}])[0]
         port = next((p["containerPort"] for p in container.get("ports") or []), 8000)
+        port = reached_port(pod, port)
         path = metrics_path(_engine(pod))
         return await self._get_text(f"http://{ip}:{port}{path}", pod["metadata"]["name"])
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 
+from infergw.cluster.pool import pod_host_ports
 from infergw.cluster.store import Obj, labels_match
 
 ASSIGNMENT = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
@@ -24,7 +25,8 @@ def _ready(pod: Obj) -> bool:
 
 
 def pool_endpoints(pool: Obj, pods: list[Obj]) -> list[tuple[str, int, bool]]:
-    """(ip, port, ready) for every addressed, not-deleting pod the pool selects."""
+    """(ip, port, ready) for every addressed, not-deleting pod the pool selects, at the ports
+    it serves the target ports on (one-address mode moves them: infergate.io/host-ports)."""
     selector = (pool["spec"].get("selector") or {}).get("matchLabels") or {}
     namespace = pool["metadata"].get("namespace", "default")
     ports = [int(p["number"]) for p in pool["spec"].get("targetPorts") or []]
@@ -32,14 +34,16 @@ def pool_endpoints(pool: Obj, pods: list[Obj]) -> list[tuple[str, int, bool]]:
     for pod in pods:
         m = pod["metadata"]
         ip = (pod.get("status") or {}).get("podIP")
+        moved = pod_host_ports(pod)
         if (
             not ip
+            or moved is None
             or m.get("deletionTimestamp")
             or m.get("namespace", "default") != namespace
             or not labels_match(pod, selector)
         ):
             continue
-        out += [(ip, port, _ready(pod)) for port in ports]
+        out += [(ip, moved.of(port), _ready(pod)) for port in ports]
     return sorted(out)
 
 

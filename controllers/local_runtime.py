@@ -3,7 +3,11 @@
 Every Pod in the store gets its own loopback address (127.0.0.2, .3, …; claimed against the
 machine's other runtimes, address_locks.py), so pods listen on the container port their
 template names — as in a cluster, where every pod has its own IP — and the picker's pool
-needs a single target port. Every container of the pod is its own
+needs a single target port. Where those addresses are missing (macOS), one-address mode
+(`pod_addresses` ONE, api/pod_ports.py) puts every pod on 127.0.0.1 and gives each of its
+container ports a free host port, claimed the same way: the containers' command lines and env
+say the moved ports (moved_ports.py) and so does the pod's infergate.io/host-ports annotation,
+written before the pod is reported ready. Every container of the pod is its own
 process on that address (the containers of a pod share it, as they share a network
 namespace), restarted per the pod's restartPolicy with its own growing back-off and
 restartCount, and its output goes to `<state-dir>/pods/<namespace>_<pod>_<container>.log`.
@@ -61,11 +65,14 @@ from infergw.api.engines import SIMULATOR_IMAGES, image_repository
 from infergw.api.lifetime import die_with_parent
 from infergw.api.loopback import missing_loopback
 from infergw.api.names import ENGINE_NOT_INSTALLED
+from infergw.api.pod_ports import FIRST_HOST_PORT, LAST_HOST_PORT, MANY, ONE, ONE_ADDRESS, HostPorts
 from infergw.cluster.informer import Informer
+from infergw.cluster.pool import HOST_PORTS_ANNOTATION
 from infergw.cluster.store import POD, NotFound, Obj, Store
 from infergw.controllers.address_locks import AddressLocks
 from infergw.controllers.conditions import now_rfc3339
 from infergw.controllers.engine_command import INSTALL_HINTS
+from infergw.controllers.moved_ports import moved_args, moved_env
 from infergw.controllers.process_group import stop_container
 
 log = logging.getLogger("controllers.local_runtime")
@@ -109,6 +116,10 @@ class _Container:
 class _Running:
     pod: Obj
     ip: str
+    ports: HostPorts = field(default_factory=HostPorts)  # one-address mode: where they moved
+    # The pod carries its ports' annotation (one-address mode): before that, nobody could
+    # reach it where it listens, so it is not reported ready.
+    published: bool = True
     containers: list[_Container] = field(default_factory=list)
     init: list[_Container] = field(default_factory=list)  # run one by one, before containers
     initialized: bool = True  # every init container exited 0 (or there are none)
@@ -129,8 +140,12 @@ class LocalRuntime:
         env: dict[str, str] | None = None,
         max_pods: int = MAX_PODS,
         address_locks: AddressLocks | None = None,
+        pod_addresses: str = MANY,
     ) -> None:
         self.store = store
+        # MANY: a loopback address per pod; ONE: every pod on 127.0.0.1, ports of its own.
+        self.pod_addresses = pod_addresses
+        self._next_port = FIRST_HOST_PORT
         # Addresses this runtime's pods use, claimed against the machine's other runtimes.
         self._addresses = address_locks or AddressLocks()
         self.max_pods = max_pods
@@ -203,10 +218,15 @@ class LocalRuntime:
             self._run(key, pod)
 
     def _run(self, key: tuple[str, str], pod: Obj) -> None:
-        run = _Running(pod=pod, ip=self._take_ip(_container_ports(pod)))
+        ports = _container_ports(pod)
+        if self.pod_addresses == ONE:
+            moved = self._take_ports(ports)
+            run = _Running(pod=pod, ip=ONE_ADDRESS, ports=moved, published=False)
+        else:
+            run = _Running(pod=pod, ip=self._take_ip(ports))
         self._running[key] = run
         self._start_containers(key, run)
-        self._background(self._hold(pod))
+        self._background(self._hold(pod, run))
 
     def _start_pending(self) -> None:
         """Start the pods that waited longest, as long as there is room."""
@@ -248,15 +268,22 @@ class LocalRuntime:
         self._stopping.add(task)
         task.add_done_callback(self._stopping.discard)
 
-    async def _hold(self, pod: Obj) -> None:
-        """Put the runtime's finalizer on a pod it runs, so a delete waits for its processes."""
-        await self._set_finalizer(pod, held=True)
+    async def _hold(self, pod: Obj, run: _Running) -> None:
+        """Put the runtime's finalizer on a pod it runs, so a delete waits for its processes,
+        and (one-address mode) the annotation saying where its ports are."""
+        annotations = {HOST_PORTS_ANNOTATION: str(run.ports)} if run.ports.moved else {}
+        await self._set_finalizer(pod, held=True, annotations=annotations)
+        if not run.published:
+            run.published = True
+            await self._write_status(_key(pod), run)
 
     async def _release(self, pod: Obj) -> None:
         """Take the finalizer off: a terminating pod then leaves the store."""
         await self._set_finalizer(pod, held=False)
 
-    async def _set_finalizer(self, pod: Obj, *, held: bool) -> None:
+    async def _set_finalizer(
+        self, pod: Obj, *, held: bool, annotations: dict[str, str] | None = None
+    ) -> None:
         m = pod["metadata"]
         current = await self.store.get(POD, m.get("namespace", "default"), m["name"])
         if current is None or not _same(current, pod):
@@ -266,9 +293,14 @@ class LocalRuntime:
             if current["metadata"].get("deletionTimestamp"):
                 return  # deleted before it was held: the stop is under way already
             finalizers.append(FINALIZER)
-        if finalizers == (current["metadata"].get("finalizers") or []):
+        had = current["metadata"].get("annotations") or {}
+        annotations = annotations or {}
+        same_finalizers = finalizers == (current["metadata"].get("finalizers") or [])
+        if same_finalizers and annotations.items() <= had.items():
             return
         current["metadata"]["finalizers"] = finalizers
+        if annotations:
+            current["metadata"]["annotations"] = {**had, **annotations}
         current["metadata"].pop("resourceVersion", None)  # the kubelet's write wins
         try:
             await self.store.update(current)
@@ -298,6 +330,35 @@ class LocalRuntime:
             self._addresses.release(ip)
         raise RuntimeError("no loopback address left for another local pod")
 
+    def _take_ports(self, ports: list[int]) -> HostPorts:
+        """One-address mode: a port of 127.0.0.1 for each of the pod's container ports, free
+        and claimed against the machine's other runtimes (as addresses are, address_locks.py),
+        taken in turn from FIRST_HOST_PORT so a stopped pod's ports are reused last."""
+        moved: list[tuple[int, int]] = []
+        span = LAST_HOST_PORT - FIRST_HOST_PORT + 1
+        for port in dict.fromkeys(ports):  # a port two containers name is one port
+            for _ in range(span):
+                host = self._next_port
+                self._next_port = FIRST_HOST_PORT + (host + 1 - FIRST_HOST_PORT) % span
+                claim = f"{ONE_ADDRESS}:{host}"
+                if not self._addresses.claim(claim):
+                    continue
+                if _ports_free(ONE_ADDRESS, [host]):
+                    moved.append((port, host))
+                    break
+                self._addresses.release(claim)
+            else:
+                self._release_ports(HostPorts(tuple(moved)))
+                raise RuntimeError(
+                    f"no free port left on {ONE_ADDRESS} between {FIRST_HOST_PORT} and "
+                    f"{LAST_HOST_PORT} for another local pod"
+                )
+        return HostPorts(tuple(sorted(moved)))
+
+    def _release_ports(self, ports: HostPorts) -> None:
+        for _, host in ports.moved:
+            self._addresses.release(f"{ONE_ADDRESS}:{host}")
+
     # ---- one pod ------------------------------------------------------------------------
 
     def _start_containers(self, key: tuple[str, str], run: _Running) -> None:
@@ -323,7 +384,7 @@ class LocalRuntime:
         return _Container(
             name=name,
             spec=spec,
-            env={**self.env, **self._env(run.pod, spec, run.ip)},
+            env=moved_env({**self.env, **self._env(run.pod, spec, run.ip)}, run.ports),
             logfile=self.state_dir / "pods" / f"{key[0]}_{key[1]}_{name}.log",
         )
 
@@ -384,7 +445,7 @@ class LocalRuntime:
         """The container's command line, if it can run here; else report what is missing
         (logged and written once per reason) and say no."""
         try:
-            c.cmd = await self._command(c.spec, c.env)
+            c.cmd = moved_args(await self._command(c.spec, c.env), run.ports)
         except NotInstalled as exc:
             if c.missing != str(exc):
                 c.missing = str(exc)
@@ -426,7 +487,7 @@ class LocalRuntime:
         while True:
             ok = True
             if http:
-                port = _port(http.get("port"), c.spec)
+                port = run.ports.of(_port(http.get("port"), c.spec))
                 url = f"http://{run.ip}:{port}{http.get('path', '/')}"
                 try:
                     assert self._session is not None
@@ -474,7 +535,10 @@ class LocalRuntime:
         await self._write_status(key, run)  # terminating: out of every pool before SIGTERM
         grace = _grace_seconds(run.pod)
         await asyncio.gather(*(self._stop_container(c, grace) for c in every if c.proc is not None))
-        self._free_ips.append(run.ip)
+        if run.ports.moved:
+            self._release_ports(run.ports)
+        else:
+            self._free_ips.append(run.ip)
         if self._running.get(key) is run:
             del self._running[key]
         self._start_pending()
@@ -586,7 +650,9 @@ def _pod_status(run: _Running) -> dict:
         phase = "Pending"  # a container that cannot run here never started
     else:
         phase = "Running"
-    ready = run.initialized and bool(containers) and all(c.ready for c in containers)
+    ready = (
+        run.initialized and run.published and bool(containers) and all(c.ready for c in containers)
+    )
     condition = {"type": "Ready", "status": "True" if ready else "False"}
     if missing:
         condition["reason"] = ENGINE_NOT_INSTALLED
@@ -647,6 +713,10 @@ def _termination_message(c: _Container) -> str | None:
     if tail is None:
         return None
     return "\n".join(tail.splitlines()[-TERMINATION_MESSAGE_LINES:]) or None
+
+
+def _key(pod: Obj) -> tuple[str, str]:
+    return pod["metadata"].get("namespace", "default"), pod["metadata"]["name"]
 
 
 def _same(a: Obj, b: Obj) -> bool:

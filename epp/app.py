@@ -126,7 +126,7 @@ async def build_picker(opts: PickerOptions) -> Picker:
     text = _config_text(opts)
     doc = read_config(text)
     trust = _header_trust(opts, text)
-    datastore, metrics = build_datastore()
+    datastore, metrics = build_datastore(host_ports=opts.provider == "file")
     replicas = build_replica_sync(opts, datastore, metrics)
     members = build_replica_members(opts, replicas, metrics)
     view = build_kv_cache(opts, doc, datastore, metrics, replicas, members)
@@ -154,10 +154,10 @@ async def build_picker(opts: PickerOptions) -> Picker:
     )  # fmt: skip
 
 
-def build_datastore() -> tuple[Datastore, PickerMetrics]:
+def build_datastore(*, host_ports: bool = False) -> tuple[Datastore, PickerMetrics]:
     """The datastore and the picker's metrics, whose per-endpoint and per-model series follow
-    the pool."""
-    datastore = Datastore()
+    the pool. host_ports: pods' one-address ports are read (pool files: standalone mode)."""
+    datastore = Datastore(host_ports=host_ports)
     metrics = PickerMetrics()
     metrics.model_labels.known = datastore.serves_model
     datastore.removal_listeners.append(metrics.forget_endpoint)

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from infergw.api.pod_ports import HostPorts
 from infergw.cluster.pool import PoolSpec, members, pod_problem
 from infergw.epp.routing.table import RouteTable
 
@@ -42,6 +43,9 @@ class Endpoint:
     address: str  # "ip:port", the key Envoy and KV events use
     pod_uid: str = ""  # metadata.uid: a pod deleted and made again under its name is new
     rank: int = 0  # the port's index in targetPorts (data-parallel rank)
+    target_port: int = 0  # that port (0: the address's, which it is but in one-address mode)
+    # Where the pod's other ports (KV events, replay) are: moved in one-address mode.
+    host_ports: HostPorts = field(default_factory=HostPorts)
     labels: dict[str, str] = field(default_factory=dict)
     engine: str = "vllm"
     metrics: EndpointMetrics = field(default_factory=EndpointMetrics)
@@ -64,6 +68,11 @@ class Endpoint:
     def ip(self) -> str:
         return self.address.rsplit(":", 1)[0].strip("[]")
 
+    def __post_init__(self) -> None:
+        port = self.address.rsplit(":", 1)[-1]
+        if not self.target_port and port.isdigit():
+            self.target_port = int(port)
+
     def metrics_age(self, now: float | None = None) -> float:
         if not self.metrics.updated_at:
             return float("inf")
@@ -78,8 +87,10 @@ def _refused(pod: Any) -> bool:
 
 
 class Datastore:
-    def __init__(self) -> None:
+    def __init__(self, *, host_ports: bool = False) -> None:
         self.pool: PoolSpec | None = None
+        # Pods' infergate.io/host-ports annotations are read (pool files: standalone mode).
+        self.host_ports = host_ports
         # ModelRoutes and ModelServers of the pool's namespace; empty: no model routing.
         self.routes = RouteTable()
         # InferenceObjective name → priority (x-gateway-inference-objective names one).
@@ -145,7 +156,8 @@ class Datastore:
         """Recompute endpoints, keeping the live state of those that stay the same pod."""
         new: dict[str, Endpoint] = {}
         pool = self.pool
-        for m in members(pool, self._pods.values()) if pool is not None else ():
+        pods = self._pods.values()
+        for m in members(pool, pods, host_ports=self.host_ports) if pool is not None else ():
             if not m.ready:
                 continue
             ep = self._endpoints.get(m.address)
@@ -155,6 +167,8 @@ class Datastore:
                 ep = Endpoint(name="", pod=m.pod, address=m.address, pod_uid=m.pod_uid)
             ep.name = f"{m.pod}-rank-{m.rank}"
             ep.rank = m.rank
+            ep.target_port = m.target_port
+            ep.host_ports = m.host_ports
             ep.labels = dict(m.labels)
             ep.engine = m.engine
             new[m.address] = ep
@@ -181,9 +195,13 @@ class Datastore:
         return (obj.get("metadata") or {}).get("creationTimestamp") if obj else None
 
     def has_member(self, pod: str, port: int) -> bool:
-        """The pod, at that target port, is in the pool, ready or not."""
+        """The pod, at that port (a target port, or where the pod serves it), is in the pool,
+        ready or not."""
         pool = self.pool
-        return pool is not None and pod in self._pods and port in pool.target_ports
+        if pool is None or pod not in self._pods:
+            return False
+        found = members(pool, [self._pods[pod]], host_ports=self.host_ports)
+        return any(m.port == port for m in found)
 
     def serves_model(self, name: str) -> bool:
         """A ModelRoute names it, or some endpoint's /v1/models lists it."""

@@ -143,7 +143,7 @@ class KVCacheView:
         if ep is None or port is None:
             return None
         host = f"[{ep.ip}]" if ":" in ep.ip else ep.ip
-        return f"tcp://{host}:{port + ep.rank}"
+        return f"tcp://{host}:{ep.host_ports.of(port + ep.rank)}"
 
     def base_model(self, model: str) -> tuple[str, str | None]:
         """(base model, LoRA adapter or None): vLLM keys an adapter's blocks by the base

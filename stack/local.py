@@ -30,6 +30,7 @@ from infergw.api import logs, tracing, yaml_files
 from infergw.api.lifetime import spawn
 from infergw.api.loopback import missing_loopback
 from infergw.api.names import ENGINE_LABEL, KV_EVENTS_PORT, KV_REPLAY_PORT
+from infergw.api.pod_ports import AUTO, MANY, ONE, POD_ADDRESS_HELP, resolve_pod_addresses
 from infergw.cluster.certs import serving_cert
 from infergw.stack.auth import AuthConfig
 from infergw.stack.envoy_config import EnvoySettings, ListenerTls, PoolRoute, render
@@ -79,6 +80,8 @@ class StackConfig:
     picker_args: list[str] = field(default_factory=list)
     # From manifests: more flags for the standalone controllers (e.g. --autoscale-interval).
     controllers_args: list[str] = field(default_factory=list)
+    # From manifests: how the pods share this machine (api/pod_ports.py: one, many or auto).
+    pod_addresses: str = AUTO
     # Another model server in place of the simulator: port -> command line.
     pod_command: Callable[[int], list[str]] | None = None
     # False: Envoy round-robins over the pods with no picker (the benchmarks' baseline).
@@ -371,12 +374,17 @@ class LocalStack:
 
     def start_controllers(self) -> None:
         """The standalone controllers on the manifests; back once they have written the
-        pool (its pods start in the background). Stops at once, saying how to add them,
-        where the pods' own loopback addresses are missing (macOS: api/loopback.py)."""
-        problem = missing_loopback()
-        if problem is not None:
-            raise RuntimeError(problem)
+        pool (its pods start in the background). Pods on addresses of their own where this
+        machine has them, else on one with ports of their own (api/pod_ports.py); asked for
+        addresses of their own (`many`) where they are missing, it stops at once, saying how to
+        add them (macOS: api/loopback.py)."""
         c = self.cfg
+        addresses = resolve_pod_addresses(c.pod_addresses)
+        problem = missing_loopback() if addresses == MANY else None
+        if problem is not None:
+            raise RuntimeError(f"{problem}; or run with --pod-addresses {ONE}")
+        if c.progress is not None and c.pod_addresses == AUTO and addresses == ONE:
+            c.progress(f"pods: {POD_ADDRESS_HELP[ONE]}")  # the loopback addresses are missing
         for stale in (self.pool_path, self.eds_path):  # an earlier run's, in a reused workdir
             stale.unlink(missing_ok=True)
         for plan in self.plans:
@@ -398,6 +406,7 @@ class LocalStack:
             str(c.ports.controllers_metrics),
             *self._controllers_kv_args(),
             *self._picker_metrics_args(),
+            f"--pod-addresses={addresses}",
             *(["--weights-cache-dir", str(c.weights_cache_dir)] if c.weights_cache_dir else []),
             *c.controllers_args,
         ]

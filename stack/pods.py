@@ -12,6 +12,7 @@ import yaml
 
 from infergw.api import yaml_files
 from infergw.api.names import ENGINE_NOT_INSTALLED
+from infergw.cluster.pool import HOST_PORTS_ANNOTATION
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,6 +24,7 @@ class PodView:
     waiting: str = ""  # a container's waiting reason, if one waits
     message: str = ""  # and what it says
     restarts: int = 0
+    ports: str = ""  # one-address mode: where its container ports moved (8000=20001,...)
 
     @classmethod
     def of(cls, pod: dict) -> PodView:
@@ -43,6 +45,7 @@ class PodView:
             waiting=waiting.get("reason", ""),
             message=waiting.get("message", ""),
             restarts=sum(int(c.get("restartCount", 0)) for c in containers),
+            ports=((pod["metadata"].get("annotations") or {}).get(HOST_PORTS_ANNOTATION) or ""),
         )
 
     @property
@@ -63,6 +66,7 @@ class PodView:
 
     def line(self, elapsed: float) -> str:
         where = f" on {self.ip}" if self.ip else ""
+        where += f" (ports {self.ports})" if self.ports else ""
         return f"  pod {self.name}{where}: {self.state()} ({elapsed:.0f} s)"
 
 

@@ -10,6 +10,7 @@ from dataclasses import astuple, dataclass, field
 from pathlib import Path
 
 from infergw.api.names import KV_EVENTS_PORT, KV_REPLAY_PORT
+from infergw.api.pod_ports import FIRST_HOST_PORT
 
 # Picker i of `infergate up --pickers N` listens on picker 0's ports + i * this (9102, 9103,
 # 9190, 9104 for the second): far enough apart that no picker's port is another's.
@@ -135,9 +136,10 @@ def port_slice(low: int, top: int) -> tuple[int, int]:
 
 
 def free_port() -> int:
-    """A port free now, below the ephemeral range, in this process's slice of it, and not
-    handed out before in this process."""
-    low, top = port_slice(LOWEST_PORT, _ephemeral_start())
+    """A port free now, below the ephemeral range and the one-address pods' ports
+    (api/pod_ports.py: the standalone runtime may take one before its server binds it), in
+    this process's slice of that range, and not handed out before in this process."""
+    low, top = port_slice(LOWEST_PORT, min(_ephemeral_start(), FIRST_HOST_PORT))
     if top - low >= 1_000:
         for _ in range(_ATTEMPTS):
             port = _rng.randrange(low, top)

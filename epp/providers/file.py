@@ -39,7 +39,7 @@ def apply(
     datastore first, so whatever they hold that would fail does so before the real one
     changes."""
     try:
-        _apply(Datastore(), objects, pool_name, namespace)
+        _apply(Datastore(host_ports=True), objects, pool_name, namespace)
     except FileProviderError:
         raise
     except PoolError as exc:

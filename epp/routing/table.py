@@ -165,7 +165,7 @@ def selects(server: ModelServer, endpoint: Endpoint) -> bool:
     if any(endpoint.labels.get(k) != v for k, v in labels.items()):
         return False
     port = spec.workload_port.port if spec.workload_port else None
-    return port is None or endpoint.address.rsplit(":", 1)[1] == str(port)
+    return port is None or endpoint.target_port == port
 
 
 def _typed(obj: dict[str, Any]) -> ModelRoute | ModelServer | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+from infergw.cluster.pool import HOST_PORTS_ANNOTATION
 from infergw.cluster.store import INFERENCE_POOL, POD
 from infergw.controllers.envoy_eds import discovery_response, pool_endpoints
 from infergw.controllers.exporter import PoolExporter
@@ -47,6 +48,24 @@ def test_only_addressed_selected_live_pods_of_the_namespace_are_endpoints():
         ("127.0.0.3", 8000, False),
         ("127.0.0.3", 8001, False),
     ]
+
+
+def test_one_address_pods_are_endpoints_at_their_own_ports(caplog):
+    """One-address mode: each pod's target ports where its host-ports annotation moved them
+    (a port it does not move stays); a pod whose annotation is unreadable is left out, said."""
+    a, b, bad = pod("a", "127.0.0.1"), pod("b", "127.0.0.1"), pod("bad", "127.0.0.1")
+    a["metadata"]["annotations"] = {HOST_PORTS_ANNOTATION: "8000=20001,8001=20002"}
+    b["metadata"]["annotations"] = {HOST_PORTS_ANNOTATION: "8000=20003"}
+    bad["metadata"]["annotations"] = {HOST_PORTS_ANNOTATION: "8000=20004,8000=20005"}
+    assert pool_endpoints(POOL, [a, b, bad]) == [
+        ("127.0.0.1", 8001, True),
+        ("127.0.0.1", 20001, True),
+        ("127.0.0.1", 20002, True),
+        ("127.0.0.1", 20003, True),
+    ]
+    assert "ignoring pod bad: annotation infergate.io/host-ports: port 8000 is given twice" in (
+        caplog.text
+    )
 
 
 def test_discovery_response_is_an_envoy_cluster_load_assignment():

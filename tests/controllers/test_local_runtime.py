@@ -16,6 +16,8 @@ import aiohttp
 import pytest
 
 from infergw.api.lifetime import spawn
+from infergw.api.pod_ports import FIRST_HOST_PORT, LAST_HOST_PORT, ONE, HostPorts
+from infergw.cluster.pool import HOST_PORTS_ANNOTATION as HOST_PORTS
 from infergw.cluster.store import POD
 from infergw.controllers.local_runtime import LocalRuntime
 from infergw.controllers.memory_store import MemoryStore
@@ -174,6 +176,20 @@ def cmdline(pid: int) -> list[bytes]:
     return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
 
 
+def file_server(served: Path) -> dict:
+    """A container serving `served` on port 8001 of the pod's address, ready once it holds
+    a file named ready. http.server takes its port as a bare argument, which one-address mode
+    does not move: it is given through an env variable named …PORT, which it does."""
+    return {
+        "name": "files",
+        "command": ["sh", "-c", f'exec "{sys.executable}" -m http.server "$FILES_PORT" "$@"', "-"],
+        "args": ["--bind", "$(POD_IP)", "--directory", str(served)],
+        "env": [{"name": "FILES_PORT", "value": "8001"}],
+        "ports": [{"name": "files", "containerPort": 8001}],
+        "readinessProbe": {"httpGet": {"path": "/ready", "port": "files"}},
+    }
+
+
 def statuses(pod_or_status: dict) -> dict[str, dict]:
     """containerStatuses by name, from a pod or its status."""
     status = pod_or_status.get("status", pod_or_status)
@@ -186,16 +202,8 @@ async def test_every_container_runs_on_the_pod_address_and_restarts_alone(runtim
     served = tmp_path / "served"
     served.mkdir()
     pod = sim_pod("two")
-    pod["spec"]["containers"].append(
-        {
-            "name": "files",
-            "command": [sys.executable, "-m", "http.server", "8001"],
-            "args": ["--bind", "$(POD_IP)", "--directory", str(served)],
-            "ports": [{"name": "files", "containerPort": 8001}],
-            # 404 until the test writes the file: this container is not ready before
-            "readinessProbe": {"httpGet": {"path": "/ready", "port": "files"}},
-        }
-    )
+    # 404 until the test writes the file: this container is not ready before
+    pod["spec"]["containers"].append(file_server(served))
     store, rt = runtime
     await store.create(pod)
     pod = await wait_status(store, "two", lambda st: statuses(st).get("engine", {}).get("ready"))
@@ -648,3 +656,46 @@ async def test_a_failed_init_container_with_restart_policy_never_fails_the_pod(r
     failed = await wait_status(store, "n", lambda st: st.get("phase") == "Failed")
     assert failed["status"]["initContainerStatuses"][0]["state"]["terminated"]["exitCode"] == 6
     assert rt.process("default", "n") is None
+
+
+async def test_one_address_mode_moves_every_pods_ports_and_says_where(tmp_path):
+    """`--pod-addresses one` (macOS without loopback aliases): both pods on 127.0.0.1, each
+    container port moved to a free one of its own, written in the pod's host-ports annotation
+    and in the processes' command lines; readiness probes go there; a restart keeps them."""
+    store = MemoryStore()
+    rt = LocalRuntime(store, tmp_path, max_backoff=0.5, probe_interval=0.05, pod_addresses=ONE)
+    await rt.start()
+    try:
+        served = tmp_path / "served"
+        served.mkdir()
+        (served / "ready").write_text("ok")
+        two = sim_pod("a")
+        two["spec"]["containers"].append(file_server(served))
+        await store.create(two)
+        await store.create(sim_pod("b"))
+        a = await wait_status(store, "a", ready)
+        b = await wait_status(store, "b", ready)
+        assert a["status"]["podIP"] == b["status"]["podIP"] == "127.0.0.1"
+        ports = {
+            p["metadata"]["name"]: HostPorts.parse(p["metadata"]["annotations"][HOST_PORTS])
+            for p in (a, b)
+        }
+        assert set(ports["a"].as_dict()) == {8000, 8001} and set(ports["b"].as_dict()) == {8000}
+        moved = [*ports["a"].as_dict().values(), *ports["b"].as_dict().values()]
+        assert len(set(moved)) == 3 and all(FIRST_HOST_PORT <= p <= LAST_HOST_PORT for p in moved)
+        async with aiohttp.ClientSession() as s:
+            for name in ("a", "b"):
+                url = f"http://127.0.0.1:{ports[name].of(8000)}/v1/models"
+                async with s.get(url) as r:
+                    assert (await r.json())["data"][0]["id"] == f"m-{name}"
+            async with s.get(f"http://127.0.0.1:{ports['a'].of(8001)}/ready") as r:
+                assert await r.text() == "ok"
+        files = rt.process("default", "a", "files")
+        assert str(ports["a"].of(8001)).encode() in cmdline(files.pid)  # sh exec'd python
+        os.killpg(files.pid, signal.SIGKILL)
+        a = await wait_status(
+            store, "a", lambda st: ready(st) and statuses(st)["files"]["restartCount"] == 1
+        )
+        assert HostPorts.parse(a["metadata"]["annotations"][HOST_PORTS]) == ports["a"]
+    finally:
+        await rt.stop()

@@ -20,6 +20,8 @@ import pytest
 import yaml
 
 from infergw.api.names import DESTINATION_HEADER, RUNTIME_PORT
+from infergw.api.pod_ports import MANY, ONE
+from infergw.cluster.pool import reached_port
 from infergw.cluster.store import MODEL, POD
 from infergw.controllers.app import Standalone
 from tests import extproc_client as ec
@@ -93,7 +95,9 @@ def identity(app: Standalone, pods: list[dict]) -> list[tuple[str, str, int, int
     return out
 
 
-async def test_adapters_are_loaded_and_unloaded_on_running_pods(tmp_path) -> None:
+@pytest.mark.parametrize("addresses", [MANY, ONE])
+async def test_adapters_are_loaded_and_unloaded_on_running_pods(tmp_path, addresses) -> None:
+    """On pods of their own addresses, or all on one with ports of their own (macOS)."""
     manifests = tmp_path / "manifests"
     manifests.mkdir()
     model_file = manifests / "model.yaml"
@@ -104,7 +108,8 @@ async def test_adapters_are_loaded_and_unloaded_on_running_pods(tmp_path) -> Non
 
     apply("a")
     pool_file = tmp_path / "pool.yaml"
-    app = await Standalone(manifests, tmp_path / "state", pool_file).start()
+    app = Standalone(manifests, tmp_path / "state", pool_file, pod_addresses=addresses)
+    await app.start()
     picker, port, grpc_port = await start_picker(tmp_path, pool_file)
     store = app.store
     try:
@@ -139,8 +144,9 @@ async def test_adapters_are_loaded_and_unloaded_on_running_pods(tmp_path) -> Non
                 assert r.status == 200, await r.text()
                 assert (await r.json())["model"] == "b"
             # the sidecar's own report
-            ip = pods[0]["status"]["podIP"]
-            async with session.get(f"http://{ip}:{RUNTIME_PORT}/status") as r:
+            ip, sidecar = pods[0]["status"]["podIP"], reached_port(pods[0], RUNTIME_PORT)
+            assert (sidecar == RUNTIME_PORT) == (addresses == MANY)
+            async with session.get(f"http://{ip}:{sidecar}/status") as r:
                 status = await r.json()
             assert status["ready"] and {a["name"] for a in status["adapters"]} == {"a", "b"}
 

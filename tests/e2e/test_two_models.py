@@ -11,6 +11,7 @@ import pytest
 import requests
 
 from infergw.api.names import MODEL_NAME_HEADER, SERVED_HEADER
+from infergw.api.pod_ports import MANY, ONE
 from infergw.stack.example import Example
 from infergw.stack.local import LocalStack, StackConfig
 from infergw.stack.ports import free_stack_ports
@@ -21,14 +22,20 @@ pytestmark = pytest.mark.slow
 SERVED = {"chat": {"chat-sim", "chat-sql"}, "code": {"code-sim", "coder"}}
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory):
+@pytest.fixture(scope="module", params=[MANY, ONE])
+def stack(tmp_path_factory, request):
+    """Pods on addresses of their own, or all on 127.0.0.1 with ports of their own (macOS)."""
     run = tmp_path_factory.mktemp("two-models")
     example = Example.read(ROOT / "examples" / "two-models").with_changes(
         run / "example", engine_args=["--sim-time-scale=0.2"]
     )
     ports = free_stack_ports(pods=example.pod_count(), pickers=len(example.models))
-    with LocalStack(StackConfig.from_example(example, run / "stack", ports)) as running:
+    cfg = StackConfig.from_example(example, run / "stack", ports, pod_addresses=request.param)
+    with LocalStack(cfg) as running:
+        pods = pods_of(running, "chat") | pods_of(running, "code")
+        assert len(pods) == 3 and (request.param == ONE) == all(
+            p.startswith("127.0.0.1:") for p in pods
+        ), pods
         yield running
 
 

@@ -6,52 +6,17 @@ manifest adds a pod that Envoy can route to."""
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import pytest
 import requests
 import yaml
 
 from infergw.stack.example import Example
-from infergw.stack.local import QUICKSTART, LocalStack, StackConfig
+from infergw.stack.local import LocalStack, StackConfig
 from infergw.stack.ports import free_stack_ports
-from tests.e2e.gateway_config import PIN, pinnable
+from tests.e2e.manifest_stack import ask, indexed_on_it_alone, wait, write_example
 
 pytestmark = pytest.mark.slow
-
-
-def write_example(directory: Path, replicas: int, **engine) -> Example:
-    """The quickstart Model with the replicas asked for. Its KV events go where the stack
-    tells the controllers: this test's picker."""
-    directory.mkdir(exist_ok=True)
-    model = next(d for d in yaml.safe_load_all((QUICKSTART / "model.yaml").read_text()) if d)
-    model["spec"]["replicas"] = replicas
-    model["spec"]["engine"]["args"] = ["--sim-time-scale=0.2"]
-    model["spec"]["engine"].update(engine)
-    (directory / "model.yaml").write_text(yaml.safe_dump(model))
-    (directory / "epp-config.yaml").write_text(
-        pinnable((QUICKSTART / "epp-config.yaml").read_text())
-    )
-    return Example.read(directory)
-
-
-def ask(stack: LocalStack, prompt: str, pin: str | None = None) -> requests.Response:
-    r = requests.post(
-        stack.url + "/v1/completions",
-        headers={PIN: pin} if pin else {},
-        json={"model": "infergate-sim", "prompt": prompt, "max_tokens": 2},
-        timeout=60,
-    )
-    assert r.status_code == 200, r.text
-    return r
-
-
-def wait(check, what: str, within: float = 60.0):
-    deadline = time.monotonic() + within
-    while not (result := check()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
-    return result
 
 
 def test_a_model_manifest_becomes_a_served_stack_and_edits_apply(tmp_path):
@@ -121,15 +86,6 @@ def test_an_engine_that_is_not_installed_stops_the_start_with_what_is_missing(tm
     assert "engine.type: Simulator" in message
 
 
-def matched_blocks(stack: LocalStack, index: int, prompt: str) -> dict[str, int]:
-    """What picker `index`'s KV index says each pod holds of the prompt."""
-    url = f"http://127.0.0.1:{stack.picker_ports(index).metrics}/debug/prefix-scores"
-    body = {"model": "infergate-sim", "prompt": prompt}
-    r = requests.post(url, json=body, timeout=30)
-    assert r.status_code == 200, r.text
-    return {e["address"]: e["matched_blocks"] for e in r.json()["endpoints"]}
-
-
 def test_two_pickers_each_hear_every_pods_kv_events(tmp_path):
     """`infergate up --pickers 2`: the controllers run the pods in per-pod KV mode, each pod
     binding its PUB on its own loopback address, and both pickers connect to every pod: a
@@ -143,13 +99,7 @@ def test_two_pickers_each_hear_every_pods_kv_events(tmp_path):
         assert all(set(stack.picker_endpoints(i)) == set(pods) for i in (0, 1))
         prompt = "Chapter 2: " + " ".join(f"word{i}" for i in range(300))
         served = ask(stack, prompt).headers["x-gateway-destination-endpoint-served"]
-        for index in (0, 1):
-            held = wait(
-                lambda i=index: (m := matched_blocks(stack, i, prompt))[served] > 0 and m,
-                f"picker {index} to index the served pod's blocks",
-                within=10,
-            )
-            assert all(n == 0 for pod, n in held.items() if pod != served), held
+        indexed_on_it_alone(stack, prompt, served, pickers=2)
         # The controllers rendered per-pod sockets: each pod binds its own address.
         log = (stack.cfg.workdir / "controllers.log").read_text()
         assert "--sim-kv-events-bind" in log

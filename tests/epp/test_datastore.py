@@ -7,7 +7,7 @@ import copy
 import pytest
 
 from infergw.api.names import ENGINE_LABEL
-from infergw.cluster.pool import ACTIVE_PORTS_ANNOTATION
+from infergw.cluster.pool import ACTIVE_PORTS_ANNOTATION, HOST_PORTS_ANNOTATION
 from infergw.epp.datastore import Datastore, Endpoint, EndpointMetrics, PoolSpec
 
 
@@ -31,8 +31,8 @@ def pod(
     return {"metadata": meta, "status": status}
 
 
-def store(ports=(8000,), *pods) -> Datastore:
-    ds = Datastore()
+def store(ports=(8000,), *pods, host_ports: bool = False) -> Datastore:
+    ds = Datastore(host_ports=host_ports)
     ds.set_pool(PoolSpec("pool", "ns", {"app": "vllm"}, list(ports)))
     ds.replace_pods(list(pods))
     return ds
@@ -286,3 +286,22 @@ def test_metrics_age():
     ep = Endpoint(name="p", pod="p", address="1.2.3.4:80")
     ep.metrics.updated_at = 100.0
     assert ep.metrics_age(now=102.5) == 2.5
+
+
+def test_pool_files_move_each_pods_ports_by_its_host_ports_annotation(caplog):
+    """One-address mode: every pod on 127.0.0.1, each reached at its own ports; the endpoint
+    knows where its other ports (KV events) went too, and is keyed by its pod."""
+    a = pod("a", "127.0.0.1", annotations={HOST_PORTS_ANNOTATION: "8000=20001,5557=20002"})
+    b = pod("b", "127.0.0.1", annotations={HOST_PORTS_ANNOTATION: "8000=20003,5557=20004"})
+    bad = pod("c", "127.0.0.1", annotations={HOST_PORTS_ANNOTATION: "8000"})
+    ds = store((8000,), a, b, bad, host_ports=True)
+    assert {e.address: e.pod for e in ds.endpoints()} == {
+        "127.0.0.1:20001": "a",
+        "127.0.0.1:20003": "b",
+    }
+    assert ds.endpoint("127.0.0.1:20003").host_ports.of(5557) == 20004
+    assert ds.has_member("a", 20001) and not ds.has_member("a", 20003)
+    assert "ignoring pod c: annotation infergate.io/host-ports" in caplog.text
+    # a cluster's pods have their own IPs: the annotation moves nothing there
+    a_ip = pod("a", "10.0.0.1", annotations={HOST_PORTS_ANNOTATION: "8000=20001"})
+    assert addresses(store((8000,), a_ip)) == ["10.0.0.1:8000"]
