@@ -135,11 +135,16 @@ def port_slice(low: int, top: int) -> tuple[int, int]:
     return low + index * width, low + (index + 1) * width
 
 
+def port_range() -> tuple[int, int]:
+    """[low, top): where free_port() draws from in this process."""
+    return port_slice(LOWEST_PORT, min(_ephemeral_start(), FIRST_HOST_PORT))
+
+
 def free_port() -> int:
     """A port free now, below the ephemeral range and the one-address pods' ports
     (api/pod_ports.py: the standalone runtime may take one before its server binds it), in
     this process's slice of that range, and not handed out before in this process."""
-    low, top = port_slice(LOWEST_PORT, min(_ephemeral_start(), FIRST_HOST_PORT))
+    low, top = port_range()
     if top - low >= 1_000:
         for _ in range(_ATTEMPTS):
             port = _rng.randrange(low, top)
