@@ -182,9 +182,23 @@ class _Handler(logging.StreamHandler):
     """The handler configure() installs (and replaces when called again)."""
 
 
+class _StderrHandler(_Handler):
+    """Writes to sys.stderr as it is at each line, not as it was at configure(): whoever
+    swaps it later (pytest's capture between tests, a redirect) gets the lines, and a closed
+    old one is never written to."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:  # StreamHandler.__init__ sets it; sys.stderr wins
+        pass
+
+
 def configure(s: LogSettings, stream: TextIO | None = None) -> None:
     """Log to stderr (or `stream`) as `s` says; again from scratch if called again."""
-    handler = _Handler(stream or sys.stderr)
+    handler = _StderrHandler() if stream is None else _Handler(stream)
     handler.setFormatter(JsonFormatter() if s.format == "json" else TextFormatter())
     root = logging.getLogger()
     for old in root.handlers[:]:

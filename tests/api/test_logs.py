@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import sys
 
 import pytest
 
@@ -202,3 +203,22 @@ def test_configure_again_replaces_its_handler_and_keeps_others() -> None:
     assert first.getvalue() == ""
     assert json.loads(second.getvalue())["message"] == "once"
     assert other in logging.getLogger().handlers
+
+
+def test_lines_go_to_stderr_as_it_is_now_not_as_it_was(monkeypatch) -> None:
+    """configure() without a stream follows sys.stderr: a process (or a test) that swaps it
+    later gets the lines, and the old one, closed, is never written to."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    first, second = io.StringIO(), io.StringIO()
+    try:
+        monkeypatch.setattr(sys, "stderr", first)
+        logs.configure(logs.LogSettings("text", "INFO", "INFO"))
+        first.close()
+        monkeypatch.setattr(sys, "stderr", second)
+        logging.getLogger("infergw.test.stderr").warning("after the swap")
+        said = second.getvalue()
+        assert "infergw.test.stderr: after the swap" in said and "Logging error" not in said
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
