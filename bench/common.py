@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -121,3 +122,19 @@ def save_results(
     print("wrote", json_path)
     print("wrote", plot(out, plots_dir / f"{name}{suffix}.png"))
     print(markdown(out))
+
+
+def positive_number(text: str) -> float:
+    """An argparse type: a positive finite number (a rate, seconds); a clear usage error else."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 < value < float("inf"):  # NaN fails too
+        raise argparse.ArgumentTypeError(f"a positive finite number, got {text!r}")
+    return value
+
+
+def rate_list(text: str) -> list[float]:
+    """An argparse type: comma-separated request rates, each a positive_number."""
+    return [positive_number(r) for r in text.split(",")]

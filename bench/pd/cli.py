@@ -19,7 +19,7 @@ from pathlib import Path
 import yaml
 
 from infergw.api.cli_help import HelpFormatter
-from infergw.bench.common import machine, save_results
+from infergw.bench.common import machine, positive_number, rate_list, save_results
 from infergw.bench.pd.fleet import MODES, Tuning, check_tuning
 from infergw.bench.pd.report import markdown, plot
 from infergw.bench.pd.run import Settings, run_point
@@ -44,8 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     run = p.add_argument_group("Run")
     output = p.add_argument_group("Output")
     run.add_argument("--quick", action="store_true", help="one rate, short (about a minute)")
-    run.add_argument("--rates", type=_rates, default=None, help="comma-separated requests/s")
-    run.add_argument("--duration", type=_positive, default=None, help="measured seconds per point")
+    run.add_argument("--rates", type=rate_list, default=None, help="comma-separated requests/s")
+    run.add_argument(
+        "--duration", type=positive_number, default=None, help="measured seconds per point"
+    )
     run.add_argument(
         "--modes",
         default=None,
@@ -151,20 +153,6 @@ def main(argv: list[str] | None = None) -> int:
         "pd", out, quick=args.quick, output_dir=args.output_dir, plot=plot, markdown=markdown
     )
     return 0
-
-
-def _positive(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0 < value < float("inf"):  # NaN fails too
-        raise argparse.ArgumentTypeError(f"a positive finite number, got {text!r}")
-    return value
-
-
-def _rates(text: str) -> list[float]:
-    return [_positive(r) for r in text.split(",")]
 
 
 def _mapping(text: str) -> dict:

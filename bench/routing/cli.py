@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from infergw.api.cli_help import HelpFormatter
-from infergw.bench.common import PLOTS, RESULTS, machine, write_json
+from infergw.bench.common import PLOTS, RESULTS, machine, rate_list, write_json
 from infergw.bench.routing.arrivals import ARRIVALS
 from infergw.bench.routing.catalog import plan, with_arrivals
 from infergw.bench.routing.oracle import oracle
@@ -140,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--duration", type=float, default=None, help="measured seconds per point")
     run.add_argument(
         "--rates",
+        type=rate_list,
         default=None,
         help="comma-separated request rates for every workload (default: each workload's own); "
         "a low rate keeps a shared machine's CPU out of a routing-quality comparison",
@@ -201,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown workloads {sorted(set(wanted) - set(names))}; known: {names}")
     work = [(with_arrivals(w, args.arrivals), rates) for w, rates in work if w.name in wanted]
     if args.rates:
-        work = [(w, [float(r) for r in args.rates.split(",")]) for w, _ in work]
+        work = [(w, args.rates) for w, _ in work]
     chosen = with_baselines([routers[r] for r in chosen], args.baseline)
     points = [Point(r, wl, rate) for wl, rates in work for rate in rates for r in chosen]
     rows = _run_with_progress(points, settings)

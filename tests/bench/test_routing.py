@@ -242,3 +242,13 @@ def test_output_dir_takes_the_json_and_the_plots(monkeypatch, tmp_path) -> None:
     assert plotted == [tmp_path]
     after = {p: p.stat().st_mtime_ns for d in (PLOTS, RESULTS) for p in d.glob("routing*")}
     assert after == before
+
+
+@pytest.mark.parametrize(("rates", "said"), [("6,abc", "not a number"), ("0", "positive finite")])
+def test_bad_rates_are_a_usage_error_before_anything_starts(tmp_path, capsys, rates, said):
+    from infergw.bench.routing.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--rates", rates, "--output-dir", str(tmp_path)])
+    assert exit_.value.code == 2 and said in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
