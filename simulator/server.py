@@ -239,13 +239,7 @@ class Simulator:
         head: responses.AnswerHead,
         reqs: list[SimRequest],
     ) -> web.StreamResponse:
-        resp = web.StreamResponse(
-            headers={
-                "Content-Type": "text/event-stream; charset=utf-8",
-                "Cache-Control": "no-cache",
-            }
-        )
-        await resp.prepare(request)
+        resp = await _event_stream(request)
         chat, ids = head.chat, gen.return_token_ids
         if chat:
             first = responses.chat_first_chunk(
@@ -319,11 +313,7 @@ class Simulator:
             if not chat.get("stream"):
                 await self._finished(req)
                 return web.json_response(anthropic.message(message_id, model, req), dumps=_dumps)
-            resp = web.StreamResponse(
-                headers={"Content-Type": "text/event-stream; charset=utf-8",
-                         "Cache-Control": "no-cache"}
-            )  # fmt: skip
-            await resp.prepare(request)
+            resp = await _event_stream(request)
             async for event in anthropic.events(message_id, model, req):
                 await resp.write(event)
             await resp.write_eof()
@@ -355,11 +345,7 @@ class Simulator:
                 answer = responses_api.response(head, req)
                 keep(answer)
                 return web.json_response(answer, dumps=_dumps)
-            resp = web.StreamResponse(
-                headers={"Content-Type": "text/event-stream; charset=utf-8",
-                         "Cache-Control": "no-cache"}
-            )  # fmt: skip
-            await resp.prepare(request)
+            resp = await _event_stream(request)
             async for event in responses_api.events(head, req, keep):
                 await resp.write(event)
             await resp.write_eof()
@@ -535,3 +521,12 @@ async def _errors_as_json(request: web.Request, handler) -> web.StreamResponse:
     except Exception:
         log.exception("%s %s failed", request.method, request.path)
         return web.json_response(ApiError(500, "internal server error").body(), status=500)
+
+
+async def _event_stream(request: web.Request) -> web.StreamResponse:
+    """A server-sent event stream, prepared (its headers sent) for the answer's events."""
+    resp = web.StreamResponse(
+        headers={"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"}
+    )
+    await resp.prepare(request)
+    return resp
