@@ -71,9 +71,9 @@ async def fleet(texts: list[str], **scraper_kw) -> AsyncIterator[tuple[list[Pod]
     """PODS real pods serving `texts`, two replicas that have found each other and know every
     pod's numbers."""
     pods = [Pod(t) for t in texts]
-    binds = [f"tcp://127.0.0.1:{free_port()}" for _ in range(2)]
     async with AsyncExitStack() as stack:
         ports = [await stack.enter_async_context(serving(p)) for p in pods]
+        binds = split_binds(ports)
         replicas: list[Replica] = []
         for bind in binds:
             r = await replica(bind, [b for b in binds if b != bind], ports, **scraper_kw)
@@ -86,6 +86,16 @@ async def fleet(texts: list[str], **scraper_kw) -> AsyncIterator[tuple[list[Pod]
         for pod, port in zip(pods, ports, strict=True):
             pod.port = port
         yield pods, replicas
+
+
+def split_binds(ports: list[int]) -> list[str]:
+    """Two replica addresses between which rendezvous hashing splits the pods: with random
+    ports one replica owns all four pods one time in eight, and the tests need both to own."""
+    while True:
+        binds = [f"tcp://127.0.0.1:{free_port()}" for _ in range(2)]
+        owners = {owner(f"127.0.0.1:{port}", binds) for port in ports}
+        if len(owners) == 2:
+            return binds
 
 
 def owner_index(replicas: list[Replica], port: int) -> int:
@@ -124,7 +134,7 @@ async def test_a_replica_whose_owner_is_gone_scrapes_for_itself_then_owns_the_po
     async with fleet(texts) as (pods, replicas):
         survivor = replicas[0]
         theirs = [p for p in pods if owner_index(replicas, p.port) == 1]
-        assert theirs, "replica 1 owns no pod: change the pods' ports"
+        assert theirs, "replica 1 owns no pod: split_binds should have split them"
         await replicas[1].stop()
         t0 = time.monotonic()
         before = {p.port: p.scrapes for p in theirs}
