@@ -30,8 +30,12 @@ ERROR_LIMIT = 400  # characters of a reason a source could not be read
 TIMEOUT = 2.0
 
 _SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)")
-# Terminal control characters (an escape sequence could rewrite the screen): shown as "?".
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# Shown as "?": terminal control characters (an escape sequence could rewrite the screen),
+# Unicode's line separators, lone surrogates, and bidi controls (U+202E would show a pod's
+# name reversed, and any text after it on the line).
+_CONTROL = re.compile(
+    r"[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069\ud800-\udfff]"
+)
 _LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
 
 # The picker's series read (epp/metrics.py, epp/app.py)

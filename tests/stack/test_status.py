@@ -144,6 +144,16 @@ def test_a_malformed_debug_page_shows_unknowns_never_a_traceback(page: bytes, ca
         assert len(line) < 400
 
 
+@pytest.mark.parametrize(
+    "hostile",
+    ["\x1b[2J", "\x9b31m", "\u202egnp.exe", "\u2066x\u2069", "a\u2028b", "\ud800", "\u200f"],
+)
+def test_text_shown_never_carries_controls_bidi_overrides_or_surrogates(hostile: str) -> None:
+    shown = status_sources.text(f"pod-{hostile}-0")
+    assert shown is not None and shown.startswith("pod-") and shown.endswith("-0")
+    assert all(c.isprintable() and not "\ud800" <= c <= "\udfff" for c in shown), repr(shown)
+
+
 def test_values_that_are_not_finite_numbers_are_unknown() -> None:
     pool, rows, more = pod_rows(HOSTILE_ENDPOINTS[3])
     assert pool is None and more == 0
