@@ -147,6 +147,8 @@ class DictBlockIndex:
         self._set(k, p, f, True)
 
     def _evict(self) -> None:
+        if not self._over:  # every add asks; few find a shard over its budget
+            return
         # A little below the budget, so the scan over a dict's front (where deleted entries
         # collect until its next resize) is paid once per batch.
         target = self._budget - (self._budget >> 8)
