@@ -147,6 +147,8 @@ class DictBlockIndex:
         self._set(k, p, f, True)
 
     def _evict(self) -> None:
+        if not self._over:  # every add asks; few find a shard over its budget
+            return
         # A little below the budget, so the scan over a dict's front (where deleted entries
         # collect until its next resize) is paid once per batch.
         target = self._budget - (self._budget >> 8)
@@ -296,10 +298,27 @@ class DictBlockIndex:
             self._expire(now)
         p, exp = self._pod(pod), now + self.speculative_ttl
         spec = self._specs[p]
-        shards, m = self._shards, self._mask
+        shards, m, shard_n, budget = self._shards, self._mask, self._shard_n, self._budget
+        # A key nobody holds (a new prompt's tail: most of its keys) takes the slot of a lone
+        # speculative entry, counted once per call: what _set does for it, inline.
+        canon = self._canon
+        if len(canon) >= MAX_INTERNED_SLOTS:
+            canon.clear()
+        lone = p << _POD | _SPEC
+        lone = canon.setdefault(lone, lone)
+        fresh = 0
         for k in reversed(keys):  # head newest, as in add
-            d = shards[k & m]
+            sh = k & m
+            d = shards[sh]
             rec = d.get(k)
+            if rec is None:
+                d[k] = lone
+                spec[k] = exp
+                fresh += 1
+                shard_n[sh] += 1
+                if shard_n[sh] > budget:
+                    self._over.add(sh)
+                continue
             # The chosen pod mostly holds the prompt's head already, alone (a shared prefix
             # routed where it is): a touch, inline (what _fields and _touch do).
             if rec.__class__ is int and rec >> _POD == p and rec & _GPU_MASK:
@@ -311,20 +330,34 @@ class DictBlockIndex:
             else:
                 self._set(k, p, f | _SPEC, True)
                 spec[k] = exp
+        self._n += fresh
+        self._pod_n[p] += fresh
         self._spec_q.append((exp, p, tuple(keys)))
         self._evict()
 
     def _expire(self, now: float) -> None:
         q = self._spec_q
+        shards, m, shard_n = self._shards, self._mask, self._shard_n
         while q and q[0][0] <= now:
             exp, p, keys = q.popleft()
             spec = self._specs[p]
+            lone = p << _POD | _SPEC  # the pod's speculative entry, alone on its key
+            gone = 0
             for k in keys:
                 if spec.get(k) == exp:  # neither confirmed nor renewed since
                     del spec[k]
-                    f = _fields(self._get(k), p)
+                    sh = k & m
+                    rec = shards[sh].get(k)
+                    if rec == lone:  # the common case: what _set does for it, inline
+                        del shards[sh][k]
+                        shard_n[sh] -= 1
+                        gone += 1
+                        continue
+                    f = _fields(rec, p)
                     if f & _SPEC:
                         self._set(k, p, f - _SPEC, False)
+            self._n -= gone
+            self._pod_n[p] -= gone
 
     # --- queries
 

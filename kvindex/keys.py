@@ -27,6 +27,7 @@ multimodal items need it, and the picker never has those (see kvindex/cache.py).
 from __future__ import annotations
 
 import array
+import functools
 import sys
 from collections.abc import Mapping
 
@@ -55,6 +56,12 @@ _U32_CODE = next(c for c in "IL" if array.array(c).itemsize == 4)
 def _token_bytes(token_ids) -> memoryview:
     """The token ids as uint32 LE bytes. A list or tuple of ints (events, prompts) converts in
     one C call, with its range check; anything else goes through numpy."""
+    if token_ids.__class__ is array.array and token_ids.typecode == _U32_CODE:
+        # A prompt's ids (epp/request.py keeps them so): already uint32, in this machine's
+        # order; numpy's checks cost more than hashing the prompt's blocks.
+        if sys.byteorder == "little":
+            return memoryview(token_ids).cast("B")
+        token_ids = token_ids.tolist()
     if token_ids.__class__ is tuple or token_ids.__class__ is list:
         try:
             arr = array.array(_U32_CODE, token_ids)
@@ -77,6 +84,9 @@ def _as_u32(token_ids) -> np.ndarray:
     return arr.astype(_U32)
 
 
+# A picker asks for the same few roots request after request (its models, adapters, salts);
+# bounded, as a salt is the client's to choose.
+@functools.lru_cache(maxsize=4096)
 def model_root(model: str, lora_name: str | None = None, first_extras: bytes = b"") -> int:
     """The parent of a prompt's first block: equal tokens under two models, two adapters or two
     cache salts never share keys. `first_extras`: `encode_extras` of the first block's extra

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import array
+
 import msgspec
 import numpy as np
 import pytest
@@ -92,10 +94,24 @@ def test_block_size_changes_the_chunking():
     assert set(k16).isdisjoint(k32)
 
 
-def test_numpy_and_tuple_inputs_give_the_same_keys():
+def test_numpy_tuple_and_array_inputs_give_the_same_keys():
     expected = prompt_keys(TOKENS, 16, "m")
-    for toks in (tuple(TOKENS), np.array(TOKENS, np.int64), np.array(TOKENS, np.uint32)):
+    for toks in (
+        tuple(TOKENS),
+        np.array(TOKENS, np.int64),
+        np.array(TOKENS, np.uint32),
+        array.array("I", TOKENS),  # a prompt's ids, as epp/request.py keeps them
+        array.array("q", TOKENS),  # not uint32: goes through the checked path
+    ):
         assert prompt_keys(toks, 16, "m") == expected
+    with pytest.raises(ValueError):
+        prompt_keys(array.array("q", [2**32] * 16), 16, "m")
+
+
+def test_a_root_asked_again_is_the_same_and_each_part_still_counts():
+    assert model_root("m", "l", b"s") == model_root("m", "l", b"s")
+    roots = {model_root("m"), model_root("m", "l"), model_root("m", None, b"s"), model_root("n")}
+    assert len(roots) == 4
 
 
 def test_bad_inputs_raise():
