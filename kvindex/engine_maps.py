@@ -42,7 +42,7 @@ def _slots(rs) -> tuple[int, ...]:
     return (rs,) if rs.__class__ is int else rs
 
 
-def _appended(old, k: int):
+def appended(old, k: int):
     """old's keys with k last (bounded), or None if k is among them already."""
     rs = _slots(old)
     if k in rs:
@@ -105,7 +105,7 @@ class DictEngineMap:
             e = h | g
             old = d.setdefault(e, k)
             if old is not k and old != k:
-                rs = _appended(old, k)
+                rs = appended(old, k)
                 if rs is not None:
                     d[e] = rs
 
@@ -215,7 +215,7 @@ class PackedEngineMap:
         e, spill = h | group << 64, self._spill
         old = spill.get(e)
         if old is not None:
-            rs = _appended(old, k)
+            rs = appended(old, k)
             if rs is not None:
                 spill[e] = rs
             return
