@@ -25,7 +25,7 @@ from typing import Protocol
 import numpy as np
 
 from infergw.kvindex.index import approx_bytes, walk_bytes
-from infergw.kvindex.packed import DELETED, SMALL, KeyTable
+from infergw.kvindex.packed import DELETED, SMALL, KeyTable, as_keys
 
 # One engine block covers engine block size / index block size keys (16 for 256 / 16).
 MAX_KEYS_PER_HASH = 64
@@ -193,13 +193,21 @@ class PackedEngineMap:
                 self._put_one(h, k, group)
             return
         t = self._t
-        ks = np.array(hashes, np.uint64) ^ np.uint64(self._mix(group))
+        ks = as_keys(hashes) ^ np.uint64(self._mix(group))
         if len(ks) <= SMALL:
             pos, fresh = t.upsert_small(ks.tolist())
-        else:
-            p, f, _ = t.upsert(ks)
-            pos, fresh = p.tolist(), f.tolist()
-        new = [i for i, f in enumerate(fresh) if f]
+            new = [i for i, f in enumerate(fresh) if f]
+        else:  # distinct: only a reserved table key (2 in 2**64) needs upsert's checks
+            if ks.min() > DELETED:
+                p, f = t.upsert_distinct(ks, zero=False)  # new slots are written below
+            else:
+                p, f, _ = t.upsert(ks)
+            if np.count_nonzero(f) == len(f):  # the usual batch: every hash new
+                vs = as_keys(keys)
+                t.vals[p] = vs & _LO
+                t.stamps[p] = vs >> _HI
+                return
+            pos, new = p.tolist(), np.flatnonzero(f).tolist()
         if new:
             at = np.array([pos[i] for i in new], np.int64)
             vs = np.array([keys[i] for i in new], np.uint64)
