@@ -63,10 +63,6 @@ class _Store:
     keys: list[int]
     hashes: Sequence[int]
     mapped: Sequence[int]
-    hash_set: frozenset[int] = frozenset()
-
-    def __post_init__(self) -> None:
-        self.hash_set = frozenset(self.hashes)
 
 
 def _placed_extras(ev: BlockStored, index_block_size: int) -> tuple[bytes, dict[int, bytes]]:
@@ -105,13 +101,19 @@ def _placed_extras(ev: BlockStored, index_block_size: int) -> tuple[bytes, dict[
 class EventTranslator:
     """The subscriber's EventSink: applies decoded KV events of each pod to `index`.
     `layout`: the engine-hash maps' (kvindex.engine_maps: "dict" or "packed"); by default
-    packed beside the packed index, dicts beside any other."""
+    packed beside the packed index, dicts beside any other. `store_runs`: whether a batch's
+    run of stores goes in as one add (_stored_run); by default where the index is packed (its
+    numpy calls cost per call, not per key; the dicts' per-key loops gain nothing from it)."""
 
-    def __init__(self, index: BlockIndex, layout: str | None = None) -> None:
+    def __init__(
+        self, index: BlockIndex, layout: str | None = None, *, store_runs: bool | None = None
+    ) -> None:
         self.index = index
+        packed = isinstance(index, KVBlockIndex)
         if layout is None:
-            layout = "packed" if isinstance(index, KVBlockIndex) else "dict"
+            layout = "packed" if packed else "dict"
         self.layout = layout
+        self.store_runs = packed if store_runs is None else store_runs
         self._new_map = LAYOUTS[layout]
         self._shards = index.shard_count
         self._emaps: dict[str, EngineMap] = {}
@@ -154,7 +156,7 @@ class EventTranslator:
             ev = events[i]
             j = i + 1
             cls = ev.__class__
-            if cls is BlockRemoved or (cls is BlockStored and ev.token_ids):
+            if cls is BlockRemoved or (cls is BlockStored and ev.token_ids and self.store_runs):
                 medium, group = ev.medium, ev.group_idx
                 while j < n and _same_run(events[j], cls, medium, group):
                     j += 1
@@ -258,12 +260,14 @@ class EventTranslator:
             return sum(self._apply_one(pod, model, ev) for ev in run)
         g, rejected = run[0].group_idx, 0
         stores: list[_Store] = []
+        sets: list[frozenset[int]] = []  # each store's engine hashes, made as parents need
 
         def parent_key(h: int, group: int) -> int | None:
             emap = self._emap(pod)
             rs = emap.resolve((h,), group)[0]
-            for s in stores:  # put appends: the run's pairs of h after the map's, in order
-                if h in s.hash_set:
+            sets.extend(frozenset(s.hashes) for s in stores[len(sets) :])
+            for s, hs in zip(stores, sets, strict=True):  # put appends: the map's, then these
+                if h in hs:
                     for k in compress(s.mapped, [x == h for x in s.hashes]):
                         rs = (k,) if rs is None else appended(rs, k) or rs
             return None if rs is None else rs[-1]

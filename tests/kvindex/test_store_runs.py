@@ -59,7 +59,7 @@ def store_run(rng: random.Random, hashes: list[int], pod_hashes: list[int]):
 @pytest.mark.parametrize("seed", range(10))
 def test_a_run_of_stores_ends_as_one_by_one_does(layout, seed):
     rng = random.Random(seed)
-    merged, single = EventTranslator(layout()), EventTranslator(layout())
+    merged, single = EventTranslator(layout(), store_runs=True), EventTranslator(layout())
     hashes = iter(range(2, 10**6))
     stored = {p: [] for p in PODS}
     for _ in range(30):
@@ -92,6 +92,7 @@ def test_a_chain_within_one_batch_resolves_its_parents():
         for i in range(3)
     ]
     merged, single = EventTranslator(KVBlockIndex()), EventTranslator(KVBlockIndex())
+    assert merged.store_runs
     assert merged.apply_events(PODS[0], "m", stores) == 0
     one_by_one(single, PODS[0], stores)
     assert merged.index.keys_of(PODS[0]) == single.index.keys_of(PODS[0])
