@@ -37,7 +37,7 @@ WAYS = 32  # slots per bucket: 256 bytes of keys, four cache lines
 MAX_LOAD = 0.8  # resize when live + deleted slots pass this share of the slots
 GROW_LOAD = 0.6  # the live share right after a resize
 MIN_BUCKETS = 2
-MMAP_BYTES = 1 << 20  # arrays at least this big are mmapped
+MMAP_BYTES = 1 << 16  # arrays at least this big are mmapped (freed: back to the OS at once)
 RESIZE_CHUNK = 1 << 16  # slots rehashed at a time
 
 SMALL = 24  # batches up to this many keys go key by key
