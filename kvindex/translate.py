@@ -20,7 +20,6 @@ import logging
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from itertools import compress
 
 from infergw.kvindex.backend import BlockIndex, SharedBlockIndex
 from infergw.kvindex.engine_maps import LAYOUTS, MAX_KEYS_PER_HASH, EngineMap, appended
@@ -260,17 +259,30 @@ class EventTranslator:
             return sum(self._apply_one(pod, model, ev) for ev in run)
         g, rejected = run[0].group_idx, 0
         stores: list[_Store] = []
-        sets: list[frozenset[int]] = []  # each store's engine hashes, made as parents need
+        # Made as parents need them, each pair once (a hostile batch of many events chained
+        # to one long store stays linear): engine hash → the keys the run pairs it with, and
+        # the answers given. An event's hashes are its own (no hash twice in the run), so a
+        # hash's pairs are complete once its store is in.
+        paired: dict[int, list[int]] = {}
+        newest: dict[int, int] = {}
+        indexed = 0
 
         def parent_key(h: int, group: int) -> int | None:
-            emap = self._emap(pod)
+            nonlocal indexed
+            if h in newest:
+                return newest[h]
+            for s in stores[indexed:]:
+                for x, k in zip(s.hashes, s.mapped, strict=True):
+                    paired.setdefault(x, []).append(k)
+            indexed = len(stores)
+            emap, new = self._emap(pod), paired.get(h)
+            if new is None:
+                return emap.last(h, group)
             rs = emap.resolve((h,), group)[0]
-            sets.extend(frozenset(s.hashes) for s in stores[len(sets) :])
-            for s, hs in zip(stores, sets, strict=True):  # put appends: the map's, then these
-                if h in hs:
-                    for k in compress(s.mapped, [x == h for x in s.hashes]):
-                        rs = (k,) if rs is None else appended(rs, k) or rs
-            return None if rs is None else rs[-1]
+            for k in new:  # put appends: the map's keys, then the run's
+                rs = (k,) if rs is None else appended(rs, k) or rs
+            newest[h] = rs[-1]
+            return rs[-1]
 
         for ev in run:
             self._events["BlockStored"] += 1

@@ -98,3 +98,19 @@ def test_a_chain_within_one_batch_resolves_its_parents():
     assert merged.index.keys_of(PODS[0]) == single.index.keys_of(PODS[0])
     assert len(merged.index.keys_of(PODS[0])) == 3
     assert merged.stats()["unknown_parents"] == 0
+
+
+def test_a_hostile_batch_of_many_stores_chained_to_one_long_store_ends_as_one_by_one():
+    """A long store, then thousands of one-block stores whose parent is its last hash (engine
+    blocks of 64 tokens: each hash has 4 keys): each parent resolves once, and the result is
+    what one by one gives."""
+    long = BlockStored(tuple(range(2, 2002)), None, tuple(i % 50 for i in range(64 * 2000)), 64)
+    leaves = [
+        BlockStored((10_000 + i,), 2001, tuple((i + j) % 50 for j in range(16)), 16)
+        for i in range(3000)
+    ]
+    merged, single = EventTranslator(KVBlockIndex()), EventTranslator(KVBlockIndex())
+    assert merged.apply_events(PODS[0], "m", [long, *leaves]) == 0
+    one_by_one(single, PODS[0], [long, *leaves])
+    assert state(merged) == state(single)
+    assert merged.stats()["unknown_parents"] == 0
