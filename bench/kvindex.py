@@ -5,13 +5,14 @@ Python ints (kvindex.dict_index.DictBlockIndex).
 
 Resident memory is measured from outside: a child process ingests 16 pods × 62,500 distinct
 blocks, each held by one pod, and the parent reads the child's VmRSS before and after; once
-straight into the index (`add`), once through the event translator, whose engine-hash maps are
-part of the picker's memory too (kvindex.engine_maps: dicts beside the dict index, a packed key
-table beside the packed one).
+straight into the index (`add`), once through the event translator (batches of 8 events, as
+the subscriber hands them over), whose engine-hash maps are part of the picker's memory too
+(kvindex.engine_maps: dicts beside the dict index, a packed key table beside the packed one).
 
 Synthetic vLLM events (BlockStored of 16-token blocks, the way a pod reports a prompt) are fed
-through kvindex.translate.EventTranslator into each layout for P pods, and the same blocks'
-keys straight into the index (rates per wall second and per CPU second); then
+through kvindex.translate.EventTranslator into each layout for P pods — one event a call, and
+in batches of 8 (`apply_events`, as the subscriber: a run of stores is one add) — and the same
+blocks' keys straight into the index (rates per wall second and per CPU second); then
 prompts of 1k, 8k and 32k tokens are looked up over 16 and 256 pods, half of which hold the
 prompt's first half. Tokenization uses the simulator's bundled tokenizer through
 kvindex.tokenize, with and without the prefix cache.
@@ -56,6 +57,7 @@ def _stored(rng: random.Random, tokens: list[int], start_hash: int) -> BlockStor
 
 LAYOUTS = {"packed": KVBlockIndex, "dict": DictBlockIndex}
 RSS_PODS, RSS_BLOCKS, RSS_EVENT_BLOCKS = 16, 62_500, 50
+EVENTS_PER_BATCH = 8  # events a msgpack batch, as vLLM sends them
 
 
 def _rss(pid: int) -> tuple[int, int]:
@@ -75,7 +77,7 @@ def _rss_child(layout: str, path: str) -> None:
     index = LAYOUTS[layout](block_size=BLOCK, max_entries=50_000_000)
     sink = EventTranslator(index)
     rng = np.random.default_rng(3)
-    keys = tokens = ev = None
+    keys = tokens = batch = None
     # Run every path once on a throwaway index first, so the code they page in is not counted.
     scratch = EventTranslator(LAYOUTS[layout](block_size=BLOCK))
     for _ in range(200):
@@ -86,6 +88,8 @@ def _rss_child(layout: str, path: str) -> None:
     tokens = rng.integers(0, 50_000, RSS_EVENT_BLOCKS * BLOCK, dtype=np.uint32).tolist()
     warm = tuple(range(7, 7 + RSS_EVENT_BLOCKS))
     scratch.apply("warm:1", MODEL, BlockStored(warm, None, tuple(tokens), BLOCK))
+    run = [BlockStored((h,), None, tuple(tokens[:BLOCK]), BLOCK) for h in (3, 4, 5, 6)]
+    scratch.apply_events("warm:1", MODEL, run)
     scratch.apply("warm:1", MODEL, BlockRemoved(warm[:10]))
     scratch = warm = tokens = None
     print("ready", flush=True)
@@ -93,18 +97,24 @@ def _rss_child(layout: str, path: str) -> None:
     t0 = time.perf_counter()
     for p in range(RSS_PODS):
         pod = f"10.2.0.{p}:8000"
+        batch = []
         for e in range(RSS_BLOCKS // RSS_EVENT_BLOCKS):
             if path == "index":
                 keys = rng.integers(2, 2**64 - 1, RSS_EVENT_BLOCKS, dtype=np.uint64).tolist()
                 index.add(pod, keys, "gpu")
-            else:
-                n = RSS_EVENT_BLOCKS * BLOCK
-                tokens = rng.integers(0, 50_000, n, dtype=np.uint32).tolist()
-                h = (p << 40) + e * RSS_EVENT_BLOCKS + 2
-                ev = BlockStored(tuple(range(h, h + RSS_EVENT_BLOCKS)), None, tuple(tokens), BLOCK)
-                sink.apply(pod, MODEL, ev)
+                continue
+            n = RSS_EVENT_BLOCKS * BLOCK
+            tokens = rng.integers(0, 50_000, n, dtype=np.uint32).tolist()
+            h = (p << 40) + e * RSS_EVENT_BLOCKS + 2
+            hashes = tuple(range(h, h + RSS_EVENT_BLOCKS))
+            batch.append(BlockStored(hashes, None, tuple(tokens), BLOCK))
+            if len(batch) == EVENTS_PER_BATCH:  # as the subscriber hands over a message's events
+                sink.apply_events(pod, MODEL, batch)
+                batch = []
+        if batch:
+            sink.apply_events(pod, MODEL, batch)
     seconds = time.perf_counter() - t0
-    keys = tokens = ev = None  # only the index's own memory stays
+    keys = tokens = batch = None  # only the index's own memory stays
     print(json.dumps({"entries": index.stats()["entries"], "seconds": seconds}), flush=True)
     sys.stdin.readline()
 
@@ -179,8 +189,9 @@ def ingest_rate(
     pods: int, prompts_per_pod: int, prompt_tokens: int, layout: str, path: str
 ) -> dict:
     """Blocks per second into `layout`: through the translator (BlockStored events: hashing,
-    engine-hash maps, index), from msgpack payloads (decoding, then the translator), or
-    straight into the index (index.add of keys hashed before).
+    engine-hash maps, index; one event a call, or batches of 8), from msgpack payloads of 8
+    events (decoding, then the translator), or straight into the index (index.add of keys
+    hashed before).
     Per wall second and per CPU second of this process (what one core does when others
     compete for the machine)."""
     rng = random.Random(1)
@@ -193,29 +204,37 @@ def ingest_rate(
             events.append((f"10.0.{p // 250}.{p % 250}:8000", _stored(rng, tokens, h)))
             h += prompt_tokens
     blocks = sum(len(e.block_hashes) for _, e in events)
-    if path == "payload":  # as the subscriber gets them: msgpack batches of 8 events
-        batches = []
-        for i in range(0, len(events), 8):
-            chunk = events[i : i + 8]
-            for pod in dict.fromkeys(pod for pod, _ in chunk):
-                evs = [_wire(ev) for p, ev in chunk if p == pod]
-                batches.append((pod, msgspec.msgpack.encode([time.time(), evs, 0])))
-        apply = sink.apply
+    # As the subscriber gets them: batches of 8 events, each batch one pod's.
+    batches = []
+    for i in range(0, len(events), EVENTS_PER_BATCH):
+        chunk = events[i : i + EVENTS_PER_BATCH]
+        for pod in dict.fromkeys(pod for pod, _ in chunk):
+            batches.append((pod, [ev for p, ev in chunk if p == pod]))
+    if path == "payload":  # msgpack payloads, decoded as the subscriber decodes them
+        payloads = [
+            (pod, msgspec.msgpack.encode([time.time(), [_wire(ev) for ev in evs], 0]))
+            for pod, evs in batches
+        ]
+        apply = sink.apply_events
         c0, t0 = time.process_time(), time.perf_counter()
-        for pod, payload in batches:
-            for ev in decode_batch(payload).events:
-                apply(pod, MODEL, ev)
+        for pod, payload in payloads:
+            apply(pod, MODEL, decode_batch(payload).events)
     elif path == "index":
         root, add = model_root(MODEL), sink.index.add
-        batches = [(pod, block_keys(ev.token_ids, BLOCK, parent=root)) for pod, ev in events]
+        keyed = [(pod, block_keys(ev.token_ids, BLOCK, parent=root)) for pod, ev in events]
         c0, t0 = time.process_time(), time.perf_counter()
-        for pod, keys in batches:
+        for pod, keys in keyed:
             add(pod, keys, "gpu")
-    else:
+    elif path == "event":  # one event a call (the translator's per-event path)
         apply = sink.apply
         c0, t0 = time.process_time(), time.perf_counter()
         for pod, ev in events:
             apply(pod, MODEL, ev)
+    else:
+        apply = sink.apply_events
+        c0, t0 = time.process_time(), time.perf_counter()
+        for pod, evs in batches:
+            apply(pod, MODEL, evs)
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     return {
         "layout": layout,
@@ -295,7 +314,8 @@ def tokenization(prompt_tokens_target: int) -> dict:
 
 _PATHS = {
     "index": "index.add",
-    "translator": "events → translator → index",
+    "event": "events one a call → translator → index",
+    "translator": "batches of 8 events → translator → index",
     "payload": "msgpack → decode → translator → index",
 }
 
@@ -311,7 +331,7 @@ def markdown(out: dict) -> str:
         "|---|---|---|---|---|",
     ]
     for r in out["rss"]:
-        path = "index.add" if r["path"] == "index" else "events → translator → index"
+        path = "index.add" if r["path"] == "index" else _PATHS["translator"]
         lines.append(
             f"| {path} | {r['layout']} | {r['rss_bytes_per_entry']} | "
             f"{r['anon_bytes_per_entry']} | {r['blocks_per_s']:,} |"
@@ -377,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
     interleaved = add_rate_interleaved(4_000 if args.quick else 20_000)
     print(json.dumps(interleaved), flush=True)
     ingest = []
-    for path in ("index", "translator", "payload"):
+    for path in ("index", "event", "translator", "payload"):
         for layout in LAYOUTS:
             ingest += [
                 ingest_rate(16, 20 if args.quick else 200, 1024, layout, path),

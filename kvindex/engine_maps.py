@@ -25,7 +25,7 @@ from typing import Protocol
 import numpy as np
 
 from infergw.kvindex.index import approx_bytes, walk_bytes
-from infergw.kvindex.packed import DELETED, SMALL, KeyTable
+from infergw.kvindex.packed import DELETED, SMALL, KeyTable, as_keys
 
 # One engine block covers engine block size / index block size keys (16 for 256 / 16).
 MAX_KEYS_PER_HASH = 64
@@ -42,7 +42,7 @@ def _slots(rs) -> tuple[int, ...]:
     return (rs,) if rs.__class__ is int else rs
 
 
-def _appended(old, k: int):
+def appended(old, k: int):
     """old's keys with k last (bounded), or None if k is among them already."""
     rs = _slots(old)
     if k in rs:
@@ -105,7 +105,7 @@ class DictEngineMap:
             e = h | g
             old = d.setdefault(e, k)
             if old is not k and old != k:
-                rs = _appended(old, k)
+                rs = appended(old, k)
                 if rs is not None:
                     d[e] = rs
 
@@ -193,13 +193,21 @@ class PackedEngineMap:
                 self._put_one(h, k, group)
             return
         t = self._t
-        ks = np.array(hashes, np.uint64) ^ np.uint64(self._mix(group))
+        ks = as_keys(hashes) ^ np.uint64(self._mix(group))
         if len(ks) <= SMALL:
             pos, fresh = t.upsert_small(ks.tolist())
-        else:
-            p, f, _ = t.upsert(ks)
-            pos, fresh = p.tolist(), f.tolist()
-        new = [i for i, f in enumerate(fresh) if f]
+            new = [i for i, f in enumerate(fresh) if f]
+        else:  # distinct: only a reserved table key (2 in 2**64) needs upsert's checks
+            if ks.min() > DELETED:
+                p, f = t.upsert_distinct(ks, zero=False)  # new slots are written below
+            else:
+                p, f, _ = t.upsert(ks)
+            if np.count_nonzero(f) == len(f):  # the usual batch: every hash new
+                vs = as_keys(keys)
+                t.vals[p] = vs & _LO
+                t.stamps[p] = vs >> _HI
+                return
+            pos, new = p.tolist(), np.flatnonzero(f).tolist()
         if new:
             at = np.array([pos[i] for i in new], np.int64)
             vs = np.array([keys[i] for i in new], np.uint64)
@@ -215,7 +223,7 @@ class PackedEngineMap:
         e, spill = h | group << 64, self._spill
         old = spill.get(e)
         if old is not None:
-            rs = _appended(old, k)
+            rs = appended(old, k)
             if rs is not None:
                 spill[e] = rs
             return

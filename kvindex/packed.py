@@ -37,7 +37,7 @@ WAYS = 32  # slots per bucket: 256 bytes of keys, four cache lines
 MAX_LOAD = 0.8  # resize when live + deleted slots pass this share of the slots
 GROW_LOAD = 0.6  # the live share right after a resize
 MIN_BUCKETS = 2
-MMAP_BYTES = 1 << 20  # arrays at least this big are mmapped
+MMAP_BYTES = 1 << 16  # arrays at least this big are mmapped (freed: back to the OS at once)
 RESIZE_CHUNK = 1 << 16  # slots rehashed at a time
 
 SMALL = 24  # batches up to this many keys go key by key
@@ -317,8 +317,7 @@ class KeyTable:
             if self.deleted:
                 pos[fresh] = self._place(ks[fresh])
             else:  # every free slot is empty (and zeroed): fill counts will do
-                fill = (self._rows != EMPTY).sum(1).astype(np.uint8)
-                pos[fresh] = self._rehash(ks[fresh], fill)
+                pos[fresh] = self._rehash(ks[fresh])
             self.live += int(np.count_nonzero(fresh))
         return pos, fresh
 
@@ -365,9 +364,11 @@ class KeyTable:
             b = (bs[~fits] + step) % self.buckets
         return pos
 
-    def _rehash(self, ks: np.ndarray, fill: np.ndarray) -> np.ndarray:
-        """_place where no slot is deleted (a table being rebuilt), `fill` holding each bucket's
-        keys so far (so its next free slot): the buckets' slots are not looked at."""
+    def _rehash(self, ks: np.ndarray, fill: np.ndarray | None = None) -> np.ndarray:
+        """_place where no slot is deleted. `fill`, for a table being rebuilt, holds each
+        bucket's keys so far (so its next free slot): the buckets' slots are not looked at;
+        without it, the rows of the buckets a round touches are counted (not the whole
+        table's: a batch of new keys costs what it touches)."""
         n = len(ks)
         pos = np.empty(n, np.int64)
         b, k, idx, step = self._bucket(ks), ks, None, None
@@ -379,14 +380,16 @@ class KeyTable:
             np.not_equal(bs[1:], bs[:-1], out=first[1:])
             starts = np.flatnonzero(first)
             counts = np.diff(np.append(starts, n))
-            at = fill[bs] + (np.arange(n) - np.repeat(starts, counts))  # rank in its bucket
+            g = bs[starts]
+            used = fill[g] if fill is not None else np.count_nonzero(self._rows[g] != EMPTY, 1)
+            at = np.repeat(used - starts, counts) + np.arange(n)  # the slot in its bucket
             fits = at < WAYS
             put = order[fits]
             s = bs[fits] * WAYS + at[fits]
             self.keys[s] = k[put]
             pos[put if idx is None else idx[put]] = s
-            g = bs[starts]
-            fill[g] = np.minimum(fill[g] + counts, WAYS)
+            if fill is not None:
+                fill[g] = np.minimum(fill[g] + counts, WAYS)
             rest = order[~fits]  # the bucket is full: the next one on the key's path
             n = len(rest)
             if step is None:

@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 
 from infergw.kvindex.backend import BlockIndex, SharedBlockIndex
-from infergw.kvindex.engine_maps import LAYOUTS, MAX_KEYS_PER_HASH, EngineMap
+from infergw.kvindex.engine_maps import LAYOUTS, MAX_KEYS_PER_HASH, EngineMap, appended
 from infergw.kvindex.events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
 from infergw.kvindex.index import KVBlockIndex, Tier
 from infergw.kvindex.keys import block_keys, encode_extras, model_root
@@ -38,8 +39,29 @@ MAX_EXTRA_BYTES = 4096  # one engine block's extra keys, encoded (a salt is a cl
 MAX_ENGINE_BLOCK_SIZE = 1 << 16  # tokens; vLLM's largest (hybrid models) are a few thousand
 
 
+ParentKey = Callable[[int, int], "int | None"]  # (engine hash, group) → its newest key
+
+
+def _same_run(ev, cls, medium: str, group: int) -> bool:
+    """Whether `ev` continues a run of `cls` events of one medium and group (stores: with
+    token ids, as a CPU-offload store resolves hashes the run may not have mapped yet)."""
+    if ev.__class__ is not cls or ev.medium != medium or ev.group_idx != group:
+        return False
+    return cls is not BlockStored or bool(ev.token_ids)
+
+
 class _Refused(Exception):
     pass
+
+
+@dataclass(slots=True)
+class _Store:
+    """A BlockStored's effect: `keys` added in `tier`; engine hashes[i] ↔ mapped[i]."""
+
+    tier: Tier
+    keys: list[int]
+    hashes: Sequence[int]
+    mapped: Sequence[int]
 
 
 def _placed_extras(ev: BlockStored, index_block_size: int) -> tuple[bytes, dict[int, bytes]]:
@@ -78,13 +100,19 @@ def _placed_extras(ev: BlockStored, index_block_size: int) -> tuple[bytes, dict[
 class EventTranslator:
     """The subscriber's EventSink: applies decoded KV events of each pod to `index`.
     `layout`: the engine-hash maps' (kvindex.engine_maps: "dict" or "packed"); by default
-    packed beside the packed index, dicts beside any other."""
+    packed beside the packed index, dicts beside any other. `store_runs`: whether a batch's
+    run of stores goes in as one add (_stored_run); by default where the index is packed (its
+    numpy calls cost per call, not per key; the dicts' per-key loops gain nothing from it)."""
 
-    def __init__(self, index: BlockIndex, layout: str | None = None) -> None:
+    def __init__(
+        self, index: BlockIndex, layout: str | None = None, *, store_runs: bool | None = None
+    ) -> None:
         self.index = index
+        packed = isinstance(index, KVBlockIndex)
         if layout is None:
-            layout = "packed" if isinstance(index, KVBlockIndex) else "dict"
+            layout = "packed" if packed else "dict"
         self.layout = layout
+        self.store_runs = packed if store_runs is None else store_runs
         self._new_map = LAYOUTS[layout]
         self._shards = index.shard_count
         self._emaps: dict[str, EngineMap] = {}
@@ -120,25 +148,24 @@ class EventTranslator:
         """Apply one batch's events in order (AllBlocksCleared clears the pod); how many
         raised (each skipped, the rest still apply). vLLM sends a BlockRemoved per evicted
         block, ~70 a request in bench/routing's shared-prefix workload: a run of them with
-        one medium and group goes through the index as one removal (see _removed_run)."""
+        one medium and group goes through the index as one removal (see _removed_run); a run
+        of stores with token ids, one medium and group, as one add (see _stored_run)."""
         rejected, i, n = 0, 0, len(events)
         while i < n:
             ev = events[i]
             j = i + 1
-            if ev.__class__ is BlockRemoved:
+            cls = ev.__class__
+            if cls is BlockRemoved or (cls is BlockStored and ev.token_ids and self.store_runs):
                 medium, group = ev.medium, ev.group_idx
-                while j < n:
-                    nxt = events[j]
-                    if nxt.__class__ is not BlockRemoved or nxt.medium != medium:
-                        break
-                    if nxt.group_idx != group:
-                        break
+                while j < n and _same_run(events[j], cls, medium, group):
                     j += 1
             try:
-                if j - i > 1:
+                if cls is BlockStored and j - i > 1:
+                    rejected += self._stored_run(pod, model, events[i:j])
+                elif j - i > 1:
                     self._events["BlockRemoved"] += j - i
                     self._removed_run(pod, events[i:j])
-                elif ev.__class__ is AllBlocksCleared:
+                elif cls is AllBlocksCleared:
                     self.clear_pod(pod)
                 else:
                     self.apply(pod, model, ev)
@@ -149,45 +176,45 @@ class EventTranslator:
         return rejected
 
     def _stored(self, pod: str, model: str, ev: BlockStored) -> None:
+        store = self._store_keys(pod, model, ev)
+        if store is not None:
+            self.index.add(pod, store.keys, store.tier)
+            self._emap(pod).put(store.hashes, store.mapped, ev.group_idx)
+
+    def _store_keys(
+        self, pod: str, model: str, ev: BlockStored, parent_key: ParentKey | None = None
+    ) -> _Store | None:
+        """A store's request keys and engine-hash pairs, its checks and counts done; None if
+        it is skipped or is a CPU-offload store (applied here: it names known hashes only).
+        parent_key(hash, group): the newest key of the parent's hash (the map's, by default)."""
         if ev.kv_cache_spec_kind not in _INDEXED_KINDS:
             self._skipped["kv_cache_spec_kind"] += 1
-            return
+            return None
         tier = _TIER_OF_MEDIUM.get(ev.medium.lower())
         if tier is None:
             self._skipped["medium"] += 1
-            return
+            return None
         emap, g, hashes = self._emap(pod), ev.group_idx, ev.block_hashes
         if not ev.token_ids:  # a CPU-offload store: only hashes we already know
-            by_copies: dict[int, list[int]] = {}
-            missed = 0
-            counts = Counter(hashes)
-            for copies, rs in zip(counts.values(), emap.resolve(list(counts), g), strict=True):
-                if rs is None:
-                    missed += copies
-                else:
-                    by_copies.setdefault(copies, []).extend(rs)
-            self._skipped["offload_unknown_hash"] += missed
-            self.unresolved.note(pod, "offload", len(hashes), missed)
-            for copies, keys in by_copies.items():
-                self.index.add(pod, keys, tier, copies)
-            return
+            self._offloaded(pod, tier, g, hashes)
+            return None
         if not 0 < ev.block_size <= MAX_ENGINE_BLOCK_SIZE:
             self._skipped["block_size"] += 1
-            return
+            return None
         if len(ev.token_ids) != ev.block_size * len(hashes):
             self._skipped["token_count"] += 1
-            return
+            return None
         try:
             first, extras = _placed_extras(ev, self.index.block_size)
         except _Refused:
             self._skipped["extra_keys"] += 1
-            return
+            return None
         self._engine_block_size[pod] = ev.block_size
         parent = ev.parent_block_hash
         if parent is None:
             pk = model_root(model, ev.lora_name, first)
         else:
-            pk = emap.last(parent, g)
+            pk = (parent_key or emap.last)(parent, g)
             self.unresolved.note(pod, "parent", 1, int(pk is None))
             if pk is None:
                 # An unknown parent (we joined mid-stream, or it had no full index block):
@@ -195,16 +222,102 @@ class EventTranslator:
                 self._unknown_parents += 1
                 pk = model_root(model, ev.lora_name)
         keys = block_keys(ev.token_ids, self.index.block_size, parent=pk, extras=extras)
-        self.index.add(pod, keys, tier)
         # llm-d's length ratio: with n = max(|E|, |R|), E[i*|E|/n] ↔ R[i*|R|/n].
         ne, nr = len(hashes), len(keys)
-        if ne == nr:
-            emap.put(hashes, keys, g)
-        elif nr:
-            n = max(ne, nr)
-            emap.put(
-                [hashes[i * ne // n] for i in range(n)], [keys[i * nr // n] for i in range(n)], g
-            )
+        if ne == nr or not nr:
+            return _Store(tier, keys, hashes if nr else (), keys)
+        n = max(ne, nr)
+        mapped = [keys[i * nr // n] for i in range(n)]
+        return _Store(tier, keys, [hashes[i * ne // n] for i in range(n)], mapped)
+
+    def _offloaded(self, pod: str, tier: Tier, g: int, hashes: Sequence[int]) -> None:
+        """A CPU-offload store (no token ids): more copies of blocks whose hashes we know."""
+        by_copies: dict[int, list[int]] = {}
+        missed = 0
+        counts = Counter(hashes)
+        resolved = self._emap(pod).resolve(list(counts), g)
+        for copies, rs in zip(counts.values(), resolved, strict=True):
+            if rs is None:
+                missed += copies
+            else:
+                by_copies.setdefault(copies, []).extend(rs)
+        self._skipped["offload_unknown_hash"] += missed
+        self.unresolved.note(pod, "offload", len(hashes), missed)
+        for copies, keys in by_copies.items():
+            self.index.add(pod, keys, tier, copies)
+
+    def _stored_run(self, pod: str, model: str, run: Sequence[BlockStored]) -> int:
+        """Consecutive BlockStored events with token ids, of one medium and group, as one
+        index add and one engine-map put (a numpy call costs the same for 50 keys as for 500):
+        exactly what applying them one by one does, but for when the LRU evicts (once, after
+        the run). A parent stored earlier in the run resolves as the map would have answered
+        then. A run that names an engine hash twice applies one by one; one whose stores
+        share a request key, one add per store. Returns how many events raised (each
+        skipped, the rest still apply)."""
+        hashes = [h for ev in run for h in ev.block_hashes]
+        if len(set(hashes)) != len(hashes):
+            return sum(self._apply_one(pod, model, ev) for ev in run)
+        g, rejected = run[0].group_idx, 0
+        stores: list[_Store] = []
+        # Made as parents need them, each pair once (a hostile batch of many events chained
+        # to one long store stays linear): engine hash → the keys the run pairs it with, and
+        # the answers given. An event's hashes are its own (no hash twice in the run), so a
+        # hash's pairs are complete once its store is in.
+        paired: dict[int, list[int]] = {}
+        newest: dict[int, int] = {}
+        indexed = 0
+
+        def parent_key(h: int, group: int) -> int | None:
+            nonlocal indexed
+            if h in newest:
+                return newest[h]
+            for s in stores[indexed:]:
+                for x, k in zip(s.hashes, s.mapped, strict=True):
+                    paired.setdefault(x, []).append(k)
+            indexed = len(stores)
+            emap, new = self._emap(pod), paired.get(h)
+            if new is None:
+                return emap.last(h, group)
+            rs = emap.resolve((h,), group)[0]
+            for k in new:  # put appends: the map's keys, then the run's
+                rs = (k,) if rs is None else appended(rs, k) or rs
+            newest[h] = rs[-1]
+            return rs[-1]
+
+        for ev in run:
+            self._events["BlockStored"] += 1
+            try:
+                store = self._store_keys(pod, model, ev, parent_key)
+            except Exception as exc:  # this event only, as one by one
+                rejected += 1
+                log.debug("index rejected an event from %s: %r", pod, exc)
+                continue
+            if store is not None:
+                stores.append(store)
+        if not stores:
+            self._sweep()
+            return rejected
+        # Newest last: the index stamps a batch's first key newest, so stores go in reversed.
+        keys = [k for s in reversed(stores) for k in s.keys]
+        if len(set(keys)) == len(keys):
+            self.index.add(pod, keys, stores[0].tier)
+        else:
+            for s in stores:
+                self.index.add(pod, s.keys, s.tier)
+        self._emap(pod).put(
+            [h for s in stores for h in s.hashes], [k for s in stores for k in s.mapped], g
+        )
+        self._sweep()
+        return rejected
+
+    def _apply_one(self, pod: str, model: str, ev) -> int:
+        """apply, counting an event that raises (1) instead of raising."""
+        try:
+            self.apply(pod, model, ev)
+        except Exception as exc:
+            log.debug("index rejected an event from %s: %r", pod, exc)
+            return 1
+        return 0
 
     def _removed(self, pod: str, ev: BlockRemoved) -> None:
         tier = _TIER_OF_MEDIUM.get(ev.medium.lower())
