@@ -251,7 +251,7 @@ def test_a_full_queue_refuses_with_429(pool):
             message = full.body["error"]["message"]
             assert f"the queue holds its limit of {MAX_QUEUED} requests" in message
             assert int(full.headers["retry-after"]) >= 1
-            assert queued(pool) == MAX_QUEUED  # refused at once: nothing queued left
+            assert queued(pool) == MAX_QUEUED  # refused without displacing a queued request
         # Queued requests are never displaced: each is served.
         assert [f.result().status for f in (filler, *waiting)] == [200] * 6
 
