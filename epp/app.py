@@ -37,8 +37,8 @@ from infergw.epp.metric_collectors import (
 )
 from infergw.epp.metrics import PickerMetrics
 from infergw.epp.options import PickerOptions, parse_options
+from infergw.epp.providers import KubernetesProviderError
 from infergw.epp.providers.file import FileProvider, FileProviderError
-from infergw.epp.providers.kubernetes import KubernetesProviderError
 from infergw.epp.replica_members import ReplicaMembers
 from infergw.epp.replica_sync import ReplicaSync
 from infergw.epp.scheduling.config import (

@@ -32,6 +32,7 @@ from infergw.cluster.store import (
 )
 from infergw.epp.datastore import Datastore
 from infergw.epp.metrics import PickerMetrics
+from infergw.epp.providers import KubernetesProviderError
 
 log = logging.getLogger("epp.providers.kubernetes")
 
@@ -44,10 +45,6 @@ OPTIONAL_KINDS = {
 }
 WATCH_TIMEOUT = 5  # seconds; bounds how long a silently dead connection goes unnoticed
 LIST_TIMEOUT = 30
-
-
-class KubernetesProviderError(RuntimeError):
-    pass
 
 
 class KubernetesProvider:

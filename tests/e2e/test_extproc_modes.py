@@ -29,6 +29,7 @@ from infergw.bench.epp_vs_stub import start_envoy
 from infergw.stack.envoy_config import EnvoySettings, render
 from infergw.stack.local import PICKER_HOST, stop_group
 from infergw.stack.ports import PickerPorts, free_port
+from tests.waiting import wait_for_async
 
 pytestmark = pytest.mark.slow
 
@@ -62,6 +63,7 @@ class Processor(pbg.ExternalProcessorServicer):
         self.streams: list[list[str]] = []
         # What Envoy said of its modes on each stream's first message (None: nothing).
         self.configs: list[pb.ProtocolConfiguration | None] = []
+        self.ended = 0  # streams Envoy has closed: all their messages are in `streams`
 
     def _headers_answer(self) -> pb.ProcessingResponse:
         resp = pb.ProcessingResponse()
@@ -77,36 +79,39 @@ class Processor(pbg.ExternalProcessorServicer):
     async def Process(self, request_iterator, context):
         kinds: list[str] = []
         self.streams.append(kinds)
-        body = b""
-        async for msg in request_iterator:
-            kind = msg.WhichOneof("request")
-            if not kinds:
-                self.configs.append(
-                    msg.protocol_config if msg.HasField("protocol_config") else None
-                )
-            kinds.append(kind)
-            if kind == "request_headers":
-                if self.override == "standalone":
-                    override = _response_bodies_too(self.full_duplex)
-                    yield pb.ProcessingResponse(mode_override=override)
-                if not self.full_duplex or msg.request_headers.end_of_stream:
-                    yield self._headers_answer()
-            elif kind == "request_body" and not self.full_duplex:
-                yield pb.ProcessingResponse(request_body=pb.BodyResponse())
-            elif kind == "request_body":
-                body += msg.request_body.body
-                if msg.request_body.end_of_stream:  # the picker answers here, as this does
-                    yield self._headers_answer()
-                    yield _streamed("request_body", body, True)
-            elif kind == "response_headers":
-                yield pb.ProcessingResponse(response_headers=pb.HeadersResponse())
-            elif kind == "response_body":
-                chunk = msg.response_body
-                yield _streamed("response_body", chunk.body, chunk.end_of_stream)
-            elif kind == "response_trailers":
-                yield pb.ProcessingResponse(response_trailers=pb.TrailersResponse())
-            elif kind == "request_trailers":
-                yield pb.ProcessingResponse(request_trailers=pb.TrailersResponse())
+        try:
+            body = b""
+            async for msg in request_iterator:
+                kind = msg.WhichOneof("request")
+                if not kinds:
+                    self.configs.append(
+                        msg.protocol_config if msg.HasField("protocol_config") else None
+                    )
+                kinds.append(kind)
+                if kind == "request_headers":
+                    if self.override == "standalone":
+                        override = _response_bodies_too(self.full_duplex)
+                        yield pb.ProcessingResponse(mode_override=override)
+                    if not self.full_duplex or msg.request_headers.end_of_stream:
+                        yield self._headers_answer()
+                elif kind == "request_body" and not self.full_duplex:
+                    yield pb.ProcessingResponse(request_body=pb.BodyResponse())
+                elif kind == "request_body":
+                    body += msg.request_body.body
+                    if msg.request_body.end_of_stream:  # the picker answers here, as this does
+                        yield self._headers_answer()
+                        yield _streamed("request_body", body, True)
+                elif kind == "response_headers":
+                    yield pb.ProcessingResponse(response_headers=pb.HeadersResponse())
+                elif kind == "response_body":
+                    chunk = msg.response_body
+                    yield _streamed("response_body", chunk.body, chunk.end_of_stream)
+                elif kind == "response_trailers":
+                    yield pb.ProcessingResponse(response_trailers=pb.TrailersResponse())
+                elif kind == "request_trailers":
+                    yield pb.ProcessingResponse(request_trailers=pb.TrailersResponse())
+        finally:  # ended or reset (a failed request)
+            self.ended += 1
 
 
 def _streamed(kind: str, data: bytes, eos: bool) -> pb.ProcessingResponse:
@@ -183,7 +188,9 @@ async def _through_envoy(
             json={"model": "m", "prompt": "hello", "max_tokens": 1},
             timeout=20,
         )
-        await asyncio.sleep(0.2)  # the stream's last messages
+        # The stream's last messages: wait until Envoy closes it (a loaded machine may take
+        # longer than any fixed pause, and a message missed would let a check pass).
+        await wait_for_async(lambda: processor.ended == 1, "Envoy to close the stream", within=30)
         assert len(processor.streams) == 1
         return r.status_code, processor.streams[0], processor.configs[0]
     finally:

@@ -26,9 +26,11 @@ def sim_requests(address: str) -> float:
     )
 
 
-@pytest.fixture
-def stack(tmp_path):
-    s = make_stack(tmp_path)
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    """One stack for the tests that only send requests through it (each checks its own
+    requests' effects), started once: a stack takes 5–15 s to start."""
+    s = make_stack(tmp_path_factory.mktemp("gateway"))
     yield s
     s.stop()
 

@@ -45,10 +45,14 @@ def route(name: str, model: str, targets: list[dict]) -> dict:
     }
 
 
-@pytest.fixture
-def routed(tmp_path):
+@pytest.fixture(scope="module")
+def routed(tmp_path_factory):
+    """One stack for the module: its tests only send requests (the timeout test's slow
+    answer runs on the `slow` server's own pod)."""
     # a server without pods is held for one at most a second (scale from zero), then 503
-    stack = make_stack(tmp_path, pods=3, picker_args=["--capacity-wait-ttl", "1s"])
+    stack = make_stack(
+        tmp_path_factory.mktemp("routed"), pods=3, picker_args=["--capacity-wait-ttl", "1s"]
+    )
     main, canary, slow = stack.pod_ports
     objects = [
         server("main", main),

@@ -175,6 +175,7 @@ def test_killing_one_picker_under_load_fails_only_its_own_requests(tmp_path, fai
 
 
 SCRAPES = "infergate_epp_metrics_scrapes_total"
+SETTLED = 40  # shared pages applied: two seconds of one owned pod's rounds at 50 ms
 
 
 def test_two_pickers_scrape_each_pod_once_between_them(tmp_path):
@@ -190,7 +191,14 @@ def test_two_pickers_scrape_each_pod_once_between_them(tmp_path):
             30,
             "both pickers to serve requests",
         )
-        time.sleep(1.5)  # the owners are settled (two heartbeats, then a check)
+        # The owners are settled once each picker hears the other's pages round after round
+        # (a picker with fresh shared numbers for a pod stops scraping it itself): a
+        # condition, not a time, since heartbeats lag on a loaded machine.
+        wait_for(
+            lambda: all(picker_metric(stack, i, SHARED_APPLIED) >= SETTLED for i in (0, 1)),
+            30,
+            f"both pickers to apply {SETTLED} shared pages",
+        )
         before = [picker_metric(stack, i, SCRAPES) for i in (0, 1)]
         t0 = time.monotonic()
         time.sleep(3.0)

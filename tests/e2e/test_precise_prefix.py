@@ -60,9 +60,12 @@ def wait_reachable(stack, address: str, within: float = 10.0) -> None:
         time.sleep(0.1)
 
 
-@pytest.fixture
-def stack(tmp_path):
-    s = make_stack(tmp_path, picker_config=PRECISE, sim_args=SIM)
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    """One stack for the tests below that take it (a stack takes 5–15 s to start): each
+    pins its prompts to the pods it checks, with prefixes of its own, and the eviction test
+    leaves every pod serving (its restarted pod reachable again)."""
+    s = make_stack(tmp_path_factory.mktemp("precise"), picker_config=PRECISE, sim_args=SIM)
     yield s
     s.stop()
 
@@ -146,19 +149,25 @@ def test_per_pod_mode_reads_every_pods_own_socket(tmp_path):
         s.stop()
 
 
+def kvindex_metrics(stack) -> dict[str, float]:
+    text = requests.get(f"http://127.0.0.1:{stack.cfg.ports.picker_metrics}/metrics", timeout=5)
+    return {
+        ln.split(" ")[0]: float(ln.rsplit(" ", 1)[1])
+        for ln in text.text.splitlines()
+        if ln.startswith("infergate_kvindex_")
+    }
+
+
+EVENTS = 'infergate_kvindex_messages_total{outcome="events"}'
+
+
 def test_kv_index_metrics_are_exported(stack):
+    before = kvindex_metrics(stack).get(EVENTS, 0)  # the stack is shared: count from here
     ask(stack, prefix(9) + "first?")
     deadline = time.monotonic() + 10
     while True:
-        text = requests.get(
-            f"http://127.0.0.1:{stack.cfg.ports.picker_metrics}/metrics", timeout=5
-        ).text
-        lines = {
-            ln.split(" ")[0]: float(ln.rsplit(" ", 1)[1])
-            for ln in text.splitlines()
-            if ln.startswith("infergate_kvindex_")
-        }
-        if lines.get('infergate_kvindex_messages_total{outcome="events"}', 0) > 0:
+        lines = kvindex_metrics(stack)
+        if lines.get(EVENTS, 0) > before:
             break
         assert time.monotonic() < deadline, "no KV events counted"
         time.sleep(0.1)

@@ -54,6 +54,10 @@ async def test_picker_follows_the_cluster(tmp_path):
             "llama",
             "--secure-serving=false",
             "--enable-debug-endpoints",
+            # An empty pool answers 503 at once: holding the request for a pod to come
+            # (scale from zero, tested in tests/e2e/test_scale_from_zero.py) took a minute here.
+            "--capacity-wait-ttl",
+            "0",
         )
         with running(
             cmd,

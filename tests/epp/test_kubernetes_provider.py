@@ -16,7 +16,8 @@ from kubernetes import client
 from infergw.api.upstream import LEGACY_OBJECTIVE_GROUP_VERSION, OBJECTIVE_GROUP_VERSION
 from infergw.epp.datastore import Datastore
 from infergw.epp.metrics import PickerMetrics
-from infergw.epp.providers.kubernetes import KubernetesProvider, KubernetesProviderError
+from infergw.epp.providers import KubernetesProviderError
+from infergw.epp.providers.kubernetes import KubernetesProvider
 from tests.conftest import free_port
 from tests.kube_objects import POOL_API, pod, pool
 from tests.kubeapi import KubeAPIEmulator

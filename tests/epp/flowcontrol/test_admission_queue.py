@@ -14,6 +14,10 @@ from infergw.epp.flowcontrol import (
     Outcome,
 )
 
+# How long a test waits for an outcome it expects: ample on a loaded machine, and only
+# spent when the outcome never comes (a failure).
+WAIT = 10
+
 
 class Pool:
     """A stand-in for the endpoints: `free` slots; saturated when none is left."""
@@ -75,7 +79,7 @@ async def test_no_dispatch_while_saturated_then_dispatch_when_it_clears() -> Non
     assert ctl.queued_requests == 1 and ctl.queued_bytes == 100
     pool.free = 1
     ctl.notify()
-    adm = await asyncio.wait_for(task, 1)
+    adm = await asyncio.wait_for(task, WAIT)
     assert adm.admitted and adm.waited >= 0.09
     assert ctl.queued_requests == 0 and ctl.queued_bytes == 0
     assert ctl.stats.dispatched_after_wait == 1
@@ -90,7 +94,7 @@ async def test_periodic_recheck_dispatches_without_notify() -> None:
     await asyncio.sleep(0.03)
     assert not task.done()
     pool.free = 1  # metrics changed, nobody called notify()
-    adm = await asyncio.wait_for(task, 1)
+    adm = await asyncio.wait_for(task, WAIT)
     assert adm.admitted
     await ctl.close()
 
@@ -109,7 +113,7 @@ async def test_strict_priority_a_high_item_overtakes_the_waiting_queue() -> None
     assert order == ["high"]  # one slot: it went to the higher band
     pool.free = 3
     ctl.notify()
-    await asyncio.wait_for(asyncio.gather(*tasks), 1)
+    await asyncio.wait_for(asyncio.gather(*tasks), WAIT)
     assert order == ["high", "low0", "low1", "low2"]  # FIFO within the flow
     await ctl.close()
 
@@ -121,11 +125,11 @@ async def test_a_newcomer_queues_behind_waiting_items_even_when_room_appears() -
     tasks = await admit_all(ctl, pool, [FlowItem(request_id="first")], order)
     pool.free = 1  # room, but someone waits: the newcomer must not jump the queue
     tasks += await admit_all(ctl, pool, [FlowItem(request_id="second")], order)
-    await asyncio.wait_for(tasks[0], 1)
+    await asyncio.wait_for(tasks[0], WAIT)
     assert order == ["first"]
     pool.free = 1
     ctl.notify()
-    await asyncio.wait_for(tasks[1], 1)
+    await asyncio.wait_for(tasks[1], WAIT)
     assert order == ["first", "second"]
     await ctl.close()
 
@@ -139,7 +143,7 @@ async def test_fairness_within_a_band_alternates_flows_instead_of_fifo() -> None
     tasks = await admit_all(ctl, pool, items, order)
     pool.free = 6
     ctl.notify()
-    await asyncio.wait_for(asyncio.gather(*tasks), 1)
+    await asyncio.wait_for(asyncio.gather(*tasks), WAIT)
     assert order == ["a0", "b0", "a1", "b1", "a2", "b2"]
     await ctl.close()
 
@@ -201,7 +205,7 @@ async def test_sheddable_requests_never_wait() -> None:
     pool.free = 5  # room, but a request waits: sheddable work does not cut in
     assert (await ctl.admit(FlowItem(priority=-3))).status == 429
     ctl.notify()
-    assert (await asyncio.wait_for(waiting, 1)).admitted
+    assert (await asyncio.wait_for(waiting, WAIT)).admitted
     assert ctl.stats.rejected == {"rejected_sheddable": 2}
     await ctl.close()
 
@@ -218,7 +222,7 @@ async def test_a_full_queue_rejects_the_newcomer_with_429() -> None:
     assert ctl.queued_requests == 2  # nobody was displaced
     pool.free = 2
     ctl.notify()
-    await asyncio.wait_for(asyncio.gather(*tasks), 1)
+    await asyncio.wait_for(asyncio.gather(*tasks), WAIT)
     assert order == ["0", "1"]
     await ctl.close()
 
@@ -254,7 +258,7 @@ async def test_byte_limits_overall_and_per_band() -> None:
     assert adm.status == 429 and "the queue cannot take 200 more bytes" in adm.message
     pool.free = 1
     ctl.notify()
-    await asyncio.wait_for(tasks[1], 1)  # the higher band went first and freed its bytes
+    await asyncio.wait_for(tasks[1], WAIT)  # the higher band went first and freed its bytes
     assert order == ["p1"] and ctl.queued_bytes == 500
     tasks += await admit_all(ctl, pool, [FlowItem(priority=2, size_bytes=200)], order)
     assert ctl.queued_bytes == 700
@@ -267,16 +271,17 @@ async def test_byte_limits_overall_and_per_band() -> None:
 
 async def test_ttl_expiry_answers_503_and_leaves_nothing_behind() -> None:
     pool = Pool(free=0)
-    ctl = make(pool, default_request_ttl=0.05)
+    # TTLs far apart: on a loaded machine the loop may stall past both before it wakes.
+    ctl = make(pool, default_request_ttl=0.3)
     own = asyncio.create_task(ctl.admit(FlowItem(flow_id="a", ttl=0.02)))
     default = asyncio.create_task(ctl.admit(FlowItem(flow_id="b")))
     forever = asyncio.create_task(ctl.admit(FlowItem(flow_id="c", ttl=0)))
-    adm = await asyncio.wait_for(own, 1)
+    adm = await asyncio.wait_for(own, WAIT)
     assert adm.outcome is Outcome.EVICTED_TTL and adm.status == 503
     assert adm.waited >= 0.02 and "TTL of 0.02s" in adm.message
     assert not default.done()
-    adm = await asyncio.wait_for(default, 1)
-    assert adm.status == 503 and adm.waited >= 0.05
+    adm = await asyncio.wait_for(default, WAIT)
+    assert adm.status == 503 and adm.waited >= 0.3
     await asyncio.sleep(0.05)
     assert not forever.done()  # ttl 0: waits until dispatched or withdrawn
     assert ctl.queued_requests == 1
@@ -293,7 +298,7 @@ async def test_an_item_already_past_its_ttl_is_rejected_when_it_would_wait() -> 
     pool = Pool(free=0)
     ctl = make(pool)
     stale = FlowItem(enqueued_at=time.monotonic() - 5, ttl=1)
-    adm = await asyncio.wait_for(ctl.admit(stale), 1)
+    adm = await asyncio.wait_for(ctl.admit(stale), WAIT)
     assert adm.status == 503
     await ctl.close()
 
@@ -358,7 +363,7 @@ async def test_close_answers_waiting_requests_with_503() -> None:
     task = asyncio.create_task(ctl.admit(FlowItem()))
     await settle()
     await ctl.close()
-    adm = await asyncio.wait_for(task, 1)
+    adm = await asyncio.wait_for(task, WAIT)
     assert adm.outcome is Outcome.REJECTED_SHUTDOWN and adm.status == 503
     assert (await ctl.admit(FlowItem())).status == 503
     assert ctl.queued_requests == 0
@@ -380,7 +385,7 @@ async def test_a_failing_saturation_check_holds_the_queue_without_killing_it() -
     await asyncio.sleep(0.05)  # several failed re-checks
     assert not task.done() and ctl.queued_requests == 1
     mode["now"] = "room"
-    assert (await asyncio.wait_for(task, 1)).admitted  # the dispatcher survived
+    assert (await asyncio.wait_for(task, WAIT)).admitted  # the dispatcher survived
     mode["now"] = "broken"
     with pytest.raises(RuntimeError):  # on the fast path the caller sees its own bug
         await ctl.admit(FlowItem())
@@ -461,9 +466,9 @@ async def test_a_saturated_head_does_not_hold_requests_for_other_endpoints():
     llama = asyncio.create_task(ctl.admit(FlowItem(flow_id="a", payload="llama")))
     await settle()
     qwen = asyncio.create_task(ctl.admit(FlowItem(flow_id="b", payload="qwen")))
-    await asyncio.wait_for(qwen, 1)  # its own endpoints have room: it goes at once
+    await asyncio.wait_for(qwen, WAIT)  # its own endpoints have room: it goes at once
     assert qwen.result().admitted and not llama.done()
     busy["llama"] = False
     ctl.notify()
-    assert (await asyncio.wait_for(llama, 1)).admitted
+    assert (await asyncio.wait_for(llama, WAIT)).admitted
     await ctl.close()
