@@ -110,7 +110,7 @@ def build_controllers(
     Every controller reports what it does and what fails as Events (events.py) and writes
     the status of ModelRoutes, ModelServers and AutoScalingPolicies (networking_status.py,
     policy_status.py). `logs`: the pods' logs, where a download's progress is read
-    (standalone: the local runtime's; None: not read)."""
+    (standalone: the local runtime's; a cluster: download_logs.py's; None: not read)."""
     events = events or EventRecorder(store)
     scaler = AutoscalerReconciler(
         store, interval=autoscale_interval, picker_metrics=picker_metrics, events=events
@@ -498,6 +498,7 @@ async def _serve_kubernetes(args: argparse.Namespace, stop: asyncio.Event) -> No
 
     from infergw.cluster.kube_store import KubeStore
     from infergw.cluster.store import StoreError
+    from infergw.controllers.download_logs import PodLogs
     from infergw.controllers.leader import LeaderElector
 
     store = KubeStore.from_environment()
@@ -515,6 +516,7 @@ async def _serve_kubernetes(args: argparse.Namespace, stop: asyncio.Event) -> No
             trace_env=tracing.passed_on(),
         ),
         weights=WeightsLayout.cluster(cache_volume_of(args.weights_cache), args.picker_image),
+        logs=PodLogs(store),
     )
     elector = None
     try:
