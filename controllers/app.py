@@ -191,6 +191,7 @@ class Standalone:
     # The local picker's KV-event SUB, which every pod on this machine connects to.
     kv_sockets: KVEventSockets = field(default_factory=lambda: central_sockets(None))
     weights_cache_dir: Path | None = None  # None: the download's own default
+    pvc_root: Path | None = None  # pvc://CLAIM/PATH is <pvc_root>/CLAIM/PATH; None: <state>/pvc
     # How pods share this machine: `many` addresses, `one` address with ports of their own,
     # `auto` (api/pod_ports.py).
     pod_addresses: str = AUTO
@@ -221,7 +222,9 @@ class Standalone:
             autoscale_interval=self.autoscale_interval,
             kv_sockets=self.kv_sockets,
             picker_metrics=self.picker_metrics,
-            weights=WeightsLayout.standalone(self.weights_cache_dir, self.state_dir / "models"),
+            weights=WeightsLayout.standalone(
+                self.weights_cache_dir, self.state_dir / "models", self.pvc_root
+            ),
             logs=runtime.log_tail,
         )
         exporter = PoolExporter(
@@ -392,6 +395,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="standalone: where the Models' weights are downloaded (default: the download's "
         "own, $INFERGATE_CACHE_DIR, else ~/.cache/infergate/models)",
     )
+    standalone.add_argument(
+        "--pvc-root",
+        type=Path,
+        default=None,
+        help="standalone: where a Model's pvc://CLAIM/PATH is, as DIR/CLAIM/PATH (copied into "
+        "the weights cache, never written; default: STATE_DIR/pvc)",
+    )
     logs.add_log_flags(logging_group)
     version.add_version_flag(p)
     return p
@@ -471,6 +481,7 @@ async def _serve_standalone(args: argparse.Namespace, stop: asyncio.Event) -> No
         kv_sockets=kv_sockets(args),
         picker_metrics=by_pool(args.picker_metrics),
         weights_cache_dir=args.weights_cache_dir,
+        pvc_root=args.pvc_root,
         pod_addresses=args.pod_addresses,
     )
     start_http_server(args.metrics_port, addr=args.host, registry=app.metrics.registry)

@@ -158,6 +158,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="where configs and logs go (default: a new temporary directory)",
     )
+    files.add_argument(
+        "--pvc-root",
+        type=Path,
+        default=None,
+        help="where a Model's pvc://CLAIM/PATH is on this machine, as DIR/CLAIM/PATH "
+        "(default: WORKDIR/state/pvc)",
+    )
     # Handed to every process it starts (api/logs.py).
     logs.add_log_flags(p.add_argument_group("Logging"))
     version.add_version_flag(p)
@@ -194,6 +201,7 @@ def stack_config(
         listener_tls=tls.listener if tls else None,
     )
     cfg.pod_addresses = args.pod_addresses
+    cfg.pvc_root = args.pvc_root.resolve() if args.pvc_root else None
     if args.no_auth:
         cfg.auth = None
     cfg.progress = _say

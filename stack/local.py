@@ -135,6 +135,8 @@ class StackConfig:
     # The weights cache the controllers download into (--weights-cache-dir) and the
     # tokenizer fetch reads; None: the download's default (~/.cache/infergate/models).
     weights_cache_dir: Path | None = None
+    # Where a Model's pvc://CLAIM/PATH is read (--pvc-root); None: under the state dir.
+    pvc_root: Path | None = None
 
     @classmethod
     def from_example(cls, example, workdir: Path, ports: StackPorts, **kw) -> StackConfig:
@@ -408,6 +410,7 @@ class LocalStack:
             *self._picker_metrics_args(),
             f"--pod-addresses={addresses}",
             *(["--weights-cache-dir", str(c.weights_cache_dir)] if c.weights_cache_dir else []),
+            *(["--pvc-root", str(c.pvc_root)] if c.pvc_root else []),
             *c.controllers_args,
         ]
         # From where the examples' relative file:// model paths start (stack/resources.py).
