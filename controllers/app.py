@@ -31,6 +31,7 @@ from infergw.api.pod_ports import (
     POD_ADDRESS_MODES,
     resolve_pod_addresses,
 )
+from infergw.api.sizes import size_arg
 from infergw.cluster.informer import Informer
 from infergw.cluster.store import (
     AUTOSCALING_BINDING,
@@ -192,6 +193,7 @@ class Standalone:
     kv_sockets: KVEventSockets = field(default_factory=lambda: central_sockets(None))
     weights_cache_dir: Path | None = None  # None: the download's own default
     pvc_root: Path | None = None  # pvc://CLAIM/PATH is <pvc_root>/CLAIM/PATH; None: <state>/pvc
+    weights_cache_max_bytes: int | None = None  # each download evicts down to it; None: no bound
     # How pods share this machine: `many` addresses, `one` address with ports of their own,
     # `auto` (api/pod_ports.py).
     pod_addresses: str = AUTO
@@ -223,7 +225,10 @@ class Standalone:
             kv_sockets=self.kv_sockets,
             picker_metrics=self.picker_metrics,
             weights=WeightsLayout.standalone(
-                self.weights_cache_dir, self.state_dir / "models", self.pvc_root
+                self.weights_cache_dir,
+                self.state_dir / "models",
+                self.pvc_root,
+                self.weights_cache_max_bytes,
             ),
             logs=runtime.log_tail,
         )
@@ -396,6 +401,14 @@ def build_parser() -> argparse.ArgumentParser:
         "own, $INFERGATE_CACHE_DIR, else ~/.cache/infergate/models)",
     )
     standalone.add_argument(
+        "--weights-cache-max-bytes",
+        type=size_arg,
+        default=None,
+        metavar="SIZE",
+        help="standalone: after each download, least-recently-used entries no pod reads are "
+        "removed until the cache fits (e.g. 500G; fetch/evict.py); default: no bound",
+    )
+    standalone.add_argument(
         "--pvc-root",
         type=Path,
         default=None,
@@ -482,6 +495,7 @@ async def _serve_standalone(args: argparse.Namespace, stop: asyncio.Event) -> No
         picker_metrics=by_pool(args.picker_metrics),
         weights_cache_dir=args.weights_cache_dir,
         pvc_root=args.pvc_root,
+        weights_cache_max_bytes=args.weights_cache_max_bytes,
         pod_addresses=args.pod_addresses,
     )
     start_http_server(args.metrics_port, addr=args.host, registry=app.metrics.registry)

@@ -63,6 +63,7 @@ class WeightsLayout:
     cache_volume: dict | None = None  # the cache volume's source, e.g. {"emptyDir": {}}
     image: str = DOWNLOAD_IMAGE
     pvc_root: str | None = None  # standalone: where pvc://CLAIM is, as <pvc_root>/CLAIM
+    cache_max_bytes: int | None = None  # standalone: each download then evicts down to it
 
     @classmethod
     def cluster(
@@ -72,11 +73,17 @@ class WeightsLayout:
 
     @classmethod
     def standalone(
-        cls, cache_dir: Path | None, models_root: Path, pvc_root: Path | None = None
+        cls,
+        cache_dir: Path | None,
+        models_root: Path,
+        pvc_root: Path | None = None,
+        cache_max_bytes: int | None = None,
     ) -> WeightsLayout:
         root = (pvc_root or models_root.parent / "pvc").resolve()
         cache = str(cache_dir.resolve()) if cache_dir else None
-        return cls(cache, str(models_root.resolve()), pvc_root=str(root))
+        return cls(
+            cache, str(models_root.resolve()), pvc_root=str(root), cache_max_bytes=cache_max_bytes
+        )
 
     @property
     def in_pod(self) -> bool:
@@ -218,6 +225,8 @@ def init_containers(model: Model, layout: WeightsLayout) -> list[dict]:
             f"--dest={layout.models_dir(model)}/{artifact.link}",
             *source_args(model),
         ]
+        if layout.cache_max_bytes is not None:
+            args.append(f"--cache-max-bytes={layout.cache_max_bytes}")
         container = fetcher(model, layout, DOWNLOAD_CONTAINER, "download", args)
         # The download's last line, if it could not write its termination message.
         container["terminationMessagePolicy"] = "FallbackToLogsOnError"

@@ -137,6 +137,8 @@ class StackConfig:
     weights_cache_dir: Path | None = None
     # Where a Model's pvc://CLAIM/PATH is read (--pvc-root); None: under the state dir.
     pvc_root: Path | None = None
+    # Each download then evicts the cache down to this (--weights-cache-max-bytes).
+    weights_cache_max_bytes: int | None = None
 
     @classmethod
     def from_example(cls, example, workdir: Path, ports: StackPorts, **kw) -> StackConfig:
@@ -411,6 +413,11 @@ class LocalStack:
             f"--pod-addresses={addresses}",
             *(["--weights-cache-dir", str(c.weights_cache_dir)] if c.weights_cache_dir else []),
             *(["--pvc-root", str(c.pvc_root)] if c.pvc_root else []),
+            *(
+                [f"--weights-cache-max-bytes={c.weights_cache_max_bytes}"]
+                if c.weights_cache_max_bytes is not None
+                else []
+            ),
             *c.controllers_args,
         ]
         # From where the examples' relative file:// model paths start (stack/resources.py).

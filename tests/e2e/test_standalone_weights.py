@@ -8,9 +8,12 @@ modelURI is an http(s) archive is unpacked before its engine starts."""
 
 from __future__ import annotations
 
+import asyncio
 import io
+import os
 import random
 import re
+import subprocess
 import sys
 import tarfile
 
@@ -200,6 +203,17 @@ async def test_a_pvc_model_is_read_from_its_claim_folder_never_written(tmp_path)
         assert link.resolve().parent == (tmp_path / "cache" / "entries").resolve()
         assert (link / "tokenizer.json").read_bytes() == (claim / "tokenizer.json").read_bytes()
         assert {p.name: p.stat().st_mtime_ns for p in claim.iterdir()} == before
+        # the runtime holds the entry its engine reads: a prune, long after, leaves it
+        use = tmp_path / "cache" / ".locks" / f"{link.resolve().name}.use"
+        os.utime(use, (1, 1))
+        pruned = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "infergw.fetch.download", "--prune",
+             f"--cache-dir={tmp_path / 'cache'}"],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert pruned.returncode == 0 and pruned.stdout == "", pruned.stderr
+        assert (link / "tokenizer.json").is_file()
 
         async def lost_failed():
             m = await app.store.get(MODEL, "default", "lost")
