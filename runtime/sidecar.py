@@ -36,6 +36,7 @@ from infergw.api.lora_adapters import ENGINE_APIS, UNREADABLE, Adapter, Refused,
 from infergw.api.names import DOWNLOAD_FAILED, RUNTIME_PORT
 from infergw.fetch.cache import Cache, default_root, link
 from infergw.fetch.download import DEFAULT_PVC_ROOT, Request, download
+from infergw.fetch.evict import hold, release
 from infergw.fetch.progress import Progress
 from infergw.fetch.source import FetchError
 from infergw.fetch.transfer import Retry
@@ -89,6 +90,9 @@ class Sidecar:
         self.state = State()
         self.seen = Seen()
         self.downloaded: dict[str, str] = {}  # name -> the source its link was made from
+        # name -> a shared lock on its weights cache entry while the engine may read it: a
+        # cache eviction (fetch/evict.py) never removes a loaded adapter's files
+        self.holds: dict[str, int] = {}
 
     # ---- one pass ------------------------------------------------------------------------
 
@@ -160,11 +164,15 @@ class Sidecar:
             if step.kind == "unload":
                 await self.engine.unload(name)
                 self.state.loaded.pop(name, None)
+                release([self.holds.pop(name)] if name in self.holds else [])
                 log.info("adapter %s unloaded", name)
             elif step.kind == "download":
                 adapter = seen.desired[name]
                 entry = await asyncio.to_thread(self._download, adapter)
                 self.downloaded[name] = adapter.source
+                release([self.holds.pop(name)] if name in self.holds else [])
+                if (fd := await asyncio.to_thread(hold, entry)) is not None:
+                    self.holds[name] = fd
                 log.info("adapter %s downloaded from %s to %s", name, adapter.source, entry)
                 await self._load(adapter, seen)
             else:
