@@ -133,6 +133,9 @@ def evict(cache: Cache, max_bytes: int, keep: str | None = None) -> list[Entry]:
     """Remove least-recently-used entries that nothing holds until the entries' bytes are
     at most `max_bytes` (`keep`: a key never removed, the download just made); the ones
     removed. What cannot be removed (in use, downloading, used just now) is logged."""
+    # what an eviction cut short left: no longer an entry, so nobody reads it
+    for left in cache.root.joinpath(".staging").glob("*.evicted-*"):
+        shutil.rmtree(left, ignore_errors=True)
     found = entries(cache)
     total = sum(e.size for e in found)
     removed: list[Entry] = []

@@ -103,9 +103,11 @@ def test_lru_entries_go_first_and_nothing_held_or_half_written(tmp_path) -> None
     removed = [line.split()[1] for line in out.stdout.splitlines()]
     assert [Path(p).name for p in removed] == [fetching, read]  # 600 s, then 500 s ago
     assert keys(tmp_path) == {recent, new}
+    cut_short = cache / ".staging" / f"{recent}.evicted-99999"  # an eviction killed midway
+    (cut_short / "sub").mkdir(parents=True)
     out = download_cli("--prune", f"--cache-dir={cache}")
     assert keys(tmp_path) == {new}
-    assert partial.is_dir()
+    assert partial.is_dir() and not cut_short.exists()
 
 
 def test_a_reader_of_an_entry_evicted_meanwhile_holds_nothing(tmp_path) -> None:
