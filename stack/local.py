@@ -177,6 +177,16 @@ def envoy_binary() -> str:
     return found
 
 
+def weights_args(c: StackConfig) -> list[str]:
+    """The controllers' flags for the Models' weights: where the cache and the claims are,
+    and the cache's size bound."""
+    args = ["--weights-cache-dir", str(c.weights_cache_dir)] if c.weights_cache_dir else []
+    args += ["--pvc-root", str(c.pvc_root)] if c.pvc_root else []
+    if c.weights_cache_max_bytes is not None:
+        args.append(f"--weights-cache-max-bytes={c.weights_cache_max_bytes}")
+    return args
+
+
 class LocalStack:
     def __init__(self, cfg: StackConfig) -> None:
         self.cfg = cfg
@@ -411,13 +421,7 @@ class LocalStack:
             *self._controllers_kv_args(),
             *self._picker_metrics_args(),
             f"--pod-addresses={addresses}",
-            *(["--weights-cache-dir", str(c.weights_cache_dir)] if c.weights_cache_dir else []),
-            *(["--pvc-root", str(c.pvc_root)] if c.pvc_root else []),
-            *(
-                [f"--weights-cache-max-bytes={c.weights_cache_max_bytes}"]
-                if c.weights_cache_max_bytes is not None
-                else []
-            ),
+            *weights_args(c),
             *c.controllers_args,
         ]
         # From where the examples' relative file:// model paths start (stack/resources.py).
