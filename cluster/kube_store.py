@@ -189,15 +189,20 @@ class KubeStore:
         target = quote(f"{pod}:{int(port)}", safe=":")
         url = f"/api/v1/namespaces/{quote(namespace, safe='')}/pods/{target}/proxy/"
         resp = self._open("GET", url + path.lstrip("/"), [], None, _JSON, timeout)
-        try:
-            data = resp.read(limit + 1)
-        except (urllib3.exceptions.HTTPError, OSError) as exc:
-            raise Unavailable(f"GET {url}: {exc}") from exc
-        finally:
-            resp.close()  # perhaps not read to its end: the connection is not reusable
-        if not 200 <= resp.status < 300:
-            raise error_from(resp.status, data)
-        return data
+        return _read_bounded(resp, url, limit + 1)
+
+    def container_log_tail(
+        self, namespace: str, pod: str, container: str, lines: int, limit: int
+    ) -> str:
+        """The last `lines` lines of one container's log, at most `limit` bytes of them (GET
+        pods/NAME/log?container=&tailLines=&limitBytes=, what `kubectl logs --tail` asks; the
+        `get` verb on `pods/log`). At most `limit` bytes are read whatever the server sends.
+        Blocking: run it in a thread."""
+        url = f"/api/v1/namespaces/{quote(namespace, safe='')}/pods/{quote(pod, safe='')}/log"
+        query = [("container", container), ("tailLines", str(lines)), ("limitBytes", str(limit))]
+        # the log is text/plain: an Accept of JSON alone is not what it serves
+        resp = self._open("GET", url, query, None, _JSON, self.request_timeout, accept="*/*")
+        return _read_bounded(resp, url, limit).decode(errors="replace")
 
     async def watch(
         self,
@@ -268,8 +273,9 @@ class KubeStore:
         body: Obj | None,
         content_type: str,
         timeout: float | tuple[float, float],
+        accept: str = _JSON,
     ) -> urllib3.BaseHTTPResponse:
-        headers = {"Accept": _JSON}
+        headers = {"Accept": accept}
         if body is not None:
             headers["Content-Type"] = content_type
         request = self.api.param_serialize(
@@ -356,6 +362,19 @@ class KubeStore:
             elif resp is not None:
                 resp.release_conn()
             put(_END)
+
+
+def _read_bounded(resp: urllib3.BaseHTTPResponse, url: str, limit: int) -> bytes:
+    """At most `limit` bytes of an answer; the store's error for a failed one."""
+    try:
+        data = resp.read(limit)
+    except (urllib3.exceptions.HTTPError, OSError) as exc:
+        raise Unavailable(f"GET {url}: {exc}") from exc
+    finally:
+        resp.close()  # perhaps not read to its end: the connection is not reusable
+    if not 200 <= resp.status < 300:
+        raise error_from(resp.status, data)
+    return data
 
 
 def _label_selector(labels: dict[str, str]) -> str:

@@ -56,7 +56,9 @@ def wanted(model: Model, layout: WeightsLayout) -> list[Adapter]:
     """The adapters the sidecar keeps loaded, each with the path the engine loads it from."""
     lora = model.spec.lora_adapters or []
     return [
-        Adapter(a.name, a.artifact_url, engine_path(model, f, layout), downloads(model, f.uri))
+        Adapter(
+            a.name, a.artifact_url, engine_path(model, f, layout), downloads(model, f.uri, layout)
+        )
         for a, f in zip(lora, artifacts(model)[1:], strict=True)
     ]
 
@@ -132,7 +134,7 @@ def runtime_container(
     }
     if layout.in_pod:
         mounts = [{"name": ADAPTERS_VOLUME, "mountPath": ADAPTERS_MOUNT, "readOnly": True}]
-        if caches(model):
+        if caches(model, layout):
             mounts += writable_mounts(layout)
         container |= {**sidecar_resources(), "volumeMounts": mounts}
     return container

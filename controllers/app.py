@@ -31,6 +31,7 @@ from infergw.api.pod_ports import (
     POD_ADDRESS_MODES,
     resolve_pod_addresses,
 )
+from infergw.api.sizes import size_arg
 from infergw.cluster.informer import Informer
 from infergw.cluster.store import (
     AUTOSCALING_BINDING,
@@ -110,7 +111,7 @@ def build_controllers(
     Every controller reports what it does and what fails as Events (events.py) and writes
     the status of ModelRoutes, ModelServers and AutoScalingPolicies (networking_status.py,
     policy_status.py). `logs`: the pods' logs, where a download's progress is read
-    (standalone: the local runtime's; None: not read)."""
+    (standalone: the local runtime's; a cluster: download_logs.py's; None: not read)."""
     events = events or EventRecorder(store)
     scaler = AutoscalerReconciler(
         store, interval=autoscale_interval, picker_metrics=picker_metrics, events=events
@@ -191,6 +192,8 @@ class Standalone:
     # The local picker's KV-event SUB, which every pod on this machine connects to.
     kv_sockets: KVEventSockets = field(default_factory=lambda: central_sockets(None))
     weights_cache_dir: Path | None = None  # None: the download's own default
+    pvc_root: Path | None = None  # pvc://CLAIM/PATH is <pvc_root>/CLAIM/PATH; None: <state>/pvc
+    weights_cache_max_bytes: int | None = None  # each download evicts down to it; None: no bound
     # How pods share this machine: `many` addresses, `one` address with ports of their own,
     # `auto` (api/pod_ports.py).
     pod_addresses: str = AUTO
@@ -221,7 +224,12 @@ class Standalone:
             autoscale_interval=self.autoscale_interval,
             kv_sockets=self.kv_sockets,
             picker_metrics=self.picker_metrics,
-            weights=WeightsLayout.standalone(self.weights_cache_dir, self.state_dir / "models"),
+            weights=WeightsLayout.standalone(
+                self.weights_cache_dir,
+                self.state_dir / "models",
+                self.pvc_root,
+                self.weights_cache_max_bytes,
+            ),
             logs=runtime.log_tail,
         )
         exporter = PoolExporter(
@@ -392,6 +400,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="standalone: where the Models' weights are downloaded (default: the download's "
         "own, $INFERGATE_CACHE_DIR, else ~/.cache/infergate/models)",
     )
+    standalone.add_argument(
+        "--weights-cache-max-bytes",
+        type=size_arg,
+        default=None,
+        metavar="SIZE",
+        help="standalone: after each download, least-recently-used entries no pod reads are "
+        "removed until the cache fits (e.g. 500G; fetch/evict.py); default: no bound",
+    )
+    standalone.add_argument(
+        "--pvc-root",
+        type=Path,
+        default=None,
+        help="standalone: where a Model's pvc://CLAIM/PATH is, as DIR/CLAIM/PATH (copied into "
+        "the weights cache, never written; default: STATE_DIR/pvc)",
+    )
     logs.add_log_flags(logging_group)
     version.add_version_flag(p)
     return p
@@ -471,6 +494,8 @@ async def _serve_standalone(args: argparse.Namespace, stop: asyncio.Event) -> No
         kv_sockets=kv_sockets(args),
         picker_metrics=by_pool(args.picker_metrics),
         weights_cache_dir=args.weights_cache_dir,
+        pvc_root=args.pvc_root,
+        weights_cache_max_bytes=args.weights_cache_max_bytes,
         pod_addresses=args.pod_addresses,
     )
     start_http_server(args.metrics_port, addr=args.host, registry=app.metrics.registry)
@@ -498,6 +523,7 @@ async def _serve_kubernetes(args: argparse.Namespace, stop: asyncio.Event) -> No
 
     from infergw.cluster.kube_store import KubeStore
     from infergw.cluster.store import StoreError
+    from infergw.controllers.download_logs import PodLogs
     from infergw.controllers.leader import LeaderElector
 
     store = KubeStore.from_environment()
@@ -515,6 +541,7 @@ async def _serve_kubernetes(args: argparse.Namespace, stop: asyncio.Event) -> No
             trace_env=tracing.passed_on(),
         ),
         weights=WeightsLayout.cluster(cache_volume_of(args.weights_cache), args.picker_image),
+        logs=PodLogs(store),
     )
     elector = None
     try:

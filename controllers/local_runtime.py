@@ -74,6 +74,7 @@ from infergw.controllers.conditions import now_rfc3339
 from infergw.controllers.engine_command import INSTALL_HINTS
 from infergw.controllers.moved_ports import moved_args, moved_env
 from infergw.controllers.process_group import stop_container
+from infergw.fetch.evict import hold_all, release
 
 log = logging.getLogger("controllers.local_runtime")
 _VAR = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
@@ -126,6 +127,9 @@ class _Running:
     starting: asyncio.Task | None = None  # the init containers' run, then the containers' start
     stopping: bool = False
     status_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # Shared locks on the weights cache entries its containers read (fetch/evict.py), from
+    # their start until the pod stops: an eviction never removes them under the engine.
+    holds: list[int] = field(default_factory=list)
 
 
 class LocalRuntime:
@@ -389,6 +393,7 @@ class LocalRuntime:
         )
 
     def _supervise_containers(self, key: tuple[str, str], run: _Running) -> None:
+        run.holds = hold_all(arg for c in run.containers for arg in c.spec.get("args") or [])
         for c in run.containers:
             c.task = asyncio.create_task(
                 self._supervise(key, run, c), name=f"pod {key[1]} container {c.name}"
@@ -535,6 +540,8 @@ class LocalRuntime:
         await self._write_status(key, run)  # terminating: out of every pool before SIGTERM
         grace = _grace_seconds(run.pod)
         await asyncio.gather(*(self._stop_container(c, grace) for c in every if c.proc is not None))
+        release(run.holds)
+        run.holds.clear()
         if run.ports.moved:
             self._release_ports(run.ports)
         else:

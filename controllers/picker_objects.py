@@ -109,7 +109,7 @@ from infergw.controllers.model_objects import (
 from infergw.controllers.picker_tls import RESPONSE_ID_KEY, TLS_ANNOTATION
 from infergw.controllers.route_parents import merge_parents
 from infergw.controllers.weights import fetch_env
-from infergw.fetch.tokenizer import SCHEMES as TOKENIZER_SCHEMES
+from infergw.fetch.tokenizer import fetchable as tokenizer_fetchable
 
 PICKER_IMAGE = CONNECTOR_IMAGE  # the infergate image: `infergate epp`, `infergate fetch`
 PICKER_REPLICAS = 2
@@ -218,9 +218,8 @@ def gateway_of(model: Model) -> ParentRef:
 def fetches_tokenizer(model: Model) -> bool:
     """Whether the picker gets the Model's tokenizer: a source `infergate fetch` reads, and a
     served name `--tokenizer MODEL=DIR` can spell."""
-    scheme = model.spec.model_uri.partition("://")[0]
     # Other Models' pickers score prefixes approximately.
-    return scheme in TOKENIZER_SCHEMES and "=" not in served_name(model)
+    return tokenizer_fetchable(model.spec.model_uri) and "=" not in served_name(model)
 
 
 def _pod_labels(model: Model) -> dict[str, str]:

@@ -13,7 +13,12 @@
   Model's `modelRevision` and `modelFiles` become the download's `--revision`, `--include`
   and `--exclude` (source_args; its adapters are downloaded whole, at their main).
 - `pvc://CLAIM/PATH` (in a cluster): the claim mounted read-only at PVC_ROOT/CLAIM in the
-  engine, which reads PATH in place: nothing to copy.
+  engine, which reads PATH in place: nothing to copy. In standalone mode the claim is a
+  folder of this machine, `<pvc root>/CLAIM` (`--pvc-root`, default under the state dir),
+  and the folder is downloaded as a local one is (copied into the weights cache, once per
+  revision of its files' sizes and mtimes): the engine reads the copy, so the claim's folder
+  is never written, as a read-only mount guarantees; a missing folder fails the download,
+  which the Model's conditions quote (SourceNotFound, naming the folder).
 - `file://PATH` and `ms://ORG/NAME`: as written (a path in the image or on this machine; the
   engine's own ModelScope download).
 
@@ -57,6 +62,8 @@ class WeightsLayout:
     models_root: str
     cache_volume: dict | None = None  # the cache volume's source, e.g. {"emptyDir": {}}
     image: str = DOWNLOAD_IMAGE
+    pvc_root: str | None = None  # standalone: where pvc://CLAIM is, as <pvc_root>/CLAIM
+    cache_max_bytes: int | None = None  # standalone: each download then evicts down to it
 
     @classmethod
     def cluster(
@@ -65,8 +72,18 @@ class WeightsLayout:
         return cls(POD_CACHE_DIR, POD_MODELS_DIR, cache_volume or {"emptyDir": {}}, image)
 
     @classmethod
-    def standalone(cls, cache_dir: Path | None, models_root: Path) -> WeightsLayout:
-        return cls(str(cache_dir.resolve()) if cache_dir else None, str(models_root.resolve()))
+    def standalone(
+        cls,
+        cache_dir: Path | None,
+        models_root: Path,
+        pvc_root: Path | None = None,
+        cache_max_bytes: int | None = None,
+    ) -> WeightsLayout:
+        root = (pvc_root or models_root.parent / "pvc").resolve()
+        cache = str(cache_dir.resolve()) if cache_dir else None
+        return cls(
+            cache, str(models_root.resolve()), pvc_root=str(root), cache_max_bytes=cache_max_bytes
+        )
 
     @property
     def in_pod(self) -> bool:
@@ -107,16 +124,19 @@ def artifacts(model: Model) -> list[Artifact]:
     return out
 
 
-def downloads(model: Model, uri: str) -> bool:
-    """Whether this artifact is downloaded before the engine starts."""
-    simulated = runs_simulator(engine_type(model), model.spec.image)
-    return uri.partition("://")[0] in DOWNLOADED and not simulated
+def downloads(model: Model, uri: str, layout: WeightsLayout) -> bool:
+    """Whether this artifact is downloaded before the engine starts (a claim too, in
+    standalone mode: from its folder of this machine)."""
+    if runs_simulator(engine_type(model), model.spec.image):
+        return False
+    scheme = uri.partition("://")[0]
+    return scheme in DOWNLOADED or (scheme == "pvc" and not layout.in_pod)
 
 
 def engine_path(model: Model, artifact: Artifact, layout: WeightsLayout) -> str:
     """What the engine's model flag (or an adapter's name=path) takes for an artifact."""
     scheme, _, rest = artifact.uri.partition("://")
-    if downloads(model, artifact.uri):
+    if downloads(model, artifact.uri, layout):
         return f"{layout.models_dir(model)}/{artifact.link}"
     if scheme == "pvc" and layout.in_pod:
         return f"{PVC_ROOT}/{rest.strip('/')}"
@@ -140,13 +160,13 @@ def is_download(container: str) -> bool:
     return container == DOWNLOAD_CONTAINER
 
 
-def caches(model: Model) -> bool:
+def caches(model: Model, layout: WeightsLayout) -> bool:
     """Whether the pod has the weights cache and the links' folder: a real engine whose
     weights are downloaded, or that loads LoRA adapters at run time (whatever their sources
     now: the pod template must not change with them)."""
     if runs_simulator(engine_type(model), model.spec.image):
         return False
-    return downloads(model, model.spec.model_uri) or model.spec.lora_adapters is not None
+    return downloads(model, model.spec.model_uri, layout) or model.spec.lora_adapters is not None
 
 
 def sidecar_resources() -> dict:
@@ -162,6 +182,8 @@ def fetcher(model: Model, layout: WeightsLayout, name: str, command: str, args: 
     weights cache's folder, and of the Model's env its source settings alone."""
     if layout.cache_dir is not None:
         args = [*args, f"--cache-dir={layout.cache_dir}"]
+    if layout.pvc_root is not None and any(a.uri.startswith("pvc://") for a in artifacts(model)):
+        args = [*args, f"--pvc-root={layout.pvc_root}"]
     return {
         "name": name,
         "image": layout.image,
@@ -196,13 +218,15 @@ def init_containers(model: Model, layout: WeightsLayout) -> list[dict]:
     """The download of the Model's own weights, if it needs one."""
     out = []
     for artifact in artifacts(model)[:1]:
-        if not downloads(model, artifact.uri):
+        if not downloads(model, artifact.uri, layout):
             continue
         args = [
             artifact.uri,
             f"--dest={layout.models_dir(model)}/{artifact.link}",
             *source_args(model),
         ]
+        if layout.cache_max_bytes is not None:
+            args.append(f"--cache-max-bytes={layout.cache_max_bytes}")
         container = fetcher(model, layout, DOWNLOAD_CONTAINER, "download", args)
         # The download's last line, if it could not write its termination message.
         container["terminationMessagePolicy"] = "FallbackToLogsOnError"
@@ -219,7 +243,7 @@ def engine_mounts(model: Model, layout: WeightsLayout) -> list[dict]:
     if not layout.in_pod:
         return []
     mounts = []
-    if caches(model):
+    if caches(model, layout):
         mounts += [
             {"name": CACHE_VOLUME, "mountPath": layout.cache_dir, "readOnly": True},
             {"name": MODELS_VOLUME, "mountPath": layout.models_root, "readOnly": True},
@@ -233,7 +257,7 @@ def volumes(model: Model, layout: WeightsLayout) -> list[dict]:
     if not layout.in_pod:
         return []
     out = []
-    if caches(model):
+    if caches(model, layout):
         assert layout.cache_volume is not None
         out += [
             {"name": CACHE_VOLUME, **layout.cache_volume},

@@ -37,8 +37,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from infergw.api import logs, version
+from infergw.api.sizes import size_arg
 from infergw.fetch.archive import HttpArchive, checksum_in_url
 from infergw.fetch.cache import Cache, default_root, link
+from infergw.fetch.evict import evict, touch
 from infergw.fetch.hf import HuggingFace, check_revision
 from infergw.fetch.local import LocalFolder
 from infergw.fetch.progress import Progress
@@ -109,12 +111,14 @@ def download(req: Request, cache: Cache, progress: Progress) -> tuple[Path, bool
     repo = repository_for(req)
     snap = _chosen(repo.snapshot(), req)
     key = cache.key(snap)
-    if (entry := cache.complete(key)) is not None:
-        return entry, True
     with cache.locked(key, progress.waiting):
+        # under the lock: an eviction (evict.py) cannot take the entry found meanwhile
         if (entry := cache.complete(key)) is not None:
-            return entry, True  # another process finished it while this one waited
-        return _fetch(repo, snap, key, cache, progress, req), False
+            touch(cache, key)
+            return entry, True
+        entry = _fetch(repo, snap, key, cache, progress, req)
+        touch(cache, key)
+        return entry, False
 
 
 def excluded(snap: Snapshot, req: Request) -> tuple[str, ...]:
@@ -189,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     progress = p.add_argument_group("Progress and errors")
     p.add_argument(
         "uri",
+        nargs="?",
         help="hf://ORG/NAME, ORG/NAME, s3://, obs://, pvc://, file://, a path, "
         "or an http(s):// archive",
     )
@@ -241,6 +246,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_PVC_ROOT,
         help="where pvc://CLAIM is mounted, as <root>/CLAIM (default: %(default)s)",
     )
+    where.add_argument(
+        "--cache-max-bytes",
+        type=size_arg,
+        default=None,
+        metavar="SIZE",
+        help="after the download, remove least-recently-used entries that no pod or download "
+        "holds until the cache's entries fit (e.g. 500G); default: no bound",
+    )
+    where.add_argument(
+        "--prune",
+        action="store_true",
+        help="download nothing (no URI): remove the entries --cache-max-bytes says (default "
+        "0: every entry not in use), printing each",
+    )
     progress.add_argument("--progress-file", type=Path, help="JSON progress, rewritten in place")
     progress.add_argument(
         "--termination-log",
@@ -252,9 +271,36 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _keep_within(cache: Cache, max_bytes: int, keep: str) -> None:
+    """The eviction after a download: a failure of it is logged, the download stands."""
+    try:
+        evict(cache, max_bytes, keep)
+    except OSError as exc:
+        log.warning("could not keep %s within %d bytes: %s", cache.root, max_bytes, exc)
+
+
+def _prune(cache: Cache, max_bytes: int) -> int:
+    """`--prune`: the eviction alone; the entries removed, one a line."""
+    try:
+        for e in evict(cache, max_bytes):
+            print(f"removed {cache.entry(e.key)} ({e.size} bytes)")
+    except OSError as exc:
+        print(f"infergate download: --prune: {cache.root}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    opts = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    opts = parser.parse_args(sys.argv[1:] if argv is None else argv)
     logs.configure(logs.settings_from_args(opts))
+    cache = Cache(opts.cache_dir or default_root())
+    if opts.prune:
+        if opts.uri is not None:
+            parser.error("--prune downloads nothing: give no URI")
+        return _prune(cache, opts.cache_max_bytes or 0)
+    if opts.uri is None:
+        parser.error("give the URI to download (or --prune)")
     # A file size limit (ulimit -f) must end in an error we report, not a kill.
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     if opts.max_bytes < 1 or opts.timeout <= 0 or opts.retries < 0:
@@ -277,9 +323,11 @@ def main(argv: list[str] | None = None) -> int:
             opts.pvc_root,
             Retry(opts.retries),
         )
-        entry, cached = download(req, Cache(opts.cache_dir or default_root()), progress)
+        entry, cached = download(req, cache, progress)
         if opts.dest is not None:
             link(opts.dest, entry)
+        if opts.cache_max_bytes is not None:
+            _keep_within(cache, opts.cache_max_bytes, entry.name)
     except ValueError as exc:
         return _failed(opts, progress, "InvalidSource", str(exc), "fix the URI", USAGE_EXIT)
     except FetchError as exc:

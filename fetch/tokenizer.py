@@ -25,6 +25,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from infergw.api import logs, version
+from infergw.fetch.archive import HttpArchive, checksum_in_url
+from infergw.fetch.archive_tokenizer import ArchiveTokenizer
 from infergw.fetch.cache import Cache, default_root
 from infergw.fetch.hf import HuggingFace, check_revision
 from infergw.fetch.s3 import S3, bucket_source
@@ -35,19 +37,35 @@ log = logging.getLogger("fetch.tokenizer")
 REQUIRED = "tokenizer.json"
 # What kvindex/tokenize.py and the chat template reader may use besides tokenizer.json.
 OPTIONAL = ("tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
-SCHEMES = ("hf", "s3", "obs")  # the Model URIs a tokenizer is fetched from
+SCHEMES = ("hf", "s3", "obs", "http", "https")  # the Model URIs a tokenizer is fetched from
 DEFAULT_MAX_BYTES = 64 << 20  # the largest tokenizer.json of common models is ~35 MiB
 DEFAULT_TIMEOUT = 120.0
+DEFAULT_MAX_ARCHIVE_BYTES = 4 << 40  # a whole archive streamed for its tokenizer: the download's
 
 
-def source_for(uri: str, revision: str, timeout: float) -> Source:
+def fetchable(uri: str) -> bool:
+    """Whether a tokenizer can be fetched for a Model of this URI (a zip archive: only
+    copied from the weights cache, which a cluster's picker cannot read)."""
+    scheme = uri.partition("://")[0]
+    if scheme in ("http", "https"):
+        return ArchiveTokenizer.reads(HttpArchive(uri.partition("#")[0]).name)
+    return scheme in SCHEMES
+
+
+def source_for(
+    uri: str, revision: str, timeout: float, limits: Limits, max_archive_bytes: int
+) -> Source:
     """The source for a Model's URI; ValueError for a scheme without a tokenizer fetch."""
     scheme, sep, rest = uri.partition("://")
     rest = rest.strip("/")
     if not sep or scheme not in SCHEMES or not rest:
         raise ValueError(
-            f"{uri!r}: a tokenizer is fetched from hf://ORG/NAME, s3:// or obs://BUCKET/PREFIX"
+            f"{uri!r}: a tokenizer is fetched from hf://ORG/NAME, s3:// or obs://BUCKET/PREFIX, "
+            "or an http(s):// archive"
         )
+    if scheme in ("http", "https"):
+        archive = HttpArchive(*checksum_in_url(uri, None), min(timeout, 30.0))
+        return ArchiveTokenizer(archive, (REQUIRED, *OPTIONAL), limits, max_archive_bytes)
     if scheme == "hf":
         if ".." in rest.split("/"):
             raise ValueError(f"{uri!r}: not a repository name")
@@ -81,9 +99,10 @@ def beside_the_weights(source: Source, cache: Cache) -> tuple[Source, Path | Non
     """The source to read the tokenizer from: the weights cache's entry of the source at its
     resolved revision, if there is one, else the source pinned to that revision (hf://);
     and that entry."""
-    if not isinstance(source, HuggingFace | S3):
+    if not isinstance(source, HuggingFace | S3 | ArchiveTokenizer):
         return source, None
-    snap = source.snapshot()  # the revision resolved now: a commit, or the listing's digest
+    # the revision resolved now: a commit, the listing's digest, the archive's SHA-256 or ETag
+    snap = source.archive.snapshot() if isinstance(source, ArchiveTokenizer) else source.snapshot()
     entry = cache.holding(snap.source, snap.revision, REQUIRED)
     if entry is not None:
         return CachedEntry(entry), entry
@@ -132,7 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument(
         "--source",
         required=True,
-        help="the Model's modelURI: hf://ORG/NAME, s3:// or obs://BUCKET/PREFIX",
+        help="the Model's modelURI: hf://ORG/NAME, s3:// or obs://BUCKET/PREFIX, or an "
+        "http(s):// tar archive (#sha256=HEX: read whole and checked)",
     )
     where.add_argument("--dest", required=True, type=Path, help="the directory to write")
     where.add_argument(
@@ -154,6 +174,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_TIMEOUT,
         help="seconds per file (default: %(default)s)",
     )
+    limits.add_argument(
+        "--max-archive-bytes",
+        type=int,
+        default=DEFAULT_MAX_ARCHIVE_BYTES,
+        help="an archive source: the most of it streamed (default: %(default)s)",
+    )
     logs.add_log_flags(p.add_argument_group("Logging"))
     version.add_version_flag(p)
     return p
@@ -172,19 +198,23 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if asked_help else 2
     opts = build_parser().parse_args(args[1:])
     logs.configure(logs.settings_from_args(opts))
-    if opts.max_bytes < 1 or opts.timeout <= 0:
+    if opts.max_bytes < 1 or opts.timeout <= 0 or opts.max_archive_bytes < 1:
         print(
-            "infergate fetch tokenizer: give --max-bytes and --timeout values above 0",
+            "infergate fetch tokenizer: give --max-bytes, --max-archive-bytes and --timeout "
+            "values above 0",
             file=sys.stderr,
         )
         return 2
     entry = None
     try:
-        source = source_for(opts.source, opts.revision, opts.timeout)
+        limits = Limits(opts.max_bytes, opts.timeout)
+        source = source_for(
+            opts.source, opts.revision, opts.timeout, limits, opts.max_archive_bytes
+        )
         if opts.from_weights_cache:
             cache = Cache(opts.cache_dir or default_root())
             source, entry = beside_the_weights(source, cache)
-        names = fetch_tokenizer(source, opts.dest, Limits(opts.max_bytes, opts.timeout))
+        names = fetch_tokenizer(source, opts.dest, limits)
     except (ValueError, FetchError) as exc:
         print(f"infergate fetch tokenizer: {exc}", file=sys.stderr)
         return 1

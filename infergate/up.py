@@ -52,6 +52,7 @@ from pathlib import Path
 from infergw.api import logs, version
 from infergw.api.cli_help import HelpFormatter
 from infergw.api.pod_ports import AUTO, MANY, ONE, POD_ADDRESS_HELP, POD_ADDRESS_MODES
+from infergw.api.sizes import size_arg
 from infergw.stack.envoy_config import is_ip_address
 from infergw.stack.envoy_tracing import TracingConfigError, check_tracing, describe
 from infergw.stack.example import Example, ExampleError
@@ -158,6 +159,21 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="where configs and logs go (default: a new temporary directory)",
     )
+    files.add_argument(
+        "--pvc-root",
+        type=Path,
+        default=None,
+        help="where a Model's pvc://CLAIM/PATH is on this machine, as DIR/CLAIM/PATH "
+        "(default: WORKDIR/state/pvc)",
+    )
+    files.add_argument(
+        "--weights-cache-max-bytes",
+        type=size_arg,
+        default=None,
+        metavar="SIZE",
+        help="after each download, remove least-recently-used weights cache entries no pod "
+        "reads until the cache fits (e.g. 500G); default: no bound",
+    )
     # Handed to every process it starts (api/logs.py).
     logs.add_log_flags(p.add_argument_group("Logging"))
     version.add_version_flag(p)
@@ -194,6 +210,8 @@ def stack_config(
         listener_tls=tls.listener if tls else None,
     )
     cfg.pod_addresses = args.pod_addresses
+    cfg.pvc_root = args.pvc_root.resolve() if args.pvc_root else None
+    cfg.weights_cache_max_bytes = args.weights_cache_max_bytes
     if args.no_auth:
         cfg.auth = None
     cfg.progress = _say

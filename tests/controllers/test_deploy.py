@@ -46,6 +46,7 @@ from infergw.cluster.store import (
     kind_of,
 )
 from infergw.controllers.app import build_controllers, build_parser
+from infergw.controllers.download_logs import PodLogs
 from infergw.controllers.events import EventRecorder
 from infergw.controllers.leader import LeaderElector
 from infergw.controllers.memory_store import MemoryStore
@@ -75,6 +76,7 @@ STORE_CALLS = {
     "update": ("update", None),
     "update_status": ("update", "status"),
     "delete": ("delete", None),
+    "container_log_tail": ("get", "log"),  # GET pods/NAME/log
 }
 
 
@@ -174,6 +176,10 @@ class RecordingStore:
         self._note(kind, "delete")
         await self.inner.delete(kind, namespace, name)
 
+    def container_log_tail(self, namespace: str, pod: str, container: str, *limits: int) -> str:
+        self._note(POD, "container_log_tail")
+        return ""
+
 
 def model_obj() -> Obj:
     """An autoscaled prefill/decode Model with an inline policy: every kind a Model makes."""
@@ -249,6 +255,7 @@ async def record_a_scenario() -> RecordingStore:
     elector = LeaderElector(rec, name="infergate-controllers", namespace="ns", identity="me")
     await elector.acquire()
     await namespace_reader(rec)("default")  # the webhook reads a namespace's opt-in label
+    await PodLogs(rec)("default", "llm-0", "weights")  # a download's progress, from its log
 
     port = free_port()
     app = web.Application()
@@ -394,6 +401,7 @@ def kubernetes_mode_modules() -> set[str]:
     mods |= {type(c).__module__ for c in ctrls}  # an unreadable object's Event
     mods.add(LeaderElector.__module__)
     mods.add(namespace_reader.__module__)
+    mods.add(PodLogs.__module__)  # the ModelInfer reconciler reads download logs through it
     mods.add(read_route_parents.__module__)  # the Model reconciler reads ModelRoutes through it
     mods.add(PickerDemand.__module__)  # the autoscaler reads the pickers' demand through it
     mods.add(picker_pods.__module__)  # … from the picker pods it finds there
@@ -530,6 +538,7 @@ def test_the_scenario_makes_every_store_call_the_code_has(recorded: RecordingSto
         "events",
         "runner",
         "object_status",
+        "download_logs",
     }
     for module in sorted(modules):
         in_code = store_calls_in(module)

@@ -297,7 +297,15 @@ async def test_a_second_pass_writes_nothing_and_drift_is_written_back(cluster: C
     assert "*" not in (await cluster.get(ROLE, "llama-epp"))["rules"][0]["verbs"]
 
 
-@pytest.mark.parametrize("uri", ["file:///models/llama", "pvc://weights/llama", "ms://org/llama"])
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "file:///models/llama",
+        "pvc://weights/llama",
+        "ms://org/llama",
+        "https://models.example/llama.zip",  # a zip's index is at its end: not streamed
+    ],
+)
 async def test_without_a_tokenizer_source_the_picker_scores_prefixes_approximately(
     cluster: Cluster, uri: str, tmp_path: Path
 ) -> None:
@@ -327,6 +335,16 @@ async def test_an_s3_model_fetches_its_tokenizer_with_the_models_s3_settings(
     [init] = pod_spec(await cluster.get(DEPLOYMENT, "llama-epp"))["initContainers"]
     assert fetch_parser().parse_args(init["args"]).source == f"{scheme}://models/llama-3"
     assert [e for e in init["env"] if e["name"] != "HOME"] == env[:2]
+
+
+async def test_a_tar_archive_models_tokenizer_is_streamed_out_of_it(cluster: Cluster) -> None:
+    uri = f"https://models.example/llama.tar.gz#sha256={'a' * 64}"
+    await cluster.apply(model_obj(uri))
+    await cluster.reconcile()
+    [init] = pod_spec(await cluster.get(DEPLOYMENT, "llama-epp"))["initContainers"]
+    assert fetch_parser().parse_args(init["args"]).source == uri
+    text = (await cluster.get(CONFIG_MAP, "llama-epp-config"))["data"]["epp-config.yaml"]
+    assert needs_kv_cache(read_config(text))
 
 
 async def test_the_tokenizer_is_fetched_at_the_models_revision(cluster: Cluster) -> None:

@@ -152,6 +152,21 @@ def test_standalone_mode_downloads_into_this_machines_folders(tmp_path: Path) ->
     assert download_parser().parse_args(entry["initContainers"][0]["args"]).cache_dir is None
 
 
+def test_standalone_a_claim_is_downloaded_from_its_folder_and_the_cache_bounded(
+    tmp_path: Path,
+) -> None:
+    layout = WeightsLayout.standalone(None, tmp_path / "models", tmp_path / "claims", 1 << 30)
+    _, entry, _ = templates(model("pvc://data/llama"), layout)
+    [init] = entry["initContainers"]
+    opts = download_parser().parse_args(init["args"])
+    assert opts.uri == "pvc://data/llama" and opts.pvc_root == tmp_path / "claims"
+    assert opts.cache_max_bytes == 1 << 30
+    assert f"--model={opts.dest}" in engine_args(entry)
+    # in a cluster the claim is mounted read-only and read in place, nothing downloaded
+    _, entry, _ = templates(model("pvc://data/llama"))
+    assert "initContainers" not in entry and "--model=/mnt/pvc/data/llama" in engine_args(entry)
+
+
 def pod_with(init_status: dict) -> dict:
     return {"metadata": {"name": "p"}, "status": {"initContainerStatuses": [init_status]}}
 

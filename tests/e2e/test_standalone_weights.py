@@ -8,9 +8,12 @@ modelURI is an http(s) archive is unpacked before its engine starts."""
 
 from __future__ import annotations
 
+import asyncio
 import io
+import os
 import random
 import re
+import subprocess
 import sys
 import tarfile
 
@@ -159,3 +162,67 @@ def tar_gz(files: dict[str, bytes]) -> bytes:
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     return buf.getvalue()
+
+
+async def test_a_pvc_model_is_read_from_its_claim_folder_never_written(tmp_path) -> None:
+    """`pvc://CLAIM/PATH` in standalone mode: the claim is `<pvc root>/CLAIM`; the engine
+    serves a copy in the weights cache (the claim's files are only read, as through a
+    read-only mount), and a Model whose claim folder is missing fails, naming it."""
+    claim = tmp_path / "pvc" / "models-claim" / "llm" / "tiny"
+    claim.mkdir(parents=True)
+    for p in DEFAULT_MODEL.iterdir():
+        if p.is_file():
+            (claim / p.name).write_bytes(p.read_bytes())
+    before = {p.name: p.stat().st_mtime_ns for p in claim.iterdir()}
+    manifests = tmp_path / "manifests"
+    manifests.mkdir()
+    tiny = hf_model("tiny", "org/unused", "http://127.0.0.1:9")
+    tiny["spec"]["modelURI"] = "pvc://models-claim/llm/tiny"
+    lost = hf_model("lost", "org/unused", "http://127.0.0.1:9")
+    lost["spec"]["modelURI"] = "pvc://no-such-claim/llm"
+    (manifests / "models.yaml").write_text(yaml.safe_dump_all([tiny, lost]))
+    state = tmp_path / "state"
+    app = await Standalone(
+        manifests,
+        state,
+        tmp_path / "pool.yaml",
+        weights_cache_dir=tmp_path / "cache",
+        pvc_root=tmp_path / "pvc",
+    ).start()
+    try:
+
+        async def ready():
+            m = await app.store.get(MODEL, "default", "tiny")
+            return (m.get("status") or {}).get("readyReplicas") == 1
+
+        await wait_for_cluster(ready, "the Model from a claim to serve")
+        [pod], _ = await app.store.list(POD, "default", {"infergate.io/model": "tiny"})
+        [init] = pod["spec"]["initContainers"]
+        assert f"--pvc-root={(tmp_path / 'pvc').resolve()}" in init["args"]
+        link = (state / "models").resolve() / "default" / "tiny" / "base"
+        assert link.resolve().parent == (tmp_path / "cache" / "entries").resolve()
+        assert (link / "tokenizer.json").read_bytes() == (claim / "tokenizer.json").read_bytes()
+        assert {p.name: p.stat().st_mtime_ns for p in claim.iterdir()} == before
+        # the runtime holds the entry its engine reads: a prune, long after, leaves it
+        use = tmp_path / "cache" / ".locks" / f"{link.resolve().name}.use"
+        os.utime(use, (1, 1))
+        pruned = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "infergw.fetch.download", "--prune",
+             f"--cache-dir={tmp_path / 'cache'}"],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert pruned.returncode == 0 and pruned.stdout == "", pruned.stderr
+        assert (link / "tokenizer.json").is_file()
+
+        async def lost_failed():
+            m = await app.store.get(MODEL, "default", "lost")
+            failed = condition(m or {}, "Failed")
+            return failed if failed.get("status") == "True" else None
+
+        failed = await wait_for_cluster(lost_failed, "the Failed condition of a missing claim")
+        assert failed["reason"] == "DownloadFailed"
+        assert "SourceNotFound: pvc://no-such-claim/llm: no such folder" in failed["message"]
+        assert str((tmp_path / "pvc" / "no-such-claim" / "llm").resolve()) in failed["message"]
+    finally:
+        await app.stop()

@@ -4,7 +4,11 @@ refusal in the engine's words, and is ready only when everything wanted is serve
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -215,3 +219,37 @@ async def test_each_step_is_a_span_naming_the_adapter_and_what_failed(tmp_path) 
     steps = {s.attributes["infergate.adapter"]: s for s in spans if s.name == "runtime.adapter"}
     assert steps["a"].attributes["infergate.step"] == "load" and not steps["a"].error
     assert steps["b"].error and steps["b"].attributes["error.type"] == "LoadFailed"
+
+
+async def test_a_loaded_adapters_entry_survives_a_prune_until_unloaded(tmp_path) -> None:
+    """The sidecar holds a loaded adapter's cache entry (fetch/evict.py): a prune in another
+    process, long after its last use, leaves it; once unloaded it may go."""
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "adapter_config.json").write_text("{}")
+    engine = FakeEngine(VLLM)
+    a = Adapter("a", f"file://{source}", f"{tmp_path / 'models'}/lora/a", download=True)
+    cache = tmp_path / "cache"
+
+    async def prune() -> str:
+        for use in (cache / ".locks").glob("*.use"):
+            os.utime(use, (1, 1))  # last used long ago
+        done = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "infergw.fetch.download", "--prune", f"--cache-dir={cache}"],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    async with sidecar_for(engine, tmp_path) as sidecar:
+        write(sidecar.settings.adapters_file, a)
+        await sidecar.run_once()
+        assert engine.loaded == {"a": a.path}
+        assert await prune() == ""
+        assert list((cache / "entries").iterdir())
+        write(sidecar.settings.adapters_file)
+        await sidecar.run_once()
+        assert engine.loaded == {}
+        assert "removed" in await prune()
+        assert list((cache / "entries").iterdir()) == []
