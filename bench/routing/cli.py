@@ -16,6 +16,7 @@ from infergw.bench.routing.oracle import oracle
 from infergw.bench.routing.plots import plot
 from infergw.bench.routing.report import markdown
 from infergw.bench.routing.routers import (
+    COMPARISON_PROFILES,
     EXTERNAL_ROUTERS,
     INFERGATE_PROFILES,
     PICKER_VARIANTS,
@@ -69,11 +70,11 @@ def all_routers() -> dict:
 
 
 def variants() -> dict:
-    """Pickers with other flags, run only when named: each profile under each."""
-    return {
-        r.name: r
-        for r in (InfergateRouter(c, v) for c in INFERGATE_PROFILES for v in PICKER_VARIANTS)
-    }
+    """Pickers run only when named: each profile under each set of other flags, and the
+    comparison profiles."""
+    flagged = (InfergateRouter(c, v) for c in INFERGATE_PROFILES for v in PICKER_VARIANTS)
+    compared = (InfergateRouter(c) for c in COMPARISON_PROFILES)
+    return {r.name: r for r in (*flagged, *compared)}
 
 
 def with_baselines(chosen: list, commits: list[str]) -> list:

@@ -181,6 +181,28 @@ def test_the_default_run_leaves_the_replicated_pickers_out() -> None:
     assert all(routers[name].pickers == 2 for name in cli.REPLICATED)
 
 
+def test_comparison_profiles_run_only_when_named_and_lack_only_their_setting() -> None:
+    from infergw.bench.routing import cli, routers
+
+    assert "infergate-precise-without-backlog" not in cli.all_routers()
+    assert cli.variants()["infergate-precise-without-backlog"].config == "precise-without-backlog"
+    without = routers.COMPARISON_PROFILES["precise-without-backlog"]
+    precise = routers.INFERGATE_PROFILES["precise"]
+    assert [p for p in precise if p not in without] == [("prefill-backlog-scorer", 4)]
+
+
+def test_every_profile_is_a_config_the_picker_builds() -> None:
+    from infergw.bench.routing import routers
+    from infergw.epp.scheduling.config import load_config
+
+    profiles = routers.INFERGATE_PROFILES | routers.COMPARISON_PROFILES
+    for name, plugins in profiles.items():
+        picker = routers.PROFILE_PICKERS.get(name, "max-score-picker")
+        config = load_config(routers.picker_config(plugins, picker))
+        built = config.profiles["default"].scorers
+        assert [(ws.scorer.type_name, ws.weight) for ws in built] == plugins, name
+
+
 def test_a_baseline_twin_runs_right_after_its_router_with_that_commits_picker(monkeypatch):
     """--baseline COMMIT: each infergate router is followed by its twin whose picker is that
     commit's (bench/checkout.py's folder first on PYTHONPATH while it starts); other routers
