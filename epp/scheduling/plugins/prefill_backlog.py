@@ -1,4 +1,4 @@
-"""prefill-backlog-scorer: how long a new prompt would wait behind the prefills the picker sent.
+"""prefill-backlog-scorer: when a new prompt's prefill would be done on each pod.
 
 Prefill is what a new request waits for: a pod still prefilling a prompt sent 10 ms ago makes
 it wait ~a whole prefill, one whose requests are all decoding makes it wait a decode step.
@@ -7,11 +7,17 @@ is up to an interval old), so on traffic with no reuse the load scorers lost to 
 past ~2 requests a second a pod (tests/epp/scheduling/test_load_balance.py replays it).
 
 The scorer keeps, for each pod, when the prefills the picker sent it should be done: a
-request sent at `now` is done at max(now, done) + its prompt tokens × the pod's seconds a
-token. The seconds a token are learnt from the answers of requests sent when the pod had no
-prefill ahead of them (TTFT over uncached prompt tokens, a moving average), or set
-(`secondsPerToken`). Until a pod has taught one, its backlog counts as none: the scorer
-ranks it with the empty ones and the other scorers decide. Lower wait scores higher.
+request sent at `now` is done at max(now, done) + its prompt tokens × the seconds a token,
+and a pod scores lower the longer a prompt sent now would wait. Every prompt token is charged,
+cached or not: affinity is the prefix scorers' to weigh. Charging a pod only what it does not
+hold (asking the prefix scorer) counted their pull twice and replayed 10–60 % worse on
+shared prefixes.
+
+The seconds a token are one figure for the pool (its pods serve one model, as a rule on one
+kind of accelerator; learnt per pod, the noise between pods' figures drew requests to the pod
+that looked fastest): learnt from the answers of requests sent when their pod had no prefill
+of ours ahead of them (TTFT over uncached prompt tokens, a moving average), or set
+(`secondsPerToken`). Until the first answer every pod counts as free: the other scorers decide.
 """
 
 from __future__ import annotations
@@ -30,21 +36,13 @@ from infergw.epp.scheduling.plugins._normalize import lower_is_better
 
 # Below this many uncached tokens a TTFT is mostly the engine's fixed cost, not prefill.
 MIN_LEARN_TOKENS = 64
-# Weight of the newest answer in a pod's seconds a token (a moving average).
+# Weight of the newest answer in the seconds a token (a moving average).
 LEARN_WEIGHT = 0.2
-# Pods remembered at most: past it, those with nothing of ours left to prefill are forgotten.
-MAX_PODS = 10_000
 
 
 class PrefillBacklogParams(PluginParams):
-    # Seconds of prefill a prompt token costs; None: learnt per pod from its answers.
+    # Seconds of prefill a prompt token costs; None: learnt from the pods' answers.
     seconds_per_token: Annotated[float, msgspec.Meta(gt=0, le=1.0)] | None = None
-
-
-@dataclass(slots=True)
-class _Pod:
-    done_at: float = 0.0  # when the prefills sent so far should be over (monotonic seconds)
-    per_token: float | None = None  # seconds a prompt token; None: not learnt yet
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,47 +57,43 @@ class PrefillBacklogScorer(Scorer, PreRequest, PostResponse):
 
     def __init__(self, name, params=None, clock: Callable[[], float] = time.monotonic):
         super().__init__(name, params)
-        self.fixed = parse_params(self.params_type, self.params).seconds_per_token
+        # Seconds a prompt token: set, or learnt (None until the first answer).
+        self.per_token = parse_params(self.params_type, self.params).seconds_per_token
+        self.learns = self.per_token is None
         self.clock = clock
-        self._pods: dict[str, _Pod] = {}
+        # When the prefills sent so far to each pod should be over (monotonic seconds).
+        self._done_at: dict[str, float] = {}
         self._sent: PluginSlot[_Sent] = PluginSlot(f"{name}.sent")
+
+    def forget_server(self, address: str) -> None:
+        self._done_at.pop(address, None)
 
     def wait(self, address: str, now: float) -> float:
         """Seconds of our prefills still ahead of a prompt sent to `address` now."""
-        pod = self._pods.get(address)
-        return 0.0 if pod is None else max(0.0, pod.done_at - now)
+        return max(0.0, self._done_at.get(address, 0.0) - now)
 
     def score(self, ctx, endpoints):
         now = self.clock()
-        if len(self._pods) > MAX_PODS:
-            self._forget_idle(now)
         return lower_is_better([self.wait(e.address, now) for e in endpoints])
 
     def pre_request(self, ctx, result):
         if not result.targets:
             return
         address, now = result.targets[0].address, self.clock()
-        pod = self._pods.setdefault(address, _Pod())
-        alone = pod.done_at <= now
-        per_token = self.fixed if self.fixed is not None else pod.per_token
-        if per_token is not None:
-            pod.done_at = max(now, pod.done_at) + ctx.request.approx_prompt_tokens * per_token
-        self._sent.put(ctx, _Sent(address, alone))
+        done_at = self._done_at.get(address, 0.0)
+        if self.per_token is not None:
+            tokens = ctx.request.approx_prompt_tokens
+            self._done_at[address] = max(now, done_at) + tokens * self.per_token
+        self._sent.put(ctx, _Sent(address, alone=done_at <= now))
 
     def post_response(self, ctx, info):
         sent = self._sent.get(ctx)
-        if sent is None or not sent.alone or self.fixed is not None:
+        if sent is None or not sent.alone or not self.learns:
             return
         if info.ttft is None or info.prompt_tokens is None or not 200 <= (info.status or 0) < 400:
             return
         uncached = info.prompt_tokens - (info.cached_tokens or 0)
-        pod = self._pods.get(sent.address)
-        if pod is None or uncached < MIN_LEARN_TOKENS:
+        if uncached < MIN_LEARN_TOKENS:
             return
-        sample = info.ttft / uncached
-        old = pod.per_token
-        pod.per_token = sample if old is None else old + LEARN_WEIGHT * (sample - old)
-
-    def _forget_idle(self, now: float) -> None:
-        for address in [a for a, p in self._pods.items() if p.done_at <= now]:
-            del self._pods[address]
+        sample, old = info.ttft / uncached, self.per_token
+        self.per_token = sample if old is None else old + LEARN_WEIGHT * (sample - old)

@@ -19,7 +19,6 @@ from infergw.epp.scheduling.framework import (
     SchedulingResult,
     WeightedScorer,
 )
-from infergw.epp.scheduling.plugins import prefill_backlog
 from infergw.epp.scheduling.plugins.kv_cache_utilization import (
     usage_now,
 )
@@ -273,11 +272,11 @@ def test_a_pod_waits_for_the_prefills_sent_to_it_then_is_free_again():
     sent_to(scorer, a, 1000)  # a second of prefill
     sent_to(scorer, a, 500)  # behind it: 1.5 s in all
     assert scorer.wait(a.address, 0.0) == pytest.approx(1.5)
-    assert scorer.score(None, [a, b]) == [0.0, 1.0]
+    assert scorer.score(bare_context(), [a, b]) == [0.0, 1.0]
     clock.now = 1.2
     assert scorer.wait(a.address, 1.2) == pytest.approx(0.3)
     clock.now = 2.0  # done: a prompt sent now waits for nothing
-    assert scorer.score(None, [a, b]) == [1.0, 1.0]
+    assert scorer.score(bare_context(), [a, b]) == [1.0, 1.0]
     sent_to(scorer, a, 100)
     assert scorer.wait(a.address, 2.0) == pytest.approx(0.1)
 
@@ -312,7 +311,7 @@ def test_seconds_a_token_are_learnt_from_answers_that_waited_for_no_prefill_of_o
     clock.now = 20.0
     alone = sent_to(scorer, a, 1000)
     scorer.post_response(alone, answer(a, 0.7, 1000))
-    assert scorer._pods[a.address].per_token == pytest.approx(200e-6 + 0.2 * 500e-6)
+    assert scorer.per_token == pytest.approx(200e-6 + 0.2 * 500e-6)
 
 
 @pytest.mark.parametrize("bad", [0, -1e-4, 2.0, float("nan"), float("inf"), "fast", True])
@@ -321,14 +320,9 @@ def test_seconds_per_token_must_be_a_positive_number_up_to_a_second(bad):
         PrefillBacklogScorer("b", {"secondsPerToken": bad})
 
 
-def test_pods_with_nothing_left_are_forgotten_past_the_limit(monkeypatch):
-    monkeypatch.setattr(prefill_backlog, "MAX_PODS", 3)
-    eps = Fleet(pods=5).endpoints()
-    clock = SimClock()
-    scorer = PrefillBacklogScorer("b", {"secondsPerToken": 1e-3}, clock=clock)
-    for e in eps:
-        sent_to(scorer, e, 1000 if e is eps[0] else 100)
-    assert len(scorer._pods) == 5
-    clock.now = 0.5  # the 100-token prefills are done, the 1,000-token one is not
-    scorer.score(None, eps)
-    assert list(scorer._pods) == [eps[0].address]  # the one still prefilling stays
+def test_a_pod_that_leaves_is_forgotten():
+    (a,) = Fleet(pods=1).endpoints()
+    scorer = PrefillBacklogScorer("b", {"secondsPerToken": 1e-3}, clock=SimClock())
+    sent_to(scorer, a, 1000)
+    scorer.forget_server(a.address)
+    assert scorer.wait(a.address, 0.0) == 0.0 and not scorer._done_at
