@@ -32,7 +32,6 @@ import msgspec
 from infergw.epp.context import PluginSlot
 from infergw.epp.scheduling.framework import PostResponse, PreRequest, Scorer
 from infergw.epp.scheduling.params import PluginParams, parse_params
-from infergw.epp.scheduling.plugins._normalize import lower_is_better
 
 # Below this many uncached tokens a TTFT is mostly the engine's fixed cost, not prefill.
 MIN_LEARN_TOKENS = 64
@@ -74,7 +73,13 @@ class PrefillBacklogScorer(Scorer, PreRequest, PostResponse):
 
     def score(self, ctx, endpoints):
         now = self.clock()
-        return lower_is_better([self.wait(e.address, now) for e in endpoints])
+        waits = [self.wait(e.address, now) for e in endpoints]
+        # Waits are weighed against the prompt's own prefill, not spread over 0..1: a pod
+        # 5 ms from done must not lose a full weight to an idle one (it pushed prompts off
+        # the pods holding their prefix), one a whole prefill behind must.
+        own = ctx.request.approx_prompt_tokens * (self.per_token or 0.0)
+        scale = max(max(waits), own)
+        return [1.0 - w / scale if scale > 0 else 1.0 for w in waits]
 
     def pre_request(self, ctx, result):
         if not result.targets:

@@ -326,3 +326,15 @@ def test_a_pod_that_leaves_is_forgotten():
     sent_to(scorer, a, 1000)
     scorer.forget_server(a.address)
     assert scorer.wait(a.address, 0.0) == 0.0 and not scorer._done_at
+
+
+def test_a_wait_counts_against_the_prompts_own_prefill_not_the_spread():
+    a, b = Fleet(pods=2).endpoints()
+    clock = SimClock()
+    scorer = PrefillBacklogScorer("b", {"secondsPerToken": 1e-3}, clock=clock)
+    sent_to(scorer, a, 100)  # 0.1 s
+    clock.now = 0.095  # a is 5 ms from done; a 1,000-token prompt takes a second itself
+    long_prompt = bare_context(prompt_text="w" * 4000)
+    assert scorer.score(long_prompt, [a, b]) == pytest.approx([0.995, 1.0])
+    # A prompt shorter than the wait: the wait itself is the scale.
+    assert scorer.score(bare_context(prompt_text="w" * 4), [a, b]) == [0.0, 1.0]
