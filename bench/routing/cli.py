@@ -9,13 +9,14 @@ import time
 from pathlib import Path
 
 from infergw.api.cli_help import HelpFormatter
-from infergw.bench.common import PLOTS, RESULTS, machine, rate_list, write_json
+from infergw.bench.common import PLOTS, RESULTS, machine, positive_number, rate_list, write_json
 from infergw.bench.routing.arrivals import ARRIVALS
 from infergw.bench.routing.catalog import plan, with_arrivals
 from infergw.bench.routing.oracle import oracle
 from infergw.bench.routing.plots import plot
 from infergw.bench.routing.report import markdown
 from infergw.bench.routing.routers import (
+    COMPARISON_PROFILES,
     EXTERNAL_ROUTERS,
     INFERGATE_PROFILES,
     PICKER_VARIANTS,
@@ -41,15 +42,20 @@ CACHE_ARGS = [
 SIM_ARGS = ["--sim-prefill-us-per-token", str(PREFILL_US), *CACHE_ARGS]
 
 
-def latency(profile: str | None) -> tuple[list[str], float]:
+def latency(profile: str | None, time_scale: float = 1.0) -> tuple[list[str], float]:
     """The pods' simulator flags and the prefill µs a token the oracle assumes: the bench's
     own model (150 µs a token), or a named latency profile (simulator/latency_profiles.py)
     whose prefill then stands (the oracle ignores its attention term, step overhead and
-    weight-read floor, so it slightly underestimates TTFT)."""
+    weight-read floor, so it slightly underestimates TTFT); both `time_scale` times slower."""
     if profile is None:
-        return SIM_ARGS, PREFILL_US
-    model = PROFILES[profile].model
-    return ["--sim-latency-profile", profile, *CACHE_ARGS], model.prefill_s_per_token * 1e6
+        args, prefill_us = SIM_ARGS, PREFILL_US
+    else:
+        model = PROFILES[profile].model
+        args = ["--sim-latency-profile", profile, *CACHE_ARGS]
+        prefill_us = model.prefill_s_per_token * 1e6
+    if time_scale != 1.0:
+        args = [*args, "--sim-time-scale", str(time_scale)]
+    return args, prefill_us * time_scale
 
 
 # Two picker replicas behind one Envoy, against one picker: what active-active costs in
@@ -69,11 +75,11 @@ def all_routers() -> dict:
 
 
 def variants() -> dict:
-    """Pickers with other flags, run only when named: each profile under each."""
-    return {
-        r.name: r
-        for r in (InfergateRouter(c, v) for c in INFERGATE_PROFILES for v in PICKER_VARIANTS)
-    }
+    """Pickers run only when named: each profile under each set of other flags, and the
+    comparison profiles."""
+    flagged = (InfergateRouter(c, v) for c in INFERGATE_PROFILES for v in PICKER_VARIANTS)
+    compared = (InfergateRouter(c) for c in COMPARISON_PROFILES)
+    return {r.name: r for r in (*flagged, *compared)}
 
 
 def with_baselines(chosen: list, commits: list[str]) -> list:
@@ -168,6 +174,14 @@ def main(argv: list[str] | None = None) -> int:
         help="the pods' latency profile (default: the bench's own, 150 µs a prefill token); "
         "a calibrated one prefills ~4× faster, so rates may need raising",
     )
+    fleet.add_argument(
+        "--sim-time-scale",
+        type=positive_number,
+        default=1.0,
+        help="the pods' simulated time runs this many times slower (4: every step and prefill "
+        "4× as long) and the SLOs stretch with it; divide --rates by it for the same load a "
+        "pod for 1/S of the CPU, so a busy machine's contention weighs less (default 1)",
+    )
     run.add_argument(
         "--output-dir",
         type=Path,
@@ -177,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = p.parse_args(argv)
     pods = args.pods or (4 if args.quick else 8)
-    sim_args, prefill_us = latency(args.sim_latency_profile)
+    scale = args.sim_time_scale
+    sim_args, prefill_us = latency(args.sim_latency_profile, scale)
     settings = Settings(
         pods=pods,
         sim_args=sim_args,
@@ -185,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         duration_s=args.duration or (10.0 if args.quick else 18.0),
         seed=args.seed,
         idle_s=4.0 if args.idle is None else args.idle,
-        slo=Slo(args.slo_ttft_ms / 1000, args.slo_tpot_ms / 1000),
+        slo=Slo(scale * args.slo_ttft_ms / 1000, scale * args.slo_tpot_ms / 1000),
     )
     routers = all_routers()
     chosen = (

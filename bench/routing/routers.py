@@ -31,17 +31,33 @@ INFERGATE_PROFILES = {
         ("queue-scorer", 2),
         ("kv-cache-utilization-scorer", 2),
         ("least-request", 2),
+        ("prefill-backlog-scorer", 4),
     ],
     "approximate": [
         ("prefix-cache-scorer", 3),
         ("queue-scorer", 2),
         ("kv-cache-utilization-scorer", 2),
         ("least-request", 2),
+        ("prefill-backlog-scorer", 4),
     ],
-    "load": [("queue-scorer", 1), ("kv-cache-utilization-scorer", 1), ("least-request", 1)],
+    "load": [
+        ("queue-scorer", 1),
+        ("kv-cache-utilization-scorer", 1),
+        ("least-request", 1),
+        ("prefill-backlog-scorer", 2),
+    ],
     "random": [("random-scorer", 1)],
     # No scorer: the picker's own cost with a plain load balancer's choices (its picker below).
     "round-robin": [],
+}
+# Profiles run only when named (--routers): a default profile without one setting, so its
+# worth shows in one run on the same fleet (a --baseline picker cannot run a plugin newer
+# than its commit).
+COMPARISON_PROFILES = {
+    # precise without the prefill-backlog scorer (issue 16)
+    "precise-without-backlog": [
+        p for p in INFERGATE_PROFILES["precise"] if p[0] != "prefill-backlog-scorer"
+    ],
 }
 # The picker closing a profile: max-score-picker unless named here.
 PROFILE_PICKERS = {"round-robin": "round-robin-picker"}
@@ -97,7 +113,7 @@ class Scraping:
 
 @dataclass(slots=True)
 class InfergateRouter:
-    config: str  # a key of INFERGATE_PROFILES
+    config: str  # a key of INFERGATE_PROFILES or COMPARISON_PROFILES
     variant: str = ""  # a key of PICKER_VARIANTS: the picker with other flags
     pickers: int = 1  # picker replicas behind the one Envoy (each subscribes to every pod)
     # Another commit's picker (--baseline): its name, and bench/checkout.py's folder for it.
@@ -120,7 +136,8 @@ class InfergateRouter:
     def start(self, stack: LocalStack) -> str:
         path = stack.cfg.workdir / "epp-config.yaml"
         picker = PROFILE_PICKERS.get(self.config, "max-score-picker")
-        path.write_text(picker_config(INFERGATE_PROFILES[self.config], picker))
+        plugins = (INFERGATE_PROFILES | COMPARISON_PROFILES)[self.config]
+        path.write_text(picker_config(plugins, picker))
         stack.cfg.picker_config = path
         stack.cfg.picker_args = [*stack.cfg.picker_args, *PICKER_VARIANTS.get(self.variant, [])]
         stack.cfg.pickers = self.pickers

@@ -181,6 +181,28 @@ def test_the_default_run_leaves_the_replicated_pickers_out() -> None:
     assert all(routers[name].pickers == 2 for name in cli.REPLICATED)
 
 
+def test_comparison_profiles_run_only_when_named_and_lack_only_their_setting() -> None:
+    from infergw.bench.routing import cli, routers
+
+    assert "infergate-precise-without-backlog" not in cli.all_routers()
+    assert cli.variants()["infergate-precise-without-backlog"].config == "precise-without-backlog"
+    without = routers.COMPARISON_PROFILES["precise-without-backlog"]
+    precise = routers.INFERGATE_PROFILES["precise"]
+    assert [p for p in precise if p not in without] == [("prefill-backlog-scorer", 4)]
+
+
+def test_every_profile_is_a_config_the_picker_builds() -> None:
+    from infergw.bench.routing import routers
+    from infergw.epp.scheduling.config import load_config
+
+    profiles = routers.INFERGATE_PROFILES | routers.COMPARISON_PROFILES
+    for name, plugins in profiles.items():
+        picker = routers.PROFILE_PICKERS.get(name, "max-score-picker")
+        config = load_config(routers.picker_config(plugins, picker))
+        built = config.profiles["default"].scorers
+        assert [(ws.scorer.type_name, ws.weight) for ws in built] == plugins, name
+
+
 def test_a_baseline_twin_runs_right_after_its_router_with_that_commits_picker(monkeypatch):
     """--baseline COMMIT: each infergate router is followed by its twin whose picker is that
     commit's (bench/checkout.py's folder first on PYTHONPATH while it starts); other routers
@@ -210,18 +232,22 @@ def test_a_baseline_twin_runs_right_after_its_router_with_that_commits_picker(mo
 
 
 @pytest.mark.parametrize("profile", [None, "llama-3.1-8b-h100"])
-def test_the_pods_and_the_oracle_assume_the_same_prefill_cost(profile) -> None:
-    """`--sim-latency-profile`: the simulator parses the pods' flags into the latency model
-    whose prefill cost the oracle is given, with the bench's cache sizes either way."""
+@pytest.mark.parametrize("scale", [1.0, 4.0])
+def test_the_pods_and_the_oracle_assume_the_same_prefill_cost(profile, scale) -> None:
+    """`--sim-latency-profile` and `--sim-time-scale`: the simulator parses the pods' flags
+    into the latency model whose prefill cost the oracle is given, with the bench's cache
+    sizes either way."""
     from infergw.bench.routing import cli
     from infergw.simulator.config import parse_config
 
-    sim_args, prefill_us = cli.latency(profile)
+    sim_args, prefill_us = cli.latency(profile, scale)
     cfg = parse_config(sim_args)
-    assert cfg.latency.prefill_s_per_token * 1e6 == pytest.approx(prefill_us)
+    scaled = cfg.latency.prefill_s_per_token * cfg.latency.time_scale
+    assert scaled * 1e6 == pytest.approx(prefill_us)
+    assert cfg.latency.time_scale == scale
     assert cfg.block_size == cli.BLOCK_SIZE
     if profile is not None:  # calibrated: prefill much cheaper than the bench's 150 µs
-        assert prefill_us < cli.PREFILL_US / 2 and cfg.latency.roofline
+        assert prefill_us / scale < cli.PREFILL_US / 2 and cfg.latency.roofline
 
 
 def test_output_dir_takes_the_json_and_the_plots(monkeypatch, tmp_path) -> None:
@@ -251,4 +277,27 @@ def test_bad_rates_are_a_usage_error_before_anything_starts(tmp_path, capsys, ra
     with pytest.raises(SystemExit) as exit_:
         main(["--rates", rates, "--output-dir", str(tmp_path)])
     assert exit_.value.code == 2 and said in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_time_scale_slows_the_pods_and_stretches_the_slos(monkeypatch, tmp_path) -> None:
+    from infergw.bench.routing import cli
+
+    seen = []
+    monkeypatch.setattr(cli, "_run_with_progress", lambda points, s: seen.append(s) or [])
+    monkeypatch.setattr(cli, "plot", lambda out, directory: [])
+    argv = ["--routers", "vllm-router-round_robin", "--workloads", "no-reuse", "--rates", "1"]
+    assert cli.main([*argv, "--sim-time-scale", "4", "--output-dir", str(tmp_path)]) == 0
+    (settings,) = seen
+    assert settings.sim_args[-2:] == ["--sim-time-scale", "4.0"]
+    assert (settings.slo.ttft_s, settings.slo.tpot_s) == pytest.approx((4.0, 0.2))
+
+
+@pytest.mark.parametrize("scale", ["0", "-2", "nan", "slow"])
+def test_a_time_scale_that_is_not_a_positive_number_is_a_usage_error(tmp_path, capsys, scale):
+    from infergw.bench.routing.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--sim-time-scale", scale, "--output-dir", str(tmp_path)])
+    assert exit_.value.code == 2 and "--sim-time-scale" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())

@@ -1,18 +1,20 @@
 """Local stacks the e2e tests start, and how they talk to one: `make_stack` (simulator pods behind
 a pinnable picker config), `recording_stack` (one pod that records the headers it received) with
-`ask` (a request with exactly the given headers), `recorded` and `picker_requests`."""
+`ask` (a request with exactly the given headers), `recorded` and `picker_requests`; what a
+picker's KV index says pods hold (`prefix_scores`, `wait_held`)."""
 
 from __future__ import annotations
 
 import http.client
 import json
 import sys
+import time
 
 import requests
 
 from infergw.stack.local import QUICKSTART, LocalStack, StackConfig
 from infergw.stack.ports import free_port, free_stack_ports
-from tests.e2e.gateway_config import pinnable
+from tests.e2e.gateway_config import MODEL, pinnable
 
 
 def make_stack(
@@ -111,3 +113,11 @@ def prefix_scores(metrics_port: int, model: str, text: str) -> dict[str, int]:
     )
     assert r.status_code == 200, r.text
     return {e["address"]: e["matched_blocks"] for e in r.json()["endpoints"]}
+
+
+def wait_held(stack: LocalStack, text: str, address: str, within: float = 10.0) -> None:
+    """Until the picker's index says `address` holds the start of `text` (its KV events)."""
+    deadline = time.monotonic() + within
+    while prefix_scores(stack.cfg.ports.picker_metrics, MODEL, text).get(address, 0) == 0:
+        assert time.monotonic() < deadline, f"the index never saw {address} hold the prompt"
+        time.sleep(0.1)

@@ -9,7 +9,7 @@ import pytest
 import requests
 
 from tests.e2e.gateway_config import MODEL, PIN, SERVED, config
-from tests.e2e.stack_fixtures import make_stack, prefix_scores
+from tests.e2e.stack_fixtures import make_stack, prefix_scores, wait_held
 
 pytestmark = pytest.mark.slow
 
@@ -39,13 +39,6 @@ def ask(stack, text: str, pin: str | None = None) -> requests.Response:
 
 def scores(stack, text: str) -> dict[str, int]:
     return prefix_scores(stack.cfg.ports.picker_metrics, MODEL, text)
-
-
-def wait_held(stack, text: str, address: str, within: float = 10.0) -> None:
-    deadline = time.monotonic() + within
-    while scores(stack, text).get(address, 0) == 0:
-        assert time.monotonic() < deadline, f"the index never saw {address} hold the prompt"
-        time.sleep(0.1)
 
 
 def wait_reachable(stack, address: str, within: float = 10.0) -> None:

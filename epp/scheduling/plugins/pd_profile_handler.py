@@ -40,7 +40,13 @@ from infergw.epp.datastore import Endpoint
 from infergw.epp.errors import PickerError
 from infergw.epp.scheduling.framework import Plugin, ProfileHandler, ProfileResult, SchedulingResult
 from infergw.epp.scheduling.handle import Handle, PrefixSource
-from infergw.epp.scheduling.params import MAX_TOKENS, Label, PluginParams, parse_params
+from infergw.epp.scheduling.params import (
+    MAX_ENTRIES,
+    MAX_TOKENS,
+    Label,
+    PluginParams,
+    parse_params,
+)
 from infergw.epp.scheduling.plugins.pd_roles import roles_for
 from infergw.epp.scheduling.plugins.pd_threshold import AdaptiveThreshold
 
@@ -110,6 +116,8 @@ class PDParams(PluginParams):
     prefill_queue_weight: Weight = 0.0
     min_non_cached_tokens: Annotated[int, msgspec.Meta(ge=1, le=MAX_TOKENS)] = 1
     max_non_cached_tokens: Tokens = MAX_TOKENS
+    # pd_threshold.py: a decode pod with more waiting gets no raise from the prefill queue
+    decode_queue_limit: Annotated[int, msgspec.Meta(ge=0, le=MAX_ENTRIES)] | None = None
     decode_profile: Name = "decode"
     prefill_profile: Name = "prefill"
     group_label: Label = GROUP_LABEL
@@ -138,6 +146,7 @@ class PDProfileHandler(ProfileHandler):
             p.prefill_queue_weight,
             p.min_non_cached_tokens,
             p.max_non_cached_tokens,
+            p.decode_queue_limit,
         )
         self.decode_profile = p.decode_profile
         self.prefill_profile = p.prefill_profile
@@ -313,6 +322,7 @@ class PDProfileHandler(ProfileHandler):
             "prefillQueueWeight": self.adaptive.prefill_queue_weight,
             "minNonCachedTokens": self.adaptive.minimum,
             "maxNonCachedTokens": self.adaptive.maximum,
+            "decodeQueueLimit": self.adaptive.decode_queue_limit,
             "decodeProfile": self.decode_profile,
             "prefillProfile": self.prefill_profile,
             "groupLabel": self.group_label,

@@ -14,6 +14,13 @@ and a request is disaggregated when its uncached prompt tokens on the decode pod
   behind them (time to first token), so the bigger q, the higher the threshold: prefill locally
   more.
 
+- Past saturation the prefill queue grows without bound, the threshold with it, and long
+  prompts go to the decode pods, which then drown too. With `decodeQueueLimit` L, a decode pod
+  with more than L requests waiting (its last scrape) has no room to prefill for the prefill
+  pods: the prefill queue may no longer raise its threshold above nonCachedTokens (the batch
+  may still lower it), so long prompts queue on the prefill pods and the decode pods keep
+  serving the rest.
+
 Both weights 0 (the default) is the fixed threshold. It is a cost balance: aggregating costs
 the b sequences one prefill's time each, disaggregating costs this request q prompts' time
 plus a fixed hop and KV pull (nonCachedTokens is that fixed cost, in prompt tokens).
@@ -39,6 +46,7 @@ class AdaptiveThreshold:
     prefill_queue_weight: float = 0.0
     minimum: int = 1
     maximum: int = MAX_TOKENS
+    decode_queue_limit: int | None = None  # None: the prefill queue always raises it
 
     def __post_init__(self):
         # Bounds that do not bracket the threshold at zero load would make the fixed fallback
@@ -66,6 +74,8 @@ class AdaptiveThreshold:
         b, q = self._batch(decode), self._backlog(prefill)
         if b is None or q is None:
             return self.base  # an input the decider cannot trust: the fixed threshold
+        if self._full(decode):
+            return min(self.base, self._formula(b, q))
         return self._formula(b, q)
 
     def lowest(self, decode: Endpoint) -> int:
@@ -77,6 +87,13 @@ class AdaptiveThreshold:
             return self.base
         b = self._batch(decode)
         return self.base if b is None else self._formula(b, 0.0)
+
+    def _full(self, decode: Endpoint) -> bool:
+        """The decode pod has a queue of its own past the limit (read only with a limit)."""
+        if self.decode_queue_limit is None:
+            return False
+        waiting = _count(decode.metrics.waiting)
+        return waiting is not None and waiting > self.decode_queue_limit
 
     # An input whose weight is 0 is not read: its metrics need not be there.
     def _batch(self, decode: Endpoint) -> float | None:

@@ -23,9 +23,10 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from infergw.epp.context import RequestContext
 from infergw.epp.datastore import Endpoint, EndpointMetrics
 from infergw.epp.director import EWMA_ALPHA
-from infergw.epp.scheduling.framework import Profile, Scheduler, WeightedScorer
+from infergw.epp.scheduling.framework import Profile, ResponseInfo, Scheduler, WeightedScorer
 from infergw.epp.scheduling.plugins.kv_cache_utilization import KVCacheUtilizationScorer
 from infergw.epp.scheduling.plugins.least_request import LeastRequestScorer
 from infergw.epp.scheduling.plugins.pickers import MaxScorePicker
@@ -67,6 +68,7 @@ class _Req:
     arrival: Arrival
     pod: int
     prefill: int = 0  # uncached tokens still to prefill
+    uncached: int = 0  # the prompt tokens it did not find cached
     decoded: int = 0
     first_token_at: float | None = None
 
@@ -120,6 +122,9 @@ class Result:
 
 
 Route = Callable[[Arrival, list[Endpoint]], int]
+# Told each answer, as epp/director.py tells the PostResponse plugins: the arrival, and what
+# the picker would see of it (its pod, TTFT, prompt and cached tokens).
+Finished = Callable[[Arrival, ResponseInfo], None]
 
 
 def scheduler_route(scorers: Sequence[tuple[object, float]], seed: int = 1) -> Route:
@@ -131,6 +136,7 @@ def scheduler_route(scorers: Sequence[tuple[object, float]], seed: int = 1) -> R
         picker=MaxScorePicker("pick", {"seed": seed}),
     )
     scheduler = Scheduler({"default": profile}, SingleProfileHandler("h"), 1)
+    contexts: dict[int, RequestContext] = {}  # by id(arrival), until its answer
 
     def route(a: Arrival, eps: list[Endpoint]) -> int:
         ctx = bare_context(prompt_text=a.text)
@@ -138,8 +144,16 @@ def scheduler_route(scorers: Sequence[tuple[object, float]], seed: int = 1) -> R
         for s, _ in scorers:
             if hasattr(s, "pre_request"):
                 s.pre_request(ctx, result)  # type: ignore[attr-defined]
+        contexts[id(a)] = ctx
         return eps.index(result.targets[0])
 
+    def finished(a: Arrival, info: ResponseInfo) -> None:
+        ctx = contexts.pop(id(a))
+        for s, _ in scorers:
+            if hasattr(s, "post_response"):
+                s.post_response(ctx, info)  # type: ignore[attr-defined]
+
+    route.finished = finished  # type: ignore[attr-defined]
     return route
 
 
@@ -208,7 +222,7 @@ def replay(
             nxt += 1
         for i, pod in enumerate(pods):
             if now >= pod.step_ends:
-                _finish_step(fleet, pod, now)
+                _finish_step(fleet, pod, now, getattr(route, "finished", None))
                 _start_step(fleet, pod, now)
             if waits[i] != FAST and pace.wakes(waits[i], eps[i]):
                 # The manager sees it at its next tick; still no sooner than one interval.
@@ -226,7 +240,7 @@ def replay(
     return Result(ttft, [r.pod for r in reqs], scrapes)
 
 
-def _finish_step(fleet: Fleet, pod: _Pod, now: float) -> None:
+def _finish_step(fleet: Fleet, pod: _Pod, now: float, finished: Finished | None) -> None:
     for r in pod.step:
         if r.prefill:
             r.prefill = 0
@@ -241,6 +255,12 @@ def _finish_step(fleet: Fleet, pod: _Pod, now: float) -> None:
             pod.endpoint.inflight_requests -= 1
             a = r.arrival
             pod.endpoint.inflight_tokens -= a.prefix_tokens + a.suffix_tokens + a.output_tokens
+            if finished is not None:
+                prompt = a.prefix_tokens + a.suffix_tokens
+                ttft = (r.first_token_at or now) - a.at
+                info = ResponseInfo(pod.endpoint, 200, prompt, a.output_tokens)
+                info.cached_tokens, info.ttft = prompt - r.uncached, ttft
+                finished(a, info)
     pod.step = []
 
 
@@ -250,7 +270,7 @@ def _start_step(fleet: Fleet, pod: _Pod, now: float) -> None:
         r = pod.waiting[0]
         a = r.arrival
         hit = a.prefix >= 0 and a.prefix in pod.cached
-        r.prefill = a.suffix_tokens + (0 if hit else a.prefix_tokens)
+        r.prefill = r.uncached = a.suffix_tokens + (0 if hit else a.prefix_tokens)
         if r.prefill > budget and pod.running:
             break
         pod.waiting.pop(0)

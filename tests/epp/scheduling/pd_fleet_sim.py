@@ -142,12 +142,14 @@ class Decider:
     non_cached_tokens: int
     decode_batch_weight: float = 0.0
     prefill_queue_weight: float = 0.0
+    decode_queue_limit: int | None = None
 
     def params(self) -> dict:
         return {
             "nonCachedTokens": self.non_cached_tokens,
             "decodeBatchWeight": self.decode_batch_weight,
             "prefillQueueWeight": self.prefill_queue_weight,
+            "decodeQueueLimit": self.decode_queue_limit,
         }
 
 

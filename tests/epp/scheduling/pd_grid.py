@@ -25,7 +25,16 @@ FIXED = Decider(256)  # README's example threshold
 # running on the decode pod halve the threshold; each prompt ahead on the prefill pod adds
 # 32 × 256 = 8,192 tokens, one full step of prefill (the token budget).
 ADAPTIVE = Decider(256, decode_batch_weight=0.1, prefill_queue_weight=32.0)
-DECIDERS = {"never": NEVER, "always": ALWAYS, "fixed-256": FIXED, "adaptive": ADAPTIVE}
+# The adaptive decider with decodeQueueLimit 8: no raise from the prefill queue for a decode
+# pod with more than 8 waiting of its own (past saturation; README "bench/pd").
+LIMITED = Decider(256, decode_batch_weight=0.1, prefill_queue_weight=32.0, decode_queue_limit=8)
+DECIDERS = {
+    "never": NEVER,
+    "always": ALWAYS,
+    "fixed-256": FIXED,
+    "adaptive": ADAPTIVE,
+    "adaptive-limit-8": LIMITED,
+}
 
 MIXES = {
     "bench (2k/16 + 150/128)": Mix(),

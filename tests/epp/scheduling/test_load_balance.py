@@ -11,13 +11,21 @@ import pytest
 from infergw.epp.context import RequestContext
 from infergw.epp.datastore import Endpoint, EndpointMetrics
 from infergw.epp.request import parse_request
-from infergw.epp.scheduling.framework import Profile, Scheduler, WeightedScorer
+from infergw.epp.scheduling.framework import (
+    Profile,
+    ProfileResult,
+    ResponseInfo,
+    Scheduler,
+    SchedulingResult,
+    WeightedScorer,
+)
 from infergw.epp.scheduling.plugins.kv_cache_utilization import (
     usage_now,
 )
 from infergw.epp.scheduling.plugins.least_request import LeastRequestScorer
 from infergw.epp.scheduling.plugins.pickers import MaxScorePicker
 from infergw.epp.scheduling.plugins.precise_prefix_cache import PrecisePrefixCacheScorer
+from infergw.epp.scheduling.plugins.prefill_backlog import PrefillBacklogScorer
 from infergw.epp.scheduling.plugins.prefix_cache import PrefixCacheScorer
 from infergw.epp.scheduling.plugins.profile_handlers import SingleProfileHandler
 from infergw.kvindex.cache import KVCache
@@ -32,6 +40,7 @@ from tests.epp.scheduling.fleet_sim import (
     replay,
     round_robin,
     scheduler_route,
+    shared_prefix,
 )
 from tests.request_fixtures import bare_context
 
@@ -213,3 +222,119 @@ async def test_the_precise_scorer_spills_and_the_spill_pod_gets_the_speculative_
     assert held[eps.index(spill)] > 0.8  # speculative entries on the spill pod
     assert held[eps.index(first)] == 0.0  # still over the bound
     assert picks[4] is spill
+
+
+# ---- the prefill backlog ---------------------------------------------------------------------
+
+
+def backlog_profile(clock, learn: bool = True):
+    """The `load` profile at weight 2 with the prefill-backlog scorer at 4, as bench/routing's
+    profiles weigh it; learning its seconds a token from the answers unless told (150 µs)."""
+    params = None if learn else {"secondsPerToken": 150e-6}
+    return [*load_profile(clock, weight=2), (PrefillBacklogScorer("b", params, clock=clock), 4)]
+
+
+@pytest.mark.parametrize(("pods", "rate", "seed"), [(8, 20.0, 7), (8, 20.0, 9), (4, 8.0, 8)])
+def test_the_prefill_backlog_keeps_busier_fleets_near_round_robin(pods, rate, seed):
+    # 2–2.5 requests a second a pod: counts alone were 1.10–1.22× round robin's p90 here.
+    fleet, arrivals = Fleet(pods=pods), no_reuse(rate, seconds=30, seed=seed)
+    rr = replay(fleet, arrivals, round_robin()).p(0.9)
+    clock = SimClock()
+    counts = replay(fleet, arrivals, scheduler_route(load_profile(clock, weight=2)), clock).p(0.9)
+    clock = SimClock()
+    ours = replay(fleet, arrivals, scheduler_route(backlog_profile(clock)), clock).p(0.9)
+    assert ours <= 1.07 * rr
+    assert ours < counts
+
+
+def test_the_prefill_backlog_does_not_cost_shared_prefixes_their_affinity():
+    fleet, arrivals = Fleet(pods=8), shared_prefix(20.0, seconds=30, seed=7)
+    p90 = {}
+    for backlog in (False, True):
+        clock = SimClock()
+        profile = [(PrefixCacheScorer("p"), 3), *load_profile(clock, weight=2)]
+        if backlog:
+            profile.append((PrefillBacklogScorer("b", clock=clock), 4))
+        p90[backlog] = replay(fleet, arrivals, scheduler_route(profile), clock).p(0.9)
+    assert p90[True] <= p90[False]
+
+
+def sent_to(scorer: PrefillBacklogScorer, e: Endpoint, prompt_tokens: int) -> RequestContext:
+    ctx = bare_context(prompt_text="w" * 4 * prompt_tokens)  # 4 characters a token
+    scorer.pre_request(ctx, SchedulingResult({"default": ProfileResult([e])}, "default"))
+    return ctx
+
+
+def test_a_pod_waits_for_the_prefills_sent_to_it_then_is_free_again():
+    a, b = Fleet(pods=2).endpoints()
+    clock = SimClock()
+    scorer = PrefillBacklogScorer("b", {"secondsPerToken": 1e-3}, clock=clock)
+    sent_to(scorer, a, 1000)  # a second of prefill
+    sent_to(scorer, a, 500)  # behind it: 1.5 s in all
+    assert scorer.wait(a.address, 0.0) == pytest.approx(1.5)
+    assert scorer.score(bare_context(), [a, b]) == [0.0, 1.0]
+    clock.now = 1.2
+    assert scorer.wait(a.address, 1.2) == pytest.approx(0.3)
+    clock.now = 2.0  # done: a prompt sent now waits for nothing
+    assert scorer.score(bare_context(), [a, b]) == [1.0, 1.0]
+    sent_to(scorer, a, 100)
+    assert scorer.wait(a.address, 2.0) == pytest.approx(0.1)
+
+
+def answer(e: Endpoint, ttft: float, prompt: int, cached: int = 0, status: int = 200):
+    info = ResponseInfo(e, status, prompt, 16)
+    info.ttft, info.cached_tokens = ttft, cached
+    return info
+
+
+def test_seconds_a_token_are_learnt_from_answers_that_waited_for_no_prefill_of_ours():
+    (a,) = Fleet(pods=1).endpoints()
+    clock = SimClock()
+    scorer = PrefillBacklogScorer("b", clock=clock)
+    first = sent_to(scorer, a, 1000)  # nothing learnt yet: no backlog counted
+    assert scorer.wait(a.address, 0.0) == 0.0
+    second = sent_to(scorer, a, 1000)  # still alone: nothing ours is known to be ahead
+    # Uncached tokens teach it: 0.3 s for 1,500 of 2,000 prompt tokens is 200 µs a token.
+    scorer.post_response(first, answer(a, 0.3, 2000, cached=500))
+    third = sent_to(scorer, a, 1000)
+    assert scorer.wait(a.address, 0.0) == pytest.approx(0.2)
+    # An answer that waited behind our own prefill would teach queueing: not learnt.
+    scorer.post_response(sent_to(scorer, a, 1000), answer(a, 5.0, 1000))
+    # Failed answers, short prompts and answers without a TTFT do not teach either.
+    scorer.post_response(second, answer(a, 9.0, 1000, status=500))
+    scorer.post_response(third, answer(a, 9.0, 10))
+    clock.now = 10.0
+    sent_to(scorer, a, 1000)
+    assert scorer.wait(a.address, 10.0) == pytest.approx(0.2)
+    # The next alone answer moves the average by a fifth of the difference.
+    scorer.post_response(sent_to(scorer, a, 10), answer(a, 0.0, 0))  # 0 tokens: ignored
+    clock.now = 20.0
+    alone = sent_to(scorer, a, 1000)
+    scorer.post_response(alone, answer(a, 0.7, 1000))
+    assert scorer.per_token == pytest.approx(200e-6 + 0.2 * 500e-6)
+
+
+@pytest.mark.parametrize("bad", [0, -1e-4, 2.0, float("nan"), float("inf"), "fast", True])
+def test_seconds_per_token_must_be_a_positive_number_up_to_a_second(bad):
+    with pytest.raises(ValueError, match="secondsPerToken"):
+        PrefillBacklogScorer("b", {"secondsPerToken": bad})
+
+
+def test_a_pod_that_leaves_is_forgotten():
+    (a,) = Fleet(pods=1).endpoints()
+    scorer = PrefillBacklogScorer("b", {"secondsPerToken": 1e-3}, clock=SimClock())
+    sent_to(scorer, a, 1000)
+    scorer.forget_server(a.address)
+    assert scorer.wait(a.address, 0.0) == 0.0 and not scorer._done_at
+
+
+def test_a_wait_counts_against_the_prompts_own_prefill_not_the_spread():
+    a, b = Fleet(pods=2).endpoints()
+    clock = SimClock()
+    scorer = PrefillBacklogScorer("b", {"secondsPerToken": 1e-3}, clock=clock)
+    sent_to(scorer, a, 100)  # 0.1 s
+    clock.now = 0.095  # a is 5 ms from done; a 1,000-token prompt takes a second itself
+    long_prompt = bare_context(prompt_text="w" * 4000)
+    assert scorer.score(long_prompt, [a, b]) == pytest.approx([0.995, 1.0])
+    # A prompt shorter than the wait: the wait itself is the scale.
+    assert scorer.score(bare_context(prompt_text="w" * 4), [a, b]) == [0.0, 1.0]

@@ -118,3 +118,25 @@ def test_bounds_need_not_bracket_a_threshold_that_turns_pd_off():
 def test_sent_since_scrape_counts_as_load():
     assert batch(ep(2, 1, 4)) == 7
     assert backlog(ep(1, 1, 2)) == 4
+
+
+def test_a_decode_pod_with_a_queue_past_the_limit_gets_no_raise_from_the_prefill_queue():
+    limited = AdaptiveThreshold(256, 0.1, 1.0, decode_queue_limit=8)
+    # 3 prompts ahead on the prefill pod: raised to 1024 while the decode pod has room ...
+    assert limited.tokens(ep(0, 8), ep(0, 3)) == math.ceil(256 * 4 / 1.8)
+    # ... and no higher than the fixed threshold once it has more than 8 waiting of its own,
+    assert limited.tokens(ep(0, 9), ep(0, 3)) == 256
+    # while its batch still lowers it: b = 30 + 9, 256 / 4.9.
+    assert limited.tokens(ep(30, 9), ep()) == math.ceil(256 / 4.9)
+    # A waiting count it cannot trust is no reason to cap; the batch term then falls back.
+    assert limited.tokens(ep(0, float("nan")), ep(0, 3)) == 256
+    assert AdaptiveThreshold(256, 0.1, 1.0).tokens(ep(0, 9), ep(0, 3)) > 256  # no limit
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, "8", float("nan"), True])
+def test_the_decode_queue_limit_is_a_count(bad):
+    from infergw.epp.scheduling.plugins.pd_profile_handler import PDProfileHandler
+
+    with pytest.raises(ValueError, match="decodeQueueLimit"):
+        PDProfileHandler("pd", {"nonCachedTokens": 256, "decodeQueueLimit": bad})
+    assert PDProfileHandler("pd", {"nonCachedTokens": 256}).adaptive.decode_queue_limit is None

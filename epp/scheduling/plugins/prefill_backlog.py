@@ -1,0 +1,104 @@
+"""prefill-backlog-scorer: when a new prompt's prefill would be done on each pod.
+
+Prefill is what a new request waits for: a pod still prefilling a prompt sent 10 ms ago makes
+it wait ~a whole prefill, one whose requests are all decoding makes it wait a decode step.
+In-flight counts and scraped metrics cannot tell the two apart (a count is a count; a scrape
+is up to an interval old), so on traffic with no reuse the load scorers lost to round robin
+past ~2 requests a second a pod (tests/epp/scheduling/test_load_balance.py replays it).
+
+The scorer keeps, for each pod, when the prefills the picker sent it should be done: a
+request sent at `now` is done at max(now, done) + its prompt tokens × the seconds a token,
+and a pod scores lower the longer a prompt sent now would wait. Every prompt token is charged,
+cached or not: affinity is the prefix scorers' to weigh. Charging a pod only what it does not
+hold (asking the prefix scorer) counted their pull twice and replayed 10–60 % worse on
+shared prefixes.
+
+The seconds a token are one figure for the pool (its pods serve one model, as a rule on one
+kind of accelerator; learnt per pod, the noise between pods' figures drew requests to the pod
+that looked fastest): learnt from the answers of requests sent when their pod had no prefill
+of ours ahead of them (TTFT over uncached prompt tokens, a moving average), or set
+(`secondsPerToken`). Until the first answer every pod counts as free: the other scorers decide.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Annotated
+
+import msgspec
+
+from infergw.epp.context import PluginSlot
+from infergw.epp.scheduling.framework import PostResponse, PreRequest, Scorer
+from infergw.epp.scheduling.params import PluginParams, parse_params
+
+# Below this many uncached tokens a TTFT is mostly the engine's fixed cost, not prefill.
+MIN_LEARN_TOKENS = 64
+# Weight of the newest answer in the seconds a token (a moving average).
+LEARN_WEIGHT = 0.2
+
+
+class PrefillBacklogParams(PluginParams):
+    # Seconds of prefill a prompt token costs; None: learnt from the pods' answers.
+    seconds_per_token: Annotated[float, msgspec.Meta(gt=0, le=1.0)] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Sent:
+    address: str
+    alone: bool  # no prefill of ours was ahead of it: its TTFT is its own prefill
+
+
+class PrefillBacklogScorer(Scorer, PreRequest, PostResponse):
+    type_name = "prefill-backlog-scorer"
+    params_type = PrefillBacklogParams
+
+    def __init__(self, name, params=None, clock: Callable[[], float] = time.monotonic):
+        super().__init__(name, params)
+        # Seconds a prompt token: set, or learnt (None until the first answer).
+        self.per_token = parse_params(self.params_type, self.params).seconds_per_token
+        self.learns = self.per_token is None
+        self.clock = clock
+        # When the prefills sent so far to each pod should be over (monotonic seconds).
+        self._done_at: dict[str, float] = {}
+        self._sent: PluginSlot[_Sent] = PluginSlot(f"{name}.sent")
+
+    def forget_server(self, address: str) -> None:
+        self._done_at.pop(address, None)
+
+    def wait(self, address: str, now: float) -> float:
+        """Seconds of our prefills still ahead of a prompt sent to `address` now."""
+        return max(0.0, self._done_at.get(address, 0.0) - now)
+
+    def score(self, ctx, endpoints):
+        now = self.clock()
+        waits = [self.wait(e.address, now) for e in endpoints]
+        # Waits are weighed against the prompt's own prefill, not spread over 0..1: a pod
+        # 5 ms from done must not lose a full weight to an idle one (it pushed prompts off
+        # the pods holding their prefix), one a whole prefill behind must.
+        own = ctx.request.approx_prompt_tokens * (self.per_token or 0.0)
+        scale = max(max(waits), own)
+        return [1.0 - w / scale if scale > 0 else 1.0 for w in waits]
+
+    def pre_request(self, ctx, result):
+        if not result.targets:
+            return
+        address, now = result.targets[0].address, self.clock()
+        done_at = self._done_at.get(address, 0.0)
+        if self.per_token is not None:
+            tokens = ctx.request.approx_prompt_tokens
+            self._done_at[address] = max(now, done_at) + tokens * self.per_token
+        self._sent.put(ctx, _Sent(address, alone=done_at <= now))
+
+    def post_response(self, ctx, info):
+        sent = self._sent.get(ctx)
+        if sent is None or not sent.alone or not self.learns:
+            return
+        if info.ttft is None or info.prompt_tokens is None or not 200 <= (info.status or 0) < 400:
+            return
+        uncached = info.prompt_tokens - (info.cached_tokens or 0)
+        if uncached < MIN_LEARN_TOKENS:
+            return
+        sample, old = info.ttft / uncached, self.per_token
+        self.per_token = sample if old is None else old + LEARN_WEIGHT * (sample - old)
