@@ -94,7 +94,15 @@ class _Dropped(Exception):
 
 
 class _PodState:
-    __slots__ = ("buffered", "last_seq", "model", "replay_endpoint", "replaying", "socket")
+    __slots__ = (
+        "buffered",
+        "last_seq",
+        "model",
+        "overflowed",
+        "replay_endpoint",
+        "replaying",
+        "socket",
+    )
 
     def __init__(self) -> None:
         self.last_seq: int | None = None
@@ -102,6 +110,7 @@ class _PodState:
         self.replay_endpoint: str | None = None
         self.replaying = False
         self.buffered: list[KVMessage] = []  # live messages that arrive during a replay
+        self.overflowed = False  # some did not fit: the replay's own gaps, for another replay
         self.socket: zmq.asyncio.Socket | None = None  # per-pod mode only
 
 
@@ -278,11 +287,14 @@ class KVEventSubscriber:
         self._model_of(pod, msg.topic)
         self._on_message(pod, msg)
 
-    def _on_message(self, pod: str, msg: KVMessage) -> None:
+    def _on_message(self, pod: str, msg: KVMessage, *, may_replay: bool = True) -> None:
+        """Apply a live message in order; a gap is repaired from the pod's replay unless this
+        message already waited out one (`may_replay` False), which could not fill the gap."""
         state = self._pods.setdefault(pod, _PodState())
         if state.replaying:
             if len(state.buffered) >= MAX_BUFFERED:
                 # Dropped, not lost: after the replay this shows as a gap and is replayed.
+                state.overflowed = True
                 raise _Dropped("replay_buffer_full", f"{pod}: {MAX_BUFFERED} messages wait")
             state.buffered.append(msg)
             return
@@ -290,7 +302,7 @@ class KVEventSubscriber:
         if last is None:
             # First sight of this pod: what came before this batch is only in its replay,
             # and must be applied first (a later batch may remove what an earlier stored).
-            if msg.seq > 0 and self._replay_endpoint(pod, state):
+            if may_replay and msg.seq > 0 and self._replay_endpoint(pod, state):
                 state.buffered.append(msg)
                 self._start_replay(pod, 0)
             else:
@@ -300,7 +312,7 @@ class KVEventSubscriber:
             self._apply(pod, msg)
         elif msg.seq > last + 1:
             self.counts["gaps"] += 1
-            if self._replay_endpoint(pod, state):
+            if may_replay and self._replay_endpoint(pod, state):
                 state.buffered.append(msg)
                 self._start_replay(pod, last + 1)
             else:
@@ -403,8 +415,9 @@ class KVEventSubscriber:
             self.counts["replayed_batches"] += got
             state.replaying = False
             buffered, state.buffered = state.buffered, []
+            overflowed, state.overflowed = state.overflowed, False
             if self._pods.get(pod) is state:  # not if the pod left meanwhile
-                self._drain(pod, state, buffered)
+                self._drain(pod, state, buffered, may_replay=overflowed)
 
     def _apply_replayed(self, pod: str, state: _PodState, msg: KVMessage) -> int:
         """Apply one replayed batch unless already applied; 1 if applied."""
@@ -417,13 +430,19 @@ class KVEventSubscriber:
         state.last_seq = msg.seq
         return 1
 
-    def _drain(self, pod: str, state: _PodState, buffered: list[KVMessage]) -> None:
+    def _drain(
+        self, pod: str, state: _PodState, buffered: list[KVMessage], *, may_replay: bool
+    ) -> None:
         """The live messages that arrived during a replay, in order, each on its own."""
         for msg in sorted(buffered, key=lambda m: m.seq):
             if state.last_seq is not None and msg.seq <= state.last_seq:
                 continue
             try:
-                self._on_message(pod, msg)
+                # A gap left after the replay is one the pod could not fill (it no longer
+                # holds, or never had, those batches): another replay would end the same way
+                # and start another, for ever. Only messages dropped here while it ran
+                # (overflowed) are worth a second replay.
+                self._on_message(pod, msg, may_replay=may_replay)
             except _Dropped as d:
                 self._refuse(d.reason, str(d))
             except Exception as exc:

@@ -4,18 +4,29 @@ chat messages rendered through the model's template, each refused with the API's
 from __future__ import annotations
 
 from infergw.simulator.protocol import ApiError, TemplateOptions
+from infergw.simulator.request_builder import context_too_long
 from infergw.simulator.tokenization import ChatTemplateError, ModelTokenizer
 
 
 class PromptEncoder:
-    def __init__(self, tokenizer: ModelTokenizer, *, trust_request_chat_template: bool) -> None:
+    def __init__(
+        self, tokenizer: ModelTokenizer, *, trust_request_chat_template: bool, max_model_len: int
+    ) -> None:
         self.tokenizer = tokenizer
         self.trust_request_chat_template = trust_request_chat_template
+        self.max_model_len = max_model_len
 
     def encode(self, prompt: str | list[int], add_special_tokens: bool) -> list[int]:
         if isinstance(prompt, str):
-            return self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
+            return self.encode_text(prompt, add_special_tokens, "prompt")
         return self.check_vocab(prompt, "prompt")
+
+    def encode_text(self, text: str, add_special_tokens: bool, param: str) -> list[int]:
+        """A prompt to generate from: one sure not to fit is refused before encoding it."""
+        at_least = self.tokenizer.tokens_at_least(text)
+        if at_least >= self.max_model_len:
+            raise context_too_long(self.max_model_len, f"at least {at_least}", param)
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
     def encode_chat(
         self, messages: list[dict], options: TemplateOptions, add_special_tokens: bool

@@ -18,6 +18,16 @@ from infergw.simulator.served_models import LoraAdapter
 log = logging.getLogger("simulator.server")
 
 
+def context_too_long(limit: int, tokens: str, param: str) -> ApiError:
+    """vLLM's 400 for a prompt that leaves no room to generate."""
+    return ApiError(
+        400,
+        f"This model's maximum context length is {limit} tokens. However, your request has "
+        f"{tokens} input tokens. Please reduce the length of the input messages.",
+        param,
+    )
+
+
 class RequestBuilder:
     def __init__(self, cfg: SimulatorConfig, max_model_len: int, kv: KVTransfer) -> None:
         self.cfg = cfg
@@ -32,13 +42,7 @@ class RequestBuilder:
         # checks also refuse a request the cache could never finish.
         limit = self.max_model_len
         if n >= limit:
-            raise ApiError(
-                400,
-                f"This model's maximum context length is {limit} tokens. "
-                f"However, your request has {n} input tokens. Please reduce the "
-                "length of the input messages.",
-                "messages" if gen.messages else "prompt",
-            )
+            raise context_too_long(limit, str(n), "messages" if gen.messages else "prompt")
         max_tokens = gen.max_tokens if gen.max_tokens is not None else limit - n
         if n + max_tokens > limit:
             raise ApiError(

@@ -61,7 +61,9 @@ class Simulator:
         self.served = ServedModels(cfg)
         self.stored_responses = ResponseStore()
         self.prompts = PromptEncoder(
-            self.tokenizer, trust_request_chat_template=cfg.trust_request_chat_template
+            self.tokenizer,
+            trust_request_chat_template=cfg.trust_request_chat_template,
+            max_model_len=self.max_model_len,
         )
         self.publisher = (
             KVEventPublisher(cfg.kv_events, cfg.kv_events_format, bind=cfg.kv_events_bind_pub)
@@ -150,7 +152,7 @@ class Simulator:
         gen.tool_call = tool_calls.forced_tool(body)
         model, lora = self.served.resolve(gen.model)
         text = self.prompts.render_chat(gen.messages, gen.template)
-        ids = self.tokenizer.encode(text, add_special_tokens=gen.add_special_tokens)
+        ids = self.prompts.encode_text(text, gen.add_special_tokens, "messages")
         if gen.return_prompt_text:
             gen.prompt_text = text
         return await self._generate(request, gen, model, lora, [ids], chat=True)
@@ -292,7 +294,7 @@ class Simulator:
         gen = parse_chat(chat)
         model, lora = self.served.resolve(gen.model)
         text = self.prompts.render_chat(gen.messages, gen.template)
-        ids = self.tokenizer.encode(text, add_special_tokens=gen.add_special_tokens)
+        ids = self.prompts.encode_text(text, gen.add_special_tokens, "messages")
         req = self.requests.build(gen, lora, ids)
         self.engine.add_request(req)
         return model, req

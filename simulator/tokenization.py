@@ -161,6 +161,22 @@ def _conversation(messages: Any) -> list[dict[str, Any]]:
     return out
 
 
+def _longest_token_bytes(tok: Tokenizer, spec: dict[str, Any]) -> int | None:
+    """The most bytes of text one token can stand for, where that is known: no normalizer
+    (one could delete characters) and a byte-level pre-tokenizer, alone or after splits that
+    keep every character (GPT-2, Llama 3, Qwen). A byte-level vocabulary entry is one
+    character per byte; an added token is its text; UTF-8 length bounds both."""
+    pre = spec.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+    kinds = {s.get("type") for s in steps}
+    drops = any(s.get("type") == "Split" and s.get("behavior") == "Removed" for s in steps)
+    if spec.get("normalizer") is not None or drops or "ByteLevel" not in kinds:
+        return None
+    if not kinds <= {"ByteLevel", "Split"}:
+        return None
+    return max(len(t.encode("utf-8")) for t in tok.get_vocab(with_added_tokens=True))
+
+
 def _cut_after_final(rendered: str, final: str) -> str:
     # transformers' continue_final_message: end the prompt right after the final message's text.
     if final.strip() not in rendered:
@@ -208,6 +224,7 @@ class ModelTokenizer:
             {i for i, t in added.items() if t.special} | {i for i in ids.values() if i is not None}
         )
         self.vocab_size: int = self._tok.get_vocab_size(with_added_tokens=True)
+        self._longest_token_bytes = _longest_token_bytes(self._tok, _read_json(tok_file))
         text_config = config.get("text_config") or {}
         self.max_position_embeddings: int | None = config.get(
             "max_position_embeddings", text_config.get("max_position_embeddings")
@@ -242,6 +259,17 @@ class ModelTokenizer:
 
     def encode(self, text: str, *, add_special_tokens: bool) -> list[int]:
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def tokens_at_least(self, text: str) -> int:
+        """A lower bound on len(encode(text)), without encoding it (0 where none is known).
+
+        Encoding costs about 150 bytes of memory per byte of text and holds the event loop, so
+        a 30 MiB prompt took minutes and 4 GB; a prompt this bound already puts over the
+        context is refused without it. Each token covers at most its longest byte length of
+        text, and a character is at least one byte."""
+        if self._longest_token_bytes is None:
+            return 0
+        return -(-len(text) // self._longest_token_bytes)
 
     def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)

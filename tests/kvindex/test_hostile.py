@@ -300,3 +300,32 @@ async def test_the_picker_exports_drops_by_reason_and_drops_pods_outside_its_poo
         pub.close(0)
         ctx.term()
         await view.close()
+
+
+async def test_a_gap_the_replay_cannot_fill_is_replayed_once(central):
+    # A batch numbered past anything the pod's replay holds (a forged or corrupt seq, or
+    # batches its buffer already lost): after one replay it is applied as it is. It used to
+    # come back out of the replay's buffer as a gap again and start another replay, for ever:
+    # thousands a second against the pod's replay socket.
+    sub, index, pods, replay_of = central
+    recorded = recorded_frames(TOPIC)
+    actx = zmq.asyncio.Context()
+    router = actx.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    replay_of[POD] = f"tcp://127.0.0.1:{port}"
+    server = asyncio.create_task(_serve_replay(router, [[b"", b"", REPLAY_END, b""]]))
+    try:
+        pods[POD].send_multipart(recorded[0])
+        last_seq = lambda: getattr(sub._pods.get(POD), "last_seq", None)  # noqa: E731
+        await until(lambda: last_seq() == 0, "the first batch applied")
+        far = [TOPIC, (1_000_000).to_bytes(8, "big"), recorded[1][2]]
+        pods[POD].send_multipart(far)
+        want = reference_index([recorded[0], recorded[1]]).keys_of(POD)
+        await until(lambda: last_seq() == 1_000_000, "the far batch applied")
+        assert index.keys_of(POD) == want
+        assert sub.counts["replays"] == 1
+    finally:
+        server.cancel()
+        router.close(0)
+        actx.term()
