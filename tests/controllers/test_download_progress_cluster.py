@@ -23,9 +23,9 @@ from infergw.controllers.download_logs import LOG_TAIL_BYTES, LOG_TAIL_LINES, Po
 from infergw.controllers.runner import ControllerMetrics
 from infergw.fetch.progress import Progress
 from tests.controller_manifests import Authorizer
-from tests.controllers.test_events_status_cluster import until
 from tests.controllers_in_emulator import CONTROLLERS, TOKEN, manifest_rbac
 from tests.kube_rbac import RBACEmulator
+from tests.waiting import wait_for_async
 
 WORKLOAD = "workload.infergate.io/v1alpha1"
 MODEL = {
@@ -87,16 +87,18 @@ async def scenario(api: RBACEmulator, log: str, bytes_shown: bool) -> str:
         for c in controllers:
             await c.start()
         api.put(MODEL)
-        await until("the pod", lambda: api.list_objects("v1", "Pod"))
+        await wait_for_async(lambda: api.list_objects("v1", "Pod"), "the pod", within=30)
         downloading(api, log)
-        await until(
-            "DownloadingWeights",
+        await wait_for_async(
             lambda: "is downloading its weights" in message(api, "ModelInfer", "Progressing"),
+            "DownloadingWeights",
+            within=30,
         )
         if bytes_shown:
-            await until(
-                "the Model quotes the bytes",
+            await wait_for_async(
                 lambda: "3.0 MiB of 8.0 MiB" in message(api, "Model", "Ready"),
+                "the Model quotes the bytes",
+                within=30,
             )
         return message(api, "ModelInfer", "Progressing")
     finally:

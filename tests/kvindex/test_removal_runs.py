@@ -14,16 +14,7 @@ from infergw.kvindex.dict_index import DictBlockIndex
 from infergw.kvindex.events import AllBlocksCleared, BlockRemoved, BlockStored
 from infergw.kvindex.index import KVBlockIndex
 from infergw.kvindex.translate import EventTranslator
-
-PODS = ("10.0.0.1:8000", "10.0.0.2:8000")
-
-
-def one_by_one(tr: EventTranslator, pod: str, events) -> None:
-    for ev in events:
-        if isinstance(ev, AllBlocksCleared):
-            tr.clear_pod(pod)
-        else:
-            tr.apply(pod, "m", ev)
+from tests.kvindex.translator_replay import PODS, one_by_one, state
 
 
 def random_batch(rng: random.Random, stored: dict[str, list[tuple[int, ...]]], pod: str):
@@ -48,14 +39,6 @@ def random_batch(rng: random.Random, stored: dict[str, list[tuple[int, ...]]], p
         events.append(AllBlocksCleared())
         stored[pod].clear()
     return events
-
-
-def state(tr: EventTranslator) -> tuple:
-    index = tr.index
-    held = {(p, t): index.keys_of(p, t) for p in PODS for t in ("gpu", "cpu")}
-    stats = {k: v for k, v in tr.stats().items() if k not in ("bytes", "events")}
-    emaps = {p: sorted(m.keys()) for p, m in tr._emaps.items()}
-    return held, stats, emaps
 
 
 @pytest.mark.parametrize("layout", [DictBlockIndex, KVBlockIndex])

@@ -15,7 +15,7 @@ from infergw.kvindex.dict_index import DictBlockIndex
 from infergw.kvindex.events import BlockRemoved, BlockStored
 from infergw.kvindex.index import KVBlockIndex
 from infergw.kvindex.translate import EventTranslator
-from tests.kvindex.test_removal_runs import PODS, one_by_one, state
+from tests.kvindex.translator_replay import PODS, one_by_one, state
 
 
 def lru_order(index) -> list[int]:
