@@ -22,7 +22,9 @@ its choice (never outside the pool).
 An id belongs to whoever made it, when the gateway knows who (the verified user Envoy's auth
 sets, `x-infergate-user`): a hash of that identity goes into the MAC, so the id another
 identity sends fails verification exactly as a forged id does. Without an identity the MAC
-covers what it did before this, and any caller that has the id can use it.
+covers what it did before this, and any caller that has the id can use it. One key, no
+verify-only previous one: engines keep responses in memory only, so a new key (or a user's
+new name) costs each live conversation one resend in full (README, "Responses API affinity").
 
 An id without the prefix is the engine's own (a response made before this, or one whose
 answer did not pass through the picker): it is routed as any request, as before.
