@@ -66,7 +66,11 @@ class Director:
         self.scheduler = scheduling.scheduler(1 + options.fallbacks, metrics.observe_plugin)
         self._preparers = [p for p in scheduling.plugins.values() if isinstance(p, PrepareData)]
         self._rng = random.Random()
-        self.stored = StoredResponses(datastore, ResponseIds(options.response_id_key))
+        self.stored = StoredResponses(
+            datastore,
+            ResponseIds(options.response_id_key),
+            stamped=not options.response_headers_skipped,
+        )
 
     async def handle(self, ctx: RequestContext) -> list[Endpoint]:
         """Route, gate and schedule a parsed request; on success the primary endpoint counts
@@ -200,13 +204,14 @@ class Director:
             ctx.upstream_headers[TIMEOUT_HEADER] = str(max(1, int(resolution.timeout_s * 1000)))
 
     def route_bodyless(
-        self, method: str, path: str, subset: list[str] | None
+        self, method: str, path: str, subset: list[str] | None, user: str | None = None
     ) -> tuple[list[Endpoint], str | None]:
-        """Where a request without a body goes, and the path to send it with when that
-        changes: one naming a stored response by one of our ids goes to the pod that stored
-        it, with the engine's id in the path (epp/stored_responses.py)."""
+        """Where a request without a body (of `user`, the verified one, if any) goes, and the
+        path to send it with when that changes: one naming a stored response by one of our
+        ids goes to the pod that stored it, with the engine's id in the path
+        (epp/stored_responses.py)."""
         if allowed_without_body(method, path):
-            pinned = self.stored.pinned_by_path(path)
+            pinned = self.stored.pinned_by_path(path, user)
             if pinned is not None:
                 return [self.stored.endpoint_for(pinned[0])], pinned[1]
         return self.pick_for_bodyless(method, path, subset), None

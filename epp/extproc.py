@@ -25,7 +25,7 @@ from infergw.epp.director import Director
 from infergw.epp.errors import PickerError
 from infergw.epp.metric_values import LocalTally
 from infergw.epp.metrics import ITL_BUCKETS
-from infergw.epp.request import InferenceRequest, parse_request
+from infergw.epp.request import InferenceRequest, parse_request, verified_user
 from infergw.epp.request_trace import RequestTrace, trace_headers
 from infergw.epp.response import MAX_HELD, ResponseChain, UsageReader, response_chain
 from infergw.epp.scheduling.framework import ResponseInfo
@@ -96,7 +96,9 @@ class _Stream:
         models = model_catalog.answer(self.director.datastore, method, path)
         if models is not None:  # the gateway's names, not one pod's (epp/model_catalog.py)
             return [protocol.immediate(200, models)]
-        targets, new_path = self.director.route_bodyless(method, path, self.subset)
+        targets, new_path = self.director.route_bodyless(
+            method, path, self.subset, verified_user(self.headers)
+        )
         self.stamps_ids = answers_with_response(method, path)
         extra = {":path": new_path} if new_path else None
         return [protocol.destination_headers([e.address for e in targets], None, extra)]
@@ -168,7 +170,10 @@ class _Stream:
         ctx = self.ctx
         stamper = None
         if self.stamps_ids and 200 <= self.status < 300 and self.served:
-            stamper = self.director.stored.stamper(self.director.datastore.endpoint(self.served))
+            # The ids belong to the verified user who asked (epp/response_ids.py).
+            stamper = self.director.stored.stamper(
+                self.director.datastore.endpoint(self.served), verified_user(self.headers)
+            )
         self.response, self.usage = response_chain(
             streaming,
             strip_usage=bool(ctx and ctx.strip_usage),

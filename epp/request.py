@@ -225,6 +225,12 @@ def _tokenizer_fields(body: RequestBody) -> dict[str, Any]:
     return fields
 
 
+def verified_user(headers: dict[str, str]) -> str | None:
+    """The user Envoy's auth verified; Envoy removes a client's x-infergate-user and sets
+    this one (stack/auth.py). None: no auth, or no user (empty counts as none)."""
+    return headers.get(USER_HEADER) or None
+
+
 def api_for_path(path: str) -> str | None:
     path = path.split("?", 1)[0].rstrip("/")
     for suffix, api in API_BY_SUFFIX:
@@ -305,8 +311,7 @@ def parse_request(
         stream_options=stream_options,
         max_tokens=body.max_output,
         prompt_text=_prompt_text(api, body),
-        # Envoy removes a client's x-infergate-user and sets the verified one.
-        user=headers.get(USER_HEADER) or None,
+        user=verified_user(headers),
         session_id=headers.get(SESSION_HEADER),
     )
 
@@ -331,7 +336,7 @@ def _parse_form(path: str, api: str, raw_body: bytes, headers: dict[str, str]) -
         raw_body=raw_body,
         model=model.value,
         headers=headers,
-        user=headers.get(USER_HEADER) or None,
+        user=verified_user(headers),
         session_id=headers.get(SESSION_HEADER),
         model_span=(model.start, model.end),
     )

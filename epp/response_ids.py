@@ -19,6 +19,13 @@ restarts. Without a key file, the key is derived from the pool's name: ids still
 moved to another pool, but a client that knows the scheme could steer requests to a pod of
 its choice (never outside the pool).
 
+An id belongs to whoever made it, when the gateway knows who (the verified user Envoy's auth
+sets, `x-infergate-user`): a hash of that identity goes into the MAC, so the id another
+identity sends fails verification exactly as a forged id does. Without an identity the MAC
+covers what it did before this, and any caller that has the id can use it. One key, no
+verify-only previous one: engines keep responses in memory only, so a new key (or a user's
+new name) costs each live conversation one resend in full (README, "Responses API affinity").
+
 An id without the prefix is the engine's own (a response made before this, or one whose
 answer did not pass through the picker): it is routed as any request, as before.
 """
@@ -43,9 +50,15 @@ _PORT = re.compile(r"[0-9]{1,5}")
 MAX_ID_CHARS = 1024  # far above any id made here (a 253-character pod name is ~420)
 _MAC_BYTES = 16
 _KEY_CONTEXT = b"infergate response ids v1\0"
+# Marks the owner's part of the MAC's message; no other part can hold a NUL byte, so a message
+# with an owner never equals one without.
+_OWNER_CONTEXT = b"owner"
 MIN_KEY_BYTES = 16
 
 
+# Why an id is refused when its shape is not ours (and an engine's own id from a caller who
+# must use ours: epp/stored_responses.py).
+NOT_OURS = "the id is not one this gateway made"
 # What a client can do about a refused id, said after why it was refused.
 REFUSED_NEXT = "send the id as this gateway returned it, or the conversation in full without it"
 
@@ -114,20 +127,20 @@ def _parse(response_id: str) -> _Parsed | None:
         return None
     parts = response_id[len(PREFIX) :].split(".", 2)
     if len(parts) != 3 or not ENGINE_ID.fullmatch(parts[2]):
-        raise BadResponseId("the id is not one this gateway made")
+        raise BadResponseId(NOT_OURS)
     try:
         place, mac = _unb64(parts[0]).decode("utf-8"), _unb64(parts[1])
     except (binascii.Error, ValueError):
-        raise BadResponseId("the id is not one this gateway made") from None
+        raise BadResponseId(NOT_OURS) from None
     # base64 decodes stray characters and other unused bits to the same bytes: one id a
     # response, the one stamp() writes.
     if _b64(place.encode()) != parts[0] or _b64(mac) != parts[1]:
-        raise BadResponseId("the id is not one this gateway made")
+        raise BadResponseId(NOT_OURS)
     # Checked even under a valid MAC: without a key file, a client can make one.
     pool_name, _, endpoint = place.partition("/")
     pod, _, port = endpoint.rpartition(":")
     if not DNS_SUBDOMAIN.match(pool_name) or not pod or not _PORT.fullmatch(port):
-        raise BadResponseId("the id is not one this gateway made")
+        raise BadResponseId(NOT_OURS)
     return _Parsed(pool_name, endpoint, mac, parts[2])
 
 
@@ -150,27 +163,41 @@ class ResponseIds:
         self.keyed = key is not None
         self._key = key
 
-    def _mac(self, pool: str, endpoint: str, engine_id: str) -> bytes:
+    def _mac(self, pool: str, endpoint: str, engine_id: str, owner: str | None = None) -> bytes:
         key = self._key if self._key is not None else pool.encode()
-        msg = b"\0".join((_KEY_CONTEXT, pool.encode(), endpoint.encode(), engine_id.encode()))
+        parts = [_KEY_CONTEXT, pool.encode(), endpoint.encode(), engine_id.encode()]
+        if owner is not None:
+            parts += [_OWNER_CONTEXT, _owner_digest(owner)]
+        msg = b"\0".join(parts)
         return hmac.new(key, msg, hashlib.sha256).digest()[:_MAC_BYTES]
 
-    def stamp(self, pool: str, pod: str, port: int, engine_id: str) -> str:
-        """The id the client gets for `engine_id`, made by `pod`'s engine at `port`."""
+    def stamp(
+        self, pool: str, pod: str, port: int, engine_id: str, owner: str | None = None
+    ) -> str:
+        """The id the client gets for `engine_id`, made by `pod`'s engine at `port` for
+        `owner` (the verified identity that asked; None: no identity, anyone's)."""
         endpoint = f"{pod}:{port}"
-        mac = self._mac(pool, endpoint, engine_id)
+        mac = self._mac(pool, endpoint, engine_id, owner)
         place = f"{_name_of(pool)}/{endpoint}"
         return f"{PREFIX}{_b64(place.encode())}.{_b64(mac)}.{engine_id}"
 
-    def read(self, pool: str, response_id: str) -> StoredAt | None:
+    def read(self, pool: str, response_id: str, owner: str | None = None) -> StoredAt | None:
         """Where `response_id` lives; None for an engine's own id (not ours to route).
-        BadResponseId for an id with the prefix that this pool did not make."""
+        BadResponseId for an id with the prefix that this pool did not make for `owner` (one
+        made for another identity, or for none, is refused as a forged one is)."""
         parsed = _parse(response_id)
         if parsed is None:
             return None
         if parsed.pool_name != _name_of(pool) or not hmac.compare_digest(
-            parsed.mac, self._mac(pool, parsed.endpoint, parsed.engine_id)
+            parsed.mac, self._mac(pool, parsed.endpoint, parsed.engine_id, owner)
         ):
             raise BadResponseId("the id was not made by this gateway's pool")
         pod, _, port = parsed.endpoint.rpartition(":")
         return StoredAt(pod, int(port), parsed.engine_id)
+
+
+def _owner_digest(owner: str) -> bytes:
+    """A fixed-size stand-in for an identity of any length or content (a NUL byte, control
+    characters, megabytes): the MAC's message stays bounded and unambiguous. Hex, so that
+    it holds no NUL byte either."""
+    return hashlib.sha256(owner.encode("utf-8", "surrogatepass")).hexdigest().encode("ascii")

@@ -10,6 +10,13 @@ made to say so.
 - Answers to these and to `POST /v1/responses` (unless `store` is false: the engine keeps
   nothing, so there is nothing to come back to) get their ids stamped with the serving pod.
 
+Ids belong to the verified identity that made them (epp/response_ids.py): another identity's
+id, or one made without an identity, is refused for a caller with one as a forged id is (404).
+Such a caller's engine ids (without our prefix) are refused too: the engine's id is readable
+in ours, and routed as any request it could reach the pod that holds it. Unless the proxy
+keeps answers from the picker (`--response-headers-skipped`): then no id is ever stamped, and
+engine ids are all there is (ownership is not enforced).
+
 When that pod has left the pool the response is gone with it (engines keep them in memory):
 404, as vLLM answers an unknown id, saying so. A pod of the pool that is not ready now: 503
 with Retry-After, since it may come back with its responses.
@@ -27,7 +34,13 @@ from infergw.epp.errors import PickerError, ResponseNotFound
 from infergw.epp.request import InferenceRequest
 from infergw.epp.request_body import decode_field, present
 from infergw.epp.response.ids import ResponseIdStamper
-from infergw.epp.response_ids import REFUSED_NEXT, BadResponseId, Pinned, ResponseIds
+from infergw.epp.response_ids import (
+    NOT_OURS,
+    REFUSED_NEXT,
+    BadResponseId,
+    Pinned,
+    ResponseIds,
+)
 
 log = logging.getLogger("epp.stored_responses")
 
@@ -40,18 +53,23 @@ _STORE = msgspec.json.Decoder(bool | None)
 
 
 class StoredResponses:
-    def __init__(self, datastore: Datastore, ids: ResponseIds) -> None:
+    def __init__(self, datastore: Datastore, ids: ResponseIds, *, stamped: bool = True) -> None:
         self.datastore = datastore
         self.ids = ids
+        # Answers pass through the picker and get our ids (False: --response-headers-skipped).
+        self.stamped = stamped
 
     def _pool(self) -> str:
         pool = self.datastore.pool
         return f"{pool.namespace}/{pool.name}" if pool is not None else ""
 
-    def _read(self, response_id: str, param: str | None) -> Pinned | None:
+    def _read(self, response_id: str, param: str | None, owner: str | None) -> Pinned | None:
         try:
-            stored = self.ids.read(self._pool(), response_id)
+            stored = self.ids.read(self._pool(), response_id, owner)
+            if stored is None and owner is not None and self.stamped:
+                raise BadResponseId(NOT_OURS)
         except BadResponseId as exc:
+            # The identity stays out of the log: it may be anything, of any length.
             log.info("refused response id %.80r: %s", response_id, exc)
             raise ResponseNotFound(response_id, f"{exc}; {REFUSED_NEXT}", param) from None
         return Pinned(stored, response_id, param) if stored is not None else None
@@ -63,15 +81,16 @@ class StoredResponses:
         raw = getattr(req.body, PREVIOUS, None)
         if req.api != "responses" or raw is None or not present(raw):
             return None
-        return self._read(decode_field(raw, PREVIOUS, _STRING), PREVIOUS)
+        return self._read(decode_field(raw, PREVIOUS, _STRING), PREVIOUS, req.user)
 
-    def pinned_by_path(self, path: str) -> tuple[Pinned, str] | None:
-        """The stored response a body-less request names in its path, and the path with the
-        engine's id in its place; None when the path names none of ours."""
+    def pinned_by_path(self, path: str, owner: str | None = None) -> tuple[Pinned, str] | None:
+        """The stored response a body-less request of `owner` (the verified user, if any)
+        names in its path, and the path with the engine's id in its place; None when the path
+        names none of ours."""
         match = _BY_ID.fullmatch(path)
         if match is None:
             return None
-        pinned = self._read(match[2], None)
+        pinned = self._read(match[2], None, owner)
         if pinned is None:
             return None
         return pinned, f"{match[1]}{pinned.stored.engine_id}{match[3]}"
@@ -111,12 +130,17 @@ class StoredResponses:
 
     # ---- answers -------------------------------------------------------------------------
 
-    def stamper(self, endpoint: Endpoint | None) -> ResponseIdStamper | None:
-        """The stage that stamps an answer's ids with `endpoint` (None: unknown, not stamped)."""
+    def stamper(
+        self, endpoint: Endpoint | None, owner: str | None = None
+    ) -> ResponseIdStamper | None:
+        """The stage that stamps an answer's ids with `endpoint` (None: unknown, not stamped)
+        and `owner` (the verified user who asked, if any)."""
         if endpoint is None:
             return None
         pool, pod, port = self._pool(), endpoint.pod, _port(endpoint)
-        return ResponseIdStamper(lambda engine_id: self.ids.stamp(pool, pod, port, engine_id))
+        return ResponseIdStamper(
+            lambda engine_id: self.ids.stamp(pool, pod, port, engine_id, owner)
+        )
 
 
 def _port(endpoint: Endpoint) -> int:
