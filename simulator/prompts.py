@@ -7,6 +7,14 @@ from infergw.simulator.protocol import ApiError, TemplateOptions
 from infergw.simulator.request_builder import context_too_long
 from infergw.simulator.tokenization import ChatTemplateError, ModelTokenizer
 
+# Encoding costs about 500 bytes of memory per token, and a token is at most one byte of
+# UTF-8: 1 MiB of text is at most ~500 MiB while it is encoded. vLLM has no such cap (its
+# /tokenize takes any length); the simulator refuses more, so a pod's memory stays bounded.
+MAX_ENCODE_BYTES = 1 << 20
+# Each prompt of a list is a request of its own in the engine; vLLM sets no number, the
+# simulator does, so a body of tiny prompts cannot make millions of them.
+MAX_PROMPTS = 1024
+
 
 class PromptEncoder:
     def __init__(
@@ -16,9 +24,24 @@ class PromptEncoder:
         self.trust_request_chat_template = trust_request_chat_template
         self.max_model_len = max_model_len
 
+    def encode_all(
+        self, prompts: list[str | list[int]], add_special_tokens: bool
+    ) -> list[list[int]]:
+        """A completion's prompts, in order (slow work: run it off the event loop)."""
+        if len(prompts) > MAX_PROMPTS:
+            raise ApiError(
+                400,
+                f"'prompt' has {len(prompts)} prompts; the simulator takes at most "
+                f"{MAX_PROMPTS} in one request",
+                "prompt",
+            )
+        return [self.encode(p, add_special_tokens) for p in prompts]
+
     def encode(self, prompt: str | list[int], add_special_tokens: bool) -> list[int]:
         if isinstance(prompt, str):
             return self.encode_text(prompt, add_special_tokens, "prompt")
+        if len(prompt) >= self.max_model_len:  # before checking millions of ids one by one
+            raise context_too_long(self.max_model_len, str(len(prompt)), "prompt")
         return self.check_vocab(prompt, "prompt")
 
     def encode_text(self, text: str, add_special_tokens: bool, param: str) -> list[int]:
@@ -26,12 +49,31 @@ class PromptEncoder:
         at_least = self.tokenizer.tokens_at_least(text)
         if at_least >= self.max_model_len:
             raise context_too_long(self.max_model_len, f"at least {at_least}", param)
-        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+        return self.tokenize(text, add_special_tokens, param)
+
+    def chat_prompt(
+        self, messages: list[dict], options: TemplateOptions, add_special_tokens: bool
+    ) -> tuple[str, list[int]]:
+        """A chat to generate from, rendered and encoded (slow work: off the event loop)."""
+        text = self.render_chat(messages, options)
+        return text, self.encode_text(text, add_special_tokens, "messages")
 
     def encode_chat(
         self, messages: list[dict], options: TemplateOptions, add_special_tokens: bool
     ) -> list[int]:
         text = self.render_chat(messages, options)
+        return self.tokenize(text, add_special_tokens, "messages")
+
+    def tokenize(self, text: str, add_special_tokens: bool, param: str) -> list[int]:
+        """Any text as token ids, whatever its length against the context, up to the cap."""
+        size = len(text.encode("utf-8", "surrogatepass"))
+        if size > MAX_ENCODE_BYTES:
+            raise ApiError(
+                400,
+                f"the text to tokenize is {size} bytes of UTF-8; the simulator encodes at most "
+                f"{MAX_ENCODE_BYTES} bytes in one text",
+                param,
+            )
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
     def check_vocab(self, ids: list[int], param: str) -> list[int]:

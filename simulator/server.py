@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from typing import Any
 
 from aiohttp import web
 
@@ -28,6 +29,7 @@ from infergw.simulator.prompts import PromptEncoder
 from infergw.simulator.protocol import (
     ApiError,
     GenerationRequest,
+    TokenizeRequest,
     decode_json,
     parse_chat,
     parse_completion,
@@ -39,6 +41,7 @@ from infergw.simulator.request_builder import RequestBuilder
 from infergw.simulator.response_store import ResponseStore
 from infergw.simulator.served_models import LoraAdapter, ServedModels
 from infergw.simulator.tokenization import ModelTokenizer
+from infergw.simulator.tokenizer_threads import TokenizerThreads
 
 log = logging.getLogger("simulator.server")
 
@@ -87,6 +90,7 @@ class Simulator:
             kv=self.kv,
         )
         self.requests = RequestBuilder(cfg, self.max_model_len, self.kv)
+        self.threads = TokenizerThreads()
         self.metrics = MetricsRenderer(self.engine, cfg)
         self.system_fingerprint = responses.system_fingerprint(
             cfg.fingerprint_mode,
@@ -137,22 +141,33 @@ class Simulator:
         await self.kv.close()
         if self.publisher:
             await self.publisher.close()
+        self.threads.close()
 
     # ---- generation --------------------------------------------------------------------
 
+    async def _body(self, request: web.Request) -> tuple[Any, int]:
+        """The request's JSON, parsed off the loop, and its size in bytes (how much work
+        the request is, to pick its tokenizing thread)."""
+        raw = await request.read()
+        return await self.threads.run(len(raw), decode_json, raw), len(raw)
+
     async def completions(self, request: web.Request) -> web.StreamResponse:
-        gen = parse_completion(await _json_body(request))
+        body, size = await self._body(request)
+        gen = await self.threads.run(size, parse_completion, body)  # millions of ids: seconds
         model, lora = self.served.resolve(gen.model)
-        prompts = [self.prompts.encode(p, gen.add_special_tokens) for p in gen.prompts]
+        prompts = await self.threads.run(
+            size, self.prompts.encode_all, gen.prompts, gen.add_special_tokens
+        )
         return await self._generate(request, gen, model, lora, prompts, chat=False)
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
-        body = await _json_body(request)
+        body, size = await self._body(request)
         gen = parse_chat(body)
         gen.tool_call = tool_calls.forced_tool(body)
         model, lora = self.served.resolve(gen.model)
-        text = self.prompts.render_chat(gen.messages, gen.template)
-        ids = self.prompts.encode_text(text, gen.add_special_tokens, "messages")
+        text, ids = await self.threads.run(
+            size, self.prompts.chat_prompt, gen.messages, gen.template, gen.add_special_tokens
+        )
         if gen.return_prompt_text:
             gen.prompt_text = text
         return await self._generate(request, gen, model, lora, [ids], chat=True)
@@ -289,12 +304,13 @@ class Simulator:
         await resp.write_eof()
         return resp
 
-    def _start_chat(self, chat: dict) -> tuple[str, SimRequest]:
+    async def _start_chat(self, chat: dict, size: int) -> tuple[str, SimRequest]:
         """A chat request other APIs amount to, in the engine: the model to answer with."""
         gen = parse_chat(chat)
         model, lora = self.served.resolve(gen.model)
-        text = self.prompts.render_chat(gen.messages, gen.template)
-        ids = self.prompts.encode_text(text, gen.add_special_tokens, "messages")
+        _, ids = await self.threads.run(
+            size, self.prompts.chat_prompt, gen.messages, gen.template, gen.add_special_tokens
+        )
         req = self.requests.build(gen, lora, ids)
         self.engine.add_request(req)
         return model, req
@@ -308,8 +324,9 @@ class Simulator:
 
     async def messages(self, request: web.Request) -> web.StreamResponse:
         """Anthropic's Messages API: a chat generation, answered in Anthropic's shape."""
-        chat = anthropic.to_chat(await _json_body(request))
-        model, req = self._start_chat(chat)
+        body, size = await self._body(request)
+        chat = anthropic.to_chat(body)
+        model, req = await self._start_chat(chat, size)
         message_id = anthropic.new_id()
         try:
             if not chat.get("stream"):
@@ -327,12 +344,12 @@ class Simulator:
     async def responses(self, request: web.Request) -> web.StreamResponse:
         """OpenAI's Responses API, its plain text exchange (simulator/responses_api.py),
         stored unless `store` is false; `previous_response_id` continues a stored one."""
-        body = await _json_body(request)
+        body, size = await self._body(request)
         previous = responses_api.previous_id(body)
         earlier = self.stored_responses.get(previous).messages if previous else ()
         chat = responses_api.to_chat(body, earlier)
         store = responses_api.stores(body)
-        model, req = self._start_chat(chat)
+        model, req = await self._start_chat(chat, size)
         head = responses_api.Head(model, responses.now(), previous, store)
 
         def keep(answer: dict) -> None:
@@ -370,17 +387,19 @@ class Simulator:
     # ---- rerank, score, audio: answers without generation ----------------------------------
 
     def _count(self, text: str) -> int:
-        return len(self.tokenizer.encode(text, add_special_tokens=True))
+        return len(self.prompts.tokenize(text, True, "documents"))
 
     async def rerank(self, request: web.Request) -> web.Response:
-        body = await _json_body(request)
+        body, size = await self._body(request)
         model, _ = self.served.resolve(body.get("model") if isinstance(body, dict) else None)
-        return web.json_response(scoring.rerank(body, model, self._count), dumps=_dumps)
+        answer = await self.threads.run(size, scoring.rerank, body, model, self._count)
+        return web.json_response(answer, dumps=_dumps)
 
     async def score(self, request: web.Request) -> web.Response:
-        body = await _json_body(request)
+        body, size = await self._body(request)
         model, _ = self.served.resolve(body.get("model") if isinstance(body, dict) else None)
-        return web.json_response(scoring.score(body, model, self._count), dumps=_dumps)
+        answer = await self.threads.run(size, scoring.score, body, model, self._count)
+        return web.json_response(answer, dumps=_dumps)
 
     async def transcriptions(self, request: web.Request) -> web.Response:
         """An upload's form is read (its model resolved); the transcript is canned."""
@@ -405,27 +424,36 @@ class Simulator:
         return web.json_response({"object": "list", "data": cards}, dumps=_dumps)
 
     async def tokenize(self, request: web.Request) -> web.Response:
-        tr = parse_tokenize(await _json_body(request))
+        body, size = await self._body(request)
+        tr = parse_tokenize(body)
         self.served.resolve(tr.model)
+        text = await self.threads.run(size, self._tokenize_answer, tr)
+        return web.Response(text=text, content_type="application/json")
+
+    def _tokenize_answer(self, tr: TokenizeRequest) -> str:
+        """/tokenize's answer as JSON text: encoding, and dumping a million ids, are slow."""
         if tr.prompt is not None:
-            ids = self.tokenizer.encode(tr.prompt, add_special_tokens=tr.add_special_tokens)
+            ids = self.prompts.tokenize(tr.prompt, tr.add_special_tokens, "prompt")
         else:
             ids = self.prompts.encode_chat(tr.messages, tr.template, tr.add_special_tokens)
-        return web.json_response(
-            {
-                "count": len(ids),
-                "max_model_len": self.max_model_len,
-                "tokens": ids,
-                "token_strs": self.tokenizer.token_strs(ids) if tr.return_token_strs else None,
-            },
-            dumps=_dumps,
-        )
+        answer = {
+            "count": len(ids),
+            "max_model_len": self.max_model_len,
+            "tokens": ids,
+            "token_strs": self.tokenizer.token_strs(ids) if tr.return_token_strs else None,
+        }
+        return _dumps(answer)
 
     async def detokenize(self, request: web.Request) -> web.Response:
-        dr = parse_detokenize(await _json_body(request))
+        body, size = await self._body(request)
+        dr = await self.threads.run(size, parse_detokenize, body)
         self.served.resolve(dr.model)
-        ids = self.prompts.check_vocab(dr.tokens, "tokens")
-        return web.json_response({"prompt": self.tokenizer.decode(ids, skip_special_tokens=False)})
+        text = await self.threads.run(size, self._detokenize, dr.tokens)
+        return web.json_response({"prompt": text})
+
+    def _detokenize(self, tokens: list[int]) -> str:
+        ids = self.prompts.check_vocab(tokens, "tokens")
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
 
     async def health(self, _request: web.Request) -> web.Response:
         return web.Response(status=200)

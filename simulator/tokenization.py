@@ -258,7 +258,9 @@ class ModelTokenizer:
         return cls(Path(path) if path is not None else DEFAULT_MODEL_DIR)
 
     def encode(self, text: str, *, add_special_tokens: bool) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        # encode_batch releases the GIL while it works (encode holds it), so a long text
+        # encoded in a thread leaves the event loop running.
+        return self._tok.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
 
     def tokens_at_least(self, text: str) -> int:
         """A lower bound on len(encode(text)), without encoding it (0 where none is known).
