@@ -55,17 +55,6 @@ TLS_CONTEXT = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Ups
 HTTP_OPTIONS = "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 GRPC_TIMEOUT = "10s"
 DISABLED = {"@type": EXT_PROC_PER_ROUTE, "disabled": True}  # a filter off on one route
-# What the picker sees, set per route: the filter's own mode (picker-filter.yaml) sends nothing
-# of the response, so Envoy's reply to a request that has no route (a 431 for a header flood)
-# does not wait on a picker that never saw the request (the client got an empty reply).
-PICKER_PROCESSING_MODE = {
-    "request_header_mode": "SEND",
-    "response_header_mode": "SEND",
-    "request_body_mode": "FULL_DUPLEX_STREAMED",
-    "response_body_mode": "FULL_DUPLEX_STREAMED",
-    "request_trailer_mode": "SEND",
-    "response_trailer_mode": "SEND",
-}
 
 
 def picker_host(namespace: str, picker: str) -> str:
@@ -148,8 +137,7 @@ def per_filter_path(filter_name: str) -> str:
 
 
 def route_override(namespace: str, model: str, fail_open: bool) -> dict:
-    """PICKER_FILTER's config on the Model's routes: talk to this Model's picker, and
-    see the response (headers, bodies, trailers)."""
+    """PICKER_FILTER's config on the Model's routes: talk to this Model's picker."""
     return {
         "@type": EXT_PROC_PER_ROUTE,
         "overrides": {
@@ -158,7 +146,6 @@ def route_override(namespace: str, model: str, fail_open: bool) -> dict:
                 "timeout": GRPC_TIMEOUT,
             },
             "failure_mode_allow": fail_open,
-            "processing_mode": PICKER_PROCESSING_MODE,
         },
     }
 

@@ -17,7 +17,7 @@ from infergw.bbr.app import HEALTH_SERVICES
 from infergw.bbr.options import parse_options
 from infergw.bbr.sources import OPTIONAL_KINDS
 from infergw.cluster.store import INFERENCE_POOL
-from infergw.controllers.picker_patch import PICKER_FILTER, route_override
+from infergw.controllers.picker_patch import PICKER_FILTER
 from infergw.stack.envoy_config import NO_POOL_ANSWER, render
 from tests.envoy_settings import local_envoy_settings
 from tests.paths import ROOT
@@ -155,14 +155,14 @@ def test_a_request_without_a_pool_gets_the_local_stacks_answer():
 
 
 def _local_picker_filter() -> dict[str, Any]:
-    """The local stack's picker filter (gateway-manifests/local/envoy.yaml.j2), FailClose, and
+    """The local stack's picker filter (gateway-manifests/local/envoy.yaml.j2), FailClose, with
     the processing mode its routes set (the filter's own is for replies with no route)."""
     config = yaml.safe_load(render(local_envoy_settings(failure_mode="FailClose")))
     [hcm] = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"]
     [picker] = [f for f in hcm["typed_config"]["http_filters"] if f["name"].endswith("ext_proc")]
     [route] = hcm["typed_config"]["route_config"]["virtual_hosts"][0]["routes"]
     per_route = route["typed_per_filter_config"]["envoy.filters.http.ext_proc"]["overrides"]
-    return {**picker["typed_config"], "route_processing_mode": per_route["processing_mode"]}
+    return {**picker["typed_config"], "processing_mode": per_route["processing_mode"]}
 
 
 def test_the_gateway_wide_picker_filter_is_the_local_stacks_on_every_route_but_no_models():
@@ -192,9 +192,6 @@ def test_the_gateway_wide_picker_filter_is_the_local_stacks_on_every_route_but_n
                   "message_timeout", "failure_mode_allow"):  # fmt: skip
         assert ours[field] == local[field], field
     assert ours["failure_mode_allow"] is False
-    # and the Models' routes see what the local stack's routes see
-    override = route_override("default", "m", fail_open=False)["overrides"]
-    assert override["processing_mode"] == local["route_processing_mode"]
     # its default cluster has no endpoints: a route no Model overrides fails closed
     default = ours["grpc_service"]["envoy_grpc"]["cluster_name"]
     assert cluster["name"] == cluster["operation"]["value"]["name"] == default
