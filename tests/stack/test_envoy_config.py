@@ -160,20 +160,13 @@ def test_what_of_the_response_the_picker_sees_is_a_proxy_setting(tmp_path, bodie
         render(local_envoy_settings(response_bodies=bodies, response_headers=headers))
     )
     config = _picker_filter(doc)
-    (listener,) = doc["static_resources"]["listeners"]
-    manager = listener["filter_chains"][0]["filters"][0]["typed_config"]
-    (vhost,) = manager["route_config"]["virtual_hosts"]
-    # The mode is the route's; a reply with no route (Envoy's 431) sends the picker nothing
-    # of the response, so it never waits on a picker that did not see the request.
-    (route,) = vhost["routes"]
-    per_route = route["typed_per_filter_config"]["envoy.filters.http.ext_proc"]["overrides"]
-    mode = per_route["processing_mode"]
+    mode = config["processing_mode"]
     assert (mode["response_header_mode"], mode["response_body_mode"]) == modes[:2]
     assert mode["response_trailer_mode"] == modes[2]
     assert mode["request_body_mode"] == "FULL_DUPLEX_STREAMED"  # the picker needs it
-    default = config["processing_mode"]
-    assert (default["response_header_mode"], default["response_body_mode"]) == ("SKIP", "NONE")
-    assert default["request_body_mode"] == "FULL_DUPLEX_STREAMED"
+    (listener,) = doc["static_resources"]["listeners"]
+    manager = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    (vhost,) = manager["route_config"]["virtual_hosts"]
     added = vhost.get("response_headers_to_add", [])
     added = {h["header"]["key"]: h["header"]["value"] for h in added}
     # Without response headers the picker cannot name the pod that answered: Envoy does.
