@@ -6,9 +6,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 # `make test` runs the suite in this many pytest processes (0: one, as plain pytest does). A
-# file's tests stay in one process, so a module's shared stack starts once. Three on two cores:
-# the end-to-end tests spend much of their time waiting on the servers they start.
-TEST_WORKERS ?= 3
+# file's tests stay in one process, so a module's shared stack starts once.
+TEST_WORKERS ?= 2
 XDIST = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 
 .PHONY: up test test-fast test-vllm vllm-cpu fuzz lint fmt bench clean image
