@@ -4,6 +4,13 @@ stand-in for the kubelet."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from infergw.cluster.kube_store import KubeStore
+from infergw.controllers.app import build_controllers
+from infergw.controllers.download_logs import PodLogs
+from infergw.controllers.runner import ControllerMetrics
 from tests.controller_manifests import Authorizer, docs
 from tests.kube_rbac import Account
 from tests.kubeapi import KubeAPIEmulator
@@ -30,3 +37,23 @@ def kubelet(api: KubeAPIEmulator, names: set[str]) -> None:
             "containerStatuses": [{"name": "engine", "restartCount": 0, "ready": True}],
         }
         api.put(pod)
+
+
+@asynccontextmanager
+async def running_controllers(*, read_logs: bool = False, **options) -> AsyncIterator[KubeStore]:
+    """Kubernetes mode's controllers (`build_controllers(store, ..., **options)`) over the
+    environment's API server, started, and stopped with their autoscaler and store after;
+    `read_logs`: they read downloads' progress from pod logs, as the install's run."""
+    store = KubeStore.from_environment()
+    if read_logs:
+        options["logs"] = PodLogs(store)
+    controllers, scaler = build_controllers(store, ControllerMetrics(), **options)
+    try:
+        for c in controllers:
+            await c.start()
+        yield store
+    finally:
+        for c in controllers:
+            await c.stop()
+        await scaler.close()
+        store.close()

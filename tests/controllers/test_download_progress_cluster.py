@@ -17,13 +17,10 @@ from urllib.parse import urlencode
 
 import pytest
 
-from infergw.cluster.kube_store import KubeStore
-from infergw.controllers.app import build_controllers
-from infergw.controllers.download_logs import LOG_TAIL_BYTES, LOG_TAIL_LINES, PodLogs
-from infergw.controllers.runner import ControllerMetrics
+from infergw.controllers.download_logs import LOG_TAIL_BYTES, LOG_TAIL_LINES
 from infergw.fetch.progress import Progress
 from tests.controller_manifests import Authorizer
-from tests.controllers_in_emulator import CONTROLLERS, TOKEN, manifest_rbac
+from tests.controllers_in_emulator import CONTROLLERS, TOKEN, manifest_rbac, running_controllers
 from tests.kube_rbac import RBACEmulator
 from tests.waiting import wait_for_async
 
@@ -81,11 +78,7 @@ async def scenario(api: RBACEmulator, log: str, bytes_shown: bool) -> str:
     """The Model created, its pod downloading with `log` as its download's log; the
     ModelInfer's Progressing message once it says the download runs (and, if
     `bytes_shown`, once the Model quotes its bytes)."""
-    store = KubeStore.from_environment()
-    controllers, scaler = build_controllers(store, ControllerMetrics(), logs=PodLogs(store))
-    try:
-        for c in controllers:
-            await c.start()
+    async with running_controllers(read_logs=True):
         api.put(MODEL)
         await wait_for_async(lambda: api.list_objects("v1", "Pod"), "the pod", within=30)
         downloading(api, log)
@@ -101,11 +94,6 @@ async def scenario(api: RBACEmulator, log: str, bytes_shown: bool) -> str:
                 within=30,
             )
         return message(api, "ModelInfer", "Progressing")
-    finally:
-        for c in controllers:
-            await c.stop()
-        await scaler.close()
-        store.close()
 
 
 def run(

@@ -15,10 +15,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from infergw.cluster.kube_store import KubeStore
-from infergw.controllers.app import build_controllers
-from infergw.controllers.runner import ControllerMetrics
-from tests.controllers_in_emulator import CONTROLLERS, TOKEN, kubelet, manifest_rbac
+from tests.controllers_in_emulator import (
+    CONTROLLERS,
+    TOKEN,
+    kubelet,
+    manifest_rbac,
+    running_controllers,
+)
 from tests.kube_rbac import RBACEmulator
 from tests.paths import CRD_EXAMPLES
 
@@ -47,11 +50,7 @@ def events(api: RBACEmulator, reason: str | None = None) -> list[dict]:
 
 
 async def scenario(api: RBACEmulator) -> None:
-    store = KubeStore.from_environment()
-    controllers, scaler = build_controllers(store, ControllerMetrics(), autoscale_interval=0.3)
-    try:
-        for c in controllers:
-            await c.start()
+    async with running_controllers(autoscale_interval=0.3):
         policy = yaml.safe_load((CRD_EXAMPLES / "autoscalingpolicy.yaml").read_text())
         api.put(policy)
         model = yaml.safe_load((CRD_EXAMPLES / "model.yaml").read_text())
@@ -126,11 +125,6 @@ async def scenario(api: RBACEmulator) -> None:
         api.put(later)
         await until("stray resolved", lambda: stray_refs() == ("True", "ResolvedRefs"))
         assert api.denied.get(CONTROLLERS.name, []) == []
-    finally:
-        for c in controllers:
-            await c.stop()
-        await scaler.close()
-        store.close()
 
 
 def test_statuses_and_events_through_the_api_with_the_install_rbac(
