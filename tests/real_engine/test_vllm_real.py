@@ -161,7 +161,10 @@ def test_a_killed_engine_leaves_no_process_and_a_replacement_serves(up):
         now = set(endpoints())
         return next(iter(now - {survivor}), None) if len(now) == 2 else None
 
-    new = wait_for(replaced, f"a replacement pod\n{up.output}", within=900, interval=1)
+    try:
+        new = wait_for(replaced, "a replacement pod", within=900, interval=1)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n{up.output}\n{up.diagnosis()}") from None
     assert engine_processes(new.split(":")[0])[0].pid != main.pid
     assert predicted(body)[new]["cached_tokens"] == 0  # nothing of the dead engine's blocks
     r = post("/v1/completions", body, {PIN: new})

@@ -19,6 +19,7 @@ import yaml
 
 from infergw.api.lifetime import spawn
 from infergw.stack.local import QUICKSTART
+from infergw.stack.pods import pool_pods
 from tests.default_ports import DEFAULT_PORTS, ports_free
 from tests.e2e.gateway_config import pinnable
 from tests.paths import TINY_MODEL
@@ -119,6 +120,20 @@ class Up:
         """A container's output, as the local runtime keeps it."""
         path = self.workdir / "state" / "pods" / f"default_{pod}_{container}.log"
         return path.read_text(errors="replace")
+
+    def diagnosis(self, lines: int = 30) -> str:
+        """What a timed-out wait should show: the pods as the pool file has them, the end of
+        the controllers' log and of every container's log (only the stack's own words said
+        nothing after it came up, when a replacement pod once never came)."""
+        out = [f"pods: {pool_pods(self.pool_file(), SERVED)}"]
+        logs = [self.workdir / "controllers.log", *sorted(self.workdir.glob("state/pods/*.log"))]
+        for path in logs:
+            try:
+                tail = path.read_text(errors="replace").splitlines()[-lines:]
+            except OSError as exc:
+                tail = [str(exc)]
+            out += [f"---- {path.name}", *tail]
+        return "\n".join(out)
 
     def stop(self, timeout: float = 120) -> int:
         """Ctrl-C, as a user stops it; SIGKILL to the group if it does not stop in time."""
