@@ -389,7 +389,9 @@ def modelroute(model: Model) -> ModelRoute:
                     name="default", target_models=[TargetModel(model_server_name=_name(model))]
                 )
             ],
-            lora_adapters=lora or None,
+            # always written, [] too: an update only writes what differs from the stored
+            # route (model.py's covers), so a field left out would keep the last adapters
+            lora_adapters=lora,
             parent_refs=[parent],
         ),
     )

@@ -1,6 +1,7 @@
 """Which endpoints a request may use, computed one way for admission and for scheduling:
 the ready endpoints, narrowed to the ext_proc subset hint, then to what its route chose (the
-ModelServer's pods) or, without a route, to the pods serving its model. Flow control asks
+ModelServer's pods; for one of its LoRA adapters, those of them that have it loaded) or,
+without a route, to the pods serving its model. Flow control asks
 for the destinations among them again each time it checks for room, since the pool changes
 while a request waits."""
 
@@ -47,6 +48,10 @@ class Eligibility:
             chosen = candidates
         else:
             chosen = [e for e in candidates if selects(resolution.server, e)]
+        if resolution is not None and resolution.adapter:
+            # The route names the adapter, but a pod serves it only once loaded (the runtime
+            # sidecar loads it at run time; one pod may have it before another).
+            chosen = self._holding(ctx.target_model, chosen)
         if not candidates:
             pool = self.datastore.pool.name if self.datastore.pool else "?"
             raise NoCapacity(f"no ready endpoint in pool {pool} for model {ctx.request.model!r}")
@@ -68,6 +73,12 @@ class Eligibility:
         ):
             pool = self.datastore.pool.name if self.datastore.pool else "?"
             raise PickerError(404, f"model {model!r} is not served by pool {pool}")
+        return self._holding(model, candidates)
+
+    @staticmethod
+    def _holding(model: str, candidates: list[Endpoint]) -> list[Endpoint]:
+        """Candidates whose models include `model` (or are not known yet); 503 if there are
+        candidates but none of them serves it."""
         serving = [e for e in candidates if e.models is None or model in e.models]
         if candidates and not serving:
             raise PickerError(503, f"no available endpoint serves model {model!r}")

@@ -44,6 +44,8 @@ class Resolution:
     server: ModelServer | None = None  # None: the target was the pool itself
     retries: int | None = None  # the ModelServer's retry attempts, if it sets them
     timeout_s: float | None = None
+    # target_model is one of the route's LoRA adapters: only pods that have it loaded serve it
+    adapter: bool = False
 
     @property
     def route_name(self) -> str:
@@ -135,6 +137,7 @@ class RouteTable:
             server=server,
             retries=retry.attempts if retry and retry.attempts is not None else None,
             timeout_s=duration_seconds(timeout) if timeout else None,
+            adapter=is_adapter,
         )
 
     def _target_endpoints(

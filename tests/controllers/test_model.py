@@ -14,7 +14,7 @@ import msgspec
 import pytest
 import yaml
 
-from infergw.api import Model, from_dict_as, to_dict, validate_dict
+from infergw.api import Model, from_dict_as, prune_nulls, to_dict, validate_dict
 from infergw.cluster.store import (
     AUTOSCALING_BINDING,
     AUTOSCALING_POLICY,
@@ -294,6 +294,22 @@ async def test_edits_propagate_but_an_autoscaled_replica_count_is_kept(env):
     await store.update(model)
     await rec.reconcile("default", "llama-3-8b")
     assert (await owned(store, MODEL_INFER))["spec"]["replicas"] == 1
+
+
+async def test_removing_the_adapters_takes_them_off_the_route(env):
+    """The last adapter removed, or the field itself: the route answers none of them."""
+    store, rec = env
+    await store.create(example_model())
+    await rec.reconcile("default", "llama-3-8b")
+    assert (await owned(store, MODEL_ROUTE))["spec"]["loraAdapters"] == ["llama-3-8b-sql"]
+    for lora in ([], None):
+        model = await store.get(MODEL, "default", "llama-3-8b")
+        model["spec"]["loraAdapters"] = lora
+        await store.update(prune_nulls(model))
+        await rec.reconcile("default", "llama-3-8b")
+        route = await owned(store, MODEL_ROUTE)
+        assert route["spec"]["loraAdapters"] == [], route["spec"]
+        assert validate_dict(route) == []
 
 
 async def test_an_object_that_is_not_ours_is_left_alone(env):

@@ -496,6 +496,42 @@ async def test_the_eligible_endpoints_are_the_routes_within_the_subset():
     assert {e.address for e in d.eligibility.endpoints(context())} == EVERYONE  # no route yet
 
 
+def adapter_route_director() -> Director:
+    """A route answering m and its LoRA adapter lora-x, on every pod (ModelServer all)."""
+    from tests.director_fixtures import NET, director_with
+
+    route = {
+        "apiVersion": NET,
+        "kind": "ModelRoute",
+        "metadata": {"name": "r"},
+        "spec": {
+            "modelName": "m",
+            "loraAdapters": ["lora-x"],
+            "rules": [{"targetModels": [{"modelServerName": "all"}]}],
+        },
+    }
+    return director_with([route])
+
+
+async def test_a_routed_adapter_goes_only_to_the_pods_that_have_it_loaded():
+    d = adapter_route_director()
+    set_models(d, {A0: {"m"}, A1: {"m", "lora-x"}, B0: {"m"}, B1: None})
+    for _ in range(6):  # B1 has not been read yet: it may serve it, as without a route
+        ctx = context(model="lora-x")
+        (target,) = await d.handle(ctx)
+        assert ctx.resolution is not None and ctx.resolution.adapter
+        assert target.address in {A1, B1} and ctx.target_model == "lora-x"
+    assert {e.address for e in d.eligibility.endpoints(ctx)} == {A1, B1}
+    # the base model still goes everywhere the route sends it
+    assert {e.address for e in d.eligibility.endpoints(context(model="m"))} == EVERYONE
+
+
+async def test_a_routed_adapter_no_pod_has_loaded_is_503():
+    d = adapter_route_director()
+    set_models(d, {a: {"m"} for a in EVERYONE})
+    assert await handle_status(d, context(model="lora-x")) == 503
+
+
 async def test_flow_control_waits_for_room_on_the_endpoints_scheduling_may_use():
     """The pods of another ModelServer have room; the route's are saturated: the request
     waits, and goes to the route's pod once one has room."""

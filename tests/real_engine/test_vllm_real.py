@@ -1,8 +1,8 @@
 """Two real vLLM pods (the CPU build, the fixture's tiny model with random weights) behind
 `infergate up`, checked through Envoy: the OpenAI routes with usage, the picker's live view of
 vLLM's metrics, prefix-aware routing that vLLM's own cache confirms, cache_salt isolation,
-and a killed engine that leaves nothing behind and is replaced. `make test-vllm` runs it (one
-stack for the whole module: two vLLMs take minutes to start on two cores)."""
+and a killed engine that leaves nothing behind and is replaced. `make test-vllm` runs it (the
+stack of conftest.py, one for the whole suite: two vLLMs take minutes to start on two cores)."""
 
 from __future__ import annotations
 
@@ -14,58 +14,24 @@ import pytest
 import requests
 
 from infergw.controllers.process_group import live_members
-from infergw.stack.pods import pool_pods
 from tests.e2e.gateway_config import PIN, SERVED
 from tests.real_engine.vllm_stack import (
     BLOCK_SIZE,
     ENVOY,
-    Up,
     alive,
+    cached,
+    completion,
     endpoints,
-    engine_pids,
     engine_processes,
     index_pods,
     post,
     predicted,
-    start_up,
-    vllm_bin,
-    write_model_dir,
+    prompt,
 )
 from tests.real_engine.vllm_stack import SERVED as MODEL
 from tests.waiting import wait_for
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow, pytest.mark.timeout(1800)]
-
-
-@pytest.fixture(scope="module")
-def up(tmp_path_factory) -> Up:
-    bin_dir = vllm_bin()
-    base = tmp_path_factory.mktemp("vllm")
-    running = start_up(write_model_dir(base / "example"), base / "run", bin_dir)
-    pods: set[str] = set()  # every pod address the stack used, replacements too
-    try:
-        pods |= {p.ip for p in pool_pods(running.pool_file(), "tiny")}
-        yield running
-    finally:
-        pods |= {p.ip for p in pool_pods(running.pool_file(), "tiny")}
-        code = running.stop()
-        print(running.output)
-    # Ctrl-C stopped every engine the stack started, and their children with them.
-    assert code == 0, running.output
-    assert not any(engine_pids(ip) for ip in pods), "vLLM processes outlived `infergate up`"
-
-
-def prompt(topic: str, words: int = 100) -> str:
-    """A prompt of several 32-token blocks, its own for each topic."""
-    return f"{topic}: " + " ".join(f"{topic[:3]}{i}" for i in range(words))
-
-
-def completion(text: str, **extra) -> dict:
-    return {"model": MODEL, "prompt": text, "max_tokens": 2, "temperature": 0, **extra}
-
-
-def cached(r: requests.Response) -> int:
-    return r.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
 
 
 def sse(r: requests.Response) -> list[dict]:
@@ -195,7 +161,10 @@ def test_a_killed_engine_leaves_no_process_and_a_replacement_serves(up):
         now = set(endpoints())
         return next(iter(now - {survivor}), None) if len(now) == 2 else None
 
-    new = wait_for(replaced, f"a replacement pod\n{up.output}", within=900, interval=1)
+    try:
+        new = wait_for(replaced, "a replacement pod", within=900, interval=1)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n{up.output}\n{up.diagnosis()}") from None
     assert engine_processes(new.split(":")[0])[0].pid != main.pid
     assert predicted(body)[new]["cached_tokens"] == 0  # nothing of the dead engine's blocks
     r = post("/v1/completions", body, {PIN: new})

