@@ -22,7 +22,7 @@ VLLM_API = "vllm"
 SGLANG_API = "sglang"
 ENGINE_APIS = (VLLM_API, SGLANG_API)
 ADAPTERS_KEY = "adapters"
-MAX_ADAPTERS = 32  # the CRD's bound on loraAdapters
+MAX_ADAPTERS = 32  # the CRDs' bound on a Model's and a ModelRoute's loraAdapters
 MAX_SOURCE = 2048  # the CRD's bound on an artifactURL
 MAX_PATH = 4096
 # One path component the engine and the disk both take: no `/`, no leading dot (`..`), no

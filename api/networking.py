@@ -11,6 +11,7 @@ from typing import Any
 import msgspec
 
 from infergw.api.engines import ENGINE_TYPES
+from infergw.api.lora_adapters import MAX_ADAPTERS
 from infergw.api.meta import (
     DNS_LABEL,
     DNS_SUBDOMAIN,
@@ -176,7 +177,7 @@ def validate_model_route(route: ModelRoute) -> list[str]:
         p.add("spec", "set modelName or loraAdapters")
     p.text("spec.modelName", spec.model_name, 1, 256)
     if spec.lora_adapters is not None:
-        p.length("spec.loraAdapters", spec.lora_adapters, 0, 10, "items")
+        p.length("spec.loraAdapters", spec.lora_adapters, 0, MAX_ADAPTERS, "items")
         p.unique("spec.loraAdapters", list(spec.lora_adapters), "adapter")
         for i, adapter in enumerate(spec.lora_adapters):
             p.text(f"spec.loraAdapters[{i}]", adapter, 1, 256)

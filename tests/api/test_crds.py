@@ -30,6 +30,7 @@ import yaml
 
 from infergw import api
 from infergw.api import autoscaling, networking, workload
+from infergw.api.lora_adapters import MAX_ADAPTERS
 from tests.crd_eval import (
     K8S_VERSION,
     KINDS,
@@ -385,9 +386,9 @@ BROKEN = [
     ),
     Broken(
         ROUTE,
-        "11-adapters",
-        _set("spec.loraAdapters", [f"a{i}" for i in range(11)]),
-        "spec.loraAdapters: must have 0..10 items",
+        "too-many-adapters",
+        _set("spec.loraAdapters", [f"a{i}" for i in range(MAX_ADAPTERS + 1)]),
+        f"spec.loraAdapters: must have 0..{MAX_ADAPTERS} items",
     ),
     Broken(
         ROUTE,

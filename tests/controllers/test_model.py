@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from infergw.api import Model, from_dict_as, prune_nulls, to_dict, validate_dict
+from infergw.api.lora_adapters import MAX_ADAPTERS
 from infergw.cluster.store import (
     AUTOSCALING_BINDING,
     AUTOSCALING_POLICY,
@@ -310,6 +311,21 @@ async def test_removing_the_adapters_takes_them_off_the_route(env):
         route = await owned(store, MODEL_ROUTE)
         assert route["spec"]["loraAdapters"] == [], route["spec"]
         assert validate_dict(route) == []
+
+
+async def test_a_model_with_as_many_adapters_as_it_may_have_gets_a_valid_route(env):
+    """The route carries every adapter the Model's CRD allows; a tighter bound on the route
+    would leave such a Model without a route (the API server refuses it)."""
+    store, rec = env
+    model = example_model()
+    first = model["spec"]["loraAdapters"][0]
+    model["spec"]["loraAdapters"] = [{**first, "name": f"adapter-{i}"} for i in range(MAX_ADAPTERS)]
+    assert validate_dict(stored(model)) == []
+    await store.create(model)
+    await rec.reconcile("default", "llama-3-8b")
+    route = await owned(store, MODEL_ROUTE)
+    assert len(route["spec"]["loraAdapters"]) == MAX_ADAPTERS
+    assert validate_dict(route) == []
 
 
 async def test_an_object_that_is_not_ours_is_left_alone(env):
