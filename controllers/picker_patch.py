@@ -11,18 +11,22 @@ on the Model's routes and run the pool's picker through ours.
 A route-targeted EnvoyExtensionPolicy does not work behind the body-based router: Envoy decides
 which per-route-enabled filters run from the route it matched first, before the router set
 MODEL_NAME_HEADER (README, "Many Models behind one Gateway"). What works is one picker ext_proc
-filter on the listener (PICKER_FILTER, enabled for every route: the Gateway-wide patch
-gateway-manifests/bbr/picker-filter.yaml) with a per-route `ExtProcPerRoute` override naming
-the pool's own picker, as the local stack renders it (gateway-manifests/local/envoy.yaml.j2).
+filter on the listener (PICKER_FILTER: the Gateway-wide patch
+gateway-manifests/bbr/picker-filter.yaml), switched on for the route a request first matches and
+overridden, on the Model's routes, by an `ExtProcPerRoute` naming the pool's own picker, as the
+local stack renders it (gateway-manifests/local/envoy.yaml.j2). The filter is off on the
+listener, so Envoy's own reply to a request that has no route (a 431 for a header flood) is not
+held by it: a route switches it on with a FilterConfig wrapping its ExtProcPerRoute.
 On Envoy Gateway that override is a JSON patch, so per Model `m` the controllers write
 EnvoyPatchPolicy `m-epp` (owned by the Model) with:
 1. a Cluster `infergate-picker/<ns>/<m>`: the picker Service `m-epp` by its DNS name, HTTP/2,
    TLS verified against the CA bundle of the Secret `m-epp-tls` (inlined: the controllers made
    it, picker_tls.py) with SNI and SAN `m-epp.<ns>.svc`;
 2. on each Envoy route Envoy Gateway makes of the HTTPRoute `m` (one per match: the inference
-   paths), `typed_per_filter_config[PICKER_FILTER]` = ExtProcPerRoute with that cluster, and
-   `typed_per_filter_config[AI_GATEWAY_FILTER of pool m]` = disabled. Each is added as a key of
-   the route's map, never the whole map: the router's per-route enablement stays.
+   paths), `typed_per_filter_config[PICKER_FILTER]` = FilterConfig (on) of an ExtProcPerRoute
+   with that cluster, and `typed_per_filter_config[AI_GATEWAY_FILTER of pool m]` = disabled.
+   Each is added as a key of the route's map, never the whole map: the router's per-route
+   enablement stays.
 
 Names are Envoy Gateway's (its default "V1" xDS name scheme, which its docs warn may change):
 the RouteConfiguration `<Gateway ns>/<Gateway>/<listener>`, the routes
@@ -51,6 +55,7 @@ from infergw.controllers.model_objects import PICKER_PORT
 PICKER_FILTER = "infergate.picker"
 DEFAULT_LISTENER = "https"  # gateway-manifests/gateway.yaml's only listener
 EXT_PROC_PER_ROUTE = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute"
+FILTER_CONFIG = "type.googleapis.com/envoy.config.route.v3.FilterConfig"
 TLS_CONTEXT = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
 HTTP_OPTIONS = "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 GRPC_TIMEOUT = "10s"
@@ -136,18 +141,26 @@ def per_filter_path(filter_name: str) -> str:
     return "/typed_per_filter_config/" + filter_name.replace("~", "~0").replace("/", "~1")
 
 
+def switched_on(per_route: dict) -> dict:
+    """A filter that is off on the listener (PICKER_FILTER), on for one route with this
+    per-route config of its own."""
+    return {"@type": FILTER_CONFIG, "config": per_route}
+
+
 def route_override(namespace: str, model: str, fail_open: bool) -> dict:
-    """PICKER_FILTER's config on the Model's routes: talk to this Model's picker."""
-    return {
-        "@type": EXT_PROC_PER_ROUTE,
-        "overrides": {
-            "grpc_service": {
-                "envoy_grpc": {"cluster_name": cluster_name(namespace, model)},
-                "timeout": GRPC_TIMEOUT,
+    """PICKER_FILTER's config on the Model's routes: on, talking to this Model's picker."""
+    return switched_on(
+        {
+            "@type": EXT_PROC_PER_ROUTE,
+            "overrides": {
+                "grpc_service": {
+                    "envoy_grpc": {"cluster_name": cluster_name(namespace, model)},
+                    "timeout": GRPC_TIMEOUT,
+                },
+                "failure_mode_allow": fail_open,
             },
-            "failure_mode_allow": fail_open,
-        },
-    }
+        }
+    )
 
 
 def envoy_patch_policy(

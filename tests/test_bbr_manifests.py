@@ -17,7 +17,7 @@ from infergw.bbr.app import HEALTH_SERVICES
 from infergw.bbr.options import parse_options
 from infergw.bbr.sources import OPTIONAL_KINDS
 from infergw.cluster.store import INFERENCE_POOL
-from infergw.controllers.picker_patch import PICKER_FILTER
+from infergw.controllers.picker_patch import DISABLED, FILTER_CONFIG, PICKER_FILTER
 from infergw.stack.envoy_config import NO_POOL_ANSWER, render
 from tests.envoy_settings import local_envoy_settings
 from tests.paths import ROOT
@@ -159,7 +159,7 @@ def _local_picker_filter() -> dict[str, Any]:
     config = yaml.safe_load(render(local_envoy_settings(failure_mode="FailClose")))
     [hcm] = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"]
     [picker] = [f for f in hcm["typed_config"]["http_filters"] if f["name"].endswith("ext_proc")]
-    return picker["typed_config"]
+    return picker
 
 
 def test_the_gateway_wide_picker_filter_is_the_local_stacks_on_every_route_but_no_models():
@@ -183,8 +183,10 @@ def test_the_gateway_wide_picker_filter_is_the_local_stacks_on_every_route_but_n
     assert listener["operation"]["path"] == ""
     added = listener["operation"]["value"]
     assert added["name"] == PICKER_FILTER
-    ours = added["typed_config"]
-    local = _local_picker_filter()
+    # off on the listener, as the local stack's: Envoy's reply with no route (a 431) skips it
+    local_filter = _local_picker_filter()
+    assert added["disabled"] is local_filter["disabled"] is True
+    ours, local = added["typed_config"], local_filter["typed_config"]
     for field in ("processing_mode", "mutation_rules", "metadata_options", "response_attributes",
                   "message_timeout", "failure_mode_allow"):  # fmt: skip
         assert ours[field] == local[field], field
@@ -193,10 +195,13 @@ def test_the_gateway_wide_picker_filter_is_the_local_stacks_on_every_route_but_n
     default = ours["grpc_service"]["envoy_grpc"]["cluster_name"]
     assert cluster["name"] == cluster["operation"]["value"]["name"] == default
     assert "endpoints" not in cluster["operation"]["value"]["load_assignment"]
-    # off on the no-model route, one key of its per-filter map (the router's stays)
+    # on for the no-model route (every request's first), which turns it off when it starts
+    # and the request still has that route; one key of its per-filter map (the router's stays)
     route = one("HTTPRoute", "infergate-no-model")
     assert no_model["operation"]["jsonPath"] == (
         f"..routes[?(@.name=='httproute/default/{route['metadata']['name']}/rule/0/match/0/*')]"
     )
     assert no_model["operation"]["path"] == f"/typed_per_filter_config/{PICKER_FILTER}"
-    assert no_model["operation"]["value"]["disabled"] is True
+    switch = no_model["operation"]["value"]
+    assert switch["@type"] == FILTER_CONFIG and not switch.get("disabled")
+    assert switch["config"] == DISABLED

@@ -22,6 +22,7 @@ from infergw.controllers import picker_objects, picker_tls
 from infergw.controllers.picker_objects import ROUTE_PATHS, PickerTLS
 from infergw.controllers.picker_patch import (
     DEFAULT_LISTENER,
+    FILTER_CONFIG,
     PICKER_FILTER,
     cluster_name,
     route_names,
@@ -105,7 +106,10 @@ def test_the_patch_targets_the_models_gateway_route_by_route() -> None:
         for p in (ours, theirs):
             assert p["operation"]["jsonPath"] == f"..routes[?(@.name=='{name}')]"
         assert ours["operation"]["path"] == f"/typed_per_filter_config/{PICKER_FILTER}"
-        override = ours["operation"]["value"]["overrides"]
+        switch = ours["operation"]["value"]
+        # on for the route (the filter is off on the listener) with this Model's picker
+        assert switch["@type"] == FILTER_CONFIG and not switch.get("disabled")
+        override = switch["config"]["overrides"]
         assert override["grpc_service"]["envoy_grpc"]["cluster_name"] == cluster_name(NS, "llama")
         assert override["failure_mode_allow"] is False  # the pool fails closed
         assert theirs["operation"]["path"] == (
@@ -148,16 +152,20 @@ def test_two_models_patches_make_a_config_envoy_accepts(tmp_path: Path) -> None:
     filters = [f["name"] for f in hcm["typed_config"]["http_filters"]]
     # the router's filter, ours, AI Gateway's, the router
     assert filters[0] == gw.router_filter and filters[1] == PICKER_FILTER
+    assert hcm["typed_config"]["http_filters"][1]["disabled"] is True
     assert filters[-1] == "envoy.filters.http.router"
     routes = hcm["typed_config"]["route_config"]["virtual_hosts"][0]["routes"]
     for r in routes:
         per_filter = r["typed_per_filter_config"]
         assert gw.router_filter in per_filter  # the router stays on for every route
         model = r["name"].split("/")[2]
+        # ours is off on the listener and on for every route, with its own config each
+        assert not per_filter[PICKER_FILTER].get("disabled")
+        ours = per_filter[PICKER_FILTER]["config"]
         if model == recipe.NO_MODEL_ROUTE:
-            assert per_filter[PICKER_FILTER]["disabled"] is True
+            assert ours["disabled"] is True
             continue
-        override = per_filter[PICKER_FILTER]["overrides"]["grpc_service"]["envoy_grpc"]
+        override = ours["overrides"]["grpc_service"]["envoy_grpc"]
         assert override["cluster_name"] == cluster_name(NS, model)
         # AI Gateway's picker filters: every one off (its own by our patch)
         theirs = {k: v for k, v in per_filter.items() if "endpointpicker" in k}

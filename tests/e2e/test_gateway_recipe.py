@@ -22,14 +22,17 @@ import yaml
 
 from infergw import api
 from infergw.api.names import MODEL_NAME_HEADER, SERVED_HEADER
+from infergw.bench.epp_vs_stub import start_envoy
+from infergw.cluster.certs import ServingCert
 from infergw.controllers import picker_objects, picker_tls
 from infergw.controllers.picker_objects import PickerTLS
 from infergw.controllers.picker_patch import picker_host
 from infergw.stack.example import Example
-from infergw.stack.local import LocalStack, StackConfig, envoy_binary
-from infergw.stack.ports import free_stack_ports
+from infergw.stack.local import LocalStack, StackConfig, envoy_binary, stop_group
+from infergw.stack.ports import free_port, free_stack_ports
 from infergw.stack.readiness import wait_http
 from tests import envoy_gateway_recipe as recipe
+from tests.e2e.header_flood import FLOODS, send_flood
 from tests.paths import ROOT
 
 pytestmark = pytest.mark.slow
@@ -45,6 +48,26 @@ def _models() -> list[api.Model]:
     return [api.from_dict_as(api.Model, d) for d in docs if d and d["kind"] == "Model"]
 
 
+def recipe_config(gw: recipe.Gateway, pools: list[str], tls: dict[str, PickerTLS], router: dict,
+                  listen: int, admin: int) -> dict:  # fmt: skip
+    """The recipe's Envoy config: Envoy Gateway's, our Gateway-wide picker filter and the
+    Models' patches, AI Gateway's post-translate hook."""
+    config = recipe.base(gw, pools, listen, admin, router)
+    recipe.apply_policy(config, recipe.picker_filter_policy(gw))
+    for model in _models():
+        policy = picker_objects.patch_policy(model, tls[model.metadata.name or ""])
+        assert policy is not None
+        recipe.apply_policy(config, api.to_dict(policy))
+    recipe.ai_gateway_post_translate(config, gw, pools)
+    return config
+
+
+def picker_tls_of(name: str) -> tuple[PickerTLS, ServingCert]:
+    """A certificate for the picker of pool `name`, as the controllers make it."""
+    cert = picker_tls.issue(NS, f"{name}-epp")
+    return PickerTLS(cert.ca.decode(), picker_tls.fingerprint(cert.cert)), cert
+
+
 class RecipeStack(LocalStack):
     """The local stack's pods, pickers and router, behind Envoy configured as the recipe."""
 
@@ -58,13 +81,7 @@ class RecipeStack(LocalStack):
         ca = (self.picker_tls_dir / "ca.crt").read_text()
         router = recipe.router_cluster(gw, "127.0.0.1", c.ports.router.grpc, ca, "127.0.0.1")
         pools = [plan.name for plan in self.plans]
-        config = recipe.base(gw, pools, c.ports.envoy, c.ports.envoy_admin, router)
-        recipe.apply_policy(config, recipe.picker_filter_policy(gw))
-        for model in _models():
-            policy = picker_objects.patch_policy(model, self.tls[model.metadata.name or ""])
-            assert policy is not None
-            recipe.apply_policy(config, api.to_dict(policy))
-        recipe.ai_gateway_post_translate(config, gw, pools)
+        config = recipe_config(gw, pools, self.tls, router, c.ports.envoy, c.ports.envoy_admin)
         ports = {}
         for plan in self.plans:
             [index] = self.pickers_of(plan)
@@ -90,8 +107,7 @@ def stack(tmp_path_factory):
     cfg = StackConfig.from_example(example, run / "stack", ports, fallbacks=0)
     tls = {}
     for i, plan in enumerate(cfg.pools):
-        cert = picker_tls.issue(NS, f"{plan.name}-epp")
-        tls[plan.name] = PickerTLS(cert.ca.decode(), picker_tls.fingerprint(cert.cert))
+        tls[plan.name], cert = picker_tls_of(plan.name)
         cfg.pools[i] = dataclasses.replace(plan, cert_dir=cert.write(run / f"{plan.name}-tls"))
     with RecipeStack(cfg, tls) as running:
         yield running
@@ -176,3 +192,51 @@ def test_a_stored_response_is_read_back_on_the_route_prefix_its_id_chose(stack):
     assert got.headers[SERVED_HEADER] == made.headers[SERVED_HEADER]
     after = picked(stack)
     assert {p: after[p] - before[p] for p in after} == {"chat": 0.0, "code": 1.0}
+
+
+def _ai_gateway_sends_no_response(config: dict) -> None:
+    """AI Gateway's pool filters as they would be set to see nothing of the response."""
+    for listener in config["static_resources"]["listeners"]:
+        manager = listener["filter_chains"][0]["filters"][0]["typed_config"]
+        for f in manager["http_filters"]:
+            if "endpointpicker" in f["name"]:
+                mode = f["typed_config"]["processing_mode"]
+                mode |= {"response_header_mode": "SKIP", "response_body_mode": "NONE",
+                         "response_trailer_mode": "SKIP"}  # fmt: skip
+
+
+@pytest.mark.parametrize(("headers", "_detail"), FLOODS)
+@pytest.mark.parametrize(
+    "ai_gateway",
+    [
+        pytest.param("as-rendered", marks=pytest.mark.xfail(
+            strict=True,
+            raises=AssertionError,
+            reason="Envoy AI Gateway's pool filter (enabled on the listener, response headers "
+            "SEND, disabled per route) holds Envoy's reply with no route while the connection "
+            "closes; not ours to configure",
+        )),
+        "seeing-no-response",
+    ],
+)  # fmt: skip
+def test_a_header_flood_is_answered_431_not_an_empty_reply(tmp_path, ai_gateway, headers, _detail):
+    """Only Envoy runs: the flood reaches no router, picker or pod. Our picker filter is off on
+    the listener, so it holds no reply that has no route; AI Gateway's, as rendered, does."""
+    gw = recipe.Gateway(NS)
+    pools = [m.metadata.name or "" for m in _models()]
+    tls = {pool: picker_tls_of(pool)[0] for pool in pools}
+    router = recipe.router_cluster(
+        gw, "127.0.0.1", free_port(), tls[pools[0]].ca_bundle, "127.0.0.1"
+    )
+    listen, admin = free_port(), free_port()
+    config = recipe_config(gw, pools, tls, router, listen, admin)
+    if ai_gateway == "seeing-no-response":
+        _ai_gateway_sends_no_response(config)
+    envoy = start_envoy(recipe.write(config, tmp_path / "envoy.yaml"), admin)
+    try:
+        answer = send_flood(f"http://127.0.0.1:{listen}", headers)
+    finally:
+        stop_group(envoy)
+    # Envoy Gateway's listener has no local_reply_config of ours: Envoy's own body.
+    assert answer.startswith(b"HTTP/1.1 431 "), answer[:300]
+    assert answer.endswith(b"\r\n\r\nRequest Header Fields Too Large"), answer[:300]

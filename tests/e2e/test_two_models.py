@@ -15,6 +15,7 @@ from infergw.api.pod_ports import MANY, ONE
 from infergw.stack.example import Example
 from infergw.stack.local import LocalStack, StackConfig
 from infergw.stack.ports import free_stack_ports
+from tests.e2e.header_flood import FLOODS, assert_431_with_json_body, send_flood
 from tests.paths import ROOT
 
 pytestmark = pytest.mark.slow
@@ -149,3 +150,10 @@ def test_the_router_counts_what_it_routed(stack):
     routed = dict(re.findall(r'infergate_bbr_routed_total\{pool="(\w+)"\} (\S+)', text))
     assert float(routed["code"]) >= 1
     assert re.search(r'infergate_bbr_requests_total\{result="model_not_found"\}', text)
+
+
+@pytest.mark.parametrize(("headers", "detail"), FLOODS)
+def test_a_header_flood_is_answered_431_before_any_router_or_picker(stack, headers, detail):
+    # No route: the body-based router sees only requests, and the pickers' filter is in the
+    # chain of a routed request alone.
+    assert_431_with_json_body(send_flood(stack.url, headers), detail)

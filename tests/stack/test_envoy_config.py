@@ -12,7 +12,8 @@ from infergw.api.names import SERVED_HEADER
 from infergw.api.retries import retry_budget, retry_policy
 from infergw.cluster.certs import serving_cert
 from infergw.epp.app import HEALTH_SERVICES
-from infergw.stack.envoy_config import ListenerTls, render
+from infergw.stack.envoy_config import ListenerTls, PoolRoute, render
+from infergw.stack.ports import RouterPorts
 from tests.envoy_check import assert_envoy_accepts
 from tests.envoy_settings import PICKERS, local_envoy_settings
 
@@ -172,6 +173,43 @@ def test_what_of_the_response_the_picker_sees_is_a_proxy_setting(tmp_path, bodie
     # Without response headers the picker cannot name the pod that answered: Envoy does.
     assert added == ({} if headers else {SERVED_HEADER: "%UPSTREAM_REMOTE_ADDRESS%"})
     assert ("response_attributes" in config) == headers
+    path = tmp_path / "envoy.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    assert_envoy_accepts(path)
+
+
+FILTER_CONFIG = "type.googleapis.com/envoy.config.route.v3.FilterConfig"
+EXT_PROC_PER_ROUTE = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute"
+
+
+@pytest.mark.parametrize("several_pools", [False, True], ids=["one-pool", "bbr"])
+def test_the_picker_filter_is_off_on_the_listener_and_on_on_every_route(tmp_path, several_pools):
+    # Envoy's own reply to a request with no route (a 431 for a header flood) has a filter
+    # chain without the picker; every request with a route has it, whatever its route is
+    # when Envoy builds the chain (before the body-based router names the pool).
+    pools = [PoolRoute(n, PICKERS, cluster=f"pool-{n}", picker_cluster=f"picker-{n}") for n in "ab"]
+    extra = {"pools": pools, "router": RouterPorts(19500, 19501, 19502)} if several_pools else {}
+    doc = yaml.safe_load(render(local_envoy_settings(**extra)))
+    (listener,) = doc["static_resources"]["listeners"]
+    manager = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    (picker,) = [f for f in manager["http_filters"] if f["name"].endswith(".ext_proc")]
+    assert picker["disabled"] is True
+    # Its mode stays the filter's own (the routes override only where the picker is).
+    assert picker["typed_config"]["processing_mode"]["response_header_mode"] == "SEND"
+    (vhost,) = manager["route_config"]["virtual_hosts"]
+    switches = [r["typed_per_filter_config"][picker["name"]] for r in vhost["routes"]]
+    assert all(s["@type"] == FILTER_CONFIG and not s.get("disabled") for s in switches)
+    if not several_pools:
+        assert switches == [{"@type": FILTER_CONFIG, "config": {}}]
+    else:
+        *pool_routes, no_pool = [s["config"] for s in switches]
+        assert [
+            r["overrides"]["grpc_service"]["envoy_grpc"]["cluster_name"] for r in pool_routes
+        ] == [
+            "picker-a",
+            "picker-b",
+        ]
+        assert no_pool == {"@type": EXT_PROC_PER_ROUTE, "disabled": True}
     path = tmp_path / "envoy.yaml"
     path.write_text(yaml.safe_dump(doc))
     assert_envoy_accepts(path)
