@@ -31,10 +31,9 @@ from dataclasses import dataclass, field
 import cbor2
 import xxhash
 
-from infergw.kvindex.translate import MAX_ENGINE_BLOCK_SIZE
-
 HashFn = Callable[[object], bytes]
 
+MAX_ENGINE_BLOCK_SIZE = 1 << 16  # tokens; vLLM's largest (hybrid models) are a few thousand
 DEFAULT_SEED = "vllm-none-hash"  # vLLM's seed for the root when PYTHONHASHSEED is unset
 _PICKLE_PROTOCOL = 5  # vLLM's pickle.HIGHEST_PROTOCOL (Python 3.8 to 3.14)
 CACHE_BLOCKS = 1 << 15  # (parent, block) → hash answers kept, a few MB
@@ -181,6 +180,10 @@ class EngineKeys:
     ) -> list[int]:
         """The prompt's block hashes as the KV events name them."""
         return [event_hash(d) for d in self.digests(token_ids, lora_name, cache_salt)]
+
+    def forget(self) -> None:
+        """Drop the kept (parent, block) answers (the benchmark's cold runs)."""
+        self._cache.clear()
 
     def first_block(self, token_ids: Sequence[int], extra: tuple | None) -> int:
         """The event hash of a request's first block with these (tagged) extra keys."""

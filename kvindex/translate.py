@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from infergw.kvindex.backend import BlockIndex, SharedBlockIndex
+from infergw.kvindex.engine_hashing import MAX_ENGINE_BLOCK_SIZE
 from infergw.kvindex.engine_maps import LAYOUTS, MAX_KEYS_PER_HASH, EngineMap, appended
 from infergw.kvindex.events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
 from infergw.kvindex.index import KVBlockIndex, Tier
@@ -36,7 +37,6 @@ INDEXED_KINDS = frozenset({"full_attention", "mla_attention", "sink_full_attenti
 TIER_OF_MEDIUM: dict[str, Tier] = {"gpu": "gpu", "cpu": "cpu"}
 _SWEEP_MIN = 1024
 MAX_EXTRA_BYTES = 4096  # one engine block's extra keys, encoded (a salt is a client's string)
-MAX_ENGINE_BLOCK_SIZE = 1 << 16  # tokens; vLLM's largest (hybrid models) are a few thousand
 
 
 ParentKey = Callable[[int, int], "int | None"]  # (engine hash, group) → its newest key

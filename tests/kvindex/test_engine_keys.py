@@ -11,6 +11,7 @@ import logging
 
 import msgspec
 import pytest
+import requests
 import zmq
 
 from infergw.kvindex.cache import KVCache
@@ -23,6 +24,7 @@ from infergw.kvindex.tokenize import PromptTokenizers
 from infergw.simulator.block_hashing import BlockHasher, event_hash
 from tests.conftest import free_port
 from tests.kv_recordings import request
+from tests.kv_subscriber import start_tiny
 from tests.kv_wire import sourced_pub, until, wait_heard
 from tests.paths import TINY, TINY_MODEL
 
@@ -236,3 +238,47 @@ def test_real_zmq_publisher_feeds_the_engine_keyed_index():
         keys = engine.keys(row["tokenize"]["tokens"], cache_salt=row["body"].get("cache_salt"))
         assert index.match_lengths(keys, [POD]) == {POD: len(keys)}
     assert translator.root_checks()[POD] == (3, 0)
+
+
+def test_the_simulator_hashes_as_the_picker_does(sim_factory, subscriber, tokenizers):
+    """A simulator started with --seed 5 --prefix-caching-hash-algo sha256_cbor (a vLLM with
+    PYTHONHASHSEED=5) over real ZMQ: the picker, told the same, predicts its cached tokens
+    for salted and unsalted repeats, and every first block checks out."""
+    url, _ = start_tiny(
+        sim_factory,
+        subscriber,
+        "--seed",
+        "5",
+        "--prefix-caching-hash-algo",
+        "sha256_cbor",
+        blocks=200,
+    )
+    translator, kv = picker(tokenizers, EngineHashing("sha256_cbor", "5", 32))
+    base = _rows(SALTED / "requests.jsonl")[0]
+    applied = 0
+
+    def send(salt):
+        nonlocal applied
+        messages = subscriber.drain()
+        for msg in messages[applied:]:
+            translator.apply_events(POD, MODEL, msg.batch.events)
+        applied = len(messages)
+        body = {k: v for k, v in base["body"].items() if k != "cache_salt"}
+        body["max_tokens"] = 2
+        if salt is not None:
+            body["cache_salt"] = salt
+        ctx = request(base["path"], body)
+        prompt = kv.prompt(ctx, ctx.request.body.cache_salt)
+        want = kv.cached_prefix(prompt, POD)
+        r = requests.post(url + base["path"], json=body, timeout=30)
+        assert r.status_code == 200, r.text
+        return want, r.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+    n = len(base["tokenize"]["tokens"])
+    hit = (n - 1) // 32 * 32
+    assert send("tenant-a") == (0, 0)
+    assert send(None) == (0, 0)  # another salt (none): nothing shared
+    assert send("tenant-a") == (hit, hit)
+    assert send(None) == (hit, hit)
+    send(None)  # the events so far are in: each first-time prompt's store checked out
+    assert translator.root_checks()[POD] == (2, 0)
