@@ -13,7 +13,8 @@ vllm/utils/hashing.py), checked against a recording of a real vLLM (tests/kvinde
                                    with 0 the events carry the digest, cut the same way on
                                    decoding: kvindex.events)
 
-H serializes with pickle (protocol 5) or canonical CBOR, then SHA-256 or XXH3-128. A text
+H serializes with pickle (protocol 5) or canonical CBOR (kvindex.block_encoding), then
+SHA-256 or XXH3-128. A text
 prompt's extra keys, tagged as vLLM 0.32 tags them: ("lora", name, path) in every block of a
 LoRA request, then ("cache_salt", salt) in the first block only. The events publish them
 untagged (the bare name, the bare salt), so a LoRA adapter's path must be configured: vLLM
@@ -23,43 +24,28 @@ hashes it and never publishes it.
 from __future__ import annotations
 
 import hashlib
-import pickle
 from array import array
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-import cbor2
 import xxhash
 
-HashFn = Callable[[object], bytes]
+from infergw.kvindex.block_encoding import CBOR, PICKLE, BlockWriter, serialize
 
 MAX_ENGINE_BLOCK_SIZE = 1 << 16  # tokens; vLLM's largest (hybrid models) are a few thousand
 DEFAULT_SEED = "vllm-none-hash"  # vLLM's seed for the root when PYTHONHASHSEED is unset
-_PICKLE_PROTOCOL = 5  # vLLM's pickle.HIGHEST_PROTOCOL (Python 3.8 to 3.14)
-CACHE_BLOCKS = 1 << 15  # (parent, block) → hash answers kept, a few MB
 
 
-def _sha256(obj: object) -> bytes:
-    return hashlib.sha256(pickle.dumps(obj, protocol=_PICKLE_PROTOCOL)).digest()
+def _sha256(data: bytes) -> bytes:
+    return hashlib.sha256(data).digest()
 
 
-def _sha256_cbor(obj: object) -> bytes:
-    return hashlib.sha256(cbor2.dumps(obj, canonical=True)).digest()
-
-
-def _xxhash(obj: object) -> bytes:
-    return xxhash.xxh3_128_digest(pickle.dumps(obj, protocol=_PICKLE_PROTOCOL))
-
-
-def _xxhash_cbor(obj: object) -> bytes:
-    return xxhash.xxh3_128_digest(cbor2.dumps(obj, canonical=True))
-
-
-HASH_ALGOS: dict[str, HashFn] = {
-    "sha256": _sha256,
-    "sha256_cbor": _sha256_cbor,
-    "xxhash": _xxhash,
-    "xxhash_cbor": _xxhash_cbor,
+# algorithm → (how the item is serialized, the digest of its bytes)
+HASH_ALGOS: dict[str, tuple[str, Callable[[bytes], bytes]]] = {
+    "sha256": (PICKLE, _sha256),
+    "sha256_cbor": (CBOR, _sha256),
+    "xxhash": (PICKLE, xxhash.xxh3_128_digest),
+    "xxhash_cbor": (CBOR, xxhash.xxh3_128_digest),
 }
 _SEEDED_ONLY = frozenset({"xxhash", "xxhash_cbor"})  # vLLM draws their seed at random if unset
 
@@ -116,16 +102,19 @@ class EngineHashing:
 
 
 class EngineKeys:
-    """A prompt's block hashes as its engine computes them (64-bit, as the events carry them).
-    Answers for (parent, block) pairs are kept (bounded): prompts that share a prefix (a
-    system prompt, a conversation's earlier turns) hash only their new blocks."""
+    """A prompt's block hashes as its engine computes them (64-bit, as the events carry them);
+    blocks without extra keys are written by kvindex.block_encoding, the rest by the
+    serializer itself."""
 
     def __init__(self, hashing: EngineHashing) -> None:
         self.hashing = hashing
         self.block_size = hashing.block_size
-        self._h = HASH_ALGOS[hashing.algo]
+        self._fmt, self._digest = HASH_ALGOS[hashing.algo]
         self.root = self._h(DEFAULT_SEED if hashing.seed is None else hashing.seed)
-        self._cache: dict[bytes, bytes] = {}  # parent digest ‖ block's uint32 ids → digest
+        self._writer = BlockWriter(self._fmt, self.block_size, len(self.root))
+
+    def _h(self, item: object) -> bytes:
+        return self._digest(serialize(self._fmt, item))
 
     def _lora_key(self, lora_name: str | None) -> tuple[str, str, str] | None:
         if not lora_name:
@@ -153,26 +142,21 @@ class EngineKeys:
         """The full digests of the prompt's full blocks (a trailing partial block has none)."""
         if not self.knows(lora_name):
             raise ValueError(f"no path configured for LoRA adapter {lora_name!r}")
-        bs, h, cache = self.block_size, self._h, self._cache
-        arr = _u32(token_ids)
-        raw = memoryview(arr).cast("B")
+        bs, digest, h = self.block_size, self._digest, self._h
+        ids = _u32(token_ids)
         lora = self._lora_key(lora_name)
         rest = (lora,) if lora is not None else None  # every block after the first
         first = self.extra_keys(0, lora_name, cache_salt)
-        parent, out, step = self.root, [], 4 * bs
-        for i in range(len(arr) // bs):
+        written = self._writer.blocks(ids) if rest is None else None
+        item = self._writer.item
+        parent, out = self.root, []
+        for i in range(len(ids) // bs):
             extra = rest if i else first
-            # Past the first block the parent's digest stands for the extra keys too.
-            key = parent + raw[i * step : (i + 1) * step] if i or extra is None else None
-            d = None if key is None else cache.get(key)
-            if d is None:
-                d = h((parent, tuple(arr[i * bs : (i + 1) * bs]), extra))
-                if key is not None:
-                    if len(cache) >= CACHE_BLOCKS:
-                        cache.clear()  # cheaper than an LRU's bookkeeping on every block
-                    cache[key] = d
-            out.append(d)
-            parent = d
+            if extra is None and written is not None:
+                parent = digest(item(parent, written[i]))
+            else:
+                parent = h((parent, tuple(ids[i * bs : (i + 1) * bs]), extra))
+            out.append(parent)
         return out
 
     def keys(
@@ -180,10 +164,6 @@ class EngineKeys:
     ) -> list[int]:
         """The prompt's block hashes as the KV events name them."""
         return [event_hash(d) for d in self.digests(token_ids, lora_name, cache_salt)]
-
-    def forget(self) -> None:
-        """Drop the kept (parent, block) answers (the benchmark's cold runs)."""
-        self._cache.clear()
 
     def first_block(self, token_ids: Sequence[int], extra: tuple | None) -> int:
         """The event hash of a request's first block with these (tagged) extra keys."""
