@@ -106,6 +106,7 @@ class KVCacheView:
             replay_endpoint_for=self._replay_for,
             model_for=self._served_model,
             is_member=self._in_pool,
+            decode_tokens=engine is None,  # engine keys need a request's first store's only
         )
         self._connected: set[str] = set()
         # Per-pod mode: the pods this replica subscribes to (epp/kv_shards.py narrows it to

@@ -3,7 +3,9 @@ engines' own block hashes, which the picker computes for prompts (kvindex.engine
 
 No per-pod map is kept (kvindex.translate needs one to turn engine hashes into request keys):
 a store adds its hashes, a CPU-offload store adds more copies of them, a removal removes them,
-all straight by hash. A run of stores (or removals) of one tier is one index call.
+all straight by hash. A run of stores (or removals) of one tier is one index call. Token ids
+matter only where a request starts, so the subscriber may decode only those
+(kvindex.events.decode_batch(tokens=False)): other stores come with their count alone.
 
 The mode is only right if the picker hashes as the engines do; a wrong seed, algorithm, block
 size or adapter path would make every lookup miss, silently. So each store that starts a
@@ -114,15 +116,16 @@ class EngineKeyTranslator:
             self._skipped["kv_cache_spec_kind"] += 1
             return None
         bs = self.engine.block_size
-        if ev.token_ids:
+        count = len(ev.token_ids) if ev.token_count is None else ev.token_count
+        if count:  # else a CPU-offload store: more copies of known hashes
             if ev.block_size != bs:
                 self._skipped["block_size"] += 1
                 self._mismatch(pod, f"block size {ev.block_size}")
                 return None
-            if len(ev.token_ids) != bs * len(ev.block_hashes):
+            if count != bs * len(ev.block_hashes):
                 self._skipped["token_count"] += 1
                 return None
-            if ev.parent_block_hash is None and ev.block_hashes:
+            if ev.parent_block_hash is None and ev.block_hashes and ev.token_ids:
                 self._check_root(pod, ev)
         self._pods.add(pod)
         return ev.block_hashes

@@ -94,6 +94,40 @@ def test_every_recorded_store_checks_out():
     assert wrong.stats()["unresolved"] == {POD: {ROOT_MISMATCH: checked}}
 
 
+def test_decoding_only_first_stores_tokens_indexes_the_same():
+    """decode_batch(tokens=False) keeps a request's first store's token ids (for the check)
+    and counts the others'; the index ends the same as with every id decoded."""
+    engine = EngineKeys(RECORDED)
+    full = EngineKeyTranslator(KVBlockIndex(block_size=32), engine)
+    lean = EngineKeyTranslator(KVBlockIndex(block_size=32), engine)
+    continued = 0
+    for m in _rows(TINY / "events.jsonl"):
+        payload = base64.b64decode(m["payload_b64"])
+        events = decode_batch(payload, tokens=False).events
+        for ev in events:
+            if isinstance(ev, BlockStored) and ev.parent_block_hash is not None:
+                continued += 1
+                assert ev.token_ids == () and ev.token_count == 32 * len(ev.block_hashes)
+        full.apply_events(POD, MODEL, decode_batch(payload).events)
+        lean.apply_events(POD, MODEL, events)
+    assert continued >= 3  # the chat's second turn and the decoded tokens' blocks
+    assert full.index.keys_of(POD) == lean.index.keys_of(POD) != set()
+    assert full.root_checks() == lean.root_checks()
+    assert lean.stats()["skipped"] == {}
+
+    # ids that are no list are refused, naming the field; bad ids too where a request
+    # starts (they are checked there), while a later store's are only counted, never used
+    def decoded(token_ids, parent):
+        ev = {"type": "BlockStored", "block_hashes": [5], "parent_block_hash": parent}
+        payload = msgspec.msgpack.encode([0.0, [{**ev, "token_ids": token_ids, "block_size": 1}]])
+        return decode_batch(payload, tokens=False).events[0]
+
+    for token_ids, parent in (("x", 4), ("x", None), ([1.5], None), ([-1], None)):
+        with pytest.raises(KVEventDecodeError, match="token_ids"):
+            decoded(token_ids, parent)
+    assert decoded([-1], 4).token_count == 1
+
+
 def test_recorded_requests_predicted_as_vllm_cached_them(tokenizers):
     """Through the picker's KV cache: engine keys predict vLLM's cached_tokens exactly."""
     rows = _rows(SALTED / "requests.jsonl")
@@ -216,7 +250,7 @@ def test_real_zmq_publisher_feeds_the_engine_keyed_index():
 
     async def run() -> None:
         port = free_port()
-        sub = KVEventSubscriber(translator)
+        sub = KVEventSubscriber(translator, decode_tokens=False)
         sub.bind(f"tcp://127.0.0.1:{port}")
         ctx = zmq.Context()
         pub = sourced_pub(ctx, "127.0.0.1", port)
