@@ -33,6 +33,7 @@ import xxhash
 from infergw.kvindex.block_encoding import CBOR, PICKLE, BlockWriter, serialize
 
 MAX_ENGINE_BLOCK_SIZE = 1 << 16  # tokens; vLLM's largest (hybrid models) are a few thousand
+CACHE_BLOCKS = 1 << 15  # block digests kept for shared prefixes: ~8 MB
 DEFAULT_SEED = "vllm-none-hash"  # vLLM's seed for the root when PYTHONHASHSEED is unset
 
 
@@ -103,8 +104,8 @@ class EngineHashing:
 
 class EngineKeys:
     """A prompt's block hashes as its engine computes them (64-bit, as the events carry them);
-    blocks without extra keys are written by kvindex.block_encoding, the rest by the
-    serializer itself."""
+    blocks without extra keys are written by kvindex.block_encoding (and their digests kept,
+    bounded, for the next prompt sharing the prefix), the rest by the serializer itself."""
 
     def __init__(self, hashing: EngineHashing) -> None:
         self.hashing = hashing
@@ -112,6 +113,9 @@ class EngineKeys:
         self._fmt, self._digest = HASH_ALGOS[hashing.algo]
         self.root = self._h(DEFAULT_SEED if hashing.seed is None else hashing.seed)
         self._writer = BlockWriter(self._fmt, self.block_size, len(self.root))
+        # parent digest ‖ a block's written ids → its digest: prompts sharing a prefix (a
+        # system prompt, a conversation's earlier turns) hash only their new blocks.
+        self._cache: dict[bytes, bytes] = {}
 
     def _h(self, item: object) -> bytes:
         return self._digest(serialize(self._fmt, item))
@@ -148,12 +152,19 @@ class EngineKeys:
         rest = (lora,) if lora is not None else None  # every block after the first
         first = self.extra_keys(0, lora_name, cache_salt)
         written = self._writer.blocks(ids) if rest is None else None
-        item = self._writer.item
+        item, cache = self._writer.item, self._cache
         parent, out = self.root, []
         for i in range(len(ids) // bs):
             extra = rest if i else first
             if extra is None and written is not None:
-                parent = digest(item(parent, written[i]))
+                key = parent + written[i]
+                d = cache.get(key)
+                if d is None:
+                    d = digest(item(parent, written[i]))
+                    if len(cache) >= CACHE_BLOCKS:
+                        cache.clear()  # cheaper than an LRU's bookkeeping on every block
+                    cache[key] = d
+                parent = d
             else:
                 parent = h((parent, tuple(ids[i * bs : (i + 1) * bs]), extra))
             out.append(parent)

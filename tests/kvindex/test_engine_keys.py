@@ -316,3 +316,16 @@ def test_the_simulator_hashes_as_the_picker_does(sim_factory, subscriber, tokeni
     assert send(None) == (hit, hit)
     send(None)  # the events so far are in: each first-time prompt's store checked out
     assert translator.root_checks()[POD] == (2, 0)
+
+
+def test_kept_digests_are_bounded_and_change_nothing(monkeypatch):
+    from infergw.kvindex import engine_hashing
+
+    monkeypatch.setattr(engine_hashing, "CACHE_BLOCKS", 8)
+    tokens = list(range(32 * 20))
+    want = EngineKeys(RECORDED).keys(tokens)
+    engine = EngineKeys(RECORDED)
+    for _ in range(3):
+        assert engine.keys(tokens) == want
+        assert engine.keys(tokens, cache_salt="s") != want
+        assert len(engine._cache) <= 8
