@@ -54,7 +54,9 @@ class EngineKeyTranslator:
     # --- the EventSink
 
     def apply(self, pod: str, model: str, event) -> None:
-        """Apply one decoded KV event of `pod` (the model is in the hashes already)."""
+        """Apply one decoded KV event of `pod`. The model is not needed: vLLM's hashes leave
+        it out (one engine serves one base model; a LoRA adapter is in the hashes), and a
+        lookup names the pods that serve the prompt's model."""
         self.apply_events(pod, model, (event,))
 
     def apply_events(self, pod: str, model: str, events: Sequence[KVEvent]) -> int:
