@@ -1,7 +1,10 @@
 """The KV-cache index under load: ingestion rate, lookup latency, memory, tokenization.
 
-Both layouts side by side: the packed one (kvindex.index.KVBlockIndex) and the previous dicts of
-Python ints (kvindex.dict_index.DictBlockIndex).
+Three layouts side by side: the packed one (kvindex.index.KVBlockIndex) and the previous dicts of
+Python ints (kvindex.dict_index.DictBlockIndex), both keyed by token ids through the event
+translator's engine-hash maps; and "engine": the packed index keyed by the engines' own block
+hashes (--kv-index-keys engine: kvindex.engine_translate, no maps; each event's first block a
+real hash, so the translator's check of a request's first block runs as it would).
 
 Resident memory is measured from outside: a child process ingests 16 pods × 62,500 distinct
 blocks, each held by one pod, and the parent reads the child's VmRSS before and after; once
@@ -35,6 +38,8 @@ import msgspec
 from infergw.api.cli_help import HelpFormatter
 from infergw.bench.common import machine, percentile, write_json
 from infergw.kvindex.dict_index import DictBlockIndex
+from infergw.kvindex.engine_hashing import EngineHashing, EngineKeys
+from infergw.kvindex.engine_translate import EngineKeyTranslator
 from infergw.kvindex.events import BlockRemoved, BlockStored, decode_batch
 from infergw.kvindex.index import KVBlockIndex
 from infergw.kvindex.keys import block_keys, model_root, prompt_keys
@@ -45,10 +50,16 @@ BLOCK = 16
 MODEL = "bench-model"
 
 
+ENGINE = EngineKeys(EngineHashing(block_size=BLOCK))  # vLLM's default hashing
+
+
 def _stored(rng: random.Random, tokens: list[int], start_hash: int) -> BlockStored:
+    """A request's first store: its first block hashed as vLLM hashes it, the rest numbered
+    on (what the engine-keys mode checks is the first)."""
     n = len(tokens) // BLOCK
+    first = ENGINE.first_block(tokens, None)
     return BlockStored(
-        block_hashes=tuple(start_hash + i for i in range(n)),
+        block_hashes=(first, *(start_hash + i for i in range(1, n))),
         parent_block_hash=None,
         token_ids=tuple(tokens[: n * BLOCK]),
         block_size=BLOCK,
@@ -56,6 +67,16 @@ def _stored(rng: random.Random, tokens: list[int], start_hash: int) -> BlockStor
 
 
 LAYOUTS = {"packed": KVBlockIndex, "dict": DictBlockIndex}
+SINKS = (*LAYOUTS, "engine")  # "engine": packed, keyed by engine hashes
+
+
+def _sink(layout: str, max_entries: int = 50_000_000) -> EventTranslator | EngineKeyTranslator:
+    """The event sink of a layout, over an empty index."""
+    if layout == "engine":
+        return EngineKeyTranslator(KVBlockIndex(block_size=BLOCK, max_entries=max_entries), ENGINE)
+    return EventTranslator(LAYOUTS[layout](block_size=BLOCK, max_entries=max_entries))
+
+
 RSS_PODS, RSS_BLOCKS, RSS_EVENT_BLOCKS = 16, 62_500, 50
 EVENTS_PER_BATCH = 8  # events a msgpack batch, as vLLM sends them
 
@@ -74,19 +95,20 @@ def _rss_child(layout: str, path: str) -> None:
     """The child: build an empty index, say so, ingest, say so, wait for the parent."""
     import numpy as np
 
-    index = LAYOUTS[layout](block_size=BLOCK, max_entries=50_000_000)
-    sink = EventTranslator(index)
+    sink = _sink(layout)
+    index = sink.index
     rng = np.random.default_rng(3)
     keys = tokens = batch = None
     # Run every path once on a throwaway index first, so the code they page in is not counted.
-    scratch = EventTranslator(LAYOUTS[layout](block_size=BLOCK))
+    scratch = _sink(layout, 5_000_000)
     for _ in range(200):
         warm = rng.integers(2, 2**64 - 1, RSS_EVENT_BLOCKS, dtype=np.uint64).tolist()
         scratch.index.add("warm:1", warm, "gpu")
         scratch.index.lookup(warm)
         scratch.index.remove("warm:1", warm[:10], "gpu")
     tokens = rng.integers(0, 50_000, RSS_EVENT_BLOCKS * BLOCK, dtype=np.uint32).tolist()
-    warm = tuple(range(7, 7 + RSS_EVENT_BLOCKS))
+    # A request's first block hashed as the engine would: the engine mode checks it.
+    warm = (ENGINE.first_block(tokens, None), *range(8, 7 + RSS_EVENT_BLOCKS))
     scratch.apply("warm:1", MODEL, BlockStored(warm, None, tuple(tokens), BLOCK))
     run = [BlockStored((h,), None, tuple(tokens[:BLOCK]), BLOCK) for h in (3, 4, 5, 6)]
     scratch.apply_events("warm:1", MODEL, run)
@@ -106,7 +128,8 @@ def _rss_child(layout: str, path: str) -> None:
             n = RSS_EVENT_BLOCKS * BLOCK
             tokens = rng.integers(0, 50_000, n, dtype=np.uint32).tolist()
             h = (p << 40) + e * RSS_EVENT_BLOCKS + 2
-            hashes = tuple(range(h, h + RSS_EVENT_BLOCKS))
+            # The first block hashed as the engine would (the engine mode checks it).
+            hashes = (ENGINE.first_block(tokens, None), *range(h + 1, h + RSS_EVENT_BLOCKS))
             batch.append(BlockStored(hashes, None, tuple(tokens), BLOCK))
             if len(batch) == EVENTS_PER_BATCH:  # as the subscriber hands over a message's events
                 sink.apply_events(pod, MODEL, batch)
@@ -195,7 +218,7 @@ def ingest_rate(
     Per wall second and per CPU second of this process (what one core does when others
     compete for the machine)."""
     rng = random.Random(1)
-    sink = EventTranslator(LAYOUTS[layout](block_size=BLOCK, max_entries=50_000_000))
+    sink = _sink(layout)
     events = []
     h = 1
     for p in range(pods):
@@ -215,13 +238,16 @@ def ingest_rate(
             (pod, msgspec.msgpack.encode([time.time(), [_wire(ev) for ev in evs], 0]))
             for pod, evs in batches
         ]
-        apply = sink.apply_events
+        apply, tokens = sink.apply_events, layout != "engine"
         c0, t0 = time.process_time(), time.perf_counter()
-        for pod, payload in payloads:
-            apply(pod, MODEL, decode_batch(payload).events)
+        for pod, payload in payloads:  # engine keys: token ids counted, not decoded
+            apply(pod, MODEL, decode_batch(payload, tokens=tokens).events)
     elif path == "index":
         root, add = model_root(MODEL), sink.index.add
-        keyed = [(pod, block_keys(ev.token_ids, BLOCK, parent=root)) for pod, ev in events]
+        if layout == "engine":  # keyed by the events' hashes themselves
+            keyed = [(pod, list(ev.block_hashes)) for pod, ev in events]
+        else:
+            keyed = [(pod, block_keys(ev.token_ids, BLOCK, parent=root)) for pod, ev in events]
         c0, t0 = time.process_time(), time.perf_counter()
         for pod, keys in keyed:
             add(pod, keys, "gpu")
@@ -252,18 +278,33 @@ def ingest_rate(
 
 def lookup_latency(pods: int, prompt_tokens: int, layout: str, repeats: int = 200) -> dict:
     rng = random.Random(2)
-    index = LAYOUTS[layout](block_size=BLOCK, max_entries=50_000_000)
-    sink = EventTranslator(index)
+    sink = _sink(layout)
+    index = sink.index
     prompt = [rng.randrange(8192) for _ in range(prompt_tokens)]
     names = [f"10.1.{p // 250}.{p % 250}:8000" for p in range(pods)]
     half = prompt[: (prompt_tokens // 2) // BLOCK * BLOCK]
+
+    def stored(tokens: list[int], start: int) -> BlockStored:
+        if layout != "engine":
+            return _stored(rng, tokens, start)
+        return BlockStored(tuple(ENGINE.keys(tokens)), None, tuple(tokens), BLOCK)
+
     for i, pod in enumerate(names):
         if i % 2 == 0:
-            sink.apply(pod, MODEL, _stored(rng, half, 10_000_000 * (i + 1)))
+            sink.apply(pod, MODEL, stored(half, 10_000_000 * (i + 1)))
         # everyone holds some unrelated blocks too
         other = [rng.randrange(8192) for _ in range(2048)]
-        sink.apply(pod, MODEL, _stored(rng, other, 10_000_000 * (i + 1) + 5_000_000))
-    keys = prompt_keys(prompt, BLOCK, MODEL)
+        sink.apply(pod, MODEL, stored(other, 10_000_000 * (i + 1) + 5_000_000))
+    if layout == "engine":
+
+        def hashed() -> list[int]:
+            return ENGINE.keys(prompt)
+    else:
+
+        def hashed() -> list[int]:
+            return prompt_keys(prompt, BLOCK, MODEL)
+
+    keys = hashed()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -273,7 +314,7 @@ def lookup_latency(pods: int, prompt_tokens: int, layout: str, repeats: int = 20
     key_times = []
     for _ in range(20):
         t0 = time.perf_counter()
-        prompt_keys(prompt, BLOCK, MODEL)
+        hashed()
         key_times.append(time.perf_counter() - t0)
     return {
         "layout": layout,
@@ -332,6 +373,8 @@ def markdown(out: dict) -> str:
     ]
     for r in out["rss"]:
         path = "index.add" if r["path"] == "index" else _PATHS["translator"]
+        if r["layout"] == "engine":
+            path = "batches of 8 events → index (engine keys)"
         lines.append(
             f"| {path} | {r['layout']} | {r['rss_bytes_per_entry']} | "
             f"{r['anon_bytes_per_entry']} | {r['blocks_per_s']:,} |"
@@ -391,14 +434,14 @@ def main(argv: list[str] | None = None) -> int:
     rss = []
     if not args.no_rss:
         for path in ("index", "translator"):
-            for layout in LAYOUTS:
+            for layout in LAYOUTS if path == "index" else SINKS:  # engine's index is packed's
                 rss.append(resident_growth(layout, path))
                 print(json.dumps(rss[-1]), flush=True)
     interleaved = add_rate_interleaved(4_000 if args.quick else 20_000)
     print(json.dumps(interleaved), flush=True)
     ingest = []
     for path in ("index", "event", "translator", "payload"):
-        for layout in LAYOUTS:
+        for layout in SINKS:
             ingest += [
                 ingest_rate(16, 20 if args.quick else 200, 1024, layout, path),
                 ingest_rate(256, 2 if args.quick else 20, 1024, layout, path),
@@ -409,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
         lookup_latency(pods, tokens, layout)
         for pods in (16, 256)
         for tokens in (1024, 8192, 32768)
-        for layout in LAYOUTS
+        for layout in SINKS
     ]
     for r in lookup:
         print(json.dumps(r), flush=True)

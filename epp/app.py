@@ -262,6 +262,7 @@ def build_kv_cache(
             tokenizers=opts.tokenizers,
             backend=opts.kv_index_backend,
             layout=opts.kv_index_layout,
+            engine_hashing=opts.kv_engine_hashing,
             redis_url=opts.kv_index_redis_url,
             redis_write=opts.kv_index_redis_write,
             redis_shard=opts.kv_index_redis_shard,
@@ -315,10 +316,13 @@ async def start_provider(
 def start_kv_cache(opts: PickerOptions, view: KVCacheView) -> None:
     view.start()
     log.info(
-        "KV events: %s (%s), index block size %d in %s, tokenizers for %s",
+        "KV events: %s (%s), index block size %d keyed by %s in %s, tokenizers for %s",
         _subscription(opts, view),
         opts.kv_events_bind if opts.kv_events_mode == "central" else "per pod",
         opts.kv_index_block_size,
+        "token ids"
+        if opts.kv_engine_hashing is None
+        else f"engine hashes ({opts.kv_engine_hashing.describe()})",
         opts.kv_index_backend,
         sorted(opts.tokenizers) or "no model",
     )

@@ -26,6 +26,8 @@ from infergw.epp.replica_sync import ReplicaSync
 from infergw.kvindex.backend import BlockIndex, PrefixIndex
 from infergw.kvindex.cache import KVCache
 from infergw.kvindex.dict_index import DictBlockIndex
+from infergw.kvindex.engine_hashing import EngineHashing, EngineKeys
+from infergw.kvindex.engine_translate import EngineKeyTranslator
 from infergw.kvindex.index import KVBlockIndex
 from infergw.kvindex.redis_index import RedisIndexMetrics, RedisIndexWriter, RedisPrefixIndex
 from infergw.kvindex.subscriber import KVEventSubscriber
@@ -48,6 +50,7 @@ class KVEventOptions:
     tokenizers: dict[str, Path] | None = None
     backend: str = "memory"  # memory | redis
     layout: str = "dict"  # dict | packed: the local index's memory layout
+    engine_hashing: EngineHashing | None = None  # set: keyed by the engines' block hashes
     redis_url: str | None = None
     redis_write: bool = True  # redis: subscribe and write (else only read)
     redis_shard: bool = False  # redis, per pod: only this replica's shard (epp/kv_shards.py)
@@ -84,19 +87,26 @@ class KVCacheView:
         self._writer_task: asyncio.Task | None = None
         if opts.backend == "redis":
             index, reads = self._shared_index(local, registry)
-        self.translator = EventTranslator(index, opts.layout)  # its maps as the index
+        engine = None if opts.engine_hashing is None else EngineKeys(opts.engine_hashing)
+        self.translator: EventTranslator | EngineKeyTranslator
+        if engine is None:
+            self.translator = EventTranslator(index, opts.layout)  # its maps as the index
+        else:
+            self.translator = EngineKeyTranslator(index, engine)
         self.cache = KVCache(
             tokenizers=PromptTokenizers(opts.tokenizers or {}),
             index=reads,
             base_model=self.base_model,
             lookup_seconds=lookup_seconds,
             engine_block_size=self.engine_block_size,
+            engine_keys=engine,
         )
         self.subscriber = KVEventSubscriber(
             self.translator,
             replay_endpoint_for=self._replay_for,
             model_for=self._served_model,
             is_member=self._in_pool,
+            decode_tokens=engine is None,  # engine keys need a request's first store's only
         )
         self._connected: set[str] = set()
         # Per-pod mode: the pods this replica subscribes to (epp/kv_shards.py narrows it to
@@ -261,7 +271,9 @@ class KVCacheView:
             "infergate_kvindex_unresolved_hashes",
             "Engine block hashes a pod's events named that its earlier events never stored "
             "(parent, offload, removed), by pod: persistent parent misses mean its vLLM "
-            "processes hash differently (PYTHONHASHSEED, --prefix-caching-hash-algo).",
+            "processes hash differently (PYTHONHASHSEED, --prefix-caching-hash-algo); with "
+            "--kv-index-keys engine, root_mismatch: requests' first blocks the engine hashed "
+            "unlike the picker (its engine-hash settings are not the engines').",
             labels=["pod", "kind"],
         )
         for pod, kinds in sorted(stats["unresolved"].items()):

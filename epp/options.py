@@ -7,6 +7,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from infergw.api import logs, version
 from infergw.api.cli_help import HelpFormatter
@@ -15,6 +16,9 @@ from infergw.epp.capacity_wait import DEFAULT_CAPACITY_WAIT_TTL
 from infergw.epp.reference_flags import add_reference_flags, read_reference_flags
 from infergw.epp.response_ids import load_key
 from infergw.epp.scrape_pace import DEFAULT_IDLE_INTERVAL, DEFAULT_QUIET_INTERVAL
+
+if TYPE_CHECKING:
+    from infergw.kvindex.engine_hashing import EngineHashing
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m)?$")
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")  # a namespace or Service name
@@ -100,6 +104,8 @@ class PickerOptions:
     enable_debug_endpoints: bool = False
     kv_index_backend: str = "memory"  # memory | redis (kvindex.redis_index)
     kv_index_layout: str = "dict"  # dict (kvindex.dict_index) | packed (kvindex.index)
+    # Set: the index is keyed by the engines' own block hashes (kvindex.engine_hashing).
+    kv_engine_hashing: EngineHashing | None = None
     kv_index_redis_url: str | None = None
     kv_index_redis_write: bool = True
     kv_index_redis_shard: bool = False  # subscribe to this replica's shard of the pods only
@@ -371,6 +377,39 @@ def build_parser() -> argparse.ArgumentParser:
         "(block, pod), for large fleets (README: bench/kvindex)",
     )
     kv.add_argument(
+        "--kv-index-keys",
+        choices=["tokens", "engine"],
+        default="tokens",
+        help="tokens: the index keys blocks by their token ids (needs nothing of the engines); "
+        "engine: by the engines' own block hashes, which the picker computes as vLLM does: no "
+        "per-pod hash map (less memory, faster ingestion), but the engines' hashing must be "
+        "given (--kv-engine-hash-algo, --kv-engine-hash-seed, --kv-index-block-size = their "
+        "--block-size, --kv-engine-lora-path); a mismatch is logged and counted",
+    )
+    kv.add_argument(
+        "--kv-engine-hash-algo",
+        default="sha256",
+        metavar="ALGO",
+        help="with --kv-index-keys engine: the engines' --prefix-caching-hash-algo (sha256, "
+        "sha256_cbor, xxhash, xxhash_cbor)",
+    )
+    kv.add_argument(
+        "--kv-engine-hash-seed",
+        default=None,
+        metavar="SEED",
+        help="with --kv-index-keys engine: the engines' PYTHONHASHSEED (default: unset, as "
+        "vLLM then roots sha256 hashes in a fixed seed; xxhash ones need it)",
+    )
+    kv.add_argument(
+        "--kv-engine-lora-path",
+        action="append",
+        default=[],
+        metavar="ADAPTER=PATH",
+        help="with --kv-index-keys engine: the path a LoRA adapter was loaded from on the "
+        "engines (vLLM hashes it); prompts of adapters without one get no index hits "
+        "(repeatable)",
+    )
+    kv.add_argument(
         "--kv-index-backend",
         choices=["memory", "redis"],
         default="memory",
@@ -459,6 +498,7 @@ def parse_options(argv: list[str] | None = None) -> PickerOptions:
         tokenizers[model] = Path(directory)
     if a.kv_index_block_size < 1:
         p.error("--kv-index-block-size must be >= 1")
+    engine_hashing = _engine_hashing(p, a)
     if a.kv_index_backend == "redis" and not a.kv_index_redis_url:
         p.error("--kv-index-backend redis needs --kv-index-redis-url")
     if a.kv_index_redis_shard and (
@@ -534,9 +574,37 @@ def parse_options(argv: list[str] | None = None) -> PickerOptions:
         enable_debug_endpoints=a.enable_debug_endpoints,
         kv_index_backend=a.kv_index_backend,
         kv_index_layout=a.kv_index_layout,
+        kv_engine_hashing=engine_hashing,
         kv_index_redis_url=a.kv_index_redis_url,
         kv_index_redis_write=a.kv_index_redis_write,
         kv_index_redis_shard=a.kv_index_redis_shard,
         kv_index_redis_timeout=a.kv_index_redis_timeout,
         kv_index_redis_ttl=a.kv_index_redis_ttl,
     )
+
+
+def _engine_hashing(p: argparse.ArgumentParser, a: argparse.Namespace) -> EngineHashing | None:
+    """--kv-index-keys engine's settings, checked; None for token keys."""
+    engine_flags = a.kv_engine_hash_seed is not None or a.kv_engine_lora_path
+    if a.kv_index_keys != "engine":
+        if engine_flags or a.kv_engine_hash_algo != "sha256":
+            p.error("--kv-engine-* flags need --kv-index-keys engine")
+        return None
+    # Imported here: bbr parses these options too and may not import kvindex (tests/test_layout).
+    from infergw.kvindex.engine_hashing import EngineHashing
+
+    paths = {}
+    for item in a.kv_engine_lora_path:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            p.error(f"--kv-engine-lora-path {item!r}: give it as ADAPTER=PATH")
+        paths[name] = path
+    try:
+        return EngineHashing(
+            algo=a.kv_engine_hash_algo,
+            seed=a.kv_engine_hash_seed,
+            block_size=a.kv_index_block_size,
+            lora_paths=paths,
+        )
+    except ValueError as exc:
+        p.error(f"--kv-index-keys engine: {exc}")

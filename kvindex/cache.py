@@ -30,6 +30,7 @@ from prometheus_client import Histogram
 
 from infergw.api import tracing
 from infergw.kvindex.backend import PrefixIndex, PrefixView, RemotePrefixIndex
+from infergw.kvindex.engine_hashing import EngineKeys
 from infergw.kvindex.keys import prompt_keys
 from infergw.kvindex.tokenize import PromptError, PromptTokenizer, PromptTokenizers
 
@@ -90,6 +91,7 @@ class KVCache:
         base_model: Callable[[str], tuple[str, str | None]] = _no_adapter,
         lookup_seconds: Histogram | None = None,
         engine_block_size: Callable[[str], int | None] = lambda pod: None,
+        engine_keys: EngineKeys | None = None,
     ) -> None:
         self.tokenizers = tokenizers  # shared with token counting: one prefix cache a model
         self._index = index
@@ -97,6 +99,8 @@ class KVCache:
         self._base_model = base_model  # model → (base model, LoRA adapter or None)
         self._lookup_seconds = lookup_seconds
         self._engine_block_size = engine_block_size  # pod → its engine's block size, if known
+        # Set when the index is keyed by the engines' own block hashes (kvindex.engine_hashing).
+        self._engine_keys = engine_keys
         # Told of every speculative add this picker makes (pod, keys): other picker
         # replicas hold the same entries (epp/replica_sync.py).
         self.speculative_listeners: list[Callable[[str, list[int]], None]] = []
@@ -131,7 +135,13 @@ class KVCache:
         if tokens is None:
             return None
         _, base, lora = self._tokenizer(req)
-        return Prompt(len(tokens), prompt_keys(tokens, self.block_size, base, lora, cache_salt))
+        engine = self._engine_keys
+        if engine is None:
+            return Prompt(len(tokens), prompt_keys(tokens, self.block_size, base, lora, cache_salt))
+        if not engine.knows(lora):  # vLLM hashes the adapter's path: no keys, no false hit
+            log.debug("no path configured for LoRA adapter %r: %s not keyed", lora, req.request_id)
+            return Prompt(len(tokens), [])
+        return Prompt(len(tokens), engine.keys(tokens, lora, cache_salt))
 
     @property
     def remote(self) -> bool:

@@ -45,6 +45,10 @@ class BlockStored:
     extra_keys: tuple | None = None  # one tuple (or None) per block
     group_idx: int = 0
     kv_cache_spec_kind: str = "full_attention"
+    # Decoded without token ids (decode_batch(tokens=False)): how many the event carried,
+    # token_ids then holding a request's first store's first block only (else none).
+    # None: token_ids has them all.
+    token_count: int | None = None
 
 
 @dataclass(slots=True, frozen=True)
@@ -242,19 +246,28 @@ _Token = Annotated[int, Meta(ge=0, le=_TOKEN_MAX)]
 _Count = Annotated[int, Meta(ge=0)]
 
 
-def _typed_events(array_like: bool):
-    class Stored(Struct, tag="BlockStored", tag_field="type", array_like=array_like):
-        block_hashes: list[_Hash]
-        parent_block_hash: _Hash | None = None
-        # Required, but after an optional field: UNSET (missing) is refused in _from_typed.
-        token_ids: list[_Token] | UnsetType = UNSET
-        block_size: _Count | UnsetType = UNSET
-        lora_id: int | None = None
-        medium: str | None = None
-        lora_name: str | None = None
-        extra_keys: list | None = None
-        group_idx: _Count | None = None
-        kv_cache_spec_kind: str | None = None
+def _typed_events(array_like: bool, tokens: bool = True):
+    # Built by defstruct, not a class statement: its annotations would be strings, and
+    # the token ids' type is chosen here (Raw: kept undecoded, see _tokens).
+    Stored = msgspec.defstruct(
+        "Stored",
+        [
+            ("block_hashes", list[_Hash]),
+            ("parent_block_hash", _Hash | None, None),
+            # Required, but after an optional field: UNSET (missing) is refused in _from_typed.
+            ("token_ids", (list[_Token] if tokens else msgspec.Raw) | UnsetType, UNSET),
+            ("block_size", _Count | UnsetType, UNSET),
+            ("lora_id", int | None, None),
+            ("medium", str | None, None),
+            ("lora_name", str | None, None),
+            ("extra_keys", list | None, None),
+            ("group_idx", _Count | None, None),
+            ("kv_cache_spec_kind", str | None, None),
+        ],
+        tag="BlockStored",
+        tag_field="type",
+        array_like=array_like,
+    )
 
     class Removed(Struct, tag="BlockRemoved", tag_field="type", array_like=array_like):
         block_hashes: list[_Hash]
@@ -278,8 +291,60 @@ def _typed_events(array_like: bool):
 
 _MAP_DECODER, _MapStored, _MapRemoved = _typed_events(False)
 _ARRAY_DECODER, _ArrayStored, _ArrayRemoved = _typed_events(True)
-_STORED = (_MapStored, _ArrayStored)
-_REMOVED = (_MapRemoved, _ArrayRemoved)
+_MAP_DECODER_RAW, _MapStoredRaw, _MapRemovedRaw = _typed_events(False, tokens=False)
+_ARRAY_DECODER_RAW, _ArrayStoredRaw, _ArrayRemovedRaw = _typed_events(True, tokens=False)
+_STORED = (_MapStored, _ArrayStored, _MapStoredRaw, _ArrayStoredRaw)
+_REMOVED = (_MapRemoved, _ArrayRemoved, _MapRemovedRaw, _ArrayRemovedRaw)
+
+
+def _raw_count(raw: msgspec.Raw) -> int:
+    """How many items a msgpack array holds, from its head alone."""
+    b = bytes(memoryview(raw)[:5])
+    if b and 0x90 <= b[0] <= 0x9F:
+        return b[0] & 0x0F
+    if b[:1] == b"\xdc" and len(b) >= 3:
+        return int.from_bytes(b[1:3], "big")
+    if b[:1] == b"\xdd" and len(b) == 5:
+        return int.from_bytes(b[1:5], "big")
+    raise _Invalid("token_ids must be a list of token ids")
+
+
+def _first_ids(raw: msgspec.Raw, n: int) -> tuple[int, ...]:
+    """The first n token ids of a msgpack array of them (the rest is not read)."""
+    b = memoryview(raw)
+    head = b[0] if len(b) else 0
+    i = 1 if 0x90 <= head <= 0x9F else 3 if head == 0xDC else 5
+    out = []
+    try:
+        for _ in range(n):
+            t = b[i]
+            if t <= 0x7F:
+                out.append(t)
+                i += 1
+                continue
+            size = _UINT_SIZES.get(t)
+            if size is None:
+                raise _Invalid(f"token_ids[{len(out)}] must be a token id in 0..2**32-1")
+            out.append(int.from_bytes(b[i + 1 : i + 1 + size], "big"))
+            i += 1 + size
+    except IndexError:
+        raise _Invalid("token_ids is cut short") from None
+    return tuple(out)
+
+
+_UINT_SIZES = {0xCC: 1, 0xCD: 2, 0xCE: 4}  # msgpack's uint 8/16/32 (64 is past a token id)
+
+
+def _tokens(e) -> tuple[tuple[int, ...], int | None]:
+    """(token ids, their count if not all decoded) of a typed store: of a Raw list only the
+    first block's ids are read, and only for a request's first store (no parent)."""
+    raw = e.token_ids
+    if raw.__class__ is not msgspec.Raw:
+        return tuple(raw), None
+    count = _raw_count(raw)
+    if e.parent_block_hash is None and count and e.block_size is not UNSET:
+        return _first_ids(raw, min(count, e.block_size)), count
+    return (), count
 
 
 def _hashes(v: list) -> tuple[int, ...]:
@@ -295,11 +360,12 @@ def _from_typed(raw) -> EventBatch:
         if e.__class__ in _STORED:
             if e.token_ids is UNSET or e.block_size is UNSET:
                 raise _Invalid("a required field is missing")
+            token_ids, token_count = _tokens(e)
             events.append(
                 BlockStored(
                     _hashes(e.block_hashes),
                     None if e.parent_block_hash is None else _hash(e.parent_block_hash),
-                    tuple(e.token_ids),
+                    token_ids,
                     e.block_size,
                     e.lora_id,
                     "GPU" if e.medium is None else e.medium,
@@ -307,6 +373,7 @@ def _from_typed(raw) -> EventBatch:
                     None if e.extra_keys is None else _tuple(e.extra_keys),
                     e.group_idx or 0,
                     "full_attention" if e.kv_cache_spec_kind is None else e.kv_cache_spec_kind,
+                    token_count,
                 )
             )
         elif e.__class__ in _REMOVED:
@@ -322,9 +389,10 @@ def _from_typed(raw) -> EventBatch:
     return EventBatch(float(raw.ts), tuple(events), raw.data_parallel_rank, 0)
 
 
-def _decode_typed(payload: bytes) -> EventBatch | None:
+def _decode_typed(payload: bytes, tokens: bool = True) -> EventBatch | None:
     """The batch by the fast path, or None if it does not take it."""
-    for decoder in (_MAP_DECODER, _ARRAY_DECODER):
+    decoders = (_MAP_DECODER, _ARRAY_DECODER) if tokens else (_MAP_DECODER_RAW, _ARRAY_DECODER_RAW)
+    for decoder in decoders:
         try:
             return _from_typed(decoder.decode(payload))
         except (ValueError, TypeError, RecursionError, _Invalid):
@@ -332,9 +400,12 @@ def _decode_typed(payload: bytes) -> EventBatch | None:
     return None
 
 
-def decode_batch(payload: bytes, *, seq: int | None = None) -> EventBatch:
-    """Decode one msgpack batch payload. `seq` only makes error messages say where."""
-    fast = _decode_typed(payload)
+def decode_batch(payload: bytes, *, seq: int | None = None, tokens: bool = True) -> EventBatch:
+    """Decode one msgpack batch payload. `seq` only makes error messages say where.
+    `tokens=False`: a store's token ids are counted (BlockStored.token_count), and only the
+    first block's decoded where a request starts (no parent): what an index keyed by the
+    engines' hashes needs (kvindex.engine_translate), at a fraction of the cost."""
+    fast = _decode_typed(payload, tokens)
     return _decode_generic(payload, seq) if fast is None else fast
 
 
@@ -409,16 +480,17 @@ def _topic(frame: bytes, what: str) -> str:
         raise KVEventDecodeError(f"{what}: topic frame is not valid UTF-8: {e}") from None
 
 
-def decode_message(frames: list[bytes]) -> KVMessage:
-    """Decode a live PUB message `[topic, seq, payload]`."""
+def decode_message(frames: list[bytes], *, tokens: bool = True) -> KVMessage:
+    """Decode a live PUB message `[topic, seq, payload]` (`tokens`: as decode_batch's)."""
     frames = _frames(frames, (3,), "live message")
     topic = _topic(frames[0], "live message")
     seq = _seq(frames[1], f"live message topic={topic!r}")
-    return KVMessage(topic, seq, decode_batch(frames[2], seq=seq))
+    return KVMessage(topic, seq, decode_batch(frames[2], seq=seq, tokens=tokens))
 
 
-def decode_replay_frames(frames: list[bytes]) -> KVMessage | None:
-    """Decode one replay reply as a DEALER receives it; None for the end marker."""
+def decode_replay_frames(frames: list[bytes], *, tokens: bool = True) -> KVMessage | None:
+    """Decode one replay reply as a DEALER receives it; None for the end marker (`tokens`:
+    as decode_batch's)."""
     frames = _frames(frames, (3, 4), "replay reply")
     if frames[0]:
         raise KVEventDecodeError(
@@ -428,7 +500,7 @@ def decode_replay_frames(frames: list[bytes]) -> KVMessage | None:
     seq = _seq(frames[-2], "replay reply")
     if seq == REPLAY_END_SEQ:
         return None
-    return KVMessage(topic, seq, decode_batch(frames[-1], seq=seq))
+    return KVMessage(topic, seq, decode_batch(frames[-1], seq=seq, tokens=tokens))
 
 
 def parse_topic(topic: str | bytes) -> tuple[str, str]:

@@ -143,8 +143,11 @@ class KVEventSubscriber:
         replay_endpoint_for: Callable[[str], str | None] | None = None,
         model_for: Callable[[str], str | None] | None = None,
         is_member: Callable[[str], bool] | None = None,
+        decode_tokens: bool = True,
     ) -> None:
         self.sink = sink
+        # False: stores' token ids are decoded only where a request starts (events.decode_batch)
+        self.decode_tokens = decode_tokens
         self.replay_endpoint_for = replay_endpoint_for or (lambda _pod: None)
         # Per-pod mode only: the model of a pod whose topic does not name it (vLLM's
         # default topic is empty; the socket already says which pod it is).
@@ -270,7 +273,7 @@ class KVEventSubscriber:
 
     def _on_frames(self, frames: list[zmq.Frame], from_pod: str | None) -> None:
         try:
-            msg = decode_message(frames)
+            msg = decode_message(frames, tokens=self.decode_tokens)
             pod = from_pod or parse_topic(msg.topic)[0]
         except KVEventDecodeError as exc:
             raise _Dropped("malformed", str(exc)) from None
@@ -397,7 +400,7 @@ class KVEventSubscriber:
                     break
                 frames = await dealer.recv_multipart(copy=False)
                 try:
-                    msg = decode_replay_frames(frames)
+                    msg = decode_replay_frames(frames, tokens=self.decode_tokens)
                     if msg is None:
                         break  # the end marker
                     got += self._apply_replayed(pod, state, msg)

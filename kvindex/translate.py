@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from infergw.kvindex.backend import BlockIndex, SharedBlockIndex
+from infergw.kvindex.engine_hashing import MAX_ENGINE_BLOCK_SIZE
 from infergw.kvindex.engine_maps import LAYOUTS, MAX_KEYS_PER_HASH, EngineMap, appended
 from infergw.kvindex.events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
 from infergw.kvindex.index import KVBlockIndex, Tier
@@ -32,11 +33,10 @@ __all__ = ["MAX_EXTRA_BYTES", "MAX_KEYS_PER_HASH", "EventTranslator"]
 
 log = logging.getLogger("kvindex.translate")
 
-_INDEXED_KINDS = frozenset({"full_attention", "mla_attention", "sink_full_attention"})
-_TIER_OF_MEDIUM: dict[str, Tier] = {"gpu": "gpu", "cpu": "cpu"}
+INDEXED_KINDS = frozenset({"full_attention", "mla_attention", "sink_full_attention"})
+TIER_OF_MEDIUM: dict[str, Tier] = {"gpu": "gpu", "cpu": "cpu"}
 _SWEEP_MIN = 1024
 MAX_EXTRA_BYTES = 4096  # one engine block's extra keys, encoded (a salt is a client's string)
-MAX_ENGINE_BLOCK_SIZE = 1 << 16  # tokens; vLLM's largest (hybrid models) are a few thousand
 
 
 ParentKey = Callable[[int, int], "int | None"]  # (engine hash, group) → its newest key
@@ -187,10 +187,10 @@ class EventTranslator:
         """A store's request keys and engine-hash pairs, its checks and counts done; None if
         it is skipped or is a CPU-offload store (applied here: it names known hashes only).
         parent_key(hash, group): the newest key of the parent's hash (the map's, by default)."""
-        if ev.kv_cache_spec_kind not in _INDEXED_KINDS:
+        if ev.kv_cache_spec_kind not in INDEXED_KINDS:
             self._skipped["kv_cache_spec_kind"] += 1
             return None
-        tier = _TIER_OF_MEDIUM.get(ev.medium.lower())
+        tier = TIER_OF_MEDIUM.get(ev.medium.lower())
         if tier is None:
             self._skipped["medium"] += 1
             return None
@@ -320,7 +320,7 @@ class EventTranslator:
         return 0
 
     def _removed(self, pod: str, ev: BlockRemoved) -> None:
-        tier = _TIER_OF_MEDIUM.get(ev.medium.lower())
+        tier = TIER_OF_MEDIUM.get(ev.medium.lower())
         if tier is None:
             self._skipped["medium"] += 1
             return
@@ -334,7 +334,7 @@ class EventTranslator:
         key comes twice (an event's removal then touches nothing a later one reads), else
         one by one."""
         first = run[0]
-        tier = _TIER_OF_MEDIUM.get(first.medium.lower())
+        tier = TIER_OF_MEDIUM.get(first.medium.lower())
         if tier is None:
             self._skipped["medium"] += len(run)
             return

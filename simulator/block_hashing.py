@@ -1,7 +1,10 @@
 """vLLM's prefix-cache block identity: hash(parent, block tokens, extra keys), full blocks only.
 
-The extra keys are vLLM's `generate_block_hash_extra_keys` for a text request: the LoRA name in
-every block, the cache salt in the first block only (start token 0; chaining carries it on).
+The extra keys are vLLM's `generate_block_hash_extra_keys` for a text request: the LoRA adapter
+in every block, the cache salt in the first block only (start token 0; chaining carries it on).
+vLLM 0.32 hashes them tagged — ("lora", name, path), ("cache_salt", salt) — and publishes them
+in its KV events untagged (the bare name, the bare salt): `hashed_extra_keys` and
+`block_extra_keys` are the two forms.
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ class BlockHasher:
         tokens: Sequence[int],
         lora_name: str | None = None,
         cache_salt: str | None = None,
+        lora_path: str | None = None,
     ) -> None:
         """Append hashes for every full block of `tokens` not hashed yet."""
         bs = self.block_size
@@ -62,7 +66,8 @@ class BlockHasher:
         parent = hashes[-1] if hashes else self.root
         for i in range(len(hashes), full):
             block = tuple(tokens[i * bs : (i + 1) * bs])
-            parent = self.hash_fn((parent, block, block_extra_keys(i, lora_name, cache_salt)))
+            extra = hashed_extra_keys(i, lora_name, lora_path, cache_salt)
+            parent = self.hash_fn((parent, block, extra))
             hashes.append(parent)
 
 
@@ -70,3 +75,12 @@ def block_extra_keys(index: int, lora_name: str | None, cache_salt: str | None) 
     """Block `index`'s extra keys as vLLM orders them (LoRA, multimodal, salt); None if none."""
     keys = ([lora_name] if lora_name else []) + ([cache_salt] if index == 0 and cache_salt else [])
     return tuple(keys) or None
+
+
+def hashed_extra_keys(
+    index: int, lora_name: str | None, lora_path: str | None, cache_salt: str | None
+) -> tuple | None:
+    """Block `index`'s extra keys as vLLM 0.32 hashes them (tagged); None if none."""
+    lora = [("lora", lora_name, lora_path or "")] if lora_name else []
+    salt = [("cache_salt", cache_salt)] if index == 0 and cache_salt else []
+    return tuple(lora + salt) or None

@@ -118,7 +118,9 @@ class Engine:
                 f"{self.pool.num_usable * self.pool.block_size}"
             )
         req.arrival_time = time.monotonic()
-        self.hasher.extend(req.block_hashes, req.all_token_ids, req.lora_name, req.cache_salt)
+        self.hasher.extend(
+            req.block_hashes, req.all_token_ids, req.lora_name, req.cache_salt, req.lora_path
+        )
         self.waiting.append(req)
         self._wakeup.set()
 
@@ -392,7 +394,9 @@ class Engine:
         token = self._eos if self._answer_is_complete(req) else req.rng.choice(self._token_pool)
         req.all_token_ids.append(token)
         req.output_token_ids.append(token)
-        self.hasher.extend(req.block_hashes, req.all_token_ids, req.lora_name, req.cache_salt)
+        self.hasher.extend(
+            req.block_hashes, req.all_token_ids, req.lora_name, req.cache_salt, req.lora_path
+        )
         stats = self.stats
         stats.generation_tokens += 1
         if req.first_token_time is None:

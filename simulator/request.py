@@ -65,6 +65,7 @@ class SimRequest:
     rng: random.Random
     lora_id: int | None = None
     lora_name: str | None = None
+    lora_path: str | None = None  # vLLM hashes the adapter's path into its blocks
     # Salts the first block's hash, as vLLM does: requests share blocks only with equal salts.
     cache_salt: str | None = None
     # Output length at which the simulated model emits EOS; None: never (a random-weight model).

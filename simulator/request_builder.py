@@ -74,6 +74,7 @@ class RequestBuilder:
             rng=rng,
             lora_id=lora.lora_id if lora else None,
             lora_name=lora.name if lora else None,
+            lora_path=lora.path if lora else None,
             cache_salt=gen.cache_salt,
         )
         # Without a KV connector configured, vLLM ignores kv_transfer_params (the prefill leg

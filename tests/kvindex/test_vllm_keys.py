@@ -24,7 +24,7 @@ from infergw.kvindex.translate import MAX_EXTRA_BYTES, EventTranslator
 from infergw.simulator.block_hashing import BlockHasher, block_extra_keys, event_hash
 from tests.fuzzing import fuzz_settings
 from tests.kv_recordings import recorded_batches, recorded_lines, request
-from tests.kv_subscriber import Subscriber, start_tiny
+from tests.kv_subscriber import start_tiny
 from tests.paths import TINY, TINY_MODEL
 
 POD, MODEL = "127.0.0.1:8300", "tiny"
@@ -274,13 +274,6 @@ def test_the_picker_exports_unresolved_hashes_and_skipped_events():
 
 
 # --- with the simulator over real ZMQ (block size 32, the index at 16)
-
-
-@pytest.fixture
-def subscriber():
-    s = Subscriber()
-    yield s
-    s.close()
 
 
 def test_simulator_salted_requests_as_vllm_caches_them(sim_factory, subscriber, tokenizers):
