@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from infergw.api import logs, version
 from infergw.api.cli_help import HelpFormatter
+from infergw.api.engine_keys import INDEX_KEYS
 from infergw.epp.body_budget import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_HELD_BYTES
 from infergw.epp.capacity_wait import DEFAULT_CAPACITY_WAIT_TTL
 from infergw.epp.reference_flags import add_reference_flags, read_reference_flags
@@ -378,7 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     kv.add_argument(
         "--kv-index-keys",
-        choices=["tokens", "engine"],
+        choices=INDEX_KEYS,
         default="tokens",
         help="tokens: the index keys blocks by their token ids (needs nothing of the engines); "
         "engine: by the engines' own block hashes, which the picker computes as vLLM does: no "

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 import xxhash
 
+from infergw.api.engine_keys import SEEDED_ONLY_ALGOS
 from infergw.kvindex.block_encoding import CBOR, PICKLE, BlockWriter, serialize
 
 MAX_ENGINE_BLOCK_SIZE = 1 << 16  # tokens; vLLM's largest (hybrid models) are a few thousand
@@ -41,14 +42,13 @@ def _sha256(data: bytes) -> bytes:
     return hashlib.sha256(data).digest()
 
 
-# algorithm → (how the item is serialized, the digest of its bytes)
+# algorithm (api/engine_keys.py's HASH_ALGOS) → (how the item is serialized, its bytes' digest)
 HASH_ALGOS: dict[str, tuple[str, Callable[[bytes], bytes]]] = {
     "sha256": (PICKLE, _sha256),
     "sha256_cbor": (CBOR, _sha256),
     "xxhash": (PICKLE, xxhash.xxh3_128_digest),
     "xxhash_cbor": (CBOR, xxhash.xxh3_128_digest),
 }
-_SEEDED_ONLY = frozenset({"xxhash", "xxhash_cbor"})  # vLLM draws their seed at random if unset
 
 
 _U32 = next(c for c in "IL" if array(c).itemsize == 4)
@@ -85,7 +85,7 @@ class EngineHashing:
                 f"unknown prefix-caching hash algorithm {self.algo!r} "
                 f"(one of {', '.join(HASH_ALGOS)})"
             )
-        if self.seed is None and self.algo in _SEEDED_ONLY:
+        if self.seed is None and self.algo in SEEDED_ONLY_ALGOS:
             raise ValueError(
                 f"engines hashing with {self.algo} without PYTHONHASHSEED draw a random root "
                 "per process: set PYTHONHASHSEED on them and give the picker the same seed"
