@@ -22,6 +22,7 @@ from prometheus_client import start_http_server
 
 from infergw.api import logs, tracing, version
 from infergw.api.cli_help import HelpFormatter
+from infergw.api.engine_keys import INDEX_KEYS, TOKEN_KEYS
 from infergw.api.names import KV_EVENTS_PORT, PICKER_FILTER_POLICY, POOL_FILE_ENV
 from infergw.api.pod_ports import (
     AUTO,
@@ -383,6 +384,16 @@ def build_parser() -> argparse.ArgumentParser:
         "(standalone Redis or Valkey), each pod's KV events ingested by one replica; default: "
         "each replica subscribes to every pod and keeps its own index",
     )
+    kv.add_argument(
+        "--picker-kv-index-keys",
+        choices=INDEX_KEYS,
+        default=TOKEN_KEYS,
+        help="kubernetes mode: what every Model's picker keys its KV index by: tokens (token "
+        "ids; needs nothing of the engines) or engine (the engines' own block hashes: less "
+        "picker memory; the controllers pass each picker its Model's --block-size, "
+        "--prefix-caching-hash-algo, PYTHONHASHSEED and adapter paths; for vLLM and the "
+        "simulator only, other Models keep token ids and their EngineKeys condition says why)",
+    )
     pods.add_argument(
         "--weights-cache",
         type=weights_cache,
@@ -527,6 +538,7 @@ async def _serve_kubernetes(args: argparse.Namespace, stop: asyncio.Event) -> No
     from infergw.controllers.leader import LeaderElector
 
     store = KubeStore.from_environment()
+    weights = WeightsLayout.cluster(cache_volume_of(args.weights_cache), args.picker_image)
     metrics = ControllerMetrics()
     start_http_server(args.metrics_port, addr=args.host, registry=metrics.registry)
     controllers, scaler = build_controllers(
@@ -538,9 +550,11 @@ async def _serve_kubernetes(args: argparse.Namespace, stop: asyncio.Event) -> No
         picker=PickerSettings(
             image=args.picker_image,
             kv_index_redis=args.picker_kv_index_redis,
+            kv_index_keys=args.picker_kv_index_keys,
             trace_env=tracing.passed_on(),
+            weights=weights,
         ),
-        weights=WeightsLayout.cluster(cache_volume_of(args.weights_cache), args.picker_image),
+        weights=weights,
         logs=PodLogs(store),
     )
     elector = None

@@ -21,6 +21,7 @@ import msgspec
 
 from infergw import api
 from infergw.api import Condition, Model, ModelInfer
+from infergw.api.engine_keys import ENGINE_KEYS
 from infergw.api.meta import ApiStruct
 from infergw.api.names import DOWNLOAD_FAILED, ENGINE_NOT_INSTALLED, PICKER_FILTER_POLICY
 from infergw.api.workload import ModelInferStatus
@@ -61,10 +62,14 @@ log = logging.getLogger("controllers.model")
 NOT_OURS_RETRY = 30.0  # seconds between looks at an object in the way
 TLS_CHECK_INTERVAL = 3600.0  # seconds between looks at a picker certificate's age
 IDENTITY_FIELDS = ("apiVersion", "kind", "metadata", "status")
+# With --picker-kv-index-keys engine: whether the picker hashes as the Model's engines do.
+ENGINE_KEYS_CONDITION = "EngineKeys"
+NOT_REPRODUCIBLE = "EngineHashingNotReproducible"
 # Condition reasons that need a person: their Events are Warnings.
 MODEL_WARNINGS = frozenset(
     ("ObjectNotOwned", "ObjectRejected", "KindNotInstalled", "PodsFailed", "PodsFailing",
-     ENGINE_NOT_INSTALLED, DOWNLOAD_FAILED, "NotReachable", "AdaptersNotLoaded")
+     ENGINE_NOT_INSTALLED, DOWNLOAD_FAILED, "NotReachable", "AdaptersNotLoaded",
+     NOT_REPRODUCIBLE)
 )  # fmt: skip
 
 
@@ -284,6 +289,8 @@ class ModelReconciler:
         conditions = [init, active, failed, condition(obj, "Ready", *_ready(init, active, failed))]
         if self.picker is not None:
             conditions.append(condition(obj, REACHABLE, *await self._reachable(model)))
+            if self.picker.kv_index_keys == ENGINE_KEYS:
+                conditions.append(condition(obj, ENGINE_KEYS_CONDITION, *self._engine_keys(model)))
         loading = False
         if adapters.loads_at_run_time(model):
             loaded = condition(obj, ADAPTERS_LOADED, *await adapters_loaded(self.store, model))
@@ -306,6 +313,15 @@ class ModelReconciler:
         except NotFound:
             pass
         return loading
+
+    def _engine_keys(self, model: Model) -> tuple[bool, str, str]:
+        """With `--picker-kv-index-keys engine`: whether the Model's picker keys its index by
+        the engines' block hashes, or why it keeps token ids (picker_objects.py)."""
+        assert self.picker is not None
+        problem = picker_objects.engine_keys_problem(model, self.picker)
+        if problem is None:
+            return True, "EngineKeys", "the picker hashes prompts as the engines hash blocks"
+        return False, NOT_REPRODUCIBLE, f"the picker keeps token-id keys: {problem}"
 
     async def _reachable(self, model: Model) -> tuple[bool, str, str]:
         """The Reachable condition: the route accepted with its refs resolved by the Gateway,

@@ -56,6 +56,7 @@ from infergw.api.core import (
     ServiceSpec,
     Subject,
 )
+from infergw.api.engine_keys import ENGINE_KEYS, TOKEN_KEYS, NotReproducible, engine_hash_settings
 from infergw.api.envoy_gateway import EnvoyPatchPolicy
 from infergw.api.gateway import (
     GROUP as GATEWAY_GROUP,
@@ -96,7 +97,7 @@ from infergw.cluster.store import (
     Kind,
     owner_reference_of,
 )
-from infergw.controllers import picker_patch, picker_tls
+from infergw.controllers import adapters, picker_patch, picker_tls
 from infergw.controllers.engine_command import PER_POD, KVEventSockets
 from infergw.controllers.model_objects import (
     CONNECTOR_IMAGE,
@@ -108,7 +109,7 @@ from infergw.controllers.model_objects import (
 )
 from infergw.controllers.picker_tls import RESPONSE_ID_KEY, TLS_ANNOTATION
 from infergw.controllers.route_parents import merge_parents
-from infergw.controllers.weights import fetch_env
+from infergw.controllers.weights import CLUSTER, WeightsLayout, fetch_env
 from infergw.fetch.tokenizer import fetchable as tokenizer_fetchable
 
 PICKER_IMAGE = CONNECTOR_IMAGE  # the infergate image: `infergate epp`, `infergate fetch`
@@ -174,13 +175,19 @@ class PickerTLS:
 
 @dataclass(frozen=True, slots=True)
 class PickerSettings:
-    """What the controllers' flags say about every Model's picker: its image, and a shared KV
+    """What the controllers' flags say about every Model's picker: its image, a shared KV
     index in Redis (`--picker-kv-index-redis HOST:PORT`; opt-in, default each replica's own
-    index). (Where the engines publish KV events, which it subscribes to, is the
-    reconciler's `sockets`.)"""
+    index) and the index's keys (`--picker-kv-index-keys`: token ids, or the engines' own
+    block hashes where the picker can hash as the Model's engines do, engine_key_args).
+    (Where the engines publish KV events, which it subscribes to, is the reconciler's
+    `sockets`.)"""
 
     image: str = PICKER_IMAGE
     kv_index_redis: str | None = None
+    kv_index_keys: str = TOKEN_KEYS
+    # Where the Models' adapters are, as their engines load them (the reconciler's layout):
+    # engine keys hash an adapter's path.
+    weights: WeightsLayout = CLUSTER
     # The controllers' own OTEL_* (api/tracing.py passed_on): their pickers (and the Model
     # pods' sidecars, model_objects.pass_trace_env) trace where they do.
     trace_env: tuple[tuple[str, str], ...] = ()
@@ -324,10 +331,34 @@ def kv_index_args(redis: str | None, sockets: KVEventSockets) -> list[str]:
     return [*args, "--kv-index-redis-shard"] if sockets.pub_binds else args
 
 
+def engine_keys_problem(model: Model, settings: PickerSettings) -> str | None:
+    """Why the Model's picker keeps token-id keys though engine keys were asked for, or None
+    (asked for and given, or not asked for)."""
+    if settings.kv_index_keys != ENGINE_KEYS:
+        return None
+    found = engine_hash_settings(model)
+    return found.reason if isinstance(found, NotReproducible) else None
+
+
+def engine_key_args(model: Model, settings: PickerSettings) -> list[str]:
+    """With `--picker-kv-index-keys engine`, the picker's flags to hash prompts as the Model's
+    engines hash blocks (api/engine_keys.py), each `loraAdapters` entry with the path its
+    engine loads it from (adapters.py: vLLM hashes that path); none where it cannot
+    (engine_keys_problem: the Model's EngineKeys condition says why)."""
+    if settings.kv_index_keys != ENGINE_KEYS:
+        return []
+    found = engine_hash_settings(model)
+    if isinstance(found, NotReproducible):
+        return []
+    lora = adapters.wanted(model, settings.weights)
+    return [*found.picker_args(), *(f"--kv-engine-lora-path={a.name}={a.path}" for a in lora)]
+
+
 def picker_args(
-    model: Model, sockets: KVEventSockets = PER_POD, kv_index_redis: str | None = None
+    model: Model, sockets: KVEventSockets = PER_POD, settings: PickerSettings | None = None
 ) -> list[str]:
     """`infergate epp`'s flags (the kubelet expands $(POD_IP) and $(POD_NAMESPACE))."""
+    settings = settings or PickerSettings()
     args = [
         f"--pool-name={model.metadata.name}",  # the InferencePool is the Model's name
         "--pool-namespace=$(POD_NAMESPACE)",
@@ -347,7 +378,8 @@ def picker_args(
         # A PUB on this pod's IP; the peers are the headless Service's ready endpoints.
         f"--replica-sync-bind=tcp://$(POD_IP):{REPLICA_SYNC_PORT}",
         f"--replica-sync-discovery={replicas_service(model)}",
-        *kv_index_args(kv_index_redis, sockets),
+        *kv_index_args(settings.kv_index_redis, sockets),
+        *engine_key_args(model, settings),
     ]
     if fetches_tokenizer(model):
         args.append(f"--tokenizer={served_name(model)}={TOKENIZER_DIR}")
@@ -398,7 +430,7 @@ def _picker_container(model: Model, settings: PickerSettings, sockets: KVEventSo
         "name": "epp",
         "image": settings.image,
         "command": ["infergate", "epp"],
-        "args": picker_args(model, sockets, settings.kv_index_redis),
+        "args": picker_args(model, sockets, settings),
         "env": [
             dict(POD_IP_ENV),
             {

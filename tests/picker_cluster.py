@@ -4,8 +4,11 @@ reads a container's command line ($(VAR) expansion, downward-API env)."""
 
 from __future__ import annotations
 
+import base64
 import copy
 import re
+import tempfile
+from pathlib import Path
 
 import pytest
 from kubernetes import client
@@ -13,7 +16,8 @@ from kubernetes import client
 from infergw.cluster.kube_store import KubeStore
 from infergw.cluster.store import MODEL
 from infergw.controllers.model import ModelReconciler
-from infergw.controllers.picker_objects import PickerSettings
+from infergw.controllers.picker_objects import TLS_DIR, TOKENIZER_DIR, PickerSettings
+from infergw.epp.options import parse_options
 from tests.kubeapi import KubeAPIEmulator
 
 WORKLOAD = "workload.infergate.io/v1alpha1"
@@ -92,3 +96,31 @@ async def cluster():
             yield c
         finally:
             c.store.close()
+
+
+def pod_spec(dep: dict) -> dict:
+    return dep["spec"]["template"]["spec"]
+
+
+def picker_container(dep: dict) -> dict:
+    [c] = pod_spec(dep)["containers"]
+    return c
+
+
+def picker_options(dep: dict, tokenizer_dir: Path, secret: dict):
+    """The picker container's command line through `infergate epp`'s own parser, with the
+    tokenizer volume's path standing for a directory the init container filled, and the TLS
+    volume's for a directory beside it holding the Secret's files as the kubelet mounts them."""
+    c = picker_container(dep)
+    assert c["command"] == ["infergate", "epp"]
+    [volume] = [v for v in pod_spec(dep)["volumes"] if v["name"] == "tls"]
+    assert volume["secret"]["secretName"] == secret["metadata"]["name"]
+    tls_dir = Path(tempfile.mkdtemp(prefix="tls-", dir=tokenizer_dir.parent))
+    for item in volume["secret"]["items"]:  # a key the Secret lacks: the pod would not start
+        (tls_dir / item["path"]).write_bytes(base64.b64decode(secret["data"][item["key"]]))
+    env = container_env(c, "10.0.0.7")
+    args = [
+        expand(a, env).replace(TOKENIZER_DIR, str(tokenizer_dir)).replace(TLS_DIR, str(tls_dir))
+        for a in c["args"]
+    ]
+    return parse_options(args)

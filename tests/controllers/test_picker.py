@@ -19,7 +19,6 @@ import base64
 import json
 import random
 import shutil
-import tempfile
 from pathlib import Path
 
 import kubernetes_validate
@@ -48,9 +47,8 @@ from infergw.cluster.store import (
 )
 from infergw.controllers import picker_objects, reachability
 from infergw.controllers.app import build_controllers, build_parser
-from infergw.controllers.picker_objects import TLS_DIR, TOKENIZER_DIR, PickerSettings
+from infergw.controllers.picker_objects import TOKENIZER_DIR, PickerSettings
 from infergw.controllers.runner import ControllerMetrics
-from infergw.epp.options import parse_options
 from infergw.epp.providers.kubernetes import OPTIONAL_KINDS
 from infergw.epp.request import api_for_path
 from infergw.epp.scheduling.config import load_config, needs_kv_cache, read_config
@@ -62,7 +60,15 @@ from infergw.kvindex.tokenize import PromptTokenizers
 from tests.controller_helpers import conds, summary
 from tests.envoy_gateway_status import patch_policy_status
 from tests.paths import DEFAULT_MODEL, EXAMPLES
-from tests.picker_cluster import NS, SERVED, Cluster, container_env, expand, model_obj
+from tests.picker_cluster import (
+    NS,
+    SERVED,
+    Cluster,
+    model_obj,
+    picker_container,
+    picker_options,
+    pod_spec,
+)
 from tests.waiting import wait_for_async
 
 K8S_VERSION = "1.30"
@@ -83,34 +89,6 @@ async def versions(cluster: Cluster) -> dict[tuple[str, str], str]:
         items, _ = await cluster.store.list(kind, NS)
         out |= {(kind.kind, o["metadata"]["name"]): o["metadata"]["resourceVersion"] for o in items}
     return out
-
-
-def pod_spec(dep: dict) -> dict:
-    return dep["spec"]["template"]["spec"]
-
-
-def picker_container(dep: dict) -> dict:
-    [c] = pod_spec(dep)["containers"]
-    return c
-
-
-def picker_options(dep: dict, tokenizer_dir: Path, secret: dict):
-    """The picker container's command line through `infergate epp`'s own parser, with the
-    tokenizer volume's path standing for a directory the init container filled, and the TLS
-    volume's for a directory beside it holding the Secret's files as the kubelet mounts them."""
-    c = picker_container(dep)
-    assert c["command"] == ["infergate", "epp"]
-    [volume] = [v for v in pod_spec(dep)["volumes"] if v["name"] == "tls"]
-    assert volume["secret"]["secretName"] == secret["metadata"]["name"]
-    tls_dir = Path(tempfile.mkdtemp(prefix="tls-", dir=tokenizer_dir.parent))
-    for item in volume["secret"]["items"]:  # a key the Secret lacks: the pod would not start
-        (tls_dir / item["path"]).write_bytes(base64.b64decode(secret["data"][item["key"]]))
-    env = container_env(c, "10.0.0.7")
-    args = [
-        expand(a, env).replace(TOKENIZER_DIR, str(tokenizer_dir)).replace(TLS_DIR, str(tls_dir))
-        for a in c["args"]
-    ]
-    return parse_options(args)
 
 
 # ---- the objects --------------------------------------------------------------------------------
