@@ -30,6 +30,8 @@ Envoy spreads requests over them, health-checks each and stops sending to one th
 each one subscribes to every pod's KV events (the pods bind their own, per-pod mode). With
 --kv-index redis the stack starts a redis-server for one shared KV index, and each pod's events
 are ingested by one picker only (its shard), every picker reading them all from Redis.
+--kv-index-keys engine keys the pickers' KV index by the pods' own block hashes (less memory),
+each picker hashing prompts as its Model's engines do (README: Engine keys).
 
 Several Models in DIR (examples/two-models): one Envoy serves them all on the same paths. Each
 Model's pool gets its own picker(s) (the second pool's first picker on 9102/9103/9190 ...),
@@ -51,6 +53,7 @@ from pathlib import Path
 
 from infergw.api import logs, version
 from infergw.api.cli_help import HelpFormatter
+from infergw.api.engine_keys import INDEX_KEYS, TOKEN_KEYS
 from infergw.api.pod_ports import AUTO, MANY, ONE, POD_ADDRESS_HELP, POD_ADDRESS_MODES
 from infergw.api.sizes import size_arg
 from infergw.stack.envoy_config import is_ip_address
@@ -108,6 +111,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="memory: each picker's own KV index; redis: a redis-server the stack starts holds "
         "one index for every picker, and with --pickers N each pod's KV events are ingested "
         "by one picker only (sharded; README: Several pickers)",
+    )
+    kv.add_argument(
+        "--kv-index-keys",
+        choices=INDEX_KEYS,
+        default=TOKEN_KEYS,
+        help="tokens: the pickers key the KV index by token ids; engine: by the pods' own "
+        "block hashes, hashing prompts as each Model's engines do (its --block-size, "
+        "--prefix-caching-hash-algo, PYTHONHASHSEED or the simulator's --seed; vLLM and the "
+        "simulator only, other Models keep token ids; README: Engine keys)",
     )
     pool.add_argument(
         "--failure-mode",
@@ -206,6 +218,7 @@ def stack_config(
         trust_client_headers=args.trust_client_headers,
         pickers=args.pickers,
         kv_index=args.kv_index,
+        kv_index_keys=args.kv_index_keys,
         listen_host=args.host,
         listener_tls=tls.listener if tls else None,
     )

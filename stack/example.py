@@ -13,7 +13,8 @@ from pathlib import Path
 
 import yaml
 
-from infergw.api import yaml_files
+from infergw.api import ApiError, from_dict, yaml_files
+from infergw.api.engine_keys import EngineHashSettings, NotReproducible, engine_hash_settings
 from infergw.api.engines import runs_simulator
 from infergw.api.names import LOCAL_OBJECT_STORE_KIND
 from infergw.api.workload import DEFAULT_ENGINE
@@ -62,6 +63,15 @@ class ExampleModel:
         spec = self.model["spec"]
         engine = (spec.get("engine") or {}).get("type") or DEFAULT_ENGINE
         return runs_simulator(engine, str(spec.get("image") or ""))
+
+    @property
+    def engine_hashing(self) -> EngineHashSettings | NotReproducible:
+        """How its pods hash blocks, for pickers keyed by engine hashes (api/engine_keys.py)."""
+        try:
+            model = from_dict(self.model)
+        except ApiError as exc:  # the controllers refuse it too, saying so in their log
+            return NotReproducible(f"the Model cannot be read: {exc}")
+        return engine_hash_settings(model)  # type: ignore[arg-type]
 
     @property
     def scales_to_zero(self) -> bool:

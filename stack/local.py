@@ -27,6 +27,15 @@ from pathlib import Path
 import yaml
 
 from infergw.api import logs, tracing, yaml_files
+from infergw.api.engine_keys import (
+    ENGINE_KEYS,
+    SIMULATOR_DEFAULT_SEED,
+    TOKEN_KEYS,
+    EngineHashSettings,
+    NotReproducible,
+    settings_of,
+)
+from infergw.api.engines import SIMULATOR
 from infergw.api.lifetime import spawn
 from infergw.api.loopback import missing_loopback
 from infergw.api.names import ENGINE_LABEL, KV_EVENTS_PORT, KV_REPLAY_PORT
@@ -62,6 +71,9 @@ class PoolPlan:
     # The certificate its pickers serve (ca.crt, tls.crt, tls.key); None: the stack's own.
     # A cluster's pickers each have their own (tests/e2e/test_gateway_recipe.py renders that).
     cert_dir: Path | None = None
+    # How its pods hash blocks (api/engine_keys.py), for pickers keyed by engine hashes;
+    # None: not known (fixed pods: the stack's own simulators, LocalStack.engine_hashing).
+    engine_hashing: EngineHashSettings | NotReproducible | None = None
 
 
 @dataclass(slots=True)
@@ -93,6 +105,10 @@ class StackConfig:
     # "redis": the stack starts a redis-server and the pickers share the KV index in it;
     # several pickers then subscribe each to its shard of the pods (epp/kv_shards.py).
     kv_index: str = "memory"
+    # "engine": the pickers key the index by the pods' own block hashes (README: Engine keys),
+    # hashing as each pool's pods do; fixed simulator pods then share one seed. With
+    # pod_command, give the picker the engines' hashing in picker_args.
+    kv_index_keys: str = TOKEN_KEYS
     # False: Envoy keeps response bodies away from the picker (no usage, TTFT or TPOT).
     response_bodies: bool = True
     # False (with response_bodies False): response headers too (no status, no served pod):
@@ -145,7 +161,13 @@ class StackConfig:
         """A stack that runs an example directory (stack.example.Example) through the
         controllers; `kw` sets any other field."""
         several = [
-            PoolPlan(m.pool_name, m.served_name, m.tokenizer_dir, m.pods_to_wait_for())
+            PoolPlan(
+                m.pool_name,
+                m.served_name,
+                m.tokenizer_dir,
+                m.pods_to_wait_for(),
+                engine_hashing=m.engine_hashing,
+            )
             for m in example.each
         ]
         return cls(
@@ -163,7 +185,7 @@ class StackConfig:
             },
             pod_timeout=SIMULATOR_POD_TIMEOUT if example.runs_simulator else ENGINE_POD_TIMEOUT,
             auth=example.auth,
-            pools=several if example.several else [],
+            pools=several,
             **kw,
         )
 
@@ -350,10 +372,13 @@ class LocalStack:
             self._wait_http(f"pod-{port}", f"http://127.0.0.1:{port}/health", 60)
 
     def _start_pod(self, rank: int, port: int) -> None:
+        self._spawn(f"pod-{port}", self.pod_command_line(rank, port))
+
+    def pod_command_line(self, rank: int, port: int) -> list[str]:
+        """Fixed pod `rank`'s command: cfg.pod_command's, else a simulator's."""
         c = self.cfg
         if c.pod_command is not None:
-            self._spawn(f"pod-{port}", c.pod_command(port))
-            return
+            return c.pod_command(port)
         per_pod = c.ports.kv_pub_base is not None
         pub_port = c.ports.kv_pub_base + rank if per_pod else c.ports.kv_events
         events = {
@@ -375,8 +400,7 @@ class LocalStack:
             str(port),
             "--served-model-name",
             c.served_model_name,
-            "--seed",
-            str(port),
+            *self._sim_seed_args(port),
             "--kv-events-config",
             json.dumps(events),
             *(["--sim-kv-events-bind"] if per_pod else []),
@@ -384,7 +408,21 @@ class LocalStack:
         ]
         if c.model:
             cmd += ["--model", c.model]
-        self._spawn(f"pod-{port}", cmd)
+        return cmd
+
+    def _sim_seed_args(self, port: int) -> list[str]:
+        """Each fixed simulator pod answers with its own seed (its port); keyed by engine
+        hashes they share one, as a fleet's engines share PYTHONHASHSEED (it roots their
+        block hashes)."""
+        engine = self.cfg.kv_index_keys == ENGINE_KEYS
+        return ["--seed", SIMULATOR_DEFAULT_SEED if engine else str(port)]
+
+    @property
+    def fixed_pods_hashing(self) -> EngineHashSettings | NotReproducible | None:
+        """How the fixed simulator pods hash blocks (None: another model server's, unknown)."""
+        if self.cfg.pod_command is not None:
+            return None
+        return settings_of(SIMULATOR, "", [[*self._sim_seed_args(0), *self.cfg.sim_args]], {})
 
     def start_controllers(self) -> None:
         """The standalone controllers on the manifests; back once they have written the
@@ -550,9 +588,19 @@ class LocalStack:
         self._wait_http(name, f"http://127.0.0.1:{ports.metrics}/healthz", 30)
 
     def _start_picker(self, index: int) -> None:
+        self._start_ext_proc(
+            self.picker_name(index),
+            "infergw.epp",
+            self.picker_ports(index),
+            self.picker_args(index),
+            self.plan_of(index).cert_dir,
+        )
+
+    def picker_args(self, index: int) -> list[str]:
+        """Picker `index`'s own flags (besides the listening ones every ext_proc gets)."""
         c = self.cfg
         plan = self.plan_of(index)
-        args = [
+        return [
             "--pool-name",
             plan.name,
             "--fallback-endpoints",
@@ -564,6 +612,7 @@ class LocalStack:
             *self._replica_sync_args(index),
             *self._response_id_key_args(),
             *self._kv_index_args(),
+            *self._index_keys_args(plan),
             "--kv-events-replay-port",
             # Manifest pods have addresses of their own, each with its replay socket on the
             # port the controllers write; fixed pods share 127.0.0.1, one port each.
@@ -573,9 +622,34 @@ class LocalStack:
             *c.picker_args,
             *(["--config", str(c.picker_config)] if c.picker_config else []),
         ]
-        self._start_ext_proc(
-            self.picker_name(index), "infergw.epp", self.picker_ports(index), args, plan.cert_dir
-        )
+
+    def say_index_keys(self) -> None:
+        """Keyed by engine hashes: a line per pool, with its pods' hashing or why its
+        pickers keep token-id keys."""
+        if self.cfg.kv_index_keys != ENGINE_KEYS or self.cfg.progress is None:
+            return
+        for plan in self.plans:
+            hashing = plan.engine_hashing if self.from_manifests else self.fixed_pods_hashing
+            if isinstance(hashing, NotReproducible):
+                line = f"keeps token-id keys: {hashing.reason}"
+            elif hashing is None:
+                line = "keyed by engine hashes as the picker's own flags say"
+            else:
+                line = "keyed by engine hashes: " + " ".join(hashing.picker_args()[1:])
+            self.cfg.progress(f"  KV index of {plan.name!r}: {line}")
+
+    def _index_keys_args(self, plan: PoolPlan) -> list[str]:
+        """Keyed by engine hashes: the pool's pods' hashing (a pool whose hashing the picker
+        cannot reproduce keeps token-id keys, cfg.progress says why; with pod_command,
+        picker_args carry it)."""
+        if self.cfg.kv_index_keys != ENGINE_KEYS:
+            return []
+        hashing = plan.engine_hashing if self.from_manifests else self.fixed_pods_hashing
+        if hashing is None:
+            return [f"--kv-index-keys={ENGINE_KEYS}"]
+        if isinstance(hashing, NotReproducible):
+            return []
+        return hashing.picker_args()
 
     def _response_id_key_args(self) -> list[str]:
         """One key for every picker, so each reads the Responses API ids the others made
@@ -760,6 +834,7 @@ class LocalStack:
         try:
             self.start_object_stores()
             self.fetch_tokenizers()
+            self.say_index_keys()
             if self.cfg.kv_index == "redis" and self.cfg.with_picker:
                 self.start_redis()
             if self.from_manifests:

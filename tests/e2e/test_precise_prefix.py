@@ -232,3 +232,35 @@ def test_replay_repairs_the_index_after_dropped_messages(tmp_path, monkeypatch):
         assert 'infergate_kvindex_messages_total{outcome="dropped_by_test_hook"} 2.0' in text
     finally:
         s.stop()
+
+
+def test_engine_keys_send_a_repeated_prompt_to_its_holder(tmp_path):
+    """Keyed by the pods' own block hashes (the stack seeds its simulators alike and tells the
+    picker so): a prompt sent to one pod directly, never through the picker (so no speculative
+    entry), is indexed from that pod's KV events alone, and the same prompt through Envoy goes
+    there with the cached tokens the picker predicted."""
+    s = make_stack(tmp_path, picker_config=PRECISE, sim_args=SIM, kv_index_keys="engine")
+    try:
+        holder = s.pod_addresses[1]
+        text = prefix(40) + "once more?"
+        direct = requests.post(
+            f"http://{holder}/v1/completions",
+            json={"model": MODEL, "prompt": text, "max_tokens": 2},
+            timeout=60,
+        )
+        assert direct.status_code == 200, direct.text
+        wait_held(s, text, holder)
+        predicted = requests.post(
+            f"http://127.0.0.1:{s.cfg.ports.picker_metrics}/debug/prefix-scores",
+            json={"model": MODEL, "prompt": text},
+            timeout=10,
+        ).json()
+        [mine] = [e for e in predicted["endpoints"] if e["address"] == holder]
+        assert mine["cached_tokens"] > 100
+        r = ask(s, text)
+        assert r.headers[SERVED] == holder
+        assert r.json()["usage"]["prompt_tokens_details"]["cached_tokens"] == mine["cached_tokens"]
+        assert "keyed by engine hashes" in (tmp_path / "picker.log").read_text()
+        assert 'kind="root_mismatch"' not in "\n".join(kvindex_metrics(s))
+    finally:
+        s.stop()
