@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from infergw import api
+from infergw.api import engine_keys
 from infergw.api.engine_keys import EngineHashSettings, NotReproducible, settings_of
 from infergw.api.lora_adapters import parse
 from infergw.cluster.store import CONFIG_MAP, DEPLOYMENT, SECRET
@@ -18,7 +19,10 @@ from infergw.controllers.app import build_parser
 from infergw.controllers.model import ModelReconciler
 from infergw.controllers.picker_objects import PickerSettings
 from infergw.controllers.weights import CLUSTER
+from infergw.kvindex import engine_hashing
 from infergw.kvindex.engine_hashing import EngineHashing
+from infergw.simulator import block_hashing
+from infergw.simulator.config import build_parser as simulator_parser
 from tests.controller_helpers import conds
 from tests.paths import DEFAULT_MODEL
 from tests.picker_cluster import Cluster, model_obj, picker_options
@@ -145,3 +149,13 @@ def test_flags_read_as_argparse_reads_them():
         "--kv-engine-hash-algo=sha256",
         "--kv-engine-hash-seed=0",
     ]
+
+
+def test_what_engine_keys_assume_of_the_picker_and_simulator_holds():
+    """api/engine_keys.py names what the picker and the simulator implement, which it cannot
+    import: their algorithms, the simulator's seed and block size defaults."""
+    assert set(engine_keys.HASH_ALGOS) == set(engine_hashing.HASH_ALGOS)
+    assert set(engine_keys.SIMULATOR_HASH_ALGOS) == set(block_hashing.HASH_FUNCTIONS)
+    defaults = simulator_parser().parse_args([])
+    assert str(defaults.seed) == engine_keys.SIMULATOR_DEFAULT_SEED
+    assert defaults.block_size == engine_keys.DEFAULT_BLOCK_SIZE

@@ -103,3 +103,31 @@ def test_two_pickers_each_hear_every_pods_kv_events(tmp_path):
         # The controllers rendered per-pod sockets: each pod binds its own address.
         log = (stack.cfg.workdir / "controllers.log").read_text()
         assert "--sim-kv-events-bind" in log
+
+
+def test_engine_keys_hash_as_the_controllers_pods_do(tmp_path):
+    """`infergate up --kv-index-keys engine`: the picker is given the Model's hashing (its
+    --block-size here; the simulator's default seed, as the controllers render no --seed), so
+    a prompt sent to one pod directly (no speculative entry) is indexed from that pod's KV
+    events alone, and through Envoy goes there with the cached tokens the picker predicted."""
+    ports = free_stack_ports(pods=1)
+    args = ["--sim-time-scale=0.2", "--block-size=32"]
+    example = write_example(tmp_path / "example", replicas=2, args=args)
+    cfg = StackConfig.from_example(example, tmp_path / "run", ports, kv_index_keys="engine")
+    with LocalStack(cfg) as stack:
+        holder = stack.pod_addresses[1]
+        prompt = "Chapter 3: " + " ".join(f"word{i}" for i in range(300))
+        direct = requests.post(
+            f"http://{holder}/v1/completions",
+            json={"model": "infergate-sim", "prompt": prompt, "max_tokens": 2},
+            timeout=60,
+        )
+        assert direct.status_code == 200, direct.text
+        indexed_on_it_alone(stack, prompt, holder, pickers=1)
+        url = f"http://127.0.0.1:{stack.picker_ports().metrics}/debug/prefix-scores"
+        scores = requests.post(url, json={"model": "infergate-sim", "prompt": prompt}, timeout=30)
+        [mine] = [e for e in scores.json()["endpoints"] if e["address"] == holder]
+        assert scores.json()["block_size"] == 32 and mine["cached_tokens"] > 0
+        r = ask(stack, prompt)
+        assert r.headers["x-gateway-destination-endpoint-served"] == holder
+        assert r.json()["usage"]["prompt_tokens_details"]["cached_tokens"] == mine["cached_tokens"]
