@@ -291,6 +291,13 @@ def test_a_time_scale_slows_the_pods_and_stretches_the_slos(monkeypatch, tmp_pat
     (settings,) = seen
     assert settings.sim_args[-2:] == ["--sim-time-scale", "4.0"]
     assert (settings.slo.ttft_s, settings.slo.tpot_s) == pytest.approx((4.0, 0.2))
+    # The picker reads a pod as often a simulated second as unscaled: its intervals 4x.
+    asked = dict(zip(settings.picker_args[::2], settings.picker_args[1::2], strict=True))
+    assert asked == {
+        "--refresh-metrics-interval": "0.2",
+        "--quiet-metrics-interval": "1",
+        "--idle-metrics-interval": "4",
+    }
 
 
 @pytest.mark.parametrize("scale", ["0", "-2", "nan", "slow"])
