@@ -9,6 +9,7 @@ own defaults; only what any user must set (worker URLs, policy, the KV-event sou
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import subprocess
@@ -58,20 +59,30 @@ COMPARISON_PROFILES = {
     "precise-without-backlog": [
         p for p in INFERGATE_PROFILES["precise"] if p[0] != "prefill-backlog-scorer"
     ],
+    # precise with the backlog charged only the tokens the chosen pod did not hold (issue 16)
+    "precise-backlog-uncached": [
+        p for p in INFERGATE_PROFILES["precise"] if p[0] != "prefill-backlog-scorer"
+    ]
+    + [("prefill-backlog-scorer", 4, {"chargeCachedTokens": False})],
 }
 # The picker closing a profile: max-score-picker unless named here.
 PROFILE_PICKERS = {"round-robin": "round-robin-picker"}
 
 
-def picker_config(plugins: list[tuple[str, float]], picker: str = "max-score-picker") -> str:
+def picker_config(plugins: list[tuple], picker: str = "max-score-picker") -> str:
+    """A config of (plugin type, weight[, its parameters]) in one profile, then the picker."""
     lines = [
         "apiVersion: llm-d.ai/v1alpha1",
         "kind: EndpointPickerConfig",
         "plugins:",
     ]
-    lines += [f"- type: {t}" for t, _ in plugins] + [f"- type: {picker}"]
+    for t, _, *params in plugins:
+        lines.append(f"- type: {t}")
+        if params:
+            lines.append(f"  parameters: {json.dumps(params[0])}")  # JSON is YAML
+    lines.append(f"- type: {picker}")
     lines += ["schedulingProfiles:", "- name: default", "  plugins:"]
-    lines += [f"  - {{pluginRef: {t}, weight: {w}}}" for t, w in plugins]
+    lines += [f"  - {{pluginRef: {t}, weight: {w}}}" for t, w, *_ in plugins]
     lines += [f"  - {{pluginRef: {picker}}}"]
     return "\n".join(lines) + "\n"
 

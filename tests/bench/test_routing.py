@@ -200,7 +200,14 @@ def test_every_profile_is_a_config_the_picker_builds() -> None:
         picker = routers.PROFILE_PICKERS.get(name, "max-score-picker")
         config = load_config(routers.picker_config(plugins, picker))
         built = config.profiles["default"].scorers
-        assert [(ws.scorer.type_name, ws.weight) for ws in built] == plugins, name
+        assert [(ws.scorer.type_name, ws.weight) for ws in built] == [
+            (t, w) for t, w, *_ in plugins
+        ], name
+    built = load_config(routers.picker_config(profiles["precise-backlog-uncached"])).profiles
+    (backlog,) = [
+        ws.scorer for ws in built["default"].scorers if ws.scorer.type_name.startswith("prefill")
+    ]
+    assert backlog.charge_cached is False  # its parameters reached the plugin
 
 
 def test_a_baseline_twin_runs_right_after_its_router_with_that_commits_picker(monkeypatch):
