@@ -184,11 +184,13 @@ def test_the_default_run_leaves_the_replicated_pickers_out() -> None:
 def test_comparison_profiles_run_only_when_named_and_lack_only_their_setting() -> None:
     from infergw.bench.routing import cli, routers
 
-    assert "infergate-precise-without-backlog" not in cli.all_routers()
-    assert cli.variants()["infergate-precise-without-backlog"].config == "precise-without-backlog"
-    without = routers.COMPARISON_PROFILES["precise-without-backlog"]
+    assert "infergate-precise-with-backlog" not in cli.all_routers()
+    assert cli.variants()["infergate-precise-with-backlog"].config == "precise-with-backlog"
     precise = routers.INFERGATE_PROFILES["precise"]
-    assert [p for p in precise if p not in without] == [("prefill-backlog-scorer", 4)]
+    for name in ("precise-with-backlog", "precise-backlog-uncached"):
+        more = routers.COMPARISON_PROFILES[name]
+        assert more[: len(precise)] == precise and len(more) == len(precise) + 1
+        assert more[-1][0] == "prefill-backlog-scorer"
 
 
 def test_every_profile_is_a_config_the_picker_builds() -> None:
