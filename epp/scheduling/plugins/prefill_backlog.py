@@ -8,10 +8,14 @@ past ~2 requests a second a pod (tests/epp/scheduling/test_load_balance.py repla
 
 The scorer keeps, for each pod, when the prefills the picker sent it should be done: a
 request sent at `now` is done at max(now, done) + its prompt tokens × the seconds a token,
-and a pod scores lower the longer a prompt sent now would wait. Every prompt token is charged,
-cached or not: affinity is the prefix scorers' to weigh. Charging a pod only what it does not
-hold (asking the prefix scorer) counted their pull twice and replayed 10–60 % worse on
-shared prefixes.
+and a pod scores lower the longer a prompt sent now would wait. By default every prompt token
+is charged, cached or not: affinity is the prefix scorers' to weigh, and in the replays
+(tests/epp/scheduling) charging only what a pod does not hold was 10–25 % worse on shared
+prefixes. `chargeCachedTokens: false` charges the share the prefix scorer saw the pod did not
+hold when it scored the request (before this request's own entries there): a pod holding a
+popular prefix then does not look a whole prefill behind for every hit it took. Through the
+stack neither way kept a shared-prefix fleet's hit rate, and with every token charged the fleet
+fell behind at two of three rates, so bench routing's prefix profiles go without the scorer.
 
 The seconds a token are one figure for the pool (its pods serve one model, as a rule on one
 kind of accelerator; learnt per pod, the noise between pods' figures drew requests to the pod
