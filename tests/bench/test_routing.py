@@ -4,10 +4,12 @@ LRU cache would hold, the client reads both SSE shapes, and one real point runs 
 from __future__ import annotations
 
 import itertools
+import os
 
 import pytest
 
 from infergw.bench.client import parse_chunk, text_of
+from infergw.bench.routing.cpus import auto_split
 from infergw.bench.routing.fleet import PodWatch
 from infergw.bench.routing.oracle import _PodCache, block_hashes, oracle
 from infergw.bench.routing.report import markdown
@@ -143,9 +145,15 @@ def test_one_point_runs_through_a_real_fleet_and_router():
         duration_s=3.0,
         seed=1,
         idle_s=1.0,
+        cpus=auto_split(os.sched_getaffinity(0)),  # None on one CPU
     )
     wl = SharedPrefix(groups=2, users=2, prefix_words=100)
+    before = os.sched_getaffinity(0)
     row = run_point(Point(InfergateRouter("precise"), wl, 4.0), settings)
+    assert os.sched_getaffinity(0) == before  # the load generator's CPUs given back
+    if settings.cpus is not None:  # both pods' threads, the picker's and Envoy's
+        assert row["pinned_threads"]["pods"] >= 2 and row["pinned_threads"]["router"] >= 2
+    assert row["pods_cpu_ms_per_request"] > 0 and len(row["load_average"]) == 2
     assert row["router"] == "infergate-precise" and row["errors"] == 0
     assert row["requests"] > 3 and row["ttft_p90_ms"] > 0
     assert 0 < row["ttft_mean_ms"] <= row["ttft_p99_ms"] * 1.5
