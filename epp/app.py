@@ -379,7 +379,9 @@ async def start_scraper(
         idle_interval=opts.idle_metrics_interval,
         quiet_interval=opts.quiet_metrics_interval,
         stale_after=opts.metrics_staleness_threshold,
-        stale_bound=gate.detector.config.metrics_staleness,
+        # Flow control's staleness bounds the quiet pace only when flow control runs: its
+        # detector reads the numbers then, and nothing else does.
+        stale_bound=gate.detector.config.metrics_staleness if gate.queue is not None else None,
     )
     scraper.on_refresh = gate.notify  # fresh metrics may show room for waiting requests
     queue = gate.queue

@@ -16,7 +16,11 @@ from infergw.epp.body_budget import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_HELD_BYT
 from infergw.epp.capacity_wait import DEFAULT_CAPACITY_WAIT_TTL
 from infergw.epp.reference_flags import add_reference_flags, read_reference_flags
 from infergw.epp.response_ids import load_key
-from infergw.epp.scrape_pace import DEFAULT_IDLE_INTERVAL, DEFAULT_QUIET_INTERVAL
+from infergw.epp.scrape_pace import (
+    DEFAULT_IDLE_INTERVAL,
+    DEFAULT_QUIET_INTERVAL,
+    DEFAULT_REFRESH_INTERVAL,
+)
 
 if TYPE_CHECKING:
     from infergw.kvindex.engine_hashing import EngineHashing
@@ -223,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     pool.add_argument(
         "--refresh-metrics-interval",
         type=duration,
-        default=0.05,
+        default=DEFAULT_REFRESH_INTERVAL,
         help="how often each pod's /metrics is read (seconds, or 50ms, 1s…)",
     )
     pool.add_argument(

@@ -34,11 +34,14 @@ from dataclasses import dataclass
 
 from infergw.epp.datastore import Endpoint
 
+# A pod is scraped this often by default (--refresh-metrics-interval): busy pods' pace.
+DEFAULT_REFRESH_INTERVAL = 0.05
 # An idle pod is scraped this often by default: twenty times less than the default
 # interval, and still soon enough for load that reaches it past this picker.
 DEFAULT_IDLE_INTERVAL = 1.0
 # A busy pod the picker sends nothing is scraped at most this seldom by default; the
-# staleness bounds shorten it (Pace.of): 150 ms with the default 200 ms of flow control.
+# staleness bounds shorten it (Pace.of): 200 ms under the picker's default 250 ms, 150 ms
+# under flow control's default 200 ms when flow control runs.
 DEFAULT_QUIET_INTERVAL = 0.25
 
 FAST, QUIET, RESTING = "fast", "quiet", "resting"

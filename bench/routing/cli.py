@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -12,6 +13,7 @@ from infergw.api.cli_help import HelpFormatter
 from infergw.bench.common import PLOTS, RESULTS, machine, positive_number, rate_list, write_json
 from infergw.bench.routing.arrivals import ARRIVALS
 from infergw.bench.routing.catalog import plan, with_arrivals
+from infergw.bench.routing.cpus import parse_split
 from infergw.bench.routing.oracle import oracle
 from infergw.bench.routing.plots import plot
 from infergw.bench.routing.report import markdown
@@ -24,6 +26,11 @@ from infergw.bench.routing.routers import (
 )
 from infergw.bench.routing.run import Point, Settings, run_point
 from infergw.bench.routing.slo import Slo
+from infergw.epp.scrape_pace import (
+    DEFAULT_IDLE_INTERVAL,
+    DEFAULT_QUIET_INTERVAL,
+    DEFAULT_REFRESH_INTERVAL,
+)
 from infergw.simulator.latency_profiles import PROFILES
 
 # Prefill of uncached tokens dominates TTFT (150 µs a token: ~0.3 s for a 2k-token
@@ -56,6 +63,24 @@ def latency(profile: str | None, time_scale: float = 1.0) -> tuple[list[str], fl
     if time_scale != 1.0:
         args = [*args, "--sim-time-scale", str(time_scale)]
     return args, prefill_us * time_scale
+
+
+def scaled_scraping(time_scale: float) -> list[str]:
+    """The picker's scrape intervals in the pods' time: with pods S× slower, S× longer, so
+    the picker reads a pod as often a simulated second as unscaled. Rendering a page costs the
+    simulator's one event loop real CPU (4 ms), where vLLM renders in its API server beside
+    the engine; unscaled intervals at S = 4 cost the pods 4× their share of it and slowed
+    their steps under infergate alone."""
+    if time_scale == 1.0:
+        return []
+    return [
+        "--refresh-metrics-interval",
+        f"{DEFAULT_REFRESH_INTERVAL * time_scale:g}",
+        "--quiet-metrics-interval",
+        f"{DEFAULT_QUIET_INTERVAL * time_scale:g}",
+        "--idle-metrics-interval",
+        f"{DEFAULT_IDLE_INTERVAL * time_scale:g}",
+    ]
 
 
 # Two picker replicas behind one Envoy, against one picker: what active-active costs in
@@ -182,6 +207,15 @@ def main(argv: list[str] | None = None) -> int:
         "4× as long) and the SLOs stretch with it; divide --rates by it for the same load a "
         "pod for 1/S of the CPU, so a busy machine's contention weighs less (default 1)",
     )
+    fleet.add_argument(
+        "--cpu-split",
+        default="auto",
+        metavar="auto|off|PODS/ROUTER",
+        help="the pods on one set of CPUs, the router under test and the load generator on "
+        "the other, as a fleet and its router never share CPUs (auto: a quarter, at least one, "
+        "for the router; 0/1: CPU 0 for the pods, 1 for the router; off: all share all). "
+        "Recorded in the JSON's settings (default %(default)s)",
+    )
     run.add_argument(
         "--output-dir",
         type=Path,
@@ -190,6 +224,10 @@ def main(argv: list[str] | None = None) -> int:
         "whose plots the README shows: a partial run belongs elsewhere)",
     )
     args = p.parse_args(argv)
+    try:
+        cpus = parse_split(args.cpu_split, os.sched_getaffinity(0))
+    except ValueError as exc:
+        p.error(str(exc))
     pods = args.pods or (4 if args.quick else 8)
     scale = args.sim_time_scale
     sim_args, prefill_us = latency(args.sim_latency_profile, scale)
@@ -201,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
         idle_s=4.0 if args.idle is None else args.idle,
         slo=Slo(scale * args.slo_ttft_ms / 1000, scale * args.slo_tpot_ms / 1000),
+        cpus=cpus,
+        picker_args=scaled_scraping(scale),
     )
     routers = all_routers()
     chosen = (
@@ -239,7 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     out = {
         "benchmark": "routing",
         "machine": machine(),
-        "settings": vars_of(settings) | {"slo": settings.slo.describe()},
+        "settings": vars_of(settings)
+        | {"slo": settings.slo.describe(), "cpus": cpus.describe() if cpus else None},
         "workloads": [wl.describe() for wl, _ in work],
         "rows": rows,
         "oracle": oracles,
@@ -293,4 +334,6 @@ def _one_line(row: dict) -> str:
     return (
         f"{head}  TTFT p90 {row['ttft_p90_ms']:>7} ms  goodput {row['goodput_per_s']}/s"
         f"  hit {row['prefix_hit_rate']}  imbalance {row['load_imbalance']}  errors {row['errors']}"
+        f"  TPOT p50 {row['tpot_p50_ms']} ms  pods' CPU {row['pods_cpu_cores']} cores"
+        f"  load {row['load_average']}"
     )

@@ -16,7 +16,11 @@ MAX_PICKERS = 4  # ports for this many; a router sets how many pickers it runs
 
 
 def new_stack(
-    workdir: Path, pods: int, sim_args: list[str], picker_config: Path | None
+    workdir: Path,
+    pods: int,
+    sim_args: list[str],
+    picker_config: Path | None,
+    picker_args: list[str] = (),
 ) -> LocalStack:
     """Pods that each bind their own KV-event PUB (per-pod mode) and replay socket, so any
     router with a KV-event source can subscribe; a picker and Envoy only if asked for."""
@@ -29,7 +33,7 @@ def new_stack(
             pod_ports=[free_port() for _ in range(pods)],
             picker_config=picker_config,
             sim_args=[*sim_args, "--log-level", "warning"],
-            picker_args=["--log-level", "warning"],
+            picker_args=["--log-level", "warning", *picker_args],
             kv_topic="",  # vLLM's default; vllm-router's KV sources read nothing else
         )
     )

@@ -17,6 +17,7 @@ COLUMNS = [
     ("prefix_hit_rate", "pods' hit rate"),
     ("cached_share", "cached on admission"),
     ("load_imbalance", "imbalance"),
+    ("pods_cpu_ms_per_request", "pods' CPU ms/req"),
     ("router_cpu_ms_per_request", "router CPU ms/req"),
     ("router_idle_cpu_pct", "idle CPU % core"),
     ("router_cpu_ms_per_request_above_idle", "CPU ms/req above idle"),
@@ -54,6 +55,12 @@ def markdown(out: dict) -> str:
             f" Each router first idles {s['idle_s']:.0f} s (the picker scraping every pod at "
             "50 ms): its CPU then, over the measured window, is not charged to requests."
             if s.get("idle_s")
+            else ""
+        )
+        + (
+            f" The pods ran on CPUs {_cpus(s['cpus']['pods'])}, the router and the load "
+            f"generator on {_cpus(s['cpus']['router_and_client'])}."
+            if s.get("cpus")
             else ""
         ),
     ]
@@ -97,6 +104,10 @@ def _describe(wl: dict) -> str:
         for k, v in wl.items()
         if k != "name"
     )
+
+
+def _cpus(cpus: list[int]) -> str:
+    return ",".join(map(str, cpus))
 
 
 def _cell(v) -> str:

@@ -9,6 +9,7 @@ own defaults; only what any user must set (worker URLs, policy, the KV-event sou
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import subprocess
@@ -26,19 +27,19 @@ from infergw.stack.readiness import wait_http, wait_until
 
 # infergate's scheduling profiles: (plugin, weight); a max-score picker closes each.
 INFERGATE_PROFILES = {
+    # No prefill-backlog-scorer in the two prefix profiles: through the stack it let the
+    # shared-prefix fleet fall behind at two of three rates (issue 16, README).
     "precise": [
         ("precise-prefix-cache-scorer", 3),
         ("queue-scorer", 2),
         ("kv-cache-utilization-scorer", 2),
         ("least-request", 2),
-        ("prefill-backlog-scorer", 4),
     ],
     "approximate": [
         ("prefix-cache-scorer", 3),
         ("queue-scorer", 2),
         ("kv-cache-utilization-scorer", 2),
         ("least-request", 2),
-        ("prefill-backlog-scorer", 4),
     ],
     "load": [
         ("queue-scorer", 1),
@@ -50,28 +51,36 @@ INFERGATE_PROFILES = {
     # No scorer: the picker's own cost with a plain load balancer's choices (its picker below).
     "round-robin": [],
 }
-# Profiles run only when named (--routers): a default profile without one setting, so its
+# Profiles run only when named (--routers): a default profile with one setting more, so its
 # worth shows in one run on the same fleet (a --baseline picker cannot run a plugin newer
 # than its commit).
 COMPARISON_PROFILES = {
-    # precise without the prefill-backlog scorer (issue 16)
-    "precise-without-backlog": [
-        p for p in INFERGATE_PROFILES["precise"] if p[0] != "prefill-backlog-scorer"
+    # precise with the prefill-backlog scorer, charged every prompt token (issue 16)
+    "precise-with-backlog": [*INFERGATE_PROFILES["precise"], ("prefill-backlog-scorer", 4)],
+    # ... charged only the tokens the chosen pod did not hold when it was scored
+    "precise-backlog-uncached": [
+        *INFERGATE_PROFILES["precise"],
+        ("prefill-backlog-scorer", 4, {"chargeCachedTokens": False}),
     ],
 }
 # The picker closing a profile: max-score-picker unless named here.
 PROFILE_PICKERS = {"round-robin": "round-robin-picker"}
 
 
-def picker_config(plugins: list[tuple[str, float]], picker: str = "max-score-picker") -> str:
+def picker_config(plugins: list[tuple], picker: str = "max-score-picker") -> str:
+    """A config of (plugin type, weight[, its parameters]) in one profile, then the picker."""
     lines = [
         "apiVersion: llm-d.ai/v1alpha1",
         "kind: EndpointPickerConfig",
         "plugins:",
     ]
-    lines += [f"- type: {t}" for t, _ in plugins] + [f"- type: {picker}"]
+    for t, _, *params in plugins:
+        lines.append(f"- type: {t}")
+        if params:
+            lines.append(f"  parameters: {json.dumps(params[0])}")  # JSON is YAML
+    lines.append(f"- type: {picker}")
     lines += ["schedulingProfiles:", "- name: default", "  plugins:"]
-    lines += [f"  - {{pluginRef: {t}, weight: {w}}}" for t, w in plugins]
+    lines += [f"  - {{pluginRef: {t}, weight: {w}}}" for t, w, *_ in plugins]
     lines += [f"  - {{pluginRef: {picker}}}"]
     return "\n".join(lines) + "\n"
 

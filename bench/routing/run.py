@@ -14,6 +14,7 @@ taken out of the requests' CPU exactly, however the pace of scraping followed th
 from __future__ import annotations
 
 import asyncio
+import os
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from dataclasses import dataclass, field
 from infergw.bench.client import run_trace
 from infergw.bench.common import percentile, process_cpu_seconds
 from infergw.bench.routing.client import Outcome, send
+from infergw.bench.routing.cpus import CpuSplit, pin
 from infergw.bench.routing.fleet import PodWatch, new_stack, workdir
 from infergw.bench.routing.routers import RouterUnavailable, Scraping
 from infergw.bench.routing.slo import Slo, goodput
@@ -42,17 +44,30 @@ class Settings:
     seed: int
     idle_s: float = 0.0  # 0: no idle baseline, all the router's CPU is charged to requests
     slo: Slo = field(default_factory=Slo)  # what goodput counts
+    cpus: CpuSplit | None = None  # pods apart from router and client (routing/cpus.py)
+    picker_args: list[str] = field(default_factory=list)  # every infergate picker's
 
 
 def run_point(point: Point, s: Settings, on_request=None) -> dict:
     row = {"router": point.router.name, "workload": point.workload.name, "rate": point.rate}
-    stack = new_stack(workdir(point.router.name), s.pods, s.sim_args, picker_config=None)
+    load_before = os.getloadavg()[0]
+    stack = new_stack(workdir(point.router.name), s.pods, s.sim_args, None, s.picker_args)
+    own_cpus = os.sched_getaffinity(0)
     try:
+        if s.cpus is not None:  # this process is the load generator
+            pin([os.getpid()], s.cpus.router)
         stack.start_pods()
         url = point.router.start(stack)
         idle = point.router.idle_baseline(s.idle_s) if s.idle_s > 0 else None
+        pods = [stack.procs[f"pod-{port}"].pid for port in stack.pod_ports]
+        if s.cpus is not None:  # after the idle baseline: it restarts the picker
+            row["pinned_threads"] = {
+                "pods": pin(pods, s.cpus.pods),
+                "router": pin(list(point.router.pids().values()), s.cpus.router),
+            }
         trace = point.workload.trace(point.rate, s.warmup_s + s.duration_s, s.seed)
-        row |= asyncio.run(_measure(url, stack.pod_addresses, trace, point, s, on_request))
+        measure = _measure(url, stack.pod_addresses, pods, trace, point, s, on_request)
+        row |= asyncio.run(measure)
         if idle is not None:
             row |= split_cpu(row, {n: v / s.idle_s for n, v in idle.items()})
     except RouterUnavailable as exc:
@@ -62,10 +77,14 @@ def run_point(point: Point, s: Settings, on_request=None) -> dict:
     finally:
         point.router.stop()
         stack.stop()
+        if s.cpus is not None:
+            pin([os.getpid()], frozenset(own_cpus))
+    # The machine's 1-minute load average at the point's start and end: other work on it.
+    row["load_average"] = [round(load_before, 1), round(os.getloadavg()[0], 1)]
     return row
 
 
-async def _measure(url, pods, trace, point: Point, s: Settings, on_request) -> dict:
+async def _measure(url, pods, pod_pids, trace, point: Point, s: Settings, on_request) -> dict:
     async with PodWatch(pods) as watch:
         pids = point.router.pids()
         marks: dict[str, object] = {}
@@ -74,6 +93,7 @@ async def _measure(url, pods, trace, point: Point, s: Settings, on_request) -> d
             await asyncio.sleep(s.warmup_s)
             marks["counters"] = await watch.counters()
             marks["cpu"] = {n: process_cpu_seconds(p) for n, p in pids.items()}
+            marks["pods_cpu"] = sum(map(process_cpu_seconds, pod_pids))
             marks["scraping"] = point.router.scraping()
             marks["t"] = time.monotonic()
             watch.start_sampling()
@@ -83,6 +103,7 @@ async def _measure(url, pods, trace, point: Point, s: Settings, on_request) -> d
         await mark
         end = time.monotonic()
         cpu = {n: process_cpu_seconds(p) - marks["cpu"][n] for n, p in pids.items()}
+        pods_cpu = sum(map(process_cpu_seconds, pod_pids)) - marks["pods_cpu"]
         scraping = point.router.scraping()
         hits, queries = (
             b - a for a, b in zip(marks["counters"], await watch.counters(), strict=True)
@@ -98,6 +119,10 @@ async def _measure(url, pods, trace, point: Point, s: Settings, on_request) -> d
         )
         row["measured_s"] = round(end - marks["t"], 2)
         row["router_cpu_s"] = {n: round(v, 3) for n, v in cpu.items()}
+        # The pods' own CPU: what a router makes them spend (pages rendered for its scraping)
+        # shows here, and on a split machine whether their CPUs were enough.
+        row["pods_cpu_cores"] = round(pods_cpu / row["measured_s"], 3)
+        row["pods_cpu_ms_per_request"] = per_request(pods_cpu, row["requests"] - row["errors"])
         if scraping is not None and marks["scraping"] is not None:
             row |= split_scraping(row, scraping.since(marks["scraping"]))
         return row

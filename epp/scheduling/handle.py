@@ -50,6 +50,16 @@ class PrefixSource(Protocol):
 
 
 @runtime_checkable
+class HeldShare(Protocol):
+    """Knows, once it has scored a request, the share of its prompt each pod held then
+    (before this request's own entries: the prefill-backlog scorer's charge)."""
+
+    precise: ClassVar[bool]
+
+    def held_share(self, ctx: RequestContext, address: str) -> float | None: ...
+
+
+@runtime_checkable
 class ForgetsServers(Protocol):
     """Keeps per-pod state that must go when the pod leaves the pool."""
 

@@ -4,10 +4,12 @@ LRU cache would hold, the client reads both SSE shapes, and one real point runs 
 from __future__ import annotations
 
 import itertools
+import os
 
 import pytest
 
 from infergw.bench.client import parse_chunk, text_of
+from infergw.bench.routing.cpus import auto_split
 from infergw.bench.routing.fleet import PodWatch
 from infergw.bench.routing.oracle import _PodCache, block_hashes, oracle
 from infergw.bench.routing.report import markdown
@@ -143,9 +145,15 @@ def test_one_point_runs_through_a_real_fleet_and_router():
         duration_s=3.0,
         seed=1,
         idle_s=1.0,
+        cpus=auto_split(os.sched_getaffinity(0)),  # None on one CPU
     )
     wl = SharedPrefix(groups=2, users=2, prefix_words=100)
+    before = os.sched_getaffinity(0)
     row = run_point(Point(InfergateRouter("precise"), wl, 4.0), settings)
+    assert os.sched_getaffinity(0) == before  # the load generator's CPUs given back
+    if settings.cpus is not None:  # both pods' threads, the picker's and Envoy's
+        assert row["pinned_threads"]["pods"] >= 2 and row["pinned_threads"]["router"] >= 2
+    assert row["pods_cpu_ms_per_request"] > 0 and len(row["load_average"]) == 2
     assert row["router"] == "infergate-precise" and row["errors"] == 0
     assert row["requests"] > 3 and row["ttft_p90_ms"] > 0
     assert 0 < row["ttft_mean_ms"] <= row["ttft_p99_ms"] * 1.5
@@ -184,11 +192,13 @@ def test_the_default_run_leaves_the_replicated_pickers_out() -> None:
 def test_comparison_profiles_run_only_when_named_and_lack_only_their_setting() -> None:
     from infergw.bench.routing import cli, routers
 
-    assert "infergate-precise-without-backlog" not in cli.all_routers()
-    assert cli.variants()["infergate-precise-without-backlog"].config == "precise-without-backlog"
-    without = routers.COMPARISON_PROFILES["precise-without-backlog"]
+    assert "infergate-precise-with-backlog" not in cli.all_routers()
+    assert cli.variants()["infergate-precise-with-backlog"].config == "precise-with-backlog"
     precise = routers.INFERGATE_PROFILES["precise"]
-    assert [p for p in precise if p not in without] == [("prefill-backlog-scorer", 4)]
+    for name in ("precise-with-backlog", "precise-backlog-uncached"):
+        more = routers.COMPARISON_PROFILES[name]
+        assert more[: len(precise)] == precise and len(more) == len(precise) + 1
+        assert more[-1][0] == "prefill-backlog-scorer"
 
 
 def test_every_profile_is_a_config_the_picker_builds() -> None:
@@ -200,7 +210,14 @@ def test_every_profile_is_a_config_the_picker_builds() -> None:
         picker = routers.PROFILE_PICKERS.get(name, "max-score-picker")
         config = load_config(routers.picker_config(plugins, picker))
         built = config.profiles["default"].scorers
-        assert [(ws.scorer.type_name, ws.weight) for ws in built] == plugins, name
+        assert [(ws.scorer.type_name, ws.weight) for ws in built] == [
+            (t, w) for t, w, *_ in plugins
+        ], name
+    built = load_config(routers.picker_config(profiles["precise-backlog-uncached"])).profiles
+    (backlog,) = [
+        ws.scorer for ws in built["default"].scorers if ws.scorer.type_name.startswith("prefill")
+    ]
+    assert backlog.charge_cached is False  # its parameters reached the plugin
 
 
 def test_a_baseline_twin_runs_right_after_its_router_with_that_commits_picker(monkeypatch):
@@ -291,6 +308,13 @@ def test_a_time_scale_slows_the_pods_and_stretches_the_slos(monkeypatch, tmp_pat
     (settings,) = seen
     assert settings.sim_args[-2:] == ["--sim-time-scale", "4.0"]
     assert (settings.slo.ttft_s, settings.slo.tpot_s) == pytest.approx((4.0, 0.2))
+    # The picker reads a pod as often a simulated second as unscaled: its intervals 4x.
+    asked = dict(zip(settings.picker_args[::2], settings.picker_args[1::2], strict=True))
+    assert asked == {
+        "--refresh-metrics-interval": "0.2",
+        "--quiet-metrics-interval": "1",
+        "--idle-metrics-interval": "4",
+    }
 
 
 @pytest.mark.parametrize("scale", ["0", "-2", "nan", "slow"])

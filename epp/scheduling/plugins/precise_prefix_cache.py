@@ -56,6 +56,7 @@ class PrecisePrefixCacheScorer(Scorer, PreRequest, PrepareData):
         self.load_bound = p.load_bound
         self.kv = kv
         self._prompt = PluginSlot[Prompt | None](f"{name}.prompt")
+        self._held = PluginSlot[dict[str, float]](f"{name}.held")  # by address, when scored
 
     @classmethod
     def create(cls, name, params, handle: Handle):
@@ -83,8 +84,16 @@ class PrecisePrefixCacheScorer(Scorer, PreRequest, PrepareData):
         prompt = self.prompt(ctx)
         if prompt is None:
             return [0.0] * len(endpoints)
-        scores = self.kv.score(prompt, [e.address for e in endpoints], self.tier_weights)
+        addresses = [e.address for e in endpoints]
+        scores = self.kv.score(prompt, addresses, self.tier_weights)
+        self._held.put(ctx, dict(zip(addresses, scores, strict=True)))
         return bounded(scores, endpoints, self.load_bound)
+
+    def held_share(self, ctx: RequestContext, address: str) -> float | None:
+        """The share of the prompt `address` held (tier-weighted) when this request was
+        scored: before its own speculative entries."""
+        held = self._held.get(ctx)
+        return None if held is None else held.get(address)
 
     def cached_prompt(self, ctx: RequestContext, address: str) -> tuple[int, int] | None:
         """(prompt tokens, how many of them `address` holds from the start, in any tier);

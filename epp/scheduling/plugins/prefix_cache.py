@@ -48,6 +48,7 @@ class PrefixCacheScorer(Scorer, PreRequest):
         self.load_bound = p.load_bound
         # Per instance: block sizes may differ.
         self._hashes = PluginSlot[list[int]](f"{name}.hashes")
+        self._held = PluginSlot[dict[str, float]](f"{name}.held")  # by address, when scored
         self._by_server: dict[str, OrderedDict[int, None]] = {}
         # Reverse index for lookups: block hash → servers holding it.
         self._servers_of: dict[int, set[str]] = {}
@@ -98,7 +99,14 @@ class PrefixCacheScorer(Scorer, PreRequest):
             best = max(matched.values(), default=0)
             self._metrics.prefix_hit_ratio.observe(best / total)
             self._metrics.prefix_hit_bytes.observe(best * self.block_chars)
-        return bounded([matched[e.address] / total for e in endpoints], endpoints, self.load_bound)
+        shares = [matched[e.address] / total for e in endpoints]
+        self._held.put(ctx, dict(zip((e.address for e in endpoints), shares, strict=True)))
+        return bounded(shares, endpoints, self.load_bound)
+
+    def held_share(self, ctx: RequestContext, address: str) -> float | None:
+        """The share of the prompt `address` held when this request was scored."""
+        held = self._held.get(ctx)
+        return None if held is None else held.get(address)
 
     def cached_prompt(self, ctx: RequestContext, address: str) -> tuple[int, int]:
         """(prompt tokens, how many of them `address` holds from the start), in this

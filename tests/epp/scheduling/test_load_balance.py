@@ -338,3 +338,27 @@ def test_a_wait_counts_against_the_prompts_own_prefill_not_the_spread():
     assert scorer.score(long_prompt, [a, b]) == pytest.approx([0.995, 1.0])
     # A prompt shorter than the wait: the wait itself is the scale.
     assert scorer.score(bare_context(prompt_text="w" * 4), [a, b]) == [0.0, 1.0]
+
+
+@pytest.mark.parametrize("charge_cached", [True, False])
+def test_a_pod_is_charged_every_prompt_token_or_only_those_it_did_not_hold(charge_cached):
+    """chargeCachedTokens: false charges the share the prefix scorer saw the pod did not hold
+    when it scored the request, not after its own pre_request recorded the prompt there."""
+    clock = SimClock()
+    prefix = PrefixCacheScorer("p")
+    params = {"secondsPerToken": 1e-3, "chargeCachedTokens": charge_cached}
+    backlog = PrefillBacklogScorer("b", params, clock=clock, plugins={"p": prefix})
+    sched = scheduler([(prefix, 3), (backlog, 1)])  # prefix first: it records the prompt first
+    eps = Fleet(pods=2).endpoints()
+    prompt = "a system prompt every request shares " * 60
+    first = send(sched, bare_context(prompt_text=prompt + "one?"), eps, 0.0)
+    alone = backlog.wait(first.address, 0.0)  # nothing held: the whole prompt either way
+    tokens = bare_context(prompt_text=prompt + "one?").request.approx_prompt_tokens
+    assert alone == pytest.approx(tokens * 1e-3)
+    second = send(sched, bare_context(prompt_text=prompt + "two?"), eps, 0.0)
+    assert second is first  # affinity (3) over the backlog (1)
+    added = backlog.wait(first.address, 0.0) - alone
+    if charge_cached:
+        assert added == pytest.approx(alone)
+    else:
+        assert 0 < added < 0.1 * alone  # the question and the last partial block
