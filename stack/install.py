@@ -22,6 +22,7 @@ import yaml
 
 from infergw.api.cli_help import HelpFormatter
 from infergw.api.workload import DEFAULT_GATEWAY
+from infergw.api.yaml_files import OWN_FILES_LOADER
 from infergw.stack.resources import CRDS, GATEWAY_MANIFESTS
 
 UPSTREAM_CRDS = CRDS / "upstream"
@@ -120,7 +121,7 @@ def objects(target: Target = Target()) -> Iterator[Obj]:
         text = source.path.read_text()
         if source.movable:
             text = _namespaced_values(text, target.namespace)
-        for doc in yaml.safe_load_all(text):
+        for doc in yaml.load_all(text, Loader=OWN_FILES_LOADER):
             if not doc:
                 continue
             if source.movable:

@@ -33,13 +33,28 @@ if "PYTEST_XDIST_WORKER" in os.environ:
 
 def pytest_collection_modifyitems(config, items) -> None:
     """Tests marked `vllm` need a real vLLM and minutes: they run only when the marker
-    expression names them (`make test-vllm` passes `-m vllm`), never in `make test`."""
-    if "vllm" in (config.option.markexpr or ""):
-        return
-    real = [item for item in items if item.get_closest_marker("vllm") is not None]
-    if real:
-        config.hook.pytest_deselected(items=real)
-        items[:] = [item for item in items if item.get_closest_marker("vllm") is None]
+    expression names them (`make test-vllm` passes `-m vllm`), never in `make test`.
+    The files with `slow` tests go first (see _slow_files_first)."""
+    if "vllm" not in (config.option.markexpr or ""):
+        real = [item for item in items if item.get_closest_marker("vllm") is not None]
+        if real:
+            config.hook.pytest_deselected(items=real)
+            items[:] = [item for item in items if item.get_closest_marker("vllm") is None]
+    _slow_files_first(items)
+
+
+def _slow_files_first(items: list[pytest.Item]) -> None:
+    """Files with the most `slow` tests first, then the rest in collection order; a file's
+    tests stay together. `make test` hands whole files to its workers in this order
+    (--no-loadscope-reorder): xdist's own order, most tests first, left the slow files of
+    one to four tests (the wheel's minute, the benchmarks' half minutes) for last, one
+    worker running them while the other idled. Now the short files fill the tail."""
+    slow: dict[str, int] = {}
+    for item in items:
+        slow.setdefault(item.nodeid.split("::")[0], 0)
+        if item.get_closest_marker("slow") is not None:
+            slow[item.nodeid.split("::")[0]] += 1
+    items.sort(key=lambda item: -slow[item.nodeid.split("::")[0]])
 
 
 @contextmanager

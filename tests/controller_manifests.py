@@ -11,6 +11,7 @@ from typing import Any
 
 import yaml
 
+from infergw.api.yaml_files import OWN_FILES_LOADER
 from tests.paths import ROOT
 
 MANIFESTS = ROOT / "gateway-manifests"
@@ -18,7 +19,7 @@ CONTROLLERS_YAML = MANIFESTS / "controllers.yaml"
 
 
 def load(path: Path) -> list[dict[str, Any]]:
-    return [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+    return [d for d in yaml.load_all(path.read_text(), Loader=OWN_FILES_LOADER) if d is not None]
 
 
 def docs() -> list[dict[str, Any]]:

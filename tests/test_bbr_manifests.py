@@ -13,6 +13,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from infergw.api.yaml_files import OWN_FILES_LOADER
 from infergw.bbr.app import HEALTH_SERVICES
 from infergw.bbr.options import parse_options
 from infergw.bbr.sources import OPTIONAL_KINDS
@@ -29,7 +30,10 @@ BUILT_IN = {"ServiceAccount", "Role", "RoleBinding", "Deployment", "PodDisruptio
 
 def docs() -> list[dict[str, Any]]:
     return [
-        d for path in sorted(HERE.glob("*.yaml")) for d in yaml.safe_load_all(path.read_text()) if d
+        d
+        for path in sorted(HERE.glob("*.yaml"))
+        for d in yaml.load_all(path.read_text(), Loader=OWN_FILES_LOADER)
+        if d
     ]
 
 
@@ -40,7 +44,7 @@ def one(kind: str, name: str = "infergate-bbr") -> dict[str, Any]:
 
 def gateway_docs(name: str) -> list[dict[str, Any]]:
     path = ROOT / "gateway-manifests" / name
-    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+    return [d for d in yaml.load_all(path.read_text(), Loader=OWN_FILES_LOADER) if d]
 
 
 @pytest.mark.parametrize(

@@ -27,6 +27,7 @@ from infergw.api.names import (
     USER_HEADER,
 )
 from infergw.api.retries import retry_budget, retry_policy
+from infergw.api.yaml_files import OWN_FILES_LOADER
 from infergw.cluster.certs import serving_cert
 from infergw.cluster.store import ENDPOINT_SLICE
 from infergw.controllers.model_objects import CONNECTOR_SERVICE_ACCOUNT
@@ -83,7 +84,7 @@ def _manifest_files() -> list[Path]:
 
 
 def _load(path: Path) -> list[dict[str, Any]]:
-    return [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+    return [d for d in yaml.load_all(path.read_text(), Loader=OWN_FILES_LOADER) if d is not None]
 
 
 def _docs(paths: list[Path]) -> Iterator[tuple[str, dict[str, Any]]]:
