@@ -459,7 +459,14 @@ def summarize(
             "p99_ms": round(sum(r.p99_ms for r in rs) / len(rs), 2),
             "cpu_us_per_request": round(1e6 * sum(r.server_cpu_s for r in rs) / max(requests, 1)),
             "rounds": [
-                {"rps": round(r.requests / r.seconds, 1), "p99_ms": round(r.p99_ms, 2)} for r in rs
+                {
+                    "rps": round(r.requests / r.seconds, 1),
+                    "p99_ms": round(r.p99_ms, 2),
+                    # Per round too: on a shared machine a round's rate swings, and the CPU
+                    # a request (scraping's share above all) with it.
+                    "cpu_us_per_request": round(1e6 * r.server_cpu_s / max(r.requests, 1)),
+                }
+                for r in rs
             ],
         }
     for name in results:

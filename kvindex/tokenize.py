@@ -88,6 +88,13 @@ def encode_unlocked(tok: Tokenizer, text: str, *, special: bool) -> Encoding:
     return tok.encode_batch([text], add_special_tokens=special)[0]
 
 
+def ids_unlocked(tok: Tokenizer, text: str, *, special: bool) -> list[int]:
+    """The token ids of `text`, the GIL released as in encode_unlocked, without the offsets
+    an Encoding otherwise carries: encode_batch_fast skips working them out, ~40 % of the
+    CPU of a ~100-token prompt (120 against 200 µs), and the prompt path needs only ids."""
+    return tok.encode_batch_fast([text], add_special_tokens=special)[0].ids
+
+
 class PromptTokenizer:
     def __init__(
         self, model_dir: Path, cache_entries: int = 256, cache_tokens: int = 2_000_000
@@ -176,7 +183,7 @@ class PromptTokenizer:
     def _encode(self, text: str, *, special: bool) -> list[int]:
         try:
             if special and self._wrap is None:
-                return encode_unlocked(self._tok, text, special=True).ids
+                return ids_unlocked(self._tok, text, special=True)
             ids = self._cache.encode(text)
         except TypeError as exc:  # lone surrogates and the like
             raise PromptError("prompt text cannot be tokenized", str(exc)) from exc
@@ -239,7 +246,7 @@ class _PrefixCache:
         # and a plain encode gives the same ids.
         if not self._lock.acquire(blocking=False):
             self.misses += 1
-            return encode_unlocked(self._tok, text, special=False).ids
+            return ids_unlocked(self._tok, text, special=False)
         try:
             return self._encode(text)
         finally:
@@ -257,7 +264,7 @@ class _PrefixCache:
             # Offsets and pre-token starts are worked out only if the entry is ever reused:
             # a miss then costs no more than a plain encode. The Encoding is not kept for
             # them: it holds ~400 bytes a token (a cache of 2M tokens of them held ~800 MB).
-            ids = encode_unlocked(self._tok, text, special=False).ids
+            ids = ids_unlocked(self._tok, text, special=False)
             starts, boundaries = None, None
         else:
             ids, starts, boundaries = reused
@@ -300,7 +307,7 @@ class _PrefixCache:
         out = ids[:keep] + tail.ids
         if self._verified < self.VERIFY_FIRST:
             self._verified += 1
-            if encode_unlocked(self._tok, text, special=False).ids != out:
+            if ids_unlocked(self._tok, text, special=False) != out:
                 self.reuse_ok = False  # this tokenizer does not cut cleanly: always encode
                 return None
         self.hits += 1

@@ -125,3 +125,15 @@ def test_the_pipeline_child_runs_the_pickers_code_and_reports_cpu_per_request():
     assert 0 < 20 * streamed["cpu_us_per_chunk"] < streamed["cpu_us_per_request"]
     assert streamed["cpu_us_per_request_without_chunks"] > 0
     assert "20 streamed chunks" in epp_pipeline.markdown(out)
+
+
+@pytest.mark.slow
+def test_the_pipeline_child_keeps_requests_in_flight_together():
+    """With --concurrency the child's requests overlap (the child checks every answer, so a
+    request that lost its messages to another would fail the run)."""
+    out = epp_pipeline.compare(["HEAD"], requests=60, rounds=1, concurrency=16)
+    assert out["concurrency"] == 16
+    assert out["modes"][0]["commits"]["HEAD"]["cpu_us_per_request"] > 0
+    assert "16 request(s) in flight" in epp_pipeline.markdown(out)
+    with pytest.raises(SystemExit):
+        epp_pipeline.main(["--concurrency", "0"])

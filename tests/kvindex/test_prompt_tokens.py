@@ -201,6 +201,12 @@ class _EncodeWatch:
         self.inside += self.ticks - before
         return out
 
+    def encode_batch_fast(self, *args, **kw):
+        before = self.ticks
+        out = self._tok.encode_batch_fast(*args, **kw)
+        self.inside += self.ticks - before
+        return out
+
 
 def _ticks_inside_encodes(tok: PromptTokenizer, prompt: str) -> int:
     watch = _EncodeWatch(tok._tok)
@@ -245,3 +251,18 @@ def test_the_prefix_cache_keeps_ids_not_encodings():
     tok.tokens_for("completions", {"prompt": SYSTEM + "first?"})
     held = [part for entry in tok._cache._entries.values() for part in entry]
     assert held and not any(isinstance(part, Encoding) for part in held)
+
+
+def test_ids_without_offsets_are_the_encodings_ids():
+    """The prompt path asks encode_batch_fast (no offsets) for ids: they must be what a full
+    encode gives, with and without special tokens, for plain, unicode and added-token text."""
+    from infergw.kvindex.tokenize import encode_unlocked, ids_unlocked
+    from infergw.stack.local import DEFAULT_MODEL_DIR
+
+    tok = PromptTokenizer.from_dir(DEFAULT_MODEL_DIR)._tok
+    texts = ["hello " * 50, "naïve café — 東京 🙂 done", "", "<|im_start|>user\nhi<|im_end|>"]
+    for text in texts:
+        for special in (False, True):
+            assert ids_unlocked(tok, text, special=special) == (
+                encode_unlocked(tok, text, special=special).ids
+            )
