@@ -48,17 +48,57 @@ class Settings:
     picker_args: list[str] = field(default_factory=list)  # every infergate picker's
 
 
+# A point whose fleet or router fails to start (on a busy machine another process can take a
+# port between choosing it and the server binding it) is started again on fresh ports: no
+# request has been sent yet, so a second start measures the same thing.
+START_ATTEMPTS = 3
+
+
+class _StartFailed(Exception):
+    """The fleet or the router did not come up; nothing was measured."""
+
+
 def run_point(point: Point, s: Settings, on_request=None) -> dict:
     row = {"router": point.router.name, "workload": point.workload.name, "rate": point.rate}
     load_before = os.getloadavg()[0]
+    failures: list[str] = []
+    while True:
+        try:
+            row |= _run_once(point, s, on_request)
+            break
+        except _StartFailed as exc:
+            failures.append(str(exc.__cause__ or exc))
+            if len(failures) == START_ATTEMPTS:
+                row["unavailable"] = f"failed to start {len(failures)} times: {failures[-1]}"
+                break
+        except RouterUnavailable as exc:
+            row["unavailable"] = str(exc)
+            break
+        except (RuntimeError, OSError, TimeoutError) as exc:  # failed while measuring
+            row["unavailable"] = f"failed: {exc}"
+            break
+    if failures:
+        row["start_failures"] = failures
+    # The machine's 1-minute load average at the point's start and end: other work on it.
+    row["load_average"] = [round(load_before, 1), round(os.getloadavg()[0], 1)]
+    return row
+
+
+def _run_once(point: Point, s: Settings, on_request) -> dict:
+    row: dict = {}
     stack = new_stack(workdir(point.router.name), s.pods, s.sim_args, None, s.picker_args)
     own_cpus = os.sched_getaffinity(0)
     try:
         if s.cpus is not None:  # this process is the load generator
             pin([os.getpid()], s.cpus.router)
-        stack.start_pods()
-        url = point.router.start(stack)
-        idle = point.router.idle_baseline(s.idle_s) if s.idle_s > 0 else None
+        try:
+            stack.start_pods()
+            url = point.router.start(stack)
+            idle = point.router.idle_baseline(s.idle_s) if s.idle_s > 0 else None
+        except RouterUnavailable:
+            raise
+        except (RuntimeError, OSError, TimeoutError) as exc:
+            raise _StartFailed(f"{point.router.name} at {point.rate} req/s") from exc
         pods = [stack.procs[f"pod-{port}"].pid for port in stack.pod_ports]
         if s.cpus is not None:  # after the idle baseline: it restarts the picker
             row["pinned_threads"] = {
@@ -70,18 +110,12 @@ def run_point(point: Point, s: Settings, on_request=None) -> dict:
         row |= asyncio.run(measure)
         if idle is not None:
             row |= split_cpu(row, {n: v / s.idle_s for n, v in idle.items()})
-    except RouterUnavailable as exc:
-        row["unavailable"] = str(exc)
-    except (RuntimeError, OSError, TimeoutError) as exc:  # a point that could not start
-        row["unavailable"] = f"failed to start: {exc}"
+        return row
     finally:
         point.router.stop()
         stack.stop()
         if s.cpus is not None:
             pin([os.getpid()], frozenset(own_cpus))
-    # The machine's 1-minute load average at the point's start and end: other work on it.
-    row["load_average"] = [round(load_before, 1), round(os.getloadavg()[0], 1)]
-    return row
 
 
 async def _measure(url, pods, pod_pids, trace, point: Point, s: Settings, on_request) -> dict:
