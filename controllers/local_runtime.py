@@ -85,6 +85,10 @@ DEFAULT_GRACE_SECONDS = 30  # terminationGracePeriodSeconds when the pod does no
 # otherwise start a thousand engines on this machine. The others wait, Pending.
 MAX_PODS = 110
 UNSCHEDULABLE = "Unschedulable"
+# How often pods that found no address or port try again, as the scheduler retries an
+# unschedulable pod: another runtime's pods or a leftover process may let go of them.
+NO_ROOM_RETRY_SECONDS = 10.0
+LAST_POD_IP = 254  # 127.0.0.254: the last loopback address a pod takes
 TERMINATION_MESSAGE_BYTES = 2048  # the kubelet's bounds on a message taken from the log
 LOG_TAIL_BYTES = 4096  # what log_tail reads at most: the last lines, as `kubectl logs --tail`
 TERMINATION_MESSAGE_LINES = 80
@@ -92,6 +96,17 @@ TERMINATION_MESSAGE_LINES = 80
 
 class NotInstalled(Exception):
     """A container's command cannot run on this machine; the message says what is missing."""
+
+
+class NoRoom(Exception):
+    """No loopback address (or, one-address mode, no port) is free for the pod now; the
+    message says which. The pod waits Pending and tries again."""
+
+
+@dataclass(slots=True)
+class _Waiting:
+    pod: Obj
+    reason: str  # the message its Unschedulable condition carries (reported once)
 
 
 @dataclass(slots=True)
@@ -145,6 +160,7 @@ class LocalRuntime:
         max_pods: int = MAX_PODS,
         address_locks: AddressLocks | None = None,
         pod_addresses: str = MANY,
+        no_room_retry: float = NO_ROOM_RETRY_SECONDS,
     ) -> None:
         self.store = store
         # MANY: a loopback address per pod; ONE: every pod on 127.0.0.1, ports of its own.
@@ -153,13 +169,17 @@ class LocalRuntime:
         # Addresses this runtime's pods use, claimed against the machine's other runtimes.
         self._addresses = address_locks or AddressLocks()
         self.max_pods = max_pods
-        # Pods waiting for room, in arrival order: each starts when a running one is gone.
-        self._pending: dict[tuple[str, str], Obj] = {}
+        # Pods waiting for room, in arrival order: each starts when a running one is gone
+        # (or, waiting for an address or port, when a retry finds one).
+        self._pending: dict[tuple[str, str], _Waiting] = {}
+        self.no_room_retry = no_room_retry
+        self._retry: asyncio.TimerHandle | None = None
         # Set in every container, as a kubelet sets KUBERNETES_SERVICE_HOST.
         self.env = dict(env or {})
         self.state_dir = state_dir
         self.max_backoff = max_backoff
         self.probe_interval = probe_interval
+        self._first_ip = first_ip
         self._next_ip = first_ip
         self._free_ips: list[str] = []
         self._running: dict[tuple[str, str], _Running] = {}
@@ -175,6 +195,8 @@ class LocalRuntime:
         await self._informer.synced.wait()
 
     async def stop(self) -> None:
+        if self._retry is not None:
+            self._retry.cancel()
         await self._informer.stop()
         await asyncio.gather(*(self._stop(k) for k in list(self._running)), *self._stopping)
         if self._session is not None:
@@ -202,11 +224,14 @@ class LocalRuntime:
     # ---- pod events ---------------------------------------------------------------------
 
     def _on_pod(self, event: str, pod: Obj) -> None:
-        key = (pod["metadata"].get("namespace", "default"), pod["metadata"]["name"])
+        key = _key(pod)
         run = self._running.get(key)
-        waited = self._pending.pop(key, None) is not None  # this event has its newest version
+        waiting = self._pending.get(key)
         if event == "DELETED" or pod["metadata"].get("deletionTimestamp"):
-            if run is not None and (event == "DELETED" or _same(run.pod, pod)):
+            if waiting is not None and _same(waiting.pod, pod):
+                del self._pending[key]
+            # Only that pod: a newer one of the same name may run under the key already.
+            if run is not None and _same(run.pod, pod):
                 self._background(self._stop(key, run))  # releases the finalizer when done
             elif event != "DELETED" and FINALIZER in (pod["metadata"].get("finalizers") or []):
                 self._background(self._release(pod))  # nothing of it runs here
@@ -214,14 +239,24 @@ class LocalRuntime:
         if run is None or not _same(run.pod, pod):
             if run is not None:  # same name, new pod: the old processes go first
                 self._background(self._stop(key, run))
+            # This event has its newest version; our own status write comes back as one.
+            self._pending.pop(key, None)
+            reported = waiting.reason if waiting is not None and _same(waiting.pod, pod) else None
             if len(self._running) >= self.max_pods:
-                self._pending[key] = pod
-                if not waited:  # reported once: our own status write comes back as an event
-                    self._background(self._report_unschedulable(pod))
+                message = (
+                    f"this machine runs at most {self.max_pods} pods (maxPods); the pod "
+                    "starts when another one stops"
+                )
+                self._wait(key, pod, message, reported)
                 return
-            self._run(key, pod)
+            try:
+                self._run(key, pod)
+            except NoRoom as exc:
+                self._wait(key, pod, str(exc), reported)
 
     def _run(self, key: tuple[str, str], pod: Obj) -> None:
+        """Start the pod; NoRoom (nothing started, nothing held) when it has no address or
+        port now."""
         ports = _container_ports(pod)
         if self.pod_addresses == ONE:
             moved = self._take_ports(ports)
@@ -232,19 +267,39 @@ class LocalRuntime:
         self._start_containers(key, run)
         self._background(self._hold(pod, run))
 
+    def _wait(self, key: tuple[str, str], pod: Obj, reason: str, reported: str | None) -> None:
+        """The pod waits Pending, Unschedulable with `reason` (written once per reason: the
+        write comes back as an event). Waiting for an address or port, a retry is due."""
+        self._pending[key] = _Waiting(pod, reason)
+        if reason != reported:
+            self._background(self._report_unschedulable(pod, reason))
+        if len(self._running) < self.max_pods:  # not maxPods: an address or port is missing
+            self._retry_later()
+
+    def _retry_later(self) -> None:
+        if self._retry is None:
+            loop = asyncio.get_running_loop()
+            self._retry = loop.call_later(self.no_room_retry, self._retry_now)
+
+    def _retry_now(self) -> None:
+        self._retry = None
+        self._start_pending()
+
     def _start_pending(self) -> None:
         """Start the pods that waited longest, as long as there is room."""
         while self._pending and len(self._running) < self.max_pods:
             key = next(iter(self._pending))
-            self._run(key, self._pending.pop(key))
+            waiting = self._pending.pop(key)
+            try:
+                self._run(key, waiting.pod)
+            except NoRoom as exc:  # first in line stays first; the others wait behind it
+                self._pending = {key: waiting, **self._pending}
+                self._wait(key, waiting.pod, str(exc), waiting.reason)
+                return
 
-    async def _report_unschedulable(self, pod: Obj) -> None:
+    async def _report_unschedulable(self, pod: Obj, message: str) -> None:
         """Pending with PodScheduled False, as the scheduler leaves a pod no node has room for."""
         m = pod["metadata"]
-        message = (
-            f"this machine runs at most {self.max_pods} pods (maxPods); the pod starts when "
-            "another one stops"
-        )
         log.warning("pod %s/%s waits: %s", m.get("namespace", "default"), m["name"], message)
         current = await self.store.get(POD, m.get("namespace", "default"), m["name"])
         if current is None or not _same(current, pod):
@@ -315,24 +370,32 @@ class LocalRuntime:
         """A loopback address where every container's ports are free and no other runtime
         on this machine has claimed (address_locks.py): another stack (or a leftover
         process) may hold some, and a pod that cannot bind its port must not pass its
-        readiness probe against someone else's server."""
+        readiness probe against someone else's server. Addresses are taken in turn and the
+        turn wraps, so one another runtime let go of is found again."""
         for ip in list(self._free_ips):
             if _ports_free(ip, ports):
                 self._free_ips.remove(ip)
                 return ip
-        while self._next_ip <= 254:
-            ip = f"127.0.0.{self._next_ip}"
-            self._next_ip += 1
-            if not self._addresses.claim(ip):
+        ours = {run.ip for run in self._running.values()} | set(self._free_ips)
+        span = LAST_POD_IP - self._first_ip + 1
+        for _ in range(span):
+            n = self._next_ip
+            self._next_ip = self._first_ip + (n + 1 - self._first_ip) % span
+            ip = f"127.0.0.{n}"
+            if ip in ours or not self._addresses.claim(ip):
                 continue
             problem = missing_loopback(ip)
             if problem is not None:  # macOS without aliases: every further one is missing too
                 self._addresses.release(ip)
-                raise RuntimeError(problem)
+                raise NoRoom(problem)
             if _ports_free(ip, ports):
                 return ip
             self._addresses.release(ip)
-        raise RuntimeError("no loopback address left for another local pod")
+        raise NoRoom(
+            f"no loopback address between 127.0.0.{self._first_ip} and 127.0.0.{LAST_POD_IP} "
+            f"has the pod's ports {ports} free (other runtimes or processes hold the rest); "
+            f"the pod tries again every {self.no_room_retry:g} s and when a pod stops"
+        )
 
     def _take_ports(self, ports: list[int]) -> HostPorts:
         """One-address mode: a port of 127.0.0.1 for each of the pod's container ports, free
@@ -353,9 +416,10 @@ class LocalRuntime:
                 self._addresses.release(claim)
             else:
                 self._release_ports(HostPorts(tuple(moved)))
-                raise RuntimeError(
+                raise NoRoom(
                     f"no free port left on {ONE_ADDRESS} between {FIRST_HOST_PORT} and "
-                    f"{LAST_HOST_PORT} for another local pod"
+                    f"{LAST_HOST_PORT} for another local pod; the pod tries again every "
+                    f"{self.no_room_retry:g} s and when a pod stops"
                 )
         return HostPorts(tuple(sorted(moved)))
 

@@ -19,6 +19,7 @@ from infergw.api.lifetime import spawn
 from infergw.api.pod_ports import FIRST_HOST_PORT, LAST_HOST_PORT, ONE, HostPorts
 from infergw.cluster.pool import HOST_PORTS_ANNOTATION as HOST_PORTS
 from infergw.cluster.store import POD
+from infergw.controllers.address_locks import AddressLocks
 from infergw.controllers.local_runtime import LocalRuntime
 from infergw.controllers.memory_store import MemoryStore
 from tests.waiting import wait_for
@@ -532,6 +533,54 @@ async def test_pods_beyond_max_pods_wait_pending_and_start_when_one_stops(tmp_pa
         assert rt.process("default", "c") is not None
     finally:
         await rt.stop()
+
+
+async def test_a_pod_without_a_free_address_waits_and_starts_once_one_is_free(tmp_path):
+    """With every loopback address taken (here two, one held by another runtime), a new pod
+    used to stay Pending forever with nothing said: the handler's error was lost. It waits
+    Unschedulable, saying why, and starts when another runtime lets an address go (a retry)
+    or one of its own pods stops."""
+    locks = tmp_path / "locks"
+    other = AddressLocks(locks)  # another `infergate up` on this machine
+    assert other.claim("127.0.0.254")
+    store = MemoryStore()
+    rt = LocalRuntime(
+        store, tmp_path, first_ip=253, address_locks=AddressLocks(locks), no_room_retry=0.2
+    )
+    await rt.start()
+    try:
+        await store.create(sleeper("a"))
+        a = await wait_status(store, "a", ready)
+        assert a["status"]["podIP"] == "127.0.0.253"
+        await store.create(sleeper("b"))
+        b = await wait_status(store, "b", unschedulable)
+        assert "no loopback address" in b["status"]["conditions"][0]["message"]
+        assert rt.process("default", "b") is None
+        other.release("127.0.0.254")
+        b = await wait_status(store, "b", ready)  # no pod stopped: the retry found it
+        assert b["status"]["podIP"] == "127.0.0.254"
+        await store.create(sleeper("c"))
+        await wait_status(store, "c", unschedulable)
+        await store.delete(POD, "default", "a")
+        c = await wait_status(store, "c", ready)
+        assert c["status"]["podIP"] == "127.0.0.253"
+    finally:
+        await rt.stop()
+        other.release_all()
+
+
+async def test_a_stale_delete_of_a_pods_namesake_leaves_the_running_pod_alone(runtime):
+    """A DELETED event for an earlier pod of the same name (an informer's relist can deliver
+    one late) must not stop the pod that runs under that name now: it is checked by uid."""
+    store, rt = runtime
+    await store.create(sleeper("s"))
+    pod = await wait_status(store, "s", ready)
+    proc = rt.process("default", "s")
+    earlier = {**pod, "metadata": {**pod["metadata"], "uid": "an-earlier-pod"}}
+    rt._on_pod("DELETED", earlier)
+    await asyncio.sleep(0.5)
+    assert rt.process("default", "s") is proc and proc.returncode is None
+    assert ready((await store.get(POD, "default", "s"))["status"])
 
 
 RUNTIME_THEN_SLEEP = """
