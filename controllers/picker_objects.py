@@ -160,7 +160,10 @@ SCORER_WEIGHTS = (  # examples/quickstart/epp-config.yaml's
     ("kv-cache-utilization-scorer", 2),
     ("least-request", 2),
 )
-PREFIX_WEIGHT = 3
+# The prefix scorer's weight by kind: the precise one as much as the load scorers together
+# (the quickstart's, issue 16's bench); the approximate one, whose holdings are guesses, as
+# before (not measured at 6).
+PREFIX_WEIGHTS = {"precise-prefix-cache-scorer": 6, "prefix-cache-scorer": 3}
 PICKER_CONFIG_API = "llm-d.ai/v1alpha1"  # EndpointPickerConfig's current group
 
 
@@ -286,7 +289,7 @@ def picker_config(model: Model) -> str:
     KV events, tokenizing as the engine does) when the picker has the tokenizer, else
     approximate."""
     prefix = "precise-prefix-cache-scorer" if fetches_tokenizer(model) else "prefix-cache-scorer"
-    scorers = [*SCORER_WEIGHTS, (prefix, PREFIX_WEIGHT)]
+    scorers = [*SCORER_WEIGHTS, (prefix, PREFIX_WEIGHTS[prefix])]
     doc = {
         "apiVersion": PICKER_CONFIG_API,
         "kind": "EndpointPickerConfig",

@@ -28,9 +28,11 @@ from infergw.stack.readiness import wait_http, wait_until
 # infergate's scheduling profiles: (plugin, weight); a max-score picker closes each.
 INFERGATE_PROFILES = {
     # No prefill-backlog-scorer in the two prefix profiles: through the stack it let the
-    # shared-prefix fleet fall behind at two of three rates (issue 16, README).
+    # shared-prefix fleet fall behind at two of three rates (issue 16, README). The precise
+    # scorer weighs as much as the three load scorers (the quickstart's weights; at 3 it lost
+    # conversations to a slightly busier holder's neighbours, README issue 16).
     "precise": [
-        ("precise-prefix-cache-scorer", 3),
+        ("precise-prefix-cache-scorer", 6),
         ("queue-scorer", 2),
         ("kv-cache-utilization-scorer", 2),
         ("least-request", 2),
@@ -62,6 +64,9 @@ COMPARISON_PROFILES = {
         *INFERGATE_PROFILES["precise"],
         ("prefill-backlog-scorer", 4, {"chargeCachedTokens": False}),
     ],
+    # The precise scorer at its weight before issue 16's affinity run (3), and above (10).
+    "precise-affinity3": [("precise-prefix-cache-scorer", 3), *INFERGATE_PROFILES["precise"][1:]],
+    "precise-affinity10": [("precise-prefix-cache-scorer", 10), *INFERGATE_PROFILES["precise"][1:]],
 }
 # The picker closing a profile: max-score-picker unless named here.
 PROFILE_PICKERS = {"round-robin": "round-robin-picker"}
