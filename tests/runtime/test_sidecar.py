@@ -253,3 +253,44 @@ async def test_a_loaded_adapters_entry_survives_a_prune_until_unloaded(tmp_path)
         assert engine.loaded == {}
         assert "removed" in await prune()
         assert list((cache / "entries").iterdir()) == []
+
+
+class DeepJsonEngine(FakeEngine):
+    """Answers a load (500), and the model list once `deep_models` is set, with a 1 MiB
+    `[[[…`: JSON nested past any parser's depth."""
+
+    DEEP = "[" * (1 << 20)
+
+    def __init__(self) -> None:
+        super().__init__(VLLM)
+        self.deep_models = False
+
+    async def load(self, r):
+        self.calls.append(("load", (await r.json())["lora_name"]))
+        return web.Response(status=500, text=self.DEEP, content_type="application/json")
+
+    async def models(self, r):
+        if self.deep_models:
+            return web.Response(text=self.DEEP, content_type="application/json")
+        return await super().models(r)
+
+
+async def test_an_engine_answering_json_nested_without_end_is_named_not_a_failed_pass(
+    tmp_path,
+) -> None:
+    """A broken or hostile engine's answer nested past the JSON parser's depth: the load is
+    failed in status in the engine's (clipped) words, the model list makes the engine
+    unavailable, and no pass raises (a RecursionError escaped the sidecar's handling, so each
+    pass died and status never said why)."""
+    engine = DeepJsonEngine()
+    async with sidecar_for(engine, tmp_path) as sidecar:
+        write(sidecar.settings.adapters_file, A)
+        await sidecar.run_once()
+        status = sidecar.status()
+        assert status["reason"] == "LoadFailed" and "answered 500: [[[" in status["message"]
+        assert len(status["message"]) < 400  # clipped, not the megabyte
+        engine.deep_models = True
+        await sidecar.run_once()
+        status = sidecar.status()
+        assert status["reason"] == "EngineUnavailable"
+        assert "not an OpenAI model list" in status["message"]
