@@ -12,7 +12,16 @@ size or adapter path would make every lookup miss, silently. So each store that 
 request (no parent) is checked: its first block's hash, computed from the event's token ids
 and extra keys, must equal the hash the engine sent. A miss is counted per pod (the
 `unresolved` counts, kind "root_mismatch", as kvindex.unresolved's) and logged with the
-settings to compare, at most once per `LOG_EVERY` seconds a pod.
+settings to compare. Every fault (a store of another block size, a token count that does not
+fill its blocks, another medium or cache kind, an event the index refuses) is counted per pod
+and kind and logged at most once per `LOG_EVERY` seconds per (pod, kind) (kvindex.fault_log).
+
+An AllBlocksCleared costs a pass over the whole index (it keeps no list of a pod's keys), so
+a pod may clear at most once per `CLEAR_EVERY` seconds: a later clear waits for the end of
+that period (run by the next batch of any pod), and what the pod stored meanwhile goes with
+it — missed hits for a moment, never blocks the pod lost. One message of [store, clear] pairs
+from a broken or hostile engine was a pass per pair: 500 pairs, 6 s of the picker's CPU over
+1.6 M entries.
 """
 
 from __future__ import annotations
@@ -25,12 +34,14 @@ from collections.abc import Sequence
 from infergw.kvindex.backend import BlockIndex, SharedBlockIndex
 from infergw.kvindex.engine_hashing import EngineKeys
 from infergw.kvindex.events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
+from infergw.kvindex.fault_log import FaultLog
 from infergw.kvindex.translate import INDEXED_KINDS, TIER_OF_MEDIUM
-from infergw.kvindex.unresolved import LOG_EVERY, MAX_PODS
+from infergw.kvindex.unresolved import MAX_PODS
 
 log = logging.getLogger("kvindex.engine_translate")
 
 ROOT_MISMATCH = "root_mismatch"  # the unresolved-counts kind of a first block hashed otherwise
+CLEAR_EVERY = 1.0  # seconds between two passes over the index clearing one pod
 
 
 class EngineKeyTranslator:
@@ -48,8 +59,10 @@ class EngineKeyTranslator:
         self._events: Counter[str] = Counter()
         self._skipped: Counter[str] = Counter()
         self._roots: dict[str, list[int]] = {}  # pod → [checked, mismatched]
-        self._logged_at: dict[str, float] = {}
+        self.faults = FaultLog(log, clock)
         self._pods: set[str] = set()
+        self._cleared_at: dict[str, float] = {}  # pod → when its entries were last cleared
+        self._clear_due: dict[str, float] = {}  # pod → when its deferred clear may run
 
     # --- the EventSink
 
@@ -62,6 +75,8 @@ class EngineKeyTranslator:
     def apply_events(self, pod: str, model: str, events: Sequence[KVEvent]) -> int:
         """Apply one batch's events in order; how many raised (each skipped, the rest apply).
         A run of stores (or of removals) of one medium is one index call."""
+        if self._clear_due:
+            self._run_due_clears()
         rejected, i, n = 0, 0, len(events)
         while i < n:
             ev, j = events[i], i + 1
@@ -74,13 +89,19 @@ class EngineKeyTranslator:
                     self._run(pod, cls, events[i:j])
                 except Exception as exc:  # events the index cannot take; the rest still count
                     rejected += j - i
-                    log.debug("index rejected %d event(s) from %s: %r", j - i, pod, exc)
+                    self.faults.note(
+                        pod,
+                        "index_rejected",
+                        f"the index refused {j - i} {cls.__name__} event(s): {exc!r}",
+                    )
             elif cls is AllBlocksCleared:
                 self._events["AllBlocksCleared"] += 1
                 self.clear_pod(pod)
             else:
                 self._events[cls.__name__] += 1
-                self._skipped["unknown_event"] += 1
+                self._skip(
+                    pod, "unknown_event", f"an event the index does not take ({cls.__name__})"
+                )
             i = j
         return rejected
 
@@ -90,7 +111,13 @@ class EngineKeyTranslator:
         self._events[cls.__name__] += len(run)
         tier = TIER_OF_MEDIUM.get(run[0].medium.lower())
         if tier is None:
-            self._skipped["medium"] += len(run)
+            self._skip(
+                pod,
+                "medium",
+                f"{len(run)} {cls.__name__} event(s) of medium "
+                f"{run[0].medium[:64]!r}, not one of {sorted(TIER_OF_MEDIUM)}",
+                len(run),
+            )
             return
         if cls is BlockRemoved:
             # Hashes this pod does not hold (stored before we subscribed, evicted, or made
@@ -115,17 +142,27 @@ class EngineKeyTranslator:
     def _stored_hashes(self, pod: str, ev: BlockStored) -> Sequence[int] | None:
         """A store's hashes to add, its checks and counts done; None if it is skipped."""
         if ev.kv_cache_spec_kind not in INDEXED_KINDS:
-            self._skipped["kv_cache_spec_kind"] += 1
+            self._skip(
+                pod,
+                "kv_cache_spec_kind",
+                f"a store of cache kind "
+                f"{ev.kv_cache_spec_kind[:64]!r}, not one of {sorted(INDEXED_KINDS)}",
+            )
             return None
         bs = self.engine.block_size
         count = len(ev.token_ids) if ev.token_count is None else ev.token_count
         if count:  # else a CPU-offload store: more copies of known hashes
             if ev.block_size != bs:
                 self._skipped["block_size"] += 1
-                self._mismatch(pod, f"block size {ev.block_size}")
+                self._mismatch(pod, "block_size", f"block size {ev.block_size}")
                 return None
             if count != bs * len(ev.block_hashes):
-                self._skipped["token_count"] += 1
+                self._skip(
+                    pod,
+                    "token_count",
+                    f"a store of {len(ev.block_hashes)} block "
+                    f"hash(es) and {count} token ids, not {bs} a block",
+                )
                 return None
             if ev.parent_block_hash is None and ev.block_hashes and ev.token_ids:
                 self._check_root(pod, ev)
@@ -145,7 +182,7 @@ class EngineKeyTranslator:
         counts[0] += 1
         if self.engine.first_block(ev.token_ids, extra) != ev.block_hashes[0]:
             counts[1] += 1
-            self._mismatch(pod, "a request's first block")
+            self._mismatch(pod, ROOT_MISMATCH, "a request's first block")
 
     def _tagged_first_extras(self, ev: BlockStored):
         """The first block's extra keys as vLLM hashed them, from the event's untagged ones
@@ -165,36 +202,58 @@ class EngineKeyTranslator:
             return False  # multimodal keys, or something vLLM does not send for text
         return self.engine.extra_keys(0, lora, rest[0] if rest else None)
 
-    def _mismatch(self, pod: str, what: str) -> None:
-        now = self._clock()
-        last = self._logged_at.get(pod)
-        if last is not None and now - last < LOG_EVERY:
-            return
-        if len(self._logged_at) >= MAX_PODS:
-            del self._logged_at[next(iter(self._logged_at))]
-        self._logged_at[pod] = now
-        log.warning(
-            "KV events of %s: %s does not hash as the picker hashes it (%s, LoRA paths "
-            "configured: %d). The index is keyed by engine hashes (--kv-index-keys engine), "
-            "so this pod's blocks will never match a prompt: give the picker the engines' "
-            "settings, or use --kv-index-keys tokens",
+    def _skip(self, pod: str, kind: str, detail: str, n: int = 1) -> None:
+        self._skipped[kind] += n
+        self.faults.note(pod, kind, f"skipped {detail}")
+
+    def _mismatch(self, pod: str, kind: str, what: str) -> None:
+        self.faults.note(
             pod,
-            what,
-            self.engine.hashing.describe(),
-            len(self.engine.hashing.lora_paths),
+            kind,
+            f"{what} does not hash as the picker hashes it ({self.engine.hashing.describe()}, "
+            f"LoRA paths configured: {len(self.engine.hashing.lora_paths)}). The index is "
+            "keyed by engine hashes (--kv-index-keys engine), so this pod's blocks will never "
+            "match a prompt: give the picker the engines' settings, or use --kv-index-keys "
+            "tokens",
         )
 
     # --- pods
 
     def clear_pod(self, pod: str) -> None:
-        """Drop every entry of `pod` (engine restart, reset, pod gone)."""
+        """Drop every entry of `pod` (engine restart, reset, pod gone): at once, or at the
+        end of its CLEAR_EVERY period if it was cleared less than that ago."""
+        now = self._clock()
+        last = self._cleared_at.get(pod)
+        if last is not None and now - last < CLEAR_EVERY:
+            if pod not in self._clear_due:
+                self._clear_due[pod] = last + CLEAR_EVERY
+            self.faults.note(
+                pod,
+                "clears_deferred",
+                f"cleared again within {CLEAR_EVERY:g} s "
+                "(AllBlocksCleared or a restart): the clear waits for the period's end",
+            )
+            return
+        self._clear_now(pod, now)
+
+    def _clear_now(self, pod: str, now: float) -> None:
+        self._clear_due.pop(pod, None)
+        if len(self._cleared_at) >= MAX_PODS and pod not in self._cleared_at:
+            del self._cleared_at[next(iter(self._cleared_at))]
+        self._cleared_at[pod] = now
         self._pods.discard(pod)
         self.index.clear_pod(pod)
+
+    def _run_due_clears(self) -> None:
+        now = self._clock()
+        for pod in [p for p, due in self._clear_due.items() if due <= now]:
+            self._clear_now(pod, now)
 
     def release_pod(self, pod: str) -> None:
         """Stop following `pod` here (another replica subscribes to it now): its entries go
         from this index; a shared index keeps them for the new writer."""
         self._pods.discard(pod)
+        self._clear_due.pop(pod, None)
         if isinstance(self.index, SharedBlockIndex):
             self.index.release_pod(pod)
         else:
