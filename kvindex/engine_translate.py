@@ -15,13 +15,7 @@ and extra keys, must equal the hash the engine sent. A miss is counted per pod (
 settings to compare. Every fault (a store of another block size, a token count that does not
 fill its blocks, another medium or cache kind, an event the index refuses) is counted per pod
 and kind and logged at most once per `LOG_EVERY` seconds per (pod, kind) (kvindex.fault_log).
-
-An AllBlocksCleared costs a pass over the whole index (it keeps no list of a pod's keys), so
-a pod may clear at most once per `CLEAR_EVERY` seconds: a later clear waits for the end of
-that period (run by the next batch of any pod), and what the pod stored meanwhile goes with
-it — missed hits for a moment, never blocks the pod lost. One message of [store, clear] pairs
-from a broken or hostile engine was a pass per pair: 500 pairs, 6 s of the picker's CPU over
-1.6 M entries.
+A pod's clears are paced (kvindex.clear_pace): each is a pass over the whole index.
 """
 
 from __future__ import annotations
@@ -32,6 +26,7 @@ from collections import Counter
 from collections.abc import Sequence
 
 from infergw.kvindex.backend import BlockIndex, SharedBlockIndex
+from infergw.kvindex.clear_pace import CLEAR_EVERY, ClearPace
 from infergw.kvindex.engine_hashing import EngineKeys
 from infergw.kvindex.events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
 from infergw.kvindex.fault_log import FaultLog
@@ -41,13 +36,18 @@ from infergw.kvindex.unresolved import MAX_PODS
 log = logging.getLogger("kvindex.engine_translate")
 
 ROOT_MISMATCH = "root_mismatch"  # the unresolved-counts kind of a first block hashed otherwise
-CLEAR_EVERY = 1.0  # seconds between two passes over the index clearing one pod
 
 
 class EngineKeyTranslator:
     """The subscriber's EventSink when the index is keyed by engine block hashes."""
 
-    def __init__(self, index: BlockIndex, engine: EngineKeys, clock=time.monotonic) -> None:
+    def __init__(
+        self,
+        index: BlockIndex,
+        engine: EngineKeys,
+        clock=time.monotonic,
+        clear_every: float = CLEAR_EVERY,
+    ) -> None:
         if index.block_size != engine.block_size:
             raise ValueError(
                 f"the index's block size ({index.block_size}) must be the engines' "
@@ -61,8 +61,7 @@ class EngineKeyTranslator:
         self._roots: dict[str, list[int]] = {}  # pod → [checked, mismatched]
         self.faults = FaultLog(log, clock)
         self._pods: set[str] = set()
-        self._cleared_at: dict[str, float] = {}  # pod → when its entries were last cleared
-        self._clear_due: dict[str, float] = {}  # pod → when its deferred clear may run
+        self.clears = ClearPace(self.faults, clock, clear_every)
 
     # --- the EventSink
 
@@ -75,8 +74,8 @@ class EngineKeyTranslator:
     def apply_events(self, pod: str, model: str, events: Sequence[KVEvent]) -> int:
         """Apply one batch's events in order; how many raised (each skipped, the rest apply).
         A run of stores (or of removals) of one medium is one index call."""
-        if self._clear_due:
-            self._run_due_clears()
+        for due in self.clears.due():
+            self._clear(due)
         rejected, i, n = 0, 0, len(events)
         while i < n:
             ev, j = events[i], i + 1
@@ -221,39 +220,19 @@ class EngineKeyTranslator:
 
     def clear_pod(self, pod: str) -> None:
         """Drop every entry of `pod` (engine restart, reset, pod gone): at once, or at the
-        end of its CLEAR_EVERY period if it was cleared less than that ago."""
-        now = self._clock()
-        last = self._cleared_at.get(pod)
-        if last is not None and now - last < CLEAR_EVERY:
-            if pod not in self._clear_due:
-                self._clear_due[pod] = last + CLEAR_EVERY
-            self.faults.note(
-                pod,
-                "clears_deferred",
-                f"cleared again within {CLEAR_EVERY:g} s "
-                "(AllBlocksCleared or a restart): the clear waits for the period's end",
-            )
-            return
-        self._clear_now(pod, now)
+        end of its pacing period if it was cleared less than that ago."""
+        if self.clears.now_or_later(pod):
+            self._clear(pod)
 
-    def _clear_now(self, pod: str, now: float) -> None:
-        self._clear_due.pop(pod, None)
-        if len(self._cleared_at) >= MAX_PODS and pod not in self._cleared_at:
-            del self._cleared_at[next(iter(self._cleared_at))]
-        self._cleared_at[pod] = now
+    def _clear(self, pod: str) -> None:
         self._pods.discard(pod)
         self.index.clear_pod(pod)
-
-    def _run_due_clears(self) -> None:
-        now = self._clock()
-        for pod in [p for p, due in self._clear_due.items() if due <= now]:
-            self._clear_now(pod, now)
 
     def release_pod(self, pod: str) -> None:
         """Stop following `pod` here (another replica subscribes to it now): its entries go
         from this index; a shared index keeps them for the new writer."""
         self._pods.discard(pod)
-        self._clear_due.pop(pod, None)
+        self.clears.forget(pod)
         if isinstance(self.index, SharedBlockIndex):
             self.index.release_pod(pod)
         else:

@@ -151,3 +151,27 @@ async def test_each_fault_is_logged_once_per_pod_and_kind_per_interval(wire, cap
         await until(lambda: translator.faults.counts()[POD][ROOT_MISMATCH] == 101, "logged")
     [line] = [r.getMessage() for r in caplog.records]
     assert "(root_mismatch; 100 such since the last line about it, 101 in all" in line
+
+
+def test_token_keys_clears_are_paced_alike():
+    """The default mode (token-id keys, kvindex.translate) passes over the packed index per
+    clear the same way, and is paced the same way."""
+    from infergw.kvindex.events import AllBlocksCleared, BlockStored
+    from infergw.kvindex.translate import EventTranslator
+
+    clock = Clock()
+    index = CountingIndex(block_size=BS)
+    sink = EventTranslator(index, clock=clock)
+    storm = []
+    for i in range(500):
+        storm += [
+            BlockStored((i + 1,), None, tuple(range(4 * i, 4 * i + 4)), BS),
+            AllBlocksCleared(),
+        ]
+    last = BlockStored((9999,), None, (7, 7, 7, 7), BS)
+    assert sink.apply_events(POD, "m", [*storm, last]) == 0
+    assert index.clears == 1 and index.stats()["entries"] == 500  # 499 and `last` wait
+    assert sink.faults.counts()[POD] == {"clears_deferred": 499}
+    clock.now += CLEAR_EVERY
+    sink.apply_events(OTHER, "m", [])
+    assert index.clears == 2 and index.stats()["entries"] == 0
