@@ -70,6 +70,7 @@ async def wire():
             )
             seqs[pod] += 1
 
+        send.pubs = pubs  # the sockets, for frames of a test's own
         yield send, sub, translator, index, clock
 
 
@@ -175,3 +176,17 @@ def test_token_keys_clears_are_paced_alike():
     clock.now += CLEAR_EVERY
     sink.apply_events(OTHER, "m", [])
     assert index.clears == 2 and index.stats()["entries"] == 0
+
+
+async def test_an_outsiders_batches_are_refused_before_they_are_decoded(wire):
+    """A member's topic from another address, or a topic naming no pod of the pool, is
+    refused from the topic frame: its payload (here not msgpack at all, 1 MiB) is never read,
+    so the drop says whose it claims to be, not what is wrong inside."""
+    send, sub, _translator, _index, _clock = wire
+    sub.dropped.clear()
+    junk = b"\xc1" * (1 << 20)
+    topics = (f"kv@{POD}@m".encode(), b"kv@10.1.2.3:8000@m")
+    for topic in topics:  # from OTHER's socket (127.0.0.3): neither is its own
+        send.pubs[OTHER].send_multipart([topic, (0).to_bytes(8, "big"), junk])
+    await until(lambda: sum(sub.dropped.values()) == 2, "both dropped")
+    assert sub.dropped == {"peer_mismatch": 1, "unknown_pod": 1}
