@@ -107,7 +107,12 @@ class EngineApi:
             async with self.session.request(method, url, json=body, allow_redirects=False) as resp:
                 data = await resp.content.read(MAX_ANSWER_BYTES)
                 return resp.status, data
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+        except TimeoutError:  # its str() is empty: say what the wait was
+            limit = self.session.timeout.total
+            raise EngineRefused(
+                ENGINE_UNAVAILABLE, f"{method} {url}: no whole answer within {limit:g} s"
+            ) from None
+        except (aiohttp.ClientError, OSError) as exc:
             raise EngineRefused(
                 ENGINE_UNAVAILABLE, f"{method} {url}: {clip(str(exc)) or type(exc).__name__}"
             ) from None
