@@ -63,6 +63,9 @@ class Endpoint:
     models: frozenset[str] | None = None
     # LoRA adapter → base model, from the `parent` of /v1/models entries.
     lora_parents: dict[str, str] = field(default_factory=dict)
+    # Why its last /v1/models answer was unusable (None: it was usable, or none came yet):
+    # logged once per run of bad answers, not every few seconds.
+    models_problem: str | None = None
 
     @property
     def ip(self) -> str:

@@ -364,11 +364,25 @@ class MetricsScraper:
             return True
         ep.models = frozenset(m.id for m in models.data)
         ep.lora_parents = {m.id: m.parent for m in models.data if m.parent is not None}
+        if ep.models_problem is not None:
+            log.info("endpoint %s: its /v1/models answer is usable again", ep.address)
+            ep.models_problem = None
         return True
 
     def _models_failed(self, ep: Endpoint, reason: str) -> None:
-        log.warning("endpoint %s: unusable /v1/models answer (%s)", ep.address, reason)
+        # Counted every time; logged when a run of bad answers starts or changes reason (a
+        # pod answering nonsense was a warning every models_interval, for ever).
         self.metrics.scrape_errors.labels(ep.address, f"models_{reason}").inc()
+        if ep.models_problem != reason:
+            ep.models_problem = reason
+            log.warning(
+                "endpoint %s: unusable /v1/models answer (%s); its model list stays as it was "
+                '(counted in infergate_epp_metrics_scrape_errors_total{reason="models_%s"}, '
+                "logged again only when the reason changes)",
+                ep.address,
+                reason,
+                reason,
+            )
 
     async def scrape_once(self, ep: Endpoint) -> float:
         """One round: fetch and parse the engine's Prometheus page (/metrics, or where its

@@ -12,7 +12,10 @@ size or adapter path would make every lookup miss, silently. So each store that 
 request (no parent) is checked: its first block's hash, computed from the event's token ids
 and extra keys, must equal the hash the engine sent. A miss is counted per pod (the
 `unresolved` counts, kind "root_mismatch", as kvindex.unresolved's) and logged with the
-settings to compare, at most once per `LOG_EVERY` seconds a pod.
+settings to compare. Every fault (a store of another block size, a token count that does not
+fill its blocks, another medium or cache kind, an event the index refuses) is counted per pod
+and kind and logged at most once per `LOG_EVERY` seconds per (pod, kind) (kvindex.fault_log).
+A pod's clears are paced (kvindex.clear_pace): each is a pass over the whole index.
 """
 
 from __future__ import annotations
@@ -23,10 +26,12 @@ from collections import Counter
 from collections.abc import Sequence
 
 from infergw.kvindex.backend import BlockIndex, SharedBlockIndex
+from infergw.kvindex.clear_pace import CLEAR_EVERY, ClearPace
 from infergw.kvindex.engine_hashing import EngineKeys
 from infergw.kvindex.events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
+from infergw.kvindex.fault_log import FaultLog
 from infergw.kvindex.translate import INDEXED_KINDS, TIER_OF_MEDIUM
-from infergw.kvindex.unresolved import LOG_EVERY, MAX_PODS
+from infergw.kvindex.unresolved import MAX_PODS
 
 log = logging.getLogger("kvindex.engine_translate")
 
@@ -36,7 +41,13 @@ ROOT_MISMATCH = "root_mismatch"  # the unresolved-counts kind of a first block h
 class EngineKeyTranslator:
     """The subscriber's EventSink when the index is keyed by engine block hashes."""
 
-    def __init__(self, index: BlockIndex, engine: EngineKeys, clock=time.monotonic) -> None:
+    def __init__(
+        self,
+        index: BlockIndex,
+        engine: EngineKeys,
+        clock=time.monotonic,
+        clear_every: float = CLEAR_EVERY,
+    ) -> None:
         if index.block_size != engine.block_size:
             raise ValueError(
                 f"the index's block size ({index.block_size}) must be the engines' "
@@ -48,8 +59,9 @@ class EngineKeyTranslator:
         self._events: Counter[str] = Counter()
         self._skipped: Counter[str] = Counter()
         self._roots: dict[str, list[int]] = {}  # pod → [checked, mismatched]
-        self._logged_at: dict[str, float] = {}
+        self.faults = FaultLog(log, clock)
         self._pods: set[str] = set()
+        self.clears = ClearPace(self.faults, clock, clear_every)
 
     # --- the EventSink
 
@@ -62,6 +74,8 @@ class EngineKeyTranslator:
     def apply_events(self, pod: str, model: str, events: Sequence[KVEvent]) -> int:
         """Apply one batch's events in order; how many raised (each skipped, the rest apply).
         A run of stores (or of removals) of one medium is one index call."""
+        for due in self.clears.due():
+            self._clear(due)
         rejected, i, n = 0, 0, len(events)
         while i < n:
             ev, j = events[i], i + 1
@@ -74,13 +88,19 @@ class EngineKeyTranslator:
                     self._run(pod, cls, events[i:j])
                 except Exception as exc:  # events the index cannot take; the rest still count
                     rejected += j - i
-                    log.debug("index rejected %d event(s) from %s: %r", j - i, pod, exc)
+                    self.faults.note(
+                        pod,
+                        "index_rejected",
+                        f"the index refused {j - i} {cls.__name__} event(s): {exc!r}",
+                    )
             elif cls is AllBlocksCleared:
                 self._events["AllBlocksCleared"] += 1
                 self.clear_pod(pod)
             else:
                 self._events[cls.__name__] += 1
-                self._skipped["unknown_event"] += 1
+                self._skip(
+                    pod, "unknown_event", f"an event the index does not take ({cls.__name__})"
+                )
             i = j
         return rejected
 
@@ -90,7 +110,13 @@ class EngineKeyTranslator:
         self._events[cls.__name__] += len(run)
         tier = TIER_OF_MEDIUM.get(run[0].medium.lower())
         if tier is None:
-            self._skipped["medium"] += len(run)
+            self._skip(
+                pod,
+                "medium",
+                f"{len(run)} {cls.__name__} event(s) of medium "
+                f"{run[0].medium[:64]!r}, not one of {sorted(TIER_OF_MEDIUM)}",
+                len(run),
+            )
             return
         if cls is BlockRemoved:
             # Hashes this pod does not hold (stored before we subscribed, evicted, or made
@@ -115,17 +141,27 @@ class EngineKeyTranslator:
     def _stored_hashes(self, pod: str, ev: BlockStored) -> Sequence[int] | None:
         """A store's hashes to add, its checks and counts done; None if it is skipped."""
         if ev.kv_cache_spec_kind not in INDEXED_KINDS:
-            self._skipped["kv_cache_spec_kind"] += 1
+            self._skip(
+                pod,
+                "kv_cache_spec_kind",
+                f"a store of cache kind "
+                f"{ev.kv_cache_spec_kind[:64]!r}, not one of {sorted(INDEXED_KINDS)}",
+            )
             return None
         bs = self.engine.block_size
         count = len(ev.token_ids) if ev.token_count is None else ev.token_count
         if count:  # else a CPU-offload store: more copies of known hashes
             if ev.block_size != bs:
                 self._skipped["block_size"] += 1
-                self._mismatch(pod, f"block size {ev.block_size}")
+                self._mismatch(pod, "block_size", f"block size {ev.block_size}")
                 return None
             if count != bs * len(ev.block_hashes):
-                self._skipped["token_count"] += 1
+                self._skip(
+                    pod,
+                    "token_count",
+                    f"a store of {len(ev.block_hashes)} block "
+                    f"hash(es) and {count} token ids, not {bs} a block",
+                )
                 return None
             if ev.parent_block_hash is None and ev.block_hashes and ev.token_ids:
                 self._check_root(pod, ev)
@@ -145,7 +181,7 @@ class EngineKeyTranslator:
         counts[0] += 1
         if self.engine.first_block(ev.token_ids, extra) != ev.block_hashes[0]:
             counts[1] += 1
-            self._mismatch(pod, "a request's first block")
+            self._mismatch(pod, ROOT_MISMATCH, "a request's first block")
 
     def _tagged_first_extras(self, ev: BlockStored):
         """The first block's extra keys as vLLM hashed them, from the event's untagged ones
@@ -165,29 +201,30 @@ class EngineKeyTranslator:
             return False  # multimodal keys, or something vLLM does not send for text
         return self.engine.extra_keys(0, lora, rest[0] if rest else None)
 
-    def _mismatch(self, pod: str, what: str) -> None:
-        now = self._clock()
-        last = self._logged_at.get(pod)
-        if last is not None and now - last < LOG_EVERY:
-            return
-        if len(self._logged_at) >= MAX_PODS:
-            del self._logged_at[next(iter(self._logged_at))]
-        self._logged_at[pod] = now
-        log.warning(
-            "KV events of %s: %s does not hash as the picker hashes it (%s, LoRA paths "
-            "configured: %d). The index is keyed by engine hashes (--kv-index-keys engine), "
-            "so this pod's blocks will never match a prompt: give the picker the engines' "
-            "settings, or use --kv-index-keys tokens",
+    def _skip(self, pod: str, kind: str, detail: str, n: int = 1) -> None:
+        self._skipped[kind] += n
+        self.faults.note(pod, kind, f"skipped {detail}")
+
+    def _mismatch(self, pod: str, kind: str, what: str) -> None:
+        self.faults.note(
             pod,
-            what,
-            self.engine.hashing.describe(),
-            len(self.engine.hashing.lora_paths),
+            kind,
+            f"{what} does not hash as the picker hashes it ({self.engine.hashing.describe()}, "
+            f"LoRA paths configured: {len(self.engine.hashing.lora_paths)}). The index is "
+            "keyed by engine hashes (--kv-index-keys engine), so this pod's blocks will never "
+            "match a prompt: give the picker the engines' settings, or use --kv-index-keys "
+            "tokens",
         )
 
     # --- pods
 
     def clear_pod(self, pod: str) -> None:
-        """Drop every entry of `pod` (engine restart, reset, pod gone)."""
+        """Drop every entry of `pod` (engine restart, reset, pod gone): at once, or at the
+        end of its pacing period if it was cleared less than that ago."""
+        if self.clears.now_or_later(pod):
+            self._clear(pod)
+
+    def _clear(self, pod: str) -> None:
         self._pods.discard(pod)
         self.index.clear_pod(pod)
 
@@ -195,6 +232,7 @@ class EngineKeyTranslator:
         """Stop following `pod` here (another replica subscribes to it now): its entries go
         from this index; a shared index keeps them for the new writer."""
         self._pods.discard(pod)
+        self.clears.forget(pod)
         if isinstance(self.index, SharedBlockIndex):
             self.index.release_pod(pod)
         else:

@@ -42,6 +42,7 @@ from infergw.kvindex.events import (
     decode_replay_frames,
     parse_topic,
 )
+from infergw.kvindex.fault_log import FaultLog
 
 log = logging.getLogger("kvindex.subscriber")
 
@@ -86,11 +87,13 @@ def apply_each(sink: SimpleSink, pod: str, model: str, events: Sequence[KVEvent]
 
 
 class _Dropped(Exception):
-    """A message we refuse; `reason` labels the counter."""
+    """A message we refuse; `reason` labels the counter; `pod` is the pool's pod it came
+    from, when that is known."""
 
-    def __init__(self, reason: str, detail: str) -> None:
+    def __init__(self, reason: str, detail: str, pod: str | None = None) -> None:
         super().__init__(detail)
         self.reason = reason
+        self.pod = pod
 
 
 class _PodState:
@@ -156,6 +159,10 @@ class KVEventSubscriber:
         self.is_member = is_member or (lambda _pod: True)
         self.counts: Counter[str] = Counter()
         self.dropped: Counter[str] = Counter()  # messages refused, by reason
+        # A pool pod's refused messages and restarts are logged per (pod, kind), at most one
+        # line per interval each: one pod's flood cannot hide another's first fault.
+        self.faults = FaultLog(log)
+        self._restarts = FaultLog(log, level=logging.INFO)
         self._ctx = zmq.asyncio.Context()
         self._pods: dict[str, _PodState] = {}
         self._central: zmq.asyncio.Socket | None = None
@@ -242,9 +249,13 @@ class KVEventSubscriber:
                 log.exception("KV events: %s failed; restarting it", what)
             await asyncio.sleep(RESTART_DELAY_S)
 
-    def _refuse(self, reason: str, detail: str) -> None:
+    def _refuse(self, reason: str, detail: str, pod: str | None = None) -> None:
         n = self.dropped[reason] = self.dropped[reason] + 1
-        if n & (n - 1) == 0:  # the 1st, 2nd, 4th, 8th…: a flood cannot flood the log
+        if pod is not None:
+            self.faults.note(pod, reason, f"message dropped: {detail}")
+        elif n & (n - 1) == 0:  # the 1st, 2nd, 4th, 8th…: a flood cannot flood the log
+            # No pod of the pool to name (a topic that names none, or cannot be read): the
+            # sender is whoever reached the socket, so no per-sender state is kept.
             log.warning("KV event message dropped (%s, %d so far): %s", reason, n, detail)
 
     # ---- live path -------------------------------------------------------------------
@@ -266,29 +277,52 @@ class KVEventSubscriber:
             try:
                 self._on_frames(frames, from_pod)
             except _Dropped as d:
-                self._refuse(d.reason, str(d))
+                self._refuse(d.reason, str(d), d.pod or from_pod)
             except Exception as exc:  # a bug must cost this message, not the loop
-                self._refuse("error", f"handling a message failed: {exc!r}")
+                self._refuse("error", f"handling a message failed: {exc!r}", from_pod)
                 log.debug("KV event handling failed", exc_info=True)
 
     def _on_frames(self, frames: list[zmq.Frame], from_pod: str | None) -> None:
+        # Central mode: whose message it is, from its topic frame, before its payload is
+        # decoded, so that an outsider's costs next to nothing (its 64 MiB batches, decoded
+        # first, were slower to refuse than to send: the receive queue grew without end).
+        sender = from_pod if from_pod is not None else self._admit(frames)
         try:
             msg = decode_message(frames, tokens=self.decode_tokens)
             pod = from_pod or parse_topic(msg.topic)[0]
         except KVEventDecodeError as exc:
-            raise _Dropped("malformed", str(exc)) from None
-        if from_pod is None:
-            if not self.is_member(pod):
-                raise _Dropped("unknown_pod", f"topic {msg.topic!r} names a pod not in the pool")
-            peer = frames[0].get("Peer-Address") if self._check_peer else ""
-            if self._check_peer and not same_host(pod, peer):
-                raise _Dropped(
-                    "peer_mismatch", f"topic {msg.topic!r} was published from {peer}, not the pod"
-                )
-        elif self._pods.get(from_pod) is None:
+            raise _Dropped("malformed", str(exc), sender) from None
+        if from_pod is not None and self._pods.get(from_pod) is None:
             raise _Dropped("unknown_pod", f"{from_pod} left the pool")
-        self._model_of(pod, msg.topic)
-        self._on_message(pod, msg)
+        try:
+            self._model_of(pod, msg.topic)
+            self._on_message(pod, msg)
+        except _Dropped as d:
+            d.pod = pod
+            raise
+
+    def _admit(self, frames: list[zmq.Frame]) -> str | None:
+        """Central mode: the pod a message's topic names, if that pod is in the pool and the
+        message came from its host (else _Dropped); None if the topic cannot be read (the
+        decoder then says what is wrong)."""
+        try:
+            topic = bytes(frames[0])
+            pod = parse_topic(topic)[0]
+        except (KVEventDecodeError, IndexError, TypeError):
+            return None
+        shown = topic.decode("utf-8", "replace")
+        if not self.is_member(pod):
+            raise _Dropped("unknown_pod", f"topic {shown!r} names a pod not in the pool")
+        if self._check_peer:
+            try:
+                peer = frames[0].get("Peer-Address")
+            except (AttributeError, zmq.ZMQError):
+                peer = ""
+            if not same_host(pod, peer):
+                raise _Dropped(
+                    "peer_mismatch", f"topic {shown!r} was published from {peer}, not the pod"
+                )
+        return pod
 
     def _on_message(self, pod: str, msg: KVMessage, *, may_replay: bool = True) -> None:
         """Apply a live message in order; a gap is repaired from the pod's replay unless this
@@ -323,11 +357,8 @@ class KVEventSubscriber:
         else:
             # seq went backwards: the engine restarted and its old blocks are gone.
             self.counts["restarts"] += 1
-            log.info(
-                "KV events from %s restarted (seq %d after %d): clearing its entries",
-                pod,
-                msg.seq,
-                last,
+            self._restarts.note(
+                pod, "restart", f"seq went back ({msg.seq} after {last}): clearing its entries"
             )
             self.sink.clear_pod(pod)
             state.last_seq = None
@@ -405,11 +436,11 @@ class KVEventSubscriber:
                         break  # the end marker
                     got += self._apply_replayed(pod, state, msg)
                 except _Dropped as d:
-                    self._refuse(d.reason, f"replay from {pod}: {d}")
+                    self._refuse(d.reason, f"replay: {d}", pod)
                 except KVEventDecodeError as exc:
-                    self._refuse("malformed", f"replay from {pod}: {exc}")
+                    self._refuse("malformed", f"replay: {exc}", pod)
                 except Exception as exc:  # a bug must cost this message, not the replay
-                    self._refuse("error", f"replay from {pod}: handling failed: {exc!r}")
+                    self._refuse("error", f"replay: handling failed: {exc!r}", pod)
         except (zmq.ZMQError, OSError) as exc:
             self.counts["replay_errors"] += 1
             log.warning("replay from %s failed: %s", pod, exc)
@@ -447,6 +478,6 @@ class KVEventSubscriber:
                 # (overflowed) are worth a second replay.
                 self._on_message(pod, msg, may_replay=may_replay)
             except _Dropped as d:
-                self._refuse(d.reason, str(d))
+                self._refuse(d.reason, str(d), pod)
             except Exception as exc:
-                self._refuse("error", f"handling a buffered message failed: {exc!r}")
+                self._refuse("error", f"handling a buffered message failed: {exc!r}", pod)

@@ -17,14 +17,17 @@ Lookups of engine hashes that miss are counted per pod (kvindex.unresolved).
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from infergw.kvindex.backend import BlockIndex, SharedBlockIndex
+from infergw.kvindex.clear_pace import CLEAR_EVERY, ClearPace
 from infergw.kvindex.engine_hashing import MAX_ENGINE_BLOCK_SIZE
 from infergw.kvindex.engine_maps import LAYOUTS, MAX_KEYS_PER_HASH, EngineMap, appended
 from infergw.kvindex.events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
+from infergw.kvindex.fault_log import FaultLog
 from infergw.kvindex.index import KVBlockIndex, Tier
 from infergw.kvindex.keys import block_keys, encode_extras, model_root
 from infergw.kvindex.unresolved import UnresolvedHashes
@@ -105,7 +108,13 @@ class EventTranslator:
     numpy calls cost per call, not per key; the dicts' per-key loops gain nothing from it)."""
 
     def __init__(
-        self, index: BlockIndex, layout: str | None = None, *, store_runs: bool | None = None
+        self,
+        index: BlockIndex,
+        layout: str | None = None,
+        *,
+        store_runs: bool | None = None,
+        clock=time.monotonic,
+        clear_every: float = CLEAR_EVERY,
     ) -> None:
         self.index = index
         packed = isinstance(index, KVBlockIndex)
@@ -123,6 +132,8 @@ class EventTranslator:
         self._unknown_parents = self._removed_unknown = 0
         self._engine_block_size: dict[str, int] = {}
         self.unresolved = UnresolvedHashes()
+        self.faults = FaultLog(log, clock)
+        self.clears = ClearPace(self.faults, clock, clear_every)  # a clear: a pass over the index
 
     def _emap(self, pod: str) -> EngineMap:
         emap = self._emaps.get(pod)
@@ -132,6 +143,8 @@ class EventTranslator:
 
     def apply(self, pod: str, model: str, event) -> None:
         """Apply one decoded KV event of `pod` serving `model` (the topic's model)."""
+        for due in self.clears.due():
+            self._clear(due)
         cls = event.__class__
         self._events[cls.__name__] += 1
         if cls is BlockStored:
@@ -150,6 +163,8 @@ class EventTranslator:
         block, ~70 a request in bench/routing's shared-prefix workload: a run of them with
         one medium and group goes through the index as one removal (see _removed_run); a run
         of stores with token ids, one medium and group, as one add (see _stored_run)."""
+        for due in self.clears.due():
+            self._clear(due)
         rejected, i, n = 0, 0, len(events)
         while i < n:
             ev = events[i]
@@ -171,7 +186,9 @@ class EventTranslator:
                     self.apply(pod, model, ev)
             except Exception as exc:  # events the index cannot take; the rest still count
                 rejected += j - i
-                log.debug("index rejected %d event(s) from %s: %r", j - i, pod, exc)
+                self.faults.note(
+                    pod, "index_rejected", f"the index refused {j - i} event(s): {exc!r}"
+                )
             i = j
         return rejected
 
@@ -380,13 +397,19 @@ class EventTranslator:
         emap.forget(known, g, gone)  # those that refer to nothing this pod holds any more
 
     def clear_pod(self, pod: str) -> None:
-        """Drop every entry and mapping of `pod` (engine restart, reset, pod gone)."""
+        """Drop every entry and mapping of `pod` (engine restart, reset, pod gone): at once,
+        or at the end of its pacing period if it was cleared less than that ago."""
+        if self.clears.now_or_later(pod):
+            self._clear(pod)
+
+    def _clear(self, pod: str) -> None:
         self.index.clear_pod(pod, self._forget(pod))
 
     def release_pod(self, pod: str) -> None:
         """Stop following `pod` here (another replica subscribes to it now): its mappings go,
         and its entries in this index; a shared index keeps them for the new writer."""
         keys = self._forget(pod)
+        self.clears.forget(pod)
         if isinstance(self.index, SharedBlockIndex):
             self.index.release_pod(pod, keys)
         else:

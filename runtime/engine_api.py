@@ -62,11 +62,20 @@ def clip(text: str) -> str:
     return text if len(text) <= MESSAGE_CHARS else text[: MESSAGE_CHARS - 1] + "…"
 
 
+def _json(data: bytes | str) -> object:
+    """An engine's answer as JSON; ValueError if it is not JSON, also when it nests too deep
+    for the parser (a RecursionError would escape every caller's handling)."""
+    try:
+        return json.loads(data)
+    except RecursionError:
+        raise ValueError("JSON nested too deep") from None
+
+
 def _words(status: int, body: bytes) -> str:
     """What the engine said: the message of its error JSON, else its text."""
     text = body.decode(errors="replace")
     try:
-        doc = json.loads(text)
+        doc = _json(text)
     except ValueError:
         return clip(text) or f"HTTP {status}"
     if isinstance(doc, dict):
@@ -98,7 +107,12 @@ class EngineApi:
             async with self.session.request(method, url, json=body, allow_redirects=False) as resp:
                 data = await resp.content.read(MAX_ANSWER_BYTES)
                 return resp.status, data
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+        except TimeoutError:  # its str() is empty: say what the wait was
+            limit = self.session.timeout.total
+            raise EngineRefused(
+                ENGINE_UNAVAILABLE, f"{method} {url}: no whole answer within {limit:g} s"
+            ) from None
+        except (aiohttp.ClientError, OSError) as exc:
             raise EngineRefused(
                 ENGINE_UNAVAILABLE, f"{method} {url}: {clip(str(exc)) or type(exc).__name__}"
             ) from None
@@ -120,7 +134,7 @@ class EngineApi:
             )
 
         try:
-            doc = json.loads(body)
+            doc = _json(body)
             data = doc["data"]
             return {str(m["id"]) for m in data if isinstance(m, dict) and "id" in m}
         except (ValueError, KeyError, TypeError):
@@ -151,7 +165,7 @@ def _succeeded(status: int, body: bytes) -> bool:
         return False
 
     try:
-        doc = json.loads(body)
+        doc = _json(body)
     except ValueError:
         return True  # vLLM's text answer
     return not (isinstance(doc, dict) and doc.get("success") is False)

@@ -13,6 +13,7 @@ from infergw.api.lora_adapters import INVALID_ADAPTER, Adapter, Refused
 
 BASE_BACKOFF = 1.0  # seconds after a first failure; doubled per failure
 MAX_BACKOFF = 60.0
+MAX_DOUBLINGS = 60  # 2**60 s outlasts any --max-backoff
 LOADED = "Loaded"
 PENDING = "Pending"
 FAILED = "Failed"
@@ -37,7 +38,10 @@ class Attempts:
 
     def failed(self, reason: str, message: str, now: float, max_backoff: float) -> None:
         self.failures += 1
-        self.retry_at = now + min(BASE_BACKOFF * 2 ** (self.failures - 1), max_backoff)
+        # The exponent stops growing once past any cap: 2**1100 as a float overflows, and an
+        # adapter that failed for days would then raise here on every pass, retried at once.
+        doubling = min(self.failures - 1, MAX_DOUBLINGS)
+        self.retry_at = now + min(BASE_BACKOFF * 2**doubling, max_backoff)
         self.reason, self.message = reason, message
 
 

@@ -33,6 +33,16 @@ NO_POOL_ANSWER = {
     }
 }
 
+# CONNECT asks for a tunnel, which no inference API is.
+CONNECT_ANSWER = {
+    "error": {
+        "message": "CONNECT is not served here: send the inference API's requests",
+        "type": "invalid_request_error",
+        "param": None,
+        "code": "method_not_allowed",
+    }
+}
+
 
 @dataclass(frozen=True, slots=True)
 class PoolRoute:
@@ -153,6 +163,7 @@ def render(settings: EnvoySettings) -> str:
     fields["served_header"] = SERVED_HEADER
     # In single quotes in the YAML, where a quote is written twice.
     fields["no_pool_body"] = json.dumps(NO_POOL_ANSWER).replace("'", "''")
+    fields["connect_body"] = json.dumps(CONNECT_ANSWER).replace("'", "''")
     fields["request_filters"] = _as_filter_list(
         http_filters(settings.auth, settings.trust_client_headers)
     )

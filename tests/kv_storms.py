@@ -109,7 +109,7 @@ class Reference:
 
     def __init__(self) -> None:
         self.index = KVBlockIndex(max_entries=10_000_000)
-        self.sink = EventTranslator(self.index)
+        self.sink = EventTranslator(self.index, clear_every=0)
         self.last: int | None = None
 
     def feed(self, frames: list[bytes]) -> None:

@@ -7,11 +7,13 @@ import asyncio
 import base64
 import json
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 
 import zmq
 
 from infergw.kvindex.subscriber import KVEventSubscriber
+from infergw.stack.ports import free_port
 from tests.paths import TINY
 
 RECORDED_TOPIC = b"kv@127.0.0.1:8300@tiny"
@@ -56,3 +58,24 @@ def sourced_pub(ctx: zmq.Context, src: str, sub_port: int) -> zmq.Socket:
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(f"tcp://{src}:0;127.0.0.1:{sub_port}")
     return sock
+
+
+@asynccontextmanager
+async def central_pubs(
+    sub: KVEventSubscriber, sources: dict[str, str]
+) -> AsyncIterator[dict[str, zmq.Socket]]:
+    """`sub` bound in central mode on a free port, and a PUB per pod heard by it, each
+    publishing from its source address (pod → address); all closed afterwards."""
+    port = free_port()
+    sub.bind(f"tcp://127.0.0.1:{port}")
+    ctx = zmq.Context()
+    pubs = {pod: sourced_pub(ctx, src, port) for pod, src in sources.items()}
+    try:
+        for sock in pubs.values():
+            await wait_heard(sub, sock)
+        yield pubs
+    finally:
+        for sock in pubs.values():
+            sock.close(0)
+        ctx.term()
+        await sub.close()

@@ -305,6 +305,41 @@ async def test_a_hostile_model_list_is_counted_and_scraping_goes_on(hostile):
         await pod.stop()
 
 
+async def test_a_pod_answering_nonsense_models_is_logged_once_per_run_and_counted_each_time(
+    caplog,
+):
+    """A pod whose /v1/models keeps answering nonsense was a warning every models_interval
+    (5 s) for ever: now one line when the run starts or its reason changes, an info line
+    when the answer is usable again, and each bad answer counted."""
+    port = free_port()
+    pod = Pod()
+    pod.models = web.Response(body=b"<html>not json</html>")
+    await pod.start(port)
+    ds, metrics = one_pod_store(port), PickerMetrics()
+    scraper = await running_scraper(ds, metrics)
+    try:
+        (ep,) = ds.endpoints()
+        with caplog.at_level(logging.INFO, logger="epp.scrape"):
+            await wait_for_async(lambda: errors(metrics, "models_parse") >= 5)
+            pod.models = web.json_response({"data": [{"id": f"m{i}"} for i in range(5000)]})
+            await wait_for_async(lambda: errors(metrics, "models_too_many") >= 5)
+            pod.models = web.json_response(MODELS)
+            await wait_for_async(lambda: ep.models == {"base", "sql-lora"})
+            pod.models = web.json_response({"data": [{"id": None}]})
+            await wait_for_async(lambda: errors(metrics, "models_parse") >= 8)
+    finally:
+        await scraper.stop()
+        await pod.stop()
+    lines = [r.getMessage() for r in caplog.records if "/v1/models" in r.getMessage()]
+    assert [line.split("answer")[1][:12] for line in lines] == [
+        " (parse); it",
+        " (too_many);",
+        " is usable a",
+        " (parse); it",
+    ], lines
+    assert ep.models == {"base", "sql-lora"}  # the last good list stays
+
+
 async def test_a_new_pod_on_a_recycled_ip_is_scraped():
     """Pod a leaves and pod b takes its IP in the same update: b is a new endpoint, and the
     scraper must read b (it kept a's loop, keyed by address, and b stayed stale)."""

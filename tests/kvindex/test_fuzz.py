@@ -50,7 +50,9 @@ def rig():
     loop = asyncio.new_event_loop()
     index = KVBlockIndex(max_entries=10_000_000)
     members = {VICTIM, STORM, SENTINEL}
-    sub = KVEventSubscriber(EventTranslator(index), is_member=members.__contains__)
+    # clear_every=0: the reference clears at once (pacing: test_engine_keys_hostile.py)
+    translator = EventTranslator(index, clear_every=0)
+    sub = KVEventSubscriber(translator, is_member=members.__contains__)
     ctx = zmq.Context()
     port = free_port()
 

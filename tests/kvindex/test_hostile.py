@@ -16,7 +16,14 @@ from infergw.kvindex.index import MAX_INTERNED_SLOTS, KVBlockIndex
 from infergw.kvindex.subscriber import KVEventSubscriber
 from infergw.kvindex.translate import MAX_KEYS_PER_HASH, EventTranslator
 from tests.conftest import free_port
-from tests.kv_wire import RECORDED_MODEL, recorded_frames, sourced_pub, until, wait_heard
+from tests.kv_wire import (
+    RECORDED_MODEL,
+    central_pubs,
+    recorded_frames,
+    sourced_pub,
+    until,
+    wait_heard,
+)
 
 POD = "127.0.0.2:8000"  # publishes from 127.0.0.2, as a pod on its own address does
 OTHER = "127.0.0.3:8000"  # another pod of the pool
@@ -75,17 +82,8 @@ async def central():
     sub = KVEventSubscriber(
         EventTranslator(index), is_member=members.__contains__, replay_endpoint_for=replay_of.get
     )
-    port = free_port()
-    sub.bind(f"tcp://127.0.0.1:{port}")
-    ctx = zmq.Context()
-    pods = {POD: sourced_pub(ctx, "127.0.0.2", port), OTHER: sourced_pub(ctx, "127.0.0.3", port)}
-    for sock in pods.values():
-        await wait_heard(sub, sock)
-    yield sub, index, pods, replay_of
-    for sock in pods.values():
-        sock.close(0)
-    ctx.term()
-    await sub.close()
+    async with central_pubs(sub, {POD: "127.0.0.2", OTHER: "127.0.0.3"}) as pods:
+        yield sub, index, pods, replay_of
 
 
 async def test_poison_messages_cost_one_message_not_the_central_loop(central):

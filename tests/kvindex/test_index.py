@@ -553,7 +553,7 @@ BY_HASH = {
 
 def _run_ops(index: KVBlockIndex, clock: FakeClock, ops, check_exact: bool) -> None:
     """Apply well-formed events (as vLLM would send them) and check the index after each."""
-    sink = EventTranslator(index)
+    sink = EventTranslator(index, clear_every=0)  # the engine model clears at once
     held: Counter[tuple[str, str, int]] = Counter()  # (pod, tier, engine hash) -> copies
     for kind, *args in ops:
         live = sorted(k for k, n in held.items() if n)

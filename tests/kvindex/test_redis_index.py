@@ -164,7 +164,7 @@ class _SharedReference(kv_storms.Reference):
     def __init__(self, index) -> None:
         super().__init__()
         self.index = index
-        self.sink = EventTranslator(index)
+        self.sink = EventTranslator(index, clear_every=0)
 
 
 async def test_fuzz_storms_leave_redis_equal_to_the_in_memory_reference(redis_server):

@@ -81,3 +81,12 @@ def test_statuses_say_loaded_pending_or_failed_with_the_reason() -> None:
         ("../x", FAILED, "InvalidAdapter"),
     ]
     assert out[1].message == "org/b: HTTP 404" and out[1].failures == 1
+
+
+def test_an_adapter_failing_for_days_keeps_its_capped_back_off() -> None:
+    """Past ~1024 failures 2**n no longer fits a float: the back-off must stay at the cap
+    (it raised, so the adapter was retried on every pass and each pass logged a traceback)."""
+    attempts = State().of("a")
+    for _ in range(5000):
+        attempts.failed("LoadFailed", "no such file", 100.0, MAX_BACKOFF)
+    assert attempts.retry_at == 100.0 + MAX_BACKOFF and attempts.failures == 5000

@@ -253,3 +253,83 @@ async def test_a_loaded_adapters_entry_survives_a_prune_until_unloaded(tmp_path)
         assert engine.loaded == {}
         assert "removed" in await prune()
         assert list((cache / "entries").iterdir()) == []
+
+
+class DeepJsonEngine(FakeEngine):
+    """Answers a load (500), and the model list once `deep_models` is set, with a 1 MiB
+    `[[[…`: JSON nested past any parser's depth."""
+
+    DEEP = "[" * (1 << 20)
+
+    def __init__(self) -> None:
+        super().__init__(VLLM)
+        self.deep_models = False
+
+    async def load(self, r):
+        self.calls.append(("load", (await r.json())["lora_name"]))
+        return web.Response(status=500, text=self.DEEP, content_type="application/json")
+
+    async def models(self, r):
+        if self.deep_models:
+            return web.Response(text=self.DEEP, content_type="application/json")
+        return await super().models(r)
+
+
+async def test_an_engine_answering_json_nested_without_end_is_named_not_a_failed_pass(
+    tmp_path,
+) -> None:
+    """A broken or hostile engine's answer nested past the JSON parser's depth: the load is
+    failed in status in the engine's (clipped) words, the model list makes the engine
+    unavailable, and no pass raises (a RecursionError escaped the sidecar's handling, so each
+    pass died and status never said why)."""
+    engine = DeepJsonEngine()
+    async with sidecar_for(engine, tmp_path) as sidecar:
+        write(sidecar.settings.adapters_file, A)
+        await sidecar.run_once()
+        status = sidecar.status()
+        assert status["reason"] == "LoadFailed" and "answered 500: [[[" in status["message"]
+        assert len(status["message"]) < 400  # clipped, not the megabyte
+        engine.deep_models = True
+        await sidecar.run_once()
+        status = sidecar.status()
+        assert status["reason"] == "EngineUnavailable"
+        assert "not an OpenAI model list" in status["message"]
+
+
+class HangingEngine(FakeEngine):
+    """Takes adapter a's load and never answers it (an engine stuck reading weights)."""
+
+    async def load(self, r):
+        if (await r.json())["lora_name"] != "a":
+            return await super().load(r)
+        self.calls.append(("load", "a"))
+        await asyncio.sleep(3600)
+
+
+async def test_a_load_that_never_answers_is_failed_in_status_saying_so(tmp_path) -> None:
+    """The engine call's timeout (120 s in `infergate runtime`; 0.5 s here) ends it: the
+    adapter is failed in status saying no answer came in that time (a TimeoutError's text is
+    empty: the message said only the URL), backed off, and the other adapters still load."""
+    engine = HangingEngine(VLLM)
+    async with (
+        TestServer(engine.app()) as server,
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=0.5)) as session,
+    ):
+        settings = Settings(
+            engine=VLLM,
+            engine_url=str(server.make_url("")),
+            adapters_file=tmp_path / "adapters.json",
+            models_dir=str(tmp_path / "models"),
+            served_model_name=BASE,
+        )
+        sidecar = Sidecar(settings, session)
+        write(settings.adapters_file, A, B)
+        await sidecar.run_once()
+        status = sidecar.status()
+        assert status["reason"] == "EngineUnavailable", status
+        assert "load_lora_adapter: no whole answer within 0.5 s" in status["message"]
+        a, b = status["adapters"]
+        assert a["state"] == "Failed" and a["failures"] == 1
+        assert b == {"name": "b", "state": "Loaded"}
+        await sidecar.run_once()  # backed off: not asked again at once
+        assert engine.calls == [("load", "a"), ("load", "b")]
