@@ -29,7 +29,6 @@ from infergw.kvindex.dict_index import DictBlockIndex
 from infergw.kvindex.engine_hashing import EngineHashing, EngineKeys
 from infergw.kvindex.engine_translate import EngineKeyTranslator
 from infergw.kvindex.index import KVBlockIndex
-from infergw.kvindex.redis_index import RedisIndexMetrics, RedisIndexWriter, RedisPrefixIndex
 from infergw.kvindex.subscriber import KVEventSubscriber
 from infergw.kvindex.tokenize import PromptTokenizers
 from infergw.kvindex.translate import EventTranslator
@@ -125,6 +124,11 @@ class KVCacheView:
     ) -> tuple[BlockIndex, PrefixIndex]:
         """(what the translator writes into, what the cache reads) for the Redis backend."""
         from infergw.epp.ratelimit.redis_backend import redis_client
+        from infergw.kvindex.redis_index import (
+            RedisIndexMetrics,
+            RedisIndexWriter,
+            RedisPrefixIndex,
+        )
 
         opts = self.opts
         if not opts.redis_url:

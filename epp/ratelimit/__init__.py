@@ -5,7 +5,7 @@ Redis. `build_limiter` picks the backend from the spec; see `limiter` for the po
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
@@ -18,7 +18,10 @@ from infergw.epp.ratelimit.limiter import (
     RateLimiter,
     RateLimitMetrics,
 )
-from infergw.epp.ratelimit.redis_backend import RedisClients, RedisRateLimiter
+from infergw.epp.ratelimit.redis_clients import RedisClients
+
+if TYPE_CHECKING:
+    from infergw.epp.ratelimit.redis_backend import RedisRateLimiter
 
 __all__ = [
     "ALLOWED",
@@ -50,6 +53,8 @@ def build_limiter(
     config = spec if isinstance(spec, RateLimitConfig) else RateLimitConfig.from_spec(spec)
     if config.redis_address is None:
         return RateLimiter(config, metrics=metrics)
+    from infergw.epp.ratelimit.redis_backend import RedisRateLimiter  # redis-py: only when named
+
     if redis_clients is None:
         return RedisRateLimiter.connect(config, metrics=metrics, fail_open=fail_open)
     return RedisRateLimiter(
@@ -59,3 +64,13 @@ def build_limiter(
         fail_open=fail_open,
         timeout=redis_clients.timeout,
     )
+
+
+def __getattr__(name: str) -> Any:
+    """`RedisRateLimiter` on first use: importing redis-py costs every picker start CPU, and
+    most pickers' routes never name Redis (redis_clients.py)."""
+    if name == "RedisRateLimiter":
+        from infergw.epp.ratelimit.redis_backend import RedisRateLimiter
+
+        return RedisRateLimiter
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

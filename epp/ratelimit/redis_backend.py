@@ -55,6 +55,7 @@ from infergw.epp.ratelimit.limiter import (
     RateLimitMetrics,
     deny,
 )
+from infergw.epp.ratelimit.redis_clients import DEFAULT_TIMEOUT, RedisClients
 from infergw.epp.ratelimit.redis_parser import MAX_REPLY_BYTES, ReplyTooLarge, bounded_parser
 
 __all__ = ["BUCKET_SCRIPT", "RedisClients", "RedisRateLimiter", "redis_client"]
@@ -62,7 +63,6 @@ __all__ = ["BUCKET_SCRIPT", "RedisClients", "RedisRateLimiter", "redis_client"]
 log = logging.getLogger(__name__)
 
 KEY_PREFIX = "infergate:ratelimit"
-DEFAULT_TIMEOUT = 0.25  # seconds for one Redis call, connecting included
 TTL_MARGIN_MS = 1000
 
 # KEYS[1] input bucket, KEYS[2] output bucket.
@@ -155,28 +155,6 @@ def redis_client(
         parser_class=bounded_parser(max_reply_bytes),
     )
     return Redis(connection_pool=pool)
-
-
-class RedisClients:
-    """One client per Redis address, shared by the routes that name it."""
-
-    def __init__(self, *, timeout: float = DEFAULT_TIMEOUT, max_connections: int = 32) -> None:
-        self.timeout = timeout
-        self.max_connections = max_connections
-        self._clients: dict[str, Redis] = {}
-
-    def get(self, address: str) -> Redis:
-        client = self._clients.get(address)
-        if client is None:
-            client = self._clients[address] = redis_client(
-                address, timeout=self.timeout, max_connections=self.max_connections
-            )
-        return client
-
-    async def aclose(self) -> None:
-        clients, self._clients = list(self._clients.values()), {}
-        for client in clients:
-            await client.aclose()
 
 
 class MalformedReply(redis_errors.RedisError):
