@@ -98,7 +98,7 @@ class NotInstalled(Exception):
     """A container's command cannot run on this machine; the message says what is missing."""
 
 
-class NoRoom(Exception):
+class NoRoom(RuntimeError):
     """No loopback address (or, one-address mode, no port) is free for the pod now; the
     message says which. The pod waits Pending and tries again."""
 
