@@ -2,12 +2,13 @@
 without end of stream, its end not yet), a gap longer than the timeout between two of the
 stream's messages is answered 408.
 
-Why here and not in Envoy: the local Envoy keeps its whole-request and idle timeouts off (a
-request may wait long in the picker's queue or for a pod to start, and answers stream for
-minutes), and Envoy's `request_timeout` runs until the filters release the request, which
-includes that wait. Without this, a client that sends its headers and then trickles or stops
-its body holds its connection, Envoy's buffers and an ext_proc stream for ever (slowloris).
-nginx's `client_body_timeout` is the same bound, with the same default.
+Why here as well as Envoy's `request_timeout` (300 s for the whole request, which Envoy stops
+at the request's end from the client, so the picker's queue and the answer are not counted):
+that bounds a body's total time, too long to wait on one that stopped; a client that sends its
+headers and then stops its body would hold its connection, Envoy's buffers and an ext_proc
+stream that long, and with no proxy timeout at all, for ever (slowloris). The idle timeouts
+cannot serve: they count the queue's silence too. nginx's `client_body_timeout` is the same
+bound, with the same default.
 """
 
 from __future__ import annotations
