@@ -80,7 +80,7 @@ async def start_servers(opts: BbrOptions, table: Table, metrics: RouterMetrics) 
     )
     router = BodyRouter(
         table,
-        RouterOptions(opts.max_body_bytes, opts.pass_bad_bodies),
+        RouterOptions(opts.max_body_bytes, opts.pass_bad_bodies, opts.request_body_timeout),
         BodyBudget(opts.max_held_request_bytes),
         metrics,
     )

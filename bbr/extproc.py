@@ -32,6 +32,7 @@ from infergw.bbr.metrics import RouterMetrics
 from infergw.bbr.sources import Table
 from infergw.epp import protocol
 from infergw.epp.body_budget import BodyAccumulator, BodyBudget, BudgetShare
+from infergw.epp.body_deadline import DEFAULT_REQUEST_BODY_TIMEOUT, next_body_message
 from infergw.epp.errors import ModelNotFound, PickerError, ResponseNotFound, bounded
 from infergw.epp.model_catalog import answer_from
 from infergw.epp.request import FORM_APIS, api_for_path, form_model
@@ -54,6 +55,8 @@ class RouterOptions:
     # True: a body the router cannot read (not JSON, no `model`) goes on without the header
     # (no HTTPRoute matches it: the gateway's catch-all answers); False: 400 here.
     pass_bad_bodies: bool = False
+    # Longest gap between two parts of an open request body (epp/body_deadline.py); 0: none.
+    request_body_timeout: float = DEFAULT_REQUEST_BODY_TIMEOUT
 
 
 def route_headers(pool: str | None, content_length: int | None) -> pb.ProcessingResponse:
@@ -96,6 +99,7 @@ class _Stream:
         self.headers: dict[str, str] = {}
         self.body = BodyAccumulator(self.share, options.max_body_bytes)
         self.done = False
+        self.body_open = False  # headers came without end of stream, the body's end not yet
         self.model = ""
         # Tracing on: the W3C context Envoy sent with the stream (its ext_proc call's span),
         # and `router.request`, from the headers to the pool's choice.
@@ -112,6 +116,7 @@ class _Stream:
                 "router.request", parent, {"url.path": path}, server=True
             )
         if not msg.request_headers.end_of_stream:
+            self.body_open = not self.done
             return []  # deferred until the body ends
         self.done = True
         method, path = self.headers.get(":method", ""), self.headers.get(":path", "")
@@ -155,6 +160,7 @@ class _Stream:
         if not chunk.end_of_stream:
             return []
         self.done = True
+        self.body_open = False
         raw = self.body.take_all()  # the copy, charged while both are held
         pool = self._pool_for(raw)
         self.traced("routed" if pool else "passed", pool, len(raw))
@@ -226,8 +232,24 @@ class BodyRouter(pbg.ExternalProcessorServicer):
         if tracing.enabled():  # no context: called in-process, not over gRPC
             trace_context = trace_headers(context.invocation_metadata() if context else None)
         stream = _Stream(self.table, self.options, self.budget, self.metrics, trace_context)
+        body_timeout = self.options.request_body_timeout
+        messages = request_iterator.__aiter__()
         try:
-            async for msg in request_iterator:
+            while True:
+                try:
+                    if stream.body_open and body_timeout > 0:
+                        path = stream.headers.get(":path", "?")
+                        msg = await next_body_message(
+                            messages, body_timeout, path, len(stream.body)
+                        )
+                    else:
+                        msg = await messages.__anext__()
+                except StopAsyncIteration:
+                    break
+                except PickerError as exc:  # the body stalled
+                    self._count(stream, exc)
+                    yield protocol.immediate(exc.status, exc.body(), exc.headers, details=DETAILS)
+                    return
                 kind = msg.WhichOneof("request")
                 try:
                     out = self._answer(stream, kind, msg)

@@ -34,6 +34,7 @@ class BbrOptions:
     cert_path: Path | None
     max_body_bytes: int
     max_held_request_bytes: int
+    request_body_timeout: float
     pass_bad_bodies: bool
     grace_period: float
     resync: float
@@ -131,6 +132,7 @@ def parse_options(argv: list[str] | None = None) -> BbrOptions:
         cert_path=a.cert_path,
         max_body_bytes=a.max_body_bytes,
         max_held_request_bytes=a.max_held_request_bytes,
+        request_body_timeout=a.request_body_timeout,
         pass_bad_bodies=a.on_bad_body == "pass",
         grace_period=a.grace_period,
         resync=a.resync,

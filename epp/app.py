@@ -412,6 +412,7 @@ def build_director(
         DirectorOptions(
             fallbacks=opts.fallback_endpoints,
             max_body_bytes=opts.max_body_bytes,
+            request_body_timeout=opts.request_body_timeout,
             subset_filter=opts.subset_filter,
             trust=trust,
             response_headers_skipped=opts.response_headers_skipped,

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from infergw.api import tracing
 from infergw.epp.body_budget import DEFAULT_MAX_BODY_BYTES
+from infergw.epp.body_deadline import DEFAULT_REQUEST_BODY_TIMEOUT
 from infergw.epp.bodyless import allowed_without_body
 from infergw.epp.context import RequestContext
 from infergw.epp.datastore import Datastore, Endpoint
@@ -44,6 +45,8 @@ class DirectorOptions:
     # The proxy sends no response headers (--response-headers-skipped): a stream's end after
     # the request went on is its answer's end, status unknown.
     response_headers_skipped: bool = False
+    # Longest gap between two parts of an open request body (epp/body_deadline.py); 0: none.
+    request_body_timeout: float = DEFAULT_REQUEST_BODY_TIMEOUT
     # The MAC key of response ids (--response-id-key-file); None: derived from the pool name.
     response_id_key: bytes | None = None
 

@@ -27,6 +27,7 @@ class PickerError(Exception):
     KINDS = {
         400: "BadRequest",
         404: "NotFound",
+        408: "RequestTimeout",
         413: "RequestEntityTooLarge",
         422: "UnprocessableEntity",
         429: "TooManyRequests",

@@ -20,6 +20,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pbg
 from infergw.api import log_context, tracing
 from infergw.epp import model_catalog, protocol
 from infergw.epp.body_budget import BodyAccumulator, BodyBudget, BudgetShare
+from infergw.epp.body_deadline import next_body_message
 from infergw.epp.context import RequestContext
 from infergw.epp.director import Director
 from infergw.epp.errors import PickerError
@@ -59,6 +60,7 @@ class _Stream:
         self.subset: list[str] | None = None
         self.body = BodyAccumulator(self.share, director.options.max_body_bytes)
         self.request_done = False
+        self.body_open = False  # headers came without end of stream, the body's end not yet
         self.req: InferenceRequest | None = None  # once the director took it
         self.ctx: RequestContext | None = None
         self.started = time.monotonic()
@@ -90,6 +92,7 @@ class _Stream:
         if self.trace_context is not None:
             self.trace = RequestTrace(self.trace_context, self.headers)
         if not msg.request_headers.end_of_stream:
+            self.body_open = not self.request_done
             return []  # deferred until the body ends
         self.request_done = True
         method, path = self.headers.get(":method", ""), self.headers.get(":path", "")
@@ -111,6 +114,7 @@ class _Stream:
         if not chunk.end_of_stream:
             return []
         self.request_done = True
+        self.body_open = False  # what follows (the queue, the answer) is not bounded here
         path = self.headers.get(":path", "")
         # Parsing briefly holds more than the body: its bytes copy and the prompt as text (up
         # to 4 bytes a character). Reserve that before building it, then settle to what the
@@ -332,9 +336,26 @@ class ExternalProcessor(pbg.ExternalProcessorServicer):
             # No context: called directly (bench/epp_pipeline.py), not over gRPC.
             trace_context = trace_headers(context.invocation_metadata() if context else None)
         stream = _Stream(self.director, self.budget, trace_context)
+        body_timeout = self.director.options.request_body_timeout
+        messages = request_iterator.__aiter__()
         try:
             tally = self.director.metrics.extproc_messages.counts
-            async for msg in request_iterator:
+            while True:
+                try:
+                    if stream.body_open and body_timeout > 0:
+                        msg = await next_body_message(
+                            messages, body_timeout, stream.headers.get(":path", "?"),
+                            len(stream.body),
+                        )  # fmt: skip
+                    else:
+                        msg = await messages.__anext__()
+                except StopAsyncIteration:
+                    break
+                except PickerError as exc:  # the body stalled
+                    self.director.metrics.bad_requests.labels("body_timeout").inc()
+                    self._count_error(stream, exc)
+                    yield protocol.immediate(exc.status, exc.body(), exc.headers)
+                    return
                 kind = msg.WhichOneof("request")
                 if kind in tally:
                     tally[kind] += 1

@@ -13,6 +13,7 @@ from infergw.api import logs, version
 from infergw.api.cli_help import HelpFormatter
 from infergw.api.engine_keys import INDEX_KEYS
 from infergw.epp.body_budget import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_HELD_BYTES
+from infergw.epp.body_deadline import DEFAULT_REQUEST_BODY_TIMEOUT
 from infergw.epp.capacity_wait import DEFAULT_CAPACITY_WAIT_TTL
 from infergw.epp.reference_flags import add_reference_flags, read_reference_flags
 from infergw.epp.response_ids import load_key
@@ -93,6 +94,7 @@ class PickerOptions:
     fallback_endpoints: int
     max_body_bytes: int
     max_held_request_bytes: int
+    request_body_timeout: float
     subset_filter: bool
     log: logs.LogSettings
     grace_period: float
@@ -153,8 +155,9 @@ def add_serving_flags(
 
 
 def add_body_limit_flags(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
-    """--max-body-bytes (one request) and --max-held-request-bytes (all streams at once), as
-    the picker and the body-based router bound the bodies they read. Returns their group."""
+    """--max-body-bytes (one request), --max-held-request-bytes (all streams at once) and
+    --request-body-timeout (a stalled body), as the picker and the body-based router bound the
+    bodies they read. Returns their group."""
     g = p.add_argument_group("Requests and answers")
     g.add_argument(
         "--max-body-bytes",
@@ -168,6 +171,15 @@ def add_body_limit_flags(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
         default=DEFAULT_MAX_HELD_BYTES,
         help="request bytes held at once over all streams (bodies and what parsing keeps); "
         "a request that would exceed it is answered 429 with Retry-After",
+    )
+    g.add_argument(
+        "--request-body-timeout",
+        type=duration,
+        default=DEFAULT_REQUEST_BODY_TIMEOUT,
+        help="longest gap between two parts of a request's body (as nginx's "
+        "client_body_timeout): a body that stalls longer is answered 408 and its stream "
+        "ends; the wait in the queue and the answer are not bounded by it; 0: no bound "
+        "(epp/body_deadline.py)",
     )
     return g
 
@@ -554,6 +566,7 @@ def parse_options(argv: list[str] | None = None) -> PickerOptions:
         fallback_endpoints=a.fallback_endpoints,
         max_body_bytes=a.max_body_bytes,
         max_held_request_bytes=a.max_held_request_bytes,
+        request_body_timeout=a.request_body_timeout,
         subset_filter=not a.disable_endpoint_subset_filter,
         log=log,
         grace_period=a.grace_period,

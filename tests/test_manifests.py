@@ -806,6 +806,13 @@ def test_client_traffic_policy_strips_what_the_local_stack_strips_on_every_route
     assert {USER_HEADER, MODEL_REWRITE_HEADER, OBJECTIVE_HEADER} <= set(early["remove"])
 
 
+def test_client_traffic_policy_bounds_the_request_as_the_local_envoy_does() -> None:
+    policy = _one("ClientTrafficPolicy")
+    local = (MANIFESTS / "local" / "envoy.yaml.j2").read_text()
+    [local_timeout] = re.findall(r"^\s*request_timeout: (\S+)$", local, re.M)
+    assert policy["spec"]["timeout"]["http"]["requestReceivedTimeout"] == local_timeout != "0s"
+
+
 # ---- TLS to the picker: our CA, verified by Envoy -------------------------------------------
 
 

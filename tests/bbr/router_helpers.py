@@ -15,11 +15,14 @@ from tests.bbr.objects import two_models
 LIMIT = 1024 * 1024
 
 
-def router(*, pass_bad_bodies=False, limit=LIMIT, budget=16 * LIMIT, objects=None):
+def router(
+    *, pass_bad_bodies=False, limit=LIMIT, budget=16 * LIMIT, objects=None, body_timeout=60.0
+):
     metrics = RouterMetrics()
     table = Table("default", metrics)
     table.replace(objects if objects is not None else two_models())
-    return BodyRouter(table, RouterOptions(limit, pass_bad_bodies), BodyBudget(budget), metrics)
+    options = RouterOptions(limit, pass_bad_bodies, body_timeout)
+    return BodyRouter(table, options, BodyBudget(budget), metrics)
 
 
 async def send(servicer, body: bytes, path="/v1/chat/completions", headers=None, chunk=62_000):

@@ -14,6 +14,8 @@ messages" should be revisited (response bodies per request instead of a proxy se
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from pathlib import Path
 
 import grpc
 import pytest
@@ -165,6 +167,26 @@ async def _pod(port: int) -> web.AppRunner:
     return runner
 
 
+@contextlib.asynccontextmanager
+async def envoy_with(processor, processor_port: int, pod_port: int, config: Path, admin: int):
+    """`processor` served on `processor_port`, a pod on `pod_port` and Envoy running `config`,
+    all stopped on leaving."""
+    server = grpc.aio.server()
+    pbg.add_ExternalProcessorServicer_to_server(processor, server)
+    server.add_insecure_port(f"127.0.0.1:{processor_port}")
+    await server.start()
+    pod = await _pod(pod_port)
+    envoy = None
+    try:
+        envoy = await asyncio.to_thread(start_envoy, config, admin)
+        yield
+    finally:
+        if envoy is not None:
+            stop_group(envoy)
+        await pod.cleanup()
+        await server.stop(0)
+
+
 async def _through_envoy(
     tmp_path, override: str, full_duplex: bool
 ) -> tuple[int, list[str], pb.ProtocolConfiguration | None]:
@@ -172,16 +194,9 @@ async def _through_envoy(
     of the stream and the modes Envoy announced on it."""
     pod_port, processor_port, listen, admin = (free_port() for _ in range(4))
     processor = Processor(f"127.0.0.1:{pod_port}", override, full_duplex)
-    server = grpc.aio.server()
-    pbg.add_ExternalProcessorServicer_to_server(processor, server)
-    server.add_insecure_port(f"127.0.0.1:{processor_port}")
-    await server.start()
-    pod = await _pod(pod_port)
     config = tmp_path / "envoy.yaml"
     config.write_text(_envoy_config(listen, admin, processor_port, pod_port, full_duplex))
-    envoy = None
-    try:
-        envoy = await asyncio.to_thread(start_envoy, config, admin)
+    async with envoy_with(processor, processor_port, pod_port, config, admin):
         r = await asyncio.to_thread(
             requests.post,
             f"http://127.0.0.1:{listen}/v1/completions",
@@ -193,11 +208,6 @@ async def _through_envoy(
         await wait_for_async(lambda: processor.ended == 1, "Envoy to close the stream", within=30)
         assert len(processor.streams) == 1
         return r.status_code, processor.streams[0], processor.configs[0]
-    finally:
-        if envoy is not None:
-            stop_group(envoy)
-        await pod.cleanup()
-        await server.stop(0)
 
 
 async def test_a_full_duplex_request_keeps_the_configured_response_modes(tmp_path):
