@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 
+from infergw.epp.capacity_wait import CapacityWaitCollector
 from infergw.epp.context import RequestContext
 from infergw.epp.datastore import Datastore, PoolSpec
 from infergw.epp.director import Director, DirectorOptions
@@ -148,5 +149,18 @@ def director_with(
     observer = FlowControlMetrics(metrics, pool) if pool is not None else None
     gate = Gatekeeper(metrics.registry, flow_control=flow_control, flow_observer=observer)
     # These clients name their flows and objectives, as on a closed network that trusts them.
+    options = DirectorOptions(fallbacks=0, trust=HeaderTrust(client_headers=True))
+    return Director(ds, load_config(LEAST_REQUEST), metrics, options, gate)
+
+
+def cold_director(*, ttl: float = 30.0, routes=(), flow_control=None) -> Director:
+    """A director whose pool has no pod at all (scaled to zero)."""
+    ds = make_datastore()
+    ds.set_routes(list(routes), SERVERS)
+    ds.replace_pods([])
+    metrics = PickerMetrics()
+    gate = Gatekeeper(metrics.registry, flow_control=flow_control, capacity_wait_ttl=ttl)
+    gate.capacity.pool = lambda: "pool"
+    metrics.registry.register(CapacityWaitCollector(gate.capacity, metrics.model_labels))
     options = DirectorOptions(fallbacks=0, trust=HeaderTrust(client_headers=True))
     return Director(ds, load_config(LEAST_REQUEST), metrics, options, gate)

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict
-from pathlib import Path
 
 import pytest
 
 from infergw.bench import compiled_probe as cp
+from tests.paths import ROOT
 
 
 def test_mypy_errors_are_grouped_by_file_and_notes_are_left_out():
@@ -51,8 +51,7 @@ def test_a_folder_built_before_is_reused_without_compiling(tmp_path):
 def test_the_request_path_names_existing_modules_once():
     assert len(set(cp.REQUEST_PATH)) == len(cp.REQUEST_PATH)
     assert set(cp.MYPYC_BREAKS) <= set(cp.REQUEST_PATH)
-    root = Path(cp.__file__).resolve().parents[1]
-    assert [m for m in cp.REQUEST_PATH if not (root / m).is_file()] == []
+    assert [m for m in cp.REQUEST_PATH if not (ROOT / m).is_file()] == []
 
 
 @pytest.mark.parametrize(

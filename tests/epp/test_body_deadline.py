@@ -17,8 +17,7 @@ from infergw.epp.body_budget import BodyBudget
 from infergw.epp.extproc import ExternalProcessor
 from tests import extproc_client as ec
 from tests.bbr.router_helpers import router
-from tests.director_fixtures import make_director, pod
-from tests.epp.test_capacity_wait import cold_director
+from tests.director_fixtures import cold_director, make_director, pod
 
 BOUND = 0.5  # the body timeout under test, seconds
 GENEROUS = 30.0  # how long a test waits for an answer before failing

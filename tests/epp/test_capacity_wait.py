@@ -16,19 +16,13 @@ from infergw.epp.capacity_wait import (
     CapacityWait,
     CapacityWaitCollector,
 )
-from infergw.epp.director import Director, DirectorOptions
+from infergw.epp.director import Director
 from infergw.epp.errors import NoCapacity, PickerError
 from infergw.epp.flowcontrol import FlowControlConfig, FlowItem
-from infergw.epp.gatekeeper import Gatekeeper
-from infergw.epp.metrics import PickerMetrics
-from infergw.epp.scheduling.config import load_config
-from infergw.epp.trust import HeaderTrust
 from tests.director_fixtures import (
-    LEAST_REQUEST,
     NET,
-    SERVERS,
+    cold_director,
     context,
-    make_datastore,
     pod,
 )
 
@@ -38,19 +32,6 @@ ROUTE = {
     "metadata": {"name": "r"},
     "spec": {"modelName": "m", "rules": [{"targetModels": [{"modelServerName": "all"}]}]},
 }
-
-
-def cold_director(*, ttl: float = 30.0, routes=(), flow_control=None) -> Director:
-    """A director whose pool has no pod at all (scaled to zero)."""
-    ds = make_datastore()
-    ds.set_routes(list(routes), SERVERS)
-    ds.replace_pods([])
-    metrics = PickerMetrics()
-    gate = Gatekeeper(metrics.registry, flow_control=flow_control, capacity_wait_ttl=ttl)
-    gate.capacity.pool = lambda: "pool"
-    metrics.registry.register(CapacityWaitCollector(gate.capacity, metrics.model_labels))
-    options = DirectorOptions(fallbacks=0, trust=HeaderTrust(client_headers=True))
-    return Director(ds, load_config(LEAST_REQUEST), metrics, options, gate)
 
 
 def gauge(d: Director, metric: str = PICKER_DEMAND_METRIC, **labels) -> float:
