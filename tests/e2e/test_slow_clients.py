@@ -16,13 +16,17 @@ from tests.e2e.stack_fixtures import make_stack
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def stack_one_pod(tmp_path_factory):
-    stack = make_stack(tmp_path_factory.mktemp("stack"), pods=1)
+def _served(stack):
+    """A module fixture's body: the stack while the module's tests run, then stopped."""
     try:
         yield stack
     finally:
         stack.stop()
+
+
+@pytest.fixture(scope="module")
+def stack_one_pod(tmp_path_factory):
+    yield from _served(make_stack(tmp_path_factory.mktemp("stack"), pods=1))
 
 
 def test_headers_that_never_finish_are_cut_off(stack_one_pod):
@@ -71,10 +75,7 @@ def stack_body_bound(tmp_path_factory):
             str(HELD),
         ],
     )
-    try:
-        yield stack
-    finally:
-        stack.stop()
+    yield from _served(stack)
 
 
 def test_a_body_that_stalls_is_answered_408_and_the_picker_lets_it_go(stack_body_bound):
