@@ -32,7 +32,7 @@ from infergw.bbr.metrics import RouterMetrics
 from infergw.bbr.sources import Table
 from infergw.epp import protocol
 from infergw.epp.body_budget import BodyAccumulator, BodyBudget, BudgetShare
-from infergw.epp.body_deadline import DEFAULT_REQUEST_BODY_TIMEOUT, next_body_message
+from infergw.epp.body_deadline import DEFAULT_REQUEST_BODY_TIMEOUT, next_message
 from infergw.epp.errors import ModelNotFound, PickerError, ResponseNotFound, bounded
 from infergw.epp.model_catalog import answer_from
 from infergw.epp.request import FORM_APIS, api_for_path, form_model
@@ -237,13 +237,7 @@ class BodyRouter(pbg.ExternalProcessorServicer):
         try:
             while True:
                 try:
-                    if stream.body_open and body_timeout > 0:
-                        path = stream.headers.get(":path", "?")
-                        msg = await next_body_message(
-                            messages, body_timeout, path, len(stream.body)
-                        )
-                    else:
-                        msg = await messages.__anext__()
+                    msg = await next_message(messages, stream, body_timeout)
                 except StopAsyncIteration:
                     break
                 except PickerError as exc:  # the body stalled

@@ -14,8 +14,8 @@ bound, with the same default.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from typing import TypeVar
+from collections.abc import AsyncIterator, Awaitable
+from typing import Protocol, TypeVar
 
 from infergw.epp.errors import PickerError
 
@@ -34,6 +34,23 @@ class BodyStalled(PickerError):
             f"{received} bytes",
         )
         self.received = received
+
+
+class BodyState(Protocol):
+    """What a stream (the picker's, the router's) says of its request body."""
+
+    headers: dict[str, str]
+    body_open: bool  # the headers came without end of stream; the body's end not yet
+    body: object  # its BodyAccumulator: len() is the bytes received
+
+
+def next_message(messages: AsyncIterator[T], stream: BodyState, timeout: float) -> Awaitable[T]:
+    """The stream's next message: bounded by `timeout` while its body is open (0: never),
+    else the iterator's own awaitable, so answer chunks pay no extra frame."""
+    if stream.body_open and timeout > 0:
+        path = stream.headers.get(":path", "?")
+        return next_body_message(messages, timeout, path, len(stream.body))
+    return messages.__anext__()
 
 
 async def next_body_message(

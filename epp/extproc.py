@@ -20,7 +20,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pbg
 from infergw.api import log_context, tracing
 from infergw.epp import model_catalog, protocol
 from infergw.epp.body_budget import BodyAccumulator, BodyBudget, BudgetShare
-from infergw.epp.body_deadline import next_body_message
+from infergw.epp.body_deadline import next_message
 from infergw.epp.context import RequestContext
 from infergw.epp.director import Director
 from infergw.epp.errors import PickerError
@@ -342,13 +342,7 @@ class ExternalProcessor(pbg.ExternalProcessorServicer):
             tally = self.director.metrics.extproc_messages.counts
             while True:
                 try:
-                    if stream.body_open and body_timeout > 0:
-                        msg = await next_body_message(
-                            messages, body_timeout, stream.headers.get(":path", "?"),
-                            len(stream.body),
-                        )  # fmt: skip
-                    else:
-                        msg = await messages.__anext__()
+                    msg = await next_message(messages, stream, body_timeout)
                 except StopAsyncIteration:
                     break
                 except PickerError as exc:  # the body stalled
